@@ -1,0 +1,220 @@
+//! Change streams: the `clm.common.v1.ChangeStreamService` server every
+//! service mounts over its outbox, and the reconnecting [`Subscriber`] a
+//! service runs for each stream it follows.
+//!
+//! A subscriber applies each event and stores its cursor in the *same*
+//! transaction of its own database, so a crash or restart of either side
+//! loses nothing and applies nothing twice.
+
+use crate::auth::{Role, authorize};
+use crate::client::ClientInterceptor;
+use crate::db::{from_micros, to_micros};
+use crate::error::Error;
+use crate::outbox::Outbox;
+use clm_proto::common::change_stream_service_client::ChangeStreamServiceClient;
+use clm_proto::common::change_stream_service_server::ChangeStreamService;
+use clm_proto::common::{ChangeEvent, WatchChangesRequest, WatchChangesResponse};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict, Query};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// Events read from the outbox per query.
+const READ_BATCH: u64 = 500;
+
+/// Serves a service's outbox as `WatchChanges`.
+#[derive(Clone, Debug)]
+pub struct ChangeStreamServer {
+    db: DatabaseConnection,
+    outbox: Outbox,
+    shutdown: CancellationToken,
+    poll: Duration,
+}
+
+impl ChangeStreamServer {
+    /// Serves `outbox` stored in `db`; open streams end with UNAVAILABLE on `shutdown`.
+    pub fn new(db: DatabaseConnection, outbox: Outbox, shutdown: CancellationToken) -> Self {
+        Self { db, outbox, shutdown, poll: Duration::from_millis(250) }
+    }
+}
+
+#[tonic::async_trait]
+impl ChangeStreamService for ChangeStreamServer {
+    type WatchChangesStream = ReceiverStream<Result<WatchChangesResponse, Status>>;
+
+    async fn watch_changes(&self, request: Request<WatchChangesRequest>) -> Result<Response<Self::WatchChangesStream>, Status> {
+        authorize(&request, &[Role::Service, Role::Analyst])?;
+        let req = request.into_inner();
+        if req.after_sequence < 0 {
+            return Err(Error::invalid("after_sequence", "must not be negative").into());
+        }
+        let (tx, rx) = mpsc::channel(2 * READ_BATCH as usize);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut cursor = req.after_sequence;
+            let mut wake = this.outbox.subscribe();
+            loop {
+                wake.mark_unchanged();
+                match this.outbox.read_after(&this.db, cursor, &req.event_types, READ_BATCH).await {
+                    Ok(events) if !events.is_empty() => {
+                        for event in events {
+                            cursor = event.sequence;
+                            if tx.send(Ok(WatchChangesResponse { event: Some(event) })).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(Error::from(e).into())).await;
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = wake.changed() => {}
+                    () = tokio::time::sleep(this.poll) => {}
+                    () = tx.closed() => return,
+                    () = this.shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("server is shutting down; resume from your last sequence"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Applies the events of one stream. Called inside the transaction that
+/// also advances the cursor.
+#[async_trait::async_trait]
+pub trait EventHandler: Send + Sync + 'static {
+    /// Applies `event`. An error rolls the transaction back; the event is
+    /// retried after a backoff.
+    async fn handle(&self, txn: &DatabaseTransaction, event: &ChangeEvent) -> Result<(), Error>;
+}
+
+/// Follows another service's change stream, forever, from the cursor it
+/// keeps in `consumer_cursors`.
+#[derive(Debug)]
+pub struct Subscriber<H> {
+    /// Cursor key, usually the source service name.
+    pub source: String,
+    /// `http://host:port` of the source service.
+    pub endpoint: String,
+    /// Only these event types (empty = all).
+    pub event_types: Vec<String>,
+    /// Bearer token for the source, if it checks auth.
+    pub token: Option<String>,
+    /// This service's database (holds the cursor).
+    pub db: DatabaseConnection,
+    /// What to do with each event.
+    pub handler: H,
+    /// First reconnect delay; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest reconnect delay.
+    pub max_backoff: Duration,
+}
+
+impl<H: EventHandler> Subscriber<H> {
+    /// A subscriber with default backoff (100 ms doubling to 10 s).
+    pub fn new(source: impl Into<String>, endpoint: impl Into<String>, db: DatabaseConnection, handler: H) -> Self {
+        Self {
+            source: source.into(),
+            endpoint: endpoint.into(),
+            event_types: Vec::new(),
+            token: None,
+            db,
+            handler,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+
+    /// Runs until `shutdown`, reconnecting with backoff after any failure.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let lag = opentelemetry::global::meter("clm")
+            .f64_histogram("clm.subscriber.lag")
+            .with_unit("s")
+            .with_description("Seconds between an event's commit at the source and its application here")
+            .build();
+        let attrs = [opentelemetry::KeyValue::new("source", self.source.clone())];
+        let mut backoff = self.min_backoff;
+        loop {
+            let outcome = tokio::select! {
+                r = self.follow(&lag, &attrs) => r,
+                () = shutdown.cancelled() => return,
+            };
+            match outcome {
+                Ok(()) => tracing::info!(source = %self.source, "change stream ended; reconnecting"),
+                Err(e) => tracing::warn!(source = %self.source, error = %e, ?backoff, "change stream failed; reconnecting"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(self.max_backoff);
+        }
+    }
+
+    async fn follow(&self, lag: &opentelemetry::metrics::Histogram<f64>, attrs: &[opentelemetry::KeyValue]) -> Result<(), Error> {
+        let mut cursor = load_cursor(&self.db, &self.source).await?;
+        let channel = crate::client::channel(&self.endpoint).map_err(|e| Error::Unavailable(e.to_string()))?;
+        let mut client = ChangeStreamServiceClient::with_interceptor(channel, ClientInterceptor::new(self.token.as_deref()));
+        let mut stream = client
+            .watch_changes(WatchChangesRequest { after_sequence: cursor, event_types: self.event_types.clone() })
+            .await
+            .map_err(|s| Error::Unavailable(s.to_string()))?
+            .into_inner();
+        while let Some(msg) = stream.next().await {
+            let event = msg.map_err(|s| Error::Unavailable(s.to_string()))?.event.unwrap_or_default();
+            if event.sequence <= cursor {
+                continue;
+            }
+            let txn = self.db.begin().await?;
+            self.handler.handle(&txn, &event).await?;
+            save_cursor(&txn, &self.source, event.sequence).await?;
+            txn.commit().await?;
+            cursor = event.sequence;
+            if let Some(t) = &event.occurred_time {
+                let at = from_micros(t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
+                lag.record((chrono::Utc::now() - at).as_seconds_f64().max(0.0), attrs);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The last sequence applied from `source` (0 if none).
+pub async fn load_cursor(db: &impl ConnectionTrait, source: &str) -> Result<i64, DbErr> {
+    let row = db
+        .query_one(
+            Query::select()
+                .column(Alias::new("sequence"))
+                .from(Alias::new("consumer_cursors"))
+                .and_where(Expr::col(Alias::new("source")).eq(source)),
+        )
+        .await?;
+    row.map_or(Ok(0), |r| r.try_get("", "sequence"))
+}
+
+/// Stores the cursor of `source` (inside the caller's transaction).
+pub async fn save_cursor(txn: &impl ConnectionTrait, source: &str, sequence: i64) -> Result<(), DbErr> {
+    let mut upsert = Query::insert();
+    upsert
+        .into_table(Alias::new("consumer_cursors"))
+        .columns(["source", "sequence", "update_us"].map(Alias::new))
+        .values_panic([source.into(), sequence.into(), to_micros(chrono::Utc::now()).into()])
+        .on_conflict(
+            OnConflict::column(Alias::new("source"))
+                .update_columns([Alias::new("sequence"), Alias::new("update_us")])
+                .to_owned(),
+        );
+    txn.execute(&upsert).await?;
+    Ok(())
+}

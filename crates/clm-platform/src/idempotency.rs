@@ -1,0 +1,89 @@
+//! Idempotency keys: a `request_id` seen before returns the first result;
+//! the same id with a different payload is refused with `ALREADY_EXISTS`.
+//!
+//! Inside the rpc's transaction, [`claim`] inserts the key first
+//! (`ON CONFLICT DO NOTHING`). A concurrent duplicate on PostgreSQL blocks
+//! on that insert until the first transaction ends, then finds the stored
+//! response. [`complete`] stores the response before commit. Keys older
+//! than the retention are removed by [`purge_older_than`].
+
+use crate::db::to_micros;
+use crate::error::Error;
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict, Query};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr};
+use sha2::{Digest, Sha256};
+
+/// Outcome of [`claim`].
+#[derive(Debug)]
+pub enum Claim<R> {
+    /// First time: do the work, then [`complete`].
+    New,
+    /// Seen before with the same payload: return this.
+    Replay(R),
+}
+
+/// Hash of a request payload (its canonical protobuf encoding; maps are
+/// generated as `BTreeMap`, so the encoding is deterministic).
+pub fn hash<M: prost::Message>(request: &M) -> String {
+    let digest = Sha256::digest(request.encode_to_vec());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Claims `request_id` in `scope` (usually the rpc name) for a request with `request_hash`.
+pub async fn claim<R: prost::Message + Default>(
+    txn: &DatabaseTransaction,
+    scope: &str,
+    request_id: &str,
+    request_hash: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Claim<R>, Error> {
+    let mut insert = Query::insert();
+    insert
+        .into_table(Alias::new("idempotency_keys"))
+        .columns(["scope", "request_id", "request_hash", "create_us"].map(Alias::new))
+        .values_panic([scope.into(), request_id.into(), request_hash.into(), to_micros(now).into()])
+        .on_conflict(OnConflict::columns([Alias::new("scope"), Alias::new("request_id")]).do_nothing().to_owned());
+    let inserted = txn.execute(&insert).await?.rows_affected();
+    if inserted == 1 {
+        return Ok(Claim::New);
+    }
+    let row = txn
+        .query_one(
+            Query::select()
+                .columns(["request_hash", "response"].map(Alias::new))
+                .from(Alias::new("idempotency_keys"))
+                .and_where(Expr::col(Alias::new("scope")).eq(scope))
+                .and_where(Expr::col(Alias::new("request_id")).eq(request_id)),
+        )
+        .await?
+        .ok_or_else(|| Error::Aborted("a concurrent request with the same request_id is in flight; retry".into()))?;
+    let stored_hash: String = row.try_get("", "request_hash")?;
+    if stored_hash != request_hash {
+        return Err(Error::AlreadyExists {
+            reason: "REQUEST_ID_REUSED",
+            message: format!("request_id {request_id:?} was already used for a different request"),
+        });
+    }
+    let response: Option<Vec<u8>> = row.try_get("", "response")?;
+    let bytes = response.ok_or_else(|| Error::Aborted("the first request with this request_id has not finished; retry".into()))?;
+    R::decode(bytes.as_slice()).map(Claim::Replay).map_err(Error::internal)
+}
+
+/// Stores the response of a claimed request (in the same transaction).
+pub async fn complete<R: prost::Message>(txn: &DatabaseTransaction, scope: &str, request_id: &str, response: &R) -> Result<(), DbErr> {
+    let mut update = Query::update();
+    update
+        .table(Alias::new("idempotency_keys"))
+        .value(Alias::new("response"), response.encode_to_vec())
+        .and_where(Expr::col(Alias::new("scope")).eq(scope))
+        .and_where(Expr::col(Alias::new("request_id")).eq(request_id));
+    txn.execute(&update).await?;
+    Ok(())
+}
+
+/// Deletes keys created before `cutoff`; returns how many.
+pub async fn purge_older_than(db: &impl ConnectionTrait, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64, DbErr> {
+    let mut delete = Query::delete();
+    delete.from_table(Alias::new("idempotency_keys")).and_where(Expr::col(Alias::new("create_us")).lt(to_micros(cutoff)));
+    Ok(db.execute(&delete).await?.rows_affected())
+}

@@ -1,0 +1,74 @@
+//! Tables every service has: the outbox, idempotency keys and the cursors
+//! of the change streams it follows. A service's migrator lists
+//! [`platform_migrations`] first, then its own.
+
+use sea_orm_migration::prelude::*;
+
+/// The platform's migrations, to put first in a service's `Migrator`.
+pub fn platform_migrations() -> Vec<Box<dyn MigrationTrait>> {
+    vec![Box::new(PlatformTables)]
+}
+
+/// Creates `outbox`, `idempotency_keys` and `consumer_cursors`.
+pub struct PlatformTables;
+
+impl MigrationName for PlatformTables {
+    fn name(&self) -> &str {
+        "m0001_platform_tables"
+    }
+}
+
+fn a(s: &str) -> Alias {
+    Alias::new(s)
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for PlatformTables {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(a("outbox"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("sequence")).big_integer().not_null().auto_increment().primary_key())
+                .col(ColumnDef::new(a("event_id")).string().not_null().unique_key())
+                .col(ColumnDef::new(a("event_type")).string().not_null())
+                .col(ColumnDef::new(a("subject")).string().not_null())
+                .col(ColumnDef::new(a("payload")).blob().not_null())
+                .col(ColumnDef::new(a("occurred_us")).big_integer().not_null())
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("idempotency_keys"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("scope")).string().not_null())
+                .col(ColumnDef::new(a("request_id")).string().not_null())
+                .col(ColumnDef::new(a("request_hash")).string().not_null())
+                .col(ColumnDef::new(a("response")).blob())
+                .col(ColumnDef::new(a("create_us")).big_integer().not_null())
+                .primary_key(Index::create().col(a("scope")).col(a("request_id")))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(
+            Index::create()
+                .name("idempotency_keys_create_us")
+                .table(a("idempotency_keys"))
+                .col(a("create_us"))
+                .if_not_exists()
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("consumer_cursors"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("source")).string().not_null().primary_key())
+                .col(ColumnDef::new(a("sequence")).big_integer().not_null())
+                .col(ColumnDef::new(a("update_us")).big_integer().not_null())
+                .to_owned(),
+        )
+        .await
+    }
+}

@@ -1,0 +1,271 @@
+//! The gRPC server every service runs: health (SERVING, then NOT_SERVING
+//! while draining), reflection, and one layer that gives every call a
+//! request id, a tracing span continuing the caller's W3C trace, bearer
+//! token authentication and RED metrics (requests, errors, latency).
+
+use crate::auth::{Authenticator, Principal};
+use crate::config::Config;
+use futures::future::BoxFuture;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram};
+use opentelemetry::propagation::Extractor;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::service::Routes;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+use tower::{Layer, Service};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// The request id of the current call (`x-request-id`, generated if absent).
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+
+#[derive(Debug)]
+struct Metrics {
+    requests: Counter<u64>,
+    errors: Counter<u64>,
+    duration: Histogram<f64>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let meter = opentelemetry::global::meter("clm");
+        Self {
+            requests: meter.u64_counter("rpc.server.requests").with_description("Calls received, by method and code").build(),
+            errors: meter.u64_counter("rpc.server.errors").with_description("Calls that ended with a non-OK code").build(),
+            duration: meter.f64_histogram("rpc.server.duration").with_unit("s").with_description("Time to the response headers").build(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    service: &'static str,
+    auth: Option<Authenticator>,
+    metrics: Metrics,
+}
+
+/// The per-call layer (request id, tracing, auth, metrics).
+#[derive(Clone, Debug)]
+pub struct RpcLayer(Arc<Shared>);
+
+impl RpcLayer {
+    /// For `service`, checking tokens with `auth` when set.
+    pub fn new(service: &'static str, auth: Option<Authenticator>) -> Self {
+        Self(Arc::new(Shared { service, auth, metrics: Metrics::new() }))
+    }
+}
+
+impl<S> Layer<S> for RpcLayer {
+    type Service = RpcService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcService { inner, shared: self.0.clone() }
+    }
+}
+
+/// See [`RpcLayer`].
+#[derive(Clone, Debug)]
+pub struct RpcService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+impl<S> Service<http::Request<Body>> for RpcService<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        let method = req.uri().path().to_owned();
+        let request_id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+        let span = tracing::info_span!(
+            "rpc",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.method = %method,
+            service = shared.service,
+            request_id = %request_id,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        let _ = span.set_parent(parent);
+
+        let exempt = method.starts_with(HEALTH_PREFIX);
+        let auth_result = match (&shared.auth, exempt) {
+            (Some(auth), false) => {
+                let header = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+                auth.authenticate(header).map(Some)
+            }
+            _ => Ok(None),
+        };
+        req.extensions_mut().insert(RequestId(request_id.clone()));
+        Box::pin(
+            async move {
+                let start = Instant::now();
+                let mut response = match auth_result {
+                    Ok(principal) => {
+                        if let Some(p) = principal {
+                            req.extensions_mut().insert::<Principal>(p);
+                        }
+                        inner.call(req).await?
+                    }
+                    Err(e) => tonic::Status::from(e).into_http::<Body>(),
+                };
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .unwrap_or(0);
+                tracing::Span::current().record("rpc.grpc.status_code", code);
+                let attrs = [KeyValue::new("rpc.method", method), KeyValue::new("rpc.grpc.status_code", i64::from(code))];
+                shared.metrics.requests.add(1, &attrs);
+                if code != 0 {
+                    shared.metrics.errors.add(1, &attrs);
+                }
+                shared.metrics.duration.record(start.elapsed().as_secs_f64(), &attrs);
+                if let Ok(v) = request_id.parse() {
+                    response.headers_mut().insert("x-request-id", v);
+                }
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Serves `routes` (the service's own gRPC services) plus health and
+/// reflection on `listener` until `shutdown` is cancelled, then reports
+/// NOT_SERVING, stops accepting and lets in-flight calls finish for up to
+/// `config.drain_timeout_secs`.
+///
+/// `health_names` are the fully qualified service names reported SERVING.
+pub async fn serve(
+    config: &Config,
+    service: &'static str,
+    listener: TcpListener,
+    routes: Routes,
+    health_names: &[&str],
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let auth = Authenticator::from_config(&config.auth)?;
+    if auth.is_none() {
+        tracing::warn!(service, listen = %config.listen, "authentication is OFF: every caller is admin; bind loopback only or configure auth");
+    }
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for name in health_names {
+        reporter.set_service_status(*name, ServingStatus::Serving).await;
+    }
+    reporter.set_service_status("", ServingStatus::Serving).await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(clm_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(clm_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let mut builder = Server::builder();
+    if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
+        let identity = Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?);
+        builder = builder.tls_config(ServerTlsConfig::new().identity(identity))?;
+    }
+    let router = builder
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(RpcLayer::new(service, auth))
+        .add_routes(routes)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+    let names: Vec<String> = health_names.iter().map(|s| (*s).to_owned()).collect();
+    let draining = {
+        let shutdown = shutdown.clone();
+        let reporter = reporter.clone();
+        async move {
+            shutdown.cancelled().await;
+            for name in &names {
+                reporter.set_service_status(name, ServingStatus::NotServing).await;
+            }
+            reporter.set_service_status("", ServingStatus::NotServing).await;
+            tracing::info!(service, "shutting down: draining in-flight calls");
+        }
+    };
+    let server = router.serve_with_incoming_shutdown(incoming, draining);
+    tokio::pin!(server);
+    let drain = Duration::from_secs(config.drain_timeout_secs);
+    tokio::select! {
+        r = &mut server => r?,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
+            tracing::warn!(service, ?drain, "drain timeout: closing remaining connections");
+        }
+    }
+    tracing::info!(service, "stopped");
+    Ok(())
+}
+
+/// Resolves when SIGINT (Ctrl-C) or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
