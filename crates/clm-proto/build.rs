@@ -15,6 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     config.enable_type_names();
+    // BTreeMap keeps encodings deterministic (idempotency hashes compare them).
+    config.btree_map(["."]);
     config.type_name_domain(["."], "type.googleapis.com");
 
     let includes = [root.clone(), protoc_bin_vendored::include_path()?];

@@ -11,15 +11,18 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod bootstrap;
 pub mod cache;
 pub mod changes;
 pub mod client;
 pub mod config;
+pub mod convert;
 pub mod db;
 pub mod error;
 pub mod idempotency;
 pub mod migration;
 pub mod outbox;
+pub mod page;
 pub mod server;
 pub mod telemetry;
 #[cfg(feature = "testing")]

@@ -1,0 +1,300 @@
+//! Proto ↔ domain conversions. Every error names the request field.
+
+use crate::store::customers::{CustomerRecord, NewCustomer};
+use crate::store::stages::StageChangeRecord;
+use crate::store::touchpoints::TouchpointRecord;
+use chrono::{DateTime, NaiveDate, Utc};
+use clm_domain::attributes::{self, AttributeValue, Attributes};
+use clm_domain::demographics::{self, Demographics, Gender};
+use clm_domain::ids::{self, CustomerId};
+use clm_domain::lifecycle::Stage;
+use clm_domain::money::Money;
+use clm_domain::touchpoint::{Touchpoint, TouchpointKind};
+use clm_domain::validation::optional_text;
+use clm_domain::{Violation, Violations, contact};
+use clm_platform::convert::{duration_from_millis, duration_millis, from_timestamp, required_timestamp, timestamp};
+use clm_proto::common as cpb;
+use clm_proto::customer as pb;
+use std::collections::BTreeMap;
+
+fn field(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() { name.to_owned() } else { format!("{prefix}.{name}") }
+}
+
+/// A proto stage number → domain stage (UNSPECIFIED and unknown numbers refused).
+pub fn stage(field: &str, value: i32) -> Result<Stage, Violation> {
+    match pb::Stage::try_from(value) {
+        Ok(pb::Stage::Approach) => Ok(Stage::Approach),
+        Ok(pb::Stage::Acquisition) => Ok(Stage::Acquisition),
+        Ok(pb::Stage::Conversion) => Ok(Stage::Conversion),
+        Ok(pb::Stage::Retention) => Ok(Stage::Retention),
+        Ok(pb::Stage::Loyalty) => Ok(Stage::Loyalty),
+        Ok(pb::Stage::Churned) => Ok(Stage::Churned),
+        Ok(pb::Stage::Unspecified) => Err(Violation::new(field, "is required")),
+        Err(_) => Err(Violation::new(field, format!("unknown stage {value}"))),
+    }
+}
+
+/// Domain stage → proto.
+pub fn stage_to_proto(s: Stage) -> pb::Stage {
+    match s {
+        Stage::Approach => pb::Stage::Approach,
+        Stage::Acquisition => pb::Stage::Acquisition,
+        Stage::Conversion => pb::Stage::Conversion,
+        Stage::Retention => pb::Stage::Retention,
+        Stage::Loyalty => pb::Stage::Loyalty,
+        Stage::Churned => pb::Stage::Churned,
+    }
+}
+
+fn gender(field: &str, value: i32) -> Result<Option<Gender>, Violation> {
+    match pb::Gender::try_from(value) {
+        Ok(pb::Gender::Unspecified) => Ok(None),
+        Ok(pb::Gender::Female) => Ok(Some(Gender::Female)),
+        Ok(pb::Gender::Male) => Ok(Some(Gender::Male)),
+        Ok(pb::Gender::NonBinary) => Ok(Some(Gender::NonBinary)),
+        Ok(pb::Gender::Other) => Ok(Some(Gender::Other)),
+        Ok(pb::Gender::Undisclosed) => Ok(Some(Gender::Undisclosed)),
+        Err(_) => Err(Violation::new(field, format!("unknown gender {value}"))),
+    }
+}
+
+fn gender_to_proto(g: Option<Gender>) -> pb::Gender {
+    match g {
+        None => pb::Gender::Unspecified,
+        Some(Gender::Female) => pb::Gender::Female,
+        Some(Gender::Male) => pb::Gender::Male,
+        Some(Gender::NonBinary) => pb::Gender::NonBinary,
+        Some(Gender::Other) => pb::Gender::Other,
+        Some(Gender::Undisclosed) => pb::Gender::Undisclosed,
+    }
+}
+
+/// Optional money (absent = None).
+pub fn money(field: &str, m: Option<&cpb::Money>, non_negative: bool) -> Result<Option<Money>, Violation> {
+    m.map(|m| Money::new(field, &m.currency_code, m.amount_minor, non_negative)).transpose()
+}
+
+fn money_to_proto(m: &Money) -> cpb::Money {
+    cpb::Money { currency_code: m.currency.clone(), amount_minor: m.amount_minor }
+}
+
+/// Demographics, checked against `today`.
+pub fn demographics(prefix: &str, d: &pb::Demographics, today: NaiveDate) -> Result<Demographics, Violations> {
+    let mut v = Violations::new();
+    let birth_date = d
+        .birth_date
+        .as_ref()
+        .and_then(|b| v.check("", demographics::birth_date(&field(prefix, "birth_date"), b.year, b.month, b.day, today)));
+    let out = Demographics {
+        birth_date,
+        gender: v.check("", gender(&field(prefix, "gender"), d.gender)).flatten(),
+        annual_income: v.check("", money(&field(prefix, "annual_income"), d.annual_income.as_ref(), true)).flatten(),
+        occupation: v.check("", demographics::occupation(&field(prefix, "occupation"), &d.occupation)).flatten(),
+    };
+    v.into_result().map(|()| out)
+}
+
+/// One attribute value.
+pub fn attribute_value(field: &str, a: &pb::AttributeValue) -> Result<AttributeValue, Violation> {
+    use pb::attribute_value::Value;
+    let v = match a.value.as_ref() {
+        None => return Err(Violation::new(field, "must set one of string_value, number_value, bool_value, timestamp_value")),
+        Some(Value::StringValue(s)) => AttributeValue::String(s.clone()),
+        Some(Value::NumberValue(x)) => AttributeValue::Number(*x),
+        Some(Value::BoolValue(b)) => AttributeValue::Bool(*b),
+        Some(Value::TimestampValue(t)) => AttributeValue::Timestamp(from_timestamp(field, t)?),
+    };
+    attributes::value(field, v)
+}
+
+/// A whole attribute map.
+pub fn attribute_map(prefix: &str, map: &BTreeMap<String, pb::AttributeValue>) -> Result<Attributes, Violations> {
+    let mut v = Violations::new();
+    v.check("", attributes::count(prefix, map.len()));
+    let mut out = Attributes::new();
+    for (k, a) in map {
+        let f = format!("{prefix}[{k:?}]");
+        if let (Some(k), Some(val)) = (v.check("", attributes::key(&f, k)), v.check("", attribute_value(&f, a))) {
+            out.insert(k, val);
+        }
+    }
+    v.into_result().map(|()| out)
+}
+
+fn attribute_to_proto(a: &AttributeValue) -> pb::AttributeValue {
+    use pb::attribute_value::Value;
+    pb::AttributeValue {
+        value: Some(match a {
+            AttributeValue::String(s) => Value::StringValue(s.clone()),
+            AttributeValue::Number(x) => Value::NumberValue(*x),
+            AttributeValue::Bool(b) => Value::BoolValue(*b),
+            AttributeValue::Timestamp(t) => Value::TimestampValue(timestamp(*t)),
+        }),
+    }
+}
+
+/// A customer to create (fields under `prefix`).
+pub fn new_customer(prefix: &str, c: &pb::Customer, today: NaiveDate) -> Result<NewCustomer, Violations> {
+    let mut v = Violations::new();
+    let external_id = v.check("", contact::external_id(&field(prefix, "external_id"), &c.external_id)).flatten();
+    let email = v.check("", contact::email(&field(prefix, "email"), &c.email)).flatten();
+    let display_name = v.check("", optional_text(&field(prefix, "display_name"), &c.display_name, 200)).flatten();
+    let demographics = match demographics(&field(prefix, "demographics"), &c.demographics.clone().unwrap_or_default(), today) {
+        Ok(d) => d,
+        Err(e) => {
+            v.0.extend(e.0);
+            Demographics::default()
+        }
+    };
+    let attributes = match attribute_map(&field(prefix, "attributes"), &c.attributes) {
+        Ok(a) => a,
+        Err(e) => {
+            v.0.extend(e.0);
+            Attributes::new()
+        }
+    };
+    let stage = if c.stage == 0 { Some(Stage::Approach) } else { v.check("", stage(&field(prefix, "stage"), c.stage)) };
+    v.into_result()?;
+    Ok(NewCustomer {
+        display_name: display_name.or_else(|| email.clone()).or_else(|| external_id.clone()).unwrap_or_default(),
+        external_id,
+        email,
+        demographics,
+        attributes,
+        stage: stage.unwrap_or(Stage::Approach),
+    })
+}
+
+/// Stored customer → proto (age computed on `today`).
+pub fn customer_to_proto(r: &CustomerRecord, today: NaiveDate) -> pb::Customer {
+    let d = &r.demographics;
+    pb::Customer {
+        name: r.id.name(),
+        external_id: r.external_id.clone().unwrap_or_default(),
+        email: r.email.clone().unwrap_or_default(),
+        display_name: r.display_name.clone(),
+        demographics: Some(pb::Demographics {
+            birth_date: d.birth_date.map(|b| {
+                use chrono::Datelike;
+                cpb::Date { year: b.year(), month: b.month() as i32, day: b.day() as i32 }
+            }),
+            gender: gender_to_proto(d.gender) as i32,
+            annual_income: d.annual_income.as_ref().map(money_to_proto),
+            occupation: d.occupation.clone().unwrap_or_default(),
+            age: d.birth_date.map_or(0, |b| demographics::age_on(b, today)),
+        }),
+        attributes: r.attributes.iter().map(|(k, v)| (k.clone(), attribute_to_proto(v))).collect(),
+        stage: stage_to_proto(r.stage) as i32,
+        stage_change_time: Some(timestamp(r.stage_change_time)),
+        create_time: Some(timestamp(r.create_time)),
+        update_time: Some(timestamp(r.update_time)),
+        etag: etag(r.version),
+    }
+}
+
+/// The etag of a version.
+pub fn etag(version: i64) -> String {
+    format!("\"{version}\"")
+}
+
+fn touchpoint_kind(field: &str, value: i32) -> Result<TouchpointKind, Violation> {
+    match pb::TouchpointType::try_from(value) {
+        Ok(pb::TouchpointType::UsageTime) => Ok(TouchpointKind::UsageTime),
+        Ok(pb::TouchpointType::ProductAccess) => Ok(TouchpointKind::ProductAccess),
+        Ok(pb::TouchpointType::FeatureUse) => Ok(TouchpointKind::FeatureUse),
+        Ok(pb::TouchpointType::Purchase) => Ok(TouchpointKind::Purchase),
+        Ok(pb::TouchpointType::CampaignTouch) => Ok(TouchpointKind::CampaignTouch),
+        Ok(pb::TouchpointType::SupportContact) => Ok(TouchpointKind::SupportContact),
+        Ok(pb::TouchpointType::Custom) => Ok(TouchpointKind::Custom),
+        Ok(pb::TouchpointType::Unspecified) => Err(Violation::new(field, "is required")),
+        Err(_) => Err(Violation::new(field, format!("unknown touchpoint type {value}"))),
+    }
+}
+
+fn kind_to_proto(k: TouchpointKind) -> pb::TouchpointType {
+    match k {
+        TouchpointKind::UsageTime => pb::TouchpointType::UsageTime,
+        TouchpointKind::ProductAccess => pb::TouchpointType::ProductAccess,
+        TouchpointKind::FeatureUse => pb::TouchpointType::FeatureUse,
+        TouchpointKind::Purchase => pb::TouchpointType::Purchase,
+        TouchpointKind::CampaignTouch => pb::TouchpointType::CampaignTouch,
+        TouchpointKind::SupportContact => pb::TouchpointType::SupportContact,
+        TouchpointKind::Custom => pb::TouchpointType::Custom,
+    }
+}
+
+/// A touchpoint to record (fields under `prefix`), checked against `now`.
+pub fn touchpoint(prefix: &str, t: &pb::Touchpoint, now: DateTime<Utc>) -> Result<(CustomerId, Touchpoint), Violations> {
+    let mut v = Violations::new();
+    let customer = v.check("", CustomerId::parse_name(&field(prefix, "customer"), &t.customer));
+    let event_id = v.check("", ids::event_id(&field(prefix, "event_id"), &t.event_id));
+    let kind = v.check("", touchpoint_kind(&field(prefix, "type"), t.r#type));
+    let occurred = v.check("", required_timestamp(&field(prefix, "occurred_time"), t.occurred_time.as_ref()));
+    let usage = t.usage_duration.as_ref().and_then(|d| v.check("", duration_millis(&field(prefix, "usage_duration"), d)));
+    let revenue = v.check("", money(&field(prefix, "revenue"), t.revenue.as_ref(), true)).flatten();
+    let mut text = |name: &str, value: &str| v.check("", optional_text(&field(prefix, name), value, 200)).flatten();
+    let custom_type = text("custom_type", &t.custom_type);
+    let product = text("product", &t.product);
+    let feature = text("feature", &t.feature);
+    let campaign = text("campaign", &t.campaign);
+    let channel = text("channel", &t.channel);
+    for (k, val) in &t.properties {
+        if k.is_empty() || k.len() > 64 || val.chars().count() > 1024 {
+            v.push(Violation::new(field(prefix, &format!("properties[{k:?}]")), "keys are 1..64 bytes, values at most 1,024 characters"));
+        }
+    }
+    let (Some(customer), Some(event_id), Some(kind), Some(occurred_time)) = (customer, event_id, kind, occurred) else {
+        return Err(v);
+    };
+    let tp = Touchpoint {
+        event_id,
+        kind,
+        custom_type,
+        occurred_time,
+        usage_millis: usage,
+        product,
+        feature,
+        revenue,
+        campaign,
+        channel,
+        properties: t.properties.clone(),
+    };
+    if let Err(e) = tp.check(now) {
+        v.0.extend(e.0.into_iter().map(|x| x.under(prefix)));
+    }
+    v.into_result().map(|()| (customer, tp))
+}
+
+/// Stored touchpoint → proto.
+pub fn touchpoint_to_proto(r: &TouchpointRecord) -> pb::Touchpoint {
+    let t = &r.touchpoint;
+    pb::Touchpoint {
+        name: format!("{}/touchpoints/{}", r.customer.name(), t.event_id),
+        customer: r.customer.name(),
+        event_id: t.event_id.clone(),
+        r#type: kind_to_proto(t.kind) as i32,
+        custom_type: t.custom_type.clone().unwrap_or_default(),
+        occurred_time: Some(timestamp(t.occurred_time)),
+        record_time: Some(timestamp(r.record_time)),
+        usage_duration: t.usage_millis.map(duration_from_millis),
+        product: t.product.clone().unwrap_or_default(),
+        feature: t.feature.clone().unwrap_or_default(),
+        revenue: t.revenue.as_ref().map(money_to_proto),
+        campaign: t.campaign.clone().unwrap_or_default(),
+        channel: t.channel.clone().unwrap_or_default(),
+        properties: t.properties.clone(),
+    }
+}
+
+/// Stored move → proto, with the time spent in `to` until `until`.
+pub fn stage_change_to_proto(c: &StageChangeRecord, until: DateTime<Utc>) -> pb::StageChange {
+    pb::StageChange {
+        from_stage: c.from.map_or(pb::Stage::Unspecified, stage_to_proto) as i32,
+        to_stage: stage_to_proto(c.to) as i32,
+        reason: c.reason.clone(),
+        actor: c.actor.clone(),
+        change_time: Some(timestamp(c.change_time)),
+        time_in_stage: Some(duration_from_millis((until - c.change_time).num_milliseconds().max(0))),
+    }
+}

@@ -1,0 +1,131 @@
+//! Schema of the customer service. Times are microseconds since the epoch
+//! (`*_us`), money is minor units plus a currency code.
+
+use sea_orm_migration::prelude::*;
+
+/// Runs the platform tables, then the customer tables.
+#[derive(Debug)]
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        let mut m = clm_platform::migration::platform_migrations();
+        m.push(Box::new(CustomerTables));
+        m
+    }
+}
+
+struct CustomerTables;
+
+impl MigrationName for CustomerTables {
+    fn name(&self) -> &str {
+        "m0002_customer_tables"
+    }
+}
+
+fn a(s: &str) -> Alias {
+    Alias::new(s)
+}
+
+fn index(name: &str, table: &str, cols: &[&str]) -> IndexCreateStatement {
+    let mut i = Index::create();
+    i.name(name).table(a(table)).if_not_exists();
+    for c in cols {
+        i.col(a(c));
+    }
+    i.to_owned()
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CustomerTables {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(a("customers"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("id")).string().not_null().primary_key())
+                .col(ColumnDef::new(a("external_id")).string().null().unique_key())
+                .col(ColumnDef::new(a("email")).string().null().unique_key())
+                .col(ColumnDef::new(a("display_name")).string().not_null())
+                .col(ColumnDef::new(a("birth_date")).string().null())
+                .col(ColumnDef::new(a("gender")).small_integer().null())
+                .col(ColumnDef::new(a("income_minor")).big_integer().null())
+                .col(ColumnDef::new(a("income_currency")).string().null())
+                .col(ColumnDef::new(a("occupation")).string().null())
+                .col(ColumnDef::new(a("stage")).small_integer().not_null())
+                .col(ColumnDef::new(a("stage_change_us")).big_integer().not_null())
+                .col(ColumnDef::new(a("create_us")).big_integer().not_null())
+                .col(ColumnDef::new(a("update_us")).big_integer().not_null())
+                .col(ColumnDef::new(a("version")).big_integer().not_null())
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index("customers_create", "customers", &["create_us", "id"])).await?;
+        m.create_index(index("customers_update", "customers", &["update_us", "id"])).await?;
+        m.create_index(index("customers_display_name", "customers", &["display_name", "id"])).await?;
+        m.create_index(index("customers_stage", "customers", &["stage"])).await?;
+
+        m.create_table(
+            Table::create()
+                .table(a("customer_attributes"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(ColumnDef::new(a("key")).string().not_null())
+                .col(ColumnDef::new(a("kind")).small_integer().not_null())
+                .col(ColumnDef::new(a("string_value")).text().null())
+                .col(ColumnDef::new(a("number_value")).double().null())
+                .col(ColumnDef::new(a("bool_value")).boolean().null())
+                .col(ColumnDef::new(a("time_us")).big_integer().null())
+                .primary_key(Index::create().col(a("customer_id")).col(a("key")))
+                .foreign_key(
+                    ForeignKey::create()
+                        .from(a("customer_attributes"), a("customer_id"))
+                        .to(a("customers"), a("id"))
+                        .on_delete(ForeignKeyAction::Cascade),
+                )
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index("customer_attributes_key_string", "customer_attributes", &["key", "string_value"])).await?;
+        m.create_index(index("customer_attributes_key_number", "customer_attributes", &["key", "number_value"])).await?;
+
+        m.create_table(
+            Table::create()
+                .table(a("touchpoints"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("event_id")).string().not_null().primary_key())
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(ColumnDef::new(a("kind")).small_integer().not_null())
+                .col(ColumnDef::new(a("custom_type")).string().null())
+                .col(ColumnDef::new(a("occurred_us")).big_integer().not_null())
+                .col(ColumnDef::new(a("record_us")).big_integer().not_null())
+                .col(ColumnDef::new(a("usage_ms")).big_integer().null())
+                .col(ColumnDef::new(a("product")).string().null())
+                .col(ColumnDef::new(a("feature")).string().null())
+                .col(ColumnDef::new(a("revenue_minor")).big_integer().null())
+                .col(ColumnDef::new(a("currency")).string().null())
+                .col(ColumnDef::new(a("campaign")).string().null())
+                .col(ColumnDef::new(a("channel")).string().null())
+                .col(ColumnDef::new(a("properties")).text().null())
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index("touchpoints_timeline", "touchpoints", &["customer_id", "occurred_us", "event_id"])).await?;
+
+        m.create_table(
+            Table::create()
+                .table(a("stage_history"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("id")).big_integer().not_null().auto_increment().primary_key())
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(ColumnDef::new(a("from_stage")).small_integer().null())
+                .col(ColumnDef::new(a("to_stage")).small_integer().not_null())
+                .col(ColumnDef::new(a("reason")).text().not_null())
+                .col(ColumnDef::new(a("actor")).string().not_null())
+                .col(ColumnDef::new(a("change_us")).big_integer().not_null())
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index("stage_history_customer", "stage_history", &["customer_id", "id"])).await
+    }
+}
