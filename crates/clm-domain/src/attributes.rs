@@ -31,17 +31,31 @@ pub fn key(field: &str, key: &str) -> Result<String, Violation> {
     let ok = !key.is_empty()
         && key.len() <= 64
         && key.starts_with(|c: char| c.is_ascii_lowercase())
-        && key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if ok { Ok(key.to_owned()) } else { Err(Violation::new(field, format!("attribute key {key:?} must be 1..64 characters of [a-z0-9_], starting with a letter"))) }
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(key.to_owned())
+    } else {
+        Err(Violation::new(
+            field,
+            format!(
+                "attribute key {key:?} must be 1..64 characters of [a-z0-9_], starting with a letter"
+            ),
+        ))
+    }
 }
 
 /// Checks a value.
 pub fn value(field: &str, v: AttributeValue) -> Result<AttributeValue, Violation> {
     match &v {
-        AttributeValue::Number(n) if !n.is_finite() => Err(Violation::new(field, "must be a finite number")),
-        AttributeValue::String(s) if s.chars().count() > MAX_STRING_LEN => {
-            Err(Violation::new(field, format!("must be at most {MAX_STRING_LEN} characters")))
+        AttributeValue::Number(n) if !n.is_finite() => {
+            Err(Violation::new(field, "must be a finite number"))
         }
+        AttributeValue::String(s) if s.chars().count() > MAX_STRING_LEN => Err(Violation::new(
+            field,
+            format!("must be at most {MAX_STRING_LEN} characters"),
+        )),
         _ => Ok(v),
     }
 }
@@ -49,7 +63,10 @@ pub fn value(field: &str, v: AttributeValue) -> Result<AttributeValue, Violation
 /// Checks the size of a whole attribute map.
 pub fn count(field: &str, n: usize) -> Result<(), Violation> {
     if n > MAX_ATTRIBUTES {
-        return Err(Violation::new(field, format!("at most {MAX_ATTRIBUTES} attributes per customer")));
+        return Err(Violation::new(
+            field,
+            format!("at most {MAX_ATTRIBUTES} attributes per customer"),
+        ));
     }
     Ok(())
 }

@@ -33,9 +33,15 @@ impl Gender {
 
     /// Inverse of [`Gender::code`].
     pub fn from_code(code: i16) -> Option<Gender> {
-        [Gender::Female, Gender::Male, Gender::NonBinary, Gender::Other, Gender::Undisclosed]
-            .into_iter()
-            .find(|g| g.code() == code)
+        [
+            Gender::Female,
+            Gender::Male,
+            Gender::NonBinary,
+            Gender::Other,
+            Gender::Undisclosed,
+        ]
+        .into_iter()
+        .find(|g| g.code() == code)
     }
 }
 
@@ -56,17 +62,31 @@ pub struct Demographics {
 pub const MAX_AGE_YEARS: i32 = 150;
 
 /// Builds and checks a birth date given as year/month/day against `today`.
-pub fn birth_date(field: &str, year: i32, month: i32, day: i32, today: NaiveDate) -> Result<NaiveDate, Violation> {
+pub fn birth_date(
+    field: &str,
+    year: i32,
+    month: i32,
+    day: i32,
+    today: NaiveDate,
+) -> Result<NaiveDate, Violation> {
     let date = u32::try_from(month)
         .ok()
         .zip(u32::try_from(day).ok())
         .and_then(|(m, d)| NaiveDate::from_ymd_opt(year, m, d))
-        .ok_or_else(|| Violation::new(field, format!("{year:04}-{month:02}-{day:02} is not a valid date")))?;
+        .ok_or_else(|| {
+            Violation::new(
+                field,
+                format!("{year:04}-{month:02}-{day:02} is not a valid date"),
+            )
+        })?;
     if date > today {
         return Err(Violation::new(field, "must not be in the future"));
     }
     if age_on(date, today) > MAX_AGE_YEARS {
-        return Err(Violation::new(field, format!("must be less than {MAX_AGE_YEARS} years ago")));
+        return Err(Violation::new(
+            field,
+            format!("must be less than {MAX_AGE_YEARS} years ago"),
+        ));
     }
     Ok(date)
 }
@@ -108,7 +128,10 @@ mod tests {
         assert!(birth_date("b", 2026, 2, 30, today).is_err());
         assert!(birth_date("b", 1800, 1, 1, today).is_err());
         assert_eq!(birth_date("b", 1990, 1, 1, today), Ok(d(1990, 1, 1)));
-        assert_eq!(birth_date("x.y", 2030, 1, 1, today).unwrap_err().field, "x.y");
+        assert_eq!(
+            birth_date("x.y", 2030, 1, 1, today).unwrap_err().field,
+            "x.y"
+        );
     }
 
     proptest! {

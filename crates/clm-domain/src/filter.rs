@@ -73,7 +73,10 @@ pub const MAX_COMPARISONS: usize = 20;
 /// Parses a filter; an empty string is no filter. `field` names the request field.
 pub fn parse(field: &str, input: &str) -> Result<Vec<Comparison>, Violation> {
     if input.len() > MAX_FILTER_LEN {
-        return Err(Violation::new(field, format!("must be at most {MAX_FILTER_LEN} bytes")));
+        return Err(Violation::new(
+            field,
+            format!("must be at most {MAX_FILTER_LEN} bytes"),
+        ));
     }
     let tokens = tokenize(input).map_err(|e| Violation::new(field, e))?;
     let mut out = Vec::new();
@@ -82,25 +85,58 @@ pub fn parse(field: &str, input: &str) -> Result<Vec<Comparison>, Violation> {
         if !out.is_empty() {
             match it.next() {
                 Some(Token::Word(w)) if w == "AND" => {}
-                other => return Err(Violation::new(field, format!("expected AND, found {}", describe(other.as_ref())))),
+                other => {
+                    return Err(Violation::new(
+                        field,
+                        format!("expected AND, found {}", describe(other.as_ref())),
+                    ));
+                }
             }
         }
         let name = match it.next() {
             Some(Token::Word(w)) if is_field_path(&w) => w,
-            other => return Err(Violation::new(field, format!("expected a field name, found {}", describe(other.as_ref())))),
+            other => {
+                return Err(Violation::new(
+                    field,
+                    format!("expected a field name, found {}", describe(other.as_ref())),
+                ));
+            }
         };
         let op = match it.next() {
             Some(Token::Op(op)) => op,
-            other => return Err(Violation::new(field, format!("expected an operator after {name}, found {}", describe(other.as_ref())))),
+            other => {
+                return Err(Violation::new(
+                    field,
+                    format!(
+                        "expected an operator after {name}, found {}",
+                        describe(other.as_ref())
+                    ),
+                ));
+            }
         };
         let value = match it.next() {
             Some(Token::Str(s)) => Literal::String(s),
             Some(Token::Word(w)) => word_literal(w),
-            other => return Err(Violation::new(field, format!("expected a value after {name}, found {}", describe(other.as_ref())))),
+            other => {
+                return Err(Violation::new(
+                    field,
+                    format!(
+                        "expected a value after {name}, found {}",
+                        describe(other.as_ref())
+                    ),
+                ));
+            }
         };
-        out.push(Comparison { field: name, op, value });
+        out.push(Comparison {
+            field: name,
+            op,
+            value,
+        });
         if out.len() > MAX_COMPARISONS {
-            return Err(Violation::new(field, format!("at most {MAX_COMPARISONS} comparisons")));
+            return Err(Violation::new(
+                field,
+                format!("at most {MAX_COMPARISONS} comparisons"),
+            ));
         }
     }
     Ok(out)
@@ -134,7 +170,8 @@ fn word_literal(w: String) -> Literal {
 }
 
 fn is_field_path(w: &str) -> bool {
-    w.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    w.split('.')
+        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
         && w.starts_with(|c: char| c.is_ascii_alphabetic())
 }
 
@@ -200,10 +237,20 @@ mod tests {
 
     #[test]
     fn parses_conjunctions() {
-        let f = parse("filter", r#"stage = RETENTION AND attributes.plan="pro" AND attributes.seats >= 10"#)
-            .expect("parses");
+        let f = parse(
+            "filter",
+            r#"stage = RETENTION AND attributes.plan="pro" AND attributes.seats >= 10"#,
+        )
+        .expect("parses");
         assert_eq!(f.len(), 3);
-        assert_eq!(f[0], Comparison { field: "stage".into(), op: Op::Eq, value: Literal::Word("RETENTION".into()) });
+        assert_eq!(
+            f[0],
+            Comparison {
+                field: "stage".into(),
+                op: Op::Eq,
+                value: Literal::Word("RETENTION".into())
+            }
+        );
         assert_eq!(f[1].value, Literal::String("pro".into()));
         assert_eq!(f[2].op, Op::Ge);
         assert_eq!(f[2].value, Literal::Number(10.0));
@@ -216,7 +263,15 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        for bad in ["stage", "stage =", "= 3", "a = 1 OR b = 2", "a = \"x", "a ! 3", "a.= 1"] {
+        for bad in [
+            "stage",
+            "stage =",
+            "= 3",
+            "a = 1 OR b = 2",
+            "a = \"x",
+            "a ! 3",
+            "a.= 1",
+        ] {
             let e = parse("filter", bad).expect_err(bad);
             assert_eq!(e.field, "filter");
         }

@@ -27,9 +27,12 @@ impl CustomerId {
 
     /// Parses the bare id.
     pub fn parse_id(field: &str, id: &str) -> Result<Self, Violation> {
-        Uuid::parse_str(id)
-            .map(Self)
-            .map_err(|_| Violation::new(field, "must be a customer name like customers/{id} with a UUID id"))
+        Uuid::parse_str(id).map(Self).map_err(|_| {
+            Violation::new(
+                field,
+                "must be a customer name like customers/{id} with a UUID id",
+            )
+        })
     }
 
     /// The resource name, `customers/{id}`.
@@ -56,7 +59,10 @@ pub fn event_id(field: &str, value: &str) -> Result<String, Violation> {
         return Err(Violation::new(field, "is required"));
     }
     if value.len() > 128 || !value.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Violation::new(field, "must be 1..128 visible ASCII characters"));
+        return Err(Violation::new(
+            field,
+            "must be 1..128 visible ASCII characters",
+        ));
     }
     Ok(value.to_owned())
 }
@@ -73,7 +79,15 @@ mod tests {
 
     #[test]
     fn bad_names_name_the_field() {
-        assert_eq!(CustomerId::parse_name("name", "users/1").unwrap_err().field, "name");
-        assert_eq!(CustomerId::parse_name("parent", "customers/xyz").unwrap_err().field, "parent");
+        assert_eq!(
+            CustomerId::parse_name("name", "users/1").unwrap_err().field,
+            "name"
+        );
+        assert_eq!(
+            CustomerId::parse_name("parent", "customers/xyz")
+                .unwrap_err()
+                .field,
+            "parent"
+        );
     }
 }

@@ -36,8 +36,14 @@ pub enum Stage {
 }
 
 /// Every stage, in funnel order.
-pub const ALL_STAGES: [Stage; 6] =
-    [Stage::Approach, Stage::Acquisition, Stage::Conversion, Stage::Retention, Stage::Loyalty, Stage::Churned];
+pub const ALL_STAGES: [Stage; 6] = [
+    Stage::Approach,
+    Stage::Acquisition,
+    Stage::Conversion,
+    Stage::Retention,
+    Stage::Loyalty,
+    Stage::Churned,
+];
 
 /// What kind of move a transition is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +102,9 @@ impl Stage {
         match (self.rank(), to.rank()) {
             (Some(_), None) => Ok(MoveKind::Churn),
             (None, Some(_)) => match to {
-                Stage::Approach | Stage::Acquisition | Stage::Retention => Ok(MoveKind::Reactivation),
+                Stage::Approach | Stage::Acquisition | Stage::Retention => {
+                    Ok(MoveKind::Reactivation)
+                }
                 _ => Err(TransitionError::NotAllowed {
                     from: self,
                     to,
@@ -182,17 +190,28 @@ pub struct Transition {
 
 impl Transition {
     /// Checks the move and builds the record.
-    pub fn new(from: Stage, to: Stage, reason: String, actor: String) -> Result<Self, TransitionError> {
+    pub fn new(
+        from: Stage,
+        to: Stage,
+        reason: String,
+        actor: String,
+    ) -> Result<Self, TransitionError> {
         let kind = from.transition(to)?;
-        Ok(Self { from, to, kind, reason, actor })
+        Ok(Self {
+            from,
+            to,
+            kind,
+            reason,
+            actor,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
     use Stage::*;
+    use proptest::prelude::*;
 
     #[test]
     fn funnel_moves() {
@@ -208,11 +227,26 @@ mod tests {
 
     #[test]
     fn refused_moves() {
-        assert_eq!(Retention.transition(Retention), Err(TransitionError::SameStage(Retention)));
-        assert!(matches!(Conversion.transition(Approach), Err(TransitionError::NotAllowed { .. })));
-        assert!(matches!(Loyalty.transition(Acquisition), Err(TransitionError::NotAllowed { .. })));
-        assert!(matches!(Churned.transition(Loyalty), Err(TransitionError::NotAllowed { .. })));
-        assert!(matches!(Churned.transition(Conversion), Err(TransitionError::NotAllowed { .. })));
+        assert_eq!(
+            Retention.transition(Retention),
+            Err(TransitionError::SameStage(Retention))
+        );
+        assert!(matches!(
+            Conversion.transition(Approach),
+            Err(TransitionError::NotAllowed { .. })
+        ));
+        assert!(matches!(
+            Loyalty.transition(Acquisition),
+            Err(TransitionError::NotAllowed { .. })
+        ));
+        assert!(matches!(
+            Churned.transition(Loyalty),
+            Err(TransitionError::NotAllowed { .. })
+        ));
+        assert!(matches!(
+            Churned.transition(Conversion),
+            Err(TransitionError::NotAllowed { .. })
+        ));
     }
 
     #[test]

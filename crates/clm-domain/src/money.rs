@@ -15,7 +15,12 @@ pub struct Money {
 impl Money {
     /// Checks the currency code (three ASCII letters, upper-cased) and, if
     /// `non_negative`, the sign. `field` is the path of the money field.
-    pub fn new(field: &str, currency: &str, amount_minor: i64, non_negative: bool) -> Result<Self, Violation> {
+    pub fn new(
+        field: &str,
+        currency: &str,
+        amount_minor: i64,
+        non_negative: bool,
+    ) -> Result<Self, Violation> {
         if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_alphabetic()) {
             return Err(Violation::new(
                 format!("{field}.currency_code"),
@@ -23,9 +28,15 @@ impl Money {
             ));
         }
         if non_negative && amount_minor < 0 {
-            return Err(Violation::new(format!("{field}.amount_minor"), "must not be negative"));
+            return Err(Violation::new(
+                format!("{field}.amount_minor"),
+                "must not be negative",
+            ));
         }
-        Ok(Self { currency: currency.to_ascii_uppercase(), amount_minor })
+        Ok(Self {
+            currency: currency.to_ascii_uppercase(),
+            amount_minor,
+        })
     }
 }
 
@@ -35,9 +46,18 @@ mod tests {
 
     #[test]
     fn validates() {
-        assert_eq!(Money::new("m", "eur", 5, true).map(|m| m.currency), Ok("EUR".to_owned()));
-        assert_eq!(Money::new("m", "EURO", 5, true).unwrap_err().field, "m.currency_code");
-        assert_eq!(Money::new("m", "EUR", -5, true).unwrap_err().field, "m.amount_minor");
+        assert_eq!(
+            Money::new("m", "eur", 5, true).map(|m| m.currency),
+            Ok("EUR".to_owned())
+        );
+        assert_eq!(
+            Money::new("m", "EURO", 5, true).unwrap_err().field,
+            "m.currency_code"
+        );
+        assert_eq!(
+            Money::new("m", "EUR", -5, true).unwrap_err().field,
+            "m.amount_minor"
+        );
         assert!(Money::new("m", "EUR", -5, false).is_ok());
     }
 }

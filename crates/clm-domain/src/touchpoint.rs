@@ -117,11 +117,17 @@ impl Touchpoint {
     pub fn check(&self, now: DateTime<Utc>) -> Result<(), Violations> {
         let mut v = Violations::new();
         if self.occurred_time > now + MAX_FUTURE_SKEW {
-            v.push(Violation::new("occurred_time", "must not be more than 5 minutes in the future"));
+            v.push(Violation::new(
+                "occurred_time",
+                "must not be more than 5 minutes in the future",
+            ));
         }
         match self.kind {
             TouchpointKind::UsageTime if self.usage_millis.is_none_or(|ms| ms <= 0) => {
-                v.push(Violation::new("usage_duration", "is required and must be positive for USAGE_TIME"));
+                v.push(Violation::new(
+                    "usage_duration",
+                    "is required and must be positive for USAGE_TIME",
+                ));
             }
             TouchpointKind::FeatureUse if self.feature.is_none() => {
                 v.push(Violation::new("feature", "is required for FEATURE_USE"));
@@ -135,14 +141,20 @@ impl Touchpoint {
             TouchpointKind::Custom => match &self.custom_type {
                 None => v.push(Violation::new("custom_type", "is required for CUSTOM")),
                 Some(t) if !valid_custom_type(t) => {
-                    v.push(Violation::new("custom_type", "must be 1..64 characters of [a-z0-9_.-]"));
+                    v.push(Violation::new(
+                        "custom_type",
+                        "must be 1..64 characters of [a-z0-9_.-]",
+                    ));
                 }
                 Some(_) => {}
             },
             _ => {}
         }
         if self.properties.len() > MAX_PROPERTIES {
-            v.push(Violation::new("properties", format!("at most {MAX_PROPERTIES} properties")));
+            v.push(Violation::new(
+                "properties",
+                format!("at most {MAX_PROPERTIES} properties"),
+            ));
         }
         v.into_result()
     }
@@ -151,16 +163,24 @@ impl Touchpoint {
 fn valid_custom_type(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= 64
-        && t.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-'))
+        && t.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+        })
 }
 
 /// Checks a batch size.
 pub fn batch_size(field: &str, n: usize) -> Result<(), Violation> {
     if n == 0 {
-        return Err(Violation::new(field, "must contain at least one touchpoint"));
+        return Err(Violation::new(
+            field,
+            "must contain at least one touchpoint",
+        ));
     }
     if n > MAX_BATCH {
-        return Err(Violation::new(field, format!("at most {MAX_BATCH} touchpoints per call, got {n}")));
+        return Err(Violation::new(
+            field,
+            format!("at most {MAX_BATCH} touchpoints per call, got {n}"),
+        ));
     }
     Ok(())
 }
@@ -188,10 +208,22 @@ mod tests {
     #[test]
     fn kind_specific_fields() {
         let now = Utc::now();
-        assert_eq!(tp(TouchpointKind::Purchase).check(now).unwrap_err().0[0].field, "revenue");
-        assert_eq!(tp(TouchpointKind::FeatureUse).check(now).unwrap_err().0[0].field, "feature");
-        assert_eq!(tp(TouchpointKind::UsageTime).check(now).unwrap_err().0[0].field, "usage_duration");
-        assert_eq!(tp(TouchpointKind::Custom).check(now).unwrap_err().0[0].field, "custom_type");
+        assert_eq!(
+            tp(TouchpointKind::Purchase).check(now).unwrap_err().0[0].field,
+            "revenue"
+        );
+        assert_eq!(
+            tp(TouchpointKind::FeatureUse).check(now).unwrap_err().0[0].field,
+            "feature"
+        );
+        assert_eq!(
+            tp(TouchpointKind::UsageTime).check(now).unwrap_err().0[0].field,
+            "usage_duration"
+        );
+        assert_eq!(
+            tp(TouchpointKind::Custom).check(now).unwrap_err().0[0].field,
+            "custom_type"
+        );
         assert!(tp(TouchpointKind::SupportContact).check(now).is_ok());
     }
 

@@ -15,14 +15,21 @@ pub struct Violation {
 impl Violation {
     /// A violation of `field`.
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Self { field: field.into(), description: description.into() }
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
     }
 
     /// The same violation with `prefix.` put before the field path.
     #[must_use]
     pub fn under(mut self, prefix: &str) -> Self {
         if !prefix.is_empty() {
-            self.field = if self.field.is_empty() { prefix.to_owned() } else { format!("{prefix}.{}", self.field) };
+            self.field = if self.field.is_empty() {
+                prefix.to_owned()
+            } else {
+                format!("{prefix}.{}", self.field)
+            };
         }
         self
     }
@@ -104,7 +111,10 @@ pub fn optional_text(field: &str, value: &str, max: usize) -> Result<Option<Stri
         return Ok(None);
     }
     if v.chars().count() > max {
-        return Err(Violation::new(field, format!("must be at most {max} characters")));
+        return Err(Violation::new(
+            field,
+            format!("must be at most {max} characters"),
+        ));
     }
     if v.chars().any(char::is_control) {
         return Err(Violation::new(field, "must not contain control characters"));
@@ -118,7 +128,10 @@ pub fn request_id(field: &str, value: &str) -> Result<Option<String>, Violation>
         return Ok(None);
     }
     if value.len() > 128 || !value.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Violation::new(field, "must be 1..128 visible ASCII characters"));
+        return Err(Violation::new(
+            field,
+            "must be 1..128 visible ASCII characters",
+        ));
     }
     Ok(Some(value.to_owned()))
 }
@@ -141,7 +154,10 @@ mod tests {
     fn page_size_rules() {
         assert_eq!(page_size("page_size", 0, 50, 1000), Ok(50));
         assert_eq!(page_size("page_size", 5000, 50, 1000), Ok(1000));
-        assert_eq!(page_size("page_size", -1, 50, 1000).unwrap_err().field, "page_size");
+        assert_eq!(
+            page_size("page_size", -1, 50, 1000).unwrap_err().field,
+            "page_size"
+        );
     }
 
     #[test]

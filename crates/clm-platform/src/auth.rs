@@ -70,12 +70,17 @@ pub struct Principal {
 impl Principal {
     /// The caller when auth is off: all roles.
     pub fn local() -> Self {
-        Self { subject: "local".into(), roles: vec![Role::Admin] }
+        Self {
+            subject: "local".into(),
+            roles: vec![Role::Admin],
+        }
     }
 
     /// Whether any of `allowed` (or admin) is held.
     pub fn has_any(&self, allowed: &[Role]) -> bool {
-        self.roles.iter().any(|r| *r == Role::Admin || allowed.contains(r))
+        self.roles
+            .iter()
+            .any(|r| *r == Role::Admin || allowed.contains(r))
     }
 }
 
@@ -95,7 +100,9 @@ pub struct Authenticator {
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authenticator").field("algorithms", &self.validation.algorithms).finish()
+        f.debug_struct("Authenticator")
+            .field("algorithms", &self.validation.algorithms)
+            .finish()
     }
 }
 
@@ -103,7 +110,10 @@ impl Authenticator {
     /// Builds a verifier from config; `None` when auth is off.
     pub fn from_config(c: &AuthConfig) -> anyhow::Result<Option<Self>> {
         let (key, alg) = if let Some(secret) = &c.hs256_secret {
-            (DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256)
+            (
+                DecodingKey::from_secret(secret.as_bytes()),
+                Algorithm::HS256,
+            )
         } else if let Some(path) = &c.rs256_public_key_file {
             let pem = std::fs::read(path)?;
             (DecodingKey::from_rsa_pem(&pem)?, Algorithm::RS256)
@@ -125,39 +135,70 @@ impl Authenticator {
 
     /// Verifies an `authorization` header value.
     pub fn authenticate(&self, header: Option<&str>) -> Result<Principal, Error> {
-        let header = header.ok_or_else(|| Error::Unauthenticated("missing authorization: Bearer <token>".into()))?;
+        let header = header.ok_or_else(|| {
+            Error::Unauthenticated("missing authorization: Bearer <token>".into())
+        })?;
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| Error::Unauthenticated("authorization must be 'Bearer <token>'".into()))?;
+            .ok_or_else(|| {
+                Error::Unauthenticated("authorization must be 'Bearer <token>'".into())
+            })?;
         let data = decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| Error::Unauthenticated(format!("invalid token: {e}")))?;
-        let roles = data.claims.roles.iter().filter_map(|r| Role::parse(r)).collect();
-        Ok(Principal { subject: data.claims.sub, roles })
+        let roles = data
+            .claims
+            .roles
+            .iter()
+            .filter_map(|r| Role::parse(r))
+            .collect();
+        Ok(Principal {
+            subject: data.claims.sub,
+            roles,
+        })
     }
 }
 
 /// Checks that the caller of `request` holds one of `allowed` and returns it.
 pub fn authorize<T>(request: &tonic::Request<T>, allowed: &[Role]) -> Result<Principal, Error> {
-    let principal = request.extensions().get::<Principal>().cloned().unwrap_or_else(Principal::local);
+    let principal = request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .unwrap_or_else(Principal::local);
     if principal.has_any(allowed) {
         Ok(principal)
     } else {
         let names: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
-        Err(Error::PermissionDenied(format!("this rpc needs one of the roles: admin, {}", names.join(", "))))
+        Err(Error::PermissionDenied(format!(
+            "this rpc needs one of the roles: admin, {}",
+            names.join(", ")
+        )))
     }
 }
 
 /// Mints an HS256 token (for tests, scripts and service-to-service calls).
-pub fn mint_hs256(secret: &str, subject: &str, roles: &[Role], ttl: std::time::Duration) -> anyhow::Result<String> {
+pub fn mint_hs256(
+    secret: &str,
+    subject: &str,
+    roles: &[Role],
+    ttl: std::time::Duration,
+) -> anyhow::Result<String> {
     #[derive(serde::Serialize)]
     struct Out<'a> {
         sub: &'a str,
         roles: Vec<&'static str>,
         exp: u64,
     }
-    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + ttl.as_secs();
-    let claims = Out { sub: subject, roles: roles.iter().map(|r| r.as_str()).collect(), exp };
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + ttl.as_secs();
+    let claims = Out {
+        sub: subject,
+        roles: roles.iter().map(|r| r.as_str()).collect(),
+        exp,
+    };
     Ok(jsonwebtoken::encode(
         &jsonwebtoken::Header::new(Algorithm::HS256),
         &claims,
@@ -172,14 +213,27 @@ mod tests {
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     fn auth() -> Authenticator {
-        let c = AuthConfig { hs256_secret: Some(SECRET.into()), ..Default::default() };
-        Authenticator::from_config(&c).expect("config").expect("enabled")
+        let c = AuthConfig {
+            hs256_secret: Some(SECRET.into()),
+            ..Default::default()
+        };
+        Authenticator::from_config(&c)
+            .expect("config")
+            .expect("enabled")
     }
 
     #[test]
     fn valid_token_yields_principal() {
-        let t = mint_hs256(SECRET, "ada", &[Role::Marketer], std::time::Duration::from_secs(60)).expect("mint");
-        let p = auth().authenticate(Some(&format!("Bearer {t}"))).expect("valid");
+        let t = mint_hs256(
+            SECRET,
+            "ada",
+            &[Role::Marketer],
+            std::time::Duration::from_secs(60),
+        )
+        .expect("mint");
+        let p = auth()
+            .authenticate(Some(&format!("Bearer {t}")))
+            .expect("valid");
         assert_eq!(p.subject, "ada");
         assert!(p.has_any(&[Role::Marketer]));
         assert!(!p.has_any(&[Role::DataSteward]));
@@ -187,9 +241,22 @@ mod tests {
 
     #[test]
     fn bad_tokens_are_unauthenticated() {
-        let wrong = mint_hs256(&"x".repeat(32), "ada", &[Role::Admin], std::time::Duration::from_secs(60)).expect("mint");
-        for h in [None, Some("Basic abc".to_owned()), Some(format!("Bearer {wrong}"))] {
-            assert!(matches!(auth().authenticate(h.as_deref()), Err(Error::Unauthenticated(_))));
+        let wrong = mint_hs256(
+            &"x".repeat(32),
+            "ada",
+            &[Role::Admin],
+            std::time::Duration::from_secs(60),
+        )
+        .expect("mint");
+        for h in [
+            None,
+            Some("Basic abc".to_owned()),
+            Some(format!("Bearer {wrong}")),
+        ] {
+            assert!(matches!(
+                auth().authenticate(h.as_deref()),
+                Err(Error::Unauthenticated(_))
+            ));
         }
     }
 }

@@ -39,7 +39,13 @@ pub fn load_or_exit(service: &str, data_dir: &Path, overrides: &CliOverrides) ->
 pub async fn bind(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|e| anyhow::anyhow!("clm {}: cannot listen on {}: {e}", config.service, config.listen))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "clm {}: cannot listen on {}: {e}",
+                config.service,
+                config.listen
+            )
+        })
 }
 
 /// A token cancelled on SIGINT (Ctrl-C) or SIGTERM.

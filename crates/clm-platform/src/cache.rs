@@ -70,7 +70,10 @@ impl Cache {
             Some(url) => {
                 let client = redis::Client::open(url)?;
                 let conn = redis::aio::ConnectionManager::new(client).await?;
-                Ok(Cache::Redis { conn, prefix: prefix.to_owned() })
+                Ok(Cache::Redis {
+                    conn,
+                    prefix: prefix.to_owned(),
+                })
             }
             None => Ok(Cache::memory()),
         }
@@ -90,7 +93,13 @@ impl Cache {
 
     /// Stores `bytes` under `key` unless a value with an equal or higher
     /// `version` is already there. Returns whether it was stored.
-    pub async fn set_versioned(&self, key: &str, version: i64, bytes: &[u8], ttl: Option<Duration>) -> Result<bool, CacheError> {
+    pub async fn set_versioned(
+        &self,
+        key: &str,
+        version: i64,
+        bytes: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<bool, CacheError> {
         let k = self.key(key);
         match self {
             Cache::Redis { conn, .. } => {
@@ -105,17 +114,25 @@ impl Cache {
                 Ok(stored == 1)
             }
             Cache::Memory(m) => {
-                let new = Entry::Value { version, bytes: Arc::new(bytes.to_vec()) };
+                let new = Entry::Value {
+                    version,
+                    bytes: Arc::new(bytes.to_vec()),
+                };
                 let result = m
                     .entry(k)
                     .and_compute_with(|cur| async move {
                         match cur.map(|e| e.into_value()) {
-                            Some(Entry::Value { version: v, .. }) if v >= version => moka::ops::compute::Op::Nop,
+                            Some(Entry::Value { version: v, .. }) if v >= version => {
+                                moka::ops::compute::Op::Nop
+                            }
                             _ => moka::ops::compute::Op::Put(new),
                         }
                     })
                     .await;
-                Ok(!matches!(result, moka::ops::compute::CompResult::Unchanged(_)))
+                Ok(!matches!(
+                    result,
+                    moka::ops::compute::CompResult::Unchanged(_)
+                ))
             }
         }
     }
@@ -125,8 +142,12 @@ impl Cache {
         let k = self.key(key);
         match self {
             Cache::Redis { conn, .. } => {
-                let (v, b): (Option<i64>, Option<Vec<u8>>) =
-                    redis::cmd("HMGET").arg(&k).arg("v").arg("b").query_async(&mut conn.clone()).await?;
+                let (v, b): (Option<i64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+                    .arg(&k)
+                    .arg("v")
+                    .arg("b")
+                    .query_async(&mut conn.clone())
+                    .await?;
                 Ok(v.zip(b))
             }
             Cache::Memory(m) => Ok(match m.get(&k).await {
@@ -215,7 +236,9 @@ impl Cache {
     }
 
     async fn memory_set(&self, m: &Moka<String, Entry>, k: String) -> Arc<RwLock<HashSet<String>>> {
-        let entry = m.get_with(k.clone(), async { Entry::Set(Arc::default()) }).await;
+        let entry = m
+            .get_with(k.clone(), async { Entry::Set(Arc::default()) })
+            .await;
         match entry {
             Entry::Set(s) => s,
             Entry::Value { .. } => {
@@ -235,7 +258,11 @@ mod tests {
         let mut v = vec![Cache::memory()];
         if let Ok(url) = std::env::var("CLM_TEST_REDIS_URL") {
             let prefix = format!("clm-test:{}:", uuid::Uuid::new_v4());
-            v.push(Cache::connect(Some(&url), &prefix).await.expect("redis reachable"));
+            v.push(
+                Cache::connect(Some(&url), &prefix)
+                    .await
+                    .expect("redis reachable"),
+            );
         }
         v
     }
@@ -244,8 +271,14 @@ mod tests {
     async fn versioned_values_never_go_back() {
         for c in caches().await {
             assert!(c.set_versioned("k", 2, b"two", None).await.expect("set"));
-            assert!(!c.set_versioned("k", 1, b"one", None).await.expect("set"), "{c:?}");
-            assert_eq!(c.get_versioned("k").await.expect("get"), Some((2, b"two".to_vec())));
+            assert!(
+                !c.set_versioned("k", 1, b"one", None).await.expect("set"),
+                "{c:?}"
+            );
+            assert_eq!(
+                c.get_versioned("k").await.expect("get"),
+                Some((2, b"two".to_vec()))
+            );
             assert!(c.set_versioned("k", 3, b"three", None).await.expect("set"));
             c.delete("k").await.expect("del");
             assert_eq!(c.get_versioned("k").await.expect("get"), None);
@@ -255,11 +288,16 @@ mod tests {
     #[tokio::test]
     async fn sets() {
         for c in caches().await {
-            c.set_add("s", &["a".into(), "b".into()]).await.expect("add");
+            c.set_add("s", &["a".into(), "b".into()])
+                .await
+                .expect("add");
             assert!(c.set_contains("s", "a").await.expect("contains"));
             c.set_remove("s", &["a".into()]).await.expect("rem");
             assert!(!c.set_contains("s", "a").await.expect("contains"));
-            assert_eq!(c.set_members("s").await.expect("members"), vec!["b".to_owned()]);
+            assert_eq!(
+                c.set_members("s").await.expect("members"),
+                vec!["b".to_owned()]
+            );
             c.delete("s").await.expect("del");
         }
     }

@@ -38,7 +38,12 @@ pub struct ChangeStreamServer {
 impl ChangeStreamServer {
     /// Serves `outbox` stored in `db`; open streams end with UNAVAILABLE on `shutdown`.
     pub fn new(db: DatabaseConnection, outbox: Outbox, shutdown: CancellationToken) -> Self {
-        Self { db, outbox, shutdown, poll: Duration::from_millis(250) }
+        Self {
+            db,
+            outbox,
+            shutdown,
+            poll: Duration::from_millis(250),
+        }
     }
 }
 
@@ -46,7 +51,10 @@ impl ChangeStreamServer {
 impl ChangeStreamService for ChangeStreamServer {
     type WatchChangesStream = ReceiverStream<Result<WatchChangesResponse, Status>>;
 
-    async fn watch_changes(&self, request: Request<WatchChangesRequest>) -> Result<Response<Self::WatchChangesStream>, Status> {
+    async fn watch_changes(
+        &self,
+        request: Request<WatchChangesRequest>,
+    ) -> Result<Response<Self::WatchChangesStream>, Status> {
         authorize(&request, &[Role::Service, Role::Analyst])?;
         let req = request.into_inner();
         if req.after_sequence < 0 {
@@ -59,11 +67,19 @@ impl ChangeStreamService for ChangeStreamServer {
             let mut wake = this.outbox.subscribe();
             loop {
                 wake.mark_unchanged();
-                match this.outbox.read_after(&this.db, cursor, &req.event_types, READ_BATCH).await {
+                match this
+                    .outbox
+                    .read_after(&this.db, cursor, &req.event_types, READ_BATCH)
+                    .await
+                {
                     Ok(events) if !events.is_empty() => {
                         for event in events {
                             cursor = event.sequence;
-                            if tx.send(Ok(WatchChangesResponse { event: Some(event) })).await.is_err() {
+                            if tx
+                                .send(Ok(WatchChangesResponse { event: Some(event) }))
+                                .await
+                                .is_err()
+                            {
                                 return;
                             }
                         }
@@ -123,7 +139,12 @@ pub struct Subscriber<H> {
 
 impl<H: EventHandler> Subscriber<H> {
     /// A subscriber with default backoff (100 ms doubling to 10 s).
-    pub fn new(source: impl Into<String>, endpoint: impl Into<String>, db: DatabaseConnection, handler: H) -> Self {
+    pub fn new(
+        source: impl Into<String>,
+        endpoint: impl Into<String>,
+        db: DatabaseConnection,
+        handler: H,
+    ) -> Self {
         Self {
             source: source.into(),
             endpoint: endpoint.into(),
@@ -141,7 +162,9 @@ impl<H: EventHandler> Subscriber<H> {
         let lag = opentelemetry::global::meter("clm")
             .f64_histogram("clm.subscriber.lag")
             .with_unit("s")
-            .with_description("Seconds between an event's commit at the source and its application here")
+            .with_description(
+                "Seconds between an event's commit at the source and its application here",
+            )
             .build();
         let attrs = [opentelemetry::KeyValue::new("source", self.source.clone())];
         let mut backoff = self.min_backoff;
@@ -151,8 +174,12 @@ impl<H: EventHandler> Subscriber<H> {
                 () = shutdown.cancelled() => return,
             };
             match outcome {
-                Ok(()) => tracing::info!(source = %self.source, "change stream ended; reconnecting"),
-                Err(e) => tracing::warn!(source = %self.source, error = %e, ?backoff, "change stream failed; reconnecting"),
+                Ok(()) => {
+                    tracing::info!(source = %self.source, "change stream ended; reconnecting")
+                }
+                Err(e) => {
+                    tracing::warn!(source = %self.source, error = %e, ?backoff, "change stream failed; reconnecting")
+                }
             }
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
@@ -162,17 +189,31 @@ impl<H: EventHandler> Subscriber<H> {
         }
     }
 
-    async fn follow(&self, lag: &opentelemetry::metrics::Histogram<f64>, attrs: &[opentelemetry::KeyValue]) -> Result<(), Error> {
+    async fn follow(
+        &self,
+        lag: &opentelemetry::metrics::Histogram<f64>,
+        attrs: &[opentelemetry::KeyValue],
+    ) -> Result<(), Error> {
         let mut cursor = load_cursor(&self.db, &self.source).await?;
-        let channel = crate::client::channel(&self.endpoint).map_err(|e| Error::Unavailable(e.to_string()))?;
-        let mut client = ChangeStreamServiceClient::with_interceptor(channel, ClientInterceptor::new(self.token.as_deref()));
+        let channel = crate::client::channel(&self.endpoint)
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        let mut client = ChangeStreamServiceClient::with_interceptor(
+            channel,
+            ClientInterceptor::new(self.token.as_deref()),
+        );
         let mut stream = client
-            .watch_changes(WatchChangesRequest { after_sequence: cursor, event_types: self.event_types.clone() })
+            .watch_changes(WatchChangesRequest {
+                after_sequence: cursor,
+                event_types: self.event_types.clone(),
+            })
             .await
             .map_err(|s| Error::Unavailable(s.to_string()))?
             .into_inner();
         while let Some(msg) = stream.next().await {
-            let event = msg.map_err(|s| Error::Unavailable(s.to_string()))?.event.unwrap_or_default();
+            let event = msg
+                .map_err(|s| Error::Unavailable(s.to_string()))?
+                .event
+                .unwrap_or_default();
             if event.sequence <= cursor {
                 continue;
             }
@@ -204,12 +245,20 @@ pub async fn load_cursor(db: &impl ConnectionTrait, source: &str) -> Result<i64,
 }
 
 /// Stores the cursor of `source` (inside the caller's transaction).
-pub async fn save_cursor(txn: &impl ConnectionTrait, source: &str, sequence: i64) -> Result<(), DbErr> {
+pub async fn save_cursor(
+    txn: &impl ConnectionTrait,
+    source: &str,
+    sequence: i64,
+) -> Result<(), DbErr> {
     let mut upsert = Query::insert();
     upsert
         .into_table(Alias::new("consumer_cursors"))
         .columns(["source", "sequence", "update_us"].map(Alias::new))
-        .values_panic([source.into(), sequence.into(), to_micros(chrono::Utc::now()).into()])
+        .values_panic([
+            source.into(),
+            sequence.into(),
+            to_micros(chrono::Utc::now()).into(),
+        ])
         .on_conflict(
             OnConflict::column(Alias::new("source"))
                 .update_columns([Alias::new("sequence"), Alias::new("update_us")])

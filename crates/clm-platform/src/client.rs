@@ -26,7 +26,9 @@ pub struct ClientInterceptor {
 impl ClientInterceptor {
     /// With an optional bearer token.
     pub fn new(token: Option<&str>) -> Self {
-        Self { bearer: token.and_then(|t| format!("Bearer {t}").parse().ok()) }
+        Self {
+            bearer: token.and_then(|t| format!("Bearer {t}").parse().ok()),
+        }
     }
 }
 
@@ -41,12 +43,17 @@ impl Injector for MetadataInjector<'_> {
 }
 
 impl tonic::service::Interceptor for ClientInterceptor {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(b) = &self.bearer {
             request.metadata_mut().insert("authorization", b.clone());
         }
         let cx = tracing::Span::current().context();
-        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(request.metadata_mut())));
+        opentelemetry::global::get_text_map_propagator(|p| {
+            p.inject_context(&cx, &mut MetadataInjector(request.metadata_mut()))
+        });
         Ok(request)
     }
 }

@@ -98,7 +98,10 @@ pub struct AuthConfig {
 impl std::fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthConfig")
-            .field("hs256_secret", &self.hs256_secret.as_ref().map(|_| "<redacted>"))
+            .field(
+                "hs256_secret",
+                &self.hs256_secret.as_ref().map(|_| "<redacted>"),
+            )
             .field("rs256_public_key_file", &self.rs256_public_key_file)
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
@@ -151,16 +154,25 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], default_port(service))),
             insecure: false,
             database: DatabaseConfig {
-                url: format!("sqlite://{}", data_dir.join(format!("{service}.db")).display()),
+                url: format!(
+                    "sqlite://{}",
+                    data_dir.join(format!("{service}.db")).display()
+                ),
                 max_connections: 16,
                 min_connections: 1,
                 acquire_timeout_secs: 10,
                 migrate: true,
             },
-            cache: CacheConfig { redis_url: None, key_prefix: format!("clm:{service}:") },
+            cache: CacheConfig {
+                redis_url: None,
+                key_prefix: format!("clm:{service}:"),
+            },
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
-            log: LogConfig { format: LogFormat::Pretty, filter: "info".into() },
+            log: LogConfig {
+                format: LogFormat::Pretty,
+                filter: "info".into(),
+            },
             drain_timeout_secs: 10,
             idempotency_retention_days: 7,
         }
@@ -169,27 +181,53 @@ impl Config {
     /// Checks the values that must hold before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let url = &self.database.url;
-        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(ConfigError::new("database.url", "must start with sqlite:, postgres:// or postgresql://"));
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::new(
+                "database.url",
+                "must start with sqlite:, postgres:// or postgresql://",
+            ));
         }
         if self.database.max_connections == 0 {
-            return Err(ConfigError::new("database.max_connections", "must be at least 1"));
+            return Err(ConfigError::new(
+                "database.max_connections",
+                "must be at least 1",
+            ));
         }
         if let Some(r) = &self.cache.redis_url
             && !(r.starts_with("redis://") || r.starts_with("rediss://"))
         {
-            return Err(ConfigError::new("cache.redis_url", "must start with redis:// or rediss://"));
+            return Err(ConfigError::new(
+                "cache.redis_url",
+                "must start with redis:// or rediss://",
+            ));
         }
-        if self.auth.hs256_secret.as_ref().is_some_and(|s| s.len() < 32) {
-            return Err(ConfigError::new("auth.hs256_secret", "must be at least 32 bytes"));
+        if self
+            .auth
+            .hs256_secret
+            .as_ref()
+            .is_some_and(|s| s.len() < 32)
+        {
+            return Err(ConfigError::new(
+                "auth.hs256_secret",
+                "must be at least 32 bytes",
+            ));
         }
         if let Some(p) = &self.auth.rs256_public_key_file
             && !p.is_file()
         {
-            return Err(ConfigError::new("auth.rs256_public_key_file", format!("{} is not a readable file", p.display())));
+            return Err(ConfigError::new(
+                "auth.rs256_public_key_file",
+                format!("{} is not a readable file", p.display()),
+            ));
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
-            return Err(ConfigError::new("tls", "cert_file and key_file must be set together"));
+            return Err(ConfigError::new(
+                "tls",
+                "cert_file and key_file must be set together",
+            ));
         }
         if !self.auth.enabled() && !self.listen.ip().is_loopback() && !self.insecure {
             return Err(ConfigError::new(
@@ -250,7 +288,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { key: key.into(), message: message.into() }
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -288,15 +329,27 @@ pub struct CliOverrides {
 }
 
 /// Loads the layered configuration of `service`.
-pub fn load(service: &str, data_dir: &std::path::Path, cli: &CliOverrides) -> Result<Config, ConfigError> {
+pub fn load(
+    service: &str,
+    data_dir: &std::path::Path,
+    cli: &CliOverrides,
+) -> Result<Config, ConfigError> {
     let mut fig = Figment::from(Serialized::defaults(Config::defaults(service, data_dir)));
     if let Some(path) = &cli.config {
         if !path.is_file() {
-            return Err(ConfigError::new("--config", format!("{} does not exist", path.display())));
+            return Err(ConfigError::new(
+                "--config",
+                format!("{} does not exist", path.display()),
+            ));
         }
         fig = fig.merge(Toml::file(path));
     }
-    fig = fig.merge(Env::prefixed("CLM_").split("__").ignore(&["config", "data_dir", "test_database_url", "test_redis_url"]));
+    fig = fig.merge(Env::prefixed("CLM_").split("__").ignore(&[
+        "config",
+        "data_dir",
+        "test_database_url",
+        "test_redis_url",
+    ]));
     fig = fig.merge(Serialized::defaults(cli));
     if let Some(url) = &cli.database_url {
         fig = fig.merge(("database.url", url));
@@ -309,7 +362,14 @@ pub fn load(service: &str, data_dir: &std::path::Path, cli: &CliOverrides) -> Re
     }
     let mut config: Config = fig.extract().map_err(|e| {
         let key = e.path.join(".");
-        ConfigError::new(if key.is_empty() { "config".to_owned() } else { key }, e.kind.to_string())
+        ConfigError::new(
+            if key.is_empty() {
+                "config".to_owned()
+            } else {
+                key
+            },
+            e.kind.to_string(),
+        )
     })?;
     config.service = service.to_owned();
     config.validate()?;
@@ -341,9 +401,13 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)]
     fn layers_apply_in_order() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("clm.toml", "drain_timeout_secs = 3\n[database]\nmax_connections = 4\n")?;
+            jail.create_file(
+                "clm.toml",
+                "drain_timeout_secs = 3\n[database]\nmax_connections = 4\n",
+            )?;
             jail.set_env("CLM_DATABASE__MAX_CONNECTIONS", "5");
             let cli = CliOverrides {
                 config: Some("clm.toml".into()),

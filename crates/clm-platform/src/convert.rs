@@ -6,7 +6,10 @@ use clm_domain::Violation;
 
 /// `DateTime` → `google.protobuf.Timestamp`.
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
 }
 
 /// `google.protobuf.Timestamp` → `DateTime`, or a violation of `field`.
@@ -18,18 +21,30 @@ pub fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<DateTim
 }
 
 /// A required timestamp.
-pub fn required_timestamp(field: &str, t: Option<&prost_types::Timestamp>) -> Result<DateTime<Utc>, Violation> {
-    from_timestamp(field, t.ok_or_else(|| Violation::new(field, "is required"))?)
+pub fn required_timestamp(
+    field: &str,
+    t: Option<&prost_types::Timestamp>,
+) -> Result<DateTime<Utc>, Violation> {
+    from_timestamp(
+        field,
+        t.ok_or_else(|| Violation::new(field, "is required"))?,
+    )
 }
 
 /// Milliseconds → `google.protobuf.Duration`.
 pub fn duration_from_millis(ms: i64) -> prost_types::Duration {
-    prost_types::Duration { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+    prost_types::Duration {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
 }
 
 /// `google.protobuf.Duration` → milliseconds, or a violation of `field`.
 pub fn duration_millis(field: &str, d: &prost_types::Duration) -> Result<i64, Violation> {
-    if d.nanos.abs() >= 1_000_000_000 || (d.seconds > 0 && d.nanos < 0) || (d.seconds < 0 && d.nanos > 0) {
+    if d.nanos.abs() >= 1_000_000_000
+        || (d.seconds > 0 && d.nanos < 0)
+        || (d.seconds < 0 && d.nanos > 0)
+    {
         return Err(Violation::new(field, "is not a valid duration"));
     }
     d.seconds
@@ -54,7 +69,16 @@ mod tests {
         let t = DateTime::from_timestamp(1_700_000_000, 123_000_000).expect("valid");
         assert_eq!(from_timestamp("t", &timestamp(t)), Ok(t));
         assert_eq!(duration_millis("d", &duration_from_millis(1500)), Ok(1500));
-        assert!(from_timestamp("t", &prost_types::Timestamp { seconds: 0, nanos: -1 }).is_err());
+        assert!(
+            from_timestamp(
+                "t",
+                &prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: -1
+                }
+            )
+            .is_err()
+        );
         assert_eq!(required_timestamp("x.t", None).unwrap_err().field, "x.t");
     }
 }

@@ -101,8 +101,12 @@ impl From<Error> for Status {
                 format!("{what} not found"),
                 ErrorDetails::with_resource_info(resource_type(&what), what.clone(), "", ""),
             ),
-            Error::AlreadyExists { reason, message } => with_info(Code::AlreadyExists, reason, message),
-            Error::FailedPrecondition { reason, message } => with_info(Code::FailedPrecondition, reason, message),
+            Error::AlreadyExists { reason, message } => {
+                with_info(Code::AlreadyExists, reason, message)
+            }
+            Error::FailedPrecondition { reason, message } => {
+                with_info(Code::FailedPrecondition, reason, message)
+            }
             Error::Aborted(m) => with_info(Code::Aborted, "CONCURRENT_MODIFICATION", m),
             Error::Unauthenticated(m) => with_info(Code::Unauthenticated, "UNAUTHENTICATED", m),
             Error::PermissionDenied(m) => with_info(Code::PermissionDenied, "ROLE_NOT_ALLOWED", m),
@@ -123,7 +127,11 @@ fn with_info(code: Code, reason: &str, message: String) -> Status {
     Status::with_error_details(
         code,
         message,
-        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, std::collections::HashMap::<String, String>::new()),
+        ErrorDetails::with_error_info(
+            reason,
+            ERROR_DOMAIN,
+            std::collections::HashMap::<String, String>::new(),
+        ),
     )
 }
 

@@ -41,8 +41,17 @@ pub async fn claim<R: prost::Message + Default>(
     insert
         .into_table(Alias::new("idempotency_keys"))
         .columns(["scope", "request_id", "request_hash", "create_us"].map(Alias::new))
-        .values_panic([scope.into(), request_id.into(), request_hash.into(), to_micros(now).into()])
-        .on_conflict(OnConflict::columns([Alias::new("scope"), Alias::new("request_id")]).do_nothing().to_owned());
+        .values_panic([
+            scope.into(),
+            request_id.into(),
+            request_hash.into(),
+            to_micros(now).into(),
+        ])
+        .on_conflict(
+            OnConflict::columns([Alias::new("scope"), Alias::new("request_id")])
+                .do_nothing()
+                .to_owned(),
+        );
     let inserted = txn.execute(&insert).await?.rows_affected();
     if inserted == 1 {
         return Ok(Claim::New);
@@ -56,7 +65,11 @@ pub async fn claim<R: prost::Message + Default>(
                 .and_where(Expr::col(Alias::new("request_id")).eq(request_id)),
         )
         .await?
-        .ok_or_else(|| Error::Aborted("a concurrent request with the same request_id is in flight; retry".into()))?;
+        .ok_or_else(|| {
+            Error::Aborted(
+                "a concurrent request with the same request_id is in flight; retry".into(),
+            )
+        })?;
     let stored_hash: String = row.try_get("", "request_hash")?;
     if stored_hash != request_hash {
         return Err(Error::AlreadyExists {
@@ -65,12 +78,21 @@ pub async fn claim<R: prost::Message + Default>(
         });
     }
     let response: Option<Vec<u8>> = row.try_get("", "response")?;
-    let bytes = response.ok_or_else(|| Error::Aborted("the first request with this request_id has not finished; retry".into()))?;
-    R::decode(bytes.as_slice()).map(Claim::Replay).map_err(Error::internal)
+    let bytes = response.ok_or_else(|| {
+        Error::Aborted("the first request with this request_id has not finished; retry".into())
+    })?;
+    R::decode(bytes.as_slice())
+        .map(Claim::Replay)
+        .map_err(Error::internal)
 }
 
 /// Stores the response of a claimed request (in the same transaction).
-pub async fn complete<R: prost::Message>(txn: &DatabaseTransaction, scope: &str, request_id: &str, response: &R) -> Result<(), DbErr> {
+pub async fn complete<R: prost::Message>(
+    txn: &DatabaseTransaction,
+    scope: &str,
+    request_id: &str,
+    response: &R,
+) -> Result<(), DbErr> {
     let mut update = Query::update();
     update
         .table(Alias::new("idempotency_keys"))
@@ -82,8 +104,13 @@ pub async fn complete<R: prost::Message>(txn: &DatabaseTransaction, scope: &str,
 }
 
 /// Deletes keys created before `cutoff`; returns how many.
-pub async fn purge_older_than(db: &impl ConnectionTrait, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64, DbErr> {
+pub async fn purge_older_than(
+    db: &impl ConnectionTrait,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, DbErr> {
     let mut delete = Query::delete();
-    delete.from_table(Alias::new("idempotency_keys")).and_where(Expr::col(Alias::new("create_us")).lt(to_micros(cutoff)));
+    delete
+        .from_table(Alias::new("idempotency_keys"))
+        .and_where(Expr::col(Alias::new("create_us")).lt(to_micros(cutoff)));
     Ok(db.execute(&delete).await?.rows_affected())
 }

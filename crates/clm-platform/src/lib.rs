@@ -60,7 +60,8 @@ pub async fn open<M: MigratorTrait>(
     if config.database.migrate {
         M::up(&db, None).await?;
     }
-    let cache = cache::Cache::connect(config.cache.redis_url.as_deref(), &config.cache.key_prefix).await?;
+    let cache =
+        cache::Cache::connect(config.cache.redis_url.as_deref(), &config.cache.key_prefix).await?;
     let retention = chrono::Duration::days(i64::from(config.idempotency_retention_days));
     {
         let db = db.clone();
@@ -81,5 +82,10 @@ pub async fn open<M: MigratorTrait>(
             }
         });
     }
-    Ok(Runtime { db, cache, outbox: outbox::Outbox::new(service), clock })
+    Ok(Runtime {
+        db,
+        cache,
+        outbox: outbox::Outbox::new(service),
+        clock,
+    })
 }

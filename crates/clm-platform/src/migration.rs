@@ -29,8 +29,19 @@ impl MigrationTrait for PlatformTables {
             Table::create()
                 .table(a("outbox"))
                 .if_not_exists()
-                .col(ColumnDef::new(a("sequence")).big_integer().not_null().auto_increment().primary_key())
-                .col(ColumnDef::new(a("event_id")).string().not_null().unique_key())
+                .col(
+                    ColumnDef::new(a("sequence"))
+                        .big_integer()
+                        .not_null()
+                        .auto_increment()
+                        .primary_key(),
+                )
+                .col(
+                    ColumnDef::new(a("event_id"))
+                        .string()
+                        .not_null()
+                        .unique_key(),
+                )
                 .col(ColumnDef::new(a("event_type")).string().not_null())
                 .col(ColumnDef::new(a("subject")).string().not_null())
                 .col(ColumnDef::new(a("payload")).blob().not_null())
@@ -64,7 +75,12 @@ impl MigrationTrait for PlatformTables {
             Table::create()
                 .table(a("consumer_cursors"))
                 .if_not_exists()
-                .col(ColumnDef::new(a("source")).string().not_null().primary_key())
+                .col(
+                    ColumnDef::new(a("source"))
+                        .string()
+                        .not_null()
+                        .primary_key(),
+                )
                 .col(ColumnDef::new(a("sequence")).big_integer().not_null())
                 .col(ColumnDef::new(a("update_us")).big_integer().not_null())
                 .to_owned(),

@@ -43,7 +43,11 @@ pub struct NewEvent {
 impl NewEvent {
     /// An event carrying `message`, about `subject`.
     pub fn new<M: prost::Name>(subject: impl Into<String>, message: &M) -> Self {
-        Self { event_type: M::full_name(), subject: subject.into(), payload: prost::Message::encode_to_vec(message) }
+        Self {
+            event_type: M::full_name(),
+            subject: subject.into(),
+            payload: prost::Message::encode_to_vec(message),
+        }
     }
 }
 
@@ -57,7 +61,10 @@ pub struct Outbox {
 impl Outbox {
     /// The outbox of service `source` (e.g. `customer`).
     pub fn new(source: &'static str) -> Self {
-        Self { source, committed: Arc::new(watch::channel(0).0) }
+        Self {
+            source,
+            committed: Arc::new(watch::channel(0).0),
+        }
     }
 
     /// Name of the service that owns this outbox.
@@ -67,7 +74,12 @@ impl Outbox {
 
     /// Appends events inside `txn`. Call it as the last write of the
     /// transaction, then [`Outbox::commit`].
-    pub async fn append(&self, txn: &DatabaseTransaction, events: &[NewEvent], now: chrono::DateTime<chrono::Utc>) -> Result<(), DbErr> {
+    pub async fn append(
+        &self,
+        txn: &DatabaseTransaction,
+        events: &[NewEvent],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), DbErr> {
         if events.is_empty() {
             return Ok(());
         }
@@ -83,7 +95,14 @@ impl Outbox {
         for chunk in events.chunks(INSERT_CHUNK) {
             let mut insert = Query::insert();
             insert.into_table(Alias::new("outbox")).columns(
-                ["event_id", "event_type", "subject", "payload", "occurred_us"].map(Alias::new),
+                [
+                    "event_id",
+                    "event_type",
+                    "subject",
+                    "payload",
+                    "occurred_us",
+                ]
+                .map(Alias::new),
             );
             for e in chunk {
                 insert.values_panic([
@@ -120,11 +139,21 @@ impl Outbox {
         limit: u64,
     ) -> Result<Vec<ChangeEvent>, DbErr> {
         let mut q = Query::select();
-        q.columns(["sequence", "event_id", "event_type", "subject", "payload", "occurred_us"].map(Alias::new))
-            .from(Alias::new("outbox"))
-            .and_where(Expr::col(Alias::new("sequence")).gt(after))
-            .order_by(Alias::new("sequence"), Order::Asc)
-            .limit(limit);
+        q.columns(
+            [
+                "sequence",
+                "event_id",
+                "event_type",
+                "subject",
+                "payload",
+                "occurred_us",
+            ]
+            .map(Alias::new),
+        )
+        .from(Alias::new("outbox"))
+        .and_where(Expr::col(Alias::new("sequence")).gt(after))
+        .order_by(Alias::new("sequence"), Order::Asc)
+        .limit(limit);
         if !types.is_empty() {
             q.and_where(Expr::col(Alias::new("event_type")).is_in(types.iter().cloned()));
         }
@@ -139,8 +168,14 @@ impl Outbox {
                     sequence: r.try_get("", "sequence")?,
                     event_id: r.try_get("", "event_id")?,
                     subject: r.try_get("", "subject")?,
-                    occurred_time: Some(prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }),
-                    payload: Some(prost_types::Any { type_url: format!("{}{event_type}", clm_proto::TYPE_URL_PREFIX), value: payload }),
+                    occurred_time: Some(prost_types::Timestamp {
+                        seconds: t.timestamp(),
+                        nanos: t.timestamp_subsec_nanos() as i32,
+                    }),
+                    payload: Some(prost_types::Any {
+                        type_url: format!("{}{event_type}", clm_proto::TYPE_URL_PREFIX),
+                        value: payload,
+                    }),
                     event_type,
                     source: self.source.to_owned(),
                 })

@@ -28,7 +28,10 @@ pub fn fingerprint(parts: &[&str]) -> String {
         h.update(p.as_bytes());
         h.update([0]);
     }
-    h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Encodes a cursor as a page token.
@@ -45,7 +48,10 @@ pub fn decode(field: &str, token: &str, q: &str) -> Result<Option<Cursor>, Viola
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
     let c: Cursor = serde_json::from_slice(&bytes).map_err(|_| bad())?;
     if c.q != q {
-        return Err(Violation::new(field, "belongs to a different filter or order_by; start again without a token"));
+        return Err(Violation::new(
+            field,
+            "belongs to a different filter or order_by; start again without a token",
+        ));
     }
     Ok(Some(c))
 }
@@ -57,10 +63,17 @@ mod tests {
     #[test]
     fn round_trip_and_mismatch() {
         let q = fingerprint(&["stage = RETENTION", "create_time"]);
-        let c = Cursor { q: q.clone(), v: 5.into(), id: "x".into() };
+        let c = Cursor {
+            q: q.clone(),
+            v: 5.into(),
+            id: "x".into(),
+        };
         let t = encode(&c);
         assert_eq!(decode("page_token", &t, &q), Ok(Some(c)));
         assert!(decode("page_token", &t, "other").is_err());
-        assert_eq!(decode("page_token", "garbage!", &q).unwrap_err().field, "page_token");
+        assert_eq!(
+            decode("page_token", "garbage!", &q).unwrap_err().field,
+            "page_token"
+        );
     }
 }

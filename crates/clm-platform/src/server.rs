@@ -40,9 +40,19 @@ impl Metrics {
     fn new() -> Self {
         let meter = opentelemetry::global::meter("clm");
         Self {
-            requests: meter.u64_counter("rpc.server.requests").with_description("Calls received, by method and code").build(),
-            errors: meter.u64_counter("rpc.server.errors").with_description("Calls that ended with a non-OK code").build(),
-            duration: meter.f64_histogram("rpc.server.duration").with_unit("s").with_description("Time to the response headers").build(),
+            requests: meter
+                .u64_counter("rpc.server.requests")
+                .with_description("Calls received, by method and code")
+                .build(),
+            errors: meter
+                .u64_counter("rpc.server.errors")
+                .with_description("Calls that ended with a non-OK code")
+                .build(),
+            duration: meter
+                .f64_histogram("rpc.server.duration")
+                .with_unit("s")
+                .with_description("Time to the response headers")
+                .build(),
         }
     }
 }
@@ -61,14 +71,21 @@ pub struct RpcLayer(Arc<Shared>);
 impl RpcLayer {
     /// For `service`, checking tokens with `auth` when set.
     pub fn new(service: &'static str, auth: Option<Authenticator>) -> Self {
-        Self(Arc::new(Shared { service, auth, metrics: Metrics::new() }))
+        Self(Arc::new(Shared {
+            service,
+            auth,
+            metrics: Metrics::new(),
+        }))
     }
 }
 
 impl<S> Layer<S> for RpcLayer {
     type Service = RpcService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        RpcService { inner, shared: self.0.clone() }
+        RpcService {
+            inner,
+            shared: self.0.clone(),
+        }
     }
 }
 
@@ -115,7 +132,9 @@ where
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+        let parent = opentelemetry::global::get_text_map_propagator(|p| {
+            p.extract(&HeaderExtractor(req.headers()))
+        });
         let span = tracing::info_span!(
             "rpc",
             otel.kind = "server",
@@ -130,7 +149,10 @@ where
         let exempt = method.starts_with(HEALTH_PREFIX);
         let auth_result = match (&shared.auth, exempt) {
             (Some(auth), false) => {
-                let header = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+                let header = req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok());
                 auth.authenticate(header).map(Some)
             }
             _ => Ok(None),
@@ -155,12 +177,18 @@ where
                     .and_then(|v| v.parse::<i32>().ok())
                     .unwrap_or(0);
                 tracing::Span::current().record("rpc.grpc.status_code", code);
-                let attrs = [KeyValue::new("rpc.method", method), KeyValue::new("rpc.grpc.status_code", i64::from(code))];
+                let attrs = [
+                    KeyValue::new("rpc.method", method),
+                    KeyValue::new("rpc.grpc.status_code", i64::from(code)),
+                ];
                 shared.metrics.requests.add(1, &attrs);
                 if code != 0 {
                     shared.metrics.errors.add(1, &attrs);
                 }
-                shared.metrics.duration.record(start.elapsed().as_secs_f64(), &attrs);
+                shared
+                    .metrics
+                    .duration
+                    .record(start.elapsed().as_secs_f64(), &attrs);
                 if let Ok(v) = request_id.parse() {
                     response.headers_mut().insert("x-request-id", v);
                 }
@@ -191,9 +219,13 @@ pub async fn serve(
     }
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in health_names {
-        reporter.set_service_status(*name, ServingStatus::Serving).await;
+        reporter
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
     }
-    reporter.set_service_status("", ServingStatus::Serving).await;
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(clm_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -229,9 +261,13 @@ pub async fn serve(
         async move {
             shutdown.cancelled().await;
             for name in &names {
-                reporter.set_service_status(name, ServingStatus::NotServing).await;
+                reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
             }
-            reporter.set_service_status("", ServingStatus::NotServing).await;
+            reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
             tracing::info!(service, "shutting down: draining in-flight calls");
         }
     };

@@ -38,10 +38,16 @@ impl Drop for TelemetryGuard {
 /// keeps the first setup).
 pub fn init(log: &LogConfig, service: &str) -> TelemetryGuard {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(&log.filter));
+    let filter =
+        EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(&log.filter));
     let fmt = match log.format {
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
-        LogFormat::Pretty => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
     let mut guard = TelemetryGuard::default();
     let otel_layer = if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
@@ -61,15 +67,31 @@ pub fn init(log: &LogConfig, service: &str) -> TelemetryGuard {
     } else {
         None
     };
-    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel_layer).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel_layer)
+        .try_init();
     guard
 }
 
 fn otlp(service: &str) -> anyhow::Result<(SdkTracerProvider, SdkMeterProvider)> {
-    let resource = Resource::builder().with_service_name(format!("clm-{service}")).build();
-    let spans = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
-    let tracer = SdkTracerProvider::builder().with_batch_exporter(spans).with_resource(resource.clone()).build();
-    let metrics = opentelemetry_otlp::MetricExporter::builder().with_tonic().build()?;
-    let meter = SdkMeterProvider::builder().with_periodic_exporter(metrics).with_resource(resource).build();
+    let resource = Resource::builder()
+        .with_service_name(format!("clm-{service}"))
+        .build();
+    let spans = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()?;
+    let tracer = SdkTracerProvider::builder()
+        .with_batch_exporter(spans)
+        .with_resource(resource.clone())
+        .build();
+    let metrics = opentelemetry_otlp::MetricExporter::builder()
+        .with_tonic()
+        .build()?;
+    let meter = SdkMeterProvider::builder()
+        .with_periodic_exporter(metrics)
+        .with_resource(resource)
+        .build();
     Ok((tracer, meter))
 }

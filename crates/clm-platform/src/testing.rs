@@ -27,20 +27,41 @@ impl TestBackend {
     pub async fn new() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let key_prefix = format!("clm-test:{}:", uuid::Uuid::new_v4().simple());
-        let redis_url = std::env::var("CLM_TEST_REDIS_URL").ok().filter(|s| !s.is_empty());
-        match std::env::var("CLM_TEST_DATABASE_URL").ok().filter(|s| !s.is_empty()) {
+        let redis_url = std::env::var("CLM_TEST_REDIS_URL")
+            .ok()
+            .filter(|s| !s.is_empty());
+        match std::env::var("CLM_TEST_DATABASE_URL")
+            .ok()
+            .filter(|s| !s.is_empty())
+        {
             Some(admin) => {
                 let name = format!("clm_t_{}", uuid::Uuid::new_v4().simple());
-                let conn = Database::connect(&admin).await.expect("CLM_TEST_DATABASE_URL reachable");
-                conn.execute_unprepared(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+                let conn = Database::connect(&admin)
+                    .await
+                    .expect("CLM_TEST_DATABASE_URL reachable");
+                conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .expect("create test database");
                 let _ = conn.close().await;
                 let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
                 let database_url = format!("{base}/{name}");
-                Self { database_url, redis_url, key_prefix, pg: Some((admin, name)), dir }
+                Self {
+                    database_url,
+                    redis_url,
+                    key_prefix,
+                    pg: Some((admin, name)),
+                    dir,
+                }
             }
             None => {
                 let database_url = format!("sqlite://{}", dir.path().join("test.db").display());
-                Self { database_url, redis_url: None, key_prefix, pg: None, dir }
+                Self {
+                    database_url,
+                    redis_url: None,
+                    key_prefix,
+                    pg: None,
+                    dir,
+                }
             }
         }
     }
@@ -73,15 +94,99 @@ impl Drop for TestBackend {
         if let Some((admin, name)) = self.pg.take() {
             // Drop runs outside async context; use a short-lived runtime on its own thread.
             let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
                 rt.block_on(async {
                     if let Ok(conn) = Database::connect(&admin).await {
-                        let _ = conn.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                        let _ = conn
+                            .execute_unprepared(&format!(
+                                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                            ))
+                            .await;
                         let _ = conn.close().await;
                     }
                 });
             })
             .join();
         }
+    }
+}
+
+/// A service running inside the test process.
+#[derive(Debug)]
+pub struct Running {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    /// Cancel to stop it.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A channel to the service.
+    pub fn channel(&self) -> tonic::transport::Channel {
+        crate::client::channel(&self.url()).expect("valid url")
+    }
+
+    /// Stops the service gracefully and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.handle.await;
+    }
+}
+
+/// Starts a service with `run` on `config` (its `listen` port may be 0) and
+/// waits until its health check says SERVING.
+pub async fn spawn<F, Fut>(config: Config, run: F) -> Running
+where
+    F: FnOnce(Config, tokio::net::TcpListener, tokio_util::sync::CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .expect("bind test listener");
+    let addr = listener.local_addr().expect("local addr");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(run(config, listener, shutdown.clone()));
+    let running = Running {
+        addr,
+        shutdown,
+        handle,
+    };
+    wait_serving(&running.url()).await;
+    running
+}
+
+/// Polls `grpc.health.v1.Health/Check` at `url` until SERVING (30 s at most).
+pub async fn wait_serving(url: &str) {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(channel) = crate::client::channel(url) {
+            let mut client = HealthClient::new(channel);
+            if let Ok(r) = client
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                && r.into_inner().status == ServingStatus::Serving as i32
+            {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{url} did not become SERVING within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }

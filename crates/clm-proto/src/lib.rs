@@ -7,7 +7,8 @@
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
 /// Encoded `FileDescriptorSet` of every CLM proto (for reflection).
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/clm_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/clm_descriptor.bin"));
 
 pub mod clm {
     pub mod common {

@@ -1,1 +1,162 @@
-fn main() {}
+//! `clm`: the CLM command.
+//!
+//! * `clm up` runs every service in one process, each on its own port
+//!   (customer 50051, scoring 50052, segmentation 50053, feedback 50054,
+//!   loyalty 50055 as they land), on SQLite files under `--data-dir` with
+//!   the in-process cache. Nothing to install; data survive restarts.
+//! * `clm serve <service>` runs one service with the full configuration
+//!   (PostgreSQL and Redis URLs, auth, TLS): see `--help` and the README.
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand};
+use clm_platform::bootstrap::{ServiceCli, bind, load_or_exit, shutdown_on_signal};
+use clm_platform::config::{CliOverrides, Config, LogFormat, default_port};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "clm",
+    version,
+    about = "CLM customer-lifecycle-management platform"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every service in one process on embedded SQLite (the quick start).
+    Up {
+        /// Directory of the SQLite files, one per service.
+        #[arg(long, env = "CLM_DATA_DIR", default_value = "./clm-data")]
+        data_dir: PathBuf,
+        /// Address to bind every service on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: IpAddr,
+        /// Port of the first service (customer); the others follow in order.
+        #[arg(long, default_value_t = 50051)]
+        base_port: u16,
+        /// Allow a non-loopback --host without authentication.
+        #[arg(long)]
+        insecure: bool,
+        /// Log format.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+        /// TOML configuration file (auth, logging, ... shared by all services).
+        #[arg(long, env = "CLM_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print each service's configuration and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// Run one service with its full configuration.
+    Serve {
+        /// Which service.
+        #[arg(value_enum)]
+        service: Service,
+        #[command(flatten)]
+        cli: ServiceCli,
+    },
+}
+
+/// The services this build contains, in port order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Service {
+    /// Profiles, touchpoints, lifecycle (port 50051).
+    Customer,
+}
+
+impl Service {
+    const ALL: [Service; 1] = [Service::Customer];
+
+    fn name(self) -> &'static str {
+        match self {
+            Service::Customer => clm_customer::SERVICE,
+        }
+    }
+
+    async fn run(
+        self,
+        config: Config,
+        listener: tokio::net::TcpListener,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<()> {
+        match self {
+            Service::Customer => clm_customer::run(config, listener, shutdown).await,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve { service, cli } => {
+            let config = load_or_exit(service.name(), &cli.data_dir, &cli.overrides);
+            let _telemetry = clm_platform::telemetry::init(&config.log, service.name());
+            let listener = bind(&config).await?;
+            service.run(config, listener, shutdown_on_signal()).await
+        }
+        Command::Up {
+            data_dir,
+            host,
+            base_port,
+            insecure,
+            log_format,
+            config,
+            print_config,
+        } => {
+            let mut configs = Vec::new();
+            for service in Service::ALL {
+                let port = base_port
+                    .saturating_add(default_port(service.name()) - default_port("customer"));
+                let overrides = CliOverrides {
+                    config: config.clone(),
+                    listen: Some(SocketAddr::new(host, port)),
+                    insecure,
+                    log_format,
+                    print_config,
+                    ..Default::default()
+                };
+                let mut c = load_or_exit(service.name(), &data_dir, &overrides);
+                // `up` is the embedded mode: one SQLite file per service, in-process cache.
+                let defaults = Config::defaults(service.name(), &data_dir);
+                c.database = defaults.database;
+                c.cache.redis_url = None;
+                configs.push((service, c));
+            }
+            let _telemetry = clm_platform::telemetry::init(&configs[0].1.log, "up");
+            let shutdown = shutdown_on_signal();
+            let mut tasks = tokio::task::JoinSet::new();
+            for (service, c) in configs {
+                let listener = bind(&c).await?;
+                println!(
+                    "{:<13} listening on {}  (data: {})",
+                    service.name(),
+                    listener.local_addr()?,
+                    c.database.url
+                );
+                let token = shutdown.clone();
+                tasks.spawn(async move { (service, service.run(c, listener, token).await) });
+            }
+            println!("CLM is up. Ctrl-C stops it.");
+            let mut result = Ok(());
+            while let Some(joined) = tasks.join_next().await {
+                match joined {
+                    Ok((_, Ok(()))) => {}
+                    Ok((service, Err(e))) => {
+                        eprintln!("{} failed: {e:#}", service.name());
+                        shutdown.cancel();
+                        result = Err(e);
+                    }
+                    Err(e) => {
+                        shutdown.cancel();
+                        result = Err(e.into());
+                    }
+                }
+            }
+            result
+        }
+    }
+}

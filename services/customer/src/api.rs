@@ -25,7 +25,13 @@ use tonic::{Request, Response, Status};
 /// Roles that may change customers.
 const WRITERS: &[Role] = &[Role::Marketer, Role::DataSteward, Role::Service];
 /// Roles that may read customers.
-const READERS: &[Role] = &[Role::Marketer, Role::DataSteward, Role::Service, Role::Analyst, Role::SegmentOwner];
+const READERS: &[Role] = &[
+    Role::Marketer,
+    Role::DataSteward,
+    Role::Service,
+    Role::Analyst,
+    Role::SegmentOwner,
+];
 
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 1000;
@@ -72,8 +78,10 @@ impl CustomerApi {
         actor: &Principal,
     ) -> Result<Vec<CustomerRecord>> {
         let now = self.now();
-        let keys: Vec<(&str, Option<&str>, Option<&str>)> =
-            items.iter().map(|(p, c)| (p.as_str(), c.email.as_deref(), c.external_id.as_deref())).collect();
+        let keys: Vec<(&str, Option<&str>, Option<&str>)> = items
+            .iter()
+            .map(|(p, c)| (p.as_str(), c.email.as_deref(), c.external_id.as_deref()))
+            .collect();
         customers::check_unique(txn, &keys, None).await?;
         let records: Vec<CustomerRecord> = items
             .into_iter()
@@ -108,18 +116,38 @@ impl CustomerApi {
         Ok(records)
     }
 
-    async fn create(&self, actor: Principal, req: pb::CreateCustomerRequest) -> Result<pb::Customer> {
+    async fn create(
+        &self,
+        actor: Principal,
+        req: pb::CreateCustomerRequest,
+    ) -> Result<pb::Customer> {
         let today = self.now().date_naive();
         let rid = request_id("request_id", &req.request_id)?;
-        let c = req.customer.as_ref().ok_or_else(|| Error::invalid("customer", "is required"))?;
+        let c = req
+            .customer
+            .as_ref()
+            .ok_or_else(|| Error::invalid("customer", "is required"))?;
         let draft = convert::new_customer("customer", c, today)?;
         let txn = self.rt.db.begin().await?;
-        if let Some(prev) = self.claim(&txn, "CreateCustomer", rid.as_deref(), &idempotency::hash(&req)).await? {
+        if let Some(prev) = self
+            .claim(
+                &txn,
+                "CreateCustomer",
+                rid.as_deref(),
+                &idempotency::hash(&req),
+            )
+            .await?
+        {
             return Ok(prev);
         }
-        let records = self.insert_customers(&txn, vec![("customer".into(), draft)], &actor).await?;
+        let records = self
+            .insert_customers(&txn, vec![("customer".into(), draft)], &actor)
+            .await?;
         let out = convert::customer_to_proto(&records[0], today);
-        self.rt.outbox.append(&txn, &[events::customer_created(&out)], self.now()).await?;
+        self.rt
+            .outbox
+            .append(&txn, &[events::customer_created(&out)], self.now())
+            .await?;
         if let Some(rid) = &rid {
             idempotency::complete(&txn, "CreateCustomer", rid, &out).await?;
         }
@@ -127,12 +155,19 @@ impl CustomerApi {
         Ok(out)
     }
 
-    async fn batch_create(&self, actor: Principal, req: pb::BatchCreateCustomersRequest) -> Result<pb::BatchCreateCustomersResponse> {
+    async fn batch_create(
+        &self,
+        actor: Principal,
+        req: pb::BatchCreateCustomersRequest,
+    ) -> Result<pb::BatchCreateCustomersResponse> {
         let today = self.now().date_naive();
         let rid = request_id("request_id", &req.request_id)?;
         let n = req.requests.len();
         if n == 0 || n > MAX_BATCH_CUSTOMERS {
-            return Err(Error::invalid("requests", format!("must hold 1..{MAX_BATCH_CUSTOMERS} customers, got {n}")));
+            return Err(Error::invalid(
+                "requests",
+                format!("must hold 1..{MAX_BATCH_CUSTOMERS} customers, got {n}"),
+            ));
         }
         let mut v = Violations::new();
         let mut items = Vec::with_capacity(n);
@@ -149,12 +184,18 @@ impl CustomerApi {
                     if let Some(e) = &draft.email
                         && let Some(j) = seen_email.insert(e.clone(), i)
                     {
-                        v.push(Violation::new(format!("{prefix}.email"), format!("duplicates requests[{j}].customer.email")));
+                        v.push(Violation::new(
+                            format!("{prefix}.email"),
+                            format!("duplicates requests[{j}].customer.email"),
+                        ));
                     }
                     if let Some(x) = &draft.external_id
                         && let Some(j) = seen_external.insert(x.clone(), i)
                     {
-                        v.push(Violation::new(format!("{prefix}.external_id"), format!("duplicates requests[{j}].customer.external_id")));
+                        v.push(Violation::new(
+                            format!("{prefix}.external_id"),
+                            format!("duplicates requests[{j}].customer.external_id"),
+                        ));
                     }
                     items.push((prefix, draft));
                 }
@@ -163,11 +204,22 @@ impl CustomerApi {
         }
         v.into_result()?;
         let txn = self.rt.db.begin().await?;
-        if let Some(prev) = self.claim(&txn, "BatchCreateCustomers", rid.as_deref(), &idempotency::hash(&req)).await? {
+        if let Some(prev) = self
+            .claim(
+                &txn,
+                "BatchCreateCustomers",
+                rid.as_deref(),
+                &idempotency::hash(&req),
+            )
+            .await?
+        {
             return Ok(prev);
         }
         let records = self.insert_customers(&txn, items, &actor).await?;
-        let customers: Vec<pb::Customer> = records.iter().map(|r| convert::customer_to_proto(r, today)).collect();
+        let customers: Vec<pb::Customer> = records
+            .iter()
+            .map(|r| convert::customer_to_proto(r, today))
+            .collect();
         let evs: Vec<_> = customers.iter().map(events::customer_created).collect();
         self.rt.outbox.append(&txn, &evs, self.now()).await?;
         let out = pb::BatchCreateCustomersResponse { customers };
@@ -188,24 +240,51 @@ impl CustomerApi {
         let now = self.now();
         let today = now.date_naive();
         let rid = request_id("request_id", &req.request_id)?;
-        let c = req.customer.as_ref().ok_or_else(|| Error::invalid("customer", "is required"))?;
+        let c = req
+            .customer
+            .as_ref()
+            .ok_or_else(|| Error::invalid("customer", "is required"))?;
         let id = CustomerId::parse_name("customer.name", &c.name)?;
-        let paths: Vec<String> = req.update_mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
+        let paths: Vec<String> = req
+            .update_mask
+            .as_ref()
+            .map(|m| m.paths.clone())
+            .unwrap_or_default();
         if paths.is_empty() {
-            return Err(Error::invalid("update_mask", "is required: name the fields to change"));
+            return Err(Error::invalid(
+                "update_mask",
+                "is required: name the fields to change",
+            ));
         }
         let txn = self.rt.db.begin().await?;
-        if let Some(prev) = self.claim(&txn, "UpdateCustomer", rid.as_deref(), &idempotency::hash(&req)).await? {
+        if let Some(prev) = self
+            .claim(
+                &txn,
+                "UpdateCustomer",
+                rid.as_deref(),
+                &idempotency::hash(&req),
+            )
+            .await?
+        {
             return Ok(prev);
         }
         let mut rec = customers::get(&txn, id).await?;
         let current = convert::etag(rec.version);
         if !c.etag.is_empty() && c.etag != current {
-            return Err(CustomerError::StaleEtag { sent: c.etag.clone(), current }.into());
+            return Err(CustomerError::StaleEtag {
+                sent: c.etag.clone(),
+                current,
+            }
+            .into());
         }
         let attributes_changed = apply_mask(&mut rec, c, &paths, today)?;
         if paths.iter().any(|p| p == "email" || p == "external_id") {
-            customers::check_unique(&txn, &[("customer", rec.email.as_deref(), rec.external_id.as_deref())], Some(id)).await?;
+            customers::check_unique(
+                &txn,
+                &[("customer", rec.email.as_deref(), rec.external_id.as_deref())],
+                Some(id),
+            )
+            .await?;
         }
         let expected = rec.version;
         rec.version += 1;
@@ -214,7 +293,10 @@ impl CustomerApi {
             return Err(CustomerError::Concurrent.into());
         }
         let out = convert::customer_to_proto(&rec, today);
-        self.rt.outbox.append(&txn, &[events::customer_updated(&out, paths)], now).await?;
+        self.rt
+            .outbox
+            .append(&txn, &[events::customer_updated(&out, paths)], now)
+            .await?;
         if let Some(rid) = &rid {
             idempotency::complete(&txn, "UpdateCustomer", rid, &out).await?;
         }
@@ -229,18 +311,36 @@ impl CustomerApi {
         let (sort, desc) = customers::parse_order_by("order_by", &req.order_by)?;
         let q = page::fingerprint(&[&req.filter, &req.order_by]);
         let after = page::decode("page_token", &req.page_token, &q)?.map(|c| (c.v, c.id));
-        let mut rows = customers::list(&self.rt.db, cond, sort, desc, after, size as u64 + 1).await?;
+        let mut rows =
+            customers::list(&self.rt.db, cond, sort, desc, after, size as u64 + 1).await?;
         let next_page_token = if rows.len() > size {
             rows.truncate(size);
-            rows.last().map(|l| page::encode(&Cursor { q, v: sort.value_of(l), id: l.id.to_string() })).unwrap_or_default()
+            rows.last()
+                .map(|l| {
+                    page::encode(&Cursor {
+                        q,
+                        v: sort.value_of(l),
+                        id: l.id.to_string(),
+                    })
+                })
+                .unwrap_or_default()
         } else {
             String::new()
         };
         let today = self.now().date_naive();
-        Ok(pb::ListCustomersResponse { customers: rows.iter().map(|r| convert::customer_to_proto(r, today)).collect(), next_page_token })
+        Ok(pb::ListCustomersResponse {
+            customers: rows
+                .iter()
+                .map(|r| convert::customer_to_proto(r, today))
+                .collect(),
+            next_page_token,
+        })
     }
 
-    async fn record_touchpoints(&self, req: pb::RecordTouchpointsRequest) -> Result<pb::RecordTouchpointsResponse> {
+    async fn record_touchpoints(
+        &self,
+        req: pb::RecordTouchpointsRequest,
+    ) -> Result<pb::RecordTouchpointsResponse> {
         let now = self.now();
         touchpoint::batch_size("touchpoints", req.touchpoints.len())?;
         let mut v = Violations::new();
@@ -250,7 +350,11 @@ impl CustomerApi {
             match convert::touchpoint(&format!("touchpoints[{i}]"), t, now) {
                 Ok((customer, touchpoint)) => {
                     if seen.insert(touchpoint.event_id.clone()) {
-                        records.push(TouchpointRecord { customer, touchpoint, record_time: now });
+                        records.push(TouchpointRecord {
+                            customer,
+                            touchpoint,
+                            record_time: now,
+                        });
                     }
                 }
                 Err(e) => v.0.extend(e.0),
@@ -261,7 +365,10 @@ impl CustomerApi {
         ids.sort_unstable();
         ids.dedup();
         let txn = self.rt.db.begin().await?;
-        let existing: HashSet<String> = customers::existing_ids(&txn, &ids).await?.into_iter().collect();
+        let existing: HashSet<String> = customers::existing_ids(&txn, &ids)
+            .await?
+            .into_iter()
+            .collect();
         if let Some(missing) = ids.iter().find(|id| !existing.contains(*id)) {
             return Err(Error::NotFound(format!("customers/{missing}")));
         }
@@ -280,23 +387,44 @@ impl CustomerApi {
         })
     }
 
-    async fn list_touchpoints(&self, req: pb::ListTouchpointsRequest) -> Result<pb::ListTouchpointsResponse> {
+    async fn list_touchpoints(
+        &self,
+        req: pb::ListTouchpointsRequest,
+    ) -> Result<pb::ListTouchpointsResponse> {
         let id = CustomerId::parse_name("parent", &req.parent)?;
         let size = page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)? as usize;
         let kind = match filter::parse("filter", &req.filter)?.as_slice() {
             [] => None,
             [c] if c.field == "type" && c.op == filter::Op::Eq => {
-                let text = c.value.as_text().ok_or_else(|| Error::invalid("filter", "type must be compared with a type name"))?;
+                let text = c.value.as_text().ok_or_else(|| {
+                    Error::invalid("filter", "type must be compared with a type name")
+                })?;
                 Some(touchpoint::TouchpointKind::parse("filter", text)?)
             }
-            _ => return Err(Error::invalid("filter", "only `type = <TYPE>` is supported")),
+            _ => {
+                return Err(Error::invalid(
+                    "filter",
+                    "only `type = <TYPE>` is supported",
+                ));
+            }
         };
         let q = page::fingerprint(&[&req.filter]);
         let after = match page::decode("page_token", &req.page_token, &q)? {
-            Some(c) => Some((c.v.as_i64().ok_or_else(|| Error::invalid("page_token", "is not a page token returned by this list call"))?, c.id)),
+            Some(c) => Some((
+                c.v.as_i64().ok_or_else(|| {
+                    Error::invalid(
+                        "page_token",
+                        "is not a page token returned by this list call",
+                    )
+                })?,
+                c.id,
+            )),
             None => None,
         };
-        if customers::existing_ids(&self.rt.db, &[id.to_string()]).await?.is_empty() {
+        if customers::existing_ids(&self.rt.db, &[id.to_string()])
+            .await?
+            .is_empty()
+        {
             return Err(Error::NotFound(id.name()));
         }
         let mut rows = touchpoints::list(&self.rt.db, id, kind, after, size as u64 + 1).await?;
@@ -314,10 +442,17 @@ impl CustomerApi {
         } else {
             String::new()
         };
-        Ok(pb::ListTouchpointsResponse { touchpoints: rows.iter().map(convert::touchpoint_to_proto).collect(), next_page_token })
+        Ok(pb::ListTouchpointsResponse {
+            touchpoints: rows.iter().map(convert::touchpoint_to_proto).collect(),
+            next_page_token,
+        })
     }
 
-    async fn transition(&self, actor: Principal, req: pb::TransitionStageRequest) -> Result<pb::TransitionStageResponse> {
+    async fn transition(
+        &self,
+        actor: Principal,
+        req: pb::TransitionStageRequest,
+    ) -> Result<pb::TransitionStageResponse> {
         let now = self.now();
         let today = now.date_naive();
         let rid = request_id("request_id", &req.request_id)?;
@@ -330,15 +465,28 @@ impl CustomerApi {
             return Err(Error::internal("validated fields missing"));
         };
         let txn = self.rt.db.begin().await?;
-        if let Some(prev) = self.claim(&txn, "TransitionStage", rid.as_deref(), &idempotency::hash(&req)).await? {
+        if let Some(prev) = self
+            .claim(
+                &txn,
+                "TransitionStage",
+                rid.as_deref(),
+                &idempotency::hash(&req),
+            )
+            .await?
+        {
             return Ok(prev);
         }
         let mut rec = customers::get(&txn, id).await?;
         let current = convert::etag(rec.version);
         if !req.etag.is_empty() && req.etag != current {
-            return Err(CustomerError::StaleEtag { sent: req.etag.clone(), current }.into());
+            return Err(CustomerError::StaleEtag {
+                sent: req.etag.clone(),
+                current,
+            }
+            .into());
         }
-        let t = Transition::new(rec.stage, to, reason, actor.subject).map_err(CustomerError::from)?;
+        let t =
+            Transition::new(rec.stage, to, reason, actor.subject).map_err(CustomerError::from)?;
         let expected = rec.version;
         rec.stage = t.to;
         rec.stage_change_time = now;
@@ -347,11 +495,25 @@ impl CustomerApi {
         if !customers::update(&txn, &rec, expected, false).await? {
             return Err(CustomerError::Concurrent.into());
         }
-        let change = StageChangeRecord { id: 0, customer: id, from: Some(t.from), to: t.to, reason: t.reason, actor: t.actor, change_time: now };
+        let change = StageChangeRecord {
+            id: 0,
+            customer: id,
+            from: Some(t.from),
+            to: t.to,
+            reason: t.reason,
+            actor: t.actor,
+            change_time: now,
+        };
         stages::insert_many(&txn, std::slice::from_ref(&change)).await?;
         let change = convert::stage_change_to_proto(&change, now);
-        let out = pb::TransitionStageResponse { customer: Some(convert::customer_to_proto(&rec, today)), change: Some(change.clone()) };
-        self.rt.outbox.append(&txn, &[events::stage_changed(&id.name(), change)], now).await?;
+        let out = pb::TransitionStageResponse {
+            customer: Some(convert::customer_to_proto(&rec, today)),
+            change: Some(change.clone()),
+        };
+        self.rt
+            .outbox
+            .append(&txn, &[events::stage_changed(&id.name(), change)], now)
+            .await?;
         if let Some(rid) = &rid {
             idempotency::complete(&txn, "TransitionStage", rid, &out).await?;
         }
@@ -359,15 +521,26 @@ impl CustomerApi {
         Ok(out)
     }
 
-    async fn stage_history(&self, req: pb::ListStageHistoryRequest) -> Result<pb::ListStageHistoryResponse> {
+    async fn stage_history(
+        &self,
+        req: pb::ListStageHistoryRequest,
+    ) -> Result<pb::ListStageHistoryResponse> {
         let id = CustomerId::parse_name("parent", &req.parent)?;
         let size = page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)? as usize;
         let q = page::fingerprint(&["stage_history"]);
         let after = match page::decode("page_token", &req.page_token, &q)? {
-            Some(c) => c.v.as_i64().ok_or_else(|| Error::invalid("page_token", "is not a page token returned by this list call"))?,
+            Some(c) => c.v.as_i64().ok_or_else(|| {
+                Error::invalid(
+                    "page_token",
+                    "is not a page token returned by this list call",
+                )
+            })?,
             None => 0,
         };
-        if customers::existing_ids(&self.rt.db, &[id.to_string()]).await?.is_empty() {
+        if customers::existing_ids(&self.rt.db, &[id.to_string()])
+            .await?
+            .is_empty()
+        {
             return Err(Error::NotFound(id.name()));
         }
         let rows = stages::list(&self.rt.db, id, after, size as u64 + 1).await?;
@@ -376,30 +549,51 @@ impl CustomerApi {
             .iter()
             .take(size)
             .enumerate()
-            .map(|(i, c)| convert::stage_change_to_proto(c, rows.get(i + 1).map_or(now, |n| n.change_time)))
+            .map(|(i, c)| {
+                convert::stage_change_to_proto(c, rows.get(i + 1).map_or(now, |n| n.change_time))
+            })
             .collect();
         let next_page_token = if rows.len() > size {
-            page::encode(&Cursor { q, v: rows[size - 1].id.into(), id: String::new() })
+            page::encode(&Cursor {
+                q,
+                v: rows[size - 1].id.into(),
+                id: String::new(),
+            })
         } else {
             String::new()
         };
-        Ok(pb::ListStageHistoryResponse { changes, next_page_token })
+        Ok(pb::ListStageHistoryResponse {
+            changes,
+            next_page_token,
+        })
     }
 }
 
 /// Applies the masked fields of `c` to `rec`; returns whether attributes changed.
-fn apply_mask(rec: &mut CustomerRecord, c: &pb::Customer, paths: &[String], today: chrono::NaiveDate) -> Result<bool> {
+fn apply_mask(
+    rec: &mut CustomerRecord,
+    c: &pb::Customer,
+    paths: &[String],
+    today: chrono::NaiveDate,
+) -> Result<bool> {
     let mut v = Violations::new();
     let mut attributes_changed = false;
     let new_demo = if paths.iter().any(|p| p.starts_with("demographics")) {
-        Some(convert::demographics("customer.demographics", &c.demographics.clone().unwrap_or_default(), today)?)
+        Some(convert::demographics(
+            "customer.demographics",
+            &c.demographics.clone().unwrap_or_default(),
+            today,
+        )?)
     } else {
         None
     };
     for path in paths {
         match path.as_str() {
             "external_id" => {
-                if let Some(x) = v.check("", contact::external_id("customer.external_id", &c.external_id)) {
+                if let Some(x) = v.check(
+                    "",
+                    contact::external_id("customer.external_id", &c.external_id),
+                ) {
                     rec.external_id = x;
                 }
             }
@@ -409,15 +603,27 @@ fn apply_mask(rec: &mut CustomerRecord, c: &pb::Customer, paths: &[String], toda
                 }
             }
             "display_name" => {
-                if let Some(x) = v.check("", optional_text("customer.display_name", &c.display_name, 200)) {
+                if let Some(x) = v.check(
+                    "",
+                    optional_text("customer.display_name", &c.display_name, 200),
+                ) {
                     rec.display_name = x.unwrap_or_default();
                 }
             }
             "demographics" => rec.demographics = new_demo.clone().unwrap_or_default(),
-            "demographics.birth_date" => rec.demographics.birth_date = new_demo.as_ref().and_then(|d| d.birth_date),
-            "demographics.gender" => rec.demographics.gender = new_demo.as_ref().and_then(|d| d.gender),
-            "demographics.annual_income" => rec.demographics.annual_income = new_demo.as_ref().and_then(|d| d.annual_income.clone()),
-            "demographics.occupation" => rec.demographics.occupation = new_demo.as_ref().and_then(|d| d.occupation.clone()),
+            "demographics.birth_date" => {
+                rec.demographics.birth_date = new_demo.as_ref().and_then(|d| d.birth_date)
+            }
+            "demographics.gender" => {
+                rec.demographics.gender = new_demo.as_ref().and_then(|d| d.gender)
+            }
+            "demographics.annual_income" => {
+                rec.demographics.annual_income =
+                    new_demo.as_ref().and_then(|d| d.annual_income.clone())
+            }
+            "demographics.occupation" => {
+                rec.demographics.occupation = new_demo.as_ref().and_then(|d| d.occupation.clone())
+            }
             "attributes" => match convert::attribute_map("customer.attributes", &c.attributes) {
                 Ok(a) => {
                     rec.attributes = a;
@@ -443,16 +649,28 @@ fn apply_mask(rec: &mut CustomerRecord, c: &pb::Customer, paths: &[String], toda
                 }
             }
             "stage" | "stage_change_time" => {
-                v.push(Violation::new("update_mask", "stage cannot be updated here; use TransitionStage"));
+                v.push(Violation::new(
+                    "update_mask",
+                    "stage cannot be updated here; use TransitionStage",
+                ));
             }
             "name" | "create_time" | "update_time" | "etag" | "demographics.age" => {
-                v.push(Violation::new("update_mask", format!("{path} is output only")));
+                v.push(Violation::new(
+                    "update_mask",
+                    format!("{path} is output only"),
+                ));
             }
-            other => v.push(Violation::new("update_mask", format!("unknown field path {other:?}"))),
+            other => v.push(Violation::new(
+                "update_mask",
+                format!("unknown field path {other:?}"),
+            )),
         }
     }
     if attributes_changed {
-        v.check("", attributes::count("customer.attributes", rec.attributes.len()));
+        v.check(
+            "",
+            attributes::count("customer.attributes", rec.attributes.len()),
+        );
     }
     v.into_result()?;
     Ok(attributes_changed)
@@ -460,22 +678,34 @@ fn apply_mask(rec: &mut CustomerRecord, c: &pb::Customer, paths: &[String], toda
 
 #[tonic::async_trait]
 impl CustomerService for CustomerApi {
-    async fn create_customer(&self, request: Request<pb::CreateCustomerRequest>) -> Result<Response<pb::Customer>, Status> {
+    async fn create_customer(
+        &self,
+        request: Request<pb::CreateCustomerRequest>,
+    ) -> Result<Response<pb::Customer>, Status> {
         let p = authorize(&request, WRITERS)?;
         Ok(Response::new(self.create(p, request.into_inner()).await?))
     }
 
-    async fn get_customer(&self, request: Request<pb::GetCustomerRequest>) -> Result<Response<pb::Customer>, Status> {
+    async fn get_customer(
+        &self,
+        request: Request<pb::GetCustomerRequest>,
+    ) -> Result<Response<pb::Customer>, Status> {
         authorize(&request, READERS)?;
         Ok(Response::new(self.get(request.into_inner()).await?))
     }
 
-    async fn update_customer(&self, request: Request<pb::UpdateCustomerRequest>) -> Result<Response<pb::Customer>, Status> {
+    async fn update_customer(
+        &self,
+        request: Request<pb::UpdateCustomerRequest>,
+    ) -> Result<Response<pb::Customer>, Status> {
         authorize(&request, WRITERS)?;
         Ok(Response::new(self.update(request.into_inner()).await?))
     }
 
-    async fn list_customers(&self, request: Request<pb::ListCustomersRequest>) -> Result<Response<pb::ListCustomersResponse>, Status> {
+    async fn list_customers(
+        &self,
+        request: Request<pb::ListCustomersRequest>,
+    ) -> Result<Response<pb::ListCustomersResponse>, Status> {
         authorize(&request, READERS)?;
         Ok(Response::new(self.list(request.into_inner()).await?))
     }
@@ -485,7 +715,9 @@ impl CustomerService for CustomerApi {
         request: Request<pb::BatchCreateCustomersRequest>,
     ) -> Result<Response<pb::BatchCreateCustomersResponse>, Status> {
         let p = authorize(&request, WRITERS)?;
-        Ok(Response::new(self.batch_create(p, request.into_inner()).await?))
+        Ok(Response::new(
+            self.batch_create(p, request.into_inner()).await?,
+        ))
     }
 
     async fn record_touchpoints(
@@ -493,12 +725,19 @@ impl CustomerService for CustomerApi {
         request: Request<pb::RecordTouchpointsRequest>,
     ) -> Result<Response<pb::RecordTouchpointsResponse>, Status> {
         authorize(&request, WRITERS)?;
-        Ok(Response::new(self.record_touchpoints(request.into_inner()).await?))
+        Ok(Response::new(
+            self.record_touchpoints(request.into_inner()).await?,
+        ))
     }
 
-    async fn list_touchpoints(&self, request: Request<pb::ListTouchpointsRequest>) -> Result<Response<pb::ListTouchpointsResponse>, Status> {
+    async fn list_touchpoints(
+        &self,
+        request: Request<pb::ListTouchpointsRequest>,
+    ) -> Result<Response<pb::ListTouchpointsResponse>, Status> {
         authorize(&request, READERS)?;
-        Ok(Response::new(self.list_touchpoints(request.into_inner()).await?))
+        Ok(Response::new(
+            self.list_touchpoints(request.into_inner()).await?,
+        ))
     }
 
     async fn transition_stage(
@@ -506,7 +745,9 @@ impl CustomerService for CustomerApi {
         request: Request<pb::TransitionStageRequest>,
     ) -> Result<Response<pb::TransitionStageResponse>, Status> {
         let p = authorize(&request, WRITERS)?;
-        Ok(Response::new(self.transition(p, request.into_inner()).await?))
+        Ok(Response::new(
+            self.transition(p, request.into_inner()).await?,
+        ))
     }
 
     async fn list_stage_history(
@@ -514,6 +755,8 @@ impl CustomerService for CustomerApi {
         request: Request<pb::ListStageHistoryRequest>,
     ) -> Result<Response<pb::ListStageHistoryResponse>, Status> {
         authorize(&request, READERS)?;
-        Ok(Response::new(self.stage_history(request.into_inner()).await?))
+        Ok(Response::new(
+            self.stage_history(request.into_inner()).await?,
+        ))
     }
 }

@@ -12,13 +12,19 @@ use clm_domain::money::Money;
 use clm_domain::touchpoint::{Touchpoint, TouchpointKind};
 use clm_domain::validation::optional_text;
 use clm_domain::{Violation, Violations, contact};
-use clm_platform::convert::{duration_from_millis, duration_millis, from_timestamp, required_timestamp, timestamp};
+use clm_platform::convert::{
+    duration_from_millis, duration_millis, from_timestamp, required_timestamp, timestamp,
+};
 use clm_proto::common as cpb;
 use clm_proto::customer as pb;
 use std::collections::BTreeMap;
 
 fn field(prefix: &str, name: &str) -> String {
-    if prefix.is_empty() { name.to_owned() } else { format!("{prefix}.{name}") }
+    if prefix.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{prefix}.{name}")
+    }
 }
 
 /// A proto stage number → domain stage (UNSPECIFIED and unknown numbers refused).
@@ -71,26 +77,56 @@ fn gender_to_proto(g: Option<Gender>) -> pb::Gender {
 }
 
 /// Optional money (absent = None).
-pub fn money(field: &str, m: Option<&cpb::Money>, non_negative: bool) -> Result<Option<Money>, Violation> {
-    m.map(|m| Money::new(field, &m.currency_code, m.amount_minor, non_negative)).transpose()
+pub fn money(
+    field: &str,
+    m: Option<&cpb::Money>,
+    non_negative: bool,
+) -> Result<Option<Money>, Violation> {
+    m.map(|m| Money::new(field, &m.currency_code, m.amount_minor, non_negative))
+        .transpose()
 }
 
 fn money_to_proto(m: &Money) -> cpb::Money {
-    cpb::Money { currency_code: m.currency.clone(), amount_minor: m.amount_minor }
+    cpb::Money {
+        currency_code: m.currency.clone(),
+        amount_minor: m.amount_minor,
+    }
 }
 
 /// Demographics, checked against `today`.
-pub fn demographics(prefix: &str, d: &pb::Demographics, today: NaiveDate) -> Result<Demographics, Violations> {
+pub fn demographics(
+    prefix: &str,
+    d: &pb::Demographics,
+    today: NaiveDate,
+) -> Result<Demographics, Violations> {
     let mut v = Violations::new();
-    let birth_date = d
-        .birth_date
-        .as_ref()
-        .and_then(|b| v.check("", demographics::birth_date(&field(prefix, "birth_date"), b.year, b.month, b.day, today)));
+    let birth_date = d.birth_date.as_ref().and_then(|b| {
+        v.check(
+            "",
+            demographics::birth_date(&field(prefix, "birth_date"), b.year, b.month, b.day, today),
+        )
+    });
     let out = Demographics {
         birth_date,
-        gender: v.check("", gender(&field(prefix, "gender"), d.gender)).flatten(),
-        annual_income: v.check("", money(&field(prefix, "annual_income"), d.annual_income.as_ref(), true)).flatten(),
-        occupation: v.check("", demographics::occupation(&field(prefix, "occupation"), &d.occupation)).flatten(),
+        gender: v
+            .check("", gender(&field(prefix, "gender"), d.gender))
+            .flatten(),
+        annual_income: v
+            .check(
+                "",
+                money(
+                    &field(prefix, "annual_income"),
+                    d.annual_income.as_ref(),
+                    true,
+                ),
+            )
+            .flatten(),
+        occupation: v
+            .check(
+                "",
+                demographics::occupation(&field(prefix, "occupation"), &d.occupation),
+            )
+            .flatten(),
     };
     v.into_result().map(|()| out)
 }
@@ -99,7 +135,12 @@ pub fn demographics(prefix: &str, d: &pb::Demographics, today: NaiveDate) -> Res
 pub fn attribute_value(field: &str, a: &pb::AttributeValue) -> Result<AttributeValue, Violation> {
     use pb::attribute_value::Value;
     let v = match a.value.as_ref() {
-        None => return Err(Violation::new(field, "must set one of string_value, number_value, bool_value, timestamp_value")),
+        None => {
+            return Err(Violation::new(
+                field,
+                "must set one of string_value, number_value, bool_value, timestamp_value",
+            ));
+        }
         Some(Value::StringValue(s)) => AttributeValue::String(s.clone()),
         Some(Value::NumberValue(x)) => AttributeValue::Number(*x),
         Some(Value::BoolValue(b)) => AttributeValue::Bool(*b),
@@ -109,13 +150,19 @@ pub fn attribute_value(field: &str, a: &pb::AttributeValue) -> Result<AttributeV
 }
 
 /// A whole attribute map.
-pub fn attribute_map(prefix: &str, map: &BTreeMap<String, pb::AttributeValue>) -> Result<Attributes, Violations> {
+pub fn attribute_map(
+    prefix: &str,
+    map: &BTreeMap<String, pb::AttributeValue>,
+) -> Result<Attributes, Violations> {
     let mut v = Violations::new();
     v.check("", attributes::count(prefix, map.len()));
     let mut out = Attributes::new();
     for (k, a) in map {
         let f = format!("{prefix}[{k:?}]");
-        if let (Some(k), Some(val)) = (v.check("", attributes::key(&f, k)), v.check("", attribute_value(&f, a))) {
+        if let (Some(k), Some(val)) = (
+            v.check("", attributes::key(&f, k)),
+            v.check("", attribute_value(&f, a)),
+        ) {
             out.insert(k, val);
         }
     }
@@ -135,12 +182,32 @@ fn attribute_to_proto(a: &AttributeValue) -> pb::AttributeValue {
 }
 
 /// A customer to create (fields under `prefix`).
-pub fn new_customer(prefix: &str, c: &pb::Customer, today: NaiveDate) -> Result<NewCustomer, Violations> {
+pub fn new_customer(
+    prefix: &str,
+    c: &pb::Customer,
+    today: NaiveDate,
+) -> Result<NewCustomer, Violations> {
     let mut v = Violations::new();
-    let external_id = v.check("", contact::external_id(&field(prefix, "external_id"), &c.external_id)).flatten();
-    let email = v.check("", contact::email(&field(prefix, "email"), &c.email)).flatten();
-    let display_name = v.check("", optional_text(&field(prefix, "display_name"), &c.display_name, 200)).flatten();
-    let demographics = match demographics(&field(prefix, "demographics"), &c.demographics.clone().unwrap_or_default(), today) {
+    let external_id = v
+        .check(
+            "",
+            contact::external_id(&field(prefix, "external_id"), &c.external_id),
+        )
+        .flatten();
+    let email = v
+        .check("", contact::email(&field(prefix, "email"), &c.email))
+        .flatten();
+    let display_name = v
+        .check(
+            "",
+            optional_text(&field(prefix, "display_name"), &c.display_name, 200),
+        )
+        .flatten();
+    let demographics = match demographics(
+        &field(prefix, "demographics"),
+        &c.demographics.clone().unwrap_or_default(),
+        today,
+    ) {
         Ok(d) => d,
         Err(e) => {
             v.0.extend(e.0);
@@ -154,10 +221,17 @@ pub fn new_customer(prefix: &str, c: &pb::Customer, today: NaiveDate) -> Result<
             Attributes::new()
         }
     };
-    let stage = if c.stage == 0 { Some(Stage::Approach) } else { v.check("", stage(&field(prefix, "stage"), c.stage)) };
+    let stage = if c.stage == 0 {
+        Some(Stage::Approach)
+    } else {
+        v.check("", stage(&field(prefix, "stage"), c.stage))
+    };
     v.into_result()?;
     Ok(NewCustomer {
-        display_name: display_name.or_else(|| email.clone()).or_else(|| external_id.clone()).unwrap_or_default(),
+        display_name: display_name
+            .or_else(|| email.clone())
+            .or_else(|| external_id.clone())
+            .unwrap_or_default(),
         external_id,
         email,
         demographics,
@@ -177,14 +251,22 @@ pub fn customer_to_proto(r: &CustomerRecord, today: NaiveDate) -> pb::Customer {
         demographics: Some(pb::Demographics {
             birth_date: d.birth_date.map(|b| {
                 use chrono::Datelike;
-                cpb::Date { year: b.year(), month: b.month() as i32, day: b.day() as i32 }
+                cpb::Date {
+                    year: b.year(),
+                    month: b.month() as i32,
+                    day: b.day() as i32,
+                }
             }),
             gender: gender_to_proto(d.gender) as i32,
             annual_income: d.annual_income.as_ref().map(money_to_proto),
             occupation: d.occupation.clone().unwrap_or_default(),
             age: d.birth_date.map_or(0, |b| demographics::age_on(b, today)),
         }),
-        attributes: r.attributes.iter().map(|(k, v)| (k.clone(), attribute_to_proto(v))).collect(),
+        attributes: r
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), attribute_to_proto(v)))
+            .collect(),
         stage: stage_to_proto(r.stage) as i32,
         stage_change_time: Some(timestamp(r.stage_change_time)),
         create_time: Some(timestamp(r.create_time)),
@@ -208,7 +290,10 @@ fn touchpoint_kind(field: &str, value: i32) -> Result<TouchpointKind, Violation>
         Ok(pb::TouchpointType::SupportContact) => Ok(TouchpointKind::SupportContact),
         Ok(pb::TouchpointType::Custom) => Ok(TouchpointKind::Custom),
         Ok(pb::TouchpointType::Unspecified) => Err(Violation::new(field, "is required")),
-        Err(_) => Err(Violation::new(field, format!("unknown touchpoint type {value}"))),
+        Err(_) => Err(Violation::new(
+            field,
+            format!("unknown touchpoint type {value}"),
+        )),
     }
 }
 
@@ -225,15 +310,36 @@ fn kind_to_proto(k: TouchpointKind) -> pb::TouchpointType {
 }
 
 /// A touchpoint to record (fields under `prefix`), checked against `now`.
-pub fn touchpoint(prefix: &str, t: &pb::Touchpoint, now: DateTime<Utc>) -> Result<(CustomerId, Touchpoint), Violations> {
+pub fn touchpoint(
+    prefix: &str,
+    t: &pb::Touchpoint,
+    now: DateTime<Utc>,
+) -> Result<(CustomerId, Touchpoint), Violations> {
     let mut v = Violations::new();
-    let customer = v.check("", CustomerId::parse_name(&field(prefix, "customer"), &t.customer));
+    let customer = v.check(
+        "",
+        CustomerId::parse_name(&field(prefix, "customer"), &t.customer),
+    );
     let event_id = v.check("", ids::event_id(&field(prefix, "event_id"), &t.event_id));
     let kind = v.check("", touchpoint_kind(&field(prefix, "type"), t.r#type));
-    let occurred = v.check("", required_timestamp(&field(prefix, "occurred_time"), t.occurred_time.as_ref()));
-    let usage = t.usage_duration.as_ref().and_then(|d| v.check("", duration_millis(&field(prefix, "usage_duration"), d)));
-    let revenue = v.check("", money(&field(prefix, "revenue"), t.revenue.as_ref(), true)).flatten();
-    let mut text = |name: &str, value: &str| v.check("", optional_text(&field(prefix, name), value, 200)).flatten();
+    let occurred = v.check(
+        "",
+        required_timestamp(&field(prefix, "occurred_time"), t.occurred_time.as_ref()),
+    );
+    let usage = t
+        .usage_duration
+        .as_ref()
+        .and_then(|d| v.check("", duration_millis(&field(prefix, "usage_duration"), d)));
+    let revenue = v
+        .check(
+            "",
+            money(&field(prefix, "revenue"), t.revenue.as_ref(), true),
+        )
+        .flatten();
+    let mut text = |name: &str, value: &str| {
+        v.check("", optional_text(&field(prefix, name), value, 200))
+            .flatten()
+    };
     let custom_type = text("custom_type", &t.custom_type);
     let product = text("product", &t.product);
     let feature = text("feature", &t.feature);
@@ -241,10 +347,15 @@ pub fn touchpoint(prefix: &str, t: &pb::Touchpoint, now: DateTime<Utc>) -> Resul
     let channel = text("channel", &t.channel);
     for (k, val) in &t.properties {
         if k.is_empty() || k.len() > 64 || val.chars().count() > 1024 {
-            v.push(Violation::new(field(prefix, &format!("properties[{k:?}]")), "keys are 1..64 bytes, values at most 1,024 characters"));
+            v.push(Violation::new(
+                field(prefix, &format!("properties[{k:?}]")),
+                "keys are 1..64 bytes, values at most 1,024 characters",
+            ));
         }
     }
-    let (Some(customer), Some(event_id), Some(kind), Some(occurred_time)) = (customer, event_id, kind, occurred) else {
+    let (Some(customer), Some(event_id), Some(kind), Some(occurred_time)) =
+        (customer, event_id, kind, occurred)
+    else {
         return Err(v);
     };
     let tp = Touchpoint {
@@ -295,6 +406,8 @@ pub fn stage_change_to_proto(c: &StageChangeRecord, until: DateTime<Utc>) -> pb:
         reason: c.reason.clone(),
         actor: c.actor.clone(),
         change_time: Some(timestamp(c.change_time)),
-        time_in_stage: Some(duration_from_millis((until - c.change_time).num_milliseconds().max(0))),
+        time_in_stage: Some(duration_from_millis(
+            (until - c.change_time).num_milliseconds().max(0),
+        )),
     }
 }

@@ -30,9 +30,14 @@ impl From<CustomerError> for Error {
                     TransitionError::SameStage(_) => "ALREADY_IN_STAGE",
                     TransitionError::NotAllowed { .. } => "STAGE_TRANSITION_NOT_ALLOWED",
                 };
-                Error::FailedPrecondition { reason, message: t.to_string() }
+                Error::FailedPrecondition {
+                    reason,
+                    message: t.to_string(),
+                }
             }
-            e @ (CustomerError::StaleEtag { .. } | CustomerError::Concurrent) => Error::Aborted(e.to_string()),
+            e @ (CustomerError::StaleEtag { .. } | CustomerError::Concurrent) => {
+                Error::Aborted(e.to_string())
+            }
         }
     }
 }

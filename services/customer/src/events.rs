@@ -8,20 +8,42 @@ use clm_proto::customer as pb;
 
 /// `clm.customer.v1.CustomerCreated`.
 pub fn customer_created(c: &pb::Customer) -> NewEvent {
-    NewEvent::new(c.name.clone(), &pb::CustomerCreated { customer: Some(c.clone()) })
+    NewEvent::new(
+        c.name.clone(),
+        &pb::CustomerCreated {
+            customer: Some(c.clone()),
+        },
+    )
 }
 
 /// `clm.customer.v1.CustomerUpdated`.
 pub fn customer_updated(c: &pb::Customer, changed_fields: Vec<String>) -> NewEvent {
-    NewEvent::new(c.name.clone(), &pb::CustomerUpdated { customer: Some(c.clone()), changed_fields })
+    NewEvent::new(
+        c.name.clone(),
+        &pb::CustomerUpdated {
+            customer: Some(c.clone()),
+            changed_fields,
+        },
+    )
 }
 
 /// `clm.customer.v1.TouchpointRecorded`.
 pub fn touchpoint_recorded(t: pb::Touchpoint) -> NewEvent {
-    NewEvent::new(t.customer.clone(), &pb::TouchpointRecorded { touchpoint: Some(t) })
+    NewEvent::new(
+        t.customer.clone(),
+        &pb::TouchpointRecorded {
+            touchpoint: Some(t),
+        },
+    )
 }
 
 /// `clm.customer.v1.StageChanged`.
 pub fn stage_changed(customer: &str, change: pb::StageChange) -> NewEvent {
-    NewEvent::new(customer.to_owned(), &pb::StageChanged { customer: customer.to_owned(), change: Some(change) })
+    NewEvent::new(
+        customer.to_owned(),
+        &pb::StageChanged {
+            customer: customer.to_owned(),
+            change: Some(change),
+        },
+    )
 }

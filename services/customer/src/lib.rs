@@ -29,7 +29,11 @@ use tonic::server::NamedService;
 pub const SERVICE: &str = "customer";
 
 /// Runs the service on `listener` until `shutdown` is cancelled.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     run_with_clock(config, listener, shutdown, Arc::new(SystemClock)).await
 }
 
@@ -40,9 +44,15 @@ pub async fn run_with_clock(
     shutdown: CancellationToken,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<()> {
-    let rt = clm_platform::open::<store::Migrator>(&config, SERVICE, clock, shutdown.clone()).await?;
-    let api = CustomerServiceServer::new(api::CustomerApi::new(rt.clone())).max_decoding_message_size(16 * 1024 * 1024);
-    let changes = ChangeStreamServiceServer::new(ChangeStreamServer::new(rt.db.clone(), rt.outbox.clone(), shutdown.clone()));
+    let rt =
+        clm_platform::open::<store::Migrator>(&config, SERVICE, clock, shutdown.clone()).await?;
+    let api = CustomerServiceServer::new(api::CustomerApi::new(rt.clone()))
+        .max_decoding_message_size(16 * 1024 * 1024);
+    let changes = ChangeStreamServiceServer::new(ChangeStreamServer::new(
+        rt.db.clone(),
+        rt.outbox.clone(),
+        shutdown.clone(),
+    ));
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(api).add_service(changes);
     let names = [
@@ -50,5 +60,13 @@ pub async fn run_with_clock(
         <ChangeStreamServiceServer<ChangeStreamServer> as NamedService>::NAME,
     ];
     tracing::info!(service = SERVICE, listen = %listener.local_addr()?, "serving");
-    clm_platform::server::serve(&config, SERVICE, listener, routes.routes(), &names, shutdown).await
+    clm_platform::server::serve(
+        &config,
+        SERVICE,
+        listener,
+        routes.routes(),
+        &names,
+        shutdown,
+    )
+    .await
 }

@@ -83,7 +83,9 @@ fn values(r: &CustomerRecord) -> [SimpleExpr; 14] {
         r.external_id.clone().into(),
         r.email.clone().into(),
         r.display_name.clone().into(),
-        d.birth_date.map(|b| b.format("%Y-%m-%d").to_string()).into(),
+        d.birth_date
+            .map(|b| b.format("%Y-%m-%d").to_string())
+            .into(),
         d.gender.map(Gender::code).into(),
         d.annual_income.as_ref().map(|m| m.amount_minor).into(),
         d.annual_income.as_ref().map(|m| m.currency.clone()).into(),
@@ -111,11 +113,15 @@ fn from_row(row: &QueryResult) -> Result<CustomerRecord, Error> {
         demographics: Demographics {
             birth_date: birth.and_then(|b| NaiveDate::parse_from_str(&b, "%Y-%m-%d").ok()),
             gender: gender.and_then(Gender::from_code),
-            annual_income: income.zip(currency).map(|(amount_minor, currency)| Money { currency, amount_minor }),
+            annual_income: income.zip(currency).map(|(amount_minor, currency)| Money {
+                currency,
+                amount_minor,
+            }),
             occupation: row.try_get("", "occupation")?,
         },
         attributes: Attributes::new(),
-        stage: Stage::from_code(stage).ok_or_else(|| Error::internal(format!("stored stage code {stage}")))?,
+        stage: Stage::from_code(stage)
+            .ok_or_else(|| Error::internal(format!("stored stage code {stage}")))?,
         stage_change_time: from_micros(row.try_get("", "stage_change_us")?),
         create_time: from_micros(row.try_get("", "create_us")?),
         update_time: from_micros(row.try_get("", "update_us")?),
@@ -137,11 +143,13 @@ pub async fn check_unique(
         return Ok(());
     }
     let mut q = Query::select();
-    q.columns([n("id"), n("email"), n("external_id")]).from(n("customers")).cond_where(
-        Cond::any()
-            .add(Expr::col(n("email")).is_in(emails.iter().map(|s| (*s).to_owned())))
-            .add(Expr::col(n("external_id")).is_in(externals.iter().map(|s| (*s).to_owned()))),
-    );
+    q.columns([n("id"), n("email"), n("external_id")])
+        .from(n("customers"))
+        .cond_where(
+            Cond::any()
+                .add(Expr::col(n("email")).is_in(emails.iter().map(|s| (*s).to_owned())))
+                .add(Expr::col(n("external_id")).is_in(externals.iter().map(|s| (*s).to_owned()))),
+        );
     if let Some(id) = except {
         q.and_where(Expr::col(n("id")).ne(id.to_string()));
     }
@@ -151,10 +159,18 @@ pub async fn check_unique(
         let external: Option<String> = row.try_get("", "external_id")?;
         for (prefix, e, x) in customers {
             if email.is_some() && email.as_deref() == *e {
-                return Err(taken("EMAIL_TAKEN", &format!("{prefix}.email"), e.unwrap_or_default()));
+                return Err(taken(
+                    "EMAIL_TAKEN",
+                    &format!("{prefix}.email"),
+                    e.unwrap_or_default(),
+                ));
             }
             if external.is_some() && external.as_deref() == *x {
-                return Err(taken("EXTERNAL_ID_TAKEN", &format!("{prefix}.external_id"), x.unwrap_or_default()));
+                return Err(taken(
+                    "EXTERNAL_ID_TAKEN",
+                    &format!("{prefix}.external_id"),
+                    x.unwrap_or_default(),
+                ));
             }
         }
     }
@@ -162,22 +178,32 @@ pub async fn check_unique(
 }
 
 fn taken(reason: &'static str, field: &str, value: &str) -> Error {
-    Error::AlreadyExists { reason, message: format!("{field}: {value:?} is already used by another customer") }
+    Error::AlreadyExists {
+        reason,
+        message: format!("{field}: {value:?} is already used by another customer"),
+    }
 }
 
 /// Maps a unique violation that slipped past [`check_unique`] (a race) to ALREADY_EXISTS.
 pub fn map_unique(e: sea_orm::DbErr) -> Error {
     match clm_platform::db::unique_violation_detail(&e) {
-        Some(m) if m.contains("email") => Error::AlreadyExists { reason: "EMAIL_TAKEN", message: "email is already used by another customer".into() },
-        Some(m) if m.contains("external_id") => {
-            Error::AlreadyExists { reason: "EXTERNAL_ID_TAKEN", message: "external_id is already used by another customer".into() }
-        }
+        Some(m) if m.contains("email") => Error::AlreadyExists {
+            reason: "EMAIL_TAKEN",
+            message: "email is already used by another customer".into(),
+        },
+        Some(m) if m.contains("external_id") => Error::AlreadyExists {
+            reason: "EXTERNAL_ID_TAKEN",
+            message: "external_id is already used by another customer".into(),
+        },
         _ => e.into(),
     }
 }
 
 /// Inserts customers (one statement for the rows, one for all attributes).
-pub async fn insert_many(db: &impl ConnectionTrait, records: &[CustomerRecord]) -> Result<(), Error> {
+pub async fn insert_many(
+    db: &impl ConnectionTrait,
+    records: &[CustomerRecord],
+) -> Result<(), Error> {
     if records.is_empty() {
         return Ok(());
     }
@@ -196,12 +222,27 @@ async fn insert_attributes<'a>(
 ) -> Result<(), Error> {
     let mut insert = Query::insert();
     insert.into_table(n("customer_attributes")).columns(
-        ["customer_id", "key", "kind", "string_value", "number_value", "bool_value", "time_us"].map(n),
+        [
+            "customer_id",
+            "key",
+            "kind",
+            "string_value",
+            "number_value",
+            "bool_value",
+            "time_us",
+        ]
+        .map(n),
     );
     let mut any = false;
     for (id, attrs) in sets {
         for (k, v) in attrs {
-            let (kind, s, num, b, t): (i16, Option<String>, Option<f64>, Option<bool>, Option<i64>) = match v {
+            let (kind, s, num, b, t): (
+                i16,
+                Option<String>,
+                Option<f64>,
+                Option<bool>,
+                Option<i64>,
+            ) = match v {
                 AttributeValue::String(s) => (1, Some(s.clone()), None, None, None),
                 AttributeValue::Number(x) => (2, None, Some(*x), None, None),
                 AttributeValue::Bool(x) => (3, None, None, Some(*x), None),
@@ -226,7 +267,10 @@ async fn insert_attributes<'a>(
 }
 
 /// Loads the attributes of `records` (one query) into them.
-async fn load_attributes(db: &impl ConnectionTrait, records: &mut [CustomerRecord]) -> Result<(), Error> {
+async fn load_attributes(
+    db: &impl ConnectionTrait,
+    records: &mut [CustomerRecord],
+) -> Result<(), Error> {
     if records.is_empty() {
         return Ok(());
     }
@@ -234,7 +278,18 @@ async fn load_attributes(db: &impl ConnectionTrait, records: &mut [CustomerRecor
     let rows = db
         .query_all(
             Query::select()
-                .columns(["customer_id", "key", "kind", "string_value", "number_value", "bool_value", "time_us"].map(n))
+                .columns(
+                    [
+                        "customer_id",
+                        "key",
+                        "kind",
+                        "string_value",
+                        "number_value",
+                        "bool_value",
+                        "time_us",
+                    ]
+                    .map(n),
+                )
                 .from(n("customer_attributes"))
                 .and_where(Expr::col(n("customer_id")).is_in(ids)),
         )
@@ -245,10 +300,22 @@ async fn load_attributes(db: &impl ConnectionTrait, records: &mut [CustomerRecor
         let key: String = row.try_get("", "key")?;
         let kind: i16 = row.try_get("", "kind")?;
         let v = match kind {
-            1 => AttributeValue::String(row.try_get::<Option<String>>("", "string_value")?.unwrap_or_default()),
-            2 => AttributeValue::Number(row.try_get::<Option<f64>>("", "number_value")?.unwrap_or_default()),
-            3 => AttributeValue::Bool(row.try_get::<Option<bool>>("", "bool_value")?.unwrap_or_default()),
-            _ => AttributeValue::Timestamp(from_micros(row.try_get::<Option<i64>>("", "time_us")?.unwrap_or_default())),
+            1 => AttributeValue::String(
+                row.try_get::<Option<String>>("", "string_value")?
+                    .unwrap_or_default(),
+            ),
+            2 => AttributeValue::Number(
+                row.try_get::<Option<f64>>("", "number_value")?
+                    .unwrap_or_default(),
+            ),
+            3 => AttributeValue::Bool(
+                row.try_get::<Option<bool>>("", "bool_value")?
+                    .unwrap_or_default(),
+            ),
+            _ => AttributeValue::Timestamp(from_micros(
+                row.try_get::<Option<i64>>("", "time_us")?
+                    .unwrap_or_default(),
+            )),
         };
         by_id.entry(id).or_default().insert(key, v);
     }
@@ -261,7 +328,12 @@ async fn load_attributes(db: &impl ConnectionTrait, records: &mut [CustomerRecor
 /// One customer, or NOT_FOUND.
 pub async fn get(db: &impl ConnectionTrait, id: CustomerId) -> Result<CustomerRecord, Error> {
     let row = db
-        .query_one(Query::select().columns(COLS.map(n)).from(n("customers")).and_where(Expr::col(n("id")).eq(id.to_string())))
+        .query_one(
+            Query::select()
+                .columns(COLS.map(n))
+                .from(n("customers"))
+                .and_where(Expr::col(n("id")).eq(id.to_string())),
+        )
         .await?
         .ok_or_else(|| Error::NotFound(id.name()))?;
     let mut records = [from_row(&row)?];
@@ -273,9 +345,16 @@ pub async fn get(db: &impl ConnectionTrait, id: CustomerId) -> Result<CustomerRe
 /// Which of `ids` exist.
 pub async fn existing_ids(db: &impl ConnectionTrait, ids: &[String]) -> Result<Vec<String>, Error> {
     let rows = db
-        .query_all(Query::select().column(n("id")).from(n("customers")).and_where(Expr::col(n("id")).is_in(ids.iter().cloned())))
+        .query_all(
+            Query::select()
+                .column(n("id"))
+                .from(n("customers"))
+                .and_where(Expr::col(n("id")).is_in(ids.iter().cloned())),
+        )
         .await?;
-    rows.iter().map(|r| r.try_get::<String>("", "id").map_err(Error::from)).collect()
+    rows.iter()
+        .map(|r| r.try_get::<String>("", "id").map_err(Error::from))
+        .collect()
 }
 
 /// Writes a changed customer if its version is still `expected_version`;
@@ -292,11 +371,20 @@ pub async fn update(
     for (col, v) in COLS.iter().zip(values(r)).skip(1) {
         update.value(n(col), v);
     }
-    update.and_where(Expr::col(n("id")).eq(r.id.to_string())).and_where(Expr::col(n("version")).eq(expected_version));
-    let changed = db.execute(&update).await.map_err(map_unique)?.rows_affected() == 1;
+    update
+        .and_where(Expr::col(n("id")).eq(r.id.to_string()))
+        .and_where(Expr::col(n("version")).eq(expected_version));
+    let changed = db
+        .execute(&update)
+        .await
+        .map_err(map_unique)?
+        .rows_affected()
+        == 1;
     if changed && attributes_changed {
         db.execute(
-            Query::delete().from_table(n("customer_attributes")).and_where(Expr::col(n("customer_id")).eq(r.id.to_string())),
+            Query::delete()
+                .from_table(n("customer_attributes"))
+                .and_where(Expr::col(n("customer_id")).eq(r.id.to_string())),
         )
         .await?;
         insert_attributes(db, std::iter::once((r.id, &r.attributes))).await?;
@@ -342,13 +430,23 @@ pub fn parse_order_by(field: &str, s: &str) -> Result<(SortKey, bool), Violation
         [k] => (*k, false),
         [k, d] if d.eq_ignore_ascii_case("desc") => (*k, true),
         [k, a] if a.eq_ignore_ascii_case("asc") => (*k, false),
-        _ => return Err(Violation::new(field, "must be a field optionally followed by asc or desc")),
+        _ => {
+            return Err(Violation::new(
+                field,
+                "must be a field optionally followed by asc or desc",
+            ));
+        }
     };
     let key = match key {
         "create_time" => SortKey::CreateTime,
         "update_time" => SortKey::UpdateTime,
         "display_name" => SortKey::DisplayName,
-        other => return Err(Violation::new(field, format!("cannot order by {other:?}; use create_time, update_time or display_name"))),
+        other => {
+            return Err(Violation::new(
+                field,
+                format!("cannot order by {other:?}; use create_time, update_time or display_name"),
+            ));
+        }
     };
     Ok((key, desc))
 }
@@ -379,7 +477,9 @@ pub fn compile_filter(field: &str, comparisons: &[Comparison]) -> Result<Cond, V
 }
 
 fn text<'a>(field: &str, c: &'a Comparison) -> Result<&'a str, Violation> {
-    c.value.as_text().ok_or_else(|| Violation::new(field, format!("{} must be compared with a string", c.field)))
+    c.value
+        .as_text()
+        .ok_or_else(|| Violation::new(field, format!("{} must be compared with a string", c.field)))
 }
 
 fn compile_one(field: &str, c: &Comparison) -> Result<SimpleExpr, Violation> {
@@ -400,7 +500,11 @@ fn compile_one(field: &str, c: &Comparison) -> Result<SimpleExpr, Violation> {
         }
         "create_time" | "update_time" => {
             let t = clm_platform::convert::parse_rfc3339(field, text(field, c)?)?;
-            let col = if c.field == "create_time" { "create_us" } else { "update_us" };
+            let col = if c.field == "create_time" {
+                "create_us"
+            } else {
+                "update_us"
+            };
             Ok(op_expr(Expr::col(n(col)), c.op, to_micros(t)))
         }
         f if f.starts_with("attributes.") => {
@@ -408,10 +512,12 @@ fn compile_one(field: &str, c: &Comparison) -> Result<SimpleExpr, Violation> {
             let (col, value): (&str, Value) = match &c.value {
                 Literal::Number(x) => ("number_value", (*x).into()),
                 Literal::Bool(b) => ("bool_value", (*b).into()),
-                Literal::String(s) | Literal::Word(s) => match chrono::DateTime::parse_from_rfc3339(s) {
-                    Ok(t) => ("time_us", to_micros(t.with_timezone(&Utc)).into()),
-                    Err(_) => ("string_value", s.clone().into()),
-                },
+                Literal::String(s) | Literal::Word(s) => {
+                    match chrono::DateTime::parse_from_rfc3339(s) {
+                        Ok(t) => ("time_us", to_micros(t.with_timezone(&Utc)).into()),
+                        Err(_) => ("string_value", s.clone().into()),
+                    }
+                }
             };
             let mut sub = Query::select();
             sub.expr(Expr::val(1))
@@ -423,7 +529,9 @@ fn compile_one(field: &str, c: &Comparison) -> Result<SimpleExpr, Violation> {
         }
         other => Err(Violation::new(
             field,
-            format!("cannot filter on {other:?}; use stage, email, external_id, display_name, create_time, update_time or attributes.<key>"),
+            format!(
+                "cannot filter on {other:?}; use stage, email, external_id, display_name, create_time, update_time or attributes.<key>"
+            ),
         )),
     }
 }
@@ -438,28 +546,40 @@ pub async fn list(
     limit: u64,
 ) -> Result<Vec<CustomerRecord>, Error> {
     let mut q: SelectStatement = Query::select();
-    q.columns(COLS.map(|c| (n("customers"), n(c)))).from(n("customers")).cond_where(cond);
+    q.columns(COLS.map(|c| (n("customers"), n(c))))
+        .from(n("customers"))
+        .cond_where(cond);
     let col = sort.column();
     if let Some((v, id)) = after {
         let value: Value = match v {
             serde_json::Value::Number(x) => x.as_i64().unwrap_or_default().into(),
             serde_json::Value::String(s) => s.into(),
-            _ => return Err(Error::invalid("page_token", "is not a page token returned by this list call")),
+            _ => {
+                return Err(Error::invalid(
+                    "page_token",
+                    "is not a page token returned by this list call",
+                ));
+            }
         };
         let c = Expr::col((n("customers"), n(col)));
         let i = Expr::col((n("customers"), n("id")));
         let keyset = if desc {
-            Cond::any().add(c.clone().lt(value.clone())).add(Cond::all().add(c.eq(value)).add(i.lt(id)))
+            Cond::any()
+                .add(c.clone().lt(value.clone()))
+                .add(Cond::all().add(c.eq(value)).add(i.lt(id)))
         } else {
-            Cond::any().add(c.clone().gt(value.clone())).add(Cond::all().add(c.eq(value)).add(i.gt(id)))
+            Cond::any()
+                .add(c.clone().gt(value.clone()))
+                .add(Cond::all().add(c.eq(value)).add(i.gt(id)))
         };
         q.cond_where(keyset);
     }
     let order = if desc { Order::Desc } else { Order::Asc };
-    q.order_by((n("customers"), n(col)), order.clone()).order_by((n("customers"), n("id")), order).limit(limit);
+    q.order_by((n("customers"), n(col)), order.clone())
+        .order_by((n("customers"), n("id")), order)
+        .limit(limit);
     let rows = db.query_all(&q).await?;
     let mut records = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
     load_attributes(db, &mut records).await?;
     Ok(records)
 }
-

@@ -44,7 +44,12 @@ impl MigrationTrait for CustomerTables {
                 .table(a("customers"))
                 .if_not_exists()
                 .col(ColumnDef::new(a("id")).string().not_null().primary_key())
-                .col(ColumnDef::new(a("external_id")).string().null().unique_key())
+                .col(
+                    ColumnDef::new(a("external_id"))
+                        .string()
+                        .null()
+                        .unique_key(),
+                )
                 .col(ColumnDef::new(a("email")).string().null().unique_key())
                 .col(ColumnDef::new(a("display_name")).string().not_null())
                 .col(ColumnDef::new(a("birth_date")).string().null())
@@ -53,17 +58,29 @@ impl MigrationTrait for CustomerTables {
                 .col(ColumnDef::new(a("income_currency")).string().null())
                 .col(ColumnDef::new(a("occupation")).string().null())
                 .col(ColumnDef::new(a("stage")).small_integer().not_null())
-                .col(ColumnDef::new(a("stage_change_us")).big_integer().not_null())
+                .col(
+                    ColumnDef::new(a("stage_change_us"))
+                        .big_integer()
+                        .not_null(),
+                )
                 .col(ColumnDef::new(a("create_us")).big_integer().not_null())
                 .col(ColumnDef::new(a("update_us")).big_integer().not_null())
                 .col(ColumnDef::new(a("version")).big_integer().not_null())
                 .to_owned(),
         )
         .await?;
-        m.create_index(index("customers_create", "customers", &["create_us", "id"])).await?;
-        m.create_index(index("customers_update", "customers", &["update_us", "id"])).await?;
-        m.create_index(index("customers_display_name", "customers", &["display_name", "id"])).await?;
-        m.create_index(index("customers_stage", "customers", &["stage"])).await?;
+        m.create_index(index("customers_create", "customers", &["create_us", "id"]))
+            .await?;
+        m.create_index(index("customers_update", "customers", &["update_us", "id"]))
+            .await?;
+        m.create_index(index(
+            "customers_display_name",
+            "customers",
+            &["display_name", "id"],
+        ))
+        .await?;
+        m.create_index(index("customers_stage", "customers", &["stage"]))
+            .await?;
 
         m.create_table(
             Table::create()
@@ -86,14 +103,29 @@ impl MigrationTrait for CustomerTables {
                 .to_owned(),
         )
         .await?;
-        m.create_index(index("customer_attributes_key_string", "customer_attributes", &["key", "string_value"])).await?;
-        m.create_index(index("customer_attributes_key_number", "customer_attributes", &["key", "number_value"])).await?;
+        m.create_index(index(
+            "customer_attributes_key_string",
+            "customer_attributes",
+            &["key", "string_value"],
+        ))
+        .await?;
+        m.create_index(index(
+            "customer_attributes_key_number",
+            "customer_attributes",
+            &["key", "number_value"],
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
                 .table(a("touchpoints"))
                 .if_not_exists()
-                .col(ColumnDef::new(a("event_id")).string().not_null().primary_key())
+                .col(
+                    ColumnDef::new(a("event_id"))
+                        .string()
+                        .not_null()
+                        .primary_key(),
+                )
                 .col(ColumnDef::new(a("customer_id")).string().not_null())
                 .col(ColumnDef::new(a("kind")).small_integer().not_null())
                 .col(ColumnDef::new(a("custom_type")).string().null())
@@ -110,13 +142,24 @@ impl MigrationTrait for CustomerTables {
                 .to_owned(),
         )
         .await?;
-        m.create_index(index("touchpoints_timeline", "touchpoints", &["customer_id", "occurred_us", "event_id"])).await?;
+        m.create_index(index(
+            "touchpoints_timeline",
+            "touchpoints",
+            &["customer_id", "occurred_us", "event_id"],
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
                 .table(a("stage_history"))
                 .if_not_exists()
-                .col(ColumnDef::new(a("id")).big_integer().not_null().auto_increment().primary_key())
+                .col(
+                    ColumnDef::new(a("id"))
+                        .big_integer()
+                        .not_null()
+                        .auto_increment()
+                        .primary_key(),
+                )
                 .col(ColumnDef::new(a("customer_id")).string().not_null())
                 .col(ColumnDef::new(a("from_stage")).small_integer().null())
                 .col(ColumnDef::new(a("to_stage")).small_integer().not_null())
@@ -126,6 +169,11 @@ impl MigrationTrait for CustomerTables {
                 .to_owned(),
         )
         .await?;
-        m.create_index(index("stage_history_customer", "stage_history", &["customer_id", "id"])).await
+        m.create_index(index(
+            "stage_history_customer",
+            "stage_history",
+            &["customer_id", "id"],
+        ))
+        .await
     }
 }

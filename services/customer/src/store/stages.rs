@@ -29,14 +29,25 @@ pub struct StageChangeRecord {
 }
 
 /// Inserts moves (one statement).
-pub async fn insert_many(db: &impl ConnectionTrait, changes: &[StageChangeRecord]) -> Result<(), Error> {
+pub async fn insert_many(
+    db: &impl ConnectionTrait,
+    changes: &[StageChangeRecord],
+) -> Result<(), Error> {
     if changes.is_empty() {
         return Ok(());
     }
     let mut insert = Query::insert();
-    insert
-        .into_table(n("stage_history"))
-        .columns(["customer_id", "from_stage", "to_stage", "reason", "actor", "change_us"].map(n));
+    insert.into_table(n("stage_history")).columns(
+        [
+            "customer_id",
+            "from_stage",
+            "to_stage",
+            "reason",
+            "actor",
+            "change_us",
+        ]
+        .map(n),
+    );
     for c in changes {
         insert.values_panic([
             c.customer.to_string().into(),
@@ -52,11 +63,26 @@ pub async fn insert_many(db: &impl ConnectionTrait, changes: &[StageChangeRecord
 }
 
 /// Up to `limit` moves of `customer` with id greater than `after`, oldest first.
-pub async fn list(db: &impl ConnectionTrait, customer: CustomerId, after: i64, limit: u64) -> Result<Vec<StageChangeRecord>, Error> {
+pub async fn list(
+    db: &impl ConnectionTrait,
+    customer: CustomerId,
+    after: i64,
+    limit: u64,
+) -> Result<Vec<StageChangeRecord>, Error> {
     let rows = db
         .query_all(
             Query::select()
-                .columns(["id", "from_stage", "to_stage", "reason", "actor", "change_us"].map(n))
+                .columns(
+                    [
+                        "id",
+                        "from_stage",
+                        "to_stage",
+                        "reason",
+                        "actor",
+                        "change_us",
+                    ]
+                    .map(n),
+                )
                 .from(n("stage_history"))
                 .and_where(Expr::col(n("customer_id")).eq(customer.to_string()))
                 .and_where(Expr::col(n("id")).gt(after))
@@ -72,7 +98,8 @@ pub async fn list(db: &impl ConnectionTrait, customer: CustomerId, after: i64, l
                 id: r.try_get("", "id")?,
                 customer,
                 from: from.and_then(Stage::from_code),
-                to: Stage::from_code(to).ok_or_else(|| Error::internal(format!("stored stage code {to}")))?,
+                to: Stage::from_code(to)
+                    .ok_or_else(|| Error::internal(format!("stored stage code {to}")))?,
                 reason: r.try_get("", "reason")?,
                 actor: r.try_get("", "actor")?,
                 change_time: from_micros(r.try_get("", "change_us")?),

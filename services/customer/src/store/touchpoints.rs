@@ -41,7 +41,10 @@ const COLS: [&str; 14] = [
 
 /// Inserts the touchpoints whose event id is new, in one statement, and
 /// returns the event ids actually inserted.
-pub async fn insert_new(db: &impl ConnectionTrait, records: &[TouchpointRecord]) -> Result<HashSet<String>, Error> {
+pub async fn insert_new(
+    db: &impl ConnectionTrait,
+    records: &[TouchpointRecord],
+) -> Result<HashSet<String>, Error> {
     if records.is_empty() {
         return Ok(HashSet::new());
     }
@@ -49,7 +52,11 @@ pub async fn insert_new(db: &impl ConnectionTrait, records: &[TouchpointRecord])
     insert.into_table(n("touchpoints")).columns(COLS.map(n));
     for r in records {
         let t = &r.touchpoint;
-        let properties = if t.properties.is_empty() { None } else { serde_json::to_string(&t.properties).ok() };
+        let properties = if t.properties.is_empty() {
+            None
+        } else {
+            serde_json::to_string(&t.properties).ok()
+        };
         insert.values_panic([
             t.event_id.clone().into(),
             r.customer.to_string().into(),
@@ -67,9 +74,13 @@ pub async fn insert_new(db: &impl ConnectionTrait, records: &[TouchpointRecord])
             properties.into(),
         ]);
     }
-    insert.on_conflict(OnConflict::column(n("event_id")).do_nothing().to_owned()).returning_col(n("event_id"));
+    insert
+        .on_conflict(OnConflict::column(n("event_id")).do_nothing().to_owned())
+        .returning_col(n("event_id"));
     let rows = db.query_all(&insert).await?;
-    rows.iter().map(|r| r.try_get::<String>("", "event_id").map_err(Error::from)).collect()
+    rows.iter()
+        .map(|r| r.try_get::<String>("", "event_id").map_err(Error::from))
+        .collect()
 }
 
 /// Up to `limit` touchpoints of `customer`, newest first, after the
@@ -82,18 +93,24 @@ pub async fn list(
     limit: u64,
 ) -> Result<Vec<TouchpointRecord>, Error> {
     let mut q = Query::select();
-    q.columns(COLS.map(n)).from(n("touchpoints")).and_where(Expr::col(n("customer_id")).eq(customer.to_string()));
+    q.columns(COLS.map(n))
+        .from(n("touchpoints"))
+        .and_where(Expr::col(n("customer_id")).eq(customer.to_string()));
     if let Some(k) = kind {
         q.and_where(Expr::col(n("kind")).eq(k.code()));
     }
     if let Some((t, id)) = after {
         q.cond_where(
-            Cond::any()
-                .add(Expr::col(n("occurred_us")).lt(t))
-                .add(Cond::all().add(Expr::col(n("occurred_us")).eq(t)).add(Expr::col(n("event_id")).lt(id))),
+            Cond::any().add(Expr::col(n("occurred_us")).lt(t)).add(
+                Cond::all()
+                    .add(Expr::col(n("occurred_us")).eq(t))
+                    .add(Expr::col(n("event_id")).lt(id)),
+            ),
         );
     }
-    q.order_by(n("occurred_us"), Order::Desc).order_by(n("event_id"), Order::Desc).limit(limit);
+    q.order_by(n("occurred_us"), Order::Desc)
+        .order_by(n("event_id"), Order::Desc)
+        .limit(limit);
     let rows = db.query_all(&q).await?;
     rows.iter()
         .map(|r| {
@@ -106,16 +123,22 @@ pub async fn list(
                 record_time: from_micros(r.try_get("", "record_us")?),
                 touchpoint: Touchpoint {
                     event_id: r.try_get("", "event_id")?,
-                    kind: TouchpointKind::from_code(kind).ok_or_else(|| Error::internal(format!("stored kind {kind}")))?,
+                    kind: TouchpointKind::from_code(kind)
+                        .ok_or_else(|| Error::internal(format!("stored kind {kind}")))?,
                     custom_type: r.try_get("", "custom_type")?,
                     occurred_time: from_micros(r.try_get("", "occurred_us")?),
                     usage_millis: r.try_get("", "usage_ms")?,
                     product: r.try_get("", "product")?,
                     feature: r.try_get("", "feature")?,
-                    revenue: revenue.zip(currency).map(|(amount_minor, currency)| Money { currency, amount_minor }),
+                    revenue: revenue.zip(currency).map(|(amount_minor, currency)| Money {
+                        currency,
+                        amount_minor,
+                    }),
                     campaign: r.try_get("", "campaign")?,
                     channel: r.try_get("", "channel")?,
-                    properties: properties.and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default(),
+                    properties: properties
+                        .and_then(|p| serde_json::from_str(&p).ok())
+                        .unwrap_or_default(),
                 },
             })
         })

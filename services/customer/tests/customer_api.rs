@@ -1,0 +1,859 @@
+//! The customer service through its real gRPC API on a real socket, on
+//! SQLite + in-process cache, or PostgreSQL + Redis when
+//! `CLM_TEST_DATABASE_URL` / `CLM_TEST_REDIS_URL` are set.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use chrono::{DateTime, Duration, Utc};
+use clm_domain::ManualClock;
+use clm_platform::auth::{Role, mint_hs256};
+use clm_platform::client::ClientInterceptor;
+use clm_platform::testing::{Running, TestBackend, spawn};
+use clm_proto::common::change_stream_service_client::ChangeStreamServiceClient;
+use clm_proto::common::{Date, Money, WatchChangesRequest};
+use clm_proto::customer::customer_service_client::CustomerServiceClient;
+use clm_proto::customer::{
+    self as pb, AttributeValue, Customer, Stage, TouchpointType, attribute_value::Value,
+};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+type Client = CustomerServiceClient<Channel>;
+
+struct Harness {
+    server: Running,
+    clock: ManualClock,
+    _backend: TestBackend,
+}
+
+fn t0() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+async fn start_with(edit: impl FnOnce(&mut clm_platform::config::Config)) -> Harness {
+    let backend = TestBackend::new().await;
+    let mut config = backend.config("customer");
+    edit(&mut config);
+    let clock = ManualClock::new(t0());
+    let c = clock.clone();
+    let server = spawn(config, move |cfg, l, s| {
+        clm_customer::run_with_clock(cfg, l, s, Arc::new(c))
+    })
+    .await;
+    Harness {
+        server,
+        clock,
+        _backend: backend,
+    }
+}
+
+async fn start() -> Harness {
+    start_with(|_| {}).await
+}
+
+impl Harness {
+    fn client(&self) -> Client {
+        CustomerServiceClient::new(self.server.channel())
+    }
+}
+
+fn customer(email: &str) -> Customer {
+    Customer {
+        email: email.into(),
+        display_name: format!("Customer {email}"),
+        ..Default::default()
+    }
+}
+
+async fn create(c: &mut Client, email: &str) -> Customer {
+    c.create_customer(pb::CreateCustomerRequest {
+        customer: Some(customer(email)),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: 0,
+    }
+}
+
+fn feature_use(customer: &str, event_id: &str, at: DateTime<Utc>) -> pb::Touchpoint {
+    pb::Touchpoint {
+        customer: customer.into(),
+        event_id: event_id.into(),
+        r#type: TouchpointType::FeatureUse as i32,
+        feature: "reports".into(),
+        occurred_time: Some(ts(at)),
+        ..Default::default()
+    }
+}
+
+/// Asserts INVALID_ARGUMENT with a BadRequest violation naming `field`.
+fn assert_bad_field(status: &tonic::Status, field: &str) {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let details = status.get_error_details();
+    let fields: Vec<String> = details
+        .bad_request()
+        .expect("BadRequest detail")
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert!(
+        fields.iter().any(|f| f == field),
+        "expected a violation of {field}, got {fields:?}"
+    );
+}
+
+#[tokio::test]
+async fn create_get_update_with_etag() {
+    let h = start().await;
+    let mut c = h.client();
+    let mut attrs = BTreeMap::new();
+    attrs.insert(
+        "plan".to_owned(),
+        AttributeValue {
+            value: Some(Value::StringValue("pro".into())),
+        },
+    );
+    attrs.insert(
+        "seats".to_owned(),
+        AttributeValue {
+            value: Some(Value::NumberValue(12.0)),
+        },
+    );
+    let created = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(Customer {
+                external_id: "crm-1".into(),
+                email: "Ada@Example.com".into(),
+                display_name: "Ada".into(),
+                demographics: Some(pb::Demographics {
+                    birth_date: Some(Date {
+                        year: 1990,
+                        month: 12,
+                        day: 10,
+                    }),
+                    gender: pb::Gender::Female as i32,
+                    annual_income: Some(Money {
+                        currency_code: "EUR".into(),
+                        amount_minor: 5_000_000,
+                    }),
+                    occupation: "Engineer".into(),
+                    age: 0,
+                }),
+                attributes: attrs,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.name.starts_with("customers/"));
+    assert_eq!(created.email, "ada@example.com");
+    assert_eq!(created.stage, Stage::Approach as i32);
+    assert_eq!(created.demographics.as_ref().unwrap().age, 35);
+    assert_eq!(created.attributes.len(), 2);
+
+    let got = c
+        .get_customer(pb::GetCustomerRequest {
+            name: created.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, created);
+
+    let mut change = created.clone();
+    change.display_name = "Ada L.".into();
+    change.attributes.clear();
+    change.attributes.insert(
+        "plan".into(),
+        AttributeValue {
+            value: Some(Value::StringValue("enterprise".into())),
+        },
+    );
+    let updated = c
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(change.clone()),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["display_name".into(), "attributes.plan".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.display_name, "Ada L.");
+    assert_eq!(
+        updated.attributes["plan"].value,
+        Some(Value::StringValue("enterprise".into()))
+    );
+    assert_eq!(
+        updated.attributes["seats"].value,
+        Some(Value::NumberValue(12.0)),
+        "unmasked keys are kept"
+    );
+    assert_ne!(updated.etag, created.etag);
+
+    // The old etag is stale now.
+    let stale = c
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(change),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["display_name".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+
+    let missing = c
+        .get_customer(pb::GetCustomerRequest {
+            name: format!("customers/{}", uuid::Uuid::now_v7()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn create_is_idempotent_and_unique() {
+    let h = start().await;
+    let mut c = h.client();
+    let req = pb::CreateCustomerRequest {
+        customer: Some(customer("bob@example.com")),
+        request_id: "req-1".into(),
+    };
+    let first = c.create_customer(req.clone()).await.unwrap().into_inner();
+    let again = c.create_customer(req.clone()).await.unwrap().into_inner();
+    assert_eq!(first, again, "a retry returns the first result");
+
+    let mut other = req.clone();
+    other.customer.as_mut().unwrap().display_name = "someone else".into();
+    let reused = c.create_customer(other).await.unwrap_err();
+    assert_eq!(reused.code(), Code::AlreadyExists);
+
+    let dup = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(customer("BOB@example.com")),
+            request_id: "req-2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    assert!(dup.message().contains("email"), "{}", dup.message());
+
+    let list = c
+        .list_customers(pb::ListCustomersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.customers.len(), 1, "nothing was doubled");
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_names_the_field() {
+    let h = start().await;
+    let mut c = h.client();
+    let bad_email = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(customer("not-an-email")),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&bad_email, "customer.email");
+
+    let mut future = customer("f@example.com");
+    future.demographics = Some(pb::Demographics {
+        birth_date: Some(Date {
+            year: 2027,
+            month: 1,
+            day: 1,
+        }),
+        ..Default::default()
+    });
+    let e = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(future),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "customer.demographics.birth_date");
+
+    let e = c
+        .list_customers(pb::ListCustomersRequest {
+            page_size: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "page_size");
+
+    let e = c
+        .list_customers(pb::ListCustomersRequest {
+            filter: "stage = GOLD".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "filter");
+
+    let a = create(&mut c, "a@example.com").await;
+    let e = c
+        .transition_stage(pb::TransitionStageRequest {
+            name: a.name.clone(),
+            to_stage: 99,
+            reason: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "to_stage");
+
+    let too_many: Vec<_> = (0..1001)
+        .map(|i| feature_use(&a.name, &format!("e{i}"), t0()))
+        .collect();
+    let e = c
+        .record_touchpoints(pb::RecordTouchpointsRequest {
+            touchpoints: too_many,
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "touchpoints");
+
+    let mut purchase = feature_use(&a.name, "p1", t0());
+    purchase.r#type = TouchpointType::Purchase as i32;
+    let e = c
+        .record_touchpoints(pb::RecordTouchpointsRequest {
+            touchpoints: vec![feature_use(&a.name, "ok", t0()), purchase],
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "touchpoints[1].revenue");
+
+    let e = c
+        .get_customer(pb::GetCustomerRequest {
+            name: "users/1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "name");
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn list_filters_orders_and_pages() {
+    let h = start().await;
+    let mut c = h.client();
+    let requests = (0..25)
+        .map(|i| {
+            let mut cu = customer(&format!("u{i:02}@example.com"));
+            cu.display_name = format!("User {:02}", 24 - i);
+            cu.attributes.insert(
+                "seats".into(),
+                AttributeValue {
+                    value: Some(Value::NumberValue(f64::from(i))),
+                },
+            );
+            cu.attributes.insert(
+                "plan".into(),
+                AttributeValue {
+                    value: Some(Value::StringValue(
+                        if i % 2 == 0 { "pro" } else { "free" }.into(),
+                    )),
+                },
+            );
+            if i < 5 {
+                cu.stage = Stage::Retention as i32;
+            }
+            pb::CreateCustomerRequest {
+                customer: Some(cu),
+                request_id: String::new(),
+            }
+        })
+        .collect();
+    let batch = c
+        .batch_create_customers(pb::BatchCreateCustomersRequest {
+            requests,
+            request_id: "batch-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(batch.customers.len(), 25);
+
+    // Page through everything, 7 at a time, by display name descending.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_customers(pb::ListCustomersRequest {
+                page_size: 7,
+                page_token: token.clone(),
+                filter: String::new(),
+                order_by: "display_name desc".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(page.customers.iter().map(|x| x.display_name.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let mut expected: Vec<String> = (0..25).map(|i| format!("User {:02}", 24 - i)).collect();
+    expected.sort();
+    expected.reverse();
+    assert_eq!(seen, expected);
+
+    let retained = c
+        .list_customers(pb::ListCustomersRequest {
+            filter: "stage = RETENTION".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retained.customers.len(), 5);
+    let pro_big = c
+        .list_customers(pb::ListCustomersRequest {
+            filter: r#"attributes.plan = "pro" AND attributes.seats >= 10"#.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pro_big.customers.len(), 8, "10,12,...,24");
+
+    // A token from another query is refused.
+    let first = c
+        .list_customers(pb::ListCustomersRequest {
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = c
+        .list_customers(pb::ListCustomersRequest {
+            page_size: 2,
+            page_token: first.next_page_token,
+            filter: "stage = RETENTION".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "page_token");
+
+    // In-batch duplicates are refused before anything is written.
+    let dup = c
+        .batch_create_customers(pb::BatchCreateCustomersRequest {
+            requests: vec![
+                pb::CreateCustomerRequest {
+                    customer: Some(customer("d@example.com")),
+                    request_id: String::new(),
+                },
+                pb::CreateCustomerRequest {
+                    customer: Some(customer("d@example.com")),
+                    request_id: String::new(),
+                },
+            ],
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&dup, "requests[1].customer.email");
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn touchpoints_are_idempotent_and_paged_newest_first() {
+    let h = start().await;
+    let mut c = h.client();
+    let a = create(&mut c, "t@example.com").await;
+    let batch: Vec<_> = (0..30)
+        .map(|i| feature_use(&a.name, &format!("evt-{i:02}"), t0() - Duration::hours(i)))
+        .collect();
+    let r = c
+        .record_touchpoints(pb::RecordTouchpointsRequest {
+            touchpoints: batch.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.recorded_count, r.duplicate_count), (30, 0));
+    let again = c
+        .record_touchpoints(pb::RecordTouchpointsRequest { touchpoints: batch })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.recorded_count, again.duplicate_count),
+        (0, 30),
+        "re-sending changes nothing"
+    );
+
+    let mut purchase = feature_use(&a.name, "buy-1", t0() - Duration::days(400));
+    purchase.r#type = TouchpointType::Purchase as i32;
+    purchase.revenue = Some(Money {
+        currency_code: "EUR".into(),
+        amount_minor: 4999,
+    });
+    c.record_touchpoints(pb::RecordTouchpointsRequest {
+        touchpoints: vec![purchase],
+    })
+    .await
+    .unwrap();
+
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_touchpoints(pb::ListTouchpointsRequest {
+                parent: a.name.clone(),
+                page_size: 8,
+                page_token: token.clone(),
+                filter: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(page.touchpoints.iter().map(|t| t.event_id.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let mut expected: Vec<String> = (0..30).map(|i| format!("evt-{i:02}")).collect();
+    expected.push("buy-1".into());
+    assert_eq!(ids, expected, "newest first, nothing doubled or lost");
+
+    let purchases = c
+        .list_touchpoints(pb::ListTouchpointsRequest {
+            parent: a.name.clone(),
+            filter: "type = PURCHASE".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(purchases.touchpoints.len(), 1);
+    assert_eq!(
+        purchases.touchpoints[0]
+            .revenue
+            .as_ref()
+            .unwrap()
+            .amount_minor,
+        4999
+    );
+
+    let ghost = format!("customers/{}", uuid::Uuid::now_v7());
+    let e = c
+        .record_touchpoints(pb::RecordTouchpointsRequest {
+            touchpoints: vec![feature_use(&ghost, "g", t0())],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn lifecycle_moves_and_history_with_time_in_stage() {
+    let h = start().await;
+    let mut c = h.client();
+    let a = create(&mut c, "l@example.com").await;
+    let mut moves = vec![
+        (Stage::Acquisition, 2),
+        (Stage::Conversion, 5),
+        (Stage::Retention, 30),
+        (Stage::Loyalty, 90),
+        (Stage::Retention, 10),
+    ];
+    for (i, (to, days)) in moves.iter().enumerate() {
+        h.clock.advance(Duration::days(*days));
+        let r = c
+            .transition_stage(pb::TransitionStageRequest {
+                name: a.name.clone(),
+                to_stage: *to as i32,
+                reason: format!("step {i}"),
+                request_id: format!("move-{i}"),
+                etag: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.customer.unwrap().stage, *to as i32);
+    }
+    // A retried move is a no-op returning the first result.
+    let retry = c
+        .transition_stage(pb::TransitionStageRequest {
+            name: a.name.clone(),
+            to_stage: Stage::Retention as i32,
+            reason: "step 4".into(),
+            request_id: "move-4".into(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retry.change.unwrap().reason, "step 4");
+
+    let e = c
+        .transition_stage(pb::TransitionStageRequest {
+            name: a.name.clone(),
+            to_stage: Stage::Approach as i32,
+            reason: "oops".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let e = c
+        .transition_stage(pb::TransitionStageRequest {
+            name: a.name.clone(),
+            to_stage: Stage::Retention as i32,
+            reason: "same".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+
+    h.clock.advance(Duration::days(3));
+    let history = c
+        .list_stage_history(pb::ListStageHistoryRequest {
+            parent: a.name.clone(),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        history.changes.len(),
+        6,
+        "creation + 5 moves, the retry not doubled"
+    );
+    moves.push((Stage::Retention, 3));
+    let days: Vec<i64> = history
+        .changes
+        .iter()
+        .map(|c| c.time_in_stage.unwrap().seconds / 86_400)
+        .collect();
+    assert_eq!(days, vec![2, 5, 30, 90, 10, 3]);
+    assert_eq!(history.changes[0].from_stage, Stage::Unspecified as i32);
+    assert_eq!(history.changes[5].from_stage, Stage::Loyalty as i32);
+    assert_eq!(history.changes[5].actor, "local");
+
+    // Paging the history gives the same moves.
+    let p1 = c
+        .list_stage_history(pb::ListStageHistoryRequest {
+            parent: a.name.clone(),
+            page_size: 4,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let p2 = c
+        .list_stage_history(pb::ListStageHistoryRequest {
+            parent: a.name.clone(),
+            page_size: 4,
+            page_token: p1.next_page_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!([p1.changes, p2.changes].concat(), history.changes);
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn roles_are_enforced_and_the_actor_recorded() {
+    const SECRET: &str = "test-secret-test-secret-test-secret!";
+    let h = start_with(|c| c.auth.hs256_secret = Some(SECRET.into())).await;
+    let token = |roles: &[Role]| {
+        mint_hs256(
+            SECRET,
+            "marketer-mia",
+            roles,
+            std::time::Duration::from_secs(300),
+        )
+        .unwrap()
+    };
+    let client = |t: Option<String>| {
+        CustomerServiceClient::with_interceptor(
+            h.server.channel(),
+            ClientInterceptor::new(t.as_deref()),
+        )
+    };
+
+    let e = client(None)
+        .list_customers(pb::ListCustomersRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut analyst = client(Some(token(&[Role::Analyst])));
+    analyst
+        .list_customers(pb::ListCustomersRequest::default())
+        .await
+        .unwrap();
+    let e = analyst
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(customer("r@example.com")),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    let mut marketer: CustomerServiceClient<InterceptedService<Channel, ClientInterceptor>> =
+        client(Some(token(&[Role::Marketer])));
+    let a = marketer
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(customer("r@example.com")),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let history = marketer
+        .list_stage_history(pb::ListStageHistoryRequest {
+            parent: a.name,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.changes[0].actor, "marketer-mia");
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_writers_and_a_live_watcher_see_every_event_once_in_order() {
+    let h = start().await;
+    let mut c = h.client();
+    let a = create(&mut c, "w@example.com").await;
+    let mut watch = ChangeStreamServiceClient::new(h.server.channel())
+        .watch_changes(WatchChangesRequest {
+            after_sequence: 0,
+            event_types: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    const WRITERS: usize = 8;
+    const BATCHES: usize = 10;
+    const PER_BATCH: usize = 50;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let mut c = h.client();
+        let name = a.name.clone();
+        tasks.push(tokio::spawn(async move {
+            for b in 0..BATCHES {
+                let batch = (0..PER_BATCH)
+                    .map(|i| feature_use(&name, &format!("w{w}-b{b}-{i}"), t0()))
+                    .collect();
+                c.record_touchpoints(pb::RecordTouchpointsRequest { touchpoints: batch })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    let total = 1 + WRITERS * BATCHES * PER_BATCH;
+    let mut last = 0;
+    let mut ids = HashSet::new();
+    while ids.len() < total {
+        let ev = tokio::time::timeout(std::time::Duration::from_secs(30), watch.next())
+            .await
+            .expect("watcher stalled")
+            .unwrap()
+            .unwrap()
+            .event
+            .unwrap();
+        assert!(
+            ev.sequence > last,
+            "sequence went from {last} to {}",
+            ev.sequence
+        );
+        last = ev.sequence;
+        assert!(ids.insert(ev.event_id.clone()), "event delivered twice");
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // A fresh read from the start holds exactly the events the live watcher saw: no gap.
+    let mut replay = ChangeStreamServiceClient::new(h.server.channel())
+        .watch_changes(WatchChangesRequest {
+            after_sequence: 0,
+            event_types: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut replayed = HashSet::new();
+    while replayed.len() < total {
+        let ev = tokio::time::timeout(std::time::Duration::from_secs(10), replay.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .event
+            .unwrap();
+        replayed.insert(ev.event_id);
+    }
+    assert_eq!(replayed, ids);
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), replay.next())
+            .await
+            .is_err(),
+        "no extra events"
+    );
+
+    // Resuming after a sequence gives exactly the rest, and type filters apply.
+    let mut typed = ChangeStreamServiceClient::new(h.server.channel())
+        .watch_changes(WatchChangesRequest {
+            after_sequence: 0,
+            event_types: vec!["clm.customer.v1.CustomerCreated".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = typed.next().await.unwrap().unwrap().event.unwrap();
+    assert_eq!(first.subject, a.name);
+    let payload = first.payload.unwrap();
+    assert_eq!(
+        payload.type_url,
+        "type.googleapis.com/clm.customer.v1.CustomerCreated"
+    );
+    let e = ChangeStreamServiceClient::new(h.server.channel())
+        .watch_changes(WatchChangesRequest {
+            after_sequence: -1,
+            event_types: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "after_sequence");
+    h.server.stop().await;
+}
