@@ -1,0 +1,419 @@
+//! The `clm` binary as a real process: `clm up`, bad config, SIGKILL
+//! in the middle of an ingest, and change streams resumed across restarts.
+//! Runs on SQLite, or PostgreSQL when `CLM_TEST_DATABASE_URL` is set.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use clm_platform::testing::{TestBackend, wait_serving};
+use clm_proto::common::WatchChangesRequest;
+use clm_proto::common::change_stream_service_client::ChangeStreamServiceClient;
+use clm_proto::customer as pb;
+use clm_proto::customer::customer_service_client::CustomerServiceClient;
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_stream::StreamExt;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `clm serve customer` on a fixed port and database, restartable.
+struct Server {
+    port: u16,
+    database_url: String,
+    data_dir: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl Server {
+    async fn start(backend: &TestBackend) -> Self {
+        let mut s = Self {
+            port: free_port(),
+            database_url: backend.database_url.clone(),
+            data_dir: backend.dir().to_owned(),
+            child: None,
+        };
+        s.restart().await;
+        s
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    async fn restart(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_clm"))
+            .args([
+                "serve",
+                "customer",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--database-url",
+                &self.database_url,
+            ])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn clm");
+        self.child = Some(child);
+        wait_serving(&self.url()).await;
+    }
+
+    /// SIGKILL: no chance to flush or drain.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for the graceful exit.
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .unwrap();
+            let status = c.wait().unwrap();
+            assert!(
+                status.success(),
+                "graceful shutdown exits 0, got {status:?}"
+            );
+        }
+    }
+
+    fn client(&self) -> CustomerServiceClient<tonic::transport::Channel> {
+        CustomerServiceClient::new(clm_platform::client::channel(&self.url()).unwrap())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn touchpoint(customer: &str, id: &str) -> pb::Touchpoint {
+    pb::Touchpoint {
+        customer: customer.into(),
+        event_id: id.into(),
+        r#type: pb::TouchpointType::ProductAccess as i32,
+        product: "app".into(),
+        occurred_time: Some(prost_types::Timestamp {
+            seconds: 1_760_000_000,
+            nanos: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+async fn create_customer(server: &Server) -> String {
+    server
+        .client()
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(pb::Customer {
+                email: "p@example.com".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .name
+}
+
+async fn all_event_ids(server: &Server, customer: &str) -> Vec<String> {
+    let mut c = server.client();
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_touchpoints(pb::ListTouchpointsRequest {
+                parent: customer.into(),
+                page_size: 1000,
+                page_token: token,
+                filter: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        out.extend(page.touchpoints.into_iter().map(|t| t.event_id));
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        token = page.next_page_token;
+    }
+}
+
+#[tokio::test]
+async fn sigkill_mid_ingest_loses_no_acknowledged_event() {
+    let backend = TestBackend::new().await;
+    let mut server = Server::start(&backend).await;
+    let customer = create_customer(&server).await;
+
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sent_batches: Arc<Mutex<Vec<Vec<pb::Touchpoint>>>> = Arc::default();
+    let ingest = {
+        let (acked, sent, mut client, customer) = (
+            acked.clone(),
+            sent_batches.clone(),
+            server.client(),
+            customer.clone(),
+        );
+        tokio::spawn(async move {
+            for b in 0.. {
+                let batch: Vec<_> = (0..200)
+                    .map(|i| touchpoint(&customer, &format!("b{b}-{i}")))
+                    .collect();
+                sent.lock().unwrap().push(batch.clone());
+                match client
+                    .record_touchpoints(pb::RecordTouchpointsRequest {
+                        touchpoints: batch.clone(),
+                    })
+                    .await
+                {
+                    Ok(_) => acked
+                        .lock()
+                        .unwrap()
+                        .extend(batch.into_iter().map(|t| t.event_id)),
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+    while acked.lock().unwrap().len() < 4000 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.kill();
+    ingest.await.unwrap();
+    let acked: HashSet<String> = acked.lock().unwrap().iter().cloned().collect();
+    assert!(acked.len() >= 4000);
+
+    server.restart().await;
+    let stored: Vec<String> = all_event_ids(&server, &customer).await;
+    let stored_set: HashSet<String> = stored.iter().cloned().collect();
+    assert_eq!(stored.len(), stored_set.len(), "no event stored twice");
+    assert!(
+        acked.is_subset(&stored_set),
+        "{} acknowledged events lost",
+        acked.difference(&stored_set).count()
+    );
+
+    // The client retries everything it sent: only the unacknowledged rest is new.
+    let mut c = server.client();
+    let batches = sent_batches.lock().unwrap().clone();
+    let mut recorded = 0;
+    for batch in &batches {
+        recorded += c
+            .record_touchpoints(pb::RecordTouchpointsRequest {
+                touchpoints: batch.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .recorded_count;
+    }
+    let total = batches.iter().map(Vec::len).sum::<usize>();
+    assert_eq!(recorded as usize, total - stored.len());
+    assert_eq!(all_event_ids(&server, &customer).await.len(), total);
+}
+
+#[tokio::test]
+async fn a_watcher_resumes_across_server_restarts_and_sees_every_event_once() {
+    let backend = TestBackend::new().await;
+    let mut server = Server::start(&backend).await;
+    let customer = create_customer(&server).await;
+    let mut c = server.client();
+    let record =
+        |c: &mut CustomerServiceClient<tonic::transport::Channel>, from: usize, to: usize| {
+            let batch: Vec<_> = (from..to)
+                .map(|i| touchpoint(&customer, &format!("e{i}")))
+                .collect();
+            let mut c = c.clone();
+            async move {
+                c.record_touchpoints(pb::RecordTouchpointsRequest { touchpoints: batch })
+                    .await
+                    .unwrap()
+            }
+        };
+    record(&mut c, 0, 300).await;
+
+    let mut seen: Vec<(i64, String)> = Vec::new();
+    let mut last = 0;
+    // Read part of the stream, then drop the connection.
+    {
+        let mut w =
+            ChangeStreamServiceClient::new(clm_platform::client::channel(&server.url()).unwrap())
+                .watch_changes(WatchChangesRequest {
+                    after_sequence: last,
+                    event_types: vec![],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+        while seen.len() < 120 {
+            let e = w.next().await.unwrap().unwrap().event.unwrap();
+            last = e.sequence;
+            seen.push((e.sequence, e.event_id));
+        }
+    }
+    // Graceful restart, more events, hard kill, more events.
+    server.terminate();
+    server.restart().await;
+    record(&mut server.client(), 300, 500).await;
+    server.kill();
+    server.restart().await;
+    record(&mut server.client(), 500, 700).await;
+
+    let mut w =
+        ChangeStreamServiceClient::new(clm_platform::client::channel(&server.url()).unwrap())
+            .watch_changes(WatchChangesRequest {
+                after_sequence: last,
+                event_types: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    let total = 1 + 700;
+    while seen.len() < total {
+        let e = tokio::time::timeout(Duration::from_secs(20), w.next())
+            .await
+            .expect("stream stalled")
+            .unwrap()
+            .unwrap()
+            .event
+            .unwrap();
+        seen.push((e.sequence, e.event_id));
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), w.next())
+            .await
+            .is_err(),
+        "nothing beyond the events written"
+    );
+    assert!(
+        seen.windows(2).all(|p| p[0].0 < p[1].0),
+        "strictly increasing sequences"
+    );
+    let ids: HashSet<&String> = seen.iter().map(|(_, id)| id).collect();
+    assert_eq!(ids.len(), total, "every event exactly once");
+}
+
+#[tokio::test]
+async fn clm_up_serves_health_and_reflection_and_survives_restart() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let up = || {
+        Command::new(env!("CARGO_BIN_EXE_clm"))
+            .args(["up", "--base-port", &port.to_string()])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let mut child = up();
+    wait_serving(&url).await;
+
+    let channel = clm_platform::client::channel(&url).unwrap();
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    drop(responses);
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"clm.customer.v1.CustomerService".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"clm.common.v1.ChangeStreamService".to_owned()),
+        "{names:?}"
+    );
+
+    let name = CustomerServiceClient::new(channel)
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(pb::Customer {
+                email: "up@example.com".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "Ctrl-C stops clm up cleanly"
+    );
+
+    let mut child = up();
+    wait_serving(&url).await;
+    let got = CustomerServiceClient::new(clm_platform::client::channel(&url).unwrap())
+        .get_customer(pb::GetCustomerRequest { name })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.email, "up@example.com", "data survive a restart");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn bad_config_exits_64_with_a_clear_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_clm"))
+        .args(["serve", "customer", "--listen", "0.0.0.0:0"])
+        .env_remove("CLM_AUTH__HS256_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("listen") && err.contains("--insecure"),
+        "{err}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_clm"))
+        .args(["serve", "customer", "--database-url", "mysql://nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("database.url"));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_clm"))
+        .args(["serve", "customer", "--print-config"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[database]"));
+}
