@@ -1,0 +1,129 @@
+"""Calls a running `clm up` through stubs generated from proto/ by grpcio-tools."""
+
+import os
+import time
+import uuid
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2, timestamp_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from clm.common.v1 import changes_pb2, changes_pb2_grpc
+from clm.customer.v1 import customer_pb2, customer_service_pb2, customer_service_pb2_grpc
+
+ADDR = os.environ.get("CLM_CUSTOMER_ADDR", "127.0.0.1:50051")
+
+
+@pytest.fixture(scope="module")
+def channel():
+    ch = grpc.insecure_channel(ADDR)
+    grpc.channel_ready_future(ch).result(timeout=60)
+    # Wait until migrations are done and the service answers.
+    stub = customer_service_pb2_grpc.CustomerServiceStub(ch)
+    deadline = time.time() + 60
+    while True:
+        try:
+            stub.ListCustomers(customer_service_pb2.ListCustomersRequest(page_size=1), timeout=5)
+            break
+        except grpc.RpcError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+    yield ch
+    ch.close()
+
+
+@pytest.fixture
+def stub(channel):
+    return customer_service_pb2_grpc.CustomerServiceStub(channel)
+
+
+def ts(seconds):
+    return timestamp_pb2.Timestamp(seconds=seconds)
+
+
+def new_customer(stub, email):
+    return stub.CreateCustomer(
+        customer_service_pb2.CreateCustomerRequest(
+            customer=customer_pb2.Customer(email=email, display_name="Py Thon"),
+            request_id=str(uuid.uuid4()),
+        )
+    )
+
+
+def test_create_record_and_read_timeline(stub):
+    email = f"py-{uuid.uuid4().hex[:8]}@example.com"
+    c = new_customer(stub, email)
+    assert c.name.startswith("customers/")
+    assert c.stage == customer_pb2.STAGE_APPROACH
+
+    events = [
+        customer_pb2.Touchpoint(
+            customer=c.name,
+            event_id=f"{c.name}-{i}",
+            type=customer_pb2.TOUCHPOINT_TYPE_FEATURE_USE,
+            feature="reports",
+            occurred_time=ts(1_760_000_000 + i),
+        )
+        for i in range(5)
+    ]
+    r = stub.RecordTouchpoints(customer_service_pb2.RecordTouchpointsRequest(touchpoints=events))
+    assert (r.recorded_count, r.duplicate_count) == (5, 0)
+    again = stub.RecordTouchpoints(customer_service_pb2.RecordTouchpointsRequest(touchpoints=events))
+    assert (again.recorded_count, again.duplicate_count) == (0, 5)
+
+    page = stub.ListTouchpoints(customer_service_pb2.ListTouchpointsRequest(parent=c.name, page_size=3))
+    assert [t.event_id for t in page.touchpoints] == [f"{c.name}-{i}" for i in (4, 3, 2)]
+    rest = stub.ListTouchpoints(
+        customer_service_pb2.ListTouchpointsRequest(parent=c.name, page_size=3, page_token=page.next_page_token)
+    )
+    assert [t.event_id for t in rest.touchpoints] == [f"{c.name}-{i}" for i in (1, 0)]
+    assert rest.next_page_token == ""
+
+
+def test_update_and_stage_transition(stub):
+    c = new_customer(stub, f"py-{uuid.uuid4().hex[:8]}@example.com")
+    c.display_name = "Renamed"
+    updated = stub.UpdateCustomer(
+        customer_service_pb2.UpdateCustomerRequest(customer=c, update_mask=field_mask_pb2.FieldMask(paths=["display_name"]))
+    )
+    assert updated.display_name == "Renamed"
+    moved = stub.TransitionStage(
+        customer_service_pb2.TransitionStageRequest(
+            name=c.name, to_stage=customer_pb2.STAGE_CONVERSION, reason="bought", etag=updated.etag
+        )
+    )
+    assert moved.customer.stage == customer_pb2.STAGE_CONVERSION
+    history = stub.ListStageHistory(customer_service_pb2.ListStageHistoryRequest(parent=c.name))
+    assert [h.to_stage for h in history.changes] == [customer_pb2.STAGE_APPROACH, customer_pb2.STAGE_CONVERSION]
+
+
+def test_bad_input_is_invalid_argument_with_field_violation(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateCustomer(customer_service_pb2.CreateCustomerRequest(customer=customer_pb2.Customer(email="nope")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(err.value)
+    fields = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            br = error_details_pb2.BadRequest()
+            detail.Unpack(br)
+            fields.extend(v.field for v in br.field_violations)
+    assert "customer.email" in fields
+
+
+def test_change_stream_carries_the_events(channel, stub):
+    c = new_customer(stub, f"py-{uuid.uuid4().hex[:8]}@example.com")
+    watch = changes_pb2_grpc.ChangeStreamServiceStub(channel)
+    stream = watch.WatchChanges(
+        changes_pb2.WatchChangesRequest(after_sequence=0, event_types=["clm.customer.v1.CustomerCreated"]), timeout=10
+    )
+    subjects = set()
+    for resp in stream:
+        subjects.add(resp.event.subject)
+        if c.name in subjects:
+            stream.cancel()
+            break
+    assert c.name in subjects
