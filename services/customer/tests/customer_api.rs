@@ -857,3 +857,56 @@ async fn concurrent_writers_and_a_live_watcher_see_every_event_once_in_order() {
     assert_bad_field(&e, "after_sequence");
     h.server.stop().await;
 }
+
+#[tokio::test]
+async fn batch_create_with_many_attributes_stays_under_bind_limits() {
+    // 200 customers × 50 attributes × 7 columns = 70,000 values: more than
+    // PostgreSQL's 65,535 bind parameters in one statement.
+    let h = start().await;
+    let mut c = h.client();
+    let requests = (0..200)
+        .map(|i| {
+            let mut cu = customer(&format!("many{i}@example.com"));
+            for k in 0..50 {
+                cu.attributes.insert(
+                    format!("attr_{k}"),
+                    AttributeValue {
+                        value: Some(Value::NumberValue(f64::from(k))),
+                    },
+                );
+            }
+            pb::CreateCustomerRequest {
+                customer: Some(cu),
+                request_id: String::new(),
+            }
+        })
+        .collect();
+    let created = c
+        .batch_create_customers(pb::BatchCreateCustomersRequest {
+            requests,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.customers.len(), 200);
+    let got = c
+        .get_customer(pb::GetCustomerRequest {
+            name: created.customers[199].name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.attributes.len(), 50);
+    let filtered = c
+        .list_customers(pb::ListCustomersRequest {
+            filter: "attributes.attr_49 = 49".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(filtered.customers.len(), 200);
+    h.server.stop().await;
+}

@@ -220,47 +220,51 @@ async fn insert_attributes<'a>(
     db: &impl ConnectionTrait,
     sets: impl Iterator<Item = (CustomerId, &'a Attributes)>,
 ) -> Result<(), Error> {
-    let mut insert = Query::insert();
-    insert.into_table(n("customer_attributes")).columns(
-        [
-            "customer_id",
-            "key",
-            "kind",
-            "string_value",
-            "number_value",
-            "bool_value",
-            "time_us",
-        ]
-        .map(n),
-    );
-    let mut any = false;
-    for (id, attrs) in sets {
-        for (k, v) in attrs {
-            let (kind, s, num, b, t): (
-                i16,
-                Option<String>,
-                Option<f64>,
-                Option<bool>,
-                Option<i64>,
-            ) = match v {
-                AttributeValue::String(s) => (1, Some(s.clone()), None, None, None),
-                AttributeValue::Number(x) => (2, None, Some(*x), None, None),
-                AttributeValue::Bool(x) => (3, None, None, Some(*x), None),
-                AttributeValue::Timestamp(x) => (4, None, None, None, Some(to_micros(*x))),
-            };
-            insert.values_panic([
-                id.to_string().into(),
-                k.clone().into(),
-                kind.into(),
-                s.into(),
-                num.into(),
-                b.into(),
-                t.into(),
-            ]);
-            any = true;
+    let rows: Vec<[SimpleExpr; 7]> = sets
+        .flat_map(|(id, attrs)| {
+            attrs.iter().map(move |(k, v)| {
+                let (kind, s, num, b, t): (
+                    i16,
+                    Option<String>,
+                    Option<f64>,
+                    Option<bool>,
+                    Option<i64>,
+                ) = match v {
+                    AttributeValue::String(s) => (1, Some(s.clone()), None, None, None),
+                    AttributeValue::Number(x) => (2, None, Some(*x), None, None),
+                    AttributeValue::Bool(x) => (3, None, None, Some(*x), None),
+                    AttributeValue::Timestamp(x) => (4, None, None, None, Some(to_micros(*x))),
+                };
+                [
+                    id.to_string().into(),
+                    k.clone().into(),
+                    kind.into(),
+                    s.into(),
+                    num.into(),
+                    b.into(),
+                    t.into(),
+                ]
+            })
+        })
+        .collect();
+    // 7 parameters a row: 5,000 rows stay well under PostgreSQL's 65,535 bind parameters.
+    for chunk in rows.chunks(5000) {
+        let mut insert = Query::insert();
+        insert.into_table(n("customer_attributes")).columns(
+            [
+                "customer_id",
+                "key",
+                "kind",
+                "string_value",
+                "number_value",
+                "bool_value",
+                "time_us",
+            ]
+            .map(n),
+        );
+        for row in chunk {
+            insert.values_panic(row.clone());
         }
-    }
-    if any {
         db.execute(&insert).await?;
     }
     Ok(())
