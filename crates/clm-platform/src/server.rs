@@ -6,10 +6,12 @@
 use crate::auth::{Authenticator, Principal};
 use crate::config::Config;
 use futures::future::BoxFuture;
+use http_body_util::BodyExt;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use opentelemetry::propagation::Extractor;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -62,6 +64,24 @@ struct Shared {
     service: &'static str,
     auth: Option<Authenticator>,
     metrics: Metrics,
+    /// Calls whose response has not been fully sent yet.
+    in_flight: AtomicUsize,
+}
+
+/// Counts a call as in flight until dropped (with the response body).
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        Self(shared)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The per-call layer (request id, tracing, auth, metrics).
@@ -75,7 +95,25 @@ impl RpcLayer {
             service,
             auth,
             metrics: Metrics::new(),
+            in_flight: AtomicUsize::new(0),
         }))
+    }
+
+    /// Calls whose response is not fully sent yet.
+    pub fn in_flight(&self) -> usize {
+        self.0.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no call is in flight, or `timeout`; returns whether it drained.
+    pub async fn drained(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.in_flight() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
     }
 }
 
@@ -158,6 +196,7 @@ where
             _ => Ok(None),
         };
         req.extensions_mut().insert(RequestId(request_id.clone()));
+        let in_flight = InFlight::new(shared.clone());
         Box::pin(
             async move {
                 let start = Instant::now();
@@ -192,6 +231,13 @@ where
                 if let Ok(v) = request_id.parse() {
                     response.headers_mut().insert("x-request-id", v);
                 }
+                // The call stays in flight until its body is sent (or the client goes away).
+                let response = response.map(|body| {
+                    Body::new(body.map_frame(move |frame| {
+                        let _ = &in_flight;
+                        frame
+                    }))
+                });
                 Ok(response)
             }
             .instrument(span),
@@ -235,6 +281,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let layer = RpcLayer::new(service, auth);
     let mut builder = Server::builder();
     if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
         let identity = Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?);
@@ -242,7 +289,7 @@ pub async fn serve(
     }
     let router = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .layer(RpcLayer::new(service, auth))
+        .layer(layer.clone())
         .add_routes(routes)
         .add_service(health)
         .add_service(reflection_v1)
@@ -274,10 +321,17 @@ pub async fn serve(
     let server = router.serve_with_incoming_shutdown(incoming, draining);
     tokio::pin!(server);
     let drain = Duration::from_secs(config.drain_timeout_secs);
+    // Idle keep-alive connections would hold a graceful HTTP/2 shutdown open
+    // until the client hangs up; stop once no call is in flight instead.
     tokio::select! {
         r = &mut server => r?,
-        () = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
-            tracing::warn!(service, ?drain, "drain timeout: closing remaining connections");
+        drained = async { shutdown.cancelled().await; layer.drained(drain).await } => {
+            if drained {
+                // Let the connection tasks flush the last responses.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            } else {
+                tracing::warn!(service, ?drain, in_flight = layer.in_flight(), "drain timeout: closing remaining calls");
+            }
         }
     }
     tracing::info!(service, "stopped");

@@ -59,6 +59,7 @@ impl Server {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("RUST_LOG", "warn")
+            .env("CLM_DRAIN_TIMEOUT_SECS", "60")
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn clm");
