@@ -240,6 +240,45 @@ mod tests {
     }
 
     #[test]
+    fn rs256_tokens_verify_with_the_public_key() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+        let private = std::fs::read(dir.join("rs256-test-private.pem")).expect("test key");
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            + 60;
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::RS256),
+            &serde_json::json!({"sub": "svc-scoring", "roles": ["service"], "exp": exp, "iss": "clm-test"}),
+            &jsonwebtoken::EncodingKey::from_rsa_pem(&private).expect("private key"),
+        )
+        .expect("sign");
+        let c = AuthConfig {
+            rs256_public_key_file: Some(dir.join("rs256-test-public.pem")),
+            issuer: Some("clm-test".into()),
+            ..Default::default()
+        };
+        let auth = Authenticator::from_config(&c)
+            .expect("config")
+            .expect("enabled");
+        let p = auth
+            .authenticate(Some(&format!("Bearer {token}")))
+            .expect("valid");
+        assert_eq!(p.subject, "svc-scoring");
+        assert_eq!(p.roles, vec![Role::Service]);
+        // An HS256 token is refused by an RS256 verifier.
+        let hs = mint_hs256(
+            SECRET,
+            "x",
+            &[Role::Admin],
+            std::time::Duration::from_secs(60),
+        )
+        .expect("mint");
+        assert!(auth.authenticate(Some(&format!("Bearer {hs}"))).is_err());
+    }
+
+    #[test]
     fn bad_tokens_are_unauthenticated() {
         let wrong = mint_hs256(
             &"x".repeat(32),

@@ -8,6 +8,15 @@ use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
 use std::time::Duration;
 
+/// Most bind parameters one statement may carry on every backend: SQLite
+/// allows 32,766, PostgreSQL 65,535. Batch inserts split at this.
+pub const MAX_BIND_PARAMS: usize = 32_000;
+
+/// Rows of `columns` values that fit in one statement.
+pub fn rows_per_statement(columns: usize) -> usize {
+    (MAX_BIND_PARAMS / columns.max(1)).max(1)
+}
+
 /// Opens a pool to `config.url`, creating the SQLite file (and its directory) if needed.
 pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbErr> {
     let mut url = config.url.clone();

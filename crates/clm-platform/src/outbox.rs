@@ -26,9 +26,6 @@ use tokio::sync::watch;
 /// Advisory-lock key that orders outbox writers (an arbitrary constant).
 const OUTBOX_LOCK_KEY: i64 = 0x434c_4d5f_4f42; // "CLM_OB"
 
-/// Rows per INSERT statement, well under PostgreSQL's 65,535 bind parameters.
-const INSERT_CHUNK: usize = 5000;
-
 /// An event to append.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
@@ -92,7 +89,7 @@ impl Outbox {
             .await?;
         }
         let occurred = to_micros(now);
-        for chunk in events.chunks(INSERT_CHUNK) {
+        for chunk in events.chunks(crate::db::rows_per_statement(5)) {
             let mut insert = Query::insert();
             insert.into_table(Alias::new("outbox")).columns(
                 [

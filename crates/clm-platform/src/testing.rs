@@ -25,6 +25,10 @@ pub struct TestBackend {
 impl TestBackend {
     /// A fresh backend, PostgreSQL + Redis if configured, SQLite + memory otherwise.
     pub async fn new() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("warn")
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::tempdir().expect("temp dir");
         let key_prefix = format!("clm-test:{}:", uuid::Uuid::new_v4().simple());
         let redis_url = std::env::var("CLM_TEST_REDIS_URL")

@@ -861,7 +861,7 @@ async fn concurrent_writers_and_a_live_watcher_see_every_event_once_in_order() {
 #[tokio::test]
 async fn batch_create_with_many_attributes_stays_under_bind_limits() {
     // 200 customers × 50 attributes × 7 columns = 70,000 values: more than
-    // PostgreSQL's 65,535 bind parameters in one statement.
+    // PostgreSQL's 65,535 and SQLite's 32,766 bind parameters in one statement.
     let h = start().await;
     let mut c = h.client();
     let requests = (0..200)
@@ -908,5 +908,37 @@ async fn batch_create_with_many_attributes_stays_under_bind_limits() {
         .unwrap()
         .into_inner();
     assert_eq!(filtered.customers.len(), 200);
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn request_ids_are_echoed_and_generated() {
+    let h = start().await;
+    let mut c = h.client();
+    let mut req = tonic::Request::new(pb::ListCustomersRequest::default());
+    req.metadata_mut()
+        .insert("x-request-id", "trace-me-123".parse().unwrap());
+    req.metadata_mut().insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap(),
+    );
+    let resp = c.list_customers(req).await.unwrap();
+    assert_eq!(resp.metadata().get("x-request-id").unwrap(), "trace-me-123");
+    let resp = c
+        .list_customers(pb::ListCustomersRequest::default())
+        .await
+        .unwrap();
+    let generated = resp
+        .metadata()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert_eq!(
+        uuid::Uuid::parse_str(generated).unwrap().get_version_num(),
+        4
+    );
     h.server.stop().await;
 }

@@ -247,8 +247,7 @@ async fn insert_attributes<'a>(
             })
         })
         .collect();
-    // 7 parameters a row: 5,000 rows stay well under PostgreSQL's 65,535 bind parameters.
-    for chunk in rows.chunks(5000) {
+    for chunk in rows.chunks(clm_platform::db::rows_per_statement(7)) {
         let mut insert = Query::insert();
         insert.into_table(n("customer_attributes")).columns(
             [
