@@ -89,6 +89,33 @@ impl Outbox {
             .await?;
         }
         let occurred = to_micros(now);
+        if is_postgres(txn) {
+            // One JSON parameter instead of five bind parameters a row: far
+            // less to parse and plan, and no bind-parameter limit.
+            use base64::Engine;
+            let rows: Vec<serde_json::Value> = events
+                .iter()
+                .map(|e| {
+                    serde_json::json!({
+                        "event_id": uuid::Uuid::now_v7().to_string(),
+                        "event_type": e.event_type,
+                        "subject": e.subject,
+                        "payload": base64::engine::general_purpose::STANDARD.encode(&e.payload),
+                        "occurred_us": occurred,
+                    })
+                })
+                .collect();
+            txn.execute_raw(Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_us) \
+                 SELECT event_id, event_type, subject, decode(payload, 'base64'), occurred_us \
+                 FROM json_to_recordset($1::json) \
+                 AS x(event_id text, event_type text, subject text, payload text, occurred_us int8)",
+                [serde_json::Value::Array(rows).to_string().into()],
+            ))
+            .await?;
+            return Ok(());
+        }
         for chunk in events.chunks(crate::db::rows_per_statement(5)) {
             let mut insert = Query::insert();
             insert.into_table(Alias::new("outbox")).columns(

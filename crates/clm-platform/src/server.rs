@@ -289,6 +289,10 @@ pub async fn serve(
     }
     let router = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // Batches of 1,000 events are ~150 KB: a 64 KB default window would
+        // stall each request on flow-control round trips.
+        .initial_stream_window_size(Some(1 << 20))
+        .initial_connection_window_size(Some(8 << 20))
         .layer(layer.clone())
         .add_routes(routes)
         .add_service(health)
