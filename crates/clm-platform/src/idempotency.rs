@@ -114,3 +114,68 @@ pub async fn purge_older_than(
         .and_where(Expr::col(Alias::new("create_us")).lt(to_micros(cutoff)));
     Ok(db.execute(&delete).await?.rows_affected())
 }
+
+/// A write transaction that may carry an idempotency key: begin it with
+/// [`begin`], do the work on [`Write::txn`], and end it with
+/// [`Write::finish`], which appends the outbox events, stores the response
+/// for retries and commits, all at once.
+#[derive(Debug)]
+pub struct Write {
+    txn: DatabaseTransaction,
+    scope: &'static str,
+    request_id: Option<String>,
+}
+
+/// Outcome of [`begin`].
+#[derive(Debug)]
+pub enum Begun<R> {
+    /// First time (or no key): do the work.
+    New(Write),
+    /// A retry of a finished request: return its response.
+    Replay(R),
+}
+
+/// Begins a write for `request` in `scope` (the rpc name), keyed by
+/// `request_id` when there is one.
+pub async fn begin<R: prost::Message + Default, Q: prost::Message>(
+    db: &sea_orm::DatabaseConnection,
+    scope: &'static str,
+    request_id: Option<String>,
+    request: &Q,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Begun<R>, Error> {
+    let txn = sea_orm::TransactionTrait::begin(db).await?;
+    if let Some(rid) = &request_id
+        && let Claim::Replay(r) = claim::<R>(&txn, scope, rid, &hash(request), now).await?
+    {
+        return Ok(Begun::Replay(r));
+    }
+    Ok(Begun::New(Write {
+        txn,
+        scope,
+        request_id,
+    }))
+}
+
+impl Write {
+    /// The transaction to do the work in.
+    pub fn txn(&self) -> &DatabaseTransaction {
+        &self.txn
+    }
+
+    /// Appends `events` to `outbox`, remembers `response` under the key and commits.
+    pub async fn finish<R: prost::Message>(
+        self,
+        outbox: &crate::outbox::Outbox,
+        events: &[crate::outbox::NewEvent],
+        response: &R,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), Error> {
+        outbox.append(&self.txn, events, now).await?;
+        if let Some(rid) = &self.request_id {
+            complete(&self.txn, self.scope, rid, response).await?;
+        }
+        outbox.commit(self.txn).await?;
+        Ok(())
+    }
+}

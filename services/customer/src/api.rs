@@ -13,12 +13,12 @@ use clm_domain::lifecycle::Transition;
 use clm_domain::validation::{optional_text, page_size, request_id, required_text};
 use clm_domain::{Violation, Violations, attributes, contact, filter, touchpoint};
 use clm_platform::auth::{Principal, Role, authorize};
-use clm_platform::idempotency::{self, Claim};
+use clm_platform::idempotency::{self, Begun};
 use clm_platform::page::{self, Cursor};
 use clm_platform::{Error, Result, Runtime};
 use clm_proto::customer as pb;
 use clm_proto::customer::customer_service_server::CustomerService;
-use sea_orm::{DatabaseTransaction, TransactionTrait};
+use sea_orm::DatabaseTransaction;
 use std::collections::{HashMap, HashSet};
 use tonic::{Request, Response, Status};
 
@@ -53,20 +53,33 @@ impl CustomerApi {
         self.rt.clock.now()
     }
 
-    async fn claim<R: prost::Message + Default>(
+    /// Begins an idempotent write, or returns the stored response of a retry.
+    async fn begin<R: prost::Message + Default>(
+        &self,
+        scope: &'static str,
+        request_id: Option<String>,
+        request: &impl prost::Message,
+    ) -> Result<Begun<R>> {
+        idempotency::begin(&self.rt.db, scope, request_id, request, self.now()).await
+    }
+
+    /// Reads a customer for a change, checking the caller's etag if one was sent.
+    async fn load_for_write(
         &self,
         txn: &DatabaseTransaction,
-        scope: &str,
-        request_id: Option<&str>,
-        hash: &str,
-    ) -> Result<Option<R>> {
-        match request_id {
-            None => Ok(None),
-            Some(rid) => match idempotency::claim::<R>(txn, scope, rid, hash, self.now()).await? {
-                Claim::Replay(r) => Ok(Some(r)),
-                Claim::New => Ok(None),
-            },
+        id: CustomerId,
+        etag: &str,
+    ) -> Result<CustomerRecord> {
+        let rec = customers::get(txn, id).await?;
+        let current = convert::etag(rec.version);
+        if !etag.is_empty() && etag != current {
+            return Err(CustomerError::StaleEtag {
+                sent: etag.to_owned(),
+                current,
+            }
+            .into());
         }
+        Ok(rec)
     }
 
     /// Inserts validated customers (with their creation stage entries) and
@@ -128,30 +141,22 @@ impl CustomerApi {
             .as_ref()
             .ok_or_else(|| Error::invalid("customer", "is required"))?;
         let draft = convert::new_customer("customer", c, today)?;
-        let txn = self.rt.db.begin().await?;
-        if let Some(prev) = self
-            .claim(
-                &txn,
-                "CreateCustomer",
-                rid.as_deref(),
-                &idempotency::hash(&req),
-            )
-            .await?
-        {
-            return Ok(prev);
-        }
+        let write = match self.begin("CreateCustomer", rid, &req).await? {
+            Begun::Replay(prev) => return Ok(prev),
+            Begun::New(w) => w,
+        };
         let records = self
-            .insert_customers(&txn, vec![("customer".into(), draft)], &actor)
+            .insert_customers(write.txn(), vec![("customer".into(), draft)], &actor)
             .await?;
         let out = convert::customer_to_proto(&records[0], today);
-        self.rt
-            .outbox
-            .append(&txn, &[events::customer_created(&out)], self.now())
+        write
+            .finish(
+                &self.rt.outbox,
+                &[events::customer_created(&out)],
+                &out,
+                self.now(),
+            )
             .await?;
-        if let Some(rid) = &rid {
-            idempotency::complete(&txn, "CreateCustomer", rid, &out).await?;
-        }
-        self.rt.outbox.commit(txn).await?;
         Ok(out)
     }
 
@@ -203,30 +208,20 @@ impl CustomerApi {
             }
         }
         v.into_result()?;
-        let txn = self.rt.db.begin().await?;
-        if let Some(prev) = self
-            .claim(
-                &txn,
-                "BatchCreateCustomers",
-                rid.as_deref(),
-                &idempotency::hash(&req),
-            )
-            .await?
-        {
-            return Ok(prev);
-        }
-        let records = self.insert_customers(&txn, items, &actor).await?;
+        let write = match self.begin("BatchCreateCustomers", rid, &req).await? {
+            Begun::Replay(prev) => return Ok(prev),
+            Begun::New(w) => w,
+        };
+        let records = self.insert_customers(write.txn(), items, &actor).await?;
         let customers: Vec<pb::Customer> = records
             .iter()
             .map(|r| convert::customer_to_proto(r, today))
             .collect();
         let evs: Vec<_> = customers.iter().map(events::customer_created).collect();
-        self.rt.outbox.append(&txn, &evs, self.now()).await?;
         let out = pb::BatchCreateCustomersResponse { customers };
-        if let Some(rid) = &rid {
-            idempotency::complete(&txn, "BatchCreateCustomers", rid, &out).await?;
-        }
-        self.rt.outbox.commit(txn).await?;
+        write
+            .finish(&self.rt.outbox, &evs, &out, self.now())
+            .await?;
         Ok(out)
     }
 
@@ -256,31 +251,16 @@ impl CustomerApi {
                 "is required: name the fields to change",
             ));
         }
-        let txn = self.rt.db.begin().await?;
-        if let Some(prev) = self
-            .claim(
-                &txn,
-                "UpdateCustomer",
-                rid.as_deref(),
-                &idempotency::hash(&req),
-            )
-            .await?
-        {
-            return Ok(prev);
-        }
-        let mut rec = customers::get(&txn, id).await?;
-        let current = convert::etag(rec.version);
-        if !c.etag.is_empty() && c.etag != current {
-            return Err(CustomerError::StaleEtag {
-                sent: c.etag.clone(),
-                current,
-            }
-            .into());
-        }
+        let write = match self.begin("UpdateCustomer", rid, &req).await? {
+            Begun::Replay(prev) => return Ok(prev),
+            Begun::New(w) => w,
+        };
+        let txn = write.txn();
+        let mut rec = self.load_for_write(txn, id, &c.etag).await?;
         let attributes_changed = apply_mask(&mut rec, c, &paths, today)?;
         if paths.iter().any(|p| p == "email" || p == "external_id") {
             customers::check_unique(
-                &txn,
+                txn,
                 &[("customer", rec.email.as_deref(), rec.external_id.as_deref())],
                 Some(id),
             )
@@ -289,18 +269,18 @@ impl CustomerApi {
         let expected = rec.version;
         rec.version += 1;
         rec.update_time = now;
-        if !customers::update(&txn, &rec, expected, attributes_changed).await? {
+        if !customers::update(txn, &rec, expected, attributes_changed).await? {
             return Err(CustomerError::Concurrent.into());
         }
         let out = convert::customer_to_proto(&rec, today);
-        self.rt
-            .outbox
-            .append(&txn, &[events::customer_updated(&out, paths)], now)
+        write
+            .finish(
+                &self.rt.outbox,
+                &[events::customer_updated(&out, paths)],
+                &out,
+                now,
+            )
             .await?;
-        if let Some(rid) = &rid {
-            idempotency::complete(&txn, "UpdateCustomer", rid, &out).await?;
-        }
-        self.rt.outbox.commit(txn).await?;
         Ok(out)
     }
 
@@ -364,27 +344,34 @@ impl CustomerApi {
         let mut ids: Vec<String> = records.iter().map(|r| r.customer.to_string()).collect();
         ids.sort_unstable();
         ids.dedup();
-        let txn = self.rt.db.begin().await?;
-        let existing: HashSet<String> = customers::existing_ids(&txn, &ids)
+        // Idempotent by event id, so no request key: the write only batches the outbox and commit.
+        let Begun::New(write) = self
+            .begin::<pb::RecordTouchpointsResponse>("RecordTouchpoints", None, &req)
+            .await?
+        else {
+            return Err(Error::internal("a write without a key cannot be a replay"));
+        };
+        let txn = write.txn();
+        let existing: HashSet<String> = customers::existing_ids(txn, &ids)
             .await?
             .into_iter()
             .collect();
         if let Some(missing) = ids.iter().find(|id| !existing.contains(*id)) {
             return Err(Error::NotFound(format!("customers/{missing}")));
         }
-        let inserted = touchpoints::insert_new(&txn, &records).await?;
+        let inserted = touchpoints::insert_new(txn, &records).await?;
         let evs: Vec<_> = records
             .iter()
             .filter(|r| inserted.contains(&r.touchpoint.event_id))
             .map(|r| events::touchpoint_recorded(convert::touchpoint_to_proto(r)))
             .collect();
-        self.rt.outbox.append(&txn, &evs, now).await?;
-        self.rt.outbox.commit(txn).await?;
         let recorded = inserted.len();
-        Ok(pb::RecordTouchpointsResponse {
+        let out = pb::RecordTouchpointsResponse {
             recorded_count: recorded as i32,
             duplicate_count: (req.touchpoints.len() - recorded) as i32,
-        })
+        };
+        write.finish(&self.rt.outbox, &evs, &out, now).await?;
+        Ok(out)
     }
 
     async fn list_touchpoints(
@@ -464,27 +451,12 @@ impl CustomerApi {
         let (Some(id), Some(to), Some(reason)) = (id, to, reason) else {
             return Err(Error::internal("validated fields missing"));
         };
-        let txn = self.rt.db.begin().await?;
-        if let Some(prev) = self
-            .claim(
-                &txn,
-                "TransitionStage",
-                rid.as_deref(),
-                &idempotency::hash(&req),
-            )
-            .await?
-        {
-            return Ok(prev);
-        }
-        let mut rec = customers::get(&txn, id).await?;
-        let current = convert::etag(rec.version);
-        if !req.etag.is_empty() && req.etag != current {
-            return Err(CustomerError::StaleEtag {
-                sent: req.etag.clone(),
-                current,
-            }
-            .into());
-        }
+        let write = match self.begin("TransitionStage", rid, &req).await? {
+            Begun::Replay(prev) => return Ok(prev),
+            Begun::New(w) => w,
+        };
+        let txn = write.txn();
+        let mut rec = self.load_for_write(txn, id, &req.etag).await?;
         let t =
             Transition::new(rec.stage, to, reason, actor.subject).map_err(CustomerError::from)?;
         let expected = rec.version;
@@ -492,7 +464,7 @@ impl CustomerApi {
         rec.stage_change_time = now;
         rec.update_time = now;
         rec.version += 1;
-        if !customers::update(&txn, &rec, expected, false).await? {
+        if !customers::update(txn, &rec, expected, false).await? {
             return Err(CustomerError::Concurrent.into());
         }
         let change = StageChangeRecord {
@@ -504,20 +476,20 @@ impl CustomerApi {
             actor: t.actor,
             change_time: now,
         };
-        stages::insert_many(&txn, std::slice::from_ref(&change)).await?;
+        stages::insert_many(txn, std::slice::from_ref(&change)).await?;
         let change = convert::stage_change_to_proto(&change, now);
         let out = pb::TransitionStageResponse {
             customer: Some(convert::customer_to_proto(&rec, today)),
             change: Some(change.clone()),
         };
-        self.rt
-            .outbox
-            .append(&txn, &[events::stage_changed(&id.name(), change)], now)
+        write
+            .finish(
+                &self.rt.outbox,
+                &[events::stage_changed(&id.name(), change)],
+                &out,
+                now,
+            )
             .await?;
-        if let Some(rid) = &rid {
-            idempotency::complete(&txn, "TransitionStage", rid, &out).await?;
-        }
-        self.rt.outbox.commit(txn).await?;
         Ok(out)
     }
 
