@@ -1,0 +1,135 @@
+//! The platform server over a real socket. W3C trace context crosses a real
+//! gRPC hop: the client interceptor injects
+//! `traceparent` from the current span and the server layer continues it,
+//! so the server's rpc span belongs to the caller's trace.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use clm_platform::client::{ClientInterceptor, channel};
+use clm_platform::config::Config;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+use tokio_util::sync::CancellationToken;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+
+#[tokio::test]
+async fn server_span_continues_the_callers_trace() {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::defaults("tracetest", dir.path());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let server = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let routes = tonic::service::RoutesBuilder::default().routes();
+            clm_platform::server::serve(&config, "tracetest", listener, routes, &[], shutdown).await
+        })
+    };
+
+    let caller = tracing::info_span!("caller");
+    let caller_trace = caller.context().span().span_context().trace_id();
+    async {
+        let mut client =
+            HealthClient::with_interceptor(channel(&url).unwrap(), ClientInterceptor::new(None));
+        client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    .instrument(caller.clone())
+    .await;
+    drop(caller);
+    let _ = provider.force_flush();
+
+    let spans = exporter.get_finished_spans().unwrap();
+    let rpc = spans
+        .iter()
+        .find(|s| {
+            s.name == "rpc"
+                && s.attributes
+                    .iter()
+                    .any(|kv| kv.key.as_str() == "service" && kv.value.as_str() == "tracetest")
+        })
+        .expect("server rpc span exported");
+    assert_eq!(
+        rpc.span_context.trace_id(),
+        caller_trace,
+        "the server span is in the caller's trace"
+    );
+    let caller_span = spans
+        .iter()
+        .find(|s| s.name == "caller")
+        .expect("caller span exported");
+    assert_eq!(
+        rpc.parent_span_id,
+        caller_span.span_context.span_id(),
+        "and is the caller span's child"
+    );
+
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn health_reports_not_serving_while_draining() {
+    use tokio_stream::StreamExt;
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::defaults("draintest", dir.path());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.drain_timeout_secs = 1;
+    let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let server = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let routes = tonic::service::RoutesBuilder::default().routes();
+            clm_platform::server::serve(
+                &config,
+                "draintest",
+                listener,
+                routes,
+                &["draintest.v1.Service"],
+                shutdown,
+            )
+            .await
+        })
+    };
+    let mut watch = HealthClient::new(channel(&url).unwrap())
+        .watch(HealthCheckRequest {
+            service: "draintest.v1.Service".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    shutdown.cancel();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    // The open watch keeps a call in flight: the server gives up after the drain timeout.
+    server.await.unwrap().unwrap();
+}
