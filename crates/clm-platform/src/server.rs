@@ -289,6 +289,9 @@ pub async fn serve(
     }
     let router = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // A unary call that cannot finish in time fails with CANCELLED instead of
+        // hanging; clients can ask for less with the grpc-timeout header.
+        .timeout(Duration::from_secs(60))
         // Batches of 1,000 events are ~150 KB: a 64 KB default window would
         // stall each request on flow-control round trips.
         .initial_stream_window_size(Some(1 << 20))

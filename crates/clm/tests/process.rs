@@ -190,7 +190,12 @@ async fn sigkill_mid_ingest_loses_no_acknowledged_event() {
             }
         })
     };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while acked.lock().unwrap().len() < 4000 {
+        assert!(
+            !ingest.is_finished() && std::time::Instant::now() < deadline,
+            "ingest stopped before the kill"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     server.kill();
