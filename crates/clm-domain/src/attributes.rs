@@ -52,6 +52,9 @@ pub fn value(field: &str, v: AttributeValue) -> Result<AttributeValue, Violation
         AttributeValue::Number(n) if !n.is_finite() => {
             Err(Violation::new(field, "must be a finite number"))
         }
+        AttributeValue::String(s) if s.contains('\0') => {
+            Err(Violation::new(field, "must not contain NUL characters"))
+        }
         AttributeValue::String(s) if s.chars().count() > MAX_STRING_LEN => Err(Violation::new(
             field,
             format!("must be at most {MAX_STRING_LEN} characters"),
@@ -88,6 +91,7 @@ mod tests {
     fn values() {
         assert!(value("v", AttributeValue::Number(f64::NAN)).is_err());
         assert!(value("v", AttributeValue::Number(1.5)).is_ok());
+        assert!(value("v", AttributeValue::String("a\0b".into())).is_err());
         assert!(count("attributes", 101).is_err());
     }
 }

@@ -156,6 +156,19 @@ impl Touchpoint {
                 format!("at most {MAX_PROPERTIES} properties"),
             ));
         }
+        for (k, val) in &self.properties {
+            let ok = !k.is_empty()
+                && k.len() <= 64
+                && val.chars().count() <= 1024
+                && !k.contains('\0')
+                && !val.contains('\0');
+            if !ok {
+                v.push(Violation::new(
+                    format!("properties[{k:?}]"),
+                    "keys are 1..64 bytes and values at most 1,024 characters, without NUL",
+                ));
+            }
+        }
         v.into_result()
     }
 }

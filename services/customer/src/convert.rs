@@ -345,14 +345,6 @@ pub fn touchpoint(
     let feature = text("feature", &t.feature);
     let campaign = text("campaign", &t.campaign);
     let channel = text("channel", &t.channel);
-    for (k, val) in &t.properties {
-        if k.is_empty() || k.len() > 64 || val.chars().count() > 1024 {
-            v.push(Violation::new(
-                field(prefix, &format!("properties[{k:?}]")),
-                "keys are 1..64 bytes, values at most 1,024 characters",
-            ));
-        }
-    }
     let (Some(customer), Some(event_id), Some(kind), Some(occurred_time)) =
         (customer, event_id, kind, occurred)
     else {

@@ -356,6 +356,32 @@ async fn bad_input_names_the_field() {
         .await
         .unwrap_err();
     assert_bad_field(&e, "name");
+
+    // NUL bytes would be refused by PostgreSQL with an SQL error: they are bad input.
+    let mut with_nul = feature_use(&a.name, "nul", t0());
+    with_nul.properties.insert("k".into(), "a\0b".into());
+    let e = c
+        .record_touchpoints(pb::RecordTouchpointsRequest {
+            touchpoints: vec![with_nul],
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "touchpoints[0].properties[\"k\"]");
+    let mut nul_attr = customer("nul@example.com");
+    nul_attr.attributes.insert(
+        "note".into(),
+        AttributeValue {
+            value: Some(Value::StringValue("x\0y".into())),
+        },
+    );
+    let e = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(nul_attr),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "customer.attributes[\"note\"]");
     h.server.stop().await;
 }
 
