@@ -189,3 +189,125 @@ async fn consumer_applies_every_event_once_across_restarts_of_both_sides() {
     consumer.await.unwrap();
     source.stop().await;
 }
+
+/// Fails one event always and another one twice.
+struct Flaky {
+    poison: i64,
+    flaky: i64,
+    attempts: std::sync::Mutex<std::collections::HashMap<i64, u32>>,
+}
+
+#[async_trait::async_trait]
+impl EventHandler for Flaky {
+    async fn handle(
+        &self,
+        txn: &DatabaseTransaction,
+        event: &ChangeEvent,
+    ) -> Result<(), clm_platform::Error> {
+        let n = {
+            let mut a = self.attempts.lock().unwrap();
+            let n = a.entry(event.sequence).or_default();
+            *n += 1;
+            *n
+        };
+        if event.sequence == self.poison || (event.sequence == self.flaky && n <= 2) {
+            return Err(clm_platform::Error::internal(format!(
+                "cannot apply {}",
+                event.sequence
+            )));
+        }
+        Recorder.handle(txn, event).await
+    }
+}
+
+#[tokio::test]
+async fn a_poison_event_is_parked_and_the_stream_moves_on() {
+    let source_backend = TestBackend::new().await;
+    let source = spawn(source_backend.config("customer"), clm_customer::run).await;
+    let consumer_backend = TestBackend::new().await;
+    let db = clm_platform::db::connect(&consumer_backend.config("consumer").database)
+        .await
+        .unwrap();
+    ConsumerMigrator::up(&db, None).await.unwrap();
+
+    let mut client = CustomerServiceClient::new(source.channel());
+    let customer = client
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(pb::Customer {
+                email: "poison@example.com".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    client
+        .record_touchpoints(pb::RecordTouchpointsRequest {
+            touchpoints: (0..10)
+                .map(|i| pb::Touchpoint {
+                    customer: customer.clone(),
+                    event_id: format!("p{i}"),
+                    r#type: pb::TouchpointType::SupportContact as i32,
+                    occurred_time: Some(prost_types::Timestamp {
+                        seconds: 1_760_000_000,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .await
+        .unwrap();
+
+    let handler = Flaky {
+        poison: 5,
+        flaky: 7,
+        attempts: Default::default(),
+    };
+    let token = CancellationToken::new();
+    let mut s = Subscriber::new("customer", source.url(), db.clone(), handler);
+    s.min_backoff = Duration::from_millis(5);
+    s.max_attempts = 3;
+    let run = tokio::spawn(s.run(token.clone()));
+    wait_for(&db, 10).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while load_cursor(&db, "customer").await.unwrap() < 11 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cursor did not reach the last event"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    token.cancel();
+    run.await.unwrap();
+
+    assert_eq!(
+        applied_count(&db).await,
+        10,
+        "every event but the poison one, the flaky one once"
+    );
+    let parked = db
+        .query_all(
+            Query::select()
+                .columns([
+                    Alias::new("sequence"),
+                    Alias::new("attempts"),
+                    Alias::new("error"),
+                ])
+                .from(Alias::new("dead_letters")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].try_get::<i64>("", "sequence").unwrap(), 5);
+    assert_eq!(parked[0].try_get::<i64>("", "attempts").unwrap(), 3);
+    assert!(
+        parked[0]
+            .try_get::<String>("", "error")
+            .unwrap()
+            .contains("cannot apply 5")
+    );
+    source.stop().await;
+}

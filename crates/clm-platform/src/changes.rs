@@ -110,8 +110,10 @@ impl ChangeStreamService for ChangeStreamServer {
 /// also advances the cursor.
 #[async_trait::async_trait]
 pub trait EventHandler: Send + Sync + 'static {
-    /// Applies `event`. An error rolls the transaction back; the event is
-    /// retried after a backoff.
+    /// Applies `event`. An error rolls the transaction back. `Error::Unavailable`
+    /// (a dependency is down) is retried forever; any other error is retried
+    /// up to the subscriber's `max_attempts`, then the event is parked in
+    /// `dead_letters` and the stream moves on.
     async fn handle(&self, txn: &DatabaseTransaction, event: &ChangeEvent) -> Result<(), Error>;
 }
 
@@ -131,14 +133,22 @@ pub struct Subscriber<H> {
     pub db: DatabaseConnection,
     /// What to do with each event.
     pub handler: H,
-    /// First reconnect delay; doubles up to `max_backoff`.
+    /// First retry delay; doubles up to `max_backoff`.
     pub min_backoff: Duration,
-    /// Longest reconnect delay.
+    /// Longest retry delay.
     pub max_backoff: Duration,
+    /// Attempts at one event before it is parked in `dead_letters`.
+    pub max_attempts: u32,
+}
+
+struct Instruments {
+    lag: opentelemetry::metrics::Histogram<f64>,
+    dead_letters: opentelemetry::metrics::Counter<u64>,
+    attrs: [opentelemetry::KeyValue; 1],
 }
 
 impl<H: EventHandler> Subscriber<H> {
-    /// A subscriber with default backoff (100 ms doubling to 10 s).
+    /// A subscriber with default backoff (100 ms doubling to 10 s) and 10 attempts per event.
     pub fn new(
         source: impl Into<String>,
         endpoint: impl Into<String>,
@@ -154,25 +164,37 @@ impl<H: EventHandler> Subscriber<H> {
             handler,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
+            max_attempts: 10,
         }
     }
 
     /// Runs until `shutdown`, reconnecting with backoff after any failure.
     pub async fn run(self, shutdown: CancellationToken) {
-        let lag = opentelemetry::global::meter("clm")
-            .f64_histogram("clm.subscriber.lag")
-            .with_unit("s")
-            .with_description(
-                "Seconds between an event's commit at the source and its application here",
-            )
-            .build();
-        let attrs = [opentelemetry::KeyValue::new("source", self.source.clone())];
+        let meter = opentelemetry::global::meter("clm");
+        let instruments = Instruments {
+            lag: meter
+                .f64_histogram("clm.subscriber.lag")
+                .with_unit("s")
+                .with_description(
+                    "Seconds between an event's commit at the source and its application here",
+                )
+                .build(),
+            dead_letters: meter
+                .u64_counter("clm.subscriber.dead_letters")
+                .with_description("Events parked after failing max_attempts times")
+                .build(),
+            attrs: [opentelemetry::KeyValue::new("source", self.source.clone())],
+        };
         let mut backoff = self.min_backoff;
         loop {
+            let mut progressed = false;
             let outcome = tokio::select! {
-                r = self.follow(&lag, &attrs) => r,
+                r = self.follow(&instruments, &mut progressed) => r,
                 () = shutdown.cancelled() => return,
             };
+            if progressed {
+                backoff = self.min_backoff;
+            }
             match outcome {
                 Ok(()) => {
                     tracing::info!(source = %self.source, "change stream ended; reconnecting")
@@ -189,11 +211,7 @@ impl<H: EventHandler> Subscriber<H> {
         }
     }
 
-    async fn follow(
-        &self,
-        lag: &opentelemetry::metrics::Histogram<f64>,
-        attrs: &[opentelemetry::KeyValue],
-    ) -> Result<(), Error> {
+    async fn follow(&self, inst: &Instruments, progressed: &mut bool) -> Result<(), Error> {
         let mut cursor = load_cursor(&self.db, &self.source).await?;
         let channel = crate::client::channel(&self.endpoint)
             .map_err(|e| Error::Unavailable(e.to_string()))?;
@@ -217,18 +235,102 @@ impl<H: EventHandler> Subscriber<H> {
             if event.sequence <= cursor {
                 continue;
             }
-            let txn = self.db.begin().await?;
-            self.handler.handle(&txn, &event).await?;
-            save_cursor(&txn, &self.source, event.sequence).await?;
-            txn.commit().await?;
+            self.apply(&event, inst).await?;
             cursor = event.sequence;
+            *progressed = true;
             if let Some(t) = &event.occurred_time {
                 let at = from_micros(t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
-                lag.record((chrono::Utc::now() - at).as_seconds_f64().max(0.0), attrs);
+                inst.lag.record(
+                    (chrono::Utc::now() - at).as_seconds_f64().max(0.0),
+                    &inst.attrs,
+                );
             }
         }
         Ok(())
     }
+
+    /// Applies one event with its cursor, retrying handler failures and
+    /// parking the event after `max_attempts`.
+    async fn apply(&self, event: &ChangeEvent, inst: &Instruments) -> Result<(), Error> {
+        let mut attempt = 0;
+        let mut backoff = self.min_backoff;
+        loop {
+            attempt += 1;
+            let txn = self.db.begin().await?;
+            let failure = match self.handler.handle(&txn, event).await {
+                Ok(()) => {
+                    save_cursor(&txn, &self.source, event.sequence).await?;
+                    txn.commit().await?;
+                    return Ok(());
+                }
+                Err(e @ Error::Unavailable(_)) => return Err(e),
+                Err(e) => e,
+            };
+            drop(txn);
+            if attempt >= Ord::max(self.max_attempts, 1) {
+                tracing::error!(source = %self.source, sequence = event.sequence, event_type = %event.event_type, error = %failure, attempt, "event parked in dead_letters");
+                let txn = self.db.begin().await?;
+                park(&txn, &self.source, event, &failure.to_string(), attempt).await?;
+                save_cursor(&txn, &self.source, event.sequence).await?;
+                txn.commit().await?;
+                inst.dead_letters.add(1, &inst.attrs);
+                return Ok(());
+            }
+            tracing::warn!(source = %self.source, sequence = event.sequence, error = %failure, attempt, "event failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.max_backoff);
+        }
+    }
+}
+
+/// Stores an event that could not be applied, for inspection and replay.
+async fn park(
+    txn: &DatabaseTransaction,
+    source: &str,
+    event: &ChangeEvent,
+    error: &str,
+    attempts: u32,
+) -> Result<(), DbErr> {
+    let payload = event
+        .payload
+        .as_ref()
+        .map(|p| p.value.clone())
+        .unwrap_or_default();
+    let mut insert = Query::insert();
+    insert
+        .into_table(Alias::new("dead_letters"))
+        .columns(
+            [
+                "source",
+                "sequence",
+                "event_id",
+                "event_type",
+                "subject",
+                "payload",
+                "error",
+                "attempts",
+                "create_us",
+            ]
+            .map(Alias::new),
+        )
+        .values_panic([
+            source.into(),
+            event.sequence.into(),
+            event.event_id.clone().into(),
+            event.event_type.clone().into(),
+            event.subject.clone().into(),
+            payload.into(),
+            error.into(),
+            i64::from(attempts).into(),
+            to_micros(chrono::Utc::now()).into(),
+        ])
+        .on_conflict(
+            OnConflict::columns([Alias::new("source"), Alias::new("sequence")])
+                .do_nothing()
+                .to_owned(),
+        );
+    txn.execute(&insert).await?;
+    Ok(())
 }
 
 /// The last sequence applied from `source` (0 if none).

@@ -1,5 +1,5 @@
-//! Tables every service has: the outbox, idempotency keys and the cursors
-//! of the change streams it follows. A service's migrator lists
+//! Tables every service has: the outbox, idempotency keys, the cursors of
+//! the change streams it follows and the events it had to park (`dead_letters`). A service's migrator lists
 //! [`platform_migrations`] first, then its own.
 
 use sea_orm_migration::prelude::*;
@@ -9,7 +9,7 @@ pub fn platform_migrations() -> Vec<Box<dyn MigrationTrait>> {
     vec![Box::new(PlatformTables)]
 }
 
-/// Creates `outbox`, `idempotency_keys` and `consumer_cursors`.
+/// Creates `outbox`, `idempotency_keys`, `dead_letters` and `consumer_cursors`.
 pub struct PlatformTables;
 
 impl MigrationName for PlatformTables {
@@ -68,6 +68,23 @@ impl MigrationTrait for PlatformTables {
                 .table(a("idempotency_keys"))
                 .col(a("create_us"))
                 .if_not_exists()
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("dead_letters"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("source")).string().not_null())
+                .col(ColumnDef::new(a("sequence")).big_integer().not_null())
+                .col(ColumnDef::new(a("event_id")).string().not_null())
+                .col(ColumnDef::new(a("event_type")).string().not_null())
+                .col(ColumnDef::new(a("subject")).string().not_null())
+                .col(ColumnDef::new(a("payload")).blob().not_null())
+                .col(ColumnDef::new(a("error")).text().not_null())
+                .col(ColumnDef::new(a("attempts")).big_integer().not_null())
+                .col(ColumnDef::new(a("create_us")).big_integer().not_null())
+                .primary_key(Index::create().col(a("source")).col(a("sequence")))
                 .to_owned(),
         )
         .await?;
