@@ -6,11 +6,14 @@
 //!   the in-process cache. Nothing to install; data survive restarts.
 //! * `clm serve <service>` runs one service with the full configuration
 //!   (PostgreSQL and Redis URLs, auth, TLS): see `--help` and the README.
+//! * `clm token --subject ada --role marketer` mints an HS256 bearer token
+//!   with the secret in `CLM_AUTH__HS256_SECRET`.
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
+use clm_platform::auth::{Role, mint_hs256};
 use clm_platform::bootstrap::{ServiceCli, bind, load_or_exit, shutdown_on_signal};
-use clm_platform::config::{CliOverrides, Config, LogFormat, default_port};
+use clm_platform::config::{CliOverrides, Config, EXIT_CONFIG, LogFormat, default_port};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -50,6 +53,21 @@ enum Command {
         /// Print each service's configuration and exit.
         #[arg(long)]
         print_config: bool,
+    },
+    /// Mint an HS256 bearer token (for development and service accounts).
+    Token {
+        /// Subject (`sub`): the actor recorded in audit trails.
+        #[arg(long)]
+        subject: String,
+        /// Roles: admin, marketer, segment_owner, analyst, data_steward, service.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+        /// The shared secret (at least 32 bytes).
+        #[arg(long, env = "CLM_AUTH__HS256_SECRET", hide_env_values = true)]
+        secret: String,
     },
     /// Run one service with its full configuration.
     Serve {
@@ -92,6 +110,35 @@ impl Service {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Token {
+            subject,
+            roles,
+            ttl_secs,
+            secret,
+        } => {
+            let mut parsed = Vec::new();
+            for r in &roles {
+                let Some(role) = Role::parse(r) else {
+                    eprintln!("clm token: unknown role {r:?}");
+                    std::process::exit(EXIT_CONFIG);
+                };
+                parsed.push(role);
+            }
+            if secret.len() < 32 {
+                eprintln!("clm token: the secret must be at least 32 bytes");
+                std::process::exit(EXIT_CONFIG);
+            }
+            println!(
+                "{}",
+                mint_hs256(
+                    &secret,
+                    &subject,
+                    &parsed,
+                    std::time::Duration::from_secs(ttl_secs)
+                )?
+            );
+            Ok(())
+        }
         Command::Serve { service, cli } => {
             let config = load_or_exit(service.name(), &cli.data_dir, &cli.overrides);
             let _telemetry = clm_platform::telemetry::init(&config.log, service.name());

@@ -423,3 +423,56 @@ fn bad_config_exits_64_with_a_clear_message() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("[database]"));
 }
+
+#[tokio::test]
+async fn a_minted_token_opens_an_authenticated_server() {
+    let secret = "process-test-secret-process-test-secret";
+    let token = Command::new(env!("CARGO_BIN_EXE_clm"))
+        .args(["token", "--subject", "ops-olga", "--role", "marketer"])
+        .env("CLM_AUTH__HS256_SECRET", secret)
+        .output()
+        .unwrap();
+    assert!(token.status.success());
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clm"))
+        .args([
+            "serve",
+            "customer",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("CLM_AUTH__HS256_SECRET", secret)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    wait_serving(&url).await;
+    let channel = clm_platform::client::channel(&url).unwrap();
+    let anonymous = CustomerServiceClient::new(channel.clone())
+        .list_customers(pb::ListCustomersRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    let mut authed = CustomerServiceClient::with_interceptor(
+        channel,
+        clm_platform::client::ClientInterceptor::new(Some(&token)),
+    );
+    authed
+        .list_customers(pb::ListCustomersRequest::default())
+        .await
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_clm"))
+        .args(["token", "--subject", "x", "--role", "wizard"])
+        .env("CLM_AUTH__HS256_SECRET", secret)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(64));
+}
