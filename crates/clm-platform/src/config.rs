@@ -52,6 +52,8 @@ pub struct Config {
     pub drain_timeout_secs: u64,
     /// Days an idempotency key (`request_id`) is remembered.
     pub idempotency_retention_days: u32,
+    /// Calls in flight above which new calls are shed with UNAVAILABLE.
+    pub max_in_flight: usize,
 }
 
 /// Database settings.
@@ -175,6 +177,7 @@ impl Config {
             },
             drain_timeout_secs: 10,
             idempotency_retention_days: 7,
+            max_in_flight: 2048,
         }
     }
 
@@ -189,6 +192,9 @@ impl Config {
                 "database.url",
                 "must start with sqlite:, postgres:// or postgresql://",
             ));
+        }
+        if self.max_in_flight == 0 {
+            return Err(ConfigError::new("max_in_flight", "must be at least 1"));
         }
         if self.database.max_connections == 0 {
             return Err(ConfigError::new(

@@ -30,6 +30,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 pub struct RequestId(pub String);
 
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+const CHANGE_STREAM_PREFIX: &str = "/clm.common.v1.ChangeStreamService/";
 
 #[derive(Debug)]
 struct Metrics {
@@ -66,6 +67,9 @@ struct Shared {
     metrics: Metrics,
     /// Calls whose response has not been fully sent yet.
     in_flight: AtomicUsize,
+    /// Above this many calls in flight, new unary calls are shed with
+    /// UNAVAILABLE + RetryInfo instead of queueing without bound.
+    max_in_flight: usize,
 }
 
 /// Counts a call as in flight until dropped (with the response body).
@@ -89,13 +93,15 @@ impl Drop for InFlight {
 pub struct RpcLayer(Arc<Shared>);
 
 impl RpcLayer {
-    /// For `service`, checking tokens with `auth` when set.
-    pub fn new(service: &'static str, auth: Option<Authenticator>) -> Self {
+    /// For `service`, checking tokens with `auth` when set and shedding
+    /// calls beyond `max_in_flight`.
+    pub fn new(service: &'static str, auth: Option<Authenticator>, max_in_flight: usize) -> Self {
         Self(Arc::new(Shared {
             service,
             auth,
             metrics: Metrics::new(),
             in_flight: AtomicUsize::new(0),
+            max_in_flight,
         }))
     }
 
@@ -185,16 +191,25 @@ where
         let _ = span.set_parent(parent);
 
         let exempt = method.starts_with(HEALTH_PREFIX);
-        let auth_result = match (&shared.auth, exempt) {
-            (Some(auth), false) => {
-                let header = req
-                    .headers()
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok());
-                auth.authenticate(header).map(Some)
-            }
-            _ => Ok(None),
-        };
+        // Long-lived change streams are not load: they are never shed.
+        let sheddable = !exempt && !method.starts_with(CHANGE_STREAM_PREFIX);
+        let auth_result =
+            if sheddable && shared.in_flight.load(Ordering::SeqCst) >= shared.max_in_flight {
+                Err(crate::Error::Unavailable(
+                    "the server is overloaded; retry after the advised delay".into(),
+                ))
+            } else {
+                match (&shared.auth, exempt) {
+                    (Some(auth), false) => {
+                        let header = req
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok());
+                        auth.authenticate(header).map(Some)
+                    }
+                    _ => Ok(None),
+                }
+            };
         req.extensions_mut().insert(RequestId(request_id.clone()));
         let in_flight = InFlight::new(shared.clone());
         Box::pin(
@@ -281,7 +296,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let layer = RpcLayer::new(service, auth);
+    let layer = RpcLayer::new(service, auth, config.max_in_flight);
     let mut builder = Server::builder();
     if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
         let identity = Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?);

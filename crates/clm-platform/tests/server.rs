@@ -133,3 +133,84 @@ async fn health_reports_not_serving_while_draining() {
     // The open watch keeps a call in flight: the server gives up after the drain timeout.
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn calls_beyond_max_in_flight_are_shed_with_retry_info() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_types::StatusExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::defaults("shedtest", dir.path());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.max_in_flight = 1;
+    let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let server = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let routes = tonic::service::RoutesBuilder::default().routes();
+            clm_platform::server::serve(&config, "shedtest", listener, routes, &[], shutdown).await
+        })
+    };
+    let list = || ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut client = ServerReflectionClient::new(channel(&url).unwrap());
+
+    // An open bidirectional reflection stream keeps one call in flight.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(list()).await.unwrap();
+    let mut open = client
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    use tokio_stream::StreamExt;
+    open.next().await.unwrap().unwrap();
+
+    let shed = client
+        .server_reflection_info(tokio_stream::iter(vec![list()]))
+        .await
+        .unwrap_err();
+    assert_eq!(shed.code(), tonic::Code::Unavailable);
+    assert!(
+        shed.get_details_retry_info().is_some(),
+        "tells the client when to retry"
+    );
+    // Health checks are never shed.
+    HealthClient::new(channel(&url).unwrap())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+
+    drop(tx);
+    drop(open);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match client
+            .server_reflection_info(tokio_stream::iter(vec![list()]))
+            .await
+        {
+            Ok(s) => {
+                s.into_inner().message().await.unwrap();
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable);
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the slot was never released"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
