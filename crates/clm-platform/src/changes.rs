@@ -42,8 +42,16 @@ impl ChangeStreamServer {
             db,
             outbox,
             shutdown,
-            poll: Duration::from_millis(250),
+            poll: Duration::from_secs(1),
         }
+    }
+
+    /// How often an idle stream re-reads the outbox even without a wake-up
+    /// (a safety net: commits here and NOTIFY from other replicas wake it at once).
+    #[must_use]
+    pub fn with_poll_interval(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
     }
 }
 

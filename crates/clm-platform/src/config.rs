@@ -54,6 +54,9 @@ pub struct Config {
     pub idempotency_retention_days: u32,
     /// Calls in flight above which new calls are shed with UNAVAILABLE.
     pub max_in_flight: usize,
+    /// Milliseconds between outbox re-reads of an idle change stream (a
+    /// safety net behind in-process and PostgreSQL NOTIFY wake-ups).
+    pub change_poll_interval_ms: u64,
 }
 
 /// Database settings.
@@ -178,6 +181,7 @@ impl Config {
             drain_timeout_secs: 10,
             idempotency_retention_days: 7,
             max_in_flight: 2048,
+            change_poll_interval_ms: 1000,
         }
     }
 

@@ -66,6 +66,7 @@ pub async fn open<M: MigratorTrait>(
     {
         let db = db.clone();
         let clock = clock.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
             loop {
@@ -82,10 +83,12 @@ pub async fn open<M: MigratorTrait>(
             }
         });
     }
+    let outbox = outbox::Outbox::new(service);
+    outbox.spawn_listener(&db, shutdown);
     Ok(Runtime {
         db,
         cache,
-        outbox: outbox::Outbox::new(service),
+        outbox,
         clock,
     })
 }

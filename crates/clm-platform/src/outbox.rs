@@ -13,8 +13,10 @@
 //! the numbering, which readers simply step over.
 //!
 //! **Waking watchers.** [`Outbox::commit`] commits and bumps an in-process
-//! counter that live watchers wait on; watchers also poll, so events written
-//! by another replica are seen within the poll interval.
+//! counter that live watchers wait on. On PostgreSQL every writing
+//! transaction also sends `NOTIFY clm_outbox` (delivered at commit), and
+//! [`Outbox::spawn_listener`] turns notifications from other replicas into
+//! the same wake-up. Watchers also poll, as a safety net.
 
 use crate::db::{from_micros, is_postgres, to_micros};
 use clm_proto::common::ChangeEvent;
@@ -22,6 +24,9 @@ use sea_orm::sea_query::{Alias, Expr, ExprTrait, Order, Query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Statement};
 use std::sync::Arc;
 use tokio::sync::watch;
+
+/// PostgreSQL channel on which writers announce new outbox events.
+pub const NOTIFY_CHANNEL: &str = "clm_outbox";
 
 /// Advisory-lock key that orders outbox writers (an arbitrary constant).
 const OUTBOX_LOCK_KEY: i64 = 0x434c_4d5f_4f42; // "CLM_OB"
@@ -83,8 +88,8 @@ impl Outbox {
         if is_postgres(txn) {
             txn.execute_raw(Statement::from_sql_and_values(
                 sea_orm::DbBackend::Postgres,
-                "SELECT pg_advisory_xact_lock($1)",
-                [OUTBOX_LOCK_KEY.into()],
+                "SELECT pg_advisory_xact_lock($1), pg_notify($2, '')",
+                [OUTBOX_LOCK_KEY.into(), NOTIFY_CHANNEL.into()],
             ))
             .await?;
         }
@@ -147,6 +152,50 @@ impl Outbox {
         txn.commit().await?;
         self.committed.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
+    }
+
+    /// On PostgreSQL, listens for `NOTIFY clm_outbox` from every replica and
+    /// wakes this process's watchers, until `shutdown`. A no-op on SQLite.
+    pub fn spawn_listener(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+            return;
+        }
+        let pool = db.get_postgres_connection_pool().clone();
+        let committed = self.committed.clone();
+        let source = self.source;
+        tokio::spawn(async move {
+            let mut backoff = std::time::Duration::from_millis(100);
+            loop {
+                let listened = async {
+                    let mut listener =
+                        sea_orm::sqlx::postgres::PgListener::connect_with(&pool).await?;
+                    listener.listen(NOTIFY_CHANNEL).await?;
+                    loop {
+                        listener.recv().await?;
+                        committed.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), sea_orm::sqlx::Error>(())
+                };
+                tokio::select! {
+                    r = listened => {
+                        if let Err(e) = r {
+                            tracing::warn!(source, error = %e, ?backoff, "outbox listener failed; reconnecting");
+                        }
+                    }
+                    () = shutdown.cancelled() => return,
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+            }
+        });
     }
 
     /// A receiver that changes whenever this process commits outbox events.

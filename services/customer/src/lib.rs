@@ -48,11 +48,12 @@ pub async fn run_with_clock(
         clm_platform::open::<store::Migrator>(&config, SERVICE, clock, shutdown.clone()).await?;
     let api = CustomerServiceServer::new(api::CustomerApi::new(rt.clone()))
         .max_decoding_message_size(16 * 1024 * 1024);
-    let changes = ChangeStreamServiceServer::new(ChangeStreamServer::new(
-        rt.db.clone(),
-        rt.outbox.clone(),
-        shutdown.clone(),
-    ));
+    let changes = ChangeStreamServiceServer::new(
+        ChangeStreamServer::new(rt.db.clone(), rt.outbox.clone(), shutdown.clone())
+            .with_poll_interval(std::time::Duration::from_millis(
+                config.change_poll_interval_ms,
+            )),
+    );
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(api).add_service(changes);
     let names = [

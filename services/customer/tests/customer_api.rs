@@ -968,3 +968,46 @@ async fn request_ids_are_echoed_and_generated() {
     );
     h.server.stop().await;
 }
+
+#[tokio::test]
+async fn a_watcher_on_one_replica_wakes_for_writes_on_another() {
+    let backend = TestBackend::new().await;
+    if !backend.is_postgres() {
+        // Replicas share a PostgreSQL database; the embedded SQLite mode is one process.
+        return;
+    }
+    let mut slow_poll = backend.config("customer");
+    slow_poll.change_poll_interval_ms = 600_000;
+    let replica_a = spawn(slow_poll.clone(), clm_customer::run).await;
+    let replica_b = spawn(slow_poll, clm_customer::run).await;
+
+    let mut watch = ChangeStreamServiceClient::new(replica_a.channel())
+        .watch_changes(WatchChangesRequest {
+            after_sequence: 0,
+            event_types: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Let the watcher reach its idle wait before the other replica writes.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let created = CustomerServiceClient::new(replica_b.channel())
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(customer("replica@example.com")),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // With a 10-minute poll, only PostgreSQL NOTIFY can deliver this in time.
+    let ev = tokio::time::timeout(std::time::Duration::from_secs(20), watch.next())
+        .await
+        .expect("the watcher on replica A was not woken by the write on replica B")
+        .unwrap()
+        .unwrap()
+        .event
+        .unwrap();
+    assert_eq!(ev.subject, created.name);
+    replica_a.stop().await;
+    replica_b.stop().await;
+}
