@@ -21,6 +21,26 @@ pub struct Cursor {
     pub id: String,
 }
 
+/// Largest list response body: under the 4 MB that gRPC clients accept by
+/// default, so a page never fails to arrive because of its size.
+pub const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
+
+/// Takes at most `limit` messages, stopping early (but never before the
+/// first) when the page would outgrow [`MAX_PAGE_BYTES`]. A page shorter than
+/// `page_size` with a next token is normal list behaviour (AIP-158).
+pub fn fill<M: prost::Message>(items: impl IntoIterator<Item = M>, limit: usize) -> Vec<M> {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for m in items.into_iter().take(limit) {
+        bytes += m.encoded_len() + 8;
+        if bytes > MAX_PAGE_BYTES && !out.is_empty() {
+            break;
+        }
+        out.push(m);
+    }
+    out
+}
+
 /// Fingerprint of a query's shape.
 pub fn fingerprint(parts: &[&str]) -> String {
     let mut h = Sha256::new();
@@ -59,6 +79,16 @@ pub fn decode(field: &str, token: &str, q: &str) -> Result<Option<Cursor>, Viola
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fill_respects_the_limit_and_the_byte_budget() {
+        let small = (0..10).map(|i| prost_types::Timestamp { seconds: i, nanos: 0 });
+        assert_eq!(fill(small, 4).len(), 4);
+        let mb = || prost_types::Any { type_url: String::new(), value: vec![0; 1024 * 1024] };
+        assert_eq!(fill((0..10).map(|_| mb()), 1000).len(), 2, "2 MB fit in 3 MB, 3 do not");
+        let huge = prost_types::Any { type_url: String::new(), value: vec![0; 5 * 1024 * 1024] };
+        assert_eq!(fill([huge], 10).len(), 1, "a page always makes progress");
+    }
 
     #[test]
     fn round_trip_and_mismatch() {

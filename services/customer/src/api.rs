@@ -291,28 +291,24 @@ impl CustomerApi {
         let (sort, desc) = customers::parse_order_by("order_by", &req.order_by)?;
         let q = page::fingerprint(&[&req.filter, &req.order_by]);
         let after = page::decode("page_token", &req.page_token, &q)?.map(|c| (c.v, c.id));
-        let mut rows =
-            customers::list(&self.rt.db, cond, sort, desc, after, size as u64 + 1).await?;
-        let next_page_token = if rows.len() > size {
-            rows.truncate(size);
-            rows.last()
-                .map(|l| {
-                    page::encode(&Cursor {
-                        q,
-                        v: sort.value_of(l),
-                        id: l.id.to_string(),
-                    })
-                })
-                .unwrap_or_default()
+        let rows = customers::list(&self.rt.db, cond, sort, desc, after, size as u64 + 1).await?;
+        let today = self.now().date_naive();
+        let customers = page::fill(
+            rows.iter().map(|r| convert::customer_to_proto(r, today)),
+            size,
+        );
+        let next_page_token = if rows.len() > customers.len() {
+            let last = &rows[customers.len() - 1];
+            page::encode(&Cursor {
+                q,
+                v: sort.value_of(last),
+                id: last.id.to_string(),
+            })
         } else {
             String::new()
         };
-        let today = self.now().date_naive();
         Ok(pb::ListCustomersResponse {
-            customers: rows
-                .iter()
-                .map(|r| convert::customer_to_proto(r, today))
-                .collect(),
+            customers,
             next_page_token,
         })
     }
@@ -414,23 +410,20 @@ impl CustomerApi {
         {
             return Err(Error::NotFound(id.name()));
         }
-        let mut rows = touchpoints::list(&self.rt.db, id, kind, after, size as u64 + 1).await?;
-        let next_page_token = if rows.len() > size {
-            rows.truncate(size);
-            rows.last()
-                .map(|l| {
-                    page::encode(&Cursor {
-                        q,
-                        v: clm_platform::db::to_micros(l.touchpoint.occurred_time).into(),
-                        id: l.touchpoint.event_id.clone(),
-                    })
-                })
-                .unwrap_or_default()
+        let rows = touchpoints::list(&self.rt.db, id, kind, after, size as u64 + 1).await?;
+        let touchpoints = page::fill(rows.iter().map(convert::touchpoint_to_proto), size);
+        let next_page_token = if rows.len() > touchpoints.len() {
+            let last = &rows[touchpoints.len() - 1].touchpoint;
+            page::encode(&Cursor {
+                q,
+                v: clm_platform::db::to_micros(last.occurred_time).into(),
+                id: last.event_id.clone(),
+            })
         } else {
             String::new()
         };
         Ok(pb::ListTouchpointsResponse {
-            touchpoints: rows.iter().map(convert::touchpoint_to_proto).collect(),
+            touchpoints,
             next_page_token,
         })
     }

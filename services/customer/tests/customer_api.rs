@@ -1011,3 +1011,59 @@ async fn a_watcher_on_one_replica_wakes_for_writes_on_another() {
     replica_a.stop().await;
     replica_b.stop().await;
 }
+
+#[tokio::test]
+async fn list_pages_stay_under_the_default_4mb_receive_limit() {
+    let h = start().await;
+    let mut c = h.client();
+    let big = "x".repeat(4000);
+    for b in 0..3 {
+        let requests = (0..20)
+            .map(|i| {
+                let mut cu = customer(&format!("big{b}-{i}@example.com"));
+                for k in 0..20 {
+                    cu.attributes.insert(
+                        format!("note_{k}"),
+                        AttributeValue {
+                            value: Some(Value::StringValue(big.clone())),
+                        },
+                    );
+                }
+                pb::CreateCustomerRequest {
+                    customer: Some(cu),
+                    request_id: String::new(),
+                }
+            })
+            .collect();
+        c.batch_create_customers(pb::BatchCreateCustomersRequest {
+            requests,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    // 60 customers of ~80 KB: one page of 1,000 would be ~4.8 MB.
+    let mut seen = HashSet::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = c
+            .list_customers(pb::ListCustomersRequest {
+                page_size: 1000,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("every page fits the client's default 4 MB limit")
+            .into_inner();
+        pages += 1;
+        seen.extend(page.customers.into_iter().map(|x| x.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 60);
+    assert!(pages >= 2);
+    h.server.stop().await;
+}
