@@ -68,8 +68,8 @@ else
 fi
 unset CLM_TEST_DATABASE_URL CLM_TEST_REDIS_URL
 
-step "generated-client tests: Python (grpcio-tools stubs against clm up)"
+step "generated-client tests: Python (grpcio-tools) and Node (@grpc/grpc-js) against clm up"
 cargo build -p clm
-tests/clients/python/run.sh target/debug/clm
+tests/clients/run.sh target/debug/clm
 
 step "all checks passed"

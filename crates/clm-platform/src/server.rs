@@ -193,7 +193,7 @@ where
         let exempt = method.starts_with(HEALTH_PREFIX);
         // Long-lived change streams are not load: they are never shed.
         let sheddable = !exempt && !method.starts_with(CHANGE_STREAM_PREFIX);
-        let auth_result =
+        let admission =
             if sheddable && shared.in_flight.load(Ordering::SeqCst) >= shared.max_in_flight {
                 Err(crate::Error::Unavailable(
                     "the server is overloaded; retry after the advised delay".into(),
@@ -215,7 +215,7 @@ where
         Box::pin(
             async move {
                 let start = Instant::now();
-                let mut response = match auth_result {
+                let mut response = match admission {
                     Ok(principal) => {
                         if let Some(p) = principal {
                             req.extensions_mut().insert::<Principal>(p);
