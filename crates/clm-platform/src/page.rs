@@ -82,11 +82,24 @@ mod tests {
 
     #[test]
     fn fill_respects_the_limit_and_the_byte_budget() {
-        let small = (0..10).map(|i| prost_types::Timestamp { seconds: i, nanos: 0 });
+        let small = (0..10).map(|i| prost_types::Timestamp {
+            seconds: i,
+            nanos: 0,
+        });
         assert_eq!(fill(small, 4).len(), 4);
-        let mb = || prost_types::Any { type_url: String::new(), value: vec![0; 1024 * 1024] };
-        assert_eq!(fill((0..10).map(|_| mb()), 1000).len(), 2, "2 MB fit in 3 MB, 3 do not");
-        let huge = prost_types::Any { type_url: String::new(), value: vec![0; 5 * 1024 * 1024] };
+        let mb = || prost_types::Any {
+            type_url: String::new(),
+            value: vec![0; 1024 * 1024],
+        };
+        assert_eq!(
+            fill((0..10).map(|_| mb()), 1000).len(),
+            2,
+            "2 MB fit in 3 MB, 3 do not"
+        );
+        let huge = prost_types::Any {
+            type_url: String::new(),
+            value: vec![0; 5 * 1024 * 1024],
+        };
         assert_eq!(fill([huge], 10).len(), 1, "a page always makes progress");
     }
 
