@@ -16,6 +16,33 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 
+/// Starts the platform server alone (health and reflection) on a free port:
+/// its URL, its shutdown token, its task and the directory it lives in.
+async fn start(
+    name: &'static str,
+    health_names: &'static [&'static str],
+    edit: impl FnOnce(&mut Config),
+) -> (
+    String,
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::defaults(name, dir.path());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    edit(&mut config);
+    let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let server = tokio::spawn(async move {
+        let routes = tonic::service::RoutesBuilder::default().routes();
+        clm_platform::server::serve(&config, name, listener, routes, health_names, token).await
+    });
+    (url, shutdown, server, dir)
+}
+
 #[tokio::test]
 async fn server_span_continues_the_callers_trace() {
     let exporter = InMemorySpanExporter::default();
@@ -27,19 +54,7 @@ async fn server_span_continues_the_callers_trace() {
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
     tracing::subscriber::set_global_default(subscriber).unwrap();
 
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::defaults("tracetest", dir.path());
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    let server = {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let routes = tonic::service::RoutesBuilder::default().routes();
-            clm_platform::server::serve(&config, "tracetest", listener, routes, &[], shutdown).await
-        })
-    };
+    let (url, shutdown, server, _dir) = start("tracetest", &[], |_| {}).await;
 
     let caller = tracing::info_span!("caller");
     let caller_trace = caller.context().span().span_context().trace_id();
@@ -92,28 +107,10 @@ async fn health_reports_not_serving_while_draining() {
     use tokio_stream::StreamExt;
     use tonic_health::pb::health_check_response::ServingStatus;
 
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::defaults("draintest", dir.path());
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.drain_timeout_secs = 1;
-    let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    let server = {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let routes = tonic::service::RoutesBuilder::default().routes();
-            clm_platform::server::serve(
-                &config,
-                "draintest",
-                listener,
-                routes,
-                &["draintest.v1.Service"],
-                shutdown,
-            )
-            .await
-        })
-    };
+    let (url, shutdown, server, _dir) = start("draintest", &["draintest.v1.Service"], |c| {
+        c.drain_timeout_secs = 1
+    })
+    .await;
     let mut watch = HealthClient::new(channel(&url).unwrap())
         .watch(HealthCheckRequest {
             service: "draintest.v1.Service".into(),
@@ -141,20 +138,7 @@ async fn calls_beyond_max_in_flight_are_shed_with_retry_info() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_types::StatusExt;
 
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::defaults("shedtest", dir.path());
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.max_in_flight = 1;
-    let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    let server = {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let routes = tonic::service::RoutesBuilder::default().routes();
-            clm_platform::server::serve(&config, "shedtest", listener, routes, &[], shutdown).await
-        })
-    };
+    let (url, shutdown, server, _dir) = start("shedtest", &[], |c| c.max_in_flight = 1).await;
     let list = || ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
