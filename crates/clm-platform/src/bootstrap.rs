@@ -59,3 +59,15 @@ pub fn shutdown_on_signal() -> CancellationToken {
     });
     token
 }
+
+/// The whole `main` of a single-service binary: parse the command line,
+/// load the config (exit 64 on error), start telemetry, bind and run
+/// `service` until SIGINT/SIGTERM.
+pub async fn main(service: &'static crate::service::ServiceDescriptor) -> anyhow::Result<()> {
+    use clap::Parser;
+    let cli = ServiceCli::parse();
+    let config = load_or_exit(service.name, &cli.data_dir, &cli.overrides);
+    let _telemetry = crate::telemetry::init(&config.log, service.name);
+    let listener = bind(&config).await?;
+    crate::service::run(service, config, listener, shutdown_on_signal()).await
+}

@@ -1,27 +1,60 @@
 //! Change streams: the `clm.common.v1.ChangeStreamService` server every
-//! service mounts over its outbox, and the reconnecting [`Subscriber`] a
-//! service runs for each stream it follows.
+//! service mounts over its outbox, the reconnecting [`Subscriber`] that
+//! follows another service's stream, and the `DeadLetterService` that lists
+//! and replays the events a subscriber had to park.
 //!
-//! A subscriber applies each event and stores its cursor in the *same*
-//! transaction of its own database, so a crash or restart of either side
-//! loses nothing and applies nothing twice.
+//! **Writing a consumer.** Register a typed handler per event type in
+//! [`Handlers`] and name the source in the service descriptor
+//! (`Parts::follow("customer", handlers)`); the platform does the rest.
+//! A handler receives the decoded message and an [`Apply`] context: the
+//! transaction, `emit` for the service's own outbox events, and
+//! `after_commit` for work that must wait for the commit (cache writes).
+//!
+//! **Exactly once.** Up to `subscriber.batch_size` events are applied in one
+//! transaction together with the stream cursor, so a crash or restart of
+//! either side loses nothing and applies nothing twice. A failing batch is
+//! applied again one event at a time: an event whose handler keeps failing
+//! (for a reason other than [`Error::Unavailable`]) is parked as a dead
+//! letter after `subscriber.max_attempts` and the stream moves on.
+//!
+//! **Faults are loud.** UNAUTHENTICATED or PERMISSION_DENIED from the source
+//! is a configuration fault: logged as an error on every attempt, counted in
+//! `clm.subscriber.faults` and reported NOT_SERVING under the health name
+//! `clm.subscription.<source>`. A source whose stream went backwards (its
+//! outbox was reset or restored from an older backup) or that no longer
+//! keeps the events after our cursor (retention) stops the subscription
+//! with an error instead of silently skipping.
 
-use crate::auth::{Role, authorize};
+use crate::Runtime;
+use crate::auth::{Role, authorize, mint_hs256};
 use crate::client::ClientInterceptor;
+use crate::config::{Config, SubscriberConfig};
 use crate::db::{from_micros, to_micros};
 use crate::error::Error;
-use crate::outbox::Outbox;
+use crate::outbox::NewEvent;
+use crate::page::{self, Cursor};
 use clm_proto::common::change_stream_service_client::ChangeStreamServiceClient;
 use clm_proto::common::change_stream_service_server::ChangeStreamService;
-use clm_proto::common::{ChangeEvent, WatchChangesRequest, WatchChangesResponse};
-use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict, Query};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
-use std::time::Duration;
+use clm_proto::common::dead_letter_service_server::DeadLetterService;
+use clm_proto::common::{
+    ChangeEvent, DeadLetter, ListDeadLettersRequest, ListDeadLettersResponse,
+    ReplayDeadLetterRequest, ReplayDeadLetterResponse, WatchChangesRequest, WatchChangesResponse,
+};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict, Order, Query};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, QueryResult, TransactionTrait};
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 /// Events read from the outbox per query.
 const READ_BATCH: u64 = 500;
@@ -29,30 +62,42 @@ const READ_BATCH: u64 = 500;
 /// Serves a service's outbox as `WatchChanges`.
 #[derive(Clone, Debug)]
 pub struct ChangeStreamServer {
-    db: DatabaseConnection,
-    outbox: Outbox,
+    rt: Runtime,
     shutdown: CancellationToken,
     poll: Duration,
 }
 
 impl ChangeStreamServer {
-    /// Serves `outbox` stored in `db`; open streams end with UNAVAILABLE on `shutdown`.
-    pub fn new(db: DatabaseConnection, outbox: Outbox, shutdown: CancellationToken) -> Self {
+    /// Serves `rt`'s outbox; open streams end with UNAVAILABLE on `shutdown`.
+    pub fn new(rt: Runtime, shutdown: CancellationToken) -> Self {
         Self {
-            db,
-            outbox,
+            rt,
             shutdown,
             poll: Duration::from_secs(1),
         }
     }
 
     /// How often an idle stream re-reads the outbox even without a wake-up
-    /// (a safety net: commits here and NOTIFY from other replicas wake it at once).
+    /// (a safety net: local stamps and NOTIFY from other replicas wake it at once).
     #[must_use]
     pub fn with_poll_interval(mut self, poll: Duration) -> Self {
         self.poll = poll;
         self
     }
+}
+
+/// Checks the `event_types` filter of a `WatchChanges` request.
+fn check_event_types(types: &[String]) -> Result<(), Error> {
+    let mut v = clm_domain::Violations::new();
+    for (i, t) in types.iter().enumerate() {
+        if t.is_empty() || t.len() > 200 || !t.contains('.') {
+            v.push(clm_domain::Violation::new(
+                format!("event_types[{i}]"),
+                "must be a fully qualified event message name, e.g. clm.customer.v1.StageChanged",
+            ));
+        }
+    }
+    Ok(v.into_result()?)
 }
 
 #[tonic::async_trait]
@@ -68,16 +113,43 @@ impl ChangeStreamService for ChangeStreamServer {
         if req.after_sequence < 0 {
             return Err(Error::invalid("after_sequence", "must not be negative").into());
         }
+        check_event_types(&req.event_types)?;
+        let bounds = self
+            .rt
+            .outbox
+            .bounds(&self.rt.db)
+            .await
+            .map_err(Error::from)?;
+        if req.after_sequence < bounds.purged_through {
+            return Err(Error::OutOfRange(format!(
+                "after_sequence {} is older than the oldest kept event {}: events up to {} were \
+                 removed by retention (outbox_retention_days); rebuild from a snapshot and resume from {}",
+                req.after_sequence,
+                bounds.purged_through + 1,
+                bounds.purged_through,
+                bounds.purged_through
+            ))
+            .into());
+        }
+        if req.after_sequence > bounds.head {
+            return Err(Error::OutOfRange(format!(
+                "after_sequence {} is beyond the newest event {}: the {} outbox was reset or \
+                 restored from an older backup",
+                req.after_sequence, bounds.head, self.rt.service
+            ))
+            .into());
+        }
         let (tx, rx) = mpsc::channel(2 * READ_BATCH as usize);
         let this = self.clone();
         tokio::spawn(async move {
             let mut cursor = req.after_sequence;
-            let mut wake = this.outbox.subscribe();
+            let mut wake = this.rt.outbox.subscribe();
             loop {
                 wake.mark_unchanged();
                 match this
+                    .rt
                     .outbox
-                    .read_after(&this.db, cursor, &req.event_types, READ_BATCH)
+                    .read_after(&this.rt.db, cursor, &req.event_types, READ_BATCH)
                     .await
                 {
                     Ok(events) if !events.is_empty() => {
@@ -114,72 +186,277 @@ impl ChangeStreamService for ChangeStreamServer {
     }
 }
 
-/// Applies the events of one stream. Called inside the transaction that
-/// also advances the cursor.
-#[async_trait::async_trait]
-pub trait EventHandler: Send + Sync + 'static {
-    /// Applies `event`. An error rolls the transaction back. `Error::Unavailable`
-    /// (a dependency is down) is retried forever; any other error is retried
-    /// up to the subscriber's `max_attempts`, then the event is parked in
-    /// `dead_letters` and the stream moves on.
-    async fn handle(&self, txn: &DatabaseTransaction, event: &ChangeEvent) -> Result<(), Error>;
+/// What a handler works with while it applies events: the transaction that
+/// will also store the cursor, the service's outbox and an after-commit hook.
+pub struct Apply {
+    txn: DatabaseTransaction,
+    rt: Runtime,
+    emitted: Vec<NewEvent>,
+    after_commit: Vec<BoxFuture<'static, ()>>,
 }
 
-/// Follows another service's change stream, forever, from the cursor it
+impl std::fmt::Debug for Apply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Apply")
+            .field("service", &self.rt.service)
+            .field("emitted", &self.emitted.len())
+            .field("after_commit", &self.after_commit.len())
+            .finish()
+    }
+}
+
+impl Apply {
+    async fn begin(rt: &Runtime) -> Result<Self, DbErr> {
+        Ok(Self {
+            txn: rt.db.begin().await?,
+            rt: rt.clone(),
+            emitted: Vec::new(),
+            after_commit: Vec::new(),
+        })
+    }
+
+    /// The transaction the effect is written in (it also stores the cursor).
+    pub fn txn(&self) -> &DatabaseTransaction {
+        &self.txn
+    }
+
+    /// The service's shared resources (cache, clock, ...).
+    pub fn runtime(&self) -> &Runtime {
+        &self.rt
+    }
+
+    /// The current time, from the service's clock.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.rt.clock.now()
+    }
+
+    /// Emits an event on this service's own change stream; it commits with
+    /// the effect and wakes local watchers at once.
+    pub fn emit(&mut self, event: NewEvent) {
+        self.emitted.push(event);
+    }
+
+    /// Runs `work` once the transaction has committed (never if it rolls
+    /// back), e.g. writing what the database now holds to the cache.
+    pub fn after_commit(&mut self, work: impl Future<Output = ()> + Send + 'static) {
+        self.after_commit.push(Box::pin(work));
+    }
+
+    async fn commit(self) -> Result<(), DbErr> {
+        let now = self.now();
+        self.rt.outbox.append(&self.txn, &self.emitted, now).await?;
+        self.rt.outbox.commit(self.txn).await?;
+        for work in self.after_commit {
+            work.await;
+        }
+        Ok(())
+    }
+}
+
+/// Handles one event type of a followed stream. A service implements it
+/// once per message type it cares about and registers it with
+/// [`Handlers::on`].
+#[async_trait::async_trait]
+pub trait On<M>: Send + Sync + 'static {
+    /// Applies `message` (the decoded payload of `event`) inside `cx`. An
+    /// error rolls the batch back: [`Error::Unavailable`] (a dependency is
+    /// down) is retried without limit, anything else up to `max_attempts`,
+    /// then the event is parked as a dead letter.
+    async fn on(&self, cx: &mut Apply, event: &ChangeEvent, message: M) -> Result<(), Error>;
+}
+
+#[async_trait::async_trait]
+trait Dispatch: Send + Sync {
+    async fn dispatch(&self, cx: &mut Apply, event: &ChangeEvent) -> Result<(), Error>;
+}
+
+struct Typed<M, H> {
+    handler: Arc<H>,
+    message: PhantomData<fn() -> M>,
+}
+
+#[async_trait::async_trait]
+impl<M, H> Dispatch for Typed<M, H>
+where
+    M: prost::Name + prost::Message + Default + Send + 'static,
+    H: On<M>,
+{
+    async fn dispatch(&self, cx: &mut Apply, event: &ChangeEvent) -> Result<(), Error> {
+        let bytes = event
+            .payload
+            .as_ref()
+            .map_or(&[][..], |p| p.value.as_slice());
+        let message = M::decode(bytes).map_err(|e| {
+            Error::Internal(format!("cannot decode {} payload: {e}", M::full_name()))
+        })?;
+        self.handler.on(cx, event, message).await
+    }
+}
+
+/// The handlers of one followed stream, by event type. Only these types are
+/// requested from the source.
+#[derive(Clone, Default)]
+pub struct Handlers {
+    by_type: BTreeMap<String, Arc<dyn Dispatch>>,
+}
+
+impl std::fmt::Debug for Handlers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.by_type.keys()).finish()
+    }
+}
+
+impl Handlers {
+    /// No handlers yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies events of type `M` with `handler`.
+    #[must_use]
+    pub fn on<M, H>(mut self, handler: Arc<H>) -> Self
+    where
+        M: prost::Name + prost::Message + Default + Send + 'static,
+        H: On<M>,
+    {
+        self.by_type.insert(
+            M::full_name(),
+            Arc::new(Typed::<M, H> {
+                handler,
+                message: PhantomData,
+            }),
+        );
+        self
+    }
+
+    /// The event types handled.
+    pub fn event_types(&self) -> Vec<String> {
+        self.by_type.keys().cloned().collect()
+    }
+
+    async fn dispatch(&self, cx: &mut Apply, event: &ChangeEvent) -> Result<(), Error> {
+        match self.by_type.get(&event.event_type) {
+            Some(d) => d.dispatch(cx, event).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// A bearer token for calls to peers: minted from the HS256 secret with
+/// role `service` and renewed when a third of its lifetime is left.
+#[derive(Clone)]
+pub struct TokenSource {
+    secret: Arc<String>,
+    subject: String,
+    ttl: Duration,
+    cached: Arc<Mutex<Option<(String, Instant)>>>,
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSource")
+            .field("subject", &self.subject)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+impl TokenSource {
+    /// The token source of `service` under `config`, if auth is on.
+    pub fn from_config(config: &Config, service: &str) -> anyhow::Result<Option<Self>> {
+        match &config.auth.hs256_secret {
+            Some(secret) => Ok(Some(Self::new(
+                secret,
+                format!("service:{service}"),
+                Duration::from_secs(config.subscriber.token_ttl_secs),
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// Tokens for `subject` signed with `secret`, each valid for `ttl`.
+    pub fn new(secret: &str, subject: String, ttl: Duration) -> Self {
+        Self {
+            secret: Arc::new(secret.to_owned()),
+            subject,
+            ttl,
+            cached: Arc::default(),
+        }
+    }
+
+    /// A token with at least a third of its lifetime left.
+    pub fn token(&self) -> Result<String, Error> {
+        let mut cached = self
+            .cached
+            .lock()
+            .map_err(|_| Error::internal("token cache poisoned"))?;
+        if let Some((token, expires)) = cached.as_ref()
+            && expires.saturating_duration_since(Instant::now()) > self.ttl / 3
+        {
+            return Ok(token.clone());
+        }
+        let token = mint_hs256(&self.secret, &self.subject, &[Role::Service], self.ttl)
+            .map_err(Error::internal)?;
+        *cached = Some((token.clone(), Instant::now() + self.ttl));
+        Ok(token)
+    }
+}
+
+/// Decides, at a point of the apply path, whether to simulate a crash there
+/// (tests only: `subscriber.before_cursor` fires after the handlers ran and
+/// before the cursor is stored and the transaction commits).
+pub type FailPoint = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// Why a subscription stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriptionError {
+    /// The source cannot serve the stream from our cursor (reset, restored or purged).
+    #[error("{0}")]
+    Source(String),
+    /// A fail point fired (tests).
+    #[error("fail point {0} fired")]
+    FailPoint(&'static str),
+}
+
+/// Follows one peer's change stream until shutdown, from the cursor it
 /// keeps in `consumer_cursors`.
-#[derive(Debug)]
-pub struct Subscriber<H> {
-    /// Cursor key, usually the source service name.
-    pub source: String,
-    /// `http://host:port` of the source service.
-    pub endpoint: String,
-    /// Only these event types (empty = all).
-    pub event_types: Vec<String>,
-    /// Bearer token for the source, if it checks auth.
-    pub token: Option<String>,
-    /// This service's database (holds the cursor).
-    pub db: DatabaseConnection,
-    /// What to do with each event.
-    pub handler: H,
-    /// First retry delay; doubles up to `max_backoff`.
-    pub min_backoff: Duration,
-    /// Longest retry delay.
-    pub max_backoff: Duration,
-    /// Attempts at one event before it is parked in `dead_letters`.
-    pub max_attempts: u32,
+pub struct Subscriber {
+    rt: Runtime,
+    source: String,
+    endpoint: String,
+    handlers: Handlers,
+    batch_size: usize,
+    min_backoff: Duration,
+    max_backoff: Duration,
+    max_attempts: u32,
+    token: Option<TokenSource>,
+    health: Option<HealthReporter>,
+    fail_point: Option<FailPoint>,
+    instruments: Instruments,
+}
+
+impl std::fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("source", &self.source)
+            .field("endpoint", &self.endpoint)
+            .field("handlers", &self.handlers)
+            .finish()
+    }
 }
 
 struct Instruments {
     lag: opentelemetry::metrics::Histogram<f64>,
+    applied: opentelemetry::metrics::Counter<u64>,
     dead_letters: opentelemetry::metrics::Counter<u64>,
-    attrs: [opentelemetry::KeyValue; 1],
+    faults: opentelemetry::metrics::Counter<u64>,
+    attrs: [opentelemetry::KeyValue; 2],
 }
 
-impl<H: EventHandler> Subscriber<H> {
-    /// A subscriber with default backoff (100 ms doubling to 10 s) and 10 attempts per event.
-    pub fn new(
-        source: impl Into<String>,
-        endpoint: impl Into<String>,
-        db: DatabaseConnection,
-        handler: H,
-    ) -> Self {
-        Self {
-            source: source.into(),
-            endpoint: endpoint.into(),
-            event_types: Vec::new(),
-            token: None,
-            db,
-            handler,
-            min_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(10),
-            max_attempts: 10,
-        }
-    }
-
-    /// Runs until `shutdown`, reconnecting with backoff after any failure.
-    pub async fn run(self, shutdown: CancellationToken) {
+impl Instruments {
+    fn new(service: &str, source: &str) -> Self {
         let meter = opentelemetry::global::meter("clm");
-        let instruments = Instruments {
+        Self {
             lag: meter
                 .f64_histogram("clm.subscriber.lag")
                 .with_unit("s")
@@ -187,107 +464,354 @@ impl<H: EventHandler> Subscriber<H> {
                     "Seconds between an event's commit at the source and its application here",
                 )
                 .build(),
+            applied: meter
+                .u64_counter("clm.subscriber.applied")
+                .with_description("Events applied from a followed stream")
+                .build(),
             dead_letters: meter
                 .u64_counter("clm.subscriber.dead_letters")
                 .with_description("Events parked after failing max_attempts times")
                 .build(),
-            attrs: [opentelemetry::KeyValue::new("source", self.source.clone())],
-        };
+            faults: meter
+                .u64_counter("clm.subscriber.faults")
+                .with_description(
+                    "Configuration faults (the source refused our credentials) and stopped streams",
+                )
+                .build(),
+            attrs: [
+                opentelemetry::KeyValue::new("service", service.to_owned()),
+                opentelemetry::KeyValue::new("source", source.to_owned()),
+            ],
+        }
+    }
+}
+
+/// How one attempt to follow the stream ended.
+enum Interrupted {
+    /// Network, shutdown of the source, an unavailable dependency: retry.
+    Transient(String),
+    /// The source refused our credentials: a configuration fault.
+    Refused(String),
+    /// Stop for good.
+    Stop(SubscriptionError),
+}
+
+impl From<DbErr> for Interrupted {
+    fn from(e: DbErr) -> Self {
+        Interrupted::Transient(format!("database: {e}"))
+    }
+}
+
+impl Subscriber {
+    /// Follows `source` at `endpoint` (`http://host:port`) with `handlers`,
+    /// with the default settings of [`SubscriberConfig`].
+    pub fn new(
+        rt: Runtime,
+        source: impl Into<String>,
+        endpoint: impl Into<String>,
+        handlers: Handlers,
+    ) -> Self {
+        let source = source.into();
+        let defaults = Config::defaults(rt.service, std::path::Path::new(".")).subscriber;
+        let instruments = Instruments::new(rt.service, &source);
+        Self {
+            rt,
+            source,
+            endpoint: endpoint.into(),
+            handlers,
+            batch_size: 0,
+            min_backoff: Duration::ZERO,
+            max_backoff: Duration::ZERO,
+            max_attempts: 0,
+            token: None,
+            health: None,
+            fail_point: None,
+            instruments,
+        }
+        .with_config(&defaults)
+    }
+
+    /// Applies the batch size, attempts and backoff of `c`.
+    #[must_use]
+    pub fn with_config(mut self, c: &SubscriberConfig) -> Self {
+        self.batch_size = Ord::max(c.batch_size, 1);
+        self.max_attempts = Ord::max(c.max_attempts, 1);
+        let min = Ord::max(c.min_backoff_ms, 1);
+        self.min_backoff = Duration::from_millis(min);
+        self.max_backoff = Duration::from_millis(Ord::max(c.max_backoff_ms, min));
+        self
+    }
+
+    /// Presents tokens from `token` to the source (when auth is on).
+    #[must_use]
+    pub fn with_token(mut self, token: Option<TokenSource>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// Reports the subscription's state under `clm.subscription.<source>`.
+    #[must_use]
+    pub fn with_health(mut self, health: HealthReporter) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    /// Simulates crashes where `fail_point` says so (tests).
+    #[must_use]
+    pub fn with_fail_point(mut self, fail_point: FailPoint) -> Self {
+        self.fail_point = Some(fail_point);
+        self
+    }
+
+    fn health_name(&self) -> String {
+        format!("clm.subscription.{}", self.source)
+    }
+
+    async fn report(&self, status: ServingStatus) {
+        if let Some(h) = &self.health {
+            h.set_service_status(self.health_name(), status).await;
+        }
+    }
+
+    /// Runs until `shutdown` (Ok), or until the subscription must stop
+    /// (the source cannot serve our cursor; a test fail point fired).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), SubscriptionError> {
         let mut backoff = self.min_backoff;
         loop {
             let mut progressed = false;
             let outcome = tokio::select! {
-                r = self.follow(&instruments, &mut progressed) => r,
-                () = shutdown.cancelled() => return,
+                r = self.follow(&mut progressed) => r,
+                () = shutdown.cancelled() => return Ok(()),
             };
             if progressed {
                 backoff = self.min_backoff;
             }
             match outcome {
-                Ok(()) => {
-                    tracing::info!(source = %self.source, "change stream ended; reconnecting")
+                Interrupted::Transient(e) => {
+                    tracing::warn!(service = self.rt.service, source = %self.source, error = %e, ?backoff, "change stream interrupted; reconnecting");
                 }
-                Err(e) => {
-                    tracing::warn!(source = %self.source, error = %e, ?backoff, "change stream failed; reconnecting")
+                Interrupted::Refused(e) => {
+                    backoff = self.max_backoff;
+                    self.instruments.faults.add(1, &self.instruments.attrs);
+                    self.report(ServingStatus::NotServing).await;
+                    tracing::error!(service = self.rt.service, source = %self.source, endpoint = %self.endpoint, error = %e, "the source refused this service's credentials: check auth.hs256_secret / audience on both sides; retrying slowly");
+                }
+                Interrupted::Stop(e) => {
+                    self.instruments.faults.add(1, &self.instruments.attrs);
+                    self.report(ServingStatus::NotServing).await;
+                    tracing::error!(service = self.rt.service, source = %self.source, error = %e, "subscription stopped");
+                    return Err(e);
                 }
             }
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => return Ok(()),
             }
             backoff = (backoff * 2).min(self.max_backoff);
         }
     }
 
-    async fn follow(&self, inst: &Instruments, progressed: &mut bool) -> Result<(), Error> {
-        let mut cursor = load_cursor(&self.db, &self.source).await?;
-        let channel = crate::client::channel(&self.endpoint)
-            .map_err(|e| Error::Unavailable(e.to_string()))?;
+    async fn follow(&self, progressed: &mut bool) -> Interrupted {
+        let mut cursor = match load_cursor(&self.rt.db, &self.source).await {
+            Ok(c) => c,
+            Err(e) => return e.into(),
+        };
+        let token = match self.token.as_ref().map(TokenSource::token).transpose() {
+            Ok(t) => t,
+            Err(e) => return Interrupted::Transient(e.to_string()),
+        };
+        let channel = match crate::client::channel(&self.endpoint) {
+            Ok(c) => c,
+            Err(e) => {
+                return Interrupted::Stop(SubscriptionError::Source(format!(
+                    "peers.{}: {e}",
+                    self.source
+                )));
+            }
+        };
         let mut client = ChangeStreamServiceClient::with_interceptor(
             channel,
-            ClientInterceptor::new(self.token.as_deref()),
+            ClientInterceptor::new(token.as_deref()),
         );
-        let mut stream = client
+        let mut stream = match client
             .watch_changes(WatchChangesRequest {
                 after_sequence: cursor,
-                event_types: self.event_types.clone(),
+                event_types: self.handlers.event_types(),
             })
             .await
-            .map_err(|s| Error::Unavailable(s.to_string()))?
-            .into_inner();
-        while let Some(msg) = stream.next().await {
-            let event = msg
-                .map_err(|s| Error::Unavailable(s.to_string()))?
-                .event
-                .unwrap_or_default();
-            if event.sequence <= cursor {
-                continue;
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) => return classify(&s),
+        };
+        self.report(ServingStatus::Serving).await;
+        loop {
+            let mut batch = Vec::new();
+            let mut ended = None;
+            match stream.next().await {
+                Some(Ok(m)) => batch.extend(m.event),
+                Some(Err(s)) => return classify(&s),
+                None => return Interrupted::Transient("the source ended the stream".into()),
             }
-            self.apply(&event, inst).await?;
-            cursor = event.sequence;
-            *progressed = true;
-            if let Some(t) = &event.occurred_time {
-                let at = from_micros(t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
-                inst.lag.record(
-                    (chrono::Utc::now() - at).as_seconds_f64().max(0.0),
-                    &inst.attrs,
-                );
+            // Take what has already arrived, up to a batch.
+            while batch.len() < self.batch_size {
+                match stream.next().now_or_never() {
+                    Some(Some(Ok(m))) => batch.extend(m.event),
+                    Some(Some(Err(s))) => {
+                        ended = Some(classify(&s));
+                        break;
+                    }
+                    Some(None) => {
+                        ended = Some(Interrupted::Transient("the source ended the stream".into()));
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            for e in &batch {
+                if e.sequence <= cursor {
+                    return Interrupted::Stop(SubscriptionError::Source(format!(
+                        "the {} stream went backwards (sequence {} after {cursor}): its outbox was reset or restored",
+                        self.source, e.sequence
+                    )));
+                }
+                cursor = e.sequence;
+            }
+            if !batch.is_empty() {
+                if let Err(e) = self.apply(&batch).await {
+                    return e;
+                }
+                *progressed = true;
+            }
+            if let Some(e) = ended {
+                return e;
             }
         }
+    }
+
+    fn fire(&self, point: &'static str) -> Result<(), Interrupted> {
+        match &self.fail_point {
+            Some(f) if f(point) => Err(Interrupted::Stop(SubscriptionError::FailPoint(point))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Applies `batch` in one transaction with the cursor; on a handler
+    /// failure, one event at a time.
+    async fn apply(&self, batch: &[ChangeEvent]) -> Result<(), Interrupted> {
+        let Some(last) = batch.last() else {
+            return Ok(());
+        };
+        let mut cx = Apply::begin(&self.rt).await?;
+        let mut failed = None;
+        for event in batch {
+            match self.handlers.dispatch(&mut cx, event).await {
+                Ok(()) => {}
+                Err(Error::Unavailable(e)) => return Err(Interrupted::Transient(e)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if failed.is_some() && batch.len() > 1 {
+            drop(cx);
+            for event in batch {
+                self.apply_one(event).await?;
+            }
+            return Ok(());
+        }
+        if let Some(e) = failed {
+            drop(cx);
+            return self.retry_or_park(last, e).await;
+        }
+        self.fire("subscriber.before_cursor")?;
+        save_cursor(cx.txn(), &self.source, last.sequence, cx.now()).await?;
+        cx.commit().await?;
+        self.applied(batch);
         Ok(())
     }
 
-    /// Applies one event with its cursor, retrying handler failures and
-    /// parking the event after `max_attempts`.
-    async fn apply(&self, event: &ChangeEvent, inst: &Instruments) -> Result<(), Error> {
-        let mut attempt = 0;
+    async fn apply_one(&self, event: &ChangeEvent) -> Result<(), Interrupted> {
+        let mut cx = Apply::begin(&self.rt).await?;
+        match self.handlers.dispatch(&mut cx, event).await {
+            Ok(()) => {
+                self.fire("subscriber.before_cursor")?;
+                save_cursor(cx.txn(), &self.source, event.sequence, cx.now()).await?;
+                cx.commit().await?;
+                self.applied(std::slice::from_ref(event));
+                Ok(())
+            }
+            Err(Error::Unavailable(e)) => Err(Interrupted::Transient(e)),
+            Err(e) => {
+                drop(cx);
+                self.retry_or_park(event, e).await
+            }
+        }
+    }
+
+    /// Retries a failing event with backoff, parking it after `max_attempts`.
+    async fn retry_or_park(&self, event: &ChangeEvent, first: Error) -> Result<(), Interrupted> {
+        let mut failure = first;
+        let mut attempt = 1;
         let mut backoff = self.min_backoff;
         loop {
-            attempt += 1;
-            let txn = self.db.begin().await?;
-            let failure = match self.handler.handle(&txn, event).await {
-                Ok(()) => {
-                    save_cursor(&txn, &self.source, event.sequence).await?;
-                    txn.commit().await?;
-                    return Ok(());
-                }
-                Err(e @ Error::Unavailable(_)) => return Err(e),
-                Err(e) => e,
-            };
-            drop(txn);
-            if attempt >= Ord::max(self.max_attempts, 1) {
-                tracing::error!(source = %self.source, sequence = event.sequence, event_type = %event.event_type, error = %failure, attempt, "event parked in dead_letters");
-                let txn = self.db.begin().await?;
-                park(&txn, &self.source, event, &failure.to_string(), attempt).await?;
-                save_cursor(&txn, &self.source, event.sequence).await?;
+            if attempt >= self.max_attempts {
+                tracing::error!(service = self.rt.service, source = %self.source, sequence = event.sequence, event_type = %event.event_type, error = %failure, attempt, "event parked as a dead letter");
+                let txn = self.rt.db.begin().await?;
+                let now = self.rt.clock.now();
+                park(
+                    &txn,
+                    &self.source,
+                    event,
+                    &failure.to_string(),
+                    attempt,
+                    now,
+                )
+                .await?;
+                save_cursor(&txn, &self.source, event.sequence, now).await?;
                 txn.commit().await?;
-                inst.dead_letters.add(1, &inst.attrs);
+                self.instruments
+                    .dead_letters
+                    .add(1, &self.instruments.attrs);
                 return Ok(());
             }
-            tracing::warn!(source = %self.source, sequence = event.sequence, error = %failure, attempt, "event failed; retrying");
+            tracing::warn!(service = self.rt.service, source = %self.source, sequence = event.sequence, error = %failure, attempt, "event failed; retrying");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.max_backoff);
+            attempt += 1;
+            let mut cx = Apply::begin(&self.rt).await?;
+            match self.handlers.dispatch(&mut cx, event).await {
+                Ok(()) => {
+                    self.fire("subscriber.before_cursor")?;
+                    save_cursor(cx.txn(), &self.source, event.sequence, cx.now()).await?;
+                    cx.commit().await?;
+                    self.applied(std::slice::from_ref(event));
+                    return Ok(());
+                }
+                Err(Error::Unavailable(e)) => return Err(Interrupted::Transient(e)),
+                Err(e) => failure = e,
+            }
         }
+    }
+
+    fn applied(&self, events: &[ChangeEvent]) {
+        let i = &self.instruments;
+        i.applied.add(events.len() as u64, &i.attrs);
+        if let Some(t) = events.last().and_then(|e| e.occurred_time.as_ref()) {
+            let at = from_micros(t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
+            let lag = (self.rt.clock.now() - at).as_seconds_f64().max(0.0);
+            i.lag.record(lag, &i.attrs);
+        }
+    }
+}
+
+fn classify(s: &Status) -> Interrupted {
+    match s.code() {
+        Code::Unauthenticated | Code::PermissionDenied => {
+            Interrupted::Refused(format!("{:?}: {}", s.code(), s.message()))
+        }
+        Code::OutOfRange => Interrupted::Stop(SubscriptionError::Source(s.message().to_owned())),
+        _ => Interrupted::Transient(format!("{:?}: {}", s.code(), s.message())),
     }
 }
 
@@ -298,12 +822,17 @@ async fn park(
     event: &ChangeEvent,
     error: &str,
     attempts: u32,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(), DbErr> {
     let payload = event
         .payload
         .as_ref()
         .map(|p| p.value.clone())
         .unwrap_or_default();
+    let occurred = event
+        .occurred_time
+        .as_ref()
+        .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
     let mut insert = Query::insert();
     insert
         .into_table(Alias::new("dead_letters"))
@@ -318,6 +847,7 @@ async fn park(
                 "error",
                 "attempts",
                 "create_us",
+                "occurred_us",
             ]
             .map(Alias::new),
         )
@@ -330,7 +860,8 @@ async fn park(
             payload.into(),
             error.into(),
             i64::from(attempts).into(),
-            to_micros(chrono::Utc::now()).into(),
+            to_micros(now).into(),
+            occurred.into(),
         ])
         .on_conflict(
             OnConflict::columns([Alias::new("source"), Alias::new("sequence")])
@@ -359,16 +890,13 @@ pub async fn save_cursor(
     txn: &impl ConnectionTrait,
     source: &str,
     sequence: i64,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(), DbErr> {
     let mut upsert = Query::insert();
     upsert
         .into_table(Alias::new("consumer_cursors"))
         .columns(["source", "sequence", "update_us"].map(Alias::new))
-        .values_panic([
-            source.into(),
-            sequence.into(),
-            to_micros(chrono::Utc::now()).into(),
-        ])
+        .values_panic([source.into(), sequence.into(), to_micros(now).into()])
         .on_conflict(
             OnConflict::column(Alias::new("source"))
                 .update_columns([Alias::new("sequence"), Alias::new("update_us")])
@@ -376,4 +904,228 @@ pub async fn save_cursor(
         );
     txn.execute(&upsert).await?;
     Ok(())
+}
+
+/// Serves `clm.common.v1.DeadLetterService` over the service's parked events.
+#[derive(Clone, Debug)]
+pub struct DeadLetterServer {
+    rt: Runtime,
+    handlers: BTreeMap<String, Handlers>,
+}
+
+/// Roles that may see and replay dead letters.
+const OPERATORS: &[Role] = &[Role::DataSteward];
+
+const DEAD_LETTER_COLUMNS: [&str; 10] = [
+    "source",
+    "sequence",
+    "event_id",
+    "event_type",
+    "subject",
+    "payload",
+    "error",
+    "attempts",
+    "create_us",
+    "occurred_us",
+];
+
+fn dead_letter(r: &QueryResult) -> Result<DeadLetter, DbErr> {
+    let source: String = r.try_get("", "source")?;
+    let sequence: i64 = r.try_get("", "sequence")?;
+    let event_type: String = r.try_get("", "event_type")?;
+    let attempts: i64 = r.try_get("", "attempts")?;
+    Ok(DeadLetter {
+        name: format!("deadLetters/{source}.{sequence}"),
+        event: Some(ChangeEvent {
+            sequence,
+            event_id: r.try_get("", "event_id")?,
+            subject: r.try_get("", "subject")?,
+            occurred_time: Some(crate::convert::timestamp(from_micros(
+                r.try_get("", "occurred_us")?,
+            ))),
+            payload: Some(prost_types::Any {
+                type_url: format!("{}{event_type}", clm_proto::TYPE_URL_PREFIX),
+                value: r.try_get("", "payload")?,
+            }),
+            event_type,
+            source: source.clone(),
+        }),
+        source,
+        error: r.try_get("", "error")?,
+        attempts: i32::try_from(attempts).unwrap_or(i32::MAX),
+        create_time: Some(crate::convert::timestamp(from_micros(
+            r.try_get("", "create_us")?,
+        ))),
+    })
+}
+
+fn parse_dead_letter_name(name: &str) -> Result<(String, i64), Error> {
+    name.strip_prefix("deadLetters/")
+        .and_then(|rest| rest.rsplit_once('.'))
+        .and_then(|(source, seq)| Some((source.to_owned(), seq.parse::<i64>().ok()?)))
+        .filter(|(source, _)| !source.is_empty())
+        .ok_or_else(|| Error::invalid("name", "must look like deadLetters/{source}.{sequence}"))
+}
+
+impl DeadLetterServer {
+    /// Serves `rt`'s dead letters, replaying them with `handlers` (by source).
+    pub fn new(rt: Runtime, handlers: BTreeMap<String, Handlers>) -> Self {
+        Self { rt, handlers }
+    }
+
+    async fn list(&self, req: ListDeadLettersRequest) -> Result<ListDeadLettersResponse, Error> {
+        let size =
+            clm_domain::validation::page_size("page_size", req.page_size, 50, 1000)? as usize;
+        let source = match clm_domain::filter::parse("filter", &req.filter)?.as_slice() {
+            [] => None,
+            [c] if c.field == "source" && c.op == clm_domain::filter::Op::Eq => Some(
+                c.value
+                    .as_text()
+                    .ok_or_else(|| Error::invalid("filter", "source must be compared with a name"))?
+                    .to_owned(),
+            ),
+            _ => {
+                return Err(Error::invalid(
+                    "filter",
+                    "only `source = \"<service>\"` is supported",
+                ));
+            }
+        };
+        let q = page::fingerprint(&["deadLetters", &req.filter]);
+        let after = match page::decode("page_token", &req.page_token, &q)? {
+            Some(Cursor { v, id, .. }) => Some((
+                id,
+                v.as_i64().ok_or_else(|| {
+                    Error::invalid(
+                        "page_token",
+                        "is not a page token returned by this list call",
+                    )
+                })?,
+            )),
+            None => None,
+        };
+        let mut sel = Query::select();
+        sel.columns(DEAD_LETTER_COLUMNS.map(Alias::new))
+            .from(Alias::new("dead_letters"))
+            .order_by(Alias::new("source"), Order::Asc)
+            .order_by(Alias::new("sequence"), Order::Asc)
+            .limit(size as u64 + 1);
+        if let Some(s) = &source {
+            sel.and_where(Expr::col(Alias::new("source")).eq(s.as_str()));
+        }
+        if let Some((s, n)) = after {
+            sel.and_where(
+                Expr::tuple([
+                    Expr::col(Alias::new("source")),
+                    Expr::col(Alias::new("sequence")),
+                ])
+                .gt(Expr::tuple([Expr::val(s), Expr::val(n)])),
+            );
+        }
+        let rows = self.rt.db.query_all(&sel).await?;
+        let all = rows
+            .iter()
+            .map(dead_letter)
+            .collect::<Result<Vec<_>, _>>()?;
+        let dead_letters = page::fill(all, size);
+        let next_page_token = match dead_letters.last() {
+            Some(last) if rows.len() > dead_letters.len() => page::encode(&Cursor {
+                q,
+                v: last.event.as_ref().map_or(0, |e| e.sequence).into(),
+                id: last.source.clone(),
+            }),
+            _ => String::new(),
+        };
+        Ok(ListDeadLettersResponse {
+            dead_letters,
+            next_page_token,
+        })
+    }
+
+    async fn replay(
+        &self,
+        req: ReplayDeadLetterRequest,
+    ) -> Result<ReplayDeadLetterResponse, Error> {
+        let (source, sequence) = parse_dead_letter_name(&req.name)?;
+        let find = |q: &mut sea_orm::sea_query::SelectStatement| {
+            q.from(Alias::new("dead_letters"))
+                .and_where(Expr::col(Alias::new("source")).eq(source.as_str()))
+                .and_where(Expr::col(Alias::new("sequence")).eq(sequence));
+        };
+        let mut sel = Query::select();
+        sel.columns(DEAD_LETTER_COLUMNS.map(Alias::new));
+        find(&mut sel);
+        let row = self
+            .rt
+            .db
+            .query_one(&sel)
+            .await?
+            .ok_or_else(|| Error::NotFound(req.name.clone()))?;
+        let letter = dead_letter(&row)?;
+        let handlers = self
+            .handlers
+            .get(&source)
+            .ok_or_else(|| Error::FailedPrecondition {
+                reason: "SOURCE_NOT_FOLLOWED",
+                message: format!("this service no longer follows the {source} stream"),
+            })?;
+        let event = letter.event.clone().unwrap_or_default();
+        let mut cx = Apply::begin(&self.rt).await?;
+        match handlers.dispatch(&mut cx, &event).await {
+            Ok(()) => {
+                let mut del = Query::delete();
+                del.from_table(Alias::new("dead_letters"))
+                    .and_where(Expr::col(Alias::new("source")).eq(source.as_str()))
+                    .and_where(Expr::col(Alias::new("sequence")).eq(sequence));
+                if cx.txn().execute(&del).await?.rows_affected() == 0 {
+                    return Err(Error::NotFound(req.name));
+                }
+                cx.commit().await?;
+                Ok(ReplayDeadLetterResponse {
+                    applied: true,
+                    error: String::new(),
+                    dead_letter: None,
+                })
+            }
+            Err(e) => {
+                drop(cx);
+                let message = e.to_string();
+                let mut upd = Query::update();
+                upd.table(Alias::new("dead_letters"))
+                    .value(Alias::new("error"), message.clone())
+                    .value(
+                        Alias::new("attempts"),
+                        Expr::col(Alias::new("attempts")).add(1),
+                    )
+                    .and_where(Expr::col(Alias::new("source")).eq(source.as_str()))
+                    .and_where(Expr::col(Alias::new("sequence")).eq(sequence));
+                self.rt.db.execute(&upd).await?;
+                let row = self.rt.db.query_one(&sel).await?;
+                Ok(ReplayDeadLetterResponse {
+                    applied: false,
+                    error: message,
+                    dead_letter: row.as_ref().map(dead_letter).transpose()?,
+                })
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl DeadLetterService for DeadLetterServer {
+    async fn list_dead_letters(
+        &self,
+        request: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        authorize(&request, OPERATORS)?;
+        Ok(Response::new(self.list(request.into_inner()).await?))
+    }
+
+    async fn replay_dead_letter(
+        &self,
+        request: Request<ReplayDeadLetterRequest>,
+    ) -> Result<Response<ReplayDeadLetterResponse>, Status> {
+        authorize(&request, OPERATORS)?;
+        Ok(Response::new(self.replay(request.into_inner()).await?))
+    }
 }

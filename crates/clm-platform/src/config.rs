@@ -10,11 +10,17 @@ use figment::{
     providers::{Env, Format, Serialized, Toml},
 };
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// Exit status for a configuration error (`EX_USAGE` from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
+
+/// Every CLM service, in port order: a name here is also a per-service
+/// section of the config file (`[scoring]`) and of the environment
+/// (`CLM_SCORING__DATABASE__URL`).
+pub const SERVICES: [&str; 5] = ["customer", "scoring", "segmentation", "feedback", "loyalty"];
 
 /// A service's ports, from DESIGN.md.
 pub fn default_port(service: &str) -> u16 {
@@ -57,6 +63,30 @@ pub struct Config {
     /// Milliseconds between outbox re-reads of an idle change stream (a
     /// safety net behind in-process and PostgreSQL NOTIFY wake-ups).
     pub change_poll_interval_ms: u64,
+    /// Days a change event is kept in the outbox; a consumer asking to
+    /// resume before the oldest kept one gets OUT_OF_RANGE.
+    pub outbox_retention_days: u32,
+    /// Other services by name (`customer = "http://127.0.0.1:50051"`): the
+    /// change streams this service follows are read from them.
+    pub peers: BTreeMap<String, String>,
+    /// How this service follows other services' change streams.
+    pub subscriber: SubscriberConfig,
+}
+
+/// Settings of the change-stream subscribers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriberConfig {
+    /// Most events applied in one transaction (with the cursor).
+    pub batch_size: usize,
+    /// Attempts at one failing event before it is parked as a dead letter.
+    pub max_attempts: u32,
+    /// First retry delay in milliseconds; doubles up to `max_backoff_ms`.
+    pub min_backoff_ms: u64,
+    /// Longest retry delay in milliseconds.
+    pub max_backoff_ms: u64,
+    /// Lifetime of the service token minted for peers (with `auth.hs256_secret`).
+    pub token_ttl_secs: u64,
 }
 
 /// Database settings.
@@ -182,6 +212,15 @@ impl Config {
             idempotency_retention_days: 7,
             max_in_flight: 2048,
             change_poll_interval_ms: 1000,
+            outbox_retention_days: 30,
+            peers: BTreeMap::new(),
+            subscriber: SubscriberConfig {
+                batch_size: 500,
+                max_attempts: 10,
+                min_backoff_ms: 100,
+                max_backoff_ms: 10_000,
+                token_ttl_secs: 600,
+            },
         }
     }
 
@@ -233,6 +272,38 @@ impl Config {
                 format!("{} is not a readable file", p.display()),
             ));
         }
+        for (name, url) in &self.peers {
+            if !SERVICES.contains(&name.as_str()) {
+                return Err(ConfigError::new(
+                    format!("peers.{name}"),
+                    format!("is not a CLM service (one of {})", SERVICES.join(", ")),
+                ));
+            }
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::new(
+                    format!("peers.{name}"),
+                    "must be an http:// or https:// URL",
+                ));
+            }
+        }
+        if self.subscriber.batch_size == 0 || self.subscriber.batch_size > 10_000 {
+            return Err(ConfigError::new(
+                "subscriber.batch_size",
+                "must be between 1 and 10000",
+            ));
+        }
+        if self.subscriber.token_ttl_secs < 10 {
+            return Err(ConfigError::new(
+                "subscriber.token_ttl_secs",
+                "must be at least 10",
+            ));
+        }
+        if self.outbox_retention_days == 0 {
+            return Err(ConfigError::new(
+                "outbox_retention_days",
+                "must be at least 1",
+            ));
+        }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return Err(ConfigError::new(
                 "tls",
@@ -274,7 +345,7 @@ fn toml_string(c: &Config) -> String {
                     tables.push_str(&format!("\n[{k}]\n"));
                     for (ik, iv) in inner {
                         if !iv.is_null() {
-                            tables.push_str(&format!("{ik} = {iv}\n"));
+                            tables.push_str(&format!("{} = {iv}\n", toml_key(&ik)));
                         }
                     }
                 }
@@ -284,6 +355,16 @@ fn toml_string(c: &Config) -> String {
         }
     }
     top + &tables
+}
+
+fn toml_key(k: &str) -> String {
+    if k.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        k.to_owned()
+    } else {
+        serde_json::Value::String(k.to_owned()).to_string()
+    }
 }
 
 /// A configuration value that is wrong, and why.
@@ -332,10 +413,22 @@ pub struct CliOverrides {
     #[arg(long, value_enum)]
     #[serde(skip)]
     pub log_format: Option<LogFormat>,
+    /// A peer service's URL, `NAME=URL` (repeatable), e.g.
+    /// `--peer customer=http://customer:50051`.
+    #[arg(long = "peer", value_parser = parse_peer)]
+    #[serde(skip)]
+    pub peers: Vec<(String, String)>,
     /// Print the resulting configuration and exit.
     #[arg(long)]
     #[serde(skip)]
     pub print_config: bool,
+}
+
+fn parse_peer(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(n, u)| (n.trim().to_owned(), u.trim().to_owned()))
+        .filter(|(n, u)| !n.is_empty() && !u.is_empty())
+        .ok_or_else(|| format!("{s:?} is not NAME=URL"))
 }
 
 /// Loads the layered configuration of `service`.
@@ -352,15 +445,41 @@ pub fn load(
                 format!("{} does not exist", path.display()),
             ));
         }
-        fig = fig.merge(Toml::file(path));
+        // The file's top level applies to every service; a `[<service>]`
+        // table applies to that service only, on top.
+        let file = Figment::from(Toml::file(path));
+        let mut dict: figment::value::Dict = file
+            .extract()
+            .map_err(|e| ConfigError::new(path.display().to_string(), e.kind.to_string()))?;
+        let mut own = None;
+        for name in SERVICES {
+            if let Some(section) = dict.remove(name)
+                && name == service
+            {
+                own = Some(section);
+            }
+        }
+        fig = fig.merge(Serialized::defaults(dict));
+        if let Some(section) = own {
+            fig = fig.merge(Serialized::defaults(section));
+        }
     }
-    fig = fig.merge(Env::prefixed("CLM_").split("__").ignore(&[
-        "config",
-        "data_dir",
-        "test_database_url",
-        "test_redis_url",
-    ]));
+    let is_section = |k: &figment::value::UncasedStr| {
+        SERVICES
+            .iter()
+            .any(|s| k.as_str().starts_with(&format!("{s}__")))
+    };
+    fig = fig.merge(
+        Env::prefixed("CLM_")
+            .ignore(&["config", "data_dir", "test_database_url", "test_redis_url"])
+            .filter(move |k| !is_section(k))
+            .split("__"),
+    );
+    fig = fig.merge(Env::prefixed(&format!("CLM_{}__", service.to_uppercase())).split("__"));
     fig = fig.merge(Serialized::defaults(cli));
+    for (name, url) in &cli.peers {
+        fig = fig.merge((format!("peers.{name}"), url));
+    }
     if let Some(url) = &cli.database_url {
         fig = fig.merge(("database.url", url));
     }

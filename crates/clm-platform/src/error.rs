@@ -45,6 +45,10 @@ pub enum Error {
     /// The caller's roles do not allow the rpc.
     #[error("{0}")]
     PermissionDenied(String),
+    /// A position outside what can be served (e.g. a change-stream cursor
+    /// older than retention or beyond the newest event).
+    #[error("{0}")]
+    OutOfRange(String),
     /// A dependency is down or overloaded; retry later.
     #[error("{0}")]
     Unavailable(String),
@@ -110,6 +114,7 @@ impl From<Error> for Status {
             Error::Aborted(m) => with_info(Code::Aborted, "CONCURRENT_MODIFICATION", m),
             Error::Unauthenticated(m) => with_info(Code::Unauthenticated, "UNAUTHENTICATED", m),
             Error::PermissionDenied(m) => with_info(Code::PermissionDenied, "ROLE_NOT_ALLOWED", m),
+            Error::OutOfRange(m) => with_info(Code::OutOfRange, "OUT_OF_RANGE", m),
             Error::Unavailable(m) => Status::with_error_details(
                 Code::Unavailable,
                 m,

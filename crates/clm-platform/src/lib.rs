@@ -6,8 +6,19 @@
 //! subscriber, [`idempotency`] keys, and (feature `testing`) the test
 //! harness for both storage backends.
 //!
-//! A service writes only its API, storage and event handlers; see
-//! `services/customer` for the shape.
+//! A service declares itself once in a [`service::ServiceDescriptor`] and
+//! writes only its API, storage and event handlers; [`service::run`] does the
+//! rest. See `services/customer` for the shape.
+//!
+//! Conventions every service follows:
+//! * each rpc: `authorize` (roles) → convert (proto → domain, violations name
+//!   the field) → logic in one transaction → convert back;
+//! * writes go through [`idempotency`] (a `request_id` retry returns the first
+//!   answer) and append their events to the [`outbox`] in the same transaction;
+//! * streams of other services are followed with [`changes::Handlers`]
+//!   registered in the descriptor: the handler's effect, the events it emits
+//!   and the cursor commit together, in batches;
+//! * times are stored as integer microseconds ([`db::to_micros`]).
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -24,6 +35,7 @@ pub mod migration;
 pub mod outbox;
 pub mod page;
 pub mod server;
+pub mod service;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -32,12 +44,13 @@ pub use error::{Error, Result};
 
 use clm_domain::Clock;
 use sea_orm::DatabaseConnection;
-use sea_orm_migration::MigratorTrait;
 use std::sync::Arc;
 
 /// The shared resources of a running service.
 #[derive(Clone, Debug)]
 pub struct Runtime {
+    /// The service's name (`customer`).
+    pub service: &'static str,
     /// Database pool.
     pub db: DatabaseConnection,
     /// Cache (Redis or in-process).
@@ -48,25 +61,30 @@ pub struct Runtime {
     pub clock: Arc<dyn Clock>,
 }
 
-/// Connects the database (running `M`'s migrations unless turned off) and
-/// the cache, and starts the idempotency-key purge.
-pub async fn open<M: MigratorTrait>(
+/// Connects the database (running the service's migrations unless turned
+/// off) and the cache, and starts the outbox relay and the hourly purge of
+/// expired idempotency keys and outbox events.
+pub async fn open(
+    descriptor: &service::ServiceDescriptor,
     config: &config::Config,
-    service: &'static str,
     clock: Arc<dyn Clock>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<Runtime> {
+    let service = descriptor.name;
     let db = db::connect(&config.database).await?;
     if config.database.migrate {
-        M::up(&db, None).await?;
+        (descriptor.migrate)(&db).await?;
     }
     let cache =
         cache::Cache::connect(config.cache.redis_url.as_deref(), &config.cache.key_prefix).await?;
     let retention = chrono::Duration::days(i64::from(config.idempotency_retention_days));
+    let outbox_retention = chrono::Duration::days(i64::from(config.outbox_retention_days));
+    let outbox = outbox::Outbox::new(service);
     {
         let db = db.clone();
         let clock = clock.clone();
         let shutdown = shutdown.clone();
+        let outbox = outbox.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
             loop {
@@ -77,15 +95,24 @@ pub async fn open<M: MigratorTrait>(
                             Ok(_) => {}
                             Err(e) => tracing::warn!(service, error = %e, "idempotency purge failed"),
                         }
+                        match outbox.purge(&db, clock.now() - outbox_retention).await {
+                            Ok(n) if n > 0 => tracing::info!(service, purged = n, "expired outbox events removed"),
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(service, error = %e, "outbox purge failed"),
+                        }
                     }
                     () = shutdown.cancelled() => return,
                 }
             }
         });
     }
-    let outbox = outbox::Outbox::new(service);
-    outbox.spawn_listener(&db, shutdown);
+    outbox.spawn(
+        &db,
+        std::time::Duration::from_millis(config.change_poll_interval_ms),
+        shutdown,
+    );
     Ok(Runtime {
+        service,
         db,
         cache,
         outbox,

@@ -6,7 +6,7 @@ use sea_orm_migration::prelude::*;
 
 /// The platform's migrations, to put first in a service's `Migrator`.
 pub fn platform_migrations() -> Vec<Box<dyn MigrationTrait>> {
-    vec![Box::new(PlatformTables)]
+    vec![Box::new(PlatformTables), Box::new(OutboxPositions)]
 }
 
 /// Creates `outbox`, `idempotency_keys`, `dead_letters` and `consumer_cursors`.
@@ -103,5 +103,34 @@ impl MigrationTrait for PlatformTables {
                 .to_owned(),
         )
         .await
+    }
+}
+
+/// Gives outbox events a `position` stamped in commit order (see
+/// [`crate::outbox`]) and records how far retention has purged.
+pub struct OutboxPositions;
+
+impl MigrationName for OutboxPositions {
+    fn name(&self) -> &str {
+        "m0001_platform_outbox_positions"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for OutboxPositions {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        let db = m.get_connection();
+        for sql in [
+            "ALTER TABLE outbox ADD COLUMN position BIGINT NULL",
+            "UPDATE outbox SET position = sequence",
+            "CREATE UNIQUE INDEX IF NOT EXISTS outbox_position ON outbox (position)",
+            "CREATE INDEX IF NOT EXISTS outbox_unstamped ON outbox (sequence) WHERE position IS NULL",
+            "CREATE TABLE IF NOT EXISTS outbox_retention (id BIGINT NOT NULL PRIMARY KEY, purged_through BIGINT NOT NULL)",
+            "INSERT INTO outbox_retention (id, purged_through) VALUES (1, 0)",
+            "ALTER TABLE dead_letters ADD COLUMN occurred_us BIGINT NOT NULL DEFAULT 0",
+        ] {
+            db.execute_unprepared(sql).await?;
+        }
+        Ok(())
     }
 }

@@ -1,35 +1,46 @@
 //! The transactional outbox: domain events written in the same transaction
 //! as the change they describe, numbered in commit order.
 //!
-//! **Commit order on PostgreSQL.** A sequence value taken inside a
+//! **Commit order without a global lock.** A number taken inside a
 //! transaction can commit after a higher one, and a reader that has passed
-//! 11 would never see 10. [`Outbox::append`] therefore takes a
-//! transaction-scoped advisory lock before it inserts, as the last step of
-//! the transaction: events are numbered while holding the lock, and the
-//! lock is released only after the commit is visible, so sequences become
-//! visible strictly in order. Only the short tail of each writing
-//! transaction is serialised. SQLite has a single writer, so the order
-//! holds there by construction. A rolled-back transaction leaves a hole in
-//! the numbering, which readers simply step over.
+//! 11 would never see 10. So writers do not number their events: each row
+//! is inserted with a NULL `position`, and writers commit concurrently
+//! (commits group as PostgreSQL likes). After a commit, the writer's
+//! process wakes its *relay*, which in one short transaction, under an
+//! advisory lock named after the service, stamps every committed unstamped
+//! row with the next positions (`MAX(position) + row_number()`), sends one
+//! `NOTIFY` for the whole batch and commits. Stamping is serialised and
+//! only sees committed rows, so positions appear strictly in order, dense,
+//! and a reader that has passed position p never finds a smaller one later.
+//! A writer that crashes between its commit and the wake-up is covered by
+//! every replica's relay polling for unstamped rows.
 //!
-//! **Waking watchers.** [`Outbox::commit`] commits and bumps an in-process
-//! counter that live watchers wait on. On PostgreSQL every writing
-//! transaction also sends `NOTIFY clm_outbox` (delivered at commit), and
-//! [`Outbox::spawn_listener`] turns notifications from other replicas into
-//! the same wake-up. Watchers also poll, as a safety net.
+//! SQLite has a single writer, so the writer stamps its own rows in the
+//! same transaction (`position = sequence`).
+//!
+//! **Waking watchers.** A stamp wakes this process's watchers at once;
+//! other replicas hear the relay's coalesced `NOTIFY clm_outbox_<service>`
+//! and wake theirs ([`Outbox::spawn`]). Watchers also poll, as a safety net.
+//!
+//! **Retention.** [`Outbox::purge`] deletes events older than the retention
+//! (never the newest one) and records the last purged position, so a
+//! consumer asking to resume before it gets `OUT_OF_RANGE` naming the oldest
+//! kept event instead of a silent skip.
 
 use crate::db::{from_micros, is_postgres, to_micros};
 use clm_proto::common::ChangeEvent;
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, Order, Query};
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, Statement};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, Statement,
+    TransactionTrait,
+};
 use std::sync::Arc;
-use tokio::sync::watch;
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
 
-/// PostgreSQL channel on which writers announce new outbox events.
-pub const NOTIFY_CHANNEL: &str = "clm_outbox";
-
-/// Advisory-lock key that orders outbox writers (an arbitrary constant).
-const OUTBOX_LOCK_KEY: i64 = 0x434c_4d5f_4f42; // "CLM_OB"
+/// Most rows one relay transaction stamps.
+const STAMP_BATCH: i64 = 20_000;
 
 /// An event to append.
 #[derive(Debug, Clone)]
@@ -53,11 +64,23 @@ impl NewEvent {
     }
 }
 
+/// The oldest and newest positions a stream can resume from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Events up to and including this position were purged (0 = none).
+    pub purged_through: i64,
+    /// The newest stamped position (0 = no event yet).
+    pub head: i64,
+}
+
 /// The outbox of one service.
 #[derive(Clone, Debug)]
 pub struct Outbox {
     source: &'static str,
-    committed: Arc<watch::Sender<u64>>,
+    /// Bumped whenever events become visible to readers in this process.
+    visible: Arc<watch::Sender<u64>>,
+    /// Wakes the relay after a local commit (PostgreSQL).
+    relay: Arc<Notify>,
 }
 
 impl Outbox {
@@ -65,7 +88,8 @@ impl Outbox {
     pub fn new(source: &'static str) -> Self {
         Self {
             source,
-            committed: Arc::new(watch::channel(0).0),
+            visible: Arc::new(watch::channel(0).0),
+            relay: Arc::new(Notify::new()),
         }
     }
 
@@ -74,8 +98,22 @@ impl Outbox {
         self.source
     }
 
-    /// Appends events inside `txn`. Call it as the last write of the
-    /// transaction, then [`Outbox::commit`].
+    /// PostgreSQL channel on which this service's relay announces new events.
+    pub fn channel(&self) -> String {
+        format!("clm_outbox_{}", self.source)
+    }
+
+    /// Advisory-lock key that serialises this service's relays: a stable
+    /// hash of the service name, so services may share a database.
+    fn lock_key(&self) -> i64 {
+        let mut h: i64 = 0x434c_4d5f_4f42; // "CLM_OB"
+        for b in self.source.bytes() {
+            h = h.wrapping_mul(31).wrapping_add(i64::from(b));
+        }
+        h
+    }
+
+    /// Appends events inside `txn`; then [`Outbox::commit`] it.
     pub async fn append(
         &self,
         txn: &DatabaseTransaction,
@@ -84,14 +122,6 @@ impl Outbox {
     ) -> Result<(), DbErr> {
         if events.is_empty() {
             return Ok(());
-        }
-        if is_postgres(txn) {
-            txn.execute_raw(Statement::from_sql_and_values(
-                sea_orm::DbBackend::Postgres,
-                "SELECT pg_advisory_xact_lock($1), pg_notify($2, '')",
-                [OUTBOX_LOCK_KEY.into(), NOTIFY_CHANNEL.into()],
-            ))
-            .await?;
         }
         let occurred = to_micros(now);
         if is_postgres(txn) {
@@ -111,7 +141,7 @@ impl Outbox {
                 })
                 .collect();
             txn.execute_raw(Statement::from_sql_and_values(
-                sea_orm::DbBackend::Postgres,
+                DbBackend::Postgres,
                 "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_us) \
                  SELECT event_id, event_type, subject, decode(payload, 'base64'), occurred_us \
                  FROM json_to_recordset($1::json) \
@@ -144,39 +174,127 @@ impl Outbox {
             }
             txn.execute(&insert).await?;
         }
+        // SQLite has one writer: insertion order is commit order.
+        txn.execute_unprepared("UPDATE outbox SET position = sequence WHERE position IS NULL")
+            .await?;
         Ok(())
     }
 
-    /// Commits `txn` and wakes this process's live watchers.
+    /// Commits `txn`, then makes its events visible: wakes the relay on
+    /// PostgreSQL, this process's watchers on SQLite.
     pub async fn commit(&self, txn: DatabaseTransaction) -> Result<(), DbErr> {
+        let postgres = is_postgres(&txn);
         txn.commit().await?;
-        self.committed.send_modify(|n| *n = n.wrapping_add(1));
+        if postgres {
+            self.relay.notify_one();
+        } else {
+            self.wake_watchers();
+        }
         Ok(())
     }
 
-    /// On PostgreSQL, listens for `NOTIFY clm_outbox` from every replica and
-    /// wakes this process's watchers, until `shutdown`. A no-op on SQLite.
-    pub fn spawn_listener(
-        &self,
-        db: &sea_orm::DatabaseConnection,
-        shutdown: tokio_util::sync::CancellationToken,
-    ) {
-        if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+    fn wake_watchers(&self) {
+        self.visible.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Stamps positions on committed, unstamped events (PostgreSQL); returns how many.
+    pub async fn stamp(&self, db: &DatabaseConnection) -> Result<u64, DbErr> {
+        if !is_postgres(db) {
+            return Ok(0);
+        }
+        let txn = db.begin().await?;
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock($1)",
+            [self.lock_key().into()],
+        ))
+        .await?;
+        // Runs after the lock, so its snapshot sees every earlier stamp.
+        let stamped = txn
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "WITH next AS ( \
+                   SELECT sequence, row_number() OVER (ORDER BY sequence) AS rn \
+                   FROM outbox WHERE position IS NULL ORDER BY sequence LIMIT $1), \
+                 base AS (SELECT COALESCE(MAX(position), 0) AS m FROM outbox) \
+                 UPDATE outbox o SET position = base.m + next.rn \
+                 FROM next, base WHERE o.sequence = next.sequence",
+                [STAMP_BATCH.into()],
+            ))
+            .await?
+            .rows_affected();
+        if stamped > 0 {
+            txn.execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT pg_notify($1, '')",
+                [self.channel().into()],
+            ))
+            .await?;
+        }
+        txn.commit().await?;
+        if stamped > 0 {
+            self.wake_watchers();
+        }
+        Ok(stamped)
+    }
+
+    /// On PostgreSQL, runs the relay (stamping after local commits and every
+    /// `poll`) and a listener that wakes this process's watchers when another
+    /// replica's relay stamps, until `shutdown`. A no-op on SQLite.
+    pub fn spawn(&self, db: &DatabaseConnection, poll: Duration, shutdown: CancellationToken) {
+        if !is_postgres(db) {
             return;
         }
-        let pool = db.get_postgres_connection_pool().clone();
-        let committed = self.committed.clone();
-        let source = self.source;
+        self.spawn_relay(db.clone(), poll, shutdown.clone());
+        self.spawn_listener(db, shutdown);
+    }
+
+    fn spawn_relay(&self, db: DatabaseConnection, poll: Duration, shutdown: CancellationToken) {
+        let this = self.clone();
         tokio::spawn(async move {
-            let mut backoff = std::time::Duration::from_millis(100);
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match this.stamp(&db).await {
+                    // A full batch may leave more: go again at once.
+                    Ok(n) if n as i64 >= STAMP_BATCH => continue,
+                    Ok(_) => backoff = Duration::from_millis(50),
+                    Err(e) => {
+                        tracing::warn!(source = this.source, error = %e, "outbox relay failed; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = shutdown.cancelled() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                }
+                tokio::select! {
+                    () = this.relay.notified() => {}
+                    () = tokio::time::sleep(poll) => {}
+                    () = shutdown.cancelled() => {
+                        // Stamp what the last writers committed before leaving.
+                        let _ = this.stamp(&db).await;
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    fn spawn_listener(&self, db: &DatabaseConnection, shutdown: CancellationToken) {
+        let pool = db.get_postgres_connection_pool().clone();
+        let this = self.clone();
+        let channel = self.channel();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
             loop {
                 let listened = async {
                     let mut listener =
                         sea_orm::sqlx::postgres::PgListener::connect_with(&pool).await?;
-                    listener.listen(NOTIFY_CHANNEL).await?;
+                    listener.listen(&channel).await?;
                     loop {
                         listener.recv().await?;
-                        committed.send_modify(|n| *n = n.wrapping_add(1));
+                        this.wake_watchers();
                     }
                     #[allow(unreachable_code)]
                     Ok::<(), sea_orm::sqlx::Error>(())
@@ -184,7 +302,7 @@ impl Outbox {
                 tokio::select! {
                     r = listened => {
                         if let Err(e) = r {
-                            tracing::warn!(source, error = %e, ?backoff, "outbox listener failed; reconnecting");
+                            tracing::warn!(source = this.source, error = %e, ?backoff, "outbox listener failed; reconnecting");
                         }
                     }
                     () = shutdown.cancelled() => return,
@@ -193,17 +311,81 @@ impl Outbox {
                     () = tokio::time::sleep(backoff) => {}
                     () = shutdown.cancelled() => return,
                 }
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         });
     }
 
-    /// A receiver that changes whenever this process commits outbox events.
+    /// A receiver that changes whenever events become visible in this process.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.committed.subscribe()
+        self.visible.subscribe()
     }
 
-    /// Reads up to `limit` events after `after`, oldest first, optionally of `types` only.
+    /// The positions a consumer may resume from.
+    pub async fn bounds(&self, db: &impl ConnectionTrait) -> Result<Bounds, DbErr> {
+        let row = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT COALESCE((SELECT MAX(position) FROM outbox), 0) AS head, \
+                 COALESCE((SELECT purged_through FROM outbox_retention WHERE id = 1), 0) AS purged",
+            ))
+            .await?;
+        Ok(match row {
+            Some(r) => Bounds {
+                head: r.try_get("", "head")?,
+                purged_through: r.try_get("", "purged")?,
+            },
+            None => Bounds {
+                head: 0,
+                purged_through: 0,
+            },
+        })
+    }
+
+    /// Deletes events that occurred before `cutoff`, always keeping the
+    /// newest, and records the last purged position; returns how many.
+    pub async fn purge(
+        &self,
+        db: &DatabaseConnection,
+        cutoff: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, DbErr> {
+        let backend = db.get_database_backend();
+        let txn = db.begin().await?;
+        let row = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                backend,
+                "SELECT MAX(position) AS p FROM outbox WHERE occurred_us < $1 \
+                 AND position < (SELECT MAX(position) FROM outbox)",
+                [to_micros(cutoff).into()],
+            ))
+            .await?;
+        let through: Option<i64> = match row {
+            Some(r) => r.try_get("", "p")?,
+            None => None,
+        };
+        let Some(through) = through else {
+            return Ok(0);
+        };
+        let deleted = txn
+            .execute_raw(Statement::from_sql_and_values(
+                backend,
+                "DELETE FROM outbox WHERE position <= $1",
+                [through.into()],
+            ))
+            .await?
+            .rows_affected();
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            "UPDATE outbox_retention SET purged_through = $1 WHERE id = 1 AND purged_through < $1",
+            [through.into()],
+        ))
+        .await?;
+        txn.commit().await?;
+        Ok(deleted)
+    }
+
+    /// Reads up to `limit` events after position `after`, oldest first,
+    /// optionally of `types` only.
     pub async fn read_after(
         &self,
         db: &impl ConnectionTrait,
@@ -214,7 +396,7 @@ impl Outbox {
         let mut q = Query::select();
         q.columns(
             [
-                "sequence",
+                "position",
                 "event_id",
                 "event_type",
                 "subject",
@@ -224,8 +406,8 @@ impl Outbox {
             .map(Alias::new),
         )
         .from(Alias::new("outbox"))
-        .and_where(Expr::col(Alias::new("sequence")).gt(after))
-        .order_by(Alias::new("sequence"), Order::Asc)
+        .and_where(Expr::col(Alias::new("position")).gt(after))
+        .order_by(Alias::new("position"), Order::Asc)
         .limit(limit);
         if !types.is_empty() {
             q.and_where(Expr::col(Alias::new("event_type")).is_in(types.iter().cloned()));
@@ -236,15 +418,11 @@ impl Outbox {
                 let event_type: String = r.try_get("", "event_type")?;
                 let payload: Vec<u8> = r.try_get("", "payload")?;
                 let occurred: i64 = r.try_get("", "occurred_us")?;
-                let t = from_micros(occurred);
                 Ok(ChangeEvent {
-                    sequence: r.try_get("", "sequence")?,
+                    sequence: r.try_get("", "position")?,
                     event_id: r.try_get("", "event_id")?,
                     subject: r.try_get("", "subject")?,
-                    occurred_time: Some(prost_types::Timestamp {
-                        seconds: t.timestamp(),
-                        nanos: t.timestamp_subsec_nanos() as i32,
-                    }),
+                    occurred_time: Some(crate::convert::timestamp(from_micros(occurred))),
                     payload: Some(prost_types::Any {
                         type_url: format!("{}{event_type}", clm_proto::TYPE_URL_PREFIX),
                         value: payload,

@@ -21,6 +21,8 @@ use tonic::body::Body;
 use tonic::service::Routes;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -265,20 +267,22 @@ where
 /// NOT_SERVING, stops accepting and lets in-flight calls finish for up to
 /// `config.drain_timeout_secs`.
 ///
-/// `health_names` are the fully qualified service names reported SERVING.
+/// `health_names` are the fully qualified service names reported SERVING
+/// through `reporter` (which others, e.g. subscribers, may also report on).
 pub async fn serve(
     config: &Config,
     service: &'static str,
     listener: TcpListener,
     routes: Routes,
     health_names: &[&str],
+    reporter: HealthReporter,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let auth = Authenticator::from_config(&config.auth)?;
     if auth.is_none() {
         tracing::warn!(service, listen = %config.listen, "authentication is OFF: every caller is admin; bind loopback only or configure auth");
     }
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let health = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
     for name in health_names {
         reporter
             .set_service_status(*name, ServingStatus::Serving)

@@ -168,6 +168,23 @@ where
     running
 }
 
+/// Starts `service` on `config` (port 0 is fine) and waits until it serves.
+pub async fn start(service: &'static crate::service::ServiceDescriptor, config: Config) -> Running {
+    spawn(config, move |c, l, s| crate::service::run(service, c, l, s)).await
+}
+
+/// [`start`] with a chosen clock.
+pub async fn start_with_clock(
+    service: &'static crate::service::ServiceDescriptor,
+    config: Config,
+    clock: std::sync::Arc<dyn clm_domain::Clock>,
+) -> Running {
+    spawn(config, move |c, l, s| {
+        crate::service::run_with_clock(service, c, l, s, clock)
+    })
+    .await
+}
+
 /// Polls `grpc.health.v1.Health/Check` at `url` until SERVING (30 s at most).
 pub async fn wait_serving(url: &str) {
     use tonic_health::pb::{
@@ -190,6 +207,22 @@ pub async fn wait_serving(url: &str) {
         assert!(
             std::time::Instant::now() < deadline,
             "{url} did not become SERVING within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `check` until it returns true, failing the test after `timeout`.
+pub async fn eventually<F, Fut>(timeout: std::time::Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not met within {timeout:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }

@@ -28,8 +28,16 @@ async fn requests_errors_and_latency_are_recorded_per_rpc() {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let routes = tonic::service::RoutesBuilder::default().routes();
-            clm_platform::server::serve(&config, "metricstest", listener, routes, &[], shutdown)
-                .await
+            clm_platform::server::serve(
+                &config,
+                "metricstest",
+                listener,
+                routes,
+                &[],
+                tonic_health::server::HealthReporter::new(),
+                shutdown,
+            )
+            .await
         })
     };
     let mut client = HealthClient::new(channel(&url).unwrap());

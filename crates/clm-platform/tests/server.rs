@@ -38,7 +38,16 @@ async fn start(
     let token = shutdown.clone();
     let server = tokio::spawn(async move {
         let routes = tonic::service::RoutesBuilder::default().routes();
-        clm_platform::server::serve(&config, name, listener, routes, health_names, token).await
+        clm_platform::server::serve(
+            &config,
+            name,
+            listener,
+            routes,
+            health_names,
+            tonic_health::server::HealthReporter::new(),
+            token,
+        )
+        .await
     });
     (url, shutdown, server, dir)
 }

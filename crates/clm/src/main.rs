@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use clm_platform::auth::{Role, mint_hs256};
 use clm_platform::bootstrap::{ServiceCli, bind, load_or_exit, shutdown_on_signal};
 use clm_platform::config::{CliOverrides, Config, EXIT_CONFIG, LogFormat, default_port};
+use clm_platform::service::{ServiceDescriptor, run};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -71,40 +72,30 @@ enum Command {
     },
     /// Run one service with its full configuration.
     Serve {
-        /// Which service.
-        #[arg(value_enum)]
-        service: Service,
+        /// Which service (customer, ...).
+        #[arg(value_parser = find_service)]
+        service: &'static ServiceDescriptor,
         #[command(flatten)]
         cli: ServiceCli,
     },
 }
 
-/// The services this build contains, in port order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Service {
-    /// Profiles, touchpoints, lifecycle (port 50051).
-    Customer,
-}
+/// Every service this build contains, in port order: the one table `up`
+/// and `serve` read. Adding a service is one entry here.
+static SERVICES: &[&ServiceDescriptor] = &[&clm_customer::DESCRIPTOR];
 
-impl Service {
-    const ALL: [Service; 1] = [Service::Customer];
-
-    fn name(self) -> &'static str {
-        match self {
-            Service::Customer => clm_customer::SERVICE,
-        }
-    }
-
-    async fn run(
-        self,
-        config: Config,
-        listener: tokio::net::TcpListener,
-        shutdown: tokio_util::sync::CancellationToken,
-    ) -> anyhow::Result<()> {
-        match self {
-            Service::Customer => clm_customer::run(config, listener, shutdown).await,
-        }
-    }
+fn find_service(name: &str) -> Result<&'static ServiceDescriptor, String> {
+    SERVICES
+        .iter()
+        .copied()
+        .find(|s| s.name == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = SERVICES.iter().map(|s| s.name).collect();
+            format!(
+                "unknown service {name:?}; this build has: {}",
+                names.join(", ")
+            )
+        })
 }
 
 #[tokio::main]
@@ -140,10 +131,11 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { service, cli } => {
-            let config = load_or_exit(service.name(), &cli.data_dir, &cli.overrides);
-            let _telemetry = clm_platform::telemetry::init(&config.log, service.name());
+            let config = load_or_exit(service.name, &cli.data_dir, &cli.overrides);
+            let _telemetry = clm_platform::telemetry::init(&config.log, service.name);
             let listener = bind(&config).await?;
-            service.run(config, listener, shutdown_on_signal()).await
+            println!("{} listening on {}", service.name, listener.local_addr()?);
+            run(service, config, listener, shutdown_on_signal()).await
         }
         Command::Up {
             data_dir,
@@ -154,24 +146,37 @@ async fn main() -> anyhow::Result<()> {
             config,
             print_config,
         } => {
+            let port_of = |name: &str| {
+                base_port.saturating_add(default_port(name) - default_port("customer"))
+            };
             let mut configs = Vec::new();
-            for service in Service::ALL {
-                let port = base_port
-                    .saturating_add(default_port(service.name()) - default_port("customer"));
+            for &service in SERVICES {
                 let overrides = CliOverrides {
                     config: config.clone(),
-                    listen: Some(SocketAddr::new(host, port)),
+                    listen: Some(SocketAddr::new(host, port_of(service.name))),
                     insecure,
                     log_format,
-                    print_config,
                     ..Default::default()
                 };
-                let mut c = load_or_exit(service.name(), &data_dir, &overrides);
-                // `up` is the embedded mode: one SQLite file per service, in-process cache.
-                let defaults = Config::defaults(service.name(), &data_dir);
+                let mut c = load_or_exit(service.name, &data_dir, &overrides);
+                // `up` is the embedded mode: one SQLite file per service,
+                // in-process cache, and every peer on this host.
+                let defaults = Config::defaults(service.name, &data_dir);
                 c.database = defaults.database;
                 c.cache.redis_url = None;
+                for &peer in SERVICES {
+                    c.peers.insert(
+                        peer.name.to_owned(),
+                        format!("http://{}", SocketAddr::new(host, port_of(peer.name))),
+                    );
+                }
                 configs.push((service, c));
+            }
+            if print_config {
+                for (service, c) in &configs {
+                    println!("# clm {}\n{}", service.name, c.to_toml());
+                }
+                return Ok(());
             }
             let _telemetry = clm_platform::telemetry::init(&configs[0].1.log, "up");
             let shutdown = shutdown_on_signal();
@@ -180,12 +185,12 @@ async fn main() -> anyhow::Result<()> {
                 let listener = bind(&c).await?;
                 println!(
                     "{:<13} listening on {}  (data: {})",
-                    service.name(),
+                    service.name,
                     listener.local_addr()?,
                     c.database.url
                 );
                 let token = shutdown.clone();
-                tasks.spawn(async move { (service, service.run(c, listener, token).await) });
+                tasks.spawn(async move { (service, run(service, c, listener, token).await) });
             }
             println!("CLM is up. Ctrl-C stops it.");
             let mut result = Ok(());
@@ -193,7 +198,7 @@ async fn main() -> anyhow::Result<()> {
                 match joined {
                     Ok((_, Ok(()))) => {}
                     Ok((service, Err(e))) => {
-                        eprintln!("{} failed: {e:#}", service.name());
+                        eprintln!("{} failed: {e:#}", service.name);
                         shutdown.cancel();
                         result = Err(e);
                     }

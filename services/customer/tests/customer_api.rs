@@ -7,7 +7,7 @@ use chrono::{DateTime, Duration, Utc};
 use clm_domain::ManualClock;
 use clm_platform::auth::{Role, mint_hs256};
 use clm_platform::client::ClientInterceptor;
-use clm_platform::testing::{Running, TestBackend, spawn};
+use clm_platform::testing::{self, Running, TestBackend, start_with_clock};
 use clm_proto::common::change_stream_service_client::ChangeStreamServiceClient;
 use clm_proto::common::{Date, Money, WatchChangesRequest};
 use clm_proto::customer::customer_service_client::CustomerServiceClient;
@@ -42,10 +42,7 @@ async fn start_with(edit: impl FnOnce(&mut clm_platform::config::Config)) -> Har
     edit(&mut config);
     let clock = ManualClock::new(t0());
     let c = clock.clone();
-    let server = spawn(config, move |cfg, l, s| {
-        clm_customer::run_with_clock(cfg, l, s, Arc::new(c))
-    })
-    .await;
+    let server = start_with_clock(&clm_customer::DESCRIPTOR, config, Arc::new(c)).await;
     Harness {
         server,
         clock,
@@ -978,8 +975,8 @@ async fn a_watcher_on_one_replica_wakes_for_writes_on_another() {
     }
     let mut slow_poll = backend.config("customer");
     slow_poll.change_poll_interval_ms = 600_000;
-    let replica_a = spawn(slow_poll.clone(), clm_customer::run).await;
-    let replica_b = spawn(slow_poll, clm_customer::run).await;
+    let replica_a = testing::start(&clm_customer::DESCRIPTOR, slow_poll.clone()).await;
+    let replica_b = testing::start(&clm_customer::DESCRIPTOR, slow_poll).await;
 
     let mut watch = ChangeStreamServiceClient::new(replica_a.channel())
         .watch_changes(WatchChangesRequest {

@@ -1,0 +1,191 @@
+//! One service shape. A service declares itself once, in a
+//! [`ServiceDescriptor`]: its name, default port, migrator, gRPC services
+//! and the change streams it follows with their handlers. [`run`] turns the
+//! descriptor into a running server: database and cache, the outbox relay,
+//! health, reflection, the change stream (`WatchChanges`), the dead-letter
+//! service, a subscriber per followed stream, and a graceful drain.
+//!
+//! `clm up` and `clm serve` read one list of descriptors, so adding a
+//! service is one entry there. A service's `lib.rs` is its descriptor:
+//!
+//! ```ignore
+//! pub static DESCRIPTOR: ServiceDescriptor = ServiceDescriptor {
+//!     name: "scoring",
+//!     about: "Lead scoring",
+//!     migrate: migrate_with::<store::Migrator>,
+//!     build,
+//! };
+//!
+//! fn build(rt: &Runtime) -> anyhow::Result<Parts> {
+//!     Ok(Parts::new()
+//!         .grpc(ScoringServiceServer::new(api::ScoringApi::new(rt.clone())))
+//!         .follow("customer", events::customer_handlers(rt)))
+//! }
+//! ```
+
+use crate::changes::{ChangeStreamServer, DeadLetterServer, Handlers, Subscriber, TokenSource};
+use crate::config::Config;
+use crate::{Runtime, open};
+use clm_domain::{Clock, SystemClock};
+use clm_proto::common::change_stream_service_server::ChangeStreamServiceServer;
+use clm_proto::common::dead_letter_service_server::DeadLetterServiceServer;
+use futures::future::BoxFuture;
+use sea_orm::{DatabaseConnection, DbErr};
+use sea_orm_migration::MigratorTrait;
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
+
+/// Runs a service's migrations.
+pub type Migrate = for<'a> fn(&'a DatabaseConnection) -> BoxFuture<'a, Result<(), DbErr>>;
+
+/// Everything the platform needs to know to run a service.
+#[derive(Debug)]
+pub struct ServiceDescriptor {
+    /// Name in config, logs, metrics and change events (`customer`); its
+    /// default port comes from [`crate::config::default_port`].
+    pub name: &'static str,
+    /// One line on what the service owns (for `clm --help` and logs).
+    pub about: &'static str,
+    /// Its migrator: `migrate_with::<store::Migrator>`.
+    pub migrate: Migrate,
+    /// Builds its gRPC services and stream handlers on the opened runtime.
+    pub build: fn(&Runtime) -> anyhow::Result<Parts>,
+}
+
+/// [`Migrate`] for a sea-orm migrator (which lists the platform tables first).
+pub fn migrate_with<M: MigratorTrait + 'static>(
+    db: &DatabaseConnection,
+) -> BoxFuture<'_, Result<(), DbErr>> {
+    Box::pin(M::up(db, None))
+}
+
+/// What a service serves and follows, returned by its `build`.
+#[derive(Default)]
+pub struct Parts {
+    routes: RoutesBuilder,
+    names: Vec<&'static str>,
+    follows: Vec<(String, Handlers)>,
+}
+
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parts")
+            .field("services", &self.names)
+            .field(
+                "follows",
+                &self.follows.iter().map(|(s, _)| s).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Parts {
+    /// Nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Serves a generated gRPC service (reported SERVING by health).
+    #[must_use]
+    pub fn grpc<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Follows the change stream of peer service `source` (its URL comes
+    /// from `peers.<source>` in the config) with `handlers`.
+    #[must_use]
+    pub fn follow(mut self, source: &str, handlers: Handlers) -> Self {
+        self.follows.push((source.to_owned(), handlers));
+        self
+    }
+}
+
+/// Runs `service` on `listener` until `shutdown`, with the system clock.
+pub async fn run(
+    service: &'static ServiceDescriptor,
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_with_clock(service, config, listener, shutdown, Arc::new(SystemClock)).await
+}
+
+/// [`run`] with a chosen clock (tests control time with it).
+pub async fn run_with_clock(
+    service: &'static ServiceDescriptor,
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<()> {
+    let name = service.name;
+    // Relays, purges and subscribers stop when the server does.
+    let background = shutdown.child_token();
+    let rt = open(service, &config, clock, background.clone()).await?;
+    let parts = (service.build)(&rt)?;
+    let mut endpoints = BTreeMap::new();
+    for (source, _) in &parts.follows {
+        let url = config.peers.get(source).ok_or_else(|| {
+            anyhow::anyhow!(
+                "clm {name}: follows the {source} change stream but peers.{source} is not configured \
+                 (set it in the config file, CLM_PEERS__{} or --peer {source}=URL)",
+                source.to_uppercase()
+            )
+        })?;
+        endpoints.insert(source.clone(), url.clone());
+    }
+    let token = TokenSource::from_config(&config, name)?;
+    let reporter = tonic_health::server::HealthReporter::new();
+    let mut routes = parts.routes;
+    let mut names = parts.names;
+    let changes = ChangeStreamServiceServer::new(
+        ChangeStreamServer::new(rt.clone(), shutdown.clone()).with_poll_interval(
+            std::time::Duration::from_millis(config.change_poll_interval_ms),
+        ),
+    );
+    names.push(<ChangeStreamServiceServer<ChangeStreamServer> as NamedService>::NAME);
+    routes.add_service(changes);
+    let handlers: BTreeMap<String, Handlers> = parts.follows.into_iter().collect();
+    let dead_letters =
+        DeadLetterServiceServer::new(DeadLetterServer::new(rt.clone(), handlers.clone()));
+    names.push(<DeadLetterServiceServer<DeadLetterServer> as NamedService>::NAME);
+    routes.add_service(dead_letters);
+    for (source, handlers) in handlers {
+        let endpoint = endpoints.remove(&source).unwrap_or_default();
+        let subscriber = Subscriber::new(rt.clone(), source, endpoint, handlers)
+            .with_config(&config.subscriber)
+            .with_token(token.clone())
+            .with_health(reporter.clone());
+        tokio::spawn(subscriber.run(background.clone()));
+    }
+    tracing::info!(service = name, listen = %listener.local_addr()?, "serving");
+    let served = crate::server::serve(
+        &config,
+        name,
+        listener,
+        routes.routes(),
+        &names,
+        reporter,
+        shutdown,
+    )
+    .await;
+    background.cancel();
+    served
+}
