@@ -610,3 +610,53 @@ async fn a_source_that_went_backwards_stops_the_subscription() {
     stop.cancel();
     source.stop().await;
 }
+
+#[tokio::test]
+async fn refused_credentials_are_a_visible_fault_not_a_silent_retry() {
+    let source_backend = TestBackend::new().await;
+    let source = start(
+        &clm_customer::DESCRIPTOR,
+        with_auth(source_backend.config("customer")),
+    )
+    .await;
+    let consumer_backend = TestBackend::new().await;
+    let mut consumer_config = consumer_backend.config("consumer");
+    // Another secret than the source's: every token we present is refused.
+    consumer_config.auth.hs256_secret = Some("x".repeat(40));
+    consumer_config
+        .peers
+        .insert("customer".into(), source.url());
+    consumer_config.subscriber.min_backoff_ms = 10;
+    consumer_config.subscriber.max_backoff_ms = 50;
+    let consumer = start(&CONSUMER, consumer_config).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(consumer.channel());
+    eventually(Duration::from_secs(30), || {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "clm.subscription.customer".into(),
+                })
+                .await
+                .is_ok_and(|r| {
+                    r.into_inner().status
+                        == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+                })
+        }
+    })
+    .await;
+    // The service itself still serves.
+    let overall = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        overall.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    consumer.stop().await;
+    source.stop().await;
+}

@@ -47,7 +47,7 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, QueryResult, Transact
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -349,7 +349,8 @@ pub struct TokenSource {
     secret: Arc<String>,
     subject: String,
     ttl: Duration,
-    cached: Arc<Mutex<Option<(String, Instant)>>>,
+    clock: Arc<dyn clm_domain::Clock>,
+    cached: Arc<Mutex<Option<(String, chrono::DateTime<chrono::Utc>)>>>,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -363,41 +364,55 @@ impl std::fmt::Debug for TokenSource {
 
 impl TokenSource {
     /// The token source of `service` under `config`, if auth is on.
-    pub fn from_config(config: &Config, service: &str) -> anyhow::Result<Option<Self>> {
+    pub fn from_config(
+        config: &Config,
+        service: &str,
+        clock: Arc<dyn clm_domain::Clock>,
+    ) -> anyhow::Result<Option<Self>> {
         match &config.auth.hs256_secret {
             Some(secret) => Ok(Some(Self::new(
                 secret,
                 format!("service:{service}"),
                 Duration::from_secs(config.subscriber.token_ttl_secs),
+                clock,
             ))),
             None => Ok(None),
         }
     }
 
-    /// Tokens for `subject` signed with `secret`, each valid for `ttl`.
-    pub fn new(secret: &str, subject: String, ttl: Duration) -> Self {
+    /// Tokens for `subject` signed with `secret`, each valid for `ttl`,
+    /// renewed by `clock`'s time.
+    pub fn new(
+        secret: &str,
+        subject: String,
+        ttl: Duration,
+        clock: Arc<dyn clm_domain::Clock>,
+    ) -> Self {
         Self {
             secret: Arc::new(secret.to_owned()),
             subject,
             ttl,
+            clock,
             cached: Arc::default(),
         }
     }
 
     /// A token with at least a third of its lifetime left.
     pub fn token(&self) -> Result<String, Error> {
+        let now = self.clock.now();
         let mut cached = self
             .cached
             .lock()
             .map_err(|_| Error::internal("token cache poisoned"))?;
         if let Some((token, expires)) = cached.as_ref()
-            && expires.saturating_duration_since(Instant::now()) > self.ttl / 3
+            && (*expires - now).to_std().unwrap_or_default() > self.ttl / 3
         {
             return Ok(token.clone());
         }
         let token = mint_hs256(&self.secret, &self.subject, &[Role::Service], self.ttl)
             .map_err(Error::internal)?;
-        *cached = Some((token.clone(), Instant::now() + self.ttl));
+        let ttl = chrono::Duration::from_std(self.ttl).map_err(Error::internal)?;
+        *cached = Some((token.clone(), now + ttl));
         Ok(token)
     }
 }
@@ -1127,5 +1142,62 @@ impl DeadLetterService for DeadLetterServer {
     ) -> Result<Response<ReplayDeadLetterResponse>, Status> {
         authorize(&request, OPERATORS)?;
         Ok(Response::new(self.replay(request.into_inner()).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_tokens_are_reused_then_renewed_before_they_expire() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let clock = clm_domain::ManualClock::new(chrono::Utc::now());
+        let source = TokenSource::new(
+            secret,
+            "service:scoring".into(),
+            Duration::from_secs(300),
+            Arc::new(clock.clone()),
+        );
+        let first = source.token().expect("mint");
+        let expiry = |s: &TokenSource| s.cached.lock().expect("lock").as_ref().map(|c| c.1);
+        let minted_at = expiry(&source);
+        clock.advance(chrono::Duration::seconds(190));
+        assert_eq!(source.token().expect("cached"), first, "reused while fresh");
+        assert_eq!(expiry(&source), minted_at);
+        clock.advance(chrono::Duration::seconds(20));
+        let renewed = source.token().expect("renew");
+        assert!(
+            expiry(&source) > minted_at,
+            "renewed once a third of its life is left"
+        );
+        let auth = crate::auth::Authenticator::from_config(&crate::config::AuthConfig {
+            hs256_secret: Some(secret.into()),
+            ..Default::default()
+        })
+        .expect("config")
+        .expect("enabled");
+        let p = auth
+            .authenticate(Some(&format!("Bearer {renewed}")))
+            .expect("valid token");
+        assert_eq!(p.subject, "service:scoring");
+        assert_eq!(p.roles, vec![Role::Service]);
+    }
+
+    #[test]
+    fn dead_letter_names_parse() {
+        assert_eq!(
+            parse_dead_letter_name("deadLetters/customer.42").expect("valid"),
+            ("customer".to_owned(), 42)
+        );
+        for bad in [
+            "",
+            "deadLetters/",
+            "deadLetters/customer",
+            "deadLetters/.4",
+            "x/customer.4",
+        ] {
+            assert!(parse_dead_letter_name(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -465,9 +465,11 @@ pub fn load(
         }
     }
     let is_section = |k: &figment::value::UncasedStr| {
-        SERVICES
-            .iter()
-            .any(|s| k.as_str().starts_with(&format!("{s}__")))
+        SERVICES.iter().any(|s| {
+            k.as_str()
+                .to_ascii_lowercase()
+                .starts_with(&format!("{s}__"))
+        })
     };
     fig = fig.merge(
         Env::prefixed("CLM_")
@@ -562,5 +564,67 @@ mod tests {
         assert!(shown.contains("<redacted>"));
         assert!(!shown.contains("s3cr3t"));
         assert!(shown.contains("[database]"));
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn service_sections_and_peers_apply_to_their_service_only() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "clm.toml",
+                "drain_timeout_secs = 3\n\
+                 [peers]\ncustomer = \"http://customer:50051\"\n\
+                 [scoring]\ndrain_timeout_secs = 7\n[scoring.database]\nmax_connections = 3\n",
+            )?;
+            jail.set_env("CLM_SCORING__LOG__FILTER", "debug");
+            jail.set_env("CLM_PEERS__SEGMENTATION", "http://seg:50053");
+            let cli = CliOverrides {
+                config: Some("clm.toml".into()),
+                peers: vec![("feedback".into(), "http://fb:50054".into())],
+                ..Default::default()
+            };
+            let dir = std::path::Path::new("/tmp/x");
+            let scoring = load("scoring", dir, &cli).expect("scoring loads");
+            assert_eq!(scoring.drain_timeout_secs, 7);
+            assert_eq!(scoring.database.max_connections, 3);
+            assert_eq!(scoring.log.filter, "debug");
+            assert_eq!(scoring.peers["customer"], "http://customer:50051");
+            assert_eq!(scoring.peers["segmentation"], "http://seg:50053");
+            assert_eq!(scoring.peers["feedback"], "http://fb:50054");
+            let customer = load("customer", dir, &cli).expect("customer loads");
+            assert_eq!(
+                customer.drain_timeout_secs, 3,
+                "another service's section does not apply"
+            );
+            assert_eq!(customer.log.filter, "info");
+            assert!(customer.to_toml().contains("[peers]"));
+
+            jail.set_env("CLM_PEERS__BILLING", "http://billing:1");
+            let e = load("customer", dir, &cli).unwrap_err();
+            assert_eq!(e.key, "peers.billing");
+            jail.set_env("CLM_PEERS__BILLING", "");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn unknown_keys_are_refused_in_sections_too() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("clm.toml", "[scoring]\ndrian_timeout_secs = 7\n")?;
+            let cli = CliOverrides {
+                config: Some("clm.toml".into()),
+                ..Default::default()
+            };
+            let dir = std::path::Path::new("/tmp/x");
+            assert!(load("scoring", dir, &cli).is_err());
+            assert!(
+                load("customer", dir, &cli).is_ok(),
+                "scoring's section is not customer's"
+            );
+            jail.create_file("clm.toml", "drian_timeout_secs = 7\n")?;
+            assert!(load("customer", dir, &cli).is_err());
+            Ok(())
+        });
     }
 }

@@ -151,7 +151,7 @@ pub async fn run_with_clock(
         })?;
         endpoints.insert(source.clone(), url.clone());
     }
-    let token = TokenSource::from_config(&config, name)?;
+    let token = TokenSource::from_config(&config, name, rt.clock.clone())?;
     let reporter = tonic_health::server::HealthReporter::new();
     let mut routes = parts.routes;
     let mut names = parts.names;
