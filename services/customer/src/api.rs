@@ -49,8 +49,10 @@ impl CustomerApi {
         Self { rt }
     }
 
+    /// Now, at the precision times are stored with, so every answer, event
+    /// and replay carries what a read will answer.
     fn now(&self) -> DateTime<Utc> {
-        self.rt.clock.now()
+        clm_domain::clock::micros(self.rt.clock.now())
     }
 
     /// Begins an idempotent write, or returns the stored response of a retry.
@@ -71,14 +73,7 @@ impl CustomerApi {
         etag: &str,
     ) -> Result<CustomerRecord> {
         let rec = customers::get(txn, id).await?;
-        let current = convert::etag(rec.version);
-        if !etag.is_empty() && etag != current {
-            return Err(CustomerError::StaleEtag {
-                sent: etag.to_owned(),
-                current,
-            }
-            .into());
-        }
+        clm_platform::convert::check_etag(etag, rec.version)?;
         Ok(rec)
     }
 
@@ -598,7 +593,7 @@ fn apply_mask(
             },
             p if p.starts_with("attributes.") => {
                 let key = &p["attributes.".len()..];
-                let field = format!("customer.attributes[{key:?}]");
+                let field = format!("customer.attributes[{}]", clm_domain::validation::echo(key));
                 if let Some(key) = v.check("", attributes::key("update_mask", key)) {
                     match c.attributes.get(&key) {
                         Some(a) => {
@@ -627,7 +622,7 @@ fn apply_mask(
             }
             other => v.push(Violation::new(
                 "update_mask",
-                format!("unknown field path {other:?}"),
+                format!("unknown field path {}", clm_domain::validation::echo(other)),
             )),
         }
     }
