@@ -215,6 +215,30 @@ fn resource_type(name: &str) -> String {
 /// Shorthand for rpc results.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The body of every unary rpc of a tonic service impl: authorizes the
+/// caller for `roles`, hands the principal and the message to `call`, and
+/// maps the outcome to a response or a status.
+///
+/// ```ignore
+/// async fn get_thing(&self, request: Request<GetThingRequest>) -> Result<Response<Thing>, Status> {
+///     respond(request, READERS, |_, req| self.get(req)).await
+/// }
+/// ```
+pub async fn respond<Q, R, F, Fut>(
+    request: tonic::Request<Q>,
+    roles: &[crate::auth::Role],
+    call: F,
+) -> Result<tonic::Response<R>, Status>
+where
+    F: FnOnce(crate::auth::Principal, Q) -> Fut,
+    Fut: std::future::Future<Output = Result<R>>,
+{
+    let principal = crate::auth::authorize(&request, roles)?;
+    Ok(tonic::Response::new(
+        call(principal, request.into_inner()).await?,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1415,3 +1415,236 @@ async fn a_field_too_long_gets_one_violation() {
     );
     h.server.stop().await;
 }
+
+#[tokio::test]
+async fn a_taken_event_id_is_a_conflict_not_a_duplicate() {
+    let h = start().await;
+    let mut c = h.client();
+    let a = create(&mut c, "ca@example.com").await;
+    let b = create(&mut c, "cb@example.com").await;
+    let first = c
+        .record_touchpoints(pb::RecordTouchpointsRequest {
+            touchpoints: vec![feature_use(&a.name, "e1", t0())],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.recorded_count, 1);
+    let mut other_feature = feature_use(&a.name, "e1", t0());
+    other_feature.feature = "exports".into();
+    let mut e3_changed = feature_use(&a.name, "e3", t0());
+    e3_changed.occurred_time.as_mut().unwrap().seconds -= 60;
+    let r = c
+        .record_touchpoints(pb::RecordTouchpointsRequest {
+            touchpoints: vec![
+                feature_use(&a.name, "e1", t0()), // a true duplicate
+                feature_use(&b.name, "e1", t0()), // another customer
+                feature_use(&a.name, "e2", t0()), // new
+                other_feature,                    // another payload
+                feature_use(&a.name, "e2", t0()), // repeated in the batch
+                feature_use(&a.name, "e3", t0()), // new
+                e3_changed,                       // repeated with another payload
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.recorded_count, r.duplicate_count, r.conflict_count),
+        (2, 2, 3)
+    );
+    let conflicts: Vec<(i32, &str, pb::TouchpointConflictReason)> = r
+        .conflicts
+        .iter()
+        .map(|c| (c.index, c.event_id.as_str(), c.reason()))
+        .collect();
+    assert_eq!(
+        conflicts,
+        vec![
+            (1, "e1", pb::TouchpointConflictReason::OtherCustomer),
+            (3, "e1", pb::TouchpointConflictReason::DifferentPayload),
+            (6, "e3", pb::TouchpointConflictReason::DifferentPayload),
+        ]
+    );
+    assert!(r.conflicts[0].description.contains("another customer"));
+
+    // Nothing of the conflicting touchpoints was recorded.
+    let of_b = c
+        .list_touchpoints(pb::ListTouchpointsRequest {
+            parent: b.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(of_b.touchpoints.is_empty());
+    let of_a = c
+        .list_touchpoints(pb::ListTouchpointsRequest {
+            parent: a.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stored: Vec<(String, String, i64)> = of_a
+        .touchpoints
+        .iter()
+        .map(|t| {
+            (
+                t.event_id.clone(),
+                t.feature.clone(),
+                t.occurred_time.unwrap().seconds,
+            )
+        })
+        .collect();
+    stored.sort();
+    let at = t0().timestamp();
+    assert_eq!(
+        stored,
+        vec![
+            ("e1".into(), "reports".into(), at),
+            ("e2".into(), "reports".into(), at),
+            ("e3".into(), "reports".into(), at),
+        ]
+    );
+    h.server.stop().await;
+}
+
+/// Minimal URL-safe unpadded base64, to tamper with page tokens.
+mod b64 {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+    pub fn encode(bytes: &[u8]) -> String {
+        let mut bits = 0u32;
+        let mut n = 0;
+        let mut out = String::new();
+        for &b in bytes {
+            bits = (bits << 8) | u32::from(b);
+            n += 8;
+            while n >= 6 {
+                n -= 6;
+                out.push(ALPHABET[((bits >> n) & 63) as usize] as char);
+            }
+        }
+        if n > 0 {
+            out.push(ALPHABET[((bits << (6 - n)) & 63) as usize] as char);
+        }
+        out
+    }
+
+    pub fn decode(s: &str) -> Vec<u8> {
+        let mut bits = 0u32;
+        let mut n = 0;
+        let mut out = Vec::new();
+        for c in s.bytes() {
+            let v = ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
+            bits = (bits << 6) | v;
+            n += 6;
+            if n >= 8 {
+                n -= 8;
+                out.push(((bits >> n) & 255) as u8);
+            }
+        }
+        out
+    }
+}
+
+/// `token` with its sort value replaced by `v`.
+fn tamper(token: &str, v: serde_json::Value) -> String {
+    let mut json: serde_json::Value = serde_json::from_slice(&b64::decode(token)).unwrap();
+    json["v"] = v;
+    b64::encode(&serde_json::to_vec(&json).unwrap())
+}
+
+#[tokio::test]
+async fn a_tampered_page_token_is_bad_input_never_internal() {
+    let h = start().await;
+    let mut c = h.client();
+    let a = create(&mut c, "p1@example.com").await;
+    create(&mut c, "p2@example.com").await;
+    let page = c
+        .list_customers(pb::ListCustomersRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!page.next_page_token.is_empty());
+    // The untouched token works.
+    let rest = c
+        .list_customers(pb::ListCustomersRequest {
+            page_size: 1,
+            page_token: tamper(
+                &page.next_page_token,
+                serde_json::json!(t0().timestamp_micros()),
+            ),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.customers.len(), 1);
+    for v in [
+        serde_json::json!("abc"),
+        serde_json::json!(1.5),
+        serde_json::json!(null),
+    ] {
+        let e = c
+            .list_customers(pb::ListCustomersRequest {
+                page_size: 1,
+                page_token: tamper(&page.next_page_token, v.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_bad_field(&e, "page_token");
+    }
+    let by_name = c
+        .list_customers(pb::ListCustomersRequest {
+            page_size: 1,
+            order_by: "display_name".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = c
+        .list_customers(pb::ListCustomersRequest {
+            page_size: 1,
+            order_by: "display_name".into(),
+            page_token: tamper(&by_name.next_page_token, serde_json::json!(42)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "page_token");
+
+    c.record_touchpoints(pb::RecordTouchpointsRequest {
+        touchpoints: (0..3)
+            .map(|i| feature_use(&a.name, &format!("pt{i}"), t0() - Duration::hours(i)))
+            .collect(),
+    })
+    .await
+    .unwrap();
+    let tps = c
+        .list_touchpoints(pb::ListTouchpointsRequest {
+            parent: a.name.clone(),
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = c
+        .list_touchpoints(pb::ListTouchpointsRequest {
+            parent: a.name.clone(),
+            page_size: 1,
+            page_token: tamper(&tps.next_page_token, serde_json::json!("later")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "page_token");
+    h.server.stop().await;
+}
