@@ -215,6 +215,68 @@ fn resource_type(name: &str) -> String {
 /// Shorthand for rpc results.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Whether `headers` carry tonic's status for a request message over the
+/// server's `max_decoding_message_size` (`OUT_OF_RANGE`, "Error, decoded
+/// message length too large", from tonic's decoder), and if so rewrites the
+/// code to `RESOURCE_EXHAUSTED`, which the gRPC spec prescribes for a
+/// message larger than the receiver accepts. tonic answers that error
+/// trailers-only (in the response headers) for unary and server-streaming
+/// rpcs, before any handler runs, so no service code can map it.
+pub fn request_too_large_is_resource_exhausted(headers: &mut http::HeaderMap) {
+    const TONIC_MESSAGE: &str = "Error, decoded message length too large";
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"11");
+    let too_large = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .is_some_and(|m| m.replace("%20", " ").starts_with(TONIC_MESSAGE));
+    if out_of_range && too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+}
+
+/// A tower layer applying [`request_too_large_is_resource_exhausted`] to
+/// every response, for `tonic::transport::Server::builder().layer(..)`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestTooLargeLayer;
+
+impl<S> tower::Layer<S> for RequestTooLargeLayer {
+    type Service = RequestTooLarge<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestTooLarge(inner)
+    }
+}
+
+/// See [`RequestTooLargeLayer`].
+#[derive(Debug, Clone)]
+pub struct RequestTooLarge<S>(S);
+
+impl<S, Req, B> tower::Service<Req> for RequestTooLarge<S>
+where
+    S: tower::Service<Req, Response = http::Response<B>>,
+{
+    type Response = http::Response<B>;
+    type Error = S::Error;
+    type Future = futures::future::MapOk<S::Future, fn(http::Response<B>) -> http::Response<B>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        use futures::TryFutureExt;
+        fn fix<B>(mut response: http::Response<B>) -> http::Response<B> {
+            request_too_large_is_resource_exhausted(response.headers_mut());
+            response
+        }
+        self.0.call(request).map_ok(fix::<B> as fn(_) -> _)
+    }
+}
+
 /// The body of every unary rpc of a tonic service impl: authorizes the
 /// caller for `roles`, hands the principal and the message to `call`, and
 /// maps the outcome to a response or a status.
@@ -320,6 +382,53 @@ mod tests {
         assert_eq!(cut("abcdef", 5), "ab…");
         let c = cut(&"é".repeat(10), 6);
         assert!(c.len() <= 6 && c.ends_with('…'), "{c}");
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_size_limit_is_resource_exhausted() {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_client::HealthClient;
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .layer(RequestTooLargeLayer)
+                .add_service(health.max_decoding_message_size(64))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut client =
+            HealthClient::new(crate::client::channel(&format!("http://{addr}")).expect("channel"));
+        let small = client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("a small request is served");
+        assert_eq!(small.get_ref().status, 1);
+        let e = client
+            .check(HealthCheckRequest {
+                service: "x".repeat(100),
+            })
+            .await
+            .expect_err("over the limit");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        server.abort();
+    }
+
+    #[test]
+    fn only_the_size_limit_status_is_rewritten() {
+        let mut other = Status::out_of_range("page 7 of 3").into_http::<()>();
+        request_too_large_is_resource_exhausted(other.headers_mut());
+        assert_eq!(other.headers()["grpc-status"], "11");
+        let mut too_large = Status::out_of_range(
+            "Error, decoded message length too large: found 9 bytes, the limit is: 8 bytes",
+        )
+        .into_http::<()>();
+        request_too_large_is_resource_exhausted(too_large.headers_mut());
+        assert_eq!(too_large.headers()["grpc-status"], "8");
     }
 
     #[test]
