@@ -40,7 +40,8 @@ pub fn key(field: &str, key: &str) -> Result<String, Violation> {
         Err(Violation::new(
             field,
             format!(
-                "attribute key {key:?} must be 1..64 characters of [a-z0-9_], starting with a letter"
+                "attribute key {} must be 1..64 characters of [a-z0-9_], starting with a letter",
+                crate::validation::echo(key)
             ),
         ))
     }

@@ -1,6 +1,7 @@
 //! Contact details: e-mail addresses and external ids.
 
-use crate::{Violation, validation::optional_text};
+use crate::Violation;
+use crate::validation::{echo, optional_text};
 
 /// Checks and normalises an e-mail address (trimmed, lower-cased); empty = none.
 ///
@@ -11,7 +12,7 @@ pub fn email(field: &str, value: &str) -> Result<Option<String>, Violation> {
     if v.is_empty() {
         return Ok(None);
     }
-    let bad = || Violation::new(field, format!("{v:?} is not a valid e-mail address"));
+    let bad = || Violation::new(field, format!("{} is not a valid e-mail address", echo(v)));
     if v.len() > 254 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(bad());
     }

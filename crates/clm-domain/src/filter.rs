@@ -152,8 +152,8 @@ enum Token {
 fn describe(t: Option<&Token>) -> String {
     match t {
         None => "end of filter".into(),
-        Some(Token::Word(w)) => format!("{w:?}"),
-        Some(Token::Str(s)) => format!("string {s:?}"),
+        Some(Token::Word(w)) => crate::validation::echo(w),
+        Some(Token::Str(s)) => format!("string {}", crate::validation::echo(s)),
         Some(Token::Op(o)) => format!("operator {o:?}"),
     }
 }

@@ -1,57 +1,86 @@
 //! Resource ids and names (`customers/{id}`).
 
 use crate::Violation;
-use std::fmt;
-use uuid::Uuid;
 
-/// Id of a customer: a UUIDv7, so ids sort roughly by creation time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CustomerId(pub Uuid);
+/// Re-exported so ids declared with [`resource_id!`] outside this crate
+/// need no `uuid` dependency of their own.
+pub use uuid::Uuid;
 
-impl CustomerId {
-    /// Collection segment of the resource name.
-    pub const COLLECTION: &'static str = "customers";
+/// Declares a resource id: a UUIDv7 newtype (ids sort roughly by creation
+/// time) named `{collection}/{uuid}`, with `new`, `parse_name`, `parse_id`,
+/// `name`, `Display` (the bare UUID) and `Default` (a new id). Every
+/// resource of every service declares its id this way, once:
+///
+/// ```
+/// clm_domain::resource_id!(
+///     /// Id of a segment.
+///     SegmentId, "segments", "segment"
+/// );
+/// let id = SegmentId::new();
+/// assert_eq!(SegmentId::parse_name("name", &id.name()), Ok(id));
+/// assert!(SegmentId::parse_name("name", "customers/1").is_err());
+/// ```
+#[macro_export]
+macro_rules! resource_id {
+    ($(#[$meta:meta])* $name:ident, $collection:literal, $noun:literal) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub $crate::ids::Uuid);
 
-    /// A new, time-ordered id.
-    pub fn new() -> Self {
-        Self(Uuid::now_v7())
-    }
+        impl $name {
+            /// Collection segment of the resource name.
+            pub const COLLECTION: &'static str = $collection;
 
-    /// Parses a resource name `customers/{uuid}`; `field` names the request field.
-    pub fn parse_name(field: &str, name: &str) -> Result<Self, Violation> {
-        let rest = name
-            .strip_prefix("customers/")
-            .ok_or_else(|| Violation::new(field, "must be a customer name like customers/{id}"))?;
-        Self::parse_id(field, rest)
-    }
+            /// A new, time-ordered id.
+            pub fn new() -> Self {
+                Self($crate::ids::Uuid::now_v7())
+            }
 
-    /// Parses the bare id.
-    pub fn parse_id(field: &str, id: &str) -> Result<Self, Violation> {
-        Uuid::parse_str(id).map(Self).map_err(|_| {
-            Violation::new(
-                field,
-                "must be a customer name like customers/{id} with a UUID id",
-            )
-        })
-    }
+            #[doc = concat!("Parses a resource name `", $collection, "/{uuid}`; `field` names the request field.")]
+            pub fn parse_name(field: &str, name: &str) -> Result<Self, $crate::Violation> {
+                let rest = name
+                    .strip_prefix(concat!($collection, "/"))
+                    .ok_or_else(|| $crate::Violation::new(field, Self::EXPECTED))?;
+                Self::parse_id(field, rest)
+            }
 
-    /// The resource name, `customers/{id}`.
-    pub fn name(&self) -> String {
-        format!("customers/{}", self.0)
-    }
+            /// Parses the bare id.
+            pub fn parse_id(field: &str, id: &str) -> Result<Self, $crate::Violation> {
+                $crate::ids::Uuid::parse_str(id)
+                    .map(Self)
+                    .map_err(|_| $crate::Violation::new(field, Self::EXPECTED))
+            }
+
+            #[doc = concat!("The resource name, `", $collection, "/{uuid}`.")]
+            pub fn name(&self) -> String {
+                format!(concat!($collection, "/{}"), self.0)
+            }
+
+            const EXPECTED: &'static str = concat!(
+                "must be a ", $noun, " name like ", $collection, "/{id} with a UUID id"
+            );
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
 }
 
-impl Default for CustomerId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl fmt::Display for CustomerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
+resource_id!(
+    /// Id of a customer: `customers/{uuid}`.
+    CustomerId,
+    "customers",
+    "customer"
+);
 
 /// Checks a caller-chosen event id: 1..=128 visible ASCII characters.
 pub fn event_id(field: &str, value: &str) -> Result<String, Violation> {

@@ -146,7 +146,12 @@ impl Stage {
         ALL_STAGES
             .into_iter()
             .find(|st| st.as_str() == bare)
-            .ok_or_else(|| Violation::new(field, format!("unknown stage {s:?}")))
+            .ok_or_else(|| {
+                Violation::new(
+                    field,
+                    format!("unknown stage {}", crate::validation::echo(s)),
+                )
+            })
     }
 
     /// Stable small-integer code for storage.

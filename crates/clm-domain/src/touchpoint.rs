@@ -80,7 +80,12 @@ impl TouchpointKind {
         Self::ALL
             .into_iter()
             .find(|k| k.as_str() == bare)
-            .ok_or_else(|| Violation::new(field, format!("unknown touchpoint type {s:?}")))
+            .ok_or_else(|| {
+                Violation::new(
+                    field,
+                    format!("unknown touchpoint type {}", crate::validation::echo(s)),
+                )
+            })
     }
 }
 
@@ -164,7 +169,7 @@ impl Touchpoint {
                 && !val.contains('\0');
             if !ok {
                 v.push(Violation::new(
-                    format!("properties[{k:?}]"),
+                    format!("properties[{}]", crate::validation::echo(k)),
                     "keys are 1..64 bytes and values at most 1,024 characters, without NUL",
                 ));
             }

@@ -95,6 +95,31 @@ impl fmt::Display for Violations {
 
 impl std::error::Error for Violations {}
 
+/// Most characters of a caller's value echoed back in an error message.
+///
+/// Errors travel in gRPC headers, which C-core clients (Python, Node)
+/// limit to 16 KB in all: an echoed 20 KB value would hide the real error
+/// behind a local `RESOURCE_EXHAUSTED`.
+pub const MAX_ECHO_CHARS: usize = 64;
+
+/// `value` quoted (as `{:?}` would) for an error message, cut to
+/// [`MAX_ECHO_CHARS`] characters with an ellipsis.
+pub fn echo(value: &str) -> String {
+    format!("{:?}", shorten(value, MAX_ECHO_CHARS))
+}
+
+/// `value` cut to at most `max_chars` characters; a cut value ends with `…`
+/// (which counts towards `max_chars`).
+pub fn shorten(value: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
+    match value.char_indices().nth(max_chars) {
+        None => std::borrow::Cow::Borrowed(value),
+        Some(_) => {
+            let keep: String = value.chars().take(max_chars.saturating_sub(1)).collect();
+            std::borrow::Cow::Owned(format!("{keep}…"))
+        }
+    }
+}
+
 /// Checks a required free-text field: trimmed length within `1..=max` characters.
 pub fn required_text(field: &str, value: &str, max: usize) -> Result<String, Violation> {
     let v = value.trim();
@@ -166,6 +191,21 @@ mod tests {
         assert!(optional_text("f", "abcd", 3).is_err());
         assert!(required_text("f", "", 3).is_err());
         assert_eq!(required_text("f", " ab ", 3), Ok("ab".to_owned()));
+    }
+
+    #[test]
+    fn echoes_are_bounded() {
+        assert_eq!(echo("ada"), "\"ada\"");
+        let long = "é".repeat(20_000);
+        let e = echo(&long);
+        assert_eq!(
+            e.chars().count(),
+            MAX_ECHO_CHARS + 2,
+            "64 characters and the quotes"
+        );
+        assert!(e.ends_with("…\""), "{e}");
+        assert_eq!(shorten("abc", 3), "abc");
+        assert_eq!(shorten("abcd", 3), "ab…");
     }
 
     #[test]

@@ -3,6 +3,15 @@
 //!
 //! Users never see SQL, panics or stack traces: [`Error::Internal`] is
 //! logged with its cause and reported as a bare `INTERNAL`.
+//!
+//! Every status is bounded: it travels in HTTP/2 headers, and C-core
+//! clients (Python, Node's native stack) refuse more than 16 KB of them, so
+//! an unbounded error turns into a local `RESOURCE_EXHAUSTED` and the caller
+//! never sees what was wrong. The mapping keeps at most [`MAX_VIOLATIONS`]
+//! field violations within [`MAX_VIOLATION_BYTES`] (then one entry saying
+//! how many more), cuts fields, descriptions and messages to a few hundred
+//! bytes, and so keeps the whole status (`grpc-message` plus
+//! `grpc-status-details-bin`) under [`MAX_STATUS_BYTES`].
 
 use clm_domain::{Violation, Violations};
 use tonic::{Code, Status};
@@ -10,6 +19,22 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 /// `ErrorInfo.domain` of every CLM error.
 pub const ERROR_DOMAIN: &str = "clm.dev";
+
+/// Most field violations reported in one `BadRequest`; the rest are counted
+/// in one last entry (`"... and N more violations"`).
+pub const MAX_VIOLATIONS: usize = 20;
+/// Most bytes of field paths and descriptions reported in one `BadRequest`.
+pub const MAX_VIOLATION_BYTES: usize = 2048;
+/// Longest field path reported, in bytes (keys inside paths are the caller's).
+pub const MAX_FIELD_BYTES: usize = 128;
+/// Longest violation description reported, in bytes.
+pub const MAX_DESCRIPTION_BYTES: usize = 256;
+/// Longest status message, in bytes (before percent-encoding).
+pub const MAX_MESSAGE_BYTES: usize = 256;
+/// Upper bound of a status on the wire (`grpc-status`, the percent-encoded
+/// `grpc-message` and the base64 `grpc-status-details-bin`), far below the
+/// 8 KB that every gRPC client accepts.
+pub const MAX_STATUS_BYTES: usize = 5 * 1024;
 
 /// A failure an rpc reports to its caller.
 #[derive(Debug, thiserror::Error)]
@@ -93,18 +118,15 @@ impl From<sea_orm::DbErr> for Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         match e {
-            Error::InvalidArgument(violations) => {
-                let mut details = ErrorDetails::new();
-                for v in &violations.0 {
-                    details.add_bad_request_violation(v.field.clone(), v.description.clone());
-                }
-                Status::with_error_details(Code::InvalidArgument, violations.to_string(), details)
+            Error::InvalidArgument(violations) => invalid_argument(&violations),
+            Error::NotFound(what) => {
+                let what = cut(&what, MAX_FIELD_BYTES);
+                Status::with_error_details(
+                    Code::NotFound,
+                    format!("{what} not found"),
+                    ErrorDetails::with_resource_info(resource_type(&what), what.clone(), "", ""),
+                )
             }
-            Error::NotFound(what) => Status::with_error_details(
-                Code::NotFound,
-                format!("{what} not found"),
-                ErrorDetails::with_resource_info(resource_type(&what), what.clone(), "", ""),
-            ),
             Error::AlreadyExists { reason, message } => {
                 with_info(Code::AlreadyExists, reason, message)
             }
@@ -117,7 +139,7 @@ impl From<Error> for Status {
             Error::OutOfRange(m) => with_info(Code::OutOfRange, "OUT_OF_RANGE", m),
             Error::Unavailable(m) => Status::with_error_details(
                 Code::Unavailable,
-                m,
+                cut(&m, MAX_MESSAGE_BYTES),
                 ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(1))),
             ),
             Error::Internal(m) => {
@@ -128,10 +150,61 @@ impl From<Error> for Status {
     }
 }
 
+/// `INVALID_ARGUMENT` with a bounded `BadRequest` (see the module docs).
+fn invalid_argument(violations: &Violations) -> Status {
+    let all = &violations.0;
+    let mut details = ErrorDetails::new();
+    let mut bytes = 0;
+    let mut shown = 0;
+    for v in all.iter().take(MAX_VIOLATIONS) {
+        let field = cut(&v.field, MAX_FIELD_BYTES);
+        let description = cut(&v.description, MAX_DESCRIPTION_BYTES);
+        bytes += field.len() + description.len();
+        if bytes > MAX_VIOLATION_BYTES && shown > 0 {
+            break;
+        }
+        details.add_bad_request_violation(field, description);
+        shown += 1;
+    }
+    let more = all.len() - shown;
+    if more > 0 {
+        details.add_bad_request_violation(
+            "",
+            format!(
+                "... and {more} more violation{}",
+                if more == 1 { "" } else { "s" }
+            ),
+        );
+    }
+    let first = all
+        .first()
+        .map_or_else(|| "invalid argument".to_owned(), ToString::to_string);
+    let message = if all.len() > 1 {
+        let tail = format!(" (and {} more violations)", all.len() - 1);
+        format!("{}{tail}", cut(&first, MAX_MESSAGE_BYTES - tail.len()))
+    } else {
+        cut(&first, MAX_MESSAGE_BYTES)
+    };
+    Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+/// `s` cut to at most `max` bytes on a character boundary, ending with `…` if cut.
+fn cut(s: &str, max: usize) -> String {
+    const ELLIPSIS: &str = "…";
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max.saturating_sub(ELLIPSIS.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{ELLIPSIS}", &s[..end])
+}
+
 fn with_info(code: Code, reason: &str, message: String) -> Status {
     Status::with_error_details(
         code,
-        message,
+        cut(&message, MAX_MESSAGE_BYTES),
         ErrorDetails::with_error_info(
             reason,
             ERROR_DOMAIN,
@@ -147,6 +220,92 @@ fn resource_type(name: &str) -> String {
 /// Shorthand for rpc results.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Whether `headers` carry tonic's status for a request message over the
+/// server's `max_decoding_message_size` (`OUT_OF_RANGE`, "Error, decoded
+/// message length too large", from tonic's decoder), and if so rewrites the
+/// code to `RESOURCE_EXHAUSTED`, which the gRPC spec prescribes for a
+/// message larger than the receiver accepts. tonic answers that error
+/// trailers-only (in the response headers) for unary and server-streaming
+/// rpcs, before any handler runs, so no service code can map it.
+pub fn request_too_large_is_resource_exhausted(headers: &mut http::HeaderMap) {
+    const TONIC_MESSAGE: &str = "Error, decoded message length too large";
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"11");
+    let too_large = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .is_some_and(|m| m.replace("%20", " ").starts_with(TONIC_MESSAGE));
+    if out_of_range && too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+}
+
+/// A tower layer applying [`request_too_large_is_resource_exhausted`] to
+/// every response, for `tonic::transport::Server::builder().layer(..)`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestTooLargeLayer;
+
+impl<S> tower::Layer<S> for RequestTooLargeLayer {
+    type Service = RequestTooLarge<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestTooLarge(inner)
+    }
+}
+
+/// See [`RequestTooLargeLayer`].
+#[derive(Debug, Clone)]
+pub struct RequestTooLarge<S>(S);
+
+impl<S, Req, B> tower::Service<Req> for RequestTooLarge<S>
+where
+    S: tower::Service<Req, Response = http::Response<B>>,
+{
+    type Response = http::Response<B>;
+    type Error = S::Error;
+    type Future = futures::future::MapOk<S::Future, fn(http::Response<B>) -> http::Response<B>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        use futures::TryFutureExt;
+        fn fix<B>(mut response: http::Response<B>) -> http::Response<B> {
+            request_too_large_is_resource_exhausted(response.headers_mut());
+            response
+        }
+        self.0.call(request).map_ok(fix::<B> as fn(_) -> _)
+    }
+}
+
+/// The body of every unary rpc of a tonic service impl: authorizes the
+/// caller for `roles`, hands the principal and the message to `call`, and
+/// maps the outcome to a response or a status.
+///
+/// ```ignore
+/// async fn get_thing(&self, request: Request<GetThingRequest>) -> Result<Response<Thing>, Status> {
+///     respond(request, READERS, |_, req| self.get(req)).await
+/// }
+/// ```
+pub async fn respond<Q, R, F, Fut>(
+    request: tonic::Request<Q>,
+    roles: &[crate::auth::Role],
+    call: F,
+) -> Result<tonic::Response<R>, Status>
+where
+    F: FnOnce(crate::auth::Principal, Q) -> Fut,
+    Fut: std::future::Future<Output = Result<R>>,
+{
+    let principal = crate::auth::authorize(&request, roles)?;
+    Ok(tonic::Response::new(
+        call(principal, request.into_inner()).await?,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +317,123 @@ mod tests {
         let details = status.get_error_details();
         let br = details.bad_request().expect("bad request detail");
         assert_eq!(br.field_violations[0].field, "customer.email");
+    }
+
+    /// Bytes the status takes in response headers.
+    fn wire_bytes(status: &Status) -> usize {
+        let mut headers = http::HeaderMap::new();
+        status.add_header(&mut headers).expect("valid headers");
+        headers
+            .iter()
+            .filter(|(k, _)| k.as_str().starts_with("grpc-"))
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum()
+    }
+
+    #[test]
+    fn many_long_violations_stay_bounded() {
+        let long = "é".repeat(10_000);
+        let violations = Violations(
+            (0..1000)
+                .map(|i| Violation::new(format!("touchpoints[{i}].{long}"), long.clone()))
+                .collect(),
+        );
+        let status: Status = Error::InvalidArgument(violations).into();
+        assert!(
+            wire_bytes(&status) < MAX_STATUS_BYTES,
+            "{}",
+            wire_bytes(&status)
+        );
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES);
+        assert!(status.message().ends_with("(and 999 more violations)"));
+        let br = status
+            .get_error_details()
+            .bad_request()
+            .cloned()
+            .expect("detail");
+        let last = br.field_violations.last().expect("an entry");
+        assert!(br.field_violations.len() <= MAX_VIOLATIONS + 1);
+        assert_eq!(
+            last.description,
+            format!(
+                "... and {} more violations",
+                1001 - br.field_violations.len()
+            )
+        );
+        assert!(br.field_violations[0].field.starts_with("touchpoints[0]."));
+    }
+
+    #[test]
+    fn a_few_short_violations_are_all_kept() {
+        let violations = Violations(
+            (0..MAX_VIOLATIONS)
+                .map(|i| Violation::new(format!("f{i}"), "is required"))
+                .collect(),
+        );
+        let status: Status = Error::InvalidArgument(violations).into();
+        let br = status
+            .get_error_details()
+            .bad_request()
+            .cloned()
+            .expect("detail");
+        assert_eq!(br.field_violations.len(), MAX_VIOLATIONS, "no 'more' entry");
+        let one: Status = Error::invalid("a", "b").into();
+        assert_eq!(one.message(), "a: b");
+    }
+
+    #[test]
+    fn cut_respects_char_boundaries() {
+        assert_eq!(cut("abc", 3), "abc");
+        assert_eq!(cut("abcdef", 5), "ab…");
+        let c = cut(&"é".repeat(10), 6);
+        assert!(c.len() <= 6 && c.ends_with('…'), "{c}");
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_size_limit_is_resource_exhausted() {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_client::HealthClient;
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .layer(RequestTooLargeLayer)
+                .add_service(health.max_decoding_message_size(64))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut client =
+            HealthClient::new(crate::client::channel(&format!("http://{addr}")).expect("channel"));
+        let small = client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("a small request is served");
+        assert_eq!(small.get_ref().status, 1);
+        let e = client
+            .check(HealthCheckRequest {
+                service: "x".repeat(100),
+            })
+            .await
+            .expect_err("over the limit");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        server.abort();
+    }
+
+    #[test]
+    fn only_the_size_limit_status_is_rewritten() {
+        let mut other = Status::out_of_range("page 7 of 3").into_http::<()>();
+        request_too_large_is_resource_exhausted(other.headers_mut());
+        assert_eq!(other.headers()["grpc-status"], "11");
+        let mut too_large = Status::out_of_range(
+            "Error, decoded message length too large: found 9 bytes, the limit is: 8 bytes",
+        )
+        .into_http::<()>();
+        request_too_large_is_resource_exhausted(too_large.headers_mut());
+        assert_eq!(too_large.headers()["grpc-status"], "8");
     }
 
     #[test]

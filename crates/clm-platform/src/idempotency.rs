@@ -1,5 +1,32 @@
-//! Idempotency keys: a `request_id` seen before returns the first result;
+//! Idempotent writes: a `request_id` seen before returns the first result;
 //! the same id with a different payload is refused with `ALREADY_EXISTS`.
+//!
+//! # Convention
+//!
+//! Every write rpc of every service is one call to [`write`]: validate the
+//! request first (bad input never claims a key), then
+//!
+//! ```ignore
+//! let now = clm_domain::clock::micros(rt.clock.now());
+//! idempotency::write(&rt, "CreateThing", request_id, &req, now, async |txn| {
+//!     let thing = store::insert(txn, ...).await?;
+//!     let out = convert::thing_to_proto(&thing);
+//!     Ok((out.clone(), vec![events::thing_created(&out)]))
+//! })
+//! .await
+//! ```
+//!
+//! The work runs in one transaction; its response and its outbox events
+//! commit with it, and the response is stored under the key so a retry
+//! answers it (times included: take `now` once, from the clock, at
+//! microsecond precision). A write whose idempotency comes from elsewhere
+//! (touchpoints, keyed by event id) passes `None` as the key. A resource
+//! changed under an etag checks it with `convert::check_etag`; list rpcs
+//! page with [`crate::page::Pager`]; each rpc body in the tonic impl is one
+//! [`crate::error::respond`] call; ids are declared with
+//! `clm_domain::resource_id!`.
+//!
+//! # Keys
 //!
 //! Inside the rpc's transaction, [`claim`] inserts the key first
 //! (`ON CONFLICT DO NOTHING`). A concurrent duplicate on PostgreSQL blocks
@@ -177,5 +204,32 @@ impl Write {
         }
         outbox.commit(self.txn).await?;
         Ok(())
+    }
+}
+
+/// Runs `work` as one idempotent write (see the module docs): a retry of a
+/// finished request with the same `request_id` and payload answers the
+/// stored response without running `work`; otherwise `work` runs in a new
+/// transaction and returns the response and the events to append, which
+/// commit together (the response stored under the key).
+pub async fn write<Q, R>(
+    rt: &crate::Runtime,
+    scope: &'static str,
+    request_id: Option<String>,
+    request: &Q,
+    now: chrono::DateTime<chrono::Utc>,
+    work: impl AsyncFnOnce(&DatabaseTransaction) -> Result<(R, Vec<crate::outbox::NewEvent>), Error>,
+) -> Result<R, Error>
+where
+    Q: prost::Message,
+    R: prost::Message + Default,
+{
+    match begin::<R, Q>(&rt.db, scope, request_id, request, now).await? {
+        Begun::Replay(previous) => Ok(previous),
+        Begun::New(write) => {
+            let (response, events) = work(write.txn()).await?;
+            write.finish(&rt.outbox, &events, &response, now).await?;
+            Ok(response)
+        }
     }
 }

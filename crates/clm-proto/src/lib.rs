@@ -23,6 +23,8 @@ pub mod clm {
     }
 }
 
+pub mod event_types;
+
 pub use clm::common::v1 as common;
 pub use clm::customer::v1 as customer;
 

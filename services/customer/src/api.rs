@@ -1,10 +1,12 @@
-//! `clm.customer.v1.CustomerService`: each rpc authorizes, converts the
-//! request, runs one transaction and converts the result back.
+//! `clm.customer.v1.CustomerService`: each rpc authorizes (one
+//! [`respond`] call), converts the request, runs one transaction (writes:
+//! one [`idempotency::write`]) and converts the result back; lists page
+//! with [`Pager`].
 
 use crate::convert;
 use crate::error::CustomerError;
 use crate::events;
-use crate::store::customers::{self, CustomerRecord, NewCustomer};
+use crate::store::customers::{self, CustomerRecord, NewCustomer, SortKey};
 use crate::store::stages::{self, StageChangeRecord};
 use crate::store::touchpoints::{self, TouchpointRecord};
 use chrono::{DateTime, Utc};
@@ -12,9 +14,10 @@ use clm_domain::ids::CustomerId;
 use clm_domain::lifecycle::Transition;
 use clm_domain::validation::{optional_text, page_size, request_id, required_text};
 use clm_domain::{Violation, Violations, attributes, contact, filter, touchpoint};
-use clm_platform::auth::{Principal, Role, authorize};
-use clm_platform::idempotency::{self, Begun};
-use clm_platform::page::{self, Cursor};
+use clm_platform::auth::{Principal, Role};
+use clm_platform::error::respond;
+use clm_platform::idempotency;
+use clm_platform::page::Pager;
 use clm_platform::{Error, Result, Runtime};
 use clm_proto::customer as pb;
 use clm_proto::customer::customer_service_server::CustomerService;
@@ -49,18 +52,10 @@ impl CustomerApi {
         Self { rt }
     }
 
+    /// Now, at the precision times are stored with, so every answer, event
+    /// and replay carries what a read will answer.
     fn now(&self) -> DateTime<Utc> {
-        self.rt.clock.now()
-    }
-
-    /// Begins an idempotent write, or returns the stored response of a retry.
-    async fn begin<R: prost::Message + Default>(
-        &self,
-        scope: &'static str,
-        request_id: Option<String>,
-        request: &impl prost::Message,
-    ) -> Result<Begun<R>> {
-        idempotency::begin(&self.rt.db, scope, request_id, request, self.now()).await
+        clm_domain::clock::micros(self.rt.clock.now())
     }
 
     /// Reads a customer for a change, checking the caller's etag if one was sent.
@@ -71,15 +66,19 @@ impl CustomerApi {
         etag: &str,
     ) -> Result<CustomerRecord> {
         let rec = customers::get(txn, id).await?;
-        let current = convert::etag(rec.version);
-        if !etag.is_empty() && etag != current {
-            return Err(CustomerError::StaleEtag {
-                sent: etag.to_owned(),
-                current,
-            }
-            .into());
-        }
+        clm_platform::convert::check_etag(etag, rec.version)?;
         Ok(rec)
+    }
+
+    /// NOT_FOUND unless the customer exists.
+    async fn ensure_exists(&self, id: CustomerId) -> Result<()> {
+        if customers::existing_ids(&self.rt.db, &[id.to_string()])
+            .await?
+            .is_empty()
+        {
+            return Err(Error::NotFound(id.name()));
+        }
+        Ok(())
     }
 
     /// Inserts validated customers (with their creation stage entries) and
@@ -89,8 +88,8 @@ impl CustomerApi {
         txn: &DatabaseTransaction,
         items: Vec<(String, NewCustomer)>,
         actor: &Principal,
+        now: DateTime<Utc>,
     ) -> Result<Vec<CustomerRecord>> {
-        let now = self.now();
         let keys: Vec<(&str, Option<&str>, Option<&str>)> = items
             .iter()
             .map(|(p, c)| (p.as_str(), c.email.as_deref(), c.external_id.as_deref()))
@@ -134,30 +133,32 @@ impl CustomerApi {
         actor: Principal,
         req: pb::CreateCustomerRequest,
     ) -> Result<pb::Customer> {
-        let today = self.now().date_naive();
+        let now = self.now();
         let rid = request_id("request_id", &req.request_id)?;
         let c = req
             .customer
             .as_ref()
             .ok_or_else(|| Error::invalid("customer", "is required"))?;
-        let draft = convert::new_customer("customer", c, today)?;
-        let write = match self.begin("CreateCustomer", rid, &req).await? {
-            Begun::Replay(prev) => return Ok(prev),
-            Begun::New(w) => w,
-        };
-        let records = self
-            .insert_customers(write.txn(), vec![("customer".into(), draft)], &actor)
-            .await?;
-        let out = convert::customer_to_proto(&records[0], today);
-        write
-            .finish(
-                &self.rt.outbox,
-                &[events::customer_created(&out)],
-                &out,
-                self.now(),
-            )
-            .await?;
-        Ok(out)
+        let draft = convert::new_customer("customer", c, now.date_naive())?;
+        idempotency::write(
+            &self.rt,
+            "CreateCustomer",
+            rid,
+            &req,
+            now,
+            async move |txn| {
+                let record = self
+                    .insert_customers(txn, vec![("customer".into(), draft)], &actor, now)
+                    .await?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| Error::internal("one customer inserted, none returned"))?;
+                let out = convert::customer_to_proto(&record, now.date_naive());
+                let events = vec![events::customer_created(&out)];
+                Ok((out, events))
+            },
+        )
+        .await
     }
 
     async fn batch_create(
@@ -165,7 +166,8 @@ impl CustomerApi {
         actor: Principal,
         req: pb::BatchCreateCustomersRequest,
     ) -> Result<pb::BatchCreateCustomersResponse> {
-        let today = self.now().date_naive();
+        let now = self.now();
+        let today = now.date_naive();
         let rid = request_id("request_id", &req.request_id)?;
         let n = req.requests.len();
         if n == 0 || n > MAX_BATCH_CUSTOMERS {
@@ -208,21 +210,23 @@ impl CustomerApi {
             }
         }
         v.into_result()?;
-        let write = match self.begin("BatchCreateCustomers", rid, &req).await? {
-            Begun::Replay(prev) => return Ok(prev),
-            Begun::New(w) => w,
-        };
-        let records = self.insert_customers(write.txn(), items, &actor).await?;
-        let customers: Vec<pb::Customer> = records
-            .iter()
-            .map(|r| convert::customer_to_proto(r, today))
-            .collect();
-        let evs: Vec<_> = customers.iter().map(events::customer_created).collect();
-        let out = pb::BatchCreateCustomersResponse { customers };
-        write
-            .finish(&self.rt.outbox, &evs, &out, self.now())
-            .await?;
-        Ok(out)
+        idempotency::write(
+            &self.rt,
+            "BatchCreateCustomers",
+            rid,
+            &req,
+            now,
+            async move |txn| {
+                let records = self.insert_customers(txn, items, &actor, now).await?;
+                let customers: Vec<pb::Customer> = records
+                    .iter()
+                    .map(|r| convert::customer_to_proto(r, today))
+                    .collect();
+                let events = customers.iter().map(events::customer_created).collect();
+                Ok((pb::BatchCreateCustomersResponse { customers }, events))
+            },
+        )
+        .await
     }
 
     async fn get(&self, req: pb::GetCustomerRequest) -> Result<pb::Customer> {
@@ -251,37 +255,35 @@ impl CustomerApi {
                 "is required: name the fields to change",
             ));
         }
-        let write = match self.begin("UpdateCustomer", rid, &req).await? {
-            Begun::Replay(prev) => return Ok(prev),
-            Begun::New(w) => w,
-        };
-        let txn = write.txn();
-        let mut rec = self.load_for_write(txn, id, &c.etag).await?;
-        let attributes_changed = apply_mask(&mut rec, c, &paths, today)?;
-        if paths.iter().any(|p| p == "email" || p == "external_id") {
-            customers::check_unique(
-                txn,
-                &[("customer", rec.email.as_deref(), rec.external_id.as_deref())],
-                Some(id),
-            )
-            .await?;
-        }
-        let expected = rec.version;
-        rec.version += 1;
-        rec.update_time = now;
-        if !customers::update(txn, &rec, expected, attributes_changed).await? {
-            return Err(CustomerError::Concurrent.into());
-        }
-        let out = convert::customer_to_proto(&rec, today);
-        write
-            .finish(
-                &self.rt.outbox,
-                &[events::customer_updated(&out, paths)],
-                &out,
-                now,
-            )
-            .await?;
-        Ok(out)
+        idempotency::write(
+            &self.rt,
+            "UpdateCustomer",
+            rid,
+            &req,
+            now,
+            async move |txn| {
+                let mut rec = self.load_for_write(txn, id, &c.etag).await?;
+                let attributes_changed = apply_mask(&mut rec, c, &paths, today)?;
+                if paths.iter().any(|p| p == "email" || p == "external_id") {
+                    customers::check_unique(
+                        txn,
+                        &[("customer", rec.email.as_deref(), rec.external_id.as_deref())],
+                        Some(id),
+                    )
+                    .await?;
+                }
+                let expected = rec.version;
+                rec.version += 1;
+                rec.update_time = now;
+                if !customers::update(txn, &rec, expected, attributes_changed).await? {
+                    return Err(CustomerError::Concurrent.into());
+                }
+                let out = convert::customer_to_proto(&rec, today);
+                let events = vec![events::customer_updated(&out, paths)];
+                Ok((out, events))
+            },
+        )
+        .await
     }
 
     async fn list(&self, req: pb::ListCustomersRequest) -> Result<pb::ListCustomersResponse> {
@@ -289,24 +291,25 @@ impl CustomerApi {
         let comparisons = filter::parse("filter", &req.filter)?;
         let cond = customers::compile_filter("filter", &comparisons)?;
         let (sort, desc) = customers::parse_order_by("order_by", &req.order_by)?;
-        let q = page::fingerprint(&[&req.filter, &req.order_by]);
-        let after = page::decode("page_token", &req.page_token, &q)?.map(|c| (c.v, c.id));
+        let pager = Pager::new(&[&req.filter, &req.order_by]);
+        // The token's sort value is typed by the order: a tampered token
+        // with a value of the wrong type is bad input, not a database error.
+        let after = match sort {
+            SortKey::DisplayName => pager
+                .after::<String>(&req.page_token)?
+                .map(|(v, id)| (v.into(), id)),
+            SortKey::CreateTime | SortKey::UpdateTime => pager
+                .after::<i64>(&req.page_token)?
+                .map(|(v, id)| (v.into(), id)),
+        };
         let rows = customers::list(&self.rt.db, cond, sort, desc, after, size as u64 + 1).await?;
         let today = self.now().date_naive();
-        let customers = page::fill(
-            rows.iter().map(|r| convert::customer_to_proto(r, today)),
+        let (customers, next_page_token) = pager.page(
+            &rows,
             size,
+            |r| convert::customer_to_proto(r, today),
+            |r| (sort.value_of(r), r.id.to_string()),
         );
-        let next_page_token = if rows.len() > customers.len() {
-            let last = &rows[customers.len() - 1];
-            page::encode(&Cursor {
-                q,
-                v: sort.value_of(last),
-                id: last.id.to_string(),
-            })
-        } else {
-            String::new()
-        };
         Ok(pb::ListCustomersResponse {
             customers,
             next_page_token,
@@ -320,54 +323,46 @@ impl CustomerApi {
         let now = self.now();
         touchpoint::batch_size("touchpoints", req.touchpoints.len())?;
         let mut v = Violations::new();
-        let mut records = Vec::with_capacity(req.touchpoints.len());
-        let mut seen = HashSet::with_capacity(req.touchpoints.len());
+        let mut batch = Vec::with_capacity(req.touchpoints.len());
         for (i, t) in req.touchpoints.iter().enumerate() {
             match convert::touchpoint(&format!("touchpoints[{i}]"), t, now) {
-                Ok((customer, touchpoint)) => {
-                    if seen.insert(touchpoint.event_id.clone()) {
-                        records.push(TouchpointRecord {
-                            customer,
-                            touchpoint,
-                            record_time: now,
-                        });
-                    }
-                }
+                Ok((customer, touchpoint)) => batch.push(TouchpointRecord {
+                    customer,
+                    touchpoint,
+                    record_time: now,
+                }),
                 Err(e) => v.0.extend(e.0),
             }
         }
         v.into_result()?;
-        let mut ids: Vec<String> = records.iter().map(|r| r.customer.to_string()).collect();
+        let mut ids: Vec<String> = batch.iter().map(|r| r.customer.to_string()).collect();
         ids.sort_unstable();
         ids.dedup();
         // Idempotent by event id, so no request key: the write only batches the outbox and commit.
-        let Begun::New(write) = self
-            .begin::<pb::RecordTouchpointsResponse>("RecordTouchpoints", None, &req)
-            .await?
-        else {
-            return Err(Error::internal("a write without a key cannot be a replay"));
-        };
-        let txn = write.txn();
-        let existing: HashSet<String> = customers::existing_ids(txn, &ids)
-            .await?
-            .into_iter()
-            .collect();
-        if let Some(missing) = ids.iter().find(|id| !existing.contains(*id)) {
-            return Err(Error::NotFound(format!("customers/{missing}")));
-        }
-        let inserted = touchpoints::insert_new(txn, &records).await?;
-        let evs: Vec<_> = records
-            .iter()
-            .filter(|r| inserted.contains(&r.touchpoint.event_id))
-            .map(|r| events::touchpoint_recorded(convert::touchpoint_to_proto(r)))
-            .collect();
-        let recorded = inserted.len();
-        let out = pb::RecordTouchpointsResponse {
-            recorded_count: recorded as i32,
-            duplicate_count: (req.touchpoints.len() - recorded) as i32,
-        };
-        write.finish(&self.rt.outbox, &evs, &out, now).await?;
-        Ok(out)
+        idempotency::write(
+            &self.rt,
+            "RecordTouchpoints",
+            None,
+            &req,
+            now,
+            async move |txn| {
+                let existing: HashSet<String> = customers::existing_ids(txn, &ids)
+                    .await?
+                    .into_iter()
+                    .collect();
+                if let Some(missing) = ids.iter().find(|id| !existing.contains(*id)) {
+                    return Err(Error::NotFound(format!("customers/{missing}")));
+                }
+                let outcome = record_new(txn, &batch).await?;
+                let events = outcome
+                    .recorded
+                    .iter()
+                    .map(|&i| events::touchpoint_recorded(convert::touchpoint_to_proto(&batch[i])))
+                    .collect();
+                Ok((outcome.into_response(), events))
+            },
+        )
+        .await
     }
 
     async fn list_touchpoints(
@@ -391,37 +386,17 @@ impl CustomerApi {
                 ));
             }
         };
-        let q = page::fingerprint(&[&req.filter]);
-        let after = match page::decode("page_token", &req.page_token, &q)? {
-            Some(c) => Some((
-                c.v.as_i64().ok_or_else(|| {
-                    Error::invalid(
-                        "page_token",
-                        "is not a page token returned by this list call",
-                    )
-                })?,
-                c.id,
-            )),
-            None => None,
-        };
-        if customers::existing_ids(&self.rt.db, &[id.to_string()])
-            .await?
-            .is_empty()
-        {
-            return Err(Error::NotFound(id.name()));
-        }
+        let pager = Pager::new(&[&req.filter]);
+        let after = pager.after::<i64>(&req.page_token)?;
+        self.ensure_exists(id).await?;
         let rows = touchpoints::list(&self.rt.db, id, kind, after, size as u64 + 1).await?;
-        let touchpoints = page::fill(rows.iter().map(convert::touchpoint_to_proto), size);
-        let next_page_token = if rows.len() > touchpoints.len() {
-            let last = &rows[touchpoints.len() - 1].touchpoint;
-            page::encode(&Cursor {
-                q,
-                v: clm_platform::db::to_micros(last.occurred_time).into(),
-                id: last.event_id.clone(),
-            })
-        } else {
-            String::new()
-        };
+        let (touchpoints, next_page_token) =
+            pager.page(&rows, size, convert::touchpoint_to_proto, |r| {
+                (
+                    clm_platform::db::to_micros(r.touchpoint.occurred_time),
+                    r.touchpoint.event_id.clone(),
+                )
+            });
         Ok(pb::ListTouchpointsResponse {
             touchpoints,
             next_page_token,
@@ -444,46 +419,45 @@ impl CustomerApi {
         let (Some(id), Some(to), Some(reason)) = (id, to, reason) else {
             return Err(Error::internal("validated fields missing"));
         };
-        let write = match self.begin("TransitionStage", rid, &req).await? {
-            Begun::Replay(prev) => return Ok(prev),
-            Begun::New(w) => w,
-        };
-        let txn = write.txn();
-        let mut rec = self.load_for_write(txn, id, &req.etag).await?;
-        let t =
-            Transition::new(rec.stage, to, reason, actor.subject).map_err(CustomerError::from)?;
-        let expected = rec.version;
-        rec.stage = t.to;
-        rec.stage_change_time = now;
-        rec.update_time = now;
-        rec.version += 1;
-        if !customers::update(txn, &rec, expected, false).await? {
-            return Err(CustomerError::Concurrent.into());
-        }
-        let change = StageChangeRecord {
-            id: 0,
-            customer: id,
-            from: Some(t.from),
-            to: t.to,
-            reason: t.reason,
-            actor: t.actor,
-            change_time: now,
-        };
-        stages::insert_many(txn, std::slice::from_ref(&change)).await?;
-        let change = convert::stage_change_to_proto(&change, now);
-        let out = pb::TransitionStageResponse {
-            customer: Some(convert::customer_to_proto(&rec, today)),
-            change: Some(change.clone()),
-        };
-        write
-            .finish(
-                &self.rt.outbox,
-                &[events::stage_changed(&id.name(), change)],
-                &out,
-                now,
-            )
-            .await?;
-        Ok(out)
+        let etag = req.etag.as_str();
+        idempotency::write(
+            &self.rt,
+            "TransitionStage",
+            rid,
+            &req,
+            now,
+            async move |txn| {
+                let mut rec = self.load_for_write(txn, id, etag).await?;
+                let t = Transition::new(rec.stage, to, reason, actor.subject)
+                    .map_err(CustomerError::from)?;
+                let expected = rec.version;
+                rec.stage = t.to;
+                rec.stage_change_time = now;
+                rec.update_time = now;
+                rec.version += 1;
+                if !customers::update(txn, &rec, expected, false).await? {
+                    return Err(CustomerError::Concurrent.into());
+                }
+                let change = StageChangeRecord {
+                    id: 0,
+                    customer: id,
+                    from: Some(t.from),
+                    to: t.to,
+                    reason: t.reason,
+                    actor: t.actor,
+                    change_time: now,
+                };
+                stages::insert_many(txn, std::slice::from_ref(&change)).await?;
+                let change = convert::stage_change_to_proto(&change, now);
+                let events = vec![events::stage_changed(&id.name(), change.clone())];
+                let out = pb::TransitionStageResponse {
+                    customer: Some(convert::customer_to_proto(&rec, today)),
+                    change: Some(change),
+                };
+                Ok((out, events))
+            },
+        )
+        .await
     }
 
     async fn stage_history(
@@ -492,46 +466,117 @@ impl CustomerApi {
     ) -> Result<pb::ListStageHistoryResponse> {
         let id = CustomerId::parse_name("parent", &req.parent)?;
         let size = page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)? as usize;
-        let q = page::fingerprint(&["stage_history"]);
-        let after = match page::decode("page_token", &req.page_token, &q)? {
-            Some(c) => c.v.as_i64().ok_or_else(|| {
-                Error::invalid(
-                    "page_token",
-                    "is not a page token returned by this list call",
-                )
-            })?,
-            None => 0,
-        };
-        if customers::existing_ids(&self.rt.db, &[id.to_string()])
-            .await?
-            .is_empty()
-        {
-            return Err(Error::NotFound(id.name()));
-        }
+        let pager = Pager::new(&["stage_history"]);
+        let after = pager.after::<i64>(&req.page_token)?.map_or(0, |(v, _)| v);
+        self.ensure_exists(id).await?;
         let rows = stages::list(&self.rt.db, id, after, size as u64 + 1).await?;
+        // Time in a stage lasts until the next move, or until now.
         let now = self.now();
-        let changes = rows
-            .iter()
-            .take(size)
-            .enumerate()
-            .map(|(i, c)| {
-                convert::stage_change_to_proto(c, rows.get(i + 1).map_or(now, |n| n.change_time))
-            })
+        let until: HashMap<i64, DateTime<Utc>> = rows
+            .windows(2)
+            .map(|w| (w[0].id, w[1].change_time))
             .collect();
-        let next_page_token = if rows.len() > size {
-            page::encode(&Cursor {
-                q,
-                v: rows[size - 1].id.into(),
-                id: String::new(),
-            })
-        } else {
-            String::new()
-        };
+        let (changes, next_page_token) = pager.page(
+            &rows,
+            size,
+            |c| convert::stage_change_to_proto(c, until.get(&c.id).copied().unwrap_or(now)),
+            |c| (c.id, String::new()),
+        );
         Ok(pb::ListStageHistoryResponse {
             changes,
             next_page_token,
         })
     }
+}
+
+/// How the touchpoints of one batch (by position) were recorded.
+#[derive(Debug, Default)]
+struct Recorded {
+    /// Newly recorded.
+    recorded: Vec<usize>,
+    /// Already recorded, or repeated in the batch, with the same payload.
+    duplicates: usize,
+    /// Event id taken by a different touchpoint.
+    conflicts: Vec<pb::TouchpointConflict>,
+}
+
+impl Recorded {
+    fn into_response(self) -> pb::RecordTouchpointsResponse {
+        pb::RecordTouchpointsResponse {
+            recorded_count: self.recorded.len() as i32,
+            duplicate_count: self.duplicates as i32,
+            conflict_count: self.conflicts.len() as i32,
+            conflicts: self.conflicts,
+        }
+    }
+}
+
+/// Records the touchpoints of `batch` whose event id is new (the first of
+/// each id in the batch), and tells duplicates from conflicts for the rest
+/// by comparing each with the touchpoint holding its id: one query for the
+/// ids already stored, one insert, and a second lookup only for ids that a
+/// concurrent writer recorded in between.
+async fn record_new(txn: &DatabaseTransaction, batch: &[TouchpointRecord]) -> Result<Recorded> {
+    let event_ids: Vec<&str> = batch
+        .iter()
+        .map(|r| r.touchpoint.event_id.as_str())
+        .collect();
+    let mut holders = touchpoints::existing(txn, &event_ids).await?;
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    for (i, id) in event_ids.iter().enumerate() {
+        if !holders.contains_key(*id) {
+            first.entry(id).or_insert(i);
+        }
+    }
+    let mut new_positions: Vec<usize> = first.values().copied().collect();
+    new_positions.sort_unstable();
+    let to_insert: Vec<TouchpointRecord> =
+        new_positions.iter().map(|&i| batch[i].clone()).collect();
+    let inserted = touchpoints::insert_new(txn, &to_insert).await?;
+    let raced: Vec<&str> = new_positions
+        .iter()
+        .map(|&i| event_ids[i])
+        .filter(|id| !inserted.contains(*id))
+        .collect();
+    if !raced.is_empty() {
+        holders.extend(touchpoints::existing(txn, &raced).await?);
+    }
+    let mut out = Recorded::default();
+    for (i, r) in batch.iter().enumerate() {
+        let id = event_ids[i];
+        let holder = match (holders.get(id), first.get(id)) {
+            (Some(stored), _) => stored,
+            (None, Some(&f)) if f == i => {
+                out.recorded.push(i);
+                continue;
+            }
+            (None, Some(&f)) => &batch[f],
+            (None, None) => return Err(Error::internal("a touchpoint neither stored nor new")),
+        };
+        let reason = if holder.customer != r.customer {
+            Some((
+                pb::TouchpointConflictReason::OtherCustomer,
+                "is recorded for another customer",
+            ))
+        } else if holder.touchpoint != r.touchpoint {
+            Some((
+                pb::TouchpointConflictReason::DifferentPayload,
+                "is recorded with a different payload",
+            ))
+        } else {
+            None
+        };
+        match reason {
+            None => out.duplicates += 1,
+            Some((reason, what)) => out.conflicts.push(pb::TouchpointConflict {
+                index: i as i32,
+                event_id: id.to_owned(),
+                reason: reason as i32,
+                description: format!("event id {} {what}", clm_domain::validation::echo(id)),
+            }),
+        }
+    }
+    Ok(out)
 }
 
 /// Applies the masked fields of `c` to `rec`; returns whether attributes changed.
@@ -598,7 +643,7 @@ fn apply_mask(
             },
             p if p.starts_with("attributes.") => {
                 let key = &p["attributes.".len()..];
-                let field = format!("customer.attributes[{key:?}]");
+                let field = format!("customer.attributes[{}]", clm_domain::validation::echo(key));
                 if let Some(key) = v.check("", attributes::key("update_mask", key)) {
                     match c.attributes.get(&key) {
                         Some(a) => {
@@ -627,7 +672,7 @@ fn apply_mask(
             }
             other => v.push(Violation::new(
                 "update_mask",
-                format!("unknown field path {other:?}"),
+                format!("unknown field path {}", clm_domain::validation::echo(other)),
             )),
         }
     }
@@ -647,81 +692,62 @@ impl CustomerService for CustomerApi {
         &self,
         request: Request<pb::CreateCustomerRequest>,
     ) -> Result<Response<pb::Customer>, Status> {
-        let p = authorize(&request, WRITERS)?;
-        Ok(Response::new(self.create(p, request.into_inner()).await?))
+        respond(request, WRITERS, |p, r| self.create(p, r)).await
     }
 
     async fn get_customer(
         &self,
         request: Request<pb::GetCustomerRequest>,
     ) -> Result<Response<pb::Customer>, Status> {
-        authorize(&request, READERS)?;
-        Ok(Response::new(self.get(request.into_inner()).await?))
+        respond(request, READERS, |_, r| self.get(r)).await
     }
 
     async fn update_customer(
         &self,
         request: Request<pb::UpdateCustomerRequest>,
     ) -> Result<Response<pb::Customer>, Status> {
-        authorize(&request, WRITERS)?;
-        Ok(Response::new(self.update(request.into_inner()).await?))
+        respond(request, WRITERS, |_, r| self.update(r)).await
     }
 
     async fn list_customers(
         &self,
         request: Request<pb::ListCustomersRequest>,
     ) -> Result<Response<pb::ListCustomersResponse>, Status> {
-        authorize(&request, READERS)?;
-        Ok(Response::new(self.list(request.into_inner()).await?))
+        respond(request, READERS, |_, r| self.list(r)).await
     }
 
     async fn batch_create_customers(
         &self,
         request: Request<pb::BatchCreateCustomersRequest>,
     ) -> Result<Response<pb::BatchCreateCustomersResponse>, Status> {
-        let p = authorize(&request, WRITERS)?;
-        Ok(Response::new(
-            self.batch_create(p, request.into_inner()).await?,
-        ))
+        respond(request, WRITERS, |p, r| self.batch_create(p, r)).await
     }
 
     async fn record_touchpoints(
         &self,
         request: Request<pb::RecordTouchpointsRequest>,
     ) -> Result<Response<pb::RecordTouchpointsResponse>, Status> {
-        authorize(&request, WRITERS)?;
-        Ok(Response::new(
-            self.record_touchpoints(request.into_inner()).await?,
-        ))
+        respond(request, WRITERS, |_, r| self.record_touchpoints(r)).await
     }
 
     async fn list_touchpoints(
         &self,
         request: Request<pb::ListTouchpointsRequest>,
     ) -> Result<Response<pb::ListTouchpointsResponse>, Status> {
-        authorize(&request, READERS)?;
-        Ok(Response::new(
-            self.list_touchpoints(request.into_inner()).await?,
-        ))
+        respond(request, READERS, |_, r| self.list_touchpoints(r)).await
     }
 
     async fn transition_stage(
         &self,
         request: Request<pb::TransitionStageRequest>,
     ) -> Result<Response<pb::TransitionStageResponse>, Status> {
-        let p = authorize(&request, WRITERS)?;
-        Ok(Response::new(
-            self.transition(p, request.into_inner()).await?,
-        ))
+        respond(request, WRITERS, |p, r| self.transition(p, r)).await
     }
 
     async fn list_stage_history(
         &self,
         request: Request<pb::ListStageHistoryRequest>,
     ) -> Result<Response<pb::ListStageHistoryResponse>, Status> {
-        authorize(&request, READERS)?;
-        Ok(Response::new(
-            self.stage_history(request.into_inner()).await?,
-        ))
+        respond(request, READERS, |_, r| self.stage_history(r)).await
     }
 }

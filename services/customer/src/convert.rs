@@ -158,7 +158,7 @@ pub fn attribute_map(
     v.check("", attributes::count(prefix, map.len()));
     let mut out = Attributes::new();
     for (k, a) in map {
-        let f = format!("{prefix}[{k:?}]");
+        let f = format!("{prefix}[{}]", clm_domain::validation::echo(k));
         if let (Some(k), Some(val)) = (
             v.check("", attributes::key(&f, k)),
             v.check("", attribute_value(&f, a)),
@@ -271,13 +271,8 @@ pub fn customer_to_proto(r: &CustomerRecord, today: NaiveDate) -> pb::Customer {
         stage_change_time: Some(timestamp(r.stage_change_time)),
         create_time: Some(timestamp(r.create_time)),
         update_time: Some(timestamp(r.update_time)),
-        etag: etag(r.version),
+        etag: clm_platform::convert::etag(r.version),
     }
-}
-
-/// The etag of a version.
-pub fn etag(version: i64) -> String {
-    format!("\"{version}\"")
 }
 
 fn touchpoint_kind(field: &str, value: i32) -> Result<TouchpointKind, Violation> {
@@ -364,7 +359,14 @@ pub fn touchpoint(
         properties: t.properties.clone(),
     };
     if let Err(e) = tp.check(now) {
-        v.0.extend(e.0.into_iter().map(|x| x.under(prefix)));
+        // A field already refused (too long, say) was dropped: the kind
+        // rules would only add a wrong "is required" for it.
+        for x in e.0 {
+            let x = x.under(prefix);
+            if !v.0.iter().any(|seen| seen.field == x.field) {
+                v.push(x);
+            }
+        }
     }
     v.into_result().map(|()| (customer, tp))
 }

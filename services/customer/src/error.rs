@@ -9,14 +9,6 @@ pub enum CustomerError {
     /// The lifecycle refuses the move.
     #[error(transparent)]
     Transition(#[from] TransitionError),
-    /// The etag sent is not the stored one.
-    #[error("etag {sent} is stale (current {current}); re-read the customer and retry")]
-    StaleEtag {
-        /// Sent by the caller.
-        sent: String,
-        /// Stored.
-        current: String,
-    },
     /// Another writer changed the customer between read and write.
     #[error("the customer was changed concurrently; re-read and retry")]
     Concurrent,
@@ -35,9 +27,7 @@ impl From<CustomerError> for Error {
                     message: t.to_string(),
                 }
             }
-            e @ (CustomerError::StaleEtag { .. } | CustomerError::Concurrent) => {
-                Error::Aborted(e.to_string())
-            }
+            e @ CustomerError::Concurrent => Error::Aborted(e.to_string()),
         }
     }
 }

@@ -1064,3 +1064,584 @@ async fn list_pages_stay_under_the_default_4mb_receive_limit() {
     assert!(pages >= 2);
     h.server.stop().await;
 }
+
+/// Bytes a status takes in the response headers (`grpc-status`, the
+/// percent-encoded `grpc-message`, the base64 `grpc-status-details-bin`).
+fn status_wire_bytes(status: &tonic::Status) -> usize {
+    let mut headers = tonic::codegen::http::HeaderMap::new();
+    status.add_header(&mut headers).unwrap();
+    headers
+        .iter()
+        .filter(|(k, _)| k.as_str().starts_with("grpc-"))
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum()
+}
+
+#[tokio::test]
+async fn errors_stay_small_whatever_the_input() {
+    let h = start().await;
+    let mut c = h.client();
+    // A 20 KB malformed e-mail is named, not echoed whole.
+    let huge = format!("{}@", "x".repeat(20_000));
+    let e = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(customer(&huge)),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "customer.email");
+    assert!(
+        status_wire_bytes(&e) < 2048,
+        "{} bytes",
+        status_wire_bytes(&e)
+    );
+    assert!(e.message().len() < 300, "{}", e.message());
+
+    // 1,000 bad touchpoints: 20 violations and a count of the rest.
+    let a = create(&mut c, "small@example.com").await;
+    let bad: Vec<_> = (0..1000)
+        .map(|i| {
+            let mut t = feature_use(&a.name, &format!("bad-{i}"), t0());
+            t.r#type = TouchpointType::Purchase as i32;
+            t.properties.insert("k".repeat(100 + i), "v\0".repeat(600));
+            t
+        })
+        .collect();
+    let e = c
+        .record_touchpoints(pb::RecordTouchpointsRequest { touchpoints: bad })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "touchpoints[0].revenue");
+    let wire = status_wire_bytes(&e);
+    assert!(wire < 8 * 1024, "{wire} bytes");
+    let violations = e
+        .get_error_details()
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .clone();
+    assert!(violations.len() <= 21, "{}", violations.len());
+    let last = violations.last().unwrap();
+    assert_eq!(
+        last.description,
+        format!("... and {} more violations", 2000 - (violations.len() - 1)),
+        "each touchpoint has two violations"
+    );
+    assert!(
+        e.message().contains("(and 1999 more violations)"),
+        "{}",
+        e.message()
+    );
+    h.server.stop().await;
+}
+
+/// A server on the real (nanosecond) system clock.
+async fn start_on_system_clock() -> (Running, TestBackend) {
+    let backend = TestBackend::new().await;
+    let server = spawn(backend.config("customer"), clm_customer::run).await;
+    (server, backend)
+}
+
+#[tokio::test]
+async fn writes_answer_the_times_reads_and_events_answer() {
+    let (server, _backend) = start_on_system_clock().await;
+    let mut c = CustomerServiceClient::new(server.channel());
+    let mut cu = customer("time@example.com");
+    cu.attributes.insert(
+        "seen".into(),
+        AttributeValue {
+            value: Some(Value::TimestampValue(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 123_456_789,
+            })),
+        },
+    );
+    let created = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(cu),
+            request_id: "time-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let get = |c: &mut Client, name: String| {
+        let mut c = c.clone();
+        async move {
+            c.get_customer(pb::GetCustomerRequest { name })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    assert_eq!(get(&mut c, created.name.clone()).await, created);
+    assert_eq!(
+        created.attributes["seen"].value,
+        Some(Value::TimestampValue(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 123_456_000,
+        }))
+    );
+    // Several writes, so a nanosecond clock would show in at least one.
+    let batch = c
+        .batch_create_customers(pb::BatchCreateCustomersRequest {
+            requests: (0..5)
+                .map(|i| pb::CreateCustomerRequest {
+                    customer: Some(customer(&format!("time{i}@example.com"))),
+                    request_id: String::new(),
+                })
+                .collect(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for b in &batch.customers {
+        assert_eq!(&get(&mut c, b.name.clone()).await, b);
+    }
+    let mut change = created.clone();
+    change.display_name = "Timely".into();
+    let updated = c
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(change),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["display_name".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(get(&mut c, created.name.clone()).await, updated);
+    let moved = c
+        .transition_stage(pb::TransitionStageRequest {
+            name: created.name.clone(),
+            to_stage: Stage::Acquisition as i32,
+            reason: "demo".into(),
+            request_id: "time-move".into(),
+            etag: updated.etag.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        get(&mut c, created.name.clone()).await,
+        moved.customer.clone().unwrap()
+    );
+    let history = c
+        .list_stage_history(pb::ListStageHistoryRequest {
+            parent: created.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        history.changes[1].change_time,
+        moved.change.as_ref().unwrap().change_time
+    );
+
+    let mut tp = feature_use(&created.name, "nano", Utc::now() - Duration::hours(1));
+    tp.occurred_time.as_mut().unwrap().nanos = 987_654_321;
+    c.record_touchpoints(pb::RecordTouchpointsRequest {
+        touchpoints: vec![tp],
+    })
+    .await
+    .unwrap();
+    let listed = c
+        .list_touchpoints(pb::ListTouchpointsRequest {
+            parent: created.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .touchpoints;
+    assert_eq!(listed[0].occurred_time.unwrap().nanos, 987_654_000);
+
+    // The events carry the same times as the reads.
+    let mut watch = ChangeStreamServiceClient::new(server.channel())
+        .watch_changes(WatchChangesRequest {
+            after_sequence: 0,
+            event_types: vec![
+                "clm.customer.v1.CustomerCreated".into(),
+                "clm.customer.v1.TouchpointRecorded".into(),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.next().await.unwrap().unwrap().event.unwrap();
+    let ev =
+        <pb::CustomerCreated as prost::Message>::decode(first.payload.unwrap().value.as_slice())
+            .unwrap();
+    assert_eq!(ev.customer.unwrap(), created);
+    let mut recorded = None;
+    while recorded.is_none() {
+        let e = watch.next().await.unwrap().unwrap().event.unwrap();
+        let p = e.payload.unwrap();
+        if p.type_url.ends_with("TouchpointRecorded") {
+            recorded = Some(
+                <pb::TouchpointRecorded as prost::Message>::decode(p.value.as_slice())
+                    .unwrap()
+                    .touchpoint
+                    .unwrap(),
+            );
+        }
+    }
+    assert_eq!(recorded.unwrap(), listed[0]);
+
+    // An idempotent replay answers the stored times too.
+    let replay = c
+        .transition_stage(pb::TransitionStageRequest {
+            name: created.name.clone(),
+            to_stage: Stage::Acquisition as i32,
+            reason: "demo".into(),
+            request_id: "time-move".into(),
+            etag: updated.etag.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replay, moved);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn times_outside_a_timestamp_and_unknown_currencies_are_refused() {
+    let h = start().await;
+    let mut c = h.client();
+    let mut cu = customer("range@example.com");
+    cu.attributes.insert(
+        "when".into(),
+        AttributeValue {
+            value: Some(Value::TimestampValue(prost_types::Timestamp {
+                seconds: 253_402_300_800, // 10000-01-01
+                nanos: 0,
+            })),
+        },
+    );
+    let e = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(cu),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "customer.attributes[\"when\"]");
+
+    let a = create(&mut c, "range2@example.com").await;
+    let mut ancient = feature_use(&a.name, "ancient", t0());
+    ancient.occurred_time = Some(prost_types::Timestamp {
+        seconds: -62_135_596_801, // 0000-12-31T23:59:59Z
+        nanos: 0,
+    });
+    let e = c
+        .record_touchpoints(pb::RecordTouchpointsRequest {
+            touchpoints: vec![ancient],
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "touchpoints[0].occurred_time");
+
+    let e = c
+        .list_customers(pb::ListCustomersRequest {
+            filter: r#"create_time > "0000-01-01T00:00:00Z""#.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "filter");
+
+    let mut zzz = feature_use(&a.name, "zzz", t0());
+    zzz.r#type = TouchpointType::Purchase as i32;
+    zzz.revenue = Some(Money {
+        currency_code: "ZZZ".into(),
+        amount_minor: 100,
+    });
+    let e = c
+        .record_touchpoints(pb::RecordTouchpointsRequest {
+            touchpoints: vec![zzz],
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "touchpoints[0].revenue.currency_code");
+    let mut rich = customer("rich@example.com");
+    rich.demographics = Some(pb::Demographics {
+        annual_income: Some(Money {
+            currency_code: "XXX".into(),
+            amount_minor: 1,
+        }),
+        ..Default::default()
+    });
+    let e = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(rich),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "customer.demographics.annual_income.currency_code");
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_field_too_long_gets_one_violation() {
+    let h = start().await;
+    let mut c = h.client();
+    let a = create(&mut c, "long@example.com").await;
+    let mut t = feature_use(&a.name, "long", t0());
+    t.feature = "f".repeat(201);
+    let e = c
+        .record_touchpoints(pb::RecordTouchpointsRequest {
+            touchpoints: vec![t],
+        })
+        .await
+        .unwrap_err();
+    let violations = e
+        .get_error_details()
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .clone();
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert_eq!(violations[0].field, "touchpoints[0].feature");
+    assert!(
+        violations[0].description.contains("at most 200"),
+        "{violations:?}"
+    );
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_taken_event_id_is_a_conflict_not_a_duplicate() {
+    let h = start().await;
+    let mut c = h.client();
+    let a = create(&mut c, "ca@example.com").await;
+    let b = create(&mut c, "cb@example.com").await;
+    let first = c
+        .record_touchpoints(pb::RecordTouchpointsRequest {
+            touchpoints: vec![feature_use(&a.name, "e1", t0())],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.recorded_count, 1);
+    let mut other_feature = feature_use(&a.name, "e1", t0());
+    other_feature.feature = "exports".into();
+    let mut e3_changed = feature_use(&a.name, "e3", t0());
+    e3_changed.occurred_time.as_mut().unwrap().seconds -= 60;
+    let r = c
+        .record_touchpoints(pb::RecordTouchpointsRequest {
+            touchpoints: vec![
+                feature_use(&a.name, "e1", t0()), // a true duplicate
+                feature_use(&b.name, "e1", t0()), // another customer
+                feature_use(&a.name, "e2", t0()), // new
+                other_feature,                    // another payload
+                feature_use(&a.name, "e2", t0()), // repeated in the batch
+                feature_use(&a.name, "e3", t0()), // new
+                e3_changed,                       // repeated with another payload
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.recorded_count, r.duplicate_count, r.conflict_count),
+        (2, 2, 3)
+    );
+    let conflicts: Vec<(i32, &str, pb::TouchpointConflictReason)> = r
+        .conflicts
+        .iter()
+        .map(|c| (c.index, c.event_id.as_str(), c.reason()))
+        .collect();
+    assert_eq!(
+        conflicts,
+        vec![
+            (1, "e1", pb::TouchpointConflictReason::OtherCustomer),
+            (3, "e1", pb::TouchpointConflictReason::DifferentPayload),
+            (6, "e3", pb::TouchpointConflictReason::DifferentPayload),
+        ]
+    );
+    assert!(r.conflicts[0].description.contains("another customer"));
+
+    // Nothing of the conflicting touchpoints was recorded.
+    let of_b = c
+        .list_touchpoints(pb::ListTouchpointsRequest {
+            parent: b.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(of_b.touchpoints.is_empty());
+    let of_a = c
+        .list_touchpoints(pb::ListTouchpointsRequest {
+            parent: a.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stored: Vec<(String, String, i64)> = of_a
+        .touchpoints
+        .iter()
+        .map(|t| {
+            (
+                t.event_id.clone(),
+                t.feature.clone(),
+                t.occurred_time.unwrap().seconds,
+            )
+        })
+        .collect();
+    stored.sort();
+    let at = t0().timestamp();
+    assert_eq!(
+        stored,
+        vec![
+            ("e1".into(), "reports".into(), at),
+            ("e2".into(), "reports".into(), at),
+            ("e3".into(), "reports".into(), at),
+        ]
+    );
+    h.server.stop().await;
+}
+
+/// Minimal URL-safe unpadded base64, to tamper with page tokens.
+mod b64 {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+    pub fn encode(bytes: &[u8]) -> String {
+        let mut bits = 0u32;
+        let mut n = 0;
+        let mut out = String::new();
+        for &b in bytes {
+            bits = (bits << 8) | u32::from(b);
+            n += 8;
+            while n >= 6 {
+                n -= 6;
+                out.push(ALPHABET[((bits >> n) & 63) as usize] as char);
+            }
+        }
+        if n > 0 {
+            out.push(ALPHABET[((bits << (6 - n)) & 63) as usize] as char);
+        }
+        out
+    }
+
+    pub fn decode(s: &str) -> Vec<u8> {
+        let mut bits = 0u32;
+        let mut n = 0;
+        let mut out = Vec::new();
+        for c in s.bytes() {
+            let v = ALPHABET.iter().position(|&a| a == c).unwrap() as u32;
+            bits = (bits << 6) | v;
+            n += 6;
+            if n >= 8 {
+                n -= 8;
+                out.push(((bits >> n) & 255) as u8);
+            }
+        }
+        out
+    }
+}
+
+/// `token` with its sort value replaced by `v`.
+fn tamper(token: &str, v: serde_json::Value) -> String {
+    let mut json: serde_json::Value = serde_json::from_slice(&b64::decode(token)).unwrap();
+    json["v"] = v;
+    b64::encode(&serde_json::to_vec(&json).unwrap())
+}
+
+#[tokio::test]
+async fn a_tampered_page_token_is_bad_input_never_internal() {
+    let h = start().await;
+    let mut c = h.client();
+    let a = create(&mut c, "p1@example.com").await;
+    create(&mut c, "p2@example.com").await;
+    let page = c
+        .list_customers(pb::ListCustomersRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!page.next_page_token.is_empty());
+    // The untouched token works.
+    let rest = c
+        .list_customers(pb::ListCustomersRequest {
+            page_size: 1,
+            page_token: tamper(
+                &page.next_page_token,
+                serde_json::json!(t0().timestamp_micros()),
+            ),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.customers.len(), 1);
+    for v in [
+        serde_json::json!("abc"),
+        serde_json::json!(1.5),
+        serde_json::json!(null),
+    ] {
+        let e = c
+            .list_customers(pb::ListCustomersRequest {
+                page_size: 1,
+                page_token: tamper(&page.next_page_token, v.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_bad_field(&e, "page_token");
+    }
+    let by_name = c
+        .list_customers(pb::ListCustomersRequest {
+            page_size: 1,
+            order_by: "display_name".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = c
+        .list_customers(pb::ListCustomersRequest {
+            page_size: 1,
+            order_by: "display_name".into(),
+            page_token: tamper(&by_name.next_page_token, serde_json::json!(42)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "page_token");
+
+    c.record_touchpoints(pb::RecordTouchpointsRequest {
+        touchpoints: (0..3)
+            .map(|i| feature_use(&a.name, &format!("pt{i}"), t0() - Duration::hours(i)))
+            .collect(),
+    })
+    .await
+    .unwrap();
+    let tps = c
+        .list_touchpoints(pb::ListTouchpointsRequest {
+            parent: a.name.clone(),
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = c
+        .list_touchpoints(pb::ListTouchpointsRequest {
+            parent: a.name.clone(),
+            page_size: 1,
+            page_token: tamper(&tps.next_page_token, serde_json::json!("later")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "page_token");
+    h.server.stop().await;
+}

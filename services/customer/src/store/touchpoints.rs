@@ -1,4 +1,5 @@
-//! Touchpoints: a set-based, idempotent insert and the timeline query.
+//! Touchpoints: a set-based, idempotent insert, the lookup of a batch's
+//! event ids that tells duplicates from conflicts, and the timeline query.
 
 use super::n;
 use chrono::{DateTime, Utc};
@@ -9,7 +10,7 @@ use clm_platform::Error;
 use clm_platform::db::{from_micros, to_micros};
 use sea_orm::ConnectionTrait;
 use sea_orm::sea_query::{Cond, Expr, ExprTrait, OnConflict, Order, Query};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// A stored touchpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,35 +167,54 @@ pub async fn list(
         .order_by(n("event_id"), Order::Desc)
         .limit(limit);
     let rows = db.query_all(&q).await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// The stored touchpoints holding any of `event_ids`, by event id (one query).
+pub async fn existing(
+    db: &impl ConnectionTrait,
+    event_ids: &[&str],
+) -> Result<HashMap<String, TouchpointRecord>, Error> {
+    if event_ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut q = Query::select();
+    q.columns(COLS.map(n))
+        .from(n("touchpoints"))
+        .and_where(Expr::col(n("event_id")).is_in(event_ids.iter().map(|s| (*s).to_owned())));
+    let rows = db.query_all(&q).await?;
     rows.iter()
-        .map(|r| {
-            let kind: i16 = r.try_get("", "kind")?;
-            let revenue: Option<i64> = r.try_get("", "revenue_minor")?;
-            let currency: Option<String> = r.try_get("", "currency")?;
-            let properties: Option<String> = r.try_get("", "properties")?;
-            Ok(TouchpointRecord {
-                customer,
-                record_time: from_micros(r.try_get("", "record_us")?),
-                touchpoint: Touchpoint {
-                    event_id: r.try_get("", "event_id")?,
-                    kind: TouchpointKind::from_code(kind)
-                        .ok_or_else(|| Error::internal(format!("stored kind {kind}")))?,
-                    custom_type: r.try_get("", "custom_type")?,
-                    occurred_time: from_micros(r.try_get("", "occurred_us")?),
-                    usage_millis: r.try_get("", "usage_ms")?,
-                    product: r.try_get("", "product")?,
-                    feature: r.try_get("", "feature")?,
-                    revenue: revenue.zip(currency).map(|(amount_minor, currency)| Money {
-                        currency,
-                        amount_minor,
-                    }),
-                    campaign: r.try_get("", "campaign")?,
-                    channel: r.try_get("", "channel")?,
-                    properties: properties
-                        .and_then(|p| serde_json::from_str(&p).ok())
-                        .unwrap_or_default(),
-                },
-            })
-        })
+        .map(|r| from_row(r).map(|t| (t.touchpoint.event_id.clone(), t)))
         .collect()
+}
+
+fn from_row(r: &sea_orm::QueryResult) -> Result<TouchpointRecord, Error> {
+    let customer: String = r.try_get("", "customer_id")?;
+    let kind: i16 = r.try_get("", "kind")?;
+    let revenue: Option<i64> = r.try_get("", "revenue_minor")?;
+    let currency: Option<String> = r.try_get("", "currency")?;
+    let properties: Option<String> = r.try_get("", "properties")?;
+    Ok(TouchpointRecord {
+        customer: CustomerId::parse_id("customer_id", &customer).map_err(Error::internal)?,
+        record_time: from_micros(r.try_get("", "record_us")?),
+        touchpoint: Touchpoint {
+            event_id: r.try_get("", "event_id")?,
+            kind: TouchpointKind::from_code(kind)
+                .ok_or_else(|| Error::internal(format!("stored kind {kind}")))?,
+            custom_type: r.try_get("", "custom_type")?,
+            occurred_time: from_micros(r.try_get("", "occurred_us")?),
+            usage_millis: r.try_get("", "usage_ms")?,
+            product: r.try_get("", "product")?,
+            feature: r.try_get("", "feature")?,
+            revenue: revenue.zip(currency).map(|(amount_minor, currency)| Money {
+                currency,
+                amount_minor,
+            }),
+            campaign: r.try_get("", "campaign")?,
+            channel: r.try_get("", "channel")?,
+            properties: properties
+                .and_then(|p| serde_json::from_str(&p).ok())
+                .unwrap_or_default(),
+        },
+    })
 }
