@@ -32,7 +32,7 @@ use crate::config::{Config, SubscriberConfig};
 use crate::db::{from_micros, to_micros};
 use crate::error::Error;
 use crate::outbox::NewEvent;
-use crate::page::{self, Cursor};
+use crate::page::Pager;
 use clm_proto::common::change_stream_service_client::ChangeStreamServiceClient;
 use clm_proto::common::change_stream_service_server::ChangeStreamService;
 use clm_proto::common::dead_letter_service_server::DeadLetterService;
@@ -86,20 +86,6 @@ impl ChangeStreamServer {
     }
 }
 
-/// Checks the `event_types` filter of a `WatchChanges` request.
-fn check_event_types(types: &[String]) -> Result<(), Error> {
-    let mut v = clm_domain::Violations::new();
-    for (i, t) in types.iter().enumerate() {
-        if t.is_empty() || t.len() > 200 || !t.contains('.') {
-            v.push(clm_domain::Violation::new(
-                format!("event_types[{i}]"),
-                "must be a fully qualified event message name, e.g. clm.customer.v1.StageChanged",
-            ));
-        }
-    }
-    Ok(v.into_result()?)
-}
-
 #[tonic::async_trait]
 impl ChangeStreamService for ChangeStreamServer {
     type WatchChangesStream = ReceiverStream<Result<WatchChangesResponse, Status>>;
@@ -113,7 +99,7 @@ impl ChangeStreamService for ChangeStreamServer {
         if req.after_sequence < 0 {
             return Err(Error::invalid("after_sequence", "must not be negative").into());
         }
-        check_event_types(&req.event_types)?;
+        crate::convert::event_types("event_types", &req.event_types).map_err(Error::from)?;
         let bounds = self
             .rt
             .outbox
@@ -350,8 +336,11 @@ pub struct TokenSource {
     subject: String,
     ttl: Duration,
     clock: Arc<dyn clm_domain::Clock>,
-    cached: Arc<Mutex<Option<(String, chrono::DateTime<chrono::Utc>)>>>,
+    cached: Arc<Mutex<Option<MintedToken>>>,
 }
+
+/// A minted token and when it expires.
+type MintedToken = (String, chrono::DateTime<chrono::Utc>);
 
 impl std::fmt::Debug for TokenSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1006,19 +995,11 @@ impl DeadLetterServer {
                 ));
             }
         };
-        let q = page::fingerprint(&["deadLetters", &req.filter]);
-        let after = match page::decode("page_token", &req.page_token, &q)? {
-            Some(Cursor { v, id, .. }) => Some((
-                id,
-                v.as_i64().ok_or_else(|| {
-                    Error::invalid(
-                        "page_token",
-                        "is not a page token returned by this list call",
-                    )
-                })?,
-            )),
-            None => None,
-        };
+        let pager = Pager::new(&["deadLetters", &req.filter]);
+        // Position: (sequence, source); rows are ordered by (source, sequence).
+        let after = pager
+            .after::<i64>(&req.page_token)?
+            .map(|(sequence, source)| (source, sequence));
         let mut sel = Query::select();
         sel.columns(DEAD_LETTER_COLUMNS.map(Alias::new))
             .from(Alias::new("dead_letters"))
@@ -1038,19 +1019,14 @@ impl DeadLetterServer {
             );
         }
         let rows = self.rt.db.query_all(&sel).await?;
-        let all = rows
+        let letters = rows
             .iter()
             .map(dead_letter)
             .collect::<Result<Vec<_>, _>>()?;
-        let dead_letters = page::fill(all, size);
-        let next_page_token = match dead_letters.last() {
-            Some(last) if rows.len() > dead_letters.len() => page::encode(&Cursor {
-                q,
-                v: last.event.as_ref().map_or(0, |e| e.sequence).into(),
-                id: last.source.clone(),
-            }),
-            _ => String::new(),
-        };
+        let (dead_letters, next_page_token) =
+            pager.page(&letters, size, Clone::clone, |d: &DeadLetter| {
+                (d.event.as_ref().map_or(0, |e| e.sequence), d.source.clone())
+            });
         Ok(ListDeadLettersResponse {
             dead_letters,
             next_page_token,

@@ -18,7 +18,10 @@
 //! * streams of other services are followed with [`changes::Handlers`]
 //!   registered in the descriptor: the handler's effect, the events it emits
 //!   and the cursor commit together, in batches;
-//! * times are stored as integer microseconds ([`db::to_micros`]).
+//! * times are stored as integer microseconds ([`db::to_micros`]) and
+//!   answered exactly as stored;
+//! * lists page with the typed keyset [`page::Pager`]; the module docs of
+//!   [`idempotency`] and [`page`] spell out both conventions.
 #![forbid(unsafe_code)]
 
 pub mod auth;

@@ -316,6 +316,7 @@ pub async fn serve(
         .initial_stream_window_size(Some(1 << 20))
         .initial_connection_window_size(Some(8 << 20))
         .layer(layer.clone())
+        .layer(crate::error::RequestTooLargeLayer)
         .add_routes(routes)
         .add_service(health)
         .add_service(reflection_v1)

@@ -180,3 +180,31 @@ async fn events_past_retention_are_out_of_range_never_silently_skipped() {
     assert_eq!((e.subject.as_str(), e.sequence), ("new", 4));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn unknown_event_types_are_refused_instead_of_streaming_nothing() {
+    let backend = TestBackend::new().await;
+    let server = start(&STREAM, backend.config("streamtest")).await;
+    let mut client = ChangeStreamServiceClient::new(server.channel());
+    let status = client
+        .watch_changes(WatchChangesRequest {
+            after_sequence: 0,
+            event_types: vec![
+                "clm.customer.v1.StageChanged".into(),
+                "clm.customer.v1.Nope".into(),
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let details = tonic_types::StatusExt::get_error_details(&status);
+    let fields: Vec<&str> = details
+        .bad_request()
+        .expect("a BadRequest detail")
+        .field_violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect();
+    assert_eq!(fields, ["event_types[1]"]);
+    server.stop().await;
+}

@@ -1139,7 +1139,7 @@ async fn errors_stay_small_whatever_the_input() {
 /// A server on the real (nanosecond) system clock.
 async fn start_on_system_clock() -> (Running, TestBackend) {
     let backend = TestBackend::new().await;
-    let server = spawn(backend.config("customer"), clm_customer::run).await;
+    let server = testing::start(&clm_customer::DESCRIPTOR, backend.config("customer")).await;
     (server, backend)
 }
 
