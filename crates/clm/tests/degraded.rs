@@ -74,3 +74,69 @@ async fn serve_starts_and_answers_with_redis_unreachable() {
         .into_inner();
     assert!(created.name.starts_with("customers/"), "{created:?}");
 }
+
+#[test]
+fn both_signing_keys_are_a_config_error() {
+    let key = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../clm-platform/testdata/rs256-test-public.pem");
+    let out = Command::new(env!("CARGO_BIN_EXE_clm"))
+        .args(["serve", "customer", "--print-config"])
+        .env("CLM_AUTH__HS256_SECRET", "x".repeat(32))
+        .env("CLM_AUTH__RS256_PUBLIC_KEY_FILE", &key)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not both"), "{err}");
+}
+
+fn token(secret: &str, audience: Option<&str>) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clm"));
+    cmd.args(["token", "--subject", "ops-olga", "--role", "marketer"])
+        .env("CLM_AUTH__HS256_SECRET", secret)
+        .env_remove("CLM_AUTH__AUDIENCE");
+    if let Some(a) = audience {
+        cmd.env("CLM_AUTH__AUDIENCE", a);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn clm_token_follows_the_configured_audience() {
+    let secret = "audience-test-secret-audience-test-secret";
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_clm"))
+            .args([
+                "serve",
+                "customer",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("CLM_AUTH__HS256_SECRET", secret)
+            .env("CLM_AUTH__AUDIENCE", "crm-eu")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    wait_serving(&url).await;
+    let channel = clm_platform::client::channel(&url).unwrap();
+    let list = |t: String| {
+        let mut request = tonic::Request::new(pb::ListCustomersRequest::default());
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        let mut client = CustomerServiceClient::new(channel.clone());
+        async move { client.list_customers(request).await }
+    };
+    let other = list(token(secret, None)).await.unwrap_err();
+    assert_eq!(other.code(), tonic::Code::Unauthenticated, "{other:?}");
+    list(token(secret, Some("crm-eu"))).await.unwrap();
+}
