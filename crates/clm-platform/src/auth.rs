@@ -5,14 +5,25 @@
 //! [`Principal`] in the request extensions. Each rpc then calls
 //! [`authorize`] with the roles it allows. `admin` is allowed everywhere.
 //!
-//! Without auth configured, every caller is the local principal with all
-//! roles; the config refuses a non-loopback bind in that case unless
-//! `--insecure` is given.
+//! Fail closed: [`authorize`] refuses a request that carries no
+//! [`Principal`] (UNAUTHENTICATED). Without auth configured the server layer
+//! gives every call the local principal (all roles) explicitly, and both the
+//! config and the server itself refuse a non-loopback listener in that case
+//! unless `--insecure` is given.
+//!
+//! Tokens carry an audience (`aud`, [`DEFAULT_AUDIENCE`] unless
+//! `auth.audience` says otherwise) and verification requires it, so a token
+//! minted for another system is refused. Exactly one of an HS256 secret and
+//! an RS256 public key may be configured.
 
 use crate::config::AuthConfig;
 use crate::error::Error;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
 use serde::Deserialize;
+
+/// The audience (`aud`) tokens are minted for and checked against when
+/// `auth.audience` is not configured.
+pub const DEFAULT_AUDIENCE: &str = "clm";
 
 /// A role a token may carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -109,6 +120,11 @@ impl std::fmt::Debug for Authenticator {
 impl Authenticator {
     /// Builds a verifier from config; `None` when auth is off.
     pub fn from_config(c: &AuthConfig) -> anyhow::Result<Option<Self>> {
+        if c.hs256_secret.is_some() && c.rs256_public_key_file.is_some() {
+            anyhow::bail!(
+                "auth: configure either auth.hs256_secret or auth.rs256_public_key_file, not both"
+            );
+        }
         let (key, alg) = if let Some(secret) = &c.hs256_secret {
             (
                 DecodingKey::from_secret(secret.as_bytes()),
@@ -121,15 +137,11 @@ impl Authenticator {
             return Ok(None);
         };
         let mut validation = Validation::new(alg);
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
         if let Some(iss) = &c.issuer {
             validation.set_issuer(&[iss]);
         }
-        if let Some(aud) = &c.audience {
-            validation.set_audience(&[aud]);
-        } else {
-            validation.validate_aud = false;
-        }
+        validation.set_audience(&[audience(c)]);
         Ok(Some(Self { key, validation }))
     }
 
@@ -159,13 +171,23 @@ impl Authenticator {
     }
 }
 
-/// Checks that the caller of `request` holds one of `allowed` and returns it.
+/// The audience tokens are minted for and checked against under `c`.
+pub fn audience(c: &AuthConfig) -> &str {
+    c.audience
+        .as_deref()
+        .filter(|a| !a.is_empty())
+        .unwrap_or(DEFAULT_AUDIENCE)
+}
+
+/// Checks that the caller of `request` holds one of `allowed` and returns
+/// it. A request without a [`Principal`] (one that did not come through the
+/// server layer) is UNAUTHENTICATED, never admin.
 pub fn authorize<T>(request: &tonic::Request<T>, allowed: &[Role]) -> Result<Principal, Error> {
-    let principal = request
-        .extensions()
-        .get::<Principal>()
-        .cloned()
-        .unwrap_or_else(Principal::local);
+    let Some(principal) = request.extensions().get::<Principal>().cloned() else {
+        return Err(Error::Unauthenticated(
+            "no authenticated caller for this call".into(),
+        ));
+    };
     if principal.has_any(allowed) {
         Ok(principal)
     } else {
@@ -177,9 +199,44 @@ pub fn authorize<T>(request: &tonic::Request<T>, allowed: &[Role]) -> Result<Pri
     }
 }
 
-/// Mints an HS256 token (for tests, scripts and service-to-service calls).
+/// Mints an HS256 token for [`DEFAULT_AUDIENCE`] (for tests, scripts and
+/// service-to-service calls). Use [`mint`] to follow a configured audience
+/// and issuer.
 pub fn mint_hs256(
     secret: &str,
+    subject: &str,
+    roles: &[Role],
+    ttl: std::time::Duration,
+) -> anyhow::Result<String> {
+    mint_hs256_with(secret, DEFAULT_AUDIENCE, None, subject, roles, ttl)
+}
+
+/// Mints an HS256 token that `config` verifies: its secret, its audience
+/// and (if set) its issuer. Fails when no HS256 secret is configured.
+pub fn mint(
+    config: &AuthConfig,
+    subject: &str,
+    roles: &[Role],
+    ttl: std::time::Duration,
+) -> anyhow::Result<String> {
+    let Some(secret) = &config.hs256_secret else {
+        anyhow::bail!("auth.hs256_secret is not configured: cannot mint tokens");
+    };
+    mint_hs256_with(
+        secret,
+        audience(config),
+        config.issuer.as_deref(),
+        subject,
+        roles,
+        ttl,
+    )
+}
+
+/// Mints an HS256 token for `audience`, with an `iss` claim when `issuer` is given.
+pub fn mint_hs256_with(
+    secret: &str,
+    audience: &str,
+    issuer: Option<&str>,
     subject: &str,
     roles: &[Role],
     ttl: std::time::Duration,
@@ -187,6 +244,9 @@ pub fn mint_hs256(
     #[derive(serde::Serialize)]
     struct Out<'a> {
         sub: &'a str,
+        aud: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        iss: Option<&'a str>,
         roles: Vec<&'static str>,
         exp: u64,
     }
@@ -196,6 +256,8 @@ pub fn mint_hs256(
         + ttl.as_secs();
     let claims = Out {
         sub: subject,
+        aud: audience,
+        iss: issuer,
         roles: roles.iter().map(|r| r.as_str()).collect(),
         exp,
     };
@@ -250,7 +312,7 @@ mod tests {
             + 60;
         let token = jsonwebtoken::encode(
             &jsonwebtoken::Header::new(Algorithm::RS256),
-            &serde_json::json!({"sub": "svc-scoring", "roles": ["service"], "exp": exp, "iss": "clm-test"}),
+            &serde_json::json!({"sub": "svc-scoring", "roles": ["service"], "exp": exp, "iss": "clm-test", "aud": "clm"}),
             &jsonwebtoken::EncodingKey::from_rsa_pem(&private).expect("private key"),
         )
         .expect("sign");
@@ -276,6 +338,89 @@ mod tests {
         )
         .expect("mint");
         assert!(auth.authenticate(Some(&format!("Bearer {hs}"))).is_err());
+    }
+
+    #[test]
+    fn the_audience_is_required_and_checked() {
+        let ttl = std::time::Duration::from_secs(60);
+        let other =
+            mint_hs256_with(SECRET, "billing", None, "ada", &[Role::Admin], ttl).expect("mint");
+        assert!(matches!(
+            auth().authenticate(Some(&format!("Bearer {other}"))),
+            Err(Error::Unauthenticated(_))
+        ));
+        // A token without any `aud` is refused too.
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            + 60;
+        let bare = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "ada", "roles": ["admin"], "exp": exp}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("sign");
+        assert!(matches!(
+            auth().authenticate(Some(&format!("Bearer {bare}"))),
+            Err(Error::Unauthenticated(_))
+        ));
+        // A configured audience and issuer: `mint` follows them.
+        let c = AuthConfig {
+            hs256_secret: Some(SECRET.into()),
+            audience: Some("crm-eu".into()),
+            issuer: Some("clm-test".into()),
+            ..Default::default()
+        };
+        let verifier = Authenticator::from_config(&c)
+            .expect("config")
+            .expect("enabled");
+        let t = mint(&c, "svc", &[Role::Service], ttl).expect("mint");
+        let p = verifier
+            .authenticate(Some(&format!("Bearer {t}")))
+            .expect("valid");
+        assert_eq!(p.roles, vec![Role::Service]);
+        let default_aud = mint_hs256(SECRET, "svc", &[Role::Service], ttl).expect("mint");
+        assert!(
+            verifier
+                .authenticate(Some(&format!("Bearer {default_aud}")))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn both_keys_configured_is_refused() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+        let c = AuthConfig {
+            hs256_secret: Some(SECRET.into()),
+            rs256_public_key_file: Some(dir.join("rs256-test-public.pem")),
+            ..Default::default()
+        };
+        assert!(Authenticator::from_config(&c).is_err());
+    }
+
+    #[test]
+    fn no_principal_is_unauthenticated_never_admin() {
+        let bare = tonic::Request::new(());
+        assert!(matches!(
+            authorize(&bare, &[Role::Analyst]),
+            Err(Error::Unauthenticated(_))
+        ));
+        let mut local = tonic::Request::new(());
+        local.extensions_mut().insert(Principal::local());
+        assert_eq!(
+            authorize(&local, &[Role::Analyst]).expect("admin"),
+            Principal::local()
+        );
+        let mut analyst = tonic::Request::new(());
+        analyst.extensions_mut().insert(Principal {
+            subject: "ana".into(),
+            roles: vec![Role::Analyst],
+        });
+        assert!(matches!(
+            authorize(&analyst, &[Role::Marketer]),
+            Err(Error::PermissionDenied(_))
+        ));
     }
 
     #[test]

@@ -26,7 +26,7 @@
 //! with an error instead of silently skipping.
 
 use crate::Runtime;
-use crate::auth::{Role, authorize, mint_hs256};
+use crate::auth::{Role, authorize};
 use crate::client::ClientInterceptor;
 use crate::config::{Config, SubscriberConfig};
 use crate::db::{from_micros, to_micros};
@@ -332,7 +332,7 @@ impl Handlers {
 /// role `service` and renewed when a third of its lifetime is left.
 #[derive(Clone)]
 pub struct TokenSource {
-    secret: Arc<String>,
+    auth: Arc<crate::config::AuthConfig>,
     subject: String,
     ttl: Duration,
     clock: Arc<dyn clm_domain::Clock>,
@@ -359,8 +359,8 @@ impl TokenSource {
         clock: Arc<dyn clm_domain::Clock>,
     ) -> anyhow::Result<Option<Self>> {
         match &config.auth.hs256_secret {
-            Some(secret) => Ok(Some(Self::new(
-                secret,
+            Some(_) => Ok(Some(Self::new(
+                &config.auth,
                 format!("service:{service}"),
                 Duration::from_secs(config.subscriber.token_ttl_secs),
                 clock,
@@ -369,16 +369,16 @@ impl TokenSource {
         }
     }
 
-    /// Tokens for `subject` signed with `secret`, each valid for `ttl`,
-    /// renewed by `clock`'s time.
+    /// Tokens for `subject` that `auth` verifies (its secret, audience and
+    /// issuer), each valid for `ttl`, renewed by `clock`'s time.
     pub fn new(
-        secret: &str,
+        auth: &crate::config::AuthConfig,
         subject: String,
         ttl: Duration,
         clock: Arc<dyn clm_domain::Clock>,
     ) -> Self {
         Self {
-            secret: Arc::new(secret.to_owned()),
+            auth: Arc::new(auth.clone()),
             subject,
             ttl,
             clock,
@@ -398,7 +398,7 @@ impl TokenSource {
         {
             return Ok(token.clone());
         }
-        let token = mint_hs256(&self.secret, &self.subject, &[Role::Service], self.ttl)
+        let token = crate::auth::mint(&self.auth, &self.subject, &[Role::Service], self.ttl)
             .map_err(Error::internal)?;
         let ttl = chrono::Duration::from_std(self.ttl).map_err(Error::internal)?;
         *cached = Some((token.clone(), now + ttl));
@@ -1129,8 +1129,12 @@ mod tests {
     fn service_tokens_are_reused_then_renewed_before_they_expire() {
         let secret = "0123456789abcdef0123456789abcdef";
         let clock = clm_domain::ManualClock::new(chrono::Utc::now());
+        let auth_config = crate::config::AuthConfig {
+            hs256_secret: Some(secret.into()),
+            ..Default::default()
+        };
         let source = TokenSource::new(
-            secret,
+            &auth_config,
             "service:scoring".into(),
             Duration::from_secs(300),
             Arc::new(clock.clone()),
@@ -1147,12 +1151,9 @@ mod tests {
             expiry(&source) > minted_at,
             "renewed once a third of its life is left"
         );
-        let auth = crate::auth::Authenticator::from_config(&crate::config::AuthConfig {
-            hs256_secret: Some(secret.into()),
-            ..Default::default()
-        })
-        .expect("config")
-        .expect("enabled");
+        let auth = crate::auth::Authenticator::from_config(&auth_config)
+            .expect("config")
+            .expect("enabled");
         let p = auth
             .authenticate(Some(&format!("Bearer {renewed}")))
             .expect("valid token");

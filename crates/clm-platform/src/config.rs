@@ -126,7 +126,8 @@ pub struct AuthConfig {
     pub rs256_public_key_file: Option<PathBuf>,
     /// Required `iss` claim, if set.
     pub issuer: Option<String>,
-    /// Required `aud` claim, if set.
+    /// The `aud` claim tokens must carry (and minted tokens get); unset
+    /// means [`crate::auth::DEFAULT_AUDIENCE`] (`clm`).
     pub audience: Option<String>,
 }
 
@@ -202,7 +203,10 @@ impl Config {
                 redis_url: None,
                 key_prefix: format!("clm:{service}:"),
             },
-            auth: AuthConfig::default(),
+            auth: AuthConfig {
+                audience: Some(crate::auth::DEFAULT_AUDIENCE.into()),
+                ..AuthConfig::default()
+            },
             tls: TlsConfig::default(),
             log: LogConfig {
                 format: LogFormat::Pretty,
@@ -251,6 +255,24 @@ impl Config {
             return Err(ConfigError::new(
                 "cache.redis_url",
                 "must start with redis:// or rediss://",
+            ));
+        }
+        if self.cache.key_prefix.contains(['{', '}']) {
+            return Err(ConfigError::new(
+                "cache.key_prefix",
+                "must not contain { or }: callers put Redis Cluster hash tags in their keys",
+            ));
+        }
+        if self.auth.hs256_secret.is_some() && self.auth.rs256_public_key_file.is_some() {
+            return Err(ConfigError::new(
+                "auth",
+                "set either auth.hs256_secret or auth.rs256_public_key_file, not both",
+            ));
+        }
+        if self.auth.audience.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::new(
+                "auth.audience",
+                "must not be empty (tokens are checked against it)",
             ));
         }
         if self
@@ -529,6 +551,30 @@ mod tests {
         c.insecure = false;
         c.auth.hs256_secret = Some("x".repeat(32));
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn auth_is_one_key_with_an_audience() {
+        let mut c = Config::defaults("customer", std::path::Path::new("/tmp/x"));
+        assert_eq!(c.auth.audience.as_deref(), Some("clm"));
+        c.auth.hs256_secret = Some("x".repeat(32));
+        assert!(c.validate().is_ok());
+        // The key file exists, so only the pair is wrong.
+        c.auth.rs256_public_key_file = Some(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/rs256-test-public.pem"),
+        );
+        assert_eq!(c.validate().unwrap_err().key, "auth");
+        c.auth.hs256_secret = None;
+        assert!(c.validate().is_ok());
+        c.auth.audience = Some(String::new());
+        assert_eq!(c.validate().unwrap_err().key, "auth.audience");
+    }
+
+    #[test]
+    fn key_prefix_leaves_hash_tags_to_the_keys() {
+        let mut c = Config::defaults("segmentation", std::path::Path::new("/tmp/x"));
+        c.cache.key_prefix = "{clm}:".into();
+        assert_eq!(c.validate().unwrap_err().key, "cache.key_prefix");
     }
 
     #[test]

@@ -2,6 +2,12 @@
 //! while draining), reflection, and one layer that gives every call a
 //! request id, a tracing span continuing the caller's W3C trace, bearer
 //! token authentication and RED metrics (requests, errors, latency).
+//!
+//! Every call that reaches a handler carries a [`Principal`]: the verified
+//! token's, or [`Principal::local`] when auth is off (the server then
+//! refuses to serve on a non-loopback listener unless `insecure`). A panic
+//! in a handler answers that call INTERNAL (`grpc-status: 13`, "internal
+//! error") and is logged; the connection and the server live on.
 
 use crate::auth::{Authenticator, Principal};
 use crate::config::Config;
@@ -209,7 +215,11 @@ where
                             .and_then(|v| v.to_str().ok());
                         auth.authenticate(header).map(Some)
                     }
-                    _ => Ok(None),
+                    // Health checks need no caller.
+                    (Some(_), true) => Ok(None),
+                    // Auth off: the caller is the local admin, said explicitly
+                    // (authorize refuses a call without a principal).
+                    (None, _) => Ok(Some(Principal::local())),
                 }
             };
         req.extensions_mut().insert(RequestId(request_id.clone()));
@@ -279,8 +289,14 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let auth = Authenticator::from_config(&config.auth)?;
+    let local = listener.local_addr()?;
     if auth.is_none() {
-        tracing::warn!(service, listen = %config.listen, "authentication is OFF: every caller is admin; bind loopback only or configure auth");
+        if !local.ip().is_loopback() && !config.insecure {
+            anyhow::bail!(
+                "clm {service}: refusing to serve on {local} without authentication: it is not a loopback address; configure auth.hs256_secret or auth.rs256_public_key_file, or pass --insecure"
+            );
+        }
+        tracing::warn!(service, listen = %local, "authentication is OFF: every caller is admin; bind loopback only or configure auth");
     }
     let health = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
     for name in health_names {
@@ -317,6 +333,14 @@ pub async fn serve(
         .initial_connection_window_size(Some(8 << 20))
         .layer(layer.clone())
         .layer(crate::error::RequestTooLargeLayer)
+        // Inside the rpc layer, so a panic is counted and traced as INTERNAL.
+        .layer(
+            tower::ServiceBuilder::new()
+                .map_response(|r: http::Response<_>| r.map(Body::new))
+                .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+                    panic_response,
+                )),
+        )
         .add_routes(routes)
         .add_service(health)
         .add_service(reflection_v1)
@@ -363,6 +387,19 @@ pub async fn serve(
     }
     tracing::info!(service, "stopped");
     Ok(())
+}
+
+/// The answer to a call whose handler panicked: a proper gRPC status
+/// (trailers-only, `grpc-status: 13`), never a dropped connection. The
+/// panic message is logged, not returned.
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> http::Response<Body> {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".to_owned());
+    tracing::error!(panic = %message, "handler panicked; answered INTERNAL");
+    tonic::Status::internal("internal error").into_http()
 }
 
 /// Resolves when SIGINT (Ctrl-C) or SIGTERM arrives.

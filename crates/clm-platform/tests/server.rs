@@ -28,6 +28,22 @@ async fn start(
     tokio::task::JoinHandle<anyhow::Result<()>>,
     tempfile::TempDir,
 ) {
+    let routes = tonic::service::RoutesBuilder::default().routes();
+    start_with(name, health_names, routes, edit).await
+}
+
+/// [`start`] with extra gRPC services.
+async fn start_with(
+    name: &'static str,
+    health_names: &'static [&'static str],
+    routes: tonic::service::Routes,
+    edit: impl FnOnce(&mut Config),
+) -> (
+    String,
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tempfile::TempDir,
+) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::defaults(name, dir.path());
     config.listen = "127.0.0.1:0".parse().unwrap();
@@ -37,7 +53,6 @@ async fn start(
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let server = tokio::spawn(async move {
-        let routes = tonic::service::RoutesBuilder::default().routes();
         clm_platform::server::serve(
             &config,
             name,
@@ -203,6 +218,203 @@ async fn calls_beyond_max_in_flight_are_shed_with_retry_info() {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
         }
+    }
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+/// A tiny gRPC service: `Boom` panics in its handler, `Whoami` answers the
+/// subject of the caller's principal (through `authorize`).
+#[derive(Clone)]
+struct Probe;
+
+impl tonic::server::NamedService for Probe {
+    const NAME: &'static str = "test.v1.Probe";
+}
+
+struct Whoami;
+
+impl tonic::server::UnaryService<()> for Whoami {
+    type Response = String;
+    type Future =
+        futures::future::BoxFuture<'static, Result<tonic::Response<String>, tonic::Status>>;
+    fn call(&mut self, request: tonic::Request<()>) -> Self::Future {
+        let caller = clm_platform::auth::authorize(&request, &[clm_platform::auth::Role::Analyst]);
+        Box::pin(async move { Ok(tonic::Response::new(caller?.subject)) })
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Probe {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(async move {
+            if req.uri().path() == "/test.v1.Probe/Boom" {
+                panic!("a bug in a handler");
+            }
+            let mut grpc =
+                tonic::server::Grpc::new(tonic_prost::ProstCodec::<String, ()>::default());
+            Ok(grpc.unary(Whoami, req).await)
+        })
+    }
+}
+
+fn probe_routes() -> tonic::service::Routes {
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(Probe);
+    routes.routes()
+}
+
+async fn probe_call(
+    channel: tonic::transport::Channel,
+    method: &'static str,
+    token: Option<&str>,
+) -> Result<String, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let mut request = tonic::Request::new(());
+    if let Some(t) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    grpc.unary(
+        request,
+        http::uri::PathAndQuery::from_static(method),
+        tonic_prost::ProstCodec::<(), String>::default(),
+    )
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn a_panicking_handler_answers_internal_and_the_server_lives_on() {
+    let (url, shutdown, server, _dir) = start_with("panictest", &[], probe_routes(), |_| {}).await;
+    let channel = channel(&url).unwrap();
+    for _ in 0..2 {
+        let status = probe_call(channel.clone(), "/test.v1.Probe/Boom", None)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        assert_eq!(
+            status.message(),
+            "internal error",
+            "a gRPC status, not a reset"
+        );
+        // The same channel keeps working.
+        assert_eq!(
+            probe_call(channel.clone(), "/test.v1.Probe/Whoami", None)
+                .await
+                .unwrap(),
+            "local",
+            "auth off: the server gives every call the local principal"
+        );
+    }
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn under_auth_calls_need_a_token_for_the_audience() {
+    use clm_platform::auth::{Role, mint_hs256, mint_hs256_with};
+    let secret = "server-test-secret-server-test-secret";
+    let (url, shutdown, server, _dir) = start_with("authtest", &[], probe_routes(), |c| {
+        c.auth.hs256_secret = Some(secret.into())
+    })
+    .await;
+    let channel = channel(&url).unwrap();
+    let ttl = std::time::Duration::from_secs(60);
+    let none = probe_call(channel.clone(), "/test.v1.Probe/Whoami", None)
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), tonic::Code::Unauthenticated);
+    let elsewhere = mint_hs256_with(secret, "billing", None, "ana", &[Role::Analyst], ttl).unwrap();
+    let wrong_aud = probe_call(channel.clone(), "/test.v1.Probe/Whoami", Some(&elsewhere))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong_aud.code(), tonic::Code::Unauthenticated);
+    let token = mint_hs256(secret, "ana", &[Role::Analyst], ttl).unwrap();
+    assert_eq!(
+        probe_call(channel.clone(), "/test.v1.Probe/Whoami", Some(&token))
+            .await
+            .unwrap(),
+        "ana"
+    );
+    let marketer = mint_hs256(secret, "mo", &[Role::Marketer], ttl).unwrap();
+    let denied = probe_call(channel, "/test.v1.Probe/Whoami", Some(&marketer))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn the_server_refuses_a_public_listener_without_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    // The config says loopback (and validates); the listener it is handed does not.
+    let config = Config::defaults("bindtest", dir.path());
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let routes = tonic::service::RoutesBuilder::default().routes();
+    let err = clm_platform::server::serve(
+        &config,
+        "bindtest",
+        listener,
+        routes,
+        &[],
+        tonic_health::server::HealthReporter::new(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("--insecure"), "{err}");
+
+    // With --insecure it serves.
+    let mut config = Config::defaults("bindtest", dir.path());
+    config.insecure = true;
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let server = tokio::spawn(async move {
+        let routes = tonic::service::RoutesBuilder::default().routes();
+        clm_platform::server::serve(
+            &config,
+            "bindtest",
+            listener,
+            routes,
+            &[],
+            tonic_health::server::HealthReporter::new(),
+            token,
+        )
+        .await
+    });
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while HealthClient::new(channel(&url).unwrap())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .is_err()
+    {
+        assert!(std::time::Instant::now() < deadline, "never served");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     shutdown.cancel();
     server.await.unwrap().unwrap();

@@ -7,11 +7,12 @@
 //! * `clm serve <service>` runs one service with the full configuration
 //!   (PostgreSQL and Redis URLs, auth, TLS): see `--help` and the README.
 //! * `clm token --subject ada --role marketer` mints an HS256 bearer token
-//!   with the secret in `CLM_AUTH__HS256_SECRET`.
+//!   with the secret in `CLM_AUTH__HS256_SECRET`, for the audience in
+//!   `CLM_AUTH__AUDIENCE` (default `clm`).
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
-use clm_platform::auth::{Role, mint_hs256};
+use clm_platform::auth::{DEFAULT_AUDIENCE, Role, mint_hs256_with};
 use clm_platform::bootstrap::{ServiceCli, bind, load_or_exit, shutdown_on_signal};
 use clm_platform::config::{CliOverrides, Config, EXIT_CONFIG, LogFormat, default_port};
 use clm_platform::service::{ServiceDescriptor, run};
@@ -69,6 +70,12 @@ enum Command {
         /// The shared secret (at least 32 bytes).
         #[arg(long, env = "CLM_AUTH__HS256_SECRET", hide_env_values = true)]
         secret: String,
+        /// Audience (`aud`): the services' `auth.audience`.
+        #[arg(long, env = "CLM_AUTH__AUDIENCE", default_value = DEFAULT_AUDIENCE)]
+        audience: String,
+        /// Issuer (`iss`), when the services require one (`auth.issuer`).
+        #[arg(long, env = "CLM_AUTH__ISSUER")]
+        issuer: Option<String>,
     },
     /// Run one service with its full configuration.
     Serve {
@@ -106,6 +113,8 @@ async fn main() -> anyhow::Result<()> {
             roles,
             ttl_secs,
             secret,
+            audience,
+            issuer,
         } => {
             let mut parsed = Vec::new();
             for r in &roles {
@@ -119,10 +128,16 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("clm token: the secret must be at least 32 bytes");
                 std::process::exit(EXIT_CONFIG);
             }
+            if audience.is_empty() {
+                eprintln!("clm token: the audience must not be empty");
+                std::process::exit(EXIT_CONFIG);
+            }
             println!(
                 "{}",
-                mint_hs256(
+                mint_hs256_with(
                     &secret,
+                    &audience,
+                    issuer.as_deref(),
                     &subject,
                     &parsed,
                     std::time::Duration::from_secs(ttl_secs)
