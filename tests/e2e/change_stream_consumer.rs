@@ -5,7 +5,9 @@
 //! effect and the cursor. Every effect must happen exactly once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use clm_platform::changes::{Apply, Handlers, On, Subscriber, SubscriptionError, load_cursor};
+use clm_platform::changes::{
+    Apply, Handlers, On, OnBatch, Subscriber, SubscriptionError, load_cursor,
+};
 use clm_platform::config::Config;
 use clm_platform::outbox::NewEvent;
 use clm_platform::service::{Parts, ServiceDescriptor, migrate_with};
@@ -18,7 +20,7 @@ use clm_proto::customer::customer_service_client::CustomerServiceClient;
 use sea_orm::sea_query::{Alias, OnConflict, Query};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use sea_orm_migration::prelude::*;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -95,8 +97,11 @@ fn build(_rt: &Runtime) -> anyhow::Result<Parts> {
 fn handlers(r: Arc<Recorder>) -> Handlers {
     Handlers::new()
         .on::<pb::CustomerCreated, _>(r.clone())
-        .on::<pb::TouchpointRecorded, _>(r)
+        .on_batch::<pb::TouchpointRecorded, _>(r)
 }
+
+/// The longest run of touchpoints a batch handler received at once.
+static LONGEST_RUN: AtomicUsize = AtomicUsize::new(0);
 
 /// Records each event as an effect; a second application of the same event
 /// increments `applied` instead of failing, so doubles are counted, not hidden.
@@ -166,18 +171,24 @@ impl On<pb::CustomerCreated> for Recorder {
 }
 
 #[async_trait::async_trait]
-impl On<pb::TouchpointRecorded> for Recorder {
-    async fn on(
+impl OnBatch<pb::TouchpointRecorded> for Recorder {
+    async fn on_batch(
         &self,
         cx: &mut Apply,
-        event: &ChangeEvent,
-        message: pb::TouchpointRecorded,
+        messages: Vec<(&ChangeEvent, pb::TouchpointRecorded)>,
     ) -> Result<(), Error> {
-        assert_eq!(
-            message.touchpoint.map(|t| t.customer).unwrap_or_default(),
-            event.subject
-        );
-        self.record(cx, event).await
+        LONGEST_RUN.fetch_max(messages.len(), Ordering::SeqCst);
+        let mut last = 0;
+        for (event, message) in messages {
+            assert!(event.sequence > last, "a run keeps stream order");
+            last = event.sequence;
+            assert_eq!(
+                message.touchpoint.map(|t| t.customer).unwrap_or_default(),
+                event.subject
+            );
+            self.record(cx, event).await?;
+        }
+        Ok(())
     }
 }
 
@@ -412,6 +423,10 @@ async fn a_crash_between_effect_and_cursor_loses_and_doubles_nothing() {
     assert_exactly_once(&rt.db, 401).await;
     token.cancel();
     run.await.unwrap().unwrap();
+    assert!(
+        LONGEST_RUN.load(Ordering::SeqCst) > 1,
+        "a batch handler receives runs of events"
+    );
     let batches = *transactions.lock().unwrap() + *transactions_after.lock().unwrap();
     assert!(
         batches < 401 / 10,

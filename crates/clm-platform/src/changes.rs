@@ -9,6 +9,9 @@
 //! A handler receives the decoded message and an [`Apply`] context: the
 //! transaction, `emit` for the service's own outbox events, and
 //! `after_commit` for work that must wait for the commit (cache writes).
+//! Implement [`On`] to take events one at a time, or [`OnBatch`] to take
+//! each run of consecutive events of a type at once and write the effect
+//! with one set-based statement (what a consumer of a fast stream should do).
 //!
 //! **Exactly once.** Up to `subscriber.batch_size` events are applied in one
 //! transaction together with the stream cursor, so a crash or restart of
@@ -251,9 +254,31 @@ pub trait On<M>: Send + Sync + 'static {
     async fn on(&self, cx: &mut Apply, event: &ChangeEvent, message: M) -> Result<(), Error>;
 }
 
+/// Handles a run of consecutive events of one type at once, so the effect
+/// can be one set-based statement instead of a statement per event (the
+/// way to keep up with a fast source). Registered with [`Handlers::on_batch`].
+#[async_trait::async_trait]
+pub trait OnBatch<M>: Send + Sync + 'static {
+    /// Applies `messages` (each with its event, in stream order) inside `cx`.
+    /// Errors behave as for [`On::on`]; after a failure the subscriber
+    /// retries the events one at a time (batches of one) to isolate the culprit.
+    async fn on_batch(&self, cx: &mut Apply, messages: Vec<(&ChangeEvent, M)>)
+    -> Result<(), Error>;
+}
+
 #[async_trait::async_trait]
 trait Dispatch: Send + Sync {
-    async fn dispatch(&self, cx: &mut Apply, event: &ChangeEvent) -> Result<(), Error>;
+    /// Applies `events`, all of this dispatcher's type.
+    async fn dispatch(&self, cx: &mut Apply, events: &[ChangeEvent]) -> Result<(), Error>;
+}
+
+fn decode<M: prost::Name + prost::Message + Default>(event: &ChangeEvent) -> Result<M, Error> {
+    let bytes = event
+        .payload
+        .as_ref()
+        .map_or(&[][..], |p| p.value.as_slice());
+    M::decode(bytes)
+        .map_err(|e| Error::Internal(format!("cannot decode {} payload: {e}", M::full_name())))
 }
 
 struct Typed<M, H> {
@@ -267,15 +292,31 @@ where
     M: prost::Name + prost::Message + Default + Send + 'static,
     H: On<M>,
 {
-    async fn dispatch(&self, cx: &mut Apply, event: &ChangeEvent) -> Result<(), Error> {
-        let bytes = event
-            .payload
-            .as_ref()
-            .map_or(&[][..], |p| p.value.as_slice());
-        let message = M::decode(bytes).map_err(|e| {
-            Error::Internal(format!("cannot decode {} payload: {e}", M::full_name()))
-        })?;
-        self.handler.on(cx, event, message).await
+    async fn dispatch(&self, cx: &mut Apply, events: &[ChangeEvent]) -> Result<(), Error> {
+        for event in events {
+            self.handler.on(cx, event, decode(event)?).await?;
+        }
+        Ok(())
+    }
+}
+
+struct TypedBatch<M, H> {
+    handler: Arc<H>,
+    message: PhantomData<fn() -> M>,
+}
+
+#[async_trait::async_trait]
+impl<M, H> Dispatch for TypedBatch<M, H>
+where
+    M: prost::Name + prost::Message + Default + Send + 'static,
+    H: OnBatch<M>,
+{
+    async fn dispatch(&self, cx: &mut Apply, events: &[ChangeEvent]) -> Result<(), Error> {
+        let messages = events
+            .iter()
+            .map(|e| Ok((e, decode::<M>(e)?)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        self.handler.on_batch(cx, messages).await
     }
 }
 
@@ -298,7 +339,7 @@ impl Handlers {
         Self::default()
     }
 
-    /// Applies events of type `M` with `handler`.
+    /// Applies events of type `M` one at a time with `handler`.
     #[must_use]
     pub fn on<M, H>(mut self, handler: Arc<H>) -> Self
     where
@@ -315,16 +356,42 @@ impl Handlers {
         self
     }
 
+    /// Applies runs of consecutive events of type `M` at once with `handler`.
+    #[must_use]
+    pub fn on_batch<M, H>(mut self, handler: Arc<H>) -> Self
+    where
+        M: prost::Name + prost::Message + Default + Send + 'static,
+        H: OnBatch<M>,
+    {
+        self.by_type.insert(
+            M::full_name(),
+            Arc::new(TypedBatch::<M, H> {
+                handler,
+                message: PhantomData,
+            }),
+        );
+        self
+    }
+
     /// The event types handled.
     pub fn event_types(&self) -> Vec<String> {
         self.by_type.keys().cloned().collect()
     }
 
-    async fn dispatch(&self, cx: &mut Apply, event: &ChangeEvent) -> Result<(), Error> {
-        match self.by_type.get(&event.event_type) {
-            Some(d) => d.dispatch(cx, event).await,
-            None => Ok(()),
+    /// Applies `events` in stream order, each run of one type with its handler.
+    async fn dispatch(&self, cx: &mut Apply, events: &[ChangeEvent]) -> Result<(), Error> {
+        let mut rest = events;
+        while let Some(first) = rest.first() {
+            let run = rest
+                .iter()
+                .take_while(|e| e.event_type == first.event_type)
+                .count();
+            if let Some(d) = self.by_type.get(&first.event_type) {
+                d.dispatch(cx, &rest[..run]).await?;
+            }
+            rest = &rest[run..];
         }
+        Ok(())
     }
 }
 
@@ -706,17 +773,11 @@ impl Subscriber {
             return Ok(());
         };
         let mut cx = Apply::begin(&self.rt).await?;
-        let mut failed = None;
-        for event in batch {
-            match self.handlers.dispatch(&mut cx, event).await {
-                Ok(()) => {}
-                Err(Error::Unavailable(e)) => return Err(Interrupted::Transient(e)),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
+        let failed = match self.handlers.dispatch(&mut cx, batch).await {
+            Ok(()) => None,
+            Err(Error::Unavailable(e)) => return Err(Interrupted::Transient(e)),
+            Err(e) => Some(e),
+        };
         if failed.is_some() && batch.len() > 1 {
             drop(cx);
             for event in batch {
@@ -737,7 +798,11 @@ impl Subscriber {
 
     async fn apply_one(&self, event: &ChangeEvent) -> Result<(), Interrupted> {
         let mut cx = Apply::begin(&self.rt).await?;
-        match self.handlers.dispatch(&mut cx, event).await {
+        match self
+            .handlers
+            .dispatch(&mut cx, std::slice::from_ref(event))
+            .await
+        {
             Ok(()) => {
                 self.fire("subscriber.before_cursor")?;
                 save_cursor(cx.txn(), &self.source, event.sequence, cx.now()).await?;
@@ -784,7 +849,11 @@ impl Subscriber {
             backoff = (backoff * 2).min(self.max_backoff);
             attempt += 1;
             let mut cx = Apply::begin(&self.rt).await?;
-            match self.handlers.dispatch(&mut cx, event).await {
+            match self
+                .handlers
+                .dispatch(&mut cx, std::slice::from_ref(event))
+                .await
+            {
                 Ok(()) => {
                     self.fire("subscriber.before_cursor")?;
                     save_cursor(cx.txn(), &self.source, event.sequence, cx.now()).await?;
@@ -1062,7 +1131,10 @@ impl DeadLetterServer {
             })?;
         let event = letter.event.clone().unwrap_or_default();
         let mut cx = Apply::begin(&self.rt).await?;
-        match handlers.dispatch(&mut cx, &event).await {
+        match handlers
+            .dispatch(&mut cx, std::slice::from_ref(&event))
+            .await
+        {
             Ok(()) => {
                 let mut del = Query::delete();
                 del.from_table(Alias::new("dead_letters"))
