@@ -38,8 +38,11 @@ use std::sync::Arc;
 /// The shared resources of a running service.
 #[derive(Clone, Debug)]
 pub struct Runtime {
-    /// Database pool.
+    /// Database pool for transactions and writes (on SQLite: the one writer connection).
     pub db: DatabaseConnection,
+    /// Database pool for reads outside a transaction (on SQLite: read-only
+    /// connections that never wait behind the writer; on PostgreSQL: `db`).
+    pub read: DatabaseConnection,
     /// Cache (Redis or in-process).
     pub cache: cache::Cache,
     /// The service's outbox.
@@ -60,6 +63,7 @@ pub async fn open<M: MigratorTrait>(
     if config.database.migrate {
         M::up(&db, None).await?;
     }
+    let read = db::connect_readers(&config.database, &db).await?;
     let cache =
         cache::Cache::connect(config.cache.redis_url.as_deref(), &config.cache.key_prefix).await?;
     let retention = chrono::Duration::days(i64::from(config.idempotency_retention_days));
@@ -87,6 +91,7 @@ pub async fn open<M: MigratorTrait>(
     outbox.spawn_listener(&db, shutdown);
     Ok(Runtime {
         db,
+        read,
         cache,
         outbox,
         clock,

@@ -227,7 +227,7 @@ impl CustomerApi {
 
     async fn get(&self, req: pb::GetCustomerRequest) -> Result<pb::Customer> {
         let id = CustomerId::parse_name("name", &req.name)?;
-        let r = customers::get(&self.rt.db, id).await?;
+        let r = customers::get(&self.rt.read, id).await?;
         Ok(convert::customer_to_proto(&r, self.now().date_naive()))
     }
 
@@ -291,7 +291,7 @@ impl CustomerApi {
         let (sort, desc) = customers::parse_order_by("order_by", &req.order_by)?;
         let q = page::fingerprint(&[&req.filter, &req.order_by]);
         let after = page::decode("page_token", &req.page_token, &q)?.map(|c| (c.v, c.id));
-        let rows = customers::list(&self.rt.db, cond, sort, desc, after, size as u64 + 1).await?;
+        let rows = customers::list(&self.rt.read, cond, sort, desc, after, size as u64 + 1).await?;
         let today = self.now().date_naive();
         let customers = page::fill(
             rows.iter().map(|r| convert::customer_to_proto(r, today)),
@@ -404,13 +404,13 @@ impl CustomerApi {
             )),
             None => None,
         };
-        if customers::existing_ids(&self.rt.db, &[id.to_string()])
+        if customers::existing_ids(&self.rt.read, &[id.to_string()])
             .await?
             .is_empty()
         {
             return Err(Error::NotFound(id.name()));
         }
-        let rows = touchpoints::list(&self.rt.db, id, kind, after, size as u64 + 1).await?;
+        let rows = touchpoints::list(&self.rt.read, id, kind, after, size as u64 + 1).await?;
         let touchpoints = page::fill(rows.iter().map(convert::touchpoint_to_proto), size);
         let next_page_token = if rows.len() > touchpoints.len() {
             let last = &rows[touchpoints.len() - 1].touchpoint;
@@ -502,13 +502,13 @@ impl CustomerApi {
             })?,
             None => 0,
         };
-        if customers::existing_ids(&self.rt.db, &[id.to_string()])
+        if customers::existing_ids(&self.rt.read, &[id.to_string()])
             .await?
             .is_empty()
         {
             return Err(Error::NotFound(id.name()));
         }
-        let rows = stages::list(&self.rt.db, id, after, size as u64 + 1).await?;
+        let rows = stages::list(&self.rt.read, id, after, size as u64 + 1).await?;
         let now = self.now();
         let changes = rows
             .iter()
