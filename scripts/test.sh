@@ -11,7 +11,7 @@
 # metadata). Everything else touches no database or cache and runs once.
 # Each PostgreSQL test clones a pre-migrated template database; templates
 # are keyed by CLM_TEST_TEMPLATE_KEY (a hash of the migration sources, set
-# here) and stale ones are dropped first.
+# here) and, under CI, stale ones are dropped first.
 #
 # buf breaking compares proto/ against proto/released.binpb, the image of
 # the last released API (see proto/README.md to update it on a release).
@@ -98,8 +98,9 @@ CLM_TEST_TEMPLATE_KEY="$(find crates services -path '*/migration*' -name '*.rs' 
 export CLM_TEST_TEMPLATE_KEY
 if pg_up && redis_up || { [ -n "$CI" ] && start_services; }; then
   step "tests: PostgreSQL + Redis, backend-dependent targets only ($CLM_TEST_DATABASE_URL, $CLM_TEST_REDIS_URL)"
-  # Templates of other migration sources (older checkouts) are stale.
-  for db in $(psql -Atq "$CLM_TEST_DATABASE_URL" -c "SELECT datname FROM pg_database WHERE datname LIKE 'clm\_tpl\_%' AND datname NOT LIKE 'clm\_tpl\_${CLM_TEST_TEMPLATE_KEY:0:8}%'" 2>/dev/null || true); do
+  # Templates of other migration sources (older checkouts) are stale. Only
+  # under CI: locally another checkout's run may be cloning its own.
+  [ -z "$CI" ] || for db in $(psql -Atq "$CLM_TEST_DATABASE_URL" -c "SELECT datname FROM pg_database WHERE datname LIKE 'clm\_tpl\_%' AND datname NOT LIKE 'clm\_tpl\_${CLM_TEST_TEMPLATE_KEY:0:8}\_%'" 2>/dev/null || true); do
     psql -q "$CLM_TEST_DATABASE_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
   done
   mapfile -t targets < <(python3 scripts/backend-tests.py)
@@ -118,7 +119,7 @@ unset CLM_TEST_DATABASE_URL CLM_TEST_REDIS_URL
 
 step "generated-client tests: Python (grpcio-tools) and Node (@grpc/grpc-js) against clm up"
 cargo build -p clm
-tests/clients/run.sh target/debug/clm
+tests/clients/run.sh "${CARGO_TARGET_DIR:-target}/debug/clm"
 
 step "all checks passed"
 end_stage

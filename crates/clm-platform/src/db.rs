@@ -163,3 +163,68 @@ pub fn to_micros(t: chrono::DateTime<chrono::Utc>) -> i64 {
 pub fn from_micros(us: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_micros(us).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::TransactionTrait;
+
+    fn config(dir: &std::path::Path) -> DatabaseConfig {
+        crate::config::Config::defaults("db-test", dir).database
+    }
+
+    async fn count(db: &DatabaseConnection) -> i64 {
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "SELECT count(*) AS n FROM t",
+            ))
+            .await
+            .expect("count")
+            .expect("a row");
+        row.try_get("", "n").expect("n")
+    }
+
+    #[tokio::test]
+    async fn sqlite_readers_do_not_wait_behind_an_open_write() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = config(dir.path());
+        let writer = connect(&config).await.expect("writer");
+        writer
+            .execute_unprepared("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .await
+            .expect("table");
+        let readers = connect_readers(&config, &writer).await.expect("readers");
+
+        // The writer's only connection is inside an open transaction.
+        let txn = writer.begin().await.expect("begin");
+        txn.execute_unprepared("INSERT INTO t (id) VALUES (1)")
+            .await
+            .expect("insert");
+        let during = tokio::time::timeout(Duration::from_secs(5), count(&readers))
+            .await
+            .expect("a read does not wait for the open write transaction");
+        assert_eq!(during, 0, "readers see only committed rows");
+        txn.commit().await.expect("commit");
+        assert_eq!(count(&readers).await, 1, "and every committed one");
+
+        let refused = readers
+            .execute_unprepared("INSERT INTO t (id) VALUES (2)")
+            .await;
+        assert!(refused.is_err(), "reader connections are read-only");
+    }
+
+    #[tokio::test]
+    async fn in_memory_sqlite_reads_through_the_writer() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut config = config(dir.path());
+        config.url = "sqlite::memory:".into();
+        let writer = connect(&config).await.expect("writer");
+        writer
+            .execute_unprepared("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .await
+            .expect("table");
+        let readers = connect_readers(&config, &writer).await.expect("readers");
+        assert_eq!(count(&readers).await, 0, "the same database");
+    }
+}

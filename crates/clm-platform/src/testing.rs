@@ -402,3 +402,38 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn eventually_polls_until_the_condition_holds_and_returns_its_value() {
+        let calls = AtomicUsize::new(0);
+        let got = eventually(Duration::from_secs(5), || async {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            (n >= 3).then_some(n * 10)
+        })
+        .await;
+        assert_eq!(got, 30);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "condition still false after")]
+    async fn eventually_gives_up_at_the_deadline() {
+        eventually(Duration::from_millis(30), || async { false }).await;
+    }
+
+    #[test]
+    fn assert_bad_field_finds_the_named_violation() {
+        let status: tonic::Status =
+            crate::Error::invalid("customer.email", "is not an e-mail address").into();
+        assert_bad_field(&status, "customer.email");
+        let other = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            assert_bad_field(&status, "customer.name");
+        }));
+        assert!(other.is_err(), "a different field is not accepted");
+    }
+}

@@ -3,7 +3,7 @@
 //! Runs on SQLite, or PostgreSQL when `CLM_TEST_DATABASE_URL` is set.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use clm_platform::testing::{TestBackend, wait_serving};
+use clm_platform::testing::{TestBackend, eventually, wait_serving};
 use clm_proto::common::WatchChangesRequest;
 use clm_proto::common::change_stream_service_client::ChangeStreamServiceClient;
 use clm_proto::customer as pb;
@@ -216,14 +216,12 @@ async fn sigkill_mid_ingest_loses_no_acknowledged_event() {
             }
         })
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while acked.lock().unwrap().len() < 4000 {
-        assert!(
-            !ingest.is_finished() && std::time::Instant::now() < deadline,
-            "ingest stopped before the kill"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (acked_so_far, running) = (&acked, &ingest);
+    eventually(Duration::from_secs(60), || async move {
+        assert!(!running.is_finished(), "ingest stopped before the kill");
+        acked_so_far.lock().unwrap().len() >= 4000
+    })
+    .await;
     server.kill();
     ingest.await.unwrap();
     let acked: HashSet<String> = acked.lock().unwrap().iter().cloned().collect();
