@@ -545,3 +545,107 @@ pub async fn list(
         .map(|(m, attributes)| CustomerRecord::from_model(m, attributes))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use sea_orm::DatabaseConnection;
+    use sea_orm_migration::MigratorTrait;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn record(email: &str, attrs: &[(&str, AttributeValue)]) -> CustomerRecord {
+        let now = from_micros(1_764_000_000_000_000);
+        CustomerRecord {
+            id: CustomerId::new(),
+            external_id: None,
+            email: Some(email.into()),
+            display_name: format!("Customer {email}"),
+            demographics: Demographics {
+                occupation: Some("pilot".into()),
+                gender: Some(Gender::Female),
+                ..Default::default()
+            },
+            attributes: attrs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+            stage: Stage::Approach,
+            stage_change_time: now,
+            create_time: now,
+            update_time: now,
+            version: 1,
+        }
+    }
+
+    /// A migrated SQLite database whose statements are counted.
+    async fn counted_db(dir: &std::path::Path) -> (DatabaseConnection, Arc<AtomicUsize>) {
+        let config = clm_platform::config::Config::defaults("customer", dir);
+        let mut db = clm_platform::db::connect(&config.database).await.unwrap();
+        crate::store::Migrator::up(&db, None).await.unwrap();
+        let statements = Arc::new(AtomicUsize::new(0));
+        let counter = statements.clone();
+        db.set_metric_callback(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        (db, statements)
+    }
+
+    #[tokio::test]
+    async fn a_customer_and_a_page_are_each_read_in_one_statement() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, statements) = counted_db(dir.path()).await;
+        let with_attrs = record(
+            "a@example.com",
+            &[
+                ("plan", AttributeValue::String("pro".into())),
+                ("seats", AttributeValue::Number(12.0)),
+                ("trial", AttributeValue::Bool(false)),
+            ],
+        );
+        let without = record("b@example.com", &[]);
+        insert_many(&db, &[with_attrs.clone(), without.clone()])
+            .await
+            .unwrap();
+
+        statements.store(0, Ordering::SeqCst);
+        assert_eq!(get(&db, with_attrs.id).await.unwrap(), with_attrs);
+        assert_eq!(statements.load(Ordering::SeqCst), 1, "GetCustomer");
+        assert_eq!(get(&db, without.id).await.unwrap(), without);
+
+        statements.store(0, Ordering::SeqCst);
+        let page = list(&db, Cond::all(), SortKey::CreateTime, false, None, 10)
+            .await
+            .unwrap();
+        assert_eq!(statements.load(Ordering::SeqCst), 1, "ListCustomers");
+        let mut expected = vec![with_attrs, without];
+        expected.sort_by_key(|r| r.id.to_string());
+        assert_eq!(page, expected, "same create time: ordered by id");
+
+        assert!(matches!(
+            get(&db, CustomerId::new()).await,
+            Err(Error::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_page_limits_customers_not_attribute_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _) = counted_db(dir.path()).await;
+        let attrs: Vec<(String, AttributeValue)> = (0..5)
+            .map(|i| (format!("k{i}"), AttributeValue::Number(f64::from(i))))
+            .collect();
+        let attrs: Vec<(&str, AttributeValue)> =
+            attrs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let records: Vec<CustomerRecord> = (0..3)
+            .map(|i| record(&format!("c{i}@example.com"), &attrs))
+            .collect();
+        insert_many(&db, &records).await.unwrap();
+        let page = list(&db, Cond::all(), SortKey::CreateTime, false, None, 2)
+            .await
+            .unwrap();
+        assert_eq!(page.len(), 2, "two customers, not two joined rows");
+        assert!(page.iter().all(|r| r.attributes.len() == 5));
+    }
+}
