@@ -359,6 +359,7 @@ pub fn load(
         "data_dir",
         "test_database_url",
         "test_redis_url",
+        "test_template_key",
     ]));
     fig = fig.merge(Serialized::defaults(cli));
     if let Some(url) = &cli.database_url {

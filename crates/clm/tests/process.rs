@@ -41,7 +41,7 @@ fn spawn_and_read_address(cmd: &mut Command, service: &str) -> (Child, SocketAdd
     });
     let addr = rx
         .recv_timeout(Duration::from_secs(60))
-        .expect("the server printed its address")
+        .expect("the server exited or printed no address (its stderr is above)")
         .expect("a socket address");
     (child, addr)
 }
