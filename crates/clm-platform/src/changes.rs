@@ -106,7 +106,7 @@ impl ChangeStreamService for ChangeStreamServer {
         let bounds = self
             .rt
             .outbox
-            .bounds(&self.rt.db)
+            .bounds(&self.rt.read)
             .await
             .map_err(Error::from)?;
         if req.after_sequence < bounds.purged_through {
@@ -138,7 +138,7 @@ impl ChangeStreamService for ChangeStreamServer {
                 match this
                     .rt
                     .outbox
-                    .read_after(&this.rt.db, cursor, &req.event_types, READ_BATCH)
+                    .read_after(&this.rt.read, cursor, &req.event_types, READ_BATCH)
                     .await
                 {
                     Ok(events) if !events.is_empty() => {

@@ -495,7 +495,13 @@ pub fn load(
     };
     fig = fig.merge(
         Env::prefixed("CLM_")
-            .ignore(&["config", "data_dir", "test_database_url", "test_redis_url"])
+            .ignore(&[
+                "config",
+                "data_dir",
+                "test_database_url",
+                "test_redis_url",
+                "test_template_key",
+            ])
             .filter(move |k| !is_section(k))
             .split("__"),
     );

@@ -1,7 +1,23 @@
 //! Database connections: PostgreSQL in production, an SQLite file as the
-//! embedded default. SQLite runs in WAL mode with one pooled connection:
-//! SQLite has a single writer anyway, and one connection means no
-//! `database is locked` errors under concurrent rpcs.
+//! embedded default.
+//!
+//! A service holds two handles (see `Runtime::db` and `Runtime::read`):
+//!
+//! * the **writer** ([`connect`]): every transaction and every write. On
+//!   SQLite it is one connection in WAL mode: SQLite has a single writer
+//!   anyway, and one connection means no `database is locked` errors under
+//!   concurrent rpcs.
+//! * the **readers** ([`connect_readers`]): reads outside a transaction
+//!   (Get, List). On SQLite a pool of read-only connections to the same
+//!   file, so a read never waits behind a write (WAL lets readers run
+//!   beside the writer and see every committed write). On PostgreSQL, and
+//!   for an in-memory SQLite database, it is the writer pool itself.
+//!
+//! Both skip sqlx's ping on every pool checkout (a second round trip per
+//! statement): a connection is pinged only after it sat idle for
+//! [`PING_IF_IDLE_FOR`]. Statements are prepared once per connection and
+//! reused (sqlx caches them by SQL text), so queries must keep their SQL
+//! text stable: bind values, never format them into the SQL.
 
 use crate::config::DatabaseConfig;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
@@ -12,47 +28,102 @@ use std::time::Duration;
 /// allows 32,766, PostgreSQL 65,535. Batch inserts split at this.
 pub const MAX_BIND_PARAMS: usize = 32_000;
 
+/// A pooled connection idle for this long is pinged before it is handed
+/// out (a server, proxy or firewall may have dropped it meanwhile).
+pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(30);
+
+/// Most SQLite reader connections: reads are CPU-bound, so more readers
+/// than cores only add contention.
+const MAX_SQLITE_READERS: u32 = 8;
+
 /// Rows of `columns` values that fit in one statement.
 pub fn rows_per_statement(columns: usize) -> usize {
     (MAX_BIND_PARAMS / columns.max(1)).max(1)
 }
 
-/// Opens a pool to `config.url`, creating the SQLite file (and its directory) if needed.
-pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbErr> {
+/// `config.url` with the SQLite file's directory created and `mode=rwc`
+/// added; `None` for PostgreSQL.
+fn sqlite_url(config: &DatabaseConfig) -> Result<Option<String>, DbErr> {
     let mut url = config.url.clone();
-    let sqlite = url.starts_with("sqlite:");
-    if sqlite {
-        let path = url
-            .trim_start_matches("sqlite://")
-            .trim_start_matches("sqlite:");
-        let path = path.split('?').next().unwrap_or_default();
-        if let Some(dir) = std::path::Path::new(path).parent()
-            && !dir.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| DbErr::Custom(format!("creating {}: {e}", dir.display())))?;
-        }
-        if !url.contains('?') {
-            url.push_str("?mode=rwc");
-        }
+    if !url.starts_with("sqlite:") {
+        return Ok(None);
     }
+    let path = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let path = path.split('?').next().unwrap_or_default();
+    if let Some(dir) = std::path::Path::new(path).parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| DbErr::Custom(format!("creating {}: {e}", dir.display())))?;
+    }
+    if !url.contains('?') {
+        url.push_str("?mode=rwc");
+    }
+    Ok(Some(url))
+}
+
+fn is_in_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
+fn options(url: String, config: &DatabaseConfig) -> ConnectOptions {
     let mut opts = ConnectOptions::new(url);
     opts.acquire_timeout(Duration::from_secs(config.acquire_timeout_secs))
         .connect_timeout(Duration::from_secs(config.acquire_timeout_secs))
+        .test_before_acquire_if_idle_for(PING_IF_IDLE_FOR)
         .sqlx_logging(false);
-    if sqlite {
-        opts.max_connections(1)
-            .min_connections(1)
-            .map_sqlx_sqlite_opts(|o| {
-                o.journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal)
-                    .busy_timeout(Duration::from_secs(10))
-                    .foreign_keys(true)
-            });
-    } else {
-        opts.max_connections(config.max_connections)
-            .min_connections(config.min_connections.min(config.max_connections));
+    opts
+}
+
+/// Opens the writer pool to `config.url`, creating the SQLite file (and its
+/// directory) if needed.
+pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbErr> {
+    match sqlite_url(config)? {
+        Some(url) => {
+            let mut opts = options(url, config);
+            opts.max_connections(1)
+                .min_connections(1)
+                .map_sqlx_sqlite_opts(|o| {
+                    o.journal_mode(SqliteJournalMode::Wal)
+                        .synchronous(SqliteSynchronous::Normal)
+                        .busy_timeout(Duration::from_secs(10))
+                        .foreign_keys(true)
+                });
+            Database::connect(opts).await
+        }
+        None => {
+            let mut opts = options(config.url.clone(), config);
+            opts.max_connections(config.max_connections)
+                .min_connections(config.min_connections.min(config.max_connections));
+            Database::connect(opts).await
+        }
     }
+}
+
+/// Opens the reader pool of `config.url` beside `writer` (which must be
+/// connected first: it puts a new SQLite file in WAL mode). On PostgreSQL,
+/// and for an in-memory SQLite database, this is `writer` itself.
+pub async fn connect_readers(
+    config: &DatabaseConfig,
+    writer: &DatabaseConnection,
+) -> Result<DatabaseConnection, DbErr> {
+    let Some(url) = sqlite_url(config)? else {
+        return Ok(writer.clone());
+    };
+    if is_in_memory(&url) {
+        return Ok(writer.clone());
+    }
+    let readers = config.max_connections.clamp(1, MAX_SQLITE_READERS);
+    let mut opts = options(url, config);
+    opts.max_connections(readers)
+        .min_connections(1)
+        .map_sqlx_sqlite_opts(|o| {
+            o.read_only(true)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true)
+        });
     Database::connect(opts).await
 }
 
@@ -91,4 +162,69 @@ pub fn to_micros(t: chrono::DateTime<chrono::Utc>) -> i64 {
 /// Inverse of [`to_micros`].
 pub fn from_micros(us: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::TransactionTrait;
+
+    fn config(dir: &std::path::Path) -> DatabaseConfig {
+        crate::config::Config::defaults("db-test", dir).database
+    }
+
+    async fn count(db: &DatabaseConnection) -> i64 {
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "SELECT count(*) AS n FROM t",
+            ))
+            .await
+            .expect("count")
+            .expect("a row");
+        row.try_get("", "n").expect("n")
+    }
+
+    #[tokio::test]
+    async fn sqlite_readers_do_not_wait_behind_an_open_write() {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = config(dir.path());
+        let writer = connect(&config).await.expect("writer");
+        writer
+            .execute_unprepared("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .await
+            .expect("table");
+        let readers = connect_readers(&config, &writer).await.expect("readers");
+
+        // The writer's only connection is inside an open transaction.
+        let txn = writer.begin().await.expect("begin");
+        txn.execute_unprepared("INSERT INTO t (id) VALUES (1)")
+            .await
+            .expect("insert");
+        let during = tokio::time::timeout(Duration::from_secs(5), count(&readers))
+            .await
+            .expect("a read does not wait for the open write transaction");
+        assert_eq!(during, 0, "readers see only committed rows");
+        txn.commit().await.expect("commit");
+        assert_eq!(count(&readers).await, 1, "and every committed one");
+
+        let refused = readers
+            .execute_unprepared("INSERT INTO t (id) VALUES (2)")
+            .await;
+        assert!(refused.is_err(), "reader connections are read-only");
+    }
+
+    #[tokio::test]
+    async fn in_memory_sqlite_reads_through_the_writer() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut config = config(dir.path());
+        config.url = "sqlite::memory:".into();
+        let writer = connect(&config).await.expect("writer");
+        writer
+            .execute_unprepared("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .await
+            .expect("table");
+        let readers = connect_readers(&config, &writer).await.expect("readers");
+        assert_eq!(count(&readers).await, 0, "the same database");
+    }
 }

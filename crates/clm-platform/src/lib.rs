@@ -54,8 +54,11 @@ use std::sync::Arc;
 pub struct Runtime {
     /// The service's name (`customer`).
     pub service: &'static str,
-    /// Database pool.
+    /// Database pool for transactions and writes (on SQLite: the one writer connection).
     pub db: DatabaseConnection,
+    /// Database pool for reads outside a transaction (on SQLite: read-only
+    /// connections that never wait behind the writer; on PostgreSQL: `db`).
+    pub read: DatabaseConnection,
     /// Cache (Redis or in-process).
     pub cache: cache::Cache,
     /// The service's outbox.
@@ -78,6 +81,7 @@ pub async fn open(
     if config.database.migrate {
         (descriptor.migrate)(&db).await?;
     }
+    let read = db::connect_readers(&config.database, &db).await?;
     let cache =
         cache::Cache::connect(config.cache.redis_url.as_deref(), &config.cache.key_prefix).await?;
     let retention = chrono::Duration::days(i64::from(config.idempotency_retention_days));
@@ -117,6 +121,7 @@ pub async fn open(
     Ok(Runtime {
         service,
         db,
+        read,
         cache,
         outbox,
         clock,

@@ -1,13 +1,30 @@
-//! Test harness: a fresh database (and Redis key space) per test.
+//! Test harness: a fresh database (and Redis key space) per test, and the
+//! assertions every service's tests share ([`assert_bad_field`],
+//! [`eventually`]).
 //!
 //! Without environment, tests use a temporary SQLite file and the
 //! in-process cache. With `CLM_TEST_DATABASE_URL` (a PostgreSQL URL whose
 //! user may create databases) and `CLM_TEST_REDIS_URL`, each test gets its
 //! own new PostgreSQL database, dropped afterwards, and its own Redis key
-//! prefix. `scripts/test.sh` runs the suite both ways.
+//! prefix. `scripts/test.sh` runs the backend-dependent tests both ways.
+//!
+//! [`TestBackend::migrated`] gives a PostgreSQL test a clone of a
+//! pre-migrated template database (`CREATE DATABASE .. TEMPLATE ..`)
+//! instead of running every migration again: one template per migrator,
+//! named `clm_tpl_<key>_<hash>`: the hash of its migration names and of
+//! `CLM_TEST_TEMPLATE_KEY`, which `scripts/test.sh` sets to a hash of the
+//! migration sources so an edited migration gets a new template (and the
+//! script drops templates of other keys). The first test process to need
+//! a template builds it under a PostgreSQL advisory lock, so concurrent
+//! test processes never build it twice or clone a half-built one.
 
 use crate::config::Config;
-use sea_orm::{ConnectionTrait, Database};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DbBackend, Statement};
+use sea_orm_migration::MigratorTrait;
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
 
 /// A per-test storage backend. Dropping it removes the database.
 #[derive(Debug)]
@@ -23,8 +40,24 @@ pub struct TestBackend {
 }
 
 impl TestBackend {
-    /// A fresh backend, PostgreSQL + Redis if configured, SQLite + memory otherwise.
+    /// A fresh, empty backend, PostgreSQL + Redis if configured, SQLite +
+    /// memory otherwise.
     pub async fn new() -> Self {
+        Self::create(None).await
+    }
+
+    /// A backend whose database already holds `M`'s schema: on PostgreSQL
+    /// a clone of `M`'s template database (built once, see the module
+    /// doc); on SQLite a fresh file that the service migrates on start.
+    pub async fn migrated<M: MigratorTrait>() -> Self {
+        let template = match admin_url() {
+            Some(admin) => Some(template::<M>(&admin).await),
+            None => None,
+        };
+        Self::create(template).await
+    }
+
+    async fn create(template: Option<String>) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter("warn")
             .with_test_writer()
@@ -34,21 +67,21 @@ impl TestBackend {
         let redis_url = std::env::var("CLM_TEST_REDIS_URL")
             .ok()
             .filter(|s| !s.is_empty());
-        match std::env::var("CLM_TEST_DATABASE_URL")
-            .ok()
-            .filter(|s| !s.is_empty())
-        {
+        match admin_url() {
             Some(admin) => {
                 let name = format!("clm_t_{}", uuid::Uuid::new_v4().simple());
                 let conn = Database::connect(&admin)
                     .await
                     .expect("CLM_TEST_DATABASE_URL reachable");
-                conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
+                let create = match &template {
+                    Some(t) => format!("CREATE DATABASE {name} TEMPLATE {t}"),
+                    None => format!("CREATE DATABASE {name}"),
+                };
+                conn.execute_unprepared(&create)
                     .await
                     .expect("create test database");
                 let _ = conn.close().await;
-                let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
-                let database_url = format!("{base}/{name}");
+                let database_url = format!("{}/{name}", base_url(&admin));
                 Self {
                     database_url,
                     redis_url,
@@ -91,6 +124,112 @@ impl TestBackend {
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
     }
+}
+
+fn admin_url() -> Option<String> {
+    std::env::var("CLM_TEST_DATABASE_URL")
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+/// `postgres://user@host:port` of an admin URL (without the database).
+fn base_url(admin: &str) -> &str {
+    admin.rsplit_once('/').map_or(admin, |(b, _)| b)
+}
+
+/// Templates this process knows to be complete.
+static READY_TEMPLATES: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+/// Name of `M`'s template database, building it first if no process has.
+async fn template<M: MigratorTrait>(admin: &str) -> String {
+    let mut hash = Sha256::new();
+    for m in M::migrations() {
+        hash.update(m.name().as_bytes());
+        hash.update([0]);
+    }
+    hash.update(
+        std::env::var("CLM_TEST_TEMPLATE_KEY")
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    let digest = hash.finalize();
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    // The key's prefix leads the name so scripts/test.sh can drop the
+    // templates of other migration sources.
+    let key: String = std::env::var("CLM_TEST_TEMPLATE_KEY")
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let name = format!("clm_tpl_{}_{hex}", if key.is_empty() { "0" } else { &key });
+    let known = |name: &str| {
+        READY_TEMPLATES
+            .lock()
+            .expect("template set")
+            .get_or_insert_with(HashSet::new)
+            .contains(name)
+    };
+    if known(&name) {
+        return name;
+    }
+    // One connection, so the session-level advisory lock and its unlock
+    // run on the same session.
+    let mut opts = ConnectOptions::new(admin.to_owned());
+    opts.max_connections(1)
+        .min_connections(1)
+        .sqlx_logging(false);
+    let conn = Database::connect(opts)
+        .await
+        .expect("CLM_TEST_DATABASE_URL reachable");
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&digest[8..16]);
+    let key = i64::from_be_bytes(key);
+    conn.execute_unprepared(&format!("SELECT pg_advisory_lock({key})"))
+        .await
+        .expect("template lock");
+    let exists = conn
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT 1 FROM pg_database WHERE datname = $1",
+            [name.clone().into()],
+        ))
+        .await
+        .expect("look up template")
+        .is_some();
+    if !exists {
+        // Built under another name and renamed when complete: a process
+        // killed half-way leaves only the `_building` database, which the
+        // next builder drops.
+        let building = format!("{name}_building");
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"),
+            format!("CREATE DATABASE {building}"),
+        ] {
+            conn.execute_unprepared(&sql)
+                .await
+                .expect("template database");
+        }
+        let db = Database::connect(format!("{}/{building}", base_url(admin)))
+            .await
+            .expect("template reachable");
+        M::up(&db, None).await.expect("migrate template");
+        let _ = db.close().await;
+        conn.execute_unprepared(&format!("ALTER DATABASE {building} RENAME TO {name}"))
+            .await
+            .expect("publish template");
+    }
+    let _ = conn
+        .execute_unprepared(&format!("SELECT pg_advisory_unlock({key})"))
+        .await;
+    let _ = conn.close().await;
+    READY_TEMPLATES
+        .lock()
+        .expect("template set")
+        .get_or_insert_with(HashSet::new)
+        .insert(name.clone());
+    name
 }
 
 impl Drop for TestBackend {
@@ -212,18 +351,106 @@ pub async fn wait_serving(url: &str) {
     }
 }
 
-/// Polls `check` until it returns true, failing the test after `timeout`.
-pub async fn eventually<F, Fut>(timeout: std::time::Duration, mut check: F)
+/// Asserts that `status` is INVALID_ARGUMENT with a `BadRequest` field
+/// violation naming `field` (e.g. `customer.email`, `touchpoints[1].revenue`).
+pub fn assert_bad_field(status: &tonic::Status, field: &str) {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let details = status.get_error_details();
+    let fields: Vec<String> = details
+        .bad_request()
+        .expect("BadRequest detail")
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert!(
+        fields.iter().any(|f| f == field),
+        "expected a violation of {field}, got {fields:?}"
+    );
+}
+
+/// What [`eventually`] polls: `bool` (done or not) or `Option<T>` (the
+/// value once there).
+pub trait Settled {
+    /// What `eventually` returns.
+    type Output;
+    /// `Some` once the condition holds.
+    fn settled(self) -> Option<Self::Output>;
+}
+
+impl Settled for bool {
+    type Output = ();
+    fn settled(self) -> Option<()> {
+        self.then_some(())
+    }
+}
+
+impl<T> Settled for Option<T> {
+    type Output = T;
+    fn settled(self) -> Option<T> {
+        self
+    }
+}
+
+/// Polls `check` every 10 ms until it holds (returns `true` or `Some`),
+/// and panics if it still does not after `deadline`. For conditions that
+/// another task or process brings about (a consumer catching up, a slot
+/// freed); never for waiting on time, which tests move with the `Clock`.
+///
+/// ```ignore
+/// eventually(Duration::from_secs(30), || async { applied(&db).await >= 10 }).await;
+/// ```
+pub async fn eventually<S, F, Fut>(deadline: Duration, mut check: F) -> S::Output
 where
+    S: Settled,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: std::future::Future<Output = S>,
 {
-    let deadline = std::time::Instant::now() + timeout;
-    while !check().await {
+    let until = std::time::Instant::now() + deadline;
+    loop {
+        if let Some(out) = check().await.settled() {
+            return out;
+        }
         assert!(
-            std::time::Instant::now() < deadline,
-            "condition not met within {timeout:?}"
+            std::time::Instant::now() < until,
+            "condition still false after {deadline:?}"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn eventually_polls_until_the_condition_holds_and_returns_its_value() {
+        let calls = AtomicUsize::new(0);
+        let got = eventually(Duration::from_secs(5), || async {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            (n >= 3).then_some(n * 10)
+        })
+        .await;
+        assert_eq!(got, 30);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "condition still false after")]
+    async fn eventually_gives_up_at_the_deadline() {
+        eventually(Duration::from_millis(30), || async { false }).await;
+    }
+
+    #[test]
+    fn assert_bad_field_finds_the_named_violation() {
+        let status: tonic::Status =
+            crate::Error::invalid("customer.email", "is not an e-mail address").into();
+        assert_bad_field(&status, "customer.email");
+        let other = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            assert_bad_field(&status, "customer.name");
+        }));
+        assert!(other.is_err(), "a different field is not accepted");
     }
 }

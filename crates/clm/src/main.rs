@@ -149,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
             let config = load_or_exit(service.name, &cli.data_dir, &cli.overrides);
             let _telemetry = clm_platform::telemetry::init(&config.log, service.name);
             let listener = bind(&config).await?;
+            // Tests and scripts start `clm serve --listen 127.0.0.1:0` and read the port here.
             println!("{} listening on {}", service.name, listener.local_addr()?);
             run(service, config, listener, shutdown_on_signal()).await
         }

@@ -3,28 +3,53 @@
 //! Runs on SQLite, or PostgreSQL when `CLM_TEST_DATABASE_URL` is set.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use clm_platform::testing::{TestBackend, wait_serving};
+use clm_platform::testing::{TestBackend, eventually, wait_serving};
 use clm_proto::common::WatchChangesRequest;
 use clm_proto::common::change_stream_service_client::ChangeStreamServiceClient;
 use clm_proto::customer as pb;
 use clm_proto::customer::customer_service_client::CustomerServiceClient;
 use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_stream::StreamExt;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Spawns `cmd` with its stdout piped and returns the address `service`
+/// reports in its `<service> listening on ADDR` line (servers are started
+/// on port 0, so the port is the one the server actually bound: no race
+/// for a free port). The rest of stdout is drained in the background so
+/// the child never blocks or fails on a full or closed pipe.
+fn spawn_and_read_address(cmd: &mut Command, service: &str) -> (Child, SocketAddr) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn clm");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let prefix = format!("{service} ");
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if let Some(rest) = line.strip_prefix(&prefix)
+                && let Some(addr) = rest.trim_start().strip_prefix("listening on ")
+                && let Some(tx) = tx.take()
+            {
+                let addr = addr.split_whitespace().next().unwrap_or_default();
+                let _ = tx.send(addr.parse::<SocketAddr>());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the server exited or printed no address (its stderr is above)")
+        .expect("a socket address");
+    (child, addr)
 }
 
-/// `clm serve customer` on a fixed port and database, restartable.
+/// `clm serve customer` on one database, restartable (each start binds a
+/// new port 0 and reads the address it got).
 struct Server {
-    port: u16,
+    addr: SocketAddr,
     database_url: String,
     data_dir: std::path::PathBuf,
     child: Option<Child>,
@@ -33,7 +58,7 @@ struct Server {
 impl Server {
     async fn start(backend: &TestBackend) -> Self {
         let mut s = Self {
-            port: free_port(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             database_url: backend.database_url.clone(),
             data_dir: backend.dir().to_owned(),
             child: None,
@@ -43,26 +68,27 @@ impl Server {
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", self.addr)
     }
 
     async fn restart(&mut self) {
-        let child = Command::new(env!("CARGO_BIN_EXE_clm"))
-            .args([
-                "serve",
-                "customer",
-                "--listen",
-                &format!("127.0.0.1:{}", self.port),
-                "--database-url",
-                &self.database_url,
-            ])
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .env("RUST_LOG", "warn")
-            .env("CLM_DRAIN_TIMEOUT_SECS", "60")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn clm");
+        let (child, addr) = spawn_and_read_address(
+            Command::new(env!("CARGO_BIN_EXE_clm"))
+                .args([
+                    "serve",
+                    "customer",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--database-url",
+                    &self.database_url,
+                ])
+                .arg("--data-dir")
+                .arg(&self.data_dir)
+                .env("RUST_LOG", "warn")
+                .env("CLM_DRAIN_TIMEOUT_SECS", "60"),
+            "customer",
+        );
+        self.addr = addr;
         self.child = Some(child);
         wait_serving(&self.url()).await;
     }
@@ -156,7 +182,7 @@ async fn all_event_ids(server: &Server, customer: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn sigkill_mid_ingest_loses_no_acknowledged_event() {
-    let backend = TestBackend::new().await;
+    let backend = TestBackend::migrated::<clm_customer::store::Migrator>().await;
     let mut server = Server::start(&backend).await;
     let customer = create_customer(&server).await;
 
@@ -190,14 +216,12 @@ async fn sigkill_mid_ingest_loses_no_acknowledged_event() {
             }
         })
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while acked.lock().unwrap().len() < 4000 {
-        assert!(
-            !ingest.is_finished() && std::time::Instant::now() < deadline,
-            "ingest stopped before the kill"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (acked_so_far, running) = (&acked, &ingest);
+    eventually(Duration::from_secs(60), || async move {
+        assert!(!running.is_finished(), "ingest stopped before the kill");
+        acked_so_far.lock().unwrap().len() >= 4000
+    })
+    .await;
     server.kill();
     ingest.await.unwrap();
     let acked: HashSet<String> = acked.lock().unwrap().iter().cloned().collect();
@@ -234,7 +258,7 @@ async fn sigkill_mid_ingest_loses_no_acknowledged_event() {
 
 #[tokio::test]
 async fn a_watcher_resumes_across_server_restarts_and_sees_every_event_once() {
-    let backend = TestBackend::new().await;
+    let backend = TestBackend::migrated::<clm_customer::store::Migrator>().await;
     let mut server = Server::start(&backend).await;
     let customer = create_customer(&server).await;
     let mut c = server.client();
@@ -321,19 +345,18 @@ async fn clm_up_serves_health_and_reflection_and_survives_restart() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let up = || {
-        Command::new(env!("CARGO_BIN_EXE_clm"))
-            .args(["up", "--base-port", &port.to_string()])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap()
+        spawn_and_read_address(
+            Command::new(env!("CARGO_BIN_EXE_clm"))
+                .args(["up", "--base-port", "0"])
+                .arg("--data-dir")
+                .arg(dir.path())
+                .env("RUST_LOG", "warn"),
+            "customer",
+        )
     };
-    let url = format!("http://127.0.0.1:{port}");
-    let mut child = up();
+    let (mut child, addr) = up();
+    let url = format!("http://{addr}");
     wait_serving(&url).await;
 
     let channel = clm_platform::client::channel(&url).unwrap();
@@ -383,7 +406,8 @@ async fn clm_up_serves_health_and_reflection_and_survives_restart() {
         "Ctrl-C stops clm up cleanly"
     );
 
-    let mut child = up();
+    let (mut child, addr) = up();
+    let url = format!("http://{addr}");
     wait_serving(&url).await;
     let got = CustomerServiceClient::new(clm_platform::client::channel(&url).unwrap())
         .get_customer(pb::GetCustomerRequest { name })
@@ -436,21 +460,16 @@ async fn a_minted_token_opens_an_authenticated_server() {
     let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
 
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_clm"))
-        .args([
-            "serve",
-            "customer",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env("CLM_AUTH__HS256_SECRET", secret)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
+    let (mut child, addr) = spawn_and_read_address(
+        Command::new(env!("CARGO_BIN_EXE_clm"))
+            .args(["serve", "customer", "--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("CLM_AUTH__HS256_SECRET", secret)
+            .env("RUST_LOG", "warn"),
+        "customer",
+    );
+    let url = format!("http://{addr}");
     wait_serving(&url).await;
     let channel = clm_platform::client::channel(&url).unwrap();
     let anonymous = CustomerServiceClient::new(channel.clone())

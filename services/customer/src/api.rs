@@ -72,7 +72,7 @@ impl CustomerApi {
 
     /// NOT_FOUND unless the customer exists.
     async fn ensure_exists(&self, id: CustomerId) -> Result<()> {
-        if customers::existing_ids(&self.rt.db, &[id.to_string()])
+        if customers::existing_ids(&self.rt.read, &[id.to_string()])
             .await?
             .is_empty()
         {
@@ -231,7 +231,7 @@ impl CustomerApi {
 
     async fn get(&self, req: pb::GetCustomerRequest) -> Result<pb::Customer> {
         let id = CustomerId::parse_name("name", &req.name)?;
-        let r = customers::get(&self.rt.db, id).await?;
+        let r = customers::get(&self.rt.read, id).await?;
         Ok(convert::customer_to_proto(&r, self.now().date_naive()))
     }
 
@@ -302,7 +302,7 @@ impl CustomerApi {
                 .after::<i64>(&req.page_token)?
                 .map(|(v, id)| (v.into(), id)),
         };
-        let rows = customers::list(&self.rt.db, cond, sort, desc, after, size as u64 + 1).await?;
+        let rows = customers::list(&self.rt.read, cond, sort, desc, after, size as u64 + 1).await?;
         let today = self.now().date_naive();
         let (customers, next_page_token) = pager.page(
             &rows,
@@ -389,7 +389,7 @@ impl CustomerApi {
         let pager = Pager::new(&[&req.filter]);
         let after = pager.after::<i64>(&req.page_token)?;
         self.ensure_exists(id).await?;
-        let rows = touchpoints::list(&self.rt.db, id, kind, after, size as u64 + 1).await?;
+        let rows = touchpoints::list(&self.rt.read, id, kind, after, size as u64 + 1).await?;
         let (touchpoints, next_page_token) =
             pager.page(&rows, size, convert::touchpoint_to_proto, |r| {
                 (
@@ -469,7 +469,7 @@ impl CustomerApi {
         let pager = Pager::new(&["stage_history"]);
         let after = pager.after::<i64>(&req.page_token)?.map_or(0, |(v, _)| v);
         self.ensure_exists(id).await?;
-        let rows = stages::list(&self.rt.db, id, after, size as u64 + 1).await?;
+        let rows = stages::list(&self.rt.read, id, after, size as u64 + 1).await?;
         // Time in a stage lasts until the next move, or until now.
         let now = self.now();
         let until: HashMap<i64, DateTime<Utc>> = rows

@@ -7,7 +7,7 @@ use chrono::{DateTime, Duration, Utc};
 use clm_domain::ManualClock;
 use clm_platform::auth::{Role, mint_hs256};
 use clm_platform::client::ClientInterceptor;
-use clm_platform::testing::{self, Running, TestBackend, start_with_clock};
+use clm_platform::testing::{self, Running, TestBackend, assert_bad_field, start_with_clock};
 use clm_proto::common::change_stream_service_client::ChangeStreamServiceClient;
 use clm_proto::common::{Date, Money, WatchChangesRequest};
 use clm_proto::customer::customer_service_client::CustomerServiceClient;
@@ -37,7 +37,7 @@ fn t0() -> DateTime<Utc> {
 }
 
 async fn start_with(edit: impl FnOnce(&mut clm_platform::config::Config)) -> Harness {
-    let backend = TestBackend::new().await;
+    let backend = TestBackend::migrated::<clm_customer::store::Migrator>().await;
     let mut config = backend.config("customer");
     edit(&mut config);
     let clock = ManualClock::new(t0());
@@ -94,23 +94,6 @@ fn feature_use(customer: &str, event_id: &str, at: DateTime<Utc>) -> pb::Touchpo
         occurred_time: Some(ts(at)),
         ..Default::default()
     }
-}
-
-/// Asserts INVALID_ARGUMENT with a BadRequest violation naming `field`.
-fn assert_bad_field(status: &tonic::Status, field: &str) {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let details = status.get_error_details();
-    let fields: Vec<String> = details
-        .bad_request()
-        .expect("BadRequest detail")
-        .field_violations
-        .iter()
-        .map(|v| v.field.clone())
-        .collect();
-    assert!(
-        fields.iter().any(|f| f == field),
-        "expected a violation of {field}, got {fields:?}"
-    );
 }
 
 #[tokio::test]
@@ -968,7 +951,7 @@ async fn request_ids_are_echoed_and_generated() {
 
 #[tokio::test]
 async fn a_watcher_on_one_replica_wakes_for_writes_on_another() {
-    let backend = TestBackend::new().await;
+    let backend = TestBackend::migrated::<clm_customer::store::Migrator>().await;
     if !backend.is_postgres() {
         // Replicas share a PostgreSQL database; the embedded SQLite mode is one process.
         return;

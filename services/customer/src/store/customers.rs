@@ -1,5 +1,13 @@
-//! Customers and their custom attributes.
+//! Customers and their custom attributes, through the
+//! [`customers`](super::entity::customers) and
+//! [`customer_attributes`](super::entity::customer_attributes) entities.
+//! A customer is read with its attributes in one statement (a LEFT JOIN),
+//! a page of them too.
 
+use super::entity::customer_attributes::{
+    self as attr, KIND_BOOL, KIND_NUMBER, KIND_STRING, KIND_TIME,
+};
+use super::entity::customers::{self, Column};
 use super::n;
 use chrono::{DateTime, NaiveDate, Utc};
 use clm_domain::attributes::{AttributeValue, Attributes};
@@ -12,8 +20,10 @@ use clm_domain::{Violation, Violations};
 use clm_platform::Error;
 use clm_platform::db::{from_micros, to_micros};
 use sea_orm::sea_query::{Cond, Expr, ExprTrait, Order, Query, SelectStatement, SimpleExpr, Value};
-use sea_orm::{ConnectionTrait, QueryResult};
-use std::collections::HashMap;
+use sea_orm::{
+    ActiveModelTrait, ActiveValue, ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult,
+    IntoActiveModel, QueryFilter, QueryOrder, QuerySelect,
+};
 
 /// A stored customer.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,74 +69,111 @@ pub struct NewCustomer {
     pub stage: Stage,
 }
 
-const COLS: [&str; 14] = [
-    "id",
-    "external_id",
-    "email",
-    "display_name",
-    "birth_date",
-    "gender",
-    "income_minor",
-    "income_currency",
-    "occupation",
-    "stage",
-    "stage_change_us",
-    "create_us",
-    "update_us",
-    "version",
-];
+impl CustomerRecord {
+    /// The `customers` row of this record.
+    fn to_model(&self) -> customers::Model {
+        let d = &self.demographics;
+        customers::Model {
+            id: self.id.to_string(),
+            external_id: self.external_id.clone(),
+            email: self.email.clone(),
+            display_name: self.display_name.clone(),
+            birth_date: d.birth_date.map(|b| b.format("%Y-%m-%d").to_string()),
+            gender: d.gender.map(Gender::code),
+            income_minor: d.annual_income.as_ref().map(|m| m.amount_minor),
+            income_currency: d.annual_income.as_ref().map(|m| m.currency.clone()),
+            occupation: d.occupation.clone(),
+            stage: self.stage.code(),
+            stage_change_us: to_micros(self.stage_change_time),
+            create_us: to_micros(self.create_time),
+            update_us: to_micros(self.update_time),
+            version: self.version,
+        }
+    }
 
-fn values(r: &CustomerRecord) -> [SimpleExpr; 14] {
-    let d = &r.demographics;
-    [
-        r.id.to_string().into(),
-        r.external_id.clone().into(),
-        r.email.clone().into(),
-        r.display_name.clone().into(),
-        d.birth_date
-            .map(|b| b.format("%Y-%m-%d").to_string())
-            .into(),
-        d.gender.map(Gender::code).into(),
-        d.annual_income.as_ref().map(|m| m.amount_minor).into(),
-        d.annual_income.as_ref().map(|m| m.currency.clone()).into(),
-        d.occupation.clone().into(),
-        r.stage.code().into(),
-        to_micros(r.stage_change_time).into(),
-        to_micros(r.create_time).into(),
-        to_micros(r.update_time).into(),
-        r.version.into(),
-    ]
+    /// The record of a `customers` row and its attribute rows.
+    fn from_model(m: customers::Model, attributes: Vec<attr::Model>) -> Result<Self, Error> {
+        Ok(Self {
+            id: CustomerId::parse_id("id", &m.id).map_err(Error::internal)?,
+            external_id: m.external_id,
+            email: m.email,
+            display_name: m.display_name,
+            demographics: Demographics {
+                birth_date: m
+                    .birth_date
+                    .and_then(|b| NaiveDate::parse_from_str(&b, "%Y-%m-%d").ok()),
+                gender: m.gender.and_then(Gender::from_code),
+                annual_income: m.income_minor.zip(m.income_currency).map(
+                    |(amount_minor, currency)| Money {
+                        currency,
+                        amount_minor,
+                    },
+                ),
+                occupation: m.occupation,
+            },
+            attributes: attributes
+                .into_iter()
+                .map(|a| {
+                    let v = attribute_value(&a);
+                    (a.key, v)
+                })
+                .collect(),
+            stage: Stage::from_code(m.stage)
+                .ok_or_else(|| Error::internal(format!("stored stage code {}", m.stage)))?,
+            stage_change_time: from_micros(m.stage_change_us),
+            create_time: from_micros(m.create_us),
+            update_time: from_micros(m.update_us),
+            version: m.version,
+        })
+    }
 }
 
-fn from_row(row: &QueryResult) -> Result<CustomerRecord, Error> {
-    let id: String = row.try_get("", "id")?;
-    let birth: Option<String> = row.try_get("", "birth_date")?;
-    let gender: Option<i16> = row.try_get("", "gender")?;
-    let income: Option<i64> = row.try_get("", "income_minor")?;
-    let currency: Option<String> = row.try_get("", "income_currency")?;
-    let stage: i16 = row.try_get("", "stage")?;
-    Ok(CustomerRecord {
-        id: CustomerId::parse_id("id", &id).map_err(Error::internal)?,
-        external_id: row.try_get("", "external_id")?,
-        email: row.try_get("", "email")?,
-        display_name: row.try_get("", "display_name")?,
-        demographics: Demographics {
-            birth_date: birth.and_then(|b| NaiveDate::parse_from_str(&b, "%Y-%m-%d").ok()),
-            gender: gender.and_then(Gender::from_code),
-            annual_income: income.zip(currency).map(|(amount_minor, currency)| Money {
-                currency,
-                amount_minor,
-            }),
-            occupation: row.try_get("", "occupation")?,
-        },
-        attributes: Attributes::new(),
-        stage: Stage::from_code(stage)
-            .ok_or_else(|| Error::internal(format!("stored stage code {stage}")))?,
-        stage_change_time: from_micros(row.try_get("", "stage_change_us")?),
-        create_time: from_micros(row.try_get("", "create_us")?),
-        update_time: from_micros(row.try_get("", "update_us")?),
-        version: row.try_get("", "version")?,
+/// The `customer_attributes` rows of one customer's attributes.
+fn attribute_models(id: CustomerId, attrs: &Attributes) -> impl Iterator<Item = attr::Model> + '_ {
+    let customer_id = id.to_string();
+    attrs.iter().map(move |(k, v)| {
+        let mut m = attr::Model {
+            customer_id: customer_id.clone(),
+            key: k.clone(),
+            kind: KIND_STRING,
+            string_value: None,
+            number_value: None,
+            bool_value: None,
+            time_us: None,
+        };
+        match v {
+            AttributeValue::String(s) => m.string_value = Some(s.clone()),
+            AttributeValue::Number(x) => {
+                m.kind = KIND_NUMBER;
+                m.number_value = Some(*x);
+            }
+            AttributeValue::Bool(b) => {
+                m.kind = KIND_BOOL;
+                m.bool_value = Some(*b);
+            }
+            AttributeValue::Timestamp(t) => {
+                m.kind = KIND_TIME;
+                m.time_us = Some(to_micros(*t));
+            }
+        }
+        m
     })
+}
+
+fn attribute_value(a: &attr::Model) -> AttributeValue {
+    match a.kind {
+        KIND_STRING => AttributeValue::String(a.string_value.clone().unwrap_or_default()),
+        KIND_NUMBER => AttributeValue::Number(a.number_value.unwrap_or_default()),
+        KIND_BOOL => AttributeValue::Bool(a.bool_value.unwrap_or_default()),
+        _ => AttributeValue::Timestamp(from_micros(a.time_us.unwrap_or_default())),
+    }
+}
+
+/// The unique keys of a stored customer.
+#[derive(Debug, FromQueryResult)]
+struct UniqueKeys {
+    email: Option<String>,
+    external_id: Option<String>,
 }
 
 /// Refuses e-mails or external ids that are already taken, naming the field
@@ -142,30 +189,28 @@ pub async fn check_unique(
     if emails.is_empty() && externals.is_empty() {
         return Ok(());
     }
-    let mut q = Query::select();
-    q.columns([n("id"), n("email"), n("external_id")])
-        .from(n("customers"))
-        .cond_where(
+    let mut q = customers::Entity::find()
+        .select_only()
+        .columns([Column::Email, Column::ExternalId])
+        .filter(
             Cond::any()
-                .add(Expr::col(n("email")).is_in(emails.iter().map(|s| (*s).to_owned())))
-                .add(Expr::col(n("external_id")).is_in(externals.iter().map(|s| (*s).to_owned()))),
+                .add(Column::Email.is_in(emails.iter().map(|s| (*s).to_owned())))
+                .add(Column::ExternalId.is_in(externals.iter().map(|s| (*s).to_owned()))),
         );
     if let Some(id) = except {
-        q.and_where(Expr::col(n("id")).ne(id.to_string()));
+        q = q.filter(Column::Id.ne(id.to_string()));
     }
-    let rows = db.query_all(&q).await?;
+    let rows = q.into_model::<UniqueKeys>().all(db).await?;
     for row in rows {
-        let email: Option<String> = row.try_get("", "email")?;
-        let external: Option<String> = row.try_get("", "external_id")?;
         for (prefix, e, x) in customers {
-            if email.is_some() && email.as_deref() == *e {
+            if row.email.is_some() && row.email.as_deref() == *e {
                 return Err(taken(
                     "EMAIL_TAKEN",
                     &format!("{prefix}.email"),
                     e.unwrap_or_default(),
                 ));
             }
-            if external.is_some() && external.as_deref() == *x {
+            if row.external_id.is_some() && row.external_id.as_deref() == *x {
                 return Err(taken(
                     "EXTERNAL_ID_TAKEN",
                     &format!("{prefix}.external_id"),
@@ -207,12 +252,13 @@ pub async fn insert_many(
     if records.is_empty() {
         return Ok(());
     }
-    let mut insert = Query::insert();
-    insert.into_table(n("customers")).columns(COLS.map(n));
-    for r in records {
-        insert.values_panic(values(r));
+    // 14 columns: a batch of 1,000 customers is far below MAX_BIND_PARAMS.
+    for chunk in records.chunks(clm_platform::db::rows_per_statement(14)) {
+        customers::Entity::insert_many(chunk.iter().map(|r| r.to_model().into_active_model()))
+            .exec_without_returning(db)
+            .await
+            .map_err(map_unique)?;
     }
-    db.execute(&insert).await.map_err(map_unique)?;
     insert_attributes(db, records.iter().map(|r| (r.id, &r.attributes))).await
 }
 
@@ -220,144 +266,38 @@ async fn insert_attributes<'a>(
     db: &impl ConnectionTrait,
     sets: impl Iterator<Item = (CustomerId, &'a Attributes)>,
 ) -> Result<(), Error> {
-    let rows: Vec<[SimpleExpr; 7]> = sets
-        .flat_map(|(id, attrs)| {
-            attrs.iter().map(move |(k, v)| {
-                let (kind, s, num, b, t): (
-                    i16,
-                    Option<String>,
-                    Option<f64>,
-                    Option<bool>,
-                    Option<i64>,
-                ) = match v {
-                    AttributeValue::String(s) => (1, Some(s.clone()), None, None, None),
-                    AttributeValue::Number(x) => (2, None, Some(*x), None, None),
-                    AttributeValue::Bool(x) => (3, None, None, Some(*x), None),
-                    AttributeValue::Timestamp(x) => (4, None, None, None, Some(to_micros(*x))),
-                };
-                [
-                    id.to_string().into(),
-                    k.clone().into(),
-                    kind.into(),
-                    s.into(),
-                    num.into(),
-                    b.into(),
-                    t.into(),
-                ]
-            })
-        })
+    let rows: Vec<attr::ActiveModel> = sets
+        .flat_map(|(id, attrs)| attribute_models(id, attrs))
+        .map(IntoActiveModel::into_active_model)
         .collect();
     for chunk in rows.chunks(clm_platform::db::rows_per_statement(7)) {
-        let mut insert = Query::insert();
-        insert.into_table(n("customer_attributes")).columns(
-            [
-                "customer_id",
-                "key",
-                "kind",
-                "string_value",
-                "number_value",
-                "bool_value",
-                "time_us",
-            ]
-            .map(n),
-        );
-        for row in chunk {
-            insert.values_panic(row.clone());
-        }
-        db.execute(&insert).await?;
+        attr::Entity::insert_many(chunk.iter().cloned())
+            .exec_without_returning(db)
+            .await?;
     }
     Ok(())
 }
 
-/// Loads the attributes of `records` (one query) into them.
-async fn load_attributes(
-    db: &impl ConnectionTrait,
-    records: &mut [CustomerRecord],
-) -> Result<(), Error> {
-    if records.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<String> = records.iter().map(|r| r.id.to_string()).collect();
-    let rows = db
-        .query_all(
-            Query::select()
-                .columns(
-                    [
-                        "customer_id",
-                        "key",
-                        "kind",
-                        "string_value",
-                        "number_value",
-                        "bool_value",
-                        "time_us",
-                    ]
-                    .map(n),
-                )
-                .from(n("customer_attributes"))
-                .and_where(Expr::col(n("customer_id")).is_in(ids)),
-        )
-        .await?;
-    let mut by_id: HashMap<String, Attributes> = HashMap::new();
-    for row in rows {
-        let id: String = row.try_get("", "customer_id")?;
-        let key: String = row.try_get("", "key")?;
-        let kind: i16 = row.try_get("", "kind")?;
-        let v = match kind {
-            1 => AttributeValue::String(
-                row.try_get::<Option<String>>("", "string_value")?
-                    .unwrap_or_default(),
-            ),
-            2 => AttributeValue::Number(
-                row.try_get::<Option<f64>>("", "number_value")?
-                    .unwrap_or_default(),
-            ),
-            3 => AttributeValue::Bool(
-                row.try_get::<Option<bool>>("", "bool_value")?
-                    .unwrap_or_default(),
-            ),
-            _ => AttributeValue::Timestamp(from_micros(
-                row.try_get::<Option<i64>>("", "time_us")?
-                    .unwrap_or_default(),
-            )),
-        };
-        by_id.entry(id).or_default().insert(key, v);
-    }
-    for r in records {
-        r.attributes = by_id.remove(&r.id.to_string()).unwrap_or_default();
-    }
-    Ok(())
-}
-
-/// One customer, or NOT_FOUND.
+/// One customer with its attributes (one statement), or NOT_FOUND.
 pub async fn get(db: &impl ConnectionTrait, id: CustomerId) -> Result<CustomerRecord, Error> {
-    let row = db
-        .query_one(
-            Query::select()
-                .columns(COLS.map(n))
-                .from(n("customers"))
-                .and_where(Expr::col(n("id")).eq(id.to_string())),
-        )
+    let (m, attributes) = customers::Entity::find_by_id(id.to_string())
+        .find_with_related(attr::Entity)
+        .all(db)
         .await?
+        .pop()
         .ok_or_else(|| Error::NotFound(id.name()))?;
-    let mut records = [from_row(&row)?];
-    load_attributes(db, &mut records).await?;
-    let [r] = records;
-    Ok(r)
+    CustomerRecord::from_model(m, attributes)
 }
 
 /// Which of `ids` exist.
 pub async fn existing_ids(db: &impl ConnectionTrait, ids: &[String]) -> Result<Vec<String>, Error> {
-    let rows = db
-        .query_all(
-            Query::select()
-                .column(n("id"))
-                .from(n("customers"))
-                .and_where(Expr::col(n("id")).is_in(ids.iter().cloned())),
-        )
-        .await?;
-    rows.iter()
-        .map(|r| r.try_get::<String>("", "id").map_err(Error::from))
-        .collect()
+    Ok(customers::Entity::find()
+        .select_only()
+        .column(Column::Id)
+        .filter(Column::Id.is_in(ids.iter().cloned()))
+        .into_tuple::<String>()
+        .all(db)
+        .await?)
 }
 
 /// Writes a changed customer if its version is still `expected_version`;
@@ -369,27 +309,23 @@ pub async fn update(
     expected_version: i64,
     attributes_changed: bool,
 ) -> Result<bool, Error> {
-    let mut update = Query::update();
-    update.table(n("customers"));
-    for (col, v) in COLS.iter().zip(values(r)).skip(1) {
-        update.value(n(col), v);
-    }
-    update
-        .and_where(Expr::col(n("id")).eq(r.id.to_string()))
-        .and_where(Expr::col(n("version")).eq(expected_version));
-    let changed = db
-        .execute(&update)
+    // Every column but the key is written (`reset_all` marks them Set).
+    let mut row = r.to_model().into_active_model().reset_all();
+    row.id = ActiveValue::NotSet;
+    let changed = customers::Entity::update_many()
+        .set(row)
+        .filter(Column::Id.eq(r.id.to_string()))
+        .filter(Column::Version.eq(expected_version))
+        .exec(db)
         .await
         .map_err(map_unique)?
-        .rows_affected()
+        .rows_affected
         == 1;
     if changed && attributes_changed {
-        db.execute(
-            Query::delete()
-                .from_table(n("customer_attributes"))
-                .and_where(Expr::col(n("customer_id")).eq(r.id.to_string())),
-        )
-        .await?;
+        attr::Entity::delete_many()
+            .filter(attr::Column::CustomerId.eq(r.id.to_string()))
+            .exec(db)
+            .await?;
         insert_attributes(db, std::iter::once((r.id, &r.attributes))).await?;
     }
     Ok(changed)
@@ -407,14 +343,13 @@ pub enum SortKey {
 }
 
 impl SortKey {
-    fn column(self) -> &'static str {
+    fn column(self) -> Column {
         match self {
-            SortKey::CreateTime => "create_us",
-            SortKey::UpdateTime => "update_us",
-            SortKey::DisplayName => "display_name",
+            SortKey::CreateTime => Column::CreateUs,
+            SortKey::UpdateTime => Column::UpdateUs,
+            SortKey::DisplayName => Column::DisplayName,
         }
     }
-
     /// The sort value of `r`, as stored in a page token.
     pub fn value_of(self, r: &CustomerRecord) -> serde_json::Value {
         match self {
@@ -485,49 +420,65 @@ fn text<'a>(field: &str, c: &'a Comparison) -> Result<&'a str, Violation> {
         .ok_or_else(|| Violation::new(field, format!("{} must be compared with a string", c.field)))
 }
 
+/// `customers.<col>`, qualified: filters also run inside subqueries.
+fn customer_col(col: Column) -> Expr {
+    Expr::col((customers::Entity, col))
+}
+
 fn compile_one(field: &str, c: &Comparison) -> Result<SimpleExpr, Violation> {
     match c.field.as_str() {
         "stage" => {
             let stage = Stage::parse(field, text(field, c)?)?;
             match c.op {
-                Op::Eq | Op::Ne => Ok(op_expr(Expr::col(n("stage")), c.op, stage.code())),
+                Op::Eq | Op::Ne => Ok(op_expr(customer_col(Column::Stage), c.op, stage.code())),
                 _ => Err(Violation::new(field, "stage only supports = and !=")),
             }
         }
         "email" | "external_id" | "display_name" => {
             let mut value = text(field, c)?.to_owned();
-            if c.field == "email" {
-                value = value.to_lowercase();
-            }
-            Ok(op_expr(Expr::col(n(&c.field)), c.op, value))
+            let col = match c.field.as_str() {
+                "email" => {
+                    value = value.to_lowercase();
+                    Column::Email
+                }
+                "external_id" => Column::ExternalId,
+                _ => Column::DisplayName,
+            };
+            Ok(op_expr(customer_col(col), c.op, value))
         }
         "create_time" | "update_time" => {
             let t = clm_platform::convert::parse_rfc3339(field, text(field, c)?)?;
             let col = if c.field == "create_time" {
-                "create_us"
+                Column::CreateUs
             } else {
-                "update_us"
+                Column::UpdateUs
             };
-            Ok(op_expr(Expr::col(n(col)), c.op, to_micros(t)))
+            Ok(op_expr(customer_col(col), c.op, to_micros(t)))
         }
         f if f.starts_with("attributes.") => {
             let key = clm_domain::attributes::key(field, &f["attributes.".len()..])?;
-            let (col, value): (&str, Value) = match &c.value {
-                Literal::Number(x) => ("number_value", (*x).into()),
-                Literal::Bool(b) => ("bool_value", (*b).into()),
+            let (col, value): (attr::Column, Value) = match &c.value {
+                Literal::Number(x) => (attr::Column::NumberValue, (*x).into()),
+                Literal::Bool(b) => (attr::Column::BoolValue, (*b).into()),
                 Literal::String(s) | Literal::Word(s) => {
                     match chrono::DateTime::parse_from_rfc3339(s) {
-                        Ok(t) => ("time_us", to_micros(t.with_timezone(&Utc)).into()),
-                        Err(_) => ("string_value", s.clone().into()),
+                        Ok(t) => (
+                            attr::Column::TimeUs,
+                            to_micros(t.with_timezone(&Utc)).into(),
+                        ),
+                        Err(_) => (attr::Column::StringValue, s.clone().into()),
                     }
                 }
             };
             let mut sub = Query::select();
             sub.expr(Expr::val(1))
-                .from_as(n("customer_attributes"), n("a"))
-                .and_where(Expr::col((n("a"), n("customer_id"))).equals((n("customers"), n("id"))))
-                .and_where(Expr::col((n("a"), n("key"))).eq(key))
-                .and_where(op_expr(Expr::col((n("a"), n(col))), c.op, value));
+                .from_as(attr::Entity, n("a"))
+                .and_where(
+                    Expr::col((n("a"), attr::Column::CustomerId))
+                        .equals((customers::Entity, Column::Id)),
+                )
+                .and_where(Expr::col((n("a"), attr::Column::Key)).eq(key))
+                .and_where(op_expr(Expr::col((n("a"), col)), c.op, value));
             Ok(Expr::exists(sub))
         }
         other => Err(Violation::new(
@@ -539,7 +490,9 @@ fn compile_one(field: &str, c: &Comparison) -> Result<SimpleExpr, Violation> {
     }
 }
 
-/// One page of customers matching `cond`, after `after` (sort value, id).
+/// One page of customers matching `cond`, after `after` (sort value, id),
+/// with their attributes: one statement (the page as a subquery, joined
+/// with the attributes).
 pub async fn list(
     db: &impl ConnectionTrait,
     cond: Cond,
@@ -548,11 +501,11 @@ pub async fn list(
     after: Option<(serde_json::Value, String)>,
     limit: u64,
 ) -> Result<Vec<CustomerRecord>, Error> {
-    let mut q: SelectStatement = Query::select();
-    q.columns(COLS.map(|c| (n("customers"), n(c))))
-        .from(n("customers"))
-        .cond_where(cond);
     let col = sort.column();
+    let mut page: SelectStatement = Query::select();
+    page.column((customers::Entity, Column::Id))
+        .from(customers::Entity)
+        .cond_where(cond);
     if let Some((v, id)) = after {
         let value: Value = match v {
             serde_json::Value::Number(x) => x.as_i64().unwrap_or_default().into(),
@@ -564,8 +517,8 @@ pub async fn list(
                 ));
             }
         };
-        let c = Expr::col((n("customers"), n(col)));
-        let i = Expr::col((n("customers"), n("id")));
+        let c = Expr::col((customers::Entity, col));
+        let i = Expr::col((customers::Entity, Column::Id));
         let keyset = if desc {
             Cond::any()
                 .add(c.clone().lt(value.clone()))
@@ -575,14 +528,124 @@ pub async fn list(
                 .add(c.clone().gt(value.clone()))
                 .add(Cond::all().add(c.eq(value)).add(i.gt(id)))
         };
-        q.cond_where(keyset);
+        page.cond_where(keyset);
     }
     let order = if desc { Order::Desc } else { Order::Asc };
-    q.order_by((n("customers"), n(col)), order.clone())
-        .order_by((n("customers"), n("id")), order)
+    page.order_by((customers::Entity, col), order.clone())
+        .order_by((customers::Entity, Column::Id), order.clone())
         .limit(limit);
-    let rows = db.query_all(&q).await?;
-    let mut records = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
-    load_attributes(db, &mut records).await?;
-    Ok(records)
+    customers::Entity::find()
+        .filter(Column::Id.in_subquery(page))
+        .order_by(col, order.clone())
+        .order_by(Column::Id, order)
+        .find_with_related(attr::Entity)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|(m, attributes)| CustomerRecord::from_model(m, attributes))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use sea_orm::DatabaseConnection;
+    use sea_orm_migration::MigratorTrait;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn record(email: &str, attrs: &[(&str, AttributeValue)]) -> CustomerRecord {
+        let now = from_micros(1_764_000_000_000_000);
+        CustomerRecord {
+            id: CustomerId::new(),
+            external_id: None,
+            email: Some(email.into()),
+            display_name: format!("Customer {email}"),
+            demographics: Demographics {
+                occupation: Some("pilot".into()),
+                gender: Some(Gender::Female),
+                ..Default::default()
+            },
+            attributes: attrs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+            stage: Stage::Approach,
+            stage_change_time: now,
+            create_time: now,
+            update_time: now,
+            version: 1,
+        }
+    }
+
+    /// A migrated SQLite database whose statements are counted.
+    async fn counted_db(dir: &std::path::Path) -> (DatabaseConnection, Arc<AtomicUsize>) {
+        let config = clm_platform::config::Config::defaults("customer", dir);
+        let mut db = clm_platform::db::connect(&config.database).await.unwrap();
+        crate::store::Migrator::up(&db, None).await.unwrap();
+        let statements = Arc::new(AtomicUsize::new(0));
+        let counter = statements.clone();
+        db.set_metric_callback(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        (db, statements)
+    }
+
+    #[tokio::test]
+    async fn a_customer_and_a_page_are_each_read_in_one_statement() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, statements) = counted_db(dir.path()).await;
+        let with_attrs = record(
+            "a@example.com",
+            &[
+                ("plan", AttributeValue::String("pro".into())),
+                ("seats", AttributeValue::Number(12.0)),
+                ("trial", AttributeValue::Bool(false)),
+            ],
+        );
+        let without = record("b@example.com", &[]);
+        insert_many(&db, &[with_attrs.clone(), without.clone()])
+            .await
+            .unwrap();
+
+        statements.store(0, Ordering::SeqCst);
+        assert_eq!(get(&db, with_attrs.id).await.unwrap(), with_attrs);
+        assert_eq!(statements.load(Ordering::SeqCst), 1, "GetCustomer");
+        assert_eq!(get(&db, without.id).await.unwrap(), without);
+
+        statements.store(0, Ordering::SeqCst);
+        let page = list(&db, Cond::all(), SortKey::CreateTime, false, None, 10)
+            .await
+            .unwrap();
+        assert_eq!(statements.load(Ordering::SeqCst), 1, "ListCustomers");
+        let mut expected = vec![with_attrs, without];
+        expected.sort_by_key(|r| r.id.to_string());
+        assert_eq!(page, expected, "same create time: ordered by id");
+
+        assert!(matches!(
+            get(&db, CustomerId::new()).await,
+            Err(Error::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_page_limits_customers_not_attribute_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, _) = counted_db(dir.path()).await;
+        let attrs: Vec<(String, AttributeValue)> = (0..5)
+            .map(|i| (format!("k{i}"), AttributeValue::Number(f64::from(i))))
+            .collect();
+        let attrs: Vec<(&str, AttributeValue)> =
+            attrs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let records: Vec<CustomerRecord> = (0..3)
+            .map(|i| record(&format!("c{i}@example.com"), &attrs))
+            .collect();
+        insert_many(&db, &records).await.unwrap();
+        let page = list(&db, Cond::all(), SortKey::CreateTime, false, None, 2)
+            .await
+            .unwrap();
+        assert_eq!(page.len(), 2, "two customers, not two joined rows");
+        assert!(page.iter().all(|r| r.attributes.len() == 5));
+    }
 }

@@ -1,13 +1,14 @@
 //! Stage history: one row per move, the first one written at creation.
 
-use super::n;
+use super::entity::stage_history::{self, Column};
 use chrono::{DateTime, Utc};
 use clm_domain::ids::CustomerId;
 use clm_domain::lifecycle::Stage;
 use clm_platform::Error;
 use clm_platform::db::{from_micros, to_micros};
-use sea_orm::ConnectionTrait;
-use sea_orm::sea_query::{Expr, ExprTrait, Order, Query};
+use sea_orm::{
+    ActiveValue, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+};
 
 /// A recorded move.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +29,34 @@ pub struct StageChangeRecord {
     pub change_time: DateTime<Utc>,
 }
 
+impl StageChangeRecord {
+    /// The row to insert (its id is assigned by the database).
+    fn to_active_model(&self) -> stage_history::ActiveModel {
+        stage_history::ActiveModel {
+            id: ActiveValue::NotSet,
+            customer_id: ActiveValue::Set(self.customer.to_string()),
+            from_stage: ActiveValue::Set(self.from.map(Stage::code)),
+            to_stage: ActiveValue::Set(self.to.code()),
+            reason: ActiveValue::Set(self.reason.clone()),
+            actor: ActiveValue::Set(self.actor.clone()),
+            change_us: ActiveValue::Set(to_micros(self.change_time)),
+        }
+    }
+
+    fn from_model(customer: CustomerId, m: stage_history::Model) -> Result<Self, Error> {
+        Ok(Self {
+            id: m.id,
+            customer,
+            from: m.from_stage.and_then(Stage::from_code),
+            to: Stage::from_code(m.to_stage)
+                .ok_or_else(|| Error::internal(format!("stored stage code {}", m.to_stage)))?,
+            reason: m.reason,
+            actor: m.actor,
+            change_time: from_micros(m.change_us),
+        })
+    }
+}
+
 /// Inserts moves (one statement).
 pub async fn insert_many(
     db: &impl ConnectionTrait,
@@ -36,29 +65,9 @@ pub async fn insert_many(
     if changes.is_empty() {
         return Ok(());
     }
-    let mut insert = Query::insert();
-    insert.into_table(n("stage_history")).columns(
-        [
-            "customer_id",
-            "from_stage",
-            "to_stage",
-            "reason",
-            "actor",
-            "change_us",
-        ]
-        .map(n),
-    );
-    for c in changes {
-        insert.values_panic([
-            c.customer.to_string().into(),
-            c.from.map(Stage::code).into(),
-            c.to.code().into(),
-            c.reason.clone().into(),
-            c.actor.clone().into(),
-            to_micros(c.change_time).into(),
-        ]);
-    }
-    db.execute(&insert).await?;
+    stage_history::Entity::insert_many(changes.iter().map(StageChangeRecord::to_active_model))
+        .exec_without_returning(db)
+        .await?;
     Ok(())
 }
 
@@ -69,41 +78,14 @@ pub async fn list(
     after: i64,
     limit: u64,
 ) -> Result<Vec<StageChangeRecord>, Error> {
-    let rows = db
-        .query_all(
-            Query::select()
-                .columns(
-                    [
-                        "id",
-                        "from_stage",
-                        "to_stage",
-                        "reason",
-                        "actor",
-                        "change_us",
-                    ]
-                    .map(n),
-                )
-                .from(n("stage_history"))
-                .and_where(Expr::col(n("customer_id")).eq(customer.to_string()))
-                .and_where(Expr::col(n("id")).gt(after))
-                .order_by(n("id"), Order::Asc)
-                .limit(limit),
-        )
-        .await?;
-    rows.iter()
-        .map(|r| {
-            let from: Option<i16> = r.try_get("", "from_stage")?;
-            let to: i16 = r.try_get("", "to_stage")?;
-            Ok(StageChangeRecord {
-                id: r.try_get("", "id")?,
-                customer,
-                from: from.and_then(Stage::from_code),
-                to: Stage::from_code(to)
-                    .ok_or_else(|| Error::internal(format!("stored stage code {to}")))?,
-                reason: r.try_get("", "reason")?,
-                actor: r.try_get("", "actor")?,
-                change_time: from_micros(r.try_get("", "change_us")?),
-            })
-        })
+    stage_history::Entity::find()
+        .filter(Column::CustomerId.eq(customer.to_string()))
+        .filter(Column::Id.gt(after))
+        .order_by_asc(Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|m| StageChangeRecord::from_model(customer, m))
         .collect()
 }

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Lists the test targets that depend on the storage backend, one
+`cargo test` argument list per line (`-p PKG --test NAME`, `-p PKG --lib`).
+
+scripts/test.sh runs these again on PostgreSQL + Redis; every other test
+touches no database or cache and runs once, in the SQLite pass.
+
+The convention: a target depends on the backend when its source uses
+`TestBackend` (clm_platform::testing) or reads `CLM_TEST_DATABASE_URL` or
+`CLM_TEST_REDIS_URL`. An integration test is judged by its own file and
+the files under a directory of the same name; a crate's unit tests by
+every file of the crate's src/ except the harness itself (testing.rs).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+MARK = re.compile(r"TestBackend|CLM_TEST_DATABASE_URL|CLM_TEST_REDIS_URL")
+
+
+def mentions(paths):
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                if MARK.search(f.read()):
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def rust_files(directory, skip=()):
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            if name.endswith(".rs") and os.path.basename(path) not in skip:
+                yield path
+
+
+def main():
+    meta = json.loads(
+        subprocess.check_output(
+            ["cargo", "metadata", "--no-deps", "--format-version", "1"]
+        )
+    )
+    out = []
+    for pkg in meta["packages"]:
+        for target in pkg["targets"]:
+            kinds = target["kind"]
+            src = target["src_path"]
+            if "test" in kinds:
+                files = [src, *rust_files(os.path.splitext(src)[0])]
+                if mentions(files):
+                    out.append(f"-p {pkg['name']} --test {target['name']}")
+            elif "lib" in kinds:
+                files = rust_files(os.path.dirname(src), skip=("testing.rs",))
+                if mentions(files):
+                    out.append(f"-p {pkg['name']} --lib")
+    print("\n".join(sorted(out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

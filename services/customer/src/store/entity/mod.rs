@@ -1,0 +1,7 @@
+//! sea-orm entities of the customer service's CRUD tables: typed columns,
+//! one module per table, named after it. See the [store](super) docs for
+//! when to use them and when sea-query.
+
+pub mod customer_attributes;
+pub mod customers;
+pub mod stage_history;

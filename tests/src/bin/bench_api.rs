@@ -1,0 +1,156 @@
+//! Helpers of `scripts/bench-api.sh`:
+//!
+//! * `bench_api bare-server --listen 127.0.0.1:0`: the reference "bare
+//!   tonic rpc answering from memory": `grpc.health.v1.Health` on a plain
+//!   tonic server with no layers, so the script can compare the real
+//!   server's Health/Check against it. Prints `bare listening on ADDR`.
+//! * `bench_api prepare --url URL --out DIR`: creates one customer (with
+//!   demographics and three attributes) on a running customer service,
+//!   checks that GetCustomer answers it, and writes the gRPC request bodies
+//!   h2load sends (5-byte length prefix + encoded message): `get.bin`,
+//!   `create.bin` (only a display name and no request id, so every call
+//!   creates a new customer) and `health.bin`.
+
+use clap::{Parser, Subcommand};
+use clm_proto::customer as pb;
+use clm_proto::customer::customer_service_client::CustomerServiceClient;
+use prost::Message;
+use std::path::{Path, PathBuf};
+use tokio_stream::StreamExt;
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve grpc.health.v1.Health from memory on a tonic server without layers.
+    BareServer {
+        /// Address to listen on (port 0 picks a free one; the bound address is printed).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
+    /// Create a customer and write the request bodies for h2load.
+    Prepare {
+        /// Customer service URL.
+        #[arg(long)]
+        url: String,
+        /// Directory for get.bin, create.bin and health.bin.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// `message` framed as one gRPC message: uncompressed flag, big-endian length, bytes.
+fn grpc_frame(message: &impl Message) -> Vec<u8> {
+    let body = message.encode_to_vec();
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.push(0);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn write(dir: &Path, name: &str, message: &impl Message) -> anyhow::Result<()> {
+    std::fs::write(dir.join(name), grpc_frame(message))?;
+    Ok(())
+}
+
+async fn bare_server(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("bare listening on {}", listener.local_addr()?);
+    // Same socket option as the real server, nothing else.
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+async fn prepare(url: &str, out: &Path) -> anyhow::Result<()> {
+    let channel = clm_platform::client::channel(url)?;
+    let mut client = CustomerServiceClient::new(channel);
+    let mut attributes = std::collections::BTreeMap::new();
+    for (k, v) in [
+        (
+            "plan",
+            pb::attribute_value::Value::StringValue("pro".into()),
+        ),
+        ("seats", pb::attribute_value::Value::NumberValue(12.0)),
+        ("trial", pb::attribute_value::Value::BoolValue(false)),
+    ] {
+        attributes.insert(k.to_owned(), pb::AttributeValue { value: Some(v) });
+    }
+    let created = client
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(pb::Customer {
+                display_name: "Bench Reader".into(),
+                email: format!("bench-{}@example.com", uuid::Uuid::new_v4().simple()),
+                demographics: Some(pb::Demographics {
+                    occupation: "engineer".into(),
+                    gender: pb::Gender::Female as i32,
+                    ..Default::default()
+                }),
+                attributes,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    let get = pb::GetCustomerRequest {
+        name: created.name.clone(),
+    };
+    let got = client.get_customer(get.clone()).await?.into_inner();
+    anyhow::ensure!(
+        got.attributes.len() == 3,
+        "GetCustomer answered {} attributes, expected 3",
+        got.attributes.len()
+    );
+    std::fs::create_dir_all(out)?;
+    write(out, "get.bin", &get)?;
+    write(
+        out,
+        "create.bin",
+        &pb::CreateCustomerRequest {
+            customer: Some(pb::Customer {
+                display_name: "Bench Writer".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        },
+    )?;
+    write(
+        out,
+        "health.bin",
+        &tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        },
+    )?;
+    println!("prepared {}", created.name);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Args::parse().command {
+        Command::BareServer { listen } => bare_server(listen).await,
+        Command::Prepare { url, out } => prepare(&url, &out).await,
+    }
+}
