@@ -562,7 +562,9 @@ impl<'a> Checker<'a> {
                 if ty != ValueType::Timestamp {
                     not_for(self, "");
                 }
-                if let Some(problem) = duration_problem(*d, true) {
+                if *d < TimeDelta::zero() {
+                    self.push(here.loc(value_part), "duration must not be negative");
+                } else if let Some(problem) = duration_problem(*d, false) {
                     self.push(here.loc(value_part), format!("duration {problem}"));
                 }
             }

@@ -89,7 +89,7 @@
 //!
 //! ```text
 //! age between 25 and 40 and gender = FEMALE and income >= 50000.00 EUR
-//! attributes.plan in ("pro", "team") and attributes.trial_end older_than 0s
+//! attributes.plan in ("pro", "team") and attributes.trial_end older_than 0s   # trial over
 //! stage = RETENTION and time_in_stage >= 30d
 //! score.engagement >= 50 and grade starts_with "A"
 //! count(feature_use where feature = "export", 7d) >= 3
@@ -153,6 +153,8 @@ mod lexer;
 mod parser;
 mod print;
 mod reads;
+#[cfg(test)]
+mod tests;
 
 pub use ast::{
     ALL_GENDERS, CmpOp, Condition, NpsCategory, Operand, Predicate, Rule, SumField, Test,
