@@ -59,9 +59,12 @@ impl FactSet {
         query: &'a TouchQuery,
         at: DateTime<Utc>,
     ) -> impl Iterator<Item = &'a Touchpoint> + 'a {
-        self.touchpoints
-            .iter()
-            .filter(move |tp| query.in_window(tp.occurred_time, at) && query.matches(tp))
+        // The window's start, once per query rather than once per touchpoint:
+        // `None` counts everything (no window, or one reaching before year -262143).
+        let start = query.window.and_then(|w| at.checked_sub_signed(w));
+        self.touchpoints.iter().filter(move |tp| {
+            start.is_none_or(|start| tp.occurred_time > start) && query.matches(tp)
+        })
     }
 }
 
