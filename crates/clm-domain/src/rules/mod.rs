@@ -24,7 +24,7 @@
 //!     r#"age >= 25 and count(feature_use where feature = "export", 1w) >= 3"#
 //! );
 //! let facts = FactSet::default(); // no birth date, no touchpoints
-//! let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+//! let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().expect("a valid time");
 //! assert!(!rules::evaluate(&rule, &facts, now));
 //!
 //! let err = rules::compile(r#"age = "x""#, &catalog).unwrap_err();
