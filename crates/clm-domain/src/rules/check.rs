@@ -9,7 +9,9 @@ use super::ast::{
     Condition, Operand, Rule, SumField, Test, TouchField, TouchQuery, Value, ValueType,
 };
 use super::error::{Location, MAX_ERRORS, RuleError, RuleErrors};
-use super::parser::{CondSpans, MAX_DEPTH, SpanTree, TestSpans, parse_with_spans};
+use super::parser::{
+    CondSpans, MAX_DEPTH, SpanTree, TestSpans, parse_touch_query_with_spans, parse_with_spans,
+};
 use crate::money::is_iso_4217;
 use crate::touchpoint::TouchpointKind;
 use chrono::{Datelike, TimeDelta};
@@ -156,6 +158,35 @@ pub fn compile(text: &str, catalog: &dyn Catalog) -> Result<Rule, RuleErrors> {
     let mut path = String::new();
     c.rule(&rule, Some(&spans), &mut path, 0);
     c.finish().map(|()| rule)
+}
+
+/// Checks a touchpoint query on its own (e.g. a scoring event rule's
+/// trigger): errors name the path of the part.
+pub fn check_touch_query(query: &TouchQuery, catalog: &dyn Catalog) -> Result<(), RuleErrors> {
+    let mut c = Checker::new(catalog);
+    c.query(
+        query,
+        &Here {
+            spans: None,
+            path: "",
+        },
+    );
+    c.finish()
+}
+
+/// Parses and checks a touchpoint query on its own (`feature_use where
+/// feature = "export"`): errors name line and column.
+pub fn compile_touch_query(text: &str, catalog: &dyn Catalog) -> Result<TouchQuery, RuleErrors> {
+    let (query, spans) = parse_touch_query_with_spans(text)?;
+    let mut c = Checker::new(catalog);
+    c.query(
+        &query,
+        &Here {
+            spans: Some(&spans),
+            path: "",
+        },
+    );
+    c.finish().map(|()| query)
 }
 
 /// A part of a condition an error points at.
@@ -763,6 +794,36 @@ mod tests {
                 "rule",
                 "line 1, column 7: type mismatch: age is a number, but \"x\" is a string"
             )
+        );
+    }
+
+    #[test]
+    fn touch_queries_check_on_their_own() {
+        assert!(
+            compile_touch_query(
+                r#"custom("survey_answer") where properties.nps <= "6""#,
+                &catalog()
+            )
+            .is_ok()
+        );
+        let e = compile_touch_query("purchase where revenue > 5, 0s", &catalog()).unwrap_err();
+        let got: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            vec![
+                "line 1, column 29: window must be longer than zero, got 0s",
+                "line 1, column 26: type mismatch: revenue is money, but 5 is a number",
+            ]
+        );
+        let q = TouchQuery {
+            touch: TouchType::custom("nope"),
+            filter: vec![],
+            window: None,
+        };
+        let e = check_touch_query(&q, &catalog()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"operand.type: unknown touchpoint type custom("nope")"#
         );
     }
 

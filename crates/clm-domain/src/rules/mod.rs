@@ -142,6 +142,10 @@
 //! [`RuleError`]s naming line and column (text) or the node's path (tree);
 //! [`RuleError::to_violation`] turns one into the field violation of a
 //! `BadRequest`.
+//!
+//! A touchpoint query also stands on its own ([`compile_touch_query`],
+//! [`TouchQuery::matches`]): `feature_use where feature = "export"` is how a
+//! scoring event rule names the touchpoints it scores.
 #![warn(missing_docs)]
 
 mod ast;
@@ -162,10 +166,10 @@ pub use ast::{
 };
 pub use check::{
     Catalog, FieldCatalog, MAX_CONDITIONS, MAX_DURATION, MAX_FILTER, MAX_IN_VALUES,
-    MAX_STRING_CHARS, check, compile,
+    MAX_STRING_CHARS, check, check_touch_query, compile, compile_touch_query,
 };
 pub use error::{Location, MAX_ERRORS, Pos, RuleError, RuleErrors};
 pub use eval::{Facts, MAX_NEXT_CHANGE_STEPS, depends_on_time, evaluate, next_change};
 pub use facts::FactSet;
-pub use parser::{MAX_DEPTH, MAX_RULE_BYTES, parse};
+pub use parser::{MAX_DEPTH, MAX_RULE_BYTES, parse, parse_touch_query};
 pub use reads::{Fact, reads, segments_referenced};

@@ -300,7 +300,7 @@ impl Parser {
                 } else {
                     None
                 };
-                let query = self.query_rest(touch, touch_pos, &mut spans)?;
+                let query = self.query_rest(touch, touch_pos, &mut spans, Tok::RParen)?;
                 match (word.as_str(), sum) {
                     ("count", _) => Operand::Count(query),
                     ("first", _) => Operand::First(query),
@@ -370,12 +370,13 @@ impl Parser {
         }
     }
 
-    /// `[where filter] [, window] )` after the touchpoint type.
+    /// `[where filter] [, window]` after the touchpoint type, then `end`.
     fn query_rest(
         &mut self,
         touch: TouchType,
         touch_pos: Pos,
         spans: &mut CondSpans,
+        end: Tok,
     ) -> R<TouchQuery> {
         spans.touch = touch_pos;
         let mut filter = Vec::new();
@@ -405,13 +406,14 @@ impl Parser {
                 _ => return self.err("a window such as 7d"),
             }
         }
-        if self.peek().tok != Tok::RParen {
-            return self.err(if filter.is_empty() && window.is_none() {
-                "`where`, `,` or `)`"
+        if self.peek().tok != end {
+            let end_text = if end == Tok::Eof { "the end" } else { "`)`" };
+            return self.err(&if filter.is_empty() && window.is_none() {
+                format!("`where`, `,` or {end_text}")
             } else if window.is_none() {
-                "`and`, `,` or `)`"
+                format!("`and`, `,` or {end_text}")
             } else {
-                "`)`"
+                end_text.to_owned()
             });
         }
         self.advance();
@@ -650,6 +652,43 @@ pub(crate) fn parse_with_spans(text: &str) -> R<(Rule, SpanTree)> {
     Ok(out)
 }
 
+/// Parses a touchpoint query on its own (`feature_use where feature =
+/// "export", 7d`), e.g. the trigger of a scoring event rule.
+pub(crate) fn parse_touch_query_with_spans(text: &str) -> R<(TouchQuery, CondSpans)> {
+    if text.len() > MAX_RULE_BYTES {
+        return Err(RuleError::at(
+            Pos { line: 1, column: 1 },
+            format!("query too long: at most {MAX_RULE_BYTES} bytes"),
+        ));
+    }
+    let mut p = Parser {
+        toks: tokenize(text)?,
+        i: 0,
+        depth: 0,
+    };
+    let start = p.peek().pos;
+    let mut spans = CondSpans {
+        start,
+        test: TestSpans {
+            op: start,
+            value: start,
+        },
+        touch: start,
+        window: start,
+        filter: Vec::new(),
+    };
+    let touch = p.touch_type()?;
+    let q = p.query_rest(touch, start, &mut spans, Tok::Eof)?;
+    Ok((q, spans))
+}
+
+/// Parses a touchpoint query on its own (syntax only; see
+/// [`super::compile_touch_query`] to also type-check): a touchpoint type,
+/// an optional `where` filter and an optional window, as inside `count(...)`.
+pub fn parse_touch_query(text: &str) -> Result<TouchQuery, RuleError> {
+    parse_touch_query_with_spans(text).map(|(q, _)| q)
+}
+
 /// Parses rule text (syntax only; see [`super::compile`] to also type-check).
 pub fn parse(text: &str) -> Result<Rule, RuleError> {
     parse_with_spans(text).map(|(r, _)| r)
@@ -857,6 +896,29 @@ mod tests {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.starts_with(want), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn touch_queries_parse_on_their_own() {
+        let q = parse_touch_query(r#"feature_use where feature = "export" and channel exists, 7d"#)
+            .expect("parses");
+        assert_eq!(q.filter.len(), 2);
+        assert_eq!(q.window, Some(TimeDelta::days(7)));
+        assert_eq!(
+            q.to_string(),
+            r#"feature_use where feature = "export" and channel exists, 1w"#
+        );
+        assert_eq!(
+            parse_touch_query("purchase").map(|q| q.to_string()),
+            Ok("purchase".to_owned())
+        );
+        let e = parse_touch_query("purchase 7d").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "line 1, column 10: expected `where`, `,` or the end, found a duration"
+        );
+        let e = parse_touch_query("purchase, 7d)").unwrap_err().to_string();
+        assert_eq!(e, "line 1, column 13: expected the end, found `)`");
     }
 
     #[test]

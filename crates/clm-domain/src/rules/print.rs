@@ -166,6 +166,11 @@ fn query(f: &mut Formatter<'_>, func: &str, q: &TouchQuery, sum: Option<SumField
         Some(SumField::Usage) => f.write_str(".usage")?,
         None => {}
     }
+    query_rest(f, q)?;
+    f.write_char(')')
+}
+
+fn query_rest(f: &mut Formatter<'_>, q: &TouchQuery) -> fmt::Result {
     for (i, p) in q.filter.iter().enumerate() {
         f.write_str(if i == 0 { " where " } else { " and " })?;
         p.fmt(f)?;
@@ -173,7 +178,15 @@ fn query(f: &mut Formatter<'_>, func: &str, q: &TouchQuery, sum: Option<SumField
     if let Some(w) = q.window {
         write!(f, ", {}", DurationText(w))?;
     }
-    f.write_char(')')
+    Ok(())
+}
+
+impl Display for TouchQuery {
+    /// The query as inside `count(...)`: `feature_use where feature = "x", 1w`.
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        self.touch.fmt(f)?;
+        query_rest(f, self)
+    }
 }
 
 impl Display for Predicate {

@@ -305,6 +305,13 @@ proptest! {
     }
 
     #[test]
+    fn touch_queries_round_trip(q in query()) {
+        let text = q.to_string();
+        prop_assert_eq!(parse_touch_query(&text), Ok(q.clone()), "text: {}", text);
+        prop_assert_eq!(check_touch_query(&q, &AnyCatalog), Ok(()), "text: {}", text);
+    }
+
+    #[test]
     fn printing_parsed_text_is_stable(r in rule()) {
         // Re-spell the canonical text: upper-case keywords, other duration
         // units, extra spaces and parentheses; the canonical text comes back.
