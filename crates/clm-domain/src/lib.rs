@@ -15,6 +15,7 @@ pub mod filter;
 pub mod ids;
 pub mod lifecycle;
 pub mod money;
+pub mod rules;
 pub mod touchpoint;
 pub mod validation;
 
