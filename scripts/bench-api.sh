@@ -49,7 +49,8 @@ fi
 work="$(mktemp -d)"
 pids=()
 cleanup() {
-  for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
+  # SIGTERM: background jobs of a non-interactive shell may ignore SIGINT.
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS $api_db WITH (FORCE)" 2>/dev/null || true
   psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS $pgb_db WITH (FORCE)" 2>/dev/null || true
@@ -63,7 +64,9 @@ trap 'exit 130' INT TERM
 # port 0). Not called in $(...): the pid must reach the cleanup trap.
 start() {
   local name="$1"; shift
-  RUST_LOG=warn "$@" >"$work/$name.out" 2>"$work/$name.err" &
+  # Created before the job starts: the job's own redirect may come later.
+  : >"$work/$name.out"
+  RUST_LOG=warn "$@" >>"$work/$name.out" 2>"$work/$name.err" &
   pids+=("$!")
   local addr=""
   for _ in $(seq 1 300); do

@@ -18,7 +18,7 @@ ADMIN_URL="${CLM_BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 db="clm_bench_$$"
 base="${ADMIN_URL%/*}"
 
-cargo build --release -q -p clm -p clm-tests --bin clm --bin bench_ingest --bin bench_follow
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p clm -p clm-tests --bin clm --bin bench_ingest --bin bench_follow
 psql -q "$ADMIN_URL" -c "CREATE DATABASE $db"
 psql -q "$ADMIN_URL" -c "CREATE DATABASE ${db}_follow"
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
@@ -36,9 +36,28 @@ cleanup() {
 trap cleanup EXIT
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 
-RUST_LOG=warn target/release/bench_follow --source "http://127.0.0.1:$port" --database-url "$base/${db}_follow" --events "$EVENTS" &
-follow_pid=$!
-target/release/bench_ingest --url "http://127.0.0.1:$port" --events "$EVENTS" --batch 1000 --concurrency "$CONCURRENCY"
-wait "$follow_pid"
-follow_pid=
+if [ "${FOLLOW:-1}" = 1 ]; then
+  RUST_LOG=warn target/release/bench_follow --source "http://127.0.0.1:$port" --database-url "$base/${db}_follow" --events "$EVENTS" &
+  follow_pid=$!
+fi
+target/release/bench_ingest --url "http://127.0.0.1:$port" --events "$EVENTS" --batch 1000 --concurrency "$CONCURRENCY" | tee "$data/ingest.txt"
+if [ -n "${follow_pid:-}" ]; then wait "$follow_pid"; follow_pid=; fi
+
+# Reference, same run, same machine: PostgreSQL inserting the same rows into a
+# table with the same indexes in one set-based statement.
+ref_ms="$(psql -Atq "$base/$db" <<'SQL' | tail -n1
+CREATE TABLE touchpoints_ref (LIKE touchpoints INCLUDING ALL);
+SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint \gset t0_
+INSERT INTO touchpoints_ref SELECT * FROM touchpoints;
+SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint - :t0_int8;
+SQL
+)"
+python3 - "$data/ingest.txt" "$EVENTS" "$ref_ms" <<'PY'
+import re, sys
+rate = float(re.search(r"([\d.]+) events/s", open(sys.argv[1]).read()).group(1))
+events, ref_ms = int(sys.argv[2]), max(int(sys.argv[3]), 1)
+ref = events / (ref_ms / 1000)
+print(f"reference: raw set-based INSERT of the same {events} rows: {ref:.0f} rows/s")
+print(f"ratio ingest / raw INSERT: {rate / ref:.2f}")
+PY
 psql -Atq "$base/$db" -c "SELECT 'stored touchpoints: ' || count(*) FROM touchpoints; SELECT 'outbox events: ' || count(*) FROM outbox"

@@ -789,10 +789,19 @@ impl Subscriber {
             drop(cx);
             return self.retry_or_park(last, e).await;
         }
+        self.finish(cx, batch).await
+    }
+
+    /// Stores the cursor after `events` in `cx`'s transaction, commits it
+    /// with the emitted events and runs the after-commit hooks.
+    async fn finish(&self, cx: Apply, events: &[ChangeEvent]) -> Result<(), Interrupted> {
+        let Some(last) = events.last() else {
+            return Ok(());
+        };
         self.fire("subscriber.before_cursor")?;
         save_cursor(cx.txn(), &self.source, last.sequence, cx.now()).await?;
         cx.commit().await?;
-        self.applied(batch);
+        self.applied(events);
         Ok(())
     }
 
@@ -803,13 +812,7 @@ impl Subscriber {
             .dispatch(&mut cx, std::slice::from_ref(event))
             .await
         {
-            Ok(()) => {
-                self.fire("subscriber.before_cursor")?;
-                save_cursor(cx.txn(), &self.source, event.sequence, cx.now()).await?;
-                cx.commit().await?;
-                self.applied(std::slice::from_ref(event));
-                Ok(())
-            }
+            Ok(()) => self.finish(cx, std::slice::from_ref(event)).await,
             Err(Error::Unavailable(e)) => Err(Interrupted::Transient(e)),
             Err(e) => {
                 drop(cx);
@@ -854,13 +857,7 @@ impl Subscriber {
                 .dispatch(&mut cx, std::slice::from_ref(event))
                 .await
             {
-                Ok(()) => {
-                    self.fire("subscriber.before_cursor")?;
-                    save_cursor(cx.txn(), &self.source, event.sequence, cx.now()).await?;
-                    cx.commit().await?;
-                    self.applied(std::slice::from_ref(event));
-                    return Ok(());
-                }
+                Ok(()) => return self.finish(cx, std::slice::from_ref(event)).await,
                 Err(Error::Unavailable(e)) => return Err(Interrupted::Transient(e)),
                 Err(e) => failure = e,
             }
