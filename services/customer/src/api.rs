@@ -6,6 +6,7 @@
 use crate::convert;
 use crate::error::CustomerError;
 use crate::events;
+use crate::store::consent::{self, ConsentChangeRecord, ConsentRecord};
 use crate::store::customers::{self, CustomerRecord, NewCustomer, SortKey};
 use crate::store::stages::{self, StageChangeRecord};
 use crate::store::touchpoints::{self, TouchpointRecord};
@@ -39,6 +40,8 @@ const READERS: &[Role] = &[
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 1000;
 const MAX_BATCH_CUSTOMERS: usize = 1000;
+/// Most consent changes GetConsent answers (the newest).
+const MAX_CONSENT_HISTORY: u64 = 1000;
 
 /// The customer service.
 #[derive(Debug, Clone)]
@@ -489,6 +492,94 @@ impl CustomerApi {
     }
 }
 
+impl CustomerApi {
+    async fn set_consent(
+        &self,
+        actor: Principal,
+        req: pb::SetConsentRequest,
+    ) -> Result<pb::Consent> {
+        let now = self.now();
+        let rid = request_id("request_id", &req.request_id)?;
+        let mut v = Violations::new();
+        let id = v.check("", convert::consent_owner("name", &req.name));
+        let source = v.check("", convert::consent_source("source", req.source));
+        let settings = match convert::consent_settings("settings", &req.settings) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                v.0.extend(e.0);
+                None
+            }
+        };
+        v.into_result()?;
+        let (Some(id), Some(source), Some(settings)) = (id, source, settings) else {
+            return Err(Error::internal("validated fields missing"));
+        };
+        idempotency::write(&self.rt, "SetConsent", rid, &req, now, async move |txn| {
+            // Concurrent changes of one customer's consent record
+            // their `from_state` in order.
+            customers::lock(txn, id).await?;
+            let mut stated = consent::current(txn, id).await?;
+            let mut changes = Vec::new();
+            for s in settings {
+                let now_state = stated
+                    .iter()
+                    .find(|r| r.purpose == s.purpose && r.channel == s.channel)
+                    .map_or(clm_domain::consent::ConsentState::Unset, |r| r.state);
+                if now_state == s.state {
+                    continue;
+                }
+                changes.push(ConsentChangeRecord {
+                    purpose: s.purpose,
+                    channel: s.channel,
+                    from: now_state,
+                    to: s.state,
+                    source,
+                    actor: actor.subject.clone(),
+                    change_time: now,
+                });
+            }
+            if changes.is_empty() {
+                return Ok((convert::consent_to_proto(id, &stated, &[]), vec![]));
+            }
+            consent::apply(txn, id, &changes).await?;
+            stated.retain(|r| {
+                !changes
+                    .iter()
+                    .any(|c| c.purpose == r.purpose && c.channel == r.channel)
+            });
+            stated.extend(changes.iter().map(|c| ConsentRecord {
+                purpose: c.purpose,
+                channel: c.channel,
+                state: c.to,
+                source: c.source,
+                actor: c.actor.clone(),
+                update_time: c.change_time,
+            }));
+            let event = events::consent_changed(
+                &id.name(),
+                changes
+                    .iter()
+                    .map(convert::consent_change_to_proto)
+                    .collect(),
+            );
+            Ok((convert::consent_to_proto(id, &stated, &[]), vec![event]))
+        })
+        .await
+    }
+
+    async fn get_consent(&self, req: pb::GetConsentRequest) -> Result<pb::Consent> {
+        let id = convert::consent_owner("name", &req.name)?;
+        self.ensure_exists(id).await?;
+        let stated = consent::current(&self.rt.read, id).await?;
+        let history = if req.include_history {
+            consent::history(&self.rt.read, id, MAX_CONSENT_HISTORY).await?
+        } else {
+            Vec::new()
+        };
+        Ok(convert::consent_to_proto(id, &stated, &history))
+    }
+}
+
 /// How the touchpoints of one batch (by position) were recorded.
 #[derive(Debug, Default)]
 struct Recorded {
@@ -749,5 +840,19 @@ impl CustomerService for CustomerApi {
         request: Request<pb::ListStageHistoryRequest>,
     ) -> Result<Response<pb::ListStageHistoryResponse>, Status> {
         respond(request, READERS, |_, r| self.stage_history(r)).await
+    }
+
+    async fn set_consent(
+        &self,
+        request: Request<pb::SetConsentRequest>,
+    ) -> Result<Response<pb::Consent>, Status> {
+        respond(request, WRITERS, |p, r| self.set_consent(p, r)).await
+    }
+
+    async fn get_consent(
+        &self,
+        request: Request<pb::GetConsentRequest>,
+    ) -> Result<Response<pb::Consent>, Status> {
+        respond(request, READERS, |_, r| self.get_consent(r)).await
     }
 }

@@ -47,3 +47,14 @@ pub fn stage_changed(customer: &str, change: pb::StageChange) -> NewEvent {
         },
     )
 }
+
+/// `clm.customer.v1.ConsentChanged`.
+pub fn consent_changed(customer: &str, changes: Vec<pb::ConsentChange>) -> NewEvent {
+    NewEvent::new(
+        customer.to_owned(),
+        &pb::ConsentChanged {
+            customer: customer.to_owned(),
+            changes,
+        },
+    )
+}

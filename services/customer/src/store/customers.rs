@@ -289,6 +289,21 @@ pub async fn get(db: &impl ConnectionTrait, id: CustomerId) -> Result<CustomerRe
     CustomerRecord::from_model(m, attributes)
 }
 
+/// Locks a customer's row until the transaction ends (`FOR UPDATE` on
+/// PostgreSQL; SQLite has one writer), so changes of what hangs off it
+/// (consent, identifiers) are serialised per customer. NOT_FOUND if absent.
+pub async fn lock(db: &impl ConnectionTrait, id: CustomerId) -> Result<(), Error> {
+    customers::Entity::find_by_id(id.to_string())
+        .select_only()
+        .column(Column::Id)
+        .lock_exclusive()
+        .into_tuple::<String>()
+        .one(db)
+        .await?
+        .ok_or_else(|| Error::NotFound(id.name()))?;
+    Ok(())
+}
+
 /// Which of `ids` exist.
 pub async fn existing_ids(db: &impl ConnectionTrait, ids: &[String]) -> Result<Vec<String>, Error> {
     Ok(customers::Entity::find()

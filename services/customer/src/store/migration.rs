@@ -11,6 +11,7 @@ impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         let mut m = clm_platform::migration::platform_migrations();
         m.push(Box::new(CustomerTables));
+        m.push(Box::new(ConsentTables));
         m
     }
 }
@@ -172,6 +173,74 @@ impl MigrationTrait for CustomerTables {
         m.create_index(index(
             "stage_history_customer",
             "stage_history",
+            &["customer_id", "id"],
+        ))
+        .await
+    }
+}
+
+struct ConsentTables;
+
+impl MigrationName for ConsentTables {
+    fn name(&self) -> &str {
+        "m0003_consent_tables"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ConsentTables {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(a("customer_consent"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(ColumnDef::new(a("purpose")).small_integer().not_null())
+                .col(ColumnDef::new(a("channel")).small_integer().not_null())
+                .col(ColumnDef::new(a("state")).small_integer().not_null())
+                .col(ColumnDef::new(a("source")).small_integer().not_null())
+                .col(ColumnDef::new(a("actor")).string().not_null())
+                .col(ColumnDef::new(a("update_us")).big_integer().not_null())
+                .primary_key(
+                    Index::create()
+                        .col(a("customer_id"))
+                        .col(a("purpose"))
+                        .col(a("channel")),
+                )
+                .foreign_key(
+                    ForeignKey::create()
+                        .from(a("customer_consent"), a("customer_id"))
+                        .to(a("customers"), a("id"))
+                        .on_delete(ForeignKeyAction::Cascade),
+                )
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("consent_history"))
+                .if_not_exists()
+                .col(
+                    ColumnDef::new(a("id"))
+                        .big_integer()
+                        .not_null()
+                        .auto_increment()
+                        .primary_key(),
+                )
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(ColumnDef::new(a("purpose")).small_integer().not_null())
+                .col(ColumnDef::new(a("channel")).small_integer().not_null())
+                .col(ColumnDef::new(a("from_state")).small_integer().not_null())
+                .col(ColumnDef::new(a("to_state")).small_integer().not_null())
+                .col(ColumnDef::new(a("source")).small_integer().not_null())
+                .col(ColumnDef::new(a("actor")).string().not_null())
+                .col(ColumnDef::new(a("change_us")).big_integer().not_null())
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "consent_history_customer",
+            "consent_history",
             &["customer_id", "id"],
         ))
         .await

@@ -28,6 +28,7 @@
 //! * Times are `*_us` integer microseconds, money is minor units plus a
 //!   currency code (see [`migration`]).
 
+pub mod consent;
 pub mod customers;
 pub mod entity;
 pub mod migration;
