@@ -8,6 +8,7 @@ use crate::error::CustomerError;
 use crate::events;
 use crate::store::consent::{self, ConsentChangeRecord, ConsentRecord};
 use crate::store::customers::{self, CustomerRecord, NewCustomer, SortKey};
+use crate::store::identifiers::{self, IdentifierRecord};
 use crate::store::stages::{self, StageChangeRecord};
 use crate::store::touchpoints::{self, TouchpointRecord};
 use chrono::{DateTime, Utc};
@@ -42,6 +43,7 @@ const MAX_PAGE: u32 = 1000;
 const MAX_BATCH_CUSTOMERS: usize = 1000;
 /// Most consent changes GetConsent answers (the newest).
 const MAX_CONSENT_HISTORY: u64 = 1000;
+const MAX_BATCH_LOOKUP: usize = 1000;
 
 /// The customer service.
 #[derive(Debug, Clone)]
@@ -93,11 +95,11 @@ impl CustomerApi {
         actor: &Principal,
         now: DateTime<Utc>,
     ) -> Result<Vec<CustomerRecord>> {
-        let keys: Vec<(&str, Option<&str>, Option<&str>)> = items
+        let keys: Vec<(String, clm_domain::contact::Identifier)> = items
             .iter()
-            .map(|(p, c)| (p.as_str(), c.email.as_deref(), c.external_id.as_deref()))
+            .flat_map(|(p, c)| profile_keys(p, c.email.as_deref(), c.external_id.as_deref()))
             .collect();
-        customers::check_unique(txn, &keys, None).await?;
+        identifiers::check_free(txn, &keys, None).await?;
         let records: Vec<CustomerRecord> = items
             .into_iter()
             .map(|(_, c)| CustomerRecord {
@@ -128,6 +130,20 @@ impl CustomerApi {
             })
             .collect();
         stages::insert_many(txn, &history).await?;
+        let held: Vec<IdentifierRecord> = records
+            .iter()
+            .flat_map(|r| {
+                identifiers::profile_identifiers(r.email.as_deref(), r.external_id.as_deref())
+                    .into_iter()
+                    .map(|identifier| IdentifierRecord {
+                        customer: r.id,
+                        identifier,
+                        profile: true,
+                        create_time: now,
+                    })
+            })
+            .collect();
+        identifiers::insert_many(txn, &held).await?;
         Ok(records)
     }
 
@@ -266,14 +282,29 @@ impl CustomerApi {
             now,
             async move |txn| {
                 let mut rec = self.load_for_write(txn, id, &c.etag).await?;
+                let before = identifiers::profile_identifiers(
+                    rec.email.as_deref(),
+                    rec.external_id.as_deref(),
+                );
                 let attributes_changed = apply_mask(&mut rec, c, &paths, today)?;
                 if paths.iter().any(|p| p == "email" || p == "external_id") {
-                    customers::check_unique(
-                        txn,
-                        &[("customer", rec.email.as_deref(), rec.external_id.as_deref())],
-                        Some(id),
-                    )
-                    .await?;
+                    let keys =
+                        profile_keys("customer", rec.email.as_deref(), rec.external_id.as_deref());
+                    identifiers::check_free(txn, &keys, Some(id)).await?;
+                    // The profile's identifiers follow it: old and new
+                    // values go, the new ones come back marked as profile.
+                    let gone: Vec<_> = before.iter().chain(keys.iter().map(|(_, i)| i)).collect();
+                    identifiers::remove(txn, id, &gone).await?;
+                    let held: Vec<IdentifierRecord> = keys
+                        .into_iter()
+                        .map(|(_, identifier)| IdentifierRecord {
+                            customer: id,
+                            identifier,
+                            profile: true,
+                            create_time: now,
+                        })
+                        .collect();
+                    identifiers::insert_many(txn, &held).await?;
                 }
                 let expected = rec.version;
                 rec.version += 1;
@@ -580,6 +611,202 @@ impl CustomerApi {
     }
 }
 
+impl CustomerApi {
+    async fn add_identifier(
+        &self,
+        req: pb::AddCustomerIdentifierRequest,
+    ) -> Result<pb::CustomerIdentifier> {
+        let now = self.now();
+        let rid = request_id("request_id", &req.request_id)?;
+        let mut v = Violations::new();
+        let id = v.check("", CustomerId::parse_name("parent", &req.parent));
+        let wanted = v.check(
+            "",
+            convert::identifier("identifier", req.identifier.as_ref()),
+        );
+        v.into_result()?;
+        let (Some(id), Some(wanted)) = (id, wanted) else {
+            return Err(Error::internal("validated fields missing"));
+        };
+        idempotency::write(
+            &self.rt,
+            "AddCustomerIdentifier",
+            rid,
+            &req,
+            now,
+            async move |txn| {
+                customers::lock(txn, id).await?;
+                if let Some(h) = identifiers::holders(txn, &[&wanted]).await?.remove(&wanted) {
+                    if h.customer != id {
+                        return Err(identifiers::taken("identifier.value", &wanted, h.customer));
+                    }
+                    return Ok((convert::identifier_to_proto(&h), vec![]));
+                }
+                let rec = IdentifierRecord {
+                    customer: id,
+                    identifier: wanted,
+                    profile: false,
+                    create_time: now,
+                };
+                if !identifiers::insert_if_free(txn, &rec).await? {
+                    let holder = identifiers::holders(txn, &[&rec.identifier])
+                        .await?
+                        .remove(&rec.identifier)
+                        .ok_or_else(|| {
+                            Error::Aborted("the identifier changed hands; retry".into())
+                        })?;
+                    return Err(identifiers::taken(
+                        "identifier.value",
+                        &rec.identifier,
+                        holder.customer,
+                    ));
+                }
+                let out = convert::identifier_to_proto(&rec);
+                let events = vec![events::identifier_added(&id.name(), out.clone())];
+                Ok((out, events))
+            },
+        )
+        .await
+    }
+
+    async fn remove_identifier(
+        &self,
+        req: pb::RemoveCustomerIdentifierRequest,
+    ) -> Result<pb::CustomerIdentifier> {
+        let now = self.now();
+        let rid = request_id("request_id", &req.request_id)?;
+        let mut v = Violations::new();
+        let id = v.check("", CustomerId::parse_name("parent", &req.parent));
+        let gone = v.check(
+            "",
+            convert::lookup_identifier("identifier", req.identifier.as_ref()),
+        );
+        v.into_result()?;
+        let (Some(id), Some(gone)) = (id, gone) else {
+            return Err(Error::internal("validated fields missing"));
+        };
+        idempotency::write(
+            &self.rt,
+            "RemoveCustomerIdentifier",
+            rid,
+            &req,
+            now,
+            async move |txn| {
+                customers::lock(txn, id).await?;
+                let held = identifiers::holders(txn, &[&gone])
+                    .await?
+                    .remove(&gone)
+                    .filter(|h| h.customer == id)
+                    .ok_or_else(|| {
+                        Error::NotFound(format!(
+                            "identifier {} of {}",
+                            clm_domain::validation::echo(&gone.value),
+                            id.name()
+                        ))
+                    })?;
+                if held.profile {
+                    return Err(Error::FailedPrecondition {
+                        reason: "PROFILE_IDENTIFIER",
+                        message: "identifier: is the profile's own email or external_id; \
+                                  change it with UpdateCustomer"
+                            .into(),
+                    });
+                }
+                identifiers::remove(txn, id, &[&gone]).await?;
+                let out = convert::identifier_to_proto(&held);
+                let events = vec![events::identifier_removed(&id.name(), out.clone())];
+                Ok((out, events))
+            },
+        )
+        .await
+    }
+
+    async fn list_identifiers(
+        &self,
+        req: pb::ListCustomerIdentifiersRequest,
+    ) -> Result<pb::ListCustomerIdentifiersResponse> {
+        let id = CustomerId::parse_name("parent", &req.parent)?;
+        let held = identifiers::list(&self.rt.read, id).await?;
+        if held.is_empty() {
+            self.ensure_exists(id).await?;
+        }
+        Ok(pb::ListCustomerIdentifiersResponse {
+            identifiers: held.iter().map(convert::identifier_to_proto).collect(),
+        })
+    }
+
+    async fn lookup(&self, req: pb::LookupCustomerRequest) -> Result<pb::Customer> {
+        let wanted = convert::lookup_identifier("identifier", req.identifier.as_ref())?;
+        let holder = identifiers::holders(&self.rt.read, &[&wanted])
+            .await?
+            .remove(&wanted)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "a customer with identifier {}",
+                    clm_domain::validation::echo(&wanted.value)
+                ))
+            })?;
+        let r = customers::get(&self.rt.read, holder.customer).await?;
+        Ok(convert::customer_to_proto(&r, self.now().date_naive()))
+    }
+
+    async fn batch_lookup(
+        &self,
+        req: pb::BatchLookupCustomersRequest,
+    ) -> Result<pb::BatchLookupCustomersResponse> {
+        let n = req.identifiers.len();
+        if n == 0 || n > MAX_BATCH_LOOKUP {
+            return Err(Error::invalid(
+                "identifiers",
+                format!("must hold 1..{MAX_BATCH_LOOKUP} identifiers, got {n}"),
+            ));
+        }
+        let mut v = Violations::new();
+        let wanted: Vec<_> = req
+            .identifiers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, x)| {
+                v.check(
+                    "",
+                    convert::lookup_identifier(&format!("identifiers[{i}]"), Some(x)),
+                )
+            })
+            .collect();
+        v.into_result()?;
+        let refs: Vec<_> = wanted.iter().collect();
+        let held = identifiers::holders(&self.rt.read, &refs).await?;
+        Ok(pb::BatchLookupCustomersResponse {
+            results: wanted
+                .iter()
+                .map(|w| pb::LookupResult {
+                    identifier: Some(convert::bare_identifier_to_proto(w)),
+                    customer: held.get(w).map(|h| h.customer.name()).unwrap_or_default(),
+                })
+                .collect(),
+        })
+    }
+}
+
+/// The identifiers of a profile's `email` and `external_id`, each with the
+/// request field under `prefix` that carries it.
+fn profile_keys(
+    prefix: &str,
+    email: Option<&str>,
+    external_id: Option<&str>,
+) -> Vec<(String, clm_domain::contact::Identifier)> {
+    identifiers::profile_identifiers(email, external_id)
+        .into_iter()
+        .map(|i| {
+            let f = match i.kind {
+                clm_domain::contact::IdentifierKind::Email => "email",
+                _ => "external_id",
+            };
+            (format!("{prefix}.{f}"), i)
+        })
+        .collect()
+}
+
 /// How the touchpoints of one batch (by position) were recorded.
 #[derive(Debug, Default)]
 struct Recorded {
@@ -854,5 +1081,40 @@ impl CustomerService for CustomerApi {
         request: Request<pb::GetConsentRequest>,
     ) -> Result<Response<pb::Consent>, Status> {
         respond(request, READERS, |_, r| self.get_consent(r)).await
+    }
+
+    async fn add_customer_identifier(
+        &self,
+        request: Request<pb::AddCustomerIdentifierRequest>,
+    ) -> Result<Response<pb::CustomerIdentifier>, Status> {
+        respond(request, WRITERS, |_, r| self.add_identifier(r)).await
+    }
+
+    async fn remove_customer_identifier(
+        &self,
+        request: Request<pb::RemoveCustomerIdentifierRequest>,
+    ) -> Result<Response<pb::CustomerIdentifier>, Status> {
+        respond(request, WRITERS, |_, r| self.remove_identifier(r)).await
+    }
+
+    async fn list_customer_identifiers(
+        &self,
+        request: Request<pb::ListCustomerIdentifiersRequest>,
+    ) -> Result<Response<pb::ListCustomerIdentifiersResponse>, Status> {
+        respond(request, READERS, |_, r| self.list_identifiers(r)).await
+    }
+
+    async fn lookup_customer(
+        &self,
+        request: Request<pb::LookupCustomerRequest>,
+    ) -> Result<Response<pb::Customer>, Status> {
+        respond(request, READERS, |_, r| self.lookup(r)).await
+    }
+
+    async fn batch_lookup_customers(
+        &self,
+        request: Request<pb::BatchLookupCustomersRequest>,
+    ) -> Result<Response<pb::BatchLookupCustomersResponse>, Status> {
+        respond(request, READERS, |_, r| self.batch_lookup(r)).await
     }
 }

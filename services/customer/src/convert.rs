@@ -2,6 +2,7 @@
 
 use crate::store::consent::{ConsentChangeRecord, ConsentRecord};
 use crate::store::customers::{CustomerRecord, NewCustomer};
+use crate::store::identifiers::IdentifierRecord;
 use crate::store::stages::StageChangeRecord;
 use crate::store::touchpoints::TouchpointRecord;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -9,6 +10,7 @@ use clm_domain::attributes::{self, AttributeValue, Attributes};
 use clm_domain::consent::{
     self, ALL_CHANNELS, ALL_PURPOSES, Channel, ConsentSetting, ConsentSource, ConsentState, Purpose,
 };
+use clm_domain::contact::{Identifier, IdentifierKind};
 use clm_domain::demographics::{self, Demographics, Gender};
 use clm_domain::ids::{self, CustomerId};
 use clm_domain::lifecycle::Stage;
@@ -575,5 +577,75 @@ pub fn consent_change_to_proto(c: &ConsentChangeRecord) -> pb::ConsentChange {
         source: consent_source_to_proto(c.source) as i32,
         actor: c.actor.clone(),
         change_time: Some(timestamp(c.change_time)),
+    }
+}
+
+fn identifier_kind(field: &str, value: i32) -> Result<IdentifierKind, Violation> {
+    match pb::IdentifierType::try_from(value) {
+        Ok(pb::IdentifierType::Email) => Ok(IdentifierKind::Email),
+        Ok(pb::IdentifierType::Phone) => Ok(IdentifierKind::Phone),
+        Ok(pb::IdentifierType::ExternalId) => Ok(IdentifierKind::External),
+        Ok(pb::IdentifierType::Unspecified) => Err(Violation::new(field, "is required")),
+        Err(_) => Err(Violation::new(
+            field,
+            format!("unknown identifier type {value}"),
+        )),
+    }
+}
+
+fn identifier_kind_to_proto(k: IdentifierKind) -> pb::IdentifierType {
+    match k {
+        IdentifierKind::Email => pb::IdentifierType::Email,
+        IdentifierKind::Phone => pb::IdentifierType::Phone,
+        IdentifierKind::External => pb::IdentifierType::ExternalId,
+    }
+}
+
+/// An identifier to give a customer (fields under `prefix`), normalised;
+/// an external id must be `source:id`.
+pub fn identifier(
+    prefix: &str,
+    i: Option<&pb::CustomerIdentifier>,
+) -> Result<Identifier, Violation> {
+    let i = i.ok_or_else(|| Violation::new(prefix, "is required"))?;
+    let kind = identifier_kind(&field(prefix, "type"), i.r#type)?;
+    contact::identifier(&field(prefix, "value"), kind, &i.value)
+}
+
+/// An identifier to look up (fields under `prefix`), normalised as stored:
+/// an external id may also be a profile's `external_id` without a source.
+pub fn lookup_identifier(
+    prefix: &str,
+    i: Option<&pb::CustomerIdentifier>,
+) -> Result<Identifier, Violation> {
+    let i = i.ok_or_else(|| Violation::new(prefix, "is required"))?;
+    let kind = identifier_kind(&field(prefix, "type"), i.r#type)?;
+    if kind == IdentifierKind::External {
+        let v = optional_text(&field(prefix, "value"), &i.value, 240)?
+            .ok_or_else(|| Violation::new(field(prefix, "value"), "is required"))?;
+        return Ok(Identifier {
+            kind,
+            value: contact::external_key(&v),
+        });
+    }
+    contact::identifier(&field(prefix, "value"), kind, &i.value)
+}
+
+/// An identifier (without holder details) → proto.
+pub fn bare_identifier_to_proto(i: &Identifier) -> pb::CustomerIdentifier {
+    pb::CustomerIdentifier {
+        r#type: identifier_kind_to_proto(i.kind) as i32,
+        value: i.value.clone(),
+        profile: false,
+        create_time: None,
+    }
+}
+
+/// A held identifier → proto.
+pub fn identifier_to_proto(r: &IdentifierRecord) -> pb::CustomerIdentifier {
+    pb::CustomerIdentifier {
+        profile: r.profile,
+        create_time: Some(timestamp(r.create_time)),
+        ..bare_identifier_to_proto(&r.identifier)
     }
 }

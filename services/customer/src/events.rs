@@ -58,3 +58,25 @@ pub fn consent_changed(customer: &str, changes: Vec<pb::ConsentChange>) -> NewEv
         },
     )
 }
+
+/// `clm.customer.v1.CustomerIdentifierAdded`.
+pub fn identifier_added(customer: &str, identifier: pb::CustomerIdentifier) -> NewEvent {
+    NewEvent::new(
+        customer.to_owned(),
+        &pb::CustomerIdentifierAdded {
+            customer: customer.to_owned(),
+            identifier: Some(identifier),
+        },
+    )
+}
+
+/// `clm.customer.v1.CustomerIdentifierRemoved`.
+pub fn identifier_removed(customer: &str, identifier: pb::CustomerIdentifier) -> NewEvent {
+    NewEvent::new(
+        customer.to_owned(),
+        &pb::CustomerIdentifierRemoved {
+            customer: customer.to_owned(),
+            identifier: Some(identifier),
+        },
+    )
+}

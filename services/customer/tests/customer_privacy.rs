@@ -353,3 +353,468 @@ async fn consent_bad_input_names_the_field() {
     assert!(got.history.is_empty());
     h.server.stop().await;
 }
+
+fn ident(kind: pb::IdentifierType, value: &str) -> Option<pb::CustomerIdentifier> {
+    Some(pb::CustomerIdentifier {
+        r#type: kind as i32,
+        value: value.into(),
+        ..Default::default()
+    })
+}
+
+fn add(parent: &str, kind: pb::IdentifierType, value: &str) -> pb::AddCustomerIdentifierRequest {
+    pb::AddCustomerIdentifierRequest {
+        parent: parent.into(),
+        identifier: ident(kind, value),
+        request_id: String::new(),
+    }
+}
+
+async fn lookup(c: &mut Client, kind: pb::IdentifierType, value: &str) -> Result<String, Code> {
+    c.lookup_customer(pb::LookupCustomerRequest {
+        identifier: ident(kind, value),
+    })
+    .await
+    .map(|r| r.into_inner().name)
+    .map_err(|e| e.code())
+}
+
+use pb::IdentifierType as It;
+
+#[tokio::test]
+async fn identifiers_have_one_holder_and_find_their_customer() {
+    let h = start().await;
+    let mut c = h.client();
+    let ada = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(Customer {
+                email: "Ada@Example.com".into(),
+                external_id: "CRM:123".into(),
+                display_name: "Ada".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let bob = create(&mut c, "bob@example.com").await;
+
+    // The profile's e-mail and external id are identifiers.
+    let listed = c
+        .list_customer_identifiers(pb::ListCustomerIdentifiersRequest {
+            parent: ada.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .identifiers;
+    let pairs: Vec<(i32, &str, bool)> = listed
+        .iter()
+        .map(|i| (i.r#type, i.value.as_str(), i.profile))
+        .collect();
+    assert_eq!(
+        pairs,
+        vec![
+            (It::Email as i32, "ada@example.com", true),
+            (It::ExternalId as i32, "crm:123", true),
+        ]
+    );
+
+    // A phone is normalised to E.164; a retry and a re-add answer it again.
+    let mut req = add(&ada.name, It::Phone, "0049 (30) 123-4567");
+    req.request_id = "add-phone".into();
+    let phone = c
+        .add_customer_identifier(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(phone.value, "+49301234567");
+    assert!(!phone.profile);
+    assert_eq!(phone.create_time.unwrap().seconds, t0().timestamp());
+    h.clock.advance(Duration::minutes(1));
+    assert_eq!(
+        c.add_customer_identifier(req).await.unwrap().into_inner(),
+        phone
+    );
+    assert_eq!(
+        c.add_customer_identifier(add(&ada.name, It::Phone, "+49 30 1234567"))
+            .await
+            .unwrap()
+            .into_inner(),
+        phone
+    );
+    c.add_customer_identifier(add(&ada.name, It::Email, "Ada.Work@Example.com"))
+        .await
+        .unwrap();
+    c.add_customer_identifier(add(&ada.name, It::ExternalId, "Shop:abc"))
+        .await
+        .unwrap();
+
+    // Held by Ada: refused for Bob, naming Ada, whichever way it comes in.
+    for (kind, value, field) in [
+        (It::Phone, "+49301234567", None),
+        (It::Email, "ADA@example.com", None),
+        (It::Email, "ada.work@example.com", None),
+        (It::ExternalId, "crm:123", None),
+        (It::ExternalId, "shop:abc", None),
+        (It::Email, "ada.work@example.com", Some("create")),
+        (It::Email, "ada.work@example.com", Some("update")),
+    ] {
+        let e = match field {
+            None => c
+                .add_customer_identifier(add(&bob.name, kind, value))
+                .await
+                .unwrap_err(),
+            Some("create") => c
+                .create_customer(pb::CreateCustomerRequest {
+                    customer: Some(Customer {
+                        email: value.to_uppercase(),
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                })
+                .await
+                .unwrap_err(),
+            Some(_) => c
+                .update_customer(pb::UpdateCustomerRequest {
+                    customer: Some(Customer {
+                        name: bob.name.clone(),
+                        email: value.into(),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["email".into()],
+                    }),
+                    request_id: String::new(),
+                })
+                .await
+                .unwrap_err(),
+        };
+        assert_eq!(e.code(), Code::AlreadyExists, "{value}: {e:?}");
+        assert!(e.message().contains(&ada.name), "{value}: {}", e.message());
+    }
+
+    // Lookup normalises before it compares.
+    assert_eq!(
+        lookup(&mut c, It::Email, " ADA@EXAMPLE.COM ").await,
+        Ok(ada.name.clone())
+    );
+    assert_eq!(
+        lookup(&mut c, It::Email, "ada.work@example.com").await,
+        Ok(ada.name.clone())
+    );
+    assert_eq!(
+        lookup(&mut c, It::Phone, "+49 30 123 45 67").await,
+        Ok(ada.name.clone())
+    );
+    assert_eq!(
+        lookup(&mut c, It::ExternalId, "CRM:123").await,
+        Ok(ada.name.clone())
+    );
+    assert_eq!(
+        lookup(&mut c, It::ExternalId, "shop:abc").await,
+        Ok(ada.name.clone())
+    );
+    assert_eq!(
+        lookup(&mut c, It::ExternalId, "shop:ABC").await,
+        Err(Code::NotFound)
+    );
+    assert_eq!(
+        lookup(&mut c, It::Email, "bob@example.com").await,
+        Ok(bob.name.clone())
+    );
+    assert_eq!(
+        lookup(&mut c, It::Email, "nobody@example.com").await,
+        Err(Code::NotFound)
+    );
+
+    // The profile's identifiers follow an update of the profile.
+    c.update_customer(pb::UpdateCustomerRequest {
+        customer: Some(Customer {
+            name: ada.name.clone(),
+            email: "ada@new.example".into(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["email".into()],
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        lookup(&mut c, It::Email, "ada@example.com").await,
+        Err(Code::NotFound)
+    );
+    assert_eq!(
+        lookup(&mut c, It::Email, "ada@new.example").await,
+        Ok(ada.name.clone())
+    );
+    // The freed address can be Bob's now.
+    c.add_customer_identifier(add(&bob.name, It::Email, "ada@example.com"))
+        .await
+        .unwrap();
+
+    // Removal: the profile's own ones are refused; others go, once.
+    let e = c
+        .remove_customer_identifier(pb::RemoveCustomerIdentifierRequest {
+            parent: ada.name.clone(),
+            identifier: ident(It::Email, "ada@new.example"),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let removed = c
+        .remove_customer_identifier(pb::RemoveCustomerIdentifierRequest {
+            parent: ada.name.clone(),
+            identifier: ident(It::Phone, "+49 30 1234567"),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(removed, phone);
+    assert_eq!(
+        lookup(&mut c, It::Phone, "+49301234567").await,
+        Err(Code::NotFound)
+    );
+    let e = c
+        .remove_customer_identifier(pb::RemoveCustomerIdentifierRequest {
+            parent: ada.name.clone(),
+            identifier: ident(It::Phone, "+49301234567"),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    c.add_customer_identifier(add(&bob.name, It::Phone, "+49301234567"))
+        .await
+        .unwrap();
+
+    // Added and removed identifiers are events, re-adds are not.
+    let mut watch = ChangeStreamServiceClient::new(h.server.channel())
+        .watch_changes(WatchChangesRequest {
+            after_sequence: 0,
+            event_types: vec![
+                "clm.customer.v1.CustomerIdentifierAdded".into(),
+                "clm.customer.v1.CustomerIdentifierRemoved".into(),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut kinds = Vec::new();
+    for _ in 0..6 {
+        let p = watch
+            .next()
+            .await
+            .unwrap()
+            .unwrap()
+            .event
+            .unwrap()
+            .payload
+            .unwrap();
+        kinds.push(p.type_url.rsplit('.').next().unwrap().to_owned());
+    }
+    assert_eq!(
+        kinds,
+        [
+            "CustomerIdentifierAdded",
+            "CustomerIdentifierAdded",
+            "CustomerIdentifierAdded",
+            "CustomerIdentifierAdded",
+            "CustomerIdentifierRemoved",
+            "CustomerIdentifierAdded"
+        ]
+    );
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn identifier_bad_input_names_the_field() {
+    let h = start().await;
+    let mut c = h.client();
+    let ada = create(&mut c, "ada@example.com").await;
+    for (kind, value, field) in [
+        (It::Phone, "030 1234567", "identifier.value"),
+        (It::Phone, "+49 30 CALL-ME", "identifier.value"),
+        (It::Email, "ada@", "identifier.value"),
+        (It::ExternalId, "no-source", "identifier.value"),
+        (It::Unspecified, "x@example.com", "identifier.type"),
+    ] {
+        let e = c
+            .add_customer_identifier(add(&ada.name, kind, value))
+            .await
+            .unwrap_err();
+        assert_bad_field(&e, field);
+    }
+    let e = c
+        .add_customer_identifier(add("ada", It::Phone, "+49301234567"))
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "parent");
+    let e = c
+        .add_customer_identifier(pb::AddCustomerIdentifierRequest {
+            parent: ada.name.clone(),
+            identifier: None,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "identifier");
+    let unknown = format!("customers/{}", uuid::Uuid::now_v7());
+    let e = c
+        .add_customer_identifier(add(&unknown, It::Phone, "+49301234567"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .lookup_customer(pb::LookupCustomerRequest {
+            identifier: ident(It::Phone, "12"),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "identifier.value");
+    // Nothing was added by the refused calls.
+    let listed = c
+        .list_customer_identifiers(pb::ListCustomerIdentifiersRequest {
+            parent: ada.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .identifiers;
+    assert_eq!(listed.len(), 1);
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn batch_lookup_answers_a_thousand_identifiers_in_order() {
+    let h = start().await;
+    let mut c = h.client();
+    let created = c
+        .batch_create_customers(pb::BatchCreateCustomersRequest {
+            requests: (0..300)
+                .map(|i| pb::CreateCustomerRequest {
+                    customer: Some(Customer {
+                        email: format!("p{i}@example.com"),
+                        external_id: format!("crm:{i}"),
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                })
+                .collect(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .customers;
+    c.add_customer_identifier(add(&created[7].name, It::Phone, "+1 415 555 0100"))
+        .await
+        .unwrap();
+    let mut wanted = Vec::new();
+    let mut expect = Vec::new();
+    for i in 0..1000usize {
+        let (kind, value, holder) = match i % 4 {
+            0 => (It::Email, format!("P{}@EXAMPLE.com", i / 4), i / 4),
+            1 => (It::ExternalId, format!("CRM:{}", i / 4), i / 4),
+            2 => (It::Email, format!("nobody{i}@example.com"), usize::MAX),
+            _ => (It::Phone, "+14155550100".to_owned(), 7),
+        };
+        wanted.push(ident(kind, &value).unwrap());
+        expect.push(
+            created
+                .get(holder)
+                .map(|c| c.name.clone())
+                .unwrap_or_default(),
+        );
+    }
+    let results = c
+        .batch_lookup_customers(pb::BatchLookupCustomersRequest {
+            identifiers: wanted.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let got: Vec<String> = results.iter().map(|r| r.customer.clone()).collect();
+    assert_eq!(got, expect);
+    assert_eq!(
+        results[0].identifier.as_ref().unwrap().value,
+        "p0@example.com"
+    );
+    assert_eq!(results[1].identifier.as_ref().unwrap().value, "crm:0");
+
+    let mut too_many = wanted.clone();
+    too_many.push(wanted[0].clone());
+    let e = c
+        .batch_lookup_customers(pb::BatchLookupCustomersRequest {
+            identifiers: too_many,
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "identifiers");
+    let mut bad = wanted[..5].to_vec();
+    bad[3].value = "not a phone".into();
+    let e = c
+        .batch_lookup_customers(pb::BatchLookupCustomersRequest { identifiers: bad })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "identifiers[3].value");
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_claims_of_one_identifier_have_one_winner() {
+    let h = start().await;
+    let mut c = h.client();
+    let mut names = Vec::new();
+    for i in 0..8 {
+        names.push(create(&mut c, &format!("c{i}@example.com")).await.name);
+    }
+    let calls = names.iter().map(|n| {
+        let mut c = h.client();
+        let req = add(n, It::Phone, "+44 20 7946 0000");
+        async move {
+            c.add_customer_identifier(req)
+                .await
+                .map(|r| r.into_inner().value)
+                .map_err(|e| (e.code(), e.message().to_owned()))
+        }
+    });
+    let outcomes = futures_join(calls).await;
+    let won = outcomes.iter().filter(|o| o.is_ok()).count();
+    assert_eq!(won, 1, "{outcomes:?}");
+    let holder = lookup(&mut c, It::Phone, "+442079460000").await.unwrap();
+    let winner = names
+        .iter()
+        .zip(&outcomes)
+        .find(|(_, o)| o.is_ok())
+        .unwrap()
+        .0;
+    assert_eq!(&holder, winner);
+    // Every loser is told who holds it.
+    for o in &outcomes {
+        if let Err((code, message)) = o {
+            assert_eq!(*code, Code::AlreadyExists, "{message}");
+            assert!(message.contains(&holder), "{message}");
+        }
+    }
+    h.server.stop().await;
+}
+
+async fn futures_join<F>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}

@@ -21,8 +21,8 @@ use clm_platform::Error;
 use clm_platform::db::{from_micros, to_micros};
 use sea_orm::sea_query::{Cond, Expr, ExprTrait, Order, Query, SelectStatement, SimpleExpr, Value};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue, ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult,
-    IntoActiveModel, QueryFilter, QueryOrder, QuerySelect,
+    ActiveModelTrait, ActiveValue, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel,
+    QueryFilter, QueryOrder, QuerySelect,
 };
 
 /// A stored customer.
@@ -169,67 +169,8 @@ fn attribute_value(a: &attr::Model) -> AttributeValue {
     }
 }
 
-/// The unique keys of a stored customer.
-#[derive(Debug, FromQueryResult)]
-struct UniqueKeys {
-    email: Option<String>,
-    external_id: Option<String>,
-}
-
-/// Refuses e-mails or external ids that are already taken, naming the field
-/// of the request that carries each (`fields[i]` is the prefix of `customers[i]`).
-/// `except` is a customer allowed to hold them (the one being updated).
-pub async fn check_unique(
-    db: &impl ConnectionTrait,
-    customers: &[(&str, Option<&str>, Option<&str>)],
-    except: Option<CustomerId>,
-) -> Result<(), Error> {
-    let emails: Vec<&str> = customers.iter().filter_map(|c| c.1).collect();
-    let externals: Vec<&str> = customers.iter().filter_map(|c| c.2).collect();
-    if emails.is_empty() && externals.is_empty() {
-        return Ok(());
-    }
-    let mut q = customers::Entity::find()
-        .select_only()
-        .columns([Column::Email, Column::ExternalId])
-        .filter(
-            Cond::any()
-                .add(Column::Email.is_in(emails.iter().map(|s| (*s).to_owned())))
-                .add(Column::ExternalId.is_in(externals.iter().map(|s| (*s).to_owned()))),
-        );
-    if let Some(id) = except {
-        q = q.filter(Column::Id.ne(id.to_string()));
-    }
-    let rows = q.into_model::<UniqueKeys>().all(db).await?;
-    for row in rows {
-        for (prefix, e, x) in customers {
-            if row.email.is_some() && row.email.as_deref() == *e {
-                return Err(taken(
-                    "EMAIL_TAKEN",
-                    &format!("{prefix}.email"),
-                    e.unwrap_or_default(),
-                ));
-            }
-            if row.external_id.is_some() && row.external_id.as_deref() == *x {
-                return Err(taken(
-                    "EXTERNAL_ID_TAKEN",
-                    &format!("{prefix}.external_id"),
-                    x.unwrap_or_default(),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn taken(reason: &'static str, field: &str, value: &str) -> Error {
-    Error::AlreadyExists {
-        reason,
-        message: format!("{field}: {value:?} is already used by another customer"),
-    }
-}
-
-/// Maps a unique violation that slipped past [`check_unique`] (a race) to ALREADY_EXISTS.
+/// Maps a unique violation of the profile's `email` or `external_id` (a
+/// race past `identifiers::check_free`) to ALREADY_EXISTS.
 pub fn map_unique(e: sea_orm::DbErr) -> Error {
     match clm_platform::db::unique_violation_detail(&e) {
         Some(m) if m.contains("email") => Error::AlreadyExists {

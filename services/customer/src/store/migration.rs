@@ -12,6 +12,7 @@ impl MigratorTrait for Migrator {
         let mut m = clm_platform::migration::platform_migrations();
         m.push(Box::new(CustomerTables));
         m.push(Box::new(ConsentTables));
+        m.push(Box::new(IdentifierTable));
         m
     }
 }
@@ -245,4 +246,91 @@ impl MigrationTrait for ConsentTables {
         ))
         .await
     }
+}
+
+struct IdentifierTable;
+
+impl MigrationName for IdentifierTable {
+    fn name(&self) -> &str {
+        "m0004_customer_identifiers"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for IdentifierTable {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(a("customer_identifiers"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("kind")).small_integer().not_null())
+                .col(ColumnDef::new(a("value")).string().not_null())
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(ColumnDef::new(a("profile")).boolean().not_null())
+                .col(ColumnDef::new(a("create_us")).big_integer().not_null())
+                .primary_key(Index::create().col(a("kind")).col(a("value")))
+                .foreign_key(
+                    ForeignKey::create()
+                        .from(a("customer_identifiers"), a("customer_id"))
+                        .to(a("customers"), a("id"))
+                        .on_delete(ForeignKeyAction::Cascade),
+                )
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "customer_identifiers_customer",
+            "customer_identifiers",
+            &["customer_id", "kind", "value"],
+        ))
+        .await?;
+        backfill_profile_identifiers(m).await
+    }
+}
+
+/// Customers created before identifiers existed get their profile e-mail
+/// and external id as identifiers, in batches.
+async fn backfill_profile_identifiers(m: &SchemaManager<'_>) -> Result<(), DbErr> {
+    use clm_domain::contact::{IdentifierKind, external_key};
+    let db = m.get_connection();
+    let rows = db
+        .query_all(
+            Query::select()
+                .columns(["id", "email", "external_id", "create_us"].map(a))
+                .from(a("customers")),
+        )
+        .await?;
+    let mut values: Vec<[SimpleExpr; 5]> = Vec::new();
+    for row in rows {
+        let id: String = row.try_get("", "id")?;
+        let create_us: i64 = row.try_get("", "create_us")?;
+        let email: Option<String> = row.try_get("", "email")?;
+        let external: Option<String> = row.try_get("", "external_id")?;
+        let keys = email
+            .map(|e| (IdentifierKind::Email, e))
+            .into_iter()
+            .chain(external.map(|x| (IdentifierKind::External, external_key(&x))));
+        for (kind, value) in keys {
+            values.push([
+                kind.code().into(),
+                value.into(),
+                id.clone().into(),
+                true.into(),
+                create_us.into(),
+            ]);
+        }
+    }
+    for chunk in values.chunks(clm_platform::db::rows_per_statement(5)) {
+        let mut insert = Query::insert();
+        insert
+            .into_table(a("customer_identifiers"))
+            .columns(["kind", "value", "customer_id", "profile", "create_us"].map(a));
+        for v in chunk {
+            insert
+                .values(v.clone())
+                .map_err(|e| DbErr::Custom(e.to_string()))?;
+        }
+        db.execute(&insert).await?;
+    }
+    Ok(())
 }

@@ -31,6 +31,7 @@
 pub mod consent;
 pub mod customers;
 pub mod entity;
+pub mod identifiers;
 pub mod migration;
 pub mod stages;
 pub mod touchpoints;

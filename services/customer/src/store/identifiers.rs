@@ -1,0 +1,218 @@
+//! Identifiers through the [`customer_identifiers`](super::entity::customer_identifiers)
+//! entity: its primary key `(kind, value)` is what makes each identifier
+//! belong to one customer at most.
+
+use super::entity::customer_identifiers::{self, Column};
+use chrono::{DateTime, Utc};
+use clm_domain::contact::{Identifier, IdentifierKind, external_key};
+use clm_domain::ids::CustomerId;
+use clm_domain::validation::echo;
+use clm_platform::Error;
+use clm_platform::db::{from_micros, to_micros};
+use sea_orm::sea_query::Cond;
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder};
+use std::collections::HashMap;
+
+/// An identifier held by a customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentifierRecord {
+    /// The holder.
+    pub customer: CustomerId,
+    /// The identifier.
+    pub identifier: Identifier,
+    /// Whether it mirrors the profile's `email` or `external_id`.
+    pub profile: bool,
+    /// When the customer got it.
+    pub create_time: DateTime<Utc>,
+}
+
+impl IdentifierRecord {
+    fn to_model(&self) -> customer_identifiers::Model {
+        customer_identifiers::Model {
+            kind: self.identifier.kind.code(),
+            value: self.identifier.value.clone(),
+            customer_id: self.customer.to_string(),
+            profile: self.profile,
+            create_us: to_micros(self.create_time),
+        }
+    }
+
+    fn from_model(m: customer_identifiers::Model) -> Result<Self, Error> {
+        Ok(Self {
+            customer: CustomerId::parse_id("customer_id", &m.customer_id)
+                .map_err(Error::internal)?,
+            identifier: Identifier {
+                kind: IdentifierKind::from_code(m.kind)
+                    .ok_or_else(|| Error::internal(format!("stored identifier kind {}", m.kind)))?,
+                value: m.value,
+            },
+            profile: m.profile,
+            create_time: from_micros(m.create_us),
+        })
+    }
+}
+
+/// The identifiers mirroring a profile's `email` and `external_id`.
+pub fn profile_identifiers(email: Option<&str>, external_id: Option<&str>) -> Vec<Identifier> {
+    let email = email.map(|e| Identifier {
+        kind: IdentifierKind::Email,
+        value: e.to_owned(),
+    });
+    let external = external_id.map(|x| Identifier {
+        kind: IdentifierKind::External,
+        value: external_key(x),
+    });
+    email.into_iter().chain(external).collect()
+}
+
+/// `WHERE (kind, value) IN (...)` for `ids`, one `value IN` per kind.
+fn matching(ids: &[&Identifier]) -> Cond {
+    let mut by_kind: HashMap<IdentifierKind, Vec<String>> = HashMap::new();
+    for i in ids {
+        by_kind.entry(i.kind).or_default().push(i.value.clone());
+    }
+    by_kind.into_iter().fold(Cond::any(), |c, (kind, values)| {
+        c.add(
+            Cond::all()
+                .add(Column::Kind.eq(kind.code()))
+                .add(Column::Value.is_in(values)),
+        )
+    })
+}
+
+/// Who holds each of `ids` that is held (one statement).
+pub async fn holders(
+    db: &impl ConnectionTrait,
+    ids: &[&Identifier],
+) -> Result<HashMap<Identifier, IdentifierRecord>, Error> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    customer_identifiers::Entity::find()
+        .filter(matching(ids))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|m| {
+            let r = IdentifierRecord::from_model(m)?;
+            Ok((r.identifier.clone(), r))
+        })
+        .collect()
+}
+
+/// ALREADY_EXISTS naming the holder if any of `ids` (each with the request
+/// field carrying it) is held by a customer other than `except`.
+pub async fn check_free(
+    db: &impl ConnectionTrait,
+    ids: &[(String, Identifier)],
+    except: Option<CustomerId>,
+) -> Result<(), Error> {
+    let wanted: Vec<&Identifier> = ids.iter().map(|(_, i)| i).collect();
+    let held = holders(db, &wanted).await?;
+    for (field, id) in ids {
+        if let Some(h) = held.get(id)
+            && Some(h.customer) != except
+        {
+            return Err(taken(field, id, h.customer));
+        }
+    }
+    Ok(())
+}
+
+/// ALREADY_EXISTS: `field`'s identifier is held by `holder`.
+pub fn taken(field: &str, id: &Identifier, holder: CustomerId) -> Error {
+    let reason = match id.kind {
+        IdentifierKind::Email => "EMAIL_TAKEN",
+        IdentifierKind::Phone => "PHONE_TAKEN",
+        IdentifierKind::External => "EXTERNAL_ID_TAKEN",
+    };
+    Error::AlreadyExists {
+        reason,
+        message: format!(
+            "{field}: {} is already held by {}",
+            echo(&id.value),
+            holder.name()
+        ),
+    }
+}
+
+/// Inserts identifiers (one statement per chunk). A unique violation (a
+/// concurrent writer took one first) is ALREADY_EXISTS.
+pub async fn insert_many(
+    db: &impl ConnectionTrait,
+    rows: &[IdentifierRecord],
+) -> Result<(), Error> {
+    for chunk in rows.chunks(clm_platform::db::rows_per_statement(5)) {
+        customer_identifiers::Entity::insert_many(
+            chunk
+                .iter()
+                .map(|r| sea_orm::IntoActiveModel::into_active_model(r.to_model())),
+        )
+        .exec_without_returning(db)
+        .await
+        .map_err(|e| {
+            if clm_platform::db::is_unique_violation(&e) {
+                Error::AlreadyExists {
+                    reason: "IDENTIFIER_TAKEN",
+                    message: "an identifier was taken by another customer at the same time".into(),
+                }
+            } else {
+                e.into()
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Inserts one identifier unless someone holds it already; `false` means
+/// it is held (a concurrent writer may have just taken it: on PostgreSQL the
+/// insert waits for that writer's commit, and a read after it sees the holder).
+pub async fn insert_if_free(
+    db: &impl ConnectionTrait,
+    row: &IdentifierRecord,
+) -> Result<bool, Error> {
+    let inserted = customer_identifiers::Entity::insert(
+        sea_orm::IntoActiveModel::into_active_model(row.to_model()),
+    )
+    .on_conflict(
+        sea_orm::sea_query::OnConflict::columns([Column::Kind, Column::Value])
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(db)
+    .await?;
+    Ok(inserted == 1)
+}
+
+/// Removes `ids` from `customer` (one statement); returns how many were removed.
+pub async fn remove(
+    db: &impl ConnectionTrait,
+    customer: CustomerId,
+    ids: &[&Identifier],
+) -> Result<u64, Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    Ok(customer_identifiers::Entity::delete_many()
+        .filter(Column::CustomerId.eq(customer.to_string()))
+        .filter(matching(ids))
+        .exec(db)
+        .await?
+        .rows_affected)
+}
+
+/// Every identifier of `customer`, by kind then value (one statement).
+pub async fn list(
+    db: &impl ConnectionTrait,
+    customer: CustomerId,
+) -> Result<Vec<IdentifierRecord>, Error> {
+    customer_identifiers::Entity::find()
+        .filter(Column::CustomerId.eq(customer.to_string()))
+        .order_by_asc(Column::Kind)
+        .order_by_asc(Column::Value)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(IdentifierRecord::from_model)
+        .collect()
+}
