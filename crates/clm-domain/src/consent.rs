@@ -152,6 +152,8 @@ pub enum ConsentSource {
     Api,
     /// A support agent, on the customer's word.
     Support,
+    /// A merge of duplicate profiles kept the strictest consent.
+    Merge,
 }
 
 impl ConsentSource {
@@ -162,14 +164,21 @@ impl ConsentSource {
             Self::Import => 2,
             Self::Api => 3,
             Self::Support => 4,
+            Self::Merge => 5,
         }
     }
 
     /// The source of a storage code.
     pub fn from_code(code: i16) -> Option<Self> {
-        [Self::Form, Self::Import, Self::Api, Self::Support]
-            .into_iter()
-            .find(|s| s.code() == code)
+        [
+            Self::Form,
+            Self::Import,
+            Self::Api,
+            Self::Support,
+            Self::Merge,
+        ]
+        .into_iter()
+        .find(|s| s.code() == code)
     }
 }
 

@@ -9,6 +9,7 @@ use crate::events;
 use crate::store::consent::{self, ConsentChangeRecord, ConsentRecord};
 use crate::store::customers::{self, CustomerRecord, NewCustomer, SortKey};
 use crate::store::identifiers::{self, IdentifierRecord};
+use crate::store::merge;
 use crate::store::stages::{self, StageChangeRecord};
 use crate::store::touchpoints::{self, TouchpointRecord};
 use chrono::{DateTime, Utc};
@@ -44,6 +45,7 @@ const MAX_BATCH_CUSTOMERS: usize = 1000;
 /// Most consent changes GetConsent answers (the newest).
 const MAX_CONSENT_HISTORY: u64 = 1000;
 const MAX_BATCH_LOOKUP: usize = 1000;
+const MAX_MERGE_DUPLICATES: usize = 100;
 
 /// The customer service.
 #[derive(Debug, Clone)]
@@ -114,6 +116,7 @@ impl CustomerApi {
                 create_time: now,
                 update_time: now,
                 version: 1,
+                merged_from: Vec::new(),
             })
             .collect();
         customers::insert_many(txn, &records).await?;
@@ -250,7 +253,17 @@ impl CustomerApi {
 
     async fn get(&self, req: pb::GetCustomerRequest) -> Result<pb::Customer> {
         let id = CustomerId::parse_name("name", &req.name)?;
-        let r = customers::get(&self.rt.read, id).await?;
+        // A merged id answers its survivor.
+        let r = match customers::get(&self.rt.read, id).await {
+            Err(Error::FailedPrecondition {
+                reason: customers::MERGED,
+                ..
+            }) => match customers::redirect_of(&self.rt.read, id).await? {
+                Some(survivor) => customers::get(&self.rt.read, survivor).await?,
+                None => return Err(Error::NotFound(id.name())),
+            },
+            other => other?,
+        };
         Ok(convert::customer_to_proto(&r, self.now().date_naive()))
     }
 
@@ -385,7 +398,8 @@ impl CustomerApi {
                     .into_iter()
                     .collect();
                 if let Some(missing) = ids.iter().find(|id| !existing.contains(*id)) {
-                    return Err(Error::NotFound(format!("customers/{missing}")));
+                    let id = CustomerId::parse_id("customer", missing).map_err(Error::internal)?;
+                    return Err(customers::missing(txn, id).await);
                 }
                 let outcome = record_new(txn, &batch).await?;
                 let events = outcome
@@ -788,6 +802,199 @@ impl CustomerApi {
     }
 }
 
+impl CustomerApi {
+    async fn merge(
+        &self,
+        actor: Principal,
+        req: pb::MergeCustomersRequest,
+    ) -> Result<pb::MergeCustomersResponse> {
+        let now = self.now();
+        let today = now.date_naive();
+        let rid = request_id("request_id", &req.request_id)?;
+        let mut v = Violations::new();
+        let survivor = v.check("", CustomerId::parse_name("survivor", &req.survivor));
+        let n = req.duplicates.len();
+        if n == 0 || n > MAX_MERGE_DUPLICATES {
+            v.push(Violation::new(
+                "duplicates",
+                format!("must hold 1..{MAX_MERGE_DUPLICATES} customers, got {n}"),
+            ));
+        }
+        let mut dups: Vec<CustomerId> = Vec::with_capacity(n);
+        for (i, d) in req.duplicates.iter().enumerate() {
+            let field = format!("duplicates[{i}]");
+            let Some(d) = v.check("", CustomerId::parse_name(&field, d)) else {
+                continue;
+            };
+            if Some(d) == survivor {
+                v.push(Violation::new(
+                    field,
+                    "is the survivor: a customer cannot merge with itself",
+                ));
+            } else if let Some(j) = dups.iter().position(|x| *x == d) {
+                v.push(Violation::new(field, format!("repeats duplicates[{j}]")));
+            } else {
+                dups.push(d);
+            }
+        }
+        let policy = req.policy.clone().unwrap_or_default();
+        let default_policy = v.check(
+            "",
+            convert::merge_policy(
+                "policy.default_attribute_policy",
+                policy.default_attribute_policy,
+            ),
+        );
+        let mut per_key = HashMap::new();
+        for (k, p) in &policy.attribute_policies {
+            let field = format!(
+                "policy.attribute_policies[{}]",
+                clm_domain::validation::echo(k)
+            );
+            if let Some(p) = v.check("", convert::merge_policy(&field, *p)) {
+                per_key.insert(k.clone(), p);
+            }
+        }
+        v.into_result()?;
+        let (Some(survivor), Some(default_policy)) = (survivor, default_policy) else {
+            return Err(Error::internal("validated fields missing"));
+        };
+        idempotency::write(
+            &self.rt,
+            "MergeCustomers",
+            rid,
+            &req,
+            now,
+            async move |txn| {
+                let mut all = dups.clone();
+                all.push(survivor);
+                let locked = customers::lock_many(txn, &all).await?;
+                for id in &all {
+                    if !locked.contains(&id.to_string()) {
+                        return Err(customers::missing(txn, *id).await);
+                    }
+                }
+                let records = customers::get_many(txn, &all).await?;
+                let (mut rec, others): (Vec<_>, Vec<_>) =
+                    records.into_iter().partition(|r| r.id == survivor);
+                let mut rec = rec
+                    .pop()
+                    .ok_or_else(|| Error::internal("locked survivor not read"))?;
+                let expected = rec.version;
+
+                // Stage: the furthest, with a history entry saying why.
+                let stage_before = rec.stage;
+                let furthest = clm_domain::lifecycle::Stage::furthest(
+                    std::iter::once(rec.stage).chain(others.iter().map(|o| o.stage)),
+                )
+                .unwrap_or(rec.stage);
+                let merged_names: Vec<String> = dups.iter().map(CustomerId::name).collect();
+
+                // Attributes by policy; the newest duplicate first.
+                let mut sorted: Vec<&CustomerRecord> = others.iter().collect();
+                sorted.sort_by_key(|o| std::cmp::Reverse(o.update_time));
+                let sets: Vec<_> = sorted
+                    .iter()
+                    .map(|o| (&o.attributes, o.update_time))
+                    .collect();
+                let attrs = attributes::merge((&rec.attributes, rec.update_time), &sets, |k| {
+                    per_key.get(k).copied().unwrap_or(default_policy)
+                });
+                let attributes_changed = attrs != rec.attributes;
+                rec.attributes = attrs;
+                let mut merged_from = rec.merged_from.clone();
+                for o in &others {
+                    merged_from.push(o.id);
+                    merged_from.extend(o.merged_from.iter().copied());
+                }
+                merged_from.sort();
+                merged_from.dedup();
+                rec.merged_from = merged_from;
+
+                // Consent: the strictest statement per cell wins.
+                let stated = consent::current_of_many(txn, &all).await?;
+                let own = survivor.to_string();
+                let mut changes: Vec<ConsentChangeRecord> = Vec::new();
+                for (_, row) in stated.iter().filter(|(c, _)| *c != own) {
+                    let mine = stated
+                        .iter()
+                        .find(|(c, r)| {
+                            *c == own && r.purpose == row.purpose && r.channel == row.channel
+                        })
+                        .map_or(clm_domain::consent::ConsentState::Unset, |(_, r)| r.state);
+                    let pending = changes
+                        .iter_mut()
+                        .find(|c| c.purpose == row.purpose && c.channel == row.channel);
+                    let current = pending.as_ref().map_or(mine, |c| c.to);
+                    let strictest = current.strictest(row.state);
+                    if strictest == current {
+                        continue;
+                    }
+                    match pending {
+                        Some(c) => c.to = strictest,
+                        None => changes.push(ConsentChangeRecord {
+                            purpose: row.purpose,
+                            channel: row.channel,
+                            from: mine,
+                            to: strictest,
+                            source: clm_domain::consent::ConsentSource::Merge,
+                            actor: actor.subject.clone(),
+                            change_time: now,
+                        }),
+                    }
+                }
+                changes.sort_by_key(|c| (c.purpose, c.channel));
+
+                merge::move_children(txn, survivor, &dups).await?;
+                merge::redirect(txn, survivor, &dups, now).await?;
+                consent::apply(txn, survivor, &changes).await?;
+                let mut events = Vec::new();
+                if furthest != stage_before {
+                    rec.stage = furthest;
+                    rec.stage_change_time = now;
+                    let change = StageChangeRecord {
+                        id: 0,
+                        customer: survivor,
+                        from: Some(stage_before),
+                        to: furthest,
+                        reason: format!("merged {}", merged_names.join(", ")),
+                        actor: actor.subject.clone(),
+                        change_time: now,
+                    };
+                    stages::insert_many(txn, std::slice::from_ref(&change)).await?;
+                    events.push(events::stage_changed(
+                        &survivor.name(),
+                        convert::stage_change_to_proto(&change, now),
+                    ));
+                }
+                rec.version += 1;
+                rec.update_time = now;
+                if !customers::update(txn, &rec, expected, attributes_changed).await? {
+                    return Err(CustomerError::Concurrent.into());
+                }
+                let out = convert::customer_to_proto(&rec, today);
+                if !changes.is_empty() {
+                    events.push(events::consent_changed(
+                        &survivor.name(),
+                        changes
+                            .iter()
+                            .map(convert::consent_change_to_proto)
+                            .collect(),
+                    ));
+                }
+                events.insert(0, events::customers_merged(&out, merged_names));
+                Ok((
+                    pb::MergeCustomersResponse {
+                        customer: Some(out),
+                    },
+                    events,
+                ))
+            },
+        )
+        .await
+    }
+}
+
 /// The identifiers of a profile's `email` and `external_id`, each with the
 /// request field under `prefix` that carries it.
 fn profile_keys(
@@ -1116,5 +1323,12 @@ impl CustomerService for CustomerApi {
         request: Request<pb::BatchLookupCustomersRequest>,
     ) -> Result<Response<pb::BatchLookupCustomersResponse>, Status> {
         respond(request, READERS, |_, r| self.batch_lookup(r)).await
+    }
+
+    async fn merge_customers(
+        &self,
+        request: Request<pb::MergeCustomersRequest>,
+    ) -> Result<Response<pb::MergeCustomersResponse>, Status> {
+        respond(request, WRITERS, |p, r| self.merge(p, r)).await
     }
 }

@@ -278,6 +278,7 @@ pub fn customer_to_proto(r: &CustomerRecord, today: NaiveDate) -> pb::Customer {
         create_time: Some(timestamp(r.create_time)),
         update_time: Some(timestamp(r.update_time)),
         etag: clm_platform::convert::etag(r.version),
+        merged_from: r.merged_from.iter().map(CustomerId::name).collect(),
     }
 }
 
@@ -487,6 +488,10 @@ pub fn consent_source(field: &str, value: i32) -> Result<ConsentSource, Violatio
         Ok(pb::ConsentSource::Import) => Ok(ConsentSource::Import),
         Ok(pb::ConsentSource::Api) => Ok(ConsentSource::Api),
         Ok(pb::ConsentSource::Support) => Ok(ConsentSource::Support),
+        Ok(pb::ConsentSource::Merge) => Err(Violation::new(
+            field,
+            "MERGE is output only: set by MergeCustomers",
+        )),
         Ok(pb::ConsentSource::Unspecified) => Err(Violation::new(field, "is required")),
         Err(_) => Err(Violation::new(field, format!("unknown source {value}"))),
     }
@@ -498,6 +503,7 @@ fn consent_source_to_proto(s: ConsentSource) -> pb::ConsentSource {
         ConsentSource::Import => pb::ConsentSource::Import,
         ConsentSource::Api => pb::ConsentSource::Api,
         ConsentSource::Support => pb::ConsentSource::Support,
+        ConsentSource::Merge => pb::ConsentSource::Merge,
     }
 }
 
@@ -647,5 +653,20 @@ pub fn identifier_to_proto(r: &IdentifierRecord) -> pb::CustomerIdentifier {
         profile: r.profile,
         create_time: Some(timestamp(r.create_time)),
         ..bare_identifier_to_proto(&r.identifier)
+    }
+}
+
+/// A proto attribute merge policy → domain (UNSPECIFIED = survivor wins).
+pub fn merge_policy(field: &str, value: i32) -> Result<attributes::MergePolicy, Violation> {
+    match pb::AttributeMergePolicy::try_from(value) {
+        Ok(pb::AttributeMergePolicy::Unspecified | pb::AttributeMergePolicy::SurvivorWins) => {
+            Ok(attributes::MergePolicy::SurvivorWins)
+        }
+        Ok(pb::AttributeMergePolicy::NewestWins) => Ok(attributes::MergePolicy::NewestWins),
+        Ok(pb::AttributeMergePolicy::KeepNonEmpty) => Ok(attributes::MergePolicy::KeepNonEmpty),
+        Err(_) => Err(Violation::new(
+            field,
+            format!("unknown merge policy {value}"),
+        )),
     }
 }

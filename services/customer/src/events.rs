@@ -80,3 +80,15 @@ pub fn identifier_removed(customer: &str, identifier: pb::CustomerIdentifier) ->
         },
     )
 }
+
+/// `clm.customer.v1.CustomersMerged`.
+pub fn customers_merged(survivor: &pb::Customer, merged: Vec<String>) -> NewEvent {
+    NewEvent::new(
+        survivor.name.clone(),
+        &pb::CustomersMerged {
+            survivor: survivor.name.clone(),
+            merged,
+            customer: Some(survivor.clone()),
+        },
+    )
+}

@@ -818,3 +818,426 @@ where
     }
     out
 }
+
+fn attr(v: &str) -> pb::AttributeValue {
+    pb::AttributeValue {
+        value: Some(pb::attribute_value::Value::StringValue(v.into())),
+    }
+}
+
+async fn create_full(
+    c: &mut Client,
+    email: &str,
+    stage: pb::Stage,
+    attrs: &[(&str, &str)],
+) -> Customer {
+    c.create_customer(pb::CreateCustomerRequest {
+        customer: Some(Customer {
+            email: email.into(),
+            display_name: email.into(),
+            stage: stage as i32,
+            attributes: attrs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), attr(v)))
+                .collect(),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn touch(c: &mut Client, customer: &str, event_id: &str) {
+    let r = c
+        .record_touchpoints(pb::RecordTouchpointsRequest {
+            touchpoints: vec![pb::Touchpoint {
+                customer: customer.into(),
+                event_id: event_id.into(),
+                r#type: pb::TouchpointType::FeatureUse as i32,
+                feature: "reports".into(),
+                occurred_time: Some(prost_types::Timestamp {
+                    seconds: t0().timestamp() - 60,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.recorded_count, 1);
+}
+
+async fn consent(c: &mut Client, name: &str, settings: Vec<pb::ConsentSetting>) {
+    c.set_consent(set(name, settings, Src::Form, ""))
+        .await
+        .unwrap();
+}
+
+fn merge_req(survivor: &str, dups: &[&str]) -> pb::MergeCustomersRequest {
+    pb::MergeCustomersRequest {
+        survivor: survivor.into(),
+        duplicates: dups.iter().map(|d| (*d).to_owned()).collect(),
+        policy: None,
+        request_id: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn merge_moves_everything_to_the_survivor_and_leaves_redirects() {
+    let h = start().await;
+    let mut c = h.client();
+    let a = create_full(
+        &mut c,
+        "a@example.com",
+        pb::Stage::Approach,
+        &[("plan", "free"), ("nick", "")],
+    )
+    .await;
+    let b = create_full(
+        &mut c,
+        "b@example.com",
+        pb::Stage::Retention,
+        &[("plan", "pro"), ("nick", "Bee"), ("city", "Oslo")],
+    )
+    .await;
+    let cc = create_full(&mut c, "c@example.com", pb::Stage::Acquisition, &[]).await;
+    c.add_customer_identifier(add(&b.name, It::Phone, "+47 22 12 34 56"))
+        .await
+        .unwrap();
+    consent(
+        &mut c,
+        &a.name,
+        vec![setting(Pu::Surveys, Ch::Email, St::Granted)],
+    )
+    .await;
+    consent(
+        &mut c,
+        &b.name,
+        vec![
+            setting(Pu::Marketing, Ch::Email, St::Granted),
+            setting(Pu::Surveys, Ch::Email, St::Denied),
+        ],
+    )
+    .await;
+    consent(
+        &mut c,
+        &cc.name,
+        vec![setting(Pu::Marketing, Ch::Email, St::Denied)],
+    )
+    .await;
+    touch(&mut c, &a.name, "a-1").await;
+    touch(&mut c, &b.name, "b-1").await;
+    touch(&mut c, &cc.name, "c-1").await;
+    touch(&mut c, &cc.name, "c-2").await;
+
+    h.clock.advance(Duration::minutes(1));
+    let mut req = merge_req(&a.name, &[&b.name, &cc.name]);
+    req.request_id = "merge-1".into();
+    req.policy = Some(pb::MergePolicy {
+        default_attribute_policy: pb::AttributeMergePolicy::SurvivorWins as i32,
+        attribute_policies: [(
+            "nick".to_owned(),
+            pb::AttributeMergePolicy::KeepNonEmpty as i32,
+        )]
+        .into(),
+    });
+    let merged = c
+        .merge_customers(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .customer
+        .unwrap();
+    assert_eq!(merged.name, a.name);
+    assert_eq!(
+        merged.stage,
+        pb::Stage::Retention as i32,
+        "the furthest stage"
+    );
+    let mut want_from = vec![b.name.clone(), cc.name.clone()];
+    want_from.sort();
+    assert_eq!(merged.merged_from, want_from);
+    assert_eq!(merged.attributes["plan"], attr("free"));
+    assert_eq!(merged.attributes["nick"], attr("Bee"));
+    assert_eq!(merged.attributes["city"], attr("Oslo"));
+    assert_eq!(merged.email, "a@example.com");
+    // A retry answers the first result.
+    assert_eq!(
+        c.merge_customers(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .customer
+            .unwrap(),
+        merged
+    );
+
+    // Merged ids redirect reads and refuse writes, naming the survivor.
+    let got = c
+        .get_customer(pb::GetCustomerRequest {
+            name: b.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, merged);
+    let e = c
+        .transition_stage(pb::TransitionStageRequest {
+            name: cc.name.clone(),
+            to_stage: pb::Stage::Churned as i32,
+            reason: "gone".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains(&a.name), "{}", e.message());
+    let e = c
+        .set_consent(set(
+            &b.name,
+            vec![setting(Pu::Marketing, Ch::Sms, St::Granted)],
+            Src::Api,
+            "",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let e = c
+        .record_touchpoints(pb::RecordTouchpointsRequest {
+            touchpoints: vec![pb::Touchpoint {
+                customer: b.name.clone(),
+                event_id: "b-2".into(),
+                r#type: pb::TouchpointType::SupportContact as i32,
+                occurred_time: Some(prost_types::Timestamp {
+                    seconds: t0().timestamp(),
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains(&a.name), "{}", e.message());
+
+    // Touchpoints, identifiers, consent and stage history moved.
+    let tps = c
+        .list_touchpoints(pb::ListTouchpointsRequest {
+            parent: a.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .touchpoints;
+    let mut ids: Vec<&str> = tps.iter().map(|t| t.event_id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["a-1", "b-1", "c-1", "c-2"]);
+    assert!(tps.iter().all(|t| t.customer == a.name));
+    for (kind, value) in [
+        (It::Email, "b@example.com"),
+        (It::Email, "c@example.com"),
+        (It::Phone, "+4722123456"),
+    ] {
+        assert_eq!(
+            lookup(&mut c, kind, value).await,
+            Ok(a.name.clone()),
+            "{value}"
+        );
+    }
+    let got = c
+        .get_consent(pb::GetConsentRequest {
+            name: a.name.clone(),
+            include_history: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let me = entry(&got, Pu::Marketing, Ch::Email);
+    assert_eq!(
+        me.state,
+        St::Denied as i32,
+        "a denial on either side stays denied"
+    );
+    assert_eq!(me.source, Src::Merge as i32);
+    assert_eq!(entry(&got, Pu::Surveys, Ch::Email).state, St::Denied as i32);
+    let history = c
+        .list_stage_history(pb::ListStageHistoryRequest {
+            parent: a.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .changes;
+    let last = history.last().unwrap();
+    assert_eq!(
+        (last.from_stage, last.to_stage),
+        (pb::Stage::Approach as i32, pb::Stage::Retention as i32)
+    );
+    assert!(
+        last.reason.contains(&b.name) && last.reason.contains(&cc.name),
+        "{}",
+        last.reason
+    );
+
+    // The event names the survivor and the merged.
+    let mut watch = ChangeStreamServiceClient::new(h.server.channel())
+        .watch_changes(WatchChangesRequest {
+            after_sequence: 0,
+            event_types: vec!["clm.customer.v1.CustomersMerged".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let p = watch
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .event
+        .unwrap()
+        .payload
+        .unwrap();
+    let ev = <pb::CustomersMerged as prost::Message>::decode(p.value.as_slice()).unwrap();
+    assert_eq!(ev.survivor, a.name);
+    assert_eq!(ev.merged, vec![b.name.clone(), cc.name.clone()]);
+    assert_eq!(ev.customer.unwrap(), merged);
+
+    // Refused: itself, a repeat, an already merged one, an unknown one.
+    let e = c
+        .merge_customers(merge_req(&a.name, &[&a.name]))
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "duplicates[0]");
+    let d = create(&mut c, "d@example.com").await;
+    let e = c
+        .merge_customers(merge_req(&a.name, &[&d.name, &d.name]))
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "duplicates[1]");
+    let e = c
+        .merge_customers(merge_req(&a.name, &[&b.name]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let e = c
+        .merge_customers(merge_req(&b.name, &[&d.name]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let unknown = format!("customers/{}", uuid::Uuid::now_v7());
+    let e = c
+        .merge_customers(merge_req(&a.name, &[&unknown]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // A survivor merged later takes its redirects along.
+    let z = c
+        .merge_customers(merge_req(&d.name, &[&a.name]))
+        .await
+        .unwrap()
+        .into_inner()
+        .customer
+        .unwrap();
+    assert_eq!(z.merged_from.len(), 3);
+    let got = c
+        .get_customer(pb::GetCustomerRequest {
+            name: b.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.name, d.name);
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_overlapping_merges_lose_and_duplicate_nothing() {
+    let h = start().await;
+    let mut c = h.client();
+    let mut names = Vec::new();
+    for i in 0..5 {
+        let n = create(&mut c, &format!("m{i}@example.com")).await.name;
+        touch(&mut c, &n, &format!("tp-{i}")).await;
+        names.push(n);
+    }
+    let plans: Vec<(usize, Vec<usize>)> = vec![
+        (0, vec![1]),
+        (1, vec![2]),
+        (2, vec![0]),
+        (3, vec![1, 2]),
+        (4, vec![0, 3]),
+        (2, vec![4]),
+    ];
+    let calls = plans.iter().map(|(s, ds)| {
+        let mut c = h.client();
+        let ds: Vec<&str> = ds.iter().map(|d| names[*d].as_str()).collect();
+        let req = merge_req(&names[*s], &ds);
+        async move {
+            c.merge_customers(req)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.code())
+        }
+    });
+    let outcomes = futures_join(calls).await;
+    assert!(outcomes.iter().any(Result::is_ok), "{outcomes:?}");
+    for o in &outcomes {
+        assert!(
+            matches!(o, Ok(()) | Err(Code::FailedPrecondition | Code::Aborted)),
+            "{outcomes:?}"
+        );
+    }
+    // Every name resolves to a live customer; the live ones hold every
+    // touchpoint and e-mail exactly once.
+    let mut live = std::collections::BTreeSet::new();
+    for n in &names {
+        let got = c
+            .get_customer(pb::GetCustomerRequest { name: n.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        live.insert(got.name);
+    }
+    let mut tps = Vec::new();
+    for n in &live {
+        let page = c
+            .list_touchpoints(pb::ListTouchpointsRequest {
+                parent: n.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .touchpoints;
+        tps.extend(page.into_iter().map(|t| t.event_id));
+    }
+    tps.sort();
+    assert_eq!(tps, ["tp-0", "tp-1", "tp-2", "tp-3", "tp-4"]);
+    for i in 0..5 {
+        let holder = lookup(&mut c, It::Email, &format!("m{i}@example.com"))
+            .await
+            .unwrap();
+        assert!(live.contains(&holder));
+    }
+    let merged_total: usize = {
+        let mut n = 0;
+        for l in &live {
+            n += c
+                .get_customer(pb::GetCustomerRequest { name: l.clone() })
+                .await
+                .unwrap()
+                .into_inner()
+                .merged_from
+                .len();
+        }
+        n
+    };
+    assert_eq!(merged_total + live.len(), 5);
+    h.server.stop().await;
+}

@@ -97,6 +97,21 @@ pub async fn current(
         .collect()
 }
 
+/// The stated consent of several customers (one statement), each row
+/// with its customer's id.
+pub async fn current_of_many(
+    db: &impl ConnectionTrait,
+    customers: &[CustomerId],
+) -> Result<Vec<(String, ConsentRecord)>, Error> {
+    customer_consent::Entity::find()
+        .filter(Column::CustomerId.is_in(customers.iter().map(ToString::to_string)))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|m| Ok((m.customer_id.clone(), ConsentRecord::from_model(m)?)))
+        .collect()
+}
+
 /// Applies `changes` to `customer`'s consent: one upsert for the current
 /// state, one insert for the history.
 pub async fn apply(

@@ -13,6 +13,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(CustomerTables));
         m.push(Box::new(ConsentTables));
         m.push(Box::new(IdentifierTable));
+        m.push(Box::new(MergeRedirects));
         m
     }
 }
@@ -333,4 +334,41 @@ async fn backfill_profile_identifiers(m: &SchemaManager<'_>) -> Result<(), DbErr
         db.execute(&insert).await?;
     }
     Ok(())
+}
+
+struct MergeRedirects;
+
+impl MigrationName for MergeRedirects {
+    fn name(&self) -> &str {
+        "m0005_merge_redirects"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for MergeRedirects {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.alter_table(
+            Table::alter()
+                .table(a("customers"))
+                .add_column(ColumnDef::new(a("merged_from")).text().null())
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("customer_redirects"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("id")).string().not_null().primary_key())
+                .col(ColumnDef::new(a("survivor_id")).string().not_null())
+                .col(ColumnDef::new(a("merge_us")).big_integer().not_null())
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "customer_redirects_survivor",
+            "customer_redirects",
+            &["survivor_id"],
+        ))
+        .await
+    }
 }

@@ -32,6 +32,7 @@ pub mod consent;
 pub mod customers;
 pub mod entity;
 pub mod identifiers;
+pub mod merge;
 pub mod migration;
 pub mod stages;
 pub mod touchpoints;

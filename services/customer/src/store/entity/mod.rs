@@ -6,5 +6,6 @@ pub mod consent_history;
 pub mod customer_attributes;
 pub mod customer_consent;
 pub mod customer_identifiers;
+pub mod customer_redirects;
 pub mod customers;
 pub mod stage_history;
