@@ -8,6 +8,7 @@ use crate::error::CustomerError;
 use crate::events;
 use crate::store::consent::{self, ConsentChangeRecord, ConsentRecord};
 use crate::store::customers::{self, CustomerRecord, NewCustomer, SortKey};
+use crate::store::erasure::{self, ErasureRecord, ErasureRequestId};
 use crate::store::identifiers::{self, IdentifierRecord};
 use crate::store::merge;
 use crate::store::stages::{self, StageChangeRecord};
@@ -30,6 +31,10 @@ use tonic::{Request, Response, Status};
 
 /// Roles that may change customers.
 const WRITERS: &[Role] = &[Role::Marketer, Role::DataSteward, Role::Service];
+/// Roles that may erase customers and read erasure requests (admin always may).
+const ERASERS: &[Role] = &[Role::DataSteward];
+/// Every service that erases a customer's data and sends a receipt.
+const ERASING_SERVICES: [&str; 5] = ["customer", "scoring", "segmentation", "feedback", "loyalty"];
 /// Roles that may read customers.
 const READERS: &[Role] = &[
     Role::Marketer,
@@ -995,6 +1000,122 @@ impl CustomerApi {
     }
 }
 
+impl CustomerApi {
+    async fn erase(
+        &self,
+        actor: Principal,
+        req: pb::EraseCustomerRequest,
+    ) -> Result<pb::ErasureRequest> {
+        let now = self.now();
+        let rid = request_id("request_id", &req.request_id)?;
+        let id = CustomerId::parse_name("name", &req.name)?;
+        idempotency::write(
+            &self.rt,
+            "EraseCustomer",
+            rid,
+            &req,
+            now,
+            async move |txn| {
+                match customers::lock(txn, id).await {
+                    Ok(()) => {}
+                    Err(Error::NotFound(e)) => {
+                        // Erasing twice answers the first request.
+                        return match erasure::of_customer(txn, id).await? {
+                            Some(done) => Ok((erasure_to_proto(&done), vec![])),
+                            None => Err(Error::NotFound(e)),
+                        };
+                    }
+                    Err(e) => return Err(e),
+                }
+                let rec = customers::get(txn, id).await?;
+                let held: Vec<_> = identifiers::list(txn, id)
+                    .await?
+                    .into_iter()
+                    .map(|i| i.identifier)
+                    .collect();
+                let erasure_id = ErasureRequestId::new();
+                let salt = erasure::salt(txn).await?;
+                erasure::keep_hashes(txn, erasure_id, &salt, &held).await?;
+                erasure::forget(
+                    txn,
+                    id,
+                    &rec.merged_from,
+                    events::SCRUBBED_TYPES,
+                    events::scrubbed,
+                )
+                .await?;
+                let done = ErasureRecord {
+                    id: erasure_id,
+                    customer: id,
+                    requester: actor.subject.clone(),
+                    create_time: now,
+                    complete_time: None,
+                    receipts: vec![(crate::SERVICE.to_owned(), now)],
+                };
+                erasure::insert(txn, &done).await?;
+                let out = erasure_to_proto(&done);
+                let event = events::customer_erased(
+                    &id.name(),
+                    &erasure_id.name(),
+                    rec.merged_from.iter().map(CustomerId::name).collect(),
+                );
+                Ok((out, vec![event]))
+            },
+        )
+        .await
+    }
+
+    async fn get_erasure(&self, req: pb::GetErasureRequestRequest) -> Result<pb::ErasureRequest> {
+        let id = ErasureRequestId::parse_name("name", &req.name)?;
+        Ok(erasure_to_proto(&erasure::get(&self.rt.read, id).await?))
+    }
+
+    async fn list_erasures(
+        &self,
+        req: pb::ListErasureRequestsRequest,
+    ) -> Result<pb::ListErasureRequestsResponse> {
+        let size = page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)? as usize;
+        let pager = Pager::new(&["erasure_requests"]);
+        let after = pager.after::<i64>(&req.page_token)?;
+        let rows = erasure::list(&self.rt.read, after, size as u64 + 1).await?;
+        let (erasure_requests, next_page_token) = pager.page(&rows, size, erasure_to_proto, |r| {
+            (clm_platform::db::to_micros(r.create_time), r.id.to_string())
+        });
+        Ok(pb::ListErasureRequestsResponse {
+            erasure_requests,
+            next_page_token,
+        })
+    }
+}
+
+/// A stored erasure request → proto; COMPLETED once every service's receipt is in.
+fn erasure_to_proto(r: &ErasureRecord) -> pb::ErasureRequest {
+    let complete = ERASING_SERVICES
+        .iter()
+        .all(|s| r.receipts.iter().any(|(x, _)| x == s));
+    pb::ErasureRequest {
+        name: r.id.name(),
+        customer: r.customer.name(),
+        state: if complete {
+            pb::ErasureState::Completed
+        } else {
+            pb::ErasureState::InProgress
+        } as i32,
+        expected_services: ERASING_SERVICES.iter().map(|s| (*s).to_owned()).collect(),
+        receipts: r
+            .receipts
+            .iter()
+            .map(|(service, at)| pb::ErasureReceipt {
+                service: service.clone(),
+                erase_time: Some(clm_platform::convert::timestamp(*at)),
+            })
+            .collect(),
+        requester: r.requester.clone(),
+        create_time: Some(clm_platform::convert::timestamp(r.create_time)),
+        complete_time: r.complete_time.map(clm_platform::convert::timestamp),
+    }
+}
+
 /// The identifiers of a profile's `email` and `external_id`, each with the
 /// request field under `prefix` that carries it.
 fn profile_keys(
@@ -1330,5 +1451,26 @@ impl CustomerService for CustomerApi {
         request: Request<pb::MergeCustomersRequest>,
     ) -> Result<Response<pb::MergeCustomersResponse>, Status> {
         respond(request, WRITERS, |p, r| self.merge(p, r)).await
+    }
+
+    async fn erase_customer(
+        &self,
+        request: Request<pb::EraseCustomerRequest>,
+    ) -> Result<Response<pb::ErasureRequest>, Status> {
+        respond(request, ERASERS, |p, r| self.erase(p, r)).await
+    }
+
+    async fn get_erasure_request(
+        &self,
+        request: Request<pb::GetErasureRequestRequest>,
+    ) -> Result<Response<pb::ErasureRequest>, Status> {
+        respond(request, ERASERS, |_, r| self.get_erasure(r)).await
+    }
+
+    async fn list_erasure_requests(
+        &self,
+        request: Request<pb::ListErasureRequestsRequest>,
+    ) -> Result<Response<pb::ListErasureRequestsResponse>, Status> {
+        respond(request, ERASERS, |_, r| self.list_erasures(r)).await
     }
 }

@@ -1241,3 +1241,313 @@ async fn concurrent_overlapping_merges_lose_and_duplicate_nothing() {
     assert_eq!(merged_total + live.len(), 5);
     h.server.stop().await;
 }
+
+/// Every row of every table of the service's database, one text per row
+/// (blobs as hex), by table: found by listing the tables, not from a list.
+async fn dump_every_table(database_url: &str) -> Vec<(String, String)> {
+    use sea_orm::{ConnectionTrait, Database, Statement};
+    let db = Database::connect(database_url).await.unwrap();
+    let pg = db.get_database_backend() == sea_orm::DbBackend::Postgres;
+    let q = |sql: String| Statement::from_string(db.get_database_backend(), sql);
+    let tables: Vec<String> = db
+        .query_all_raw(q(if pg {
+            "SELECT table_name AS t FROM information_schema.tables \
+             WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'"
+                .into()
+        } else {
+            "SELECT name AS t FROM sqlite_master WHERE type = 'table'".into()
+        }))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get::<String>("", "t").unwrap())
+        .collect();
+    assert!(tables.iter().any(|t| t == "customers"), "{tables:?}");
+    let mut rows = Vec::new();
+    for t in tables {
+        let sql = if pg {
+            format!("SELECT \"{t}\"::text AS r FROM \"{t}\"")
+        } else {
+            let cols: Vec<String> = db
+                .query_all_raw(q(format!("SELECT name FROM pragma_table_info('{t}')")))
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| format!("quote(\"{}\")", r.try_get::<String>("", "name").unwrap()))
+                .collect();
+            format!("SELECT {} AS r FROM \"{t}\"", cols.join(" || ',' || "))
+        };
+        for r in db.query_all_raw(q(sql)).await.unwrap() {
+            let text: Option<String> = r.try_get("", "r").unwrap();
+            rows.push((t.clone(), text.unwrap_or_default().to_lowercase()));
+        }
+    }
+    rows
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn erasure_forgets_everything_but_the_receipt_and_hashes() {
+    let h = start().await;
+    let mut c = h.client();
+    let ada = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(Customer {
+                email: "ada.lovelace@example.com".into(),
+                external_id: "crm:ada-77".into(),
+                display_name: "Ada Lovelace".into(),
+                attributes: [("motto".to_owned(), attr("poetical-science"))].into(),
+                ..Default::default()
+            }),
+            request_id: "create-ada".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let dup = create(&mut c, "countess.of.lovelace@example.com").await;
+    let bob = create(&mut c, "bob@example.com").await;
+    c.add_customer_identifier(add(&ada.name, It::Phone, "+44 20 7000 1815"))
+        .await
+        .unwrap();
+    consent(
+        &mut c,
+        &ada.name,
+        vec![setting(Pu::Marketing, Ch::Email, St::Granted)],
+    )
+    .await;
+    touch(&mut c, &ada.name, "ada-analytical-engine").await;
+    touch(&mut c, &dup.name, "dup-difference-engine").await;
+    touch(&mut c, &bob.name, "bob-1").await;
+    c.transition_stage(pb::TransitionStageRequest {
+        name: ada.name.clone(),
+        to_stage: pb::Stage::Conversion as i32,
+        reason: "bought the engine".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.merge_customers(merge_req(&ada.name, &[&dup.name]))
+        .await
+        .unwrap();
+
+    h.clock.advance(Duration::minutes(1));
+    let req = pb::EraseCustomerRequest {
+        name: ada.name.clone(),
+        request_id: "erase-ada".into(),
+    };
+    let erased = c.erase_customer(req.clone()).await.unwrap().into_inner();
+    assert!(erased.name.starts_with("erasureRequests/"));
+    assert_eq!(erased.customer, ada.name);
+    assert_eq!(erased.state, pb::ErasureState::InProgress as i32);
+    assert_eq!(erased.expected_services.len(), 5);
+    assert_eq!(erased.receipts.len(), 1);
+    assert_eq!(erased.receipts[0].service, "customer");
+    assert_eq!(c.erase_customer(req).await.unwrap().into_inner(), erased);
+    // Erasing twice returns the existing request.
+    let again = c
+        .erase_customer(pb::EraseCustomerRequest {
+            name: ada.name.clone(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, erased);
+    assert_eq!(
+        c.get_erasure_request(pb::GetErasureRequestRequest {
+            name: erased.name.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+        erased
+    );
+    let listed = c
+        .list_erasure_requests(pb::ListErasureRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.erasure_requests, vec![erased.clone()]);
+
+    // Gone through the API, and Bob untouched.
+    for name in [&ada.name, &dup.name] {
+        let e = c
+            .get_customer(pb::GetCustomerRequest { name: name.clone() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{name}");
+    }
+    assert_eq!(
+        lookup(&mut c, It::Email, "ada.lovelace@example.com").await,
+        Err(Code::NotFound)
+    );
+    assert_eq!(
+        lookup(&mut c, It::Email, "bob@example.com").await,
+        Ok(bob.name.clone())
+    );
+
+    // Gone from every table: only the receipt (request, receipts, the
+    // CustomerErased event and the scrubbed events, the erase's own stored
+    // answer) names the id, and no erased value is anywhere.
+    let rows = dump_every_table(&h._backend.database_url).await;
+    let ada_id = ada.name.trim_start_matches("customers/");
+    let dup_id = dup.name.trim_start_matches("customers/");
+    let values = [
+        "ada.lovelace@example.com",
+        "countess.of.lovelace@example.com",
+        "crm:ada-77",
+        "+442070001815",
+        "ada lovelace",
+        "poetical-science",
+        "ada-analytical-engine",
+        "dup-difference-engine",
+        "bought the engine",
+    ];
+    let receipts = [
+        "erasure_requests",
+        "erasure_receipts",
+        "outbox",
+        "idempotency_keys",
+    ];
+    for (table, row) in &rows {
+        for v in values {
+            assert!(
+                !row.contains(v) && !row.contains(&hex(v)),
+                "{v} left in {table}: {row}"
+            );
+        }
+        for id in [ada_id, dup_id] {
+            if row.contains(id) || row.contains(&hex(id)) {
+                assert!(
+                    receipts.contains(&table.as_str()),
+                    "{id} left in {table}: {row}"
+                );
+            }
+        }
+    }
+    let hashes = rows
+        .iter()
+        .filter(|(t, _)| t == "erased_identifiers")
+        .count();
+    assert_eq!(hashes, 4, "email, dup email, external id and phone hashed");
+    assert!(rows.iter().any(|(_, r)| r.contains("bob@example.com")));
+
+    // The change stream says so, naming only the id.
+    let mut watch = ChangeStreamServiceClient::new(h.server.channel())
+        .watch_changes(WatchChangesRequest {
+            after_sequence: 0,
+            event_types: vec!["clm.customer.v1.CustomerErased".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let p = watch
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .event
+        .unwrap()
+        .payload
+        .unwrap();
+    let ev = <pb::CustomerErased as prost::Message>::decode(p.value.as_slice()).unwrap();
+    assert_eq!(ev.customer, ada.name);
+    assert_eq!(ev.erasure_request, erased.name);
+    assert_eq!(ev.merged_from, vec![dup.name.clone()]);
+
+    // Bad input.
+    let e = c
+        .erase_customer(pb::EraseCustomerRequest {
+            name: format!("customers/{}", uuid::Uuid::now_v7()),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .erase_customer(pb::EraseCustomerRequest {
+            name: "ada".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "name");
+    let e = c
+        .get_erasure_request(pb::GetErasureRequestRequest {
+            name: format!("erasureRequests/{}", uuid::Uuid::now_v7()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn only_data_stewards_and_admins_erase() {
+    use clm_platform::auth::{Role, mint_hs256};
+    use clm_platform::client::ClientInterceptor;
+    const SECRET: &str = "test-secret-test-secret-test-secret!";
+    let backend = TestBackend::migrated::<clm_customer::store::Migrator>().await;
+    let mut config = backend.config("customer");
+    config.auth.hs256_secret = Some(SECRET.into());
+    let server = start_with_clock(
+        &clm_customer::DESCRIPTOR,
+        config,
+        Arc::new(ManualClock::new(t0())),
+    )
+    .await;
+    let client = |roles: &[Role]| {
+        let t = mint_hs256(
+            SECRET,
+            "someone",
+            roles,
+            std::time::Duration::from_secs(300),
+        )
+        .unwrap();
+        CustomerServiceClient::with_interceptor(server.channel(), ClientInterceptor::new(Some(&t)))
+    };
+    let mut marketer = client(&[Role::Marketer]);
+    let ada = marketer
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(Customer {
+                email: "ada@example.com".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let erase = pb::EraseCustomerRequest {
+        name: ada.name.clone(),
+        request_id: String::new(),
+    };
+    for roles in [&[Role::Marketer][..], &[Role::Analyst], &[Role::Service]] {
+        let e = client(roles)
+            .erase_customer(erase.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{roles:?}");
+        let e = client(roles)
+            .list_erasure_requests(pb::ListErasureRequestsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{roles:?}");
+    }
+    let done = client(&[Role::DataSteward])
+        .erase_customer(erase.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.requester, "someone");
+    let listed = client(&[Role::Admin])
+        .list_erasure_requests(pb::ListErasureRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.erasure_requests, vec![done]);
+    server.stop().await;
+}

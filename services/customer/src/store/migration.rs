@@ -14,6 +14,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(ConsentTables));
         m.push(Box::new(IdentifierTable));
         m.push(Box::new(MergeRedirects));
+        m.push(Box::new(ErasureTables));
         m
     }
 }
@@ -369,6 +370,74 @@ impl MigrationTrait for MergeRedirects {
             "customer_redirects",
             &["survivor_id"],
         ))
+        .await
+    }
+}
+
+struct ErasureTables;
+
+impl MigrationName for ErasureTables {
+    fn name(&self) -> &str {
+        "m0006_erasure_tables"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ErasureTables {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(a("erasure_requests"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("id")).string().not_null().primary_key())
+                .col(
+                    ColumnDef::new(a("customer_id"))
+                        .string()
+                        .not_null()
+                        .unique_key(),
+                )
+                .col(ColumnDef::new(a("requester")).string().not_null())
+                .col(ColumnDef::new(a("create_us")).big_integer().not_null())
+                .col(ColumnDef::new(a("complete_us")).big_integer().null())
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "erasure_requests_create",
+            "erasure_requests",
+            &["create_us", "id"],
+        ))
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("erasure_receipts"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("erasure_id")).string().not_null())
+                .col(ColumnDef::new(a("service")).string().not_null())
+                .col(ColumnDef::new(a("erase_us")).big_integer().not_null())
+                .primary_key(Index::create().col(a("erasure_id")).col(a("service")))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("erased_identifiers"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("kind")).small_integer().not_null())
+                .col(ColumnDef::new(a("hash")).string().not_null())
+                .col(ColumnDef::new(a("erasure_id")).string().not_null())
+                .primary_key(Index::create().col(a("kind")).col(a("hash")))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("erasure_salt"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("id")).integer().not_null().primary_key())
+                .col(ColumnDef::new(a("salt")).string().not_null())
+                .to_owned(),
+        )
         .await
     }
 }

@@ -31,6 +31,7 @@
 pub mod consent;
 pub mod customers;
 pub mod entity;
+pub mod erasure;
 pub mod identifiers;
 pub mod merge;
 pub mod migration;

@@ -8,4 +8,6 @@ pub mod customer_consent;
 pub mod customer_identifiers;
 pub mod customer_redirects;
 pub mod customers;
+pub mod erasure_receipts;
+pub mod erasure_requests;
 pub mod stage_history;
