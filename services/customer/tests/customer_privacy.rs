@@ -1551,3 +1551,58 @@ async fn only_data_stewards_and_admins_erase() {
     assert_eq!(listed.erasure_requests, vec![done]);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn customers_from_before_identifiers_get_their_profile_identifiers() {
+    use clm_customer::store::Migrator;
+    use sea_orm::{ConnectionTrait, Database, Statement};
+    use sea_orm_migration::MigratorTrait;
+    let backend = TestBackend::new().await;
+    let url = if backend.is_postgres() {
+        backend.database_url.clone()
+    } else {
+        format!("{}?mode=rwc", backend.database_url)
+    };
+    let db = Database::connect(&url).await.unwrap();
+    let before = Migrator::migrations()
+        .iter()
+        .position(|m| m.name() == "m0004_customer_identifiers")
+        .unwrap();
+    Migrator::up(&db, Some(before as u32)).await.unwrap();
+    let id = uuid::Uuid::now_v7().to_string();
+    db.execute_raw(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "INSERT INTO customers (id, external_id, email, display_name, stage, \
+         stage_change_us, create_us, update_us, version) \
+         VALUES ($1, 'CRM:Old-1', 'old@example.com', 'Old', 1, 0, 0, 0, 1)"
+            .replace("$1", if backend.is_postgres() { "$1" } else { "?" }),
+        [id.clone().into()],
+    ))
+    .await
+    .unwrap();
+    Migrator::up(&db, None).await.unwrap();
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT value, customer_id, profile FROM customer_identifiers ORDER BY kind",
+        ))
+        .await
+        .unwrap();
+    let got: Vec<(String, String, bool)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.try_get("", "value").unwrap(),
+                r.try_get("", "customer_id").unwrap(),
+                r.try_get("", "profile").unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("old@example.com".to_owned(), id.clone(), true),
+            ("crm:Old-1".to_owned(), id, true),
+        ]
+    );
+}

@@ -237,3 +237,32 @@ def test_identifiers_and_lookup(stub):
             )
         )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_erasure_forgets_the_customer(stub):
+    tag = uuid.uuid4().hex[:8]
+    c = new_customer(stub, f"py-erase-{tag}@example.com")
+    req = customer_service_pb2.EraseCustomerRequest(name=c.name, request_id=str(uuid.uuid4()))
+    erased = stub.EraseCustomer(req)
+    assert erased.name.startswith("erasureRequests/")
+    assert erased.customer == c.name
+    assert erased.state == customer_pb2.ERASURE_STATE_IN_PROGRESS
+    assert [r.service for r in erased.receipts] == ["customer"]
+    assert stub.EraseCustomer(req) == erased  # a retry answers the first result
+    again = stub.EraseCustomer(customer_service_pb2.EraseCustomerRequest(name=c.name))
+    assert again.name == erased.name  # erasing twice returns the existing request
+
+    got = stub.GetErasureRequest(customer_service_pb2.GetErasureRequestRequest(name=erased.name))
+    assert got == erased
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetCustomer(customer_service_pb2.GetCustomerRequest(name=c.name))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        stub.LookupCustomer(
+            customer_service_pb2.LookupCustomerRequest(
+                identifier=customer_pb2.CustomerIdentifier(
+                    type=customer_pb2.IDENTIFIER_TYPE_EMAIL, value=f"py-erase-{tag}@example.com"
+                )
+            )
+        )
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
