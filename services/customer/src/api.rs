@@ -56,18 +56,34 @@ const MAX_MERGE_DUPLICATES: usize = 100;
 #[derive(Debug, Clone)]
 pub struct CustomerApi {
     rt: Runtime,
+    /// The installation's salt for erased identifiers' hashes (never changes).
+    salt: std::sync::Arc<tokio::sync::OnceCell<String>>,
 }
 
 impl CustomerApi {
     /// Serves from `rt`.
     pub fn new(rt: Runtime) -> Self {
-        Self { rt }
+        Self {
+            rt,
+            salt: std::sync::Arc::default(),
+        }
     }
 
     /// Now, at the precision times are stored with, so every answer, event
     /// and replay carries what a read will answer.
     fn now(&self) -> DateTime<Utc> {
         clm_domain::clock::micros(self.rt.clock.now())
+    }
+
+    /// The salt of erased identifiers' hashes, read once.
+    async fn salt(&self) -> Result<Option<&str>> {
+        if let Some(s) = self.salt.get() {
+            return Ok(Some(s.as_str()));
+        }
+        match erasure::existing_salt(&self.rt.read).await? {
+            Some(s) => Ok(Some(self.salt.get_or_init(async || s).await.as_str())),
+            None => Ok(None),
+        }
     }
 
     /// Reads a customer for a change, checking the caller's etag if one was sent.
@@ -101,12 +117,13 @@ impl CustomerApi {
         items: Vec<(String, NewCustomer)>,
         actor: &Principal,
         now: DateTime<Utc>,
+        salt: Option<&str>,
     ) -> Result<Vec<CustomerRecord>> {
         let keys: Vec<(String, clm_domain::contact::Identifier)> = items
             .iter()
             .flat_map(|(p, c)| profile_keys(p, c.email.as_deref(), c.external_id.as_deref()))
             .collect();
-        identifiers::check_free(txn, &keys, None).await?;
+        identifiers::check_free(txn, &keys, None, salt).await?;
         let records: Vec<CustomerRecord> = items
             .into_iter()
             .map(|(_, c)| CustomerRecord {
@@ -167,6 +184,9 @@ impl CustomerApi {
             .as_ref()
             .ok_or_else(|| Error::invalid("customer", "is required"))?;
         let draft = convert::new_customer("customer", c, now.date_naive())?;
+        // Read before the transaction: a second connection inside it could
+        // wait for a pool that the transactions themselves hold.
+        let salt = self.salt().await?;
         idempotency::write(
             &self.rt,
             "CreateCustomer",
@@ -175,7 +195,7 @@ impl CustomerApi {
             now,
             async move |txn| {
                 let record = self
-                    .insert_customers(txn, vec![("customer".into(), draft)], &actor, now)
+                    .insert_customers(txn, vec![("customer".into(), draft)], &actor, now, salt)
                     .await?
                     .into_iter()
                     .next()
@@ -237,6 +257,9 @@ impl CustomerApi {
             }
         }
         v.into_result()?;
+        // Read before the transaction: a second connection inside it could
+        // wait for a pool that the transactions themselves hold.
+        let salt = self.salt().await?;
         idempotency::write(
             &self.rt,
             "BatchCreateCustomers",
@@ -244,7 +267,7 @@ impl CustomerApi {
             &req,
             now,
             async move |txn| {
-                let records = self.insert_customers(txn, items, &actor, now).await?;
+                let records = self.insert_customers(txn, items, &actor, now, salt).await?;
                 let customers: Vec<pb::Customer> = records
                     .iter()
                     .map(|r| convert::customer_to_proto(r, today))
@@ -292,6 +315,9 @@ impl CustomerApi {
                 "is required: name the fields to change",
             ));
         }
+        // Read before the transaction: a second connection inside it could
+        // wait for a pool that the transactions themselves hold.
+        let salt = self.salt().await?;
         idempotency::write(
             &self.rt,
             "UpdateCustomer",
@@ -308,7 +334,7 @@ impl CustomerApi {
                 if paths.iter().any(|p| p == "email" || p == "external_id") {
                     let keys =
                         profile_keys("customer", rec.email.as_deref(), rec.external_id.as_deref());
-                    identifiers::check_free(txn, &keys, Some(id)).await?;
+                    identifiers::check_free(txn, &keys, Some(id), salt).await?;
                     // The profile's identifiers follow it: old and new
                     // values go, the new ones come back marked as profile.
                     let gone: Vec<_> = before.iter().chain(keys.iter().map(|(_, i)| i)).collect();
@@ -647,6 +673,9 @@ impl CustomerApi {
         let (Some(id), Some(wanted)) = (id, wanted) else {
             return Err(Error::internal("validated fields missing"));
         };
+        // Read before the transaction: a second connection inside it could
+        // wait for a pool that the transactions themselves hold.
+        let salt = self.salt().await?;
         idempotency::write(
             &self.rt,
             "AddCustomerIdentifier",
@@ -655,6 +684,13 @@ impl CustomerApi {
             now,
             async move |txn| {
                 customers::lock(txn, id).await?;
+                identifiers::check_free(
+                    txn,
+                    &[("identifier.value".to_owned(), wanted.clone())],
+                    Some(id),
+                    salt,
+                )
+                .await?;
                 if let Some(h) = identifiers::holders(txn, &[&wanted]).await?.remove(&wanted) {
                     if h.customer != id {
                         return Err(identifiers::taken("identifier.value", &wanted, h.customer));

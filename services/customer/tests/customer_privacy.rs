@@ -1458,6 +1458,34 @@ async fn erasure_forgets_everything_but_the_receipt_and_hashes() {
     assert_eq!(ev.erasure_request, erased.name);
     assert_eq!(ev.merged_from, vec![dup.name.clone()]);
 
+    // A re-import of an erased identifier is refused, naming a hash, not the value.
+    let e = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(Customer {
+                email: "Ada.Lovelace@example.com".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("customer.email") && e.message().contains("hash"));
+    assert!(
+        !e.message().to_lowercase().contains("lovelace"),
+        "{}",
+        e.message()
+    );
+    let e = c
+        .add_customer_identifier(add(&bob.name, It::Phone, "+44 20 7000 1815"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(!e.message().contains("1815"), "{}", e.message());
+    c.add_customer_identifier(add(&bob.name, It::Phone, "+44 20 7000 1816"))
+        .await
+        .unwrap();
+
     // Bad input.
     let e = c
         .erase_customer(pb::EraseCustomerRequest {

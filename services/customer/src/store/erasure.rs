@@ -176,6 +176,19 @@ pub async fn salt(db: &impl ConnectionTrait) -> Result<String, Error> {
     Ok(row.try_get("", "salt")?)
 }
 
+/// The salt, if the schema has made it (read-only: safe on a reader).
+pub async fn existing_salt(db: &impl ConnectionTrait) -> Result<Option<String>, Error> {
+    let row = db
+        .query_one(
+            Query::select()
+                .column(n("salt"))
+                .from(n("erasure_salt"))
+                .and_where(Expr::col(n("id")).eq(1)),
+        )
+        .await?;
+    Ok(row.map(|r| r.try_get("", "salt")).transpose()?)
+}
+
 /// The salted hash kept of an erased identifier.
 pub fn identifier_hash(salt: &str, i: &Identifier) -> String {
     let digest = Sha256::new()

@@ -3,13 +3,14 @@
 //! belong to one customer at most.
 
 use super::entity::customer_identifiers::{self, Column};
+use super::n;
 use chrono::{DateTime, Utc};
 use clm_domain::contact::{Identifier, IdentifierKind, external_key};
 use clm_domain::ids::CustomerId;
 use clm_domain::validation::echo;
 use clm_platform::Error;
 use clm_platform::db::{from_micros, to_micros};
-use sea_orm::sea_query::Cond;
+use sea_orm::sea_query::{Cond, Expr, ExprTrait, Query, UnionType};
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder};
 use std::collections::HashMap;
 
@@ -101,19 +102,73 @@ pub async fn holders(
 }
 
 /// ALREADY_EXISTS naming the holder if any of `ids` (each with the request
-/// field carrying it) is held by a customer other than `except`.
+/// field carrying it) is held by a customer other than `except`;
+/// FAILED_PRECONDITION if one belonged to an erased customer (when `salt`
+/// is given). One statement: the holders and the erased hashes are read
+/// together (`UNION ALL`).
 pub async fn check_free(
     db: &impl ConnectionTrait,
     ids: &[(String, Identifier)],
     except: Option<CustomerId>,
+    salt: Option<&str>,
 ) -> Result<(), Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
     let wanted: Vec<&Identifier> = ids.iter().map(|(_, i)| i).collect();
-    let held = holders(db, &wanted).await?;
-    for (field, id) in ids {
-        if let Some(h) = held.get(id)
-            && Some(h.customer) != except
+    let mut held = Query::select();
+    held.expr_as(Expr::col(Column::Kind), n("k"))
+        .expr_as(Expr::col(Column::Value), n("v"))
+        .expr_as(Expr::col(Column::CustomerId), n("c"))
+        .from(customer_identifiers::Entity)
+        .cond_where(matching(&wanted));
+    let hashes: Vec<(String, &Identifier)> = salt
+        .map(|s| {
+            wanted
+                .iter()
+                .map(|i| (super::erasure::identifier_hash(s, i), *i))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !hashes.is_empty() {
+        let mut erased = Query::select();
+        erased
+            .expr_as(Expr::col(n("kind")), n("k"))
+            .expr_as(Expr::col(n("hash")), n("v"))
+            .expr_as(Expr::val(""), n("c"))
+            .from(n("erased_identifiers"))
+            .and_where(Expr::col(n("hash")).is_in(hashes.iter().map(|(h, _)| h.clone())));
+        held.union(UnionType::All, erased);
+    }
+    for row in db.query_all(&held).await? {
+        let kind: i16 = row.try_get("", "k")?;
+        let value: String = row.try_get("", "v")?;
+        let holder: String = row.try_get("", "c")?;
+        if holder.is_empty() {
+            // An erased identifier's hash.
+            if let Some((hash, id)) = hashes.iter().find(|(h, _)| *h == value)
+                && let Some((field, _)) = ids.iter().find(|(_, i)| i == *id)
+            {
+                return Err(Error::FailedPrecondition {
+                    reason: "IDENTIFIER_ERASED",
+                    message: format!(
+                        "{field}: belongs to an erased customer (hash {}); \
+                         re-importing an erased person is refused",
+                        &hash[..12]
+                    ),
+                });
+            }
+            continue;
+        }
+        let holder = CustomerId::parse_id("customer_id", &holder).map_err(Error::internal)?;
+        if Some(holder) == except {
+            continue;
+        }
+        if let Some((field, id)) = ids
+            .iter()
+            .find(|(_, i)| i.kind.code() == kind && i.value == value)
         {
-            return Err(taken(field, id, h.customer));
+            return Err(taken(field, id, holder));
         }
     }
     Ok(())

@@ -438,6 +438,21 @@ impl MigrationTrait for ErasureTables {
                 .col(ColumnDef::new(a("salt")).string().not_null())
                 .to_owned(),
         )
-        .await
+        .await?;
+        // One random salt per installation, made here so that readers
+        // never have to create it.
+        let salt = format!(
+            "{}{}",
+            clm_domain::ids::Uuid::new_v4().simple(),
+            clm_domain::ids::Uuid::new_v4().simple()
+        );
+        let mut insert = Query::insert();
+        insert
+            .into_table(a("erasure_salt"))
+            .columns([a("id"), a("salt")])
+            .values_panic([1.into(), salt.into()])
+            .on_conflict(OnConflict::column(a("id")).do_nothing().to_owned());
+        m.get_connection().execute(&insert).await?;
+        Ok(())
     }
 }
