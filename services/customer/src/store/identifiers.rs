@@ -271,3 +271,95 @@ pub async fn list(
         .map(IdentifierRecord::from_model)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::store::customers::{self, CustomerRecord};
+    use clm_platform::db::from_micros;
+    use sea_orm_migration::MigratorTrait;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn a_batch_lookup_and_a_holder_check_are_each_one_statement() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = clm_platform::config::Config::defaults("customer", dir.path());
+        let mut db = clm_platform::db::connect(&config.database).await.unwrap();
+        crate::store::Migrator::up(&db, None).await.unwrap();
+        let statements = Arc::new(AtomicUsize::new(0));
+        let counter = statements.clone();
+        db.set_metric_callback(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        let now = from_micros(1_764_000_000_000_000);
+        let records: Vec<CustomerRecord> = (0..300)
+            .map(|i| CustomerRecord {
+                id: CustomerId::new(),
+                external_id: None,
+                email: Some(format!("c{i}@example.com")),
+                display_name: String::new(),
+                demographics: Default::default(),
+                attributes: Default::default(),
+                stage: clm_domain::lifecycle::Stage::Approach,
+                stage_change_time: now,
+                create_time: now,
+                update_time: now,
+                version: 1,
+                merged_from: Vec::new(),
+            })
+            .collect();
+        customers::insert_many(&db, &records).await.unwrap();
+        let rows: Vec<IdentifierRecord> = records
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| {
+                [
+                    Identifier {
+                        kind: IdentifierKind::Email,
+                        value: r.email.clone().unwrap(),
+                    },
+                    Identifier {
+                        kind: IdentifierKind::Phone,
+                        value: format!("+4930{}", 1_000_000 + i),
+                    },
+                ]
+                .map(|identifier| IdentifierRecord {
+                    customer: r.id,
+                    identifier,
+                    profile: false,
+                    create_time: now,
+                })
+            })
+            .collect();
+        insert_many(&db, &rows).await.unwrap();
+
+        // 1,000 identifiers of two kinds, some unknown: one statement.
+        let wanted: Vec<Identifier> = rows
+            .iter()
+            .map(|r| r.identifier.clone())
+            .chain((0..400).map(|i| Identifier {
+                kind: IdentifierKind::Email,
+                value: format!("nobody{i}@example.com"),
+            }))
+            .collect();
+        assert_eq!(wanted.len(), 1000);
+        let refs: Vec<&Identifier> = wanted.iter().collect();
+        statements.store(0, Ordering::SeqCst);
+        let held = holders(&db, &refs).await.unwrap();
+        assert_eq!(statements.load(Ordering::SeqCst), 1, "BatchLookupCustomers");
+        assert_eq!(held.len(), 600);
+        assert_eq!(held[&rows[3].identifier].customer, rows[3].customer);
+
+        // Holders and erased hashes together: one statement.
+        let ids = vec![("customer.email".to_owned(), rows[0].identifier.clone())];
+        statements.store(0, Ordering::SeqCst);
+        let e = check_free(&db, &ids, None, Some("salt")).await.unwrap_err();
+        assert_eq!(statements.load(Ordering::SeqCst), 1, "check_free");
+        assert!(e.to_string().contains(&rows[0].customer.name()), "{e}");
+        check_free(&db, &ids, Some(rows[0].customer), Some("salt"))
+            .await
+            .unwrap();
+    }
+}
