@@ -9,6 +9,7 @@
 
 pub mod attributes;
 pub mod clock;
+pub mod consent;
 pub mod contact;
 pub mod demographics;
 pub mod filter;

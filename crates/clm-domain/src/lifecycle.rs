@@ -77,6 +77,15 @@ pub enum TransitionError {
 }
 
 impl Stage {
+    /// The furthest of `stages` in the funnel, as a merge of duplicate
+    /// profiles keeps it: any funnel stage beats CHURNED (the person is
+    /// still active under another profile); CHURNED only if all are.
+    pub fn furthest(stages: impl IntoIterator<Item = Stage>) -> Option<Stage> {
+        stages
+            .into_iter()
+            .max_by_key(|s| s.rank().map_or(0, |r| r + 1))
+    }
+
     /// Position in the funnel (CHURNED is outside it).
     fn rank(self) -> Option<u8> {
         match self {
@@ -215,6 +224,18 @@ impl Transition {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_furthest_stage_of_a_merge() {
+        use Stage::*;
+        assert_eq!(
+            Stage::furthest([Approach, Loyalty, Retention]),
+            Some(Loyalty)
+        );
+        assert_eq!(Stage::furthest([Churned, Acquisition]), Some(Acquisition));
+        assert_eq!(Stage::furthest([Churned, Churned]), Some(Churned));
+        assert_eq!(Stage::furthest([]), None);
+    }
     use Stage::*;
     use proptest::prelude::*;
 

@@ -6,7 +6,11 @@
 use crate::convert;
 use crate::error::CustomerError;
 use crate::events;
+use crate::store::consent::{self, ConsentChangeRecord, ConsentRecord};
 use crate::store::customers::{self, CustomerRecord, NewCustomer, SortKey};
+use crate::store::erasure::{self, ErasureRecord, ErasureRequestId};
+use crate::store::identifiers::{self, IdentifierRecord};
+use crate::store::merge;
 use crate::store::stages::{self, StageChangeRecord};
 use crate::store::touchpoints::{self, TouchpointRecord};
 use chrono::{DateTime, Utc};
@@ -27,6 +31,10 @@ use tonic::{Request, Response, Status};
 
 /// Roles that may change customers.
 const WRITERS: &[Role] = &[Role::Marketer, Role::DataSteward, Role::Service];
+/// Roles that may erase customers and read erasure requests (admin always may).
+const ERASERS: &[Role] = &[Role::DataSteward];
+/// Every service that erases a customer's data and sends a receipt.
+const ERASING_SERVICES: [&str; 5] = ["customer", "scoring", "segmentation", "feedback", "loyalty"];
 /// Roles that may read customers.
 const READERS: &[Role] = &[
     Role::Marketer,
@@ -39,23 +47,43 @@ const READERS: &[Role] = &[
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 1000;
 const MAX_BATCH_CUSTOMERS: usize = 1000;
+/// Most consent changes GetConsent answers (the newest).
+const MAX_CONSENT_HISTORY: u64 = 1000;
+const MAX_BATCH_LOOKUP: usize = 1000;
+const MAX_MERGE_DUPLICATES: usize = 100;
 
 /// The customer service.
 #[derive(Debug, Clone)]
 pub struct CustomerApi {
     rt: Runtime,
+    /// The installation's salt for erased identifiers' hashes (never changes).
+    salt: std::sync::Arc<tokio::sync::OnceCell<String>>,
 }
 
 impl CustomerApi {
     /// Serves from `rt`.
     pub fn new(rt: Runtime) -> Self {
-        Self { rt }
+        Self {
+            rt,
+            salt: std::sync::Arc::default(),
+        }
     }
 
     /// Now, at the precision times are stored with, so every answer, event
     /// and replay carries what a read will answer.
     fn now(&self) -> DateTime<Utc> {
         clm_domain::clock::micros(self.rt.clock.now())
+    }
+
+    /// The salt of erased identifiers' hashes, read once.
+    async fn salt(&self) -> Result<Option<&str>> {
+        if let Some(s) = self.salt.get() {
+            return Ok(Some(s.as_str()));
+        }
+        match erasure::existing_salt(&self.rt.read).await? {
+            Some(s) => Ok(Some(self.salt.get_or_init(async || s).await.as_str())),
+            None => Ok(None),
+        }
     }
 
     /// Reads a customer for a change, checking the caller's etag if one was sent.
@@ -89,12 +117,13 @@ impl CustomerApi {
         items: Vec<(String, NewCustomer)>,
         actor: &Principal,
         now: DateTime<Utc>,
+        salt: Option<&str>,
     ) -> Result<Vec<CustomerRecord>> {
-        let keys: Vec<(&str, Option<&str>, Option<&str>)> = items
+        let keys: Vec<(String, clm_domain::contact::Identifier)> = items
             .iter()
-            .map(|(p, c)| (p.as_str(), c.email.as_deref(), c.external_id.as_deref()))
+            .flat_map(|(p, c)| profile_keys(p, c.email.as_deref(), c.external_id.as_deref()))
             .collect();
-        customers::check_unique(txn, &keys, None).await?;
+        identifiers::check_free(txn, &keys, None, salt).await?;
         let records: Vec<CustomerRecord> = items
             .into_iter()
             .map(|(_, c)| CustomerRecord {
@@ -109,6 +138,7 @@ impl CustomerApi {
                 create_time: now,
                 update_time: now,
                 version: 1,
+                merged_from: Vec::new(),
             })
             .collect();
         customers::insert_many(txn, &records).await?;
@@ -125,6 +155,20 @@ impl CustomerApi {
             })
             .collect();
         stages::insert_many(txn, &history).await?;
+        let held: Vec<IdentifierRecord> = records
+            .iter()
+            .flat_map(|r| {
+                identifiers::profile_identifiers(r.email.as_deref(), r.external_id.as_deref())
+                    .into_iter()
+                    .map(|identifier| IdentifierRecord {
+                        customer: r.id,
+                        identifier,
+                        profile: true,
+                        create_time: now,
+                    })
+            })
+            .collect();
+        identifiers::insert_many(txn, &held).await?;
         Ok(records)
     }
 
@@ -140,6 +184,9 @@ impl CustomerApi {
             .as_ref()
             .ok_or_else(|| Error::invalid("customer", "is required"))?;
         let draft = convert::new_customer("customer", c, now.date_naive())?;
+        // Read before the transaction: a second connection inside it could
+        // wait for a pool that the transactions themselves hold.
+        let salt = self.salt().await?;
         idempotency::write(
             &self.rt,
             "CreateCustomer",
@@ -148,7 +195,7 @@ impl CustomerApi {
             now,
             async move |txn| {
                 let record = self
-                    .insert_customers(txn, vec![("customer".into(), draft)], &actor, now)
+                    .insert_customers(txn, vec![("customer".into(), draft)], &actor, now, salt)
                     .await?
                     .into_iter()
                     .next()
@@ -210,6 +257,9 @@ impl CustomerApi {
             }
         }
         v.into_result()?;
+        // Read before the transaction: a second connection inside it could
+        // wait for a pool that the transactions themselves hold.
+        let salt = self.salt().await?;
         idempotency::write(
             &self.rt,
             "BatchCreateCustomers",
@@ -217,7 +267,7 @@ impl CustomerApi {
             &req,
             now,
             async move |txn| {
-                let records = self.insert_customers(txn, items, &actor, now).await?;
+                let records = self.insert_customers(txn, items, &actor, now, salt).await?;
                 let customers: Vec<pb::Customer> = records
                     .iter()
                     .map(|r| convert::customer_to_proto(r, today))
@@ -231,7 +281,17 @@ impl CustomerApi {
 
     async fn get(&self, req: pb::GetCustomerRequest) -> Result<pb::Customer> {
         let id = CustomerId::parse_name("name", &req.name)?;
-        let r = customers::get(&self.rt.read, id).await?;
+        // A merged id answers its survivor.
+        let r = match customers::get(&self.rt.read, id).await {
+            Err(Error::FailedPrecondition {
+                reason: customers::MERGED,
+                ..
+            }) => match customers::redirect_of(&self.rt.read, id).await? {
+                Some(survivor) => customers::get(&self.rt.read, survivor).await?,
+                None => return Err(Error::NotFound(id.name())),
+            },
+            other => other?,
+        };
         Ok(convert::customer_to_proto(&r, self.now().date_naive()))
     }
 
@@ -255,6 +315,9 @@ impl CustomerApi {
                 "is required: name the fields to change",
             ));
         }
+        // Read before the transaction: a second connection inside it could
+        // wait for a pool that the transactions themselves hold.
+        let salt = self.salt().await?;
         idempotency::write(
             &self.rt,
             "UpdateCustomer",
@@ -263,14 +326,29 @@ impl CustomerApi {
             now,
             async move |txn| {
                 let mut rec = self.load_for_write(txn, id, &c.etag).await?;
+                let before = identifiers::profile_identifiers(
+                    rec.email.as_deref(),
+                    rec.external_id.as_deref(),
+                );
                 let attributes_changed = apply_mask(&mut rec, c, &paths, today)?;
                 if paths.iter().any(|p| p == "email" || p == "external_id") {
-                    customers::check_unique(
-                        txn,
-                        &[("customer", rec.email.as_deref(), rec.external_id.as_deref())],
-                        Some(id),
-                    )
-                    .await?;
+                    let keys =
+                        profile_keys("customer", rec.email.as_deref(), rec.external_id.as_deref());
+                    identifiers::check_free(txn, &keys, Some(id), salt).await?;
+                    // The profile's identifiers follow it: old and new
+                    // values go, the new ones come back marked as profile.
+                    let gone: Vec<_> = before.iter().chain(keys.iter().map(|(_, i)| i)).collect();
+                    identifiers::remove(txn, id, &gone).await?;
+                    let held: Vec<IdentifierRecord> = keys
+                        .into_iter()
+                        .map(|(_, identifier)| IdentifierRecord {
+                            customer: id,
+                            identifier,
+                            profile: true,
+                            create_time: now,
+                        })
+                        .collect();
+                    identifiers::insert_many(txn, &held).await?;
                 }
                 let expected = rec.version;
                 rec.version += 1;
@@ -351,7 +429,8 @@ impl CustomerApi {
                     .into_iter()
                     .collect();
                 if let Some(missing) = ids.iter().find(|id| !existing.contains(*id)) {
-                    return Err(Error::NotFound(format!("customers/{missing}")));
+                    let id = CustomerId::parse_id("customer", missing).map_err(Error::internal)?;
+                    return Err(customers::missing(txn, id).await);
                 }
                 let outcome = record_new(txn, &batch).await?;
                 let events = outcome
@@ -487,6 +566,609 @@ impl CustomerApi {
             next_page_token,
         })
     }
+}
+
+impl CustomerApi {
+    async fn set_consent(
+        &self,
+        actor: Principal,
+        req: pb::SetConsentRequest,
+    ) -> Result<pb::Consent> {
+        let now = self.now();
+        let rid = request_id("request_id", &req.request_id)?;
+        let mut v = Violations::new();
+        let id = v.check("", convert::consent_owner("name", &req.name));
+        let source = v.check("", convert::consent_source("source", req.source));
+        let settings = match convert::consent_settings("settings", &req.settings) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                v.0.extend(e.0);
+                None
+            }
+        };
+        v.into_result()?;
+        let (Some(id), Some(source), Some(settings)) = (id, source, settings) else {
+            return Err(Error::internal("validated fields missing"));
+        };
+        idempotency::write(&self.rt, "SetConsent", rid, &req, now, async move |txn| {
+            // Concurrent changes of one customer's consent record
+            // their `from_state` in order.
+            customers::lock(txn, id).await?;
+            let mut stated = consent::current(txn, id).await?;
+            let mut changes = Vec::new();
+            for s in settings {
+                let now_state = stated
+                    .iter()
+                    .find(|r| r.purpose == s.purpose && r.channel == s.channel)
+                    .map_or(clm_domain::consent::ConsentState::Unset, |r| r.state);
+                if now_state == s.state {
+                    continue;
+                }
+                changes.push(ConsentChangeRecord {
+                    purpose: s.purpose,
+                    channel: s.channel,
+                    from: now_state,
+                    to: s.state,
+                    source,
+                    actor: actor.subject.clone(),
+                    change_time: now,
+                });
+            }
+            if changes.is_empty() {
+                return Ok((convert::consent_to_proto(id, &stated, &[]), vec![]));
+            }
+            consent::apply(txn, id, &changes).await?;
+            stated.retain(|r| {
+                !changes
+                    .iter()
+                    .any(|c| c.purpose == r.purpose && c.channel == r.channel)
+            });
+            stated.extend(changes.iter().map(|c| ConsentRecord {
+                purpose: c.purpose,
+                channel: c.channel,
+                state: c.to,
+                source: c.source,
+                actor: c.actor.clone(),
+                update_time: c.change_time,
+            }));
+            let event = events::consent_changed(
+                &id.name(),
+                changes
+                    .iter()
+                    .map(convert::consent_change_to_proto)
+                    .collect(),
+            );
+            Ok((convert::consent_to_proto(id, &stated, &[]), vec![event]))
+        })
+        .await
+    }
+
+    async fn get_consent(&self, req: pb::GetConsentRequest) -> Result<pb::Consent> {
+        let id = convert::consent_owner("name", &req.name)?;
+        self.ensure_exists(id).await?;
+        let stated = consent::current(&self.rt.read, id).await?;
+        let history = if req.include_history {
+            consent::history(&self.rt.read, id, MAX_CONSENT_HISTORY).await?
+        } else {
+            Vec::new()
+        };
+        Ok(convert::consent_to_proto(id, &stated, &history))
+    }
+}
+
+impl CustomerApi {
+    async fn add_identifier(
+        &self,
+        req: pb::AddCustomerIdentifierRequest,
+    ) -> Result<pb::CustomerIdentifier> {
+        let now = self.now();
+        let rid = request_id("request_id", &req.request_id)?;
+        let mut v = Violations::new();
+        let id = v.check("", CustomerId::parse_name("parent", &req.parent));
+        let wanted = v.check(
+            "",
+            convert::identifier("identifier", req.identifier.as_ref()),
+        );
+        v.into_result()?;
+        let (Some(id), Some(wanted)) = (id, wanted) else {
+            return Err(Error::internal("validated fields missing"));
+        };
+        // Read before the transaction: a second connection inside it could
+        // wait for a pool that the transactions themselves hold.
+        let salt = self.salt().await?;
+        idempotency::write(
+            &self.rt,
+            "AddCustomerIdentifier",
+            rid,
+            &req,
+            now,
+            async move |txn| {
+                customers::lock(txn, id).await?;
+                identifiers::check_free(
+                    txn,
+                    &[("identifier.value".to_owned(), wanted.clone())],
+                    Some(id),
+                    salt,
+                )
+                .await?;
+                if let Some(h) = identifiers::holders(txn, &[&wanted]).await?.remove(&wanted) {
+                    if h.customer != id {
+                        return Err(identifiers::taken("identifier.value", &wanted, h.customer));
+                    }
+                    return Ok((convert::identifier_to_proto(&h), vec![]));
+                }
+                let rec = IdentifierRecord {
+                    customer: id,
+                    identifier: wanted,
+                    profile: false,
+                    create_time: now,
+                };
+                if !identifiers::insert_if_free(txn, &rec).await? {
+                    let holder = identifiers::holders(txn, &[&rec.identifier])
+                        .await?
+                        .remove(&rec.identifier)
+                        .ok_or_else(|| {
+                            Error::Aborted("the identifier changed hands; retry".into())
+                        })?;
+                    return Err(identifiers::taken(
+                        "identifier.value",
+                        &rec.identifier,
+                        holder.customer,
+                    ));
+                }
+                let out = convert::identifier_to_proto(&rec);
+                let events = vec![events::identifier_added(&id.name(), out.clone())];
+                Ok((out, events))
+            },
+        )
+        .await
+    }
+
+    async fn remove_identifier(
+        &self,
+        req: pb::RemoveCustomerIdentifierRequest,
+    ) -> Result<pb::CustomerIdentifier> {
+        let now = self.now();
+        let rid = request_id("request_id", &req.request_id)?;
+        let mut v = Violations::new();
+        let id = v.check("", CustomerId::parse_name("parent", &req.parent));
+        let gone = v.check(
+            "",
+            convert::lookup_identifier("identifier", req.identifier.as_ref()),
+        );
+        v.into_result()?;
+        let (Some(id), Some(gone)) = (id, gone) else {
+            return Err(Error::internal("validated fields missing"));
+        };
+        idempotency::write(
+            &self.rt,
+            "RemoveCustomerIdentifier",
+            rid,
+            &req,
+            now,
+            async move |txn| {
+                customers::lock(txn, id).await?;
+                let held = identifiers::holders(txn, &[&gone])
+                    .await?
+                    .remove(&gone)
+                    .filter(|h| h.customer == id)
+                    .ok_or_else(|| {
+                        Error::NotFound(format!(
+                            "identifier {} of {}",
+                            clm_domain::validation::echo(&gone.value),
+                            id.name()
+                        ))
+                    })?;
+                if held.profile {
+                    return Err(Error::FailedPrecondition {
+                        reason: "PROFILE_IDENTIFIER",
+                        message: "identifier: is the profile's own email or external_id; \
+                                  change it with UpdateCustomer"
+                            .into(),
+                    });
+                }
+                identifiers::remove(txn, id, &[&gone]).await?;
+                let out = convert::identifier_to_proto(&held);
+                let events = vec![events::identifier_removed(&id.name(), out.clone())];
+                Ok((out, events))
+            },
+        )
+        .await
+    }
+
+    async fn list_identifiers(
+        &self,
+        req: pb::ListCustomerIdentifiersRequest,
+    ) -> Result<pb::ListCustomerIdentifiersResponse> {
+        let id = CustomerId::parse_name("parent", &req.parent)?;
+        let held = identifiers::list(&self.rt.read, id).await?;
+        if held.is_empty() {
+            self.ensure_exists(id).await?;
+        }
+        Ok(pb::ListCustomerIdentifiersResponse {
+            identifiers: held.iter().map(convert::identifier_to_proto).collect(),
+        })
+    }
+
+    async fn lookup(&self, req: pb::LookupCustomerRequest) -> Result<pb::Customer> {
+        let wanted = convert::lookup_identifier("identifier", req.identifier.as_ref())?;
+        let holder = identifiers::holders(&self.rt.read, &[&wanted])
+            .await?
+            .remove(&wanted)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "a customer with identifier {}",
+                    clm_domain::validation::echo(&wanted.value)
+                ))
+            })?;
+        let r = customers::get(&self.rt.read, holder.customer).await?;
+        Ok(convert::customer_to_proto(&r, self.now().date_naive()))
+    }
+
+    async fn batch_lookup(
+        &self,
+        req: pb::BatchLookupCustomersRequest,
+    ) -> Result<pb::BatchLookupCustomersResponse> {
+        let n = req.identifiers.len();
+        if n == 0 || n > MAX_BATCH_LOOKUP {
+            return Err(Error::invalid(
+                "identifiers",
+                format!("must hold 1..{MAX_BATCH_LOOKUP} identifiers, got {n}"),
+            ));
+        }
+        let mut v = Violations::new();
+        let wanted: Vec<_> = req
+            .identifiers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, x)| {
+                v.check(
+                    "",
+                    convert::lookup_identifier(&format!("identifiers[{i}]"), Some(x)),
+                )
+            })
+            .collect();
+        v.into_result()?;
+        let refs: Vec<_> = wanted.iter().collect();
+        let held = identifiers::holders(&self.rt.read, &refs).await?;
+        Ok(pb::BatchLookupCustomersResponse {
+            results: wanted
+                .iter()
+                .map(|w| pb::LookupResult {
+                    identifier: Some(convert::bare_identifier_to_proto(w)),
+                    customer: held.get(w).map(|h| h.customer.name()).unwrap_or_default(),
+                })
+                .collect(),
+        })
+    }
+}
+
+impl CustomerApi {
+    async fn merge(
+        &self,
+        actor: Principal,
+        req: pb::MergeCustomersRequest,
+    ) -> Result<pb::MergeCustomersResponse> {
+        let now = self.now();
+        let today = now.date_naive();
+        let rid = request_id("request_id", &req.request_id)?;
+        let mut v = Violations::new();
+        let survivor = v.check("", CustomerId::parse_name("survivor", &req.survivor));
+        let n = req.duplicates.len();
+        if n == 0 || n > MAX_MERGE_DUPLICATES {
+            v.push(Violation::new(
+                "duplicates",
+                format!("must hold 1..{MAX_MERGE_DUPLICATES} customers, got {n}"),
+            ));
+        }
+        let mut dups: Vec<CustomerId> = Vec::with_capacity(n);
+        for (i, d) in req.duplicates.iter().enumerate() {
+            let field = format!("duplicates[{i}]");
+            let Some(d) = v.check("", CustomerId::parse_name(&field, d)) else {
+                continue;
+            };
+            if Some(d) == survivor {
+                v.push(Violation::new(
+                    field,
+                    "is the survivor: a customer cannot merge with itself",
+                ));
+            } else if let Some(j) = dups.iter().position(|x| *x == d) {
+                v.push(Violation::new(field, format!("repeats duplicates[{j}]")));
+            } else {
+                dups.push(d);
+            }
+        }
+        let policy = req.policy.clone().unwrap_or_default();
+        let default_policy = v.check(
+            "",
+            convert::merge_policy(
+                "policy.default_attribute_policy",
+                policy.default_attribute_policy,
+            ),
+        );
+        let mut per_key = HashMap::new();
+        for (k, p) in &policy.attribute_policies {
+            let field = format!(
+                "policy.attribute_policies[{}]",
+                clm_domain::validation::echo(k)
+            );
+            if let Some(p) = v.check("", convert::merge_policy(&field, *p)) {
+                per_key.insert(k.clone(), p);
+            }
+        }
+        v.into_result()?;
+        let (Some(survivor), Some(default_policy)) = (survivor, default_policy) else {
+            return Err(Error::internal("validated fields missing"));
+        };
+        idempotency::write(
+            &self.rt,
+            "MergeCustomers",
+            rid,
+            &req,
+            now,
+            async move |txn| {
+                let mut all = dups.clone();
+                all.push(survivor);
+                let locked = customers::lock_many(txn, &all).await?;
+                for id in &all {
+                    if !locked.contains(&id.to_string()) {
+                        return Err(customers::missing(txn, *id).await);
+                    }
+                }
+                let records = customers::get_many(txn, &all).await?;
+                let (mut rec, others): (Vec<_>, Vec<_>) =
+                    records.into_iter().partition(|r| r.id == survivor);
+                let mut rec = rec
+                    .pop()
+                    .ok_or_else(|| Error::internal("locked survivor not read"))?;
+                let expected = rec.version;
+
+                // Stage: the furthest, with a history entry saying why.
+                let stage_before = rec.stage;
+                let furthest = clm_domain::lifecycle::Stage::furthest(
+                    std::iter::once(rec.stage).chain(others.iter().map(|o| o.stage)),
+                )
+                .unwrap_or(rec.stage);
+                let merged_names: Vec<String> = dups.iter().map(CustomerId::name).collect();
+
+                // Attributes by policy; the newest duplicate first.
+                let mut sorted: Vec<&CustomerRecord> = others.iter().collect();
+                sorted.sort_by_key(|o| std::cmp::Reverse(o.update_time));
+                let sets: Vec<_> = sorted
+                    .iter()
+                    .map(|o| (&o.attributes, o.update_time))
+                    .collect();
+                let attrs = attributes::merge((&rec.attributes, rec.update_time), &sets, |k| {
+                    per_key.get(k).copied().unwrap_or(default_policy)
+                });
+                let attributes_changed = attrs != rec.attributes;
+                rec.attributes = attrs;
+                let mut merged_from = rec.merged_from.clone();
+                for o in &others {
+                    merged_from.push(o.id);
+                    merged_from.extend(o.merged_from.iter().copied());
+                }
+                merged_from.sort();
+                merged_from.dedup();
+                rec.merged_from = merged_from;
+
+                // Consent: the strictest statement per cell wins.
+                let stated = consent::current_of_many(txn, &all).await?;
+                let own = survivor.to_string();
+                let mut changes: Vec<ConsentChangeRecord> = Vec::new();
+                for (_, row) in stated.iter().filter(|(c, _)| *c != own) {
+                    let mine = stated
+                        .iter()
+                        .find(|(c, r)| {
+                            *c == own && r.purpose == row.purpose && r.channel == row.channel
+                        })
+                        .map_or(clm_domain::consent::ConsentState::Unset, |(_, r)| r.state);
+                    let pending = changes
+                        .iter_mut()
+                        .find(|c| c.purpose == row.purpose && c.channel == row.channel);
+                    let current = pending.as_ref().map_or(mine, |c| c.to);
+                    let strictest = current.strictest(row.state);
+                    if strictest == current {
+                        continue;
+                    }
+                    match pending {
+                        Some(c) => c.to = strictest,
+                        None => changes.push(ConsentChangeRecord {
+                            purpose: row.purpose,
+                            channel: row.channel,
+                            from: mine,
+                            to: strictest,
+                            source: clm_domain::consent::ConsentSource::Merge,
+                            actor: actor.subject.clone(),
+                            change_time: now,
+                        }),
+                    }
+                }
+                changes.sort_by_key(|c| (c.purpose, c.channel));
+
+                merge::move_children(txn, survivor, &dups).await?;
+                merge::redirect(txn, survivor, &dups, now).await?;
+                consent::apply(txn, survivor, &changes).await?;
+                let mut events = Vec::new();
+                if furthest != stage_before {
+                    rec.stage = furthest;
+                    rec.stage_change_time = now;
+                    let change = StageChangeRecord {
+                        id: 0,
+                        customer: survivor,
+                        from: Some(stage_before),
+                        to: furthest,
+                        reason: format!("merged {}", merged_names.join(", ")),
+                        actor: actor.subject.clone(),
+                        change_time: now,
+                    };
+                    stages::insert_many(txn, std::slice::from_ref(&change)).await?;
+                    events.push(events::stage_changed(
+                        &survivor.name(),
+                        convert::stage_change_to_proto(&change, now),
+                    ));
+                }
+                rec.version += 1;
+                rec.update_time = now;
+                if !customers::update(txn, &rec, expected, attributes_changed).await? {
+                    return Err(CustomerError::Concurrent.into());
+                }
+                let out = convert::customer_to_proto(&rec, today);
+                if !changes.is_empty() {
+                    events.push(events::consent_changed(
+                        &survivor.name(),
+                        changes
+                            .iter()
+                            .map(convert::consent_change_to_proto)
+                            .collect(),
+                    ));
+                }
+                events.insert(0, events::customers_merged(&out, merged_names));
+                Ok((
+                    pb::MergeCustomersResponse {
+                        customer: Some(out),
+                    },
+                    events,
+                ))
+            },
+        )
+        .await
+    }
+}
+
+impl CustomerApi {
+    async fn erase(
+        &self,
+        actor: Principal,
+        req: pb::EraseCustomerRequest,
+    ) -> Result<pb::ErasureRequest> {
+        let now = self.now();
+        let rid = request_id("request_id", &req.request_id)?;
+        let id = CustomerId::parse_name("name", &req.name)?;
+        idempotency::write(
+            &self.rt,
+            "EraseCustomer",
+            rid,
+            &req,
+            now,
+            async move |txn| {
+                match customers::lock(txn, id).await {
+                    Ok(()) => {}
+                    Err(Error::NotFound(e)) => {
+                        // Erasing twice answers the first request.
+                        return match erasure::of_customer(txn, id).await? {
+                            Some(done) => Ok((erasure_to_proto(&done), vec![])),
+                            None => Err(Error::NotFound(e)),
+                        };
+                    }
+                    Err(e) => return Err(e),
+                }
+                let rec = customers::get(txn, id).await?;
+                let held: Vec<_> = identifiers::list(txn, id)
+                    .await?
+                    .into_iter()
+                    .map(|i| i.identifier)
+                    .collect();
+                let erasure_id = ErasureRequestId::new();
+                let salt = erasure::salt(txn).await?;
+                erasure::keep_hashes(txn, erasure_id, &salt, &held).await?;
+                erasure::forget(
+                    txn,
+                    id,
+                    &rec.merged_from,
+                    events::SCRUBBED_TYPES,
+                    events::scrubbed,
+                )
+                .await?;
+                let done = ErasureRecord {
+                    id: erasure_id,
+                    customer: id,
+                    requester: actor.subject.clone(),
+                    create_time: now,
+                    complete_time: None,
+                    receipts: vec![(crate::SERVICE.to_owned(), now)],
+                };
+                erasure::insert(txn, &done).await?;
+                let out = erasure_to_proto(&done);
+                let event = events::customer_erased(
+                    &id.name(),
+                    &erasure_id.name(),
+                    rec.merged_from.iter().map(CustomerId::name).collect(),
+                );
+                Ok((out, vec![event]))
+            },
+        )
+        .await
+    }
+
+    async fn get_erasure(&self, req: pb::GetErasureRequestRequest) -> Result<pb::ErasureRequest> {
+        let id = ErasureRequestId::parse_name("name", &req.name)?;
+        Ok(erasure_to_proto(&erasure::get(&self.rt.read, id).await?))
+    }
+
+    async fn list_erasures(
+        &self,
+        req: pb::ListErasureRequestsRequest,
+    ) -> Result<pb::ListErasureRequestsResponse> {
+        let size = page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)? as usize;
+        let pager = Pager::new(&["erasure_requests"]);
+        let after = pager.after::<i64>(&req.page_token)?;
+        let rows = erasure::list(&self.rt.read, after, size as u64 + 1).await?;
+        let (erasure_requests, next_page_token) = pager.page(&rows, size, erasure_to_proto, |r| {
+            (clm_platform::db::to_micros(r.create_time), r.id.to_string())
+        });
+        Ok(pb::ListErasureRequestsResponse {
+            erasure_requests,
+            next_page_token,
+        })
+    }
+}
+
+/// A stored erasure request → proto; COMPLETED once every service's receipt is in.
+fn erasure_to_proto(r: &ErasureRecord) -> pb::ErasureRequest {
+    let complete = ERASING_SERVICES
+        .iter()
+        .all(|s| r.receipts.iter().any(|(x, _)| x == s));
+    pb::ErasureRequest {
+        name: r.id.name(),
+        customer: r.customer.name(),
+        state: if complete {
+            pb::ErasureState::Completed
+        } else {
+            pb::ErasureState::InProgress
+        } as i32,
+        expected_services: ERASING_SERVICES.iter().map(|s| (*s).to_owned()).collect(),
+        receipts: r
+            .receipts
+            .iter()
+            .map(|(service, at)| pb::ErasureReceipt {
+                service: service.clone(),
+                erase_time: Some(clm_platform::convert::timestamp(*at)),
+            })
+            .collect(),
+        requester: r.requester.clone(),
+        create_time: Some(clm_platform::convert::timestamp(r.create_time)),
+        complete_time: r.complete_time.map(clm_platform::convert::timestamp),
+    }
+}
+
+/// The identifiers of a profile's `email` and `external_id`, each with the
+/// request field under `prefix` that carries it.
+fn profile_keys(
+    prefix: &str,
+    email: Option<&str>,
+    external_id: Option<&str>,
+) -> Vec<(String, clm_domain::contact::Identifier)> {
+    identifiers::profile_identifiers(email, external_id)
+        .into_iter()
+        .map(|i| {
+            let f = match i.kind {
+                clm_domain::contact::IdentifierKind::Email => "email",
+                _ => "external_id",
+            };
+            (format!("{prefix}.{f}"), i)
+        })
+        .collect()
 }
 
 /// How the touchpoints of one batch (by position) were recorded.
@@ -749,5 +1431,82 @@ impl CustomerService for CustomerApi {
         request: Request<pb::ListStageHistoryRequest>,
     ) -> Result<Response<pb::ListStageHistoryResponse>, Status> {
         respond(request, READERS, |_, r| self.stage_history(r)).await
+    }
+
+    async fn set_consent(
+        &self,
+        request: Request<pb::SetConsentRequest>,
+    ) -> Result<Response<pb::Consent>, Status> {
+        respond(request, WRITERS, |p, r| self.set_consent(p, r)).await
+    }
+
+    async fn get_consent(
+        &self,
+        request: Request<pb::GetConsentRequest>,
+    ) -> Result<Response<pb::Consent>, Status> {
+        respond(request, READERS, |_, r| self.get_consent(r)).await
+    }
+
+    async fn add_customer_identifier(
+        &self,
+        request: Request<pb::AddCustomerIdentifierRequest>,
+    ) -> Result<Response<pb::CustomerIdentifier>, Status> {
+        respond(request, WRITERS, |_, r| self.add_identifier(r)).await
+    }
+
+    async fn remove_customer_identifier(
+        &self,
+        request: Request<pb::RemoveCustomerIdentifierRequest>,
+    ) -> Result<Response<pb::CustomerIdentifier>, Status> {
+        respond(request, WRITERS, |_, r| self.remove_identifier(r)).await
+    }
+
+    async fn list_customer_identifiers(
+        &self,
+        request: Request<pb::ListCustomerIdentifiersRequest>,
+    ) -> Result<Response<pb::ListCustomerIdentifiersResponse>, Status> {
+        respond(request, READERS, |_, r| self.list_identifiers(r)).await
+    }
+
+    async fn lookup_customer(
+        &self,
+        request: Request<pb::LookupCustomerRequest>,
+    ) -> Result<Response<pb::Customer>, Status> {
+        respond(request, READERS, |_, r| self.lookup(r)).await
+    }
+
+    async fn batch_lookup_customers(
+        &self,
+        request: Request<pb::BatchLookupCustomersRequest>,
+    ) -> Result<Response<pb::BatchLookupCustomersResponse>, Status> {
+        respond(request, READERS, |_, r| self.batch_lookup(r)).await
+    }
+
+    async fn merge_customers(
+        &self,
+        request: Request<pb::MergeCustomersRequest>,
+    ) -> Result<Response<pb::MergeCustomersResponse>, Status> {
+        respond(request, WRITERS, |p, r| self.merge(p, r)).await
+    }
+
+    async fn erase_customer(
+        &self,
+        request: Request<pb::EraseCustomerRequest>,
+    ) -> Result<Response<pb::ErasureRequest>, Status> {
+        respond(request, ERASERS, |p, r| self.erase(p, r)).await
+    }
+
+    async fn get_erasure_request(
+        &self,
+        request: Request<pb::GetErasureRequestRequest>,
+    ) -> Result<Response<pb::ErasureRequest>, Status> {
+        respond(request, ERASERS, |_, r| self.get_erasure(r)).await
+    }
+
+    async fn list_erasure_requests(
+        &self,
+        request: Request<pb::ListErasureRequestsRequest>,
+    ) -> Result<Response<pb::ListErasureRequestsResponse>, Status> {
+        respond(request, ERASERS, |_, r| self.list_erasures(r)).await
     }
 }

@@ -1,10 +1,16 @@
 //! Proto ↔ domain conversions. Every error names the request field.
 
+use crate::store::consent::{ConsentChangeRecord, ConsentRecord};
 use crate::store::customers::{CustomerRecord, NewCustomer};
+use crate::store::identifiers::IdentifierRecord;
 use crate::store::stages::StageChangeRecord;
 use crate::store::touchpoints::TouchpointRecord;
 use chrono::{DateTime, NaiveDate, Utc};
 use clm_domain::attributes::{self, AttributeValue, Attributes};
+use clm_domain::consent::{
+    self, ALL_CHANNELS, ALL_PURPOSES, Channel, ConsentSetting, ConsentSource, ConsentState, Purpose,
+};
+use clm_domain::contact::{Identifier, IdentifierKind};
 use clm_domain::demographics::{self, Demographics, Gender};
 use clm_domain::ids::{self, CustomerId};
 use clm_domain::lifecycle::Stage;
@@ -272,6 +278,7 @@ pub fn customer_to_proto(r: &CustomerRecord, today: NaiveDate) -> pb::Customer {
         create_time: Some(timestamp(r.create_time)),
         update_time: Some(timestamp(r.update_time)),
         etag: clm_platform::convert::etag(r.version),
+        merged_from: r.merged_from.iter().map(CustomerId::name).collect(),
     }
 }
 
@@ -402,6 +409,264 @@ pub fn stage_change_to_proto(c: &StageChangeRecord, until: DateTime<Utc>) -> pb:
         change_time: Some(timestamp(c.change_time)),
         time_in_stage: Some(duration_from_millis(
             (until - c.change_time).num_milliseconds().max(0),
+        )),
+    }
+}
+
+/// The customer of a consent name: `customers/{id}/consent` or `customers/{id}`.
+pub fn consent_owner(field: &str, name: &str) -> Result<CustomerId, Violation> {
+    CustomerId::parse_name(field, name.strip_suffix("/consent").unwrap_or(name))
+}
+
+/// A proto consent purpose → domain (UNSPECIFIED and unknown numbers refused).
+pub fn consent_purpose(field: &str, value: i32) -> Result<Purpose, Violation> {
+    match pb::ConsentPurpose::try_from(value) {
+        Ok(pb::ConsentPurpose::Marketing) => Ok(Purpose::Marketing),
+        Ok(pb::ConsentPurpose::Profiling) => Ok(Purpose::Profiling),
+        Ok(pb::ConsentPurpose::Surveys) => Ok(Purpose::Surveys),
+        Ok(pb::ConsentPurpose::Personalisation) => Ok(Purpose::Personalisation),
+        Ok(pb::ConsentPurpose::Unspecified) => Err(Violation::new(field, "is required")),
+        Err(_) => Err(Violation::new(field, format!("unknown purpose {value}"))),
+    }
+}
+
+fn purpose_to_proto(p: Purpose) -> pb::ConsentPurpose {
+    match p {
+        Purpose::Marketing => pb::ConsentPurpose::Marketing,
+        Purpose::Profiling => pb::ConsentPurpose::Profiling,
+        Purpose::Surveys => pb::ConsentPurpose::Surveys,
+        Purpose::Personalisation => pb::ConsentPurpose::Personalisation,
+    }
+}
+
+/// A proto consent channel → domain (UNSPECIFIED and unknown numbers refused).
+pub fn consent_channel(field: &str, value: i32) -> Result<Channel, Violation> {
+    match pb::ConsentChannel::try_from(value) {
+        Ok(pb::ConsentChannel::Email) => Ok(Channel::Email),
+        Ok(pb::ConsentChannel::Sms) => Ok(Channel::Sms),
+        Ok(pb::ConsentChannel::Push) => Ok(Channel::Push),
+        Ok(pb::ConsentChannel::Phone) => Ok(Channel::Phone),
+        Ok(pb::ConsentChannel::InApp) => Ok(Channel::InApp),
+        Ok(pb::ConsentChannel::Unspecified) => Err(Violation::new(field, "is required")),
+        Err(_) => Err(Violation::new(field, format!("unknown channel {value}"))),
+    }
+}
+
+fn channel_to_proto(c: Channel) -> pb::ConsentChannel {
+    match c {
+        Channel::Email => pb::ConsentChannel::Email,
+        Channel::Sms => pb::ConsentChannel::Sms,
+        Channel::Push => pb::ConsentChannel::Push,
+        Channel::Phone => pb::ConsentChannel::Phone,
+        Channel::InApp => pb::ConsentChannel::InApp,
+    }
+}
+
+/// A proto consent state → domain (UNSPECIFIED and unknown numbers refused).
+pub fn consent_state(field: &str, value: i32) -> Result<ConsentState, Violation> {
+    match pb::ConsentState::try_from(value) {
+        Ok(pb::ConsentState::Unset) => Ok(ConsentState::Unset),
+        Ok(pb::ConsentState::Granted) => Ok(ConsentState::Granted),
+        Ok(pb::ConsentState::Denied) => Ok(ConsentState::Denied),
+        Ok(pb::ConsentState::Unspecified) => Err(Violation::new(field, "is required")),
+        Err(_) => Err(Violation::new(field, format!("unknown state {value}"))),
+    }
+}
+
+fn consent_state_to_proto(s: ConsentState) -> pb::ConsentState {
+    match s {
+        ConsentState::Unset => pb::ConsentState::Unset,
+        ConsentState::Granted => pb::ConsentState::Granted,
+        ConsentState::Denied => pb::ConsentState::Denied,
+    }
+}
+
+/// A proto consent source → domain (UNSPECIFIED and unknown numbers refused).
+pub fn consent_source(field: &str, value: i32) -> Result<ConsentSource, Violation> {
+    match pb::ConsentSource::try_from(value) {
+        Ok(pb::ConsentSource::Form) => Ok(ConsentSource::Form),
+        Ok(pb::ConsentSource::Import) => Ok(ConsentSource::Import),
+        Ok(pb::ConsentSource::Api) => Ok(ConsentSource::Api),
+        Ok(pb::ConsentSource::Support) => Ok(ConsentSource::Support),
+        Ok(pb::ConsentSource::Merge) => Err(Violation::new(
+            field,
+            "MERGE is output only: set by MergeCustomers",
+        )),
+        Ok(pb::ConsentSource::Unspecified) => Err(Violation::new(field, "is required")),
+        Err(_) => Err(Violation::new(field, format!("unknown source {value}"))),
+    }
+}
+
+fn consent_source_to_proto(s: ConsentSource) -> pb::ConsentSource {
+    match s {
+        ConsentSource::Form => pb::ConsentSource::Form,
+        ConsentSource::Import => pb::ConsentSource::Import,
+        ConsentSource::Api => pb::ConsentSource::Api,
+        ConsentSource::Support => pb::ConsentSource::Support,
+        ConsentSource::Merge => pb::ConsentSource::Merge,
+    }
+}
+
+/// The settings of a SetConsent request (each under `field[i]`), distinct
+/// per purpose and channel.
+pub fn consent_settings(
+    field: &str,
+    settings: &[pb::ConsentSetting],
+) -> Result<Vec<ConsentSetting>, Violations> {
+    let max = ALL_PURPOSES.len() * ALL_CHANNELS.len();
+    if settings.is_empty() || settings.len() > max {
+        return Err(Violation::new(
+            field,
+            format!("must hold 1..{max} settings, got {}", settings.len()),
+        )
+        .into());
+    }
+    let mut v = Violations::new();
+    let mut out = Vec::with_capacity(settings.len());
+    for (i, s) in settings.iter().enumerate() {
+        let p = format!("{field}[{i}]");
+        let purpose = v.check("", consent_purpose(&format!("{p}.purpose"), s.purpose));
+        let channel = v.check("", consent_channel(&format!("{p}.channel"), s.channel));
+        let state = v.check("", consent_state(&format!("{p}.state"), s.state));
+        if let (Some(purpose), Some(channel), Some(state)) = (purpose, channel, state) {
+            out.push(ConsentSetting {
+                purpose,
+                channel,
+                state,
+            });
+        }
+    }
+    v.into_result()?;
+    consent::distinct(field, &out)?;
+    Ok(out)
+}
+
+/// The consent of `customer`: every purpose and channel, from the stated
+/// rows (`stated`, any order), with `history` if given.
+pub fn consent_to_proto(
+    customer: CustomerId,
+    stated: &[ConsentRecord],
+    history: &[ConsentChangeRecord],
+) -> pb::Consent {
+    let mut entries = Vec::with_capacity(ALL_PURPOSES.len() * ALL_CHANNELS.len());
+    for purpose in ALL_PURPOSES {
+        for channel in ALL_CHANNELS {
+            let row = stated
+                .iter()
+                .find(|r| r.purpose == purpose && r.channel == channel);
+            let state = row.map_or(ConsentState::Unset, |r| r.state);
+            entries.push(pb::ConsentEntry {
+                purpose: purpose_to_proto(purpose) as i32,
+                channel: channel_to_proto(channel) as i32,
+                state: consent_state_to_proto(state) as i32,
+                granted: state.is_granted(purpose),
+                source: row.map_or(0, |r| consent_source_to_proto(r.source) as i32),
+                actor: row.map(|r| r.actor.clone()).unwrap_or_default(),
+                update_time: row.map(|r| timestamp(r.update_time)),
+            });
+        }
+    }
+    pb::Consent {
+        name: format!("{}/consent", customer.name()),
+        entries,
+        history: history.iter().map(consent_change_to_proto).collect(),
+    }
+}
+
+/// One consent change → proto.
+pub fn consent_change_to_proto(c: &ConsentChangeRecord) -> pb::ConsentChange {
+    pb::ConsentChange {
+        purpose: purpose_to_proto(c.purpose) as i32,
+        channel: channel_to_proto(c.channel) as i32,
+        from_state: consent_state_to_proto(c.from) as i32,
+        to_state: consent_state_to_proto(c.to) as i32,
+        source: consent_source_to_proto(c.source) as i32,
+        actor: c.actor.clone(),
+        change_time: Some(timestamp(c.change_time)),
+    }
+}
+
+fn identifier_kind(field: &str, value: i32) -> Result<IdentifierKind, Violation> {
+    match pb::IdentifierType::try_from(value) {
+        Ok(pb::IdentifierType::Email) => Ok(IdentifierKind::Email),
+        Ok(pb::IdentifierType::Phone) => Ok(IdentifierKind::Phone),
+        Ok(pb::IdentifierType::ExternalId) => Ok(IdentifierKind::External),
+        Ok(pb::IdentifierType::Unspecified) => Err(Violation::new(field, "is required")),
+        Err(_) => Err(Violation::new(
+            field,
+            format!("unknown identifier type {value}"),
+        )),
+    }
+}
+
+fn identifier_kind_to_proto(k: IdentifierKind) -> pb::IdentifierType {
+    match k {
+        IdentifierKind::Email => pb::IdentifierType::Email,
+        IdentifierKind::Phone => pb::IdentifierType::Phone,
+        IdentifierKind::External => pb::IdentifierType::ExternalId,
+    }
+}
+
+/// An identifier to give a customer (fields under `prefix`), normalised;
+/// an external id must be `source:id`.
+pub fn identifier(
+    prefix: &str,
+    i: Option<&pb::CustomerIdentifier>,
+) -> Result<Identifier, Violation> {
+    let i = i.ok_or_else(|| Violation::new(prefix, "is required"))?;
+    let kind = identifier_kind(&field(prefix, "type"), i.r#type)?;
+    contact::identifier(&field(prefix, "value"), kind, &i.value)
+}
+
+/// An identifier to look up (fields under `prefix`), normalised as stored:
+/// an external id may also be a profile's `external_id` without a source.
+pub fn lookup_identifier(
+    prefix: &str,
+    i: Option<&pb::CustomerIdentifier>,
+) -> Result<Identifier, Violation> {
+    let i = i.ok_or_else(|| Violation::new(prefix, "is required"))?;
+    let kind = identifier_kind(&field(prefix, "type"), i.r#type)?;
+    if kind == IdentifierKind::External {
+        let v = optional_text(&field(prefix, "value"), &i.value, 240)?
+            .ok_or_else(|| Violation::new(field(prefix, "value"), "is required"))?;
+        return Ok(Identifier {
+            kind,
+            value: contact::external_key(&v),
+        });
+    }
+    contact::identifier(&field(prefix, "value"), kind, &i.value)
+}
+
+/// An identifier (without holder details) → proto.
+pub fn bare_identifier_to_proto(i: &Identifier) -> pb::CustomerIdentifier {
+    pb::CustomerIdentifier {
+        r#type: identifier_kind_to_proto(i.kind) as i32,
+        value: i.value.clone(),
+        profile: false,
+        create_time: None,
+    }
+}
+
+/// A held identifier → proto.
+pub fn identifier_to_proto(r: &IdentifierRecord) -> pb::CustomerIdentifier {
+    pb::CustomerIdentifier {
+        profile: r.profile,
+        create_time: Some(timestamp(r.create_time)),
+        ..bare_identifier_to_proto(&r.identifier)
+    }
+}
+
+/// A proto attribute merge policy → domain (UNSPECIFIED = survivor wins).
+pub fn merge_policy(field: &str, value: i32) -> Result<attributes::MergePolicy, Violation> {
+    match pb::AttributeMergePolicy::try_from(value) {
+        Ok(pb::AttributeMergePolicy::Unspecified | pb::AttributeMergePolicy::SurvivorWins) => {
+            Ok(attributes::MergePolicy::SurvivorWins)
+        }
+        Ok(pb::AttributeMergePolicy::NewestWins) => Ok(attributes::MergePolicy::NewestWins),
+        Ok(pb::AttributeMergePolicy::KeepNonEmpty) => Ok(attributes::MergePolicy::KeepNonEmpty),
+        Err(_) => Err(Violation::new(
+            field,
+            format!("unknown merge policy {value}"),
         )),
     }
 }

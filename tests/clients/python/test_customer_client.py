@@ -127,3 +127,142 @@ def test_change_stream_carries_the_events(channel, stub):
             stream.cancel()
             break
     assert c.name in subjects
+
+
+def test_consent_defaults_set_and_history(stub):
+    c = new_customer(stub, f"py-consent-{uuid.uuid4().hex[:8]}@example.com")
+    got = stub.GetConsent(customer_service_pb2.GetConsentRequest(name=c.name))
+    assert len(got.entries) == 20
+    marketing_email = lambda consent: next(
+        e
+        for e in consent.entries
+        if e.purpose == customer_pb2.CONSENT_PURPOSE_MARKETING
+        and e.channel == customer_pb2.CONSENT_CHANNEL_EMAIL
+    )
+    assert marketing_email(got).state == customer_pb2.CONSENT_STATE_UNSET
+    assert not marketing_email(got).granted
+
+    req = customer_service_pb2.SetConsentRequest(
+        name=c.name + "/consent",
+        source=customer_pb2.CONSENT_SOURCE_FORM,
+        settings=[
+            customer_service_pb2.ConsentSetting(
+                purpose=customer_pb2.CONSENT_PURPOSE_MARKETING,
+                channel=customer_pb2.CONSENT_CHANNEL_EMAIL,
+                state=customer_pb2.CONSENT_STATE_GRANTED,
+            )
+        ],
+        request_id=str(uuid.uuid4()),
+    )
+    first = stub.SetConsent(req)
+    assert marketing_email(first).granted
+    assert stub.SetConsent(req) == first  # a retry answers the first result
+
+    got = stub.GetConsent(
+        customer_service_pb2.GetConsentRequest(name=c.name, include_history=True)
+    )
+    assert [(h.from_state, h.to_state) for h in got.history] == [
+        (customer_pb2.CONSENT_STATE_UNSET, customer_pb2.CONSENT_STATE_GRANTED)
+    ]
+
+    bad = customer_service_pb2.SetConsentRequest(name=c.name, source=customer_pb2.CONSENT_SOURCE_API)
+    bad.settings.add(purpose=99, channel=customer_pb2.CONSENT_CHANNEL_EMAIL,
+                     state=customer_pb2.CONSENT_STATE_GRANTED)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.SetConsent(bad)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(e.value)
+    br = error_details_pb2.BadRequest()
+    assert any(d.Unpack(br) for d in status.details)
+    assert [v.field for v in br.field_violations] == ["settings[0].purpose"]
+
+
+def test_identifiers_and_lookup(stub):
+    tag = uuid.uuid4().hex[:8]
+    ada = new_customer(stub, f"py-ada-{tag}@example.com")
+    bob = new_customer(stub, f"py-bob-{tag}@example.com")
+    phone = "+44 20 7946 " + str(int(tag[:4], 16) % 10000).zfill(4)
+    added = stub.AddCustomerIdentifier(
+        customer_service_pb2.AddCustomerIdentifierRequest(
+            parent=ada.name,
+            identifier=customer_pb2.CustomerIdentifier(
+                type=customer_pb2.IDENTIFIER_TYPE_PHONE, value=phone
+            ),
+        )
+    )
+    assert added.value == phone.replace(" ", "")
+
+    with pytest.raises(grpc.RpcError) as e:
+        stub.AddCustomerIdentifier(
+            customer_service_pb2.AddCustomerIdentifierRequest(
+                parent=bob.name,
+                identifier=customer_pb2.CustomerIdentifier(
+                    type=customer_pb2.IDENTIFIER_TYPE_PHONE, value=added.value
+                ),
+            )
+        )
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert ada.name in e.value.details()
+
+    found = stub.LookupCustomer(
+        customer_service_pb2.LookupCustomerRequest(
+            identifier=customer_pb2.CustomerIdentifier(
+                type=customer_pb2.IDENTIFIER_TYPE_EMAIL, value=f"PY-ADA-{tag}@EXAMPLE.COM"
+            )
+        )
+    )
+    assert found.name == ada.name
+
+    batch = stub.BatchLookupCustomers(
+        customer_service_pb2.BatchLookupCustomersRequest(
+            identifiers=[
+                customer_pb2.CustomerIdentifier(type=customer_pb2.IDENTIFIER_TYPE_PHONE, value=phone),
+                customer_pb2.CustomerIdentifier(
+                    type=customer_pb2.IDENTIFIER_TYPE_EMAIL, value=f"nobody-{tag}@example.com"
+                ),
+                customer_pb2.CustomerIdentifier(
+                    type=customer_pb2.IDENTIFIER_TYPE_EMAIL, value=f"py-bob-{tag}@example.com"
+                ),
+            ]
+        )
+    )
+    assert [r.customer for r in batch.results] == [ada.name, "", bob.name]
+
+    with pytest.raises(grpc.RpcError) as e:
+        stub.LookupCustomer(
+            customer_service_pb2.LookupCustomerRequest(
+                identifier=customer_pb2.CustomerIdentifier(
+                    type=customer_pb2.IDENTIFIER_TYPE_PHONE, value="030 123"
+                )
+            )
+        )
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_erasure_forgets_the_customer(stub):
+    tag = uuid.uuid4().hex[:8]
+    c = new_customer(stub, f"py-erase-{tag}@example.com")
+    req = customer_service_pb2.EraseCustomerRequest(name=c.name, request_id=str(uuid.uuid4()))
+    erased = stub.EraseCustomer(req)
+    assert erased.name.startswith("erasureRequests/")
+    assert erased.customer == c.name
+    assert erased.state == customer_pb2.ERASURE_STATE_IN_PROGRESS
+    assert [r.service for r in erased.receipts] == ["customer"]
+    assert stub.EraseCustomer(req) == erased  # a retry answers the first result
+    again = stub.EraseCustomer(customer_service_pb2.EraseCustomerRequest(name=c.name))
+    assert again.name == erased.name  # erasing twice returns the existing request
+
+    got = stub.GetErasureRequest(customer_service_pb2.GetErasureRequestRequest(name=erased.name))
+    assert got == erased
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetCustomer(customer_service_pb2.GetCustomerRequest(name=c.name))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        stub.LookupCustomer(
+            customer_service_pb2.LookupCustomerRequest(
+                identifier=customer_pb2.CustomerIdentifier(
+                    type=customer_pb2.IDENTIFIER_TYPE_EMAIL, value=f"py-erase-{tag}@example.com"
+                )
+            )
+        )
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND

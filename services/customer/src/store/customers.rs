@@ -7,6 +7,7 @@
 use super::entity::customer_attributes::{
     self as attr, KIND_BOOL, KIND_NUMBER, KIND_STRING, KIND_TIME,
 };
+use super::entity::customer_redirects as redirects;
 use super::entity::customers::{self, Column};
 use super::n;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -21,8 +22,8 @@ use clm_platform::Error;
 use clm_platform::db::{from_micros, to_micros};
 use sea_orm::sea_query::{Cond, Expr, ExprTrait, Order, Query, SelectStatement, SimpleExpr, Value};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue, ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult,
-    IntoActiveModel, QueryFilter, QueryOrder, QuerySelect,
+    ActiveModelTrait, ActiveValue, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel,
+    QueryFilter, QueryOrder, QuerySelect,
 };
 
 /// A stored customer.
@@ -50,6 +51,8 @@ pub struct CustomerRecord {
     pub update_time: DateTime<Utc>,
     /// Optimistic-concurrency version (the etag).
     pub version: i64,
+    /// Customers merged into this one.
+    pub merged_from: Vec<CustomerId>,
 }
 
 /// A validated customer to create.
@@ -88,6 +91,13 @@ impl CustomerRecord {
             create_us: to_micros(self.create_time),
             update_us: to_micros(self.update_time),
             version: self.version,
+            merged_from: (!self.merged_from.is_empty()).then(|| {
+                self.merged_from
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
         }
     }
 
@@ -124,6 +134,14 @@ impl CustomerRecord {
             create_time: from_micros(m.create_us),
             update_time: from_micros(m.update_us),
             version: m.version,
+            merged_from: m
+                .merged_from
+                .as_deref()
+                .unwrap_or_default()
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|s| CustomerId::parse_id("merged_from", s).map_err(Error::internal))
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -169,67 +187,8 @@ fn attribute_value(a: &attr::Model) -> AttributeValue {
     }
 }
 
-/// The unique keys of a stored customer.
-#[derive(Debug, FromQueryResult)]
-struct UniqueKeys {
-    email: Option<String>,
-    external_id: Option<String>,
-}
-
-/// Refuses e-mails or external ids that are already taken, naming the field
-/// of the request that carries each (`fields[i]` is the prefix of `customers[i]`).
-/// `except` is a customer allowed to hold them (the one being updated).
-pub async fn check_unique(
-    db: &impl ConnectionTrait,
-    customers: &[(&str, Option<&str>, Option<&str>)],
-    except: Option<CustomerId>,
-) -> Result<(), Error> {
-    let emails: Vec<&str> = customers.iter().filter_map(|c| c.1).collect();
-    let externals: Vec<&str> = customers.iter().filter_map(|c| c.2).collect();
-    if emails.is_empty() && externals.is_empty() {
-        return Ok(());
-    }
-    let mut q = customers::Entity::find()
-        .select_only()
-        .columns([Column::Email, Column::ExternalId])
-        .filter(
-            Cond::any()
-                .add(Column::Email.is_in(emails.iter().map(|s| (*s).to_owned())))
-                .add(Column::ExternalId.is_in(externals.iter().map(|s| (*s).to_owned()))),
-        );
-    if let Some(id) = except {
-        q = q.filter(Column::Id.ne(id.to_string()));
-    }
-    let rows = q.into_model::<UniqueKeys>().all(db).await?;
-    for row in rows {
-        for (prefix, e, x) in customers {
-            if row.email.is_some() && row.email.as_deref() == *e {
-                return Err(taken(
-                    "EMAIL_TAKEN",
-                    &format!("{prefix}.email"),
-                    e.unwrap_or_default(),
-                ));
-            }
-            if row.external_id.is_some() && row.external_id.as_deref() == *x {
-                return Err(taken(
-                    "EXTERNAL_ID_TAKEN",
-                    &format!("{prefix}.external_id"),
-                    x.unwrap_or_default(),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn taken(reason: &'static str, field: &str, value: &str) -> Error {
-    Error::AlreadyExists {
-        reason,
-        message: format!("{field}: {value:?} is already used by another customer"),
-    }
-}
-
-/// Maps a unique violation that slipped past [`check_unique`] (a race) to ALREADY_EXISTS.
+/// Maps a unique violation of the profile's `email` or `external_id` (a
+/// race past `identifiers::check_free`) to ALREADY_EXISTS.
 pub fn map_unique(e: sea_orm::DbErr) -> Error {
     match clm_platform::db::unique_violation_detail(&e) {
         Some(m) if m.contains("email") => Error::AlreadyExists {
@@ -280,13 +239,104 @@ async fn insert_attributes<'a>(
 
 /// One customer with its attributes (one statement), or NOT_FOUND.
 pub async fn get(db: &impl ConnectionTrait, id: CustomerId) -> Result<CustomerRecord, Error> {
-    let (m, attributes) = customers::Entity::find_by_id(id.to_string())
+    let (m, attributes) = match customers::Entity::find_by_id(id.to_string())
         .find_with_related(attr::Entity)
         .all(db)
         .await?
         .pop()
-        .ok_or_else(|| Error::NotFound(id.name()))?;
+        .ok_or(())
+    {
+        Ok(found) => found,
+        Err(()) => return Err(missing(db, id).await),
+    };
     CustomerRecord::from_model(m, attributes)
+}
+
+/// Customers with their attributes (one statement), in any order; absent
+/// ids are left out.
+pub async fn get_many(
+    db: &impl ConnectionTrait,
+    ids: &[CustomerId],
+) -> Result<Vec<CustomerRecord>, Error> {
+    customers::Entity::find()
+        .filter(Column::Id.is_in(ids.iter().map(ToString::to_string)))
+        .find_with_related(attr::Entity)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|(m, attributes)| CustomerRecord::from_model(m, attributes))
+        .collect()
+}
+
+/// The customer `id` was merged into, if it was.
+pub async fn redirect_of(
+    db: &impl ConnectionTrait,
+    id: CustomerId,
+) -> Result<Option<CustomerId>, Error> {
+    redirects::Entity::find_by_id(id.to_string())
+        .one(db)
+        .await?
+        .map(|r| CustomerId::parse_id("survivor_id", &r.survivor_id).map_err(Error::internal))
+        .transpose()
+}
+
+/// Why `id` is not there: merged into another customer (FAILED_PRECONDITION
+/// naming the survivor) or unknown (NOT_FOUND).
+pub async fn missing(db: &impl ConnectionTrait, id: CustomerId) -> Error {
+    match redirect_of(db, id).await {
+        Ok(Some(survivor)) => merged(id, survivor),
+        Ok(None) => Error::NotFound(id.name()),
+        Err(e) => e,
+    }
+}
+
+/// Reason of the error for a write to a merged customer.
+pub const MERGED: &str = "CUSTOMER_MERGED";
+
+/// FAILED_PRECONDITION: `id` was merged into `survivor`.
+pub fn merged(id: CustomerId, survivor: CustomerId) -> Error {
+    Error::FailedPrecondition {
+        reason: MERGED,
+        message: format!(
+            "{} was merged into {}; use the survivor",
+            id.name(),
+            survivor.name()
+        ),
+    }
+}
+
+/// Locks a customer's row until the transaction ends (`FOR UPDATE` on
+/// PostgreSQL; SQLite has one writer), so changes of what hangs off it
+/// (consent, identifiers) are serialised per customer. NOT_FOUND if absent.
+pub async fn lock(db: &impl ConnectionTrait, id: CustomerId) -> Result<(), Error> {
+    let found = customers::Entity::find_by_id(id.to_string())
+        .select_only()
+        .column(Column::Id)
+        .lock_exclusive()
+        .into_tuple::<String>()
+        .one(db)
+        .await?;
+    if found.is_none() {
+        return Err(missing(db, id).await);
+    }
+    Ok(())
+}
+
+/// Locks customers' rows (in id order, so overlapping lockers cannot
+/// deadlock) and returns the ids that exist.
+pub async fn lock_many(
+    db: &impl ConnectionTrait,
+    ids: &[CustomerId],
+) -> Result<Vec<String>, Error> {
+    Ok(customers::Entity::find()
+        .select_only()
+        .column(Column::Id)
+        .filter(Column::Id.is_in(ids.iter().map(ToString::to_string)))
+        .order_by_asc(Column::Id)
+        .lock_exclusive()
+        .into_tuple::<String>()
+        .all(db)
+        .await?)
 }
 
 /// Which of `ids` exist.
@@ -576,6 +626,7 @@ mod tests {
             create_time: now,
             update_time: now,
             version: 1,
+            merged_from: Vec::new(),
         }
     }
 

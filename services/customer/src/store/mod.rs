@@ -28,8 +28,12 @@
 //! * Times are `*_us` integer microseconds, money is minor units plus a
 //!   currency code (see [`migration`]).
 
+pub mod consent;
 pub mod customers;
 pub mod entity;
+pub mod erasure;
+pub mod identifiers;
+pub mod merge;
 pub mod migration;
 pub mod stages;
 pub mod touchpoints;

@@ -35,6 +35,9 @@ pub struct Model {
     pub update_us: i64,
     /// Optimistic-concurrency version (the etag).
     pub version: i64,
+    /// Ids of the customers merged into this one, comma-separated.
+    #[sea_orm(column_type = "Text", nullable)]
+    pub merged_from: Option<String>,
 }
 
 /// Relations of `customers`.

@@ -1,0 +1,304 @@
+//! Erasure: the request with its receipts
+//! ([`erasure_requests`](super::entity::erasure_requests),
+//! [`erasure_receipts`](super::entity::erasure_receipts)), the salted hashes
+//! of erased identifiers, and [`forget`], which deletes and scrubs
+//! everything the service holds about a customer.
+
+use super::entity::{erasure_receipts as receipts, erasure_requests as requests};
+use super::n;
+use chrono::{DateTime, Utc};
+use clm_domain::contact::Identifier;
+use clm_domain::ids::CustomerId;
+use clm_platform::Error;
+use clm_platform::db::{from_micros, is_postgres, to_micros};
+use sea_orm::sea_query::{Cond, Expr, ExprTrait, OnConflict, Query};
+use sea_orm::{ActiveValue, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder};
+use sha2::{Digest, Sha256};
+
+clm_domain::resource_id!(
+    /// Id of an erasure request.
+    ErasureRequestId,
+    "erasureRequests",
+    "erasure request"
+);
+
+/// A stored erasure request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasureRecord {
+    /// Id.
+    pub id: ErasureRequestId,
+    /// The erased customer.
+    pub customer: CustomerId,
+    /// Who asked.
+    pub requester: String,
+    /// When.
+    pub create_time: DateTime<Utc>,
+    /// When the last receipt arrived.
+    pub complete_time: Option<DateTime<Utc>>,
+    /// Receipts (service, when), in arrival order.
+    pub receipts: Vec<(String, DateTime<Utc>)>,
+}
+
+impl ErasureRecord {
+    fn from_model(m: requests::Model, mut r: Vec<receipts::Model>) -> Result<Self, Error> {
+        r.sort_by_key(|x| (x.erase_us, x.service.clone()));
+        Ok(Self {
+            id: ErasureRequestId::parse_id("id", &m.id).map_err(Error::internal)?,
+            customer: CustomerId::parse_id("customer_id", &m.customer_id)
+                .map_err(Error::internal)?,
+            requester: m.requester,
+            create_time: from_micros(m.create_us),
+            complete_time: m.complete_us.map(from_micros),
+            receipts: r
+                .into_iter()
+                .map(|x| (x.service, from_micros(x.erase_us)))
+                .collect(),
+        })
+    }
+}
+
+/// Stores a new request with its receipts.
+pub async fn insert(db: &impl ConnectionTrait, r: &ErasureRecord) -> Result<(), Error> {
+    requests::Entity::insert(requests::ActiveModel {
+        id: ActiveValue::Set(r.id.to_string()),
+        customer_id: ActiveValue::Set(r.customer.to_string()),
+        requester: ActiveValue::Set(r.requester.clone()),
+        create_us: ActiveValue::Set(to_micros(r.create_time)),
+        complete_us: ActiveValue::Set(r.complete_time.map(to_micros)),
+    })
+    .exec_without_returning(db)
+    .await?;
+    if !r.receipts.is_empty() {
+        receipts::Entity::insert_many(r.receipts.iter().map(|(service, at)| {
+            receipts::ActiveModel {
+                erasure_id: ActiveValue::Set(r.id.to_string()),
+                service: ActiveValue::Set(service.clone()),
+                erase_us: ActiveValue::Set(to_micros(*at)),
+            }
+        }))
+        .exec_without_returning(db)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The request erasing `customer`, if there is one (one statement).
+pub async fn of_customer(
+    db: &impl ConnectionTrait,
+    customer: CustomerId,
+) -> Result<Option<ErasureRecord>, Error> {
+    requests::Entity::find()
+        .filter(requests::Column::CustomerId.eq(customer.to_string()))
+        .find_with_related(receipts::Entity)
+        .all(db)
+        .await?
+        .pop()
+        .map(|(m, r)| ErasureRecord::from_model(m, r))
+        .transpose()
+}
+
+/// One request with its receipts (one statement), or NOT_FOUND.
+pub async fn get(db: &impl ConnectionTrait, id: ErasureRequestId) -> Result<ErasureRecord, Error> {
+    let (m, r) = requests::Entity::find_by_id(id.to_string())
+        .find_with_related(receipts::Entity)
+        .all(db)
+        .await?
+        .pop()
+        .ok_or_else(|| Error::NotFound(id.name()))?;
+    ErasureRecord::from_model(m, r)
+}
+
+/// Up to `limit` requests before `after` (create µs, id), newest first,
+/// with their receipts (one statement).
+pub async fn list(
+    db: &impl ConnectionTrait,
+    after: Option<(i64, String)>,
+    limit: u64,
+) -> Result<Vec<ErasureRecord>, Error> {
+    let mut page = Query::select();
+    page.column((requests::Entity, requests::Column::Id))
+        .from(requests::Entity);
+    if let Some((us, id)) = after {
+        page.cond_where(
+            Cond::any()
+                .add(Expr::col((requests::Entity, requests::Column::CreateUs)).lt(us))
+                .add(
+                    Cond::all()
+                        .add(Expr::col((requests::Entity, requests::Column::CreateUs)).eq(us))
+                        .add(Expr::col((requests::Entity, requests::Column::Id)).lt(id)),
+                ),
+        );
+    }
+    page.order_by(
+        (requests::Entity, requests::Column::CreateUs),
+        sea_orm::sea_query::Order::Desc,
+    )
+    .order_by(
+        (requests::Entity, requests::Column::Id),
+        sea_orm::sea_query::Order::Desc,
+    )
+    .limit(limit);
+    requests::Entity::find()
+        .filter(requests::Column::Id.in_subquery(page))
+        .order_by_desc(requests::Column::CreateUs)
+        .order_by_desc(requests::Column::Id)
+        .find_with_related(receipts::Entity)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|(m, r)| ErasureRecord::from_model(m, r))
+        .collect()
+}
+
+/// This installation's salt for identifier hashes, made on first use.
+pub async fn salt(db: &impl ConnectionTrait) -> Result<String, Error> {
+    let fresh = format!(
+        "{}{}",
+        clm_domain::ids::Uuid::new_v4().simple(),
+        clm_domain::ids::Uuid::new_v4().simple()
+    );
+    let mut insert = Query::insert();
+    insert
+        .into_table(n("erasure_salt"))
+        .columns([n("id"), n("salt")])
+        .values_panic([1.into(), fresh.into()])
+        .on_conflict(OnConflict::column(n("id")).do_nothing().to_owned());
+    db.execute(&insert).await?;
+    let row = db
+        .query_one(
+            Query::select()
+                .column(n("salt"))
+                .from(n("erasure_salt"))
+                .and_where(Expr::col(n("id")).eq(1)),
+        )
+        .await?
+        .ok_or_else(|| Error::internal("erasure salt missing"))?;
+    Ok(row.try_get("", "salt")?)
+}
+
+/// The salt, if the schema has made it (read-only: safe on a reader).
+pub async fn existing_salt(db: &impl ConnectionTrait) -> Result<Option<String>, Error> {
+    let row = db
+        .query_one(
+            Query::select()
+                .column(n("salt"))
+                .from(n("erasure_salt"))
+                .and_where(Expr::col(n("id")).eq(1)),
+        )
+        .await?;
+    Ok(row.map(|r| r.try_get("", "salt")).transpose()?)
+}
+
+/// The salted hash kept of an erased identifier.
+pub fn identifier_hash(salt: &str, i: &Identifier) -> String {
+    let digest = Sha256::new()
+        .chain_update(salt.as_bytes())
+        .chain_update([0u8])
+        .chain_update(i.kind.code().to_be_bytes())
+        .chain_update(i.value.as_bytes())
+        .finalize();
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Keeps the salted hashes of `ids` for erasure `erasure` (one statement).
+pub async fn keep_hashes(
+    db: &impl ConnectionTrait,
+    erasure: ErasureRequestId,
+    salt: &str,
+    ids: &[Identifier],
+) -> Result<(), Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut insert = Query::insert();
+    insert
+        .into_table(n("erased_identifiers"))
+        .columns([n("kind"), n("hash"), n("erasure_id")])
+        .on_conflict(
+            OnConflict::columns([n("kind"), n("hash")])
+                .do_nothing()
+                .to_owned(),
+        );
+    for i in ids {
+        insert.values_panic([
+            i.kind.code().into(),
+            identifier_hash(salt, i).into(),
+            erasure.to_string().into(),
+        ]);
+    }
+    db.execute(&insert).await?;
+    Ok(())
+}
+
+/// Deletes everything held about `customer` and the customers merged into
+/// it (`merged`): rows of every customer table, the payloads of their
+/// outbox events (replaced by `scrubbed(event_type, subject)`, which names
+/// only the subject), and stored idempotent responses that mention them.
+pub async fn forget(
+    db: &impl ConnectionTrait,
+    customer: CustomerId,
+    merged: &[CustomerId],
+    event_types: &[&str],
+    scrubbed: impl Fn(&str, &str) -> Vec<u8>,
+) -> Result<(), Error> {
+    let id = customer.to_string();
+    let mut all: Vec<String> = merged.iter().map(ToString::to_string).collect();
+    all.push(id.clone());
+    for table in [
+        "touchpoints",
+        "stage_history",
+        "consent_history",
+        "customer_consent",
+        "customer_attributes",
+        "customer_identifiers",
+    ] {
+        let mut del = Query::delete();
+        del.from_table(n(table))
+            .and_where(Expr::col(n("customer_id")).eq(id.clone()));
+        db.execute(&del).await?;
+    }
+    let mut del = Query::delete();
+    del.from_table(n("customer_redirects"))
+        .and_where(Expr::col(n("survivor_id")).eq(id.clone()));
+    db.execute(&del).await?;
+    let mut del = Query::delete();
+    del.from_table(n("customers"))
+        .and_where(Expr::col(n("id")).eq(id));
+    db.execute(&del).await?;
+
+    // The events stay (consumers must see that they happened and that the
+    // customer is gone), but carry nothing but the id.
+    let subjects: Vec<String> = all.iter().map(|i| format!("customers/{i}")).collect();
+    for subject in &subjects {
+        for t in event_types {
+            let mut up = Query::update();
+            up.table(n("outbox"))
+                .value(n("payload"), scrubbed(t, subject))
+                .and_where(Expr::col(n("subject")).eq(subject.clone()))
+                .and_where(Expr::col(n("event_type")).eq(*t));
+            db.execute(&up).await?;
+        }
+        let mut up = Query::update();
+        up.table(n("outbox"))
+            .value(n("payload"), Vec::<u8>::new())
+            .and_where(Expr::col(n("subject")).eq(subject.clone()))
+            .and_where(Expr::col(n("event_type")).is_not_in(event_types.iter().copied()));
+        db.execute(&up).await?;
+    }
+
+    // Stored answers to earlier writes (a CreateCustomer's carries the
+    // e-mail) go: a search in the encoded bytes for the id.
+    let find = if is_postgres(db) {
+        "position($1::bytea in response) > 0"
+    } else {
+        "instr(response, ?) > 0"
+    };
+    for i in &all {
+        let mut del = Query::delete();
+        del.from_table(n("idempotency_keys"))
+            .and_where(Expr::col(n("response")).is_not_null())
+            .and_where(Expr::cust_with_values(find, [i.as_bytes().to_vec()]));
+        db.execute(&del).await?;
+    }
+    Ok(())
+}
