@@ -4,10 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use chrono::{DateTime, Duration, Utc};
-use clm_domain::ManualClock;
 use clm_platform::auth::{Role, mint_hs256};
 use clm_platform::client::ClientInterceptor;
-use clm_platform::testing::{self, Running, TestBackend, assert_bad_field, start_with_clock};
+use clm_platform::testing::{self, Running, TestBackend, assert_bad_field};
 use clm_proto::common::change_stream_service_client::ChangeStreamServiceClient;
 use clm_proto::common::{Date, Money, WatchChangesRequest};
 use clm_proto::customer::customer_service_client::CustomerServiceClient;
@@ -15,68 +14,14 @@ use clm_proto::customer::{
     self as pb, AttributeValue, Customer, Stage, TouchpointType, attribute_value::Value,
 };
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-type Client = CustomerServiceClient<Channel>;
-
-struct Harness {
-    server: Running,
-    clock: ManualClock,
-    _backend: TestBackend,
-}
-
-fn t0() -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
-        .unwrap()
-        .with_timezone(&Utc)
-}
-
-async fn start_with(edit: impl FnOnce(&mut clm_platform::config::Config)) -> Harness {
-    let backend = TestBackend::migrated::<clm_customer::store::Migrator>().await;
-    let mut config = backend.config("customer");
-    edit(&mut config);
-    let clock = ManualClock::new(t0());
-    let c = clock.clone();
-    let server = start_with_clock(&clm_customer::DESCRIPTOR, config, Arc::new(c)).await;
-    Harness {
-        server,
-        clock,
-        _backend: backend,
-    }
-}
-
-async fn start() -> Harness {
-    start_with(|_| {}).await
-}
-
-impl Harness {
-    fn client(&self) -> Client {
-        CustomerServiceClient::new(self.server.channel())
-    }
-}
-
-fn customer(email: &str) -> Customer {
-    Customer {
-        email: email.into(),
-        display_name: format!("Customer {email}"),
-        ..Default::default()
-    }
-}
-
-async fn create(c: &mut Client, email: &str) -> Customer {
-    c.create_customer(pb::CreateCustomerRequest {
-        customer: Some(customer(email)),
-        request_id: String::new(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
+mod common;
+use common::*;
 
 fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {

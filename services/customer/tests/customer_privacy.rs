@@ -3,9 +3,9 @@
 //! `CLM_TEST_DATABASE_URL` / `CLM_TEST_REDIS_URL` are set.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::Duration;
 use clm_domain::ManualClock;
-use clm_platform::testing::{Running, TestBackend, assert_bad_field, start_with_clock};
+use clm_platform::testing::{TestBackend, assert_bad_field, start_with_clock};
 use clm_proto::common::WatchChangesRequest;
 use clm_proto::common::change_stream_service_client::ChangeStreamServiceClient;
 use clm_proto::customer::customer_service_client::CustomerServiceClient;
@@ -16,53 +16,9 @@ use clm_proto::customer::{
 use std::sync::Arc;
 use tokio_stream::StreamExt;
 use tonic::Code;
-use tonic::transport::Channel;
 
-type Client = CustomerServiceClient<Channel>;
-
-struct Harness {
-    server: Running,
-    clock: ManualClock,
-    _backend: TestBackend,
-}
-
-fn t0() -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
-        .unwrap()
-        .with_timezone(&Utc)
-}
-
-async fn start() -> Harness {
-    let backend = TestBackend::migrated::<clm_customer::store::Migrator>().await;
-    let config = backend.config("customer");
-    let clock = ManualClock::new(t0());
-    let server = start_with_clock(&clm_customer::DESCRIPTOR, config, Arc::new(clock.clone())).await;
-    Harness {
-        server,
-        clock,
-        _backend: backend,
-    }
-}
-
-impl Harness {
-    fn client(&self) -> Client {
-        CustomerServiceClient::new(self.server.channel())
-    }
-}
-
-async fn create(c: &mut Client, email: &str) -> Customer {
-    c.create_customer(pb::CreateCustomerRequest {
-        customer: Some(Customer {
-            email: email.into(),
-            display_name: format!("Customer {email}"),
-            ..Default::default()
-        }),
-        request_id: String::new(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
+mod common;
+use common::*;
 
 fn setting(purpose: Pu, channel: Ch, state: St) -> pb::ConsentSetting {
     pb::ConsentSetting {
