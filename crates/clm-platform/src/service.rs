@@ -71,6 +71,7 @@ pub struct Parts {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     follows: Vec<(String, Handlers)>,
+    optional: Vec<String>,
 }
 
 impl std::fmt::Debug for Parts {
@@ -115,6 +116,16 @@ impl Parts {
         self.follows.push((source.to_owned(), handlers));
         self
     }
+
+    /// Follows `source` like [`Parts::follow`] when `peers.<source>` is
+    /// configured, and skips it (with a log line) when it is not: for
+    /// streams of services a deployment may not run, such as erasure
+    /// receipts from every peer.
+    #[must_use]
+    pub fn follow_if_configured(mut self, source: &str, handlers: Handlers) -> Self {
+        self.optional.push(source.to_owned());
+        self.follow(source, handlers)
+    }
 }
 
 /// Runs `service` on `listener` until `shutdown`, with the system clock.
@@ -141,8 +152,17 @@ pub async fn run_with_clock(
     let rt = open(service, &config, clock, background.clone()).await?;
     let parts = (service.build)(&rt)?;
     let mut endpoints = BTreeMap::new();
-    for (source, _) in &parts.follows {
-        let url = config.peers.get(source).ok_or_else(|| {
+    let mut follows = Vec::with_capacity(parts.follows.len());
+    for (source, handlers) in parts.follows {
+        if parts.optional.contains(&source) && !config.peers.contains_key(&source) {
+            tracing::info!(
+                service = name,
+                source = %source,
+                "not following the {source} change stream: peers.{source} is not configured"
+            );
+            continue;
+        }
+        let url = config.peers.get(&source).ok_or_else(|| {
             anyhow::anyhow!(
                 "clm {name}: follows the {source} change stream but peers.{source} is not configured \
                  (set it in the config file, CLM_PEERS__{} or --peer {source}=URL)",
@@ -150,6 +170,7 @@ pub async fn run_with_clock(
             )
         })?;
         endpoints.insert(source.clone(), url.clone());
+        follows.push((source, handlers));
     }
     let token = TokenSource::from_config(&config, name, rt.clock.clone())?;
     let reporter = tonic_health::server::HealthReporter::new();
@@ -162,7 +183,7 @@ pub async fn run_with_clock(
     );
     names.push(<ChangeStreamServiceServer<ChangeStreamServer> as NamedService>::NAME);
     routes.add_service(changes);
-    let handlers: BTreeMap<String, Handlers> = parts.follows.into_iter().collect();
+    let handlers: BTreeMap<String, Handlers> = follows.into_iter().collect();
     let dead_letters =
         DeadLetterServiceServer::new(DeadLetterServer::new(rt.clone(), handlers.clone()));
     names.push(<DeadLetterServiceServer<DeadLetterServer> as NamedService>::NAME);
