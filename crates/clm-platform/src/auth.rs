@@ -102,6 +102,15 @@ struct Claims {
     roles: Vec<String>,
 }
 
+/// Reads and parses an RS256 public key (PEM); the error names the file.
+/// Config validation calls it, so a bad key stops the process (exit 64)
+/// before anything starts.
+pub fn read_rs256_key(path: &std::path::Path) -> Result<DecodingKey, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    DecodingKey::from_rsa_pem(&pem)
+        .map_err(|e| format!("{} is not an RSA public key in PEM: {e}", path.display()))
+}
+
 /// Verifies bearer tokens.
 #[derive(Clone)]
 pub struct Authenticator {
@@ -114,6 +123,26 @@ impl std::fmt::Debug for Authenticator {
         f.debug_struct("Authenticator")
             .field("algorithms", &self.validation.algorithms)
             .finish()
+    }
+}
+
+/// Why a token was refused: a short, fixed phrase (never the token or a
+/// claim's value), for the caller's status and the warn log.
+fn refusal(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind;
+    match e.kind() {
+        ErrorKind::ExpiredSignature => "expired (exp)".into(),
+        ErrorKind::ImmatureSignature => "not valid yet (nbf)".into(),
+        ErrorKind::InvalidAudience => "wrong audience (aud)".into(),
+        ErrorKind::InvalidIssuer => "wrong issuer (iss)".into(),
+        ErrorKind::InvalidSubject => "wrong subject (sub)".into(),
+        ErrorKind::MissingRequiredClaim(c) => format!("missing claim {c}"),
+        ErrorKind::InvalidSignature => "bad signature".into(),
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            "algorithm not accepted".into()
+        }
+        ErrorKind::Json(_) => "claims of the wrong type".into(),
+        _ => "malformed token".into(),
     }
 }
 
@@ -131,16 +160,25 @@ impl Authenticator {
                 Algorithm::HS256,
             )
         } else if let Some(path) = &c.rs256_public_key_file {
-            let pem = std::fs::read(path)?;
-            (DecodingKey::from_rsa_pem(&pem)?, Algorithm::RS256)
+            (
+                read_rs256_key(path)
+                    .map_err(|e| anyhow::anyhow!("auth.rs256_public_key_file: {e}"))?,
+                Algorithm::RS256,
+            )
         } else {
             return Ok(None);
         };
         let mut validation = Validation::new(alg);
-        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
-        if let Some(iss) = &c.issuer {
+        // jsonwebtoken checks `iss` only when present unless it is required,
+        // and leaves `nbf` off by default: a configured issuer must be
+        // carried, and a post-dated token waits for its time.
+        let mut required = vec!["exp", "sub", "aud"];
+        if let Some(iss) = c.issuer.as_deref().filter(|i| !i.is_empty()) {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
+        validation.validate_nbf = true;
         validation.set_audience(&[audience(c)]);
         Ok(Some(Self { key, validation }))
     }
@@ -157,7 +195,12 @@ impl Authenticator {
                 Error::Unauthenticated("authorization must be 'Bearer <token>'".into())
             })?;
         let data = decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|e| Error::Unauthenticated(format!("invalid token: {e}")))?;
+            .map_err(|e| Error::Unauthenticated(format!("invalid token: {}", refusal(&e))))?;
+        if data.claims.sub.trim().is_empty() {
+            return Err(Error::Unauthenticated(
+                "invalid token: empty subject (sub)".into(),
+            ));
+        }
         let roles = data
             .claims
             .roles
@@ -171,6 +214,217 @@ impl Authenticator {
     }
 }
 
+/// Logs refused tokens at warn, at most [`RefusalLog::PER_MINUTE`] lines a
+/// minute per server (a flood of bad tokens must not flood the log); the
+/// next line after a quiet spell says how many were left out.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    window: std::sync::Mutex<(Option<std::time::Instant>, u32, u64)>,
+}
+
+impl RefusalLog {
+    /// Lines logged per minute at most.
+    pub const PER_MINUTE: u32 = 20;
+
+    /// Records one refusal: `reason` (never the token), the rpc, the peer.
+    pub fn refused(
+        &self,
+        service: &str,
+        reason: &str,
+        rpc: &str,
+        peer: Option<std::net::SocketAddr>,
+    ) {
+        let now = std::time::Instant::now();
+        let mut w = self
+            .window
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (start, logged, suppressed) = &mut *w;
+        if start.is_none_or(|s| now.duration_since(s) >= std::time::Duration::from_secs(60)) {
+            *start = Some(now);
+            *logged = 0;
+        }
+        if *logged >= Self::PER_MINUTE {
+            *suppressed += 1;
+            return;
+        }
+        *logged += 1;
+        let left_out = std::mem::take(suppressed);
+        drop(w);
+        let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+        tracing::warn!(
+            service,
+            reason,
+            rpc,
+            peer,
+            suppressed_before = left_out,
+            "token refused"
+        );
+    }
+}
+
+/// One service's role × rpc table: the one place that says who may call
+/// what. Each rpc handler passes the table to [`authorize`] (or
+/// [`crate::error::respond`]), which looks up the rpc being served (the
+/// server layer names it); `clm roles --markdown` prints every table, and
+/// the README's role table is that output (a test keeps them equal).
+/// `admin` may call everything and is not listed.
+#[derive(Debug)]
+pub struct Policy {
+    /// Fully qualified gRPC service (`clm.customer.v1.CustomerService`).
+    pub service: &'static str,
+    /// Each rpc (method name) and the roles, besides admin, that may call it.
+    pub rules: &'static [(&'static str, &'static [Role])],
+}
+
+impl Policy {
+    /// The roles allowed to call `method`, if it is in the table.
+    pub fn roles(&self, method: &str) -> Option<&'static [Role]> {
+        self.rules
+            .iter()
+            .find(|(m, _)| *m == method)
+            .map(|(_, roles)| *roles)
+    }
+}
+
+/// Every role, in the order of the role table's columns.
+pub const ROLES: [Role; 6] = [
+    Role::Admin,
+    Role::Marketer,
+    Role::SegmentOwner,
+    Role::Analyst,
+    Role::DataSteward,
+    Role::Service,
+];
+
+/// `policies` as Markdown: one table per service, a row per rpc, a column
+/// per role. The README's role table is this text.
+pub fn policy_markdown(policies: &[&Policy]) -> String {
+    let mut out = String::new();
+    for (i, p) in policies.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!("`{}`\n\n| rpc |", p.service));
+        for r in ROLES {
+            out.push_str(&format!(" {} |", r.as_str()));
+        }
+        out.push_str("\n|---|");
+        for _ in ROLES {
+            out.push_str(":-:|");
+        }
+        out.push('\n');
+        for (method, roles) in p.rules {
+            out.push_str(&format!("| {method} |"));
+            for r in ROLES {
+                let yes = r == Role::Admin || roles.contains(&r);
+                out.push_str(if yes { " ✓ |" } else { "   |" });
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Checks that `policy` lists every rpc of its service in the CLM protos,
+/// and nothing else: the error names what is missing or extra.
+pub fn check_policy(policy: &Policy) -> Result<(), String> {
+    use prost::Message as _;
+    let set = prost_types::FileDescriptorSet::decode(clm_proto::FILE_DESCRIPTOR_SET)
+        .map_err(|e| format!("descriptor set: {e}"))?;
+    let methods: Vec<String> = set
+        .file
+        .iter()
+        .flat_map(|f| {
+            let package = f.package.clone().unwrap_or_default();
+            f.service
+                .iter()
+                .filter(move |s| format!("{package}.{}", s.name()) == policy.service)
+                .flat_map(|s| s.method.iter().map(|m| m.name().to_owned()))
+        })
+        .collect();
+    if methods.is_empty() {
+        return Err(format!(
+            "{} is not a service in the CLM protos",
+            policy.service
+        ));
+    }
+    let listed: Vec<&str> = policy.rules.iter().map(|(m, _)| *m).collect();
+    let missing: Vec<&str> = methods
+        .iter()
+        .map(String::as_str)
+        .filter(|m| !listed.contains(m))
+        .collect();
+    let extra: Vec<&str> = listed
+        .iter()
+        .copied()
+        .filter(|m| !methods.iter().any(|x| x == m))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let twice: Vec<&str> = listed
+        .iter()
+        .copied()
+        .filter(|m| !seen.insert(*m))
+        .collect();
+    if missing.is_empty() && extra.is_empty() && twice.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: missing rpcs {missing:?}, unknown rpcs {extra:?}, listed twice {twice:?}",
+            policy.service
+        ))
+    }
+}
+
+/// The rpc a call is for, as the server layer saw it (request extension).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcName {
+    /// Fully qualified service (`clm.customer.v1.CustomerService`).
+    pub service: String,
+    /// Method (`CreateCustomer`).
+    pub method: String,
+}
+
+/// Who may call an rpc: a [`Policy`] (looked up by the rpc being served)
+/// or, for code not yet on a table, a list of roles.
+pub trait Access {
+    /// The roles, besides admin, allowed to call `rpc`.
+    fn allowed(&self, rpc: Option<&RpcName>) -> Result<&[Role], Error>;
+}
+
+impl Access for [Role] {
+    fn allowed(&self, _: Option<&RpcName>) -> Result<&[Role], Error> {
+        Ok(self)
+    }
+}
+
+impl<const N: usize> Access for [Role; N] {
+    fn allowed(&self, _: Option<&RpcName>) -> Result<&[Role], Error> {
+        Ok(self)
+    }
+}
+
+impl Access for Policy {
+    fn allowed(&self, rpc: Option<&RpcName>) -> Result<&[Role], Error> {
+        // Fail closed: an rpc missing from its table is nobody's but admin's.
+        let Some(rpc) = rpc else {
+            tracing::error!(
+                table = self.service,
+                "a call without an rpc name reached a role table"
+            );
+            return Ok(&[]);
+        };
+        if rpc.service != self.service {
+            tracing::error!(table = self.service, rpc.service = %rpc.service, "an rpc was checked against another service's role table");
+            return Ok(&[]);
+        }
+        Ok(self.roles(&rpc.method).unwrap_or_else(|| {
+            tracing::error!(table = self.service, rpc.method = %rpc.method, "an rpc is missing from its service's role table");
+            &[]
+        }))
+    }
+}
+
 /// The audience tokens are minted for and checked against under `c`.
 pub fn audience(c: &AuthConfig) -> &str {
     c.audience
@@ -179,21 +433,27 @@ pub fn audience(c: &AuthConfig) -> &str {
         .unwrap_or(DEFAULT_AUDIENCE)
 }
 
-/// Checks that the caller of `request` holds one of `allowed` and returns
-/// it. A request without a [`Principal`] (one that did not come through the
+/// Checks that the caller of `request` holds one of the roles `access`
+/// allows for this rpc (admin always passes) and returns it. A request without a [`Principal`] (one that did not come through the
 /// server layer) is UNAUTHENTICATED, never admin.
-pub fn authorize<T>(request: &tonic::Request<T>, allowed: &[Role]) -> Result<Principal, Error> {
+pub fn authorize<T, A: Access + ?Sized>(
+    request: &tonic::Request<T>,
+    access: &A,
+) -> Result<Principal, Error> {
     let Some(principal) = request.extensions().get::<Principal>().cloned() else {
         return Err(Error::Unauthenticated(
             "no authenticated caller for this call".into(),
         ));
     };
+    let allowed = access.allowed(request.extensions().get::<RpcName>())?;
     if principal.has_any(allowed) {
         Ok(principal)
     } else {
-        let names: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+        let names: Vec<&str> = std::iter::once("admin")
+            .chain(allowed.iter().map(|r| r.as_str()))
+            .collect();
         Err(Error::PermissionDenied(format!(
-            "this rpc needs one of the roles: admin, {}",
+            "this rpc needs one of the roles: {}",
             names.join(", ")
         )))
     }

@@ -67,7 +67,7 @@ pub async fn main(service: &'static crate::service::ServiceDescriptor) -> anyhow
     use clap::Parser;
     let cli = ServiceCli::parse();
     let config = load_or_exit(service.name, &cli.data_dir, &cli.overrides);
-    let _telemetry = crate::telemetry::init(&config.log, service.name);
+    let _telemetry = crate::telemetry::init(&config, service.name);
     let listener = bind(&config).await?;
     crate::service::run(service, config, listener, shutdown_on_signal()).await
 }

@@ -29,7 +29,7 @@
 //! with an error instead of silently skipping.
 
 use crate::Runtime;
-use crate::auth::{Role, authorize};
+use crate::auth::{Policy, Role, authorize};
 use crate::client::ClientInterceptor;
 use crate::config::{Config, SubscriberConfig};
 use crate::db::{from_micros, to_micros};
@@ -97,7 +97,7 @@ impl ChangeStreamService for ChangeStreamServer {
         &self,
         request: Request<WatchChangesRequest>,
     ) -> Result<Response<Self::WatchChangesStream>, Status> {
-        authorize(&request, &[Role::Service, Role::Analyst])?;
+        authorize(&request, &CHANGE_STREAM_POLICY)?;
         let req = request.into_inner();
         if req.after_sequence < 0 {
             return Err(Error::invalid("after_sequence", "must not be negative").into());
@@ -526,7 +526,7 @@ struct Instruments {
 
 impl Instruments {
     fn new(service: &str, source: &str) -> Self {
-        let meter = opentelemetry::global::meter("clm");
+        let meter = crate::telemetry::meter(service);
         Self {
             lag: meter
                 .f64_histogram("clm.subscriber.lag")
@@ -983,8 +983,20 @@ pub struct DeadLetterServer {
     handlers: BTreeMap<String, Handlers>,
 }
 
-/// Roles that may see and replay dead letters.
-const OPERATORS: &[Role] = &[Role::DataSteward];
+/// Who may follow a service's change stream (admin may too).
+pub const CHANGE_STREAM_POLICY: Policy = Policy {
+    service: "clm.common.v1.ChangeStreamService",
+    rules: &[("WatchChanges", &[Role::Service, Role::Analyst])],
+};
+
+/// Who may see and replay a service's dead letters (admin may too).
+pub const DEAD_LETTER_POLICY: Policy = Policy {
+    service: "clm.common.v1.DeadLetterService",
+    rules: &[
+        ("ListDeadLetters", &[Role::DataSteward]),
+        ("ReplayDeadLetter", &[Role::DataSteward]),
+    ],
+};
 
 const DEAD_LETTER_COLUMNS: [&str; 10] = [
     "source",
@@ -1177,7 +1189,7 @@ impl DeadLetterService for DeadLetterServer {
         &self,
         request: Request<ListDeadLettersRequest>,
     ) -> Result<Response<ListDeadLettersResponse>, Status> {
-        authorize(&request, OPERATORS)?;
+        authorize(&request, &DEAD_LETTER_POLICY)?;
         Ok(Response::new(self.list(request.into_inner()).await?))
     }
 
@@ -1185,7 +1197,7 @@ impl DeadLetterService for DeadLetterServer {
         &self,
         request: Request<ReplayDeadLetterRequest>,
     ) -> Result<Response<ReplayDeadLetterResponse>, Status> {
-        authorize(&request, OPERATORS)?;
+        authorize(&request, &DEAD_LETTER_POLICY)?;
         Ok(Response::new(self.replay(request.into_inner()).await?))
     }
 }

@@ -71,6 +71,26 @@ pub struct Config {
     pub peers: BTreeMap<String, String>,
     /// How this service follows other services' change streams.
     pub subscriber: SubscriberConfig,
+    /// Traces and metrics export (OpenTelemetry).
+    pub telemetry: TelemetryConfig,
+}
+
+/// OpenTelemetry export settings (see [`crate::telemetry`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC endpoint of a collector (`http://otel-collector:4317`).
+    /// Unset: the standard `OTEL_EXPORTER_OTLP_ENDPOINT` variable; without
+    /// either, nothing is exported.
+    pub otlp_endpoint: Option<String>,
+    /// Export the tracing library's own span attributes too (`busy_ns`,
+    /// `idle_ns`, `thread.*`, `code.*`, `target`).
+    pub span_details: bool,
+    /// Trace and measure `grpc.health.v1.Health` probes too (off: a
+    /// probe every few seconds would drown the traces).
+    pub trace_health_checks: bool,
+    /// Seconds between metric exports.
+    pub metric_interval_secs: u64,
 }
 
 /// Settings of the change-stream subscribers.
@@ -225,6 +245,12 @@ impl Config {
                 max_backoff_ms: 10_000,
                 token_ttl_secs: 600,
             },
+            telemetry: TelemetryConfig {
+                otlp_endpoint: None,
+                span_details: false,
+                trace_health_checks: false,
+                metric_interval_secs: 30,
+            },
         }
     }
 
@@ -286,12 +312,28 @@ impl Config {
                 "must be at least 32 bytes",
             ));
         }
-        if let Some(p) = &self.auth.rs256_public_key_file
-            && !p.is_file()
+        if let Some(p) = &self.auth.rs256_public_key_file {
+            crate::auth::read_rs256_key(p)
+                .map_err(|e| ConfigError::new("auth.rs256_public_key_file", e))?;
+        }
+        if self.auth.issuer.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::new(
+                "auth.issuer",
+                "must not be empty (leave it unset to accept any issuer)",
+            ));
+        }
+        if let Some(e) = &self.telemetry.otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
         {
             return Err(ConfigError::new(
-                "auth.rs256_public_key_file",
-                format!("{} is not a readable file", p.display()),
+                "telemetry.otlp_endpoint",
+                "must be an http:// or https:// URL (OTLP/gRPC, e.g. http://127.0.0.1:4317)",
+            ));
+        }
+        if self.telemetry.metric_interval_secs == 0 {
+            return Err(ConfigError::new(
+                "telemetry.metric_interval_secs",
+                "must be at least 1",
             ));
         }
         for (name, url) in &self.peers {

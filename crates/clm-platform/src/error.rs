@@ -307,24 +307,26 @@ where
 }
 
 /// The body of every unary rpc of a tonic service impl: authorizes the
-/// caller for `roles`, hands the principal and the message to `call`, and
-/// maps the outcome to a response or a status.
+/// caller against `access` (the service's [`crate::auth::Policy`], which
+/// knows the rpc being served), hands the principal and the message to
+/// `call`, and maps the outcome to a response or a status.
 ///
 /// ```ignore
 /// async fn get_thing(&self, request: Request<GetThingRequest>) -> Result<Response<Thing>, Status> {
-///     respond(request, READERS, |_, req| self.get(req)).await
+///     respond(request, &POLICY, |_, req| self.get(req)).await
 /// }
 /// ```
-pub async fn respond<Q, R, F, Fut>(
+pub async fn respond<Q, R, F, Fut, A>(
     request: tonic::Request<Q>,
-    roles: &[crate::auth::Role],
+    access: &A,
     call: F,
 ) -> Result<tonic::Response<R>, Status>
 where
     F: FnOnce(crate::auth::Principal, Q) -> Fut,
     Fut: std::future::Future<Output = Result<R>>,
+    A: crate::auth::Access + ?Sized,
 {
-    let principal = crate::auth::authorize(&request, roles)?;
+    let principal = crate::auth::authorize(&request, access)?;
     Ok(tonic::Response::new(
         call(principal, request.into_inner()).await?,
     ))

@@ -77,11 +77,14 @@ pub async fn open(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<Runtime> {
     let service = descriptor.name;
-    let db = db::connect(&config.database).await?;
+    let mut db = db::connect(&config.database).await?;
     if config.database.migrate {
         (descriptor.migrate)(&db).await?;
     }
-    let read = db::connect_readers(&config.database, &db).await?;
+    let mut read = db::connect_readers(&config.database, &db).await?;
+    // After the migrations: their statements are no call's children.
+    telemetry::observe_database(&mut db, service);
+    telemetry::observe_database(&mut read, service);
     let cache =
         cache::Cache::connect(config.cache.redis_url.as_deref(), &config.cache.key_prefix).await?;
     let retention = chrono::Duration::days(i64::from(config.idempotency_retention_days));

@@ -1,7 +1,19 @@
 //! The gRPC server every service runs: health (SERVING, then NOT_SERVING
 //! while draining), reflection, and one layer that gives every call a
 //! request id, a tracing span continuing the caller's W3C trace, bearer
-//! token authentication and RED metrics (requests, errors, latency).
+//! token authentication and RED metrics.
+//!
+//! Telemetry follows the OpenTelemetry RPC conventions: the span is named
+//! `package.Service/Method` and carries `rpc.system`, `rpc.service`,
+//! `rpc.method` and `rpc.grpc.status_code`; a call that ends with any code
+//! but OK has status ERROR. One histogram, `rpc.server.call.duration` (in
+//! seconds, attributes as on the span), counts calls, errors (by code) and
+//! latency. Both end when the response body does, so a stream records its
+//! final status and whole duration. A path no CLM proto declares and no
+//! served service answers is named `_OTHER` (callers cannot mint series).
+//! Health probes are neither traced nor measured unless
+//! `telemetry.trace_health_checks` is set. A refused token is logged at
+//! warn (reason, rpc, peer; never the token), rate-limited.
 //!
 //! Every call that reaches a handler carries a [`Principal`]: the verified
 //! token's, or [`Principal::local`] when auth is off (the server then
@@ -9,15 +21,17 @@
 //! in a handler answers that call INTERNAL (`grpc-status: 13`, "internal
 //! error") and is logged; the connection and the server live on.
 
-use crate::auth::{Authenticator, Principal};
+use crate::auth::{Authenticator, Principal, RefusalLog, RpcName};
 use crate::config::Config;
 use futures::future::BoxFuture;
 use http_body_util::BodyExt;
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram};
+use opentelemetry::metrics::Histogram;
 use opentelemetry::propagation::Extractor;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use opentelemetry::trace::TraceContextExt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -40,30 +54,108 @@ pub struct RequestId(pub String);
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 const CHANGE_STREAM_PREFIX: &str = "/clm.common.v1.ChangeStreamService/";
 
+/// What metrics and spans call a method path that no served service has:
+/// a caller must not be able to create new series by calling made-up paths.
+pub const OTHER: &str = "_OTHER";
+
+/// Bucket boundaries of `rpc.server.call.duration`, in seconds.
+const DURATION_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
 #[derive(Debug)]
 struct Metrics {
-    requests: Counter<u64>,
-    errors: Counter<u64>,
     duration: Histogram<f64>,
 }
 
 impl Metrics {
-    fn new() -> Self {
-        let meter = opentelemetry::global::meter("clm");
+    fn new(service: &str) -> Self {
+        let meter = crate::telemetry::meter(service);
         Self {
-            requests: meter
-                .u64_counter("rpc.server.requests")
-                .with_description("Calls received, by method and code")
-                .build(),
-            errors: meter
-                .u64_counter("rpc.server.errors")
-                .with_description("Calls that ended with a non-OK code")
-                .build(),
             duration: meter
-                .f64_histogram("rpc.server.duration")
+                .f64_histogram("rpc.server.call.duration")
                 .with_unit("s")
-                .with_description("Time to the response headers")
+                .with_description(
+                    "Duration of each call, from its arrival to the end of its response (the last message of a stream), by service, method and status code",
+                )
+                .with_boundaries(DURATION_BUCKETS.to_vec())
                 .build(),
+        }
+    }
+}
+
+/// Every method path of the gRPC services CLM knows (its own protos,
+/// health, reflection), split into service and method.
+fn known_methods() -> &'static HashMap<String, (String, String)> {
+    static KNOWN: OnceLock<HashMap<String, (String, String)>> = OnceLock::new();
+    KNOWN.get_or_init(|| {
+        use prost::Message as _;
+        let mut known = HashMap::new();
+        for set in [
+            clm_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ] {
+            let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+                continue;
+            };
+            for file in set.file {
+                let package = file.package.unwrap_or_default();
+                for service in file.service {
+                    let name = service.name.unwrap_or_default();
+                    let full = if package.is_empty() {
+                        name
+                    } else {
+                        format!("{package}.{name}")
+                    };
+                    for m in service.method {
+                        let method = m.name.unwrap_or_default();
+                        known.insert(format!("/{full}/{method}"), (full.clone(), method));
+                    }
+                }
+            }
+        }
+        for service in [
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ] {
+            known.insert(
+                format!("/{service}/ServerReflectionInfo"),
+                (service.to_owned(), "ServerReflectionInfo".to_owned()),
+            );
+        }
+        known
+    })
+}
+
+/// `/pkg.Service/Method` split, if it has that shape.
+fn split_path(path: &str) -> Option<(&str, &str)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    (!service.is_empty() && !method.is_empty() && !method.contains('/'))
+        .then_some((service, method))
+}
+
+/// How spans and metrics name a call.
+#[derive(Debug, Clone)]
+struct Label {
+    service: String,
+    method: String,
+}
+
+impl Label {
+    fn other() -> Self {
+        Self {
+            service: OTHER.into(),
+            method: OTHER.into(),
+        }
+    }
+
+    /// The span name: `package.Service/Method`, or `_OTHER`.
+    fn span_name(&self) -> String {
+        if self.method == OTHER && self.service == OTHER {
+            OTHER.into()
+        } else {
+            format!("{}/{}", self.service, self.method)
         }
     }
 }
@@ -72,7 +164,10 @@ impl Metrics {
 struct Shared {
     service: &'static str,
     auth: Option<Authenticator>,
+    refusals: RefusalLog,
     metrics: Metrics,
+    /// Whether health probes get spans and metrics.
+    trace_health: AtomicBool,
     /// Calls whose response has not been fully sent yet.
     in_flight: AtomicUsize,
     /// Above this many calls in flight, new unary calls are shed with
@@ -96,21 +191,85 @@ impl Drop for InFlight {
     }
 }
 
+/// One call until its response is fully sent (or abandoned): then its
+/// status and duration go to the span and the metrics. A stream's status
+/// is the one in its trailers, however long after the headers it comes.
+struct CallEnd {
+    in_flight: InFlight,
+    span: tracing::Span,
+    label: Label,
+    start: Instant,
+    /// The grpc-status, once seen (headers of a trailers-only answer, or trailers).
+    code: Option<i32>,
+    observed: bool,
+}
+
+impl CallEnd {
+    fn see(&mut self, headers: &http::HeaderMap) {
+        if let Some(code) = headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+        {
+            self.code = Some(code);
+        }
+    }
+}
+
+impl Drop for CallEnd {
+    fn drop(&mut self) {
+        if !self.observed {
+            return;
+        }
+        // A body that ends without a status was abandoned (the client went away).
+        let code = self.code.unwrap_or(tonic::Code::Cancelled as i32);
+        self.span.record("rpc.grpc.status_code", code);
+        if code != 0 {
+            self.span.record("otel.status_code", "ERROR");
+            self.span.record(
+                "otel.status_description",
+                tonic::Code::from_i32(code).description(),
+            );
+        }
+        let shared = &self.in_flight.0;
+        let attrs = [
+            KeyValue::new("rpc.system", "grpc"),
+            KeyValue::new("rpc.service", self.label.service.clone()),
+            KeyValue::new("rpc.method", self.label.method.clone()),
+            KeyValue::new("rpc.grpc.status_code", i64::from(code)),
+        ];
+        shared
+            .metrics
+            .duration
+            .record(self.start.elapsed().as_secs_f64(), &attrs);
+    }
+}
+
 /// The per-call layer (request id, tracing, auth, metrics).
 #[derive(Clone, Debug)]
 pub struct RpcLayer(Arc<Shared>);
 
 impl RpcLayer {
     /// For `service`, checking tokens with `auth` when set and shedding
-    /// calls beyond `max_in_flight`.
+    /// calls beyond `max_in_flight`. Health probes are not traced or
+    /// measured (see [`RpcLayer::trace_health_checks`]).
     pub fn new(service: &'static str, auth: Option<Authenticator>, max_in_flight: usize) -> Self {
         Self(Arc::new(Shared {
             service,
             auth,
-            metrics: Metrics::new(),
+            refusals: RefusalLog::default(),
+            metrics: Metrics::new(service),
+            trace_health: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             max_in_flight,
         }))
+    }
+
+    /// Traces and measures health probes too.
+    #[must_use]
+    pub fn trace_health_checks(self, yes: bool) -> Self {
+        self.0.trace_health.store(yes, Ordering::Relaxed);
+        self
     }
 
     /// Calls whose response is not fully sent yet.
@@ -159,6 +318,57 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// The caller's address, from the connection tonic accepted.
+fn peer<B>(req: &http::Request<B>) -> Option<std::net::SocketAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let ext = req.extensions();
+    ext.get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|t| t.get_ref().remote_addr())
+        })
+}
+
+/// The call's span: `package.Service/Method` with the OpenTelemetry RPC
+/// attributes, continuing the caller's W3C trace; its ids are span fields
+/// so every log line inside the call names its trace.
+fn call_span(
+    shared: &Shared,
+    label: &Label,
+    request_id: &str,
+    headers: &http::HeaderMap,
+) -> tracing::Span {
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %label.span_name(),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = %label.service,
+        rpc.method = %label.method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        clm.service = shared.service,
+        request_id = %request_id,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    let remote = parent.span().span_context().clone();
+    let _ = span.set_parent(parent);
+    let own = span.context().span().span_context().clone();
+    if own.is_valid() {
+        span.record("trace_id", own.trace_id().to_string());
+        span.record("span_id", own.span_id().to_string());
+    } else if remote.is_valid() {
+        // No exporter: the log still names the caller's trace.
+        span.record("trace_id", remote.trace_id().to_string());
+    }
+    span
+}
+
 impl<S> Service<http::Request<Body>> for RpcService<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
@@ -177,30 +387,48 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
-        let method = req.uri().path().to_owned();
+        let path = req.uri().path();
+        let exempt = path.starts_with(HEALTH_PREFIX);
+        // Long-lived change streams are not load: they are never shed.
+        let sheddable = !exempt && !path.starts_with(CHANGE_STREAM_PREFIX);
+        let observed = !exempt || shared.trace_health.load(Ordering::Relaxed);
+        // A path no CLM proto declares is `_OTHER` unless a served service
+        // answers it (a made-up path gets UNIMPLEMENTED from the router).
+        let (known, label, routed) = match known_methods().get(path) {
+            Some((service, method)) => {
+                let l = Label {
+                    service: service.clone(),
+                    method: method.clone(),
+                };
+                (true, l.clone(), Some(l))
+            }
+            None => (
+                false,
+                Label::other(),
+                split_path(path).map(|(s, m)| Label {
+                    service: s.chars().take(256).collect(),
+                    method: m.chars().take(256).collect(),
+                }),
+            ),
+        };
+        if let Some(l) = &routed {
+            req.extensions_mut().insert(RpcName {
+                service: l.service.clone(),
+                method: l.method.clone(),
+            });
+        }
         let request_id = req
             .headers()
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-        let parent = opentelemetry::global::get_text_map_propagator(|p| {
-            p.extract(&HeaderExtractor(req.headers()))
-        });
-        let span = tracing::info_span!(
-            "rpc",
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.method = %method,
-            service = shared.service,
-            request_id = %request_id,
-            rpc.grpc.status_code = tracing::field::Empty,
-        );
-        let _ = span.set_parent(parent);
+        let span = if observed {
+            call_span(&shared, &label, &request_id, req.headers())
+        } else {
+            tracing::Span::none()
+        };
 
-        let exempt = method.starts_with(HEALTH_PREFIX);
-        // Long-lived change streams are not load: they are never shed.
-        let sheddable = !exempt && !method.starts_with(CHANGE_STREAM_PREFIX);
         let admission =
             if sheddable && shared.in_flight.load(Ordering::SeqCst) >= shared.max_in_flight {
                 Err(crate::Error::Unavailable(
@@ -213,7 +441,20 @@ where
                             .headers()
                             .get("authorization")
                             .and_then(|v| v.to_str().ok());
-                        auth.authenticate(header).map(Some)
+                        let verdict = auth.authenticate(header);
+                        if let Err(crate::Error::Unauthenticated(reason)) = &verdict {
+                            let _entered = span.enter();
+                            shared.refusals.refused(
+                                shared.service,
+                                reason,
+                                &routed.as_ref().map_or_else(
+                                    || OTHER.to_owned(),
+                                    |l| format!("{}/{}", l.service, l.method),
+                                ),
+                                peer(&req),
+                            );
+                        }
+                        verdict.map(Some)
                     }
                     // Health checks need no caller.
                     (Some(_), true) => Ok(None),
@@ -223,10 +464,16 @@ where
                 }
             };
         req.extensions_mut().insert(RequestId(request_id.clone()));
-        let in_flight = InFlight::new(shared.clone());
+        let mut end = CallEnd {
+            in_flight: InFlight::new(shared.clone()),
+            span: span.clone(),
+            label,
+            start: Instant::now(),
+            code: None,
+            observed,
+        };
         Box::pin(
             async move {
-                let start = Instant::now();
                 let mut response = match admission {
                     Ok(principal) => {
                         if let Some(p) = principal {
@@ -236,32 +483,27 @@ where
                     }
                     Err(e) => tonic::Status::from(e).into_http::<Body>(),
                 };
-                let code = response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .unwrap_or(0);
-                tracing::Span::current().record("rpc.grpc.status_code", code);
-                let attrs = [
-                    KeyValue::new("rpc.method", method),
-                    KeyValue::new("rpc.grpc.status_code", i64::from(code)),
-                ];
-                shared.metrics.requests.add(1, &attrs);
-                if code != 0 {
-                    shared.metrics.errors.add(1, &attrs);
+                end.see(response.headers());
+                if !known
+                    && let Some(l) = routed
+                    && end.code != Some(tonic::Code::Unimplemented as i32)
+                {
+                    // A served service outside CLM's protos: its own name.
+                    end.span.record("otel.name", l.span_name());
+                    end.span.record("rpc.service", l.service.as_str());
+                    end.span.record("rpc.method", l.method.as_str());
+                    end.label = l;
                 }
-                shared
-                    .metrics
-                    .duration
-                    .record(start.elapsed().as_secs_f64(), &attrs);
                 if let Ok(v) = request_id.parse() {
                     response.headers_mut().insert("x-request-id", v);
                 }
-                // The call stays in flight until its body is sent (or the client goes away).
+                // The call ends (status, duration, in flight) when its body
+                // is sent or the client goes away.
                 let response = response.map(|body| {
                     Body::new(body.map_frame(move |frame| {
-                        let _ = &in_flight;
+                        if let Some(trailers) = frame.trailers_ref() {
+                            end.see(trailers);
+                        }
                         frame
                     }))
                 });
@@ -316,7 +558,8 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let layer = RpcLayer::new(service, auth, config.max_in_flight);
+    let layer = RpcLayer::new(service, auth, config.max_in_flight)
+        .trace_health_checks(config.telemetry.trace_health_checks);
     let mut builder = Server::builder();
     if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
         let identity = Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?);

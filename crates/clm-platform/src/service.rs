@@ -147,6 +147,7 @@ pub async fn run_with_clock(
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<()> {
     let name = service.name;
+    crate::telemetry::register(name);
     // Relays, purges and subscribers stop when the server does.
     let background = shutdown.child_token();
     let rt = open(service, &config, clock, background.clone()).await?;

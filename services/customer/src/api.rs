@@ -18,7 +18,7 @@ use clm_domain::ids::CustomerId;
 use clm_domain::lifecycle::Transition;
 use clm_domain::validation::{optional_text, page_size, request_id, required_text};
 use clm_domain::{Violation, Violations, attributes, contact, filter, touchpoint};
-use clm_platform::auth::{Principal, Role};
+use clm_platform::auth::{Policy, Principal, Role};
 use clm_platform::error::respond;
 use clm_platform::idempotency;
 use clm_platform::page::Pager;
@@ -29,21 +29,50 @@ use sea_orm::DatabaseTransaction;
 use std::collections::{HashMap, HashSet};
 use tonic::{Request, Response, Status};
 
-/// Roles that may change customers.
-const WRITERS: &[Role] = &[Role::Marketer, Role::DataSteward, Role::Service];
-/// Roles that may erase customers and read erasure requests (admin always may).
-const ERASERS: &[Role] = &[Role::DataSteward];
-/// Every service that erases a customer's data and sends a receipt.
-const ERASING_SERVICES: [&str; 5] = ["customer", "scoring", "segmentation", "feedback", "loyalty"];
-/// Roles that may read customers.
-const READERS: &[Role] = &[
+/// Roles that read customers.
+const READ: &[Role] = &[
     Role::Marketer,
     Role::DataSteward,
     Role::Service,
     Role::Analyst,
     Role::SegmentOwner,
 ];
+/// Roles that create customers and record what they do (not data stewards).
+const ENGAGE: &[Role] = &[Role::Marketer, Role::Service];
+/// Roles that correct customer data: data-quality work (data stewards too).
+const CURATE: &[Role] = &[Role::Marketer, Role::DataSteward, Role::Service];
+/// Roles that erase customers and read erasure requests.
+const ERASE: &[Role] = &[Role::DataSteward];
 
+/// Who may call each rpc (admin may call all): the service's one role
+/// table, which `clm roles --markdown` prints into the README.
+pub const POLICY: Policy = Policy {
+    service: "clm.customer.v1.CustomerService",
+    rules: &[
+        ("CreateCustomer", ENGAGE),
+        ("GetCustomer", READ),
+        ("UpdateCustomer", CURATE),
+        ("ListCustomers", READ),
+        ("BatchCreateCustomers", ENGAGE),
+        ("RecordTouchpoints", ENGAGE),
+        ("ListTouchpoints", READ),
+        ("TransitionStage", ENGAGE),
+        ("ListStageHistory", READ),
+        ("SetConsent", CURATE),
+        ("GetConsent", READ),
+        ("AddCustomerIdentifier", CURATE),
+        ("RemoveCustomerIdentifier", CURATE),
+        ("ListCustomerIdentifiers", READ),
+        ("LookupCustomer", READ),
+        ("BatchLookupCustomers", READ),
+        ("MergeCustomers", CURATE),
+        ("EraseCustomer", ERASE),
+        ("GetErasureRequest", ERASE),
+        ("ListErasureRequests", ERASE),
+    ],
+};
+/// Every service that erases a customer's data and sends a receipt.
+const ERASING_SERVICES: [&str; 5] = ["customer", "scoring", "segmentation", "feedback", "loyalty"];
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 1000;
 const MAX_BATCH_CUSTOMERS: usize = 1000;
@@ -1374,139 +1403,139 @@ impl CustomerService for CustomerApi {
         &self,
         request: Request<pb::CreateCustomerRequest>,
     ) -> Result<Response<pb::Customer>, Status> {
-        respond(request, WRITERS, |p, r| self.create(p, r)).await
+        respond(request, &POLICY, |p, r| self.create(p, r)).await
     }
 
     async fn get_customer(
         &self,
         request: Request<pb::GetCustomerRequest>,
     ) -> Result<Response<pb::Customer>, Status> {
-        respond(request, READERS, |_, r| self.get(r)).await
+        respond(request, &POLICY, |_, r| self.get(r)).await
     }
 
     async fn update_customer(
         &self,
         request: Request<pb::UpdateCustomerRequest>,
     ) -> Result<Response<pb::Customer>, Status> {
-        respond(request, WRITERS, |_, r| self.update(r)).await
+        respond(request, &POLICY, |_, r| self.update(r)).await
     }
 
     async fn list_customers(
         &self,
         request: Request<pb::ListCustomersRequest>,
     ) -> Result<Response<pb::ListCustomersResponse>, Status> {
-        respond(request, READERS, |_, r| self.list(r)).await
+        respond(request, &POLICY, |_, r| self.list(r)).await
     }
 
     async fn batch_create_customers(
         &self,
         request: Request<pb::BatchCreateCustomersRequest>,
     ) -> Result<Response<pb::BatchCreateCustomersResponse>, Status> {
-        respond(request, WRITERS, |p, r| self.batch_create(p, r)).await
+        respond(request, &POLICY, |p, r| self.batch_create(p, r)).await
     }
 
     async fn record_touchpoints(
         &self,
         request: Request<pb::RecordTouchpointsRequest>,
     ) -> Result<Response<pb::RecordTouchpointsResponse>, Status> {
-        respond(request, WRITERS, |_, r| self.record_touchpoints(r)).await
+        respond(request, &POLICY, |_, r| self.record_touchpoints(r)).await
     }
 
     async fn list_touchpoints(
         &self,
         request: Request<pb::ListTouchpointsRequest>,
     ) -> Result<Response<pb::ListTouchpointsResponse>, Status> {
-        respond(request, READERS, |_, r| self.list_touchpoints(r)).await
+        respond(request, &POLICY, |_, r| self.list_touchpoints(r)).await
     }
 
     async fn transition_stage(
         &self,
         request: Request<pb::TransitionStageRequest>,
     ) -> Result<Response<pb::TransitionStageResponse>, Status> {
-        respond(request, WRITERS, |p, r| self.transition(p, r)).await
+        respond(request, &POLICY, |p, r| self.transition(p, r)).await
     }
 
     async fn list_stage_history(
         &self,
         request: Request<pb::ListStageHistoryRequest>,
     ) -> Result<Response<pb::ListStageHistoryResponse>, Status> {
-        respond(request, READERS, |_, r| self.stage_history(r)).await
+        respond(request, &POLICY, |_, r| self.stage_history(r)).await
     }
 
     async fn set_consent(
         &self,
         request: Request<pb::SetConsentRequest>,
     ) -> Result<Response<pb::Consent>, Status> {
-        respond(request, WRITERS, |p, r| self.set_consent(p, r)).await
+        respond(request, &POLICY, |p, r| self.set_consent(p, r)).await
     }
 
     async fn get_consent(
         &self,
         request: Request<pb::GetConsentRequest>,
     ) -> Result<Response<pb::Consent>, Status> {
-        respond(request, READERS, |_, r| self.get_consent(r)).await
+        respond(request, &POLICY, |_, r| self.get_consent(r)).await
     }
 
     async fn add_customer_identifier(
         &self,
         request: Request<pb::AddCustomerIdentifierRequest>,
     ) -> Result<Response<pb::CustomerIdentifier>, Status> {
-        respond(request, WRITERS, |_, r| self.add_identifier(r)).await
+        respond(request, &POLICY, |_, r| self.add_identifier(r)).await
     }
 
     async fn remove_customer_identifier(
         &self,
         request: Request<pb::RemoveCustomerIdentifierRequest>,
     ) -> Result<Response<pb::CustomerIdentifier>, Status> {
-        respond(request, WRITERS, |_, r| self.remove_identifier(r)).await
+        respond(request, &POLICY, |_, r| self.remove_identifier(r)).await
     }
 
     async fn list_customer_identifiers(
         &self,
         request: Request<pb::ListCustomerIdentifiersRequest>,
     ) -> Result<Response<pb::ListCustomerIdentifiersResponse>, Status> {
-        respond(request, READERS, |_, r| self.list_identifiers(r)).await
+        respond(request, &POLICY, |_, r| self.list_identifiers(r)).await
     }
 
     async fn lookup_customer(
         &self,
         request: Request<pb::LookupCustomerRequest>,
     ) -> Result<Response<pb::Customer>, Status> {
-        respond(request, READERS, |_, r| self.lookup(r)).await
+        respond(request, &POLICY, |_, r| self.lookup(r)).await
     }
 
     async fn batch_lookup_customers(
         &self,
         request: Request<pb::BatchLookupCustomersRequest>,
     ) -> Result<Response<pb::BatchLookupCustomersResponse>, Status> {
-        respond(request, READERS, |_, r| self.batch_lookup(r)).await
+        respond(request, &POLICY, |_, r| self.batch_lookup(r)).await
     }
 
     async fn merge_customers(
         &self,
         request: Request<pb::MergeCustomersRequest>,
     ) -> Result<Response<pb::MergeCustomersResponse>, Status> {
-        respond(request, WRITERS, |p, r| self.merge(p, r)).await
+        respond(request, &POLICY, |p, r| self.merge(p, r)).await
     }
 
     async fn erase_customer(
         &self,
         request: Request<pb::EraseCustomerRequest>,
     ) -> Result<Response<pb::ErasureRequest>, Status> {
-        respond(request, ERASERS, |p, r| self.erase(p, r)).await
+        respond(request, &POLICY, |p, r| self.erase(p, r)).await
     }
 
     async fn get_erasure_request(
         &self,
         request: Request<pb::GetErasureRequestRequest>,
     ) -> Result<Response<pb::ErasureRequest>, Status> {
-        respond(request, ERASERS, |_, r| self.get_erasure(r)).await
+        respond(request, &POLICY, |_, r| self.get_erasure(r)).await
     }
 
     async fn list_erasure_requests(
         &self,
         request: Request<pb::ListErasureRequestsRequest>,
     ) -> Result<Response<pb::ListErasureRequestsResponse>, Status> {
-        respond(request, ERASERS, |_, r| self.list_erasures(r)).await
+        respond(request, &POLICY, |_, r| self.list_erasures(r)).await
     }
 }
