@@ -147,13 +147,17 @@ pub fn init(config: &Config, process: &str) -> TelemetryGuard {
     let log = &config.log;
     let filter =
         EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(&log.filter));
+    // The log filter chooses log lines only: traces always get the info
+    // level spans (every call), whatever the log level.
     let fmt = match log.format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_writer(std::io::stderr)
+            .with_filter(filter)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_filter(filter)
             .boxed(),
     };
     let details = config.telemetry.span_details;
@@ -171,7 +175,8 @@ pub fn init(config: &Config, process: &str) -> TelemetryGuard {
                         .with_target(details)
                         // Error events are log lines, not span statuses:
                         // the server layer sets a call's status from its code.
-                        .with_error_records_to_exceptions(false);
+                        .with_error_records_to_exceptions(false)
+                        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
                     opentelemetry::global::set_tracer_provider(tracer.clone());
                     guard.tracer = Some(tracer);
                     Some(layer)
@@ -185,7 +190,6 @@ pub fn init(config: &Config, process: &str) -> TelemetryGuard {
         _ => None,
     };
     let _ = tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
         .with(otel_layer)
         .try_init();
