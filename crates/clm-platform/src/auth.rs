@@ -97,6 +97,9 @@ impl Principal {
 
 #[derive(Debug, Deserialize)]
 struct Claims {
+    /// Required (`set_required_spec_claims`); defaulted here so a missing
+    /// one is reported as such, not as malformed claims.
+    #[serde(default)]
     sub: String,
     #[serde(default)]
     roles: Vec<String>,
@@ -198,7 +201,7 @@ impl Authenticator {
             .map_err(|e| Error::Unauthenticated(format!("invalid token: {}", refusal(&e))))?;
         if data.claims.sub.trim().is_empty() {
             return Err(Error::Unauthenticated(
-                "invalid token: empty subject (sub)".into(),
+                "invalid token: missing or empty subject (sub)".into(),
             ));
         }
         let roles = data
@@ -681,6 +684,48 @@ mod tests {
             authorize(&analyst, &[Role::Marketer]),
             Err(Error::PermissionDenied(_))
         ));
+    }
+
+    #[test]
+    fn refusal_lines_are_rate_limited() {
+        let log = RefusalLog::default();
+        for _ in 0..RefusalLog::PER_MINUTE + 5 {
+            log.refused("test", "bad signature", "x.v1.S/M", None);
+        }
+        let w = log.window.lock().expect("window");
+        assert_eq!(w.1, RefusalLog::PER_MINUTE, "lines logged this minute");
+        assert_eq!(w.2, 5, "refusals left out, counted for the next line");
+    }
+
+    #[test]
+    fn policies_answer_by_rpc_and_fail_closed() {
+        const P: Policy = Policy {
+            service: "x.v1.S",
+            rules: &[("Read", &[Role::Analyst])],
+        };
+        let rpc = |m: &str| RpcName {
+            service: "x.v1.S".into(),
+            method: m.into(),
+        };
+        assert_eq!(P.allowed(Some(&rpc("Read"))).expect("ok"), &[Role::Analyst]);
+        assert!(P.allowed(Some(&rpc("Write"))).expect("ok").is_empty());
+        assert!(P.allowed(None).expect("ok").is_empty());
+        let mut other = rpc("Read");
+        other.service = "y.v1.T".into();
+        assert!(P.allowed(Some(&other)).expect("ok").is_empty());
+        let mut req = tonic::Request::new(());
+        req.extensions_mut().insert(Principal {
+            subject: "ana".into(),
+            roles: vec![Role::Analyst],
+        });
+        req.extensions_mut().insert(rpc("Write"));
+        assert!(matches!(
+            authorize(&req, &P),
+            Err(Error::PermissionDenied(_))
+        ));
+        req.extensions_mut().insert(rpc("Read"));
+        assert!(authorize(&req, &P).is_ok());
+        assert!(check_policy(&P).is_err(), "x.v1.S is no CLM service");
     }
 
     #[test]

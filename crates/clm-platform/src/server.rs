@@ -489,7 +489,9 @@ where
                     && end.code != Some(tonic::Code::Unimplemented as i32)
                 {
                     // A served service outside CLM's protos: its own name.
-                    end.span.record("otel.name", l.span_name());
+                    // The span has started (its ids are in the log fields):
+                    // rename it through OpenTelemetry.
+                    end.span.context().span().update_name(l.span_name());
                     end.span.record("rpc.service", l.service.as_str());
                     end.span.record("rpc.method", l.method.as_str());
                     end.label = l;

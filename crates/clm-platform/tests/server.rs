@@ -78,14 +78,27 @@ async fn server_span_continues_the_callers_trace() {
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
     tracing::subscriber::set_global_default(subscriber).unwrap();
 
-    let (url, shutdown, server, _dir) = start("tracetest", &[], |_| {}).await;
+    let (url, shutdown, server, _dir) = start_with("tracetest", &[], probe_routes(), |_| {}).await;
 
     let caller = tracing::info_span!("caller");
     let caller_trace = caller.context().span().span_context().trace_id();
     async {
-        let mut client =
-            HealthClient::with_interceptor(channel(&url).unwrap(), ClientInterceptor::new(None));
-        client
+        let channel = tower::ServiceBuilder::new()
+            .layer(tonic::service::interceptor::InterceptorLayer::new(
+                ClientInterceptor::new(None),
+            ))
+            .service(channel(&url).unwrap());
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        grpc.unary(
+            tonic::Request::new(()),
+            http::uri::PathAndQuery::from_static("/test.v1.Probe/Whoami"),
+            tonic_prost::ProstCodec::<(), String>::default(),
+        )
+        .await
+        .unwrap();
+        // Health probes are not traced.
+        HealthClient::new(channel_for(&url))
             .check(HealthCheckRequest {
                 service: String::new(),
             })
@@ -101,12 +114,16 @@ async fn server_span_continues_the_callers_trace() {
     let rpc = spans
         .iter()
         .find(|s| {
-            s.name == "rpc"
+            s.name == "test.v1.Probe/Whoami"
                 && s.attributes
                     .iter()
-                    .any(|kv| kv.key.as_str() == "service" && kv.value.as_str() == "tracetest")
+                    .any(|kv| kv.key.as_str() == "rpc.method" && kv.value.as_str() == "Whoami")
         })
         .expect("server rpc span exported");
+    assert!(
+        spans.iter().all(|s| !s.name.starts_with("grpc.health")),
+        "no health spans"
+    );
     assert_eq!(
         rpc.span_context.trace_id(),
         caller_trace,
@@ -124,6 +141,10 @@ async fn server_span_continues_the_callers_trace() {
 
     shutdown.cancel();
     server.await.unwrap().unwrap();
+}
+
+fn channel_for(url: &str) -> tonic::transport::Channel {
+    channel(url).unwrap()
 }
 
 #[tokio::test]
@@ -416,6 +437,136 @@ async fn the_server_refuses_a_public_listener_without_auth() {
         assert!(std::time::Instant::now() < deadline, "never served");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+/// Signs `claims` with `secret` (HS256), as an identity provider would.
+fn sign(secret: &str, claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Every token rule through the real server: `nbf` is enforced, a
+/// configured audience and issuer must be carried, an empty subject is
+/// refused; the status says why, never echoing the token.
+#[tokio::test]
+async fn strict_claims_are_enforced_by_the_server() {
+    let secret = "claims-test-secret-claims-test-secret!";
+    let (url, shutdown, server, _dir) = start_with("claimstest", &[], probe_routes(), |c| {
+        c.auth.hs256_secret = Some(secret.into());
+        c.auth.audience = Some("crm-eu".into());
+        c.auth.issuer = Some("https://idp.example".into());
+    })
+    .await;
+    let ch = channel(&url).unwrap();
+    let exp = now() + 600;
+    let good = serde_json::json!({
+        "sub": "ana", "roles": ["analyst"], "exp": exp,
+        "aud": "crm-eu", "iss": "https://idp.example",
+    });
+    let call = |claims: serde_json::Value| {
+        let token = sign(secret, claims);
+        let ch = ch.clone();
+        async move { probe_call(ch, "/test.v1.Probe/Whoami", Some(&token)).await }
+    };
+    assert_eq!(call(good.clone()).await.unwrap(), "ana");
+    let mut already = good.clone();
+    already["nbf"] = (now() - 10).into();
+    assert_eq!(call(already).await.unwrap(), "ana", "a past nbf is fine");
+
+    let refused = |claims: serde_json::Value, why: &'static str| async move {
+        let status = call(claims).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unauthenticated,
+            "{why}: {status:?}"
+        );
+        assert!(
+            status.message().contains(why),
+            "{why}: {}",
+            status.message()
+        );
+        assert!(
+            !status.message().contains("eyJ"),
+            "no token in {}",
+            status.message()
+        );
+    };
+    let mut post_dated = good.clone();
+    post_dated["nbf"] = (now() + 3600).into();
+    refused(post_dated, "nbf").await;
+    let mut no_aud = good.clone();
+    no_aud.as_object_mut().unwrap().remove("aud");
+    refused(no_aud, "aud").await;
+    let mut other_aud = good.clone();
+    other_aud["aud"] = "billing".into();
+    refused(other_aud, "aud").await;
+    let mut no_iss = good.clone();
+    no_iss.as_object_mut().unwrap().remove("iss");
+    refused(no_iss, "iss").await;
+    let mut other_iss = good.clone();
+    other_iss["iss"] = "https://evil.example".into();
+    refused(other_iss, "iss").await;
+    let mut empty_sub = good.clone();
+    empty_sub["sub"] = "".into();
+    refused(empty_sub, "sub").await;
+    let mut blank_sub = good.clone();
+    blank_sub["sub"] = "   ".into();
+    refused(blank_sub, "sub").await;
+    let mut no_sub = good.clone();
+    no_sub.as_object_mut().unwrap().remove("sub");
+    refused(no_sub, "sub").await;
+    let mut expired = good.clone();
+    expired["exp"] = (now() - 3600).into();
+    refused(expired, "exp").await;
+
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+/// Without a configured issuer, `iss` is not required (and the default
+/// audience still is).
+#[tokio::test]
+async fn without_an_issuer_configured_iss_is_optional() {
+    let secret = "claims-test-secret-claims-test-secret!";
+    let (url, shutdown, server, _dir) = start_with("noisstest", &[], probe_routes(), |c| {
+        c.auth.hs256_secret = Some(secret.into());
+    })
+    .await;
+    let ch = channel(&url).unwrap();
+    let token = sign(
+        secret,
+        serde_json::json!({"sub": "ana", "roles": ["analyst"], "exp": now() + 600, "aud": "clm"}),
+    );
+    assert_eq!(
+        probe_call(ch.clone(), "/test.v1.Probe/Whoami", Some(&token))
+            .await
+            .unwrap(),
+        "ana"
+    );
+    let no_aud = sign(
+        secret,
+        serde_json::json!({"sub": "ana", "roles": ["analyst"], "exp": now() + 600}),
+    );
+    assert_eq!(
+        probe_call(ch, "/test.v1.Probe/Whoami", Some(&no_aud))
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::Unauthenticated
+    );
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }

@@ -52,3 +52,44 @@ fn a_bad_peer_is_a_config_error_with_exit_64() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("peers.customer"));
 }
+
+/// An RS256 key file that cannot be used stops the process before anything
+/// starts (no database is created), with exit 64 and the file's name.
+#[test]
+fn an_unusable_rs256_key_file_is_a_config_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("not-a-key.pem");
+    std::fs::write(&garbage, "this is not a PEM key").unwrap();
+    let missing = dir.path().join("missing.pem");
+    for key in [&missing, &garbage] {
+        let data = dir.path().join("data");
+        let out = Command::new(env!("CARGO_BIN_EXE_clm"))
+            .args(["serve", "customer", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .env("CLM_AUTH__RS256_PUBLIC_KEY_FILE", key)
+            .env_remove("CLM_AUTH__HS256_SECRET")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        assert!(err.contains("auth.rs256_public_key_file"), "{err}");
+        assert!(err.contains(&key.display().to_string()), "{err}");
+        assert!(!data.exists(), "nothing started: no database was created");
+    }
+}
+
+/// `clm roles` prints the role tables the README carries.
+#[test]
+fn roles_prints_every_table() {
+    let out = Command::new(env!("CARGO_BIN_EXE_clm"))
+        .args(["roles", "--markdown"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("`clm.customer.v1.CustomerService`"), "{text}");
+    assert!(
+        text.contains("| CreateCustomer | ✓ | ✓ |   |   |   | ✓ |"),
+        "{text}"
+    );
+}
