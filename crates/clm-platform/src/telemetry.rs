@@ -49,6 +49,7 @@ use opentelemetry_sdk::trace::{
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
+use tracing_subscriber::filter::FilterExt as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -147,6 +148,11 @@ pub fn init(config: &Config, process: &str) -> TelemetryGuard {
     let log = &config.log;
     let filter =
         EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(&log.filter));
+    // The call span is always on for the log, whatever its level, so every
+    // line logged inside a call (a warn included) names its trace.
+    let filter = filter.or(tracing_subscriber::filter::filter_fn(|m| {
+        m.is_span() && m.name() == "rpc" && m.target() == "clm_platform::server"
+    }));
     // The log filter chooses log lines only: traces always get the info
     // level spans (every call), whatever the log level.
     let fmt = match log.format {
