@@ -534,6 +534,11 @@ impl Instruments {
                 .with_description(
                     "Seconds between an event's commit at the source and its application here",
                 )
+                // Healthy lag is sub-second; the default buckets start at 5.
+                .with_boundaries(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    300.0, 900.0, 3600.0,
+                ])
                 .build(),
             applied: meter
                 .u64_counter("clm.subscriber.applied")
