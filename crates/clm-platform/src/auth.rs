@@ -2,8 +2,17 @@
 //!
 //! The server layer ([`crate::server`]) verifies the `authorization: Bearer
 //! <jwt>` header of every call (health checks excepted) and stores the
-//! [`Principal`] in the request extensions. Each rpc then calls
-//! [`authorize`] with the roles it allows. `admin` is allowed everywhere.
+//! [`Principal`] in the request extensions, with the [`RpcName`] being
+//! served. Each rpc then calls [`authorize`] (or
+//! [`crate::error::respond`]) with its service's [`Policy`]: the one role
+//! × rpc table of that service, which the README's role table is generated
+//! from (`clm roles --markdown`). `admin` is allowed everywhere; an rpc
+//! missing from its table is refused to everyone else.
+//!
+//! Tokens must carry `exp`, a non-empty `sub` and the configured `aud`, and
+//! `iss` when `auth.issuer` is set; a present `nbf` is enforced. A refused
+//! token is answered UNAUTHENTICATED with a short reason and logged at warn
+//! by the server layer through a rate-limited [`RefusalLog`].
 //!
 //! Fail closed: [`authorize`] refuses a request that carries no
 //! [`Principal`] (UNAUTHENTICATED). Without auth configured the server layer

@@ -11,8 +11,11 @@
 //! rest. See `services/customer` for the shape.
 //!
 //! Conventions every service follows:
-//! * each rpc: `authorize` (roles) → convert (proto → domain, violations name
-//!   the field) → logic in one transaction → convert back;
+//! * each rpc: `authorize` against the service's one role table
+//!   ([`auth::Policy`], `POLICY` in its `api.rs`, listed in the `clm`
+//!   binary's `ROLE_TABLES` so `clm roles` and the README show it) →
+//!   convert (proto → domain, violations name the field) → logic in one
+//!   transaction → convert back;
 //! * writes go through [`idempotency`] (a `request_id` retry returns the first
 //!   answer) and append their events to the [`outbox`] in the same transaction;
 //! * streams of other services are followed with [`changes::Handlers`]
