@@ -602,6 +602,33 @@ mod tests {
     }
 
     #[test]
+    fn an_unusable_rs256_key_names_its_file_and_telemetry_is_checked() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut c = Config::defaults("customer", dir.path());
+        let bad = dir.path().join("bad.pem");
+        std::fs::write(&bad, "not a key").expect("write");
+        for key in [bad.clone(), dir.path().join("missing.pem")] {
+            c.auth.rs256_public_key_file = Some(key.clone());
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.key, "auth.rs256_public_key_file");
+            assert!(e.message.contains(&key.display().to_string()), "{e}");
+        }
+        c.auth.rs256_public_key_file = None;
+        c.auth.issuer = Some(String::new());
+        assert_eq!(c.validate().unwrap_err().key, "auth.issuer");
+        c.auth.issuer = None;
+        c.telemetry.otlp_endpoint = Some("collector:4317".into());
+        assert_eq!(c.validate().unwrap_err().key, "telemetry.otlp_endpoint");
+        c.telemetry.otlp_endpoint = Some("http://collector:4317".into());
+        assert!(c.validate().is_ok());
+        c.telemetry.metric_interval_secs = 0;
+        assert_eq!(
+            c.validate().unwrap_err().key,
+            "telemetry.metric_interval_secs"
+        );
+    }
+
+    #[test]
     fn auth_is_one_key_with_an_audience() {
         let mut c = Config::defaults("customer", std::path::Path::new("/tmp/x"));
         assert_eq!(c.auth.audience.as_deref(), Some("clm"));
