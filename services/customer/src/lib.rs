@@ -32,8 +32,14 @@ pub static DESCRIPTOR: ServiceDescriptor = ServiceDescriptor {
 };
 
 fn build(rt: &Runtime) -> anyhow::Result<Parts> {
-    Ok(Parts::new().grpc(
+    let mut parts = Parts::new().grpc(
         CustomerServiceServer::new(api::CustomerApi::new(rt.clone()))
             .max_decoding_message_size(16 * 1024 * 1024),
-    ))
+    );
+    // Erasure receipts: each peer that runs (peers.<peer> configured)
+    // reports on its own stream that it erased a customer's data.
+    for peer in api::erasure_peers() {
+        parts = parts.follow_if_configured(peer, events::peer_handlers(peer));
+    }
+    Ok(parts)
 }

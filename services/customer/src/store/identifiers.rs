@@ -101,19 +101,47 @@ pub async fn holders(
         .collect()
 }
 
+/// An identifier of a request that matches the salted hash kept of an
+/// erased customer's identifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasedMatch {
+    /// The request field carrying it (`customer.email`).
+    pub field: String,
+    /// The start of its salted hash: what errors and logs may show
+    /// instead of the value.
+    pub hash_prefix: String,
+}
+
+impl ErasedMatch {
+    /// FAILED_PRECONDITION: re-importing an erased person is refused
+    /// (`erased_identifier_policy = "refuse"`). Names the field and a hash
+    /// prefix, never the value.
+    pub fn refused(&self) -> Error {
+        Error::FailedPrecondition {
+            reason: "IDENTIFIER_ERASED",
+            message: format!(
+                "{}: belongs to an erased customer (hash {}); \
+                 re-importing an erased person is refused",
+                self.field, self.hash_prefix
+            ),
+        }
+    }
+}
+
 /// ALREADY_EXISTS naming the holder if any of `ids` (each with the request
-/// field carrying it) is held by a customer other than `except`;
-/// FAILED_PRECONDITION if one belonged to an erased customer (when `salt`
-/// is given). One statement: the holders and the erased hashes are read
-/// together (`UNION ALL`).
+/// field carrying it) is held by a customer other than `except`; otherwise
+/// the ones that belonged to an erased customer (when `salt` is given), for
+/// the caller's `erased_identifier_policy` to refuse or flag. One
+/// statement: the holders and the erased hashes are read together
+/// (`UNION ALL`).
 pub async fn check_free(
     db: &impl ConnectionTrait,
     ids: &[(String, Identifier)],
     except: Option<CustomerId>,
     salt: Option<&str>,
-) -> Result<(), Error> {
+) -> Result<Vec<ErasedMatch>, Error> {
     if ids.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let wanted: Vec<&Identifier> = ids.iter().map(|(_, i)| i).collect();
     let mut held = Query::select();
@@ -140,23 +168,20 @@ pub async fn check_free(
             .and_where(Expr::col(n("hash")).is_in(hashes.iter().map(|(h, _)| h.clone())));
         held.union(UnionType::All, erased);
     }
+    let mut matches = Vec::new();
     for row in db.query_all(&held).await? {
         let kind: i16 = row.try_get("", "k")?;
         let value: String = row.try_get("", "v")?;
         let holder: String = row.try_get("", "c")?;
         if holder.is_empty() {
             // An erased identifier's hash.
-            if let Some((hash, id)) = hashes.iter().find(|(h, _)| *h == value)
-                && let Some((field, _)) = ids.iter().find(|(_, i)| i == *id)
-            {
-                return Err(Error::FailedPrecondition {
-                    reason: "IDENTIFIER_ERASED",
-                    message: format!(
-                        "{field}: belongs to an erased customer (hash {}); \
-                         re-importing an erased person is refused",
-                        &hash[..12]
-                    ),
-                });
+            for (hash, id) in hashes.iter().filter(|(h, _)| *h == value) {
+                for (field, _) in ids.iter().filter(|(_, i)| i == *id) {
+                    matches.push(ErasedMatch {
+                        field: field.clone(),
+                        hash_prefix: hash[..12].to_owned(),
+                    });
+                }
             }
             continue;
         }
@@ -171,7 +196,9 @@ pub async fn check_free(
             return Err(taken(field, id, holder));
         }
     }
-    Ok(())
+    matches.sort_by(|a, b| a.field.cmp(&b.field));
+    matches.dedup();
+    Ok(matches)
 }
 
 /// ALREADY_EXISTS: `field`'s identifier is held by `holder`.
@@ -308,6 +335,7 @@ mod tests {
                 update_time: now,
                 version: 1,
                 merged_from: Vec::new(),
+                reimported_after_erasure: false,
             })
             .collect();
         customers::insert_many(&db, &records).await.unwrap();
