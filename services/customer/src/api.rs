@@ -1414,7 +1414,13 @@ fn apply_mask(
                     "stage cannot be updated here; use TransitionStage",
                 ));
             }
-            "name" | "create_time" | "update_time" | "etag" | "demographics.age" => {
+            "name"
+            | "create_time"
+            | "update_time"
+            | "etag"
+            | "demographics.age"
+            | "merged_from"
+            | "reimported_after_erasure" => {
                 v.push(Violation::new(
                     "update_mask",
                     format!("{path} is output only"),

@@ -1592,3 +1592,184 @@ async fn customers_from_before_identifiers_get_their_profile_identifiers() {
         ]
     );
 }
+
+async fn list_filtered(c: &mut Client, filter: &str) -> Vec<String> {
+    c.list_customers(pb::ListCustomersRequest {
+        filter: filter.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .customers
+    .into_iter()
+    .map(|x| x.name)
+    .collect()
+}
+
+#[tokio::test]
+async fn flag_policy_accepts_erased_identifiers_and_marks_the_customer() {
+    use clm_platform::config::ErasedIdentifierPolicy;
+    let h =
+        start_with(|c| c.customer.erased_identifier_policy = ErasedIdentifierPolicy::Flag).await;
+    let mut c = h.client();
+    let ada = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(Customer {
+                email: "ada@example.com".into(),
+                external_id: "crm:ada-1".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ada.reimported_after_erasure);
+    c.add_customer_identifier(add(&ada.name, It::Phone, "+44 20 7000 1815"))
+        .await
+        .unwrap();
+    c.erase_customer(pb::EraseCustomerRequest {
+        name: ada.name.clone(),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+
+    // Create with an erased e-mail (another spelling of it): accepted, flagged.
+    let back = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(customer("ADA@example.com")),
+            request_id: "reimport-ada".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(back.reimported_after_erasure);
+    let got = c
+        .get_customer(pb::GetCustomerRequest {
+            name: back.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, back, "Get shows the mark as stored");
+    let fresh = create(&mut c, "grace@example.com").await;
+    assert!(!fresh.reimported_after_erasure);
+
+    // A batch: only the customer carrying an erased identifier is flagged.
+    let batch = c
+        .batch_create_customers(pb::BatchCreateCustomersRequest {
+            requests: vec![
+                pb::CreateCustomerRequest {
+                    customer: Some(Customer {
+                        external_id: "crm:ada-1".into(),
+                        display_name: "Ada from the CRM".into(),
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                },
+                pb::CreateCustomerRequest {
+                    customer: Some(customer("alan@example.com")),
+                    request_id: String::new(),
+                },
+            ],
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .customers;
+    assert!(batch[0].reimported_after_erasure);
+    assert!(!batch[1].reimported_after_erasure);
+
+    // Adding an erased phone to a customer flags it (a new version).
+    c.add_customer_identifier(add(&fresh.name, It::Phone, "+442070001815"))
+        .await
+        .unwrap();
+    let grace = c
+        .get_customer(pb::GetCustomerRequest {
+            name: fresh.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(grace.reimported_after_erasure);
+    assert_ne!(grace.etag, fresh.etag);
+
+    // A data steward finds them with a filter.
+    let mut flagged = list_filtered(&mut c, "reimported_after_erasure = true").await;
+    flagged.sort();
+    let mut want = vec![back.name.clone(), batch[0].name.clone(), grace.name.clone()];
+    want.sort();
+    assert_eq!(flagged, want);
+    assert_eq!(
+        list_filtered(&mut c, "reimported_after_erasure = false").await,
+        vec![batch[1].name.clone()]
+    );
+    assert_eq!(
+        list_filtered(&mut c, "reimported_after_erasure != true").await,
+        vec![batch[1].name.clone()]
+    );
+    let e = c
+        .list_customers(pb::ListCustomersRequest {
+            filter: "reimported_after_erasure = \"yes\"".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "filter");
+
+    // The mark survives a merge into an unmarked survivor.
+    let merged = c
+        .merge_customers(merge_req(&batch[1].name, &[&back.name]))
+        .await
+        .unwrap()
+        .into_inner()
+        .customer
+        .unwrap();
+    assert!(merged.reimported_after_erasure);
+
+    // An update to an erased e-mail flags too; the output-only field
+    // cannot be set by a client.
+    let turing = create(&mut c, "turing@example.com").await;
+    c.erase_customer(pb::EraseCustomerRequest {
+        name: turing.name.clone(),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    let hopper = create(&mut c, "hopper@example.com").await;
+    let updated = c
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(Customer {
+                name: hopper.name.clone(),
+                email: "turing@example.com".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["email".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(updated.reimported_after_erasure);
+    let e = c
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(Customer {
+                name: hopper.name.clone(),
+                reimported_after_erasure: false,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["reimported_after_erasure".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "update_mask");
+    h.server.stop().await;
+}
