@@ -800,11 +800,8 @@ impl CustomerApi {
                     .remove(&gone)
                     .filter(|h| h.customer == id)
                     .ok_or_else(|| {
-                        Error::NotFound(format!(
-                            "identifier {} of {}",
-                            clm_domain::validation::echo(&gone.value),
-                            id.name()
-                        ))
+                        // Never the value: it may be an erased customer's.
+                        Error::NotFound(format!("the requested identifier of {}", id.name()))
                     })?;
                 if held.profile {
                     return Err(Error::FailedPrecondition {
@@ -843,10 +840,8 @@ impl CustomerApi {
             .await?
             .remove(&wanted)
             .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "a customer with identifier {}",
-                    clm_domain::validation::echo(&wanted.value)
-                ))
+                // Never the value: it may be an erased customer's.
+                Error::NotFound("a customer with the requested identifier".into())
             })?;
         let r = customers::get(&self.rt.read, holder.customer).await?;
         Ok(convert::customer_to_proto(&r, self.now().date_naive()))
