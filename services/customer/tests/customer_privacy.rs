@@ -522,16 +522,25 @@ async fn identifiers_have_one_holder_and_find_their_customer() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
+    let remove = pb::RemoveCustomerIdentifierRequest {
+        parent: ada.name.clone(),
+        identifier: ident(It::Phone, "+49 30 1234567"),
+        request_id: "remove-phone".into(),
+    };
     let removed = c
-        .remove_customer_identifier(pb::RemoveCustomerIdentifierRequest {
-            parent: ada.name.clone(),
-            identifier: ident(It::Phone, "+49 30 1234567"),
-            request_id: String::new(),
-        })
+        .remove_customer_identifier(remove.clone())
         .await
         .unwrap()
         .into_inner();
     assert_eq!(removed, phone);
+    assert_eq!(
+        c.remove_customer_identifier(remove)
+            .await
+            .unwrap()
+            .into_inner(),
+        removed,
+        "a retry answers the first result"
+    );
     assert_eq!(
         lookup(&mut c, It::Phone, "+49301234567").await,
         Err(Code::NotFound)
