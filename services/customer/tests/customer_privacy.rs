@@ -20,35 +20,6 @@ use tonic::Code;
 mod common;
 use common::*;
 
-fn setting(purpose: Pu, channel: Ch, state: St) -> pb::ConsentSetting {
-    pb::ConsentSetting {
-        purpose: purpose as i32,
-        channel: channel as i32,
-        state: state as i32,
-    }
-}
-
-fn entry(c: &pb::Consent, purpose: Pu, channel: Ch) -> &pb::ConsentEntry {
-    c.entries
-        .iter()
-        .find(|e| e.purpose == purpose as i32 && e.channel == channel as i32)
-        .unwrap()
-}
-
-fn set(
-    name: &str,
-    settings: Vec<pb::ConsentSetting>,
-    source: Src,
-    request_id: &str,
-) -> pb::SetConsentRequest {
-    pb::SetConsentRequest {
-        name: name.into(),
-        settings,
-        source: source as i32,
-        request_id: request_id.into(),
-    }
-}
-
 #[tokio::test]
 async fn consent_defaults_changes_history_and_events() {
     let h = start().await;
@@ -310,31 +281,6 @@ async fn consent_bad_input_names_the_field() {
     h.server.stop().await;
 }
 
-fn ident(kind: pb::IdentifierType, value: &str) -> Option<pb::CustomerIdentifier> {
-    Some(pb::CustomerIdentifier {
-        r#type: kind as i32,
-        value: value.into(),
-        ..Default::default()
-    })
-}
-
-fn add(parent: &str, kind: pb::IdentifierType, value: &str) -> pb::AddCustomerIdentifierRequest {
-    pb::AddCustomerIdentifierRequest {
-        parent: parent.into(),
-        identifier: ident(kind, value),
-        request_id: String::new(),
-    }
-}
-
-async fn lookup(c: &mut Client, kind: pb::IdentifierType, value: &str) -> Result<String, Code> {
-    c.lookup_customer(pb::LookupCustomerRequest {
-        identifier: ident(kind, value),
-    })
-    .await
-    .map(|r| r.into_inner().name)
-    .map_err(|e| e.code())
-}
-
 use pb::IdentifierType as It;
 
 #[tokio::test]
@@ -439,9 +385,7 @@ async fn identifiers_have_one_holder_and_find_their_customer() {
                         email: value.into(),
                         ..Default::default()
                     }),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["email".into()],
-                    }),
+                    update_mask: mask(&["email"]),
                     request_id: String::new(),
                 })
                 .await
@@ -492,9 +436,7 @@ async fn identifiers_have_one_holder_and_find_their_customer() {
             email: "ada@new.example".into(),
             ..Default::default()
         }),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["email".into()],
-        }),
+        update_mask: mask(&["email"]),
         request_id: String::new(),
     })
     .await
@@ -941,13 +883,7 @@ async fn merge_moves_everything_to_the_survivor_and_leaves_redirects() {
     );
 
     // Merged ids redirect reads and refuse writes, naming the survivor.
-    let got = c
-        .get_customer(pb::GetCustomerRequest {
-            name: b.name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get(&mut c, b.name.clone()).await;
     assert_eq!(got, merged);
     let e = c
         .transition_stage(pb::TransitionStageRequest {
@@ -1110,13 +1046,7 @@ async fn merge_moves_everything_to_the_survivor_and_leaves_redirects() {
         .customer
         .unwrap();
     assert_eq!(z.merged_from.len(), 3);
-    let got = c
-        .get_customer(pb::GetCustomerRequest {
-            name: b.name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get(&mut c, b.name.clone()).await;
     assert_eq!(got.name, d.name);
     h.server.stop().await;
 }
@@ -1162,11 +1092,7 @@ async fn concurrent_overlapping_merges_lose_and_duplicate_nothing() {
     // touchpoint and e-mail exactly once.
     let mut live = std::collections::BTreeSet::new();
     for n in &names {
-        let got = c
-            .get_customer(pb::GetCustomerRequest { name: n.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let got = get(&mut c, n.clone()).await;
         live.insert(got.name);
     }
     let mut tps = Vec::new();
@@ -1193,13 +1119,7 @@ async fn concurrent_overlapping_merges_lose_and_duplicate_nothing() {
     let merged_total: usize = {
         let mut n = 0;
         for l in &live {
-            n += c
-                .get_customer(pb::GetCustomerRequest { name: l.clone() })
-                .await
-                .unwrap()
-                .into_inner()
-                .merged_from
-                .len();
+            n += get(&mut c, l.clone()).await.merged_from.len();
         }
         n
     };
@@ -1314,14 +1234,7 @@ async fn erasure_forgets_everything_but_the_receipt_and_hashes() {
     assert_eq!(erased.receipts[0].service, "customer");
     assert_eq!(c.erase_customer(req).await.unwrap().into_inner(), erased);
     // Erasing twice returns the existing request.
-    let again = c
-        .erase_customer(pb::EraseCustomerRequest {
-            name: ada.name.clone(),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let again = erase(&mut c, ada.name.clone()).await;
     assert_eq!(again, erased);
     assert_eq!(
         c.get_erasure_request(pb::GetErasureRequestRequest {
@@ -1341,10 +1254,7 @@ async fn erasure_forgets_everything_but_the_receipt_and_hashes() {
 
     // Gone through the API, and Bob untouched.
     for name in [&ada.name, &dup.name] {
-        let e = c
-            .get_customer(pb::GetCustomerRequest { name: name.clone() })
-            .await
-            .unwrap_err();
+        let e = c.get_customer(by_name(name.clone())).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{name}");
     }
     let e = c
@@ -1470,13 +1380,7 @@ async fn erasure_forgets_everything_but_the_receipt_and_hashes() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = c
-        .erase_customer(pb::EraseCustomerRequest {
-            name: "ada".into(),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let e = c.erase_customer(erase_req("ada")).await.unwrap_err();
     assert_bad_field(&e, "name");
     let e = c
         .get_erasure_request(pb::GetErasureRequestRequest {
@@ -1524,10 +1428,7 @@ async fn only_data_stewards_and_admins_erase() {
         .await
         .unwrap()
         .into_inner();
-    let erase = pb::EraseCustomerRequest {
-        name: ada.name.clone(),
-        request_id: String::new(),
-    };
+    let erase = erase_req(ada.name.clone());
     for roles in [&[Role::Marketer][..], &[Role::Analyst], &[Role::Service]] {
         let e = client(roles)
             .erase_customer(erase.clone())
@@ -1646,30 +1547,16 @@ async fn flag_policy_accepts_erased_identifiers_and_marks_the_customer() {
     c.add_customer_identifier(add(&ada.name, It::Phone, "+44 20 7000 1815"))
         .await
         .unwrap();
-    c.erase_customer(pb::EraseCustomerRequest {
-        name: ada.name.clone(),
-        request_id: String::new(),
-    })
-    .await
-    .unwrap();
+    erase(&mut c, ada.name.clone()).await;
 
     // Create with an erased e-mail (another spelling of it): accepted, flagged.
     let back = c
-        .create_customer(pb::CreateCustomerRequest {
-            customer: Some(customer("ADA@example.com")),
-            request_id: "reimport-ada".into(),
-        })
+        .create_customer(create_req(customer("ADA@example.com"), "reimport-ada"))
         .await
         .unwrap()
         .into_inner();
     assert!(back.reimported_after_erasure);
-    let got = c
-        .get_customer(pb::GetCustomerRequest {
-            name: back.name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get(&mut c, back.name.clone()).await;
     assert_eq!(got, back, "Get shows the mark as stored");
     let fresh = create(&mut c, "grace@example.com").await;
     assert!(!fresh.reimported_after_erasure);
@@ -1686,10 +1573,7 @@ async fn flag_policy_accepts_erased_identifiers_and_marks_the_customer() {
                     }),
                     request_id: String::new(),
                 },
-                pb::CreateCustomerRequest {
-                    customer: Some(customer("alan@example.com")),
-                    request_id: String::new(),
-                },
+                create_req(customer("alan@example.com"), ""),
             ],
             request_id: String::new(),
         })
@@ -1704,13 +1588,7 @@ async fn flag_policy_accepts_erased_identifiers_and_marks_the_customer() {
     c.add_customer_identifier(add(&fresh.name, It::Phone, "+442070001815"))
         .await
         .unwrap();
-    let grace = c
-        .get_customer(pb::GetCustomerRequest {
-            name: fresh.name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let grace = get(&mut c, fresh.name.clone()).await;
     assert!(grace.reimported_after_erasure);
     assert_ne!(grace.etag, fresh.etag);
 
@@ -1750,12 +1628,7 @@ async fn flag_policy_accepts_erased_identifiers_and_marks_the_customer() {
     // An update to an erased e-mail flags too; the output-only field
     // cannot be set by a client.
     let turing = create(&mut c, "turing@example.com").await;
-    c.erase_customer(pb::EraseCustomerRequest {
-        name: turing.name.clone(),
-        request_id: String::new(),
-    })
-    .await
-    .unwrap();
+    erase(&mut c, turing.name.clone()).await;
     let hopper = create(&mut c, "hopper@example.com").await;
     let updated = c
         .update_customer(pb::UpdateCustomerRequest {
@@ -1764,9 +1637,7 @@ async fn flag_policy_accepts_erased_identifiers_and_marks_the_customer() {
                 email: "turing@example.com".into(),
                 ..Default::default()
             }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["email".into()],
-            }),
+            update_mask: mask(&["email"]),
             request_id: String::new(),
         })
         .await
@@ -1780,9 +1651,7 @@ async fn flag_policy_accepts_erased_identifiers_and_marks_the_customer() {
                 reimported_after_erasure: false,
                 ..Default::default()
             }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["reimported_after_erasure".into()],
-            }),
+            update_mask: mask(&["reimported_after_erasure"]),
             request_id: String::new(),
         })
         .await

@@ -90,23 +90,6 @@ impl On<pb::CustomerErased> for SendReceipt {
     }
 }
 
-async fn erasure(c: &mut Client, name: &str) -> pb::ErasureRequest {
-    c.get_erasure_request(pb::GetErasureRequestRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn erase(c: &mut Client, name: &str) -> pb::ErasureRequest {
-    c.erase_customer(pb::EraseCustomerRequest {
-        name: name.into(),
-        request_id: String::new(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
-
 #[tokio::test]
 async fn peer_receipts_arrive_on_its_stream_and_complete_the_request() {
     let customer_backend = TestBackend::migrated::<clm_customer::store::Migrator>().await;
