@@ -28,7 +28,9 @@ pub struct ReceiptHandler {
     pub peer: &'static str,
 }
 
-/// The handlers of `peer`'s change stream.
+/// The handlers of `peer`'s change stream. A peer's stream is followed
+/// once (one cursor per source): handlers of its other events (scoring's
+/// thresholds, loyalty's tiers) are added here, not in a second `follow`.
 pub fn peer_handlers(peer: &'static str) -> Handlers {
     Handlers::new().on_batch::<CustomerDataErased, _>(Arc::new(ReceiptHandler { peer }))
 }

@@ -1659,3 +1659,142 @@ async fn flag_policy_accepts_erased_identifiers_and_marks_the_customer() {
     assert_bad_field(&e, "update_mask");
     h.server.stop().await;
 }
+
+#[tokio::test]
+async fn two_merges_of_one_overlapping_set_have_one_winner_and_every_row_once() {
+    let h = start().await;
+    let mut c = h.client();
+    for round in 0..3 {
+        // Four customers, each with a touchpoint, a phone and a consent change.
+        let mut names = Vec::new();
+        for i in 0..4 {
+            let n = create(&mut c, &format!("r{round}c{i}@example.com"))
+                .await
+                .name;
+            touch(&mut c, &n, &format!("r{round}-tp-{i}")).await;
+            c.add_customer_identifier(add(&n, It::Phone, &format!("+4930{round}00000{i}")))
+                .await
+                .unwrap();
+            consent(
+                &mut c,
+                &n,
+                vec![setting(Pu::Marketing, Ch::Email, St::Granted)],
+            )
+            .await;
+            names.push(n);
+        }
+        // a <- [b, c] and d <- [c, b] at once: they share b and c.
+        let plans = [(0, [1, 2]), (3, [2, 1])];
+        let calls = plans.iter().map(|(s, ds)| {
+            let mut c = h.client();
+            let ds: Vec<&str> = ds.iter().map(|d| names[*d].as_str()).collect();
+            let req = merge_req(&names[*s], &ds);
+            async move {
+                c.merge_customers(req)
+                    .await
+                    .map(|r| r.into_inner().customer.unwrap().name)
+                    .map_err(|e| e.code())
+            }
+        });
+        let outcomes = futures_join(calls).await;
+        let won: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
+        assert_eq!(won.len(), 1, "exactly one merge wins: {outcomes:?}");
+        for o in &outcomes {
+            assert!(
+                matches!(o, Ok(_) | Err(Code::FailedPrecondition | Code::Aborted)),
+                "{outcomes:?}"
+            );
+        }
+        let survivor = won[0].clone();
+        let other = if survivor == names[0] {
+            names[3].clone()
+        } else {
+            names[0].clone()
+        };
+        let folded: Vec<usize> = if survivor == names[0] {
+            vec![0, 1, 2]
+        } else {
+            vec![3, 2, 1]
+        };
+        for i in [1, 2] {
+            assert_eq!(get(&mut c, names[i].clone()).await.name, survivor);
+        }
+
+        // The survivor holds the three customers' rows, each once; the
+        // loser's survivor only its own.
+        for (who, from) in [
+            (&survivor, folded.clone()),
+            (&other, vec![if survivor == names[0] { 3 } else { 0 }]),
+        ] {
+            let mut tps: Vec<String> = c
+                .list_touchpoints(pb::ListTouchpointsRequest {
+                    parent: who.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .touchpoints
+                .into_iter()
+                .map(|t| t.event_id)
+                .collect();
+            tps.sort();
+            let mut want: Vec<String> = from.iter().map(|i| format!("r{round}-tp-{i}")).collect();
+            want.sort();
+            assert_eq!(tps, want, "touchpoints of {who}");
+
+            let mut held: Vec<String> = c
+                .list_customer_identifiers(pb::ListCustomerIdentifiersRequest {
+                    parent: who.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .identifiers
+                .into_iter()
+                .map(|i| i.value)
+                .collect();
+            held.sort();
+            let mut want: Vec<String> = from
+                .iter()
+                .flat_map(|i| {
+                    [
+                        format!("r{round}c{i}@example.com"),
+                        format!("+4930{round}00000{i}"),
+                    ]
+                })
+                .collect();
+            want.sort();
+            assert_eq!(held, want, "identifiers of {who}");
+
+            let created = c
+                .list_stage_history(pb::ListStageHistoryRequest {
+                    parent: who.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .changes
+                .iter()
+                .filter(|ch| ch.reason == "created")
+                .count();
+            assert_eq!(created, from.len(), "stage history of {who}");
+
+            let stated = c
+                .get_consent(pb::GetConsentRequest {
+                    name: format!("{who}/consent"),
+                    include_history: true,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .history
+                .iter()
+                .filter(|ch| ch.source == Src::Form as i32)
+                .count();
+            assert_eq!(stated, from.len(), "consent history of {who}");
+        }
+    }
+    h.server.stop().await;
+}
