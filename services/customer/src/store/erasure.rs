@@ -406,3 +406,83 @@ pub async fn forget(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use sea_orm_migration::MigratorTrait;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn a_batch_of_receipts_is_a_few_statements_and_a_redelivery_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = clm_platform::config::Config::defaults("customer", dir.path());
+        let mut db = clm_platform::db::connect(&config.database).await.unwrap();
+        crate::store::Migrator::up(&db, None).await.unwrap();
+        let t0 = from_micros(1_764_000_000_000_000);
+        let expected: Vec<String> = ["customer", "scoring", "loyalty"]
+            .map(str::to_owned)
+            .to_vec();
+        let mut requests = Vec::new();
+        for _ in 0..200 {
+            let r = ErasureRecord {
+                id: ErasureRequestId::new(),
+                customer: CustomerId::new(),
+                requester: "steward".into(),
+                create_time: t0,
+                complete_time: None,
+                expected: expected.clone(),
+                receipts: vec![("customer".into(), t0)],
+            };
+            insert(&db, &r).await.unwrap();
+            requests.push(r.id);
+        }
+        // Scoring answers all; loyalty all but the last 50; and one receipt
+        // names a request nobody made.
+        let stranger = ErasureRequestId::new();
+        let batch: Vec<Receipt> = requests
+            .iter()
+            .map(|id| (id, "scoring"))
+            .chain(requests[..150].iter().map(|id| (id, "loyalty")))
+            .chain(std::iter::once((&stranger, "loyalty")))
+            .map(|(id, s)| Receipt {
+                erasure: *id,
+                service: s.into(),
+                erase_time: t0,
+            })
+            .collect();
+        let statements = Arc::new(AtomicUsize::new(0));
+        let counter = statements.clone();
+        db.set_metric_callback(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        let t1 = t0 + chrono::Duration::minutes(5);
+        let unknown = record_receipts(&db, &batch, t1).await.unwrap();
+        assert_eq!(statements.load(Ordering::SeqCst), 4, "351 receipts");
+        assert_eq!(unknown.len(), 1);
+        assert_eq!(unknown[0].erasure, stranger);
+
+        let done = get(&db, requests[0]).await.unwrap();
+        assert_eq!(done.complete_time, Some(t1));
+        assert_eq!(done.receipts.len(), 3);
+        let open = get(&db, requests[199]).await.unwrap();
+        assert_eq!(open.complete_time, None);
+        assert_eq!(open.receipts.len(), 2);
+
+        // Redelivered, later: the first receipts and completions stand.
+        let later: Vec<Receipt> = batch
+            .iter()
+            .map(|r| Receipt {
+                erase_time: t1,
+                ..r.clone()
+            })
+            .collect();
+        record_receipts(&db, &later, t1 + chrono::Duration::minutes(5))
+            .await
+            .unwrap();
+        assert_eq!(get(&db, requests[0]).await.unwrap(), done);
+        assert_eq!(get(&db, requests[199]).await.unwrap(), open);
+    }
+}
