@@ -1798,3 +1798,60 @@ async fn two_merges_of_one_overlapping_set_have_one_winner_and_every_row_once() 
     }
     h.server.stop().await;
 }
+
+#[tokio::test]
+async fn a_flagged_customer_keeps_working_after_the_policy_turns_to_refuse() {
+    use clm_platform::config::ErasedIdentifierPolicy;
+    let backend = TestBackend::migrated::<clm_customer::store::Migrator>().await;
+    let start_on = |policy| {
+        let mut config = backend.config("customer");
+        config.customer.erased_identifier_policy = policy;
+        start_with_clock(
+            &clm_customer::DESCRIPTOR,
+            config,
+            Arc::new(ManualClock::new(t0())),
+        )
+    };
+    let server = start_on(ErasedIdentifierPolicy::Flag).await;
+    let mut c = CustomerServiceClient::new(server.channel());
+    for email in ["ada@example.com", "alan@example.com"] {
+        let gone = create(&mut c, email).await;
+        erase(&mut c, gone.name).await;
+    }
+    let back = create(&mut c, "ada@example.com").await;
+    assert!(back.reimported_after_erasure);
+    server.stop().await;
+
+    // Under "refuse", the flagged customer's own identifiers are its own:
+    // changing its other fields, or its external id, is no re-import.
+    let server = start_on(ErasedIdentifierPolicy::Refuse).await;
+    let mut c = CustomerServiceClient::new(server.channel());
+    let updated = c
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(Customer {
+                name: back.name.clone(),
+                external_id: "crm:ada-2".into(),
+                email: "ada@example.com".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["external_id", "email"]),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(updated.reimported_after_erasure);
+    assert_eq!(updated.external_id, "crm:ada-2");
+    // Another erased identifier is still refused, to it as to anyone.
+    let e = c
+        .add_customer_identifier(add(&back.name, It::Email, "alan@example.com"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let e = c
+        .create_customer(create_req(customer("alan@example.com"), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    server.stop().await;
+}

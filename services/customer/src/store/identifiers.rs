@@ -168,25 +168,25 @@ pub async fn check_free(
             .and_where(Expr::col(n("hash")).is_in(hashes.iter().map(|(h, _)| h.clone())));
         held.union(UnionType::All, erased);
     }
-    let mut matches = Vec::new();
+    let mut erased: Vec<(&str, &Identifier)> = Vec::new();
+    let mut own: Vec<(i16, String)> = Vec::new();
     for row in db.query_all(&held).await? {
         let kind: i16 = row.try_get("", "k")?;
         let value: String = row.try_get("", "v")?;
         let holder: String = row.try_get("", "c")?;
         if holder.is_empty() {
             // An erased identifier's hash.
-            for (hash, id) in hashes.iter().filter(|(h, _)| *h == value) {
-                for (field, _) in ids.iter().filter(|(_, i)| i == *id) {
-                    matches.push(ErasedMatch {
-                        field: field.clone(),
-                        hash_prefix: hash[..12].to_owned(),
-                    });
-                }
-            }
+            erased.extend(
+                hashes
+                    .iter()
+                    .filter(|(h, _)| *h == value)
+                    .map(|(h, i)| (h.as_str(), *i)),
+            );
             continue;
         }
         let holder = CustomerId::parse_id("customer_id", &holder).map_err(Error::internal)?;
         if Some(holder) == except {
+            own.push((kind, value));
             continue;
         }
         if let Some((field, id)) = ids
@@ -196,6 +196,23 @@ pub async fn check_free(
             return Err(taken(field, id, holder));
         }
     }
+    // One the customer already holds came back earlier (flagged then): it
+    // is not brought back by this write.
+    let mut matches: Vec<ErasedMatch> = erased
+        .into_iter()
+        .filter(|(_, i)| {
+            !own.iter()
+                .any(|(k, v)| *k == i.kind.code() && *v == i.value)
+        })
+        .flat_map(|(hash, id)| {
+            ids.iter()
+                .filter(move |(_, i)| i == id)
+                .map(move |(field, _)| ErasedMatch {
+                    field: field.clone(),
+                    hash_prefix: hash[..12].to_owned(),
+                })
+        })
+        .collect();
     matches.sort_by(|a, b| a.field.cmp(&b.field));
     matches.dedup();
     Ok(matches)
