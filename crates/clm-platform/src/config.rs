@@ -73,6 +73,10 @@ pub struct Config {
     pub subscriber: SubscriberConfig,
     /// Traces and metrics export (OpenTelemetry).
     pub telemetry: TelemetryConfig,
+    /// Settings only the customer service reads: keys of the `[customer]`
+    /// section that are not common settings (see [`CustomerSettings`]).
+    #[serde(default)]
+    pub customer: CustomerSettings,
 }
 
 /// OpenTelemetry export settings (see [`crate::telemetry`]).
@@ -91,6 +95,65 @@ pub struct TelemetryConfig {
     pub trace_health_checks: bool,
     /// Seconds between metric exports.
     pub metric_interval_secs: u64,
+}
+
+/// Settings of the customer service alone. They sit in the `[customer]`
+/// section of the config file next to the common settings it overrides
+/// (`erased_identifier_policy = "flag"`), or in the environment as
+/// `CLM_CUSTOMER__ERASED_IDENTIFIER_POLICY=flag`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CustomerSettings {
+    /// What creating a customer, or giving one an identifier, does when the
+    /// identifier (e-mail, phone, external id) matches the salted hash kept
+    /// of an erased customer's identifier.
+    pub erased_identifier_policy: ErasedIdentifierPolicy,
+}
+
+/// What the customer service does with an identifier that belonged to an
+/// erased customer.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ErasedIdentifierPolicy {
+    /// Refuse the write with FAILED_PRECONDITION (`IDENTIFIER_ERASED`).
+    #[default]
+    Refuse,
+    /// Accept it and mark the customer `reimported_after_erasure`, for a
+    /// data steward to review.
+    Flag,
+}
+
+/// The keys of `service`'s own settings (the fields of its typed section),
+/// which its `[<service>]` section and `CLM_<SERVICE>__*` environment carry
+/// beside the common settings.
+fn own_setting_keys(service: &str) -> Vec<String> {
+    let defaults = match service {
+        "customer" => serde_json::to_value(CustomerSettings::default()),
+        _ => return Vec::new(),
+    };
+    match defaults {
+        Ok(serde_json::Value::Object(fields)) => fields.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Moves the keys of `service`'s own settings in its section under
+/// `<service>`, where [`Config`] keeps its typed section.
+fn nest_own_settings(service: &str, section: figment::value::Value) -> figment::value::Value {
+    use figment::value::{Dict, Value};
+    let Value::Dict(tag, mut dict) = section else {
+        return section;
+    };
+    let mut own = Dict::new();
+    for key in own_setting_keys(service) {
+        if let Some(v) = dict.remove(&key) {
+            own.insert(key, v);
+        }
+    }
+    if !own.is_empty() {
+        dict.insert(service.to_owned(), Value::from(own));
+    }
+    Value::Dict(tag, dict)
 }
 
 /// Settings of the change-stream subscribers.
@@ -251,6 +314,7 @@ impl Config {
                 trace_health_checks: false,
                 metric_interval_secs: 30,
             },
+            customer: CustomerSettings::default(),
         }
     }
 
@@ -404,6 +468,10 @@ fn toml_string(c: &Config) -> String {
     let mut tables = String::new();
     if let serde_json::Value::Object(map) = value {
         for (k, v) in map {
+            // Another service's own settings are not this one's.
+            if SERVICES.contains(&k.as_str()) && k != c.service {
+                continue;
+            }
             match v {
                 serde_json::Value::Object(inner) => {
                     tables.push_str(&format!("\n[{k}]\n"));
@@ -525,7 +593,7 @@ pub fn load(
         }
         fig = fig.merge(Serialized::defaults(dict));
         if let Some(section) = own {
-            fig = fig.merge(Serialized::defaults(section));
+            fig = fig.merge(Serialized::defaults(nest_own_settings(service, section)));
         }
     }
     let is_section = |k: &figment::value::UncasedStr| {
@@ -547,7 +615,20 @@ pub fn load(
             .filter(move |k| !is_section(k))
             .split("__"),
     );
-    fig = fig.merge(Env::prefixed(&format!("CLM_{}__", service.to_uppercase())).split("__"));
+    let own_keys = own_setting_keys(service);
+    let own_service = service.to_owned();
+    fig = fig.merge(
+        Env::prefixed(&format!("CLM_{}__", service.to_uppercase()))
+            .map(move |k| {
+                let first = k.as_str().split("__").next().unwrap_or_default();
+                if own_keys.iter().any(|o| o.eq_ignore_ascii_case(first)) {
+                    format!("{own_service}__{k}").into()
+                } else {
+                    k.as_str().to_owned().into()
+                }
+            })
+            .split("__"),
+    );
     fig = fig.merge(Serialized::defaults(cli));
     for (name, url) in &cli.peers {
         fig = fig.merge((format!("peers.{name}"), url));
@@ -724,6 +805,68 @@ mod tests {
             let e = load("customer", dir, &cli).unwrap_err();
             assert_eq!(e.key, "peers.billing");
             jail.set_env("CLM_PEERS__BILLING", "");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn the_customer_section_carries_the_customer_settings() {
+        figment::Jail::expect_with(|jail| {
+            let dir = std::path::Path::new("/tmp/x");
+            let none = CliOverrides::default();
+            let c = load("customer", dir, &none).expect("defaults load");
+            assert_eq!(
+                c.customer.erased_identifier_policy,
+                ErasedIdentifierPolicy::Refuse
+            );
+            jail.create_file(
+                "clm.toml",
+                "[customer]\nerased_identifier_policy = \"flag\"\ndrain_timeout_secs = 4\n",
+            )?;
+            let cli = CliOverrides {
+                config: Some("clm.toml".into()),
+                ..Default::default()
+            };
+            let c = load("customer", dir, &cli).expect("customer loads");
+            assert_eq!(
+                c.customer.erased_identifier_policy,
+                ErasedIdentifierPolicy::Flag
+            );
+            assert_eq!(c.drain_timeout_secs, 4, "common keys still apply");
+            let shown = c.to_toml();
+            assert!(
+                shown.contains("[customer]\nerased_identifier_policy = \"flag\""),
+                "{shown}"
+            );
+            let scoring = load("scoring", dir, &cli).expect("scoring ignores [customer]");
+            assert!(!scoring.to_toml().contains("erased_identifier_policy"));
+
+            jail.set_env("CLM_CUSTOMER__ERASED_IDENTIFIER_POLICY", "refuse");
+            let c = load("customer", dir, &cli).expect("env loads");
+            assert_eq!(
+                c.customer.erased_identifier_policy,
+                ErasedIdentifierPolicy::Refuse,
+                "the environment beats the file"
+            );
+            jail.set_env("CLM_CUSTOMER__ERASED_IDENTIFIER_POLICY", "maybe");
+            let e = load("customer", dir, &cli).unwrap_err();
+            assert_eq!(e.key, "customer.erased_identifier_policy", "{e}");
+            jail.set_env("CLM_CUSTOMER__ERASED_IDENTIFIER_POLICY", "flag");
+
+            jail.create_file(
+                "clm.toml",
+                "[scoring]\nerased_identifier_policy = \"flag\"\n",
+            )?;
+            assert!(
+                load("scoring", dir, &cli).is_err(),
+                "a customer setting is unknown to scoring"
+            );
+            jail.create_file("clm.toml", "erased_identifier_policy = \"flag\"\n")?;
+            assert!(
+                load("customer", dir, &cli).is_err(),
+                "customer settings belong in [customer]"
+            );
             Ok(())
         });
     }

@@ -68,6 +68,9 @@ pub struct Runtime {
     pub outbox: outbox::Outbox,
     /// Time source.
     pub clock: Arc<dyn Clock>,
+    /// The configuration the service was started with (its own settings
+    /// included, e.g. [`config::CustomerSettings`]).
+    pub config: Arc<config::Config>,
 }
 
 /// Connects the database (running the service's migrations unless turned
@@ -131,5 +134,6 @@ pub async fn open(
         cache,
         outbox,
         clock,
+        config: Arc::new(config.clone()),
     })
 }

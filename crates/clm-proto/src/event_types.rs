@@ -1,13 +1,19 @@
 //! Which message names are change-stream event types: every message
 //! declared in a `.../events.proto` file of [`FILE_DESCRIPTOR_SET`]
-//! (`clm.customer.v1.CustomerCreated`, ...). A `WatchChanges` filter
-//! naming anything else would match nothing, forever.
+//! (`clm.customer.v1.CustomerCreated`, ...), and the shared events of
+//! [`SHARED_EVENT_FILES`] (`clm.common.v1.CustomerDataErased`, the erasure
+//! receipt every service emits). A `WatchChanges` filter naming anything
+//! else would match nothing, forever.
 //!
 //! [`FILE_DESCRIPTOR_SET`]: crate::FILE_DESCRIPTOR_SET
 
 use prost::Message;
 use std::collections::BTreeSet;
 use std::sync::LazyLock;
+
+/// Files outside an `events.proto` whose top-level messages are events
+/// that every service may emit.
+pub const SHARED_EVENT_FILES: &[&str] = &["clm/common/v1/erasure.proto"];
 
 /// Full names of every message, and of the event messages, in the descriptor set.
 struct Names {
@@ -24,7 +30,8 @@ static NAMES: LazyLock<Names> = LazyLock::new(|| {
     let set =
         prost_types::FileDescriptorSet::decode(crate::FILE_DESCRIPTOR_SET).unwrap_or_default();
     for file in &set.file {
-        let is_events = file.name().ends_with("events.proto");
+        let is_events =
+            file.name().ends_with("events.proto") || SHARED_EVENT_FILES.contains(&file.name());
         let mut stack: Vec<(String, &prost_types::DescriptorProto)> = file
             .message_type
             .iter()
@@ -70,6 +77,10 @@ mod tests {
     fn knows_the_events_and_nothing_else() {
         assert!(is_event_type("clm.customer.v1.CustomerCreated"));
         assert!(is_event_type("clm.customer.v1.StageChanged"));
+        assert!(
+            is_event_type("clm.common.v1.CustomerDataErased"),
+            "the erasure receipt every service emits"
+        );
         assert!(
             !is_event_type("clm.customer.v1.Customer"),
             "a message, not an event"

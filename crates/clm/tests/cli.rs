@@ -93,3 +93,31 @@ fn roles_prints_every_table() {
         "{text}"
     );
 }
+
+#[test]
+fn the_erased_identifier_policy_is_checked_at_start() {
+    let out = Command::new(env!("CARGO_BIN_EXE_clm"))
+        .args(["serve", "customer", "--print-config"])
+        .env("CLM_CUSTOMER__ERASED_IDENTIFIER_POLICY", "maybe")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("customer.erased_identifier_policy"), "{err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_clm"))
+        .args(["serve", "customer", "--print-config"])
+        .env("CLM_CUSTOMER__ERASED_IDENTIFIER_POLICY", "flag")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("[customer]\nerased_identifier_policy = \"flag\""),
+        "{text}"
+    );
+}

@@ -495,3 +495,78 @@ async fn a_minted_token_opens_an_authenticated_server() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(64));
 }
+
+/// `clm serve customer` with the given extra arguments on `backend`;
+/// answers the child and its URL once it serves.
+async fn serve_customer(backend: &TestBackend, extra: &[&str]) -> (Child, String) {
+    let (child, addr) = spawn_and_read_address(
+        Command::new(env!("CARGO_BIN_EXE_clm"))
+            .args([
+                "serve",
+                "customer",
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                &backend.database_url,
+            ])
+            .args(extra)
+            .arg("--data-dir")
+            .arg(backend.dir())
+            .env("RUST_LOG", "warn")
+            .env_remove("CLM_PEERS__SCORING"),
+        "customer",
+    );
+    let url = format!("http://{addr}");
+    wait_serving(&url).await;
+    (child, url)
+}
+
+async fn erase_one(url: &str) -> pb::ErasureRequest {
+    let mut c = CustomerServiceClient::new(clm_platform::client::channel(url).unwrap());
+    let name = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(pb::Customer {
+                email: "erase-me@example.com".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    c.erase_customer(pb::EraseCustomerRequest {
+        name,
+        request_id: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+#[tokio::test]
+async fn serve_customer_starts_without_peers_and_with_an_absent_one() {
+    // No peer configured: no receipt stream is followed, and an erasure
+    // expects the customer service's own receipt only.
+    let backend = TestBackend::migrated::<clm_customer::store::Migrator>().await;
+    let (mut child, url) = serve_customer(&backend, &[]).await;
+    let erased = erase_one(&url).await;
+    assert_eq!(erased.expected_services, vec!["customer".to_owned()]);
+    assert_eq!(erased.state, pb::ErasureState::Completed as i32);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // A configured peer that is not up yet: the service still serves and
+    // waits for that peer's receipt.
+    let backend = TestBackend::migrated::<clm_customer::store::Migrator>().await;
+    let (mut child, url) =
+        serve_customer(&backend, &["--peer", "scoring=http://127.0.0.1:9"]).await;
+    let erased = erase_one(&url).await;
+    assert_eq!(
+        erased.expected_services,
+        vec!["customer".to_owned(), "scoring".to_owned()]
+    );
+    assert_eq!(erased.state, pb::ErasureState::InProgress as i32);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

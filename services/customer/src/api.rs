@@ -9,7 +9,7 @@ use crate::events;
 use crate::store::consent::{self, ConsentChangeRecord, ConsentRecord};
 use crate::store::customers::{self, CustomerRecord, NewCustomer, SortKey};
 use crate::store::erasure::{self, ErasureRecord, ErasureRequestId};
-use crate::store::identifiers::{self, IdentifierRecord};
+use crate::store::identifiers::{self, ErasedMatch, IdentifierRecord};
 use crate::store::merge;
 use crate::store::stages::{self, StageChangeRecord};
 use crate::store::touchpoints::{self, TouchpointRecord};
@@ -19,6 +19,7 @@ use clm_domain::lifecycle::Transition;
 use clm_domain::validation::{optional_text, page_size, request_id, required_text};
 use clm_domain::{Violation, Violations, attributes, contact, filter, touchpoint};
 use clm_platform::auth::{Policy, Principal, Role};
+use clm_platform::config::ErasedIdentifierPolicy;
 use clm_platform::error::respond;
 use clm_platform::idempotency;
 use clm_platform::page::Pager;
@@ -87,14 +88,43 @@ pub struct CustomerApi {
     rt: Runtime,
     /// The installation's salt for erased identifiers' hashes (never changes).
     salt: std::sync::Arc<tokio::sync::OnceCell<String>>,
+    /// What a write with an erased customer's identifier does.
+    erased_policy: ErasedIdentifierPolicy,
+    /// The services whose erasure receipts a new request expects.
+    erasing_services: Vec<String>,
 }
 
 impl CustomerApi {
     /// Serves from `rt`.
     pub fn new(rt: Runtime) -> Self {
+        let erased_policy = rt.config.customer.erased_identifier_policy;
+        let erasing_services = erasing_services(&rt.config);
         Self {
             rt,
             salt: std::sync::Arc::default(),
+            erased_policy,
+            erasing_services,
+        }
+    }
+
+    /// Applies `erased_identifier_policy` to the identifiers of a write
+    /// that matched an erased customer's: the first is refused, or the
+    /// answer is `true` (mark the customer `reimported_after_erasure`).
+    /// Logs carry the field and a hash prefix, never the value.
+    fn judge_erased(&self, matches: &[ErasedMatch]) -> Result<bool> {
+        match (matches.first(), self.erased_policy) {
+            (None, _) => Ok(false),
+            (Some(m), ErasedIdentifierPolicy::Refuse) => Err(m.refused()),
+            (Some(_), ErasedIdentifierPolicy::Flag) => {
+                for m in matches {
+                    tracing::warn!(
+                        field = %m.field,
+                        hash = %m.hash_prefix,
+                        "identifier of an erased customer accepted; the customer is flagged reimported_after_erasure"
+                    );
+                }
+                Ok(true)
+            }
         }
     }
 
@@ -152,10 +182,16 @@ impl CustomerApi {
             .iter()
             .flat_map(|(p, c)| profile_keys(p, c.email.as_deref(), c.external_id.as_deref()))
             .collect();
-        identifiers::check_free(txn, &keys, None, salt).await?;
+        let erased = identifiers::check_free(txn, &keys, None, salt).await?;
+        self.judge_erased(&erased)?;
         let records: Vec<CustomerRecord> = items
             .into_iter()
-            .map(|(_, c)| CustomerRecord {
+            .map(|(prefix, c)| CustomerRecord {
+                reimported_after_erasure: erased.iter().any(|m| {
+                    m.field
+                        .strip_prefix(prefix.as_str())
+                        .is_some_and(|rest| rest.starts_with('.'))
+                }),
                 id: CustomerId::new(),
                 external_id: c.external_id,
                 email: c.email,
@@ -363,7 +399,10 @@ impl CustomerApi {
                 if paths.iter().any(|p| p == "email" || p == "external_id") {
                     let keys =
                         profile_keys("customer", rec.email.as_deref(), rec.external_id.as_deref());
-                    identifiers::check_free(txn, &keys, Some(id), salt).await?;
+                    let erased = identifiers::check_free(txn, &keys, Some(id), salt).await?;
+                    if self.judge_erased(&erased)? {
+                        rec.reimported_after_erasure = true;
+                    }
                     // The profile's identifiers follow it: old and new
                     // values go, the new ones come back marked as profile.
                     let gone: Vec<_> = before.iter().chain(keys.iter().map(|(_, i)| i)).collect();
@@ -713,13 +752,14 @@ impl CustomerApi {
             now,
             async move |txn| {
                 customers::lock(txn, id).await?;
-                identifiers::check_free(
+                let erased = identifiers::check_free(
                     txn,
                     &[("identifier.value".to_owned(), wanted.clone())],
                     Some(id),
                     salt,
                 )
                 .await?;
+                let flag = self.judge_erased(&erased)?;
                 if let Some(h) = identifiers::holders(txn, &[&wanted]).await?.remove(&wanted) {
                     if h.customer != id {
                         return Err(identifiers::taken("identifier.value", &wanted, h.customer));
@@ -746,7 +786,14 @@ impl CustomerApi {
                     ));
                 }
                 let out = convert::identifier_to_proto(&rec);
-                let events = vec![events::identifier_added(&id.name(), out.clone())];
+                let mut events = vec![events::identifier_added(&id.name(), out.clone())];
+                if flag && customers::mark_reimported(txn, id, now).await? {
+                    let customer = customers::get(txn, id).await?;
+                    events.push(events::customer_updated(
+                        &convert::customer_to_proto(&customer, now.date_naive()),
+                        vec!["reimported_after_erasure".into()],
+                    ));
+                }
                 Ok((out, events))
             },
         )
@@ -782,11 +829,8 @@ impl CustomerApi {
                     .remove(&gone)
                     .filter(|h| h.customer == id)
                     .ok_or_else(|| {
-                        Error::NotFound(format!(
-                            "identifier {} of {}",
-                            clm_domain::validation::echo(&gone.value),
-                            id.name()
-                        ))
+                        // Never the value: it may be an erased customer's.
+                        Error::NotFound(format!("the requested identifier of {}", id.name()))
                     })?;
                 if held.profile {
                     return Err(Error::FailedPrecondition {
@@ -825,10 +869,8 @@ impl CustomerApi {
             .await?
             .remove(&wanted)
             .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "a customer with identifier {}",
-                    clm_domain::validation::echo(&wanted.value)
-                ))
+                // Never the value: it may be an erased customer's.
+                Error::NotFound("a customer with the requested identifier".into())
             })?;
         let r = customers::get(&self.rt.read, holder.customer).await?;
         Ok(convert::customer_to_proto(&r, self.now().date_naive()))
@@ -980,6 +1022,8 @@ impl CustomerApi {
                 merged_from.sort();
                 merged_from.dedup();
                 rec.merged_from = merged_from;
+                // A duplicate's identifiers move here, and so does its mark.
+                rec.reimported_after_erasure |= others.iter().any(|o| o.reimported_after_erasure);
 
                 // Consent: the strictest statement per cell wins.
                 let stated = consent::current_of_many(txn, &all).await?;
@@ -1109,13 +1153,17 @@ impl CustomerApi {
                     events::scrubbed,
                 )
                 .await?;
+                let receipts = vec![(crate::SERVICE.to_owned(), now)];
                 let done = ErasureRecord {
                     id: erasure_id,
                     customer: id,
                     requester: actor.subject.clone(),
                     create_time: now,
-                    complete_time: None,
-                    receipts: vec![(crate::SERVICE.to_owned(), now)],
+                    // Complete at once when no peer's receipt is expected.
+                    complete_time: erasure::covers(&self.erasing_services, &receipts)
+                        .then_some(now),
+                    expected: self.erasing_services.clone(),
+                    receipts,
                 };
                 erasure::insert(txn, &done).await?;
                 let out = erasure_to_proto(&done);
@@ -1153,20 +1201,35 @@ impl CustomerApi {
     }
 }
 
-/// A stored erasure request → proto; COMPLETED once every service's receipt is in.
-fn erasure_to_proto(r: &ErasureRecord) -> pb::ErasureRequest {
-    let complete = ERASING_SERVICES
+/// The peers whose erasure receipts the service collects (from their
+/// change streams, when `peers.<service>` is configured).
+pub fn erasure_peers() -> impl Iterator<Item = &'static str> {
+    ERASING_SERVICES
+        .into_iter()
+        .filter(|s| *s != crate::SERVICE)
+}
+
+/// The services a new erasure request expects receipts from: this one and
+/// every peer it follows for receipts.
+fn erasing_services(config: &clm_platform::config::Config) -> Vec<String> {
+    ERASING_SERVICES
         .iter()
-        .all(|s| r.receipts.iter().any(|(x, _)| x == s));
+        .filter(|s| **s == crate::SERVICE || config.peers.contains_key(**s))
+        .map(|s| (*s).to_owned())
+        .collect()
+}
+
+/// A stored erasure request → proto; COMPLETED once every expected receipt is in.
+fn erasure_to_proto(r: &ErasureRecord) -> pb::ErasureRequest {
     pb::ErasureRequest {
         name: r.id.name(),
         customer: r.customer.name(),
-        state: if complete {
+        state: if r.complete_time.is_some() {
             pb::ErasureState::Completed
         } else {
             pb::ErasureState::InProgress
         } as i32,
-        expected_services: ERASING_SERVICES.iter().map(|s| (*s).to_owned()).collect(),
+        expected_services: r.expected.clone(),
         receipts: r
             .receipts
             .iter()
@@ -1375,7 +1438,13 @@ fn apply_mask(
                     "stage cannot be updated here; use TransitionStage",
                 ));
             }
-            "name" | "create_time" | "update_time" | "etag" | "demographics.age" => {
+            "name"
+            | "create_time"
+            | "update_time"
+            | "etag"
+            | "demographics.age"
+            | "merged_from"
+            | "reimported_after_erasure" => {
                 v.push(Violation::new(
                     "update_mask",
                     format!("{path} is output only"),

@@ -279,6 +279,7 @@ pub fn customer_to_proto(r: &CustomerRecord, today: NaiveDate) -> pb::Customer {
         update_time: Some(timestamp(r.update_time)),
         etag: clm_platform::convert::etag(r.version),
         merged_from: r.merged_from.iter().map(CustomerId::name).collect(),
+        reimported_after_erasure: r.reimported_after_erasure,
     }
 }
 

@@ -1,10 +1,86 @@
 //! Events the customer service writes to its outbox (served by
-//! `clm.common.v1.ChangeStreamService/WatchChanges`). It follows no other
-//! stream yet; scoring (threshold → stage move) and loyalty (tier → LOYALTY)
-//! handlers plug in here when those services exist.
+//! `clm.common.v1.ChangeStreamService/WatchChanges`), and the handlers of
+//! the streams it follows: every peer's erasure receipts
+//! ([`ReceiptHandler`]). Scoring (threshold → stage move) and loyalty
+//! (tier → LOYALTY) handlers plug in here when those services exist.
 
+use crate::store::erasure::{self, ErasureRequestId, Receipt};
+use clm_platform::Error;
+use clm_platform::changes::{Apply, Handlers, OnBatch};
 use clm_platform::outbox::NewEvent;
+use clm_proto::common::{ChangeEvent, CustomerDataErased};
 use clm_proto::customer as pb;
+use std::sync::Arc;
+
+/// Records the erasure receipts (`clm.common.v1.CustomerDataErased`) on
+/// one peer's change stream on their erasure requests, a batch of them in
+/// a few set-based statements in the subscriber's transaction, and
+/// completes the requests whose expected receipts are then all in.
+///
+/// The receipt is recorded for the service whose stream it came on: a
+/// payload naming another service is logged and recorded for the stream's
+/// service. A receipt for an unknown request (made by another
+/// installation, or never made) is logged and skipped, not retried: it can
+/// never succeed, so it must not park the stream as a dead letter.
+#[derive(Debug, Clone)]
+pub struct ReceiptHandler {
+    /// The peer whose stream this handler reads.
+    pub peer: &'static str,
+}
+
+/// The handlers of `peer`'s change stream. A peer's stream is followed
+/// once (one cursor per source): handlers of its other events (scoring's
+/// thresholds, loyalty's tiers) are added here, not in a second `follow`.
+pub fn peer_handlers(peer: &'static str) -> Handlers {
+    Handlers::new().on_batch::<CustomerDataErased, _>(Arc::new(ReceiptHandler { peer }))
+}
+
+#[async_trait::async_trait]
+impl OnBatch<CustomerDataErased> for ReceiptHandler {
+    async fn on_batch(
+        &self,
+        cx: &mut Apply,
+        messages: Vec<(&ChangeEvent, CustomerDataErased)>,
+    ) -> Result<(), Error> {
+        let now = clm_domain::clock::micros(cx.now());
+        let mut receipts = Vec::with_capacity(messages.len());
+        for (event, m) in messages {
+            let Ok(erasure) = ErasureRequestId::parse_name("erasure_request", &m.erasure_request)
+            else {
+                tracing::warn!(
+                    peer = self.peer,
+                    sequence = event.sequence,
+                    "erasure receipt without a valid erasure_request; skipped"
+                );
+                continue;
+            };
+            if !m.service.is_empty() && m.service != self.peer {
+                tracing::warn!(
+                    peer = self.peer,
+                    named = %clm_domain::validation::echo(&m.service),
+                    erasure_request = %m.erasure_request,
+                    "erasure receipt names another service; recorded for the stream's service"
+                );
+            }
+            receipts.push(Receipt {
+                erasure,
+                service: self.peer.to_owned(),
+                erase_time: m
+                    .erase_time
+                    .and_then(|t| clm_platform::convert::from_timestamp("erase_time", &t).ok())
+                    .map_or(now, clm_domain::clock::micros),
+            });
+        }
+        for r in erasure::record_receipts(cx.txn(), &receipts, now).await? {
+            tracing::info!(
+                peer = self.peer,
+                erasure_request = %r.erasure.name(),
+                "erasure receipt for an unknown request; skipped"
+            );
+        }
+        Ok(())
+    }
+}
 
 /// `clm.customer.v1.CustomerCreated`.
 pub fn customer_created(c: &pb::Customer) -> NewEvent {

@@ -4,6 +4,17 @@
 //! stage with its history, and the change stream of all of it
 //! (`clm.common.v1.ChangeStreamService` on the same port).
 //!
+//! **Erasure.** EraseCustomer deletes the customer's data in one
+//! transaction, keeps salted hashes of its identifiers and emits
+//! `CustomerErased`; every peer answers with `clm.common.v1.CustomerDataErased`
+//! on its own change stream, which this service follows for each peer
+//! configured (`peers.<service>`, see [`events::ReceiptHandler`]) and records
+//! on the request until every expected receipt is in. Its own setting,
+//! `erased_identifier_policy` in the `[customer]` config section
+//! ([`clm_platform::config::CustomerSettings`]), says whether a write that
+//! brings back an erased identifier is refused (default) or accepted and
+//! flagged `reimported_after_erasure`.
+//!
 //! Layout: [`DESCRIPTOR`] (what the platform runs) → [`api`] (rpcs) →
 //! [`convert`] (proto ↔ domain) → [`store`] (SQL, migrations) and
 //! [`events`] (outbox events); [`error`] maps the service's own failures to
@@ -32,8 +43,14 @@ pub static DESCRIPTOR: ServiceDescriptor = ServiceDescriptor {
 };
 
 fn build(rt: &Runtime) -> anyhow::Result<Parts> {
-    Ok(Parts::new().grpc(
+    let mut parts = Parts::new().grpc(
         CustomerServiceServer::new(api::CustomerApi::new(rt.clone()))
             .max_decoding_message_size(16 * 1024 * 1024),
-    ))
+    );
+    // Erasure receipts: each peer that runs (peers.<peer> configured)
+    // reports on its own stream that it erased a customer's data.
+    for peer in api::erasure_peers() {
+        parts = parts.follow_if_configured(peer, events::peer_handlers(peer));
+    }
+    Ok(parts)
 }

@@ -92,13 +92,7 @@ async fn create_get_update_with_etag() {
     assert_eq!(created.demographics.as_ref().unwrap().age, 35);
     assert_eq!(created.attributes.len(), 2);
 
-    let got = c
-        .get_customer(pb::GetCustomerRequest {
-            name: created.name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get(&mut c, created.name.clone()).await;
     assert_eq!(got, created);
 
     let mut change = created.clone();
@@ -113,9 +107,7 @@ async fn create_get_update_with_etag() {
     let updated = c
         .update_customer(pb::UpdateCustomerRequest {
             customer: Some(change.clone()),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["display_name".into(), "attributes.plan".into()],
-            }),
+            update_mask: mask(&["display_name", "attributes.plan"]),
             request_id: String::new(),
         })
         .await
@@ -137,9 +129,7 @@ async fn create_get_update_with_etag() {
     let stale = c
         .update_customer(pb::UpdateCustomerRequest {
             customer: Some(change),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["display_name".into()],
-            }),
+            update_mask: mask(&["display_name"]),
             request_id: String::new(),
         })
         .await
@@ -160,10 +150,7 @@ async fn create_get_update_with_etag() {
 async fn create_is_idempotent_and_unique() {
     let h = start().await;
     let mut c = h.client();
-    let req = pb::CreateCustomerRequest {
-        customer: Some(customer("bob@example.com")),
-        request_id: "req-1".into(),
-    };
+    let req = create_req(customer("bob@example.com"), "req-1");
     let first = c.create_customer(req.clone()).await.unwrap().into_inner();
     let again = c.create_customer(req.clone()).await.unwrap().into_inner();
     assert_eq!(first, again, "a retry returns the first result");
@@ -174,10 +161,7 @@ async fn create_is_idempotent_and_unique() {
     assert_eq!(reused.code(), Code::AlreadyExists);
 
     let dup = c
-        .create_customer(pb::CreateCustomerRequest {
-            customer: Some(customer("BOB@example.com")),
-            request_id: "req-2".into(),
-        })
+        .create_customer(create_req(customer("BOB@example.com"), "req-2"))
         .await
         .unwrap_err();
     assert_eq!(dup.code(), Code::AlreadyExists);
@@ -197,10 +181,7 @@ async fn bad_input_names_the_field() {
     let h = start().await;
     let mut c = h.client();
     let bad_email = c
-        .create_customer(pb::CreateCustomerRequest {
-            customer: Some(customer("not-an-email")),
-            request_id: String::new(),
-        })
+        .create_customer(create_req(customer("not-an-email"), ""))
         .await
         .unwrap_err();
     assert_bad_field(&bad_email, "customer.email");
@@ -214,13 +195,7 @@ async fn bad_input_names_the_field() {
         }),
         ..Default::default()
     });
-    let e = c
-        .create_customer(pb::CreateCustomerRequest {
-            customer: Some(future),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let e = c.create_customer(create_req(future, "")).await.unwrap_err();
     assert_bad_field(&e, "customer.demographics.birth_date");
 
     let e = c
@@ -274,12 +249,7 @@ async fn bad_input_names_the_field() {
         .unwrap_err();
     assert_bad_field(&e, "touchpoints[1].revenue");
 
-    let e = c
-        .get_customer(pb::GetCustomerRequest {
-            name: "users/1".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = c.get_customer(by_name("users/1")).await.unwrap_err();
     assert_bad_field(&e, "name");
 
     // NUL bytes would be refused by PostgreSQL with an SQL error: they are bad input.
@@ -300,10 +270,7 @@ async fn bad_input_names_the_field() {
         },
     );
     let e = c
-        .create_customer(pb::CreateCustomerRequest {
-            customer: Some(nul_attr),
-            request_id: String::new(),
-        })
+        .create_customer(create_req(nul_attr, ""))
         .await
         .unwrap_err();
     assert_bad_field(&e, "customer.attributes[\"note\"]");
@@ -335,10 +302,7 @@ async fn list_filters_orders_and_pages() {
             if i < 5 {
                 cu.stage = Stage::Retention as i32;
             }
-            pb::CreateCustomerRequest {
-                customer: Some(cu),
-                request_id: String::new(),
-            }
+            create_req(cu, "")
         })
         .collect();
     let batch = c
@@ -419,14 +383,8 @@ async fn list_filters_orders_and_pages() {
     let dup = c
         .batch_create_customers(pb::BatchCreateCustomersRequest {
             requests: vec![
-                pb::CreateCustomerRequest {
-                    customer: Some(customer("d@example.com")),
-                    request_id: String::new(),
-                },
-                pb::CreateCustomerRequest {
-                    customer: Some(customer("d@example.com")),
-                    request_id: String::new(),
-                },
+                create_req(customer("d@example.com"), ""),
+                create_req(customer("d@example.com"), ""),
             ],
             request_id: String::new(),
         })
@@ -670,10 +628,7 @@ async fn roles_are_enforced_and_the_actor_recorded() {
         .await
         .unwrap();
     let e = analyst
-        .create_customer(pb::CreateCustomerRequest {
-            customer: Some(customer("r@example.com")),
-            request_id: String::new(),
-        })
+        .create_customer(create_req(customer("r@example.com"), ""))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
@@ -681,10 +636,7 @@ async fn roles_are_enforced_and_the_actor_recorded() {
     let mut marketer: CustomerServiceClient<InterceptedService<Channel, ClientInterceptor>> =
         client(Some(token(&[Role::Marketer])));
     let a = marketer
-        .create_customer(pb::CreateCustomerRequest {
-            customer: Some(customer("r@example.com")),
-            request_id: String::new(),
-        })
+        .create_customer(create_req(customer("r@example.com"), ""))
         .await
         .unwrap()
         .into_inner();
@@ -826,10 +778,7 @@ async fn batch_create_with_many_attributes_stays_under_bind_limits() {
                     },
                 );
             }
-            pb::CreateCustomerRequest {
-                customer: Some(cu),
-                request_id: String::new(),
-            }
+            create_req(cu, "")
         })
         .collect();
     let created = c
@@ -841,13 +790,7 @@ async fn batch_create_with_many_attributes_stays_under_bind_limits() {
         .unwrap()
         .into_inner();
     assert_eq!(created.customers.len(), 200);
-    let got = c
-        .get_customer(pb::GetCustomerRequest {
-            name: created.customers[199].name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get(&mut c, created.customers[199].name.clone()).await;
     assert_eq!(got.attributes.len(), 50);
     let filtered = c
         .list_customers(pb::ListCustomersRequest {
@@ -917,10 +860,7 @@ async fn a_watcher_on_one_replica_wakes_for_writes_on_another() {
     // Let the watcher reach its idle wait before the other replica writes.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let created = CustomerServiceClient::new(replica_b.channel())
-        .create_customer(pb::CreateCustomerRequest {
-            customer: Some(customer("replica@example.com")),
-            request_id: String::new(),
-        })
+        .create_customer(create_req(customer("replica@example.com"), ""))
         .await
         .unwrap()
         .into_inner();
@@ -954,10 +894,7 @@ async fn list_pages_stay_under_the_default_4mb_receive_limit() {
                         },
                     );
                 }
-                pb::CreateCustomerRequest {
-                    customer: Some(cu),
-                    request_id: String::new(),
-                }
+                create_req(cu, "")
             })
             .collect();
         c.batch_create_customers(pb::BatchCreateCustomersRequest {
@@ -1012,10 +949,7 @@ async fn errors_stay_small_whatever_the_input() {
     // A 20 KB malformed e-mail is named, not echoed whole.
     let huge = format!("{}@", "x".repeat(20_000));
     let e = c
-        .create_customer(pb::CreateCustomerRequest {
-            customer: Some(customer(&huge)),
-            request_id: String::new(),
-        })
+        .create_customer(create_req(customer(&huge), ""))
         .await
         .unwrap_err();
     assert_bad_field(&e, "customer.email");
@@ -1086,22 +1020,10 @@ async fn writes_answer_the_times_reads_and_events_answer() {
         },
     );
     let created = c
-        .create_customer(pb::CreateCustomerRequest {
-            customer: Some(cu),
-            request_id: "time-1".into(),
-        })
+        .create_customer(create_req(cu, "time-1"))
         .await
         .unwrap()
         .into_inner();
-    let get = |c: &mut Client, name: String| {
-        let mut c = c.clone();
-        async move {
-            c.get_customer(pb::GetCustomerRequest { name })
-                .await
-                .unwrap()
-                .into_inner()
-        }
-    };
     assert_eq!(get(&mut c, created.name.clone()).await, created);
     assert_eq!(
         created.attributes["seen"].value,
@@ -1132,9 +1054,7 @@ async fn writes_answer_the_times_reads_and_events_answer() {
     let updated = c
         .update_customer(pb::UpdateCustomerRequest {
             customer: Some(change),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["display_name".into()],
-            }),
+            update_mask: mask(&["display_name"]),
             request_id: String::new(),
         })
         .await
@@ -1249,13 +1169,7 @@ async fn times_outside_a_timestamp_and_unknown_currencies_are_refused() {
             })),
         },
     );
-    let e = c
-        .create_customer(pb::CreateCustomerRequest {
-            customer: Some(cu),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let e = c.create_customer(create_req(cu, "")).await.unwrap_err();
     assert_bad_field(&e, "customer.attributes[\"when\"]");
 
     let a = create(&mut c, "range2@example.com").await;
@@ -1302,13 +1216,7 @@ async fn times_outside_a_timestamp_and_unknown_currencies_are_refused() {
         }),
         ..Default::default()
     });
-    let e = c
-        .create_customer(pb::CreateCustomerRequest {
-            customer: Some(rich),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let e = c.create_customer(create_req(rich, "")).await.unwrap_err();
     assert_bad_field(&e, "customer.demographics.annual_income.currency_code");
     h.server.stop().await;
 }

@@ -20,35 +20,6 @@ use tonic::Code;
 mod common;
 use common::*;
 
-fn setting(purpose: Pu, channel: Ch, state: St) -> pb::ConsentSetting {
-    pb::ConsentSetting {
-        purpose: purpose as i32,
-        channel: channel as i32,
-        state: state as i32,
-    }
-}
-
-fn entry(c: &pb::Consent, purpose: Pu, channel: Ch) -> &pb::ConsentEntry {
-    c.entries
-        .iter()
-        .find(|e| e.purpose == purpose as i32 && e.channel == channel as i32)
-        .unwrap()
-}
-
-fn set(
-    name: &str,
-    settings: Vec<pb::ConsentSetting>,
-    source: Src,
-    request_id: &str,
-) -> pb::SetConsentRequest {
-    pb::SetConsentRequest {
-        name: name.into(),
-        settings,
-        source: source as i32,
-        request_id: request_id.into(),
-    }
-}
-
 #[tokio::test]
 async fn consent_defaults_changes_history_and_events() {
     let h = start().await;
@@ -310,31 +281,6 @@ async fn consent_bad_input_names_the_field() {
     h.server.stop().await;
 }
 
-fn ident(kind: pb::IdentifierType, value: &str) -> Option<pb::CustomerIdentifier> {
-    Some(pb::CustomerIdentifier {
-        r#type: kind as i32,
-        value: value.into(),
-        ..Default::default()
-    })
-}
-
-fn add(parent: &str, kind: pb::IdentifierType, value: &str) -> pb::AddCustomerIdentifierRequest {
-    pb::AddCustomerIdentifierRequest {
-        parent: parent.into(),
-        identifier: ident(kind, value),
-        request_id: String::new(),
-    }
-}
-
-async fn lookup(c: &mut Client, kind: pb::IdentifierType, value: &str) -> Result<String, Code> {
-    c.lookup_customer(pb::LookupCustomerRequest {
-        identifier: ident(kind, value),
-    })
-    .await
-    .map(|r| r.into_inner().name)
-    .map_err(|e| e.code())
-}
-
 use pb::IdentifierType as It;
 
 #[tokio::test]
@@ -439,9 +385,7 @@ async fn identifiers_have_one_holder_and_find_their_customer() {
                         email: value.into(),
                         ..Default::default()
                     }),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["email".into()],
-                    }),
+                    update_mask: mask(&["email"]),
                     request_id: String::new(),
                 })
                 .await
@@ -492,9 +436,7 @@ async fn identifiers_have_one_holder_and_find_their_customer() {
             email: "ada@new.example".into(),
             ..Default::default()
         }),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["email".into()],
-        }),
+        update_mask: mask(&["email"]),
         request_id: String::new(),
     })
     .await
@@ -522,16 +464,25 @@ async fn identifiers_have_one_holder_and_find_their_customer() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
+    let remove = pb::RemoveCustomerIdentifierRequest {
+        parent: ada.name.clone(),
+        identifier: ident(It::Phone, "+49 30 1234567"),
+        request_id: "remove-phone".into(),
+    };
     let removed = c
-        .remove_customer_identifier(pb::RemoveCustomerIdentifierRequest {
-            parent: ada.name.clone(),
-            identifier: ident(It::Phone, "+49 30 1234567"),
-            request_id: String::new(),
-        })
+        .remove_customer_identifier(remove.clone())
         .await
         .unwrap()
         .into_inner();
     assert_eq!(removed, phone);
+    assert_eq!(
+        c.remove_customer_identifier(remove)
+            .await
+            .unwrap()
+            .into_inner(),
+        removed,
+        "a retry answers the first result"
+    );
     assert_eq!(
         lookup(&mut c, It::Phone, "+49301234567").await,
         Err(Code::NotFound)
@@ -932,13 +883,7 @@ async fn merge_moves_everything_to_the_survivor_and_leaves_redirects() {
     );
 
     // Merged ids redirect reads and refuse writes, naming the survivor.
-    let got = c
-        .get_customer(pb::GetCustomerRequest {
-            name: b.name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get(&mut c, b.name.clone()).await;
     assert_eq!(got, merged);
     let e = c
         .transition_stage(pb::TransitionStageRequest {
@@ -1101,13 +1046,7 @@ async fn merge_moves_everything_to_the_survivor_and_leaves_redirects() {
         .customer
         .unwrap();
     assert_eq!(z.merged_from.len(), 3);
-    let got = c
-        .get_customer(pb::GetCustomerRequest {
-            name: b.name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get(&mut c, b.name.clone()).await;
     assert_eq!(got.name, d.name);
     h.server.stop().await;
 }
@@ -1153,11 +1092,7 @@ async fn concurrent_overlapping_merges_lose_and_duplicate_nothing() {
     // touchpoint and e-mail exactly once.
     let mut live = std::collections::BTreeSet::new();
     for n in &names {
-        let got = c
-            .get_customer(pb::GetCustomerRequest { name: n.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let got = get(&mut c, n.clone()).await;
         live.insert(got.name);
     }
     let mut tps = Vec::new();
@@ -1184,13 +1119,7 @@ async fn concurrent_overlapping_merges_lose_and_duplicate_nothing() {
     let merged_total: usize = {
         let mut n = 0;
         for l in &live {
-            n += c
-                .get_customer(pb::GetCustomerRequest { name: l.clone() })
-                .await
-                .unwrap()
-                .into_inner()
-                .merged_from
-                .len();
+            n += get(&mut c, l.clone()).await.merged_from.len();
         }
         n
     };
@@ -1297,20 +1226,15 @@ async fn erasure_forgets_everything_but_the_receipt_and_hashes() {
     let erased = c.erase_customer(req.clone()).await.unwrap().into_inner();
     assert!(erased.name.starts_with("erasureRequests/"));
     assert_eq!(erased.customer, ada.name);
-    assert_eq!(erased.state, pb::ErasureState::InProgress as i32);
-    assert_eq!(erased.expected_services.len(), 5);
+    // No peer is configured, so no other receipt is expected: complete at once.
+    assert_eq!(erased.expected_services, vec!["customer".to_owned()]);
+    assert_eq!(erased.state, pb::ErasureState::Completed as i32);
+    assert_eq!(erased.complete_time, erased.create_time);
     assert_eq!(erased.receipts.len(), 1);
     assert_eq!(erased.receipts[0].service, "customer");
     assert_eq!(c.erase_customer(req).await.unwrap().into_inner(), erased);
     // Erasing twice returns the existing request.
-    let again = c
-        .erase_customer(pb::EraseCustomerRequest {
-            name: ada.name.clone(),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let again = erase(&mut c, ada.name.clone()).await;
     assert_eq!(again, erased);
     assert_eq!(
         c.get_erasure_request(pb::GetErasureRequestRequest {
@@ -1330,15 +1254,20 @@ async fn erasure_forgets_everything_but_the_receipt_and_hashes() {
 
     // Gone through the API, and Bob untouched.
     for name in [&ada.name, &dup.name] {
-        let e = c
-            .get_customer(pb::GetCustomerRequest { name: name.clone() })
-            .await
-            .unwrap_err();
+        let e = c.get_customer(by_name(name.clone())).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{name}");
     }
-    assert_eq!(
-        lookup(&mut c, It::Email, "ada.lovelace@example.com").await,
-        Err(Code::NotFound)
+    let e = c
+        .lookup_customer(pb::LookupCustomerRequest {
+            identifier: ident(It::Email, "ada.lovelace@example.com"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(
+        !e.message().to_lowercase().contains("lovelace"),
+        "an erased value is never echoed: {}",
+        e.message()
     );
     assert_eq!(
         lookup(&mut c, It::Email, "bob@example.com").await,
@@ -1451,13 +1380,7 @@ async fn erasure_forgets_everything_but_the_receipt_and_hashes() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = c
-        .erase_customer(pb::EraseCustomerRequest {
-            name: "ada".into(),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let e = c.erase_customer(erase_req("ada")).await.unwrap_err();
     assert_bad_field(&e, "name");
     let e = c
         .get_erasure_request(pb::GetErasureRequestRequest {
@@ -1505,10 +1428,7 @@ async fn only_data_stewards_and_admins_erase() {
         .await
         .unwrap()
         .into_inner();
-    let erase = pb::EraseCustomerRequest {
-        name: ada.name.clone(),
-        request_id: String::new(),
-    };
+    let erase = erase_req(ada.name.clone());
     for roles in [&[Role::Marketer][..], &[Role::Analyst], &[Role::Service]] {
         let e = client(roles)
             .erase_customer(erase.clone())
@@ -1589,4 +1509,349 @@ async fn customers_from_before_identifiers_get_their_profile_identifiers() {
             ("crm:Old-1".to_owned(), id, true),
         ]
     );
+}
+
+async fn list_filtered(c: &mut Client, filter: &str) -> Vec<String> {
+    c.list_customers(pb::ListCustomersRequest {
+        filter: filter.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .customers
+    .into_iter()
+    .map(|x| x.name)
+    .collect()
+}
+
+#[tokio::test]
+async fn flag_policy_accepts_erased_identifiers_and_marks_the_customer() {
+    use clm_platform::config::ErasedIdentifierPolicy;
+    let h =
+        start_with(|c| c.customer.erased_identifier_policy = ErasedIdentifierPolicy::Flag).await;
+    let mut c = h.client();
+    let ada = c
+        .create_customer(pb::CreateCustomerRequest {
+            customer: Some(Customer {
+                email: "ada@example.com".into(),
+                external_id: "crm:ada-1".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ada.reimported_after_erasure);
+    c.add_customer_identifier(add(&ada.name, It::Phone, "+44 20 7000 1815"))
+        .await
+        .unwrap();
+    erase(&mut c, ada.name.clone()).await;
+
+    // Create with an erased e-mail (another spelling of it): accepted, flagged.
+    let back = c
+        .create_customer(create_req(customer("ADA@example.com"), "reimport-ada"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(back.reimported_after_erasure);
+    let got = get(&mut c, back.name.clone()).await;
+    assert_eq!(got, back, "Get shows the mark as stored");
+    let fresh = create(&mut c, "grace@example.com").await;
+    assert!(!fresh.reimported_after_erasure);
+
+    // A batch: only the customer carrying an erased identifier is flagged.
+    let batch = c
+        .batch_create_customers(pb::BatchCreateCustomersRequest {
+            requests: vec![
+                pb::CreateCustomerRequest {
+                    customer: Some(Customer {
+                        external_id: "crm:ada-1".into(),
+                        display_name: "Ada from the CRM".into(),
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                },
+                create_req(customer("alan@example.com"), ""),
+            ],
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .customers;
+    assert!(batch[0].reimported_after_erasure);
+    assert!(!batch[1].reimported_after_erasure);
+
+    // Adding an erased phone to a customer flags it (a new version).
+    c.add_customer_identifier(add(&fresh.name, It::Phone, "+442070001815"))
+        .await
+        .unwrap();
+    let grace = get(&mut c, fresh.name.clone()).await;
+    assert!(grace.reimported_after_erasure);
+    assert_ne!(grace.etag, fresh.etag);
+
+    // A data steward finds them with a filter.
+    let mut flagged = list_filtered(&mut c, "reimported_after_erasure = true").await;
+    flagged.sort();
+    let mut want = vec![back.name.clone(), batch[0].name.clone(), grace.name.clone()];
+    want.sort();
+    assert_eq!(flagged, want);
+    assert_eq!(
+        list_filtered(&mut c, "reimported_after_erasure = false").await,
+        vec![batch[1].name.clone()]
+    );
+    assert_eq!(
+        list_filtered(&mut c, "reimported_after_erasure != true").await,
+        vec![batch[1].name.clone()]
+    );
+    let e = c
+        .list_customers(pb::ListCustomersRequest {
+            filter: "reimported_after_erasure = \"yes\"".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "filter");
+
+    // The mark survives a merge into an unmarked survivor.
+    let merged = c
+        .merge_customers(merge_req(&batch[1].name, &[&back.name]))
+        .await
+        .unwrap()
+        .into_inner()
+        .customer
+        .unwrap();
+    assert!(merged.reimported_after_erasure);
+
+    // An update to an erased e-mail flags too; the output-only field
+    // cannot be set by a client.
+    let turing = create(&mut c, "turing@example.com").await;
+    erase(&mut c, turing.name.clone()).await;
+    let hopper = create(&mut c, "hopper@example.com").await;
+    let updated = c
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(Customer {
+                name: hopper.name.clone(),
+                email: "turing@example.com".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["email"]),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(updated.reimported_after_erasure);
+    let e = c
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(Customer {
+                name: hopper.name.clone(),
+                reimported_after_erasure: false,
+                ..Default::default()
+            }),
+            update_mask: mask(&["reimported_after_erasure"]),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "update_mask");
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn two_merges_of_one_overlapping_set_have_one_winner_and_every_row_once() {
+    let h = start().await;
+    let mut c = h.client();
+    for round in 0..3 {
+        // Four customers, each with a touchpoint, a phone and a consent change.
+        let mut names = Vec::new();
+        for i in 0..4 {
+            let n = create(&mut c, &format!("r{round}c{i}@example.com"))
+                .await
+                .name;
+            touch(&mut c, &n, &format!("r{round}-tp-{i}")).await;
+            c.add_customer_identifier(add(&n, It::Phone, &format!("+4930{round}00000{i}")))
+                .await
+                .unwrap();
+            consent(
+                &mut c,
+                &n,
+                vec![setting(Pu::Marketing, Ch::Email, St::Granted)],
+            )
+            .await;
+            names.push(n);
+        }
+        // a <- [b, c] and d <- [c, b] at once: they share b and c.
+        let plans = [(0, [1, 2]), (3, [2, 1])];
+        let calls = plans.iter().map(|(s, ds)| {
+            let mut c = h.client();
+            let ds: Vec<&str> = ds.iter().map(|d| names[*d].as_str()).collect();
+            let req = merge_req(&names[*s], &ds);
+            async move {
+                c.merge_customers(req)
+                    .await
+                    .map(|r| r.into_inner().customer.unwrap().name)
+                    .map_err(|e| e.code())
+            }
+        });
+        let outcomes = futures_join(calls).await;
+        let won: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
+        assert_eq!(won.len(), 1, "exactly one merge wins: {outcomes:?}");
+        for o in &outcomes {
+            assert!(
+                matches!(o, Ok(_) | Err(Code::FailedPrecondition | Code::Aborted)),
+                "{outcomes:?}"
+            );
+        }
+        let survivor = won[0].clone();
+        let other = if survivor == names[0] {
+            names[3].clone()
+        } else {
+            names[0].clone()
+        };
+        let folded: Vec<usize> = if survivor == names[0] {
+            vec![0, 1, 2]
+        } else {
+            vec![3, 2, 1]
+        };
+        for i in [1, 2] {
+            assert_eq!(get(&mut c, names[i].clone()).await.name, survivor);
+        }
+
+        // The survivor holds the three customers' rows, each once; the
+        // loser's survivor only its own.
+        for (who, from) in [
+            (&survivor, folded.clone()),
+            (&other, vec![if survivor == names[0] { 3 } else { 0 }]),
+        ] {
+            let mut tps: Vec<String> = c
+                .list_touchpoints(pb::ListTouchpointsRequest {
+                    parent: who.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .touchpoints
+                .into_iter()
+                .map(|t| t.event_id)
+                .collect();
+            tps.sort();
+            let mut want: Vec<String> = from.iter().map(|i| format!("r{round}-tp-{i}")).collect();
+            want.sort();
+            assert_eq!(tps, want, "touchpoints of {who}");
+
+            let mut held: Vec<String> = c
+                .list_customer_identifiers(pb::ListCustomerIdentifiersRequest {
+                    parent: who.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .identifiers
+                .into_iter()
+                .map(|i| i.value)
+                .collect();
+            held.sort();
+            let mut want: Vec<String> = from
+                .iter()
+                .flat_map(|i| {
+                    [
+                        format!("r{round}c{i}@example.com"),
+                        format!("+4930{round}00000{i}"),
+                    ]
+                })
+                .collect();
+            want.sort();
+            assert_eq!(held, want, "identifiers of {who}");
+
+            let created = c
+                .list_stage_history(pb::ListStageHistoryRequest {
+                    parent: who.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .changes
+                .iter()
+                .filter(|ch| ch.reason == "created")
+                .count();
+            assert_eq!(created, from.len(), "stage history of {who}");
+
+            let stated = c
+                .get_consent(pb::GetConsentRequest {
+                    name: format!("{who}/consent"),
+                    include_history: true,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .history
+                .iter()
+                .filter(|ch| ch.source == Src::Form as i32)
+                .count();
+            assert_eq!(stated, from.len(), "consent history of {who}");
+        }
+    }
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_flagged_customer_keeps_working_after_the_policy_turns_to_refuse() {
+    use clm_platform::config::ErasedIdentifierPolicy;
+    let backend = TestBackend::migrated::<clm_customer::store::Migrator>().await;
+    let start_on = |policy| {
+        let mut config = backend.config("customer");
+        config.customer.erased_identifier_policy = policy;
+        start_with_clock(
+            &clm_customer::DESCRIPTOR,
+            config,
+            Arc::new(ManualClock::new(t0())),
+        )
+    };
+    let server = start_on(ErasedIdentifierPolicy::Flag).await;
+    let mut c = CustomerServiceClient::new(server.channel());
+    for email in ["ada@example.com", "alan@example.com"] {
+        let gone = create(&mut c, email).await;
+        erase(&mut c, gone.name).await;
+    }
+    let back = create(&mut c, "ada@example.com").await;
+    assert!(back.reimported_after_erasure);
+    server.stop().await;
+
+    // Under "refuse", the flagged customer's own identifiers are its own:
+    // changing its other fields, or its external id, is no re-import.
+    let server = start_on(ErasedIdentifierPolicy::Refuse).await;
+    let mut c = CustomerServiceClient::new(server.channel());
+    let updated = c
+        .update_customer(pb::UpdateCustomerRequest {
+            customer: Some(Customer {
+                name: back.name.clone(),
+                external_id: "crm:ada-2".into(),
+                email: "ada@example.com".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["external_id", "email"]),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(updated.reimported_after_erasure);
+    assert_eq!(updated.external_id, "crm:ada-2");
+    // Another erased identifier is still refused, to it as to anyone.
+    let e = c
+        .add_customer_identifier(add(&back.name, It::Email, "alan@example.com"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let e = c
+        .create_customer(create_req(customer("alan@example.com"), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    server.stop().await;
 }

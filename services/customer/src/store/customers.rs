@@ -53,6 +53,8 @@ pub struct CustomerRecord {
     pub version: i64,
     /// Customers merged into this one.
     pub merged_from: Vec<CustomerId>,
+    /// Created with, or given, an identifier of an erased customer.
+    pub reimported_after_erasure: bool,
 }
 
 /// A validated customer to create.
@@ -98,6 +100,7 @@ impl CustomerRecord {
                     .collect::<Vec<_>>()
                     .join(",")
             }),
+            reimported_after_erasure: self.reimported_after_erasure,
         }
     }
 
@@ -142,6 +145,7 @@ impl CustomerRecord {
                 .filter(|s| !s.is_empty())
                 .map(|s| CustomerId::parse_id("merged_from", s).map_err(Error::internal))
                 .collect::<Result<_, _>>()?,
+            reimported_after_erasure: m.reimported_after_erasure,
         })
     }
 }
@@ -211,8 +215,8 @@ pub async fn insert_many(
     if records.is_empty() {
         return Ok(());
     }
-    // 14 columns: a batch of 1,000 customers is far below MAX_BIND_PARAMS.
-    for chunk in records.chunks(clm_platform::db::rows_per_statement(14)) {
+    // 16 columns: a batch of 1,000 customers is far below MAX_BIND_PARAMS.
+    for chunk in records.chunks(clm_platform::db::rows_per_statement(16)) {
         customers::Entity::insert_many(chunk.iter().map(|r| r.to_model().into_active_model()))
             .exec_without_returning(db)
             .await
@@ -381,6 +385,25 @@ pub async fn update(
     Ok(changed)
 }
 
+/// Marks `id` `reimported_after_erasure` (a new version) unless it already
+/// is; `true` when it changed.
+pub async fn mark_reimported(
+    db: &impl ConnectionTrait,
+    id: CustomerId,
+    now: DateTime<Utc>,
+) -> Result<bool, Error> {
+    Ok(customers::Entity::update_many()
+        .col_expr(Column::ReimportedAfterErasure, Expr::value(true))
+        .col_expr(Column::Version, Expr::col(Column::Version).add(1))
+        .col_expr(Column::UpdateUs, Expr::value(to_micros(now)))
+        .filter(Column::Id.eq(id.to_string()))
+        .filter(Column::ReimportedAfterErasure.eq(false))
+        .exec(db)
+        .await?
+        .rows_affected
+        == 1)
+}
+
 /// Sort orders of ListCustomers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SortKey {
@@ -505,6 +528,17 @@ fn compile_one(field: &str, c: &Comparison) -> Result<SimpleExpr, Violation> {
             };
             Ok(op_expr(customer_col(col), c.op, to_micros(t)))
         }
+        "reimported_after_erasure" => match (&c.value, c.op) {
+            (Literal::Bool(b), Op::Eq | Op::Ne) => Ok(op_expr(
+                customer_col(Column::ReimportedAfterErasure),
+                c.op,
+                *b,
+            )),
+            _ => Err(Violation::new(
+                field,
+                "reimported_after_erasure is compared with = or != and true or false",
+            )),
+        },
         f if f.starts_with("attributes.") => {
             let key = clm_domain::attributes::key(field, &f["attributes.".len()..])?;
             let (col, value): (attr::Column, Value) = match &c.value {
@@ -534,7 +568,7 @@ fn compile_one(field: &str, c: &Comparison) -> Result<SimpleExpr, Violation> {
         other => Err(Violation::new(
             field,
             format!(
-                "cannot filter on {other:?}; use stage, email, external_id, display_name, create_time, update_time or attributes.<key>"
+                "cannot filter on {other:?}; use stage, email, external_id, display_name, create_time, update_time, reimported_after_erasure or attributes.<key>"
             ),
         )),
     }
@@ -627,6 +661,7 @@ mod tests {
             update_time: now,
             version: 1,
             merged_from: Vec::new(),
+            reimported_after_erasure: false,
         }
     }
 

@@ -12,7 +12,9 @@ use clm_domain::ids::CustomerId;
 use clm_platform::Error;
 use clm_platform::db::{from_micros, is_postgres, to_micros};
 use sea_orm::sea_query::{Cond, Expr, ExprTrait, OnConflict, Query};
-use sea_orm::{ActiveValue, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder};
+use sea_orm::{
+    ActiveValue, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+};
 use sha2::{Digest, Sha256};
 
 clm_domain::resource_id!(
@@ -33,10 +35,19 @@ pub struct ErasureRecord {
     pub requester: String,
     /// When.
     pub create_time: DateTime<Utc>,
-    /// When the last receipt arrived.
+    /// When the last expected receipt arrived.
     pub complete_time: Option<DateTime<Utc>>,
+    /// The services whose receipts complete it.
+    pub expected: Vec<String>,
     /// Receipts (service, when), in arrival order.
     pub receipts: Vec<(String, DateTime<Utc>)>,
+}
+
+/// Whether `receipts` hold one from every service of `expected`.
+pub fn covers(expected: &[String], receipts: &[(String, DateTime<Utc>)]) -> bool {
+    expected
+        .iter()
+        .all(|e| receipts.iter().any(|(service, _)| service == e))
 }
 
 impl ErasureRecord {
@@ -49,6 +60,7 @@ impl ErasureRecord {
             requester: m.requester,
             create_time: from_micros(m.create_us),
             complete_time: m.complete_us.map(from_micros),
+            expected: split_services(&m.expected_services),
             receipts: r
                 .into_iter()
                 .map(|x| (x.service, from_micros(x.erase_us)))
@@ -65,6 +77,7 @@ pub async fn insert(db: &impl ConnectionTrait, r: &ErasureRecord) -> Result<(), 
         requester: ActiveValue::Set(r.requester.clone()),
         create_us: ActiveValue::Set(to_micros(r.create_time)),
         complete_us: ActiveValue::Set(r.complete_time.map(to_micros)),
+        expected_services: ActiveValue::Set(r.expected.join(",")),
     })
     .exec_without_returning(db)
     .await?;
@@ -148,6 +161,97 @@ pub async fn list(
         .into_iter()
         .map(|(m, r)| ErasureRecord::from_model(m, r))
         .collect()
+}
+
+fn split_services(s: &str) -> Vec<String> {
+    s.split(',')
+        .filter(|x| !x.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// One service's receipt for an erasure request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The request it answers.
+    pub erasure: ErasureRequestId,
+    /// The service that erased its data.
+    pub service: String,
+    /// When it did.
+    pub erase_time: DateTime<Utc>,
+}
+
+/// Records `receipts` on their requests and completes (at `now`) every
+/// request whose expected receipts are then all in. A receipt already
+/// recorded for the same request and service is kept as it was, so a
+/// redelivered event changes nothing. Answers the receipts whose request
+/// is unknown (they are not recorded). Set-based: one statement each to
+/// read the requests, insert the receipts, read the receipts of the
+/// requests still open and complete them, whatever the batch size.
+pub async fn record_receipts(
+    db: &impl ConnectionTrait,
+    receipts: &[Receipt],
+    now: DateTime<Utc>,
+) -> Result<Vec<Receipt>, Error> {
+    if receipts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids: Vec<String> = receipts.iter().map(|r| r.erasure.to_string()).collect();
+    ids.sort();
+    ids.dedup();
+    let known: Vec<requests::Model> = requests::Entity::find()
+        .filter(requests::Column::Id.is_in(ids))
+        .all(db)
+        .await?;
+    let (found, unknown): (Vec<&Receipt>, Vec<&Receipt>) = receipts
+        .iter()
+        .partition(|r| known.iter().any(|k| k.id == r.erasure.to_string()));
+    if !found.is_empty() {
+        for chunk in found.chunks(clm_platform::db::rows_per_statement(3)) {
+            receipts::Entity::insert_many(chunk.iter().map(|r| receipts::ActiveModel {
+                erasure_id: ActiveValue::Set(r.erasure.to_string()),
+                service: ActiveValue::Set(r.service.clone()),
+                erase_us: ActiveValue::Set(to_micros(r.erase_time)),
+            }))
+            .on_conflict(
+                OnConflict::columns([receipts::Column::ErasureId, receipts::Column::Service])
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(db)
+            .await?;
+        }
+        let open: Vec<&requests::Model> =
+            known.iter().filter(|k| k.complete_us.is_none()).collect();
+        if !open.is_empty() {
+            let held: Vec<(String, String)> = receipts::Entity::find()
+                .select_only()
+                .column(receipts::Column::ErasureId)
+                .column(receipts::Column::Service)
+                .filter(receipts::Column::ErasureId.is_in(open.iter().map(|k| k.id.clone())))
+                .into_tuple()
+                .all(db)
+                .await?;
+            let complete: Vec<String> = open
+                .iter()
+                .filter(|k| {
+                    split_services(&k.expected_services)
+                        .iter()
+                        .all(|e| held.iter().any(|(id, s)| *id == k.id && s == e))
+                })
+                .map(|k| k.id.clone())
+                .collect();
+            if !complete.is_empty() {
+                requests::Entity::update_many()
+                    .col_expr(requests::Column::CompleteUs, Expr::value(to_micros(now)))
+                    .filter(requests::Column::Id.is_in(complete))
+                    .filter(requests::Column::CompleteUs.is_null())
+                    .exec(db)
+                    .await?;
+            }
+        }
+    }
+    Ok(unknown.into_iter().cloned().collect())
 }
 
 /// This installation's salt for identifier hashes, made on first use.
@@ -301,4 +405,84 @@ pub async fn forget(
         db.execute(&del).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use sea_orm_migration::MigratorTrait;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn a_batch_of_receipts_is_a_few_statements_and_a_redelivery_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = clm_platform::config::Config::defaults("customer", dir.path());
+        let mut db = clm_platform::db::connect(&config.database).await.unwrap();
+        crate::store::Migrator::up(&db, None).await.unwrap();
+        let t0 = from_micros(1_764_000_000_000_000);
+        let expected: Vec<String> = ["customer", "scoring", "loyalty"]
+            .map(str::to_owned)
+            .to_vec();
+        let mut requests = Vec::new();
+        for _ in 0..200 {
+            let r = ErasureRecord {
+                id: ErasureRequestId::new(),
+                customer: CustomerId::new(),
+                requester: "steward".into(),
+                create_time: t0,
+                complete_time: None,
+                expected: expected.clone(),
+                receipts: vec![("customer".into(), t0)],
+            };
+            insert(&db, &r).await.unwrap();
+            requests.push(r.id);
+        }
+        // Scoring answers all; loyalty all but the last 50; and one receipt
+        // names a request nobody made.
+        let stranger = ErasureRequestId::new();
+        let batch: Vec<Receipt> = requests
+            .iter()
+            .map(|id| (id, "scoring"))
+            .chain(requests[..150].iter().map(|id| (id, "loyalty")))
+            .chain(std::iter::once((&stranger, "loyalty")))
+            .map(|(id, s)| Receipt {
+                erasure: *id,
+                service: s.into(),
+                erase_time: t0,
+            })
+            .collect();
+        let statements = Arc::new(AtomicUsize::new(0));
+        let counter = statements.clone();
+        db.set_metric_callback(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        let t1 = t0 + chrono::Duration::minutes(5);
+        let unknown = record_receipts(&db, &batch, t1).await.unwrap();
+        assert_eq!(statements.load(Ordering::SeqCst), 4, "351 receipts");
+        assert_eq!(unknown.len(), 1);
+        assert_eq!(unknown[0].erasure, stranger);
+
+        let done = get(&db, requests[0]).await.unwrap();
+        assert_eq!(done.complete_time, Some(t1));
+        assert_eq!(done.receipts.len(), 3);
+        let open = get(&db, requests[199]).await.unwrap();
+        assert_eq!(open.complete_time, None);
+        assert_eq!(open.receipts.len(), 2);
+
+        // Redelivered, later: the first receipts and completions stand.
+        let later: Vec<Receipt> = batch
+            .iter()
+            .map(|r| Receipt {
+                erase_time: t1,
+                ..r.clone()
+            })
+            .collect();
+        record_receipts(&db, &later, t1 + chrono::Duration::minutes(5))
+            .await
+            .unwrap();
+        assert_eq!(get(&db, requests[0]).await.unwrap(), done);
+        assert_eq!(get(&db, requests[199]).await.unwrap(), open);
+    }
 }

@@ -101,19 +101,47 @@ pub async fn holders(
         .collect()
 }
 
+/// An identifier of a request that matches the salted hash kept of an
+/// erased customer's identifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasedMatch {
+    /// The request field carrying it (`customer.email`).
+    pub field: String,
+    /// The start of its salted hash: what errors and logs may show
+    /// instead of the value.
+    pub hash_prefix: String,
+}
+
+impl ErasedMatch {
+    /// FAILED_PRECONDITION: re-importing an erased person is refused
+    /// (`erased_identifier_policy = "refuse"`). Names the field and a hash
+    /// prefix, never the value.
+    pub fn refused(&self) -> Error {
+        Error::FailedPrecondition {
+            reason: "IDENTIFIER_ERASED",
+            message: format!(
+                "{}: belongs to an erased customer (hash {}); \
+                 re-importing an erased person is refused",
+                self.field, self.hash_prefix
+            ),
+        }
+    }
+}
+
 /// ALREADY_EXISTS naming the holder if any of `ids` (each with the request
-/// field carrying it) is held by a customer other than `except`;
-/// FAILED_PRECONDITION if one belonged to an erased customer (when `salt`
-/// is given). One statement: the holders and the erased hashes are read
-/// together (`UNION ALL`).
+/// field carrying it) is held by a customer other than `except`; otherwise
+/// the ones that belonged to an erased customer (when `salt` is given), for
+/// the caller's `erased_identifier_policy` to refuse or flag. One
+/// statement: the holders and the erased hashes are read together
+/// (`UNION ALL`).
 pub async fn check_free(
     db: &impl ConnectionTrait,
     ids: &[(String, Identifier)],
     except: Option<CustomerId>,
     salt: Option<&str>,
-) -> Result<(), Error> {
+) -> Result<Vec<ErasedMatch>, Error> {
     if ids.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let wanted: Vec<&Identifier> = ids.iter().map(|(_, i)| i).collect();
     let mut held = Query::select();
@@ -140,28 +168,25 @@ pub async fn check_free(
             .and_where(Expr::col(n("hash")).is_in(hashes.iter().map(|(h, _)| h.clone())));
         held.union(UnionType::All, erased);
     }
+    let mut erased: Vec<(&str, &Identifier)> = Vec::new();
+    let mut own: Vec<(i16, String)> = Vec::new();
     for row in db.query_all(&held).await? {
         let kind: i16 = row.try_get("", "k")?;
         let value: String = row.try_get("", "v")?;
         let holder: String = row.try_get("", "c")?;
         if holder.is_empty() {
             // An erased identifier's hash.
-            if let Some((hash, id)) = hashes.iter().find(|(h, _)| *h == value)
-                && let Some((field, _)) = ids.iter().find(|(_, i)| i == *id)
-            {
-                return Err(Error::FailedPrecondition {
-                    reason: "IDENTIFIER_ERASED",
-                    message: format!(
-                        "{field}: belongs to an erased customer (hash {}); \
-                         re-importing an erased person is refused",
-                        &hash[..12]
-                    ),
-                });
-            }
+            erased.extend(
+                hashes
+                    .iter()
+                    .filter(|(h, _)| *h == value)
+                    .map(|(h, i)| (h.as_str(), *i)),
+            );
             continue;
         }
         let holder = CustomerId::parse_id("customer_id", &holder).map_err(Error::internal)?;
         if Some(holder) == except {
+            own.push((kind, value));
             continue;
         }
         if let Some((field, id)) = ids
@@ -171,7 +196,26 @@ pub async fn check_free(
             return Err(taken(field, id, holder));
         }
     }
-    Ok(())
+    // One the customer already holds came back earlier (flagged then): it
+    // is not brought back by this write.
+    let mut matches: Vec<ErasedMatch> = erased
+        .into_iter()
+        .filter(|(_, i)| {
+            !own.iter()
+                .any(|(k, v)| *k == i.kind.code() && *v == i.value)
+        })
+        .flat_map(|(hash, id)| {
+            ids.iter()
+                .filter(move |(_, i)| i == id)
+                .map(move |(field, _)| ErasedMatch {
+                    field: field.clone(),
+                    hash_prefix: hash[..12].to_owned(),
+                })
+        })
+        .collect();
+    matches.sort_by(|a, b| a.field.cmp(&b.field));
+    matches.dedup();
+    Ok(matches)
 }
 
 /// ALREADY_EXISTS: `field`'s identifier is held by `holder`.
@@ -308,6 +352,7 @@ mod tests {
                 update_time: now,
                 version: 1,
                 merged_from: Vec::new(),
+                reimported_after_erasure: false,
             })
             .collect();
         customers::insert_many(&db, &records).await.unwrap();

@@ -15,6 +15,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(IdentifierTable));
         m.push(Box::new(MergeRedirects));
         m.push(Box::new(ErasureTables));
+        m.push(Box::new(ReimportFlagAndExpectedReceipts));
         m
     }
 }
@@ -454,5 +455,48 @@ impl MigrationTrait for ErasureTables {
             .on_conflict(OnConflict::column(a("id")).do_nothing().to_owned());
         m.get_connection().execute(&insert).await?;
         Ok(())
+    }
+}
+
+struct ReimportFlagAndExpectedReceipts;
+
+impl MigrationName for ReimportFlagAndExpectedReceipts {
+    fn name(&self) -> &str {
+        "m0007_reimport_flag_and_expected_receipts"
+    }
+}
+
+/// The services every request made before this migration expects
+/// receipts from (all five, as then).
+pub const ALL_ERASING_SERVICES: &str = "customer,scoring,segmentation,feedback,loyalty";
+
+#[async_trait::async_trait]
+impl MigrationTrait for ReimportFlagAndExpectedReceipts {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        // Two statements: SQLite adds one column per ALTER TABLE.
+        m.alter_table(
+            Table::alter()
+                .table(a("customers"))
+                .add_column(
+                    ColumnDef::new(a("reimported_after_erasure"))
+                        .boolean()
+                        .not_null()
+                        .default(false),
+                )
+                .to_owned(),
+        )
+        .await?;
+        m.alter_table(
+            Table::alter()
+                .table(a("erasure_requests"))
+                .add_column(
+                    ColumnDef::new(a("expected_services"))
+                        .string()
+                        .not_null()
+                        .default(ALL_ERASING_SERVICES),
+                )
+                .to_owned(),
+        )
+        .await
     }
 }

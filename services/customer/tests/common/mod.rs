@@ -65,3 +65,128 @@ pub async fn create(c: &mut Client, email: &str) -> Customer {
     .unwrap()
     .into_inner()
 }
+
+/// A CreateCustomer request for `customer` (`request_id` may be empty).
+pub fn create_req(customer: Customer, request_id: &str) -> pb::CreateCustomerRequest {
+    pb::CreateCustomerRequest {
+        customer: Some(customer),
+        request_id: request_id.into(),
+    }
+}
+
+/// A GetCustomer request.
+pub fn by_name(name: impl Into<String>) -> pb::GetCustomerRequest {
+    pb::GetCustomerRequest { name: name.into() }
+}
+
+/// GetCustomer, which must succeed.
+pub async fn get(c: &mut Client, name: impl Into<String>) -> Customer {
+    c.get_customer(by_name(name)).await.unwrap().into_inner()
+}
+
+/// An update mask of `paths`.
+pub fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
+    Some(prost_types::FieldMask {
+        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+    })
+}
+
+/// An EraseCustomer request without a `request_id`.
+pub fn erase_req(name: impl Into<String>) -> pb::EraseCustomerRequest {
+    pb::EraseCustomerRequest {
+        name: name.into(),
+        request_id: String::new(),
+    }
+}
+
+/// EraseCustomer, which must succeed.
+pub async fn erase(c: &mut Client, name: impl Into<String>) -> pb::ErasureRequest {
+    c.erase_customer(erase_req(name))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// GetErasureRequest, which must succeed.
+pub async fn erasure(c: &mut Client, name: impl Into<String>) -> pb::ErasureRequest {
+    c.get_erasure_request(pb::GetErasureRequestRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// One consent cell to set.
+pub fn setting(
+    purpose: pb::ConsentPurpose,
+    channel: pb::ConsentChannel,
+    state: pb::ConsentState,
+) -> pb::ConsentSetting {
+    pb::ConsentSetting {
+        purpose: purpose as i32,
+        channel: channel as i32,
+        state: state as i32,
+    }
+}
+
+/// The entry of one consent cell (it must be there: GetConsent answers all).
+pub fn entry(
+    c: &pb::Consent,
+    purpose: pb::ConsentPurpose,
+    channel: pb::ConsentChannel,
+) -> &pb::ConsentEntry {
+    c.entries
+        .iter()
+        .find(|e| e.purpose == purpose as i32 && e.channel == channel as i32)
+        .unwrap()
+}
+
+/// A SetConsent request.
+pub fn set(
+    name: &str,
+    settings: Vec<pb::ConsentSetting>,
+    source: pb::ConsentSource,
+    request_id: &str,
+) -> pb::SetConsentRequest {
+    pb::SetConsentRequest {
+        name: name.into(),
+        settings,
+        source: source as i32,
+        request_id: request_id.into(),
+    }
+}
+
+/// An identifier of `kind`.
+pub fn ident(kind: pb::IdentifierType, value: &str) -> Option<pb::CustomerIdentifier> {
+    Some(pb::CustomerIdentifier {
+        r#type: kind as i32,
+        value: value.into(),
+        ..Default::default()
+    })
+}
+
+/// An AddCustomerIdentifier request without a `request_id`.
+pub fn add(
+    parent: &str,
+    kind: pb::IdentifierType,
+    value: &str,
+) -> pb::AddCustomerIdentifierRequest {
+    pb::AddCustomerIdentifierRequest {
+        parent: parent.into(),
+        identifier: ident(kind, value),
+        request_id: String::new(),
+    }
+}
+
+/// LookupCustomer: the holder's name, or the error code.
+pub async fn lookup(
+    c: &mut Client,
+    kind: pb::IdentifierType,
+    value: &str,
+) -> Result<String, tonic::Code> {
+    c.lookup_customer(pb::LookupCustomerRequest {
+        identifier: ident(kind, value),
+    })
+    .await
+    .map(|r| r.into_inner().name)
+    .map_err(|e| e.code())
+}

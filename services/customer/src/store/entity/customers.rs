@@ -38,6 +38,9 @@ pub struct Model {
     /// Ids of the customers merged into this one, comma-separated.
     #[sea_orm(column_type = "Text", nullable)]
     pub merged_from: Option<String>,
+    /// Created with, or given, an identifier of an erased customer (under
+    /// `erased_identifier_policy = "flag"`).
+    pub reimported_after_erasure: bool,
 }
 
 /// Relations of `customers`.

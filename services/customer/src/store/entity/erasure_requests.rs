@@ -17,6 +17,8 @@ pub struct Model {
     pub create_us: i64,
     /// When the last receipt arrived (µs), if all have.
     pub complete_us: Option<i64>,
+    /// The services whose receipts complete it, comma-separated.
+    pub expected_services: String,
 }
 
 /// Relations of `erasure_requests`.
