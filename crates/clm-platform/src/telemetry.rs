@@ -410,7 +410,10 @@ fn database_span(service: &'static str, system: &'static str, info: &sea_orm::me
     let end = std::time::SystemTime::now();
     let start = end.checked_sub(info.elapsed).unwrap_or(end);
     let statement = mask_literals(&info.statement.sql);
-    let tracer = opentelemetry::global::tracer(SCOPE);
+    // Only reached once export is on (a valid parent), so the global
+    // provider is ours by then.
+    static TRACER: OnceLock<opentelemetry::global::BoxedTracer> = OnceLock::new();
+    let tracer = TRACER.get_or_init(|| opentelemetry::global::tracer(SCOPE));
     let mut span = tracer
         .span_builder(operation_name(&statement))
         .with_kind(SpanKind::Client)
@@ -420,7 +423,7 @@ fn database_span(service: &'static str, system: &'static str, info: &sea_orm::me
             KeyValue::new("db.statement", statement),
             KeyValue::new(SERVICE_ATTRIBUTE, service),
         ])
-        .start_with_context(&tracer, &parent);
+        .start_with_context(tracer, &parent);
     if info.failed {
         span.set_status(Status::error("statement failed"));
     }
