@@ -209,7 +209,7 @@ fn otlp(
 ) -> anyhow::Result<SdkTracerProvider> {
     let default = span_processor(endpoint, process)?;
     let router = Arc::new(Router {
-        endpoint: endpoint.to_owned(),
+        process: process.to_owned(),
         default,
         services: RwLock::default(),
         owners: Mutex::default(),
@@ -250,7 +250,8 @@ pub fn register(service: &str) {
         .services
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if !services.contains_key(service) {
+    // A single-service process: its resource is the default route's.
+    if service != state.router.process && !services.contains_key(service) {
         match span_processor(&state.endpoint, service) {
             Ok(p) => {
                 services.insert(service.to_owned(), p);
@@ -300,7 +301,8 @@ pub fn meter(service: &str) -> opentelemetry::metrics::Meter {
 /// Sends each finished span to the exporter of the service it belongs to.
 #[derive(Debug)]
 struct Router {
-    endpoint: String,
+    /// The process's name: its own spans go to `default`.
+    process: String,
     /// Spans of no (registered) service: the process's resource.
     default: BatchSpanProcessor,
     /// By service name.
@@ -372,7 +374,6 @@ impl SpanProcessor for RouterHandle {
         for p in services.values() {
             let _ = p.shutdown_with_timeout(timeout);
         }
-        let _ = &self.0.endpoint;
         self.0.default.shutdown_with_timeout(timeout)
     }
 }
@@ -409,7 +410,10 @@ fn database_span(service: &'static str, system: &'static str, info: &sea_orm::me
     let end = std::time::SystemTime::now();
     let start = end.checked_sub(info.elapsed).unwrap_or(end);
     let statement = mask_literals(&info.statement.sql);
-    let tracer = opentelemetry::global::tracer(SCOPE);
+    // Only reached once export is on (a valid parent), so the global
+    // provider is ours by then.
+    static TRACER: OnceLock<opentelemetry::global::BoxedTracer> = OnceLock::new();
+    let tracer = TRACER.get_or_init(|| opentelemetry::global::tracer(SCOPE));
     let mut span = tracer
         .span_builder(operation_name(&statement))
         .with_kind(SpanKind::Client)
@@ -419,7 +423,7 @@ fn database_span(service: &'static str, system: &'static str, info: &sea_orm::me
             KeyValue::new("db.statement", statement),
             KeyValue::new(SERVICE_ATTRIBUTE, service),
         ])
-        .start_with_context(&tracer, &parent);
+        .start_with_context(tracer, &parent);
     if info.failed {
         span.set_status(Status::error("statement failed"));
     }
