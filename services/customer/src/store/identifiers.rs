@@ -308,6 +308,7 @@ mod tests {
                 update_time: now,
                 version: 1,
                 merged_from: Vec::new(),
+                acquisition_campaign: None,
             })
             .collect();
         customers::insert_many(&db, &records).await.unwrap();

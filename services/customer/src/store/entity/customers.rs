@@ -38,6 +38,8 @@ pub struct Model {
     /// Ids of the customers merged into this one, comma-separated.
     #[sea_orm(column_type = "Text", nullable)]
     pub merged_from: Option<String>,
+    /// The explicit acquisition campaign, `campaigns/{id}`.
+    pub acquisition_campaign: Option<String>,
 }
 
 /// Relations of `customers`.
