@@ -115,7 +115,8 @@ pub fn scope(field: &str, s: Option<&pb::ReportScope>) -> Result<Scope> {
     })
 }
 
-/// NOT_FOUND if the scope names a campaign that does not exist.
+/// INVALID_ARGUMENT on `{field}.campaign` if the scope names a campaign
+/// that does not exist.
 async fn check_campaign(rt: &Runtime, field: &str, s: &Scope) -> Result<()> {
     if let Some(c) = &s.campaign {
         crate::campaigns::check_exist(rt, &[(format!("{field}.campaign"), c.clone())]).await?;
