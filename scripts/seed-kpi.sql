@@ -66,21 +66,35 @@ UNION ALL SELECT id, last_stage, 6,
              ELSE create_us END AS last_us
       FROM q) l WHERE r3 < 10;
 
+-- With the report rollups the service keeps on every move
+-- (services/customer/src/store/rollups.rs).
 INSERT INTO customers (id, external_id, email, display_name, stage, stage_change_us,
-                       create_us, update_us, version, acquisition_campaign)
+                       create_us, update_us, version, acquisition_campaign,
+                       first_conversion_us, first_churn_us)
 SELECT c.id, NULL, 'c' || c.n || '@example.com', 'Customer ' || c.n,
        m.to_stage, m.change_us, c.create_us, m.change_us, 1,
-       CASE WHEN c.r2 >= 95 THEN 'campaigns/' || sc.id END
+       CASE WHEN c.r2 >= 95 THEN 'campaigns/' || sc.id END,
+       r.conv_us, CASE WHEN r.churn_us > r.conv_us THEN r.churn_us END
 FROM seed_customers c
 JOIN (SELECT DISTINCT ON (id) id, to_stage, change_us FROM seed_moves
       ORDER BY id, change_us DESC, to_stage DESC) m ON m.id = c.id
+JOIN (SELECT id, MIN(CASE WHEN to_stage = 3 THEN change_us END) AS conv_us,
+             MIN(CASE WHEN to_stage = 6 THEN change_us END) AS churn_us
+      FROM seed_moves GROUP BY id) r ON r.id = c.id
 LEFT JOIN seed_campaigns sc ON sc.i = c.n % :campaigns;
 
 \echo '[seed] stage history'
-INSERT INTO stage_history (customer_id, from_stage, to_stage, reason, actor, change_us)
-SELECT id, from_stage, to_stage, 'seed', 'seed', change_us FROM seed_moves ORDER BY change_us;
+INSERT INTO stage_history (customer_id, from_stage, to_stage, reason, actor, change_us,
+                           left_us, next_stage)
+SELECT id, from_stage, to_stage, 'seed', 'seed', change_us,
+       LEAD(change_us) OVER w, LEAD(to_stage) OVER w
+FROM seed_moves WINDOW w AS (PARTITION BY id ORDER BY change_us, to_stage)
+ORDER BY change_us;
 
-\echo '[seed] touchpoints'
+\echo '[seed] touchpoints (indexes dropped for the bulk insert, rebuilt after)'
+ALTER TABLE touchpoints DROP CONSTRAINT touchpoints_pkey;
+DROP INDEX touchpoints_timeline;
+DROP INDEX touchpoints_kind_customer;
 -- Kinds by k % 20: 6 feature use, 4 product access, 3 usage time,
 -- 2 campaign touch, 2 purchase, 2 support contact, 1 custom; each
 -- 0..90 days after creation.
@@ -106,5 +120,11 @@ CROSS JOIN generate_series(0, :touchpoints_per_customer - 1) AS k
 CROSS JOIN LATERAL (SELECT ((c.n + k * 7) % 20) AS x) xx
 LEFT JOIN seed_campaigns sc ON sc.i = (c.n::bigint * 3 + k) % :campaigns;
 
-\echo '[seed] analyze'
-ANALYZE;
+\echo '[seed] touchpoint indexes'
+SET maintenance_work_mem = '512MB';
+ALTER TABLE touchpoints ADD CONSTRAINT touchpoints_pkey PRIMARY KEY (event_id);
+CREATE INDEX touchpoints_timeline ON touchpoints (customer_id, occurred_us, event_id);
+CREATE INDEX touchpoints_kind_customer ON touchpoints (kind, customer_id, occurred_us);
+
+\echo '[seed] vacuum analyze'
+VACUUM ANALYZE;

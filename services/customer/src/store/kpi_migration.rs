@@ -9,7 +9,7 @@ pub struct CampaignTables;
 
 impl MigrationName for CampaignTables {
     fn name(&self) -> &str {
-        "m0007_campaigns_and_report_indexes"
+        "m0007_campaigns_report_indexes_rollups"
     }
 }
 
@@ -86,6 +86,54 @@ impl MigrationTrait for CampaignTables {
             "touchpoints",
             &["kind", "customer_id", "occurred_us"],
         ))
-        .await
+        .await?;
+        rollups(m).await
     }
+}
+
+/// The rollup columns of [`super::rollups`], filled from the existing
+/// history (set-based, the same SQL on both backends).
+async fn rollups(m: &SchemaManager<'_>) -> Result<(), DbErr> {
+    for (table, col) in [
+        ("stage_history", "left_us"),
+        ("customers", "first_conversion_us"),
+        ("customers", "first_churn_us"),
+    ] {
+        m.alter_table(
+            Table::alter()
+                .table(a(table))
+                .add_column(ColumnDef::new(a(col)).big_integer().null())
+                .to_owned(),
+        )
+        .await?;
+    }
+    m.alter_table(
+        Table::alter()
+            .table(a("stage_history"))
+            .add_column(ColumnDef::new(a("next_stage")).small_integer().null())
+            .to_owned(),
+    )
+    .await?;
+    let db = m.get_connection();
+    for sql in [
+        "UPDATE stage_history SET left_us = nx.next_us, next_stage = nx.next_stage FROM \
+         (SELECT id, LEAD(change_us) OVER (PARTITION BY customer_id ORDER BY id) AS next_us, \
+         LEAD(to_stage) OVER (PARTITION BY customer_id ORDER BY id) AS next_stage FROM stage_history) AS nx \
+         WHERE nx.id = stage_history.id AND nx.next_us IS NOT NULL",
+        "UPDATE customers SET first_conversion_us = (SELECT MIN(h.change_us) FROM stage_history h \
+         WHERE h.customer_id = customers.id AND h.to_stage = 3)",
+        "UPDATE customers SET first_churn_us = (SELECT MIN(h.change_us) FROM stage_history h \
+         WHERE h.customer_id = customers.id AND h.to_stage = 6 AND h.change_us > customers.first_conversion_us) \
+         WHERE first_conversion_us IS NOT NULL",
+    ] {
+        db.execute_unprepared(sql).await?;
+    }
+    m.create_index(index(
+        "customers_first_conversion",
+        "customers",
+        &["first_conversion_us", "id"],
+    ))
+    .await?;
+    m.create_index(index("stage_history_time", "stage_history", &["change_us"]))
+        .await
 }

@@ -38,6 +38,7 @@ pub mod kpi_migration;
 pub mod merge;
 pub mod migration;
 pub mod reports;
+pub mod rollups;
 pub mod stages;
 pub mod touchpoints;
 

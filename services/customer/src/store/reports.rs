@@ -13,7 +13,6 @@ use clm_platform::db::is_postgres;
 use sea_orm::{ConnectionTrait, QueryResult, Statement, Value};
 
 /// Stage codes (`Stage::code`).
-const CONVERSION: i16 = 3;
 const CHURNED: i16 = 6;
 /// Touchpoint kind codes (`TouchpointKind::code`).
 const PURCHASE: i16 = 4;
@@ -122,8 +121,8 @@ impl Sql {
         if let Some((lo, hi)) = scope.cohort {
             let (lo, hi) = (self.p(lo), self.p(hi));
             out.push_str(&format!(
-                " AND {col} IN (SELECT customer_id FROM stage_history WHERE to_stage = {CONVERSION} \
-                 GROUP BY customer_id HAVING MIN(change_us) >= {lo} AND MIN(change_us) < {hi})"
+                " AND {col} IN (SELECT id FROM customers \
+                 WHERE first_conversion_us >= {lo} AND first_conversion_us < {hi})"
             ));
         }
         if let Some(a) = &scope.attribute {
@@ -159,15 +158,17 @@ fn get<T: sea_orm::TryGetable>(r: &QueryResult, col: &str) -> Result<T, Error> {
     Ok(r.try_get::<T>("", col)?)
 }
 
-/// The CTE `conv(customer_id, conv_us)`: customers whose first move into
-/// CONVERSION is in the period, with its time, within the scope.
+/// The CTE `conv(customer_id, conv_us, explicit, churn_us)`: customers in
+/// scope whose first move into CONVERSION is in the period, with its time,
+/// their explicit acquisition campaign and their first churn after it (an
+/// index range on the [rollup](super::rollups) column).
 fn conv_cte(q: &mut Sql, scope: &Scope) -> String {
     let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
-    let filter = q.scope("customer_id", scope);
+    let filter = q.scope("id", scope);
     format!(
-        "conv AS (SELECT customer_id, MIN(change_us) AS conv_us FROM stage_history \
-         WHERE to_stage = {CONVERSION} AND change_us < {e}{filter} \
-         GROUP BY customer_id HAVING MIN(change_us) >= {s})"
+        "conv AS (SELECT id AS customer_id, first_conversion_us AS conv_us, \
+         acquisition_campaign AS explicit, first_churn_us AS churn_us FROM customers \
+         WHERE first_conversion_us >= {s} AND first_conversion_us < {e}{filter})"
     )
 }
 
@@ -176,9 +177,10 @@ fn conv_cte(q: &mut Sql, scope: &Scope) -> String {
 /// One stage's figures of the funnel.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FunnelRow {
-    /// Customers who entered the stage in the period.
+    /// Entries into the stage in the period.
     pub entered: i64,
-    /// Of those, who entered a later funnel stage afterwards in the period.
+    /// Of those stays, the ones that ended in the period by a move to a
+    /// later funnel stage.
     pub advanced: i64,
     /// Stays begun and ended in the period.
     pub stays: i64,
@@ -192,7 +194,11 @@ pub struct FunnelRow {
     pub churned: i64,
 }
 
-/// The funnel of the period, by stage code (1..=6), one statement.
+/// The funnel of the period, by stage code (1..=6), in two statements:
+/// the moves of the period counted by (from, to, where the stay went next),
+/// and the nearest-rank percentiles of the stays that ended in the period.
+/// Both read only the period's rows of `stage_history` with its
+/// [rollup](super::rollups) columns: no per-customer window or grouping.
 pub async fn funnel(
     db: &impl ConnectionTrait,
     scope: &Scope,
@@ -201,51 +207,51 @@ pub async fn funnel(
     let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
     let filter = q.scope("customer_id", scope);
     q.push(&format!(
-        "WITH m AS (SELECT customer_id, from_stage, to_stage, change_us, \
-           LEAD(change_us) OVER (PARTITION BY customer_id ORDER BY change_us, id) AS next_us \
-           FROM stage_history WHERE change_us >= {s} AND change_us < {e}{filter}), \
-         entered AS (SELECT customer_id, to_stage AS stage, MIN(change_us) AS first_us \
-           FROM m GROUP BY customer_id, to_stage), \
-         counts AS (SELECT stage, COUNT(*) AS n FROM entered GROUP BY stage), \
-         adv AS (SELECT a.stage, COUNT(DISTINCT a.customer_id) AS n FROM entered a \
-           JOIN entered b ON b.customer_id = a.customer_id AND b.stage > a.stage AND b.stage <= 5 \
-           AND b.first_us >= a.first_us WHERE a.stage <= 5 GROUP BY a.stage), \
-         stays AS (SELECT to_stage AS stage, next_us - change_us AS dur FROM m WHERE next_us IS NOT NULL), \
-         ranked AS (SELECT stage, dur, ROW_NUMBER() OVER (PARTITION BY stage ORDER BY dur) AS rn, \
-           COUNT(*) OVER (PARTITION BY stage) AS n FROM stays), \
-         pct AS (SELECT stage, MAX(n) AS n, \
-           MAX(CASE WHEN rn = (n * 50 + 99) / 100 THEN dur END) AS p50, \
-           MAX(CASE WHEN rn = (n * 90 + 99) / 100 THEN dur END) AS p90 FROM ranked GROUP BY stage), \
-         back AS (SELECT from_stage AS stage, \
-           SUM(CASE WHEN to_stage < from_stage THEN 1 ELSE 0 END) AS backward, \
-           SUM(CASE WHEN to_stage = {CHURNED} THEN 1 ELSE 0 END) AS churned \
-           FROM m WHERE from_stage IS NOT NULL AND from_stage <= 5 GROUP BY from_stage) \
-         SELECT 'e' AS k, CAST(stage AS BIGINT) AS stage, CAST(n AS BIGINT) AS a, CAST(NULL AS BIGINT) AS b, CAST(NULL AS BIGINT) AS c FROM counts \
-         UNION ALL SELECT 'v', CAST(stage AS BIGINT), CAST(n AS BIGINT), NULL, NULL FROM adv \
-         UNION ALL SELECT 'p', CAST(stage AS BIGINT), CAST(n AS BIGINT), CAST(p50 AS BIGINT), CAST(p90 AS BIGINT) FROM pct \
-         UNION ALL SELECT 'b', CAST(stage AS BIGINT), CAST(backward AS BIGINT), CAST(churned AS BIGINT), NULL FROM back"
+        "SELECT CAST(COALESCE(from_stage, 0) AS BIGINT) AS f, CAST(to_stage AS BIGINT) AS t, \
+           CAST(COALESCE(CASE WHEN left_us < {e} THEN next_stage END, 0) AS BIGINT) AS nx, \
+           CAST(COUNT(*) AS BIGINT) AS n \
+         FROM stage_history WHERE change_us >= {s} AND change_us < {e}{filter} \
+         GROUP BY COALESCE(from_stage, 0), to_stage, COALESCE(CASE WHEN left_us < {e} THEN next_stage END, 0)"
     ));
     let mut out = std::collections::BTreeMap::<i16, FunnelRow>::new();
     for r in q.all(db).await? {
-        let k: String = get(&r, "k")?;
-        let stage = i16::try_from(get::<i64>(&r, "stage")?).map_err(Error::internal)?;
-        let a: i64 = get(&r, "a")?;
-        let b: Option<i64> = get(&r, "b")?;
-        let c: Option<i64> = get(&r, "c")?;
-        let row = out.entry(stage).or_default();
-        match k.as_str() {
-            "e" => row.entered = a,
-            "v" => row.advanced = a,
-            "p" => {
-                row.stays = a;
-                row.p50_us = b;
-                row.p90_us = c;
-            }
-            _ => {
-                row.backward = a;
-                row.churned = b.unwrap_or(0);
+        let f = i16::try_from(get::<i64>(&r, "f")?).map_err(Error::internal)?;
+        let t = i16::try_from(get::<i64>(&r, "t")?).map_err(Error::internal)?;
+        let nx = i16::try_from(get::<i64>(&r, "nx")?).map_err(Error::internal)?;
+        let n: i64 = get(&r, "n")?;
+        let into = out.entry(t).or_default();
+        into.entered += n;
+        if t <= 5 && nx > t && nx <= 5 {
+            into.advanced += n;
+        }
+        if (1..=5).contains(&f) {
+            let from = out.entry(f).or_default();
+            if t < f {
+                from.backward += n;
+            } else if t == CHURNED {
+                from.churned += n;
             }
         }
+    }
+    let mut q = Sql::new(db);
+    let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
+    let filter = q.scope("customer_id", scope);
+    q.push(&format!(
+        "WITH stays AS (SELECT to_stage AS stage, left_us - change_us AS dur FROM stage_history \
+           WHERE change_us >= {s} AND change_us < {e} AND left_us < {e}{filter}), \
+         ranked AS (SELECT stage, dur, ROW_NUMBER() OVER (PARTITION BY stage ORDER BY dur) AS rn, \
+           COUNT(*) OVER (PARTITION BY stage) AS n FROM stays) \
+         SELECT CAST(stage AS BIGINT) AS stage, CAST(MAX(n) AS BIGINT) AS n, \
+           CAST(MAX(CASE WHEN rn = (n * 50 + 99) / 100 THEN dur END) AS BIGINT) AS p50, \
+           CAST(MAX(CASE WHEN rn = (n * 90 + 99) / 100 THEN dur END) AS BIGINT) AS p90 \
+         FROM ranked GROUP BY stage"
+    ));
+    for r in q.all(db).await? {
+        let stage = i16::try_from(get::<i64>(&r, "stage")?).map_err(Error::internal)?;
+        let row = out.entry(stage).or_default();
+        row.stays = get(&r, "n")?;
+        row.p50_us = get(&r, "p50")?;
+        row.p90_us = get(&r, "p90")?;
     }
     Ok(out)
 }
@@ -301,8 +307,7 @@ fn credit_ctes(q: &mut Sql, scope: &Scope, model: Model) -> String {
     };
     format!(
         "WITH {conv}, \
-         acq AS (SELECT c.customer_id, c.conv_us, cu.acquisition_campaign AS explicit \
-           FROM conv c JOIN customers cu ON cu.id = c.customer_id), \
+         acq AS (SELECT customer_id, conv_us, explicit FROM conv), \
          touches AS (SELECT a.customer_id, t.campaign, \
            ROW_NUMBER() OVER (PARTITION BY a.customer_id ORDER BY t.occurred_us, t.event_id) AS rn_first, \
            ROW_NUMBER() OVER (PARTITION BY a.customer_id ORDER BY t.occurred_us DESC, t.event_id DESC) AS rn_last, \
@@ -415,18 +420,16 @@ pub async fn clv(
     let month = q.month("conv_us");
     q.push(&format!(
         "WITH {conv}, \
-         coh AS (SELECT customer_id, conv_us, {month} AS month FROM conv), \
-         churn AS (SELECT coh.customer_id, MIN(h.change_us) AS churn_us FROM coh \
-           JOIN stage_history h ON h.customer_id = coh.customer_id AND h.to_stage = {CHURNED} \
-           AND h.change_us > coh.conv_us AND h.change_us < {e} GROUP BY coh.customer_id), \
+         coh AS (SELECT customer_id, conv_us, {month} AS month, \
+           CASE WHEN churn_us < {e} THEN churn_us END AS churn_us FROM conv), \
          buys AS (SELECT coh.month, t.currency, COUNT(*) AS orders, \
            CAST(SUM(t.revenue_minor) AS BIGINT) AS revenue FROM coh \
            JOIN touchpoints t ON t.customer_id = coh.customer_id AND t.kind = {PURCHASE} \
            AND t.occurred_us < {e} GROUP BY coh.month, t.currency), \
-         sizes AS (SELECT coh.month, COUNT(*) AS customers, \
-           CAST(SUM(COALESCE(ch.churn_us, {e}) - coh.conv_us) AS BIGINT) AS exposure, \
-           SUM(CASE WHEN ch.customer_id IS NULL THEN 0 ELSE 1 END) AS churned \
-           FROM coh LEFT JOIN churn ch ON ch.customer_id = coh.customer_id GROUP BY coh.month) \
+         sizes AS (SELECT month, COUNT(*) AS customers, \
+           CAST(SUM(COALESCE(churn_us, {e}) - conv_us) AS BIGINT) AS exposure, \
+           SUM(CASE WHEN churn_us IS NULL THEN 0 ELSE 1 END) AS churned \
+           FROM coh GROUP BY month) \
          SELECT CAST(s.month AS BIGINT) AS month, CAST(s.customers AS BIGINT) AS customers, \
            s.exposure, CAST(s.churned AS BIGINT) AS churned, b.currency, \
            CAST(COALESCE(b.orders, 0) AS BIGINT) AS orders, CAST(COALESCE(b.revenue, 0) AS BIGINT) AS revenue \
@@ -497,16 +500,14 @@ pub async fn retention(
     let n = q.p(i64::from(months));
     let cm = q.month("conv_us");
     let am = q.month("t.occurred_us");
-    let chm = q.month("MIN(h.change_us)");
+    let chm = q.month("churn_us");
     q.push(&format!(
         "WITH {conv}, \
          coh AS (SELECT customer_id, conv_us, {cm} AS cm FROM conv), \
          act AS (SELECT DISTINCT coh.customer_id, coh.cm, {am} AS am FROM coh \
            JOIN touchpoints t ON t.customer_id = coh.customer_id AND t.kind IN ({kinds}) \
            AND t.occurred_us >= coh.conv_us), \
-         churn AS (SELECT coh.customer_id, coh.cm, {chm} AS chm FROM coh \
-           JOIN stage_history h ON h.customer_id = coh.customer_id AND h.to_stage = {CHURNED} \
-           AND h.change_us > coh.conv_us GROUP BY coh.customer_id, coh.cm) \
+         churn AS (SELECT customer_id, {cm} AS cm, {chm} AS chm FROM conv WHERE churn_us IS NOT NULL) \
          SELECT 's' AS k, CAST(cm AS BIGINT) AS cm, CAST(0 AS BIGINT) AS off, CAST(COUNT(*) AS BIGINT) AS n \
            FROM coh GROUP BY cm \
          UNION ALL SELECT 'a', CAST(cm AS BIGINT), CAST(am - cm AS BIGINT), CAST(COUNT(*) AS BIGINT) FROM act \
@@ -664,4 +665,95 @@ pub async fn pain_points(
     }
     out.types = by.into_iter().map(|(k, (l, s))| (k, l, s)).collect();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use sea_orm::DatabaseConnection;
+    use sea_orm_migration::MigratorTrait;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// `n` customers, each created, converted and with a campaign touch and
+    /// a purchase, inserted set-based; one campaign.
+    async fn seeded(n: i64) -> (tempfile::TempDir, DatabaseConnection, Arc<AtomicUsize>) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = clm_platform::config::Config::defaults("customer", dir.path());
+        let mut db = clm_platform::db::connect(&config.database).await.unwrap();
+        crate::store::Migrator::up(&db, None).await.unwrap();
+        let cid = "0190a0a0-0000-7000-8000-000000000001";
+        for sql in [
+            format!(
+                "INSERT INTO campaigns VALUES ('{cid}', 'campaigns/{cid}', 'A', 1, 0, NULL, 'EUR', 0, 0, 0, 1)"
+            ),
+            format!(
+                "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n}) \
+                 INSERT INTO customers (id, display_name, stage, stage_change_us, create_us, update_us, version) \
+                 SELECT 'c' || i, 'c', 3, 2000, 1000, 1000, 1 FROM s"
+            ),
+            "INSERT INTO stage_history (customer_id, from_stage, to_stage, reason, actor, change_us) \
+             SELECT id, NULL, 1, 'r', 'a', 1000 FROM customers UNION ALL \
+             SELECT id, 1, 3, 'r', 'a', 2000 + length(id) FROM customers"
+                .into(),
+            format!(
+                "INSERT INTO touchpoints (event_id, customer_id, kind, occurred_us, record_us, campaign, \
+                 revenue_minor, currency) \
+                 SELECT 't' || id, id, 5, 1500, 1500, 'campaigns/{cid}', NULL, NULL FROM customers UNION ALL \
+                 SELECT 'p' || id, id, 4, 2500, 2500, NULL, 100, 'EUR' FROM customers"
+            ),
+            "UPDATE customers SET first_conversion_us = 2000 + length(id)".into(),
+        ] {
+            db.execute_unprepared(&sql).await.unwrap();
+        }
+        let statements = Arc::new(AtomicUsize::new(0));
+        let counter = statements.clone();
+        db.set_metric_callback(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        (dir, db, statements)
+    }
+
+    /// Statements each report runs, whatever the number of customers: a
+    /// report never loops over customers.
+    async fn statements_per_report(n: i64) -> Vec<usize> {
+        let (_dir, db, count) = seeded(n).await;
+        let scope = Scope {
+            start_us: 0,
+            end_us: 1_000_000,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        let mark = |out: &mut Vec<usize>| {
+            out.push(count.swap(0, Ordering::SeqCst));
+        };
+        let f = funnel(&db, &scope).await.unwrap();
+        assert_eq!(f[&3].entered, n);
+        mark(&mut out);
+        let a = acquisition(&db, &scope, Model::Linear).await.unwrap();
+        assert_eq!((a.acquired, a.attributed), (n, n));
+        mark(&mut out);
+        let (cohorts, _) = clv(&db, &scope, 10).await.unwrap();
+        assert_eq!(cohorts[0].orders, n);
+        mark(&mut out);
+        retention(&db, &scope, &[PURCHASE], 12).await.unwrap();
+        mark(&mut out);
+        let (entered, _) = journey_paths(&db, &scope, 3, 1_000_000, 5, 10)
+            .await
+            .unwrap();
+        assert_eq!(entered, n);
+        mark(&mut out);
+        pain_points(&db, &scope, 1_000_000).await.unwrap();
+        mark(&mut out);
+        out
+    }
+
+    #[tokio::test]
+    async fn each_report_is_a_fixed_number_of_statements() {
+        let small = statements_per_report(3).await;
+        let large = statements_per_report(300).await;
+        assert_eq!(small, vec![2, 2, 2, 1, 2, 1]);
+        assert_eq!(small, large);
+    }
 }
