@@ -65,6 +65,7 @@ UNION ALL SELECT id, last_stage, 6,
              WHEN r1 < 70 AND r2 < 5 THEN acq_us + 3600000000 * 24 WHEN r1 < 70 THEN acq_us
              ELSE create_us END AS last_us
       FROM q) l WHERE r3 < 10;
+ANALYZE seed_moves;
 
 -- With the report rollups the service keeps on every move
 -- (services/customer/src/store/rollups.rs).

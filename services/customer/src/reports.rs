@@ -142,7 +142,9 @@ fn money(currency: &str, amount_minor: i64) -> cpb::Money {
 pub async fn funnel(rt: &Runtime, req: pb::GetFunnelReportRequest) -> Result<pb::FunnelReport> {
     let scope = scope("scope", req.scope.as_ref())?;
     check_campaign(rt, "scope", &scope).await?;
-    let rows = sql::funnel(&rt.read, &scope).await?;
+    let txn = sql::begin(&rt.read).await?;
+    let rows = sql::funnel(&txn, &scope).await?;
+    txn.commit().await?;
     let stages = clm_domain::lifecycle::ALL_STAGES
         .into_iter()
         .map(|st| {
@@ -204,7 +206,9 @@ pub async fn acquisition(
         return Err(Error::internal("validated fields missing"));
     };
     check_campaign(rt, "scope", &scope).await?;
-    let a = sql::acquisition(&rt.read, &scope, m).await?;
+    let txn = sql::begin(&rt.read).await?;
+    let a = sql::acquisition(&txn, &scope, m).await?;
+    txn.commit().await?;
     let campaigns = a
         .campaigns
         .iter()
@@ -270,7 +274,9 @@ pub async fn clv(rt: &Runtime, req: pb::GetClvReportRequest) -> Result<pb::ClvRe
     v.into_result()?;
     let scope = scope.ok_or_else(|| Error::internal("validated scope missing"))?;
     check_campaign(rt, "scope", &scope).await?;
-    let (rows, top_rows) = sql::clv(&rt.read, &scope, top).await?;
+    let txn = sql::begin(&rt.read).await?;
+    let (rows, top_rows) = sql::clv(&txn, &scope, top).await?;
+    txn.commit().await?;
     let cohorts = rows
         .iter()
         .filter_map(|r| {
@@ -361,7 +367,9 @@ pub async fn retention(
     v.into_result()?;
     let scope = scope.ok_or_else(|| Error::internal("validated scope missing"))?;
     check_campaign(rt, "scope", &scope).await?;
-    let r = sql::retention(&rt.read, &scope, &kinds, months).await?;
+    let txn = sql::begin(&rt.read).await?;
+    let r = sql::retention(&txn, &scope, &kinds, months).await?;
+    txn.commit().await?;
     let current = kpi::month_of(rt.clock.now());
     let cohorts = r
         .sizes
@@ -446,8 +454,9 @@ pub async fn journey(rt: &Runtime, req: pb::GetJourneyReportRequest) -> Result<p
     };
     check_campaign(rt, "scope", &scope).await?;
     let window_us = i64::from(window_days) * DAY_US;
+    let txn = sql::begin(&rt.read).await?;
     let (entered, rows) = sql::journey_paths(
-        &rt.read,
+        &txn,
         &scope,
         stage.code(),
         window_us,
@@ -463,7 +472,8 @@ pub async fn journey(rt: &Runtime, req: pb::GetJourneyReportRequest) -> Result<p
             median_time_to_stage: Some(duration(p.p50_us)),
         })
         .collect();
-    let pain = sql::pain_points(&rt.read, &scope, window_us).await?;
+    let pain = sql::pain_points(&txn, &scope, window_us).await?;
+    txn.commit().await?;
     let mut pain_points: Vec<pb::PainPoint> = pain
         .types
         .iter()

@@ -154,6 +154,24 @@ impl Sql {
     }
 }
 
+/// Memory a report's sorts and hashes may use on PostgreSQL before they
+/// spill to disk (per sort or hash node); the default 4 MB makes a report
+/// over a million customers write temporary files.
+const REPORT_WORK_MEM: &str = "128MB";
+
+/// A read transaction for one report: on PostgreSQL with
+/// [`REPORT_WORK_MEM`] set for it alone (`SET LOCAL`).
+pub async fn begin(
+    db: &sea_orm::DatabaseConnection,
+) -> Result<sea_orm::DatabaseTransaction, Error> {
+    let txn = sea_orm::TransactionTrait::begin(db).await?;
+    if is_postgres(&txn) {
+        txn.execute_unprepared(&format!("SET LOCAL work_mem = '{REPORT_WORK_MEM}'"))
+            .await?;
+    }
+    Ok(txn)
+}
+
 fn get<T: sea_orm::TryGetable>(r: &QueryResult, col: &str) -> Result<T, Error> {
     Ok(r.try_get::<T>("", col)?)
 }
