@@ -82,6 +82,13 @@ resource_id!(
     "customer"
 );
 
+resource_id!(
+    /// Id of a marketing campaign: `campaigns/{uuid}`.
+    CampaignId,
+    "campaigns",
+    "campaign"
+);
+
 /// Checks a caller-chosen event id: 1..=128 visible ASCII characters.
 pub fn event_id(field: &str, value: &str) -> Result<String, Violation> {
     if value.is_empty() {

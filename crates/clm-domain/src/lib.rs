@@ -14,6 +14,7 @@ pub mod contact;
 pub mod demographics;
 pub mod filter;
 pub mod ids;
+pub mod kpi;
 pub mod lifecycle;
 pub mod money;
 pub mod rules;

@@ -3,9 +3,11 @@
 //! one [`idempotency::write`]) and converts the result back; lists page
 //! with [`Pager`].
 
+use crate::campaigns;
 use crate::convert;
 use crate::error::CustomerError;
 use crate::events;
+use crate::reports;
 use crate::store::consent::{self, ConsentChangeRecord, ConsentRecord};
 use crate::store::customers::{self, CustomerRecord, NewCustomer, SortKey};
 use crate::store::erasure::{self, ErasureRecord, ErasureRequestId};
@@ -44,6 +46,10 @@ const ENGAGE: &[Role] = &[Role::Marketer, Role::Service];
 const CURATE: &[Role] = &[Role::Marketer, Role::DataSteward, Role::Service];
 /// Roles that erase customers and read erasure requests.
 const ERASE: &[Role] = &[Role::DataSteward];
+/// Roles that run campaigns and book their spend.
+const CAMPAIGN: &[Role] = &[Role::Marketer];
+/// Roles that read campaigns and KPI reports (analyst or above).
+const REPORT: &[Role] = &[Role::Analyst, Role::SegmentOwner, Role::Marketer];
 
 /// Who may call each rpc (admin may call all): the service's one role
 /// table, which `clm roles --markdown` prints into the README.
@@ -70,6 +76,16 @@ pub const POLICY: Policy = Policy {
         ("EraseCustomer", ERASE),
         ("GetErasureRequest", ERASE),
         ("ListErasureRequests", ERASE),
+        ("CreateCampaign", CAMPAIGN),
+        ("GetCampaign", REPORT),
+        ("ListCampaigns", REPORT),
+        ("UpdateCampaign", CAMPAIGN),
+        ("AddCampaignSpend", CAMPAIGN),
+        ("GetFunnelReport", REPORT),
+        ("GetAcquisitionReport", REPORT),
+        ("GetClvReport", REPORT),
+        ("GetRetentionReport", REPORT),
+        ("GetJourneyReport", REPORT),
     ],
 };
 /// Every service that erases a customer's data and sends a receipt.
@@ -204,6 +220,7 @@ impl CustomerApi {
                 update_time: now,
                 version: 1,
                 merged_from: Vec::new(),
+                acquisition_campaign: c.acquisition_campaign,
             })
             .collect();
         customers::insert_many(txn, &records).await?;
@@ -249,6 +266,13 @@ impl CustomerApi {
             .as_ref()
             .ok_or_else(|| Error::invalid("customer", "is required"))?;
         let draft = convert::new_customer("customer", c, now.date_naive())?;
+        if let Some(ac) = &draft.acquisition_campaign {
+            campaigns::check_exist(
+                &self.rt,
+                &[("customer.acquisition_campaign".into(), ac.clone())],
+            )
+            .await?;
+        }
         // Read before the transaction: a second connection inside it could
         // wait for a pool that the transactions themselves hold.
         let salt = self.salt().await?;
@@ -322,6 +346,15 @@ impl CustomerApi {
             }
         }
         v.into_result()?;
+        let refs: Vec<(String, String)> = items
+            .iter()
+            .filter_map(|(p, d)| {
+                d.acquisition_campaign
+                    .clone()
+                    .map(|c| (format!("{p}.acquisition_campaign"), c))
+            })
+            .collect();
+        campaigns::check_exist(&self.rt, &refs).await?;
         // Read before the transaction: a second connection inside it could
         // wait for a pool that the transactions themselves hold.
         let salt = self.salt().await?;
@@ -481,6 +514,27 @@ impl CustomerApi {
             }
         }
         v.into_result()?;
+        // Campaign touches name an existing campaign, stored canonically.
+        let refs: Vec<(String, String)> = batch
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.touchpoint.kind == touchpoint::TouchpointKind::CampaignTouch)
+            .filter_map(|(i, r)| {
+                r.touchpoint
+                    .campaign
+                    .clone()
+                    .map(|c| (format!("touchpoints[{i}].campaign"), c))
+            })
+            .collect();
+        campaigns::check_exist(&self.rt, &refs).await?;
+        for r in &mut batch {
+            if r.touchpoint.kind == touchpoint::TouchpointKind::CampaignTouch
+                && let Some(c) = &r.touchpoint.campaign
+                && let Ok(id) = clm_domain::ids::CampaignId::parse_name("campaign", c)
+            {
+                r.touchpoint.campaign = Some(id.name());
+            }
+        }
         let mut ids: Vec<String> = batch.iter().map(|r| r.customer.to_string()).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -1606,5 +1660,75 @@ impl CustomerService for CustomerApi {
         request: Request<pb::ListErasureRequestsRequest>,
     ) -> Result<Response<pb::ListErasureRequestsResponse>, Status> {
         respond(request, &POLICY, |_, r| self.list_erasures(r)).await
+    }
+
+    async fn create_campaign(
+        &self,
+        request: Request<pb::CreateCampaignRequest>,
+    ) -> std::result::Result<Response<pb::Campaign>, Status> {
+        respond(request, &POLICY, |_, r| campaigns::create(&self.rt, r)).await
+    }
+
+    async fn get_campaign(
+        &self,
+        request: Request<pb::GetCampaignRequest>,
+    ) -> std::result::Result<Response<pb::Campaign>, Status> {
+        respond(request, &POLICY, |_, r| campaigns::get(&self.rt, r)).await
+    }
+
+    async fn list_campaigns(
+        &self,
+        request: Request<pb::ListCampaignsRequest>,
+    ) -> std::result::Result<Response<pb::ListCampaignsResponse>, Status> {
+        respond(request, &POLICY, |_, r| campaigns::list(&self.rt, r)).await
+    }
+
+    async fn update_campaign(
+        &self,
+        request: Request<pb::UpdateCampaignRequest>,
+    ) -> std::result::Result<Response<pb::Campaign>, Status> {
+        respond(request, &POLICY, |_, r| campaigns::update(&self.rt, r)).await
+    }
+
+    async fn add_campaign_spend(
+        &self,
+        request: Request<pb::AddCampaignSpendRequest>,
+    ) -> std::result::Result<Response<pb::AddCampaignSpendResponse>, Status> {
+        respond(request, &POLICY, |_, r| campaigns::add_spend(&self.rt, r)).await
+    }
+
+    async fn get_funnel_report(
+        &self,
+        request: Request<pb::GetFunnelReportRequest>,
+    ) -> std::result::Result<Response<pb::FunnelReport>, Status> {
+        respond(request, &POLICY, |_, r| reports::funnel(&self.rt, r)).await
+    }
+
+    async fn get_acquisition_report(
+        &self,
+        request: Request<pb::GetAcquisitionReportRequest>,
+    ) -> std::result::Result<Response<pb::AcquisitionReport>, Status> {
+        respond(request, &POLICY, |_, r| reports::acquisition(&self.rt, r)).await
+    }
+
+    async fn get_clv_report(
+        &self,
+        request: Request<pb::GetClvReportRequest>,
+    ) -> std::result::Result<Response<pb::ClvReport>, Status> {
+        respond(request, &POLICY, |_, r| reports::clv(&self.rt, r)).await
+    }
+
+    async fn get_retention_report(
+        &self,
+        request: Request<pb::GetRetentionReportRequest>,
+    ) -> std::result::Result<Response<pb::RetentionReport>, Status> {
+        respond(request, &POLICY, |_, r| reports::retention(&self.rt, r)).await
+    }
+
+    async fn get_journey_report(
+        &self,
+        request: Request<pb::GetJourneyReportRequest>,
+    ) -> std::result::Result<Response<pb::JourneyReport>, Status> {
+        respond(request, &POLICY, |_, r| reports::journey(&self.rt, r)).await
     }
 }

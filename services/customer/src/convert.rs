@@ -232,6 +232,18 @@ pub fn new_customer(
     } else {
         v.check("", stage(&field(prefix, "stage"), c.stage))
     };
+    let acquisition_campaign = if c.acquisition_campaign.is_empty() {
+        None
+    } else {
+        v.check(
+            "",
+            clm_domain::ids::CampaignId::parse_name(
+                &field(prefix, "acquisition_campaign"),
+                &c.acquisition_campaign,
+            ),
+        )
+        .map(|id| id.name())
+    };
     v.into_result()?;
     Ok(NewCustomer {
         display_name: display_name
@@ -243,6 +255,7 @@ pub fn new_customer(
         demographics,
         attributes,
         stage: stage.unwrap_or(Stage::Approach),
+        acquisition_campaign,
     })
 }
 
@@ -280,10 +293,11 @@ pub fn customer_to_proto(r: &CustomerRecord, today: NaiveDate) -> pb::Customer {
         etag: clm_platform::convert::etag(r.version),
         merged_from: r.merged_from.iter().map(CustomerId::name).collect(),
         reimported_after_erasure: r.reimported_after_erasure,
+        acquisition_campaign: r.acquisition_campaign.clone().unwrap_or_default(),
     }
 }
 
-fn touchpoint_kind(field: &str, value: i32) -> Result<TouchpointKind, Violation> {
+pub(crate) fn touchpoint_kind(field: &str, value: i32) -> Result<TouchpointKind, Violation> {
     match pb::TouchpointType::try_from(value) {
         Ok(pb::TouchpointType::UsageTime) => Ok(TouchpointKind::UsageTime),
         Ok(pb::TouchpointType::ProductAccess) => Ok(TouchpointKind::ProductAccess),

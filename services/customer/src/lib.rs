@@ -22,9 +22,11 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod campaigns;
 pub mod convert;
 pub mod error;
 pub mod events;
+pub mod reports;
 pub mod store;
 
 use clm_platform::Runtime;

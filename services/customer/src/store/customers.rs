@@ -55,6 +55,8 @@ pub struct CustomerRecord {
     pub merged_from: Vec<CustomerId>,
     /// Created with, or given, an identifier of an erased customer.
     pub reimported_after_erasure: bool,
+    /// The explicit acquisition campaign, `campaigns/{id}`.
+    pub acquisition_campaign: Option<String>,
 }
 
 /// A validated customer to create.
@@ -72,6 +74,9 @@ pub struct NewCustomer {
     pub attributes: Attributes,
     /// Initial stage.
     pub stage: Stage,
+    /// The explicit acquisition campaign, `campaigns/{id}` (checked to exist
+    /// by the caller).
+    pub acquisition_campaign: Option<String>,
 }
 
 impl CustomerRecord {
@@ -101,6 +106,7 @@ impl CustomerRecord {
                     .join(",")
             }),
             reimported_after_erasure: self.reimported_after_erasure,
+            acquisition_campaign: self.acquisition_campaign.clone(),
         }
     }
 
@@ -146,6 +152,7 @@ impl CustomerRecord {
                 .map(|s| CustomerId::parse_id("merged_from", s).map_err(Error::internal))
                 .collect::<Result<_, _>>()?,
             reimported_after_erasure: m.reimported_after_erasure,
+            acquisition_campaign: m.acquisition_campaign,
         })
     }
 }
@@ -662,6 +669,7 @@ mod tests {
             version: 1,
             merged_from: Vec::new(),
             reimported_after_erasure: false,
+            acquisition_campaign: None,
         }
     }
 

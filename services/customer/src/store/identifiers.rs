@@ -353,6 +353,7 @@ mod tests {
                 version: 1,
                 merged_from: Vec::new(),
                 reimported_after_erasure: false,
+                acquisition_campaign: None,
             })
             .collect();
         customers::insert_many(&db, &records).await.unwrap();

@@ -16,6 +16,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(MergeRedirects));
         m.push(Box::new(ErasureTables));
         m.push(Box::new(ReimportFlagAndExpectedReceipts));
+        m.push(Box::new(super::kpi_migration::CampaignTables));
         m
     }
 }
@@ -28,11 +29,11 @@ impl MigrationName for CustomerTables {
     }
 }
 
-fn a(s: &str) -> Alias {
+pub(crate) fn a(s: &str) -> Alias {
     Alias::new(s)
 }
 
-fn index(name: &str, table: &str, cols: &[&str]) -> IndexCreateStatement {
+pub(crate) fn index(name: &str, table: &str, cols: &[&str]) -> IndexCreateStatement {
     let mut i = Index::create();
     i.name(name).table(a(table)).if_not_exists();
     for c in cols {

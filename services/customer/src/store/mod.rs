@@ -28,13 +28,17 @@
 //! * Times are `*_us` integer microseconds, money is minor units plus a
 //!   currency code (see [`migration`]).
 
+pub mod campaigns;
 pub mod consent;
 pub mod customers;
 pub mod entity;
 pub mod erasure;
 pub mod identifiers;
+pub mod kpi_migration;
 pub mod merge;
 pub mod migration;
+pub mod reports;
+pub mod rollups;
 pub mod stages;
 pub mod touchpoints;
 

@@ -57,7 +57,8 @@ impl StageChangeRecord {
     }
 }
 
-/// Inserts moves (one statement).
+/// Inserts moves (one statement), after closing the customers' open stays
+/// in the report rollups ([`super::rollups`]).
 pub async fn insert_many(
     db: &impl ConnectionTrait,
     changes: &[StageChangeRecord],
@@ -65,6 +66,7 @@ pub async fn insert_many(
     if changes.is_empty() {
         return Ok(());
     }
+    super::rollups::on_moves(db, changes).await?;
     stage_history::Entity::insert_many(changes.iter().map(StageChangeRecord::to_active_model))
         .exec_without_returning(db)
         .await?;

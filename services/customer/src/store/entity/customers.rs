@@ -41,6 +41,8 @@ pub struct Model {
     /// Created with, or given, an identifier of an erased customer (under
     /// `erased_identifier_policy = "flag"`).
     pub reimported_after_erasure: bool,
+    /// The explicit acquisition campaign, `campaigns/{id}`.
+    pub acquisition_campaign: Option<String>,
 }
 
 /// Relations of `customers`.

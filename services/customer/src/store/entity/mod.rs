@@ -2,6 +2,8 @@
 //! one module per table, named after it. See the [store](super) docs for
 //! when to use them and when sea-query.
 
+pub mod campaign_spend;
+pub mod campaigns;
 pub mod consent_history;
 pub mod customer_attributes;
 pub mod customer_consent;
