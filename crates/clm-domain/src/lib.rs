@@ -17,6 +17,7 @@ pub mod ids;
 pub mod lifecycle;
 pub mod money;
 pub mod rules;
+pub mod scoring;
 pub mod touchpoint;
 pub mod validation;
 
