@@ -35,6 +35,7 @@ pub mod db;
 pub mod error;
 pub mod idempotency;
 pub mod migration;
+pub mod operations;
 pub mod outbox;
 pub mod page;
 pub mod server;
@@ -65,6 +66,11 @@ pub struct Runtime {
     pub outbox: outbox::Outbox,
     /// Time source.
     pub clock: Arc<dyn Clock>,
+    /// The configuration it runs with (peers, auth).
+    pub config: Arc<config::Config>,
+    /// Cancelled when the service stops: background work of the service
+    /// (timers, long-running operations) ends with it.
+    pub background: tokio_util::sync::CancellationToken,
 }
 
 /// Connects the database (running the service's migrations unless turned
@@ -116,7 +122,7 @@ pub async fn open(
     outbox.spawn(
         &db,
         std::time::Duration::from_millis(config.change_poll_interval_ms),
-        shutdown,
+        shutdown.clone(),
     );
     Ok(Runtime {
         service,
@@ -125,5 +131,7 @@ pub async fn open(
         cache,
         outbox,
         clock,
+        config: Arc::new(config.clone()),
+        background: shutdown,
     })
 }
