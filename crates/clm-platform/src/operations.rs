@@ -40,7 +40,14 @@ pub async fn start(
     };
     let insert = Query::insert()
         .into_table(t())
-        .columns([c("id"), c("kind"), c("body"), c("done"), c("create_us"), c("update_us")])
+        .columns([
+            c("id"),
+            c("kind"),
+            c("body"),
+            c("done"),
+            c("create_us"),
+            c("update_us"),
+        ])
         .values_panic([
             id.into(),
             kind.into(),
@@ -54,7 +61,11 @@ pub async fn start(
     Ok(op)
 }
 
-async fn store(db: &impl ConnectionTrait, op: &Operation, now: chrono::DateTime<chrono::Utc>) -> Result<(), DbErr> {
+async fn store(
+    db: &impl ConnectionTrait,
+    op: &Operation,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), DbErr> {
     let id = op.name.strip_prefix(PREFIX).unwrap_or(&op.name);
     let update = Query::update()
         .table(t())
