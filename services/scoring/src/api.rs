@@ -499,10 +499,12 @@ impl ScoringService for ScoringApi {
             let actor = who.subject.clone();
             let models = self.models.clone();
             idempotency::write(&self.rt, "AdjustScore", rid, &req, now, async |txn| {
-                customers::ensure_and_lock(txn, &[c.clone()]).await?;
-                let before =
-                    scorer::by_customer(ledger::of_customers(txn, &m, &[c.clone()]).await?);
-                let last = customers::last_activity(txn, &[c.clone()], to_micros(now)).await?;
+                customers::ensure_and_lock(txn, std::slice::from_ref(&c)).await?;
+                let before = scorer::by_customer(
+                    ledger::of_customers(txn, &m, std::slice::from_ref(&c)).await?,
+                );
+                let last =
+                    customers::last_activity(txn, std::slice::from_ref(&c), to_micros(now)).await?;
                 let new = ledger::NewRow {
                     customer: c.clone(),
                     model: m.clone(),
