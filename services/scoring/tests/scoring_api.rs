@@ -651,3 +651,51 @@ async fn bad_models_name_the_rule_and_field() {
         .unwrap_err();
     assert_bad_field(&e, "customer");
 }
+
+#[tokio::test]
+async fn merge_moves_the_ledger_to_the_survivor() {
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    create(
+        &mut s,
+        "leads",
+        model(vec![event_rule("use", "feature_use", 5)], vec![]),
+    )
+    .await;
+    let a = env.new_customer("m1@example.com").await;
+    let b = env.new_customer("m2@example.com").await;
+    env.touch(&a.name, "a1", cpb::TouchpointType::FeatureUse, "x")
+        .await;
+    env.touch(&b.name, "b1", cpb::TouchpointType::FeatureUse, "x")
+        .await;
+    env.touch(&b.name, "b2", cpb::TouchpointType::FeatureUse, "x")
+        .await;
+    eventually(std::time::Duration::from_secs(20), || async {
+        (env.score(&b.name, "scoringModels/leads", "engagement")
+            .await
+            == 10.0)
+            .then_some(())
+    })
+    .await;
+    env.customers()
+        .merge_customers(cpb::MergeCustomersRequest {
+            survivor: a.name.clone(),
+            duplicates: vec![b.name.clone()],
+            policy: Default::default(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    eventually(std::time::Duration::from_secs(20), || async {
+        (env.score(&a.name, "scoringModels/leads", "engagement")
+            .await
+            == 15.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        env.score(&b.name, "scoringModels/leads", "engagement")
+            .await,
+        0.0
+    );
+}
