@@ -26,6 +26,47 @@ pub const KIND: &str = "scoring.rescore";
 /// Customers per transaction.
 const CHUNK: u64 = 500;
 
+/// Resumes the re-scorings a stopped service left unfinished (from their
+/// start: each chunk's swap is atomic and a replay writes the same ledger).
+pub async fn resume(rt: Runtime, models: Arc<Models>) {
+    let ops = match operations::unfinished(&rt.db, KIND).await {
+        Ok(ops) => ops,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list unfinished re-scorings");
+            return;
+        }
+    };
+    for op in ops {
+        let meta = op
+            .metadata
+            .as_ref()
+            .and_then(|m| pb::RescoreCustomersMetadata::decode(m.value.as_slice()).ok());
+        let Some(mut meta) = meta else { continue };
+        let id = meta
+            .scoring_model
+            .trim_start_matches("scoringModels/")
+            .to_owned();
+        match models.get(&rt.db, &id, meta.model_version).await {
+            Ok(Some(v)) => {
+                tracing::info!(operation = %op.name, "resuming a re-scoring");
+                meta.customers_done = 0;
+                run(rt.clone(), models.clone(), op, v, meta).await;
+            }
+            _ => {
+                let mut op = op;
+                let _ = operations::fail(
+                    &rt.db,
+                    &mut op,
+                    tonic::Code::FailedPrecondition,
+                    "the model version to re-score with no longer exists".into(),
+                    rt.clock.now(),
+                )
+                .await;
+            }
+        }
+    }
+}
+
 /// Runs a started re-scoring to its end, recording the outcome in `op`.
 pub async fn run(
     rt: Runtime,
@@ -35,6 +76,10 @@ pub async fn run(
     mut meta: pb::RescoreCustomersMetadata,
 ) {
     let outcome = replay(&rt, &models, &mut op, &v, &mut meta).await;
+    if rt.background.is_cancelled() {
+        // Stopped with the service: left unfinished, resumed on the next start.
+        return;
+    }
     let now = rt.clock.now();
     let done = match outcome {
         Ok(entries) => {
