@@ -87,7 +87,7 @@ fn touchpoint(customer: &str, i: usize) -> cpb::Touchpoint {
     cpb::Touchpoint {
         customer: customer.into(),
         event_id: format!("{customer}/e{i}"),
-        r#type: if i % 2 == 0 {
+        r#type: if i.is_multiple_of(2) {
             cpb::TouchpointType::FeatureUse
         } else {
             cpb::TouchpointType::ProductAccess
