@@ -138,7 +138,11 @@ impl ScoringApi {
             .await?
             .ok_or_else(|| Error::NotFound(format!("{MODEL_PREFIX}{model}")))?;
         let ledgers = scorer::by_customer(ledger::of_customers(&self.rt.read, model, custs).await?);
-        let last = customers::last_activity(&self.rt.read, custs, at).await?;
+        let last = if scorer::uses_inactivity(&v.model) {
+            customers::last_activity(&self.rt.read, custs, at).await?
+        } else {
+            Default::default()
+        };
         let empty = Vec::new();
         Ok(custs
             .iter()
@@ -555,7 +559,11 @@ impl ScoringService for ScoringApi {
             let rows = ledger::of_model(&self.rt.read, &m, &[&req.score, FIT, ENGAGEMENT]).await?;
             let ledgers = scorer::by_customer(rows);
             let custs: Vec<String> = ledgers.keys().cloned().collect();
-            let last = customers::last_activity(&self.rt.read, &custs, now).await?;
+            let last = if scorer::uses_inactivity(&v.model) {
+                customers::last_activity(&self.rt.read, &custs, now).await?
+            } else {
+                Default::default()
+            };
             let mut ranked: Vec<(f64, pb::CustomerScores)> = ledgers
                 .iter()
                 .map(|(c, rows)| {

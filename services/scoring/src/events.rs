@@ -155,9 +155,14 @@ impl OnBatch<cpb::TouchpointRecorded> for CustomerEvents {
             return Ok(());
         }
         tps.sort_by(|a, b| (&a.0, a.1.occurred_time).cmp(&(&b.0, b.1.occurred_time)));
-        let last = customers::last_activity(txn, &custs, now).await?;
+        let active = self.models.active(txn).await?;
+        let last = if active.iter().any(|v| scorer::uses_inactivity(&v.model)) {
+            customers::last_activity(txn, &custs, now).await?
+        } else {
+            Default::default()
+        };
         let mut events = Vec::new();
-        for v in self.models.active(txn).await? {
+        for v in active {
             if v.model.event_rules.is_empty() {
                 continue;
             }

@@ -83,6 +83,12 @@ impl Models {
     }
 }
 
+/// Whether any score of `model` has inactivity decay (only then is the
+/// customer's last activity read).
+pub fn uses_inactivity(model: &Model) -> bool {
+    model.scores.iter().any(|s| s.inactivity.is_some())
+}
+
 /// Ledger rows grouped by customer (rows arrive sorted by customer).
 pub fn by_customer(rows: Vec<Row>) -> BTreeMap<String, Vec<Row>> {
     let mut out: BTreeMap<String, Vec<Row>> = BTreeMap::new();
