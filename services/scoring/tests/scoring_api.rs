@@ -24,6 +24,7 @@ fn t0() -> DateTime<Utc> {
 }
 
 struct Env {
+    secret: Option<String>,
     customer: Running,
     scoring: Option<Running>,
     clock: ManualClock,
@@ -33,14 +34,20 @@ struct Env {
 
 impl Env {
     async fn start() -> Env {
+        Self::start_with(None).await
+    }
+
+    async fn start_with(secret: Option<&str>) -> Env {
         let cb = TestBackend::migrated::<clm_customer::store::Migrator>().await;
         let sb = TestBackend::migrated::<clm_scoring::store::Migrator>().await;
         let clock = ManualClock::new(t0());
         let mut cc = cb.config("customer");
         cc.change_poll_interval_ms = 50;
+        cc.auth.hs256_secret = secret.map(str::to_owned);
         let customer =
             start_with_clock(&clm_customer::DESCRIPTOR, cc, Arc::new(clock.clone())).await;
         let mut env = Env {
+            secret: secret.map(str::to_owned),
             customer,
             scoring: None,
             clock,
@@ -55,6 +62,7 @@ impl Env {
         let mut sc = self.scoring_backend.config("scoring");
         sc.change_poll_interval_ms = 50;
         sc.peers.insert("customer".into(), self.customer.url());
+        sc.auth.hs256_secret = self.secret.clone();
         self.scoring = Some(
             start_with_clock(&clm_scoring::DESCRIPTOR, sc, Arc::new(self.clock.clone())).await,
         );
@@ -698,4 +706,138 @@ async fn merge_moves_the_ledger_to_the_survivor() {
             .await,
         0.0
     );
+}
+
+#[tokio::test]
+async fn with_auth_roles_are_enforced_and_the_service_token_moves_stages() {
+    use clm_platform::auth::{Role, mint_hs256};
+    use tonic::service::interceptor::InterceptedService;
+    const SECRET: &str = "scoring-test-secret-of-enough-length-0123456789";
+    let env = Env::start_with(Some(SECRET)).await;
+    let bearer = |subject: &str, role: Role| {
+        let token = mint_hs256(
+            SECRET,
+            subject,
+            &[role],
+            std::time::Duration::from_secs(3600),
+        )
+        .unwrap();
+        let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", value.clone());
+            Ok(r)
+        }
+    };
+    let mut analyst = ScoringServiceClient::new(InterceptedService::new(
+        env.scoring.as_ref().unwrap().channel(),
+        bearer("ann", Role::Analyst),
+    ));
+    let m = model(
+        vec![event_rule("use", "feature_use", 40)],
+        vec![pb::Threshold {
+            id: "engaged".into(),
+            score: "engagement".into(),
+            value: 30.0,
+            direction: pb::ThresholdDirection::AtOrAbove as i32,
+            to_stage: cpb::Stage::Acquisition as i32,
+            while_in_stage: 0,
+        }],
+    );
+    let denied = analyst
+        .create_scoring_model(pb::CreateScoringModelRequest {
+            scoring_model: Some(m.clone()),
+            scoring_model_id: "leads".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let mut marketer = ScoringServiceClient::new(InterceptedService::new(
+        env.scoring.as_ref().unwrap().channel(),
+        bearer("mia", Role::Marketer),
+    ));
+    marketer
+        .create_scoring_model(pb::CreateScoringModelRequest {
+            scoring_model: Some(m),
+            scoring_model_id: "leads".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut customers = CustomerServiceClient::new(InterceptedService::new(
+        env.customer.channel(),
+        bearer("mia", Role::Marketer),
+    ));
+    let c = customers
+        .create_customer(cpb::CreateCustomerRequest {
+            customer: Some(cpb::Customer {
+                email: "auth@example.com".into(),
+                display_name: "A".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    customers
+        .record_touchpoints(cpb::RecordTouchpointsRequest {
+            touchpoints: vec![cpb::Touchpoint {
+                customer: c.name.clone(),
+                event_id: "auth-1".into(),
+                r#type: cpb::TouchpointType::FeatureUse as i32,
+                feature: "export".into(),
+                occurred_time: Some(clm_platform::convert::timestamp(t0())),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    // Scoring follows the stream and moves the stage with its service token.
+    let moved = eventually(std::time::Duration::from_secs(20), || {
+        let mut customers = customers.clone();
+        let name = c.name.clone();
+        async move {
+            customers
+                .list_stage_history(cpb::ListStageHistoryRequest {
+                    parent: name,
+                    page_size: 10,
+                    page_token: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .changes
+                .into_iter()
+                .find(|h| h.to_stage == cpb::Stage::Acquisition as i32)
+        }
+    })
+    .await;
+    assert_eq!(moved.actor, "service:scoring");
+    // A manual adjustment records who made it.
+    let e = marketer
+        .adjust_score(pb::AdjustScoreRequest {
+            customer: c.name.clone(),
+            scoring_model: "scoringModels/leads".into(),
+            score: "engagement".into(),
+            points: -3,
+            reason: "duplicate lead".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(e.actor, "mia");
+    let denied = analyst
+        .adjust_score(pb::AdjustScoreRequest {
+            customer: c.name.clone(),
+            scoring_model: "scoringModels/leads".into(),
+            score: "engagement".into(),
+            points: 1,
+            reason: "x".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
 }
