@@ -503,6 +503,13 @@ impl ScoringService for ScoringApi {
             let actor = who.subject.clone();
             let models = self.models.clone();
             idempotency::write(&self.rt, "AdjustScore", rid, &req, now, async |txn| {
+                // Only customers scoring has seen on the customer stream.
+                if customers::get(txn, std::slice::from_ref(&c))
+                    .await?
+                    .is_empty()
+                {
+                    return Err(Error::NotFound(c.clone()));
+                }
                 customers::ensure_and_lock(txn, std::slice::from_ref(&c)).await?;
                 let before = scorer::by_customer(
                     ledger::of_customers(txn, &m, std::slice::from_ref(&c)).await?,

@@ -658,6 +658,18 @@ async fn bad_models_name_the_rule_and_field() {
         .await
         .unwrap_err();
     assert_bad_field(&e, "customer");
+    let e = s
+        .adjust_score(pb::AdjustScoreRequest {
+            customer: clm_domain::ids::CustomerId::new().name(),
+            scoring_model: "scoringModels/none".into(),
+            score: "engagement".into(),
+            points: 1,
+            reason: "x".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
 }
 
 #[tokio::test]
