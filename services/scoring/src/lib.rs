@@ -8,7 +8,43 @@
 //! [`events`] follows the customer stream, [`thresholds`] is the timer
 //! queue, [`rescore`] the re-scoring operation. The maths lives in
 //! `clm_domain::scoring`.
-#![forbid(unsafe_code)]
+//!
+//! # Decisions
+//!
+//! * **Models.** Any number of models; each has versions and one active
+//!   version, and its own scores (`GetScore` names the model). Every active
+//!   model scores every event. A score is what the model's ledger explains,
+//!   whatever version wrote each entry; `RescoreCustomers` rewrites it.
+//! * **Awards** are keyed by (source event, rule, model, version): the
+//!   unique index makes a replayed event score nothing twice, also when the
+//!   stream is replayed from 0 (touchpoints already kept are skipped).
+//!   Touchpoint awards count from the touchpoint's `occurred_time`; caps and
+//!   once-per-customer rules look at the same version's earlier awards of
+//!   the customer (events are applied in stream order; within a batch, in
+//!   time order per customer). Awarded and capped points are integers.
+//! * **Profile rules** hold or not: when the profile or stage changes the
+//!   ledger gets the correcting entry (+points when it starts to hold,
+//!   −points when it stops), sourced by the change event.
+//! * **Consent denials** (a CONSENT_STATE_DENIED transition) score the
+//!   model's consent rules once per purpose and channel.
+//! * **Inactivity decay** counts from the customer's newest touchpoint at
+//!   or before the read time.
+//! * **Merges** move the duplicates' ledger, touchpoints and timers to the
+//!   survivor (award keys do not name the customer, so they stay unique);
+//!   a once-per-customer rule that scored on both keeps both entries.
+//! * **Erasure** deletes ledger, touchpoints, profile and timers of the
+//!   customer and the customers merged into it, and emits
+//!   `clm.common.v1.CustomerDataErased` (service `scoring`) in the same
+//!   transaction.
+//! * **Thresholds** see [`thresholds`]; the stage is taken from StageChanged
+//!   events, so a move the customer service refuses (not allowed, already
+//!   there) is logged and not retried.
+//! * **RescoreCustomers** keeps manual adjustments and the awards of the
+//!   version's consent rules (denials are not kept as history), replays
+//!   touchpoints and profiles, and swaps 500 customers per transaction.
+//! * **ListTopCustomers** computes every customer's score of the model at
+//!   the read time from one read of the model's ledger and sorts: exact for
+//!   any mix of decays, floors and ceilings, but linear in the ledger size.
 
 pub mod api;
 pub mod convert;
