@@ -112,7 +112,25 @@ pub fn spawn(rt: Runtime, models: Arc<Models>, wake: Arc<Notify>) -> anyhow::Res
     Ok(())
 }
 
-/// Looks at due timers once; returns how many.
+/// A threshold that fired: the stage move to make, then record.
+struct Fired {
+    timer: timers::Timer,
+    at: i64,
+    above: bool,
+    next: Option<i64>,
+    to: Stage,
+    request_id: String,
+    reason: String,
+    event: pb::ThresholdCrossed,
+}
+
+/// Looks at due timers once; returns how many. Three steps, so that no
+/// database transaction is open while the customer service is called:
+/// decide (and settle the timers that did not fire) under the customers'
+/// locks; call TransitionStage for the ones that fired; record them with
+/// their ThresholdCrossed events. A crash between the steps leaves those
+/// timers due: they fire again with the same request id, which the
+/// customer service answers without moving the stage twice.
 async fn round(rt: &Runtime, models: &Models, customer: &Customer) -> Result<usize> {
     let now = clm_domain::clock::micros(rt.clock.now()).timestamp_micros();
     let due = timers::due(&rt.read, now, ROUND).await?;
@@ -126,13 +144,13 @@ async fn round(rt: &Runtime, models: &Models, customer: &Customer) -> Result<usi
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    let mut fired = Vec::new();
     let txn = rt.db.begin().await?;
     customers::ensure_and_lock(&txn, &custs).await?;
     // Re-read under the lock: a writer may have re-armed or settled them.
     let due = timers::due(&txn, now, ROUND).await?;
     let rows = customers::get(&txn, &custs).await?;
     let last = customers::last_activity(&txn, &custs, now).await?;
-    let mut events = Vec::new();
     let model_ids: BTreeSet<String> = due.iter().map(|t| t.model.clone()).collect();
     for model_id in model_ids {
         let Some(v) = models.get(&txn, &model_id, 0).await? else {
@@ -159,19 +177,17 @@ async fn round(rt: &Runtime, models: &Models, customer: &Customer) -> Result<usi
                 .iter()
                 .find(|r| r.customer == t.customer)
                 .and_then(|r| Stage::from_code(r.stage?));
-            if let Some(to) = th.fires(t.above, above, stage) {
-                let request_id = format!("scoring:{}:{}:{}:{at}", v.id, th.id, t.customer);
-                customer
-                    .transition(
-                        &t.customer,
-                        to,
-                        format!("score threshold: {}", th.id),
-                        request_id,
-                    )
-                    .await?;
-                events.push(NewEvent::new(
-                    &t.customer,
-                    &pb::ThresholdCrossed {
+            let next = next_crossing(spec, &entries, la, th.value(), at);
+            match th.fires(t.above, above, stage) {
+                Some(to) => fired.push(Fired {
+                    timer: t.clone(),
+                    at,
+                    above,
+                    next,
+                    to,
+                    request_id: format!("scoring:{}:{}:{}:{at}", v.id, th.id, t.customer),
+                    reason: format!("score threshold: {}", th.id),
+                    event: pb::ThresholdCrossed {
                         customer: t.customer.clone(),
                         scoring_model: format!("scoringModels/{}", v.id),
                         threshold: th.id.clone(),
@@ -180,13 +196,45 @@ async fn round(rt: &Runtime, models: &Models, customer: &Customer) -> Result<usi
                         to_stage: convert::stage_to_proto(to) as i32,
                         cross_time: Some(clm_platform::convert::timestamp(from_micros(at))),
                     },
-                ));
+                }),
+                None => timers::settle(&txn, t, at, above, next).await?,
             }
-            let next = next_crossing(spec, &entries, la, th.value(), at);
-            timers::settle(&txn, t, at, above, next).await?;
         }
+    }
+    txn.commit().await?;
+    if fired.is_empty() {
+        return Ok(count);
+    }
+    let mut done = Vec::with_capacity(fired.len());
+    let mut failure = None;
+    for f in fired {
+        match customer
+            .transition(
+                &f.timer.customer,
+                f.to,
+                f.reason.clone(),
+                f.request_id.clone(),
+            )
+            .await
+        {
+            Ok(()) => done.push(f),
+            // Left due: the next round tries again with the same request id.
+            Err(e) => failure = Some(e),
+        }
+    }
+    let txn = rt.db.begin().await?;
+    let mut events = Vec::with_capacity(done.len());
+    for f in done {
+        // The side is recorded even if an award re-armed the timer meanwhile,
+        // so the crossing is never fired twice.
+        timers::record_side(&txn, &f.timer, f.above).await?;
+        timers::settle(&txn, &f.timer, f.at, f.above, f.next).await?;
+        events.push(NewEvent::new(&f.timer.customer, &f.event));
     }
     rt.outbox.append(&txn, &events, rt.clock.now()).await?;
     rt.outbox.commit(txn).await?;
-    Ok(count)
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(count),
+    }
 }

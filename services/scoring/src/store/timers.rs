@@ -102,6 +102,19 @@ pub async fn settle(
     Ok(())
 }
 
+/// Records the side of the threshold a timer's score is on.
+pub async fn record_side(db: &impl ConnectionTrait, t: &Timer, above: bool) -> Result<()> {
+    let q = Query::update()
+        .table(n("score_timers"))
+        .value(n("above"), above)
+        .and_where(Expr::col(n("customer")).eq(t.customer.clone()))
+        .and_where(Expr::col(n("model")).eq(t.model.clone()))
+        .and_where(Expr::col(n("threshold")).eq(t.threshold.clone()))
+        .to_owned();
+    db.execute(&q).await?;
+    Ok(())
+}
+
 /// Moves timers of `from` customers away (a merge drops them; the
 /// survivor's are re-armed by the caller) or deletes them (erasure).
 pub async fn delete(db: &impl ConnectionTrait, customers: &[String]) -> Result<()> {
