@@ -853,3 +853,96 @@ async fn with_auth_roles_are_enforced_and_the_service_token_moves_stages() {
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
 }
+
+#[tokio::test]
+async fn inactivity_linear_decay_floor_and_custom_scores_read_at_any_time() {
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    let mut m = model(
+        vec![
+            event_rule("use", "feature_use", 25),
+            pb::ScoringRule {
+                id: "buy".into(),
+                score: "product_a".into(),
+                points: 30,
+                trigger: Some(pb::scoring_rule::Trigger::Touchpoint("purchase".into())),
+                decay: Some(pb::Decay {
+                    kind: Some(pb::decay::Kind::LinearOver(dur(Duration::days(30)))),
+                }),
+                ..Default::default()
+            },
+        ],
+        vec![],
+    );
+    m.scores = vec![
+        pb::ScoreDefinition {
+            name: "engagement".into(),
+            floor: Some(0),
+            ceiling: None,
+            inactivity: Some(pb::InactivityDecay {
+                points: -10,
+                every: Some(dur(Duration::days(14))),
+            }),
+        },
+        pb::ScoreDefinition {
+            name: "product_a".into(),
+            ..Default::default()
+        },
+    ];
+    create(&mut s, "leads", m).await;
+    let c = env.new_customer("i@example.com").await;
+    env.touch(&c.name, "f1", cpb::TouchpointType::FeatureUse, "x")
+        .await;
+    env.customers()
+        .record_touchpoints(cpb::RecordTouchpointsRequest {
+            touchpoints: vec![cpb::Touchpoint {
+                customer: c.name.clone(),
+                event_id: "p1".into(),
+                r#type: cpb::TouchpointType::Purchase as i32,
+                product: "a".into(),
+                revenue: Some(clm_proto::common::Money {
+                    currency_code: "EUR".into(),
+                    amount_minor: 1000,
+                }),
+                occurred_time: Some(clm_platform::convert::timestamp(t0())),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    eventually(std::time::Duration::from_secs(20), || async {
+        (env.score(&c.name, "scoringModels/leads", "product_a").await == 30.0).then_some(())
+    })
+    .await;
+    let at = |days: i64, score: &'static str| {
+        let mut s = env.scoring();
+        let c = c.name.clone();
+        async move {
+            s.get_score(pb::GetScoreRequest {
+                customer: c,
+                scoring_model: "scoringModels/leads".into(),
+                read_time: Some(clm_platform::convert::timestamp(
+                    t0() + Duration::days(days),
+                )),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .scores
+            .into_iter()
+            .find(|v| v.score == score)
+            .unwrap()
+            .value
+        }
+    };
+    // Inactivity: −10 for each whole 14 idle days since the newest touchpoint, floor 0.
+    assert_eq!(at(13, "engagement").await, 25.0);
+    assert_eq!(at(14, "engagement").await, 15.0);
+    assert_eq!(at(28, "engagement").await, 5.0);
+    assert_eq!(at(42, "engagement").await, 0.0);
+    // Linear: 30 × (1 − a/30d).
+    assert_eq!(at(15, "product_a").await, 15.0);
+    assert_eq!(at(30, "product_a").await, 0.0);
+    // Before the award nothing counts.
+    assert_eq!(at(-1, "product_a").await, 0.0);
+}
