@@ -127,7 +127,8 @@ fn select() -> sea_orm::sea_query::SelectStatement {
 }
 
 /// Every entry of `customers` under `model`, in ledger order (customer,
-/// award time, id): one statement.
+/// award time, id): one statement. Only what scores are computed from is
+/// read; `source_event`, `reason` and `actor` come back empty.
 pub async fn of_customers(
     db: &impl ConnectionTrait,
     model: &str,
@@ -136,7 +137,26 @@ pub async fn of_customers(
     if customers.is_empty() {
         return Ok(Vec::new());
     }
-    let q = select()
+    let q = Query::select()
+        .columns(
+            [
+                "id",
+                "customer",
+                "model_version",
+                "score",
+                "rule",
+                "points",
+                "award_us",
+                "decay_kind",
+                "decay_us",
+            ]
+            .map(n),
+        )
+        .expr_as(Expr::val(model), n("model"))
+        .expr_as(Expr::val(""), n("source_event"))
+        .expr_as(Expr::val(""), n("reason"))
+        .expr_as(Expr::val(""), n("actor"))
+        .from(n(TABLE))
         .and_where(Expr::col(n("model")).eq(model))
         .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
         .order_by(n("customer"), Order::Asc)
