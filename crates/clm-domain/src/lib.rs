@@ -18,6 +18,7 @@ pub mod kpi;
 pub mod lifecycle;
 pub mod money;
 pub mod rules;
+pub mod scoring;
 pub mod touchpoint;
 pub mod validation;
 

@@ -38,6 +38,7 @@ pub mod db;
 pub mod error;
 pub mod idempotency;
 pub mod migration;
+pub mod operations;
 pub mod outbox;
 pub mod page;
 pub mod server;
@@ -68,9 +69,11 @@ pub struct Runtime {
     pub outbox: outbox::Outbox,
     /// Time source.
     pub clock: Arc<dyn Clock>,
-    /// The configuration the service was started with (its own settings
-    /// included, e.g. [`config::CustomerSettings`]).
+    /// The configuration it runs with (peers, auth).
     pub config: Arc<config::Config>,
+    /// Cancelled when the service stops: background work of the service
+    /// (timers, long-running operations) ends with it.
+    pub background: tokio_util::sync::CancellationToken,
 }
 
 /// Connects the database (running the service's migrations unless turned
@@ -125,7 +128,7 @@ pub async fn open(
     outbox.spawn(
         &db,
         std::time::Duration::from_millis(config.change_poll_interval_ms),
-        shutdown,
+        shutdown.clone(),
     );
     Ok(Runtime {
         service,
@@ -135,5 +138,6 @@ pub async fn open(
         outbox,
         clock,
         config: Arc::new(config.clone()),
+        background: shutdown,
     })
 }

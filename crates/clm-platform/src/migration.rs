@@ -6,7 +6,11 @@ use sea_orm_migration::prelude::*;
 
 /// The platform's migrations, to put first in a service's `Migrator`.
 pub fn platform_migrations() -> Vec<Box<dyn MigrationTrait>> {
-    vec![Box::new(PlatformTables), Box::new(OutboxPositions)]
+    vec![
+        Box::new(PlatformTables),
+        Box::new(OutboxPositions),
+        Box::new(OperationsTable),
+    ]
 }
 
 /// Creates `outbox`, `idempotency_keys`, `dead_letters` and `consumer_cursors`.
@@ -132,5 +136,33 @@ impl MigrationTrait for OutboxPositions {
             db.execute_unprepared(sql).await?;
         }
         Ok(())
+    }
+}
+
+/// Creates `operations`: long-running operations (see [`crate::operations`]).
+pub struct OperationsTable;
+
+impl MigrationName for OperationsTable {
+    fn name(&self) -> &str {
+        "m0001_platform_operations"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for OperationsTable {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(a("operations"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("id")).string().not_null().primary_key())
+                .col(ColumnDef::new(a("kind")).string().not_null())
+                .col(ColumnDef::new(a("body")).blob().not_null())
+                .col(ColumnDef::new(a("done")).boolean().not_null())
+                .col(ColumnDef::new(a("create_us")).big_integer().not_null())
+                .col(ColumnDef::new(a("update_us")).big_integer().not_null())
+                .to_owned(),
+        )
+        .await
     }
 }

@@ -21,12 +21,28 @@ pub mod clm {
             tonic::include_proto!("clm.customer.v1");
         }
     }
+    pub mod scoring {
+        pub mod v1 {
+            tonic::include_proto!("clm.scoring.v1");
+        }
+    }
+}
+
+/// Minimal vendored googleapis packages (`google.longrunning`, `google.rpc`).
+pub mod google {
+    pub mod longrunning {
+        tonic::include_proto!("google.longrunning");
+    }
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
 }
 
 pub mod event_types;
 
 pub use clm::common::v1 as common;
 pub use clm::customer::v1 as customer;
+pub use clm::scoring::v1 as scoring;
 
 /// Type URL prefix used for `google.protobuf.Any` payloads.
 pub const TYPE_URL_PREFIX: &str = "type.googleapis.com/";

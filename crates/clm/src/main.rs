@@ -101,7 +101,7 @@ enum Command {
 
 /// Every service this build contains, in port order: the one table `up`
 /// and `serve` read. Adding a service is one entry here.
-static SERVICES: &[&ServiceDescriptor] = &[&clm_customer::DESCRIPTOR];
+static SERVICES: &[&ServiceDescriptor] = &[&clm_customer::DESCRIPTOR, &clm_scoring::DESCRIPTOR];
 
 /// Every role table, in the README's order: each service's own, then the
 /// platform's (change streams and dead letters, served by every service).

@@ -1,0 +1,537 @@
+//! Proto ↔ domain: model validation and compilation (violations name the
+//! rule and field: `scoring_model.rules[2].cap.points`), touchpoints and
+//! profiles from the customer stream, ledger entries back to proto.
+
+use crate::store::ledger::Row;
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
+use clm_domain::attributes::AttributeValue;
+use clm_domain::demographics::Gender;
+use clm_domain::lifecycle::Stage;
+use clm_domain::money::Money;
+use clm_domain::rules::{Fact, FactSet, FieldCatalog, compile, compile_touch_query, reads};
+use clm_domain::scoring::{
+    Bands, Cap, ConsentRule, Decay, ENGAGEMENT, EventRule, FIT, Inactivity, Model, Period,
+    ProfileRule, ScoreSpec, Threshold, ThresholdKind,
+};
+use clm_domain::touchpoint::{Touchpoint, TouchpointKind};
+use clm_domain::{Violation, Violations};
+use clm_platform::convert::{from_timestamp, timestamp};
+use clm_proto::customer as cpb;
+use clm_proto::scoring as pb;
+use std::collections::BTreeSet;
+
+/// Most rules in one model.
+pub const MAX_RULES: usize = 500;
+/// Most thresholds in one model.
+pub const MAX_THRESHOLDS: usize = 100;
+/// Most scores in one model.
+pub const MAX_SCORES: usize = 50;
+
+fn identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// A positive duration in a proto field.
+fn positive(field: &str, d: &prost_types::Duration) -> Result<TimeDelta, Violation> {
+    let ms = clm_platform::convert::duration_millis(field, d)?;
+    if ms <= 0 {
+        return Err(Violation::new(field, "must be longer than zero"));
+    }
+    if TimeDelta::milliseconds(ms) > clm_domain::rules::MAX_DURATION {
+        return Err(Violation::new(field, "must be at most 100 years"));
+    }
+    Ok(TimeDelta::milliseconds(ms))
+}
+
+fn decay(field: &str, d: Option<&pb::Decay>) -> Result<Decay, Violation> {
+    use pb::decay::Kind;
+    match d.and_then(|d| d.kind.as_ref()) {
+        None => Ok(Decay::None),
+        Some(Kind::HalfLife(h)) => Ok(Decay::Exponential {
+            half_life: positive(&format!("{field}.half_life"), h)?,
+        }),
+        Some(Kind::LinearOver(o)) => Ok(Decay::Linear {
+            over: positive(&format!("{field}.linear_over"), o)?,
+        }),
+    }
+}
+
+/// Decay back to proto.
+pub fn decay_to_proto(d: Decay) -> Option<pb::Decay> {
+    use pb::decay::Kind;
+    let dur = |t: TimeDelta| prost_types::Duration {
+        seconds: t.num_seconds(),
+        nanos: t.subsec_nanos(),
+    };
+    match d {
+        Decay::None => None,
+        Decay::Exponential { half_life } => Some(pb::Decay {
+            kind: Some(Kind::HalfLife(dur(half_life))),
+        }),
+        Decay::Linear { over } => Some(pb::Decay {
+            kind: Some(Kind::LinearOver(dur(over))),
+        }),
+    }
+}
+
+/// A proto stage to the domain.
+pub fn stage(field: &str, value: i32) -> Result<Stage, Violation> {
+    match cpb::Stage::try_from(value) {
+        Ok(cpb::Stage::Approach) => Ok(Stage::Approach),
+        Ok(cpb::Stage::Acquisition) => Ok(Stage::Acquisition),
+        Ok(cpb::Stage::Conversion) => Ok(Stage::Conversion),
+        Ok(cpb::Stage::Retention) => Ok(Stage::Retention),
+        Ok(cpb::Stage::Loyalty) => Ok(Stage::Loyalty),
+        Ok(cpb::Stage::Churned) => Ok(Stage::Churned),
+        Ok(cpb::Stage::Unspecified) => Err(Violation::new(field, "is required")),
+        Err(_) => Err(Violation::new(field, format!("unknown stage {value}"))),
+    }
+}
+
+/// A domain stage to proto.
+pub fn stage_to_proto(s: Stage) -> cpb::Stage {
+    match s {
+        Stage::Approach => cpb::Stage::Approach,
+        Stage::Acquisition => cpb::Stage::Acquisition,
+        Stage::Conversion => cpb::Stage::Conversion,
+        Stage::Retention => cpb::Stage::Retention,
+        Stage::Loyalty => cpb::Stage::Loyalty,
+        Stage::Churned => cpb::Stage::Churned,
+    }
+}
+
+/// The lower-case name of a consent purpose (`marketing`).
+pub fn purpose_name(p: i32) -> Option<&'static str> {
+    match cpb::ConsentPurpose::try_from(p).ok()? {
+        cpb::ConsentPurpose::Marketing => Some("marketing"),
+        cpb::ConsentPurpose::Profiling => Some("profiling"),
+        cpb::ConsentPurpose::Surveys => Some("surveys"),
+        cpb::ConsentPurpose::Personalisation => Some("personalisation"),
+        cpb::ConsentPurpose::Unspecified => None,
+    }
+}
+
+/// Validates a model definition and compiles it; every problem is a
+/// violation under `prefix` naming the rule and field.
+pub fn compile_model(prefix: &str, m: &pb::ScoringModel) -> Result<Model, Violations> {
+    let mut v = Violations::new();
+    let f = |s: &str| format!("{prefix}.{s}");
+    if m.display_name.chars().count() > 200 {
+        v.push(Violation::new(
+            f("display_name"),
+            "must be at most 200 characters",
+        ));
+    }
+    if m.rules.is_empty() {
+        v.push(Violation::new(
+            f("rules"),
+            "a model needs at least one rule",
+        ));
+    }
+    if m.rules.len() > MAX_RULES {
+        v.push(Violation::new(
+            f("rules"),
+            format!("at most {MAX_RULES} rules"),
+        ));
+    }
+    if m.thresholds.len() > MAX_THRESHOLDS || m.scores.len() > MAX_SCORES {
+        v.push(Violation::new(
+            f("thresholds"),
+            "too many thresholds or scores",
+        ));
+    }
+    let mut scores = vec![
+        ScoreSpec {
+            name: FIT.into(),
+            floor: None,
+            ceiling: None,
+            inactivity: None,
+        },
+        ScoreSpec {
+            name: ENGAGEMENT.into(),
+            floor: None,
+            ceiling: None,
+            inactivity: None,
+        },
+    ];
+    for (i, s) in m.scores.iter().enumerate() {
+        let p = f(&format!("scores[{i}]"));
+        if !identifier(&s.name) {
+            v.push(Violation::new(
+                format!("{p}.name"),
+                "must be a lower-case identifier",
+            ));
+            continue;
+        }
+        if let (Some(lo), Some(hi)) = (s.floor, s.ceiling)
+            && lo > hi
+        {
+            v.push(Violation::new(
+                format!("{p}.ceiling"),
+                "must not be below the floor",
+            ));
+        }
+        let inactivity = match &s.inactivity {
+            None => None,
+            Some(i) => {
+                let every = i
+                    .every
+                    .as_ref()
+                    .ok_or_else(|| Violation::new(format!("{p}.inactivity.every"), "is required"))
+                    .and_then(|e| positive(&format!("{p}.inactivity.every"), e));
+                if i.points >= 0 {
+                    v.push(Violation::new(
+                        format!("{p}.inactivity.points"),
+                        "must be negative",
+                    ));
+                }
+                v.check("", every).map(|every| Inactivity {
+                    points: i.points,
+                    every,
+                })
+            }
+        };
+        let spec = ScoreSpec {
+            name: s.name.clone(),
+            floor: s.floor,
+            ceiling: s.ceiling,
+            inactivity,
+        };
+        match scores.iter_mut().find(|x| x.name == s.name) {
+            Some(x) if x.floor.is_none() && x.ceiling.is_none() && x.inactivity.is_none() => {
+                *x = spec
+            }
+            Some(_) => v.push(Violation::new(format!("{p}.name"), "is defined twice")),
+            None => scores.push(spec),
+        }
+    }
+    let known: BTreeSet<&str> = scores.iter().map(|s| s.name.as_str()).collect();
+    let mut catalog = FieldCatalog::new();
+    catalog.infer_unknown_attributes = true;
+    let mut model = Model {
+        bands: Bands::default(),
+        ..Model::default()
+    };
+    let mut ids = BTreeSet::new();
+    for (i, r) in m.rules.iter().enumerate() {
+        let p = f(&format!("rules[{i}]"));
+        if !identifier(&r.id) {
+            v.push(Violation::new(
+                format!("{p}.id"),
+                "must be a lower-case identifier",
+            ));
+        } else if !ids.insert(r.id.as_str()) || r.id == "manual" {
+            v.push(Violation::new(
+                format!("{p}.id"),
+                "is used by another rule (or is `manual`)",
+            ));
+        }
+        if !known.contains(r.score.as_str()) {
+            v.push(Violation::new(
+                format!("{p}.score"),
+                format!(
+                    "unknown score {:?}: define it in scores",
+                    clm_domain::validation::shorten(&r.score, 64)
+                ),
+            ));
+        }
+        if r.points == 0 {
+            v.push(Violation::new(format!("{p}.points"), "must not be zero"));
+        }
+        let d = v.check("", decay(&format!("{p}.decay"), r.decay.as_ref()));
+        use pb::scoring_rule::Trigger;
+        match &r.trigger {
+            None => v.push(Violation::new(
+                format!("{p}.trigger"),
+                "set one of touchpoint, profile_condition, consent_denied",
+            )),
+            Some(Trigger::Touchpoint(q)) => {
+                let cap = match &r.cap {
+                    None => None,
+                    Some(c) => {
+                        if c.points < 0 {
+                            v.push(Violation::new(
+                                format!("{p}.cap.points"),
+                                "must not be negative",
+                            ));
+                        }
+                        let period = match pb::CapPeriod::try_from(c.period) {
+                            Ok(pb::CapPeriod::Day) => Some(Period::Day),
+                            Ok(pb::CapPeriod::IsoWeek) => Some(Period::IsoWeek),
+                            Ok(pb::CapPeriod::Rolling) => {
+                                let w = c
+                                    .rolling_window
+                                    .as_ref()
+                                    .ok_or_else(|| {
+                                        Violation::new(
+                                            format!("{p}.cap.rolling_window"),
+                                            "is required",
+                                        )
+                                    })
+                                    .and_then(|w| positive(&format!("{p}.cap.rolling_window"), w));
+                                v.check("", w).map(Period::Rolling)
+                            }
+                            _ => {
+                                v.push(Violation::new(format!("{p}.cap.period"), "is required"));
+                                None
+                            }
+                        };
+                        period.map(|period| Cap {
+                            points: c.points,
+                            period,
+                        })
+                    }
+                };
+                match compile_touch_query(q, &catalog) {
+                    Ok(trigger) => {
+                        if trigger.window.is_some() {
+                            v.push(Violation::new(
+                                format!("{p}.touchpoint"),
+                                "an event rule takes no window",
+                            ));
+                        }
+                        if let Some(d) = d {
+                            model.event_rules.push(EventRule {
+                                id: r.id.clone(),
+                                score: r.score.clone(),
+                                trigger,
+                                points: r.points,
+                                once_per_customer: r.once_per_customer,
+                                cap,
+                                decay: d,
+                            });
+                        }
+                    }
+                    Err(e) => v.0.extend(e.to_violations(&format!("{p}.touchpoint")).0),
+                }
+            }
+            Some(Trigger::ProfileCondition(text)) => {
+                if r.cap.is_some() || r.once_per_customer || r.decay.is_some() {
+                    v.push(Violation::new(
+                        format!("{p}.profile_condition"),
+                        "a profile rule takes no cap, once_per_customer or decay",
+                    ));
+                }
+                match compile(text, &catalog) {
+                    Ok(condition) => {
+                        let profile_only = reads(&condition).iter().all(|f| {
+                            matches!(
+                                f,
+                                Fact::BirthDate
+                                    | Fact::Gender
+                                    | Fact::Income
+                                    | Fact::Occupation
+                                    | Fact::Email
+                                    | Fact::DisplayName
+                                    | Fact::Attribute(_)
+                                    | Fact::Stage
+                            )
+                        });
+                        if profile_only {
+                            model.profile_rules.push(ProfileRule {
+                                id: r.id.clone(),
+                                score: r.score.clone(),
+                                condition,
+                                points: r.points,
+                            });
+                        } else {
+                            v.push(Violation::new(
+                                format!("{p}.profile_condition"),
+                                "a profile rule reads demographics, attributes and stage only (no touchpoints, scores, consent, feedback, loyalty or segments)",
+                            ));
+                        }
+                    }
+                    Err(e) => {
+                        v.0.extend(e.to_violations(&format!("{p}.profile_condition")).0)
+                    }
+                }
+            }
+            Some(Trigger::ConsentDenied(c)) => {
+                if let Some(d) = d {
+                    model.consent_rules.push(ConsentRule {
+                        id: r.id.clone(),
+                        score: r.score.clone(),
+                        purpose: purpose_name(c.purpose).map(str::to_owned),
+                        points: r.points,
+                        decay: d,
+                    });
+                }
+            }
+        }
+    }
+    let mut tids = BTreeSet::new();
+    for (i, t) in m.thresholds.iter().enumerate() {
+        let p = f(&format!("thresholds[{i}]"));
+        if !identifier(&t.id) || !tids.insert(t.id.as_str()) {
+            v.push(Violation::new(
+                format!("{p}.id"),
+                "must be a unique lower-case identifier",
+            ));
+        }
+        if !known.contains(t.score.as_str()) {
+            v.push(Violation::new(format!("{p}.score"), "unknown score"));
+        }
+        if !t.value.is_finite() {
+            v.push(Violation::new(
+                format!("{p}.value"),
+                "must be a finite number",
+            ));
+        }
+        let to = v.check("", stage(&format!("{p}.to_stage"), t.to_stage));
+        let kind = match pb::ThresholdDirection::try_from(t.direction) {
+            Ok(pb::ThresholdDirection::AtOrAbove) => {
+                to.map(|to| ThresholdKind::AtLeast { value: t.value, to })
+            }
+            Ok(pb::ThresholdDirection::Below) => {
+                let w = v.check("", stage(&format!("{p}.while_in_stage"), t.while_in_stage));
+                match (to, w) {
+                    (Some(to), Some(while_in)) => Some(ThresholdKind::Below {
+                        value: t.value,
+                        while_in,
+                        to,
+                    }),
+                    _ => None,
+                }
+            }
+            _ => {
+                v.push(Violation::new(format!("{p}.direction"), "is required"));
+                None
+            }
+        };
+        if let Some(kind) = kind {
+            model.thresholds.push(Threshold {
+                id: t.id.clone(),
+                score: t.score.clone(),
+                kind,
+            });
+        }
+    }
+    if let Some(b) = &m.grade_bands {
+        let mut three = |name: &str, xs: &[f64]| -> Option<[f64; 3]> {
+            if xs.is_empty() {
+                return None;
+            }
+            if xs.len() != 3
+                || xs.windows(2).any(|w| w[0] < w[1])
+                || xs.iter().any(|x| !x.is_finite())
+            {
+                v.push(Violation::new(
+                    format!("{prefix}.grade_bands.{name}"),
+                    "must be three descending finite numbers",
+                ));
+                return None;
+            }
+            Some([xs[0], xs[1], xs[2]])
+        };
+        if let Some(fit) = three("fit", &b.fit) {
+            model.bands.fit = fit;
+        }
+        if let Some(e) = three("engagement", &b.engagement) {
+            model.bands.engagement = e;
+        }
+    }
+    model.scores = scores;
+    v.into_result().map(|()| model)
+}
+
+/// A touchpoint from the customer stream, in domain form.
+pub fn touchpoint(t: &cpb::Touchpoint) -> Touchpoint {
+    let kind = match cpb::TouchpointType::try_from(t.r#type) {
+        Ok(cpb::TouchpointType::UsageTime) => TouchpointKind::UsageTime,
+        Ok(cpb::TouchpointType::ProductAccess) => TouchpointKind::ProductAccess,
+        Ok(cpb::TouchpointType::FeatureUse) => TouchpointKind::FeatureUse,
+        Ok(cpb::TouchpointType::Purchase) => TouchpointKind::Purchase,
+        Ok(cpb::TouchpointType::CampaignTouch) => TouchpointKind::CampaignTouch,
+        Ok(cpb::TouchpointType::SupportContact) => TouchpointKind::SupportContact,
+        _ => TouchpointKind::Custom,
+    };
+    let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    Touchpoint {
+        event_id: t.event_id.clone(),
+        kind,
+        custom_type: opt(&t.custom_type),
+        occurred_time: t
+            .occurred_time
+            .as_ref()
+            .and_then(|ts| from_timestamp("occurred_time", ts).ok())
+            .unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
+        usage_millis: t
+            .usage_duration
+            .as_ref()
+            .map(|d| d.seconds.saturating_mul(1000) + i64::from(d.nanos / 1_000_000)),
+        product: opt(&t.product),
+        feature: opt(&t.feature),
+        revenue: t.revenue.as_ref().map(|m| Money {
+            currency: m.currency_code.clone(),
+            amount_minor: m.amount_minor,
+        }),
+        campaign: opt(&t.campaign),
+        channel: opt(&t.channel),
+        properties: t.properties.clone(),
+    }
+}
+
+/// The facts profile rules read, from a customer's profile and stage.
+pub fn facts(profile: Option<&cpb::Customer>, stage: Option<(Stage, DateTime<Utc>)>) -> FactSet {
+    let mut f = FactSet {
+        stage,
+        ..FactSet::default()
+    };
+    let Some(c) = profile else { return f };
+    let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    f.email = opt(&c.email);
+    f.display_name = opt(&c.display_name);
+    if let Some(d) = &c.demographics {
+        f.demographics.birth_date = d.birth_date.as_ref().and_then(|b| {
+            NaiveDate::from_ymd_opt(
+                b.year,
+                u32::try_from(b.month).ok()?,
+                u32::try_from(b.day).ok()?,
+            )
+        });
+        f.demographics.gender = i16::try_from(d.gender).ok().and_then(Gender::from_code);
+        f.demographics.annual_income = d.annual_income.as_ref().map(|m| Money {
+            currency: m.currency_code.clone(),
+            amount_minor: m.amount_minor,
+        });
+        f.demographics.occupation = opt(&d.occupation);
+    }
+    for (k, a) in &c.attributes {
+        use cpb::attribute_value::Value;
+        let v = match &a.value {
+            Some(Value::StringValue(s)) => AttributeValue::String(s.clone()),
+            Some(Value::NumberValue(n)) => AttributeValue::Number(*n),
+            Some(Value::BoolValue(b)) => AttributeValue::Bool(*b),
+            Some(Value::TimestampValue(t)) => match from_timestamp("", t) {
+                Ok(t) => AttributeValue::Timestamp(t),
+                Err(_) => continue,
+            },
+            None => continue,
+        };
+        f.attributes.insert(k.clone(), v);
+    }
+    f
+}
+
+/// A ledger row to proto, its value read at `at_us`.
+pub fn ledger_entry(r: &Row, at_us: i64) -> pb::LedgerEntry {
+    pb::LedgerEntry {
+        name: format!("{}/ledger/{}", r.customer, r.id),
+        customer: r.customer.clone(),
+        scoring_model: format!("scoringModels/{}", r.model),
+        model_version: r.model_version,
+        score: r.score.clone(),
+        rule: r.rule.clone(),
+        points: r.points,
+        current_value: clm_domain::scoring::round(r.entry().value_at(at_us)),
+        source_event: r.source_event.clone(),
+        award_time: Some(timestamp(clm_platform::db::from_micros(r.award_us))),
+        decay: decay_to_proto(r.decay()),
+        reason: r.reason.clone(),
+        actor: r.actor.clone(),
+    }
+}

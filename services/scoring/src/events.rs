@@ -1,0 +1,384 @@
+//! Handlers for the customer change stream. Each runs in the subscriber's
+//! transaction (effect, own events and cursor commit together), so a
+//! replay after a crash applies nothing twice; awards are idempotent by
+//! (source event, rule, model, version) on top of that.
+
+use crate::convert;
+use crate::scorer::{self, Models};
+use crate::store::ledger::{self, NewRow};
+use crate::store::{customers, timers};
+use clm_domain::lifecycle::Stage;
+use clm_domain::scoring::RuleHistory;
+use clm_platform::Error;
+use clm_platform::changes::{Apply, Handlers, On, OnBatch};
+use clm_platform::db::{from_micros, to_micros};
+use clm_platform::outbox::NewEvent;
+use clm_proto::common::{ChangeEvent, CustomerDataErased};
+use clm_proto::customer as cpb;
+use prost::Message;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// The handlers of the customer stream.
+pub fn customer_handlers(models: Arc<Models>, wake: Arc<Notify>) -> Handlers {
+    let h = Arc::new(CustomerEvents { models, wake });
+    Handlers::new()
+        .on_batch::<cpb::TouchpointRecorded, _>(h.clone())
+        .on::<cpb::CustomerCreated, _>(h.clone())
+        .on::<cpb::CustomerUpdated, _>(h.clone())
+        .on::<cpb::StageChanged, _>(h.clone())
+        .on::<cpb::ConsentChanged, _>(h.clone())
+        .on::<cpb::CustomersMerged, _>(h.clone())
+        .on::<cpb::CustomerErased, _>(h)
+}
+
+/// Scores customer events.
+pub struct CustomerEvents {
+    models: Arc<Models>,
+    /// Wakes the timer queue after a commit that re-armed timers.
+    wake: Arc<Notify>,
+}
+
+impl CustomerEvents {
+    fn after(&self, cx: &mut Apply) {
+        let wake = self.wake.clone();
+        cx.after_commit(async move { wake.notify_one() });
+    }
+
+    /// Re-evaluates profile rules of every active model for `customer`.
+    async fn profile_changed(
+        &self,
+        cx: &mut Apply,
+        customer: &str,
+        event: &str,
+    ) -> Result<(), Error> {
+        let now = clm_domain::clock::micros(cx.now());
+        let txn = cx.txn();
+        let row = customers::get(txn, &[customer.to_owned()]).await?.pop();
+        let profile = row
+            .as_ref()
+            .and_then(|r| r.profile.as_deref())
+            .and_then(|b| cpb::Customer::decode(b).ok());
+        let stage = row
+            .as_ref()
+            .and_then(|r| Some((Stage::from_code(r.stage?)?, from_micros(r.stage_us?))));
+        let facts = convert::facts(profile.as_ref(), stage);
+        let last = customers::last_activity(txn, &[customer.to_owned()], to_micros(now)).await?;
+        let mut events = Vec::new();
+        for v in self.models.active(txn).await? {
+            if v.model.profile_rules.is_empty() {
+                continue;
+            }
+            let before = scorer::by_customer(
+                ledger::of_customers(txn, &v.id, &[customer.to_owned()]).await?,
+            );
+            let mut net: HashMap<String, i64> = HashMap::new();
+            for r in before.values().flatten() {
+                *net.entry(r.rule.clone()).or_default() += r.points;
+            }
+            let new: Vec<NewRow> = v
+                .model
+                .award_profile(&facts, &net, event, now)
+                .into_iter()
+                .map(|award| NewRow {
+                    customer: customer.to_owned(),
+                    model: v.id.clone(),
+                    model_version: v.version,
+                    award,
+                    reason: String::new(),
+                    actor: String::new(),
+                })
+                .collect();
+            events.extend(scorer::apply(txn, &v, &before, new, &last, to_micros(now)).await?);
+        }
+        for e in events {
+            cx.emit(e);
+        }
+        self.after(cx);
+        Ok(())
+    }
+}
+
+fn stage_of(c: &cpb::Customer) -> Option<(i16, i64)> {
+    let s = convert::stage("stage", c.stage).ok()?;
+    let at = c
+        .stage_change_time
+        .as_ref()
+        .and_then(|t| clm_platform::convert::from_timestamp("", t).ok())
+        .map_or(0, to_micros);
+    Some((s.code(), at))
+}
+
+#[async_trait::async_trait]
+impl OnBatch<cpb::TouchpointRecorded> for CustomerEvents {
+    async fn on_batch(
+        &self,
+        cx: &mut Apply,
+        messages: Vec<(&ChangeEvent, cpb::TouchpointRecorded)>,
+    ) -> Result<(), Error> {
+        let now = to_micros(clm_domain::clock::micros(cx.now()));
+        let rows: Vec<customers::TouchRow> = messages
+            .iter()
+            .filter_map(|(_, m)| m.touchpoint.as_ref())
+            .map(|t| customers::TouchRow {
+                event_id: t.event_id.clone(),
+                customer: t.customer.clone(),
+                occurred_us: t
+                    .occurred_time
+                    .as_ref()
+                    .and_then(|ts| clm_platform::convert::from_timestamp("", ts).ok())
+                    .map_or(0, to_micros),
+                body: t.encode_to_vec(),
+            })
+            .collect();
+        let txn = cx.txn();
+        let custs: Vec<String> = {
+            let mut c: Vec<String> = rows.iter().map(|r| r.customer.clone()).collect();
+            c.sort();
+            c.dedup();
+            c
+        };
+        // Lock first: awards of one customer are computed and written by one writer at a time.
+        customers::ensure_and_lock(txn, &custs).await?;
+        let fresh: std::collections::HashSet<String> = customers::insert_touchpoints(txn, &rows)
+            .await?
+            .into_iter()
+            .collect();
+        let mut tps: Vec<(String, clm_domain::touchpoint::Touchpoint)> = messages
+            .iter()
+            .filter_map(|(_, m)| m.touchpoint.as_ref())
+            .filter(|t| fresh.contains(&t.event_id))
+            .map(|t| (t.customer.clone(), convert::touchpoint(t)))
+            .collect();
+        if tps.is_empty() {
+            return Ok(());
+        }
+        tps.sort_by(|a, b| (&a.0, a.1.occurred_time).cmp(&(&b.0, b.1.occurred_time)));
+        let active = self.models.active(txn).await?;
+        let last = if active.iter().any(|v| scorer::uses_inactivity(&v.model)) {
+            customers::last_activity(txn, &custs, now).await?
+        } else {
+            Default::default()
+        };
+        let mut events = Vec::new();
+        for v in active {
+            if v.model.event_rules.is_empty() {
+                continue;
+            }
+            let before = scorer::by_customer(ledger::of_customers(txn, &v.id, &custs).await?);
+            let mut new = Vec::new();
+            let mut histories: BTreeMap<&str, RuleHistory> = BTreeMap::new();
+            for (customer, tp) in &tps {
+                let h = histories.entry(customer.as_str()).or_insert_with(|| {
+                    let mut h = RuleHistory::new();
+                    for r in before.get(customer).into_iter().flatten() {
+                        if r.model_version == v.version {
+                            h.entry(r.rule.clone())
+                                .or_default()
+                                .push((r.award_us, r.points));
+                        }
+                    }
+                    h
+                });
+                new.extend(
+                    v.model
+                        .award_touchpoint(tp, h)
+                        .into_iter()
+                        .map(|award| NewRow {
+                            customer: customer.clone(),
+                            model: v.id.clone(),
+                            model_version: v.version,
+                            award,
+                            reason: String::new(),
+                            actor: String::new(),
+                        }),
+                );
+            }
+            events.extend(scorer::apply(txn, &v, &before, new, &last, now).await?);
+        }
+        for e in events {
+            cx.emit(e);
+        }
+        self.after(cx);
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl On<cpb::CustomerCreated> for CustomerEvents {
+    async fn on(
+        &self,
+        cx: &mut Apply,
+        event: &ChangeEvent,
+        m: cpb::CustomerCreated,
+    ) -> Result<(), Error> {
+        let Some(c) = m.customer else { return Ok(()) };
+        customers::set_profile(cx.txn(), &c.name, c.encode_to_vec(), stage_of(&c)).await?;
+        self.profile_changed(cx, &c.name, &event.event_id).await
+    }
+}
+
+#[async_trait::async_trait]
+impl On<cpb::CustomerUpdated> for CustomerEvents {
+    async fn on(
+        &self,
+        cx: &mut Apply,
+        event: &ChangeEvent,
+        m: cpb::CustomerUpdated,
+    ) -> Result<(), Error> {
+        let Some(c) = m.customer else { return Ok(()) };
+        customers::set_profile(cx.txn(), &c.name, c.encode_to_vec(), stage_of(&c)).await?;
+        self.profile_changed(cx, &c.name, &event.event_id).await
+    }
+}
+
+#[async_trait::async_trait]
+impl On<cpb::StageChanged> for CustomerEvents {
+    async fn on(
+        &self,
+        cx: &mut Apply,
+        event: &ChangeEvent,
+        m: cpb::StageChanged,
+    ) -> Result<(), Error> {
+        let Some(change) = m.change else {
+            return Ok(());
+        };
+        let Ok(stage) = convert::stage("", change.to_stage) else {
+            return Ok(());
+        };
+        let at = change
+            .change_time
+            .as_ref()
+            .and_then(|t| clm_platform::convert::from_timestamp("", t).ok())
+            .map_or(0, to_micros);
+        customers::set_stage(cx.txn(), &m.customer, stage.code(), at).await?;
+        self.profile_changed(cx, &m.customer, &event.event_id).await
+    }
+}
+
+#[async_trait::async_trait]
+impl On<cpb::ConsentChanged> for CustomerEvents {
+    async fn on(
+        &self,
+        cx: &mut Apply,
+        event: &ChangeEvent,
+        m: cpb::ConsentChanged,
+    ) -> Result<(), Error> {
+        let denials: Vec<&cpb::ConsentChange> = m
+            .changes
+            .iter()
+            .filter(|c| {
+                c.to_state == cpb::ConsentState::Denied as i32 && c.from_state != c.to_state
+            })
+            .collect();
+        if denials.is_empty() {
+            return Ok(());
+        }
+        let now = to_micros(clm_domain::clock::micros(cx.now()));
+        let txn = cx.txn();
+        let custs = vec![m.customer.clone()];
+        customers::ensure_and_lock(txn, &custs).await?;
+        let last = customers::last_activity(txn, &custs, now).await?;
+        let mut events = Vec::new();
+        for v in self.models.active(txn).await? {
+            if v.model.consent_rules.is_empty() {
+                continue;
+            }
+            let before = scorer::by_customer(ledger::of_customers(txn, &v.id, &custs).await?);
+            let mut new = Vec::new();
+            for d in &denials {
+                let Some(purpose) = convert::purpose_name(d.purpose) else {
+                    continue;
+                };
+                let at = d
+                    .change_time
+                    .as_ref()
+                    .and_then(|t| clm_platform::convert::from_timestamp("", t).ok())
+                    .map_or(now, to_micros);
+                // One denial per purpose and channel: each its own source.
+                let source = format!("{}/{}/{}", event.event_id, d.purpose, d.channel);
+                new.extend(
+                    v.model
+                        .award_consent_denial(purpose, &source, at)
+                        .into_iter()
+                        .map(|award| NewRow {
+                            customer: m.customer.clone(),
+                            model: v.id.clone(),
+                            model_version: v.version,
+                            award,
+                            reason: String::new(),
+                            actor: String::new(),
+                        }),
+                );
+            }
+            events.extend(scorer::apply(txn, &v, &before, new, &last, now).await?);
+        }
+        for e in events {
+            cx.emit(e);
+        }
+        self.after(cx);
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl On<cpb::CustomersMerged> for CustomerEvents {
+    async fn on(
+        &self,
+        cx: &mut Apply,
+        event: &ChangeEvent,
+        m: cpb::CustomersMerged,
+    ) -> Result<(), Error> {
+        let now = to_micros(clm_domain::clock::micros(cx.now()));
+        let txn = cx.txn();
+        let mut all = m.merged.clone();
+        all.push(m.survivor.clone());
+        customers::ensure_and_lock(txn, &all).await?;
+        // Award keys do not name the customer, so moved entries keep them
+        // and a replayed event still scores once.
+        ledger::move_to(txn, &m.merged, &m.survivor).await?;
+        customers::merge(txn, &m.merged, &m.survivor).await?;
+        timers::delete(txn, &m.merged).await?;
+        if let Some(c) = &m.customer {
+            customers::set_profile(txn, &m.survivor, c.encode_to_vec(), stage_of(c)).await?;
+        }
+        // The survivor's thresholds are looked at again with the merged ledger.
+        let mut keys = Vec::new();
+        for v in self.models.active(txn).await? {
+            for t in &v.model.thresholds {
+                keys.push((m.survivor.clone(), v.id.clone(), t.id.clone()));
+            }
+        }
+        timers::touch(txn, &keys, now).await?;
+        self.profile_changed(cx, &m.survivor, &event.event_id).await
+    }
+}
+
+#[async_trait::async_trait]
+impl On<cpb::CustomerErased> for CustomerEvents {
+    async fn on(
+        &self,
+        cx: &mut Apply,
+        _event: &ChangeEvent,
+        m: cpb::CustomerErased,
+    ) -> Result<(), Error> {
+        let now = clm_domain::clock::micros(cx.now());
+        let mut all = m.merged_from.clone();
+        all.push(m.customer.clone());
+        let txn = cx.txn();
+        ledger::delete_customers(txn, &all).await?;
+        customers::delete(txn, &all).await?;
+        timers::delete(txn, &all).await?;
+        cx.emit(NewEvent::new(
+            &m.customer,
+            &CustomerDataErased {
+                customer: m.customer.clone(),
+                erasure_request: m.erasure_request.clone(),
+                service: crate::SERVICE.to_owned(),
+                erase_time: Some(clm_platform::convert::timestamp(now)),
+            },
+        ));
+        Ok(())
+    }
+}

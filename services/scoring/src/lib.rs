@@ -1,0 +1,85 @@
+//! The CLM scoring service (`clm.scoring.v1.ScoringService`, port 50052):
+//! versioned lead-scoring models, an explainable score ledger with exact
+//! decay, caps and thresholds that move the lifecycle stage.
+//!
+//! Layout: [`DESCRIPTOR`] (what the platform runs) → [`api`] (rpcs) →
+//! [`convert`] (proto ↔ domain, model validation) → [`scorer`] (scores
+//! from the ledger, applying awards) → [`store`] (SQL, migrations);
+//! [`events`] follows the customer stream, [`thresholds`] is the timer
+//! queue, [`rescore`] the re-scoring operation. The maths lives in
+//! `clm_domain::scoring`.
+//!
+//! # Decisions
+//!
+//! * **Models.** Any number of models; each has versions and one active
+//!   version, and its own scores (`GetScore` names the model). Every active
+//!   model scores every event. A score is what the model's ledger explains,
+//!   whatever version wrote each entry; `RescoreCustomers` rewrites it.
+//! * **Awards** are keyed by (source event, rule, model, version): the
+//!   unique index makes a replayed event score nothing twice, also when the
+//!   stream is replayed from 0 (touchpoints already kept are skipped).
+//!   Touchpoint awards count from the touchpoint's `occurred_time`; caps and
+//!   once-per-customer rules look at the same version's earlier awards of
+//!   the customer (events are applied in stream order; within a batch, in
+//!   time order per customer). Awarded and capped points are integers.
+//! * **Profile rules** hold or not: when the profile or stage changes the
+//!   ledger gets the correcting entry (+points when it starts to hold,
+//!   −points when it stops), sourced by the change event.
+//! * **Consent denials** (a CONSENT_STATE_DENIED transition) score the
+//!   model's consent rules once per purpose and channel.
+//! * **Inactivity decay** counts from the customer's newest touchpoint at
+//!   or before the read time.
+//! * **Merges** move the duplicates' ledger, touchpoints and timers to the
+//!   survivor (award keys do not name the customer, so they stay unique);
+//!   a once-per-customer rule that scored on both keeps both entries.
+//! * **Erasure** deletes ledger, touchpoints, profile and timers of the
+//!   customer and the customers merged into it, and emits
+//!   `clm.common.v1.CustomerDataErased` (service `scoring`) in the same
+//!   transaction.
+//! * **Thresholds** see [`thresholds`]; the stage is taken from StageChanged
+//!   events, so a move the customer service refuses (not allowed, already
+//!   there) is logged and not retried.
+//! * **RescoreCustomers** keeps manual adjustments and the awards of the
+//!   version's consent rules (denials are not kept as history), replays
+//!   touchpoints and profiles, and swaps 500 customers per transaction.
+//! * **ListTopCustomers** computes every customer's score of the model at
+//!   the read time from one read of the model's ledger and sorts: exact for
+//!   any mix of decays, floors and ceilings, but linear in the ledger size.
+
+pub mod api;
+pub mod convert;
+pub mod error;
+pub mod events;
+pub mod rescore;
+pub mod scorer;
+pub mod store;
+pub mod thresholds;
+
+use clm_platform::Runtime;
+use clm_platform::service::{Parts, ServiceDescriptor, migrate_with};
+use clm_proto::scoring::scoring_service_server::ScoringServiceServer;
+use std::sync::Arc;
+
+/// The service's name in config, logs and change events.
+pub const SERVICE: &str = "scoring";
+
+/// The scoring service, as the platform runs it.
+pub static DESCRIPTOR: ServiceDescriptor = ServiceDescriptor {
+    name: SERVICE,
+    about: "lead-scoring models, score ledger, decay and thresholds",
+    migrate: migrate_with::<store::Migrator>,
+    build,
+};
+
+fn build(rt: &Runtime) -> anyhow::Result<Parts> {
+    let models = Arc::new(scorer::Models::default());
+    let wake = Arc::new(tokio::sync::Notify::new());
+    thresholds::spawn(rt.clone(), models.clone(), wake.clone())?;
+    tokio::spawn(rescore::resume(rt.clone(), models.clone()));
+    Ok(Parts::new()
+        .grpc(ScoringServiceServer::new(api::ScoringApi::new(
+            rt.clone(),
+            models.clone(),
+        )))
+        .follow("customer", events::customer_handlers(models, wake)))
+}

@@ -1,0 +1,203 @@
+//! RescoreCustomers: replays every customer's kept touchpoints and profile
+//! under a model version and swaps each customer's rule-made ledger entries
+//! in one transaction per chunk of customers (manual adjustments and
+//! consent-denial awards of rules the version still has are kept). Progress
+//! and the final count are in the operation.
+
+use crate::convert;
+use crate::scorer::{Models, Version};
+use crate::store::ledger::{self, NewRow};
+use crate::store::{customers, timers};
+use clm_domain::lifecycle::Stage;
+use clm_domain::scoring::RuleHistory;
+use clm_platform::db::from_micros;
+use clm_platform::{Result, Runtime, operations};
+use clm_proto::customer as cpb;
+use clm_proto::google::longrunning::Operation;
+use clm_proto::scoring as pb;
+use prost::Message;
+use sea_orm::TransactionTrait;
+use sea_orm::sea_query::{Expr, ExprTrait, Query};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Operation kind in the operations table.
+pub const KIND: &str = "scoring.rescore";
+/// Customers per transaction.
+const CHUNK: u64 = 500;
+
+/// Resumes the re-scorings a stopped service left unfinished (from their
+/// start: each chunk's swap is atomic and a replay writes the same ledger).
+pub async fn resume(rt: Runtime, models: Arc<Models>) {
+    let ops = match operations::unfinished(&rt.db, KIND).await {
+        Ok(ops) => ops,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list unfinished re-scorings");
+            return;
+        }
+    };
+    for op in ops {
+        let meta = op
+            .metadata
+            .as_ref()
+            .and_then(|m| pb::RescoreCustomersMetadata::decode(m.value.as_slice()).ok());
+        let Some(mut meta) = meta else { continue };
+        let id = meta
+            .scoring_model
+            .trim_start_matches("scoringModels/")
+            .to_owned();
+        match models.get(&rt.db, &id, meta.model_version).await {
+            Ok(Some(v)) => {
+                tracing::info!(operation = %op.name, "resuming a re-scoring");
+                meta.customers_done = 0;
+                run(rt.clone(), models.clone(), op, v, meta).await;
+            }
+            _ => {
+                let mut op = op;
+                let _ = operations::fail(
+                    &rt.db,
+                    &mut op,
+                    tonic::Code::FailedPrecondition,
+                    "the model version to re-score with no longer exists".into(),
+                    rt.clock.now(),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// Runs a started re-scoring to its end, recording the outcome in `op`.
+pub async fn run(
+    rt: Runtime,
+    models: Arc<Models>,
+    mut op: Operation,
+    v: Version,
+    mut meta: pb::RescoreCustomersMetadata,
+) {
+    let outcome = replay(&rt, &models, &mut op, &v, &mut meta).await;
+    if rt.background.is_cancelled() {
+        // Stopped with the service: left unfinished, resumed on the next start.
+        return;
+    }
+    let now = rt.clock.now();
+    let done = match outcome {
+        Ok(entries) => {
+            operations::succeed(
+                &rt.db,
+                &mut op,
+                clm_proto::pack_any(&meta),
+                clm_proto::pack_any(&pb::RescoreCustomersResponse {
+                    customers: meta.customers_done,
+                    ledger_entries: entries,
+                }),
+                now,
+            )
+            .await
+        }
+        Err(e) => {
+            tracing::warn!(operation = %op.name, error = %e, "re-scoring failed");
+            operations::fail(
+                &rt.db,
+                &mut op,
+                tonic::Code::Internal,
+                "re-scoring failed; see the service log".into(),
+                now,
+            )
+            .await
+        }
+    };
+    if let Err(e) = done {
+        tracing::warn!(operation = %op.name, error = %e, "cannot record the end of a re-scoring");
+    }
+}
+
+async fn replay(
+    rt: &Runtime,
+    _models: &Models,
+    op: &mut Operation,
+    v: &Version,
+    meta: &mut pb::RescoreCustomersMetadata,
+) -> Result<i64> {
+    let mut after = String::new();
+    let mut written = 0i64;
+    let keep: Vec<String> = v.model.consent_rules.iter().map(|r| r.id.clone()).collect();
+    loop {
+        if rt.background.is_cancelled() {
+            return Err(clm_platform::Error::Unavailable("service stopping".into()));
+        }
+        let ids = customers::ids_after(&rt.read, &after, CHUNK).await?;
+        let Some(last_id) = ids.last().cloned() else {
+            break;
+        };
+        let now = clm_domain::clock::micros(rt.clock.now());
+        let now_us = now.timestamp_micros();
+        let txn = rt.db.begin().await?;
+        customers::ensure_and_lock(&txn, &ids).await?;
+        let tps = customers::touchpoints(&txn, &ids).await?;
+        let rows = customers::get(&txn, &ids).await?;
+        let mut new = Vec::new();
+        let mut histories: HashMap<String, RuleHistory> = HashMap::new();
+        for (customer, body) in &tps {
+            let Ok(tp) = cpb::Touchpoint::decode(body.as_slice()) else {
+                continue;
+            };
+            let h = histories.entry(customer.clone()).or_default();
+            for award in v.model.award_touchpoint(&convert::touchpoint(&tp), h) {
+                new.push(row(customer, v, award));
+            }
+        }
+        for r in &rows {
+            let profile = r
+                .profile
+                .as_deref()
+                .and_then(|b| cpb::Customer::decode(b).ok());
+            let stage = r
+                .stage
+                .and_then(Stage::from_code)
+                .zip(r.stage_us.map(from_micros));
+            let facts = convert::facts(profile.as_ref(), stage);
+            let source = format!("{}:{}", op.name, r.customer);
+            for award in v.model.award_profile(&facts, &HashMap::new(), &source, now) {
+                new.push(row(&r.customer, v, award));
+            }
+        }
+        // The swap: rule-made entries out, the replayed ones in.
+        let mut del = Query::delete();
+        del.from_table(crate::store::n("score_ledger"))
+            .and_where(Expr::col(crate::store::n("model")).eq(v.id.clone()))
+            .and_where(Expr::col(crate::store::n("model_version")).ne(0))
+            .and_where(Expr::col(crate::store::n("customer")).is_in(ids.iter().cloned()));
+        if !keep.is_empty() {
+            del.and_where(Expr::col(crate::store::n("rule")).is_not_in(keep.iter().cloned()));
+        }
+        sea_orm::ConnectionTrait::execute(&txn, &del).await?;
+        written += ledger::insert(&txn, &new).await? as i64;
+        let keys: Vec<(String, String, String)> = ids
+            .iter()
+            .flat_map(|c| {
+                v.model
+                    .thresholds
+                    .iter()
+                    .map(move |t| (c.clone(), v.id.clone(), t.id.clone()))
+            })
+            .collect();
+        timers::touch(&txn, &keys, now_us).await?;
+        meta.customers_done += ids.len() as i64;
+        operations::progress(&txn, op, clm_proto::pack_any(meta), now).await?;
+        txn.commit().await?;
+        after = last_id;
+    }
+    Ok(written)
+}
+
+fn row(customer: &str, v: &Version, award: clm_domain::scoring::Award) -> NewRow {
+    NewRow {
+        customer: customer.to_owned(),
+        model: v.id.clone(),
+        model_version: v.version,
+        award,
+        reason: String::new(),
+        actor: String::new(),
+    }
+}

@@ -1,0 +1,242 @@
+//! The score ledger: one row per award. Hot path: sea-query over both backends.
+
+use super::{chunk, n};
+use clm_domain::scoring::{Decay, Entry};
+use clm_platform::Result;
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Order, Query};
+use sea_orm::{ConnectionTrait, FromQueryResult};
+
+const TABLE: &str = "score_ledger";
+const COLUMNS: [&str; 12] = [
+    "customer",
+    "model",
+    "model_version",
+    "score",
+    "rule",
+    "points",
+    "source_event",
+    "award_us",
+    "decay_kind",
+    "decay_us",
+    "reason",
+    "actor",
+];
+
+/// A ledger row.
+#[derive(Debug, Clone, PartialEq, FromQueryResult)]
+pub struct Row {
+    /// Row id (orders entries with equal award times).
+    pub id: i64,
+    /// `customers/{id}`.
+    pub customer: String,
+    /// Model id.
+    pub model: String,
+    /// Model version (0: manual).
+    pub model_version: i64,
+    /// Score name.
+    pub score: String,
+    /// Rule id (`manual` for adjustments).
+    pub rule: String,
+    /// Points awarded.
+    pub points: i64,
+    /// The causing event.
+    pub source_event: String,
+    /// Award time (µs).
+    pub award_us: i64,
+    /// `Decay::code` kind.
+    pub decay_kind: i16,
+    /// `Decay::code` parameter.
+    pub decay_us: i64,
+    /// Why (manual).
+    pub reason: String,
+    /// Who (manual).
+    pub actor: String,
+}
+
+impl Row {
+    /// Its decay.
+    pub fn decay(&self) -> Decay {
+        Decay::from_code(self.decay_kind, self.decay_us)
+    }
+
+    /// As the maths needs it.
+    pub fn entry(&self) -> Entry {
+        Entry {
+            points: self.points,
+            award_us: self.award_us,
+            decay: self.decay(),
+        }
+    }
+}
+
+/// A new ledger row (no id yet).
+#[derive(Debug, Clone)]
+pub struct NewRow {
+    /// `customers/{id}`.
+    pub customer: String,
+    /// Model id.
+    pub model: String,
+    /// Model version.
+    pub model_version: i64,
+    /// The award.
+    pub award: clm_domain::scoring::Award,
+    /// Why (manual).
+    pub reason: String,
+    /// Who (manual).
+    pub actor: String,
+}
+
+/// Inserts `rows`, skipping any whose (source event, rule, model, version)
+/// is already in the ledger; one statement per chunk. Returns rows inserted.
+pub async fn insert(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<u64> {
+    let mut inserted = 0;
+    for part in rows.chunks(chunk(COLUMNS.len())) {
+        let mut q = Query::insert();
+        q.into_table(n(TABLE)).columns(COLUMNS.map(n));
+        for r in part {
+            let (kind, param) = r.award.decay.code();
+            q.values_panic([
+                r.customer.clone().into(),
+                r.model.clone().into(),
+                r.model_version.into(),
+                r.award.score.clone().into(),
+                r.award.rule.clone().into(),
+                r.award.points.into(),
+                r.award.source_event.clone().into(),
+                r.award.award_us.into(),
+                kind.into(),
+                param.into(),
+                r.reason.clone().into(),
+                r.actor.clone().into(),
+            ]);
+        }
+        q.on_conflict(
+            OnConflict::columns(["source_event", "rule", "model", "model_version"].map(n))
+                .do_nothing()
+                .to_owned(),
+        );
+        inserted += db.execute(&q).await?.rows_affected();
+    }
+    Ok(inserted)
+}
+
+fn select() -> sea_orm::sea_query::SelectStatement {
+    let mut cols = vec![n("id")];
+    cols.extend(COLUMNS.map(n));
+    Query::select().columns(cols).from(n(TABLE)).to_owned()
+}
+
+/// Every entry of `customers` under `model`, in ledger order (customer,
+/// award time, id): one statement. Only what scores are computed from is
+/// read; `source_event`, `reason` and `actor` come back empty.
+pub async fn of_customers(
+    db: &impl ConnectionTrait,
+    model: &str,
+    customers: &[String],
+) -> Result<Vec<Row>> {
+    if customers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = Query::select()
+        .columns(
+            [
+                "id",
+                "customer",
+                "model_version",
+                "score",
+                "rule",
+                "points",
+                "award_us",
+                "decay_kind",
+                "decay_us",
+            ]
+            .map(n),
+        )
+        .expr_as(Expr::val(model), n("model"))
+        .expr_as(Expr::val(""), n("source_event"))
+        .expr_as(Expr::val(""), n("reason"))
+        .expr_as(Expr::val(""), n("actor"))
+        .from(n(TABLE))
+        .and_where(Expr::col(n("model")).eq(model))
+        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .order_by(n("customer"), Order::Asc)
+        .order_by(n("award_us"), Order::Asc)
+        .order_by(n("id"), Order::Asc)
+        .to_owned();
+    Ok(Row::find_by_statement(db.get_database_backend().build(&q))
+        .all(db)
+        .await?)
+}
+
+/// Every entry of `model` for `score` (and the grade scores), in ledger order.
+pub async fn of_model(db: &impl ConnectionTrait, model: &str, scores: &[&str]) -> Result<Vec<Row>> {
+    let q = select()
+        .and_where(Expr::col(n("model")).eq(model))
+        .and_where(Expr::col(n("score")).is_in(scores.iter().map(|s| s.to_string())))
+        .order_by(n("customer"), Order::Asc)
+        .order_by(n("award_us"), Order::Asc)
+        .order_by(n("id"), Order::Asc)
+        .to_owned();
+    Ok(Row::find_by_statement(db.get_database_backend().build(&q))
+        .all(db)
+        .await?)
+}
+
+/// One page of a customer's entries after row `after`, oldest award first.
+pub async fn page(
+    db: &impl ConnectionTrait,
+    customer: &str,
+    model: &str,
+    after: Option<(i64, i64)>,
+    limit: u64,
+) -> Result<Vec<Row>> {
+    let mut q = select()
+        .and_where(Expr::col(n("customer")).eq(customer))
+        .and_where(Expr::col(n("model")).eq(model))
+        .order_by(n("award_us"), Order::Asc)
+        .order_by(n("id"), Order::Asc)
+        .limit(limit)
+        .to_owned();
+    if let Some((award, id)) = after {
+        q.and_where(
+            Expr::col(n("award_us"))
+                .gt(award)
+                .or(Expr::col(n("award_us"))
+                    .eq(award)
+                    .and(Expr::col(n("id")).gt(id))),
+        );
+    }
+    Ok(Row::find_by_statement(db.get_database_backend().build(&q))
+        .all(db)
+        .await?)
+}
+
+/// The entry awarded for `source_event` by `rule` (manual adjustments).
+pub async fn by_source(db: &impl ConnectionTrait, source: &str, rule: &str) -> Result<Option<Row>> {
+    let q = select()
+        .and_where(Expr::col(n("source_event")).eq(source))
+        .and_where(Expr::col(n("rule")).eq(rule))
+        .to_owned();
+    Ok(Row::find_by_statement(db.get_database_backend().build(&q))
+        .one(db)
+        .await?)
+}
+
+/// Moves the entries of `from` customers to `to` (a merge).
+pub async fn move_to(db: &impl ConnectionTrait, from: &[String], to: &str) -> Result<u64> {
+    let q = Query::update()
+        .table(n(TABLE))
+        .value(n("customer"), to)
+        .and_where(Expr::col(n("customer")).is_in(from.iter().cloned()))
+        .to_owned();
+    Ok(db.execute(&q).await?.rows_affected())
+}
+
+/// Deletes every entry of `customers`.
+pub async fn delete_customers(db: &impl ConnectionTrait, customers: &[String]) -> Result<u64> {
+    let q = Query::delete()
+        .from_table(n(TABLE))
+        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .to_owned();
+    Ok(db.execute(&q).await?.rows_affected())
+}

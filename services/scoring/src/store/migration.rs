@@ -1,0 +1,170 @@
+//! Schema of the scoring service. Times are microseconds since the epoch (`*_us`).
+
+use sea_orm_migration::prelude::*;
+
+/// Runs the platform tables, then the scoring tables.
+#[derive(Debug)]
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        let mut m = clm_platform::migration::platform_migrations();
+        m.push(Box::new(ScoringTables));
+        m
+    }
+}
+
+struct ScoringTables;
+
+impl MigrationName for ScoringTables {
+    fn name(&self) -> &str {
+        "m0002_scoring_tables"
+    }
+}
+
+fn a(s: &str) -> Alias {
+    Alias::new(s)
+}
+
+fn index(name: &str, table: &str, cols: &[&str], unique: bool) -> IndexCreateStatement {
+    let mut i = Index::create();
+    i.name(name).table(a(table)).if_not_exists();
+    if unique {
+        i.unique();
+    }
+    for c in cols {
+        i.col(a(c));
+    }
+    i.to_owned()
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ScoringTables {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        // One row per model version; `body` is the encoded ScoringModel.
+        m.create_table(
+            Table::create()
+                .table(a("scoring_models"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("id")).string().not_null())
+                .col(ColumnDef::new(a("version")).big_integer().not_null())
+                .col(ColumnDef::new(a("display_name")).string().not_null())
+                .col(ColumnDef::new(a("body")).blob().not_null())
+                .col(ColumnDef::new(a("active")).boolean().not_null())
+                .col(ColumnDef::new(a("create_us")).big_integer().not_null())
+                .primary_key(Index::create().col(a("id")).col(a("version")))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("score_ledger"))
+                .if_not_exists()
+                .col(
+                    ColumnDef::new(a("id"))
+                        .big_integer()
+                        .not_null()
+                        .auto_increment()
+                        .primary_key(),
+                )
+                .col(ColumnDef::new(a("customer")).string().not_null())
+                .col(ColumnDef::new(a("model")).string().not_null())
+                .col(ColumnDef::new(a("model_version")).big_integer().not_null())
+                .col(ColumnDef::new(a("score")).string().not_null())
+                .col(ColumnDef::new(a("rule")).string().not_null())
+                .col(ColumnDef::new(a("points")).big_integer().not_null())
+                .col(ColumnDef::new(a("source_event")).string().not_null())
+                .col(ColumnDef::new(a("award_us")).big_integer().not_null())
+                .col(ColumnDef::new(a("decay_kind")).small_integer().not_null())
+                .col(ColumnDef::new(a("decay_us")).big_integer().not_null())
+                .col(ColumnDef::new(a("reason")).string().not_null())
+                .col(ColumnDef::new(a("actor")).string().not_null())
+                .to_owned(),
+        )
+        .await?;
+        // Awards are idempotent by (source event, rule, model version).
+        m.create_index(index(
+            "score_ledger_award",
+            "score_ledger",
+            &["source_event", "rule", "model", "model_version"],
+            true,
+        ))
+        .await?;
+        m.create_index(index(
+            "score_ledger_customer",
+            "score_ledger",
+            &["customer", "model", "award_us"],
+            false,
+        ))
+        .await?;
+        // What scoring knows of each customer: profile and stage (fit rules,
+        // thresholds) and the newest touchpoint (inactivity decay).
+        m.create_table(
+            Table::create()
+                .table(a("score_customers"))
+                .if_not_exists()
+                .col(
+                    ColumnDef::new(a("customer"))
+                        .string()
+                        .not_null()
+                        .primary_key(),
+                )
+                .col(ColumnDef::new(a("stage")).small_integer().null())
+                .col(ColumnDef::new(a("stage_us")).big_integer().null())
+                .col(ColumnDef::new(a("profile")).blob().null())
+                .to_owned(),
+        )
+        .await?;
+        // Every touchpoint seen (encoded), for inactivity and re-scoring.
+        m.create_table(
+            Table::create()
+                .table(a("score_touchpoints"))
+                .if_not_exists()
+                .col(
+                    ColumnDef::new(a("event_id"))
+                        .string()
+                        .not_null()
+                        .primary_key(),
+                )
+                .col(ColumnDef::new(a("customer")).string().not_null())
+                .col(ColumnDef::new(a("occurred_us")).big_integer().not_null())
+                .col(ColumnDef::new(a("body")).blob().not_null())
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "score_touchpoints_customer",
+            "score_touchpoints",
+            &["customer", "occurred_us"],
+            false,
+        ))
+        .await?;
+        // The timer queue: per customer and threshold, which side of it the
+        // score was last seen on and when it must be looked at next.
+        m.create_table(
+            Table::create()
+                .table(a("score_timers"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("customer")).string().not_null())
+                .col(ColumnDef::new(a("model")).string().not_null())
+                .col(ColumnDef::new(a("threshold")).string().not_null())
+                .col(ColumnDef::new(a("above")).boolean().not_null())
+                .col(ColumnDef::new(a("due_us")).big_integer().null())
+                .primary_key(
+                    Index::create()
+                        .col(a("customer"))
+                        .col(a("model"))
+                        .col(a("threshold")),
+                )
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "score_timers_due",
+            "score_timers",
+            &["due_us"],
+            false,
+        ))
+        .await
+    }
+}

@@ -1,0 +1,29 @@
+//! Storage of the scoring service. Every statement runs on PostgreSQL and
+//! SQLite and is set-based: one statement per batch of events or customers.
+//!
+//! * [`scoring_models`]: model versions (a sea-orm entity).
+//! * [`ledger`]: the score ledger, awards idempotent by (source event,
+//!   rule, model, model version) with `INSERT .. ON CONFLICT DO NOTHING`.
+//! * [`customers`]: what scoring keeps of each customer (profile, stage)
+//!   and of its touchpoints (for inactivity and re-scoring).
+//! * [`timers`]: the threshold timer queue.
+
+pub mod customers;
+pub mod ledger;
+pub mod migration;
+pub mod scoring_models;
+pub mod timers;
+
+pub use migration::Migrator;
+
+use sea_orm::sea_query::Alias;
+
+/// Shorthand for a table or column name.
+pub(crate) fn n(s: &str) -> Alias {
+    Alias::new(s)
+}
+
+/// Rows per multi-row INSERT, under PostgreSQL's 65,535 bind parameters.
+pub(crate) fn chunk(columns: usize) -> usize {
+    clm_platform::db::rows_per_statement(columns)
+}

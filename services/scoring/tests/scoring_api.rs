@@ -1,0 +1,948 @@
+//! The scoring service through gRPC, with the customer service beside it
+//! (each on its own fresh backend: SQLite, or PostgreSQL + Redis when
+//! `CLM_TEST_DATABASE_URL` is set), sharing one controlled clock.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use chrono::{DateTime, Duration, Utc};
+use clm_domain::ManualClock;
+use clm_platform::testing::{Running, TestBackend, assert_bad_field, eventually, start_with_clock};
+use clm_proto::customer as cpb;
+use clm_proto::customer::customer_service_client::CustomerServiceClient;
+use clm_proto::scoring as pb;
+use clm_proto::scoring::scoring_service_client::ScoringServiceClient;
+use std::sync::Arc;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+type Scoring = ScoringServiceClient<Channel>;
+type Customers = CustomerServiceClient<Channel>;
+
+fn t0() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+struct Env {
+    secret: Option<String>,
+    customer: Running,
+    scoring: Option<Running>,
+    clock: ManualClock,
+    scoring_backend: TestBackend,
+    _customer_backend: TestBackend,
+}
+
+impl Env {
+    async fn start() -> Env {
+        Self::start_with(None).await
+    }
+
+    async fn start_with(secret: Option<&str>) -> Env {
+        let cb = TestBackend::migrated::<clm_customer::store::Migrator>().await;
+        let sb = TestBackend::migrated::<clm_scoring::store::Migrator>().await;
+        let clock = ManualClock::new(t0());
+        let mut cc = cb.config("customer");
+        cc.change_poll_interval_ms = 50;
+        cc.auth.hs256_secret = secret.map(str::to_owned);
+        let customer =
+            start_with_clock(&clm_customer::DESCRIPTOR, cc, Arc::new(clock.clone())).await;
+        let mut env = Env {
+            secret: secret.map(str::to_owned),
+            customer,
+            scoring: None,
+            clock,
+            scoring_backend: sb,
+            _customer_backend: cb,
+        };
+        env.start_scoring().await;
+        env
+    }
+
+    async fn start_scoring(&mut self) {
+        let mut sc = self.scoring_backend.config("scoring");
+        sc.change_poll_interval_ms = 50;
+        sc.peers.insert("customer".into(), self.customer.url());
+        sc.auth.hs256_secret = self.secret.clone();
+        self.scoring = Some(
+            start_with_clock(&clm_scoring::DESCRIPTOR, sc, Arc::new(self.clock.clone())).await,
+        );
+    }
+
+    async fn stop_scoring(&mut self) {
+        if let Some(s) = self.scoring.take() {
+            s.stop().await;
+        }
+    }
+
+    fn scoring(&self) -> Scoring {
+        ScoringServiceClient::new(self.scoring.as_ref().unwrap().channel())
+    }
+
+    fn customers(&self) -> Customers {
+        CustomerServiceClient::new(self.customer.channel())
+    }
+
+    async fn new_customer(&self, email: &str) -> cpb::Customer {
+        self.customers()
+            .create_customer(cpb::CreateCustomerRequest {
+                customer: Some(cpb::Customer {
+                    email: email.into(),
+                    display_name: email.into(),
+                    demographics: Some(cpb::Demographics {
+                        occupation: "engineer".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn touch(&self, customer: &str, event: &str, kind: cpb::TouchpointType, feature: &str) {
+        self.customers()
+            .record_touchpoints(cpb::RecordTouchpointsRequest {
+                touchpoints: vec![cpb::Touchpoint {
+                    customer: customer.into(),
+                    event_id: event.into(),
+                    r#type: kind as i32,
+                    feature: feature.into(),
+                    product: "app".into(),
+                    occurred_time: Some(clm_platform::convert::timestamp(self.clock_now())),
+                    ..Default::default()
+                }],
+            })
+            .await
+            .unwrap();
+    }
+
+    fn clock_now(&self) -> DateTime<Utc> {
+        use clm_domain::Clock;
+        self.clock.now()
+    }
+
+    async fn score(&self, customer: &str, model: &str, name: &str) -> f64 {
+        let s = self
+            .scoring()
+            .get_score(pb::GetScoreRequest {
+                customer: customer.into(),
+                scoring_model: model.into(),
+                read_time: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        s.scores
+            .iter()
+            .find(|v| v.score == name)
+            .map_or(f64::NAN, |v| v.value)
+    }
+
+    async fn stages(&self, customer: &str) -> Vec<cpb::StageChange> {
+        self.customers()
+            .list_stage_history(cpb::ListStageHistoryRequest {
+                parent: customer.into(),
+                page_size: 100,
+                page_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .changes
+    }
+}
+
+fn dur(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.num_seconds(),
+        nanos: 0,
+    }
+}
+
+fn event_rule(id: &str, query: &str, points: i64) -> pb::ScoringRule {
+    pb::ScoringRule {
+        id: id.into(),
+        score: "engagement".into(),
+        points,
+        trigger: Some(pb::scoring_rule::Trigger::Touchpoint(query.into())),
+        ..Default::default()
+    }
+}
+
+fn model(rules: Vec<pb::ScoringRule>, thresholds: Vec<pb::Threshold>) -> pb::ScoringModel {
+    pb::ScoringModel {
+        display_name: "Leads".into(),
+        rules,
+        thresholds,
+        ..Default::default()
+    }
+}
+
+async fn create(s: &mut Scoring, id: &str, m: pb::ScoringModel) -> pb::ScoringModel {
+    s.create_scoring_model(pb::CreateScoringModelRequest {
+        scoring_model: Some(m),
+        scoring_model_id: id.into(),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+#[tokio::test]
+async fn rules_caps_once_negative_fit_and_ledger() {
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    let mut capped = event_rule("visits", "product_access", 10);
+    capped.cap = Some(pb::Cap {
+        points: 25,
+        period: pb::CapPeriod::Day as i32,
+        rolling_window: None,
+    });
+    let mut once = event_rule("demo", r#"feature_use where feature = "demo""#, 15);
+    once.once_per_customer = true;
+    let complaint = event_rule("complaint", "support_contact", -5);
+    let fit = pb::ScoringRule {
+        id: "engineer".into(),
+        score: "fit".into(),
+        points: 30,
+        trigger: Some(pb::scoring_rule::Trigger::ProfileCondition(
+            r#"occupation = "engineer""#.into(),
+        )),
+        ..Default::default()
+    };
+    create(
+        &mut s,
+        "leads",
+        model(vec![capped, once, complaint, fit], vec![]),
+    )
+    .await;
+    let c = env.new_customer("a@example.com").await;
+    for i in 0..4 {
+        env.touch(
+            &c.name,
+            &format!("v{i}"),
+            cpb::TouchpointType::ProductAccess,
+            "",
+        )
+        .await;
+    }
+    env.touch(&c.name, "d1", cpb::TouchpointType::FeatureUse, "demo")
+        .await;
+    env.touch(&c.name, "d2", cpb::TouchpointType::FeatureUse, "demo")
+        .await;
+    env.touch(&c.name, "s1", cpb::TouchpointType::SupportContact, "")
+        .await;
+    // 10 + 10 + 5 (cap 25 a day) + 15 (demo once) − 5 (complaint) = 35.
+    eventually(std::time::Duration::from_secs(20), || async {
+        (env.score(&c.name, "scoringModels/leads", "engagement")
+            .await
+            == 35.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(env.score(&c.name, "scoringModels/leads", "fit").await, 30.0);
+    // The ledger explains it, entry by entry.
+    let ledger = s
+        .list_score_ledger(pb::ListScoreLedgerRequest {
+            customer: c.name.clone(),
+            scoring_model: "scoringModels/leads".into(),
+            page_size: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ledger.entries.len(), 3);
+    let rest = s
+        .list_score_ledger(pb::ListScoreLedgerRequest {
+            customer: c.name.clone(),
+            scoring_model: "scoringModels/leads".into(),
+            page_size: 100,
+            page_token: ledger.next_page_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let all: Vec<pb::LedgerEntry> = ledger.entries.into_iter().chain(rest.entries).collect();
+    let engagement: f64 = all
+        .iter()
+        .filter(|e| e.score == "engagement")
+        .map(|e| e.current_value)
+        .sum();
+    assert_eq!(engagement, 35.0);
+    assert_eq!(all.iter().filter(|e| e.rule == "demo").count(), 1);
+    assert_eq!(
+        all.iter()
+            .filter(|e| e.rule == "visits")
+            .map(|e| e.points)
+            .collect::<Vec<_>>(),
+        vec![10, 10, 5]
+    );
+    // A manual adjustment, idempotent by request id.
+    for _ in 0..2 {
+        let e = s
+            .adjust_score(pb::AdjustScoreRequest {
+                customer: c.name.clone(),
+                scoring_model: "scoringModels/leads".into(),
+                score: "engagement".into(),
+                points: 7,
+                reason: "met at a fair".into(),
+                request_id: "adj-1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(e.rule, "manual");
+    }
+    assert_eq!(
+        env.score(&c.name, "scoringModels/leads", "engagement")
+            .await,
+        42.0
+    );
+    let top = s
+        .list_top_customers(pb::ListTopCustomersRequest {
+            scoring_model: "scoringModels/leads".into(),
+            score: "engagement".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(top.customers[0].customer, c.name);
+}
+
+#[tokio::test]
+async fn thresholds_fire_on_award_and_on_decay_at_the_exact_instant_across_a_restart() {
+    let mut env = Env::start().await;
+    let mut s = env.scoring();
+    let mut r = event_rule("use", "feature_use", 40);
+    r.decay = Some(pb::Decay {
+        kind: Some(pb::decay::Kind::HalfLife(dur(Duration::days(1)))),
+    });
+    let up = pb::Threshold {
+        id: "engaged".into(),
+        score: "engagement".into(),
+        value: 30.0,
+        direction: pb::ThresholdDirection::AtOrAbove as i32,
+        to_stage: cpb::Stage::Acquisition as i32,
+        while_in_stage: 0,
+    };
+    let down = pb::Threshold {
+        id: "cooled".into(),
+        score: "engagement".into(),
+        value: 20.0,
+        direction: pb::ThresholdDirection::Below as i32,
+        to_stage: cpb::Stage::Approach as i32,
+        while_in_stage: cpb::Stage::Acquisition as i32,
+    };
+    create(&mut s, "leads", model(vec![r], vec![up, down])).await;
+    let c = env.new_customer("b@example.com").await;
+    let award_time = env.clock_now();
+    env.touch(&c.name, "u1", cpb::TouchpointType::FeatureUse, "x")
+        .await;
+    let moved = eventually(std::time::Duration::from_secs(20), || async {
+        env.stages(&c.name)
+            .await
+            .into_iter()
+            .find(|h| h.to_stage == cpb::Stage::Acquisition as i32)
+    })
+    .await;
+    assert_eq!(moved.reason, "score threshold: engaged");
+    // 40 × 2^(−a/1d) is 20 at one day (not below: no move yet) and falls
+    // below 20.0000 (4 decimal places) a fraction of a second later.
+    let half = award_time + Duration::days(1);
+    env.clock.set(half);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let early = env.stages(&c.name).await;
+    assert!(
+        early
+            .iter()
+            .all(|h| h.to_stage != cpb::Stage::Approach as i32 || h.from_stage == 0),
+        "{early:?}"
+    );
+    // Scoring is down while the crossing passes; the timer survives the restart.
+    env.stop_scoring().await;
+    env.clock.set(half + Duration::hours(1));
+    env.start_scoring().await;
+    let back = eventually(std::time::Duration::from_secs(20), || async {
+        env.stages(&c.name).await.into_iter().find(|h| {
+            h.to_stage == cpb::Stage::Approach as i32
+                && h.from_stage == cpb::Stage::Acquisition as i32
+        })
+    })
+    .await;
+    assert_eq!(back.reason, "score threshold: cooled");
+    // Exactly once, and the crossing instant is the first microsecond below.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let moves = env.stages(&c.name).await;
+    assert_eq!(
+        moves
+            .iter()
+            .filter(|h| h.reason == "score threshold: cooled")
+            .count(),
+        1
+    );
+    let mut changes =
+        clm_proto::common::change_stream_service_client::ChangeStreamServiceClient::new(
+            env.scoring.as_ref().unwrap().channel(),
+        );
+    let mut stream = changes
+        .watch_changes(clm_proto::common::WatchChangesRequest {
+            after_sequence: 0,
+            event_types: vec!["clm.scoring.v1.ThresholdCrossed".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let crossing = loop {
+        let e = stream.message().await.unwrap().unwrap().event.unwrap();
+        let t =
+            <pb::ThresholdCrossed as prost::Message>::decode(e.payload.unwrap().value.as_slice())
+                .unwrap();
+        if t.threshold == "cooled" {
+            break clm_platform::convert::from_timestamp("", &t.cross_time.unwrap()).unwrap();
+        }
+    };
+    assert!(
+        crossing > half && crossing < half + Duration::seconds(1),
+        "{crossing}"
+    );
+    let at = |t: DateTime<Utc>| {
+        let mut s = env.scoring();
+        let c = c.name.clone();
+        async move {
+            s.get_score(pb::GetScoreRequest {
+                customer: c,
+                scoring_model: "scoringModels/leads".into(),
+                read_time: Some(clm_platform::convert::timestamp(t)),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .scores
+            .into_iter()
+            .find(|v| v.score == "engagement")
+            .unwrap()
+            .value
+        }
+    };
+    assert!(at(crossing - Duration::microseconds(1)).await >= 20.0);
+    assert!(at(crossing).await < 20.0);
+}
+
+#[tokio::test]
+async fn rescore_after_a_rule_change_and_erasure_receipt() {
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    create(
+        &mut s,
+        "leads",
+        model(vec![event_rule("use", "feature_use", 5)], vec![]),
+    )
+    .await;
+    let c = env.new_customer("c@example.com").await;
+    env.touch(&c.name, "u1", cpb::TouchpointType::FeatureUse, "x")
+        .await;
+    env.touch(&c.name, "u2", cpb::TouchpointType::FeatureUse, "x")
+        .await;
+    eventually(std::time::Duration::from_secs(20), || async {
+        (env.score(&c.name, "scoringModels/leads", "engagement")
+            .await
+            == 10.0)
+            .then_some(())
+    })
+    .await;
+    let current = s
+        .get_scoring_model(pb::GetScoringModelRequest {
+            name: "scoringModels/leads".into(),
+            version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = model(
+        vec![
+            event_rule("use", "feature_use", 8),
+            event_rule("buy", "purchase", 50),
+        ],
+        vec![],
+    );
+    next.name = "scoringModels/leads".into();
+    next.etag = current.etag.clone();
+    let updated = s
+        .update_scoring_model(pb::UpdateScoringModelRequest {
+            scoring_model: Some(next),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let diff = updated.rule_diff.unwrap();
+    assert_eq!(diff.added, vec!["buy".to_string()]);
+    assert_eq!(diff.changed, vec!["use".to_string()]);
+    s.activate_model_version(pb::ActivateModelVersionRequest {
+        name: "scoringModels/leads".into(),
+        version: 2,
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    let op = s
+        .rescore_customers(pb::RescoreCustomersRequest {
+            scoring_model: "scoringModels/leads".into(),
+            model_version: 0,
+            request_id: "rescore-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let done = eventually(std::time::Duration::from_secs(20), || {
+        let mut s = env.scoring();
+        let name = op.name.clone();
+        async move {
+            let o = s
+                .get_operation(clm_proto::google::longrunning::GetOperationRequest { name })
+                .await
+                .unwrap()
+                .into_inner();
+            o.done.then_some(o)
+        }
+    })
+    .await;
+    let Some(clm_proto::google::longrunning::operation::Result::Response(any)) = done.result else {
+        panic!("rescore failed: {:?}", done.result)
+    };
+    let resp =
+        <pb::RescoreCustomersResponse as prost::Message>::decode(any.value.as_slice()).unwrap();
+    assert_eq!(resp.customers, 1);
+    assert_eq!(resp.ledger_entries, 2);
+    assert_eq!(
+        env.score(&c.name, "scoringModels/leads", "engagement")
+            .await,
+        16.0
+    );
+    // Erasure: the ledger goes, the receipt is on scoring's stream.
+    env.customers()
+        .erase_customer(cpb::EraseCustomerRequest {
+            name: c.name.clone(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    eventually(std::time::Duration::from_secs(20), || async {
+        (env.score(&c.name, "scoringModels/leads", "engagement")
+            .await
+            == 0.0)
+            .then_some(())
+    })
+    .await;
+    let mut changes =
+        clm_proto::common::change_stream_service_client::ChangeStreamServiceClient::new(
+            env.scoring.as_ref().unwrap().channel(),
+        );
+    let mut stream = changes
+        .watch_changes(clm_proto::common::WatchChangesRequest {
+            after_sequence: 0,
+            event_types: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = loop {
+        let e = stream.message().await.unwrap().unwrap().event.unwrap();
+        if e.event_type == "clm.common.v1.CustomerDataErased" {
+            break e;
+        }
+    };
+    let receipt = <clm_proto::common::CustomerDataErased as prost::Message>::decode(
+        first.payload.unwrap().value.as_slice(),
+    )
+    .unwrap();
+    assert_eq!(receipt.customer, c.name);
+    assert_eq!(receipt.service, "scoring");
+}
+
+#[tokio::test]
+async fn bad_models_name_the_rule_and_field() {
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    let bad = |m: pb::ScoringModel| {
+        let mut s = s.clone();
+        async move {
+            s.create_scoring_model(pb::CreateScoringModelRequest {
+                scoring_model: Some(m),
+                scoring_model_id: "bad".into(),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap_err()
+        }
+    };
+    assert_bad_field(&bad(model(vec![], vec![])).await, "scoring_model.rules");
+    assert_bad_field(
+        &bad(model(vec![event_rule("x", "teleport", 1)], vec![])).await,
+        "scoring_model.rules[0].touchpoint",
+    );
+    let mut unknown_score = event_rule("x", "purchase", 1);
+    unknown_score.score = "nope".into();
+    assert_bad_field(
+        &bad(model(vec![unknown_score], vec![])).await,
+        "scoring_model.rules[0].score",
+    );
+    let mut neg_cap = event_rule("x", "purchase", 1);
+    neg_cap.cap = Some(pb::Cap {
+        points: -1,
+        period: pb::CapPeriod::Day as i32,
+        rolling_window: None,
+    });
+    assert_bad_field(
+        &bad(model(vec![neg_cap], vec![])).await,
+        "scoring_model.rules[0].cap.points",
+    );
+    let mut zero = event_rule("x", "purchase", 1);
+    zero.decay = Some(pb::Decay {
+        kind: Some(pb::decay::Kind::HalfLife(dur(Duration::zero()))),
+    });
+    assert_bad_field(
+        &bad(model(vec![zero], vec![])).await,
+        "scoring_model.rules[0].decay.half_life",
+    );
+    let th = pb::Threshold {
+        id: "t".into(),
+        score: "engagement".into(),
+        value: 1.0,
+        direction: pb::ThresholdDirection::AtOrAbove as i32,
+        to_stage: 42,
+        while_in_stage: 0,
+    };
+    assert_bad_field(
+        &bad(model(vec![event_rule("x", "purchase", 1)], vec![th])).await,
+        "scoring_model.thresholds[0].to_stage",
+    );
+    let err = bad(model(
+        vec![event_rule("x", "purchase where revenue > 5", 1)],
+        vec![],
+    ))
+    .await;
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let field = err
+        .get_error_details()
+        .bad_request()
+        .unwrap()
+        .field_violations[0]
+        .field
+        .clone();
+    assert!(
+        field.starts_with("scoring_model.rules[0].touchpoint"),
+        "{field}"
+    );
+    // Unknown model, bad names.
+    let e = s
+        .get_scoring_model(pb::GetScoringModelRequest {
+            name: "scoringModels/none".into(),
+            version: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = s
+        .get_score(pb::GetScoreRequest {
+            customer: "people/1".into(),
+            scoring_model: "scoringModels/x".into(),
+            read_time: None,
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "customer");
+    let e = s
+        .adjust_score(pb::AdjustScoreRequest {
+            customer: clm_domain::ids::CustomerId::new().name(),
+            scoring_model: "scoringModels/none".into(),
+            score: "engagement".into(),
+            points: 1,
+            reason: "x".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test]
+async fn merge_moves_the_ledger_to_the_survivor() {
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    create(
+        &mut s,
+        "leads",
+        model(vec![event_rule("use", "feature_use", 5)], vec![]),
+    )
+    .await;
+    let a = env.new_customer("m1@example.com").await;
+    let b = env.new_customer("m2@example.com").await;
+    env.touch(&a.name, "a1", cpb::TouchpointType::FeatureUse, "x")
+        .await;
+    env.touch(&b.name, "b1", cpb::TouchpointType::FeatureUse, "x")
+        .await;
+    env.touch(&b.name, "b2", cpb::TouchpointType::FeatureUse, "x")
+        .await;
+    eventually(std::time::Duration::from_secs(20), || async {
+        (env.score(&b.name, "scoringModels/leads", "engagement")
+            .await
+            == 10.0)
+            .then_some(())
+    })
+    .await;
+    env.customers()
+        .merge_customers(cpb::MergeCustomersRequest {
+            survivor: a.name.clone(),
+            duplicates: vec![b.name.clone()],
+            policy: Default::default(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    eventually(std::time::Duration::from_secs(20), || async {
+        (env.score(&a.name, "scoringModels/leads", "engagement")
+            .await
+            == 15.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        env.score(&b.name, "scoringModels/leads", "engagement")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn with_auth_roles_are_enforced_and_the_service_token_moves_stages() {
+    use clm_platform::auth::{Role, mint_hs256};
+    use tonic::service::interceptor::InterceptedService;
+    const SECRET: &str = "scoring-test-secret-of-enough-length-0123456789";
+    let env = Env::start_with(Some(SECRET)).await;
+    let bearer = |subject: &str, role: Role| {
+        let token = mint_hs256(
+            SECRET,
+            subject,
+            &[role],
+            std::time::Duration::from_secs(3600),
+        )
+        .unwrap();
+        let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", value.clone());
+            Ok(r)
+        }
+    };
+    let mut analyst = ScoringServiceClient::new(InterceptedService::new(
+        env.scoring.as_ref().unwrap().channel(),
+        bearer("ann", Role::Analyst),
+    ));
+    let m = model(
+        vec![event_rule("use", "feature_use", 40)],
+        vec![pb::Threshold {
+            id: "engaged".into(),
+            score: "engagement".into(),
+            value: 30.0,
+            direction: pb::ThresholdDirection::AtOrAbove as i32,
+            to_stage: cpb::Stage::Acquisition as i32,
+            while_in_stage: 0,
+        }],
+    );
+    let denied = analyst
+        .create_scoring_model(pb::CreateScoringModelRequest {
+            scoring_model: Some(m.clone()),
+            scoring_model_id: "leads".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let mut marketer = ScoringServiceClient::new(InterceptedService::new(
+        env.scoring.as_ref().unwrap().channel(),
+        bearer("mia", Role::Marketer),
+    ));
+    marketer
+        .create_scoring_model(pb::CreateScoringModelRequest {
+            scoring_model: Some(m),
+            scoring_model_id: "leads".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut customers = CustomerServiceClient::new(InterceptedService::new(
+        env.customer.channel(),
+        bearer("mia", Role::Marketer),
+    ));
+    let c = customers
+        .create_customer(cpb::CreateCustomerRequest {
+            customer: Some(cpb::Customer {
+                email: "auth@example.com".into(),
+                display_name: "A".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    customers
+        .record_touchpoints(cpb::RecordTouchpointsRequest {
+            touchpoints: vec![cpb::Touchpoint {
+                customer: c.name.clone(),
+                event_id: "auth-1".into(),
+                r#type: cpb::TouchpointType::FeatureUse as i32,
+                feature: "export".into(),
+                occurred_time: Some(clm_platform::convert::timestamp(t0())),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    // Scoring follows the stream and moves the stage with its service token.
+    let moved = eventually(std::time::Duration::from_secs(20), || {
+        let mut customers = customers.clone();
+        let name = c.name.clone();
+        async move {
+            customers
+                .list_stage_history(cpb::ListStageHistoryRequest {
+                    parent: name,
+                    page_size: 10,
+                    page_token: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .changes
+                .into_iter()
+                .find(|h| h.to_stage == cpb::Stage::Acquisition as i32)
+        }
+    })
+    .await;
+    assert_eq!(moved.actor, "service:scoring");
+    // A manual adjustment records who made it.
+    let e = marketer
+        .adjust_score(pb::AdjustScoreRequest {
+            customer: c.name.clone(),
+            scoring_model: "scoringModels/leads".into(),
+            score: "engagement".into(),
+            points: -3,
+            reason: "duplicate lead".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(e.actor, "mia");
+    let denied = analyst
+        .adjust_score(pb::AdjustScoreRequest {
+            customer: c.name.clone(),
+            scoring_model: "scoringModels/leads".into(),
+            score: "engagement".into(),
+            points: 1,
+            reason: "x".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn inactivity_linear_decay_floor_and_custom_scores_read_at_any_time() {
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    let mut m = model(
+        vec![
+            event_rule("use", "feature_use", 25),
+            pb::ScoringRule {
+                id: "buy".into(),
+                score: "product_a".into(),
+                points: 30,
+                trigger: Some(pb::scoring_rule::Trigger::Touchpoint("purchase".into())),
+                decay: Some(pb::Decay {
+                    kind: Some(pb::decay::Kind::LinearOver(dur(Duration::days(30)))),
+                }),
+                ..Default::default()
+            },
+        ],
+        vec![],
+    );
+    m.scores = vec![
+        pb::ScoreDefinition {
+            name: "engagement".into(),
+            floor: Some(0),
+            ceiling: None,
+            inactivity: Some(pb::InactivityDecay {
+                points: -10,
+                every: Some(dur(Duration::days(14))),
+            }),
+        },
+        pb::ScoreDefinition {
+            name: "product_a".into(),
+            ..Default::default()
+        },
+    ];
+    create(&mut s, "leads", m).await;
+    let c = env.new_customer("i@example.com").await;
+    env.touch(&c.name, "f1", cpb::TouchpointType::FeatureUse, "x")
+        .await;
+    env.customers()
+        .record_touchpoints(cpb::RecordTouchpointsRequest {
+            touchpoints: vec![cpb::Touchpoint {
+                customer: c.name.clone(),
+                event_id: "p1".into(),
+                r#type: cpb::TouchpointType::Purchase as i32,
+                product: "a".into(),
+                revenue: Some(clm_proto::common::Money {
+                    currency_code: "EUR".into(),
+                    amount_minor: 1000,
+                }),
+                occurred_time: Some(clm_platform::convert::timestamp(t0())),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    eventually(std::time::Duration::from_secs(20), || async {
+        (env.score(&c.name, "scoringModels/leads", "product_a").await == 30.0).then_some(())
+    })
+    .await;
+    let at = |days: i64, score: &'static str| {
+        let mut s = env.scoring();
+        let c = c.name.clone();
+        async move {
+            s.get_score(pb::GetScoreRequest {
+                customer: c,
+                scoring_model: "scoringModels/leads".into(),
+                read_time: Some(clm_platform::convert::timestamp(
+                    t0() + Duration::days(days),
+                )),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .scores
+            .into_iter()
+            .find(|v| v.score == score)
+            .unwrap()
+            .value
+        }
+    };
+    // Inactivity: −10 for each whole 14 idle days since the newest touchpoint, floor 0.
+    assert_eq!(at(13, "engagement").await, 25.0);
+    assert_eq!(at(14, "engagement").await, 15.0);
+    assert_eq!(at(28, "engagement").await, 5.0);
+    assert_eq!(at(42, "engagement").await, 0.0);
+    // Linear: 30 × (1 − a/30d).
+    assert_eq!(at(15, "product_a").await, 15.0);
+    assert_eq!(at(30, "product_a").await, 0.0);
+    // Before the award nothing counts.
+    assert_eq!(at(-1, "product_a").await, 0.0);
+}
