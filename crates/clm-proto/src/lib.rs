@@ -21,12 +21,18 @@ pub mod clm {
             tonic::include_proto!("clm.customer.v1");
         }
     }
+    pub mod segmentation {
+        pub mod v1 {
+            tonic::include_proto!("clm.segmentation.v1");
+        }
+    }
 }
 
 pub mod event_types;
 
 pub use clm::common::v1 as common;
 pub use clm::customer::v1 as customer;
+pub use clm::segmentation::v1 as segmentation;
 
 /// Type URL prefix used for `google.protobuf.Any` payloads.
 pub const TYPE_URL_PREFIX: &str = "type.googleapis.com/";
