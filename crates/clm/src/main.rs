@@ -89,7 +89,8 @@ enum Command {
 
 /// Every service this build contains, in port order: the one table `up`
 /// and `serve` read. Adding a service is one entry here.
-static SERVICES: &[&ServiceDescriptor] = &[&clm_customer::DESCRIPTOR];
+static SERVICES: &[&ServiceDescriptor] =
+    &[&clm_customer::DESCRIPTOR, &clm_segmentation::DESCRIPTOR];
 
 fn find_service(name: &str) -> Result<&'static ServiceDescriptor, String> {
     SERVICES
