@@ -391,8 +391,9 @@ impl Compiler {
     }
 
     fn starts_with(e: Expr, s: &str) -> Expr {
-        let len = i64::try_from(s.chars().count()).unwrap_or(i64::MAX);
-        Expr::from(Func::cust(a("substr")).args([e, Expr::val(1i64), Expr::val(len)])).eq(s)
+        // `substr(text, integer, integer)`: 32-bit positions on PostgreSQL.
+        let len = i32::try_from(s.chars().count()).unwrap_or(i32::MAX);
+        Expr::from(Func::cust(a("substr")).args([e, Expr::val(1i32), Expr::val(len)])).eq(s)
     }
 
     fn test(&self, fact: &Fact, test: &Test) -> Expr {

@@ -7,7 +7,7 @@
 mod common;
 
 use chrono::Duration;
-use clm_platform::testing::{assert_bad_field, eventually};
+use clm_platform::testing::assert_bad_field;
 use clm_proto::customer as cpb;
 use clm_proto::segmentation as pb;
 use common::*;
@@ -34,9 +34,8 @@ async fn window_expires_at_the_exact_instant_and_survives_a_restart() {
         r#"count(feature_use where feature = "export", 7d) >= 3"#,
     )
     .await;
-    let ready = wait_ready(&mut seg, &s.name).await;
+    let ready = wait_count(&mut seg, &s.name, 1).await;
     assert_eq!(ready.state, pb::SegmentState::Ready as i32, "{ready:?}");
-    assert_eq!(ready.member_count, 1);
     assert!(is_member(&mut seg, &s.name, &ada).await);
 
     // The first export leaves the window 7 days after it happened: at
@@ -120,13 +119,12 @@ async fn incremental_backfill_on_create_and_edit_and_each_condition_kind() {
            or (attributes.plan = "enterprise" and not stage = CHURNED)"#,
     )
     .await;
-    wait_ready(&mut seg, &s.name).await;
+    wait_count(&mut seg, &s.name, 1).await;
     assert!(is_member(&mut seg, &s.name, &young).await);
     assert!(!is_member(&mut seg, &s.name, &old).await);
 
     let consent = create_segment(&mut seg, "consent(profiling, email) and stage = APPROACH").await;
-    let consent = wait_ready(&mut seg, &consent.name).await;
-    assert_eq!(consent.member_count, 2, "{consent:?}");
+    let consent = wait_count(&mut seg, &consent.name, 2).await;
 
     // Incremental: an update to the old customer's attributes brings them in.
     let got = cust
@@ -188,7 +186,7 @@ async fn incremental_backfill_on_create_and_edit_and_each_condition_kind() {
     )
     .await;
     wait_ready(&mut seg, &buyers.name).await;
-    assert!(is_member(&mut seg, &buyers.name, &young).await);
+    wait_member(&mut seg, &buyers.name, &young, true).await;
     assert!(!is_member(&mut seg, &buyers.name, &old).await);
 
     // Membership of another segment.
@@ -197,7 +195,7 @@ async fn incremental_backfill_on_create_and_edit_and_each_condition_kind() {
         &format!(r#"in_segment("{}") and age > 60"#, s.name),
     )
     .await;
-    wait_ready(&mut seg, &nested.name).await;
+    wait_count(&mut seg, &nested.name, 1).await;
     assert!(is_member(&mut seg, &nested.name, &old).await);
     assert!(!is_member(&mut seg, &nested.name, &young).await);
 
@@ -367,20 +365,7 @@ async fn bad_rules_are_refused_naming_the_field() {
     create_customer(&mut cust, "a@example.com", |_| {}).await;
     create_customer(&mut cust, "b@example.com", |_| {}).await;
     let all = create_segment(&mut seg, "stage = APPROACH").await;
-    wait_ready(&mut seg, &all.name).await;
-    let all = eventually(std::time::Duration::from_secs(30), || {
-        let mut seg = seg.clone();
-        let name = all.name.clone();
-        async move {
-            let s = seg
-                .get_segment(pb::GetSegmentRequest { name })
-                .await
-                .unwrap()
-                .into_inner();
-            (s.member_count == 2).then_some(s)
-        }
-    })
-    .await;
+    let all = wait_count(&mut seg, &all.name, 2).await;
     let first = seg
         .list_segment_members(page(&all.name, ""))
         .await

@@ -190,3 +190,21 @@ pub async fn wait_member(s: &mut Segments, segment: &str, customer: &str, want: 
     })
     .await;
 }
+
+/// Waits until `segment` has `n` members (facts reach segmentation through
+/// the customer stream, a moment after the customer service answers).
+pub async fn wait_count(s: &mut Segments, segment: &str, n: i64) -> pb::Segment {
+    eventually(std::time::Duration::from_secs(30), || {
+        let mut s = s.clone();
+        let name = segment.to_owned();
+        async move {
+            let seg = s
+                .get_segment(pb::GetSegmentRequest { name })
+                .await
+                .unwrap()
+                .into_inner();
+            (seg.member_count == n && seg.state == pb::SegmentState::Ready as i32).then_some(seg)
+        }
+    })
+    .await
+}
