@@ -442,8 +442,19 @@ impl Engine {
         self.set_progress(id, None);
         if let Err(e) = result {
             tracing::warn!(segment = %id, error = %e, "segment evaluation failed");
-            let reason = clm_domain::validation::shorten(&format!("evaluation failed: {e}"), 500)
-                .into_owned();
+            // The caller sees that and when it failed, never an SQL message
+            // (that is in the service log).
+            let reason = match &e {
+                Error::Internal(_) => format!(
+                    "evaluation failed at {}: the database could not evaluate the rule; \
+                     membership may be stale until RefreshSegment succeeds (details in the service log)",
+                    self.inner.rt.clock.now().to_rfc3339()
+                ),
+                other => {
+                    clm_domain::validation::shorten(&format!("evaluation failed: {other}"), 500)
+                        .into_owned()
+                }
+            };
             let rt = &self.inner.rt;
             let failed = async {
                 let txn = rt.db.begin().await?;
