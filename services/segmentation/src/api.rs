@@ -447,6 +447,8 @@ impl SegmentationApi {
             ))
         })
         .await?;
+        // This replica forgets the segment at once.
+        self.engine.registry(&rt.db).await?;
         if version > 0 {
             let id = resp.name.strip_prefix("segments/").unwrap_or_default();
             let writes: Vec<_> = dropped
@@ -503,8 +505,7 @@ impl SegmentationApi {
 
     async fn segment_id(&self, field: &str, name: &str) -> Result<String> {
         let id = SegmentId::parse_name(field, name)?.0.to_string();
-        let reg = self.engine.registry(&self.engine.rt().read).await?;
-        if reg.get(&id).is_none() {
+        if !self.engine.knows(&id).await? {
             return Err(Error::NotFound(name.to_owned()));
         }
         Ok(id)
@@ -578,7 +579,7 @@ impl SegmentationApi {
         req: pb::GetCustomerSegmentsRequest,
     ) -> Result<pb::GetCustomerSegmentsResponse> {
         let customer = CustomerId::parse_name("customer", &req.customer)?;
-        let reg = self.engine.registry(&self.engine.rt().read).await?;
+        let reg = self.engine.cached_registry();
         let mut segments: Vec<String> =
             cache::customer_segments(self.engine.rt(), &customer.to_string())
                 .await?

@@ -323,6 +323,25 @@ impl Engine {
         Ok(reg)
     }
 
+    /// The registry as last loaded, without asking the database (the
+    /// membership read path: no query per call).
+    pub fn cached_registry(&self) -> Arc<Registry> {
+        self.inner
+            .registry
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether segment `id` exists: from the loaded registry, reloaded only
+    /// when it does not know the id (a segment created on another replica).
+    pub async fn knows(&self, id: &str) -> Result<bool> {
+        if self.cached_registry().get(id).is_some() {
+            return Ok(true);
+        }
+        Ok(self.registry(&self.inner.rt.read).await?.get(id).is_some())
+    }
+
     /// Backfill progress of a segment, if one is running here.
     pub fn progress(&self, id: &str) -> Option<f64> {
         self.inner

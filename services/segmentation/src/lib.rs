@@ -17,6 +17,27 @@
 //!   member" by mistake.
 //!
 //! Layout: [`DESCRIPTOR`] → [`api`] → [`convert`] → [`store`] / [`engine`].
+//!
+//! # Choices a newcomer should know
+//!
+//! * Rules are stored as canonical text and parsed into the registry; a
+//!   rule given as a tree is checked with `rules::check`, whose violation
+//!   paths are the rule language's (`segment.rule.and[1].operand.window`).
+//! * Membership writers (subscriber batches, backfills, timers, deletes)
+//!   serialise on the `seg_meta` row: simple, correct on both backends, and
+//!   the source of the cache's commit-ordered versions.
+//! * A backfill is one transaction (the diff, the dependents, the timers),
+//!   so a segment is never half-updated; its progress is reported by the
+//!   replica running it. An interrupted backfill is resumed at start.
+//! * Membership reads use the customer's set (`{cust:ID}`), loaded from the
+//!   database on a miss; segment sets (`{seg:ID}`) are kept up to date for
+//!   consumers that read them but are not loaded whole.
+//! * Customers without a profile row are in no segment (the customer
+//!   service emits `CustomerCreated` before anything else about them).
+//! * Scores, grade, NPS, CSAT and loyalty facts have their columns and
+//!   tables (`fact_scores`, `fact_customers.grade` ...) and their SQL and
+//!   evaluator support; feeding them is a handler on those services'
+//!   streams.
 #![forbid(unsafe_code)]
 
 pub mod api;
