@@ -121,8 +121,8 @@ pids+=("$!")
 psql -q "$ADMIN_URL" -c "CREATE DATABASE $cust_db" -c "CREATE DATABASE $seg_db" -c "CREATE DATABASE $fill_db"
 start pgc "$BIN/clm" serve customer --listen 127.0.0.1:0 --database-url "$base/$cust_db" --data-dir "$work/pgc"
 pg_cust="$(addr_of customer)"
-CLM_PEERS__CUSTOMER="http://$pg_cust" CLM_CACHE__REDIS_URL="redis://127.0.0.1:$redis_port" \
-  start pgs "$BIN/clm" serve segmentation --listen 127.0.0.1:0 --database-url "$base/$seg_db" --data-dir "$work/pgs"
+start pgs "$BIN/clm" serve segmentation --listen 127.0.0.1:0 --database-url "$base/$seg_db" \
+  --data-dir "$work/pgs" --peer "customer=http://$pg_cust" --redis-url "redis://127.0.0.1:$redis_port"
 pg_seg="$(addr_of segmentation)"
 "$BIN/bench_segmentation" prepare --customer "http://$pg_cust" --segmentation "http://$pg_seg" --out "$work/pg-bodies" >/dev/null
 pg_member="$(rate pg-member "$pg_seg" /clm.segmentation.v1.SegmentationService/IsMember "$work/pg-bodies/is_member.bin" 2)"
