@@ -388,6 +388,8 @@ impl Engine {
         }
         let ids: Vec<String> = work.keys().cloned().collect();
         let mut facts = facts::load(txn, &ids).await?;
+        // Only timers that change are written.
+        let existing = members::timers_of(txn, &ids).await?;
         let mut entered: Vec<Pair> = Vec::new();
         let mut exited: Vec<Pair> = Vec::new();
         let mut timers_set = Vec::new();
@@ -424,9 +426,14 @@ impl Engine {
                     }
                 }
                 if c.timed {
-                    match rules::next_change(&c.rule, fs, at) {
-                        Some(t) => timers_set.push((id.clone(), customer.clone(), to_micros(t))),
-                        None => timers_cleared.push((id.clone(), customer.clone())),
+                    let key = (id.clone(), customer.clone());
+                    let had = existing.get(&key).copied();
+                    match rules::next_change(&c.rule, fs, at).map(to_micros) {
+                        Some(t) if had != Some(t) => {
+                            timers_set.push((id.clone(), customer.clone(), t));
+                        }
+                        None if had.is_some() => timers_cleared.push(key),
+                        _ => {}
                     }
                 }
             }

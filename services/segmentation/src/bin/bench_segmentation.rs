@@ -337,7 +337,7 @@ async fn backfill(url: &str, customers: i64, per: i64) -> anyhow::Result<()> {
     .await?;
     db.execute_unprepared(&format!(
         "INSERT INTO fact_touchpoints (event_id, customer_id, kind, occurred_us, feature) \
-         SELECT 'e' || g, 'c' || (1 + g % {customers}), 3, {now_us} - (g % 90) * 86400000000, \
+         SELECT 'e' || g, 'c' || (1 + (g - 1) / {per}), 3, {now_us} - ((g * 37) % 90) * 86400000000, \
                 CASE WHEN g % 3 = 0 THEN 'export' ELSE 'import' END \
          FROM generate_series(1, {}) g",
         customers * per

@@ -425,3 +425,25 @@ pub async fn rekey_history(
     }
     Ok(())
 }
+
+/// The timers of `ids` (customers): (segment, customer) to due instant.
+pub async fn timers_of(
+    db: &impl ConnectionTrait,
+    ids: &[String],
+) -> Result<std::collections::HashMap<Pair, i64>, DbErr> {
+    let mut out = std::collections::HashMap::new();
+    for chunk in chunks(ids) {
+        let q = Query::select()
+            .columns([n("segment_id"), n("customer_id"), n("due_us")])
+            .from(n("timers"))
+            .and_where(Expr::col(n("customer_id")).is_in(chunk.iter().cloned()))
+            .to_owned();
+        for r in db.query_all(&q).await? {
+            out.insert(
+                (r.try_get("", "segment_id")?, r.try_get("", "customer_id")?),
+                r.try_get("", "due_us")?,
+            );
+        }
+    }
+    Ok(out)
+}
