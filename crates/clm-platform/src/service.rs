@@ -72,7 +72,12 @@ pub struct Parts {
     names: Vec<&'static str>,
     follows: Vec<(String, Handlers)>,
     optional: Vec<String>,
+    tasks: Vec<Task>,
 }
+
+/// A background task of a service: started once the service runs, handed a
+/// token cancelled when the service stops (see [`Parts::task`]).
+pub type Task = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
 
 impl std::fmt::Debug for Parts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -125,6 +130,18 @@ impl Parts {
     pub fn follow_if_configured(mut self, source: &str, handlers: Handlers) -> Self {
         self.optional.push(source.to_owned());
         self.follow(source, handlers)
+    }
+
+    /// Runs `task` in the background while the service runs: it gets a
+    /// token that is cancelled when the service stops (timer queues,
+    /// schedulers), so a stopped service leaves nothing running.
+    #[must_use]
+    pub fn task(
+        mut self,
+        task: impl FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send + 'static,
+    ) -> Self {
+        self.tasks.push(Box::new(task));
+        self
     }
 }
 
@@ -196,6 +213,9 @@ pub async fn run_with_clock(
             .with_token(token.clone())
             .with_health(reporter.clone());
         tokio::spawn(subscriber.run(background.clone()));
+    }
+    for task in parts.tasks {
+        tokio::spawn(task(background.clone()));
     }
     tracing::info!(service = name, listen = %listener.local_addr()?, "serving");
     let served = crate::server::serve(

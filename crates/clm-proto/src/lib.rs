@@ -26,6 +26,11 @@ pub mod clm {
             tonic::include_proto!("clm.scoring.v1");
         }
     }
+    pub mod segmentation {
+        pub mod v1 {
+            tonic::include_proto!("clm.segmentation.v1");
+        }
+    }
 }
 
 /// Minimal vendored googleapis packages (`google.longrunning`, `google.rpc`).
@@ -43,6 +48,7 @@ pub mod event_types;
 pub use clm::common::v1 as common;
 pub use clm::customer::v1 as customer;
 pub use clm::scoring::v1 as scoring;
+pub use clm::segmentation::v1 as segmentation;
 
 /// Type URL prefix used for `google.protobuf.Any` payloads.
 pub const TYPE_URL_PREFIX: &str = "type.googleapis.com/";

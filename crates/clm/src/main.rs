@@ -101,13 +101,19 @@ enum Command {
 
 /// Every service this build contains, in port order: the one table `up`
 /// and `serve` read. Adding a service is one entry here.
-static SERVICES: &[&ServiceDescriptor] = &[&clm_customer::DESCRIPTOR, &clm_scoring::DESCRIPTOR];
+static SERVICES: &[&ServiceDescriptor] = &[
+    &clm_customer::DESCRIPTOR,
+    &clm_scoring::DESCRIPTOR,
+    &clm_segmentation::DESCRIPTOR,
+];
 
 /// Every role table, in the README's order: each service's own, then the
 /// platform's (change streams and dead letters, served by every service).
 /// Adding a service adds its `POLICY` here.
 static ROLE_TABLES: &[&Policy] = &[
     &clm_customer::api::POLICY,
+    &clm_scoring::api::POLICY,
+    &clm_segmentation::api::POLICY,
     &clm_platform::changes::CHANGE_STREAM_POLICY,
     &clm_platform::changes::DEAD_LETTER_POLICY,
 ];
@@ -228,8 +234,14 @@ async fn main() -> anyhow::Result<()> {
             config,
             print_config,
         } => {
+            // Port 0: every service on its own ephemeral port (peers are
+            // filled in from the bound addresses below).
             let port_of = |name: &str| {
-                base_port.saturating_add(default_port(name) - default_port("customer"))
+                if base_port == 0 {
+                    0
+                } else {
+                    base_port.saturating_add(default_port(name) - default_port("customer"))
+                }
             };
             let mut configs = Vec::new();
             for &service in SERVICES {
@@ -263,8 +275,19 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = clm_platform::telemetry::init(&configs[0].1, "up");
             let shutdown = shutdown_on_signal();
             let mut tasks = tokio::task::JoinSet::new();
+            let mut bound = Vec::with_capacity(configs.len());
             for (service, c) in configs {
                 let listener = bind(&c).await?;
+                bound.push((service, c, listener));
+            }
+            let addrs: Vec<(&str, SocketAddr)> = bound
+                .iter()
+                .map(|(s, _, l)| Ok((s.name, l.local_addr()?)))
+                .collect::<std::io::Result<_>>()?;
+            for (service, mut c, listener) in bound {
+                for (peer, addr) in &addrs {
+                    c.peers.insert((*peer).to_owned(), format!("http://{addr}"));
+                }
                 println!(
                     "{:<13} listening on {}  (data: {})",
                     service.name,

@@ -9,7 +9,7 @@ use crate::store::{customers, ledger, scoring_models, timers};
 use clm_domain::scoring::{Award, Decay, ENGAGEMENT, FIT};
 use clm_domain::validation::{page_size, request_id, required_text};
 use clm_domain::{Violation, Violations};
-use clm_platform::auth::Role;
+use clm_platform::auth::{Policy, Role};
 use clm_platform::convert::{from_timestamp, timestamp};
 use clm_platform::db::{from_micros, to_micros};
 use clm_platform::error::respond;
@@ -34,6 +34,26 @@ const READERS: &[Role] = &[
     Role::SegmentOwner,
     Role::DataSteward,
 ];
+
+/// Who may call each rpc (admin may call all): the service's one role
+/// table, which `clm roles --markdown` prints into the README.
+pub const POLICY: Policy = Policy {
+    service: "clm.scoring.v1.ScoringService",
+    rules: &[
+        ("CreateScoringModel", MODEL_WRITERS),
+        ("GetScoringModel", READERS),
+        ("ListScoringModels", READERS),
+        ("UpdateScoringModel", MODEL_WRITERS),
+        ("ActivateModelVersion", MODEL_WRITERS),
+        ("GetScore", READERS),
+        ("BatchGetScores", READERS),
+        ("ListScoreLedger", READERS),
+        ("AdjustScore", ADJUSTERS),
+        ("ListTopCustomers", READERS),
+        ("RescoreCustomers", MODEL_WRITERS),
+        ("GetOperation", READERS),
+    ],
+};
 
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 1000;
@@ -174,7 +194,7 @@ impl ScoringService for ScoringApi {
         &self,
         request: Request<pb::CreateScoringModelRequest>,
     ) -> Result<Response<pb::ScoringModel>, Status> {
-        respond(request, MODEL_WRITERS, |_, req| async move {
+        respond(request, &POLICY, |_, req| async move {
             let mut v = Violations::new();
             let rid = v.check("", request_id("request_id", &req.request_id));
             let body = req
@@ -234,7 +254,7 @@ impl ScoringService for ScoringApi {
         &self,
         request: Request<pb::GetScoringModelRequest>,
     ) -> Result<Response<pb::ScoringModel>, Status> {
-        respond(request, READERS, |_, req| async move {
+        respond(request, &POLICY, |_, req| async move {
             let id = model_id("name", &req.name)?;
             if req.version < 0 {
                 return Err(Error::invalid("version", "must not be negative"));
@@ -248,7 +268,7 @@ impl ScoringService for ScoringApi {
         &self,
         request: Request<pb::ListScoringModelsRequest>,
     ) -> Result<Response<pb::ListScoringModelsResponse>, Status> {
-        respond(request, READERS, |_, req| async move {
+        respond(request, &POLICY, |_, req| async move {
             let size = page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)?;
             let pager = Pager::new(&["models"]);
             let after: Option<(String, String)> = pager.after(&req.page_token)?;
@@ -280,7 +300,7 @@ impl ScoringService for ScoringApi {
         &self,
         request: Request<pb::UpdateScoringModelRequest>,
     ) -> Result<Response<pb::UpdateScoringModelResponse>, Status> {
-        respond(request, MODEL_WRITERS, |_, req| async move {
+        respond(request, &POLICY, |_, req| async move {
             let mut v = Violations::new();
             let rid = v.check("", request_id("request_id", &req.request_id));
             let body = req
@@ -339,7 +359,7 @@ impl ScoringService for ScoringApi {
         &self,
         request: Request<pb::ActivateModelVersionRequest>,
     ) -> Result<Response<pb::ScoringModel>, Status> {
-        respond(request, MODEL_WRITERS, |_, req| async move {
+        respond(request, &POLICY, |_, req| async move {
             let id = model_id("name", &req.name)?;
             let rid = request_id("request_id", &req.request_id)?;
             if req.version <= 0 {
@@ -378,7 +398,7 @@ impl ScoringService for ScoringApi {
         &self,
         request: Request<pb::GetScoreRequest>,
     ) -> Result<Response<pb::CustomerScores>, Status> {
-        respond(request, READERS, |_, req| async move {
+        respond(request, &POLICY, |_, req| async move {
             let c = customer_name("customer", &req.customer)?;
             let m = model_id("scoring_model", &req.scoring_model)?;
             let at = self.read_time(req.read_time.as_ref())?;
@@ -392,7 +412,7 @@ impl ScoringService for ScoringApi {
         &self,
         request: Request<pb::BatchGetScoresRequest>,
     ) -> Result<Response<pb::BatchGetScoresResponse>, Status> {
-        respond(request, READERS, |_, req| async move {
+        respond(request, &POLICY, |_, req| async move {
             if req.customers.is_empty() || req.customers.len() > MAX_BATCH {
                 return Err(Error::invalid(
                     "customers",
@@ -426,7 +446,7 @@ impl ScoringService for ScoringApi {
         &self,
         request: Request<pb::ListScoreLedgerRequest>,
     ) -> Result<Response<pb::ListScoreLedgerResponse>, Status> {
-        respond(request, READERS, |_, req| async move {
+        respond(request, &POLICY, |_, req| async move {
             let c = customer_name("customer", &req.customer)?;
             let m = model_id("scoring_model", &req.scoring_model)?;
             let size = page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)?;
@@ -464,7 +484,7 @@ impl ScoringService for ScoringApi {
         &self,
         request: Request<pb::AdjustScoreRequest>,
     ) -> Result<Response<pb::LedgerEntry>, Status> {
-        respond(request, ADJUSTERS, |who, req| async move {
+        respond(request, &POLICY, |who, req| async move {
             let mut v = Violations::new();
             let c = v.check(
                 "",
@@ -548,7 +568,7 @@ impl ScoringService for ScoringApi {
         &self,
         request: Request<pb::ListTopCustomersRequest>,
     ) -> Result<Response<pb::ListTopCustomersResponse>, Status> {
-        respond(request, READERS, |_, req| async move {
+        respond(request, &POLICY, |_, req| async move {
             let m = model_id("scoring_model", &req.scoring_model)?;
             let size = page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)?;
             let v = self
@@ -622,7 +642,7 @@ impl ScoringService for ScoringApi {
         &self,
         request: Request<pb::RescoreCustomersRequest>,
     ) -> Result<Response<Operation>, Status> {
-        respond(request, MODEL_WRITERS, |_, req| async move {
+        respond(request, &POLICY, |_, req| async move {
             let m = model_id("scoring_model", &req.scoring_model)?;
             let rid = request_id("request_id", &req.request_id)?;
             if req.model_version < 0 {
@@ -673,7 +693,7 @@ impl ScoringService for ScoringApi {
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        respond(request, READERS, |_, req| async move {
+        respond(request, &POLICY, |_, req| async move {
             operations::get(&self.rt.read, &req.name).await
         })
         .await

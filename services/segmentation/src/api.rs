@@ -1,0 +1,865 @@
+//! `clm.segmentation.v1.SegmentationService`: each rpc authorizes (one
+//! [`respond`] call), converts the request, runs its logic (writes: one
+//! [`idempotency::write`]) and converts the result back.
+
+use crate::cache;
+use crate::convert::{self, Live};
+use crate::engine::{Engine, catalog_with_segments};
+use crate::store::members;
+use crate::store::segments::{self, Segment, State};
+use chrono::{DateTime, Utc};
+use clm_domain::ids::CustomerId;
+use clm_domain::rules::{self, Catalog, Rule};
+use clm_domain::validation::{optional_text, page_size, request_id, required_text};
+use clm_domain::{Violation, Violations};
+use clm_platform::auth::{Policy, Role};
+use clm_platform::db::{from_micros, to_micros};
+use clm_platform::error::respond;
+use clm_platform::idempotency;
+use clm_platform::page::Pager;
+use clm_platform::{Error, Result};
+use clm_proto::segmentation as pb;
+use clm_proto::segmentation::segmentation_service_server::SegmentationService;
+use std::collections::{BTreeSet, HashMap};
+use std::pin::Pin;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+clm_domain::resource_id!(
+    /// Id of a segment.
+    SegmentId, "segments", "segment"
+);
+
+/// Roles that may create, change, delete and refresh segments.
+const WRITERS: &[Role] = &[Role::Marketer, Role::SegmentOwner];
+/// Roles that may read segments and preview rules.
+const READERS: &[Role] = &[
+    Role::Marketer,
+    Role::SegmentOwner,
+    Role::Analyst,
+    Role::DataSteward,
+    Role::Service,
+];
+/// Roles that may ask membership questions (IsMember and friends).
+const MEMBERSHIP_READERS: &[Role] = &[
+    Role::Marketer,
+    Role::SegmentOwner,
+    Role::Analyst,
+    Role::Service,
+];
+
+/// Who may call each rpc (admin may call all): the service's one role
+/// table, which `clm roles --markdown` prints into the README.
+pub const POLICY: Policy = Policy {
+    service: "clm.segmentation.v1.SegmentationService",
+    rules: &[
+        ("CreateSegment", WRITERS),
+        ("GetSegment", READERS),
+        ("ListSegments", READERS),
+        ("UpdateSegment", WRITERS),
+        ("DeleteSegment", WRITERS),
+        ("PreviewSegment", READERS),
+        ("IsMember", MEMBERSHIP_READERS),
+        ("BatchIsMember", MEMBERSHIP_READERS),
+        ("GetCustomerSegments", MEMBERSHIP_READERS),
+        ("ListSegmentMembers", MEMBERSHIP_READERS),
+        ("CountSegmentMembers", MEMBERSHIP_READERS),
+        ("RefreshSegment", WRITERS),
+        ("WatchMembership", MEMBERSHIP_READERS),
+    ],
+};
+
+const DEFAULT_PAGE: u32 = 50;
+const DEFAULT_MEMBER_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+const MAX_BATCH_CHECKS: usize = 1000;
+const MAX_SAMPLE: i32 = 100;
+const DEFAULT_PREVIEW: std::time::Duration = std::time::Duration::from_secs(5);
+const MAX_PREVIEW: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The segmentation service.
+#[derive(Debug, Clone)]
+pub struct SegmentationApi {
+    engine: Engine,
+}
+
+impl SegmentationApi {
+    /// Serves with `engine`.
+    pub fn new(engine: Engine) -> Self {
+        Self { engine }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        clm_domain::clock::micros(self.engine.rt().clock.now())
+    }
+
+    async fn live(&self, segs: &[Segment]) -> Result<Vec<Live>> {
+        let rt = self.engine.rt();
+        let ids: Vec<String> = segs.iter().map(|s| s.id.clone()).collect();
+        let counts = members::counts(&rt.read, &ids).await?;
+        let lag = members::freshness(&rt.read).await?.map(|(e, a)| a - e);
+        Ok(segs
+            .iter()
+            .map(|s| Live {
+                member_count: counts.get(&s.id).copied().unwrap_or(0),
+                progress: self.engine.progress(&s.id),
+                lag_us: lag,
+            })
+            .collect())
+    }
+
+    async fn to_proto(&self, s: &Segment) -> Result<pb::Segment> {
+        let live = self.live(std::slice::from_ref(s)).await?;
+        Ok(convert::segment_to_proto(s, &live[0]))
+    }
+
+    async fn existing(&self, field: &str, name: &str) -> Result<Segment> {
+        let id = SegmentId::parse_name(field, name)?;
+        segments::get(&self.engine.rt().read, &id.0.to_string())
+            .await?
+            .ok_or_else(|| Error::NotFound(name.to_owned()))
+    }
+
+    /// The rule given as a tree or as text, checked against the catalog.
+    fn resolve_rule(
+        prefix: &str,
+        tree: Option<&pb::Rule>,
+        text: &str,
+        catalog: &dyn Catalog,
+    ) -> Result<Rule> {
+        match (tree, text.trim().is_empty()) {
+            (Some(_), false) => Err(Error::invalid(
+                format!("{prefix}rule_text"),
+                "give the rule as a tree (rule) or as text (rule_text), not both",
+            )),
+            (None, true) => Err(Error::invalid(
+                format!("{prefix}rule_text"),
+                "is required (or give the rule as a tree in rule)",
+            )),
+            (None, false) => rules::compile(text, catalog).map_err(|e| {
+                Error::InvalidArgument(e.to_violations(&format!("{prefix}rule_text")))
+            }),
+            (Some(t), true) => {
+                let field = format!("{prefix}rule");
+                let r = convert::rule(&field, t)?;
+                rules::check(&r, catalog)
+                    .map_err(|e| Error::InvalidArgument(e.to_violations(&field)))?;
+                Ok(r)
+            }
+        }
+    }
+
+    fn text_fields(s: &pb::Segment) -> Result<(String, String, String)> {
+        let mut v = Violations::new();
+        let display = v.check(
+            "",
+            required_text("segment.display_name", &s.display_name, 200),
+        );
+        let owner = v.check("", required_text("segment.owner", &s.owner, 200));
+        let description = v
+            .check(
+                "",
+                optional_text("segment.description", &s.description, 2000),
+            )
+            .flatten()
+            .unwrap_or_default();
+        v.into_result()?;
+        Ok((
+            display.unwrap_or_default(),
+            owner.unwrap_or_default(),
+            description,
+        ))
+    }
+
+    async fn create(&self, actor: String, req: pb::CreateSegmentRequest) -> Result<pb::Segment> {
+        let now = self.now();
+        let rid = request_id("request_id", &req.request_id)?;
+        let s = req
+            .segment
+            .as_ref()
+            .ok_or_else(|| Error::invalid("segment", "is required"))?;
+        let (display_name, owner, description) = Self::text_fields(s)?;
+        let catalog = catalog_with_segments(&self.engine.rt().read).await?;
+        let rule = Self::resolve_rule("segment.", s.rule.as_ref(), &s.rule_text, &catalog)?;
+        let row = Segment {
+            id: SegmentId::new().0.to_string(),
+            display_name,
+            owner,
+            description,
+            rule_text: rule.to_string(),
+            version: 1,
+            revision: 1,
+            state: State::Backfilling.code(),
+            failure_reason: None,
+            create_us: to_micros(now),
+            update_us: to_micros(now),
+            evaluate_us: None,
+        };
+        let out = convert::segment_to_proto(&row, &Live::default());
+        let id = row.id.clone();
+        let created = idempotency::write(
+            self.engine.rt(),
+            "CreateSegment",
+            rid,
+            &req,
+            now,
+            async move |txn| {
+                segments::insert(txn, row, &actor).await?;
+                members::bump_generation(txn).await?;
+                Ok((out, Vec::new()))
+            },
+        )
+        .await?;
+        let created_id = created
+            .name
+            .strip_prefix("segments/")
+            .unwrap_or(&id)
+            .to_owned();
+        if created.state == pb::SegmentState::Backfilling as i32 {
+            self.engine.spawn_backfill(created_id);
+        }
+        Ok(created)
+    }
+
+    async fn get(&self, req: pb::GetSegmentRequest) -> Result<pb::Segment> {
+        let s = self.existing("name", &req.name).await?;
+        self.to_proto(&s).await
+    }
+
+    async fn list(&self, req: pb::ListSegmentsRequest) -> Result<pb::ListSegmentsResponse> {
+        let size = page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)? as usize;
+        let pager = Pager::new(&["segments"]);
+        let after = pager.after::<String>(&req.page_token)?;
+        let rows = segments::page(
+            &self.engine.rt().read,
+            after.as_ref().map(|(k, _)| k.as_str()),
+            size as u64 + 1,
+        )
+        .await?;
+        let live = self.live(&rows).await?;
+        let pairs: Vec<(Segment, Live)> = rows.into_iter().zip(live).collect();
+        let (segments, next_page_token) = pager.page(
+            &pairs,
+            size,
+            |(s, l)| convert::segment_to_proto(s, l),
+            |(s, _)| (s.id.clone(), s.id.clone()),
+        );
+        Ok(pb::ListSegmentsResponse {
+            segments,
+            next_page_token,
+        })
+    }
+
+    /// Whether `rule` (of segment `id`) would close a cycle through
+    /// `in_segment`.
+    async fn check_cycle(&self, id: &str, field: &str, rule: &Rule) -> Result<()> {
+        let all = segments::all(&self.engine.rt().read).await?;
+        let refs: HashMap<String, BTreeSet<String>> = all
+            .iter()
+            .filter(|s| s.id != id)
+            .map(|s| {
+                let r = rules::parse(&s.rule_text)
+                    .map(|r| rules::segments_referenced(&r))
+                    .unwrap_or_default();
+                (format!("segments/{}", s.id), r)
+            })
+            .collect();
+        let me = format!("segments/{id}");
+        let mut stack: Vec<String> = rules::segments_referenced(rule).into_iter().collect();
+        let mut seen = BTreeSet::new();
+        while let Some(n) = stack.pop() {
+            if n == me {
+                return Err(Error::invalid(
+                    field,
+                    format!("in_segment would close a cycle: {me} would depend on itself"),
+                ));
+            }
+            if seen.insert(n.clone())
+                && let Some(next) = refs.get(&n)
+            {
+                stack.extend(next.iter().cloned());
+            }
+        }
+        Ok(())
+    }
+
+    async fn update(
+        &self,
+        actor: String,
+        req: pb::UpdateSegmentRequest,
+    ) -> Result<pb::UpdateSegmentResponse> {
+        let now = self.now();
+        let rid = request_id("request_id", &req.request_id)?;
+        let s = req
+            .segment
+            .as_ref()
+            .ok_or_else(|| Error::invalid("segment", "is required"))?;
+        let id = SegmentId::parse_name("segment.name", &s.name)?
+            .0
+            .to_string();
+        let paths: Vec<String> = req
+            .update_mask
+            .as_ref()
+            .map(|m| m.paths.clone())
+            .unwrap_or_default();
+        if paths.is_empty() {
+            return Err(Error::invalid(
+                "update_mask",
+                "is required: name the fields to change",
+            ));
+        }
+        let mut new_rule: Option<Rule> = None;
+        let mut v = Violations::new();
+        for p in &paths {
+            match p.as_str() {
+                "display_name" => {
+                    v.check(
+                        "",
+                        required_text("segment.display_name", &s.display_name, 200),
+                    );
+                }
+                "owner" => {
+                    v.check("", required_text("segment.owner", &s.owner, 200));
+                }
+                "description" => {
+                    v.check(
+                        "",
+                        optional_text("segment.description", &s.description, 2000),
+                    );
+                }
+                "rule" | "rule_text" => {
+                    if new_rule.is_none() {
+                        let catalog = catalog_with_segments(&self.engine.rt().read).await?;
+                        let r = Self::resolve_rule(
+                            "segment.",
+                            s.rule.as_ref(),
+                            &s.rule_text,
+                            &catalog,
+                        )?;
+                        let field = if s.rule.is_some() {
+                            "segment.rule"
+                        } else {
+                            "segment.rule_text"
+                        };
+                        self.check_cycle(&id, field, &r).await?;
+                        new_rule = Some(r);
+                    }
+                }
+                other => v.push(Violation::new(
+                    "update_mask",
+                    format!(
+                        "cannot change {}: use display_name, owner, description, rule or rule_text",
+                        clm_domain::validation::echo(other)
+                    ),
+                )),
+            }
+        }
+        v.into_result()?;
+        let this = self.clone();
+        let name = s.name.clone();
+        let resp = idempotency::write(
+            self.engine.rt(),
+            "UpdateSegment",
+            rid,
+            &req,
+            now,
+            async move |txn| {
+                let mut row = segments::get(txn, &id)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(name.clone()))?;
+                clm_platform::convert::check_etag(&s.etag, row.revision)?;
+                for p in &paths {
+                    match p.as_str() {
+                        "display_name" => row.display_name = s.display_name.trim().to_owned(),
+                        "owner" => row.owner = s.owner.trim().to_owned(),
+                        "description" => row.description = s.description.trim().to_owned(),
+                        _ => {}
+                    }
+                }
+                let mut diff = None;
+                if let Some(r) = &new_rule {
+                    let text = r.to_string();
+                    if text != row.rule_text {
+                        let old = rules::parse(&row.rule_text).ok();
+                        diff = Some(rule_diff(row.version, &row.rule_text, old.as_ref(), r));
+                        row.rule_text = text;
+                        row.version += 1;
+                        row.state = State::Backfilling.code();
+                        row.failure_reason = None;
+                    }
+                }
+                row.revision += 1;
+                row.update_us = to_micros(now);
+                let new_version = diff.is_some();
+                segments::update(txn, row.clone(), new_version, &actor).await?;
+                if new_version {
+                    members::bump_generation(txn).await?;
+                }
+                let count = members::counts(txn, std::slice::from_ref(&row.id)).await?;
+                let live = Live {
+                    member_count: count.get(&row.id).copied().unwrap_or(0),
+                    progress: Some(0.0),
+                    lag_us: None,
+                };
+                Ok((
+                    pb::UpdateSegmentResponse {
+                        segment: Some(convert::segment_to_proto(&row, &live)),
+                        rule_diff: diff,
+                    },
+                    Vec::new(),
+                ))
+            },
+        )
+        .await?;
+        if resp.rule_diff.is_some()
+            && let Some(seg) = &resp.segment
+            && let Some(id) = seg.name.strip_prefix("segments/")
+        {
+            this.engine.spawn_backfill(id.to_owned());
+        }
+        Ok(resp)
+    }
+
+    async fn delete(&self, req: pb::DeleteSegmentRequest) -> Result<pb::DeleteSegmentResponse> {
+        let now = self.now();
+        let rid = request_id("request_id", &req.request_id)?;
+        let id = SegmentId::parse_name("name", &req.name)?.0.to_string();
+        let name = req.name.clone();
+        let etag = req.etag.clone();
+        let users: Vec<String> = segments::all(&self.engine.rt().read)
+            .await?
+            .into_iter()
+            .filter(|s| {
+                rules::parse(&s.rule_text)
+                    .map(|r| rules::segments_referenced(&r).contains(&name))
+                    .unwrap_or(false)
+            })
+            .map(|s| format!("segments/{}", s.id))
+            .collect();
+        if !users.is_empty() {
+            return Err(Error::FailedPrecondition {
+                reason: "SEGMENT_IN_USE",
+                message: format!("{name} is named by in_segment in {}", users.join(", ")),
+            });
+        }
+        let rt = self.engine.rt().clone();
+        let mut dropped: Vec<String> = Vec::new();
+        let mut version = 0;
+        let dropped_ref = &mut dropped;
+        let version_ref = &mut version;
+        let resp = idempotency::write(&rt, "DeleteSegment", rid, &req, now, async move |txn| {
+            let row = segments::get(txn, &id)
+                .await?
+                .ok_or_else(|| Error::NotFound(name.clone()))?;
+            if !etag.is_empty() {
+                clm_platform::convert::check_etag(&etag, row.revision)?;
+            }
+            *version_ref = members::lock_version(txn).await?;
+            *dropped_ref = members::of_segment(txn, &id).await?;
+            members::delete_segment(txn, &id).await?;
+            segments::delete(txn, &id).await?;
+            members::bump_generation(txn).await?;
+            Ok((
+                pb::DeleteSegmentResponse {
+                    name: name.clone(),
+                    member_count: dropped_ref.len() as i64,
+                },
+                Vec::new(),
+            ))
+        })
+        .await?;
+        // This replica forgets the segment at once.
+        self.engine.registry(&rt.db).await?;
+        if version > 0 {
+            let id = resp.name.strip_prefix("segments/").unwrap_or_default();
+            let writes: Vec<_> = dropped
+                .iter()
+                .flat_map(|c| cache::writes(id, c, false, version))
+                .collect();
+            cache::apply(&rt, &writes).await;
+            let _ = rt
+                .cache
+                .delete(&cache::segment_key(id), u64::try_from(version).unwrap_or(0))
+                .await;
+        }
+        Ok(resp)
+    }
+
+    async fn preview(&self, req: pb::PreviewSegmentRequest) -> Result<pb::PreviewSegmentResponse> {
+        let catalog = catalog_with_segments(&self.engine.rt().read).await?;
+        let rule = Self::resolve_rule("", req.rule.as_ref(), &req.rule_text, &catalog)?;
+        if !(0..=MAX_SAMPLE).contains(&req.sample_size) {
+            return Err(Error::invalid(
+                "sample_size",
+                format!("must be 0..{MAX_SAMPLE}"),
+            ));
+        }
+        let sample = if req.sample_size == 0 {
+            10
+        } else {
+            req.sample_size
+        } as u64;
+        let timeout = match &req.timeout {
+            None => DEFAULT_PREVIEW,
+            Some(d) if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) => {
+                return Err(Error::invalid("timeout", "must be positive"));
+            }
+            Some(d) => std::time::Duration::new(
+                u64::try_from(d.seconds).unwrap_or(0),
+                u32::try_from(d.nanos).unwrap_or(0),
+            )
+            .min(MAX_PREVIEW),
+        };
+        let (count, ids) = tokio::time::timeout(timeout, self.engine.preview(&rule, sample))
+            .await
+            .map_err(|_| Error::FailedPrecondition {
+                reason: "PREVIEW_TIMEOUT",
+                message: format!("the preview did not finish within {timeout:?}"),
+            })??;
+        Ok(pb::PreviewSegmentResponse {
+            count,
+            sample: ids.into_iter().map(|c| format!("customers/{c}")).collect(),
+            rule_text: rule.to_string(),
+            rule: Some(convert::rule_to_proto(&rule)),
+        })
+    }
+
+    async fn segment_id(&self, field: &str, name: &str) -> Result<String> {
+        let id = SegmentId::parse_name(field, name)?.0.to_string();
+        if !self.engine.knows(&id).await? {
+            return Err(Error::NotFound(name.to_owned()));
+        }
+        Ok(id)
+    }
+
+    async fn is_member(&self, req: pb::IsMemberRequest) -> Result<pb::IsMemberResponse> {
+        let seg = self.segment_id("segment", &req.segment).await?;
+        let customer = CustomerId::parse_name("customer", &req.customer)?;
+        let member = cache::is_member(self.engine.rt(), &seg, &customer.to_string()).await?;
+        Ok(pb::IsMemberResponse { member })
+    }
+
+    async fn batch_is_member(
+        &self,
+        req: pb::BatchIsMemberRequest,
+    ) -> Result<pb::BatchIsMemberResponse> {
+        let n = req.checks.len();
+        if n == 0 || n > MAX_BATCH_CHECKS {
+            return Err(Error::invalid(
+                "checks",
+                format!("must hold 1..{MAX_BATCH_CHECKS} pairs, got {n}"),
+            ));
+        }
+        let reg = self.engine.registry(&self.engine.rt().read).await?;
+        let mut v = Violations::new();
+        let mut pairs = Vec::with_capacity(n);
+        for (i, c) in req.checks.iter().enumerate() {
+            let s = v.check(
+                "",
+                SegmentId::parse_name(&format!("checks[{i}].segment"), &c.segment),
+            );
+            let cu = v.check(
+                "",
+                CustomerId::parse_name(&format!("checks[{i}].customer"), &c.customer),
+            );
+            if let Some(s) = &s
+                && reg.get(&s.0.to_string()).is_none()
+            {
+                return Err(Error::NotFound(c.segment.clone()));
+            }
+            if let (Some(s), Some(cu)) = (s, cu) {
+                pairs.push((s.0.to_string(), cu.to_string()));
+            }
+        }
+        v.into_result()?;
+        let mut by_customer: HashMap<String, Vec<String>> = HashMap::new();
+        let mut answers = Vec::with_capacity(n);
+        for (s, cu) in &pairs {
+            if !by_customer.contains_key(cu) {
+                let segs = cache::customer_segments(self.engine.rt(), cu).await?;
+                by_customer.insert(cu.clone(), segs);
+            }
+            answers.push(by_customer.get(cu).is_some_and(|l| l.contains(s)));
+        }
+        Ok(pb::BatchIsMemberResponse {
+            answers: req
+                .checks
+                .iter()
+                .zip(answers)
+                .map(|(c, member)| pb::MembershipAnswer {
+                    segment: c.segment.clone(),
+                    customer: c.customer.clone(),
+                    member,
+                })
+                .collect(),
+        })
+    }
+
+    async fn customer_segments(
+        &self,
+        req: pb::GetCustomerSegmentsRequest,
+    ) -> Result<pb::GetCustomerSegmentsResponse> {
+        let customer = CustomerId::parse_name("customer", &req.customer)?;
+        let reg = self.engine.cached_registry();
+        let mut segments: Vec<String> =
+            cache::customer_segments(self.engine.rt(), &customer.to_string())
+                .await?
+                .into_iter()
+                .filter(|s| reg.get(s).is_some())
+                .map(|s| format!("segments/{s}"))
+                .collect();
+        segments.sort();
+        Ok(pb::GetCustomerSegmentsResponse { segments })
+    }
+
+    async fn list_members(
+        &self,
+        req: pb::ListSegmentMembersRequest,
+    ) -> Result<pb::ListSegmentMembersResponse> {
+        let seg = self.segment_id("parent", &req.parent).await?;
+        let size = page_size("page_size", req.page_size, DEFAULT_MEMBER_PAGE, MAX_PAGE)? as usize;
+        let pager = Pager::new(&["members", &req.parent]);
+        let after = pager.after::<String>(&req.page_token).map_err(|_| {
+            Error::invalid(
+                "page_token",
+                "is not a page token of this segment's member list; start again without one",
+            )
+        })?;
+        let rows = members::page(
+            &self.engine.rt().read,
+            &seg,
+            after.as_ref().map(|(k, _)| k.as_str()),
+            size as u64 + 1,
+        )
+        .await?;
+        let (members, next_page_token) = pager.page(
+            &rows,
+            size,
+            |(c, enter)| pb::SegmentMember {
+                customer: format!("customers/{c}"),
+                enter_time: Some(clm_platform::convert::timestamp(from_micros(*enter))),
+            },
+            |(c, _)| (c.clone(), c.clone()),
+        );
+        Ok(pb::ListSegmentMembersResponse {
+            members,
+            next_page_token,
+        })
+    }
+
+    async fn count_members(
+        &self,
+        req: pb::CountSegmentMembersRequest,
+    ) -> Result<pb::CountSegmentMembersResponse> {
+        let seg = self.segment_id("segment", &req.segment).await?;
+        let counts = members::counts(&self.engine.rt().read, std::slice::from_ref(&seg)).await?;
+        Ok(pb::CountSegmentMembersResponse {
+            count: counts.get(&seg).copied().unwrap_or(0),
+        })
+    }
+
+    async fn refresh(&self, req: pb::RefreshSegmentRequest) -> Result<pb::Segment> {
+        let now = self.now();
+        let rid = request_id("request_id", &req.request_id)?;
+        let id = SegmentId::parse_name("name", &req.name)?.0.to_string();
+        let name = req.name.clone();
+        let out = idempotency::write(
+            self.engine.rt(),
+            "RefreshSegment",
+            rid,
+            &req,
+            now,
+            async move |txn| {
+                let mut row = segments::get(txn, &id)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(name.clone()))?;
+                segments::set_state(txn, &id, row.version, State::Backfilling, None, None).await?;
+                row.state = State::Backfilling.code();
+                row.failure_reason = None;
+                Ok((
+                    convert::segment_to_proto(&row, &Live::default()),
+                    Vec::new(),
+                ))
+            },
+        )
+        .await?;
+        if let Some(id) = out.name.strip_prefix("segments/") {
+            self.engine.spawn_backfill(id.to_owned());
+        }
+        Ok(out)
+    }
+}
+
+/// The rule diff: conditions (canonical text) removed and added.
+fn rule_diff(version: i64, old_text: &str, old: Option<&Rule>, new: &Rule) -> pb::RuleDiff {
+    let conds = |r: &Rule| {
+        let mut out = BTreeSet::new();
+        r.for_each_condition(&mut |c| {
+            out.insert(Rule::Cond(c.clone()).to_string());
+        });
+        out
+    };
+    let before = old.map(conds).unwrap_or_default();
+    let after = conds(new);
+    pb::RuleDiff {
+        previous_version: version,
+        previous_rule_text: old_text.to_owned(),
+        removed_conditions: before.difference(&after).cloned().collect(),
+        added_conditions: after.difference(&before).cloned().collect(),
+    }
+}
+
+type WatchStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<pb::WatchMembershipResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SegmentationService for SegmentationApi {
+    async fn create_segment(
+        &self,
+        request: Request<pb::CreateSegmentRequest>,
+    ) -> std::result::Result<Response<pb::Segment>, Status> {
+        respond(request, &POLICY, |p, r| self.create(p.subject, r)).await
+    }
+
+    async fn get_segment(
+        &self,
+        request: Request<pb::GetSegmentRequest>,
+    ) -> std::result::Result<Response<pb::Segment>, Status> {
+        respond(request, &POLICY, |_, r| self.get(r)).await
+    }
+
+    async fn list_segments(
+        &self,
+        request: Request<pb::ListSegmentsRequest>,
+    ) -> std::result::Result<Response<pb::ListSegmentsResponse>, Status> {
+        respond(request, &POLICY, |_, r| self.list(r)).await
+    }
+
+    async fn update_segment(
+        &self,
+        request: Request<pb::UpdateSegmentRequest>,
+    ) -> std::result::Result<Response<pb::UpdateSegmentResponse>, Status> {
+        respond(request, &POLICY, |p, r| self.update(p.subject, r)).await
+    }
+
+    async fn delete_segment(
+        &self,
+        request: Request<pb::DeleteSegmentRequest>,
+    ) -> std::result::Result<Response<pb::DeleteSegmentResponse>, Status> {
+        respond(request, &POLICY, |_, r| self.delete(r)).await
+    }
+
+    async fn preview_segment(
+        &self,
+        request: Request<pb::PreviewSegmentRequest>,
+    ) -> std::result::Result<Response<pb::PreviewSegmentResponse>, Status> {
+        respond(request, &POLICY, |_, r| self.preview(r)).await
+    }
+
+    async fn is_member(
+        &self,
+        request: Request<pb::IsMemberRequest>,
+    ) -> std::result::Result<Response<pb::IsMemberResponse>, Status> {
+        respond(request, &POLICY, |_, r| self.is_member(r)).await
+    }
+
+    async fn batch_is_member(
+        &self,
+        request: Request<pb::BatchIsMemberRequest>,
+    ) -> std::result::Result<Response<pb::BatchIsMemberResponse>, Status> {
+        respond(request, &POLICY, |_, r| self.batch_is_member(r)).await
+    }
+
+    async fn get_customer_segments(
+        &self,
+        request: Request<pb::GetCustomerSegmentsRequest>,
+    ) -> std::result::Result<Response<pb::GetCustomerSegmentsResponse>, Status> {
+        respond(request, &POLICY, |_, r| self.customer_segments(r)).await
+    }
+
+    async fn list_segment_members(
+        &self,
+        request: Request<pb::ListSegmentMembersRequest>,
+    ) -> std::result::Result<Response<pb::ListSegmentMembersResponse>, Status> {
+        respond(request, &POLICY, |_, r| self.list_members(r)).await
+    }
+
+    async fn count_segment_members(
+        &self,
+        request: Request<pb::CountSegmentMembersRequest>,
+    ) -> std::result::Result<Response<pb::CountSegmentMembersResponse>, Status> {
+        respond(request, &POLICY, |_, r| self.count_members(r)).await
+    }
+
+    async fn refresh_segment(
+        &self,
+        request: Request<pb::RefreshSegmentRequest>,
+    ) -> std::result::Result<Response<pb::Segment>, Status> {
+        respond(request, &POLICY, |_, r| self.refresh(r)).await
+    }
+
+    type WatchMembershipStream = WatchStream;
+
+    async fn watch_membership(
+        &self,
+        request: Request<pb::WatchMembershipRequest>,
+    ) -> std::result::Result<Response<Self::WatchMembershipStream>, Status> {
+        clm_platform::auth::authorize(&request, &POLICY)?;
+        let req = request.into_inner();
+        if !req.segment.is_empty() {
+            SegmentId::parse_name("segment", &req.segment).map_err(Error::from)?;
+        }
+        if req.after_sequence < 0 {
+            return Err(Error::invalid("after_sequence", "must not be negative").into());
+        }
+        let rt = self.engine.rt().clone();
+        let types = vec![<pb::SegmentMembershipChanged as prost::Name>::full_name()];
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut cursor = req.after_sequence;
+            let mut wake = rt.outbox.subscribe();
+            loop {
+                wake.mark_unchanged();
+                match rt.outbox.read_after(&rt.read, cursor, &types, 500).await {
+                    Ok(events) if !events.is_empty() => {
+                        for e in events {
+                            cursor = e.sequence;
+                            let Some(change) = e.payload.as_ref().and_then(|p| {
+                                <pb::SegmentMembershipChanged as prost::Message>::decode(
+                                    p.value.as_slice(),
+                                )
+                                .ok()
+                            }) else {
+                                continue;
+                            };
+                            if !req.segment.is_empty() && change.segment != req.segment {
+                                continue;
+                            }
+                            let item = pb::WatchMembershipResponse {
+                                sequence: e.sequence,
+                                change: Some(change),
+                            };
+                            if tx.send(Ok(item)).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(Error::from(e).into())).await;
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = wake.changed() => {}
+                    () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

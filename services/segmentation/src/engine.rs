@@ -1,0 +1,690 @@
+//! The membership engine: the registry of compiled segment rules, the
+//! incremental evaluation of changed facts, the backfill of a segment, and
+//! the timer queue that makes time windows expire at the exact instant.
+//!
+//! * **Incremental.** A changed fact names what changed
+//!   ([`Change`]); the registry's index by fact kind (built from
+//!   `rules::reads`) yields the only segments that can be affected, which
+//!   are evaluated in memory (`rules::evaluate`) for that customer only, in
+//!   dependency order so `in_segment` sees the new membership.
+//! * **Backfill.** A rule compiles to one SQL query ([`crate::sql`]); the
+//!   diff with the current members is applied set-based, then dependents
+//!   and (for rules that read time) every customer's next-change timer.
+//! * **Timers.** `timers` holds, per (segment, customer), the instant
+//!   `rules::next_change` says time alone changes the answer; a task
+//!   driven by the service clock fires each at that instant and records
+//!   the change at exactly that time.
+//!
+//! Every membership write runs in a transaction that first takes the
+//! membership version ([`members::lock_version`]): writers are serialised,
+//! the registry is checked against its generation under that lock, and
+//! entered / exited events go to the outbox in the same transaction.
+
+use crate::cache;
+use crate::catalog;
+use crate::sql::Compiler;
+use crate::store::facts;
+use crate::store::members::{self, Pair};
+use crate::store::segments::{self, State};
+use chrono::{DateTime, Utc};
+use clm_domain::rules::{self, Fact, FactSet, Rule};
+use clm_domain::touchpoint::TouchpointKind;
+use clm_platform::cache::SetWrite;
+use clm_platform::db::{from_micros, is_postgres, to_micros};
+use clm_platform::outbox::NewEvent;
+use clm_platform::{Error, Result, Runtime};
+use clm_proto::segmentation as pb;
+use sea_orm::{ConnectionTrait, TransactionTrait};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// What changed about a customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Anything (a new or merged customer).
+    All,
+    /// Profile, demographics, attributes (and possibly the stage).
+    Profile,
+    /// The lifecycle stage.
+    Stage,
+    /// Consent.
+    Consent,
+    /// A touchpoint of this kind (and custom type).
+    Touch(TouchpointKind, Option<String>),
+    /// Only this segment (a timer fired).
+    Only(String),
+    /// The customer's membership of this segment (`segments/{id}`).
+    Member(String),
+}
+
+/// Index keys: the kinds of facts segments read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Profile,
+    Stage,
+    Consent,
+    Touch(i16),
+    Segment(String),
+    Other,
+}
+
+fn key_of(f: &Fact) -> Key {
+    match f {
+        Fact::BirthDate
+        | Fact::Gender
+        | Fact::Income
+        | Fact::Occupation
+        | Fact::Email
+        | Fact::DisplayName
+        | Fact::Attribute(_) => Key::Profile,
+        Fact::Stage => Key::Stage,
+        Fact::Consent { .. } => Key::Consent,
+        Fact::Touchpoints(t) => Key::Touch(t.kind.code()),
+        Fact::Segment(s) => Key::Segment(s.clone()),
+        _ => Key::Other,
+    }
+}
+
+/// A segment's rule, ready to evaluate.
+#[derive(Debug)]
+pub struct Compiled {
+    /// Bare id.
+    pub id: String,
+    /// `segments/{id}`.
+    pub name: String,
+    /// The rule.
+    pub rule: Rule,
+    /// Rule version.
+    pub version: i64,
+    /// Facts it reads.
+    pub reads: BTreeSet<Fact>,
+    /// Whether time alone can change its answer.
+    pub timed: bool,
+    /// Depth in the `in_segment` graph (segments it names come first).
+    pub rank: usize,
+}
+
+/// Every segment's compiled rule, indexed by the facts they read.
+#[derive(Debug, Default)]
+pub struct Registry {
+    generation: i64,
+    by_id: HashMap<String, Arc<Compiled>>,
+    index: HashMap<Key, Vec<String>>,
+}
+
+impl Registry {
+    fn build(generation: i64, rows: Vec<segments::Segment>) -> Self {
+        let mut parsed = BTreeMap::new();
+        for s in rows {
+            match rules::parse(&s.rule_text) {
+                Ok(rule) => {
+                    parsed.insert(s.id.clone(), (s, rule));
+                }
+                Err(e) => {
+                    tracing::error!(segment = %s.id, error = %e, "stored rule does not parse")
+                }
+            }
+        }
+        let mut ranks: HashMap<String, usize> = HashMap::new();
+        fn rank(
+            id: &str,
+            parsed: &BTreeMap<String, (segments::Segment, Rule)>,
+            ranks: &mut HashMap<String, usize>,
+            depth: usize,
+        ) -> usize {
+            if let Some(r) = ranks.get(id) {
+                return *r;
+            }
+            let Some((_, rule)) = parsed.get(id) else {
+                return 0;
+            };
+            let r = if depth > 64 {
+                0
+            } else {
+                rules::segments_referenced(rule)
+                    .iter()
+                    .filter_map(|n| n.strip_prefix("segments/"))
+                    .map(|d| rank(d, parsed, ranks, depth + 1) + 1)
+                    .max()
+                    .unwrap_or(0)
+            };
+            ranks.insert(id.to_owned(), r);
+            r
+        }
+        let ids: Vec<String> = parsed.keys().cloned().collect();
+        for id in &ids {
+            rank(id, &parsed, &mut ranks, 0);
+        }
+        let mut reg = Registry {
+            generation,
+            ..Registry::default()
+        };
+        for (id, (s, rule)) in parsed {
+            let reads = rules::reads(&rule);
+            for f in &reads {
+                let list = reg.index.entry(key_of(f)).or_default();
+                if !list.contains(&id) {
+                    list.push(id.clone());
+                }
+            }
+            let compiled = Compiled {
+                name: format!("segments/{id}"),
+                timed: rules::depends_on_time(&rule),
+                rank: ranks.get(&id).copied().unwrap_or(0),
+                id: id.clone(),
+                rule,
+                version: s.version,
+                reads,
+            };
+            reg.by_id.insert(id, Arc::new(compiled));
+        }
+        reg
+    }
+
+    /// A segment's compiled rule.
+    pub fn get(&self, id: &str) -> Option<&Arc<Compiled>> {
+        self.by_id.get(id)
+    }
+
+    fn keyed(&self, k: &Key) -> impl Iterator<Item = &Arc<Compiled>> {
+        self.index
+            .get(k)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.by_id.get(id))
+    }
+
+    /// The segments a change can affect.
+    fn affected(&self, change: &Change) -> Vec<Arc<Compiled>> {
+        match change {
+            Change::All => self.by_id.values().cloned().collect(),
+            Change::Profile => self
+                .keyed(&Key::Profile)
+                .chain(self.keyed(&Key::Stage))
+                .cloned()
+                .collect(),
+            Change::Stage => self.keyed(&Key::Stage).cloned().collect(),
+            Change::Consent => self.keyed(&Key::Consent).cloned().collect(),
+            Change::Touch(kind, custom) => self
+                .keyed(&Key::Touch(kind.code()))
+                .filter(|c| {
+                    c.reads.iter().any(|f| {
+                        matches!(f, Fact::Touchpoints(t) if t.matches(*kind, custom.as_deref()))
+                    })
+                })
+                .cloned()
+                .collect(),
+            Change::Only(id) => self.by_id.get(id).cloned().into_iter().collect(),
+            Change::Member(name) => self.keyed(&Key::Segment(name.clone())).cloned().collect(),
+        }
+    }
+}
+
+/// What a membership transaction produced: its outbox events and, once it
+/// commits, its cache writes.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// `SegmentMembershipChanged` events.
+    pub events: Vec<NewEvent>,
+    /// Cache writes to apply after the commit.
+    pub cache: Vec<SetWrite>,
+    /// Whether timers were set (the timer task should look again).
+    pub timers_set: bool,
+}
+
+impl Outcome {
+    /// Records one membership change: its event and cache writes.
+    pub fn record(
+        &mut self,
+        c: &Compiled,
+        customer: &str,
+        entered: bool,
+        at: DateTime<Utc>,
+        version: i64,
+    ) {
+        let msg = pb::SegmentMembershipChanged {
+            segment: c.name.clone(),
+            customer: format!("customers/{customer}"),
+            change: if entered {
+                pb::MembershipChange::Entered
+            } else {
+                pb::MembershipChange::Exited
+            } as i32,
+            change_time: Some(clm_platform::convert::timestamp(at)),
+            segment_version: c.version,
+        };
+        self.events.push(NewEvent::new(c.name.clone(), &msg));
+        self.cache
+            .extend(cache::writes(&c.id, customer, entered, version));
+    }
+}
+
+/// The engine; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    rt: Runtime,
+    registry: Mutex<Arc<Registry>>,
+    progress: Mutex<HashMap<String, f64>>,
+    timers: Notify,
+}
+
+/// Customers per chunk of a backfill's timer computation.
+const TIMER_CHUNK: u64 = 1000;
+/// Timers fired per round.
+const FIRE_BATCH: u64 = 1000;
+/// Longest the timer task waits before looking at the clock again.
+const TIMER_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl Engine {
+    /// An engine over `rt`.
+    pub fn new(rt: Runtime) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                rt,
+                registry: Mutex::new(Arc::new(Registry::default())),
+                progress: Mutex::new(HashMap::new()),
+                timers: Notify::new(),
+            }),
+        }
+    }
+
+    /// The runtime.
+    pub fn rt(&self) -> &Runtime {
+        &self.inner.rt
+    }
+
+    /// The registry as of the database's generation (reloaded when a
+    /// segment changed, on this replica or another).
+    pub async fn registry(&self, db: &impl ConnectionTrait) -> Result<Arc<Registry>> {
+        let generation = members::generation(db).await?;
+        {
+            let cached = self
+                .inner
+                .registry
+                .lock()
+                .map_err(|_| Error::internal("registry lock poisoned"))?;
+            if cached.generation == generation && generation != 0 {
+                return Ok(cached.clone());
+            }
+        }
+        let reg = Arc::new(Registry::build(generation, segments::all(db).await?));
+        *self
+            .inner
+            .registry
+            .lock()
+            .map_err(|_| Error::internal("registry lock poisoned"))? = reg.clone();
+        Ok(reg)
+    }
+
+    /// The registry as last loaded, without asking the database (the
+    /// membership read path: no query per call).
+    pub fn cached_registry(&self) -> Arc<Registry> {
+        self.inner
+            .registry
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether segment `id` exists: from the loaded registry, reloaded only
+    /// when it does not know the id (a segment created on another replica).
+    pub async fn knows(&self, id: &str) -> Result<bool> {
+        if self.cached_registry().get(id).is_some() {
+            return Ok(true);
+        }
+        Ok(self.registry(&self.inner.rt.read).await?.get(id).is_some())
+    }
+
+    /// Backfill progress of a segment, if one is running here.
+    pub fn progress(&self, id: &str) -> Option<f64> {
+        self.inner
+            .progress
+            .lock()
+            .ok()
+            .and_then(|p| p.get(id).copied())
+    }
+
+    fn set_progress(&self, id: &str, p: Option<f64>) {
+        if let Ok(mut map) = self.inner.progress.lock() {
+            match p {
+                Some(p) => {
+                    map.insert(id.to_owned(), p);
+                }
+                None => {
+                    map.remove(id);
+                }
+            }
+        }
+    }
+
+    /// Wakes the timer task (after timers were set).
+    pub fn wake_timers(&self) {
+        self.inner.timers.notify_one();
+    }
+
+    /// Re-evaluates, inside `txn`, the segments each change can affect for
+    /// its customer at `at`, and writes the membership changes and timers.
+    pub async fn evaluate(
+        &self,
+        txn: &impl ConnectionTrait,
+        work: &BTreeMap<String, Vec<Change>>,
+        at: DateTime<Utc>,
+    ) -> Result<Outcome> {
+        let mut out = Outcome::default();
+        if work.is_empty() {
+            return Ok(out);
+        }
+        let version = members::lock_version(txn).await?;
+        let reg = self.registry(txn).await?;
+        if reg.by_id.is_empty() {
+            return Ok(out);
+        }
+        let ids: Vec<String> = work.keys().cloned().collect();
+        let mut facts = facts::load(txn, &ids).await?;
+        // Only timers that change are written.
+        let existing = members::timers_of(txn, &ids).await?;
+        let mut entered: Vec<Pair> = Vec::new();
+        let mut exited: Vec<Pair> = Vec::new();
+        let mut timers_set = Vec::new();
+        let mut timers_cleared = Vec::new();
+        for (customer, changes) in work {
+            let Some(fs) = facts.get_mut(customer) else {
+                continue;
+            };
+            let mut queue: BTreeSet<(usize, String)> = BTreeSet::new();
+            for ch in changes {
+                for c in reg.affected(ch) {
+                    queue.insert((c.rank, c.id.clone()));
+                }
+            }
+            let mut seen = BTreeSet::new();
+            while let Some((_, id)) = queue.pop_first() {
+                if !seen.insert(id.clone()) {
+                    continue;
+                }
+                let Some(c) = reg.get(&id) else { continue };
+                let now_in = rules::evaluate(&c.rule, fs, at);
+                let was_in = fs.segments.contains(&c.name);
+                if now_in != was_in {
+                    if now_in {
+                        fs.segments.insert(c.name.clone());
+                        entered.push((id.clone(), customer.clone()));
+                    } else {
+                        fs.segments.remove(&c.name);
+                        exited.push((id.clone(), customer.clone()));
+                    }
+                    out.record(c, customer, now_in, at, version);
+                    for d in reg.affected(&Change::Member(c.name.clone())) {
+                        queue.insert((d.rank, d.id.clone()));
+                    }
+                }
+                if c.timed {
+                    let key = (id.clone(), customer.clone());
+                    let had = existing.get(&key).copied();
+                    match rules::next_change(&c.rule, fs, at).map(to_micros) {
+                        Some(t) if had != Some(t) => {
+                            timers_set.push((id.clone(), customer.clone(), t));
+                        }
+                        None if had.is_some() => timers_cleared.push(key),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let at_us = to_micros(at);
+        members::exit(txn, &exited, at_us).await?;
+        members::enter(txn, &entered, at_us, version).await?;
+        members::set_timers(txn, &timers_set, &timers_cleared).await?;
+        out.timers_set = !timers_set.is_empty();
+        Ok(out)
+    }
+
+    /// Applies an outcome's after-commit effects.
+    pub async fn after_commit(&self, out: Outcome) {
+        cache::apply(&self.inner.rt, &out.cache).await;
+        if out.timers_set {
+            self.wake_timers();
+        }
+    }
+
+    /// Backfills segment `id` at its current version in the background;
+    /// a failure is recorded on the segment (state FAILED with the reason).
+    pub fn spawn_backfill(&self, id: String) {
+        let this = self.clone();
+        tokio::spawn(async move { this.run_backfill(&id).await });
+    }
+
+    /// Backfills segment `id`, recording a failure on the segment.
+    pub async fn run_backfill(&self, id: &str) {
+        self.set_progress(id, Some(0.0));
+        let result = self.backfill(id).await;
+        self.set_progress(id, None);
+        if let Err(e) = result {
+            tracing::warn!(segment = %id, error = %e, "segment evaluation failed");
+            // The caller sees that and when it failed, never an SQL message
+            // (that is in the service log).
+            let reason = match &e {
+                Error::Internal(_) => format!(
+                    "evaluation failed at {}: the database could not evaluate the rule; \
+                     membership may be stale until RefreshSegment succeeds (details in the service log)",
+                    self.inner.rt.clock.now().to_rfc3339()
+                ),
+                other => {
+                    clm_domain::validation::shorten(&format!("evaluation failed: {other}"), 500)
+                        .into_owned()
+                }
+            };
+            let rt = &self.inner.rt;
+            let failed = async {
+                let txn = rt.db.begin().await?;
+                if let Some(s) = segments::get(&txn, id).await? {
+                    segments::set_state(&txn, id, s.version, State::Failed, Some(reason), None)
+                        .await?;
+                }
+                txn.commit().await
+            };
+            if let Err(e) = failed.await {
+                tracing::error!(segment = %id, error = %e, "cannot record the failure");
+            }
+        }
+    }
+
+    async fn backfill(&self, id: &str) -> Result<()> {
+        let rt = &self.inner.rt;
+        let now = clm_domain::clock::micros(rt.clock.now());
+        let txn = rt.db.begin().await?;
+        let version = members::lock_version(&txn).await?;
+        let Some(seg) = segments::get(&txn, id).await? else {
+            return Ok(());
+        };
+        let reg = self.registry(&txn).await?;
+        let Some(c) = reg.get(id).cloned() else {
+            return Err(Error::internal("segment missing from the registry"));
+        };
+        let compiler = Compiler {
+            at: now,
+            postgres: is_postgres(&txn),
+        };
+        let (entering, leaving) = members::diff(&txn, id, compiler.select(&c.rule)).await?;
+        self.set_progress(id, Some(0.5));
+        let at_us = to_micros(now);
+        let mut out = Outcome::default();
+        let pairs = |ids: &[String]| -> Vec<Pair> {
+            ids.iter().map(|cu| (id.to_owned(), cu.clone())).collect()
+        };
+        members::exit(&txn, &pairs(&leaving), at_us).await?;
+        members::enter(&txn, &pairs(&entering), at_us, version).await?;
+        let mut dependents: BTreeMap<String, Vec<Change>> = BTreeMap::new();
+        for cu in &entering {
+            out.record(&c, cu, true, now, version);
+            dependents.insert(cu.clone(), vec![Change::Member(c.name.clone())]);
+        }
+        for cu in &leaving {
+            out.record(&c, cu, false, now, version);
+            dependents.insert(cu.clone(), vec![Change::Member(c.name.clone())]);
+        }
+        let cascade = self.evaluate(&txn, &dependents, now).await?;
+        out.events.extend(cascade.events);
+        out.cache.extend(cascade.cache);
+        members::clear_timers(&txn, id).await?;
+        if c.timed {
+            let total = members::customer_count(&txn).await?.max(1) as f64;
+            let mut done = 0usize;
+            let mut after: Option<String> = None;
+            loop {
+                let ids = members::customers_after(&txn, after.as_deref(), TIMER_CHUNK).await?;
+                let Some(last) = ids.last().cloned() else {
+                    break;
+                };
+                let loaded: HashMap<String, FactSet> = facts::load(&txn, &ids).await?;
+                let set: Vec<(String, String, i64)> = loaded
+                    .iter()
+                    .filter_map(|(cu, fs)| {
+                        rules::next_change(&c.rule, fs, now)
+                            .map(|t| (id.to_owned(), cu.clone(), to_micros(t)))
+                    })
+                    .collect();
+                out.timers_set |= !set.is_empty();
+                members::set_timers(&txn, &set, &[]).await?;
+                done += ids.len();
+                self.set_progress(id, Some(0.5 + 0.5 * (done as f64 / total).min(1.0)));
+                after = Some(last);
+            }
+        }
+        segments::set_state(&txn, id, seg.version, State::Ready, None, Some(at_us)).await?;
+        rt.outbox.append(&txn, &out.events, now).await?;
+        rt.outbox.commit(txn).await?;
+        self.after_commit(out).await;
+        Ok(())
+    }
+
+    /// Evaluates `rule` now without saving: how many customers match and
+    /// the first `sample` of them by id.
+    pub async fn preview(&self, rule: &Rule, sample: u64) -> Result<(i64, Vec<String>)> {
+        let rt = &self.inner.rt;
+        let compiler = Compiler {
+            at: clm_domain::clock::micros(rt.clock.now()),
+            postgres: is_postgres(&rt.read),
+        };
+        let select = compiler.select(rule);
+        let count = sea_orm::sea_query::Query::select()
+            .expr_as(
+                sea_orm::sea_query::Func::count(sea_orm::sea_query::Expr::val(1)),
+                sea_orm::sea_query::Alias::new("n"),
+            )
+            .from_subquery(select.clone(), sea_orm::sea_query::Alias::new("r"))
+            .to_owned();
+        let n: i64 = match rt.read.query_one(&count).await? {
+            Some(r) => r.try_get("", "n")?,
+            None => 0,
+        };
+        let mut first = select;
+        first
+            .order_by(
+                (
+                    sea_orm::sea_query::Alias::new(crate::sql::CUSTOMER),
+                    sea_orm::sea_query::Alias::new("customer_id"),
+                ),
+                sea_orm::sea_query::Order::Asc,
+            )
+            .limit(sample);
+        let ids = rt
+            .read
+            .query_all(&first)
+            .await?
+            .iter()
+            .map(|r| r.try_get_by_index::<String>(0))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok((n, ids))
+    }
+
+    /// Fires every timer due by the clock, each at its own instant.
+    pub async fn fire_due(&self) -> Result<usize> {
+        let rt = &self.inner.rt;
+        let mut fired = 0;
+        loop {
+            let now = rt.clock.now();
+            let due = members::due(&rt.read, to_micros(now), FIRE_BATCH).await?;
+            if due.is_empty() {
+                return Ok(fired);
+            }
+            let mut by_instant: BTreeMap<i64, BTreeMap<String, Vec<Change>>> = BTreeMap::new();
+            for (seg, cu, at) in &due {
+                by_instant
+                    .entry(*at)
+                    .or_default()
+                    .entry(cu.clone())
+                    .or_default()
+                    .push(Change::Only(seg.clone()));
+            }
+            for (at, work) in by_instant {
+                let txn = rt.db.begin().await?;
+                // Fired timers go; evaluation sets the next ones.
+                let pairs: Vec<Pair> = work
+                    .iter()
+                    .flat_map(|(cu, chs)| {
+                        chs.iter().filter_map(move |c| match c {
+                            Change::Only(s) => Some((s.clone(), cu.clone())),
+                            _ => None,
+                        })
+                    })
+                    .collect();
+                members::set_timers(&txn, &[], &pairs).await?;
+                let out = self.evaluate(&txn, &work, from_micros(at)).await?;
+                rt.outbox.append(&txn, &out.events, rt.clock.now()).await?;
+                rt.outbox.commit(txn).await?;
+                fired += pairs.len();
+                self.after_commit(out).await;
+            }
+        }
+    }
+
+    /// The timer task: resumes interrupted backfills, then fires timers as
+    /// the service clock reaches them until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let rt = self.inner.rt.clone();
+        match segments::in_state(&rt.read, State::Backfilling).await {
+            Ok(pending) => {
+                for s in pending {
+                    self.spawn_backfill(s.id);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list interrupted backfills"),
+        }
+        loop {
+            if let Err(e) = self.fire_due().await {
+                tracing::warn!(error = %e, "timer queue: firing failed; retrying");
+            }
+            let wait = match members::next_due(&rt.read).await {
+                Ok(Some(due)) => {
+                    let left = due.saturating_sub(to_micros(rt.clock.now())).max(0);
+                    std::time::Duration::from_micros(u64::try_from(left).unwrap_or(0))
+                        .min(TIMER_POLL)
+                }
+                _ => TIMER_POLL,
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.inner.timers.notified() => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// The catalog for checking a rule, knowing the existing segments.
+pub async fn catalog_with_segments(db: &impl ConnectionTrait) -> Result<rules::FieldCatalog> {
+    let names = segments::all(db)
+        .await?
+        .into_iter()
+        .map(|s| format!("segments/{}", s.id))
+        .collect();
+    Ok(catalog::catalog(names))
+}

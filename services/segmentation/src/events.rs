@@ -1,0 +1,398 @@
+//! The customer change stream, applied to the facts projection and
+//! re-evaluated incrementally: each handler writes the projection
+//! set-based for its run of events, then asks the engine to re-evaluate
+//! only the segments the changed facts can affect, for those customers
+//! only. Membership changes and their outbox events commit with the
+//! stream cursor; cache writes follow the commit.
+
+use crate::catalog::{channel_name, purpose_name};
+use crate::engine::{Change, Engine, Outcome};
+use crate::store::facts::{self, Profile, TouchRow};
+use crate::store::members::{self, Pair};
+use chrono::{DateTime, NaiveDate, Utc};
+use clm_domain::attributes::AttributeValue;
+use clm_domain::consent::{Channel, Purpose};
+use clm_domain::demographics::Gender;
+use clm_domain::lifecycle::Stage;
+use clm_domain::money::Money;
+use clm_domain::touchpoint::{Touchpoint, TouchpointKind};
+use clm_platform::changes::{Apply, Handlers, On, OnBatch};
+use clm_platform::db::to_micros;
+use clm_platform::outbox::NewEvent;
+use clm_platform::{Error, Result};
+use clm_proto::common::{ChangeEvent, CustomerDataErased};
+use clm_proto::customer as cpb;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The service's name on erasure receipts.
+const SERVICE: &str = "segmentation";
+
+/// Handlers of the customer stream.
+pub fn customer_handlers(engine: Engine) -> Handlers {
+    let h = Arc::new(CustomerFacts { engine });
+    Handlers::new()
+        .on_batch::<cpb::CustomerCreated, _>(h.clone())
+        .on_batch::<cpb::CustomerUpdated, _>(h.clone())
+        .on_batch::<cpb::TouchpointRecorded, _>(h.clone())
+        .on_batch::<cpb::StageChanged, _>(h.clone())
+        .on_batch::<cpb::ConsentChanged, _>(h.clone())
+        .on::<cpb::CustomersMerged, _>(h.clone())
+        .on::<cpb::CustomerErased, _>(h)
+}
+
+/// Applies customer facts.
+pub struct CustomerFacts {
+    engine: Engine,
+}
+
+fn bare(name: &str) -> Option<String> {
+    name.strip_prefix("customers/").map(str::to_owned)
+}
+
+fn time(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
+    t.and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+}
+
+fn text(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+fn money(m: Option<&clm_proto::common::Money>) -> Option<Money> {
+    m.map(|m| Money {
+        currency: m.currency_code.clone(),
+        amount_minor: m.amount_minor,
+    })
+}
+
+/// A customer message as profile facts.
+pub fn profile(c: &cpb::Customer) -> Option<Profile> {
+    let id = bare(&c.name)?;
+    let d = c.demographics.clone().unwrap_or_default();
+    let attributes = c
+        .attributes
+        .iter()
+        .filter_map(|(k, v)| {
+            let v = match v.value.as_ref()? {
+                cpb::attribute_value::Value::StringValue(s) => AttributeValue::String(s.clone()),
+                cpb::attribute_value::Value::NumberValue(x) => AttributeValue::Number(*x),
+                cpb::attribute_value::Value::BoolValue(b) => AttributeValue::Bool(*b),
+                cpb::attribute_value::Value::TimestampValue(t) => {
+                    AttributeValue::Timestamp(time(Some(t))?)
+                }
+            };
+            Some((k.clone(), v))
+        })
+        .collect();
+    Some(Profile {
+        id,
+        email: text(&c.email),
+        display_name: text(&c.display_name),
+        birth_date: d.birth_date.as_ref().and_then(|b| {
+            NaiveDate::from_ymd_opt(
+                b.year,
+                u32::try_from(b.month).ok()?,
+                u32::try_from(b.day).ok()?,
+            )
+        }),
+        gender: i16::try_from(d.gender).ok().and_then(Gender::from_code),
+        income: money(d.annual_income.as_ref()),
+        occupation: text(&d.occupation),
+        stage: i16::try_from(c.stage)
+            .ok()
+            .and_then(Stage::from_code)
+            .zip(time(c.stage_change_time.as_ref())),
+        attributes,
+    })
+}
+
+fn touch_row(t: &cpb::Touchpoint) -> Option<TouchRow> {
+    let kind = TouchpointKind::from_code(i16::try_from(t.r#type).ok()?)?;
+    Some(TouchRow {
+        customer: bare(&t.customer)?,
+        touchpoint: Touchpoint {
+            event_id: t.event_id.clone(),
+            kind,
+            custom_type: text(&t.custom_type),
+            occurred_time: time(t.occurred_time.as_ref())?,
+            usage_millis: t
+                .usage_duration
+                .as_ref()
+                .map(|d| d.seconds.saturating_mul(1000) + i64::from(d.nanos / 1_000_000)),
+            product: text(&t.product),
+            feature: text(&t.feature),
+            revenue: money(t.revenue.as_ref()),
+            campaign: text(&t.campaign),
+            channel: text(&t.channel),
+            properties: t.properties.clone(),
+        },
+    })
+}
+
+impl CustomerFacts {
+    /// Re-evaluates `work`, emits the membership events and schedules the
+    /// cache writes; records the facts' freshness.
+    async fn settle(
+        &self,
+        cx: &mut Apply,
+        events: &[&ChangeEvent],
+        work: BTreeMap<String, Vec<Change>>,
+    ) -> Result<()> {
+        let now = clm_domain::clock::micros(cx.now());
+        if let Some(newest) = events
+            .iter()
+            .filter_map(|e| time(e.occurred_time.as_ref()))
+            .max()
+        {
+            facts::mark_fresh(cx.txn(), to_micros(newest), to_micros(now)).await?;
+        }
+        let out = self.engine.evaluate(cx.txn(), &work, now).await?;
+        self.finish(cx, out);
+        Ok(())
+    }
+
+    fn finish(&self, cx: &mut Apply, out: Outcome) {
+        let Outcome {
+            events,
+            cache,
+            timers_set,
+        } = out;
+        for e in events {
+            cx.emit(e);
+        }
+        let engine = self.engine.clone();
+        cx.after_commit(async move {
+            engine
+                .after_commit(Outcome {
+                    events: Vec::new(),
+                    cache,
+                    timers_set,
+                })
+                .await;
+        });
+    }
+
+    async fn profiles(
+        &self,
+        cx: &mut Apply,
+        events: Vec<&ChangeEvent>,
+        rows: Vec<Profile>,
+    ) -> Result<()> {
+        facts::upsert_profiles(cx.txn(), &rows).await?;
+        let work = rows
+            .iter()
+            .map(|p| (p.id.clone(), vec![Change::All]))
+            .collect();
+        self.settle(cx, &events, work).await
+    }
+
+    /// Ends the memberships of `ids` at `at` (a merge or an erasure).
+    async fn drop_members(
+        &self,
+        cx: &mut Apply,
+        ids: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<Outcome> {
+        let pairs: Vec<Pair> = members::of_customers(cx.txn(), ids).await?;
+        let mut out = Outcome::default();
+        if pairs.is_empty() {
+            return Ok(out);
+        }
+        let version = members::lock_version(cx.txn()).await?;
+        let reg = self.engine.registry(cx.txn()).await?;
+        members::exit(cx.txn(), &pairs, to_micros(at)).await?;
+        for (seg, cu) in &pairs {
+            if let Some(c) = reg.get(seg) {
+                out.record(c, cu, false, at, version);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl OnBatch<cpb::CustomerCreated> for CustomerFacts {
+    async fn on_batch(
+        &self,
+        cx: &mut Apply,
+        messages: Vec<(&ChangeEvent, cpb::CustomerCreated)>,
+    ) -> Result<(), Error> {
+        let events: Vec<&ChangeEvent> = messages.iter().map(|(e, _)| *e).collect();
+        let rows = messages
+            .iter()
+            .filter_map(|(_, m)| m.customer.as_ref().and_then(profile))
+            .collect();
+        self.profiles(cx, events, rows).await
+    }
+}
+
+#[async_trait::async_trait]
+impl OnBatch<cpb::CustomerUpdated> for CustomerFacts {
+    async fn on_batch(
+        &self,
+        cx: &mut Apply,
+        messages: Vec<(&ChangeEvent, cpb::CustomerUpdated)>,
+    ) -> Result<(), Error> {
+        let events: Vec<&ChangeEvent> = messages.iter().map(|(e, _)| *e).collect();
+        let rows = messages
+            .iter()
+            .filter_map(|(_, m)| m.customer.as_ref().and_then(profile))
+            .collect();
+        self.profiles(cx, events, rows).await
+    }
+}
+
+#[async_trait::async_trait]
+impl OnBatch<cpb::TouchpointRecorded> for CustomerFacts {
+    async fn on_batch(
+        &self,
+        cx: &mut Apply,
+        messages: Vec<(&ChangeEvent, cpb::TouchpointRecorded)>,
+    ) -> Result<(), Error> {
+        let events: Vec<&ChangeEvent> = messages.iter().map(|(e, _)| *e).collect();
+        let rows: Vec<TouchRow> = messages
+            .iter()
+            .filter_map(|(_, m)| m.touchpoint.as_ref().and_then(touch_row))
+            .collect();
+        facts::insert_touchpoints(cx.txn(), &rows).await?;
+        let mut work: BTreeMap<String, Vec<Change>> = BTreeMap::new();
+        for r in &rows {
+            let ch = Change::Touch(r.touchpoint.kind, r.touchpoint.custom_type.clone());
+            let list = work.entry(r.customer.clone()).or_default();
+            if !list.contains(&ch) {
+                list.push(ch);
+            }
+        }
+        self.settle(cx, &events, work).await
+    }
+}
+
+#[async_trait::async_trait]
+impl OnBatch<cpb::StageChanged> for CustomerFacts {
+    async fn on_batch(
+        &self,
+        cx: &mut Apply,
+        messages: Vec<(&ChangeEvent, cpb::StageChanged)>,
+    ) -> Result<(), Error> {
+        let events: Vec<&ChangeEvent> = messages.iter().map(|(e, _)| *e).collect();
+        let rows: Vec<(String, Stage, DateTime<Utc>)> = messages
+            .iter()
+            .filter_map(|(_, m)| {
+                let c = m.change.as_ref()?;
+                Some((
+                    bare(&m.customer)?,
+                    Stage::from_code(i16::try_from(c.to_stage).ok()?)?,
+                    time(c.change_time.as_ref())?,
+                ))
+            })
+            .collect();
+        facts::set_stages(cx.txn(), &rows).await?;
+        let work = rows
+            .iter()
+            .map(|(id, _, _)| (id.clone(), vec![Change::Stage]))
+            .collect();
+        self.settle(cx, &events, work).await
+    }
+}
+
+#[async_trait::async_trait]
+impl OnBatch<cpb::ConsentChanged> for CustomerFacts {
+    async fn on_batch(
+        &self,
+        cx: &mut Apply,
+        messages: Vec<(&ChangeEvent, cpb::ConsentChanged)>,
+    ) -> Result<(), Error> {
+        let events: Vec<&ChangeEvent> = messages.iter().map(|(e, _)| *e).collect();
+        let mut cells = Vec::new();
+        let mut work: BTreeMap<String, Vec<Change>> = BTreeMap::new();
+        for (_, m) in &messages {
+            let Some(id) = bare(&m.customer) else {
+                continue;
+            };
+            for ch in &m.changes {
+                let (Some(p), Some(c)) = (
+                    i16::try_from(ch.purpose).ok().and_then(Purpose::from_code),
+                    i16::try_from(ch.channel).ok().and_then(Channel::from_code),
+                ) else {
+                    continue;
+                };
+                let state = match cpb::ConsentState::try_from(ch.to_state) {
+                    Ok(cpb::ConsentState::Granted) => Some(true),
+                    Ok(cpb::ConsentState::Denied) => Some(false),
+                    _ => None,
+                };
+                cells.push((
+                    id.clone(),
+                    purpose_name(p).to_owned(),
+                    channel_name(c).to_owned(),
+                    state,
+                ));
+            }
+            work.insert(id, vec![Change::Consent]);
+        }
+        facts::set_consents(cx.txn(), &cells).await?;
+        self.settle(cx, &events, work).await
+    }
+}
+
+#[async_trait::async_trait]
+impl On<cpb::CustomersMerged> for CustomerFacts {
+    async fn on(
+        &self,
+        cx: &mut Apply,
+        event: &ChangeEvent,
+        m: cpb::CustomersMerged,
+    ) -> Result<(), Error> {
+        let Some(survivor) = bare(&m.survivor) else {
+            return Ok(());
+        };
+        let merged: Vec<String> = m.merged.iter().filter_map(|n| bare(n)).collect();
+        let now = clm_domain::clock::micros(cx.now());
+        facts::merge(cx.txn(), &survivor, &merged).await?;
+        if let Some(p) = m.customer.as_ref().and_then(profile) {
+            facts::upsert_profiles(cx.txn(), &[p]).await?;
+        }
+        // The merged customers leave their segments; their history moves
+        // to the survivor, whose membership is decided from the merged facts.
+        let out = self.drop_members(cx, &merged, now).await?;
+        members::rekey_history(cx.txn(), &survivor, &merged).await?;
+        members::delete_customers(cx.txn(), &merged).await?;
+        self.finish(cx, out);
+        let work = BTreeMap::from([(survivor, vec![Change::All])]);
+        self.settle(cx, &[event], work).await
+    }
+}
+
+#[async_trait::async_trait]
+impl On<cpb::CustomerErased> for CustomerFacts {
+    async fn on(
+        &self,
+        cx: &mut Apply,
+        _event: &ChangeEvent,
+        m: cpb::CustomerErased,
+    ) -> Result<(), Error> {
+        let Some(id) = bare(&m.customer) else {
+            return Ok(());
+        };
+        let now = clm_domain::clock::micros(cx.now());
+        let mut ids = vec![id.clone()];
+        ids.extend(m.merged_from.iter().filter_map(|n| bare(n)));
+        let out = self.drop_members(cx, &ids, now).await?;
+        facts::erase(cx.txn(), &ids).await?;
+        members::delete_customers(cx.txn(), &ids).await?;
+        self.finish(cx, out);
+        // Segments that name an erased customer's membership are decided
+        // again by their own rules when other facts change; nothing else
+        // holds the customer here.
+        cx.emit(NewEvent::new(
+            m.customer.clone(),
+            &CustomerDataErased {
+                customer: m.customer.clone(),
+                erasure_request: m.erasure_request.clone(),
+                service: SERVICE.to_owned(),
+                erase_time: Some(clm_platform::convert::timestamp(now)),
+            },
+        ));
+        Ok(())
+    }
+}

@@ -1,0 +1,4 @@
+//! sea-orm entities of the CRUD tables.
+
+pub mod segment_versions;
+pub mod segments;

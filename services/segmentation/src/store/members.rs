@@ -1,0 +1,449 @@
+//! Membership (current members with their entry time, closed intervals in
+//! `member_history`), the timer queue of next-change instants, and the
+//! `seg_meta` row (registry generation, membership version, freshness).
+
+use super::{chunks, n};
+use clm_platform::db::rows_per_statement;
+use sea_orm::sea_query::{Expr, ExprTrait, Func, OnConflict, Order, Query, SelectStatement};
+use sea_orm::{ConnectionTrait, DbErr};
+
+/// A (segment id, customer id) pair, both bare ids.
+pub type Pair = (String, String);
+
+/// Takes the next membership version, holding the `seg_meta` row lock
+/// until the transaction ends: membership writers are serialised, so
+/// versions grow in commit order (what the cache's versioned writes need).
+pub async fn lock_version(db: &impl ConnectionTrait) -> Result<i64, DbErr> {
+    let update = Query::update()
+        .table(n("seg_meta"))
+        .value(
+            n("membership_version"),
+            Expr::col(n("membership_version")).add(1),
+        )
+        .and_where(Expr::col(n("id")).eq(1))
+        .to_owned();
+    db.execute(&update).await?;
+    meta_i64(db, "membership_version").await
+}
+
+/// The current membership version (to load the cache with).
+pub async fn version(db: &impl ConnectionTrait) -> Result<i64, DbErr> {
+    meta_i64(db, "membership_version").await
+}
+
+/// The registry generation: changes whenever any segment's rule, state or
+/// existence does.
+pub async fn generation(db: &impl ConnectionTrait) -> Result<i64, DbErr> {
+    meta_i64(db, "generation").await
+}
+
+/// Bumps the registry generation (in the transaction changing a segment).
+pub async fn bump_generation(db: &impl ConnectionTrait) -> Result<(), DbErr> {
+    let update = Query::update()
+        .table(n("seg_meta"))
+        .value(n("generation"), Expr::col(n("generation")).add(1))
+        .and_where(Expr::col(n("id")).eq(1))
+        .to_owned();
+    db.execute(&update).await?;
+    Ok(())
+}
+
+async fn meta_i64(db: &impl ConnectionTrait, column: &str) -> Result<i64, DbErr> {
+    let q = Query::select()
+        .column(n(column))
+        .from(n("seg_meta"))
+        .and_where(Expr::col(n("id")).eq(1))
+        .to_owned();
+    match db.query_one(&q).await? {
+        Some(row) => row.try_get("", column),
+        None => Err(DbErr::RecordNotFound("seg_meta".into())),
+    }
+}
+
+/// The newest applied event's occurrence and its application time.
+pub async fn freshness(db: &impl ConnectionTrait) -> Result<Option<(i64, i64)>, DbErr> {
+    let q = Query::select()
+        .columns([n("fresh_event_us"), n("fresh_apply_us")])
+        .from(n("seg_meta"))
+        .and_where(Expr::col(n("id")).eq(1))
+        .to_owned();
+    let Some(row) = db.query_one(&q).await? else {
+        return Ok(None);
+    };
+    let e: Option<i64> = row.try_get("", "fresh_event_us")?;
+    let a: Option<i64> = row.try_get("", "fresh_apply_us")?;
+    Ok(e.zip(a))
+}
+
+fn pair_in(pairs: &[Pair]) -> Expr {
+    Expr::tuple([Expr::col(n("segment_id")), Expr::col(n("customer_id"))]).is_in(
+        pairs
+            .iter()
+            .map(|(s, c)| Expr::tuple([Expr::val(s.as_str()), Expr::val(c.as_str())])),
+    )
+}
+
+/// Adds members entering at `enter_us`.
+pub async fn enter(
+    db: &impl ConnectionTrait,
+    pairs: &[Pair],
+    enter_us: i64,
+    version: i64,
+) -> Result<(), DbErr> {
+    for chunk in pairs.chunks(rows_per_statement(4)) {
+        let mut insert = Query::insert();
+        insert
+            .into_table(n("members"))
+            .columns(["segment_id", "customer_id", "enter_us", "version"].map(n))
+            .on_conflict(
+                OnConflict::columns([n("segment_id"), n("customer_id")])
+                    .do_nothing()
+                    .to_owned(),
+            );
+        for (s, c) in chunk {
+            insert.values_panic([
+                s.clone().into(),
+                c.clone().into(),
+                enter_us.into(),
+                version.into(),
+            ]);
+        }
+        db.execute(&insert).await?;
+    }
+    Ok(())
+}
+
+/// Removes members leaving at `exit_us`, keeping the closed interval in
+/// the history.
+pub async fn exit(db: &impl ConnectionTrait, pairs: &[Pair], exit_us: i64) -> Result<(), DbErr> {
+    for chunk in pairs.chunks(rows_per_statement(2).min(2000)) {
+        let closed = Query::select()
+            .columns([n("segment_id"), n("customer_id"), n("enter_us")])
+            .expr(Expr::val(exit_us))
+            .from(n("members"))
+            .and_where(pair_in(chunk))
+            .to_owned();
+        let insert = Query::insert()
+            .into_table(n("member_history"))
+            .columns(["segment_id", "customer_id", "enter_us", "exit_us"].map(n))
+            .select_from(closed)
+            .map_err(|e| DbErr::Custom(e.to_string()))?
+            .to_owned();
+        db.execute(&insert).await?;
+        let delete = Query::delete()
+            .from_table(n("members"))
+            .and_where(pair_in(chunk))
+            .to_owned();
+        db.execute(&delete).await?;
+    }
+    Ok(())
+}
+
+/// Current members of `segment` among the customers `rule` selects that
+/// are not members yet (`entering`), and members it no longer selects
+/// (`leaving`): the diff of a backfill, each one set-based query.
+pub async fn diff(
+    db: &impl ConnectionTrait,
+    segment: &str,
+    rule: SelectStatement,
+) -> Result<(Vec<String>, Vec<String>), DbErr> {
+    let members = || {
+        Query::select()
+            .column(n("customer_id"))
+            .from(n("members"))
+            .and_where(Expr::col(n("segment_id")).eq(segment))
+            .to_owned()
+    };
+    let entering = Query::select()
+        .column(n("customer_id"))
+        .from_subquery(rule.clone(), n("r"))
+        .and_where(Expr::col(n("customer_id")).not_in_subquery(members()))
+        .to_owned();
+    let leaving = Query::select()
+        .column(n("customer_id"))
+        .from(n("members"))
+        .and_where(Expr::col(n("segment_id")).eq(segment))
+        .and_where(Expr::col(n("customer_id")).not_in_subquery(rule))
+        .to_owned();
+    let ids = |rows: Vec<sea_orm::QueryResult>| {
+        rows.iter()
+            .map(|r| r.try_get::<String>("", "customer_id"))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok((
+        ids(db.query_all(&entering).await?)?,
+        ids(db.query_all(&leaving).await?)?,
+    ))
+}
+
+/// Members of any of `ids` (customers), as pairs.
+pub async fn of_customers(db: &impl ConnectionTrait, ids: &[String]) -> Result<Vec<Pair>, DbErr> {
+    let mut out = Vec::new();
+    for chunk in chunks(ids) {
+        let q = Query::select()
+            .columns([n("segment_id"), n("customer_id")])
+            .from(n("members"))
+            .and_where(Expr::col(n("customer_id")).is_in(chunk.iter().cloned()))
+            .to_owned();
+        for r in db.query_all(&q).await? {
+            out.push((r.try_get("", "segment_id")?, r.try_get("", "customer_id")?));
+        }
+    }
+    Ok(out)
+}
+
+/// Every member of `segment`.
+pub async fn of_segment(db: &impl ConnectionTrait, segment: &str) -> Result<Vec<String>, DbErr> {
+    let q = Query::select()
+        .column(n("customer_id"))
+        .from(n("members"))
+        .and_where(Expr::col(n("segment_id")).eq(segment))
+        .order_by(n("customer_id"), Order::Asc)
+        .to_owned();
+    db.query_all(&q)
+        .await?
+        .iter()
+        .map(|r| r.try_get("", "customer_id"))
+        .collect()
+}
+
+/// Whether each pair is a current membership.
+pub async fn contains(db: &impl ConnectionTrait, pairs: &[Pair]) -> Result<Vec<bool>, DbErr> {
+    let mut found = std::collections::HashSet::new();
+    for chunk in pairs.chunks(500) {
+        let q = Query::select()
+            .columns([n("segment_id"), n("customer_id")])
+            .from(n("members"))
+            .and_where(pair_in(chunk))
+            .to_owned();
+        for r in db.query_all(&q).await? {
+            found.insert((
+                r.try_get::<String>("", "segment_id")?,
+                r.try_get::<String>("", "customer_id")?,
+            ));
+        }
+    }
+    Ok(pairs.iter().map(|p| found.contains(p)).collect())
+}
+
+/// A page of `segment`'s members after `after` (customer id), by customer id.
+pub async fn page(
+    db: &impl ConnectionTrait,
+    segment: &str,
+    after: Option<&str>,
+    limit: u64,
+) -> Result<Vec<(String, i64)>, DbErr> {
+    let mut q = Query::select();
+    q.columns([n("customer_id"), n("enter_us")])
+        .from(n("members"))
+        .and_where(Expr::col(n("segment_id")).eq(segment))
+        .order_by(n("customer_id"), Order::Asc)
+        .limit(limit);
+    if let Some(after) = after {
+        q.and_where(Expr::col(n("customer_id")).gt(after));
+    }
+    db.query_all(&q)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("", "customer_id")?, r.try_get("", "enter_us")?)))
+        .collect()
+}
+
+/// Member counts of `segments`.
+pub async fn counts(
+    db: &impl ConnectionTrait,
+    segments: &[String],
+) -> Result<std::collections::HashMap<String, i64>, DbErr> {
+    let mut out = std::collections::HashMap::new();
+    for chunk in chunks(segments) {
+        let q = Query::select()
+            .column(n("segment_id"))
+            .expr_as(Func::count(Expr::val(1)), n("n"))
+            .from(n("members"))
+            .and_where(Expr::col(n("segment_id")).is_in(chunk.iter().cloned()))
+            .group_by_col(n("segment_id"))
+            .to_owned();
+        for r in db.query_all(&q).await? {
+            out.insert(r.try_get("", "segment_id")?, r.try_get("", "n")?);
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes every membership, history and timer of `segment`.
+pub async fn delete_segment(db: &impl ConnectionTrait, segment: &str) -> Result<(), DbErr> {
+    for table in ["members", "member_history", "timers"] {
+        let delete = Query::delete()
+            .from_table(n(table))
+            .and_where(Expr::col(n("segment_id")).eq(segment))
+            .to_owned();
+        db.execute(&delete).await?;
+    }
+    Ok(())
+}
+
+/// Deletes every membership, history and timer of `ids` (erasure).
+pub async fn delete_customers(db: &impl ConnectionTrait, ids: &[String]) -> Result<(), DbErr> {
+    for chunk in chunks(ids) {
+        for table in ["members", "member_history", "timers"] {
+            let delete = Query::delete()
+                .from_table(n(table))
+                .and_where(Expr::col(n("customer_id")).is_in(chunk.iter().cloned()))
+                .to_owned();
+            db.execute(&delete).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Sets timers (segment, customer, due) and removes `cleared` ones.
+pub async fn set_timers(
+    db: &impl ConnectionTrait,
+    set: &[(String, String, i64)],
+    cleared: &[Pair],
+) -> Result<(), DbErr> {
+    for chunk in cleared.chunks(500) {
+        let delete = Query::delete()
+            .from_table(n("timers"))
+            .and_where(pair_in(chunk))
+            .to_owned();
+        db.execute(&delete).await?;
+    }
+    for chunk in set.chunks(rows_per_statement(3)) {
+        let mut insert = Query::insert();
+        insert
+            .into_table(n("timers"))
+            .columns(["segment_id", "customer_id", "due_us"].map(n))
+            .on_conflict(
+                OnConflict::columns([n("segment_id"), n("customer_id")])
+                    .update_column(n("due_us"))
+                    .to_owned(),
+            );
+        for (s, c, d) in chunk {
+            insert.values_panic([s.clone().into(), c.clone().into(), (*d).into()]);
+        }
+        db.execute(&insert).await?;
+    }
+    Ok(())
+}
+
+/// Deletes `segment`'s timers (before a backfill recomputes them).
+pub async fn clear_timers(db: &impl ConnectionTrait, segment: &str) -> Result<(), DbErr> {
+    let delete = Query::delete()
+        .from_table(n("timers"))
+        .and_where(Expr::col(n("segment_id")).eq(segment))
+        .to_owned();
+    db.execute(&delete).await?;
+    Ok(())
+}
+
+/// The earliest due instant in the queue.
+pub async fn next_due(db: &impl ConnectionTrait) -> Result<Option<i64>, DbErr> {
+    let q = Query::select()
+        .expr_as(Func::min(Expr::col(n("due_us"))), n("due"))
+        .from(n("timers"))
+        .to_owned();
+    match db.query_one(&q).await? {
+        Some(r) => r.try_get("", "due"),
+        None => Ok(None),
+    }
+}
+
+/// Timers due at or before `now_us`, earliest first.
+pub async fn due(
+    db: &impl ConnectionTrait,
+    now_us: i64,
+    limit: u64,
+) -> Result<Vec<(String, String, i64)>, DbErr> {
+    let q = Query::select()
+        .columns([n("segment_id"), n("customer_id"), n("due_us")])
+        .from(n("timers"))
+        .and_where(Expr::col(n("due_us")).lte(now_us))
+        .order_by(n("due_us"), Order::Asc)
+        .limit(limit)
+        .to_owned();
+    db.query_all(&q)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get("", "segment_id")?,
+                r.try_get("", "customer_id")?,
+                r.try_get("", "due_us")?,
+            ))
+        })
+        .collect()
+}
+
+/// Every customer id in the projection after `after`, by id (a chunk of
+/// the timer computation after a backfill).
+pub async fn customers_after(
+    db: &impl ConnectionTrait,
+    after: Option<&str>,
+    limit: u64,
+) -> Result<Vec<String>, DbErr> {
+    let mut q = Query::select();
+    q.column(n("customer_id"))
+        .from(n("fact_customers"))
+        .order_by(n("customer_id"), Order::Asc)
+        .limit(limit);
+    if let Some(a) = after {
+        q.and_where(Expr::col(n("customer_id")).gt(a));
+    }
+    db.query_all(&q)
+        .await?
+        .iter()
+        .map(|r| r.try_get("", "customer_id"))
+        .collect()
+}
+
+/// Customers in the projection.
+pub async fn customer_count(db: &impl ConnectionTrait) -> Result<i64, DbErr> {
+    let q = Query::select()
+        .expr_as(Func::count(Expr::val(1)), n("n"))
+        .from(n("fact_customers"))
+        .to_owned();
+    match db.query_one(&q).await? {
+        Some(r) => r.try_get("", "n"),
+        None => Ok(0),
+    }
+}
+
+/// Moves the membership history of `merged` to `survivor`.
+pub async fn rekey_history(
+    db: &impl ConnectionTrait,
+    survivor: &str,
+    merged: &[String],
+) -> Result<(), DbErr> {
+    for chunk in chunks(merged) {
+        let update = Query::update()
+            .table(n("member_history"))
+            .value(n("customer_id"), survivor)
+            .and_where(Expr::col(n("customer_id")).is_in(chunk.iter().cloned()))
+            .to_owned();
+        db.execute(&update).await?;
+    }
+    Ok(())
+}
+
+/// The timers of `ids` (customers): (segment, customer) to due instant.
+pub async fn timers_of(
+    db: &impl ConnectionTrait,
+    ids: &[String],
+) -> Result<std::collections::HashMap<Pair, i64>, DbErr> {
+    let mut out = std::collections::HashMap::new();
+    for chunk in chunks(ids) {
+        let q = Query::select()
+            .columns([n("segment_id"), n("customer_id"), n("due_us")])
+            .from(n("timers"))
+            .and_where(Expr::col(n("customer_id")).is_in(chunk.iter().cloned()))
+            .to_owned();
+        for r in db.query_all(&q).await? {
+            out.insert(
+                (r.try_get("", "segment_id")?, r.try_get("", "customer_id")?),
+                r.try_get("", "due_us")?,
+            );
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,327 @@
+//! Schema of the segmentation service. Times are microseconds since the
+//! epoch (`*_us`), money is minor units plus a currency code.
+//!
+//! * `segments`, `segment_versions`: the segments and every rule version.
+//! * `seg_meta`: one row: the registry generation (bumped by every segment
+//!   change, so every replica reloads its rules), the membership version
+//!   (the cache's version source; its row lock serialises membership
+//!   writers) and the freshness of the facts.
+//! * `fact_*`: the projection of the customer stream the rules read.
+//! * `members`, `member_history`: current membership and closed intervals.
+//! * `timers`: the next instant time alone changes a customer's answer for
+//!   a segment (exact window expiry).
+//!
+//! On PostgreSQL the fact text columns use the `C` collation, so string
+//! order is byte order, as in the rule language and SQLite.
+
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::DbBackend;
+
+/// Runs the platform tables, then the segmentation tables.
+#[derive(Debug)]
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        let mut m = clm_platform::migration::platform_migrations();
+        m.push(Box::new(SegmentationTables));
+        m
+    }
+}
+
+struct SegmentationTables;
+
+impl MigrationName for SegmentationTables {
+    fn name(&self) -> &str {
+        "m0002_segmentation_tables"
+    }
+}
+
+fn a(s: &str) -> Alias {
+    Alias::new(s)
+}
+
+fn index(name: &str, table: &str, cols: &[&str]) -> IndexCreateStatement {
+    let mut i = Index::create();
+    i.name(name).table(a(table)).if_not_exists();
+    for c in cols {
+        i.col(a(c));
+    }
+    i.to_owned()
+}
+
+fn pk(table: &str, cols: &[&str]) -> IndexCreateStatement {
+    let mut i = Index::create();
+    i.name(format!("{table}_pk")).table(a(table)).primary();
+    for c in cols {
+        i.col(a(c));
+    }
+    i.to_owned()
+}
+
+/// Columns built with the backend in mind.
+struct Cols {
+    pg: bool,
+}
+
+impl Cols {
+    /// A text column compared by bytes on both backends.
+    fn text(&self, name: &str) -> ColumnDef {
+        let mut c = ColumnDef::new(a(name));
+        c.text();
+        if self.pg {
+            c.extra("COLLATE \"C\"");
+        }
+        c
+    }
+    fn big(&self, name: &str) -> ColumnDef {
+        let mut c = ColumnDef::new(a(name));
+        c.big_integer();
+        c
+    }
+    fn small(&self, name: &str) -> ColumnDef {
+        let mut c = ColumnDef::new(a(name));
+        c.small_integer();
+        c
+    }
+    fn double(&self, name: &str) -> ColumnDef {
+        let mut c = ColumnDef::new(a(name));
+        c.double();
+        c
+    }
+    fn boolean(&self, name: &str) -> ColumnDef {
+        let mut c = ColumnDef::new(a(name));
+        c.boolean();
+        c
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for SegmentationTables {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        let c = Cols {
+            pg: m.get_database_backend() == DbBackend::Postgres,
+        };
+        m.create_table(
+            Table::create()
+                .table(a("segments"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("id")).string().not_null().primary_key())
+                .col(c.text("display_name").not_null())
+                .col(c.text("owner").not_null())
+                .col(c.text("description").not_null())
+                .col(c.text("rule_text").not_null())
+                .col(c.big("version").not_null())
+                .col(c.big("revision").not_null())
+                .col(c.small("state").not_null())
+                .col(c.text("failure_reason").null())
+                .col(c.big("create_us").not_null())
+                .col(c.big("update_us").not_null())
+                .col(c.big("evaluate_us").null())
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("segment_versions"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("segment_id")).string().not_null())
+                .col(c.big("version").not_null())
+                .col(c.text("rule_text").not_null())
+                .col(c.text("actor").not_null())
+                .col(c.big("create_us").not_null())
+                .primary_key(&mut pk("segment_versions", &["segment_id", "version"]))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("seg_meta"))
+                .if_not_exists()
+                .col(c.small("id").not_null().primary_key())
+                .col(c.big("generation").not_null())
+                .col(c.big("membership_version").not_null())
+                .col(c.big("fresh_event_us").null())
+                .col(c.big("fresh_apply_us").null())
+                .to_owned(),
+        )
+        .await?;
+        m.exec_stmt(
+            Query::insert()
+                .into_table(a("seg_meta"))
+                .columns([a("id"), a("generation"), a("membership_version")])
+                .values_panic([1.into(), 1.into(), 1.into()])
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("fact_customers"))
+                .if_not_exists()
+                .col(
+                    ColumnDef::new(a("customer_id"))
+                        .string()
+                        .not_null()
+                        .primary_key(),
+                )
+                .col(c.text("email").null())
+                .col(c.text("display_name").null())
+                .col(c.text("birth_date").null())
+                .col(c.small("gender").null())
+                .col(c.big("income_minor").null())
+                .col(c.text("income_currency").null())
+                .col(c.text("occupation").null())
+                .col(c.small("stage").null())
+                .col(c.big("stage_us").null())
+                .col(c.text("grade").null())
+                .col(c.small("nps_last").null())
+                .col(c.double("csat_last").null())
+                .col(c.text("loyalty_tier").null())
+                .col(c.big("loyalty_balance").null())
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("fact_attributes"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(c.text("key").not_null())
+                .col(c.small("kind").not_null())
+                .col(c.text("str_value").null())
+                .col(c.double("num_value").null())
+                .col(c.boolean("bool_value").null())
+                .col(c.big("time_us").null())
+                .primary_key(&mut pk("fact_attributes", &["customer_id", "key"]))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("fact_consents"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(c.text("purpose").not_null())
+                .col(c.text("channel").not_null())
+                .col(c.boolean("granted").not_null())
+                .primary_key(&mut pk(
+                    "fact_consents",
+                    &["customer_id", "purpose", "channel"],
+                ))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("fact_scores"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(c.text("name").not_null())
+                .col(c.double("value").not_null())
+                .primary_key(&mut pk("fact_scores", &["customer_id", "name"]))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("fact_touchpoints"))
+                .if_not_exists()
+                .col(
+                    ColumnDef::new(a("event_id"))
+                        .string()
+                        .not_null()
+                        .primary_key(),
+                )
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(c.small("kind").not_null())
+                .col(c.text("custom_type").null())
+                .col(c.big("occurred_us").not_null())
+                .col(c.text("product").null())
+                .col(c.text("feature").null())
+                .col(c.text("campaign").null())
+                .col(c.text("channel").null())
+                .col(c.big("revenue_minor").null())
+                .col(c.text("revenue_currency").null())
+                .col(c.big("usage_ms").null())
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "fact_touchpoints_customer",
+            "fact_touchpoints",
+            &["customer_id", "kind", "occurred_us"],
+        ))
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("fact_touch_props"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("event_id")).string().not_null())
+                .col(c.text("key").not_null())
+                .col(c.text("value").not_null())
+                .primary_key(&mut pk("fact_touch_props", &["event_id", "key"]))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("members"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("segment_id")).string().not_null())
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(c.big("enter_us").not_null())
+                .col(c.big("version").not_null())
+                .primary_key(&mut pk("members", &["segment_id", "customer_id"]))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index("members_customer", "members", &["customer_id"]))
+            .await?;
+        m.create_table(
+            Table::create()
+                .table(a("member_history"))
+                .if_not_exists()
+                .col(
+                    ColumnDef::new(a("id"))
+                        .big_integer()
+                        .not_null()
+                        .auto_increment()
+                        .primary_key(),
+                )
+                .col(ColumnDef::new(a("segment_id")).string().not_null())
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(c.big("enter_us").not_null())
+                .col(c.big("exit_us").not_null())
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "member_history_segment",
+            "member_history",
+            &["segment_id", "customer_id"],
+        ))
+        .await?;
+        m.create_index(index(
+            "member_history_customer",
+            "member_history",
+            &["customer_id"],
+        ))
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("timers"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("segment_id")).string().not_null())
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(c.big("due_us").not_null())
+                .primary_key(&mut pk("timers", &["segment_id", "customer_id"]))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index("timers_due", "timers", &["due_us"]))
+            .await?;
+        m.create_index(index("timers_customer", "timers", &["customer_id"]))
+            .await?;
+        Ok(())
+    }
+}

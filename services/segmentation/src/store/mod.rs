@@ -1,0 +1,24 @@
+//! Storage of the segmentation service. Every statement runs on PostgreSQL
+//! and SQLite and is set-based (one statement per batch, never a query per
+//! row): [`segments`] (sea-orm entities), [`facts`] (the projection of the
+//! customer stream), [`members`] (membership, history, timers).
+
+pub mod entity;
+pub mod facts;
+pub mod members;
+pub mod migration;
+pub mod segments;
+
+pub use migration::Migrator;
+
+use sea_orm::sea_query::Alias;
+
+/// Shorthand for a table or column name.
+pub(crate) fn n(s: &str) -> Alias {
+    Alias::new(s)
+}
+
+/// `ids` in chunks small enough for one `IN (...)` list on both backends.
+pub(crate) fn chunks(ids: &[String]) -> std::slice::Chunks<'_, String> {
+    ids.chunks(500)
+}

@@ -1,0 +1,396 @@
+//! The segmentation service through gRPC, following a real customer
+//! service: each condition kind, nested logic, backfill on create and on
+//! edit, exact window expiry with a controlled clock, a restart in the
+//! middle of a window, bad input.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use chrono::Duration;
+use clm_platform::testing::assert_bad_field;
+use clm_proto::customer as cpb;
+use clm_proto::segmentation as pb;
+use common::*;
+use tokio_stream::StreamExt;
+
+#[tokio::test]
+async fn window_expires_at_the_exact_instant_and_survives_a_restart() {
+    let mut h = start().await;
+    let mut cust = h.customers();
+    let ada = create_customer(&mut cust, "ada@example.com", |_| {}).await;
+    let t = t0();
+    for i in 0..3 {
+        feature_use(
+            &mut cust,
+            &ada,
+            "export",
+            t - Duration::days(2) + Duration::hours(i),
+        )
+        .await;
+    }
+    let mut seg = h.segments();
+    let s = create_segment(
+        &mut seg,
+        r#"count(feature_use where feature = "export", 7d) >= 3"#,
+    )
+    .await;
+    let ready = wait_count(&mut seg, &s.name, 1).await;
+    assert_eq!(ready.state, pb::SegmentState::Ready as i32, "{ready:?}");
+    assert!(is_member(&mut seg, &s.name, &ada).await);
+
+    // The first export leaves the window 7 days after it happened: at
+    // t - 2d + 7d = t + 5d. Restart in the middle of the window first.
+    h.advance(Duration::days(3));
+    h.restart_segmentation().await;
+    let mut seg = h.segments();
+    assert!(is_member(&mut seg, &s.name, &ada).await);
+    let exit_at = t - Duration::days(2) + Duration::days(7);
+    h.clock.set(exit_at - Duration::microseconds(1));
+    // Nothing is due yet; the stream shows only the entry so far.
+    let mut watch = seg
+        .watch_membership(pb::WatchMembershipRequest {
+            segment: s.name.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let entered = watch.next().await.unwrap().unwrap();
+    assert_eq!(
+        entered.change.as_ref().unwrap().change,
+        pb::MembershipChange::Entered as i32
+    );
+    assert!(is_member(&mut seg, &s.name, &ada).await);
+    h.clock.set(exit_at);
+    wait_member(&mut seg, &s.name, &ada, false).await;
+    let exited = watch.next().await.unwrap().unwrap();
+    let change = exited.change.unwrap();
+    assert_eq!(change.change, pb::MembershipChange::Exited as i32);
+    assert_eq!(change.customer, ada);
+    assert_eq!(
+        change.change_time,
+        Some(ts(exit_at)),
+        "left at the exact instant"
+    );
+    assert!(exited.sequence > entered.sequence);
+}
+
+#[tokio::test]
+async fn incremental_backfill_on_create_and_edit_and_each_condition_kind() {
+    let h = start().await;
+    let mut cust = h.customers();
+    let young = create_customer(&mut cust, "young@example.com", |c| {
+        c.demographics = Some(cpb::Demographics {
+            birth_date: Some(clm_proto::common::Date {
+                year: 2000,
+                month: 6,
+                day: 1,
+            }),
+            gender: cpb::Gender::Female as i32,
+            occupation: "engineer".into(),
+            ..Default::default()
+        });
+        c.attributes.insert(
+            "plan".into(),
+            cpb::AttributeValue {
+                value: Some(cpb::attribute_value::Value::StringValue("pro".into())),
+            },
+        );
+    })
+    .await;
+    let old = create_customer(&mut cust, "old@example.com", |c| {
+        c.demographics = Some(cpb::Demographics {
+            birth_date: Some(clm_proto::common::Date {
+                year: 1950,
+                month: 1,
+                day: 1,
+            }),
+            gender: cpb::Gender::Male as i32,
+            ..Default::default()
+        });
+    })
+    .await;
+    let mut seg = h.segments();
+    // Profile, attributes, nested logic, stage, consent (profiling is
+    // granted unless denied).
+    let s = create_segment(
+        &mut seg,
+        r#"(age between 18 and 40 and gender = FEMALE and occupation starts_with "eng")
+           or (attributes.plan = "enterprise" and not stage = CHURNED)"#,
+    )
+    .await;
+    wait_count(&mut seg, &s.name, 1).await;
+    assert!(is_member(&mut seg, &s.name, &young).await);
+    assert!(!is_member(&mut seg, &s.name, &old).await);
+
+    let consent = create_segment(&mut seg, "consent(profiling, email) and stage = APPROACH").await;
+    let consent = wait_count(&mut seg, &consent.name, 2).await;
+
+    // Incremental: an update to the old customer's attributes brings them in.
+    let got = cust
+        .get_customer(cpb::GetCustomerRequest { name: old.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut changed = got.clone();
+    changed.attributes.insert(
+        "plan".into(),
+        cpb::AttributeValue {
+            value: Some(cpb::attribute_value::Value::StringValue(
+                "enterprise".into(),
+            )),
+        },
+    );
+    cust.update_customer(cpb::UpdateCustomerRequest {
+        customer: Some(changed),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["attributes".into()],
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    wait_member(&mut seg, &s.name, &old, true).await;
+    let mine = seg
+        .get_customer_segments(pb::GetCustomerSegmentsRequest {
+            customer: old.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut want = vec![s.name.clone(), consent.name.clone()];
+    want.sort();
+    assert_eq!(mine.segments, want);
+
+    // Behaviour through purchases (sum of revenue) and recency.
+    let tp = cpb::Touchpoint {
+        customer: young.clone(),
+        event_id: "p1".into(),
+        r#type: cpb::TouchpointType::Purchase as i32,
+        occurred_time: Some(ts(t0() - Duration::days(1))),
+        product: "pro".into(),
+        revenue: Some(clm_proto::common::Money {
+            currency_code: "EUR".into(),
+            amount_minor: 15_000,
+        }),
+        ..Default::default()
+    };
+    cust.record_touchpoints(cpb::RecordTouchpointsRequest {
+        touchpoints: vec![tp],
+    })
+    .await
+    .unwrap();
+    let buyers = create_segment(
+        &mut seg,
+        r#"sum(purchase.revenue where product = "pro", 30d) >= 100.00 EUR and last(purchase) within 7d"#,
+    )
+    .await;
+    wait_ready(&mut seg, &buyers.name).await;
+    wait_member(&mut seg, &buyers.name, &young, true).await;
+    assert!(!is_member(&mut seg, &buyers.name, &old).await);
+
+    // Membership of another segment.
+    let nested = create_segment(
+        &mut seg,
+        &format!(r#"in_segment("{}") and age > 60"#, s.name),
+    )
+    .await;
+    wait_count(&mut seg, &nested.name, 1).await;
+    assert!(is_member(&mut seg, &nested.name, &old).await);
+    assert!(!is_member(&mut seg, &nested.name, &young).await);
+
+    // Edit: a rule that no longer matches the young customer: she leaves.
+    let before = seg
+        .get_segment(pb::GetSegmentRequest {
+            name: s.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let updated = seg
+        .update_segment(pb::UpdateSegmentRequest {
+            segment: Some(pb::Segment {
+                name: s.name.clone(),
+                etag: before.etag.clone(),
+                rule_text: r#"attributes.plan = "enterprise" and not stage = CHURNED"#.into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["rule_text".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let diff = updated.rule_diff.unwrap();
+    assert_eq!(diff.previous_version, 1);
+    assert_eq!(updated.segment.unwrap().version, 2);
+    assert!(
+        diff.removed_conditions.iter().any(|c| c.contains("age")),
+        "{diff:?}"
+    );
+    assert!(diff.added_conditions.is_empty(), "{diff:?}");
+    wait_ready(&mut seg, &s.name).await;
+    assert!(!is_member(&mut seg, &s.name, &young).await);
+    assert!(is_member(&mut seg, &s.name, &old).await);
+    // A stale etag is refused.
+    let stale = seg
+        .update_segment(pb::UpdateSegmentRequest {
+            segment: Some(pb::Segment {
+                name: s.name.clone(),
+                etag: before.etag,
+                display_name: "x".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["display_name".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::Aborted);
+
+    // Members list and count.
+    let page = seg
+        .list_segment_members(pb::ListSegmentMembersRequest {
+            parent: s.name.clone(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.members.len(), 1);
+    assert_eq!(page.members[0].customer, old);
+    let count = seg
+        .count_segment_members(pb::CountSegmentMembersRequest {
+            segment: consent.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(count.count, 2);
+    let preview = seg
+        .preview_segment(pb::PreviewSegmentRequest {
+            rule_text: "age > 60".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(preview.count, 1);
+    assert_eq!(preview.sample, vec![old.clone()]);
+    assert!(preview.rule.is_some());
+}
+
+#[tokio::test]
+async fn bad_rules_are_refused_naming_the_field() {
+    let h = start().await;
+    let mut seg = h.segments();
+    let create = |text: &str| pb::CreateSegmentRequest {
+        segment: Some(pb::Segment {
+            display_name: "x".into(),
+            owner: "ada".into(),
+            rule_text: text.into(),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    };
+    let e = seg.create_segment(create("age >=")).await.unwrap_err();
+    assert_bad_field(&e, "segment.rule_text");
+    assert!(e.message().contains("line 1, column"), "{}", e.message());
+    let e = seg
+        .create_segment(create(r#"age = "x""#))
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "segment.rule_text");
+    let e = seg
+        .create_segment(create("count(feature_use, 0d) > 1"))
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "segment.rule_text");
+    let e = seg
+        .create_segment(create("count(teleport, 1d) > 1"))
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "segment.rule_text");
+    let e = seg
+        .create_segment(create(
+            r#"in_segment("segments/0190a0a0-0000-7000-8000-000000000000")"#,
+        ))
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "segment.rule_text");
+
+    // A cycle through in_segment is refused.
+    let a = create_segment(&mut seg, "age > 1").await;
+    let b = create_segment(&mut seg, &format!(r#"in_segment("{}")"#, a.name)).await;
+    let a_now = wait_ready(&mut seg, &a.name).await;
+    let e = seg
+        .update_segment(pb::UpdateSegmentRequest {
+            segment: Some(pb::Segment {
+                name: a.name.clone(),
+                etag: a_now.etag,
+                rule_text: format!(r#"in_segment("{}")"#, b.name),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["rule_text".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "segment.rule_text");
+    assert!(e.message().contains("cycle"), "{}", e.message());
+    // A segment another one names cannot be deleted.
+    let e = seg
+        .delete_segment(pb::DeleteSegmentRequest {
+            name: a.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+
+    // A page token of another segment's member list.
+    let page = |parent: &str, token: &str| pb::ListSegmentMembersRequest {
+        parent: parent.into(),
+        page_size: 1,
+        page_token: token.into(),
+    };
+    let mut cust = h.customers();
+    create_customer(&mut cust, "a@example.com", |_| {}).await;
+    create_customer(&mut cust, "b@example.com", |_| {}).await;
+    let all = create_segment(&mut seg, "stage = APPROACH").await;
+    let all = wait_count(&mut seg, &all.name, 2).await;
+    let first = seg
+        .list_segment_members(page(&all.name, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.next_page_token.is_empty());
+    let e = seg
+        .list_segment_members(page(&a.name, &first.next_page_token))
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "page_token");
+    // The tree form is answered and accepted too.
+    let tree = all.rule.clone().unwrap();
+    let again = seg
+        .create_segment(pb::CreateSegmentRequest {
+            segment: Some(pb::Segment {
+                display_name: "tree".into(),
+                owner: "ada".into(),
+                rule: Some(tree),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.rule_text, "stage = APPROACH");
+}

@@ -1,0 +1,362 @@
+//! Property test: a rule compiled to SQL over the facts projection selects
+//! exactly the customers the in-memory evaluator accepts (the facts loaded
+//! back from the same tables), on random rules and data. Runs on SQLite,
+//! and on PostgreSQL too when `CLM_TEST_DATABASE_URL` is set.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use clm_domain::attributes::AttributeValue;
+use clm_domain::demographics::Gender;
+use clm_domain::lifecycle::Stage;
+use clm_domain::money::Money;
+use clm_domain::rules::{self, FieldCatalog};
+use clm_domain::touchpoint::{Touchpoint, TouchpointKind};
+use clm_platform::testing::TestBackend;
+use clm_segmentation::sql::Compiler;
+use clm_segmentation::store::facts::{self, Profile, TouchRow};
+use proptest::prelude::*;
+use sea_orm::{ConnectionTrait, DatabaseConnection};
+use sea_orm_migration::MigratorTrait;
+use std::collections::{BTreeMap, BTreeSet};
+
+fn now() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-03-01T12:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+const OPS: [&str; 6] = ["=", "!=", "<", "<=", ">", ">="];
+
+fn op() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(&OPS[..])
+}
+
+/// One condition, as text.
+fn condition() -> impl Strategy<Value = String> {
+    prop_oneof![
+        (op(), 0..90i32).prop_map(|(o, n)| format!("age {o} {n}")),
+        (0..60i32, 0..60i32).prop_map(|(a, b)| format!("age between {a} and {b}")),
+        (0..60i32, 0..60i32).prop_map(|(a, b)| format!("age in ({a}, {b}, 30.5)")),
+        prop::sample::select(vec!["gender = FEMALE", "gender != MALE", "gender exists"])
+            .prop_map(str::to_owned),
+        (op(), 0..100_000i64, prop::bool::ANY).prop_map(|(o, n, eur)| format!(
+            "income {o} {}.{:02} {}",
+            n / 100,
+            n % 100,
+            if eur { "EUR" } else { "USD" }
+        )),
+        prop::sample::select(vec![
+            r#"occupation starts_with "eng""#,
+            r#"occupation contains "ur""#,
+            r#"occupation = "nurse""#,
+            r#"occupation > "f""#,
+            "occupation exists",
+            r#"email contains "@x""#,
+        ])
+        .prop_map(str::to_owned),
+        prop::sample::select(vec![
+            "stage = RETENTION",
+            "stage in (APPROACH, LOYALTY)",
+            "stage != CHURNED",
+        ])
+        .prop_map(str::to_owned),
+        (op(), 0..20i32).prop_map(|(o, d)| format!("time_in_stage {o} {d}d")),
+        prop::sample::select(vec![
+            r#"attributes.plan = "pro""#,
+            r#"attributes.plan in ("pro", "team")"#,
+            "attributes.plan exists",
+            "attributes.vip = true",
+            "attributes.trial_end older_than 3d",
+            "attributes.trial_end within 10d",
+        ])
+        .prop_map(str::to_owned),
+        (op(), 0..10i32).prop_map(|(o, n)| format!("attributes.seats {o} {n}")),
+        (op(), 1..20i32, 0..4i32).prop_map(|(o, w, n)| format!(
+            r#"count(feature_use where feature = "export", {w}d) {o} {n}"#
+        )),
+        (op(), 1..300i32, 0..4i32)
+            .prop_map(|(o, w, n)| format!("count(feature_use, {w}h) {o} {n}")),
+        (op(), 1..30i32, 0..500i32)
+            .prop_map(|(o, w, n)| format!("sum(purchase.revenue, {w}d) {o} {n}.00 EUR")),
+        (op(), 1..30i32, 0..5i32)
+            .prop_map(|(o, w, n)| format!("sum(usage_time.usage, {w}d) {o} {n}h")),
+        (1..30i32).prop_map(|d| format!("last(purchase) within {d}d")),
+        (1..30i32).prop_map(|d| format!("last(feature_use) older_than {d}d")),
+        (op(), 1..28u32).prop_map(|(o, d)| format!("first(feature_use) {o} 2026-02-{d:02}")),
+        (op(), 1..9i32).prop_map(|(o, n)| format!(
+            r#"count(custom("survey") where properties.score {o} "{n}") > 0"#
+        )),
+        prop::sample::select(vec![
+            "consent(marketing, email)",
+            "consent(profiling, sms)",
+            "not consent(surveys, push)",
+        ])
+        .prop_map(str::to_owned),
+    ]
+}
+
+fn rule() -> impl Strategy<Value = String> {
+    condition().prop_recursive(3, 12, 3, |inner| {
+        prop_oneof![
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a}) and ({b})")),
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a}) or ({b})")),
+            inner.prop_map(|a| format!("not ({a})")),
+        ]
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Customer {
+    profile: Profile,
+    consents: Vec<(String, String, Option<bool>)>,
+    touches: Vec<Touchpoint>,
+}
+
+fn customer(i: usize) -> impl Strategy<Value = Customer> {
+    let birth = prop::option::of(
+        (1940..2020i32, 1..13u32, 1..29u32)
+            .prop_map(|(y, m, d)| NaiveDate::from_ymd_opt(y, m, d).unwrap()),
+    );
+    let leap = Just(NaiveDate::from_ymd_opt(2000, 2, 29));
+    let gender = prop::option::of(prop::sample::select(vec![Gender::Female, Gender::Male]));
+    let income = prop::option::of((0..100_000i64, prop::bool::ANY).prop_map(|(n, eur)| Money {
+        currency: if eur { "EUR" } else { "USD" }.into(),
+        amount_minor: n,
+    }));
+    let occupation = prop::option::of(prop::sample::select(vec![
+        "engineer", "nurse", "eng", "Engineer", "f",
+    ]));
+    let stage = prop::option::of((
+        prop::sample::select(vec![
+            Stage::Approach,
+            Stage::Retention,
+            Stage::Loyalty,
+            Stage::Churned,
+        ]),
+        0..400i64,
+    ));
+    let attrs = (
+        prop::option::of(prop::sample::select(vec!["pro", "team", "free"])),
+        prop::option::of(prop::bool::ANY),
+        prop::option::of(0..400i64),
+        prop::option::of(0..10i32),
+    );
+    let consents = prop::collection::vec(
+        (
+            prop::sample::select(vec!["marketing", "profiling", "surveys"]),
+            prop::sample::select(vec!["email", "sms", "push"]),
+            prop::option::of(prop::bool::ANY),
+        ),
+        0..4,
+    );
+    let touches = prop::collection::vec(
+        (
+            0..4usize,
+            0..500i64,
+            prop::sample::select(vec!["export", "import"]),
+            0..20_000i64,
+            1..10i32,
+        ),
+        0..8,
+    );
+    (
+        (prop_oneof![birth, leap], gender, income, occupation, stage),
+        attrs,
+        consents,
+        touches,
+    )
+        .prop_map(
+            move |((birth, gender, income, occupation, stage), attrs, consents, touches)| {
+                let id = format!("c{i}");
+                let mut attributes = BTreeMap::new();
+                if let Some(p) = attrs.0 {
+                    attributes.insert("plan".into(), AttributeValue::String(p.into()));
+                }
+                if let Some(v) = attrs.1 {
+                    attributes.insert("vip".into(), AttributeValue::Bool(v));
+                }
+                if let Some(h) = attrs.2 {
+                    attributes.insert(
+                        "trial_end".into(),
+                        AttributeValue::Timestamp(now() - Duration::hours(h)),
+                    );
+                }
+                if let Some(n) = attrs.3 {
+                    attributes.insert("seats".into(), AttributeValue::Number(f64::from(n)));
+                }
+                let touches = touches
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, (k, hours, feature, amount, score))| {
+                        let (kind, custom) = match k {
+                            0 => (TouchpointKind::FeatureUse, None),
+                            1 => (TouchpointKind::Purchase, None),
+                            2 => (TouchpointKind::UsageTime, None),
+                            _ => (TouchpointKind::Custom, Some("survey".to_owned())),
+                        };
+                        Touchpoint {
+                            event_id: format!("{id}-{j}"),
+                            kind,
+                            custom_type: custom,
+                            occurred_time: now() - Duration::hours(hours),
+                            usage_millis: (kind == TouchpointKind::UsageTime)
+                                .then_some(amount * 1000),
+                            product: None,
+                            feature: (kind == TouchpointKind::FeatureUse)
+                                .then(|| feature.to_owned()),
+                            revenue: (kind == TouchpointKind::Purchase).then(|| Money {
+                                currency: "EUR".into(),
+                                amount_minor: amount,
+                            }),
+                            campaign: None,
+                            channel: None,
+                            properties: if kind == TouchpointKind::Custom {
+                                [("score".to_owned(), score.to_string())].into()
+                            } else {
+                                BTreeMap::new()
+                            },
+                        }
+                    })
+                    .collect();
+                Customer {
+                    profile: Profile {
+                        id: id.clone(),
+                        email: Some(format!("{id}@x.example")),
+                        display_name: None,
+                        birth_date: birth,
+                        gender,
+                        income,
+                        occupation: occupation.map(str::to_owned),
+                        stage: stage.map(|(s, h)| (s, now() - Duration::hours(h))),
+                        attributes,
+                    },
+                    consents: consents
+                        .into_iter()
+                        .map(|(p, c, g)| (p.to_owned(), c.to_owned(), g))
+                        .collect(),
+                    touches,
+                }
+            },
+        )
+}
+
+fn population() -> impl Strategy<Value = Vec<Customer>> {
+    (
+        customer(0),
+        customer(1),
+        customer(2),
+        customer(3),
+        customer(4),
+        customer(5),
+    )
+        .prop_map(|(a, b, c, d, e, f)| vec![a, b, c, d, e, f])
+}
+
+async fn load(db: &DatabaseConnection, people: &[Customer]) {
+    for table in [
+        "fact_customers",
+        "fact_attributes",
+        "fact_consents",
+        "fact_touchpoints",
+        "fact_touch_props",
+    ] {
+        db.execute_unprepared(&format!("DELETE FROM {table}"))
+            .await
+            .unwrap();
+    }
+    let profiles: Vec<Profile> = people.iter().map(|c| c.profile.clone()).collect();
+    facts::upsert_profiles(db, &profiles).await.unwrap();
+    let cells: Vec<_> = people
+        .iter()
+        .flat_map(|c| {
+            c.consents
+                .iter()
+                .map(|(p, ch, g)| (c.profile.id.clone(), p.clone(), ch.clone(), *g))
+        })
+        .collect();
+    facts::set_consents(db, &cells).await.unwrap();
+    let touches: Vec<TouchRow> = people
+        .iter()
+        .flat_map(|c| {
+            c.touches.iter().map(|t| TouchRow {
+                customer: c.profile.id.clone(),
+                touchpoint: t.clone(),
+            })
+        })
+        .collect();
+    facts::insert_touchpoints(db, &touches).await.unwrap();
+}
+
+async fn agree(
+    db: &DatabaseConnection,
+    postgres: bool,
+    people: &[Customer],
+    text: &str,
+) -> (usize, usize) {
+    let mut catalog = FieldCatalog::new();
+    catalog.infer_unknown_attributes = true;
+    let rule = rules::compile(text, &catalog).expect("generated rules are valid");
+    load(db, people).await;
+    let ids: Vec<String> = people.iter().map(|c| c.profile.id.clone()).collect();
+    let loaded = facts::load(db, &ids).await.unwrap();
+    let by_evaluator: BTreeSet<String> = loaded
+        .iter()
+        .filter(|(_, fs)| rules::evaluate(&rule, *fs, now()))
+        .map(|(id, _)| id.clone())
+        .collect();
+    let select = Compiler {
+        at: now(),
+        postgres,
+    }
+    .select(&rule);
+    let by_sql: BTreeSet<String> = db
+        .query_all(&select)
+        .await
+        .unwrap_or_else(|e| panic!("{text}: {e}"))
+        .iter()
+        .map(|r| r.try_get_by_index::<String>(0).unwrap())
+        .collect();
+    assert_eq!(by_sql, by_evaluator, "rule: {text}\npeople: {people:#?}");
+    (by_sql.len(), people.len())
+}
+
+#[test]
+fn sql_and_evaluator_agree() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (backend, db) = rt.block_on(async {
+        let backend = TestBackend::new().await;
+        let config = backend.config("segmentation");
+        let db = clm_platform::db::connect(&config.database).await.unwrap();
+        clm_segmentation::store::Migrator::up(&db, None)
+            .await
+            .unwrap();
+        (backend, db)
+    });
+    let postgres = backend.is_postgres();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 200,
+        ..ProptestConfig::default()
+    });
+    let (some, all) = (
+        std::sync::atomic::AtomicUsize::new(0),
+        std::sync::atomic::AtomicUsize::new(0),
+    );
+    runner
+        .run(&(population(), rule()), |(people, text)| {
+            let (matched, n) = rt.block_on(agree(&db, postgres, &people, &text));
+            if matched > 0 {
+                some.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            if matched == n {
+                all.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(())
+        })
+        .unwrap();
+    // The generated rules are neither all empty nor all everything.
+    let (some, all) = (some.into_inner(), all.into_inner());
+    assert!(
+        some > 40 && all < 160,
+        "matched some: {some}, matched all: {all}"
+    );
+}
