@@ -90,6 +90,8 @@ async fn no_log_line_carries_an_erased_value() {
         .with_env_filter("debug,h2=info,hyper=info,tower=info,sqlx=info")
         .with_writer(captured.clone())
         .with_ansi(false)
+        // Timestamps are digits too: one could contain the phone's.
+        .without_time()
         .init();
     journey(ErasedIdentifierPolicy::Refuse, "refuse").await;
     journey(ErasedIdentifierPolicy::Flag, "flag").await;
@@ -103,7 +105,8 @@ async fn no_log_line_carries_an_erased_value() {
         "secret-refuse",
         "secret-flag",
         "Secret Person",
-        "7946",
+        "7946 0999",
+        "79460999",
         "nobody-secret",
         "removed-secret",
     ] {
