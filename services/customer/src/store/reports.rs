@@ -77,8 +77,8 @@ impl Sql {
 
     /// `month_index` (year × 12 + month − 1, UTC) of a µs column (a time
     /// from 1970 on), in integer arithmetic only: the civil-from-days
-    /// algorithm (H. Hinnant), the same on both backends and three times
-    /// faster on PostgreSQL than `EXTRACT` on `to_timestamp`. With
+    /// algorithm (H. Hinnant), the same text on both backends (on
+    /// PostgreSQL about as fast as `EXTRACT` on `to_timestamp`). With
     /// `z = days + 719468`, `era = z / 146097`, `doe = z − 146097 era`,
     /// `yoe = (doe − doe/1460 + doe/36524 − doe/146096) / 365`,
     /// `doy = doe − (365 yoe + yoe/4 − yoe/100)`, `mp = (5 doy + 2) / 153`
