@@ -75,19 +75,22 @@ impl Sql {
         self.text.push_str(s);
     }
 
-    /// `month_index` (year × 12 + month − 1, UTC) of a µs column.
+    /// `month_index` (year × 12 + month − 1, UTC) of a µs column (a time
+    /// from 1970 on), in integer arithmetic only: the civil-from-days
+    /// algorithm (H. Hinnant), the same text on both backends (on
+    /// PostgreSQL about as fast as `EXTRACT` on `to_timestamp`). With
+    /// `z = days + 719468`, `era = z / 146097`, `doe = z − 146097 era`,
+    /// `yoe = (doe − doe/1460 + doe/36524 − doe/146096) / 365`,
+    /// `doy = doe − (365 yoe + yoe/4 − yoe/100)`, `mp = (5 doy + 2) / 153`
+    /// (months from March), the month index is `12 (yoe + 400 era) + mp + 2`.
     fn month(&self, col: &str) -> String {
-        if self.pg {
-            format!(
-                "CAST(EXTRACT(YEAR FROM (to_timestamp({col} / 1000000.0) AT TIME ZONE 'UTC')) * 12 \
-                 + EXTRACT(MONTH FROM (to_timestamp({col} / 1000000.0) AT TIME ZONE 'UTC')) - 1 AS BIGINT)"
-            )
-        } else {
-            format!(
-                "(CAST(strftime('%Y', {col} / 1000000, 'unixepoch') AS INTEGER) * 12 \
-                 + CAST(strftime('%m', {col} / 1000000, 'unixepoch') AS INTEGER) - 1)"
-            )
-        }
+        let z = format!("(({col}) / 86400000000 + 719468)");
+        let era = format!("({z} / 146097)");
+        let doe = format!("({z} - {era} * 146097)");
+        let yoe = format!("(({doe} - {doe} / 1460 + {doe} / 36524 - {doe} / 146096) / 365)");
+        let doy = format!("({doe} - (365 * {yoe} + {yoe} / 4 - {yoe} / 100))");
+        let mp = format!("((5 * {doy} + 2) / 153)");
+        format!("CAST(12 * ({yoe} + 400 * {era}) + {mp} + 2 AS BIGINT)")
     }
 
     /// `expr` values of a group joined by `sep`, ordered by `order`.
@@ -254,16 +257,31 @@ pub async fn funnel(
     let mut q = Sql::new(db);
     let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
     let filter = q.scope("customer_id", scope);
-    q.push(&format!(
-        "WITH stays AS (SELECT to_stage AS stage, left_us - change_us AS dur FROM stage_history \
-           WHERE change_us >= {s} AND change_us < {e} AND left_us < {e}{filter}), \
+    let stays = format!(
+        "stays AS (SELECT to_stage AS stage, left_us - change_us AS dur FROM stage_history \
+           WHERE change_us >= {s} AND change_us < {e} AND left_us < {e}{filter})"
+    );
+    // Nearest rank both ways: PostgreSQL's percentile_disc(p) is the first
+    // value whose cumulative share reaches p, i.e. rank ceil(p × n); it
+    // sorts once per stage, three times faster than the window variant.
+    q.push(&if q.pg {
+        format!(
+            "WITH {stays} SELECT CAST(stage AS BIGINT) AS stage, CAST(COUNT(*) AS BIGINT) AS n, \
+             CAST(percentile_disc(0.5) WITHIN GROUP (ORDER BY dur) AS BIGINT) AS p50, \
+             CAST(percentile_disc(0.9) WITHIN GROUP (ORDER BY dur) AS BIGINT) AS p90 \
+             FROM stays GROUP BY stage"
+        )
+    } else {
+        format!(
+            "WITH {stays}, \
          ranked AS (SELECT stage, dur, ROW_NUMBER() OVER (PARTITION BY stage ORDER BY dur) AS rn, \
            COUNT(*) OVER (PARTITION BY stage) AS n FROM stays) \
          SELECT CAST(stage AS BIGINT) AS stage, CAST(MAX(n) AS BIGINT) AS n, \
            CAST(MAX(CASE WHEN rn = (n * 50 + 99) / 100 THEN dur END) AS BIGINT) AS p50, \
            CAST(MAX(CASE WHEN rn = (n * 90 + 99) / 100 THEN dur END) AS BIGINT) AS p90 \
          FROM ranked GROUP BY stage"
-    ));
+        )
+    });
     for r in q.all(db).await? {
         let stage = i16::try_from(get::<i64>(&r, "stage")?).map_err(Error::internal)?;
         let row = out.entry(stage).or_default();
@@ -339,7 +357,8 @@ fn credit_ctes(q: &mut Sql, scope: &Scope, model: Model) -> String {
     )
 }
 
-/// Attribution and spend of the period under `model` (two statements).
+/// Attribution and spend of the period under `model`, with the totals, in
+/// one statement.
 pub async fn acquisition(
     db: &impl ConnectionTrait,
     scope: &Scope,
@@ -360,15 +379,26 @@ pub async fn acquisition(
          per_campaign AS (SELECT campaign, SUM(w) AS credited FROM credit GROUP BY campaign), \
          spend AS (SELECT campaign_id, CAST(SUM(amount_minor) AS BIGINT) AS spend FROM campaign_spend \
            WHERE book_us >= {s} AND book_us < {e} GROUP BY campaign_id) \
-         SELECT ca.name, ca.display_name, CAST(ca.channel AS BIGINT) AS channel, ca.currency, \
+         SELECT 'c' AS k, ca.name, ca.display_name, CAST(ca.channel AS BIGINT) AS channel, ca.currency, \
            CAST(COALESCE(sp.spend, 0) AS BIGINT) AS spend, \
            CAST(COALESCE(pc.credited, 0) AS DOUBLE PRECISION) AS credited \
          FROM campaigns ca LEFT JOIN per_campaign pc ON pc.campaign = ca.name \
          LEFT JOIN spend sp ON sp.campaign_id = ca.id \
-         WHERE (pc.campaign IS NOT NULL OR sp.campaign_id IS NOT NULL){only} ORDER BY ca.name"
+         WHERE (pc.campaign IS NOT NULL OR sp.campaign_id IS NOT NULL){only} \
+         UNION ALL SELECT 't', '', '', CAST(0 AS BIGINT), '', \
+           CAST((SELECT COUNT(*) FROM acq) AS BIGINT), \
+           CAST((SELECT COUNT(DISTINCT customer_id) FROM credit) AS DOUBLE PRECISION) \
+         ORDER BY 1, 2"
     ));
     let mut out = Acquisition::default();
     for r in q.all(db).await? {
+        let k: String = get(&r, "k")?;
+        if k == "t" {
+            // The totals row: acquired customers, and how many have credit.
+            out.acquired = get(&r, "spend")?;
+            out.attributed = get::<f64>(&r, "credited")? as i64;
+            continue;
+        }
         out.campaigns.push(CampaignLine {
             campaign: get(&r, "name")?,
             display_name: get(&r, "display_name")?,
@@ -377,16 +407,6 @@ pub async fn acquisition(
             spend_minor: get(&r, "spend")?,
             credited: get(&r, "credited")?,
         });
-    }
-    let mut q = Sql::new(db);
-    let ctes = credit_ctes(&mut q, scope, model);
-    q.push(&format!(
-        "{ctes} SELECT CAST(COUNT(*) AS BIGINT) AS acquired, \
-         CAST((SELECT COUNT(DISTINCT customer_id) FROM credit) AS BIGINT) AS attributed FROM acq"
-    ));
-    if let Some(r) = q.all(db).await?.first() {
-        out.acquired = get(r, "acquired")?;
-        out.attributed = get(r, "attributed")?;
     }
     Ok(out)
 }
@@ -564,7 +584,7 @@ pub struct PathRow {
 
 /// Customers entering `stage` in the period (first entry each) and the
 /// `top` most common paths of their last `max_len` touchpoints in the
-/// `window_us` before the entry (two statements).
+/// `window_us` before the entry (one statement).
 pub async fn journey_paths(
     db: &impl ConnectionTrait,
     scope: &Scope,
@@ -599,27 +619,31 @@ pub async fn journey_paths(
            FROM tp WHERE rn <= {l} GROUP BY customer_id), \
          ranked AS (SELECT path, dur, ROW_NUMBER() OVER (PARTITION BY path ORDER BY dur) AS rn, \
            COUNT(*) OVER (PARTITION BY path) AS n FROM paths) \
-         SELECT path, CAST(MAX(n) AS BIGINT) AS n, \
+         SELECT 'p' AS k, path, n, p50 FROM (SELECT path, CAST(MAX(n) AS BIGINT) AS n, \
            CAST(MAX(CASE WHEN rn = (n * 50 + 99) / 100 THEN dur END) AS BIGINT) AS p50 \
-         FROM ranked GROUP BY path ORDER BY n DESC, path LIMIT {t}"
+           FROM ranked GROUP BY path ORDER BY n DESC, path LIMIT {t}) AS top_paths \
+         UNION ALL SELECT 'e', '', CAST(COUNT(*) AS BIGINT), CAST(0 AS BIGINT) FROM entries"
     ));
     let mut paths = Vec::new();
+    let mut entered = 0;
     for r in q.all(db).await? {
+        let k: String = get(&r, "k")?;
+        if k == "e" {
+            entered = get(&r, "n")?;
+            continue;
+        }
         paths.push(PathRow {
             path: get(&r, "path")?,
             customers: get(&r, "n")?,
             p50_us: get(&r, "p50")?,
         });
     }
-    let mut q = Sql::new(db);
-    let cte = entries(&mut q);
-    q.push(&format!(
-        "WITH {cte} SELECT CAST(COUNT(*) AS BIGINT) AS n FROM entries"
-    ));
-    let entered = match q.all(db).await?.first() {
-        Some(r) => get(r, "n")?,
-        None => 0,
-    };
+    // A union keeps no order: most customers first, then by path.
+    paths.sort_by(|a, b| {
+        b.customers
+            .cmp(&a.customers)
+            .then_with(|| a.path.cmp(&b.path))
+    });
     Ok((entered, paths))
 }
 
@@ -768,10 +792,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_sql_month_is_the_calendar_month() {
+        let (_dir, db, _) = seeded(1).await;
+        let q = Sql::new(&db);
+        let mut times: Vec<i64> = vec![0, 951_868_799_999_999, 951_868_800_000_000];
+        // Every month end and start from 1970 to 2100, and a day inside.
+        for m in (1970 * 12)..(2100 * 12) {
+            let start = clm_domain::kpi::month_start_us(m);
+            times.extend([start - 1, start, start + 15 * 86_400_000_000]);
+        }
+        times.retain(|t| *t >= 0);
+        for chunk in times.chunks(500) {
+            let values: Vec<String> = chunk.iter().map(|t| format!("({t})")).collect();
+            let sql = format!(
+                "WITH x(us) AS (VALUES {}) SELECT us, {} AS m FROM x",
+                values.join(", "),
+                q.month("us")
+            );
+            for r in db
+                .query_all_raw(Statement::from_string(db.get_database_backend(), sql))
+                .await
+                .unwrap()
+            {
+                let us: i64 = r.try_get("", "us").unwrap();
+                let m: i64 = r.try_get("", "m").unwrap();
+                let t = clm_platform::db::from_micros(us);
+                assert_eq!(m, i64::from(clm_domain::kpi::month_of(t)), "{t}");
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn each_report_is_a_fixed_number_of_statements() {
         let small = statements_per_report(3).await;
         let large = statements_per_report(300).await;
-        assert_eq!(small, vec![2, 2, 2, 1, 2, 1]);
+        assert_eq!(small, vec![2, 1, 2, 1, 1, 1]);
         assert_eq!(small, large);
     }
 }
