@@ -7,8 +7,9 @@ touches no database or cache and runs once, in the SQLite pass.
 
 The convention: a target depends on the backend when its source uses
 `TestBackend` (clm_platform::testing) or reads `CLM_TEST_DATABASE_URL` or
-`CLM_TEST_REDIS_URL`. An integration test is judged by its own file and
-the files under a directory of the same name; a crate's unit tests by
+`CLM_TEST_REDIS_URL`. An integration test is judged by its own file, the
+files under a directory of the same name, and the modules it declares
+(`mod common;` -> tests/common.rs or tests/common/); a crate's unit tests by
 every file of the crate's src/ except the harness itself (testing.rs).
 """
 import json
@@ -18,6 +19,22 @@ import subprocess
 import sys
 
 MARK = re.compile(r"TestBackend|CLM_TEST_DATABASE_URL|CLM_TEST_REDIS_URL")
+MOD = re.compile(r"^\s*(?:pub\s+)?mod\s+([a-z_][a-z0-9_]*)\s*;", re.M)
+
+
+def declared_modules(src):
+    """Files of the modules `src` declares next to itself (`mod common;`)."""
+    try:
+        with open(src, encoding="utf-8") as f:
+            names = MOD.findall(f.read())
+    except OSError:
+        return []
+    base = os.path.dirname(src)
+    files = []
+    for name in names:
+        files.append(os.path.join(base, name + ".rs"))
+        files.extend(rust_files(os.path.join(base, name)))
+    return files
 
 
 def mentions(paths):
@@ -51,7 +68,11 @@ def main():
             kinds = target["kind"]
             src = target["src_path"]
             if "test" in kinds:
-                files = [src, *rust_files(os.path.splitext(src)[0])]
+                files = [
+                    src,
+                    *rust_files(os.path.splitext(src)[0]),
+                    *declared_modules(src),
+                ]
                 if mentions(files):
                     out.append(f"-p {pkg['name']} --test {target['name']}")
             elif "lib" in kinds:
