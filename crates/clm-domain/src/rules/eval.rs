@@ -5,6 +5,7 @@ use super::ast::{
     CmpOp, Condition, NpsCategory, Operand, Predicate, Rule, SumField, Test, TouchField,
     TouchQuery, Value,
 };
+use super::timeline::Timelines;
 use crate::attributes::AttributeValue;
 use crate::clock::micros;
 use crate::demographics::{Gender, age_on};
@@ -73,6 +74,14 @@ pub trait Facts {
     fn touch_first(&self, query: &TouchQuery, at: DateTime<Utc>) -> Option<DateTime<Utc>>;
     /// When the latest touchpoint matching `query` at `at` occurred.
     fn touch_last(&self, query: &TouchQuery, at: DateTime<Utc>) -> Option<DateTime<Utc>>;
+    /// Every touchpoint of the customer, in any order, if the facts hold
+    /// them in memory. [`next_change`] then indexes the rule's touchpoint
+    /// queries once (sorted times, prefix sums) instead of asking the
+    /// `touch_*` methods at every instant it examines; the default `None`
+    /// keeps it on those methods.
+    fn touchpoints(&self) -> Option<&[Touchpoint]> {
+        None
+    }
 }
 
 impl TouchQuery {
@@ -285,6 +294,33 @@ pub const MAX_NEXT_CHANGE_STEPS: usize = 10_000;
 /// where nothing changes it returns the last one instead: re-evaluating
 /// there and asking again continues the search.)
 pub fn next_change(rule: &Rule, facts: &dyn Facts, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    // Without a time-dependent condition no condition offers a candidate
+    // instant: answer before indexing anything.
+    if !depends_on_time(rule) {
+        return None;
+    }
+    let indexed = Timelines::new(rule, facts);
+    walk(rule, &indexed, now)
+}
+
+/// [`next_change`] without the touchpoint index: every instant examined
+/// rescans the touchpoints through the `touch_*` methods, about O(n²) for n
+/// touchpoints. Kept as the reference for tests and the bench only.
+#[doc(hidden)]
+pub fn next_change_by_rescan(
+    rule: &Rule,
+    facts: &dyn Facts,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    walk(rule, facts, now)
+}
+
+/// Walks from candidate instant to candidate instant (the earliest at
+/// which any condition may change) until the rule's answer differs.
+/// With [`Timelines`] each step costs O(conditions × log n), and there are
+/// at most as many steps as touchpoints leaving windows plus thresholds
+/// crossed, so a call is O(n log n).
+fn walk(rule: &Rule, facts: &dyn Facts, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let now = micros(now);
     let start = eval(rule, facts, now);
     let mut t = now;
