@@ -125,7 +125,7 @@ impl Predicate {
 
 /// A fact's value, borrowed from the facts.
 #[derive(Clone, Copy)]
-enum Fact<'a> {
+pub(super) enum Fact<'a> {
     Num(f64),
     Str(&'a str),
     Bool(bool),
@@ -174,7 +174,7 @@ fn compare(fact: Fact<'_>, v: &Value) -> Option<Ordering> {
 
 /// Applies `test` to a fact; a missing fact passes no test, and values of
 /// another type (or currency) never compare.
-fn test(fact: Option<Fact<'_>>, test: &Test, at: DateTime<Utc>) -> bool {
+pub(super) fn test(fact: Option<Fact<'_>>, test: &Test, at: DateTime<Utc>) -> bool {
     let Some(fact) = fact else {
         return false;
     };
@@ -300,27 +300,64 @@ pub fn next_change(rule: &Rule, facts: &dyn Facts, now: DateTime<Utc>) -> Option
         return None;
     }
     let indexed = Timelines::new(rule, facts);
-    walk(rule, &indexed, now)
+    walk_flips(rule, &indexed, now)
+}
+
+/// Walks from condition flip to condition flip: the rule's answer can only
+/// change where one of its conditions does. Each condition's next flip is
+/// kept until time reaches it ([`condition_flip`], exact), so a condition
+/// is walked once along its own change points, not once per rule step.
+fn walk_flips(rule: &Rule, facts: &Timelines<'_>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let now = micros(now);
+    let start = eval(rule, facts, now);
+    let mut flips: Vec<(&Condition, Option<DateTime<Utc>>)> = Vec::new();
+    rule.for_each_condition(&mut |c| flips.push((c, condition_flip(c, facts, now))));
+    let mut t = now;
+    for _ in 0..MAX_NEXT_CHANGE_STEPS {
+        let next = flips.iter().filter_map(|(_, f)| *f).min()?;
+        if eval(rule, facts, next) != start {
+            return Some(next);
+        }
+        t = next;
+        for (c, f) in &mut flips {
+            if *f == Some(next) {
+                *f = condition_flip(c, facts, next);
+            }
+        }
+    }
+    Some(t)
+}
+
+/// The earliest instant after `t` at which condition `c` differs from its
+/// value at `t` (`None`: never). Windowed counts and sums jump there from
+/// the timeline ([`Timelines::flip`]); other conditions walk their own
+/// candidate instants.
+fn condition_flip(c: &Condition, facts: &Timelines<'_>, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let start = condition(c, facts, t);
+    if let Some(flip) = facts.flip(c, start, t) {
+        return flip;
+    }
+    let mut at = t;
+    for _ in 0..MAX_NEXT_CHANGE_STEPS {
+        let next = condition_candidate(c, facts, at)?;
+        if condition(c, facts, next) != start {
+            return Some(next);
+        }
+        at = next;
+    }
+    Some(at)
 }
 
 /// [`next_change`] without the touchpoint index: every instant examined
 /// rescans the touchpoints through the `touch_*` methods, about O(n²) for n
-/// touchpoints. Kept as the reference for tests and the bench only.
+/// touchpoints. The previous implementation, kept as the reference for
+/// tests and the bench only.
 #[doc(hidden)]
 pub fn next_change_by_rescan(
     rule: &Rule,
     facts: &dyn Facts,
     now: DateTime<Utc>,
 ) -> Option<DateTime<Utc>> {
-    walk(rule, facts, now)
-}
-
-/// Walks from candidate instant to candidate instant (the earliest at
-/// which any condition may change) until the rule's answer differs.
-/// With [`Timelines`] each step costs O(conditions × log n), and there are
-/// at most as many steps as touchpoints leaving windows plus thresholds
-/// crossed, so a call is O(n log n).
-fn walk(rule: &Rule, facts: &dyn Facts, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let now = micros(now);
     let start = eval(rule, facts, now);
     let mut t = now;

@@ -10,9 +10,10 @@
 //! time, and two prefix sums their total. Everything else is asked of the
 //! facts themselves, so the answers are exactly those of the facts.
 
-use super::ast::{Rule, TouchQuery};
-use super::eval::Facts;
+use super::ast::{Condition, Operand, Rule, SumField, TouchQuery};
+use super::eval::{Fact, Facts};
 use crate::attributes::AttributeValue;
+use crate::clock::micros;
 use crate::demographics::Gender;
 use crate::lifecycle::Stage;
 use crate::money::Money;
@@ -28,6 +29,9 @@ type Prefix = Option<Vec<i64>>;
 struct Timeline {
     /// Occurrence times, ascending.
     times: Vec<DateTime<Utc>>,
+    /// Whether every time is a whole microsecond (so a window's edge
+    /// passes a touchpoint exactly at its time plus the window).
+    whole_micros: bool,
     /// Prefix sums of usage in milliseconds.
     usage: Prefix,
     /// Prefix sums of revenue in minor units, per currency present.
@@ -70,6 +74,9 @@ impl Timeline {
             })
             .collect();
         Self {
+            whole_micros: matching
+                .iter()
+                .all(|tp| tp.occurred_time.timestamp_subsec_nanos() % 1000 == 0),
             times: matching.iter().map(|tp| tp.occurred_time).collect(),
             usage: prefix(matching.iter().map(|tp| tp.usage_millis.unwrap_or(0))),
             revenue,
@@ -122,6 +129,78 @@ impl<'a> Timelines<'a> {
             .iter()
             .find(|(k, _)| std::ptr::eq(*k, query))
             .map(|(_, l)| l)
+    }
+}
+
+/// What a windowed `count` or `sum` adds up.
+enum Measure<'c> {
+    Count,
+    Revenue(&'c str),
+    Usage,
+}
+
+impl<'c> Measure<'c> {
+    /// The value over the touchpoints of `l` from index `from` on, as
+    /// [`Facts`] answers it; `None` when the prefix sums cannot say.
+    fn of(&self, l: &Timeline, from: usize) -> Option<Fact<'c>> {
+        Some(match *self {
+            Measure::Count => Fact::Num((l.times.len() - from) as f64),
+            Measure::Revenue(currency) => match l.revenue.iter().find(|(c, _)| c == currency) {
+                None => Fact::Money(0, currency),
+                Some((_, sums)) => Fact::Money(Timeline::total(sums.as_deref()?, from)?, currency),
+            },
+            Measure::Usage => {
+                let millis = Timeline::total(l.usage.as_deref()?, from)?;
+                Fact::Dur(TimeDelta::try_milliseconds(millis).unwrap_or(TimeDelta::MAX))
+            }
+        })
+    }
+}
+
+impl Timelines<'_> {
+    /// For a windowed `count` or `sum` condition (whose value only falls as
+    /// touchpoints leave the window): the earliest instant after `t` at
+    /// which it differs from `holds`, its value at `t`, read off the
+    /// timeline in one pass over the touchpoints still in the window;
+    /// `Some(None)` if it never does. `None` if this condition is not one
+    /// the timeline answers (the caller walks its candidates instead).
+    pub(super) fn flip(
+        &self,
+        c: &Condition,
+        holds: bool,
+        t: DateTime<Utc>,
+    ) -> Option<Option<DateTime<Utc>>> {
+        let Condition::Compare { operand, test } = c else {
+            return None;
+        };
+        let (q, measure) = match operand {
+            Operand::Count(q) => (q, Measure::Count),
+            Operand::Sum(q, SumField::Revenue) => (q, Measure::Revenue(test.currency()?)),
+            Operand::Sum(q, SumField::Usage) => (q, Measure::Usage),
+            _ => return None,
+        };
+        let w = q.window?;
+        let l = self.line(q)?;
+        if !l.whole_micros
+            || w.subsec_nanos() % 1000 != 0
+            || t != micros(t)
+            || t.checked_sub_signed(w).is_none()
+        {
+            return None;
+        }
+        // A count or sum test does not read the instant (only `within` and
+        // `older_than` do, on times), so the value alone decides.
+        let mut from = l.start(q, t);
+        while from < l.times.len() {
+            let leaves = l.times[from];
+            // Every touchpoint at this same instant leaves with it.
+            from += l.times[from..].partition_point(|x| *x == leaves);
+            let fact = measure.of(l, from)?;
+            if super::eval::test(Some(fact), test, t) != holds {
+                return Some(Some(leaves.checked_add_signed(w)?));
+            }
+        }
+        Some(None)
     }
 }
 
