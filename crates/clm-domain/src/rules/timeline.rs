@@ -113,7 +113,7 @@ impl<'a> Timelines<'a> {
         let mut lines: Vec<(&TouchQuery, Timeline)> = Vec::new();
         if let Some(tps) = inner.touchpoints() {
             rule.for_each_condition(&mut |c| {
-                if let super::ast::Condition::Compare { operand, .. } = c
+                if let Condition::Compare { operand, .. } = c
                     && let Some(q) = operand.query()
                     && !lines.iter().any(|(k, _)| std::ptr::eq(*k, q))
                 {
