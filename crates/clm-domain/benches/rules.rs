@@ -4,6 +4,12 @@
 //!
 //! `cargo bench -p clm-domain --bench rules`; criterion prints elements/s
 //! (conditions or rules per second) for each.
+//!
+//! `next_change_100_touchpoints/*`: next_change calls/s for a customer with
+//! 100 touchpoints and a windowed count rule that stays true until most of
+//! them have left the window (the segmentation service's timer queue),
+//! indexed (`next_change`) beside the rescan it replaced
+//! (`next_change_by_rescan`, the reference).
 #![forbid(unsafe_code)]
 
 use chrono::{DateTime, NaiveDate, TimeDelta, TimeZone, Utc};
@@ -199,5 +205,64 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// A customer with 100 touchpoints, one every 5 hours before [`now`]: a
+/// third are purchases of 19.00 EUR, the rest feature uses.
+fn facts_100() -> FactSet {
+    let now = now();
+    let mut f = FactSet::default();
+    for i in 0..100i64 {
+        let purchase = i % 3 == 0;
+        f.touchpoints.push(Touchpoint {
+            event_id: format!("e{i}"),
+            kind: if purchase {
+                TouchpointKind::Purchase
+            } else {
+                TouchpointKind::FeatureUse
+            },
+            custom_type: None,
+            occurred_time: now - TimeDelta::hours(i * 5) - TimeDelta::minutes(i),
+            usage_millis: (!purchase).then_some(60_000),
+            product: Some("app".into()),
+            feature: (!purchase).then(|| "export".into()),
+            revenue: purchase.then(|| Money {
+                currency: "EUR".into(),
+                amount_minor: 1900,
+            }),
+            campaign: None,
+            channel: Some("web".into()),
+            properties: Default::default(),
+        });
+    }
+    f
+}
+
+fn bench_next_change(c: &mut Criterion) {
+    let facts = facts_100();
+    let now = now();
+    let cases = [
+        ("count", "count(feature_use, 30d) >= 3"),
+        (
+            "count_sum_recency",
+            "count(feature_use, 30d) >= 3 and sum(purchase.revenue, 30d) >= 19.00 EUR \
+             and first(feature_use, 30d) within 30d",
+        ),
+    ];
+    let mut g = c.benchmark_group("next_change_100_touchpoints");
+    g.throughput(Throughput::Elements(1));
+    for (name, text) in cases {
+        let rule = rules::compile(text, &catalog()).expect("the bench rule compiles");
+        let new = rules::next_change(&rule, &facts, now);
+        assert!(new.is_some(), "{name}: the rule changes with time");
+        assert_eq!(new, rules::next_change_by_rescan(&rule, &facts, now));
+        g.bench_function(format!("{name}/indexed"), |b| {
+            b.iter(|| rules::next_change(black_box(&rule), black_box(&facts), now))
+        });
+        g.bench_function(format!("{name}/reference_rescan"), |b| {
+            b.iter(|| rules::next_change_by_rescan(black_box(&rule), black_box(&facts), now))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_next_change);
 criterion_main!(benches);

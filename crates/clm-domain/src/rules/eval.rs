@@ -5,6 +5,7 @@ use super::ast::{
     CmpOp, Condition, NpsCategory, Operand, Predicate, Rule, SumField, Test, TouchField,
     TouchQuery, Value,
 };
+use super::timeline::Timelines;
 use crate::attributes::AttributeValue;
 use crate::clock::micros;
 use crate::demographics::{Gender, age_on};
@@ -73,6 +74,14 @@ pub trait Facts {
     fn touch_first(&self, query: &TouchQuery, at: DateTime<Utc>) -> Option<DateTime<Utc>>;
     /// When the latest touchpoint matching `query` at `at` occurred.
     fn touch_last(&self, query: &TouchQuery, at: DateTime<Utc>) -> Option<DateTime<Utc>>;
+    /// Every touchpoint of the customer, in any order, if the facts hold
+    /// them in memory. [`next_change`] then indexes the rule's touchpoint
+    /// queries once (sorted times, prefix sums) instead of asking the
+    /// `touch_*` methods at every instant it examines; the default `None`
+    /// keeps it on those methods.
+    fn touchpoints(&self) -> Option<&[Touchpoint]> {
+        None
+    }
 }
 
 impl TouchQuery {
@@ -116,7 +125,7 @@ impl Predicate {
 
 /// A fact's value, borrowed from the facts.
 #[derive(Clone, Copy)]
-enum Fact<'a> {
+pub(super) enum Fact<'a> {
     Num(f64),
     Str(&'a str),
     Bool(bool),
@@ -165,7 +174,7 @@ fn compare(fact: Fact<'_>, v: &Value) -> Option<Ordering> {
 
 /// Applies `test` to a fact; a missing fact passes no test, and values of
 /// another type (or currency) never compare.
-fn test(fact: Option<Fact<'_>>, test: &Test, at: DateTime<Utc>) -> bool {
+pub(super) fn test(fact: Option<Fact<'_>>, test: &Test, at: DateTime<Utc>) -> bool {
     let Some(fact) = fact else {
         return false;
     };
@@ -285,6 +294,70 @@ pub const MAX_NEXT_CHANGE_STEPS: usize = 10_000;
 /// where nothing changes it returns the last one instead: re-evaluating
 /// there and asking again continues the search.)
 pub fn next_change(rule: &Rule, facts: &dyn Facts, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    // Without a time-dependent condition no condition offers a candidate
+    // instant: answer before indexing anything.
+    if !depends_on_time(rule) {
+        return None;
+    }
+    let indexed = Timelines::new(rule, facts);
+    walk_flips(rule, &indexed, now)
+}
+
+/// Walks from condition flip to condition flip: the rule's answer can only
+/// change where one of its conditions does. Each condition's next flip is
+/// kept until time reaches it ([`condition_flip`], exact), so a condition
+/// is walked once along its own change points, not once per rule step.
+fn walk_flips(rule: &Rule, facts: &Timelines<'_>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let now = micros(now);
+    let start = eval(rule, facts, now);
+    let mut flips: Vec<(&Condition, Option<DateTime<Utc>>)> = Vec::new();
+    rule.for_each_condition(&mut |c| flips.push((c, condition_flip(c, facts, now))));
+    let mut t = now;
+    for _ in 0..MAX_NEXT_CHANGE_STEPS {
+        let next = flips.iter().filter_map(|(_, f)| *f).min()?;
+        if eval(rule, facts, next) != start {
+            return Some(next);
+        }
+        t = next;
+        for (c, f) in &mut flips {
+            if *f == Some(next) {
+                *f = condition_flip(c, facts, next);
+            }
+        }
+    }
+    Some(t)
+}
+
+/// The earliest instant after `t` at which condition `c` differs from its
+/// value at `t` (`None`: never). Windowed counts and sums jump there from
+/// the timeline ([`Timelines::flip`]); other conditions walk their own
+/// candidate instants.
+fn condition_flip(c: &Condition, facts: &Timelines<'_>, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let start = condition(c, facts, t);
+    if let Some(flip) = facts.flip(c, start, t) {
+        return flip;
+    }
+    let mut at = t;
+    for _ in 0..MAX_NEXT_CHANGE_STEPS {
+        let next = condition_candidate(c, facts, at)?;
+        if condition(c, facts, next) != start {
+            return Some(next);
+        }
+        at = next;
+    }
+    Some(at)
+}
+
+/// [`next_change`] without the touchpoint index: every instant examined
+/// rescans the touchpoints through the `touch_*` methods, about O(n²) for n
+/// touchpoints. The previous implementation, kept as the reference for
+/// tests and the bench only.
+#[doc(hidden)]
+pub fn next_change_by_rescan(
+    rule: &Rule,
+    facts: &dyn Facts,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
     let now = micros(now);
     let start = eval(rule, facts, now);
     let mut t = now;

@@ -161,4 +161,8 @@ impl Facts for FactSet {
     fn touch_last(&self, query: &TouchQuery, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.matching(query, at).map(|tp| tp.occurred_time).max()
     }
+
+    fn touchpoints(&self) -> Option<&[Touchpoint]> {
+        Some(&self.touchpoints)
+    }
 }

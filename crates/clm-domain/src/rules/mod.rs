@@ -159,6 +159,7 @@ mod print;
 mod reads;
 #[cfg(test)]
 mod tests;
+mod timeline;
 
 pub use ast::{
     ALL_GENDERS, CmpOp, Condition, NpsCategory, Operand, Predicate, Rule, SumField, Test,
@@ -169,7 +170,9 @@ pub use check::{
     MAX_STRING_CHARS, check, check_touch_query, compile, compile_touch_query,
 };
 pub use error::{Location, MAX_ERRORS, Pos, RuleError, RuleErrors};
-pub use eval::{Facts, MAX_NEXT_CHANGE_STEPS, depends_on_time, evaluate, next_change};
+pub use eval::{
+    Facts, MAX_NEXT_CHANGE_STEPS, depends_on_time, evaluate, next_change, next_change_by_rescan,
+};
 pub use facts::FactSet;
 pub use parser::{MAX_DEPTH, MAX_RULE_BYTES, parse, parse_touch_query};
 pub use reads::{Fact, reads, segments_referenced};

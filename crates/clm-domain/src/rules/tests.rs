@@ -835,3 +835,117 @@ proptest! {
         }
     }
 }
+
+// ------------------------------------- indexed next_change vs the rescan
+
+/// Fact sets with many touchpoints: purchases in two currencies (with
+/// refunds and, rarely, amounts that overflow a sum), feature uses with
+/// usage, and several at the same instant.
+fn busy_facts() -> impl Strategy<Value = FactSet> {
+    let amount = prop_oneof![
+        8 => -2000i64..15_000,
+        1 => prop_oneof![Just(i64::MAX), Just(i64::MIN), Just(i64::MAX / 2 + 1)],
+    ];
+    let event = (
+        0u8..3,
+        prop::bool::ANY,
+        -900i64..3,
+        amount,
+        prop::option::of(prop_oneof![
+            8 => 0i64..10_000_000,
+            1 => Just(i64::MAX),
+        ]),
+    );
+    (small_facts(), prop::collection::vec(event, 0..60)).prop_map(|(mut f, events)| {
+        f.touchpoints.extend(events.into_iter().map(
+            |(kind, feature_a, h, cents, usage)| match kind {
+                0 => purchase(hour(h), cents, "EUR"),
+                1 => purchase(hour(h), cents, "USD"),
+                _ => Touchpoint {
+                    feature: Some(if feature_a { "a" } else { "b" }.into()),
+                    usage_millis: usage,
+                    ..tp(TouchpointKind::FeatureUse, hour(h))
+                },
+            },
+        ));
+        f
+    })
+}
+
+/// [`timed_rule`] plus usage sums, mixed with conditions on other facts.
+fn busy_rule() -> impl Strategy<Value = Rule> {
+    let usage = (
+        small_query(),
+        cmp_op(),
+        (0i64..50_000).prop_map(|s| Value::Duration(TimeDelta::seconds(s))),
+    )
+        .prop_map(|(q, op, v)| Rule::compare(Operand::Sum(q, SumField::Usage), Test::Cmp(op, v)));
+    let usd = (small_query(), cmp_op(), -5_000i64..30_000).prop_map(|(q, op, c)| {
+        Rule::compare(
+            Operand::Sum(q, SumField::Revenue),
+            Test::Cmp(
+                op,
+                Value::Money(Money {
+                    currency: "USD".into(),
+                    amount_minor: c,
+                }),
+            ),
+        )
+    });
+    prop_oneof![
+        3 => timed_rule(),
+        1 => usage,
+        1 => usd,
+        2 => (timed_rule(), timed_rule()).prop_map(|(a, b)| Rule::And(vec![a, b])),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn next_change_agrees_with_the_rescan(
+        rule in busy_rule(),
+        facts in busy_facts(),
+        now_hours in -1000i64..1000,
+        now_micros in prop_oneof![Just(0i64), Just(1i64), 0i64..3_600_000_000],
+    ) {
+        let now = hour(now_hours) + TimeDelta::microseconds(now_micros);
+        prop_assert_eq!(check(&rule, &AnyCatalog), Ok(()));
+        prop_assert_eq!(
+            next_change(&rule, &facts, now),
+            next_change_by_rescan(&rule, &facts, now),
+            "rule: {}", rule
+        );
+    }
+}
+
+#[test]
+fn next_change_indexes_a_hundred_touchpoints_exactly() {
+    // Ten purchases a day for ten days, each 1 EUR; at least 40 in the last
+    // 7 days holds until the 61st oldest leaves.
+    let mut f = FactSet::default();
+    for i in 0..100 {
+        f.touchpoints
+            .push(purchase(hour(-240 + i * 24 / 10), 100, "EUR"));
+    }
+    let now = hour(0);
+    for text in [
+        "count(purchase, 7d) >= 40",
+        "sum(purchase.revenue, 7d) >= 40 EUR",
+        "first(purchase, 7d) older_than 6d",
+        "last(purchase, 7d) within 1d",
+        "count(purchase, 7d) between 10 and 20",
+    ] {
+        let rule = compile(text, &AnyCatalog).expect("compiles");
+        let got = next_change(&rule, &f, now);
+        assert_eq!(got, next_change_by_rescan(&rule, &f, now), "{text}");
+        let at = got.expect("changes");
+        assert_ne!(evaluate(&rule, &f, at), evaluate(&rule, &f, now), "{text}");
+        assert_eq!(
+            evaluate(&rule, &f, at - TimeDelta::microseconds(1)),
+            evaluate(&rule, &f, now),
+            "{text}"
+        );
+    }
+}
