@@ -459,12 +459,26 @@ impl SegmentationApi {
             members::delete_segment(txn, &id).await?;
             segments::delete(txn, &id).await?;
             members::bump_generation(txn).await?;
+            // Watchers see every member leave with the segment.
+            let exits = dropped_ref
+                .iter()
+                .map(|customer| {
+                    let exited = pb::SegmentMembershipChanged {
+                        segment: name.clone(),
+                        customer: format!("customers/{customer}"),
+                        change: pb::MembershipChange::Exited as i32,
+                        change_time: Some(clm_platform::convert::timestamp(now)),
+                        segment_version: row.version,
+                    };
+                    clm_platform::outbox::NewEvent::new(name.clone(), &exited)
+                })
+                .collect();
             Ok((
                 pb::DeleteSegmentResponse {
                     name: name.clone(),
                     member_count: dropped_ref.len() as i64,
                 },
-                Vec::new(),
+                exits,
             ))
         })
         .await?;

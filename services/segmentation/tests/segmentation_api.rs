@@ -377,6 +377,31 @@ async fn bad_rules_are_refused_naming_the_field() {
         .await
         .unwrap_err();
     assert_bad_field(&e, "page_token");
+    // Deleting a segment with members: each member's exit is watched.
+    let mut watch = seg
+        .watch_membership(pb::WatchMembershipRequest {
+            segment: all.name.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let deleted = seg
+        .delete_segment(pb::DeleteSegmentRequest {
+            name: all.name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.member_count, 2);
+    let mut exited = 0;
+    while exited < 2 {
+        let change = watch.next().await.unwrap().unwrap().change.unwrap();
+        if change.change == pb::MembershipChange::Exited as i32 {
+            exited += 1;
+        }
+    }
     // The tree form is answered and accepted too.
     let tree = all.rule.clone().unwrap();
     let again = seg
