@@ -154,7 +154,7 @@ impl ScoringApi {
     ) -> Result<Vec<pb::CustomerScores>> {
         let v = self
             .models
-            .get(&self.rt.read, model, 0)
+            .active_for_read(&self.rt.read, model)
             .await?
             .ok_or_else(|| Error::NotFound(format!("{MODEL_PREFIX}{model}")))?;
         let ledgers = scorer::by_customer(ledger::of_customers(&self.rt.read, model, custs).await?);
@@ -313,7 +313,7 @@ impl ScoringService for ScoringApi {
             }
             v.into_result()?;
             let now = self.now();
-            idempotency::write(
+            let out = idempotency::write(
                 &self.rt,
                 "UpdateScoringModel",
                 rid.flatten(),
@@ -350,7 +350,11 @@ impl ScoringService for ScoringApi {
                     ))
                 },
             )
-            .await
+            .await;
+            // The active version does not change, but drop it anyway: the
+            // next read sees the database as of now.
+            self.models.forget(&id);
+            out
         })
         .await
     }
@@ -389,6 +393,7 @@ impl ScoringService for ScoringApi {
                 },
             )
             .await?;
+            self.models.forget(&id);
             self.shown(&id, req.version).await
         })
         .await

@@ -8,7 +8,7 @@ use crate::scorer::{self, Models};
 use crate::store::ledger::{self, NewRow};
 use crate::store::{customers, timers};
 use clm_domain::lifecycle::Stage;
-use clm_domain::scoring::RuleHistory;
+use clm_domain::scoring::{ENGAGEMENT, FIT, RuleHistory};
 use clm_platform::Error;
 use clm_platform::changes::{Apply, Handlers, On, OnBatch};
 use clm_platform::db::{from_micros, to_micros};
@@ -166,7 +166,26 @@ impl OnBatch<cpb::TouchpointRecorded> for CustomerEvents {
             if v.model.event_rules.is_empty() {
                 continue;
             }
-            let before = scorer::by_customer(ledger::of_customers(txn, &v.id, &custs).await?);
+            // Only the scores this batch's matching rules add to (their
+            // caps and once-only rules need the rules' earlier awards; the
+            // old and new values need those scores) and the grade's scores:
+            // no other score can change.
+            let mut wanted: Vec<String> = v
+                .model
+                .event_rules
+                .iter()
+                .filter(|r| tps.iter().any(|(_, tp)| r.trigger.matches(tp)))
+                .map(|r| r.score.clone())
+                .collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            wanted.extend([FIT, ENGAGEMENT].map(str::to_owned));
+            wanted.sort();
+            wanted.dedup();
+            let before = scorer::by_customer(
+                ledger::of_customer_scores(txn, &v.id, &custs, Some(&wanted)).await?,
+            );
             let mut new = Vec::new();
             let mut histories: BTreeMap<&str, RuleHistory> = BTreeMap::new();
             for (customer, tp) in &tps {

@@ -42,6 +42,15 @@
 //! * **RescoreCustomers** keeps manual adjustments and the awards of the
 //!   version's consent rules (denials are not kept as history), replays
 //!   touchpoints and profiles, and swaps 500 customers per transaction.
+//! * **Active version on reads.** `GetScore`/`BatchGetScores` use the
+//!   active version remembered by [`scorer::Models::active_for_read`]:
+//!   forgotten on Create/Update/Activate in this process, trusted for
+//!   [`scorer::ACTIVE_TTL`] otherwise (another replica's activation). Stream
+//!   handlers and timers read it in their transaction.
+//! * **Touchpoint batches** read, in one query, only the touched customers'
+//!   entries of the scores the batch's matching rules add to (and `fit`,
+//!   `engagement` for the grade): caps and once-only rules need only those
+//!   rules' earlier awards, and no other score can change.
 //! * **ListTopCustomers** computes every customer's score of the model at
 //!   the read time from one read of the model's ledger and sorts: exact for
 //!   any mix of decays, floors and ceilings, but linear in the ledger size.

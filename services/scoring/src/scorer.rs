@@ -13,6 +13,7 @@ use clm_proto::scoring as pb;
 use sea_orm::ConnectionTrait;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// A compiled model version.
 #[derive(Debug, Clone)]
@@ -25,10 +26,17 @@ pub struct Version {
     pub model: Arc<Model>,
 }
 
-/// Compiled model versions by (id, version).
+/// How long a read (GetScore, BatchGetScores) trusts the active version it
+/// looked up: an activation in another replica is seen within this time; in
+/// this process Create/Update/Activate drop the entry at once.
+pub const ACTIVE_TTL: Duration = Duration::from_secs(1);
+
+/// Compiled model versions by (id, version), and the active version of each
+/// model as last read (for the read path).
 #[derive(Debug, Default)]
 pub struct Models {
     cache: Mutex<HashMap<(String, i64), Arc<Model>>>,
+    active: Mutex<HashMap<String, (i64, Instant)>>,
 }
 
 impl Models {
@@ -69,17 +77,77 @@ impl Models {
             .collect()
     }
 
-    /// A model's version (0: active), if it exists.
+    /// A version already compiled (versions never change once written).
+    fn cached(&self, id: &str, version: i64) -> Result<Option<Version>> {
+        Ok(self
+            .cache
+            .lock()
+            .map_err(Error::internal)?
+            .get(&(id.to_owned(), version))
+            .map(|m| Version {
+                id: id.to_owned(),
+                version,
+                model: m.clone(),
+            }))
+    }
+
+    /// A model's version (0: active), if it exists. A numbered version
+    /// compiled before is not read again; the active one is read from `db`.
     pub async fn get(
         &self,
         db: &impl ConnectionTrait,
         id: &str,
         version: i64,
     ) -> Result<Option<Version>> {
+        if version > 0
+            && let Some(v) = self.cached(id, version)?
+        {
+            return Ok(Some(v));
+        }
         scoring_models::get(db, id, version)
             .await?
             .map(|v| self.compiled(&v))
             .transpose()
+    }
+
+    /// A model's active version for reads: from memory when looked up in
+    /// the last [`ACTIVE_TTL`] (and not dropped by [`Models::forget`]),
+    /// else from `db`. Writers (stream handlers, timers) use [`Models::get`]
+    /// and [`Models::active`] in their transaction instead.
+    pub async fn active_for_read(
+        &self,
+        db: &impl ConnectionTrait,
+        id: &str,
+    ) -> Result<Option<Version>> {
+        let known = self
+            .active
+            .lock()
+            .map_err(Error::internal)?
+            .get(id)
+            .filter(|(_, at)| at.elapsed() < ACTIVE_TTL)
+            .map(|(v, _)| *v);
+        if let Some(version) = known
+            && let Some(v) = self.cached(id, version)?
+        {
+            return Ok(Some(v));
+        }
+        let fetched = Instant::now();
+        let v = self.get(db, id, 0).await?;
+        if let Some(v) = &v {
+            self.active
+                .lock()
+                .map_err(Error::internal)?
+                .insert(id.to_owned(), (v.version, fetched));
+        }
+        Ok(v)
+    }
+
+    /// Drops what is known of `id`'s active version (after Create, Update
+    /// or Activate committed in this process).
+    pub fn forget(&self, id: &str) {
+        if let Ok(mut a) = self.active.lock() {
+            a.remove(id);
+        }
     }
 }
 

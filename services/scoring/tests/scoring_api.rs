@@ -471,6 +471,10 @@ async fn rescore_after_a_rule_change_and_erasure_receipt() {
         ],
         vec![],
     );
+    next.scores = vec![pb::ScoreDefinition {
+        name: "intent".into(),
+        ..Default::default()
+    }];
     next.name = "scoringModels/leads".into();
     next.etag = current.etag.clone();
     let updated = s
@@ -484,6 +488,12 @@ async fn rescore_after_a_rule_change_and_erasure_receipt() {
     let diff = updated.rule_diff.unwrap();
     assert_eq!(diff.added, vec!["buy".to_string()]);
     assert_eq!(diff.changed, vec!["use".to_string()]);
+    // v1 is still the active one (and GetScore now remembers it).
+    assert!(
+        env.score(&c.name, "scoringModels/leads", "intent")
+            .await
+            .is_nan()
+    );
     s.activate_model_version(pb::ActivateModelVersionRequest {
         name: "scoringModels/leads".into(),
         version: 2,
@@ -491,6 +501,11 @@ async fn rescore_after_a_rule_change_and_erasure_receipt() {
     })
     .await
     .unwrap();
+    // GetScore remembered v1 as active; the activation drops that at once.
+    assert_eq!(
+        env.score(&c.name, "scoringModels/leads", "intent").await,
+        0.0
+    );
     let op = s
         .rescore_customers(pb::RescoreCustomersRequest {
             scoring_model: "scoringModels/leads".into(),

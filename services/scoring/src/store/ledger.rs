@@ -134,10 +134,21 @@ pub async fn of_customers(
     model: &str,
     customers: &[String],
 ) -> Result<Vec<Row>> {
-    if customers.is_empty() {
+    of_customer_scores(db, model, customers, None).await
+}
+
+/// Like [`of_customers`], only the entries of `scores` when given (a
+/// stream batch reads only the scores its awards can touch): one statement.
+pub async fn of_customer_scores(
+    db: &impl ConnectionTrait,
+    model: &str,
+    customers: &[String],
+    scores: Option<&[String]>,
+) -> Result<Vec<Row>> {
+    if customers.is_empty() || scores.is_some_and(<[String]>::is_empty) {
         return Ok(Vec::new());
     }
-    let q = Query::select()
+    let mut q = Query::select()
         .columns(
             [
                 "id",
@@ -163,6 +174,9 @@ pub async fn of_customers(
         .order_by(n("award_us"), Order::Asc)
         .order_by(n("id"), Order::Asc)
         .to_owned();
+    if let Some(scores) = scores {
+        q.and_where(Expr::col(n("score")).is_in(scores.iter().cloned()));
+    }
     Ok(Row::find_by_statement(db.get_database_backend().build(&q))
         .all(db)
         .await?)
