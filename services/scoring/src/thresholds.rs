@@ -29,6 +29,8 @@ use tokio::sync::Notify;
 
 /// How often the queue looks at the clock without a wake-up.
 pub const TICK: Duration = Duration::from_millis(50);
+/// Longest pause between rounds while they keep failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Timers looked at per round.
 const ROUND: u64 = 200;
 
@@ -96,15 +98,37 @@ pub fn spawn(rt: Runtime, models: Arc<Models>, wake: Arc<Notify>) -> anyhow::Res
         tokens: TokenSource::from_config(&rt.config, crate::SERVICE, rt.clock.clone())?,
     };
     tokio::spawn(async move {
+        let mut failures: u32 = 0;
         loop {
-            match round(&rt, &models, &customer).await {
-                Ok(n) if n as u64 == ROUND => continue,
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "threshold timers: round failed; retrying"),
-            }
+            let pause = match round(&rt, &models, &customer).await {
+                Ok(n) if n as u64 == ROUND => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(_) => {
+                    failures = 0;
+                    TICK
+                }
+                Err(e) => {
+                    // Back off while the customer service (or the database)
+                    // is down: one warning per attempt, at most every
+                    // MAX_BACKOFF, not one every tick.
+                    failures = failures.saturating_add(1);
+                    let pause = TICK
+                        .saturating_mul(2u32.saturating_pow(failures.min(10)))
+                        .min(MAX_BACKOFF);
+                    tracing::warn!(
+                        error = %e,
+                        attempt = failures,
+                        retry_in_ms = pause.as_millis() as u64,
+                        "threshold timers: round failed; retrying"
+                    );
+                    pause
+                }
+            };
             tokio::select! {
-                () = wake.notified() => {}
-                () = tokio::time::sleep(TICK) => {}
+                () = wake.notified(), if failures == 0 => {}
+                () = tokio::time::sleep(pause) => {}
                 () = rt.background.cancelled() => return,
             }
         }
