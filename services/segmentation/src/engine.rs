@@ -51,6 +51,8 @@ pub enum Change {
     Stage,
     /// Consent.
     Consent,
+    /// Scores and grade (from the scoring service's stream).
+    Score,
     /// A touchpoint of this kind (and custom type).
     Touch(TouchpointKind, Option<String>),
     /// Only this segment (a timer fired).
@@ -65,6 +67,7 @@ enum Key {
     Profile,
     Stage,
     Consent,
+    Score,
     Touch(i16),
     Segment(String),
     Other,
@@ -81,6 +84,7 @@ fn key_of(f: &Fact) -> Key {
         | Fact::Attribute(_) => Key::Profile,
         Fact::Stage => Key::Stage,
         Fact::Consent { .. } => Key::Consent,
+        Fact::Score(_) | Fact::Grade => Key::Score,
         Fact::Touchpoints(t) => Key::Touch(t.kind.code()),
         Fact::Segment(s) => Key::Segment(s.clone()),
         _ => Key::Other,
@@ -207,6 +211,7 @@ impl Registry {
                 .collect(),
             Change::Stage => self.keyed(&Key::Stage).cloned().collect(),
             Change::Consent => self.keyed(&Key::Consent).cloned().collect(),
+            Change::Score => self.keyed(&Key::Score).cloned().collect(),
             Change::Touch(kind, custom) => self
                 .keyed(&Key::Touch(kind.code()))
                 .filter(|c| {

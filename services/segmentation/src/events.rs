@@ -41,6 +41,44 @@ pub fn customer_handlers(engine: Engine) -> Handlers {
         .on::<cpb::CustomerErased, _>(h)
 }
 
+/// Handlers of the scoring stream: each `ScoreChanged` sets the
+/// customer's score value and grade in the projection and re-evaluates the
+/// segments that read scores. A score there is its value at the last award
+/// (decay between awards is not streamed; see the crate docs).
+pub fn scoring_handlers(engine: Engine) -> Handlers {
+    Handlers::new()
+        .on_batch::<clm_proto::scoring::ScoreChanged, _>(Arc::new(CustomerFacts { engine }))
+}
+
+#[async_trait::async_trait]
+impl OnBatch<clm_proto::scoring::ScoreChanged> for CustomerFacts {
+    async fn on_batch(
+        &self,
+        cx: &mut Apply,
+        messages: Vec<(&ChangeEvent, clm_proto::scoring::ScoreChanged)>,
+    ) -> Result<(), Error> {
+        let events: Vec<&ChangeEvent> = messages.iter().map(|(e, _)| *e).collect();
+        let rows: Vec<facts::ScoreRow> = messages
+            .iter()
+            .filter_map(|(_, m)| {
+                Some((
+                    bare(&m.customer)?,
+                    m.score.clone(),
+                    m.new_value,
+                    m.grade.clone(),
+                ))
+            })
+            .filter(|(_, score, value, _)| !score.is_empty() && value.is_finite())
+            .collect();
+        let updated = facts::set_scores(cx.txn(), &rows).await?;
+        let work = updated
+            .into_iter()
+            .map(|id| (id, vec![Change::Score]))
+            .collect();
+        self.settle(cx, &events, work).await
+    }
+}
+
 /// Applies customer facts.
 pub struct CustomerFacts {
     engine: Engine,

@@ -34,8 +34,14 @@
 //!   consumers that read them but are not loaded whole.
 //! * Customers without a profile row are in no segment (the customer
 //!   service emits `CustomerCreated` before anything else about them).
-//! * Scores, grade, NPS, CSAT and loyalty facts have their columns and
-//!   tables (`fact_scores`, `fact_customers.grade` ...) and their SQL and
+//! * Scores and grade come from the scoring service's stream when
+//!   `peers.scoring` is configured (`clm up` does): each `ScoreChanged` sets
+//!   the value at that award and re-evaluates the segments reading scores.
+//!   Decay between awards is not streamed, so `score.<name>` is the value at
+//!   the customer's last award (or threshold move), not a decayed value.
+//!   A score for a customer the projection does not hold (not created yet,
+//!   or already erased) is dropped.
+//! * NPS, CSAT and loyalty facts have their columns and their SQL and
 //!   evaluator support; feeding them is a handler on those services'
 //!   streams.
 #![forbid(unsafe_code)]
@@ -71,6 +77,7 @@ fn build(rt: &Runtime) -> anyhow::Result<Parts> {
         .grpc(SegmentationServiceServer::new(api::SegmentationApi::new(
             engine.clone(),
         )))
-        .follow("customer", events::customer_handlers(engine))
+        .follow("customer", events::customer_handlers(engine.clone()))
+        .follow_if_configured("scoring", events::scoring_handlers(engine))
         .task(move |shutdown| Box::pin(timers.run(shutdown))))
 }

@@ -174,6 +174,78 @@ pub async fn set_stages(
     Ok(())
 }
 
+/// One score value of a customer: (customer, score name, value, grade).
+pub type ScoreRow = (String, String, f64, String);
+
+/// Applies score values in order (the last per customer and score wins),
+/// and each customer's latest grade, set-based. Only customers the
+/// projection holds are touched: a score that arrives after the customer's
+/// erasure (the two streams are independent) must not bring a row back.
+/// Returns the customers updated.
+pub async fn set_scores(
+    db: &impl ConnectionTrait,
+    rows: &[ScoreRow],
+) -> Result<Vec<String>, DbErr> {
+    let ids: Vec<String> = rows
+        .iter()
+        .map(|(id, ..)| id.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut known = std::collections::BTreeSet::new();
+    for chunk in chunks(&ids) {
+        let q = Query::select()
+            .column(n("customer_id"))
+            .from(n("fact_customers"))
+            .and_where(Expr::col(n("customer_id")).is_in(chunk.iter().cloned()))
+            .to_owned();
+        for row in db.query_all(&q).await? {
+            known.insert(row.try_get::<String>("", "customer_id")?);
+        }
+    }
+    let mut values = BTreeMap::new();
+    let mut grades = BTreeMap::new();
+    for (id, name, value, grade) in rows.iter().filter(|(id, ..)| known.contains(id)) {
+        values.insert((id.as_str(), name.as_str()), *value);
+        if !grade.is_empty() {
+            grades.insert(id.as_str(), grade.as_str());
+        }
+    }
+    let values: Vec<_> = values.into_iter().collect();
+    for chunk in values.chunks(rows_per_statement(3)) {
+        let mut insert = Query::insert();
+        insert
+            .into_table(n("fact_scores"))
+            .columns(["customer_id", "name", "value"].map(n))
+            .on_conflict(
+                OnConflict::columns([n("customer_id"), n("name")])
+                    .update_column(n("value"))
+                    .to_owned(),
+            );
+        for ((id, name), value) in chunk {
+            insert.values_panic([(*id).into(), (*name).into(), (*value).into()]);
+        }
+        db.execute(&insert).await?;
+    }
+    let grades: Vec<_> = grades.into_iter().collect();
+    for chunk in grades.chunks(rows_per_statement(2)) {
+        let mut insert = Query::insert();
+        insert
+            .into_table(n("fact_customers"))
+            .columns(["customer_id", "grade"].map(n))
+            .on_conflict(
+                OnConflict::column(n("customer_id"))
+                    .update_column(n("grade"))
+                    .to_owned(),
+            );
+        for (id, grade) in chunk {
+            insert.values_panic([(*id).into(), (*grade).into()]);
+        }
+        db.execute(&insert).await?;
+    }
+    Ok(known.into_iter().collect())
+}
+
 /// One consent cell: granted, denied, or unset (`None`, the row is removed).
 pub type ConsentCell = (String, String, String, Option<bool>);
 
