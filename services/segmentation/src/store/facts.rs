@@ -296,27 +296,29 @@ pub async fn set_consents(db: &impl ConnectionTrait, cells: &[ConsentCell]) -> R
     Ok(())
 }
 
+/// The columns of `fact_touchpoints`, as inserted and as loaded.
+const TOUCH_COLS: [&str; 12] = [
+    "event_id",
+    "customer_id",
+    "kind",
+    "custom_type",
+    "occurred_us",
+    "product",
+    "feature",
+    "campaign",
+    "channel",
+    "revenue_minor",
+    "revenue_currency",
+    "usage_ms",
+];
+
 /// Inserts touchpoints (idempotent by event id) and their properties.
 pub async fn insert_touchpoints(db: &impl ConnectionTrait, rows: &[TouchRow]) -> Result<(), DbErr> {
-    const COLS: [&str; 12] = [
-        "event_id",
-        "customer_id",
-        "kind",
-        "custom_type",
-        "occurred_us",
-        "product",
-        "feature",
-        "campaign",
-        "channel",
-        "revenue_minor",
-        "revenue_currency",
-        "usage_ms",
-    ];
-    for chunk in rows.chunks(rows_per_statement(COLS.len())) {
+    for chunk in rows.chunks(rows_per_statement(TOUCH_COLS.len())) {
         let mut insert = Query::insert();
         insert
             .into_table(n("fact_touchpoints"))
-            .columns(COLS.map(n))
+            .columns(TOUCH_COLS.map(n))
             .on_conflict(OnConflict::column(n("event_id")).do_nothing().to_owned());
         for r in chunk {
             let tp = &r.touchpoint;
@@ -562,23 +564,7 @@ pub async fn load(
                 .insert(row.try_get("", "name")?, row.try_get("", "value")?);
         }
         let q = Query::select()
-            .columns(
-                [
-                    "event_id",
-                    "customer_id",
-                    "kind",
-                    "custom_type",
-                    "occurred_us",
-                    "product",
-                    "feature",
-                    "campaign",
-                    "channel",
-                    "revenue_minor",
-                    "revenue_currency",
-                    "usage_ms",
-                ]
-                .map(n),
-            )
+            .columns(TOUCH_COLS.map(n))
             .from(n("fact_touchpoints"))
             .and_where(within())
             .to_owned();
