@@ -536,9 +536,6 @@ impl ScoringService for ScoringApi {
                     return Err(Error::NotFound(c.clone()));
                 }
                 customers::ensure_and_lock(txn, std::slice::from_ref(&c)).await?;
-                let before = scorer::by_customer(
-                    ledger::of_customers(txn, &m, std::slice::from_ref(&c)).await?,
-                );
                 let last =
                     customers::last_activity(txn, std::slice::from_ref(&c), to_micros(now)).await?;
                 let new = ledger::NewRow {
@@ -556,8 +553,7 @@ impl ScoringService for ScoringApi {
                     reason: reason.clone(),
                     actor: actor.clone(),
                 };
-                let events =
-                    scorer::apply(txn, &version, &before, vec![new], &last, to_micros(now)).await?;
+                let events = scorer::apply(txn, &version, vec![new], &last, to_micros(now)).await?;
                 let row = ledger::by_source(txn, &source, "manual")
                     .await?
                     .ok_or_else(|| Error::internal("adjustment not stored"))?;

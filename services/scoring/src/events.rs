@@ -6,9 +6,9 @@
 use crate::convert;
 use crate::scorer::{self, Models};
 use crate::store::ledger::{self, NewRow};
-use crate::store::{customers, timers};
+use crate::store::{customers, sums, timers};
 use clm_domain::lifecycle::Stage;
-use clm_domain::scoring::{ENGAGEMENT, FIT, RuleHistory};
+use clm_domain::scoring::RuleHistory;
 use clm_platform::Error;
 use clm_platform::changes::{Apply, Handlers, On, OnBatch};
 use clm_platform::db::{from_micros, to_micros};
@@ -90,7 +90,7 @@ impl CustomerEvents {
                     actor: String::new(),
                 })
                 .collect();
-            events.extend(scorer::apply(txn, &v, &before, new, &last, to_micros(now)).await?);
+            events.extend(scorer::apply(txn, &v, new, &last, to_micros(now)).await?);
         }
         for e in events {
             cx.emit(e);
@@ -166,25 +166,40 @@ impl OnBatch<cpb::TouchpointRecorded> for CustomerEvents {
             if v.model.event_rules.is_empty() {
                 continue;
             }
-            // Only the scores this batch's matching rules add to (their
-            // caps and once-only rules need the rules' earlier awards; the
-            // old and new values need those scores) and the grade's scores:
-            // no other score can change.
-            let mut wanted: Vec<String> = v
+            // What caps and once-per-customer rules need of the customers'
+            // earlier awards: the awards of the matching capped rules inside
+            // the batch's cap windows, and any award of its once-only rules.
+            let matching: Vec<&clm_domain::scoring::EventRule> = v
                 .model
                 .event_rules
                 .iter()
                 .filter(|r| tps.iter().any(|(_, tp)| r.trigger.matches(tp)))
-                .map(|r| r.score.clone())
                 .collect();
-            if wanted.is_empty() {
+            if matching.is_empty() {
                 continue;
             }
-            wanted.extend([FIT, ENGAGEMENT].map(str::to_owned));
-            wanted.sort();
-            wanted.dedup();
+            let once: Vec<String> = matching
+                .iter()
+                .filter(|r| r.once_per_customer)
+                .map(|r| r.id.clone())
+                .collect();
+            let capped: Vec<String> = matching
+                .iter()
+                .filter(|r| r.cap.is_some() && !r.once_per_customer)
+                .map(|r| r.id.clone())
+                .collect();
+            let window = matching
+                .iter()
+                .filter_map(|r| r.cap)
+                .flat_map(|cap| {
+                    tps.iter()
+                        .map(move |(_, tp)| cap.window(tp.occurred_time.timestamp_micros()))
+                })
+                .fold((i64::MAX, i64::MIN), |(lo, hi), (a, b)| {
+                    (lo.min(a), hi.max(b))
+                });
             let before = scorer::by_customer(
-                ledger::of_customer_scores(txn, &v.id, &custs, Some(&wanted)).await?,
+                ledger::rule_history(txn, &v.id, v.version, &custs, &once, &capped, window).await?,
             );
             let mut new = Vec::new();
             let mut histories: BTreeMap<&str, RuleHistory> = BTreeMap::new();
@@ -192,11 +207,9 @@ impl OnBatch<cpb::TouchpointRecorded> for CustomerEvents {
                 let h = histories.entry(customer.as_str()).or_insert_with(|| {
                     let mut h = RuleHistory::new();
                     for r in before.get(customer).into_iter().flatten() {
-                        if r.model_version == v.version {
-                            h.entry(r.rule.clone())
-                                .or_default()
-                                .push((r.award_us, r.points));
-                        }
+                        h.entry(r.rule.clone())
+                            .or_default()
+                            .push((r.award_us, r.points));
                     }
                     h
                 });
@@ -214,7 +227,7 @@ impl OnBatch<cpb::TouchpointRecorded> for CustomerEvents {
                         }),
                 );
             }
-            events.extend(scorer::apply(txn, &v, &before, new, &last, now).await?);
+            events.extend(scorer::apply(txn, &v, new, &last, now).await?);
         }
         for e in events {
             cx.emit(e);
@@ -304,7 +317,6 @@ impl On<cpb::ConsentChanged> for CustomerEvents {
             if v.model.consent_rules.is_empty() {
                 continue;
             }
-            let before = scorer::by_customer(ledger::of_customers(txn, &v.id, &custs).await?);
             let mut new = Vec::new();
             for d in &denials {
                 let Some(purpose) = convert::purpose_name(d.purpose) else {
@@ -331,7 +343,7 @@ impl On<cpb::ConsentChanged> for CustomerEvents {
                         }),
                 );
             }
-            events.extend(scorer::apply(txn, &v, &before, new, &last, now).await?);
+            events.extend(scorer::apply(txn, &v, new, &last, now).await?);
         }
         for e in events {
             cx.emit(e);
@@ -357,6 +369,8 @@ impl On<cpb::CustomersMerged> for CustomerEvents {
         // Award keys do not name the customer, so moved entries keep them
         // and a replayed event still scores once.
         ledger::move_to(txn, &m.merged, &m.survivor).await?;
+        sums::delete_customers(txn, &m.merged).await?;
+        sums::rebuild(txn, std::slice::from_ref(&m.survivor)).await?;
         customers::merge(txn, &m.merged, &m.survivor).await?;
         timers::delete(txn, &m.merged).await?;
         if let Some(c) = &m.customer {
@@ -387,6 +401,7 @@ impl On<cpb::CustomerErased> for CustomerEvents {
         all.push(m.customer.clone());
         let txn = cx.txn();
         ledger::delete_customers(txn, &all).await?;
+        sums::delete_customers(txn, &all).await?;
         customers::delete(txn, &all).await?;
         timers::delete(txn, &all).await?;
         cx.emit(NewEvent::new(

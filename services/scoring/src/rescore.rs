@@ -7,7 +7,7 @@
 use crate::convert;
 use crate::scorer::{Models, Version};
 use crate::store::ledger::{self, NewRow};
-use crate::store::{customers, timers};
+use crate::store::{customers, sums, timers};
 use clm_domain::lifecycle::Stage;
 use clm_domain::scoring::RuleHistory;
 use clm_platform::db::from_micros;
@@ -173,6 +173,7 @@ async fn replay(
         }
         sea_orm::ConnectionTrait::execute(&txn, &del).await?;
         written += ledger::insert(&txn, &new).await? as i64;
+        sums::rebuild(&txn, &ids).await?;
         let keys: Vec<(String, String, String)> = ids
             .iter()
             .flat_map(|c| {

@@ -5,8 +5,9 @@
 
 use crate::convert;
 use crate::store::ledger::{self, NewRow, Row};
+use crate::store::sums::{self, SumRow};
 use crate::store::{scoring_models, timers};
-use clm_domain::scoring::{Entry, Model, score_at};
+use clm_domain::scoring::{Decay, Entry, Model, Sum, score_at, score_from_sums};
 use clm_platform::outbox::NewEvent;
 use clm_platform::{Error, Result};
 use clm_proto::scoring as pb;
@@ -219,13 +220,128 @@ fn as_row(n: &NewRow) -> Row {
     }
 }
 
-/// Writes `new` awards of `v` (customers' previous ledgers in `before`),
-/// re-arms the timers of thresholds on changed scores to `now_us`, and
-/// returns the ScoreChanged events. One insert for all awards.
+/// What is known of one customer's ledger under one model to tell its
+/// scores at one instant: the running sums, and either the linear entries
+/// that still count or (when a sum cannot tell: an award after that
+/// instant) every entry.
+#[derive(Debug, Default)]
+struct Known {
+    sums: BTreeMap<(String, i16, i64), Sum>,
+    rows: Vec<Row>,
+    all_rows: bool,
+}
+
+impl Known {
+    fn add(&mut self, n: &NewRow) {
+        let (kind, param) = n.award.decay.code();
+        self.sums
+            .entry((n.award.score.clone(), kind, param))
+            .or_insert_with(|| Sum::new(n.award.decay))
+            .add(n.award.points, n.award.award_us);
+        if self.all_rows || matches!(n.award.decay, Decay::Linear { .. }) {
+            self.rows.push(as_row(n));
+        }
+    }
+
+    fn scores(
+        &self,
+        model: &Model,
+        last: Option<i64>,
+        t_us: i64,
+    ) -> Result<(Vec<(String, f64)>, String)> {
+        if self.all_rows {
+            return Ok(scores(model, &self.rows, last, t_us));
+        }
+        let mut values = Vec::with_capacity(model.scores.len());
+        for spec in &model.scores {
+            let sums: Vec<Sum> = self
+                .sums
+                .iter()
+                .filter(|((score, _, _), _)| *score == spec.name)
+                .map(|(_, s)| *s)
+                .collect();
+            let linear = entries(&self.rows, &spec.name);
+            let value = score_from_sums(spec, &sums, &linear, last, t_us).ok_or_else(|| {
+                Error::internal("a running sum was asked about an instant before its newest award")
+            })?;
+            values.push((spec.name.clone(), value));
+        }
+        let get = |n: &str| values.iter().find(|(k, _)| k == n).map_or(0.0, |(_, v)| *v);
+        let grade = model.bands.grade(
+            get(clm_domain::scoring::FIT),
+            get(clm_domain::scoring::ENGAGEMENT),
+        );
+        Ok((values, grade))
+    }
+}
+
+/// Loads what [`Known`] needs of `customers` under `v` at `now_us`, given
+/// the awards about to be added (`new`): the sums (one statement), the
+/// linear entries that still count (one statement, only if there are any),
+/// and every entry of the few customers with an award after `now_us`.
+async fn known(
+    db: &impl ConnectionTrait,
+    v: &Version,
+    customers: &[String],
+    new: &[NewRow],
+    now_us: i64,
+) -> Result<BTreeMap<String, Known>> {
+    let mut out: BTreeMap<String, Known> = customers
+        .iter()
+        .map(|c| (c.clone(), Known::default()))
+        .collect();
+    let mut linear_over = 0i64;
+    for r in sums::load(db, &v.id, customers).await? {
+        let sum = r.sum();
+        let Some(k) = out.get_mut(&r.customer) else {
+            continue;
+        };
+        if sum.newest_us > now_us {
+            k.all_rows = true;
+        }
+        if let Decay::Linear { .. } = sum.decay {
+            linear_over = linear_over.max(r.decay_us);
+        }
+        k.sums.insert((r.score, r.decay_kind, r.decay_us), sum);
+    }
+    for n in new {
+        if let Some(k) = out.get_mut(&n.customer) {
+            k.all_rows |= n.award.award_us > now_us;
+        }
+    }
+    let full: Vec<String> = out
+        .iter()
+        .filter(|(_, k)| k.all_rows)
+        .map(|(c, _)| c.clone())
+        .collect();
+    for r in ledger::of_customers(db, &v.id, &full).await? {
+        if let Some(k) = out.get_mut(&r.customer) {
+            k.rows.push(r);
+        }
+    }
+    if linear_over > 0 {
+        let rest: Vec<String> = out
+            .iter()
+            .filter(|(_, k)| !k.all_rows)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for r in ledger::linear_since(db, &v.id, &rest, now_us.saturating_sub(linear_over)).await? {
+            if let Some(k) = out.get_mut(&r.customer) {
+                k.rows.push(r);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `new` awards of `v` (those already in the ledger are skipped),
+/// keeps the running sums, re-arms the timers of thresholds on changed
+/// scores to `now_us`, and returns the ScoreChanged events. The old and new
+/// values come from the sums, not from every entry: a few statements
+/// whatever the customers' ledgers hold.
 pub async fn apply(
     db: &impl ConnectionTrait,
     v: &Version,
-    before: &BTreeMap<String, Vec<Row>>,
     new: Vec<NewRow>,
     last_activity: &HashMap<String, i64>,
     now_us: i64,
@@ -233,24 +349,42 @@ pub async fn apply(
     if new.is_empty() {
         return Ok(Vec::new());
     }
-    ledger::insert(db, &new).await?;
-    let mut added: BTreeMap<&str, Vec<Row>> = BTreeMap::new();
+    let mut custs: Vec<String> = new.iter().map(|n| n.customer.clone()).collect();
+    custs.sort();
+    custs.dedup();
+    let mut known = known(db, v, &custs, &new, now_us).await?;
+    let new = ledger::insert_new(db, &new).await?;
+    let mut added: BTreeMap<&str, Vec<&NewRow>> = BTreeMap::new();
     for n in &new {
-        added
-            .entry(n.customer.as_str())
-            .or_default()
-            .push(as_row(n));
+        added.entry(n.customer.as_str()).or_default().push(n);
     }
     let mut events = Vec::new();
     let mut rearm = Vec::new();
-    let empty = Vec::new();
+    let mut changed = Vec::new();
     for (customer, rows) in added {
-        let old_rows = before.get(customer).unwrap_or(&empty);
+        let Some(k) = known.get_mut(customer) else {
+            continue;
+        };
         let last = last_activity.get(customer).copied();
-        let (old, _) = scores(&v.model, old_rows, last, now_us);
-        let mut all = old_rows.clone();
-        all.extend(rows);
-        let (newv, grade) = scores(&v.model, &all, last, now_us);
+        let (old, _) = k.scores(&v.model, last, now_us)?;
+        for n in &rows {
+            k.add(n);
+        }
+        let (newv, grade) = k.scores(&v.model, last, now_us)?;
+        let mut touched: Vec<(String, i16, i64)> = rows
+            .iter()
+            .map(|n| {
+                let (kind, param) = n.award.decay.code();
+                (n.award.score.clone(), kind, param)
+            })
+            .collect();
+        touched.sort();
+        touched.dedup();
+        for key in touched {
+            if let Some(sum) = k.sums.get(&key) {
+                changed.push(SumRow::new(customer, &v.id, &key.0, sum));
+            }
+        }
         for ((name, o), (_, n)) in old.iter().zip(&newv) {
             if o == n {
                 continue;
@@ -274,6 +408,7 @@ pub async fn apply(
             }
         }
     }
+    sums::save(db, &changed).await?;
     timers::touch(db, &rearm, now_us).await?;
     Ok(events)
 }

@@ -961,3 +961,285 @@ async fn inactivity_linear_decay_floor_and_custom_scores_read_at_any_time() {
     // Before the award nothing counts.
     assert_eq!(at(-1, "product_a").await, 0.0);
 }
+
+/// The stored running sums against the sums of the ledger recomputed from
+/// scratch: the same entries and newest award per (customer, model, score,
+/// decay), and the same value a day after the newest award.
+async fn assert_sums_match_ledger(db: &sea_orm::DatabaseConnection, custs: &[String]) {
+    use clm_scoring::store::{ledger, sums};
+    let stored = sums::load(db, "mixed", custs).await.unwrap();
+    let ledger = ledger::of_customers_all_models(db, custs).await.unwrap();
+    let fresh = sums::of_rows(&ledger);
+    let key = |r: &sums::SumRow| {
+        (
+            r.customer.clone(),
+            r.score.clone(),
+            r.decay_kind,
+            r.decay_us,
+        )
+    };
+    let mut stored_keys: Vec<_> = stored.iter().map(key).collect();
+    stored_keys.sort();
+    let mut fresh_keys: Vec<_> = fresh.iter().map(key).collect();
+    fresh_keys.sort();
+    assert_eq!(stored_keys, fresh_keys);
+    for f in &fresh {
+        let s = stored.iter().find(|s| key(s) == key(f)).unwrap();
+        assert_eq!((s.entries, s.newest_us), (f.entries, f.newest_us), "{f:?}");
+        let t = f.newest_us + 86_400_000_000;
+        let (a, b) = (s.sum().value_at(t), f.sum().value_at(t));
+        match (a, b) {
+            (Some(a), Some(b)) => assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "{s:?} {f:?}"),
+            _ => assert_eq!(s.total, f.total, "{s:?} {f:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn score_changes_agree_with_get_score_and_running_sums_with_the_ledger() {
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    let mut use_rule = event_rule("use", "feature_use", 5);
+    use_rule.decay = Some(pb::Decay {
+        kind: Some(pb::decay::Kind::HalfLife(dur(Duration::days(10)))),
+    });
+    let mut buy = event_rule("buy", "purchase", 30);
+    buy.decay = Some(pb::Decay {
+        kind: Some(pb::decay::Kind::LinearOver(dur(Duration::days(30)))),
+    });
+    let mut visit = event_rule("visit", "product_access", 2);
+    visit.cap = Some(pb::Cap {
+        points: 4,
+        period: pb::CapPeriod::Day as i32,
+        rolling_window: None,
+    });
+    let mut demo = event_rule("demo", r#"feature_use where feature = "demo""#, 9);
+    demo.once_per_customer = true;
+    create(
+        &mut s,
+        "mixed",
+        model(vec![use_rule, buy, visit, demo], vec![]),
+    )
+    .await;
+    let a = env.new_customer("sa@example.com").await;
+    let b = env.new_customer("sb@example.com").await;
+    let record = |customer: &str,
+                  event: String,
+                  kind: cpb::TouchpointType,
+                  feature: &str,
+                  at: DateTime<Utc>| {
+        let mut c = env.customers();
+        let customer = customer.to_owned();
+        let feature = feature.to_owned();
+        async move {
+            c.record_touchpoints(cpb::RecordTouchpointsRequest {
+                touchpoints: vec![cpb::Touchpoint {
+                    customer,
+                    event_id: event,
+                    r#type: kind as i32,
+                    feature,
+                    product: "app".into(),
+                    revenue: (kind == cpb::TouchpointType::Purchase).then(|| {
+                        clm_proto::common::Money {
+                            currency_code: "EUR".into(),
+                            amount_minor: 500,
+                        }
+                    }),
+                    occurred_time: Some(clm_platform::convert::timestamp(at)),
+                    ..Default::default()
+                }],
+            })
+            .await
+            .unwrap();
+        }
+    };
+    let db = sea_orm::Database::connect(&env.scoring_backend.database_url)
+        .await
+        .unwrap();
+    let seen = || {
+        let db = db.clone();
+        async move {
+            use sea_orm::ConnectionTrait;
+            db.query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "SELECT COUNT(*) FROM score_touchpoints".to_owned(),
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get_by_index::<i64>(0)
+            .unwrap()
+        }
+    };
+    let scores_at = |customer: String, at: DateTime<Utc>| {
+        let mut s = env.scoring();
+        async move {
+            let got = s
+                .get_score(pb::GetScoreRequest {
+                    customer,
+                    scoring_model: "scoringModels/mixed".into(),
+                    read_time: Some(clm_platform::convert::timestamp(at)),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (
+                got.scores
+                    .into_iter()
+                    .map(|v| (v.score, v.value))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+                got.grade,
+            )
+        }
+    };
+    let mut changes =
+        clm_proto::common::change_stream_service_client::ChangeStreamServiceClient::new(
+            env.scoring.as_ref().unwrap().channel(),
+        );
+    let mut stream = changes
+        .watch_changes(clm_proto::common::WatchChangesRequest {
+            after_sequence: 0,
+            event_types: vec!["clm.scoring.v1.ScoreChanged".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sent = 0;
+    let mut checked = 0;
+    for day in 0..6i64 {
+        let now = t0() + Duration::days(day) + Duration::hours(day * 3);
+        env.clock.set(now);
+        let before_a = scores_at(a.name.clone(), now).await;
+        let before_b = scores_at(b.name.clone(), now).await;
+        for (who, c) in [("a", &a), ("b", &b)] {
+            record(
+                &c.name,
+                format!("{who}u{day}"),
+                cpb::TouchpointType::FeatureUse,
+                "demo",
+                now,
+            )
+            .await;
+            for v in 0..3 {
+                record(
+                    &c.name,
+                    format!("{who}v{day}-{v}"),
+                    cpb::TouchpointType::ProductAccess,
+                    "",
+                    now,
+                )
+                .await;
+            }
+            sent += 4;
+        }
+        if day % 2 == 0 {
+            record(
+                &a.name,
+                format!("p{day}"),
+                cpb::TouchpointType::Purchase,
+                "",
+                now,
+            )
+            .await;
+            sent += 1;
+        }
+        // Out of order: an event that happened three days ago arrives now.
+        record(
+            &a.name,
+            format!("late{day}"),
+            cpb::TouchpointType::FeatureUse,
+            "x",
+            now - Duration::days(3),
+        )
+        .await;
+        sent += 1;
+        // A replay of an event already recorded changes nothing.
+        record(
+            &a.name,
+            format!("au{day}"),
+            cpb::TouchpointType::FeatureUse,
+            "demo",
+            now,
+        )
+        .await;
+        eventually(std::time::Duration::from_secs(30), || async {
+            (seen().await == sent).then_some(())
+        })
+        .await;
+        // The day's changes per (customer, score): the first one's old value
+        // is the score before the day's events, the last one's new value
+        // (and grade) what GetScore says now.
+        let mut day_changes: std::collections::BTreeMap<(String, String), Vec<pb::ScoreChanged>> =
+            Default::default();
+        while let Ok(Ok(Some(m))) =
+            tokio::time::timeout(std::time::Duration::from_millis(500), stream.message()).await
+        {
+            let e = m.event.unwrap();
+            let c =
+                <pb::ScoreChanged as prost::Message>::decode(e.payload.unwrap().value.as_slice())
+                    .unwrap();
+            assert_eq!(c.change_time, Some(clm_platform::convert::timestamp(now)));
+            day_changes
+                .entry((c.customer.clone(), c.score.clone()))
+                .or_default()
+                .push(c);
+        }
+        assert!(!day_changes.is_empty(), "day {day}: no score changes");
+        for ((customer, score), list) in day_changes {
+            let before = if customer == a.name {
+                &before_a
+            } else {
+                &before_b
+            };
+            let (after, grade) = scores_at(customer.clone(), now).await;
+            let (first, last) = (&list[0], &list[list.len() - 1]);
+            assert_eq!(first.old_value, before.0[&score], "day {day} {first:?}");
+            assert_eq!(last.new_value, after[&score], "day {day} {last:?}");
+            assert_eq!(last.grade, grade, "day {day} {last:?}");
+            checked += list.len();
+        }
+    }
+    assert!(checked >= 12, "only {checked} score changes");
+    // Dated minutes ahead of the clock (the most the customer service
+    // takes): it counts from then on, not now, so nothing changes now.
+    record(
+        &a.name,
+        "ahead".into(),
+        cpb::TouchpointType::FeatureUse,
+        "x",
+        env.clock_now() + Duration::minutes(4),
+    )
+    .await;
+    sent += 1;
+    eventually(std::time::Duration::from_secs(30), || async {
+        (seen().await == sent).then_some(())
+    })
+    .await;
+    let custs = vec![a.name.clone(), b.name.clone()];
+    assert_sums_match_ledger(&db, &custs).await;
+    // A merge rebuilds the survivor's sums and drops the duplicate's.
+    env.customers()
+        .merge_customers(cpb::MergeCustomersRequest {
+            survivor: a.name.clone(),
+            duplicates: vec![b.name.clone()],
+            policy: Default::default(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    eventually(std::time::Duration::from_secs(20), || async {
+        (env.score(&b.name, "scoringModels/mixed", "engagement")
+            .await
+            == 0.0)
+            .then_some(())
+    })
+    .await;
+    assert_sums_match_ledger(&db, &custs).await;
+    let after: Vec<String> = clm_scoring::store::sums::load(&db, "mixed", &custs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.customer)
+        .collect();
+    assert!(after.iter().all(|c| *c == a.name), "{after:?}");
+}

@@ -14,6 +14,8 @@
 //!   that would pass the cap is cut to what is left, a zero award is not made.
 //! * once-per-customer rules score only the first matching event.
 //! * [`Bands`]: grade = fit letter A–D × engagement digit 1–4.
+//! * [`Sum`]: a running sum per (score, decay) that gives a score's value
+//!   now without its entries ([`score_from_sums`]); what stream batches use.
 //! * [`next_crossing`]: the exact microsecond at which decay alone moves a
 //!   score across a threshold (what a timer queue stores).
 //!
@@ -24,6 +26,7 @@
 mod decay;
 mod model;
 mod score;
+mod sum;
 #[cfg(test)]
 mod tests;
 
@@ -33,3 +36,4 @@ pub use model::{
     RuleHistory, ScoreSpec, Threshold, ThresholdKind,
 };
 pub use score::{DECIMALS, Entry, next_crossing, round, score_at};
+pub use sum::{REBASE_HALF_LIVES, Sum, score_from_sums};

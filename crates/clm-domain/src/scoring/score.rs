@@ -41,7 +41,18 @@ pub fn score_at(
     last_activity_us: Option<i64>,
     t_us: i64,
 ) -> f64 {
-    let mut sum: f64 = entries.iter().map(|e| e.value_at(t_us)).sum();
+    let sum: f64 = entries.iter().map(|e| e.value_at(t_us)).sum();
+    finish(spec, sum, last_activity_us, t_us)
+}
+
+/// The rest of [`score_at`] once the entries' values are summed: adds the
+/// inactivity penalty, clamps to floor and ceiling, rounds.
+pub(crate) fn finish(
+    spec: &ScoreSpec,
+    mut sum: f64,
+    last_activity_us: Option<i64>,
+    t_us: i64,
+) -> f64 {
     if let (Some(i), Some(last)) = (spec.inactivity, last_activity_us) {
         sum += i.penalty(last, t_us);
     }

@@ -244,3 +244,61 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Running sums, built in any order of the entries (out-of-order
+    /// awards, anchors moved forward), give the score the entries give at
+    /// every instant at or after the newest award; before it they say so.
+    #[test]
+    fn sums_give_the_ledger_score(
+        entries in prop::collection::vec((-50i64..100, 0i64..5_000 * DAY, decay_strategy()), 0..60),
+        shuffle in any::<u64>(),
+        later in 0i64..400 * DAY,
+        floor in prop::option::of(-50i64..0),
+    ) {
+        let entries: Vec<Entry> = entries.into_iter().map(|(points, award_us, decay)| Entry { points, award_us, decay }).collect();
+        let mut s = spec(ENGAGEMENT);
+        s.floor = floor;
+        let mut order: Vec<&Entry> = entries.iter().collect();
+        let n = order.len();
+        if n > 1 {
+            for i in 0..n {
+                order.swap(i, (shuffle.wrapping_mul(i as u64 + 7) % n as u64) as usize);
+            }
+        }
+        let mut sums: Vec<Sum> = Vec::new();
+        for e in order {
+            match sums.iter_mut().find(|x| x.decay == e.decay) {
+                Some(x) => x.add(e.points, e.award_us),
+                None => sums.push(Sum::of(e.decay, [(e.points, e.award_us)])),
+            }
+        }
+        let newest = entries.iter().map(|e| e.award_us).max().unwrap_or(0);
+        let t = newest + later;
+        let linear: Vec<Entry> = entries.iter().filter(|e| matches!(e.decay, Decay::Linear { .. })).copied().collect();
+        let from_sums = score_from_sums(&s, &sums, &linear, None, t);
+        let exact = score_at(&s, &entries, None, t);
+        prop_assert!(from_sums.is_some_and(|v| (v - exact).abs() <= 1e-4 + 1e-12 * exact.abs()), "sums {from_sums:?} vs entries {exact}");
+        if n > 0 && newest > 0 {
+            let nonlinear: Vec<Sum> = sums.iter().filter(|x| !matches!(x.decay, Decay::Linear { .. })).copied().collect();
+            if !nonlinear.is_empty() && nonlinear.iter().any(|x| x.newest_us == newest) {
+                prop_assert_eq!(score_from_sums(&s, &nonlinear, &[], None, newest - 1), None);
+            }
+        }
+    }
+}
+
+#[test]
+fn an_exponential_sum_is_exact_at_whole_half_lives() {
+    // 8 points now, 8 one half-life later: at two half-lives 2 + 4 = 6.
+    let d = Decay::Exponential {
+        half_life: TimeDelta::days(10),
+    };
+    let s = Sum::of(d, [(8, 0), (8, 10 * DAY)]);
+    assert_eq!(s.value_at(20 * DAY), Some(6.0));
+    // An award 100 half-lives after the anchor moves the anchor.
+    let mut far = s;
+    far.add(1, 1_000 * DAY);
+    assert_eq!(far.anchor_us, 1_000 * DAY);
+    assert_eq!(far.value_at(1_010 * DAY), Some(0.5));
+}

@@ -120,6 +120,170 @@ pub async fn insert(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<u64> {
     Ok(inserted)
 }
 
+/// Inserts `rows` like [`insert`] and returns the ones that were new (a
+/// replayed award is left out): what the running sums may count.
+pub async fn insert_new(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<Vec<NewRow>> {
+    let mut fresh = std::collections::HashSet::new();
+    for part in rows.chunks(chunk(COLUMNS.len())) {
+        let mut q = Query::insert();
+        q.into_table(n(TABLE)).columns(COLUMNS.map(n));
+        for r in part {
+            let (kind, param) = r.award.decay.code();
+            q.values_panic([
+                r.customer.clone().into(),
+                r.model.clone().into(),
+                r.model_version.into(),
+                r.award.score.clone().into(),
+                r.award.rule.clone().into(),
+                r.award.points.into(),
+                r.award.source_event.clone().into(),
+                r.award.award_us.into(),
+                kind.into(),
+                param.into(),
+                r.reason.clone().into(),
+                r.actor.clone().into(),
+            ]);
+        }
+        q.on_conflict(
+            OnConflict::columns(["source_event", "rule", "model", "model_version"].map(n))
+                .do_nothing()
+                .to_owned(),
+        );
+        q.returning(Query::returning().columns(["source_event", "rule", "model_version"].map(n)));
+        for r in db.query_all(&q).await? {
+            fresh.insert((
+                r.try_get::<String>("", "source_event")?,
+                r.try_get::<String>("", "rule")?,
+                r.try_get::<i64>("", "model_version")?,
+            ));
+        }
+    }
+    Ok(rows
+        .iter()
+        .filter(|r| {
+            fresh.contains(&(
+                r.award.source_event.clone(),
+                r.award.rule.clone(),
+                r.model_version,
+            ))
+        })
+        .cloned()
+        .collect())
+}
+
+/// The score columns of a ledger select (what scores are computed from);
+/// `source_event`, `reason` and `actor` come back empty.
+fn score_select() -> sea_orm::sea_query::SelectStatement {
+    Query::select()
+        .columns(
+            [
+                "id",
+                "customer",
+                "model",
+                "model_version",
+                "score",
+                "rule",
+                "points",
+                "award_us",
+                "decay_kind",
+                "decay_us",
+            ]
+            .map(n),
+        )
+        .expr_as(Expr::val(""), n("source_event"))
+        .expr_as(Expr::val(""), n("reason"))
+        .expr_as(Expr::val(""), n("actor"))
+        .from(n(TABLE))
+        .to_owned()
+}
+
+/// Every entry of `customers` under every model (score columns only), in
+/// ledger order per customer and model: one statement.
+pub async fn of_customers_all_models(
+    db: &impl ConnectionTrait,
+    customers: &[String],
+) -> Result<Vec<Row>> {
+    if customers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = score_select()
+        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .order_by(n("customer"), Order::Asc)
+        .order_by(n("model"), Order::Asc)
+        .order_by(n("award_us"), Order::Asc)
+        .order_by(n("id"), Order::Asc)
+        .to_owned();
+    Ok(Row::find_by_statement(db.get_database_backend().build(&q))
+        .all(db)
+        .await?)
+}
+
+/// The linear-decay entries of `customers` under `model` awarded after
+/// `since_us` (older ones count 0 by then): one statement.
+pub async fn linear_since(
+    db: &impl ConnectionTrait,
+    model: &str,
+    customers: &[String],
+    since_us: i64,
+) -> Result<Vec<Row>> {
+    if customers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (linear, _) = Decay::Linear {
+        over: chrono::TimeDelta::microseconds(1),
+    }
+    .code();
+    let q = score_select()
+        .and_where(Expr::col(n("model")).eq(model))
+        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .and_where(Expr::col(n("award_us")).gt(since_us))
+        .and_where(Expr::col(n("decay_kind")).eq(linear))
+        .order_by(n("customer"), Order::Asc)
+        .order_by(n("award_us"), Order::Asc)
+        .order_by(n("id"), Order::Asc)
+        .to_owned();
+    Ok(Row::find_by_statement(db.get_database_backend().build(&q))
+        .all(db)
+        .await?)
+}
+
+/// What caps and once-per-customer rules of `model` version `version` need
+/// to know of `customers`' earlier awards: every award of the `once` rules,
+/// and the awards of the `capped` rules in `[lo, hi)`. One statement.
+#[allow(clippy::too_many_arguments)]
+pub async fn rule_history(
+    db: &impl ConnectionTrait,
+    model: &str,
+    version: i64,
+    customers: &[String],
+    once: &[String],
+    capped: &[String],
+    (lo, hi): (i64, i64),
+) -> Result<Vec<Row>> {
+    if customers.is_empty() || (once.is_empty() && capped.is_empty()) {
+        return Ok(Vec::new());
+    }
+    let mut which = Expr::col(n("rule")).is_in(once.iter().cloned());
+    if !capped.is_empty() {
+        which = which.or(Expr::col(n("rule"))
+            .is_in(capped.iter().cloned())
+            .and(Expr::col(n("award_us")).gte(lo))
+            .and(Expr::col(n("award_us")).lt(hi)));
+    }
+    let q = score_select()
+        .and_where(Expr::col(n("model")).eq(model))
+        .and_where(Expr::col(n("model_version")).eq(version))
+        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .and_where(which)
+        .order_by(n("customer"), Order::Asc)
+        .order_by(n("award_us"), Order::Asc)
+        .order_by(n("id"), Order::Asc)
+        .to_owned();
+    Ok(Row::find_by_statement(db.get_database_backend().build(&q))
+        .all(db)
+        .await?)
+}
+
 fn select() -> sea_orm::sea_query::SelectStatement {
     let mut cols = vec![n("id")];
     cols.extend(COLUMNS.map(n));

@@ -10,6 +10,7 @@ impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         let mut m = clm_platform::migration::platform_migrations();
         m.push(Box::new(ScoringTables));
+        m.push(Box::new(ScoreSums));
         m
     }
 }
@@ -166,5 +167,79 @@ impl MigrationTrait for ScoringTables {
             false,
         ))
         .await
+    }
+}
+
+/// Running sums of the ledger per (customer, model, score, decay), filled
+/// from the ledger already written (see `store::sums`).
+struct ScoreSums;
+
+impl MigrationName for ScoreSums {
+    fn name(&self) -> &str {
+        "m0003_score_sums"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ScoreSums {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(a("score_sums"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("customer")).string().not_null())
+                .col(ColumnDef::new(a("model")).string().not_null())
+                .col(ColumnDef::new(a("score")).string().not_null())
+                .col(ColumnDef::new(a("decay_kind")).small_integer().not_null())
+                .col(ColumnDef::new(a("decay_us")).big_integer().not_null())
+                .col(ColumnDef::new(a("anchor_us")).big_integer().not_null())
+                .col(ColumnDef::new(a("total")).double().not_null())
+                .col(ColumnDef::new(a("entries")).big_integer().not_null())
+                .col(ColumnDef::new(a("newest_us")).big_integer().not_null())
+                .primary_key(
+                    Index::create()
+                        .col(a("customer"))
+                        .col(a("model"))
+                        .col(a("score"))
+                        .col(a("decay_kind"))
+                        .col(a("decay_us")),
+                )
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "score_sums_model",
+            "score_sums",
+            &["model", "score"],
+            false,
+        ))
+        .await?;
+        // Fill from the existing ledger, a chunk of customers at a time.
+        let db = m.get_connection();
+        let mut after = String::new();
+        loop {
+            let q = Query::select()
+                .distinct()
+                .column(a("customer"))
+                .from(a("score_ledger"))
+                .and_where(Expr::col(a("customer")).gt(after.clone()))
+                .order_by(a("customer"), Order::Asc)
+                .limit(1_000)
+                .to_owned();
+            let ids: Vec<String> = db
+                .query_all(&q)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String>("", "customer"))
+                .collect::<Result<_, _>>()?;
+            let Some(last) = ids.last().cloned() else {
+                break;
+            };
+            super::sums::rebuild(db, &ids)
+                .await
+                .map_err(|e| DbErr::Migration(format!("filling score_sums: {e}")))?;
+            after = last;
+        }
+        Ok(())
     }
 }

@@ -6,12 +6,15 @@
 //!   rule, model, model version) with `INSERT .. ON CONFLICT DO NOTHING`.
 //! * [`customers`]: what scoring keeps of each customer (profile, stage)
 //!   and of its touchpoints (for inactivity and re-scoring).
+//! * [`sums`]: running sums of the ledger per (customer, model, score,
+//!   decay), so a stream batch reads a few rows per customer, not the ledger.
 //! * [`timers`]: the threshold timer queue.
 
 pub mod customers;
 pub mod ledger;
 pub mod migration;
 pub mod scoring_models;
+pub mod sums;
 pub mod timers;
 
 pub use migration::Migrator;

@@ -1,0 +1,188 @@
+//! `score_sums`: a running sum per (customer, model, score, decay) of the
+//! ledger (see [`clm_domain::scoring::Sum`]), kept in the transaction that
+//! writes the ledger, so a stream batch learns each touched customer's
+//! scores from a few rows instead of every entry they ever earned.
+//!
+//! Writers: [`crate::scorer::apply`] adds the awards it inserted;
+//! re-scoring and merges [`rebuild`] the sums of the customers whose
+//! ledger they rewrote; erasure deletes them. Readers fall back to the
+//! entries wherever a sum cannot tell (linear decay, a future-dated award).
+
+use super::ledger::{self, Row};
+use super::{chunk, n};
+use clm_domain::scoring::{Decay, Sum};
+use clm_platform::Result;
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Order, Query};
+use sea_orm::{ConnectionTrait, FromQueryResult};
+use std::collections::BTreeMap;
+
+const TABLE: &str = "score_sums";
+const COLUMNS: [&str; 9] = [
+    "customer",
+    "model",
+    "score",
+    "decay_kind",
+    "decay_us",
+    "anchor_us",
+    "total",
+    "entries",
+    "newest_us",
+];
+
+/// One stored sum.
+#[derive(Debug, Clone, PartialEq, FromQueryResult)]
+pub struct SumRow {
+    /// `customers/{id}`.
+    pub customer: String,
+    /// Model id.
+    pub model: String,
+    /// Score name.
+    pub score: String,
+    /// `Decay::code` kind.
+    pub decay_kind: i16,
+    /// `Decay::code` parameter.
+    pub decay_us: i64,
+    /// See [`Sum::anchor_us`].
+    pub anchor_us: i64,
+    /// See [`Sum::total`].
+    pub total: f64,
+    /// See [`Sum::entries`].
+    pub entries: i64,
+    /// See [`Sum::newest_us`].
+    pub newest_us: i64,
+}
+
+impl SumRow {
+    /// As the maths needs it.
+    pub fn sum(&self) -> Sum {
+        Sum {
+            decay: Decay::from_code(self.decay_kind, self.decay_us),
+            anchor_us: self.anchor_us,
+            total: self.total,
+            entries: self.entries,
+            newest_us: self.newest_us,
+        }
+    }
+
+    /// A row for `sum` of (customer, model, score).
+    pub fn new(customer: &str, model: &str, score: &str, sum: &Sum) -> Self {
+        let (kind, param) = sum.decay.code();
+        SumRow {
+            customer: customer.to_owned(),
+            model: model.to_owned(),
+            score: score.to_owned(),
+            decay_kind: kind,
+            decay_us: param,
+            anchor_us: sum.anchor_us,
+            total: sum.total,
+            entries: sum.entries,
+            newest_us: sum.newest_us,
+        }
+    }
+}
+
+/// The sums of `customers` under `model`, by customer: one statement.
+pub async fn load(
+    db: &impl ConnectionTrait,
+    model: &str,
+    customers: &[String],
+) -> Result<Vec<SumRow>> {
+    if customers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = Query::select()
+        .columns(COLUMNS.map(n))
+        .from(n(TABLE))
+        .and_where(Expr::col(n("model")).eq(model))
+        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .order_by(n("customer"), Order::Asc)
+        .to_owned();
+    Ok(
+        SumRow::find_by_statement(db.get_database_backend().build(&q))
+            .all(db)
+            .await?,
+    )
+}
+
+/// Every sum of `model` for `scores` (ListTopCustomers): one statement.
+pub async fn of_model(
+    db: &impl ConnectionTrait,
+    model: &str,
+    scores: &[&str],
+) -> Result<Vec<SumRow>> {
+    let q = Query::select()
+        .columns(COLUMNS.map(n))
+        .from(n(TABLE))
+        .and_where(Expr::col(n("model")).eq(model))
+        .and_where(Expr::col(n("score")).is_in(scores.iter().map(|s| s.to_string())))
+        .order_by(n("customer"), Order::Asc)
+        .to_owned();
+    Ok(
+        SumRow::find_by_statement(db.get_database_backend().build(&q))
+            .all(db)
+            .await?,
+    )
+}
+
+/// Writes `rows` (insert or replace): one statement per chunk.
+pub async fn save(db: &impl ConnectionTrait, rows: &[SumRow]) -> Result<()> {
+    for part in rows.chunks(chunk(COLUMNS.len())) {
+        let mut q = Query::insert();
+        q.into_table(n(TABLE)).columns(COLUMNS.map(n));
+        for r in part {
+            q.values_panic([
+                r.customer.clone().into(),
+                r.model.clone().into(),
+                r.score.clone().into(),
+                r.decay_kind.into(),
+                r.decay_us.into(),
+                r.anchor_us.into(),
+                r.total.into(),
+                r.entries.into(),
+                r.newest_us.into(),
+            ]);
+        }
+        q.on_conflict(
+            OnConflict::columns(["customer", "model", "score", "decay_kind", "decay_us"].map(n))
+                .update_columns(["anchor_us", "total", "entries", "newest_us"].map(n))
+                .to_owned(),
+        );
+        db.execute(&q).await?;
+    }
+    Ok(())
+}
+
+/// Deletes every sum of `customers`.
+pub async fn delete_customers(db: &impl ConnectionTrait, customers: &[String]) -> Result<()> {
+    if customers.is_empty() {
+        return Ok(());
+    }
+    let q = Query::delete()
+        .from_table(n(TABLE))
+        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .to_owned();
+    db.execute(&q).await?;
+    Ok(())
+}
+
+/// The sums of `rows` (any customers, models and order).
+pub fn of_rows<'a>(rows: impl IntoIterator<Item = &'a Row>) -> Vec<SumRow> {
+    let mut sums: BTreeMap<(&str, &str, &str, i16, i64), Sum> = BTreeMap::new();
+    for r in rows {
+        sums.entry((&r.customer, &r.model, &r.score, r.decay_kind, r.decay_us))
+            .or_insert_with(|| Sum::new(r.decay()))
+            .add(r.points, r.award_us);
+    }
+    sums.iter()
+        .map(|((c, m, s, _, _), sum)| SumRow::new(c, m, s, sum))
+        .collect()
+}
+
+/// Recomputes the sums of `customers` (every model) from their ledger
+/// entries: after a re-scoring or a merge rewrote them, and to fill the
+/// table the first time. Three statements per chunk of customers.
+pub async fn rebuild(db: &impl ConnectionTrait, customers: &[String]) -> Result<()> {
+    delete_customers(db, customers).await?;
+    let rows = ledger::of_customers_all_models(db, customers).await?;
+    save(db, &of_rows(&rows)).await
+}
