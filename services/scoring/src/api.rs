@@ -6,7 +6,7 @@ use crate::convert;
 use crate::rescore;
 use crate::scorer::{self, Models};
 use crate::store::{customers, ledger, scoring_models, timers};
-use clm_domain::scoring::{Award, Decay, ENGAGEMENT, FIT};
+use clm_domain::scoring::{Award, Decay};
 use clm_domain::validation::{page_size, request_id, required_text};
 use clm_domain::{Violation, Violations};
 use clm_platform::auth::{Policy, Role};
@@ -583,43 +583,41 @@ impl ScoringService for ScoringApi {
             let now = to_micros(self.now());
             let pager = Pager::new(&[&m, &req.score, &req.grade]);
             let after: Option<(f64, String)> = pager.after(&req.page_token)?;
-            // Every customer's score now, from one read of the model's ledger.
-            let rows = ledger::of_model(&self.rt.read, &m, &[&req.score, FIT, ENGAGEMENT]).await?;
-            let ledgers = scorer::by_customer(rows);
-            let custs: Vec<String> = ledgers.keys().cloned().collect();
+            // Every customer's scores now, from the model's running sums.
             let last = if scorer::uses_inactivity(&v.model) {
-                customers::last_activity(&self.rt.read, &custs, now).await?
+                customers::last_activity_all(&self.rt.read, now).await?
             } else {
                 Default::default()
             };
-            let mut ranked: Vec<(f64, pb::CustomerScores)> = ledgers
-                .iter()
-                .map(|(c, rows)| {
-                    let (values, grade) = scorer::scores(&v.model, rows, last.get(c).copied(), now);
-                    let value = values
-                        .iter()
-                        .find(|(k, _)| *k == req.score)
-                        .map_or(0.0, |(_, x)| *x);
-                    (
-                        value,
-                        pb::CustomerScores {
-                            customer: c.clone(),
-                            scoring_model: format!("{MODEL_PREFIX}{m}"),
-                            scores: values
-                                .into_iter()
-                                .map(|(score, value)| pb::ScoreValue { score, value })
-                                .collect(),
-                            grade,
-                            read_time: Some(timestamp(from_micros(now))),
-                        },
-                    )
-                })
-                .filter(|(_, s)| req.grade.is_empty() || s.grade == req.grade)
-                .filter(|(value, s)| match &after {
-                    None => true,
-                    Some((av, ac)) => *value < *av || (*value == *av && s.customer > *ac),
-                })
-                .collect();
+            let mut ranked: Vec<(f64, pb::CustomerScores)> =
+                scorer::all_scores(&self.rt.read, &v, &last, now)
+                    .await?
+                    .into_iter()
+                    .map(|(c, values, grade)| {
+                        let value = values
+                            .iter()
+                            .find(|(k, _)| *k == req.score)
+                            .map_or(0.0, |(_, x)| *x);
+                        (
+                            value,
+                            pb::CustomerScores {
+                                customer: c,
+                                scoring_model: format!("{MODEL_PREFIX}{m}"),
+                                scores: values
+                                    .into_iter()
+                                    .map(|(score, value)| pb::ScoreValue { score, value })
+                                    .collect(),
+                                grade,
+                                read_time: Some(timestamp(from_micros(now))),
+                            },
+                        )
+                    })
+                    .filter(|(_, s)| req.grade.is_empty() || s.grade == req.grade)
+                    .filter(|(value, s)| match &after {
+                        None => true,
+                        Some((av, ac)) => *value < *av || (*value == *av && s.customer > *ac),
+                    })
+                    .collect();
             ranked.sort_by(|a, b| {
                 b.0.total_cmp(&a.0)
                     .then_with(|| a.1.customer.cmp(&b.1.customer))

@@ -286,12 +286,25 @@ async fn known(
     new: &[NewRow],
     now_us: i64,
 ) -> Result<BTreeMap<String, Known>> {
+    let rows = sums::load(db, &v.id, customers).await?;
+    known_from(db, v, customers, rows, new, now_us).await
+}
+
+/// [`known`] from sum rows already read.
+async fn known_from(
+    db: &impl ConnectionTrait,
+    v: &Version,
+    customers: &[String],
+    rows: Vec<SumRow>,
+    new: &[NewRow],
+    now_us: i64,
+) -> Result<BTreeMap<String, Known>> {
     let mut out: BTreeMap<String, Known> = customers
         .iter()
         .map(|c| (c.clone(), Known::default()))
         .collect();
     let mut linear_over = 0i64;
-    for r in sums::load(db, &v.id, customers).await? {
+    for r in rows {
         let sum = r.sum();
         let Some(k) = out.get_mut(&r.customer) else {
             continue;
@@ -332,6 +345,29 @@ async fn known(
         }
     }
     Ok(out)
+}
+
+/// Every scored customer's scores under `v` at `now_us` and grade, from
+/// the running sums (ListTopCustomers): one read of the model's sums, plus
+/// the linear entries that still count and the entries of customers with
+/// an award after `now_us`.
+pub async fn all_scores(
+    db: &impl ConnectionTrait,
+    v: &Version,
+    last_activity: &HashMap<String, i64>,
+    now_us: i64,
+) -> Result<Vec<(String, Vec<(String, f64)>, String)>> {
+    let rows = sums::of_model(db, &v.id).await?;
+    let mut custs: Vec<String> = rows.iter().map(|r| r.customer.clone()).collect();
+    custs.dedup();
+    let known = known_from(db, v, &custs, rows, &[], now_us).await?;
+    known
+        .into_iter()
+        .map(|(c, k)| {
+            let (values, grade) = k.scores(&v.model, last_activity.get(&c).copied(), now_us)?;
+            Ok((c, values, grade))
+        })
+        .collect()
 }
 
 /// Writes `new` awards of `v` (those already in the ledger are skipped),

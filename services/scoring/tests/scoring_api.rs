@@ -1217,6 +1217,49 @@ async fn score_changes_agree_with_get_score_and_running_sums_with_the_ledger() {
     .await;
     let custs = vec![a.name.clone(), b.name.clone()];
     assert_sums_match_ledger(&db, &custs).await;
+    // The ranking (from the sums) says what GetScore says, highest first.
+    let top = s
+        .list_top_customers(pb::ListTopCustomersRequest {
+            scoring_model: "scoringModels/mixed".into(),
+            score: "engagement".into(),
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let next = s
+        .list_top_customers(pb::ListTopCustomersRequest {
+            scoring_model: "scoringModels/mixed".into(),
+            score: "engagement".into(),
+            page_size: 1,
+            page_token: top.next_page_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ranked: Vec<&pb::CustomerScores> = top.customers.iter().chain(&next.customers).collect();
+    assert_eq!(ranked.len(), 2);
+    let now = env.clock_now();
+    for r in &ranked {
+        let (want, grade) = scores_at(r.customer.clone(), now).await;
+        let got: std::collections::BTreeMap<String, f64> = r
+            .scores
+            .iter()
+            .map(|v| (v.score.clone(), v.value))
+            .collect();
+        assert_eq!(got, want, "{r:?}");
+        assert_eq!(r.grade, grade);
+    }
+    let value = |r: &pb::CustomerScores| {
+        r.scores
+            .iter()
+            .find(|v| v.score == "engagement")
+            .unwrap()
+            .value
+    };
+    assert!(value(ranked[0]) >= value(ranked[1]));
     // A merge rebuilds the survivor's sums and drops the duplicate's.
     env.customers()
         .merge_customers(cpb::MergeCustomersRequest {

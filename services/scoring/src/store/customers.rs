@@ -221,6 +221,26 @@ pub async fn last_activity(
         .collect()
 }
 
+/// Every customer's newest touchpoint at or before `at_us` (ListTopCustomers
+/// with inactivity decay): one grouped statement.
+pub async fn last_activity_all(
+    db: &impl ConnectionTrait,
+    at_us: i64,
+) -> Result<std::collections::HashMap<String, i64>> {
+    let q = Query::select()
+        .column(n("customer"))
+        .expr_as(Func::max(Expr::col(n("occurred_us"))), n("last"))
+        .from(n("score_touchpoints"))
+        .and_where(Expr::col(n("occurred_us")).lte(at_us))
+        .group_by_col(n("customer"))
+        .to_owned();
+    db.query_all(&q)
+        .await?
+        .into_iter()
+        .map(|r| Ok((r.try_get("", "customer")?, r.try_get("", "last")?)))
+        .collect()
+}
+
 /// Moves touchpoints of `from` to `to` and drops the `from` rows (a merge).
 pub async fn merge(db: &impl ConnectionTrait, from: &[String], to: &str) -> Result<()> {
     ensure_and_lock(db, &[to.to_owned()]).await?;

@@ -346,20 +346,6 @@ pub async fn of_customer_scores(
         .await?)
 }
 
-/// Every entry of `model` for `score` (and the grade scores), in ledger order.
-pub async fn of_model(db: &impl ConnectionTrait, model: &str, scores: &[&str]) -> Result<Vec<Row>> {
-    let q = select()
-        .and_where(Expr::col(n("model")).eq(model))
-        .and_where(Expr::col(n("score")).is_in(scores.iter().map(|s| s.to_string())))
-        .order_by(n("customer"), Order::Asc)
-        .order_by(n("award_us"), Order::Asc)
-        .order_by(n("id"), Order::Asc)
-        .to_owned();
-    Ok(Row::find_by_statement(db.get_database_backend().build(&q))
-        .all(db)
-        .await?)
-}
-
 /// One page of a customer's entries after row `after`, oldest award first.
 pub async fn page(
     db: &impl ConnectionTrait,

@@ -210,7 +210,7 @@ impl MigrationTrait for ScoreSums {
         m.create_index(index(
             "score_sums_model",
             "score_sums",
-            &["model", "score"],
+            &["model", "customer"],
             false,
         ))
         .await?;

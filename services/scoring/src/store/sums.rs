@@ -104,17 +104,12 @@ pub async fn load(
     )
 }
 
-/// Every sum of `model` for `scores` (ListTopCustomers): one statement.
-pub async fn of_model(
-    db: &impl ConnectionTrait,
-    model: &str,
-    scores: &[&str],
-) -> Result<Vec<SumRow>> {
+/// Every sum of `model`, by customer (ListTopCustomers): one statement.
+pub async fn of_model(db: &impl ConnectionTrait, model: &str) -> Result<Vec<SumRow>> {
     let q = Query::select()
         .columns(COLUMNS.map(n))
         .from(n(TABLE))
         .and_where(Expr::col(n("model")).eq(model))
-        .and_where(Expr::col(n("score")).is_in(scores.iter().map(|s| s.to_string())))
         .order_by(n("customer"), Order::Asc)
         .to_owned();
     Ok(
