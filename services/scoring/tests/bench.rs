@@ -7,7 +7,8 @@
 //!   cargo test --release -p clm-scoring --test bench -- --ignored --nocapture --test-threads 1
 //! ```
 //!
-//! `BENCH_EVENTS` sets the size (default 200,000).
+//! `BENCH_EVENTS` sets the size (default 200,000); `BENCH_PER_CUSTOMER` the
+//! touchpoints per customer when following the stream (default 100).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use chrono::{DateTime, Duration, Utc};
@@ -29,6 +30,15 @@ fn t0() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
         .unwrap()
         .with_timezone(&Utc)
+}
+
+/// Touchpoints per customer in the follow benchmark (`BENCH_PER_CUSTOMER`,
+/// default 100): the ledger each customer ends with grows with it.
+fn per_customer() -> usize {
+    std::env::var("BENCH_PER_CUSTOMER")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100)
 }
 
 fn events() -> usize {
@@ -373,7 +383,7 @@ async fn bench_follow_the_customer_stream() {
         .unwrap();
     let mut c = CustomerServiceClient::new(customer.channel());
     let mut names = Vec::new();
-    for i in 0..(n / 100).max(1) {
+    for i in 0..(n / per_customer()).max(1) {
         names.push(
             c.create_customer(cpb::CreateCustomerRequest {
                 customer: Some(cpb::Customer {
@@ -440,8 +450,9 @@ async fn bench_follow_the_customer_stream() {
     let scored = started.elapsed();
     let ledger = count("SELECT COUNT(*) FROM score_ledger").await;
     println!(
-        "follow: {n} touchpoints scored ({ledger} ledger entries) {:.0}/s end to end ({:.2} s); \
+        "follow: {n} touchpoints of {} customers scored ({ledger} ledger entries) {:.0}/s end to end ({:.2} s); \
          reference customer ingest alone {:.0}/s ({:.2} s); ratio {:.2}; lag when ingest ended {} events",
+        names.len(),
         n as f64 / scored.as_secs_f64(),
         scored.as_secs_f64(),
         n as f64 / ingest.as_secs_f64(),
