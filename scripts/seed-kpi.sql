@@ -71,11 +71,14 @@ ANALYZE seed_moves;
 -- (services/customer/src/store/rollups.rs).
 INSERT INTO customers (id, external_id, email, display_name, stage, stage_change_us,
                        create_us, update_us, version, acquisition_campaign,
-                       first_conversion_us, first_churn_us)
+                       first_conversion_us, first_conversion_month, first_churn_us)
 SELECT c.id, NULL, 'c' || c.n || '@example.com', 'Customer ' || c.n,
        m.to_stage, m.change_us, c.create_us, m.change_us, 1,
        CASE WHEN c.r2 >= 95 THEN 'campaigns/' || sc.id END,
-       r.conv_us, CASE WHEN r.churn_us > r.conv_us THEN r.churn_us END
+       r.conv_us,
+       (date_part('year', to_timestamp(r.conv_us / 1000000) AT TIME ZONE 'UTC') * 12
+        + date_part('month', to_timestamp(r.conv_us / 1000000) AT TIME ZONE 'UTC') - 1)::int,
+       CASE WHEN r.churn_us > r.conv_us THEN r.churn_us END
 FROM seed_customers c
 JOIN (SELECT DISTINCT ON (id) id, to_stage, change_us FROM seed_moves
       ORDER BY id, change_us DESC, to_stage DESC) m ON m.id = c.id
@@ -126,6 +129,32 @@ SET maintenance_work_mem = '512MB';
 ALTER TABLE touchpoints ADD CONSTRAINT touchpoints_pkey PRIMARY KEY (event_id);
 CREATE INDEX touchpoints_timeline ON touchpoints (customer_id, occurred_us, event_id);
 CREATE INDEX touchpoints_kind_customer ON touchpoints (kind, customer_id, occurred_us);
+
+\echo '[seed] touchpoint rollups (services/customer/src/store/activity.rs)'
+-- The same content as the service's set-based rebuild: kinds per customer
+-- and UTC month (a bit per kind code), purchases per customer, month and
+-- currency (both with the customer's first conversion time and month),
+-- campaign touches at or before the first conversion.
+INSERT INTO touch_months (customer_id, month, kinds, conv_us, conv_month)
+SELECT t.customer_id, t.m, bit_or(1 << t.kind), c.first_conversion_us, c.first_conversion_month
+FROM (SELECT customer_id, kind,
+             (date_part('year', to_timestamp(occurred_us / 1000000) AT TIME ZONE 'UTC') * 12
+              + date_part('month', to_timestamp(occurred_us / 1000000) AT TIME ZONE 'UTC') - 1)::int AS m
+      FROM touchpoints) t JOIN customers c ON c.id = t.customer_id
+GROUP BY t.customer_id, t.m, c.first_conversion_us, c.first_conversion_month;
+INSERT INTO purchase_months (customer_id, month, currency, orders, revenue_minor, conv_us, conv_month)
+SELECT t.customer_id, t.m, t.currency, count(*), sum(t.revenue_minor),
+       c.first_conversion_us, c.first_conversion_month
+FROM (SELECT customer_id, currency, revenue_minor,
+             (date_part('year', to_timestamp(occurred_us / 1000000) AT TIME ZONE 'UTC') * 12
+              + date_part('month', to_timestamp(occurred_us / 1000000) AT TIME ZONE 'UTC') - 1)::int AS m
+      FROM touchpoints WHERE kind = 4 AND currency IS NOT NULL) t JOIN customers c ON c.id = t.customer_id
+GROUP BY t.customer_id, t.m, t.currency, c.first_conversion_us, c.first_conversion_month;
+INSERT INTO attribution_touches (customer_id, occurred_us, event_id, campaign)
+SELECT t.customer_id, t.occurred_us, t.event_id, t.campaign
+FROM touchpoints t JOIN customers c ON c.id = t.customer_id
+WHERE t.kind = 5 AND t.campaign IS NOT NULL
+  AND (c.first_conversion_us IS NULL OR t.occurred_us <= c.first_conversion_us);
 
 \echo '[seed] vacuum analyze'
 VACUUM ANALYZE;

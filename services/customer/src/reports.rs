@@ -450,16 +450,29 @@ pub async fn journey(rt: &Runtime, req: pb::GetJourneyReportRequest) -> Result<p
     };
     check_campaign(rt, "scope", &scope).await?;
     let window_us = i64::from(window_days) * DAY_US;
-    let txn = sql::begin(&rt.read).await?;
-    let (entered, rows) = sql::journey_paths(
-        &txn,
-        &scope,
-        stage.code(),
-        window_us,
-        i64::from(max_len),
-        i64::from(top),
-    )
-    .await?;
+    // Paths and pain points read different rows: two read transactions
+    // on two connections, run side by side.
+    let paths_of = async {
+        let txn = sql::begin(&rt.read).await?;
+        let out = sql::journey_paths(
+            &txn,
+            &scope,
+            stage.code(),
+            window_us,
+            i64::from(max_len),
+            i64::from(top),
+        )
+        .await?;
+        txn.commit().await?;
+        Ok::<_, Error>(out)
+    };
+    let pain_of = async {
+        let txn = sql::begin(&rt.read).await?;
+        let out = sql::pain_points(&txn, &scope, window_us).await?;
+        txn.commit().await?;
+        Ok::<_, Error>(out)
+    };
+    let ((entered, rows), pain) = tokio::try_join!(paths_of, pain_of)?;
     let paths = rows
         .iter()
         .map(|p| pb::JourneyPath {
@@ -468,8 +481,6 @@ pub async fn journey(rt: &Runtime, req: pb::GetJourneyReportRequest) -> Result<p
             median_time_to_stage: Some(duration(p.p50_us)),
         })
         .collect();
-    let pain = sql::pain_points(&txn, &scope, window_us).await?;
-    txn.commit().await?;
     let mut pain_points: Vec<pb::PainPoint> = pain
         .types
         .iter()

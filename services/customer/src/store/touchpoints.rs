@@ -40,8 +40,10 @@ const COLS: [&str; 14] = [
     "properties",
 ];
 
-/// Inserts the touchpoints whose event id is new, in one statement, and
-/// returns the event ids actually inserted.
+/// Inserts the touchpoints whose event id is new, in one statement, adds
+/// those actually inserted to the report rollups ([`super::activity`], one
+/// upsert per rollup table; [`super::journeys`], one delete, and a refill
+/// only when they precede a stage move), and returns their event ids.
 pub async fn insert_new(
     db: &impl ConnectionTrait,
     records: &[TouchpointRecord],
@@ -49,9 +51,31 @@ pub async fn insert_new(
     if records.is_empty() {
         return Ok(HashSet::new());
     }
-    if clm_platform::db::is_postgres(db) {
-        return insert_new_postgres(db, records).await;
+    let inserted = if clm_platform::db::is_postgres(db) {
+        insert_new_postgres(db, records).await?
+    } else {
+        insert_new_sqlite(db, records).await?
+    };
+    super::activity::on_touchpoints(db, records, &inserted).await?;
+    let mut earliest: std::collections::BTreeMap<String, i64> = Default::default();
+    for r in records
+        .iter()
+        .filter(|r| inserted.contains(&r.touchpoint.event_id))
+    {
+        let at = to_micros(r.touchpoint.occurred_time);
+        earliest
+            .entry(r.customer.to_string())
+            .and_modify(|e| *e = Ord::min(*e, at))
+            .or_insert(at);
     }
+    super::journeys::on_touchpoints(db, &earliest).await?;
+    Ok(inserted)
+}
+
+async fn insert_new_sqlite(
+    db: &impl ConnectionTrait,
+    records: &[TouchpointRecord],
+) -> Result<HashSet<String>, Error> {
     let mut insert = Query::insert();
     insert.into_table(n("touchpoints")).columns(COLS.map(n));
     for r in records {
