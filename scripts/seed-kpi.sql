@@ -99,6 +99,7 @@ ORDER BY change_us;
 ALTER TABLE touchpoints DROP CONSTRAINT touchpoints_pkey;
 DROP INDEX touchpoints_timeline;
 DROP INDEX touchpoints_kind_customer;
+DROP INDEX touchpoints_time;
 -- Kinds by k % 20: 6 feature use, 4 product access, 3 usage time,
 -- 2 campaign touch, 2 purchase, 2 support contact, 1 custom; each
 -- 0..90 days after creation.
@@ -129,6 +130,7 @@ SET maintenance_work_mem = '512MB';
 ALTER TABLE touchpoints ADD CONSTRAINT touchpoints_pkey PRIMARY KEY (event_id);
 CREATE INDEX touchpoints_timeline ON touchpoints (customer_id, occurred_us, event_id);
 CREATE INDEX touchpoints_kind_customer ON touchpoints (kind, customer_id, occurred_us);
+CREATE INDEX touchpoints_time ON touchpoints (occurred_us, customer_id, kind, custom_type);
 
 \echo '[seed] touchpoint rollups (services/customer/src/store/activity.rs)'
 -- The same content as the service's set-based rebuild: kinds per customer
@@ -155,6 +157,45 @@ SELECT t.customer_id, t.occurred_us, t.event_id, t.campaign
 FROM touchpoints t JOIN customers c ON c.id = t.customer_id
 WHERE t.kind = 5 AND t.campaign IS NOT NULL
   AND (c.first_conversion_us IS NULL OR t.occurred_us <= c.first_conversion_us);
+
+\echo '[seed] journey rollup (services/customer/src/store/journeys.rs)'
+SET work_mem = '256MB';
+-- Every stage move with the customer's last 10 touchpoints at or before it
+-- and its previous move into the same stage: the service's fill, for all.
+INSERT INTO move_paths (history_id, customer_id, from_stage, to_stage, change_us, prev_same_us,
+                        s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10)
+SELECT h.id, h.customer_id, h.from_stage, h.to_stage, h.change_us, h.prev_same_us,
+       MAX(CASE WHEN x.rn = 1 THEN x.step END),
+       MAX(CASE WHEN x.rn = 2 THEN x.step END),
+       MAX(CASE WHEN x.rn = 3 THEN x.step END),
+       MAX(CASE WHEN x.rn = 4 THEN x.step END),
+       MAX(CASE WHEN x.rn = 5 THEN x.step END),
+       MAX(CASE WHEN x.rn = 6 THEN x.step END),
+       MAX(CASE WHEN x.rn = 7 THEN x.step END),
+       MAX(CASE WHEN x.rn = 8 THEN x.step END),
+       MAX(CASE WHEN x.rn = 9 THEN x.step END),
+       MAX(CASE WHEN x.rn = 10 THEN x.step END),
+       MAX(CASE WHEN x.rn = 1 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 2 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 3 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 4 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 5 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 6 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 7 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 8 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 9 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 10 THEN x.occurred_us END)
+FROM (SELECT id, customer_id, from_stage, to_stage, change_us,
+             LAG(change_us) OVER (PARTITION BY customer_id, to_stage ORDER BY change_us, id) AS prev_same_us
+      FROM stage_history) h
+LEFT JOIN (SELECT h2.id AS hid,
+                  CASE WHEN t.kind = 7 THEN 'c:' || COALESCE(t.custom_type, '') ELSE CAST(t.kind AS TEXT) END AS step,
+                  t.occurred_us,
+                  ROW_NUMBER() OVER (PARTITION BY h2.id ORDER BY t.occurred_us DESC, t.event_id DESC) AS rn
+           FROM stage_history h2 JOIN touchpoints t ON t.customer_id = h2.customer_id
+                AND t.occurred_us <= h2.change_us) x
+  ON x.hid = h.id AND x.rn <= 10
+GROUP BY h.id, h.customer_id, h.from_stage, h.to_stage, h.change_us, h.prev_same_us;
 
 \echo '[seed] vacuum analyze'
 VACUUM ANALYZE;

@@ -2,12 +2,15 @@
 //! `stage_history` row) the customer's last [`STEPS`] touchpoints at or
 //! before it, newest first, as columns `s1..s10` (the step: the kind code,
 //! or `c:{custom type}` for CUSTOM) and `u1..u10` (their times), plus
-//! `prev_same_us`, the customer's previous move into the same stage. The
+//! `prev_same_us`, the customer's previous move into the same stage, and
+//! the move's `from_stage` / `to_stage`. The
 //! journey report then reads one row per entry, with no touchpoint join:
 //! the path of window `w` and length `l` is the first `min(l, m)` steps,
 //! `m` the number with `u_i ≥ t − w` (a prefix, times descending), and a
 //! move is the first entry of the period `[S, E)` when
-//! `prev_same_us < S` or there is none.
+//! `prev_same_us < S` or there is none. Pain points read the rows of
+//! leaving moves (backward or to CHURNED, [`LEAVING`], with a partial
+//! index on it) the same way.
 //!
 //! Kept in the same transaction as every write that changes it, one or two
 //! set-based statements per batch: new moves get their row
@@ -20,6 +23,12 @@
 use clm_platform::Error;
 use sea_orm::{ConnectionTrait, Statement, Value};
 use std::collections::BTreeMap;
+
+/// A leaving move: from a funnel stage backward, or to CHURNED (the text
+/// of the partial index `move_paths_leaving`, which a query must repeat
+/// word for word for the planner to use it).
+pub const LEAVING: &str =
+    "from_stage IS NOT NULL AND from_stage <= 5 AND (to_stage = 6 OR to_stage < from_stage)";
 
 /// Touchpoints kept per move: the largest `max_path_length` of the report.
 pub const STEPS: usize = 10;
@@ -52,9 +61,9 @@ pub fn fill_sql(customers: Option<usize>) -> String {
         .chain((1..=STEPS).map(|i| format!("MAX(CASE WHEN x.rn = {i} THEN x.occurred_us END)")))
         .collect();
     format!(
-        "INSERT INTO move_paths (history_id, customer_id, to_stage, change_us, prev_same_us, {cols}) \
-         SELECT h.id, h.customer_id, h.to_stage, h.change_us, h.prev_same_us, {picks} \
-         FROM (SELECT id, customer_id, to_stage, change_us, \
+        "INSERT INTO move_paths (history_id, customer_id, from_stage, to_stage, change_us, prev_same_us, {cols}) \
+         SELECT h.id, h.customer_id, h.from_stage, h.to_stage, h.change_us, h.prev_same_us, {picks} \
+         FROM (SELECT id, customer_id, from_stage, to_stage, change_us, \
            LAG(change_us) OVER (PARTITION BY customer_id, to_stage ORDER BY change_us, id) AS prev_same_us \
            FROM stage_history WHERE {f}) h \
          LEFT JOIN (SELECT h2.id AS hid, {STEP} AS step, t.occurred_us, \
@@ -64,7 +73,7 @@ pub fn fill_sql(customers: Option<usize>) -> String {
            WHERE {f2} AND NOT EXISTS (SELECT 1 FROM move_paths p WHERE p.history_id = h2.id)) x \
            ON x.hid = h.id AND x.rn <= {STEPS} \
          WHERE NOT EXISTS (SELECT 1 FROM move_paths p WHERE p.history_id = h.id) \
-         GROUP BY h.id, h.customer_id, h.to_stage, h.change_us, h.prev_same_us",
+         GROUP BY h.id, h.customer_id, h.from_stage, h.to_stage, h.change_us, h.prev_same_us",
         cols = cols.join(", "),
         picks = picks.join(", "),
         f = filter("customer_id", 0),

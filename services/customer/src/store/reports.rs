@@ -707,7 +707,10 @@ pub struct PainCounts {
     pub types: Vec<(String, i64, i64)>,
 }
 
-/// Pain-point counts (one statement).
+/// Pain-point counts (one statement): leavers and their types from the
+/// journey rollup `move_paths` ([`super::journeys`]), stayers' types from
+/// the touchpoints of the last window before the period's end (the index
+/// `touchpoints_time`).
 pub async fn pain_points(
     db: &impl ConnectionTrait,
     scope: &Scope,
@@ -717,27 +720,50 @@ pub async fn pain_points(
     let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
     let w = q.p(window_us);
     let f1 = q.scope("customer_id", scope);
-    let f2 = q.scope("c.id", scope);
+    let f2 = q.scope("t.customer_id", scope);
+    let f3 = q.scope("c.id", scope);
     let step = format!(
         "CASE WHEN t.kind = {CUSTOM} THEN 'c:' || COALESCE(t.custom_type, '') ELSE CAST(t.kind AS TEXT) END"
     );
+    let steps = super::journeys::STEPS;
+    let pos: Vec<String> = (1..=steps).map(|i| format!("({i})")).collect();
+    let pick = |c: &str| -> String {
+        let arms: Vec<String> = (1..=steps)
+            .map(|i| format!("WHEN {i} THEN lp.{c}{i}"))
+            .collect();
+        format!("CASE pos.i {} END", arms.join(" "))
+    };
+    let (ps, pu) = (pick("s"), pick("u"));
+    // A leaver's first leaving move and its types come from the journey
+    // rollup (its last {steps} touchpoints); only when all of them are
+    // inside the window could older ones be too, and those leavers read
+    // the touchpoints themselves. Stayers: every customer with a type in
+    // the last window, less those who are not stayers (few).
+    let leaving = super::journeys::LEAVING;
     q.push(&format!(
-        "WITH leave AS (SELECT customer_id, MIN(change_us) AS at_us FROM stage_history \
-           WHERE change_us >= {s} AND change_us < {e} AND from_stage IS NOT NULL AND from_stage <= 5 \
-           AND (to_stage = {CHURNED} OR to_stage < from_stage){f1} GROUP BY customer_id), \
-         stay AS (SELECT c.id AS customer_id FROM customers c WHERE c.create_us < {e} AND c.stage <> {CHURNED} \
-           AND c.id NOT IN (SELECT customer_id FROM leave){f2}), \
-         lt AS (SELECT step, COUNT(*) AS n FROM (SELECT DISTINCT l.customer_id, {step} AS step FROM leave l \
-           JOIN touchpoints t ON t.customer_id = l.customer_id AND t.occurred_us <= l.at_us \
-           AND t.occurred_us >= l.at_us - {w}) AS x GROUP BY step), \
-         recent AS (SELECT DISTINCT t.customer_id, {step} AS step FROM touchpoints t \
-           WHERE t.occurred_us < {e} AND t.occurred_us >= {e} - {w}), \
-         st AS (SELECT r.step, COUNT(*) AS n FROM recent r JOIN stay s ON s.customer_id = r.customer_id \
-           GROUP BY r.step) \
+        "WITH lv AS (SELECT p.*, ROW_NUMBER() OVER (PARTITION BY customer_id ORDER BY change_us, history_id) AS rn \
+           FROM move_paths p WHERE {leaving} AND change_us >= {s} AND change_us < {e}{f1}), \
+         lp AS (SELECT * FROM lv WHERE rn = 1), \
+         pos (i) AS (VALUES {pos}), \
+         lsteps AS (SELECT lp.customer_id, {ps} AS step FROM lp CROSS JOIN pos \
+           WHERE {pu} >= lp.change_us - {w} \
+           UNION SELECT l.customer_id, {step} FROM \
+           (SELECT customer_id, change_us FROM lp WHERE u{steps} >= change_us - {w}) AS l \
+           JOIN touchpoints t ON t.customer_id = l.customer_id AND t.occurred_us <= l.change_us \
+           AND t.occurred_us >= l.change_us - {w}), \
+         lt AS (SELECT step, COUNT(*) AS n FROM lsteps GROUP BY step), \
+         recent AS (SELECT t.customer_id, {step} AS step FROM touchpoints t \
+           WHERE t.occurred_us < {e} AND t.occurred_us >= {e} - {w}{f2} GROUP BY t.customer_id, {step}), \
+         other AS (SELECT customer_id FROM lp UNION SELECT id FROM customers \
+           WHERE stage = {CHURNED} OR create_us >= {e}), \
+         st AS (SELECT r.step, COUNT(*) - COUNT(o.customer_id) AS n FROM recent r \
+           LEFT JOIN other o ON o.customer_id = r.customer_id GROUP BY r.step) \
          SELECT 'l' AS k, step, CAST(n AS BIGINT) AS n FROM lt \
          UNION ALL SELECT 's', step, CAST(n AS BIGINT) FROM st \
-         UNION ALL SELECT 'L', '', CAST(COUNT(*) AS BIGINT) FROM leave \
-         UNION ALL SELECT 'S', '', CAST(COUNT(*) AS BIGINT) FROM stay"
+         UNION ALL SELECT 'L', '', CAST(COUNT(*) AS BIGINT) FROM lp \
+         UNION ALL SELECT 'S', '', CAST(COUNT(*) AS BIGINT) FROM customers c \
+           WHERE c.create_us < {e} AND c.stage <> {CHURNED} AND c.id NOT IN (SELECT customer_id FROM lp){f3}",
+        pos = pos.join(", "),
     ));
     let mut out = PainCounts::default();
     let mut by: std::collections::BTreeMap<String, (i64, i64)> = Default::default();

@@ -80,6 +80,7 @@ impl MigrationTrait for TouchpointRollups {
                     .primary_key(),
             )
             .col(ColumnDef::new(a("customer_id")).string().not_null())
+            .col(ColumnDef::new(a("from_stage")).small_integer().null())
             .col(ColumnDef::new(a("to_stage")).small_integer().not_null())
             .col(ColumnDef::new(a("change_us")).big_integer().not_null())
             .col(ColumnDef::new(a("prev_same_us")).big_integer().null());
@@ -100,6 +101,20 @@ impl MigrationTrait for TouchpointRollups {
             "move_paths_stage_time",
             "move_paths",
             &["to_stage", "change_us"],
+        ))
+        .await?;
+        m.get_connection()
+            .execute_unprepared(&format!(
+                "CREATE INDEX IF NOT EXISTS move_paths_leaving ON move_paths (change_us) WHERE {}",
+                super::journeys::LEAVING
+            ))
+            .await?;
+        // Pain points read the touchpoints of the last window before a
+        // period's end by time, from the index alone.
+        m.create_index(super::migration::index(
+            "touchpoints_time",
+            "touchpoints",
+            &["occurred_us", "customer_id", "kind", "custom_type"],
         ))
         .await?;
         m.alter_table(
