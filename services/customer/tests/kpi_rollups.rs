@@ -325,6 +325,31 @@ async fn rollups_equal_a_rebuild_through_replays_late_touches_merge_and_erasure(
         "a replay must not change any report"
     );
 
+    // A full journey row (12 touchpoints before a move, 10 kept), then late
+    // ones: older than all kept (no change), between kept ones, and at the
+    // 10th kept time with a greater event id (ranks above it).
+    let many: Vec<pb::Touchpoint> = (1..=12)
+        .map(|i| feat(&k[3], &format!("t3-{i:02}"), hr(i)))
+        .collect();
+    record(&mut c, many).await;
+    move_to(&mut c, &k[3], Stage::Acquisition).await;
+    check(&db, &mut c, "a full journey row").await;
+    record(
+        &mut c,
+        vec![
+            feat(&k[3], "t3-old", hr(0)),
+            tp(
+                &k[3],
+                "t3-mid",
+                TouchpointType::SupportContact,
+                hr(6) + Duration::minutes(30),
+            ),
+            tp(&k[3], "t3-tie", TouchpointType::SupportContact, hr(3)),
+        ],
+    )
+    .await;
+    check(&db, &mut c, "late touchpoints into a full journey row").await;
+
     // Merge: r1 (converted, with touches and purchases) into r2 (not
     // converted): r2 takes r1's first conversion and rollups.
     c.merge_customers(pb::MergeCustomersRequest {

@@ -44,8 +44,9 @@ use std::collections::{BTreeMap, HashSet};
 const CHUNK: usize = 2_000;
 
 /// Adds the touchpoints of `records` whose event id is in `inserted` to the
-/// rollups: one upsert into `touch_months`, and one into `purchase_months`
-/// when the batch has purchases.
+/// rollups: an insert and an update of `touch_months`, an upsert into
+/// `purchase_months` when the batch has purchases, an insert into
+/// `attribution_touches` when it has campaign touches.
 pub async fn on_touchpoints(
     db: &impl ConnectionTrait,
     records: &[TouchpointRecord],
@@ -94,15 +95,26 @@ pub async fn on_touchpoints(
                 format!("(${}, ${}, ${})", i - 2, i - 1, i)
             })
             .collect();
-        let sql = format!(
-            "WITH v (customer_id, month, kinds) AS (VALUES {}) \
+        // New (customer, month) rows, then the bits missing from existing
+        // ones: a month already holding the batch's kinds is neither
+        // written nor locked, so concurrent batches of the same customers
+        // do not queue behind each other.
+        let rows = rows.join(", ");
+        let insert = format!(
+            "WITH v (customer_id, month, kinds) AS (VALUES {rows}) \
              INSERT INTO touch_months (customer_id, month, kinds, conv_us, conv_month) \
              SELECT v.customer_id, v.month, v.kinds, c.first_conversion_us, c.first_conversion_month \
              FROM v JOIN customers c ON c.id = v.customer_id WHERE 1 = 1 \
-             ON CONFLICT (customer_id, month) DO UPDATE SET kinds = touch_months.kinds | excluded.kinds",
-            rows.join(", ")
+             ON CONFLICT (customer_id, month) DO NOTHING"
         );
-        exec(db, sql, values).await?;
+        exec(db, insert, values.clone()).await?;
+        let update = format!(
+            "WITH v (customer_id, month, kinds) AS (VALUES {rows}) \
+             UPDATE touch_months SET kinds = touch_months.kinds | v.kinds FROM v \
+             WHERE touch_months.customer_id = v.customer_id AND touch_months.month = v.month \
+             AND (touch_months.kinds & v.kinds) <> v.kinds"
+        );
+        exec(db, update, values).await?;
     }
     let buys: Vec<_> = buys.into_iter().collect();
     for chunk in buys.chunks(CHUNK) {

@@ -15,8 +15,9 @@
 //! Kept in the same transaction as every write that changes it, one or two
 //! set-based statements per batch: new moves get their row
 //! ([`fill`], from [`super::stages::insert_many`]); touchpoints inserted at
-//! or before existing moves of their customer (out of order) drop and
-//! refill those moves' rows ([`on_touchpoints`]); a merge rebuilds the
+//! or before existing moves of their customer (out of order) recompute
+//! those moves' rows from their few candidates ([`on_touchpoints`]); a
+//! merge rebuilds the
 //! survivor's ([`rebuild`]); an erasure deletes them
 //! ([`super::erasure::forget`]).
 
@@ -108,34 +109,56 @@ pub async fn fill(db: &impl ConnectionTrait, customers: &[String]) -> Result<(),
 }
 
 /// After touchpoints were inserted, `earliest` holding each customer's
-/// earliest new time: drops the rows of that customer's moves at or after
-/// it (their last touchpoints may have changed) and refills them. One
-/// delete, and one fill when it dropped anything (touchpoints recorded
-/// after the moves they follow, the usual case, drop nothing).
+/// earliest new time: recomputes the rows of that customer's moves at or
+/// after it, in one statement (none matches in the usual case, touchpoints
+/// recorded after the moves they follow). Only touchpoints from a row's
+/// 10th kept time on can be among its new last 10 (the kept ones are still
+/// there and rank above anything older), so each row reads its few
+/// candidates by the `(customer_id, occurred_us, event_id)` index, however
+/// long the customer's history.
 pub async fn on_touchpoints(
     db: &impl ConnectionTrait,
     earliest: &BTreeMap<String, i64>,
 ) -> Result<(), Error> {
     let pairs: Vec<_> = earliest.iter().collect();
-    let mut touched = Vec::new();
+    let sets: Vec<String> = (1..=STEPS)
+        .map(|i| format!("s{i} = n.s{i}"))
+        .chain((1..=STEPS).map(|i| format!("u{i} = n.u{i}")))
+        .collect();
+    let picks: Vec<String> = (1..=STEPS)
+        .map(|i| format!("MAX(CASE WHEN x.rn = {i} THEN x.step END) AS s{i}"))
+        .chain(
+            (1..=STEPS)
+                .map(|i| format!("MAX(CASE WHEN x.rn = {i} THEN x.occurred_us END) AS u{i}")),
+        )
+        .collect();
     for chunk in pairs.chunks(1_000) {
         let mut values = Vec::with_capacity(chunk.len() * 2);
-        let conds: Vec<String> = chunk
+        let rows: Vec<String> = chunk
             .iter()
             .map(|(c, at)| {
                 values.push(Value::from((*c).clone()));
                 values.push(Value::from(**at));
                 let i = values.len();
-                format!("(customer_id = ${} AND change_us >= ${i})", i - 1)
+                format!("(${}, ${i})", i - 1)
             })
             .collect();
-        let sql = format!("DELETE FROM move_paths WHERE {}", conds.join(" OR "));
-        if exec(db, sql, values).await? > 0 {
-            touched.extend(chunk.iter().map(|(c, _)| (*c).clone()));
-        }
-    }
-    for chunk in touched.chunks(1_000) {
-        fill(db, chunk).await?;
+        let sql = format!(
+            "WITH v (customer_id, at_us) AS (VALUES {rows}) \
+             UPDATE move_paths SET {sets} FROM \
+             (SELECT x.hid, {picks} FROM \
+               (SELECT p.history_id AS hid, {STEP} AS step, t.occurred_us, \
+                 ROW_NUMBER() OVER (PARTITION BY p.history_id ORDER BY t.occurred_us DESC, t.event_id DESC) AS rn \
+                 FROM v JOIN move_paths p ON p.customer_id = v.customer_id AND p.change_us >= v.at_us \
+                 JOIN touchpoints t ON t.customer_id = p.customer_id AND t.occurred_us <= p.change_us \
+                 AND t.occurred_us >= COALESCE(p.u{STEPS}, t.occurred_us)) AS x \
+               WHERE x.rn <= {STEPS} GROUP BY x.hid) AS n \
+             WHERE move_paths.history_id = n.hid",
+            rows = rows.join(", "),
+            sets = sets.join(", "),
+            picks = picks.join(", "),
+        );
+        exec(db, sql, values).await?;
     }
     Ok(())
 }

@@ -334,33 +334,43 @@ pub struct Acquisition {
     pub campaigns: Vec<CampaignLine>,
 }
 
-/// The CTEs `acq` and `credit(campaign, w, customer_id)` of `model`; the
-/// campaign touches come from the rollup `attribution_touches`
-/// ([`super::activity`]: every touch at or before the first conversion).
+/// The CTEs `acq(customer_id)` (customers first converted in the period,
+/// from the index on `first_conversion_us` alone) and
+/// `credit(campaign, w, customer_id)` of `model`; the campaign touches come
+/// from the rollup `attribution_touches` ([`super::activity`]: every touch
+/// at or before the first conversion), with the one window the model needs.
 fn credit_ctes(q: &mut Sql, scope: &Scope, model: Model) -> String {
-    let conv = conv_cte(q, scope);
-    // The touched customers straight from `customers` (not from the CTE,
-    // which the planner would guess at and probe once per row).
-    let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
-    let filter = q.scope("a.id", scope);
-    let (pick, weight) = match model {
-        Model::FirstTouch => ("WHERE rn_first = 1", "CAST(1 AS DOUBLE PRECISION)"),
-        Model::LastTouch => ("WHERE rn_last = 1", "CAST(1 AS DOUBLE PRECISION)"),
-        Model::Linear => ("", "CAST(1 AS DOUBLE PRECISION) / n"),
+    let period = |q: &mut Sql, col: &str| {
+        let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
+        let filter = q.scope(col, scope);
+        format!("a.first_conversion_us >= {s} AND a.first_conversion_us < {e}{filter}")
+    };
+    let (p1, p2, p3) = (period(q, "a.id"), period(q, "a.id"), period(q, "a.id"));
+    let (window, pick, weight) = match model {
+        Model::FirstTouch => (
+            "ROW_NUMBER() OVER (PARTITION BY t.customer_id ORDER BY t.occurred_us, t.event_id)",
+            "WHERE r = 1",
+            "CAST(1 AS DOUBLE PRECISION)",
+        ),
+        Model::LastTouch => (
+            "ROW_NUMBER() OVER (PARTITION BY t.customer_id ORDER BY t.occurred_us DESC, t.event_id DESC)",
+            "WHERE r = 1",
+            "CAST(1 AS DOUBLE PRECISION)",
+        ),
+        Model::Linear => (
+            "COUNT(*) OVER (PARTITION BY t.customer_id)",
+            "",
+            "CAST(1 AS DOUBLE PRECISION) / r",
+        ),
     };
     format!(
-        "WITH {conv}, \
-         acq AS (SELECT customer_id, conv_us, explicit FROM conv), \
-         touches AS (SELECT t.customer_id, t.campaign, \
-           ROW_NUMBER() OVER (PARTITION BY t.customer_id ORDER BY t.occurred_us, t.event_id) AS rn_first, \
-           ROW_NUMBER() OVER (PARTITION BY t.customer_id ORDER BY t.occurred_us DESC, t.event_id DESC) AS rn_last, \
-           COUNT(*) OVER (PARTITION BY t.customer_id) AS n \
+        "WITH acq AS (SELECT a.id AS customer_id FROM customers a WHERE {p1}), \
+         touches AS (SELECT t.customer_id, t.campaign, {window} AS r \
            FROM customers a JOIN attribution_touches t ON t.customer_id = a.id \
            AND t.occurred_us <= a.first_conversion_us JOIN campaigns ca ON ca.name = t.campaign \
-           WHERE a.first_conversion_us >= {s} AND a.first_conversion_us < {e} \
-           AND a.acquisition_campaign IS NULL{filter}), \
-         credit AS (SELECT explicit AS campaign, CAST(1 AS DOUBLE PRECISION) AS w, customer_id \
-           FROM acq WHERE explicit IS NOT NULL \
+           WHERE a.acquisition_campaign IS NULL AND {p2}), \
+         credit AS (SELECT a.acquisition_campaign AS campaign, CAST(1 AS DOUBLE PRECISION) AS w, \
+           a.id AS customer_id FROM customers a WHERE a.acquisition_campaign IS NOT NULL AND {p3} \
            UNION ALL SELECT campaign, {weight} AS w, customer_id FROM touches {pick})"
     )
 }
