@@ -1,6 +1,7 @@
 //! Rollups of touchpoints the KPI reports read instead of the raw
 //! `touchpoints` table, kept in the same transaction as every touchpoint
-//! write (one upsert statement per table per batch, never one per row):
+//! write (one or two set-based statements per table per batch, never one
+//! per row):
 //!
 //! * `touch_months(customer_id, month, kinds, conv_us, conv_month)`: per
 //!   customer and calendar month (UTC month index,
@@ -14,7 +15,6 @@
 //!   only for the touchpoints a batch actually inserted (a replayed event
 //!   id inserts nothing, so it never counts twice). CLV reads it for the
 //!   whole months before its period's end and the raw table for the rest.
-//!
 //! * `attribution_touches(customer_id, occurred_us, event_id, campaign)`:
 //!   the CAMPAIGN_TOUCH touchpoints at or before the customer's first
 //!   conversion (all of them while it has none); a conversion drops the

@@ -225,6 +225,17 @@ pub async fn funnel(
     db: &impl ConnectionTrait,
     scope: &Scope,
 ) -> Result<std::collections::BTreeMap<i16, FunnelRow>, Error> {
+    let mut out = funnel_moves(db, scope).await?;
+    funnel_stays(db, scope, &mut out).await?;
+    Ok(out)
+}
+
+/// The funnel's counts of the period's moves by (from, to, where the stay
+/// went next): the first statement of [`funnel`].
+pub async fn funnel_moves(
+    db: &impl ConnectionTrait,
+    scope: &Scope,
+) -> Result<std::collections::BTreeMap<i16, FunnelRow>, Error> {
     let mut q = Sql::new(db);
     let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
     let filter = q.scope("customer_id", scope);
@@ -255,6 +266,16 @@ pub async fn funnel(
             }
         }
     }
+    Ok(out)
+}
+
+/// The funnel's nearest-rank percentiles of the stays begun and ended in
+/// the period, written into `out` (the second statement of [`funnel`]).
+pub async fn funnel_stays(
+    db: &impl ConnectionTrait,
+    scope: &Scope,
+    out: &mut std::collections::BTreeMap<i16, FunnelRow>,
+) -> Result<(), Error> {
     let mut q = Sql::new(db);
     let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
     let filter = q.scope("customer_id", scope);
@@ -290,7 +311,7 @@ pub async fn funnel(
         row.p50_us = get(&r, "p50")?;
         row.p90_us = get(&r, "p90")?;
     }
-    Ok(out)
+    Ok(())
 }
 
 // ----------------------------------------------------------- attribution
