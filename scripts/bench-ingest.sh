@@ -7,6 +7,7 @@
 #
 #   scripts/bench-ingest.sh                  # 1,000,000 events, 4 clients
 #   EVENTS=200000 CONCURRENCY=8 scripts/bench-ingest.sh
+#   PROFILE=debug FOLLOW=0 EVENTS=100000 scripts/bench-ingest.sh   # quicker
 #
 # Needs PostgreSQL (CLM_BENCH_DATABASE_URL, default the local test server);
 # creates a scratch database and drops it afterwards.
@@ -18,12 +19,16 @@ ADMIN_URL="${CLM_BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 db="clm_bench_$$"
 base="${ADMIN_URL%/*}"
 
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p clm -p clm-tests --bin clm --bin bench_ingest --bin bench_follow
+PROFILE="${PROFILE:-release}"
+target="${CARGO_TARGET_DIR:-target}/$PROFILE"
+flags=()
+[ "$PROFILE" = release ] && flags=(--release)
+[ -n "${SKIP_BUILD:-}" ] || cargo build "${flags[@]}" -q -p clm -p clm-tests --bin clm --bin bench_ingest --bin bench_follow
 psql -q "$ADMIN_URL" -c "CREATE DATABASE $db"
 psql -q "$ADMIN_URL" -c "CREATE DATABASE ${db}_follow"
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 data="$(mktemp -d)"
-RUST_LOG=warn target/release/clm serve customer --listen "127.0.0.1:$port" --database-url "$base/$db" --data-dir "$data" &
+RUST_LOG=warn "$target/clm" serve customer --listen "127.0.0.1:$port" --database-url "$base/$db" --data-dir "$data" &
 pid=$!
 cleanup() {
   kill "$pid" 2>/dev/null || true
@@ -37,10 +42,10 @@ trap cleanup EXIT
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 
 if [ "${FOLLOW:-1}" = 1 ]; then
-  RUST_LOG=warn target/release/bench_follow --source "http://127.0.0.1:$port" --database-url "$base/${db}_follow" --events "$EVENTS" &
+  RUST_LOG=warn "$target/bench_follow" --source "http://127.0.0.1:$port" --database-url "$base/${db}_follow" --events "$EVENTS" &
   follow_pid=$!
 fi
-target/release/bench_ingest --url "http://127.0.0.1:$port" --events "$EVENTS" --batch 1000 --concurrency "$CONCURRENCY" | tee "$data/ingest.txt"
+"$target/bench_ingest" --url "http://127.0.0.1:$port" --events "$EVENTS" --batch 1000 --concurrency "$CONCURRENCY" | tee "$data/ingest.txt"
 if [ -n "${follow_pid:-}" ]; then wait "$follow_pid"; follow_pid=; fi
 
 # Reference, same run, same machine: PostgreSQL inserting the same rows into a

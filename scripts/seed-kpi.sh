@@ -9,7 +9,7 @@
 #   scripts/seed-kpi.sh                         # 1,000,000 customers
 #   CUSTOMERS=100000 scripts/seed-kpi.sh        # smaller
 #   KEEP_DB=1 KPI_DB=clm_kpi scripts/seed-kpi.sh        # keep the database
-#   SKIP_SEED=1 KPI_DB=clm_kpi scripts/seed-kpi.sh      # re-time a kept one
+#   SKIP_SEED=1 KPI_DB=clm_kpi scripts/seed-kpi.sh      # re-time a kept one (never dropped)
 #
 # Needs PostgreSQL (CLM_BENCH_DATABASE_URL, default the local test server).
 # PROFILE=release builds optimised binaries (the SQL dominates either way).
@@ -42,14 +42,16 @@ pid=$!
 cleanup() {
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
-  [ -n "${KEEP_DB:-}" ] || psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
+  # A re-timed database (SKIP_SEED) was not made here: it is never dropped.
+  [ -n "${KEEP_DB:-}${SKIP_SEED:-}" ] || psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
   rm -rf "$data"
 }
 trap cleanup EXIT
 for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-# ... and has finished its migrations (the last one makes `campaigns`).
-for _ in $(seq 1 300); do
-  [ "$(psql -Atq "$base/$db" -c "SELECT to_regclass('public.campaign_spend') IS NOT NULL")" = t ] && break
+# ... and has finished its migrations (the last one makes the touchpoint
+# rollups; on a kept database it backfills them, which takes a while).
+for _ in $(seq 1 3000); do
+  [ "$(psql -Atq "$base/$db" -c "SELECT count(*) FROM seaql_migrations WHERE version = 'm0008_touchpoint_rollups'" 2>/dev/null)" = 1 ] && break
   sleep 0.2
 done
 

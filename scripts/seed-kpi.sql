@@ -71,11 +71,14 @@ ANALYZE seed_moves;
 -- (services/customer/src/store/rollups.rs).
 INSERT INTO customers (id, external_id, email, display_name, stage, stage_change_us,
                        create_us, update_us, version, acquisition_campaign,
-                       first_conversion_us, first_churn_us)
+                       first_conversion_us, first_conversion_month, first_churn_us)
 SELECT c.id, NULL, 'c' || c.n || '@example.com', 'Customer ' || c.n,
        m.to_stage, m.change_us, c.create_us, m.change_us, 1,
        CASE WHEN c.r2 >= 95 THEN 'campaigns/' || sc.id END,
-       r.conv_us, CASE WHEN r.churn_us > r.conv_us THEN r.churn_us END
+       r.conv_us,
+       (date_part('year', to_timestamp(r.conv_us / 1000000) AT TIME ZONE 'UTC') * 12
+        + date_part('month', to_timestamp(r.conv_us / 1000000) AT TIME ZONE 'UTC') - 1)::int,
+       CASE WHEN r.churn_us > r.conv_us THEN r.churn_us END
 FROM seed_customers c
 JOIN (SELECT DISTINCT ON (id) id, to_stage, change_us FROM seed_moves
       ORDER BY id, change_us DESC, to_stage DESC) m ON m.id = c.id
@@ -96,6 +99,7 @@ ORDER BY change_us;
 ALTER TABLE touchpoints DROP CONSTRAINT touchpoints_pkey;
 DROP INDEX touchpoints_timeline;
 DROP INDEX touchpoints_kind_customer;
+DROP INDEX touchpoints_time;
 -- Kinds by k % 20: 6 feature use, 4 product access, 3 usage time,
 -- 2 campaign touch, 2 purchase, 2 support contact, 1 custom; each
 -- 0..90 days after creation.
@@ -126,6 +130,72 @@ SET maintenance_work_mem = '512MB';
 ALTER TABLE touchpoints ADD CONSTRAINT touchpoints_pkey PRIMARY KEY (event_id);
 CREATE INDEX touchpoints_timeline ON touchpoints (customer_id, occurred_us, event_id);
 CREATE INDEX touchpoints_kind_customer ON touchpoints (kind, customer_id, occurred_us);
+CREATE INDEX touchpoints_time ON touchpoints (occurred_us, customer_id, kind, custom_type);
+
+\echo '[seed] touchpoint rollups (services/customer/src/store/activity.rs)'
+-- The same content as the service's set-based rebuild: kinds per customer
+-- and UTC month (a bit per kind code), purchases per customer, month and
+-- currency (both with the customer's first conversion time and month),
+-- campaign touches at or before the first conversion.
+INSERT INTO touch_months (customer_id, month, kinds, conv_us, conv_month)
+SELECT t.customer_id, t.m, bit_or(1 << t.kind), c.first_conversion_us, c.first_conversion_month
+FROM (SELECT customer_id, kind,
+             (date_part('year', to_timestamp(occurred_us / 1000000) AT TIME ZONE 'UTC') * 12
+              + date_part('month', to_timestamp(occurred_us / 1000000) AT TIME ZONE 'UTC') - 1)::int AS m
+      FROM touchpoints) t JOIN customers c ON c.id = t.customer_id
+GROUP BY t.customer_id, t.m, c.first_conversion_us, c.first_conversion_month;
+INSERT INTO purchase_months (customer_id, month, currency, orders, revenue_minor, conv_us, conv_month)
+SELECT t.customer_id, t.m, t.currency, count(*), sum(t.revenue_minor),
+       c.first_conversion_us, c.first_conversion_month
+FROM (SELECT customer_id, currency, revenue_minor,
+             (date_part('year', to_timestamp(occurred_us / 1000000) AT TIME ZONE 'UTC') * 12
+              + date_part('month', to_timestamp(occurred_us / 1000000) AT TIME ZONE 'UTC') - 1)::int AS m
+      FROM touchpoints WHERE kind = 4 AND currency IS NOT NULL) t JOIN customers c ON c.id = t.customer_id
+GROUP BY t.customer_id, t.m, t.currency, c.first_conversion_us, c.first_conversion_month;
+INSERT INTO attribution_touches (customer_id, occurred_us, event_id, campaign)
+SELECT t.customer_id, t.occurred_us, t.event_id, t.campaign
+FROM touchpoints t JOIN customers c ON c.id = t.customer_id
+WHERE t.kind = 5 AND t.campaign IS NOT NULL
+  AND (c.first_conversion_us IS NULL OR t.occurred_us <= c.first_conversion_us);
+
+\echo '[seed] journey rollup (services/customer/src/store/journeys.rs)'
+SET work_mem = '256MB';
+-- Every stage move with the customer's last 10 touchpoints at or before it
+-- and its previous move into the same stage: the service's fill, for all.
+INSERT INTO move_paths (history_id, customer_id, from_stage, to_stage, change_us, prev_same_us,
+                        s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10)
+SELECT h.id, h.customer_id, h.from_stage, h.to_stage, h.change_us, h.prev_same_us,
+       MAX(CASE WHEN x.rn = 1 THEN x.step END),
+       MAX(CASE WHEN x.rn = 2 THEN x.step END),
+       MAX(CASE WHEN x.rn = 3 THEN x.step END),
+       MAX(CASE WHEN x.rn = 4 THEN x.step END),
+       MAX(CASE WHEN x.rn = 5 THEN x.step END),
+       MAX(CASE WHEN x.rn = 6 THEN x.step END),
+       MAX(CASE WHEN x.rn = 7 THEN x.step END),
+       MAX(CASE WHEN x.rn = 8 THEN x.step END),
+       MAX(CASE WHEN x.rn = 9 THEN x.step END),
+       MAX(CASE WHEN x.rn = 10 THEN x.step END),
+       MAX(CASE WHEN x.rn = 1 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 2 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 3 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 4 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 5 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 6 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 7 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 8 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 9 THEN x.occurred_us END),
+       MAX(CASE WHEN x.rn = 10 THEN x.occurred_us END)
+FROM (SELECT id, customer_id, from_stage, to_stage, change_us,
+             LAG(change_us) OVER (PARTITION BY customer_id, to_stage ORDER BY change_us, id) AS prev_same_us
+      FROM stage_history) h
+LEFT JOIN (SELECT h2.id AS hid,
+                  CASE WHEN t.kind = 7 THEN 'c:' || COALESCE(t.custom_type, '') ELSE CAST(t.kind AS TEXT) END AS step,
+                  t.occurred_us,
+                  ROW_NUMBER() OVER (PARTITION BY h2.id ORDER BY t.occurred_us DESC, t.event_id DESC) AS rn
+           FROM stage_history h2 JOIN touchpoints t ON t.customer_id = h2.customer_id
+                AND t.occurred_us <= h2.change_us) x
+  ON x.hid = h.id AND x.rn <= 10
+GROUP BY h.id, h.customer_id, h.from_stage, h.to_stage, h.change_us, h.prev_same_us;
 
 \echo '[seed] vacuum analyze'
 VACUUM ANALYZE;

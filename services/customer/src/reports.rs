@@ -138,9 +138,26 @@ fn money(currency: &str, amount_minor: i64) -> cpb::Money {
 pub async fn funnel(rt: &Runtime, req: pb::GetFunnelReportRequest) -> Result<pb::FunnelReport> {
     let scope = scope("scope", req.scope.as_ref())?;
     check_campaign(rt, "scope", &scope).await?;
-    let txn = sql::begin(&rt.read).await?;
-    let rows = sql::funnel(&txn, &scope).await?;
-    txn.commit().await?;
+    // The moves and the stays' percentiles read the period's history
+    // each in one pass: two read transactions, side by side.
+    let moves = async {
+        let txn = sql::begin(&rt.read).await?;
+        let out = sql::funnel_moves(&txn, &scope).await?;
+        txn.commit().await?;
+        Ok::<_, Error>(out)
+    };
+    let stays = async {
+        let txn = sql::begin(&rt.read).await?;
+        let mut out = std::collections::BTreeMap::new();
+        sql::funnel_stays(&txn, &scope, &mut out).await?;
+        txn.commit().await?;
+        Ok::<_, Error>(out)
+    };
+    let (mut rows, stays) = tokio::try_join!(moves, stays)?;
+    for (stage, s) in stays {
+        let r = rows.entry(stage).or_default();
+        (r.stays, r.p50_us, r.p90_us) = (s.stays, s.p50_us, s.p90_us);
+    }
     let stages = clm_domain::lifecycle::ALL_STAGES
         .into_iter()
         .map(|st| {
@@ -450,16 +467,29 @@ pub async fn journey(rt: &Runtime, req: pb::GetJourneyReportRequest) -> Result<p
     };
     check_campaign(rt, "scope", &scope).await?;
     let window_us = i64::from(window_days) * DAY_US;
-    let txn = sql::begin(&rt.read).await?;
-    let (entered, rows) = sql::journey_paths(
-        &txn,
-        &scope,
-        stage.code(),
-        window_us,
-        i64::from(max_len),
-        i64::from(top),
-    )
-    .await?;
+    // Paths and pain points read different rows: two read transactions
+    // on two connections, run side by side.
+    let paths_of = async {
+        let txn = sql::begin(&rt.read).await?;
+        let out = sql::journey_paths(
+            &txn,
+            &scope,
+            stage.code(),
+            window_us,
+            i64::from(max_len),
+            i64::from(top),
+        )
+        .await?;
+        txn.commit().await?;
+        Ok::<_, Error>(out)
+    };
+    let pain_of = async {
+        let txn = sql::begin(&rt.read).await?;
+        let out = sql::pain_points(&txn, &scope, window_us).await?;
+        txn.commit().await?;
+        Ok::<_, Error>(out)
+    };
+    let ((entered, rows), pain) = tokio::try_join!(paths_of, pain_of)?;
     let paths = rows
         .iter()
         .map(|p| pb::JourneyPath {
@@ -468,8 +498,6 @@ pub async fn journey(rt: &Runtime, req: pb::GetJourneyReportRequest) -> Result<p
             median_time_to_stage: Some(duration(p.p50_us)),
         })
         .collect();
-    let pain = sql::pain_points(&txn, &scope, window_us).await?;
-    txn.commit().await?;
     let mut pain_points: Vec<pb::PainPoint> = pain
         .types
         .iter()

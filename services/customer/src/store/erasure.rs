@@ -361,6 +361,8 @@ pub async fn forget(
             .and_where(Expr::col(n("customer_id")).eq(id.clone()));
         db.execute(&del).await?;
     }
+    super::activity::forget(db, std::slice::from_ref(&id)).await?;
+    super::journeys::forget(db, std::slice::from_ref(&id)).await?;
     let mut del = Query::delete();
     del.from_table(n("customer_redirects"))
         .and_where(Expr::col(n("survivor_id")).eq(id.clone()));

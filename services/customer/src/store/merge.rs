@@ -17,8 +17,12 @@ fn ids(dups: &[CustomerId]) -> Vec<String> {
 }
 
 /// Moves the duplicates' touchpoints, stage history, consent history and
-/// identifiers (no longer the profile's) to `survivor`, and re-points
-/// redirects to a duplicate at `survivor`.
+/// identifiers (no longer the profile's) to `survivor`, re-points
+/// redirects to a duplicate at `survivor`, and rebuilds the report rollups
+/// the moved rows feed: the survivor's touchpoint rollups
+/// ([`super::activity::rebuild`], the duplicates' dropped) and its first
+/// conversion and first churn after it ([`super::rollups`]) and its
+/// journey rows ([`super::journeys`]), from the merged rows.
 pub async fn move_children(
     db: &impl ConnectionTrait,
     survivor: CustomerId,
@@ -43,7 +47,11 @@ pub async fn move_children(
         .value(n("profile"), false)
         .and_where(Expr::col(n("customer_id")).is_in(ids(dups)));
     db.execute(&up).await?;
-    Ok(())
+    let mut all = ids(dups);
+    all.push(survivor.to_string());
+    super::rollups::recompute_firsts(db, &survivor.to_string()).await?;
+    super::activity::rebuild(db, &all).await?;
+    super::journeys::rebuild(db, &all).await
 }
 
 /// Turns the duplicates into redirects to `survivor` and deletes their

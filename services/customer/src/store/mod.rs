@@ -28,16 +28,19 @@
 //! * Times are `*_us` integer microseconds, money is minor units plus a
 //!   currency code (see [`migration`]).
 
+pub mod activity;
 pub mod campaigns;
 pub mod consent;
 pub mod customers;
 pub mod entity;
 pub mod erasure;
 pub mod identifiers;
+pub mod journeys;
 pub mod kpi_migration;
 pub mod merge;
 pub mod migration;
 pub mod reports;
+pub mod rollup_migration;
 pub mod rollups;
 pub mod stages;
 pub mod touchpoints;

@@ -1,9 +1,10 @@
 //! The SQL of the KPI reports: each report is one or two set-based
-//! statements over `stage_history`, `touchpoints`, `customers`,
-//! `campaigns` and `campaign_spend`, never a query per customer. The text
-//! is the same on PostgreSQL and SQLite (both take `$n` parameters, window
-//! functions, CTEs) except for the two spots that differ, each written
-//! twice: a time's calendar month, and an ordered string aggregate. Every
+//! statements over `stage_history`, `customers`, `campaigns`,
+//! `campaign_spend`, `touchpoints` and the rollups kept at every write
+//! ([`super::rollups`], [`super::activity`], [`super::journeys`]), never a
+//! query per customer. The text is the same on PostgreSQL and SQLite (both
+//! take `$n` parameters, window functions, CTEs) except the funnel's
+//! nearest-rank percentiles (`percentile_disc` on PostgreSQL). Every
 //! aggregate that PostgreSQL would widen to `numeric` is cast back to
 //! `BIGINT`; rates, percentages and money rounding are done by
 //! [`clm_domain::kpi`] on the aggregated rows.
@@ -75,31 +76,9 @@ impl Sql {
         self.text.push_str(s);
     }
 
-    /// `month_index` (year × 12 + month − 1, UTC) of a µs column (a time
-    /// from 1970 on), in integer arithmetic only: the civil-from-days
-    /// algorithm (H. Hinnant), the same text on both backends (on
-    /// PostgreSQL about as fast as `EXTRACT` on `to_timestamp`). With
-    /// `z = days + 719468`, `era = z / 146097`, `doe = z − 146097 era`,
-    /// `yoe = (doe − doe/1460 + doe/36524 − doe/146096) / 365`,
-    /// `doy = doe − (365 yoe + yoe/4 − yoe/100)`, `mp = (5 doy + 2) / 153`
-    /// (months from March), the month index is `12 (yoe + 400 era) + mp + 2`.
+    /// The calendar month of a µs column: [`month_sql`].
     fn month(&self, col: &str) -> String {
-        let z = format!("(({col}) / 86400000000 + 719468)");
-        let era = format!("({z} / 146097)");
-        let doe = format!("({z} - {era} * 146097)");
-        let yoe = format!("(({doe} - {doe} / 1460 + {doe} / 36524 - {doe} / 146096) / 365)");
-        let doy = format!("({doe} - (365 * {yoe} + {yoe} / 4 - {yoe} / 100))");
-        let mp = format!("((5 * {doy} + 2) / 153)");
-        format!("CAST(12 * ({yoe} + 400 * {era}) + {mp} + 2 AS BIGINT)")
-    }
-
-    /// `expr` values of a group joined by `sep`, ordered by `order`.
-    fn string_agg(&self, expr: &str, sep: &str, order: &str) -> String {
-        if self.pg {
-            format!("string_agg({expr}, '{sep}' ORDER BY {order})")
-        } else {
-            format!("group_concat({expr}, '{sep}' ORDER BY {order})")
-        }
+        month_sql(col)
     }
 
     /// ` AND {col} IN (...)` for each filter of `scope` that is set.
@@ -157,13 +136,31 @@ impl Sql {
     }
 }
 
+/// `month_index` (year × 12 + month − 1, UTC) of a µs column (a time
+/// from 1970 on), in integer arithmetic only: the civil-from-days
+/// algorithm (H. Hinnant), the same text on both backends (on
+/// PostgreSQL about as fast as `EXTRACT` on `to_timestamp`). With
+/// `z = days + 719468`, `era = z / 146097`, `doe = z − 146097 era`,
+/// `yoe = (doe − doe/1460 + doe/36524 − doe/146096) / 365`,
+/// `doy = doe − (365 yoe + yoe/4 − yoe/100)`, `mp = (5 doy + 2) / 153`
+/// (months from March), the month index is `12 (yoe + 400 era) + mp + 2`.
+pub fn month_sql(col: &str) -> String {
+    let z = format!("(({col}) / 86400000000 + 719468)");
+    let era = format!("({z} / 146097)");
+    let doe = format!("({z} - {era} * 146097)");
+    let yoe = format!("(({doe} - {doe} / 1460 + {doe} / 36524 - {doe} / 146096) / 365)");
+    let doy = format!("({doe} - (365 * {yoe} + {yoe} / 4 - {yoe} / 100))");
+    let mp = format!("((5 * {doy} + 2) / 153)");
+    format!("CAST(12 * ({yoe} + 400 * {era}) + {mp} + 2 AS BIGINT)")
+}
+
 /// Memory a report's sorts and hashes may use on PostgreSQL before they
 /// spill to disk (per sort or hash node); the default 4 MB makes a report
 /// over a million customers write temporary files.
 const REPORT_WORK_MEM: &str = "128MB";
 
 /// A read transaction for one report: on PostgreSQL with
-/// [`REPORT_WORK_MEM`] set for it alone (`SET LOCAL`).
+/// [`REPORT_WORK_MEM`] and JIT off for it alone (`SET LOCAL`).
 pub async fn begin(
     db: &sea_orm::DatabaseConnection,
 ) -> Result<sea_orm::DatabaseTransaction, Error> {
@@ -171,6 +168,9 @@ pub async fn begin(
     if is_postgres(&txn) {
         txn.execute_unprepared(&format!("SET LOCAL work_mem = '{REPORT_WORK_MEM}'"))
             .await?;
+        // JIT compiling a report's expressions costs about a second per
+        // statement and wins nothing back on these plans.
+        txn.execute_unprepared("SET LOCAL jit = off").await?;
     }
     Ok(txn)
 }
@@ -179,7 +179,7 @@ fn get<T: sea_orm::TryGetable>(r: &QueryResult, col: &str) -> Result<T, Error> {
     Ok(r.try_get::<T>("", col)?)
 }
 
-/// The CTE `conv(customer_id, conv_us, explicit, churn_us)`: customers in
+/// The CTE `conv(customer_id, conv_us, conv_month, explicit, churn_us)`: customers in
 /// scope whose first move into CONVERSION is in the period, with its time,
 /// their explicit acquisition campaign and their first churn after it (an
 /// index range on the [rollup](super::rollups) column).
@@ -188,6 +188,7 @@ fn conv_cte(q: &mut Sql, scope: &Scope) -> String {
     let filter = q.scope("id", scope);
     format!(
         "conv AS (SELECT id AS customer_id, first_conversion_us AS conv_us, \
+         first_conversion_month AS conv_month, \
          acquisition_campaign AS explicit, first_churn_us AS churn_us FROM customers \
          WHERE first_conversion_us >= {s} AND first_conversion_us < {e}{filter})"
     )
@@ -224,6 +225,17 @@ pub async fn funnel(
     db: &impl ConnectionTrait,
     scope: &Scope,
 ) -> Result<std::collections::BTreeMap<i16, FunnelRow>, Error> {
+    let mut out = funnel_moves(db, scope).await?;
+    funnel_stays(db, scope, &mut out).await?;
+    Ok(out)
+}
+
+/// The funnel's counts of the period's moves by (from, to, where the stay
+/// went next): the first statement of [`funnel`].
+pub async fn funnel_moves(
+    db: &impl ConnectionTrait,
+    scope: &Scope,
+) -> Result<std::collections::BTreeMap<i16, FunnelRow>, Error> {
     let mut q = Sql::new(db);
     let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
     let filter = q.scope("customer_id", scope);
@@ -254,6 +266,16 @@ pub async fn funnel(
             }
         }
     }
+    Ok(out)
+}
+
+/// The funnel's nearest-rank percentiles of the stays begun and ended in
+/// the period, written into `out` (the second statement of [`funnel`]).
+pub async fn funnel_stays(
+    db: &impl ConnectionTrait,
+    scope: &Scope,
+    out: &mut std::collections::BTreeMap<i16, FunnelRow>,
+) -> Result<(), Error> {
     let mut q = Sql::new(db);
     let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
     let filter = q.scope("customer_id", scope);
@@ -289,7 +311,7 @@ pub async fn funnel(
         row.p50_us = get(&r, "p50")?;
         row.p90_us = get(&r, "p90")?;
     }
-    Ok(out)
+    Ok(())
 }
 
 // ----------------------------------------------------------- attribution
@@ -333,26 +355,43 @@ pub struct Acquisition {
     pub campaigns: Vec<CampaignLine>,
 }
 
-/// The CTEs `acq` and `credit(campaign, w, customer_id)` of `model`.
+/// The CTEs `acq(customer_id)` (customers first converted in the period,
+/// from the index on `first_conversion_us` alone) and
+/// `credit(campaign, w, customer_id)` of `model`; the campaign touches come
+/// from the rollup `attribution_touches` ([`super::activity`]: every touch
+/// at or before the first conversion), with the one window the model needs.
 fn credit_ctes(q: &mut Sql, scope: &Scope, model: Model) -> String {
-    let conv = conv_cte(q, scope);
-    let (pick, weight) = match model {
-        Model::FirstTouch => ("WHERE rn_first = 1", "CAST(1 AS DOUBLE PRECISION)"),
-        Model::LastTouch => ("WHERE rn_last = 1", "CAST(1 AS DOUBLE PRECISION)"),
-        Model::Linear => ("", "CAST(1 AS DOUBLE PRECISION) / n"),
+    let period = |q: &mut Sql, col: &str| {
+        let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
+        let filter = q.scope(col, scope);
+        format!("a.first_conversion_us >= {s} AND a.first_conversion_us < {e}{filter}")
+    };
+    let (p1, p2, p3) = (period(q, "a.id"), period(q, "a.id"), period(q, "a.id"));
+    let (window, pick, weight) = match model {
+        Model::FirstTouch => (
+            "ROW_NUMBER() OVER (PARTITION BY t.customer_id ORDER BY t.occurred_us, t.event_id)",
+            "WHERE r = 1",
+            "CAST(1 AS DOUBLE PRECISION)",
+        ),
+        Model::LastTouch => (
+            "ROW_NUMBER() OVER (PARTITION BY t.customer_id ORDER BY t.occurred_us DESC, t.event_id DESC)",
+            "WHERE r = 1",
+            "CAST(1 AS DOUBLE PRECISION)",
+        ),
+        Model::Linear => (
+            "COUNT(*) OVER (PARTITION BY t.customer_id)",
+            "",
+            "CAST(1 AS DOUBLE PRECISION) / r",
+        ),
     };
     format!(
-        "WITH {conv}, \
-         acq AS (SELECT customer_id, conv_us, explicit FROM conv), \
-         touches AS (SELECT a.customer_id, t.campaign, \
-           ROW_NUMBER() OVER (PARTITION BY a.customer_id ORDER BY t.occurred_us, t.event_id) AS rn_first, \
-           ROW_NUMBER() OVER (PARTITION BY a.customer_id ORDER BY t.occurred_us DESC, t.event_id DESC) AS rn_last, \
-           COUNT(*) OVER (PARTITION BY a.customer_id) AS n \
-           FROM acq a JOIN touchpoints t ON t.customer_id = a.customer_id AND t.kind = {CAMPAIGN_TOUCH} \
-           AND t.occurred_us <= a.conv_us JOIN campaigns ca ON ca.name = t.campaign \
-           WHERE a.explicit IS NULL), \
-         credit AS (SELECT explicit AS campaign, CAST(1 AS DOUBLE PRECISION) AS w, customer_id \
-           FROM acq WHERE explicit IS NOT NULL \
+        "WITH acq AS (SELECT a.id AS customer_id FROM customers a WHERE {p1}), \
+         touches AS (SELECT t.customer_id, t.campaign, {window} AS r \
+           FROM customers a JOIN attribution_touches t ON t.customer_id = a.id \
+           AND t.occurred_us <= a.first_conversion_us JOIN campaigns ca ON ca.name = t.campaign \
+           WHERE a.acquisition_campaign IS NULL AND {p2}), \
+         credit AS (SELECT a.acquisition_campaign AS campaign, CAST(1 AS DOUBLE PRECISION) AS w, \
+           a.id AS customer_id FROM customers a WHERE a.acquisition_campaign IS NOT NULL AND {p3} \
            UNION ALL SELECT campaign, {weight} AS w, customer_id FROM touches {pick})"
     )
 }
@@ -445,8 +484,37 @@ pub struct CustomerRevenue {
     pub revenue_minor: i64,
 }
 
+/// The rows `(customer_id, month, currency, orders, revenue)` of the
+/// purchases before the period's end of the customers first converted in
+/// the period (`month`: the cohort month): the whole months before the
+/// end's from the rollup `purchase_months` ([`super::activity`], selected
+/// by its copy of the conversion time, no join), the part of the end's
+/// month before it (none when the end starts a month) from `touchpoints`
+/// joined with CTE `cohort` (columns `customer_id`, `month`).
+fn purchases(q: &mut Sql, cohort: &str, scope: &Scope) -> String {
+    let end_us = scope.end_us;
+    let end_month = clm_domain::kpi::month_of(clm_platform::db::from_micros(end_us));
+    let month_start = clm_domain::kpi::month_start_us(end_month);
+    let (s, e) = (q.p(scope.start_us), q.p(end_us));
+    let me = q.p(end_month);
+    let filter = q.scope("customer_id", scope);
+    let mut out = format!(
+        "SELECT customer_id, conv_month AS month, currency, orders, revenue_minor AS revenue \
+         FROM purchase_months WHERE conv_us >= {s} AND conv_us < {e} AND month < {me}{filter}"
+    );
+    if month_start < end_us {
+        let (ms, e) = (q.p(month_start), q.p(end_us));
+        out.push_str(&format!(
+            " UNION ALL SELECT c.customer_id, c.month, t.currency, 1, t.revenue_minor \
+             FROM {cohort} c JOIN touchpoints t ON t.customer_id = c.customer_id AND t.kind = {PURCHASE} \
+             AND t.occurred_us >= {ms} AND t.occurred_us < {e}"
+        ));
+    }
+    out
+}
+
 /// CLV inputs per cohort month and currency, and the `top` customers by
-/// revenue (two statements).
+/// revenue (two statements), purchases read through [`purchases`].
 pub async fn clv(
     db: &impl ConnectionTrait,
     scope: &Scope,
@@ -455,15 +523,14 @@ pub async fn clv(
     let mut q = Sql::new(db);
     let conv = conv_cte(&mut q, scope);
     let e = q.p(scope.end_us);
-    let month = q.month("conv_us");
+    let month = "conv_month";
+    let bought = purchases(&mut q, "coh", scope);
     q.push(&format!(
         "WITH {conv}, \
          coh AS (SELECT customer_id, conv_us, {month} AS month, \
            CASE WHEN churn_us < {e} THEN churn_us END AS churn_us FROM conv), \
-         buys AS (SELECT coh.month, t.currency, COUNT(*) AS orders, \
-           CAST(SUM(t.revenue_minor) AS BIGINT) AS revenue FROM coh \
-           JOIN touchpoints t ON t.customer_id = coh.customer_id AND t.kind = {PURCHASE} \
-           AND t.occurred_us < {e} GROUP BY coh.month, t.currency), \
+         buys AS (SELECT month, currency, SUM(orders) AS orders, \
+           CAST(SUM(revenue) AS BIGINT) AS revenue FROM ({bought}) AS b GROUP BY month, currency), \
          sizes AS (SELECT month, COUNT(*) AS customers, \
            CAST(SUM(COALESCE(churn_us, {e}) - conv_us) AS BIGINT) AS exposure, \
            SUM(CASE WHEN churn_us IS NULL THEN 0 ELSE 1 END) AS churned \
@@ -489,14 +556,13 @@ pub async fn clv(
     if top > 0 {
         let mut q = Sql::new(db);
         let conv = conv_cte(&mut q, scope);
-        let e = q.p(scope.end_us);
+        let bought = purchases(&mut q, "coh", scope);
         let limit = q.p(i64::try_from(top).unwrap_or(i64::MAX));
         q.push(&format!(
-            "WITH {conv} SELECT t.customer_id, t.currency, CAST(COUNT(*) AS BIGINT) AS orders, \
-             CAST(SUM(t.revenue_minor) AS BIGINT) AS revenue FROM conv \
-             JOIN touchpoints t ON t.customer_id = conv.customer_id AND t.kind = {PURCHASE} \
-             AND t.occurred_us < {e} GROUP BY t.customer_id, t.currency \
-             ORDER BY revenue DESC, t.customer_id LIMIT {limit}"
+            "WITH {conv}, coh AS (SELECT customer_id, 0 AS month FROM conv) \
+             SELECT customer_id, currency, CAST(SUM(orders) AS BIGINT) AS orders, \
+             CAST(SUM(revenue) AS BIGINT) AS revenue FROM ({bought}) AS b GROUP BY customer_id, currency \
+             ORDER BY revenue DESC, customer_id LIMIT {limit}"
         ));
         for r in q.all(db).await? {
             top_customers.push(CustomerRevenue {
@@ -524,7 +590,10 @@ pub struct Retention {
     pub churned: Vec<(i32, i32, i64)>,
 }
 
-/// Retention of the cohorts converted in the period (one statement).
+/// Retention of the cohorts converted in the period (one statement): the
+/// cohort by the indexed first conversion, activity from the monthly
+/// rollup `touch_months` ([`super::activity`]) selected by its copy of the
+/// conversion time (no join).
 pub async fn retention(
     db: &impl ConnectionTrait,
     scope: &Scope,
@@ -533,23 +602,25 @@ pub async fn retention(
 ) -> Result<Retention, Error> {
     let mut q = Sql::new(db);
     let conv = conv_cte(&mut q, scope);
-    let kinds: Vec<String> = active_kinds.iter().map(|k| q.p(*k)).collect();
-    let kinds = kinds.join(", ");
-    let n = q.p(i64::from(months));
-    let cm = q.month("conv_us");
-    let am = q.month("t.occurred_us");
+    let mask = q.p(active_kinds
+        .iter()
+        .fold(0i32, |m, k| m | (1i32 << (*k).clamp(0, 30))));
+    let n = q.p(months);
+    let cm = "conv_month";
     let chm = q.month("churn_us");
+    let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
+    let filter = q.scope("customer_id", scope);
+    // Activity in a month after the cohort month is always at or after
+    // t_conv, so the monthly rollup answers it exactly.
     q.push(&format!(
         "WITH {conv}, \
-         coh AS (SELECT customer_id, conv_us, {cm} AS cm FROM conv), \
-         act AS (SELECT DISTINCT coh.customer_id, coh.cm, {am} AS am FROM coh \
-           JOIN touchpoints t ON t.customer_id = coh.customer_id AND t.kind IN ({kinds}) \
-           AND t.occurred_us >= coh.conv_us), \
+         coh AS (SELECT customer_id, {cm} AS cm FROM conv), \
          churn AS (SELECT customer_id, {cm} AS cm, {chm} AS chm FROM conv WHERE churn_us IS NOT NULL) \
          SELECT 's' AS k, CAST(cm AS BIGINT) AS cm, CAST(0 AS BIGINT) AS off, CAST(COUNT(*) AS BIGINT) AS n \
            FROM coh GROUP BY cm \
-         UNION ALL SELECT 'a', CAST(cm AS BIGINT), CAST(am - cm AS BIGINT), CAST(COUNT(*) AS BIGINT) FROM act \
-           WHERE am > cm AND am <= cm + {n} GROUP BY cm, am \
+         UNION ALL SELECT 'a', CAST(conv_month AS BIGINT), CAST(month - conv_month AS BIGINT), CAST(COUNT(*) AS BIGINT) \
+           FROM touch_months WHERE conv_us >= {s} AND conv_us < {e}{filter} AND month > conv_month \
+           AND month <= conv_month + {n} AND (kinds & {mask}) <> 0 GROUP BY conv_month, month \
          UNION ALL SELECT 'c', CAST(cm AS BIGINT), CAST(chm - cm AS BIGINT), CAST(COUNT(*) AS BIGINT) FROM churn \
            WHERE chm <= cm + {n} GROUP BY cm, chm"
     ));
@@ -584,7 +655,9 @@ pub struct PathRow {
 
 /// Customers entering `stage` in the period (first entry each) and the
 /// `top` most common paths of their last `max_len` touchpoints in the
-/// `window_us` before the entry (one statement).
+/// `window_us` before the entry (one statement over the journey rollup
+/// `move_paths`, [`super::journeys`]: one row per entry, no touchpoint
+/// join).
 pub async fn journey_paths(
     db: &impl ConnectionTrait,
     scope: &Scope,
@@ -593,36 +666,40 @@ pub async fn journey_paths(
     max_len: i64,
     top: i64,
 ) -> Result<(i64, Vec<PathRow>), Error> {
-    let entries = |q: &mut Sql| {
-        let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
-        let st = q.p(stage);
-        let filter = q.scope("customer_id", scope);
-        format!(
-            "entries AS (SELECT customer_id, MIN(change_us) AS at_us FROM stage_history \
-             WHERE to_stage = {st} AND change_us >= {s} AND change_us < {e}{filter} GROUP BY customer_id)"
-        )
-    };
+    let steps = super::journeys::STEPS;
     let mut q = Sql::new(db);
-    let cte = entries(&mut q);
+    let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
+    let st = q.p(stage);
+    let filter = q.scope("customer_id", scope);
     let (w, l, t) = (q.p(window_us), q.p(max_len), q.p(top));
-    let step = format!(
-        "CASE WHEN kind = {CUSTOM} THEN 'c:' || COALESCE(custom_type, '') ELSE CAST(kind AS TEXT) END"
-    );
-    let agg = q.string_agg(&step, ">", "occurred_us, event_id");
+    // m: the kept touchpoints inside the window (a prefix: newest first).
+    let m: Vec<String> = (1..=steps)
+        .map(|i| format!("CASE WHEN u{i} >= change_us - {w} THEN 1 ELSE 0 END"))
+        .collect();
+    // The path of the k newest, oldest first, and the time from its first.
+    let path: Vec<String> = (1..=steps)
+        .map(|k| {
+            let parts: Vec<String> = (1..=k).rev().map(|i| format!("s{i}")).collect();
+            format!("WHEN {k} THEN {}", parts.join(" || '>' || "))
+        })
+        .collect();
+    let first: Vec<String> = (1..=steps).map(|k| format!("WHEN {k} THEN u{k}")).collect();
     q.push(&format!(
-        "WITH {cte}, \
-         tp AS (SELECT e.customer_id, e.at_us, t.kind, t.custom_type, t.occurred_us, t.event_id, \
-           ROW_NUMBER() OVER (PARTITION BY e.customer_id ORDER BY t.occurred_us DESC, t.event_id DESC) AS rn \
-           FROM entries e JOIN touchpoints t ON t.customer_id = e.customer_id \
-           AND t.occurred_us <= e.at_us AND t.occurred_us >= e.at_us - {w}), \
-         paths AS (SELECT customer_id, {agg} AS path, MAX(at_us) - MIN(occurred_us) AS dur \
-           FROM tp WHERE rn <= {l} GROUP BY customer_id), \
+        "WITH entries AS (SELECT p.*, {m} AS m FROM move_paths p \
+           WHERE to_stage = {st} AND change_us >= {s} AND change_us < {e} \
+           AND (prev_same_us IS NULL OR prev_same_us < {s}){filter}), \
+         sized AS (SELECT entries.*, CASE WHEN m < {l} THEN m ELSE {l} END AS k FROM entries), \
+         paths AS (SELECT CASE k {path} END AS path, change_us - CASE k {first} END AS dur \
+           FROM sized WHERE k > 0), \
          ranked AS (SELECT path, dur, ROW_NUMBER() OVER (PARTITION BY path ORDER BY dur) AS rn, \
            COUNT(*) OVER (PARTITION BY path) AS n FROM paths) \
          SELECT 'p' AS k, path, n, p50 FROM (SELECT path, CAST(MAX(n) AS BIGINT) AS n, \
            CAST(MAX(CASE WHEN rn = (n * 50 + 99) / 100 THEN dur END) AS BIGINT) AS p50 \
            FROM ranked GROUP BY path ORDER BY n DESC, path LIMIT {t}) AS top_paths \
-         UNION ALL SELECT 'e', '', CAST(COUNT(*) AS BIGINT), CAST(0 AS BIGINT) FROM entries"
+         UNION ALL SELECT 'e', '', CAST(COUNT(*) AS BIGINT), CAST(0 AS BIGINT) FROM entries",
+        m = m.join(" + "),
+        path = path.join(" "),
+        first = first.join(" "),
     ));
     let mut paths = Vec::new();
     let mut entered = 0;
@@ -661,7 +738,10 @@ pub struct PainCounts {
     pub types: Vec<(String, i64, i64)>,
 }
 
-/// Pain-point counts (one statement).
+/// Pain-point counts (one statement): leavers and their types from the
+/// journey rollup `move_paths` ([`super::journeys`]), stayers' types from
+/// the touchpoints of the last window before the period's end (the index
+/// `touchpoints_time`).
 pub async fn pain_points(
     db: &impl ConnectionTrait,
     scope: &Scope,
@@ -671,26 +751,50 @@ pub async fn pain_points(
     let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
     let w = q.p(window_us);
     let f1 = q.scope("customer_id", scope);
-    let f2 = q.scope("c.id", scope);
+    let f2 = q.scope("t.customer_id", scope);
+    let f3 = q.scope("c.id", scope);
     let step = format!(
         "CASE WHEN t.kind = {CUSTOM} THEN 'c:' || COALESCE(t.custom_type, '') ELSE CAST(t.kind AS TEXT) END"
     );
+    let steps = super::journeys::STEPS;
+    let pos: Vec<String> = (1..=steps).map(|i| format!("({i})")).collect();
+    let pick = |c: &str| -> String {
+        let arms: Vec<String> = (1..=steps)
+            .map(|i| format!("WHEN {i} THEN lp.{c}{i}"))
+            .collect();
+        format!("CASE pos.i {} END", arms.join(" "))
+    };
+    let (ps, pu) = (pick("s"), pick("u"));
+    // A leaver's first leaving move and its types come from the journey
+    // rollup (its last {steps} touchpoints); only when all of them are
+    // inside the window could older ones be too, and those leavers read
+    // the touchpoints themselves. Stayers: every customer with a type in
+    // the last window, less those who are not stayers (few).
+    let leaving = super::journeys::LEAVING;
     q.push(&format!(
-        "WITH leave AS (SELECT customer_id, MIN(change_us) AS at_us FROM stage_history \
-           WHERE change_us >= {s} AND change_us < {e} AND from_stage IS NOT NULL AND from_stage <= 5 \
-           AND (to_stage = {CHURNED} OR to_stage < from_stage){f1} GROUP BY customer_id), \
-         stay AS (SELECT c.id AS customer_id FROM customers c WHERE c.create_us < {e} AND c.stage <> {CHURNED} \
-           AND NOT EXISTS (SELECT 1 FROM leave l WHERE l.customer_id = c.id){f2}), \
-         lt AS (SELECT {step} AS step, COUNT(DISTINCT l.customer_id) AS n FROM leave l \
-           JOIN touchpoints t ON t.customer_id = l.customer_id AND t.occurred_us <= l.at_us \
-           AND t.occurred_us >= l.at_us - {w} GROUP BY {step}), \
-         st AS (SELECT {step} AS step, COUNT(DISTINCT s.customer_id) AS n FROM stay s \
-           JOIN touchpoints t ON t.customer_id = s.customer_id AND t.occurred_us < {e} \
-           AND t.occurred_us >= {e} - {w} GROUP BY {step}) \
+        "WITH lv AS (SELECT p.*, ROW_NUMBER() OVER (PARTITION BY customer_id ORDER BY change_us, history_id) AS rn \
+           FROM move_paths p WHERE {leaving} AND change_us >= {s} AND change_us < {e}{f1}), \
+         lp AS (SELECT * FROM lv WHERE rn = 1), \
+         pos (i) AS (VALUES {pos}), \
+         lsteps AS (SELECT lp.customer_id, {ps} AS step FROM lp CROSS JOIN pos \
+           WHERE {pu} >= lp.change_us - {w} \
+           UNION SELECT l.customer_id, {step} FROM \
+           (SELECT customer_id, change_us FROM lp WHERE u{steps} >= change_us - {w}) AS l \
+           JOIN touchpoints t ON t.customer_id = l.customer_id AND t.occurred_us <= l.change_us \
+           AND t.occurred_us >= l.change_us - {w}), \
+         lt AS (SELECT step, COUNT(*) AS n FROM lsteps GROUP BY step), \
+         recent AS (SELECT t.customer_id, {step} AS step FROM touchpoints t \
+           WHERE t.occurred_us < {e} AND t.occurred_us >= {e} - {w}{f2} GROUP BY t.customer_id, {step}), \
+         other AS (SELECT customer_id FROM lp UNION SELECT id FROM customers \
+           WHERE stage = {CHURNED} OR create_us >= {e}), \
+         st AS (SELECT r.step, COUNT(*) - COUNT(o.customer_id) AS n FROM recent r \
+           LEFT JOIN other o ON o.customer_id = r.customer_id GROUP BY r.step) \
          SELECT 'l' AS k, step, CAST(n AS BIGINT) AS n FROM lt \
          UNION ALL SELECT 's', step, CAST(n AS BIGINT) FROM st \
-         UNION ALL SELECT 'L', '', CAST(COUNT(*) AS BIGINT) FROM leave \
-         UNION ALL SELECT 'S', '', CAST(COUNT(*) AS BIGINT) FROM stay"
+         UNION ALL SELECT 'L', '', CAST(COUNT(*) AS BIGINT) FROM lp \
+         UNION ALL SELECT 'S', '', CAST(COUNT(*) AS BIGINT) FROM customers c \
+           WHERE c.create_us < {e} AND c.stage <> {CHURNED} AND c.id NOT IN (SELECT customer_id FROM lp){f3}",
+        pos = pos.join(", "),
     ));
     let mut out = PainCounts::default();
     let mut by: std::collections::BTreeMap<String, (i64, i64)> = Default::default();
@@ -745,10 +849,18 @@ mod tests {
                  SELECT 't' || id, id, 5, 1500, 1500, 'campaigns/{cid}', NULL, NULL FROM customers UNION ALL \
                  SELECT 'p' || id, id, 4, 2500, 2500, NULL, 100, 'EUR' FROM customers"
             ),
-            "UPDATE customers SET first_conversion_us = 2000 + length(id)".into(),
+            "UPDATE customers SET first_conversion_us = 2000 + length(id), \
+             first_conversion_month = 1970 * 12"
+                .into(),
         ] {
             db.execute_unprepared(&sql).await.unwrap();
         }
+        for sql in crate::store::activity::rebuild_sql(None) {
+            db.execute_unprepared(&sql).await.unwrap();
+        }
+        db.execute_unprepared(&crate::store::journeys::fill_sql(None))
+            .await
+            .unwrap();
         let statements = Arc::new(AtomicUsize::new(0));
         let counter = statements.clone();
         db.set_metric_callback(move |_| {

@@ -8,9 +8,14 @@
 //!   Time in stage and stage-to-stage conversion become per-row arithmetic,
 //!   with no window over each customer's history.
 //! * `customers.first_conversion_us`: the customer's first move into
-//!   CONVERSION; `customers.first_churn_us`: its first move into CHURNED
+//!   CONVERSION (and `first_conversion_month`, its UTC month index, the
+//!   cohort of CLV and retention); `customers.first_churn_us`: its first move into CHURNED
 //!   after that. Acquisition, CLV and retention cohorts select by an index
 //!   range on the first instead of grouping all moves by customer.
+//!
+//! * `attribution_touches` ([`super::activity`]): a first conversion
+//!   drops the customer's campaign touches after it; `touch_months` and
+//!   `purchase_months` take its time and month (`conv_us`, `conv_month`).
 //!
 //! These columns are not part of the sea-orm entities on purpose: the
 //! entity writes (create, update, merge) never touch them.
@@ -48,10 +53,28 @@ pub async fn on_moves(
             .and_where(Expr::col(n("left_us")).is_null());
         db.execute(&close).await?;
         if to == Stage::Conversion.code() {
+            // Campaign touches after a first conversion never credit it;
+            // a later conversion (first_conversion_us already set, and
+            // earlier) finds none to drop.
+            let mut late = Query::delete();
+            late.from_table(n("attribution_touches"))
+                .and_where(Expr::col(n("customer_id")).is_in(ids.clone()))
+                .and_where(Expr::col(n("occurred_us")).gt(at));
+            db.execute(&late).await?;
+            let month = clm_domain::kpi::month_of(clm_platform::db::from_micros(at));
+            for table in ["touch_months", "purchase_months"] {
+                let mut copy = Query::update();
+                copy.table(n(table))
+                    .values([(n("conv_us"), at.into()), (n("conv_month"), month.into())])
+                    .and_where(Expr::col(n("customer_id")).is_in(ids.clone()))
+                    .and_where(Expr::col(n("conv_us")).is_null());
+                db.execute(&copy).await?;
+            }
             let mut first = Query::update();
             first
                 .table(n("customers"))
                 .value(n("first_conversion_us"), at)
+                .value(n("first_conversion_month"), month)
                 .and_where(Expr::col(n("id")).is_in(ids))
                 .and_where(Expr::col(n("first_conversion_us")).is_null());
             db.execute(&first).await?;
@@ -65,6 +88,37 @@ pub async fn on_moves(
                 .and_where(Expr::col(n("first_churn_us")).is_null());
             db.execute(&churn).await?;
         }
+    }
+    Ok(())
+}
+
+/// Recomputes `customer`'s first conversion (and its month) and first
+/// churn after it from its stage history (after a merge moved other
+/// customers' moves to it): two statements.
+pub async fn recompute_firsts(db: &impl ConnectionTrait, customer: &str) -> Result<(), Error> {
+    let conv = Stage::Conversion.code();
+    let churn = Stage::Churned.code();
+    let sql = format!(
+        "UPDATE customers SET \
+         first_conversion_us = (SELECT MIN(h.change_us) FROM stage_history h \
+           WHERE h.customer_id = customers.id AND h.to_stage = {conv}), \
+         first_churn_us = (SELECT MIN(h.change_us) FROM stage_history h \
+           WHERE h.customer_id = customers.id AND h.to_stage = {churn} AND h.change_us > \
+           (SELECT MIN(h2.change_us) FROM stage_history h2 \
+            WHERE h2.customer_id = customers.id AND h2.to_stage = {conv})) \
+         WHERE id = $1"
+    );
+    let month = format!(
+        "UPDATE customers SET first_conversion_month = {} WHERE id = $1",
+        super::reports::month_sql("first_conversion_us")
+    );
+    for sql in [sql, month] {
+        db.execute_raw(sea_orm::Statement::from_sql_and_values(
+            db.get_database_backend(),
+            sql,
+            [customer.into()],
+        ))
+        .await?;
     }
     Ok(())
 }

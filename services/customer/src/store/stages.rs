@@ -58,7 +58,8 @@ impl StageChangeRecord {
 }
 
 /// Inserts moves (one statement), after closing the customers' open stays
-/// in the report rollups ([`super::rollups`]).
+/// in the report rollups ([`super::rollups`]), and gives them their
+/// journey rows ([`super::journeys::fill`], one statement).
 pub async fn insert_many(
     db: &impl ConnectionTrait,
     changes: &[StageChangeRecord],
@@ -70,7 +71,10 @@ pub async fn insert_many(
     stage_history::Entity::insert_many(changes.iter().map(StageChangeRecord::to_active_model))
         .exec_without_returning(db)
         .await?;
-    Ok(())
+    let mut customers: Vec<String> = changes.iter().map(|c| c.customer.to_string()).collect();
+    customers.sort_unstable();
+    customers.dedup();
+    super::journeys::fill(db, &customers).await
 }
 
 /// Up to `limit` moves of `customer` with id greater than `after`, oldest first.
