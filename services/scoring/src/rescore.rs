@@ -173,7 +173,10 @@ async fn replay(
         }
         sea_orm::ConnectionTrait::execute(&txn, &del).await?;
         written += ledger::insert(&txn, &new).await? as i64;
-        sums::rebuild(&txn, &ids).await?;
+        // The model's sums anew: the replayed entries and the kept ones.
+        let kept = ledger::kept(&txn, &v.id, &ids, &keep).await?;
+        let rows: Vec<ledger::Row> = new.iter().map(NewRow::as_row).chain(kept).collect();
+        sums::replace_model(&txn, &v.id, &ids, &sums::of_rows(&rows)).await?;
         let keys: Vec<(String, String, String)> = ids
             .iter()
             .flat_map(|c| {

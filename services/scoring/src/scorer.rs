@@ -200,26 +200,6 @@ pub fn scores(
     (values, grade)
 }
 
-/// A new row as a ledger row (for computing scores before it is read back).
-fn as_row(n: &NewRow) -> Row {
-    let (kind, param) = n.award.decay.code();
-    Row {
-        id: i64::MAX,
-        customer: n.customer.clone(),
-        model: n.model.clone(),
-        model_version: n.model_version,
-        score: n.award.score.clone(),
-        rule: n.award.rule.clone(),
-        points: n.award.points,
-        source_event: n.award.source_event.clone(),
-        award_us: n.award.award_us,
-        decay_kind: kind,
-        decay_us: param,
-        reason: n.reason.clone(),
-        actor: n.actor.clone(),
-    }
-}
-
 /// What is known of one customer's ledger under one model to tell its
 /// scores at one instant: the running sums, and either the linear entries
 /// that still count or (when a sum cannot tell: an award after that
@@ -239,7 +219,7 @@ impl Known {
             .or_insert_with(|| Sum::new(n.award.decay))
             .add(n.award.points, n.award.award_us);
         if self.all_rows || matches!(n.award.decay, Decay::Linear { .. }) {
-            self.rows.push(as_row(n));
+            self.rows.push(n.as_row());
         }
     }
 

@@ -456,6 +456,17 @@ async fn rescore_after_a_rule_change_and_erasure_receipt() {
             .then_some(())
     })
     .await;
+    // A manual adjustment survives the re-scoring (and its running sum).
+    s.adjust_score(pb::AdjustScoreRequest {
+        customer: c.name.clone(),
+        scoring_model: "scoringModels/leads".into(),
+        score: "engagement".into(),
+        points: 3,
+        reason: "call".into(),
+        request_id: "adj-r".into(),
+    })
+    .await
+    .unwrap();
     let current = s
         .get_scoring_model(pb::GetScoringModelRequest {
             name: "scoringModels/leads".into(),
@@ -538,8 +549,25 @@ async fn rescore_after_a_rule_change_and_erasure_receipt() {
     assert_eq!(
         env.score(&c.name, "scoringModels/leads", "engagement")
             .await,
-        16.0
+        19.0
     );
+    let db = sea_orm::Database::connect(&env.scoring_backend.database_url)
+        .await
+        .unwrap();
+    assert_sums_match_ledger(&db, "leads", std::slice::from_ref(&c.name)).await;
+    let top = s
+        .list_top_customers(pb::ListTopCustomersRequest {
+            scoring_model: "scoringModels/leads".into(),
+            score: "engagement".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ranked = &top.customers[0];
+    assert_eq!(ranked.customer, c.name);
+    let engagement = ranked.scores.iter().find(|v| v.score == "engagement");
+    assert_eq!(engagement.map(|v| v.value), Some(19.0));
     // Erasure: the ledger goes, the receipt is on scoring's stream.
     env.customers()
         .erase_customer(cpb::EraseCustomerRequest {
@@ -579,6 +607,12 @@ async fn rescore_after_a_rule_change_and_erasure_receipt() {
     .unwrap();
     assert_eq!(receipt.customer, c.name);
     assert_eq!(receipt.service, "scoring");
+    assert!(
+        clm_scoring::store::sums::load(&db, "leads", std::slice::from_ref(&c.name))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -965,9 +999,9 @@ async fn inactivity_linear_decay_floor_and_custom_scores_read_at_any_time() {
 /// The stored running sums against the sums of the ledger recomputed from
 /// scratch: the same entries and newest award per (customer, model, score,
 /// decay), and the same value a day after the newest award.
-async fn assert_sums_match_ledger(db: &sea_orm::DatabaseConnection, custs: &[String]) {
+async fn assert_sums_match_ledger(db: &sea_orm::DatabaseConnection, model: &str, custs: &[String]) {
     use clm_scoring::store::{ledger, sums};
-    let stored = sums::load(db, "mixed", custs).await.unwrap();
+    let stored = sums::load(db, model, custs).await.unwrap();
     let ledger = ledger::of_customers_all_models(db, custs).await.unwrap();
     let fresh = sums::of_rows(&ledger);
     let key = |r: &sums::SumRow| {
@@ -1216,7 +1250,7 @@ async fn score_changes_agree_with_get_score_and_running_sums_with_the_ledger() {
     })
     .await;
     let custs = vec![a.name.clone(), b.name.clone()];
-    assert_sums_match_ledger(&db, &custs).await;
+    assert_sums_match_ledger(&db, "mixed", &custs).await;
     // The ranking (from the sums) says what GetScore says, highest first.
     let top = s
         .list_top_customers(pb::ListTopCustomersRequest {
@@ -1277,7 +1311,7 @@ async fn score_changes_agree_with_get_score_and_running_sums_with_the_ledger() {
             .then_some(())
     })
     .await;
-    assert_sums_match_ledger(&db, &custs).await;
+    assert_sums_match_ledger(&db, "mixed", &custs).await;
     let after: Vec<String> = clm_scoring::store::sums::load(&db, "mixed", &custs)
         .await
         .unwrap()

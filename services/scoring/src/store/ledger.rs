@@ -86,6 +86,55 @@ pub struct NewRow {
     pub actor: String,
 }
 
+impl NewRow {
+    /// As a ledger row (for computing scores before it is read back; id
+    /// `i64::MAX`).
+    pub fn as_row(&self) -> Row {
+        let (kind, param) = self.award.decay.code();
+        Row {
+            id: i64::MAX,
+            customer: self.customer.clone(),
+            model: self.model.clone(),
+            model_version: self.model_version,
+            score: self.award.score.clone(),
+            rule: self.award.rule.clone(),
+            points: self.award.points,
+            source_event: self.award.source_event.clone(),
+            award_us: self.award.award_us,
+            decay_kind: kind,
+            decay_us: param,
+            reason: self.reason.clone(),
+            actor: self.actor.clone(),
+        }
+    }
+}
+
+/// The entries of `customers` under `model` that re-scoring keeps: manual
+/// adjustments (version 0) and the awards of the `keep` rules (score
+/// columns only): one statement.
+pub async fn kept(
+    db: &impl ConnectionTrait,
+    model: &str,
+    customers: &[String],
+    keep: &[String],
+) -> Result<Vec<Row>> {
+    if customers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = score_select()
+        .and_where(Expr::col(n("model")).eq(model))
+        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .and_where(
+            Expr::col(n("model_version"))
+                .eq(0)
+                .or(Expr::col(n("rule")).is_in(keep.iter().cloned())),
+        )
+        .to_owned();
+    Ok(Row::find_by_statement(db.get_database_backend().build(&q))
+        .all(db)
+        .await?)
+}
+
 /// Inserts `rows`, skipping any whose (source event, rule, model, version)
 /// is already in the ledger; one statement per chunk. Returns rows inserted.
 pub async fn insert(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<u64> {

@@ -160,6 +160,27 @@ pub async fn delete_customers(db: &impl ConnectionTrait, customers: &[String]) -
     Ok(())
 }
 
+/// Replaces every sum of `customers` under `model` with `rows`
+/// (re-scoring, which knows the model's new entries): two statements per
+/// chunk.
+pub async fn replace_model(
+    db: &impl ConnectionTrait,
+    model: &str,
+    customers: &[String],
+    rows: &[SumRow],
+) -> Result<()> {
+    if customers.is_empty() {
+        return Ok(());
+    }
+    let q = Query::delete()
+        .from_table(n(TABLE))
+        .and_where(Expr::col(n("model")).eq(model))
+        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .to_owned();
+    db.execute(&q).await?;
+    save(db, rows).await
+}
+
 /// The sums of `rows` (any customers, models and order).
 pub fn of_rows<'a>(rows: impl IntoIterator<Item = &'a Row>) -> Vec<SumRow> {
     let mut sums: BTreeMap<(&str, &str, &str, i16, i64), Sum> = BTreeMap::new();
