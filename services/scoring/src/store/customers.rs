@@ -206,19 +206,7 @@ pub async fn last_activity(
     if customers.is_empty() {
         return Ok(Default::default());
     }
-    let q = Query::select()
-        .column(n("customer"))
-        .expr_as(Func::max(Expr::col(n("occurred_us"))), n("last"))
-        .from(n("score_touchpoints"))
-        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
-        .and_where(Expr::col(n("occurred_us")).lte(at_us))
-        .group_by_col(n("customer"))
-        .to_owned();
-    db.query_all(&q)
-        .await?
-        .into_iter()
-        .map(|r| Ok((r.try_get("", "customer")?, r.try_get("", "last")?)))
-        .collect()
+    newest_touch(db, Some(customers), at_us).await
 }
 
 /// Every customer's newest touchpoint at or before `at_us` (ListTopCustomers
@@ -227,13 +215,24 @@ pub async fn last_activity_all(
     db: &impl ConnectionTrait,
     at_us: i64,
 ) -> Result<std::collections::HashMap<String, i64>> {
-    let q = Query::select()
+    newest_touch(db, None, at_us).await
+}
+
+async fn newest_touch(
+    db: &impl ConnectionTrait,
+    customers: Option<&[String]>,
+    at_us: i64,
+) -> Result<std::collections::HashMap<String, i64>> {
+    let mut q = Query::select()
         .column(n("customer"))
         .expr_as(Func::max(Expr::col(n("occurred_us"))), n("last"))
         .from(n("score_touchpoints"))
         .and_where(Expr::col(n("occurred_us")).lte(at_us))
         .group_by_col(n("customer"))
         .to_owned();
+    if let Some(c) = customers {
+        q.and_where(Expr::col(n("customer")).is_in(c.iter().cloned()));
+    }
     db.query_all(&q)
         .await?
         .into_iter()

@@ -138,35 +138,7 @@ pub async fn kept(
 /// Inserts `rows`, skipping any whose (source event, rule, model, version)
 /// is already in the ledger; one statement per chunk. Returns rows inserted.
 pub async fn insert(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<u64> {
-    let mut inserted = 0;
-    for part in rows.chunks(chunk(COLUMNS.len())) {
-        let mut q = Query::insert();
-        q.into_table(n(TABLE)).columns(COLUMNS.map(n));
-        for r in part {
-            let (kind, param) = r.award.decay.code();
-            q.values_panic([
-                r.customer.clone().into(),
-                r.model.clone().into(),
-                r.model_version.into(),
-                r.award.score.clone().into(),
-                r.award.rule.clone().into(),
-                r.award.points.into(),
-                r.award.source_event.clone().into(),
-                r.award.award_us.into(),
-                kind.into(),
-                param.into(),
-                r.reason.clone().into(),
-                r.actor.clone().into(),
-            ]);
-        }
-        q.on_conflict(
-            OnConflict::columns(["source_event", "rule", "model", "model_version"].map(n))
-                .do_nothing()
-                .to_owned(),
-        );
-        inserted += db.execute(&q).await?.rows_affected();
-    }
-    Ok(inserted)
+    Ok(insert_new(db, rows).await?.len() as u64)
 }
 
 /// Inserts `rows` like [`insert`] and returns the ones that were new (a

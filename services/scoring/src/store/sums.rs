@@ -90,28 +90,28 @@ pub async fn load(
     if customers.is_empty() {
         return Ok(Vec::new());
     }
-    let q = Query::select()
-        .columns(COLUMNS.map(n))
-        .from(n(TABLE))
-        .and_where(Expr::col(n("model")).eq(model))
-        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
-        .order_by(n("customer"), Order::Asc)
-        .to_owned();
-    Ok(
-        SumRow::find_by_statement(db.get_database_backend().build(&q))
-            .all(db)
-            .await?,
-    )
+    select(db, model, Some(customers)).await
 }
 
 /// Every sum of `model`, by customer (ListTopCustomers): one statement.
 pub async fn of_model(db: &impl ConnectionTrait, model: &str) -> Result<Vec<SumRow>> {
-    let q = Query::select()
+    select(db, model, None).await
+}
+
+async fn select(
+    db: &impl ConnectionTrait,
+    model: &str,
+    customers: Option<&[String]>,
+) -> Result<Vec<SumRow>> {
+    let mut q = Query::select()
         .columns(COLUMNS.map(n))
         .from(n(TABLE))
         .and_where(Expr::col(n("model")).eq(model))
         .order_by(n("customer"), Order::Asc)
         .to_owned();
+    if let Some(c) = customers {
+        q.and_where(Expr::col(n("customer")).is_in(c.iter().cloned()));
+    }
     Ok(
         SumRow::find_by_statement(db.get_database_backend().build(&q))
             .all(db)
