@@ -254,18 +254,11 @@ pub async fn linear_since(
         over: chrono::TimeDelta::microseconds(1),
     }
     .code();
-    let q = score_select()
-        .and_where(Expr::col(n("model")).eq(model))
-        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+    let q = of_model_customers(model, customers)
         .and_where(Expr::col(n("award_us")).gt(since_us))
         .and_where(Expr::col(n("decay_kind")).eq(linear))
-        .order_by(n("customer"), Order::Asc)
-        .order_by(n("award_us"), Order::Asc)
-        .order_by(n("id"), Order::Asc)
         .to_owned();
-    Ok(Row::find_by_statement(db.get_database_backend().build(&q))
-        .all(db)
-        .await?)
+    rows(db, &q).await
 }
 
 /// What caps and once-per-customer rules of `model` version `version` need
@@ -291,24 +284,39 @@ pub async fn rule_history(
             .and(Expr::col(n("award_us")).gte(lo))
             .and(Expr::col(n("award_us")).lt(hi)));
     }
-    let q = score_select()
-        .and_where(Expr::col(n("model")).eq(model))
+    let q = of_model_customers(model, customers)
         .and_where(Expr::col(n("model_version")).eq(version))
-        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
         .and_where(which)
-        .order_by(n("customer"), Order::Asc)
-        .order_by(n("award_us"), Order::Asc)
-        .order_by(n("id"), Order::Asc)
         .to_owned();
-    Ok(Row::find_by_statement(db.get_database_backend().build(&q))
-        .all(db)
-        .await?)
+    rows(db, &q).await
 }
 
 fn select() -> sea_orm::sea_query::SelectStatement {
     let mut cols = vec![n("id")];
     cols.extend(COLUMNS.map(n));
     Query::select().columns(cols).from(n(TABLE)).to_owned()
+}
+
+/// The score columns of `customers`' entries under `model`, in ledger
+/// order (customer, award time, id), for a reader to narrow down.
+fn of_model_customers(model: &str, customers: &[String]) -> sea_orm::sea_query::SelectStatement {
+    score_select()
+        .and_where(Expr::col(n("model")).eq(model))
+        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .order_by(n("customer"), Order::Asc)
+        .order_by(n("award_us"), Order::Asc)
+        .order_by(n("id"), Order::Asc)
+        .to_owned()
+}
+
+/// Runs a ledger select.
+async fn rows(
+    db: &impl ConnectionTrait,
+    q: &sea_orm::sea_query::SelectStatement,
+) -> Result<Vec<Row>> {
+    Ok(Row::find_by_statement(db.get_database_backend().build(q))
+        .all(db)
+        .await?)
 }
 
 /// Every entry of `customers` under `model`, in ledger order (customer,
@@ -319,52 +327,10 @@ pub async fn of_customers(
     model: &str,
     customers: &[String],
 ) -> Result<Vec<Row>> {
-    of_customer_scores(db, model, customers, None).await
-}
-
-/// Like [`of_customers`], only the entries of `scores` when given (a
-/// stream batch reads only the scores its awards can touch): one statement.
-pub async fn of_customer_scores(
-    db: &impl ConnectionTrait,
-    model: &str,
-    customers: &[String],
-    scores: Option<&[String]>,
-) -> Result<Vec<Row>> {
-    if customers.is_empty() || scores.is_some_and(<[String]>::is_empty) {
+    if customers.is_empty() {
         return Ok(Vec::new());
     }
-    let mut q = Query::select()
-        .columns(
-            [
-                "id",
-                "customer",
-                "model_version",
-                "score",
-                "rule",
-                "points",
-                "award_us",
-                "decay_kind",
-                "decay_us",
-            ]
-            .map(n),
-        )
-        .expr_as(Expr::val(model), n("model"))
-        .expr_as(Expr::val(""), n("source_event"))
-        .expr_as(Expr::val(""), n("reason"))
-        .expr_as(Expr::val(""), n("actor"))
-        .from(n(TABLE))
-        .and_where(Expr::col(n("model")).eq(model))
-        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
-        .order_by(n("customer"), Order::Asc)
-        .order_by(n("award_us"), Order::Asc)
-        .order_by(n("id"), Order::Asc)
-        .to_owned();
-    if let Some(scores) = scores {
-        q.and_where(Expr::col(n("score")).is_in(scores.iter().cloned()));
-    }
-    Ok(Row::find_by_statement(db.get_database_backend().build(&q))
-        .all(db)
-        .await?)
+    rows(db, &of_model_customers(model, customers)).await
 }
 
 /// One page of a customer's entries after row `after`, oldest award first.
