@@ -29,6 +29,7 @@
 
 pub mod auth;
 pub mod bootstrap;
+pub mod bulk;
 pub mod cache;
 pub mod changes;
 pub mod client;

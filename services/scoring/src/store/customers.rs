@@ -4,8 +4,11 @@
 
 use super::{chunk, n};
 use clm_platform::Result;
+use clm_platform::bulk::{ColType, JsonRows};
+use clm_platform::bulk::{is_in_texts, text_list};
+use clm_platform::db::is_postgres;
 use sea_orm::sea_query::{Expr, ExprTrait, Func, LockType, OnConflict, Order, Query};
-use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult};
+use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult, Statement, Value};
 
 /// A customer's row.
 #[derive(Debug, Clone, FromQueryResult)]
@@ -25,27 +28,38 @@ pub struct CustomerRow {
 /// customer's ledger (the stream follower, a re-scoring) take turns;
 /// SQLite has one writer. One statement each.
 pub async fn ensure_and_lock(db: &impl ConnectionTrait, customers: &[String]) -> Result<()> {
-    let mut sorted: Vec<&String> = customers.iter().collect();
+    let mut sorted: Vec<String> = customers.to_vec();
     sorted.sort();
     sorted.dedup();
-    for part in sorted.chunks(chunk(1)) {
-        let mut q = Query::insert();
-        q.into_table(n("score_customers")).columns([n("customer")]);
-        for c in part {
-            q.values_panic([(*c).clone().into()]);
-        }
-        q.on_conflict(OnConflict::column(n("customer")).do_nothing().to_owned());
-        db.execute(&q).await?;
+    if sorted.is_empty() {
+        return Ok(());
     }
-    if db.get_database_backend() == DbBackend::Postgres && !sorted.is_empty() {
+    if is_postgres(db) {
+        db.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "INSERT INTO score_customers (customer) \
+             SELECT json_array_elements_text(CAST($1 AS json)) ON CONFLICT (customer) DO NOTHING",
+            [text_list(&sorted)],
+        ))
+        .await?;
         let q = Query::select()
             .column(n("customer"))
             .from(n("score_customers"))
-            .and_where(Expr::col(n("customer")).is_in(sorted.iter().map(|s| (*s).clone())))
+            .and_where(is_in_texts(db, "customer", &sorted))
             .order_by(n("customer"), Order::Asc)
             .lock(LockType::Update)
             .to_owned();
         db.query_all(&q).await?;
+        return Ok(());
+    }
+    for part in sorted.chunks(chunk(1)) {
+        let mut q = Query::insert();
+        q.into_table(n("score_customers")).columns([n("customer")]);
+        for c in part {
+            q.values_panic([c.clone().into()]);
+        }
+        q.on_conflict(OnConflict::column(n("customer")).do_nothing().to_owned());
+        db.execute(&q).await?;
     }
     Ok(())
 }
@@ -95,7 +109,7 @@ pub async fn get(db: &impl ConnectionTrait, customers: &[String]) -> Result<Vec<
     let q = Query::select()
         .columns(["customer", "stage", "stage_us", "profile"].map(n))
         .from(n("score_customers"))
-        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .and_where(is_in_texts(db, "customer", customers))
         .to_owned();
     Ok(
         CustomerRow::find_by_statement(db.get_database_backend().build(&q))
@@ -147,31 +161,59 @@ pub struct TouchRow {
 }
 
 /// Keeps `rows`, skipping event ids already kept; returns the event ids
-/// that were new (one statement per chunk).
+/// that were new (on PostgreSQL one statement, [`JsonRows`]; on SQLite one
+/// per chunk).
 pub async fn insert_touchpoints(
     db: &impl ConnectionTrait,
     rows: &[TouchRow],
 ) -> Result<Vec<String>> {
-    let mut new = Vec::new();
-    for part in rows.chunks(chunk(4)) {
-        let mut q = Query::insert();
-        q.into_table(n("score_touchpoints"))
-            .columns(["event_id", "customer", "occurred_us", "body"].map(n));
-        for r in part {
-            q.values_panic([
-                r.event_id.clone().into(),
-                r.customer.clone().into(),
-                r.occurred_us.into(),
-                r.body.clone().into(),
-            ]);
+    static COLUMNS: [(&str, ColType); 4] = [
+        ("event_id", ColType::Text),
+        ("customer", ColType::Text),
+        ("occurred_us", ColType::Int8),
+        ("body", ColType::Bytea),
+    ];
+    fn cells(r: &TouchRow) -> [Value; 4] {
+        [
+            r.event_id.clone().into(),
+            r.customer.clone().into(),
+            r.occurred_us.into(),
+            r.body.clone().into(),
+        ]
+    }
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut returned = Vec::new();
+    if is_postgres(db) {
+        let mut json = JsonRows::new(&COLUMNS);
+        for r in rows {
+            json.push(cells(r));
         }
-        q.on_conflict(OnConflict::column(n("event_id")).do_nothing().to_owned());
-        q.returning_col(n("event_id"));
-        for r in db.query_all(&q).await? {
-            new.push(r.try_get::<String>("", "event_id")?);
+        let sql = format!(
+            "INSERT INTO score_touchpoints ({}) {} ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+            json.names(),
+            json.select("$1")
+        );
+        let stmt = Statement::from_sql_and_values(DbBackend::Postgres, sql, [json.into_value()]);
+        returned = db.query_all_raw(stmt).await?;
+    } else {
+        for part in rows.chunks(chunk(COLUMNS.len())) {
+            let mut q = Query::insert();
+            q.into_table(n("score_touchpoints"))
+                .columns(COLUMNS.map(|(c, _)| n(c)));
+            for r in part {
+                q.values_panic(cells(r).map(Into::into));
+            }
+            q.on_conflict(OnConflict::column(n("event_id")).do_nothing().to_owned());
+            q.returning_col(n("event_id"));
+            returned.extend(db.query_all(&q).await?);
         }
     }
-    Ok(new)
+    returned
+        .iter()
+        .map(|r| Ok(r.try_get::<String>("", "event_id")?))
+        .collect()
 }
 
 /// Kept touchpoints of `customers` (encoded), oldest first.
@@ -185,7 +227,7 @@ pub async fn touchpoints(
     let q = Query::select()
         .columns(["customer", "body"].map(n))
         .from(n("score_touchpoints"))
-        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .and_where(is_in_texts(db, "customer", customers))
         .order_by(n("customer"), Order::Asc)
         .order_by(n("occurred_us"), Order::Asc)
         .order_by(n("event_id"), Order::Asc)
@@ -231,7 +273,7 @@ async fn newest_touch(
         .group_by_col(n("customer"))
         .to_owned();
     if let Some(c) = customers {
-        q.and_where(Expr::col(n("customer")).is_in(c.iter().cloned()));
+        q.and_where(is_in_texts(db, "customer", c));
     }
     db.query_all(&q)
         .await?
@@ -246,12 +288,12 @@ pub async fn merge(db: &impl ConnectionTrait, from: &[String], to: &str) -> Resu
     let q = Query::update()
         .table(n("score_touchpoints"))
         .value(n("customer"), to)
-        .and_where(Expr::col(n("customer")).is_in(from.iter().cloned()))
+        .and_where(is_in_texts(db, "customer", from))
         .to_owned();
     db.execute(&q).await?;
     let q = Query::delete()
         .from_table(n("score_customers"))
-        .and_where(Expr::col(n("customer")).is_in(from.iter().cloned()))
+        .and_where(is_in_texts(db, "customer", from))
         .to_owned();
     db.execute(&q).await?;
     Ok(())
@@ -262,7 +304,7 @@ pub async fn delete(db: &impl ConnectionTrait, customers: &[String]) -> Result<(
     for table in ["score_touchpoints", "score_customers"] {
         let q = Query::delete()
             .from_table(n(table))
-            .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+            .and_where(is_in_texts(db, "customer", customers))
             .to_owned();
         db.execute(&q).await?;
     }

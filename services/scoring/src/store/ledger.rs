@@ -3,23 +3,29 @@
 use super::{chunk, n};
 use clm_domain::scoring::{Decay, Entry};
 use clm_platform::Result;
+use clm_platform::bulk::is_in_texts;
+use clm_platform::bulk::{ColType, JsonRows};
+use clm_platform::db::is_postgres;
+use sea_orm::sea_query::Alias;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Order, Query};
 use sea_orm::{ConnectionTrait, FromQueryResult};
+use sea_orm::{DbBackend, Statement, Value};
 
 const TABLE: &str = "score_ledger";
-const COLUMNS: [&str; 12] = [
-    "customer",
-    "model",
-    "model_version",
-    "score",
-    "rule",
-    "points",
-    "source_event",
-    "award_us",
-    "decay_kind",
-    "decay_us",
-    "reason",
-    "actor",
+/// The columns written, with their types (for PostgreSQL's bulk insert).
+static COLUMNS: [(&str, ColType); 12] = [
+    ("customer", ColType::Text),
+    ("model", ColType::Text),
+    ("model_version", ColType::Int8),
+    ("score", ColType::Text),
+    ("rule", ColType::Text),
+    ("points", ColType::Int8),
+    ("source_event", ColType::Text),
+    ("award_us", ColType::Int8),
+    ("decay_kind", ColType::Int2),
+    ("decay_us", ColType::Int8),
+    ("reason", ColType::Text),
+    ("actor", ColType::Text),
 ];
 
 /// A ledger row.
@@ -123,7 +129,7 @@ pub async fn kept(
     }
     let q = score_select()
         .and_where(Expr::col(n("model")).eq(model))
-        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .and_where(is_in_texts(db, "customer", customers))
         .and_where(
             Expr::col(n("model_version"))
                 .eq(0)
@@ -142,42 +148,52 @@ pub async fn insert(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<u64> {
 }
 
 /// Inserts `rows` like [`insert`] and returns the ones that were new (a
-/// replayed award is left out): what the running sums may count.
+/// replayed award is left out): what the running sums may count. On
+/// PostgreSQL one statement ([`JsonRows`]); on SQLite one per chunk.
 pub async fn insert_new(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<Vec<NewRow>> {
-    let mut fresh = std::collections::HashSet::new();
-    for part in rows.chunks(chunk(COLUMNS.len())) {
-        let mut q = Query::insert();
-        q.into_table(n(TABLE)).columns(COLUMNS.map(n));
-        for r in part {
-            let (kind, param) = r.award.decay.code();
-            q.values_panic([
-                r.customer.clone().into(),
-                r.model.clone().into(),
-                r.model_version.into(),
-                r.award.score.clone().into(),
-                r.award.rule.clone().into(),
-                r.award.points.into(),
-                r.award.source_event.clone().into(),
-                r.award.award_us.into(),
-                kind.into(),
-                param.into(),
-                r.reason.clone().into(),
-                r.actor.clone().into(),
-            ]);
+    const ON_CONFLICT: &str = "ON CONFLICT (source_event, rule, model, model_version) DO NOTHING \
+         RETURNING source_event, rule, model_version";
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut returned = Vec::new();
+    if is_postgres(db) {
+        let mut json = JsonRows::new(&COLUMNS);
+        for r in rows {
+            json.push(cells(r));
         }
-        q.on_conflict(
-            OnConflict::columns(["source_event", "rule", "model", "model_version"].map(n))
-                .do_nothing()
-                .to_owned(),
+        let sql = format!(
+            "INSERT INTO {TABLE} ({}) {} {ON_CONFLICT}",
+            json.names(),
+            json.select("$1")
         );
-        q.returning(Query::returning().columns(["source_event", "rule", "model_version"].map(n)));
-        for r in db.query_all(&q).await? {
-            fresh.insert((
-                r.try_get::<String>("", "source_event")?,
-                r.try_get::<String>("", "rule")?,
-                r.try_get::<i64>("", "model_version")?,
-            ));
+        let stmt = Statement::from_sql_and_values(DbBackend::Postgres, sql, [json.into_value()]);
+        returned = db.query_all_raw(stmt).await?;
+    } else {
+        for part in rows.chunks(chunk(COLUMNS.len())) {
+            let mut q = Query::insert();
+            q.into_table(n(TABLE)).columns(names());
+            for r in part {
+                q.values_panic(cells(r).map(Into::into));
+            }
+            q.on_conflict(
+                OnConflict::columns(["source_event", "rule", "model", "model_version"].map(n))
+                    .do_nothing()
+                    .to_owned(),
+            );
+            q.returning(
+                Query::returning().columns(["source_event", "rule", "model_version"].map(n)),
+            );
+            returned.extend(db.query_all(&q).await?);
         }
+    }
+    let mut fresh = std::collections::HashSet::new();
+    for r in returned {
+        fresh.insert((
+            r.try_get::<String>("", "source_event")?,
+            r.try_get::<String>("", "rule")?,
+            r.try_get::<i64>("", "model_version")?,
+        ));
     }
     Ok(rows
         .iter()
@@ -190,6 +206,30 @@ pub async fn insert_new(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<Ve
         })
         .cloned()
         .collect())
+}
+
+/// A new row's values, in [`COLUMNS`] order.
+fn cells(r: &NewRow) -> [Value; 12] {
+    let (kind, param) = r.award.decay.code();
+    [
+        r.customer.clone().into(),
+        r.model.clone().into(),
+        r.model_version.into(),
+        r.award.score.clone().into(),
+        r.award.rule.clone().into(),
+        r.award.points.into(),
+        r.award.source_event.clone().into(),
+        r.award.award_us.into(),
+        kind.into(),
+        param.into(),
+        r.reason.clone().into(),
+        r.actor.clone().into(),
+    ]
+}
+
+/// The names of [`COLUMNS`].
+fn names() -> [Alias; 12] {
+    COLUMNS.map(|(c, _)| n(c))
 }
 
 /// The score columns of a ledger select (what scores are computed from);
@@ -228,7 +268,7 @@ pub async fn of_customers_all_models(
         return Ok(Vec::new());
     }
     let q = score_select()
-        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .and_where(is_in_texts(db, "customer", customers))
         .order_by(n("customer"), Order::Asc)
         .order_by(n("model"), Order::Asc)
         .order_by(n("award_us"), Order::Asc)
@@ -254,7 +294,7 @@ pub async fn linear_since(
         over: chrono::TimeDelta::microseconds(1),
     }
     .code();
-    let q = of_model_customers(model, customers)
+    let q = of_model_customers(db, model, customers)
         .and_where(Expr::col(n("award_us")).gt(since_us))
         .and_where(Expr::col(n("decay_kind")).eq(linear))
         .to_owned();
@@ -284,7 +324,7 @@ pub async fn rule_history(
             .and(Expr::col(n("award_us")).gte(lo))
             .and(Expr::col(n("award_us")).lt(hi)));
     }
-    let q = of_model_customers(model, customers)
+    let q = of_model_customers(db, model, customers)
         .and_where(Expr::col(n("model_version")).eq(version))
         .and_where(which)
         .to_owned();
@@ -293,16 +333,20 @@ pub async fn rule_history(
 
 fn select() -> sea_orm::sea_query::SelectStatement {
     let mut cols = vec![n("id")];
-    cols.extend(COLUMNS.map(n));
+    cols.extend(names());
     Query::select().columns(cols).from(n(TABLE)).to_owned()
 }
 
 /// The score columns of `customers`' entries under `model`, in ledger
 /// order (customer, award time, id), for a reader to narrow down.
-fn of_model_customers(model: &str, customers: &[String]) -> sea_orm::sea_query::SelectStatement {
+fn of_model_customers(
+    db: &impl ConnectionTrait,
+    model: &str,
+    customers: &[String],
+) -> sea_orm::sea_query::SelectStatement {
     score_select()
         .and_where(Expr::col(n("model")).eq(model))
-        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .and_where(is_in_texts(db, "customer", customers))
         .order_by(n("customer"), Order::Asc)
         .order_by(n("award_us"), Order::Asc)
         .order_by(n("id"), Order::Asc)
@@ -330,7 +374,7 @@ pub async fn of_customers(
     if customers.is_empty() {
         return Ok(Vec::new());
     }
-    rows(db, &of_model_customers(model, customers)).await
+    rows(db, &of_model_customers(db, model, customers)).await
 }
 
 /// One page of a customer's entries after row `after`, oldest award first.
@@ -378,7 +422,7 @@ pub async fn move_to(db: &impl ConnectionTrait, from: &[String], to: &str) -> Re
     let q = Query::update()
         .table(n(TABLE))
         .value(n("customer"), to)
-        .and_where(Expr::col(n("customer")).is_in(from.iter().cloned()))
+        .and_where(is_in_texts(db, "customer", from))
         .to_owned();
     Ok(db.execute(&q).await?.rows_affected())
 }
@@ -387,7 +431,7 @@ pub async fn move_to(db: &impl ConnectionTrait, from: &[String], to: &str) -> Re
 pub async fn delete_customers(db: &impl ConnectionTrait, customers: &[String]) -> Result<u64> {
     let q = Query::delete()
         .from_table(n(TABLE))
-        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .and_where(is_in_texts(db, "customer", customers))
         .to_owned();
     Ok(db.execute(&q).await?.rows_affected())
 }

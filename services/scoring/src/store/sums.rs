@@ -12,22 +12,30 @@ use super::ledger::{self, Row};
 use super::{chunk, n};
 use clm_domain::scoring::{Decay, Sum};
 use clm_platform::Result;
+use clm_platform::bulk::is_in_texts;
+use clm_platform::bulk::{ColType, JsonRows};
+use clm_platform::db::is_postgres;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Order, Query};
-use sea_orm::{ConnectionTrait, FromQueryResult};
+use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult, Statement, Value};
 use std::collections::BTreeMap;
 
 const TABLE: &str = "score_sums";
-const COLUMNS: [&str; 9] = [
-    "customer",
-    "model",
-    "score",
-    "decay_kind",
-    "decay_us",
-    "anchor_us",
-    "total",
-    "entries",
-    "newest_us",
+/// The columns, with their types (for PostgreSQL's bulk upsert).
+static COLUMNS: [(&str, ColType); 9] = [
+    ("customer", ColType::Text),
+    ("model", ColType::Text),
+    ("score", ColType::Text),
+    ("decay_kind", ColType::Int2),
+    ("decay_us", ColType::Int8),
+    ("anchor_us", ColType::Int8),
+    ("total", ColType::Float8),
+    ("entries", ColType::Int8),
+    ("newest_us", ColType::Int8),
 ];
+
+fn names() -> [sea_orm::sea_query::Alias; 9] {
+    COLUMNS.map(|(c, _)| n(c))
+}
 
 /// One stored sum.
 #[derive(Debug, Clone, PartialEq, FromQueryResult)]
@@ -104,13 +112,13 @@ async fn select(
     customers: Option<&[String]>,
 ) -> Result<Vec<SumRow>> {
     let mut q = Query::select()
-        .columns(COLUMNS.map(n))
+        .columns(names())
         .from(n(TABLE))
         .and_where(Expr::col(n("model")).eq(model))
         .order_by(n("customer"), Order::Asc)
         .to_owned();
     if let Some(c) = customers {
-        q.and_where(Expr::col(n("customer")).is_in(c.iter().cloned()));
+        q.and_where(is_in_texts(db, "customer", c));
     }
     Ok(
         SumRow::find_by_statement(db.get_database_backend().build(&q))
@@ -119,23 +127,51 @@ async fn select(
     )
 }
 
-/// Writes `rows` (insert or replace): one statement per chunk.
+/// Writes `rows` (insert or replace): on PostgreSQL one statement
+/// ([`JsonRows`]), on SQLite one per chunk.
 pub async fn save(db: &impl ConnectionTrait, rows: &[SumRow]) -> Result<()> {
+    fn cells(r: &SumRow) -> [Value; 9] {
+        [
+            r.customer.clone().into(),
+            r.model.clone().into(),
+            r.score.clone().into(),
+            r.decay_kind.into(),
+            r.decay_us.into(),
+            r.anchor_us.into(),
+            r.total.into(),
+            r.entries.into(),
+            r.newest_us.into(),
+        ]
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    if is_postgres(db) {
+        let mut json = JsonRows::new(&COLUMNS);
+        for r in rows {
+            json.push(cells(r));
+        }
+        let sql = format!(
+            "INSERT INTO {TABLE} ({}) {} \
+             ON CONFLICT (customer, model, score, decay_kind, decay_us) DO UPDATE SET \
+             anchor_us = excluded.anchor_us, total = excluded.total, \
+             entries = excluded.entries, newest_us = excluded.newest_us",
+            json.names(),
+            json.select("$1")
+        );
+        db.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            sql,
+            [json.into_value()],
+        ))
+        .await?;
+        return Ok(());
+    }
     for part in rows.chunks(chunk(COLUMNS.len())) {
         let mut q = Query::insert();
-        q.into_table(n(TABLE)).columns(COLUMNS.map(n));
+        q.into_table(n(TABLE)).columns(names());
         for r in part {
-            q.values_panic([
-                r.customer.clone().into(),
-                r.model.clone().into(),
-                r.score.clone().into(),
-                r.decay_kind.into(),
-                r.decay_us.into(),
-                r.anchor_us.into(),
-                r.total.into(),
-                r.entries.into(),
-                r.newest_us.into(),
-            ]);
+            q.values_panic(cells(r).map(Into::into));
         }
         q.on_conflict(
             OnConflict::columns(["customer", "model", "score", "decay_kind", "decay_us"].map(n))
@@ -154,7 +190,7 @@ pub async fn delete_customers(db: &impl ConnectionTrait, customers: &[String]) -
     }
     let q = Query::delete()
         .from_table(n(TABLE))
-        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .and_where(is_in_texts(db, "customer", customers))
         .to_owned();
     db.execute(&q).await?;
     Ok(())
@@ -175,7 +211,7 @@ pub async fn replace_model(
     let q = Query::delete()
         .from_table(n(TABLE))
         .and_where(Expr::col(n("model")).eq(model))
-        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .and_where(is_in_texts(db, "customer", customers))
         .to_owned();
     db.execute(&q).await?;
     save(db, rows).await

@@ -5,6 +5,7 @@
 
 use super::{chunk, n};
 use clm_platform::Result;
+use clm_platform::bulk::is_in_texts;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Order, Query};
 use sea_orm::{ConnectionTrait, FromQueryResult};
 
@@ -120,7 +121,7 @@ pub async fn record_side(db: &impl ConnectionTrait, t: &Timer, above: bool) -> R
 pub async fn delete(db: &impl ConnectionTrait, customers: &[String]) -> Result<()> {
     let q = Query::delete()
         .from_table(n("score_timers"))
-        .and_where(Expr::col(n("customer")).is_in(customers.iter().cloned()))
+        .and_where(is_in_texts(db, "customer", customers))
         .to_owned();
     db.execute(&q).await?;
     Ok(())
