@@ -13,7 +13,7 @@
 //!
 //! ```text
 //! INSERT INTO t (a, b) SELECT a, b FROM json_to_recordset($1::json) AS x(a text, b int8)
-//! … WHERE customer IN (SELECT json_array_elements_text($1::json))
+//! … WHERE customer = ANY(ARRAY(SELECT json_array_elements_text($1::json)))
 //! ```
 
 use crate::db::is_postgres;
@@ -144,16 +144,19 @@ fn json_cell(v: &Value) -> serde_json::Value {
     }
 }
 
-/// `col IN (values)`: on PostgreSQL `col IN (SELECT
-/// json_array_elements_text($n::json))` with the values as one JSON
+/// `col IN (values)`: on PostgreSQL `col = ANY(ARRAY(SELECT
+/// json_array_elements_text($n::json)))` with the values as one JSON
 /// parameter (the same SQL text for any number of values), elsewhere a
-/// plain `IN` list.
+/// plain `IN` list. The array form matters: the planner turns it into an
+/// index condition (`= ANY($initplan)`), while `col IN (SELECT
+/// json_array_elements_text(…))` guesses 100 rows and hashes a full scan
+/// of the table.
 pub fn is_in_texts(db: &impl ConnectionTrait, col: &str, values: &[String]) -> SimpleExpr {
     if !is_postgres(db) {
         return Expr::col(Alias::new(col)).is_in(values.iter().cloned());
     }
     Expr::cust_with_values(
-        format!("\"{col}\" IN (SELECT json_array_elements_text(CAST($1 AS json)))"),
+        format!("\"{col}\" = ANY(ARRAY(SELECT json_array_elements_text(CAST($1 AS json))))"),
         [text_list(values)],
     )
 }

@@ -8,7 +8,7 @@ use crate::scorer::{self, Models};
 use crate::store::ledger::{self, NewRow};
 use crate::store::{customers, sums, timers};
 use clm_domain::lifecycle::Stage;
-use clm_domain::scoring::RuleHistory;
+use clm_domain::scoring::{Period, RuleHistory};
 use clm_platform::Error;
 use clm_platform::changes::{Apply, Handlers, On, OnBatch};
 use clm_platform::db::{from_micros, to_micros};
@@ -178,16 +178,17 @@ impl OnBatch<cpb::TouchpointRecorded> for CustomerEvents {
             if matching.is_empty() {
                 continue;
             }
-            let once: Vec<String> = matching
-                .iter()
-                .filter(|r| r.once_per_customer)
-                .map(|r| r.id.clone())
-                .collect();
-            let capped: Vec<String> = matching
-                .iter()
-                .filter(|r| r.cap.is_some() && !r.once_per_customer)
-                .map(|r| r.id.clone())
-                .collect();
+            let mut rules = ledger::RuleWindows::default();
+            for r in &matching {
+                let list = match r.cap.map(|c| c.period) {
+                    _ if r.once_per_customer => &mut rules.once,
+                    None => continue,
+                    Some(Period::Day) => &mut rules.day,
+                    Some(Period::IsoWeek) => &mut rules.week,
+                    Some(Period::Rolling(_)) => &mut rules.rolling,
+                };
+                list.push(r.id.clone());
+            }
             let window = matching
                 .iter()
                 .filter_map(|r| r.cap)
@@ -198,18 +199,17 @@ impl OnBatch<cpb::TouchpointRecorded> for CustomerEvents {
                 .fold((i64::MAX, i64::MIN), |(lo, hi), (a, b)| {
                     (lo.min(a), hi.max(b))
                 });
-            let before = scorer::by_customer(
-                ledger::rule_history(txn, &v.id, v.version, &custs, &once, &capped, window).await?,
-            );
+            let mut before: HashMap<String, Vec<ledger::RuleUse>> = HashMap::new();
+            for u in ledger::rule_usage(txn, &v.id, v.version, &custs, &rules, window).await? {
+                before.entry(u.customer.clone()).or_default().push(u);
+            }
             let mut new = Vec::new();
             let mut histories: BTreeMap<&str, RuleHistory> = BTreeMap::new();
             for (customer, tp) in &tps {
                 let h = histories.entry(customer.as_str()).or_insert_with(|| {
                     let mut h = RuleHistory::new();
-                    for r in before.get(customer).into_iter().flatten() {
-                        h.entry(r.rule.clone())
-                            .or_default()
-                            .push((r.award_us, r.points));
+                    for u in before.get(customer).into_iter().flatten() {
+                        h.entry(u.rule.clone()).or_default().push((u.at_us, u.used));
                     }
                     h
                 });

@@ -301,34 +301,125 @@ pub async fn linear_since(
     rows(db, &q).await
 }
 
+/// The rules whose earlier awards a batch needs, by what it needs of them.
+#[derive(Debug, Default, Clone)]
+pub struct RuleWindows {
+    /// Once-per-customer rules: whether each scored, ever.
+    pub once: Vec<String>,
+    /// Rules capped per UTC day: points used per day.
+    pub day: Vec<String>,
+    /// Rules capped per ISO week: points used per week.
+    pub week: Vec<String>,
+    /// Rules capped over a rolling window: their awards one by one.
+    pub rolling: Vec<String>,
+}
+
+impl RuleWindows {
+    /// No rule needs anything.
+    pub fn is_empty(&self) -> bool {
+        self.once.is_empty()
+            && self.day.is_empty()
+            && self.week.is_empty()
+            && self.rolling.is_empty()
+    }
+}
+
+/// One customer's use of one rule: `used` = Σ |points| of its awards
+/// bucketed at `at_us` (the window's start for a calendar cap, the award's
+/// time for a rolling one, 0 for a once-only rule), as `(award time,
+/// points)` entries of a `clm_domain::scoring::RuleHistory` that give the
+/// same cap room and once-only answer as the awards themselves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleUse {
+    /// `customers/{id}`.
+    pub customer: String,
+    /// Rule id.
+    pub rule: String,
+    /// Bucket time (µs).
+    pub at_us: i64,
+    /// Σ |points| in the bucket.
+    pub used: i64,
+}
+
 /// What caps and once-per-customer rules of `model` version `version` need
-/// to know of `customers`' earlier awards: every award of the `once` rules,
-/// and the awards of the `capped` rules in `[lo, hi)`. One statement.
-#[allow(clippy::too_many_arguments)]
-pub async fn rule_history(
+/// to know of `customers`' earlier awards, summed by the database: per
+/// customer and rule, the points used in each day or ISO week of a
+/// calendar-capped rule in `[lo, hi)`, the awards of rolling-capped rules
+/// in `[lo, hi)`, and one row per once-only rule that scored. One
+/// statement; a few rows per customer and rule however many awards a
+/// window holds.
+pub async fn rule_usage(
     db: &impl ConnectionTrait,
     model: &str,
     version: i64,
     customers: &[String],
-    once: &[String],
-    capped: &[String],
+    rules: &RuleWindows,
     (lo, hi): (i64, i64),
-) -> Result<Vec<Row>> {
-    if customers.is_empty() || (once.is_empty() && capped.is_empty()) {
+) -> Result<Vec<RuleUse>> {
+    const DAY: i64 = 86_400_000_000;
+    if customers.is_empty() || rules.is_empty() {
         return Ok(Vec::new());
     }
-    let mut which = Expr::col(n("rule")).is_in(once.iter().cloned());
+    let capped: Vec<String> = [&rules.day, &rules.week, &rules.rolling]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let mut which = Expr::col(n("rule")).is_in(rules.once.iter().cloned());
     if !capped.is_empty() {
         which = which.or(Expr::col(n("rule"))
-            .is_in(capped.iter().cloned())
+            .is_in(capped)
             .and(Expr::col(n("award_us")).gte(lo))
             .and(Expr::col(n("award_us")).lt(hi)));
     }
-    let q = of_model_customers(db, model, customers)
+    // Floor division (times before 1970 too): the day's start, and the
+    // Monday of its ISO week (1970-01-01 was a Thursday: weekday 3).
+    let day = format!("(\"award_us\" - ((\"award_us\" % {DAY}) + {DAY}) % {DAY})");
+    let week = format!("(({day}) / {DAY} - ((({day}) / {DAY} + 3) % 7 + 7) % 7) * {DAY}");
+    let bucket = Expr::case(
+        Expr::col(n("rule")).is_in(rules.day.iter().cloned()),
+        Expr::cust(day),
+    )
+    .case(
+        Expr::col(n("rule")).is_in(rules.week.iter().cloned()),
+        Expr::cust(week),
+    )
+    .case(
+        Expr::col(n("rule")).is_in(rules.once.iter().cloned()),
+        Expr::val(0i64),
+    )
+    .finally(Expr::col(n("award_us")));
+    let inner = Query::select()
+        .columns(["customer", "rule", "points"].map(n))
+        .expr_as(bucket, n("bucket"))
+        .from(n(TABLE))
+        .and_where(Expr::col(n("model")).eq(model))
+        .and_where(is_in_texts(db, "customer", customers))
         .and_where(Expr::col(n("model_version")).eq(version))
         .and_where(which)
         .to_owned();
-    rows(db, &q).await
+    let q = Query::select()
+        .columns(["customer", "rule"].map(n))
+        .expr_as(Expr::cust("CAST(\"bucket\" AS BIGINT)"), n("at_us"))
+        .expr_as(
+            Expr::cust("CAST(SUM(ABS(\"points\")) AS BIGINT)"),
+            n("used"),
+        )
+        .from_subquery(inner, n("u"))
+        .group_by_columns(["customer", "rule", "bucket"].map(n))
+        .to_owned();
+    db.query_all(&q)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(RuleUse {
+                customer: r.try_get("", "customer")?,
+                rule: r.try_get("", "rule")?,
+                at_us: r.try_get("", "at_us")?,
+                used: r.try_get("", "used")?,
+            })
+        })
+        .collect()
 }
 
 fn select() -> sea_orm::sea_query::SelectStatement {
