@@ -359,100 +359,153 @@ async fn bench_get_score_p99_at_64_streams() {
     server.stop().await;
 }
 
+/// A customer service with `customers` customers, and the scoring
+/// service's database holding the bench model (created by a scoring service
+/// started without peers, then stopped).
+struct Follow {
+    clock: ManualClock,
+    /// Kept alive: dropping it removes the customer database.
+    _cb: TestBackend,
+    sb: TestBackend,
+    customer: clm_platform::testing::Running,
+    names: Vec<String>,
+}
+
+impl Follow {
+    async fn new(customers: usize) -> Self {
+        let clock = ManualClock::new(t0());
+        let cb = TestBackend::migrated::<clm_customer::store::Migrator>().await;
+        let sb = TestBackend::migrated::<clm_scoring::store::Migrator>().await;
+        let mut cc = cb.config("customer");
+        cc.change_poll_interval_ms = 50;
+        let customer =
+            start_with_clock(&clm_customer::DESCRIPTOR, cc, Arc::new(clock.clone())).await;
+        let scoring = start_with_clock(
+            &clm_scoring::DESCRIPTOR,
+            sb.config("scoring"),
+            Arc::new(clock.clone()),
+        )
+        .await;
+        ScoringServiceClient::new(scoring.channel())
+            .create_scoring_model(pb::CreateScoringModelRequest {
+                scoring_model: Some(model()),
+                scoring_model_id: "bench".into(),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap();
+        scoring.stop().await;
+        let mut c = CustomerServiceClient::new(customer.channel());
+        let mut names = Vec::new();
+        for i in 0..customers.max(1) {
+            names.push(
+                c.create_customer(cpb::CreateCustomerRequest {
+                    customer: Some(cpb::Customer {
+                        email: format!("b{i}@example.com"),
+                        display_name: "B".into(),
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .name,
+            );
+        }
+        Self {
+            clock,
+            cb,
+            sb,
+            customer,
+            names,
+        }
+    }
+
+    /// Starts scoring following the customer stream (1,000-event batches).
+    async fn follow(&self) -> clm_platform::testing::Running {
+        let mut sc = self.sb.config("scoring");
+        sc.peers.insert("customer".into(), self.customer.url());
+        sc.subscriber.batch_size = 1000;
+        start_with_clock(&clm_scoring::DESCRIPTOR, sc, Arc::new(self.clock.clone())).await
+    }
+
+    /// Records `n` touchpoints round-robin over the customers, 1,000 per
+    /// call, from 4 concurrent clients.
+    async fn ingest(&self, n: usize) {
+        let batches: Vec<Vec<cpb::Touchpoint>> = (0..n)
+            .map(|i| touchpoint(&self.names[i % self.names.len()], i))
+            .collect::<Vec<_>>()
+            .chunks(1000)
+            .map(<[cpb::Touchpoint]>::to_vec)
+            .collect();
+        let mut tasks = Vec::new();
+        for chunk in batches.chunks(batches.len().div_ceil(4)) {
+            let mut c = CustomerServiceClient::new(self.customer.channel());
+            let chunk = chunk.to_vec();
+            tasks.push(tokio::spawn(async move {
+                for b in chunk {
+                    c.record_touchpoints(cpb::RecordTouchpointsRequest { touchpoints: b })
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+
+    /// Waits until scoring has kept `n` touchpoints; returns the largest
+    /// backlog seen and the ledger's size.
+    async fn scored(&self, n: usize) -> (i64, i64) {
+        let db = sea_orm::Database::connect(&self.sb.database_url)
+            .await
+            .unwrap();
+        let count = |sql: &'static str| {
+            let db = db.clone();
+            async move {
+                let row = db
+                    .query_one_raw(sea_orm::Statement::from_string(
+                        db.get_database_backend(),
+                        sql.to_owned(),
+                    ))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                row.try_get_by_index::<i64>(0).unwrap()
+            }
+        };
+        let mut max_lag = 0i64;
+        loop {
+            let seen = count("SELECT COUNT(*) FROM score_touchpoints").await;
+            max_lag = max_lag.max(n as i64 - seen);
+            if seen as usize >= n {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        (max_lag, count("SELECT COUNT(*) FROM score_ledger").await)
+    }
+}
+
+/// Scoring follows while the customer service ingests: keeps it up, and
+/// how far behind it is when the ingest ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn bench_follow_the_customer_stream() {
     let n = events();
-    let clock = ManualClock::new(t0());
-    let cb = TestBackend::migrated::<clm_customer::store::Migrator>().await;
-    let sb = TestBackend::migrated::<clm_scoring::store::Migrator>().await;
-    let mut cc = cb.config("customer");
-    cc.change_poll_interval_ms = 50;
-    let customer = start_with_clock(&clm_customer::DESCRIPTOR, cc, Arc::new(clock.clone())).await;
-    let mut sc = sb.config("scoring");
-    sc.peers.insert("customer".into(), customer.url());
-    sc.subscriber.batch_size = 1000;
-    let scoring = start_with_clock(&clm_scoring::DESCRIPTOR, sc, Arc::new(clock.clone())).await;
-    ScoringServiceClient::new(scoring.channel())
-        .create_scoring_model(pb::CreateScoringModelRequest {
-            scoring_model: Some(model()),
-            scoring_model_id: "bench".into(),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap();
-    let mut c = CustomerServiceClient::new(customer.channel());
-    let mut names = Vec::new();
-    for i in 0..(n / per_customer()).max(1) {
-        names.push(
-            c.create_customer(cpb::CreateCustomerRequest {
-                customer: Some(cpb::Customer {
-                    email: format!("b{i}@example.com"),
-                    display_name: "B".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .name,
-        );
-    }
-    let scoring_db = sea_orm::Database::connect(&sb.database_url).await.unwrap();
-    let count = |sql: &'static str| {
-        let db = scoring_db.clone();
-        async move {
-            let row = db
-                .query_one_raw(sea_orm::Statement::from_string(
-                    db.get_database_backend(),
-                    sql.to_owned(),
-                ))
-                .await
-                .unwrap()
-                .unwrap();
-            row.try_get_by_index::<i64>(0).unwrap()
-        }
-    };
+    let f = Follow::new(n / per_customer()).await;
+    let scoring = f.follow().await;
     let started = Instant::now();
-    let batches: Vec<Vec<cpb::Touchpoint>> = (0..n)
-        .map(|i| touchpoint(&names[i % names.len()], i))
-        .collect::<Vec<_>>()
-        .chunks(1000)
-        .map(<[cpb::Touchpoint]>::to_vec)
-        .collect();
-    let mut tasks = Vec::new();
-    for (w, chunk) in batches.chunks(batches.len().div_ceil(4)).enumerate() {
-        let mut c = CustomerServiceClient::new(customer.channel());
-        let chunk = chunk.to_vec();
-        tasks.push(tokio::spawn(async move {
-            for b in chunk {
-                c.record_touchpoints(cpb::RecordTouchpointsRequest { touchpoints: b })
-                    .await
-                    .unwrap();
-            }
-            w
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    f.ingest(n).await;
     let ingest = started.elapsed();
-    let mut max_lag = 0i64;
-    loop {
-        let seen = count("SELECT COUNT(*) FROM score_touchpoints").await;
-        max_lag = max_lag.max(n as i64 - seen);
-        if seen as usize >= n {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let (max_lag, ledger) = f.scored(n).await;
     let scored = started.elapsed();
-    let ledger = count("SELECT COUNT(*) FROM score_ledger").await;
     println!(
         "follow: {n} touchpoints of {} customers scored ({ledger} ledger entries) {:.0}/s end to end ({:.2} s); \
-         reference customer ingest alone {:.0}/s ({:.2} s); ratio {:.2}; lag when ingest ended {} events",
-        names.len(),
+         reference customer ingest beside it {:.0}/s ({:.2} s); ratio {:.2}; lag when ingest ended {} events",
+        f.names.len(),
         n as f64 / scored.as_secs_f64(),
         scored.as_secs_f64(),
         n as f64 / ingest.as_secs_f64(),
@@ -461,5 +514,34 @@ async fn bench_follow_the_customer_stream() {
         max_lag
     );
     scoring.stop().await;
-    customer.stop().await;
+    f.customer.stop().await;
+}
+
+/// Scoring's own pace: the customer stream already holds every touchpoint
+/// (ingested with scoring stopped: the reference, ingest alone), then
+/// scoring starts and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_catch_up_with_the_customer_stream() {
+    let n = events();
+    let f = Follow::new(n / per_customer()).await;
+    let started = Instant::now();
+    f.ingest(n).await;
+    let ingest = started.elapsed();
+    let started = Instant::now();
+    let scoring = f.follow().await;
+    let (_, ledger) = f.scored(n).await;
+    let scored = started.elapsed();
+    println!(
+        "catch up: {n} touchpoints of {} customers scored ({ledger} ledger entries) {:.0}/s ({:.2} s); \
+         reference customer ingest alone {:.0}/s ({:.2} s); ratio {:.2}",
+        f.names.len(),
+        n as f64 / scored.as_secs_f64(),
+        scored.as_secs_f64(),
+        n as f64 / ingest.as_secs_f64(),
+        ingest.as_secs_f64(),
+        ingest.as_secs_f64() / scored.as_secs_f64(),
+    );
+    scoring.stop().await;
+    f.customer.stop().await;
 }
