@@ -415,7 +415,7 @@ impl Follow {
         }
         Self {
             clock,
-            cb,
+            _cb: cb,
             sb,
             customer,
             names,
