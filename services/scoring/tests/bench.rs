@@ -380,12 +380,12 @@ impl Follow {
         cc.change_poll_interval_ms = 50;
         let customer =
             start_with_clock(&clm_customer::DESCRIPTOR, cc, Arc::new(clock.clone())).await;
-        let scoring = start_with_clock(
-            &clm_scoring::DESCRIPTOR,
-            sb.config("scoring"),
-            Arc::new(clock.clone()),
-        )
-        .await;
+        // Scoring needs a customer peer to start; one that refuses
+        // connections keeps its cursor at 0 while the model is made.
+        let mut sc = sb.config("scoring");
+        sc.peers
+            .insert("customer".into(), "http://127.0.0.1:9".into());
+        let scoring = start_with_clock(&clm_scoring::DESCRIPTOR, sc, Arc::new(clock.clone())).await;
         ScoringServiceClient::new(scoring.channel())
             .create_scoring_model(pb::CreateScoringModelRequest {
                 scoring_model: Some(model()),
