@@ -4,7 +4,6 @@
 
 use super::{chunk, n};
 use clm_platform::Result;
-use clm_platform::bulk::{ColType, JsonRows};
 use clm_platform::bulk::{is_in_texts, text_list};
 use clm_platform::db::is_postgres;
 use sea_orm::sea_query::{Expr, ExprTrait, Func, LockType, OnConflict, Order, Query};
@@ -161,18 +160,12 @@ pub struct TouchRow {
 }
 
 /// Keeps `rows`, skipping event ids already kept; returns the event ids
-/// that were new (on PostgreSQL one statement, [`JsonRows`]; on SQLite one
-/// per chunk).
+/// that were new (one statement per chunk).
 pub async fn insert_touchpoints(
     db: &impl ConnectionTrait,
     rows: &[TouchRow],
 ) -> Result<Vec<String>> {
-    static COLUMNS: [(&str, ColType); 4] = [
-        ("event_id", ColType::Text),
-        ("customer", ColType::Text),
-        ("occurred_us", ColType::Int8),
-        ("body", ColType::Bytea),
-    ];
+    const COLUMNS: [&str; 4] = ["event_id", "customer", "occurred_us", "body"];
     fn cells(r: &TouchRow) -> [Value; 4] {
         [
             r.event_id.clone().into(),
@@ -185,30 +178,15 @@ pub async fn insert_touchpoints(
         return Ok(Vec::new());
     }
     let mut returned = Vec::new();
-    if is_postgres(db) {
-        let mut json = JsonRows::new(&COLUMNS);
-        for r in rows {
-            json.push(cells(r));
+    for part in rows.chunks(chunk(COLUMNS.len())) {
+        let mut q = Query::insert();
+        q.into_table(n("score_touchpoints")).columns(COLUMNS.map(n));
+        for r in part {
+            q.values_panic(cells(r).map(Into::into));
         }
-        let sql = format!(
-            "INSERT INTO score_touchpoints ({}) {} ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
-            json.names(),
-            json.select("$1")
-        );
-        let stmt = Statement::from_sql_and_values(DbBackend::Postgres, sql, [json.into_value()]);
-        returned = db.query_all_raw(stmt).await?;
-    } else {
-        for part in rows.chunks(chunk(COLUMNS.len())) {
-            let mut q = Query::insert();
-            q.into_table(n("score_touchpoints"))
-                .columns(COLUMNS.map(|(c, _)| n(c)));
-            for r in part {
-                q.values_panic(cells(r).map(Into::into));
-            }
-            q.on_conflict(OnConflict::column(n("event_id")).do_nothing().to_owned());
-            q.returning_col(n("event_id"));
-            returned.extend(db.query_all(&q).await?);
-        }
+        q.on_conflict(OnConflict::column(n("event_id")).do_nothing().to_owned());
+        q.returning_col(n("event_id"));
+        returned.extend(db.query_all(&q).await?);
     }
     returned
         .iter()

@@ -4,28 +4,26 @@ use super::{chunk, n};
 use clm_domain::scoring::{Decay, Entry};
 use clm_platform::Result;
 use clm_platform::bulk::is_in_texts;
-use clm_platform::bulk::{ColType, JsonRows};
-use clm_platform::db::is_postgres;
+use sea_orm::Value;
 use sea_orm::sea_query::Alias;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Order, Query};
 use sea_orm::{ConnectionTrait, FromQueryResult};
-use sea_orm::{DbBackend, Statement, Value};
 
 const TABLE: &str = "score_ledger";
-/// The columns written, with their types (for PostgreSQL's bulk insert).
-static COLUMNS: [(&str, ColType); 12] = [
-    ("customer", ColType::Text),
-    ("model", ColType::Text),
-    ("model_version", ColType::Int8),
-    ("score", ColType::Text),
-    ("rule", ColType::Text),
-    ("points", ColType::Int8),
-    ("source_event", ColType::Text),
-    ("award_us", ColType::Int8),
-    ("decay_kind", ColType::Int2),
-    ("decay_us", ColType::Int8),
-    ("reason", ColType::Text),
-    ("actor", ColType::Text),
+/// The columns written.
+const COLUMNS: [&str; 12] = [
+    "customer",
+    "model",
+    "model_version",
+    "score",
+    "rule",
+    "points",
+    "source_event",
+    "award_us",
+    "decay_kind",
+    "decay_us",
+    "reason",
+    "actor",
 ];
 
 /// A ledger row.
@@ -148,44 +146,26 @@ pub async fn insert(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<u64> {
 }
 
 /// Inserts `rows` like [`insert`] and returns the ones that were new (a
-/// replayed award is left out): what the running sums may count. On
-/// PostgreSQL one statement ([`JsonRows`]); on SQLite one per chunk.
+/// replayed award is left out): what the running sums may count. One
+/// statement per chunk, with the same text for every full chunk.
 pub async fn insert_new(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<Vec<NewRow>> {
-    const ON_CONFLICT: &str = "ON CONFLICT (source_event, rule, model, model_version) DO NOTHING \
-         RETURNING source_event, rule, model_version";
     if rows.is_empty() {
         return Ok(Vec::new());
     }
     let mut returned = Vec::new();
-    if is_postgres(db) {
-        let mut json = JsonRows::new(&COLUMNS);
-        for r in rows {
-            json.push(cells(r));
+    for part in rows.chunks(chunk(COLUMNS.len())) {
+        let mut q = Query::insert();
+        q.into_table(n(TABLE)).columns(names());
+        for r in part {
+            q.values_panic(cells(r).map(Into::into));
         }
-        let sql = format!(
-            "INSERT INTO {TABLE} ({}) {} {ON_CONFLICT}",
-            json.names(),
-            json.select("$1")
+        q.on_conflict(
+            OnConflict::columns(["source_event", "rule", "model", "model_version"].map(n))
+                .do_nothing()
+                .to_owned(),
         );
-        let stmt = Statement::from_sql_and_values(DbBackend::Postgres, sql, [json.into_value()]);
-        returned = db.query_all_raw(stmt).await?;
-    } else {
-        for part in rows.chunks(chunk(COLUMNS.len())) {
-            let mut q = Query::insert();
-            q.into_table(n(TABLE)).columns(names());
-            for r in part {
-                q.values_panic(cells(r).map(Into::into));
-            }
-            q.on_conflict(
-                OnConflict::columns(["source_event", "rule", "model", "model_version"].map(n))
-                    .do_nothing()
-                    .to_owned(),
-            );
-            q.returning(
-                Query::returning().columns(["source_event", "rule", "model_version"].map(n)),
-            );
-            returned.extend(db.query_all(&q).await?);
-        }
+        q.returning(Query::returning().columns(["source_event", "rule", "model_version"].map(n)));
+        returned.extend(db.query_all(&q).await?);
     }
     let mut fresh = std::collections::HashSet::new();
     for r in returned {
@@ -229,7 +209,7 @@ fn cells(r: &NewRow) -> [Value; 12] {
 
 /// The names of [`COLUMNS`].
 fn names() -> [Alias; 12] {
-    COLUMNS.map(|(c, _)| n(c))
+    COLUMNS.map(n)
 }
 
 /// The score columns of a ledger select (what scores are computed from);

@@ -13,28 +13,26 @@ use super::{chunk, n};
 use clm_domain::scoring::{Decay, Sum};
 use clm_platform::Result;
 use clm_platform::bulk::is_in_texts;
-use clm_platform::bulk::{ColType, JsonRows};
-use clm_platform::db::is_postgres;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Order, Query};
-use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult, Statement, Value};
+use sea_orm::{ConnectionTrait, FromQueryResult, Value};
 use std::collections::BTreeMap;
 
 const TABLE: &str = "score_sums";
-/// The columns, with their types (for PostgreSQL's bulk upsert).
-static COLUMNS: [(&str, ColType); 9] = [
-    ("customer", ColType::Text),
-    ("model", ColType::Text),
-    ("score", ColType::Text),
-    ("decay_kind", ColType::Int2),
-    ("decay_us", ColType::Int8),
-    ("anchor_us", ColType::Int8),
-    ("total", ColType::Float8),
-    ("entries", ColType::Int8),
-    ("newest_us", ColType::Int8),
+/// The columns.
+const COLUMNS: [&str; 9] = [
+    "customer",
+    "model",
+    "score",
+    "decay_kind",
+    "decay_us",
+    "anchor_us",
+    "total",
+    "entries",
+    "newest_us",
 ];
 
 fn names() -> [sea_orm::sea_query::Alias; 9] {
-    COLUMNS.map(|(c, _)| n(c))
+    COLUMNS.map(n)
 }
 
 /// One stored sum.
@@ -127,8 +125,7 @@ async fn select(
     )
 }
 
-/// Writes `rows` (insert or replace): on PostgreSQL one statement
-/// ([`JsonRows`]), on SQLite one per chunk.
+/// Writes `rows` (insert or replace): one statement per chunk.
 pub async fn save(db: &impl ConnectionTrait, rows: &[SumRow]) -> Result<()> {
     fn cells(r: &SumRow) -> [Value; 9] {
         [
@@ -144,27 +141,6 @@ pub async fn save(db: &impl ConnectionTrait, rows: &[SumRow]) -> Result<()> {
         ]
     }
     if rows.is_empty() {
-        return Ok(());
-    }
-    if is_postgres(db) {
-        let mut json = JsonRows::new(&COLUMNS);
-        for r in rows {
-            json.push(cells(r));
-        }
-        let sql = format!(
-            "INSERT INTO {TABLE} ({}) {} \
-             ON CONFLICT (customer, model, score, decay_kind, decay_us) DO UPDATE SET \
-             anchor_us = excluded.anchor_us, total = excluded.total, \
-             entries = excluded.entries, newest_us = excluded.newest_us",
-            json.names(),
-            json.select("$1")
-        );
-        db.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            sql,
-            [json.into_value()],
-        ))
-        .await?;
         return Ok(());
     }
     for part in rows.chunks(chunk(COLUMNS.len())) {
