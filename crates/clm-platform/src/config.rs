@@ -160,7 +160,13 @@ fn nest_own_settings(service: &str, section: figment::value::Value) -> figment::
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriberConfig {
-    /// Most events applied in one transaction (with the cursor).
+    /// Most events applied in one transaction (with the cursor). A batch
+    /// takes only what has already arrived, so a subscriber that keeps up
+    /// applies small ones; a large bound lets one that is behind amortise
+    /// each transaction's fixed costs (per customer, not per event) over
+    /// more events: scoring catching up a full stream went from about
+    /// 9,000 to 14,000 touchpoints/s between 1,000 and 2,000. Larger ones
+    /// gain little more and hold SQLite's one writer longer.
     pub batch_size: usize,
     /// Attempts at one failing event before it is parked as a dead letter.
     pub max_attempts: u32,
@@ -302,7 +308,7 @@ impl Config {
             outbox_retention_days: 30,
             peers: BTreeMap::new(),
             subscriber: SubscriberConfig {
-                batch_size: 500,
+                batch_size: 2_000,
                 max_attempts: 10,
                 min_backoff_ms: 100,
                 max_backoff_ms: 10_000,

@@ -8,7 +8,8 @@
 //! ```
 //!
 //! `BENCH_EVENTS` sets the size (default 200,000); `BENCH_PER_CUSTOMER` the
-//! touchpoints per customer when following the stream (default 100).
+//! touchpoints per customer when following the stream (default 100);
+//! `BENCH_BATCH` the subscriber's batch size there (default: the config's).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use chrono::{DateTime, Duration, Utc};
@@ -422,11 +423,17 @@ impl Follow {
         }
     }
 
-    /// Starts scoring following the customer stream (1,000-event batches).
+    /// Starts scoring following the customer stream (batches of at most
+    /// `BENCH_BATCH` events, by default `subscriber.batch_size`'s).
     async fn follow(&self) -> clm_platform::testing::Running {
         let mut sc = self.sb.config("scoring");
         sc.peers.insert("customer".into(), self.customer.url());
-        sc.subscriber.batch_size = 1000;
+        if let Some(size) = std::env::var("BENCH_BATCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            sc.subscriber.batch_size = size;
+        }
         start_with_clock(&clm_scoring::DESCRIPTOR, sc, Arc::new(self.clock.clone())).await
     }
 
