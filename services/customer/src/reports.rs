@@ -156,7 +156,7 @@ pub async fn funnel(rt: &Runtime, req: pb::GetFunnelReportRequest) -> Result<pb:
     let (mut rows, stays) = tokio::try_join!(moves, stays)?;
     for (stage, s) in stays {
         let r = rows.entry(stage).or_default();
-        (r.stays, r.advanced, r.p50_us, r.p90_us) = (s.stays, s.advanced, s.p50_us, s.p90_us);
+        (r.stays, r.p50_us, r.p90_us) = (s.stays, s.p50_us, s.p90_us);
     }
     let stages = clm_domain::lifecycle::ALL_STAGES
         .into_iter()

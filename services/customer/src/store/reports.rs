@@ -217,10 +217,10 @@ pub struct FunnelRow {
 }
 
 /// The funnel of the period, by stage code (1..=6), in two statements:
-/// the moves of the period counted by (from, to), and the stays begun and
-/// ended in the period: how many, how many advanced, their nearest-rank
-/// percentiles. Both read only the period's rows of `stage_history` with
-/// its [rollup](super::rollups) columns: no per-customer window or grouping.
+/// the moves of the period counted by (from, to, where the stay went next),
+/// and the nearest-rank percentiles of the stays that ended in the period.
+/// Both read only the period's rows of `stage_history` with its
+/// [rollup](super::rollups) columns: no per-customer window or grouping.
 pub async fn funnel(
     db: &impl ConnectionTrait,
     scope: &Scope,
@@ -230,9 +230,8 @@ pub async fn funnel(
     Ok(out)
 }
 
-/// The funnel's counts of the period's moves by (from, to): entries,
-/// backward moves and churn (the first statement of [`funnel`]; a plain
-/// grouping on two columns, which PostgreSQL runs in parallel workers).
+/// The funnel's counts of the period's moves by (from, to, where the stay
+/// went next): the first statement of [`funnel`].
 pub async fn funnel_moves(
     db: &impl ConnectionTrait,
     scope: &Scope,
@@ -242,16 +241,22 @@ pub async fn funnel_moves(
     let filter = q.scope("customer_id", scope);
     q.push(&format!(
         "SELECT CAST(COALESCE(from_stage, 0) AS BIGINT) AS f, CAST(to_stage AS BIGINT) AS t, \
+           CAST(COALESCE(CASE WHEN left_us < {e} THEN next_stage END, 0) AS BIGINT) AS nx, \
            CAST(COUNT(*) AS BIGINT) AS n \
          FROM stage_history WHERE change_us >= {s} AND change_us < {e}{filter} \
-         GROUP BY from_stage, to_stage"
+         GROUP BY COALESCE(from_stage, 0), to_stage, COALESCE(CASE WHEN left_us < {e} THEN next_stage END, 0)"
     ));
     let mut out = std::collections::BTreeMap::<i16, FunnelRow>::new();
     for r in q.all(db).await? {
         let f = i16::try_from(get::<i64>(&r, "f")?).map_err(Error::internal)?;
         let t = i16::try_from(get::<i64>(&r, "t")?).map_err(Error::internal)?;
+        let nx = i16::try_from(get::<i64>(&r, "nx")?).map_err(Error::internal)?;
         let n: i64 = get(&r, "n")?;
-        out.entry(t).or_default().entered += n;
+        let into = out.entry(t).or_default();
+        into.entered += n;
+        if t <= 5 && nx > t && nx <= 5 {
+            into.advanced += n;
+        }
         if (1..=5).contains(&f) {
             let from = out.entry(f).or_default();
             if t < f {
@@ -264,10 +269,8 @@ pub async fn funnel_moves(
     Ok(out)
 }
 
-/// The funnel's stays begun and ended in the period, per stage: how many,
-/// how many of them ended by a move to a later funnel stage (advanced), and
-/// their nearest-rank percentiles, written into `out` (the second
-/// statement of [`funnel`]).
+/// The funnel's nearest-rank percentiles of the stays begun and ended in
+/// the period, written into `out` (the second statement of [`funnel`]).
 pub async fn funnel_stays(
     db: &impl ConnectionTrait,
     scope: &Scope,
@@ -277,9 +280,7 @@ pub async fn funnel_stays(
     let (s, e) = (q.p(scope.start_us), q.p(scope.end_us));
     let filter = q.scope("customer_id", scope);
     let stays = format!(
-        "stays AS (SELECT to_stage AS stage, left_us - change_us AS dur, \
-           CASE WHEN to_stage <= 5 AND next_stage > to_stage AND next_stage <= 5 THEN 1 ELSE 0 END AS adv \
-           FROM stage_history \
+        "stays AS (SELECT to_stage AS stage, left_us - change_us AS dur FROM stage_history \
            WHERE change_us >= {s} AND change_us < {e} AND left_us < {e}{filter})"
     );
     // Nearest rank both ways: PostgreSQL's percentile_disc(p) is the first
@@ -288,7 +289,6 @@ pub async fn funnel_stays(
     q.push(&if q.pg {
         format!(
             "WITH {stays} SELECT CAST(stage AS BIGINT) AS stage, CAST(COUNT(*) AS BIGINT) AS n, \
-             CAST(SUM(adv) AS BIGINT) AS adv, \
              CAST(percentile_disc(0.5) WITHIN GROUP (ORDER BY dur) AS BIGINT) AS p50, \
              CAST(percentile_disc(0.9) WITHIN GROUP (ORDER BY dur) AS BIGINT) AS p90 \
              FROM stays GROUP BY stage"
@@ -296,9 +296,9 @@ pub async fn funnel_stays(
     } else {
         format!(
             "WITH {stays}, \
-         ranked AS (SELECT stage, dur, adv, ROW_NUMBER() OVER (PARTITION BY stage ORDER BY dur) AS rn, \
+         ranked AS (SELECT stage, dur, ROW_NUMBER() OVER (PARTITION BY stage ORDER BY dur) AS rn, \
            COUNT(*) OVER (PARTITION BY stage) AS n FROM stays) \
-         SELECT CAST(stage AS BIGINT) AS stage, CAST(MAX(n) AS BIGINT) AS n, CAST(SUM(adv) AS BIGINT) AS adv, \
+         SELECT CAST(stage AS BIGINT) AS stage, CAST(MAX(n) AS BIGINT) AS n, \
            CAST(MAX(CASE WHEN rn = (n * 50 + 99) / 100 THEN dur END) AS BIGINT) AS p50, \
            CAST(MAX(CASE WHEN rn = (n * 90 + 99) / 100 THEN dur END) AS BIGINT) AS p90 \
          FROM ranked GROUP BY stage"
@@ -308,7 +308,6 @@ pub async fn funnel_stays(
         let stage = i16::try_from(get::<i64>(&r, "stage")?).map_err(Error::internal)?;
         let row = out.entry(stage).or_default();
         row.stays = get(&r, "n")?;
-        row.advanced = get(&r, "adv")?;
         row.p50_us = get(&r, "p50")?;
         row.p90_us = get(&r, "p90")?;
     }
