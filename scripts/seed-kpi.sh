@@ -12,14 +12,15 @@
 #   SKIP_SEED=1 KPI_DB=clm_kpi scripts/seed-kpi.sh      # re-time a kept one (never dropped)
 #
 # Needs PostgreSQL (CLM_BENCH_DATABASE_URL, default the local test server).
-# PROFILE=release builds optimised binaries (the SQL dominates either way).
+# Builds optimised binaries (PROFILE=debug for a quicker build; the targets
+# are about the release build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CUSTOMERS="${CUSTOMERS:-1000000}"
 TOUCHPOINTS_PER_CUSTOMER="${TOUCHPOINTS_PER_CUSTOMER:-10}"
 CAMPAIGNS="${CAMPAIGNS:-200}"
 RUNS="${RUNS:-3}"
-PROFILE="${PROFILE:-debug}"
+PROFILE="${PROFILE:-release}"
 ADMIN_URL="${CLM_BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 db="${KPI_DB:-clm_kpi_$$}"
 base="${ADMIN_URL%/*}"
