@@ -496,6 +496,23 @@ impl Follow {
     }
 }
 
+/// `n` events in `scored` beside the reference `n` in `ingest`, and the ratio.
+fn pace(
+    n: usize,
+    scored: std::time::Duration,
+    ingest: std::time::Duration,
+    reference: &str,
+) -> String {
+    format!(
+        "{:.0}/s ({:.2} s); reference {reference} {:.0}/s ({:.2} s); ratio {:.2}",
+        n as f64 / scored.as_secs_f64(),
+        scored.as_secs_f64(),
+        n as f64 / ingest.as_secs_f64(),
+        ingest.as_secs_f64(),
+        ingest.as_secs_f64() / scored.as_secs_f64(),
+    )
+}
+
 /// Scoring follows while the customer service ingests: keeps it up, and
 /// how far behind it is when the ingest ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -510,15 +527,10 @@ async fn bench_follow_the_customer_stream() {
     let (max_lag, ledger) = f.scored(n).await;
     let scored = started.elapsed();
     println!(
-        "follow: {n} touchpoints of {} customers scored ({ledger} ledger entries) {:.0}/s end to end ({:.2} s); \
-         reference customer ingest beside it {:.0}/s ({:.2} s); ratio {:.2}; lag when ingest ended {} events",
+        "follow: {n} touchpoints of {} customers scored ({ledger} ledger entries) end to end {}; \
+         lag when ingest ended {max_lag} events",
         f.names.len(),
-        n as f64 / scored.as_secs_f64(),
-        scored.as_secs_f64(),
-        n as f64 / ingest.as_secs_f64(),
-        ingest.as_secs_f64(),
-        ingest.as_secs_f64() / scored.as_secs_f64(),
-        max_lag
+        pace(n, scored, ingest, "customer ingest beside it"),
     );
     scoring.stop().await;
     f.customer.stop().await;
@@ -540,14 +552,9 @@ async fn bench_catch_up_with_the_customer_stream() {
     let (_, ledger) = f.scored(n).await;
     let scored = started.elapsed();
     println!(
-        "catch up: {n} touchpoints of {} customers scored ({ledger} ledger entries) {:.0}/s ({:.2} s); \
-         reference customer ingest alone {:.0}/s ({:.2} s); ratio {:.2}",
+        "catch up: {n} touchpoints of {} customers scored ({ledger} ledger entries) {}",
         f.names.len(),
-        n as f64 / scored.as_secs_f64(),
-        scored.as_secs_f64(),
-        n as f64 / ingest.as_secs_f64(),
-        ingest.as_secs_f64(),
-        ingest.as_secs_f64() / scored.as_secs_f64(),
+        pace(n, scored, ingest, "customer ingest alone"),
     );
     scoring.stop().await;
     f.customer.stop().await;
