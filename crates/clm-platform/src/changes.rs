@@ -32,7 +32,7 @@ use crate::Runtime;
 use crate::auth::{Policy, Role, authorize};
 use crate::client::ClientInterceptor;
 use crate::config::{Config, SubscriberConfig};
-use crate::db::{from_micros, to_micros};
+use crate::db::{from_micros, is_postgres, to_micros};
 use crate::error::Error;
 use crate::outbox::NewEvent;
 use crate::page::Pager;
@@ -325,6 +325,9 @@ where
 #[derive(Clone, Default)]
 pub struct Handlers {
     by_type: BTreeMap<String, Arc<dyn Dispatch>>,
+    /// Types whose batches may be split by subject
+    /// ([`Handlers::on_batch_partitioned`]).
+    partitioned: std::collections::BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Handlers {
@@ -371,6 +374,31 @@ impl Handlers {
             }),
         );
         self
+    }
+
+    /// Like [`Handlers::on_batch`], and lets the subscriber split a batch
+    /// made only of such events by subject into `subscriber.partitions`
+    /// transactions applied side by side (PostgreSQL), then store the cursor
+    /// in one more. The handler promises what makes that safe: it touches
+    /// only rows of its events' subjects (so the partitions never wait on
+    /// each other and each subject's events stay in stream order), and
+    /// applying an event again changes nothing (a crash after some
+    /// partitions committed replays them).
+    #[must_use]
+    pub fn on_batch_partitioned<M, H>(mut self, handler: Arc<H>) -> Self
+    where
+        M: prost::Name + prost::Message + Default + Send + 'static,
+        H: OnBatch<M>,
+    {
+        self.partitioned.insert(M::full_name());
+        self.on_batch::<M, H>(handler)
+    }
+
+    /// Whether every event of `events` may be applied in partitions.
+    fn partitionable(&self, events: &[ChangeEvent]) -> bool {
+        events
+            .iter()
+            .all(|e| self.partitioned.contains(&e.event_type))
     }
 
     /// The event types handled.
@@ -497,6 +525,7 @@ pub struct Subscriber {
     endpoint: String,
     handlers: Handlers,
     batch_size: usize,
+    partitions: usize,
     min_backoff: Duration,
     max_backoff: Duration,
     max_attempts: u32,
@@ -596,6 +625,7 @@ impl Subscriber {
             endpoint: endpoint.into(),
             handlers,
             batch_size: 0,
+            partitions: 1,
             min_backoff: Duration::ZERO,
             max_backoff: Duration::ZERO,
             max_attempts: 0,
@@ -607,10 +637,11 @@ impl Subscriber {
         .with_config(&defaults)
     }
 
-    /// Applies the batch size, attempts and backoff of `c`.
+    /// Applies the batch size, partitions, attempts and backoff of `c`.
     #[must_use]
     pub fn with_config(mut self, c: &SubscriberConfig) -> Self {
         self.batch_size = Ord::max(c.batch_size, 1);
+        self.partitions = Ord::max(c.partitions, 1);
         self.max_attempts = Ord::max(c.max_attempts, 1);
         let min = Ord::max(c.min_backoff_ms, 1);
         self.min_backoff = Duration::from_millis(min);
@@ -771,12 +802,19 @@ impl Subscriber {
         }
     }
 
-    /// Applies `batch` in one transaction with the cursor; on a handler
-    /// failure, one event at a time.
+    /// Applies `batch` in one transaction with the cursor (or in partitions,
+    /// [`Self::apply_partitioned`]); on a handler failure, one event at a time.
     async fn apply(&self, batch: &[ChangeEvent]) -> Result<(), Interrupted> {
         let Some(last) = batch.last() else {
             return Ok(());
         };
+        if self.partitions > 1
+            && batch.len() > 1
+            && is_postgres(&self.rt.db)
+            && self.handlers.partitionable(batch)
+        {
+            return self.apply_partitioned(batch).await;
+        }
         let mut cx = Apply::begin(&self.rt).await?;
         let failed = match self.handlers.dispatch(&mut cx, batch).await {
             Ok(()) => None,
@@ -794,6 +832,47 @@ impl Subscriber {
             drop(cx);
             return self.retry_or_park(last, e).await;
         }
+        self.finish(cx, batch).await
+    }
+
+    /// Applies `batch` (partition-safe events only) split by subject into
+    /// up to `partitions` transactions side by side, then stores the cursor
+    /// in one more. A partition that fails sends the whole batch through
+    /// one event at a time; the partitions already committed apply
+    /// nothing twice (the handlers' promise).
+    async fn apply_partitioned(&self, batch: &[ChangeEvent]) -> Result<(), Interrupted> {
+        let mut parts: Vec<Vec<ChangeEvent>> = vec![Vec::new(); self.partitions];
+        for e in batch {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(&e.subject, &mut h);
+            let i = (std::hash::Hasher::finish(&h) % self.partitions as u64) as usize;
+            parts[i].push(e.clone());
+        }
+        let applied = futures::future::join_all(parts.iter().filter(|p| !p.is_empty()).map(
+            |part| async move {
+                let mut cx = Apply::begin(&self.rt).await?;
+                self.handlers.dispatch(&mut cx, part).await?;
+                cx.commit().await?;
+                Ok::<(), Error>(())
+            },
+        ))
+        .await;
+        let mut failed = None;
+        for r in applied {
+            match r {
+                Ok(()) => {}
+                Err(Error::Unavailable(e)) => return Err(Interrupted::Transient(e)),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            tracing::warn!(service = self.rt.service, source = %self.source, error = %e, "a partition failed; applying the batch one event at a time");
+            for event in batch {
+                self.apply_one(event).await?;
+            }
+            return Ok(());
+        }
+        let cx = Apply::begin(&self.rt).await?;
         self.finish(cx, batch).await
     }
 

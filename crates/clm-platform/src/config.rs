@@ -168,6 +168,10 @@ pub struct SubscriberConfig {
     /// 9,000 to 14,000 touchpoints/s between 1,000 and 2,000. Larger ones
     /// gain little more and hold SQLite's one writer longer.
     pub batch_size: usize,
+    /// Transactions a batch of partition-safe events (handlers registered
+    /// with `Handlers::on_batch_partitioned`) is split into on PostgreSQL,
+    /// by subject, applied side by side; 1 applies every batch in one.
+    pub partitions: usize,
     /// Attempts at one failing event before it is parked as a dead letter.
     pub max_attempts: u32,
     /// First retry delay in milliseconds; doubles up to `max_backoff_ms`.
@@ -309,6 +313,7 @@ impl Config {
             peers: BTreeMap::new(),
             subscriber: SubscriberConfig {
                 batch_size: 2_000,
+                partitions: 2,
                 max_attempts: 10,
                 min_backoff_ms: 100,
                 max_backoff_ms: 10_000,
@@ -424,6 +429,12 @@ impl Config {
             return Err(ConfigError::new(
                 "subscriber.batch_size",
                 "must be between 1 and 10000",
+            ));
+        }
+        if self.subscriber.partitions == 0 || self.subscriber.partitions > 16 {
+            return Err(ConfigError::new(
+                "subscriber.partitions",
+                "must be between 1 and 16",
             ));
         }
         if self.subscriber.token_ttl_secs < 10 {

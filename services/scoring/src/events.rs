@@ -2,6 +2,14 @@
 //! transaction (effect, own events and cursor commit together), so a
 //! replay after a crash applies nothing twice; awards are idempotent by
 //! (source event, rule, model, version) on top of that.
+//!
+//! Touchpoint batches are registered partition-safe
+//! (`Handlers::on_batch_partitioned`): on PostgreSQL the subscriber splits
+//! them by customer (the events' subject) into transactions side by side
+//! and stores the cursor after them. Safe because the handler writes only
+//! its customers' rows (locked first, in one order) and scores only
+//! touchpoints it had not kept yet, so a partition replayed after a crash
+//! adds nothing.
 
 use crate::convert;
 use crate::scorer::{self, Models};
@@ -24,7 +32,7 @@ use tokio::sync::Notify;
 pub fn customer_handlers(models: Arc<Models>, wake: Arc<Notify>) -> Handlers {
     let h = Arc::new(CustomerEvents { models, wake });
     Handlers::new()
-        .on_batch::<cpb::TouchpointRecorded, _>(h.clone())
+        .on_batch_partitioned::<cpb::TouchpointRecorded, _>(h.clone())
         .on::<cpb::CustomerCreated, _>(h.clone())
         .on::<cpb::CustomerUpdated, _>(h.clone())
         .on::<cpb::StageChanged, _>(h.clone())

@@ -9,7 +9,8 @@
 //!
 //! `BENCH_EVENTS` sets the size (default 200,000); `BENCH_PER_CUSTOMER` the
 //! touchpoints per customer when following the stream (default 100);
-//! `BENCH_BATCH` the subscriber's batch size there (default: the config's).
+//! `BENCH_BATCH` and `BENCH_PARTITIONS` the subscriber's batch size and
+//! partitions there (default: the config's).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use chrono::{DateTime, Duration, Utc};
@@ -423,16 +424,18 @@ impl Follow {
         }
     }
 
-    /// Starts scoring following the customer stream (batches of at most
-    /// `BENCH_BATCH` events, by default `subscriber.batch_size`'s).
+    /// Starts scoring following the customer stream (the subscriber's batch
+    /// size and partitions from `BENCH_BATCH`, `BENCH_PARTITIONS`, by
+    /// default the config's).
     async fn follow(&self) -> clm_platform::testing::Running {
         let mut sc = self.sb.config("scoring");
         sc.peers.insert("customer".into(), self.customer.url());
-        if let Some(size) = std::env::var("BENCH_BATCH")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
+        let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+        if let Some(size) = env("BENCH_BATCH") {
             sc.subscriber.batch_size = size;
+        }
+        if let Some(n) = env("BENCH_PARTITIONS") {
+            sc.subscriber.partitions = n;
         }
         start_with_clock(&clm_scoring::DESCRIPTOR, sc, Arc::new(self.clock.clone())).await
     }
