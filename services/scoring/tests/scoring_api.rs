@@ -140,6 +140,28 @@ impl Env {
             .map_or(f64::NAN, |v| v.value)
     }
 
+    /// Waits (20 s at most) until score `name` of `customer` under `model`
+    /// is `value`.
+    async fn score_reaches(&self, customer: &str, model: &str, name: &str, value: f64) {
+        eventually(std::time::Duration::from_secs(20), || async {
+            (self.score(customer, model, name).await == value).then_some(())
+        })
+        .await;
+    }
+
+    /// Merges `duplicate` into `survivor` through the customer service.
+    async fn merge(&self, survivor: &str, duplicate: &str) {
+        self.customers()
+            .merge_customers(cpb::MergeCustomersRequest {
+                survivor: survivor.into(),
+                duplicates: vec![duplicate.into()],
+                policy: Default::default(),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+
     async fn stages(&self, customer: &str) -> Vec<cpb::StageChange> {
         self.customers()
             .list_stage_history(cpb::ListStageHistoryRequest {
@@ -236,13 +258,8 @@ async fn rules_caps_once_negative_fit_and_ledger() {
     env.touch(&c.name, "s1", cpb::TouchpointType::SupportContact, "")
         .await;
     // 10 + 10 + 5 (cap 25 a day) + 15 (demo once) − 5 (complaint) = 35.
-    eventually(std::time::Duration::from_secs(20), || async {
-        (env.score(&c.name, "scoringModels/leads", "engagement")
-            .await
-            == 35.0)
-            .then_some(())
-    })
-    .await;
+    env.score_reaches(&c.name, "scoringModels/leads", "engagement", 35.0)
+        .await;
     assert_eq!(env.score(&c.name, "scoringModels/leads", "fit").await, 30.0);
     // The ledger explains it, entry by entry.
     let ledger = s
@@ -449,13 +466,8 @@ async fn rescore_after_a_rule_change_and_erasure_receipt() {
         .await;
     env.touch(&c.name, "u2", cpb::TouchpointType::FeatureUse, "x")
         .await;
-    eventually(std::time::Duration::from_secs(20), || async {
-        (env.score(&c.name, "scoringModels/leads", "engagement")
-            .await
-            == 10.0)
-            .then_some(())
-    })
-    .await;
+    env.score_reaches(&c.name, "scoringModels/leads", "engagement", 10.0)
+        .await;
     // A manual adjustment survives the re-scoring (and its running sum).
     s.adjust_score(pb::AdjustScoreRequest {
         customer: c.name.clone(),
@@ -576,13 +588,8 @@ async fn rescore_after_a_rule_change_and_erasure_receipt() {
         })
         .await
         .unwrap();
-    eventually(std::time::Duration::from_secs(20), || async {
-        (env.score(&c.name, "scoringModels/leads", "engagement")
-            .await
-            == 0.0)
-            .then_some(())
-    })
-    .await;
+    env.score_reaches(&c.name, "scoringModels/leads", "engagement", 0.0)
+        .await;
     let mut changes =
         clm_proto::common::change_stream_service_client::ChangeStreamServiceClient::new(
             env.scoring.as_ref().unwrap().channel(),
@@ -739,29 +746,11 @@ async fn merge_moves_the_ledger_to_the_survivor() {
         .await;
     env.touch(&b.name, "b2", cpb::TouchpointType::FeatureUse, "x")
         .await;
-    eventually(std::time::Duration::from_secs(20), || async {
-        (env.score(&b.name, "scoringModels/leads", "engagement")
-            .await
-            == 10.0)
-            .then_some(())
-    })
-    .await;
-    env.customers()
-        .merge_customers(cpb::MergeCustomersRequest {
-            survivor: a.name.clone(),
-            duplicates: vec![b.name.clone()],
-            policy: Default::default(),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap();
-    eventually(std::time::Duration::from_secs(20), || async {
-        (env.score(&a.name, "scoringModels/leads", "engagement")
-            .await
-            == 15.0)
-            .then_some(())
-    })
-    .await;
+    env.score_reaches(&b.name, "scoringModels/leads", "engagement", 10.0)
+        .await;
+    env.merge(&a.name, &b.name).await;
+    env.score_reaches(&a.name, "scoringModels/leads", "engagement", 15.0)
+        .await;
     assert_eq!(
         env.score(&b.name, "scoringModels/leads", "engagement")
             .await,
@@ -1295,22 +1284,9 @@ async fn score_changes_agree_with_get_score_and_running_sums_with_the_ledger() {
     };
     assert!(value(ranked[0]) >= value(ranked[1]));
     // A merge rebuilds the survivor's sums and drops the duplicate's.
-    env.customers()
-        .merge_customers(cpb::MergeCustomersRequest {
-            survivor: a.name.clone(),
-            duplicates: vec![b.name.clone()],
-            policy: Default::default(),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap();
-    eventually(std::time::Duration::from_secs(20), || async {
-        (env.score(&b.name, "scoringModels/mixed", "engagement")
-            .await
-            == 0.0)
-            .then_some(())
-    })
-    .await;
+    env.merge(&a.name, &b.name).await;
+    env.score_reaches(&b.name, "scoringModels/mixed", "engagement", 0.0)
+        .await;
     assert_sums_match_ledger(&db, "mixed", &custs).await;
     let after: Vec<String> = clm_scoring::store::sums::load(&db, "mixed", &custs)
         .await
