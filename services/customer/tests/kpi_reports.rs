@@ -20,17 +20,6 @@ use tonic::Code;
 mod common;
 use common::*;
 
-fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
-
-fn at(s: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-}
-
 fn eur(amount_minor: i64) -> Money {
     Money {
         currency_code: "EUR".into(),
@@ -81,23 +70,6 @@ async fn spend(c: &mut Client, campaign: &str, m: Money, when: &str, rid: &str) 
     .unwrap();
 }
 
-fn tp(customer: &str, id: &str, t: TouchpointType, when: DateTime<Utc>) -> pb::Touchpoint {
-    pb::Touchpoint {
-        customer: customer.into(),
-        event_id: id.into(),
-        r#type: t as i32,
-        occurred_time: Some(ts(when)),
-        ..Default::default()
-    }
-}
-
-fn touch(customer: &str, id: &str, campaign: &str, when: DateTime<Utc>) -> pb::Touchpoint {
-    pb::Touchpoint {
-        campaign: campaign.into(),
-        ..tp(customer, id, TouchpointType::CampaignTouch, when)
-    }
-}
-
 fn feature(customer: &str, id: &str, when: DateTime<Utc>) -> pb::Touchpoint {
     pb::Touchpoint {
         feature: "reports".into(),
@@ -116,17 +88,6 @@ async fn record(c: &mut Client, touchpoints: Vec<pb::Touchpoint>) {
     c.record_touchpoints(pb::RecordTouchpointsRequest { touchpoints })
         .await
         .unwrap();
-}
-
-async fn move_to(c: &mut Client, customer: &str, to: Stage) {
-    c.transition_stage(pb::TransitionStageRequest {
-        name: customer.into(),
-        to_stage: to as i32,
-        reason: "test".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
 }
 
 /// The data set. t0 = 2026-11-24T10:00Z (the harness clock).

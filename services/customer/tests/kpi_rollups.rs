@@ -16,38 +16,10 @@ use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
 mod common;
 use common::*;
 
-fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: 0,
-    }
-}
-
-fn at(s: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-}
-
-fn tp(customer: &str, id: &str, t: TouchpointType, when: DateTime<Utc>) -> pb::Touchpoint {
-    pb::Touchpoint {
-        customer: customer.into(),
-        event_id: id.into(),
-        r#type: t as i32,
-        occurred_time: Some(ts(when)),
-        ..Default::default()
-    }
-}
-
 fn feat(customer: &str, id: &str, when: DateTime<Utc>) -> pb::Touchpoint {
     pb::Touchpoint {
         feature: "reports".into(),
         ..tp(customer, id, TouchpointType::FeatureUse, when)
-    }
-}
-
-fn touch(customer: &str, id: &str, campaign: &str, when: DateTime<Utc>) -> pb::Touchpoint {
-    pb::Touchpoint {
-        campaign: campaign.into(),
-        ..tp(customer, id, TouchpointType::CampaignTouch, when)
     }
 }
 
@@ -72,17 +44,6 @@ async fn record(c: &mut Client, touchpoints: Vec<pb::Touchpoint>) -> pb::RecordT
         .await
         .unwrap()
         .into_inner()
-}
-
-async fn move_to(c: &mut Client, customer: &str, to: Stage) {
-    c.transition_stage(pb::TransitionStageRequest {
-        name: customer.into(),
-        to_stage: to as i32,
-        reason: "test".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
 }
 
 /// Every row of the three rollups, as text, sorted.

@@ -190,3 +190,49 @@ pub async fn lookup(
     .map(|r| r.into_inner().name)
     .map_err(|e| e.code())
 }
+
+// ---------------------------------------------- journeys (KPI test suites)
+
+/// A timestamp of `t`.
+pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// The time written in RFC 3339.
+pub fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+/// A touchpoint `id` of type `t` of `customer` at `when`.
+pub fn tp(customer: &str, id: &str, t: pb::TouchpointType, when: DateTime<Utc>) -> pb::Touchpoint {
+    pb::Touchpoint {
+        customer: customer.into(),
+        event_id: id.into(),
+        r#type: t as i32,
+        occurred_time: Some(ts(when)),
+        ..Default::default()
+    }
+}
+
+/// A touch of `campaign`.
+pub fn touch(customer: &str, id: &str, campaign: &str, when: DateTime<Utc>) -> pb::Touchpoint {
+    pb::Touchpoint {
+        campaign: campaign.into(),
+        ..tp(customer, id, pb::TouchpointType::CampaignTouch, when)
+    }
+}
+
+/// Moves `customer` to stage `to` (now, by the service clock).
+pub async fn move_to(c: &mut Client, customer: &str, to: pb::Stage) {
+    c.transition_stage(pb::TransitionStageRequest {
+        name: customer.into(),
+        to_stage: to as i32,
+        reason: "test".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
