@@ -7,7 +7,7 @@ use clm_platform::Result;
 use clm_platform::bulk::{is_in_texts, text_list};
 use clm_platform::db::is_postgres;
 use sea_orm::sea_query::{Expr, ExprTrait, Func, LockType, OnConflict, Order, Query};
-use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult, Statement, Value};
+use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult, Statement};
 
 /// A customer's row.
 #[derive(Debug, Clone, FromQueryResult)]
@@ -165,33 +165,26 @@ pub async fn insert_touchpoints(
     db: &impl ConnectionTrait,
     rows: &[TouchRow],
 ) -> Result<Vec<String>> {
-    const COLUMNS: [&str; 4] = ["event_id", "customer", "occurred_us", "body"];
-    fn cells(r: &TouchRow) -> [Value; 4] {
-        [
-            r.event_id.clone().into(),
-            r.customer.clone().into(),
-            r.occurred_us.into(),
-            r.body.clone().into(),
-        ]
-    }
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut returned = Vec::new();
-    for part in rows.chunks(chunk(COLUMNS.len())) {
+    let mut new = Vec::new();
+    for part in rows.chunks(chunk(4)) {
         let mut q = Query::insert();
-        q.into_table(n("score_touchpoints")).columns(COLUMNS.map(n));
+        q.into_table(n("score_touchpoints"))
+            .columns(["event_id", "customer", "occurred_us", "body"].map(n));
         for r in part {
-            q.values_panic(cells(r).map(Into::into));
+            q.values_panic([
+                r.event_id.clone().into(),
+                r.customer.clone().into(),
+                r.occurred_us.into(),
+                r.body.clone().into(),
+            ]);
         }
         q.on_conflict(OnConflict::column(n("event_id")).do_nothing().to_owned());
         q.returning_col(n("event_id"));
-        returned.extend(db.query_all(&q).await?);
+        for r in db.query_all(&q).await? {
+            new.push(r.try_get::<String>("", "event_id")?);
+        }
     }
-    returned
-        .iter()
-        .map(|r| Ok(r.try_get::<String>("", "event_id")?))
-        .collect()
+    Ok(new)
 }
 
 /// Kept touchpoints of `customers` (encoded), oldest first.

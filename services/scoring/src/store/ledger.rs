@@ -4,13 +4,10 @@ use super::{chunk, n};
 use clm_domain::scoring::{Decay, Entry};
 use clm_platform::Result;
 use clm_platform::bulk::is_in_texts;
-use sea_orm::Value;
-use sea_orm::sea_query::Alias;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Order, Query};
 use sea_orm::{ConnectionTrait, FromQueryResult};
 
 const TABLE: &str = "score_ledger";
-/// The columns written.
 const COLUMNS: [&str; 12] = [
     "customer",
     "model",
@@ -146,18 +143,28 @@ pub async fn insert(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<u64> {
 }
 
 /// Inserts `rows` like [`insert`] and returns the ones that were new (a
-/// replayed award is left out): what the running sums may count. One
-/// statement per chunk, with the same text for every full chunk.
+/// replayed award is left out): what the running sums may count.
 pub async fn insert_new(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<Vec<NewRow>> {
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut returned = Vec::new();
+    let mut fresh = std::collections::HashSet::new();
     for part in rows.chunks(chunk(COLUMNS.len())) {
         let mut q = Query::insert();
-        q.into_table(n(TABLE)).columns(names());
+        q.into_table(n(TABLE)).columns(COLUMNS.map(n));
         for r in part {
-            q.values_panic(cells(r).map(Into::into));
+            let (kind, param) = r.award.decay.code();
+            q.values_panic([
+                r.customer.clone().into(),
+                r.model.clone().into(),
+                r.model_version.into(),
+                r.award.score.clone().into(),
+                r.award.rule.clone().into(),
+                r.award.points.into(),
+                r.award.source_event.clone().into(),
+                r.award.award_us.into(),
+                kind.into(),
+                param.into(),
+                r.reason.clone().into(),
+                r.actor.clone().into(),
+            ]);
         }
         q.on_conflict(
             OnConflict::columns(["source_event", "rule", "model", "model_version"].map(n))
@@ -165,15 +172,13 @@ pub async fn insert_new(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<Ve
                 .to_owned(),
         );
         q.returning(Query::returning().columns(["source_event", "rule", "model_version"].map(n)));
-        returned.extend(db.query_all(&q).await?);
-    }
-    let mut fresh = std::collections::HashSet::new();
-    for r in returned {
-        fresh.insert((
-            r.try_get::<String>("", "source_event")?,
-            r.try_get::<String>("", "rule")?,
-            r.try_get::<i64>("", "model_version")?,
-        ));
+        for r in db.query_all(&q).await? {
+            fresh.insert((
+                r.try_get::<String>("", "source_event")?,
+                r.try_get::<String>("", "rule")?,
+                r.try_get::<i64>("", "model_version")?,
+            ));
+        }
     }
     Ok(rows
         .iter()
@@ -186,30 +191,6 @@ pub async fn insert_new(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<Ve
         })
         .cloned()
         .collect())
-}
-
-/// A new row's values, in [`COLUMNS`] order.
-fn cells(r: &NewRow) -> [Value; 12] {
-    let (kind, param) = r.award.decay.code();
-    [
-        r.customer.clone().into(),
-        r.model.clone().into(),
-        r.model_version.into(),
-        r.award.score.clone().into(),
-        r.award.rule.clone().into(),
-        r.award.points.into(),
-        r.award.source_event.clone().into(),
-        r.award.award_us.into(),
-        kind.into(),
-        param.into(),
-        r.reason.clone().into(),
-        r.actor.clone().into(),
-    ]
-}
-
-/// The names of [`COLUMNS`].
-fn names() -> [Alias; 12] {
-    COLUMNS.map(n)
 }
 
 /// The score columns of a ledger select (what scores are computed from);
@@ -404,7 +385,7 @@ pub async fn rule_usage(
 
 fn select() -> sea_orm::sea_query::SelectStatement {
     let mut cols = vec![n("id")];
-    cols.extend(names());
+    cols.extend(COLUMNS.map(n));
     Query::select().columns(cols).from(n(TABLE)).to_owned()
 }
 

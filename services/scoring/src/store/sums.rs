@@ -14,11 +14,10 @@ use clm_domain::scoring::{Decay, Sum};
 use clm_platform::Result;
 use clm_platform::bulk::is_in_texts;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Order, Query};
-use sea_orm::{ConnectionTrait, FromQueryResult, Value};
+use sea_orm::{ConnectionTrait, FromQueryResult};
 use std::collections::BTreeMap;
 
 const TABLE: &str = "score_sums";
-/// The columns.
 const COLUMNS: [&str; 9] = [
     "customer",
     "model",
@@ -30,10 +29,6 @@ const COLUMNS: [&str; 9] = [
     "entries",
     "newest_us",
 ];
-
-fn names() -> [sea_orm::sea_query::Alias; 9] {
-    COLUMNS.map(n)
-}
 
 /// One stored sum.
 #[derive(Debug, Clone, PartialEq, FromQueryResult)]
@@ -110,7 +105,7 @@ async fn select(
     customers: Option<&[String]>,
 ) -> Result<Vec<SumRow>> {
     let mut q = Query::select()
-        .columns(names())
+        .columns(COLUMNS.map(n))
         .from(n(TABLE))
         .and_where(Expr::col(n("model")).eq(model))
         .order_by(n("customer"), Order::Asc)
@@ -127,27 +122,21 @@ async fn select(
 
 /// Writes `rows` (insert or replace): one statement per chunk.
 pub async fn save(db: &impl ConnectionTrait, rows: &[SumRow]) -> Result<()> {
-    fn cells(r: &SumRow) -> [Value; 9] {
-        [
-            r.customer.clone().into(),
-            r.model.clone().into(),
-            r.score.clone().into(),
-            r.decay_kind.into(),
-            r.decay_us.into(),
-            r.anchor_us.into(),
-            r.total.into(),
-            r.entries.into(),
-            r.newest_us.into(),
-        ]
-    }
-    if rows.is_empty() {
-        return Ok(());
-    }
     for part in rows.chunks(chunk(COLUMNS.len())) {
         let mut q = Query::insert();
-        q.into_table(n(TABLE)).columns(names());
+        q.into_table(n(TABLE)).columns(COLUMNS.map(n));
         for r in part {
-            q.values_panic(cells(r).map(Into::into));
+            q.values_panic([
+                r.customer.clone().into(),
+                r.model.clone().into(),
+                r.score.clone().into(),
+                r.decay_kind.into(),
+                r.decay_us.into(),
+                r.anchor_us.into(),
+                r.total.into(),
+                r.entries.into(),
+                r.newest_us.into(),
+            ]);
         }
         q.on_conflict(
             OnConflict::columns(["customer", "model", "score", "decay_kind", "decay_us"].map(n))
