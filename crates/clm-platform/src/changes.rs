@@ -225,6 +225,32 @@ impl Apply {
         self.emitted.push(event);
     }
 
+    /// Finishes a service's handling of `clm.customer.v1.CustomerErased`,
+    /// once its own tables no longer hold the customer: redacts the
+    /// customer (and the customers merged into it) in the audit trail and
+    /// emits this service's `clm.common.v1.CustomerDataErased` receipt, both
+    /// in this transaction. Every consumer of the customer stream ends its
+    /// erasure handler with this one call.
+    pub async fn erased(
+        &mut self,
+        m: &clm_proto::customer::CustomerErased,
+    ) -> Result<(), crate::Error> {
+        let now = clm_domain::clock::micros(self.now());
+        for customer in std::iter::once(&m.customer).chain(&m.merged_from) {
+            crate::audit::redact_customer(&self.txn, self.rt.service, customer, now).await?;
+        }
+        self.emit(NewEvent::new(
+            &m.customer,
+            &clm_proto::common::CustomerDataErased {
+                customer: m.customer.clone(),
+                erasure_request: m.erasure_request.clone(),
+                service: self.rt.service.to_owned(),
+                erase_time: Some(crate::convert::timestamp(now)),
+            },
+        ));
+        Ok(())
+    }
+
     /// Runs `work` once the transaction has committed (never if it rolls
     /// back), e.g. writing what the database now holds to the cache.
     pub fn after_commit(&mut self, work: impl Future<Output = ()> + Send + 'static) {

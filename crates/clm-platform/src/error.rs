@@ -77,6 +77,29 @@ pub enum Error {
     /// A dependency is down or overloaded; retry later.
     #[error("{0}")]
     Unavailable(String),
+    /// The call's deadline (the caller's `grpc-timeout`, or a limit the
+    /// service sets on a bounded piece of work) passed before the work ended.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// A limit was reached (a fatigue cap, a per-member limit, a quota):
+    /// answered with a `QuotaFailure` naming `subject` and an `ErrorInfo`
+    /// whose metadata carries the resource and the limit.
+    #[error("{message}")]
+    ResourceExhausted {
+        /// Machine-readable reason (`ErrorInfo.reason`), e.g. `FATIGUE_CAP_REACHED`.
+        reason: &'static str,
+        /// What the limit applies to (`QuotaFailure.violations[].subject`),
+        /// e.g. `customers/123` or `rewards/9:customers/123`.
+        subject: String,
+        /// The limit, as a caller would read it (`3 per 7d`).
+        limit: String,
+        /// Human-readable message.
+        message: String,
+    },
+    /// The work was cancelled (the caller went away, an operation was
+    /// cancelled, the service is stopping).
+    #[error("{0}")]
+    Cancelled(String),
     /// A bug or an unexpected infrastructure failure. The message is logged, never returned.
     #[error("internal error: {0}")]
     Internal(String),
@@ -124,6 +147,19 @@ fn sqlstate(e: &sea_orm::DbErr) -> Option<String> {
 /// succeeds when retried.
 const RETRYABLE_SQLSTATES: [&str; 2] = ["40001", "40P01"];
 
+/// A unique key taken by a concurrent writer (PostgreSQL `23505`, SQLite
+/// `SQLITE_CONSTRAINT_UNIQUE` 2067 and `SQLITE_CONSTRAINT_PRIMARYKEY` 1555).
+/// Write paths check for existing keys inside their transaction; reaching
+/// the index means another transaction committed the same key first (two
+/// updates under one etag, two creates of one id), so the loser is ABORTED:
+/// re-read and retry, which then answers the real state.
+const UNIQUE_SQLSTATES: [&str; 3] = ["23505", "2067", "1555"];
+
+/// Whether `e` is a unique-key violation.
+pub fn is_unique_violation(e: &sea_orm::DbErr) -> bool {
+    sqlstate(e).is_some_and(|c| UNIQUE_SQLSTATES.contains(&c.as_str()))
+}
+
 impl From<sea_orm::DbErr> for Error {
     fn from(e: sea_orm::DbErr) -> Self {
         if let Some(code) = sqlstate(&e)
@@ -131,6 +167,12 @@ impl From<sea_orm::DbErr> for Error {
         {
             tracing::debug!(sqlstate = %code, error = %e, "transaction conflict");
             return Self::Aborted("the transaction conflicted with a concurrent one; retry".into());
+        }
+        if is_unique_violation(&e) {
+            tracing::debug!(error = %e, "unique key taken by a concurrent write");
+            return Self::Aborted(
+                "a concurrent request changed the same resource first; re-read and retry".into(),
+            );
         }
         if crate::db::is_unavailable(&e) {
             return Self::Unavailable("the database is unavailable; retry later".into());
@@ -166,6 +208,34 @@ impl From<Error> for Status {
                 cut(&m, MAX_MESSAGE_BYTES),
                 ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(1))),
             ),
+            Error::DeadlineExceeded(m) => with_info(Code::DeadlineExceeded, "DEADLINE_EXCEEDED", m),
+            Error::ResourceExhausted {
+                reason,
+                subject,
+                limit,
+                message,
+            } => {
+                let subject = cut(&subject, MAX_FIELD_BYTES);
+                let limit = cut(&limit, MAX_FIELD_BYTES);
+                let mut details = ErrorDetails::with_quota_failure_violation(
+                    subject.clone(),
+                    cut(&message, MAX_DESCRIPTION_BYTES),
+                );
+                details.set_error_info(
+                    reason,
+                    ERROR_DOMAIN,
+                    std::collections::HashMap::from([
+                        ("resource".to_owned(), subject),
+                        ("limit".to_owned(), limit),
+                    ]),
+                );
+                Status::with_error_details(
+                    Code::ResourceExhausted,
+                    cut(&message, MAX_MESSAGE_BYTES),
+                    details,
+                )
+            }
+            Error::Cancelled(m) => with_info(Code::Cancelled, "CANCELLED", m),
             Error::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 Status::internal("internal error; it has been logged")
@@ -327,8 +397,13 @@ where
     A: crate::auth::Access + ?Sized,
 {
     let principal = crate::auth::authorize(&request, access)?;
+    let context = crate::call::Call {
+        principal: principal.clone(),
+        rpc: request.extensions().get::<crate::auth::RpcName>().cloned(),
+        trace_id: crate::call::trace_id(),
+    };
     Ok(tonic::Response::new(
-        call(principal, request.into_inner()).await?,
+        crate::call::scope(context, call(principal, request.into_inner())).await?,
     ))
 }
 
@@ -354,6 +429,40 @@ mod tests {
             .filter(|(k, _)| k.as_str().starts_with("grpc-"))
             .map(|(k, v)| k.as_str().len() + v.len())
             .sum()
+    }
+
+    #[test]
+    fn resource_exhausted_names_the_resource_and_the_limit() {
+        let status: Status = Error::ResourceExhausted {
+            reason: "FATIGUE_CAP_REACHED",
+            subject: "customers/1".into(),
+            limit: "3 per 7d".into(),
+            message: "the customer was asked 3 times in 7 days".into(),
+        }
+        .into();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let details = status.get_error_details();
+        let quota = details.quota_failure().expect("quota failure");
+        assert_eq!(quota.violations[0].subject, "customers/1");
+        let info = details.error_info().expect("error info");
+        assert_eq!(info.reason, "FATIGUE_CAP_REACHED");
+        assert_eq!(info.metadata["resource"], "customers/1");
+        assert_eq!(info.metadata["limit"], "3 per 7d");
+        let huge = Error::ResourceExhausted {
+            reason: "X",
+            subject: "s".repeat(100_000),
+            limit: "l".repeat(100_000),
+            message: "m".repeat(100_000),
+        };
+        assert!(wire_bytes(&Status::from(huge)) < MAX_STATUS_BYTES);
+    }
+
+    #[test]
+    fn deadline_and_cancel_keep_their_codes() {
+        let s: Status = Error::DeadlineExceeded("preview took too long".into()).into();
+        assert_eq!(s.code(), Code::DeadlineExceeded);
+        let s: Status = Error::Cancelled("stopping".into()).into();
+        assert_eq!(s.code(), Code::Cancelled);
     }
 
     #[test]

@@ -224,10 +224,11 @@ where
     Q: prost::Message,
     R: prost::Message + Default,
 {
-    match begin::<R, Q>(&rt.db, scope, request_id, request, now).await? {
+    match begin::<R, Q>(&rt.db, scope, request_id.clone(), request, now).await? {
         Begun::Replay(previous) => Ok(previous),
         Begun::New(write) => {
-            let (response, events) = work(write.txn()).await?;
+            let (response, events) =
+                crate::call::with_request_id(request_id, work(write.txn())).await?;
             write.finish(&rt.outbox, &events, &response, now).await?;
             Ok(response)
         }

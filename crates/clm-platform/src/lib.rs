@@ -27,10 +27,12 @@
 //!   [`idempotency`] and [`page`] spell out both conventions.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod auth;
 pub mod bootstrap;
 pub mod bulk;
 pub mod cache;
+pub mod call;
 pub mod changes;
 pub mod client;
 pub mod config;

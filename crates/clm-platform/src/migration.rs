@@ -10,6 +10,7 @@ pub fn platform_migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(PlatformTables),
         Box::new(OutboxPositions),
         Box::new(OperationsTable),
+        Box::new(AuditTrail),
     ]
 }
 
@@ -164,5 +165,91 @@ impl MigrationTrait for OperationsTable {
                 .to_owned(),
         )
         .await
+    }
+}
+
+/// Creates `audit_entries`, the append-only audit trail (see
+/// [`crate::audit`]), with the triggers that keep it append-only.
+pub struct AuditTrail;
+
+impl MigrationName for AuditTrail {
+    fn name(&self) -> &str {
+        "m0002_platform_audit_trail"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for AuditTrail {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(a("audit_entries"))
+                .if_not_exists()
+                .col(
+                    ColumnDef::new(a("id"))
+                        .big_integer()
+                        .not_null()
+                        .auto_increment()
+                        .primary_key(),
+                )
+                .col(ColumnDef::new(a("time_us")).big_integer().not_null())
+                .col(ColumnDef::new(a("actor")).string().not_null())
+                .col(ColumnDef::new(a("roles")).string().not_null())
+                .col(ColumnDef::new(a("rpc")).string().not_null())
+                .col(ColumnDef::new(a("resource")).string().not_null())
+                .col(ColumnDef::new(a("customer")).string())
+                .col(ColumnDef::new(a("field_mask")).text().not_null())
+                .col(ColumnDef::new(a("before_json")).text())
+                .col(ColumnDef::new(a("after_json")).text())
+                .col(ColumnDef::new(a("request_id")).string())
+                .col(ColumnDef::new(a("trace_id")).string())
+                .col(ColumnDef::new(a("redacted_us")).big_integer())
+                .to_owned(),
+        )
+        .await?;
+        for (name, cols) in [
+            ("audit_entries_resource", &["resource", "id"][..]),
+            ("audit_entries_actor", &["actor", "id"][..]),
+            ("audit_entries_customer", &["customer"][..]),
+            ("audit_entries_time", &["time_us"][..]),
+        ] {
+            let mut index = Index::create();
+            index.name(name).table(a("audit_entries")).if_not_exists();
+            for c in cols {
+                index.col(a(c));
+            }
+            m.create_index(index.to_owned()).await?;
+        }
+        let db = m.get_connection();
+        let statements: &[&str] = match db.get_database_backend() {
+            sea_orm::DatabaseBackend::Postgres => &[
+                "CREATE OR REPLACE FUNCTION clm_audit_append_only() RETURNS trigger AS $$
+                 BEGIN
+                   IF TG_OP = 'UPDATE' AND current_setting('clm.audit_redaction', true) = 'on' THEN
+                     RETURN NEW;
+                   END IF;
+                   RAISE EXCEPTION 'audit_entries is append-only: % refused', TG_OP
+                     USING ERRCODE = 'insufficient_privilege';
+                 END $$ LANGUAGE plpgsql",
+                "CREATE TRIGGER audit_entries_append_only BEFORE UPDATE OR DELETE ON audit_entries
+                 FOR EACH ROW EXECUTE FUNCTION clm_audit_append_only()",
+                "CREATE TRIGGER audit_entries_no_truncate BEFORE TRUNCATE ON audit_entries
+                 FOR EACH STATEMENT EXECUTE FUNCTION clm_audit_append_only()",
+            ],
+            _ => &[
+                "CREATE TRIGGER IF NOT EXISTS audit_entries_no_delete BEFORE DELETE ON audit_entries
+                 BEGIN SELECT RAISE(ABORT, 'audit_entries is append-only: DELETE refused'); END",
+                "CREATE TRIGGER IF NOT EXISTS audit_entries_no_update BEFORE UPDATE ON audit_entries
+                 WHEN OLD.redacted_us IS NOT NULL OR NEW.redacted_us IS NULL
+                   OR NEW.id <> OLD.id OR NEW.time_us <> OLD.time_us OR NEW.actor <> OLD.actor
+                   OR NEW.roles <> OLD.roles OR NEW.rpc <> OLD.rpc
+                   OR NEW.field_mask <> OLD.field_mask
+                 BEGIN SELECT RAISE(ABORT, 'audit_entries is append-only: UPDATE refused'); END",
+            ],
+        };
+        for sql in statements {
+            db.execute_unprepared(sql).await?;
+        }
+        Ok(())
     }
 }

@@ -3,7 +3,8 @@
 //! and the change streams it follows with their handlers. [`run`] turns the
 //! descriptor into a running server: database and cache, the outbox relay,
 //! health, reflection, the change stream (`WatchChanges`), the dead-letter
-//! service, a subscriber per followed stream, and a graceful drain.
+//! service, the audit trail (`ListAuditEntries`), a subscriber per
+//! followed stream, and a graceful drain.
 //!
 //! `clm up` and `clm serve` read one list of descriptors, so adding a
 //! service is one entry there. A service's `lib.rs` is its descriptor:
@@ -23,10 +24,12 @@
 //! }
 //! ```
 
+use crate::audit::AuditServer;
 use crate::changes::{ChangeStreamServer, DeadLetterServer, Handlers, Subscriber, TokenSource};
 use crate::config::Config;
 use crate::{Runtime, open};
 use clm_domain::{Clock, SystemClock};
+use clm_proto::common::audit_service_server::AuditServiceServer;
 use clm_proto::common::change_stream_service_server::ChangeStreamServiceServer;
 use clm_proto::common::dead_letter_service_server::DeadLetterServiceServer;
 use futures::future::BoxFuture;
@@ -206,6 +209,9 @@ pub async fn run_with_clock(
         DeadLetterServiceServer::new(DeadLetterServer::new(rt.clone(), handlers.clone()));
     names.push(<DeadLetterServiceServer<DeadLetterServer> as NamedService>::NAME);
     routes.add_service(dead_letters);
+    let audit = AuditServiceServer::new(AuditServer::new(rt.clone()));
+    names.push(<AuditServiceServer<AuditServer> as NamedService>::NAME);
+    routes.add_service(audit);
     for (source, handlers) in handlers {
         let endpoint = endpoints.remove(&source).unwrap_or_default();
         let subscriber = Subscriber::new(rt.clone(), source, endpoint, handlers)

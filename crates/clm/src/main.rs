@@ -108,7 +108,8 @@ static SERVICES: &[&ServiceDescriptor] = &[
 ];
 
 /// Every role table, in the README's order: each service's own, then the
-/// platform's (change streams and dead letters, served by every service).
+/// platform's (change streams, dead letters and the audit trail, served by
+/// every service).
 /// Adding a service adds its `POLICY` here.
 static ROLE_TABLES: &[&Policy] = &[
     &clm_customer::api::POLICY,
@@ -116,6 +117,7 @@ static ROLE_TABLES: &[&Policy] = &[
     &clm_segmentation::api::POLICY,
     &clm_platform::changes::CHANGE_STREAM_POLICY,
     &clm_platform::changes::DEAD_LETTER_POLICY,
+    &clm_platform::audit::AUDIT_POLICY,
 ];
 
 const ROLES_BEGIN: &str =

@@ -9,6 +9,7 @@ use crate::store::{customers, ledger, scoring_models, timers};
 use clm_domain::scoring::{Award, Decay};
 use clm_domain::validation::{page_size, request_id, required_text};
 use clm_domain::{Violation, Violations};
+use clm_platform::audit::{self, Change};
 use clm_platform::auth::{Policy, Role};
 use clm_platform::convert::{from_timestamp, timestamp};
 use clm_platform::db::{from_micros, to_micros};
@@ -242,6 +243,13 @@ impl ScoringService for ScoringApi {
                     shown.version = 1;
                     shown.active_version = 1;
                     shown.etag = clm_platform::convert::etag(1);
+                    audit::record(
+                        txn,
+                        crate::SERVICE,
+                        now,
+                        Change::create(&shown.name, &shown),
+                    )
+                    .await?;
                     Ok((shown, Vec::new()))
                 },
             )
@@ -341,6 +349,18 @@ impl ScoringService for ScoringApi {
                     shown.version = latest + 1;
                     shown.active_version = active;
                     shown.etag = clm_platform::convert::etag(latest + 1);
+                    let mut before = prev.body.clone();
+                    before.name.clone_from(&shown.name);
+                    before.version = latest;
+                    before.active_version = active;
+                    before.etag = clm_platform::convert::etag(latest);
+                    audit::record(
+                        txn,
+                        crate::SERVICE,
+                        now,
+                        Change::update(&shown.name, &before, &shown),
+                    )
+                    .await?;
                     Ok((
                         pb::UpdateScoringModelResponse {
                             rule_diff: Some(diff(&prev.body, &stored)),
@@ -386,7 +406,29 @@ impl ScoringService for ScoringApi {
                             req.version
                         )));
                     }
+                    let was = scoring_models::get(txn, &id, 0)
+                        .await?
+                        .map_or(0, |a| a.version);
                     scoring_models::activate(txn, &id, req.version).await?;
+                    let active = |version| pb::ScoringModel {
+                        name: format!("{MODEL_PREFIX}{id}"),
+                        active_version: version,
+                        ..Default::default()
+                    };
+                    audit::record(
+                        txn,
+                        crate::SERVICE,
+                        now,
+                        Change::update(
+                            format!("{MODEL_PREFIX}{id}"),
+                            &active(was),
+                            &active(req.version),
+                        )
+                        .mask(Some(&prost_types::FieldMask {
+                            paths: vec!["active_version".into()],
+                        })),
+                    )
+                    .await?;
                     // Thresholds of the new version are looked at again.
                     timers::touch_model(txn, &id, to_micros(now)).await?;
                     Ok((pb::ScoringModel::default(), Vec::new()))
@@ -558,7 +600,15 @@ impl ScoringService for ScoringApi {
                     .await?
                     .ok_or_else(|| Error::internal("adjustment not stored"))?;
                 let _ = &models;
-                Ok((convert::ledger_entry(&row, to_micros(now)), events))
+                let entry = convert::ledger_entry(&row, to_micros(now));
+                audit::record(
+                    txn,
+                    crate::SERVICE,
+                    now,
+                    Change::create(&entry.name, &entry).customer(c.clone()),
+                )
+                .await?;
+                Ok((entry, events))
             })
             .await
         })
@@ -671,6 +721,13 @@ impl ScoringService for ScoringApi {
                         operations::start(txn, &id, rescore::KIND, clm_proto::pack_any(&meta), now)
                             .await?;
                     started = true;
+                    audit::record(
+                        txn,
+                        crate::SERVICE,
+                        now,
+                        Change::action(format!("{MODEL_PREFIX}{m}"), &op),
+                    )
+                    .await?;
                     Ok((op, Vec::new()))
                 })
                 .await?;

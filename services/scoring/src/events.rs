@@ -20,8 +20,7 @@ use clm_domain::scoring::{Period, RuleHistory};
 use clm_platform::Error;
 use clm_platform::changes::{Apply, Handlers, On, OnBatch};
 use clm_platform::db::{from_micros, to_micros};
-use clm_platform::outbox::NewEvent;
-use clm_proto::common::{ChangeEvent, CustomerDataErased};
+use clm_proto::common::ChangeEvent;
 use clm_proto::customer as cpb;
 use prost::Message;
 use std::collections::{BTreeMap, HashMap};
@@ -404,7 +403,6 @@ impl On<cpb::CustomerErased> for CustomerEvents {
         _event: &ChangeEvent,
         m: cpb::CustomerErased,
     ) -> Result<(), Error> {
-        let now = clm_domain::clock::micros(cx.now());
         let mut all = m.merged_from.clone();
         all.push(m.customer.clone());
         let txn = cx.txn();
@@ -412,15 +410,6 @@ impl On<cpb::CustomerErased> for CustomerEvents {
         sums::delete_customers(txn, &all).await?;
         customers::delete(txn, &all).await?;
         timers::delete(txn, &all).await?;
-        cx.emit(NewEvent::new(
-            &m.customer,
-            &CustomerDataErased {
-                customer: m.customer.clone(),
-                erasure_request: m.erasure_request.clone(),
-                service: crate::SERVICE.to_owned(),
-                erase_time: Some(clm_platform::convert::timestamp(now)),
-            },
-        ));
-        Ok(())
+        cx.erased(&m).await
     }
 }

@@ -12,6 +12,7 @@ use clm_domain::ids::CustomerId;
 use clm_domain::rules::{self, Catalog, Rule};
 use clm_domain::validation::{optional_text, page_size, request_id, required_text};
 use clm_domain::{Violation, Violations};
+use clm_platform::audit::{self, Change};
 use clm_platform::auth::{Policy, Role};
 use clm_platform::db::{from_micros, to_micros};
 use clm_platform::error::respond;
@@ -206,6 +207,7 @@ impl SegmentationApi {
             async move |txn| {
                 segments::insert(txn, row, &actor).await?;
                 members::bump_generation(txn).await?;
+                audit::record(txn, crate::SERVICE, now, Change::create(&out.name, &out)).await?;
                 Ok((out, Vec::new()))
             },
         )
@@ -357,6 +359,7 @@ impl SegmentationApi {
         v.into_result()?;
         let this = self.clone();
         let name = s.name.clone();
+        let mask = req.update_mask.clone();
         let resp = idempotency::write(
             self.engine.rt(),
             "UpdateSegment",
@@ -368,6 +371,15 @@ impl SegmentationApi {
                     .await?
                     .ok_or_else(|| Error::NotFound(name.clone()))?;
                 clm_platform::convert::check_etag(&s.etag, row.revision)?;
+                let counted = members::counts(txn, std::slice::from_ref(&row.id)).await?;
+                let before = convert::segment_to_proto(
+                    &row,
+                    &Live {
+                        member_count: counted.get(&row.id).copied().unwrap_or(0),
+                        progress: None,
+                        lag_us: None,
+                    },
+                );
                 for p in &paths {
                     match p.as_str() {
                         "display_name" => row.display_name = s.display_name.trim().to_owned(),
@@ -395,15 +407,22 @@ impl SegmentationApi {
                 if new_version {
                     members::bump_generation(txn).await?;
                 }
-                let count = members::counts(txn, std::slice::from_ref(&row.id)).await?;
                 let live = Live {
-                    member_count: count.get(&row.id).copied().unwrap_or(0),
+                    member_count: before.member_count,
                     progress: Some(0.0),
                     lag_us: None,
                 };
+                let after = convert::segment_to_proto(&row, &live);
+                audit::record(
+                    txn,
+                    crate::SERVICE,
+                    now,
+                    Change::update(&name, &before, &after).mask(mask.as_ref()),
+                )
+                .await?;
                 Ok((
                     pb::UpdateSegmentResponse {
-                        segment: Some(convert::segment_to_proto(&row, &live)),
+                        segment: Some(after),
                         rule_diff: diff,
                     },
                     Vec::new(),
@@ -456,6 +475,15 @@ impl SegmentationApi {
             }
             *version_ref = members::lock_version(txn).await?;
             *dropped_ref = members::of_segment(txn, &id).await?;
+            let before = convert::segment_to_proto(
+                &row,
+                &Live {
+                    member_count: dropped_ref.len() as i64,
+                    progress: None,
+                    lag_us: None,
+                },
+            );
+            audit::record(txn, crate::SERVICE, now, Change::delete(&name, &before)).await?;
             members::delete_segment(txn, &id).await?;
             segments::delete(txn, &id).await?;
             members::bump_generation(txn).await?;
@@ -526,9 +554,8 @@ impl SegmentationApi {
         };
         let (count, ids) = tokio::time::timeout(timeout, self.engine.preview(&rule, sample))
             .await
-            .map_err(|_| Error::FailedPrecondition {
-                reason: "PREVIEW_TIMEOUT",
-                message: format!("the preview did not finish within {timeout:?}"),
+            .map_err(|_| {
+                Error::DeadlineExceeded(format!("the preview did not finish within {timeout:?}"))
             })??;
         Ok(pb::PreviewSegmentResponse {
             count,
@@ -687,13 +714,19 @@ impl SegmentationApi {
                 let mut row = segments::get(txn, &id)
                     .await?
                     .ok_or_else(|| Error::NotFound(name.clone()))?;
+                let before = convert::segment_to_proto(&row, &Live::default());
                 segments::set_state(txn, &id, row.version, State::Backfilling, None, None).await?;
                 row.state = State::Backfilling.code();
                 row.failure_reason = None;
-                Ok((
-                    convert::segment_to_proto(&row, &Live::default()),
-                    Vec::new(),
-                ))
+                let after = convert::segment_to_proto(&row, &Live::default());
+                audit::record(
+                    txn,
+                    crate::SERVICE,
+                    now,
+                    Change::update(&name, &before, &after),
+                )
+                .await?;
+                Ok((after, Vec::new()))
             },
         )
         .await?;

@@ -18,15 +18,11 @@ use clm_domain::money::Money;
 use clm_domain::touchpoint::{Touchpoint, TouchpointKind};
 use clm_platform::changes::{Apply, Handlers, On, OnBatch};
 use clm_platform::db::to_micros;
-use clm_platform::outbox::NewEvent;
 use clm_platform::{Error, Result};
-use clm_proto::common::{ChangeEvent, CustomerDataErased};
+use clm_proto::common::ChangeEvent;
 use clm_proto::customer as cpb;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-
-/// The service's name on erasure receipts.
-const SERVICE: &str = "segmentation";
 
 /// Handlers of the customer stream.
 pub fn customer_handlers(engine: Engine) -> Handlers {
@@ -422,15 +418,6 @@ impl On<cpb::CustomerErased> for CustomerFacts {
         // Segments that name an erased customer's membership are decided
         // again by their own rules when other facts change; nothing else
         // holds the customer here.
-        cx.emit(NewEvent::new(
-            m.customer.clone(),
-            &CustomerDataErased {
-                customer: m.customer.clone(),
-                erasure_request: m.erasure_request.clone(),
-                service: SERVICE.to_owned(),
-                erase_time: Some(clm_platform::convert::timestamp(now)),
-            },
-        ));
-        Ok(())
+        cx.erased(&m).await
     }
 }
