@@ -1296,3 +1296,167 @@ async fn score_changes_agree_with_get_score_and_running_sums_with_the_ledger() {
         .collect();
     assert!(after.iter().all(|c| *c == a.name), "{after:?}");
 }
+
+/// `ListAuditEntries` of the scoring service, newest first.
+async fn audit_entries(env: &Env) -> Vec<clm_proto::common::AuditEntry> {
+    clm_proto::common::audit_service_client::AuditServiceClient::new(
+        env.scoring.as_ref().unwrap().channel(),
+    )
+    .list_audit_entries(clm_proto::common::ListAuditEntriesRequest {
+        page_size: 1000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .audit_entries
+}
+
+fn field(s: &Option<prost_types::Struct>, name: &str) -> Option<prost_types::value::Kind> {
+    s.as_ref()?.fields.get(name)?.kind.clone()
+}
+
+#[tokio::test]
+async fn every_write_leaves_one_audit_entry_and_a_same_etag_race_is_aborted() {
+    use prost_types::value::Kind;
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    let created = create(
+        &mut s,
+        "audited",
+        model(vec![event_rule("use", "feature_use", 5)], vec![]),
+    )
+    .await;
+    let c = env.new_customer("audit@example.com").await;
+    let mut next = model(vec![event_rule("use", "feature_use", 7)], vec![]);
+    next.name = created.name.clone();
+    next.etag = created.etag.clone();
+    let update = pb::UpdateScoringModelRequest {
+        scoring_model: Some(next.clone()),
+        request_id: "upd-1".into(),
+    };
+    s.update_scoring_model(update.clone()).await.unwrap();
+    // A retry of the same request is answered, not recorded again.
+    s.update_scoring_model(update).await.unwrap();
+    s.activate_model_version(pb::ActivateModelVersionRequest {
+        name: created.name.clone(),
+        version: 2,
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    eventually(std::time::Duration::from_secs(20), || async {
+        let r = env
+            .scoring()
+            .adjust_score(pb::AdjustScoreRequest {
+                customer: c.name.clone(),
+                scoring_model: created.name.clone(),
+                score: "engagement".into(),
+                points: 4,
+                reason: "call".into(),
+                request_id: "adj-audit".into(),
+            })
+            .await;
+        r.is_ok().then_some(())
+    })
+    .await;
+    s.rescore_customers(pb::RescoreCustomersRequest {
+        scoring_model: created.name.clone(),
+        model_version: 0,
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+
+    let entries = audit_entries(&env).await;
+    let rpcs: Vec<&str> = entries
+        .iter()
+        .map(|e| e.rpc.rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(
+        rpcs,
+        vec![
+            "RescoreCustomers",
+            "AdjustScore",
+            "ActivateModelVersion",
+            "UpdateScoringModel",
+            "CreateScoringModel"
+        ]
+    );
+    for e in &entries {
+        assert_eq!(e.actor, "local");
+        assert_eq!(e.roles, vec!["admin"]);
+        assert!(e.rpc.starts_with("clm.scoring.v1.ScoringService/"));
+    }
+    let [rescore, adjust, activate, update, create_entry] = &entries[..] else {
+        unreachable!()
+    };
+    assert_eq!(create_entry.resource, "scoringModels/audited");
+    assert!(create_entry.before.is_none());
+    assert_eq!(
+        field(&create_entry.after, "version"),
+        Some(Kind::NumberValue(1.0))
+    );
+    assert_eq!(update.request_id, "upd-1");
+    assert_eq!(
+        field(&update.before, "version"),
+        Some(Kind::NumberValue(1.0))
+    );
+    assert_eq!(
+        field(&update.after, "version"),
+        Some(Kind::NumberValue(2.0))
+    );
+    assert_eq!(
+        field(&activate.before, "active_version"),
+        Some(Kind::NumberValue(1.0))
+    );
+    assert_eq!(
+        field(&activate.after, "active_version"),
+        Some(Kind::NumberValue(2.0))
+    );
+    assert_eq!(
+        activate.update_mask.as_ref().unwrap().paths,
+        ["active_version"]
+    );
+    assert!(adjust.resource.starts_with(&format!("{}/ledger/", c.name)));
+    assert_eq!(field(&adjust.after, "points"), Some(Kind::NumberValue(4.0)));
+    assert_eq!(rescore.resource, "scoringModels/audited");
+
+    // Two updates under one etag: one wins, the other is ABORTED (never INTERNAL).
+    let current = s
+        .get_scoring_model(pb::GetScoringModelRequest {
+            name: created.name.clone(),
+            version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let latest = s
+        .get_scoring_model(pb::GetScoringModelRequest {
+            name: created.name.clone(),
+            version: current.version.max(2),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    next.etag = latest.etag.clone();
+    let race = |points| {
+        let mut s = env.scoring();
+        let mut m = next.clone();
+        m.rules[0].points = points;
+        async move {
+            s.update_scoring_model(pb::UpdateScoringModelRequest {
+                scoring_model: Some(m),
+                request_id: String::new(),
+            })
+            .await
+        }
+    };
+    let outcomes: Vec<_> = futures::future::join_all((0..4).map(|i| race(10 + i))).await;
+    let won = outcomes.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(won, 1, "{outcomes:?}");
+    for e in outcomes.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}");
+    }
+    assert_eq!(audit_entries(&env).await.len(), 6);
+}

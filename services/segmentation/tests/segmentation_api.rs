@@ -419,3 +419,94 @@ async fn bad_rules_are_refused_naming_the_field() {
         .into_inner();
     assert_eq!(again.rule_text, "stage = APPROACH");
 }
+
+#[tokio::test]
+async fn every_segment_write_leaves_one_audit_entry_with_before_and_after() {
+    use prost_types::value::Kind;
+    let h = start().await;
+    let mut seg = h.segments();
+    let s = create_segment(&mut seg, r#"stage = RETENTION"#).await;
+    let s = wait_ready(&mut seg, &s.name).await;
+    let updated = seg
+        .update_segment(pb::UpdateSegmentRequest {
+            segment: Some(pb::Segment {
+                name: s.name.clone(),
+                display_name: "Retained".into(),
+                etag: s.etag.clone(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["display_name".into()],
+            }),
+            request_id: "seg-upd-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .segment
+        .unwrap();
+    wait_ready(&mut seg, &s.name).await;
+    seg.refresh_segment(pb::RefreshSegmentRequest {
+        name: s.name.clone(),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    wait_ready(&mut seg, &s.name).await;
+    seg.delete_segment(pb::DeleteSegmentRequest {
+        name: s.name.clone(),
+        etag: String::new(),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+
+    let entries = clm_proto::common::audit_service_client::AuditServiceClient::new(
+        h.segmentation.as_ref().unwrap().channel(),
+    )
+    .list_audit_entries(clm_proto::common::ListAuditEntriesRequest {
+        resource: s.name.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .audit_entries;
+    let rpcs: Vec<&str> = entries
+        .iter()
+        .map(|e| {
+            e.rpc
+                .trim_start_matches("clm.segmentation.v1.SegmentationService/")
+        })
+        .collect();
+    assert_eq!(
+        rpcs,
+        [
+            "DeleteSegment",
+            "RefreshSegment",
+            "UpdateSegment",
+            "CreateSegment"
+        ]
+    );
+    let text = |s: &Option<prost_types::Struct>, f: &str| match s
+        .as_ref()
+        .and_then(|s| s.fields.get(f))
+        .and_then(|v| v.kind.clone())
+    {
+        Some(Kind::StringValue(v)) => v,
+        other => format!("{other:?}"),
+    };
+    let [delete, refresh, update, create] = &entries[..] else {
+        unreachable!()
+    };
+    assert!(create.before.is_none());
+    assert_eq!(text(&create.after, "rule_text"), "stage = RETENTION");
+    assert_eq!(update.request_id, "seg-upd-1");
+    assert_eq!(update.update_mask.as_ref().unwrap().paths, ["display_name"]);
+    assert_eq!(text(&update.before, "display_name"), s.display_name);
+    assert_eq!(text(&update.after, "display_name"), "Retained");
+    assert_eq!(text(&update.after, "etag"), updated.etag);
+    assert_eq!(text(&refresh.after, "state"), "SEGMENT_STATE_BACKFILLING");
+    assert_eq!(text(&delete.before, "display_name"), "Retained");
+    assert!(delete.after.is_none());
+}
