@@ -66,6 +66,12 @@ pub struct Config {
     /// Days a change event is kept in the outbox; a consumer asking to
     /// resume before the oldest kept one gets OUT_OF_RANGE.
     pub outbox_retention_days: u32,
+    /// Milliseconds a replica's claim on a long-running operation holds
+    /// (by the service clock) before another replica may take it over; the
+    /// claim is renewed every third of it while the work runs.
+    pub operation_lease_ms: u64,
+    /// Days a finished long-running operation is kept.
+    pub operation_retention_days: u32,
     /// Other services by name (`customer = "http://127.0.0.1:50051"`): the
     /// change streams this service follows are read from them.
     pub peers: BTreeMap<String, String>,
@@ -310,6 +316,8 @@ impl Config {
             max_in_flight: 2048,
             change_poll_interval_ms: 1000,
             outbox_retention_days: 30,
+            operation_lease_ms: 30_000,
+            operation_retention_days: 30,
             peers: BTreeMap::new(),
             subscriber: SubscriberConfig {
                 batch_size: 2_000,
@@ -441,6 +449,18 @@ impl Config {
             return Err(ConfigError::new(
                 "subscriber.token_ttl_secs",
                 "must be at least 10",
+            ));
+        }
+        if self.operation_lease_ms < 100 {
+            return Err(ConfigError::new(
+                "operation_lease_ms",
+                "must be at least 100",
+            ));
+        }
+        if self.operation_retention_days == 0 {
+            return Err(ConfigError::new(
+                "operation_retention_days",
+                "must be at least 1",
             ));
         }
         if self.outbox_retention_days == 0 {

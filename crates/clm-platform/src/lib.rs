@@ -18,6 +18,18 @@
 //!   transaction → convert back;
 //! * writes go through [`idempotency`] (a `request_id` retry returns the first
 //!   answer) and append their events to the [`outbox`] in the same transaction;
+//! * every change is recorded with [`audit::record`] in that transaction
+//!   (the caller, rpc, trace and request id come from [`call`], set by
+//!   [`error::respond`] and [`idempotency::write`]); erasure handlers end
+//!   with [`changes::Apply::erased`], which redacts the trail and emits the
+//!   receipt;
+//! * long-running work is an [`operations`] kind with a runner registered
+//!   in the descriptor (`Parts::operation`): the rpc starts the operation in
+//!   its write and wakes the runner task, which runs it on one replica under
+//!   a lease;
+//! * a failure is one [`Error`] variant: `DeadlineExceeded` for a passed
+//!   deadline, `ResourceExhausted` (with `QuotaFailure`) for a limit,
+//!   `Cancelled`; a unique key taken by a concurrent write maps to `Aborted`;
 //! * streams of other services are followed with [`changes::Handlers`]
 //!   registered in the descriptor: the handler's effect, the events it emits
 //!   and the cursor commit together, in batches;
@@ -74,6 +86,9 @@ pub struct Runtime {
     pub clock: Arc<dyn Clock>,
     /// The configuration it runs with (peers, auth).
     pub config: Arc<config::Config>,
+    /// This replica's long-running operations: its lease identity and the
+    /// wake-up of its runner task.
+    pub operations: operations::Operations,
     /// Cancelled when the service stops: background work of the service
     /// (timers, long-running operations) ends with it.
     pub background: tokio_util::sync::CancellationToken,
@@ -101,6 +116,7 @@ pub async fn open(
         cache::Cache::connect(config.cache.redis_url.as_deref(), &config.cache.key_prefix).await?;
     let retention = chrono::Duration::days(i64::from(config.idempotency_retention_days));
     let outbox_retention = chrono::Duration::days(i64::from(config.outbox_retention_days));
+    let operation_retention = chrono::Duration::days(i64::from(config.operation_retention_days));
     let outbox = outbox::Outbox::new(service);
     {
         let db = db.clone();
@@ -122,6 +138,11 @@ pub async fn open(
                             Ok(_) => {}
                             Err(e) => tracing::warn!(service, error = %e, "outbox purge failed"),
                         }
+                        match operations::purge_older_than(&db, clock.now() - operation_retention).await {
+                            Ok(n) if n > 0 => tracing::info!(service, purged = n, "finished operations removed"),
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(service, error = %e, "operations purge failed"),
+                        }
                     }
                     () = shutdown.cancelled() => return,
                 }
@@ -141,6 +162,9 @@ pub async fn open(
         outbox,
         clock,
         config: Arc::new(config.clone()),
+        operations: operations::Operations::new(std::time::Duration::from_millis(
+            config.operation_lease_ms,
+        )),
         background: shutdown,
     })
 }

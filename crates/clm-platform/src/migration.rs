@@ -11,6 +11,7 @@ pub fn platform_migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(OutboxPositions),
         Box::new(OperationsTable),
         Box::new(AuditTrail),
+        Box::new(OperationLeases),
     ]
 }
 
@@ -248,6 +249,32 @@ impl MigrationTrait for AuditTrail {
             ],
         };
         for sql in statements {
+            db.execute_unprepared(sql).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Gives operations a lease (`owner`, `lease_until_us`) and a cancel flag
+/// (see [`crate::operations`]).
+pub struct OperationLeases;
+
+impl MigrationName for OperationLeases {
+    fn name(&self) -> &str {
+        "m0002_platform_operation_leases"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for OperationLeases {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        let db = m.get_connection();
+        for sql in [
+            "ALTER TABLE operations ADD COLUMN owner VARCHAR(64) NULL",
+            "ALTER TABLE operations ADD COLUMN lease_until_us BIGINT NULL",
+            "ALTER TABLE operations ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT FALSE",
+            "CREATE INDEX IF NOT EXISTS operations_open ON operations (done, kind, create_us)",
+        ] {
             db.execute_unprepared(sql).await?;
         }
         Ok(())

@@ -3,8 +3,9 @@
 //! and the change streams it follows with their handlers. [`run`] turns the
 //! descriptor into a running server: database and cache, the outbox relay,
 //! health, reflection, the change stream (`WatchChanges`), the dead-letter
-//! service, the audit trail (`ListAuditEntries`), a subscriber per
-//! followed stream, and a graceful drain.
+//! service, the audit trail (`ListAuditEntries`), long-running operations
+//! (`google.longrunning.Operations`, run by the replica holding each
+//! one's lease), a subscriber per followed stream, and a graceful drain.
 //!
 //! `clm up` and `clm serve` read one list of descriptors, so adding a
 //! service is one entry there. A service's `lib.rs` is its descriptor:
@@ -32,6 +33,7 @@ use clm_domain::{Clock, SystemClock};
 use clm_proto::common::audit_service_server::AuditServiceServer;
 use clm_proto::common::change_stream_service_server::ChangeStreamServiceServer;
 use clm_proto::common::dead_letter_service_server::DeadLetterServiceServer;
+use clm_proto::google::longrunning::operations_server::OperationsServer;
 use futures::future::BoxFuture;
 use sea_orm::{DatabaseConnection, DbErr};
 use sea_orm_migration::MigratorTrait;
@@ -76,6 +78,7 @@ pub struct Parts {
     follows: Vec<(String, Handlers)>,
     optional: Vec<String>,
     tasks: Vec<Task>,
+    runners: BTreeMap<String, crate::operations::Runner>,
 }
 
 /// A background task of a service: started once the service runs, handed a
@@ -133,6 +136,15 @@ impl Parts {
     pub fn follow_if_configured(mut self, source: &str, handlers: Handlers) -> Self {
         self.optional.push(source.to_owned());
         self.follow(source, handlers)
+    }
+
+    /// Runs the long-running operations of `kind` with `runner`: on the one
+    /// replica that claims each (see [`crate::operations`]), resumed by
+    /// another when that replica's lease lapses.
+    #[must_use]
+    pub fn operation(mut self, kind: &str, runner: crate::operations::Runner) -> Self {
+        self.runners.insert(kind.to_owned(), runner);
+        self
     }
 
     /// Runs `task` in the background while the service runs: it gets a
@@ -212,6 +224,10 @@ pub async fn run_with_clock(
     let audit = AuditServiceServer::new(AuditServer::new(rt.clone()));
     names.push(<AuditServiceServer<AuditServer> as NamedService>::NAME);
     routes.add_service(audit);
+    let operations = OperationsServer::new(crate::operations::OperationsServer::new(rt.clone()));
+    names.push(<OperationsServer<crate::operations::OperationsServer> as NamedService>::NAME);
+    routes.add_service(operations);
+    tokio::spawn(crate::operations::run(rt.clone(), parts.runners));
     for (source, handlers) in handlers {
         let endpoint = endpoints.remove(&source).unwrap_or_default();
         let subscriber = Subscriber::new(rt.clone(), source, endpoint, handlers)

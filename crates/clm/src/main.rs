@@ -118,6 +118,7 @@ static ROLE_TABLES: &[&Policy] = &[
     &clm_platform::changes::CHANGE_STREAM_POLICY,
     &clm_platform::changes::DEAD_LETTER_POLICY,
     &clm_platform::audit::AUDIT_POLICY,
+    &clm_platform::operations::OPERATIONS_POLICY,
 ];
 
 const ROLES_BEGIN: &str =

@@ -714,13 +714,11 @@ impl ScoringService for ScoringApi {
                 start_time: Some(timestamp(now)),
             };
             let id = uuid::Uuid::now_v7().simple().to_string();
-            let mut started = false;
             let op =
                 idempotency::write(&self.rt, "RescoreCustomers", rid, &req, now, async |txn| {
                     let op =
                         operations::start(txn, &id, rescore::KIND, clm_proto::pack_any(&meta), now)
                             .await?;
-                    started = true;
                     audit::record(
                         txn,
                         crate::SERVICE,
@@ -731,15 +729,8 @@ impl ScoringService for ScoringApi {
                     Ok((op, Vec::new()))
                 })
                 .await?;
-            if started {
-                tokio::spawn(rescore::run(
-                    self.rt.clone(),
-                    self.models.clone(),
-                    op.clone(),
-                    v,
-                    meta,
-                ));
-            }
+            // A replica's runner (usually this one's) claims it and runs it.
+            self.rt.operations.wake();
             Ok(op)
         })
         .await

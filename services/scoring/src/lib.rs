@@ -84,8 +84,8 @@ fn build(rt: &Runtime) -> anyhow::Result<Parts> {
     let models = Arc::new(scorer::Models::default());
     let wake = Arc::new(tokio::sync::Notify::new());
     thresholds::spawn(rt.clone(), models.clone(), wake.clone())?;
-    tokio::spawn(rescore::resume(rt.clone(), models.clone()));
     Ok(Parts::new()
+        .operation(rescore::KIND, rescore::runner(models.clone()))
         .grpc(ScoringServiceServer::new(api::ScoringApi::new(
             rt.clone(),
             models.clone(),

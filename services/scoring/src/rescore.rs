@@ -11,7 +11,7 @@ use crate::store::{customers, sums, timers};
 use clm_domain::lifecycle::Stage;
 use clm_domain::scoring::RuleHistory;
 use clm_platform::db::from_micros;
-use clm_platform::{Result, Runtime, operations};
+use clm_platform::{Error, Result, Runtime, operations};
 use clm_proto::customer as cpb;
 use clm_proto::google::longrunning::Operation;
 use clm_proto::scoring as pb;
@@ -26,95 +26,54 @@ pub const KIND: &str = "scoring.rescore";
 /// Customers per transaction.
 const CHUNK: u64 = 500;
 
-/// Resumes the re-scorings a stopped service left unfinished (from their
-/// start: each chunk's swap is atomic and a replay writes the same ledger).
-pub async fn resume(rt: Runtime, models: Arc<Models>) {
-    let ops = match operations::unfinished(&rt.db, KIND).await {
-        Ok(ops) => ops,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list unfinished re-scorings");
-            return;
-        }
-    };
-    for op in ops {
-        let meta = op
-            .metadata
-            .as_ref()
-            .and_then(|m| pb::RescoreCustomersMetadata::decode(m.value.as_slice()).ok());
-        let Some(mut meta) = meta else { continue };
-        let id = meta
-            .scoring_model
-            .trim_start_matches("scoringModels/")
-            .to_owned();
-        match models.get(&rt.db, &id, meta.model_version).await {
-            Ok(Some(v)) => {
-                tracing::info!(operation = %op.name, "resuming a re-scoring");
-                meta.customers_done = 0;
-                run(rt.clone(), models.clone(), op, v, meta).await;
-            }
-            _ => {
-                let mut op = op;
-                let _ = operations::fail(
-                    &rt.db,
-                    &mut op,
-                    tonic::Code::FailedPrecondition,
-                    "the model version to re-score with no longer exists".into(),
-                    rt.clock.now(),
-                )
-                .await;
-            }
-        }
-    }
+/// The runner of re-scorings, registered in the descriptor: the platform
+/// runs each on the one replica that claims it, and another replica
+/// resumes it (from its start: each chunk's swap is atomic and a replay
+/// writes the same ledger) when that replica's lease lapses.
+pub fn runner(models: Arc<Models>) -> operations::Runner {
+    Arc::new(move |rt, op| Box::pin(run(rt, models.clone(), op)))
 }
 
-/// Runs a started re-scoring to its end, recording the outcome in `op`.
-pub async fn run(
-    rt: Runtime,
-    models: Arc<Models>,
-    mut op: Operation,
-    v: Version,
-    mut meta: pb::RescoreCustomersMetadata,
-) {
-    let outcome = replay(&rt, &models, &mut op, &v, &mut meta).await;
-    if rt.background.is_cancelled() {
-        // Stopped with the service: left unfinished, resumed on the next start.
-        return;
-    }
-    let now = rt.clock.now();
-    let done = match outcome {
-        Ok(entries) => {
-            operations::succeed(
-                &rt.db,
-                &mut op,
-                clm_proto::pack_any(&meta),
-                clm_proto::pack_any(&pb::RescoreCustomersResponse {
-                    customers: meta.customers_done,
-                    ledger_entries: entries,
-                }),
-                now,
-            )
-            .await
-        }
-        Err(e) => {
-            tracing::warn!(operation = %op.name, error = %e, "re-scoring failed");
-            operations::fail(
-                &rt.db,
-                &mut op,
-                tonic::Code::Internal,
-                "re-scoring failed; see the service log".into(),
-                now,
-            )
-            .await
-        }
+/// Runs a claimed re-scoring to its end, recording the outcome in `op`.
+async fn run(rt: Runtime, models: Arc<Models>, mut op: Operation) -> Result<()> {
+    let mut meta = op
+        .metadata
+        .as_ref()
+        .and_then(|m| pb::RescoreCustomersMetadata::decode(m.value.as_slice()).ok())
+        .ok_or_else(|| Error::internal(format!("{}: unreadable metadata", op.name)))?;
+    meta.customers_done = 0;
+    let id = meta
+        .scoring_model
+        .trim_start_matches("scoringModels/")
+        .to_owned();
+    let Some(v) = models.get(&rt.db, &id, meta.model_version).await? else {
+        return operations::fail(
+            &rt.db,
+            &rt.operations,
+            &mut op,
+            tonic::Code::FailedPrecondition,
+            "the model version to re-score with no longer exists".into(),
+            rt.clock.now(),
+        )
+        .await;
     };
-    if let Err(e) = done {
-        tracing::warn!(operation = %op.name, error = %e, "cannot record the end of a re-scoring");
-    }
+    let entries = replay(&rt, &mut op, &v, &mut meta).await?;
+    operations::succeed(
+        &rt.db,
+        &rt.operations,
+        &mut op,
+        clm_proto::pack_any(&meta),
+        clm_proto::pack_any(&pb::RescoreCustomersResponse {
+            customers: meta.customers_done,
+            ledger_entries: entries,
+        }),
+        rt.clock.now(),
+    )
+    .await
 }
 
 async fn replay(
     rt: &Runtime,
-    _models: &Models,
     op: &mut Operation,
     v: &Version,
     meta: &mut pb::RescoreCustomersMetadata,
@@ -188,7 +147,8 @@ async fn replay(
             .collect();
         timers::touch(&txn, &keys, now_us).await?;
         meta.customers_done += ids.len() as i64;
-        operations::progress(&txn, op, clm_proto::pack_any(meta), now).await?;
+        // Commits only while this replica holds the operation's lease.
+        operations::progress(&txn, &rt.operations, op, clm_proto::pack_any(meta), now).await?;
         txn.commit().await?;
         after = last_id;
     }
