@@ -77,6 +77,10 @@ pub enum Error {
     /// A dependency is down or overloaded; retry later.
     #[error("{0}")]
     Unavailable(String),
+    /// The call's deadline passed before the work (or a peer it waited on)
+    /// finished.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// A bug or an unexpected infrastructure failure. The message is logged, never returned.
     #[error("internal error: {0}")]
     Internal(String),
@@ -166,6 +170,7 @@ impl From<Error> for Status {
                 cut(&m, MAX_MESSAGE_BYTES),
                 ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(1))),
             ),
+            Error::DeadlineExceeded(m) => with_info(Code::DeadlineExceeded, "DEADLINE_EXCEEDED", m),
             Error::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 Status::internal("internal error; it has been logged")
