@@ -450,35 +450,104 @@ impl Handlers {
 }
 
 /// A bearer token for calls to peers: minted from the HS256 secret with
-/// role `service` and renewed when a third of its lifetime is left.
+/// role `service` and renewed when a third of its lifetime is left, or
+/// (`auth.service_token_file`, for RS256 where a service cannot mint) read
+/// from a file and re-read at most once per [`TOKEN_FILE_RECHECK`], so a
+/// rotated token is picked up without a restart.
 #[derive(Clone)]
 pub struct TokenSource {
-    auth: Arc<crate::config::AuthConfig>,
-    subject: String,
-    ttl: Duration,
-    clock: Arc<dyn clm_domain::Clock>,
-    cached: Arc<Mutex<Option<MintedToken>>>,
+    source: Source,
+}
+
+#[derive(Clone)]
+enum Source {
+    Mint {
+        auth: Arc<crate::config::AuthConfig>,
+        subject: String,
+        ttl: Duration,
+        clock: Arc<dyn clm_domain::Clock>,
+        cached: Arc<Mutex<Option<MintedToken>>>,
+    },
+    File(Arc<TokenFile>),
 }
 
 /// A minted token and when it expires.
 type MintedToken = (String, chrono::DateTime<chrono::Utc>);
 
+/// How often a token file is re-read at most.
+pub const TOKEN_FILE_RECHECK: Duration = Duration::from_secs(1);
+
+/// A token kept in a file, re-read when the copy in memory is older than
+/// `recheck`.
+struct TokenFile {
+    path: std::path::PathBuf,
+    recheck: Duration,
+    /// The last token read and when.
+    read: Mutex<Option<(String, std::time::Instant)>>,
+}
+
+impl TokenFile {
+    fn token(&self) -> Result<String, Error> {
+        let mut read = self
+            .read
+            .lock()
+            .map_err(|_| Error::internal("token file cache poisoned"))?;
+        if let Some((token, at)) = read.as_ref()
+            && at.elapsed() < self.recheck
+        {
+            return Ok(token.clone());
+        }
+        let fresh = std::fs::read_to_string(&self.path).map_err(|e| e.to_string());
+        match (fresh, read.as_mut()) {
+            (Ok(t), _) if !t.trim().is_empty() => {
+                let t = t.trim().to_owned();
+                *read = Some((t.clone(), std::time::Instant::now()));
+                Ok(t)
+            }
+            // A file being rotated may be missing or empty for a moment:
+            // the last token read stays in use until the next look.
+            (result, Some((token, at))) => {
+                tracing::warn!(file = %self.path.display(), error = result.err().unwrap_or_else(|| "empty".into()), "service token file unreadable; using the last token read");
+                *at = std::time::Instant::now();
+                Ok(token.clone())
+            }
+            (result, None) => Err(Error::Unavailable(format!(
+                "service token file {}: {}",
+                self.path.display(),
+                result.err().unwrap_or_else(|| "empty".into())
+            ))),
+        }
+    }
+}
+
 impl std::fmt::Debug for TokenSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenSource")
-            .field("subject", &self.subject)
-            .field("ttl", &self.ttl)
-            .finish()
+        match &self.source {
+            Source::Mint { subject, ttl, .. } => f
+                .debug_struct("TokenSource")
+                .field("subject", subject)
+                .field("ttl", ttl)
+                .finish(),
+            Source::File(file) => f
+                .debug_struct("TokenSource")
+                .field("file", &file.path)
+                .finish(),
+        }
     }
 }
 
 impl TokenSource {
-    /// The token source of `service` under `config`, if auth is on.
+    /// The token source of `service` under `config`: the token file when
+    /// `auth.service_token_file` is set, else minted tokens when
+    /// `auth.hs256_secret` is; none when auth is off.
     pub fn from_config(
         config: &Config,
         service: &str,
         clock: Arc<dyn clm_domain::Clock>,
     ) -> anyhow::Result<Option<Self>> {
+        if let Some(path) = &config.auth.service_token_file {
+            return Ok(Some(Self::from_file(path, TOKEN_FILE_RECHECK)));
+        }
         match &config.auth.hs256_secret {
             Some(_) => Ok(Some(Self::new(
                 &config.auth,
@@ -499,29 +568,53 @@ impl TokenSource {
         clock: Arc<dyn clm_domain::Clock>,
     ) -> Self {
         Self {
-            auth: Arc::new(auth.clone()),
-            subject,
-            ttl,
-            clock,
-            cached: Arc::default(),
+            source: Source::Mint {
+                auth: Arc::new(auth.clone()),
+                subject,
+                ttl,
+                clock,
+                cached: Arc::default(),
+            },
         }
     }
 
-    /// A token with at least a third of its lifetime left.
+    /// The token kept in the file at `path` (surrounding whitespace
+    /// ignored), re-read once the copy in memory is older than `recheck`.
+    pub fn from_file(path: impl Into<std::path::PathBuf>, recheck: Duration) -> Self {
+        Self {
+            source: Source::File(Arc::new(TokenFile {
+                path: path.into(),
+                recheck,
+                read: Mutex::new(None),
+            })),
+        }
+    }
+
+    /// A token with at least a third of its lifetime left (minted), or the
+    /// file's current one.
     pub fn token(&self) -> Result<String, Error> {
-        let now = self.clock.now();
-        let mut cached = self
-            .cached
+        let (auth, subject, ttl, clock, cached) = match &self.source {
+            Source::File(file) => return file.token(),
+            Source::Mint {
+                auth,
+                subject,
+                ttl,
+                clock,
+                cached,
+            } => (auth, subject, *ttl, clock, cached),
+        };
+        let now = clock.now();
+        let mut cached = cached
             .lock()
             .map_err(|_| Error::internal("token cache poisoned"))?;
         if let Some((token, expires)) = cached.as_ref()
-            && (*expires - now).to_std().unwrap_or_default() > self.ttl / 3
+            && (*expires - now).to_std().unwrap_or_default() > ttl / 3
         {
             return Ok(token.clone());
         }
-        let token = crate::auth::mint(&self.auth, &self.subject, &[Role::Service], self.ttl)
-            .map_err(Error::internal)?;
-        let ttl = chrono::Duration::from_std(self.ttl).map_err(Error::internal)?;
+        let token =
+            crate::auth::mint(auth, subject, &[Role::Service], ttl).map_err(Error::internal)?;
+        let ttl = chrono::Duration::from_std(ttl).map_err(Error::internal)?;
         *cached = Some((token.clone(), now + ttl));
         Ok(token)
     }
@@ -1331,7 +1424,10 @@ mod tests {
             Arc::new(clock.clone()),
         );
         let first = source.token().expect("mint");
-        let expiry = |s: &TokenSource| s.cached.lock().expect("lock").as_ref().map(|c| c.1);
+        let expiry = |s: &TokenSource| match &s.source {
+            Source::Mint { cached, .. } => cached.lock().expect("lock").as_ref().map(|c| c.1),
+            Source::File(_) => None,
+        };
         let minted_at = expiry(&source);
         clock.advance(chrono::Duration::seconds(190));
         assert_eq!(source.token().expect("cached"), first, "reused while fresh");

@@ -27,9 +27,24 @@ impl ClientInterceptor {
     /// With an optional bearer token.
     pub fn new(token: Option<&str>) -> Self {
         Self {
-            bearer: token.and_then(|t| format!("Bearer {t}").parse().ok()),
+            bearer: token.and_then(bearer),
         }
     }
+}
+
+/// Writes the W3C trace context of `span` (`traceparent`, `tracestate`)
+/// into `metadata`, so the callee's span joins the caller's trace.
+pub fn inject_trace_context(span: &tracing::Span, metadata: &mut MetadataMap) {
+    let cx = span.context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut MetadataInjector(metadata))
+    });
+}
+
+/// The `authorization` value carrying `token` (`Bearer <token>`), if it is
+/// a valid header value.
+pub fn bearer(token: &str) -> Option<MetadataValue<tonic::metadata::Ascii>> {
+    format!("Bearer {token}").parse().ok()
 }
 
 struct MetadataInjector<'a>(&'a mut MetadataMap);
@@ -50,10 +65,7 @@ impl tonic::service::Interceptor for ClientInterceptor {
         if let Some(b) = &self.bearer {
             request.metadata_mut().insert("authorization", b.clone());
         }
-        let cx = tracing::Span::current().context();
-        opentelemetry::global::get_text_map_propagator(|p| {
-            p.inject_context(&cx, &mut MetadataInjector(request.metadata_mut()))
-        });
+        inject_trace_context(&tracing::Span::current(), request.metadata_mut());
         Ok(request)
     }
 }

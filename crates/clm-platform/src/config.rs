@@ -73,8 +73,11 @@ pub struct Config {
     /// Days a finished long-running operation is kept.
     pub operation_retention_days: u32,
     /// Other services by name (`customer = "http://127.0.0.1:50051"`): the
-    /// change streams this service follows are read from them.
+    /// change streams this service follows are read from them, and the peer
+    /// client ([`crate::peer`]) calls them.
     pub peers: BTreeMap<String, String>,
+    /// How calls to peers are made (deadlines, retries, re-resolution).
+    pub peer: PeerConfig,
     /// How this service follows other services' change streams.
     pub subscriber: SubscriberConfig,
     /// Traces and metrics export (OpenTelemetry).
@@ -188,6 +191,38 @@ pub struct SubscriberConfig {
     pub token_ttl_secs: u64,
 }
 
+/// Settings of the peer client ([`crate::peer`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Deadline in milliseconds of a call to a peer made outside an incoming
+    /// rpc (timers, background work); inside one, the caller's remaining
+    /// `grpc-timeout` is passed on instead.
+    pub default_timeout_ms: u64,
+    /// Milliseconds between re-resolutions of a peer's DNS name: addresses
+    /// that appear get calls, addresses that go are dropped.
+    pub resolve_interval_ms: u64,
+    /// Most attempts at an idempotent call that fails with UNAVAILABLE or
+    /// DEADLINE_EXCEEDED (within its deadline); other calls get one.
+    pub max_attempts: u32,
+    /// First retry delay in milliseconds; doubles (with jitter) up to `max_backoff_ms`.
+    pub min_backoff_ms: u64,
+    /// Longest retry delay in milliseconds.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        Self {
+            default_timeout_ms: 5_000,
+            resolve_interval_ms: 5_000,
+            max_attempts: 4,
+            min_backoff_ms: 50,
+            max_backoff_ms: 1_000,
+        }
+    }
+}
+
 /// Database settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -228,6 +263,12 @@ pub struct AuthConfig {
     /// The `aud` claim tokens must carry (and minted tokens get); unset
     /// means [`crate::auth::DEFAULT_AUDIENCE`] (`clm`).
     pub audience: Option<String>,
+    /// A file holding the bearer token this service presents to its peers
+    /// (a token issued to it, e.g. a projected service-account token): for
+    /// RS256, where a service cannot mint its own. Re-read at most once a
+    /// second, so a rotated token is picked up without a restart. With
+    /// `hs256_secret` set it takes precedence over minting.
+    pub service_token_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -240,6 +281,7 @@ impl std::fmt::Debug for AuthConfig {
             .field("rs256_public_key_file", &self.rs256_public_key_file)
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
+            .field("service_token_file", &self.service_token_file)
             .finish()
     }
 }
@@ -319,6 +361,7 @@ impl Config {
             operation_lease_ms: 30_000,
             operation_retention_days: 30,
             peers: BTreeMap::new(),
+            peer: PeerConfig::default(),
             subscriber: SubscriberConfig {
                 batch_size: 2_000,
                 partitions: 2,
@@ -431,6 +474,47 @@ impl Config {
                     format!("peers.{name}"),
                     "must be an http:// or https:// URL",
                 ));
+            }
+        }
+        if self.peer.default_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "peer.default_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        if self.peer.resolve_interval_ms < 10 {
+            return Err(ConfigError::new(
+                "peer.resolve_interval_ms",
+                "must be at least 10",
+            ));
+        }
+        if self.peer.max_attempts == 0 {
+            return Err(ConfigError::new(
+                "peer.max_attempts",
+                "must be at least 1 (1: no retries)",
+            ));
+        }
+        if self.peer.min_backoff_ms > self.peer.max_backoff_ms {
+            return Err(ConfigError::new(
+                "peer.min_backoff_ms",
+                "must not exceed peer.max_backoff_ms",
+            ));
+        }
+        if let Some(p) = &self.auth.service_token_file {
+            match std::fs::read_to_string(p) {
+                Ok(t) if !t.trim().is_empty() => {}
+                Ok(_) => {
+                    return Err(ConfigError::new(
+                        "auth.service_token_file",
+                        format!("{} is empty", p.display()),
+                    ));
+                }
+                Err(e) => {
+                    return Err(ConfigError::new(
+                        "auth.service_token_file",
+                        format!("cannot read {}: {e}", p.display()),
+                    ));
+                }
             }
         }
         if self.subscriber.batch_size == 0 || self.subscriber.batch_size > 10_000 {

@@ -3,7 +3,8 @@
 //! auth, RED metrics, graceful drain), bearer-token [`auth`], one [`error`]
 //! type mapped to `tonic::Status`, the [`db`] pool, the [`cache`], the
 //! transactional [`outbox`] with its [`changes`] stream server and
-//! subscriber, [`idempotency`] keys, and (feature `testing`) the test
+//! subscriber, the [`peer`] client for calls to other services,
+//! [`idempotency`] keys, and (feature `testing`) the test
 //! harness for both storage backends.
 //!
 //! A service declares itself once in a [`service::ServiceDescriptor`] and
@@ -33,6 +34,12 @@
 //! * streams of other services are followed with [`changes::Handlers`]
 //!   registered in the descriptor: the handler's effect, the events it emits
 //!   and the cursor commit together, in batches;
+//! * calls to another service go through its [`peer::Peer`] from
+//!   [`Runtime::peers`]: one reused, balanced channel per peer, a service
+//!   token, trace context and a deadline (the caller's, passed on) on every
+//!   call, retries only for calls marked idempotent, and the peer's status
+//!   kept in a [`peer::PeerError`] that names peer and rpc; views built from
+//!   several services use [`peer::fan_out`] and answer what they have;
 //! * times are stored as integer microseconds ([`db::to_micros`]) and
 //!   answered exactly as stored;
 //! * lists page with the typed keyset [`page::Pager`]; the module docs of
@@ -56,6 +63,7 @@ pub mod migration;
 pub mod operations;
 pub mod outbox;
 pub mod page;
+pub mod peer;
 pub mod server;
 pub mod service;
 pub mod telemetry;
@@ -92,6 +100,8 @@ pub struct Runtime {
     /// Cancelled when the service stops: background work of the service
     /// (timers, long-running operations) ends with it.
     pub background: tokio_util::sync::CancellationToken,
+    /// The other services it calls (`peers.<name>`), one channel each.
+    pub peers: peer::Peers,
 }
 
 /// Connects the database (running the service's migrations unless turned
@@ -154,6 +164,8 @@ pub async fn open(
         std::time::Duration::from_millis(config.change_poll_interval_ms),
         shutdown.clone(),
     );
+    let tokens = changes::TokenSource::from_config(config, service, clock.clone())?;
+    let peers = peer::Peers::new(service, config, tokens, shutdown.clone());
     Ok(Runtime {
         service,
         db,
@@ -166,5 +178,6 @@ pub async fn open(
             config.operation_lease_ms,
         )),
         background: shutdown,
+        peers,
     })
 }

@@ -15,6 +15,11 @@
 //! `telemetry.trace_health_checks` is set. A refused token is logged at
 //! warn (reason, rpc, peer; never the token), rate-limited.
 //!
+//! A call that arrives with a `grpc-timeout` runs its handler with that
+//! deadline in [`crate::peer::DEADLINE`] (a little earlier, so the handler
+//! can still answer), so the peer calls it makes give their peers no more
+//! time than the caller left.
+//!
 //! Every call that reaches a handler carries a [`Principal`]: the verified
 //! token's, or [`Principal::local`] when auth is off (the server then
 //! refuses to serve on a non-loopback listener unless `insecure`). A panic
@@ -464,6 +469,13 @@ where
                 }
             };
         req.extensions_mut().insert(RequestId(request_id.clone()));
+        // The caller's deadline, for the peer calls the handler makes.
+        let deadline = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::peer::parse_grpc_timeout)
+            .map(|t| crate::peer::handler_deadline(tokio::time::Instant::now(), t));
         let mut end = CallEnd {
             in_flight: InFlight::new(shared.clone()),
             span: span.clone(),
@@ -479,7 +491,11 @@ where
                         if let Some(p) = principal {
                             req.extensions_mut().insert::<Principal>(p);
                         }
-                        inner.call(req).await?
+                        let handled = inner.call(req);
+                        match deadline {
+                            Some(d) => crate::peer::DEADLINE.scope(d, handled).await?,
+                            None => handled.await?,
+                        }
                     }
                     Err(e) => tonic::Status::from(e).into_http::<Body>(),
                 };

@@ -2,9 +2,10 @@
 //! has come by the service clock (woken after commits that re-arm timers,
 //! and every [`TICK`] so that a clock moved forward is noticed): it reads
 //! the score at the due instant, fires the threshold if the score is now
-//! on its firing side (TransitionStage on the customer service, with a
-//! request id made of customer, model, threshold and instant, so a retry
-//! moves the stage once), and stores the side and the next decay crossing.
+//! on its firing side (TransitionStage on the customer service through the
+//! platform's peer client, with a request id made of customer, model,
+//! threshold and instant, so a retry moves the stage once), and stores the
+//! side and the next decay crossing.
 //! Timers live in the database, so crossings due during a restart fire
 //! when the service is back.
 
@@ -13,10 +14,9 @@ use crate::scorer::{self, Models};
 use crate::store::{customers, ledger, timers};
 use clm_domain::lifecycle::Stage;
 use clm_domain::scoring::{next_crossing, score_at};
-use clm_platform::changes::TokenSource;
-use clm_platform::client::{ClientInterceptor, channel};
 use clm_platform::db::from_micros;
 use clm_platform::outbox::NewEvent;
+use clm_platform::peer::{Idempotency, Peer};
 use clm_platform::{Error, Result, Runtime};
 use clm_proto::customer as cpb;
 use clm_proto::customer::customer_service_client::CustomerServiceClient;
@@ -34,11 +34,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Timers looked at per round.
 const ROUND: u64 = 200;
 
-/// Calls the customer service.
+/// Calls the customer service through the platform's peer client (one
+/// channel, a service token and a deadline on every call). TransitionStage
+/// carries a request id, so a call the customer service may not have seen
+/// is retried within the call's deadline.
 #[derive(Clone, Debug)]
 struct Customer {
-    url: Option<String>,
-    tokens: Option<TokenSource>,
+    peer: Option<Peer>,
 }
 
 impl Customer {
@@ -49,44 +51,47 @@ impl Customer {
         reason: String,
         request_id: String,
     ) -> Result<()> {
-        let Some(url) = &self.url else {
+        let Some(peer) = &self.peer else {
             tracing::warn!(
                 customer,
                 "threshold fired but peers.customer is not configured: stage not moved"
             );
             return Ok(());
         };
-        let token = self.tokens.as_ref().map(TokenSource::token).transpose()?;
-        let ch = channel(url).map_err(Error::internal)?;
-        let mut client =
-            CustomerServiceClient::with_interceptor(ch, ClientInterceptor::new(token.as_deref()));
-        match client
-            .transition_stage(cpb::TransitionStageRequest {
-                name: customer.to_owned(),
-                to_stage: convert::stage_to_proto(to) as i32,
-                reason,
-                request_id,
-                etag: String::new(),
-            })
-            .await
-        {
+        let request = cpb::TransitionStageRequest {
+            name: customer.to_owned(),
+            to_stage: convert::stage_to_proto(to) as i32,
+            reason,
+            request_id,
+            etag: String::new(),
+        };
+        let moved = peer
+            .unary(
+                "TransitionStage",
+                Idempotency::Idempotent,
+                request,
+                |channel, request| async move {
+                    CustomerServiceClient::new(channel)
+                        .transition_stage(request)
+                        .await
+                },
+            )
+            .await;
+        match moved {
             Ok(_) => Ok(()),
             // Refused moves (already there, not allowed, customer gone) are final.
-            Err(s)
+            Err(e)
                 if matches!(
-                    s.code(),
+                    e.code(),
                     tonic::Code::FailedPrecondition
                         | tonic::Code::NotFound
                         | tonic::Code::InvalidArgument
                 ) =>
             {
-                tracing::info!(customer, code = ?s.code(), message = s.message(), "threshold stage move refused");
+                tracing::info!(customer, code = ?e.code(), message = e.status().message(), "threshold stage move refused");
                 Ok(())
             }
-            Err(s) => Err(Error::Unavailable(format!(
-                "customer.TransitionStage: {}",
-                s.message()
-            ))),
+            Err(e) => Err(Error::from(e)),
         }
     }
 }
@@ -94,8 +99,7 @@ impl Customer {
 /// Starts the queue; it stops with the service.
 pub fn spawn(rt: Runtime, models: Arc<Models>, wake: Arc<Notify>) -> anyhow::Result<()> {
     let customer = Customer {
-        url: rt.config.peers.get("customer").cloned(),
-        tokens: TokenSource::from_config(&rt.config, crate::SERVICE, rt.clock.clone())?,
+        peer: rt.peers.get("customer"),
     };
     tokio::spawn(async move {
         let mut failures: u32 = 0;
@@ -242,8 +246,13 @@ async fn round(rt: &Runtime, models: &Models, customer: &Customer) -> Result<usi
             .await
         {
             Ok(()) => done.push(f),
-            // Left due: the next round tries again with the same request id.
-            Err(e) => failure = Some(e),
+            // Left due, with the ones after it (the customer service is
+            // unreachable or slow: no use waiting out each one's deadline):
+            // the next round tries again with the same request ids.
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
         }
     }
     let txn = rt.db.begin().await?;
