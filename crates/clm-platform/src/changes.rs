@@ -195,7 +195,7 @@ impl std::fmt::Debug for Apply {
 }
 
 impl Apply {
-    async fn begin(rt: &Runtime) -> Result<Self, DbErr> {
+    pub(crate) async fn begin(rt: &Runtime) -> Result<Self, DbErr> {
         Ok(Self {
             txn: rt.db.begin().await?,
             rt: rt.clone(),
@@ -257,7 +257,7 @@ impl Apply {
         self.after_commit.push(Box::pin(work));
     }
 
-    async fn commit(self) -> Result<(), DbErr> {
+    pub(crate) async fn commit(self) -> Result<(), DbErr> {
         let now = self.now();
         self.rt.outbox.append(&self.txn, &self.emitted, now).await?;
         self.rt.outbox.commit(self.txn).await?;

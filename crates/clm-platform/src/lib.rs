@@ -24,6 +24,9 @@
 //!   [`error::respond`] and [`idempotency::write`]); erasure handlers end
 //!   with [`changes::Apply::erased`], which redacts the trail and emits the
 //!   receipt;
+//! * work due at an instant is a [`timers`] kind: armed in the writer's
+//!   transaction, fired once across replicas by the service clock, in the
+//!   handler's transaction (or, for calls to peers, outside any);
 //! * long-running work is an [`operations`] kind with a runner registered
 //!   in the descriptor (`Parts::operation`): the rpc starts the operation in
 //!   its write and wakes the runner task, which runs it on one replica under
@@ -69,6 +72,7 @@ pub mod service;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod timers;
 
 pub use error::{Error, Result};
 
@@ -97,6 +101,8 @@ pub struct Runtime {
     /// This replica's long-running operations: its lease identity and the
     /// wake-up of its runner task.
     pub operations: operations::Operations,
+    /// The wake-up of the service's timer queue ([`timers`]).
+    pub timers: timers::Timers,
     /// Cancelled when the service stops: background work of the service
     /// (timers, long-running operations) ends with it.
     pub background: tokio_util::sync::CancellationToken,
@@ -174,6 +180,7 @@ pub async fn open(
         outbox,
         clock,
         config: Arc::new(config.clone()),
+        timers: timers::Timers::default(),
         operations: operations::Operations::new(std::time::Duration::from_millis(
             config.operation_lease_ms,
         )),

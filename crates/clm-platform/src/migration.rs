@@ -12,6 +12,7 @@ pub fn platform_migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(OperationsTable),
         Box::new(AuditTrail),
         Box::new(OperationLeases),
+        Box::new(TimerQueue),
     ]
 }
 
@@ -276,6 +277,47 @@ impl MigrationTrait for OperationLeases {
             "CREATE INDEX IF NOT EXISTS operations_open ON operations (done, kind, create_us)",
         ] {
             db.execute_unprepared(sql).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Creates `timer_queue`, the timer queue of every kind (see [`crate::timers`]).
+pub struct TimerQueue;
+
+impl MigrationName for TimerQueue {
+    fn name(&self) -> &str {
+        "m0002_platform_timer_queue"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for TimerQueue {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(a("timer_queue"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("kind")).string().not_null())
+                .col(ColumnDef::new(a("key")).string().not_null())
+                .col(ColumnDef::new(a("subject")).string().not_null())
+                .col(ColumnDef::new(a("due_us")).big_integer().not_null())
+                .col(ColumnDef::new(a("version")).big_integer().not_null())
+                .col(ColumnDef::new(a("payload")).blob())
+                .primary_key(Index::create().col(a("kind")).col(a("key")))
+                .to_owned(),
+        )
+        .await?;
+        for (name, cols) in [
+            ("timer_queue_due", &["kind", "due_us"][..]),
+            ("timer_queue_subject", &["subject"][..]),
+        ] {
+            let mut index = Index::create();
+            index.name(name).table(a("timer_queue")).if_not_exists();
+            for c in cols {
+                index.col(a(c));
+            }
+            m.create_index(index.to_owned()).await?;
         }
         Ok(())
     }

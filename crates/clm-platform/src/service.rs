@@ -79,6 +79,7 @@ pub struct Parts {
     optional: Vec<String>,
     tasks: Vec<Task>,
     runners: BTreeMap<String, crate::operations::Runner>,
+    timers: BTreeMap<String, crate::timers::Handler>,
 }
 
 /// A background task of a service: started once the service runs, handed a
@@ -144,6 +145,24 @@ impl Parts {
     #[must_use]
     pub fn operation(mut self, kind: &str, runner: crate::operations::Runner) -> Self {
         self.runners.insert(kind.to_owned(), runner);
+        self
+    }
+
+    /// Fires the timers of `kind` with `handler`, in a transaction (see
+    /// [`crate::timers`]).
+    #[must_use]
+    pub fn timer(mut self, kind: &str, handler: Arc<dyn crate::timers::OnDue>) -> Self {
+        self.timers
+            .insert(kind.to_owned(), crate::timers::Handler::Fire(handler));
+        self
+    }
+
+    /// Delivers the timers of `kind` with `handler`, outside any
+    /// transaction (calls to peers; see [`crate::timers`]).
+    #[must_use]
+    pub fn delivery(mut self, kind: &str, handler: Arc<dyn crate::timers::Deliver>) -> Self {
+        self.timers
+            .insert(kind.to_owned(), crate::timers::Handler::Deliver(handler));
         self
     }
 
@@ -228,6 +247,7 @@ pub async fn run_with_clock(
     names.push(<OperationsServer<crate::operations::OperationsServer> as NamedService>::NAME);
     routes.add_service(operations);
     tokio::spawn(crate::operations::run(rt.clone(), parts.runners));
+    tokio::spawn(crate::timers::run(rt.clone(), parts.timers));
     for (source, handlers) in handlers {
         let endpoint = endpoints.remove(&source).unwrap_or_default();
         let subscriber = Subscriber::new(rt.clone(), source, endpoint, handlers)

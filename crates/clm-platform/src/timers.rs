@@ -1,0 +1,469 @@
+//! The timer queue every service uses for work due at an instant (score
+//! thresholds crossed by decay, time windows closing, points and
+//! invitations expiring): one row per (kind, key) in `timer_queue` with its
+//! due instant, a version and an optional payload, kept across restarts
+//! and fired by the service [`Clock`](clm_domain::Clock) at that instant.
+//!
+//! # Convention
+//!
+//! * **Arm in the writer's transaction.** The write that changes what a
+//!   timer depends on calls [`arm`] (or [`disarm`]) in its own transaction
+//!   and, after the commit, [`Timers::wake`]. Arming bumps the version, so
+//!   a firing that raced with the write never deletes the new due instant.
+//! * **Fire in the handler's transaction.** A service registers a
+//!   [`OnDue`] per kind in its descriptor (`Parts::timer`). The queue's task
+//!   reads due timers, opens a transaction, lets the handler take the locks
+//!   its writers take first ([`OnDue::lock`]: one lock order everywhere),
+//!   then claims the timers that are still due (`FOR UPDATE SKIP LOCKED` on
+//!   PostgreSQL; SQLite has one writer), so each fires once however many
+//!   replicas run. The handler works in that transaction
+//!   ([`crate::changes::Apply`]: its events go to the outbox with it) and
+//!   may re-arm timers; the ones it did not re-arm are deleted before the
+//!   commit.
+//! * **Deliver outside any transaction.** Work that calls another service
+//!   (a stage move) is a [`Deliver`] kind: its timers carry the call as a
+//!   payload, are claimed by pushing their due instant forward by the
+//!   retry delay (so a replica that dies mid-call leaves them to be retried),
+//!   called with no transaction open, and deleted once delivered. The call
+//!   must be idempotent (a request id): a retry may repeat it.
+//! * **Failing rounds back off** (doubling to [`MAX_BACKOFF`]) with one log
+//!   line per failing streak; `clm.timer.lag` (seconds between the oldest
+//!   due instant and now, per kind) is recorded each round.
+
+use crate::changes::Apply;
+use crate::db::{from_micros, to_micros};
+use crate::error::Error;
+use sea_orm::sea_query::{
+    Alias, Expr, ExprTrait, Func, LockBehavior, LockType, OnConflict, Order, Query,
+};
+use sea_orm::{
+    ConnectionTrait, DatabaseBackend, DatabaseTransaction, DbErr, FromQueryResult, TransactionTrait,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// How often the queue looks at the clock when nothing wakes it (a test
+/// clock moved forward is noticed within this).
+pub const TICK: Duration = Duration::from_millis(50);
+/// Longest pause between rounds while they keep failing.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Timers fired per transaction.
+pub const BATCH: u64 = 1000;
+/// How long a claimed [`Deliver`] timer waits before it is tried again.
+pub const RETRY_DELAY: Duration = Duration::from_secs(2);
+
+const TABLE: &str = "timer_queue";
+
+fn a(s: &str) -> Alias {
+    Alias::new(s)
+}
+
+/// A due timer.
+#[derive(Debug, Clone, PartialEq, Eq, FromQueryResult)]
+pub struct Timer {
+    /// Its kind (`scoring.threshold`).
+    pub kind: String,
+    /// Its key within the kind.
+    pub key: String,
+    /// Whose it is (a customer): erasure and merges find timers by it.
+    pub subject: String,
+    /// When it is due (µs, service clock).
+    pub due_us: i64,
+    /// Bumped by every [`arm`].
+    pub version: i64,
+    /// What the kind's handler needs, if anything.
+    pub payload: Option<Vec<u8>>,
+}
+
+impl Timer {
+    /// The due instant.
+    pub fn due(&self) -> chrono::DateTime<chrono::Utc> {
+        from_micros(self.due_us)
+    }
+}
+
+/// A timer to arm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arm {
+    /// Key within the kind.
+    pub key: String,
+    /// Whose it is.
+    pub subject: String,
+    /// When it is due (µs).
+    pub due_us: i64,
+    /// What the handler needs.
+    pub payload: Option<Vec<u8>>,
+}
+
+impl Arm {
+    /// `key` of `subject`, due at `due_us`, without payload.
+    pub fn new(key: impl Into<String>, subject: impl Into<String>, due_us: i64) -> Self {
+        Self {
+            key: key.into(),
+            subject: subject.into(),
+            due_us,
+            payload: None,
+        }
+    }
+}
+
+/// Arms (creates or moves) `timers` of `kind` in the caller's transaction.
+pub async fn arm(db: &impl ConnectionTrait, kind: &str, timers: &[Arm]) -> Result<(), DbErr> {
+    // 6 columns a row; stay far below any bind-parameter limit.
+    for part in timers.chunks(1000) {
+        let mut insert = Query::insert();
+        insert
+            .into_table(a(TABLE))
+            .columns(["kind", "key", "subject", "due_us", "version", "payload"].map(a));
+        for t in part {
+            insert.values_panic([
+                kind.into(),
+                t.key.clone().into(),
+                t.subject.clone().into(),
+                t.due_us.into(),
+                1i64.into(),
+                t.payload.clone().into(),
+            ]);
+        }
+        insert.on_conflict(
+            OnConflict::columns([a("kind"), a("key")])
+                .update_columns([a("subject"), a("due_us"), a("payload")])
+                .value(a("version"), Expr::col((a(TABLE), a("version"))).add(1))
+                .to_owned(),
+        );
+        db.execute(&insert).await?;
+    }
+    Ok(())
+}
+
+/// Removes `keys` of `kind`.
+pub async fn disarm(db: &impl ConnectionTrait, kind: &str, keys: &[String]) -> Result<(), DbErr> {
+    for part in keys.chunks(1000) {
+        let delete = Query::delete()
+            .from_table(a(TABLE))
+            .and_where(Expr::col(a("kind")).eq(kind))
+            .and_where(Expr::col(a("key")).is_in(part.iter().cloned()))
+            .to_owned();
+        db.execute(&delete).await?;
+    }
+    Ok(())
+}
+
+/// Removes every timer of `kind` whose key starts with `prefix`.
+pub async fn disarm_prefix(
+    db: &impl ConnectionTrait,
+    kind: &str,
+    prefix: &str,
+) -> Result<(), DbErr> {
+    let escaped = prefix
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    let delete = Query::delete()
+        .from_table(a(TABLE))
+        .and_where(Expr::col(a("kind")).eq(kind))
+        .and_where(
+            Expr::col(a("key"))
+                .like(sea_orm::sea_query::LikeExpr::new(format!("{escaped}%")).escape('\\')),
+        )
+        .to_owned();
+    db.execute(&delete).await?;
+    Ok(())
+}
+
+/// Removes every timer of `kind` (or of every kind) whose subject is one of
+/// `subjects` (an erasure, the duplicates of a merge).
+pub async fn disarm_subjects(
+    db: &impl ConnectionTrait,
+    kind: Option<&str>,
+    subjects: &[String],
+) -> Result<(), DbErr> {
+    for part in subjects.chunks(1000) {
+        let mut delete = Query::delete();
+        delete
+            .from_table(a(TABLE))
+            .and_where(Expr::col(a("subject")).is_in(part.iter().cloned()));
+        if let Some(k) = kind {
+            delete.and_where(Expr::col(a("kind")).eq(k));
+        }
+        db.execute(&delete).await?;
+    }
+    Ok(())
+}
+
+/// The due instants of `keys` of `kind` that are armed.
+pub async fn due_of(
+    db: &impl ConnectionTrait,
+    kind: &str,
+    keys: &[String],
+) -> Result<HashMap<String, i64>, DbErr> {
+    let mut out = HashMap::with_capacity(keys.len());
+    for part in keys.chunks(1000) {
+        let q = Query::select()
+            .columns([a("key"), a("due_us")])
+            .from(a(TABLE))
+            .and_where(Expr::col(a("kind")).eq(kind))
+            .and_where(Expr::col(a("key")).is_in(part.iter().cloned()))
+            .to_owned();
+        for r in db.query_all(&q).await? {
+            out.insert(r.try_get("", "key")?, r.try_get("", "due_us")?);
+        }
+    }
+    Ok(out)
+}
+
+const COLUMNS: [&str; 6] = ["kind", "key", "subject", "due_us", "version", "payload"];
+
+/// Timers of `kind` due at `now_us`, soonest first; claimed (`FOR UPDATE
+/// SKIP LOCKED`) on PostgreSQL when `lock`.
+async fn due(
+    db: &impl ConnectionTrait,
+    kind: &str,
+    now_us: i64,
+    keys: Option<&[String]>,
+    lock: bool,
+) -> Result<Vec<Timer>, DbErr> {
+    let mut q = Query::select();
+    q.columns(COLUMNS.map(a))
+        .from(a(TABLE))
+        .and_where(Expr::col(a("kind")).eq(kind))
+        .and_where(Expr::col(a("due_us")).lte(now_us))
+        .order_by(a("due_us"), Order::Asc)
+        .order_by(a("key"), Order::Asc)
+        .limit(BATCH);
+    if let Some(keys) = keys {
+        q.and_where(Expr::col(a("key")).is_in(keys.iter().cloned()));
+    }
+    if lock && db.get_database_backend() == DatabaseBackend::Postgres {
+        q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+    }
+    Timer::find_by_statement(db.get_database_backend().build(&q))
+        .all(db)
+        .await
+}
+
+/// Deletes fired timers that were not re-armed meanwhile (same version).
+async fn delete_fired(db: &impl ConnectionTrait, fired: &[Timer]) -> Result<(), DbErr> {
+    for t in fired {
+        let delete = Query::delete()
+            .from_table(a(TABLE))
+            .and_where(Expr::col(a("kind")).eq(t.kind.as_str()))
+            .and_where(Expr::col(a("key")).eq(t.key.as_str()))
+            .and_where(Expr::col(a("version")).eq(t.version))
+            .to_owned();
+        db.execute(&delete).await?;
+    }
+    Ok(())
+}
+
+/// The soonest due instant of `kinds`.
+async fn next_due(db: &impl ConnectionTrait, kinds: &[String]) -> Result<Option<i64>, DbErr> {
+    let q = Query::select()
+        .expr_as(Func::min(Expr::col(a("due_us"))), a("due"))
+        .from(a(TABLE))
+        .and_where(Expr::col(a("kind")).is_in(kinds.iter().cloned()))
+        .to_owned();
+    match db.query_one(&q).await? {
+        Some(r) => r.try_get("", "due"),
+        None => Ok(None),
+    }
+}
+
+/// Fires timers of one kind inside a transaction (see the module docs).
+#[async_trait::async_trait]
+pub trait OnDue: Send + Sync {
+    /// Takes, in `txn`, the locks this kind's writers take before they arm
+    /// timers (customers, a membership version), for the timers about to
+    /// be claimed, so the queue and the writers lock in one order.
+    async fn lock(&self, _txn: &DatabaseTransaction, _due: &[Timer]) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// Fires `due` (claimed, still due, soonest first: each at its own
+    /// `due_us`) in `cx`'s transaction. Timers it re-arms with [`arm`]
+    /// stay; the others are deleted with the commit.
+    async fn fire(&self, cx: &mut Apply, due: Vec<Timer>) -> Result<(), Error>;
+}
+
+/// Delivers timers of one kind with no transaction open (a call to
+/// another service; see the module docs).
+#[async_trait::async_trait]
+pub trait Deliver: Send + Sync {
+    /// Delivers one timer. `Ok` deletes it; an error leaves it to be tried
+    /// again after [`RETRY_DELAY`] (the round backs off while they fail).
+    async fn deliver(&self, timer: &Timer) -> Result<(), Error>;
+}
+
+/// How a kind is handled.
+#[derive(Clone)]
+pub enum Handler {
+    /// In a transaction.
+    Fire(Arc<dyn OnDue>),
+    /// Outside any transaction.
+    Deliver(Arc<dyn Deliver>),
+}
+
+impl std::fmt::Debug for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Fire(_) => "Fire",
+            Self::Deliver(_) => "Deliver",
+        })
+    }
+}
+
+/// The queue's wake-up, shared by a service's writers and its task.
+#[derive(Debug, Clone, Default)]
+pub struct Timers {
+    wake: Arc<Notify>,
+}
+
+impl Timers {
+    /// Asks the queue to look now (after a commit that armed timers).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// Fires due timers of `kind` once; returns how many were due.
+async fn fire_round(
+    rt: &crate::Runtime,
+    kind: &str,
+    handler: &Arc<dyn OnDue>,
+) -> Result<usize, Error> {
+    let now_us = to_micros(clm_domain::clock::micros(rt.clock.now()));
+    let seen = due(&rt.read, kind, now_us, None, false).await?;
+    if seen.is_empty() {
+        return Ok(0);
+    }
+    let count = seen.len();
+    let mut cx = Apply::begin(rt).await?;
+    handler.lock(cx.txn(), &seen).await?;
+    // Claimed under the locks: still due (a writer may have moved them) and
+    // not taken by another replica.
+    let keys: Vec<String> = seen.iter().map(|t| t.key.clone()).collect();
+    let claimed = due(cx.txn(), kind, now_us, Some(&keys), true).await?;
+    if claimed.is_empty() {
+        return Ok(count);
+    }
+    handler.fire(&mut cx, claimed.clone()).await?;
+    delete_fired(cx.txn(), &claimed).await?;
+    cx.commit().await?;
+    Ok(count)
+}
+
+/// Delivers due timers of `kind` once; returns how many were due.
+async fn deliver_round(
+    rt: &crate::Runtime,
+    kind: &str,
+    handler: &Arc<dyn Deliver>,
+) -> Result<usize, Error> {
+    let now_us = to_micros(clm_domain::clock::micros(rt.clock.now()));
+    let retry_us = now_us.saturating_add(i64::try_from(RETRY_DELAY.as_micros()).unwrap_or(0));
+    // Claim: push them forward, so no other replica delivers them meanwhile
+    // and a replica that dies mid-call leaves them to be retried.
+    let txn = rt.db.begin().await?;
+    let claimed = due(&txn, kind, now_us, None, true).await?;
+    for part in claimed.chunks(1000) {
+        let update = Query::update()
+            .table(a(TABLE))
+            .value(a("due_us"), retry_us)
+            .and_where(Expr::col(a("kind")).eq(kind))
+            .and_where(Expr::col(a("key")).is_in(part.iter().map(|t| t.key.clone())))
+            .to_owned();
+        txn.execute(&update).await?;
+    }
+    txn.commit().await?;
+    let count = claimed.len();
+    let mut delivered = Vec::with_capacity(count);
+    let mut failure = None;
+    for t in claimed {
+        match handler.deliver(&t).await {
+            Ok(()) => delivered.push(t),
+            Err(e) => failure = Some(e),
+        }
+    }
+    if !delivered.is_empty() {
+        let txn = rt.db.begin().await?;
+        delete_fired(&txn, &delivered).await?;
+        txn.commit().await?;
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(count),
+    }
+}
+
+/// The queue's task: fires the timers of `handlers`' kinds as the service
+/// clock reaches them, until the service stops.
+pub async fn run(rt: crate::Runtime, handlers: BTreeMap<String, Handler>) {
+    if handlers.is_empty() {
+        return;
+    }
+    let kinds: Vec<String> = handlers.keys().cloned().collect();
+    let meter = crate::telemetry::meter(rt.service);
+    let lag = meter
+        .f64_gauge("clm.timer.lag")
+        .with_description("Seconds between the oldest due timer and now, per kind")
+        .with_unit("s")
+        .build();
+    let mut failures: u32 = 0;
+    loop {
+        let mut full = false;
+        let mut failed = None;
+        for (kind, handler) in &handlers {
+            let outcome = match handler {
+                Handler::Fire(h) => fire_round(&rt, kind, h).await,
+                Handler::Deliver(h) => deliver_round(&rt, kind, h).await,
+            };
+            match outcome {
+                Ok(n) => full |= n as u64 == BATCH,
+                Err(e) => failed = Some((kind.clone(), e)),
+            }
+        }
+        let now = rt.clock.now();
+        let next = next_due(&rt.read, &kinds).await.ok().flatten();
+        let behind = next.map_or(0.0, |d| ((to_micros(now) - d) as f64 / 1e6).max(0.0));
+        lag.record(
+            behind,
+            &[opentelemetry::KeyValue::new("service", rt.service)],
+        );
+        let pause = match failed {
+            Some((kind, e)) => {
+                failures = failures.saturating_add(1);
+                if failures == 1 {
+                    tracing::warn!(service = rt.service, kind, error = %e, "timer queue: a round failed; retrying with backoff");
+                }
+                TICK.saturating_mul(2u32.saturating_pow(Ord::min(failures, 10)))
+                    .min(MAX_BACKOFF)
+            }
+            None => {
+                if failures > 0 {
+                    tracing::info!(
+                        service = rt.service,
+                        failed_rounds = failures,
+                        "timer queue: rounds succeed again"
+                    );
+                }
+                failures = 0;
+                if full {
+                    continue;
+                }
+                match next {
+                    Some(d) => Duration::from_micros(
+                        u64::try_from(Ord::max(d.saturating_sub(to_micros(now)), 0)).unwrap_or(0),
+                    )
+                    .min(TICK),
+                    None => TICK,
+                }
+            }
+        };
+        tokio::select! {
+            () = rt.timers.wake.notified(), if failures == 0 => {}
+            () = tokio::time::sleep(pause) => {}
+            () = rt.background.cancelled() => return,
+        }
+    }
+}
