@@ -214,6 +214,27 @@ pub async fn due_of(
     Ok(out)
 }
 
+/// The armed timers of `kind` whose subject is one of `subjects`: key to due instant.
+pub async fn of_subjects(
+    db: &impl ConnectionTrait,
+    kind: &str,
+    subjects: &[String],
+) -> Result<HashMap<String, i64>, DbErr> {
+    let mut out = HashMap::new();
+    for part in subjects.chunks(1000) {
+        let q = Query::select()
+            .columns([a("key"), a("due_us")])
+            .from(a(TABLE))
+            .and_where(Expr::col(a("kind")).eq(kind))
+            .and_where(Expr::col(a("subject")).is_in(part.iter().cloned()))
+            .to_owned();
+        for r in db.query_all(&q).await? {
+            out.insert(r.try_get("", "key")?, r.try_get("", "due_us")?);
+        }
+    }
+    Ok(out)
+}
+
 const COLUMNS: [&str; 6] = ["kind", "key", "subject", "due_us", "version", "payload"];
 
 /// Timers of `kind` due at `now_us`, soonest first; claimed (`FOR UPDATE

@@ -10,10 +10,11 @@
 //! * **Backfill.** A rule compiles to one SQL query ([`crate::sql`]); the
 //!   diff with the current members is applied set-based, then dependents
 //!   and (for rules that read time) every customer's next-change timer.
-//! * **Timers.** `timers` holds, per (segment, customer), the instant
-//!   `rules::next_change` says time alone changes the answer; a task
-//!   driven by the service clock fires each at that instant and records
-//!   the change at exactly that time.
+//! * **Timers.** The platform timer queue holds, per (segment, customer)
+//!   (kind [`members::WINDOW`]), the instant `rules::next_change` says time
+//!   alone changes the answer; the queue fires each at that instant by the
+//!   service clock, once across replicas, and the engine ([`OnDue`])
+//!   records the change at exactly that time.
 //!
 //! Every membership write runs in a transaction that first takes the
 //! membership version ([`members::lock_version`]): writers are serialised,
@@ -30,15 +31,15 @@ use chrono::{DateTime, Utc};
 use clm_domain::rules::{self, Fact, FactSet, Rule};
 use clm_domain::touchpoint::TouchpointKind;
 use clm_platform::cache::SetWrite;
+use clm_platform::changes::Apply;
 use clm_platform::db::{from_micros, is_postgres, to_micros};
 use clm_platform::outbox::NewEvent;
+use clm_platform::timers::{OnDue, Timer};
 use clm_platform::{Error, Result, Runtime};
 use clm_proto::segmentation as pb;
 use sea_orm::{ConnectionTrait, TransactionTrait};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 /// What changed about a customer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,15 +278,10 @@ struct Inner {
     rt: Runtime,
     registry: Mutex<Arc<Registry>>,
     progress: Mutex<HashMap<String, f64>>,
-    timers: Notify,
 }
 
 /// Customers per chunk of a backfill's timer computation.
 const TIMER_CHUNK: u64 = 1000;
-/// Timers fired per round.
-const FIRE_BATCH: u64 = 1000;
-/// Longest the timer task waits before looking at the clock again.
-const TIMER_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Engine {
     /// An engine over `rt`.
@@ -295,7 +291,6 @@ impl Engine {
                 rt,
                 registry: Mutex::new(Arc::new(Registry::default())),
                 progress: Mutex::new(HashMap::new()),
-                timers: Notify::new(),
             }),
         }
     }
@@ -369,9 +364,9 @@ impl Engine {
         }
     }
 
-    /// Wakes the timer task (after timers were set).
+    /// Wakes the timer queue (after timers were set).
     pub fn wake_timers(&self) {
-        self.inner.timers.notify_one();
+        self.inner.rt.timers.wake();
     }
 
     /// Re-evaluates, inside `txn`, the segments each change can affect for
@@ -610,52 +605,9 @@ impl Engine {
         Ok((n, ids))
     }
 
-    /// Fires every timer due by the clock, each at its own instant.
-    pub async fn fire_due(&self) -> Result<usize> {
-        let rt = &self.inner.rt;
-        let mut fired = 0;
-        loop {
-            let now = rt.clock.now();
-            let due = members::due(&rt.read, to_micros(now), FIRE_BATCH).await?;
-            if due.is_empty() {
-                return Ok(fired);
-            }
-            let mut by_instant: BTreeMap<i64, BTreeMap<String, Vec<Change>>> = BTreeMap::new();
-            for (seg, cu, at) in &due {
-                by_instant
-                    .entry(*at)
-                    .or_default()
-                    .entry(cu.clone())
-                    .or_default()
-                    .push(Change::Only(seg.clone()));
-            }
-            for (at, work) in by_instant {
-                let txn = rt.db.begin().await?;
-                // Fired timers go; evaluation sets the next ones.
-                let pairs: Vec<Pair> = work
-                    .iter()
-                    .flat_map(|(cu, chs)| {
-                        chs.iter().filter_map(move |c| match c {
-                            Change::Only(s) => Some((s.clone(), cu.clone())),
-                            _ => None,
-                        })
-                    })
-                    .collect();
-                members::set_timers(&txn, &[], &pairs).await?;
-                let out = self.evaluate(&txn, &work, from_micros(at)).await?;
-                rt.outbox.append(&txn, &out.events, rt.clock.now()).await?;
-                rt.outbox.commit(txn).await?;
-                fired += pairs.len();
-                self.after_commit(out).await;
-            }
-        }
-    }
-
-    /// The timer task: resumes interrupted backfills, then fires timers as
-    /// the service clock reaches them until `shutdown`.
-    pub async fn run(self, shutdown: CancellationToken) {
-        let rt = self.inner.rt.clone();
-        match segments::in_state(&rt.read, State::Backfilling).await {
+    /// Resumes the backfills a stopped service left unfinished.
+    pub async fn resume_backfills(self) {
+        match segments::in_state(&self.inner.rt.read, State::Backfilling).await {
             Ok(pending) => {
                 for s in pending {
                     self.spawn_backfill(s.id);
@@ -663,24 +615,47 @@ impl Engine {
             }
             Err(e) => tracing::warn!(error = %e, "cannot list interrupted backfills"),
         }
-        loop {
-            if let Err(e) = self.fire_due().await {
-                tracing::warn!(error = %e, "timer queue: firing failed; retrying");
-            }
-            let wait = match members::next_due(&rt.read).await {
-                Ok(Some(due)) => {
-                    let left = due.saturating_sub(to_micros(rt.clock.now())).max(0);
-                    std::time::Duration::from_micros(u64::try_from(left).unwrap_or(0))
-                        .min(TIMER_POLL)
-                }
-                _ => TIMER_POLL,
+    }
+}
+
+/// Fires time-window timers ([`members::WINDOW`]): each due (segment,
+/// customer) is evaluated at its own instant, under the membership lock
+/// every membership writer takes first.
+#[async_trait::async_trait]
+impl OnDue for Engine {
+    async fn lock(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        _due: &[Timer],
+    ) -> std::result::Result<(), Error> {
+        members::lock_version(txn).await?;
+        Ok(())
+    }
+
+    async fn fire(&self, cx: &mut Apply, due: Vec<Timer>) -> std::result::Result<(), Error> {
+        let mut by_instant: BTreeMap<i64, BTreeMap<String, Vec<Change>>> = BTreeMap::new();
+        for t in &due {
+            let Some((seg, cu)) = members::timer_pair(&t.key) else {
+                continue;
             };
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = self.inner.timers.notified() => {}
-                () = shutdown.cancelled() => return,
-            }
+            by_instant
+                .entry(t.due_us)
+                .or_default()
+                .entry(cu)
+                .or_default()
+                .push(Change::Only(seg));
         }
+        for (at, work) in by_instant {
+            // Evaluation re-arms the pairs whose rules change again later;
+            // the queue deletes the others.
+            let out = self.evaluate(cx.txn(), &work, from_micros(at)).await?;
+            for e in &out.events {
+                cx.emit(e.clone());
+            }
+            let this = self.clone();
+            cx.after_commit(async move { this.after_commit(out).await });
+        }
+        Ok(())
     }
 }
 

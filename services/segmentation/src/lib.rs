@@ -10,8 +10,8 @@
 //!   only the segments whose rules read it, for that customer only.
 //! * **Backfill** ([`sql`]): creating, changing or refreshing a segment
 //!   compiles its rule to one set-based SQL query and applies the diff.
-//! * **Exact windows** ([`engine`]): a timer queue of next-change instants
-//!   per (segment, customer), kept in the database, fired by the clock.
+//! * **Exact windows** ([`engine`]): next-change instants per (segment,
+//!   customer) in the platform timer queue, fired by the clock.
 //! * **Membership** ([`cache`]): history in the database, hot membership in
 //!   the platform cache (Redis or in-process), versioned, never "not a
 //!   member" by mistake.
@@ -72,12 +72,13 @@ pub static DESCRIPTOR: ServiceDescriptor = ServiceDescriptor {
 
 fn build(rt: &Runtime) -> anyhow::Result<Parts> {
     let engine = engine::Engine::new(rt.clone());
-    let timers = engine.clone();
+    let resume = engine.clone();
     Ok(Parts::new()
         .grpc(SegmentationServiceServer::new(api::SegmentationApi::new(
             engine.clone(),
         )))
         .follow("customer", events::customer_handlers(engine.clone()))
-        .follow_if_configured("scoring", events::scoring_handlers(engine))
-        .task(move |shutdown| Box::pin(timers.run(shutdown))))
+        .follow_if_configured("scoring", events::scoring_handlers(engine.clone()))
+        .timer(store::members::WINDOW, std::sync::Arc::new(engine))
+        .task(move |_| Box::pin(resume.resume_backfills())))
 }

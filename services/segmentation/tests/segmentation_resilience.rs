@@ -256,17 +256,17 @@ async fn merges_rekey_and_erasures_delete_with_a_receipt() {
         .await
         .unwrap();
     let id = a.trim_start_matches("customers/");
-    for table in [
-        "fact_customers",
-        "fact_touchpoints",
-        "members",
-        "member_history",
-        "timers",
+    for (table, column) in [
+        ("fact_customers", "customer_id"),
+        ("fact_touchpoints", "customer_id"),
+        ("members", "customer_id"),
+        ("member_history", "customer_id"),
+        ("timer_queue", "subject"),
     ] {
         let row = db
             .query_one_raw(sea_orm::Statement::from_string(
                 db.get_database_backend(),
-                format!("SELECT COUNT(*) AS n FROM {table} WHERE customer_id = '{id}'"),
+                format!("SELECT COUNT(*) AS n FROM {table} WHERE {column} = '{id}'"),
             ))
             .await
             .unwrap()

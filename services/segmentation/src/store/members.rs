@@ -1,14 +1,31 @@
 //! Membership (current members with their entry time, closed intervals in
-//! `member_history`), the timer queue of next-change instants, and the
-//! `seg_meta` row (registry generation, membership version, freshness).
+//! `member_history`), the next-change instants of timed rules (timers of
+//! kind [`WINDOW`] in the platform's queue, keyed `{segment}|{customer}`),
+//! and the `seg_meta` row (registry generation, membership version,
+//! freshness).
 
 use super::{chunks, n};
 use clm_platform::db::rows_per_statement;
+use clm_platform::timers;
 use sea_orm::sea_query::{Expr, ExprTrait, Func, OnConflict, Order, Query, SelectStatement};
 use sea_orm::{ConnectionTrait, DbErr};
 
 /// A (segment id, customer id) pair, both bare ids.
 pub type Pair = (String, String);
+
+/// Timer kind of a time window's next change.
+pub const WINDOW: &str = "segmentation.window";
+
+/// The timer key of a pair.
+pub fn timer_key(segment: &str, customer: &str) -> String {
+    format!("{segment}|{customer}")
+}
+
+/// The pair of a timer key.
+pub fn timer_pair(key: &str) -> Option<Pair> {
+    key.split_once('|')
+        .map(|(s, c)| (s.to_owned(), c.to_owned()))
+}
 
 /// Takes the next membership version, holding the `seg_meta` row lock
 /// until the transaction ends: membership writers are serialised, so
@@ -272,20 +289,20 @@ pub async fn counts(
 
 /// Deletes every membership, history and timer of `segment`.
 pub async fn delete_segment(db: &impl ConnectionTrait, segment: &str) -> Result<(), DbErr> {
-    for table in ["members", "member_history", "timers"] {
+    for table in ["members", "member_history"] {
         let delete = Query::delete()
             .from_table(n(table))
             .and_where(Expr::col(n("segment_id")).eq(segment))
             .to_owned();
         db.execute(&delete).await?;
     }
-    Ok(())
+    clear_timers(db, segment).await
 }
 
 /// Deletes every membership, history and timer of `ids` (erasure).
 pub async fn delete_customers(db: &impl ConnectionTrait, ids: &[String]) -> Result<(), DbErr> {
     for chunk in chunks(ids) {
-        for table in ["members", "member_history", "timers"] {
+        for table in ["members", "member_history"] {
             let delete = Query::delete()
                 .from_table(n(table))
                 .and_where(Expr::col(n("customer_id")).is_in(chunk.iter().cloned()))
@@ -293,7 +310,7 @@ pub async fn delete_customers(db: &impl ConnectionTrait, ids: &[String]) -> Resu
             db.execute(&delete).await?;
         }
     }
-    Ok(())
+    timers::disarm_subjects(db, Some(WINDOW), ids).await
 }
 
 /// Sets timers (segment, customer, due) and removes `cleared` ones.
@@ -302,77 +319,18 @@ pub async fn set_timers(
     set: &[(String, String, i64)],
     cleared: &[Pair],
 ) -> Result<(), DbErr> {
-    for chunk in cleared.chunks(500) {
-        let delete = Query::delete()
-            .from_table(n("timers"))
-            .and_where(pair_in(chunk))
-            .to_owned();
-        db.execute(&delete).await?;
-    }
-    for chunk in set.chunks(rows_per_statement(3)) {
-        let mut insert = Query::insert();
-        insert
-            .into_table(n("timers"))
-            .columns(["segment_id", "customer_id", "due_us"].map(n))
-            .on_conflict(
-                OnConflict::columns([n("segment_id"), n("customer_id")])
-                    .update_column(n("due_us"))
-                    .to_owned(),
-            );
-        for (s, c, d) in chunk {
-            insert.values_panic([s.clone().into(), c.clone().into(), (*d).into()]);
-        }
-        db.execute(&insert).await?;
-    }
-    Ok(())
+    let keys: Vec<String> = cleared.iter().map(|(s, c)| timer_key(s, c)).collect();
+    timers::disarm(db, WINDOW, &keys).await?;
+    let arms: Vec<timers::Arm> = set
+        .iter()
+        .map(|(s, c, d)| timers::Arm::new(timer_key(s, c), c.clone(), *d))
+        .collect();
+    timers::arm(db, WINDOW, &arms).await
 }
 
 /// Deletes `segment`'s timers (before a backfill recomputes them).
 pub async fn clear_timers(db: &impl ConnectionTrait, segment: &str) -> Result<(), DbErr> {
-    let delete = Query::delete()
-        .from_table(n("timers"))
-        .and_where(Expr::col(n("segment_id")).eq(segment))
-        .to_owned();
-    db.execute(&delete).await?;
-    Ok(())
-}
-
-/// The earliest due instant in the queue.
-pub async fn next_due(db: &impl ConnectionTrait) -> Result<Option<i64>, DbErr> {
-    let q = Query::select()
-        .expr_as(Func::min(Expr::col(n("due_us"))), n("due"))
-        .from(n("timers"))
-        .to_owned();
-    match db.query_one(&q).await? {
-        Some(r) => r.try_get("", "due"),
-        None => Ok(None),
-    }
-}
-
-/// Timers due at or before `now_us`, earliest first.
-pub async fn due(
-    db: &impl ConnectionTrait,
-    now_us: i64,
-    limit: u64,
-) -> Result<Vec<(String, String, i64)>, DbErr> {
-    let q = Query::select()
-        .columns([n("segment_id"), n("customer_id"), n("due_us")])
-        .from(n("timers"))
-        .and_where(Expr::col(n("due_us")).lte(now_us))
-        .order_by(n("due_us"), Order::Asc)
-        .limit(limit)
-        .to_owned();
-    db.query_all(&q)
-        .await?
-        .iter()
-        .map(|r| {
-            Ok((
-                r.try_get("", "segment_id")?,
-                r.try_get("", "customer_id")?,
-                r.try_get("", "due_us")?,
-            ))
-        })
-        .collect()
+    timers::disarm_prefix(db, WINDOW, &format!("{segment}|")).await
 }
 
 /// Every customer id in the projection after `after`, by id (a chunk of
@@ -431,19 +389,9 @@ pub async fn timers_of(
     db: &impl ConnectionTrait,
     ids: &[String],
 ) -> Result<std::collections::HashMap<Pair, i64>, DbErr> {
-    let mut out = std::collections::HashMap::new();
-    for chunk in chunks(ids) {
-        let q = Query::select()
-            .columns([n("segment_id"), n("customer_id"), n("due_us")])
-            .from(n("timers"))
-            .and_where(Expr::col(n("customer_id")).is_in(chunk.iter().cloned()))
-            .to_owned();
-        for r in db.query_all(&q).await? {
-            out.insert(
-                (r.try_get("", "segment_id")?, r.try_get("", "customer_id")?),
-                r.try_get("", "due_us")?,
-            );
-        }
-    }
-    Ok(out)
+    Ok(timers::of_subjects(db, WINDOW, ids)
+        .await?
+        .into_iter()
+        .filter_map(|(k, due)| timer_pair(&k).map(|p| (p, due)))
+        .collect())
 }

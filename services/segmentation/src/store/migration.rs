@@ -8,8 +8,9 @@
 //!   writers) and the freshness of the facts.
 //! * `fact_*`: the projection of the customer stream the rules read.
 //! * `members`, `member_history`: current membership and closed intervals.
-//! * `timers`: the next instant time alone changes a customer's answer for
-//!   a segment (exact window expiry).
+//! * the next instant time alone changes a customer's answer for a segment
+//!   (exact window expiry) is a timer of the platform's `timer_queue`
+//!   (kind `segmentation.window`); `m0003` moved the old `timers` there.
 //!
 //! On PostgreSQL the fact text columns use the `C` collation, so string
 //! order is byte order, as in the rule language and SQLite.
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         let mut m = clm_platform::migration::platform_migrations();
         m.push(Box::new(SegmentationTables));
+        m.push(Box::new(WindowTimersToPlatformQueue));
         m
     }
 }
@@ -322,6 +324,31 @@ impl MigrationTrait for SegmentationTables {
             .await?;
         m.create_index(index("timers_customer", "timers", &["customer_id"]))
             .await?;
+        Ok(())
+    }
+}
+
+/// Moves the window timers into the platform's timer queue and drops
+/// the service's own `timers` table.
+struct WindowTimersToPlatformQueue;
+
+impl MigrationName for WindowTimersToPlatformQueue {
+    fn name(&self) -> &str {
+        "m0003_window_timers_to_platform_queue"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for WindowTimersToPlatformQueue {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        let db = m.get_connection();
+        db.execute_unprepared(
+            "INSERT INTO timer_queue (kind, key, subject, due_us, version, payload)
+             SELECT 'segmentation.window', segment_id || '|' || customer_id, customer_id, due_us, 1, NULL
+             FROM timers",
+        )
+        .await?;
+        db.execute_unprepared("DROP TABLE timers").await?;
         Ok(())
     }
 }
