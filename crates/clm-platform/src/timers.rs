@@ -157,20 +157,40 @@ pub async fn disarm_prefix(
     kind: &str,
     prefix: &str,
 ) -> Result<(), DbErr> {
+    let delete = Query::delete()
+        .from_table(a(TABLE))
+        .and_where(Expr::col(a("kind")).eq(kind))
+        .and_where(Expr::col(a("key")).like(like_prefix(prefix)))
+        .to_owned();
+    db.execute(&delete).await?;
+    Ok(())
+}
+
+/// Moves every armed timer of `kind` whose key starts with `prefix` to
+/// `due_us` (re-armed: their versions bump).
+pub async fn rearm_prefix(
+    db: &impl ConnectionTrait,
+    kind: &str,
+    prefix: &str,
+    due_us: i64,
+) -> Result<(), DbErr> {
+    let update = Query::update()
+        .table(a(TABLE))
+        .value(a("due_us"), due_us)
+        .value(a("version"), Expr::col(a("version")).add(1))
+        .and_where(Expr::col(a("kind")).eq(kind))
+        .and_where(Expr::col(a("key")).like(like_prefix(prefix)))
+        .to_owned();
+    db.execute(&update).await?;
+    Ok(())
+}
+
+fn like_prefix(prefix: &str) -> sea_orm::sea_query::LikeExpr {
     let escaped = prefix
         .replace('\\', "\\\\")
         .replace('%', "\\%")
         .replace('_', "\\_");
-    let delete = Query::delete()
-        .from_table(a(TABLE))
-        .and_where(Expr::col(a("kind")).eq(kind))
-        .and_where(
-            Expr::col(a("key"))
-                .like(sea_orm::sea_query::LikeExpr::new(format!("{escaped}%")).escape('\\')),
-        )
-        .to_owned();
-    db.execute(&delete).await?;
-    Ok(())
+    sea_orm::sea_query::LikeExpr::new(format!("{escaped}%")).escape('\\')
 }
 
 /// Removes every timer of `kind` (or of every kind) whose subject is one of

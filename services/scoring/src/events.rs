@@ -25,11 +25,10 @@ use clm_proto::customer as cpb;
 use prost::Message;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use tokio::sync::Notify;
 
 /// The handlers of the customer stream.
-pub fn customer_handlers(models: Arc<Models>, wake: Arc<Notify>) -> Handlers {
-    let h = Arc::new(CustomerEvents { models, wake });
+pub fn customer_handlers(models: Arc<Models>) -> Handlers {
+    let h = Arc::new(CustomerEvents { models });
     Handlers::new()
         .on_batch_partitioned::<cpb::TouchpointRecorded, _>(h.clone())
         .on::<cpb::CustomerCreated, _>(h.clone())
@@ -43,14 +42,12 @@ pub fn customer_handlers(models: Arc<Models>, wake: Arc<Notify>) -> Handlers {
 /// Scores customer events.
 pub struct CustomerEvents {
     models: Arc<Models>,
-    /// Wakes the timer queue after a commit that re-armed timers.
-    wake: Arc<Notify>,
 }
 
 impl CustomerEvents {
     fn after(&self, cx: &mut Apply) {
-        let wake = self.wake.clone();
-        cx.after_commit(async move { wake.notify_one() });
+        let timers = cx.runtime().timers.clone();
+        cx.after_commit(async move { timers.wake() });
     }
 
     /// Re-evaluates profile rules of every active model for `customer`.

@@ -82,13 +82,19 @@ pub static DESCRIPTOR: ServiceDescriptor = ServiceDescriptor {
 
 fn build(rt: &Runtime) -> anyhow::Result<Parts> {
     let models = Arc::new(scorer::Models::default());
-    let wake = Arc::new(tokio::sync::Notify::new());
-    thresholds::spawn(rt.clone(), models.clone(), wake.clone())?;
     Ok(Parts::new()
         .operation(rescore::KIND, rescore::runner(models.clone()))
+        .timer(
+            store::timers::THRESHOLD,
+            Arc::new(thresholds::Thresholds::new(models.clone())),
+        )
+        .delivery(
+            store::timers::STAGE_MOVE,
+            Arc::new(thresholds::StageMoves::new(rt)),
+        )
         .grpc(ScoringServiceServer::new(api::ScoringApi::new(
             rt.clone(),
             models.clone(),
         )))
-        .follow("customer", events::customer_handlers(models, wake)))
+        .follow("customer", events::customer_handlers(models)))
 }

@@ -122,10 +122,7 @@ async fn a_crash_and_a_full_replay_score_each_touchpoint_once() {
             rt.clone(),
             "customer",
             customer.url(),
-            clm_scoring::events::customer_handlers(
-                models.clone(),
-                Arc::new(tokio::sync::Notify::new()),
-            ),
+            clm_scoring::events::customer_handlers(models.clone()),
         )
         .with_config(&sub_config)
         .with_fail_point(fail)

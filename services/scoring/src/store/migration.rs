@@ -11,6 +11,7 @@ impl MigratorTrait for Migrator {
         let mut m = clm_platform::migration::platform_migrations();
         m.push(Box::new(ScoringTables));
         m.push(Box::new(ScoreSums));
+        m.push(Box::new(ThresholdTimersToPlatformQueue));
         m
     }
 }
@@ -239,6 +240,58 @@ impl MigrationTrait for ScoreSums {
                 .await
                 .map_err(|e| DbErr::Migration(format!("filling score_sums: {e}")))?;
             after = last;
+        }
+        Ok(())
+    }
+}
+
+/// Threshold timers move to the platform's timer queue; the side each
+/// threshold was last seen on stays here, in `threshold_sides`.
+struct ThresholdTimersToPlatformQueue;
+
+impl MigrationName for ThresholdTimersToPlatformQueue {
+    fn name(&self) -> &str {
+        "m0004_threshold_timers_to_platform_queue"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ThresholdTimersToPlatformQueue {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(a("threshold_sides"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("customer")).string().not_null())
+                .col(ColumnDef::new(a("model")).string().not_null())
+                .col(ColumnDef::new(a("threshold")).string().not_null())
+                .col(ColumnDef::new(a("above")).boolean().not_null())
+                .primary_key(
+                    Index::create()
+                        .col(a("customer"))
+                        .col(a("model"))
+                        .col(a("threshold")),
+                )
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "threshold_sides_model",
+            "threshold_sides",
+            &["model", "threshold"],
+            false,
+        ))
+        .await?;
+        let db = m.get_connection();
+        for sql in [
+            "INSERT INTO threshold_sides (customer, model, threshold, above)
+             SELECT customer, model, threshold, above FROM score_timers",
+            "INSERT INTO timer_queue (kind, key, subject, due_us, version, payload)
+             SELECT 'scoring.threshold', model || '|' || threshold || '|' || customer, customer, due_us, 1, NULL
+             FROM score_timers WHERE due_us IS NOT NULL",
+            "DROP TABLE score_timers",
+        ] {
+            db.execute_unprepared(sql).await?;
         }
         Ok(())
     }

@@ -8,7 +8,8 @@
 //!   and of its touchpoints (for inactivity and re-scoring).
 //! * [`sums`]: running sums of the ledger per (customer, model, score,
 //!   decay), so a stream batch reads a few rows per customer, not the ledger.
-//! * [`timers`]: the threshold timer queue.
+//! * [`timers`]: threshold timers on the platform queue and the side each
+//!   threshold was last seen on.
 
 pub mod customers;
 pub mod ledger;

@@ -1,52 +1,113 @@
-//! `score_timers`: the threshold timer queue. A row per customer, model and
-//! threshold holds the side of the threshold the score was last seen on
-//! and `due_us`, when to look again: the next decay crossing, or "now"
-//! after an award. Kept in the database, so it survives restarts.
+//! Threshold timers on the platform's timer queue, and the side of each
+//! threshold a customer's score was last seen on (`threshold_sides`).
+//!
+//! A timer of kind [`THRESHOLD`], keyed `{model}|{threshold}|{customer}`,
+//! says when to look at that threshold again: the next decay crossing, or
+//! "now" after an award. A timer of kind [`STAGE_MOVE`] carries a
+//! TransitionStage call to deliver to the customer service, keyed by its
+//! request id. Both are the customer's (their subject), so a merge or an
+//! erasure removes them with the customer.
 
 use super::{chunk, n};
 use clm_platform::Result;
 use clm_platform::bulk::is_in_texts;
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Order, Query};
-use sea_orm::{ConnectionTrait, FromQueryResult};
+use clm_platform::timers::{self, Arm};
+use sea_orm::ConnectionTrait;
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
+use std::collections::HashMap;
 
-/// A timer row.
-#[derive(Debug, Clone, FromQueryResult)]
-pub struct Timer {
-    /// `customers/{id}`.
-    pub customer: String,
-    /// Model id.
-    pub model: String,
-    /// Threshold id.
-    pub threshold: String,
-    /// Whether the score was at or above the threshold when last seen.
-    pub above: bool,
-    /// When to look again (µs).
-    pub due_us: Option<i64>,
+/// Timer kind: look at a threshold again.
+pub const THRESHOLD: &str = "scoring.threshold";
+/// Timer kind: deliver a stage move to the customer service.
+pub const STAGE_MOVE: &str = "scoring.stage_move";
+
+/// (customer, model, threshold).
+pub type Key = (String, String, String);
+
+/// The timer key of `(customer, model, threshold)`: model first, so a
+/// model's timers share a prefix (model and threshold ids are identifiers
+/// without `|`).
+pub fn key((customer, model, threshold): &Key) -> String {
+    format!("{model}|{threshold}|{customer}")
 }
 
-/// Asks for `(customer, model, threshold)` to be looked at at `due_us`
-/// (creating the timer, below the threshold, if new). One statement per chunk.
-pub async fn touch(
-    db: &impl ConnectionTrait,
-    keys: &[(String, String, String)],
-    due_us: i64,
-) -> Result<()> {
-    for part in keys.chunks(chunk(5)) {
+/// The `(customer, model, threshold)` of a timer key.
+pub fn parse(key: &str) -> Option<Key> {
+    let mut parts = key.splitn(3, '|');
+    let (model, threshold, customer) = (parts.next()?, parts.next()?, parts.next()?);
+    Some((customer.to_owned(), model.to_owned(), threshold.to_owned()))
+}
+
+/// Asks for `keys` to be looked at at `due_us` (in the writer's transaction).
+pub async fn touch(db: &impl ConnectionTrait, keys: &[Key], due_us: i64) -> Result<()> {
+    let arms: Vec<Arm> = keys
+        .iter()
+        .map(|k| Arm::new(key(k), k.0.clone(), due_us))
+        .collect();
+    timers::arm(db, THRESHOLD, &arms).await?;
+    Ok(())
+}
+
+/// Re-arms every threshold of `model` seen so far to `due_us` (a version
+/// was activated).
+pub async fn touch_model(db: &impl ConnectionTrait, model: &str, due_us: i64) -> Result<()> {
+    let q = Query::select()
+        .columns(["customer", "threshold"].map(n))
+        .from(n("threshold_sides"))
+        .and_where(Expr::col(n("model")).eq(model))
+        .to_owned();
+    let mut keys = Vec::new();
+    for r in db.query_all(&q).await? {
+        keys.push((
+            r.try_get("", "customer")?,
+            model.to_owned(),
+            r.try_get("", "threshold")?,
+        ));
+    }
+    touch(db, &keys, due_us).await?;
+    timers::rearm_prefix(db, THRESHOLD, &format!("{model}|"), due_us).await?;
+    Ok(())
+}
+
+/// The side each of `keys` was last seen on (absent: below, never seen).
+pub async fn sides(db: &impl ConnectionTrait, keys: &[Key]) -> Result<HashMap<Key, bool>> {
+    let customers: Vec<String> = keys.iter().map(|k| k.0.clone()).collect();
+    let q = Query::select()
+        .columns(["customer", "model", "threshold", "above"].map(n))
+        .from(n("threshold_sides"))
+        .and_where(is_in_texts(db, "customer", &customers))
+        .to_owned();
+    let mut out = HashMap::new();
+    for r in db.query_all(&q).await? {
+        out.insert(
+            (
+                r.try_get("", "customer")?,
+                r.try_get("", "model")?,
+                r.try_get("", "threshold")?,
+            ),
+            r.try_get("", "above")?,
+        );
+    }
+    Ok(out)
+}
+
+/// Records the side of the threshold each key's score is on.
+pub async fn record_sides(db: &impl ConnectionTrait, sides: &[(Key, bool)]) -> Result<()> {
+    for part in sides.chunks(chunk(4)) {
         let mut q = Query::insert();
-        q.into_table(n("score_timers"))
-            .columns(["customer", "model", "threshold", "above", "due_us"].map(n));
-        for (c, m, t) in part {
+        q.into_table(n("threshold_sides"))
+            .columns(["customer", "model", "threshold", "above"].map(n));
+        for ((c, m, t), above) in part {
             q.values_panic([
                 c.clone().into(),
                 m.clone().into(),
                 t.clone().into(),
-                false.into(),
-                due_us.into(),
+                (*above).into(),
             ]);
         }
         q.on_conflict(
             OnConflict::columns(["customer", "model", "threshold"].map(n))
-                .update_column(n("due_us"))
+                .update_column(n("above"))
                 .to_owned(),
         );
         db.execute(&q).await?;
@@ -54,75 +115,14 @@ pub async fn touch(
     Ok(())
 }
 
-/// Re-arms every timer of `model` to `due_us` (a version was activated).
-pub async fn touch_model(db: &impl ConnectionTrait, model: &str, due_us: i64) -> Result<()> {
-    let q = Query::update()
-        .table(n("score_timers"))
-        .value(n("due_us"), due_us)
-        .and_where(Expr::col(n("model")).eq(model))
-        .to_owned();
-    db.execute(&q).await?;
-    Ok(())
-}
-
-/// Timers due at or before `now_us`, soonest first, at most `limit`.
-pub async fn due(db: &impl ConnectionTrait, now_us: i64, limit: u64) -> Result<Vec<Timer>> {
-    let q = Query::select()
-        .columns(["customer", "model", "threshold", "above", "due_us"].map(n))
-        .from(n("score_timers"))
-        .and_where(Expr::col(n("due_us")).lte(now_us))
-        .order_by(n("due_us"), Order::Asc)
-        .limit(limit)
-        .to_owned();
-    Ok(
-        Timer::find_by_statement(db.get_database_backend().build(&q))
-            .all(db)
-            .await?,
-    )
-}
-
-/// Stores what a look at a timer found, unless it was re-armed meanwhile
-/// (its `due_us` no longer `seen_due`).
-pub async fn settle(
-    db: &impl ConnectionTrait,
-    t: &Timer,
-    seen_due: i64,
-    above: bool,
-    next_due: Option<i64>,
-) -> Result<()> {
-    let q = Query::update()
-        .table(n("score_timers"))
-        .value(n("above"), above)
-        .value(n("due_us"), next_due)
-        .and_where(Expr::col(n("customer")).eq(t.customer.clone()))
-        .and_where(Expr::col(n("model")).eq(t.model.clone()))
-        .and_where(Expr::col(n("threshold")).eq(t.threshold.clone()))
-        .and_where(Expr::col(n("due_us")).eq(seen_due))
-        .to_owned();
-    db.execute(&q).await?;
-    Ok(())
-}
-
-/// Records the side of the threshold a timer's score is on.
-pub async fn record_side(db: &impl ConnectionTrait, t: &Timer, above: bool) -> Result<()> {
-    let q = Query::update()
-        .table(n("score_timers"))
-        .value(n("above"), above)
-        .and_where(Expr::col(n("customer")).eq(t.customer.clone()))
-        .and_where(Expr::col(n("model")).eq(t.model.clone()))
-        .and_where(Expr::col(n("threshold")).eq(t.threshold.clone()))
-        .to_owned();
-    db.execute(&q).await?;
-    Ok(())
-}
-
-/// Moves timers of `from` customers away (a merge drops them; the
-/// survivor's are re-armed by the caller) or deletes them (erasure).
+/// Deletes the sides and timers of `customers` (the duplicates of a merge,
+/// whose survivor's thresholds the caller re-arms; an erasure).
 pub async fn delete(db: &impl ConnectionTrait, customers: &[String]) -> Result<()> {
     let q = Query::delete()
-        .from_table(n("score_timers"))
+        .from_table(n("threshold_sides"))
         .and_where(is_in_texts(db, "customer", customers))
         .to_owned();
     db.execute(&q).await?;
+    timers::disarm_subjects(db, None, customers).await?;
     Ok(())
 }
