@@ -59,6 +59,7 @@ pub mod changes;
 pub mod client;
 pub mod config;
 pub mod convert;
+pub mod customer_events;
 pub mod db;
 pub mod error;
 pub mod idempotency;

@@ -21,6 +21,7 @@ use clm_domain::{Violation, Violations, contact};
 use clm_platform::convert::{
     duration_from_millis, duration_millis, from_timestamp, required_timestamp, timestamp,
 };
+pub use clm_platform::customer_events::{stage, stage_to_proto};
 use clm_proto::common as cpb;
 use clm_proto::customer as pb;
 use std::collections::BTreeMap;
@@ -30,32 +31,6 @@ fn field(prefix: &str, name: &str) -> String {
         name.to_owned()
     } else {
         format!("{prefix}.{name}")
-    }
-}
-
-/// A proto stage number → domain stage (UNSPECIFIED and unknown numbers refused).
-pub fn stage(field: &str, value: i32) -> Result<Stage, Violation> {
-    match pb::Stage::try_from(value) {
-        Ok(pb::Stage::Approach) => Ok(Stage::Approach),
-        Ok(pb::Stage::Acquisition) => Ok(Stage::Acquisition),
-        Ok(pb::Stage::Conversion) => Ok(Stage::Conversion),
-        Ok(pb::Stage::Retention) => Ok(Stage::Retention),
-        Ok(pb::Stage::Loyalty) => Ok(Stage::Loyalty),
-        Ok(pb::Stage::Churned) => Ok(Stage::Churned),
-        Ok(pb::Stage::Unspecified) => Err(Violation::new(field, "is required")),
-        Err(_) => Err(Violation::new(field, format!("unknown stage {value}"))),
-    }
-}
-
-/// Domain stage → proto.
-pub fn stage_to_proto(s: Stage) -> pb::Stage {
-    match s {
-        Stage::Approach => pb::Stage::Approach,
-        Stage::Acquisition => pb::Stage::Acquisition,
-        Stage::Conversion => pb::Stage::Conversion,
-        Stage::Retention => pb::Stage::Retention,
-        Stage::Loyalty => pb::Stage::Loyalty,
-        Stage::Churned => pb::Stage::Churned,
     }
 }
 

@@ -3,6 +3,7 @@
 //! transaction, and converts the result back.
 
 use crate::convert;
+use crate::error::ScoringError;
 use crate::rescore;
 use crate::scorer::{self, Models};
 use crate::store::{customers, ledger, scoring_models, timers};
@@ -232,10 +233,7 @@ impl ScoringService for ScoringApi {
                 now,
                 async |txn| {
                     if scoring_models::latest_version(txn, &id).await? > 0 {
-                        return Err(Error::AlreadyExists {
-                            reason: "SCORING_MODEL_EXISTS",
-                            message: format!("{MODEL_PREFIX}{id} already exists"),
-                        });
+                        return Err(ScoringError::ModelExists(id.clone()).into());
                     }
                     scoring_models::insert(txn, &id, 1, &stored, true, to_micros(now)).await?;
                     let mut shown = stored.clone();

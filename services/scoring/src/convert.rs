@@ -3,19 +3,17 @@
 //! profiles from the customer stream, ledger entries back to proto.
 
 use crate::store::ledger::Row;
-use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
-use clm_domain::attributes::AttributeValue;
-use clm_domain::demographics::Gender;
+use chrono::{DateTime, TimeDelta, Utc};
 use clm_domain::lifecycle::Stage;
-use clm_domain::money::Money;
 use clm_domain::rules::{Fact, FactSet, FieldCatalog, compile, compile_touch_query, reads};
 use clm_domain::scoring::{
     Bands, Cap, ConsentRule, Decay, ENGAGEMENT, EventRule, FIT, Inactivity, Model, Period,
     ProfileRule, ScoreSpec, Threshold, ThresholdKind,
 };
-use clm_domain::touchpoint::{Touchpoint, TouchpointKind};
 use clm_domain::{Violation, Violations};
-use clm_platform::convert::{from_timestamp, timestamp};
+use clm_platform::convert::timestamp;
+use clm_platform::customer_events::profile_facts;
+pub use clm_platform::customer_events::{stage, stage_to_proto, touchpoint};
 use clm_proto::customer as cpb;
 use clm_proto::scoring as pb;
 use std::collections::BTreeSet;
@@ -75,32 +73,6 @@ pub fn decay_to_proto(d: Decay) -> Option<pb::Decay> {
         Decay::Linear { over } => Some(pb::Decay {
             kind: Some(Kind::LinearOver(dur(over))),
         }),
-    }
-}
-
-/// A proto stage to the domain.
-pub fn stage(field: &str, value: i32) -> Result<Stage, Violation> {
-    match cpb::Stage::try_from(value) {
-        Ok(cpb::Stage::Approach) => Ok(Stage::Approach),
-        Ok(cpb::Stage::Acquisition) => Ok(Stage::Acquisition),
-        Ok(cpb::Stage::Conversion) => Ok(Stage::Conversion),
-        Ok(cpb::Stage::Retention) => Ok(Stage::Retention),
-        Ok(cpb::Stage::Loyalty) => Ok(Stage::Loyalty),
-        Ok(cpb::Stage::Churned) => Ok(Stage::Churned),
-        Ok(cpb::Stage::Unspecified) => Err(Violation::new(field, "is required")),
-        Err(_) => Err(Violation::new(field, format!("unknown stage {value}"))),
-    }
-}
-
-/// A domain stage to proto.
-pub fn stage_to_proto(s: Stage) -> cpb::Stage {
-    match s {
-        Stage::Approach => cpb::Stage::Approach,
-        Stage::Acquisition => cpb::Stage::Acquisition,
-        Stage::Conversion => cpb::Stage::Conversion,
-        Stage::Retention => cpb::Stage::Retention,
-        Stage::Loyalty => cpb::Stage::Loyalty,
-        Stage::Churned => cpb::Stage::Churned,
     }
 }
 
@@ -438,82 +410,10 @@ pub fn compile_model(prefix: &str, m: &pb::ScoringModel) -> Result<Model, Violat
     v.into_result().map(|()| model)
 }
 
-/// A touchpoint from the customer stream, in domain form.
-pub fn touchpoint(t: &cpb::Touchpoint) -> Touchpoint {
-    let kind = match cpb::TouchpointType::try_from(t.r#type) {
-        Ok(cpb::TouchpointType::UsageTime) => TouchpointKind::UsageTime,
-        Ok(cpb::TouchpointType::ProductAccess) => TouchpointKind::ProductAccess,
-        Ok(cpb::TouchpointType::FeatureUse) => TouchpointKind::FeatureUse,
-        Ok(cpb::TouchpointType::Purchase) => TouchpointKind::Purchase,
-        Ok(cpb::TouchpointType::CampaignTouch) => TouchpointKind::CampaignTouch,
-        Ok(cpb::TouchpointType::SupportContact) => TouchpointKind::SupportContact,
-        _ => TouchpointKind::Custom,
-    };
-    let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
-    Touchpoint {
-        event_id: t.event_id.clone(),
-        kind,
-        custom_type: opt(&t.custom_type),
-        occurred_time: t
-            .occurred_time
-            .as_ref()
-            .and_then(|ts| from_timestamp("occurred_time", ts).ok())
-            .unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
-        usage_millis: t
-            .usage_duration
-            .as_ref()
-            .map(|d| d.seconds.saturating_mul(1000) + i64::from(d.nanos / 1_000_000)),
-        product: opt(&t.product),
-        feature: opt(&t.feature),
-        revenue: t.revenue.as_ref().map(|m| Money {
-            currency: m.currency_code.clone(),
-            amount_minor: m.amount_minor,
-        }),
-        campaign: opt(&t.campaign),
-        channel: opt(&t.channel),
-        properties: t.properties.clone(),
-    }
-}
-
 /// The facts profile rules read, from a customer's profile and stage.
 pub fn facts(profile: Option<&cpb::Customer>, stage: Option<(Stage, DateTime<Utc>)>) -> FactSet {
-    let mut f = FactSet {
-        stage,
-        ..FactSet::default()
-    };
-    let Some(c) = profile else { return f };
-    let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
-    f.email = opt(&c.email);
-    f.display_name = opt(&c.display_name);
-    if let Some(d) = &c.demographics {
-        f.demographics.birth_date = d.birth_date.as_ref().and_then(|b| {
-            NaiveDate::from_ymd_opt(
-                b.year,
-                u32::try_from(b.month).ok()?,
-                u32::try_from(b.day).ok()?,
-            )
-        });
-        f.demographics.gender = i16::try_from(d.gender).ok().and_then(Gender::from_code);
-        f.demographics.annual_income = d.annual_income.as_ref().map(|m| Money {
-            currency: m.currency_code.clone(),
-            amount_minor: m.amount_minor,
-        });
-        f.demographics.occupation = opt(&d.occupation);
-    }
-    for (k, a) in &c.attributes {
-        use cpb::attribute_value::Value;
-        let v = match &a.value {
-            Some(Value::StringValue(s)) => AttributeValue::String(s.clone()),
-            Some(Value::NumberValue(n)) => AttributeValue::Number(*n),
-            Some(Value::BoolValue(b)) => AttributeValue::Bool(*b),
-            Some(Value::TimestampValue(t)) => match from_timestamp("", t) {
-                Ok(t) => AttributeValue::Timestamp(t),
-                Err(_) => continue,
-            },
-            None => continue,
-        };
-        f.attributes.insert(k.clone(), v);
-    }
+    let mut f = profile.map(profile_facts).unwrap_or_default();
+    f.stage = stage;
     f
 }
 

@@ -153,7 +153,7 @@ impl OnBatch<cpb::TouchpointRecorded> for CustomerEvents {
             .iter()
             .filter_map(|(_, m)| m.touchpoint.as_ref())
             .filter(|t| fresh.contains(&t.event_id))
-            .map(|t| (t.customer.clone(), convert::touchpoint(t)))
+            .filter_map(|t| Some((t.customer.clone(), convert::touchpoint(t)?)))
             .collect();
         if tps.is_empty() {
             return Ok(());

@@ -102,7 +102,10 @@ async fn replay(
                 continue;
             };
             let h = histories.entry(customer.clone()).or_default();
-            for award in v.model.award_touchpoint(&convert::touchpoint(&tp), h) {
+            let Some(tp) = convert::touchpoint(&tp) else {
+                continue;
+            };
+            for award in v.model.award_touchpoint(&tp, h) {
                 new.push(row(customer, v, award));
             }
         }

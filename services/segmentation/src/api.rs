@@ -5,6 +5,7 @@
 use crate::cache;
 use crate::convert::{self, Live};
 use crate::engine::{Engine, catalog_with_segments};
+use crate::error::SegmentationError;
 use crate::store::members;
 use crate::store::segments::{self, Segment, State};
 use chrono::{DateTime, Utc};
@@ -456,10 +457,11 @@ impl SegmentationApi {
             .map(|s| format!("segments/{}", s.id))
             .collect();
         if !users.is_empty() {
-            return Err(Error::FailedPrecondition {
-                reason: "SEGMENT_IN_USE",
-                message: format!("{name} is named by in_segment in {}", users.join(", ")),
-            });
+            return Err(SegmentationError::InUse {
+                segment: name,
+                users,
+            }
+            .into());
         }
         let rt = self.engine.rt().clone();
         let mut dropped: Vec<String> = Vec::new();
@@ -554,9 +556,7 @@ impl SegmentationApi {
         };
         let (count, ids) = tokio::time::timeout(timeout, self.engine.preview(&rule, sample))
             .await
-            .map_err(|_| {
-                Error::DeadlineExceeded(format!("the preview did not finish within {timeout:?}"))
-            })??;
+            .map_err(|_| Error::from(SegmentationError::PreviewTimeout(timeout)))??;
         Ok(pb::PreviewSegmentResponse {
             count,
             sample: ids.into_iter().map(|c| format!("customers/{c}")).collect(),

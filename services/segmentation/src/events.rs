@@ -9,14 +9,11 @@ use crate::catalog::{channel_name, purpose_name};
 use crate::engine::{Change, Engine, Outcome};
 use crate::store::facts::{self, Profile, TouchRow};
 use crate::store::members::{self, Pair};
-use chrono::{DateTime, NaiveDate, Utc};
-use clm_domain::attributes::AttributeValue;
+use chrono::{DateTime, Utc};
 use clm_domain::consent::{Channel, Purpose};
-use clm_domain::demographics::Gender;
 use clm_domain::lifecycle::Stage;
-use clm_domain::money::Money;
-use clm_domain::touchpoint::{Touchpoint, TouchpointKind};
 use clm_platform::changes::{Apply, Handlers, On, OnBatch};
+use clm_platform::customer_events;
 use clm_platform::db::to_micros;
 use clm_platform::{Error, Result};
 use clm_proto::common::ChangeEvent;
@@ -81,85 +78,34 @@ pub struct CustomerFacts {
 }
 
 fn bare(name: &str) -> Option<String> {
-    name.strip_prefix("customers/").map(str::to_owned)
+    customer_events::bare_id(name)
 }
 
 fn time(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
     t.and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
 }
 
-fn text(s: &str) -> Option<String> {
-    (!s.is_empty()).then(|| s.to_owned())
-}
-
-fn money(m: Option<&clm_proto::common::Money>) -> Option<Money> {
-    m.map(|m| Money {
-        currency: m.currency_code.clone(),
-        amount_minor: m.amount_minor,
-    })
-}
-
 /// A customer message as profile facts.
 pub fn profile(c: &cpb::Customer) -> Option<Profile> {
     let id = bare(&c.name)?;
-    let d = c.demographics.clone().unwrap_or_default();
-    let attributes = c
-        .attributes
-        .iter()
-        .filter_map(|(k, v)| {
-            let v = match v.value.as_ref()? {
-                cpb::attribute_value::Value::StringValue(s) => AttributeValue::String(s.clone()),
-                cpb::attribute_value::Value::NumberValue(x) => AttributeValue::Number(*x),
-                cpb::attribute_value::Value::BoolValue(b) => AttributeValue::Bool(*b),
-                cpb::attribute_value::Value::TimestampValue(t) => {
-                    AttributeValue::Timestamp(time(Some(t))?)
-                }
-            };
-            Some((k.clone(), v))
-        })
-        .collect();
+    let f = customer_events::profile_facts(c);
     Some(Profile {
         id,
-        email: text(&c.email),
-        display_name: text(&c.display_name),
-        birth_date: d.birth_date.as_ref().and_then(|b| {
-            NaiveDate::from_ymd_opt(
-                b.year,
-                u32::try_from(b.month).ok()?,
-                u32::try_from(b.day).ok()?,
-            )
-        }),
-        gender: i16::try_from(d.gender).ok().and_then(Gender::from_code),
-        income: money(d.annual_income.as_ref()),
-        occupation: text(&d.occupation),
-        stage: i16::try_from(c.stage)
-            .ok()
-            .and_then(Stage::from_code)
-            .zip(time(c.stage_change_time.as_ref())),
-        attributes,
+        email: f.email,
+        display_name: f.display_name,
+        birth_date: f.demographics.birth_date,
+        gender: f.demographics.gender,
+        income: f.demographics.annual_income,
+        occupation: f.demographics.occupation,
+        stage: f.stage,
+        attributes: f.attributes,
     })
 }
 
 fn touch_row(t: &cpb::Touchpoint) -> Option<TouchRow> {
-    let kind = TouchpointKind::from_code(i16::try_from(t.r#type).ok()?)?;
     Some(TouchRow {
         customer: bare(&t.customer)?,
-        touchpoint: Touchpoint {
-            event_id: t.event_id.clone(),
-            kind,
-            custom_type: text(&t.custom_type),
-            occurred_time: time(t.occurred_time.as_ref())?,
-            usage_millis: t
-                .usage_duration
-                .as_ref()
-                .map(|d| d.seconds.saturating_mul(1000) + i64::from(d.nanos / 1_000_000)),
-            product: text(&t.product),
-            feature: text(&t.feature),
-            revenue: money(t.revenue.as_ref()),
-            campaign: text(&t.campaign),
-            channel: text(&t.channel),
-            properties: t.properties.clone(),
-        },
+        touchpoint: customer_events::touchpoint(t)?,
     })
 }
 

@@ -51,6 +51,7 @@ pub mod cache;
 pub mod catalog;
 pub mod convert;
 pub mod engine;
+pub mod error;
 pub mod events;
 pub mod sql;
 pub mod store;
