@@ -82,6 +82,7 @@ static CONSUMER: ServiceDescriptor = ServiceDescriptor {
     name: "consumer",
     about: "test consumer of the customer stream",
     migrate: migrate_with::<ConsumerMigrator>,
+    policy: &clm_platform::auth::Policy::PLATFORM_ONLY,
     build,
 };
 

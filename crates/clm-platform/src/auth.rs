@@ -290,6 +290,13 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The table of a service that serves only the platform's rpcs (a test
+    /// service, a relay): it names no service and allows nothing of its own.
+    pub const PLATFORM_ONLY: Policy = Policy {
+        service: "",
+        rules: &[],
+    };
+
     /// The roles allowed to call `method`, if it is in the table.
     pub fn roles(&self, method: &str) -> Option<&'static [Role]> {
         self.rules

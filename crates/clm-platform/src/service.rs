@@ -15,6 +15,7 @@
 //!     name: "scoring",
 //!     about: "Lead scoring",
 //!     migrate: migrate_with::<store::Migrator>,
+//!     policy: &api::POLICY,
 //!     build,
 //! };
 //!
@@ -26,6 +27,7 @@
 //! ```
 
 use crate::audit::AuditServer;
+use crate::auth::Policy;
 use crate::changes::{ChangeStreamServer, DeadLetterServer, Handlers, Subscriber, TokenSource};
 use crate::config::Config;
 use crate::{Runtime, open};
@@ -59,8 +61,30 @@ pub struct ServiceDescriptor {
     pub about: &'static str,
     /// Its migrator: `migrate_with::<store::Migrator>`.
     pub migrate: Migrate,
+    /// Who may call each of its own rpcs (its `api::POLICY`); `clm roles`,
+    /// the README's role table and the start-up check read it from here.
+    pub policy: &'static Policy,
     /// Builds its gRPC services and stream handlers on the opened runtime.
     pub build: fn(&Runtime) -> anyhow::Result<Parts>,
+}
+
+/// The role tables of what the platform serves on every service (change
+/// streams, dead letters, the audit trail, operations), after each
+/// service's own.
+pub static PLATFORM_POLICIES: &[&Policy] = &[
+    &crate::changes::CHANGE_STREAM_POLICY,
+    &crate::changes::DEAD_LETTER_POLICY,
+    &crate::audit::AUDIT_POLICY,
+    &crate::operations::OPERATIONS_POLICY,
+];
+
+/// Every role table of `services`: each one's own, then the platform's.
+pub fn role_tables(services: &[&ServiceDescriptor]) -> Vec<&'static Policy> {
+    services
+        .iter()
+        .map(|s| s.policy)
+        .chain(PLATFORM_POLICIES.iter().copied())
+        .collect()
 }
 
 /// [`Migrate`] for a sea-orm migrator (which lists the platform tables first).

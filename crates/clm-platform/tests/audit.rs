@@ -26,6 +26,7 @@ static AUDITED: ServiceDescriptor = ServiceDescriptor {
     name: "audittest",
     about: "serves only the platform services",
     migrate: migrate_with::<PlatformOnly>,
+    policy: &clm_platform::auth::Policy::PLATFORM_ONLY,
     build,
 };
 

@@ -33,6 +33,7 @@ static WORKER: ServiceDescriptor = ServiceDescriptor {
     name: "optest",
     about: "runs test operations",
     migrate: migrate_with::<PlatformOnly>,
+    policy: &clm_platform::auth::Policy::PLATFORM_ONLY,
     build,
 };
 

@@ -24,6 +24,7 @@ static STREAM: ServiceDescriptor = ServiceDescriptor {
     name: "streamtest",
     about: "serves only its change stream",
     migrate: migrate_with::<PlatformOnly>,
+    policy: &clm_platform::auth::Policy::PLATFORM_ONLY,
     build,
 };
 

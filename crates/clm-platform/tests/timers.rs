@@ -100,6 +100,7 @@ static QUEUE: ServiceDescriptor = ServiceDescriptor {
     name: "timertest",
     about: "fires test timers",
     migrate: migrate_with::<PlatformOnly>,
+    policy: &clm_platform::auth::Policy::PLATFORM_ONLY,
     build,
 };
 

@@ -128,6 +128,7 @@ static OTHER_SERVICE: ServiceDescriptor = ServiceDescriptor {
     name: "loyalty",
     about: "a second service for the telemetry test",
     migrate: migrate_with::<clm_customer::store::Migrator>,
+    policy: &clm_platform::auth::Policy::PLATFORM_ONLY,
     build: build_other,
 };
 

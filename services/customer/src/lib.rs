@@ -41,6 +41,7 @@ pub static DESCRIPTOR: ServiceDescriptor = ServiceDescriptor {
     name: SERVICE,
     about: "profiles, attributes, touchpoints, lifecycle stage and history",
     migrate: migrate_with::<store::Migrator>,
+    policy: &api::POLICY,
     build,
 };
 

@@ -42,6 +42,7 @@ static RECEIPT_PEER: ServiceDescriptor = ServiceDescriptor {
     name: "scoring",
     about: "stand-in peer that answers CustomerErased with a receipt",
     migrate: migrate_with::<PeerMigrator>,
+    policy: &clm_platform::auth::Policy::PLATFORM_ONLY,
     build: build_peer,
 };
 

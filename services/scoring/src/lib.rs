@@ -77,6 +77,7 @@ pub static DESCRIPTOR: ServiceDescriptor = ServiceDescriptor {
     name: SERVICE,
     about: "lead-scoring models, score ledger, decay and thresholds",
     migrate: migrate_with::<store::Migrator>,
+    policy: &api::POLICY,
     build,
 };
 

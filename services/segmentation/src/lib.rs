@@ -68,6 +68,7 @@ pub static DESCRIPTOR: ServiceDescriptor = ServiceDescriptor {
     name: SERVICE,
     about: "segments, rules, real-time membership (+ cache)",
     migrate: migrate_with::<store::Migrator>,
+    policy: &api::POLICY,
     build,
 };
 

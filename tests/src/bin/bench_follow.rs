@@ -79,6 +79,7 @@ static FOLLOWER: ServiceDescriptor = ServiceDescriptor {
     name: "follower",
     about: "benchmark consumer of the customer stream",
     migrate: migrate_with::<Migrator>,
+    policy: &clm_platform::auth::Policy::PLATFORM_ONLY,
     build: |_| Ok(Parts::new()),
 };
 
