@@ -176,6 +176,30 @@ impl Env {
     }
 }
 
+fn micros(t: DateTime<Utc>) -> i64 {
+    clm_domain::clock::micros(t).timestamp_micros()
+}
+
+/// When scoring's threshold queue looks at `customer`'s `threshold` timer
+/// next (µs; `None`: never, or no timer).
+async fn timer_due(
+    db: &sea_orm::DatabaseConnection,
+    customer: &str,
+    threshold: &str,
+) -> Option<i64> {
+    use sea_orm::ConnectionTrait;
+    let sql = format!(
+        "SELECT due_us FROM score_timers WHERE customer = '{customer}' AND threshold = '{threshold}'"
+    );
+    db.query_one_raw(sea_orm::Statement::from_string(
+        db.get_database_backend(),
+        sql,
+    ))
+    .await
+    .unwrap()
+    .and_then(|row| row.try_get_by_index::<Option<i64>>(0).unwrap())
+}
+
 fn dur(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: d.num_seconds(),
@@ -371,9 +395,18 @@ async fn thresholds_fire_on_award_and_on_decay_at_the_exact_instant_across_a_res
     assert_eq!(moved.reason, "score threshold: engaged");
     // 40 × 2^(−a/1d) is 20 at one day (not below: no move yet) and falls
     // below 20.0000 (4 decimal places) a fraction of a second later.
+    // The queue has looked at the "cooled" timer after the award and set
+    // its next look at the crossing, after one day: at one day exactly
+    // nothing is due, so no move can come (no need to wait and see).
     let half = award_time + Duration::days(1);
+    let db = sea_orm::Database::connect(&env.scoring_backend.database_url)
+        .await
+        .unwrap();
+    eventually(std::time::Duration::from_secs(20), || async {
+        timer_due(&db, &c.name, "cooled").await > Some(micros(half))
+    })
+    .await;
     env.clock.set(half);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let early = env.stages(&c.name).await;
     assert!(
         early
@@ -394,7 +427,15 @@ async fn thresholds_fire_on_award_and_on_decay_at_the_exact_instant_across_a_res
     .await;
     assert_eq!(back.reason, "score threshold: cooled");
     // Exactly once, and the crossing instant is the first microsecond below.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Once the queue recorded the move, the timer is no longer due: no
+    // round can fire it again.
+    let now = micros(env.clock_now());
+    eventually(std::time::Duration::from_secs(20), || async {
+        timer_due(&db, &c.name, "cooled")
+            .await
+            .is_none_or(|due| due > now)
+    })
+    .await;
     let moves = env.stages(&c.name).await;
     assert_eq!(
         moves
