@@ -62,6 +62,39 @@ summary() {
   for t in "${timings[@]}"; do printf '  %s\n' "$t"; done
   printf '  %5ds  total\n' "$((SECONDS - started_at))"
 }
+# A throwaway PostgreSQL in a temporary directory, on a free port, run as
+# the postgres user when we are root (initdb refuses root). Durability off:
+# the data is thrown away. Sets CLM_TEST_DATABASE_URL; fails (returns 1)
+# without the binaries.
+start_scratch_pg() {
+  local bin port as=()
+  bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)"
+  [ -n "$bin" ] && [ -x "$bin/initdb" ] && [ -x "$bin/pg_ctl" ] || return 1
+  port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  scratch_pg="$(mktemp -d "${TMPDIR:-/tmp}/clm-test-pg.XXXXXX")"
+  if [ "$(id -u)" = 0 ]; then
+    chown postgres: "$scratch_pg" || return 1
+    as=(runuser -u postgres --)
+  fi
+  "${as[@]}" "$bin/initdb" -D "$scratch_pg/data" -U postgres --auth=trust --no-sync \
+    --encoding=UTF8 --no-locale >"$scratch_pg/initdb.log" 2>&1 \
+    || { cat "$scratch_pg/initdb.log" >&2; return 1; }
+  "${as[@]}" "$bin/pg_ctl" -D "$scratch_pg/data" -l "$scratch_pg/server.log" -w -t 60 start -o \
+    "-p $port -k $scratch_pg -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+    >/dev/null || { cat "$scratch_pg/server.log" >&2; return 1; }
+  "${as[@]}" "$bin/psql" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -c "CREATE DATABASE test" || return 1
+  export CLM_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/test"
+}
+stop_scratch_pg() {
+  [ -n "$scratch_pg" ] || return 0
+  local bin as=()
+  bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)"
+  [ "$(id -u)" != 0 ] || as=(runuser -u postgres --)
+  [ ! -f "$scratch_pg/data/postmaster.pid" ] || "${as[@]}" "$bin/pg_ctl" -D "$scratch_pg/data" -m immediate -w stop >/dev/null 2>&1 || true
+  rm -rf "$scratch_pg"
+  scratch_pg=""
+}
+
 scratch_pg=""
 on_exit() {
   stop_scratch_pg
@@ -98,43 +131,10 @@ step "build: every test and binary, once (cargo nextest, ${BUILD[*]})"
 nextest --no-run
 
 step "tests: SQLite + in-process cache"
-env -u CLM_TEST_DATABASE_URL -u CLM_TEST_REDIS_URL nextest
+(unset CLM_TEST_DATABASE_URL CLM_TEST_REDIS_URL && nextest)
 
 step "doc tests"
 env -u CLM_TEST_DATABASE_URL -u CLM_TEST_REDIS_URL cargo test "${BUILD[@]}" --doc
-
-# A throwaway PostgreSQL in a temporary directory, on a free port, run as
-# the postgres user when we are root (initdb refuses root). Durability off:
-# the data is thrown away. Sets CLM_TEST_DATABASE_URL; fails (returns 1)
-# without the binaries.
-start_scratch_pg() {
-  local bin port as=()
-  bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)"
-  [ -n "$bin" ] && [ -x "$bin/initdb" ] && [ -x "$bin/pg_ctl" ] || return 1
-  port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-  scratch_pg="$(mktemp -d "${TMPDIR:-/tmp}/clm-test-pg.XXXXXX")"
-  if [ "$(id -u)" = 0 ]; then
-    chown postgres: "$scratch_pg" || return 1
-    as=(runuser -u postgres --)
-  fi
-  "${as[@]}" "$bin/initdb" -D "$scratch_pg/data" -U postgres --auth=trust --no-sync \
-    --encoding=UTF8 --no-locale >"$scratch_pg/initdb.log" 2>&1 \
-    || { cat "$scratch_pg/initdb.log" >&2; return 1; }
-  "${as[@]}" "$bin/pg_ctl" -D "$scratch_pg/data" -l "$scratch_pg/server.log" -w -t 60 start -o \
-    "-p $port -k $scratch_pg -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
-    >/dev/null || { cat "$scratch_pg/server.log" >&2; return 1; }
-  "${as[@]}" "$bin/psql" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -c "CREATE DATABASE test" || return 1
-  export CLM_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/test"
-}
-stop_scratch_pg() {
-  [ -n "$scratch_pg" ] || return 0
-  local bin as=()
-  bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)"
-  [ "$(id -u)" != 0 ] || as=(runuser -u postgres --)
-  [ ! -f "$scratch_pg/data/postmaster.pid" ] || "${as[@]}" "$bin/pg_ctl" -D "$scratch_pg/data" -m immediate -w stop >/dev/null 2>&1 || true
-  rm -rf "$scratch_pg"
-  scratch_pg=""
-}
 
 pg_up() { pg_isready -q -d "$CLM_TEST_DATABASE_URL" 2>/dev/null; }
 redis_up() { redis-cli -u "$CLM_TEST_REDIS_URL" ping 2>/dev/null | grep -q PONG; }

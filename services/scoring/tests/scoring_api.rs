@@ -29,7 +29,7 @@ struct Env {
     scoring: Option<Running>,
     clock: ManualClock,
     scoring_backend: TestBackend,
-    _customer_backend: TestBackend,
+    customer_backend: TestBackend,
 }
 
 impl Env {
@@ -52,7 +52,7 @@ impl Env {
             scoring: None,
             clock,
             scoring_backend: sb,
-            _customer_backend: cb,
+            customer_backend: cb,
         };
         env.start_scoring().await;
         env
@@ -178,6 +178,21 @@ impl Env {
 
 fn micros(t: DateTime<Utc>) -> i64 {
     clm_domain::clock::micros(t).timestamp_micros()
+}
+
+/// The newest position of a service's change stream (-1 while an event
+/// is not stamped with its position yet).
+async fn stream_end(db: &sea_orm::DatabaseConnection) -> i64 {
+    use sea_orm::ConnectionTrait;
+    db.query_one_raw(sea_orm::Statement::from_string(
+        db.get_database_backend(),
+        "SELECT CASE WHEN COUNT(*) = COUNT(position) THEN COALESCE(MAX(position), 0) ELSE -1 END FROM outbox",
+    ))
+    .await
+    .unwrap()
+    .unwrap()
+    .try_get_by_index::<i64>(0)
+    .unwrap()
 }
 
 /// When scoring's threshold queue looks at `customer`'s `threshold` timer
@@ -395,15 +410,24 @@ async fn thresholds_fire_on_award_and_on_decay_at_the_exact_instant_across_a_res
     assert_eq!(moved.reason, "score threshold: engaged");
     // 40 × 2^(−a/1d) is 20 at one day (not below: no move yet) and falls
     // below 20.0000 (4 decimal places) a fraction of a second later.
-    // The queue has looked at the "cooled" timer after the award and set
-    // its next look at the crossing, after one day: at one day exactly
-    // nothing is due, so no move can come (no need to wait and see).
+    // Once scoring has followed the customer stream to its end (it knows
+    // the stage moved) and its queue has set the "cooled" timer's next look
+    // at the crossing, after one day, nothing is due at one day exactly: no
+    // move can come (no need to wait and see).
     let half = award_time + Duration::days(1);
     let db = sea_orm::Database::connect(&env.scoring_backend.database_url)
         .await
         .unwrap();
+    let customer_db = sea_orm::Database::connect(&env.customer_backend.database_url)
+        .await
+        .unwrap();
     eventually(std::time::Duration::from_secs(20), || async {
-        timer_due(&db, &c.name, "cooled").await > Some(micros(half))
+        let end = stream_end(&customer_db).await;
+        clm_platform::changes::load_cursor(&db, "customer")
+            .await
+            .unwrap()
+            == end
+            && timer_due(&db, &c.name, "cooled").await > Some(micros(half))
     })
     .await;
     env.clock.set(half);
