@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""Lists the test targets that depend on the storage backend, one
-`cargo test` argument list per line (`-p PKG --test NAME`, `-p PKG --lib`).
+"""Prints a nextest filterset selecting the test binaries that depend on
+the storage backend: `binary_id(PKG::NAME)` for an integration test,
+`binary_id(PKG)` for a crate's unit tests, joined by ` | `.
 
-scripts/test.sh runs these again on PostgreSQL + Redis; every other test
-touches no database or cache and runs once, in the SQLite pass.
+scripts/test.sh runs these again on PostgreSQL + Redis
+(`cargo nextest run -E "$(scripts/backend-tests.py)"`, the same build as
+the SQLite pass); every other test touches no database or cache and runs
+once, in the SQLite pass. `--list` prints one binary id per line instead.
 
 The convention: a target depends on the backend when its source uses
 `TestBackend` (clm_platform::testing) or reads `CLM_TEST_DATABASE_URL` or
@@ -11,6 +14,8 @@ The convention: a target depends on the backend when its source uses
 files under a directory of the same name, and the modules it declares
 (`mod common;` -> tests/common.rs or tests/common/); a crate's unit tests by
 every file of the crate's src/ except the harness itself (testing.rs).
+Targets with `required-features` (the benchmarks, `bench`) are not built
+by the test run and are left out.
 """
 import json
 import os
@@ -67,6 +72,8 @@ def main():
         for target in pkg["targets"]:
             kinds = target["kind"]
             src = target["src_path"]
+            if target.get("required-features"):
+                continue
             if "test" in kinds:
                 files = [
                     src,
@@ -74,12 +81,16 @@ def main():
                     *declared_modules(src),
                 ]
                 if mentions(files):
-                    out.append(f"-p {pkg['name']} --test {target['name']}")
+                    out.append(f"{pkg['name']}::{target['name']}")
             elif "lib" in kinds:
                 files = rust_files(os.path.dirname(src), skip=("testing.rs",))
                 if mentions(files):
-                    out.append(f"-p {pkg['name']} --lib")
-    print("\n".join(sorted(out)))
+                    out.append(pkg["name"])
+    out.sort()
+    if "--list" in sys.argv[1:]:
+        print("\n".join(out))
+    else:
+        print(" | ".join(f"binary_id({b})" for b in out))
     return 0
 
 

@@ -43,7 +43,7 @@ need psql postgresql-client
 need python3 python3
 
 if [ -z "${SKIP_BUILD:-}" ]; then
-  cargo build --release -q -p clm -p clm-tests --bin clm --bin bench_api
+  cargo build --release -q -p clm -p clm-tests --features clm-tests/bench --bin clm --bin bench_api
 fi
 
 work="$(mktemp -d)"

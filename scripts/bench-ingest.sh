@@ -23,7 +23,7 @@ PROFILE="${PROFILE:-release}"
 target="${CARGO_TARGET_DIR:-target}/$PROFILE"
 flags=()
 [ "$PROFILE" = release ] && flags=(--release)
-[ -n "${SKIP_BUILD:-}" ] || cargo build "${flags[@]}" -q -p clm -p clm-tests --bin clm --bin bench_ingest --bin bench_follow
+[ -n "${SKIP_BUILD:-}" ] || cargo build "${flags[@]}" -q -p clm -p clm-tests --features clm-tests/bench --bin clm --bin bench_ingest --bin bench_follow
 psql -q "$ADMIN_URL" -c "CREATE DATABASE $db"
 psql -q "$ADMIN_URL" -c "CREATE DATABASE ${db}_follow"
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"

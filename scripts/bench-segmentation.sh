@@ -44,7 +44,7 @@ for tool in h2load psql python3 redis-server; do
 done
 if [ -z "${SKIP_BUILD:-}" ]; then
   cargo build --release -q -p clm -p clm-tests -p clm-segmentation \
-    --bin clm --bin bench_api --bin bench_segmentation
+    --features clm-tests/bench,clm-segmentation/bench --bin clm --bin bench_api --bin bench_segmentation
 fi
 
 work="$(mktemp -d)"

@@ -29,7 +29,7 @@ target="${CARGO_TARGET_DIR:-target}/$PROFILE"
 if [ -z "${SKIP_BUILD:-}" ]; then
   flags=()
   [ "$PROFILE" = release ] && flags=(--release)
-  cargo build -q "${flags[@]}" -p clm-customer -p clm-tests --bin clm-customer --bin bench_kpi
+  cargo build -q "${flags[@]}" -p clm-customer -p clm-tests --features clm-tests/bench --bin clm-customer --bin bench_kpi
 fi
 if [ -z "${SKIP_SEED:-}" ]; then
   psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"

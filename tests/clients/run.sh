@@ -23,14 +23,26 @@ rm -rf "$py/gen" && mkdir -p "$py/gen"
 # Node: the locked @grpc/grpc-js and @grpc/proto-loader.
 (cd "$here/node" && npm ci --no-audit --no-fund --loglevel=error)
 
-port="$("$py/.venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+# Every service on a port the system picks (--base-port 0: a free base
+# port's neighbours may be taken); the addresses are read from its
+# "<service> listening on ADDR" lines.
 data="$(mktemp -d)"
 log="$data/clm.log"
-RUST_LOG=warn "$clm" up --base-port "$port" --data-dir "$data" >"$log" 2>&1 &
+RUST_LOG=warn "$clm" up --base-port 0 --data-dir "$data" >"$log" 2>&1 &
 pid=$!
 cleanup() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$data"; }
 trap cleanup EXIT
-export CLM_CUSTOMER_ADDR="127.0.0.1:$port"
+addr_of() { sed -nE "s/^$1 +listening on ([0-9.]+:[0-9]+).*/\\1/p" "$log" | head -n1; }
+for _ in $(seq 1 600); do
+  grep -q "^CLM is up" "$log" && break
+  kill -0 "$pid" 2>/dev/null || break
+  sleep 0.1
+done
+grep -q "^CLM is up" "$log" || { echo "clm up did not come up:"; cat "$log"; exit 1; }
+CLM_CUSTOMER_ADDR="$(addr_of customer)"
+CLM_SCORING_ADDR="$(addr_of scoring)"
+CLM_SEGMENTATION_ADDR="$(addr_of segmentation)"
+export CLM_CUSTOMER_ADDR CLM_SCORING_ADDR CLM_SEGMENTATION_ADDR
 
 status=0
 echo "--- Python (grpcio) ---"

@@ -5,13 +5,14 @@
 //! effect and the cursor. Every effect must happen exactly once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use clm_domain::ManualClock;
 use clm_platform::changes::{
     Apply, Handlers, On, OnBatch, Subscriber, SubscriptionError, load_cursor,
 };
 use clm_platform::config::Config;
 use clm_platform::outbox::NewEvent;
 use clm_platform::service::{Parts, ServiceDescriptor, migrate_with};
-use clm_platform::testing::{TestBackend, eventually, start};
+use clm_platform::testing::{TestBackend, eventually, start, start_with_clock};
 use clm_platform::{Error, Runtime};
 use clm_proto::common::dead_letter_service_client::DeadLetterServiceClient;
 use clm_proto::common::{ChangeEvent, ListDeadLettersRequest, ReplayDeadLetterRequest};
@@ -302,9 +303,12 @@ async fn a_consumer_service_follows_under_auth_and_applies_every_event_once() {
     consumer_config.subscriber.batch_size = 64;
     consumer_config.subscriber.min_backoff_ms = 20;
     consumer_config.subscriber.max_backoff_ms = 200;
-    // Tokens live 2 s and are renewed; the source restarts after they expired.
+    // Tokens live 2 s and are renewed by the consumer's clock; the source
+    // restarts after they expired.
     consumer_config.subscriber.token_ttl_secs = 2;
-    let consumer = start(&CONSUMER, consumer_config.clone()).await;
+    let clock = ManualClock::new(chrono::Utc::now());
+    let consumer =
+        start_with_clock(&CONSUMER, consumer_config.clone(), Arc::new(clock.clone())).await;
     let db = clm_platform::db::connect(&consumer_config.database)
         .await
         .unwrap();
@@ -316,10 +320,11 @@ async fn a_consumer_service_follows_under_auth_and_applies_every_event_once() {
         .unwrap();
     assert_exactly_once(&db, 301).await;
 
-    // The source restarts on the same port once the first token expired; the
-    // subscriber reconnects with a fresh token and resumes.
+    // The source restarts on the same port once the first token expired
+    // (by the consumer's clock, moved past the 2 s instead of waiting them
+    // out); the subscriber reconnects with a fresh token and resumes.
     source.stop().await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    clock.advance(chrono::Duration::milliseconds(2500));
     let source = start(&clm_customer::DESCRIPTOR, source_config.clone()).await;
     let mut c = client(&source.url(), Some(&admin));
     c.record_touchpoints(touchpoints(&customer, 300, 600))

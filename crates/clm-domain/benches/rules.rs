@@ -2,7 +2,7 @@
 //! scoring model against one customer's facts, next to the same 20 checks
 //! written by hand in Rust (the reference: what the interpreter costs).
 //!
-//! `cargo bench -p clm-domain --bench rules`; criterion prints elements/s
+//! `cargo bench -p clm-domain --features bench --bench rules`; criterion prints elements/s
 //! (conditions or rules per second) for each.
 //!
 //! `next_change_100_touchpoints/*`: next_change calls/s for a customer with

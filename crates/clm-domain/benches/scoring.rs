@@ -2,7 +2,7 @@
 //! touchpoints (rule evaluations per second), next to the same 20 checks
 //! written by hand in Rust (the reference), with the ratio printed.
 //!
-//! `cargo bench -p clm-domain --bench scoring`.
+//! `cargo bench -p clm-domain --features bench --bench scoring`.
 #![forbid(unsafe_code)]
 
 use chrono::{TimeZone, Utc};

@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! CLM_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test \
-//!   cargo test --release -p clm-scoring --test bench -- --ignored --nocapture --test-threads 1
+//!   cargo test --release -p clm-scoring --features bench --test bench -- --ignored --nocapture --test-threads 1
 //! ```
 //!
 //! `BENCH_EVENTS` sets the size (default 200,000); `BENCH_PER_CUSTOMER` the

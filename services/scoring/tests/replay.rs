@@ -141,11 +141,21 @@ async fn a_crash_and_a_full_replay_score_each_touchpoint_once() {
     let partial = scalar(&rt.db, "SELECT COUNT(*) FROM score_ledger").await;
     assert!(partial > 0 && partial < 300, "{partial}");
 
-    // Restarted, it resumes from its cursor: 300 awards, not one more.
+    // Restarted, it resumes from its cursor: 300 awards, not one more, and
+    // its cursor reaches the end of the stream (the customer service's
+    // newest position: every event is out, the last touchpoint's too).
+    let source = sea_orm::Database::connect(&cb.database_url).await.unwrap();
+    let cursor = || async {
+        clm_platform::changes::load_cursor(&rt.db, "customer")
+            .await
+            .unwrap()
+    };
     let token = CancellationToken::new();
     let run = tokio::spawn(subscriber(Arc::new(|_| false)).run(token.clone()));
-    eventually(std::time::Duration::from_secs(30), || async {
-        (scalar(&rt.db, "SELECT COUNT(*) FROM score_ledger").await == 300).then_some(())
+    let end = eventually(std::time::Duration::from_secs(30), || async {
+        let end = scalar(&source, "SELECT COALESCE(MAX(position), 0) FROM outbox").await;
+        (scalar(&rt.db, "SELECT COUNT(*) FROM score_ledger").await == 300 && cursor().await == end)
+            .then_some(end)
     })
     .await;
     token.cancel();
@@ -158,11 +168,11 @@ async fn a_crash_and_a_full_replay_score_each_touchpoint_once() {
         .unwrap();
     let token = CancellationToken::new();
     let run = tokio::spawn(subscriber(Arc::new(|_| false)).run(token.clone()));
+    // Done once the cursor is back at the end: every event applied again.
     eventually(std::time::Duration::from_secs(30), || async {
-        (scalar(&rt.db, "SELECT COUNT(*) FROM consumer_cursors").await > 0).then_some(())
+        cursor().await == end
     })
     .await;
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     token.cancel();
     run.await.unwrap().unwrap();
     assert_eq!(

@@ -29,7 +29,7 @@ struct Env {
     scoring: Option<Running>,
     clock: ManualClock,
     scoring_backend: TestBackend,
-    _customer_backend: TestBackend,
+    customer_backend: TestBackend,
 }
 
 impl Env {
@@ -52,7 +52,7 @@ impl Env {
             scoring: None,
             clock,
             scoring_backend: sb,
-            _customer_backend: cb,
+            customer_backend: cb,
         };
         env.start_scoring().await;
         env
@@ -174,6 +174,45 @@ impl Env {
             .into_inner()
             .changes
     }
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    clm_domain::clock::micros(t).timestamp_micros()
+}
+
+/// The newest position of a service's change stream (-1 while an event
+/// is not stamped with its position yet).
+async fn stream_end(db: &sea_orm::DatabaseConnection) -> i64 {
+    use sea_orm::ConnectionTrait;
+    db.query_one_raw(sea_orm::Statement::from_string(
+        db.get_database_backend(),
+        "SELECT CASE WHEN COUNT(*) = COUNT(position) THEN COALESCE(MAX(position), 0) ELSE -1 END FROM outbox",
+    ))
+    .await
+    .unwrap()
+    .unwrap()
+    .try_get_by_index::<i64>(0)
+    .unwrap()
+}
+
+/// When scoring's threshold queue looks at `customer`'s `threshold` timer
+/// next (µs; `None`: never, or no timer).
+async fn timer_due(
+    db: &sea_orm::DatabaseConnection,
+    customer: &str,
+    threshold: &str,
+) -> Option<i64> {
+    use sea_orm::ConnectionTrait;
+    let sql = format!(
+        "SELECT due_us FROM score_timers WHERE customer = '{customer}' AND threshold = '{threshold}'"
+    );
+    db.query_one_raw(sea_orm::Statement::from_string(
+        db.get_database_backend(),
+        sql,
+    ))
+    .await
+    .unwrap()
+    .and_then(|row| row.try_get_by_index::<Option<i64>>(0).unwrap())
 }
 
 fn dur(d: Duration) -> prost_types::Duration {
@@ -371,9 +410,27 @@ async fn thresholds_fire_on_award_and_on_decay_at_the_exact_instant_across_a_res
     assert_eq!(moved.reason, "score threshold: engaged");
     // 40 × 2^(−a/1d) is 20 at one day (not below: no move yet) and falls
     // below 20.0000 (4 decimal places) a fraction of a second later.
+    // Once scoring has followed the customer stream to its end (it knows
+    // the stage moved) and its queue has set the "cooled" timer's next look
+    // at the crossing, after one day, nothing is due at one day exactly: no
+    // move can come (no need to wait and see).
     let half = award_time + Duration::days(1);
+    let db = sea_orm::Database::connect(&env.scoring_backend.database_url)
+        .await
+        .unwrap();
+    let customer_db = sea_orm::Database::connect(&env.customer_backend.database_url)
+        .await
+        .unwrap();
+    eventually(std::time::Duration::from_secs(20), || async {
+        let end = stream_end(&customer_db).await;
+        clm_platform::changes::load_cursor(&db, "customer")
+            .await
+            .unwrap()
+            == end
+            && timer_due(&db, &c.name, "cooled").await > Some(micros(half))
+    })
+    .await;
     env.clock.set(half);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let early = env.stages(&c.name).await;
     assert!(
         early
@@ -394,7 +451,15 @@ async fn thresholds_fire_on_award_and_on_decay_at_the_exact_instant_across_a_res
     .await;
     assert_eq!(back.reason, "score threshold: cooled");
     // Exactly once, and the crossing instant is the first microsecond below.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Once the queue recorded the move, the timer is no longer due: no
+    // round can fire it again.
+    let now = micros(env.clock_now());
+    eventually(std::time::Duration::from_secs(20), || async {
+        timer_due(&db, &c.name, "cooled")
+            .await
+            .is_none_or(|due| due > now)
+    })
+    .await;
     let moves = env.stages(&c.name).await;
     assert_eq!(
         moves

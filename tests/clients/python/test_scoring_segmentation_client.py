@@ -18,9 +18,10 @@ from clm.segmentation.v1 import segmentation_service_pb2, segmentation_service_p
 
 CUSTOMER = os.environ.get("CLM_CUSTOMER_ADDR", "127.0.0.1:50051")
 HOST, PORT = CUSTOMER.rsplit(":", 1)
-# `clm up --base-port P` puts scoring on P+1 and segmentation on P+2.
-SCORING = f"{HOST}:{int(PORT) + 1}"
-SEGMENTATION = f"{HOST}:{int(PORT) + 2}"
+# `clm up --base-port P` puts scoring on P+1 and segmentation on P+2
+# (run.sh passes the addresses `clm up --base-port 0` printed).
+SCORING = os.environ.get("CLM_SCORING_ADDR", f"{HOST}:{int(PORT) + 1}")
+SEGMENTATION = os.environ.get("CLM_SEGMENTATION_ADDR", f"{HOST}:{int(PORT) + 2}")
 
 
 def ready(addr, call):
