@@ -195,8 +195,8 @@ async fn stream_end(db: &sea_orm::DatabaseConnection) -> i64 {
     .unwrap()
 }
 
-/// When scoring's threshold queue looks at `customer`'s `threshold` timer
-/// next (µs; `None`: never, or no timer).
+/// When the timer queue looks at `customer`'s `threshold` next (µs;
+/// `None`: no timer armed).
 async fn timer_due(
     db: &sea_orm::DatabaseConnection,
     customer: &str,
@@ -204,7 +204,7 @@ async fn timer_due(
 ) -> Option<i64> {
     use sea_orm::ConnectionTrait;
     let sql = format!(
-        "SELECT due_us FROM score_timers WHERE customer = '{customer}' AND threshold = '{threshold}'"
+        "SELECT due_us FROM timer_queue WHERE kind = 'scoring.threshold' AND key LIKE '%|{threshold}|{customer}'"
     );
     db.query_one_raw(sea_orm::Statement::from_string(
         db.get_database_backend(),
@@ -212,7 +212,7 @@ async fn timer_due(
     ))
     .await
     .unwrap()
-    .and_then(|row| row.try_get_by_index::<Option<i64>>(0).unwrap())
+    .map(|row| row.try_get_by_index::<i64>(0).unwrap())
 }
 
 fn dur(d: Duration) -> prost_types::Duration {
