@@ -422,12 +422,16 @@ async fn lease_and_run(rt: crate::Runtime, name: String, runner: Runner) {
         }
     };
     tracing::info!(service = rt.service, operation = %name, replica = %rt.operations.replica, "running an operation");
-    let work = runner(rt.clone(), op.clone());
-    tokio::pin!(work);
+    // The work runs as its own task: a renewal waiting for a row or for
+    // SQLite's writer that the work's open transaction holds must not stop
+    // the work from reaching its commit.
+    let mut work = tokio::spawn(runner(rt.clone(), op.clone()));
     let every = (rt.operations.lease / 3).max(Duration::from_millis(10));
     loop {
         tokio::select! {
+            biased;
             outcome = &mut work => {
+                let outcome = outcome.unwrap_or_else(|e| Err(Error::internal(format!("the operation's task ended: {e}"))));
                 if let Err(e) = outcome {
                     if rt.background.is_cancelled() {
                         return;
@@ -446,13 +450,18 @@ async fn lease_and_run(rt: crate::Runtime, name: String, runner: Runner) {
                 match renew(&rt.db, &rt.operations, &name, rt.clock.now()).await {
                     Ok(Renewal::Held) => {}
                     Ok(Renewal::Lost) => {
-                        tracing::warn!(operation = %name, "lease lost: another replica runs it now");
+                        // Done meanwhile, or taken over: either way not ours.
+                        if !work.is_finished() {
+                            tracing::warn!(operation = %name, "lease lost: another replica runs it now");
+                            work.abort();
+                        }
                         return;
                     }
                     Ok(Renewal::Cancel) => {
-                        // Dropping the work rolls back its open transaction.
-                        let latest = get(&rt.db, &name).await.unwrap_or(op);
-                        let mut latest = latest;
+                        // Aborting the work drops (rolls back) its open transaction.
+                        work.abort();
+                        let _ = (&mut work).await;
+                        let mut latest = get(&rt.db, &name).await.unwrap_or(op);
                         let _ = fail(&rt.db, &rt.operations, &mut latest, tonic::Code::Cancelled,
                             "cancelled by CancelOperation".into(), rt.clock.now()).await;
                         return;
@@ -460,7 +469,10 @@ async fn lease_and_run(rt: crate::Runtime, name: String, runner: Runner) {
                     Err(e) => tracing::warn!(operation = %name, error = %e, "cannot renew an operation's lease"),
                 }
             }
-            () = rt.background.cancelled() => return,
+            () = rt.background.cancelled() => {
+                work.abort();
+                return;
+            }
         }
     }
 }

@@ -62,8 +62,35 @@ fn runner() -> Runner {
     })
 }
 
+/// Holds a transaction that wrote its progress across several lease
+/// renewals, then finishes.
+fn slow_runner() -> Runner {
+    Arc::new(|rt: Runtime, mut op: Operation| {
+        Box::pin(async move {
+            use sea_orm::TransactionTrait;
+            let any = clm_proto::pack_any(&clm_proto::common::Date::default());
+            let txn = rt.db.begin().await?;
+            operations::progress(&txn, &rt.operations, &mut op, any.clone(), rt.clock.now())
+                .await?;
+            tokio::time::sleep(rt.operations.lease).await;
+            txn.commit().await?;
+            operations::succeed(
+                &rt.db,
+                &rt.operations,
+                &mut op,
+                any.clone(),
+                any,
+                rt.clock.now(),
+            )
+            .await
+        })
+    })
+}
+
 fn build(_: &Runtime) -> anyhow::Result<Parts> {
-    Ok(Parts::new().operation("test.work", runner()))
+    Ok(Parts::new()
+        .operation("test.work", runner())
+        .operation("test.slow", slow_runner()))
 }
 
 fn runs_of(name: &str) -> Vec<String> {
@@ -201,4 +228,38 @@ async fn an_interrupted_operation_is_resumed_by_exactly_one_replica_and_can_be_c
     clm_platform::testing::assert_bad_field(&e, "filter");
     second.stop().await;
     third.stop().await;
+}
+
+#[tokio::test]
+async fn renewals_never_wait_on_the_work_s_own_open_transaction() {
+    let backend = TestBackend::new().await;
+    let clock = ManualClock::new(chrono::Utc::now());
+    let mut config = backend.config("optest");
+    config.operation_lease_ms = 300;
+    let running = start_with_clock(&WORKER, config, Arc::new(clock.clone())).await;
+    let db = Database::connect(&backend.database_url).await.unwrap();
+    let any = clm_proto::pack_any(&clm_proto::common::Date::default());
+    operations::start(&db, "slow-1", "test.slow", any, clock.now())
+        .await
+        .unwrap();
+    let ops = OperationsClient::new(running.channel());
+    let done = eventually(Duration::from_secs(20), || {
+        let mut ops = ops.clone();
+        async move {
+            let op = ops
+                .get_operation(clm_proto::google::longrunning::GetOperationRequest {
+                    name: "operations/slow-1".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            op.done.then_some(op)
+        }
+    })
+    .await;
+    assert!(
+        matches!(done.result, Some(operation::Result::Response(_))),
+        "{done:?}"
+    );
+    running.stop().await;
 }
