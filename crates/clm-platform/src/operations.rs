@@ -95,11 +95,21 @@ fn c(s: &str) -> Alias {
 
 /// Runs an operation of one kind to its end: called on the replica that
 /// claimed it, with the operation as last stored (resume from its
-/// metadata). It reports with [`progress`] and ends with [`succeed`] or
-/// [`fail`]; if it returns without ending the operation, the operation is
-/// failed with its error (or left to be resumed if the service stops).
-pub type Runner =
-    Arc<dyn Fn(crate::Runtime, Operation) -> BoxFuture<'static, Result<(), Error>> + Send + Sync>;
+/// metadata) and a token that `CancelOperation` cancels (stop at the next
+/// step, leaving what the work owns consistent, and return
+/// [`Error::Cancelled`]). It reports with [`progress`] and ends with
+/// [`succeed`] or [`fail`]; if it returns an error without ending the
+/// operation, the operation fails with it (or is left to be resumed if the
+/// service is stopping).
+pub type Runner = Arc<
+    dyn Fn(
+            crate::Runtime,
+            Operation,
+            tokio_util::sync::CancellationToken,
+        ) -> BoxFuture<'static, Result<(), Error>>
+        + Send
+        + Sync,
+>;
 
 /// This replica's view of the operations table: its identity for leases,
 /// the lease length and the wake-up of its runner task.
@@ -413,7 +423,7 @@ pub async fn run(rt: crate::Runtime, runners: BTreeMap<String, Runner>) {
 /// Runs one claimed operation, renewing its lease; stops the runner when
 /// the lease is lost, a cancel is asked, or the service stops.
 async fn lease_and_run(rt: crate::Runtime, name: String, runner: Runner) {
-    let mut op = match get(&rt.db, &name).await {
+    let op = match get(&rt.db, &name).await {
         Ok(op) if !op.done => op,
         Ok(_) => return,
         Err(e) => {
@@ -425,24 +435,37 @@ async fn lease_and_run(rt: crate::Runtime, name: String, runner: Runner) {
     // The work runs as its own task: a renewal waiting for a row or for
     // SQLite's writer that the work's open transaction holds must not stop
     // the work from reaching its commit.
-    let mut work = tokio::spawn(runner(rt.clone(), op.clone()));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut work = tokio::spawn(runner(rt.clone(), op.clone(), cancel.clone()));
     let every = (rt.operations.lease / 3).max(Duration::from_millis(10));
     loop {
         tokio::select! {
             biased;
             outcome = &mut work => {
                 let outcome = outcome.unwrap_or_else(|e| Err(Error::internal(format!("the operation's task ended: {e}"))));
-                if let Err(e) = outcome {
-                    if rt.background.is_cancelled() {
-                        return;
+                let (code, message) = match outcome {
+                    _ if cancel.is_cancelled() => {
+                        (tonic::Code::Cancelled, "cancelled by CancelOperation".to_owned())
                     }
-                    tracing::warn!(operation = %name, error = %e, "operation failed");
-                    let message = match &e {
-                        Error::Internal(_) => "the operation failed; see the service log".to_owned(),
-                        other => other.to_string(),
-                    };
-                    let code = tonic::Status::from(e).code();
-                    let _ = fail(&rt.db, &rt.operations, &mut op, code, message, rt.clock.now()).await;
+                    Ok(()) => return,
+                    // Stopped with the service: resumed by the next claim.
+                    Err(_) if rt.background.is_cancelled() => return,
+                    Err(e) => {
+                        tracing::warn!(operation = %name, error = %e, "operation failed");
+                        match e {
+                            Error::Internal(_) => (tonic::Code::Internal, "the operation failed; see the service log".to_owned()),
+                            other => {
+                                let message = other.to_string();
+                                (tonic::Status::from(other).code(), message)
+                            }
+                        }
+                    }
+                };
+                // Only if the runner did not end it itself.
+                if let Ok(mut latest) = get(&rt.db, &name).await
+                    && !latest.done
+                {
+                    let _ = fail(&rt.db, &rt.operations, &mut latest, code, message, rt.clock.now()).await;
                 }
                 return;
             }
@@ -457,15 +480,9 @@ async fn lease_and_run(rt: crate::Runtime, name: String, runner: Runner) {
                         }
                         return;
                     }
-                    Ok(Renewal::Cancel) => {
-                        // Aborting the work drops (rolls back) its open transaction.
-                        work.abort();
-                        let _ = (&mut work).await;
-                        let mut latest = get(&rt.db, &name).await.unwrap_or(op);
-                        let _ = fail(&rt.db, &rt.operations, &mut latest, tonic::Code::Cancelled,
-                            "cancelled by CancelOperation".into(), rt.clock.now()).await;
-                        return;
-                    }
+                    // The work stops at its next step; the lease stays
+                    // renewed until it has.
+                    Ok(Renewal::Cancel) => cancel.cancel(),
                     Err(e) => tracing::warn!(operation = %name, error = %e, "cannot renew an operation's lease"),
                 }
             }

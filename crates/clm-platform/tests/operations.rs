@@ -38,12 +38,15 @@ static WORKER: ServiceDescriptor = ServiceDescriptor {
 };
 
 fn runner() -> Runner {
-    Arc::new(|rt: Runtime, mut op: Operation| {
+    Arc::new(|rt: Runtime, mut op: Operation, cancel| {
         Box::pin(async move {
             RUNS.lock()
                 .unwrap()
                 .push((op.name.clone(), rt.operations.replica.to_string()));
             loop {
+                if cancel.is_cancelled() {
+                    return Err(clm_platform::Error::Cancelled("stopped".into()));
+                }
                 if *FINISH.lock().unwrap() {
                     let any = clm_proto::pack_any(&clm_proto::common::Date::default());
                     return operations::succeed(
@@ -65,7 +68,7 @@ fn runner() -> Runner {
 /// Holds a transaction that wrote its progress across several lease
 /// renewals, then finishes.
 fn slow_runner() -> Runner {
-    Arc::new(|rt: Runtime, mut op: Operation| {
+    Arc::new(|rt: Runtime, mut op: Operation, _| {
         Box::pin(async move {
             use sea_orm::TransactionTrait;
             let any = clm_proto::pack_any(&clm_proto::common::Date::default());

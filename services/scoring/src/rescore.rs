@@ -20,6 +20,7 @@ use sea_orm::TransactionTrait;
 use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use std::collections::HashMap;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 /// Operation kind in the operations table.
 pub const KIND: &str = "scoring.rescore";
@@ -31,11 +32,16 @@ const CHUNK: u64 = 500;
 /// resumes it (from its start: each chunk's swap is atomic and a replay
 /// writes the same ledger) when that replica's lease lapses.
 pub fn runner(models: Arc<Models>) -> operations::Runner {
-    Arc::new(move |rt, op| Box::pin(run(rt, models.clone(), op)))
+    Arc::new(move |rt, op, cancel| Box::pin(run(rt, models.clone(), op, cancel)))
 }
 
 /// Runs a claimed re-scoring to its end, recording the outcome in `op`.
-async fn run(rt: Runtime, models: Arc<Models>, mut op: Operation) -> Result<()> {
+async fn run(
+    rt: Runtime,
+    models: Arc<Models>,
+    mut op: Operation,
+    cancel: CancellationToken,
+) -> Result<()> {
     let mut meta = op
         .metadata
         .as_ref()
@@ -57,7 +63,7 @@ async fn run(rt: Runtime, models: Arc<Models>, mut op: Operation) -> Result<()> 
         )
         .await;
     };
-    let entries = replay(&rt, &mut op, &v, &mut meta).await?;
+    let entries = replay(&rt, &mut op, &v, &mut meta, &cancel).await?;
     operations::succeed(
         &rt.db,
         &rt.operations,
@@ -77,13 +83,18 @@ async fn replay(
     op: &mut Operation,
     v: &Version,
     meta: &mut pb::RescoreCustomersMetadata,
+    cancel: &CancellationToken,
 ) -> Result<i64> {
     let mut after = String::new();
     let mut written = 0i64;
     let keep: Vec<String> = v.model.consent_rules.iter().map(|r| r.id.clone()).collect();
     loop {
+        // Between chunks: each chunk's swap is whole.
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled("re-scoring cancelled".into()));
+        }
         if rt.background.is_cancelled() {
-            return Err(clm_platform::Error::Unavailable("service stopping".into()));
+            return Err(Error::Unavailable("service stopping".into()));
         }
         let ids = customers::ids_after(&rt.read, &after, CHUNK).await?;
         let Some(last_id) = ids.last().cloned() else {

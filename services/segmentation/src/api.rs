@@ -196,9 +196,9 @@ impl SegmentationApi {
             create_us: to_micros(now),
             update_us: to_micros(now),
             evaluate_us: None,
+            operation: Some(Engine::new_backfill_name()),
         };
         let out = convert::segment_to_proto(&row, &Live::default());
-        let id = row.id.clone();
         let created = idempotency::write(
             self.engine.rt(),
             "CreateSegment",
@@ -206,6 +206,7 @@ impl SegmentationApi {
             &req,
             now,
             async move |txn| {
+                Engine::start_backfill(txn, &row, now).await?;
                 segments::insert(txn, row, &actor).await?;
                 members::bump_generation(txn).await?;
                 audit::record(txn, crate::SERVICE, now, Change::create(&out.name, &out)).await?;
@@ -213,14 +214,7 @@ impl SegmentationApi {
             },
         )
         .await?;
-        let created_id = created
-            .name
-            .strip_prefix("segments/")
-            .unwrap_or(&id)
-            .to_owned();
-        if created.state == pb::SegmentState::Backfilling as i32 {
-            self.engine.spawn_backfill(created_id);
-        }
+        self.engine.rt().operations.wake();
         Ok(created)
     }
 
@@ -399,6 +393,8 @@ impl SegmentationApi {
                         row.version += 1;
                         row.state = State::Backfilling.code();
                         row.failure_reason = None;
+                        row.operation = Some(Engine::new_backfill_name());
+                        Engine::start_backfill(txn, &row, now).await?;
                     }
                 }
                 row.revision += 1;
@@ -431,11 +427,8 @@ impl SegmentationApi {
             },
         )
         .await?;
-        if resp.rule_diff.is_some()
-            && let Some(seg) = &resp.segment
-            && let Some(id) = seg.name.strip_prefix("segments/")
-        {
-            this.engine.spawn_backfill(id.to_owned());
+        if resp.rule_diff.is_some() {
+            this.engine.rt().operations.wake();
         }
         Ok(resp)
     }
@@ -718,6 +711,10 @@ impl SegmentationApi {
                 segments::set_state(txn, &id, row.version, State::Backfilling, None, None).await?;
                 row.state = State::Backfilling.code();
                 row.failure_reason = None;
+                row.operation = Some(Engine::new_backfill_name());
+                Engine::start_backfill(txn, &row, now).await?;
+                segments::set_operation(txn, &id, row.operation.as_deref().unwrap_or_default())
+                    .await?;
                 let after = convert::segment_to_proto(&row, &Live::default());
                 audit::record(
                     txn,
@@ -730,9 +727,7 @@ impl SegmentationApi {
             },
         )
         .await?;
-        if let Some(id) = out.name.strip_prefix("segments/") {
-            self.engine.spawn_backfill(id.to_owned());
-        }
+        self.engine.rt().operations.wake();
         Ok(out)
     }
 }

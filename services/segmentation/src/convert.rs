@@ -488,5 +488,6 @@ pub fn segment_to_proto(s: &Segment, live: &Live) -> pb::Segment {
         update_time: Some(timestamp(from_micros(s.update_us))),
         evaluate_time: s.evaluate_us.map(|t| timestamp(from_micros(t))),
         etag: clm_platform::convert::etag(s.revision),
+        operation: s.operation.clone().unwrap_or_default(),
     }
 }

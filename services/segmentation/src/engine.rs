@@ -23,6 +23,7 @@
 
 use crate::cache;
 use crate::catalog;
+use crate::convert::{self, Live};
 use crate::sql::Compiler;
 use crate::store::facts;
 use crate::store::members::{self, Pair};
@@ -33,13 +34,17 @@ use clm_domain::touchpoint::TouchpointKind;
 use clm_platform::cache::SetWrite;
 use clm_platform::changes::Apply;
 use clm_platform::db::{from_micros, is_postgres, to_micros};
+use clm_platform::operations;
 use clm_platform::outbox::NewEvent;
 use clm_platform::timers::{OnDue, Timer};
 use clm_platform::{Error, Result, Runtime};
+use clm_proto::google::longrunning::Operation;
 use clm_proto::segmentation as pb;
+use prost::Message;
 use sea_orm::{ConnectionTrait, TransactionTrait};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
 
 /// What changed about a customer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,6 +285,10 @@ struct Inner {
     progress: Mutex<HashMap<String, f64>>,
 }
 
+/// Operation kind of a segment backfill.
+pub const BACKFILL: &str = "segmentation.backfill";
+/// How often a running backfill's progress is written to its operation.
+pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// Customers per chunk of a backfill's timer computation.
 const TIMER_CHUNK: u64 = 1000;
 
@@ -454,15 +463,155 @@ impl Engine {
         }
     }
 
-    /// Backfills segment `id` at its current version in the background;
-    /// a failure is recorded on the segment (state FAILED with the reason).
-    pub fn spawn_backfill(&self, id: String) {
-        let this = self.clone();
-        tokio::spawn(async move { this.run_backfill(&id).await });
+    /// A fresh operation name for a backfill (`operations/{id}`).
+    pub fn new_backfill_name() -> String {
+        format!("{}{}", operations::PREFIX, uuid::Uuid::now_v7().simple())
     }
 
-    /// Backfills segment `id`, recording a failure on the segment.
-    pub async fn run_backfill(&self, id: &str) {
+    /// Starts, in the write's transaction, the backfill operation `row`
+    /// names (its `operation`) for the row's rule version; after the
+    /// commit, `operations.wake()` lets a replica claim it.
+    pub async fn start_backfill(
+        txn: &impl ConnectionTrait,
+        row: &segments::Segment,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let name = row
+            .operation
+            .as_deref()
+            .ok_or_else(|| Error::internal("a backfill without an operation name"))?;
+        let meta = pb::BackfillSegmentMetadata {
+            segment: format!("segments/{}", row.id),
+            segment_version: row.version,
+            progress: 0.0,
+            start_time: Some(clm_platform::convert::timestamp(now)),
+        };
+        operations::start(
+            txn,
+            name.trim_start_matches(operations::PREFIX),
+            BACKFILL,
+            clm_proto::pack_any(&meta),
+            now,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The runner of backfill operations (registered in the descriptor):
+    /// one replica runs each, another resumes it if that one dies. The
+    /// backfill is one transaction; while it runs, its progress is written
+    /// to the operation every [`PROGRESS_EVERY`] (on SQLite, whose one
+    /// writer the backfill holds, once it has committed), and the segment's
+    /// `backfill_progress` on the running replica is exact.
+    pub fn runner(&self) -> operations::Runner {
+        let engine = self.clone();
+        Arc::new(move |_, op, cancel| {
+            let engine = engine.clone();
+            Box::pin(async move { engine.run_backfill_operation(op, cancel).await })
+        })
+    }
+
+    async fn run_backfill_operation(
+        &self,
+        mut op: Operation,
+        cancel: CancellationToken,
+    ) -> Result<()> {
+        let rt = self.inner.rt.clone();
+        let mut meta = op
+            .metadata
+            .as_ref()
+            .and_then(|m| pb::BackfillSegmentMetadata::decode(m.value.as_slice()).ok())
+            .ok_or_else(|| Error::internal(format!("{}: unreadable metadata", op.name)))?;
+        let id = meta.segment.trim_start_matches("segments/").to_owned();
+        // A cancel before the one transaction starts stops it here; after,
+        // the transaction finishes (it is never half applied).
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled("backfill cancelled".into()));
+        }
+        let reporter = {
+            let this = self.clone();
+            let rt = rt.clone();
+            let mut op = op.clone();
+            let mut meta = meta.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(PROGRESS_EVERY).await;
+                    let Some(p) = this.progress(&id) else {
+                        continue;
+                    };
+                    if (p - meta.progress).abs() < f64::EPSILON {
+                        continue;
+                    }
+                    meta.progress = p;
+                    let _ = operations::progress(
+                        &rt.db,
+                        &rt.operations,
+                        &mut op,
+                        clm_proto::pack_any(&meta),
+                        rt.clock.now(),
+                    )
+                    .await;
+                }
+            })
+        };
+        let outcome = self.run_backfill(&id).await;
+        reporter.abort();
+        let _ = reporter.await;
+        // The reporter may have stored progress: end from the stored body.
+        if let Ok(latest) = operations::get(&rt.db, &op.name).await {
+            op = latest;
+        }
+        let now = rt.clock.now();
+        match outcome {
+            Ok(()) => {
+                meta.progress = 1.0;
+                let segment = match segments::get(&rt.read, &id).await? {
+                    Some(row) => {
+                        let count =
+                            members::counts(&rt.read, std::slice::from_ref(&row.id)).await?;
+                        convert::segment_to_proto(
+                            &row,
+                            &Live {
+                                member_count: count.get(&row.id).copied().unwrap_or(0),
+                                progress: None,
+                                lag_us: None,
+                            },
+                        )
+                    }
+                    // Deleted meanwhile: the response names it.
+                    None => pb::Segment {
+                        name: meta.segment.clone(),
+                        ..Default::default()
+                    },
+                };
+                operations::succeed(
+                    &rt.db,
+                    &rt.operations,
+                    &mut op,
+                    clm_proto::pack_any(&meta),
+                    clm_proto::pack_any(&segment),
+                    now,
+                )
+                .await
+            }
+            Err(reason) => {
+                operations::fail(
+                    &rt.db,
+                    &rt.operations,
+                    &mut op,
+                    tonic::Code::FailedPrecondition,
+                    reason,
+                    now,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Backfills segment `id`, recording a failure on the segment; the
+    /// error is the reason recorded.
+    pub async fn run_backfill(&self, id: &str) -> std::result::Result<(), String> {
         self.set_progress(id, Some(0.0));
         let result = self.backfill(id).await;
         self.set_progress(id, None);
@@ -485,15 +634,24 @@ impl Engine {
             let failed = async {
                 let txn = rt.db.begin().await?;
                 if let Some(s) = segments::get(&txn, id).await? {
-                    segments::set_state(&txn, id, s.version, State::Failed, Some(reason), None)
-                        .await?;
+                    segments::set_state(
+                        &txn,
+                        id,
+                        s.version,
+                        State::Failed,
+                        Some(reason.clone()),
+                        None,
+                    )
+                    .await?;
                 }
                 txn.commit().await
             };
             if let Err(e) = failed.await {
                 tracing::error!(segment = %id, error = %e, "cannot record the failure");
             }
+            return Err(reason);
         }
+        Ok(())
     }
 
     async fn backfill(&self, id: &str) -> Result<()> {
@@ -605,16 +763,43 @@ impl Engine {
         Ok((n, ids))
     }
 
-    /// Resumes the backfills a stopped service left unfinished.
+    /// Gives each segment left BACKFILLING without an operation (by a
+    /// version before backfills were operations) one, once across
+    /// replicas; the operations' runner does the rest.
     pub async fn resume_backfills(self) {
-        match segments::in_state(&self.inner.rt.read, State::Backfilling).await {
-            Ok(pending) => {
-                for s in pending {
-                    self.spawn_backfill(s.id);
-                }
+        let rt = self.inner.rt.clone();
+        let legacy = match segments::backfilling_without_operation(&rt.read).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list interrupted backfills");
+                return;
             }
-            Err(e) => tracing::warn!(error = %e, "cannot list interrupted backfills"),
+        };
+        for mut row in legacy {
+            let started = async {
+                let txn = rt.db.begin().await?;
+                let Some(current) = segments::get(&txn, &row.id).await? else {
+                    return Ok::<_, Error>(());
+                };
+                if current.operation.is_some() {
+                    return Ok(());
+                }
+                row.operation = Some(Self::new_backfill_name());
+                Self::start_backfill(&txn, &row, rt.clock.now()).await?;
+                segments::set_operation(
+                    &txn,
+                    &row.id,
+                    row.operation.as_deref().unwrap_or_default(),
+                )
+                .await?;
+                txn.commit().await?;
+                Ok(())
+            };
+            if let Err(e) = started.await {
+                tracing::warn!(segment = %row.id, error = %e, "cannot resume a backfill");
+            }
         }
+        rt.operations.wake();
     }
 }
 

@@ -27,8 +27,12 @@
 //!   serialise on the `seg_meta` row: simple, correct on both backends, and
 //!   the source of the cache's commit-ordered versions.
 //! * A backfill is one transaction (the diff, the dependents, the timers),
-//!   so a segment is never half-updated; its progress is reported by the
-//!   replica running it. An interrupted backfill is resumed at start.
+//!   so a segment is never half-updated. It is a long-running operation
+//!   (kind `segmentation.backfill`, named by the segment's `operation`):
+//!   one replica runs it under a lease, another resumes it if that one
+//!   dies, and `google.longrunning.Operations` shows its progress and
+//!   outcome. A cancel stops it before its transaction starts; once
+//!   started, it completes.
 //! * Membership reads use the customer's set (`{cust:ID}`), loaded from the
 //!   database on a miss; segment sets (`{seg:ID}`) are kept up to date for
 //!   consumers that read them but are not loaded whole.
@@ -81,6 +85,7 @@ fn build(rt: &Runtime) -> anyhow::Result<Parts> {
         )))
         .follow("customer", events::customer_handlers(engine.clone()))
         .follow_if_configured("scoring", events::scoring_handlers(engine.clone()))
+        .operation(engine::BACKFILL, engine.runner())
         .timer(store::members::WINDOW, std::sync::Arc::new(engine))
         .task(move |_| Box::pin(resume.resume_backfills())))
 }

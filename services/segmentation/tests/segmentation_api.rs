@@ -510,3 +510,60 @@ async fn every_segment_write_leaves_one_audit_entry_with_before_and_after() {
     assert_eq!(text(&delete.before, "display_name"), "Retained");
     assert!(delete.after.is_none());
 }
+
+#[tokio::test]
+async fn a_backfill_is_an_operation_with_progress_and_the_segment_names_it() {
+    use clm_proto::google::longrunning::operations_client::OperationsClient;
+    use clm_proto::google::longrunning::{ListOperationsRequest, WaitOperationRequest, operation};
+    use prost::Message;
+    let h = start().await;
+    let mut seg = h.segments();
+    let s = create_segment(&mut seg, r#"email = "op@example.com""#).await;
+    assert!(s.operation.starts_with("operations/"), "{s:?}");
+    let mut ops = OperationsClient::new(h.segmentation.as_ref().unwrap().channel());
+    let op = ops
+        .wait_operation(WaitOperationRequest {
+            name: s.operation.clone(),
+            timeout: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(op.done, "{op:?}");
+    let meta = pb::BackfillSegmentMetadata::decode(op.metadata.unwrap().value.as_slice()).unwrap();
+    assert_eq!(meta.segment, s.name);
+    assert_eq!(meta.segment_version, 1);
+    assert_eq!(meta.progress, 1.0);
+    let Some(operation::Result::Response(any)) = op.result else {
+        panic!("no response");
+    };
+    let done = pb::Segment::decode(any.value.as_slice()).unwrap();
+    assert_eq!(done.name, s.name);
+    assert_eq!(done.state, pb::SegmentState::Ready as i32);
+    // A refresh is a new operation, named by the segment.
+    let refreshed = seg
+        .refresh_segment(pb::RefreshSegmentRequest {
+            name: s.name.clone(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(refreshed.operation, s.operation);
+    wait_ready(&mut seg, &s.name).await;
+    let listed = ops
+        .list_operations(ListOperationsRequest {
+            filter: r#"kind = "segmentation.backfill" AND done = true"#.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operations;
+    let names: Vec<&str> = listed.iter().map(|o| o.name.as_str()).collect();
+    assert!(names.contains(&s.operation.as_str()), "{names:?}");
+    assert!(names.contains(&refreshed.operation.as_str()), "{names:?}");
+}

@@ -27,6 +27,7 @@ impl MigratorTrait for Migrator {
         let mut m = clm_platform::migration::platform_migrations();
         m.push(Box::new(SegmentationTables));
         m.push(Box::new(WindowTimersToPlatformQueue));
+        m.push(Box::new(BackfillOperations));
         m
     }
 }
@@ -349,6 +350,25 @@ impl MigrationTrait for WindowTimersToPlatformQueue {
         )
         .await?;
         db.execute_unprepared("DROP TABLE timers").await?;
+        Ok(())
+    }
+}
+
+/// A segment names the operation of its latest backfill.
+struct BackfillOperations;
+
+impl MigrationName for BackfillOperations {
+    fn name(&self) -> &str {
+        "m0004_backfill_operations"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for BackfillOperations {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.get_connection()
+            .execute_unprepared("ALTER TABLE segments ADD COLUMN operation VARCHAR(160) NULL")
+            .await?;
         Ok(())
     }
 }

@@ -104,6 +104,35 @@ pub async fn set_state(
     Ok(())
 }
 
+/// Names `operation` as the segment's backfill.
+pub async fn set_operation(
+    db: &impl ConnectionTrait,
+    id: &str,
+    operation: &str,
+) -> Result<(), DbErr> {
+    segments::Entity::update_many()
+        .col_expr(
+            segments::Column::Operation,
+            Some(operation.to_owned()).into(),
+        )
+        .filter(segments::Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Segments still BACKFILLING that name no operation (left by a version
+/// before backfills were operations).
+pub async fn backfilling_without_operation(
+    db: &impl ConnectionTrait,
+) -> Result<Vec<Segment>, DbErr> {
+    segments::Entity::find()
+        .filter(segments::Column::State.eq(State::Backfilling.code()))
+        .filter(segments::Column::Operation.is_null())
+        .all(db)
+        .await
+}
+
 /// A segment by id.
 pub async fn get(db: &impl ConnectionTrait, id: &str) -> Result<Option<Segment>, DbErr> {
     segments::Entity::find_by_id(id.to_owned()).one(db).await

@@ -31,6 +31,8 @@ pub struct Model {
     pub update_us: i64,
     /// Last completed backfill, µs.
     pub evaluate_us: Option<i64>,
+    /// The operation of the latest backfill (`operations/{id}`).
+    pub operation: Option<String>,
 }
 
 /// No relations.
