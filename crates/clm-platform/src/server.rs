@@ -250,6 +250,11 @@ impl Drop for CallEnd {
     }
 }
 
+/// The longest a call may take to answer (its response headers; a stream
+/// then flows as long as it likes): past it, or past the caller's own
+/// `grpc-timeout`, the call ends with DEADLINE_EXCEEDED instead of hanging.
+pub const MAX_CALL: Duration = Duration::from_secs(60);
+
 /// The per-call layer (request id, tracing, auth, metrics).
 #[derive(Clone, Debug)]
 pub struct RpcLayer(Arc<Shared>);
@@ -476,6 +481,7 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(crate::peer::parse_grpc_timeout)
             .map(|t| crate::peer::handler_deadline(tokio::time::Instant::now(), t));
+        let max_call = tokio::time::Instant::now() + MAX_CALL;
         let mut end = CallEnd {
             in_flight: InFlight::new(shared.clone()),
             span: span.clone(),
@@ -492,9 +498,22 @@ where
                             req.extensions_mut().insert::<Principal>(p);
                         }
                         let handled = inner.call(req);
-                        match deadline {
-                            Some(d) => crate::peer::DEADLINE.scope(d, handled).await?,
-                            None => handled.await?,
+                        // The caller's deadline, or the server's own limit:
+                        // past it the call ends with DEADLINE_EXCEEDED (before
+                        // tonic's own timer, which would say CANCELLED).
+                        let limit = deadline.map_or(max_call, |d| d.min(max_call));
+                        let bounded = async {
+                            match deadline {
+                                Some(d) => crate::peer::DEADLINE.scope(d, handled).await,
+                                None => handled.await,
+                            }
+                        };
+                        match tokio::time::timeout_at(limit, bounded).await {
+                            Ok(response) => response?,
+                            Err(_) => tonic::Status::from(crate::Error::DeadlineExceeded(
+                                "the call did not finish within its deadline".into(),
+                            ))
+                            .into_http::<Body>(),
                         }
                     }
                     Err(e) => tonic::Status::from(e).into_http::<Body>(),
@@ -585,9 +604,6 @@ pub async fn serve(
     }
     let router = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        // A unary call that cannot finish in time fails with CANCELLED instead of
-        // hanging; clients can ask for less with the grpc-timeout header.
-        .timeout(Duration::from_secs(60))
         // Batches of 1,000 events are ~150 KB: a 64 KB default window would
         // stall each request on flow-control round trips.
         .initial_stream_window_size(Some(1 << 20))

@@ -537,3 +537,38 @@ async fn fan_out_answers_each_part_under_one_deadline() {
     assert!(started.elapsed() < Duration::from_millis(1500));
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_call_past_its_deadline_is_deadline_exceeded_from_the_server_not_cancelled() {
+    use tonic_types::StatusExt;
+    let shutdown = CancellationToken::new();
+    let slow = Probe::default();
+    let addr = serve(slow.clone(), &shutdown).await;
+    // The header is set by hand, so this client does not cut the call
+    // itself: what comes back is the server's answer.
+    let channel = clm_platform::client::channel(&format!("http://{addr}")).unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let mut request = tonic::Request::new(());
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "500m".parse().unwrap());
+    let started = std::time::Instant::now();
+    let e = grpc
+        .unary(
+            request,
+            http::uri::PathAndQuery::from_static("/test.v1.Probe/Slow"),
+            tonic_prost::ProstCodec::<(), String>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    let info = e.get_error_details();
+    assert_eq!(
+        info.error_info().map(|i| i.reason.as_str()),
+        Some("DEADLINE_EXCEEDED")
+    );
+    // Loose: the point is that nobody waited for the slow handler's 2 s.
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    shutdown.cancel();
+}
