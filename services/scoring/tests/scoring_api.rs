@@ -1525,3 +1525,116 @@ async fn every_write_leaves_one_audit_entry_and_a_same_etag_race_is_aborted() {
     }
     assert_eq!(audit_entries(&env).await.len(), 6);
 }
+
+#[tokio::test]
+async fn an_interrupted_rescore_is_resumed_by_exactly_one_of_two_replicas() {
+    use sea_orm::ConnectionTrait;
+    let env = Env::start().await;
+    if !env.scoring_backend.is_postgres() {
+        // Replicas share a PostgreSQL database; SQLite has one process.
+        return;
+    }
+    let mut s = env.scoring();
+    create(
+        &mut s,
+        "leads",
+        model(vec![event_rule("use", "feature_use", 5)], vec![]),
+    )
+    .await;
+    let c = env.new_customer("resume@example.com").await;
+    env.touch(&c.name, "r1", cpb::TouchpointType::FeatureUse, "x")
+        .await;
+    env.score_reaches(&c.name, "scoringModels/leads", "engagement", 5.0)
+        .await;
+    // A re-scoring whose replica died holding it: its lease runs one more
+    // second by the service clock.
+    let db = sea_orm::Database::connect(&env.scoring_backend.database_url)
+        .await
+        .unwrap();
+    let meta = pb::RescoreCustomersMetadata {
+        scoring_model: "scoringModels/leads".into(),
+        model_version: 1,
+        customers_total: 1,
+        customers_done: 0,
+        start_time: Some(clm_platform::convert::timestamp(env.clock_now())),
+    };
+    clm_platform::operations::start(
+        &db,
+        "interrupted",
+        clm_scoring::rescore::KIND,
+        clm_proto::pack_any(&meta),
+        env.clock_now(),
+    )
+    .await
+    .unwrap();
+    db.execute_unprepared(&format!(
+        "UPDATE operations SET owner = 'dead-replica', lease_until_us = {} WHERE id = 'interrupted'",
+        micros(env.clock_now()) + 1_000_000
+    ))
+    .await
+    .unwrap();
+    // A second replica beside the first.
+    let mut config = env.scoring_backend.config("scoring");
+    config.peers.insert("customer".into(), env.customer.url());
+    // It looks for lapsed leases every 100 ms (the first, every 10 s).
+    config.operation_lease_ms = 300;
+    let second = start_with_clock(
+        &clm_scoring::DESCRIPTOR,
+        config,
+        Arc::new(env.clock.clone()),
+    )
+    .await;
+    let owner = || async {
+        db.query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT owner, done FROM operations WHERE id = 'interrupted'",
+        ))
+        .await
+        .unwrap()
+        .map(|r| {
+            (
+                r.try_get_by_index::<Option<String>>(0).unwrap(),
+                r.try_get_by_index::<bool>(1).unwrap(),
+            )
+        })
+        .unwrap()
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        owner().await,
+        (Some("dead-replica".into()), false),
+        "nobody takes it while the lease holds"
+    );
+    env.clock.advance(Duration::seconds(2));
+    let done = eventually(std::time::Duration::from_secs(30), || {
+        let mut s = env.scoring();
+        async move {
+            let o = s
+                .get_operation(clm_proto::google::longrunning::GetOperationRequest {
+                    name: "operations/interrupted".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            o.done.then_some(o)
+        }
+    })
+    .await;
+    let Some(clm_proto::google::longrunning::operation::Result::Response(any)) = done.result else {
+        panic!("the resumed re-scoring failed: {:?}", done.result)
+    };
+    let resp =
+        <pb::RescoreCustomersResponse as prost::Message>::decode(any.value.as_slice()).unwrap();
+    assert_eq!(resp.customers, 1);
+    let (holder, finished) = owner().await;
+    assert!(finished);
+    let holder = holder.unwrap();
+    assert_ne!(holder, "dead-replica");
+    assert_eq!(
+        env.score(&c.name, "scoringModels/leads", "engagement")
+            .await,
+        5.0
+    );
+    assert_sums_match_ledger(&db, "leads", std::slice::from_ref(&c.name)).await;
+    second.stop().await;
+}
