@@ -420,6 +420,30 @@ where
     }
 }
 
+/// Waits (30 s at most) until operation `name` of the service behind
+/// `channel` is done (through `google.longrunning.Operations`), and
+/// returns it.
+pub async fn operation_done(
+    channel: tonic::transport::Channel,
+    name: &str,
+) -> clm_proto::google::longrunning::Operation {
+    use clm_proto::google::longrunning::GetOperationRequest;
+    use clm_proto::google::longrunning::operations_client::OperationsClient;
+    eventually(Duration::from_secs(30), || {
+        let mut client = OperationsClient::new(channel.clone());
+        let name = name.to_owned();
+        async move {
+            let op = client
+                .get_operation(GetOperationRequest { name })
+                .await
+                .expect("GetOperation")
+                .into_inner();
+            op.done.then_some(op)
+        }
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

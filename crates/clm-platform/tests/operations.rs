@@ -7,7 +7,7 @@ use clm_domain::{Clock, ManualClock};
 use clm_platform::Runtime;
 use clm_platform::operations::{self, Runner};
 use clm_platform::service::{Parts, ServiceDescriptor, migrate_with};
-use clm_platform::testing::{TestBackend, eventually, start_with_clock};
+use clm_platform::testing::{TestBackend, eventually, operation_done, start_with_clock};
 use clm_proto::google::longrunning::operations_client::OperationsClient;
 use clm_proto::google::longrunning::{
     CancelOperationRequest, ListOperationsRequest, Operation, WaitOperationRequest, operation,
@@ -175,20 +175,7 @@ async fn an_interrupted_operation_is_resumed_by_exactly_one_replica_and_can_be_c
         })
         .await
         .unwrap();
-    let cancelled = eventually(Duration::from_secs(10), || {
-        let mut ops = ops.clone();
-        async move {
-            let op = ops
-                .get_operation(clm_proto::google::longrunning::GetOperationRequest {
-                    name: "operations/op-2".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            op.done.then_some(op)
-        }
-    })
-    .await;
+    let cancelled = operation_done(second.channel(), "operations/op-2").await;
     match cancelled.result {
         Some(operation::Result::Error(s)) => assert_eq!(s.code, tonic::Code::Cancelled as i32),
         other => panic!("{other:?}"),
@@ -245,21 +232,7 @@ async fn renewals_never_wait_on_the_work_s_own_open_transaction() {
     operations::start(&db, "slow-1", "test.slow", any, clock.now())
         .await
         .unwrap();
-    let ops = OperationsClient::new(running.channel());
-    let done = eventually(Duration::from_secs(20), || {
-        let mut ops = ops.clone();
-        async move {
-            let op = ops
-                .get_operation(clm_proto::google::longrunning::GetOperationRequest {
-                    name: "operations/slow-1".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            op.done.then_some(op)
-        }
-    })
-    .await;
+    let done = operation_done(running.channel(), "operations/slow-1").await;
     assert!(
         matches!(done.result, Some(operation::Result::Response(_))),
         "{done:?}"

@@ -5,7 +5,9 @@
 
 use chrono::{DateTime, Duration, Utc};
 use clm_domain::ManualClock;
-use clm_platform::testing::{Running, TestBackend, assert_bad_field, eventually, start_with_clock};
+use clm_platform::testing::{
+    Running, TestBackend, assert_bad_field, eventually, operation_done, start_with_clock,
+};
 use clm_proto::customer as cpb;
 use clm_proto::customer::customer_service_client::CustomerServiceClient;
 use clm_proto::scoring as pb;
@@ -603,19 +605,7 @@ async fn rescore_after_a_rule_change_and_erasure_receipt() {
         .await
         .unwrap()
         .into_inner();
-    let done = eventually(std::time::Duration::from_secs(20), || {
-        let mut s = env.scoring();
-        let name = op.name.clone();
-        async move {
-            let o = s
-                .get_operation(clm_proto::google::longrunning::GetOperationRequest { name })
-                .await
-                .unwrap()
-                .into_inner();
-            o.done.then_some(o)
-        }
-    })
-    .await;
+    let done = operation_done(env.scoring.as_ref().unwrap().channel(), &op.name).await;
     let Some(clm_proto::google::longrunning::operation::Result::Response(any)) = done.result else {
         panic!("rescore failed: {:?}", done.result)
     };
@@ -1606,20 +1596,7 @@ async fn an_interrupted_rescore_is_resumed_by_exactly_one_of_two_replicas() {
         "nobody takes it while the lease holds"
     );
     env.clock.advance(Duration::seconds(2));
-    let done = eventually(std::time::Duration::from_secs(30), || {
-        let mut s = env.scoring();
-        async move {
-            let o = s
-                .get_operation(clm_proto::google::longrunning::GetOperationRequest {
-                    name: "operations/interrupted".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            o.done.then_some(o)
-        }
-    })
-    .await;
+    let done = operation_done(second.channel(), "operations/interrupted").await;
     let Some(clm_proto::google::longrunning::operation::Result::Response(any)) = done.result else {
         panic!("the resumed re-scoring failed: {:?}", done.result)
     };
