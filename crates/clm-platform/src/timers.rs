@@ -285,16 +285,28 @@ async fn due(
         .await
 }
 
-/// Deletes fired timers that were not re-armed meanwhile (same version).
+/// Deletes fired timers that were not re-armed meanwhile (same version):
+/// one statement per kind and 500 timers.
 async fn delete_fired(db: &impl ConnectionTrait, fired: &[Timer]) -> Result<(), DbErr> {
+    let mut by_kind: BTreeMap<&str, Vec<&Timer>> = BTreeMap::new();
     for t in fired {
-        let delete = Query::delete()
-            .from_table(a(TABLE))
-            .and_where(Expr::col(a("kind")).eq(t.kind.as_str()))
-            .and_where(Expr::col(a("key")).eq(t.key.as_str()))
-            .and_where(Expr::col(a("version")).eq(t.version))
-            .to_owned();
-        db.execute(&delete).await?;
+        by_kind.entry(t.kind.as_str()).or_default().push(t);
+    }
+    for (kind, timers) in by_kind {
+        for part in timers.chunks(500) {
+            let delete = Query::delete()
+                .from_table(a(TABLE))
+                .and_where(Expr::col(a("kind")).eq(kind))
+                .and_where(
+                    Expr::tuple([Expr::col(a("key")), Expr::col(a("version"))]).is_in(
+                        part.iter().map(|t| {
+                            Expr::tuple([Expr::val(t.key.as_str()), Expr::val(t.version)])
+                        }),
+                    ),
+                )
+                .to_owned();
+            db.execute(&delete).await?;
+        }
     }
     Ok(())
 }
