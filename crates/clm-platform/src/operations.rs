@@ -672,7 +672,12 @@ impl OperationsServer {
                 Duration::from_millis(u64::try_from(ms).unwrap_or(0)).min(MAX_WAIT)
             }
         };
-        let until = tokio::time::Instant::now() + timeout;
+        // Never past the call's own deadline: answer the latest state
+        // just before it instead of DEADLINE_EXCEEDED.
+        let mut until = tokio::time::Instant::now() + timeout;
+        if let Some(d) = crate::peer::deadline() {
+            until = until.min(d.checked_sub(Duration::from_millis(10)).unwrap_or(d));
+        }
         let mut pause = Duration::from_millis(10);
         loop {
             let op = get(&self.rt.read, &req.name).await?;

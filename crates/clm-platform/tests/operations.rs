@@ -169,6 +169,18 @@ async fn an_interrupted_operation_is_resumed_by_exactly_one_replica_and_can_be_c
         (runs_of("operations/op-2").len() == 1).then_some(())
     })
     .await;
+    // Waiting on a running one ends at the call's own deadline with its
+    // latest state, not DEADLINE_EXCEEDED.
+    let mut wait = tonic::Request::new(WaitOperationRequest {
+        name: "operations/op-2".into(),
+        timeout: Some(prost_types::Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
+    });
+    wait.set_timeout(Duration::from_millis(500));
+    let running = third_ops.wait_operation(wait).await.unwrap().into_inner();
+    assert!(!running.done);
     third_ops
         .cancel_operation(CancelOperationRequest {
             name: "operations/op-2".into(),
