@@ -212,7 +212,7 @@ pub async fn record_all(
                 .collect::<Vec<_>>()
                 .join(","),
             c.rpc_path(),
-            c.trace_id.clone(),
+            crate::call::trace_id(),
         ),
         None => (
             format!("system:{service}"),

@@ -16,8 +16,6 @@ pub struct Call {
     pub principal: Principal,
     /// The rpc (`clm.scoring.v1.ScoringService`, `UpdateScoringModel`).
     pub rpc: Option<RpcName>,
-    /// W3C trace id of the call's span, when it is traced.
-    pub trace_id: Option<String>,
 }
 
 impl Call {
@@ -55,7 +53,8 @@ pub async fn with_request_id<F: Future>(request_id: Option<String>, work: F) -> 
     REQUEST_ID.scope(request_id, work).await
 }
 
-/// The trace id of the current span, when OpenTelemetry records it.
+/// The trace id of the current span, when OpenTelemetry records it (read
+/// where it is written down, not on every call: it costs a context lookup).
 pub fn trace_id() -> Option<String> {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;

@@ -400,7 +400,6 @@ where
     let context = crate::call::Call {
         principal: principal.clone(),
         rpc: request.extensions().get::<crate::auth::RpcName>().cloned(),
-        trace_id: crate::call::trace_id(),
     };
     Ok(tonic::Response::new(
         crate::call::scope(context, call(principal, request.into_inner())).await?,

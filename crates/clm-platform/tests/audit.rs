@@ -52,7 +52,6 @@ fn as_caller(subject: &str, method: &str) -> Call {
             service: "clm.test.v1.TestService".into(),
             method: method.into(),
         }),
-        trace_id: None,
     }
 }
 
