@@ -351,6 +351,15 @@ impl Outbox {
     ) -> Result<u64, DbErr> {
         let backend = db.get_database_backend();
         let txn = db.begin().await?;
+        // Write first: it takes SQLite's write lock (waiting its busy
+        // timeout) before anything is read. A transaction that reads and
+        // then writes fails at once with SQLITE_BUSY when another
+        // connection wrote in between; on PostgreSQL it orders purges.
+        txn.execute_raw(Statement::from_string(
+            backend,
+            "UPDATE outbox_retention SET purged_through = purged_through WHERE id = 1",
+        ))
+        .await?;
         let row = txn
             .query_one_raw(Statement::from_sql_and_values(
                 backend,
