@@ -17,7 +17,6 @@ use clm_proto::google::longrunning::Operation;
 use clm_proto::scoring as pb;
 use prost::Message;
 use sea_orm::TransactionTrait;
-use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -136,15 +135,7 @@ async fn replay(
             }
         }
         // The swap: rule-made entries out, the replayed ones in.
-        let mut del = Query::delete();
-        del.from_table(crate::store::n("score_ledger"))
-            .and_where(Expr::col(crate::store::n("model")).eq(v.id.clone()))
-            .and_where(Expr::col(crate::store::n("model_version")).ne(0))
-            .and_where(Expr::col(crate::store::n("customer")).is_in(ids.iter().cloned()));
-        if !keep.is_empty() {
-            del.and_where(Expr::col(crate::store::n("rule")).is_not_in(keep.iter().cloned()));
-        }
-        sea_orm::ConnectionTrait::execute(&txn, &del).await?;
+        ledger::delete_rule_made(&txn, &v.id, &ids, &keep).await?;
         written += ledger::insert(&txn, &new).await? as i64;
         // The model's sums anew: the replayed entries and the kept ones.
         let kept = ledger::kept(&txn, &v.id, &ids, &keep).await?;

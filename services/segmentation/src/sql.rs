@@ -12,6 +12,13 @@
 //! comparisons of microsecond times with bound instants.
 
 use crate::catalog::granted_by_default;
+use crate::store::entity::fact_attributes::{Column as FA, Entity as FactAttributes};
+use crate::store::entity::fact_consents::{Column as FK, Entity as FactConsents};
+use crate::store::entity::fact_customers::{Column as FC, Entity as FactCustomers};
+use crate::store::entity::fact_scores::{Column as FS, Entity as FactScores};
+use crate::store::entity::fact_touch_props::{Column as FP, Entity as FactTouchProps};
+use crate::store::entity::fact_touchpoints::{Column as FT, Entity as FactTouchpoints};
+use crate::store::entity::members::{Column as M, Entity as Members};
 use chrono::{DateTime, Datelike, Days, NaiveDate, Utc};
 use clm_domain::demographics::age_on;
 use clm_domain::ids::Uuid;
@@ -19,7 +26,7 @@ use clm_domain::rules::{
     CmpOp, Condition, NpsCategory, Operand, Predicate, Rule, SumField, Test, TouchField,
     TouchQuery, Value,
 };
-use sea_orm::sea_query::{Alias, Expr, ExprTrait, Func, Query, SelectStatement};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, Func, IntoIden, Query, SelectStatement};
 
 /// The alias of the customer row in the compiled query.
 pub const CUSTOMER: &str = "c";
@@ -28,8 +35,8 @@ fn a(s: &str) -> Alias {
     Alias::new(s)
 }
 
-fn col(table: &str, column: &str) -> Expr {
-    Expr::col((a(table), a(column)))
+fn col<C: IntoIden>(table: &str, column: C) -> Expr {
+    Expr::col((a(table), column))
 }
 
 fn t() -> Expr {
@@ -128,8 +135,8 @@ impl Compiler {
     /// `SELECT c.customer_id FROM fact_customers c WHERE <rule>`.
     pub fn select(&self, rule: &Rule) -> SelectStatement {
         Query::select()
-            .expr(col(CUSTOMER, "customer_id"))
-            .from_as(a("fact_customers"), a(CUSTOMER))
+            .expr(col(CUSTOMER, FC::CustomerId))
+            .from_as(FactCustomers, a(CUSTOMER))
             .and_where(self.rule(rule))
             .to_owned()
     }
@@ -140,11 +147,11 @@ impl Compiler {
                 let row = |granted: bool| {
                     Query::select()
                         .expr(Expr::val(1))
-                        .from_as(a("fact_consents"), a("k"))
-                        .and_where(col("k", "customer_id").equals((a(CUSTOMER), a("customer_id"))))
-                        .and_where(col("k", "purpose").eq(purpose.as_str()))
-                        .and_where(col("k", "channel").eq(channel.as_str()))
-                        .and_where(col("k", "granted").eq(granted))
+                        .from_as(FactConsents, a("k"))
+                        .and_where(col("k", FK::CustomerId).equals((a(CUSTOMER), FC::CustomerId)))
+                        .and_where(col("k", FK::Purpose).eq(purpose.as_str()))
+                        .and_where(col("k", FK::Channel).eq(channel.as_str()))
+                        .and_where(col("k", FK::Granted).eq(granted))
                         .to_owned()
                 };
                 if granted_by_default(purpose) {
@@ -163,9 +170,9 @@ impl Compiler {
                 Expr::exists(
                     Query::select()
                         .expr(Expr::val(1))
-                        .from_as(a("members"), a("m"))
-                        .and_where(col("m", "segment_id").eq(id.to_string()))
-                        .and_where(col("m", "customer_id").equals((a(CUSTOMER), a("customer_id"))))
+                        .from_as(Members, a("m"))
+                        .and_where(col("m", M::SegmentId).eq(id.to_string()))
+                        .and_where(col("m", M::CustomerId).equals((a(CUSTOMER), FC::CustomerId)))
                         .to_owned(),
                 )
             }
@@ -174,37 +181,37 @@ impl Compiler {
     }
 
     fn compare(&self, operand: &Operand, test: &Test) -> Expr {
-        let c = |name: &str| col(CUSTOMER, name);
+        let c = |name: FC| col(CUSTOMER, name);
         let fact = match operand {
             Operand::Age => return self.age(test),
-            Operand::Gender => Fact::Gender(c("gender")),
-            Operand::Income => Fact::Money(c("income_minor"), c("income_currency")),
-            Operand::Occupation => Fact::Str(c("occupation")),
-            Operand::Email => Fact::Str(c("email")),
-            Operand::DisplayName => Fact::Str(c("display_name")),
-            Operand::Grade => Fact::Str(c("grade")),
-            Operand::LoyaltyTier => Fact::Str(c("loyalty_tier")),
-            Operand::Stage => Fact::Stage(c("stage")),
-            Operand::TimeInStage => Fact::Dur(Expr::val(micros(self.at)).sub(c("stage_us"))),
-            Operand::NpsLast => Fact::Num(c("nps_last")),
-            Operand::NpsLastCategory => Fact::Nps(c("nps_last")),
-            Operand::CsatLast => Fact::Num(c("csat_last")),
-            Operand::LoyaltyBalance => Fact::Num(c("loyalty_balance")),
+            Operand::Gender => Fact::Gender(c(FC::Gender)),
+            Operand::Income => Fact::Money(c(FC::IncomeMinor), c(FC::IncomeCurrency)),
+            Operand::Occupation => Fact::Str(c(FC::Occupation)),
+            Operand::Email => Fact::Str(c(FC::Email)),
+            Operand::DisplayName => Fact::Str(c(FC::DisplayName)),
+            Operand::Grade => Fact::Str(c(FC::Grade)),
+            Operand::LoyaltyTier => Fact::Str(c(FC::LoyaltyTier)),
+            Operand::Stage => Fact::Stage(c(FC::Stage)),
+            Operand::TimeInStage => Fact::Dur(Expr::val(micros(self.at)).sub(c(FC::StageUs))),
+            Operand::NpsLast => Fact::Num(c(FC::NpsLast)),
+            Operand::NpsLastCategory => Fact::Nps(c(FC::NpsLast)),
+            Operand::CsatLast => Fact::Num(c(FC::CsatLast)),
+            Operand::LoyaltyBalance => Fact::Num(c(FC::LoyaltyBalance)),
             Operand::Score(name) => Fact::Num(Expr::from(
                 Query::select()
-                    .expr(col("s", "value"))
-                    .from_as(a("fact_scores"), a("s"))
-                    .and_where(col("s", "customer_id").equals((a(CUSTOMER), a("customer_id"))))
-                    .and_where(col("s", "name").eq(name.as_str()))
+                    .expr(col("s", FS::Value))
+                    .from_as(FactScores, a("s"))
+                    .and_where(col("s", FS::CustomerId).equals((a(CUSTOMER), FC::CustomerId)))
+                    .and_where(col("s", FS::Name).eq(name.as_str()))
                     .to_owned(),
             )),
             Operand::Attribute(key) => {
                 return Expr::exists(
                     Query::select()
                         .expr(Expr::val(1))
-                        .from_as(a("fact_attributes"), a("a"))
-                        .and_where(col("a", "customer_id").equals((a(CUSTOMER), a("customer_id"))))
-                        .and_where(col("a", "key").eq(key.as_str()))
+                        .from_as(FactAttributes, a("a"))
+                        .and_where(col("a", FA::CustomerId).equals((a(CUSTOMER), FC::CustomerId)))
+                        .and_where(col("a", FA::Key).eq(key.as_str()))
                         .and_where(self.test(&Fact::Attr, test))
                         .to_owned(),
                 );
@@ -218,8 +225,8 @@ impl Compiler {
                 };
                 let total = self
                     .touches(q)
-                    .expr(Func::sum(col("t", "revenue_minor")))
-                    .and_where(col("t", "revenue_currency").eq(currency))
+                    .expr(Func::sum(col("t", FT::RevenueMinor)))
+                    .and_where(col("t", FT::RevenueCurrency).eq(currency))
                     .to_owned();
                 Fact::Money(
                     Expr::from(Func::coalesce([Expr::from(total), Expr::val(0i64)])),
@@ -229,7 +236,7 @@ impl Compiler {
             Operand::Sum(q, SumField::Usage) => {
                 let total = self
                     .touches(q)
-                    .expr(Func::sum(col("t", "usage_ms")))
+                    .expr(Func::sum(col("t", FT::UsageMs)))
                     .to_owned();
                 Fact::Dur(
                     Expr::from(Func::coalesce([Expr::from(total), Expr::val(0i64)]))
@@ -238,12 +245,12 @@ impl Compiler {
             }
             Operand::First(q) => Fact::Time(Expr::from(
                 self.touches(q)
-                    .expr(Func::min(col("t", "occurred_us")))
+                    .expr(Func::min(col("t", FT::OccurredUs)))
                     .to_owned(),
             )),
             Operand::Last(q) => Fact::Time(Expr::from(
                 self.touches(q)
-                    .expr(Func::max(col("t", "occurred_us")))
+                    .expr(Func::max(col("t", FT::OccurredUs)))
                     .to_owned(),
             )),
         };
@@ -254,14 +261,14 @@ impl Compiler {
     /// which the caller adds the aggregate.
     fn touches(&self, q: &TouchQuery) -> SelectStatement {
         let mut s = Query::select();
-        s.from_as(a("fact_touchpoints"), a("t"))
-            .and_where(col("t", "customer_id").equals((a(CUSTOMER), a("customer_id"))))
-            .and_where(col("t", "kind").eq(q.touch.kind.code()));
+        s.from_as(FactTouchpoints, a("t"))
+            .and_where(col("t", FT::CustomerId).equals((a(CUSTOMER), FC::CustomerId)))
+            .and_where(col("t", FT::Kind).eq(q.touch.kind.code()));
         if let Some(name) = &q.touch.custom_type {
-            s.and_where(col("t", "custom_type").eq(name.as_str()));
+            s.and_where(col("t", FT::CustomType).eq(name.as_str()));
         }
         if let Some(w) = q.window {
-            s.and_where(col("t", "occurred_us").gt(micros(self.at).saturating_sub(dur_us(w))));
+            s.and_where(col("t", FT::OccurredUs).gt(micros(self.at).saturating_sub(dur_us(w))));
         }
         for p in &q.filter {
             s.and_where(self.predicate(p));
@@ -270,22 +277,22 @@ impl Compiler {
     }
 
     fn predicate(&self, p: &Predicate) -> Expr {
-        let tc = |name: &str| col("t", name);
+        let tc = |name: FT| col("t", name);
         let fact = match &p.field {
-            TouchField::Product => Fact::Str(tc("product")),
-            TouchField::Feature => Fact::Str(tc("feature")),
-            TouchField::Campaign => Fact::Str(tc("campaign")),
-            TouchField::Channel => Fact::Str(tc("channel")),
-            TouchField::Revenue => Fact::Money(tc("revenue_minor"), tc("revenue_currency")),
-            TouchField::Usage => Fact::Dur(tc("usage_ms").mul(Expr::val(1000i64))),
+            TouchField::Product => Fact::Str(tc(FT::Product)),
+            TouchField::Feature => Fact::Str(tc(FT::Feature)),
+            TouchField::Campaign => Fact::Str(tc(FT::Campaign)),
+            TouchField::Channel => Fact::Str(tc(FT::Channel)),
+            TouchField::Revenue => Fact::Money(tc(FT::RevenueMinor), tc(FT::RevenueCurrency)),
+            TouchField::Usage => Fact::Dur(tc(FT::UsageMs).mul(Expr::val(1000i64))),
             TouchField::Property(key) => {
                 return Expr::exists(
                     Query::select()
                         .expr(Expr::val(1))
-                        .from_as(a("fact_touch_props"), a("p"))
-                        .and_where(col("p", "event_id").equals((a("t"), a("event_id"))))
-                        .and_where(col("p", "key").eq(key.as_str()))
-                        .and_where(self.test(&Fact::Str(col("p", "value")), &p.test))
+                        .from_as(FactTouchProps, a("p"))
+                        .and_where(col("p", FP::EventId).equals((a("t"), FT::EventId)))
+                        .and_where(col("p", FP::Key).eq(key.as_str()))
+                        .and_where(self.test(&Fact::Str(col("p", FP::Value)), &p.test))
                         .to_owned(),
                 );
             }
@@ -311,8 +318,8 @@ impl Compiler {
 
     /// `fact op v`, FALSE when the value is of another type (or currency).
     fn cmp_value(&self, fact: &Fact, op: CmpOp, v: &Value) -> Expr {
-        let ac = |name: &str| col("a", name);
-        let kind = |k: i16| ac("kind").eq(k);
+        let ac = |name: FA| col("a", name);
+        let kind = |k: i16| ac(FA::Kind).eq(k);
         match (fact, v) {
             (Fact::Num(e), Value::Num(n)) => cmp(e.clone(), op, Expr::val(*n)),
             (Fact::Str(e), Value::Str(s)) => cmp(e.clone(), op, Expr::val(s.as_str())),
@@ -346,16 +353,16 @@ impl Compiler {
                 }
             }
             (Fact::Attr, Value::Str(s)) => {
-                kind(attr_kind::STRING).and(cmp(ac("str_value"), op, Expr::val(s.as_str())))
+                kind(attr_kind::STRING).and(cmp(ac(FA::StrValue), op, Expr::val(s.as_str())))
             }
             (Fact::Attr, Value::Num(n)) => {
-                kind(attr_kind::NUMBER).and(cmp(ac("num_value"), op, Expr::val(*n)))
+                kind(attr_kind::NUMBER).and(cmp(ac(FA::NumValue), op, Expr::val(*n)))
             }
             (Fact::Attr, Value::Bool(b)) => {
-                kind(attr_kind::BOOL).and(cmp(ac("bool_value"), op, Expr::val(*b)))
+                kind(attr_kind::BOOL).and(cmp(ac(FA::BoolValue), op, Expr::val(*b)))
             }
             (Fact::Attr, Value::Time(x)) => {
-                kind(attr_kind::TIMESTAMP).and(cmp(ac("time_us"), op, Expr::val(micros(*x))))
+                kind(attr_kind::TIMESTAMP).and(cmp(ac(FA::TimeUs), op, Expr::val(micros(*x))))
             }
             _ => f(),
         }
@@ -366,8 +373,8 @@ impl Compiler {
         match fact {
             Fact::Str(e) => Some((e.clone(), t())),
             Fact::Attr => Some((
-                col("a", "str_value"),
-                col("a", "kind").eq(attr_kind::STRING),
+                col("a", FA::StrValue),
+                col("a", FA::Kind).eq(attr_kind::STRING),
             )),
             _ => None,
         }
@@ -378,8 +385,8 @@ impl Compiler {
         match fact {
             Fact::Time(e) => Some((e.clone(), t())),
             Fact::Attr => Some((
-                col("a", "time_us"),
-                col("a", "kind").eq(attr_kind::TIMESTAMP),
+                col("a", FA::TimeUs),
+                col("a", FA::Kind).eq(attr_kind::TIMESTAMP),
             )),
             _ => None,
         }
@@ -427,7 +434,7 @@ impl Compiler {
     /// which orders as dates) with cutoffs for the evaluation day.
     fn age(&self, test: &Test) -> Expr {
         let today = self.at.date_naive();
-        let birth = col(CUSTOMER, "birth_date");
+        let birth = col(CUSTOMER, FC::BirthDate);
         // age >= k  <=>  birth_date <= cutoff(k)
         let at_least = |k: i64| -> Expr {
             if k < -20_000 {

@@ -2,12 +2,15 @@
 //! stage, for fit rules and thresholds) and `score_touchpoints` (every
 //! touchpoint seen, for inactivity decay and re-scoring).
 
+use super::entity::score_customers::{Column as CC, Entity as Customers};
+use super::entity::score_touchpoints::{Column as TC, Entity as Touchpoints};
 use super::{chunk, n};
 use clm_platform::Result;
 use clm_platform::bulk::{is_in_texts, text_list};
 use clm_platform::db::is_postgres;
+use sea_orm::IdenStatic;
 use sea_orm::sea_query::{Expr, ExprTrait, Func, LockType, OnConflict, Order, Query};
-use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult, Statement};
+use sea_orm::{ConnectionTrait, DbBackend, EntityName, FromQueryResult, Statement};
 
 /// A customer's row.
 #[derive(Debug, Clone, FromQueryResult)]
@@ -34,18 +37,22 @@ pub async fn ensure_and_lock(db: &impl ConnectionTrait, customers: &[String]) ->
         return Ok(());
     }
     if is_postgres(db) {
+        let customer = CC::Customer.as_str();
         db.execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "INSERT INTO score_customers (customer) \
-             SELECT json_array_elements_text(CAST($1 AS json)) ON CONFLICT (customer) DO NOTHING",
+            format!(
+                "INSERT INTO {} ({customer}) \
+                 SELECT json_array_elements_text(CAST($1 AS json)) ON CONFLICT ({customer}) DO NOTHING",
+                Customers.table_name()
+            ),
             [text_list(&sorted)],
         ))
         .await?;
         let q = Query::select()
-            .column(n("customer"))
-            .from(n("score_customers"))
-            .and_where(is_in_texts(db, "customer", &sorted))
-            .order_by(n("customer"), Order::Asc)
+            .column(CC::Customer)
+            .from(Customers)
+            .and_where(is_in_texts(db, CC::Customer.as_str(), &sorted))
+            .order_by(CC::Customer, Order::Asc)
             .lock(LockType::Update)
             .to_owned();
         db.query_all(&q).await?;
@@ -53,11 +60,11 @@ pub async fn ensure_and_lock(db: &impl ConnectionTrait, customers: &[String]) ->
     }
     for part in sorted.chunks(chunk(1)) {
         let mut q = Query::insert();
-        q.into_table(n("score_customers")).columns([n("customer")]);
+        q.into_table(Customers).columns([CC::Customer]);
         for c in part {
             q.values_panic([c.clone().into()]);
         }
-        q.on_conflict(OnConflict::column(n("customer")).do_nothing().to_owned());
+        q.on_conflict(OnConflict::column(CC::Customer).do_nothing().to_owned());
         db.execute(&q).await?;
     }
     Ok(())
@@ -72,11 +79,11 @@ pub async fn set_profile(
 ) -> Result<()> {
     ensure_and_lock(db, &[customer.to_owned()]).await?;
     let mut q = Query::update();
-    q.table(n("score_customers"))
-        .value(n("profile"), profile)
-        .and_where(Expr::col(n("customer")).eq(customer));
+    q.table(Customers)
+        .value(CC::Profile, profile)
+        .and_where(Expr::col(CC::Customer).eq(customer));
     if let Some((s, at)) = stage {
-        q.value(n("stage"), s).value(n("stage_us"), at);
+        q.value(CC::Stage, s).value(CC::StageUs, at);
     }
     db.execute(&q).await?;
     Ok(())
@@ -91,10 +98,10 @@ pub async fn set_stage(
 ) -> Result<()> {
     ensure_and_lock(db, &[customer.to_owned()]).await?;
     let q = Query::update()
-        .table(n("score_customers"))
-        .value(n("stage"), stage)
-        .value(n("stage_us"), at_us)
-        .and_where(Expr::col(n("customer")).eq(customer))
+        .table(Customers)
+        .value(CC::Stage, stage)
+        .value(CC::StageUs, at_us)
+        .and_where(Expr::col(CC::Customer).eq(customer))
         .to_owned();
     db.execute(&q).await?;
     Ok(())
@@ -106,9 +113,9 @@ pub async fn get(db: &impl ConnectionTrait, customers: &[String]) -> Result<Vec<
         return Ok(Vec::new());
     }
     let q = Query::select()
-        .columns(["customer", "stage", "stage_us", "profile"].map(n))
-        .from(n("score_customers"))
-        .and_where(is_in_texts(db, "customer", customers))
+        .columns([CC::Customer, CC::Stage, CC::StageUs, CC::Profile])
+        .from(Customers)
+        .and_where(is_in_texts(db, CC::Customer.as_str(), customers))
         .to_owned();
     Ok(
         CustomerRow::find_by_statement(db.get_database_backend().build(&q))
@@ -120,24 +127,24 @@ pub async fn get(db: &impl ConnectionTrait, customers: &[String]) -> Result<Vec<
 /// Customers after `after`, by name, at most `limit` (re-scoring walks them).
 pub async fn ids_after(db: &impl ConnectionTrait, after: &str, limit: u64) -> Result<Vec<String>> {
     let q = Query::select()
-        .column(n("customer"))
-        .from(n("score_customers"))
-        .and_where(Expr::col(n("customer")).gt(after))
-        .order_by(n("customer"), Order::Asc)
+        .column(CC::Customer)
+        .from(Customers)
+        .and_where(Expr::col(CC::Customer).gt(after))
+        .order_by(CC::Customer, Order::Asc)
         .limit(limit)
         .to_owned();
     let rows = db.query_all(&q).await?;
     Ok(rows
         .iter()
-        .filter_map(|r| r.try_get::<String>("", "customer").ok())
+        .filter_map(|r| r.try_get::<String>("", CC::Customer.as_str()).ok())
         .collect())
 }
 
 /// How many customers there are.
 pub async fn count(db: &impl ConnectionTrait) -> Result<i64> {
     let q = Query::select()
-        .expr_as(Func::count(Expr::col(n("customer"))), n("n"))
-        .from(n("score_customers"))
+        .expr_as(Func::count(Expr::col(CC::Customer)), n("n"))
+        .from(Customers)
         .to_owned();
     Ok(db
         .query_one(&q)
@@ -168,8 +175,8 @@ pub async fn insert_touchpoints(
     let mut new = Vec::new();
     for part in rows.chunks(chunk(4)) {
         let mut q = Query::insert();
-        q.into_table(n("score_touchpoints"))
-            .columns(["event_id", "customer", "occurred_us", "body"].map(n));
+        q.into_table(Touchpoints)
+            .columns([TC::EventId, TC::Customer, TC::OccurredUs, TC::Body]);
         for r in part {
             q.values_panic([
                 r.event_id.clone().into(),
@@ -178,10 +185,10 @@ pub async fn insert_touchpoints(
                 r.body.clone().into(),
             ]);
         }
-        q.on_conflict(OnConflict::column(n("event_id")).do_nothing().to_owned());
-        q.returning_col(n("event_id"));
+        q.on_conflict(OnConflict::column(TC::EventId).do_nothing().to_owned());
+        q.returning_col(TC::EventId);
         for r in db.query_all(&q).await? {
-            new.push(r.try_get::<String>("", "event_id")?);
+            new.push(r.try_get::<String>("", TC::EventId.as_str())?);
         }
     }
     Ok(new)
@@ -196,17 +203,22 @@ pub async fn touchpoints(
         return Ok(Vec::new());
     }
     let q = Query::select()
-        .columns(["customer", "body"].map(n))
-        .from(n("score_touchpoints"))
-        .and_where(is_in_texts(db, "customer", customers))
-        .order_by(n("customer"), Order::Asc)
-        .order_by(n("occurred_us"), Order::Asc)
-        .order_by(n("event_id"), Order::Asc)
+        .columns([TC::Customer, TC::Body])
+        .from(Touchpoints)
+        .and_where(is_in_texts(db, TC::Customer.as_str(), customers))
+        .order_by(TC::Customer, Order::Asc)
+        .order_by(TC::OccurredUs, Order::Asc)
+        .order_by(TC::EventId, Order::Asc)
         .to_owned();
     db.query_all(&q)
         .await?
         .into_iter()
-        .map(|r| Ok((r.try_get("", "customer")?, r.try_get("", "body")?)))
+        .map(|r| {
+            Ok((
+                r.try_get("", TC::Customer.as_str())?,
+                r.try_get("", TC::Body.as_str())?,
+            ))
+        })
         .collect()
 }
 
@@ -237,19 +249,24 @@ async fn newest_touch(
     at_us: i64,
 ) -> Result<std::collections::HashMap<String, i64>> {
     let mut q = Query::select()
-        .column(n("customer"))
-        .expr_as(Func::max(Expr::col(n("occurred_us"))), n("last"))
-        .from(n("score_touchpoints"))
-        .and_where(Expr::col(n("occurred_us")).lte(at_us))
-        .group_by_col(n("customer"))
+        .column(TC::Customer)
+        .expr_as(Func::max(Expr::col(TC::OccurredUs)), n("last"))
+        .from(Touchpoints)
+        .and_where(Expr::col(TC::OccurredUs).lte(at_us))
+        .group_by_col(TC::Customer)
         .to_owned();
     if let Some(c) = customers {
-        q.and_where(is_in_texts(db, "customer", c));
+        q.and_where(is_in_texts(db, TC::Customer.as_str(), c));
     }
     db.query_all(&q)
         .await?
         .into_iter()
-        .map(|r| Ok((r.try_get("", "customer")?, r.try_get("", "last")?)))
+        .map(|r| {
+            Ok((
+                r.try_get("", TC::Customer.as_str())?,
+                r.try_get("", "last")?,
+            ))
+        })
         .collect()
 }
 
@@ -257,14 +274,14 @@ async fn newest_touch(
 pub async fn merge(db: &impl ConnectionTrait, from: &[String], to: &str) -> Result<()> {
     ensure_and_lock(db, &[to.to_owned()]).await?;
     let q = Query::update()
-        .table(n("score_touchpoints"))
-        .value(n("customer"), to)
-        .and_where(is_in_texts(db, "customer", from))
+        .table(Touchpoints)
+        .value(TC::Customer, to)
+        .and_where(is_in_texts(db, TC::Customer.as_str(), from))
         .to_owned();
     db.execute(&q).await?;
     let q = Query::delete()
-        .from_table(n("score_customers"))
-        .and_where(is_in_texts(db, "customer", from))
+        .from_table(Customers)
+        .and_where(is_in_texts(db, CC::Customer.as_str(), from))
         .to_owned();
     db.execute(&q).await?;
     Ok(())
@@ -272,12 +289,15 @@ pub async fn merge(db: &impl ConnectionTrait, from: &[String], to: &str) -> Resu
 
 /// Deletes everything kept of `customers` (erasure).
 pub async fn delete(db: &impl ConnectionTrait, customers: &[String]) -> Result<()> {
-    for table in ["score_touchpoints", "score_customers"] {
-        let q = Query::delete()
-            .from_table(n(table))
-            .and_where(is_in_texts(db, "customer", customers))
-            .to_owned();
-        db.execute(&q).await?;
-    }
+    let q = Query::delete()
+        .from_table(Touchpoints)
+        .and_where(is_in_texts(db, TC::Customer.as_str(), customers))
+        .to_owned();
+    db.execute(&q).await?;
+    let q = Query::delete()
+        .from_table(Customers)
+        .and_where(is_in_texts(db, CC::Customer.as_str(), customers))
+        .to_owned();
+    db.execute(&q).await?;
     Ok(())
 }

@@ -1,26 +1,27 @@
 //! The score ledger: one row per award. Hot path: sea-query over both backends.
 
+use super::entity::score_ledger::{Column as C, Entity as Ledger};
 use super::{chunk, n};
 use clm_domain::scoring::{Decay, Entry};
 use clm_platform::Result;
 use clm_platform::bulk::is_in_texts;
+use sea_orm::IdenStatic;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Order, Query};
 use sea_orm::{ConnectionTrait, FromQueryResult};
 
-const TABLE: &str = "score_ledger";
-const COLUMNS: [&str; 12] = [
-    "customer",
-    "model",
-    "model_version",
-    "score",
-    "rule",
-    "points",
-    "source_event",
-    "award_us",
-    "decay_kind",
-    "decay_us",
-    "reason",
-    "actor",
+const COLUMNS: [C; 12] = [
+    C::Customer,
+    C::Model,
+    C::ModelVersion,
+    C::Score,
+    C::Rule,
+    C::Points,
+    C::SourceEvent,
+    C::AwardUs,
+    C::DecayKind,
+    C::DecayUs,
+    C::Reason,
+    C::Actor,
 ];
 
 /// A ledger row.
@@ -123,17 +124,37 @@ pub async fn kept(
         return Ok(Vec::new());
     }
     let q = score_select()
-        .and_where(Expr::col(n("model")).eq(model))
-        .and_where(is_in_texts(db, "customer", customers))
+        .and_where(Expr::col(C::Model).eq(model))
+        .and_where(is_in_texts(db, C::Customer.as_str(), customers))
         .and_where(
-            Expr::col(n("model_version"))
+            Expr::col(C::ModelVersion)
                 .eq(0)
-                .or(Expr::col(n("rule")).is_in(keep.iter().cloned())),
+                .or(Expr::col(C::Rule).is_in(keep.iter().cloned())),
         )
         .to_owned();
     Ok(Row::find_by_statement(db.get_database_backend().build(&q))
         .all(db)
         .await?)
+}
+
+/// Deletes the rule-made entries (not manual adjustments, not the `keep`
+/// rules' awards) of `customers` under `model`: a re-scoring's swap.
+pub async fn delete_rule_made(
+    db: &impl ConnectionTrait,
+    model: &str,
+    customers: &[String],
+    keep: &[String],
+) -> Result<()> {
+    let mut del = Query::delete();
+    del.from_table(Ledger)
+        .and_where(Expr::col(C::Model).eq(model))
+        .and_where(Expr::col(C::ModelVersion).ne(0))
+        .and_where(is_in_texts(db, C::Customer.as_str(), customers));
+    if !keep.is_empty() {
+        del.and_where(Expr::col(C::Rule).is_not_in(keep.iter().cloned()));
+    }
+    db.execute(&del).await?;
+    Ok(())
 }
 
 /// Inserts `rows`, skipping any whose (source event, rule, model, version)
@@ -148,7 +169,7 @@ pub async fn insert_new(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<Ve
     let mut fresh = std::collections::HashSet::new();
     for part in rows.chunks(chunk(COLUMNS.len())) {
         let mut q = Query::insert();
-        q.into_table(n(TABLE)).columns(COLUMNS.map(n));
+        q.into_table(Ledger).columns(COLUMNS);
         for r in part {
             let (kind, param) = r.award.decay.code();
             q.values_panic([
@@ -167,16 +188,16 @@ pub async fn insert_new(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<Ve
             ]);
         }
         q.on_conflict(
-            OnConflict::columns(["source_event", "rule", "model", "model_version"].map(n))
+            OnConflict::columns([C::SourceEvent, C::Rule, C::Model, C::ModelVersion])
                 .do_nothing()
                 .to_owned(),
         );
-        q.returning(Query::returning().columns(["source_event", "rule", "model_version"].map(n)));
+        q.returning(Query::returning().columns([C::SourceEvent, C::Rule, C::ModelVersion]));
         for r in db.query_all(&q).await? {
             fresh.insert((
-                r.try_get::<String>("", "source_event")?,
-                r.try_get::<String>("", "rule")?,
-                r.try_get::<i64>("", "model_version")?,
+                r.try_get::<String>("", C::SourceEvent.as_str())?,
+                r.try_get::<String>("", C::Rule.as_str())?,
+                r.try_get::<i64>("", C::ModelVersion.as_str())?,
             ));
         }
     }
@@ -197,25 +218,22 @@ pub async fn insert_new(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<Ve
 /// `source_event`, `reason` and `actor` come back empty.
 fn score_select() -> sea_orm::sea_query::SelectStatement {
     Query::select()
-        .columns(
-            [
-                "id",
-                "customer",
-                "model",
-                "model_version",
-                "score",
-                "rule",
-                "points",
-                "award_us",
-                "decay_kind",
-                "decay_us",
-            ]
-            .map(n),
-        )
-        .expr_as(Expr::val(""), n("source_event"))
-        .expr_as(Expr::val(""), n("reason"))
-        .expr_as(Expr::val(""), n("actor"))
-        .from(n(TABLE))
+        .columns([
+            C::Id,
+            C::Customer,
+            C::Model,
+            C::ModelVersion,
+            C::Score,
+            C::Rule,
+            C::Points,
+            C::AwardUs,
+            C::DecayKind,
+            C::DecayUs,
+        ])
+        .expr_as(Expr::val(""), C::SourceEvent)
+        .expr_as(Expr::val(""), C::Reason)
+        .expr_as(Expr::val(""), C::Actor)
+        .from(Ledger)
         .to_owned()
 }
 
@@ -229,11 +247,11 @@ pub async fn of_customers_all_models(
         return Ok(Vec::new());
     }
     let q = score_select()
-        .and_where(is_in_texts(db, "customer", customers))
-        .order_by(n("customer"), Order::Asc)
-        .order_by(n("model"), Order::Asc)
-        .order_by(n("award_us"), Order::Asc)
-        .order_by(n("id"), Order::Asc)
+        .and_where(is_in_texts(db, C::Customer.as_str(), customers))
+        .order_by(C::Customer, Order::Asc)
+        .order_by(C::Model, Order::Asc)
+        .order_by(C::AwardUs, Order::Asc)
+        .order_by(C::Id, Order::Asc)
         .to_owned();
     Ok(Row::find_by_statement(db.get_database_backend().build(&q))
         .all(db)
@@ -256,8 +274,8 @@ pub async fn linear_since(
     }
     .code();
     let q = of_model_customers(db, model, customers)
-        .and_where(Expr::col(n("award_us")).gt(since_us))
-        .and_where(Expr::col(n("decay_kind")).eq(linear))
+        .and_where(Expr::col(C::AwardUs).gt(since_us))
+        .and_where(Expr::col(C::DecayKind).eq(linear))
         .to_owned();
     rows(db, &q).await
 }
@@ -326,56 +344,62 @@ pub async fn rule_usage(
         .flatten()
         .cloned()
         .collect();
-    let mut which = Expr::col(n("rule")).is_in(rules.once.iter().cloned());
+    let mut which = Expr::col(C::Rule).is_in(rules.once.iter().cloned());
     if !capped.is_empty() {
-        which = which.or(Expr::col(n("rule"))
+        which = which.or(Expr::col(C::Rule)
             .is_in(capped)
-            .and(Expr::col(n("award_us")).gte(lo))
-            .and(Expr::col(n("award_us")).lt(hi)));
+            .and(Expr::col(C::AwardUs).gte(lo))
+            .and(Expr::col(C::AwardUs).lt(hi)));
     }
     // Floor division (times before 1970 too): the day's start, and the
     // Monday of its ISO week (1970-01-01 was a Thursday: weekday 3).
-    let day = format!("(\"award_us\" - ((\"award_us\" % {DAY}) + {DAY}) % {DAY})");
+    let award = C::AwardUs.as_str();
+    let day = format!("(\"{award}\" - ((\"{award}\" % {DAY}) + {DAY}) % {DAY})");
     let week = format!("(({day}) / {DAY} - ((({day}) / {DAY} + 3) % 7 + 7) % 7) * {DAY}");
     let bucket = Expr::case(
-        Expr::col(n("rule")).is_in(rules.day.iter().cloned()),
+        Expr::col(C::Rule).is_in(rules.day.iter().cloned()),
         Expr::cust(day),
     )
     .case(
-        Expr::col(n("rule")).is_in(rules.week.iter().cloned()),
+        Expr::col(C::Rule).is_in(rules.week.iter().cloned()),
         Expr::cust(week),
     )
     .case(
-        Expr::col(n("rule")).is_in(rules.once.iter().cloned()),
+        Expr::col(C::Rule).is_in(rules.once.iter().cloned()),
         Expr::val(0i64),
     )
-    .finally(Expr::col(n("award_us")));
+    .finally(Expr::col(C::AwardUs));
     let inner = Query::select()
-        .columns(["customer", "rule", "points"].map(n))
+        .columns([C::Customer, C::Rule, C::Points])
         .expr_as(bucket, n("bucket"))
-        .from(n(TABLE))
-        .and_where(Expr::col(n("model")).eq(model))
-        .and_where(is_in_texts(db, "customer", customers))
-        .and_where(Expr::col(n("model_version")).eq(version))
+        .from(Ledger)
+        .and_where(Expr::col(C::Model).eq(model))
+        .and_where(is_in_texts(db, C::Customer.as_str(), customers))
+        .and_where(Expr::col(C::ModelVersion).eq(version))
         .and_where(which)
         .to_owned();
     let q = Query::select()
-        .columns(["customer", "rule"].map(n))
+        .columns([C::Customer, C::Rule])
         .expr_as(Expr::cust("CAST(\"bucket\" AS BIGINT)"), n("at_us"))
         .expr_as(
-            Expr::cust("CAST(SUM(ABS(\"points\")) AS BIGINT)"),
+            Expr::cust(format!(
+                "CAST(SUM(ABS(\"{}\")) AS BIGINT)",
+                C::Points.as_str()
+            )),
             n("used"),
         )
         .from_subquery(inner, n("u"))
-        .group_by_columns(["customer", "rule", "bucket"].map(n))
+        .group_by_col(C::Customer)
+        .group_by_col(C::Rule)
+        .group_by_col(n("bucket"))
         .to_owned();
     db.query_all(&q)
         .await?
         .iter()
         .map(|r| {
             Ok(RuleUse {
-                customer: r.try_get("", "customer")?,
-                rule: r.try_get("", "rule")?,
+                customer: r.try_get("", C::Customer.as_str())?,
+                rule: r.try_get("", C::Rule.as_str())?,
                 at_us: r.try_get("", "at_us")?,
                 used: r.try_get("", "used")?,
             })
@@ -384,9 +408,9 @@ pub async fn rule_usage(
 }
 
 fn select() -> sea_orm::sea_query::SelectStatement {
-    let mut cols = vec![n("id")];
-    cols.extend(COLUMNS.map(n));
-    Query::select().columns(cols).from(n(TABLE)).to_owned()
+    let mut cols = vec![C::Id];
+    cols.extend(COLUMNS);
+    Query::select().columns(cols).from(Ledger).to_owned()
 }
 
 /// The score columns of `customers`' entries under `model`, in ledger
@@ -397,11 +421,11 @@ fn of_model_customers(
     customers: &[String],
 ) -> sea_orm::sea_query::SelectStatement {
     score_select()
-        .and_where(Expr::col(n("model")).eq(model))
-        .and_where(is_in_texts(db, "customer", customers))
-        .order_by(n("customer"), Order::Asc)
-        .order_by(n("award_us"), Order::Asc)
-        .order_by(n("id"), Order::Asc)
+        .and_where(Expr::col(C::Model).eq(model))
+        .and_where(is_in_texts(db, C::Customer.as_str(), customers))
+        .order_by(C::Customer, Order::Asc)
+        .order_by(C::AwardUs, Order::Asc)
+        .order_by(C::Id, Order::Asc)
         .to_owned()
 }
 
@@ -438,19 +462,17 @@ pub async fn page(
     limit: u64,
 ) -> Result<Vec<Row>> {
     let mut q = select()
-        .and_where(Expr::col(n("customer")).eq(customer))
-        .and_where(Expr::col(n("model")).eq(model))
-        .order_by(n("award_us"), Order::Asc)
-        .order_by(n("id"), Order::Asc)
+        .and_where(Expr::col(C::Customer).eq(customer))
+        .and_where(Expr::col(C::Model).eq(model))
+        .order_by(C::AwardUs, Order::Asc)
+        .order_by(C::Id, Order::Asc)
         .limit(limit)
         .to_owned();
     if let Some((award, id)) = after {
         q.and_where(
-            Expr::col(n("award_us"))
+            Expr::col(C::AwardUs)
                 .gt(award)
-                .or(Expr::col(n("award_us"))
-                    .eq(award)
-                    .and(Expr::col(n("id")).gt(id))),
+                .or(Expr::col(C::AwardUs).eq(award).and(Expr::col(C::Id).gt(id))),
         );
     }
     Ok(Row::find_by_statement(db.get_database_backend().build(&q))
@@ -461,8 +483,8 @@ pub async fn page(
 /// The entry awarded for `source_event` by `rule` (manual adjustments).
 pub async fn by_source(db: &impl ConnectionTrait, source: &str, rule: &str) -> Result<Option<Row>> {
     let q = select()
-        .and_where(Expr::col(n("source_event")).eq(source))
-        .and_where(Expr::col(n("rule")).eq(rule))
+        .and_where(Expr::col(C::SourceEvent).eq(source))
+        .and_where(Expr::col(C::Rule).eq(rule))
         .to_owned();
     Ok(Row::find_by_statement(db.get_database_backend().build(&q))
         .one(db)
@@ -472,9 +494,9 @@ pub async fn by_source(db: &impl ConnectionTrait, source: &str, rule: &str) -> R
 /// Moves the entries of `from` customers to `to` (a merge).
 pub async fn move_to(db: &impl ConnectionTrait, from: &[String], to: &str) -> Result<u64> {
     let q = Query::update()
-        .table(n(TABLE))
-        .value(n("customer"), to)
-        .and_where(is_in_texts(db, "customer", from))
+        .table(Ledger)
+        .value(C::Customer, to)
+        .and_where(is_in_texts(db, C::Customer.as_str(), from))
         .to_owned();
     Ok(db.execute(&q).await?.rows_affected())
 }
@@ -482,8 +504,8 @@ pub async fn move_to(db: &impl ConnectionTrait, from: &[String], to: &str) -> Re
 /// Deletes every entry of `customers`.
 pub async fn delete_customers(db: &impl ConnectionTrait, customers: &[String]) -> Result<u64> {
     let q = Query::delete()
-        .from_table(n(TABLE))
-        .and_where(is_in_texts(db, "customer", customers))
+        .from_table(Ledger)
+        .and_where(is_in_texts(db, C::Customer.as_str(), customers))
         .to_owned();
     Ok(db.execute(&q).await?.rows_affected())
 }

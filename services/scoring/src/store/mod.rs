@@ -12,6 +12,7 @@
 //!   threshold was last seen on.
 
 pub mod customers;
+pub mod entity;
 pub mod ledger;
 pub mod migration;
 pub mod scoring_models;
@@ -22,7 +23,8 @@ pub use migration::Migrator;
 
 use sea_orm::sea_query::Alias;
 
-/// Shorthand for a table or column name.
+/// A name that is not a table's column: a computed column's alias
+/// (tables and columns are named through [`entity`]).
 pub(crate) fn n(s: &str) -> Alias {
     Alias::new(s)
 }

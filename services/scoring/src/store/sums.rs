@@ -8,26 +8,27 @@
 //! ledger they rewrote; erasure deletes them. Readers fall back to the
 //! entries wherever a sum cannot tell (linear decay, a future-dated award).
 
+use super::chunk;
+use super::entity::score_sums::{Column as C, Entity as Sums};
 use super::ledger::{self, Row};
-use super::{chunk, n};
 use clm_domain::scoring::{Decay, Sum};
 use clm_platform::Result;
 use clm_platform::bulk::is_in_texts;
+use sea_orm::IdenStatic;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Order, Query};
 use sea_orm::{ConnectionTrait, FromQueryResult};
 use std::collections::BTreeMap;
 
-const TABLE: &str = "score_sums";
-const COLUMNS: [&str; 9] = [
-    "customer",
-    "model",
-    "score",
-    "decay_kind",
-    "decay_us",
-    "anchor_us",
-    "total",
-    "entries",
-    "newest_us",
+const COLUMNS: [C; 9] = [
+    C::Customer,
+    C::Model,
+    C::Score,
+    C::DecayKind,
+    C::DecayUs,
+    C::AnchorUs,
+    C::Total,
+    C::Entries,
+    C::NewestUs,
 ];
 
 /// One stored sum.
@@ -105,13 +106,13 @@ async fn select(
     customers: Option<&[String]>,
 ) -> Result<Vec<SumRow>> {
     let mut q = Query::select()
-        .columns(COLUMNS.map(n))
-        .from(n(TABLE))
-        .and_where(Expr::col(n("model")).eq(model))
-        .order_by(n("customer"), Order::Asc)
+        .columns(COLUMNS)
+        .from(Sums)
+        .and_where(Expr::col(C::Model).eq(model))
+        .order_by(C::Customer, Order::Asc)
         .to_owned();
     if let Some(c) = customers {
-        q.and_where(is_in_texts(db, "customer", c));
+        q.and_where(is_in_texts(db, C::Customer.as_str(), c));
     }
     Ok(
         SumRow::find_by_statement(db.get_database_backend().build(&q))
@@ -124,7 +125,7 @@ async fn select(
 pub async fn save(db: &impl ConnectionTrait, rows: &[SumRow]) -> Result<()> {
     for part in rows.chunks(chunk(COLUMNS.len())) {
         let mut q = Query::insert();
-        q.into_table(n(TABLE)).columns(COLUMNS.map(n));
+        q.into_table(Sums).columns(COLUMNS);
         for r in part {
             q.values_panic([
                 r.customer.clone().into(),
@@ -139,8 +140,8 @@ pub async fn save(db: &impl ConnectionTrait, rows: &[SumRow]) -> Result<()> {
             ]);
         }
         q.on_conflict(
-            OnConflict::columns(["customer", "model", "score", "decay_kind", "decay_us"].map(n))
-                .update_columns(["anchor_us", "total", "entries", "newest_us"].map(n))
+            OnConflict::columns([C::Customer, C::Model, C::Score, C::DecayKind, C::DecayUs])
+                .update_columns([C::AnchorUs, C::Total, C::Entries, C::NewestUs])
                 .to_owned(),
         );
         db.execute(&q).await?;
@@ -154,8 +155,8 @@ pub async fn delete_customers(db: &impl ConnectionTrait, customers: &[String]) -
         return Ok(());
     }
     let q = Query::delete()
-        .from_table(n(TABLE))
-        .and_where(is_in_texts(db, "customer", customers))
+        .from_table(Sums)
+        .and_where(is_in_texts(db, C::Customer.as_str(), customers))
         .to_owned();
     db.execute(&q).await?;
     Ok(())
@@ -174,9 +175,9 @@ pub async fn replace_model(
         return Ok(());
     }
     let q = Query::delete()
-        .from_table(n(TABLE))
-        .and_where(Expr::col(n("model")).eq(model))
-        .and_where(is_in_texts(db, "customer", customers))
+        .from_table(Sums)
+        .and_where(Expr::col(C::Model).eq(model))
+        .and_where(is_in_texts(db, C::Customer.as_str(), customers))
         .to_owned();
     db.execute(&q).await?;
     save(db, rows).await

@@ -8,11 +8,13 @@
 //! request id. Both are the customer's (their subject), so a merge or an
 //! erasure removes them with the customer.
 
-use super::{chunk, n};
+use super::chunk;
+use super::entity::threshold_sides::{Column as C, Entity as Sides};
 use clm_platform::Result;
 use clm_platform::bulk::is_in_texts;
 use clm_platform::timers::{self, Arm};
 use sea_orm::ConnectionTrait;
+use sea_orm::IdenStatic;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 use std::collections::HashMap;
 
@@ -52,16 +54,16 @@ pub async fn touch(db: &impl ConnectionTrait, keys: &[Key], due_us: i64) -> Resu
 /// was activated).
 pub async fn touch_model(db: &impl ConnectionTrait, model: &str, due_us: i64) -> Result<()> {
     let q = Query::select()
-        .columns(["customer", "threshold"].map(n))
-        .from(n("threshold_sides"))
-        .and_where(Expr::col(n("model")).eq(model))
+        .columns([C::Customer, C::Threshold])
+        .from(Sides)
+        .and_where(Expr::col(C::Model).eq(model))
         .to_owned();
     let mut keys = Vec::new();
     for r in db.query_all(&q).await? {
         keys.push((
-            r.try_get("", "customer")?,
+            r.try_get("", C::Customer.as_str())?,
             model.to_owned(),
-            r.try_get("", "threshold")?,
+            r.try_get("", C::Threshold.as_str())?,
         ));
     }
     touch(db, &keys, due_us).await?;
@@ -73,19 +75,19 @@ pub async fn touch_model(db: &impl ConnectionTrait, model: &str, due_us: i64) ->
 pub async fn sides(db: &impl ConnectionTrait, keys: &[Key]) -> Result<HashMap<Key, bool>> {
     let customers: Vec<String> = keys.iter().map(|k| k.0.clone()).collect();
     let q = Query::select()
-        .columns(["customer", "model", "threshold", "above"].map(n))
-        .from(n("threshold_sides"))
-        .and_where(is_in_texts(db, "customer", &customers))
+        .columns([C::Customer, C::Model, C::Threshold, C::Above])
+        .from(Sides)
+        .and_where(is_in_texts(db, C::Customer.as_str(), &customers))
         .to_owned();
     let mut out = HashMap::new();
     for r in db.query_all(&q).await? {
         out.insert(
             (
-                r.try_get("", "customer")?,
-                r.try_get("", "model")?,
-                r.try_get("", "threshold")?,
+                r.try_get("", C::Customer.as_str())?,
+                r.try_get("", C::Model.as_str())?,
+                r.try_get("", C::Threshold.as_str())?,
             ),
-            r.try_get("", "above")?,
+            r.try_get("", C::Above.as_str())?,
         );
     }
     Ok(out)
@@ -95,8 +97,8 @@ pub async fn sides(db: &impl ConnectionTrait, keys: &[Key]) -> Result<HashMap<Ke
 pub async fn record_sides(db: &impl ConnectionTrait, sides: &[(Key, bool)]) -> Result<()> {
     for part in sides.chunks(chunk(4)) {
         let mut q = Query::insert();
-        q.into_table(n("threshold_sides"))
-            .columns(["customer", "model", "threshold", "above"].map(n));
+        q.into_table(Sides)
+            .columns([C::Customer, C::Model, C::Threshold, C::Above]);
         for ((c, m, t), above) in part {
             q.values_panic([
                 c.clone().into(),
@@ -106,8 +108,8 @@ pub async fn record_sides(db: &impl ConnectionTrait, sides: &[(Key, bool)]) -> R
             ]);
         }
         q.on_conflict(
-            OnConflict::columns(["customer", "model", "threshold"].map(n))
-                .update_column(n("above"))
+            OnConflict::columns([C::Customer, C::Model, C::Threshold])
+                .update_column(C::Above)
                 .to_owned(),
         );
         db.execute(&q).await?;
@@ -119,8 +121,8 @@ pub async fn record_sides(db: &impl ConnectionTrait, sides: &[(Key, bool)]) -> R
 /// whose survivor's thresholds the caller re-arms; an erasure).
 pub async fn delete(db: &impl ConnectionTrait, customers: &[String]) -> Result<()> {
     let q = Query::delete()
-        .from_table(n("threshold_sides"))
-        .and_where(is_in_texts(db, "customer", customers))
+        .from_table(Sides)
+        .and_where(is_in_texts(db, C::Customer.as_str(), customers))
         .to_owned();
     db.execute(&q).await?;
     timers::disarm_subjects(db, None, customers).await?;

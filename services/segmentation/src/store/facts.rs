@@ -3,7 +3,15 @@
 //! statement per batch and table); [`load`] reads the facts of a batch of
 //! customers into [`FactSet`]s for the in-memory evaluator.
 
-use super::{chunks, n};
+use super::chunks;
+use super::entity::fact_attributes::{Column as FA, Entity as FactAttributes};
+use super::entity::fact_consents::{Column as FK, Entity as FactConsents};
+use super::entity::fact_customers::{Column as FC, Entity as FactCustomers};
+use super::entity::fact_scores::{Column as FS, Entity as FactScores};
+use super::entity::fact_touch_props::{Column as FP, Entity as FactTouchProps};
+use super::entity::fact_touchpoints::{Column as FT, Entity as FactTouchpoints};
+use super::entity::members::{Column as M, Entity as Members};
+use super::entity::seg_meta::{Column as SM, Entity as SegMeta};
 use crate::catalog::{CHANNELS, PURPOSES, granted_by_default};
 use crate::sql::attr_kind;
 use chrono::NaiveDate;
@@ -14,8 +22,9 @@ use clm_domain::money::Money;
 use clm_domain::rules::FactSet;
 use clm_domain::touchpoint::{Touchpoint, TouchpointKind};
 use clm_platform::db::{from_micros, rows_per_statement, to_micros};
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
-use sea_orm::{ConnectionTrait, DbErr};
+use sea_orm::IdenStatic;
+use sea_orm::sea_query::{Expr, ExprTrait, IntoColumnRef, OnConflict, Query};
+use sea_orm::{ConnectionTrait, DbErr, EntityTrait};
 use std::collections::{BTreeMap, HashMap};
 
 /// A customer's profile facts (what the customer stream carries).
@@ -50,17 +59,17 @@ pub struct TouchRow {
     pub touchpoint: Touchpoint,
 }
 
-const PROFILE_COLS: [&str; 10] = [
-    "customer_id",
-    "email",
-    "display_name",
-    "birth_date",
-    "gender",
-    "income_minor",
-    "income_currency",
-    "occupation",
-    "stage",
-    "stage_us",
+const PROFILE_COLS: [FC; 10] = [
+    FC::CustomerId,
+    FC::Email,
+    FC::DisplayName,
+    FC::BirthDate,
+    FC::Gender,
+    FC::IncomeMinor,
+    FC::IncomeCurrency,
+    FC::Occupation,
+    FC::Stage,
+    FC::StageUs,
 ];
 
 /// Writes profiles (the last of each customer wins) and replaces their attributes.
@@ -73,11 +82,11 @@ pub async fn upsert_profiles(db: &impl ConnectionTrait, profiles: &[Profile]) ->
     for chunk in rows.chunks(rows_per_statement(PROFILE_COLS.len())) {
         let mut insert = Query::insert();
         insert
-            .into_table(n("fact_customers"))
-            .columns(PROFILE_COLS.map(n))
+            .into_table(FactCustomers)
+            .columns(PROFILE_COLS)
             .on_conflict(
-                OnConflict::column(n("customer_id"))
-                    .update_columns(PROFILE_COLS[1..].iter().map(|c| n(c)))
+                OnConflict::column(FC::CustomerId)
+                    .update_columns(PROFILE_COLS[1..].iter().copied())
                     .to_owned(),
             );
         for p in chunk {
@@ -99,7 +108,7 @@ pub async fn upsert_profiles(db: &impl ConnectionTrait, profiles: &[Profile]) ->
         db.execute(&insert).await?;
     }
     let ids: Vec<String> = rows.iter().map(|p| p.id.clone()).collect();
-    delete_where_customer(db, "fact_attributes", &ids).await?;
+    delete_where_customer(db, FactAttributes, FA::CustomerId, &ids).await?;
     let attrs: Vec<(&str, &str, &AttributeValue)> = rows
         .iter()
         .flat_map(|p| {
@@ -110,18 +119,15 @@ pub async fn upsert_profiles(db: &impl ConnectionTrait, profiles: &[Profile]) ->
         .collect();
     for chunk in attrs.chunks(rows_per_statement(7)) {
         let mut insert = Query::insert();
-        insert.into_table(n("fact_attributes")).columns(
-            [
-                "customer_id",
-                "key",
-                "kind",
-                "str_value",
-                "num_value",
-                "bool_value",
-                "time_us",
-            ]
-            .map(n),
-        );
+        insert.into_table(FactAttributes).columns([
+            FA::CustomerId,
+            FA::Key,
+            FA::Kind,
+            FA::StrValue,
+            FA::NumValue,
+            FA::BoolValue,
+            FA::TimeUs,
+        ]);
         for (id, key, v) in chunk {
             let (kind, s, num, b, time) = match v {
                 AttributeValue::String(s) => (attr_kind::STRING, Some(s.clone()), None, None, None),
@@ -159,11 +165,11 @@ pub async fn set_stages(
     for chunk in rows.chunks(rows_per_statement(3)) {
         let mut insert = Query::insert();
         insert
-            .into_table(n("fact_customers"))
-            .columns(["customer_id", "stage", "stage_us"].map(n))
+            .into_table(FactCustomers)
+            .columns([FC::CustomerId, FC::Stage, FC::StageUs])
             .on_conflict(
-                OnConflict::column(n("customer_id"))
-                    .update_columns([n("stage"), n("stage_us")])
+                OnConflict::column(FC::CustomerId)
+                    .update_columns([FC::Stage, FC::StageUs])
                     .to_owned(),
             );
         for (id, (s, t)) in chunk {
@@ -195,12 +201,12 @@ pub async fn set_scores(
     let mut known = std::collections::BTreeSet::new();
     for chunk in chunks(&ids) {
         let q = Query::select()
-            .column(n("customer_id"))
-            .from(n("fact_customers"))
-            .and_where(Expr::col(n("customer_id")).is_in(chunk.iter().cloned()))
+            .column(FC::CustomerId)
+            .from(FactCustomers)
+            .and_where(Expr::col(FC::CustomerId).is_in(chunk.iter().cloned()))
             .to_owned();
         for row in db.query_all(&q).await? {
-            known.insert(row.try_get::<String>("", "customer_id")?);
+            known.insert(row.try_get::<String>("", FC::CustomerId.as_str())?);
         }
     }
     let mut values = BTreeMap::new();
@@ -215,11 +221,11 @@ pub async fn set_scores(
     for chunk in values.chunks(rows_per_statement(3)) {
         let mut insert = Query::insert();
         insert
-            .into_table(n("fact_scores"))
-            .columns(["customer_id", "name", "value"].map(n))
+            .into_table(FactScores)
+            .columns([FS::CustomerId, FS::Name, FS::Value])
             .on_conflict(
-                OnConflict::columns([n("customer_id"), n("name")])
-                    .update_column(n("value"))
+                OnConflict::columns([FS::CustomerId, FS::Name])
+                    .update_column(FS::Value)
                     .to_owned(),
             );
         for ((id, name), value) in chunk {
@@ -231,11 +237,11 @@ pub async fn set_scores(
     for chunk in grades.chunks(rows_per_statement(2)) {
         let mut insert = Query::insert();
         insert
-            .into_table(n("fact_customers"))
-            .columns(["customer_id", "grade"].map(n))
+            .into_table(FactCustomers)
+            .columns([FC::CustomerId, FC::Grade])
             .on_conflict(
-                OnConflict::column(n("customer_id"))
-                    .update_column(n("grade"))
+                OnConflict::column(FC::CustomerId)
+                    .update_column(FC::Grade)
                     .to_owned(),
             );
         for (id, grade) in chunk {
@@ -259,11 +265,11 @@ pub async fn set_consents(db: &impl ConnectionTrait, cells: &[ConsentCell]) -> R
     for chunk in set.chunks(rows_per_statement(4)) {
         let mut insert = Query::insert();
         insert
-            .into_table(n("fact_consents"))
-            .columns(["customer_id", "purpose", "channel", "granted"].map(n))
+            .into_table(FactConsents)
+            .columns([FK::CustomerId, FK::Purpose, FK::Channel, FK::Granted])
             .on_conflict(
-                OnConflict::columns([n("customer_id"), n("purpose"), n("channel")])
-                    .update_column(n("granted"))
+                OnConflict::columns([FK::CustomerId, FK::Purpose, FK::Channel])
+                    .update_column(FK::Granted)
                     .to_owned(),
             );
         for ((c, p, ch), g) in chunk {
@@ -281,12 +287,12 @@ pub async fn set_consents(db: &impl ConnectionTrait, cells: &[ConsentCell]) -> R
             .iter()
             .map(|((c, p, ch), _)| Expr::tuple([Expr::val(*c), Expr::val(*p), Expr::val(*ch)]));
         let delete = Query::delete()
-            .from_table(n("fact_consents"))
+            .from_table(FactConsents)
             .and_where(
                 Expr::tuple([
-                    Expr::col(n("customer_id")),
-                    Expr::col(n("purpose")),
-                    Expr::col(n("channel")),
+                    Expr::col(FK::CustomerId),
+                    Expr::col(FK::Purpose),
+                    Expr::col(FK::Channel),
                 ])
                 .is_in(tuples),
             )
@@ -297,19 +303,19 @@ pub async fn set_consents(db: &impl ConnectionTrait, cells: &[ConsentCell]) -> R
 }
 
 /// The columns of `fact_touchpoints`, as inserted and as loaded.
-const TOUCH_COLS: [&str; 12] = [
-    "event_id",
-    "customer_id",
-    "kind",
-    "custom_type",
-    "occurred_us",
-    "product",
-    "feature",
-    "campaign",
-    "channel",
-    "revenue_minor",
-    "revenue_currency",
-    "usage_ms",
+const TOUCH_COLS: [FT; 12] = [
+    FT::EventId,
+    FT::CustomerId,
+    FT::Kind,
+    FT::CustomType,
+    FT::OccurredUs,
+    FT::Product,
+    FT::Feature,
+    FT::Campaign,
+    FT::Channel,
+    FT::RevenueMinor,
+    FT::RevenueCurrency,
+    FT::UsageMs,
 ];
 
 /// Inserts touchpoints (idempotent by event id) and their properties.
@@ -317,9 +323,9 @@ pub async fn insert_touchpoints(db: &impl ConnectionTrait, rows: &[TouchRow]) ->
     for chunk in rows.chunks(rows_per_statement(TOUCH_COLS.len())) {
         let mut insert = Query::insert();
         insert
-            .into_table(n("fact_touchpoints"))
-            .columns(TOUCH_COLS.map(n))
-            .on_conflict(OnConflict::column(n("event_id")).do_nothing().to_owned());
+            .into_table(FactTouchpoints)
+            .columns(TOUCH_COLS)
+            .on_conflict(OnConflict::column(FT::EventId).do_nothing().to_owned());
         for r in chunk {
             let tp = &r.touchpoint;
             insert.values_panic([
@@ -351,10 +357,10 @@ pub async fn insert_touchpoints(db: &impl ConnectionTrait, rows: &[TouchRow]) ->
     for chunk in props.chunks(rows_per_statement(3)) {
         let mut insert = Query::insert();
         insert
-            .into_table(n("fact_touch_props"))
-            .columns(["event_id", "key", "value"].map(n))
+            .into_table(FactTouchProps)
+            .columns([FP::EventId, FP::Key, FP::Value])
             .on_conflict(
-                OnConflict::columns([n("event_id"), n("key")])
+                OnConflict::columns([FP::EventId, FP::Key])
                     .do_nothing()
                     .to_owned(),
             );
@@ -366,15 +372,21 @@ pub async fn insert_touchpoints(db: &impl ConnectionTrait, rows: &[TouchRow]) ->
     Ok(())
 }
 
-async fn delete_where_customer(
+/// `customer IN (chunk)`.
+fn customer_in<C: IntoColumnRef>(customer: C, chunk: &[String]) -> Expr {
+    Expr::col(customer).is_in(chunk.iter().cloned())
+}
+
+async fn delete_where_customer<E: EntityTrait>(
     db: &impl ConnectionTrait,
-    table: &str,
+    table: E,
+    customer: E::Column,
     ids: &[String],
 ) -> Result<(), DbErr> {
     for chunk in chunks(ids) {
         let delete = Query::delete()
-            .from_table(n(table))
-            .and_where(Expr::col(n("customer_id")).is_in(chunk.iter().cloned()))
+            .from_table(table)
+            .and_where(customer_in(customer, chunk))
             .to_owned();
         db.execute(&delete).await?;
     }
@@ -390,20 +402,16 @@ pub async fn merge(
 ) -> Result<(), DbErr> {
     for chunk in chunks(merged) {
         let update = Query::update()
-            .table(n("fact_touchpoints"))
-            .value(n("customer_id"), survivor)
-            .and_where(Expr::col(n("customer_id")).is_in(chunk.iter().cloned()))
+            .table(FactTouchpoints)
+            .value(FT::CustomerId, survivor)
+            .and_where(Expr::col(FT::CustomerId).is_in(chunk.iter().cloned()))
             .to_owned();
         db.execute(&update).await?;
     }
-    for table in [
-        "fact_customers",
-        "fact_attributes",
-        "fact_consents",
-        "fact_scores",
-    ] {
-        delete_where_customer(db, table, merged).await?;
-    }
+    delete_where_customer(db, FactCustomers, FC::CustomerId, merged).await?;
+    delete_where_customer(db, FactAttributes, FA::CustomerId, merged).await?;
+    delete_where_customer(db, FactConsents, FK::CustomerId, merged).await?;
+    delete_where_customer(db, FactScores, FS::CustomerId, merged).await?;
     Ok(())
 }
 
@@ -411,25 +419,21 @@ pub async fn merge(
 pub async fn erase(db: &impl ConnectionTrait, ids: &[String]) -> Result<(), DbErr> {
     for chunk in chunks(ids) {
         let events = Query::select()
-            .column(n("event_id"))
-            .from(n("fact_touchpoints"))
-            .and_where(Expr::col(n("customer_id")).is_in(chunk.iter().cloned()))
+            .column(FT::EventId)
+            .from(FactTouchpoints)
+            .and_where(Expr::col(FT::CustomerId).is_in(chunk.iter().cloned()))
             .to_owned();
         let delete = Query::delete()
-            .from_table(n("fact_touch_props"))
-            .and_where(Expr::col(n("event_id")).in_subquery(events))
+            .from_table(FactTouchProps)
+            .and_where(Expr::col(FP::EventId).in_subquery(events))
             .to_owned();
         db.execute(&delete).await?;
     }
-    for table in [
-        "fact_touchpoints",
-        "fact_customers",
-        "fact_attributes",
-        "fact_consents",
-        "fact_scores",
-    ] {
-        delete_where_customer(db, table, ids).await?;
-    }
+    delete_where_customer(db, FactTouchpoints, FT::CustomerId, ids).await?;
+    delete_where_customer(db, FactCustomers, FC::CustomerId, ids).await?;
+    delete_where_customer(db, FactAttributes, FA::CustomerId, ids).await?;
+    delete_where_customer(db, FactConsents, FK::CustomerId, ids).await?;
+    delete_where_customer(db, FactScores, FS::CustomerId, ids).await?;
     Ok(())
 }
 
@@ -441,94 +445,87 @@ pub async fn load(
     // Only customers with a profile row: the backfill query starts there too.
     let mut out: HashMap<String, FactSet> = HashMap::with_capacity(ids.len());
     for chunk in chunks(ids) {
-        let within = || Expr::col(n("customer_id")).is_in(chunk.iter().cloned());
         let q = Query::select()
-            .columns(
-                [
-                    "customer_id",
-                    "email",
-                    "display_name",
-                    "birth_date",
-                    "gender",
-                    "income_minor",
-                    "income_currency",
-                    "occupation",
-                    "stage",
-                    "stage_us",
-                    "grade",
-                    "nps_last",
-                    "csat_last",
-                    "loyalty_tier",
-                    "loyalty_balance",
-                ]
-                .map(n),
-            )
-            .from(n("fact_customers"))
-            .and_where(within())
+            .columns([
+                FC::CustomerId,
+                FC::Email,
+                FC::DisplayName,
+                FC::BirthDate,
+                FC::Gender,
+                FC::IncomeMinor,
+                FC::IncomeCurrency,
+                FC::Occupation,
+                FC::Stage,
+                FC::StageUs,
+                FC::Grade,
+                FC::NpsLast,
+                FC::CsatLast,
+                FC::LoyaltyTier,
+                FC::LoyaltyBalance,
+            ])
+            .from(FactCustomers)
+            .and_where(customer_in(FC::CustomerId, chunk))
             .to_owned();
         for row in db.query_all(&q).await? {
-            let id: String = row.try_get("", "customer_id")?;
+            let id: String = row.try_get("", FC::CustomerId.as_str())?;
             let fs = out.entry(id).or_insert_with(default_facts);
-            fs.email = row.try_get("", "email")?;
-            fs.display_name = row.try_get("", "display_name")?;
-            let birth: Option<String> = row.try_get("", "birth_date")?;
+            fs.email = row.try_get("", FC::Email.as_str())?;
+            fs.display_name = row.try_get("", FC::DisplayName.as_str())?;
+            let birth: Option<String> = row.try_get("", FC::BirthDate.as_str())?;
             fs.demographics.birth_date =
                 birth.and_then(|b| NaiveDate::parse_from_str(&b, "%Y-%m-%d").ok());
-            let gender: Option<i16> = row.try_get("", "gender")?;
+            let gender: Option<i16> = row.try_get("", FC::Gender.as_str())?;
             fs.demographics.gender = gender.and_then(Gender::from_code);
-            let minor: Option<i64> = row.try_get("", "income_minor")?;
-            let currency: Option<String> = row.try_get("", "income_currency")?;
+            let minor: Option<i64> = row.try_get("", FC::IncomeMinor.as_str())?;
+            let currency: Option<String> = row.try_get("", FC::IncomeCurrency.as_str())?;
             fs.demographics.annual_income =
                 minor.zip(currency).map(|(amount_minor, currency)| Money {
                     currency,
                     amount_minor,
                 });
-            fs.demographics.occupation = row.try_get("", "occupation")?;
-            let stage: Option<i16> = row.try_get("", "stage")?;
-            let stage_us: Option<i64> = row.try_get("", "stage_us")?;
+            fs.demographics.occupation = row.try_get("", FC::Occupation.as_str())?;
+            let stage: Option<i16> = row.try_get("", FC::Stage.as_str())?;
+            let stage_us: Option<i64> = row.try_get("", FC::StageUs.as_str())?;
             fs.stage = stage
                 .and_then(Stage::from_code)
                 .zip(stage_us.map(from_micros));
-            fs.grade = row.try_get("", "grade")?;
-            let nps: Option<i16> = row.try_get("", "nps_last")?;
+            fs.grade = row.try_get("", FC::Grade.as_str())?;
+            let nps: Option<i16> = row.try_get("", FC::NpsLast.as_str())?;
             fs.nps_last = nps.and_then(|x| u8::try_from(x).ok());
-            fs.csat_last = row.try_get("", "csat_last")?;
-            fs.loyalty_tier = row.try_get("", "loyalty_tier")?;
-            fs.loyalty_balance = row.try_get("", "loyalty_balance")?;
+            fs.csat_last = row.try_get("", FC::CsatLast.as_str())?;
+            fs.loyalty_tier = row.try_get("", FC::LoyaltyTier.as_str())?;
+            fs.loyalty_balance = row.try_get("", FC::LoyaltyBalance.as_str())?;
         }
         let q = Query::select()
-            .columns(
-                [
-                    "customer_id",
-                    "key",
-                    "kind",
-                    "str_value",
-                    "num_value",
-                    "bool_value",
-                    "time_us",
-                ]
-                .map(n),
-            )
-            .from(n("fact_attributes"))
-            .and_where(within())
+            .columns([
+                FA::CustomerId,
+                FA::Key,
+                FA::Kind,
+                FA::StrValue,
+                FA::NumValue,
+                FA::BoolValue,
+                FA::TimeUs,
+            ])
+            .from(FactAttributes)
+            .and_where(customer_in(FA::CustomerId, chunk))
             .to_owned();
         for row in db.query_all(&q).await? {
-            let id: String = row.try_get("", "customer_id")?;
+            let id: String = row.try_get("", FA::CustomerId.as_str())?;
             let Some(fs) = out.get_mut(&id) else { continue };
-            let key: String = row.try_get("", "key")?;
-            let kind: i16 = row.try_get("", "kind")?;
+            let key: String = row.try_get("", FA::Key.as_str())?;
+            let kind: i16 = row.try_get("", FA::Kind.as_str())?;
             let v = match kind {
                 attr_kind::STRING => row
-                    .try_get::<Option<String>>("", "str_value")?
+                    .try_get::<Option<String>>("", FA::StrValue.as_str())?
                     .map(AttributeValue::String),
                 attr_kind::NUMBER => row
-                    .try_get::<Option<f64>>("", "num_value")?
+                    .try_get::<Option<f64>>("", FA::NumValue.as_str())?
                     .map(AttributeValue::Number),
                 attr_kind::BOOL => row
-                    .try_get::<Option<bool>>("", "bool_value")?
+                    .try_get::<Option<bool>>("", FA::BoolValue.as_str())?
                     .map(AttributeValue::Bool),
                 _ => row
-                    .try_get::<Option<i64>>("", "time_us")?
+                    .try_get::<Option<i64>>("", FA::TimeUs.as_str())?
                     .map(|t| AttributeValue::Timestamp(from_micros(t))),
             };
             if let Some(v) = v {
@@ -536,16 +533,16 @@ pub async fn load(
             }
         }
         let q = Query::select()
-            .columns(["customer_id", "purpose", "channel", "granted"].map(n))
-            .from(n("fact_consents"))
-            .and_where(within())
+            .columns([FK::CustomerId, FK::Purpose, FK::Channel, FK::Granted])
+            .from(FactConsents)
+            .and_where(customer_in(FK::CustomerId, chunk))
             .to_owned();
         for row in db.query_all(&q).await? {
-            let id: String = row.try_get("", "customer_id")?;
+            let id: String = row.try_get("", FK::CustomerId.as_str())?;
             let Some(fs) = out.get_mut(&id) else { continue };
-            let purpose: String = row.try_get("", "purpose")?;
-            let channel: String = row.try_get("", "channel")?;
-            let granted: bool = row.try_get("", "granted")?;
+            let purpose: String = row.try_get("", FK::Purpose.as_str())?;
+            let channel: String = row.try_get("", FK::Channel.as_str())?;
+            let granted: bool = row.try_get("", FK::Granted.as_str())?;
             if granted {
                 fs.grant(&purpose, &channel);
             } else if let Some(set) = fs.consents.get_mut(&purpose) {
@@ -553,80 +550,84 @@ pub async fn load(
             }
         }
         let q = Query::select()
-            .columns(["customer_id", "name", "value"].map(n))
-            .from(n("fact_scores"))
-            .and_where(within())
+            .columns([FS::CustomerId, FS::Name, FS::Value])
+            .from(FactScores)
+            .and_where(customer_in(FS::CustomerId, chunk))
             .to_owned();
         for row in db.query_all(&q).await? {
-            let id: String = row.try_get("", "customer_id")?;
+            let id: String = row.try_get("", FS::CustomerId.as_str())?;
             let Some(fs) = out.get_mut(&id) else { continue };
-            fs.scores
-                .insert(row.try_get("", "name")?, row.try_get("", "value")?);
+            fs.scores.insert(
+                row.try_get("", FS::Name.as_str())?,
+                row.try_get("", FS::Value.as_str())?,
+            );
         }
         let q = Query::select()
-            .columns(TOUCH_COLS.map(n))
-            .from(n("fact_touchpoints"))
-            .and_where(within())
+            .columns(TOUCH_COLS)
+            .from(FactTouchpoints)
+            .and_where(customer_in(FT::CustomerId, chunk))
             .to_owned();
         let mut by_event: HashMap<String, (String, usize)> = HashMap::new();
         for row in db.query_all(&q).await? {
-            let id: String = row.try_get("", "customer_id")?;
+            let id: String = row.try_get("", FT::CustomerId.as_str())?;
             let Some(fs) = out.get_mut(&id) else { continue };
-            let kind: i16 = row.try_get("", "kind")?;
+            let kind: i16 = row.try_get("", FT::Kind.as_str())?;
             let Some(kind) = TouchpointKind::from_code(kind) else {
                 continue;
             };
-            let minor: Option<i64> = row.try_get("", "revenue_minor")?;
-            let currency: Option<String> = row.try_get("", "revenue_currency")?;
-            let event_id: String = row.try_get("", "event_id")?;
+            let minor: Option<i64> = row.try_get("", FT::RevenueMinor.as_str())?;
+            let currency: Option<String> = row.try_get("", FT::RevenueCurrency.as_str())?;
+            let event_id: String = row.try_get("", FT::EventId.as_str())?;
             by_event.insert(event_id.clone(), (id.clone(), fs.touchpoints.len()));
             fs.touchpoints.push(Touchpoint {
                 event_id,
                 kind,
-                custom_type: row.try_get("", "custom_type")?,
-                occurred_time: from_micros(row.try_get("", "occurred_us")?),
-                usage_millis: row.try_get("", "usage_ms")?,
-                product: row.try_get("", "product")?,
-                feature: row.try_get("", "feature")?,
+                custom_type: row.try_get("", FT::CustomType.as_str())?,
+                occurred_time: from_micros(row.try_get("", FT::OccurredUs.as_str())?),
+                usage_millis: row.try_get("", FT::UsageMs.as_str())?,
+                product: row.try_get("", FT::Product.as_str())?,
+                feature: row.try_get("", FT::Feature.as_str())?,
                 revenue: minor.zip(currency).map(|(amount_minor, currency)| Money {
                     currency,
                     amount_minor,
                 }),
-                campaign: row.try_get("", "campaign")?,
-                channel: row.try_get("", "channel")?,
+                campaign: row.try_get("", FT::Campaign.as_str())?,
+                channel: row.try_get("", FT::Channel.as_str())?,
                 properties: BTreeMap::new(),
             });
         }
         if !by_event.is_empty() {
             let events = Query::select()
-                .column(n("event_id"))
-                .from(n("fact_touchpoints"))
-                .and_where(within())
+                .column(FT::EventId)
+                .from(FactTouchpoints)
+                .and_where(customer_in(FT::CustomerId, chunk))
                 .to_owned();
             let q = Query::select()
-                .columns(["event_id", "key", "value"].map(n))
-                .from(n("fact_touch_props"))
-                .and_where(Expr::col(n("event_id")).in_subquery(events))
+                .columns([FP::EventId, FP::Key, FP::Value])
+                .from(FactTouchProps)
+                .and_where(Expr::col(FP::EventId).in_subquery(events))
                 .to_owned();
             for row in db.query_all(&q).await? {
-                let event: String = row.try_get("", "event_id")?;
+                let event: String = row.try_get("", FP::EventId.as_str())?;
                 if let Some((id, i)) = by_event.get(&event)
                     && let Some(tp) = out.get_mut(id).and_then(|fs| fs.touchpoints.get_mut(*i))
                 {
-                    tp.properties
-                        .insert(row.try_get("", "key")?, row.try_get("", "value")?);
+                    tp.properties.insert(
+                        row.try_get("", FP::Key.as_str())?,
+                        row.try_get("", FP::Value.as_str())?,
+                    );
                 }
             }
         }
         let q = Query::select()
-            .columns(["customer_id", "segment_id"].map(n))
-            .from(n("members"))
-            .and_where(within())
+            .columns([M::CustomerId, M::SegmentId])
+            .from(Members)
+            .and_where(customer_in(M::CustomerId, chunk))
             .to_owned();
         for row in db.query_all(&q).await? {
-            let id: String = row.try_get("", "customer_id")?;
+            let id: String = row.try_get("", M::CustomerId.as_str())?;
             let Some(fs) = out.get_mut(&id) else { continue };
-            let seg: String = row.try_get("", "segment_id")?;
+            let seg: String = row.try_get("", M::SegmentId.as_str())?;
             fs.segments.insert(format!("segments/{seg}"));
         }
     }
@@ -655,10 +656,10 @@ pub async fn mark_fresh(
     apply_us: i64,
 ) -> Result<(), DbErr> {
     let update = Query::update()
-        .table(n("seg_meta"))
-        .value(n("fresh_event_us"), event_us)
-        .value(n("fresh_apply_us"), apply_us)
-        .and_where(Expr::col(n("id")).eq(1))
+        .table(SegMeta)
+        .value(SM::FreshEventUs, event_us)
+        .value(SM::FreshApplyUs, apply_us)
+        .and_where(Expr::col(SM::Id).eq(1))
         .to_owned();
     db.execute(&update).await?;
     Ok(())

@@ -4,11 +4,16 @@
 //! and the `seg_meta` row (registry generation, membership version,
 //! freshness).
 
+use super::entity::fact_customers::{Column as FC, Entity as FactCustomers};
+use super::entity::member_history::{Column as MH, Entity as MemberHistory};
+use super::entity::members::{Column as M, Entity as Members};
+use super::entity::seg_meta::{Column as SM, Entity as SegMeta};
 use super::{chunks, n};
 use clm_platform::db::rows_per_statement;
 use clm_platform::timers;
+use sea_orm::IdenStatic;
 use sea_orm::sea_query::{Expr, ExprTrait, Func, OnConflict, Order, Query, SelectStatement};
-use sea_orm::{ConnectionTrait, DbErr};
+use sea_orm::{ConnectionTrait, DbErr, EntityName};
 
 /// A (segment id, customer id) pair, both bare ids.
 pub type Pair = (String, String);
@@ -32,68 +37,68 @@ pub fn timer_pair(key: &str) -> Option<Pair> {
 /// versions grow in commit order (what the cache's versioned writes need).
 pub async fn lock_version(db: &impl ConnectionTrait) -> Result<i64, DbErr> {
     let update = Query::update()
-        .table(n("seg_meta"))
+        .table(SegMeta)
         .value(
-            n("membership_version"),
-            Expr::col(n("membership_version")).add(1),
+            SM::MembershipVersion,
+            Expr::col(SM::MembershipVersion).add(1),
         )
-        .and_where(Expr::col(n("id")).eq(1))
+        .and_where(Expr::col(SM::Id).eq(1))
         .to_owned();
     db.execute(&update).await?;
-    meta_i64(db, "membership_version").await
+    meta_i64(db, SM::MembershipVersion).await
 }
 
 /// The current membership version (to load the cache with).
 pub async fn version(db: &impl ConnectionTrait) -> Result<i64, DbErr> {
-    meta_i64(db, "membership_version").await
+    meta_i64(db, SM::MembershipVersion).await
 }
 
 /// The registry generation: changes whenever any segment's rule, state or
 /// existence does.
 pub async fn generation(db: &impl ConnectionTrait) -> Result<i64, DbErr> {
-    meta_i64(db, "generation").await
+    meta_i64(db, SM::Generation).await
 }
 
 /// Bumps the registry generation (in the transaction changing a segment).
 pub async fn bump_generation(db: &impl ConnectionTrait) -> Result<(), DbErr> {
     let update = Query::update()
-        .table(n("seg_meta"))
-        .value(n("generation"), Expr::col(n("generation")).add(1))
-        .and_where(Expr::col(n("id")).eq(1))
+        .table(SegMeta)
+        .value(SM::Generation, Expr::col(SM::Generation).add(1))
+        .and_where(Expr::col(SM::Id).eq(1))
         .to_owned();
     db.execute(&update).await?;
     Ok(())
 }
 
-async fn meta_i64(db: &impl ConnectionTrait, column: &str) -> Result<i64, DbErr> {
+async fn meta_i64(db: &impl ConnectionTrait, column: SM) -> Result<i64, DbErr> {
     let q = Query::select()
-        .column(n(column))
-        .from(n("seg_meta"))
-        .and_where(Expr::col(n("id")).eq(1))
+        .column(column)
+        .from(SegMeta)
+        .and_where(Expr::col(SM::Id).eq(1))
         .to_owned();
     match db.query_one(&q).await? {
-        Some(row) => row.try_get("", column),
-        None => Err(DbErr::RecordNotFound("seg_meta".into())),
+        Some(row) => row.try_get("", column.as_str()),
+        None => Err(DbErr::RecordNotFound(SegMeta.table_name().into())),
     }
 }
 
 /// The newest applied event's occurrence and its application time.
 pub async fn freshness(db: &impl ConnectionTrait) -> Result<Option<(i64, i64)>, DbErr> {
     let q = Query::select()
-        .columns([n("fresh_event_us"), n("fresh_apply_us")])
-        .from(n("seg_meta"))
-        .and_where(Expr::col(n("id")).eq(1))
+        .columns([SM::FreshEventUs, SM::FreshApplyUs])
+        .from(SegMeta)
+        .and_where(Expr::col(SM::Id).eq(1))
         .to_owned();
     let Some(row) = db.query_one(&q).await? else {
         return Ok(None);
     };
-    let e: Option<i64> = row.try_get("", "fresh_event_us")?;
-    let a: Option<i64> = row.try_get("", "fresh_apply_us")?;
+    let e: Option<i64> = row.try_get("", SM::FreshEventUs.as_str())?;
+    let a: Option<i64> = row.try_get("", SM::FreshApplyUs.as_str())?;
     Ok(e.zip(a))
 }
 
 fn pair_in(pairs: &[Pair]) -> Expr {
-    Expr::tuple([Expr::col(n("segment_id")), Expr::col(n("customer_id"))]).is_in(
+    Expr::tuple([Expr::col(M::SegmentId), Expr::col(M::CustomerId)]).is_in(
         pairs
             .iter()
             .map(|(s, c)| Expr::tuple([Expr::val(s.as_str()), Expr::val(c.as_str())])),
@@ -110,10 +115,10 @@ pub async fn enter(
     for chunk in pairs.chunks(rows_per_statement(4)) {
         let mut insert = Query::insert();
         insert
-            .into_table(n("members"))
-            .columns(["segment_id", "customer_id", "enter_us", "version"].map(n))
+            .into_table(Members)
+            .columns([M::SegmentId, M::CustomerId, M::EnterUs, M::Version])
             .on_conflict(
-                OnConflict::columns([n("segment_id"), n("customer_id")])
+                OnConflict::columns([M::SegmentId, M::CustomerId])
                     .do_nothing()
                     .to_owned(),
             );
@@ -135,20 +140,20 @@ pub async fn enter(
 pub async fn exit(db: &impl ConnectionTrait, pairs: &[Pair], exit_us: i64) -> Result<(), DbErr> {
     for chunk in pairs.chunks(rows_per_statement(2).min(2000)) {
         let closed = Query::select()
-            .columns([n("segment_id"), n("customer_id"), n("enter_us")])
+            .columns([M::SegmentId, M::CustomerId, M::EnterUs])
             .expr(Expr::val(exit_us))
-            .from(n("members"))
+            .from(Members)
             .and_where(pair_in(chunk))
             .to_owned();
         let insert = Query::insert()
-            .into_table(n("member_history"))
-            .columns(["segment_id", "customer_id", "enter_us", "exit_us"].map(n))
+            .into_table(MemberHistory)
+            .columns([MH::SegmentId, MH::CustomerId, MH::EnterUs, MH::ExitUs])
             .select_from(closed)
             .map_err(|e| DbErr::Custom(e.to_string()))?
             .to_owned();
         db.execute(&insert).await?;
         let delete = Query::delete()
-            .from_table(n("members"))
+            .from_table(Members)
             .and_where(pair_in(chunk))
             .to_owned();
         db.execute(&delete).await?;
@@ -166,25 +171,25 @@ pub async fn diff(
 ) -> Result<(Vec<String>, Vec<String>), DbErr> {
     let members = || {
         Query::select()
-            .column(n("customer_id"))
-            .from(n("members"))
-            .and_where(Expr::col(n("segment_id")).eq(segment))
+            .column(M::CustomerId)
+            .from(Members)
+            .and_where(Expr::col(M::SegmentId).eq(segment))
             .to_owned()
     };
     let entering = Query::select()
-        .column(n("customer_id"))
+        .column(M::CustomerId)
         .from_subquery(rule.clone(), n("r"))
-        .and_where(Expr::col(n("customer_id")).not_in_subquery(members()))
+        .and_where(Expr::col(M::CustomerId).not_in_subquery(members()))
         .to_owned();
     let leaving = Query::select()
-        .column(n("customer_id"))
-        .from(n("members"))
-        .and_where(Expr::col(n("segment_id")).eq(segment))
-        .and_where(Expr::col(n("customer_id")).not_in_subquery(rule))
+        .column(M::CustomerId)
+        .from(Members)
+        .and_where(Expr::col(M::SegmentId).eq(segment))
+        .and_where(Expr::col(M::CustomerId).not_in_subquery(rule))
         .to_owned();
     let ids = |rows: Vec<sea_orm::QueryResult>| {
         rows.iter()
-            .map(|r| r.try_get::<String>("", "customer_id"))
+            .map(|r| r.try_get::<String>("", M::CustomerId.as_str()))
             .collect::<Result<Vec<_>, _>>()
     };
     Ok((
@@ -198,12 +203,15 @@ pub async fn of_customers(db: &impl ConnectionTrait, ids: &[String]) -> Result<V
     let mut out = Vec::new();
     for chunk in chunks(ids) {
         let q = Query::select()
-            .columns([n("segment_id"), n("customer_id")])
-            .from(n("members"))
-            .and_where(Expr::col(n("customer_id")).is_in(chunk.iter().cloned()))
+            .columns([M::SegmentId, M::CustomerId])
+            .from(Members)
+            .and_where(Expr::col(M::CustomerId).is_in(chunk.iter().cloned()))
             .to_owned();
         for r in db.query_all(&q).await? {
-            out.push((r.try_get("", "segment_id")?, r.try_get("", "customer_id")?));
+            out.push((
+                r.try_get("", M::SegmentId.as_str())?,
+                r.try_get("", M::CustomerId.as_str())?,
+            ));
         }
     }
     Ok(out)
@@ -212,15 +220,15 @@ pub async fn of_customers(db: &impl ConnectionTrait, ids: &[String]) -> Result<V
 /// Every member of `segment`.
 pub async fn of_segment(db: &impl ConnectionTrait, segment: &str) -> Result<Vec<String>, DbErr> {
     let q = Query::select()
-        .column(n("customer_id"))
-        .from(n("members"))
-        .and_where(Expr::col(n("segment_id")).eq(segment))
-        .order_by(n("customer_id"), Order::Asc)
+        .column(M::CustomerId)
+        .from(Members)
+        .and_where(Expr::col(M::SegmentId).eq(segment))
+        .order_by(M::CustomerId, Order::Asc)
         .to_owned();
     db.query_all(&q)
         .await?
         .iter()
-        .map(|r| r.try_get("", "customer_id"))
+        .map(|r| r.try_get("", M::CustomerId.as_str()))
         .collect()
 }
 
@@ -229,14 +237,14 @@ pub async fn contains(db: &impl ConnectionTrait, pairs: &[Pair]) -> Result<Vec<b
     let mut found = std::collections::HashSet::new();
     for chunk in pairs.chunks(500) {
         let q = Query::select()
-            .columns([n("segment_id"), n("customer_id")])
-            .from(n("members"))
+            .columns([M::SegmentId, M::CustomerId])
+            .from(Members)
             .and_where(pair_in(chunk))
             .to_owned();
         for r in db.query_all(&q).await? {
             found.insert((
-                r.try_get::<String>("", "segment_id")?,
-                r.try_get::<String>("", "customer_id")?,
+                r.try_get::<String>("", M::SegmentId.as_str())?,
+                r.try_get::<String>("", M::CustomerId.as_str())?,
             ));
         }
     }
@@ -251,18 +259,23 @@ pub async fn page(
     limit: u64,
 ) -> Result<Vec<(String, i64)>, DbErr> {
     let mut q = Query::select();
-    q.columns([n("customer_id"), n("enter_us")])
-        .from(n("members"))
-        .and_where(Expr::col(n("segment_id")).eq(segment))
-        .order_by(n("customer_id"), Order::Asc)
+    q.columns([M::CustomerId, M::EnterUs])
+        .from(Members)
+        .and_where(Expr::col(M::SegmentId).eq(segment))
+        .order_by(M::CustomerId, Order::Asc)
         .limit(limit);
     if let Some(after) = after {
-        q.and_where(Expr::col(n("customer_id")).gt(after));
+        q.and_where(Expr::col(M::CustomerId).gt(after));
     }
     db.query_all(&q)
         .await?
         .iter()
-        .map(|r| Ok((r.try_get("", "customer_id")?, r.try_get("", "enter_us")?)))
+        .map(|r| {
+            Ok((
+                r.try_get("", M::CustomerId.as_str())?,
+                r.try_get("", M::EnterUs.as_str())?,
+            ))
+        })
         .collect()
 }
 
@@ -274,14 +287,14 @@ pub async fn counts(
     let mut out = std::collections::HashMap::new();
     for chunk in chunks(segments) {
         let q = Query::select()
-            .column(n("segment_id"))
+            .column(M::SegmentId)
             .expr_as(Func::count(Expr::val(1)), n("n"))
-            .from(n("members"))
-            .and_where(Expr::col(n("segment_id")).is_in(chunk.iter().cloned()))
-            .group_by_col(n("segment_id"))
+            .from(Members)
+            .and_where(Expr::col(M::SegmentId).is_in(chunk.iter().cloned()))
+            .group_by_col(M::SegmentId)
             .to_owned();
         for r in db.query_all(&q).await? {
-            out.insert(r.try_get("", "segment_id")?, r.try_get("", "n")?);
+            out.insert(r.try_get("", M::SegmentId.as_str())?, r.try_get("", "n")?);
         }
     }
     Ok(out)
@@ -289,26 +302,32 @@ pub async fn counts(
 
 /// Deletes every membership, history and timer of `segment`.
 pub async fn delete_segment(db: &impl ConnectionTrait, segment: &str) -> Result<(), DbErr> {
-    for table in ["members", "member_history"] {
-        let delete = Query::delete()
-            .from_table(n(table))
-            .and_where(Expr::col(n("segment_id")).eq(segment))
-            .to_owned();
-        db.execute(&delete).await?;
-    }
+    let delete = Query::delete()
+        .from_table(Members)
+        .and_where(Expr::col(M::SegmentId).eq(segment))
+        .to_owned();
+    db.execute(&delete).await?;
+    let delete = Query::delete()
+        .from_table(MemberHistory)
+        .and_where(Expr::col(MH::SegmentId).eq(segment))
+        .to_owned();
+    db.execute(&delete).await?;
     clear_timers(db, segment).await
 }
 
 /// Deletes every membership, history and timer of `ids` (erasure).
 pub async fn delete_customers(db: &impl ConnectionTrait, ids: &[String]) -> Result<(), DbErr> {
     for chunk in chunks(ids) {
-        for table in ["members", "member_history"] {
-            let delete = Query::delete()
-                .from_table(n(table))
-                .and_where(Expr::col(n("customer_id")).is_in(chunk.iter().cloned()))
-                .to_owned();
-            db.execute(&delete).await?;
-        }
+        let delete = Query::delete()
+            .from_table(Members)
+            .and_where(Expr::col(M::CustomerId).is_in(chunk.iter().cloned()))
+            .to_owned();
+        db.execute(&delete).await?;
+        let delete = Query::delete()
+            .from_table(MemberHistory)
+            .and_where(Expr::col(MH::CustomerId).is_in(chunk.iter().cloned()))
+            .to_owned();
+        db.execute(&delete).await?;
     }
     timers::disarm_subjects(db, Some(WINDOW), ids).await
 }
@@ -341,17 +360,17 @@ pub async fn customers_after(
     limit: u64,
 ) -> Result<Vec<String>, DbErr> {
     let mut q = Query::select();
-    q.column(n("customer_id"))
-        .from(n("fact_customers"))
-        .order_by(n("customer_id"), Order::Asc)
+    q.column(FC::CustomerId)
+        .from(FactCustomers)
+        .order_by(FC::CustomerId, Order::Asc)
         .limit(limit);
     if let Some(a) = after {
-        q.and_where(Expr::col(n("customer_id")).gt(a));
+        q.and_where(Expr::col(FC::CustomerId).gt(a));
     }
     db.query_all(&q)
         .await?
         .iter()
-        .map(|r| r.try_get("", "customer_id"))
+        .map(|r| r.try_get("", FC::CustomerId.as_str()))
         .collect()
 }
 
@@ -359,7 +378,7 @@ pub async fn customers_after(
 pub async fn customer_count(db: &impl ConnectionTrait) -> Result<i64, DbErr> {
     let q = Query::select()
         .expr_as(Func::count(Expr::val(1)), n("n"))
-        .from(n("fact_customers"))
+        .from(FactCustomers)
         .to_owned();
     match db.query_one(&q).await? {
         Some(r) => r.try_get("", "n"),
@@ -375,9 +394,9 @@ pub async fn rekey_history(
 ) -> Result<(), DbErr> {
     for chunk in chunks(merged) {
         let update = Query::update()
-            .table(n("member_history"))
-            .value(n("customer_id"), survivor)
-            .and_where(Expr::col(n("customer_id")).is_in(chunk.iter().cloned()))
+            .table(MemberHistory)
+            .value(MH::CustomerId, survivor)
+            .and_where(Expr::col(MH::CustomerId).is_in(chunk.iter().cloned()))
             .to_owned();
         db.execute(&update).await?;
     }

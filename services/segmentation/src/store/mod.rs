@@ -1,7 +1,8 @@
 //! Storage of the segmentation service. Every statement runs on PostgreSQL
 //! and SQLite and is set-based (one statement per batch, never a query per
 //! row): [`segments`] (sea-orm entities), [`facts`] (the projection of the
-//! customer stream), [`members`] (membership, history, timers).
+//! customer stream), [`members`] (membership, history, timers); every
+//! table and column is named through [`entity`].
 
 pub mod entity;
 pub mod facts;
@@ -13,7 +14,8 @@ pub use migration::Migrator;
 
 use sea_orm::sea_query::Alias;
 
-/// Shorthand for a table or column name.
+/// A name that is not a table's column: a computed column's alias
+/// (tables and columns are named through [`entity`]).
 pub(crate) fn n(s: &str) -> Alias {
     Alias::new(s)
 }

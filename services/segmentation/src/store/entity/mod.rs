@@ -1,4 +1,15 @@
-//! sea-orm entities of the CRUD tables.
+//! sea-orm entities of the segmentation tables: the CRUD tables, and the
+//! fact and membership tables whose hot-path SQL names its tables and
+//! columns through them (`members::Column::CustomerId`), never strings.
 
+pub mod fact_attributes;
+pub mod fact_consents;
+pub mod fact_customers;
+pub mod fact_scores;
+pub mod fact_touch_props;
+pub mod fact_touchpoints;
+pub mod member_history;
+pub mod members;
+pub mod seg_meta;
 pub mod segment_versions;
 pub mod segments;
