@@ -24,36 +24,8 @@ const COLUMNS: [C; 12] = [
     C::Actor,
 ];
 
-/// A ledger row.
-#[derive(Debug, Clone, PartialEq, FromQueryResult)]
-pub struct Row {
-    /// Row id (orders entries with equal award times).
-    pub id: i64,
-    /// `customers/{id}`.
-    pub customer: String,
-    /// Model id.
-    pub model: String,
-    /// Model version (0: manual).
-    pub model_version: i64,
-    /// Score name.
-    pub score: String,
-    /// Rule id (`manual` for adjustments).
-    pub rule: String,
-    /// Points awarded.
-    pub points: i64,
-    /// The causing event.
-    pub source_event: String,
-    /// Award time (µs).
-    pub award_us: i64,
-    /// `Decay::code` kind.
-    pub decay_kind: i16,
-    /// `Decay::code` parameter.
-    pub decay_us: i64,
-    /// Why (manual).
-    pub reason: String,
-    /// Who (manual).
-    pub actor: String,
-}
+/// A ledger row: the entity's model.
+pub type Row = super::entity::score_ledger::Model;
 
 impl Row {
     /// Its decay.

@@ -31,28 +31,8 @@ const COLUMNS: [C; 9] = [
     C::NewestUs,
 ];
 
-/// One stored sum.
-#[derive(Debug, Clone, PartialEq, FromQueryResult)]
-pub struct SumRow {
-    /// `customers/{id}`.
-    pub customer: String,
-    /// Model id.
-    pub model: String,
-    /// Score name.
-    pub score: String,
-    /// `Decay::code` kind.
-    pub decay_kind: i16,
-    /// `Decay::code` parameter.
-    pub decay_us: i64,
-    /// See [`Sum::anchor_us`].
-    pub anchor_us: i64,
-    /// See [`Sum::total`].
-    pub total: f64,
-    /// See [`Sum::entries`].
-    pub entries: i64,
-    /// See [`Sum::newest_us`].
-    pub newest_us: i64,
-}
+/// One stored sum: the entity's model.
+pub type SumRow = super::entity::score_sums::Model;
 
 impl SumRow {
     /// As the maths needs it.

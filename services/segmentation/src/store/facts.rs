@@ -446,17 +446,8 @@ pub async fn load(
     let mut out: HashMap<String, FactSet> = HashMap::with_capacity(ids.len());
     for chunk in chunks(ids) {
         let q = Query::select()
+            .columns(PROFILE_COLS)
             .columns([
-                FC::CustomerId,
-                FC::Email,
-                FC::DisplayName,
-                FC::BirthDate,
-                FC::Gender,
-                FC::IncomeMinor,
-                FC::IncomeCurrency,
-                FC::Occupation,
-                FC::Stage,
-                FC::StageUs,
                 FC::Grade,
                 FC::NpsLast,
                 FC::CsatLast,
