@@ -126,6 +126,9 @@ async fn events_past_retention_are_out_of_range_never_silently_skipped() {
     let backend = TestBackend::new().await;
     let mut config = backend.config("streamtest");
     config.change_poll_interval_ms = 50;
+    // The service's own purge (at start, then hourly) must not race the
+    // test's: under load it ran after the old events were written.
+    config.outbox_retention_days = 36_500;
     let server = start(&STREAM, config.clone()).await;
     let db = clm_platform::db::connect(&config.database).await.unwrap();
     let outbox = Outbox::new("streamtest");
