@@ -378,7 +378,7 @@ pub async fn list(
         if req.rpc.contains('/') {
             q.and_where(Expr::col(a("rpc")).eq(req.rpc.as_str()));
         } else {
-            q.and_where(Expr::col(a("rpc")).like(format!("%/{}", escape_like(&req.rpc))));
+            q.and_where(Expr::col(a("rpc")).like(crate::db::like_literal("%/", &req.rpc, "")));
         }
     }
     if let Some(s) = start {
@@ -400,12 +400,6 @@ pub async fn list(
         audit_entries,
         next_page_token,
     })
-}
-
-fn escape_like(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_")
 }
 
 /// Erasure: in every entry about `customer` (`customers/{id}`), replaces

@@ -20,7 +20,8 @@ pub fn bare_id(name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn time(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
+/// A stream message's timestamp, if set and in range.
+pub fn time(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
     t.and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?))
 }
 

@@ -164,6 +164,17 @@ pub fn from_micros(us: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_micros(us).unwrap_or_default()
 }
 
+/// A LIKE pattern that matches `value` literally between the wildcards
+/// `before` and `after` (`"%"` or `""`): `%`, `_` and `\` in `value` are
+/// escaped, with `\` declared as the escape (SQLite has no default one).
+pub fn like_literal(before: &str, value: &str, after: &str) -> sea_orm::sea_query::LikeExpr {
+    let escaped = value
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    sea_orm::sea_query::LikeExpr::new(format!("{before}{escaped}{after}")).escape('\\')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

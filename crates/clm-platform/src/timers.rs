@@ -160,7 +160,7 @@ pub async fn disarm_prefix(
     let delete = Query::delete()
         .from_table(a(TABLE))
         .and_where(Expr::col(a("kind")).eq(kind))
-        .and_where(Expr::col(a("key")).like(like_prefix(prefix)))
+        .and_where(Expr::col(a("key")).like(crate::db::like_literal("", prefix, "%")))
         .to_owned();
     db.execute(&delete).await?;
     Ok(())
@@ -179,18 +179,10 @@ pub async fn rearm_prefix(
         .value(a("due_us"), due_us)
         .value(a("version"), Expr::col(a("version")).add(1))
         .and_where(Expr::col(a("kind")).eq(kind))
-        .and_where(Expr::col(a("key")).like(like_prefix(prefix)))
+        .and_where(Expr::col(a("key")).like(crate::db::like_literal("", prefix, "%")))
         .to_owned();
     db.execute(&update).await?;
     Ok(())
-}
-
-fn like_prefix(prefix: &str) -> sea_orm::sea_query::LikeExpr {
-    let escaped = prefix
-        .replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_");
-    sea_orm::sea_query::LikeExpr::new(format!("{escaped}%")).escape('\\')
 }
 
 /// Removes every timer of `kind` (or of every kind) whose subject is one of

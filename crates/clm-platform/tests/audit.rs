@@ -65,7 +65,7 @@ async fn entries_name_the_caller_and_page_newest_first_and_cannot_be_changed() {
     // Three changes by two callers, one of them a request with a request id.
     for (who, method, resource, rid) in [
         ("ada", "CreateThing", "things/1", Some("r-1")),
-        ("bob", "UpdateThing", "things/1", None),
+        ("bob", "Update_Thing", "things/1", None),
         ("ada", "CreateThing", "things/2", None),
     ] {
         let txn = db.begin().await.unwrap();
@@ -112,7 +112,7 @@ async fn entries_name_the_caller_and_page_newest_first_and_cannot_be_changed() {
     let update = &all[2];
     assert_eq!(update.actor, "bob");
     assert_eq!(update.roles, vec!["marketer", "analyst"]);
-    assert_eq!(update.rpc, "clm.test.v1.TestService/UpdateThing");
+    assert_eq!(update.rpc, "clm.test.v1.TestService/Update_Thing");
     assert_eq!(update.update_mask.as_ref().unwrap().paths, vec!["day"]);
     let day = |s: &Option<prost_types::Struct>| match s.as_ref().unwrap().fields["day"].kind {
         Some(prost_types::value::Kind::NumberValue(d)) => d,
@@ -141,6 +141,19 @@ async fn entries_name_the_caller_and_page_newest_first_and_cannot_be_changed() {
     })
     .await;
     assert_eq!(by_ada.audit_entries.len(), 2);
+    // A filter's wildcard characters match only themselves, on both backends.
+    let underscore = list(ListAuditEntriesRequest {
+        rpc: "Update_Thing".into(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(underscore.audit_entries.len(), 1);
+    let wild = list(ListAuditEntriesRequest {
+        rpc: "%".into(),
+        ..Default::default()
+    })
+    .await;
+    assert!(wild.audit_entries.is_empty());
     let mut token = String::new();
     let mut paged = Vec::new();
     loop {

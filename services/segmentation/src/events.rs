@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use clm_domain::consent::{Channel, Purpose};
 use clm_domain::lifecycle::Stage;
 use clm_platform::changes::{Apply, Handlers, On, OnBatch};
-use clm_platform::customer_events;
+use clm_platform::customer_events::{self, time};
 use clm_platform::db::to_micros;
 use clm_platform::{Error, Result};
 use clm_proto::common::ChangeEvent;
@@ -79,10 +79,6 @@ pub struct CustomerFacts {
 
 fn bare(name: &str) -> Option<String> {
     customer_events::bare_id(name)
-}
-
-fn time(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
-    t.and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
 }
 
 /// A customer message as profile facts.
