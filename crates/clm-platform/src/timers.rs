@@ -31,7 +31,7 @@
 //!   due instant and now, per kind) is recorded each round.
 
 use crate::changes::Apply;
-use crate::db::{from_micros, to_micros};
+use crate::db::to_micros;
 use crate::error::Error;
 use sea_orm::sea_query::{
     Alias, Expr, ExprTrait, Func, LockBehavior, LockType, OnConflict, Order, Query,
@@ -75,13 +75,6 @@ pub struct Timer {
     pub version: i64,
     /// What the kind's handler needs, if anything.
     pub payload: Option<Vec<u8>>,
-}
-
-impl Timer {
-    /// The due instant.
-    pub fn due(&self) -> chrono::DateTime<chrono::Utc> {
-        from_micros(self.due_us)
-    }
 }
 
 /// A timer to arm.
@@ -203,27 +196,6 @@ pub async fn disarm_subjects(
         db.execute(&delete).await?;
     }
     Ok(())
-}
-
-/// The due instants of `keys` of `kind` that are armed.
-pub async fn due_of(
-    db: &impl ConnectionTrait,
-    kind: &str,
-    keys: &[String],
-) -> Result<HashMap<String, i64>, DbErr> {
-    let mut out = HashMap::with_capacity(keys.len());
-    for part in keys.chunks(1000) {
-        let q = Query::select()
-            .columns([a("key"), a("due_us")])
-            .from(a(TABLE))
-            .and_where(Expr::col(a("kind")).eq(kind))
-            .and_where(Expr::col(a("key")).is_in(part.iter().cloned()))
-            .to_owned();
-        for r in db.query_all(&q).await? {
-            out.insert(r.try_get("", "key")?, r.try_get("", "due_us")?);
-        }
-    }
-    Ok(out)
 }
 
 /// The armed timers of `kind` whose subject is one of `subjects`: key to due instant.

@@ -159,14 +159,6 @@ pub async fn page(
     q.limit(limit).all(db).await
 }
 
-/// Segments in state `state`.
-pub async fn in_state(db: &impl ConnectionTrait, state: State) -> Result<Vec<Segment>, DbErr> {
-    segments::Entity::find()
-        .filter(segments::Column::State.eq(state.code()))
-        .all(db)
-        .await
-}
-
 /// Deletes a segment and its versions.
 pub async fn delete(db: &impl ConnectionTrait, id: &str) -> Result<(), DbErr> {
     segment_versions::Entity::delete_many()
