@@ -19,6 +19,7 @@ pub mod lifecycle;
 pub mod money;
 pub mod rules;
 pub mod scoring;
+pub mod survey;
 pub mod touchpoint;
 pub mod validation;
 

@@ -105,6 +105,7 @@ static SERVICES: &[&ServiceDescriptor] = &[
     &clm_customer::DESCRIPTOR,
     &clm_scoring::DESCRIPTOR,
     &clm_segmentation::DESCRIPTOR,
+    &clm_feedback::DESCRIPTOR,
 ];
 
 /// Every role table, in the README's order: each service's own (from its
