@@ -45,9 +45,14 @@
 //!   the customer's last award (or threshold move), not a decayed value.
 //!   A score for a customer the projection does not hold (not created yet,
 //!   or already erased) is dropped.
-//! * NPS, CSAT and loyalty facts have their columns and their SQL and
-//!   evaluator support; feeding them is a handler on those services'
-//!   streams.
+//! * NPS and CSAT facts (`nps.last`, `nps.last_category`, `csat.last`)
+//!   follow the feedback service's stream when `peers.feedback` is
+//!   configured: each completed response sets the customer's last answers
+//!   and adds its answers as `SURVEY_ANSWER` touchpoints, so
+//!   `count(survey_answer where properties.category = "detractor", 90d)`
+//!   works like any touchpoint window. Loyalty facts have their columns
+//!   and their SQL and evaluator support; feeding them is a handler on the
+//!   loyalty stream.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -85,6 +90,7 @@ fn build(rt: &Runtime) -> anyhow::Result<Parts> {
         )))
         .follow("customer", events::customer_handlers(engine.clone()))
         .follow_if_configured("scoring", events::scoring_handlers(engine.clone()))
+        .follow_if_configured("feedback", events::feedback_handlers(engine.clone()))
         .operation(engine::BACKFILL, engine.runner())
         .timer(store::members::WINDOW, std::sync::Arc::new(engine))
         .task(move |_| Box::pin(resume.resume_backfills())))
