@@ -458,4 +458,34 @@ async fn a_segment_targeted_survey_invites_members_only() {
     assert_eq!(out.refusals.len(), 1);
     assert_eq!(out.refusals[0].customer, other);
     assert_eq!(out.refusals[0].reason, "NOT_IN_SEGMENT");
+    // The summary by segment at response time counts the engineer.
+    s.feedback()
+        .submit_response(fpb::SubmitResponseRequest {
+            name: "surveys/engineers/responses/r1".into(),
+            invitation: out.invitations[0].name.clone(),
+            answers: vec![fpb::Answer {
+                question: "nps".into(),
+                value: Some(fpb::answer::Value::Number(10)),
+                ..Default::default()
+            }],
+            finish: true,
+        })
+        .await
+        .unwrap();
+    let by = |segment: String| {
+        let mut fb = s.feedback();
+        async move {
+            fb.get_survey_summary(fpb::GetSurveySummaryRequest {
+                survey: "surveys/engineers".into(),
+                segment,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .responses
+        }
+    };
+    assert_eq!(by(engineers.clone()).await, 1);
+    assert_eq!(by("segments/someone-else".into()).await, 0);
 }

@@ -1069,3 +1069,110 @@ async fn erasure_deletes_open_text_and_merge_moves_responses() {
         .into_inner();
     assert!(none.invitations.is_empty());
 }
+
+#[tokio::test]
+async fn lifecycle_triggers_invite_on_entering_a_stage_and_after_a_purchase() {
+    let env = Env::start().await;
+    let a = env.customer("a@x.io", true).await;
+    env.synced().await;
+    let entered = env
+        .survey_with("welcome", &[nps("nps", true)], |s| {
+            s.targeting = Some(pb::Targeting {
+                audience: Some(pb::targeting::Audience::StageEntered(pb::StageEntered {
+                    stage: cpb::Stage::Acquisition as i32,
+                })),
+                channel: cpb::ConsentChannel::Email as i32,
+                ..Default::default()
+            })
+        })
+        .await;
+    let bought = env
+        .survey_with("after-purchase", &[nps("nps", true)], |s| {
+            s.targeting = Some(pb::Targeting {
+                audience: Some(pb::targeting::Audience::AfterPurchase(pb::AfterPurchase {
+                    delay: Some(prost_types::Duration {
+                        seconds: 2 * 86_400,
+                        nanos: 0,
+                    }),
+                })),
+                channel: cpb::ConsentChannel::Email as i32,
+                ..Default::default()
+            })
+        })
+        .await;
+    let of = |survey: String| {
+        let mut fb = env.fb();
+        let a = a.clone();
+        async move {
+            fb.list_invitations(pb::ListInvitationsRequest {
+                parent: survey,
+                customer: a,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .invitations
+        }
+    };
+    env.customers()
+        .transition_stage(cpb::TransitionStageRequest {
+            name: a.clone(),
+            to_stage: cpb::Stage::Acquisition as i32,
+            reason: "demo booked".into(),
+            request_id: "stage-1".into(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+    eventually(std::time::Duration::from_secs(30), || {
+        let of = of(entered.clone());
+        async move { of.await.len() == 1 }
+    })
+    .await;
+    env.customers()
+        .record_touchpoints(cpb::RecordTouchpointsRequest {
+            touchpoints: vec![cpb::Touchpoint {
+                customer: a.clone(),
+                event_id: "order-1".into(),
+                r#type: cpb::TouchpointType::Purchase as i32,
+                occurred_time: Some(timestamp(env.now())),
+                revenue: Some(clm_proto::common::Money {
+                    currency_code: "EUR".into(),
+                    amount_minor: 4_900,
+                }),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    // Not before the delay...
+    env.synced().await;
+    assert!(of(bought.clone()).await.is_empty());
+    // ...at it.
+    env.clock.advance(Duration::days(2));
+    let invs = eventually(std::time::Duration::from_secs(30), || {
+        let of = of(bought.clone());
+        async move {
+            let l = of.await;
+            (!l.is_empty()).then_some(l)
+        }
+    })
+    .await;
+    assert_eq!(invs[0].create_time, Some(timestamp(env.now())));
+    // Survey answers cannot be recorded as touchpoints by callers.
+    let err = env
+        .customers()
+        .record_touchpoints(cpb::RecordTouchpointsRequest {
+            touchpoints: vec![cpb::Touchpoint {
+                customer: a.clone(),
+                event_id: "fake".into(),
+                r#type: cpb::TouchpointType::SurveyAnswer as i32,
+                occurred_time: Some(timestamp(env.now())),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&err, "touchpoints[0].type");
+}

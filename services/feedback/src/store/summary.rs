@@ -90,7 +90,7 @@ fn answer_cols() -> Cols<Answers> {
 
 fn count_if(cond: String) -> SimpleExpr {
     Expr::cust(format!(
-        "CAST(SUM(CASE WHEN {cond} THEN 1 ELSE 0 END) AS BIGINT)"
+        "CAST(COALESCE(SUM(CASE WHEN {cond} THEN 1 ELSE 0 END), 0) AS BIGINT)"
     ))
 }
 
