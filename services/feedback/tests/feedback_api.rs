@@ -338,12 +338,7 @@ async fn every_question_type_is_checked_when_the_survey_is_written() {
     };
     bad(&|q| q[0].kind = 0, "survey.questions[0].kind").await;
     bad(
-        &|q| {
-            q[0].text = texts("x")
-                .into_iter()
-                .map(|(_, v)| ("fr".into(), v))
-                .collect()
-        },
+        &|q| q[0].text = BTreeMap::from([("fr".to_owned(), "x".to_owned())]),
         "survey.questions[0].text",
     )
     .await;

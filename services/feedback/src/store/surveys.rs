@@ -222,7 +222,7 @@ pub async fn replace_body(
     Versions::update_many()
         .col_expr(
             survey_versions::Column::Body,
-            Expr::val(body.encode_to_vec()).into(),
+            Expr::val(body.encode_to_vec()),
         )
         .filter(survey_versions::Column::SurveyId.eq(id))
         .filter(survey_versions::Column::Version.eq(version))
