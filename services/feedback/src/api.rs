@@ -319,17 +319,7 @@ impl FeedbackService for FeedbackApi {
             let pager = Pager::new(&["surveys", &state_key]);
             let after: Option<(i64, String)> = pager.after(&req.page_token)?;
             let rows = surveys::list(&self.rt.read, state, after, u64::from(size) + 1).await?;
-            let mut stored = Vec::with_capacity(rows.len());
-            for row in rows {
-                // One read per survey of the page (at most page_size + 1).
-                if let Some(body) = surveys::body(&self.rt.read, &row.id, row.version).await? {
-                    stored.push(surveys::Stored {
-                        version: row.version,
-                        row,
-                        body,
-                    });
-                }
-            }
+            let stored = surveys::with_bodies(&self.rt.read, rows).await?;
             let (surveys, next) = pager.page(&stored, size as usize, shown, |s| {
                 (s.row.create_us, s.row.id.clone())
             });

@@ -607,6 +607,38 @@ async fn the_fatigue_cap_the_cadence_and_consent_each_refuse_by_name() {
     let s1 = env.survey_named("s1", &[nps("nps", true)]).await;
     let s2 = env.survey_named("s2", &[nps("nps", true)]).await;
     let s3 = env.survey_named("s3", &[nps("nps", true)]).await;
+    // Surveys page newest first (the probe survey of `synced` is oldest).
+    let page = env
+        .fb()
+        .list_surveys(pb::ListSurveysRequest {
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.surveys.len(), 2);
+    let rest = env
+        .fb()
+        .list_surveys(pb::ListSurveysRequest {
+            page_size: 2,
+            page_token: page.next_page_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut names: Vec<String> = page
+        .surveys
+        .iter()
+        .chain(&rest.surveys)
+        .map(|s| s.name.clone())
+        .collect();
+    assert_eq!(names.len(), 4);
+    names.dedup();
+    assert_eq!(names.len(), 4);
+    assert!(rest.next_page_token.is_empty());
+    assert!(rest.surveys.iter().all(|s| !s.questions.is_empty()));
     let first = env.invite(&s1, &[&a, &no]).await;
     assert_eq!(first.invitations.len(), 1);
     assert_eq!(first.refusals.len(), 1);

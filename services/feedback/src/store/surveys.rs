@@ -185,6 +185,11 @@ pub async fn published(db: &impl ConnectionTrait) -> Result<Vec<Stored>> {
         .filter(SC::State.eq(pb::SurveyState::Published as i16))
         .all(db)
         .await?;
+    with_bodies(db, rows).await
+}
+
+/// `rows` with the bodies of their latest versions, in two queries.
+pub async fn with_bodies(db: &impl ConnectionTrait, rows: Vec<Row>) -> Result<Vec<Stored>> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
