@@ -730,7 +730,7 @@ impl FeedbackService for FeedbackApi {
                     req.survey_version
                 )));
             }
-            let order: Vec<String> = s.body.questions.iter().map(|q| q.id.clone()).collect();
+            let versions = surveys::question_ids(&self.rt.read, &survey).await?;
             let filter = crate::store::summary::Filter {
                 survey,
                 version: req.survey_version,
@@ -740,7 +740,7 @@ impl FeedbackService for FeedbackApi {
                 segment,
                 completed_only: req.completed_only,
             };
-            summary::summarise(&self.rt.read, &filter, &order, bucket_us, self.now()).await
+            summary::summarise(&self.rt.read, &filter, &versions, bucket_us, self.now()).await
         })
         .await
     }

@@ -235,3 +235,23 @@ pub async fn replace_body(
         .await?;
     Ok(())
 }
+
+/// Every version of survey `id`: its question ids, in order.
+pub async fn question_ids(
+    db: &impl ConnectionTrait,
+    id: &str,
+) -> Result<std::collections::BTreeMap<i64, Vec<String>>> {
+    Versions::find()
+        .filter(survey_versions::Column::SurveyId.eq(id))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|v| {
+            let body = pb::Survey::decode(v.body.as_slice()).map_err(Error::internal)?;
+            Ok((
+                v.version,
+                body.questions.into_iter().map(|q| q.id).collect(),
+            ))
+        })
+        .collect()
+}
