@@ -1,8 +1,9 @@
 //! `GetSurveySummary`: the database groups the answer rows (see
 //! `store::summary`: one scan of the answer rows keyed by version,
-//! position, kind and value, and small counts of responses, invitations
-//! and choices, run side by side on the read pool); this module adds the
-//! few resulting cells up into the formulas below.
+//! position, kind, value and completion, covered by an index, beside the
+//! counts of invitations and choices, on the read pool); this module adds
+//! the few resulting cells up into the formulas below, the response counts
+//! included (every response has one row for its version's first question).
 //!
 //! # Formulas, exactly as computed
 //!
@@ -126,10 +127,9 @@ pub async fn summarise(
     bucket_us: Option<i64>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<pb::SurveySummary> {
-    let (cells, choices, totals, invitations, trend_cells, per_bucket) = tokio::try_join!(
+    let (cells, choices, invitations, trend_cells, per_bucket) = tokio::try_join!(
         summary::cells(db, f),
         summary::choices(db, f),
-        summary::responses(db, f, None),
         summary::invitations(db, f),
         async {
             match bucket_us {
@@ -144,9 +144,14 @@ pub async fn summarise(
             }
         },
     )?;
-    let (responses, completed) = totals
-        .first()
-        .map_or((0, 0), |t| (t.responses, t.completed));
+    // Every response has exactly one row for the first question of its
+    // version (it has no condition and every response gets to it).
+    let (responses, completed) = cells
+        .iter()
+        .filter(|c| c.position == 0)
+        .fold((0, 0), |(r, d), c| {
+            (r + c.shown, d + if c.completed { c.shown } else { 0 })
+        });
     let latest: &[String] = versions.values().next_back().map_or(&[], Vec::as_slice);
     let mut questions: BTreeMap<&str, Question> = BTreeMap::new();
     let mut all = Totals::default();

@@ -96,7 +96,7 @@ async fn survey_summary_over_a_million_responses() {
         "INSERT INTO answers (survey_id, response_id, question, position, kind, answered, dropped, number, survey_version, completed, stage, at_us) \
          SELECT 'bench', 'r' || g, 'ces', 2, 3, g % 3 <> 0, false, CASE WHEN g % 3 <> 0 THEN g % 7 + 1 END, 1, true, g % 6 + 1, 1800000000000000 + g * 1000 \
          FROM generate_series(1, $1) g WHERE g % 10 <> 0",
-        "ANALYZE",
+        "VACUUM ANALYZE",
     ];
     for sql in seed {
         let values: Vec<sea_orm::Value> = if sql.contains("$1") {

@@ -10,6 +10,7 @@ impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         let mut m = clm_platform::migration::platform_migrations();
         m.push(Box::new(FeedbackTables));
+        m.push(Box::new(SummaryIndex));
         m
     }
 }
@@ -255,5 +256,40 @@ impl MigrationTrait for FeedbackTables {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// The index that covers the summary's scan of the answer rows: its keys
+/// are the scan's filters and groups, so PostgreSQL reads the index only
+/// and aggregates it in order.
+struct SummaryIndex;
+
+impl MigrationName for SummaryIndex {
+    fn name(&self) -> &str {
+        "m0003_answers_summary_index"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for SummaryIndex {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_index(index(
+            "answers_cells",
+            "answers",
+            &[
+                "survey_id",
+                "survey_version",
+                "position",
+                "kind",
+                "number",
+                "completed",
+                "answered",
+                "dropped",
+                "stage",
+                "at_us",
+            ],
+            false,
+        ))
+        .await
     }
 }

@@ -106,6 +106,8 @@ pub struct Cell {
     pub kind: i16,
     /// The numeric answer; none for unanswered and non-numeric rows.
     pub number: Option<i64>,
+    /// Whether the responses are completed (false in the trend).
+    pub completed: bool,
     /// Rows: responses shown the question with this answer.
     pub shown: i64,
     /// Of those, answered.
@@ -115,9 +117,11 @@ pub struct Cell {
 }
 
 /// One grouped scan of the answer rows: every (version, position, kind,
-/// number) with its shown, answered and dropped counts. Integer keys only
-/// (hashing question ids costs more than the scan); the question ids, the
-/// classes, sums and distributions are derived from these few rows.
+/// number, completed) with its shown, answered and dropped counts. Integer
+/// keys only (hashing question ids costs more than the scan), in the order
+/// of the `answers_cells` index, which covers the scan; the question ids,
+/// the classes, sums, distributions and the response counts are derived
+/// from these few rows.
 pub async fn cells(db: &impl ConnectionTrait, f: &Filter) -> Result<Vec<Cell>> {
     let mut q = Query::select();
     q.column(AC::SurveyVersion)
@@ -125,6 +129,7 @@ pub async fn cells(db: &impl ConnectionTrait, f: &Filter) -> Result<Vec<Cell>> {
         .expr_as(Expr::cust("CAST(0 AS BIGINT)"), n("bucket"))
         .column(AC::Kind)
         .column(AC::Number)
+        .column(AC::Completed)
         .expr_as(Expr::cust("COUNT(*)"), n("shown"))
         .expr_as(count_if(AC::Answered.as_str()), n("answered"))
         .expr_as(count_if(AC::Dropped.as_str()), n("dropped"))
@@ -133,7 +138,8 @@ pub async fn cells(db: &impl ConnectionTrait, f: &Filter) -> Result<Vec<Cell>> {
     q.group_by_col(AC::SurveyVersion)
         .group_by_col(AC::Position)
         .group_by_col(AC::Kind)
-        .group_by_col(AC::Number);
+        .group_by_col(AC::Number)
+        .group_by_col(AC::Completed);
     Ok(Cell::find_by_statement(db.get_database_backend().build(&q))
         .all(db)
         .await?)
@@ -149,6 +155,7 @@ pub async fn trend(db: &impl ConnectionTrait, f: &Filter, bucket_us: i64) -> Res
         .expr_as(Expr::cust(bucket.clone()), n("bucket"))
         .column(AC::Kind)
         .column(AC::Number)
+        .expr_as(Expr::cust("1 = 0"), n("completed"))
         .expr_as(Expr::cust("COUNT(*)"), n("shown"))
         .expr_as(Expr::cust("COUNT(*)"), n("answered"))
         .expr_as(Expr::cust("CAST(0 AS BIGINT)"), n("dropped"))
