@@ -169,8 +169,8 @@ pub async fn trend(db: &impl ConnectionTrait, f: &Filter, bucket_us: i64) -> Res
         ]))
         .add_group_by([
             Expr::cust(bucket),
-            Expr::col(AC::Kind).into(),
-            Expr::col(AC::Number).into(),
+            Expr::col(AC::Kind),
+            Expr::col(AC::Number),
         ]);
     Ok(Cell::find_by_statement(db.get_database_backend().build(&q))
         .all(db)
