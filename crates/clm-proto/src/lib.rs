@@ -31,6 +31,11 @@ pub mod clm {
             tonic::include_proto!("clm.segmentation.v1");
         }
     }
+    pub mod loyalty {
+        pub mod v1 {
+            tonic::include_proto!("clm.loyalty.v1");
+        }
+    }
 }
 
 /// Minimal vendored googleapis packages (`google.longrunning`, `google.rpc`).
@@ -47,6 +52,7 @@ pub mod event_types;
 
 pub use clm::common::v1 as common;
 pub use clm::customer::v1 as customer;
+pub use clm::loyalty::v1 as loyalty;
 pub use clm::scoring::v1 as scoring;
 pub use clm::segmentation::v1 as segmentation;
 
