@@ -22,7 +22,7 @@ use entity::{
     transactions,
 };
 use sea_orm::sea_query::{
-    CaseStatement, Cond, Expr, ExprTrait, LockType, OnConflict, Order, Query, SelectStatement,
+    CaseStatement, Cond, Expr, ExprTrait, Func, LockType, OnConflict, Order, Query, SelectStatement,
 };
 use sea_orm::{ConnectionTrait, EntityName, FromQueryResult, IdenStatic};
 
@@ -925,21 +925,28 @@ pub async fn member_usage(
         n: i64,
         v: i64,
     }
-    let r = RC::Reward.as_str();
-    let c = RC::Campaign.as_str();
-    let v = RC::ValueMinor.as_str();
+    let sum_when = |cond: Expr, then: Expr| -> Expr {
+        let case = CaseStatement::new()
+            .case(cond, then)
+            .finally(Expr::val(0i64));
+        Func::cast_as(
+            Func::coalesce([
+                Func::sum(Expr::Case(Box::new(case))).into(),
+                Expr::val(0i64),
+            ]),
+            sea_orm::sea_query::Alias::new("BIGINT"),
+        )
+        .into()
+    };
     let q = Query::select()
         .expr_as(
-            Expr::cust_with_values(
-                format!("CAST(COALESCE(SUM(CASE WHEN {r} = ? THEN 1 ELSE 0 END), 0) AS BIGINT)"),
-                [reward],
-            ),
+            sum_when(Expr::col(RC::Reward).eq(reward), Expr::val(1i64)),
             sea_orm::sea_query::Alias::new("n"),
         )
         .expr_as(
-            Expr::cust_with_values(
-                format!("CAST(COALESCE(SUM(CASE WHEN {c} = ? THEN {v} ELSE 0 END), 0) AS BIGINT)"),
-                [campaign],
+            sum_when(
+                Expr::col(RC::Campaign).eq(campaign),
+                Expr::col(RC::ValueMinor).into(),
             ),
             sea_orm::sea_query::Alias::new("v"),
         )
