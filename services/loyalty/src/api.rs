@@ -440,7 +440,7 @@ fn masked_program(
             "points_currency" => out.points_currency = new.points_currency.clone(),
             "earning_rules" => out.earning_rules = new.earning_rules.clone(),
             "pending_period" => out.pending_period = new.pending_period,
-            "expiry" => out.expiry = new.expiry.clone(),
+            "expiry" => out.expiry = new.expiry,
             "tiers" => out.tiers = new.tiers.clone(),
             "tier_window" => out.tier_window = new.tier_window,
             "downgrade_grace" => out.downgrade_grace = new.downgrade_grace,

@@ -145,6 +145,7 @@ pub fn fresh_source(what: &str) -> String {
     format!("{what}/{}", uuid::Uuid::now_v7().simple())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn new_txn(
     program: &str,
     customer: &str,
@@ -609,6 +610,7 @@ pub async fn earn_by_rules(
 }
 
 /// Earns by the rules and reviews the tier: the events to emit.
+#[allow(clippy::too_many_arguments)]
 pub async fn earn_and_review(
     db: &impl ConnectionTrait,
     p: &Program,

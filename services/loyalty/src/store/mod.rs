@@ -946,7 +946,7 @@ pub async fn member_usage(
         .expr_as(
             sum_when(
                 Expr::col(RC::Campaign).eq(campaign),
-                Expr::col(RC::ValueMinor).into(),
+                Expr::col(RC::ValueMinor),
             ),
             sea_orm::sea_query::Alias::new("v"),
         )
