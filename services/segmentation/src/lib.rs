@@ -47,7 +47,10 @@
 //!   or already erased) is dropped.
 //! * NPS, CSAT and loyalty facts have their columns and their SQL and
 //!   evaluator support; feeding them is a handler on those services'
-//!   streams.
+//!   streams. Loyalty's (`events::loyalty_handlers`, when `peers.loyalty`
+//!   is set): `TierChanged` sets `loyalty.tier` and `loyalty.balance`,
+//!   `PointsChanged` the balance; with several programs the latest event
+//!   of any program wins.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -85,6 +88,7 @@ fn build(rt: &Runtime) -> anyhow::Result<Parts> {
         )))
         .follow("customer", events::customer_handlers(engine.clone()))
         .follow_if_configured("scoring", events::scoring_handlers(engine.clone()))
+        .follow_if_configured("loyalty", events::loyalty_handlers(engine.clone()))
         .operation(engine::BACKFILL, engine.runner())
         .timer(store::members::WINDOW, std::sync::Arc::new(engine))
         .task(move |_| Box::pin(resume.resume_backfills())))
