@@ -38,7 +38,7 @@ fn dur(secs: i64) -> prost_types::Duration {
 const DAY: i64 = 86_400;
 
 struct Env {
-    customer: Running,
+    customer: Option<Running>,
     loyalty: Running,
     clock: ManualClock,
     _backends: (TestBackend, TestBackend),
@@ -61,7 +61,7 @@ impl Env {
         let loyalty = start_with_clock(&clm_loyalty::DESCRIPTOR, lc, Arc::new(clock.clone())).await;
         let postgres = lb.is_postgres();
         Env {
-            customer,
+            customer: Some(customer),
             loyalty,
             clock,
             _backends: (cb, lb),
@@ -74,7 +74,7 @@ impl Env {
     }
 
     fn customers(&self) -> CustomerServiceClient<Channel> {
-        CustomerServiceClient::new(self.customer.channel())
+        CustomerServiceClient::new(self.customer.as_ref().unwrap().channel())
     }
 
     fn now(&self) -> DateTime<Utc> {
@@ -1127,4 +1127,41 @@ async fn a_coupon_is_used_once_under_concurrent_use() {
         }
     }
     assert_eq!(ok, 1);
+}
+
+/// The customer service, following loyalty's stream, moves a member who
+/// reaches the program's loyalty tier into the LOYALTY stage.
+#[tokio::test]
+async fn reaching_the_loyalty_tier_moves_the_customer_into_loyalty() {
+    let mut env = Env::start().await;
+    // Restart the customer service on its address, now following loyalty.
+    let old = env.customer.take().unwrap();
+    let mut cc = env._backends.0.config("customer");
+    cc.listen = old.addr;
+    cc.change_poll_interval_ms = 50;
+    cc.peers.insert("loyalty".into(), env.loyalty.url());
+    old.stop().await;
+    env.customer =
+        Some(start_with_clock(&clm_customer::DESCRIPTOR, cc, Arc::new(env.clock.clone())).await);
+    let mut p = program();
+    p.loyalty_tier = "silver".into();
+    env.program("stars", p).await;
+    let c = env.new_customer("loyal@example.com").await;
+    let m = member_name("stars", &c);
+    env.enroll("stars", &c).await;
+    env.earn(&m, 1000, "big").await;
+    assert_eq!(env.member(&m).await.tier, "silver");
+    eventually(std::time::Duration::from_secs(20), || async {
+        env.customers()
+            .get_customer(cpb::GetCustomerRequest {
+                name: c.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .stage
+            == cpb::Stage::Loyalty as i32
+    })
+    .await;
 }
