@@ -21,6 +21,8 @@
 #
 # buf breaking compares proto/ against proto/released.binpb, the image of
 # the last released API (see proto/README.md to update it on a release).
+# scripts/check-deploy.sh checks deploy/ (manifests, Dockerfile, compose)
+# without building anything.
 #
 # PostgreSQL: CLM_TEST_DATABASE_URL if set; otherwise a throwaway server
 # started here from the machine's PostgreSQL binaries (initdb, pg_ctl) in a
@@ -121,6 +123,9 @@ buf() { npx --yes "@bufbuild/buf@${BUF_VERSION}" "$@"; }
 buf lint
 step "buf breaking (against the released API, proto/released.binpb)"
 buf breaking --against proto/released.binpb
+
+step "deploy/: kustomize renders, kubernetes-validate, checkov, yamllint, hadolint (scripts/check-deploy.sh)"
+scripts/check-deploy.sh
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   step "installing cargo-nextest"

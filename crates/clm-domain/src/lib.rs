@@ -20,6 +20,7 @@ pub mod loyalty;
 pub mod money;
 pub mod rules;
 pub mod scoring;
+pub mod survey;
 pub mod touchpoint;
 pub mod validation;
 

@@ -28,11 +28,14 @@ pub enum TouchpointKind {
     SupportContact,
     /// Caller-defined, see `custom_type`.
     Custom,
+    /// An answer to a survey question, from the feedback service's stream
+    /// (never recorded by callers).
+    SurveyAnswer,
 }
 
 impl TouchpointKind {
     /// Every kind.
-    pub const ALL: [TouchpointKind; 7] = [
+    pub const ALL: [TouchpointKind; 8] = [
         TouchpointKind::UsageTime,
         TouchpointKind::ProductAccess,
         TouchpointKind::FeatureUse,
@@ -40,6 +43,7 @@ impl TouchpointKind {
         TouchpointKind::CampaignTouch,
         TouchpointKind::SupportContact,
         TouchpointKind::Custom,
+        TouchpointKind::SurveyAnswer,
     ];
 
     /// Stable small-integer code for storage.
@@ -52,6 +56,7 @@ impl TouchpointKind {
             TouchpointKind::CampaignTouch => 5,
             TouchpointKind::SupportContact => 6,
             TouchpointKind::Custom => 7,
+            TouchpointKind::SurveyAnswer => 8,
         }
     }
 
@@ -70,6 +75,7 @@ impl TouchpointKind {
             TouchpointKind::CampaignTouch => "CAMPAIGN_TOUCH",
             TouchpointKind::SupportContact => "SUPPORT_CONTACT",
             TouchpointKind::Custom => "CUSTOM",
+            TouchpointKind::SurveyAnswer => "SURVEY_ANSWER",
         }
     }
 

@@ -162,3 +162,69 @@ mod tests {
         assert!(stage("s", 0).is_err());
     }
 }
+
+/// The touchpoints a completed survey response stands for: one
+/// `SURVEY_ANSWER` per answered question except open text (personal data
+/// stays in the feedback service), so scoring and segmentation count and
+/// score answers with the rules, caps, decay and windows they use for any
+/// touchpoint. Event ids are `{response}#{question}`: a replayed response
+/// is the same touchpoints again. Properties: `survey`, `question`, `kind`
+/// (`nps`, `csat`, `ces`, `rating`, `single_choice`, `multiple_choice`),
+/// `value` (numbers), `category` (NPS: `detractor`, `passive`,
+/// `promoter`), `satisfaction` (CSAT: `unsatisfied`, `neutral`,
+/// `satisfied`), `choices` (comma-separated ids).
+pub fn survey_answers(m: &clm_proto::feedback::ResponseCompleted) -> Vec<cpb::Touchpoint> {
+    use clm_proto::feedback::{NpsCategory, QuestionKind, Satisfaction};
+    m.answers
+        .iter()
+        .filter_map(|a| {
+            let kind = match QuestionKind::try_from(a.kind).ok()? {
+                QuestionKind::Nps => "nps",
+                QuestionKind::Csat => "csat",
+                QuestionKind::Ces => "ces",
+                QuestionKind::Rating => "rating",
+                QuestionKind::SingleChoice => "single_choice",
+                QuestionKind::MultipleChoice => "multiple_choice",
+                QuestionKind::OpenText | QuestionKind::Unspecified => return None,
+            };
+            let mut properties = std::collections::BTreeMap::from([
+                ("survey".to_owned(), m.survey.clone()),
+                ("question".to_owned(), a.question.clone()),
+                ("kind".to_owned(), kind.to_owned()),
+            ]);
+            if let Some(n) = a.number {
+                properties.insert("value".into(), n.to_string());
+            }
+            let category = match NpsCategory::try_from(a.nps_category) {
+                Ok(NpsCategory::Detractor) => Some("detractor"),
+                Ok(NpsCategory::Passive) => Some("passive"),
+                Ok(NpsCategory::Promoter) => Some("promoter"),
+                _ => None,
+            };
+            if let Some(c) = category {
+                properties.insert("category".into(), c.into());
+            }
+            let satisfaction = match Satisfaction::try_from(a.satisfaction) {
+                Ok(Satisfaction::Unsatisfied) => Some("unsatisfied"),
+                Ok(Satisfaction::Neutral) => Some("neutral"),
+                Ok(Satisfaction::Satisfied) => Some("satisfied"),
+                _ => None,
+            };
+            if let Some(s) = satisfaction {
+                properties.insert("satisfaction".into(), s.into());
+            }
+            if !a.choices.is_empty() {
+                properties.insert("choices".into(), a.choices.join(","));
+            }
+            Some(cpb::Touchpoint {
+                name: String::new(),
+                customer: m.customer.clone(),
+                event_id: format!("{}#{}", m.response, a.question),
+                r#type: cpb::TouchpointType::SurveyAnswer as i32,
+                occurred_time: m.completed_time,
+                properties,
+                ..Default::default()
+            })
+        })
+        .collect()
+}

@@ -198,6 +198,24 @@ pub async fn disarm_subjects(
     Ok(())
 }
 
+/// Gives the timers of `from` subjects (of every kind) to `to`: a merge
+/// moves a duplicate's pending work to the survivor, due as before.
+pub async fn move_subjects(
+    db: &impl ConnectionTrait,
+    from: &[String],
+    to: &str,
+) -> Result<(), DbErr> {
+    for part in from.chunks(1000) {
+        let update = Query::update()
+            .table(a(TABLE))
+            .value(a("subject"), to.to_owned())
+            .and_where(Expr::col(a("subject")).is_in(part.iter().cloned()))
+            .to_owned();
+        db.execute(&update).await?;
+    }
+    Ok(())
+}
+
 /// The armed timers of `kind` whose subject is one of `subjects`: key to due instant.
 pub async fn of_subjects(
     db: &impl ConnectionTrait,

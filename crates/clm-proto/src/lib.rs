@@ -26,6 +26,11 @@ pub mod clm {
             tonic::include_proto!("clm.scoring.v1");
         }
     }
+    pub mod feedback {
+        pub mod v1 {
+            tonic::include_proto!("clm.feedback.v1");
+        }
+    }
     pub mod segmentation {
         pub mod v1 {
             tonic::include_proto!("clm.segmentation.v1");
@@ -52,6 +57,7 @@ pub mod event_types;
 
 pub use clm::common::v1 as common;
 pub use clm::customer::v1 as customer;
+pub use clm::feedback::v1 as feedback;
 pub use clm::loyalty::v1 as loyalty;
 pub use clm::scoring::v1 as scoring;
 pub use clm::segmentation::v1 as segmentation;

@@ -281,6 +281,10 @@ pub(crate) fn touchpoint_kind(field: &str, value: i32) -> Result<TouchpointKind,
         Ok(pb::TouchpointType::CampaignTouch) => Ok(TouchpointKind::CampaignTouch),
         Ok(pb::TouchpointType::SupportContact) => Ok(TouchpointKind::SupportContact),
         Ok(pb::TouchpointType::Custom) => Ok(TouchpointKind::Custom),
+        Ok(pb::TouchpointType::SurveyAnswer) => Err(Violation::new(
+            field,
+            "SURVEY_ANSWER touchpoints come from the feedback service's responses",
+        )),
         Ok(pb::TouchpointType::Unspecified) => Err(Violation::new(field, "is required")),
         Err(_) => Err(Violation::new(
             field,
@@ -298,6 +302,7 @@ fn kind_to_proto(k: TouchpointKind) -> pb::TouchpointType {
         TouchpointKind::CampaignTouch => pb::TouchpointType::CampaignTouch,
         TouchpointKind::SupportContact => pb::TouchpointType::SupportContact,
         TouchpointKind::Custom => pb::TouchpointType::Custom,
+        TouchpointKind::SurveyAnswer => pb::TouchpointType::SurveyAnswer,
     }
 }
 

@@ -39,27 +39,7 @@ pub fn customer_handlers() -> Handlers {
 
 /// The handlers of the feedback stream.
 pub fn feedback_handlers() -> Handlers {
-    Handlers::new().on::<ResponseCompleted, _>(Arc::new(CustomerEvents))
-}
-
-/// `clm.feedback.v1.ResponseCompleted`, as far as loyalty reads it (the
-/// feedback service's message; only these fields are decoded).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ResponseCompleted {
-    /// `surveys/{s}/responses/{r}`.
-    #[prost(string, tag = "1")]
-    pub response: String,
-    /// `surveys/{s}`.
-    #[prost(string, tag = "2")]
-    pub survey: String,
-    /// `customers/{id}`.
-    #[prost(string, tag = "3")]
-    pub customer: String,
-}
-
-impl prost::Name for ResponseCompleted {
-    const NAME: &'static str = "ResponseCompleted";
-    const PACKAGE: &'static str = "clm.feedback.v1";
+    Handlers::new().on::<clm_proto::feedback::ResponseCompleted, _>(Arc::new(CustomerEvents))
 }
 
 /// Applies customer and feedback events.
@@ -165,12 +145,12 @@ impl On<cpb::TouchpointRecorded> for CustomerEvents {
 }
 
 #[async_trait::async_trait]
-impl On<ResponseCompleted> for CustomerEvents {
+impl On<clm_proto::feedback::ResponseCompleted> for CustomerEvents {
     async fn on(
         &self,
         cx: &mut Apply,
         _event: &ChangeEvent,
-        m: ResponseCompleted,
+        m: clm_proto::feedback::ResponseCompleted,
     ) -> Result<(), Error> {
         if m.customer.is_empty() || m.response.is_empty() {
             return Ok(());

@@ -39,6 +39,7 @@ const DAY: i64 = 86_400;
 
 struct Env {
     customer: Option<Running>,
+    feedback: Option<(Running, TestBackend)>,
     loyalty: Running,
     clock: ManualClock,
     _backends: (TestBackend, TestBackend),
@@ -47,6 +48,10 @@ struct Env {
 
 impl Env {
     async fn start() -> Env {
+        Self::start_with(false).await
+    }
+
+    async fn start_with(with_feedback: bool) -> Env {
         let cb = TestBackend::migrated::<clm_customer::store::Migrator>().await;
         let lb = TestBackend::migrated::<clm_loyalty::store::Migrator>().await;
         let clock = ManualClock::new(t0());
@@ -54,7 +59,18 @@ impl Env {
         cc.change_poll_interval_ms = 50;
         let customer =
             start_with_clock(&clm_customer::DESCRIPTOR, cc, Arc::new(clock.clone())).await;
+        let mut feedback = None;
         let mut lc = lb.config("loyalty");
+        if with_feedback {
+            let fb = TestBackend::migrated::<clm_feedback::store::Migrator>().await;
+            let mut fc = fb.config("feedback");
+            fc.change_poll_interval_ms = 50;
+            fc.peers.insert("customer".into(), customer.url());
+            let running =
+                start_with_clock(&clm_feedback::DESCRIPTOR, fc, Arc::new(clock.clone())).await;
+            lc.peers.insert("feedback".into(), running.url());
+            feedback = Some((running, fb));
+        }
         lc.change_poll_interval_ms = 50;
         lc.database.max_connections = 16;
         lc.peers.insert("customer".into(), customer.url());
@@ -62,6 +78,7 @@ impl Env {
         let postgres = lb.is_postgres();
         Env {
             customer: Some(customer),
+            feedback,
             loyalty,
             clock,
             _backends: (cb, lb),
@@ -1164,4 +1181,104 @@ async fn reaching_the_loyalty_tier_moves_the_customer_into_loyalty() {
             == cpb::Stage::Loyalty as i32
     })
     .await;
+}
+
+/// A completed survey response (the feedback service's stream) earns the
+/// program's survey bonus, once.
+#[tokio::test]
+async fn a_completed_survey_earns_the_survey_bonus() {
+    use clm_proto::feedback as fpb;
+    use clm_proto::feedback::feedback_service_client::FeedbackServiceClient;
+    let env = Env::start_with(true).await;
+    let feedback = &env.feedback.as_ref().unwrap().0;
+    let mut p = program();
+    p.earning_rules.push(pb::EarningRule {
+        id: "survey".into(),
+        trigger: pb::EarningTrigger::SurveyCompleted as i32,
+        points: 25,
+        ..Default::default()
+    });
+    env.program("stars", p).await;
+    let c = env.new_customer("survey@example.com").await;
+    let m = member_name("stars", &c);
+    env.enroll("stars", &c).await;
+    env.customers()
+        .set_consent(cpb::SetConsentRequest {
+            name: c.clone(),
+            settings: vec![cpb::ConsentSetting {
+                purpose: cpb::ConsentPurpose::Surveys as i32,
+                channel: cpb::ConsentChannel::Email as i32,
+                state: cpb::ConsentState::Granted as i32,
+            }],
+            source: cpb::ConsentSource::Api as i32,
+            request_id: "consent".into(),
+        })
+        .await
+        .unwrap();
+    let mut fb = FeedbackServiceClient::new(feedback.channel());
+    let survey = fb
+        .create_survey(fpb::CreateSurveyRequest {
+            survey: Some(fpb::Survey {
+                display_name: "NPS".into(),
+                questions: vec![fpb::Question {
+                    id: "nps".into(),
+                    kind: fpb::QuestionKind::Nps as i32,
+                    text: std::collections::BTreeMap::from([(
+                        "en".to_owned(),
+                        "How likely?".to_owned(),
+                    )]),
+                    required: true,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            survey_id: "nps".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    fb.publish_survey(fpb::PublishSurveyRequest {
+        name: survey.name.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let invitation = eventually(std::time::Duration::from_secs(30), || {
+        let mut fb = fb.clone();
+        let (survey, c) = (survey.name.clone(), c.clone());
+        async move {
+            fb.create_invitations(fpb::CreateInvitationsRequest {
+                survey,
+                customers: vec![c],
+                channel: cpb::ConsentChannel::Email as i32,
+                ..Default::default()
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .invitations
+            .pop()
+        }
+    })
+    .await;
+    fb.submit_response(fpb::SubmitResponseRequest {
+        name: format!("{}/responses/r1", survey.name),
+        invitation: invitation.name.clone(),
+        answers: vec![fpb::Answer {
+            question: "nps".into(),
+            value: Some(fpb::answer::Value::Number(9)),
+            ..Default::default()
+        }],
+        finish: true,
+    })
+    .await
+    .unwrap();
+    eventually(std::time::Duration::from_secs(30), || async {
+        env.member(&m).await.balance == 25
+    })
+    .await;
+    let earned: Vec<pb::Transaction> = env.transactions(&m).await;
+    assert_eq!(earned.len(), 1);
+    assert_eq!(earned[0].rule, "survey");
 }

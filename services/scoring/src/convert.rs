@@ -216,12 +216,24 @@ pub fn compile_model(prefix: &str, m: &pb::ScoringModel) -> Result<Model, Violat
         }
         let d = v.check("", decay(&format!("{p}.decay"), r.decay.as_ref()));
         use pb::scoring_rule::Trigger;
+        // Event rules: a touchpoint query, written or made from a survey trigger.
+        let event_query = match &r.trigger {
+            Some(Trigger::Touchpoint(q)) => Some((q.clone(), format!("{p}.touchpoint"))),
+            Some(Trigger::SurveyAnswer(t)) => {
+                let f = format!("{p}.survey_answer");
+                v.check("", survey_query(&f, t)).map(|q| (q, f))
+            }
+            _ => None,
+        };
         match &r.trigger {
             None => v.push(Violation::new(
                 format!("{p}.trigger"),
-                "set one of touchpoint, profile_condition, consent_denied",
+                "set one of touchpoint, profile_condition, consent_denied, survey_answer",
             )),
-            Some(Trigger::Touchpoint(q)) => {
+            Some(Trigger::Touchpoint(_) | Trigger::SurveyAnswer(_)) => {
+                let Some((q, qfield)) = &event_query else {
+                    continue;
+                };
                 let cap = match &r.cap {
                     None => None,
                     Some(c) => {
@@ -262,7 +274,7 @@ pub fn compile_model(prefix: &str, m: &pb::ScoringModel) -> Result<Model, Violat
                     Ok(trigger) => {
                         if trigger.window.is_some() {
                             v.push(Violation::new(
-                                format!("{p}.touchpoint"),
+                                qfield.clone(),
                                 "an event rule takes no window",
                             ));
                         }
@@ -278,7 +290,7 @@ pub fn compile_model(prefix: &str, m: &pb::ScoringModel) -> Result<Model, Violat
                             });
                         }
                     }
-                    Err(e) => v.0.extend(e.to_violations(&format!("{p}.touchpoint")).0),
+                    Err(e) => v.0.extend(e.to_violations(qfield).0),
                 }
             }
             Some(Trigger::ProfileCondition(text)) => {
@@ -434,4 +446,100 @@ pub fn ledger_entry(r: &Row, at_us: i64) -> pb::LedgerEntry {
         reason: r.reason.clone(),
         actor: r.actor.clone(),
     }
+}
+
+/// The touchpoint query a survey trigger stands for:
+/// `survey_answer where properties.kind = "nps" and ...`, the value bounds
+/// as the list of values they allow (properties are text).
+pub fn survey_query(field: &str, t: &pb::SurveyAnswerTrigger) -> Result<String, Violation> {
+    use clm_proto::feedback::{NpsCategory, QuestionKind, Satisfaction};
+    let (kind, scale) = match QuestionKind::try_from(t.kind) {
+        Ok(QuestionKind::Nps) => ("nps", Some((0, 10))),
+        Ok(QuestionKind::Csat) => ("csat", Some((1, 5))),
+        Ok(QuestionKind::Ces) => ("ces", Some((1, 7))),
+        Ok(QuestionKind::Rating) => ("rating", None),
+        _ => {
+            return Err(Violation::new(
+                format!("{field}.kind"),
+                "must be NPS, CSAT, CES or RATING",
+            ));
+        }
+    };
+    let mut text = format!("survey_answer where properties.kind = \"{kind}\"");
+    match NpsCategory::try_from(t.nps_category) {
+        Ok(NpsCategory::Unspecified) => {}
+        Ok(c) if kind == "nps" => {
+            let c = match c {
+                NpsCategory::Detractor => "detractor",
+                NpsCategory::Passive => "passive",
+                _ => "promoter",
+            };
+            text.push_str(&format!(" and properties.category = \"{c}\""));
+        }
+        _ => {
+            return Err(Violation::new(
+                format!("{field}.nps_category"),
+                "applies to NPS answers only",
+            ));
+        }
+    }
+    match Satisfaction::try_from(t.satisfaction) {
+        Ok(Satisfaction::Unspecified) => {}
+        Ok(s) if kind == "csat" => {
+            let s = match s {
+                Satisfaction::Unsatisfied => "unsatisfied",
+                Satisfaction::Neutral => "neutral",
+                _ => "satisfied",
+            };
+            text.push_str(&format!(" and properties.satisfaction = \"{s}\""));
+        }
+        _ => {
+            return Err(Violation::new(
+                format!("{field}.satisfaction"),
+                "applies to CSAT answers only",
+            ));
+        }
+    }
+    if t.min_value.is_some() || t.max_value.is_some() {
+        let (lo, hi) = match scale {
+            Some((lo, hi)) => (
+                t.min_value.unwrap_or(lo).max(lo),
+                t.max_value.unwrap_or(hi).min(hi),
+            ),
+            None => match (t.min_value, t.max_value) {
+                (Some(lo), Some(hi)) if hi >= lo && hi - lo <= 100 => (lo, hi),
+                _ => {
+                    return Err(Violation::new(
+                        format!("{field}.max_value"),
+                        "a RATING trigger needs min_value and max_value, at most 100 apart",
+                    ));
+                }
+            },
+        };
+        if hi < lo {
+            return Err(Violation::new(
+                format!("{field}.max_value"),
+                "leaves no value of the scale",
+            ));
+        }
+        let values: Vec<String> = (lo..=hi).map(|n| format!("\"{n}\"")).collect();
+        text.push_str(&format!(" and properties.value in ({})", values.join(", ")));
+    }
+    if !t.survey.is_empty() {
+        let ok = t.survey.strip_prefix("surveys/").is_some_and(|id| {
+            !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+        if !ok {
+            return Err(Violation::new(
+                format!("{field}.survey"),
+                "must be surveys/{survey_id}",
+            ));
+        }
+        text.push_str(&format!(" and properties.survey = \"{}\"", t.survey));
+    }
+    Ok(text)
 }

@@ -121,10 +121,48 @@ impl OnBatch<cpb::TouchpointRecorded> for CustomerEvents {
         cx: &mut Apply,
         messages: Vec<(&ChangeEvent, cpb::TouchpointRecorded)>,
     ) -> Result<(), Error> {
-        let now = to_micros(clm_domain::clock::micros(cx.now()));
-        let rows: Vec<customers::TouchRow> = messages
+        let touchpoints = messages
+            .into_iter()
+            .filter_map(|(_, m)| m.touchpoint)
+            .collect();
+        self.touchpoints(cx, touchpoints).await
+    }
+}
+
+/// The handlers of the feedback stream: each completed response's answers
+/// are scored as `SURVEY_ANSWER` touchpoints (see
+/// `clm_platform::customer_events::survey_answers`), with the same ledger,
+/// caps, decay and idempotency as any touchpoint.
+pub fn feedback_handlers(models: Arc<Models>) -> Handlers {
+    Handlers::new()
+        .on_batch::<clm_proto::feedback::ResponseCompleted, _>(Arc::new(CustomerEvents { models }))
+}
+
+#[async_trait::async_trait]
+impl OnBatch<clm_proto::feedback::ResponseCompleted> for CustomerEvents {
+    async fn on_batch(
+        &self,
+        cx: &mut Apply,
+        messages: Vec<(&ChangeEvent, clm_proto::feedback::ResponseCompleted)>,
+    ) -> Result<(), Error> {
+        let touchpoints = messages
             .iter()
-            .filter_map(|(_, m)| m.touchpoint.as_ref())
+            .flat_map(|(_, m)| clm_platform::customer_events::survey_answers(m))
+            .collect();
+        self.touchpoints(cx, touchpoints).await
+    }
+}
+
+impl CustomerEvents {
+    /// Keeps and scores `touchpoints` (those not seen before).
+    async fn touchpoints(
+        &self,
+        cx: &mut Apply,
+        touchpoints: Vec<cpb::Touchpoint>,
+    ) -> Result<(), Error> {
+        let now = to_micros(clm_domain::clock::micros(cx.now()));
+        let rows: Vec<customers::TouchRow> = touchpoints
+            .iter()
             .map(|t| customers::TouchRow {
                 event_id: t.event_id.clone(),
                 customer: t.customer.clone(),
@@ -149,9 +187,8 @@ impl OnBatch<cpb::TouchpointRecorded> for CustomerEvents {
             .await?
             .into_iter()
             .collect();
-        let mut tps: Vec<(String, clm_domain::touchpoint::Touchpoint)> = messages
+        let mut tps: Vec<(String, clm_domain::touchpoint::Touchpoint)> = touchpoints
             .iter()
-            .filter_map(|(_, m)| m.touchpoint.as_ref())
             .filter(|t| fresh.contains(&t.event_id))
             .filter_map(|t| Some((t.customer.clone(), convert::touchpoint(t)?)))
             .collect();

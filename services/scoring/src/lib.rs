@@ -97,5 +97,6 @@ fn build(rt: &Runtime) -> anyhow::Result<Parts> {
             rt.clone(),
             models.clone(),
         )))
-        .follow("customer", events::customer_handlers(models)))
+        .follow("customer", events::customer_handlers(models.clone()))
+        .follow_if_configured("feedback", events::feedback_handlers(models)))
 }

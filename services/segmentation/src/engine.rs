@@ -59,6 +59,8 @@ pub enum Change {
     Consent,
     /// Scores and grade (from the scoring service's stream).
     Score,
+    /// The last NPS and CSAT answers (from the feedback service's stream).
+    Feedback,
     /// A touchpoint of this kind (and custom type).
     Touch(TouchpointKind, Option<String>),
     /// Only this segment (a timer fired).
@@ -74,6 +76,7 @@ enum Key {
     Stage,
     Consent,
     Score,
+    Feedback,
     Touch(i16),
     Segment(String),
     Other,
@@ -91,6 +94,7 @@ fn key_of(f: &Fact) -> Key {
         Fact::Stage => Key::Stage,
         Fact::Consent { .. } => Key::Consent,
         Fact::Score(_) | Fact::Grade => Key::Score,
+        Fact::Nps | Fact::Csat => Key::Feedback,
         Fact::Touchpoints(t) => Key::Touch(t.kind.code()),
         Fact::Segment(s) => Key::Segment(s.clone()),
         _ => Key::Other,
@@ -218,6 +222,7 @@ impl Registry {
             Change::Stage => self.keyed(&Key::Stage).cloned().collect(),
             Change::Consent => self.keyed(&Key::Consent).cloned().collect(),
             Change::Score => self.keyed(&Key::Score).cloned().collect(),
+            Change::Feedback => self.keyed(&Key::Feedback).cloned().collect(),
             Change::Touch(kind, custom) => self
                 .keyed(&Key::Touch(kind.code()))
                 .filter(|c| {

@@ -72,6 +72,63 @@ impl OnBatch<clm_proto::scoring::ScoreChanged> for CustomerFacts {
     }
 }
 
+/// Handlers of the feedback stream: each completed response sets the
+/// customer's last NPS and CSAT answers (`nps.last`, `nps.last_category`,
+/// `csat.last`) and records its answers as `SURVEY_ANSWER` touchpoints
+/// (see `clm_platform::customer_events::survey_answers`), so rules count
+/// answers in windows like any touchpoint.
+pub fn feedback_handlers(engine: Engine) -> Handlers {
+    Handlers::new()
+        .on_batch::<clm_proto::feedback::ResponseCompleted, _>(Arc::new(CustomerFacts { engine }))
+}
+
+#[async_trait::async_trait]
+impl OnBatch<clm_proto::feedback::ResponseCompleted> for CustomerFacts {
+    async fn on_batch(
+        &self,
+        cx: &mut Apply,
+        messages: Vec<(&ChangeEvent, clm_proto::feedback::ResponseCompleted)>,
+    ) -> Result<(), Error> {
+        use clm_proto::feedback::QuestionKind;
+        let events: Vec<&ChangeEvent> = messages.iter().map(|(e, _)| *e).collect();
+        let mut last = Vec::new();
+        let mut rows = Vec::new();
+        for (_, m) in &messages {
+            let Some(id) = bare(&m.customer) else {
+                continue;
+            };
+            let number = |kind: QuestionKind| {
+                m.answers
+                    .iter()
+                    .rev()
+                    .find(|a| a.kind == kind as i32)
+                    .and_then(|a| a.number)
+            };
+            let nps = number(QuestionKind::Nps).and_then(|n| i16::try_from(n).ok());
+            let csat = number(QuestionKind::Csat).map(|n| n as f64);
+            last.push((id, nps, csat));
+            rows.extend(
+                customer_events::survey_answers(m)
+                    .iter()
+                    .filter_map(touch_row),
+            );
+        }
+        facts::insert_touchpoints(cx.txn(), &rows).await?;
+        let mut work: BTreeMap<String, Vec<Change>> = BTreeMap::new();
+        for id in facts::set_feedback(cx.txn(), &last).await? {
+            work.entry(id).or_default().push(Change::Feedback);
+        }
+        for r in &rows {
+            let ch = Change::Touch(r.touchpoint.kind, None);
+            let list = work.entry(r.customer.clone()).or_default();
+            if !list.contains(&ch) {
+                list.push(ch);
+            }
+        }
+        self.settle(cx, &events, work).await
+    }
+}
+
 /// Handlers of the loyalty stream: `TierChanged` sets the customer's
 /// `loyalty.tier` (and balance), `PointsChanged` its `loyalty.balance`,
 /// then the customer's segments are re-evaluated.

@@ -183,6 +183,48 @@ pub async fn set_stages(
 /// One score value of a customer: (customer, score name, value, grade).
 pub type ScoreRow = (String, String, f64, String);
 
+/// A customer's last answers: `(bare id, NPS, CSAT)`; `None` leaves the
+/// fact as it was.
+pub type FeedbackRow = (String, Option<i16>, Option<f64>);
+
+/// Sets the last NPS and CSAT answers of the known customers among `rows`
+/// (in order: a later row wins); returns the customers updated.
+pub async fn set_feedback(
+    db: &impl ConnectionTrait,
+    rows: &[FeedbackRow],
+) -> Result<Vec<String>, DbErr> {
+    let mut last: BTreeMap<&str, (Option<i16>, Option<f64>)> = BTreeMap::new();
+    for (id, nps, csat) in rows {
+        let e = last.entry(id.as_str()).or_default();
+        if nps.is_some() {
+            e.0 = *nps;
+        }
+        if csat.is_some() {
+            e.1 = *csat;
+        }
+    }
+    let mut updated = Vec::new();
+    // One statement per customer and fact: a response carries one or two.
+    for (id, (nps, csat)) in last {
+        let mut q = Query::update();
+        q.table(FactCustomers)
+            .and_where(Expr::col(FC::CustomerId).eq(id));
+        if let Some(n) = nps {
+            q.value(FC::NpsLast, n);
+        }
+        if let Some(c) = csat {
+            q.value(FC::CsatLast, c);
+        }
+        if nps.is_none() && csat.is_none() {
+            continue;
+        }
+        if db.execute(&q).await?.rows_affected() > 0 {
+            updated.push(id.to_owned());
+        }
+    }
+    Ok(updated)
+}
+
 /// Applies score values in order (the last per customer and score wins),
 /// and each customer's latest grade, set-based. Only customers the
 /// projection holds are touched: a score that arrives after the customer's
