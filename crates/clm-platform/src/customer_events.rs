@@ -130,39 +130,6 @@ pub fn profile_facts(c: &cpb::Customer) -> FactSet {
     f
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_customer_message_becomes_facts() {
-        let c = cpb::Customer {
-            name: "customers/1".into(),
-            email: "a@b.c".into(),
-            stage: cpb::Stage::Retention as i32,
-            stage_change_time: Some(prost_types::Timestamp {
-                seconds: 1_700_000_000,
-                nanos: 0,
-            }),
-            demographics: Some(cpb::Demographics {
-                occupation: "engineer".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let f = profile_facts(&c);
-        assert_eq!(f.email.as_deref(), Some("a@b.c"));
-        assert_eq!(f.stage.map(|s| s.0), Some(Stage::Retention));
-        assert_eq!(f.demographics.occupation.as_deref(), Some("engineer"));
-        assert!(f.display_name.is_none());
-        assert_eq!(bare_id(&c.name).as_deref(), Some("1"));
-        for s in [Stage::Approach, Stage::Loyalty, Stage::Churned] {
-            assert_eq!(stage("s", stage_to_proto(s) as i32), Ok(s));
-        }
-        assert!(stage("s", 0).is_err());
-    }
-}
-
 /// The touchpoints a completed survey response stands for: one
 /// `SURVEY_ANSWER` per answered question except open text (personal data
 /// stays in the feedback service), so scoring and segmentation count and
@@ -227,4 +194,37 @@ pub fn survey_answers(m: &clm_proto::feedback::ResponseCompleted) -> Vec<cpb::To
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_customer_message_becomes_facts() {
+        let c = cpb::Customer {
+            name: "customers/1".into(),
+            email: "a@b.c".into(),
+            stage: cpb::Stage::Retention as i32,
+            stage_change_time: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+            demographics: Some(cpb::Demographics {
+                occupation: "engineer".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let f = profile_facts(&c);
+        assert_eq!(f.email.as_deref(), Some("a@b.c"));
+        assert_eq!(f.stage.map(|s| s.0), Some(Stage::Retention));
+        assert_eq!(f.demographics.occupation.as_deref(), Some("engineer"));
+        assert!(f.display_name.is_none());
+        assert_eq!(bare_id(&c.name).as_deref(), Some("1"));
+        for s in [Stage::Approach, Stage::Loyalty, Stage::Churned] {
+            assert_eq!(stage("s", stage_to_proto(s) as i32), Ok(s));
+        }
+        assert!(stage("s", 0).is_err());
+    }
 }

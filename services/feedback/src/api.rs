@@ -319,17 +319,7 @@ impl FeedbackService for FeedbackApi {
             let pager = Pager::new(&["surveys", &state_key]);
             let after: Option<(i64, String)> = pager.after(&req.page_token)?;
             let rows = surveys::list(&self.rt.read, state, after, u64::from(size) + 1).await?;
-            let mut stored = Vec::with_capacity(rows.len());
-            for row in rows {
-                // One read per survey of the page (at most page_size + 1).
-                if let Some(body) = surveys::body(&self.rt.read, &row.id, row.version).await? {
-                    stored.push(surveys::Stored {
-                        version: row.version,
-                        row,
-                        body,
-                    });
-                }
-            }
+            let stored = surveys::with_bodies(&self.rt.read, rows).await?;
             let (surveys, next) = pager.page(&stored, size as usize, shown, |s| {
                 (s.row.create_us, s.row.id.clone())
             });
@@ -740,7 +730,7 @@ impl FeedbackService for FeedbackApi {
                     req.survey_version
                 )));
             }
-            let order: Vec<String> = s.body.questions.iter().map(|q| q.id.clone()).collect();
+            let versions = surveys::question_ids(&self.rt.read, &survey).await?;
             let filter = crate::store::summary::Filter {
                 survey,
                 version: req.survey_version,
@@ -750,7 +740,7 @@ impl FeedbackService for FeedbackApi {
                 segment,
                 completed_only: req.completed_only,
             };
-            summary::summarise(&self.rt.read, &filter, &order, bucket_us, self.now()).await
+            summary::summarise(&self.rt.read, &filter, &versions, bucket_us, self.now()).await
         })
         .await
     }

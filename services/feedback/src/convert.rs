@@ -219,13 +219,11 @@ pub fn normalize(field: &str, s: &mut pb::Survey) -> Result<(), Violations> {
                 q.scale_min = 1;
                 q.scale_max = 5;
             }
-            None if k != Kind::Rating => {
-                if q.scale_min != 0 || q.scale_max != 0 {
-                    v.push(Violation::new(
-                        format!("{f}.scale_max"),
-                        "only rating questions have a scale",
-                    ));
-                }
+            None if k != Kind::Rating && (q.scale_min != 0 || q.scale_max != 0) => {
+                v.push(Violation::new(
+                    format!("{f}.scale_max"),
+                    "only rating questions have a scale",
+                ));
             }
             None => {}
         }
@@ -280,14 +278,15 @@ pub fn normalize(field: &str, s: &mut pb::Survey) -> Result<(), Violations> {
     use pb::targeting::Audience;
     match &t.audience {
         None => {}
-        Some(Audience::Segment(name)) => {
-            if !name.strip_prefix("segments/").is_some_and(valid_child_id) {
-                v.push(Violation::new(
-                    format!("{tf}.segment"),
-                    "must be segments/{segment_id}",
-                ));
-            }
+        Some(Audience::Segment(name))
+            if !name.strip_prefix("segments/").is_some_and(valid_child_id) =>
+        {
+            v.push(Violation::new(
+                format!("{tf}.segment"),
+                "must be segments/{segment_id}",
+            ));
         }
+        Some(Audience::Segment(_)) => {}
         Some(Audience::StageEntered(s)) => {
             if let Err(e) =
                 clm_platform::customer_events::stage(&format!("{tf}.stage_entered.stage"), s.stage)

@@ -1,6 +1,8 @@
-//! `GetSurveySummary`: the database computes the aggregates (see
-//! `store::summary`, four grouped queries run side by side on the read
-//! pool); this module only turns them into the formulas below.
+//! `GetSurveySummary`: the database groups the answer rows (see
+//! `store::summary`: one scan of the answer rows keyed by version,
+//! position, kind and value, and small counts of responses, invitations
+//! and choices, run side by side on the read pool); this module adds the
+//! few resulting cells up into the formulas below.
 //!
 //! # Formulas, exactly as computed
 //!
@@ -27,8 +29,8 @@
 //!   submission time, buckets aligned to the Unix epoch.
 
 use crate::convert;
-use crate::store::summary::{self, Filter, QuestionRow};
-use clm_domain::survey::Kind;
+use crate::store::summary::{self, Filter};
+use clm_domain::survey::{self as domain, Kind};
 use clm_platform::Result;
 use clm_platform::convert::timestamp;
 use clm_platform::db::from_micros;
@@ -39,6 +41,7 @@ fn ratio(a: i64, b: i64) -> f64 {
     if b == 0 { 0.0 } else { a as f64 / b as f64 }
 }
 
+/// NPS, CSAT and CES counts.
 #[derive(Default, Clone, Copy)]
 struct Totals {
     promoters: i64,
@@ -51,20 +54,23 @@ struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, r: &QuestionRow) {
-        match Kind::from_code(r.kind) {
-            Some(Kind::Nps) => {
-                self.promoters += r.promoters;
-                self.passives += r.passives;
-                self.detractors += r.detractors;
-            }
+    /// Adds `n` answers of `kind` holding `number`.
+    fn add(&mut self, kind: Option<Kind>, number: i64, n: i64) {
+        match kind {
+            Some(Kind::Nps) => match domain::nps_class(number) {
+                domain::NpsClass::Promoter => self.promoters += n,
+                domain::NpsClass::Passive => self.passives += n,
+                domain::NpsClass::Detractor => self.detractors += n,
+            },
             Some(Kind::Csat) => {
-                self.csat_answered += r.num_count;
-                self.satisfied += r.satisfied;
+                self.csat_answered += n;
+                if domain::satisfaction(number) == domain::Satisfaction::Satisfied {
+                    self.satisfied += n;
+                }
             }
             Some(Kind::Ces) => {
-                self.ces_answered += r.num_count;
-                self.ces_sum += r.num_sum;
+                self.ces_answered += n;
+                self.ces_sum += number * n;
             }
             _ => {}
         }
@@ -96,27 +102,41 @@ impl Totals {
     }
 }
 
-/// The summary of the responses `f` selects; `order` is the question ids
-/// of the latest version, in order; `bucket_us` the trend's width.
+/// One question's cells added up.
+#[derive(Default)]
+struct Question {
+    kind: Option<Kind>,
+    rank: (u8, i32),
+    shown: i64,
+    answered: i64,
+    dropped: i64,
+    num_sum: i64,
+    num_count: i64,
+    totals: Totals,
+    values: BTreeMap<i64, i64>,
+}
+
+/// The summary of the responses `f` selects. `versions` holds every
+/// version's question ids in order (cells name questions by version and
+/// position); the latest version orders the questions.
 pub async fn summarise(
     db: &sea_orm::DatabaseConnection,
     f: &Filter,
-    order: &[String],
+    versions: &BTreeMap<i64, Vec<String>>,
     bucket_us: Option<i64>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<pb::SurveySummary> {
-    let trend_rows = async {
-        match bucket_us {
-            Some(b) => summary::trend(db, f, b).await,
-            None => Ok(Vec::new()),
-        }
-    };
-    let (questions, values, totals, invitations, trend_rows, per_bucket) = tokio::try_join!(
-        summary::questions(db, f),
-        summary::distribution(db, f),
+    let (cells, choices, totals, invitations, trend_cells, per_bucket) = tokio::try_join!(
+        summary::cells(db, f),
+        summary::choices(db, f),
         summary::responses(db, f, None),
         summary::invitations(db, f),
-        trend_rows,
+        async {
+            match bucket_us {
+                Some(b) => summary::trend(db, f, b).await,
+                None => Ok(Vec::new()),
+            }
+        },
         async {
             match bucket_us {
                 Some(b) => summary::responses(db, f, Some(b)).await,
@@ -127,61 +147,91 @@ pub async fn summarise(
     let (responses, completed) = totals
         .first()
         .map_or((0, 0), |t| (t.responses, t.completed));
+    let latest: &[String] = versions.values().next_back().map_or(&[], Vec::as_slice);
+    let mut questions: BTreeMap<&str, Question> = BTreeMap::new();
     let mut all = Totals::default();
-    let mut values_of: BTreeMap<&str, Vec<&summary::ValueRow>> = BTreeMap::new();
-    for v in &values {
-        values_of.entry(v.question.as_str()).or_default().push(v);
-    }
-    let rank = |q: &QuestionRow| {
-        order
-            .iter()
-            .position(|id| *id == q.question)
-            .map_or((1, q.position), |p| {
-                (0, i32::try_from(p).unwrap_or(i32::MAX))
-            })
-    };
-    let mut rows: Vec<&QuestionRow> = questions.iter().collect();
-    rows.sort_by_key(|q| (rank(q), q.question.clone()));
-    let mut out_questions = Vec::with_capacity(rows.len());
-    for q in rows {
-        all.add(q);
-        let kind = Kind::from_code(q.kind);
-        let mut one = Totals::default();
-        one.add(q);
-        let mut distribution: Vec<pb::ValueCount> = values_of
-            .get(q.question.as_str())
-            .into_iter()
-            .flatten()
-            .map(|v| pb::ValueCount {
-                value: v.value.clone(),
-                count: v.n,
-            })
-            .collect();
-        // Numbers in numeric order, choices by id.
-        distribution.sort_by(
-            |a, b| match (a.value.parse::<i64>(), b.value.parse::<i64>()) {
-                (Ok(x), Ok(y)) => x.cmp(&y),
-                _ => a.value.cmp(&b.value),
-            },
-        );
-        out_questions.push(pb::QuestionSummary {
-            question: q.question.clone(),
-            kind: kind.map_or(0, |k| convert::kind_to_proto(k) as i32),
-            shown: q.shown,
-            answered: q.answered,
-            skipped: q.shown - q.answered,
-            dropped: q.dropped,
-            drop_off_rate: ratio(q.dropped, q.shown),
-            mean: ratio(q.num_sum, q.num_count),
-            distribution,
-            nps: (kind == Some(Kind::Nps)).then(|| one.nps()),
-            csat: (kind == Some(Kind::Csat)).then(|| one.csat()),
-            ces: (kind == Some(Kind::Ces)).then(|| one.ces()),
+    for c in &cells {
+        let Some(id) = versions
+            .get(&c.survey_version)
+            .and_then(|qs| qs.get(usize::try_from(c.position).ok()?))
+        else {
+            continue;
+        };
+        let q = questions.entry(id.as_str()).or_insert_with(|| Question {
+            rank: latest
+                .iter()
+                .position(|x| x == id)
+                .map_or((1, c.position), |p| {
+                    (0, i32::try_from(p).unwrap_or(i32::MAX))
+                }),
+            ..Default::default()
         });
+        q.kind = Kind::from_code(c.kind);
+        q.rank.1 = if q.rank.0 == 1 {
+            q.rank.1.min(c.position)
+        } else {
+            q.rank.1
+        };
+        q.shown += c.shown;
+        q.answered += c.answered;
+        q.dropped += c.dropped;
+        if let Some(n) = c.number {
+            q.num_sum += n * c.answered;
+            q.num_count += c.answered;
+            *q.values.entry(n).or_default() += c.answered;
+            q.totals.add(q.kind, n, c.answered);
+            all.add(q.kind, n, c.answered);
+        }
     }
+    let mut picked: BTreeMap<&str, Vec<pb::ValueCount>> = BTreeMap::new();
+    for c in &choices {
+        picked
+            .entry(c.question.as_str())
+            .or_default()
+            .push(pb::ValueCount {
+                value: c.choice.clone(),
+                count: c.n,
+            });
+    }
+    let mut ordered: Vec<(&str, Question)> = questions.into_iter().collect();
+    ordered.sort_by_key(|(id, q)| (q.rank, id.to_string()));
+    let questions = ordered
+        .into_iter()
+        .map(|(id, q)| {
+            let mut distribution: Vec<pb::ValueCount> = q
+                .values
+                .iter()
+                .map(|(v, n)| pb::ValueCount {
+                    value: v.to_string(),
+                    count: *n,
+                })
+                .collect();
+            distribution.extend(picked.remove(id).unwrap_or_default());
+            pb::QuestionSummary {
+                question: id.to_owned(),
+                kind: q.kind.map_or(0, |k| convert::kind_to_proto(k) as i32),
+                shown: q.shown,
+                answered: q.answered,
+                skipped: q.shown - q.answered,
+                dropped: q.dropped,
+                drop_off_rate: ratio(q.dropped, q.shown),
+                mean: ratio(q.num_sum, q.num_count),
+                distribution,
+                nps: (q.kind == Some(Kind::Nps)).then(|| q.totals.nps()),
+                csat: (q.kind == Some(Kind::Csat)).then(|| q.totals.csat()),
+                ces: (q.kind == Some(Kind::Ces)).then(|| q.totals.ces()),
+            }
+        })
+        .collect();
     let mut buckets: BTreeMap<i64, (Totals, i64, i64)> = BTreeMap::new();
-    for r in &trend_rows {
-        buckets.entry(r.bucket).or_default().0.add(r);
+    for c in &trend_cells {
+        if let Some(n) = c.number {
+            buckets
+                .entry(c.bucket)
+                .or_default()
+                .0
+                .add(Kind::from_code(c.kind), n, c.answered);
+        }
     }
     for r in &per_bucket {
         let b = buckets.entry(r.bucket).or_default();
@@ -198,7 +248,7 @@ pub async fn summarise(
         nps: Some(all.nps()),
         csat: Some(all.csat()),
         ces: Some(all.ces()),
-        questions: out_questions,
+        questions,
         trend: buckets
             .into_iter()
             .map(|(start, (t, responses, completed))| pb::TrendBucket {

@@ -49,7 +49,16 @@ async fn survey_summary_over_a_million_responses() {
         eprintln!("the summary benchmark seeds with generate_series: set CLM_TEST_DATABASE_URL");
         return;
     }
-    let running = start(&clm_feedback::DESCRIPTOR, backend.config("feedback")).await;
+    // Feedback follows the customer stream: a customer service beside it.
+    let customer_backend = TestBackend::migrated::<clm_customer::store::Migrator>().await;
+    let customer = start(
+        &clm_customer::DESCRIPTOR,
+        customer_backend.config("customer"),
+    )
+    .await;
+    let mut config = backend.config("feedback");
+    config.peers.insert("customer".into(), customer.url());
+    let running = start(&clm_feedback::DESCRIPTOR, config).await;
     let mut fb = FeedbackServiceClient::new(running.channel());
     let s = fb
         .create_survey(pb::CreateSurveyRequest {
@@ -147,4 +156,5 @@ async fn survey_summary_over_a_million_responses() {
         sm.as_secs_f64() / cm.as_secs_f64()
     );
     running.stop().await;
+    customer.stop().await;
 }

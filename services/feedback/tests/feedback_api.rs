@@ -338,12 +338,7 @@ async fn every_question_type_is_checked_when_the_survey_is_written() {
     };
     bad(&|q| q[0].kind = 0, "survey.questions[0].kind").await;
     bad(
-        &|q| {
-            q[0].text = texts("x")
-                .into_iter()
-                .map(|(_, v)| ("fr".into(), v))
-                .collect()
-        },
+        &|q| q[0].text = BTreeMap::from([("fr".to_owned(), "x".to_owned())]),
         "survey.questions[0].text",
     )
     .await;
@@ -612,6 +607,38 @@ async fn the_fatigue_cap_the_cadence_and_consent_each_refuse_by_name() {
     let s1 = env.survey_named("s1", &[nps("nps", true)]).await;
     let s2 = env.survey_named("s2", &[nps("nps", true)]).await;
     let s3 = env.survey_named("s3", &[nps("nps", true)]).await;
+    // Surveys page newest first (the probe survey of `synced` is oldest).
+    let page = env
+        .fb()
+        .list_surveys(pb::ListSurveysRequest {
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.surveys.len(), 2);
+    let rest = env
+        .fb()
+        .list_surveys(pb::ListSurveysRequest {
+            page_size: 2,
+            page_token: page.next_page_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut names: Vec<String> = page
+        .surveys
+        .iter()
+        .chain(&rest.surveys)
+        .map(|s| s.name.clone())
+        .collect();
+    assert_eq!(names.len(), 4);
+    names.dedup();
+    assert_eq!(names.len(), 4);
+    assert!(rest.next_page_token.is_empty());
+    assert!(rest.surveys.iter().all(|s| !s.questions.is_empty()));
     let first = env.invite(&s1, &[&a, &no]).await;
     assert_eq!(first.invitations.len(), 1);
     assert_eq!(first.refusals.len(), 1);
@@ -1068,4 +1095,111 @@ async fn erasure_deletes_open_text_and_merge_moves_responses() {
         .unwrap()
         .into_inner();
     assert!(none.invitations.is_empty());
+}
+
+#[tokio::test]
+async fn lifecycle_triggers_invite_on_entering_a_stage_and_after_a_purchase() {
+    let env = Env::start().await;
+    let a = env.customer("a@x.io", true).await;
+    env.synced().await;
+    let entered = env
+        .survey_with("welcome", &[nps("nps", true)], |s| {
+            s.targeting = Some(pb::Targeting {
+                audience: Some(pb::targeting::Audience::StageEntered(pb::StageEntered {
+                    stage: cpb::Stage::Acquisition as i32,
+                })),
+                channel: cpb::ConsentChannel::Email as i32,
+                ..Default::default()
+            })
+        })
+        .await;
+    let bought = env
+        .survey_with("after-purchase", &[nps("nps", true)], |s| {
+            s.targeting = Some(pb::Targeting {
+                audience: Some(pb::targeting::Audience::AfterPurchase(pb::AfterPurchase {
+                    delay: Some(prost_types::Duration {
+                        seconds: 2 * 86_400,
+                        nanos: 0,
+                    }),
+                })),
+                channel: cpb::ConsentChannel::Email as i32,
+                ..Default::default()
+            })
+        })
+        .await;
+    let of = |survey: String| {
+        let mut fb = env.fb();
+        let a = a.clone();
+        async move {
+            fb.list_invitations(pb::ListInvitationsRequest {
+                parent: survey,
+                customer: a,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .invitations
+        }
+    };
+    env.customers()
+        .transition_stage(cpb::TransitionStageRequest {
+            name: a.clone(),
+            to_stage: cpb::Stage::Acquisition as i32,
+            reason: "demo booked".into(),
+            request_id: "stage-1".into(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+    eventually(std::time::Duration::from_secs(30), || {
+        let of = of(entered.clone());
+        async move { of.await.len() == 1 }
+    })
+    .await;
+    env.customers()
+        .record_touchpoints(cpb::RecordTouchpointsRequest {
+            touchpoints: vec![cpb::Touchpoint {
+                customer: a.clone(),
+                event_id: "order-1".into(),
+                r#type: cpb::TouchpointType::Purchase as i32,
+                occurred_time: Some(timestamp(env.now())),
+                revenue: Some(clm_proto::common::Money {
+                    currency_code: "EUR".into(),
+                    amount_minor: 4_900,
+                }),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    // Not before the delay...
+    env.synced().await;
+    assert!(of(bought.clone()).await.is_empty());
+    // ...at it.
+    env.clock.advance(Duration::days(2));
+    let invs = eventually(std::time::Duration::from_secs(30), || {
+        let of = of(bought.clone());
+        async move {
+            let l = of.await;
+            (!l.is_empty()).then_some(l)
+        }
+    })
+    .await;
+    assert_eq!(invs[0].create_time, Some(timestamp(env.now())));
+    // Survey answers cannot be recorded as touchpoints by callers.
+    let err = env
+        .customers()
+        .record_touchpoints(cpb::RecordTouchpointsRequest {
+            touchpoints: vec![cpb::Touchpoint {
+                customer: a.clone(),
+                event_id: "fake".into(),
+                r#type: cpb::TouchpointType::SurveyAnswer as i32,
+                occurred_time: Some(timestamp(env.now())),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&err, "touchpoints[0].type");
 }

@@ -88,104 +88,71 @@ fn answer_cols() -> Cols<Answers> {
     }
 }
 
-fn count_if(cond: String) -> SimpleExpr {
-    Expr::cust(format!(
-        "CAST(SUM(CASE WHEN {cond} THEN 1 ELSE 0 END) AS BIGINT)"
-    ))
+fn count_if(cond: &str) -> SimpleExpr {
+    Expr::cust(format!("COUNT(CASE WHEN {cond} THEN 1 END)"))
 }
 
-fn between(kind: Kind, lo: i64, hi: i64) -> String {
-    format!(
-        "{k} = {code} AND {num} BETWEEN {lo} AND {hi}",
-        k = AC::Kind.as_str(),
-        code = kind.code(),
-        num = AC::Number.as_str()
-    )
-}
-
-/// The aggregates of one question (or, in the trend, of one kind in one bucket).
+/// The answer rows of one (version, position, kind, value) cell, or, in
+/// the trend, of one (bucket, kind, value) cell of answered rows.
 #[derive(Debug, Clone, Default, FromQueryResult)]
-pub struct QuestionRow {
-    /// The question id (empty in the trend).
-    pub question: String,
+pub struct Cell {
+    /// Survey version (0 in the trend).
+    pub survey_version: i64,
+    /// Position of the question in that version (0 in the trend).
+    pub position: i32,
+    /// Bucket start (µs; trend only, else 0).
+    pub bucket: i64,
     /// `Kind::code`.
     pub kind: i16,
-    /// Its first position.
-    pub position: i32,
-    /// Bucket start (µs; trend only).
-    pub bucket: i64,
-    /// Rows: responses shown it.
+    /// The numeric answer; none for unanswered and non-numeric rows.
+    pub number: Option<i64>,
+    /// Rows: responses shown the question with this answer.
     pub shown: i64,
-    /// Answered.
+    /// Of those, answered.
     pub answered: i64,
-    /// Stopped at it.
+    /// Of those, stopped at it.
     pub dropped: i64,
-    /// Sum of numeric answers.
-    pub num_sum: i64,
-    /// Count of numeric answers.
-    pub num_count: i64,
-    /// NPS 9..10.
-    pub promoters: i64,
-    /// NPS 7..8.
-    pub passives: i64,
-    /// NPS 0..6.
-    pub detractors: i64,
-    /// CSAT 4..5.
-    pub satisfied: i64,
 }
 
-fn aggregates(q: &mut SelectStatement) {
-    let answered = AC::Answered.as_str();
-    let dropped = AC::Dropped.as_str();
-    let num = AC::Number.as_str();
-    q.expr_as(Expr::cust("COUNT(*)"), n("shown"))
-        .expr_as(count_if(answered.to_owned()), n("answered"))
-        .expr_as(count_if(dropped.to_owned()), n("dropped"))
-        .expr_as(
-            Expr::cust(format!("CAST(COALESCE(SUM({num}), 0) AS BIGINT)")),
-            n("num_sum"),
-        )
-        .expr_as(Expr::cust(format!("COUNT({num})")), n("num_count"))
-        .expr_as(count_if(between(Kind::Nps, 9, 10)), n("promoters"))
-        .expr_as(count_if(between(Kind::Nps, 7, 8)), n("passives"))
-        .expr_as(count_if(between(Kind::Nps, 0, 6)), n("detractors"))
-        .expr_as(count_if(between(Kind::Csat, 4, 5)), n("satisfied"));
-}
-
-/// Per question: shown, answered, dropped, sums and classes.
-pub async fn questions(db: &impl ConnectionTrait, f: &Filter) -> Result<Vec<QuestionRow>> {
+/// One grouped scan of the answer rows: every (version, position, kind,
+/// number) with its shown, answered and dropped counts. Integer keys only
+/// (hashing question ids costs more than the scan); the question ids, the
+/// classes, sums and distributions are derived from these few rows.
+pub async fn cells(db: &impl ConnectionTrait, f: &Filter) -> Result<Vec<Cell>> {
     let mut q = Query::select();
-    q.column(AC::Question)
+    q.column(AC::SurveyVersion)
+        .column(AC::Position)
+        .expr_as(Expr::cust("CAST(0 AS BIGINT)"), n("bucket"))
         .column(AC::Kind)
-        .expr_as(Expr::col(AC::Position).min(), n("position"))
-        .expr_as(Expr::val(0i64), n("bucket"))
+        .column(AC::Number)
+        .expr_as(Expr::cust("COUNT(*)"), n("shown"))
+        .expr_as(count_if(AC::Answered.as_str()), n("answered"))
+        .expr_as(count_if(AC::Dropped.as_str()), n("dropped"))
         .from(Answers);
-    aggregates(&mut q);
     apply(&mut q, f, &answer_cols());
-    q.group_by_col(AC::Question).group_by_col(AC::Kind);
-    Ok(
-        QuestionRow::find_by_statement(db.get_database_backend().build(&q))
-            .all(db)
-            .await?,
-    )
+    q.group_by_col(AC::SurveyVersion)
+        .group_by_col(AC::Position)
+        .group_by_col(AC::Kind)
+        .group_by_col(AC::Number);
+    Ok(Cell::find_by_statement(db.get_database_backend().build(&q))
+        .all(db)
+        .await?)
 }
 
-/// Per bucket of `bucket_us` and NPS/CSAT/CES kind: the answered rows'
-/// aggregates.
-pub async fn trend(
-    db: &impl ConnectionTrait,
-    f: &Filter,
-    bucket_us: i64,
-) -> Result<Vec<QuestionRow>> {
+/// The answered NPS, CSAT and CES rows per bucket of `bucket_us`, kind and value.
+pub async fn trend(db: &impl ConnectionTrait, f: &Filter, bucket_us: i64) -> Result<Vec<Cell>> {
     let at = AC::AtUs.as_str();
     let bucket = format!("(({at} / {bucket_us}) * {bucket_us})");
     let mut q = Query::select();
-    q.expr_as(Expr::val(""), n("question"))
-        .column(AC::Kind)
-        .expr_as(Expr::val(0i32), n("position"))
+    q.expr_as(Expr::cust("CAST(0 AS BIGINT)"), n("survey_version"))
+        .expr_as(Expr::cust("0"), n("position"))
         .expr_as(Expr::cust(bucket.clone()), n("bucket"))
+        .column(AC::Kind)
+        .column(AC::Number)
+        .expr_as(Expr::cust("COUNT(*)"), n("shown"))
+        .expr_as(Expr::cust("COUNT(*)"), n("answered"))
+        .expr_as(Expr::cust("CAST(0 AS BIGINT)"), n("dropped"))
         .from(Answers);
-    aggregates(&mut q);
     apply(&mut q, f, &answer_cols());
     q.and_where(Expr::col(AC::Answered).eq(true))
         .and_where(Expr::col(AC::Kind).is_in([
@@ -193,46 +160,32 @@ pub async fn trend(
             Kind::Csat.code(),
             Kind::Ces.code(),
         ]))
-        .add_group_by([Expr::cust(bucket), Expr::col(AC::Kind)]);
-    Ok(
-        QuestionRow::find_by_statement(db.get_database_backend().build(&q))
-            .all(db)
-            .await?,
-    )
+        .add_group_by([
+            Expr::cust(bucket),
+            Expr::col(AC::Kind).into(),
+            Expr::col(AC::Number).into(),
+        ]);
+    Ok(Cell::find_by_statement(db.get_database_backend().build(&q))
+        .all(db)
+        .await?)
 }
 
-/// How many answers hold one value of one question.
+/// How many answers picked one choice of one question.
 #[derive(Debug, Clone, FromQueryResult)]
-pub struct ValueRow {
+pub struct ChoiceCount {
     /// The question id.
     pub question: String,
-    /// The value: a number as text, or a choice id.
-    pub value: String,
+    /// The choice id.
+    pub choice: String,
     /// How many.
     pub n: i64,
 }
 
-/// Answers per value: numbers and choices.
-pub async fn distribution(db: &impl ConnectionTrait, f: &Filter) -> Result<Vec<ValueRow>> {
-    let backend = db.get_database_backend();
-    let mut q = Query::select();
-    q.column(AC::Question)
-        .expr_as(
-            Expr::cust(format!("CAST({} AS TEXT)", AC::Number.as_str())),
-            n("value"),
-        )
-        .expr_as(Expr::cust("COUNT(*)"), n("n"))
-        .from(Answers);
-    apply(&mut q, f, &answer_cols());
-    q.and_where(Expr::col(AC::Number).is_not_null())
-        .group_by_col(AC::Question)
-        .group_by_col(AC::Number);
-    let mut out = ValueRow::find_by_statement(backend.build(&q))
-        .all(db)
-        .await?;
+/// Answers per choice, per question.
+pub async fn choices(db: &impl ConnectionTrait, f: &Filter) -> Result<Vec<ChoiceCount>> {
     let mut q = Query::select();
     q.column(CC::Question)
-        .expr_as(Expr::col(CC::Choice), n("value"))
+        .column(CC::Choice)
         .expr_as(Expr::cust("COUNT(*)"), n("n"))
         .from(Choices);
     apply(
@@ -249,12 +202,11 @@ pub async fn distribution(db: &impl ConnectionTrait, f: &Filter) -> Result<Vec<V
         },
     );
     q.group_by_col(CC::Question).group_by_col(CC::Choice);
-    out.extend(
-        ValueRow::find_by_statement(backend.build(&q))
+    Ok(
+        ChoiceCount::find_by_statement(db.get_database_backend().build(&q))
             .all(db)
             .await?,
-    );
-    Ok(out)
+    )
 }
 
 /// Responses per bucket (`bucket` 0 without a trend).
@@ -282,7 +234,7 @@ pub async fn responses(
     let mut q = Query::select();
     q.expr_as(Expr::cust(bucket.clone()), n("bucket"))
         .expr_as(Expr::cust("COUNT(*)"), n("responses"))
-        .expr_as(count_if(RC::Completed.as_str().to_owned()), n("completed"))
+        .expr_as(count_if(RC::Completed.as_str()), n("completed"))
         .from(Responses);
     apply(
         &mut q,

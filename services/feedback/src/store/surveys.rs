@@ -185,6 +185,11 @@ pub async fn published(db: &impl ConnectionTrait) -> Result<Vec<Stored>> {
         .filter(SC::State.eq(pb::SurveyState::Published as i16))
         .all(db)
         .await?;
+    with_bodies(db, rows).await
+}
+
+/// `rows` with the bodies of their latest versions, in two queries.
+pub async fn with_bodies(db: &impl ConnectionTrait, rows: Vec<Row>) -> Result<Vec<Stored>> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -222,11 +227,31 @@ pub async fn replace_body(
     Versions::update_many()
         .col_expr(
             survey_versions::Column::Body,
-            Expr::val(body.encode_to_vec()).into(),
+            Expr::val(body.encode_to_vec()),
         )
         .filter(survey_versions::Column::SurveyId.eq(id))
         .filter(survey_versions::Column::Version.eq(version))
         .exec(db)
         .await?;
     Ok(())
+}
+
+/// Every version of survey `id`: its question ids, in order.
+pub async fn question_ids(
+    db: &impl ConnectionTrait,
+    id: &str,
+) -> Result<std::collections::BTreeMap<i64, Vec<String>>> {
+    Versions::find()
+        .filter(survey_versions::Column::SurveyId.eq(id))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|v| {
+            let body = pb::Survey::decode(v.body.as_slice()).map_err(Error::internal)?;
+            Ok((
+                v.version,
+                body.questions.into_iter().map(|q| q.id).collect(),
+            ))
+        })
+        .collect()
 }
