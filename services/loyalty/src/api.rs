@@ -991,12 +991,19 @@ impl LoyaltyService for LoyaltyApi {
                 let merged = masked_reward(&old, &new, req.update_mask.as_ref())?;
                 convert::check_reward("reward", &merged)?;
                 let next = reward_row(&program, &id, &merged, row.version + 1, row.create_us);
-                if !store::update_reward(txn, &next).await? {
+                let set_stock = req
+                    .update_mask
+                    .as_ref()
+                    .is_none_or(|m| m.paths.is_empty() || m.paths.iter().any(|p| p == "stock"));
+                if !store::update_reward(txn, &next, set_stock).await? {
                     return Err(Error::Aborted(
                         "the reward changed meanwhile; re-read and retry".into(),
                     ));
                 }
-                let out = convert::reward(&next)?;
+                let stored = store::reward(txn, &program, &id)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(new.name.clone()))?;
+                let out = convert::reward(&stored)?;
                 audit::record(
                     txn,
                     crate::SERVICE,

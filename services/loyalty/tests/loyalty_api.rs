@@ -604,6 +604,35 @@ async fn every_refusal_has_its_own_error() {
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert_eq!(reason(&e), "OUT_OF_STOCK");
     assert!(e.get_error_details().quota_failure().is_some());
+    // An update that does not name the stock leaves what redemptions left.
+    let cheap = env
+        .api()
+        .get_reward(pb::GetRewardRequest {
+            name: "programs/stars/rewards/cheap".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let renamed = env
+        .api()
+        .update_reward(pb::UpdateRewardRequest {
+            reward: Some(pb::Reward {
+                display_name: "Cheap".into(),
+                stock: Some(50),
+                ..cheap.clone()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["display_name".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (renamed.display_name.as_str(), renamed.stock),
+        ("Cheap", Some(0))
+    );
     // Per-member limit.
     env.redeem(&m, "programs/stars/rewards/once", "r4")
         .await

@@ -795,13 +795,23 @@ pub async fn insert_reward(db: &impl ConnectionTrait, r: &rewards::Model) -> Res
     Ok(db.execute(&q).await?.rows_affected() == 1)
 }
 
-/// Replaces a reward if its version is still `r.version - 1`.
-pub async fn update_reward(db: &impl ConnectionTrait, r: &rewards::Model) -> Result<bool> {
-    let q = Query::update()
+/// Replaces a reward if its version is still `r.version - 1`. The stock
+/// is written only when `set_stock` (the update names it): redemptions
+/// change it without changing the version, so writing back a value read
+/// earlier would undo them.
+pub async fn update_reward(
+    db: &impl ConnectionTrait,
+    r: &rewards::Model,
+    set_stock: bool,
+) -> Result<bool> {
+    let mut q = Query::update();
+    if set_stock {
+        q.value(WC::Stock, r.stock);
+    }
+    let q = q
         .table(rewards::Entity)
         .value(WC::Body, r.body.clone())
         .value(WC::Cost, r.cost)
-        .value(WC::Stock, r.stock)
         .value(WC::PerMemberLimit, r.per_member_limit)
         .value(WC::Campaign, r.campaign.clone())
         .value(WC::ValueMinor, r.value_minor)
