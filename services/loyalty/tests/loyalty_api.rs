@@ -1199,10 +1199,7 @@ async fn reaching_the_loyalty_tier_moves_the_customer_into_loyalty() {
     assert_eq!(env.member(&m).await.tier, "silver");
     eventually(std::time::Duration::from_secs(20), || async {
         env.customers()
-            .get_customer(cpb::GetCustomerRequest {
-                name: c.clone(),
-                ..Default::default()
-            })
+            .get_customer(cpb::GetCustomerRequest { name: c.clone() })
             .await
             .unwrap()
             .into_inner()
