@@ -43,7 +43,8 @@ CLM_CUSTOMER_ADDR="$(addr_of customer)"
 CLM_SCORING_ADDR="$(addr_of scoring)"
 CLM_SEGMENTATION_ADDR="$(addr_of segmentation)"
 CLM_FEEDBACK_ADDR="$(addr_of feedback)"
-export CLM_CUSTOMER_ADDR CLM_SCORING_ADDR CLM_SEGMENTATION_ADDR CLM_FEEDBACK_ADDR
+CLM_LOYALTY_ADDR="$(addr_of loyalty)"
+export CLM_CUSTOMER_ADDR CLM_SCORING_ADDR CLM_SEGMENTATION_ADDR CLM_FEEDBACK_ADDR CLM_LOYALTY_ADDR
 
 status=0
 echo "--- Python (grpcio) ---"

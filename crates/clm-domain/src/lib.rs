@@ -16,6 +16,7 @@ pub mod filter;
 pub mod ids;
 pub mod kpi;
 pub mod lifecycle;
+pub mod loyalty;
 pub mod money;
 pub mod rules;
 pub mod scoring;

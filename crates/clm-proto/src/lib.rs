@@ -36,6 +36,11 @@ pub mod clm {
             tonic::include_proto!("clm.segmentation.v1");
         }
     }
+    pub mod loyalty {
+        pub mod v1 {
+            tonic::include_proto!("clm.loyalty.v1");
+        }
+    }
 }
 
 /// Minimal vendored googleapis packages (`google.longrunning`, `google.rpc`).
@@ -53,6 +58,7 @@ pub mod event_types;
 pub use clm::common::v1 as common;
 pub use clm::customer::v1 as customer;
 pub use clm::feedback::v1 as feedback;
+pub use clm::loyalty::v1 as loyalty;
 pub use clm::scoring::v1 as scoring;
 pub use clm::segmentation::v1 as segmentation;
 

@@ -2,7 +2,7 @@
 //!
 //! * `clm up` runs every service in one process, each on its own port
 //!   (customer 50051, scoring 50052, segmentation 50053, feedback 50054,
-//!   loyalty 50055 as they land), on SQLite files under `--data-dir` with
+//!   loyalty 50055), on SQLite files under `--data-dir` with
 //!   the in-process cache. Nothing to install; data survive restarts.
 //! * `clm serve <service>` runs one service with the full configuration
 //!   (PostgreSQL and Redis URLs, auth, TLS): see `--help` and the README.
@@ -106,6 +106,7 @@ static SERVICES: &[&ServiceDescriptor] = &[
     &clm_scoring::DESCRIPTOR,
     &clm_segmentation::DESCRIPTOR,
     &clm_feedback::DESCRIPTOR,
+    &clm_loyalty::DESCRIPTOR,
 ];
 
 /// Every role table, in the README's order: each service's own (from its

@@ -1,8 +1,9 @@
 //! Events the customer service writes to its outbox (served by
 //! `clm.common.v1.ChangeStreamService/WatchChanges`), and the handlers of
 //! the streams it follows: every peer's erasure receipts
-//! ([`ReceiptHandler`]). Scoring (threshold → stage move) and loyalty
-//! (tier → LOYALTY) handlers plug in here when those services exist.
+//! ([`ReceiptHandler`]) and loyalty's tier changes ([`LoyalTier`]: a member
+//! reaching its program's loyalty tier moves into LOYALTY). Scoring's
+//! (threshold → stage move) handlers plug in here when needed.
 
 use crate::store::erasure::{self, ErasureRequestId, Receipt};
 use clm_platform::Error;
@@ -32,7 +33,75 @@ pub struct ReceiptHandler {
 /// once (one cursor per source): handlers of its other events (scoring's
 /// thresholds, loyalty's tiers) are added here, not in a second `follow`.
 pub fn peer_handlers(peer: &'static str) -> Handlers {
-    Handlers::new().on_batch::<CustomerDataErased, _>(Arc::new(ReceiptHandler { peer }))
+    let handlers =
+        Handlers::new().on_batch::<CustomerDataErased, _>(Arc::new(ReceiptHandler { peer }));
+    match peer {
+        "loyalty" => handlers.on::<clm_proto::loyalty::TierChanged, _>(Arc::new(LoyalTier)),
+        _ => handlers,
+    }
+}
+
+/// Moves a member who reached its program's loyalty tier
+/// (`TierChanged.loyal`) into the LOYALTY stage, as `system:loyalty`, in
+/// the subscriber's transaction. A customer already in LOYALTY, churned
+/// (which only reactivation leaves), unknown or erased is left as it is.
+#[derive(Debug, Clone, Copy)]
+pub struct LoyalTier;
+
+#[async_trait::async_trait]
+impl clm_platform::changes::On<clm_proto::loyalty::TierChanged> for LoyalTier {
+    async fn on(
+        &self,
+        cx: &mut Apply,
+        _event: &ChangeEvent,
+        m: clm_proto::loyalty::TierChanged,
+    ) -> Result<(), Error> {
+        use crate::store::customers;
+        use crate::store::stages::{self, StageChangeRecord};
+        use clm_domain::lifecycle::{Stage, Transition};
+        if !m.loyal {
+            return Ok(());
+        }
+        let Ok(id) = clm_domain::ids::CustomerId::parse_name("customer", &m.customer) else {
+            return Ok(());
+        };
+        let now = clm_domain::clock::micros(cx.now());
+        let txn = cx.txn();
+        let mut rec = match customers::get(txn, id).await {
+            Ok(rec) => rec,
+            Err(Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let reason = format!("reached loyalty tier {} of {}", m.new_tier, m.program);
+        let Ok(t) = Transition::new(rec.stage, Stage::Loyalty, reason, "system:loyalty".into())
+        else {
+            tracing::debug!(customer = %m.customer, "loyalty tier reached; stage not moved");
+            return Ok(());
+        };
+        let expected = rec.version;
+        rec.stage = t.to;
+        rec.stage_change_time = now;
+        rec.update_time = now;
+        rec.version += 1;
+        if !customers::update(txn, &rec, expected, false).await? {
+            return Err(Error::Aborted(
+                "the customer changed meanwhile; retry".into(),
+            ));
+        }
+        let change = StageChangeRecord {
+            id: 0,
+            customer: id,
+            from: Some(t.from),
+            to: t.to,
+            reason: t.reason,
+            actor: t.actor,
+            change_time: now,
+        };
+        stages::insert_many(txn, std::slice::from_ref(&change)).await?;
+        let change = crate::convert::stage_change_to_proto(&change, now);
+        cx.emit(stage_changed(&id.name(), change));
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]

@@ -129,6 +129,64 @@ impl OnBatch<clm_proto::feedback::ResponseCompleted> for CustomerFacts {
     }
 }
 
+/// Handlers of the loyalty stream: `TierChanged` sets the customer's
+/// `loyalty.tier` (and balance), `PointsChanged` its `loyalty.balance`,
+/// then the customer's segments are re-evaluated.
+pub fn loyalty_handlers(engine: Engine) -> Handlers {
+    let h = Arc::new(CustomerFacts { engine });
+    Handlers::new()
+        .on_batch::<clm_proto::loyalty::TierChanged, _>(h.clone())
+        .on_batch::<clm_proto::loyalty::PointsChanged, _>(h)
+}
+
+impl CustomerFacts {
+    async fn loyalty(
+        &self,
+        cx: &mut Apply,
+        events: &[&ChangeEvent],
+        rows: Vec<facts::LoyaltyRow>,
+    ) -> Result<()> {
+        let updated = facts::set_loyalty(cx.txn(), &rows).await?;
+        let work = updated
+            .into_iter()
+            .map(|id| (id, vec![Change::All]))
+            .collect();
+        self.settle(cx, events, work).await
+    }
+}
+
+#[async_trait::async_trait]
+impl OnBatch<clm_proto::loyalty::TierChanged> for CustomerFacts {
+    async fn on_batch(
+        &self,
+        cx: &mut Apply,
+        messages: Vec<(&ChangeEvent, clm_proto::loyalty::TierChanged)>,
+    ) -> Result<(), Error> {
+        let events: Vec<&ChangeEvent> = messages.iter().map(|(e, _)| *e).collect();
+        let rows = messages
+            .iter()
+            .filter_map(|(_, m)| Some((bare(&m.customer)?, Some(m.new_tier.clone()), m.balance)))
+            .collect();
+        self.loyalty(cx, &events, rows).await
+    }
+}
+
+#[async_trait::async_trait]
+impl OnBatch<clm_proto::loyalty::PointsChanged> for CustomerFacts {
+    async fn on_batch(
+        &self,
+        cx: &mut Apply,
+        messages: Vec<(&ChangeEvent, clm_proto::loyalty::PointsChanged)>,
+    ) -> Result<(), Error> {
+        let events: Vec<&ChangeEvent> = messages.iter().map(|(e, _)| *e).collect();
+        let rows = messages
+            .iter()
+            .filter_map(|(_, m)| Some((bare(&m.customer)?, None, m.balance)))
+            .collect();
+        self.loyalty(cx, &events, rows).await
+    }
+}
+
 /// Applies customer facts.
 pub struct CustomerFacts {
     engine: Engine,

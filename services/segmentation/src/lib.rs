@@ -50,9 +50,11 @@
 //!   configured: each completed response sets the customer's last answers
 //!   and adds its answers as `SURVEY_ANSWER` touchpoints, so
 //!   `count(survey_answer where properties.category = "detractor", 90d)`
-//!   works like any touchpoint window. Loyalty facts have their columns
-//!   and their SQL and evaluator support; feeding them is a handler on the
-//!   loyalty stream.
+//!   works like any touchpoint window.
+//! * Loyalty facts follow the loyalty stream when `peers.loyalty` is set
+//!   (`events::loyalty_handlers`): `TierChanged` sets `loyalty.tier` and
+//!   `loyalty.balance`, `PointsChanged` the balance; with several programs
+//!   the latest event of any program wins.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -91,6 +93,7 @@ fn build(rt: &Runtime) -> anyhow::Result<Parts> {
         .follow("customer", events::customer_handlers(engine.clone()))
         .follow_if_configured("scoring", events::scoring_handlers(engine.clone()))
         .follow_if_configured("feedback", events::feedback_handlers(engine.clone()))
+        .follow_if_configured("loyalty", events::loyalty_handlers(engine.clone()))
         .operation(engine::BACKFILL, engine.runner())
         .timer(store::members::WINDOW, std::sync::Arc::new(engine))
         .task(move |_| Box::pin(resume.resume_backfills())))

@@ -294,6 +294,42 @@ pub async fn set_scores(
     Ok(known.into_iter().collect())
 }
 
+/// One loyalty fact of a customer: (customer, tier if it changed, balance).
+pub type LoyaltyRow = (String, Option<String>, i64);
+
+/// Applies loyalty facts in order (the last per customer wins; a row
+/// without a tier keeps the stored one), one UPDATE per customer, only to
+/// customers the projection holds (like [`set_scores`]). With several
+/// loyalty programs the latest event of any program wins. Returns the
+/// customers updated.
+pub async fn set_loyalty(
+    db: &impl ConnectionTrait,
+    rows: &[LoyaltyRow],
+) -> Result<Vec<String>, DbErr> {
+    let mut last: BTreeMap<&str, (Option<&str>, i64)> = BTreeMap::new();
+    for (id, tier, balance) in rows {
+        let e = last.entry(id.as_str()).or_insert((None, *balance));
+        if tier.is_some() {
+            e.0 = tier.as_deref();
+        }
+        e.1 = *balance;
+    }
+    let mut updated = Vec::new();
+    for (id, (tier, balance)) in last {
+        let mut q = Query::update();
+        q.table(FactCustomers)
+            .value(FC::LoyaltyBalance, balance)
+            .and_where(Expr::col(FC::CustomerId).eq(id));
+        if let Some(t) = tier {
+            q.value(FC::LoyaltyTier, (!t.is_empty()).then(|| t.to_owned()));
+        }
+        if db.execute(&q).await?.rows_affected() > 0 {
+            updated.push(id.to_owned());
+        }
+    }
+    Ok(updated)
+}
+
 /// One consent cell: granted, denied, or unset (`None`, the row is removed).
 pub type ConsentCell = (String, String, String, Option<bool>);
 

@@ -1,0 +1,295 @@
+//! Handlers of the streams loyalty follows. Each runs in the subscriber's
+//! transaction (effect, own events and cursor commit together), so a
+//! replay after a crash applies nothing twice; earnings are also keyed by
+//! their source (`tp/{event_id}/{rule}`, `survey/{response}/{rule}`,
+//! `referral/{referee}/{rule}`) under a unique index.
+//!
+//! * Customer stream: purchases and other touchpoints earn by the rules
+//!   (auto-enrolling where the program says so); a StageChanged to
+//!   CONVERSION rewards a pending referral, once, to both sides;
+//!   CustomersMerged moves members, lots, transactions, redemptions and
+//!   referrals to the survivor (rows move, nothing is copied, so nothing
+//!   counts twice) and reviews its tiers; CustomerErased deletes the
+//!   customer's rows and emits the receipt.
+//! * Feedback stream: a completed survey response earns the
+//!   SURVEY_COMPLETED rules' bonus.
+
+use crate::ledger::{self, Program, Trigger, Who};
+use crate::store;
+use clm_platform::Error;
+use clm_platform::changes::{Apply, Handlers, On};
+use clm_platform::customer_events::time;
+use clm_platform::db::to_micros;
+use clm_platform::outbox::NewEvent;
+use clm_platform::timers::{self, Arm};
+use clm_proto::common::ChangeEvent;
+use clm_proto::customer as cpb;
+use clm_proto::loyalty as pb;
+use std::sync::Arc;
+
+/// The handlers of the customer stream.
+pub fn customer_handlers() -> Handlers {
+    let h = Arc::new(CustomerEvents);
+    Handlers::new()
+        .on::<cpb::TouchpointRecorded, _>(h.clone())
+        .on::<cpb::StageChanged, _>(h.clone())
+        .on::<cpb::CustomersMerged, _>(h.clone())
+        .on::<cpb::CustomerErased, _>(h)
+}
+
+/// The handlers of the feedback stream.
+pub fn feedback_handlers() -> Handlers {
+    Handlers::new().on::<clm_proto::feedback::ResponseCompleted, _>(Arc::new(CustomerEvents))
+}
+
+/// Applies customer and feedback events.
+#[derive(Debug)]
+pub struct CustomerEvents;
+
+fn now_us(cx: &Apply) -> i64 {
+    to_micros(clm_domain::clock::micros(cx.now()))
+}
+
+fn wake(cx: &mut Apply) {
+    let timers = cx.runtime().timers.clone();
+    cx.after_commit(async move { timers.wake() });
+}
+
+/// Earns `trigger` for `customer` in every program with a matching rule
+/// (enrolling where the program auto-enrols and `enroll` allows).
+async fn earn_everywhere(
+    cx: &mut Apply,
+    customer: &str,
+    trigger: &Trigger,
+    source: &str,
+    at_us: i64,
+    enroll: bool,
+) -> Result<(), Error> {
+    let now = now_us(cx);
+    let who = Who {
+        actor: format!("system:{}", crate::SERVICE),
+        reason: source.to_owned(),
+        ..Who::default()
+    };
+    let mut events: Vec<NewEvent> = Vec::new();
+    for row in store::all_programs(cx.txn()).await? {
+        let p = Program::from_row(&row)?;
+        if !p
+            .body
+            .earning_rules
+            .iter()
+            .any(|r| rule_matches(r, trigger))
+        {
+            continue;
+        }
+        let txn = cx.txn();
+        let m = match store::lock_members(txn, &p.id, &[customer]).await?.pop() {
+            Some(m) => m,
+            None if enroll && p.body.auto_enroll => {
+                let (m, e) = ledger::enroll(txn, &p, customer, None, now).await?;
+                events.extend(e);
+                m
+            }
+            None => continue,
+        };
+        let (_, e) =
+            ledger::earn_and_review(txn, &p, &m, trigger, source, at_us.min(now), now, &who)
+                .await?;
+        events.extend(e);
+    }
+    for e in events {
+        cx.emit(e);
+    }
+    wake(cx);
+    Ok(())
+}
+
+fn rule_matches(r: &pb::EarningRule, trigger: &Trigger) -> bool {
+    use pb::EarningTrigger as T;
+    let t = T::try_from(r.trigger).unwrap_or(T::Unspecified);
+    match trigger {
+        Trigger::Touchpoint { kind, .. } => {
+            (t == T::Purchase && *kind == cpb::TouchpointType::Purchase as i32)
+                || (t == T::Touchpoint && *kind == r.touchpoint_type)
+        }
+        Trigger::Survey => t == T::SurveyCompleted,
+        Trigger::Referrer => t == T::ReferralReferrer,
+        Trigger::Referee => t == T::ReferralReferee,
+    }
+}
+
+#[async_trait::async_trait]
+impl On<cpb::TouchpointRecorded> for CustomerEvents {
+    async fn on(
+        &self,
+        cx: &mut Apply,
+        _event: &ChangeEvent,
+        m: cpb::TouchpointRecorded,
+    ) -> Result<(), Error> {
+        let Some(t) = m.touchpoint else { return Ok(()) };
+        let at = time(t.occurred_time.as_ref()).map_or(now_us(cx), to_micros);
+        let trigger = Trigger::Touchpoint {
+            kind: t.r#type,
+            revenue: t.revenue.clone(),
+        };
+        earn_everywhere(
+            cx,
+            &t.customer,
+            &trigger,
+            &format!("tp/{}", t.event_id),
+            at,
+            true,
+        )
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl On<clm_proto::feedback::ResponseCompleted> for CustomerEvents {
+    async fn on(
+        &self,
+        cx: &mut Apply,
+        _event: &ChangeEvent,
+        m: clm_proto::feedback::ResponseCompleted,
+    ) -> Result<(), Error> {
+        if m.customer.is_empty() || m.response.is_empty() {
+            return Ok(());
+        }
+        let now = now_us(cx);
+        earn_everywhere(
+            cx,
+            &m.customer,
+            &Trigger::Survey,
+            &format!("survey/{}", m.response),
+            now,
+            false,
+        )
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl On<cpb::StageChanged> for CustomerEvents {
+    async fn on(
+        &self,
+        cx: &mut Apply,
+        _event: &ChangeEvent,
+        m: cpb::StageChanged,
+    ) -> Result<(), Error> {
+        let converted = m
+            .change
+            .as_ref()
+            .is_some_and(|c| c.to_stage == cpb::Stage::Conversion as i32);
+        if !converted {
+            return Ok(());
+        }
+        let now = now_us(cx);
+        let who = Who {
+            actor: format!("system:{}", crate::SERVICE),
+            reason: "referral".into(),
+            ..Who::default()
+        };
+        let mut events = Vec::new();
+        for claim in store::pending_referrals(cx.txn(), &m.customer).await? {
+            let txn = cx.txn();
+            let p = Program::load(txn, &claim.program).await?;
+            // Both members, locked in customer order.
+            let rows = store::lock_members(txn, &p.id, &[&claim.referee, &claim.referrer]).await?;
+            if !store::reward_referral(txn, &p.id, &claim.referee, now).await? {
+                continue;
+            }
+            for row in &rows {
+                let trigger = if row.customer == claim.referee {
+                    Trigger::Referee
+                } else {
+                    Trigger::Referrer
+                };
+                let source = format!("referral/{}", claim.referee);
+                let (_, e) =
+                    ledger::earn_and_review(txn, &p, row, &trigger, &source, now, now, &who)
+                        .await?;
+                events.extend(e);
+            }
+            events.push(NewEvent::new(
+                &claim.referee,
+                &pb::ReferralRewarded {
+                    referrer: claim.referrer.clone(),
+                    referee: claim.referee.clone(),
+                    program: format!("programs/{}", p.id),
+                    reward_time: Some(clm_platform::convert::timestamp(
+                        clm_platform::db::from_micros(now),
+                    )),
+                },
+            ));
+        }
+        for e in events {
+            cx.emit(e);
+        }
+        wake(cx);
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl On<cpb::CustomersMerged> for CustomerEvents {
+    async fn on(
+        &self,
+        cx: &mut Apply,
+        _event: &ChangeEvent,
+        m: cpb::CustomersMerged,
+    ) -> Result<(), Error> {
+        let merged: Vec<String> = m
+            .merged
+            .iter()
+            .filter(|c| **c != m.survivor)
+            .cloned()
+            .collect();
+        if merged.is_empty() {
+            return Ok(());
+        }
+        let now = now_us(cx);
+        let txn = cx.txn();
+        let mut all = merged.clone();
+        all.push(m.survivor.clone());
+        store::lock_customers(txn, &all).await?;
+        // Lot expiries follow their lots to the survivor (the timer's lock is by subject).
+        let armed = timers::of_subjects(txn, ledger::LOT_EXPIRY, &merged).await?;
+        let moved: Vec<Arm> = armed
+            .into_iter()
+            .map(|(key, due)| Arm::new(key, &m.survivor, due))
+            .collect();
+        timers::arm(txn, ledger::LOT_EXPIRY, &moved).await?;
+        timers::disarm_subjects(txn, Some(ledger::TIER_REVIEW), &merged).await?;
+        store::merge(txn, &merged, &m.survivor).await?;
+        let mut events = Vec::new();
+        for row in store::lock_customers(txn, std::slice::from_ref(&m.survivor)).await? {
+            let p = Program::load(txn, &row.program).await?;
+            if let Some(tc) = ledger::review_tier(txn, &p, &row, now).await? {
+                events.push(NewEvent::new(&m.survivor, &tc));
+            }
+        }
+        for e in events {
+            cx.emit(e);
+        }
+        wake(cx);
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl On<cpb::CustomerErased> for CustomerEvents {
+    async fn on(
+        &self,
+        cx: &mut Apply,
+        _event: &ChangeEvent,
+        m: cpb::CustomerErased,
+    ) -> Result<(), Error> {
+        let mut all = m.merged_from.clone();
+        all.push(m.customer.clone());
+        let txn = cx.txn();
+        store::lock_customers(txn, &all).await?;
+        store::erase(txn, &all).await?;
+        timers::disarm_subjects(txn, None, &all).await?;
+        cx.erased(&m).await
+    }
+}

@@ -1,0 +1,280 @@
+//! Schema of the loyalty service. Times are microseconds since the epoch
+//! (`*_us`); an expiry of `i64::MAX` means never.
+
+use sea_orm_migration::prelude::*;
+
+/// Runs the platform tables, then the loyalty tables.
+#[derive(Debug)]
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        let mut m = clm_platform::migration::platform_migrations();
+        m.push(Box::new(LoyaltyTables));
+        m
+    }
+}
+
+struct LoyaltyTables;
+
+impl MigrationName for LoyaltyTables {
+    fn name(&self) -> &str {
+        "m0002_loyalty_tables"
+    }
+}
+
+fn a(s: &str) -> Alias {
+    Alias::new(s)
+}
+
+fn text(c: &str) -> ColumnDef {
+    ColumnDef::new(a(c)).string().not_null().to_owned()
+}
+
+fn big(c: &str) -> ColumnDef {
+    ColumnDef::new(a(c)).big_integer().not_null().to_owned()
+}
+
+fn big_null(c: &str) -> ColumnDef {
+    ColumnDef::new(a(c)).big_integer().null().to_owned()
+}
+
+fn small(c: &str) -> ColumnDef {
+    ColumnDef::new(a(c)).small_integer().not_null().to_owned()
+}
+
+fn id(c: &str) -> ColumnDef {
+    ColumnDef::new(a(c))
+        .big_integer()
+        .not_null()
+        .auto_increment()
+        .primary_key()
+        .to_owned()
+}
+
+fn index(name: &str, table: &str, cols: &[&str], unique: bool) -> IndexCreateStatement {
+    let mut i = Index::create();
+    i.name(name).table(a(table)).if_not_exists();
+    if unique {
+        i.unique();
+    }
+    for c in cols {
+        i.col(a(c));
+    }
+    i.to_owned()
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for LoyaltyTables {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        // Programs: the encoded Program (without name and etag) and its version.
+        m.create_table(
+            Table::create()
+                .table(a("loyalty_programs"))
+                .if_not_exists()
+                .col(text("id").primary_key())
+                .col(ColumnDef::new(a("body")).blob().not_null())
+                .col(big("version"))
+                .col(big("create_us"))
+                .col(big("update_us"))
+                .to_owned(),
+        )
+        .await?;
+        // One row per (program, customer): the lock every change of a
+        // member's ledger takes first (in (program, customer) order).
+        m.create_table(
+            Table::create()
+                .table(a("loyalty_members"))
+                .if_not_exists()
+                .col(text("program"))
+                .col(text("customer"))
+                .col(text("tier"))
+                .col(big("tier_us"))
+                .col(big_null("below_us"))
+                .col(big("enroll_us"))
+                .col(ColumnDef::new(a("referral_code")).string().null())
+                .col(ColumnDef::new(a("referred_by")).string().null())
+                .primary_key(Index::create().col(a("program")).col(a("customer")))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "loyalty_members_tier",
+            "loyalty_members",
+            &["program", "tier", "customer"],
+            false,
+        ))
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("loyalty_lots"))
+                .if_not_exists()
+                .col(id("id"))
+                .col(text("program"))
+                .col(text("customer"))
+                .col(big("amount"))
+                .col(big("remaining"))
+                .col(big("earn_us"))
+                .col(big("spendable_us"))
+                .col(big("expire_us"))
+                .col(big("txn"))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "loyalty_lots_member",
+            "loyalty_lots",
+            &["program", "customer", "expire_us"],
+            false,
+        ))
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("loyalty_transactions"))
+                .if_not_exists()
+                .col(id("id"))
+                .col(text("program"))
+                .col(text("customer"))
+                .col(small("kind"))
+                .col(big("points"))
+                .col(text("rule"))
+                .col(text("reason"))
+                .col(text("actor"))
+                .col(text("request_id"))
+                .col(text("source"))
+                .col(big("at_us"))
+                .col(big("lot"))
+                .to_owned(),
+        )
+        .await?;
+        // What caused a transaction makes it once (a replayed event, a
+        // second expiry of one lot).
+        m.create_index(index(
+            "loyalty_transactions_source",
+            "loyalty_transactions",
+            &["program", "source"],
+            true,
+        ))
+        .await?;
+        m.create_index(index(
+            "loyalty_transactions_member",
+            "loyalty_transactions",
+            &["program", "customer", "at_us"],
+            false,
+        ))
+        .await?;
+        // Per-lot draws of spend, refund and expire transactions.
+        m.create_table(
+            Table::create()
+                .table(a("loyalty_draws"))
+                .if_not_exists()
+                .col(big("txn"))
+                .col(big("lot"))
+                .col(big("amount"))
+                .primary_key(Index::create().col(a("txn")).col(a("lot")))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("loyalty_rewards"))
+                .if_not_exists()
+                .col(text("program"))
+                .col(text("id"))
+                .col(ColumnDef::new(a("body")).blob().not_null())
+                .col(big("cost"))
+                .col(big_null("stock"))
+                .col(big("per_member_limit"))
+                .col(text("campaign"))
+                .col(big("value_minor"))
+                .col(big("version"))
+                .col(big("create_us"))
+                .primary_key(Index::create().col(a("program")).col(a("id")))
+                .to_owned(),
+        )
+        .await?;
+        // What each campaign's redemptions have cost (totals are in the program).
+        m.create_table(
+            Table::create()
+                .table(a("loyalty_budgets"))
+                .if_not_exists()
+                .col(text("program"))
+                .col(text("campaign"))
+                .col(big("spent_minor"))
+                .primary_key(Index::create().col(a("program")).col(a("campaign")))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("loyalty_redemptions"))
+                .if_not_exists()
+                .col(text("id").primary_key())
+                .col(text("program"))
+                .col(text("customer"))
+                .col(text("reward"))
+                .col(text("campaign"))
+                .col(big("cost"))
+                .col(big("value_minor"))
+                .col(big("spend_txn"))
+                .col(small("state"))
+                .col(text("code"))
+                .col(small("code_kind"))
+                .col(small("coupon_state"))
+                .col(big("coupon_expire_us"))
+                .col(big_null("use_us"))
+                .col(big("create_us"))
+                .col(big_null("cancel_us"))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "loyalty_redemptions_code",
+            "loyalty_redemptions",
+            &["code"],
+            true,
+        ))
+        .await?;
+        m.create_index(index(
+            "loyalty_redemptions_member",
+            "loyalty_redemptions",
+            &["program", "customer", "reward"],
+            false,
+        ))
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("loyalty_referral_codes"))
+                .if_not_exists()
+                .col(text("code").primary_key())
+                .col(text("program"))
+                .col(text("customer"))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "loyalty_referral_codes_member",
+            "loyalty_referral_codes",
+            &["program", "customer"],
+            true,
+        ))
+        .await?;
+        // One claim per referee and program.
+        m.create_table(
+            Table::create()
+                .table(a("loyalty_referrals"))
+                .if_not_exists()
+                .col(text("program"))
+                .col(text("referee"))
+                .col(text("referrer"))
+                .col(text("code"))
+                .col(small("state"))
+                .col(big("claim_us"))
+                .col(big_null("reward_us"))
+                .primary_key(Index::create().col(a("program")).col(a("referee")))
+                .to_owned(),
+        )
+        .await?;
+        Ok(())
+    }
+}
