@@ -19,11 +19,12 @@
 #     removes any), and the dev dependencies.
 # Any error fails the script. The Python tools are pinned in
 # deploy/check-requirements.txt and installed into a virtualenv
-# ($CLM_DEPLOY_TOOLS, default ~/.cache/clm/deploy-tools) when missing.
+# ($DEPLOY_TOOLS_DIR, default ~/.cache/clm/deploy-tools; not a CLM_* name,
+# which the services read as configuration) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-tools="${CLM_DEPLOY_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/clm/deploy-tools}"
+tools="${DEPLOY_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/clm/deploy-tools}"
 reqs=deploy/check-requirements.txt
 k8s=deploy/k8s
 
