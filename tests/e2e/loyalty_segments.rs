@@ -119,6 +119,20 @@ async fn a_segment_only_reward_and_the_balance_in_segments() {
         })
         .await
         .unwrap();
+    points
+        .create_reward(lpb::CreateRewardRequest {
+            parent: "programs/stars".into(),
+            reward: Some(lpb::Reward {
+                display_name: "Sticker, one each".into(),
+                cost: 5,
+                per_member_limit: 1,
+                ..Default::default()
+            }),
+            reward_id: "sticker".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
     let mut members = Vec::new();
     for c in &who {
         let id = c.trim_start_matches("customers/");
@@ -198,6 +212,45 @@ async fn a_segment_only_reward_and_the_balance_in_segments() {
                 .await
         }
     };
+    let eligible = |member: String| {
+        let mut points = points.clone();
+        async move {
+            let mut names: Vec<String> = points
+                .list_eligible_rewards(lpb::ListEligibleRewardsRequest { member })
+                .await
+                .unwrap()
+                .into_inner()
+                .rewards
+                .into_iter()
+                .map(|r| r.name)
+                .collect();
+            names.sort();
+            names
+        }
+    };
+    assert_eq!(
+        eligible(members[0].clone()).await,
+        [
+            "programs/stars/rewards/mug",
+            "programs/stars/rewards/sticker"
+        ]
+    );
+    // The segment-only mug is not listed for the baker.
+    assert_eq!(
+        eligible(members[1].clone()).await,
+        ["programs/stars/rewards/sticker"]
+    );
+    let mut points_for_sticker = points.clone();
+    points_for_sticker
+        .redeem_reward(lpb::RedeemRewardRequest {
+            member: members[1].clone(),
+            reward: "programs/stars/rewards/sticker".into(),
+            request_id: "sticker-other".into(),
+        })
+        .await
+        .unwrap();
+    // One sticker each: the baker has had theirs.
+    assert!(eligible(members[1].clone()).await.is_empty());
     redeem(members[0].clone(), "r-eng").await.unwrap();
     let err = redeem(members[1].clone(), "r-other").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
@@ -206,7 +259,8 @@ async fn a_segment_only_reward_and_the_balance_in_segments() {
         "NOT_ELIGIBLE"
     );
     // Spending 30 of 100 leaves 70: still in `loyalty.balance >= 50`;
-    // two more mugs leave 10, and the engineer leaves the segment.
+    // two more mugs leave 10, and the engineer leaves the segment (the
+    // baker, at 95 after the sticker, stays).
     redeem(members[0].clone(), "r-eng-2").await.unwrap();
     redeem(members[0].clone(), "r-eng-3").await.unwrap();
     eventually(Duration::from_secs(30), || {

@@ -125,6 +125,43 @@ impl LoyaltyApi {
         Ok(answer.member)
     }
 
+    /// Which of `segments` the customer is in: one BatchIsMember call.
+    async fn in_segments(
+        &self,
+        segments: &[String],
+        customer: &str,
+    ) -> Result<std::collections::HashSet<String>> {
+        if segments.is_empty() {
+            return Ok(Default::default());
+        }
+        let peer = self.rt.peers.get("segmentation").ok_or_else(|| {
+            Error::Unavailable("segment-only reward: peers.segmentation is not configured".into())
+        })?;
+        let req = clm_proto::segmentation::BatchIsMemberRequest {
+            checks: segments
+                .iter()
+                .map(|s| clm_proto::segmentation::MembershipCheck {
+                    segment: s.clone(),
+                    customer: customer.to_owned(),
+                })
+                .collect(),
+        };
+        let answer = peer
+            .unary("BatchIsMember", Idempotency::Idempotent, req, |ch, r| async move {
+                clm_proto::segmentation::segmentation_service_client::SegmentationServiceClient::new(ch)
+                    .batch_is_member(r)
+                    .await
+            })
+            .await
+            .map_err(|e| Error::Unavailable(format!("segmentation: {}", e.code())))?;
+        Ok(answer
+            .answers
+            .into_iter()
+            .filter(|a| a.member)
+            .map(|a| a.segment)
+            .collect())
+    }
+
     async fn check_segment(&self, reward: &pb::Reward, customer: &str) -> Result<()> {
         if reward.eligible_segment.is_empty()
             || self.in_segment(&reward.eligible_segment, customer).await?
@@ -1030,26 +1067,36 @@ impl LoyaltyService for LoyaltyApi {
                 .await?
                 .ok_or_else(|| not_member(&program, &customer))?;
             let rows = store::list_rewards(db, &program, None, u64::from(MAX_PAGE)).await?;
-            let mut out = Vec::new();
+            // One query for the per-member limits and one call for the
+            // segments, whatever the number of rewards.
+            let used = store::usage_by_reward(db, &program, &customer).await?;
+            let mut candidates = Vec::new();
             for r in &rows {
                 let body = convert::reward(r)?;
-                if eligible(&body, &m, now_us).is_err() || r.stock.is_some_and(|s| s <= 0) {
-                    continue;
-                }
-                if r.per_member_limit > 0 {
-                    let (n, _) =
-                        store::member_usage(db, &program, &customer, &r.id, &r.campaign).await?;
-                    if n >= r.per_member_limit {
-                        continue;
-                    }
-                }
-                if !body.eligible_segment.is_empty()
-                    && !self.in_segment(&body.eligible_segment, &customer).await?
+                let limited = r.per_member_limit > 0
+                    && used.get(&r.id).copied().unwrap_or(0) >= r.per_member_limit;
+                if eligible(&body, &m, now_us).is_err()
+                    || r.stock.is_some_and(|s| s <= 0)
+                    || limited
                 {
                     continue;
                 }
-                out.push(body);
+                candidates.push(body);
             }
+            let segments: Vec<String> = candidates
+                .iter()
+                .map(|b| b.eligible_segment.clone())
+                .filter(|s| !s.is_empty())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let member_of = self.in_segments(&segments, &customer).await?;
+            let out: Vec<pb::Reward> = candidates
+                .into_iter()
+                .filter(|b| {
+                    b.eligible_segment.is_empty() || member_of.contains(&b.eligible_segment)
+                })
+                .collect();
             Ok(pb::ListEligibleRewardsResponse { rewards: out })
         })
         .await

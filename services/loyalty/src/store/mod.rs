@@ -968,6 +968,35 @@ pub async fn member_usage(
     Ok(one::<Row>(db, &q).await?.map_or((0, 0), |r| (r.n, r.v)))
 }
 
+/// A member's active (not cancelled) redemptions per reward, in one
+/// grouped query (ListEligibleRewards' per-member limits).
+pub async fn usage_by_reward(
+    db: &impl ConnectionTrait,
+    program: &str,
+    customer: &str,
+) -> Result<std::collections::HashMap<String, i64>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        reward: String,
+        n: i64,
+    }
+    let q = Query::select()
+        .column(RC::Reward)
+        .expr_as(Expr::cust("COUNT(*)"), sea_orm::sea_query::Alias::new("n"))
+        .from(redemptions::Entity)
+        .and_where(Expr::col(RC::Program).eq(program))
+        .and_where(Expr::col(RC::Customer).eq(customer))
+        .and_where(Expr::col(RC::State).eq(ACTIVE))
+        .group_by_col(RC::Reward)
+        .to_owned();
+    Ok(Row::find_by_statement(db.get_database_backend().build(&q))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|r| (r.reward, r.n))
+        .collect())
+}
+
 /// Uses a code if it is issued and not expired at `now_us`; `false` otherwise.
 pub async fn use_code(
     db: &impl ConnectionTrait,
