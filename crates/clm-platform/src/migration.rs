@@ -4,6 +4,44 @@
 
 use sea_orm_migration::prelude::*;
 
+/// An index named `name` on `cols` of `table` (created if missing), unique
+/// when asked: the one helper every service's migrations build indexes with.
+pub fn index(name: &str, table: &str, cols: &[&str], unique: bool) -> IndexCreateStatement {
+    let mut i = Index::create();
+    i.name(name).table(Alias::new(table)).if_not_exists();
+    if unique {
+        i.unique();
+    }
+    for c in cols {
+        i.col(Alias::new(*c));
+    }
+    i.to_owned()
+}
+
+/// A NOT NULL text column.
+pub fn text(name: &str) -> ColumnDef {
+    ColumnDef::new(Alias::new(name))
+        .string()
+        .not_null()
+        .to_owned()
+}
+
+/// A NOT NULL 64-bit integer column (times are `*_us` microseconds).
+pub fn big(name: &str) -> ColumnDef {
+    ColumnDef::new(Alias::new(name))
+        .big_integer()
+        .not_null()
+        .to_owned()
+}
+
+/// A NOT NULL 16-bit integer column (enum codes).
+pub fn small(name: &str) -> ColumnDef {
+    ColumnDef::new(Alias::new(name))
+        .small_integer()
+        .not_null()
+        .to_owned()
+}
+
 /// The platform's migrations, to put first in a service's `Migrator`.
 pub fn platform_migrations() -> Vec<Box<dyn MigrationTrait>> {
     vec![

@@ -1,5 +1,6 @@
 //! Schema of the feedback service. Times are microseconds since the epoch (`*_us`).
 
+use clm_platform::migration::{big, index, small, text};
 use sea_orm_migration::prelude::*;
 
 /// Runs the platform tables, then the feedback tables.
@@ -25,33 +26,6 @@ impl MigrationName for FeedbackTables {
 
 fn a(s: &str) -> Alias {
     Alias::new(s)
-}
-
-fn index(name: &str, table: &str, cols: &[&str], unique: bool) -> IndexCreateStatement {
-    let mut i = Index::create();
-    i.name(name).table(a(table)).if_not_exists();
-    if unique {
-        i.unique();
-    }
-    for c in cols {
-        i.col(a(c));
-    }
-    i.to_owned()
-}
-
-fn text(name: &str) -> ColumnDef {
-    ColumnDef::new(a(name)).string().not_null().to_owned()
-}
-
-fn big(name: &str) -> ColumnDef {
-    ColumnDef::new(a(name)).big_integer().not_null().to_owned()
-}
-
-fn small(name: &str) -> ColumnDef {
-    ColumnDef::new(a(name))
-        .small_integer()
-        .not_null()
-        .to_owned()
 }
 
 fn flag(name: &str) -> ColumnDef {

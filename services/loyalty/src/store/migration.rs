@@ -1,6 +1,7 @@
 //! Schema of the loyalty service. Times are microseconds since the epoch
 //! (`*_us`); an expiry of `i64::MAX` means never.
 
+use clm_platform::migration::{big, index, small, text};
 use sea_orm_migration::prelude::*;
 
 /// Runs the platform tables, then the loyalty tables.
@@ -27,20 +28,8 @@ fn a(s: &str) -> Alias {
     Alias::new(s)
 }
 
-fn text(c: &str) -> ColumnDef {
-    ColumnDef::new(a(c)).string().not_null().to_owned()
-}
-
-fn big(c: &str) -> ColumnDef {
-    ColumnDef::new(a(c)).big_integer().not_null().to_owned()
-}
-
 fn big_null(c: &str) -> ColumnDef {
     ColumnDef::new(a(c)).big_integer().null().to_owned()
-}
-
-fn small(c: &str) -> ColumnDef {
-    ColumnDef::new(a(c)).small_integer().not_null().to_owned()
 }
 
 fn id(c: &str) -> ColumnDef {
@@ -50,18 +39,6 @@ fn id(c: &str) -> ColumnDef {
         .auto_increment()
         .primary_key()
         .to_owned()
-}
-
-fn index(name: &str, table: &str, cols: &[&str], unique: bool) -> IndexCreateStatement {
-    let mut i = Index::create();
-    i.name(name).table(a(table)).if_not_exists();
-    if unique {
-        i.unique();
-    }
-    for c in cols {
-        i.col(a(c));
-    }
-    i.to_owned()
 }
 
 #[async_trait::async_trait]

@@ -1,5 +1,6 @@
 //! Schema of the scoring service. Times are microseconds since the epoch (`*_us`).
 
+use clm_platform::migration::index;
 use sea_orm_migration::prelude::*;
 
 /// Runs the platform tables, then the scoring tables.
@@ -26,18 +27,6 @@ impl MigrationName for ScoringTables {
 
 fn a(s: &str) -> Alias {
     Alias::new(s)
-}
-
-fn index(name: &str, table: &str, cols: &[&str], unique: bool) -> IndexCreateStatement {
-    let mut i = Index::create();
-    i.name(name).table(a(table)).if_not_exists();
-    if unique {
-        i.unique();
-    }
-    for c in cols {
-        i.col(a(c));
-    }
-    i.to_owned()
 }
 
 #[async_trait::async_trait]
