@@ -222,6 +222,42 @@ pub async fn touchpoints(
         .collect()
 }
 
+/// A kept touchpoint: customer, when it occurred (µs), event id, body.
+pub type Kept = (String, i64, String, Vec<u8>);
+
+/// Kept touchpoints of `customers` that occurred at or after `since_us`,
+/// in (customer, time, event id) order (one statement).
+pub async fn touchpoints_since(
+    db: &impl ConnectionTrait,
+    customers: &[String],
+    since_us: i64,
+) -> Result<Vec<Kept>> {
+    if customers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = Query::select()
+        .columns([TC::Customer, TC::OccurredUs, TC::EventId, TC::Body])
+        .from(Touchpoints)
+        .and_where(is_in_texts(db, TC::Customer.as_str(), customers))
+        .and_where(Expr::col(TC::OccurredUs).gte(since_us))
+        .order_by(TC::Customer, Order::Asc)
+        .order_by(TC::OccurredUs, Order::Asc)
+        .order_by(TC::EventId, Order::Asc)
+        .to_owned();
+    db.query_all(&q)
+        .await?
+        .into_iter()
+        .map(|r| {
+            Ok((
+                r.try_get("", TC::Customer.as_str())?,
+                r.try_get("", TC::OccurredUs.as_str())?,
+                r.try_get("", TC::EventId.as_str())?,
+                r.try_get("", TC::Body.as_str())?,
+            ))
+        })
+        .collect()
+}
+
 /// Each customer's newest touchpoint at or before `at_us` (inactivity).
 pub async fn last_activity(
     db: &impl ConnectionTrait,
