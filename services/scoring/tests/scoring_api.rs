@@ -1908,3 +1908,120 @@ async fn scores_do_not_depend_on_arrival_order_merges_or_rescoring() {
     assert_eq!(fit.iter().find(|(n, _)| n == "fit").map(|v| v.1), Some(5.0));
     assert_sums_match_ledger(&db, "leads", &customers).await;
 }
+
+/// Counts of scoring's outbox events of a type per subject.
+async fn events_per_subject(
+    db: &sea_orm::DatabaseConnection,
+    event: &str,
+) -> std::collections::HashMap<String, i64> {
+    use sea_orm::ConnectionTrait;
+    let sql = format!(
+        "SELECT subject, COUNT(*) FROM outbox WHERE event_type LIKE '%.{event}' GROUP BY subject"
+    );
+    db.query_all_raw(sea_orm::Statement::from_string(
+        db.get_database_backend(),
+        sql,
+    ))
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| {
+        (
+            r.try_get_by_index::<String>(0).unwrap(),
+            r.try_get_by_index::<i64>(1).unwrap(),
+        )
+    })
+    .collect()
+}
+
+/// Under concurrent ingest from four clients (batches of 200 over shared
+/// customers), every customer whose score reaches the threshold crosses it
+/// exactly once: one ThresholdCrossed each, recorded in the transaction of
+/// the award that caused it, and every stage moved.
+#[tokio::test]
+async fn every_crossing_under_concurrent_ingest_is_recorded_once_and_moves_the_stage() {
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    let up = pb::Threshold {
+        id: "engaged".into(),
+        score: "engagement".into(),
+        value: 40.0,
+        direction: pb::ThresholdDirection::AtOrAbove as i32,
+        to_stage: cpb::Stage::Acquisition as i32,
+        while_in_stage: 0,
+    };
+    create(
+        &mut s,
+        "leads",
+        model(vec![event_rule("use", "feature_use", 1)], vec![up]),
+    )
+    .await;
+    let mut customers = Vec::new();
+    for i in 0..60 {
+        customers.push(env.new_customer(&format!("load{i}@example.com")).await.name);
+    }
+    // 45 touches each; customers 0..10 stop at 39 (never cross).
+    let mut touches = Vec::new();
+    for round in 0..45 {
+        for (i, c) in customers.iter().enumerate() {
+            if i < 10 && round >= 39 {
+                continue;
+            }
+            let at = t0() - Duration::minutes(45 - round);
+            touches.push(touchpoint(
+                c,
+                &format!("l{i}-{round}"),
+                cpb::TouchpointType::FeatureUse,
+                at,
+            ));
+        }
+    }
+    let batches: Vec<Vec<cpb::Touchpoint>> = touches.chunks(200).map(<[_]>::to_vec).collect();
+    let mut tasks = Vec::new();
+    for client in 0..4 {
+        let mine: Vec<Vec<cpb::Touchpoint>> =
+            batches.iter().skip(client).step_by(4).cloned().collect();
+        let mut c = env.customers();
+        tasks.push(tokio::spawn(async move {
+            for b in mine {
+                c.record_touchpoints(cpb::RecordTouchpointsRequest { touchpoints: b })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for (i, c) in customers.iter().enumerate() {
+        let want = if i < 10 { 39.0 } else { 45.0 };
+        env.score_reaches(c, "scoringModels/leads", "engagement", want)
+            .await;
+    }
+    let db = sea_orm::Database::connect(&env.scoring_backend.database_url)
+        .await
+        .unwrap();
+    let crossed = events_per_subject(&db, "ThresholdCrossed").await;
+    for (i, c) in customers.iter().enumerate() {
+        let want = i64::from(i >= 10);
+        assert_eq!(
+            crossed.get(c).copied().unwrap_or(0),
+            want,
+            "{c}: ThresholdCrossed events"
+        );
+    }
+    for c in customers.iter().skip(10) {
+        eventually(std::time::Duration::from_secs(20), || async {
+            let moved = env
+                .stages(c)
+                .await
+                .iter()
+                .any(|h| h.to_stage == cpb::Stage::Acquisition as i32);
+            moved.then_some(())
+        })
+        .await;
+    }
+    // The timer queue's looks after the awards judge nothing twice.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(events_per_subject(&db, "ThresholdCrossed").await, crossed);
+}
