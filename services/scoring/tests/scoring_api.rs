@@ -2025,3 +2025,41 @@ async fn every_crossing_under_concurrent_ingest_is_recorded_once_and_moves_the_s
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(events_per_subject(&db, "ThresholdCrossed").await, crossed);
 }
+
+/// An enum number the API does not define is INVALID_ARGUMENT naming the
+/// field (the platform checks every request), never read as "any".
+#[tokio::test]
+async fn unknown_enum_values_are_refused_by_field() {
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    let denial = pb::ScoringRule {
+        id: "unsubscribed".into(),
+        score: "engagement".into(),
+        points: -10,
+        trigger: Some(pb::scoring_rule::Trigger::ConsentDenied(
+            pb::ConsentDenial { purpose: 99 },
+        )),
+        ..Default::default()
+    };
+    let status = s
+        .create_scoring_model(pb::CreateScoringModelRequest {
+            scoring_model: Some(model(vec![denial], vec![])),
+            scoring_model_id: "leads".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&status, "scoring_model.rules[0].consent_denied.purpose");
+    assert!(status.message().contains("99"), "{}", status.message());
+    let status = env
+        .customers()
+        .record_touchpoints(cpb::RecordTouchpointsRequest {
+            touchpoints: vec![cpb::Touchpoint {
+                r#type: 42,
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&status, "touchpoints[0].type");
+}
