@@ -568,14 +568,14 @@ impl ScoringService for ScoringApi {
             let actor = who.subject.clone();
             let models = self.models.clone();
             idempotency::write(&self.rt, "AdjustScore", rid, &req, now, async |txn| {
-                // Only customers scoring has seen on the customer stream.
-                if customers::get(txn, std::slice::from_ref(&c))
+                // Only customers scoring has seen on the customer stream,
+                // checked under their lock: an erased one is never recreated.
+                if customers::lock_existing(txn, std::slice::from_ref(&c))
                     .await?
                     .is_empty()
                 {
                     return Err(Error::NotFound(c.clone()));
                 }
-                customers::ensure_and_lock(txn, std::slice::from_ref(&c)).await?;
                 let last =
                     customers::last_activity(txn, std::slice::from_ref(&c), to_micros(now)).await?;
                 let new = ledger::NewRow {

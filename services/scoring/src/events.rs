@@ -498,6 +498,9 @@ impl On<cpb::CustomerErased> for CustomerEvents {
         let mut all = m.merged_from.clone();
         all.push(m.customer.clone());
         let txn = cx.txn();
+        // Under the customers' locks, so a concurrent AdjustScore either
+        // commits first (and its entry is deleted here) or finds no customer.
+        customers::lock_existing(txn, &all).await?;
         ledger::delete_customers(txn, &all).await?;
         sums::delete_customers(txn, &all).await?;
         customers::delete(txn, &all).await?;

@@ -2063,3 +2063,94 @@ async fn unknown_enum_values_are_refused_by_field() {
         .unwrap_err();
     assert_bad_field(&status, "touchpoints[0].type");
 }
+
+/// AdjustScore racing the customer's erasure never leaves an entry or a
+/// customer row behind: the adjustment checks the customer under its lock
+/// and the erasure takes that lock before deleting.
+#[tokio::test]
+async fn adjustments_racing_erasure_leave_nothing_behind() {
+    use sea_orm::ConnectionTrait;
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    create(
+        &mut s,
+        "leads",
+        model(vec![event_rule("use", "feature_use", 1)], vec![]),
+    )
+    .await;
+    let mut customers = Vec::new();
+    for i in 0..12 {
+        let c = env.new_customer(&format!("gone{i}@example.com")).await.name;
+        env.touch(&c, &format!("g{i}"), cpb::TouchpointType::FeatureUse, "x")
+            .await;
+        customers.push(c);
+    }
+    for c in &customers {
+        env.score_reaches(c, "scoringModels/leads", "engagement", 1.0)
+            .await;
+    }
+    let mut tasks = Vec::new();
+    for c in &customers {
+        for k in 0..4 {
+            let (mut s, c) = (env.scoring(), c.clone());
+            tasks.push(tokio::spawn(async move {
+                // OK before the erasure, NOT_FOUND after it; nothing else.
+                let r = s
+                    .adjust_score(pb::AdjustScoreRequest {
+                        customer: c.clone(),
+                        scoring_model: "scoringModels/leads".into(),
+                        score: "engagement".into(),
+                        points: 5,
+                        reason: "call".into(),
+                        request_id: format!("{c}-{k}"),
+                    })
+                    .await;
+                if let Err(e) = r {
+                    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+                }
+            }));
+        }
+        let (mut cs, c) = (env.customers(), c.clone());
+        tasks.push(tokio::spawn(async move {
+            cs.erase_customer(cpb::EraseCustomerRequest {
+                name: c,
+                request_id: String::new(),
+            })
+            .await
+            .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let db = sea_orm::Database::connect(&env.scoring_backend.database_url)
+        .await
+        .unwrap();
+    eventually(std::time::Duration::from_secs(20), || async {
+        let erased = events_per_subject(&db, "CustomerDataErased").await;
+        customers
+            .iter()
+            .all(|c| erased.contains_key(c))
+            .then_some(())
+    })
+    .await;
+    let list = customers
+        .iter()
+        .map(|c| format!("'{c}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    for table in ["score_ledger", "score_customers", "score_sums"] {
+        let sql = format!("SELECT COUNT(*) FROM {table} WHERE customer IN ({list})");
+        let n = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                sql,
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get_by_index::<i64>(0)
+            .unwrap();
+        assert_eq!(n, 0, "{table} keeps rows of erased customers");
+    }
+}
