@@ -58,8 +58,10 @@
 //!   `engagement` for the grade): caps and once-only rules need only those
 //!   rules' earlier awards, and no other score can change.
 //! * **ListTopCustomers** computes every customer's score of the model at
-//!   the read time from one read of the model's ledger and sorts: exact for
-//!   any mix of decays, floors and ceilings, but linear in the ledger size.
+//!   the read time from the model's running sums and selects the page:
+//!   exact for any mix of decays, floors and ceilings, linear in the number
+//!   of scored customers per page. The page token pins the read time and
+//!   the model version, so pages never skip or repeat a customer.
 
 pub mod api;
 pub mod convert;

@@ -2154,3 +2154,75 @@ async fn adjustments_racing_erasure_leave_nothing_behind() {
         assert_eq!(n, 0, "{table} keeps rows of erased customers");
     }
 }
+
+/// ListTopCustomers pages rank the scores at the first page's read time
+/// (pinned in the token): decay between pages neither repeats nor skips a
+/// customer, and every page says the same read time.
+#[tokio::test]
+async fn top_customers_pages_keep_their_read_time() {
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    let mut fast = event_rule("buy", "purchase", 100);
+    fast.decay = Some(pb::Decay {
+        kind: Some(pb::decay::Kind::HalfLife(dur(Duration::hours(1)))),
+    });
+    let steady = event_rule("use", "feature_use", 20);
+    create(&mut s, "leads", model(vec![fast, steady], vec![])).await;
+    // a: 100 decaying fast; b: 60, c: 40, d: 20 steady.
+    let mut names = Vec::new();
+    for (i, uses) in [0, 3, 2, 1].iter().enumerate() {
+        let c = env.new_customer(&format!("top{i}@example.com")).await.name;
+        if i == 0 {
+            let tp = touchpoint(&c, "top-buy", cpb::TouchpointType::Purchase, t0());
+            env.customers()
+                .record_touchpoints(cpb::RecordTouchpointsRequest {
+                    touchpoints: vec![tp],
+                })
+                .await
+                .unwrap();
+        }
+        for k in 0..*uses {
+            env.touch(
+                &c,
+                &format!("top{i}-{k}"),
+                cpb::TouchpointType::FeatureUse,
+                "x",
+            )
+            .await;
+        }
+        names.push(c);
+    }
+    for (c, want) in names.iter().zip([100.0, 60.0, 40.0, 20.0]) {
+        env.score_reaches(c, "scoringModels/leads", "engagement", want)
+            .await;
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut read_times = std::collections::BTreeSet::new();
+    loop {
+        let page = s
+            .list_top_customers(pb::ListTopCustomersRequest {
+                scoring_model: "scoringModels/leads".into(),
+                score: "engagement".into(),
+                page_size: 1,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for c in page.customers {
+            read_times.insert(c.read_time.map(|t| (t.seconds, t.nanos)));
+            seen.push(c.customer);
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+        // Two half-lives pass between pages: a (100 → 25) would fall
+        // behind b, c and d if later pages were ranked at a later time.
+        env.clock.advance(Duration::hours(2));
+    }
+    assert_eq!(seen, names, "each customer once, in the first page's order");
+    assert_eq!(read_times.len(), 1, "one read time for every page");
+}
