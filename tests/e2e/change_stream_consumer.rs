@@ -681,3 +681,147 @@ async fn refused_credentials_are_a_visible_fault_not_a_silent_retry() {
     consumer.stop().await;
     source.stop().await;
 }
+
+/// A `nats-server` with JetStream of this test's own (its store in a
+/// temporary directory, so a restart keeps the streams), killed on drop.
+struct Nats {
+    port: u16,
+    store: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Nats {
+    fn start(port: u16, store: std::path::PathBuf) -> Self {
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&store)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server on PATH");
+        Self {
+            port,
+            store,
+            child: Some(child),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The customer stream over NATS JetStream: the customer service relays its
+/// outbox to its own stream and the consumer follows that stream instead of
+/// WatchChanges. The broker is restarted while events are pending and the
+/// relay (the source service) restarts too: every effect happens once.
+#[tokio::test]
+async fn over_jetstream_a_broker_and_a_relay_restart_lose_and_double_nothing() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let store = tempfile::tempdir().unwrap();
+    let mut nats = Nats::start(port, store.path().to_path_buf());
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    let nats_url = nats.url();
+    let with_nats = |mut c: Config| {
+        c.nats.url = Some(nats_url.clone());
+        c.nats.stream_prefix.clone_from(&prefix);
+        c
+    };
+
+    let source_backend = TestBackend::new().await;
+    let mut source_config = with_nats(source_backend.config("customer"));
+    source_config.nats.relay = true;
+    let source = start(&clm_customer::DESCRIPTOR, source_config.clone()).await;
+    source_config.listen = source.addr;
+
+    let consumer_backend = TestBackend::new().await;
+    let mut consumer_config = with_nats(consumer_backend.config("consumer"));
+    consumer_config.subscriber.source = clm_platform::config::StreamSource::Jetstream;
+    consumer_config.subscriber.batch_size = 64;
+    consumer_config.subscriber.min_backoff_ms = 20;
+    consumer_config.subscriber.max_backoff_ms = 300;
+    consumer_config
+        .peers
+        .insert("customer".into(), source.url());
+    let consumer = start(&CONSUMER, consumer_config.clone()).await;
+    let db = clm_platform::db::connect(&consumer_config.database)
+        .await
+        .unwrap();
+
+    let mut c = client(&source.url(), None);
+    let customer = create_customer(&mut c, "js@example.com").await;
+    c.record_touchpoints(touchpoints(&customer, 0, 300))
+        .await
+        .unwrap();
+    assert_exactly_once(&db, 301).await;
+
+    // The broker goes down; events committed meanwhile wait in the outbox
+    // and reach the consumer once it is back (same store, same streams).
+    nats.stop();
+    c.record_touchpoints(touchpoints(&customer, 300, 500))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        scalar(&db, "SELECT COUNT(*) FROM effects").await,
+        301,
+        "the consumer reads the broker, not WatchChanges"
+    );
+    let nats = Nats::start(port, nats.store.clone());
+    assert_exactly_once(&db, 501).await;
+
+    // The relay restarts with the source service: it resumes after the
+    // stream's last position, republishing nothing the consumer applies.
+    source.stop().await;
+    let source = start(&clm_customer::DESCRIPTOR, source_config.clone()).await;
+    let mut c = client(&source.url(), None);
+    c.record_touchpoints(touchpoints(&customer, 500, 700))
+        .await
+        .unwrap();
+    assert_exactly_once(&db, 701).await;
+    assert_eq!(
+        load_cursor(&db, "customer").await.unwrap(),
+        scalar(&db, "SELECT MAX(sequence) FROM effects").await,
+        "the cursor is the last applied sequence"
+    );
+    // The stream holds each position once, in order.
+    let source_db = clm_platform::db::connect(&source_config.database)
+        .await
+        .unwrap();
+    let js = clm_platform::jetstream::connect(&consumer_config.nats)
+        .await
+        .unwrap();
+    let names = clm_platform::jetstream::names(&prefix, "customer");
+    let mut stream = js.get_stream(&names.stream).await.unwrap();
+    let messages = stream.info().await.unwrap().state.messages;
+    assert_eq!(
+        messages,
+        <u64 as TryFrom<i64>>::try_from(scalar(&source_db, "SELECT COUNT(*) FROM outbox").await)
+            .unwrap()
+    );
+    assert_eq!(
+        clm_platform::jetstream::last_position(&stream, &names.subject)
+            .await
+            .unwrap(),
+        <i64 as TryFrom<u64>>::try_from(messages).unwrap()
+    );
+    js.delete_stream(&names.stream).await.unwrap();
+    consumer.stop().await;
+    source.stop().await;
+    drop(nats);
+}

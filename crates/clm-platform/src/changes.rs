@@ -653,6 +653,7 @@ pub struct Subscriber {
     health: Option<HealthReporter>,
     fail_point: Option<FailPoint>,
     instruments: Instruments,
+    stream_source: crate::config::StreamSource,
 }
 
 impl std::fmt::Debug for Subscriber {
@@ -753,6 +754,7 @@ impl Subscriber {
             health: None,
             fail_point: None,
             instruments,
+            stream_source: crate::config::StreamSource::Grpc,
         }
         .with_config(&defaults)
     }
@@ -766,6 +768,7 @@ impl Subscriber {
         let min = Ord::max(c.min_backoff_ms, 1);
         self.min_backoff = Duration::from_millis(min);
         self.max_backoff = Duration::from_millis(Ord::max(c.max_backoff_ms, min));
+        self.stream_source = c.source;
         self
     }
 
@@ -839,6 +842,80 @@ impl Subscriber {
     }
 
     async fn follow(&self, progressed: &mut bool) -> Interrupted {
+        match self.stream_source {
+            crate::config::StreamSource::Grpc => self.follow_grpc(progressed).await,
+            crate::config::StreamSource::Jetstream => self.follow_jetstream(progressed).await,
+        }
+    }
+
+    /// Follows the source's JetStream stream ([`crate::jetstream`]): events
+    /// at or before the cursor (redeliveries, a relay's repeats) are
+    /// skipped, the others applied as from `WatchChanges`.
+    async fn follow_jetstream(&self, progressed: &mut bool) -> Interrupted {
+        let mut cursor = match load_cursor(&self.rt.db, &self.source).await {
+            Ok(c) => c,
+            Err(e) => return e.into(),
+        };
+        let nats = &self.rt.config.nats;
+        let js = match crate::jetstream::connect(nats).await {
+            Ok(js) => js,
+            Err(e) => return Interrupted::Transient(e.to_string()),
+        };
+        let names = crate::jetstream::names(&nats.stream_prefix, &self.source);
+        let events = match crate::jetstream::events_after(&js, &names, cursor).await {
+            Ok(s) => s,
+            Err(e) => return Interrupted::Transient(e.to_string()),
+        };
+        let mut events = std::pin::pin!(events);
+        let types = self.handlers.event_types();
+        self.report(ServingStatus::Serving).await;
+        loop {
+            let mut batch = Vec::new();
+            let mut ended = None;
+            match futures::StreamExt::next(&mut events).await {
+                Some(Ok(e)) => batch.push(e),
+                Some(Err(e)) => return Interrupted::Transient(e.to_string()),
+                None => return Interrupted::Transient("the JetStream consumer ended".into()),
+            }
+            while batch.len() < self.batch_size {
+                match futures::StreamExt::next(&mut events).now_or_never() {
+                    Some(Some(Ok(e))) => batch.push(e),
+                    Some(Some(Err(e))) => {
+                        ended = Some(Interrupted::Transient(e.to_string()));
+                        break;
+                    }
+                    Some(None) => {
+                        ended = Some(Interrupted::Transient(
+                            "the JetStream consumer ended".into(),
+                        ));
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let mut wanted = Vec::with_capacity(batch.len());
+            for e in batch {
+                if e.sequence <= cursor {
+                    continue;
+                }
+                cursor = e.sequence;
+                if types.is_empty() || types.contains(&e.event_type) {
+                    wanted.push(e);
+                }
+            }
+            if !wanted.is_empty() {
+                if let Err(e) = self.apply(&wanted).await {
+                    return e;
+                }
+                *progressed = true;
+            }
+            if let Some(e) = ended {
+                return e;
+            }
+        }
+    }
+
+    async fn follow_grpc(&self, progressed: &mut bool) -> Interrupted {
         let mut cursor = match load_cursor(&self.rt.db, &self.source).await {
             Ok(c) => c,
             Err(e) => return e.into(),

@@ -80,6 +80,9 @@ pub struct Config {
     pub peer: PeerConfig,
     /// How this service follows other services' change streams.
     pub subscriber: SubscriberConfig,
+    /// NATS JetStream for the change streams (see [`crate::jetstream`]).
+    #[serde(default)]
+    pub nats: NatsConfig,
     /// Traces and metrics export (OpenTelemetry).
     pub telemetry: TelemetryConfig,
     /// Settings only the customer service reads: keys of the `[customer]`
@@ -165,6 +168,43 @@ fn nest_own_settings(service: &str, section: figment::value::Value) -> figment::
     Value::Dict(tag, dict)
 }
 
+/// NATS JetStream settings: a relay publishing this service's change
+/// stream, and the source the subscribers read others' from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// `nats://host:port` (comma-separated for several servers); required
+    /// by `relay` and by `subscriber.source = "jetstream"`.
+    pub url: Option<String>,
+    /// Publish this service's outbox events, in position order, to the
+    /// JetStream stream `<stream_prefix>-<service>` (subject
+    /// `<stream_prefix>.<service>.events`).
+    pub relay: bool,
+    /// Prefix of stream names and subjects (tests use their own).
+    pub stream_prefix: String,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            relay: false,
+            stream_prefix: "clm".into(),
+        }
+    }
+}
+
+/// Where subscribers read the change streams they follow from.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamSource {
+    /// The source service's `WatchChanges` rpc (`peers.<source>`).
+    #[default]
+    Grpc,
+    /// The source's JetStream stream (the source must run with `nats.relay`).
+    Jetstream,
+}
+
 /// Settings of the change-stream subscribers.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -189,6 +229,10 @@ pub struct SubscriberConfig {
     pub max_backoff_ms: u64,
     /// Lifetime of the service token minted for peers (with `auth.hs256_secret`).
     pub token_ttl_secs: u64,
+    /// Where the followed streams are read from: `grpc` (default) or
+    /// `jetstream` (needs `nats.url`).
+    #[serde(default)]
+    pub source: StreamSource,
 }
 
 /// Settings of the peer client ([`crate::peer`]).
@@ -376,7 +420,9 @@ impl Config {
                 min_backoff_ms: 100,
                 max_backoff_ms: 10_000,
                 token_ttl_secs: 600,
+                source: StreamSource::Grpc,
             },
+            nats: NatsConfig::default(),
             telemetry: TelemetryConfig {
                 otlp_endpoint: None,
                 span_details: false,
@@ -422,6 +468,34 @@ impl Config {
                     "must start with redis:// or rediss:// (with cache.cluster, each comma-separated node)",
                 ));
             }
+        }
+        let needs_nats = self.nats.relay || self.subscriber.source == StreamSource::Jetstream;
+        if needs_nats && self.nats.url.is_none() {
+            return Err(ConfigError::new(
+                "nats.url",
+                "is required by nats.relay and by subscriber.source = \"jetstream\"",
+            ));
+        }
+        if let Some(u) = &self.nats.url
+            && u.split(',')
+                .any(|u| !(u.trim().starts_with("nats://") || u.trim().starts_with("tls://")))
+        {
+            return Err(ConfigError::new(
+                "nats.url",
+                "must start with nats:// or tls://",
+            ));
+        }
+        if self.nats.stream_prefix.is_empty()
+            || !self
+                .nats
+                .stream_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(ConfigError::new(
+                "nats.stream_prefix",
+                "must be letters, digits or _ (it names streams and subjects)",
+            ));
         }
         if self.cache.cluster && self.cache.redis_url.is_none() {
             return Err(ConfigError::new(

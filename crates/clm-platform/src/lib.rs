@@ -63,6 +63,7 @@ pub mod customer_events;
 pub mod db;
 pub mod error;
 pub mod idempotency;
+pub mod jetstream;
 pub mod migration;
 pub mod operations;
 pub mod outbox;

@@ -270,6 +270,13 @@ pub async fn run_with_clock(
     let operations = OperationsServer::new(crate::operations::OperationsServer::new(rt.clone()));
     names.push(<OperationsServer<crate::operations::OperationsServer> as NamedService>::NAME);
     routes.add_service(operations);
+    if config.nats.relay {
+        tokio::spawn(crate::jetstream::run_relay(
+            rt.clone(),
+            std::time::Duration::from_millis(config.change_poll_interval_ms),
+            background.clone(),
+        ));
+    }
     tokio::spawn(crate::operations::run(rt.clone(), parts.runners));
     tokio::spawn(crate::timers::run(rt.clone(), parts.timers));
     for (source, handlers) in handlers {
