@@ -570,3 +570,43 @@ async fn without_an_issuer_configured_iss_is_optional() {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+/// Reflection serves the google.rpc error details the API answers with,
+/// so reflective clients (grpcurl) render BadRequest and QuotaFailure.
+#[tokio::test]
+async fn reflection_serves_the_error_detail_messages() {
+    use tokio_stream::StreamExt;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let (url, shutdown, server, _dir) = start("reflecttest", &[], |_| {}).await;
+    let mut client = ServerReflectionClient::new(channel(&url).unwrap());
+    for symbol in [
+        "google.rpc.BadRequest",
+        "google.rpc.QuotaFailure",
+        "google.rpc.ErrorInfo",
+        "google.rpc.ResourceInfo",
+        "google.rpc.RetryInfo",
+    ] {
+        let ask = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
+        };
+        let mut answers = client
+            .server_reflection_info(tokio_stream::iter(vec![ask]))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = answers.next().await.unwrap().unwrap();
+        match answer.message_response {
+            Some(MessageResponse::FileDescriptorResponse(files)) => {
+                assert!(!files.file_descriptor_proto.is_empty(), "{symbol}");
+            }
+            other => panic!("{symbol}: {other:?}"),
+        }
+    }
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
