@@ -34,13 +34,29 @@ fn free_addr() -> std::net::SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// The local NATS with JetStream (`scripts/test.sh` starts it under CI).
+const NATS_URL: &str = "nats://127.0.0.1:4222";
+
 async fn suite() -> Suite {
+    suite_over(None).await
+}
+
+/// The suite; with `jetstream` (a stream prefix of the test's own), every
+/// service relays its change stream to JetStream and follows the others'
+/// from there instead of WatchChanges.
+async fn suite_over(jetstream: Option<&str>) -> Suite {
     let cb = TestBackend::migrated::<clm_customer::store::Migrator>().await;
     let sb = TestBackend::migrated::<clm_scoring::store::Migrator>().await;
     let gb = TestBackend::migrated::<clm_segmentation::store::Migrator>().await;
     let fb = TestBackend::migrated::<clm_feedback::store::Migrator>().await;
     let fast = |mut c: clm_platform::config::Config| {
         c.change_poll_interval_ms = 50;
+        if let Some(prefix) = jetstream {
+            c.nats.url = Some(NATS_URL.into());
+            c.nats.relay = true;
+            c.nats.stream_prefix = prefix.into();
+            c.subscriber.source = clm_platform::config::StreamSource::Jetstream;
+        }
         c
     };
     let customer = start(&clm_customer::DESCRIPTOR, fast(cb.config("customer"))).await;
@@ -215,7 +231,33 @@ impl Suite {
 
 #[tokio::test]
 async fn a_detractor_answer_lowers_the_score_and_joins_the_detractor_segment() {
-    let s = suite().await;
+    detractor_loop(&suite().await).await;
+}
+
+/// The same loop with every change stream carried by NATS JetStream.
+#[tokio::test]
+async fn the_feedback_loop_over_jetstream() {
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    let s = suite_over(Some(&prefix)).await;
+    detractor_loop(&s).await;
+    let js = clm_platform::jetstream::connect(&clm_platform::config::NatsConfig {
+        url: Some(NATS_URL.into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for service in ["customer", "scoring", "segmentation", "feedback"] {
+        let names = clm_platform::jetstream::names(&prefix, service);
+        let mut stream = js.get_stream(&names.stream).await.unwrap();
+        assert!(
+            stream.info().await.unwrap().state.messages > 0,
+            "{service} relayed"
+        );
+        js.delete_stream(&names.stream).await.unwrap();
+    }
+}
+
+async fn detractor_loop(s: &Suite) {
     s.scoring()
         .create_scoring_model(spb::CreateScoringModelRequest {
             scoring_model: Some(spb::ScoringModel {
