@@ -281,7 +281,7 @@ impl LoyaltyApi {
         )
         .await?;
         // The shared rows last, so they are held the shortest time.
-        if r.stock.is_some() && !store::take_stock(txn, program, reward_id, 1).await? {
+        if r.stock.is_some() && !store::take_unit(txn, program, reward_id).await? {
             return Err(LoyaltyError::OutOfStock(body.name.clone()).into());
         }
         if let Some(total) = budget.as_ref().and_then(|b| b.total.as_ref())
@@ -303,7 +303,7 @@ impl LoyaltyApi {
             .into());
         }
         let events = vec![
-            ledger::points_changed(&t, &draws, balance),
+            ledger::points_changed(&p, &t, &draws, balance),
             NewEvent::new(
                 customer,
                 &pb::RewardRedeemed {
@@ -351,7 +351,7 @@ impl LoyaltyApi {
                 );
                 let mut events: Vec<NewEvent> = made
                     .iter()
-                    .map(|t| ledger::points_changed(t, &[], balance))
+                    .map(|t| ledger::points_changed(&p, t, &[], balance))
                     .collect();
                 if let Some(tc) = ledger::review_tier(txn, &p, &m, now_us).await? {
                     events.push(NewEvent::new(customer, &tc));
@@ -485,6 +485,7 @@ fn masked_program(
             "auto_enroll" => out.auto_enroll = new.auto_enroll,
             "campaign_budgets" => out.campaign_budgets = new.campaign_budgets.clone(),
             "coupon_validity" => out.coupon_validity = new.coupon_validity,
+            "primary" => out.primary = new.primary,
             _ => {
                 return Err(Error::invalid(
                     format!("update_mask.paths[{i}]"),
@@ -520,6 +521,7 @@ fn masked_reward(
             "value" => out.value = new.value.clone(),
             "coupon_validity" => out.coupon_validity = new.coupon_validity,
             "code_kind" => out.code_kind = new.code_kind,
+            "stock_slots" => out.stock_slots = new.stock_slots,
             _ => {
                 return Err(Error::invalid(
                     format!("update_mask.paths[{i}]"),
@@ -551,6 +553,7 @@ fn reward_row(
     s.name = String::new();
     s.etag = String::new();
     s.stock = None;
+    s.stock_slots = convert::stock_slots(r.stock_slots);
     rewards::Model {
         program: program.to_owned(),
         id: id.to_owned(),
@@ -563,6 +566,26 @@ fn reward_row(
         version,
         create_us,
     }
+}
+
+/// Refuses to mark `id` primary while another program is (checked in the
+/// write transaction; the unique index `loyalty_programs_primary` stops a
+/// concurrent second mark, which is then ABORTED).
+async fn only_primary(txn: &impl ConnectionTrait, id: &str) -> Result<()> {
+    match store::other_primary(txn, id).await? {
+        Some(other) => Err(Error::FailedPrecondition {
+            reason: "PRIMARY_PROGRAM_EXISTS",
+            message: format!(
+                "programs/{other} is the primary program; unmark it before marking another"
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The counter rows a reward's stock is spread over.
+fn slot_count(r: &pb::Reward) -> usize {
+    usize::try_from(convert::stock_slots(r.stock_slots)).unwrap_or(1)
 }
 
 fn campaigns(p: &pb::Program) -> Vec<String> {
@@ -598,18 +621,22 @@ impl LoyaltyService for LoyaltyApi {
             }
             let now = self.now();
             idempotency::write(&self.rt, "CreateProgram", rid, &req, now, async |txn| {
+                if body.primary {
+                    only_primary(txn, &id).await?;
+                }
                 let row = crate::store::entity::programs::Model {
                     id: id.clone(),
                     body: stored_program(&body),
                     version: 1,
                     create_us: to_micros(now),
                     update_us: to_micros(now),
+                    is_primary: i16::from(body.primary),
                 };
                 if !store::insert_program(txn, &row).await? {
                     return Err(LoyaltyError::Exists(format!("programs/{id}")).into());
                 }
                 store::ensure_budgets(txn, &id, &campaigns(&body)).await?;
-                let out = Program::from_row(&row)?.body;
+                let out = Program::load(txn, &id).await?.body;
                 audit::record(txn, crate::SERVICE, now, Change::create(&out.name, &out)).await?;
                 Ok((out, Vec::new()))
             })
@@ -646,11 +673,15 @@ impl LoyaltyService for LoyaltyApi {
                 check_etag(&new.etag, old.version)?;
                 let merged = masked_program(&old.body, &new, req.update_mask.as_ref())?;
                 convert::check_program("program", &merged)?;
+                if merged.primary {
+                    only_primary(txn, &id).await?;
+                }
                 if !store::update_program(
                     txn,
                     &id,
                     old.version,
                     stored_program(&merged),
+                    merged.primary,
                     to_micros(now),
                 )
                 .await?
@@ -687,9 +718,9 @@ impl LoyaltyService for LoyaltyApi {
             let now_us = to_micros(now);
             idempotency::write(&self.rt, "EnrollMember", rid, &req, now, async |txn| {
                 let p = Program::load(txn, &program).await?;
-                let (m, event) = ledger::enroll(txn, &p, &customer, None, now_us).await?;
+                let (m, created, events) = ledger::enroll(txn, &p, &customer, None, now_us).await?;
                 let out = ledger::member_view(txn, &p, &m, now_us).await?;
-                if event.is_some() {
+                if created {
                     audit::record(
                         txn,
                         crate::SERVICE,
@@ -698,7 +729,7 @@ impl LoyaltyService for LoyaltyApi {
                     )
                     .await?;
                 }
-                Ok((out, event.into_iter().collect()))
+                Ok((out, events))
             })
             .await
         })
@@ -860,7 +891,7 @@ impl LoyaltyService for LoyaltyApi {
                     .await?;
                     Ok((
                         out,
-                        vec![ledger::points_changed(&t, &draws, member.balance)],
+                        vec![ledger::points_changed(&p, &t, &draws, member.balance)],
                     ))
                 },
             )
@@ -949,6 +980,9 @@ impl LoyaltyService for LoyaltyApi {
                         LoyaltyError::Exists(format!("programs/{program}/rewards/{id}")).into(),
                     );
                 }
+                if body.stock.is_some() {
+                    store::set_stock(txn, &program, &id, body.stock, slot_count(&body)).await?;
+                }
                 let mut out = convert::reward(&row)?;
                 out.create_time = stamp(to_micros(now));
                 audit::record(txn, crate::SERVICE, now, Change::create(&out.name, &out)).await?;
@@ -1036,6 +1070,17 @@ impl LoyaltyService for LoyaltyApi {
                     return Err(Error::Aborted(
                         "the reward changed meanwhile; re-read and retry".into(),
                     ));
+                }
+                // A new stock replaces what remains, exactly; new slots
+                // spread what remains over them.
+                let respread = convert::stock_slots(merged.stock_slots) != old.stock_slots;
+                if set_stock || respread {
+                    let total = if set_stock {
+                        merged.stock
+                    } else {
+                        store::lock_stock(txn, &program, &id).await?
+                    };
+                    store::set_stock(txn, &program, &id, total, slot_count(&merged)).await?;
                 }
                 let stored = store::reward(txn, &program, &id)
                     .await?
@@ -1163,6 +1208,7 @@ impl LoyaltyService for LoyaltyApi {
                         .await?
                         .filter(|r| r.program == program)
                         .ok_or_else(|| Error::NotFound(req.name.clone()))?;
+                    let p = Program::load(txn, &program).await?;
                     store::lock_members(txn, &program, &[&r.customer]).await?;
                     if !store::cancel_redemption(txn, &id, now_us).await? {
                         let why = match store::redemption(txn, Some(&id), None)
@@ -1183,10 +1229,7 @@ impl LoyaltyService for LoyaltyApi {
                     let made =
                         ledger::refund(txn, &program, &r.customer, r.spend_txn, now_us, &who)
                             .await?;
-                    let reward = store::reward(txn, &program, &r.reward).await?;
-                    if reward.as_ref().is_some_and(|w| w.stock.is_some()) {
-                        store::take_stock(txn, &program, &r.reward, -1).await?;
-                    }
+                    store::give_back_unit(txn, &program, &r.reward).await?;
                     if !r.campaign.is_empty() && r.value_minor != 0 {
                         store::spend_budget(txn, &program, &r.campaign, -r.value_minor, None)
                             .await?;
@@ -1216,7 +1259,7 @@ impl LoyaltyService for LoyaltyApi {
                     let out = convert::redemption(&row, spend, balance);
                     let mut events: Vec<NewEvent> = made
                         .iter()
-                        .map(|(t, d)| ledger::points_changed(t, d, balance))
+                        .map(|(t, d)| ledger::points_changed(&p, t, d, balance))
                         .collect();
                     events.push(NewEvent::new(
                         &r.customer,
@@ -1385,14 +1428,14 @@ impl LoyaltyService for LoyaltyApi {
                     }
                     .into());
                 }
-                let (m, event) = ledger::enroll(txn, &p, &customer, Some(referrer.clone()), now_us).await?;
-                let Some(event) = event else {
+                let (m, created, events) = ledger::enroll(txn, &p, &customer, Some(referrer.clone()), now_us).await?;
+                if !created {
                     return Err(LoyaltyError::Referral {
                         reason: "REFEREE_EXISTS",
                         message: format!("{customer} is already a member of programs/{program}: only new customers can claim a referral"),
                     }
                     .into());
-                };
+                }
                 let claim = crate::store::entity::referrals::Model {
                     program: program.clone(),
                     referee: customer.clone(),
@@ -1411,7 +1454,7 @@ impl LoyaltyService for LoyaltyApi {
                 }
                 let out = ledger::member_view(txn, &p, &m, now_us).await?;
                 audit::record(txn, crate::SERVICE, now, Change::create(&out.name, &out).customer(&customer)).await?;
-                Ok((out, vec![event]))
+                Ok((out, events))
             })
             .await
         })

@@ -72,8 +72,8 @@ async fn earn_everywhere(
         ..Who::default()
     };
     let mut events: Vec<NewEvent> = Vec::new();
-    for row in store::all_programs(cx.txn()).await? {
-        let p = Program::from_row(&row)?;
+    for (row, primary) in store::all_programs(cx.txn()).await? {
+        let p = Program::from_row(&row, primary)?;
         if !p
             .body
             .earning_rules
@@ -86,7 +86,7 @@ async fn earn_everywhere(
         let m = match store::lock_members(txn, &p.id, &[customer]).await?.pop() {
             Some(m) => m,
             None if enroll && p.body.auto_enroll => {
-                let (m, e) = ledger::enroll(txn, &p, customer, None, now).await?;
+                let (m, _, e) = ledger::enroll(txn, &p, customer, None, now).await?;
                 events.extend(e);
                 m
             }
@@ -253,12 +253,14 @@ impl On<cpb::CustomersMerged> for CustomerEvents {
         all.push(m.survivor.clone());
         store::lock_customers(txn, &all).await?;
         // Lot expiries follow their lots to the survivor (the timer's lock is by subject).
-        let armed = timers::of_subjects(txn, ledger::LOT_EXPIRY, &merged).await?;
-        let moved: Vec<Arm> = armed
-            .into_iter()
-            .map(|(key, due)| Arm::new(key, &m.survivor, due))
-            .collect();
-        timers::arm(txn, ledger::LOT_EXPIRY, &moved).await?;
+        for kind in [ledger::LOT_EXPIRY, ledger::POINTS_SPENDABLE] {
+            let armed = timers::of_subjects(txn, kind, &merged).await?;
+            let moved: Vec<Arm> = armed
+                .into_iter()
+                .map(|(key, due)| Arm::new(key, &m.survivor, due))
+                .collect();
+            timers::arm(txn, kind, &moved).await?;
+        }
         timers::disarm_subjects(txn, Some(ledger::TIER_REVIEW), &merged).await?;
         store::merge(txn, &merged, &m.survivor).await?;
         let mut events = Vec::new();

@@ -21,6 +21,9 @@ use sea_orm::ConnectionTrait;
 pub const LOT_EXPIRY: &str = "loyalty.lot_expiry";
 /// Timer kind: a member's tier is looked at again (grace end, window exit).
 pub const TIER_REVIEW: &str = "loyalty.tier_review";
+/// Timer kind: a lot's pending points become spendable (key `spendable/{id}`):
+/// the balance moves and the tier is reviewed.
+pub const POINTS_SPENDABLE: &str = "loyalty.points_spendable";
 /// Timer kind: an issued coupon expires (key `coupon/{code}`).
 pub const COUPON_EXPIRY: &str = "loyalty.coupon_expiry";
 /// "Expiring soon" in GetMember: the next 30 days.
@@ -35,11 +38,14 @@ pub struct Program {
     pub body: pb::Program,
     /// Its version.
     pub version: i64,
+    /// Whether it is the primary program now (marked, or the oldest when
+    /// none is): segmentation's plain loyalty facts follow its events.
+    pub primary: bool,
 }
 
 impl Program {
-    /// Decodes a stored program.
-    pub fn from_row(row: &programs::Model) -> Result<Self> {
+    /// Decodes a stored program (`primary`: whether it is the primary one now).
+    pub fn from_row(row: &programs::Model, primary: bool) -> Result<Self> {
         let mut body = <pb::Program as prost::Message>::decode(row.body.as_slice())
             .map_err(Error::internal)?;
         body.name = format!("programs/{}", row.id);
@@ -54,15 +60,16 @@ impl Program {
             id: row.id.clone(),
             body,
             version: row.version,
+            primary,
         })
     }
 
     /// Loads a program, NOT_FOUND if there is none.
     pub async fn load(db: &impl ConnectionTrait, id: &str) -> Result<Self> {
-        let row = store::program(db, id)
+        let (row, primary) = store::program(db, id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("programs/{id}")))?;
-        Self::from_row(&row)
+        Self::from_row(&row, primary)
     }
 
     /// The thresholds of the tiers, ascending.
@@ -227,6 +234,14 @@ pub async fn earn(
         )
         .await?;
     }
+    if spendable_us > earn_us && spendable_us < expire_us {
+        timers::arm(
+            db,
+            POINTS_SPENDABLE,
+            &[Arm::new(format!("spendable/{lot}"), customer, spendable_us)],
+        )
+        .await?;
+    }
     Ok(Some(t))
 }
 
@@ -355,7 +370,10 @@ pub async fn expire_lots(
     Ok(out)
 }
 
-/// Points earned in the program's tier window before `now_us` (lifetime without one).
+/// Points that count towards tiers at `now_us`: those earned (EARN
+/// transactions) in the program's tier window (lifetime without one) whose
+/// lot is spendable by then; pending purchase points count once their
+/// return window has passed.
 pub async fn tier_points(
     db: &impl ConnectionTrait,
     p: &Program,
@@ -368,7 +386,7 @@ pub async fn tier_points(
     } else {
         i64::MIN
     };
-    store::earned_since(db, &p.id, customer, None, since).await
+    store::qualifying_earned(db, &p.id, customer, since, now_us).await
 }
 
 /// Looks at a (locked) member's tier at `now_us`: up at once, down only
@@ -449,6 +467,7 @@ pub async fn review_tier(
             clm_platform::db::from_micros(now_us),
         )),
         balance,
+        secondary: !p.primary,
     }))
 }
 
@@ -469,11 +488,7 @@ pub async fn member_view(
         .map(|l| l.remaining)
         .sum();
     out.lifetime_earned = store::earned_since(db, &p.id, &m.customer, None, i64::MIN).await?;
-    out.tier_points = if p.window_us() > 0 {
-        tier_points(db, p, &m.customer, now_us).await?
-    } else {
-        out.lifetime_earned
-    };
+    out.tier_points = tier_points(db, p, &m.customer, now_us).await?;
     let next = p.tier_index(&m.tier).map_or(0, |i| i + 1);
     if let Some(t) = p.body.tiers.get(next) {
         out.next_tier = t.id.clone();
@@ -482,8 +497,13 @@ pub async fn member_view(
     Ok(out)
 }
 
-/// The PointsChanged event of a transaction.
-pub fn points_changed(t: &transactions::Model, draws: &[Draw], balance: i64) -> NewEvent {
+/// The PointsChanged event of a transaction of program `p`.
+pub fn points_changed(
+    p: &Program,
+    t: &transactions::Model,
+    draws: &[Draw],
+    balance: i64,
+) -> NewEvent {
     NewEvent::new(
         &t.customer,
         &pb::PointsChanged {
@@ -492,6 +512,23 @@ pub fn points_changed(t: &transactions::Model, draws: &[Draw], balance: i64) -> 
             program: format!("programs/{}", t.program),
             transaction: Some(convert::transaction(t, lot_draws(draws))),
             balance,
+            secondary: !p.primary,
+        },
+    )
+}
+
+/// The PointsChanged event of pending points that became spendable: no
+/// transaction changes the ledger then, only the balance moves.
+pub fn points_spendable(p: &Program, customer: &str, balance: i64) -> NewEvent {
+    NewEvent::new(
+        customer,
+        &pb::PointsChanged {
+            member: convert::member_of(&p.id, customer),
+            customer: customer.to_owned(),
+            program: format!("programs/{}", p.id),
+            transaction: None,
+            balance,
+            secondary: !p.primary,
         },
     )
 }
@@ -631,7 +668,7 @@ pub async fn earn_and_review(
         now_us,
     );
     for t in &made {
-        events.push(points_changed(t, &[], balance));
+        events.push(points_changed(p, t, &[], balance));
     }
     if let Some(tc) = review_tier(db, p, m, now_us).await? {
         events.push(NewEvent::new(&m.customer, &tc));
@@ -639,14 +676,16 @@ pub async fn earn_and_review(
     Ok((made, events))
 }
 
-/// Enrols `customer` (no-op if a member); returns the member row.
+/// Enrols `customer` (no-op if a member): the (locked) member row, whether
+/// it was created, and the events (MemberEnrolled, and TierChanged into the
+/// starting tier so followers know the tier from the start).
 pub async fn enroll(
     db: &impl ConnectionTrait,
     p: &Program,
     customer: &str,
     referred_by: Option<String>,
     now_us: i64,
-) -> Result<(members::Model, Option<NewEvent>)> {
+) -> Result<(members::Model, bool, Vec<NewEvent>)> {
     // The lowest tier whose threshold is 0 is where every member starts.
     let tier = p
         .body
@@ -658,7 +697,7 @@ pub async fn enroll(
     let row = members::Model {
         program: p.id.clone(),
         customer: customer.to_owned(),
-        tier,
+        tier: tier.clone(),
         tier_us: now_us,
         below_us: None,
         enroll_us: now_us,
@@ -670,18 +709,35 @@ pub async fn enroll(
         .await?
         .pop()
         .ok_or_else(|| Error::internal("member vanished"))?;
-    let event = created.then(|| {
-        NewEvent::new(
+    let mut events = Vec::new();
+    if created {
+        let at = Some(clm_platform::convert::timestamp(
+            clm_platform::db::from_micros(now_us),
+        ));
+        events.push(NewEvent::new(
             customer,
             &pb::MemberEnrolled {
                 member: convert::member_of(&p.id, customer),
                 customer: customer.to_owned(),
                 program: format!("programs/{}", p.id),
-                enroll_time: Some(clm_platform::convert::timestamp(
-                    clm_platform::db::from_micros(now_us),
-                )),
+                enroll_time: at,
             },
-        )
-    });
-    Ok((locked, event))
+        ));
+        if !tier.is_empty() {
+            events.push(NewEvent::new(
+                customer,
+                &pb::TierChanged {
+                    customer: customer.to_owned(),
+                    program: format!("programs/{}", p.id),
+                    old_tier: String::new(),
+                    loyal: p.loyal(Some(0)),
+                    new_tier: tier,
+                    change_time: at,
+                    balance: 0,
+                    secondary: !p.primary,
+                },
+            ));
+        }
+    }
+    Ok((locked, created, events))
 }

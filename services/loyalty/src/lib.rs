@@ -101,6 +101,7 @@ fn build(rt: &Runtime) -> anyhow::Result<Parts> {
     Ok(Parts::new()
         .timer(ledger::LOT_EXPIRY, Arc::new(timers::LotExpiry))
         .timer(ledger::TIER_REVIEW, Arc::new(timers::TierReview))
+        .timer(ledger::POINTS_SPENDABLE, Arc::new(timers::PointsSpendable))
         .timer(ledger::COUPON_EXPIRY, Arc::new(timers::CouponExpiry))
         .grpc(LoyaltyServiceServer::new(api::LoyaltyApi::new(rt.clone())))
         .follow("customer", events::customer_handlers())

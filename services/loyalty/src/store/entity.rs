@@ -17,6 +17,8 @@ pub mod programs {
         pub version: i64,
         pub create_us: i64,
         pub update_us: i64,
+        /// 1 when `Program.primary` is set (at most one program).
+        pub is_primary: i16,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -149,13 +151,39 @@ pub mod rewards {
         /// Encoded `clm.loyalty.v1.Reward` without name, etag and stock.
         pub body: Vec<u8>,
         pub cost: i64,
-        /// Units left; `None`: unlimited.
+        /// Read: units left, the sum of its slots (`reward_slots`), `None`
+        /// when unlimited (it has no slots). Stored: the stock last set by
+        /// Create/UpdateReward (history only).
         pub stock: Option<i64>,
         pub per_member_limit: i64,
         pub campaign: String,
         pub value_minor: i64,
         pub version: i64,
         pub create_us: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `loyalty_reward_slots`: a limited reward's stock, spread over counter rows.
+pub mod reward_slots {
+    use sea_orm::entity::prelude::*;
+
+    /// A slot.
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "loyalty_reward_slots")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub program: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub reward: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub slot: i16,
+        /// Units in this slot.
+        pub stock: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -12,6 +12,8 @@ impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         let mut m = clm_platform::migration::platform_migrations();
         m.push(Box::new(LoyaltyTables));
+        m.push(Box::new(RewardSlots));
+        m.push(Box::new(PrimaryProgram));
         m
     }
 }
@@ -252,6 +254,93 @@ impl MigrationTrait for LoyaltyTables {
                 .to_owned(),
         )
         .await?;
+        Ok(())
+    }
+}
+
+struct RewardSlots;
+
+impl MigrationName for RewardSlots {
+    fn name(&self) -> &str {
+        "m0003_reward_slots"
+    }
+}
+
+/// The default number of stock slots of a reward (`Reward.stock_slots`).
+pub const DEFAULT_SLOTS: i64 = 16;
+
+#[async_trait::async_trait]
+impl MigrationTrait for RewardSlots {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        // A limited reward's stock, spread over counter rows: a redemption
+        // takes a unit from any slot that has one, so concurrent
+        // redemptions lock different rows. Unlimited rewards have none.
+        m.create_table(
+            Table::create()
+                .table(a("loyalty_reward_slots"))
+                .if_not_exists()
+                .col(text("program"))
+                .col(text("reward"))
+                .col(small("slot"))
+                .col(big("stock"))
+                .primary_key(
+                    Index::create()
+                        .col(a("program"))
+                        .col(a("reward"))
+                        .col(a("slot")),
+                )
+                .to_owned(),
+        )
+        .await?;
+        // Existing limited rewards: their stock spread over the default
+        // number of slots (slot i holds stock / 16, plus one for the first
+        // stock % 16), the same spread as `clm_domain::loyalty::spread`.
+        let slots: Vec<String> = (0..DEFAULT_SLOTS)
+            .map(|i| format!("SELECT {i} AS n"))
+            .collect();
+        let sql = format!(
+            "INSERT INTO loyalty_reward_slots (program, reward, slot, stock) \
+             SELECT r.program, r.id, s.n, r.stock / {DEFAULT_SLOTS} \
+               + CASE WHEN s.n < r.stock % {DEFAULT_SLOTS} THEN 1 ELSE 0 END \
+             FROM loyalty_rewards r, ({}) s WHERE r.stock IS NOT NULL",
+            slots.join(" UNION ALL ")
+        );
+        m.get_connection().execute_unprepared(&sql).await?;
+        Ok(())
+    }
+}
+
+struct PrimaryProgram;
+
+impl MigrationName for PrimaryProgram {
+    fn name(&self) -> &str {
+        "m0004_primary_program"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for PrimaryProgram {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        // `Program.primary` as a column, so the primary program is one
+        // indexed read and at most one program can hold it.
+        m.alter_table(
+            Table::alter()
+                .table(a("loyalty_programs"))
+                .add_column(
+                    ColumnDef::new(a("is_primary"))
+                        .small_integer()
+                        .not_null()
+                        .default(0),
+                )
+                .to_owned(),
+        )
+        .await?;
+        m.get_connection()
+            .execute_unprepared(
+                "CREATE UNIQUE INDEX IF NOT EXISTS loyalty_programs_primary \
+                 ON loyalty_programs (is_primary) WHERE is_primary = 1",
+            )
+            .await?;
         Ok(())
     }
 }

@@ -18,11 +18,12 @@ use clm_domain::loyalty::{Draw, Lot};
 use clm_platform::Result;
 use clm_platform::db::is_postgres;
 use entity::{
-    budgets, draws, lots, members, programs, redemptions, referral_codes, referrals, rewards,
-    transactions,
+    budgets, draws, lots, members, programs, redemptions, referral_codes, referrals, reward_slots,
+    rewards, transactions,
 };
 use sea_orm::sea_query::{
-    CaseStatement, Cond, Expr, ExprTrait, Func, LockType, OnConflict, Order, Query, SelectStatement,
+    CaseStatement, Cond, Expr, ExprTrait, Func, LockBehavior, LockType, OnConflict, Order, Query,
+    SelectStatement,
 };
 use sea_orm::{ConnectionTrait, EntityName, FromQueryResult, IdenStatic};
 
@@ -34,6 +35,7 @@ use programs::Column as PC;
 use redemptions::Column as RC;
 use referral_codes::Column as CC;
 use referrals::Column as FC;
+use reward_slots::Column as SC;
 use rewards::Column as WC;
 use transactions::Column as TC;
 
@@ -81,37 +83,121 @@ async fn total(db: &impl ConnectionTrait, q: &SelectStatement) -> Result<i64> {
 
 // ---------------------------------------------------------------- programs
 
-/// A program's row.
-pub async fn program(db: &impl ConnectionTrait, id: &str) -> Result<Option<programs::Model>> {
-    let q = Query::select()
-        .columns([PC::Id, PC::Body, PC::Version, PC::CreateUs, PC::UpdateUs])
-        .from(programs::Entity)
-        .and_where(Expr::col(PC::Id).eq(id))
-        .to_owned();
-    one(db, &q).await
+const PROGRAM_COLS: [PC; 6] = [
+    PC::Id,
+    PC::Body,
+    PC::Version,
+    PC::CreateUs,
+    PC::UpdateUs,
+    PC::IsPrimary,
+];
+
+/// A program's row and whether it is the primary program now.
+#[derive(Debug, FromQueryResult)]
+struct ProgramRow {
+    id: String,
+    body: Vec<u8>,
+    version: i64,
+    create_us: i64,
+    update_us: i64,
+    is_primary: i16,
+    leads: i32,
 }
 
-/// Every program's row (stream handlers look at each program).
-pub async fn all_programs(db: &impl ConnectionTrait) -> Result<Vec<programs::Model>> {
-    let q = Query::select()
-        .columns([PC::Id, PC::Body, PC::Version, PC::CreateUs, PC::UpdateUs])
+impl ProgramRow {
+    fn split(self) -> (programs::Model, bool) {
+        (
+            programs::Model {
+                id: self.id,
+                body: self.body,
+                version: self.version,
+                create_us: self.create_us,
+                update_us: self.update_us,
+                is_primary: self.is_primary,
+            },
+            self.leads == 1,
+        )
+    }
+}
+
+/// Programs with a `leads` column: 1 for the primary program (the one
+/// marked primary, else the oldest), in the same read.
+fn programs_query() -> SelectStatement {
+    let primary = Query::select()
+        .column(PC::Id)
         .from(programs::Entity)
+        .order_by(PC::IsPrimary, Order::Desc)
+        .order_by(PC::CreateUs, Order::Asc)
         .order_by(PC::Id, Order::Asc)
+        .limit(1)
         .to_owned();
-    all(db, &q).await
+    let leads = CaseStatement::new()
+        .case(
+            Expr::col((programs::Entity, PC::Id)).in_subquery(primary),
+            Expr::val(1i32),
+        )
+        .finally(Expr::val(0i32));
+    Query::select()
+        .columns(PROGRAM_COLS.map(|c| (programs::Entity, c)))
+        .expr_as(
+            Expr::Case(Box::new(leads)),
+            sea_orm::sea_query::Alias::new("leads"),
+        )
+        .from(programs::Entity)
+        .to_owned()
+}
+
+/// A program's row, and whether it is the primary program.
+pub async fn program(
+    db: &impl ConnectionTrait,
+    id: &str,
+) -> Result<Option<(programs::Model, bool)>> {
+    let q = programs_query()
+        .and_where(Expr::col((programs::Entity, PC::Id)).eq(id))
+        .to_owned();
+    Ok(one::<ProgramRow>(db, &q).await?.map(ProgramRow::split))
+}
+
+/// Every program's row with its primary flag (stream handlers look at
+/// each program).
+pub async fn all_programs(db: &impl ConnectionTrait) -> Result<Vec<(programs::Model, bool)>> {
+    let q = programs_query()
+        .order_by((programs::Entity, PC::Id), Order::Asc)
+        .to_owned();
+    Ok(all::<ProgramRow>(db, &q)
+        .await?
+        .into_iter()
+        .map(ProgramRow::split)
+        .collect())
+}
+
+/// The program marked primary other than `except`, if any.
+pub async fn other_primary(db: &impl ConnectionTrait, except: &str) -> Result<Option<String>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        id: String,
+    }
+    let q = Query::select()
+        .column(PC::Id)
+        .from(programs::Entity)
+        .and_where(Expr::col(PC::IsPrimary).eq(1i16))
+        .and_where(Expr::col(PC::Id).ne(except))
+        .to_owned();
+    Ok(one::<Row>(db, &q).await?.map(|r| r.id))
 }
 
 /// Inserts a program; `false` if the id is taken.
 pub async fn insert_program(db: &impl ConnectionTrait, row: &programs::Model) -> Result<bool> {
     let q = Query::insert()
         .into_table(programs::Entity)
-        .columns([PC::Id, PC::Body, PC::Version, PC::CreateUs, PC::UpdateUs])
+        .columns(PROGRAM_COLS)
         .values_panic([
             row.id.clone().into(),
             row.body.clone().into(),
             row.version.into(),
             row.create_us.into(),
             row.update_us.into(),
+            row.is_primary.into(),
         ])
         .on_conflict(OnConflict::column(PC::Id).do_nothing().to_owned())
         .to_owned();
@@ -124,6 +210,7 @@ pub async fn update_program(
     id: &str,
     version: i64,
     body: Vec<u8>,
+    is_primary: bool,
     now_us: i64,
 ) -> Result<bool> {
     let q = Query::update()
@@ -131,6 +218,7 @@ pub async fn update_program(
         .value(PC::Body, body)
         .value(PC::Version, version + 1)
         .value(PC::UpdateUs, now_us)
+        .value(PC::IsPrimary, i16::from(is_primary))
         .and_where(Expr::col(PC::Id).eq(id))
         .and_where(Expr::col(PC::Version).eq(version))
         .to_owned();
@@ -506,6 +594,28 @@ pub async fn expired_lots(
     all(db, &q).await
 }
 
+/// The (program, customer) owning each of the lots `ids`.
+pub async fn lot_owners(db: &impl ConnectionTrait, ids: &[i64]) -> Result<Vec<(String, String)>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        program: String,
+        customer: String,
+    }
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = Query::select()
+        .columns([LC::Program, LC::Customer])
+        .from(lots::Entity)
+        .and_where(Expr::col(LC::Id).is_in(ids.iter().copied()))
+        .to_owned();
+    Ok(all::<Row>(db, &q)
+        .await?
+        .into_iter()
+        .map(|r| (r.program, r.customer))
+        .collect())
+}
+
 /// The expiry instants of `ids`.
 pub async fn lot_expiries(
     db: &impl ConnectionTrait,
@@ -695,6 +805,37 @@ pub async fn earned_since(
     total(db, &q).await
 }
 
+/// Points the member earned (EARN transactions) after `since_us` whose
+/// lot is spendable at `now_us` (what counts towards tiers).
+pub async fn qualifying_earned(
+    db: &impl ConnectionTrait,
+    program: &str,
+    customer: &str,
+    since_us: i64,
+    now_us: i64,
+) -> Result<i64> {
+    let spendable = Query::select()
+        .column(LC::Id)
+        .from(lots::Entity)
+        .and_where(Expr::col(LC::Program).eq(program))
+        .and_where(Expr::col(LC::Customer).eq(customer))
+        .and_where(Expr::col(LC::SpendableUs).lte(now_us))
+        .to_owned();
+    let q = Query::select()
+        .expr_as(
+            sum_i64(TC::Points.as_str()),
+            sea_orm::sea_query::Alias::new("total"),
+        )
+        .from(transactions::Entity)
+        .and_where(Expr::col(TC::Program).eq(program))
+        .and_where(Expr::col(TC::Customer).eq(customer))
+        .and_where(Expr::col(TC::Kind).eq(kind::EARN))
+        .and_where(Expr::col(TC::AtUs).gt(since_us))
+        .and_where(Expr::col(TC::Lot).in_subquery(spendable))
+        .to_owned();
+    total(db, &q).await
+}
+
 /// The earliest earn of the member after `since_us` (when the rolling tier
 /// window next changes).
 pub async fn first_earn_after(
@@ -735,17 +876,43 @@ const REWARD_COLS: [WC; 10] = [
     WC::CreateUs,
 ];
 
-/// A reward's row.
+/// Rewards as read: the `stock` column is what remains, the sum of the
+/// reward's slots (NULL when it has none: unlimited), in the same read.
+fn rewards_query() -> SelectStatement {
+    let left = Query::select()
+        .expr(Func::cast_as(
+            Func::sum(Expr::col((reward_slots::Entity, SC::Stock))),
+            sea_orm::sea_query::Alias::new("BIGINT"),
+        ))
+        .from(reward_slots::Entity)
+        .and_where(
+            Expr::col((reward_slots::Entity, SC::Program)).equals((rewards::Entity, WC::Program)),
+        )
+        .and_where(Expr::col((reward_slots::Entity, SC::Reward)).equals((rewards::Entity, WC::Id)))
+        .to_owned();
+    let mut q = Query::select();
+    for c in REWARD_COLS {
+        if matches!(c, WC::Stock) {
+            q.expr_as(
+                Expr::SubQuery(None, Box::new(left.clone().into())),
+                WC::Stock,
+            );
+        } else {
+            q.column((rewards::Entity, c));
+        }
+    }
+    q.from(rewards::Entity).to_owned()
+}
+
+/// A reward's row (its stock: what remains).
 pub async fn reward(
     db: &impl ConnectionTrait,
     program: &str,
     id: &str,
 ) -> Result<Option<rewards::Model>> {
-    let q = Query::select()
-        .columns(REWARD_COLS)
-        .from(rewards::Entity)
-        .and_where(Expr::col(WC::Program).eq(program))
-        .and_where(Expr::col(WC::Id).eq(id))
+    let q = rewards_query()
+        .and_where(Expr::col((rewards::Entity, WC::Program)).eq(program))
+        .and_where(Expr::col((rewards::Entity, WC::Id)).eq(id))
         .to_owned();
     one(db, &q).await
 }
@@ -757,14 +924,12 @@ pub async fn list_rewards(
     after: Option<&str>,
     limit: u64,
 ) -> Result<Vec<rewards::Model>> {
-    let mut q = Query::select();
-    q.columns(REWARD_COLS)
-        .from(rewards::Entity)
-        .and_where(Expr::col(WC::Program).eq(program))
-        .order_by(WC::Id, Order::Asc)
+    let mut q = rewards_query();
+    q.and_where(Expr::col((rewards::Entity, WC::Program)).eq(program))
+        .order_by((rewards::Entity, WC::Id), Order::Asc)
         .limit(limit);
     if let Some(a) = after {
-        q.and_where(Expr::col(WC::Id).gt(a));
+        q.and_where(Expr::col((rewards::Entity, WC::Id)).gt(a));
     }
     all(db, &q).await
 }
@@ -796,9 +961,8 @@ pub async fn insert_reward(db: &impl ConnectionTrait, r: &rewards::Model) -> Res
 }
 
 /// Replaces a reward if its version is still `r.version - 1`. The stock
-/// is written only when `set_stock` (the update names it): redemptions
-/// change it without changing the version, so writing back a value read
-/// earlier would undo them.
+/// column (history: the stock last set) is written only when `set_stock`
+/// (the update names it); what remains lives in the slots ([`set_stock`]).
 pub async fn update_reward(
     db: &impl ConnectionTrait,
     r: &rewards::Model,
@@ -823,23 +987,201 @@ pub async fn update_reward(
     Ok(db.execute(&q).await?.rows_affected() == 1)
 }
 
-/// Takes `n` units of a limited reward's stock if there are that many
-/// (`n` < 0 gives back); `false` when out of stock. Unlimited rewards
-/// (NULL stock) are left alone and answer `true`.
-pub async fn take_stock(
+/// Sets a reward's stock to `total` spread over `slots` counter rows
+/// (`None`: unlimited, no rows). The old slots are locked first (in slot
+/// order, PostgreSQL `FOR UPDATE`), so redemptions in flight finish before
+/// and the result is exactly `total`. Returns what remained before.
+pub async fn set_stock(
     db: &impl ConnectionTrait,
     program: &str,
-    id: &str,
-    n: i64,
-) -> Result<bool> {
-    let q = Query::update()
-        .table(rewards::Entity)
-        .value(WC::Stock, Expr::col(WC::Stock).sub(n))
-        .and_where(Expr::col(WC::Program).eq(program))
-        .and_where(Expr::col(WC::Id).eq(id))
-        .and_where(Expr::col(WC::Stock).gte(n))
+    reward: &str,
+    total: Option<i64>,
+    slots: usize,
+) -> Result<Option<i64>> {
+    let before = lock_stock(db, program, reward).await?;
+    let del = Query::delete()
+        .from_table(reward_slots::Entity)
+        .and_where(Expr::col(SC::Program).eq(program))
+        .and_where(Expr::col(SC::Reward).eq(reward))
         .to_owned();
+    db.execute(&del).await?;
+    if let Some(total) = total {
+        let mut q = Query::insert();
+        q.into_table(reward_slots::Entity)
+            .columns([SC::Program, SC::Reward, SC::Slot, SC::Stock]);
+        for (i, n) in clm_domain::loyalty::spread(total, slots)
+            .into_iter()
+            .enumerate()
+        {
+            let slot = i16::try_from(i).map_err(clm_platform::Error::internal)?;
+            q.values_panic([program.into(), reward.into(), slot.into(), n.into()]);
+        }
+        db.execute(&q).await?;
+    }
+    Ok(before)
+}
+
+/// Locks a reward's slots in slot order and answers their sum (`None`:
+/// no slots, unlimited).
+pub async fn lock_stock(
+    db: &impl ConnectionTrait,
+    program: &str,
+    reward: &str,
+) -> Result<Option<i64>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        stock: i64,
+    }
+    let mut q = Query::select();
+    q.column(SC::Stock)
+        .from(reward_slots::Entity)
+        .and_where(Expr::col(SC::Program).eq(program))
+        .and_where(Expr::col(SC::Reward).eq(reward))
+        .order_by(SC::Slot, Order::Asc);
+    if is_postgres(db) {
+        q.lock(LockType::Update);
+    }
+    let rows = all::<Row>(db, &q).await?;
+    Ok((!rows.is_empty()).then(|| rows.iter().map(|r| r.stock).sum()))
+}
+
+#[derive(FromQueryResult)]
+struct SlotRow {
+    slot: i16,
+}
+
+/// The slots of a reward that hold at least one unit (committed values,
+/// no lock), lowest first.
+async fn slots_with_stock(
+    db: &impl ConnectionTrait,
+    program: &str,
+    reward: &str,
+) -> Result<Vec<i16>> {
+    let q = Query::select()
+        .column(SC::Slot)
+        .from(reward_slots::Entity)
+        .and_where(Expr::col(SC::Program).eq(program))
+        .and_where(Expr::col(SC::Reward).eq(reward))
+        .and_where(Expr::col(SC::Stock).gte(1))
+        .order_by(SC::Slot, Order::Asc)
+        .to_owned();
+    Ok(all::<SlotRow>(db, &q)
+        .await?
+        .into_iter()
+        .map(|r| r.slot)
+        .collect())
+}
+
+/// Adds `delta` to the slots `which` selects, in one UPDATE (a take
+/// needs the unit to be there); `true` when a row changed.
+async fn change_slot(
+    db: &impl ConnectionTrait,
+    program: &str,
+    reward: &str,
+    which: Expr,
+    delta: i64,
+) -> Result<bool> {
+    let mut q = Query::update();
+    q.table(reward_slots::Entity)
+        .value(SC::Stock, Expr::col(SC::Stock).add(delta))
+        .and_where(Expr::col(SC::Program).eq(program))
+        .and_where(Expr::col(SC::Reward).eq(reward))
+        .and_where(which);
+    if delta < 0 {
+        q.and_where(Expr::col(SC::Stock).gte(-delta));
+    }
     Ok(db.execute(&q).await?.rows_affected() == 1)
+}
+
+/// How often a redemption looks again for a free slot while every slot
+/// with stock is held by redemptions in flight, and how long it pauses.
+const TAKE_ATTEMPTS: usize = 200;
+const TAKE_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// A random index below `n` (which slot to wait for).
+fn pick(n: usize) -> usize {
+    usize::try_from(uuid::Uuid::new_v4().as_u128() % (n.max(1) as u128)).unwrap_or(0)
+}
+
+/// Takes one unit of a limited reward's stock from any slot that has one;
+/// `false` when every slot is empty (out of stock).
+///
+/// On PostgreSQL: first one UPDATE of a free slot with stock (`FOR UPDATE
+/// SKIP LOCKED`, random order). When every slot with stock is held by
+/// redemptions in flight, it waits once for a random one of them (its
+/// `stock >= 1` is checked again after the wait); if that unit went too,
+/// it only looks for free slots again (no more waits, so a redemption
+/// never waits while holding a slot's lock and slot waits cannot form a
+/// cycle) until one is free or no slot has stock any more. A unit held by
+/// a transaction that rolls back is therefore never refused. SQLite has
+/// one writer: the first slot with stock is taken.
+pub async fn take_unit(db: &impl ConnectionTrait, program: &str, reward: &str) -> Result<bool> {
+    if !is_postgres(db) {
+        let Some(first) = slots_with_stock(db, program, reward)
+            .await?
+            .first()
+            .copied()
+        else {
+            return Ok(false);
+        };
+        return change_slot(db, program, reward, Expr::col(SC::Slot).eq(first), -1).await;
+    }
+    // A scalar subquery (`slot = (SELECT ..)`) runs once per statement
+    // (an InitPlan); `IN (..)` with a volatile ORDER BY may run per row.
+    let free_slot = || {
+        let q = Query::select()
+            .column(SC::Slot)
+            .from(reward_slots::Entity)
+            .and_where(Expr::col(SC::Program).eq(program))
+            .and_where(Expr::col(SC::Reward).eq(reward))
+            .and_where(Expr::col(SC::Stock).gte(1))
+            .order_by_expr(Func::random().into(), Order::Asc)
+            .limit(1)
+            .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+            .to_owned();
+        Expr::col(SC::Slot).eq(Expr::SubQuery(None, Box::new(q.into())))
+    };
+    if change_slot(db, program, reward, free_slot(), -1).await? {
+        return Ok(true);
+    }
+    let candidates = slots_with_stock(db, program, reward).await?;
+    if candidates.is_empty() {
+        return Ok(false);
+    }
+    let wait_for = candidates[pick(candidates.len())];
+    if change_slot(db, program, reward, Expr::col(SC::Slot).eq(wait_for), -1).await? {
+        return Ok(true);
+    }
+    for _ in 0..TAKE_ATTEMPTS {
+        if change_slot(db, program, reward, free_slot(), -1).await? {
+            return Ok(true);
+        }
+        if slots_with_stock(db, program, reward).await?.is_empty() {
+            return Ok(false);
+        }
+        tokio::time::sleep(TAKE_PAUSE).await;
+    }
+    Err(clm_platform::Error::Aborted(
+        "the reward's last units are held by redemptions in flight; retry".into(),
+    ))
+}
+
+/// Gives one unit back to a limited reward (a cancelled redemption), into
+/// its emptiest slot; nothing when the reward is unlimited now.
+pub async fn give_back_unit(db: &impl ConnectionTrait, program: &str, reward: &str) -> Result<()> {
+    let q = Query::select()
+        .column(SC::Slot)
+        .from(reward_slots::Entity)
+        .and_where(Expr::col(SC::Program).eq(program))
+        .and_where(Expr::col(SC::Reward).eq(reward))
+        .order_by(SC::Stock, Order::Asc)
+        .order_by(SC::Slot, Order::Asc)
+        .limit(1)
+        .to_owned();
+    if let Some(r) = one::<SlotRow>(db, &q).await? {
+        change_slot(db, program, reward, Expr::col(SC::Slot).eq(r.slot), 1).await?;
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------- redemptions
