@@ -772,11 +772,9 @@ impl LoyaltyService for LoyaltyApi {
                 u64::from(size) + 1,
             )
             .await?;
-            let now_us = to_micros(self.now());
-            let mut views = Vec::with_capacity(rows.len());
-            for r in &rows {
-                views.push(ledger::member_view(&self.rt.read, &p, r, now_us).await?);
-            }
+            // The page's figures in two set-based queries, not a view per member.
+            let views =
+                ledger::member_views(&self.rt.read, &p, &rows, to_micros(self.now())).await?;
             let (members, next) = pager.page(&views, size as usize, Clone::clone, |m| {
                 (m.customer.clone(), String::new())
             });

@@ -153,7 +153,7 @@ pub fn fresh_source(what: &str) -> String {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn new_txn(
+pub(crate) fn new_txn(
     program: &str,
     customer: &str,
     kind: i16,
@@ -380,13 +380,7 @@ pub async fn tier_points(
     customer: &str,
     now_us: i64,
 ) -> Result<i64> {
-    let w = p.window_us();
-    let since = if w > 0 {
-        now_us.saturating_sub(w)
-    } else {
-        i64::MIN
-    };
-    store::qualifying_earned(db, &p.id, customer, since, now_us).await
+    store::qualifying_earned(db, &p.id, customer, window_start(p, now_us), now_us).await
 }
 
 /// Looks at a (locked) member's tier at `now_us`: up at once, down only
@@ -471,30 +465,64 @@ pub async fn review_tier(
     }))
 }
 
-/// The member with its ledger figures at `now_us`.
+/// The member with its ledger figures at `now_us` (see [`member_views`]).
 pub async fn member_view(
     db: &impl ConnectionTrait,
     p: &Program,
     m: &members::Model,
     now_us: i64,
 ) -> Result<pb::Member> {
-    let lots = store::open_lots(db, &p.id, &m.customer, now_us).await?;
-    let mut out = convert::member_base(m);
-    out.balance = dl::balance(&lots, now_us);
-    out.pending = dl::pending(&lots, now_us);
-    out.expiring_soon = lots
-        .iter()
-        .filter(|l| l.expire_us <= now_us.saturating_add(SOON_US))
-        .map(|l| l.remaining)
-        .sum();
-    out.lifetime_earned = store::earned_since(db, &p.id, &m.customer, None, i64::MIN).await?;
-    out.tier_points = tier_points(db, p, &m.customer, now_us).await?;
-    let next = p.tier_index(&m.tier).map_or(0, |i| i + 1);
-    if let Some(t) = p.body.tiers.get(next) {
-        out.next_tier = t.id.clone();
-        out.points_to_next_tier = (t.threshold - out.tier_points).max(0);
+    member_views(db, p, std::slice::from_ref(m), now_us)
+        .await?
+        .pop()
+        .ok_or_else(|| Error::internal("member view missing"))
+}
+
+/// The start of the program's tier window at `now_us` (lifetime: none).
+pub(crate) fn window_start(p: &Program, now_us: i64) -> i64 {
+    match p.window_us() {
+        w if w > 0 => now_us.saturating_sub(w),
+        _ => i64::MIN,
     }
-    Ok(out)
+}
+
+/// Members of one program with their ledger figures at `now_us`, in
+/// order: two queries for all of them (their open lots; their earnings,
+/// grouped), whatever their number.
+pub async fn member_views(
+    db: &impl ConnectionTrait,
+    p: &Program,
+    members: &[members::Model],
+    now_us: i64,
+) -> Result<Vec<pb::Member>> {
+    let customers: Vec<String> = members.iter().map(|m| m.customer.clone()).collect();
+    let lots = store::open_lots_of(db, &p.id, &customers, now_us).await?;
+    let earned =
+        store::earned_totals(db, &p.id, &customers, window_start(p, now_us), now_us).await?;
+    let none = Vec::new();
+    Ok(members
+        .iter()
+        .map(|m| {
+            let lots = lots.get(&m.customer).unwrap_or(&none);
+            let (lifetime, qualifying) = earned.get(&m.customer).copied().unwrap_or((0, 0));
+            let mut out = convert::member_base(m);
+            out.balance = dl::balance(lots, now_us);
+            out.pending = dl::pending(lots, now_us);
+            out.expiring_soon = lots
+                .iter()
+                .filter(|l| l.expire_us <= now_us.saturating_add(SOON_US))
+                .map(|l| l.remaining)
+                .sum();
+            out.lifetime_earned = lifetime;
+            out.tier_points = qualifying;
+            let next = p.tier_index(&m.tier).map_or(0, |i| i + 1);
+            if let Some(t) = p.body.tiers.get(next) {
+                out.next_tier = t.id.clone();
+                out.points_to_next_tier = (t.threshold - out.tier_points).max(0);
+            }
+            out
+        })
+        .collect())
 }
 
 /// The PointsChanged event of a transaction of program `p`.
@@ -563,6 +591,47 @@ pub enum Trigger {
     Referee,
 }
 
+/// What rule `r` gives for `trigger` before multiplier and caps, and
+/// whether those points are pending (PURCHASE rules: the return window).
+pub fn base_points(r: &pb::EarningRule, trigger: &Trigger) -> (i64, bool) {
+    use pb::EarningTrigger as T;
+    let purchase = clm_proto::customer::TouchpointType::Purchase as i32;
+    let rule_trigger = T::try_from(r.trigger).unwrap_or(T::Unspecified);
+    let base = match (trigger, rule_trigger) {
+        (
+            Trigger::Touchpoint {
+                kind,
+                revenue: Some(m),
+            },
+            T::Purchase,
+        ) if *kind == purchase && m.currency_code == r.currency_code => {
+            dl::purchase_points(m.amount_minor, r.unit_minor, r.points_per_unit)
+        }
+        (Trigger::Touchpoint { kind, .. }, T::Touchpoint) if *kind == r.touchpoint_type => r.points,
+        (Trigger::Survey, T::SurveyCompleted)
+        | (Trigger::Referrer, T::ReferralReferrer)
+        | (Trigger::Referee, T::ReferralReferee) => r.points,
+        _ => 0,
+    };
+    (base, rule_trigger == T::Purchase)
+}
+
+/// Whether rule `r` reacts to `trigger` at all (whatever it is worth):
+/// such an activity enrols where the program auto-enrols.
+pub fn rule_matches(r: &pb::EarningRule, trigger: &Trigger) -> bool {
+    use pb::EarningTrigger as T;
+    let t = T::try_from(r.trigger).unwrap_or(T::Unspecified);
+    match trigger {
+        Trigger::Touchpoint { kind, .. } => {
+            (t == T::Purchase && *kind == clm_proto::customer::TouchpointType::Purchase as i32)
+                || (t == T::Touchpoint && *kind == r.touchpoint_type)
+        }
+        Trigger::Survey => t == T::SurveyCompleted,
+        Trigger::Referrer => t == T::ReferralReferrer,
+        Trigger::Referee => t == T::ReferralReferee,
+    }
+}
+
 /// Earns what `trigger` at `at_us` is worth to a (locked) member by the
 /// program's rules, with its tier's multiplier and under each rule's caps;
 /// `source` makes each rule's earning once. Returns the transactions.
@@ -575,29 +644,9 @@ pub async fn earn_by_rules(
     at_us: i64,
     who: &Who,
 ) -> Result<Vec<transactions::Model>> {
-    use pb::EarningTrigger as T;
-    let purchase = clm_proto::customer::TouchpointType::Purchase as i32;
     let mut out = Vec::new();
     for r in &p.body.earning_rules {
-        let rule_trigger = T::try_from(r.trigger).unwrap_or(T::Unspecified);
-        let base = match (trigger, rule_trigger) {
-            (
-                Trigger::Touchpoint {
-                    kind,
-                    revenue: Some(m),
-                },
-                T::Purchase,
-            ) if *kind == purchase && m.currency_code == r.currency_code => {
-                dl::purchase_points(m.amount_minor, r.unit_minor, r.points_per_unit)
-            }
-            (Trigger::Touchpoint { kind, .. }, T::Touchpoint) if *kind == r.touchpoint_type => {
-                r.points
-            }
-            (Trigger::Survey, T::SurveyCompleted)
-            | (Trigger::Referrer, T::ReferralReferrer)
-            | (Trigger::Referee, T::ReferralReferee) => r.points,
-            _ => 0,
-        };
+        let (base, pending) = base_points(r, trigger);
         if base <= 0 {
             continue;
         }
@@ -625,7 +674,6 @@ pub async fn earn_by_rules(
             .await?;
             points = dl::capped(points, r.period_cap, used);
         }
-        let pending = rule_trigger == T::Purchase;
         if let Some(t) = earn(
             db,
             p,
@@ -676,17 +724,14 @@ pub async fn earn_and_review(
     Ok((made, events))
 }
 
-/// Enrols `customer` (no-op if a member): the (locked) member row, whether
-/// it was created, and the events (MemberEnrolled, and TierChanged into the
-/// starting tier so followers know the tier from the start).
-pub async fn enroll(
-    db: &impl ConnectionTrait,
+/// A new member row: the lowest tier whose threshold is 0 is where every
+/// member starts.
+pub fn new_member(
     p: &Program,
     customer: &str,
     referred_by: Option<String>,
     now_us: i64,
-) -> Result<(members::Model, bool, Vec<NewEvent>)> {
-    // The lowest tier whose threshold is 0 is where every member starts.
+) -> members::Model {
     let tier = p
         .body
         .tiers
@@ -694,50 +739,70 @@ pub async fn enroll(
         .filter(|t| t.threshold <= 0)
         .map(|t| t.id.clone())
         .unwrap_or_default();
-    let row = members::Model {
+    members::Model {
         program: p.id.clone(),
         customer: customer.to_owned(),
-        tier: tier.clone(),
+        tier,
         tier_us: now_us,
         below_us: None,
         enroll_us: now_us,
         referral_code: None,
         referred_by,
-    };
+    }
+}
+
+/// The events of a new member: MemberEnrolled, and TierChanged into its
+/// starting tier (if any) so followers know the tier from the start.
+pub fn enrolled_events(p: &Program, m: &members::Model) -> Vec<NewEvent> {
+    let at = Some(clm_platform::convert::timestamp(
+        clm_platform::db::from_micros(m.enroll_us),
+    ));
+    let mut events = vec![NewEvent::new(
+        &m.customer,
+        &pb::MemberEnrolled {
+            member: convert::member_of(&p.id, &m.customer),
+            customer: m.customer.clone(),
+            program: format!("programs/{}", p.id),
+            enroll_time: at,
+        },
+    )];
+    if !m.tier.is_empty() {
+        events.push(NewEvent::new(
+            &m.customer,
+            &pb::TierChanged {
+                customer: m.customer.clone(),
+                program: format!("programs/{}", p.id),
+                old_tier: String::new(),
+                new_tier: m.tier.clone(),
+                loyal: p.loyal(p.tier_index(&m.tier)),
+                change_time: at,
+                balance: 0,
+                secondary: !p.primary,
+            },
+        ));
+    }
+    events
+}
+
+/// Enrols `customer` (no-op if a member): the (locked) member row, whether
+/// it was created, and its events ([`enrolled_events`]).
+pub async fn enroll(
+    db: &impl ConnectionTrait,
+    p: &Program,
+    customer: &str,
+    referred_by: Option<String>,
+    now_us: i64,
+) -> Result<(members::Model, bool, Vec<NewEvent>)> {
+    let row = new_member(p, customer, referred_by, now_us);
     let created = store::insert_member(db, &row).await?;
     let locked = store::lock_members(db, &p.id, &[customer])
         .await?
         .pop()
         .ok_or_else(|| Error::internal("member vanished"))?;
-    let mut events = Vec::new();
-    if created {
-        let at = Some(clm_platform::convert::timestamp(
-            clm_platform::db::from_micros(now_us),
-        ));
-        events.push(NewEvent::new(
-            customer,
-            &pb::MemberEnrolled {
-                member: convert::member_of(&p.id, customer),
-                customer: customer.to_owned(),
-                program: format!("programs/{}", p.id),
-                enroll_time: at,
-            },
-        ));
-        if !tier.is_empty() {
-            events.push(NewEvent::new(
-                customer,
-                &pb::TierChanged {
-                    customer: customer.to_owned(),
-                    program: format!("programs/{}", p.id),
-                    old_tier: String::new(),
-                    loyal: p.loyal(Some(0)),
-                    new_tier: tier,
-                    change_time: at,
-                    balance: 0,
-                    secondary: !p.primary,
-                },
-            ));
-        }
-    }
+    let events = if created {
+        enrolled_events(p, &row)
+    } else {
+        Vec::new()
+    };
     Ok((locked, created, events))
 }

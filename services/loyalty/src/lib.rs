@@ -25,15 +25,26 @@
 //!   Policies: N calendar months after earning, or a fixed instant (points
 //!   earned after it do not expire).
 //! * **Pending.** Points from PURCHASE rules become spendable after the
-//!   program's pending period (the return window); they count towards tiers
-//!   from when they were earned.
+//!   program's pending period (the return window). They count towards
+//!   tiers only once spendable (until then the purchase may still be
+//!   returned): a `loyalty.points_spendable` timer at that instant emits a
+//!   PointsChanged without a transaction (the balance moved) and reviews
+//!   the tier, so followers' balance and tier are never stale.
 //! * **Tiers** qualify on points *earned* (EARN transactions, in the
-//!   rolling `tier_window` or lifetime), never on the balance; adjustments
-//!   and refunds do not count. Up at once; down only when the member has
-//!   stayed below its tier for `downgrade_grace` (a `loyalty.tier_review`
-//!   timer at the grace end and when the window's oldest earning leaves
-//!   it). Each change is a `TierChanged` event; changing a program's tiers
-//!   takes effect at each member's next review.
+//!   rolling `tier_window` or lifetime, earned at or before now and
+//!   spendable), never on the balance; adjustments and refunds do not
+//!   count. Up at once; down only when the member has stayed below its
+//!   tier for `downgrade_grace` (a `loyalty.tier_review` timer at the grace
+//!   end and when the window's oldest earning leaves it). Each change is a
+//!   `TierChanged` event, and so is enrolment into the starting tier;
+//!   changing a program's tiers takes effect at each member's next review.
+//! * **Primary program.** Segmentation's plain `loyalty.tier` and
+//!   `loyalty.balance` hold one program's values: the program marked
+//!   `primary` (at most one, a unique partial index), else the oldest.
+//!   TierChanged and PointsChanged of the other programs carry
+//!   `secondary` and segmentation skips them. (A fact per program, with
+//!   the rule language naming the program, would be the full answer; it
+//!   reaches into the shared rule language and was left out.)
 //! * **Earning rules**: points per whole unit of revenue in one currency
 //!   (integers, rounded down), fixed points per touchpoint type, survey and
 //!   referral bonuses; the tier's multiplier (percent, rounded down) then
@@ -50,6 +61,21 @@
 //!   those shared rows are held only until the commit. Segment eligibility
 //!   is asked of segmentation before the transaction opens (a membership
 //!   change between the answer and the commit is not seen).
+//! * **Stock slots.** A limited stock is spread over `Reward.stock_slots`
+//!   counter rows (default 16) so concurrent redemptions do not queue on
+//!   one row; the stock read is their sum. A redemption takes a unit from
+//!   a random free slot (`FOR UPDATE SKIP LOCKED`); when all slots with
+//!   stock are held it waits once for one of them, then only looks for
+//!   free slots again, so it never waits while holding a slot (no slot
+//!   deadlock) and never refuses a unit a rolled-back redemption held
+//!   (`store::take_unit`). A cancellation returns its unit to the emptiest
+//!   slot; UpdateReward's new stock replaces every slot under their locks,
+//!   so it is exact. Campaign budgets stay one row per campaign: a value
+//!   must fit what is left as a whole, and the total changes with the
+//!   program (docs/loyalty.md).
+//! * **Stream earning** is set-based per run of events ([`earning`]):
+//!   one statement per step for the whole batch, caps and multipliers
+//!   exactly as one event at a time.
 //! * **Coupons**: a UUIDv4 (122 random bits) per redemption; UseCoupon is
 //!   one conditional UPDATE (`ISSUED` and not expired), so of concurrent
 //!   uses exactly one wins; a `loyalty.coupon_expiry` timer marks unused
@@ -74,6 +100,7 @@
 
 pub mod api;
 pub mod convert;
+pub mod earning;
 pub mod error;
 pub mod events;
 pub mod ledger;

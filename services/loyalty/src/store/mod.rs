@@ -16,7 +16,8 @@ pub use migration::Migrator;
 
 use clm_domain::loyalty::{Draw, Lot};
 use clm_platform::Result;
-use clm_platform::db::is_postgres;
+use clm_platform::db::{is_postgres, rows_per_statement};
+use std::collections::HashMap;
 use entity::{
     budgets, draws, lots, members, programs, redemptions, referral_codes, referrals, reward_slots,
     rewards, transactions,
@@ -488,6 +489,104 @@ pub async fn open_lots(
         .collect())
 }
 
+/// The open lots (still holding points, not expired at `now_us`) of each
+/// of `customers` in `program`, soonest-expiring first: one query.
+pub async fn open_lots_of(
+    db: &impl ConnectionTrait,
+    program: &str,
+    customers: &[String],
+    now_us: i64,
+) -> Result<HashMap<String, Vec<Lot>>> {
+    #[derive(Debug, FromQueryResult)]
+    struct Row {
+        customer: String,
+        id: i64,
+        remaining: i64,
+        spendable_us: i64,
+        expire_us: i64,
+    }
+    let mut out: HashMap<String, Vec<Lot>> = HashMap::new();
+    for part in customers.chunks(rows_per_statement(1)) {
+        let q = Query::select()
+            .columns([LC::Customer, LC::Id, LC::Remaining, LC::SpendableUs, LC::ExpireUs])
+            .from(lots::Entity)
+            .and_where(Expr::col(LC::Program).eq(program))
+            .and_where(Expr::col(LC::Customer).is_in(part.iter().cloned()))
+            .and_where(Expr::col(LC::Remaining).gt(0))
+            .and_where(Expr::col(LC::ExpireUs).gt(now_us))
+            .order_by(LC::Customer, Order::Asc)
+            .order_by(LC::ExpireUs, Order::Asc)
+            .order_by(LC::Id, Order::Asc)
+            .to_owned();
+        for r in all::<Row>(db, &q).await? {
+            out.entry(r.customer).or_default().push(Lot {
+                id: r.id,
+                remaining: r.remaining,
+                spendable_us: r.spendable_us,
+                expire_us: r.expire_us,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// What each of `customers` earned in `program` (EARN transactions):
+/// (lifetime, qualifying), where qualifying counts the earnings after
+/// `since_us` whose lot is spendable at `now_us` (see
+/// [`qualifying_earned`]). One grouped query.
+pub async fn earned_totals(
+    db: &impl ConnectionTrait,
+    program: &str,
+    customers: &[String],
+    since_us: i64,
+    now_us: i64,
+) -> Result<HashMap<String, (i64, i64)>> {
+    #[derive(Debug, FromQueryResult)]
+    struct Row {
+        customer: String,
+        lifetime: i64,
+        qualifying: i64,
+    }
+    let qualifies = CaseStatement::new()
+        .case(
+            Cond::all()
+                .add(Expr::col((transactions::Entity, TC::AtUs)).gt(since_us))
+                .add(Expr::col((lots::Entity, LC::SpendableUs)).lte(now_us)),
+            Expr::col((transactions::Entity, TC::Points)),
+        )
+        .finally(Expr::val(0i64));
+    let bigint = || sea_orm::sea_query::Alias::new("BIGINT");
+    let mut out = HashMap::new();
+    for part in customers.chunks(rows_per_statement(1)) {
+        let q = Query::select()
+            .column((transactions::Entity, TC::Customer))
+            .expr_as(
+                Func::cast_as(Func::sum(Expr::col((transactions::Entity, TC::Points))), bigint()),
+                sea_orm::sea_query::Alias::new("lifetime"),
+            )
+            .expr_as(
+                Func::cast_as(Func::sum(Expr::Case(Box::new(qualifies.clone()))), bigint()),
+                sea_orm::sea_query::Alias::new("qualifying"),
+            )
+            .from(transactions::Entity)
+            .left_join(
+                lots::Entity,
+                Expr::col((lots::Entity, LC::Id)).equals((transactions::Entity, TC::Lot)),
+            )
+            .and_where(Expr::col((transactions::Entity, TC::Program)).eq(program))
+            .and_where(
+                Expr::col((transactions::Entity, TC::Customer)).is_in(part.iter().cloned()),
+            )
+            .and_where(Expr::col((transactions::Entity, TC::Kind)).eq(kind::EARN))
+            .group_by_col((transactions::Entity, TC::Customer))
+            .to_owned();
+        for r in all::<Row>(db, &q).await? {
+            out.insert(r.customer, (r.lifetime, r.qualifying));
+        }
+    }
+    Ok(out)
+}
+
 /// A new lot.
 #[derive(Debug, Clone)]
 pub struct NewLot {
@@ -657,6 +756,219 @@ const TXN_COLS: [TC; 12] = [
     TC::AtUs,
     TC::Lot,
 ];
+
+/// Inserts transactions (their `id`s are ignored) in set-based INSERTs;
+/// a source that already made one is skipped (a replay). Returns the new
+/// ids by (program, source).
+pub async fn insert_txns(
+    db: &impl ConnectionTrait,
+    txns: &[transactions::Model],
+) -> Result<HashMap<(String, String), i64>> {
+    let mut out = HashMap::new();
+    for part in txns.chunks(rows_per_statement(TXN_COLS.len())) {
+        let mut q = Query::insert();
+        q.into_table(transactions::Entity)
+            .columns(TXN_COLS[1..].iter().copied());
+        for t in part {
+            q.values_panic([
+                t.program.clone().into(),
+                t.customer.clone().into(),
+                t.kind.into(),
+                t.points.into(),
+                t.rule.clone().into(),
+                t.reason.clone().into(),
+                t.actor.clone().into(),
+                t.request_id.clone().into(),
+                t.source.clone().into(),
+                t.at_us.into(),
+                t.lot.into(),
+            ]);
+        }
+        q.on_conflict(
+            OnConflict::columns([TC::Program, TC::Source])
+                .do_nothing()
+                .to_owned(),
+        )
+        .returning(Query::returning().columns([TC::Id, TC::Program, TC::Source]));
+        for row in db.query_all(&q).await? {
+            out.insert(
+                (
+                    row.try_get("", TC::Program.as_str())?,
+                    row.try_get("", TC::Source.as_str())?,
+                ),
+                row.try_get("", TC::Id.as_str())?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Inserts lots in set-based INSERTs; returns each new lot's id by the
+/// transaction that created it.
+pub async fn insert_lots(db: &impl ConnectionTrait, new: &[NewLot]) -> Result<HashMap<i64, i64>> {
+    let mut out = HashMap::new();
+    for part in new.chunks(rows_per_statement(8)) {
+        let mut q = Query::insert();
+        q.into_table(lots::Entity).columns([
+            LC::Program,
+            LC::Customer,
+            LC::Amount,
+            LC::Remaining,
+            LC::EarnUs,
+            LC::SpendableUs,
+            LC::ExpireUs,
+            LC::Txn,
+        ]);
+        for l in part {
+            q.values_panic([
+                l.program.clone().into(),
+                l.customer.clone().into(),
+                l.amount.into(),
+                l.amount.into(),
+                l.earn_us.into(),
+                l.spendable_us.into(),
+                l.expire_us.into(),
+                l.txn.into(),
+            ]);
+        }
+        q.returning(Query::returning().columns([LC::Id, LC::Txn]));
+        for row in db.query_all(&q).await? {
+            out.insert(
+                row.try_get("", LC::Txn.as_str())?,
+                row.try_get("", LC::Id.as_str())?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Points each transaction at the lot it created: one UPDATE per chunk
+/// (`lot = CASE id WHEN .. END`).
+pub async fn set_txn_lots(db: &impl ConnectionTrait, pairs: &[(i64, i64)]) -> Result<()> {
+    for part in pairs.chunks(rows_per_statement(3)) {
+        let mut case = CaseStatement::new();
+        for (txn, lot) in part {
+            case = case.case(Expr::col(TC::Id).eq(*txn), Expr::val(*lot));
+        }
+        case = case.finally(Expr::col(TC::Lot));
+        let q = Query::update()
+            .table(transactions::Entity)
+            .value(TC::Lot, Expr::Case(Box::new(case)))
+            .and_where(Expr::col(TC::Id).is_in(part.iter().map(|(t, _)| *t)))
+            .to_owned();
+        db.execute(&q).await?;
+    }
+    Ok(())
+}
+
+/// Which of the (program, source) pairs already made a transaction.
+pub async fn sources_taken(
+    db: &impl ConnectionTrait,
+    wanted: &[(String, String)],
+) -> Result<std::collections::HashSet<(String, String)>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        program: String,
+        source: String,
+    }
+    let mut out = std::collections::HashSet::new();
+    for part in wanted.chunks(rows_per_statement(1)) {
+        let q = Query::select()
+            .columns([TC::Program, TC::Source])
+            .from(transactions::Entity)
+            .and_where(Expr::col(TC::Source).is_in(part.iter().map(|(_, s)| s.clone())))
+            .to_owned();
+        out.extend(
+            all::<Row>(db, &q)
+                .await?
+                .into_iter()
+                .map(|r| (r.program, r.source)),
+        );
+    }
+    out.retain(|k| wanted.contains(k));
+    Ok(out)
+}
+
+/// An earning of a rule: (program, customer, rule, earned at, points).
+pub type Earning = (String, String, String, i64, i64);
+
+/// The earnings (EARN transactions) of `customers` by any of `rules`
+/// after `since_us`, in every program (what caps count): one query per
+/// chunk of customers.
+pub async fn earnings_of(
+    db: &impl ConnectionTrait,
+    customers: &[String],
+    rules: &[String],
+    since_us: i64,
+) -> Result<Vec<Earning>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        program: String,
+        customer: String,
+        rule: String,
+        at_us: i64,
+        points: i64,
+    }
+    let mut out = Vec::new();
+    if rules.is_empty() {
+        return Ok(out);
+    }
+    for part in customers.chunks(rows_per_statement(1).saturating_sub(rules.len()).max(1)) {
+        let q = Query::select()
+            .columns([TC::Program, TC::Customer, TC::Rule, TC::AtUs, TC::Points])
+            .from(transactions::Entity)
+            .and_where(Expr::col(TC::Customer).is_in(part.iter().cloned()))
+            .and_where(Expr::col(TC::Rule).is_in(rules.iter().cloned()))
+            .and_where(Expr::col(TC::Kind).eq(kind::EARN))
+            .and_where(Expr::col(TC::AtUs).gt(since_us))
+            .to_owned();
+        out.extend(
+            all::<Row>(db, &q)
+                .await?
+                .into_iter()
+                .map(|r| (r.program, r.customer, r.rule, r.at_us, r.points)),
+        );
+    }
+    Ok(out)
+}
+
+/// Inserts the member rows that do not exist yet, in set-based INSERTs;
+/// returns the (program, customer) of those it created.
+pub async fn insert_members(
+    db: &impl ConnectionTrait,
+    rows: &[members::Model],
+) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for part in rows.chunks(rows_per_statement(MEMBER_COLS.len())) {
+        let mut q = Query::insert();
+        q.into_table(members::Entity).columns(MEMBER_COLS);
+        for m in part {
+            q.values_panic([
+                m.program.clone().into(),
+                m.customer.clone().into(),
+                m.tier.clone().into(),
+                m.tier_us.into(),
+                m.below_us.into(),
+                m.enroll_us.into(),
+                m.referral_code.clone().into(),
+                m.referred_by.clone().into(),
+            ]);
+        }
+        q.on_conflict(
+            OnConflict::columns([MC::Program, MC::Customer])
+                .do_nothing()
+                .to_owned(),
+        )
+        .returning(Query::returning().columns([MC::Program, MC::Customer]));
+        for row in db.query_all(&q).await? {
+            out.push((
+                row.try_get("", MC::Program.as_str())?,
+                row.try_get("", MC::Customer.as_str())?,
+            ));
+        }
+    }
+    Ok(out)
+}
 
 /// Inserts a transaction (its `id` is ignored); `None` when its source
 /// already made one (a replay).
