@@ -162,8 +162,7 @@ pub async fn earn_batch(
             continue;
         }
         let earned =
-            store::earned_totals(db, &p.id, &mine, ledger::window_start(p, now_us), now_us)
-                .await?;
+            store::earned_totals(db, &p.id, &mine, ledger::window_start(p, now_us), now_us).await?;
         for c in mine {
             let m = &members[&(p.id.clone(), c.clone())];
             tiers.insert(
@@ -344,7 +343,11 @@ pub async fn earn_batch(
             .unwrap_or(0);
         events.push(ledger::points_changed(p, t, &[], balance));
     }
-    let mut rose: Vec<&Key> = tiers.iter().filter(|(_, s)| s.rose).map(|(k, _)| k).collect();
+    let mut rose: Vec<&Key> = tiers
+        .iter()
+        .filter(|(_, s)| s.rose)
+        .map(|(k, _)| k)
+        .collect();
     rose.sort();
     for key in rose {
         let Some(p) = programs.iter().find(|p| p.id == key.0) else {

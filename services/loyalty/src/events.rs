@@ -15,10 +15,10 @@
 //! * Feedback stream: a completed survey response earns the
 //!   SURVEY_COMPLETED rules' bonus (runs of them set-based, likewise).
 
+use crate::earning::{self, Activity};
 use crate::ledger::{self, Program, Trigger, Who};
 use crate::store;
 use clm_platform::Error;
-use crate::earning::{self, Activity};
 use clm_platform::changes::{Apply, Handlers, On, OnBatch};
 use clm_platform::customer_events::time;
 use clm_platform::db::to_micros;

@@ -1481,6 +1481,115 @@ async fn events_of_programs_other_than_the_primary_are_marked_secondary() {
     );
 }
 
+/// A run of touchpoints on the customer stream is earned set-based, with
+/// the arithmetic of one event at a time: in stream order, a member lifted
+/// a tier earns the next event at the new multiplier, and the daily cap
+/// counts the batch's earlier events.
+#[tokio::test]
+async fn a_batch_of_touchpoints_earns_exactly_as_one_at_a_time() {
+    let env = Env::start().await;
+    let mut p = program();
+    p.earning_rules.push(pb::EarningRule {
+        id: "feature".into(),
+        trigger: pb::EarningTrigger::Touchpoint as i32,
+        touchpoint_type: cpb::TouchpointType::FeatureUse as i32,
+        points: 600,
+        ..Default::default()
+    });
+    env.program("stars", p).await;
+    let c = env.new_customer("batch-c@example.com").await;
+    let d = env.new_customer("batch-d@example.com").await;
+    let tp = |customer: &str, event: &str, kind: cpb::TouchpointType| cpb::Touchpoint {
+        customer: customer.into(),
+        event_id: event.into(),
+        r#type: kind as i32,
+        product: "app".into(),
+        feature: if kind == cpb::TouchpointType::FeatureUse {
+            "export".into()
+        } else {
+            String::new()
+        },
+        occurred_time: Some(ts(env.now())),
+        ..Default::default()
+    };
+    use cpb::TouchpointType::{FeatureUse, SupportContact};
+    env.customers()
+        .record_touchpoints(cpb::RecordTouchpointsRequest {
+            touchpoints: vec![
+                tp(&c, "c-f1", FeatureUse),
+                tp(&d, "d-f1", FeatureUse),
+                tp(&c, "c-f2", FeatureUse),
+                tp(&c, "c-f3", FeatureUse),
+                tp(&c, "c-s1", SupportContact),
+                tp(&d, "d-s1", SupportContact),
+                tp(&c, "c-s2", SupportContact),
+                tp(&c, "c-s3", SupportContact),
+            ],
+        })
+        .await
+        .unwrap();
+    let (cm, dm) = (member_name("stars", &c), member_name("stars", &d));
+    let members = eventually(std::time::Duration::from_secs(30), || async {
+        let page = env
+            .api()
+            .list_members(pb::ListMembersRequest {
+                parent: "programs/stars".into(),
+                page_size: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .members;
+        (page.len() == 2 && page.iter().all(|m| m.lifetime_earned > 0)).then_some(page)
+    })
+    .await;
+    let of = |name: &str| members.iter().find(|m| m.name == name).unwrap().clone();
+    // c: 600 and 600 at bronze (silver from 1,200), then 900 at silver's
+    // 150 %; support 15, then 5 up to the daily cap of 20, then nothing.
+    let (cv, dv) = (of(&cm), of(&dm));
+    assert_eq!(
+        (
+            cv.lifetime_earned,
+            cv.tier_points,
+            cv.balance,
+            cv.tier.as_str()
+        ),
+        (2120, 2120, 2120, "silver")
+    );
+    assert_eq!((dv.lifetime_earned, dv.tier.as_str()), (610, "bronze"));
+    let mut earned: Vec<(String, i64)> = env
+        .transactions(&cm)
+        .await
+        .into_iter()
+        .map(|t| (t.rule, t.points))
+        .collect();
+    earned.reverse();
+    let expect = [
+        ("feature", 600),
+        ("feature", 600),
+        ("feature", 900),
+        ("support", 15),
+        ("support", 5),
+    ];
+    assert_eq!(
+        earned,
+        expect.map(|(r, n)| (r.to_owned(), n)).to_vec(),
+        "in stream order"
+    );
+    let moves: Vec<(String, String, String)> = env
+        .emitted::<pb::TierChanged>("clm.loyalty.v1.TierChanged")
+        .await
+        .into_iter()
+        .map(|t| (t.customer, t.old_tier, t.new_tier))
+        .collect();
+    assert!(
+        moves.contains(&(c.clone(), "bronze".into(), "silver".into())),
+        "{moves:?}"
+    );
+    assert_eq!(moves.len(), 3, "two enrolments and one move up: {moves:?}");
+}
+
 /// 50 concurrent UseCoupon calls on one code: exactly one succeeds.
 #[tokio::test]
 async fn a_coupon_is_used_once_under_concurrent_use() {

@@ -17,7 +17,6 @@ pub use migration::Migrator;
 use clm_domain::loyalty::{Draw, Lot};
 use clm_platform::Result;
 use clm_platform::db::{is_postgres, rows_per_statement};
-use std::collections::HashMap;
 use entity::{
     budgets, draws, lots, members, programs, redemptions, referral_codes, referrals, reward_slots,
     rewards, transactions,
@@ -27,6 +26,7 @@ use sea_orm::sea_query::{
     SelectStatement,
 };
 use sea_orm::{ConnectionTrait, EntityName, FromQueryResult, IdenStatic};
+use std::collections::HashMap;
 
 use budgets::Column as BC;
 use draws::Column as DC;
@@ -508,7 +508,13 @@ pub async fn open_lots_of(
     let mut out: HashMap<String, Vec<Lot>> = HashMap::new();
     for part in customers.chunks(rows_per_statement(1)) {
         let q = Query::select()
-            .columns([LC::Customer, LC::Id, LC::Remaining, LC::SpendableUs, LC::ExpireUs])
+            .columns([
+                LC::Customer,
+                LC::Id,
+                LC::Remaining,
+                LC::SpendableUs,
+                LC::ExpireUs,
+            ])
             .from(lots::Entity)
             .and_where(Expr::col(LC::Program).eq(program))
             .and_where(Expr::col(LC::Customer).is_in(part.iter().cloned()))
@@ -561,7 +567,10 @@ pub async fn earned_totals(
         let q = Query::select()
             .column((transactions::Entity, TC::Customer))
             .expr_as(
-                Func::cast_as(Func::sum(Expr::col((transactions::Entity, TC::Points))), bigint()),
+                Func::cast_as(
+                    Func::sum(Expr::col((transactions::Entity, TC::Points))),
+                    bigint(),
+                ),
                 sea_orm::sea_query::Alias::new("lifetime"),
             )
             .expr_as(
@@ -574,9 +583,7 @@ pub async fn earned_totals(
                 Expr::col((lots::Entity, LC::Id)).equals((transactions::Entity, TC::Lot)),
             )
             .and_where(Expr::col((transactions::Entity, TC::Program)).eq(program))
-            .and_where(
-                Expr::col((transactions::Entity, TC::Customer)).is_in(part.iter().cloned()),
-            )
+            .and_where(Expr::col((transactions::Entity, TC::Customer)).is_in(part.iter().cloned()))
             .and_where(Expr::col((transactions::Entity, TC::Kind)).eq(kind::EARN))
             .group_by_col((transactions::Entity, TC::Customer))
             .to_owned();
