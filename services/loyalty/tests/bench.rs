@@ -169,6 +169,9 @@ async fn bench_redemptions_per_second_at_64_streams() {
     let rps = ok.load(Ordering::Relaxed) as f64 / elapsed;
     let failures = failed.load(Ordering::Relaxed);
     loyalty.stop().await;
+    // Their connections back before pgbench opens one per stream.
+    customer.stop().await;
+    eprintln!("RedeemReward: {rps:.0}/s ({failures} failed calls); now pgbench");
 
     // The reference: the same row changes in one transaction, by pgbench.
     let script = lb.dir().join("redeem.sql");
