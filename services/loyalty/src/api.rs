@@ -104,6 +104,22 @@ impl LoyaltyApi {
         clm_domain::clock::micros(self.rt.clock.now())
     }
 
+    /// A read-only transaction whose statements all see one snapshot
+    /// (PostgreSQL REPEATABLE READ; a SQLite read transaction is one), so a
+    /// member's figures from several queries agree with each other.
+    async fn snapshot(&self) -> Result<sea_orm::DatabaseTransaction> {
+        let db = &self.rt.read;
+        Ok(if clm_platform::db::is_postgres(db) {
+            db.begin_with_config(
+                Some(sea_orm::IsolationLevel::RepeatableRead),
+                Some(sea_orm::AccessMode::ReadOnly),
+            )
+            .await?
+        } else {
+            db.begin().await?
+        })
+    }
+
     /// Asks segmentation whether `customer` is in `segment` (no
     /// transaction is open here).
     async fn in_segment(&self, segment: &str, customer: &str) -> Result<bool> {
@@ -742,11 +758,14 @@ impl LoyaltyService for LoyaltyApi {
     ) -> Result<Response<pb::Member>, Status> {
         respond(request, &POLICY, |_, req| async move {
             let (program, customer) = member_name("name", &req.name)?;
-            let p = Program::load(&self.rt.read, &program).await?;
-            let m = store::member(&self.rt.read, &program, &customer)
+            let read = self.snapshot().await?;
+            let p = Program::load(&read, &program).await?;
+            let m = store::member(&read, &program, &customer)
                 .await?
                 .ok_or_else(|| not_member(&program, &customer))?;
-            ledger::member_view(&self.rt.read, &p, &m, to_micros(self.now())).await
+            let view = ledger::member_view(&read, &p, &m, to_micros(self.now())).await?;
+            read.commit().await?;
+            Ok(view)
         })
         .await
     }
@@ -763,9 +782,10 @@ impl LoyaltyService for LoyaltyApi {
             }
             let pager = Pager::new(&["members", &program, &req.tier]);
             let after: Option<(String, String)> = pager.after(&req.page_token)?;
-            let p = Program::load(&self.rt.read, &program).await?;
+            let read = self.snapshot().await?;
+            let p = Program::load(&read, &program).await?;
             let rows = store::list_members(
-                &self.rt.read,
+                &read,
                 &program,
                 (!req.tier.is_empty()).then_some(req.tier.as_str()),
                 after.as_ref().map(|(c, _)| c.as_str()),
@@ -773,8 +793,8 @@ impl LoyaltyService for LoyaltyApi {
             )
             .await?;
             // The page's figures in two set-based queries, not a view per member.
-            let views =
-                ledger::member_views(&self.rt.read, &p, &rows, to_micros(self.now())).await?;
+            let views = ledger::member_views(&read, &p, &rows, to_micros(self.now())).await?;
+            read.commit().await?;
             let (members, next) = pager.page(&views, size as usize, Clone::clone, |m| {
                 (m.customer.clone(), String::new())
             });

@@ -14,6 +14,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(LoyaltyTables));
         m.push(Box::new(RewardSlots));
         m.push(Box::new(PrimaryProgram));
+        m.push(Box::new(SpendableTimers));
         m
     }
 }
@@ -341,6 +342,36 @@ impl MigrationTrait for PrimaryProgram {
                  ON loyalty_programs (is_primary) WHERE is_primary = 1",
             )
             .await?;
+        Ok(())
+    }
+}
+
+struct SpendableTimers;
+
+impl MigrationName for SpendableTimers {
+    fn name(&self) -> &str {
+        "m0005_points_spendable_timers"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for SpendableTimers {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        // Lots still pending when this runs get the `loyalty.points_spendable`
+        // timer new earnings arm (the balance event and the tier review at
+        // their spendable instant): pending points now count towards tiers
+        // only from then.
+        let now_us = chrono::Utc::now().timestamp_micros();
+        let sql = format!(
+            "INSERT INTO timer_queue (kind, key, subject, due_us, version, payload) \
+             SELECT 'loyalty.points_spendable', 'spendable/' || CAST(id AS TEXT), customer, \
+               spendable_us, 1, NULL \
+             FROM loyalty_lots \
+             WHERE spendable_us > earn_us AND spendable_us < expire_us \
+               AND spendable_us > {now_us} AND remaining > 0 \
+             ON CONFLICT DO NOTHING"
+        );
+        m.get_connection().execute_unprepared(&sql).await?;
         Ok(())
     }
 }
