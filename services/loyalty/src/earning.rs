@@ -13,10 +13,12 @@
 //! `{activity}/{rule}` under a unique index, so a replayed event earns
 //! nothing.
 //!
-//! What is still per member: the tier review of the members whose
-//! qualifying points rose in the batch (it stores the tier, arms the next
-//! review and emits TierChanged); purchase points, pending, are reviewed
-//! by their `loyalty.points_spendable` timer instead.
+//! The members whose qualifying points rose have their tiers reviewed
+//! together ([`crate::ledger::review_tiers`]: one grouped query for the
+//! window exits, one statement each to arm and disarm timers); only a
+//! member whose stored tier state changes gets its own UPDATE. Purchase
+//! points, pending, are reviewed by their `loyalty.points_spendable`
+//! timer instead.
 
 use crate::convert;
 use crate::ledger::{self, Program, Trigger, Who};
@@ -343,18 +345,20 @@ pub async fn earn_batch(
             .unwrap_or(0);
         events.push(ledger::points_changed(p, t, &[], balance));
     }
-    let mut rose: Vec<&Key> = tiers
-        .iter()
-        .filter(|(_, s)| s.rose)
-        .map(|(k, _)| k)
-        .collect();
-    rose.sort();
-    for key in rose {
-        let Some(p) = programs.iter().find(|p| p.id == key.0) else {
+    // Tier reviews of the members whose qualifying points rose, per
+    // program, set-based; their points are known here, no need to re-read.
+    for p in &programs {
+        let mut rose: Vec<(&members::Model, i64)> = tiers
+            .iter()
+            .filter(|((program, _), s)| *program == p.id && s.rose)
+            .filter_map(|(k, s)| Some((members.get(k)?, s.qualifying)))
+            .collect();
+        if rose.is_empty() {
             continue;
-        };
-        if let Some(tc) = ledger::review_tier(db, p, &members[key], now_us).await? {
-            events.push(NewEvent::new(&key.1, &tc));
+        }
+        rose.sort_by(|a, b| a.0.customer.cmp(&b.0.customer));
+        for tc in ledger::review_tiers(db, p, &rose, now_us).await? {
+            events.push(NewEvent::new(&tc.customer, &tc));
         }
     }
     Ok(events)

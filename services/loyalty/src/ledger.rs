@@ -16,6 +16,7 @@ use clm_platform::timers::{self, Arm};
 use clm_platform::{Error, Result};
 use clm_proto::loyalty as pb;
 use sea_orm::ConnectionTrait;
+use std::collections::HashMap;
 
 /// Timer kind: what remains of a lot expires (key `lot/{id}`).
 pub const LOT_EXPIRY: &str = "loyalty.lot_expiry";
@@ -393,76 +394,100 @@ pub async fn review_tier(
     now_us: i64,
 ) -> Result<Option<pb::TierChanged>> {
     let earned = tier_points(db, p, &m.customer, now_us).await?;
+    Ok(review_tiers(db, p, &[(m, earned)], now_us).await?.pop())
+}
+
+/// [`review_tier`] for many (locked) members of one program at once, each
+/// with its tier points at `now_us`: the decisions are made in memory;
+/// the window exits are one grouped query, the timers one statement each
+/// way, the balances of the members that moved one query; only a member
+/// whose stored tier state changes gets its own UPDATE. Returns the
+/// TierChanged events.
+pub async fn review_tiers(
+    db: &impl ConnectionTrait,
+    p: &Program,
+    reviews: &[(&members::Model, i64)],
+    now_us: i64,
+) -> Result<Vec<pb::TierChanged>> {
     let thresholds = p.thresholds();
-    let qualifying = dl::qualifying_tier(&thresholds, earned);
-    let current = p.tier_index(&m.tier);
     let grace = convert::us(p.body.downgrade_grace.as_ref());
-    let decision = dl::tier_move(current, qualifying, m.below_us, grace, now_us);
-    let mut next_review: Option<i64> = None;
-    let new_tier = match decision {
-        dl::TierMove::Stay => {
-            if m.below_us.is_some() {
-                store::set_tier(db, &p.id, &m.customer, &m.tier, m.tier_us, None).await?;
+    let mut next_review: HashMap<&str, i64> = HashMap::new();
+    let mut moved: Vec<(&members::Model, String)> = Vec::new();
+    for (m, earned) in reviews {
+        let qualifying = dl::qualifying_tier(&thresholds, *earned);
+        let current = p.tier_index(&m.tier);
+        match dl::tier_move(current, qualifying, m.below_us, grace, now_us) {
+            dl::TierMove::Stay => {
+                if m.below_us.is_some() {
+                    store::set_tier(db, &p.id, &m.customer, &m.tier, m.tier_us, None).await?;
+                }
             }
-            None
-        }
-        dl::TierMove::Up(i) | dl::TierMove::Down(i) => {
-            let id = if qualifying.is_some() {
-                p.body.tiers[i].id.clone()
-            } else {
-                String::new()
-            };
-            store::set_tier(db, &p.id, &m.customer, &id, now_us, None).await?;
-            Some(id)
-        }
-        dl::TierMove::Grace { since_us, until_us } => {
-            if m.below_us != Some(since_us) {
-                store::set_tier(db, &p.id, &m.customer, &m.tier, m.tier_us, Some(since_us)).await?;
+            dl::TierMove::Up(i) | dl::TierMove::Down(i) => {
+                let id = if qualifying.is_some() {
+                    p.body.tiers[i].id.clone()
+                } else {
+                    String::new()
+                };
+                store::set_tier(db, &p.id, &m.customer, &id, now_us, None).await?;
+                if id != m.tier {
+                    moved.push((m, id));
+                }
             }
-            next_review = Some(until_us);
-            None
+            dl::TierMove::Grace { since_us, until_us } => {
+                if m.below_us != Some(since_us) {
+                    store::set_tier(db, &p.id, &m.customer, &m.tier, m.tier_us, Some(since_us))
+                        .await?;
+                }
+                next_review.insert(&m.customer, until_us);
+            }
         }
-    };
+    }
     // A rolling window changes when its oldest earning leaves it.
     let w = p.window_us();
-    if w > 0
-        && let Some(first) =
-            store::first_earn_after(db, &p.id, &m.customer, now_us.saturating_sub(w)).await?
-    {
-        let leaves = first.saturating_add(w);
-        next_review = Some(next_review.map_or(leaves, |n| n.min(leaves)));
-    }
-    let key = format!("tier/{}/{}", p.id, m.customer);
-    match next_review {
-        Some(due) => {
-            timers::arm(
-                db,
-                TIER_REVIEW,
-                &[Arm::new(key, &m.customer, due.max(now_us))],
-            )
-            .await?
+    let customers: Vec<String> = reviews.iter().map(|(m, _)| m.customer.clone()).collect();
+    if w > 0 {
+        for (c, first) in
+            store::first_earns_after(db, &p.id, &customers, now_us.saturating_sub(w)).await?
+        {
+            let leaves = first.saturating_add(w);
+            if let Some((m, _)) = reviews.iter().find(|(m, _)| m.customer == c) {
+                let due = next_review.entry(&m.customer).or_insert(leaves);
+                *due = (*due).min(leaves);
+            }
         }
-        None => timers::disarm(db, TIER_REVIEW, &[key]).await?,
     }
-    let Some(new_tier) = new_tier.filter(|t| *t != m.tier) else {
-        return Ok(None);
-    };
-    let balance = dl::balance(
-        &store::open_lots(db, &p.id, &m.customer, now_us).await?,
-        now_us,
-    );
-    Ok(Some(pb::TierChanged {
-        customer: m.customer.clone(),
-        program: format!("programs/{}", p.id),
-        old_tier: m.tier.clone(),
-        loyal: p.loyal(p.tier_index(&new_tier)),
-        new_tier,
-        change_time: Some(clm_platform::convert::timestamp(
-            clm_platform::db::from_micros(now_us),
-        )),
-        balance,
-        secondary: !p.primary,
-    }))
+    let key = |c: &str| format!("tier/{}/{c}", p.id);
+    let arm: Vec<Arm> = next_review
+        .iter()
+        .map(|(c, due)| Arm::new(key(c), *c, (*due).max(now_us)))
+        .collect();
+    let disarm: Vec<String> = customers
+        .iter()
+        .filter(|c| !next_review.contains_key(c.as_str()))
+        .map(|c| key(c))
+        .collect();
+    timers::arm(db, TIER_REVIEW, &arm).await?;
+    timers::disarm(db, TIER_REVIEW, &disarm).await?;
+    if moved.is_empty() {
+        return Ok(Vec::new());
+    }
+    let who: Vec<String> = moved.iter().map(|(m, _)| m.customer.clone()).collect();
+    let lots = store::open_lots_of(db, &p.id, &who, now_us).await?;
+    Ok(moved
+        .into_iter()
+        .map(|(m, new_tier)| pb::TierChanged {
+            customer: m.customer.clone(),
+            program: format!("programs/{}", p.id),
+            old_tier: m.tier.clone(),
+            loyal: p.loyal(p.tier_index(&new_tier)),
+            new_tier,
+            change_time: Some(clm_platform::convert::timestamp(
+                clm_platform::db::from_micros(now_us),
+            )),
+            balance: lots.get(&m.customer).map_or(0, |l| dl::balance(l, now_us)),
+            secondary: !p.primary,
+        })
+        .collect())
 }
 
 /// The member with its ledger figures at `now_us` (see [`member_views`]).

@@ -1289,14 +1289,18 @@ async fn the_last_units_in_one_slot_are_never_oversold() {
         "the stock read is the slots' sum"
     );
     let env = &env;
-    let members: Vec<String> = futures::future::join_all((0..41).map(|i| async move {
-        let c = format!("customers/{}", uuid::Uuid::new_v4());
-        let m = member_name("stars", &c);
-        env.enroll("stars", &c).await;
-        env.earn(&m, 10, &format!("cap-earn-{i}")).await;
-        m
-    }))
-    .await;
+    use futures::StreamExt;
+    let members: Vec<String> = futures::stream::iter(0..41)
+        .map(|i| async move {
+            let c = format!("customers/{}", uuid::Uuid::new_v4());
+            let m = member_name("stars", &c);
+            env.enroll("stars", &c).await;
+            env.earn(&m, 10, &format!("cap-earn-{i}")).await;
+            m
+        })
+        .buffered(4)
+        .collect()
+        .await;
     let mut calls = futures::stream::FuturesUnordered::new();
     for (k, m) in members[..40].iter().enumerate() {
         let mut api = env.api();
@@ -1310,7 +1314,6 @@ async fn the_last_units_in_one_slot_are_never_oversold() {
             .await
         });
     }
-    use futures::StreamExt;
     let mut won = Vec::new();
     let mut refused = 0;
     while let Some(r) = calls.next().await {

@@ -1155,29 +1155,42 @@ pub async fn qualifying_earned(
     total(db, &q).await
 }
 
-/// The earliest earn of the member after `since_us` (when the rolling tier
-/// window next changes).
-pub async fn first_earn_after(
+/// The earliest earn after `since_us` of each of `customers` who has one
+/// (when each rolling tier window next changes): one grouped query.
+pub async fn first_earns_after(
     db: &impl ConnectionTrait,
     program: &str,
-    customer: &str,
+    customers: &[String],
     since_us: i64,
-) -> Result<Option<i64>> {
+) -> Result<Vec<(String, i64)>> {
     #[derive(FromQueryResult)]
     struct Row {
-        at_us: i64,
+        customer: String,
+        first: i64,
     }
-    let q = Query::select()
-        .column(TC::AtUs)
-        .from(transactions::Entity)
-        .and_where(Expr::col(TC::Program).eq(program))
-        .and_where(Expr::col(TC::Customer).eq(customer))
-        .and_where(Expr::col(TC::Kind).eq(kind::EARN))
-        .and_where(Expr::col(TC::AtUs).gt(since_us))
-        .order_by(TC::AtUs, Order::Asc)
-        .limit(1)
-        .to_owned();
-    Ok(one::<Row>(db, &q).await?.map(|r| r.at_us))
+    let mut out = Vec::new();
+    for part in customers.chunks(rows_per_statement(1)) {
+        let q = Query::select()
+            .column(TC::Customer)
+            .expr_as(
+                Func::min(Expr::col(TC::AtUs)),
+                sea_orm::sea_query::Alias::new("first"),
+            )
+            .from(transactions::Entity)
+            .and_where(Expr::col(TC::Program).eq(program))
+            .and_where(Expr::col(TC::Customer).is_in(part.iter().cloned()))
+            .and_where(Expr::col(TC::Kind).eq(kind::EARN))
+            .and_where(Expr::col(TC::AtUs).gt(since_us))
+            .group_by_col(TC::Customer)
+            .to_owned();
+        out.extend(
+            all::<Row>(db, &q)
+                .await?
+                .into_iter()
+                .map(|r| (r.customer, r.first)),
+        );
+    }
+    Ok(out)
 }
 
 // ----------------------------------------------------------------- rewards
