@@ -142,10 +142,11 @@ pub async fn earn_batch(
         }
     }
     let taken = store::sources_taken(db, &sources).await?;
+    let program_ids: Vec<String> = programs.iter().map(|p| p.id.clone()).collect();
     let capped_rules: Vec<String> = capped_rules.into_iter().collect();
     let mut history: HashMap<(String, String, String), Vec<(i64, i64)>> = HashMap::new();
     for (program, customer, rule, at, points) in
-        store::earnings_of(db, &customers, &capped_rules, since).await?
+        store::earnings_of(db, &program_ids, &customers, &capped_rules, since).await?
     {
         history
             .entry((program, customer, rule))

@@ -15,6 +15,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(RewardSlots));
         m.push(Box::new(PrimaryProgram));
         m.push(Box::new(SpendableTimers));
+        m.push(Box::new(MembersByCustomer));
         m
     }
 }
@@ -373,5 +374,29 @@ impl MigrationTrait for SpendableTimers {
         );
         m.get_connection().execute_unprepared(&sql).await?;
         Ok(())
+    }
+}
+
+struct MembersByCustomer;
+
+impl MigrationName for MembersByCustomer {
+    fn name(&self) -> &str {
+        "m0006_members_by_customer"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for MembersByCustomer {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        // Every member row of some customers, in all programs (a stream
+        // batch's lock, timers, merges, erasure): the primary key leads
+        // with the program, so the customer needs its own index.
+        m.create_index(index(
+            "loyalty_members_customer",
+            "loyalty_members",
+            &["customer"],
+            false,
+        ))
+        .await
     }
 }

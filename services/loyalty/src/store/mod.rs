@@ -879,10 +879,13 @@ pub async fn sources_taken(
         source: String,
     }
     let mut out = std::collections::HashSet::new();
-    for part in wanted.chunks(rows_per_statement(1)) {
+    let programs: std::collections::BTreeSet<&String> = wanted.iter().map(|(p, _)| p).collect();
+    for part in wanted.chunks(rows_per_statement(1).saturating_sub(programs.len()).max(1)) {
+        // The program leads the unique (program, source) index.
         let q = Query::select()
             .columns([TC::Program, TC::Source])
             .from(transactions::Entity)
+            .and_where(Expr::col(TC::Program).is_in(programs.iter().map(|p| p.to_string())))
             .and_where(Expr::col(TC::Source).is_in(part.iter().map(|(_, s)| s.clone())))
             .to_owned();
         out.extend(
@@ -900,10 +903,11 @@ pub async fn sources_taken(
 pub type Earning = (String, String, String, i64, i64);
 
 /// The earnings (EARN transactions) of `customers` by any of `rules`
-/// after `since_us`, in every program (what caps count): one query per
+/// after `since_us`, in any of `programs` (what caps count): one query per
 /// chunk of customers.
 pub async fn earnings_of(
     db: &impl ConnectionTrait,
+    programs: &[String],
     customers: &[String],
     rules: &[String],
     since_us: i64,
@@ -920,10 +924,13 @@ pub async fn earnings_of(
     if rules.is_empty() {
         return Ok(out);
     }
-    for part in customers.chunks(rows_per_statement(1).saturating_sub(rules.len()).max(1)) {
+    let room = rows_per_statement(1).saturating_sub(rules.len() + programs.len());
+    for part in customers.chunks(room.max(1)) {
+        // (program, customer, at_us) is the index.
         let q = Query::select()
             .columns([TC::Program, TC::Customer, TC::Rule, TC::AtUs, TC::Points])
             .from(transactions::Entity)
+            .and_where(Expr::col(TC::Program).is_in(programs.iter().cloned()))
             .and_where(Expr::col(TC::Customer).is_in(part.iter().cloned()))
             .and_where(Expr::col(TC::Rule).is_in(rules.iter().cloned()))
             .and_where(Expr::col(TC::Kind).eq(kind::EARN))
