@@ -297,18 +297,14 @@ impl LoyaltyApi {
         )
         .await?;
         // The shared rows last, so they are held the shortest time.
-        if r.stock.is_some() && !store::take_unit(txn, program, reward_id).await? {
+        if r.stock.is_some() && !store::stock(program, reward_id).take(txn, 1).await? {
             return Err(LoyaltyError::OutOfStock(body.name.clone()).into());
         }
         if let Some(total) = budget.as_ref().and_then(|b| b.total.as_ref())
-            && !store::spend_budget(
-                txn,
-                program,
-                &r.campaign,
-                r.value_minor,
-                Some(total.amount_minor),
-            )
-            .await?
+            && r.value_minor > 0
+            && !store::budget(program, &r.campaign)
+                .take(txn, r.value_minor)
+                .await?
         {
             return Err(LoyaltyError::BudgetReached {
                 which: "total",
@@ -604,11 +600,51 @@ fn slot_count(r: &pb::Reward) -> usize {
     usize::try_from(convert::stock_slots(r.stock_slots)).unwrap_or(1)
 }
 
-fn campaigns(p: &pb::Program) -> Vec<String> {
-    p.campaign_budgets
+/// Keeps each campaign's budget slots in line with the program: a new
+/// total starts whole; a changed total moves what is left by the change
+/// (under the slots' locks, so redemptions in flight count); a campaign
+/// without a total (or gone) has none.
+async fn sync_budgets(
+    txn: &impl ConnectionTrait,
+    program: &str,
+    old: Option<&pb::Program>,
+    new: &pb::Program,
+) -> Result<()> {
+    let total = |p: &pb::Program, c: &str| {
+        p.campaign_budgets
+            .iter()
+            .find(|b| b.campaign == c)
+            .and_then(|b| b.total.as_ref())
+            .map(|t| t.amount_minor)
+    };
+    let mut campaigns: std::collections::BTreeSet<&str> = new
+        .campaign_budgets
         .iter()
-        .map(|b| b.campaign.clone())
-        .collect()
+        .map(|b| b.campaign.as_str())
+        .collect();
+    if let Some(o) = old {
+        campaigns.extend(o.campaign_budgets.iter().map(|b| b.campaign.as_str()));
+    }
+    for c in campaigns {
+        let before = old.and_then(|o| total(o, c));
+        let after = total(new, c);
+        if before == after {
+            continue;
+        }
+        let counter = store::budget(program, c);
+        let left = match (before, after) {
+            (_, None) => None,
+            (None, Some(t)) => Some(t),
+            (Some(b), Some(t)) => Some(match counter.lock_sum(txn).await? {
+                Some(left) => left + (t - b),
+                None => t,
+            }),
+        };
+        counter
+            .replace(txn, left, store::migration::BUDGET_SLOTS)
+            .await?;
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -651,7 +687,7 @@ impl LoyaltyService for LoyaltyApi {
                 if !store::insert_program(txn, &row).await? {
                     return Err(LoyaltyError::Exists(format!("programs/{id}")).into());
                 }
-                store::ensure_budgets(txn, &id, &campaigns(&body)).await?;
+                sync_budgets(txn, &id, None, &body).await?;
                 let out = Program::load(txn, &id).await?.body;
                 audit::record(txn, crate::SERVICE, now, Change::create(&out.name, &out)).await?;
                 Ok((out, Vec::new()))
@@ -706,7 +742,7 @@ impl LoyaltyService for LoyaltyApi {
                         "the program changed meanwhile; re-read and retry".into(),
                     ));
                 }
-                store::ensure_budgets(txn, &id, &campaigns(&merged)).await?;
+                sync_budgets(txn, &id, Some(&old.body), &merged).await?;
                 let out = Program::load(txn, &id).await?.body;
                 audit::record(
                     txn,
@@ -999,7 +1035,9 @@ impl LoyaltyService for LoyaltyApi {
                     );
                 }
                 if body.stock.is_some() {
-                    store::set_stock(txn, &program, &id, body.stock, slot_count(&body)).await?;
+                    store::stock(&program, &id)
+                        .replace(txn, body.stock, slot_count(&body))
+                        .await?;
                 }
                 let mut out = convert::reward(&row)?;
                 out.create_time = stamp(to_micros(now));
@@ -1093,12 +1131,13 @@ impl LoyaltyService for LoyaltyApi {
                 // spread what remains over them.
                 let respread = convert::stock_slots(merged.stock_slots) != old.stock_slots;
                 if set_stock || respread {
+                    let stock = store::stock(&program, &id);
                     let total = if set_stock {
                         merged.stock
                     } else {
-                        store::lock_stock(txn, &program, &id).await?
+                        stock.lock_sum(txn).await?
                     };
-                    store::set_stock(txn, &program, &id, total, slot_count(&merged)).await?;
+                    stock.replace(txn, total, slot_count(&merged)).await?;
                 }
                 let stored = store::reward(txn, &program, &id)
                     .await?
@@ -1247,9 +1286,10 @@ impl LoyaltyService for LoyaltyApi {
                     let made =
                         ledger::refund(txn, &program, &r.customer, r.spend_txn, now_us, &who)
                             .await?;
-                    store::give_back_unit(txn, &program, &r.reward).await?;
-                    if !r.campaign.is_empty() && r.value_minor != 0 {
-                        store::spend_budget(txn, &program, &r.campaign, -r.value_minor, None)
+                    store::stock(&program, &r.reward).give_back(txn, 1).await?;
+                    if !r.campaign.is_empty() && r.value_minor > 0 {
+                        store::budget(&program, &r.campaign)
+                            .give_back(txn, r.value_minor)
                             .await?;
                     }
                     timers::disarm(txn, ledger::COUPON_EXPIRY, &[format!("coupon/{}", r.code)])

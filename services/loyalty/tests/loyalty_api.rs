@@ -1397,6 +1397,115 @@ async fn the_last_units_in_one_slot_are_never_oversold() {
     assert_bad_field(&e, "reward.stock_slots");
 }
 
+/// A campaign's total budget spread over slots is never exceeded: 60
+/// concurrent redemptions of 100 against 5,000 give exactly 50 (the last
+/// two from units scattered over several slots); raising the total lets
+/// exactly the difference through, a cancellation gives its value back,
+/// and a total lowered below what was spent counts from there.
+#[tokio::test]
+async fn a_campaign_budget_over_slots_is_never_exceeded() {
+    let env = Env::start().await;
+    let mut p = program();
+    p.campaign_budgets = vec![pb::CampaignBudget {
+        campaign: "launch".into(),
+        total: Some(eur(5000)),
+        per_member: None,
+    }];
+    let created = env.program("stars", p).await;
+    env.reward(
+        "stars",
+        "voucher",
+        pb::Reward {
+            cost: 1,
+            campaign: "launch".into(),
+            value: Some(eur(100)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let env = &env;
+    use futures::StreamExt;
+    let members: Vec<String> = futures::stream::iter(0..60)
+        .map(|i| async move {
+            let c = format!("customers/{}", uuid::Uuid::new_v4());
+            let m = member_name("stars", &c);
+            env.enroll("stars", &c).await;
+            env.earn(&m, 10, &format!("budget-earn-{i}")).await;
+            m
+        })
+        .buffered(4)
+        .collect()
+        .await;
+    let channels: Vec<Channel> = (0..4).map(|_| env.loyalty.channel()).collect();
+    // Redeems `n` at once (request ids from `tag`): (granted, the redemptions).
+    let redeem_many = |n: usize, tag: &'static str| {
+        let (members, channels) = (members.clone(), channels.clone());
+        async move {
+            let mut calls = futures::stream::FuturesUnordered::new();
+            for k in 0..n {
+                let mut api = LoyaltyServiceClient::new(channels[k % 4].clone());
+                let m = members[k % members.len()].clone();
+                calls.push(async move {
+                    api.redeem_reward(pb::RedeemRewardRequest {
+                        member: m,
+                        reward: "programs/stars/rewards/voucher".into(),
+                        request_id: format!("{tag}-{k}"),
+                    })
+                    .await
+                });
+            }
+            let mut won = Vec::new();
+            while let Some(r) = calls.next().await {
+                match r {
+                    Ok(r) => won.push(r.into_inner()),
+                    Err(e) => assert_eq!(reason(&e), "BUDGET_REACHED", "{e:?}"),
+                }
+            }
+            won
+        }
+    };
+    let won = redeem_many(60, "first").await;
+    assert_eq!(won.len(), 50, "5,000 / 100");
+    let set_total = |total: i64, etag: String, rid: &'static str| async move {
+        env.api()
+            .update_program(pb::UpdateProgramRequest {
+                program: Some(pb::Program {
+                    name: "programs/stars".into(),
+                    etag,
+                    campaign_budgets: vec![pb::CampaignBudget {
+                        campaign: "launch".into(),
+                        total: Some(eur(total)),
+                        per_member: None,
+                    }],
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["campaign_budgets".into()],
+                }),
+                request_id: rid.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let p = set_total(5300, created.etag, "raise").await;
+    assert_eq!(redeem_many(10, "second").await.len(), 3, "the 300 added");
+    env.api()
+        .cancel_redemption(pb::CancelRedemptionRequest {
+            name: won[0].name.clone(),
+            reason: String::new(),
+            request_id: "budget-cancel".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(redeem_many(5, "third").await.len(), 1, "the 100 given back");
+    // Spent 5,300; a total of 4,000 leaves -1,300; 5,500 then leaves 200.
+    let p = set_total(4000, p.etag, "lower").await;
+    assert_eq!(redeem_many(3, "fourth").await.len(), 0);
+    set_total(5500, p.etag, "raise-again").await;
+    assert_eq!(redeem_many(5, "fifth").await.len(), 2);
+}
+
 /// With several programs, one is primary (marked, else the oldest): its
 /// events are plain, the others' carry `secondary`, so segmentation's
 /// plain loyalty facts follow one program. A second mark is refused.

@@ -192,7 +192,34 @@ pub mod reward_slots {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-/// `loyalty_budgets`: what each campaign's redemptions cost so far.
+/// `loyalty_budget_slots`: what is left of a campaign's total budget,
+/// spread over counter rows (campaigns with a total only).
+pub mod budget_slots {
+    use sea_orm::entity::prelude::*;
+
+    /// A slot.
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "loyalty_budget_slots")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub program: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub campaign: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub slot: i16,
+        /// Minor units left in this slot (slot 0 may be negative: a total
+        /// lowered below what was spent).
+        pub left_minor: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `loyalty_budgets`: what each campaign's redemptions cost, up to
+/// m0007 (history: [`budget_slots`] holds what is left since).
 pub mod budgets {
     use sea_orm::entity::prelude::*;
 

@@ -2,6 +2,7 @@
 //! (`*_us`); an expiry of `i64::MAX` means never.
 
 use clm_platform::migration::{big, index, small, text};
+use sea_orm::{ConnectionTrait, Statement};
 use sea_orm_migration::prelude::*;
 
 /// Runs the platform tables, then the loyalty tables.
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(PrimaryProgram));
         m.push(Box::new(SpendableTimers));
         m.push(Box::new(MembersByCustomer));
+        m.push(Box::new(BudgetSlots));
         m
     }
 }
@@ -400,3 +402,77 @@ impl MigrationTrait for MembersByCustomer {
         .await
     }
 }
+
+struct BudgetSlots;
+
+impl MigrationName for BudgetSlots {
+    fn name(&self) -> &str {
+        "m0007_budget_slots"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for BudgetSlots {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        // What is left of each campaign's total budget, spread over counter
+        // rows like a reward's stock (`store::slots`); `loyalty_budgets`
+        // (what was spent) is read once here and no longer written.
+        m.create_table(
+            Table::create()
+                .table(a("loyalty_budget_slots"))
+                .if_not_exists()
+                .col(text("program"))
+                .col(text("campaign"))
+                .col(small("slot"))
+                .col(big("left_minor"))
+                .primary_key(
+                    Index::create()
+                        .col(a("program"))
+                        .col(a("campaign"))
+                        .col(a("slot")),
+                )
+                .to_owned(),
+        )
+        .await?;
+        let db = m.get_connection();
+        let backend = db.get_database_backend();
+        let mut spent = std::collections::HashMap::new();
+        for row in db
+            .query_all_raw(Statement::from_string(
+                backend,
+                "SELECT program, campaign, spent_minor FROM loyalty_budgets",
+            ))
+            .await?
+        {
+            let key: (String, String) = (row.try_get("", "program")?, row.try_get("", "campaign")?);
+            spent.insert(key, row.try_get::<i64>("", "spent_minor")?);
+        }
+        for row in db
+            .query_all_raw(Statement::from_string(
+                backend,
+                "SELECT id, body FROM loyalty_programs",
+            ))
+            .await?
+        {
+            let id: String = row.try_get("", "id")?;
+            let body: Vec<u8> = row.try_get("", "body")?;
+            let program = <clm_proto::loyalty::Program as prost::Message>::decode(body.as_slice())
+                .map_err(|e| DbErr::Custom(format!("programs/{id}: {e}")))?;
+            for b in &program.campaign_budgets {
+                let Some(total) = &b.total else { continue };
+                let used = spent
+                    .get(&(id.clone(), b.campaign.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                super::budget(&id, &b.campaign)
+                    .replace(db, Some(total.amount_minor - used), BUDGET_SLOTS)
+                    .await
+                    .map_err(|e| DbErr::Custom(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The counter rows of a campaign's total budget.
+pub const BUDGET_SLOTS: usize = 16;

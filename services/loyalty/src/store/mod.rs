@@ -11,6 +11,7 @@
 
 pub mod entity;
 pub mod migration;
+pub mod slots;
 
 pub use migration::Migrator;
 
@@ -18,17 +19,16 @@ use clm_domain::loyalty::{Draw, Lot};
 use clm_platform::Result;
 use clm_platform::db::{is_postgres, rows_per_statement};
 use entity::{
-    budgets, draws, lots, members, programs, redemptions, referral_codes, referrals, reward_slots,
-    rewards, transactions,
+    budget_slots, draws, lots, members, programs, redemptions, referral_codes, referrals,
+    reward_slots, rewards, transactions,
 };
 use sea_orm::sea_query::{
-    CaseStatement, Cond, Expr, ExprTrait, Func, LockBehavior, LockType, OnConflict, Order, Query,
-    SelectStatement,
+    CaseStatement, Cond, Expr, ExprTrait, Func, LockType, OnConflict, Order, Query, SelectStatement,
 };
 use sea_orm::{ConnectionTrait, EntityName, FromQueryResult, IdenStatic};
 use std::collections::HashMap;
 
-use budgets::Column as BC;
+use budget_slots::Column as BSC;
 use draws::Column as DC;
 use lots::Column as LC;
 use members::Column as MC;
@@ -223,51 +223,6 @@ pub async fn update_program(
         .and_where(Expr::col(PC::Id).eq(id))
         .and_where(Expr::col(PC::Version).eq(version))
         .to_owned();
-    Ok(db.execute(&q).await?.rows_affected() == 1)
-}
-
-/// Makes sure each campaign has its spending row.
-pub async fn ensure_budgets(
-    db: &impl ConnectionTrait,
-    program: &str,
-    campaigns: &[String],
-) -> Result<()> {
-    if campaigns.is_empty() {
-        return Ok(());
-    }
-    let mut q = Query::insert();
-    q.into_table(budgets::Entity)
-        .columns([BC::Program, BC::Campaign, BC::SpentMinor]);
-    for c in campaigns {
-        q.values_panic([program.into(), c.clone().into(), 0i64.into()]);
-    }
-    q.on_conflict(
-        OnConflict::columns([BC::Program, BC::Campaign])
-            .do_nothing()
-            .to_owned(),
-    );
-    db.execute(&q).await?;
-    Ok(())
-}
-
-/// Adds `value` to a campaign's spending if it stays within `total`
-/// (`None`: unlimited); `false` when the budget would be exceeded.
-/// Negative `value` gives back (a cancellation).
-pub async fn spend_budget(
-    db: &impl ConnectionTrait,
-    program: &str,
-    campaign: &str,
-    value: i64,
-    total: Option<i64>,
-) -> Result<bool> {
-    let mut q = Query::update();
-    q.table(budgets::Entity)
-        .value(BC::SpentMinor, Expr::col(BC::SpentMinor).add(value))
-        .and_where(Expr::col(BC::Program).eq(program))
-        .and_where(Expr::col(BC::Campaign).eq(campaign));
-    if let Some(t) = total {
-        q.and_where(Expr::col(BC::SpentMinor).add(value).lte(t));
-    }
     Ok(db.execute(&q).await?.rows_affected() == 1)
 }
 
@@ -1326,201 +1281,29 @@ pub async fn update_reward(
     Ok(db.execute(&q).await?.rows_affected() == 1)
 }
 
-/// Sets a reward's stock to `total` spread over `slots` counter rows
-/// (`None`: unlimited, no rows). The old slots are locked first (in slot
-/// order, PostgreSQL `FOR UPDATE`), so redemptions in flight finish before
-/// and the result is exactly `total`. Returns what remained before.
-pub async fn set_stock(
-    db: &impl ConnectionTrait,
-    program: &str,
-    reward: &str,
-    total: Option<i64>,
-    slots: usize,
-) -> Result<Option<i64>> {
-    let before = lock_stock(db, program, reward).await?;
-    let del = Query::delete()
-        .from_table(reward_slots::Entity)
-        .and_where(Expr::col(SC::Program).eq(program))
-        .and_where(Expr::col(SC::Reward).eq(reward))
-        .to_owned();
-    db.execute(&del).await?;
-    if let Some(total) = total {
-        let mut q = Query::insert();
-        q.into_table(reward_slots::Entity)
-            .columns([SC::Program, SC::Reward, SC::Slot, SC::Stock]);
-        for (i, n) in clm_domain::loyalty::spread(total, slots)
-            .into_iter()
-            .enumerate()
-        {
-            let slot = i16::try_from(i).map_err(clm_platform::Error::internal)?;
-            q.values_panic([program.into(), reward.into(), slot.into(), n.into()]);
-        }
-        db.execute(&q).await?;
+/// A reward's stock: its slots in `loyalty_reward_slots` ([`slots`]).
+pub fn stock<'a>(program: &'a str, reward: &'a str) -> slots::Counter<'a> {
+    slots::Counter {
+        table: reward_slots::Entity.table_name(),
+        keys: [
+            (SC::Program.as_str(), program),
+            (SC::Reward.as_str(), reward),
+        ],
+        value: SC::Stock.as_str(),
     }
-    Ok(before)
 }
 
-/// Locks a reward's slots in slot order and answers their sum (`None`:
-/// no slots, unlimited).
-pub async fn lock_stock(
-    db: &impl ConnectionTrait,
-    program: &str,
-    reward: &str,
-) -> Result<Option<i64>> {
-    #[derive(FromQueryResult)]
-    struct Row {
-        stock: i64,
+/// What is left of a campaign's total budget: its slots in
+/// `loyalty_budget_slots` ([`slots`]).
+pub fn budget<'a>(program: &'a str, campaign: &'a str) -> slots::Counter<'a> {
+    slots::Counter {
+        table: budget_slots::Entity.table_name(),
+        keys: [
+            (BSC::Program.as_str(), program),
+            (BSC::Campaign.as_str(), campaign),
+        ],
+        value: BSC::LeftMinor.as_str(),
     }
-    let mut q = Query::select();
-    q.column(SC::Stock)
-        .from(reward_slots::Entity)
-        .and_where(Expr::col(SC::Program).eq(program))
-        .and_where(Expr::col(SC::Reward).eq(reward))
-        .order_by(SC::Slot, Order::Asc);
-    if is_postgres(db) {
-        q.lock(LockType::Update);
-    }
-    let rows = all::<Row>(db, &q).await?;
-    Ok((!rows.is_empty()).then(|| rows.iter().map(|r| r.stock).sum()))
-}
-
-#[derive(FromQueryResult)]
-struct SlotRow {
-    slot: i16,
-}
-
-/// The slots of a reward that hold at least one unit (committed values,
-/// no lock), lowest first.
-async fn slots_with_stock(
-    db: &impl ConnectionTrait,
-    program: &str,
-    reward: &str,
-) -> Result<Vec<i16>> {
-    let q = Query::select()
-        .column(SC::Slot)
-        .from(reward_slots::Entity)
-        .and_where(Expr::col(SC::Program).eq(program))
-        .and_where(Expr::col(SC::Reward).eq(reward))
-        .and_where(Expr::col(SC::Stock).gte(1))
-        .order_by(SC::Slot, Order::Asc)
-        .to_owned();
-    Ok(all::<SlotRow>(db, &q)
-        .await?
-        .into_iter()
-        .map(|r| r.slot)
-        .collect())
-}
-
-/// Adds `delta` to the slots `which` selects, in one UPDATE (a take
-/// needs the unit to be there); `true` when a row changed.
-async fn change_slot(
-    db: &impl ConnectionTrait,
-    program: &str,
-    reward: &str,
-    which: Expr,
-    delta: i64,
-) -> Result<bool> {
-    let mut q = Query::update();
-    q.table(reward_slots::Entity)
-        .value(SC::Stock, Expr::col(SC::Stock).add(delta))
-        .and_where(Expr::col(SC::Program).eq(program))
-        .and_where(Expr::col(SC::Reward).eq(reward))
-        .and_where(which);
-    if delta < 0 {
-        q.and_where(Expr::col(SC::Stock).gte(-delta));
-    }
-    Ok(db.execute(&q).await?.rows_affected() == 1)
-}
-
-/// How often a redemption looks again for a free slot while every slot
-/// with stock is held by redemptions in flight, and how long it pauses.
-const TAKE_ATTEMPTS: usize = 200;
-const TAKE_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
-
-/// A random index below `n` (which slot to wait for).
-fn pick(n: usize) -> usize {
-    usize::try_from(uuid::Uuid::new_v4().as_u128() % (n.max(1) as u128)).unwrap_or(0)
-}
-
-/// Takes one unit of a limited reward's stock from any slot that has one;
-/// `false` when every slot is empty (out of stock).
-///
-/// On PostgreSQL: first one UPDATE of a free slot with stock (`FOR UPDATE
-/// SKIP LOCKED`, random order). When every slot with stock is held by
-/// redemptions in flight, it waits once for a random one of them (its
-/// `stock >= 1` is checked again after the wait); if that unit went too,
-/// it only looks for free slots again (no more waits, so a redemption
-/// never waits while holding a slot's lock and slot waits cannot form a
-/// cycle) until one is free or no slot has stock any more. A unit held by
-/// a transaction that rolls back is therefore never refused. SQLite has
-/// one writer: the first slot with stock is taken.
-pub async fn take_unit(db: &impl ConnectionTrait, program: &str, reward: &str) -> Result<bool> {
-    if !is_postgres(db) {
-        let Some(first) = slots_with_stock(db, program, reward)
-            .await?
-            .first()
-            .copied()
-        else {
-            return Ok(false);
-        };
-        return change_slot(db, program, reward, Expr::col(SC::Slot).eq(first), -1).await;
-    }
-    // A scalar subquery (`slot = (SELECT ..)`) runs once per statement
-    // (an InitPlan); `IN (..)` with a volatile ORDER BY may run per row.
-    let free_slot = || {
-        let q = Query::select()
-            .column(SC::Slot)
-            .from(reward_slots::Entity)
-            .and_where(Expr::col(SC::Program).eq(program))
-            .and_where(Expr::col(SC::Reward).eq(reward))
-            .and_where(Expr::col(SC::Stock).gte(1))
-            .order_by_expr(Func::random().into(), Order::Asc)
-            .limit(1)
-            .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
-            .to_owned();
-        Expr::col(SC::Slot).eq(Expr::SubQuery(None, Box::new(q.into())))
-    };
-    if change_slot(db, program, reward, free_slot(), -1).await? {
-        return Ok(true);
-    }
-    let candidates = slots_with_stock(db, program, reward).await?;
-    if candidates.is_empty() {
-        return Ok(false);
-    }
-    let wait_for = candidates[pick(candidates.len())];
-    if change_slot(db, program, reward, Expr::col(SC::Slot).eq(wait_for), -1).await? {
-        return Ok(true);
-    }
-    for _ in 0..TAKE_ATTEMPTS {
-        if change_slot(db, program, reward, free_slot(), -1).await? {
-            return Ok(true);
-        }
-        if slots_with_stock(db, program, reward).await?.is_empty() {
-            return Ok(false);
-        }
-        tokio::time::sleep(TAKE_PAUSE).await;
-    }
-    Err(clm_platform::Error::Aborted(
-        "the reward's last units are held by redemptions in flight; retry".into(),
-    ))
-}
-
-/// Gives one unit back to a limited reward (a cancelled redemption), into
-/// its emptiest slot; nothing when the reward is unlimited now.
-pub async fn give_back_unit(db: &impl ConnectionTrait, program: &str, reward: &str) -> Result<()> {
-    let q = Query::select()
-        .column(SC::Slot)
-        .from(reward_slots::Entity)
-        .and_where(Expr::col(SC::Program).eq(program))
-        .and_where(Expr::col(SC::Reward).eq(reward))
-        .order_by(SC::Stock, Order::Asc)
-        .order_by(SC::Slot, Order::Asc)
-        .limit(1)
-        .to_owned();
-    if let Some(r) = one::<SlotRow>(db, &q).await? {
-        change_slot(db, program, reward, Expr::col(SC::Slot).eq(r.slot), 1).await?;
-    }
-    Ok(())
 }
 
 // ------------------------------------------------------------- redemptions
