@@ -56,23 +56,23 @@
 //!   first (`FOR UPDATE` on PostgreSQL; SQLite has one writer), several in
 //!   (program, customer) order. A redemption checks validity, tier,
 //!   per-member limit and per-member budget under that lock, spends, and
-//!   then changes the reward's stock and the campaign's budget with
-//!   conditional UPDATEs (`stock >= 1`, `spent + value <= total`) last, so
-//!   those shared rows are held only until the commit. Segment eligibility
+//!   then takes a unit of the reward's stock and its value from the
+//!   campaign's total budget (conditional UPDATEs on their slots,
+//!   `value >= amount`) last, so those shared rows are held only until
+//!   the commit. Segment eligibility
 //!   is asked of segmentation before the transaction opens (a membership
 //!   change between the answer and the commit is not seen).
-//! * **Stock slots.** A limited stock is spread over `Reward.stock_slots`
-//!   counter rows (default 16) so concurrent redemptions do not queue on
-//!   one row; the stock read is their sum. A redemption takes a unit from
-//!   a random free slot (`FOR UPDATE SKIP LOCKED`); when all slots with
-//!   stock are held it waits once for one of them, then only looks for
-//!   free slots again, so it never waits while holding a slot (no slot
-//!   deadlock) and never refuses a unit a rolled-back redemption held
-//!   (`store::take_unit`). A cancellation returns its unit to the emptiest
-//!   slot; UpdateReward's new stock replaces every slot under their locks,
-//!   so it is exact. Campaign budgets stay one row per campaign: a value
-//!   must fit what is left as a whole, and the total changes with the
-//!   program (docs/loyalty.md).
+//! * **Stock and budget slots.** A limited stock is spread over
+//!   `Reward.stock_slots` counter rows (default 16), and what is left of a
+//!   campaign's total budget over 16, so concurrent redemptions do not
+//!   queue on one row; the value read is the sum ([`store::slots`]). A
+//!   take uses a random free slot (`FOR UPDATE SKIP LOCKED`); when all are
+//!   held it waits once for a random one (in a savepoint, rolled back if
+//!   the units went), then locks every slot in order and takes across
+//!   them: never below zero, no slot deadlock, and a unit a rolled-back
+//!   redemption held is never refused. A cancellation returns into the
+//!   emptiest slot; a new stock or total replaces the slots under their
+//!   locks (a total moves what is left by the change), so it is exact.
 //! * **Stream earning** is set-based per run of events ([`earning`]):
 //!   one statement per step for the whole batch, caps and multipliers
 //!   exactly as one event at a time.
