@@ -275,6 +275,12 @@ impl LoyaltyApi {
             use_us: None,
             create_us: now_us,
             cancel_us: None,
+            // Taken from the campaign's total below (or the call fails).
+            budget_minor: if budget.as_ref().is_some_and(|b| b.total.is_some()) {
+                r.value_minor.max(0)
+            } else {
+                0
+            },
         };
         store::insert_redemption(txn, &row).await?;
         timers::arm(
@@ -1287,9 +1293,10 @@ impl LoyaltyService for LoyaltyApi {
                         ledger::refund(txn, &program, &r.customer, r.spend_txn, now_us, &who)
                             .await?;
                     store::stock(&program, &r.reward).give_back(txn, 1).await?;
-                    if !r.campaign.is_empty() && r.value_minor > 0 {
+                    // Only what the redemption took from the total goes back.
+                    if r.budget_minor > 0 {
                         store::budget(&program, &r.campaign)
-                            .give_back(txn, r.value_minor)
+                            .give_back(txn, r.budget_minor)
                             .await?;
                     }
                     timers::disarm(txn, ledger::COUPON_EXPIRY, &[format!("coupon/{}", r.code)])

@@ -1502,8 +1502,51 @@ async fn a_campaign_budget_over_slots_is_never_exceeded() {
     // Spent 5,300; a total of 4,000 leaves -1,300; 5,500 then leaves 200.
     let p = set_total(4000, p.etag, "lower").await;
     assert_eq!(redeem_many(3, "fourth").await.len(), 0);
-    set_total(5500, p.etag, "raise-again").await;
+    let p = set_total(5500, p.etag, "raise-again").await;
     assert_eq!(redeem_many(5, "fifth").await.len(), 2);
+    // A redemption made while its campaign had no total took nothing from
+    // it, so cancelling it later gives nothing back.
+    env.api()
+        .update_program(pb::UpdateProgramRequest {
+            program: Some(pb::Program {
+                name: "programs/stars".into(),
+                etag: p.etag,
+                campaign_budgets: Vec::new(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["campaign_budgets".into()],
+            }),
+            request_id: "unlimited".into(),
+        })
+        .await
+        .unwrap();
+    let uncounted = env
+        .redeem(
+            &members[0],
+            "programs/stars/rewards/voucher",
+            "no-total-yet",
+        )
+        .await
+        .unwrap();
+    let p = env
+        .api()
+        .get_program(pb::GetProgramRequest {
+            name: "programs/stars".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    set_total(200, p.etag, "small-total").await;
+    env.api()
+        .cancel_redemption(pb::CancelRedemptionRequest {
+            name: uncounted.name,
+            reason: String::new(),
+            request_id: "cancel-uncounted".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(redeem_many(4, "sixth").await.len(), 2, "200, not 300");
 }
 
 /// With several programs, one is primary (marked, else the oldest): its

@@ -268,6 +268,9 @@ pub mod redemptions {
         pub use_us: Option<i64>,
         pub create_us: i64,
         pub cancel_us: Option<i64>,
+        /// What it took from its campaign's total budget (0: not counted,
+        /// the campaign had no total then); a cancellation gives back this.
+        pub budget_minor: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

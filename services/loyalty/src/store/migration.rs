@@ -18,6 +18,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(SpendableTimers));
         m.push(Box::new(MembersByCustomer));
         m.push(Box::new(BudgetSlots));
+        m.push(Box::new(RedemptionBudget));
         m
     }
 }
@@ -476,3 +477,42 @@ impl MigrationTrait for BudgetSlots {
 
 /// The counter rows of a campaign's total budget.
 pub const BUDGET_SLOTS: usize = 16;
+
+struct RedemptionBudget;
+
+impl MigrationName for RedemptionBudget {
+    fn name(&self) -> &str {
+        "m0008_redemption_budget"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for RedemptionBudget {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        // What a redemption took from its campaign's total budget, so a
+        // cancellation gives back exactly that (nothing when the campaign
+        // had no total at the redemption).
+        m.alter_table(
+            Table::alter()
+                .table(a("loyalty_redemptions"))
+                .add_column(
+                    ColumnDef::new(a("budget_minor"))
+                        .big_integer()
+                        .not_null()
+                        .default(0),
+                )
+                .to_owned(),
+        )
+        .await?;
+        // Before, active redemptions of a campaign with a total were counted.
+        m.get_connection()
+            .execute_unprepared(
+                "UPDATE loyalty_redemptions SET budget_minor = value_minor \
+                 WHERE state = 1 AND value_minor > 0 AND EXISTS (SELECT 1 FROM loyalty_budget_slots s \
+                   WHERE s.program = loyalty_redemptions.program \
+                     AND s.campaign = loyalty_redemptions.campaign)",
+            )
+            .await?;
+        Ok(())
+    }
+}

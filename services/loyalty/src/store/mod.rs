@@ -1308,7 +1308,7 @@ pub fn budget<'a>(program: &'a str, campaign: &'a str) -> slots::Counter<'a> {
 
 // ------------------------------------------------------------- redemptions
 
-const REDEMPTION_COLS: [RC; 16] = [
+const REDEMPTION_COLS: [RC; 17] = [
     RC::Id,
     RC::Program,
     RC::Customer,
@@ -1325,6 +1325,7 @@ const REDEMPTION_COLS: [RC; 16] = [
     RC::UseUs,
     RC::CreateUs,
     RC::CancelUs,
+    RC::BudgetMinor,
 ];
 
 /// Redemption state: active.
@@ -1362,6 +1363,7 @@ pub async fn insert_redemption(db: &impl ConnectionTrait, r: &redemptions::Model
             r.use_us.into(),
             r.create_us.into(),
             r.cancel_us.into(),
+            r.budget_minor.into(),
         ])
         .to_owned();
     db.execute(&q).await?;
