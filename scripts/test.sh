@@ -97,8 +97,42 @@ stop_scratch_pg() {
   scratch_pg=""
 }
 
+# A Redis Cluster of three fresh nodes on free ports (no persistence).
+cluster_dir=""
+cluster_ports=""
+start_redis_cluster() {
+  cluster_dir="$(mktemp -d "${TMPDIR:-/tmp}/clm-test-redis-cluster.XXXXXX")"
+  cluster_ports="$(python3 -c 'import socket
+socks = [socket.socket() for _ in range(3)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))')"
+  for port in $cluster_ports; do
+    mkdir -p "$cluster_dir/$port"
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --cluster-enabled yes \
+      --cluster-config-file nodes.conf --dir "$cluster_dir/$port" --save "" --appendonly no \
+      --pidfile "$cluster_dir/$port.pid" --logfile "$cluster_dir/$port.log"
+  done
+  for port in $cluster_ports; do
+    for _ in $(seq 1 50); do redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+  done
+  # shellcheck disable=SC2086
+  redis-cli --cluster create $(printf '127.0.0.1:%s ' $cluster_ports) --cluster-replicas 0 --cluster-yes >/dev/null
+  for _ in $(seq 1 100); do
+    redis-cli -p "${cluster_ports%% *}" cluster info | grep -q cluster_state:ok && return 0
+    sleep 0.1
+  done
+  fail "the Redis Cluster did not form"
+}
+stop_redis_cluster() {
+  [ -n "$cluster_dir" ] || return 0
+  for port in $cluster_ports; do redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true; done
+  rm -rf "$cluster_dir"
+  cluster_dir=""
+}
+
 scratch_pg=""
 on_exit() {
+  stop_redis_cluster
   stop_scratch_pg
   summary
 }
@@ -190,6 +224,11 @@ if pg_up && redis_up || { [ -n "$CI" ] && start_services; }; then
   filter="$(python3 scripts/backend-tests.py)"
   [ -n "$filter" ] || fail "no backend-dependent test binary found"
   nextest -E "$filter"
+  step "tests: segmentation's cache on a 3-node Redis Cluster (redis-server --cluster-enabled)"
+  start_redis_cluster
+  CLM_TEST_REDIS_URL="redis://127.0.0.1:${cluster_ports%% *}" CLM_TEST_REDIS_CLUSTER=1 \
+    nextest -E "($filter) & package(clm-segmentation)"
+  stop_redis_cluster
 elif [ -n "$CI" ]; then
   fail "PostgreSQL or Redis is not reachable and could not be started (CI never skips them)"
 else

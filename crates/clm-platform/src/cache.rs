@@ -88,7 +88,10 @@
 
 use moka::future::Cache as Moka;
 use moka::notification::RemovalCause;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot as HashSlot};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -238,10 +241,22 @@ impl Cache {
     pub async fn connect(redis_url: Option<&str>, prefix: &str) -> Result<Self, CacheError> {
         match redis_url {
             Some(url) => Ok(Cache(Backend::Redis(
-                RedisCache::connect(url, prefix).await?,
+                RedisCache::connect(url, false, prefix).await?,
             ))),
             None => Ok(Cache::memory()),
         }
+    }
+
+    /// A Redis Cluster reached through `seeds` (comma-separated
+    /// `redis://host:port` of one or more of its nodes; the others are
+    /// discovered), every key under `prefix`. Keys carry hash tags
+    /// (`{seg:ID}`) and every script touches one key, so each command and
+    /// each pipeline stays in one slot. Never waits: the slot map is read in
+    /// the background until a node answers.
+    pub async fn connect_cluster(seeds: &str, prefix: &str) -> Result<Self, CacheError> {
+        Ok(Cache(Backend::Redis(
+            RedisCache::connect(seeds, true, prefix).await?,
+        )))
     }
 
     /// An in-process cache.
@@ -718,9 +733,76 @@ struct Repairs {
     overflow_generation: u64,
 }
 
+/// How to reach Redis: one node, or a Redis Cluster from seed nodes.
+#[derive(Clone)]
+enum Client {
+    Node(redis::Client),
+    Cluster(Box<ClusterClient>),
+}
+
+/// A connection to one node (a `ConnectionManager`) or to a cluster (the
+/// redis crate's async cluster connection, which routes each command to
+/// the node serving its key's slot and follows MOVED/ASK).
+#[derive(Clone)]
+enum Conn {
+    Node(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Node(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Node(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Node(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Client {
+    /// A fresh connection: lazy for one node (it connects on first use);
+    /// for a cluster, the slot map is read from a seed now.
+    async fn connect(&self) -> Result<Conn, CacheError> {
+        match self {
+            Client::Node(c) => ConnectionManager::new_lazy_with_config(c.clone(), manager_config())
+                .map(Conn::Node)
+                .map_err(|e| CacheError::Invalid(format!("redis: {e}"))),
+            Client::Cluster(c) => {
+                let conn = tokio::time::timeout(OP_TIMEOUT, c.get_async_connection())
+                    .await
+                    .map_err(|_| unavailable("no redis cluster node answered"))?
+                    .map_err(unavailable)?;
+                Ok(Conn::Cluster(conn))
+            }
+        }
+    }
+}
+
 struct RedisCache {
-    client: redis::Client,
-    conn: RwLock<ConnectionManager>,
+    client: Client,
+    /// `None` until a cluster's slot map could be read.
+    conn: RwLock<Option<Conn>>,
     prefix: String,
     /// Reads and writes are allowed (connected, nothing to repair).
     healthy: AtomicBool,
@@ -741,11 +823,38 @@ fn unavailable(e: impl std::fmt::Display) -> CacheError {
     CacheError::Unavailable(e.to_string())
 }
 
-/// Runs `calls` of `script` (one key each) in one pipeline of `EVALSHA`s,
-/// loading the script once if Redis does not know it. Retrying a partly
-/// applied pipeline is safe: every script is idempotent per version.
+/// Runs `calls` of `script` (one key each) in one pipeline of `EVALSHA`s
+/// (on a cluster, one pipeline per slot: a cluster pipeline may not cross
+/// slots), loading the script once if Redis does not know it. Retrying a
+/// partly applied pipeline is safe: every script is idempotent per version.
 async fn eval_pipeline(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
+    script: &redis::Script,
+    calls: &[Call],
+) -> Result<Vec<i64>, CacheError> {
+    if !matches!(conn, Conn::Cluster(_)) {
+        return eval_slot_pipeline(conn, script, calls).await;
+    }
+    let mut by_slot: std::collections::HashMap<HashSlot, Vec<usize>> = Default::default();
+    for (i, (key, _)) in calls.iter().enumerate() {
+        by_slot.entry(HashSlot::for_key(key)).or_default().push(i);
+    }
+    let mut out = vec![0; calls.len()];
+    for indices in by_slot.values() {
+        let part: Vec<Call> = indices.iter().map(|i| calls[*i].clone()).collect();
+        for (i, v) in indices
+            .iter()
+            .zip(eval_slot_pipeline(conn, script, &part).await?)
+        {
+            out[*i] = v;
+        }
+    }
+    Ok(out)
+}
+
+/// [`eval_pipeline`] for calls a single pipeline may carry.
+async fn eval_slot_pipeline(
+    conn: &mut Conn,
     script: &redis::Script,
     calls: &[Call],
 ) -> Result<Vec<i64>, CacheError> {
@@ -773,11 +882,25 @@ async fn eval_pipeline(
 }
 
 impl RedisCache {
-    async fn connect(url: &str, prefix: &str) -> Result<Arc<Self>, CacheError> {
-        let client =
-            redis::Client::open(url).map_err(|e| CacheError::Invalid(format!("redis url: {e}")))?;
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config())
-            .map_err(|e| CacheError::Invalid(format!("redis: {e}")))?;
+    async fn connect(url: &str, cluster: bool, prefix: &str) -> Result<Arc<Self>, CacheError> {
+        let invalid = |e: redis::RedisError| CacheError::Invalid(format!("redis url: {e}"));
+        let client = if cluster {
+            let seeds: Vec<&str> = url.split(',').map(str::trim).collect();
+            Client::Cluster(Box::new(
+                ClusterClient::builder(seeds)
+                    .connection_timeout(OP_TIMEOUT)
+                    .response_timeout(CONNECTION_RESPONSE_TIMEOUT)
+                    .retries(0)
+                    .build()
+                    .map_err(invalid)?,
+            ))
+        } else {
+            Client::Node(redis::Client::open(url).map_err(invalid)?)
+        };
+        let conn = match &client {
+            Client::Node(_) => Some(client.connect().await?),
+            Client::Cluster(_) => None,
+        };
         let cache = Arc::new(Self {
             client,
             conn: RwLock::new(conn),
@@ -800,11 +923,19 @@ impl RedisCache {
         format!("{}{key}", self.prefix)
     }
 
-    fn conn(&self) -> ConnectionManager {
+    /// The connection; an error while a cluster's slot map is unknown
+    /// (the repair loop keeps trying).
+    fn conn(&self) -> redis::RedisResult<Conn> {
         self.conn
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+            .ok_or_else(|| {
+                redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "no redis cluster node answered yet",
+                ))
+            })
     }
 
     fn repairs(&self) -> std::sync::MutexGuard<'_, Repairs> {
@@ -885,15 +1016,16 @@ impl RedisCache {
         for a in args {
             inv.arg(a);
         }
-        inv.invoke_async(&mut self.conn())
+        inv.invoke_async(&mut self.conn().map_err(unavailable)?)
             .await
             .map_err(unavailable)
     }
 
     async fn get(&self, key: &str) -> Lookup<Versioned> {
         let k = self.key(key);
-        let mut conn = self.conn();
+        let conn = self.conn();
         self.read(async move {
+            let mut conn = conn?;
             let (floor, bytes): (Option<Vec<u8>>, Option<Vec<u8>>) = redis::cmd("HMGET")
                 .arg(&k)
                 .arg(FLOOR)
@@ -979,9 +1111,11 @@ impl RedisCache {
                     .map(|((k, _), w)| (k.clone(), w.version))
                     .collect()
             };
-            let mut conn = self.conn();
+            let conn = self.conn();
             let results = self
-                .write(keys, eval_pipeline(&mut conn, &SET_WRITE, &calls))
+                .write(keys, async {
+                    eval_pipeline(&mut conn.map_err(unavailable)?, &SET_WRITE, &calls).await
+                })
                 .await;
             match results {
                 Ok(r) => applied += r.iter().filter(|n| **n > 0).count(),
@@ -1019,8 +1153,9 @@ impl RedisCache {
 
     async fn set_contains(&self, key: &str, member: &str) -> Lookup<bool> {
         let k = self.key(key);
-        let mut conn = self.conn();
+        let conn = self.conn();
         self.read(async move {
+            let mut conn = conn?;
             let (entry, complete): (Option<Vec<u8>>, Option<Vec<u8>>) = redis::cmd("HMGET")
                 .arg(&k)
                 .arg(member)
@@ -1038,8 +1173,9 @@ impl RedisCache {
 
     async fn set_members(&self, key: &str) -> Lookup<Vec<String>> {
         let k = self.key(key);
-        let mut conn = self.conn();
+        let conn = self.conn();
         self.read(async move {
+            let mut conn = conn?;
             let all: Vec<(Vec<u8>, Vec<u8>)> =
                 redis::cmd("HGETALL").arg(&k).query_async(&mut conn).await?;
             if !all.iter().any(|(f, _)| f == COMPLETE.as_bytes()) {
@@ -1059,7 +1195,13 @@ impl RedisCache {
     /// Probes Redis; once it answers, deletes (fenced) every key whose write
     /// failed, and only then lets reads hit again.
     async fn repair(&self) {
-        let mut conn = self.conn();
+        let Ok(mut conn) = self.conn() else {
+            if let Ok(fresh) = self.client.connect().await {
+                *self.conn.write().unwrap_or_else(PoisonError::into_inner) = Some(fresh);
+            }
+            return;
+        };
+        // On a cluster PING goes to every primary: all must answer.
         match tokio::time::timeout(
             OP_TIMEOUT,
             redis::cmd("PING").query_async::<String>(&mut conn),
@@ -1071,10 +1213,8 @@ impl RedisCache {
             Err(_) => {
                 // A connection that stopped answering is not dropped by the
                 // manager: start over with a fresh one.
-                if let Ok(fresh) =
-                    ConnectionManager::new_lazy_with_config(self.client.clone(), manager_config())
-                {
-                    *self.conn.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+                if let Ok(fresh) = self.client.connect().await {
+                    *self.conn.write().unwrap_or_else(PoisonError::into_inner) = Some(fresh);
                 }
                 return;
             }
@@ -1114,8 +1254,31 @@ impl RedisCache {
         }
     }
 
-    /// Deletes (fenced) every key under the prefix.
-    async fn invalidate_prefix(&self, conn: &mut ConnectionManager) -> bool {
+    /// Deletes (fenced) every key under the prefix: a SCAN of the node, or
+    /// of every primary of a cluster in turn.
+    async fn invalidate_prefix(&self, conn: &mut Conn) -> bool {
+        let nodes = match conn {
+            Conn::Node(_) => vec![None],
+            Conn::Cluster(c) => {
+                let mut cmd = redis::cmd("CLUSTER");
+                cmd.arg("SLOTS");
+                let slots = cmd.query_async::<Vec<redis::Value>>(c);
+                let Ok(Ok(slots)) = tokio::time::timeout(OP_TIMEOUT, slots).await else {
+                    return false;
+                };
+                primaries(&slots).into_iter().map(Some).collect()
+            }
+        };
+        for node in nodes {
+            if !self.invalidate_node(conn, node).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// [`Self::invalidate_prefix`] on one node (`None`: the only one).
+    async fn invalidate_node(&self, conn: &mut Conn, node: Option<(String, u16)>) -> bool {
         let pattern = format!("{}*", glob_escape(&self.prefix));
         let mut cursor: u64 = 0;
         loop {
@@ -1125,7 +1288,20 @@ impl RedisCache {
                 .arg(&pattern)
                 .arg("COUNT")
                 .arg(PIPELINE_CHUNK);
-            let step = scan.query_async::<(u64, Vec<String>)>(conn);
+            let step = async {
+                match (&mut *conn, &node) {
+                    (Conn::Cluster(c), Some((host, port))) => {
+                        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port: *port,
+                        });
+                        let v = c.route_command(scan, route).await?;
+                        redis::from_redis_value::<(u64, Vec<String>)>(v)
+                            .map_err(redis::RedisError::from)
+                    }
+                    (c, _) => scan.query_async::<(u64, Vec<String>)>(c).await,
+                }
+            };
             let Ok(Ok((next, keys))) = tokio::time::timeout(OP_TIMEOUT, step).await else {
                 return false;
             };
@@ -1145,6 +1321,34 @@ impl RedisCache {
             cursor = next;
         }
     }
+}
+
+/// The (host, port) of each primary in a `CLUSTER SLOTS` reply.
+fn primaries(slots: &[redis::Value]) -> Vec<(String, u16)> {
+    let mut out: Vec<(String, u16)> = slots
+        .iter()
+        .filter_map(|range| match range {
+            redis::Value::Array(parts) => match parts.get(2) {
+                Some(redis::Value::Array(node)) => {
+                    let host = match node.first()? {
+                        redis::Value::BulkString(b) => String::from_utf8(b.clone()).ok()?,
+                        redis::Value::SimpleString(s) => s.clone(),
+                        _ => return None,
+                    };
+                    let port = match node.get(1)? {
+                        redis::Value::Int(p) => u16::try_from(*p).ok()?,
+                        _ => return None,
+                    };
+                    Some((host, port))
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 fn glob_escape(s: &str) -> String {

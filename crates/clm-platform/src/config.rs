@@ -243,10 +243,16 @@ pub struct DatabaseConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
-    /// `redis://host:port/db`; empty = in-process cache.
+    /// `redis://host:port/db`; empty = in-process cache. With `cluster`,
+    /// one or more nodes of the Redis Cluster, comma-separated (seeds: the
+    /// others are discovered).
     pub redis_url: Option<String>,
     /// Prefix for every key (lets services or tests share one Redis).
     pub key_prefix: String,
+    /// `redis_url` names nodes of a Redis Cluster (the redis crate's
+    /// cluster client: each command goes to its key's slot).
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 /// JWT bearer-token settings. With neither key set, auth is off and the
@@ -343,6 +349,7 @@ impl Config {
             cache: CacheConfig {
                 redis_url: None,
                 key_prefix: format!("clm:{service}:"),
+                cluster: false,
             },
             auth: AuthConfig {
                 audience: Some(crate::auth::DEFAULT_AUDIENCE.into()),
@@ -401,12 +408,25 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if let Some(r) = &self.cache.redis_url
-            && !(r.starts_with("redis://") || r.starts_with("rediss://"))
-        {
+        if let Some(r) = &self.cache.redis_url {
+            let mut urls = vec![r.as_str()];
+            if self.cache.cluster {
+                urls = r.split(',').map(str::trim).collect();
+            }
+            if urls
+                .iter()
+                .any(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+            {
+                return Err(ConfigError::new(
+                    "cache.redis_url",
+                    "must start with redis:// or rediss:// (with cache.cluster, each comma-separated node)",
+                ));
+            }
+        }
+        if self.cache.cluster && self.cache.redis_url.is_none() {
             return Err(ConfigError::new(
-                "cache.redis_url",
-                "must start with redis:// or rediss://",
+                "cache.cluster",
+                "needs cache.redis_url naming at least one node of the cluster",
             ));
         }
         if self.cache.key_prefix.contains(['{', '}']) {
@@ -731,6 +751,7 @@ pub fn load(
                 "data_dir",
                 "test_database_url",
                 "test_redis_url",
+                "test_redis_cluster",
                 "test_template_key",
             ])
             .filter(move |k| !is_section(k))

@@ -129,8 +129,12 @@ pub async fn open(
     // After the migrations: their statements are no call's children.
     telemetry::observe_database(&mut db, service);
     telemetry::observe_database(&mut read, service);
-    let cache =
-        cache::Cache::connect(config.cache.redis_url.as_deref(), &config.cache.key_prefix).await?;
+    let cache = match (&config.cache.redis_url, config.cache.cluster) {
+        (Some(seeds), true) => {
+            cache::Cache::connect_cluster(seeds, &config.cache.key_prefix).await?
+        }
+        (url, _) => cache::Cache::connect(url.as_deref(), &config.cache.key_prefix).await?,
+    };
     let retention = chrono::Duration::days(i64::from(config.idempotency_retention_days));
     let outbox_retention = chrono::Duration::days(i64::from(config.outbox_retention_days));
     let operation_retention = chrono::Duration::days(i64::from(config.operation_retention_days));

@@ -115,6 +115,9 @@ impl TestBackend {
         c.database.url = self.database_url.clone();
         c.database.max_connections = 8;
         c.cache.redis_url = self.redis_url.clone();
+        // `CLM_TEST_REDIS_CLUSTER=1`: CLM_TEST_REDIS_URL names Redis Cluster nodes.
+        c.cache.cluster = self.redis_url.is_some()
+            && std::env::var("CLM_TEST_REDIS_CLUSTER").is_ok_and(|v| v == "1");
         c.cache.key_prefix = self.key_prefix.clone();
         c.drain_timeout_secs = 2;
         c

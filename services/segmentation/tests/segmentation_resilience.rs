@@ -95,7 +95,11 @@ async fn redis_stopped_mid_test_answers_from_the_database_then_rebuilds() {
     let mut redis = Redis::start();
     redis.wait_up().await;
     let url = redis.url();
-    let h = start_with(|c| c.cache.redis_url = Some(url)).await;
+    let h = start_with(|c| {
+        c.cache.redis_url = Some(url);
+        c.cache.cluster = false;
+    })
+    .await;
     let prefix = h.seg_backend.key_prefix.clone();
     let mut cust = h.customers();
     let ada = create_customer(&mut cust, "ada@example.com", |_| {}).await;
