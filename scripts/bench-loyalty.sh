@@ -3,7 +3,8 @@
 # concurrent streams over many members, beside a same-run `pgbench -M
 # prepared` script that makes the same row changes in one transaction
 # (idempotency key, member lock, lot draw, transaction, draw, redemption,
-# coupon timer, audit entry, two outbox events, stock), and the ratio.
+# coupon timer, audit entry, two outbox events, one unit from a free stock
+# slot), and the ratio.
 # Prints a table and one JSON line.
 #
 #   scripts/bench-loyalty.sh

@@ -2,7 +2,7 @@
 //! backend: SQLite, or PostgreSQL + Redis when `CLM_TEST_DATABASE_URL` is
 //! set): a segment-only reward is redeemed by members of the segment and
 //! refused to others (NOT_ELIGIBLE), and segmentation's `loyalty.balance`
-//! follows the loyalty stream.
+//! follows the loyalty stream: the primary program's, not a second one's.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use clm_platform::testing::{TestBackend, eventually, start};
@@ -279,6 +279,85 @@ async fn a_segment_only_reward_and_the_balance_in_segments() {
         }
     })
     .await;
+    // A second program, not primary: its points do not move the plain
+    // `loyalty.balance` (which stays the primary program's). The engineer
+    // earns 1,000 there; then the baker earns 1 in the primary program,
+    // a sentinel: once segmentation has it (loyalty.balance >= 96), the
+    // club's event before it was applied too, and skipped.
+    points
+        .create_program(lpb::CreateProgramRequest {
+            program: Some(lpb::Program {
+                display_name: "Club".into(),
+                ..Default::default()
+            }),
+            program_id: "club".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let sentinel = segments
+        .create_segment(segment("loyalty.balance >= 96"))
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    points
+        .enroll_member(lpb::EnrollMemberRequest {
+            program: "programs/club".into(),
+            customer: who[0].clone(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let earn = |member: String, n: i64, rid: &'static str| {
+        let mut points = points.clone();
+        async move {
+            points
+                .earn_points(lpb::EarnPointsRequest {
+                    member,
+                    earning: Some(lpb::earn_points_request::Earning::Points(n)),
+                    reason: "test".into(),
+                    request_id: rid.into(),
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let club = format!(
+        "programs/club/members/{}",
+        who[0].trim_start_matches("customers/")
+    );
+    earn(club, 1000, "club-1000").await;
+    earn(members[1].clone(), 1, "sentinel").await;
+    eventually(Duration::from_secs(30), || {
+        let mut segments = segments.clone();
+        let (sentinel, c) = (sentinel.clone(), who[1].clone());
+        async move {
+            segments
+                .is_member(gpb::IsMemberRequest {
+                    segment: sentinel,
+                    customer: c,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .member
+        }
+    })
+    .await;
+    let rich_now = segments
+        .is_member(gpb::IsMemberRequest {
+            segment: rich.clone(),
+            customer: who[0].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .member;
+    assert!(
+        !rich_now,
+        "the secondary program's 1,000 points are not the plain loyalty.balance"
+    );
     loyalty.stop().await;
     segmentation.stop().await;
     customer.stop().await;

@@ -139,6 +139,15 @@ pub fn add_months(at_us: i64, months: u32) -> Option<i64> {
     Some(later.timestamp_micros())
 }
 
+/// `total` units spread over `slots` counters as evenly as integers allow:
+/// each holds `total / slots`, and the first `total % slots` one more, so
+/// the counters always sum to `total` (a reward's stock slots).
+pub fn spread(total: i64, slots: usize) -> Vec<i64> {
+    let n = i64::try_from(slots.max(1)).unwrap_or(i64::MAX);
+    let (each, extra) = (total.max(0) / n, total.max(0) % n);
+    (0..n).map(|i| each + i64::from(i < extra)).collect()
+}
+
 /// Start of the UTC day holding `at_us`.
 pub fn day_start(at_us: i64) -> i64 {
     const DAY: i64 = 86_400_000_000;
@@ -415,6 +424,14 @@ mod tests {
             (0i64..4).prop_map(Op::Advance),
             (-300i64..300).prop_map(Op::Adjust),
         ]
+    }
+
+    #[test]
+    fn a_spread_sums_to_its_total() {
+        assert_eq!(spread(100, 16).iter().sum::<i64>(), 100);
+        assert_eq!(spread(3, 4), vec![1, 1, 1, 0]);
+        assert_eq!(spread(0, 2), vec![0, 0]);
+        assert_eq!(spread(7, 0), vec![7]);
     }
 
     proptest! {

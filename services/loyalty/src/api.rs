@@ -104,6 +104,22 @@ impl LoyaltyApi {
         clm_domain::clock::micros(self.rt.clock.now())
     }
 
+    /// A read-only transaction whose statements all see one snapshot
+    /// (PostgreSQL REPEATABLE READ; a SQLite read transaction is one), so a
+    /// member's figures from several queries agree with each other.
+    async fn snapshot(&self) -> Result<sea_orm::DatabaseTransaction> {
+        let db = &self.rt.read;
+        Ok(if clm_platform::db::is_postgres(db) {
+            db.begin_with_config(
+                Some(sea_orm::IsolationLevel::RepeatableRead),
+                Some(sea_orm::AccessMode::ReadOnly),
+            )
+            .await?
+        } else {
+            db.begin().await?
+        })
+    }
+
     /// Asks segmentation whether `customer` is in `segment` (no
     /// transaction is open here).
     async fn in_segment(&self, segment: &str, customer: &str) -> Result<bool> {
@@ -259,6 +275,12 @@ impl LoyaltyApi {
             use_us: None,
             create_us: now_us,
             cancel_us: None,
+            // Taken from the campaign's total below (or the call fails).
+            budget_minor: if budget.as_ref().is_some_and(|b| b.total.is_some()) {
+                r.value_minor.max(0)
+            } else {
+                0
+            },
         };
         store::insert_redemption(txn, &row).await?;
         timers::arm(
@@ -281,18 +303,14 @@ impl LoyaltyApi {
         )
         .await?;
         // The shared rows last, so they are held the shortest time.
-        if r.stock.is_some() && !store::take_stock(txn, program, reward_id, 1).await? {
+        if r.stock.is_some() && !store::stock(program, reward_id).take(txn, 1).await? {
             return Err(LoyaltyError::OutOfStock(body.name.clone()).into());
         }
         if let Some(total) = budget.as_ref().and_then(|b| b.total.as_ref())
-            && !store::spend_budget(
-                txn,
-                program,
-                &r.campaign,
-                r.value_minor,
-                Some(total.amount_minor),
-            )
-            .await?
+            && r.value_minor > 0
+            && !store::budget(program, &r.campaign)
+                .take(txn, r.value_minor)
+                .await?
         {
             return Err(LoyaltyError::BudgetReached {
                 which: "total",
@@ -303,7 +321,7 @@ impl LoyaltyApi {
             .into());
         }
         let events = vec![
-            ledger::points_changed(&t, &draws, balance),
+            ledger::points_changed(&p, &t, &draws, balance),
             NewEvent::new(
                 customer,
                 &pb::RewardRedeemed {
@@ -351,7 +369,7 @@ impl LoyaltyApi {
                 );
                 let mut events: Vec<NewEvent> = made
                     .iter()
-                    .map(|t| ledger::points_changed(t, &[], balance))
+                    .map(|t| ledger::points_changed(&p, t, &[], balance))
                     .collect();
                 if let Some(tc) = ledger::review_tier(txn, &p, &m, now_us).await? {
                     events.push(NewEvent::new(customer, &tc));
@@ -485,6 +503,7 @@ fn masked_program(
             "auto_enroll" => out.auto_enroll = new.auto_enroll,
             "campaign_budgets" => out.campaign_budgets = new.campaign_budgets.clone(),
             "coupon_validity" => out.coupon_validity = new.coupon_validity,
+            "primary" => out.primary = new.primary,
             _ => {
                 return Err(Error::invalid(
                     format!("update_mask.paths[{i}]"),
@@ -520,6 +539,7 @@ fn masked_reward(
             "value" => out.value = new.value.clone(),
             "coupon_validity" => out.coupon_validity = new.coupon_validity,
             "code_kind" => out.code_kind = new.code_kind,
+            "stock_slots" => out.stock_slots = new.stock_slots,
             _ => {
                 return Err(Error::invalid(
                     format!("update_mask.paths[{i}]"),
@@ -551,6 +571,7 @@ fn reward_row(
     s.name = String::new();
     s.etag = String::new();
     s.stock = None;
+    s.stock_slots = convert::stock_slots(r.stock_slots);
     rewards::Model {
         program: program.to_owned(),
         id: id.to_owned(),
@@ -565,11 +586,71 @@ fn reward_row(
     }
 }
 
-fn campaigns(p: &pb::Program) -> Vec<String> {
-    p.campaign_budgets
+/// Refuses to mark `id` primary while another program is (checked in the
+/// write transaction; the unique index `loyalty_programs_primary` stops a
+/// concurrent second mark, which is then ABORTED).
+async fn only_primary(txn: &impl ConnectionTrait, id: &str) -> Result<()> {
+    match store::other_primary(txn, id).await? {
+        Some(other) => Err(Error::FailedPrecondition {
+            reason: "PRIMARY_PROGRAM_EXISTS",
+            message: format!(
+                "programs/{other} is the primary program; unmark it before marking another"
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The counter rows a reward's stock is spread over.
+fn slot_count(r: &pb::Reward) -> usize {
+    usize::try_from(convert::stock_slots(r.stock_slots)).unwrap_or(1)
+}
+
+/// Keeps each campaign's budget slots in line with the program: a new
+/// total starts whole; a changed total moves what is left by the change
+/// (under the slots' locks, so redemptions in flight count); a campaign
+/// without a total (or gone) has none.
+async fn sync_budgets(
+    txn: &impl ConnectionTrait,
+    program: &str,
+    old: Option<&pb::Program>,
+    new: &pb::Program,
+) -> Result<()> {
+    let total = |p: &pb::Program, c: &str| {
+        p.campaign_budgets
+            .iter()
+            .find(|b| b.campaign == c)
+            .and_then(|b| b.total.as_ref())
+            .map(|t| t.amount_minor)
+    };
+    let mut campaigns: std::collections::BTreeSet<&str> = new
+        .campaign_budgets
         .iter()
-        .map(|b| b.campaign.clone())
-        .collect()
+        .map(|b| b.campaign.as_str())
+        .collect();
+    if let Some(o) = old {
+        campaigns.extend(o.campaign_budgets.iter().map(|b| b.campaign.as_str()));
+    }
+    for c in campaigns {
+        let before = old.and_then(|o| total(o, c));
+        let after = total(new, c);
+        if before == after {
+            continue;
+        }
+        let counter = store::budget(program, c);
+        let left = match (before, after) {
+            (_, None) => None,
+            (None, Some(t)) => Some(t),
+            (Some(b), Some(t)) => Some(match counter.lock_sum(txn).await? {
+                Some(left) => left + (t - b),
+                None => t,
+            }),
+        };
+        counter
+            .replace(txn, left, store::migration::BUDGET_SLOTS)
+            .await?;
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -598,18 +679,22 @@ impl LoyaltyService for LoyaltyApi {
             }
             let now = self.now();
             idempotency::write(&self.rt, "CreateProgram", rid, &req, now, async |txn| {
+                if body.primary {
+                    only_primary(txn, &id).await?;
+                }
                 let row = crate::store::entity::programs::Model {
                     id: id.clone(),
                     body: stored_program(&body),
                     version: 1,
                     create_us: to_micros(now),
                     update_us: to_micros(now),
+                    is_primary: i16::from(body.primary),
                 };
                 if !store::insert_program(txn, &row).await? {
                     return Err(LoyaltyError::Exists(format!("programs/{id}")).into());
                 }
-                store::ensure_budgets(txn, &id, &campaigns(&body)).await?;
-                let out = Program::from_row(&row)?.body;
+                sync_budgets(txn, &id, None, &body).await?;
+                let out = Program::load(txn, &id).await?.body;
                 audit::record(txn, crate::SERVICE, now, Change::create(&out.name, &out)).await?;
                 Ok((out, Vec::new()))
             })
@@ -646,11 +731,15 @@ impl LoyaltyService for LoyaltyApi {
                 check_etag(&new.etag, old.version)?;
                 let merged = masked_program(&old.body, &new, req.update_mask.as_ref())?;
                 convert::check_program("program", &merged)?;
+                if merged.primary {
+                    only_primary(txn, &id).await?;
+                }
                 if !store::update_program(
                     txn,
                     &id,
                     old.version,
                     stored_program(&merged),
+                    merged.primary,
                     to_micros(now),
                 )
                 .await?
@@ -659,7 +748,7 @@ impl LoyaltyService for LoyaltyApi {
                         "the program changed meanwhile; re-read and retry".into(),
                     ));
                 }
-                store::ensure_budgets(txn, &id, &campaigns(&merged)).await?;
+                sync_budgets(txn, &id, Some(&old.body), &merged).await?;
                 let out = Program::load(txn, &id).await?.body;
                 audit::record(
                     txn,
@@ -687,9 +776,9 @@ impl LoyaltyService for LoyaltyApi {
             let now_us = to_micros(now);
             idempotency::write(&self.rt, "EnrollMember", rid, &req, now, async |txn| {
                 let p = Program::load(txn, &program).await?;
-                let (m, event) = ledger::enroll(txn, &p, &customer, None, now_us).await?;
+                let (m, created, events) = ledger::enroll(txn, &p, &customer, None, now_us).await?;
                 let out = ledger::member_view(txn, &p, &m, now_us).await?;
-                if event.is_some() {
+                if created {
                     audit::record(
                         txn,
                         crate::SERVICE,
@@ -698,7 +787,7 @@ impl LoyaltyService for LoyaltyApi {
                     )
                     .await?;
                 }
-                Ok((out, event.into_iter().collect()))
+                Ok((out, events))
             })
             .await
         })
@@ -711,11 +800,14 @@ impl LoyaltyService for LoyaltyApi {
     ) -> Result<Response<pb::Member>, Status> {
         respond(request, &POLICY, |_, req| async move {
             let (program, customer) = member_name("name", &req.name)?;
-            let p = Program::load(&self.rt.read, &program).await?;
-            let m = store::member(&self.rt.read, &program, &customer)
+            let read = self.snapshot().await?;
+            let p = Program::load(&read, &program).await?;
+            let m = store::member(&read, &program, &customer)
                 .await?
                 .ok_or_else(|| not_member(&program, &customer))?;
-            ledger::member_view(&self.rt.read, &p, &m, to_micros(self.now())).await
+            let view = ledger::member_view(&read, &p, &m, to_micros(self.now())).await?;
+            read.commit().await?;
+            Ok(view)
         })
         .await
     }
@@ -732,20 +824,19 @@ impl LoyaltyService for LoyaltyApi {
             }
             let pager = Pager::new(&["members", &program, &req.tier]);
             let after: Option<(String, String)> = pager.after(&req.page_token)?;
-            let p = Program::load(&self.rt.read, &program).await?;
+            let read = self.snapshot().await?;
+            let p = Program::load(&read, &program).await?;
             let rows = store::list_members(
-                &self.rt.read,
+                &read,
                 &program,
                 (!req.tier.is_empty()).then_some(req.tier.as_str()),
                 after.as_ref().map(|(c, _)| c.as_str()),
                 u64::from(size) + 1,
             )
             .await?;
-            let now_us = to_micros(self.now());
-            let mut views = Vec::with_capacity(rows.len());
-            for r in &rows {
-                views.push(ledger::member_view(&self.rt.read, &p, r, now_us).await?);
-            }
+            // The page's figures in two set-based queries, not a view per member.
+            let views = ledger::member_views(&read, &p, &rows, to_micros(self.now())).await?;
+            read.commit().await?;
             let (members, next) = pager.page(&views, size as usize, Clone::clone, |m| {
                 (m.customer.clone(), String::new())
             });
@@ -860,7 +951,7 @@ impl LoyaltyService for LoyaltyApi {
                     .await?;
                     Ok((
                         out,
-                        vec![ledger::points_changed(&t, &draws, member.balance)],
+                        vec![ledger::points_changed(&p, &t, &draws, member.balance)],
                     ))
                 },
             )
@@ -949,6 +1040,11 @@ impl LoyaltyService for LoyaltyApi {
                         LoyaltyError::Exists(format!("programs/{program}/rewards/{id}")).into(),
                     );
                 }
+                if body.stock.is_some() {
+                    store::stock(&program, &id)
+                        .replace(txn, body.stock, slot_count(&body))
+                        .await?;
+                }
                 let mut out = convert::reward(&row)?;
                 out.create_time = stamp(to_micros(now));
                 audit::record(txn, crate::SERVICE, now, Change::create(&out.name, &out)).await?;
@@ -1036,6 +1132,18 @@ impl LoyaltyService for LoyaltyApi {
                     return Err(Error::Aborted(
                         "the reward changed meanwhile; re-read and retry".into(),
                     ));
+                }
+                // A new stock replaces what remains, exactly; new slots
+                // spread what remains over them.
+                let respread = convert::stock_slots(merged.stock_slots) != old.stock_slots;
+                if set_stock || respread {
+                    let stock = store::stock(&program, &id);
+                    let total = if set_stock {
+                        merged.stock
+                    } else {
+                        stock.lock_sum(txn).await?
+                    };
+                    stock.replace(txn, total, slot_count(&merged)).await?;
                 }
                 let stored = store::reward(txn, &program, &id)
                     .await?
@@ -1163,6 +1271,7 @@ impl LoyaltyService for LoyaltyApi {
                         .await?
                         .filter(|r| r.program == program)
                         .ok_or_else(|| Error::NotFound(req.name.clone()))?;
+                    let p = Program::load(txn, &program).await?;
                     store::lock_members(txn, &program, &[&r.customer]).await?;
                     if !store::cancel_redemption(txn, &id, now_us).await? {
                         let why = match store::redemption(txn, Some(&id), None)
@@ -1183,12 +1292,11 @@ impl LoyaltyService for LoyaltyApi {
                     let made =
                         ledger::refund(txn, &program, &r.customer, r.spend_txn, now_us, &who)
                             .await?;
-                    let reward = store::reward(txn, &program, &r.reward).await?;
-                    if reward.as_ref().is_some_and(|w| w.stock.is_some()) {
-                        store::take_stock(txn, &program, &r.reward, -1).await?;
-                    }
-                    if !r.campaign.is_empty() && r.value_minor != 0 {
-                        store::spend_budget(txn, &program, &r.campaign, -r.value_minor, None)
+                    store::stock(&program, &r.reward).give_back(txn, 1).await?;
+                    // Only what the redemption took from the total goes back.
+                    if r.budget_minor > 0 {
+                        store::budget(&program, &r.campaign)
+                            .give_back(txn, r.budget_minor)
                             .await?;
                     }
                     timers::disarm(txn, ledger::COUPON_EXPIRY, &[format!("coupon/{}", r.code)])
@@ -1216,7 +1324,7 @@ impl LoyaltyService for LoyaltyApi {
                     let out = convert::redemption(&row, spend, balance);
                     let mut events: Vec<NewEvent> = made
                         .iter()
-                        .map(|(t, d)| ledger::points_changed(t, d, balance))
+                        .map(|(t, d)| ledger::points_changed(&p, t, d, balance))
                         .collect();
                     events.push(NewEvent::new(
                         &r.customer,
@@ -1385,14 +1493,14 @@ impl LoyaltyService for LoyaltyApi {
                     }
                     .into());
                 }
-                let (m, event) = ledger::enroll(txn, &p, &customer, Some(referrer.clone()), now_us).await?;
-                let Some(event) = event else {
+                let (m, created, events) = ledger::enroll(txn, &p, &customer, Some(referrer.clone()), now_us).await?;
+                if !created {
                     return Err(LoyaltyError::Referral {
                         reason: "REFEREE_EXISTS",
                         message: format!("{customer} is already a member of programs/{program}: only new customers can claim a referral"),
                     }
                     .into());
-                };
+                }
                 let claim = crate::store::entity::referrals::Model {
                     program: program.clone(),
                     referee: customer.clone(),
@@ -1411,7 +1519,7 @@ impl LoyaltyService for LoyaltyApi {
                 }
                 let out = ledger::member_view(txn, &p, &m, now_us).await?;
                 audit::record(txn, crate::SERVICE, now, Change::create(&out.name, &out).customer(&customer)).await?;
-                Ok((out, vec![event]))
+                Ok((out, events))
             })
             .await
         })

@@ -309,6 +309,12 @@ pub fn check_reward(field: &str, r: &pb::Reward) -> Result<()> {
     if r.stock.is_some_and(|s| s < 0) {
         v.push(Violation::new(f("stock"), "must not be negative"));
     }
+    if !(0..=MAX_STOCK_SLOTS).contains(&r.stock_slots) {
+        v.push(Violation::new(
+            f("stock_slots"),
+            format!("must be 0 (the default, {DEFAULT_STOCK_SLOTS}) to {MAX_STOCK_SLOTS}"),
+        ));
+    }
     if r.per_member_limit < 0 {
         v.push(Violation::new(
             f("per_member_limit"),
@@ -392,12 +398,27 @@ pub fn transaction(t: &transactions::Model, draws: Vec<pb::LotDraw>) -> pb::Tran
     }
 }
 
+/// The most counter rows a reward's stock may be spread over.
+pub const MAX_STOCK_SLOTS: i32 = 256;
+/// The counter rows of a reward that names none.
+pub const DEFAULT_STOCK_SLOTS: i32 = 16;
+
+/// The slots in effect for a requested `Reward.stock_slots` (0: the default).
+pub fn stock_slots(requested: i32) -> i32 {
+    if requested <= 0 {
+        DEFAULT_STOCK_SLOTS
+    } else {
+        requested.min(MAX_STOCK_SLOTS)
+    }
+}
+
 /// A stored reward as proto (with its remaining stock and etag).
 pub fn reward(r: &rewards::Model) -> Result<pb::Reward> {
     let mut out =
         <pb::Reward as prost::Message>::decode(r.body.as_slice()).map_err(Error::internal)?;
     out.name = format!("programs/{}/rewards/{}", r.program, r.id);
     out.stock = r.stock;
+    out.stock_slots = stock_slots(out.stock_slots);
     out.etag = clm_platform::convert::etag(r.version);
     Ok(out)
 }

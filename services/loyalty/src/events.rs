@@ -5,19 +5,21 @@
 //! `referral/{referee}/{rule}`) under a unique index.
 //!
 //! * Customer stream: purchases and other touchpoints earn by the rules
-//!   (auto-enrolling where the program says so); a StageChanged to
+//!   (auto-enrolling where the program says so), each run of consecutive
+//!   touchpoints set-based in one go ([`crate::earning`]); a StageChanged to
 //!   CONVERSION rewards a pending referral, once, to both sides;
 //!   CustomersMerged moves members, lots, transactions, redemptions and
 //!   referrals to the survivor (rows move, nothing is copied, so nothing
 //!   counts twice) and reviews its tiers; CustomerErased deletes the
 //!   customer's rows and emits the receipt.
 //! * Feedback stream: a completed survey response earns the
-//!   SURVEY_COMPLETED rules' bonus.
+//!   SURVEY_COMPLETED rules' bonus (runs of them set-based, likewise).
 
+use crate::earning::{self, Activity};
 use crate::ledger::{self, Program, Trigger, Who};
 use crate::store;
 use clm_platform::Error;
-use clm_platform::changes::{Apply, Handlers, On};
+use clm_platform::changes::{Apply, Handlers, On, OnBatch};
 use clm_platform::customer_events::time;
 use clm_platform::db::to_micros;
 use clm_platform::outbox::NewEvent;
@@ -31,7 +33,7 @@ use std::sync::Arc;
 pub fn customer_handlers() -> Handlers {
     let h = Arc::new(CustomerEvents);
     Handlers::new()
-        .on::<cpb::TouchpointRecorded, _>(h.clone())
+        .on_batch::<cpb::TouchpointRecorded, _>(h.clone())
         .on::<cpb::StageChanged, _>(h.clone())
         .on::<cpb::CustomersMerged, _>(h.clone())
         .on::<cpb::CustomerErased, _>(h)
@@ -39,7 +41,7 @@ pub fn customer_handlers() -> Handlers {
 
 /// The handlers of the feedback stream.
 pub fn feedback_handlers() -> Handlers {
-    Handlers::new().on::<clm_proto::feedback::ResponseCompleted, _>(Arc::new(CustomerEvents))
+    Handlers::new().on_batch::<clm_proto::feedback::ResponseCompleted, _>(Arc::new(CustomerEvents))
 }
 
 /// Applies customer and feedback events.
@@ -55,48 +57,18 @@ fn wake(cx: &mut Apply) {
     cx.after_commit(async move { timers.wake() });
 }
 
-/// Earns `trigger` for `customer` in every program with a matching rule
-/// (enrolling where the program auto-enrols and `enroll` allows).
-async fn earn_everywhere(
-    cx: &mut Apply,
-    customer: &str,
-    trigger: &Trigger,
-    source: &str,
-    at_us: i64,
-    enroll: bool,
-) -> Result<(), Error> {
+/// Earns a run of activities set-based ([`earning::earn_batch`]) and
+/// emits what it made.
+async fn earn_all(cx: &mut Apply, activities: Vec<Activity>) -> Result<(), Error> {
+    if activities.is_empty() {
+        return Ok(());
+    }
     let now = now_us(cx);
     let who = Who {
         actor: format!("system:{}", crate::SERVICE),
-        reason: source.to_owned(),
         ..Who::default()
     };
-    let mut events: Vec<NewEvent> = Vec::new();
-    for row in store::all_programs(cx.txn()).await? {
-        let p = Program::from_row(&row)?;
-        if !p
-            .body
-            .earning_rules
-            .iter()
-            .any(|r| rule_matches(r, trigger))
-        {
-            continue;
-        }
-        let txn = cx.txn();
-        let m = match store::lock_members(txn, &p.id, &[customer]).await?.pop() {
-            Some(m) => m,
-            None if enroll && p.body.auto_enroll => {
-                let (m, e) = ledger::enroll(txn, &p, customer, None, now).await?;
-                events.extend(e);
-                m
-            }
-            None => continue,
-        };
-        let (_, e) =
-            ledger::earn_and_review(txn, &p, &m, trigger, source, at_us.min(now), now, &who)
-                .await?;
-        events.extend(e);
-    }
+    let events = earning::earn_batch(cx.txn(), &activities, now, &who).await?;
     for e in events {
         cx.emit(e);
     }
@@ -104,67 +76,52 @@ async fn earn_everywhere(
     Ok(())
 }
 
-fn rule_matches(r: &pb::EarningRule, trigger: &Trigger) -> bool {
-    use pb::EarningTrigger as T;
-    let t = T::try_from(r.trigger).unwrap_or(T::Unspecified);
-    match trigger {
-        Trigger::Touchpoint { kind, .. } => {
-            (t == T::Purchase && *kind == cpb::TouchpointType::Purchase as i32)
-                || (t == T::Touchpoint && *kind == r.touchpoint_type)
-        }
-        Trigger::Survey => t == T::SurveyCompleted,
-        Trigger::Referrer => t == T::ReferralReferrer,
-        Trigger::Referee => t == T::ReferralReferee,
-    }
-}
-
 #[async_trait::async_trait]
-impl On<cpb::TouchpointRecorded> for CustomerEvents {
-    async fn on(
+impl OnBatch<cpb::TouchpointRecorded> for CustomerEvents {
+    async fn on_batch(
         &self,
         cx: &mut Apply,
-        _event: &ChangeEvent,
-        m: cpb::TouchpointRecorded,
+        messages: Vec<(&ChangeEvent, cpb::TouchpointRecorded)>,
     ) -> Result<(), Error> {
-        let Some(t) = m.touchpoint else { return Ok(()) };
-        let at = time(t.occurred_time.as_ref()).map_or(now_us(cx), to_micros);
-        let trigger = Trigger::Touchpoint {
-            kind: t.r#type,
-            revenue: t.revenue.clone(),
-        };
-        earn_everywhere(
-            cx,
-            &t.customer,
-            &trigger,
-            &format!("tp/{}", t.event_id),
-            at,
-            true,
-        )
-        .await
-    }
-}
-
-#[async_trait::async_trait]
-impl On<clm_proto::feedback::ResponseCompleted> for CustomerEvents {
-    async fn on(
-        &self,
-        cx: &mut Apply,
-        _event: &ChangeEvent,
-        m: clm_proto::feedback::ResponseCompleted,
-    ) -> Result<(), Error> {
-        if m.customer.is_empty() || m.response.is_empty() {
-            return Ok(());
-        }
         let now = now_us(cx);
-        earn_everywhere(
-            cx,
-            &m.customer,
-            &Trigger::Survey,
-            &format!("survey/{}", m.response),
-            now,
-            false,
-        )
-        .await
+        let activities = messages
+            .into_iter()
+            .filter_map(|(_, m)| m.touchpoint)
+            .map(|t| Activity {
+                at_us: time(t.occurred_time.as_ref()).map_or(now, to_micros),
+                source: format!("tp/{}", t.event_id),
+                trigger: Trigger::Touchpoint {
+                    kind: t.r#type,
+                    revenue: t.revenue,
+                },
+                customer: t.customer,
+                enroll: true,
+            })
+            .collect();
+        earn_all(cx, activities).await
+    }
+}
+
+#[async_trait::async_trait]
+impl OnBatch<clm_proto::feedback::ResponseCompleted> for CustomerEvents {
+    async fn on_batch(
+        &self,
+        cx: &mut Apply,
+        messages: Vec<(&ChangeEvent, clm_proto::feedback::ResponseCompleted)>,
+    ) -> Result<(), Error> {
+        let now = now_us(cx);
+        let activities = messages
+            .into_iter()
+            .filter(|(_, m)| !m.customer.is_empty() && !m.response.is_empty())
+            .map(|(_, m)| Activity {
+                source: format!("survey/{}", m.response),
+                customer: m.customer,
+                trigger: Trigger::Survey,
+                at_us: now,
+                enroll: false,
+            })
+            .collect();
+        earn_all(cx, activities).await
     }
 }
 
@@ -253,12 +210,14 @@ impl On<cpb::CustomersMerged> for CustomerEvents {
         all.push(m.survivor.clone());
         store::lock_customers(txn, &all).await?;
         // Lot expiries follow their lots to the survivor (the timer's lock is by subject).
-        let armed = timers::of_subjects(txn, ledger::LOT_EXPIRY, &merged).await?;
-        let moved: Vec<Arm> = armed
-            .into_iter()
-            .map(|(key, due)| Arm::new(key, &m.survivor, due))
-            .collect();
-        timers::arm(txn, ledger::LOT_EXPIRY, &moved).await?;
+        for kind in [ledger::LOT_EXPIRY, ledger::POINTS_SPENDABLE] {
+            let armed = timers::of_subjects(txn, kind, &merged).await?;
+            let moved: Vec<Arm> = armed
+                .into_iter()
+                .map(|(key, due)| Arm::new(key, &m.survivor, due))
+                .collect();
+            timers::arm(txn, kind, &moved).await?;
+        }
         timers::disarm_subjects(txn, Some(ledger::TIER_REVIEW), &merged).await?;
         store::merge(txn, &merged, &m.survivor).await?;
         let mut events = Vec::new();

@@ -16,11 +16,15 @@ use clm_platform::timers::{self, Arm};
 use clm_platform::{Error, Result};
 use clm_proto::loyalty as pb;
 use sea_orm::ConnectionTrait;
+use std::collections::HashMap;
 
 /// Timer kind: what remains of a lot expires (key `lot/{id}`).
 pub const LOT_EXPIRY: &str = "loyalty.lot_expiry";
 /// Timer kind: a member's tier is looked at again (grace end, window exit).
 pub const TIER_REVIEW: &str = "loyalty.tier_review";
+/// Timer kind: a lot's pending points become spendable (key `spendable/{id}`):
+/// the balance moves and the tier is reviewed.
+pub const POINTS_SPENDABLE: &str = "loyalty.points_spendable";
 /// Timer kind: an issued coupon expires (key `coupon/{code}`).
 pub const COUPON_EXPIRY: &str = "loyalty.coupon_expiry";
 /// "Expiring soon" in GetMember: the next 30 days.
@@ -35,11 +39,14 @@ pub struct Program {
     pub body: pb::Program,
     /// Its version.
     pub version: i64,
+    /// Whether it is the primary program now (marked, or the oldest when
+    /// none is): segmentation's plain loyalty facts follow its events.
+    pub primary: bool,
 }
 
 impl Program {
-    /// Decodes a stored program.
-    pub fn from_row(row: &programs::Model) -> Result<Self> {
+    /// Decodes a stored program (`primary`: whether it is the primary one now).
+    pub fn from_row(row: &programs::Model, primary: bool) -> Result<Self> {
         let mut body = <pb::Program as prost::Message>::decode(row.body.as_slice())
             .map_err(Error::internal)?;
         body.name = format!("programs/{}", row.id);
@@ -54,15 +61,16 @@ impl Program {
             id: row.id.clone(),
             body,
             version: row.version,
+            primary,
         })
     }
 
     /// Loads a program, NOT_FOUND if there is none.
     pub async fn load(db: &impl ConnectionTrait, id: &str) -> Result<Self> {
-        let row = store::program(db, id)
+        let (row, primary) = store::program(db, id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("programs/{id}")))?;
-        Self::from_row(&row)
+        Self::from_row(&row, primary)
     }
 
     /// The thresholds of the tiers, ascending.
@@ -146,7 +154,7 @@ pub fn fresh_source(what: &str) -> String {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn new_txn(
+pub(crate) fn new_txn(
     program: &str,
     customer: &str,
     kind: i16,
@@ -224,6 +232,14 @@ pub async fn earn(
             db,
             LOT_EXPIRY,
             &[Arm::new(format!("lot/{lot}"), customer, expire_us)],
+        )
+        .await?;
+    }
+    if spendable_us > earn_us && spendable_us < expire_us {
+        timers::arm(
+            db,
+            POINTS_SPENDABLE,
+            &[Arm::new(format!("spendable/{lot}"), customer, spendable_us)],
         )
         .await?;
     }
@@ -355,20 +371,17 @@ pub async fn expire_lots(
     Ok(out)
 }
 
-/// Points earned in the program's tier window before `now_us` (lifetime without one).
+/// Points that count towards tiers at `now_us`: those earned (EARN
+/// transactions) in the program's tier window (lifetime without one) whose
+/// lot is spendable by then; pending purchase points count once their
+/// return window has passed.
 pub async fn tier_points(
     db: &impl ConnectionTrait,
     p: &Program,
     customer: &str,
     now_us: i64,
 ) -> Result<i64> {
-    let w = p.window_us();
-    let since = if w > 0 {
-        now_us.saturating_sub(w)
-    } else {
-        i64::MIN
-    };
-    store::earned_since(db, &p.id, customer, None, since).await
+    store::qualifying_earned(db, &p.id, customer, window_start(p, now_us), now_us).await
 }
 
 /// Looks at a (locked) member's tier at `now_us`: up at once, down only
@@ -381,109 +394,169 @@ pub async fn review_tier(
     now_us: i64,
 ) -> Result<Option<pb::TierChanged>> {
     let earned = tier_points(db, p, &m.customer, now_us).await?;
-    let thresholds = p.thresholds();
-    let qualifying = dl::qualifying_tier(&thresholds, earned);
-    let current = p.tier_index(&m.tier);
-    let grace = convert::us(p.body.downgrade_grace.as_ref());
-    let decision = dl::tier_move(current, qualifying, m.below_us, grace, now_us);
-    let mut next_review: Option<i64> = None;
-    let new_tier = match decision {
-        dl::TierMove::Stay => {
-            if m.below_us.is_some() {
-                store::set_tier(db, &p.id, &m.customer, &m.tier, m.tier_us, None).await?;
-            }
-            None
-        }
-        dl::TierMove::Up(i) | dl::TierMove::Down(i) => {
-            let id = if qualifying.is_some() {
-                p.body.tiers[i].id.clone()
-            } else {
-                String::new()
-            };
-            store::set_tier(db, &p.id, &m.customer, &id, now_us, None).await?;
-            Some(id)
-        }
-        dl::TierMove::Grace { since_us, until_us } => {
-            if m.below_us != Some(since_us) {
-                store::set_tier(db, &p.id, &m.customer, &m.tier, m.tier_us, Some(since_us)).await?;
-            }
-            next_review = Some(until_us);
-            None
-        }
-    };
-    // A rolling window changes when its oldest earning leaves it.
-    let w = p.window_us();
-    if w > 0
-        && let Some(first) =
-            store::first_earn_after(db, &p.id, &m.customer, now_us.saturating_sub(w)).await?
-    {
-        let leaves = first.saturating_add(w);
-        next_review = Some(next_review.map_or(leaves, |n| n.min(leaves)));
-    }
-    let key = format!("tier/{}/{}", p.id, m.customer);
-    match next_review {
-        Some(due) => {
-            timers::arm(
-                db,
-                TIER_REVIEW,
-                &[Arm::new(key, &m.customer, due.max(now_us))],
-            )
-            .await?
-        }
-        None => timers::disarm(db, TIER_REVIEW, &[key]).await?,
-    }
-    let Some(new_tier) = new_tier.filter(|t| *t != m.tier) else {
-        return Ok(None);
-    };
-    let balance = dl::balance(
-        &store::open_lots(db, &p.id, &m.customer, now_us).await?,
-        now_us,
-    );
-    Ok(Some(pb::TierChanged {
-        customer: m.customer.clone(),
-        program: format!("programs/{}", p.id),
-        old_tier: m.tier.clone(),
-        loyal: p.loyal(p.tier_index(&new_tier)),
-        new_tier,
-        change_time: Some(clm_platform::convert::timestamp(
-            clm_platform::db::from_micros(now_us),
-        )),
-        balance,
-    }))
+    Ok(review_tiers(db, p, &[(m, earned)], now_us).await?.pop())
 }
 
-/// The member with its ledger figures at `now_us`.
+/// [`review_tier`] for many (locked) members of one program at once, each
+/// with its tier points at `now_us`: the decisions are made in memory;
+/// the window exits are one grouped query, the timers one statement each
+/// way, the balances of the members that moved one query; only a member
+/// whose stored tier state changes gets its own UPDATE. Returns the
+/// TierChanged events.
+pub async fn review_tiers(
+    db: &impl ConnectionTrait,
+    p: &Program,
+    reviews: &[(&members::Model, i64)],
+    now_us: i64,
+) -> Result<Vec<pb::TierChanged>> {
+    let thresholds = p.thresholds();
+    let grace = convert::us(p.body.downgrade_grace.as_ref());
+    let mut next_review: HashMap<&str, i64> = HashMap::new();
+    let mut moved: Vec<(&members::Model, String)> = Vec::new();
+    for (m, earned) in reviews {
+        let qualifying = dl::qualifying_tier(&thresholds, *earned);
+        let current = p.tier_index(&m.tier);
+        match dl::tier_move(current, qualifying, m.below_us, grace, now_us) {
+            dl::TierMove::Stay => {
+                if m.below_us.is_some() {
+                    store::set_tier(db, &p.id, &m.customer, &m.tier, m.tier_us, None).await?;
+                }
+            }
+            dl::TierMove::Up(i) | dl::TierMove::Down(i) => {
+                let id = if qualifying.is_some() {
+                    p.body.tiers[i].id.clone()
+                } else {
+                    String::new()
+                };
+                store::set_tier(db, &p.id, &m.customer, &id, now_us, None).await?;
+                if id != m.tier {
+                    moved.push((m, id));
+                }
+            }
+            dl::TierMove::Grace { since_us, until_us } => {
+                if m.below_us != Some(since_us) {
+                    store::set_tier(db, &p.id, &m.customer, &m.tier, m.tier_us, Some(since_us))
+                        .await?;
+                }
+                next_review.insert(&m.customer, until_us);
+            }
+        }
+    }
+    // A rolling window changes when its oldest earning leaves it.
+    let w = p.window_us();
+    let customers: Vec<String> = reviews.iter().map(|(m, _)| m.customer.clone()).collect();
+    if w > 0 {
+        for (c, first) in
+            store::first_earns_after(db, &p.id, &customers, now_us.saturating_sub(w)).await?
+        {
+            let leaves = first.saturating_add(w);
+            if let Some((m, _)) = reviews.iter().find(|(m, _)| m.customer == c) {
+                let due = next_review.entry(&m.customer).or_insert(leaves);
+                *due = (*due).min(leaves);
+            }
+        }
+    }
+    let key = |c: &str| format!("tier/{}/{c}", p.id);
+    let arm: Vec<Arm> = next_review
+        .iter()
+        .map(|(c, due)| Arm::new(key(c), *c, (*due).max(now_us)))
+        .collect();
+    let disarm: Vec<String> = customers
+        .iter()
+        .filter(|c| !next_review.contains_key(c.as_str()))
+        .map(|c| key(c))
+        .collect();
+    timers::arm(db, TIER_REVIEW, &arm).await?;
+    timers::disarm(db, TIER_REVIEW, &disarm).await?;
+    if moved.is_empty() {
+        return Ok(Vec::new());
+    }
+    let who: Vec<String> = moved.iter().map(|(m, _)| m.customer.clone()).collect();
+    let lots = store::open_lots_of(db, &p.id, &who, now_us).await?;
+    Ok(moved
+        .into_iter()
+        .map(|(m, new_tier)| pb::TierChanged {
+            customer: m.customer.clone(),
+            program: format!("programs/{}", p.id),
+            old_tier: m.tier.clone(),
+            loyal: p.loyal(p.tier_index(&new_tier)),
+            new_tier,
+            change_time: Some(clm_platform::convert::timestamp(
+                clm_platform::db::from_micros(now_us),
+            )),
+            balance: lots.get(&m.customer).map_or(0, |l| dl::balance(l, now_us)),
+            secondary: !p.primary,
+        })
+        .collect())
+}
+
+/// The member with its ledger figures at `now_us` (see [`member_views`]).
 pub async fn member_view(
     db: &impl ConnectionTrait,
     p: &Program,
     m: &members::Model,
     now_us: i64,
 ) -> Result<pb::Member> {
-    let lots = store::open_lots(db, &p.id, &m.customer, now_us).await?;
-    let mut out = convert::member_base(m);
-    out.balance = dl::balance(&lots, now_us);
-    out.pending = dl::pending(&lots, now_us);
-    out.expiring_soon = lots
-        .iter()
-        .filter(|l| l.expire_us <= now_us.saturating_add(SOON_US))
-        .map(|l| l.remaining)
-        .sum();
-    out.lifetime_earned = store::earned_since(db, &p.id, &m.customer, None, i64::MIN).await?;
-    out.tier_points = if p.window_us() > 0 {
-        tier_points(db, p, &m.customer, now_us).await?
-    } else {
-        out.lifetime_earned
-    };
-    let next = p.tier_index(&m.tier).map_or(0, |i| i + 1);
-    if let Some(t) = p.body.tiers.get(next) {
-        out.next_tier = t.id.clone();
-        out.points_to_next_tier = (t.threshold - out.tier_points).max(0);
-    }
-    Ok(out)
+    member_views(db, p, std::slice::from_ref(m), now_us)
+        .await?
+        .pop()
+        .ok_or_else(|| Error::internal("member view missing"))
 }
 
-/// The PointsChanged event of a transaction.
-pub fn points_changed(t: &transactions::Model, draws: &[Draw], balance: i64) -> NewEvent {
+/// The start of the program's tier window at `now_us` (lifetime: none).
+pub(crate) fn window_start(p: &Program, now_us: i64) -> i64 {
+    match p.window_us() {
+        w if w > 0 => now_us.saturating_sub(w),
+        _ => i64::MIN,
+    }
+}
+
+/// Members of one program with their ledger figures at `now_us`, in
+/// order: two queries for all of them (their open lots; their earnings,
+/// grouped), whatever their number.
+pub async fn member_views(
+    db: &impl ConnectionTrait,
+    p: &Program,
+    members: &[members::Model],
+    now_us: i64,
+) -> Result<Vec<pb::Member>> {
+    let customers: Vec<String> = members.iter().map(|m| m.customer.clone()).collect();
+    let lots = store::open_lots_of(db, &p.id, &customers, now_us).await?;
+    let earned =
+        store::earned_totals(db, &p.id, &customers, window_start(p, now_us), now_us).await?;
+    let none = Vec::new();
+    Ok(members
+        .iter()
+        .map(|m| {
+            let lots = lots.get(&m.customer).unwrap_or(&none);
+            let (lifetime, qualifying) = earned.get(&m.customer).copied().unwrap_or((0, 0));
+            let mut out = convert::member_base(m);
+            out.balance = dl::balance(lots, now_us);
+            out.pending = dl::pending(lots, now_us);
+            out.expiring_soon = lots
+                .iter()
+                .filter(|l| l.expire_us <= now_us.saturating_add(SOON_US))
+                .map(|l| l.remaining)
+                .sum();
+            out.lifetime_earned = lifetime;
+            out.tier_points = qualifying;
+            let next = p.tier_index(&m.tier).map_or(0, |i| i + 1);
+            if let Some(t) = p.body.tiers.get(next) {
+                out.next_tier = t.id.clone();
+                out.points_to_next_tier = (t.threshold - out.tier_points).max(0);
+            }
+            out
+        })
+        .collect())
+}
+
+/// The PointsChanged event of a transaction of program `p`.
+pub fn points_changed(
+    p: &Program,
+    t: &transactions::Model,
+    draws: &[Draw],
+    balance: i64,
+) -> NewEvent {
     NewEvent::new(
         &t.customer,
         &pb::PointsChanged {
@@ -492,6 +565,23 @@ pub fn points_changed(t: &transactions::Model, draws: &[Draw], balance: i64) -> 
             program: format!("programs/{}", t.program),
             transaction: Some(convert::transaction(t, lot_draws(draws))),
             balance,
+            secondary: !p.primary,
+        },
+    )
+}
+
+/// The PointsChanged event of pending points that became spendable: no
+/// transaction changes the ledger then, only the balance moves.
+pub fn points_spendable(p: &Program, customer: &str, balance: i64) -> NewEvent {
+    NewEvent::new(
+        customer,
+        &pb::PointsChanged {
+            member: convert::member_of(&p.id, customer),
+            customer: customer.to_owned(),
+            program: format!("programs/{}", p.id),
+            transaction: None,
+            balance,
+            secondary: !p.primary,
         },
     )
 }
@@ -526,6 +616,47 @@ pub enum Trigger {
     Referee,
 }
 
+/// What rule `r` gives for `trigger` before multiplier and caps, and
+/// whether those points are pending (PURCHASE rules: the return window).
+pub fn base_points(r: &pb::EarningRule, trigger: &Trigger) -> (i64, bool) {
+    use pb::EarningTrigger as T;
+    let purchase = clm_proto::customer::TouchpointType::Purchase as i32;
+    let rule_trigger = T::try_from(r.trigger).unwrap_or(T::Unspecified);
+    let base = match (trigger, rule_trigger) {
+        (
+            Trigger::Touchpoint {
+                kind,
+                revenue: Some(m),
+            },
+            T::Purchase,
+        ) if *kind == purchase && m.currency_code == r.currency_code => {
+            dl::purchase_points(m.amount_minor, r.unit_minor, r.points_per_unit)
+        }
+        (Trigger::Touchpoint { kind, .. }, T::Touchpoint) if *kind == r.touchpoint_type => r.points,
+        (Trigger::Survey, T::SurveyCompleted)
+        | (Trigger::Referrer, T::ReferralReferrer)
+        | (Trigger::Referee, T::ReferralReferee) => r.points,
+        _ => 0,
+    };
+    (base, rule_trigger == T::Purchase)
+}
+
+/// Whether rule `r` reacts to `trigger` at all (whatever it is worth):
+/// such an activity enrols where the program auto-enrols.
+pub fn rule_matches(r: &pb::EarningRule, trigger: &Trigger) -> bool {
+    use pb::EarningTrigger as T;
+    let t = T::try_from(r.trigger).unwrap_or(T::Unspecified);
+    match trigger {
+        Trigger::Touchpoint { kind, .. } => {
+            (t == T::Purchase && *kind == clm_proto::customer::TouchpointType::Purchase as i32)
+                || (t == T::Touchpoint && *kind == r.touchpoint_type)
+        }
+        Trigger::Survey => t == T::SurveyCompleted,
+        Trigger::Referrer => t == T::ReferralReferrer,
+        Trigger::Referee => t == T::ReferralReferee,
+    }
+}
+
 /// Earns what `trigger` at `at_us` is worth to a (locked) member by the
 /// program's rules, with its tier's multiplier and under each rule's caps;
 /// `source` makes each rule's earning once. Returns the transactions.
@@ -538,29 +669,9 @@ pub async fn earn_by_rules(
     at_us: i64,
     who: &Who,
 ) -> Result<Vec<transactions::Model>> {
-    use pb::EarningTrigger as T;
-    let purchase = clm_proto::customer::TouchpointType::Purchase as i32;
     let mut out = Vec::new();
     for r in &p.body.earning_rules {
-        let rule_trigger = T::try_from(r.trigger).unwrap_or(T::Unspecified);
-        let base = match (trigger, rule_trigger) {
-            (
-                Trigger::Touchpoint {
-                    kind,
-                    revenue: Some(m),
-                },
-                T::Purchase,
-            ) if *kind == purchase && m.currency_code == r.currency_code => {
-                dl::purchase_points(m.amount_minor, r.unit_minor, r.points_per_unit)
-            }
-            (Trigger::Touchpoint { kind, .. }, T::Touchpoint) if *kind == r.touchpoint_type => {
-                r.points
-            }
-            (Trigger::Survey, T::SurveyCompleted)
-            | (Trigger::Referrer, T::ReferralReferrer)
-            | (Trigger::Referee, T::ReferralReferee) => r.points,
-            _ => 0,
-        };
+        let (base, pending) = base_points(r, trigger);
         if base <= 0 {
             continue;
         }
@@ -588,7 +699,6 @@ pub async fn earn_by_rules(
             .await?;
             points = dl::capped(points, r.period_cap, used);
         }
-        let pending = rule_trigger == T::Purchase;
         if let Some(t) = earn(
             db,
             p,
@@ -631,7 +741,7 @@ pub async fn earn_and_review(
         now_us,
     );
     for t in &made {
-        events.push(points_changed(t, &[], balance));
+        events.push(points_changed(p, t, &[], balance));
     }
     if let Some(tc) = review_tier(db, p, m, now_us).await? {
         events.push(NewEvent::new(&m.customer, &tc));
@@ -639,15 +749,14 @@ pub async fn earn_and_review(
     Ok((made, events))
 }
 
-/// Enrols `customer` (no-op if a member); returns the member row.
-pub async fn enroll(
-    db: &impl ConnectionTrait,
+/// A new member row: the lowest tier whose threshold is 0 is where every
+/// member starts.
+pub fn new_member(
     p: &Program,
     customer: &str,
     referred_by: Option<String>,
     now_us: i64,
-) -> Result<(members::Model, Option<NewEvent>)> {
-    // The lowest tier whose threshold is 0 is where every member starts.
+) -> members::Model {
     let tier = p
         .body
         .tiers
@@ -655,7 +764,7 @@ pub async fn enroll(
         .filter(|t| t.threshold <= 0)
         .map(|t| t.id.clone())
         .unwrap_or_default();
-    let row = members::Model {
+    members::Model {
         program: p.id.clone(),
         customer: customer.to_owned(),
         tier,
@@ -664,24 +773,61 @@ pub async fn enroll(
         enroll_us: now_us,
         referral_code: None,
         referred_by,
-    };
+    }
+}
+
+/// The events of a new member: MemberEnrolled, and TierChanged into its
+/// starting tier (if any) so followers know the tier from the start.
+pub fn enrolled_events(p: &Program, m: &members::Model) -> Vec<NewEvent> {
+    let at = Some(clm_platform::convert::timestamp(
+        clm_platform::db::from_micros(m.enroll_us),
+    ));
+    let mut events = vec![NewEvent::new(
+        &m.customer,
+        &pb::MemberEnrolled {
+            member: convert::member_of(&p.id, &m.customer),
+            customer: m.customer.clone(),
+            program: format!("programs/{}", p.id),
+            enroll_time: at,
+        },
+    )];
+    if !m.tier.is_empty() {
+        events.push(NewEvent::new(
+            &m.customer,
+            &pb::TierChanged {
+                customer: m.customer.clone(),
+                program: format!("programs/{}", p.id),
+                old_tier: String::new(),
+                new_tier: m.tier.clone(),
+                loyal: p.loyal(p.tier_index(&m.tier)),
+                change_time: at,
+                balance: 0,
+                secondary: !p.primary,
+            },
+        ));
+    }
+    events
+}
+
+/// Enrols `customer` (no-op if a member): the (locked) member row, whether
+/// it was created, and its events ([`enrolled_events`]).
+pub async fn enroll(
+    db: &impl ConnectionTrait,
+    p: &Program,
+    customer: &str,
+    referred_by: Option<String>,
+    now_us: i64,
+) -> Result<(members::Model, bool, Vec<NewEvent>)> {
+    let row = new_member(p, customer, referred_by, now_us);
     let created = store::insert_member(db, &row).await?;
     let locked = store::lock_members(db, &p.id, &[customer])
         .await?
         .pop()
         .ok_or_else(|| Error::internal("member vanished"))?;
-    let event = created.then(|| {
-        NewEvent::new(
-            customer,
-            &pb::MemberEnrolled {
-                member: convert::member_of(&p.id, customer),
-                customer: customer.to_owned(),
-                program: format!("programs/{}", p.id),
-                enroll_time: Some(clm_platform::convert::timestamp(
-                    clm_platform::db::from_micros(now_us),
-                )),
-            },
-        )
-    });
-    Ok((locked, event))
+    let events = if created {
+        enrolled_events(p, &row)
+    } else {
+        Vec::new()
+    };
+    Ok((locked, created, events))
 }

@@ -25,15 +25,26 @@
 //!   Policies: N calendar months after earning, or a fixed instant (points
 //!   earned after it do not expire).
 //! * **Pending.** Points from PURCHASE rules become spendable after the
-//!   program's pending period (the return window); they count towards tiers
-//!   from when they were earned.
+//!   program's pending period (the return window). They count towards
+//!   tiers only once spendable (until then the purchase may still be
+//!   returned): a `loyalty.points_spendable` timer at that instant emits a
+//!   PointsChanged without a transaction (the balance moved) and reviews
+//!   the tier, so followers' balance and tier are never stale.
 //! * **Tiers** qualify on points *earned* (EARN transactions, in the
-//!   rolling `tier_window` or lifetime), never on the balance; adjustments
-//!   and refunds do not count. Up at once; down only when the member has
-//!   stayed below its tier for `downgrade_grace` (a `loyalty.tier_review`
-//!   timer at the grace end and when the window's oldest earning leaves
-//!   it). Each change is a `TierChanged` event; changing a program's tiers
-//!   takes effect at each member's next review.
+//!   rolling `tier_window` or lifetime, earned at or before now and
+//!   spendable), never on the balance; adjustments and refunds do not
+//!   count. Up at once; down only when the member has stayed below its
+//!   tier for `downgrade_grace` (a `loyalty.tier_review` timer at the grace
+//!   end and when the window's oldest earning leaves it). Each change is a
+//!   `TierChanged` event, and so is enrolment into the starting tier;
+//!   changing a program's tiers takes effect at each member's next review.
+//! * **Primary program.** Segmentation's plain `loyalty.tier` and
+//!   `loyalty.balance` hold one program's values: the program marked
+//!   `primary` (at most one, a unique partial index), else the oldest.
+//!   TierChanged and PointsChanged of the other programs carry
+//!   `secondary` and segmentation skips them. (A fact per program, with
+//!   the rule language naming the program, would be the full answer; it
+//!   reaches into the shared rule language and was left out.)
 //! * **Earning rules**: points per whole unit of revenue in one currency
 //!   (integers, rounded down), fixed points per touchpoint type, survey and
 //!   referral bonuses; the tier's multiplier (percent, rounded down) then
@@ -45,11 +56,26 @@
 //!   first (`FOR UPDATE` on PostgreSQL; SQLite has one writer), several in
 //!   (program, customer) order. A redemption checks validity, tier,
 //!   per-member limit and per-member budget under that lock, spends, and
-//!   then changes the reward's stock and the campaign's budget with
-//!   conditional UPDATEs (`stock >= 1`, `spent + value <= total`) last, so
-//!   those shared rows are held only until the commit. Segment eligibility
+//!   then takes a unit of the reward's stock and its value from the
+//!   campaign's total budget (conditional UPDATEs on their slots,
+//!   `value >= amount`) last, so those shared rows are held only until
+//!   the commit. Segment eligibility
 //!   is asked of segmentation before the transaction opens (a membership
 //!   change between the answer and the commit is not seen).
+//! * **Stock and budget slots.** A limited stock is spread over
+//!   `Reward.stock_slots` counter rows (default 16), and what is left of a
+//!   campaign's total budget over 16, so concurrent redemptions do not
+//!   queue on one row; the value read is the sum ([`store::slots`]). A
+//!   take uses a random free slot (`FOR UPDATE SKIP LOCKED`); when all are
+//!   held it waits once for a random one (in a savepoint, rolled back if
+//!   the units went), then locks every slot in order and takes across
+//!   them: never below zero, no slot deadlock, and a unit a rolled-back
+//!   redemption held is never refused. A cancellation returns into the
+//!   emptiest slot; a new stock or total replaces the slots under their
+//!   locks (a total moves what is left by the change), so it is exact.
+//! * **Stream earning** is set-based per run of events ([`earning`]):
+//!   one statement per step for the whole batch, caps and multipliers
+//!   exactly as one event at a time.
 //! * **Coupons**: a UUIDv4 (122 random bits) per redemption; UseCoupon is
 //!   one conditional UPDATE (`ISSUED` and not expired), so of concurrent
 //!   uses exactly one wins; a `loyalty.coupon_expiry` timer marks unused
@@ -74,6 +100,7 @@
 
 pub mod api;
 pub mod convert;
+pub mod earning;
 pub mod error;
 pub mod events;
 pub mod ledger;
@@ -101,6 +128,7 @@ fn build(rt: &Runtime) -> anyhow::Result<Parts> {
     Ok(Parts::new()
         .timer(ledger::LOT_EXPIRY, Arc::new(timers::LotExpiry))
         .timer(ledger::TIER_REVIEW, Arc::new(timers::TierReview))
+        .timer(ledger::POINTS_SPENDABLE, Arc::new(timers::PointsSpendable))
         .timer(ledger::COUPON_EXPIRY, Arc::new(timers::CouponExpiry))
         .grpc(LoyaltyServiceServer::new(api::LoyaltyApi::new(rt.clone())))
         .follow("customer", events::customer_handlers())

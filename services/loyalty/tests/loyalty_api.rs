@@ -7,6 +7,8 @@ use chrono::{DateTime, Duration, Utc};
 use clm_domain::{Clock, ManualClock};
 use clm_platform::testing::{Running, TestBackend, assert_bad_field, eventually, start_with_clock};
 use clm_proto::common::Money;
+use clm_proto::common::WatchChangesRequest;
+use clm_proto::common::change_stream_service_client::ChangeStreamServiceClient;
 use clm_proto::customer as cpb;
 use clm_proto::customer::customer_service_client::CustomerServiceClient;
 use clm_proto::loyalty as pb;
@@ -198,6 +200,36 @@ impl Env {
             .unwrap()
             .into_inner()
             .transactions
+    }
+
+    /// Every event of type `T` (`event_type`) loyalty emitted so far, in order.
+    async fn emitted<T: prost::Message + Default>(&self, event_type: &str) -> Vec<T> {
+        let mut s = ChangeStreamServiceClient::new(self.loyalty.channel())
+            .watch_changes(WatchChangesRequest {
+                after_sequence: 0,
+                event_types: vec![event_type.into()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut out = Vec::new();
+        while let Ok(Ok(Some(m))) =
+            tokio::time::timeout(std::time::Duration::from_millis(300), s.message()).await
+        {
+            let any = m.event.unwrap().payload.unwrap();
+            out.push(T::decode(any.value.as_slice()).unwrap());
+        }
+        out
+    }
+
+    /// Runs SQL on loyalty's database (to lay out internal rows a test needs).
+    async fn loyalty_sql(&self, sql: &str) {
+        use sea_orm::ConnectionTrait;
+        let db = sea_orm::Database::connect(&self._backends.1.database_url)
+            .await
+            .unwrap();
+        db.execute_unprepared(sql).await.unwrap();
+        db.close().await.unwrap();
     }
 
     async fn touch(
@@ -474,7 +506,8 @@ async fn purchases_earn_pending_points_and_tiers_move_up_then_down_after_grace()
         env.member(&m).await.lifetime_earned == 32
     })
     .await;
-    // A big purchase: silver at once (tiers count earned points, pending included).
+    // A big purchase: its points count towards tiers once spendable, not
+    // while they may still be returned.
     env.touch(
         &c,
         "buy-2",
@@ -482,12 +515,49 @@ async fn purchases_earn_pending_points_and_tiers_move_up_then_down_after_grace()
         Some(eur(100_000)),
     )
     .await;
+    let pending = eventually(std::time::Duration::from_secs(20), || async {
+        Some(env.member(&m).await).filter(|m| m.lifetime_earned == 1032 && m.pending == 1000)
+    })
+    .await;
+    assert_eq!(
+        (pending.tier.as_str(), pending.tier_points, pending.pending),
+        ("bronze", 32, 1000)
+    );
+    // The return window passes: spendable, silver at that instant.
+    env.clock.advance(Duration::days(14));
     let silver = eventually(std::time::Duration::from_secs(20), || async {
         Some(env.member(&m).await).filter(|m| m.tier == "silver")
     })
     .await;
     assert_eq!(silver.next_tier, "gold");
+    assert_eq!(silver.tier_points, 1032);
     assert_eq!(silver.points_to_next_tier, 5000 - 1032);
+    // Followers heard it all: the starting tier at enrolment, the balance
+    // as each purchase's points became spendable (no transaction), and
+    // the move to silver.
+    let tiers: Vec<(String, String)> = env
+        .emitted::<pb::TierChanged>("clm.loyalty.v1.TierChanged")
+        .await
+        .into_iter()
+        .map(|t| (t.old_tier, t.new_tier))
+        .collect();
+    assert_eq!(
+        tiers,
+        vec![
+            (String::new(), "bronze".to_owned()),
+            ("bronze".to_owned(), "silver".to_owned())
+        ]
+    );
+    let spendable: Vec<i64> = env
+        .emitted::<pb::PointsChanged>("clm.loyalty.v1.PointsChanged")
+        .await
+        .into_iter()
+        .filter(|p| p.transaction.is_none())
+        .map(|p| p.balance)
+        .collect();
+    // (The first is 12, or 32 if the support points were in first.)
+    assert_eq!(spendable.len(), 2, "{spendable:?}");
+    assert_eq!(spendable[1], 1032);
     // The silver multiplier applies to the next purchase: 10 EUR → 15 points.
     env.touch(&c, "buy-3", cpb::TouchpointType::Purchase, Some(eur(1000)))
         .await;
@@ -859,7 +929,9 @@ async fn retries_with_a_request_id_are_no_ops() {
         .unwrap()
         .into_inner();
     assert_eq!(sim.transactions[0].points, 5000);
-    assert_eq!(sim.member.unwrap().tier, "gold");
+    // Pending purchase points: no tier until the return window passes.
+    let would = sim.member.unwrap();
+    assert_eq!((would.pending, would.tier.as_str()), (5000, "bronze"));
     let sim = env
         .api()
         .simulate_event(pb::SimulateEventRequest {
@@ -1036,7 +1108,10 @@ async fn merge_moves_points_once_and_erasure_deletes_with_a_receipt() {
 #[tokio::test]
 async fn concurrent_redemptions_never_oversell_or_overdraw() {
     let env = Env::start().await;
-    env.program("stars", program()).await;
+    // Purchase points spendable at once, so the stream's earnings can be spent.
+    let mut p = program();
+    p.pending_period = None;
+    env.program("stars", p).await;
     env.reward(
         "stars",
         "tee",
@@ -1048,27 +1123,74 @@ async fn concurrent_redemptions_never_oversell_or_overdraw() {
         },
     )
     .await;
+    // Set-based setup: 200 customers in one call, their 400 purchases in
+    // another; loyalty's stream consumer enrols them (auto-enrol) and earns
+    // two lots each, in batches. Some cannot afford a tee at all.
+    let created = env
+        .customers()
+        .batch_create_customers(cpb::BatchCreateCustomersRequest {
+            requests: (0..200)
+                .map(|i| cpb::CreateCustomerRequest {
+                    customer: Some(cpb::Customer {
+                        email: format!("tee{i}@example.com"),
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                })
+                .collect(),
+            request_id: "tees".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .customers;
+    let mut purchases = Vec::new();
     let mut members = Vec::new();
-    for i in 0..200 {
-        let c = format!("customers/{}", uuid::Uuid::new_v4());
-        let m = member_name("stars", &c);
-        env.enroll("stars", &c).await;
-        // Two lots each; some members cannot afford a tee at all.
-        env.earn(&m, 15 + (i % 3) * 5, &format!("a{i}")).await;
-        env.earn(&m, 10, &format!("b{i}")).await;
-        members.push(m);
-    }
-    let before: i64 = {
-        let mut s = 0;
-        for m in &members {
-            s += env.member(m).await.balance;
+    for (i, c) in created.iter().enumerate() {
+        let euros = [15 + (i as i64 % 3) * 5, 10];
+        for (j, e) in euros.into_iter().enumerate() {
+            purchases.push(cpb::Touchpoint {
+                customer: c.name.clone(),
+                event_id: format!("tee-{i}-{j}"),
+                r#type: cpb::TouchpointType::Purchase as i32,
+                product: "shop".into(),
+                revenue: Some(eur(e * 100)),
+                occurred_time: Some(ts(env.now())),
+                ..Default::default()
+            });
         }
-        s
-    };
+        members.push(member_name("stars", &c.name));
+    }
+    env.customers()
+        .record_touchpoints(cpb::RecordTouchpointsRequest {
+            touchpoints: purchases,
+        })
+        .await
+        .unwrap();
+    let expected: i64 = (0..200).map(|i| 25 + (i % 3) * 5).sum();
+    let before = eventually(std::time::Duration::from_secs(60), || async {
+        let page = env
+            .api()
+            .list_members(pb::ListMembersRequest {
+                parent: "programs/stars".into(),
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .members;
+        let sum: i64 = page.iter().map(|m| m.balance).sum();
+        (page.len() == 200 && sum == expected).then_some(sum)
+    })
+    .await;
+    // 1,000 calls in flight at once over 10 connections (HTTP/2 streams):
+    // a connection per call would overflow the test server's accept queue.
+    let channels: Vec<Channel> = (0..10).map(|_| env.loyalty.channel()).collect();
     let mut calls = futures::stream::FuturesUnordered::new();
     for k in 0..1000 {
         let m = members[k % 200].clone();
-        let mut api = env.api();
+        let mut api = LoyaltyServiceClient::new(channels[k % 10].clone());
         calls.push(async move {
             api.redeem_reward(pb::RedeemRewardRequest {
                 member: m,
@@ -1085,9 +1207,10 @@ async fn concurrent_redemptions_never_oversell_or_overdraw() {
         match r {
             Ok(_) => ok += 1,
             Err(e) => {
-                *codes
+                codes
                     .entry(format!("{:?}/{}", e.code(), reason(&e)))
-                    .or_insert(0) += 1
+                    .or_insert((0, format!("{e:?}")))
+                    .0 += 1
             }
         }
     }
@@ -1123,6 +1246,503 @@ async fn concurrent_redemptions_never_oversell_or_overdraw() {
     assert_eq!(winners, 100);
     assert_eq!(before - after, 100 * 30);
     let _ = env.postgres;
+}
+
+/// A stock spread over slots whose last units all sit in one slot (the
+/// other 15 empty): of 40 concurrent redemptions exactly those units
+/// succeed; a cancellation puts one unit back, exactly; a new stock or a
+/// new number of slots leaves exactly the stock asked for or held.
+#[tokio::test]
+async fn the_last_units_in_one_slot_are_never_oversold() {
+    let env = Env::start().await;
+    env.program("stars", program()).await;
+    let created = env
+        .reward(
+            "stars",
+            "cap",
+            pb::Reward {
+                cost: 10,
+                stock: Some(16),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!((created.stock, created.stock_slots), (Some(16), 16));
+    // Move the stock: 5 units in slot 11, none elsewhere.
+    env.loyalty_sql(
+        "UPDATE loyalty_reward_slots SET stock = CASE WHEN slot = 11 THEN 5 ELSE 0 END \
+         WHERE program = 'stars' AND reward = 'cap'",
+    )
+    .await;
+    let get = || async {
+        env.api()
+            .get_reward(pb::GetRewardRequest {
+                name: "programs/stars/rewards/cap".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    assert_eq!(
+        get().await.stock,
+        Some(5),
+        "the stock read is the slots' sum"
+    );
+    let env = &env;
+    use futures::StreamExt;
+    let members: Vec<String> = futures::stream::iter(0..41)
+        .map(|i| async move {
+            let c = format!("customers/{}", uuid::Uuid::new_v4());
+            let m = member_name("stars", &c);
+            env.enroll("stars", &c).await;
+            env.earn(&m, 10, &format!("cap-earn-{i}")).await;
+            m
+        })
+        .buffered(4)
+        .collect()
+        .await;
+    let mut calls = futures::stream::FuturesUnordered::new();
+    for (k, m) in members[..40].iter().enumerate() {
+        let mut api = env.api();
+        let m = m.clone();
+        calls.push(async move {
+            api.redeem_reward(pb::RedeemRewardRequest {
+                member: m,
+                reward: "programs/stars/rewards/cap".into(),
+                request_id: format!("cap-{k}"),
+            })
+            .await
+        });
+    }
+    let mut won = Vec::new();
+    let mut refused = 0;
+    while let Some(r) = calls.next().await {
+        match r {
+            Ok(r) => won.push(r.into_inner()),
+            Err(e) => {
+                assert_eq!(reason(&e), "OUT_OF_STOCK", "{e:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((won.len(), refused), (5, 35));
+    assert_eq!(get().await.stock, Some(0));
+    // A cancellation gives exactly one unit back; it is taken once.
+    env.api()
+        .cancel_redemption(pb::CancelRedemptionRequest {
+            name: won[0].name.clone(),
+            reason: String::new(),
+            request_id: "cap-cancel".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(get().await.stock, Some(1));
+    env.redeem(&members[40], "programs/stars/rewards/cap", "cap-again")
+        .await
+        .unwrap();
+    let e = env
+        .redeem(&members[39], "programs/stars/rewards/cap", "cap-none")
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), "OUT_OF_STOCK");
+    // A new stock replaces what remains exactly; new slots keep the stock.
+    let update = |r: pb::Reward, path: &str, rid: &str| pb::UpdateRewardRequest {
+        reward: Some(r),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec![path.into()],
+        }),
+        request_id: rid.into(),
+    };
+    let r = get().await;
+    let r = env
+        .api()
+        .update_reward(update(
+            pb::Reward {
+                stock: Some(7),
+                ..r
+            },
+            "stock",
+            "cap-restock",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.stock, Some(7));
+    let r = env
+        .api()
+        .update_reward(update(
+            pb::Reward {
+                stock_slots: 4,
+                ..r
+            },
+            "stock_slots",
+            "cap-slots",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.stock, r.stock_slots), (Some(7), 4));
+    let e = env
+        .api()
+        .update_reward(update(
+            pb::Reward {
+                stock_slots: 1000,
+                ..r
+            },
+            "stock_slots",
+            "cap-bad",
+        ))
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "reward.stock_slots");
+}
+
+/// A campaign's total budget spread over slots is never exceeded: 60
+/// concurrent redemptions of 100 against 5,000 give exactly 50 (the last
+/// two from units scattered over several slots); raising the total lets
+/// exactly the difference through, a cancellation gives its value back,
+/// and a total lowered below what was spent counts from there.
+#[tokio::test]
+async fn a_campaign_budget_over_slots_is_never_exceeded() {
+    let env = Env::start().await;
+    let mut p = program();
+    p.campaign_budgets = vec![pb::CampaignBudget {
+        campaign: "launch".into(),
+        total: Some(eur(5000)),
+        per_member: None,
+    }];
+    let created = env.program("stars", p).await;
+    env.reward(
+        "stars",
+        "voucher",
+        pb::Reward {
+            cost: 1,
+            campaign: "launch".into(),
+            value: Some(eur(100)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let env = &env;
+    use futures::StreamExt;
+    let members: Vec<String> = futures::stream::iter(0..60)
+        .map(|i| async move {
+            let c = format!("customers/{}", uuid::Uuid::new_v4());
+            let m = member_name("stars", &c);
+            env.enroll("stars", &c).await;
+            env.earn(&m, 10, &format!("budget-earn-{i}")).await;
+            m
+        })
+        .buffered(4)
+        .collect()
+        .await;
+    let channels: Vec<Channel> = (0..4).map(|_| env.loyalty.channel()).collect();
+    // Redeems `n` at once (request ids from `tag`): (granted, the redemptions).
+    let redeem_many = |n: usize, tag: &'static str| {
+        let (members, channels) = (members.clone(), channels.clone());
+        async move {
+            let mut calls = futures::stream::FuturesUnordered::new();
+            for k in 0..n {
+                let mut api = LoyaltyServiceClient::new(channels[k % 4].clone());
+                let m = members[k % members.len()].clone();
+                calls.push(async move {
+                    api.redeem_reward(pb::RedeemRewardRequest {
+                        member: m,
+                        reward: "programs/stars/rewards/voucher".into(),
+                        request_id: format!("{tag}-{k}"),
+                    })
+                    .await
+                });
+            }
+            let mut won = Vec::new();
+            while let Some(r) = calls.next().await {
+                match r {
+                    Ok(r) => won.push(r.into_inner()),
+                    Err(e) => assert_eq!(reason(&e), "BUDGET_REACHED", "{e:?}"),
+                }
+            }
+            won
+        }
+    };
+    let won = redeem_many(60, "first").await;
+    assert_eq!(won.len(), 50, "5,000 / 100");
+    let set_total = |total: i64, etag: String, rid: &'static str| async move {
+        env.api()
+            .update_program(pb::UpdateProgramRequest {
+                program: Some(pb::Program {
+                    name: "programs/stars".into(),
+                    etag,
+                    campaign_budgets: vec![pb::CampaignBudget {
+                        campaign: "launch".into(),
+                        total: Some(eur(total)),
+                        per_member: None,
+                    }],
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["campaign_budgets".into()],
+                }),
+                request_id: rid.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let p = set_total(5300, created.etag, "raise").await;
+    assert_eq!(redeem_many(10, "second").await.len(), 3, "the 300 added");
+    env.api()
+        .cancel_redemption(pb::CancelRedemptionRequest {
+            name: won[0].name.clone(),
+            reason: String::new(),
+            request_id: "budget-cancel".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(redeem_many(5, "third").await.len(), 1, "the 100 given back");
+    // Spent 5,300; a total of 4,000 leaves -1,300; 5,500 then leaves 200.
+    let p = set_total(4000, p.etag, "lower").await;
+    assert_eq!(redeem_many(3, "fourth").await.len(), 0);
+    let p = set_total(5500, p.etag, "raise-again").await;
+    assert_eq!(redeem_many(5, "fifth").await.len(), 2);
+    // A redemption made while its campaign had no total took nothing from
+    // it, so cancelling it later gives nothing back.
+    env.api()
+        .update_program(pb::UpdateProgramRequest {
+            program: Some(pb::Program {
+                name: "programs/stars".into(),
+                etag: p.etag,
+                campaign_budgets: Vec::new(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["campaign_budgets".into()],
+            }),
+            request_id: "unlimited".into(),
+        })
+        .await
+        .unwrap();
+    let uncounted = env
+        .redeem(
+            &members[0],
+            "programs/stars/rewards/voucher",
+            "no-total-yet",
+        )
+        .await
+        .unwrap();
+    let p = env
+        .api()
+        .get_program(pb::GetProgramRequest {
+            name: "programs/stars".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    set_total(200, p.etag, "small-total").await;
+    env.api()
+        .cancel_redemption(pb::CancelRedemptionRequest {
+            name: uncounted.name,
+            reason: String::new(),
+            request_id: "cancel-uncounted".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(redeem_many(4, "sixth").await.len(), 2, "200, not 300");
+}
+
+/// With several programs, one is primary (marked, else the oldest): its
+/// events are plain, the others' carry `secondary`, so segmentation's
+/// plain loyalty facts follow one program. A second mark is refused.
+#[tokio::test]
+async fn events_of_programs_other_than_the_primary_are_marked_secondary() {
+    let env = Env::start().await;
+    env.program("alpha", program()).await;
+    let beta = env.program("beta", program()).await;
+    let c = env.new_customer("two@example.com").await;
+    env.enroll("alpha", &c).await;
+    env.enroll("beta", &c).await;
+    env.earn(&member_name("alpha", &c), 10, "a1").await;
+    env.earn(&member_name("beta", &c), 20, "b1").await;
+    // None marked: alpha (the oldest; same instant, then by id) is primary.
+    let marks = |events: Vec<pb::PointsChanged>| -> Vec<(String, bool)> {
+        events
+            .into_iter()
+            .map(|p| (p.program, p.secondary))
+            .collect()
+    };
+    assert_eq!(
+        marks(env.emitted("clm.loyalty.v1.PointsChanged").await),
+        vec![
+            ("programs/alpha".to_owned(), false),
+            ("programs/beta".to_owned(), true)
+        ]
+    );
+    let tiers: Vec<(String, bool)> = env
+        .emitted::<pb::TierChanged>("clm.loyalty.v1.TierChanged")
+        .await
+        .into_iter()
+        .map(|t| (t.program, t.secondary))
+        .collect();
+    assert_eq!(
+        tiers,
+        vec![
+            ("programs/alpha".to_owned(), false),
+            ("programs/beta".to_owned(), true)
+        ]
+    );
+    // Mark beta primary: from then on its events are the plain ones.
+    let marked = env
+        .api()
+        .update_program(pb::UpdateProgramRequest {
+            program: Some(pb::Program {
+                primary: true,
+                ..beta
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["primary".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(marked.primary);
+    env.earn(&member_name("alpha", &c), 10, "a2").await;
+    env.earn(&member_name("beta", &c), 20, "b2").await;
+    assert_eq!(
+        marks(env.emitted("clm.loyalty.v1.PointsChanged").await)[2..],
+        [
+            ("programs/alpha".to_owned(), true),
+            ("programs/beta".to_owned(), false)
+        ]
+    );
+    // A second primary is refused.
+    let mut gamma = program();
+    gamma.primary = true;
+    let e = env
+        .api()
+        .create_program(pb::CreateProgramRequest {
+            program: Some(gamma),
+            program_id: "gamma".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e)),
+        (
+            Code::FailedPrecondition,
+            "PRIMARY_PROGRAM_EXISTS".to_owned()
+        )
+    );
+}
+
+/// A run of touchpoints on the customer stream is earned set-based, with
+/// the arithmetic of one event at a time: in stream order, a member lifted
+/// a tier earns the next event at the new multiplier, and the daily cap
+/// counts the batch's earlier events.
+#[tokio::test]
+async fn a_batch_of_touchpoints_earns_exactly_as_one_at_a_time() {
+    let env = Env::start().await;
+    let mut p = program();
+    p.earning_rules.push(pb::EarningRule {
+        id: "feature".into(),
+        trigger: pb::EarningTrigger::Touchpoint as i32,
+        touchpoint_type: cpb::TouchpointType::FeatureUse as i32,
+        points: 600,
+        ..Default::default()
+    });
+    env.program("stars", p).await;
+    let c = env.new_customer("batch-c@example.com").await;
+    let d = env.new_customer("batch-d@example.com").await;
+    let tp = |customer: &str, event: &str, kind: cpb::TouchpointType| cpb::Touchpoint {
+        customer: customer.into(),
+        event_id: event.into(),
+        r#type: kind as i32,
+        product: "app".into(),
+        feature: if kind == cpb::TouchpointType::FeatureUse {
+            "export".into()
+        } else {
+            String::new()
+        },
+        occurred_time: Some(ts(env.now())),
+        ..Default::default()
+    };
+    use cpb::TouchpointType::{FeatureUse, SupportContact};
+    env.customers()
+        .record_touchpoints(cpb::RecordTouchpointsRequest {
+            touchpoints: vec![
+                tp(&c, "c-f1", FeatureUse),
+                tp(&d, "d-f1", FeatureUse),
+                tp(&c, "c-f2", FeatureUse),
+                tp(&c, "c-f3", FeatureUse),
+                tp(&c, "c-s1", SupportContact),
+                tp(&d, "d-s1", SupportContact),
+                tp(&c, "c-s2", SupportContact),
+                tp(&c, "c-s3", SupportContact),
+            ],
+        })
+        .await
+        .unwrap();
+    let (cm, dm) = (member_name("stars", &c), member_name("stars", &d));
+    let members = eventually(std::time::Duration::from_secs(30), || async {
+        let page = env
+            .api()
+            .list_members(pb::ListMembersRequest {
+                parent: "programs/stars".into(),
+                page_size: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .members;
+        (page.len() == 2 && page.iter().all(|m| m.lifetime_earned > 0)).then_some(page)
+    })
+    .await;
+    let of = |name: &str| members.iter().find(|m| m.name == name).unwrap().clone();
+    // c: 600 and 600 at bronze (silver from 1,200), then 900 at silver's
+    // 150 %; support 15, then 5 up to the daily cap of 20, then nothing.
+    let (cv, dv) = (of(&cm), of(&dm));
+    assert_eq!(
+        (
+            cv.lifetime_earned,
+            cv.tier_points,
+            cv.balance,
+            cv.tier.as_str()
+        ),
+        (2120, 2120, 2120, "silver")
+    );
+    assert_eq!((dv.lifetime_earned, dv.tier.as_str()), (610, "bronze"));
+    let mut earned: Vec<(String, i64)> = env
+        .transactions(&cm)
+        .await
+        .into_iter()
+        .map(|t| (t.rule, t.points))
+        .collect();
+    earned.reverse();
+    let expect = [
+        ("feature", 600),
+        ("feature", 600),
+        ("feature", 900),
+        ("support", 15),
+        ("support", 5),
+    ];
+    assert_eq!(
+        earned,
+        expect.map(|(r, n)| (r.to_owned(), n)).to_vec(),
+        "in stream order"
+    );
+    let moves: Vec<(String, String, String)> = env
+        .emitted::<pb::TierChanged>("clm.loyalty.v1.TierChanged")
+        .await
+        .into_iter()
+        .map(|t| (t.customer, t.old_tier, t.new_tier))
+        .collect();
+    assert!(
+        moves.contains(&(c.clone(), "bronze".into(), "silver".into())),
+        "{moves:?}"
+    );
+    assert_eq!(moves.len(), 3, "two enrolments and one move up: {moves:?}");
 }
 
 /// 50 concurrent UseCoupon calls on one code: exactly one succeeds.

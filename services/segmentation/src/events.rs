@@ -131,7 +131,9 @@ impl OnBatch<clm_proto::feedback::ResponseCompleted> for CustomerFacts {
 
 /// Handlers of the loyalty stream: `TierChanged` sets the customer's
 /// `loyalty.tier` (and balance), `PointsChanged` its `loyalty.balance`,
-/// then the customer's segments are re-evaluated.
+/// then the customer's segments are re-evaluated. Only the primary
+/// program's events count (`secondary` is false): with several programs
+/// the plain facts are the primary program's, never whichever came last.
 pub fn loyalty_handlers(engine: Engine) -> Handlers {
     let h = Arc::new(CustomerFacts { engine });
     Handlers::new()
@@ -165,6 +167,7 @@ impl OnBatch<clm_proto::loyalty::TierChanged> for CustomerFacts {
         let events: Vec<&ChangeEvent> = messages.iter().map(|(e, _)| *e).collect();
         let rows = messages
             .iter()
+            .filter(|(_, m)| !m.secondary)
             .filter_map(|(_, m)| Some((bare(&m.customer)?, Some(m.new_tier.clone()), m.balance)))
             .collect();
         self.loyalty(cx, &events, rows).await
@@ -181,6 +184,7 @@ impl OnBatch<clm_proto::loyalty::PointsChanged> for CustomerFacts {
         let events: Vec<&ChangeEvent> = messages.iter().map(|(e, _)| *e).collect();
         let rows = messages
             .iter()
+            .filter(|(_, m)| !m.secondary)
             .filter_map(|(_, m)| Some((bare(&m.customer)?, None, m.balance)))
             .collect();
         self.loyalty(cx, &events, rows).await

@@ -53,8 +53,9 @@
 //!   works like any touchpoint window.
 //! * Loyalty facts follow the loyalty stream when `peers.loyalty` is set
 //!   (`events::loyalty_handlers`): `TierChanged` sets `loyalty.tier` and
-//!   `loyalty.balance`, `PointsChanged` the balance; with several programs
-//!   the latest event of any program wins.
+//!   `loyalty.balance`, `PointsChanged` the balance. With several programs
+//!   they are the primary program's (`Program.primary`, else the oldest
+//!   program): events of other programs carry `secondary` and are skipped.
 #![forbid(unsafe_code)]
 
 pub mod api;

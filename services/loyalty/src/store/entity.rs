@@ -17,6 +17,8 @@ pub mod programs {
         pub version: i64,
         pub create_us: i64,
         pub update_us: i64,
+        /// 1 when `Program.primary` is set (at most one program).
+        pub is_primary: i16,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -149,7 +151,9 @@ pub mod rewards {
         /// Encoded `clm.loyalty.v1.Reward` without name, etag and stock.
         pub body: Vec<u8>,
         pub cost: i64,
-        /// Units left; `None`: unlimited.
+        /// Read: units left, the sum of its slots (`reward_slots`), `None`
+        /// when unlimited (it has no slots). Stored: the stock last set by
+        /// Create/UpdateReward (history only).
         pub stock: Option<i64>,
         pub per_member_limit: i64,
         pub campaign: String,
@@ -164,7 +168,58 @@ pub mod rewards {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-/// `loyalty_budgets`: what each campaign's redemptions cost so far.
+/// `loyalty_reward_slots`: a limited reward's stock, spread over counter rows.
+pub mod reward_slots {
+    use sea_orm::entity::prelude::*;
+
+    /// A slot.
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "loyalty_reward_slots")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub program: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub reward: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub slot: i16,
+        /// Units in this slot.
+        pub stock: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `loyalty_budget_slots`: what is left of a campaign's total budget,
+/// spread over counter rows (campaigns with a total only).
+pub mod budget_slots {
+    use sea_orm::entity::prelude::*;
+
+    /// A slot.
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "loyalty_budget_slots")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub program: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub campaign: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub slot: i16,
+        /// Minor units left in this slot (slot 0 may be negative: a total
+        /// lowered below what was spent).
+        pub left_minor: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `loyalty_budgets`: what each campaign's redemptions cost, up to
+/// m0007 (history: [`budget_slots`] holds what is left since).
 pub mod budgets {
     use sea_orm::entity::prelude::*;
 
@@ -213,6 +268,9 @@ pub mod redemptions {
         pub use_us: Option<i64>,
         pub create_us: i64,
         pub cancel_us: Option<i64>,
+        /// What it took from its campaign's total budget (0: not counted,
+        /// the campaign had no total then); a cancellation gives back this.
+        pub budget_minor: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

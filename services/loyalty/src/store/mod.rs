@@ -11,22 +11,24 @@
 
 pub mod entity;
 pub mod migration;
+pub mod slots;
 
 pub use migration::Migrator;
 
 use clm_domain::loyalty::{Draw, Lot};
 use clm_platform::Result;
-use clm_platform::db::is_postgres;
+use clm_platform::db::{is_postgres, rows_per_statement};
 use entity::{
-    budgets, draws, lots, members, programs, redemptions, referral_codes, referrals, rewards,
-    transactions,
+    budget_slots, draws, lots, members, programs, redemptions, referral_codes, referrals,
+    reward_slots, rewards, transactions,
 };
 use sea_orm::sea_query::{
     CaseStatement, Cond, Expr, ExprTrait, Func, LockType, OnConflict, Order, Query, SelectStatement,
 };
 use sea_orm::{ConnectionTrait, EntityName, FromQueryResult, IdenStatic};
+use std::collections::HashMap;
 
-use budgets::Column as BC;
+use budget_slots::Column as BSC;
 use draws::Column as DC;
 use lots::Column as LC;
 use members::Column as MC;
@@ -34,6 +36,7 @@ use programs::Column as PC;
 use redemptions::Column as RC;
 use referral_codes::Column as CC;
 use referrals::Column as FC;
+use reward_slots::Column as SC;
 use rewards::Column as WC;
 use transactions::Column as TC;
 
@@ -81,37 +84,121 @@ async fn total(db: &impl ConnectionTrait, q: &SelectStatement) -> Result<i64> {
 
 // ---------------------------------------------------------------- programs
 
-/// A program's row.
-pub async fn program(db: &impl ConnectionTrait, id: &str) -> Result<Option<programs::Model>> {
-    let q = Query::select()
-        .columns([PC::Id, PC::Body, PC::Version, PC::CreateUs, PC::UpdateUs])
-        .from(programs::Entity)
-        .and_where(Expr::col(PC::Id).eq(id))
-        .to_owned();
-    one(db, &q).await
+const PROGRAM_COLS: [PC; 6] = [
+    PC::Id,
+    PC::Body,
+    PC::Version,
+    PC::CreateUs,
+    PC::UpdateUs,
+    PC::IsPrimary,
+];
+
+/// A program's row and whether it is the primary program now.
+#[derive(Debug, FromQueryResult)]
+struct ProgramRow {
+    id: String,
+    body: Vec<u8>,
+    version: i64,
+    create_us: i64,
+    update_us: i64,
+    is_primary: i16,
+    leads: i32,
 }
 
-/// Every program's row (stream handlers look at each program).
-pub async fn all_programs(db: &impl ConnectionTrait) -> Result<Vec<programs::Model>> {
-    let q = Query::select()
-        .columns([PC::Id, PC::Body, PC::Version, PC::CreateUs, PC::UpdateUs])
+impl ProgramRow {
+    fn split(self) -> (programs::Model, bool) {
+        (
+            programs::Model {
+                id: self.id,
+                body: self.body,
+                version: self.version,
+                create_us: self.create_us,
+                update_us: self.update_us,
+                is_primary: self.is_primary,
+            },
+            self.leads == 1,
+        )
+    }
+}
+
+/// Programs with a `leads` column: 1 for the primary program (the one
+/// marked primary, else the oldest), in the same read.
+fn programs_query() -> SelectStatement {
+    let primary = Query::select()
+        .column(PC::Id)
         .from(programs::Entity)
+        .order_by(PC::IsPrimary, Order::Desc)
+        .order_by(PC::CreateUs, Order::Asc)
         .order_by(PC::Id, Order::Asc)
+        .limit(1)
         .to_owned();
-    all(db, &q).await
+    let leads = CaseStatement::new()
+        .case(
+            Expr::col((programs::Entity, PC::Id)).in_subquery(primary),
+            Expr::val(1i32),
+        )
+        .finally(Expr::val(0i32));
+    Query::select()
+        .columns(PROGRAM_COLS.map(|c| (programs::Entity, c)))
+        .expr_as(
+            Expr::Case(Box::new(leads)),
+            sea_orm::sea_query::Alias::new("leads"),
+        )
+        .from(programs::Entity)
+        .to_owned()
+}
+
+/// A program's row, and whether it is the primary program.
+pub async fn program(
+    db: &impl ConnectionTrait,
+    id: &str,
+) -> Result<Option<(programs::Model, bool)>> {
+    let q = programs_query()
+        .and_where(Expr::col((programs::Entity, PC::Id)).eq(id))
+        .to_owned();
+    Ok(one::<ProgramRow>(db, &q).await?.map(ProgramRow::split))
+}
+
+/// Every program's row with its primary flag (stream handlers look at
+/// each program).
+pub async fn all_programs(db: &impl ConnectionTrait) -> Result<Vec<(programs::Model, bool)>> {
+    let q = programs_query()
+        .order_by((programs::Entity, PC::Id), Order::Asc)
+        .to_owned();
+    Ok(all::<ProgramRow>(db, &q)
+        .await?
+        .into_iter()
+        .map(ProgramRow::split)
+        .collect())
+}
+
+/// The program marked primary other than `except`, if any.
+pub async fn other_primary(db: &impl ConnectionTrait, except: &str) -> Result<Option<String>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        id: String,
+    }
+    let q = Query::select()
+        .column(PC::Id)
+        .from(programs::Entity)
+        .and_where(Expr::col(PC::IsPrimary).eq(1i16))
+        .and_where(Expr::col(PC::Id).ne(except))
+        .to_owned();
+    Ok(one::<Row>(db, &q).await?.map(|r| r.id))
 }
 
 /// Inserts a program; `false` if the id is taken.
 pub async fn insert_program(db: &impl ConnectionTrait, row: &programs::Model) -> Result<bool> {
     let q = Query::insert()
         .into_table(programs::Entity)
-        .columns([PC::Id, PC::Body, PC::Version, PC::CreateUs, PC::UpdateUs])
+        .columns(PROGRAM_COLS)
         .values_panic([
             row.id.clone().into(),
             row.body.clone().into(),
             row.version.into(),
             row.create_us.into(),
             row.update_us.into(),
+            row.is_primary.into(),
         ])
         .on_conflict(OnConflict::column(PC::Id).do_nothing().to_owned())
         .to_owned();
@@ -124,6 +211,7 @@ pub async fn update_program(
     id: &str,
     version: i64,
     body: Vec<u8>,
+    is_primary: bool,
     now_us: i64,
 ) -> Result<bool> {
     let q = Query::update()
@@ -131,54 +219,10 @@ pub async fn update_program(
         .value(PC::Body, body)
         .value(PC::Version, version + 1)
         .value(PC::UpdateUs, now_us)
+        .value(PC::IsPrimary, i16::from(is_primary))
         .and_where(Expr::col(PC::Id).eq(id))
         .and_where(Expr::col(PC::Version).eq(version))
         .to_owned();
-    Ok(db.execute(&q).await?.rows_affected() == 1)
-}
-
-/// Makes sure each campaign has its spending row.
-pub async fn ensure_budgets(
-    db: &impl ConnectionTrait,
-    program: &str,
-    campaigns: &[String],
-) -> Result<()> {
-    if campaigns.is_empty() {
-        return Ok(());
-    }
-    let mut q = Query::insert();
-    q.into_table(budgets::Entity)
-        .columns([BC::Program, BC::Campaign, BC::SpentMinor]);
-    for c in campaigns {
-        q.values_panic([program.into(), c.clone().into(), 0i64.into()]);
-    }
-    q.on_conflict(
-        OnConflict::columns([BC::Program, BC::Campaign])
-            .do_nothing()
-            .to_owned(),
-    );
-    db.execute(&q).await?;
-    Ok(())
-}
-
-/// Adds `value` to a campaign's spending if it stays within `total`
-/// (`None`: unlimited); `false` when the budget would be exceeded.
-/// Negative `value` gives back (a cancellation).
-pub async fn spend_budget(
-    db: &impl ConnectionTrait,
-    program: &str,
-    campaign: &str,
-    value: i64,
-    total: Option<i64>,
-) -> Result<bool> {
-    let mut q = Query::update();
-    q.table(budgets::Entity)
-        .value(BC::SpentMinor, Expr::col(BC::SpentMinor).add(value))
-        .and_where(Expr::col(BC::Program).eq(program))
-        .and_where(Expr::col(BC::Campaign).eq(campaign));
-    if let Some(t) = total {
-        q.and_where(Expr::col(BC::SpentMinor).add(value).lte(t));
-    }
     Ok(db.execute(&q).await?.rows_affected() == 1)
 }
 
@@ -400,6 +444,111 @@ pub async fn open_lots(
         .collect())
 }
 
+/// The open lots (still holding points, not expired at `now_us`) of each
+/// of `customers` in `program`, soonest-expiring first: one query.
+pub async fn open_lots_of(
+    db: &impl ConnectionTrait,
+    program: &str,
+    customers: &[String],
+    now_us: i64,
+) -> Result<HashMap<String, Vec<Lot>>> {
+    #[derive(Debug, FromQueryResult)]
+    struct Row {
+        customer: String,
+        id: i64,
+        remaining: i64,
+        spendable_us: i64,
+        expire_us: i64,
+    }
+    let mut out: HashMap<String, Vec<Lot>> = HashMap::new();
+    for part in customers.chunks(rows_per_statement(1)) {
+        let q = Query::select()
+            .columns([
+                LC::Customer,
+                LC::Id,
+                LC::Remaining,
+                LC::SpendableUs,
+                LC::ExpireUs,
+            ])
+            .from(lots::Entity)
+            .and_where(Expr::col(LC::Program).eq(program))
+            .and_where(Expr::col(LC::Customer).is_in(part.iter().cloned()))
+            .and_where(Expr::col(LC::Remaining).gt(0))
+            .and_where(Expr::col(LC::ExpireUs).gt(now_us))
+            .order_by(LC::Customer, Order::Asc)
+            .order_by(LC::ExpireUs, Order::Asc)
+            .order_by(LC::Id, Order::Asc)
+            .to_owned();
+        for r in all::<Row>(db, &q).await? {
+            out.entry(r.customer).or_default().push(Lot {
+                id: r.id,
+                remaining: r.remaining,
+                spendable_us: r.spendable_us,
+                expire_us: r.expire_us,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// What each of `customers` earned in `program` (EARN transactions):
+/// (lifetime, qualifying), where qualifying counts the earnings after
+/// `since_us` whose lot is spendable at `now_us` (see
+/// [`qualifying_earned`]). One grouped query.
+pub async fn earned_totals(
+    db: &impl ConnectionTrait,
+    program: &str,
+    customers: &[String],
+    since_us: i64,
+    now_us: i64,
+) -> Result<HashMap<String, (i64, i64)>> {
+    #[derive(Debug, FromQueryResult)]
+    struct Row {
+        customer: String,
+        lifetime: i64,
+        qualifying: i64,
+    }
+    let qualifies = CaseStatement::new()
+        .case(
+            Cond::all()
+                .add(Expr::col((transactions::Entity, TC::AtUs)).gt(since_us))
+                .add(Expr::col((lots::Entity, LC::SpendableUs)).lte(now_us)),
+            Expr::col((transactions::Entity, TC::Points)),
+        )
+        .finally(Expr::val(0i64));
+    let bigint = || sea_orm::sea_query::Alias::new("BIGINT");
+    let mut out = HashMap::new();
+    for part in customers.chunks(rows_per_statement(1)) {
+        let q = Query::select()
+            .column((transactions::Entity, TC::Customer))
+            .expr_as(
+                Func::cast_as(
+                    Func::sum(Expr::col((transactions::Entity, TC::Points))),
+                    bigint(),
+                ),
+                sea_orm::sea_query::Alias::new("lifetime"),
+            )
+            .expr_as(
+                Func::cast_as(Func::sum(Expr::Case(Box::new(qualifies.clone()))), bigint()),
+                sea_orm::sea_query::Alias::new("qualifying"),
+            )
+            .from(transactions::Entity)
+            .left_join(
+                lots::Entity,
+                Expr::col((lots::Entity, LC::Id)).equals((transactions::Entity, TC::Lot)),
+            )
+            .and_where(Expr::col((transactions::Entity, TC::Program)).eq(program))
+            .and_where(Expr::col((transactions::Entity, TC::Customer)).is_in(part.iter().cloned()))
+            .and_where(Expr::col((transactions::Entity, TC::Kind)).eq(kind::EARN))
+            .group_by_col((transactions::Entity, TC::Customer))
+            .to_owned();
+        for r in all::<Row>(db, &q).await? {
+            out.insert(r.customer, (r.lifetime, r.qualifying));
+        }
+    }
+    Ok(out)
+}
+
 /// A new lot.
 #[derive(Debug, Clone)]
 pub struct NewLot {
@@ -506,6 +655,28 @@ pub async fn expired_lots(
     all(db, &q).await
 }
 
+/// The (program, customer) owning each of the lots `ids`.
+pub async fn lot_owners(db: &impl ConnectionTrait, ids: &[i64]) -> Result<Vec<(String, String)>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        program: String,
+        customer: String,
+    }
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = Query::select()
+        .columns([LC::Program, LC::Customer])
+        .from(lots::Entity)
+        .and_where(Expr::col(LC::Id).is_in(ids.iter().copied()))
+        .to_owned();
+    Ok(all::<Row>(db, &q)
+        .await?
+        .into_iter()
+        .map(|r| (r.program, r.customer))
+        .collect())
+}
+
 /// The expiry instants of `ids`.
 pub async fn lot_expiries(
     db: &impl ConnectionTrait,
@@ -547,6 +718,226 @@ const TXN_COLS: [TC; 12] = [
     TC::AtUs,
     TC::Lot,
 ];
+
+/// Inserts transactions (their `id`s are ignored) in set-based INSERTs;
+/// a source that already made one is skipped (a replay). Returns the new
+/// ids by (program, source).
+pub async fn insert_txns(
+    db: &impl ConnectionTrait,
+    txns: &[transactions::Model],
+) -> Result<HashMap<(String, String), i64>> {
+    let mut out = HashMap::new();
+    for part in txns.chunks(rows_per_statement(TXN_COLS.len())) {
+        let mut q = Query::insert();
+        q.into_table(transactions::Entity)
+            .columns(TXN_COLS[1..].iter().copied());
+        for t in part {
+            q.values_panic([
+                t.program.clone().into(),
+                t.customer.clone().into(),
+                t.kind.into(),
+                t.points.into(),
+                t.rule.clone().into(),
+                t.reason.clone().into(),
+                t.actor.clone().into(),
+                t.request_id.clone().into(),
+                t.source.clone().into(),
+                t.at_us.into(),
+                t.lot.into(),
+            ]);
+        }
+        q.on_conflict(
+            OnConflict::columns([TC::Program, TC::Source])
+                .do_nothing()
+                .to_owned(),
+        )
+        .returning(Query::returning().columns([TC::Id, TC::Program, TC::Source]));
+        for row in db.query_all(&q).await? {
+            out.insert(
+                (
+                    row.try_get("", TC::Program.as_str())?,
+                    row.try_get("", TC::Source.as_str())?,
+                ),
+                row.try_get("", TC::Id.as_str())?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Inserts lots in set-based INSERTs; returns each new lot's id by the
+/// transaction that created it.
+pub async fn insert_lots(db: &impl ConnectionTrait, new: &[NewLot]) -> Result<HashMap<i64, i64>> {
+    let mut out = HashMap::new();
+    for part in new.chunks(rows_per_statement(8)) {
+        let mut q = Query::insert();
+        q.into_table(lots::Entity).columns([
+            LC::Program,
+            LC::Customer,
+            LC::Amount,
+            LC::Remaining,
+            LC::EarnUs,
+            LC::SpendableUs,
+            LC::ExpireUs,
+            LC::Txn,
+        ]);
+        for l in part {
+            q.values_panic([
+                l.program.clone().into(),
+                l.customer.clone().into(),
+                l.amount.into(),
+                l.amount.into(),
+                l.earn_us.into(),
+                l.spendable_us.into(),
+                l.expire_us.into(),
+                l.txn.into(),
+            ]);
+        }
+        q.returning(Query::returning().columns([LC::Id, LC::Txn]));
+        for row in db.query_all(&q).await? {
+            out.insert(
+                row.try_get("", LC::Txn.as_str())?,
+                row.try_get("", LC::Id.as_str())?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Points each transaction at the lot it created: one UPDATE per chunk
+/// (`lot = CASE id WHEN .. END`).
+pub async fn set_txn_lots(db: &impl ConnectionTrait, pairs: &[(i64, i64)]) -> Result<()> {
+    for part in pairs.chunks(rows_per_statement(3)) {
+        let mut case = CaseStatement::new();
+        for (txn, lot) in part {
+            case = case.case(Expr::col(TC::Id).eq(*txn), Expr::val(*lot));
+        }
+        case = case.finally(Expr::col(TC::Lot));
+        let q = Query::update()
+            .table(transactions::Entity)
+            .value(TC::Lot, Expr::Case(Box::new(case)))
+            .and_where(Expr::col(TC::Id).is_in(part.iter().map(|(t, _)| *t)))
+            .to_owned();
+        db.execute(&q).await?;
+    }
+    Ok(())
+}
+
+/// Which of the (program, source) pairs already made a transaction.
+pub async fn sources_taken(
+    db: &impl ConnectionTrait,
+    wanted: &[(String, String)],
+) -> Result<std::collections::HashSet<(String, String)>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        program: String,
+        source: String,
+    }
+    let mut out = std::collections::HashSet::new();
+    let programs: std::collections::BTreeSet<&String> = wanted.iter().map(|(p, _)| p).collect();
+    for part in wanted.chunks(rows_per_statement(1).saturating_sub(programs.len()).max(1)) {
+        // The program leads the unique (program, source) index.
+        let q = Query::select()
+            .columns([TC::Program, TC::Source])
+            .from(transactions::Entity)
+            .and_where(Expr::col(TC::Program).is_in(programs.iter().map(|p| p.to_string())))
+            .and_where(Expr::col(TC::Source).is_in(part.iter().map(|(_, s)| s.clone())))
+            .to_owned();
+        out.extend(
+            all::<Row>(db, &q)
+                .await?
+                .into_iter()
+                .map(|r| (r.program, r.source)),
+        );
+    }
+    out.retain(|k| wanted.contains(k));
+    Ok(out)
+}
+
+/// An earning of a rule: (program, customer, rule, earned at, points).
+pub type Earning = (String, String, String, i64, i64);
+
+/// The earnings (EARN transactions) of `customers` by any of `rules`
+/// after `since_us`, in any of `programs` (what caps count): one query per
+/// chunk of customers.
+pub async fn earnings_of(
+    db: &impl ConnectionTrait,
+    programs: &[String],
+    customers: &[String],
+    rules: &[String],
+    since_us: i64,
+) -> Result<Vec<Earning>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        program: String,
+        customer: String,
+        rule: String,
+        at_us: i64,
+        points: i64,
+    }
+    let mut out = Vec::new();
+    if rules.is_empty() {
+        return Ok(out);
+    }
+    let room = rows_per_statement(1).saturating_sub(rules.len() + programs.len());
+    for part in customers.chunks(room.max(1)) {
+        // (program, customer, at_us) is the index.
+        let q = Query::select()
+            .columns([TC::Program, TC::Customer, TC::Rule, TC::AtUs, TC::Points])
+            .from(transactions::Entity)
+            .and_where(Expr::col(TC::Program).is_in(programs.iter().cloned()))
+            .and_where(Expr::col(TC::Customer).is_in(part.iter().cloned()))
+            .and_where(Expr::col(TC::Rule).is_in(rules.iter().cloned()))
+            .and_where(Expr::col(TC::Kind).eq(kind::EARN))
+            .and_where(Expr::col(TC::AtUs).gt(since_us))
+            .to_owned();
+        out.extend(
+            all::<Row>(db, &q)
+                .await?
+                .into_iter()
+                .map(|r| (r.program, r.customer, r.rule, r.at_us, r.points)),
+        );
+    }
+    Ok(out)
+}
+
+/// Inserts the member rows that do not exist yet, in set-based INSERTs;
+/// returns the (program, customer) of those it created.
+pub async fn insert_members(
+    db: &impl ConnectionTrait,
+    rows: &[members::Model],
+) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for part in rows.chunks(rows_per_statement(MEMBER_COLS.len())) {
+        let mut q = Query::insert();
+        q.into_table(members::Entity).columns(MEMBER_COLS);
+        for m in part {
+            q.values_panic([
+                m.program.clone().into(),
+                m.customer.clone().into(),
+                m.tier.clone().into(),
+                m.tier_us.into(),
+                m.below_us.into(),
+                m.enroll_us.into(),
+                m.referral_code.clone().into(),
+                m.referred_by.clone().into(),
+            ]);
+        }
+        q.on_conflict(
+            OnConflict::columns([MC::Program, MC::Customer])
+                .do_nothing()
+                .to_owned(),
+        )
+        .returning(Query::returning().columns([MC::Program, MC::Customer]));
+        for row in db.query_all(&q).await? {
+            out.push((
+                row.try_get("", MC::Program.as_str())?,
+                row.try_get("", MC::Customer.as_str())?,
+            ));
+        }
+    }
+    Ok(out)
+}
 
 /// Inserts a transaction (its `id` is ignored); `None` when its source
 /// already made one (a replay).
@@ -695,29 +1086,73 @@ pub async fn earned_since(
     total(db, &q).await
 }
 
-/// The earliest earn of the member after `since_us` (when the rolling tier
-/// window next changes).
-pub async fn first_earn_after(
+/// Points the member earned (EARN transactions) after `since_us` whose
+/// lot is spendable at `now_us` (what counts towards tiers).
+pub async fn qualifying_earned(
     db: &impl ConnectionTrait,
     program: &str,
     customer: &str,
     since_us: i64,
-) -> Result<Option<i64>> {
-    #[derive(FromQueryResult)]
-    struct Row {
-        at_us: i64,
-    }
+    now_us: i64,
+) -> Result<i64> {
+    let spendable = Query::select()
+        .column(LC::Id)
+        .from(lots::Entity)
+        .and_where(Expr::col(LC::Program).eq(program))
+        .and_where(Expr::col(LC::Customer).eq(customer))
+        .and_where(Expr::col(LC::SpendableUs).lte(now_us))
+        .to_owned();
     let q = Query::select()
-        .column(TC::AtUs)
+        .expr_as(
+            sum_i64(TC::Points.as_str()),
+            sea_orm::sea_query::Alias::new("total"),
+        )
         .from(transactions::Entity)
         .and_where(Expr::col(TC::Program).eq(program))
         .and_where(Expr::col(TC::Customer).eq(customer))
         .and_where(Expr::col(TC::Kind).eq(kind::EARN))
         .and_where(Expr::col(TC::AtUs).gt(since_us))
-        .order_by(TC::AtUs, Order::Asc)
-        .limit(1)
+        .and_where(Expr::col(TC::Lot).in_subquery(spendable))
         .to_owned();
-    Ok(one::<Row>(db, &q).await?.map(|r| r.at_us))
+    total(db, &q).await
+}
+
+/// The earliest earn after `since_us` of each of `customers` who has one
+/// (when each rolling tier window next changes): one grouped query.
+pub async fn first_earns_after(
+    db: &impl ConnectionTrait,
+    program: &str,
+    customers: &[String],
+    since_us: i64,
+) -> Result<Vec<(String, i64)>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        customer: String,
+        first: i64,
+    }
+    let mut out = Vec::new();
+    for part in customers.chunks(rows_per_statement(1)) {
+        let q = Query::select()
+            .column(TC::Customer)
+            .expr_as(
+                Func::min(Expr::col(TC::AtUs)),
+                sea_orm::sea_query::Alias::new("first"),
+            )
+            .from(transactions::Entity)
+            .and_where(Expr::col(TC::Program).eq(program))
+            .and_where(Expr::col(TC::Customer).is_in(part.iter().cloned()))
+            .and_where(Expr::col(TC::Kind).eq(kind::EARN))
+            .and_where(Expr::col(TC::AtUs).gt(since_us))
+            .group_by_col(TC::Customer)
+            .to_owned();
+        out.extend(
+            all::<Row>(db, &q)
+                .await?
+                .into_iter()
+                .map(|r| (r.customer, r.first)),
+        );
+    }
+    Ok(out)
 }
 
 // ----------------------------------------------------------------- rewards
@@ -735,17 +1170,43 @@ const REWARD_COLS: [WC; 10] = [
     WC::CreateUs,
 ];
 
-/// A reward's row.
+/// Rewards as read: the `stock` column is what remains, the sum of the
+/// reward's slots (NULL when it has none: unlimited), in the same read.
+fn rewards_query() -> SelectStatement {
+    let left = Query::select()
+        .expr(Func::cast_as(
+            Func::sum(Expr::col((reward_slots::Entity, SC::Stock))),
+            sea_orm::sea_query::Alias::new("BIGINT"),
+        ))
+        .from(reward_slots::Entity)
+        .and_where(
+            Expr::col((reward_slots::Entity, SC::Program)).equals((rewards::Entity, WC::Program)),
+        )
+        .and_where(Expr::col((reward_slots::Entity, SC::Reward)).equals((rewards::Entity, WC::Id)))
+        .to_owned();
+    let mut q = Query::select();
+    for c in REWARD_COLS {
+        if matches!(c, WC::Stock) {
+            q.expr_as(
+                Expr::SubQuery(None, Box::new(left.clone().into())),
+                WC::Stock,
+            );
+        } else {
+            q.column((rewards::Entity, c));
+        }
+    }
+    q.from(rewards::Entity).to_owned()
+}
+
+/// A reward's row (its stock: what remains).
 pub async fn reward(
     db: &impl ConnectionTrait,
     program: &str,
     id: &str,
 ) -> Result<Option<rewards::Model>> {
-    let q = Query::select()
-        .columns(REWARD_COLS)
-        .from(rewards::Entity)
-        .and_where(Expr::col(WC::Program).eq(program))
-        .and_where(Expr::col(WC::Id).eq(id))
+    let q = rewards_query()
+        .and_where(Expr::col((rewards::Entity, WC::Program)).eq(program))
+        .and_where(Expr::col((rewards::Entity, WC::Id)).eq(id))
         .to_owned();
     one(db, &q).await
 }
@@ -757,14 +1218,12 @@ pub async fn list_rewards(
     after: Option<&str>,
     limit: u64,
 ) -> Result<Vec<rewards::Model>> {
-    let mut q = Query::select();
-    q.columns(REWARD_COLS)
-        .from(rewards::Entity)
-        .and_where(Expr::col(WC::Program).eq(program))
-        .order_by(WC::Id, Order::Asc)
+    let mut q = rewards_query();
+    q.and_where(Expr::col((rewards::Entity, WC::Program)).eq(program))
+        .order_by((rewards::Entity, WC::Id), Order::Asc)
         .limit(limit);
     if let Some(a) = after {
-        q.and_where(Expr::col(WC::Id).gt(a));
+        q.and_where(Expr::col((rewards::Entity, WC::Id)).gt(a));
     }
     all(db, &q).await
 }
@@ -796,9 +1255,8 @@ pub async fn insert_reward(db: &impl ConnectionTrait, r: &rewards::Model) -> Res
 }
 
 /// Replaces a reward if its version is still `r.version - 1`. The stock
-/// is written only when `set_stock` (the update names it): redemptions
-/// change it without changing the version, so writing back a value read
-/// earlier would undo them.
+/// column (history: the stock last set) is written only when `set_stock`
+/// (the update names it); what remains lives in the slots ([`set_stock`]).
 pub async fn update_reward(
     db: &impl ConnectionTrait,
     r: &rewards::Model,
@@ -823,28 +1281,34 @@ pub async fn update_reward(
     Ok(db.execute(&q).await?.rows_affected() == 1)
 }
 
-/// Takes `n` units of a limited reward's stock if there are that many
-/// (`n` < 0 gives back); `false` when out of stock. Unlimited rewards
-/// (NULL stock) are left alone and answer `true`.
-pub async fn take_stock(
-    db: &impl ConnectionTrait,
-    program: &str,
-    id: &str,
-    n: i64,
-) -> Result<bool> {
-    let q = Query::update()
-        .table(rewards::Entity)
-        .value(WC::Stock, Expr::col(WC::Stock).sub(n))
-        .and_where(Expr::col(WC::Program).eq(program))
-        .and_where(Expr::col(WC::Id).eq(id))
-        .and_where(Expr::col(WC::Stock).gte(n))
-        .to_owned();
-    Ok(db.execute(&q).await?.rows_affected() == 1)
+/// A reward's stock: its slots in `loyalty_reward_slots` ([`slots`]).
+pub fn stock<'a>(program: &'a str, reward: &'a str) -> slots::Counter<'a> {
+    slots::Counter {
+        table: reward_slots::Entity.table_name(),
+        keys: [
+            (SC::Program.as_str(), program),
+            (SC::Reward.as_str(), reward),
+        ],
+        value: SC::Stock.as_str(),
+    }
+}
+
+/// What is left of a campaign's total budget: its slots in
+/// `loyalty_budget_slots` ([`slots`]).
+pub fn budget<'a>(program: &'a str, campaign: &'a str) -> slots::Counter<'a> {
+    slots::Counter {
+        table: budget_slots::Entity.table_name(),
+        keys: [
+            (BSC::Program.as_str(), program),
+            (BSC::Campaign.as_str(), campaign),
+        ],
+        value: BSC::LeftMinor.as_str(),
+    }
 }
 
 // ------------------------------------------------------------- redemptions
 
-const REDEMPTION_COLS: [RC; 16] = [
+const REDEMPTION_COLS: [RC; 17] = [
     RC::Id,
     RC::Program,
     RC::Customer,
@@ -861,6 +1325,7 @@ const REDEMPTION_COLS: [RC; 16] = [
     RC::UseUs,
     RC::CreateUs,
     RC::CancelUs,
+    RC::BudgetMinor,
 ];
 
 /// Redemption state: active.
@@ -898,6 +1363,7 @@ pub async fn insert_redemption(db: &impl ConnectionTrait, r: &redemptions::Model
             r.use_us.into(),
             r.create_us.into(),
             r.cancel_us.into(),
+            r.budget_minor.into(),
         ])
         .to_owned();
     db.execute(&q).await?;

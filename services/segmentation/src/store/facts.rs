@@ -299,8 +299,9 @@ pub type LoyaltyRow = (String, Option<String>, i64);
 
 /// Applies loyalty facts in order (the last per customer wins; a row
 /// without a tier keeps the stored one), one UPDATE per customer, only to
-/// customers the projection holds (like [`set_scores`]). With several
-/// loyalty programs the latest event of any program wins. Returns the
+/// customers the projection holds (like [`set_scores`]). The rows are
+/// the primary loyalty program's (the handlers skip `secondary` events),
+/// so several programs do not overwrite each other. Returns the
 /// customers updated.
 pub async fn set_loyalty(
     db: &impl ConnectionTrait,
