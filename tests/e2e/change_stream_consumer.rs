@@ -789,10 +789,24 @@ async fn over_jetstream_a_broker_and_a_relay_restart_lose_and_double_nothing() {
     // stream's last position, republishing nothing the consumer applies.
     source.stop().await;
     let source = start(&clm_customer::DESCRIPTOR, source_config.clone()).await;
-    let mut c = client(&source.url(), None);
-    c.record_touchpoints(touchpoints(&customer, 500, 700))
-        .await
-        .unwrap();
+    // Idempotent by event id: retried as a client would while the restarted
+    // service warms up under load.
+    eventually(Duration::from_secs(20), || async {
+        let mut c = client(&source.url(), None);
+        match c.record_touchpoints(touchpoints(&customer, 500, 700)).await {
+            Ok(_) => Some(()),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Aborted
+                ) =>
+            {
+                None
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    })
+    .await;
     assert_exactly_once(&db, 701).await;
     assert_eq!(
         load_cursor(&db, "customer").await.unwrap(),
