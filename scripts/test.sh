@@ -169,6 +169,23 @@ fi
 step "build: every test and binary, once (cargo nextest, ${BUILD[*]})"
 nextest --no-run
 
+# NATS with JetStream on 127.0.0.1:4222 (the JetStream tests use streams
+# of their own there; one starts its own nats-server too).
+nats_up() { (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; }
+if ! nats_up; then
+  if ! command -v nats-server >/dev/null && [ -n "$CI" ]; then
+    step "installing NATS"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server) || true
+  fi
+  if command -v nats-server >/dev/null; then
+    step "starting NATS with JetStream"
+    mkdir -p "${TMPDIR:-/tmp}/clm-nats"
+    nohup nats-server -a 127.0.0.1 -p 4222 -js -sd "${TMPDIR:-/tmp}/clm-nats" >/dev/null 2>&1 &
+    for _ in $(seq 1 50); do nats_up && break; sleep 0.1; done
+  fi
+fi
+nats_up || fail "NATS is not reachable on 127.0.0.1:4222 and could not be started (the JetStream tests need it)"
+
 step "tests: SQLite + in-process cache"
 (unset CLM_TEST_DATABASE_URL CLM_TEST_REDIS_URL && nextest)
 

@@ -89,6 +89,15 @@ enum Command {
         #[arg(long, value_name = "README")]
         update_readme: Option<PathBuf>,
     },
+    /// Apply one service's database migrations and exit (a pre-deploy
+    /// Job; the Deployments then run with database.migrate=false).
+    Migrate {
+        /// Which service (customer, ...).
+        #[arg(value_parser = find_service)]
+        service: &'static ServiceDescriptor,
+        #[command(flatten)]
+        cli: ServiceCli,
+    },
     /// Run one service with its full configuration.
     Serve {
         /// Which service (customer, ...).
@@ -212,6 +221,14 @@ async fn main() -> anyhow::Result<()> {
                     std::time::Duration::from_secs(ttl_secs)
                 )?
             );
+            Ok(())
+        }
+        Command::Migrate { service, cli } => {
+            let config = load_or_exit(service.name, &cli.data_dir, &cli.overrides);
+            let _telemetry = clm_platform::telemetry::init(&config, service.name);
+            let db = clm_platform::db::connect(&config.database).await?;
+            (service.migrate)(&db).await?;
+            println!("{}: migrations applied", service.name);
             Ok(())
         }
         Command::Serve { service, cli } => {

@@ -121,3 +121,39 @@ fn the_erased_identifier_policy_is_checked_at_start() {
         "{text}"
     );
 }
+
+/// `clm migrate SERVICE` applies the service's migrations and exits; run
+/// again it has nothing to do and still succeeds (a pre-deploy Job).
+#[test]
+fn migrate_applies_a_services_migrations_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let out = Command::new(env!("CARGO_BIN_EXE_clm"))
+            .args(["migrate", "loyalty", "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("loyalty: migrations applied"), "{text}");
+    }
+    let db = dir.path().join("loyalty.db");
+    assert!(
+        db.is_file(),
+        "the service's SQLite database was created and migrated"
+    );
+    let tables = Command::new("python3")
+        .args(["-c", "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(\"SELECT COUNT(*) FROM seaql_migrations\").fetchone()[0])"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let applied: i64 = String::from_utf8_lossy(&tables.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(applied > 5, "{applied} migrations recorded");
+}
