@@ -673,10 +673,14 @@ impl OperationsServer {
             }
         };
         // Never past the call's own deadline: answer the latest state
-        // just before it instead of DEADLINE_EXCEEDED.
-        let mut until = tokio::time::Instant::now() + timeout;
+        // before it instead of DEADLINE_EXCEEDED, keeping a quarter of the
+        // time left (10 to 250 ms) for the last read and the answer.
+        let now = tokio::time::Instant::now();
+        let mut until = now + timeout;
         if let Some(d) = crate::peer::deadline() {
-            until = until.min(d.checked_sub(Duration::from_millis(10)).unwrap_or(d));
+            let margin = (d.saturating_duration_since(now) / 4)
+                .clamp(Duration::from_millis(10), Duration::from_millis(250));
+            until = until.min(d.checked_sub(margin).unwrap_or(d));
         }
         let mut pause = Duration::from_millis(10);
         loop {
