@@ -57,6 +57,8 @@
 //!   the latest event of any program wins.
 #![forbid(unsafe_code)]
 
+pub mod access;
+pub mod accountability;
 pub mod api;
 pub mod cache;
 pub mod catalog;
@@ -64,6 +66,7 @@ pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod objectives;
 pub mod sql;
 pub mod store;
 
@@ -96,5 +99,27 @@ fn build(rt: &Runtime) -> anyhow::Result<Parts> {
         .follow_if_configured("loyalty", events::loyalty_handlers(engine.clone()))
         .operation(engine::BACKFILL, engine.runner())
         .timer(store::members::WINDOW, std::sync::Arc::new(engine))
-        .task(move |_| Box::pin(resume.resume_backfills())))
+        .timer(
+            accountability::SNAPSHOT,
+            std::sync::Arc::new(accountability::Timers {
+                rt: rt.clone(),
+                kind: accountability::SNAPSHOT,
+            }),
+        )
+        .timer(
+            accountability::DEADLINE,
+            std::sync::Arc::new(accountability::Timers {
+                rt: rt.clone(),
+                kind: accountability::DEADLINE,
+            }),
+        )
+        .task(move |_| Box::pin(resume.resume_backfills()))
+        .task({
+            let rt = rt.clone();
+            move |_| Box::pin(accountability::arm_all(rt))
+        })
+        .task({
+            let rt = rt.clone();
+            move |shutdown| Box::pin(accountability::purge_history(rt, shutdown))
+        }))
 }

@@ -146,13 +146,22 @@ pub async fn all(db: &impl ConnectionTrait) -> Result<Vec<Segment>, DbErr> {
         .await
 }
 
-/// A page of segments after `after` (id), by id.
+/// A page of segments after `after` (id), by id, optionally of one owner
+/// and one team.
 pub async fn page(
     db: &impl ConnectionTrait,
+    owner: Option<&str>,
+    team: Option<&str>,
     after: Option<&str>,
     limit: u64,
 ) -> Result<Vec<Segment>, DbErr> {
     let mut q = segments::Entity::find().order_by_asc(segments::Column::Id);
+    if let Some(o) = owner {
+        q = q.filter(segments::Column::Owner.eq(o));
+    }
+    if let Some(t) = team {
+        q = q.filter(segments::Column::Team.eq(t));
+    }
     if let Some(a) = after {
         q = q.filter(segments::Column::Id.gt(a));
     }
