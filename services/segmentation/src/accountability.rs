@@ -142,6 +142,9 @@ impl OnDue for Timers {
             let Some(row) = segments::get(cx.txn(), &seg).await? else {
                 continue;
             };
+            // Measured now: a snapshot fired late (no replica ran at the
+            // hour) records what is true when it runs, under its own day.
+            let now_us = to_micros(cx.now());
             for (rest, due_us) in items {
                 if self.kind == SNAPSHOT {
                     let day: i64 = rest.parse().unwrap_or_else(|_| day_start(due_us));
@@ -150,7 +153,7 @@ impl OnDue for Timers {
                         &row.owner,
                         &seg,
                         day,
-                        due_us,
+                        now_us,
                         settings.objective_trend_days,
                     )
                     .await?;
@@ -158,7 +161,7 @@ impl OnDue for Timers {
                     let arm = Arm::new(key(&seg, &(day + DAY_US).to_string()), seg.as_str(), next);
                     timers::arm(cx.txn(), SNAPSHOT, &[arm]).await?;
                 } else {
-                    deadline(cx, &row.owner, &seg, &rest, due_us).await?;
+                    deadline(cx, &row.owner, &seg, &rest, now_us.max(due_us)).await?;
                 }
             }
         }
@@ -232,7 +235,7 @@ async fn deadline(
     }
     let m = objectives::measure(cx.txn(), &segs, &[&o], false, at_us).await?;
     let v = objectives::value(&o, &m);
-    let e = objectives::status(&o, v, at_us.max(o.deadline_us), None);
+    let e = objectives::status(&o, v, at_us, None);
     stored::set_status(cx.txn(), segment, objective, e.status as i16, Some(v)).await?;
     if e.status as i16 != o.status {
         cx.emit(changed(owner, &o, o.status, &e));

@@ -402,3 +402,95 @@ pub async fn trend_starts(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn objective(metric: pb::ObjectiveMetric, target: f64, at_most: bool) -> Objective {
+        Objective {
+            segment_id: "s".into(),
+            objective_id: "o".into(),
+            position: 0,
+            metric: metric as i16,
+            stage: None,
+            target,
+            direction: if at_most {
+                pb::ObjectiveDirection::AtMost
+            } else {
+                pb::ObjectiveDirection::AtLeast
+            } as i16,
+            deadline_us: 10 * crate::store::history::DAY_US,
+            currency: None,
+            window_us: None,
+            status: 0,
+            final_value: None,
+        }
+    }
+
+    #[test]
+    fn nps_and_csat_follow_their_formulas() {
+        // 10 members: 5 answered NPS: 3 promoters, 1 passive, 1 detractor:
+        // (3 - 1) / 5 * 100 = 40. CSAT answers 4, 5, 3: 12 / 3 = 4.
+        let facts = MemberFacts {
+            size: 10,
+            promoters: 3,
+            detractors: 1,
+            nps_answers: 5,
+            csat_sum: 12.0,
+            csat_answers: 3,
+            ..MemberFacts::default()
+        };
+        let mut m = Measures::default();
+        m.facts.insert("s".into(), facts);
+        let nps_o = objective(pb::ObjectiveMetric::Nps, 30.0, false);
+        assert!((value(&nps_o, &m) - 40.0).abs() < 1e-12);
+        let csat_o = objective(pb::ObjectiveMetric::Csat, 4.5, false);
+        assert!((value(&csat_o, &m) - 4.0).abs() < 1e-12);
+        // No answers: 0, not a division by zero.
+        assert_eq!(value(&nps_o, &Measures::default()), 0.0);
+    }
+
+    #[test]
+    fn status_projects_the_trend_to_the_deadline() {
+        let day = crate::store::history::DAY_US;
+        let o = objective(pb::ObjectiveMetric::Size, 6.0, false);
+        // Value 4 now (day 2); 2 at day 0: slope 1/day, 8 days left:
+        // projected 12 >= 6: on track.
+        let e = status(&o, 4.0, 2 * day, Some((0, 2.0)));
+        assert_eq!(e.status, pb::ObjectiveStatus::OnTrack);
+        assert!((e.projected - 12.0).abs() < 1e-9);
+        // Flat trend: projected 4 < 6: at risk.
+        let e = status(&o, 4.0, 2 * day, Some((0, 4.0)));
+        assert_eq!(e.status, pb::ObjectiveStatus::AtRisk);
+        // No snapshot: projected = value.
+        assert_eq!(
+            status(&o, 4.0, 2 * day, None).status,
+            pb::ObjectiveStatus::AtRisk
+        );
+        // Met now, and at or after the deadline: met / missed.
+        assert_eq!(
+            status(&o, 6.0, 2 * day, None).status,
+            pb::ObjectiveStatus::Met
+        );
+        assert_eq!(
+            status(&o, 5.0, 10 * day, None).status,
+            pb::ObjectiveStatus::Missed
+        );
+        // A frozen value decides after the deadline whatever the value now.
+        let frozen = Objective {
+            final_value: Some(7.0),
+            ..o.clone()
+        };
+        assert_eq!(
+            status(&frozen, 1.0, 11 * day, None).status,
+            pb::ObjectiveStatus::Met
+        );
+        // At most: 0.25 > 0.2 and rising: at risk.
+        let churn = objective(pb::ObjectiveMetric::ChurnRate, 0.2, true);
+        assert_eq!(
+            status(&churn, 0.25, 2 * day, Some((0, 0.1))).status,
+            pb::ObjectiveStatus::AtRisk
+        );
+    }
+}
