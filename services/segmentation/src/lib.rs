@@ -16,6 +16,16 @@
 //!   the platform cache (Redis or in-process), versioned, never "not a
 //!   member" by mistake.
 //!
+//! * **Accountability** (docs/segment-owners.md): owner, team, purpose and
+//!   playbook on each segment; owner-scoped writes ([`access`], checked in
+//!   the platform's `auth::authorize_owned` inside each write's
+//!   transaction); objectives computed from the projections ([`objectives`],
+//!   [`store::metrics`]); change requests (`api::edit` is the one way a
+//!   segment is edited, by UpdateSegment or by an approval); membership
+//!   history read from the membership rows themselves ([`store::history`]);
+//!   daily snapshots and objective deadlines in the platform timer queue
+//!   ([`accountability`]) with `ObjectiveStatusChanged` alerts.
+//!
 //! Layout: [`DESCRIPTOR`] → [`api`] → [`convert`] → [`store`] / [`engine`].
 //!
 //! # Choices a newcomer should know
@@ -51,6 +61,14 @@
 //!   and adds its answers as `SURVEY_ANSWER` touchpoints, so
 //!   `count(survey_answer where properties.category = "detractor", 90d)`
 //!   works like any touchpoint window.
+//! * Only admin changes any segment: marketer (who alone, with admin,
+//!   creates segments) and segment_owner change the segments they own or
+//!   whose team (token claim `teams`) they are in. Deleting a segment that
+//!   requires approval is not gated by approval (only rule, objectives and
+//!   the approval setting are).
+//! * Objective values count current members only; revenue metrics count
+//!   purchases in the objective's currency (no conversion). Status after
+//!   the deadline is frozen by a deadline timer at the value then.
 //! * Loyalty facts follow the loyalty stream when `peers.loyalty` is set
 //!   (`events::loyalty_handlers`): `TierChanged` sets `loyalty.tier` and
 //!   `loyalty.balance`, `PointsChanged` the balance; with several programs

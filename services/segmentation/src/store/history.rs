@@ -55,14 +55,12 @@ pub struct Filter {
     pub to_us: i64,
 }
 
+/// One side of the history: from `table`, columns `[segment, customer,
+/// time, rule version, reason]`, as `change` (1 entered, 2 exited).
 fn part<C: IdenStatic + Copy>(
     table: impl sea_orm::sea_query::IntoTableRef,
-    seg: C,
-    cust: C,
-    at: C,
+    [seg, cust, at, version, reason]: [C; 5],
     change: i16,
-    version: C,
-    reason: C,
     f: &Filter,
 ) -> SelectStatement {
     let mut q = Query::select();
@@ -71,11 +69,11 @@ fn part<C: IdenStatic + Copy>(
         .expr_as(Expr::col(at), n("at_us"))
         .expr_as(Expr::val(change), n("change"))
         .expr_as(
-            Func::coalesce([Expr::col(version).into(), Expr::val(0i64)]),
+            Func::coalesce([Expr::col(version), Expr::val(0i64)]),
             n("version"),
         )
         .expr_as(
-            Func::coalesce([Expr::col(reason).into(), Expr::val(0i16)]),
+            Func::coalesce([Expr::col(reason), Expr::val(0i16)]),
             n("reason"),
         )
         .from(table)
@@ -100,24 +98,28 @@ pub async fn list(
 ) -> Result<Vec<Entry>, DbErr> {
     let mut union = part(
         Members,
-        M::SegmentId,
-        M::CustomerId,
-        M::EnterUs,
+        [
+            M::SegmentId,
+            M::CustomerId,
+            M::EnterUs,
+            M::RuleVersion,
+            M::Reason,
+        ],
         1,
-        M::RuleVersion,
-        M::Reason,
         f,
     );
     union.union(
         UnionType::All,
         part(
             MemberHistory,
-            MH::SegmentId,
-            MH::CustomerId,
-            MH::EnterUs,
+            [
+                MH::SegmentId,
+                MH::CustomerId,
+                MH::EnterUs,
+                MH::EnterVersion,
+                MH::EnterReason,
+            ],
             1,
-            MH::EnterVersion,
-            MH::EnterReason,
             f,
         ),
     );
@@ -125,12 +127,14 @@ pub async fn list(
         UnionType::All,
         part(
             MemberHistory,
-            MH::SegmentId,
-            MH::CustomerId,
-            MH::ExitUs,
+            [
+                MH::SegmentId,
+                MH::CustomerId,
+                MH::ExitUs,
+                MH::ExitVersion,
+                MH::ExitReason,
+            ],
             2,
-            MH::ExitVersion,
-            MH::ExitReason,
             f,
         ),
     );
