@@ -784,6 +784,62 @@ async fn change_requests_are_approved_by_a_second_principal_and_audited() {
         "CHANGE_REQUEST_STATE_APPROVED"
     );
 
+    // Bob proposes a purpose; ada (same team, not the author) rejects it:
+    // the segment keeps its purpose, the audit shows the review.
+    let cr2 = bob
+        .create_segment_change_request(pb::CreateSegmentChangeRequestRequest {
+            parent: s.name.clone(),
+            change_request: Some(pb::SegmentChangeRequest {
+                segment: Some(pb::Segment {
+                    purpose: "something else".into(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["purpose".into()],
+                }),
+                reason: "rethink".into(),
+                ..Default::default()
+            }),
+            request_id: "cr-2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rejected = ada
+        .reject_segment_change_request(pb::RejectSegmentChangeRequestRequest {
+            name: cr2.name.clone(),
+            comment: "no".into(),
+            request_id: "rej-2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rejected.state, pb::ChangeRequestState::Rejected as i32);
+    assert_eq!(rejected.applied_version, 0);
+    let kept = ada
+        .get_segment(pb::GetSegmentRequest {
+            name: s.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.purpose, "win back e-customers");
+    let entries = audit_entries(&mut steward, &s.name).await;
+    let review = &entries[0];
+    assert!(review.rpc.ends_with("/RejectSegmentChangeRequest"));
+    assert_eq!(
+        (review.resource.as_str(), review.actor.as_str()),
+        (cr2.name.as_str(), "ada")
+    );
+    assert_eq!(
+        text(&review.before, "state"),
+        "CHANGE_REQUEST_STATE_PENDING"
+    );
+    assert_eq!(
+        text(&review.after, "state"),
+        "CHANGE_REQUEST_STATE_REJECTED"
+    );
+
     // Membership history: e1 entered at creation (version 1, backfill);
     // f1 entered with version 2.
     let history = ada

@@ -82,6 +82,7 @@ impl SegmentationApi {
             &req,
             now,
             async move |txn| {
+                segments::lock(txn, &id).await?;
                 let mut row = segments::get(txn, &id)
                     .await?
                     .ok_or_else(|| Error::NotFound(name.clone()))?;
@@ -324,6 +325,10 @@ impl SegmentationApi {
             "RejectSegmentChangeRequest"
         };
         let out = idempotency::write(self.engine.rt(), scope, rid, &request, now, async move |txn| {
+            // Segment first, then the request: two reviews of one request
+            // (or a review and an edit) are ordered, and the second sees
+            // what the first committed.
+            segments::lock(txn, &seg).await?;
             let before_cr = change_requests::get(txn, &seg, &cr_id)
                 .await?
                 .ok_or_else(|| Error::NotFound(name.clone()))?;

@@ -399,6 +399,7 @@ impl SegmentationApi {
             &req,
             now,
             async move |txn| {
+                segments::lock(txn, &id).await?;
                 let mut row = segments::get(txn, &id)
                     .await?
                     .ok_or_else(|| Error::NotFound(name.clone()))?;
@@ -728,6 +729,7 @@ impl SegmentationApi {
             &req,
             now,
             async move |txn| {
+                segments::lock(txn, &id).await?;
                 let mut row = segments::get(txn, &id)
                     .await?
                     .ok_or_else(|| Error::NotFound(name.clone()))?;

@@ -133,6 +133,23 @@ pub async fn backfilling_without_operation(
         .await
 }
 
+/// Takes `id`'s row lock until the transaction ends (a no-op write; on
+/// SQLite the one writer orders writes anyway), so writes that check the
+/// segment (owner, etag, approval) and then change it are ordered: one
+/// reads what the other committed. Taken before the membership lock
+/// wherever both are (the order UpdateSegment has always had).
+pub async fn lock(db: &impl ConnectionTrait, id: &str) -> Result<(), DbErr> {
+    segments::Entity::update_many()
+        .col_expr(
+            segments::Column::Revision,
+            sea_orm::sea_query::Expr::col(segments::Column::Revision).into(),
+        )
+        .filter(segments::Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
 /// A segment by id.
 pub async fn get(db: &impl ConnectionTrait, id: &str) -> Result<Option<Segment>, DbErr> {
     segments::Entity::find_by_id(id.to_owned()).one(db).await
