@@ -1291,3 +1291,90 @@ async fn the_role_matrix_holds_on_every_mutating_rpc() {
     }
     assert_eq!(got, want);
 }
+
+#[tokio::test]
+async fn two_replicas_take_each_daily_snapshot_once() {
+    let h = start_with(|c| c.segmentation.snapshot_hour_utc = 12).await;
+    // A second replica on the same database and clock.
+    let mut config = seg_config(&h.seg_backend, &h.customer.url());
+    config.segmentation.snapshot_hour_utc = 12;
+    let second = clm_platform::testing::start_with_clock(
+        &clm_segmentation::DESCRIPTOR,
+        config,
+        std::sync::Arc::new(h.clock.clone()),
+    )
+    .await;
+    let mut cust = h.customers();
+    create_customer(&mut cust, "r1@example.com", |_| {}).await;
+    let mut seg = h.segments();
+    let day0 = t0() - Duration::hours(10);
+    let s = seg
+        .create_segment(pb::CreateSegmentRequest {
+            segment: Some(pb::Segment {
+                display_name: "replicated".into(),
+                rule_text: r#"email starts_with "r""#.into(),
+                objectives: vec![
+                    objective(
+                        "big",
+                        pb::ObjectiveMetric::Size,
+                        5.0,
+                        pb::ObjectiveDirection::AtLeast,
+                        day0 + Duration::days(5),
+                    ),
+                    objective(
+                        "small",
+                        pb::ObjectiveMetric::Size,
+                        3.0,
+                        pb::ObjectiveDirection::AtMost,
+                        day0 + Duration::days(5),
+                    ),
+                ],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_count(&mut seg, &s.name, 1).await;
+    let mut other = SegmentationServiceClient::new(second.channel());
+    let mut alerts = other
+        .watch_objective_alerts(pb::WatchObjectiveAlertsRequest {
+            segment: s.name.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for d in 0..2 {
+        h.clock.set(day0 + Duration::days(d) + Duration::hours(12));
+        wait_snapshot(&seg, &s.name, day0 + Duration::days(d)).await;
+    }
+    // Day 0: big AT_RISK (1 < 5, no trend), small MET (1 <= 3); day 1:
+    // nothing changed. Exactly these two alerts, however many replicas.
+    let a = next_alert(&mut alerts).await;
+    assert_eq!(
+        (a.objective.as_str(), a.status),
+        ("big", pb::ObjectiveStatus::AtRisk as i32)
+    );
+    let a = next_alert(&mut alerts).await;
+    assert_eq!(
+        (a.objective.as_str(), a.status),
+        ("small", pb::ObjectiveStatus::Met as i32)
+    );
+    let more = tokio::time::timeout(std::time::Duration::from_secs(1), alerts.next()).await;
+    assert!(more.is_err(), "a third alert: {more:?}");
+    let p = other
+        .get_segment_performance(pb::GetSegmentPerformanceRequest {
+            name: s.name.clone(),
+            start_time: at(day0),
+            end_time: at(day0 + Duration::days(1)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let points: usize = p.objectives.iter().map(|o| o.points.len()).sum();
+    assert_eq!(points, 4, "one point per objective and day");
+    assert!(p.days.iter().all(|d| d.snapshot_taken && d.size == 1));
+    second.stop().await;
+}
