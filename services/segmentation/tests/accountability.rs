@@ -1378,3 +1378,69 @@ async fn two_replicas_take_each_daily_snapshot_once() {
     assert!(p.days.iter().all(|d| d.snapshot_taken && d.size == 1));
     second.stop().await;
 }
+
+#[tokio::test]
+async fn membership_history_is_kept_for_the_configured_retention() {
+    let keep_one_day = |c: &mut clm_platform::config::Config| {
+        c.segmentation.membership_history_retention_days = 1;
+    };
+    let mut h = start_with(keep_one_day).await;
+    let mut cust = h.customers();
+    let k1 = create_customer(&mut cust, "k1@example.com", |_| {}).await;
+    let mut seg = h.segments();
+    let s = create_segment(&mut seg, r#"email starts_with "k""#).await;
+    wait_count(&mut seg, &s.name, 1).await;
+    let current = wait_ready(&mut seg, &s.name).await;
+    seg.update_segment(pb::UpdateSegmentRequest {
+        segment: Some(pb::Segment {
+            name: s.name.clone(),
+            etag: current.etag,
+            rule_text: r#"email starts_with "zz""#.into(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["rule_text".into()],
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    wait_count(&mut seg, &s.name, 0).await;
+    let history = |seg: Segments| {
+        let (segment, customer) = (s.name.clone(), k1.clone());
+        async move {
+            let mut seg = seg;
+            seg.list_membership_history(pb::ListMembershipHistoryRequest {
+                segment,
+                customer,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .len()
+        }
+    };
+    assert_eq!(history(seg.clone()).await, 2, "entered and exited");
+    // Two days on, a restarted service purges the closed interval.
+    h.advance(Duration::days(2));
+    h.segmentation.take().unwrap().stop().await;
+    let mut config = seg_config(&h.seg_backend, &h.customer.url());
+    keep_one_day(&mut config);
+    h.segmentation = Some(
+        clm_platform::testing::start_with_clock(
+            &clm_segmentation::DESCRIPTOR,
+            config,
+            std::sync::Arc::new(h.clock.clone()),
+        )
+        .await,
+    );
+    let seg = h.segments();
+    eventually(std::time::Duration::from_secs(30), || {
+        let seg = seg.clone();
+        let history = &history;
+        async move { history(seg).await == 0 }
+    })
+    .await;
+}

@@ -142,7 +142,7 @@ pub async fn lock(db: &impl ConnectionTrait, id: &str) -> Result<(), DbErr> {
     segments::Entity::update_many()
         .col_expr(
             segments::Column::Revision,
-            sea_orm::sea_query::Expr::col(segments::Column::Revision).into(),
+            sea_orm::sea_query::Expr::col(segments::Column::Revision),
         )
         .filter(segments::Column::Id.eq(id))
         .exec(db)
