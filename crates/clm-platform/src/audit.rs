@@ -541,6 +541,7 @@ impl AuditService for AuditServer {
         request: Request<ListAuditEntriesRequest>,
     ) -> std::result::Result<Response<ListAuditEntriesResponse>, Status> {
         authorize(&request, &AUDIT_POLICY)?;
+        crate::error::known_enums(request.get_ref())?;
         Ok(Response::new(list(&self.rt.read, request.get_ref()).await?))
     }
 }

@@ -98,6 +98,7 @@ impl ChangeStreamService for ChangeStreamServer {
         request: Request<WatchChangesRequest>,
     ) -> Result<Response<Self::WatchChangesStream>, Status> {
         authorize(&request, &CHANGE_STREAM_POLICY)?;
+        crate::error::known_enums(request.get_ref())?;
         let req = request.into_inner();
         if req.after_sequence < 0 {
             return Err(Error::invalid("after_sequence", "must not be negative").into());
@@ -1393,6 +1394,7 @@ impl DeadLetterService for DeadLetterServer {
         request: Request<ListDeadLettersRequest>,
     ) -> Result<Response<ListDeadLettersResponse>, Status> {
         authorize(&request, &DEAD_LETTER_POLICY)?;
+        crate::error::known_enums(request.get_ref())?;
         Ok(Response::new(self.list(request.into_inner()).await?))
     }
 
@@ -1401,6 +1403,7 @@ impl DeadLetterService for DeadLetterServer {
         request: Request<ReplayDeadLetterRequest>,
     ) -> Result<Response<ReplayDeadLetterResponse>, Status> {
         authorize(&request, &DEAD_LETTER_POLICY)?;
+        crate::error::known_enums(request.get_ref())?;
         Ok(Response::new(self.replay(request.into_inner()).await?))
     }
 }

@@ -386,17 +386,41 @@ where
 ///     respond(request, &POLICY, |_, req| self.get(req)).await
 /// }
 /// ```
+/// Refuses a request with an enum field holding a number its enum does not
+/// define (proto3 passes unknown numbers through as plain integers):
+/// INVALID_ARGUMENT naming every such field by its proto path. [`respond`]
+/// runs it on every request; streaming rpcs call it after `authorize`.
+pub fn known_enums<M: clm_proto::KnownEnums + ?Sized>(request: &M) -> Result<()> {
+    let unknown = clm_proto::unknown_enums(request);
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(Violations(
+        unknown
+            .into_iter()
+            .map(|u| {
+                Violation::new(
+                    u.field,
+                    format!("{} is not a value of {}", u.value, u.enum_name),
+                )
+            })
+            .collect(),
+    )))
+}
+
 pub async fn respond<Q, R, F, Fut, A>(
     request: tonic::Request<Q>,
     access: &A,
     call: F,
 ) -> Result<tonic::Response<R>, Status>
 where
+    Q: clm_proto::KnownEnums,
     F: FnOnce(crate::auth::Principal, Q) -> Fut,
     Fut: std::future::Future<Output = Result<R>>,
     A: crate::auth::Access + ?Sized,
 {
     let principal = crate::auth::authorize(&request, access)?;
+    known_enums(request.get_ref())?;
     let context = crate::call::Call {
         principal: principal.clone(),
         rpc: request.extensions().get::<crate::auth::RpcName>().cloned(),

@@ -700,6 +700,7 @@ impl OperationsRpc for OperationsServer {
         request: tonic::Request<ListOperationsRequest>,
     ) -> Result<tonic::Response<ListOperationsResponse>, tonic::Status> {
         authorize(&request, &OPERATIONS_POLICY)?;
+        crate::error::known_enums(request.get_ref())?;
         Ok(tonic::Response::new(self.list(request.into_inner()).await?))
     }
 
@@ -708,6 +709,7 @@ impl OperationsRpc for OperationsServer {
         request: tonic::Request<GetOperationRequest>,
     ) -> Result<tonic::Response<Operation>, tonic::Status> {
         authorize(&request, &OPERATIONS_POLICY)?;
+        crate::error::known_enums(request.get_ref())?;
         Ok(tonic::Response::new(
             get(&self.rt.read, &request.get_ref().name).await?,
         ))
@@ -718,6 +720,7 @@ impl OperationsRpc for OperationsServer {
         request: tonic::Request<DeleteOperationRequest>,
     ) -> Result<tonic::Response<()>, tonic::Status> {
         authorize(&request, &OPERATIONS_POLICY)?;
+        crate::error::known_enums(request.get_ref())?;
         self.delete(&request.get_ref().name).await?;
         Ok(tonic::Response::new(()))
     }
@@ -727,6 +730,7 @@ impl OperationsRpc for OperationsServer {
         request: tonic::Request<CancelOperationRequest>,
     ) -> Result<tonic::Response<()>, tonic::Status> {
         authorize(&request, &OPERATIONS_POLICY)?;
+        crate::error::known_enums(request.get_ref())?;
         self.cancel(&request.get_ref().name).await?;
         Ok(tonic::Response::new(()))
     }
@@ -736,6 +740,7 @@ impl OperationsRpc for OperationsServer {
         request: tonic::Request<WaitOperationRequest>,
     ) -> Result<tonic::Response<Operation>, tonic::Status> {
         authorize(&request, &OPERATIONS_POLICY)?;
+        crate::error::known_enums(request.get_ref())?;
         Ok(tonic::Response::new(self.wait(request.into_inner()).await?))
     }
 }

@@ -568,14 +568,14 @@ impl ScoringService for ScoringApi {
             let actor = who.subject.clone();
             let models = self.models.clone();
             idempotency::write(&self.rt, "AdjustScore", rid, &req, now, async |txn| {
-                // Only customers scoring has seen on the customer stream.
-                if customers::get(txn, std::slice::from_ref(&c))
+                // Only customers scoring has seen on the customer stream,
+                // checked under their lock: an erased one is never recreated.
+                if customers::lock_existing(txn, std::slice::from_ref(&c))
                     .await?
                     .is_empty()
                 {
                     return Err(Error::NotFound(c.clone()));
                 }
-                customers::ensure_and_lock(txn, std::slice::from_ref(&c)).await?;
                 let last =
                     customers::last_activity(txn, std::slice::from_ref(&c), to_micros(now)).await?;
                 let new = ledger::NewRow {
@@ -620,62 +620,77 @@ impl ScoringService for ScoringApi {
         respond(request, &POLICY, |_, req| async move {
             let m = model_id("scoring_model", &req.scoring_model)?;
             let size = page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)?;
+            let pager = Pager::new(&[&m, &req.score, &req.grade]);
+            // The token pins the read time and the model version of the
+            // first page: later pages rank the same scores, so decay or an
+            // activation between pages neither skips nor repeats anyone.
+            let after: Option<((f64, i64, i64), String)> = pager.after(&req.page_token)?;
+            let (read_us, pinned) = after
+                .as_ref()
+                .map_or((to_micros(self.now()), 0), |((_, t, v), _)| (*t, *v));
             let v = self
                 .models
-                .get(&self.rt.read, &m, 0)
+                .get(&self.rt.read, &m, pinned)
                 .await?
                 .ok_or_else(|| Error::NotFound(format!("{MODEL_PREFIX}{m}")))?;
             if v.model.score(&req.score).is_none() {
                 return Err(Error::invalid("score", "unknown score in this model"));
             }
-            let now = to_micros(self.now());
-            let pager = Pager::new(&[&m, &req.score, &req.grade]);
-            let after: Option<(f64, String)> = pager.after(&req.page_token)?;
-            // Every customer's scores now, from the model's running sums.
+            // Every customer's scores at the read time, from the model's
+            // running sums; the answer is built for the page only.
             let last = if scorer::uses_inactivity(&v.model) {
-                customers::last_activity_all(&self.rt.read, now).await?
+                customers::last_activity_all(&self.rt.read, read_us).await?
             } else {
                 Default::default()
             };
-            let mut ranked: Vec<(f64, pb::CustomerScores)> =
-                scorer::all_scores(&self.rt.read, &v, &last, now)
-                    .await?
-                    .into_iter()
-                    .map(|(c, values, grade)| {
-                        let value = values
-                            .iter()
-                            .find(|(k, _)| *k == req.score)
-                            .map_or(0.0, |(_, x)| *x);
-                        (
-                            value,
-                            pb::CustomerScores {
-                                customer: c,
-                                scoring_model: format!("{MODEL_PREFIX}{m}"),
-                                scores: values
-                                    .into_iter()
-                                    .map(|(score, value)| pb::ScoreValue { score, value })
-                                    .collect(),
-                                grade,
-                                read_time: Some(timestamp(from_micros(now))),
-                            },
-                        )
-                    })
-                    .filter(|(_, s)| req.grade.is_empty() || s.grade == req.grade)
-                    .filter(|(value, s)| match &after {
-                        None => true,
-                        Some((av, ac)) => *value < *av || (*value == *av && s.customer > *ac),
-                    })
-                    .collect();
-            ranked.sort_by(|a, b| {
+            let all = scorer::all_scores(&self.rt.read, &v, &last, read_us).await?;
+            let mut ranked: Vec<(f64, usize)> = all
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, _, grade))| req.grade.is_empty() || *grade == req.grade)
+                .map(|(i, (_, values, _))| {
+                    let value = values
+                        .iter()
+                        .find(|(k, _)| *k == req.score)
+                        .map_or(0.0, |(_, x)| *x);
+                    (value, i)
+                })
+                .filter(|(value, i)| match &after {
+                    None => true,
+                    Some(((av, _, _), ac)) => *value < *av || (*value == *av && all[*i].0 > *ac),
+                })
+                .collect();
+            let order = |a: &(f64, usize), b: &(f64, usize)| {
                 b.0.total_cmp(&a.0)
-                    .then_with(|| a.1.customer.cmp(&b.1.customer))
-            });
-            ranked.truncate(size as usize + 1);
+                    .then_with(|| all[a.1].0.cmp(&all[b.1].0))
+            };
+            let keep = size as usize + 1;
+            if ranked.len() > keep {
+                ranked.select_nth_unstable_by(keep - 1, order);
+                ranked.truncate(keep);
+            }
+            ranked.sort_by(order);
+            let version = v.version;
             let (customers, next) = pager.page(
                 &ranked,
                 size as usize,
-                |(_, s)| s.clone(),
-                |(v, s)| (*v, s.customer.clone()),
+                |(_, i)| {
+                    let (c, values, grade) = &all[*i];
+                    pb::CustomerScores {
+                        customer: c.clone(),
+                        scoring_model: format!("{MODEL_PREFIX}{m}"),
+                        scores: values
+                            .iter()
+                            .map(|(score, value)| pb::ScoreValue {
+                                score: score.clone(),
+                                value: *value,
+                            })
+                            .collect(),
+                        grade: grade.clone(),
+                        read_time: Some(timestamp(from_micros(read_us))),
+                    }
+                },
+                |(value, i)| ((*value, read_us, version), all[*i].0.clone()),
             );
             Ok(pb::ListTopCustomersResponse {
                 customers,

@@ -12,6 +12,7 @@
 //! adds nothing.
 
 use crate::convert;
+use crate::recap;
 use crate::scorer::{self, Models};
 use crate::store::ledger::{self, NewRow};
 use crate::store::{customers, sums, timers};
@@ -195,7 +196,10 @@ impl CustomerEvents {
         if tps.is_empty() {
             return Ok(());
         }
-        tps.sort_by(|a, b| (&a.0, a.1.occurred_time).cmp(&(&b.0, b.1.occurred_time)));
+        // (time, event id) per customer: the order caps are defined in.
+        tps.sort_by(|a, b| {
+            (&a.0, a.1.occurred_time, &a.1.event_id).cmp(&(&b.0, b.1.occurred_time, &b.1.event_id))
+        });
         let active = self.models.active(txn).await?;
         let last = if active.iter().any(|v| scorer::uses_inactivity(&v.model)) {
             customers::last_activity(txn, &custs, now).await?
@@ -267,6 +271,37 @@ impl CustomerEvents {
                             actor: String::new(),
                         }),
                 );
+            }
+            // A touchpoint earlier than its limited rule's newest award for
+            // the customer arrived late: that rule's awards from it on are
+            // evaluated again (crate::recap) instead of on the fast path.
+            let limited: Vec<String> = matching
+                .iter()
+                .filter(|r| r.limited())
+                .map(|r| r.id.clone())
+                .collect();
+            let newest = ledger::newest_awards(txn, &v.id, v.version, &custs, &limited).await?;
+            let mut late: BTreeMap<(String, String), recap::Late> = BTreeMap::new();
+            for (customer, tp) in &tps {
+                let at = tp.occurred_time.timestamp_micros();
+                for r in matching.iter().filter(|r| r.limited()) {
+                    let key = (customer.clone(), r.id.clone());
+                    if newest.get(&key).is_none_or(|n| at >= *n) || !r.trigger.matches(tp) {
+                        continue;
+                    }
+                    // Sorted by (time, event id): the first is the earliest.
+                    late.entry(key).or_insert_with(|| recap::Late {
+                        customer: customer.clone(),
+                        rule: r.id.clone(),
+                        from_us: at,
+                        cause: tp.event_id.clone(),
+                    });
+                }
+            }
+            if !late.is_empty() {
+                new.retain(|n| !late.contains_key(&(n.customer.clone(), n.award.rule.clone())));
+                let late: Vec<recap::Late> = late.into_values().collect();
+                new.extend(recap::corrections(txn, &v, &late).await?);
             }
             events.extend(scorer::apply(txn, &v, new, &last, now).await?);
         }
@@ -425,6 +460,29 @@ impl On<cpb::CustomersMerged> for CustomerEvents {
             }
         }
         timers::touch(txn, &keys, now).await?;
+        // Caps and once-only rules over the two ledgers together, as a
+        // re-scoring would give them (one award of a once-only rule).
+        let mut events = Vec::new();
+        let last = customers::last_activity(txn, std::slice::from_ref(&m.survivor), now).await?;
+        for v in self.models.active(txn).await? {
+            let late: Vec<recap::Late> = v
+                .model
+                .event_rules
+                .iter()
+                .filter(|r| r.limited())
+                .map(|r| recap::Late {
+                    customer: m.survivor.clone(),
+                    rule: r.id.clone(),
+                    from_us: i64::MIN,
+                    cause: event.event_id.clone(),
+                })
+                .collect();
+            let new = recap::corrections(txn, &v, &late).await?;
+            events.extend(scorer::apply(txn, &v, new, &last, now).await?);
+        }
+        for e in events {
+            cx.emit(e);
+        }
         self.profile_changed(cx, &m.survivor, &event.event_id).await
     }
 }
@@ -440,6 +498,9 @@ impl On<cpb::CustomerErased> for CustomerEvents {
         let mut all = m.merged_from.clone();
         all.push(m.customer.clone());
         let txn = cx.txn();
+        // Under the customers' locks, so a concurrent AdjustScore either
+        // commits first (and its entry is deleted here) or finds no customer.
+        customers::lock_existing(txn, &all).await?;
         ledger::delete_customers(txn, &all).await?;
         sums::delete_customers(txn, &all).await?;
         customers::delete(txn, &all).await?;

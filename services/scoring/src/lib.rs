@@ -20,8 +20,9 @@
 //!   stream is replayed from 0 (touchpoints already kept are skipped).
 //!   Touchpoint awards count from the touchpoint's `occurred_time`; caps and
 //!   once-per-customer rules look at the same version's earlier awards of
-//!   the customer (events are applied in stream order; within a batch, in
-//!   time order per customer). Awarded and capped points are integers.
+//!   the customer, taken in (occurred time, event id) order whatever the
+//!   arrival order: a late touchpoint makes [`recap`] correct the rule's
+//!   awards after it. Awarded and capped points are integers.
 //! * **Profile rules** hold or not: when the profile or stage changes the
 //!   ledger gets the correcting entry (+points when it starts to hold,
 //!   −points when it stops), sourced by the change event.
@@ -31,7 +32,9 @@
 //!   or before the read time.
 //! * **Merges** move the duplicates' ledger, touchpoints and timers to the
 //!   survivor (award keys do not name the customer, so they stay unique);
-//!   a once-per-customer rule that scored on both keeps both entries.
+//!   [`recap`] then evaluates the survivor's caps and once-only rules over
+//!   both ledgers (one award of a once-only rule, the earliest), as
+//!   `RescoreCustomers` would.
 //! * **Erasure** deletes ledger, touchpoints, profile and timers of the
 //!   customer and the customers merged into it, and emits
 //!   `clm.common.v1.CustomerDataErased` (service `scoring`) in the same
@@ -39,9 +42,12 @@
 //! * **Thresholds** see [`thresholds`]; the stage is taken from StageChanged
 //!   events, so a move the customer service refuses (not allowed, already
 //!   there) is logged and not retried.
-//! * **RescoreCustomers** keeps manual adjustments and the awards of the
-//!   version's consent rules (denials are not kept as history), replays
-//!   touchpoints and profiles, and swaps 500 customers per transaction.
+//! * **RescoreCustomers** keeps manual adjustments, the awards of the
+//!   version's consent rules (denials are not kept as history) and its
+//!   profile rules' entries (they say since when each rule held; only the
+//!   correction a profile rule needs now is added, so reads of earlier
+//!   instants are unchanged), replays touchpoints, and swaps 500 customers
+//!   per transaction.
 //! * **Active version on reads.** `GetScore`/`BatchGetScores` use the
 //!   active version remembered by [`scorer::Models::active_for_read`]:
 //!   forgotten on Create/Update/Activate in this process, trusted for
@@ -52,13 +58,16 @@
 //!   `engagement` for the grade): caps and once-only rules need only those
 //!   rules' earlier awards, and no other score can change.
 //! * **ListTopCustomers** computes every customer's score of the model at
-//!   the read time from one read of the model's ledger and sorts: exact for
-//!   any mix of decays, floors and ceilings, but linear in the ledger size.
+//!   the read time from the model's running sums and selects the page:
+//!   exact for any mix of decays, floors and ceilings, linear in the number
+//!   of scored customers per page. The page token pins the read time and
+//!   the model version, so pages never skip or repeat a customer.
 
 pub mod api;
 pub mod convert;
 pub mod error;
 pub mod events;
+pub mod recap;
 pub mod rescore;
 pub mod scorer;
 pub mod store;

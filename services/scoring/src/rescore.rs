@@ -86,7 +86,17 @@ async fn replay(
 ) -> Result<i64> {
     let mut after = String::new();
     let mut written = 0i64;
-    let keep: Vec<String> = v.model.consent_rules.iter().map(|r| r.id.clone()).collect();
+    // Kept as they are: consent denials (not kept as history) and profile
+    // rules' entries, which record since when each rule held; re-scoring
+    // adds only the correction a profile rule needs now, so GetScore at a
+    // read time before the re-scoring answers what it answered before.
+    let keep: Vec<String> = v
+        .model
+        .consent_rules
+        .iter()
+        .map(|r| r.id.clone())
+        .chain(v.model.profile_rules.iter().map(|r| r.id.clone()))
+        .collect();
     loop {
         // Between chunks: each chunk's swap is whole.
         if cancel.is_cancelled() {
@@ -105,6 +115,15 @@ async fn replay(
         customers::ensure_and_lock(&txn, &ids).await?;
         let tps = customers::touchpoints(&txn, &ids).await?;
         let rows = customers::get(&txn, &ids).await?;
+        let kept = ledger::kept(&txn, &v.id, &ids, &keep).await?;
+        let mut net: HashMap<&str, HashMap<String, i64>> = HashMap::new();
+        for r in &kept {
+            *net.entry(r.customer.as_str())
+                .or_default()
+                .entry(r.rule.clone())
+                .or_default() += r.points;
+        }
+        let none = HashMap::new();
         let mut new = Vec::new();
         let mut histories: HashMap<String, RuleHistory> = HashMap::new();
         for (customer, body) in &tps {
@@ -130,7 +149,8 @@ async fn replay(
                 .zip(r.stage_us.map(from_micros));
             let facts = convert::facts(profile.as_ref(), stage);
             let source = format!("{}:{}", op.name, r.customer);
-            for award in v.model.award_profile(&facts, &HashMap::new(), &source, now) {
+            let net = net.get(r.customer.as_str()).unwrap_or(&none);
+            for award in v.model.award_profile(&facts, net, &source, now) {
                 new.push(row(&r.customer, v, award));
             }
         }
@@ -138,7 +158,6 @@ async fn replay(
         ledger::delete_rule_made(&txn, &v.id, &ids, &keep).await?;
         written += ledger::insert(&txn, &new).await? as i64;
         // The model's sums anew: the replayed entries and the kept ones.
-        let kept = ledger::kept(&txn, &v.id, &ids, &keep).await?;
         let rows: Vec<ledger::Row> = new.iter().map(NewRow::as_row).chain(kept).collect();
         sums::replace_model(&txn, &v.id, &ids, &sums::of_rows(&rows)).await?;
         let keys: Vec<(String, String, String)> = ids

@@ -377,6 +377,9 @@ pub async fn apply(
     let mut events = Vec::new();
     let mut rearm = Vec::new();
     let mut changed = Vec::new();
+    // Thresholds on the scores each customer's awards touched, and their
+    // values now: judged below, in this transaction.
+    let mut looks: Vec<(String, &clm_domain::scoring::Threshold, f64)> = Vec::new();
     for (customer, rows) in added {
         let Some(k) = known.get_mut(customer) else {
             continue;
@@ -396,6 +399,14 @@ pub async fn apply(
             .collect();
         touched.sort();
         touched.dedup();
+        for t in v.model.thresholds.iter() {
+            if touched.iter().any(|(score, _, _)| *score == t.score)
+                && let Some((_, value)) = newv.iter().find(|(name, _)| *name == t.score)
+            {
+                looks.push((customer.to_owned(), t, *value));
+                rearm.push((customer.to_owned(), v.id.clone(), t.id.clone()));
+            }
+        }
         for key in touched {
             if let Some(sum) = k.sums.get(&key) {
                 changed.push(SumRow::new(customer, &v.id, &key.0, sum));
@@ -419,12 +430,33 @@ pub async fn apply(
                     )),
                 },
             ));
-            for t in v.model.thresholds.iter().filter(|t| &t.score == name) {
-                rearm.push((customer.to_owned(), v.id.clone(), t.id.clone()));
-            }
         }
     }
     sums::save(db, &changed).await?;
+    if !looks.is_empty() {
+        let keys: Vec<timers::Key> = looks
+            .iter()
+            .map(|(c, t, _)| (c.clone(), v.id.clone(), t.id.clone()))
+            .collect();
+        let seen = timers::sides(db, &keys).await?;
+        let mut custs: Vec<String> = looks.iter().map(|(c, _, _)| c.clone()).collect();
+        custs.dedup();
+        let stages = crate::thresholds::stages(db, &custs).await?;
+        let looks: Vec<crate::thresholds::Look> = looks
+            .into_iter()
+            .zip(keys)
+            .map(|((_, threshold, value), key)| crate::thresholds::Look {
+                key,
+                threshold,
+                value,
+                at_us: now_us,
+            })
+            .collect();
+        events.extend(crate::thresholds::judge(db, v, &looks, &seen, &stages, now_us).await?);
+    }
+    // The queue then finds each one's next decay crossing.
+    rearm.sort();
+    rearm.dedup();
     timers::touch(db, &rearm, now_us).await?;
     Ok(events)
 }

@@ -1,8 +1,12 @@
-//! Thresholds on the platform timer queue ([`clm_platform::timers`]): a
-//! [`Thresholds`] handler looks at each due threshold at its exact instant
-//! (the next decay crossing, or "now" after an award) in the queue's
-//! transaction and, when one fires, emits ThresholdCrossed and arms a stage
-//! move in that same transaction; [`StageMoves`] delivers each move to the
+//! Thresholds. A crossing is judged by the write that causes it: an award
+//! ([`crate::scorer::apply`]) judges the thresholds of the scores it
+//! changed at its own instant, in its own transaction ([`judge`]), and
+//! when one fires emits ThresholdCrossed and arms a stage move there.
+//! Decay crosses thresholds with no write: a [`Thresholds`] handler on the
+//! platform timer queue ([`clm_platform::timers`]) looks at each at the
+//! exact instant decay crosses it, in the queue's transaction under the
+//! customer's lock, never at an instant before the last judgement
+//! (`threshold_sides.seen_us`). [`StageMoves`] delivers each move to the
 //! customer service through the platform's peer client with no
 //! transaction open, retried until delivered (a request id made of model,
 //! threshold, customer and instant, so a retry moves the stage once).
@@ -10,9 +14,10 @@
 //! when the service is back, once across replicas.
 
 use crate::convert;
-use crate::scorer::{self, Models};
+use crate::scorer::{self, Models, Version};
 use crate::store::{customers, ledger, timers};
 use clm_domain::lifecycle::Stage;
+use clm_domain::scoring::Threshold;
 use clm_domain::scoring::{next_crossing, score_at};
 use clm_platform::changes::Apply;
 use clm_platform::db::{from_micros, to_micros};
@@ -24,8 +29,8 @@ use clm_proto::customer as cpb;
 use clm_proto::customer::customer_service_client::CustomerServiceClient;
 use clm_proto::scoring as pb;
 use prost::Message;
-use sea_orm::DatabaseTransaction;
-use std::collections::BTreeSet;
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// Calls the customer service through the platform's peer client (one
@@ -112,7 +117,6 @@ impl OnDue for Thresholds {
     }
 
     async fn fire(&self, cx: &mut Apply, due: Vec<Timer>) -> Result<()> {
-        let now = to_micros(clm_domain::clock::micros(cx.now()));
         let custs = customers_of(&due);
         let txn = cx.txn();
         let keyed: Vec<(timers::Key, i64)> = due
@@ -121,13 +125,12 @@ impl OnDue for Thresholds {
             .collect();
         let keys: Vec<timers::Key> = keyed.iter().map(|(k, _)| k.clone()).collect();
         let seen = timers::sides(txn, &keys).await?;
-        let rows = customers::get(txn, &custs).await?;
+        let stages = stages(txn, &custs).await?;
+        let now = to_micros(clm_domain::clock::micros(cx.now()));
         let last = customers::last_activity(txn, &custs, now).await?;
-        let mut sides = Vec::with_capacity(keyed.len());
         let mut next_looks = Vec::new();
-        let mut moves = Vec::new();
-        let mut events = Vec::new();
         let model_ids: BTreeSet<String> = keys.iter().map(|k| k.1.clone()).collect();
+        let mut events = Vec::new();
         for model_id in model_ids {
             // A model without an active version: nothing to look at.
             let Some(v) = self.models.get(txn, &model_id, 0).await? else {
@@ -135,71 +138,128 @@ impl OnDue for Thresholds {
             };
             let ledgers = scorer::by_customer(ledger::of_customers(txn, &model_id, &custs).await?);
             let empty = Vec::new();
-            for (k, at) in keyed.iter().filter(|(k, _)| k.1 == model_id) {
-                let (customer, _, threshold) = k;
-                let at = *at;
-                let th = v.model.thresholds.iter().find(|x| &x.id == threshold);
+            let mut looks = Vec::new();
+            for (k, due_us) in keyed.iter().filter(|(k, _)| k.1 == model_id) {
+                let th = v.model.thresholds.iter().find(|x| x.id == k.2);
                 let spec = th.and_then(|th| v.model.score(&th.score));
                 let (Some(th), Some(spec)) = (th, spec) else {
                     continue;
                 };
-                let entries = scorer::entries(ledgers.get(customer).unwrap_or(&empty), &th.score);
-                let la = last.get(customer).copied();
-                let value = score_at(spec, &entries, la, at);
-                let above = value >= th.value();
-                let was_above = seen.get(k).copied().unwrap_or(false);
-                let stage = rows
-                    .iter()
-                    .find(|r| &r.customer == customer)
-                    .and_then(|r| Stage::from_code(r.stage?));
-                sides.push((k.clone(), above));
+                // Never behind a judgement already made (an award's).
+                let at = (*due_us).max(seen.get(k).map_or(i64::MIN, |s| s.seen_us));
+                let entries = scorer::entries(ledgers.get(&k.0).unwrap_or(&empty), &th.score);
+                let la = last.get(&k.0).copied();
+                looks.push(Look {
+                    key: k.clone(),
+                    threshold: th,
+                    value: score_at(spec, &entries, la, at),
+                    at_us: at,
+                });
                 if let Some(next) = next_crossing(spec, &entries, la, th.value(), at) {
                     next_looks.push((k.clone(), next));
                 }
-                let Some(to) = th.fires(was_above, above, stage) else {
-                    continue;
-                };
-                let request_id = format!("scoring:{}:{}:{customer}:{at}", v.id, th.id);
-                let request = cpb::TransitionStageRequest {
-                    name: customer.clone(),
-                    to_stage: convert::stage_to_proto(to) as i32,
-                    reason: format!("score threshold: {}", th.id),
-                    request_id: request_id.clone(),
-                    etag: String::new(),
-                };
-                moves.push(Arm {
-                    key: request_id,
-                    subject: customer.clone(),
-                    due_us: now,
-                    payload: Some(request.encode_to_vec()),
-                });
-                events.push(NewEvent::new(
-                    customer,
-                    &pb::ThresholdCrossed {
-                        customer: customer.clone(),
-                        scoring_model: format!("scoringModels/{}", v.id),
-                        threshold: th.id.clone(),
-                        score: th.score.clone(),
-                        value,
-                        to_stage: convert::stage_to_proto(to) as i32,
-                        cross_time: Some(clm_platform::convert::timestamp(from_micros(at))),
-                    },
-                ));
             }
+            events.extend(judge(txn, &v, &looks, &seen, &stages, now).await?);
         }
-        timers::record_sides(txn, &sides).await?;
         // Re-armed timers stay (their version moved); the queue deletes the rest.
-        let looks: Vec<Arm> = next_looks
+        let arms: Vec<Arm> = next_looks
             .iter()
             .map(|(k, next)| Arm::new(timers::key(k), k.0.clone(), *next))
             .collect();
-        platform_timers::arm(txn, timers::THRESHOLD, &looks).await?;
-        platform_timers::arm(txn, timers::STAGE_MOVE, &moves).await?;
+        platform_timers::arm(txn, timers::THRESHOLD, &arms).await?;
         for e in events {
             cx.emit(e);
         }
         Ok(())
     }
+}
+
+/// The stage of each of `customers` that has one (from StageChanged).
+pub async fn stages(
+    db: &impl ConnectionTrait,
+    customers: &[String],
+) -> Result<HashMap<String, Stage>> {
+    Ok(customers::get(db, customers)
+        .await?
+        .into_iter()
+        .filter_map(|r| Some((r.customer, Stage::from_code(r.stage?)?)))
+        .collect())
+}
+
+/// A threshold judged: the score's value at an instant.
+#[derive(Debug, Clone)]
+pub struct Look<'a> {
+    /// (customer, model, threshold).
+    pub key: timers::Key,
+    /// The threshold.
+    pub threshold: &'a Threshold,
+    /// The score's value at `at_us`.
+    pub value: f64,
+    /// The instant.
+    pub at_us: i64,
+}
+
+/// Records the side of each look (in the caller's transaction: an award's
+/// or the timer queue's, under the customer's lock) and, for each that
+/// fires against the side last recorded in `seen`, arms the stage move to
+/// deliver and returns its ThresholdCrossed: each crossing is recorded
+/// exactly once, with the write that causes it.
+pub async fn judge(
+    db: &impl ConnectionTrait,
+    v: &Version,
+    looks: &[Look<'_>],
+    seen: &HashMap<timers::Key, timers::Side>,
+    stages: &HashMap<String, Stage>,
+    now_us: i64,
+) -> Result<Vec<NewEvent>> {
+    let mut sides = Vec::with_capacity(looks.len());
+    let mut moves = Vec::new();
+    let mut events = Vec::new();
+    for l in looks {
+        let customer = &l.key.0;
+        let th = l.threshold;
+        let above = l.value >= th.value();
+        let was_above = seen.get(&l.key).is_some_and(|s| s.above);
+        sides.push((
+            l.key.clone(),
+            timers::Side {
+                above,
+                seen_us: l.at_us,
+            },
+        ));
+        let Some(to) = th.fires(was_above, above, stages.get(customer).copied()) else {
+            continue;
+        };
+        let request_id = format!("scoring:{}:{}:{customer}:{}", v.id, th.id, l.at_us);
+        let request = cpb::TransitionStageRequest {
+            name: customer.clone(),
+            to_stage: convert::stage_to_proto(to) as i32,
+            reason: format!("score threshold: {}", th.id),
+            request_id: request_id.clone(),
+            etag: String::new(),
+        };
+        moves.push(Arm {
+            key: request_id,
+            subject: customer.clone(),
+            due_us: now_us,
+            payload: Some(request.encode_to_vec()),
+        });
+        events.push(NewEvent::new(
+            customer,
+            &pb::ThresholdCrossed {
+                customer: customer.clone(),
+                scoring_model: format!("scoringModels/{}", v.id),
+                threshold: th.id.clone(),
+                score: th.score.clone(),
+                value: l.value,
+                to_stage: convert::stage_to_proto(to) as i32,
+                cross_time: Some(clm_platform::convert::timestamp(from_micros(l.at_us))),
+            },
+        ));
+    }
+    timers::record_sides(db, &sides).await?;
+    platform_timers::arm(db, timers::STAGE_MOVE, &moves).await?;
+    Ok(events)
 }
 
 /// Delivers stage moves (timers of kind [`timers::STAGE_MOVE`]) to the

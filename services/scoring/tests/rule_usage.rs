@@ -72,8 +72,10 @@ async fn usage_sums_give_the_room_the_awards_give() {
     }
     for (i, t) in times.iter().enumerate() {
         for (j, (rule, _)) in caps.iter().enumerate() {
-            let points = if (i + j) % 5 == 0 {
-                -3
+            // A rule's awards share a sign (the rule's points); the rolling
+            // rule is a negative one.
+            let points = if j == 2 {
+                -(2 + (i % 4) as i64)
             } else {
                 2 + (i % 4) as i64
             };
@@ -83,6 +85,17 @@ async fn usage_sums_give_the_room_the_awards_give() {
                 "customers/b"
             };
             rows.push(award(customer, rule, i * 10 + j, *t, points));
+            // Some awards were later cut by a correction (a late earlier
+            // touchpoint, crate::recap), some cancelled to nothing.
+            if (i + j) % 5 == 0 {
+                let mut c = award(customer, rule, i * 10 + j, *t, -points / 2);
+                c.award.source_event = format!("e{} recap late", i * 10 + j);
+                rows.push(c);
+            } else if (i + j) % 7 == 0 {
+                let mut c = award(customer, rule, i * 10 + j, *t, -points);
+                c.award.source_event = format!("e{} recap late", i * 10 + j);
+                rows.push(c);
+            }
         }
     }
     rows.push(award("customers/a", "once", 9_999, 5, 7));
@@ -105,12 +118,23 @@ async fn usage_sums_give_the_room_the_awards_give() {
             .or_default()
             .push((u.at_us, u.used));
     }
-    let mut from_awards: BTreeMap<(String, String), Vec<(i64, i64)>> = BTreeMap::new();
+    // What each award nets to with its corrections.
+    let mut net: BTreeMap<(String, String, String), (i64, i64)> = BTreeMap::new();
     for r in &rows {
-        from_awards
-            .entry((r.customer.clone(), r.award.rule.clone()))
-            .or_default()
-            .push((r.award.award_us, r.award.points));
+        let event = clm_scoring::recap::event_of(&r.award.source_event).to_owned();
+        let n = net
+            .entry((r.customer.clone(), r.award.rule.clone(), event))
+            .or_insert((r.award.award_us, 0));
+        n.1 += r.award.points;
+    }
+    let mut from_awards: BTreeMap<(String, String), Vec<(i64, i64)>> = BTreeMap::new();
+    for ((customer, rule, _), (at, points)) in net {
+        if points != 0 {
+            from_awards
+                .entry((customer, rule))
+                .or_default()
+                .push((at, points));
+        }
     }
     // A once-only rule that scored has a use; one that did not has none.
     assert!(from_sums.contains_key(&("customers/a".into(), "once".into())));

@@ -101,6 +101,53 @@ pub struct EventRule {
     pub decay: Decay,
 }
 
+impl EventRule {
+    /// Whether earlier awards limit this rule's (a cap or once per customer).
+    pub fn limited(&self) -> bool {
+        self.once_per_customer || self.cap.is_some()
+    }
+
+    /// The points of a matching touchpoint at `at_us` given the rule's
+    /// earlier awards `(award time, points)` for the customer (those before
+    /// it in (time, event id) order): nothing if a once-per-customer rule
+    /// already scored, else the points cut to what is left of the cap.
+    pub fn award(&self, prior: &[(i64, i64)], at_us: i64) -> i64 {
+        if self.once_per_customer && prior.iter().any(|(_, p)| *p != 0) {
+            return 0;
+        }
+        match &self.cap {
+            Some(cap) => {
+                let room = cap.room(prior, at_us);
+                self.points.signum() * self.points.saturating_abs().min(room)
+            }
+            None => self.points,
+        }
+    }
+
+    /// The awards the rule gives `events` (matching touchpoints `(time,
+    /// event id)`, in that order, all at or after every award in `before`),
+    /// given the awards before them that still count: the order-independent
+    /// definition of caps and once-only rules. Live scoring writes
+    /// corrections towards this when a touchpoint arrives late.
+    pub fn replay<'a>(
+        &self,
+        before: &[(i64, i64)],
+        events: impl IntoIterator<Item = (i64, &'a str)>,
+    ) -> Vec<(&'a str, i64)> {
+        let mut prior = before.to_vec();
+        events
+            .into_iter()
+            .map(|(at, id)| {
+                let points = self.award(&prior, at);
+                if points != 0 {
+                    prior.push((at, points));
+                }
+                (id, points)
+            })
+            .collect()
+    }
+}
+
 /// A rule on who the customer is: holds or not, re-evaluated when the
 /// profile or stage changes. While it holds the score carries `points`.
 #[derive(Debug, Clone, PartialEq)]
@@ -271,16 +318,7 @@ impl Model {
                 continue;
             }
             let prior = history.entry(rule.id.clone()).or_default();
-            if rule.once_per_customer && !prior.is_empty() {
-                continue;
-            }
-            let points = match &rule.cap {
-                Some(cap) => {
-                    let room = cap.room(prior, at);
-                    rule.points.signum() * rule.points.saturating_abs().min(room)
-                }
-                None => rule.points,
-            };
+            let points = rule.award(prior, at);
             if points == 0 {
                 continue;
             }

@@ -70,6 +70,34 @@ pub async fn ensure_and_lock(db: &impl ConnectionTrait, customers: &[String]) ->
     Ok(())
 }
 
+/// Locks the rows of those of `customers` that scoring has (`FOR UPDATE`
+/// on PostgreSQL, in the order [`ensure_and_lock`] takes them) and returns
+/// them: a write for a customer that must already exist (AdjustScore)
+/// checks under the lock, so an erasure committing meanwhile is seen and
+/// the customer is never recreated.
+pub async fn lock_existing(db: &impl ConnectionTrait, customers: &[String]) -> Result<Vec<String>> {
+    let mut sorted: Vec<String> = customers.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    if sorted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut q = Query::select()
+        .column(CC::Customer)
+        .from(Customers)
+        .and_where(is_in_texts(db, CC::Customer.as_str(), &sorted))
+        .order_by(CC::Customer, Order::Asc)
+        .to_owned();
+    if is_postgres(db) {
+        q.lock(LockType::Update);
+    }
+    db.query_all(&q)
+        .await?
+        .iter()
+        .map(|r| Ok(r.try_get("", CC::Customer.as_str())?))
+        .collect()
+}
+
 /// Stores a customer's profile (and its stage, when known).
 pub async fn set_profile(
     db: &impl ConnectionTrait,
@@ -216,6 +244,42 @@ pub async fn touchpoints(
         .map(|r| {
             Ok((
                 r.try_get("", TC::Customer.as_str())?,
+                r.try_get("", TC::Body.as_str())?,
+            ))
+        })
+        .collect()
+}
+
+/// A kept touchpoint: customer, when it occurred (µs), event id, body.
+pub type Kept = (String, i64, String, Vec<u8>);
+
+/// Kept touchpoints of `customers` that occurred at or after `since_us`,
+/// in (customer, time, event id) order (one statement).
+pub async fn touchpoints_since(
+    db: &impl ConnectionTrait,
+    customers: &[String],
+    since_us: i64,
+) -> Result<Vec<Kept>> {
+    if customers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = Query::select()
+        .columns([TC::Customer, TC::OccurredUs, TC::EventId, TC::Body])
+        .from(Touchpoints)
+        .and_where(is_in_texts(db, TC::Customer.as_str(), customers))
+        .and_where(Expr::col(TC::OccurredUs).gte(since_us))
+        .order_by(TC::Customer, Order::Asc)
+        .order_by(TC::OccurredUs, Order::Asc)
+        .order_by(TC::EventId, Order::Asc)
+        .to_owned();
+    db.query_all(&q)
+        .await?
+        .into_iter()
+        .map(|r| {
+            Ok((
+                r.try_get("", TC::Customer.as_str())?,
+                r.try_get("", TC::OccurredUs.as_str())?,
+                r.try_get("", TC::EventId.as_str())?,
                 r.try_get("", TC::Body.as_str())?,
             ))
         })

@@ -355,7 +355,7 @@ pub async fn rule_usage(
         .expr_as(Expr::cust("CAST(\"bucket\" AS BIGINT)"), n("at_us"))
         .expr_as(
             Expr::cust(format!(
-                "CAST(SUM(ABS(\"{}\")) AS BIGINT)",
+                "CAST(ABS(SUM(\"{}\")) AS BIGINT)",
                 C::Points.as_str()
             )),
             n("used"),
@@ -364,6 +364,8 @@ pub async fn rule_usage(
         .group_by_col(C::Customer)
         .group_by_col(C::Rule)
         .group_by_col(n("bucket"))
+        // A correction cancelling an award nets it to nothing.
+        .and_having(Expr::cust(format!("SUM(\"{}\") <> 0", C::Points.as_str())))
         .to_owned();
     db.query_all(&q)
         .await?
@@ -480,4 +482,67 @@ pub async fn delete_customers(db: &impl ConnectionTrait, customers: &[String]) -
         .and_where(is_in_texts(db, C::Customer.as_str(), customers))
         .to_owned();
     Ok(db.execute(&q).await?.rows_affected())
+}
+
+/// The newest award time of each `(customer, rule)` among `rules` of
+/// `model` version `version` (one grouped statement): a touchpoint earlier
+/// than its rule's newest award arrived late, and the rule's awards after it
+/// are evaluated again (see `crate::recap`).
+pub async fn newest_awards(
+    db: &impl ConnectionTrait,
+    model: &str,
+    version: i64,
+    customers: &[String],
+    rules: &[String],
+) -> Result<std::collections::HashMap<(String, String), i64>> {
+    if customers.is_empty() || rules.is_empty() {
+        return Ok(Default::default());
+    }
+    let q = Query::select()
+        .columns([C::Customer, C::Rule])
+        .expr_as(Expr::col(C::AwardUs).max(), n("newest"))
+        .from(Ledger)
+        .and_where(Expr::col(C::Model).eq(model))
+        .and_where(Expr::col(C::ModelVersion).eq(version))
+        .and_where(is_in_texts(db, C::Customer.as_str(), customers))
+        .and_where(Expr::col(C::Rule).is_in(rules.iter().cloned()))
+        .group_by_col(C::Customer)
+        .group_by_col(C::Rule)
+        .to_owned();
+    db.query_all(&q)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                (
+                    r.try_get("", C::Customer.as_str())?,
+                    r.try_get("", C::Rule.as_str())?,
+                ),
+                r.try_get("", "newest")?,
+            ))
+        })
+        .collect()
+}
+
+/// Every entry (with its source event) of `rules` of `model` version
+/// `version` for `customers` awarded at or after `since_us` (one statement).
+pub async fn rule_entries(
+    db: &impl ConnectionTrait,
+    model: &str,
+    version: i64,
+    customers: &[String],
+    rules: &[String],
+    since_us: i64,
+) -> Result<Vec<Row>> {
+    if customers.is_empty() || rules.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = select()
+        .and_where(Expr::col(C::Model).eq(model))
+        .and_where(Expr::col(C::ModelVersion).eq(version))
+        .and_where(is_in_texts(db, C::Customer.as_str(), customers))
+        .and_where(Expr::col(C::Rule).is_in(rules.iter().cloned()))
+        .and_where(Expr::col(C::AwardUs).gte(since_us))
+        .to_owned();
+    rows(db, &q).await
 }

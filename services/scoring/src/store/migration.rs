@@ -13,6 +13,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(ScoringTables));
         m.push(Box::new(ScoreSums));
         m.push(Box::new(ThresholdTimersToPlatformQueue));
+        m.push(Box::new(ThresholdSidesSeenAt));
         m
     }
 }
@@ -283,5 +284,35 @@ impl MigrationTrait for ThresholdTimersToPlatformQueue {
             db.execute_unprepared(sql).await?;
         }
         Ok(())
+    }
+}
+
+/// Each threshold side records the instant it was judged at, so a timer
+/// that fires for an earlier instant never judges the score behind an
+/// award's own judgement (crossings are recorded in the award's
+/// transaction; the timer queue looks only at decay).
+struct ThresholdSidesSeenAt;
+
+impl MigrationName for ThresholdSidesSeenAt {
+    fn name(&self) -> &str {
+        "m0005_threshold_sides_seen_at"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ThresholdSidesSeenAt {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.alter_table(
+            Table::alter()
+                .table(a("threshold_sides"))
+                .add_column(
+                    ColumnDef::new(a("seen_us"))
+                        .big_integer()
+                        .not_null()
+                        .default(0),
+                )
+                .to_owned(),
+        )
+        .await
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! A timer of kind [`THRESHOLD`], keyed `{model}|{threshold}|{customer}`,
 //! says when to look at that threshold again: the next decay crossing, or
-//! "now" after an award. A timer of kind [`STAGE_MOVE`] carries a
+//! "now" after an award (which judged its own crossing in its transaction;
+//! the look finds the next decay crossing). A timer of kind [`STAGE_MOVE`] carries a
 //! TransitionStage call to deliver to the customer service, keyed by its
 //! request id. Both are the customer's (their subject), so a merge or an
 //! erasure removes them with the customer.
@@ -71,11 +72,23 @@ pub async fn touch_model(db: &impl ConnectionTrait, model: &str, due_us: i64) ->
     Ok(())
 }
 
+/// A threshold's side as last judged: at or above it, and when (µs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Side {
+    /// The score was at or above the threshold.
+    pub above: bool,
+    /// The instant it was judged at.
+    pub seen_us: i64,
+}
+
 /// The side each of `keys` was last seen on (absent: below, never seen).
-pub async fn sides(db: &impl ConnectionTrait, keys: &[Key]) -> Result<HashMap<Key, bool>> {
+pub async fn sides(db: &impl ConnectionTrait, keys: &[Key]) -> Result<HashMap<Key, Side>> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
     let customers: Vec<String> = keys.iter().map(|k| k.0.clone()).collect();
     let q = Query::select()
-        .columns([C::Customer, C::Model, C::Threshold, C::Above])
+        .columns([C::Customer, C::Model, C::Threshold, C::Above, C::SeenUs])
         .from(Sides)
         .and_where(is_in_texts(db, C::Customer.as_str(), &customers))
         .to_owned();
@@ -87,29 +100,33 @@ pub async fn sides(db: &impl ConnectionTrait, keys: &[Key]) -> Result<HashMap<Ke
                 r.try_get("", C::Model.as_str())?,
                 r.try_get("", C::Threshold.as_str())?,
             ),
-            r.try_get("", C::Above.as_str())?,
+            Side {
+                above: r.try_get("", C::Above.as_str())?,
+                seen_us: r.try_get("", C::SeenUs.as_str())?,
+            },
         );
     }
     Ok(out)
 }
 
 /// Records the side of the threshold each key's score is on.
-pub async fn record_sides(db: &impl ConnectionTrait, sides: &[(Key, bool)]) -> Result<()> {
-    for part in sides.chunks(chunk(4)) {
+pub async fn record_sides(db: &impl ConnectionTrait, sides: &[(Key, Side)]) -> Result<()> {
+    for part in sides.chunks(chunk(5)) {
         let mut q = Query::insert();
         q.into_table(Sides)
-            .columns([C::Customer, C::Model, C::Threshold, C::Above]);
-        for ((c, m, t), above) in part {
+            .columns([C::Customer, C::Model, C::Threshold, C::Above, C::SeenUs]);
+        for ((c, m, t), side) in part {
             q.values_panic([
                 c.clone().into(),
                 m.clone().into(),
                 t.clone().into(),
-                (*above).into(),
+                side.above.into(),
+                side.seen_us.into(),
             ]);
         }
         q.on_conflict(
             OnConflict::columns([C::Customer, C::Model, C::Threshold])
-                .update_column(C::Above)
+                .update_columns([C::Above, C::SeenUs])
                 .to_owned(),
         );
         db.execute(&q).await?;

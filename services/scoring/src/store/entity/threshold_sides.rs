@@ -17,6 +17,8 @@ pub struct Model {
     pub threshold: String,
     /// Whether the score was at or above the threshold.
     pub above: bool,
+    /// The instant it was judged at (µs).
+    pub seen_us: i64,
 }
 
 /// No relations.

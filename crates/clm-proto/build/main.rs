@@ -1,8 +1,11 @@
 //! Generates the Rust code for every `.proto` under `proto/` with the
 //! vendored `protoc` (no system install needed) and writes the descriptor
-//! set used by server reflection.
+//! set used by server reflection, and the [`KnownEnums`] walk of every
+//! message (`known_enums.rs`, see `known_enums.rs` beside this file).
 
 use std::path::PathBuf;
+
+mod known_enums;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
@@ -23,6 +26,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("clm_descriptor.bin"))
         .compile_with_config(config, &protos, &includes)?;
+
+    let set = std::fs::read(out_dir.join("clm_descriptor.bin"))?;
+    let set = <prost_types::FileDescriptorSet as prost::Message>::decode(set.as_slice())?;
+    std::fs::write(out_dir.join("known_enums.rs"), known_enums::generate(&set))?;
 
     println!("cargo:rerun-if-changed={}", root.display());
     for proto in &protos {
