@@ -957,6 +957,7 @@ impl SegmentationService for SegmentationApi {
         request: Request<pb::WatchObjectiveAlertsRequest>,
     ) -> std::result::Result<Response<Self::WatchObjectiveAlertsStream>, Status> {
         clm_platform::auth::authorize(&request, &POLICY)?;
+        clm_platform::error::known_enums(request.get_ref())?;
         Ok(Response::new(
             self.watch_alerts(request.into_inner()).await?,
         ))
