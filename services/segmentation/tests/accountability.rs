@@ -1444,3 +1444,75 @@ async fn membership_history_is_kept_for_the_configured_retention() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn history_pages_through_many_changes_at_one_instant() {
+    let h = start().await;
+    let mut cust = h.customers();
+    let mut ids = Vec::new();
+    for i in 1..=5 {
+        ids.push(create_customer(&mut cust, &format!("p{i}@example.com"), |_| {}).await);
+    }
+    ids.sort();
+    let mut seg = h.segments();
+    // A probe first: the real segment's backfill then enters all five at
+    // one instant.
+    let probe = create_segment(&mut seg, r#"email starts_with "p""#).await;
+    wait_count(&mut seg, &probe.name, 5).await;
+    let s = create_segment(&mut seg, r#"email starts_with "p""#).await;
+    let ready = wait_count(&mut seg, &s.name, 5).await;
+    h.advance(Duration::hours(1));
+    seg.update_segment(pb::UpdateSegmentRequest {
+        segment: Some(pb::Segment {
+            name: s.name.clone(),
+            etag: ready.etag,
+            rule_text: r#"email starts_with "zz""#.into(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["rule_text".into()],
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    wait_count(&mut seg, &s.name, 0).await;
+    let mut all = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = seg
+            .list_membership_history(pb::ListMembershipHistoryRequest {
+                segment: s.name.clone(),
+                page_size: 3,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        all.extend(page.entries);
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(pages, 4, "10 changes, 3 a page");
+    let seen: Vec<(i32, String)> = all.iter().map(|e| (e.change, e.customer.clone())).collect();
+    let mut want: Vec<(i32, String)> = ids
+        .iter()
+        .map(|c| (pb::MembershipChange::Entered as i32, c.clone()))
+        .collect();
+    want.extend(
+        ids.iter()
+            .map(|c| (pb::MembershipChange::Exited as i32, c.clone())),
+    );
+    assert_eq!(seen, want, "each change once, by time then customer");
+    assert!(all[..5].iter().all(|e| e.change_time == all[0].change_time));
+    assert!(
+        all[5..]
+            .iter()
+            .all(|e| e.change_time == at(t0() + Duration::hours(1)))
+    );
+}

@@ -414,22 +414,24 @@ impl MigrationTrait for SegmentAccountability {
             .await?;
         m.create_index(index("segments_team", "segments", &["team", "id"]))
             .await?;
+        // Membership history pages walk these in (segment, time, customer)
+        // order.
         m.create_index(index(
             "members_enter",
             "members",
-            &["segment_id", "enter_us"],
+            &["segment_id", "enter_us", "customer_id"],
         ))
         .await?;
         m.create_index(index(
             "member_history_enter",
             "member_history",
-            &["segment_id", "enter_us"],
+            &["segment_id", "enter_us", "customer_id"],
         ))
         .await?;
         m.create_index(index(
             "member_history_exit",
             "member_history",
-            &["segment_id", "exit_us"],
+            &["segment_id", "exit_us", "customer_id"],
         ))
         .await?;
         m.create_index(index(
