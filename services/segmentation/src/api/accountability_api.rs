@@ -312,10 +312,21 @@ impl SegmentationApi {
                 .map(|m| m.paths.clone())
                 .unwrap_or_default();
             let proposed = stored.segment.clone().unwrap_or_default();
-            Some(
-                self.parse_edit("change_request.segment.", &seg, &proposed, &paths)
-                    .await?,
-            )
+            // The request was valid when made; what no longer is (a segment
+            // its rule names was deleted) is a precondition of approving.
+            let parsed = self
+                .parse_edit("change_request.segment.", &seg, &proposed, &paths)
+                .await
+                .map_err(|e| match e {
+                    Error::InvalidArgument(v) => Error::FailedPrecondition {
+                        reason: "CHANGE_REQUEST_INVALID",
+                        message: format!(
+                            "{name} can no longer be applied ({v}): reject it and propose the change again"
+                        ),
+                    },
+                    other => other,
+                })?;
+            Some(parsed)
         } else {
             None
         };
