@@ -840,6 +840,48 @@ async fn change_requests_are_approved_by_a_second_principal_and_audited() {
         "CHANGE_REQUEST_STATE_REJECTED"
     );
 
+    // Two requests made against the same revision: once one is applied,
+    // the other is stale.
+    let propose = |rid: &'static str, text: &'static str| {
+        let mut bob = bob.clone();
+        let parent = s.name.clone();
+        async move {
+            bob.create_segment_change_request(pb::CreateSegmentChangeRequestRequest {
+                parent,
+                change_request: Some(pb::SegmentChangeRequest {
+                    segment: Some(pb::Segment {
+                        description: text.into(),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["description".into()],
+                    }),
+                    reason: "wording".into(),
+                    ..Default::default()
+                }),
+                request_id: rid.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let first = propose("cr-3", "first").await;
+    let second = propose("cr-4", "second").await;
+    ada.approve_segment_change_request(approve(&first.name, "a4"))
+        .await
+        .unwrap();
+    let e = ada
+        .approve_segment_change_request(approve(&second.name, "a5"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("reject it and propose"),
+        "{}",
+        e.message()
+    );
+
     // Membership history: e1 entered at creation (version 1, backfill);
     // f1 entered with version 2.
     let history = ada
