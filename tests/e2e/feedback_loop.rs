@@ -54,6 +54,7 @@ async fn suite() -> Suite {
     gc.listen = seg_addr;
     gc.peers.insert("customer".into(), customer.url());
     gc.peers.insert("feedback".into(), feedback.url());
+    gc.segmentation.objective_cache_secs = 0;
     let segmentation = start(&clm_segmentation::DESCRIPTOR, gc).await;
     let mut sc = fast(sb.config("scoring"));
     sc.peers.insert("customer".into(), customer.url());

@@ -105,6 +105,9 @@ pub struct SegmentationSettings {
     /// How far back (days) the trend that projects an objective to its
     /// deadline looks.
     pub objective_trend_days: u32,
+    /// How long (seconds) a replica answers reads with an objective
+    /// evaluation it made (0: evaluate on every read).
+    pub objective_cache_secs: u32,
 }
 
 impl Default for SegmentationSettings {
@@ -113,6 +116,7 @@ impl Default for SegmentationSettings {
             snapshot_hour_utc: 2,
             membership_history_retention_days: 400,
             objective_trend_days: 7,
+            objective_cache_secs: 30,
         }
     }
 }
@@ -436,6 +440,12 @@ impl Config {
             return Err(ConfigError::new(
                 "segmentation.membership_history_retention_days",
                 "must be at least 1",
+            ));
+        }
+        if self.segmentation.objective_cache_secs > 3600 {
+            return Err(ConfigError::new(
+                "segmentation.objective_cache_secs",
+                "must be 0..3600",
             ));
         }
         if !(1..=90).contains(&self.segmentation.objective_trend_days) {

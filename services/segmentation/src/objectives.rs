@@ -386,6 +386,49 @@ pub async fn evaluate(
         .collect())
 }
 
+/// Which state of a segment an evaluation was made for: its revision (an
+/// edit) and its last completed backfill.
+pub type Stamp = (i64, Option<i64>);
+
+/// Evaluations served to reads (GetSegment, ListSegments), per segment,
+/// for `objective_cache_secs`: a hot segment's members are measured at
+/// most once per that period per replica (`evaluate_time` says when). An
+/// edit or a completed backfill is evaluated afresh.
+#[derive(Debug, Default)]
+pub struct ReadCache {
+    entries: std::sync::Mutex<HashMap<String, (Stamp, std::time::Instant, Vec<pb::Objective>)>>,
+}
+
+impl ReadCache {
+    /// The cached evaluation of `segment` at `revision`, if younger than `ttl`.
+    pub fn get(
+        &self,
+        segment: &str,
+        revision: Stamp,
+        ttl: std::time::Duration,
+    ) -> Option<Vec<pb::Objective>> {
+        let mut map = self.entries.lock().ok()?;
+        match map.get(segment) {
+            Some((r, at, list)) if *r == revision && at.elapsed() < ttl => Some(list.clone()),
+            Some(_) => {
+                map.remove(segment);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Keeps `list` as `segment`'s evaluation at `revision`.
+    pub fn put(&self, segment: &str, revision: Stamp, list: Vec<pb::Objective>) {
+        if let Ok(mut map) = self.entries.lock() {
+            map.insert(
+                segment.to_owned(),
+                (revision, std::time::Instant::now(), list),
+            );
+        }
+    }
+}
+
 /// The oldest snapshot (taken at, value) of each objective of `segments`
 /// within the trend window before `now_us`.
 pub async fn trend_starts(

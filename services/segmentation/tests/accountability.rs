@@ -1558,3 +1558,61 @@ async fn history_pages_through_many_changes_at_one_instant() {
             .all(|e| e.change_time == at(t0() + Duration::hours(1)))
     );
 }
+
+#[tokio::test]
+async fn reads_reuse_an_evaluation_until_the_segment_changes_or_it_ages() {
+    let h = start_with(|c| c.segmentation.objective_cache_secs = 3600).await;
+    let mut cust = h.customers();
+    create_customer(&mut cust, "c1@example.com", |_| {}).await;
+    let mut seg = h.segments();
+    // Facts first (a probe), so the segment's backfill enters c1.
+    let probe = create_segment(&mut seg, r#"email starts_with "c""#).await;
+    wait_count(&mut seg, &probe.name, 1).await;
+    let s = seg
+        .create_segment(pb::CreateSegmentRequest {
+            segment: Some(pb::Segment {
+                display_name: "cached".into(),
+                rule_text: r#"email starts_with "c""#.into(),
+                objectives: vec![objective(
+                    "size",
+                    pb::ObjectiveMetric::Size,
+                    2.0,
+                    pb::ObjectiveDirection::AtLeast,
+                    t0() + Duration::days(3),
+                )],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let one = wait_count(&mut seg, &s.name, 1).await;
+    let first = find(&one, "size").clone();
+    assert_eq!(first.current_value, 1.0);
+    create_customer(&mut cust, "c2@example.com", |_| {}).await;
+    let two = wait_count(&mut seg, &s.name, 2).await;
+    // Membership is live; the objective is the evaluation already made.
+    assert_eq!(find(&two, "size"), &first);
+    // An edit is a new revision: evaluated afresh.
+    let edited = seg
+        .update_segment(pb::UpdateSegmentRequest {
+            segment: Some(pb::Segment {
+                name: s.name.clone(),
+                etag: two.etag.clone(),
+                description: "now with two".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["description".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .segment
+        .unwrap();
+    assert_eq!(find(&edited, "size").current_value, 2.0);
+    assert_eq!(status(find(&edited, "size")), pb::ObjectiveStatus::Met);
+}

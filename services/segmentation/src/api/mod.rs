@@ -128,12 +128,16 @@ const MAX_PREVIEW: std::time::Duration = std::time::Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct SegmentationApi {
     engine: Engine,
+    evaluations: std::sync::Arc<objectives::ReadCache>,
 }
 
 impl SegmentationApi {
     /// Serves with `engine`.
     pub fn new(engine: Engine) -> Self {
-        Self { engine }
+        Self {
+            engine,
+            evaluations: std::sync::Arc::default(),
+        }
     }
 
     fn now(&self) -> DateTime<Utc> {
@@ -145,25 +149,52 @@ impl SegmentationApi {
         let ids: Vec<String> = segs.iter().map(|s| s.id.clone()).collect();
         let counts = members::counts(&rt.read, &ids).await?;
         let lag = members::freshness(&rt.read).await?.map(|(e, a)| a - e);
-        let mut evaluated = objectives::evaluate(
-            &rt.read,
-            &ids,
-            to_micros(self.now()),
-            rt.config.segmentation.objective_trend_days,
-        )
-        .await?;
+        let ttl =
+            std::time::Duration::from_secs(u64::from(rt.config.segmentation.objective_cache_secs));
+        let mut cached: HashMap<String, Vec<pb::Objective>> = segs
+            .iter()
+            .filter_map(|s| {
+                self.evaluations
+                    .get(&s.id, (s.revision, s.evaluate_us), ttl)
+                    .map(|l| (s.id.clone(), l))
+            })
+            .collect();
+        let missing: Vec<String> = ids
+            .iter()
+            .filter(|id| !cached.contains_key(*id))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            let evaluated = objectives::evaluate(
+                &rt.read,
+                &missing,
+                to_micros(self.now()),
+                rt.config.segmentation.objective_trend_days,
+            )
+            .await?;
+            for s in segs.iter().filter(|s| missing.contains(&s.id)) {
+                let list: Vec<pb::Objective> = evaluated
+                    .get(&s.id)
+                    .map(|l| {
+                        l.iter()
+                            .map(|(o, e)| objectives::to_proto(o, Some(e)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if !ttl.is_zero() {
+                    self.evaluations
+                        .put(&s.id, (s.revision, s.evaluate_us), list.clone());
+                }
+                cached.insert(s.id.clone(), list);
+            }
+        }
         Ok(segs
             .iter()
             .map(|s| Live {
                 member_count: counts.get(&s.id).copied().unwrap_or(0),
                 progress: self.engine.progress(&s.id),
                 lag_us: lag,
-                objectives: evaluated
-                    .remove(&s.id)
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|(o, e)| objectives::to_proto(o, Some(e)))
-                    .collect(),
+                objectives: cached.remove(&s.id).unwrap_or_default(),
             })
             .collect())
     }
