@@ -396,8 +396,11 @@ pub type Stamp = (i64, Option<i64>);
 /// edit or a completed backfill is evaluated afresh.
 #[derive(Debug, Default)]
 pub struct ReadCache {
-    entries: std::sync::Mutex<HashMap<String, (Stamp, std::time::Instant, Vec<pb::Objective>)>>,
+    entries: std::sync::Mutex<HashMap<String, Cached>>,
 }
+
+/// One cached evaluation: for which state, when, and what.
+type Cached = (Stamp, std::time::Instant, Vec<pb::Objective>);
 
 impl ReadCache {
     /// The cached evaluation of `segment` at `revision`, if younger than `ttl`.
