@@ -66,6 +66,9 @@
 //!   whose team (token claim `teams`) they are in. Deleting a segment that
 //!   requires approval is not gated by approval (only rule, objectives and
 //!   the approval setting are).
+//! * Reads (GetSegment, ListSegments) measure objectives live, and each
+//!   replica reuses a segment's evaluation for `objective_cache_secs`
+//!   (per revision and completed backfill); `evaluate_time` says when.
 //! * Objective values count current members only; revenue metrics count
 //!   purchases in the objective's currency (no conversion). Status after
 //!   the deadline is frozen by a deadline timer at the value then.
