@@ -70,6 +70,7 @@ async fn suite_over(jetstream: Option<&str>) -> Suite {
     gc.listen = seg_addr;
     gc.peers.insert("customer".into(), customer.url());
     gc.peers.insert("feedback".into(), feedback.url());
+    gc.segmentation.objective_cache_secs = 0;
     let segmentation = start(&clm_segmentation::DESCRIPTOR, gc).await;
     let mut sc = fast(sb.config("scoring"));
     sc.peers.insert("customer".into(), customer.url());
@@ -305,6 +306,54 @@ async fn detractor_loop(s: &Suite) {
     let answered_twice = s
         .segment(r#"count(survey_answer where properties.kind = "nps", 30d) >= 2"#)
         .await;
+    // NPS and CSAT objectives over the answers' customers, computed from
+    // the feedback stream's facts (docs/segment-owners.md).
+    let deadline = prost_types::Timestamp {
+        seconds: 4_102_444_800, // 2100-01-01
+        nanos: 0,
+    };
+    let objective = |id: &str, metric: gpb::ObjectiveMetric, target: f64| gpb::Objective {
+        id: id.into(),
+        metric: metric as i32,
+        target,
+        direction: gpb::ObjectiveDirection::AtLeast as i32,
+        deadline: Some(deadline),
+        ..Default::default()
+    };
+    let answered = s
+        .segments()
+        .create_segment(gpb::CreateSegmentRequest {
+            segment: Some(gpb::Segment {
+                display_name: "x.io".into(),
+                rule_text: r#"email contains "@x.io""#.into(),
+                objectives: vec![
+                    objective("nps", gpb::ObjectiveMetric::Nps, 50.0),
+                    objective("csat", gpb::ObjectiveMetric::Csat, 4.0),
+                ],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    let values = || {
+        let mut seg = s.segments();
+        let name = answered.clone();
+        async move {
+            let g = seg
+                .get_segment(gpb::GetSegmentRequest { name })
+                .await
+                .unwrap()
+                .into_inner();
+            let v = |id: &str| {
+                let o = g.objectives.iter().find(|o| o.id == id).unwrap();
+                (o.current_value, o.status)
+            };
+            (v("nps"), v("csat"))
+        }
+    };
     let a = s.customer("a@x.io").await;
     let b = s.customer("b@x.io").await;
     let survey = s
@@ -402,6 +451,17 @@ async fn detractor_loop(s: &Suite) {
     .await;
     assert!(!s.is_member(&detractors, &b).await);
     assert!(!s.is_member(&answered_twice, &a).await);
+    // a: NPS 3 (detractor), CSAT 2; b: NPS 10 (promoter), CSAT 5.
+    // NPS = (1 promoter - 1 detractor) / 2 answers * 100 = 0 < 50: at risk
+    // (no trend yet); CSAT = (2 + 5) / 2 = 3.5 < 4: at risk.
+    let at_risk = gpb::ObjectiveStatus::AtRisk as i32;
+    let met = gpb::ObjectiveStatus::Met as i32;
+    let now = eventually(Duration::from_secs(30), || async {
+        let v = values().await;
+        (v.1.0 == 3.5).then_some(v)
+    })
+    .await;
+    assert_eq!(now, ((0.0, at_risk), (3.5, at_risk)));
     // A second answer (cadence off) makes a promoter of a: out of the
     // detractor segment, into the "answered twice" window.
     let inv = eventually(Duration::from_secs(30), || invite(a.clone())).await;
@@ -410,6 +470,14 @@ async fn detractor_loop(s: &Suite) {
         !s.is_member(&detractors, &a).await && s.is_member(&answered_twice, &a).await
     })
     .await;
+    // a's last answers are now NPS 9 (promoter) and CSAT 4: NPS = (2 - 0)
+    // / 2 * 100 = 100 >= 50: met; CSAT = (4 + 5) / 2 = 4.5 >= 4: met.
+    let now = eventually(Duration::from_secs(30), || async {
+        let v = values().await;
+        (v.1.0 == 4.5).then_some(v)
+    })
+    .await;
+    assert_eq!(now, ((100.0, met), (4.5, met)));
     // The promoter answer scores nothing: still -40.
     assert_eq!(s.engagement(&a).await, -40.0);
 }

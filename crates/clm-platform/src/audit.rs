@@ -332,6 +332,28 @@ pub async fn list(
     db: &impl ConnectionTrait,
     req: &ListAuditEntriesRequest,
 ) -> Result<ListAuditEntriesResponse> {
+    list_filtered(db, req, None).await
+}
+
+/// One page of the entries about resource `name` and the resources under
+/// it (`segments/abc` and `segments/abc/changeRequests/x`), newest first;
+/// `req.resource` is ignored. A service's own API serves a resource's
+/// trail with it.
+pub async fn list_under(
+    db: &impl ConnectionTrait,
+    req: &ListAuditEntriesRequest,
+    name: &str,
+) -> Result<ListAuditEntriesResponse> {
+    let mut req = req.clone();
+    req.resource = String::new();
+    list_filtered(db, &req, Some(name)).await
+}
+
+async fn list_filtered(
+    db: &impl ConnectionTrait,
+    req: &ListAuditEntriesRequest,
+    under: Option<&str>,
+) -> Result<ListAuditEntriesResponse> {
     let size =
         clm_domain::validation::page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)?
             as usize;
@@ -364,12 +386,26 @@ pub async fn list(
         req.start_time.as_ref().map(|t| (t.seconds, t.nanos)),
         req.end_time.as_ref().map(|t| (t.seconds, t.nanos))
     );
-    let pager = Pager::new(&["auditEntries", &req.resource, &req.actor, &req.rpc, &shape]);
+    let pager = Pager::new(&[
+        "auditEntries",
+        &req.resource,
+        &req.actor,
+        &req.rpc,
+        &shape,
+        under.unwrap_or_default(),
+    ]);
     let after = pager.after::<i64>(&req.page_token)?;
     let mut q = Query::select();
     q.columns(COLUMNS.map(a)).from(a(TABLE));
     if !req.resource.is_empty() {
         q.and_where(Expr::col(a("resource")).eq(req.resource.as_str()));
+    }
+    if let Some(name) = under {
+        q.and_where(
+            Expr::col(a("resource"))
+                .eq(name)
+                .or(Expr::col(a("resource")).like(crate::db::like_literal("", name, "/%"))),
+        );
     }
     if !req.actor.is_empty() {
         q.and_where(Expr::col(a("actor")).eq(req.actor.as_str()));

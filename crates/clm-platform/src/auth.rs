@@ -20,6 +20,13 @@
 //! config and the server itself refuse a non-loopback listener in that case
 //! unless `--insecure` is given.
 //!
+//! Resource-level checks: an rpc that changes one resource with an owner
+//! and a team (a segment) calls [`authorize_owned`] inside its write
+//! transaction, with the resource as read there. Roles are then either
+//! unrestricted for that permission (admin always) or *owner-scoped*: the
+//! caller must be the resource's owner (`sub`) or a member of its team (the
+//! token's `teams` claim, a list of team names).
+//!
 //! Tokens carry an audience (`aud`, [`DEFAULT_AUDIENCE`] unless
 //! `auth.audience` says otherwise) and verification requires it, so a token
 //! minted for another system is refused. Exactly one of an HS256 secret and
@@ -85,6 +92,9 @@ pub struct Principal {
     pub subject: String,
     /// Roles granted.
     pub roles: Vec<Role>,
+    /// Teams the principal belongs to (the `teams` claim): an owner-scoped
+    /// role may change resources of these teams.
+    pub teams: Vec<String>,
 }
 
 impl Principal {
@@ -93,7 +103,23 @@ impl Principal {
         Self {
             subject: "local".into(),
             roles: vec![Role::Admin],
+            teams: Vec::new(),
         }
+    }
+
+    /// A principal with `roles` and no team.
+    pub fn new(subject: impl Into<String>, roles: Vec<Role>) -> Self {
+        Self {
+            subject: subject.into(),
+            roles,
+            teams: Vec::new(),
+        }
+    }
+
+    /// Whether the principal owns a resource of `owner` and `team`, or is in
+    /// that team.
+    pub fn answers_for(&self, owner: &str, team: &str) -> bool {
+        self.subject == owner || (!team.is_empty() && self.teams.iter().any(|t| t == team))
     }
 
     /// Whether any of `allowed` (or admin) is held.
@@ -112,6 +138,8 @@ struct Claims {
     sub: String,
     #[serde(default)]
     roles: Vec<String>,
+    #[serde(default)]
+    teams: Vec<String>,
 }
 
 /// Reads and parses an RS256 public key (PEM); the error names the file.
@@ -222,6 +250,7 @@ impl Authenticator {
         Ok(Principal {
             subject: data.claims.sub,
             roles,
+            teams: data.claims.teams,
         })
     }
 }
@@ -471,11 +500,54 @@ pub fn authorize<T, A: Access + ?Sized>(
         let names: Vec<&str> = std::iter::once("admin")
             .chain(allowed.iter().map(|r| r.as_str()))
             .collect();
+        let permission = request
+            .extensions()
+            .get::<RpcName>()
+            .map(|r| format!("missing permission {}/{}: ", r.service, r.method))
+            .unwrap_or_default();
         Err(Error::PermissionDenied(format!(
-            "this rpc needs one of the roles: {}",
+            "{permission}this rpc needs one of the roles: {}",
             names.join(", ")
         )))
     }
+}
+
+/// A resource that has an owner and a team, as read in the write's
+/// transaction (for [`authorize_owned`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Owned<'a> {
+    /// Its name (`segments/abc`).
+    pub name: &'a str,
+    /// Its owner (a principal's subject).
+    pub owner: &'a str,
+    /// Its team (may be empty).
+    pub team: &'a str,
+}
+
+/// The resource-level check: `principal` (already allowed to call the rpc
+/// by its [`Policy`]) may use `permission` on `resource` if it is admin,
+/// holds one of `unrestricted`, or owns the resource or is in its team.
+/// Otherwise PERMISSION_DENIED naming the permission, the resource and
+/// who answers for it. Call it inside the write's transaction, on the row
+/// read there, so a concurrent transfer cannot slip between check and write.
+pub fn authorize_owned(
+    principal: &Principal,
+    permission: &str,
+    unrestricted: &[Role],
+    resource: Owned<'_>,
+) -> Result<(), Error> {
+    if principal.has_any(unrestricted) || principal.answers_for(resource.owner, resource.team) {
+        return Ok(());
+    }
+    let team = if resource.team.is_empty() {
+        "no team".to_owned()
+    } else {
+        format!("team {}", resource.team)
+    };
+    Err(Error::PermissionDenied(format!(
+        "missing permission {permission} on {}: it is owned by {} ({team}), and {} is neither its owner nor in its team",
+        resource.name, resource.owner, principal.subject
+    )))
 }
 
 /// Mints an HS256 token for [`DEFAULT_AUDIENCE`] (for tests, scripts and
@@ -511,6 +583,18 @@ pub fn mint(
     )
 }
 
+/// Mints an HS256 token for [`DEFAULT_AUDIENCE`] whose `teams` claim
+/// lists `teams` (owner-scoped roles act on those teams' resources).
+pub fn mint_hs256_in_teams(
+    secret: &str,
+    subject: &str,
+    roles: &[Role],
+    teams: &[&str],
+    ttl: std::time::Duration,
+) -> anyhow::Result<String> {
+    mint_claims(secret, DEFAULT_AUDIENCE, None, subject, roles, teams, ttl)
+}
+
 /// Mints an HS256 token for `audience`, with an `iss` claim when `issuer` is given.
 pub fn mint_hs256_with(
     secret: &str,
@@ -520,6 +604,18 @@ pub fn mint_hs256_with(
     roles: &[Role],
     ttl: std::time::Duration,
 ) -> anyhow::Result<String> {
+    mint_claims(secret, audience, issuer, subject, roles, &[], ttl)
+}
+
+fn mint_claims(
+    secret: &str,
+    audience: &str,
+    issuer: Option<&str>,
+    subject: &str,
+    roles: &[Role],
+    teams: &[&str],
+    ttl: std::time::Duration,
+) -> anyhow::Result<String> {
     #[derive(serde::Serialize)]
     struct Out<'a> {
         sub: &'a str,
@@ -527,6 +623,8 @@ pub fn mint_hs256_with(
         #[serde(skip_serializing_if = "Option::is_none")]
         iss: Option<&'a str>,
         roles: Vec<&'static str>,
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        teams: &'a [&'a str],
         exp: u64,
     }
     let exp = std::time::SystemTime::now()
@@ -538,6 +636,7 @@ pub fn mint_hs256_with(
         aud: audience,
         iss: issuer,
         roles: roles.iter().map(|r| r.as_str()).collect(),
+        teams,
         exp,
     };
     Ok(jsonwebtoken::encode(
@@ -692,14 +791,52 @@ mod tests {
             Principal::local()
         );
         let mut analyst = tonic::Request::new(());
-        analyst.extensions_mut().insert(Principal {
-            subject: "ana".into(),
-            roles: vec![Role::Analyst],
-        });
+        analyst
+            .extensions_mut()
+            .insert(Principal::new("ana", vec![Role::Analyst]));
         assert!(matches!(
             authorize(&analyst, &[Role::Marketer]),
             Err(Error::PermissionDenied(_))
         ));
+    }
+
+    #[test]
+    fn owner_scoped_checks_follow_owner_and_teams() {
+        let ttl = std::time::Duration::from_secs(60);
+        let t = mint_hs256_in_teams(SECRET, "ada", &[Role::SegmentOwner], &["growth"], ttl)
+            .expect("mint");
+        let ada = auth()
+            .authenticate(Some(&format!("Bearer {t}")))
+            .expect("valid");
+        assert_eq!(ada.teams, vec!["growth".to_owned()]);
+        let seg = |owner: &'static str, team: &'static str| Owned {
+            name: "segments/s",
+            owner,
+            team,
+        };
+        assert!(authorize_owned(&ada, "segments.update", &[], seg("ada", "")).is_ok());
+        assert!(authorize_owned(&ada, "segments.update", &[], seg("bob", "growth")).is_ok());
+        let Err(Error::PermissionDenied(m)) =
+            authorize_owned(&ada, "segments.update", &[], seg("bob", "retention"))
+        else {
+            panic!("another team's segment must be refused");
+        };
+        assert!(
+            m.contains("missing permission segments.update on segments/s"),
+            "{m}"
+        );
+        assert!(
+            authorize_owned(
+                &ada,
+                "segments.update",
+                &[Role::SegmentOwner],
+                seg("bob", "x")
+            )
+            .is_ok()
+        );
+        assert!(
+            authorize_owned(&Principal::local(), "segments.update", &[], seg("bob", "x")).is_ok()
+        );
     }
 
     #[test]
@@ -730,10 +867,8 @@ mod tests {
         other.service = "y.v1.T".into();
         assert!(P.allowed(Some(&other)).expect("ok").is_empty());
         let mut req = tonic::Request::new(());
-        req.extensions_mut().insert(Principal {
-            subject: "ana".into(),
-            roles: vec![Role::Analyst],
-        });
+        req.extensions_mut()
+            .insert(Principal::new("ana", vec![Role::Analyst]));
         req.extensions_mut().insert(rpc("Write"));
         assert!(matches!(
             authorize(&req, &P),

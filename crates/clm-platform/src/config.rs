@@ -89,6 +89,39 @@ pub struct Config {
     /// section that are not common settings (see [`CustomerSettings`]).
     #[serde(default)]
     pub customer: CustomerSettings,
+    /// Settings only the segmentation service reads (its `[segmentation]`
+    /// section, see [`SegmentationSettings`]).
+    #[serde(default)]
+    pub segmentation: SegmentationSettings,
+}
+
+/// Settings of the segmentation service alone, in its `[segmentation]`
+/// section (`snapshot_hour_utc = 2`) or as `CLM_SEGMENTATION__SNAPSHOT_HOUR_UTC=2`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentationSettings {
+    /// The hour of the day (UTC, 0..23) at which each segment's daily
+    /// snapshot (size, objective values and status, alerts) is taken.
+    pub snapshot_hour_utc: u32,
+    /// How long membership history (entries and exits) is kept, in days.
+    pub membership_history_retention_days: u32,
+    /// How far back (days) the trend that projects an objective to its
+    /// deadline looks.
+    pub objective_trend_days: u32,
+    /// How long (seconds) a replica answers reads with an objective
+    /// evaluation it made (0: evaluate on every read).
+    pub objective_cache_secs: u32,
+}
+
+impl Default for SegmentationSettings {
+    fn default() -> Self {
+        Self {
+            snapshot_hour_utc: 2,
+            membership_history_retention_days: 400,
+            objective_trend_days: 7,
+            objective_cache_secs: 30,
+        }
+    }
 }
 
 /// OpenTelemetry export settings (see [`crate::telemetry`]).
@@ -141,6 +174,7 @@ pub enum ErasedIdentifierPolicy {
 fn own_setting_keys(service: &str) -> Vec<String> {
     let defaults = match service {
         "customer" => serde_json::to_value(CustomerSettings::default()),
+        "segmentation" => serde_json::to_value(SegmentationSettings::default()),
         _ => return Vec::new(),
     };
     match defaults {
@@ -430,6 +464,7 @@ impl Config {
                 metric_interval_secs: 30,
             },
             customer: CustomerSettings::default(),
+            segmentation: SegmentationSettings::default(),
         }
     }
 
@@ -447,6 +482,30 @@ impl Config {
         }
         if self.max_in_flight == 0 {
             return Err(ConfigError::new("max_in_flight", "must be at least 1"));
+        }
+        if self.segmentation.snapshot_hour_utc > 23 {
+            return Err(ConfigError::new(
+                "segmentation.snapshot_hour_utc",
+                "must be an hour of the day, 0..23",
+            ));
+        }
+        if self.segmentation.membership_history_retention_days == 0 {
+            return Err(ConfigError::new(
+                "segmentation.membership_history_retention_days",
+                "must be at least 1",
+            ));
+        }
+        if self.segmentation.objective_cache_secs > 3600 {
+            return Err(ConfigError::new(
+                "segmentation.objective_cache_secs",
+                "must be 0..3600",
+            ));
+        }
+        if !(1..=90).contains(&self.segmentation.objective_trend_days) {
+            return Err(ConfigError::new(
+                "segmentation.objective_trend_days",
+                "must be 1..90",
+            ));
         }
         if self.database.max_connections == 0 {
             return Err(ConfigError::new(

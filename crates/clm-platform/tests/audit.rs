@@ -44,10 +44,7 @@ fn date(day: i32) -> Date {
 
 fn as_caller(subject: &str, method: &str) -> Call {
     Call {
-        principal: Principal {
-            subject: subject.into(),
-            roles: vec![Role::Marketer, Role::Analyst],
-        },
+        principal: Principal::new(subject, vec![Role::Marketer, Role::Analyst]),
         rpc: Some(RpcName {
             service: "clm.test.v1.TestService".into(),
             method: method.into(),

@@ -455,6 +455,8 @@ pub struct Live {
     pub progress: Option<f64>,
     /// Freshness lag of the facts, µs.
     pub lag_us: Option<i64>,
+    /// The objectives (evaluated, or as defined for audit snapshots).
+    pub objectives: Vec<pb::Objective>,
 }
 
 /// A stored segment as a message.
@@ -489,5 +491,10 @@ pub fn segment_to_proto(s: &Segment, live: &Live) -> pb::Segment {
         evaluate_time: s.evaluate_us.map(|t| timestamp(from_micros(t))),
         etag: clm_platform::convert::etag(s.revision),
         operation: s.operation.clone().unwrap_or_default(),
+        team: s.team.clone(),
+        purpose: s.purpose.clone(),
+        playbook: s.playbook.clone(),
+        approval_required: s.approval_required,
+        objectives: live.objectives.clone(),
     }
 }

@@ -26,7 +26,7 @@ use crate::catalog;
 use crate::convert::{self, Live};
 use crate::sql::Compiler;
 use crate::store::facts;
-use crate::store::members::{self, Pair};
+use crate::store::members::{self, Stamped};
 use crate::store::segments::{self, State};
 use chrono::{DateTime, Utc};
 use clm_domain::rules::{self, Fact, FactSet, Rule};
@@ -259,6 +259,7 @@ impl Outcome {
         entered: bool,
         at: DateTime<Utc>,
         version: i64,
+        reason: pb::MembershipReason,
     ) {
         let msg = pb::SegmentMembershipChanged {
             segment: c.name.clone(),
@@ -270,6 +271,7 @@ impl Outcome {
             } as i32,
             change_time: Some(clm_platform::convert::timestamp(at)),
             segment_version: c.version,
+            reason: reason as i32,
         };
         self.events.push(NewEvent::new(c.name.clone(), &msg));
         self.cache
@@ -404,8 +406,8 @@ impl Engine {
         let mut facts = facts::load(txn, &ids).await?;
         // Only timers that change are written.
         let existing = members::timers_of(txn, &ids).await?;
-        let mut entered: Vec<Pair> = Vec::new();
-        let mut exited: Vec<Pair> = Vec::new();
+        let mut entered: Vec<Stamped> = Vec::new();
+        let mut exited: Vec<Stamped> = Vec::new();
         let mut timers_set = Vec::new();
         let mut timers_cleared = Vec::new();
         for (customer, changes) in work {
@@ -413,8 +415,16 @@ impl Engine {
                 continue;
             };
             let mut queue: BTreeSet<(usize, String)> = BTreeSet::new();
+            // Why each segment is looked at: the first change that names it.
+            let mut why: HashMap<String, pb::MembershipReason> = HashMap::new();
             for ch in changes {
+                let reason = match ch {
+                    Change::Only(_) => pb::MembershipReason::TimeWindow,
+                    Change::Member(_) => pb::MembershipReason::Dependency,
+                    _ => pb::MembershipReason::FactChanged,
+                };
                 for c in reg.affected(ch) {
+                    why.entry(c.id.clone()).or_insert(reason);
                     queue.insert((c.rank, c.id.clone()));
                 }
             }
@@ -427,15 +437,22 @@ impl Engine {
                 let now_in = rules::evaluate(&c.rule, fs, at);
                 let was_in = fs.segments.contains(&c.name);
                 if now_in != was_in {
+                    let reason = why
+                        .get(&id)
+                        .copied()
+                        .unwrap_or(pb::MembershipReason::Dependency);
+                    let stamped = ((id.clone(), customer.clone()), c.version, reason as i16);
                     if now_in {
                         fs.segments.insert(c.name.clone());
-                        entered.push((id.clone(), customer.clone()));
+                        entered.push(stamped);
                     } else {
                         fs.segments.remove(&c.name);
-                        exited.push((id.clone(), customer.clone()));
+                        exited.push(stamped);
                     }
-                    out.record(c, customer, now_in, at, version);
+                    out.record(c, customer, now_in, at, version, reason);
                     for d in reg.affected(&Change::Member(c.name.clone())) {
+                        why.entry(d.id.clone())
+                            .or_insert(pb::MembershipReason::Dependency);
                         queue.insert((d.rank, d.id.clone()));
                     }
                 }
@@ -581,6 +598,7 @@ impl Engine {
                                 member_count: count.get(&row.id).copied().unwrap_or(0),
                                 progress: None,
                                 lag_us: None,
+                                objectives: Vec::new(),
                             },
                         )
                     }
@@ -679,18 +697,21 @@ impl Engine {
         self.set_progress(id, Some(0.5));
         let at_us = to_micros(now);
         let mut out = Outcome::default();
-        let pairs = |ids: &[String]| -> Vec<Pair> {
-            ids.iter().map(|cu| (id.to_owned(), cu.clone())).collect()
+        let backfill = pb::MembershipReason::Backfill;
+        let stamped = |ids: &[String]| -> Vec<Stamped> {
+            ids.iter()
+                .map(|cu| ((id.to_owned(), cu.clone()), c.version, backfill as i16))
+                .collect()
         };
-        members::exit(&txn, &pairs(&leaving), at_us).await?;
-        members::enter(&txn, &pairs(&entering), at_us, version).await?;
+        members::exit(&txn, &stamped(&leaving), at_us).await?;
+        members::enter(&txn, &stamped(&entering), at_us, version).await?;
         let mut dependents: BTreeMap<String, Vec<Change>> = BTreeMap::new();
         for cu in &entering {
-            out.record(&c, cu, true, now, version);
+            out.record(&c, cu, true, now, version, backfill);
             dependents.insert(cu.clone(), vec![Change::Member(c.name.clone())]);
         }
         for cu in &leaving {
-            out.record(&c, cu, false, now, version);
+            out.record(&c, cu, false, now, version, backfill);
             dependents.insert(cu.clone(), vec![Change::Member(c.name.clone())]);
         }
         let cascade = self.evaluate(&txn, &dependents, now).await?;

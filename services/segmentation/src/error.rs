@@ -19,6 +19,37 @@ pub enum SegmentationError {
     /// PreviewSegment ran past its time bound.
     #[error("the preview did not finish within {0:?}")]
     PreviewTimeout(std::time::Duration),
+    /// A direct edit of a guarded field of a segment that requires
+    /// approval.
+    #[error(
+        "{segment} requires approval (policy approval_required): {fields} change only through an approved change request; propose it with CreateSegmentChangeRequest"
+    )]
+    ApprovalRequired {
+        /// The segment.
+        segment: String,
+        /// The guarded fields the edit named.
+        fields: String,
+    },
+    /// A review of a change request that is no longer pending.
+    #[error("{name} is {state}, not pending: it cannot be reviewed again")]
+    NotPending {
+        /// The change request.
+        name: String,
+        /// Its state.
+        state: String,
+    },
+    /// Approval of a change request made against an older revision.
+    #[error(
+        "{name} was made against etag {base} of the segment, which is now at {current}: reject it and propose the change again"
+    )]
+    StaleChangeRequest {
+        /// The change request.
+        name: String,
+        /// The etag it was made against.
+        base: String,
+        /// The segment's etag now.
+        current: String,
+    },
 }
 
 impl From<SegmentationError> for Error {
@@ -29,6 +60,18 @@ impl From<SegmentationError> for Error {
                 message: e.to_string(),
             },
             SegmentationError::PreviewTimeout(_) => Error::DeadlineExceeded(e.to_string()),
+            SegmentationError::ApprovalRequired { .. } => Error::FailedPrecondition {
+                reason: "APPROVAL_REQUIRED",
+                message: e.to_string(),
+            },
+            SegmentationError::NotPending { .. } => Error::FailedPrecondition {
+                reason: "CHANGE_REQUEST_NOT_PENDING",
+                message: e.to_string(),
+            },
+            SegmentationError::StaleChangeRequest { .. } => Error::FailedPrecondition {
+                reason: "CHANGE_REQUEST_STALE",
+                message: e.to_string(),
+            },
         }
     }
 }

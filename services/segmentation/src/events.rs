@@ -295,10 +295,18 @@ impl CustomerFacts {
         }
         let version = members::lock_version(cx.txn()).await?;
         let reg = self.engine.registry(cx.txn()).await?;
-        members::exit(cx.txn(), &pairs, to_micros(at)).await?;
+        let reason = clm_proto::segmentation::MembershipReason::FactChanged;
+        let stamped: Vec<members::Stamped> = pairs
+            .iter()
+            .map(|p| {
+                let v = reg.get(&p.0).map_or(0, |c| c.version);
+                (p.clone(), v, reason as i16)
+            })
+            .collect();
+        members::exit(cx.txn(), &stamped, to_micros(at)).await?;
         for (seg, cu) in &pairs {
             if let Some(c) = reg.get(seg) {
-                out.record(c, cu, false, at, version);
+                out.record(c, cu, false, at, version, reason);
             }
         }
         Ok(out)

@@ -16,6 +16,16 @@
 //!   the platform cache (Redis or in-process), versioned, never "not a
 //!   member" by mistake.
 //!
+//! * **Accountability** (docs/segment-owners.md): owner, team, purpose and
+//!   playbook on each segment; owner-scoped writes ([`access`], checked in
+//!   the platform's `auth::authorize_owned` inside each write's
+//!   transaction); objectives computed from the projections ([`objectives`],
+//!   [`store::metrics`]); change requests (`api::edit` is the one way a
+//!   segment is edited, by UpdateSegment or by an approval); membership
+//!   history read from the membership rows themselves ([`store::history`]);
+//!   daily snapshots and objective deadlines in the platform timer queue
+//!   ([`accountability`]) with `ObjectiveStatusChanged` alerts.
+//!
 //! Layout: [`DESCRIPTOR`] → [`api`] → [`convert`] → [`store`] / [`engine`].
 //!
 //! # Choices a newcomer should know
@@ -51,6 +61,17 @@
 //!   and adds its answers as `SURVEY_ANSWER` touchpoints, so
 //!   `count(survey_answer where properties.category = "detractor", 90d)`
 //!   works like any touchpoint window.
+//! * Only admin changes any segment: marketer (who alone, with admin,
+//!   creates segments) and segment_owner change the segments they own or
+//!   whose team (token claim `teams`) they are in. Deleting a segment that
+//!   requires approval is not gated by approval (only rule, objectives and
+//!   the approval setting are).
+//! * Reads (GetSegment, ListSegments) measure objectives live, and each
+//!   replica reuses a segment's evaluation for `objective_cache_secs`
+//!   (per revision and completed backfill); `evaluate_time` says when.
+//! * Objective values count current members only; revenue metrics count
+//!   purchases in the objective's currency (no conversion). Status after
+//!   the deadline is frozen by a deadline timer at the value then.
 //! * Loyalty facts follow the loyalty stream when `peers.loyalty` is set
 //!   (`events::loyalty_handlers`): `TierChanged` sets `loyalty.tier` and
 //!   `loyalty.balance`, `PointsChanged` the balance. With several programs
@@ -58,6 +79,8 @@
 //!   program): events of other programs carry `secondary` and are skipped.
 #![forbid(unsafe_code)]
 
+pub mod access;
+pub mod accountability;
 pub mod api;
 pub mod cache;
 pub mod catalog;
@@ -65,6 +88,7 @@ pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod objectives;
 pub mod sql;
 pub mod store;
 
@@ -97,5 +121,27 @@ fn build(rt: &Runtime) -> anyhow::Result<Parts> {
         .follow_if_configured("loyalty", events::loyalty_handlers(engine.clone()))
         .operation(engine::BACKFILL, engine.runner())
         .timer(store::members::WINDOW, std::sync::Arc::new(engine))
-        .task(move |_| Box::pin(resume.resume_backfills())))
+        .timer(
+            accountability::SNAPSHOT,
+            std::sync::Arc::new(accountability::Timers {
+                rt: rt.clone(),
+                kind: accountability::SNAPSHOT,
+            }),
+        )
+        .timer(
+            accountability::DEADLINE,
+            std::sync::Arc::new(accountability::Timers {
+                rt: rt.clone(),
+                kind: accountability::DEADLINE,
+            }),
+        )
+        .task(move |_| Box::pin(resume.resume_backfills()))
+        .task({
+            let rt = rt.clone();
+            move |_| Box::pin(accountability::arm_all(rt))
+        })
+        .task({
+            let rt = rt.clone();
+            move |shutdown| Box::pin(accountability::purge_history(rt, shutdown))
+        }))
 }

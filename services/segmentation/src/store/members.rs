@@ -18,6 +18,10 @@ use sea_orm::{ConnectionTrait, DbErr, EntityName};
 /// A (segment id, customer id) pair, both bare ids.
 pub type Pair = (String, String);
 
+/// A membership change to write: the pair, the segment's rule version that
+/// decided it and why (`MembershipReason` code).
+pub type Stamped = (Pair, i64, i16);
+
 /// Timer kind of a time window's next change.
 pub const WINDOW: &str = "segmentation.window";
 
@@ -105,29 +109,39 @@ fn pair_in(pairs: &[Pair]) -> Expr {
     )
 }
 
-/// Adds members entering at `enter_us`.
+/// Adds members entering at `enter_us`, each with the rule version and
+/// reason that decided it.
 pub async fn enter(
     db: &impl ConnectionTrait,
-    pairs: &[Pair],
+    rows: &[Stamped],
     enter_us: i64,
     version: i64,
 ) -> Result<(), DbErr> {
-    for chunk in pairs.chunks(rows_per_statement(4)) {
+    for chunk in rows.chunks(rows_per_statement(6)) {
         let mut insert = Query::insert();
         insert
             .into_table(Members)
-            .columns([M::SegmentId, M::CustomerId, M::EnterUs, M::Version])
+            .columns([
+                M::SegmentId,
+                M::CustomerId,
+                M::EnterUs,
+                M::Version,
+                M::RuleVersion,
+                M::Reason,
+            ])
             .on_conflict(
                 OnConflict::columns([M::SegmentId, M::CustomerId])
                     .do_nothing()
                     .to_owned(),
             );
-        for (s, c) in chunk {
+        for ((s, c), rule_version, reason) in chunk {
             insert.values_panic([
                 s.clone().into(),
                 c.clone().into(),
                 enter_us.into(),
                 version.into(),
+                (*rule_version).into(),
+                (*reason).into(),
             ]);
         }
         db.execute(&insert).await?;
@@ -136,27 +150,51 @@ pub async fn enter(
 }
 
 /// Removes members leaving at `exit_us`, keeping the closed interval in
-/// the history.
-pub async fn exit(db: &impl ConnectionTrait, pairs: &[Pair], exit_us: i64) -> Result<(), DbErr> {
-    for chunk in pairs.chunks(rows_per_statement(2).min(2000)) {
-        let closed = Query::select()
-            .columns([M::SegmentId, M::CustomerId, M::EnterUs])
-            .expr(Expr::val(exit_us))
-            .from(Members)
-            .and_where(pair_in(chunk))
-            .to_owned();
-        let insert = Query::insert()
-            .into_table(MemberHistory)
-            .columns([MH::SegmentId, MH::CustomerId, MH::EnterUs, MH::ExitUs])
-            .select_from(closed)
-            .map_err(|e| DbErr::Custom(e.to_string()))?
-            .to_owned();
-        db.execute(&insert).await?;
-        let delete = Query::delete()
-            .from_table(Members)
-            .and_where(pair_in(chunk))
-            .to_owned();
-        db.execute(&delete).await?;
+/// the history with the entry's and the exit's rule version and reason
+/// (one statement per rule version and reason, per chunk).
+pub async fn exit(db: &impl ConnectionTrait, rows: &[Stamped], exit_us: i64) -> Result<(), DbErr> {
+    let mut groups: std::collections::BTreeMap<(i64, i16), Vec<Pair>> = Default::default();
+    for (pair, v, r) in rows {
+        groups.entry((*v, *r)).or_default().push(pair.clone());
+    }
+    for ((exit_version, exit_reason), pairs) in groups {
+        for chunk in pairs.chunks(rows_per_statement(2).min(2000)) {
+            let closed = Query::select()
+                .columns([
+                    M::SegmentId,
+                    M::CustomerId,
+                    M::EnterUs,
+                    M::RuleVersion,
+                    M::Reason,
+                ])
+                .expr(Expr::val(exit_us))
+                .expr(Expr::val(exit_version))
+                .expr(Expr::val(exit_reason))
+                .from(Members)
+                .and_where(pair_in(chunk))
+                .to_owned();
+            let insert = Query::insert()
+                .into_table(MemberHistory)
+                .columns([
+                    MH::SegmentId,
+                    MH::CustomerId,
+                    MH::EnterUs,
+                    MH::EnterVersion,
+                    MH::EnterReason,
+                    MH::ExitUs,
+                    MH::ExitVersion,
+                    MH::ExitReason,
+                ])
+                .select_from(closed)
+                .map_err(|e| DbErr::Custom(e.to_string()))?
+                .to_owned();
+            db.execute(&insert).await?;
+            let delete = Query::delete()
+                .from_table(Members)
+                .and_where(pair_in(chunk))
+                .to_owned();
+            db.execute(&delete).await?;
+        }
     }
     Ok(())
 }

@@ -12,6 +12,11 @@
 //!   (exact window expiry) is a timer of the platform's `timer_queue`
 //!   (kind `segmentation.window`); `m0003` moved the old `timers` there.
 //!
+//! * `m0005`: accountability: a segment's team, purpose, playbook and
+//!   approval setting; `segment_objectives`; `segment_change_requests`;
+//!   daily `segment_snapshots` and `objective_snapshots`; the rule version
+//!   and reason of each entry (`members`) and exit (`member_history`).
+//!
 //! On PostgreSQL the fact text columns use the `C` collation, so string
 //! order is byte order, as in the rule language and SQLite.
 
@@ -28,6 +33,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(SegmentationTables));
         m.push(Box::new(WindowTimersToPlatformQueue));
         m.push(Box::new(BackfillOperations));
+        m.push(Box::new(SegmentAccountability));
         m
     }
 }
@@ -369,6 +375,141 @@ impl MigrationTrait for BackfillOperations {
         m.get_connection()
             .execute_unprepared("ALTER TABLE segments ADD COLUMN operation VARCHAR(160) NULL")
             .await?;
+        Ok(())
+    }
+}
+
+/// Segment accountability: ownership fields, objectives, change requests,
+/// daily snapshots, and why each membership change happened.
+struct SegmentAccountability;
+
+impl MigrationName for SegmentAccountability {
+    fn name(&self) -> &str {
+        "m0005_segment_accountability"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for SegmentAccountability {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        let c = Cols {
+            pg: m.get_database_backend() == DbBackend::Postgres,
+        };
+        let db = m.get_connection();
+        for stmt in [
+            "ALTER TABLE segments ADD COLUMN team TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE segments ADD COLUMN purpose TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE segments ADD COLUMN playbook TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE segments ADD COLUMN approval_required BOOLEAN NOT NULL DEFAULT FALSE",
+            "ALTER TABLE members ADD COLUMN rule_version BIGINT NULL",
+            "ALTER TABLE members ADD COLUMN reason SMALLINT NULL",
+            "ALTER TABLE member_history ADD COLUMN enter_version BIGINT NULL",
+            "ALTER TABLE member_history ADD COLUMN enter_reason SMALLINT NULL",
+            "ALTER TABLE member_history ADD COLUMN exit_version BIGINT NULL",
+            "ALTER TABLE member_history ADD COLUMN exit_reason SMALLINT NULL",
+        ] {
+            db.execute_unprepared(stmt).await?;
+        }
+        m.create_index(index("segments_owner", "segments", &["owner", "id"]))
+            .await?;
+        m.create_index(index("segments_team", "segments", &["team", "id"]))
+            .await?;
+        // Membership history pages walk these in (segment, time, customer)
+        // order.
+        m.create_index(index(
+            "members_enter",
+            "members",
+            &["segment_id", "enter_us", "customer_id"],
+        ))
+        .await?;
+        m.create_index(index(
+            "member_history_enter",
+            "member_history",
+            &["segment_id", "enter_us", "customer_id"],
+        ))
+        .await?;
+        m.create_index(index(
+            "member_history_exit",
+            "member_history",
+            &["segment_id", "exit_us", "customer_id"],
+        ))
+        .await?;
+        m.create_index(index(
+            "member_history_exit_time",
+            "member_history",
+            &["exit_us"],
+        ))
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("segment_objectives"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("segment_id")).string().not_null())
+                .col(c.text("objective_id").not_null())
+                .col(c.small("position").not_null())
+                .col(c.small("metric").not_null())
+                .col(c.small("stage").null())
+                .col(c.double("target").not_null())
+                .col(c.small("direction").not_null())
+                .col(c.big("deadline_us").not_null())
+                .col(c.text("currency").null())
+                .col(c.big("window_us").null())
+                .col(c.small("status").not_null())
+                .col(c.double("final_value").null())
+                .primary_key(&mut pk(
+                    "segment_objectives",
+                    &["segment_id", "objective_id"],
+                ))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("segment_change_requests"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("id")).string().not_null().primary_key())
+                .col(ColumnDef::new(a("segment_id")).string().not_null())
+                .col(c.small("state").not_null())
+                .col(c.big("create_us").not_null())
+                .col(ColumnDef::new(a("body")).binary().not_null())
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(index(
+            "segment_change_requests_segment",
+            "segment_change_requests",
+            &["segment_id", "id"],
+        ))
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("segment_snapshots"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("segment_id")).string().not_null())
+                .col(c.big("day_us").not_null())
+                .col(c.big("size").not_null())
+                .col(c.big("taken_us").not_null())
+                .primary_key(&mut pk("segment_snapshots", &["segment_id", "day_us"]))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("objective_snapshots"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("segment_id")).string().not_null())
+                .col(c.text("objective_id").not_null())
+                .col(c.big("day_us").not_null())
+                .col(c.big("taken_us").not_null())
+                .col(c.double("value").not_null())
+                .col(c.small("status").not_null())
+                .primary_key(&mut pk(
+                    "objective_snapshots",
+                    &["segment_id", "objective_id", "day_us"],
+                ))
+                .to_owned(),
+        )
+        .await?;
         Ok(())
     }
 }

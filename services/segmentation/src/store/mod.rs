@@ -1,13 +1,19 @@
 //! Storage of the segmentation service. Every statement runs on PostgreSQL
 //! and SQLite and is set-based (one statement per batch, never a query per
 //! row): [`segments`] (sea-orm entities), [`facts`] (the projection of the
-//! customer stream), [`members`] (membership, history, timers); every
+//! customer stream), [`members`] (membership, history, timers),
+//! [`history`] (membership history, daily sizes), [`metrics`] (what
+//! objectives measure), [`objectives`], [`change_requests`]; every
 //! table and column is named through [`entity`].
 
+pub mod change_requests;
 pub mod entity;
 pub mod facts;
+pub mod history;
 pub mod members;
+pub mod metrics;
 pub mod migration;
+pub mod objectives;
 pub mod segments;
 
 pub use migration::Migrator;

@@ -133,6 +133,23 @@ pub async fn backfilling_without_operation(
         .await
 }
 
+/// Takes `id`'s row lock until the transaction ends (a no-op write; on
+/// SQLite the one writer orders writes anyway), so writes that check the
+/// segment (owner, etag, approval) and then change it are ordered: one
+/// reads what the other committed. Taken before the membership lock
+/// wherever both are (the order UpdateSegment has always had).
+pub async fn lock(db: &impl ConnectionTrait, id: &str) -> Result<(), DbErr> {
+    segments::Entity::update_many()
+        .col_expr(
+            segments::Column::Revision,
+            sea_orm::sea_query::Expr::col(segments::Column::Revision),
+        )
+        .filter(segments::Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
 /// A segment by id.
 pub async fn get(db: &impl ConnectionTrait, id: &str) -> Result<Option<Segment>, DbErr> {
     segments::Entity::find_by_id(id.to_owned()).one(db).await
@@ -146,13 +163,22 @@ pub async fn all(db: &impl ConnectionTrait) -> Result<Vec<Segment>, DbErr> {
         .await
 }
 
-/// A page of segments after `after` (id), by id.
+/// A page of segments after `after` (id), by id, optionally of one owner
+/// and one team.
 pub async fn page(
     db: &impl ConnectionTrait,
+    owner: Option<&str>,
+    team: Option<&str>,
     after: Option<&str>,
     limit: u64,
 ) -> Result<Vec<Segment>, DbErr> {
     let mut q = segments::Entity::find().order_by_asc(segments::Column::Id);
+    if let Some(o) = owner {
+        q = q.filter(segments::Column::Owner.eq(o));
+    }
+    if let Some(t) = team {
+        q = q.filter(segments::Column::Team.eq(t));
+    }
     if let Some(a) = after {
         q = q.filter(segments::Column::Id.gt(a));
     }

@@ -34,6 +34,8 @@ pub fn t0() -> DateTime<Utc> {
 pub fn seg_config(backend: &TestBackend, customer_url: &str) -> Config {
     let mut c = backend.config("segmentation");
     c.peers.insert("customer".into(), customer_url.to_owned());
+    // Tests read objective values right after the facts change.
+    c.segmentation.objective_cache_secs = 0;
     c
 }
 

@@ -17,6 +17,14 @@ pub struct Model {
     pub enter_us: i64,
     /// When the customer left (µs).
     pub exit_us: i64,
+    /// The rule version that decided the entry.
+    pub enter_version: Option<i64>,
+    /// Why the customer entered (`MembershipReason` code).
+    pub enter_reason: Option<i16>,
+    /// The rule version that decided the exit.
+    pub exit_version: Option<i64>,
+    /// Why the customer left.
+    pub exit_reason: Option<i16>,
 }
 
 /// No relations.

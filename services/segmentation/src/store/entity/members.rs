@@ -16,6 +16,10 @@ pub struct Model {
     pub enter_us: i64,
     /// Membership version of the entry.
     pub version: i64,
+    /// The segment's rule version that decided the entry.
+    pub rule_version: Option<i64>,
+    /// Why (`MembershipReason` code).
+    pub reason: Option<i16>,
 }
 
 /// No relations.

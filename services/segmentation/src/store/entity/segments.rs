@@ -33,6 +33,15 @@ pub struct Model {
     pub evaluate_us: Option<i64>,
     /// The operation of the latest backfill (`operations/{id}`).
     pub operation: Option<String>,
+    /// The team that answers for it with the owner ('' for none).
+    pub team: String,
+    /// What it is meant to achieve.
+    pub purpose: String,
+    /// How to work it.
+    pub playbook: String,
+    /// Whether rule, objectives and this flag change only by approved
+    /// change requests.
+    pub approval_required: bool,
 }
 
 /// No relations.

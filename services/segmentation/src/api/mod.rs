@@ -2,19 +2,26 @@
 //! [`respond`] call), converts the request, runs its logic (writes: one
 //! [`idempotency::write`]) and converts the result back.
 
+mod accountability_api;
+mod edit;
+
+use crate::access;
+use crate::accountability;
 use crate::cache;
 use crate::convert::{self, Live};
 use crate::engine::{Engine, catalog_with_segments};
 use crate::error::SegmentationError;
-use crate::store::members;
+use crate::objectives;
+use crate::store::objectives as stored_objectives;
 use crate::store::segments::{self, Segment, State};
+use crate::store::{change_requests, history, members};
 use chrono::{DateTime, Utc};
+use clm_domain::Violations;
 use clm_domain::ids::CustomerId;
 use clm_domain::rules::{self, Catalog, Rule};
 use clm_domain::validation::{optional_text, page_size, request_id, required_text};
-use clm_domain::{Violation, Violations};
 use clm_platform::audit::{self, Change};
-use clm_platform::auth::{Policy, Role};
+use clm_platform::auth::{Policy, Principal, Role};
 use clm_platform::db::{from_micros, to_micros};
 use clm_platform::error::respond;
 use clm_platform::idempotency;
@@ -32,8 +39,36 @@ clm_domain::resource_id!(
     SegmentId, "segments", "segment"
 );
 
-/// Roles that may create, change, delete and refresh segments.
+/// Roles that may create segments.
+const CREATORS: &[Role] = &[Role::Marketer];
+/// Roles that may change, delete, refresh, transfer and propose or review
+/// changes of segments: owner-scoped (see [`crate::access`]), so only the
+/// segments they own or whose team they are in.
 const WRITERS: &[Role] = &[Role::Marketer, Role::SegmentOwner];
+/// Roles that may read a segment's audit trail.
+const AUDIT_READERS: &[Role] = &[
+    Role::Marketer,
+    Role::SegmentOwner,
+    Role::Analyst,
+    Role::DataSteward,
+];
+/// Roles that may read membership history (it names customers).
+const HISTORY_READERS: &[Role] = &[
+    Role::Marketer,
+    Role::SegmentOwner,
+    Role::Analyst,
+    Role::DataSteward,
+    Role::Service,
+];
+/// Roles that may read performance reports.
+const REPORT_READERS: &[Role] = &[Role::Marketer, Role::SegmentOwner, Role::Analyst];
+/// Roles that may follow objective alerts.
+const ALERT_READERS: &[Role] = &[
+    Role::Marketer,
+    Role::SegmentOwner,
+    Role::Analyst,
+    Role::Service,
+];
 /// Roles that may read segments and preview rules.
 const READERS: &[Role] = &[
     Role::Marketer,
@@ -55,7 +90,7 @@ const MEMBERSHIP_READERS: &[Role] = &[
 pub const POLICY: Policy = Policy {
     service: "clm.segmentation.v1.SegmentationService",
     rules: &[
-        ("CreateSegment", WRITERS),
+        ("CreateSegment", CREATORS),
         ("GetSegment", READERS),
         ("ListSegments", READERS),
         ("UpdateSegment", WRITERS),
@@ -68,6 +103,16 @@ pub const POLICY: Policy = Policy {
         ("CountSegmentMembers", MEMBERSHIP_READERS),
         ("RefreshSegment", WRITERS),
         ("WatchMembership", MEMBERSHIP_READERS),
+        ("TransferSegmentOwnership", WRITERS),
+        ("ListSegmentAuditEntries", AUDIT_READERS),
+        ("CreateSegmentChangeRequest", WRITERS),
+        ("GetSegmentChangeRequest", READERS),
+        ("ListSegmentChangeRequests", READERS),
+        ("ApproveSegmentChangeRequest", WRITERS),
+        ("RejectSegmentChangeRequest", WRITERS),
+        ("ListMembershipHistory", HISTORY_READERS),
+        ("GetSegmentPerformance", REPORT_READERS),
+        ("WatchObjectiveAlerts", ALERT_READERS),
     ],
 };
 
@@ -83,12 +128,16 @@ const MAX_PREVIEW: std::time::Duration = std::time::Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct SegmentationApi {
     engine: Engine,
+    evaluations: std::sync::Arc<objectives::ReadCache>,
 }
 
 impl SegmentationApi {
     /// Serves with `engine`.
     pub fn new(engine: Engine) -> Self {
-        Self { engine }
+        Self {
+            engine,
+            evaluations: std::sync::Arc::default(),
+        }
     }
 
     fn now(&self) -> DateTime<Utc> {
@@ -100,12 +149,52 @@ impl SegmentationApi {
         let ids: Vec<String> = segs.iter().map(|s| s.id.clone()).collect();
         let counts = members::counts(&rt.read, &ids).await?;
         let lag = members::freshness(&rt.read).await?.map(|(e, a)| a - e);
+        let ttl =
+            std::time::Duration::from_secs(u64::from(rt.config.segmentation.objective_cache_secs));
+        let mut cached: HashMap<String, Vec<pb::Objective>> = segs
+            .iter()
+            .filter_map(|s| {
+                self.evaluations
+                    .get(&s.id, (s.revision, s.evaluate_us), ttl)
+                    .map(|l| (s.id.clone(), l))
+            })
+            .collect();
+        let missing: Vec<String> = ids
+            .iter()
+            .filter(|id| !cached.contains_key(*id))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            let evaluated = objectives::evaluate(
+                &rt.read,
+                &missing,
+                to_micros(self.now()),
+                rt.config.segmentation.objective_trend_days,
+            )
+            .await?;
+            for s in segs.iter().filter(|s| missing.contains(&s.id)) {
+                let list: Vec<pb::Objective> = evaluated
+                    .get(&s.id)
+                    .map(|l| {
+                        l.iter()
+                            .map(|(o, e)| objectives::to_proto(o, Some(e)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if !ttl.is_zero() {
+                    self.evaluations
+                        .put(&s.id, (s.revision, s.evaluate_us), list.clone());
+                }
+                cached.insert(s.id.clone(), list);
+            }
+        }
         Ok(segs
             .iter()
             .map(|s| Live {
                 member_count: counts.get(&s.id).copied().unwrap_or(0),
                 progress: self.engine.progress(&s.id),
                 lag_us: lag,
+                objectives: cached.remove(&s.id).unwrap_or_default(),
             })
             .collect())
     }
@@ -151,43 +240,44 @@ impl SegmentationApi {
         }
     }
 
-    fn text_fields(s: &pb::Segment) -> Result<(String, String, String)> {
-        let mut v = Violations::new();
-        let display = v.check(
-            "",
-            required_text("segment.display_name", &s.display_name, 200),
-        );
-        let owner = v.check("", required_text("segment.owner", &s.owner, 200));
-        let description = v
-            .check(
-                "",
-                optional_text("segment.description", &s.description, 2000),
-            )
-            .flatten()
-            .unwrap_or_default();
-        v.into_result()?;
-        Ok((
-            display.unwrap_or_default(),
-            owner.unwrap_or_default(),
-            description,
-        ))
-    }
-
-    async fn create(&self, actor: String, req: pb::CreateSegmentRequest) -> Result<pb::Segment> {
+    async fn create(
+        &self,
+        caller: Principal,
+        req: pb::CreateSegmentRequest,
+    ) -> Result<pb::Segment> {
         let now = self.now();
         let rid = request_id("request_id", &req.request_id)?;
         let s = req
             .segment
             .as_ref()
             .ok_or_else(|| Error::invalid("segment", "is required"))?;
-        let (display_name, owner, description) = Self::text_fields(s)?;
+        let id = SegmentId::new().0.to_string();
+        let mut v = Violations::new();
+        v.check(
+            "",
+            required_text("segment.display_name", &s.display_name, 200),
+        );
+        let owner = if s.owner.trim().is_empty() {
+            caller.subject.clone()
+        } else {
+            v.check("", required_text("segment.owner", &s.owner, 200))
+                .unwrap_or_default()
+        };
+        v.into_result()?;
+        // Everything but the owner and the rule is what an edit sets.
+        let mut paths: Vec<String> = ["display_name", "description", "team", "purpose", "playbook"]
+            .map(str::to_owned)
+            .to_vec();
+        paths.push("approval_required".into());
+        paths.push("objectives".into());
+        let mut edit = self.parse_edit("segment.", &id, s, &paths).await?;
         let catalog = catalog_with_segments(&self.engine.rt().read).await?;
         let rule = Self::resolve_rule("segment.", s.rule.as_ref(), &s.rule_text, &catalog)?;
-        let row = Segment {
-            id: SegmentId::new().0.to_string(),
-            display_name,
-            owner,
-            description,
+        let mut row = Segment {
+            id,
+            display_name: String::new(),
+            owner: owner.trim().to_owned(),
+            description: String::new(),
             rule_text: rule.to_string(),
             version: 1,
             revision: 1,
@@ -197,8 +287,14 @@ impl SegmentationApi {
             update_us: to_micros(now),
             evaluate_us: None,
             operation: Some(Engine::new_backfill_name()),
+            team: String::new(),
+            purpose: String::new(),
+            playbook: String::new(),
+            approval_required: false,
         };
-        let out = convert::segment_to_proto(&row, &Live::default());
+        let objectives = edit.objectives.take().unwrap_or_default();
+        let hour = self.engine.rt().config.segmentation.snapshot_hour_utc;
+        let actor = caller.subject;
         let created = idempotency::write(
             self.engine.rt(),
             "CreateSegment",
@@ -206,16 +302,27 @@ impl SegmentationApi {
             &req,
             now,
             async move |txn| {
+                edit::apply(txn, &edit, &mut row, now).await?;
                 Engine::start_backfill(txn, &row, now).await?;
-                segments::insert(txn, row, &actor).await?;
+                segments::insert(txn, row.clone(), &actor).await?;
+                stored_objectives::replace(txn, &row.id, objectives.clone()).await?;
+                accountability::arm_deadlines(txn, &row.id, &objectives, to_micros(now)).await?;
+                accountability::arm_snapshot(txn, &row.id, to_micros(now), hour).await?;
                 members::bump_generation(txn).await?;
+                let out = edit::audit_view(txn, &row).await?;
                 audit::record(txn, crate::SERVICE, now, Change::create(&out.name, &out)).await?;
                 Ok((out, Vec::new()))
             },
         )
         .await?;
         self.engine.rt().operations.wake();
-        Ok(created)
+        self.engine.rt().timers.wake();
+        match self.existing("segment.name", &created.name).await {
+            Ok(row) => self.to_proto(&row).await,
+            // A retry answered after the segment was deleted: the first answer.
+            Err(Error::NotFound(_)) => Ok(created),
+            Err(e) => Err(e),
+        }
     }
 
     async fn get(&self, req: pb::GetSegmentRequest) -> Result<pb::Segment> {
@@ -225,10 +332,18 @@ impl SegmentationApi {
 
     async fn list(&self, req: pb::ListSegmentsRequest) -> Result<pb::ListSegmentsResponse> {
         let size = page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)? as usize;
-        let pager = Pager::new(&["segments"]);
+        let mut v = Violations::new();
+        v.check("", optional_text("owner", &req.owner, 200));
+        v.check("", optional_text("team", &req.team, 200));
+        v.into_result()?;
+        let pager = Pager::new(&["segments", &req.owner, &req.team]);
         let after = pager.after::<String>(&req.page_token)?;
+        let filter = |f: &str| Some(f.trim()).filter(|f| !f.is_empty()).map(str::to_owned);
+        let (owner, team) = (filter(&req.owner), filter(&req.team));
         let rows = segments::page(
             &self.engine.rt().read,
+            owner.as_deref(),
+            team.as_deref(),
             after.as_ref().map(|(k, _)| k.as_str()),
             size as u64 + 1,
         )
@@ -282,7 +397,7 @@ impl SegmentationApi {
 
     async fn update(
         &self,
-        actor: String,
+        caller: Principal,
         req: pb::UpdateSegmentRequest,
     ) -> Result<pb::UpdateSegmentResponse> {
         let now = self.now();
@@ -305,54 +420,7 @@ impl SegmentationApi {
                 "is required: name the fields to change",
             ));
         }
-        let mut new_rule: Option<Rule> = None;
-        let mut v = Violations::new();
-        for p in &paths {
-            match p.as_str() {
-                "display_name" => {
-                    v.check(
-                        "",
-                        required_text("segment.display_name", &s.display_name, 200),
-                    );
-                }
-                "owner" => {
-                    v.check("", required_text("segment.owner", &s.owner, 200));
-                }
-                "description" => {
-                    v.check(
-                        "",
-                        optional_text("segment.description", &s.description, 2000),
-                    );
-                }
-                "rule" | "rule_text" => {
-                    if new_rule.is_none() {
-                        let catalog = catalog_with_segments(&self.engine.rt().read).await?;
-                        let r = Self::resolve_rule(
-                            "segment.",
-                            s.rule.as_ref(),
-                            &s.rule_text,
-                            &catalog,
-                        )?;
-                        let field = if s.rule.is_some() {
-                            "segment.rule"
-                        } else {
-                            "segment.rule_text"
-                        };
-                        self.check_cycle(&id, field, &r).await?;
-                        new_rule = Some(r);
-                    }
-                }
-                other => v.push(Violation::new(
-                    "update_mask",
-                    format!(
-                        "cannot change {}: use display_name, owner, description, rule or rule_text",
-                        clm_domain::validation::echo(other)
-                    ),
-                )),
-            }
-        }
-        v.into_result()?;
-        let this = self.clone();
+        let edit = self.parse_edit("segment.", &id, s, &paths).await?;
         let name = s.name.clone();
         let mask = req.update_mask.clone();
         let resp = idempotency::write(
@@ -362,54 +430,24 @@ impl SegmentationApi {
             &req,
             now,
             async move |txn| {
+                segments::lock(txn, &id).await?;
                 let mut row = segments::get(txn, &id)
                     .await?
                     .ok_or_else(|| Error::NotFound(name.clone()))?;
+                access::check(&caller, access::UPDATE, &row)?;
                 clm_platform::convert::check_etag(&s.etag, row.revision)?;
-                let counted = members::counts(txn, std::slice::from_ref(&row.id)).await?;
-                let before = convert::segment_to_proto(
-                    &row,
-                    &Live {
-                        member_count: counted.get(&row.id).copied().unwrap_or(0),
-                        progress: None,
-                        lag_us: None,
-                    },
-                );
-                for p in &paths {
-                    match p.as_str() {
-                        "display_name" => row.display_name = s.display_name.trim().to_owned(),
-                        "owner" => row.owner = s.owner.trim().to_owned(),
-                        "description" => row.description = s.description.trim().to_owned(),
-                        _ => {}
+                let guarded = edit.guarded();
+                if row.approval_required && !guarded.is_empty() {
+                    return Err(SegmentationError::ApprovalRequired {
+                        segment: name.clone(),
+                        fields: guarded.join(", "),
                     }
+                    .into());
                 }
-                let mut diff = None;
-                if let Some(r) = &new_rule {
-                    let text = r.to_string();
-                    if text != row.rule_text {
-                        let old = rules::parse(&row.rule_text).ok();
-                        diff = Some(rule_diff(row.version, &row.rule_text, old.as_ref(), r));
-                        row.rule_text = text;
-                        row.version += 1;
-                        row.state = State::Backfilling.code();
-                        row.failure_reason = None;
-                        row.operation = Some(Engine::new_backfill_name());
-                        Engine::start_backfill(txn, &row, now).await?;
-                    }
-                }
-                row.revision += 1;
-                row.update_us = to_micros(now);
-                let new_version = diff.is_some();
-                segments::update(txn, row.clone(), new_version, &actor).await?;
-                if new_version {
-                    members::bump_generation(txn).await?;
-                }
-                let live = Live {
-                    member_count: before.member_count,
-                    progress: Some(0.0),
-                    lag_us: None,
-                };
-                let after = convert::segment_to_proto(&row, &live);
+                let before = edit::audit_view(txn, &row).await?;
+                let applied = edit::apply(txn, &edit, &mut row, now).await?;
+                edit::store(txn, &mut row, &applied, &caller.subject, now).await?;
+                let after = edit::audit_view(txn, &row).await?;
                 audit::record(
                     txn,
                     crate::SERVICE,
@@ -420,7 +458,7 @@ impl SegmentationApi {
                 Ok((
                     pb::UpdateSegmentResponse {
                         segment: Some(after),
-                        rule_diff: diff,
+                        rule_diff: applied.rule_diff,
                     },
                     Vec::new(),
                 ))
@@ -428,12 +466,27 @@ impl SegmentationApi {
         )
         .await?;
         if resp.rule_diff.is_some() {
-            this.engine.rt().operations.wake();
+            self.engine.rt().operations.wake();
         }
-        Ok(resp)
+        self.engine.rt().timers.wake();
+        let fresh = match &resp.segment {
+            Some(seg) => Some(
+                self.to_proto(&self.existing("segment.name", &seg.name).await?)
+                    .await?,
+            ),
+            None => None,
+        };
+        Ok(pb::UpdateSegmentResponse {
+            segment: fresh,
+            rule_diff: resp.rule_diff,
+        })
     }
 
-    async fn delete(&self, req: pb::DeleteSegmentRequest) -> Result<pb::DeleteSegmentResponse> {
+    async fn delete(
+        &self,
+        caller: Principal,
+        req: pb::DeleteSegmentRequest,
+    ) -> Result<pb::DeleteSegmentResponse> {
         let now = self.now();
         let rid = request_id("request_id", &req.request_id)?;
         let id = SegmentId::parse_name("name", &req.name)?.0.to_string();
@@ -465,21 +518,19 @@ impl SegmentationApi {
             let row = segments::get(txn, &id)
                 .await?
                 .ok_or_else(|| Error::NotFound(name.clone()))?;
+            access::check(&caller, access::DELETE, &row)?;
             if !etag.is_empty() {
                 clm_platform::convert::check_etag(&etag, row.revision)?;
             }
             *version_ref = members::lock_version(txn).await?;
             *dropped_ref = members::of_segment(txn, &id).await?;
-            let before = convert::segment_to_proto(
-                &row,
-                &Live {
-                    member_count: dropped_ref.len() as i64,
-                    progress: None,
-                    lag_us: None,
-                },
-            );
+            let before = edit::audit_view(txn, &row).await?;
             audit::record(txn, crate::SERVICE, now, Change::delete(&name, &before)).await?;
             members::delete_segment(txn, &id).await?;
+            stored_objectives::delete_segment(txn, &id).await?;
+            history::delete_segment(txn, &id).await?;
+            change_requests::delete_segment(txn, &id).await?;
+            accountability::disarm(txn, &id).await?;
             segments::delete(txn, &id).await?;
             members::bump_generation(txn).await?;
             // Watchers see every member leave with the segment.
@@ -492,6 +543,7 @@ impl SegmentationApi {
                         change: pb::MembershipChange::Exited as i32,
                         change_time: Some(clm_platform::convert::timestamp(now)),
                         segment_version: row.version,
+                        reason: pb::MembershipReason::Unspecified as i32,
                     };
                     clm_platform::outbox::NewEvent::new(name.clone(), &exited)
                 })
@@ -692,7 +744,11 @@ impl SegmentationApi {
         })
     }
 
-    async fn refresh(&self, req: pb::RefreshSegmentRequest) -> Result<pb::Segment> {
+    async fn refresh(
+        &self,
+        caller: Principal,
+        req: pb::RefreshSegmentRequest,
+    ) -> Result<pb::Segment> {
         let now = self.now();
         let rid = request_id("request_id", &req.request_id)?;
         let id = SegmentId::parse_name("name", &req.name)?.0.to_string();
@@ -704,10 +760,12 @@ impl SegmentationApi {
             &req,
             now,
             async move |txn| {
+                segments::lock(txn, &id).await?;
                 let mut row = segments::get(txn, &id)
                     .await?
                     .ok_or_else(|| Error::NotFound(name.clone()))?;
-                let before = convert::segment_to_proto(&row, &Live::default());
+                access::check(&caller, access::REFRESH, &row)?;
+                let before = edit::audit_view(txn, &row).await?;
                 segments::set_state(txn, &id, row.version, State::Backfilling, None, None).await?;
                 row.state = State::Backfilling.code();
                 row.failure_reason = None;
@@ -715,7 +773,7 @@ impl SegmentationApi {
                 Engine::start_backfill(txn, &row, now).await?;
                 segments::set_operation(txn, &id, row.operation.as_deref().unwrap_or_default())
                     .await?;
-                let after = convert::segment_to_proto(&row, &Live::default());
+                let after = edit::audit_view(txn, &row).await?;
                 audit::record(
                     txn,
                     crate::SERVICE,
@@ -760,7 +818,7 @@ impl SegmentationService for SegmentationApi {
         &self,
         request: Request<pb::CreateSegmentRequest>,
     ) -> std::result::Result<Response<pb::Segment>, Status> {
-        respond(request, &POLICY, |p, r| self.create(p.subject, r)).await
+        respond(request, &POLICY, |p, r| self.create(p, r)).await
     }
 
     async fn get_segment(
@@ -781,14 +839,14 @@ impl SegmentationService for SegmentationApi {
         &self,
         request: Request<pb::UpdateSegmentRequest>,
     ) -> std::result::Result<Response<pb::UpdateSegmentResponse>, Status> {
-        respond(request, &POLICY, |p, r| self.update(p.subject, r)).await
+        respond(request, &POLICY, |p, r| self.update(p, r)).await
     }
 
     async fn delete_segment(
         &self,
         request: Request<pb::DeleteSegmentRequest>,
     ) -> std::result::Result<Response<pb::DeleteSegmentResponse>, Status> {
-        respond(request, &POLICY, |_, r| self.delete(r)).await
+        respond(request, &POLICY, |p, r| self.delete(p, r)).await
     }
 
     async fn preview_segment(
@@ -837,7 +895,103 @@ impl SegmentationService for SegmentationApi {
         &self,
         request: Request<pb::RefreshSegmentRequest>,
     ) -> std::result::Result<Response<pb::Segment>, Status> {
-        respond(request, &POLICY, |_, r| self.refresh(r)).await
+        respond(request, &POLICY, |p, r| self.refresh(p, r)).await
+    }
+
+    async fn transfer_segment_ownership(
+        &self,
+        request: Request<pb::TransferSegmentOwnershipRequest>,
+    ) -> std::result::Result<Response<pb::Segment>, Status> {
+        respond(request, &POLICY, |p, r| self.transfer(p, r)).await
+    }
+
+    async fn list_segment_audit_entries(
+        &self,
+        request: Request<pb::ListSegmentAuditEntriesRequest>,
+    ) -> std::result::Result<Response<clm_proto::common::ListAuditEntriesResponse>, Status> {
+        respond(request, &POLICY, |_, r| self.segment_audit(r)).await
+    }
+
+    async fn create_segment_change_request(
+        &self,
+        request: Request<pb::CreateSegmentChangeRequestRequest>,
+    ) -> std::result::Result<Response<pb::SegmentChangeRequest>, Status> {
+        respond(request, &POLICY, |p, r| self.create_change_request(p, r)).await
+    }
+
+    async fn get_segment_change_request(
+        &self,
+        request: Request<pb::GetSegmentChangeRequestRequest>,
+    ) -> std::result::Result<Response<pb::SegmentChangeRequest>, Status> {
+        respond(request, &POLICY, |_, r| self.get_change_request(r)).await
+    }
+
+    async fn list_segment_change_requests(
+        &self,
+        request: Request<pb::ListSegmentChangeRequestsRequest>,
+    ) -> std::result::Result<Response<pb::ListSegmentChangeRequestsResponse>, Status> {
+        respond(request, &POLICY, |_, r| self.list_change_requests(r)).await
+    }
+
+    async fn approve_segment_change_request(
+        &self,
+        request: Request<pb::ApproveSegmentChangeRequestRequest>,
+    ) -> std::result::Result<Response<pb::SegmentChangeRequest>, Status> {
+        respond(request, &POLICY, |p, r| {
+            self.review(
+                p,
+                r.name.clone(),
+                r.comment.clone(),
+                r.request_id.clone(),
+                true,
+                r,
+            )
+        })
+        .await
+    }
+
+    async fn reject_segment_change_request(
+        &self,
+        request: Request<pb::RejectSegmentChangeRequestRequest>,
+    ) -> std::result::Result<Response<pb::SegmentChangeRequest>, Status> {
+        respond(request, &POLICY, |p, r| {
+            self.review(
+                p,
+                r.name.clone(),
+                r.comment.clone(),
+                r.request_id.clone(),
+                false,
+                r,
+            )
+        })
+        .await
+    }
+
+    async fn list_membership_history(
+        &self,
+        request: Request<pb::ListMembershipHistoryRequest>,
+    ) -> std::result::Result<Response<pb::ListMembershipHistoryResponse>, Status> {
+        respond(request, &POLICY, |_, r| self.membership_history(r)).await
+    }
+
+    async fn get_segment_performance(
+        &self,
+        request: Request<pb::GetSegmentPerformanceRequest>,
+    ) -> std::result::Result<Response<pb::SegmentPerformance>, Status> {
+        respond(request, &POLICY, |_, r| self.performance(r)).await
+    }
+
+    type WatchObjectiveAlertsStream = accountability_api::AlertStream;
+
+    async fn watch_objective_alerts(
+        &self,
+        request: Request<pb::WatchObjectiveAlertsRequest>,
+    ) -> std::result::Result<Response<Self::WatchObjectiveAlertsStream>, Status> {
+        clm_platform::auth::authorize(&request, &POLICY)?;
+        clm_platform::error::known_enums(request.get_ref())?;
+        Ok(Response::new(
+            self.watch_alerts(request.into_inner()).await?,
+        ))
     }
 
     type WatchMembershipStream = WatchStream;
