@@ -102,10 +102,22 @@ cluster_dir=""
 cluster_ports=""
 start_redis_cluster() {
   cluster_dir="$(mktemp -d "${TMPDIR:-/tmp}/clm-test-redis-cluster.XXXXXX")"
-  cluster_ports="$(python3 -c 'import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))')"
+  # A node listens on its port and on port + 10000 (the cluster bus), so
+  # ports are taken at or below 55535, both free.
+  cluster_ports="$(python3 -c 'import random, socket
+def free(p):
+    try:
+        for q in (p, p + 10000):
+            s = socket.socket(); s.bind(("127.0.0.1", q)); s.close()
+        return True
+    except OSError:
+        return False
+ports = []
+while len(ports) < 3:
+    p = random.randrange(20000, 55535)
+    if p not in ports and free(p):
+        ports.append(p)
+print(" ".join(map(str, ports)))')"
   for port in $cluster_ports; do
     mkdir -p "$cluster_dir/$port"
     redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --cluster-enabled yes \

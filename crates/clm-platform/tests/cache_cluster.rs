@@ -12,12 +12,19 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A free port for a cluster node: it also listens on port + 10000 (the
+/// cluster bus), so the port is at most 55535 and both are free.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 20_000 + (std::process::id() % 30_000) as u16;
+    loop {
+        let port = start + NEXT.fetch_add(7, Ordering::SeqCst) % 5_000;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if port <= 55_535 && free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
 }
 
 /// One cluster node, its state (`nodes.conf`) in its own directory so a
