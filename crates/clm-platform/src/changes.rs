@@ -104,31 +104,7 @@ impl ChangeStreamService for ChangeStreamServer {
             return Err(Error::invalid("after_sequence", "must not be negative").into());
         }
         crate::convert::event_types("event_types", &req.event_types).map_err(Error::from)?;
-        let bounds = self
-            .rt
-            .outbox
-            .bounds(&self.rt.read)
-            .await
-            .map_err(Error::from)?;
-        if req.after_sequence < bounds.purged_through {
-            return Err(Error::OutOfRange(format!(
-                "after_sequence {} is older than the oldest kept event {}: events up to {} were \
-                 removed by retention (outbox_retention_days); rebuild from a snapshot and resume from {}",
-                req.after_sequence,
-                bounds.purged_through + 1,
-                bounds.purged_through,
-                bounds.purged_through
-            ))
-            .into());
-        }
-        if req.after_sequence > bounds.head {
-            return Err(Error::OutOfRange(format!(
-                "after_sequence {} is beyond the newest event {}: the {} outbox was reset or \
-                 restored from an older backup",
-                req.after_sequence, bounds.head, self.rt.service
-            ))
-            .into());
-        }
+        check_resume(&self.rt, req.after_sequence).await?;
         let (tx, rx) = mpsc::channel(2 * READ_BATCH as usize);
         let this = self.clone();
         tokio::spawn(async move {
@@ -1483,6 +1459,32 @@ impl DeadLetterService for DeadLetterServer {
         crate::error::known_enums(request.get_ref())?;
         Ok(Response::new(self.replay(request.into_inner()).await?))
     }
+}
+
+/// Refuses to resume a stream of this service's outbox after `after`
+/// when that position cannot be served: OUT_OF_RANGE when events after it
+/// were purged by retention, or when it is beyond the newest event (the
+/// outbox was reset or restored). WatchChanges and every stream that
+/// resumes by sequence use it.
+pub async fn check_resume(rt: &Runtime, after: i64) -> Result<(), Error> {
+    let bounds = rt.outbox.bounds(&rt.read).await.map_err(Error::from)?;
+    if after < bounds.purged_through {
+        return Err(Error::OutOfRange(format!(
+            "after_sequence {after} is older than the oldest kept event {}: events up to {} were \
+             removed by retention (outbox_retention_days); rebuild from a snapshot and resume from {}",
+            bounds.purged_through + 1,
+            bounds.purged_through,
+            bounds.purged_through
+        )));
+    }
+    if after > bounds.head {
+        return Err(Error::OutOfRange(format!(
+            "after_sequence {after} is beyond the newest event {}: the {} outbox was reset or \
+             restored from an older backup",
+            bounds.head, rt.service
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

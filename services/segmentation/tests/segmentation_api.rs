@@ -567,3 +567,52 @@ async fn a_backfill_is_an_operation_with_progress_and_the_segment_names_it() {
     assert!(names.contains(&s.operation.as_str()), "{names:?}");
     assert!(names.contains(&refreshed.operation.as_str()), "{names:?}");
 }
+
+/// WatchMembership answers what it cannot serve at once, as WatchChanges
+/// does: OUT_OF_RANGE past the newest event, NOT_FOUND for a well-formed
+/// segment that does not exist; PreviewSegment refuses an invalid timeout.
+#[tokio::test]
+async fn watch_membership_refuses_what_it_cannot_serve_and_preview_checks_its_timeout() {
+    let h = start().await;
+    let mut seg = h.segments();
+    let beyond = seg
+        .watch_membership(pb::WatchMembershipRequest {
+            segment: String::new(),
+            after_sequence: 1_000_000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(beyond.code(), tonic::Code::OutOfRange, "{beyond:?}");
+    let unknown = seg
+        .watch_membership(pb::WatchMembershipRequest {
+            segment: "segments/01a24a50-3e9b-7724-9133-581bc90128cc".into(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    for timeout in [
+        prost_types::Duration {
+            seconds: 1,
+            nanos: 1_000_000_000,
+        },
+        prost_types::Duration {
+            seconds: 1,
+            nanos: -5,
+        },
+        prost_types::Duration {
+            seconds: 0,
+            nanos: 0,
+        },
+    ] {
+        let bad = seg
+            .preview_segment(pb::PreviewSegmentRequest {
+                rule_text: "age > 60".into(),
+                timeout: Some(timeout),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_bad_field(&bad, "timeout");
+    }
+}

@@ -590,14 +590,13 @@ impl SegmentationApi {
         } as u64;
         let timeout = match &req.timeout {
             None => DEFAULT_PREVIEW,
-            Some(d) if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) => {
-                return Err(Error::invalid("timeout", "must be positive"));
+            Some(d) => {
+                let ms = clm_platform::convert::duration_millis("timeout", d)?;
+                if ms <= 0 {
+                    return Err(Error::invalid("timeout", "must be positive"));
+                }
+                std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0)).min(MAX_PREVIEW)
             }
-            Some(d) => std::time::Duration::new(
-                u64::try_from(d.seconds).unwrap_or(0),
-                u32::try_from(d.nanos).unwrap_or(0),
-            )
-            .min(MAX_PREVIEW),
         };
         let (count, ids) = tokio::time::timeout(timeout, self.engine.preview(&rule, sample))
             .await
@@ -1001,13 +1000,17 @@ impl SegmentationService for SegmentationApi {
         request: Request<pb::WatchMembershipRequest>,
     ) -> std::result::Result<Response<Self::WatchMembershipStream>, Status> {
         clm_platform::auth::authorize(&request, &POLICY)?;
+        clm_platform::error::known_enums(request.get_ref())?;
         let req = request.into_inner();
         if !req.segment.is_empty() {
-            SegmentId::parse_name("segment", &req.segment).map_err(Error::from)?;
+            self.segment_id("segment", &req.segment).await?;
         }
         if req.after_sequence < 0 {
             return Err(Error::invalid("after_sequence", "must not be negative").into());
         }
+        // The same rule as WatchChanges: a position the outbox cannot serve
+        // is OUT_OF_RANGE, never a silent wait.
+        clm_platform::changes::check_resume(self.engine.rt(), req.after_sequence).await?;
         let rt = self.engine.rt().clone();
         let types = vec![<pb::SegmentMembershipChanged as prost::Name>::full_name()];
         let (tx, rx) = tokio::sync::mpsc::channel(256);
