@@ -616,3 +616,80 @@ async fn watch_membership_refuses_what_it_cannot_serve_and_preview_checks_its_ti
         assert_bad_field(&bad, "timeout");
     }
 }
+
+/// The checks that guard segment writes hold under concurrency: two edits
+/// that close a cycle only together (A names B while B names A) never both
+/// commit, and a segment is never deleted while a concurrent edit starts
+/// naming it.
+#[tokio::test]
+async fn concurrent_edits_never_close_a_cycle_or_name_a_deleted_segment() {
+    let h = start().await;
+    let mut seg = h.segments();
+    let names = |me: &pb::Segment, other: &str| pb::UpdateSegmentRequest {
+        segment: Some(pb::Segment {
+            name: me.name.clone(),
+            etag: me.etag.clone(),
+            rule_text: format!(r#"in_segment("{other}")"#),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["rule_text".into()],
+        }),
+        request_id: String::new(),
+    };
+    let refused = |r: &Result<tonic::Response<pb::UpdateSegmentResponse>, tonic::Status>| {
+        if let Err(e) = r {
+            assert!(
+                matches!(
+                    e.code(),
+                    tonic::Code::InvalidArgument | tonic::Code::Aborted
+                ),
+                "{e:?}"
+            );
+        }
+    };
+    for round in 0..6 {
+        let a = create_segment(&mut seg, "age >= 30").await;
+        let b = create_segment(&mut seg, "age >= 30").await;
+        let a_now = wait_ready(&mut seg, &a.name).await;
+        let b_now = wait_ready(&mut seg, &b.name).await;
+        let (mut s1, mut s2) = (h.segments(), h.segments());
+        let (r1, r2) = tokio::join!(
+            s1.update_segment(names(&a_now, &b.name)),
+            s2.update_segment(names(&b_now, &a.name)),
+        );
+        refused(&r1);
+        refused(&r2);
+        assert!(
+            !(r1.is_ok() && r2.is_ok()),
+            "round {round}: a cycle was committed"
+        );
+
+        let c = create_segment(&mut seg, "age >= 30").await;
+        let d = create_segment(&mut seg, "age >= 30").await;
+        wait_ready(&mut seg, &c.name).await;
+        let d_now = wait_ready(&mut seg, &d.name).await;
+        let (mut s1, mut s2) = (h.segments(), h.segments());
+        let (deleted, named) = tokio::join!(
+            s1.delete_segment(pb::DeleteSegmentRequest {
+                name: c.name.clone(),
+                ..Default::default()
+            }),
+            s2.update_segment(names(&d_now, &c.name)),
+        );
+        refused(&named);
+        if let Err(e) = &deleted {
+            assert!(
+                matches!(
+                    e.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::Aborted
+                ),
+                "{e:?}"
+            );
+        }
+        assert!(
+            !(deleted.is_ok() && named.is_ok()),
+            "round {round}: a segment names one that was deleted"
+        );
+    }
+}

@@ -46,6 +46,8 @@ pub struct Edit {
     pub approval_required: Option<bool>,
     /// New rule.
     pub rule: Option<Rule>,
+    /// The request field the rule came from (`segment.rule_text`).
+    pub rule_field: String,
     /// New objectives.
     pub objectives: Option<Vec<stored::Objective>>,
 }
@@ -148,6 +150,7 @@ impl SegmentationApi {
                         };
                         self.check_cycle(id, &at, &r).await?;
                         edit.rule = Some(r);
+                        edit.rule_field = at;
                     }
                 }
                 "owner" => v.push(Violation::new(
@@ -207,6 +210,7 @@ pub async fn apply(
     if let Some(r) = &edit.rule {
         let text = r.to_string();
         if text != row.rule_text {
+            super::check_references(txn, &row.id, &edit.rule_field, r).await?;
             let old = rules::parse(&row.rule_text).ok();
             out.rule_diff = Some(super::rule_diff(
                 row.version,

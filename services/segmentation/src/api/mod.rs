@@ -273,6 +273,11 @@ impl SegmentationApi {
         let mut edit = self.parse_edit("segment.", &id, s, &paths).await?;
         let catalog = catalog_with_segments(&self.engine.rt().read).await?;
         let rule = Self::resolve_rule("segment.", s.rule.as_ref(), &s.rule_text, &catalog)?;
+        let rule_field = if s.rule.is_some() {
+            "segment.rule"
+        } else {
+            "segment.rule_text"
+        };
         let mut row = Segment {
             id,
             display_name: String::new(),
@@ -302,6 +307,7 @@ impl SegmentationApi {
             &req,
             now,
             async move |txn| {
+                check_references(txn, &row.id, rule_field, &rule).await?;
                 edit::apply(txn, &edit, &mut row, now).await?;
                 Engine::start_backfill(txn, &row, now).await?;
                 segments::insert(txn, row.clone(), &actor).await?;
@@ -366,33 +372,7 @@ impl SegmentationApi {
     /// `in_segment`.
     async fn check_cycle(&self, id: &str, field: &str, rule: &Rule) -> Result<()> {
         let all = segments::all(&self.engine.rt().read).await?;
-        let refs: HashMap<String, BTreeSet<String>> = all
-            .iter()
-            .filter(|s| s.id != id)
-            .map(|s| {
-                let r = rules::parse(&s.rule_text)
-                    .map(|r| rules::segments_referenced(&r))
-                    .unwrap_or_default();
-                (format!("segments/{}", s.id), r)
-            })
-            .collect();
-        let me = format!("segments/{id}");
-        let mut stack: Vec<String> = rules::segments_referenced(rule).into_iter().collect();
-        let mut seen = BTreeSet::new();
-        while let Some(n) = stack.pop() {
-            if n == me {
-                return Err(Error::invalid(
-                    field,
-                    format!("in_segment would close a cycle: {me} would depend on itself"),
-                ));
-            }
-            if seen.insert(n.clone())
-                && let Some(next) = refs.get(&n)
-            {
-                stack.extend(next.iter().cloned());
-            }
-        }
-        Ok(())
+        cycle_in(&all, id, field, rule)
     }
 
     async fn update(
@@ -492,23 +472,6 @@ impl SegmentationApi {
         let id = SegmentId::parse_name("name", &req.name)?.0.to_string();
         let name = req.name.clone();
         let etag = req.etag.clone();
-        let users: Vec<String> = segments::all(&self.engine.rt().read)
-            .await?
-            .into_iter()
-            .filter(|s| {
-                rules::parse(&s.rule_text)
-                    .map(|r| rules::segments_referenced(&r).contains(&name))
-                    .unwrap_or(false)
-            })
-            .map(|s| format!("segments/{}", s.id))
-            .collect();
-        if !users.is_empty() {
-            return Err(SegmentationError::InUse {
-                segment: name,
-                users,
-            }
-            .into());
-        }
         let rt = self.engine.rt().clone();
         let mut dropped: Vec<String> = Vec::new();
         let mut version = 0;
@@ -521,6 +484,16 @@ impl SegmentationApi {
             access::check(&caller, access::DELETE, &row)?;
             if !etag.is_empty() {
                 clm_platform::convert::check_etag(&etag, row.revision)?;
+            }
+            // Checked under the lock, so a segment starting to name this one
+            // meanwhile is seen.
+            let users = users_of(txn, &name).await?;
+            if !users.is_empty() {
+                return Err(SegmentationError::InUse {
+                    segment: name.clone(),
+                    users,
+                }
+                .into());
             }
             *version_ref = members::lock_version(txn).await?;
             *dropped_ref = members::of_segment(txn, &id).await?;
@@ -1061,4 +1034,83 @@ impl SegmentationService for SegmentationApi {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+}
+
+/// Whether `rule`, as segment `id`'s rule, would close a cycle through
+/// `in_segment` among `all` segments: INVALID_ARGUMENT at `field` if so.
+fn cycle_in(all: &[segments::Segment], id: &str, field: &str, rule: &Rule) -> Result<()> {
+    let refs: HashMap<String, BTreeSet<String>> = all
+        .iter()
+        .filter(|s| s.id != id)
+        .map(|s| {
+            let r = rules::parse(&s.rule_text)
+                .map(|r| rules::segments_referenced(&r))
+                .unwrap_or_default();
+            (format!("segments/{}", s.id), r)
+        })
+        .collect();
+    let me = format!("segments/{id}");
+    let mut stack: Vec<String> = rules::segments_referenced(rule).into_iter().collect();
+    let mut seen = BTreeSet::new();
+    while let Some(n) = stack.pop() {
+        if n == me {
+            return Err(Error::invalid(
+                field,
+                format!("in_segment would close a cycle: {me} would depend on itself"),
+            ));
+        }
+        if seen.insert(n.clone())
+            && let Some(next) = refs.get(&n)
+        {
+            stack.extend(next.iter().cloned());
+        }
+    }
+    Ok(())
+}
+
+/// The segment checks that must hold when the write commits, made inside
+/// its transaction after taking the lock that orders segment writes (the
+/// registry generation row): every segment `rule` names exists and no
+/// cycle closes through `in_segment`. Two concurrent edits that would
+/// each be fine alone (A names B, B names A) then cannot both commit.
+pub(crate) async fn check_references(
+    txn: &impl sea_orm::ConnectionTrait,
+    id: &str,
+    field: &str,
+    rule: &Rule,
+) -> Result<()> {
+    let named = rules::segments_referenced(rule);
+    if named.is_empty() {
+        return Ok(());
+    }
+    members::bump_generation(txn).await?;
+    let all = segments::all(txn).await?;
+    for n in &named {
+        if !all.iter().any(|s| format!("segments/{}", s.id) == *n) {
+            return Err(Error::invalid(
+                field,
+                format!("in_segment names {n}, which does not exist (deleted meanwhile)"),
+            ));
+        }
+    }
+    cycle_in(&all, id, field, rule)
+}
+
+/// The segments whose rules name `name`, read inside the deleting
+/// transaction after the lock that orders segment writes.
+pub(crate) async fn users_of(
+    txn: &impl sea_orm::ConnectionTrait,
+    name: &str,
+) -> Result<Vec<String>> {
+    members::bump_generation(txn).await?;
+    Ok(segments::all(txn)
+        .await?
+        .into_iter()
+        .filter(|s| {
+            rules::parse(&s.rule_text)
+                .map(|r| rules::segments_referenced(&r).contains(name))
+                .unwrap_or(false)
+        })
+        .map(|s| format!("segments/{}", s.id))
+        .collect())
 }
