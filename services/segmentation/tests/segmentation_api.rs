@@ -693,3 +693,31 @@ async fn concurrent_edits_never_close_a_cycle_or_name_a_deleted_segment() {
         );
     }
 }
+
+/// A rule that cannot be stored and evaluated is refused at create, naming
+/// the field and the limit: here a rule whose strings hold control
+/// characters, each stored escaped, so its canonical text would pass the
+/// 64 KiB limit although the text sent is under it.
+#[tokio::test]
+async fn rules_too_large_to_store_are_refused_at_create() {
+    let h = start().await;
+    let mut seg = h.segments();
+    let text = (0..6)
+        .map(|i| format!("email = \"{}{i}\"", "\u{1}".repeat(3_500)))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    assert!(text.len() < 64 * 1024);
+    let e = seg
+        .create_segment(pb::CreateSegmentRequest {
+            segment: Some(pb::Segment {
+                display_name: "x".into(),
+                rule_text: text,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_bad_field(&e, "segment.rule_text");
+    assert!(e.message().contains("65536"), "{}", e.message());
+}

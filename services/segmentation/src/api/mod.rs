@@ -227,15 +227,18 @@ impl SegmentationApi {
                 format!("{prefix}rule_text"),
                 "is required (or give the rule as a tree in rule)",
             )),
-            (None, false) => rules::compile(text, catalog).map_err(|e| {
-                Error::InvalidArgument(e.to_violations(&format!("{prefix}rule_text")))
-            }),
+            (None, false) => {
+                let field = format!("{prefix}rule_text");
+                let r = rules::compile(text, catalog)
+                    .map_err(|e| Error::InvalidArgument(e.to_violations(&field)))?;
+                storable(&field, r)
+            }
             (Some(t), true) => {
                 let field = format!("{prefix}rule");
                 let r = convert::rule(&field, t)?;
                 rules::check(&r, catalog)
                     .map_err(|e| Error::InvalidArgument(e.to_violations(&field)))?;
-                Ok(r)
+                storable(&field, r)
             }
         }
     }
@@ -1113,4 +1116,29 @@ pub(crate) async fn users_of(
         })
         .map(|s| format!("segments/{}", s.id))
         .collect())
+}
+
+/// `rule` if it can be stored and evaluated: its canonical text (what is
+/// stored and read back) fits [`rules::MAX_RULE_BYTES`] and parses back to
+/// the same rule. A rule accepted here never turns FAILED for its size or
+/// its escapes later.
+fn storable(field: &str, rule: Rule) -> Result<Rule> {
+    let text = rule.to_string();
+    if text.len() > rules::MAX_RULE_BYTES {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "is too large: its canonical text is {} bytes, at most {} (control characters count 6 bytes each, written \\u{{..}})",
+                text.len(),
+                rules::MAX_RULE_BYTES
+            ),
+        ));
+    }
+    match rules::parse(&text) {
+        Ok(back) if back == rule => Ok(rule),
+        _ => Err(Error::invalid(
+            field,
+            "cannot be stored: its canonical text does not read back as the same rule",
+        )),
+    }
 }
