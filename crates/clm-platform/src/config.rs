@@ -315,6 +315,11 @@ pub struct DatabaseConfig {
     pub acquire_timeout_secs: u64,
     /// Run migrations at start.
     pub migrate: bool,
+    /// A PostgreSQL replica the reports read from (KPI reports, survey
+    /// summaries); they are then as stale as the replica's lag. Unset: the
+    /// reports read the primary.
+    #[serde(default)]
+    pub read_url: Option<String>,
 }
 
 /// Cache settings.
@@ -423,6 +428,7 @@ impl Config {
                 min_connections: 1,
                 acquire_timeout_secs: 10,
                 migrate: true,
+                read_url: None,
             },
             cache: CacheConfig {
                 redis_url: None,
@@ -554,6 +560,14 @@ impl Config {
             return Err(ConfigError::new(
                 "nats.stream_prefix",
                 "must be letters, digits or _ (it names streams and subjects)",
+            ));
+        }
+        if let Some(r) = &self.database.read_url
+            && !(r.starts_with("postgres://") || r.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::new(
+                "database.read_url",
+                "must be a postgres:// URL (a read replica of database.url)",
             ));
         }
         if self.cache.cluster && self.cache.redis_url.is_none() {
@@ -999,6 +1013,15 @@ mod tests {
         assert!(c.validate().is_ok());
         c.auth.audience = Some(String::new());
         assert_eq!(c.validate().unwrap_err().key, "auth.audience");
+    }
+
+    #[test]
+    fn read_url_names_a_postgres_replica() {
+        let mut c = Config::defaults("customer", std::path::Path::new("/tmp"));
+        c.database.read_url = Some("sqlite:///tmp/x.db".into());
+        assert_eq!(c.validate().unwrap_err().key, "database.read_url");
+        c.database.read_url = Some("postgres://replica/customer".into());
+        assert!(c.validate().is_ok());
     }
 
     #[test]

@@ -92,6 +92,9 @@ pub struct Runtime {
     /// Database pool for reads outside a transaction (on SQLite: read-only
     /// connections that never wait behind the writer; on PostgreSQL: `db`).
     pub read: DatabaseConnection,
+    /// Database pool the reports read from: `database.read_url` (a
+    /// replica, as stale as its lag) when set, else [`Runtime::read`].
+    pub reports: DatabaseConnection,
     /// Cache (Redis or in-process).
     pub cache: cache::Cache,
     /// The service's outbox.
@@ -178,10 +181,25 @@ pub async fn open(
     );
     let tokens = changes::TokenSource::from_config(config, service, clock.clone())?;
     let peers = peer::Peers::new(service, config, tokens, shutdown.clone());
+    let reports = match &config.database.read_url {
+        Some(url) => {
+            let replica = config::DatabaseConfig {
+                url: url.clone(),
+                migrate: false,
+                read_url: None,
+                ..config.database.clone()
+            };
+            let mut pool = db::connect(&replica).await?;
+            telemetry::observe_database(&mut pool, service);
+            pool
+        }
+        None => read.clone(),
+    };
     Ok(Runtime {
         service,
         db,
         read,
+        reports,
         cache,
         outbox,
         clock,

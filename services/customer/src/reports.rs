@@ -141,13 +141,13 @@ pub async fn funnel(rt: &Runtime, req: pb::GetFunnelReportRequest) -> Result<pb:
     // The moves and the stays' percentiles read the period's history
     // each in one pass: two read transactions, side by side.
     let moves = async {
-        let txn = sql::begin(&rt.read).await?;
+        let txn = sql::begin(&rt.reports).await?;
         let out = sql::funnel_moves(&txn, &scope).await?;
         txn.commit().await?;
         Ok::<_, Error>(out)
     };
     let stays = async {
-        let txn = sql::begin(&rt.read).await?;
+        let txn = sql::begin(&rt.reports).await?;
         let mut out = std::collections::BTreeMap::new();
         sql::funnel_stays(&txn, &scope, &mut out).await?;
         txn.commit().await?;
@@ -219,7 +219,7 @@ pub async fn acquisition(
         return Err(Error::internal("validated fields missing"));
     };
     check_campaign(rt, "scope", &scope).await?;
-    let txn = sql::begin(&rt.read).await?;
+    let txn = sql::begin(&rt.reports).await?;
     let a = sql::acquisition(&txn, &scope, m).await?;
     txn.commit().await?;
     let campaigns = a
@@ -287,7 +287,7 @@ pub async fn clv(rt: &Runtime, req: pb::GetClvReportRequest) -> Result<pb::ClvRe
     v.into_result()?;
     let scope = scope.ok_or_else(|| Error::internal("validated scope missing"))?;
     check_campaign(rt, "scope", &scope).await?;
-    let txn = sql::begin(&rt.read).await?;
+    let txn = sql::begin(&rt.reports).await?;
     let (rows, top_rows) = sql::clv(&txn, &scope, top).await?;
     txn.commit().await?;
     let cohorts = rows
@@ -380,7 +380,7 @@ pub async fn retention(
     v.into_result()?;
     let scope = scope.ok_or_else(|| Error::internal("validated scope missing"))?;
     check_campaign(rt, "scope", &scope).await?;
-    let txn = sql::begin(&rt.read).await?;
+    let txn = sql::begin(&rt.reports).await?;
     let r = sql::retention(&txn, &scope, &kinds, months).await?;
     txn.commit().await?;
     let current = kpi::month_of(rt.clock.now());
@@ -470,7 +470,7 @@ pub async fn journey(rt: &Runtime, req: pb::GetJourneyReportRequest) -> Result<p
     // Paths and pain points read different rows: two read transactions
     // on two connections, run side by side.
     let paths_of = async {
-        let txn = sql::begin(&rt.read).await?;
+        let txn = sql::begin(&rt.reports).await?;
         let out = sql::journey_paths(
             &txn,
             &scope,
@@ -484,7 +484,7 @@ pub async fn journey(rt: &Runtime, req: pb::GetJourneyReportRequest) -> Result<p
         Ok::<_, Error>(out)
     };
     let pain_of = async {
-        let txn = sql::begin(&rt.read).await?;
+        let txn = sql::begin(&rt.reports).await?;
         let out = sql::pain_points(&txn, &scope, window_us).await?;
         txn.commit().await?;
         Ok::<_, Error>(out)

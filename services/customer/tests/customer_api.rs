@@ -1481,3 +1481,69 @@ async fn a_tampered_page_token_is_bad_input_never_internal() {
     assert_bad_field(&e, "page_token");
     h.server.stop().await;
 }
+
+/// With `database.read_url` the reports read the replica it names, as stale
+/// as that replica (here a second database standing for a replica that has
+/// not caught up), while every other read and write goes to the primary.
+#[tokio::test]
+async fn reports_read_the_replica_named_by_read_url() {
+    use clm_proto::customer as cpb;
+    let primary = TestBackend::migrated::<clm_customer::store::Migrator>().await;
+    if !primary.is_postgres() {
+        // A read replica is PostgreSQL's; the config refuses it elsewhere.
+        return;
+    }
+    let replica = TestBackend::migrated::<clm_customer::store::Migrator>().await;
+    let mut with_replica = primary.config("customer");
+    with_replica.database.read_url = Some(replica.database_url.clone());
+    let server = testing::start(&clm_customer::DESCRIPTOR, with_replica).await;
+    let direct = testing::start(&clm_customer::DESCRIPTOR, primary.config("customer")).await;
+    let mut c = CustomerServiceClient::new(server.channel());
+    let created = c
+        .create_customer(cpb::CreateCustomerRequest {
+            customer: Some(cpb::Customer {
+                email: "replica@example.com".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Reads other than reports see the write at once.
+    c.get_customer(cpb::GetCustomerRequest {
+        name: created.name.clone(),
+    })
+    .await
+    .unwrap();
+    let now = chrono::Utc::now();
+    let funnel = |ch: Channel| async move {
+        let r = CustomerServiceClient::new(ch)
+            .get_funnel_report(cpb::GetFunnelReportRequest {
+                scope: Some(cpb::ReportScope {
+                    start_time: Some(clm_platform::convert::timestamp(now - Duration::days(1))),
+                    end_time: Some(clm_platform::convert::timestamp(now + Duration::days(1))),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        r.stages
+            .iter()
+            .find(|s| s.stage == cpb::Stage::Approach as i32)
+            .map_or(0, |s| s.entered_count)
+    };
+    assert_eq!(
+        funnel(server.channel()).await,
+        0,
+        "the replica has not caught up"
+    );
+    assert_eq!(
+        funnel(direct.channel()).await,
+        1,
+        "the primary has the entry"
+    );
+    server.stop().await;
+    direct.stop().await;
+}

@@ -740,7 +740,7 @@ impl FeedbackService for FeedbackApi {
                 segment,
                 completed_only: req.completed_only,
             };
-            summary::summarise(&self.rt.read, &filter, &versions, bucket_us, self.now()).await
+            summary::summarise(&self.rt.reports, &filter, &versions, bucket_us, self.now()).await
         })
         .await
     }
