@@ -1487,6 +1487,67 @@ pub async fn check_resume(rt: &Runtime, after: i64) -> Result<(), Error> {
     Ok(())
 }
 
+/// Serves this service's own events of type `M` after position `after`
+/// (checked first with [`check_resume`]) as a stream: each decoded event
+/// and its position go through `item` (`None` skips it). Read in batches
+/// from the read pool, woken by each stamp of the outbox and every 500 ms,
+/// ended when the caller goes away. The rpcs that watch one event type of
+/// their own service (WatchMembership, WatchObjectiveAlerts) are this.
+pub async fn watch_own<M, R, F>(
+    rt: &Runtime,
+    after: i64,
+    item: F,
+) -> Result<ReceiverStream<Result<R, Status>>, Error>
+where
+    M: prost::Name + prost::Message + Default,
+    R: Send + 'static,
+    F: Fn(i64, M) -> Option<R> + Send + 'static,
+{
+    check_resume(rt, after).await?;
+    let rt = rt.clone();
+    let types = vec![M::full_name()];
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(async move {
+        let mut cursor = after;
+        let mut wake = rt.outbox.subscribe();
+        loop {
+            wake.mark_unchanged();
+            match rt.outbox.read_after(&rt.read, cursor, &types, 500).await {
+                Ok(events) if !events.is_empty() => {
+                    for e in events {
+                        cursor = e.sequence;
+                        let Some(m) = e
+                            .payload
+                            .as_ref()
+                            .and_then(|p| M::decode(p.value.as_slice()).ok())
+                        else {
+                            continue;
+                        };
+                        let Some(out) = item(e.sequence, m) else {
+                            continue;
+                        };
+                        if tx.send(Ok(out)).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(Error::from(e).into())).await;
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = wake.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = tx.closed() => return,
+            }
+        }
+    });
+    Ok(ReceiverStream::new(rx))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

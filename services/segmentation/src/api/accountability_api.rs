@@ -598,74 +598,24 @@ impl SegmentationApi {
         if req.after_sequence < 0 {
             return Err(Error::invalid("after_sequence", "must not be negative"));
         }
-        let rt = self.engine.rt().clone();
-        let bounds = rt.outbox.bounds(&rt.read).await?;
-        if req.after_sequence < bounds.purged_through {
-            return Err(Error::OutOfRange(format!(
-                "after_sequence {} is older than the oldest kept event {}: resume from {}",
-                req.after_sequence,
-                bounds.purged_through + 1,
-                bounds.purged_through
-            )));
-        }
-        if req.after_sequence > bounds.head {
-            return Err(Error::OutOfRange(format!(
-                "after_sequence {} is beyond the newest event {}",
-                req.after_sequence, bounds.head
-            )));
-        }
-        let types = vec![<pb::ObjectiveStatusChanged as prost::Name>::full_name()];
         let alerting = [
             pb::ObjectiveStatus::AtRisk as i32,
             pb::ObjectiveStatus::Met as i32,
             pb::ObjectiveStatus::Missed as i32,
         ];
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        tokio::spawn(async move {
-            let mut cursor = req.after_sequence;
-            let mut wake = rt.outbox.subscribe();
-            loop {
-                wake.mark_unchanged();
-                match rt.outbox.read_after(&rt.read, cursor, &types, 500).await {
-                    Ok(events) if !events.is_empty() => {
-                        for e in events {
-                            cursor = e.sequence;
-                            let Some(alert) = e.payload.as_ref().and_then(|p| {
-                                <pb::ObjectiveStatusChanged as prost::Message>::decode(
-                                    p.value.as_slice(),
-                                )
-                                .ok()
-                            }) else {
-                                continue;
-                            };
-                            if !alerting.contains(&alert.status)
-                                || (!req.segment.is_empty() && alert.segment != req.segment)
-                            {
-                                continue;
-                            }
-                            let item = pb::WatchObjectiveAlertsResponse {
-                                sequence: e.sequence,
-                                alert: Some(alert),
-                            };
-                            if tx.send(Ok(item)).await.is_err() {
-                                return;
-                            }
-                        }
-                        continue;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = tx.send(Err(Error::from(e).into())).await;
-                        return;
-                    }
-                }
-                tokio::select! {
-                    _ = wake.changed() => {}
-                    () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
-                    () = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        let stream = clm_platform::changes::watch_own(
+            self.engine.rt(),
+            req.after_sequence,
+            move |sequence, alert: pb::ObjectiveStatusChanged| {
+                let wanted = alerting.contains(&alert.status)
+                    && (req.segment.is_empty() || alert.segment == req.segment);
+                wanted.then_some(pb::WatchObjectiveAlertsResponse {
+                    sequence,
+                    alert: Some(alert),
+                })
+            },
+        )
+        .await?;
+        Ok(Box::pin(stream))
     }
 }

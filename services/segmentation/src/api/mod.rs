@@ -984,58 +984,22 @@ impl SegmentationService for SegmentationApi {
         if req.after_sequence < 0 {
             return Err(Error::invalid("after_sequence", "must not be negative").into());
         }
-        // The same rule as WatchChanges: a position the outbox cannot serve
-        // is OUT_OF_RANGE, never a silent wait.
-        clm_platform::changes::check_resume(self.engine.rt(), req.after_sequence).await?;
-        let rt = self.engine.rt().clone();
-        let types = vec![<pb::SegmentMembershipChanged as prost::Name>::full_name()];
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        tokio::spawn(async move {
-            let mut cursor = req.after_sequence;
-            let mut wake = rt.outbox.subscribe();
-            loop {
-                wake.mark_unchanged();
-                match rt.outbox.read_after(&rt.read, cursor, &types, 500).await {
-                    Ok(events) if !events.is_empty() => {
-                        for e in events {
-                            cursor = e.sequence;
-                            let Some(change) = e.payload.as_ref().and_then(|p| {
-                                <pb::SegmentMembershipChanged as prost::Message>::decode(
-                                    p.value.as_slice(),
-                                )
-                                .ok()
-                            }) else {
-                                continue;
-                            };
-                            if !req.segment.is_empty() && change.segment != req.segment {
-                                continue;
-                            }
-                            let item = pb::WatchMembershipResponse {
-                                sequence: e.sequence,
-                                change: Some(change),
-                            };
-                            if tx.send(Ok(item)).await.is_err() {
-                                return;
-                            }
-                        }
-                        continue;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = tx.send(Err(Error::from(e).into())).await;
-                        return;
-                    }
-                }
-                tokio::select! {
-                    _ = wake.changed() => {}
-                    () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
-                    () = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        // A position the outbox cannot serve is OUT_OF_RANGE, as for
+        // WatchChanges, never a silent wait.
+        let stream = clm_platform::changes::watch_own(
+            self.engine.rt(),
+            req.after_sequence,
+            move |sequence, change: pb::SegmentMembershipChanged| {
+                (req.segment.is_empty() || change.segment == req.segment).then_some(
+                    pb::WatchMembershipResponse {
+                        sequence,
+                        change: Some(change),
+                    },
+                )
+            },
+        )
+        .await?;
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
