@@ -622,6 +622,7 @@ impl CustomerApi {
             return Err(Error::internal("validated fields missing"));
         };
         let etag = req.etag.as_str();
+        let forward_only = req.forward_only;
         idempotency::write(
             &self.rt,
             "TransitionStage",
@@ -632,6 +633,16 @@ impl CustomerApi {
                 let mut rec = self.load_for_write(txn, id, etag).await?;
                 let t = Transition::new(rec.stage, to, reason, actor.subject)
                     .map_err(CustomerError::from)?;
+                if forward_only && t.kind != clm_domain::lifecycle::MoveKind::Forward {
+                    return Err(Error::FailedPrecondition {
+                        reason: "NOT_FORWARD",
+                        message: format!(
+                            "forward_only: {} to {} is not a forward move",
+                            t.from.as_str(),
+                            t.to.as_str()
+                        ),
+                    });
+                }
                 let expected = rec.version;
                 rec.stage = t.to;
                 rec.stage_change_time = now;
