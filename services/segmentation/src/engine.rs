@@ -290,6 +290,7 @@ struct Inner {
     rt: Runtime,
     registry: Mutex<Arc<Registry>>,
     progress: Mutex<HashMap<String, f64>>,
+    freshness: opentelemetry::metrics::Histogram<f64>,
 }
 
 /// Operation kind of a segment backfill.
@@ -304,9 +305,19 @@ impl Engine {
     pub fn new(rt: Runtime) -> Self {
         Self {
             inner: Arc::new(Inner {
-                rt,
                 registry: Mutex::new(Arc::new(Registry::default())),
                 progress: Mutex::new(HashMap::new()),
+                freshness: clm_platform::telemetry::meter(crate::SERVICE)
+                    .f64_histogram("clm.segmentation.freshness")
+                    .with_unit("s")
+                    .with_description(
+                        "Seconds from an event's commit at its source to the membership change it caused, committed here",
+                    )
+                    .with_boundaries(vec![
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    ])
+                    .build(),
+                rt,
             }),
         }
     }
@@ -475,6 +486,17 @@ impl Engine {
         members::set_timers(txn, &timers_set, &timers_cleared).await?;
         out.timers_set = !timers_set.is_empty();
         Ok(out)
+    }
+
+    /// Records, once per membership change committed, the seconds since
+    /// `recorded_us` (the commit time at its source of the oldest event
+    /// that caused it): the `clm.segmentation.freshness` histogram.
+    pub fn record_freshness(&self, recorded_us: i64, changes: usize) {
+        let now = to_micros(self.inner.rt.clock.now());
+        let seconds = (now - recorded_us).max(0) as f64 / 1e6;
+        for _ in 0..changes {
+            self.inner.freshness.record(seconds, &[]);
+        }
     }
 
     /// Applies an outcome's after-commit effects.
