@@ -11,7 +11,12 @@
 //!   `CLM_AUTH__AUDIENCE` (default `clm`).
 //! * `clm roles --markdown` prints who may call what (every role table);
 //!   `--update-doc docs/security.md` rewrites the copy in the security guide.
+//! * `clm import customers|touchpoints FILE` and `clm export segment ID`
+//!   move data in and out of a running CLM through its gRPC API
+//!   (docs/import-export.md).
 #![forbid(unsafe_code)]
+
+mod transfer;
 
 use clap::{Parser, Subcommand};
 use clm_platform::auth::{DEFAULT_AUDIENCE, Policy, Role, mint_hs256_with, policy_markdown};
@@ -90,6 +95,36 @@ enum Command {
         #[arg(long, alias = "update-readme", value_name = "FILE")]
         update_doc: Option<PathBuf>,
     },
+    /// Import customers or touchpoints from a CSV or JSON Lines file into a
+    /// running CLM, in batches: idempotent per row, resumable
+    /// (FILE.checkpoint), rejected rows in FILE.rejected.csv.
+    Import {
+        /// What the file holds.
+        #[arg(value_enum)]
+        kind: transfer::import::Kind,
+        /// The file: CSV with a header row, or JSON Lines (.jsonl).
+        file: PathBuf,
+        /// The file's format (default: from its extension).
+        #[arg(long, value_enum)]
+        format: Option<transfer::rows::Format>,
+        /// A `column,field` CSV renaming the file's columns to CLM fields
+        /// (field `-` drops a column).
+        #[arg(long)]
+        mapping: Option<PathBuf>,
+        /// Rows per call (1..1000). A resumed run keeps the first run's.
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+        /// Batches in flight at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Export data from a running CLM.
+    Export {
+        #[command(subcommand)]
+        what: Export,
+    },
     /// Apply one service's database migrations and exit (a pre-deploy
     /// Job; the Deployments then run with database.migrate=false).
     Migrate {
@@ -106,6 +141,47 @@ enum Command {
         service: &'static ServiceDescriptor,
         #[command(flatten)]
         cli: ServiceCli,
+    },
+}
+
+/// Where a running CLM is, for `clm import` and `clm export`.
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// The customer service.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    customer_url: String,
+    /// The segmentation service.
+    #[arg(long, default_value = "http://127.0.0.1:50053")]
+    segmentation_url: String,
+    /// A bearer token (`clm token ...`) when the services require one.
+    #[arg(long)]
+    token: Option<String>,
+}
+
+impl Target {
+    fn connect(&self) -> anyhow::Result<transfer::Connection> {
+        transfer::Connection::new(
+            &self.customer_url,
+            &self.segmentation_url,
+            self.token.as_deref(),
+        )
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Export {
+    /// A segment's members (customer, enter_time).
+    Segment {
+        /// The segment: `segments/{id}` or its id.
+        segment: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "csv")]
+        format: transfer::rows::Format,
+        /// Output file (default: standard output).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -222,6 +298,39 @@ async fn main() -> anyhow::Result<()> {
                     std::time::Duration::from_secs(ttl_secs)
                 )?
             );
+            Ok(())
+        }
+        Command::Import {
+            kind,
+            file,
+            format,
+            mapping,
+            batch_size,
+            concurrency,
+            target,
+        } => {
+            let options = transfer::import::Options {
+                kind,
+                file,
+                format,
+                mapping,
+                batch_size,
+                concurrency,
+            };
+            transfer::import::run(&target.connect()?, &options).await?;
+            Ok(())
+        }
+        Command::Export {
+            what:
+                Export::Segment {
+                    segment,
+                    format,
+                    output,
+                    target,
+                },
+        } => {
+            transfer::export::segment(&target.connect()?, &segment, format, output.as_deref())
+                .await?;
             Ok(())
         }
         Command::Migrate { service, cli } => {
