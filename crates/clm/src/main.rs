@@ -457,8 +457,7 @@ mod tests {
 
     #[test]
     fn the_security_guide_s_role_table_is_the_code_s() {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/security.md");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/security.md");
         let doc = std::fs::read_to_string(&path).expect("docs/security.md");
         let expected = with_role_tables(&doc).expect("docs/security.md has the role markers");
         assert!(

@@ -71,16 +71,17 @@ pub fn customer(row: &Row) -> Result<CreateCustomerRequest, String> {
         })
         .transpose()?;
     let gender = row.text("gender").map(|g| gender(&g)).transpose()?;
-    let annual_income = match (row.text("annual_income_minor"), row.text("annual_income_currency")) {
+    let annual_income = match (
+        row.text("annual_income_minor"),
+        row.text("annual_income_currency"),
+    ) {
         (None, None) => None,
         (Some(amount), Some(currency)) => Some(Money {
             currency_code: currency,
             amount_minor: integer("annual_income_minor", &amount)?,
         }),
         _ => {
-            return Err(
-                "annual_income_minor and annual_income_currency go together".to_owned()
-            );
+            return Err("annual_income_minor and annual_income_currency go together".to_owned());
         }
     };
     let occupation = row.text("occupation");
@@ -182,7 +183,10 @@ impl CustomerRef {
 /// The touchpoint a row records (without its customer, resolved per batch)
 /// and how it names the customer. `derived_event_id` is used when the row
 /// has no `event_id`.
-pub fn touchpoint(row: &Row, derived_event_id: String) -> Result<(CustomerRef, Touchpoint), String> {
+pub fn touchpoint(
+    row: &Row,
+    derived_event_id: String,
+) -> Result<(CustomerRef, Touchpoint), String> {
     let who = if let Some(c) = row.text("customer") {
         CustomerRef::Name(if c.starts_with("customers/") {
             c
@@ -200,11 +204,16 @@ pub fn touchpoint(row: &Row, derived_event_id: String) -> Result<(CustomerRef, T
     };
     let kind = row.text("type").ok_or("type: is required")?;
     let name = kind.trim().to_ascii_uppercase();
-    let name = name.strip_prefix("TOUCHPOINT_TYPE_").unwrap_or(&name).to_owned();
+    let name = name
+        .strip_prefix("TOUCHPOINT_TYPE_")
+        .unwrap_or(&name)
+        .to_owned();
     let kind = TouchpointType::from_str_name(&format!("TOUCHPOINT_TYPE_{name}"))
         .filter(|t| *t != TouchpointType::Unspecified)
         .ok_or_else(|| format!("type: {kind:?} is not a touchpoint type"))?;
-    let occurred = row.text("occurred_time").ok_or("occurred_time: is required")?;
+    let occurred = row
+        .text("occurred_time")
+        .ok_or("occurred_time: is required")?;
     let occurred = DateTime::parse_from_rfc3339(&occurred)
         .map_err(|_| format!("occurred_time: {occurred:?} is not an RFC 3339 time"))?
         .with_timezone(&Utc);
@@ -284,7 +293,10 @@ mod tests {
         assert_eq!(c.email, "ada@example.com");
         let d = c.demographics.expect("demographics");
         assert_eq!(d.gender, Gender::NonBinary as i32);
-        assert_eq!(d.birth_date.map(|d| (d.year, d.month, d.day)), Some((1990, 12, 10)));
+        assert_eq!(
+            d.birth_date.map(|d| (d.year, d.month, d.day)),
+            Some((1990, 12, 10))
+        );
         assert_eq!(
             c.attributes["seats"].value,
             Some(attribute_value::Value::NumberValue(12.0))
@@ -310,7 +322,10 @@ mod tests {
             ("currency", "EUR".into()),
         ]);
         let (who, t) = touchpoint(&r, "derived".into()).expect("valid");
-        assert_eq!(who, CustomerRef::Identifier(IdentifierType::Email, "ada@example.com".into()));
+        assert_eq!(
+            who,
+            CustomerRef::Identifier(IdentifierType::Email, "ada@example.com".into())
+        );
         assert_eq!(t.r#type, TouchpointType::Purchase as i32);
         assert_eq!(t.event_id, "derived");
         assert_eq!(t.revenue.map(|m| m.amount_minor), Some(4999));
@@ -324,7 +339,10 @@ mod tests {
         assert_eq!(who, CustomerRef::Name("customers/0190".into()));
         assert_eq!(t.event_id, "e-1");
         assert_eq!(t.occurred_time.map(|t| t.seconds), Some(1_767_603_600));
-        let e = touchpoint(&row(&[("email", "a@b.c".into()), ("type", "visit".into())]), String::new());
+        let e = touchpoint(
+            &row(&[("email", "a@b.c".into()), ("type", "visit".into())]),
+            String::new(),
+        );
         assert!(e.expect_err("type").starts_with("type"));
     }
 }

@@ -63,7 +63,8 @@ pub async fn segment(
             match &mut out {
                 Out::Csv(w) => w.write_record([m.customer.as_str(), enter_time.as_str()])?,
                 Out::Jsonl(w) => {
-                    let line = serde_json::json!({"customer": m.customer, "enter_time": enter_time});
+                    let line =
+                        serde_json::json!({"customer": m.customer, "enter_time": enter_time});
                     writeln!(w, "{line}")?;
                 }
             }
@@ -80,7 +81,10 @@ pub async fn segment(
         Out::Jsonl(w) => w.flush()?,
     }
     progress.finish();
-    eprintln!("exported {count} members of {name} in {:.1} s", progress.elapsed().as_secs_f64());
+    eprintln!(
+        "exported {count} members of {name} in {:.1} s",
+        progress.elapsed().as_secs_f64()
+    );
     Ok(count)
 }
 

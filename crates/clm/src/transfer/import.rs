@@ -11,9 +11,9 @@
 //!   when the run stopped is sent again with the same key.
 //! * **Rejected rows** go to `FILE.rejected.csv` (row number, reason, the
 //!   row as read), never stopping the import: a row the file cannot express
-//!   is refused here; one the service refuses is isolated (the service names
-//!   its index, else the batch is halved until it is alone) and its reason
-//!   is the service's.
+//!   is refused here; one the service refuses is isolated (bad input by the
+//!   index the service names, anything else by halving the batch until the
+//!   row is alone: see `split_refused`) and its reason is the service's.
 //! * Progress: a bar on a terminal, a line every 5 s otherwise; a summary.
 
 use super::Connection;
@@ -252,7 +252,10 @@ fn hex(bytes: &[u8]) -> String {
 fn read_checkpoint(path: &Path) -> anyhow::Result<Option<Checkpoint>> {
     match std::fs::read(path) {
         Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
-            format!("{} is not a checkpoint; delete it to start over", path.display())
+            format!(
+                "{} is not a checkpoint; delete it to start over",
+                path.display()
+            )
         })?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
@@ -281,7 +284,9 @@ fn open_rejects(path: &Path, len: u64) -> anyhow::Result<csv::Writer<File>> {
     file.set_len(len)?;
     let mut file = file;
     std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))?;
-    let mut writer = csv::WriterBuilder::new().has_headers(false).from_writer(file);
+    let mut writer = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(file);
     if len == 0 {
         writer.write_record(["row", "reason", "record"])?;
     }
@@ -289,7 +294,11 @@ fn open_rejects(path: &Path, len: u64) -> anyhow::Result<csv::Writer<File>> {
 }
 
 fn write_reject(w: &mut csv::Writer<File>, row: &Row, reason: &str) -> anyhow::Result<()> {
-    w.write_record([row.number.to_string().as_str(), reason, row.original.as_str()])?;
+    w.write_record([
+        row.number.to_string().as_str(),
+        reason,
+        row.original.as_str(),
+    ])?;
     Ok(())
 }
 
@@ -341,7 +350,10 @@ fn payload(kind: Kind, row: &Row) -> Result<Payload, String> {
     match kind {
         Kind::Customers => convert::customer(row).map(Payload::Customer),
         Kind::Touchpoints => {
-            let derived = format!("import-{}", &key("touchpoint", std::slice::from_ref(row))[..32]);
+            let derived = format!(
+                "import-{}",
+                &key("touchpoint", std::slice::from_ref(row))[..32]
+            );
             convert::touchpoint(row, derived).map(|(who, t)| Payload::Touchpoint(who, t))
         }
     }
@@ -379,8 +391,9 @@ fn about_the_rows(code: Code) -> bool {
     )
 }
 
-/// The rows a refusal names, by index into what was sent (`requests[3]`,
-/// `touchpoints[7]` in a BadRequest field or the message), with the reason.
+/// The rows an INVALID_ARGUMENT names, by index into what was sent
+/// (`requests[3]`, `touchpoints[7]` in its BadRequest fields), with the
+/// reasons.
 fn named_rows(status: &Status, list: &str, len: usize) -> HashMap<usize, String> {
     let mut named: HashMap<usize, String> = HashMap::new();
     let mut note = |i: usize, reason: String| {
@@ -400,13 +413,6 @@ fn named_rows(status: &Status, list: &str, len: usize) -> HashMap<usize, String>
                 note(i, format!("{}: {}", v.field, v.description));
             }
         }
-    }
-    // ALREADY_EXISTS and the like name the row in their message only.
-    if named.is_empty()
-        && let Some(i) = index_in(status.message(), list)
-        && i < len
-    {
-        named.insert(i, format!("{:?}: {}", status.code(), status.message()));
     }
     named
 }
@@ -504,8 +510,18 @@ async fn send_customers(conn: &Connection, rows: Vec<(Row, Payload)>) -> anyhow:
     Ok(out)
 }
 
-/// After a refusal of `part`: reject the rows it names and send the rest
-/// again; if it names none, halve the part (a lone row is rejected).
+/// After a refusal of `part`: reject the rows an INVALID_ARGUMENT names
+/// and send the rest again; after any other refusal, or one naming no row,
+/// halve the part (a lone row is rejected).
+///
+/// Only bad input is taken row by row: it depends on the rows alone, so a
+/// re-run splits the batch the same way and sends the same parts under the
+/// same keys, which the service answers from the first run. A refusal that
+/// depends on what the service holds (an identifier taken, by this very
+/// import too) would name other rows on a re-run; halving does not depend
+/// on which row is named, so every part that succeeded once is sent again
+/// unchanged (and answered, not created again), and every part refused
+/// once is refused again.
 fn split_refused(
     status: Status,
     list: &str,
@@ -513,7 +529,11 @@ fn split_refused(
     work: &mut Vec<Vec<(Row, Payload)>>,
     rejected: &mut Vec<(Row, String)>,
 ) {
-    let named = named_rows(&status, list, part.len());
+    let named = if status.code() == Code::InvalidArgument {
+        named_rows(&status, list, part.len())
+    } else {
+        HashMap::new()
+    };
     if !named.is_empty() {
         let mut rest = Vec::new();
         for (i, item) in part.into_iter().enumerate() {
@@ -634,10 +654,9 @@ mod tests {
 
     #[test]
     fn the_index_a_refusal_names_is_found_in_fields_and_messages() {
-        assert_eq!(index_in("requests[12].customer.email", "requests"), Some(12));
         assert_eq!(
-            index_in("requests[3].customer.email: x is already held by customers/1", "requests"),
-            Some(3)
+            index_in("requests[12].customer.email", "requests"),
+            Some(12)
         );
         assert_eq!(index_in("touchpoints[0].occurred_time", "requests"), None);
         let status = tonic::Status::with_error_details(

@@ -37,7 +37,11 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(customer: &str, segmentation: &str, token: Option<&str>) -> anyhow::Result<Connection> {
+    pub fn new(
+        customer: &str,
+        segmentation: &str,
+        token: Option<&str>,
+    ) -> anyhow::Result<Connection> {
         let channel = |url: &str| -> anyhow::Result<Channel> {
             Ok(Endpoint::from_shared(url.to_owned())?
                 .connect_timeout(std::time::Duration::from_secs(10))
@@ -45,9 +49,11 @@ impl Connection {
                 .connect_lazy())
         };
         let bearer = match token {
-            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
-                anyhow::anyhow!("--token: not a valid header value")
-            })?),
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--token: not a valid header value"))?,
+            ),
             None => None,
         };
         Ok(Connection {

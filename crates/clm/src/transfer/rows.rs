@@ -22,12 +22,12 @@ impl Format {
     /// `given`, else from the file name (`.jsonl`, `.ndjson`, `.json`: JSON
     /// Lines; anything else CSV).
     pub fn of(path: &Path, given: Option<Format>) -> Format {
-        given.unwrap_or_else(|| {
-            match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
+        given.unwrap_or_else(
+            || match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
                 "jsonl" | "ndjson" | "json" => Format::Jsonl,
                 _ => Format::Csv,
-            }
-        })
+            },
+        )
     }
 }
 
@@ -174,7 +174,12 @@ impl Reader {
                 let reader = BufReader::new(File::open(path)?);
                 for line in reader.lines().take(1000) {
                     if let Ok(Value::Object(o)) = serde_json::from_str::<Value>(&line?) {
-                        keys.extend(o.keys().filter(|k| !keys.contains(*k)).cloned().collect::<Vec<_>>());
+                        keys.extend(
+                            o.keys()
+                                .filter(|k| !keys.contains(*k))
+                                .cloned()
+                                .collect::<Vec<_>>(),
+                        );
                     }
                 }
                 Ok(keys)
@@ -301,7 +306,10 @@ mod tests {
     use std::io::Write;
 
     fn file(text: &str, ext: &str) -> tempfile::NamedTempFile {
-        let mut f = tempfile::Builder::new().suffix(ext).tempfile().expect("temp");
+        let mut f = tempfile::Builder::new()
+            .suffix(ext)
+            .tempfile()
+            .expect("temp");
         f.write_all(text.as_bytes()).expect("write");
         f
     }
@@ -309,7 +317,10 @@ mod tests {
     #[test]
     fn csv_rows_are_mapped_and_numbered_and_a_short_row_is_unreadable() {
         let f = file("E-Mail,name,skip\na@x.io,Ada,1\nb@x.io\n", ".csv");
-        let map = file("column,field\nE-Mail,email\nname,display_name\nskip,-\n", ".csv");
+        let map = file(
+            "column,field\nE-Mail,email\nname,display_name\nskip,-\n",
+            ".csv",
+        );
         let mapping = Mapping::load(Some(map.path())).expect("mapping");
         let rows: Vec<_> = Reader::open(f.path(), Format::Csv, mapping)
             .expect("open")
@@ -321,12 +332,18 @@ mod tests {
         assert!(!first.fields.contains_key("skip"));
         let second = rows[1].as_ref().expect_err("short row");
         assert_eq!(second.row.number, 2);
-        assert_eq!(second.row.end_offset, f.path().metadata().expect("len").len());
+        assert_eq!(
+            second.row.end_offset,
+            f.path().metadata().expect("len").len()
+        );
     }
 
     #[test]
     fn jsonl_keeps_types_and_rejects_a_line_that_is_not_an_object() {
-        let f = file("{\"email\":\"a@x.io\",\"attributes.vip\":true}\n\n[1]\n", ".jsonl");
+        let f = file(
+            "{\"email\":\"a@x.io\",\"attributes.vip\":true}\n\n[1]\n",
+            ".jsonl",
+        );
         assert_eq!(Format::of(f.path(), None), Format::Jsonl);
         let rows: Vec<_> = Reader::open(f.path(), Format::Jsonl, Mapping::default())
             .expect("open")
