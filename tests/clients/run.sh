@@ -105,7 +105,8 @@ tour_start=$SECONDS
 "$py/.venv/bin/python" "$here/readme_tour.py" "$root" "$py/.venv/bin" || status=$?
 echo "README tour: $((SECONDS - tour_start)) s"
 echo "--- Python (grpcio) ---"
-PYTHONPATH="$py/gen" "$py/.venv/bin/python" -m pytest -q "$py" || status=$?
+CLIENTS_CLM_BINARY="$(cd "$(dirname "$clm")" && pwd)/$(basename "$clm")" PYTHONPATH="$py/gen" \
+  "$py/.venv/bin/python" -m pytest -q "$py" || status=$?
 echo "--- Node (@grpc/grpc-js) ---"
 (cd "$here/node" && node --test) || status=$?
 echo "--- Go (Debian golang-go, grpc-go) ---"
