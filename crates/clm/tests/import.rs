@@ -24,11 +24,11 @@ const TAKEN: &str = "taken@example.com";
 fn bad(i: u64) -> Option<&'static str> {
     if i % 1000 == 500 {
         Some("columns") // a row with one column too many: unreadable
-    } else if i % 97 == 0 {
+    } else if i.is_multiple_of(97) {
         Some("email") // refused by the service (INVALID_ARGUMENT)
-    } else if i % 89 == 0 {
+    } else if i.is_multiple_of(89) {
         Some("date") // refused before sending
-    } else if i % 4999 == 0 {
+    } else if i.is_multiple_of(4999) {
         Some("taken") // an e-mail the service already holds: ALREADY_EXISTS
     } else {
         None

@@ -41,7 +41,7 @@ pub async fn segment(
         Format::Csv => {
             let mut w = csv::Writer::from_writer(sink);
             w.write_record(["customer", "enter_time"])?;
-            Out::Csv(w)
+            Out::Csv(Box::new(w))
         }
         Format::Jsonl => Out::Jsonl(sink),
     };
@@ -89,7 +89,7 @@ pub async fn segment(
 }
 
 enum Out {
-    Csv(csv::Writer<std::io::BufWriter<Box<dyn Write>>>),
+    Csv(Box<csv::Writer<std::io::BufWriter<Box<dyn Write>>>>),
     Jsonl(std::io::BufWriter<Box<dyn Write>>),
 }
 
