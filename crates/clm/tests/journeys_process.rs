@@ -302,7 +302,10 @@ async fn journey_5_a_consumer_killed_mid_stream_resumes_with_nothing_lost_or_dou
     for (i, c) in who.iter().enumerate() {
         let points = buys(i) as i64 * euros(i);
         let score = 5.0 * buys(i) as f64;
-        let member = format!("programs/stars/members/{}", c.trim_start_matches("customers/"));
+        let member = format!(
+            "programs/stars/members/{}",
+            c.trim_start_matches("customers/")
+        );
         let m = eventually(WAIT, || {
             let mut loyalty = loyalty.clone();
             let member = member.clone();
@@ -660,7 +663,10 @@ async fn one_trace_follows_the_feedback_loop_through_all_five_services() {
         }
     })
     .await;
-    let member = format!("programs/stars/members/{}", c.trim_start_matches("customers/"));
+    let member = format!(
+        "programs/stars/members/{}",
+        c.trim_start_matches("customers/")
+    );
     eventually(WAIT, || {
         let mut loyalty = loyalty.clone();
         let member = member.clone();
@@ -719,7 +725,10 @@ async fn one_trace_follows_the_feedback_loop_through_all_five_services() {
     }
     for service in SERVICES {
         let key = format!("clm-{service}");
-        assert!(seen.contains_key(&key), "no span of {key} in the trace: {seen:?}");
+        assert!(
+            seen.contains_key(&key),
+            "no span of {key} in the trace: {seen:?}"
+        );
     }
     for service in ["scoring", "segmentation"] {
         assert!(
