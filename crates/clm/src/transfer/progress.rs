@@ -22,6 +22,7 @@ pub struct Progress {
     started: Instant,
     last_line: Instant,
     rows_at_start: u64,
+    position_at_start: u64,
 }
 
 impl Progress {
@@ -55,6 +56,7 @@ impl Progress {
             started: now,
             last_line: now,
             rows_at_start: rows,
+            position_at_start: position,
         }
     }
 
@@ -87,7 +89,10 @@ impl Progress {
         match self.total {
             Some(total) if total > 0 => {
                 let done = self.position as f64 / total as f64;
-                let moved = (self.position as f64 / total as f64).max(1e-9);
+                // This run's pace: a resumed run started part of the way in.
+                let moved = (self.position.saturating_sub(self.position_at_start) as f64
+                    / total as f64)
+                    .max(1e-9);
                 let eta = self.started.elapsed().as_secs_f64() * (1.0 - done) / moved;
                 format!(
                     "{}: {} rows, {rate:.0} rows/s, {:.1}%, ETA {:.0} s",
