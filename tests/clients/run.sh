@@ -45,14 +45,17 @@ fi
 gen="$(mktemp -d)"
 trap 'rm -rf "$gen"' EXIT
 start=$SECONDS
-# Go, GOPATH mode over /usr/share/gocode: one Go package per proto package;
+# Go, GOPATH mode over /usr/share/gocode: one Go package per proto file
+# (clm/<svc>/v1/<file> as package <file>pb), because proto packages import
+# each other both ways (customer's customer_view.proto reads feedback's
+# survey.proto, which reads customer.proto) and Go packages cannot;
 # google/rpc/status and google/longrunning are genproto's.
 go_map="Mgoogle/rpc/status.proto=google.golang.org/genproto/googleapis/rpc/status;status"
 go_map="$go_map,Mgoogle/longrunning/operations.proto=google.golang.org/genproto/googleapis/longrunning;longrunning"
 clm_protos=$(cd "$root/proto" && find clm -name '*.proto' | sort)
 for f in $clm_protos; do
-  svc="${f#clm/}"; svc="${svc%%/*}"
-  go_map="$go_map,M$f=clm.dev/gen/clm/$svc/v1;${svc}v1"
+  base="$(basename "$f" .proto)"
+  go_map="$go_map,M$f=clm.dev/gen/${f%.proto};${base//_/}pb"
 done
 mkdir -p "$gen/go/src/clmclient"
 # shellcheck disable=SC2086

@@ -14,9 +14,11 @@ import (
 	"testing"
 	"time"
 
-	customerv1 "clm.dev/gen/clm/customer/v1"
-	scoringv1 "clm.dev/gen/clm/scoring/v1"
-	segmentationv1 "clm.dev/gen/clm/segmentation/v1"
+	customerpb "clm.dev/gen/clm/customer/v1/customer"
+	customerservicepb "clm.dev/gen/clm/customer/v1/customer_service"
+	scoringpb "clm.dev/gen/clm/scoring/v1/scoring"
+	scoringservicepb "clm.dev/gen/clm/scoring/v1/scoring_service"
+	segmentationservicepb "clm.dev/gen/clm/segmentation/v1/segmentation_service"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -61,20 +63,20 @@ func call() (context.Context, context.CancelFunc) {
 }
 
 func TestScoredTouchpointPutsTheCustomerInASegment(t *testing.T) {
-	customers := customerv1.NewCustomerServiceClient(dial(t, "CLM_CUSTOMER_ADDR"))
-	scoring := scoringv1.NewScoringServiceClient(dial(t, "CLM_SCORING_ADDR"))
-	segments := segmentationv1.NewSegmentationServiceClient(dial(t, "CLM_SEGMENTATION_ADDR"))
+	customers := customerservicepb.NewCustomerServiceClient(dial(t, "CLM_CUSTOMER_ADDR"))
+	scoring := scoringservicepb.NewScoringServiceClient(dial(t, "CLM_SCORING_ADDR"))
+	segments := segmentationservicepb.NewSegmentationServiceClient(dial(t, "CLM_SEGMENTATION_ADDR"))
 	tag := fmt.Sprintf("%08x", rand.New(rand.NewSource(time.Now().UnixNano())).Uint32())
 	ctx, cancel := call()
 	defer cancel()
 
-	model, err := scoring.CreateScoringModel(ctx, &scoringv1.CreateScoringModelRequest{
+	model, err := scoring.CreateScoringModel(ctx, &scoringservicepb.CreateScoringModelRequest{
 		ScoringModelId: "go-" + tag,
-		ScoringModel: &scoringv1.ScoringModel{
+		ScoringModel: &scoringpb.ScoringModel{
 			DisplayName: "Go leads",
-			Rules: []*scoringv1.ScoringRule{{
+			Rules: []*scoringpb.ScoringRule{{
 				Id: "exports", Score: "engagement", Points: 10,
-				Trigger: &scoringv1.ScoringRule_Touchpoint{Touchpoint: `feature_use where feature = "export"`},
+				Trigger: &scoringpb.ScoringRule_Touchpoint{Touchpoint: `feature_use where feature = "export"`},
 			}},
 		},
 		RequestId: "go-model-" + tag,
@@ -82,8 +84,8 @@ func TestScoredTouchpointPutsTheCustomerInASegment(t *testing.T) {
 	if err != nil {
 		t.Fatalf("CreateScoringModel: %v", err)
 	}
-	segment, err := segments.CreateSegment(ctx, &segmentationv1.CreateSegmentRequest{
-		Segment: &segmentationv1.Segment{
+	segment, err := segments.CreateSegment(ctx, &segmentationservicepb.CreateSegmentRequest{
+		Segment: &segmentationservicepb.Segment{
 			DisplayName: "Go engaged " + tag, Owner: "growth", RuleText: "score.engagement >= 10",
 		},
 		RequestId: "go-segment-" + tag,
@@ -91,17 +93,17 @@ func TestScoredTouchpointPutsTheCustomerInASegment(t *testing.T) {
 	if err != nil {
 		t.Fatalf("CreateSegment: %v", err)
 	}
-	customer, err := customers.CreateCustomer(ctx, &customerv1.CreateCustomerRequest{
-		Customer:  &customerv1.Customer{Email: "go-" + tag + "@example.com", DisplayName: "Go"},
+	customer, err := customers.CreateCustomer(ctx, &customerservicepb.CreateCustomerRequest{
+		Customer:  &customerpb.Customer{Email: "go-" + tag + "@example.com", DisplayName: "Go"},
 		RequestId: "go-customer-" + tag,
 	})
 	if err != nil {
 		t.Fatalf("CreateCustomer: %v", err)
 	}
-	if _, err := customers.RecordTouchpoints(ctx, &customerv1.RecordTouchpointsRequest{
-		Touchpoints: []*customerv1.Touchpoint{{
+	if _, err := customers.RecordTouchpoints(ctx, &customerservicepb.RecordTouchpointsRequest{
+		Touchpoints: []*customerpb.Touchpoint{{
 			Customer: customer.Name, EventId: "go-export-" + tag,
-			Type: customerv1.TouchpointType_TOUCHPOINT_TYPE_FEATURE_USE, Feature: "export",
+			Type: customerpb.TouchpointType_TOUCHPOINT_TYPE_FEATURE_USE, Feature: "export",
 			OccurredTime: timestamppb.Now(),
 		}},
 	}); err != nil {
@@ -111,7 +113,7 @@ func TestScoredTouchpointPutsTheCustomerInASegment(t *testing.T) {
 	eventually(t, "engagement score 10", func() (bool, error) {
 		ctx, cancel := call()
 		defer cancel()
-		scores, err := scoring.GetScore(ctx, &scoringv1.GetScoreRequest{
+		scores, err := scoring.GetScore(ctx, &scoringservicepb.GetScoreRequest{
 			Customer: customer.Name, ScoringModel: model.Name,
 		})
 		if err != nil {
@@ -127,7 +129,7 @@ func TestScoredTouchpointPutsTheCustomerInASegment(t *testing.T) {
 	eventually(t, "segment membership", func() (bool, error) {
 		ctx, cancel := call()
 		defer cancel()
-		m, err := segments.IsMember(ctx, &segmentationv1.IsMemberRequest{
+		m, err := segments.IsMember(ctx, &segmentationservicepb.IsMemberRequest{
 			Segment: segment.Name, Customer: customer.Name,
 		})
 		return err == nil && m.Member, err
@@ -135,11 +137,11 @@ func TestScoredTouchpointPutsTheCustomerInASegment(t *testing.T) {
 }
 
 func TestABadRequestNamesTheFieldInABadRequestDetail(t *testing.T) {
-	customers := customerv1.NewCustomerServiceClient(dial(t, "CLM_CUSTOMER_ADDR"))
+	customers := customerservicepb.NewCustomerServiceClient(dial(t, "CLM_CUSTOMER_ADDR"))
 	ctx, cancel := call()
 	defer cancel()
-	_, err := customers.CreateCustomer(ctx, &customerv1.CreateCustomerRequest{
-		Customer: &customerv1.Customer{Email: "not-an-email"},
+	_, err := customers.CreateCustomer(ctx, &customerservicepb.CreateCustomerRequest{
+		Customer: &customerpb.Customer{Email: "not-an-email"},
 	})
 	st, _ := status.FromError(err)
 	if st.Code() != codes.InvalidArgument {
