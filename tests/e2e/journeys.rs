@@ -145,8 +145,13 @@ async fn journey_1_lead_to_loyal() {
 
     // Three feature uses: engagement 30 → ACQUISITION.
     for i in 0..3 {
-        s.touch(&lead, &format!("use-{i}"), cpb::TouchpointType::FeatureUse, 0)
-            .await;
+        s.touch(
+            &lead,
+            &format!("use-{i}"),
+            cpb::TouchpointType::FeatureUse,
+            0,
+        )
+        .await;
     }
     wait_stage(&s, &lead, cpb::Stage::Acquisition).await;
     // A purchase of EUR 50: engagement 80 → CONVERSION; 50 points (member).
@@ -161,7 +166,10 @@ async fn journey_1_lead_to_loyal() {
     s.purchase(&lead, "order-2", 6000).await;
     wait_stage(&s, &lead, cpb::Stage::Loyalty).await;
     let m = s.member("stars", &lead).await.unwrap();
-    assert_eq!((m.tier.as_str(), m.balance, m.lifetime_earned), ("gold", 110, 110));
+    assert_eq!(
+        (m.tier.as_str(), m.balance, m.lifetime_earned),
+        ("gold", 110, 110)
+    );
     assert_eq!(s.score(&lead, "journey", "engagement").await, 130.0);
 
     let history = s
@@ -183,7 +191,10 @@ async fn journey_1_lead_to_loyal() {
         [
             (cpb::Stage::Acquisition as i32, "score threshold: acquired"),
             (cpb::Stage::Conversion as i32, "score threshold: converted"),
-            (cpb::Stage::Loyalty as i32, "reached loyalty tier gold of programs/stars"),
+            (
+                cpb::Stage::Loyalty as i32,
+                "reached loyalty tier gold of programs/stars"
+            ),
         ],
         "{history:?}"
     );
@@ -212,7 +223,10 @@ async fn journey_2_closed_feedback_loop_and_the_customer_view() {
         .await
         .unwrap();
     let c = s.customer("loyal@journey.io").await;
-    let member = format!("programs/stars/members/{}", c.trim_start_matches("customers/"));
+    let member = format!(
+        "programs/stars/members/{}",
+        c.trim_start_matches("customers/")
+    );
     // Two feature uses (engagement 20) and a purchase of EUR 20 (20
     // points, enrolled in gold: LOYALTY; engagement 70).
     for i in 0..2 {
@@ -274,7 +288,10 @@ async fn journey_2_closed_feedback_loop_and_the_customer_view() {
         state: cpb::ViewPartState::Available as i32,
         reason: String::new(),
     });
-    assert_eq!(view.customer.as_ref().unwrap().stage, cpb::Stage::Loyalty as i32);
+    assert_eq!(
+        view.customer.as_ref().unwrap().stage,
+        cpb::Stage::Loyalty as i32
+    );
     assert_eq!(
         view.stage_history[0].to_stage,
         cpb::Stage::Loyalty as i32,
@@ -283,7 +300,10 @@ async fn journey_2_closed_feedback_loop_and_the_customer_view() {
     let scores = view.scores.unwrap();
     assert_eq!(scores.part, available);
     assert_eq!(scores.models[0].scoring_model, "scoringModels/journey");
-    let engagement = scores.models[0].scores.iter().find(|v| v.score == "engagement");
+    let engagement = scores.models[0]
+        .scores
+        .iter()
+        .find(|v| v.score == "engagement");
     assert_eq!(engagement.unwrap().value, 40.0, "{:?}", scores.models);
     let segments = view.segments.unwrap();
     assert_eq!(segments.part, available);
@@ -298,7 +318,10 @@ async fn journey_2_closed_feedback_loop_and_the_customer_view() {
     let loyalty = view.loyalty.unwrap();
     assert_eq!(loyalty.part, available);
     assert_eq!(
-        (loyalty.memberships[0].tier.as_str(), loyalty.memberships[0].balance),
+        (
+            loyalty.memberships[0].tier.as_str(),
+            loyalty.memberships[0].balance
+        ),
         ("gold", 10)
     );
     assert!(view.consent.is_some());
@@ -332,7 +355,11 @@ async fn journey_2_closed_feedback_loop_and_the_customer_view() {
         .unwrap()
         .into_inner();
     let part = view.loyalty.unwrap().part.unwrap();
-    assert_eq!(part.state, cpb::ViewPartState::Unavailable as i32, "{part:?}");
+    assert_eq!(
+        part.state,
+        cpb::ViewPartState::Unavailable as i32,
+        "{part:?}"
+    );
     assert_eq!(view.scores.unwrap().part, available);
     s.stop().await;
 }
@@ -389,7 +416,11 @@ async fn tables_holding(db: &sea_orm::DatabaseConnection, needle: &str) -> Vec<S
             tests.join(" OR ")
         );
         let n: i64 = db
-            .query_one_raw(Statement::from_sql_and_values(backend, sql, [needle.into()]))
+            .query_one_raw(Statement::from_sql_and_values(
+                backend,
+                sql,
+                [needle.into()],
+            ))
             .await
             .unwrap()
             .unwrap()
@@ -473,7 +504,11 @@ async fn journey_3_erasure_leaves_nothing_but_receipts_and_hashes() {
                 "erasure_requests" | "erasure_receipts" | "outbox" | "audit_entries"
             )
         });
-        assert_eq!(holding, Vec::<String>::new(), "{service} still holds the customer id");
+        assert_eq!(
+            holding,
+            Vec::<String>::new(),
+            "{service} still holds the customer id"
+        );
     }
     s.stop().await;
 }
@@ -491,7 +526,8 @@ async fn journey_4_merge_sums_everything_once() {
     s.purchase(&a, "a-1", 3000).await;
     s.answer(&survey, &a, "ra", 10, None).await;
     s.purchase(&b, "b-1", 1200).await;
-    s.touch(&b, "b-use", cpb::TouchpointType::FeatureUse, 0).await;
+    s.touch(&b, "b-use", cpb::TouchpointType::FeatureUse, 0)
+        .await;
     s.answer(&survey, &b, "rb", 2, None).await;
     eventually(WAIT, || async {
         s.score(&a, "journey", "engagement").await == 80.0
@@ -547,5 +583,53 @@ async fn journey_4_merge_sums_everything_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(s.member("stars", &a).await.unwrap().balance, 42);
     assert_eq!(s.score(&a, "journey", "engagement").await, 110.0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_segment_may_name_any_score_a_scoring_model_defines() {
+    let s = Suite::start().await;
+    let model = |score: &str| spb::CreateScoringModelRequest {
+        scoring_model: Some(spb::ScoringModel {
+            display_name: score.into(),
+            scores: vec![spb::ScoreDefinition {
+                name: score.into(),
+                ..Default::default()
+            }],
+            rules: vec![spb::ScoringRule {
+                id: "uses".into(),
+                score: score.into(),
+                points: 1,
+                trigger: Some(spb::scoring_rule::Trigger::Touchpoint("feature_use".into())),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        scoring_model_id: score.into(),
+        request_id: format!("model-{score}"),
+    };
+    s.scoring()
+        .create_scoring_model(model("karma"))
+        .await
+        .unwrap();
+    // No customer has a karma score yet: the model defines it.
+    s.segment("karmic", "score.karma >= 10").await;
+    let err = s
+        .segments()
+        .create_segment(clm_proto::segmentation::CreateSegmentRequest {
+            segment: Some(clm_proto::segmentation::Segment {
+                display_name: "nope".into(),
+                rule_text: "score.nope >= 1".into(),
+                ..Default::default()
+            }),
+            request_id: "segment-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("unknown score score.nope"),
+        "{err:?}"
+    );
     s.stop().await;
 }

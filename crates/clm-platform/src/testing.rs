@@ -332,7 +332,9 @@ pub async fn start_on(
     config: Config,
     listener: std::net::TcpListener,
 ) -> Running {
-    listener.set_nonblocking(true).expect("non-blocking listener");
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
     let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
     spawn_on(listener, config, move |c, l, s| {
         crate::service::run(service, c, l, s)

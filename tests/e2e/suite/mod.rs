@@ -99,7 +99,10 @@ impl Suite {
 
     /// Starts `service` (again) on its address and database.
     pub async fn start_service(&mut self, service: &'static str) {
-        assert!(!self.running.contains_key(service), "{service} runs already");
+        assert!(
+            !self.running.contains_key(service),
+            "{service} runs already"
+        );
         let config = self.configs[service].clone();
         let running = match self.bound.remove(service) {
             Some(listener) => start_on(descriptor(service), config, listener).await,
@@ -376,7 +379,11 @@ impl Suite {
     }
 
     /// The loyalty member `customer` of `program`, once loyalty has it.
-    pub async fn member(&self, program: &str, customer: &str) -> Option<clm_proto::loyalty::Member> {
+    pub async fn member(
+        &self,
+        program: &str,
+        customer: &str,
+    ) -> Option<clm_proto::loyalty::Member> {
         self.loyalty()
             .get_member(clm_proto::loyalty::GetMemberRequest {
                 name: format!(
