@@ -519,6 +519,7 @@ async fn journey_4_merge_sums_everything_once() {
     engagement_model(&s).await;
     stars_program(&s, 1000).await;
     let survey = s.nps_survey("nps").await;
+    let rich = s.segment("rich", "loyalty.balance >= 40").await;
     let a = s.customer("anna@journey.io").await;
     let b = s.customer("anna.work@journey.io").await;
     // a: EUR 30 (30 points, +50) and NPS 10 (+30); b: EUR 12 (12 points,
@@ -554,6 +555,8 @@ async fn journey_4_merge_sums_everything_once() {
     .await;
     let m = s.member("stars", &a).await.unwrap();
     assert_eq!((m.balance, m.lifetime_earned), (42, 42));
+    // Neither had 40 points; the survivor's 42 put it in the segment.
+    eventually(WAIT, || async { s.is_member(&rich, &a).await }).await;
     let view = eventually(WAIT, || {
         let mut customers = s.customers();
         let a = a.clone();
@@ -583,5 +586,102 @@ async fn journey_4_merge_sums_everything_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(s.member("stars", &a).await.unwrap().balance, 42);
     assert_eq!(s.score(&a, "journey", "engagement").await, 110.0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_segment_may_name_any_score_a_scoring_model_defines() {
+    let s = Suite::start().await;
+    let model = |score: &str| spb::CreateScoringModelRequest {
+        scoring_model: Some(spb::ScoringModel {
+            display_name: score.into(),
+            scores: vec![spb::ScoreDefinition {
+                name: score.into(),
+                ..Default::default()
+            }],
+            rules: vec![spb::ScoringRule {
+                id: "uses".into(),
+                score: score.into(),
+                points: 1,
+                trigger: Some(spb::scoring_rule::Trigger::Touchpoint("feature_use".into())),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        scoring_model_id: score.into(),
+        request_id: format!("model-{score}"),
+    };
+    s.scoring()
+        .create_scoring_model(model("karma"))
+        .await
+        .unwrap();
+    // No customer has a karma score yet: the model defines it.
+    s.segment("karmic", "score.karma >= 10").await;
+    let err = s
+        .segments()
+        .create_segment(clm_proto::segmentation::CreateSegmentRequest {
+            segment: Some(clm_proto::segmentation::Segment {
+                display_name: "nope".into(),
+                rule_text: "score.nope >= 1".into(),
+                ..Default::default()
+            }),
+            request_id: "segment-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("unknown score score.nope"),
+        "{err:?}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_erasure_a_service_does_not_answer_is_overdue_until_it_does() {
+    let mut s = Suite::start_with(|service, c| {
+        if service == "customer" {
+            c.customer.erasure_overdue_secs = 1;
+        }
+    })
+    .await;
+    let c = s.customer("late@journey.io").await;
+    s.stop_service("loyalty").await;
+    let request = s
+        .customers()
+        .erase_customer(cpb::EraseCustomerRequest {
+            name: c.clone(),
+            request_id: "erase-late".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let customers = s.customers();
+    let get = || {
+        let mut customers = customers.clone();
+        let name = request.name.clone();
+        async move {
+            customers
+                .get_erasure_request(cpb::GetErasureRequestRequest { name })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    // The four running services answer; loyalty's receipt is missing past
+    // the second allowed: OVERDUE, naming it.
+    let overdue = eventually(WAIT, || async {
+        let r = get().await;
+        (r.state == cpb::ErasureState::Overdue as i32).then_some(r)
+    })
+    .await;
+    assert_eq!(overdue.overdue_services, ["loyalty"]);
+    assert_eq!(overdue.receipts.len(), 4, "{overdue:?}");
+    // Back up, loyalty erases and sends its receipt: COMPLETED.
+    s.start_service("loyalty").await;
+    eventually(WAIT, || async {
+        get().await.state == cpb::ErasureState::Completed as i32
+    })
+    .await;
     s.stop().await;
 }

@@ -297,7 +297,7 @@ async fn journey_5_a_consumer_killed_mid_stream_resumes_with_nothing_lost_or_dou
     p.start_one("segmentation").await;
 
     let mut loyalty = LoyaltyServiceClient::new(p.channel("loyalty"));
-    let mut scoring = ScoringServiceClient::new(p.channel("scoring"));
+    let scoring = ScoringServiceClient::new(p.channel("scoring"));
     let mut segments = SegmentationServiceClient::new(p.channel("segmentation"));
     for (i, c) in who.iter().enumerate() {
         let points = buys(i) as i64 * euros(i);
@@ -320,16 +320,29 @@ async fn journey_5_a_consumer_killed_mid_stream_resumes_with_nothing_lost_or_dou
         })
         .await;
         assert_eq!((m.balance, m.lifetime_earned), (points, points), "{c}");
-        let s = scoring
-            .get_score(spb::GetScoreRequest {
-                customer: c.clone(),
-                scoring_model: "scoringModels/buyers".into(),
-                read_time: None,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(s.scores[0].value, score, "{c}");
+        let got = eventually(WAIT, || {
+            let mut scoring = scoring.clone();
+            let c = c.clone();
+            async move {
+                let s = scoring
+                    .get_score(spb::GetScoreRequest {
+                        customer: c,
+                        scoring_model: "scoringModels/buyers".into(),
+                        read_time: None,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let v = s
+                    .scores
+                    .iter()
+                    .find(|v| v.score == "engagement")
+                    .map_or(0.0, |v| v.value);
+                (v >= score).then_some(v)
+            }
+        })
+        .await;
+        assert_eq!(got, score, "{c}");
         let is = |segment: String| {
             let mut segments = segments.clone();
             let c = c.clone();
@@ -397,7 +410,7 @@ mod otlp {
 /// `request` carrying a child of trace `trace` (a fresh span id each time).
 fn traced<T>(trace: &str, message: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
-    let span = &uuid_like()[..16];
+    let span = &uuid_like()[16..];
     r.metadata_mut().insert(
         "traceparent",
         format!("00-{trace}-{span}-01").parse().unwrap(),
@@ -700,7 +713,8 @@ async fn one_trace_follows_the_feedback_loop_through_all_five_services() {
 
     // service → (span names in the trace, whether one is a consumer span).
     let mut seen: BTreeMap<String, (Vec<String>, bool)> = BTreeMap::new();
-    for req in received.0.lock().unwrap().iter() {
+    let all = received.0.lock().unwrap().clone();
+    for req in &all {
         for rs in &req.resource_spans {
             let service = rs
                 .resource

@@ -892,12 +892,64 @@ impl OnDue for Engine {
     }
 }
 
-/// The catalog for checking a rule, knowing the existing segments.
-pub async fn catalog_with_segments(db: &impl ConnectionTrait) -> Result<rules::FieldCatalog> {
+/// The catalog for checking a rule, knowing the existing segments and the
+/// custom score names: those any customer has (from scoring's stream)
+/// and, when `peers.scoring` is configured, those the scoring models
+/// define (asked at once, so a segment can name a score no customer has
+/// yet; a scoring service that does not answer leaves the first set).
+pub async fn catalog_with_segments(rt: &Runtime) -> Result<rules::FieldCatalog> {
+    let db = &rt.read;
     let names = segments::all(db)
         .await?
         .into_iter()
         .map(|s| format!("segments/{}", s.id))
         .collect();
-    Ok(catalog::catalog(names))
+    let mut c = catalog::catalog(names);
+    c.scores = facts::score_names(db).await?;
+    c.scores.extend(model_score_names(rt).await);
+    Ok(c)
+}
+
+/// The score names of every scoring model, from the scoring service
+/// (empty when it is not configured or does not answer).
+async fn model_score_names(rt: &Runtime) -> BTreeSet<String> {
+    use clm_platform::peer::Idempotency;
+    use clm_proto::scoring::ListScoringModelsRequest;
+    use clm_proto::scoring::scoring_service_client::ScoringServiceClient;
+    let Some(peer) = rt.peers.get("scoring") else {
+        return BTreeSet::new();
+    };
+    let mut names = BTreeSet::new();
+    let mut page_token = String::new();
+    loop {
+        let request = ListScoringModelsRequest {
+            page_size: 1000,
+            page_token: page_token.clone(),
+        };
+        let page = peer
+            .unary(
+                "ListScoringModels",
+                Idempotency::Idempotent,
+                request,
+                |ch, req| async move { ScoringServiceClient::new(ch).list_scoring_models(req).await },
+            )
+            .await;
+        match page {
+            Ok(p) => {
+                names.extend(
+                    p.scoring_models
+                        .iter()
+                        .flat_map(|m| m.scores.iter().map(|s| s.name.clone())),
+                );
+                if p.next_page_token.is_empty() {
+                    return names;
+                }
+                page_token = p.next_page_token;
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "scoring's model scores unknown; checking against the scores customers have");
+                return names;
+            }
+        }
+    }
 }
