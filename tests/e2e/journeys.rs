@@ -300,20 +300,23 @@ async fn journey_2_closed_feedback_loop_and_the_customer_view() {
     let scores = view.scores.unwrap();
     assert_eq!(scores.part, available);
     assert_eq!(scores.models[0].scoring_model, "scoringModels/journey");
-    let engagement = scores.models[0]
-        .scores
-        .iter()
-        .find(|v| v.score == "engagement");
-    assert_eq!(engagement.unwrap().value, 40.0, "{:?}", scores.models);
+    assert_eq!(
+        scores.models[0].scores["engagement"], 40.0,
+        "{:?}",
+        scores.models
+    );
     let segments = view.segments.unwrap();
     assert_eq!(segments.part, available);
     assert!(segments.segments.contains(&at_risk));
-    let feedback = view.feedback.unwrap();
-    assert_eq!(feedback.part, available);
-    let f = feedback.feedback.unwrap();
+    let f = view.feedback.unwrap();
+    assert_eq!(f.part, available);
     assert_eq!(
-        (f.last_nps, f.last_nps_category, f.completed_responses),
-        (Some(3), fpb::NpsCategory::Detractor as i32, 1)
+        (
+            f.last_nps,
+            f.last_nps_category.as_str(),
+            f.completed_responses
+        ),
+        (Some(3), "DETRACTOR", 1)
     );
     let loyalty = view.loyalty.unwrap();
     assert_eq!(loyalty.part, available);
@@ -566,7 +569,7 @@ async fn journey_4_merge_sums_everything_once() {
                 .await
                 .unwrap()
                 .into_inner();
-            let f = v.feedback.clone()?.feedback?;
+            let f = v.feedback.clone()?;
             (f.completed_responses == 2).then_some(v)
         }
     })

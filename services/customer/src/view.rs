@@ -98,7 +98,15 @@ pub async fn fill_peer_parts(
                     .await?;
                 Ok(Part::Scores(pb::CustomerViewScores {
                     part: available(),
-                    models: r.scores,
+                    models: r
+                        .scores
+                        .into_iter()
+                        .map(|m| pb::ModelScores {
+                            scoring_model: m.scoring_model,
+                            scores: m.scores.into_iter().map(|v| (v.score, v.value)).collect(),
+                            grade: m.grade,
+                        })
+                        .collect(),
                 }))
             }),
         ));
@@ -148,9 +156,23 @@ pub async fn fill_peer_parts(
                         },
                     )
                     .await?;
+                let category = clm_proto::feedback::NpsCategory::try_from(r.last_nps_category)
+                    .ok()
+                    .filter(|c| *c != clm_proto::feedback::NpsCategory::Unspecified)
+                    .map(|c| {
+                        c.as_str_name()
+                            .trim_start_matches("NPS_CATEGORY_")
+                            .to_owned()
+                    })
+                    .unwrap_or_default();
                 Ok(Part::Feedback(pb::CustomerViewFeedback {
                     part: available(),
-                    feedback: Some(r),
+                    last_nps: r.last_nps,
+                    last_nps_category: category,
+                    last_nps_time: r.last_nps_time,
+                    last_csat: r.last_csat,
+                    last_csat_time: r.last_csat_time,
+                    completed_responses: r.completed_responses,
                 }))
             }),
         ));
@@ -174,7 +196,26 @@ pub async fn fill_peer_parts(
                     .await?;
                 Ok(Part::Loyalty(pb::CustomerViewLoyalty {
                     part: available(),
-                    memberships: r.members,
+                    memberships: r
+                        .members
+                        .into_iter()
+                        .map(|m| pb::LoyaltyMembership {
+                            program: m
+                                .name
+                                .split("/members/")
+                                .next()
+                                .unwrap_or_default()
+                                .to_owned(),
+                            member: m.name,
+                            tier: m.tier,
+                            balance: m.balance,
+                            pending: m.pending,
+                            lifetime_earned: m.lifetime_earned,
+                            next_tier: m.next_tier,
+                            points_to_next_tier: m.points_to_next_tier,
+                            expiring_soon: m.expiring_soon,
+                        })
+                        .collect(),
                 }))
             }),
         ));

@@ -262,10 +262,10 @@ def test_the_closed_feedback_loop(clm):
     assert view.scores.part.state == available
     assert view.segments.part.state == available and at_risk in view.segments.segments
     assert view.feedback.part.state == available
-    assert view.feedback.feedback.last_nps == 3
-    assert view.feedback.feedback.last_nps_category == survey_pb2.NPS_CATEGORY_DETRACTOR
+    assert view.feedback.last_nps == 3
+    assert view.feedback.last_nps_category == "DETRACTOR"
     assert view.loyalty.part.state == available
-    gold = [m for m in view.loyalty.memberships if m.name == member]
+    gold = [m for m in view.loyalty.memberships if m.member == member]
     assert gold and gold[0].tier == "gold" and gold[0].balance == 10
 
     # NPS 10: a promoter, 70 >= 50: out of the segment, the reward refused.
