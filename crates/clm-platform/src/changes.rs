@@ -975,9 +975,18 @@ impl Subscriber {
         }
     }
 
+    /// Applies `batch` inside a span that continues the trace of its first
+    /// traced event (see [`apply_span`]); the events it emits carry that
+    /// trace on.
+    async fn apply(&self, batch: &[ChangeEvent]) -> Result<(), Interrupted> {
+        use tracing::Instrument as _;
+        let span = apply_span(self.rt.service, &self.source, batch);
+        self.apply_in_span(batch).instrument(span).await
+    }
+
     /// Applies `batch` in one transaction with the cursor (or in partitions,
     /// [`Self::apply_partitioned`]); on a handler failure, one event at a time.
-    async fn apply(&self, batch: &[ChangeEvent]) -> Result<(), Interrupted> {
+    async fn apply_in_span(&self, batch: &[ChangeEvent]) -> Result<(), Interrupted> {
         let Some(last) = batch.last() else {
             return Ok(());
         };
@@ -1130,6 +1139,50 @@ impl Subscriber {
             i.lag.record(lag, &i.attrs);
         }
     }
+}
+
+/// The span a batch of `source`'s events is applied in, marked with the
+/// consuming `service` (so it is exported under that service's resource).
+/// It continues the trace of the batch's first traced event; each other
+/// trace in the batch gets a span of its own here, so every trace shows
+/// the hop. The events the batch emits carry the batch span's trace.
+fn apply_span(service: &'static str, source: &str, batch: &[ChangeEvent]) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let span = tracing::info_span!(
+        "apply",
+        otel.name = %format!("{source} apply"),
+        otel.kind = "consumer",
+        messaging.system = "clm",
+        messaging.source.name = %source,
+        messaging.batch.message_count = batch.len(),
+        clm.service = service,
+    );
+    let mut traces = batch
+        .iter()
+        .map(|e| e.traceparent.as_str())
+        .filter(|t| !t.is_empty());
+    if let Some(first) = traces.next() {
+        let _ = span.set_parent(crate::client::remote_context(first));
+        let mut seen = std::collections::BTreeSet::from([trace_id_of(first)]);
+        for other in traces {
+            if seen.insert(trace_id_of(other)) {
+                let hop = tracing::info_span!(
+                    "apply",
+                    otel.name = %format!("{source} apply"),
+                    otel.kind = "consumer",
+                    clm.service = service,
+                );
+                let _ = hop.set_parent(crate::client::remote_context(other));
+                drop(hop.entered());
+            }
+        }
+    }
+    span
+}
+
+/// The trace id part of a `traceparent` (`00-<trace>-<span>-<flags>`).
+fn trace_id_of(traceparent: &str) -> &str {
+    traceparent.split('-').nth(1).unwrap_or(traceparent)
 }
 
 fn classify(s: &Status) -> Interrupted {
@@ -1288,6 +1341,7 @@ fn dead_letter(r: &QueryResult) -> Result<DeadLetter, DbErr> {
             }),
             event_type,
             source: source.clone(),
+            traceparent: String::new(),
         }),
         source,
         error: r.try_get("", "error")?,

@@ -41,6 +41,27 @@ pub fn inject_trace_context(span: &tracing::Span, metadata: &mut MetadataMap) {
     });
 }
 
+/// The W3C `traceparent` of the current span, when it is traced (an
+/// exporter is configured and the span is sampled); `None` otherwise.
+pub fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    let cx = tracing::Span::current().context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+    carrier.remove("traceparent")
+}
+
+/// The context `traceparent` continues (an invalid one when it is empty or
+/// malformed: the span then starts a trace of its own).
+pub fn remote_context(traceparent: &str) -> opentelemetry::Context {
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier))
+}
+
 /// The `authorization` value carrying `token` (`Bearer <token>`), if it is
 /// a valid header value.
 pub fn bearer(token: &str) -> Option<MetadataValue<tonic::metadata::Ascii>> {

@@ -146,13 +146,29 @@ pub struct TelemetryConfig {
 /// section of the config file next to the common settings it overrides
 /// (`erased_identifier_policy = "flag"`), or in the environment as
 /// `CLM_CUSTOMER__ERASED_IDENTIFIER_POLICY=flag`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CustomerSettings {
     /// What creating a customer, or giving one an identifier, does when the
     /// identifier (e-mail, phone, external id) matches the salted hash kept
     /// of an erased customer's identifier.
     pub erased_identifier_policy: ErasedIdentifierPolicy,
+    /// Milliseconds GetCustomerView waits for the peers' parts (all asked
+    /// at once); a part not in by then is marked unavailable.
+    pub view_timeout_ms: u64,
+    /// Seconds after which an erasure request still missing receipts is
+    /// OVERDUE (`clm.customer.erasures.overdue` counts them).
+    pub erasure_overdue_secs: u64,
+}
+
+impl Default for CustomerSettings {
+    fn default() -> Self {
+        Self {
+            erased_identifier_policy: ErasedIdentifierPolicy::default(),
+            view_timeout_ms: 1000,
+            erasure_overdue_secs: 24 * 3600,
+        }
+    }
 }
 
 /// What the customer service does with an identifier that belonged to an

@@ -51,6 +51,7 @@ pub fn platform_migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(AuditTrail),
         Box::new(OperationLeases),
         Box::new(TimerQueue),
+        Box::new(OutboxTraceContext),
     ]
 }
 
@@ -357,6 +358,26 @@ impl MigrationTrait for TimerQueue {
             }
             m.create_index(index.to_owned()).await?;
         }
+        Ok(())
+    }
+}
+
+/// Gives outbox events the W3C trace context of the call that committed
+/// them (`traceparent`, NULL when untraced), so subscribers continue it.
+pub struct OutboxTraceContext;
+
+impl MigrationName for OutboxTraceContext {
+    fn name(&self) -> &str {
+        "m0003_platform_outbox_trace_context"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for OutboxTraceContext {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.get_connection()
+            .execute_unprepared("ALTER TABLE outbox ADD COLUMN traceparent VARCHAR(128) NULL")
+            .await?;
         Ok(())
     }
 }

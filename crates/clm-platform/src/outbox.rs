@@ -124,6 +124,8 @@ impl Outbox {
             return Ok(());
         }
         let occurred = to_micros(now);
+        // Every event of one transaction continues the same trace.
+        let traceparent = crate::client::current_traceparent();
         if is_postgres(txn) {
             // One JSON parameter instead of five bind parameters a row: far
             // less to parse and plan, and no bind-parameter limit.
@@ -137,21 +139,23 @@ impl Outbox {
                         "subject": e.subject,
                         "payload": base64::engine::general_purpose::STANDARD.encode(&e.payload),
                         "occurred_us": occurred,
+                        "traceparent": traceparent,
                     })
                 })
                 .collect();
             txn.execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_us) \
-                 SELECT event_id, event_type, subject, decode(payload, 'base64'), occurred_us \
+                "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_us, traceparent) \
+                 SELECT event_id, event_type, subject, decode(payload, 'base64'), occurred_us, traceparent \
                  FROM json_to_recordset($1::json) \
-                 AS x(event_id text, event_type text, subject text, payload text, occurred_us int8)",
+                 AS x(event_id text, event_type text, subject text, payload text, occurred_us int8, \
+                      traceparent text)",
                 [serde_json::Value::Array(rows).to_string().into()],
             ))
             .await?;
             return Ok(());
         }
-        for chunk in events.chunks(crate::db::rows_per_statement(5)) {
+        for chunk in events.chunks(crate::db::rows_per_statement(6)) {
             let mut insert = Query::insert();
             insert.into_table(Alias::new("outbox")).columns(
                 [
@@ -160,6 +164,7 @@ impl Outbox {
                     "subject",
                     "payload",
                     "occurred_us",
+                    "traceparent",
                 ]
                 .map(Alias::new),
             );
@@ -170,6 +175,7 @@ impl Outbox {
                     e.subject.clone().into(),
                     e.payload.clone().into(),
                     occurred.into(),
+                    traceparent.clone().into(),
                 ]);
             }
             txn.execute(&insert).await?;
@@ -411,6 +417,7 @@ impl Outbox {
                 "subject",
                 "payload",
                 "occurred_us",
+                "traceparent",
             ]
             .map(Alias::new),
         )
@@ -438,6 +445,9 @@ impl Outbox {
                     }),
                     event_type,
                     source: self.source.to_owned(),
+                    traceparent: r
+                        .try_get::<Option<String>>("", "traceparent")?
+                        .unwrap_or_default(),
                 })
             })
             .collect()

@@ -298,6 +298,15 @@ where
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .expect("bind test listener");
+    spawn_on(listener, config, run).await
+}
+
+/// [`spawn`] on a listener bound already.
+async fn spawn_on<F, Fut>(listener: tokio::net::TcpListener, config: Config, run: F) -> Running
+where
+    F: FnOnce(Config, tokio::net::TcpListener, tokio_util::sync::CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
     let addr = listener.local_addr().expect("local addr");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let handle = tokio::spawn(run(config, listener, shutdown.clone()));
@@ -313,6 +322,24 @@ where
 /// Starts `service` on `config` (port 0 is fine) and waits until it serves.
 pub async fn start(service: &'static crate::service::ServiceDescriptor, config: Config) -> Running {
     spawn(config, move |c, l, s| crate::service::run(service, c, l, s)).await
+}
+
+/// [`start`] on `listener`, bound already: a suite binds every service's
+/// listener first, so each knows the others' addresses with no race for a
+/// free port.
+pub async fn start_on(
+    service: &'static crate::service::ServiceDescriptor,
+    config: Config,
+    listener: std::net::TcpListener,
+) -> Running {
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+    spawn_on(listener, config, move |c, l, s| {
+        crate::service::run(service, c, l, s)
+    })
+    .await
 }
 
 /// [`start`] with a chosen clock.

@@ -58,6 +58,7 @@ pub const POLICY: Policy = Policy {
     rules: &[
         ("CreateCustomer", ENGAGE),
         ("GetCustomer", READ),
+        ("GetCustomerView", READ),
         ("UpdateCustomer", CURATE),
         ("ListCustomers", READ),
         ("BatchCreateCustomers", ENGAGE),
@@ -621,6 +622,7 @@ impl CustomerApi {
             return Err(Error::internal("validated fields missing"));
         };
         let etag = req.etag.as_str();
+        let forward_only = req.forward_only;
         idempotency::write(
             &self.rt,
             "TransitionStage",
@@ -631,6 +633,16 @@ impl CustomerApi {
                 let mut rec = self.load_for_write(txn, id, etag).await?;
                 let t = Transition::new(rec.stage, to, reason, actor.subject)
                     .map_err(CustomerError::from)?;
+                if forward_only && t.kind != clm_domain::lifecycle::MoveKind::Forward {
+                    return Err(Error::FailedPrecondition {
+                        reason: "NOT_FORWARD",
+                        message: format!(
+                            "forward_only: {} to {} is not a forward move",
+                            t.from.as_str(),
+                            t.to.as_str()
+                        ),
+                    });
+                }
                 let expected = rec.version;
                 rec.stage = t.to;
                 rec.stage_change_time = now;
@@ -763,6 +775,43 @@ impl CustomerApi {
             Ok((convert::consent_to_proto(id, &stated, &[]), vec![event]))
         })
         .await
+    }
+
+    /// Customer 360: the own part read here, the peers' parts asked at once
+    /// (see [`crate::view`]).
+    async fn customer_view(&self, req: pb::GetCustomerViewRequest) -> Result<pb::CustomerView> {
+        let customer = self
+            .get(pb::GetCustomerRequest {
+                name: req.name.clone(),
+            })
+            .await?;
+        let id = CustomerId::parse_name("name", &customer.name)?;
+        let now = self.now();
+        let newest = stages::newest(&self.rt.read, id, crate::view::VIEW_STAGE_HISTORY).await?;
+        // Newest first: each move lasted until the one after it (the
+        // previous element), the newest until now.
+        let stage_history = newest
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let until = i
+                    .checked_sub(1)
+                    .and_then(|j| newest.get(j))
+                    .map_or(now, |later| later.change_time);
+                convert::stage_change_to_proto(c, until)
+            })
+            .collect();
+        let stated = consent::current(&self.rt.read, id).await?;
+        let mut view = pb::CustomerView {
+            consent: Some(convert::consent_to_proto(id, &stated, &[])),
+            stage_history,
+            read_time: Some(clm_platform::convert::timestamp(now)),
+            ..Default::default()
+        };
+        let within = std::time::Duration::from_millis(self.rt.config.customer.view_timeout_ms);
+        crate::view::fill_peer_parts(&self.rt, &customer.name, within, &mut view).await;
+        view.customer = Some(customer);
+        Ok(view)
     }
 
     async fn get_consent(&self, req: pb::GetConsentRequest) -> Result<pb::Consent> {
@@ -1234,7 +1283,7 @@ impl CustomerApi {
 
     async fn get_erasure(&self, req: pb::GetErasureRequestRequest) -> Result<pb::ErasureRequest> {
         let id = ErasureRequestId::parse_name("name", &req.name)?;
-        Ok(erasure_to_proto(&erasure::get(&self.rt.read, id).await?))
+        Ok(self.with_overdue(erasure_to_proto(&erasure::get(&self.rt.read, id).await?)))
     }
 
     async fn list_erasures(
@@ -1245,9 +1294,12 @@ impl CustomerApi {
         let pager = Pager::new(&["erasure_requests"]);
         let after = pager.after::<i64>(&req.page_token)?;
         let rows = erasure::list(&self.rt.read, after, size as u64 + 1).await?;
-        let (erasure_requests, next_page_token) = pager.page(&rows, size, erasure_to_proto, |r| {
-            (clm_platform::db::to_micros(r.create_time), r.id.to_string())
-        });
+        let (erasure_requests, next_page_token) = pager.page(
+            &rows,
+            size,
+            |r| self.with_overdue(erasure_to_proto(r)),
+            |r| (clm_platform::db::to_micros(r.create_time), r.id.to_string()),
+        );
         Ok(pb::ListErasureRequestsResponse {
             erasure_requests,
             next_page_token,
@@ -1273,6 +1325,61 @@ fn erasing_services(config: &clm_platform::config::Config) -> Vec<String> {
         .collect()
 }
 
+impl CustomerApi {
+    /// Marks `r` OVERDUE, naming the services whose receipt is missing,
+    /// when it is still in progress `customer.erasure_overdue_secs` after
+    /// it was made.
+    fn with_overdue(&self, mut r: pb::ErasureRequest) -> pb::ErasureRequest {
+        let limit = self.rt.config.customer.erasure_overdue_secs;
+        let made = r.create_time.as_ref().map_or(0, |t| t.seconds);
+        let overdue_at = made.saturating_add(i64::try_from(limit).unwrap_or(i64::MAX));
+        if r.state == pb::ErasureState::InProgress as i32 && self.now().timestamp() >= overdue_at {
+            r.state = pb::ErasureState::Overdue as i32;
+            r.overdue_services = r
+                .expected_services
+                .iter()
+                .filter(|s| !r.receipts.iter().any(|x| &x.service == *s))
+                .cloned()
+                .collect();
+        }
+        r
+    }
+}
+
+/// The gauge `clm.customer.erasures.overdue`: erasure requests still
+/// missing receipts `customer.erasure_overdue_secs` after they were made,
+/// counted every minute (and logged when there are any).
+pub async fn watch_overdue_erasures(rt: Runtime, shutdown: tokio_util::sync::CancellationToken) {
+    let gauge = clm_platform::telemetry::meter(crate::SERVICE)
+        .u64_gauge("clm.customer.erasures.overdue")
+        .with_description(
+            "Erasure requests still missing receipts after customer.erasure_overdue_secs",
+        )
+        .build();
+    let limit = chrono::Duration::seconds(
+        i64::try_from(rt.config.customer.erasure_overdue_secs).unwrap_or(i64::MAX / 1_000_000),
+    );
+    loop {
+        let before = rt.clock.now() - limit;
+        match erasure::count_overdue(&rt.read, before).await {
+            Ok(n) => {
+                gauge.record(n, &[]);
+                if n > 0 {
+                    tracing::warn!(
+                        overdue = n,
+                        "erasure requests are overdue: a service has not sent its receipt"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not count overdue erasure requests"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// A stored erasure request → proto; COMPLETED once every expected receipt is in.
 fn erasure_to_proto(r: &ErasureRecord) -> pb::ErasureRequest {
     pb::ErasureRequest {
@@ -1295,6 +1402,7 @@ fn erasure_to_proto(r: &ErasureRecord) -> pb::ErasureRequest {
         requester: r.requester.clone(),
         create_time: Some(clm_platform::convert::timestamp(r.create_time)),
         complete_time: r.complete_time.map(clm_platform::convert::timestamp),
+        overdue_services: Vec::new(),
     }
 }
 
@@ -1534,6 +1642,13 @@ impl CustomerService for CustomerApi {
         request: Request<pb::GetCustomerRequest>,
     ) -> Result<Response<pb::Customer>, Status> {
         respond(request, &POLICY, |_, r| self.get(r)).await
+    }
+
+    async fn get_customer_view(
+        &self,
+        request: Request<pb::GetCustomerViewRequest>,
+    ) -> Result<Response<pb::CustomerView>, Status> {
+        respond(request, &POLICY, |_, r| self.customer_view(r)).await
     }
 
     async fn update_customer(

@@ -28,6 +28,7 @@ pub mod error;
 pub mod events;
 pub mod reports;
 pub mod store;
+pub mod view;
 
 use clm_platform::Runtime;
 use clm_platform::service::{Parts, ServiceDescriptor, migrate_with};
@@ -55,5 +56,7 @@ fn build(rt: &Runtime) -> anyhow::Result<Parts> {
     for peer in api::erasure_peers() {
         parts = parts.follow_if_configured(peer, events::peer_handlers(peer));
     }
+    let watched = rt.clone();
+    parts = parts.task(move |shutdown| Box::pin(api::watch_overdue_erasures(watched, shutdown)));
     Ok(parts)
 }

@@ -59,6 +59,7 @@ pub const POLICY: Policy = Policy {
         ("GetResponse", RESPONSE_READERS),
         ("ListResponses", RESPONSE_READERS),
         ("GetSurveySummary", READERS),
+        ("GetCustomerFeedback", READERS),
         ("GetFatiguePolicy", READERS),
         ("UpdateFatiguePolicy", WRITERS),
     ],
@@ -668,6 +669,30 @@ impl FeedbackService for FeedbackApi {
             Ok(pb::ListResponsesResponse {
                 responses,
                 next_page_token: next,
+            })
+        })
+        .await
+    }
+
+    async fn get_customer_feedback(
+        &self,
+        request: Request<pb::GetCustomerFeedbackRequest>,
+    ) -> Result<Response<pb::CustomerFeedback>, Status> {
+        respond(request, &POLICY, |_, req| async move {
+            let customer = convert::customer_name("customer", &req.customer)?;
+            let (nps, csat, completed) =
+                responses::customer_feedback(&self.rt.read, &customer).await?;
+            let time = |at: i64| Some(timestamp(from_micros(at)));
+            Ok(pb::CustomerFeedback {
+                customer,
+                last_nps: nps.map(|(n, _)| n),
+                last_nps_category: nps.map_or(pb::NpsCategory::Unspecified, |(n, _)| {
+                    convert::nps_category(clm_domain::survey::Kind::Nps, n)
+                }) as i32,
+                last_nps_time: nps.and_then(|(_, at)| time(at)),
+                last_csat: csat.map(|(n, _)| n),
+                last_csat_time: csat.and_then(|(_, at)| time(at)),
+                completed_responses: completed,
             })
         })
         .await

@@ -107,6 +107,40 @@ impl LoyaltyApi {
     /// A read-only transaction whose statements all see one snapshot
     /// (PostgreSQL REPEATABLE READ; a SQLite read transaction is one), so a
     /// member's figures from several queries agree with each other.
+    /// ListMembers with `customer`: that customer's memberships, of the
+    /// parent program or (`programs/-`) of every program, in one page.
+    async fn memberships_of(
+        &self,
+        req: &pb::ListMembersRequest,
+    ) -> Result<pb::ListMembersResponse> {
+        let customer = convert::customer("customer", &req.customer)?;
+        let program = if req.parent == "programs/-" {
+            None
+        } else {
+            Some(program_id("parent", &req.parent)?)
+        };
+        page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)?;
+        if !req.tier.is_empty() && !convert::valid_id(&req.tier) {
+            return Err(Error::invalid("tier", "must be a tier id"));
+        }
+        let read = self.snapshot().await?;
+        let rows = store::memberships(&read, &customer, program.as_deref()).await?;
+        let now = to_micros(self.now());
+        let mut members = Vec::with_capacity(rows.len());
+        for row in rows {
+            if !req.tier.is_empty() && row.tier != req.tier {
+                continue;
+            }
+            let p = Program::load(&read, &row.program).await?;
+            members.extend(ledger::member_views(&read, &p, std::slice::from_ref(&row), now).await?);
+        }
+        read.commit().await?;
+        Ok(pb::ListMembersResponse {
+            members,
+            next_page_token: String::new(),
+        })
+    }
+
     async fn snapshot(&self) -> Result<sea_orm::DatabaseTransaction> {
         let db = &self.rt.read;
         Ok(if clm_platform::db::is_postgres(db) {
@@ -817,6 +851,9 @@ impl LoyaltyService for LoyaltyApi {
         request: Request<pb::ListMembersRequest>,
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
         respond(request, &POLICY, |_, req| async move {
+            if !req.customer.is_empty() {
+                return self.memberships_of(&req).await;
+            }
             let program = program_id("parent", &req.parent)?;
             let size = page_size("page_size", req.page_size, DEFAULT_PAGE, MAX_PAGE)?;
             if !req.tier.is_empty() && !convert::valid_id(&req.tier) {

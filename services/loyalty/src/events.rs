@@ -223,6 +223,13 @@ impl On<cpb::CustomersMerged> for CustomerEvents {
         let mut events = Vec::new();
         for row in store::lock_customers(txn, std::slice::from_ref(&m.survivor)).await? {
             let p = Program::load(txn, &row.program).await?;
+            // The merged lots moved the survivor's balance: followers
+            // (segmentation's loyalty.balance) learn it here.
+            let balance = ledger::member_views(txn, &p, std::slice::from_ref(&row), now)
+                .await?
+                .first()
+                .map_or(0, |v| v.balance);
+            events.push(ledger::points_spendable(&p, &m.survivor, balance));
             if let Some(tc) = ledger::review_tier(txn, &p, &row, now).await? {
                 events.push(NewEvent::new(&m.survivor, &tc));
             }

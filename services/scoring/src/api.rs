@@ -49,6 +49,7 @@ pub const POLICY: Policy = Policy {
         ("ActivateModelVersion", MODEL_WRITERS),
         ("GetScore", READERS),
         ("BatchGetScores", READERS),
+        ("ListCustomerScores", READERS),
         ("ListScoreLedger", READERS),
         ("AdjustScore", ADJUSTERS),
         ("ListTopCustomers", READERS),
@@ -159,6 +160,17 @@ impl ScoringApi {
             .active_for_read(&self.rt.read, model)
             .await?
             .ok_or_else(|| Error::NotFound(format!("{MODEL_PREFIX}{model}")))?;
+        self.scores_under(&v, custs, at).await
+    }
+
+    /// The scores of `custs` under model version `v` at `at`.
+    async fn scores_under(
+        &self,
+        v: &scorer::Version,
+        custs: &[String],
+        at: i64,
+    ) -> Result<Vec<pb::CustomerScores>> {
+        let model = v.id.as_str();
         let ledgers = scorer::by_customer(ledger::of_customers(&self.rt.read, model, custs).await?);
         let last = if scorer::uses_inactivity(&v.model) {
             customers::last_activity(&self.rt.read, custs, at).await?
@@ -483,6 +495,23 @@ impl ScoringService for ScoringApi {
             Ok(pb::BatchGetScoresResponse {
                 scores: self.scores_of(&m, &custs, at).await?,
             })
+        })
+        .await
+    }
+
+    async fn list_customer_scores(
+        &self,
+        request: Request<pb::ListCustomerScoresRequest>,
+    ) -> Result<Response<pb::ListCustomerScoresResponse>, Status> {
+        respond(request, &POLICY, |_, req| async move {
+            let c = customer_name("customer", &req.customer)?;
+            let at = self.read_time(req.read_time.as_ref())?;
+            let mut scores = Vec::new();
+            for v in self.models.active(&self.rt.read).await? {
+                scores.extend(self.scores_under(&v, std::slice::from_ref(&c), at).await?);
+            }
+            scores.sort_by(|a, b| a.scoring_model.cmp(&b.scoring_model));
+            Ok(pb::ListCustomerScoresResponse { scores })
         })
         .await
     }

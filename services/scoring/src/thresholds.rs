@@ -237,6 +237,9 @@ pub async fn judge(
             reason: format!("score threshold: {}", th.id),
             request_id: request_id.clone(),
             etag: String::new(),
+            // A promotion never moves a customer back down the funnel; a
+            // BELOW threshold (a demotion, e.g. to CHURNED) may.
+            forward_only: matches!(th.kind, clm_domain::scoring::ThresholdKind::AtLeast { .. }),
         };
         moves.push(Arm {
             key: request_id,

@@ -290,6 +290,7 @@ struct Inner {
     rt: Runtime,
     registry: Mutex<Arc<Registry>>,
     progress: Mutex<HashMap<String, f64>>,
+    freshness: opentelemetry::metrics::Histogram<f64>,
 }
 
 /// Operation kind of a segment backfill.
@@ -304,9 +305,19 @@ impl Engine {
     pub fn new(rt: Runtime) -> Self {
         Self {
             inner: Arc::new(Inner {
-                rt,
                 registry: Mutex::new(Arc::new(Registry::default())),
                 progress: Mutex::new(HashMap::new()),
+                freshness: clm_platform::telemetry::meter(crate::SERVICE)
+                    .f64_histogram("clm.segmentation.freshness")
+                    .with_unit("s")
+                    .with_description(
+                        "Seconds from an event's commit at its source to the membership change it caused, committed here",
+                    )
+                    .with_boundaries(vec![
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    ])
+                    .build(),
+                rt,
             }),
         }
     }
@@ -475,6 +486,17 @@ impl Engine {
         members::set_timers(txn, &timers_set, &timers_cleared).await?;
         out.timers_set = !timers_set.is_empty();
         Ok(out)
+    }
+
+    /// Records, once per membership change committed, the seconds since
+    /// `recorded_us` (the commit time at its source of the oldest event
+    /// that caused it): the `clm.segmentation.freshness` histogram.
+    pub fn record_freshness(&self, recorded_us: i64, changes: usize) {
+        let now = to_micros(self.inner.rt.clock.now());
+        let seconds = (now - recorded_us).max(0) as f64 / 1e6;
+        for _ in 0..changes {
+            self.inner.freshness.record(seconds, &[]);
+        }
     }
 
     /// Applies an outcome's after-commit effects.
@@ -870,12 +892,64 @@ impl OnDue for Engine {
     }
 }
 
-/// The catalog for checking a rule, knowing the existing segments.
-pub async fn catalog_with_segments(db: &impl ConnectionTrait) -> Result<rules::FieldCatalog> {
+/// The catalog for checking a rule, knowing the existing segments and the
+/// custom score names: those any customer has (from scoring's stream)
+/// and, when `peers.scoring` is configured, those the scoring models
+/// define (asked at once, so a segment can name a score no customer has
+/// yet; a scoring service that does not answer leaves the first set).
+pub async fn catalog_with_segments(rt: &Runtime) -> Result<rules::FieldCatalog> {
+    let db = &rt.read;
     let names = segments::all(db)
         .await?
         .into_iter()
         .map(|s| format!("segments/{}", s.id))
         .collect();
-    Ok(catalog::catalog(names))
+    let mut c = catalog::catalog(names);
+    c.scores = facts::score_names(db).await?;
+    c.scores.extend(model_score_names(rt).await);
+    Ok(c)
+}
+
+/// The score names of every scoring model, from the scoring service
+/// (empty when it is not configured or does not answer).
+async fn model_score_names(rt: &Runtime) -> BTreeSet<String> {
+    use clm_platform::peer::Idempotency;
+    use clm_proto::scoring::ListScoringModelsRequest;
+    use clm_proto::scoring::scoring_service_client::ScoringServiceClient;
+    let Some(peer) = rt.peers.get("scoring") else {
+        return BTreeSet::new();
+    };
+    let mut names = BTreeSet::new();
+    let mut page_token = String::new();
+    loop {
+        let request = ListScoringModelsRequest {
+            page_size: 1000,
+            page_token: page_token.clone(),
+        };
+        let page = peer
+            .unary(
+                "ListScoringModels",
+                Idempotency::Idempotent,
+                request,
+                |ch, req| async move { ScoringServiceClient::new(ch).list_scoring_models(req).await },
+            )
+            .await;
+        match page {
+            Ok(p) => {
+                names.extend(
+                    p.scoring_models
+                        .iter()
+                        .flat_map(|m| m.scores.iter().map(|s| s.name.clone())),
+                );
+                if p.next_page_token.is_empty() {
+                    return names;
+                }
+                page_token = p.next_page_token;
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "scoring's model scores unknown; checking against the scores customers have");
+                return names;
+            }
+        }
+    }
 }

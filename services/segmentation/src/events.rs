@@ -242,6 +242,16 @@ impl CustomerFacts {
             facts::mark_fresh(cx.txn(), to_micros(newest), to_micros(now)).await?;
         }
         let out = self.engine.evaluate(cx.txn(), &work, now).await?;
+        let changes = out.events.len();
+        let oldest = events
+            .iter()
+            .filter_map(|e| time(e.occurred_time.as_ref()))
+            .min();
+        if let Some(oldest) = oldest.filter(|_| changes > 0) {
+            let engine = self.engine.clone();
+            let recorded = to_micros(oldest);
+            cx.after_commit(async move { engine.record_freshness(recorded, changes) });
+        }
         self.finish(cx, out);
         Ok(())
     }

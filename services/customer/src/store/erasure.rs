@@ -13,7 +13,8 @@ use clm_platform::Error;
 use clm_platform::db::{from_micros, is_postgres, to_micros};
 use sea_orm::sea_query::{Cond, Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
-    ActiveValue, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    ActiveValue, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
+    QueryOrder, QuerySelect,
 };
 use sha2::{Digest, Sha256};
 
@@ -487,4 +488,13 @@ mod tests {
         assert_eq!(get(&db, requests[0]).await.unwrap(), done);
         assert_eq!(get(&db, requests[199]).await.unwrap(), open);
     }
+}
+
+/// How many requests made before `before` are still missing receipts.
+pub async fn count_overdue(db: &impl ConnectionTrait, before: DateTime<Utc>) -> Result<u64, Error> {
+    Ok(requests::Entity::find()
+        .filter(requests::Column::CompleteUs.is_null())
+        .filter(requests::Column::CreateUs.lt(to_micros(before)))
+        .count(db)
+        .await?)
 }

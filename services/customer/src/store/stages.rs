@@ -77,6 +77,23 @@ pub async fn insert_many(
     super::journeys::fill(db, &customers).await
 }
 
+/// The newest `limit` moves of `customer`, newest first.
+pub async fn newest(
+    db: &impl ConnectionTrait,
+    customer: CustomerId,
+    limit: u64,
+) -> Result<Vec<StageChangeRecord>, Error> {
+    stage_history::Entity::find()
+        .filter(Column::CustomerId.eq(customer.to_string()))
+        .order_by_desc(Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|m| StageChangeRecord::from_model(customer, m))
+        .collect()
+}
+
 /// Up to `limit` moves of `customer` with id greater than `after`, oldest first.
 pub async fn list(
     db: &impl ConnectionTrait,

@@ -193,3 +193,57 @@ pub async fn erase(db: &impl ConnectionTrait, customers: &[String]) -> Result<()
     db.execute(&q).await?;
     Ok(())
 }
+
+/// A customer's last NPS and CSAT answers, each `(value, at_us)`, and the
+/// number of responses they completed: two statements over the
+/// customer's own responses (`responses_by_customer`).
+pub async fn customer_feedback(
+    db: &impl ConnectionTrait,
+    customer: &str,
+) -> Result<(Option<(i64, i64)>, Option<(i64, i64)>, i64)> {
+    use clm_domain::survey::Kind;
+    use sea_orm::sea_query::{Alias, Order};
+    let q = Query::select()
+        .columns([
+            (Answers, AC::Kind),
+            (Answers, AC::Number),
+            (Answers, AC::AtUs),
+        ])
+        .from(Answers)
+        .inner_join(
+            Responses,
+            Expr::col((Responses, RC::SurveyId))
+                .equals((Answers, AC::SurveyId))
+                .and(Expr::col((Responses, RC::Id)).equals((Answers, AC::ResponseId))),
+        )
+        .and_where(Expr::col((Responses, RC::Customer)).eq(customer))
+        .and_where(Expr::col((Responses, RC::Completed)).eq(true))
+        .and_where(Expr::col((Answers, AC::Answered)).eq(true))
+        .and_where(Expr::col((Answers, AC::Number)).is_not_null())
+        .and_where(Expr::col((Answers, AC::Kind)).is_in([Kind::Nps.code(), Kind::Csat.code()]))
+        .order_by((Answers, AC::AtUs), Order::Desc)
+        .to_owned();
+    let (mut nps, mut csat) = (None, None);
+    for r in db.query_all(&q).await? {
+        let kind: i16 = r.try_get("", "kind")?;
+        let value: i64 = r.try_get("", "number")?;
+        let at: i64 = r.try_get("", "at_us")?;
+        let slot = if kind == Kind::Nps.code() {
+            &mut nps
+        } else {
+            &mut csat
+        };
+        slot.get_or_insert((value, at));
+    }
+    let count = Query::select()
+        .expr_as(Expr::col(RC::Id).count(), Alias::new("n"))
+        .from(Responses)
+        .and_where(Expr::col(RC::Customer).eq(customer))
+        .and_where(Expr::col(RC::Completed).eq(true))
+        .to_owned();
+    let n = match db.query_one(&count).await? {
+        Some(r) => r.try_get::<i64>("", "n")?,
+        None => 0,
+    };
+    Ok((nps, csat, n))
+}

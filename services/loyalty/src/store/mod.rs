@@ -254,6 +254,24 @@ pub async fn member(
     one(db, &q).await
 }
 
+/// `customer`'s memberships, of `program` only or in every program,
+/// ordered by program.
+pub async fn memberships(
+    db: &impl ConnectionTrait,
+    customer: &str,
+    program: Option<&str>,
+) -> Result<Vec<members::Model>> {
+    let mut q = Query::select();
+    q.columns(MEMBER_COLS)
+        .from(members::Entity)
+        .and_where(Expr::col(MC::Customer).eq(customer))
+        .order_by(MC::Program, Order::Asc);
+    if let Some(p) = program {
+        q.and_where(Expr::col(MC::Program).eq(p));
+    }
+    all(db, &q).await
+}
+
 /// The rows of every member that is one of `customers`, in any program,
 /// locked (PostgreSQL `FOR UPDATE`) in (program, customer) order.
 pub async fn lock_customers(

@@ -140,7 +140,7 @@ impl SegmentationApi {
                 }
                 "rule" | "rule_text" => {
                     if edit.rule.is_none() {
-                        let catalog = catalog_with_segments(&self.engine.rt().read).await?;
+                        let catalog = catalog_with_segments(self.engine.rt()).await?;
                         let r =
                             Self::resolve_rule(prefix, s.rule.as_ref(), &s.rule_text, &catalog)?;
                         let at = if s.rule.is_some() {

@@ -274,7 +274,7 @@ impl SegmentationApi {
         paths.push("approval_required".into());
         paths.push("objectives".into());
         let mut edit = self.parse_edit("segment.", &id, s, &paths).await?;
-        let catalog = catalog_with_segments(&self.engine.rt().read).await?;
+        let catalog = catalog_with_segments(self.engine.rt()).await?;
         let rule = Self::resolve_rule("segment.", s.rule.as_ref(), &s.rule_text, &catalog)?;
         let rule_field = if s.rule.is_some() {
             "segment.rule"
@@ -551,7 +551,7 @@ impl SegmentationApi {
     }
 
     async fn preview(&self, req: pb::PreviewSegmentRequest) -> Result<pb::PreviewSegmentResponse> {
-        let catalog = catalog_with_segments(&self.engine.rt().read).await?;
+        let catalog = catalog_with_segments(self.engine.rt()).await?;
         let rule = Self::resolve_rule("", req.rule.as_ref(), &req.rule_text, &catalog)?;
         if !(0..=MAX_SAMPLE).contains(&req.sample_size) {
             return Err(Error::invalid(

@@ -734,3 +734,19 @@ pub async fn mark_fresh(
     db.execute(&update).await?;
     Ok(())
 }
+
+/// Every score name some customer has.
+pub async fn score_names(
+    db: &impl ConnectionTrait,
+) -> Result<std::collections::BTreeSet<String>, DbErr> {
+    let q = Query::select()
+        .distinct()
+        .column(FS::Name)
+        .from(FactScores)
+        .to_owned();
+    let mut names = std::collections::BTreeSet::new();
+    for r in db.query_all(&q).await? {
+        names.insert(r.try_get::<String>("", "name")?);
+    }
+    Ok(names)
+}
