@@ -2,8 +2,9 @@
 # The one test command (README, .ci/run): formatting, lints, proto lint and
 # breaking-change check, one build of every test (cargo nextest, one feature
 # set), every test on SQLite + in-process cache, the backend-dependent tests
-# again on PostgreSQL + Redis, the doc tests, and the generated-client tests
-# against the `clm` binary that build made. Prints each stage's time and the
+# again on PostgreSQL + Redis, the doc tests, and the client tests (the
+# README's tour as typed, Python, Node, Go, Java, clm import/export) against
+# the `clm` binary that build made. Prints each stage's time and the
 # total.
 #
 # One build: clippy checks with --all-features (the benchmarks too); the
@@ -266,7 +267,7 @@ fi
 stop_scratch_pg
 unset CLM_TEST_DATABASE_URL CLM_TEST_REDIS_URL
 
-step "generated-client tests: Python (grpcio-tools) and Node (@grpc/grpc-js) against clm up"
+step "client tests against clm up: the README tour, Python (grpcio-tools), Node (@grpc/grpc-js), Go and Java (Debian toolchains), clm import/export"
 # The `clm` binary of the build above (the clm crate's tests run it), not
 # a second build with other features.
 clm="${CARGO_TARGET_DIR:-target}/debug/clm"

@@ -1,7 +1,7 @@
 //! KPI formulas: the pure arithmetic of the customer service's reports.
 //! The database computes counts and sums set-based; these functions turn
-//! them into rates, percentiles, costs and values, exactly as the customer
-//! service's README writes them.
+//! them into rates, percentiles, costs and values, exactly as docs/customer.md
+//! writes them.
 
 use crate::Violation;
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};

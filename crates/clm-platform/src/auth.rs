@@ -5,7 +5,7 @@
 //! [`Principal`] in the request extensions, with the [`RpcName`] being
 //! served. Each rpc then calls [`authorize`] (or
 //! [`crate::error::respond`]) with its service's [`Policy`]: the one role
-//! × rpc table of that service, which the README's role table is generated
+//! × rpc table of that service, which the role table of docs/security.md is generated
 //! from (`clm roles --markdown`). `admin` is allowed everywhere; an rpc
 //! missing from its table is refused to everyone else.
 //!
@@ -308,7 +308,7 @@ impl RefusalLog {
 /// what. Each rpc handler passes the table to [`authorize`] (or
 /// [`crate::error::respond`]), which looks up the rpc being served (the
 /// server layer names it); `clm roles --markdown` prints every table, and
-/// the README's role table is that output (a test keeps them equal).
+/// docs/security.md's role table is that output (a test keeps them equal).
 /// `admin` may call everything and is not listed.
 #[derive(Debug)]
 pub struct Policy {
@@ -346,7 +346,7 @@ pub const ROLES: [Role; 6] = [
 ];
 
 /// `policies` as Markdown: one table per service, a row per rpc, a column
-/// per role. The README's role table is this text.
+/// per role. docs/security.md's role table is this text.
 pub fn policy_markdown(policies: &[&Policy]) -> String {
     let mut out = String::new();
     for (i, p) in policies.iter().enumerate() {

@@ -14,7 +14,7 @@
 //! Conventions every service follows:
 //! * each rpc: `authorize` against the service's one role table
 //!   ([`auth::Policy`], `POLICY` in its `api.rs`, carried by its
-//!   descriptor so `clm roles` and the README show it) →
+//!   descriptor so `clm roles` and docs/security.md show it) →
 //!   convert (proto → domain, violations name the field) → logic in one
 //!   transaction → convert back;
 //! * writes go through [`idempotency`] (a `request_id` retry returns the first

@@ -62,7 +62,7 @@ pub struct ServiceDescriptor {
     /// Its migrator: `migrate_with::<store::Migrator>`.
     pub migrate: Migrate,
     /// Who may call each of its own rpcs (its `api::POLICY`); `clm roles`,
-    /// the README's role table and the start-up check read it from here.
+    /// docs/security.md's role table and the start-up check read it from here.
     pub policy: &'static Policy,
     /// Builds its gRPC services and stream handlers on the opened runtime.
     pub build: fn(&Runtime) -> anyhow::Result<Parts>,

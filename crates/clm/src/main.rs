@@ -5,13 +5,18 @@
 //!   loyalty 50055), on SQLite files under `--data-dir` with
 //!   the in-process cache. Nothing to install; data survive restarts.
 //! * `clm serve <service>` runs one service with the full configuration
-//!   (PostgreSQL and Redis URLs, auth, TLS): see `--help` and the README.
+//!   (PostgreSQL and Redis URLs, auth, TLS): see `--help` and docs/configuration.md.
 //! * `clm token --subject ada --role marketer` mints an HS256 bearer token
 //!   with the secret in `CLM_AUTH__HS256_SECRET`, for the audience in
 //!   `CLM_AUTH__AUDIENCE` (default `clm`).
 //! * `clm roles --markdown` prints who may call what (every role table);
-//!   `--update-readme README.md` rewrites the README's copy.
+//!   `--update-doc docs/security.md` rewrites the copy in the security guide.
+//! * `clm import customers|touchpoints FILE` and `clm export segment ID`
+//!   move data in and out of a running CLM through its gRPC API
+//!   (docs/import-export.md).
 #![forbid(unsafe_code)]
+
+mod transfer;
 
 use clap::{Parser, Subcommand};
 use clm_platform::auth::{DEFAULT_AUDIENCE, Policy, Role, mint_hs256_with, policy_markdown};
@@ -81,13 +86,44 @@ enum Command {
     },
     /// Print who may call what: every service's role table.
     Roles {
-        /// As the Markdown tables of the README.
+        /// As the Markdown tables of docs/security.md.
         #[arg(long)]
         markdown: bool,
-        /// Rewrite the role table of this README (between its
-        /// `<!-- roles:begin -->` and `<!-- roles:end -->` markers).
-        #[arg(long, value_name = "README")]
-        update_readme: Option<PathBuf>,
+        /// Rewrite the role tables of these Markdown files (between their
+        /// `<!-- roles:begin [SERVICE] -->` and `<!-- roles:end -->`
+        /// markers): `docs/security.md` and the service guides.
+        #[arg(long, alias = "update-readme", value_name = "FILE", num_args = 1..)]
+        update_doc: Vec<PathBuf>,
+    },
+    /// Import customers or touchpoints from a CSV or JSON Lines file into a
+    /// running CLM, in batches: idempotent per row, resumable
+    /// (FILE.checkpoint), rejected rows in FILE.rejected.csv.
+    Import {
+        /// What the file holds.
+        #[arg(value_enum)]
+        kind: transfer::import::Kind,
+        /// The file: CSV with a header row, or JSON Lines (.jsonl).
+        file: PathBuf,
+        /// The file's format (default: from its extension).
+        #[arg(long, value_enum)]
+        format: Option<transfer::rows::Format>,
+        /// A `column,field` CSV renaming the file's columns to CLM fields
+        /// (field `-` drops a column).
+        #[arg(long)]
+        mapping: Option<PathBuf>,
+        /// Rows per call (1..1000). A resumed run keeps the first run's.
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+        /// Batches in flight at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Export data from a running CLM.
+    Export {
+        #[command(subcommand)]
+        what: Export,
     },
     /// Apply one service's database migrations and exit (a pre-deploy
     /// Job; the Deployments then run with database.migrate=false).
@@ -108,6 +144,47 @@ enum Command {
     },
 }
 
+/// Where a running CLM is, for `clm import` and `clm export`.
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// The customer service.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    customer_url: String,
+    /// The segmentation service.
+    #[arg(long, default_value = "http://127.0.0.1:50053")]
+    segmentation_url: String,
+    /// A bearer token (`clm token ...`) when the services require one.
+    #[arg(long)]
+    token: Option<String>,
+}
+
+impl Target {
+    fn connect(&self) -> anyhow::Result<transfer::Connection> {
+        transfer::Connection::new(
+            &self.customer_url,
+            &self.segmentation_url,
+            self.token.as_deref(),
+        )
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Export {
+    /// A segment's members (customer, enter_time).
+    Segment {
+        /// The segment: `segments/{id}` or its id.
+        segment: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "csv")]
+        format: transfer::rows::Format,
+        /// Output file (default: standard output).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
 /// Every service this build contains, in port order: the one table `up`
 /// and `serve` read. Adding a service is one entry here.
 static SERVICES: &[&ServiceDescriptor] = &[
@@ -118,26 +195,59 @@ static SERVICES: &[&ServiceDescriptor] = &[
     &clm_loyalty::DESCRIPTOR,
 ];
 
-/// Every role table, in the README's order: each service's own (from its
+/// Every role table, in the security guide's order: each service's own (from its
 /// descriptor), then the platform's (served by every service).
 fn role_tables() -> Vec<&'static Policy> {
     clm_platform::service::role_tables(SERVICES)
 }
 
-const ROLES_BEGIN: &str =
-    "<!-- roles:begin (generated by `clm roles --update-readme README.md`) -->";
+/// Opens a generated role block: `<!-- roles:begin SERVICE -->` holds that
+/// service's table (`clm.customer.v1.CustomerService`), `<!-- roles:begin
+/// (...) -->` every table (docs/security.md).
+const ROLES_BEGIN: &str = "<!-- roles:begin";
 const ROLES_END: &str = "<!-- roles:end -->";
 
-/// `readme` with the text between the role markers replaced by the tables.
-fn with_role_tables(readme: &str) -> Option<String> {
-    let begin = readme.find(ROLES_BEGIN)? + ROLES_BEGIN.len();
-    let end = readme[begin..].find(ROLES_END)? + begin;
-    Some(format!(
-        "{}\n{}{}",
-        &readme[..begin],
-        policy_markdown(&role_tables()),
-        &readme[end..]
-    ))
+/// `doc` with the text of every role block replaced by the tables it
+/// names; `Err` when it has no block, or names a service this build lacks.
+fn with_role_tables(doc: &str) -> Result<String, String> {
+    let tables = role_tables();
+    let mut out = String::with_capacity(doc.len());
+    let mut rest = doc;
+    let mut blocks = 0;
+    while let Some(begin) = rest.find(ROLES_BEGIN) {
+        let close = rest[begin..]
+            .find("-->")
+            .map(|i| begin + i + 3)
+            .ok_or("an unclosed roles:begin marker")?;
+        let spec = rest[begin + ROLES_BEGIN.len()..close - 3].trim();
+        let end = rest[close..]
+            .find(ROLES_END)
+            .map(|i| close + i)
+            .ok_or_else(|| format!("no {ROLES_END} after {spec:?}"))?;
+        let chosen: Vec<&Policy> = if spec.is_empty() || spec.starts_with('(') {
+            tables.clone()
+        } else {
+            let one: Vec<&Policy> = tables
+                .iter()
+                .copied()
+                .filter(|p| p.service == spec)
+                .collect();
+            if one.is_empty() {
+                return Err(format!("no role table for {spec:?}"));
+            }
+            one
+        };
+        out.push_str(&rest[..close]);
+        out.push('\n');
+        out.push_str(&policy_markdown(&chosen));
+        rest = &rest[end..];
+        blocks += 1;
+    }
+    if blocks == 0 {
+        return Err(format!("no {ROLES_BEGIN} ... --> {ROLES_END} markers"));
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 fn find_service(name: &str) -> Result<&'static ServiceDescriptor, String> {
@@ -159,19 +269,24 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Roles {
             markdown,
-            update_readme,
+            update_doc,
         } => {
-            if let Some(path) = update_readme {
-                let text = std::fs::read_to_string(&path)?;
-                let Some(updated) = with_role_tables(&text) else {
-                    eprintln!(
-                        "clm roles: {} has no {ROLES_BEGIN} ... {ROLES_END} markers",
-                        path.display()
-                    );
-                    std::process::exit(EXIT_CONFIG);
-                };
-                std::fs::write(&path, updated)?;
-                println!("updated the role table of {}", path.display());
+            if !update_doc.is_empty() {
+                for path in update_doc {
+                    let text = std::fs::read_to_string(&path)?;
+                    if !text.contains(ROLES_BEGIN) {
+                        continue; // `docs/*.md`: the guides without a role block
+                    }
+                    let updated = match with_role_tables(&text) {
+                        Ok(updated) => updated,
+                        Err(e) => {
+                            eprintln!("clm roles: {}: {e}", path.display());
+                            std::process::exit(EXIT_CONFIG);
+                        }
+                    };
+                    std::fs::write(&path, updated)?;
+                    println!("updated the role tables of {}", path.display());
+                }
             } else if markdown {
                 print!("{}", policy_markdown(&role_tables()));
             } else {
@@ -221,6 +336,39 @@ async fn main() -> anyhow::Result<()> {
                     std::time::Duration::from_secs(ttl_secs)
                 )?
             );
+            Ok(())
+        }
+        Command::Import {
+            kind,
+            file,
+            format,
+            mapping,
+            batch_size,
+            concurrency,
+            target,
+        } => {
+            let options = transfer::import::Options {
+                kind,
+                file,
+                format,
+                mapping,
+                batch_size,
+                concurrency,
+            };
+            transfer::import::run(&target.connect()?, &options).await?;
+            Ok(())
+        }
+        Command::Export {
+            what:
+                Export::Segment {
+                    segment,
+                    format,
+                    output,
+                    target,
+                },
+        } => {
+            transfer::export::segment(&target.connect()?, &segment, format, output.as_deref())
+                .await?;
             Ok(())
         }
         Command::Migrate { service, cli } => {
@@ -346,14 +494,58 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_role_table_is_the_code_s() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
-        let readme = std::fs::read_to_string(&path).expect("README.md");
-        let expected = with_role_tables(&readme).expect("README has the role markers");
-        assert!(
-            readme == expected,
-            "README.md's role table differs from the code's tables; run \
-             `cargo run -p clm -- roles --update-readme README.md`"
+    fn the_docs_role_tables_are_the_code_s() {
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
+        let mut checked = Vec::new();
+        for entry in std::fs::read_dir(&docs).expect("docs/") {
+            let path = entry.expect("entry").path();
+            let doc = std::fs::read_to_string(&path).expect("a doc");
+            if !doc.contains(ROLES_BEGIN) {
+                continue;
+            }
+            let expected = with_role_tables(&doc).expect("well-formed role markers");
+            assert!(
+                doc == expected,
+                "{}'s role tables differ from the code's; run \
+                 `cargo run -p clm -- roles --update-doc docs/*.md`",
+                path.display()
+            );
+            checked.push(
+                path.file_name()
+                    .expect("name")
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+        checked.sort();
+        assert_eq!(
+            checked,
+            [
+                "customer.md",
+                "feedback.md",
+                "loyalty.md",
+                "scoring.md",
+                "security.md",
+                "segmentation.md"
+            ],
+            "security.md has every table, each service guide its own"
         );
+    }
+
+    #[test]
+    fn a_role_block_names_one_service_or_all() {
+        let one = with_role_tables(
+            "a\n<!-- roles:begin clm.scoring.v1.ScoringService -->\nold\n<!-- roles:end -->\nb",
+        )
+        .expect("one");
+        assert!(one.contains("`clm.scoring.v1.ScoringService`"));
+        assert!(!one.contains("CustomerService") && !one.contains("old"));
+        assert!(one.ends_with("<!-- roles:end -->\nb"));
+        let all = with_role_tables("<!-- roles:begin (all) -->\n<!-- roles:end -->").expect("all");
+        assert!(all.contains("CustomerService") && all.contains("LoyaltyService"));
+        assert!(
+            with_role_tables("<!-- roles:begin clm.nope.v1.X -->\n<!-- roles:end -->").is_err()
+        );
+        assert!(with_role_tables("no markers").is_err());
     }
 }

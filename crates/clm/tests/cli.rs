@@ -78,7 +78,7 @@ fn an_unusable_rs256_key_file_is_a_config_error_naming_the_file() {
     }
 }
 
-/// `clm roles` prints the role tables the README carries.
+/// `clm roles` prints the role tables docs/security.md carries.
 #[test]
 fn roles_prints_every_table() {
     let out = Command::new(env!("CARGO_BIN_EXE_clm"))

@@ -385,15 +385,33 @@ async fn journey_5_a_consumer_killed_mid_stream_resumes_with_nothing_lost_or_dou
 }
 
 mod otlp {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService;
+    use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    };
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService;
     use opentelemetry_proto::tonic::collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
     };
     use std::sync::{Arc, Mutex};
 
-    /// An OTLP trace receiver that keeps what it is sent.
+    /// An OTLP receiver that keeps the spans and metrics it is sent.
     #[derive(Default, Clone)]
-    pub struct Received(pub Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+    pub struct Received(
+        pub Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+        pub Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+    );
+
+    #[tonic::async_trait]
+    impl MetricsService for Received {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportMetricsServiceRequest>,
+        ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+            self.1.lock().unwrap().push(request.into_inner());
+            Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+        }
+    }
 
     #[tonic::async_trait]
     impl TraceService for Received {
@@ -426,8 +444,10 @@ fn uuid_like() -> String {
 
 #[tokio::test]
 async fn one_trace_follows_the_feedback_loop_through_all_five_services() {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
     use opentelemetry_proto::tonic::common::v1::any_value;
+    use opentelemetry_proto::tonic::metrics::v1::metric;
 
     let received = otlp::Received::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -435,6 +455,7 @@ async fn one_trace_follows_the_feedback_loop_through_all_five_services() {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(received.clone()))
+            .add_service(MetricsServiceServer::new(received.clone()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let dir = tempfile::tempdir().unwrap();
@@ -750,4 +771,29 @@ async fn one_trace_follows_the_feedback_loop_through_all_five_services() {
             "{service} joined the trace by applying an event: {seen:?}"
         );
     }
+
+    // Freshness, event recorded → membership changed, measured by
+    // segmentation: the detractor's answer moved the customer into the
+    // at-risk segment (one change at least; the shutdown flushed it).
+    let mut freshness = (0_u64, 0.0_f64);
+    for req in received.1.lock().unwrap().iter() {
+        for rm in &req.resource_metrics {
+            for m in rm.scope_metrics.iter().flat_map(|sm| &sm.metrics) {
+                if m.name != "clm.segmentation.freshness" {
+                    continue;
+                }
+                if let Some(metric::Data::Histogram(h)) = &m.data {
+                    for p in &h.data_points {
+                        freshness = (p.count, p.sum.unwrap_or_default());
+                    }
+                }
+            }
+        }
+    }
+    assert!(freshness.0 >= 1, "no freshness recorded: {freshness:?}");
+    println!(
+        "freshness (event recorded → membership changed): {} changes, mean {:.1} ms",
+        freshness.0,
+        freshness.1 / freshness.0 as f64 * 1000.0
+    );
 }

@@ -52,7 +52,7 @@ const CAMPAIGN: &[Role] = &[Role::Marketer];
 const REPORT: &[Role] = &[Role::Analyst, Role::SegmentOwner, Role::Marketer];
 
 /// Who may call each rpc (admin may call all): the service's one role
-/// table, which `clm roles --markdown` prints into the README.
+/// table, which `clm roles --markdown` prints into docs/security.md.
 pub const POLICY: Policy = Policy {
     service: "clm.customer.v1.CustomerService",
     rules: &[

@@ -507,6 +507,7 @@ async fn lifecycle_moves_and_history_with_time_in_stage() {
                 reason: format!("step {i}"),
                 request_id: format!("move-{i}"),
                 etag: String::new(),
+                forward_only: false,
             })
             .await
             .unwrap()
@@ -521,6 +522,7 @@ async fn lifecycle_moves_and_history_with_time_in_stage() {
             reason: "step 4".into(),
             request_id: "move-4".into(),
             etag: String::new(),
+            forward_only: false,
         })
         .await
         .unwrap()
@@ -547,6 +549,23 @@ async fn lifecycle_moves_and_history_with_time_in_stage() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
+    // forward_only (a promotion by an automation): a move back down the
+    // funnel is refused, NOT_FORWARD; the same move without it is allowed.
+    let e = c
+        .transition_stage(pb::TransitionStageRequest {
+            name: a.name.clone(),
+            to_stage: Stage::Conversion as i32,
+            reason: "late promotion".into(),
+            forward_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(
+        e.get_error_details().error_info().unwrap().reason,
+        "NOT_FORWARD"
+    );
 
     h.clock.advance(Duration::days(3));
     let history = c
@@ -1068,6 +1087,7 @@ async fn writes_answer_the_times_reads_and_events_answer() {
             reason: "demo".into(),
             request_id: "time-move".into(),
             etag: updated.etag.clone(),
+            forward_only: false,
         })
         .await
         .unwrap()
@@ -1147,6 +1167,7 @@ async fn writes_answer_the_times_reads_and_events_answer() {
             reason: "demo".into(),
             request_id: "time-move".into(),
             etag: updated.etag.clone(),
+            forward_only: false,
         })
         .await
         .unwrap()

@@ -820,6 +820,7 @@ async fn summaries_match_nps_csat_and_ces_worked_out_by_hand() {
             reason: "test".into(),
             request_id: "t1".into(),
             etag: String::new(),
+            forward_only: false,
         })
         .await
         .unwrap();
@@ -1149,6 +1150,7 @@ async fn lifecycle_triggers_invite_on_entering_a_stage_and_after_a_purchase() {
             reason: "demo booked".into(),
             request_id: "stage-1".into(),
             etag: String::new(),
+            forward_only: false,
         })
         .await
         .unwrap();

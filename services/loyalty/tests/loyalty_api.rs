@@ -263,6 +263,7 @@ impl Env {
                 reason: "test".into(),
                 request_id: String::new(),
                 etag: String::new(),
+                forward_only: false,
             })
             .await
             .unwrap();

@@ -38,7 +38,7 @@ const READERS: &[Role] = &[
 ];
 
 /// Who may call each rpc (admin may call all): the service's one role
-/// table, which `clm roles --markdown` prints into the README.
+/// table, which `clm roles --markdown` prints into docs/security.md.
 pub const POLICY: Policy = Policy {
     service: "clm.scoring.v1.ScoringService",
     rules: &[

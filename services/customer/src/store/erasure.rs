@@ -410,6 +410,15 @@ pub async fn forget(
     Ok(())
 }
 
+/// How many requests made before `before` are still missing receipts.
+pub async fn count_overdue(db: &impl ConnectionTrait, before: DateTime<Utc>) -> Result<u64, Error> {
+    Ok(requests::Entity::find()
+        .filter(requests::Column::CompleteUs.is_null())
+        .filter(requests::Column::CreateUs.lt(to_micros(before)))
+        .count(db)
+        .await?)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -488,13 +497,4 @@ mod tests {
         assert_eq!(get(&db, requests[0]).await.unwrap(), done);
         assert_eq!(get(&db, requests[199]).await.unwrap(), open);
     }
-}
-
-/// How many requests made before `before` are still missing receipts.
-pub async fn count_overdue(db: &impl ConnectionTrait, before: DateTime<Utc>) -> Result<u64, Error> {
-    Ok(requests::Entity::find()
-        .filter(requests::Column::CompleteUs.is_null())
-        .filter(requests::Column::CreateUs.lt(to_micros(before)))
-        .count(db)
-        .await?)
 }

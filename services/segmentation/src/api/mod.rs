@@ -86,7 +86,7 @@ const MEMBERSHIP_READERS: &[Role] = &[
 ];
 
 /// Who may call each rpc (admin may call all): the service's one role
-/// table, which `clm roles --markdown` prints into the README.
+/// table, which `clm roles --markdown` prints into docs/security.md.
 pub const POLICY: Policy = Policy {
     service: "clm.segmentation.v1.SegmentationService",
     rules: &[

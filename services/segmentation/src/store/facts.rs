@@ -240,13 +240,21 @@ pub async fn set_scores(
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
+    // The known customers' rows are share-locked (PostgreSQL) until the
+    // transaction ends: an erasure or merge deleting one waits, so the
+    // upserts below never recreate an erased customer (one that committed
+    // first is not seen here and is skipped).
     let mut known = std::collections::BTreeSet::new();
     for chunk in chunks(&ids) {
-        let q = Query::select()
+        let mut q = Query::select()
             .column(FC::CustomerId)
             .from(FactCustomers)
             .and_where(Expr::col(FC::CustomerId).is_in(chunk.iter().cloned()))
+            .order_by(FC::CustomerId, sea_orm::Order::Asc)
             .to_owned();
+        if clm_platform::db::is_postgres(db) {
+            q.lock(sea_orm::sea_query::LockType::Share);
+        }
         for row in db.query_all(&q).await? {
             known.insert(row.try_get::<String>("", FC::CustomerId.as_str())?);
         }
