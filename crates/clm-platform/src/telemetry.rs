@@ -49,7 +49,6 @@ use opentelemetry_sdk::trace::{
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
-use tracing_subscriber::filter::FilterExt as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -62,6 +61,15 @@ pub const SERVICE_ATTRIBUTE: &str = "clm.service";
 /// Span fields that exist for log lines only (the span's own ids) and are
 /// not exported as attributes.
 const LOG_ONLY_ATTRIBUTES: [&str; 3] = [SERVICE_ATTRIBUTE, "trace_id", "span_id"];
+
+/// The target of the call span ([`crate::server`]): its own target, so the
+/// log filter enables it with a static directive (`clm_rpc=info`) whatever
+/// the log level, and the per-callsite interest of every other span and
+/// event stays cached instead of being filtered on every call.
+pub const CALL_TARGET: &str = "clm_rpc";
+
+/// The transport crates whose spans and events never become trace spans.
+const TRANSPORT_TARGETS: [&str; 6] = ["h2", "hyper", "hyper_util", "tonic", "tower", "tower_http"];
 
 /// The instrumentation scope of every CLM instrument and span.
 const SCOPE: &str = "clm-platform";
@@ -148,13 +156,7 @@ pub fn init(config: &Config, process: &str) -> TelemetryGuard {
     let log = &config.log;
     let filter =
         EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(&log.filter));
-    // The call span is always on for the log, whatever its level, so every
-    // line logged inside a call (a warn included) names its trace.
-    let filter = filter.or(tracing_subscriber::filter::filter_fn(|m| {
-        m.is_span() && m.name() == "rpc" && m.target() == "clm_platform::server"
-    }));
-    // The log filter chooses log lines only: traces always get the info
-    // level spans (every call), whatever the log level.
+    let filter = with_call_span(filter);
     let fmt = match log.format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -182,7 +184,11 @@ pub fn init(config: &Config, process: &str) -> TelemetryGuard {
                         // Error events are log lines, not span statuses:
                         // the server layer sets a call's status from its code.
                         .with_error_records_to_exceptions(false)
-                        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+                        // The log filter chooses log lines only: traces
+                        // always get the info level spans (every call),
+                        // whatever the log level, but never the transport's
+                        // own (h2, hyper, tonic, tower): static, per target.
+                        .with_filter(trace_filter());
                     opentelemetry::global::set_tracer_provider(tracer.clone());
                     guard.tracer = Some(tracer);
                     Some(layer)
@@ -200,6 +206,29 @@ pub fn init(config: &Config, process: &str) -> TelemetryGuard {
         .with(otel_layer)
         .try_init();
     guard
+}
+
+/// `filter` plus the call span, always on for the log whatever the level,
+/// so every line logged inside a call (a warn included) names its trace. A
+/// static target directive, not a dynamic filter: every callsite's interest
+/// is decided once and cached, and the filter's maximum level stays what
+/// the log asks for (a dynamic `or` filter has none, so every `trace!` in
+/// h2 and hyper was filtered again on every call).
+fn with_call_span(filter: EnvFilter) -> EnvFilter {
+    match format!("{CALL_TARGET}=info").parse() {
+        Ok(always) => filter.add_directive(always),
+        Err(_) => filter,
+    }
+}
+
+/// What the OTLP layer records: info and above, except the transport's
+/// internals. A static filter, so callsite interest is cached.
+fn trace_filter() -> tracing_subscriber::filter::Targets {
+    TRANSPORT_TARGETS.iter().fold(
+        tracing_subscriber::filter::Targets::new()
+            .with_default(tracing_subscriber::filter::LevelFilter::INFO),
+        |t, target| t.with_target(*target, tracing_subscriber::filter::LevelFilter::OFF),
+    )
 }
 
 fn otlp(
@@ -511,6 +540,28 @@ pub fn mask_literals(sql: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_are_static_and_leave_out_the_transport() {
+        use tracing::Level;
+        use tracing_subscriber::filter::LevelFilter;
+        use tracing_subscriber::layer::Filter;
+        // A warn log still gets the call span, and its maximum level is
+        // info: debug and trace callsites (h2, hyper) are never consulted.
+        let log = with_call_span(EnvFilter::new("warn"));
+        assert_eq!(
+            <EnvFilter as Filter<tracing_subscriber::Registry>>::max_level_hint(&log),
+            Some(LevelFilter::INFO)
+        );
+        let traces = trace_filter();
+        assert!(traces.would_enable(CALL_TARGET, &Level::INFO));
+        assert!(traces.would_enable("clm_customer::api", &Level::INFO));
+        assert!(!traces.would_enable("clm_customer::api", &Level::DEBUG));
+        for transport in TRANSPORT_TARGETS {
+            assert!(!traces.would_enable(transport, &Level::INFO), "{transport}");
+            assert!(!traces.would_enable(&format!("{transport}::proto"), &Level::ERROR));
+        }
+    }
 
     #[test]
     fn literals_are_masked_placeholders_kept() {

@@ -5,7 +5,7 @@
 //! unit from a random free slot (`FOR UPDATE SKIP LOCKED`); the service
 //! then waits for a held slot when none is free, while pgbench's UPDATE
 //! then changes no row (it does not retry), so the reference is a little
-//! kinder than the service. Ignored by default; `scripts/bench-loyalty.sh` runs it:
+//! kinder than the service. Ignored by default; `scripts/bench.sh --only loyalty` runs it:
 //!
 //! ```sh
 //! CLM_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test \

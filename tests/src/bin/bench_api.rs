@@ -1,4 +1,4 @@
-//! Helpers of `scripts/bench-api.sh`:
+//! Helpers of `scripts/bench.sh` (its api and segmentation parts):
 //!
 //! * `bench_api bare-server --listen 127.0.0.1:0`: the reference "bare
 //!   tonic rpc answering from memory": `grpc.health.v1.Health` on a plain

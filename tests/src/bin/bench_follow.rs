@@ -4,7 +4,7 @@
 //! events applied per second and how long after the source's last event it
 //! caught up.
 //!
-//! `scripts/bench-ingest.sh` runs it next to the ingest.
+//! `scripts/bench.sh` (its ingest part) runs it next to the ingest.
 
 use clap::Parser;
 use clm_platform::changes::{Apply, Handlers, OnBatch, Subscriber};

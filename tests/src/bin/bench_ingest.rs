@@ -1,7 +1,7 @@
 //! Ingest benchmark: records N touchpoints through the real gRPC API in
 //! batches, with several concurrent clients, and prints events per second.
 //!
-//! `scripts/bench-ingest.sh` starts a customer service on PostgreSQL and runs this.
+//! `scripts/bench.sh` (its ingest part) starts a customer service on PostgreSQL and runs this.
 
 use clap::Parser;
 use clm_proto::customer as pb;

@@ -250,17 +250,48 @@ async fn insert_attributes<'a>(
 
 /// One customer with its attributes (one statement), or NOT_FOUND.
 pub async fn get(db: &impl ConnectionTrait, id: CustomerId) -> Result<CustomerRecord, Error> {
-    let (m, attributes) = match customers::Entity::find_by_id(id.to_string())
-        .find_with_related(attr::Entity)
-        .all(db)
-        .await?
-        .pop()
-        .ok_or(())
-    {
-        Ok(found) => found,
-        Err(()) => return Err(missing(db, id).await),
+    use sea_orm::{FromQueryResult as _, IdenStatic as _};
+    let backend = db.get_database_backend();
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            backend,
+            get_sql(backend),
+            [sea_orm::Value::from(id.to_string())],
+        ))
+        .await?;
+    let Some(first) = rows.first() else {
+        return Err(missing(db, id).await);
     };
+    let m = customers::Model::from_query_result(first, sea_orm::SelectA.as_str())?;
+    let mut attributes = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if let Some(a) = attr::Model::from_query_result_optional(row, sea_orm::SelectB.as_str())? {
+            attributes.push(a);
+        }
+    }
     CustomerRecord::from_model(m, attributes)
+}
+
+/// The statement of [`get`]: the customer and its attributes in one LEFT
+/// JOIN, its id the only parameter. Built once per backend from the
+/// entities (no column list by hand) and never again: its text never
+/// changes, so each pooled connection prepares it once and reuses it.
+fn get_sql(backend: sea_orm::DbBackend) -> String {
+    use sea_orm::QueryTrait as _;
+    static POSTGRES: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static OTHER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let cell = if backend == sea_orm::DbBackend::Postgres {
+        &POSTGRES
+    } else {
+        &OTHER
+    };
+    cell.get_or_init(|| {
+        customers::Entity::find_by_id(String::new())
+            .find_with_related(attr::Entity)
+            .build(backend)
+            .sql
+    })
+    .clone()
 }
 
 /// Customers with their attributes (one statement), in any order; absent

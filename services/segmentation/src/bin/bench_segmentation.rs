@@ -1,4 +1,4 @@
-//! Benchmark driver for `scripts/bench-segmentation.sh`.
+//! Benchmark driver of `scripts/bench.sh` (its segmentation and backfill parts).
 //!
 //! * `prepare`: a customer in a segment; writes the gRPC-framed IsMember and
 //!   GetCustomerSegments requests h2load replays.
