@@ -675,7 +675,7 @@ async fn an_erasure_a_service_does_not_answer_is_overdue_until_it_does() {
     // the second allowed: OVERDUE, naming it.
     let overdue = eventually(WAIT, || async {
         let r = get().await;
-        (r.state == cpb::ErasureState::Overdue as i32).then_some(r)
+        (r.state == cpb::ErasureState::Overdue as i32 && r.receipts.len() == 4).then_some(r)
     })
     .await;
     assert_eq!(overdue.overdue_services, ["loyalty"]);

@@ -200,10 +200,17 @@ pub async fn record_receipts(
     let mut ids: Vec<String> = receipts.iter().map(|r| r.erasure.to_string()).collect();
     ids.sort();
     ids.dedup();
-    let known: Vec<requests::Model> = requests::Entity::find()
+    // The requests are locked (in id order) until the transaction ends:
+    // receipts from two services arriving at once then take turns, and the
+    // second sees the first's receipt when it counts them. Without the
+    // lock each could count the other's as missing and neither complete it.
+    let mut find = requests::Entity::find()
         .filter(requests::Column::Id.is_in(ids))
-        .all(db)
-        .await?;
+        .order_by_asc(requests::Column::Id);
+    if clm_platform::db::is_postgres(db) {
+        find = find.lock_exclusive();
+    }
+    let known: Vec<requests::Model> = find.all(db).await?;
     let (found, unknown): (Vec<&Receipt>, Vec<&Receipt>) = receipts
         .iter()
         .partition(|r| known.iter().any(|k| k.id == r.erasure.to_string()));
