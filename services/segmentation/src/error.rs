@@ -1,6 +1,6 @@
 //! Failures specific to the segmentation service, mapped once to the
-//! platform error. Bad rules name their field in the rule language's paths
-//! (`segment.rule.and[1].operand.window`) through
+//! platform error. Bad rules name their field by its proto field path
+//! (`segment.rule.any.rules[1].condition.compare.operand.count.window`) through
 //! [`clm_platform::Error::InvalidArgument`].
 
 use clm_platform::Error;

@@ -32,7 +32,8 @@
 //!
 //! * Rules are stored as canonical text and parsed into the registry; a
 //!   rule given as a tree is checked with `rules::check`, whose violation
-//!   paths are the rule language's (`segment.rule.and[1].operand.window`).
+//!   paths are the proto field paths inside `Rule`
+//!   (`segment.rule.any.rules[1].condition.compare.operand.count.window`).
 //! * Membership writers (subscriber batches, backfills, timers, deletes)
 //!   serialise on the `seg_meta` row: simple, correct on both backends, and
 //!   the source of the cache's commit-ordered versions.

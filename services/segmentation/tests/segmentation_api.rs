@@ -420,6 +420,90 @@ async fn bad_rules_are_refused_naming_the_field() {
     assert_eq!(again.rule_text, "stage = APPROACH");
 }
 
+/// A rule given as a tree names each problem by its proto field path
+/// (AIP-193), not by the rule language's.
+#[tokio::test]
+async fn bad_rule_trees_name_the_proto_field_path() {
+    use pb::{condition, operand, rule, test as t, value};
+    let h = start().await;
+    let mut seg = h.segments();
+    let cond = |operand: operand::Kind, test: t::Kind| pb::Rule {
+        kind: Some(rule::Kind::Condition(pb::Condition {
+            kind: Some(condition::Kind::Compare(pb::Comparison {
+                operand: Some(pb::Operand {
+                    kind: Some(operand),
+                }),
+                test: Some(pb::Test { kind: Some(test) }),
+            })),
+        })),
+    };
+    let gt = |n: f64| {
+        t::Kind::Compare(pb::ValueComparison {
+            op: pb::Operator::Gt as i32,
+            value: Some(pb::Value {
+                kind: Some(value::Kind::NumberValue(n)),
+            }),
+        })
+    };
+    let feature_uses = |window_secs: i64, filter: Vec<pb::TouchPredicate>| {
+        operand::Kind::Count(pb::TouchQuery {
+            r#type: clm_proto::customer::TouchpointType::FeatureUse as i32,
+            filter,
+            window: Some(prost_types::Duration {
+                seconds: window_secs,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+    };
+    let by_feature_number = pb::TouchPredicate {
+        field: pb::TouchField::Feature as i32,
+        test: Some(pb::Test {
+            kind: Some(gt(5.0)),
+        }),
+        ..Default::default()
+    };
+    let tree = pb::Rule {
+        kind: Some(rule::Kind::All(pb::RuleList {
+            rules: vec![
+                pb::Rule {
+                    kind: Some(rule::Kind::Negate(Box::new(cond(
+                        operand::Kind::Score("karma".into()),
+                        gt(1.0),
+                    )))),
+                },
+                pb::Rule {
+                    kind: Some(rule::Kind::Any(pb::RuleList {
+                        rules: vec![
+                            cond(operand::Kind::Field(pb::ProfileField::Age as i32), gt(1.0)),
+                            cond(feature_uses(0, vec![by_feature_number]), gt(1.0)),
+                        ],
+                    })),
+                },
+            ],
+        })),
+    };
+    let e = seg
+        .create_segment(pb::CreateSegmentRequest {
+            segment: Some(pb::Segment {
+                display_name: "tree".into(),
+                owner: "ada".into(),
+                rule: Some(tree),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    for field in [
+        "segment.rule.all.rules[0].negate.condition.compare.operand",
+        "segment.rule.all.rules[1].any.rules[1].condition.compare.operand.count.window",
+        "segment.rule.all.rules[1].any.rules[1].condition.compare.operand.count.filter[0].test.compare.value",
+    ] {
+        assert_bad_field(&e, field);
+    }
+}
+
 #[tokio::test]
 async fn every_segment_write_leaves_one_audit_entry_with_before_and_after() {
     use prost_types::value::Kind;

@@ -1,7 +1,8 @@
 //! Type checking against a catalog of fields.
 //!
 //! [`check`] takes a tree (say, converted from a proto message) and names
-//! each problem by its path (`and[1].operand.window`); [`compile`] parses
+//! each problem by its field path in the proto message `Rule`
+//! (`all.rules[1].condition.compare.operand.count.window`); [`compile`] parses
 //! text and names each problem by line and column. Both find every problem
 //! (up to [`MAX_ERRORS`](super::error::MAX_ERRORS)), not just the first.
 
@@ -169,6 +170,7 @@ pub fn check_touch_query(query: &TouchQuery, catalog: &dyn Catalog) -> Result<()
         &Here {
             spans: None,
             path: "",
+            cond: None,
         },
     );
     c.finish()
@@ -184,6 +186,7 @@ pub fn compile_touch_query(text: &str, catalog: &dyn Catalog) -> Result<TouchQue
         &Here {
             spans: Some(&spans),
             path: "",
+            cond: None,
         },
     );
     c.finish().map(|()| query)
@@ -194,12 +197,15 @@ pub fn compile_touch_query(text: &str, catalog: &dyn Catalog) -> Result<TouchQue
 enum Part {
     Operand,
     Op,
-    Value,
-    Touch,
+    /// The test's value, at this path inside the proto `Test`.
+    Value(&'static str),
+    /// The touchpoint type (`true`: a custom one, named in `custom_type`).
+    Touch(bool),
     Window,
     FilterField(usize),
+    FilterProperty(usize),
     FilterOp(usize),
-    FilterValue(usize),
+    FilterValue(usize, &'static str),
 }
 
 struct Checker<'a> {
@@ -212,7 +218,11 @@ struct Checker<'a> {
 /// Where a condition is, for error messages.
 struct Here<'s> {
     spans: Option<&'s CondSpans>,
+    /// The path of the proto `Condition` (or, for a query checked on its
+    /// own, of the `TouchQuery`).
     path: &'s str,
+    /// The condition, whose shape decides the proto path of each part.
+    cond: Option<&'s Condition>,
 }
 
 impl Here<'_> {
@@ -222,26 +232,63 @@ impl Here<'_> {
             let pos = match part {
                 Part::Operand => s.start,
                 Part::Op => s.test.op,
-                Part::Value => s.test.value,
-                Part::Touch => s.touch,
+                Part::Value(_) => s.test.value,
+                Part::Touch(_) => s.touch,
                 Part::Window => s.window,
-                Part::FilterField(i) => s.filter.get(i).map_or(s.start, |f| f.0),
+                Part::FilterField(i) | Part::FilterProperty(i) => {
+                    s.filter.get(i).map_or(s.start, |f| f.0)
+                }
                 Part::FilterOp(i) => s.filter.get(i).map_or(s.start, |f| test_pos(&f.1, false)),
-                Part::FilterValue(i) => s.filter.get(i).map_or(s.start, |f| test_pos(&f.1, true)),
+                Part::FilterValue(i, _) => {
+                    s.filter.get(i).map_or(s.start, |f| test_pos(&f.1, true))
+                }
             };
             return Location::Text(pos);
         }
+        // The proto `Condition` of a comparison holds `compare.operand` and
+        // `compare.test`; a touchpoint query sits in the operand's `count`,
+        // `first`, `last` or `sum.query`.
+        let (operand, query) = match self.cond {
+            None => ("", ""),
+            Some(Condition::Consent { .. }) => ("consent", ""),
+            Some(Condition::InSegment(_)) => ("in_segment", ""),
+            Some(Condition::Compare { operand, .. }) => (
+                "compare.operand",
+                match operand {
+                    Operand::Count(_) => "compare.operand.count",
+                    Operand::Sum(..) => "compare.operand.sum.query",
+                    Operand::First(_) => "compare.operand.first",
+                    Operand::Last(_) => "compare.operand.last",
+                    _ => "compare.operand",
+                },
+            ),
+        };
         let suffix = match part {
-            Part::Operand => "operand".to_owned(),
-            Part::Op => "test".to_owned(),
-            Part::Value => "test.value".to_owned(),
-            Part::Touch => "operand.type".to_owned(),
-            Part::Window => "operand.window".to_owned(),
-            Part::FilterField(i) => format!("operand.filter[{i}].field"),
-            Part::FilterOp(i) => format!("operand.filter[{i}].test"),
-            Part::FilterValue(i) => format!("operand.filter[{i}].test.value"),
+            Part::Operand => operand.to_owned(),
+            Part::Op => "compare.test".to_owned(),
+            Part::Value(v) => join("compare.test", v),
+            Part::Touch(custom) => join(query, if custom { "custom_type" } else { "type" }),
+            Part::Window => join(query, "window"),
+            Part::FilterField(i) => join(query, &format!("filter[{i}].field")),
+            Part::FilterProperty(i) => join(query, &format!("filter[{i}].property")),
+            Part::FilterOp(i) => join(query, &format!("filter[{i}].test")),
+            Part::FilterValue(i, v) => join(query, &format!("filter[{i}].test.{v}")),
         };
         Location::Path(join(self.path, &suffix))
+    }
+}
+
+/// Where a test's value sits inside the proto `Test`.
+fn value_path(test: &Test) -> &'static str {
+    match test {
+        Test::Cmp(..) => "compare.value",
+        Test::Between(..) => "between",
+        Test::In(_) => "in.values",
+        Test::Contains(_) => "contains",
+        Test::StartsWith(_) => "starts_with",
+        Test::Exists => "exists",
+        Test::Within(_) => "within",
+        Test::OlderThan(_) => "older_than",
     }
 }
 
@@ -299,16 +346,18 @@ impl<'a> Checker<'a> {
             );
             return;
         }
+        // Text names groups by keyword; a tree by its proto fields
+        // (`all.rules[i]`, `any.rules[i]`, `negate`).
         let (ops, kw) = match rule {
-            Rule::And(ops) => (ops, "and"),
-            Rule::Or(ops) => (ops, "or"),
+            Rule::And(ops) => (ops, if spans.is_some() { "and" } else { "all" }),
+            Rule::Or(ops) => (ops, if spans.is_some() { "or" } else { "any" }),
             Rule::Not(inner) => {
                 let inner_spans = match spans {
                     Some(SpanTree::Not(s)) => Some(&**s),
                     _ => None,
                 };
                 let len = path.len();
-                *path = join(path, "not");
+                *path = join(path, "negate");
                 self.rule(inner, inner_spans, path, depth + 1);
                 path.truncate(len);
                 return;
@@ -318,11 +367,13 @@ impl<'a> Checker<'a> {
                     Some(SpanTree::Cond(s)) => Some(s),
                     _ => None,
                 };
+                let cond_path = join(path, "condition");
                 self.condition(
                     c,
                     &Here {
                         spans: cond_spans,
-                        path,
+                        path: &cond_path,
+                        cond: Some(c),
                     },
                 );
                 return;
@@ -334,13 +385,20 @@ impl<'a> Checker<'a> {
                 format!("`{kw}` needs at least two operands, got {}", ops.len()),
             );
         }
+        let child = |i: usize| {
+            if spans.is_some() {
+                format!("{kw}[{i}]")
+            } else {
+                format!("{kw}.rules[{i}]")
+            }
+        };
         for (i, op) in ops.iter().enumerate() {
             let child_spans = match spans {
                 Some(SpanTree::Group(g)) => g.get(i),
                 _ => None,
             };
             let len = path.len();
-            *path = join(path, &format!("{kw}[{i}]"));
+            *path = join(path, &child(i));
             self.rule(op, child_spans, path, depth + 1);
             path.truncate(len);
         }
@@ -426,7 +484,15 @@ impl<'a> Checker<'a> {
         let aggregate = matches!(operand, Operand::Count(_) | Operand::Sum(..));
         if let Some(ty) = ty {
             let name = short(operand);
-            self.test(&name, ty, aggregate, test, here, Part::Op, Part::Value);
+            self.test(
+                &name,
+                ty,
+                aggregate,
+                test,
+                here,
+                Part::Op,
+                Part::Value(value_path(test)),
+            );
         }
         if let Operand::Sum(_, SumField::Revenue) = operand {
             let mut currencies = BTreeSet::new();
@@ -437,7 +503,7 @@ impl<'a> Checker<'a> {
             });
             if currencies.len() > 1 {
                 self.push(
-                    here.loc(Part::Value),
+                    here.loc(Part::Value(value_path(test))),
                     "a sum of revenue is compared in one currency",
                 );
             }
@@ -447,11 +513,11 @@ impl<'a> Checker<'a> {
     fn query(&mut self, q: &TouchQuery, here: &Here<'_>) {
         match (&q.touch.custom_type, q.touch.kind) {
             (Some(_), k) if k != TouchpointKind::Custom => self.push(
-                here.loc(Part::Touch),
+                here.loc(Part::Touch(q.touch.custom_type.is_some())),
                 "only custom touchpoints have a custom type name",
             ),
             (Some(name), _) if !self.catalog.has_custom_touchpoint(name) => self.push(
-                here.loc(Part::Touch),
+                here.loc(Part::Touch(q.touch.custom_type.is_some())),
                 format!("unknown touchpoint type {}", short(&q.touch)),
             ),
             _ => {}
@@ -474,7 +540,7 @@ impl<'a> Checker<'a> {
                 TouchField::Property(k) => {
                     if k.is_empty() || k.len() > 64 || k.contains('\0') {
                         self.push(
-                            here.loc(Part::FilterField(i)),
+                            here.loc(Part::FilterProperty(i)),
                             "property keys are 1..64 bytes without NUL",
                         );
                     }
@@ -490,7 +556,7 @@ impl<'a> Checker<'a> {
                 &p.test,
                 here,
                 Part::FilterOp(i),
-                Part::FilterValue(i),
+                Part::FilterValue(i, value_path(&p.test)),
             );
         }
     }
@@ -782,9 +848,9 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                "segment.rule.and[1].not.operand.window: window must be longer than zero, got 0s",
-                "segment.rule.and[1].not.test.value: numbers must be finite",
-                "segment.rule.and[2]: `or` needs at least two operands, got 0",
+                "segment.rule.all.rules[1].negate.condition.compare.operand.count.window: window must be longer than zero, got 0s",
+                "segment.rule.all.rules[1].negate.condition.compare.test.compare.value: numbers must be finite",
+                "segment.rule.all.rules[2]: `any` needs at least two operands, got 0",
             ]
         );
         let text = compile("age = \"x\"", &catalog()).unwrap_err();
@@ -823,7 +889,7 @@ mod tests {
         let e = check_touch_query(&q, &catalog()).unwrap_err();
         assert_eq!(
             e.to_string(),
-            r#"operand.type: unknown touchpoint type custom("nope")"#
+            r#"custom_type: unknown touchpoint type custom("nope")"#
         );
     }
 

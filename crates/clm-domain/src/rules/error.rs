@@ -50,7 +50,8 @@ impl RuleError {
 
     /// The error as a field violation of the request field `field` (e.g.
     /// `rule`): text errors read `line 1, column 7: ...`, tree errors name
-    /// the node as a sub-field (`rule.and[1].window`).
+    /// the node by its proto field path as a sub-field
+    /// (`rule.all.rules[1].condition.compare.operand.count.window`).
     pub fn to_violation(&self, field: &str) -> Violation {
         match &self.at {
             Location::Text(pos) => Violation::new(field, format!("{pos}: {}", self.message)),
