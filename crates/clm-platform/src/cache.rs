@@ -40,6 +40,15 @@
 //!
 //! [`Cache::delete`] keeps the fence: the key reads `Miss` afterwards, but a
 //! late write with a version at or below the deletion's is still refused.
+//! It takes O(1) whatever the set's size (the highest version is kept as it
+//! goes; Redis frees the hash with `UNLINK`, off its main thread).
+//!
+//! Tombstones do not pile up: once a set holds more than
+//! [`TOMBSTONE_SLACK`] of them and they are over half its entries, the
+//! write that tips it forgets the key as [`Cache::delete`] does (fenced, so
+//! no late write resurrects a removed member; it reads `Miss` until loaded
+//! again). A set that churns (members entering and leaving a segment for
+//! years) stays about the size of its live members.
 //! Writes answer whether they were applied (`false` / `0` = refused as
 //! older); callers need not act on that.
 //!
@@ -438,6 +447,8 @@ struct KeyState {
     floor: u64,
     complete: bool,
     members: HashMap<String, Member>,
+    /// How many of `members` are tombstones.
+    tombstones: usize,
     value: Option<Arc<[u8]>>,
     /// Removed from the cache by eviction: writers must take a fresh entry.
     evicted: bool,
@@ -473,6 +484,7 @@ impl KeyState {
     fn delete(&mut self, version: u64) {
         self.floor = self.max_version().max(version);
         self.members.clear();
+        self.tombstones = 0;
         self.complete = false;
         self.value = None;
     }
@@ -492,10 +504,22 @@ impl KeyState {
                 .get(member)
                 .is_none_or(|cur| cur.version < version);
             if newer {
-                self.members
-                    .insert(member.to_owned(), Member { version, present });
+                let was_tombstone = self
+                    .members
+                    .insert(member.to_owned(), Member { version, present })
+                    .is_some_and(|old| !old.present);
+                match (was_tombstone, present) {
+                    (false, false) => self.tombstones += 1,
+                    (true, true) => self.tombstones -= 1,
+                    _ => {}
+                }
                 applied += 1;
             }
+        }
+        // A set that churns is forgotten (fenced) rather than left to grow,
+        // as on Redis.
+        if self.tombstones > TOMBSTONE_SLACK && self.tombstones * 2 > self.members.len() {
+            self.delete(0);
         }
         applied
     }
@@ -521,6 +545,7 @@ impl KeyState {
         }
         self.floor = version;
         self.complete = true;
+        self.tombstones = self.members.values().filter(|m| !m.present).count();
         true
     }
 
@@ -641,24 +666,49 @@ fn parse_version(s: &[u8]) -> u64 {
 
 /// Member changes of one key at one version. ARGV: version, then
 /// (member, flag) pairs; the flag is `+` (present) or `-` (removed).
+///
+/// Keeps `\0m` (the highest version the key has seen) and `\0t` (its
+/// tombstones), and forgets the key (fenced at `\0m`, as [`DELETE`] does)
+/// once tombstones pass [`TOMBSTONE_SLACK`] and half its fields: a set that
+/// churns stays bounded. `UNLINK` frees the old hash off Redis's main
+/// thread. Keys written before `\0m` existed are left as they were.
 static SET_WRITE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    redis::Script::new(&format!(
         r"
 local key, v = KEYS[1], ARGV[1]
 local floor = redis.call('HGET', key, '\0f')
 if floor and floor >= v then return 0 end
+local top = redis.call('HGET', key, '\0m')
+local tracked = top or redis.call('EXISTS', key) == 0
+local tombs = tonumber(redis.call('HGET', key, '\0t') or '0')
 local n = 0
 for i = 2, #ARGV, 2 do
   local cur = redis.call('HGET', key, ARGV[i])
   if not cur or string.sub(cur, 1, 20) < v then
     redis.call('HSET', key, ARGV[i], v .. ARGV[i + 1])
+    local was_tomb = cur and string.sub(cur, 21) == '-'
+    if ARGV[i + 1] == '-' and not was_tomb then tombs = tombs + 1 end
+    if ARGV[i + 1] == '+' and was_tomb then tombs = tombs - 1 end
     n = n + 1
+  end
+end
+if n > 0 and tracked then
+  if not top or top < v then top = v end
+  if tombs > {slack} and tombs * 2 > redis.call('HLEN', key) then
+    redis.call('UNLINK', key)
+    redis.call('HSET', key, '\0f', top, '\0m', top)
+  else
+    redis.call('HSET', key, '\0m', top, '\0t', tombs)
   end
 end
 return n
 ",
-    )
+        slack = TOMBSTONE_SLACK
+    ))
 });
+
+/// Tombstones a set keeps before it may be forgotten (see [`SET_WRITE`]).
+pub const TOMBSTONE_SLACK: usize = 64;
 
 /// A complete load as of ARGV[1]; ARGV[2..] are the members.
 static SET_REPLACE: LazyLock<redis::Script> = LazyLock::new(|| {
@@ -669,42 +719,61 @@ local floor = redis.call('HGET', key, '\0f')
 if floor and floor > v then return 0 end
 local loaded = {}
 for i = 2, #ARGV do loaded[ARGV[i]] = true end
+local top, tombs = redis.call('HGET', key, '\0m') or v, 0
+if top < v then top = v end
 local all = redis.call('HGETALL', key)
 for i = 1, #all, 2 do
-  local field = all[i]
-  if string.byte(field, 1) ~= 0 and not loaded[field] and string.sub(all[i + 1], 1, 20) <= v then
-    redis.call('HDEL', key, field)
+  local field, version = all[i], string.sub(all[i + 1], 1, 20)
+  if string.byte(field, 1) ~= 0 then
+    if version > top then top = version end
+    if not loaded[field] and version <= v then
+      redis.call('HDEL', key, field)
+    elseif not loaded[field] and string.sub(all[i + 1], 21) == '-' then
+      tombs = tombs + 1
+    end
   end
 end
 for i = 2, #ARGV do
   local cur = redis.call('HGET', key, ARGV[i])
   if not cur or string.sub(cur, 1, 20) <= v then
     redis.call('HSET', key, ARGV[i], v .. '+')
+  elseif string.sub(cur, 21) == '-' then
+    tombs = tombs + 1
   end
 end
-redis.call('HSET', key, '\0f', v, '\0c', '1')
+redis.call('HSET', key, '\0f', v, '\0c', '1', '\0m', top, '\0t', tombs)
 return 1
 ",
     )
 });
 
 /// Forgets the key, keeping as floor the highest version it has seen (and
-/// at least ARGV[1]).
+/// at least ARGV[1]). O(1) on a key that keeps `\0m` (every set written
+/// since it existed) or holds a value, whatever its size: `UNLINK` frees the
+/// hash off Redis's main thread. Only a set written before `\0m` existed
+/// is scanned for its highest version.
 static DELETE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 local key, top = KEYS[1], ARGV[1]
 if redis.call('TYPE', key).ok == 'hash' then
-  local all = redis.call('HGETALL', key)
-  for i = 1, #all, 2 do
-    local field, val, version = all[i], all[i + 1], nil
-    if field == '\0f' then version = val
-    elseif string.byte(field, 1) ~= 0 then version = string.sub(val, 1, 20) end
-    if version and version > top then top = version end
+  local known = redis.call('HMGET', key, '\0m', '\0f', '\0b')
+  if known[1] or known[3] then
+    for i = 1, 2 do
+      if known[i] and known[i] > top then top = known[i] end
+    end
+  else
+    local all = redis.call('HGETALL', key)
+    for i = 1, #all, 2 do
+      local field, val, version = all[i], all[i + 1], nil
+      if field == '\0f' then version = val
+      elseif string.byte(field, 1) ~= 0 then version = string.sub(val, 1, 20) end
+      if version and version > top then top = version end
+    end
   end
 end
-redis.call('DEL', key)
-redis.call('HSET', key, '\0f', top)
+redis.call('UNLINK', key)
+redis.call('HSET', key, '\0f', top, '\0m', top)
 return 1
 ",
     )
@@ -1533,6 +1602,75 @@ mod tests {
             assert_eq!(c.set_contains(k, "a").await, Lookup::Miss);
             assert!(c.set_replace(k, 9, &["c"]).await.expect("load"));
             assert_eq!(c.set_members(k).await, Lookup::Hit(vec!["c".into()]));
+        }
+    }
+
+    /// How many fields `key` holds (members, tombstones and bookkeeping).
+    async fn field_count(c: &Cache, key: &str) -> usize {
+        match &c.0 {
+            Backend::Memory(m) => match m.read(key, |s| Lookup::Hit(s.members.len())).await {
+                Lookup::Hit(n) => n,
+                _ => 0,
+            },
+            Backend::Redis(r) => {
+                let mut conn = r.conn().expect("conn");
+                redis::cmd("HLEN")
+                    .arg(r.key(key))
+                    .query_async(&mut conn)
+                    .await
+                    .expect("HLEN")
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_set_that_churns_stays_bounded_and_keeps_its_fence() {
+        for c in caches().await {
+            let k = "seg:{churn}";
+            let mut version = 0;
+            for i in 0..2_000 {
+                let m = format!("c{i}");
+                version += 1;
+                c.set_add(k, version, &[&m]).await.expect("add");
+                version += 1;
+                c.set_remove(k, version, &[&m]).await.expect("rm");
+                // Tombstones are pruned as they come: never more than the
+                // slack plus the live members (none here), with bookkeeping.
+                let fields = field_count(&c, k).await;
+                assert!(fields <= 2 * TOMBSTONE_SLACK + 8, "{fields} fields, {c:?}");
+            }
+            // A pruned member's late, older add never reads as present.
+            assert_eq!(c.set_add(k, 3, &["c1"]).await.expect("add"), 0, "{c:?}");
+            assert_ne!(c.set_contains(k, "c1").await, Lookup::Hit(true), "{c:?}");
+            // A complete set that churns is forgotten (fenced) and reloads.
+            let cust = "cust:{churn}";
+            assert!(c.set_replace(cust, version, &["keep"]).await.expect("load"));
+            for i in 0..200 {
+                version += 1;
+                c.set_remove(cust, version, &[&format!("s{i}")])
+                    .await
+                    .expect("rm");
+            }
+            assert!(field_count(&c, cust).await <= 2 * TOMBSTONE_SLACK + 8);
+            assert_ne!(c.set_contains(cust, "keep").await, Lookup::Hit(false));
+            assert!(c.set_replace(cust, version, &["keep"]).await.expect("load"));
+            assert_eq!(c.set_members(cust).await, Lookup::Hit(vec!["keep".into()]));
+        }
+    }
+
+    #[tokio::test]
+    async fn deleting_a_large_set_fences_at_its_newest_member() {
+        for c in caches().await {
+            let k = "seg:{large}";
+            let members: Vec<String> = (0..5_000).map(|i| format!("c{i}")).collect();
+            for chunk in members.chunks(500) {
+                c.set_add(k, 5, chunk).await.expect("add");
+            }
+            c.set_add(k, 9, &["newest"]).await.expect("add");
+            c.delete(k, 6).await.expect("delete");
+            assert!(field_count(&c, k).await <= 2, "{c:?}");
+            assert_eq!(c.set_add(k, 9, &["late"]).await.expect("add"), 0, "{c:?}");
+            assert_eq!(c.set_add(k, 10, &["next"]).await.expect("add"), 1, "{c:?}");
         }
     }
 

@@ -32,13 +32,24 @@ pub fn writes(segment_id: &str, customer_id: &str, present: bool, version: i64) 
             version,
             present,
         },
-        SetWrite {
-            key: customer_key(customer_id),
-            member: segment_id.to_owned(),
-            version,
-            present,
-        },
+        customer_write(segment_id, customer_id, present, version),
     ]
+}
+
+/// The customer's half of a membership change (a deleted segment's exits:
+/// its own set is dropped whole with [`clm_platform::cache::Cache::delete`]).
+pub fn customer_write(
+    segment_id: &str,
+    customer_id: &str,
+    present: bool,
+    version: u64,
+) -> SetWrite {
+    SetWrite {
+        key: customer_key(customer_id),
+        member: segment_id.to_owned(),
+        version: version.max(1),
+        present,
+    }
 }
 
 /// Applies membership changes to the cache after their commit; a failure

@@ -537,15 +537,15 @@ impl SegmentationApi {
         self.engine.registry(&rt.db).await?;
         if version > 0 {
             let id = resp.name.strip_prefix("segments/").unwrap_or_default();
+            let version = u64::try_from(version).unwrap_or(0);
+            // Each member's set forgets the segment (pipelined in chunks);
+            // the segment's own set is dropped whole, in O(1).
             let writes: Vec<_> = dropped
                 .iter()
-                .flat_map(|c| cache::writes(id, c, false, version))
+                .map(|c| cache::customer_write(id, c, false, version))
                 .collect();
             cache::apply(&rt, &writes).await;
-            let _ = rt
-                .cache
-                .delete(&cache::segment_key(id), u64::try_from(version).unwrap_or(0))
-                .await;
+            let _ = rt.cache.delete(&cache::segment_key(id), version).await;
         }
         Ok(resp)
     }
