@@ -299,6 +299,9 @@ pub const BACKFILL: &str = "segmentation.backfill";
 pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// Customers per chunk of a backfill's timer computation.
 const TIMER_CHUNK: u64 = 1000;
+/// Customers a backfill enters or exits, cascades and appends events for
+/// at a time: its memory stays bounded whatever the segment's size.
+const BACKFILL_CHUNK: usize = 5000;
 
 impl Engine {
     /// An engine over `rt`.
@@ -725,20 +728,37 @@ impl Engine {
                 .map(|cu| ((id.to_owned(), cu.clone()), c.version, backfill as i16))
                 .collect()
         };
-        members::exit(&txn, &stamped(&leaving), at_us).await?;
-        members::enter(&txn, &stamped(&entering), at_us, version).await?;
-        let mut dependents: BTreeMap<String, Vec<Change>> = BTreeMap::new();
-        for cu in &entering {
-            out.record(&c, cu, true, now, version, backfill);
-            dependents.insert(cu.clone(), vec![Change::Member(c.name.clone())]);
+        // Bounded steps: members, events and the cascade go chunk by chunk,
+        // each chunk's events appended as it goes (one transaction still).
+        let member = Change::Member(c.name.clone());
+        let cascades = !reg.affected(&member).is_empty();
+        for (ids, entered) in [(&leaving, false), (&entering, true)] {
+            for chunk in ids.chunks(BACKFILL_CHUNK) {
+                if entered {
+                    members::enter(&txn, &stamped(chunk), at_us, version).await?;
+                } else {
+                    members::exit(&txn, &stamped(chunk), at_us).await?;
+                }
+                let mut part = Outcome::default();
+                for cu in chunk {
+                    part.record(&c, cu, entered, now, version, backfill);
+                }
+                // Only when another segment reads this one's membership.
+                if cascades {
+                    let dependents: BTreeMap<String, Vec<Change>> = chunk
+                        .iter()
+                        .map(|cu| (cu.clone(), vec![member.clone()]))
+                        .collect();
+                    let cascade = self.evaluate(&txn, &dependents, now).await?;
+                    part.events.extend(cascade.events);
+                    part.cache.extend(cascade.cache);
+                    part.timers_set |= cascade.timers_set;
+                }
+                rt.outbox.append(&txn, &part.events, now).await?;
+                out.cache.extend(part.cache);
+                out.timers_set |= part.timers_set;
+            }
         }
-        for cu in &leaving {
-            out.record(&c, cu, false, now, version, backfill);
-            dependents.insert(cu.clone(), vec![Change::Member(c.name.clone())]);
-        }
-        let cascade = self.evaluate(&txn, &dependents, now).await?;
-        out.events.extend(cascade.events);
-        out.cache.extend(cascade.cache);
         members::clear_timers(&txn, id).await?;
         if c.timed {
             let total = members::customer_count(&txn).await?.max(1) as f64;
@@ -765,7 +785,6 @@ impl Engine {
             }
         }
         segments::set_state(&txn, id, seg.version, State::Ready, None, Some(at_us)).await?;
-        rt.outbox.append(&txn, &out.events, now).await?;
         rt.outbox.commit(txn).await?;
         self.after_commit(out).await;
         Ok(())
