@@ -198,9 +198,35 @@ impl Write {
         response: &R,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), Error> {
-        outbox.append(&self.txn, events, now).await?;
-        if let Some(rid) = &self.request_id {
-            complete(&self.txn, self.scope, rid, response).await?;
+        match &self.request_id {
+            // PostgreSQL: the events and the stored response in one
+            // statement (the insert as a data-modifying CTE).
+            Some(rid) if !events.is_empty() && crate::db::is_postgres(&self.txn) => {
+                static FINISH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+                    format!(
+                        "WITH appended AS ({}) UPDATE idempotency_keys \
+                         SET response = $2 WHERE scope = $3 AND request_id = $4",
+                        crate::outbox::PG_INSERT
+                    )
+                });
+                self.txn
+                    .execute_raw(sea_orm::Statement::from_sql_and_values(
+                        sea_orm::DbBackend::Postgres,
+                        FINISH.as_str(),
+                        [
+                            crate::outbox::pg_rows(events, now),
+                            response.encode_to_vec().into(),
+                            self.scope.into(),
+                            rid.as_str().into(),
+                        ],
+                    ))
+                    .await?;
+            }
+            Some(rid) => {
+                outbox.append(&self.txn, events, now).await?;
+                complete(&self.txn, self.scope, rid, response).await?;
+            }
+            None => outbox.append(&self.txn, events, now).await?,
         }
         outbox.commit(self.txn).await?;
         Ok(())

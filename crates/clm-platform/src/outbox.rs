@@ -123,38 +123,18 @@ impl Outbox {
         if events.is_empty() {
             return Ok(());
         }
-        let occurred = to_micros(now);
-        // Every event of one transaction continues the same trace.
-        let traceparent = crate::client::current_traceparent();
         if is_postgres(txn) {
-            // One JSON parameter instead of five bind parameters a row: far
-            // less to parse and plan, and no bind-parameter limit.
-            use base64::Engine;
-            let rows: Vec<serde_json::Value> = events
-                .iter()
-                .map(|e| {
-                    serde_json::json!({
-                        "event_id": uuid::Uuid::now_v7().to_string(),
-                        "event_type": e.event_type,
-                        "subject": e.subject,
-                        "payload": base64::engine::general_purpose::STANDARD.encode(&e.payload),
-                        "occurred_us": occurred,
-                        "traceparent": traceparent,
-                    })
-                })
-                .collect();
             txn.execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_us, traceparent) \
-                 SELECT event_id, event_type, subject, decode(payload, 'base64'), occurred_us, traceparent \
-                 FROM json_to_recordset($1::json) \
-                 AS x(event_id text, event_type text, subject text, payload text, occurred_us int8, \
-                      traceparent text)",
-                [serde_json::Value::Array(rows).to_string().into()],
+                PG_INSERT,
+                [pg_rows(events, now)],
             ))
             .await?;
             return Ok(());
         }
+        let occurred = to_micros(now);
+        // Every event of one transaction continues the same trace.
+        let traceparent = crate::client::current_traceparent();
         for chunk in events.chunks(crate::db::rows_per_statement(6)) {
             let mut insert = Query::insert();
             insert.into_table(Alias::new("outbox")).columns(
@@ -452,4 +432,37 @@ impl Outbox {
             })
             .collect()
     }
+}
+
+/// The PostgreSQL statement appending events, for [`Outbox::append`] and for
+/// callers that fold it into a statement of their own as a data-modifying
+/// CTE. Its one parameter, `$1`, is the rows as JSON ([`pg_rows`]): far less
+/// to parse and plan than bind parameters per row, and no bind-parameter
+/// limit.
+pub(crate) const PG_INSERT: &str = "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_us, traceparent) \
+     SELECT event_id, event_type, subject, decode(payload, 'base64'), occurred_us, traceparent \
+     FROM json_to_recordset($1::json) \
+     AS x(event_id text, event_type text, subject text, payload text, occurred_us int8, \
+          traceparent text)";
+
+/// [`PG_INSERT`]'s parameter for `events`.
+pub(crate) fn pg_rows(events: &[NewEvent], now: chrono::DateTime<chrono::Utc>) -> sea_orm::Value {
+    use base64::Engine;
+    let occurred = to_micros(now);
+    // Every event of one transaction continues the same trace.
+    let traceparent = crate::client::current_traceparent();
+    let rows: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "event_id": uuid::Uuid::now_v7().to_string(),
+                "event_type": e.event_type,
+                "subject": e.subject,
+                "payload": base64::engine::general_purpose::STANDARD.encode(&e.payload),
+                "occurred_us": occurred,
+                "traceparent": traceparent,
+            })
+        })
+        .collect();
+    serde_json::Value::Array(rows).to_string().into()
 }

@@ -250,9 +250,14 @@ impl LoyaltyApi {
             .iter()
             .find(|b| !r.campaign.is_empty() && b.campaign == r.campaign)
             .cloned();
-        // Limits under the member's lock: its redemptions take turns.
-        let (count, value) =
-            store::member_usage(txn, program, customer, reward_id, &r.campaign).await?;
+        // Limits under the member's lock: its redemptions take turns. Read
+        // only when a per-member limit or budget applies.
+        let per_member_budget = budget.as_ref().and_then(|b| b.per_member.as_ref());
+        let (count, value) = if r.per_member_limit > 0 || per_member_budget.is_some() {
+            store::member_usage(txn, program, customer, reward_id, &r.campaign).await?
+        } else {
+            (0, 0)
+        };
         if r.per_member_limit > 0 && count >= r.per_member_limit {
             return Err(LoyaltyError::LimitReached {
                 reward: body.name.clone(),
@@ -261,7 +266,7 @@ impl LoyaltyApi {
             }
             .into());
         }
-        if let Some(pm) = budget.as_ref().and_then(|b| b.per_member.as_ref())
+        if let Some(pm) = per_member_budget
             && value + r.value_minor > pm.amount_minor
         {
             return Err(LoyaltyError::BudgetReached {
@@ -274,7 +279,7 @@ impl LoyaltyApi {
         }
         let id = uuid::Uuid::now_v7().simple().to_string();
         let who = Who::current("redemption");
-        let (t, draws, balance) = ledger::spend(
+        let spent = ledger::spend(
             txn,
             program,
             customer,
@@ -300,7 +305,7 @@ impl LoyaltyApi {
             campaign: r.campaign.clone(),
             cost: r.cost,
             value_minor: r.value_minor,
-            spend_txn: t.id,
+            spend_txn: spent.txn.id,
             state: store::ACTIVE,
             code: new_code(),
             code_kind: i16::try_from(body.code_kind).unwrap_or(0).max(1),
@@ -327,7 +332,8 @@ impl LoyaltyApi {
             )],
         )
         .await?;
-        let spend = convert::transaction(&t, with_expiry(txn, &draws).await?);
+        let (t, draws, balance) = (&spent.txn, &spent.draws, spent.balance);
+        let spend = convert::transaction(t, spent.lot_draws());
         let out = convert::redemption(&row, Some(spend), balance);
         audit::record(
             txn,
@@ -355,7 +361,7 @@ impl LoyaltyApi {
             .into());
         }
         let events = vec![
-            ledger::points_changed(&p, &t, &draws, balance),
+            ledger::points_changed(&p, t, draws, balance),
             NewEvent::new(
                 customer,
                 &pb::RewardRedeemed {
@@ -941,7 +947,7 @@ impl LoyaltyService for LoyaltyApi {
                         .pop()
                         .ok_or_else(|| not_member(&program, &customer))?;
                     let who = Who::current(&req.reason);
-                    let (t, draws) = if req.points > 0 {
+                    let (t, draws, shown) = if req.points > 0 {
                         let t = ledger::earn(
                             txn,
                             &p,
@@ -956,9 +962,9 @@ impl LoyaltyService for LoyaltyApi {
                         )
                         .await?
                         .ok_or_else(|| Error::internal("adjust source taken"))?;
-                        (t, Vec::new())
+                        (t, Vec::new(), Vec::new())
                     } else {
-                        let (t, d, _) = ledger::spend(
+                        let spent = ledger::spend(
                             txn,
                             &program,
                             &customer,
@@ -969,14 +975,12 @@ impl LoyaltyService for LoyaltyApi {
                             &who,
                         )
                         .await?;
-                        (t, d)
+                        let shown = spent.lot_draws();
+                        (spent.txn, spent.draws, shown)
                     };
                     let member = ledger::member_view(txn, &p, &m, now_us).await?;
                     let out = pb::AdjustPointsResponse {
-                        transaction: Some(convert::transaction(
-                            &t,
-                            with_expiry(txn, &draws).await?,
-                        )),
+                        transaction: Some(convert::transaction(&t, shown)),
                         member: Some(member.clone()),
                     };
                     audit::record(

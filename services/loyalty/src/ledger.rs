@@ -246,9 +246,36 @@ pub async fn earn(
     Ok(Some(t))
 }
 
+/// What [`spend`] did.
+#[derive(Debug)]
+pub struct Spent {
+    /// The spend transaction.
+    pub txn: transactions::Model,
+    /// The lots it drew from.
+    pub draws: Vec<Draw>,
+    /// The member's balance after it.
+    pub balance: i64,
+    /// The expiry of each lot drawn from (read with the lots, so the answer
+    /// needs no second query).
+    expiry: HashMap<i64, i64>,
+}
+
+impl Spent {
+    /// The draws as the API shows them, each with its lot's expiry.
+    pub fn lot_draws(&self) -> Vec<pb::LotDraw> {
+        self.draws
+            .iter()
+            .map(|d| pb::LotDraw {
+                lot: d.lot,
+                points: d.amount,
+                lot_expire_time: self.expiry.get(&d.lot).copied().and_then(convert::ts),
+            })
+            .collect()
+    }
+}
+
 /// Spends `amount` from the member's soonest-expiring spendable lots at
-/// `now_us`: the lots' remainders, the transaction and its draws. Returns
-/// the transaction, its draws and the balance after.
+/// `now_us`: the lots' remainders, the transaction and its draws.
 #[allow(clippy::too_many_arguments)]
 pub async fn spend(
     db: &impl ConnectionTrait,
@@ -259,7 +286,7 @@ pub async fn spend(
     source: String,
     now_us: i64,
     who: &Who,
-) -> Result<(transactions::Model, Vec<Draw>, i64)> {
+) -> Result<Spent> {
     let lots = store::open_lots(db, program, customer, now_us).await?;
     let draws =
         dl::plan_spend(&lots, amount, now_us).map_err(|e| LoyaltyError::InsufficientPoints {
@@ -267,15 +294,23 @@ pub async fn spend(
             cost: amount,
         })?;
     let balance = dl::balance(&lots, now_us) - amount;
-    store::move_points(db, &draws, -1).await?;
     let mut t = new_txn(
         program, customer, txn_kind, -amount, "", source, now_us, who,
     );
-    t.id = store::insert_txn(db, &t).await?.ok_or_else(|| {
+    t.id = store::insert_spend(db, &t, &draws).await?.ok_or_else(|| {
         Error::Aborted("a concurrent request made the same transaction; retry".into())
     })?;
-    store::insert_draws(db, t.id, &draws).await?;
-    Ok((t, draws, balance))
+    let expiry = lots
+        .iter()
+        .filter(|l| draws.iter().any(|d| d.lot == l.id))
+        .map(|l| (l.id, l.expire_us))
+        .collect();
+    Ok(Spent {
+        txn: t,
+        draws,
+        balance,
+        expiry,
+    })
 }
 
 /// Gives spend `spend_txn` back to the lots it drew from, with their own

@@ -989,6 +989,66 @@ pub async fn insert_txn(db: &impl ConnectionTrait, t: &transactions::Model) -> R
     }
 }
 
+/// A spend's rows: the lots' remainders lowered by `draws`, transaction `t`
+/// and its draws. Returns the transaction's id, or `None` if its source
+/// already made one (nothing is written then). One statement on PostgreSQL
+/// (data-modifying CTEs); three on SQLite.
+pub async fn insert_spend(
+    db: &impl ConnectionTrait,
+    t: &transactions::Model,
+    draws: &[Draw],
+) -> Result<Option<i64>> {
+    if !is_postgres(db) {
+        move_points(db, draws, -1).await?;
+        let Some(id) = insert_txn(db, t).await? else {
+            return Ok(None);
+        };
+        insert_draws(db, id, draws).await?;
+        return Ok(Some(id));
+    }
+    const SQL: &str = "WITH t AS ( \
+           INSERT INTO loyalty_transactions (program, customer, kind, points, rule, reason, actor, \
+             request_id, source, at_us, lot) \
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+           ON CONFLICT (program, source) DO NOTHING RETURNING id), \
+         d AS (SELECT * FROM json_to_recordset($12::json) AS d(lot int8, amount int8)), \
+         lowered AS ( \
+           UPDATE loyalty_lots l SET remaining = l.remaining - d.amount FROM d, t WHERE l.id = d.lot), \
+         drawn AS (INSERT INTO loyalty_draws (txn, lot, amount) SELECT t.id, d.lot, d.amount FROM t, d) \
+         SELECT id FROM t";
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            SQL,
+            [
+                t.program.clone().into(),
+                t.customer.clone().into(),
+                t.kind.into(),
+                t.points.into(),
+                t.rule.clone().into(),
+                t.reason.clone().into(),
+                t.actor.clone().into(),
+                t.request_id.clone().into(),
+                t.source.clone().into(),
+                t.at_us.into(),
+                t.lot.into(),
+                serde_json::Value::from(
+                    draws
+                        .iter()
+                        .map(|d| serde_json::json!({"lot": d.lot, "amount": d.amount}))
+                        .collect::<Vec<_>>(),
+                )
+                .to_string()
+                .into(),
+            ],
+        ))
+        .await?;
+    match row {
+        Some(row) => Ok(Some(row.try_get("", "id")?)),
+        None => Ok(None),
+    }
+}
+
 /// Points the created lot.
 pub async fn set_txn_lot(db: &impl ConnectionTrait, id: i64, lot: i64) -> Result<()> {
     let q = Query::update()
