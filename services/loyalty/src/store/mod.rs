@@ -737,6 +737,23 @@ const TXN_COLS: [TC; 12] = [
     TC::Lot,
 ];
 
+/// A transaction's values in the order of `TXN_COLS[1..]` (its id aside).
+fn txn_values(t: &transactions::Model) -> [sea_orm::Value; 11] {
+    [
+        t.program.clone().into(),
+        t.customer.clone().into(),
+        t.kind.into(),
+        t.points.into(),
+        t.rule.clone().into(),
+        t.reason.clone().into(),
+        t.actor.clone().into(),
+        t.request_id.clone().into(),
+        t.source.clone().into(),
+        t.at_us.into(),
+        t.lot.into(),
+    ]
+}
+
 /// Inserts transactions (their `id`s are ignored) in set-based INSERTs;
 /// a source that already made one is skipped (a replay). Returns the new
 /// ids by (program, source).
@@ -750,19 +767,7 @@ pub async fn insert_txns(
         q.into_table(transactions::Entity)
             .columns(TXN_COLS[1..].iter().copied());
         for t in part {
-            q.values_panic([
-                t.program.clone().into(),
-                t.customer.clone().into(),
-                t.kind.into(),
-                t.points.into(),
-                t.rule.clone().into(),
-                t.reason.clone().into(),
-                t.actor.clone().into(),
-                t.request_id.clone().into(),
-                t.source.clone().into(),
-                t.at_us.into(),
-                t.lot.into(),
-            ]);
+            q.values_panic(txn_values(t).map(Expr::val));
         }
         q.on_conflict(
             OnConflict::columns([TC::Program, TC::Source])
@@ -963,19 +968,7 @@ pub async fn insert_txn(db: &impl ConnectionTrait, t: &transactions::Model) -> R
     let q = Query::insert()
         .into_table(transactions::Entity)
         .columns(TXN_COLS[1..].iter().copied())
-        .values_panic([
-            t.program.clone().into(),
-            t.customer.clone().into(),
-            t.kind.into(),
-            t.points.into(),
-            t.rule.clone().into(),
-            t.reason.clone().into(),
-            t.actor.clone().into(),
-            t.request_id.clone().into(),
-            t.source.clone().into(),
-            t.at_us.into(),
-            t.lot.into(),
-        ])
+        .values_panic(txn_values(t).map(Expr::val))
         .on_conflict(
             OnConflict::columns([TC::Program, TC::Source])
                 .do_nothing()
@@ -1020,27 +1013,17 @@ pub async fn insert_spend(
         .query_one_raw(sea_orm::Statement::from_sql_and_values(
             sea_orm::DbBackend::Postgres,
             SQL,
-            [
-                t.program.clone().into(),
-                t.customer.clone().into(),
-                t.kind.into(),
-                t.points.into(),
-                t.rule.clone().into(),
-                t.reason.clone().into(),
-                t.actor.clone().into(),
-                t.request_id.clone().into(),
-                t.source.clone().into(),
-                t.at_us.into(),
-                t.lot.into(),
-                serde_json::Value::from(
+            txn_values(t)
+                .into_iter()
+                .chain([serde_json::Value::from(
                     draws
                         .iter()
                         .map(|d| serde_json::json!({"lot": d.lot, "amount": d.amount}))
                         .collect::<Vec<_>>(),
                 )
                 .to_string()
-                .into(),
-            ],
+                .into()])
+                .collect::<Vec<_>>(),
         ))
         .await?;
     match row {
