@@ -77,7 +77,6 @@ impl ScoreRef {
     }
 }
 
-
 /// The left side of a comparison: a fact of the customer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Operand {

@@ -504,8 +504,7 @@ pub fn depends_on_time(rule: &Rule) -> bool {
             timed |= matches!(
                 operand,
                 Operand::Age | Operand::TimeInStage | Operand::Score(_)
-            )
-                || operand.query().is_some_and(|q| q.window.is_some())
+            ) || operand.query().is_some_and(|q| q.window.is_some())
                 || matches!(test, Test::Within(_) | Test::OlderThan(_));
         }
     });

@@ -3,12 +3,12 @@
 //! and for tests.
 
 use super::ast::{ScoreRef, TouchQuery};
-use crate::scoring::Curve;
 use super::eval::Facts;
 use crate::attributes::{AttributeValue, Attributes};
 use crate::demographics::{Demographics, Gender};
 use crate::lifecycle::Stage;
 use crate::money::Money;
+use crate::scoring::Curve;
 use crate::touchpoint::Touchpoint;
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use std::collections::{BTreeMap, BTreeSet};

@@ -2,8 +2,8 @@
 //! checker needs to point at line and column.
 
 use super::ast::{
-    ALL_GENDERS, Condition, NpsCategory, Operand, Predicate, Rule, ScoreRef, SumField, Test, TouchField,
-    TouchQuery, TouchType, Value, ValueType, gender_name, minor_unit_digits,
+    ALL_GENDERS, Condition, NpsCategory, Operand, Predicate, Rule, ScoreRef, SumField, Test,
+    TouchField, TouchQuery, TouchType, Value, ValueType, gender_name, minor_unit_digits,
 };
 use super::error::{Pos, RuleError};
 use super::lexer::{Tok, Token, tokenize};

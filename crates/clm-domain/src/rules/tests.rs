@@ -258,7 +258,8 @@ fn condition() -> BoxedStrategy<Rule> {
             .prop_flat_map(|(k, ty)| compare(Just(Operand::Attribute(k.to_owned())), ty, false))
             .boxed(),
         compare(
-            (proptest::option::of(name()), name()).prop_map(|(model, name)| Operand::Score(ScoreRef { model, name })),
+            (proptest::option::of(name()), name())
+                .prop_map(|(model, name)| Operand::Score(ScoreRef { model, name })),
             T::Number,
             false,
         ),
@@ -974,8 +975,14 @@ fn model_qualified_scores_parse_print_and_check() {
     assert!(compile(r#"score("leads").engagement < 20"#, &catalog).is_ok());
     assert!(compile(r#"score("leads").custom_a < 20"#, &catalog).is_ok());
     let err = compile("score.engagement < 20", &catalog).unwrap_err();
-    assert!(err.to_string().contains("score.engagement is ambiguous"), "{err}");
-    assert!(err.to_string().contains(r#"score("leads").engagement"#), "{err}");
+    assert!(
+        err.to_string().contains("score.engagement is ambiguous"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(r#"score("leads").engagement"#),
+        "{err}"
+    );
     let err = compile(r#"score("nope").engagement < 20"#, &catalog).unwrap_err();
     assert!(err.to_string().contains("unknown scoring model"), "{err}");
     let err = compile(r#"score("leads").other < 20"#, &catalog).unwrap_err();

@@ -7,10 +7,11 @@
 //! floor, ceiling))`: the formula of [`score_at`](super::score_at) with each
 //! ledger entry (or each running [`Sum`](super::Sum) of entries sharing a
 //! decay) as one [`Term`]. A term counts 0 before its `since`. Exponential
-//! factors are computed as `pow(2, −a/h)` (not `exp2`), the function SQL
-//! offers on both backends (SQLite's math functions, PostgreSQL's
-//! `power`), so an evaluator in SQL computes the same bits; a value agrees
-//! with `GetScore` to the last bit of a double before rounding.
+//! factors are `pow(2, −a/h)` here as in [`Decay::factor`] and
+//! [`Sum`](super::Sum), the function SQL offers on both backends (SQLite's
+//! math functions, PostgreSQL's `power`), so an evaluator in SQL computes
+//! the same bits, and terms are summed in the order scoring sums them: a
+//! value is the one `GetScore` answers.
 //!
 //! [`Curve::next_crossing`] finds the first microsecond at which the
 //! curve's side of a value changes. The curve is cut into stretches at the
@@ -26,6 +27,7 @@
 //! lasts longer than a sample step.
 
 use super::decay::{Decay, Inactivity, micros};
+
 use super::score::round;
 
 /// One term of a curve: `coef × decay(t − since)`, 0 before `since`.
@@ -42,25 +44,7 @@ pub struct Term {
 impl Term {
     /// Its value at `t_us`.
     pub fn value_at(&self, t_us: i64) -> f64 {
-        if t_us < self.since_us {
-            return 0.0;
-        }
-        let age = t_us.saturating_sub(self.since_us);
-        match self.decay {
-            Decay::None => self.coef,
-            Decay::Exponential { half_life } => {
-                let h = micros(half_life).max(1) as f64;
-                self.coef * 2f64.powf(-(age as f64) / h)
-            }
-            Decay::Linear { over } => {
-                let o = micros(over).max(1);
-                if age >= o {
-                    0.0
-                } else {
-                    self.coef * (1.0 - age as f64 / o as f64)
-                }
-            }
-        }
+        self.coef * self.decay.factor(t_us.saturating_sub(self.since_us))
     }
 
     /// Whether the term changes with time after `since` (and is not 0).
@@ -201,7 +185,11 @@ impl Curve {
             }
             // Rounding to 4 decimals puts the edge half a unit of the last
             // place away from `value`.
-            let edge = if strict { value + 0.5e-4 } else { value - 0.5e-4 };
+            let edge = if strict {
+                value + 0.5e-4
+            } else {
+                value - 0.5e-4
+            };
             if let [single] = active[..]
                 && let Some(guess) = self.closed_form(single, edge, lo)
                 && guess > lo
@@ -305,7 +293,12 @@ mod tests {
     fn assert_exact(c: &Curve, value: f64, strict: bool, from: i64, at: i64) {
         let start = c.side(value, strict, from);
         assert_ne!(c.side(value, strict, at), start, "other side at {at}");
-        assert_eq!(c.side(value, strict, at - 1), start, "same side at {}", at - 1);
+        assert_eq!(
+            c.side(value, strict, at - 1),
+            start,
+            "same side at {}",
+            at - 1
+        );
     }
 
     #[test]
@@ -382,11 +375,14 @@ mod tests {
 
     #[test]
     fn a_future_term_jumps_at_its_start() {
-        let c = curve(vec![constant(10.0), Term {
-            coef: 15.0,
-            since_us: 3 * DAY,
-            decay: Decay::None,
-        }]);
+        let c = curve(vec![
+            constant(10.0),
+            Term {
+                coef: 15.0,
+                since_us: 3 * DAY,
+                decay: Decay::None,
+            },
+        ]);
         assert_eq!(c.next_crossing(20.0, false, 0), Some(3 * DAY));
     }
 
