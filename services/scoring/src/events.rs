@@ -442,6 +442,15 @@ impl On<cpb::CustomersMerged> for CustomerEvents {
         let mut all = m.merged.clone();
         all.push(m.survivor.clone());
         customers::ensure_and_lock(txn, &all).await?;
+        let survivor = std::slice::from_ref(&m.survivor);
+        let active = self.models.active(txn).await?;
+        let mut before = Vec::with_capacity(active.len());
+        {
+            let last = customers::last_activity(txn, survivor, now).await?;
+            for v in &active {
+                before.push(scorer::curves(txn, v, survivor, &last, now).await?);
+            }
+        }
         // Award keys do not name the customer, so moved entries keep them
         // and a replayed event still scores once.
         ledger::move_to(txn, &m.merged, &m.survivor).await?;
@@ -479,6 +488,18 @@ impl On<cpb::CustomersMerged> for CustomerEvents {
                 .collect();
             let new = recap::corrections(txn, &v, &late).await?;
             events.extend(scorer::apply(txn, &v, new, &last, now).await?);
+        }
+        // The survivor's scores re-stated with the merged ledger (its
+        // curves changed even where no correction was needed).
+        for (v, before) in active.iter().zip(&before) {
+            let after = scorer::curves(txn, v, survivor, &last, now).await?;
+            events.extend(scorer::restated(
+                v,
+                before,
+                &after,
+                clm_proto::scoring::ScoreChangeCause::Merge,
+                now,
+            ));
         }
         for e in events {
             cx.emit(e);

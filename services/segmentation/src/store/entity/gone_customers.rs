@@ -1,19 +1,18 @@
-//! `fact_scores`: scores per customer and name (from the scoring stream).
+//! `gone_customers`: ids of customers erased or merged into another, so a
+//! score the scoring stream still carries for one is not kept for a
+//! customer that will never arrive (nor bring an erased one back).
 
 use sea_orm::entity::prelude::*;
 
-/// A row of `fact_scores`.
+/// A row of `gone_customers`.
 #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
-#[sea_orm(table_name = "fact_scores")]
+#[sea_orm(table_name = "gone_customers")]
 pub struct Model {
     /// Bare customer id.
     #[sea_orm(primary_key, auto_increment = false)]
     pub customer_id: String,
-    /// Score name.
-    #[sea_orm(primary_key, auto_increment = false)]
-    pub name: String,
-    /// Its value.
-    pub value: f64,
+    /// When it went (µs).
+    pub gone_us: i64,
 }
 
 /// No relations.
