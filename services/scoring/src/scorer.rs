@@ -567,9 +567,24 @@ pub fn restated(
     cause: pb::ScoreChangeCause,
     now_us: i64,
 ) -> Vec<NewEvent> {
+    restated_where(v, before, after, cause, now_us, |_, _| true)
+}
+
+/// [`restated`] for the (customer, score) pairs `keep` accepts.
+pub fn restated_where(
+    v: &Version,
+    before: &BTreeMap<String, (Vec<(String, f64, Curve)>, String)>,
+    after: &BTreeMap<String, (Vec<(String, f64, Curve)>, String)>,
+    cause: pb::ScoreChangeCause,
+    now_us: i64,
+    keep: impl Fn(&str, &str) -> bool,
+) -> Vec<NewEvent> {
     let mut events = Vec::new();
     for (customer, (scores, grade)) in after {
         for (name, value, curve) in scores {
+            if !keep(customer, name) {
+                continue;
+            }
             let old = before
                 .get(customer)
                 .and_then(|(s, _)| s.iter().find(|(n, _, _)| n == name))
@@ -586,4 +601,15 @@ pub fn restated(
         }
     }
     events
+}
+
+/// The (customer, model, score) of each ScoreChanged among `events`.
+pub fn stated(events: &[NewEvent]) -> std::collections::HashSet<(String, String, String)> {
+    use prost::{Message, Name};
+    events
+        .iter()
+        .filter(|e| e.event_type == pb::ScoreChanged::full_name())
+        .filter_map(|e| pb::ScoreChanged::decode(e.payload.as_slice()).ok())
+        .map(|c| (c.customer, c.scoring_model, c.score))
+        .collect()
 }

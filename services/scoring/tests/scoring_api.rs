@@ -2480,3 +2480,59 @@ async fn rescore_merge_and_activation_restate_scores_with_their_curves() {
     let merged = score_changes_after(&env, mark).await;
     assert_curves_agree(&env, &merged, "scoringModels/leads").await;
 }
+
+/// A touchpoint no rule scores still moves the last activity inactivity
+/// decay counts from: the score is re-stated (cause ACTIVITY) with its new
+/// curve, so a reader's value stays GetScore's.
+#[tokio::test]
+async fn activity_without_an_award_restates_scores_with_inactivity_decay() {
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    let mut m = model(
+        vec![event_rule(
+            "export",
+            r#"feature_use where feature = "export""#,
+            20,
+        )],
+        vec![],
+    );
+    m.scores = vec![pb::ScoreDefinition {
+        name: "engagement".into(),
+        inactivity: Some(pb::InactivityDecay {
+            points: -5,
+            every: Some(dur(Duration::days(7))),
+        }),
+        ..Default::default()
+    }];
+    create(&mut s, "idle", m).await;
+    let c = env.new_customer("idle@example.com").await;
+    env.touch(&c.name, "e1", cpb::TouchpointType::FeatureUse, "export")
+        .await;
+    env.score_reaches(&c.name, "scoringModels/idle", "engagement", 20.0)
+        .await;
+    let db = sea_orm::Database::connect(&env.scoring_backend.database_url)
+        .await
+        .unwrap();
+    env.clock.set(t0() + Duration::days(10));
+    assert_eq!(
+        env.score(&c.name, "scoringModels/idle", "engagement").await,
+        15.0
+    );
+    let mark = settled_end(&db).await;
+    env.touch(&c.name, "v1", cpb::TouchpointType::ProductAccess, "")
+        .await;
+    let changes = eventually(std::time::Duration::from_secs(30), || async {
+        let list = score_changes_after(&env, mark).await;
+        (!list.is_empty()).then_some(list)
+    })
+    .await;
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    let c0 = &changes[0];
+    assert_eq!(c0.cause, pb::ScoreChangeCause::Activity as i32);
+    assert_eq!((c0.old_value, c0.new_value), (15.0, 20.0));
+    assert_eq!(
+        c0.curve.as_ref().unwrap().last_activity_time,
+        Some(clm_platform::convert::timestamp(t0() + Duration::days(10)))
+    );
+    assert_curves_agree(&env, &changes, "scoringModels/idle").await;
+}

@@ -269,6 +269,16 @@ pub async fn lock_customers(db: &impl ConnectionTrait, ids: &[String]) -> Result
     Ok(())
 }
 
+/// How `gone_customers` names a customer: a SHA-256 of its bare id, so
+/// the table remembers that a customer went without keeping its id.
+pub fn gone_hash(id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(format!("clm-segmentation-gone:{id}"))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Records `ids` as gone (erased or merged away): a score for one that
 /// arrives later is dropped.
 async fn mark_gone(db: &impl ConnectionTrait, ids: &[String], now_us: i64) -> Result<(), DbErr> {
@@ -276,10 +286,10 @@ async fn mark_gone(db: &impl ConnectionTrait, ids: &[String], now_us: i64) -> Re
         let mut insert = Query::insert();
         insert
             .into_table(GoneCustomers)
-            .columns([GC::CustomerId, GC::GoneUs])
-            .on_conflict(OnConflict::column(GC::CustomerId).do_nothing().to_owned());
+            .columns([GC::CustomerHash, GC::GoneUs])
+            .on_conflict(OnConflict::column(GC::CustomerHash).do_nothing().to_owned());
         for id in chunk {
-            insert.values_panic([id.clone().into(), now_us.into()]);
+            insert.values_panic([gone_hash(id).into(), now_us.into()]);
         }
         db.execute(&insert).await?;
     }
@@ -322,13 +332,18 @@ pub async fn set_scores(
         for row in db.query_all(&q).await? {
             known.insert(row.try_get::<String>("", FC::CustomerId.as_str())?);
         }
+        let hashes: BTreeMap<String, &String> =
+            chunk.iter().map(|id| (gone_hash(id), id)).collect();
         let q = Query::select()
-            .column(GC::CustomerId)
+            .column(GC::CustomerHash)
             .from(GoneCustomers)
-            .and_where(Expr::col(GC::CustomerId).is_in(chunk.iter().cloned()))
+            .and_where(Expr::col(GC::CustomerHash).is_in(hashes.keys().cloned()))
             .to_owned();
         for row in db.query_all(&q).await? {
-            gone.insert(row.try_get::<String>("", GC::CustomerId.as_str())?);
+            let hash = row.try_get::<String>("", GC::CustomerHash.as_str())?;
+            if let Some(id) = hashes.get(&hash) {
+                gone.insert((*id).clone());
+            }
         }
     }
     let mut last: BTreeMap<(&str, &str, &str), &ScoreRow> = BTreeMap::new();

@@ -19,7 +19,8 @@
 //!
 //! * `m0006`: scores as curves in time per scoring model
 //!   (`fact_score_curves`, `fact_score_terms`) instead of one value per
-//!   name (`fact_scores`); `gone_customers` (erased or merged away).
+//!   name (`fact_scores`); `gone_customers` (erased or merged away, by a
+//!   hash of the id).
 //!
 //! On PostgreSQL the fact text columns use the `C` collation, so string
 //! order is byte order, as in the rule language and SQLite.
@@ -582,7 +583,7 @@ impl MigrationTrait for ScoreCurves {
                 .table(a("gone_customers"))
                 .if_not_exists()
                 .col(
-                    ColumnDef::new(a("customer_id"))
+                    ColumnDef::new(a("customer_hash"))
                         .string()
                         .not_null()
                         .primary_key(),
