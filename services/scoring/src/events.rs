@@ -308,7 +308,7 @@ impl CustomerEvents {
             if !late.is_empty() {
                 new.retain(|n| !late.contains_key(&(n.customer.clone(), n.award.rule.clone())));
                 let late: Vec<recap::Late> = late.into_values().collect();
-                new.extend(recap::corrections(txn, &v, &late).await?);
+                new.extend(recap::corrections(txn, v, &late).await?);
             }
             events.extend(scorer::apply(txn, v, new, &last, now).await?);
         }

@@ -526,6 +526,9 @@ fn score_changed(
     )
 }
 
+/// Per customer: each score's (name, value, curve), and the grade.
+pub type Stated = BTreeMap<String, (Vec<(String, f64, Curve)>, String)>;
+
 /// Every score of `customers` under `v` at `now_us`: its value, curve and
 /// the customer's grade, from the running sums (a few statements
 /// whatever the ledgers hold). Customers without an entry under `v` are
@@ -536,7 +539,7 @@ pub async fn curves(
     customers: &[String],
     last_activity: &HashMap<String, i64>,
     now_us: i64,
-) -> Result<BTreeMap<String, (Vec<(String, f64, Curve)>, String)>> {
+) -> Result<Stated> {
     let rows = sums::load(db, &v.id, customers).await?;
     let mut with: Vec<String> = rows.iter().map(|r| r.customer.clone()).collect();
     with.dedup();
@@ -562,8 +565,8 @@ pub async fn curves(
 /// the values `before` it as old values (0 for a score that had none).
 pub fn restated(
     v: &Version,
-    before: &BTreeMap<String, (Vec<(String, f64, Curve)>, String)>,
-    after: &BTreeMap<String, (Vec<(String, f64, Curve)>, String)>,
+    before: &Stated,
+    after: &Stated,
     cause: pb::ScoreChangeCause,
     now_us: i64,
 ) -> Vec<NewEvent> {
@@ -573,8 +576,8 @@ pub fn restated(
 /// [`restated`] for the (customer, score) pairs `keep` accepts.
 pub fn restated_where(
     v: &Version,
-    before: &BTreeMap<String, (Vec<(String, f64, Curve)>, String)>,
-    after: &BTreeMap<String, (Vec<(String, f64, Curve)>, String)>,
+    before: &Stated,
+    after: &Stated,
     cause: pb::ScoreChangeCause,
     now_us: i64,
     keep: impl Fn(&str, &str) -> bool,

@@ -345,7 +345,7 @@ mod tests {
     fn negative_scores_rise() {
         // -40 rising toward 0: `< -20` stops holding where it reaches -20.
         let c = curve(vec![exp(-40.0, 0, 30)]);
-        assert!(c.side(-20.0, false, 0) == false);
+        assert!(!c.side(-20.0, false, 0));
         let t = c.next_crossing(-20.0, false, 0).expect("rises to -20");
         assert_exact(&c, -20.0, false, 0, t);
         assert_eq!(c.value_at(t), -20.0);
