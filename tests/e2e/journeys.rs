@@ -688,3 +688,199 @@ async fn an_erasure_a_service_does_not_answer_is_overdue_until_it_does() {
     .await;
     s.stop().await;
 }
+
+/// Journey 7: decay alone moves a customer into a segment. A model awards
+/// 40 engagement for an export, halving every 30 days; with no new event
+/// the score falls below 20 about 30 days later, and the customer enters
+/// the `score.engagement < 20` segment (and leaves `score.engagement >= 20`)
+/// at the exact microsecond GetScore first answers below 20, driven by the
+/// service clock the test holds.
+#[tokio::test]
+async fn journey_7_a_decaying_score_enters_a_segment_at_the_exact_crossing() {
+    use chrono::{DateTime, TimeDelta, Utc};
+    let t0: DateTime<Utc> = "2026-11-24T10:00:00Z".parse().unwrap();
+    let clock = clm_domain::ManualClock::new(t0);
+    let s = Suite::start_with_clock(std::sync::Arc::new(clock.clone())).await;
+    let half_life = TimeDelta::days(30);
+    s.scoring()
+        .create_scoring_model(spb::CreateScoringModelRequest {
+            scoring_model: Some(spb::ScoringModel {
+                display_name: "fading".into(),
+                rules: vec![spb::ScoringRule {
+                    id: "exports".into(),
+                    score: "engagement".into(),
+                    points: 40,
+                    trigger: Some(spb::scoring_rule::Trigger::Touchpoint(
+                        r#"feature_use where feature = "export""#.into(),
+                    )),
+                    decay: Some(spb::Decay {
+                        kind: Some(spb::decay::Kind::HalfLife(prost_types::Duration {
+                            seconds: half_life.num_seconds(),
+                            nanos: 0,
+                        })),
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            scoring_model_id: "fading".into(),
+            request_id: "model-fading".into(),
+        })
+        .await
+        .unwrap();
+    let lapsing = s.segment("lapsing", "score.engagement < 20").await;
+    let engaged = s.segment("engaged", "score.engagement >= 20").await;
+    let ada = s.customer("ada.fading@example.com").await;
+    s.customers()
+        .record_touchpoints(cpb::RecordTouchpointsRequest {
+            touchpoints: vec![cpb::Touchpoint {
+                customer: ada.clone(),
+                event_id: "ada-export".into(),
+                r#type: cpb::TouchpointType::FeatureUse as i32,
+                feature: "export".into(),
+                occurred_time: Some(clm_platform::convert::timestamp(t0)),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    // Segmentation has the score (40 at t0): engaged, not lapsing.
+    eventually(WAIT, || async {
+        s.is_member(&engaged, &ada).await.then_some(())
+    })
+    .await;
+    assert!(!s.is_member(&lapsing, &ada).await);
+
+    // The crossing: 40 × 2^(−a/h) rounds below 20 once it is below
+    // 19.99995, i.e. a > h × log2(40 / 19.99995); GetScore (which reads
+    // the ledger) says which microsecond exactly.
+    let h = half_life.num_microseconds().unwrap() as f64;
+    let solved = t0 + TimeDelta::microseconds((h * (40.0f64 / 19.99995).log2()).ceil() as i64);
+    let score_at = |at: DateTime<Utc>| {
+        let mut scoring = s.scoring();
+        let customer = ada.clone();
+        async move {
+            scoring
+                .get_score(spb::GetScoreRequest {
+                    customer,
+                    scoring_model: "scoringModels/fading".into(),
+                    read_time: Some(clm_platform::convert::timestamp(at)),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .scores
+                .iter()
+                .find(|v| v.score == "engagement")
+                .unwrap()
+                .value
+        }
+    };
+    let mut crossing = solved - TimeDelta::microseconds(3);
+    while score_at(crossing).await >= 20.0 {
+        crossing += TimeDelta::microseconds(1);
+        assert!(
+            crossing <= solved + TimeDelta::microseconds(3),
+            "no crossing near {solved}"
+        );
+    }
+    let before = crossing - TimeDelta::microseconds(1);
+    assert!(score_at(before).await >= 20.0);
+
+    // One microsecond before: nothing moves, with no event in between.
+    clock.set(before);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!s.is_member(&lapsing, &ada).await);
+    assert!(s.is_member(&engaged, &ada).await);
+    // At the crossing: in, and out of the other, at that very instant.
+    clock.set(crossing);
+    eventually(WAIT, || async {
+        s.is_member(&lapsing, &ada).await.then_some(())
+    })
+    .await;
+    assert!(!s.is_member(&engaged, &ada).await);
+    let members = s
+        .segments()
+        .list_segment_members(clm_proto::segmentation::ListSegmentMembersRequest {
+            parent: lapsing.clone(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0].customer, ada);
+    assert_eq!(
+        members[0].enter_time,
+        Some(clm_platform::convert::timestamp(crossing))
+    );
+    s.stop().await;
+}
+
+/// Two models define `engagement`: the plain form is ambiguous and refused
+/// naming the field; `score("<model>").engagement` reads each model's own.
+#[tokio::test]
+async fn two_models_defining_engagement_are_named_by_model() {
+    let s = Suite::start().await;
+    for (id, points) in [("leads", 40), ("product", 10)] {
+        s.scoring()
+            .create_scoring_model(spb::CreateScoringModelRequest {
+                scoring_model: Some(spb::ScoringModel {
+                    display_name: id.into(),
+                    rules: vec![spb::ScoringRule {
+                        id: "uses".into(),
+                        score: "engagement".into(),
+                        points,
+                        trigger: Some(spb::scoring_rule::Trigger::Touchpoint("feature_use".into())),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                scoring_model_id: id.into(),
+                request_id: format!("model-{id}"),
+            })
+            .await
+            .unwrap();
+    }
+    let err = s
+        .segments()
+        .create_segment(clm_proto::segmentation::CreateSegmentRequest {
+            segment: Some(clm_proto::segmentation::Segment {
+                display_name: "ambiguous".into(),
+                rule_text: "score.engagement >= 30".into(),
+                ..Default::default()
+            }),
+            request_id: "segment-ambiguous".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("ambiguous"), "{err:?}");
+    let bad = err.get_details_bad_request().expect("a BadRequest");
+    assert_eq!(bad.field_violations[0].field, "segment.rule_text");
+    assert!(
+        bad.field_violations[0]
+            .description
+            .contains("score.engagement is ambiguous"),
+        "{bad:?}"
+    );
+    let leads = s
+        .segment("leads-engaged", r#"score("leads").engagement >= 30"#)
+        .await;
+    let product = s
+        .segment("product-engaged", r#"score("product").engagement >= 30"#)
+        .await;
+    let ada = s.customer("ada.models@example.com").await;
+    s.touch(&ada, "ada-use", cpb::TouchpointType::FeatureUse, 0)
+        .await;
+    eventually(WAIT, || async {
+        s.is_member(&leads, &ada).await.then_some(())
+    })
+    .await;
+    assert_eq!(s.score(&ada, "leads", "engagement").await, 40.0);
+    assert_eq!(s.score(&ada, "product", "engagement").await, 10.0);
+    assert!(!s.is_member(&product, &ada).await);
+    s.stop().await;
+}

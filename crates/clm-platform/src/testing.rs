@@ -342,6 +342,24 @@ pub async fn start_on(
     .await
 }
 
+/// [`start_on`] with a chosen clock (a suite whose services share a
+/// clock the test drives).
+pub async fn start_on_with_clock(
+    service: &'static crate::service::ServiceDescriptor,
+    config: Config,
+    listener: std::net::TcpListener,
+    clock: std::sync::Arc<dyn clm_domain::Clock>,
+) -> Running {
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+    spawn_on(listener, config, move |c, l, s| {
+        crate::service::run_with_clock(service, c, l, s, clock)
+    })
+    .await
+}
+
 /// [`start`] with a chosen clock.
 pub async fn start_with_clock(
     service: &'static crate::service::ServiceDescriptor,

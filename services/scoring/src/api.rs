@@ -6,7 +6,7 @@ use crate::convert;
 use crate::error::ScoringError;
 use crate::rescore;
 use crate::scorer::{self, Models};
-use crate::store::{customers, ledger, scoring_models, timers};
+use crate::store::{customers, ledger, scoring_models, sums, timers};
 use clm_domain::scoring::{Award, Decay};
 use clm_domain::validation::{page_size, request_id, required_text};
 use clm_domain::{Violation, Violations};
@@ -419,7 +419,38 @@ impl ScoringService for ScoringApi {
                     let was = scoring_models::get(txn, &id, 0)
                         .await?
                         .map_or(0, |a| a.version);
+                    // The scores under the version that scored until now,
+                    // to re-state them under the one that scores from now.
+                    let restate = if was != req.version {
+                        let scored = sums::customers_of_model(txn, &id).await?;
+                        let last = customers::last_activity(txn, &scored, to_micros(now)).await?;
+                        let old = self.models.get(txn, &id, was).await?;
+                        let new = self.models.get(txn, &id, req.version).await?;
+                        match (old, new) {
+                            (Some(old), Some(new)) => {
+                                let before =
+                                    scorer::curves(txn, &old, &scored, &last, to_micros(now))
+                                        .await?;
+                                Some((new, before, scored, last))
+                            }
+                            _ => None,
+                        }
+                    } else {
+                        None
+                    };
                     scoring_models::activate(txn, &id, req.version).await?;
+                    let mut events = Vec::new();
+                    if let Some((new, before, scored, last)) = restate {
+                        let after =
+                            scorer::curves(txn, &new, &scored, &last, to_micros(now)).await?;
+                        events = scorer::restated(
+                            &new,
+                            &before,
+                            &after,
+                            pb::ScoreChangeCause::Activation,
+                            to_micros(now),
+                        );
+                    }
                     let active = |version| pb::ScoringModel {
                         name: format!("{MODEL_PREFIX}{id}"),
                         active_version: version,
@@ -441,7 +472,7 @@ impl ScoringService for ScoringApi {
                     .await?;
                     // Thresholds of the new version are looked at again.
                     timers::touch_model(txn, &id, to_micros(now)).await?;
-                    Ok((pb::ScoringModel::default(), Vec::new()))
+                    Ok((pb::ScoringModel::default(), events))
                 },
             )
             .await?;

@@ -76,6 +76,32 @@ pub fn decay_to_proto(d: Decay) -> Option<pb::Decay> {
     }
 }
 
+/// A score's curve as `ScoreChanged` carries it.
+pub fn curve_to_proto(c: &clm_domain::scoring::Curve) -> pb::ScoreCurve {
+    let at = |us: i64| clm_platform::convert::timestamp(clm_platform::db::from_micros(us));
+    pb::ScoreCurve {
+        terms: c
+            .terms
+            .iter()
+            .map(|t| pb::ScoreTerm {
+                coefficient: t.coef,
+                since: Some(at(t.since_us)),
+                decay: decay_to_proto(t.decay),
+            })
+            .collect(),
+        inactivity: c.inactivity.map(|(i, _)| pb::InactivityDecay {
+            points: i.points,
+            every: Some(prost_types::Duration {
+                seconds: i.every.num_seconds(),
+                nanos: i.every.subsec_nanos(),
+            }),
+        }),
+        last_activity_time: c.inactivity.map(|(_, last)| at(last)),
+        floor: c.floor,
+        ceiling: c.ceiling,
+    }
+}
+
 /// The lower-case name of a consent purpose (`marketing`).
 pub fn purpose_name(p: i32) -> Option<&'static str> {
     match cpb::ConsentPurpose::try_from(p).ok()? {

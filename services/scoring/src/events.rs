@@ -184,6 +184,14 @@ impl CustomerEvents {
         };
         // Lock first: awards of one customer are computed and written by one writer at a time.
         customers::ensure_and_lock(txn, &custs).await?;
+        let active = self.models.active(txn).await?;
+        let inactivity = active.iter().any(|v| scorer::uses_inactivity(&v.model));
+        // The last activity inactivity decay counts from, before this batch.
+        let prior_last = if inactivity {
+            customers::last_activity(txn, &custs, now).await?
+        } else {
+            Default::default()
+        };
         let fresh: std::collections::HashSet<String> = customers::insert_touchpoints(txn, &rows)
             .await?
             .into_iter()
@@ -200,14 +208,13 @@ impl CustomerEvents {
         tps.sort_by(|a, b| {
             (&a.0, a.1.occurred_time, &a.1.event_id).cmp(&(&b.0, b.1.occurred_time, &b.1.event_id))
         });
-        let active = self.models.active(txn).await?;
-        let last = if active.iter().any(|v| scorer::uses_inactivity(&v.model)) {
+        let last = if inactivity {
             customers::last_activity(txn, &custs, now).await?
         } else {
             Default::default()
         };
         let mut events = Vec::new();
-        for v in active {
+        for v in &active {
             if v.model.event_rules.is_empty() {
                 continue;
             }
@@ -301,9 +308,46 @@ impl CustomerEvents {
             if !late.is_empty() {
                 new.retain(|n| !late.contains_key(&(n.customer.clone(), n.award.rule.clone())));
                 let late: Vec<recap::Late> = late.into_values().collect();
-                new.extend(recap::corrections(txn, &v, &late).await?);
+                new.extend(recap::corrections(txn, v, &late).await?);
             }
-            events.extend(scorer::apply(txn, &v, new, &last, now).await?);
+            events.extend(scorer::apply(txn, v, new, &last, now).await?);
+        }
+        // A touchpoint moves the last activity of every score with
+        // inactivity decay, awarded or not: those the awards above did not
+        // re-state are re-stated here, so a reader's curve stays exact.
+        let moved: Vec<String> = custs
+            .iter()
+            .filter(|c| last.get(*c) != prior_last.get(*c))
+            .cloned()
+            .collect();
+        if !moved.is_empty() {
+            let stated = scorer::stated(&events);
+            for v in active.iter().filter(|v| scorer::uses_inactivity(&v.model)) {
+                let before = scorer::curves(txn, v, &moved, &prior_last, now).await?;
+                let after = scorer::curves(txn, v, &moved, &last, now).await?;
+                let idle: Vec<&str> = v
+                    .model
+                    .scores
+                    .iter()
+                    .filter(|s| s.inactivity.is_some())
+                    .map(|s| s.name.as_str())
+                    .collect();
+                events.extend(scorer::restated_where(
+                    v,
+                    &before,
+                    &after,
+                    clm_proto::scoring::ScoreChangeCause::Activity,
+                    now,
+                    |customer, score| {
+                        idle.contains(&score)
+                            && !stated.contains(&(
+                                customer.to_owned(),
+                                format!("scoringModels/{}", v.id),
+                                score.to_owned(),
+                            ))
+                    },
+                ));
+            }
         }
         for e in events {
             cx.emit(e);
@@ -442,6 +486,15 @@ impl On<cpb::CustomersMerged> for CustomerEvents {
         let mut all = m.merged.clone();
         all.push(m.survivor.clone());
         customers::ensure_and_lock(txn, &all).await?;
+        let survivor = std::slice::from_ref(&m.survivor);
+        let active = self.models.active(txn).await?;
+        let mut before = Vec::with_capacity(active.len());
+        {
+            let last = customers::last_activity(txn, survivor, now).await?;
+            for v in &active {
+                before.push(scorer::curves(txn, v, survivor, &last, now).await?);
+            }
+        }
         // Award keys do not name the customer, so moved entries keep them
         // and a replayed event still scores once.
         ledger::move_to(txn, &m.merged, &m.survivor).await?;
@@ -479,6 +532,18 @@ impl On<cpb::CustomersMerged> for CustomerEvents {
                 .collect();
             let new = recap::corrections(txn, &v, &late).await?;
             events.extend(scorer::apply(txn, &v, new, &last, now).await?);
+        }
+        // The survivor's scores re-stated with the merged ledger (its
+        // curves changed even where no correction was needed).
+        for (v, before) in active.iter().zip(&before) {
+            let after = scorer::curves(txn, v, survivor, &last, now).await?;
+            events.extend(scorer::restated(
+                v,
+                before,
+                &after,
+                clm_proto::scoring::ScoreChangeCause::Merge,
+                now,
+            ));
         }
         for e in events {
             cx.emit(e);

@@ -2,10 +2,12 @@
 //! under a model version and swaps each customer's rule-made ledger entries
 //! in one transaction per chunk of customers (manual adjustments and
 //! consent-denial awards of rules the version still has are kept). Progress
-//! and the final count are in the operation.
+//! and the final count are in the operation. Each chunk's transaction also
+//! emits a ScoreChanged (cause RESCORE) for every score of its customers
+//! that have entries under the model, with the rewritten curve.
 
 use crate::convert;
-use crate::scorer::{Models, Version};
+use crate::scorer::{self, Models, Version};
 use crate::store::ledger::{self, NewRow};
 use crate::store::{customers, sums, timers};
 use clm_domain::lifecycle::Stage;
@@ -116,6 +118,8 @@ async fn replay(
         let tps = customers::touchpoints(&txn, &ids).await?;
         let rows = customers::get(&txn, &ids).await?;
         let kept = ledger::kept(&txn, &v.id, &ids, &keep).await?;
+        let last = customers::last_activity(&txn, &ids, now_us).await?;
+        let before = scorer::curves(&txn, v, &ids, &last, now_us).await?;
         let mut net: HashMap<&str, HashMap<String, i64>> = HashMap::new();
         for r in &kept {
             *net.entry(r.customer.as_str())
@@ -170,10 +174,21 @@ async fn replay(
             })
             .collect();
         timers::touch(&txn, &keys, now_us).await?;
+        // Every score of the chunk re-stated, in the swap's transaction:
+        // readers (segmentation) learn the rewritten scores and curves.
+        let rewritten = scorer::curves(&txn, v, &ids, &last, now_us).await?;
+        let events = scorer::restated(
+            v,
+            &before,
+            &rewritten,
+            pb::ScoreChangeCause::Rescore,
+            now_us,
+        );
+        rt.outbox.append(&txn, &events, now).await?;
         meta.customers_done += ids.len() as i64;
         // Commits only while this replica holds the operation's lease.
         operations::progress(&txn, &rt.operations, op, clm_proto::pack_any(meta), now).await?;
-        txn.commit().await?;
+        rt.outbox.commit(txn).await?;
         after = last_id;
     }
     Ok(written)

@@ -7,7 +7,9 @@ use crate::convert;
 use crate::store::ledger::{self, NewRow, Row};
 use crate::store::sums::{self, SumRow};
 use crate::store::{scoring_models, timers};
-use clm_domain::scoring::{Decay, Entry, Model, Sum, score_at, score_from_sums};
+use clm_domain::scoring::{
+    Curve, Decay, Entry, Model, ScoreSpec, Sum, Term, score_at, score_from_sums,
+};
 use clm_platform::outbox::NewEvent;
 use clm_platform::{Error, Result};
 use clm_proto::scoring as pb;
@@ -223,6 +225,43 @@ impl Known {
         }
     }
 
+    /// Score `spec` from the instant these sums and rows describe on: the
+    /// sums' terms in the order [`score_from_sums`] adds them, then the
+    /// linear entries (or, when every entry was read, each entry in ledger
+    /// order), so the curve's value is the one the sums give.
+    fn curve(&self, spec: &ScoreSpec, last: Option<i64>) -> Curve {
+        let term = |e: Entry| Term {
+            coef: e.points as f64,
+            since_us: e.award_us,
+            decay: e.decay,
+        };
+        let mut terms = Vec::new();
+        if !self.all_rows {
+            for ((score, _, _), s) in &self.sums {
+                if *score != spec.name || s.entries == 0 {
+                    continue;
+                }
+                let since_us = match s.decay {
+                    Decay::Linear { .. } => continue,
+                    Decay::Exponential { .. } => s.anchor_us,
+                    Decay::None => s.newest_us,
+                };
+                terms.push(Term {
+                    coef: s.total,
+                    since_us,
+                    decay: s.decay,
+                });
+            }
+        }
+        terms.extend(entries(&self.rows, &spec.name).into_iter().map(term));
+        Curve {
+            terms,
+            inactivity: spec.inactivity.zip(last),
+            floor: spec.floor,
+            ceiling: spec.ceiling,
+        }
+    }
+
     fn scores(
         &self,
         model: &Model,
@@ -407,28 +446,25 @@ pub async fn apply(
                 rearm.push((customer.to_owned(), v.id.clone(), t.id.clone()));
             }
         }
-        for key in touched {
-            if let Some(sum) = k.sums.get(&key) {
+        for key in &touched {
+            if let Some(sum) = k.sums.get(key) {
                 changed.push(SumRow::new(customer, &v.id, &key.0, sum));
             }
         }
-        for ((name, o), (_, n)) in old.iter().zip(&newv) {
-            if o == n {
+        for (spec, ((name, o), (_, n))) in v.model.scores.iter().zip(old.iter().zip(&newv)) {
+            // An award changes the score's curve even where it leaves the
+            // value now as it was (a decaying award, a capped one).
+            if o == n && !touched.iter().any(|(score, _, _)| score == name) {
                 continue;
             }
-            events.push(NewEvent::new(
+            events.push(score_changed(
                 customer,
-                &pb::ScoreChanged {
-                    customer: customer.to_owned(),
-                    scoring_model: format!("scoringModels/{}", v.id),
-                    score: name.clone(),
-                    old_value: *o,
-                    new_value: *n,
-                    grade: grade.clone(),
-                    change_time: Some(clm_platform::convert::timestamp(
-                        clm_platform::db::from_micros(now_us),
-                    )),
-                },
+                v,
+                name,
+                (*o, *n, &grade),
+                &k.curve(spec, last),
+                pb::ScoreChangeCause::Award,
+                now_us,
             ));
         }
     }
@@ -459,4 +495,124 @@ pub async fn apply(
     rearm.dedup();
     timers::touch(db, &rearm, now_us).await?;
     Ok(events)
+}
+
+/// A ScoreChanged of `customer`'s score `curve` under `v` at `now_us`, with
+/// the value before and after and the grade after.
+fn score_changed(
+    customer: &str,
+    v: &Version,
+    name: &str,
+    (old, new, grade): (f64, f64, &str),
+    curve: &Curve,
+    cause: pb::ScoreChangeCause,
+    now_us: i64,
+) -> NewEvent {
+    NewEvent::new(
+        customer,
+        &pb::ScoreChanged {
+            customer: customer.to_owned(),
+            scoring_model: format!("scoringModels/{}", v.id),
+            score: name.to_owned(),
+            old_value: old,
+            new_value: new,
+            grade: grade.to_owned(),
+            change_time: Some(clm_platform::convert::timestamp(
+                clm_platform::db::from_micros(now_us),
+            )),
+            curve: Some(convert::curve_to_proto(curve)),
+            cause: cause as i32,
+        },
+    )
+}
+
+/// Per customer: each score's (name, value, curve), and the grade.
+pub type Stated = BTreeMap<String, (Vec<(String, f64, Curve)>, String)>;
+
+/// Every score of `customers` under `v` at `now_us`: its value, curve and
+/// the customer's grade, from the running sums (a few statements
+/// whatever the ledgers hold). Customers without an entry under `v` are
+/// left out.
+pub async fn curves(
+    db: &impl ConnectionTrait,
+    v: &Version,
+    customers: &[String],
+    last_activity: &HashMap<String, i64>,
+    now_us: i64,
+) -> Result<Stated> {
+    let rows = sums::load(db, &v.id, customers).await?;
+    let mut with: Vec<String> = rows.iter().map(|r| r.customer.clone()).collect();
+    with.dedup();
+    let known = known_from(db, v, &with, rows, &[], now_us).await?;
+    let mut out = BTreeMap::new();
+    for (customer, k) in known {
+        let last = last_activity.get(&customer).copied();
+        let (values, grade) = k.scores(&v.model, last, now_us)?;
+        let scores = v
+            .model
+            .scores
+            .iter()
+            .zip(values)
+            .map(|(spec, (name, value))| (name, value, k.curve(spec, last)))
+            .collect();
+        out.insert(customer, (scores, grade));
+    }
+    Ok(out)
+}
+
+/// The ScoreChanged events that re-state every score of the customers in
+/// `after` (from [`curves`] after a re-scoring, merge or activation), with
+/// the values `before` it as old values (0 for a score that had none).
+pub fn restated(
+    v: &Version,
+    before: &Stated,
+    after: &Stated,
+    cause: pb::ScoreChangeCause,
+    now_us: i64,
+) -> Vec<NewEvent> {
+    restated_where(v, before, after, cause, now_us, |_, _| true)
+}
+
+/// [`restated`] for the (customer, score) pairs `keep` accepts.
+pub fn restated_where(
+    v: &Version,
+    before: &Stated,
+    after: &Stated,
+    cause: pb::ScoreChangeCause,
+    now_us: i64,
+    keep: impl Fn(&str, &str) -> bool,
+) -> Vec<NewEvent> {
+    let mut events = Vec::new();
+    for (customer, (scores, grade)) in after {
+        for (name, value, curve) in scores {
+            if !keep(customer, name) {
+                continue;
+            }
+            let old = before
+                .get(customer)
+                .and_then(|(s, _)| s.iter().find(|(n, _, _)| n == name))
+                .map_or(0.0, |(_, v, _)| *v);
+            events.push(score_changed(
+                customer,
+                v,
+                name,
+                (old, *value, grade),
+                curve,
+                cause,
+                now_us,
+            ));
+        }
+    }
+    events
+}
+
+/// The (customer, model, score) of each ScoreChanged among `events`.
+pub fn stated(events: &[NewEvent]) -> std::collections::HashSet<(String, String, String)> {
+    use prost::{Message, Name};
+    events
+        .iter()
+        .filter(|e| e.event_type == pb::ScoreChanged::full_name())
+        .filter_map(|e| pb::ScoreChanged::decode(e.payload.as_slice()).ok())
+        .map(|c| (c.customer, c.scoring_model, c.score))
+        .collect()
 }

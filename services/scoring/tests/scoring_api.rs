@@ -2226,3 +2226,313 @@ async fn top_customers_pages_keep_their_read_time() {
     assert_eq!(seen, names, "each customer once, in the first page's order");
     assert_eq!(read_times.len(), 1, "one read time for every page");
 }
+
+/// The stream's end once every committed event has its position.
+async fn settled_end(db: &sea_orm::DatabaseConnection) -> i64 {
+    eventually(std::time::Duration::from_secs(20), || async {
+        let end = stream_end(db).await;
+        (end >= 0).then_some(end)
+    })
+    .await
+}
+
+/// A ScoreChanged's curve as the maths takes it.
+fn curve_of(c: &pb::ScoreCurve) -> clm_domain::scoring::Curve {
+    use clm_domain::scoring::{Curve, Decay, Inactivity, Term};
+    let us = |t: &Option<prost_types::Timestamp>| {
+        clm_platform::convert::from_timestamp("t", t.as_ref().unwrap())
+            .unwrap()
+            .timestamp_micros()
+    };
+    let delta = |d: &prost_types::Duration| {
+        Duration::seconds(d.seconds) + Duration::nanoseconds(i64::from(d.nanos))
+    };
+    Curve {
+        terms: c
+            .terms
+            .iter()
+            .map(|t| Term {
+                coef: t.coefficient,
+                since_us: us(&t.since),
+                decay: match t.decay.as_ref().and_then(|d| d.kind.as_ref()) {
+                    None => Decay::None,
+                    Some(pb::decay::Kind::HalfLife(h)) => Decay::Exponential {
+                        half_life: delta(h),
+                    },
+                    Some(pb::decay::Kind::LinearOver(o)) => Decay::Linear { over: delta(o) },
+                },
+            })
+            .collect(),
+        inactivity: c.inactivity.as_ref().map(|i| {
+            (
+                Inactivity {
+                    points: i.points,
+                    every: delta(i.every.as_ref().unwrap()),
+                },
+                us(&c.last_activity_time),
+            )
+        }),
+        floor: c.floor,
+        ceiling: c.ceiling,
+    }
+}
+
+/// The ScoreChanged events on scoring's stream after `after`, until it is
+/// quiet for half a second.
+async fn score_changes_after(env: &Env, after: i64) -> Vec<pb::ScoreChanged> {
+    let mut changes =
+        clm_proto::common::change_stream_service_client::ChangeStreamServiceClient::new(
+            env.scoring.as_ref().unwrap().channel(),
+        );
+    let mut stream = changes
+        .watch_changes(clm_proto::common::WatchChangesRequest {
+            after_sequence: after,
+            event_types: vec!["clm.scoring.v1.ScoreChanged".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Ok(Ok(Some(m))) =
+        tokio::time::timeout(std::time::Duration::from_millis(500), stream.message()).await
+    {
+        let e = m.event.unwrap();
+        out.push(
+            <pb::ScoreChanged as prost::Message>::decode(e.payload.unwrap().value.as_slice())
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// Every ScoreChanged carries a curve that gives its new value at its
+/// change time, and the last of each customer's score gives GetScore's
+/// answer then and at later instants (no award in between).
+async fn assert_curves_agree(env: &Env, changes: &[pb::ScoreChanged], model: &str) {
+    let mut s = env.scoring();
+    let mut last = std::collections::BTreeMap::new();
+    for c in changes {
+        let curve = curve_of(c.curve.as_ref().expect("a curve"));
+        let at =
+            clm_platform::convert::from_timestamp("t", c.change_time.as_ref().unwrap()).unwrap();
+        assert_eq!(curve.value_at(at.timestamp_micros()), c.new_value, "{c:?}");
+        last.insert((c.customer.clone(), c.score.clone()), c);
+    }
+    for c in last.into_values() {
+        let curve = curve_of(c.curve.as_ref().expect("a curve"));
+        let at =
+            clm_platform::convert::from_timestamp("t", c.change_time.as_ref().unwrap()).unwrap();
+        assert_eq!(curve.value_at(at.timestamp_micros()), c.new_value, "{c:?}");
+        for later in [Duration::zero(), Duration::days(3), Duration::days(40)] {
+            let got = s
+                .get_score(pb::GetScoreRequest {
+                    customer: c.customer.clone(),
+                    scoring_model: model.into(),
+                    read_time: Some(clm_platform::convert::timestamp(at + later)),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let value = got
+                .scores
+                .iter()
+                .find(|v| v.score == c.score)
+                .unwrap()
+                .value;
+            assert_eq!(
+                curve.value_at((at + later).timestamp_micros()),
+                value,
+                "{later} after {c:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn rescore_merge_and_activation_restate_scores_with_their_curves() {
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    let mut uses = event_rule("use", "feature_use", 5);
+    uses.decay = Some(pb::Decay {
+        kind: Some(pb::decay::Kind::HalfLife(dur(Duration::days(10)))),
+    });
+    let mut buys = event_rule("visit", "product_access", 7);
+    buys.decay = Some(pb::Decay {
+        kind: Some(pb::decay::Kind::LinearOver(dur(Duration::days(20)))),
+    });
+    create(&mut s, "leads", model(vec![uses.clone(), buys], vec![])).await;
+    let c = env.new_customer("curves@example.com").await;
+    let d = env.new_customer("dup@example.com").await;
+    env.touch(&c.name, "c1", cpb::TouchpointType::FeatureUse, "x")
+        .await;
+    env.touch(&c.name, "c2", cpb::TouchpointType::ProductAccess, "")
+        .await;
+    env.score_reaches(&c.name, "scoringModels/leads", "engagement", 12.0)
+        .await;
+    // Awards: each change carries its curve.
+    let awarded = score_changes_after(&env, 0).await;
+    assert!(
+        awarded
+            .iter()
+            .all(|c| c.cause == pb::ScoreChangeCause::Award as i32),
+        "{awarded:?}"
+    );
+    assert_curves_agree(&env, &awarded, "scoringModels/leads").await;
+    let db = sea_orm::Database::connect(&env.scoring_backend.database_url)
+        .await
+        .unwrap();
+
+    // Activation of a version with a ceiling re-states the scores under it.
+    env.clock.set(t0() + Duration::days(2));
+    let mark = settled_end(&db).await;
+    let current = s
+        .get_scoring_model(pb::GetScoringModelRequest {
+            name: "scoringModels/leads".into(),
+            version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = model(vec![uses], vec![]);
+    next.scores = vec![pb::ScoreDefinition {
+        name: "engagement".into(),
+        ceiling: Some(8),
+        ..Default::default()
+    }];
+    next.name = "scoringModels/leads".into();
+    next.etag = current.etag;
+    s.update_scoring_model(pb::UpdateScoringModelRequest {
+        scoring_model: Some(next),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    s.activate_model_version(pb::ActivateModelVersionRequest {
+        name: "scoringModels/leads".into(),
+        version: 2,
+        request_id: "activate-2".into(),
+    })
+    .await
+    .unwrap();
+    let activated = score_changes_after(&env, mark).await;
+    let engagement: Vec<_> = activated
+        .iter()
+        .filter(|e| e.score == "engagement")
+        .collect();
+    assert_eq!(engagement.len(), 1, "{activated:?}");
+    assert_eq!(engagement[0].cause, pb::ScoreChangeCause::Activation as i32);
+    assert_eq!(engagement[0].new_value, 8.0);
+    assert!(engagement[0].old_value > 8.0, "{:?}", engagement[0]);
+    assert_eq!(engagement[0].curve.as_ref().unwrap().ceiling, Some(8));
+    assert_curves_agree(&env, &activated, "scoringModels/leads").await;
+    // The same request again changes nothing and emits nothing.
+    let mark = settled_end(&db).await;
+    s.activate_model_version(pb::ActivateModelVersionRequest {
+        name: "scoringModels/leads".into(),
+        version: 2,
+        request_id: "activate-2".into(),
+    })
+    .await
+    .unwrap();
+    assert!(score_changes_after(&env, mark).await.is_empty());
+
+    // Re-scoring under v2 (no visit rule): every score re-stated.
+    let mark = settled_end(&db).await;
+    let op = s
+        .rescore_customers(pb::RescoreCustomersRequest {
+            scoring_model: "scoringModels/leads".into(),
+            model_version: 0,
+            request_id: "rescore-curves".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    operation_done(env.scoring.as_ref().unwrap().channel(), &op.name).await;
+    let rescored = score_changes_after(&env, mark).await;
+    assert!(
+        rescored
+            .iter()
+            .any(|e| e.customer == c.name && e.score == "engagement"),
+        "{rescored:?}"
+    );
+    assert!(
+        rescored
+            .iter()
+            .all(|e| e.cause == pb::ScoreChangeCause::Rescore as i32)
+    );
+    assert_curves_agree(&env, &rescored, "scoringModels/leads").await;
+
+    // A merge re-states the survivor's scores with the merged ledger.
+    env.touch(&d.name, "d1", cpb::TouchpointType::FeatureUse, "x")
+        .await;
+    env.score_reaches(&d.name, "scoringModels/leads", "engagement", 5.0)
+        .await;
+    let mark = settled_end(&db).await;
+    env.merge(&c.name, &d.name).await;
+    eventually(std::time::Duration::from_secs(30), || async {
+        let merged = score_changes_after(&env, mark).await;
+        merged
+            .iter()
+            .any(|e| e.cause == pb::ScoreChangeCause::Merge as i32 && e.customer == c.name)
+            .then_some(())
+    })
+    .await;
+    let merged = score_changes_after(&env, mark).await;
+    assert_curves_agree(&env, &merged, "scoringModels/leads").await;
+}
+
+/// A touchpoint no rule scores still moves the last activity inactivity
+/// decay counts from: the score is re-stated (cause ACTIVITY) with its new
+/// curve, so a reader's value stays GetScore's.
+#[tokio::test]
+async fn activity_without_an_award_restates_scores_with_inactivity_decay() {
+    let env = Env::start().await;
+    let mut s = env.scoring();
+    let mut m = model(
+        vec![event_rule(
+            "export",
+            r#"feature_use where feature = "export""#,
+            20,
+        )],
+        vec![],
+    );
+    m.scores = vec![pb::ScoreDefinition {
+        name: "engagement".into(),
+        inactivity: Some(pb::InactivityDecay {
+            points: -5,
+            every: Some(dur(Duration::days(7))),
+        }),
+        ..Default::default()
+    }];
+    create(&mut s, "idle", m).await;
+    let c = env.new_customer("idle@example.com").await;
+    env.touch(&c.name, "e1", cpb::TouchpointType::FeatureUse, "export")
+        .await;
+    env.score_reaches(&c.name, "scoringModels/idle", "engagement", 20.0)
+        .await;
+    let db = sea_orm::Database::connect(&env.scoring_backend.database_url)
+        .await
+        .unwrap();
+    env.clock.set(t0() + Duration::days(10));
+    assert_eq!(
+        env.score(&c.name, "scoringModels/idle", "engagement").await,
+        15.0
+    );
+    let mark = settled_end(&db).await;
+    env.touch(&c.name, "v1", cpb::TouchpointType::ProductAccess, "")
+        .await;
+    let changes = eventually(std::time::Duration::from_secs(30), || async {
+        let list = score_changes_after(&env, mark).await;
+        (!list.is_empty()).then_some(list)
+    })
+    .await;
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    let c0 = &changes[0];
+    assert_eq!(c0.cause, pb::ScoreChangeCause::Activity as i32);
+    assert_eq!((c0.old_value, c0.new_value), (15.0, 20.0));
+    assert_eq!(
+        c0.curve.as_ref().unwrap().last_activity_time,
+        Some(clm_platform::convert::timestamp(t0() + Duration::days(10)))
+    );
+    assert_curves_agree(&env, &changes, "scoringModels/idle").await;
+}

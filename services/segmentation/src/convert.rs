@@ -7,7 +7,7 @@ use clm_domain::demographics::Gender;
 use clm_domain::lifecycle::Stage;
 use clm_domain::money::Money;
 use clm_domain::rules::{
-    CmpOp, Condition, NpsCategory, Operand, Predicate, Rule, SumField, Test, TouchField,
+    CmpOp, Condition, NpsCategory, Operand, Predicate, Rule, ScoreRef, SumField, Test, TouchField,
     TouchQuery, TouchType, Value,
 };
 use clm_domain::touchpoint::TouchpointKind;
@@ -130,7 +130,19 @@ fn operand(field: &str, o: &pb::Operand) -> Result<Operand, Violation> {
             }
         },
         Some(Kind::Attribute(k)) => Operand::Attribute(k.clone()),
-        Some(Kind::Score(s)) => Operand::Score(s.clone()),
+        Some(Kind::Score(s)) => Operand::Score(ScoreRef::plain(s)),
+        Some(Kind::ModelScore(m)) => {
+            if m.scoring_model.is_empty() {
+                return Err(Violation::new(
+                    format!("{field}.model_score.scoring_model"),
+                    "is required",
+                ));
+            }
+            Operand::Score(ScoreRef::of(
+                m.scoring_model.trim_start_matches("scoringModels/"),
+                &m.score,
+            ))
+        }
         Some(Kind::Count(q)) => Operand::Count(query(&format!("{field}.count"), q)?),
         Some(Kind::First(q)) => Operand::First(query(&format!("{field}.first"), q)?),
         Some(Kind::Last(q)) => Operand::Last(query(&format!("{field}.last"), q)?),
@@ -348,7 +360,14 @@ fn operand_to_proto(o: &Operand) -> pb::Operand {
             Operand::LoyaltyTier => field(pb::ProfileField::LoyaltyTier),
             Operand::LoyaltyBalance => field(pb::ProfileField::LoyaltyBalance),
             Operand::Attribute(k) => Kind::Attribute(k.clone()),
-            Operand::Score(s) => Kind::Score(s.clone()),
+            Operand::Score(ScoreRef { model: None, name }) => Kind::Score(name.clone()),
+            Operand::Score(ScoreRef {
+                model: Some(model),
+                name,
+            }) => Kind::ModelScore(pb::ModelScore {
+                scoring_model: model.clone(),
+                score: name.clone(),
+            }),
             Operand::Count(q) => Kind::Count(query_to_proto(q)),
             Operand::First(q) => Kind::First(query_to_proto(q)),
             Operand::Last(q) => Kind::Last(query_to_proto(q)),
@@ -497,4 +516,82 @@ pub fn segment_to_proto(s: &Segment, live: &Live) -> pb::Segment {
         approval_required: s.approval_required,
         objectives: live.objectives.clone(),
     }
+}
+
+/// A `ScoreChanged` as the projection stores it: the curve it carries
+/// (an event without one, written before curves existed, holds its new
+/// value until the next event), `None` when it names no customer or score
+/// or carries a value that is not a number.
+pub fn score_row(m: &clm_proto::scoring::ScoreChanged) -> Option<crate::store::facts::ScoreRow> {
+    use clm_domain::scoring::{Curve, Decay, Inactivity, Term};
+    use clm_proto::scoring::decay::Kind;
+    let customer = clm_platform::customer_events::bare_id(&m.customer)?;
+    if m.score.is_empty() || !m.new_value.is_finite() {
+        return None;
+    }
+    let micros = |t: &Option<prost_types::Timestamp>| -> Option<i64> {
+        Some(time("", t.as_ref()?).ok()?.timestamp_micros())
+    };
+    let positive =
+        |d: &prost_types::Duration| duration("", d).ok().filter(|d| *d > TimeDelta::zero());
+    let changed_us = micros(&m.change_time).unwrap_or(0);
+    let curve = match &m.curve {
+        None => Curve {
+            terms: vec![Term {
+                coef: m.new_value,
+                since_us: changed_us,
+                decay: Decay::None,
+            }],
+            ..Curve::default()
+        },
+        Some(c) => {
+            let mut terms = Vec::with_capacity(c.terms.len());
+            for t in &c.terms {
+                if !t.coefficient.is_finite() {
+                    return None;
+                }
+                let decay = match t.decay.as_ref().and_then(|d| d.kind.as_ref()) {
+                    None => Decay::None,
+                    Some(Kind::HalfLife(h)) => Decay::Exponential {
+                        half_life: positive(h)?,
+                    },
+                    Some(Kind::LinearOver(o)) => Decay::Linear { over: positive(o)? },
+                };
+                terms.push(Term {
+                    coef: t.coefficient,
+                    since_us: micros(&t.since)?,
+                    decay,
+                });
+            }
+            let inactivity = match (&c.inactivity, micros(&c.last_activity_time)) {
+                (Some(i), Some(last)) => Some((
+                    Inactivity {
+                        points: i.points,
+                        every: positive(i.every.as_ref()?)?,
+                    },
+                    last,
+                )),
+                _ => None,
+            };
+            Curve {
+                terms,
+                inactivity,
+                floor: c.floor,
+                ceiling: c.ceiling,
+            }
+        }
+    };
+    Some(crate::store::facts::ScoreRow {
+        customer,
+        model: m
+            .scoring_model
+            .strip_prefix("scoringModels/")
+            .unwrap_or(&m.scoring_model)
+            .to_owned(),
+        name: m.score.clone(),
+        changed_us,
+        value: m.new_value,
+        grade: m.grade.clone(),
+        curve,
+    })
 }

@@ -914,8 +914,10 @@ impl OnDue for Engine {
 /// The catalog for checking a rule, knowing the existing segments and the
 /// custom score names: those any customer has (from scoring's stream)
 /// and, when `peers.scoring` is configured, those the scoring models
-/// define (asked at once, so a segment can name a score no customer has
-/// yet; a scoring service that does not answer leaves the first set).
+/// define, by model (asked at once, so a segment can name a score no
+/// customer has yet, `score("<model>").<name>` is checked against its
+/// model and a plain `score.<name>` several models define is ambiguous; a
+/// scoring service that does not answer leaves the first set).
 pub async fn catalog_with_segments(rt: &Runtime) -> Result<rules::FieldCatalog> {
     let db = &rt.read;
     let names = segments::all(db)
@@ -925,20 +927,22 @@ pub async fn catalog_with_segments(rt: &Runtime) -> Result<rules::FieldCatalog> 
         .collect();
     let mut c = catalog::catalog(names);
     c.scores = facts::score_names(db).await?;
-    c.scores.extend(model_score_names(rt).await);
+    if let Some(models) = model_score_names(rt).await {
+        c.scores.extend(models.values().flatten().cloned());
+        c.score_models = Some(models);
+    }
     Ok(c)
 }
 
-/// The score names of every scoring model, from the scoring service
-/// (empty when it is not configured or does not answer).
-async fn model_score_names(rt: &Runtime) -> BTreeSet<String> {
+/// The scores of every scoring model by model id (`fit` and `engagement`
+/// included), from the scoring service (`None` when it is not configured
+/// or does not answer).
+async fn model_score_names(rt: &Runtime) -> Option<BTreeMap<String, BTreeSet<String>>> {
     use clm_platform::peer::Idempotency;
     use clm_proto::scoring::ListScoringModelsRequest;
     use clm_proto::scoring::scoring_service_client::ScoringServiceClient;
-    let Some(peer) = rt.peers.get("scoring") else {
-        return BTreeSet::new();
-    };
-    let mut names = BTreeSet::new();
+    let peer = rt.peers.get("scoring")?;
+    let mut names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut page_token = String::new();
     loop {
         let request = ListScoringModelsRequest {
@@ -955,19 +959,21 @@ async fn model_score_names(rt: &Runtime) -> BTreeSet<String> {
             .await;
         match page {
             Ok(p) => {
-                names.extend(
-                    p.scoring_models
-                        .iter()
-                        .flat_map(|m| m.scores.iter().map(|s| s.name.clone())),
-                );
+                for m in &p.scoring_models {
+                    let id = m.name.strip_prefix("scoringModels/").unwrap_or(&m.name);
+                    let scores = names.entry(id.to_owned()).or_default();
+                    scores.insert(clm_domain::scoring::FIT.to_owned());
+                    scores.insert(clm_domain::scoring::ENGAGEMENT.to_owned());
+                    scores.extend(m.scores.iter().map(|s| s.name.clone()));
+                }
                 if p.next_page_token.is_empty() {
-                    return names;
+                    return Some(names);
                 }
                 page_token = p.next_page_token;
             }
             Err(e) => {
                 tracing::info!(error = %e, "scoring's model scores unknown; checking against the scores customers have");
-                return names;
+                return None;
             }
         }
     }

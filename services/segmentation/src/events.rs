@@ -35,9 +35,11 @@ pub fn customer_handlers(engine: Engine) -> Handlers {
 }
 
 /// Handlers of the scoring stream: each `ScoreChanged` sets the
-/// customer's score value and grade in the projection and re-evaluates the
-/// segments that read scores. A score there is its value at the last award
-/// (decay between awards is not streamed; see the crate docs).
+/// customer's score (per model and name: its curve in time, so rules read
+/// it at any instant, decay included) and grade in the projection and
+/// re-evaluates the segments that read scores, which arms timers at the
+/// instants decay moves a score across a rule's numbers. A score for a
+/// customer not seen yet is kept until the customer arrives.
 pub fn scoring_handlers(engine: Engine) -> Handlers {
     Handlers::new()
         .on_batch::<clm_proto::scoring::ScoreChanged, _>(Arc::new(CustomerFacts { engine }))
@@ -53,16 +55,16 @@ impl OnBatch<clm_proto::scoring::ScoreChanged> for CustomerFacts {
         let events: Vec<&ChangeEvent> = messages.iter().map(|(e, _)| *e).collect();
         let rows: Vec<facts::ScoreRow> = messages
             .iter()
-            .filter_map(|(_, m)| {
-                Some((
-                    bare(&m.customer)?,
-                    m.score.clone(),
-                    m.new_value,
-                    m.grade.clone(),
-                ))
+            .filter_map(|(e, m)| {
+                let row = crate::convert::score_row(m);
+                if row.is_none() {
+                    tracing::warn!(event = %e.event_id, "ScoreChanged without a readable score; skipped");
+                }
+                row
             })
-            .filter(|(_, score, value, _)| !score.is_empty() && value.is_finite())
             .collect();
+        let ids: Vec<String> = rows.iter().map(|r| r.customer.clone()).collect();
+        facts::lock_customers(cx.txn(), &ids).await?;
         let updated = facts::set_scores(cx.txn(), &rows).await?;
         let work = updated
             .into_iter()
@@ -461,7 +463,8 @@ impl On<cpb::CustomersMerged> for CustomerFacts {
         };
         let merged: Vec<String> = m.merged.iter().filter_map(|n| bare(n)).collect();
         let now = clm_domain::clock::micros(cx.now());
-        facts::merge(cx.txn(), &survivor, &merged).await?;
+        facts::lock_customers(cx.txn(), &merged).await?;
+        facts::merge(cx.txn(), &survivor, &merged, now.timestamp_micros()).await?;
         if let Some(p) = m.customer.as_ref().and_then(profile) {
             facts::upsert_profiles(cx.txn(), &[p]).await?;
         }
@@ -490,8 +493,11 @@ impl On<cpb::CustomerErased> for CustomerFacts {
         let now = clm_domain::clock::micros(cx.now());
         let mut ids = vec![id.clone()];
         ids.extend(m.merged_from.iter().filter_map(|n| bare(n)));
+        // First, so a score of the customer being applied concurrently
+        // either commits before (and is deleted here) or sees it gone.
+        facts::lock_customers(cx.txn(), &ids).await?;
         let out = self.drop_members(cx, &ids, now).await?;
-        facts::erase(cx.txn(), &ids).await?;
+        facts::erase(cx.txn(), &ids, now.timestamp_micros()).await?;
         members::delete_customers(cx.txn(), &ids).await?;
         self.finish(cx, out);
         // Segments that name an erased customer's membership are decided

@@ -50,12 +50,13 @@
 //! * Customers without a profile row are in no segment (the customer
 //!   service emits `CustomerCreated` before anything else about them).
 //! * Scores and grade come from the scoring service's stream when
-//!   `peers.scoring` is configured (`clm up` does): each `ScoreChanged` sets
-//!   the value at that award and re-evaluates the segments reading scores.
-//!   Decay between awards is not streamed, so `score.<name>` is the value at
-//!   the customer's last award (or threshold move), not a decayed value.
-//!   A score for a customer the projection does not hold (not created yet,
-//!   or already erased) is dropped.
+//!   `peers.scoring` is configured (`clm up` does): each `ScoreChanged`
+//!   sets the score's curve per (customer, model, name) and re-evaluates
+//!   the segments reading scores; rules read a score at the evaluation
+//!   instant, decay included, and timers fire at the exact instants decay
+//!   moves it across a rule's numbers (`clm_domain::scoring::Curve`). A
+//!   score for a customer the projection does not hold yet is kept for when
+//!   it arrives; one for a customer erased or merged away is dropped.
 //! * NPS and CSAT facts (`nps.last`, `nps.last_category`, `csat.last`)
 //!   follow the feedback service's stream when `peers.feedback` is
 //!   configured: each completed response sets the customer's last answers

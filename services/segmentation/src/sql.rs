@@ -15,7 +15,7 @@ use crate::catalog::granted_by_default;
 use crate::store::entity::fact_attributes::{Column as FA, Entity as FactAttributes};
 use crate::store::entity::fact_consents::{Column as FK, Entity as FactConsents};
 use crate::store::entity::fact_customers::{Column as FC, Entity as FactCustomers};
-use crate::store::entity::fact_scores::{Column as FS, Entity as FactScores};
+use crate::store::entity::fact_score_curves::{Column as SC, Entity as FactScoreCurves};
 use crate::store::entity::fact_touch_props::{Column as FP, Entity as FactTouchProps};
 use crate::store::entity::fact_touchpoints::{Column as FT, Entity as FactTouchpoints};
 use crate::store::entity::members::{Column as M, Entity as Members};
@@ -23,7 +23,7 @@ use chrono::{DateTime, Datelike, Days, NaiveDate, Utc};
 use clm_domain::demographics::age_on;
 use clm_domain::ids::Uuid;
 use clm_domain::rules::{
-    CmpOp, Condition, NpsCategory, Operand, Predicate, Rule, SumField, Test, TouchField,
+    CmpOp, Condition, NpsCategory, Operand, Predicate, Rule, ScoreRef, SumField, Test, TouchField,
     TouchQuery, Value,
 };
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, Func, IntoIden, Query, SelectStatement};
@@ -197,14 +197,7 @@ impl Compiler {
             Operand::NpsLastCategory => Fact::Nps(c(FC::NpsLast)),
             Operand::CsatLast => Fact::Num(c(FC::CsatLast)),
             Operand::LoyaltyBalance => Fact::Num(c(FC::LoyaltyBalance)),
-            Operand::Score(name) => Fact::Num(Expr::from(
-                Query::select()
-                    .expr(col("s", FS::Value))
-                    .from_as(FactScores, a("s"))
-                    .and_where(col("s", FS::CustomerId).equals((a(CUSTOMER), FC::CustomerId)))
-                    .and_where(col("s", FS::Name).eq(name.as_str()))
-                    .to_owned(),
-            )),
+            Operand::Score(score) => Fact::Num(self.score(score)),
             Operand::Attribute(key) => {
                 return Expr::exists(
                     Query::select()
@@ -255,6 +248,82 @@ impl Compiler {
             )),
         };
         self.test(&fact, test)
+    }
+
+    /// The value of `score` at the evaluation instant, computed as
+    /// `clm_domain::scoring::Curve::value_at` computes it, operation for
+    /// operation: each term `coef × factor` (exponential `pow(2, −a/h)`,
+    /// linear `1 − a/over` until it ends, 0 before `since`), summed, plus
+    /// the inactivity penalty, clamped to floor and ceiling, rounded to 4
+    /// decimals half away from zero (as `floor(|y| + 0.5)`: the same as
+    /// Rust's `round` for every value a score takes, below 2^52 / 10^4).
+    /// The plain form reads the customer's most recently changed score of
+    /// that name (then the smallest model id), as `FactSet::curve` does.
+    /// SQLite needs its math functions (`pow`, `floor`): `.cargo/config.toml`
+    /// builds the bundled SQLite with them.
+    fn score(&self, score: &ScoreRef) -> Expr {
+        let t = micros(self.at);
+        let dbl = if self.postgres {
+            "DOUBLE PRECISION"
+        } else {
+            "REAL"
+        };
+        let term = format!(
+            "CASE WHEN k.since_us > {t} THEN CAST(0 AS {dbl}) \
+             WHEN k.kind = 1 THEN k.coef * POWER(CAST(2 AS {dbl}), \
+               -CAST({t} - k.since_us AS {dbl}) / CAST(k.param_us AS {dbl})) \
+             WHEN k.kind = 2 THEN CASE WHEN {t} - k.since_us >= k.param_us THEN CAST(0 AS {dbl}) \
+               ELSE k.coef * (CAST(1 AS {dbl}) - CAST({t} - k.since_us AS {dbl}) / CAST(k.param_us AS {dbl})) END \
+             ELSE k.coef END"
+        );
+        let raw = format!(
+            "COALESCE((SELECT SUM({term}) FROM fact_score_terms k \
+               WHERE k.customer_id = s.customer_id AND k.model = s.model AND k.name = s.name), \
+               CAST(0 AS {dbl})) \
+             + CASE WHEN s.idle_points IS NULL OR s.last_us IS NULL OR {t} <= s.last_us \
+               THEN CAST(0 AS {dbl}) \
+               ELSE CAST(s.idle_points AS {dbl}) * CAST(({t} - s.last_us) / s.idle_every_us AS {dbl}) END"
+        );
+        let mut curve = Query::select();
+        curve
+            .expr_as(Expr::cust(raw), a("raw"))
+            .expr_as(col("s", SC::Floor), a("lo"))
+            .expr_as(col("s", SC::Ceiling), a("hi"))
+            .from_as(FactScoreCurves, a("s"))
+            .and_where(col("s", SC::CustomerId).equals((a(CUSTOMER), FC::CustomerId)))
+            .and_where(col("s", SC::Name).eq(score.name.as_str()));
+        match &score.model {
+            Some(m) => {
+                curve.and_where(col("s", SC::Model).eq(m.as_str()));
+            }
+            None => {
+                curve
+                    .order_by((a("s"), SC::ChangedUs), sea_orm::Order::Desc)
+                    .order_by((a("s"), SC::Model), sea_orm::Order::Asc)
+                    .limit(1);
+            }
+        }
+        let clamped = format!(
+            "(CASE WHEN r.hi IS NOT NULL AND \
+               (CASE WHEN r.lo IS NOT NULL AND r.raw < r.lo THEN CAST(r.lo AS {dbl}) ELSE r.raw END) > r.hi \
+               THEN CAST(r.hi AS {dbl}) \
+               ELSE (CASE WHEN r.lo IS NOT NULL AND r.raw < r.lo THEN CAST(r.lo AS {dbl}) ELSE r.raw END) END) \
+             * CAST(10000 AS {dbl})"
+        );
+        let scaled = Query::select()
+            .expr_as(Expr::cust(clamped), a("y"))
+            .from_subquery(curve, a("r"))
+            .to_owned();
+        let rounded = format!(
+            "(CASE WHEN q.y < 0 THEN -FLOOR(-q.y + CAST(0.5 AS {dbl})) \
+               ELSE FLOOR(q.y + CAST(0.5 AS {dbl})) END) / CAST(10000 AS {dbl})"
+        );
+        Expr::from(
+            Query::select()
+                .expr(Expr::cust(rounded))
+                .from_subquery(scaled, a("q"))
+                .to_owned(),
+        )
     }
 
     /// The customer's touchpoints matching `q` (type, filter, window), to

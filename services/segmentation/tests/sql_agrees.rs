@@ -10,10 +10,11 @@ use clm_domain::demographics::Gender;
 use clm_domain::lifecycle::Stage;
 use clm_domain::money::Money;
 use clm_domain::rules::{self, FieldCatalog};
+use clm_domain::scoring::{Curve, Decay, Inactivity, Term};
 use clm_domain::touchpoint::{Touchpoint, TouchpointKind};
 use clm_platform::testing::TestBackend;
 use clm_segmentation::sql::Compiler;
-use clm_segmentation::store::facts::{self, Profile, TouchRow};
+use clm_segmentation::store::facts::{self, Profile, ScoreRow, TouchRow};
 use proptest::prelude::*;
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use sea_orm_migration::MigratorTrait;
@@ -92,7 +93,76 @@ fn condition() -> impl Strategy<Value = String> {
             "not consent(surveys, push)",
         ])
         .prop_map(str::to_owned),
+        score_condition(),
     ]
+}
+
+/// A condition on a decayed score, read at the evaluation instant: plain
+/// (the customer's most recently changed of that name) and per model.
+fn score_condition() -> impl Strategy<Value = String> {
+    prop_oneof![
+        (
+            prop::sample::select(vec![
+                "score.engagement",
+                "score.fit",
+                r#"score("a").engagement"#,
+                r#"score("b").engagement"#,
+                r#"score("b").fit"#,
+            ]),
+            op(),
+            -30..60i32,
+        )
+            .prop_map(|(s, o, n)| format!("{s} {o} {n}")),
+        (-20..40i32, 0..30i32)
+            .prop_map(|(a, w)| format!("score.engagement between {a} and {}", a + w)),
+    ]
+}
+
+/// A score of customer `id`: up to three terms of every decay kind
+/// (some dated after the evaluation instant), sometimes inactivity, a
+/// floor or a ceiling.
+fn score(id: String) -> impl Strategy<Value = ScoreRow> {
+    let term =
+        (-5000..5000i64, -200..40i64, 0..3i16, 1..30i64).prop_map(|(centi, hours, kind, days)| {
+            Term {
+                coef: centi as f64 / 100.0,
+                since_us: (now() - Duration::hours(hours)).timestamp_micros(),
+                decay: Decay::from_code(kind, days * 86_400_000_000 / 7),
+            }
+        });
+    (
+        prop::sample::select(vec!["a", "b"]),
+        prop::sample::select(vec!["engagement", "fit"]),
+        0..300i64,
+        prop::collection::vec(term, 0..4),
+        prop::option::of((-10..0i64, 1..14i64, 0..400i64)),
+        prop::option::of(-20..10i64),
+        prop::option::of(20..60i64),
+    )
+        .prop_map(
+            move |(model, name, changed_h, terms, idle, floor, ceiling)| ScoreRow {
+                customer: id.clone(),
+                model: model.into(),
+                name: name.into(),
+                changed_us: (now() - Duration::hours(changed_h)).timestamp_micros(),
+                value: 0.0,
+                grade: String::new(),
+                curve: Curve {
+                    terms,
+                    inactivity: idle.map(|(points, days, h)| {
+                        (
+                            Inactivity {
+                                points,
+                                every: chrono::TimeDelta::days(days),
+                            },
+                            (now() - Duration::hours(h * 2)).timestamp_micros(),
+                        )
+                    }),
+                    floor,
+                    ceiling,
+                },
+            },
+        )
 }
 
 fn rule() -> impl Strategy<Value = String> {
@@ -110,6 +180,7 @@ struct Customer {
     profile: Profile,
     consents: Vec<(String, String, Option<bool>)>,
     touches: Vec<Touchpoint>,
+    scores: Vec<ScoreRow>,
 }
 
 fn customer(i: usize) -> impl Strategy<Value = Customer> {
@@ -159,14 +230,22 @@ fn customer(i: usize) -> impl Strategy<Value = Customer> {
         ),
         0..8,
     );
+    let scores = prop::collection::vec(score(format!("c{i}")), 0..4);
     (
         (prop_oneof![birth, leap], gender, income, occupation, stage),
         attrs,
         consents,
         touches,
+        scores,
     )
         .prop_map(
-            move |((birth, gender, income, occupation, stage), attrs, consents, touches)| {
+            move |(
+                (birth, gender, income, occupation, stage),
+                attrs,
+                consents,
+                touches,
+                scores,
+            )| {
                 let id = format!("c{i}");
                 let mut attributes = BTreeMap::new();
                 if let Some(p) = attrs.0 {
@@ -235,6 +314,7 @@ fn customer(i: usize) -> impl Strategy<Value = Customer> {
                         .map(|(p, c, g)| (p.to_owned(), c.to_owned(), g))
                         .collect(),
                     touches,
+                    scores,
                 }
             },
         )
@@ -259,6 +339,8 @@ async fn load(db: &DatabaseConnection, people: &[Customer]) {
         "fact_consents",
         "fact_touchpoints",
         "fact_touch_props",
+        "fact_score_curves",
+        "fact_score_terms",
     ] {
         db.execute_unprepared(&format!("DELETE FROM {table}"))
             .await
@@ -285,6 +367,8 @@ async fn load(db: &DatabaseConnection, people: &[Customer]) {
         })
         .collect();
     facts::insert_touchpoints(db, &touches).await.unwrap();
+    let scores: Vec<ScoreRow> = people.iter().flat_map(|c| c.scores.clone()).collect();
+    facts::set_scores(db, &scores).await.unwrap();
 }
 
 async fn agree(
@@ -322,6 +406,24 @@ async fn agree(
 
 #[test]
 fn sql_and_evaluator_agree() {
+    run(rule().boxed(), 200, (40, 160));
+}
+
+/// Rules of score conditions only: where decay, inactivity, floors and
+/// ceilings decide.
+#[test]
+fn sql_and_evaluator_agree_on_decayed_scores() {
+    let rules = score_condition().prop_recursive(2, 4, 2, |inner| {
+        prop_oneof![
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a}) and ({b})")),
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a}) or ({b})")),
+            inner.prop_map(|a| format!("not ({a})")),
+        ]
+    });
+    run(rules.boxed(), 200, (40, 160));
+}
+
+fn run(rules: BoxedStrategy<String>, cases: u32, (min_some, max_all): (usize, usize)) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (backend, db) = rt.block_on(async {
         let backend = TestBackend::new().await;
@@ -334,7 +436,7 @@ fn sql_and_evaluator_agree() {
     });
     let postgres = backend.is_postgres();
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-        cases: 200,
+        cases,
         ..ProptestConfig::default()
     });
     let (some, all) = (
@@ -342,7 +444,7 @@ fn sql_and_evaluator_agree() {
         std::sync::atomic::AtomicUsize::new(0),
     );
     runner
-        .run(&(population(), rule()), |(people, text)| {
+        .run(&(population(), rules), |(people, text)| {
             let (matched, n) = rt.block_on(agree(&db, postgres, &people, &text));
             if matched > 0 {
                 some.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -356,7 +458,7 @@ fn sql_and_evaluator_agree() {
     // The generated rules are neither all empty nor all everything.
     let (some, all) = (some.into_inner(), all.into_inner());
     assert!(
-        some > 40 && all < 160,
+        some > min_some && all < max_all,
         "matched some: {some}, matched all: {all}"
     );
 }

@@ -7,7 +7,9 @@
 
 use clm_platform::config::Config;
 use clm_platform::service::ServiceDescriptor;
-use clm_platform::testing::{Running, TestBackend, eventually, start, start_on};
+use clm_platform::testing::{
+    Running, TestBackend, eventually, start, start_on, start_on_with_clock, start_with_clock,
+};
 use clm_proto::customer as cpb;
 use clm_proto::customer::customer_service_client::CustomerServiceClient;
 use clm_proto::feedback::feedback_service_client::FeedbackServiceClient;
@@ -52,6 +54,8 @@ pub struct Suite {
     bound: BTreeMap<&'static str, std::net::TcpListener>,
     configs: BTreeMap<&'static str, Config>,
     backends: BTreeMap<&'static str, TestBackend>,
+    /// The clock every service reads, when the test drives it.
+    clock: Option<std::sync::Arc<dyn clm_domain::Clock>>,
 }
 
 impl Suite {
@@ -60,8 +64,20 @@ impl Suite {
         Self::start_with(|_, _| {}).await
     }
 
+    /// All five, reading `clock` (a `ManualClock` the test drives).
+    pub async fn start_with_clock(clock: std::sync::Arc<dyn clm_domain::Clock>) -> Self {
+        Self::start_inner(|_, _| {}, Some(clock)).await
+    }
+
     /// All five, with `tweak` applied to each service's config.
     pub async fn start_with(tweak: impl Fn(&str, &mut Config)) -> Self {
+        Self::start_inner(tweak, None).await
+    }
+
+    async fn start_inner(
+        tweak: impl Fn(&str, &mut Config),
+        clock: Option<std::sync::Arc<dyn clm_domain::Clock>>,
+    ) -> Self {
         let mut backends = BTreeMap::new();
         let mut addrs = BTreeMap::new();
         let mut bound = BTreeMap::new();
@@ -90,6 +106,7 @@ impl Suite {
             bound,
             configs,
             backends,
+            clock,
         };
         for s in SERVICES {
             suite.start_service(s).await;
@@ -104,9 +121,13 @@ impl Suite {
             "{service} runs already"
         );
         let config = self.configs[service].clone();
-        let running = match self.bound.remove(service) {
-            Some(listener) => start_on(descriptor(service), config, listener).await,
-            None => start(descriptor(service), config).await,
+        let running = match (self.bound.remove(service), self.clock.clone()) {
+            (Some(listener), Some(clock)) => {
+                start_on_with_clock(descriptor(service), config, listener, clock).await
+            }
+            (Some(listener), None) => start_on(descriptor(service), config, listener).await,
+            (None, Some(clock)) => start_with_clock(descriptor(service), config, clock).await,
+            (None, None) => start(descriptor(service), config).await,
         };
         self.running.insert(service, running);
     }

@@ -48,6 +48,35 @@ pub enum Condition {
     InSegment(String),
 }
 
+/// A score a rule reads: its name and, in the model-qualified form
+/// `score("leads").engagement`, the scoring model's id.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ScoreRef {
+    /// The scoring model's id (`scoringModels/{id}`), `None` in the plain
+    /// form `score.<name>`.
+    pub model: Option<String>,
+    /// The score's name.
+    pub name: String,
+}
+
+impl ScoreRef {
+    /// The plain form `score.<name>`.
+    pub fn plain(name: &str) -> Self {
+        ScoreRef {
+            model: None,
+            name: name.to_owned(),
+        }
+    }
+
+    /// The model-qualified form `score("<model>").<name>`.
+    pub fn of(model: &str, name: &str) -> Self {
+        ScoreRef {
+            model: Some(model.to_owned()),
+            name: name.to_owned(),
+        }
+    }
+}
+
 /// The left side of a comparison: a fact of the customer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Operand {
@@ -69,8 +98,10 @@ pub enum Operand {
     Stage,
     /// `time_in_stage`: time since the customer entered the current stage.
     TimeInStage,
-    /// `score.<name>`: `engagement`, `fit` or a custom score.
-    Score(String),
+    /// `score.<name>` or `score("<model>").<name>`: `engagement`, `fit` or
+    /// a custom score, of one scoring model or (plain form) of the one
+    /// model that defines it.
+    Score(ScoreRef),
     /// `grade`, e.g. `"A1"`.
     Grade,
     /// `nps.last`: the last NPS answer, 0 to 10.

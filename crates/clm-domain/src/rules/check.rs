@@ -47,6 +47,13 @@ pub trait Catalog {
     fn has_consent(&self, purpose: &str, channel: &str) -> bool;
     /// Whether segment `name` exists.
     fn has_segment(&self, name: &str) -> bool;
+    /// The scoring models (by id) and the scores each defines (`fit` and
+    /// `engagement` included), if the catalog knows them; `None` checks
+    /// score names with [`Catalog::has_score`] alone and lets the plain
+    /// form stand for any model.
+    fn score_models(&self) -> Option<&BTreeMap<String, BTreeSet<String>>> {
+        None
+    }
 }
 
 /// A catalog from plain sets. An open set (`None`) accepts any
@@ -60,6 +67,9 @@ pub struct FieldCatalog {
     pub infer_unknown_attributes: bool,
     /// Custom score names besides `engagement` and `fit`.
     pub scores: BTreeSet<String>,
+    /// The scoring models by id and the scores each defines (see
+    /// [`Catalog::score_models`]).
+    pub score_models: Option<BTreeMap<String, BTreeSet<String>>>,
     /// Custom touchpoint types; `None` accepts any valid name
     /// (1..64 characters of `[a-z0-9_.-]`).
     pub custom_touchpoints: Option<BTreeSet<String>>,
@@ -126,6 +136,10 @@ impl Catalog for FieldCatalog {
 
     fn has_score(&self, name: &str) -> bool {
         self.scores.contains(name)
+    }
+
+    fn score_models(&self) -> Option<&BTreeMap<String, BTreeSet<String>>> {
+        self.score_models.as_ref()
     }
 
     fn has_custom_touchpoint(&self, name: &str) -> bool {
@@ -451,16 +465,54 @@ impl<'a> Checker<'a> {
             Operand::TimeInStage | Operand::Sum(_, SumField::Usage) => Some(ValueType::Duration),
             Operand::NpsLastCategory => Some(ValueType::NpsCategory),
             Operand::First(_) | Operand::Last(_) => Some(ValueType::Timestamp),
-            Operand::Score(name) => {
-                if name == "engagement" || name == "fit" || self.catalog.has_score(name) {
-                    Some(ValueType::Number)
-                } else {
-                    self.push(
-                        here.loc(Part::Operand),
-                        format!("unknown score {}", short(operand)),
-                    );
+            Operand::Score(score) => {
+                let name = &score.name;
+                let builtin = name == "engagement" || name == "fit";
+                let problem = match (self.catalog.score_models(), &score.model) {
+                    (None, _) => (!builtin && !self.catalog.has_score(name))
+                        .then(|| format!("unknown score {}", short(operand))),
+                    (Some(models), Some(model)) => match models.get(model) {
+                        None => Some(format!(
+                            "unknown scoring model {}",
+                            crate::validation::echo(model)
+                        )),
+                        Some(scores) if !builtin && !scores.contains(name) => {
+                            Some(format!("unknown score {}", short(operand)))
+                        }
+                        Some(_) => None,
+                    },
+                    (Some(models), None) => {
+                        let owners: Vec<&String> = models
+                            .iter()
+                            .filter(|(_, scores)| builtin || scores.contains(name))
+                            .map(|(m, _)| m)
+                            .collect();
+                        match owners.as_slice() {
+                            [] if !builtin && !self.catalog.has_score(name) => {
+                                Some(format!("unknown score {}", short(operand)))
+                            }
+                            [] | [_] => None,
+                            [first, ..] => {
+                                let list: Vec<String> = owners
+                                    .iter()
+                                    .take(5)
+                                    .map(|m| crate::validation::echo(m))
+                                    .collect();
+                                Some(format!(
+                                    "{} is ambiguous: scoring models {} define it; name one, e.g. {}",
+                                    short(operand),
+                                    list.join(", "),
+                                    short(Operand::Score(super::ast::ScoreRef::of(first, name)))
+                                ))
+                            }
+                        }
+                    }
+                };
+                if let Some(problem) = problem {
+                    self.push(here.loc(Part::Operand), problem);
                     return;
                 }
+                Some(ValueType::Number)
             }
             Operand::Attribute(key) => match self.catalog.attribute_type(key) {
                 Some(t) => Some(t),

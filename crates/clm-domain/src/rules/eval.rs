@@ -2,7 +2,7 @@
 //! next instant at which time alone changes the answer.
 
 use super::ast::{
-    CmpOp, Condition, NpsCategory, Operand, Predicate, Rule, SumField, Test, TouchField,
+    CmpOp, Condition, NpsCategory, Operand, Predicate, Rule, ScoreRef, SumField, Test, TouchField,
     TouchQuery, Value,
 };
 use super::timeline::Timelines;
@@ -46,9 +46,22 @@ pub trait Facts {
     fn attribute(&self, key: &str) -> Option<&AttributeValue>;
     /// Lifecycle stage and when the customer entered it.
     fn stage(&self) -> Option<(Stage, DateTime<Utc>)>;
-    /// Score `name` (`engagement`, `fit` or custom). Scores are read as
-    /// given: if they decay, the facts' owner re-evaluates when they change.
-    fn score(&self, name: &str) -> Option<f64>;
+    /// Score `score` at `at` (`engagement`, `fit` or custom; of its model,
+    /// or in the plain form of the one model the facts hold it from).
+    fn score(&self, score: &ScoreRef, at: DateTime<Utc>) -> Option<f64>;
+    /// The first instant after `at` at which time alone puts score `score`
+    /// on the other side of `value` (`>=` it, or `>` when `strict`), for
+    /// facts whose scores decay ([`next_change`] offers it as a candidate);
+    /// the default: scores do not change with time.
+    fn score_crossing(
+        &self,
+        _score: &ScoreRef,
+        _value: f64,
+        _strict: bool,
+        _at: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        None
+    }
     /// Grade, e.g. `A1`.
     fn grade(&self) -> Option<&str>;
     /// Whether consent for `purpose` on `channel` is granted.
@@ -228,7 +241,7 @@ fn fact<'f>(
         Operand::TimeInStage => facts
             .stage()
             .map(|(_, entered)| Fact::Dur(at.signed_duration_since(entered))),
-        Operand::Score(name) => facts.score(name).map(Fact::Num),
+        Operand::Score(s) => facts.score(s, at).map(Fact::Num),
         Operand::Grade => facts.grade().map(Fact::Str),
         Operand::NpsLast => facts.nps_last().map(|s| Fact::Num(f64::from(s))),
         Operand::NpsLastCategory => facts
@@ -426,6 +439,16 @@ fn condition_candidate(
                 });
             }
         }
+        Operand::Score(s) => {
+            // The value only matters relative to the test's numbers: the
+            // answer can change only where the score crosses one of them.
+            tst.for_each_value(&mut |v| {
+                if let Value::Num(n) = v {
+                    offer(facts.score_crossing(s, *n, false, t));
+                    offer(facts.score_crossing(s, *n, true, t));
+                }
+            });
+        }
         _ => {}
     }
     if let Some(q) = operand.query()
@@ -472,13 +495,16 @@ fn next_age_flip(birth: NaiveDate, tst: &Test, t: DateTime<Utc>) -> Option<DateT
 }
 
 /// Whether the rule's answer can change with time alone (it reads `age`,
-/// `time_in_stage`, a windowed touchpoint query, or `within` / `older_than`).
+/// `time_in_stage`, a score (scores decay), a windowed touchpoint query, or
+/// `within` / `older_than`).
 pub fn depends_on_time(rule: &Rule) -> bool {
     let mut timed = false;
     rule.for_each_condition(&mut |c| {
         if let Condition::Compare { operand, test } = c {
-            timed |= matches!(operand, Operand::Age | Operand::TimeInStage)
-                || operand.query().is_some_and(|q| q.window.is_some())
+            timed |= matches!(
+                operand,
+                Operand::Age | Operand::TimeInStage | Operand::Score(_)
+            ) || operand.query().is_some_and(|q| q.window.is_some())
                 || matches!(test, Test::Within(_) | Test::OlderThan(_));
         }
     });

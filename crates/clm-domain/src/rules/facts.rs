@@ -2,12 +2,13 @@
 //! [`Facts`] implementation for services that load a customer's projection
 //! and for tests.
 
-use super::ast::TouchQuery;
+use super::ast::{ScoreRef, TouchQuery};
 use super::eval::Facts;
 use crate::attributes::{AttributeValue, Attributes};
 use crate::demographics::{Demographics, Gender};
 use crate::lifecycle::Stage;
 use crate::money::Money;
+use crate::scoring::Curve;
 use crate::touchpoint::Touchpoint;
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,8 +26,12 @@ pub struct FactSet {
     pub attributes: Attributes,
     /// Lifecycle stage and when it was entered.
     pub stage: Option<(Stage, DateTime<Utc>)>,
-    /// Scores by name.
+    /// Scores that do not change with time, by name (read by the plain
+    /// form `score.<name>` when `curves` has none of that name).
     pub scores: BTreeMap<String, f64>,
+    /// Scores as curves in time, by (scoring model id, name), each with
+    /// the instant it last changed (µs).
+    pub curves: BTreeMap<(String, String), (i64, Curve)>,
     /// Grade.
     pub grade: Option<String>,
     /// Granted consents: purpose to channels.
@@ -45,7 +50,29 @@ pub struct FactSet {
     pub touchpoints: Vec<Touchpoint>,
 }
 
+fn micros_of(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
 impl FactSet {
+    /// The curve `score` reads: its model's, or in the plain form the one
+    /// changed last (then the smallest model id), as the SQL compilation
+    /// picks it.
+    pub fn curve(&self, score: &ScoreRef) -> Option<&Curve> {
+        match &score.model {
+            Some(m) => self
+                .curves
+                .get(&(m.clone(), score.name.clone()))
+                .map(|(_, c)| c),
+            None => self
+                .curves
+                .iter()
+                .filter(|((_, n), _)| *n == score.name)
+                .max_by(|((ma, _), (ta, _)), ((mb, _), (tb, _))| ta.cmp(tb).then(mb.cmp(ma)))
+                .map(|(_, (_, c))| c),
+        }
+    }
+
     /// Records a granted consent.
     pub fn grant(&mut self, purpose: &str, channel: &str) {
         self.consents
@@ -101,8 +128,24 @@ impl Facts for FactSet {
         self.stage
     }
 
-    fn score(&self, name: &str) -> Option<f64> {
-        self.scores.get(name).copied()
+    fn score(&self, score: &ScoreRef, at: DateTime<Utc>) -> Option<f64> {
+        match self.curve(score) {
+            Some(c) => Some(c.value_at(micros_of(at))),
+            None if score.model.is_none() => self.scores.get(&score.name).copied(),
+            None => None,
+        }
+    }
+
+    fn score_crossing(
+        &self,
+        score: &ScoreRef,
+        value: f64,
+        strict: bool,
+        at: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        self.curve(score)?
+            .next_crossing(value, strict, micros_of(at))
+            .and_then(DateTime::from_timestamp_micros)
     }
 
     fn grade(&self) -> Option<&str> {

@@ -162,7 +162,7 @@ mod tests;
 mod timeline;
 
 pub use ast::{
-    ALL_GENDERS, CmpOp, Condition, NpsCategory, Operand, Predicate, Rule, SumField, Test,
+    ALL_GENDERS, CmpOp, Condition, NpsCategory, Operand, Predicate, Rule, ScoreRef, SumField, Test,
     TouchField, TouchQuery, TouchType, Value, ValueType, gender_name, minor_unit_digits,
 };
 pub use check::{

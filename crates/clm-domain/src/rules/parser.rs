@@ -2,8 +2,8 @@
 //! checker needs to point at line and column.
 
 use super::ast::{
-    ALL_GENDERS, Condition, NpsCategory, Operand, Predicate, Rule, SumField, Test, TouchField,
-    TouchQuery, TouchType, Value, ValueType, gender_name, minor_unit_digits,
+    ALL_GENDERS, Condition, NpsCategory, Operand, Predicate, Rule, ScoreRef, SumField, Test,
+    TouchField, TouchQuery, TouchType, Value, ValueType, gender_name, minor_unit_digits,
 };
 use super::error::{Pos, RuleError};
 use super::lexer::{Tok, Token, tokenize};
@@ -261,7 +261,19 @@ impl Parser {
             }
             "score" => {
                 self.advance();
-                Operand::Score(self.dotted("a score name such as engagement or fit")?)
+                let model = if self.peek().tok == Tok::LParen {
+                    self.advance();
+                    let Tok::Str(model) = self.peek().tok.clone() else {
+                        return self.err("a scoring model id as a string, such as \"leads\"");
+                    };
+                    self.advance();
+                    self.expect(Tok::RParen, "`)`")?;
+                    Some(model)
+                } else {
+                    None
+                };
+                let name = self.dotted("a score name such as engagement or fit")?;
+                Operand::Score(ScoreRef { model, name })
             }
             "nps" => {
                 self.advance();

@@ -134,8 +134,14 @@ impl Display for Operand {
                 return name(f, k);
             }
             Operand::Score(k) => {
-                f.write_str("score.")?;
-                return name(f, k);
+                f.write_str("score")?;
+                if let Some(m) = &k.model {
+                    f.write_str("(")?;
+                    quoted(f, m)?;
+                    f.write_str(")")?;
+                }
+                f.write_str(".")?;
+                return name(f, &k.name);
             }
             Operand::Count(q) => return query(f, "count", q, None),
             Operand::First(q) => return query(f, "first", q, None),

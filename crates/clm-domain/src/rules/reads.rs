@@ -26,7 +26,7 @@ pub enum Fact {
     Attribute(String),
     /// Lifecycle stage and its entry time (`stage`, `time_in_stage`).
     Stage,
-    /// Score `name`.
+    /// Score `name` (of any model).
     Score(String),
     /// Grade.
     Grade,
@@ -110,7 +110,7 @@ pub fn reads(rule: &Rule) -> BTreeSet<Fact> {
                 Operand::DisplayName => Fact::DisplayName,
                 Operand::Attribute(k) => Fact::Attribute(k.clone()),
                 Operand::Stage | Operand::TimeInStage => Fact::Stage,
-                Operand::Score(n) => Fact::Score(n.clone()),
+                Operand::Score(n) => Fact::Score(n.name.clone()),
                 Operand::Grade => Fact::Grade,
                 Operand::NpsLast | Operand::NpsLastCategory => Fact::Nps,
                 Operand::CsatLast => Fact::Csat,

@@ -257,7 +257,12 @@ fn condition() -> BoxedStrategy<Rule> {
         prop::sample::select(ATTRS.to_vec())
             .prop_flat_map(|(k, ty)| compare(Just(Operand::Attribute(k.to_owned())), ty, false))
             .boxed(),
-        compare(name().prop_map(Operand::Score), T::Number, false),
+        compare(
+            (proptest::option::of(name()), name())
+                .prop_map(|(model, name)| Operand::Score(ScoreRef { model, name })),
+            T::Number,
+            false,
+        ),
         compare(query().prop_map(Operand::Count), T::Number, true),
         compare(
             query().prop_map(|q| Operand::Sum(q, SumField::Revenue)),
@@ -948,4 +953,91 @@ fn next_change_indexes_a_hundred_touchpoints_exactly() {
             "{text}"
         );
     }
+}
+
+// ---------------------------------------------------------------- scores
+
+#[test]
+fn model_qualified_scores_parse_print_and_check() {
+    let rule = parse(r#"score("leads").engagement < 20 and score.fit >= 5"#).expect("parses");
+    assert_eq!(
+        rule.to_string(),
+        r#"score("leads").engagement < 20 and score.fit >= 5"#
+    );
+    let mut models = std::collections::BTreeMap::new();
+    for m in ["leads", "product"] {
+        models.insert(m.to_owned(), ["custom_a".to_owned()].into_iter().collect());
+    }
+    let catalog = FieldCatalog {
+        score_models: Some(models),
+        ..FieldCatalog::new()
+    };
+    assert!(compile(r#"score("leads").engagement < 20"#, &catalog).is_ok());
+    assert!(compile(r#"score("leads").custom_a < 20"#, &catalog).is_ok());
+    let err = compile("score.engagement < 20", &catalog).unwrap_err();
+    assert!(
+        err.to_string().contains("score.engagement is ambiguous"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(r#"score("leads").engagement"#),
+        "{err}"
+    );
+    let err = compile(r#"score("nope").engagement < 20"#, &catalog).unwrap_err();
+    assert!(err.to_string().contains("unknown scoring model"), "{err}");
+    let err = compile(r#"score("leads").other < 20"#, &catalog).unwrap_err();
+    assert!(err.to_string().contains("unknown score"), "{err}");
+    // One model defining it: the plain form stands for that model.
+    let one = FieldCatalog {
+        score_models: Some(
+            [("leads".to_owned(), Default::default())]
+                .into_iter()
+                .collect(),
+        ),
+        ..FieldCatalog::new()
+    };
+    assert!(compile("score.engagement < 20", &one).is_ok());
+}
+
+#[test]
+fn a_decaying_score_changes_the_rule_at_its_crossing() {
+    use crate::scoring::{Curve, Decay, Term};
+    let now = t(2026, 1, 1, 0);
+    let mut f = FactSet::default();
+    let curve = Curve {
+        terms: vec![Term {
+            coef: 40.0,
+            since_us: now.timestamp_micros(),
+            decay: Decay::Exponential {
+                half_life: TimeDelta::days(30),
+            },
+        }],
+        ..Curve::default()
+    };
+    f.curves.insert(
+        ("leads".into(), "engagement".into()),
+        (now.timestamp_micros(), curve.clone()),
+    );
+    let rule = parse("score.engagement < 20").expect("parses");
+    assert!(!evaluate(&rule, &f, now));
+    let at = next_change(&rule, &f, now).expect("decays below 20");
+    assert!(evaluate(&rule, &f, at));
+    assert!(!evaluate(&rule, &f, at - TimeDelta::microseconds(1)));
+    assert_eq!(
+        at.timestamp_micros(),
+        curve
+            .next_crossing(20.0, false, now.timestamp_micros())
+            .expect("crosses")
+    );
+    // The qualified form reads the same curve; another model's does not.
+    let q = parse(r#"score("leads").engagement < 20"#).expect("parses");
+    assert_eq!(next_change(&q, &f, now), Some(at));
+    let other = parse(r#"score("other").engagement < 20"#).expect("parses");
+    assert!(!evaluate(&other, &f, at));
+    // `between` changes where the score enters and leaves the range.
+    let b = parse("score.engagement between 10 and 30").expect("parses");
+    let enter = next_change(&b, &f, now).expect("enters");
+    assert!(evaluate(&b, &f, enter) && !evaluate(&b, &f, enter - TimeDelta::microseconds(1)));
+    let leave = next_change(&b, &f, enter).expect("leaves");
+    assert!(!evaluate(&b, &f, leave) && evaluate(&b, &f, leave - TimeDelta::microseconds(1)));
 }

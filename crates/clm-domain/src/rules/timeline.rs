@@ -10,7 +10,7 @@
 //! time, and two prefix sums their total. Everything else is asked of the
 //! facts themselves, so the answers are exactly those of the facts.
 
-use super::ast::{Condition, Operand, Rule, SumField, TouchQuery};
+use super::ast::{Condition, Operand, Rule, ScoreRef, SumField, TouchQuery};
 use super::eval::{Fact, Facts};
 use crate::attributes::AttributeValue;
 use crate::clock::micros;
@@ -237,8 +237,18 @@ impl Facts for Timelines<'_> {
         self.inner.stage()
     }
 
-    fn score(&self, name: &str) -> Option<f64> {
-        self.inner.score(name)
+    fn score(&self, score: &ScoreRef, at: DateTime<Utc>) -> Option<f64> {
+        self.inner.score(score, at)
+    }
+
+    fn score_crossing(
+        &self,
+        score: &ScoreRef,
+        value: f64,
+        strict: bool,
+        at: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        self.inner.score_crossing(score, value, strict, at)
     }
 
     fn grade(&self) -> Option<&str> {

@@ -12,7 +12,8 @@ pub fn micros(d: TimeDelta) -> i64 {
 pub enum Decay {
     /// Never fades: factor 1.
     None,
-    /// Halves every `half_life`: factor `2^(−a / half_life)`.
+    /// Halves every `half_life`: factor `2^(−a / half_life)`, computed as
+    /// `pow(2, −a / half_life)` (what SQL computes too).
     Exponential {
         /// Half-life, longer than zero.
         half_life: TimeDelta,
@@ -35,7 +36,7 @@ impl Decay {
             Decay::None => 1.0,
             Decay::Exponential { half_life } => {
                 let h = micros(half_life).max(1) as f64;
-                (-(age_us as f64) / h).exp2()
+                2f64.powf(-(age_us as f64) / h)
             }
             Decay::Linear { over } => {
                 let o = micros(over).max(1);

@@ -16,6 +16,9 @@
 //! * [`Bands`]: grade = fit letter A–D × engagement digit 1–4.
 //! * [`Sum`]: a running sum per (score, decay) that gives a score's value
 //!   now without its entries ([`score_from_sums`]); what stream batches use.
+//! * [`Curve`]: a score from its last change on (what `ScoreChanged`
+//!   carries), its value at any later instant and the exact microsecond it
+//!   crosses a value ([`Curve::next_crossing`]).
 //! * [`next_crossing`]: the exact microsecond at which decay alone moves a
 //!   score across a threshold (what a timer queue stores).
 //!
@@ -23,6 +26,7 @@
 //! [`crate::rules::TouchQuery`] (`feature_use where feature = "export"`),
 //! a profile rule's condition a [`crate::rules::Rule`].
 
+mod curve;
 mod decay;
 mod model;
 mod score;
@@ -30,6 +34,7 @@ mod sum;
 #[cfg(test)]
 mod tests;
 
+pub use curve::{Curve, Term};
 pub use decay::{Decay, Inactivity, micros};
 pub use model::{
     Award, Bands, Cap, ConsentRule, ENGAGEMENT, EventRule, FIT, Model, Period, ProfileRule,

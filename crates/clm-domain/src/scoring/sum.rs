@@ -60,11 +60,11 @@ impl Sum {
                 if self.entries == 0 {
                     self.anchor_us = award_us;
                 } else if (award_us.saturating_sub(self.anchor_us)) as f64 / h > REBASE_HALF_LIVES {
-                    self.total *= (-((award_us - self.anchor_us) as f64) / h).exp2();
+                    self.total *= 2f64.powf(-((award_us - self.anchor_us) as f64) / h);
                     self.anchor_us = award_us;
                 }
                 self.total +=
-                    points as f64 * ((award_us.saturating_sub(self.anchor_us)) as f64 / h).exp2();
+                    points as f64 * 2f64.powf((award_us.saturating_sub(self.anchor_us)) as f64 / h);
             }
             Decay::None | Decay::Linear { .. } => self.total += points as f64,
         }
@@ -94,7 +94,7 @@ impl Sum {
             Decay::None => Some(self.total),
             Decay::Exponential { half_life } => {
                 let h = micros(half_life).max(1) as f64;
-                Some(self.total * (-((t_us - self.anchor_us) as f64) / h).exp2())
+                Some(self.total * 2f64.powf(-((t_us - self.anchor_us) as f64) / h))
             }
             Decay::Linear { .. } => None,
         }

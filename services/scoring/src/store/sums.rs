@@ -101,6 +101,22 @@ async fn select(
     )
 }
 
+/// The customers with a sum under `model`: one statement.
+pub async fn customers_of_model(db: &impl ConnectionTrait, model: &str) -> Result<Vec<String>> {
+    let q = Query::select()
+        .distinct()
+        .column(C::Customer)
+        .from(Sums)
+        .and_where(Expr::col(C::Model).eq(model))
+        .order_by(C::Customer, Order::Asc)
+        .to_owned();
+    let mut out = Vec::new();
+    for row in db.query_all(&q).await? {
+        out.push(row.try_get::<String>("", C::Customer.as_str())?);
+    }
+    Ok(out)
+}
+
 /// Writes `rows` (insert or replace): one statement per chunk.
 pub async fn save(db: &impl ConnectionTrait, rows: &[SumRow]) -> Result<()> {
     for part in rows.chunks(chunk(COLUMNS.len())) {

@@ -7,9 +7,11 @@ use super::chunks;
 use super::entity::fact_attributes::{Column as FA, Entity as FactAttributes};
 use super::entity::fact_consents::{Column as FK, Entity as FactConsents};
 use super::entity::fact_customers::{Column as FC, Entity as FactCustomers};
-use super::entity::fact_scores::{Column as FS, Entity as FactScores};
+use super::entity::fact_score_curves::{Column as SC, Entity as FactScoreCurves};
+use super::entity::fact_score_terms::{Column as ST, Entity as FactScoreTerms};
 use super::entity::fact_touch_props::{Column as FP, Entity as FactTouchProps};
 use super::entity::fact_touchpoints::{Column as FT, Entity as FactTouchpoints};
+use super::entity::gone_customers::{Column as GC, Entity as GoneCustomers};
 use super::entity::members::{Column as M, Entity as Members};
 use super::entity::seg_meta::{Column as SM, Entity as SegMeta};
 use crate::catalog::{CHANNELS, PURPOSES, granted_by_default};
@@ -20,12 +22,13 @@ use clm_domain::demographics::Gender;
 use clm_domain::lifecycle::Stage;
 use clm_domain::money::Money;
 use clm_domain::rules::FactSet;
+use clm_domain::scoring::{Curve, Decay, Inactivity, Term};
 use clm_domain::touchpoint::{Touchpoint, TouchpointKind};
 use clm_platform::db::{from_micros, rows_per_statement, to_micros};
 use sea_orm::IdenStatic;
 use sea_orm::sea_query::{Expr, ExprTrait, IntoColumnRef, OnConflict, Query};
 use sea_orm::{ConnectionTrait, DbErr, EntityTrait};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// A customer's profile facts (what the customer stream carries).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -108,6 +111,7 @@ pub async fn upsert_profiles(db: &impl ConnectionTrait, profiles: &[Profile]) ->
         db.execute(&insert).await?;
     }
     let ids: Vec<String> = rows.iter().map(|p| p.id.clone()).collect();
+    adopt_pending_grades(db, &ids).await?;
     delete_where_customer(db, FactAttributes, FA::CustomerId, &ids).await?;
     let attrs: Vec<(&str, &str, &AttributeValue)> = rows
         .iter()
@@ -180,9 +184,6 @@ pub async fn set_stages(
     Ok(())
 }
 
-/// One score value of a customer: (customer, score name, value, grade).
-pub type ScoreRow = (String, String, f64, String);
-
 /// A customer's last answers: `(bare id, NPS, CSAT)`; `None` leaves the
 /// fact as it was.
 pub type FeedbackRow = (String, Option<i16>, Option<f64>);
@@ -225,26 +226,99 @@ pub async fn set_feedback(
     Ok(updated)
 }
 
-/// Applies score values in order (the last per customer and score wins),
-/// and each customer's latest grade, set-based. Only customers the
-/// projection holds are touched: a score that arrives after the customer's
-/// erasure (the two streams are independent) must not bring a row back.
-/// Returns the customers updated.
+/// A customer's score as the scoring stream states it: the curve from
+/// `changed_us` on, the value then, the grade under the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreRow {
+    /// Bare customer id.
+    pub customer: String,
+    /// Bare scoring model id.
+    pub model: String,
+    /// Score name.
+    pub name: String,
+    /// When it changed (µs).
+    pub changed_us: i64,
+    /// Its value then.
+    pub value: f64,
+    /// The customer's grade under the model then (may be empty).
+    pub grade: String,
+    /// The score from `changed_us` on.
+    pub curve: Curve,
+}
+
+/// Serialises, per customer, the writers that could keep data of a
+/// customer who is going (erasure, merge) or arriving without a profile
+/// row yet (pending scores): PostgreSQL transaction-scoped advisory locks,
+/// taken in id order before any row lock (SQLite has one writer). Every
+/// caller takes them first in its transaction.
+pub async fn lock_customers(db: &impl ConnectionTrait, ids: &[String]) -> Result<(), DbErr> {
+    if ids.is_empty() || !clm_platform::db::is_postgres(db) {
+        return Ok(());
+    }
+    let mut sorted: Vec<&str> = ids.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let list = serde_json::to_string(&sorted).map_err(|e| DbErr::Custom(e.to_string()))?;
+    db.execute_raw(sea_orm::Statement::from_sql_and_values(
+        sea_orm::DbBackend::Postgres,
+        "SELECT count(pg_advisory_xact_lock(hashtextextended(v, 2505))) \
+         FROM (SELECT value AS v FROM json_array_elements_text($1::json) ORDER BY value) s",
+        [list.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// How `gone_customers` names a customer: a SHA-256 of its bare id, so
+/// the table remembers that a customer went without keeping its id.
+pub fn gone_hash(id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(format!("clm-segmentation-gone:{id}"))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Records `ids` as gone (erased or merged away): a score for one that
+/// arrives later is dropped.
+async fn mark_gone(db: &impl ConnectionTrait, ids: &[String], now_us: i64) -> Result<(), DbErr> {
+    for chunk in ids.chunks(rows_per_statement(2)) {
+        let mut insert = Query::insert();
+        insert
+            .into_table(GoneCustomers)
+            .columns([GC::CustomerHash, GC::GoneUs])
+            .on_conflict(OnConflict::column(GC::CustomerHash).do_nothing().to_owned());
+        for id in chunk {
+            insert.values_panic([gone_hash(id).into(), now_us.into()]);
+        }
+        db.execute(&insert).await?;
+    }
+    Ok(())
+}
+
+/// Applies scores in order (the last per customer, model and name wins),
+/// set-based, and each known customer's latest grade. A score for a
+/// customer the projection does not hold yet is kept and read once the
+/// customer arrives (the scoring stream can run ahead of the customer
+/// stream); one for a customer gone (erased or merged away) is dropped.
+/// The caller holds [`lock_customers`] for the rows' customers. Returns the
+/// known customers updated.
 pub async fn set_scores(
     db: &impl ConnectionTrait,
     rows: &[ScoreRow],
 ) -> Result<Vec<String>, DbErr> {
     let ids: Vec<String> = rows
         .iter()
-        .map(|(id, ..)| id.clone())
-        .collect::<std::collections::BTreeSet<_>>()
+        .map(|r| r.customer.clone())
+        .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
     // The known customers' rows are share-locked (PostgreSQL) until the
-    // transaction ends: an erasure or merge deleting one waits, so the
-    // upserts below never recreate an erased customer (one that committed
-    // first is not seen here and is skipped).
-    let mut known = std::collections::BTreeSet::new();
+    // transaction ends, as are (by the caller's advisory locks) the
+    // unknown ones: an erasure or merge of one waits, or committed first
+    // and is seen in `gone_customers`.
+    let mut known = BTreeSet::new();
+    let mut gone = BTreeSet::new();
     for chunk in chunks(&ids) {
         let mut q = Query::select()
             .column(FC::CustomerId)
@@ -258,28 +332,121 @@ pub async fn set_scores(
         for row in db.query_all(&q).await? {
             known.insert(row.try_get::<String>("", FC::CustomerId.as_str())?);
         }
-    }
-    let mut values = BTreeMap::new();
-    let mut grades = BTreeMap::new();
-    for (id, name, value, grade) in rows.iter().filter(|(id, ..)| known.contains(id)) {
-        values.insert((id.as_str(), name.as_str()), *value);
-        if !grade.is_empty() {
-            grades.insert(id.as_str(), grade.as_str());
+        let hashes: BTreeMap<String, &String> =
+            chunk.iter().map(|id| (gone_hash(id), id)).collect();
+        let q = Query::select()
+            .column(GC::CustomerHash)
+            .from(GoneCustomers)
+            .and_where(Expr::col(GC::CustomerHash).is_in(hashes.keys().cloned()))
+            .to_owned();
+        for row in db.query_all(&q).await? {
+            let hash = row.try_get::<String>("", GC::CustomerHash.as_str())?;
+            if let Some(id) = hashes.get(&hash) {
+                gone.insert((*id).clone());
+            }
         }
     }
-    let values: Vec<_> = values.into_iter().collect();
-    for chunk in values.chunks(rows_per_statement(3)) {
+    let mut last: BTreeMap<(&str, &str, &str), &ScoreRow> = BTreeMap::new();
+    let mut grades = BTreeMap::new();
+    for r in rows.iter().filter(|r| !gone.contains(&r.customer)) {
+        last.insert((&r.customer, &r.model, &r.name), r);
+        if !r.grade.is_empty() && known.contains(&r.customer) {
+            grades.insert(r.customer.as_str(), r.grade.as_str());
+        }
+    }
+    // The old terms out, by (model, name): few pairs, many customers.
+    let mut by_score: BTreeMap<(&str, &str), Vec<String>> = BTreeMap::new();
+    for (c, m, n) in last.keys() {
+        by_score.entry((m, n)).or_default().push((*c).to_owned());
+    }
+    for ((model, name), customers) in &by_score {
+        for chunk in chunks(customers) {
+            let delete = Query::delete()
+                .from_table(FactScoreTerms)
+                .and_where(Expr::col(ST::Model).eq(*model))
+                .and_where(Expr::col(ST::Name).eq(*name))
+                .and_where(Expr::col(ST::CustomerId).is_in(chunk.iter().cloned()))
+                .to_owned();
+            db.execute(&delete).await?;
+        }
+    }
+    let curves: Vec<&ScoreRow> = last.into_values().collect();
+    const CURVE_COLS: [SC; 11] = [
+        SC::CustomerId,
+        SC::Model,
+        SC::Name,
+        SC::ChangedUs,
+        SC::Value,
+        SC::Grade,
+        SC::IdlePoints,
+        SC::IdleEveryUs,
+        SC::LastUs,
+        SC::Floor,
+        SC::Ceiling,
+    ];
+    for chunk in curves.chunks(rows_per_statement(CURVE_COLS.len())) {
         let mut insert = Query::insert();
         insert
-            .into_table(FactScores)
-            .columns([FS::CustomerId, FS::Name, FS::Value])
+            .into_table(FactScoreCurves)
+            .columns(CURVE_COLS)
             .on_conflict(
-                OnConflict::columns([FS::CustomerId, FS::Name])
-                    .update_column(FS::Value)
+                OnConflict::columns([SC::CustomerId, SC::Model, SC::Name])
+                    .update_columns(CURVE_COLS[3..].iter().copied())
                     .to_owned(),
             );
-        for ((id, name), value) in chunk {
-            insert.values_panic([(*id).into(), (*name).into(), (*value).into()]);
+        for r in chunk {
+            let idle = r.curve.inactivity;
+            insert.values_panic([
+                r.customer.clone().into(),
+                r.model.clone().into(),
+                r.name.clone().into(),
+                r.changed_us.into(),
+                r.value.into(),
+                r.grade.clone().into(),
+                idle.map(|(i, _)| i.points).into(),
+                idle.map(|(i, _)| clm_domain::scoring::micros(i.every))
+                    .into(),
+                idle.map(|(_, last)| last).into(),
+                r.curve.floor.into(),
+                r.curve.ceiling.into(),
+            ]);
+        }
+        db.execute(&insert).await?;
+    }
+    let terms: Vec<(&ScoreRow, usize, &clm_domain::scoring::Term)> = curves
+        .iter()
+        .flat_map(|r| {
+            r.curve
+                .terms
+                .iter()
+                .enumerate()
+                .map(move |(i, t)| (*r, i, t))
+        })
+        .collect();
+    for chunk in terms.chunks(rows_per_statement(8)) {
+        let mut insert = Query::insert();
+        insert.into_table(FactScoreTerms).columns([
+            ST::CustomerId,
+            ST::Model,
+            ST::Name,
+            ST::Seq,
+            ST::Coef,
+            ST::SinceUs,
+            ST::Kind,
+            ST::ParamUs,
+        ]);
+        for (r, i, t) in chunk {
+            let (kind, param) = t.decay.code();
+            insert.values_panic([
+                r.customer.clone().into(),
+                r.model.clone().into(),
+                r.name.clone().into(),
+                i32::try_from(*i).unwrap_or(i32::MAX).into(),
+                t.coef.into(),
+                t.since_us.into(),
+                kind.into(),
+                param.into(),
+            ]);
         }
         db.execute(&insert).await?;
     }
@@ -299,7 +466,38 @@ pub async fn set_scores(
         }
         db.execute(&insert).await?;
     }
-    Ok(known.into_iter().collect())
+    Ok(known
+        .into_iter()
+        .filter(|c| curves.iter().any(|r| r.customer == *c))
+        .collect())
+}
+
+/// Gives customers that just arrived the grade of their pending scores
+/// (the most recently changed one), where they have none yet.
+async fn adopt_pending_grades(db: &impl ConnectionTrait, ids: &[String]) -> Result<(), DbErr> {
+    for chunk in chunks(ids) {
+        let newest = Query::select()
+            .column((FactScoreCurves, SC::Grade))
+            .from(FactScoreCurves)
+            .and_where(
+                Expr::col((FactScoreCurves, SC::CustomerId))
+                    .equals((FactCustomers, FC::CustomerId)),
+            )
+            .and_where(Expr::col((FactScoreCurves, SC::Grade)).ne(""))
+            .order_by((FactScoreCurves, SC::ChangedUs), sea_orm::Order::Desc)
+            .order_by((FactScoreCurves, SC::Model), sea_orm::Order::Asc)
+            .limit(1)
+            .to_owned();
+        let update = Query::update()
+            .table(FactCustomers)
+            .value(FC::Grade, Expr::from(newest.clone()))
+            .and_where(Expr::col(FC::CustomerId).is_in(chunk.iter().cloned()))
+            .and_where(Expr::col(FC::Grade).is_null())
+            .and_where(Expr::exists(newest))
+            .to_owned();
+        db.execute(&update).await?;
+    }
+    Ok(())
 }
 
 /// One loyalty fact of a customer: (customer, tier if it changed, balance).
@@ -486,6 +684,7 @@ pub async fn merge(
     db: &impl ConnectionTrait,
     survivor: &str,
     merged: &[String],
+    now_us: i64,
 ) -> Result<(), DbErr> {
     for chunk in chunks(merged) {
         let update = Query::update()
@@ -498,12 +697,15 @@ pub async fn merge(
     delete_where_customer(db, FactCustomers, FC::CustomerId, merged).await?;
     delete_where_customer(db, FactAttributes, FA::CustomerId, merged).await?;
     delete_where_customer(db, FactConsents, FK::CustomerId, merged).await?;
-    delete_where_customer(db, FactScores, FS::CustomerId, merged).await?;
+    delete_where_customer(db, FactScoreCurves, SC::CustomerId, merged).await?;
+    delete_where_customer(db, FactScoreTerms, ST::CustomerId, merged).await?;
+    mark_gone(db, merged, now_us).await?;
     Ok(())
 }
 
-/// Deletes every fact of `ids`.
-pub async fn erase(db: &impl ConnectionTrait, ids: &[String]) -> Result<(), DbErr> {
+/// Deletes every fact of `ids` (pending scores included) and records them
+/// as gone.
+pub async fn erase(db: &impl ConnectionTrait, ids: &[String], now_us: i64) -> Result<(), DbErr> {
     for chunk in chunks(ids) {
         let events = Query::select()
             .column(FT::EventId)
@@ -520,7 +722,9 @@ pub async fn erase(db: &impl ConnectionTrait, ids: &[String]) -> Result<(), DbEr
     delete_where_customer(db, FactCustomers, FC::CustomerId, ids).await?;
     delete_where_customer(db, FactAttributes, FA::CustomerId, ids).await?;
     delete_where_customer(db, FactConsents, FK::CustomerId, ids).await?;
-    delete_where_customer(db, FactScores, FS::CustomerId, ids).await?;
+    delete_where_customer(db, FactScoreCurves, SC::CustomerId, ids).await?;
+    delete_where_customer(db, FactScoreTerms, ST::CustomerId, ids).await?;
+    mark_gone(db, ids, now_us).await?;
     Ok(())
 }
 
@@ -627,19 +831,7 @@ pub async fn load(
                 set.remove(&channel);
             }
         }
-        let q = Query::select()
-            .columns([FS::CustomerId, FS::Name, FS::Value])
-            .from(FactScores)
-            .and_where(customer_in(FS::CustomerId, chunk))
-            .to_owned();
-        for row in db.query_all(&q).await? {
-            let id: String = row.try_get("", FS::CustomerId.as_str())?;
-            let Some(fs) = out.get_mut(&id) else { continue };
-            fs.scores.insert(
-                row.try_get("", FS::Name.as_str())?,
-                row.try_get("", FS::Value.as_str())?,
-            );
-        }
+        load_curves(db, chunk, &mut out).await?;
         let q = Query::select()
             .columns(TOUCH_COLS)
             .from(FactTouchpoints)
@@ -712,6 +904,98 @@ pub async fn load(
     Ok(out)
 }
 
+/// Adds the score curves of `chunk` to the facts in `out` (two statements).
+async fn load_curves(
+    db: &impl ConnectionTrait,
+    chunk: &[String],
+    out: &mut HashMap<String, FactSet>,
+) -> Result<(), DbErr> {
+    let q = Query::select()
+        .columns([
+            SC::CustomerId,
+            SC::Model,
+            SC::Name,
+            SC::ChangedUs,
+            SC::IdlePoints,
+            SC::IdleEveryUs,
+            SC::LastUs,
+            SC::Floor,
+            SC::Ceiling,
+        ])
+        .from(FactScoreCurves)
+        .and_where(customer_in(SC::CustomerId, chunk))
+        .to_owned();
+    for row in db.query_all(&q).await? {
+        let id: String = row.try_get("", SC::CustomerId.as_str())?;
+        let Some(fs) = out.get_mut(&id) else { continue };
+        let points: Option<i64> = row.try_get("", SC::IdlePoints.as_str())?;
+        let every: Option<i64> = row.try_get("", SC::IdleEveryUs.as_str())?;
+        let last: Option<i64> = row.try_get("", SC::LastUs.as_str())?;
+        let inactivity = match (points, every, last) {
+            (Some(points), Some(every), Some(last)) => Some((
+                Inactivity {
+                    points,
+                    every: chrono::TimeDelta::microseconds(every),
+                },
+                last,
+            )),
+            _ => None,
+        };
+        fs.curves.insert(
+            (
+                row.try_get("", SC::Model.as_str())?,
+                row.try_get("", SC::Name.as_str())?,
+            ),
+            (
+                row.try_get("", SC::ChangedUs.as_str())?,
+                Curve {
+                    terms: Vec::new(),
+                    inactivity,
+                    floor: row.try_get("", SC::Floor.as_str())?,
+                    ceiling: row.try_get("", SC::Ceiling.as_str())?,
+                },
+            ),
+        );
+    }
+    let q = Query::select()
+        .columns([
+            ST::CustomerId,
+            ST::Model,
+            ST::Name,
+            ST::Coef,
+            ST::SinceUs,
+            ST::Kind,
+            ST::ParamUs,
+        ])
+        .from(FactScoreTerms)
+        .and_where(customer_in(ST::CustomerId, chunk))
+        .order_by(ST::CustomerId, sea_orm::Order::Asc)
+        .order_by(ST::Model, sea_orm::Order::Asc)
+        .order_by(ST::Name, sea_orm::Order::Asc)
+        .order_by(ST::Seq, sea_orm::Order::Asc)
+        .to_owned();
+    for row in db.query_all(&q).await? {
+        let id: String = row.try_get("", ST::CustomerId.as_str())?;
+        let Some(fs) = out.get_mut(&id) else { continue };
+        let key: (String, String) = (
+            row.try_get("", ST::Model.as_str())?,
+            row.try_get("", ST::Name.as_str())?,
+        );
+        let Some((_, curve)) = fs.curves.get_mut(&key) else {
+            continue;
+        };
+        curve.terms.push(Term {
+            coef: row.try_get("", ST::Coef.as_str())?,
+            since_us: row.try_get("", ST::SinceUs.as_str())?,
+            decay: Decay::from_code(
+                row.try_get("", ST::Kind.as_str())?,
+                row.try_get("", ST::ParamUs.as_str())?,
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The facts of a customer nobody told us anything about: the consents
 /// granted by default (opt-out purposes) on every channel.
 pub fn default_facts() -> FactSet {
@@ -749,8 +1033,8 @@ pub async fn score_names(
 ) -> Result<std::collections::BTreeSet<String>, DbErr> {
     let q = Query::select()
         .distinct()
-        .column(FS::Name)
-        .from(FactScores)
+        .column(SC::Name)
+        .from(FactScoreCurves)
         .to_owned();
     let mut names = std::collections::BTreeSet::new();
     for r in db.query_all(&q).await? {

@@ -17,6 +17,11 @@
 //!   daily `segment_snapshots` and `objective_snapshots`; the rule version
 //!   and reason of each entry (`members`) and exit (`member_history`).
 //!
+//! * `m0006`: scores as curves in time per scoring model
+//!   (`fact_score_curves`, `fact_score_terms`) instead of one value per
+//!   name (`fact_scores`); `gone_customers` (erased or merged away, by a
+//!   hash of the id).
+//!
 //! On PostgreSQL the fact text columns use the `C` collation, so string
 //! order is byte order, as in the rule language and SQLite.
 
@@ -34,6 +39,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(WindowTimersToPlatformQueue));
         m.push(Box::new(BackfillOperations));
         m.push(Box::new(SegmentAccountability));
+        m.push(Box::new(ScoreCurves));
         m
     }
 }
@@ -510,6 +516,92 @@ impl MigrationTrait for SegmentAccountability {
                 .to_owned(),
         )
         .await?;
+        Ok(())
+    }
+}
+
+/// Scores as curves per scoring model (`fact_score_curves`,
+/// `fact_score_terms`) in place of one value per name (`fact_scores`,
+/// copied as a constant term of model `""`), and `gone_customers`.
+struct ScoreCurves;
+
+impl MigrationName for ScoreCurves {
+    fn name(&self) -> &str {
+        "m0006_score_curves"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ScoreCurves {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        let c = Cols {
+            pg: m.get_database_backend() == DbBackend::Postgres,
+        };
+        m.create_table(
+            Table::create()
+                .table(a("fact_score_curves"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(c.text("model").not_null())
+                .col(c.text("name").not_null())
+                .col(c.big("changed_us").not_null())
+                .col(c.double("value").not_null())
+                .col(c.text("grade").not_null())
+                .col(c.big("idle_points").null())
+                .col(c.big("idle_every_us").null())
+                .col(c.big("last_us").null())
+                .col(c.big("floor").null())
+                .col(c.big("ceiling").null())
+                .primary_key(&mut pk(
+                    "fact_score_curves",
+                    &["customer_id", "model", "name"],
+                ))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("fact_score_terms"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(c.text("model").not_null())
+                .col(c.text("name").not_null())
+                .col(ColumnDef::new(a("seq")).integer().not_null())
+                .col(c.double("coef").not_null())
+                .col(c.big("since_us").not_null())
+                .col(c.small("kind").not_null())
+                .col(c.big("param_us").not_null())
+                .primary_key(&mut pk(
+                    "fact_score_terms",
+                    &["customer_id", "model", "name", "seq"],
+                ))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("gone_customers"))
+                .if_not_exists()
+                .col(
+                    ColumnDef::new(a("customer_hash"))
+                        .string()
+                        .not_null()
+                        .primary_key(),
+                )
+                .col(c.big("gone_us").not_null())
+                .to_owned(),
+        )
+        .await?;
+        let db = m.get_connection();
+        for stmt in [
+            "INSERT INTO fact_score_curves (customer_id, model, name, changed_us, value, grade) \
+             SELECT customer_id, '', name, 0, value, '' FROM fact_scores",
+            "INSERT INTO fact_score_terms (customer_id, model, name, seq, coef, since_us, kind, param_us) \
+             SELECT customer_id, '', name, 0, value, 0, 0, 0 FROM fact_scores",
+            "DROP TABLE fact_scores",
+        ] {
+            db.execute_unprepared(stmt).await?;
+        }
         Ok(())
     }
 }

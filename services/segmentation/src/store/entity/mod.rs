@@ -5,9 +5,11 @@
 pub mod fact_attributes;
 pub mod fact_consents;
 pub mod fact_customers;
-pub mod fact_scores;
+pub mod fact_score_curves;
+pub mod fact_score_terms;
 pub mod fact_touch_props;
 pub mod fact_touchpoints;
+pub mod gone_customers;
 pub mod member_history;
 pub mod members;
 pub mod objective_snapshots;
