@@ -90,7 +90,7 @@ async fn assert_equal_to_rebuild(db: &DatabaseConnection, step: &str) {
     db.execute_unprepared(&clm_customer::store::journeys::fill_sql(None))
         .await
         .unwrap();
-    assert_eq!(kept, projected(&db).await, "projection after {step}");
+    assert_eq!(kept, projected(db).await, "projection after {step}");
 }
 
 /// On PostgreSQL, samples `pg_stat_activity` until `stop` and returns the
