@@ -20,6 +20,17 @@
 //! (for a reason other than [`Error::Unavailable`]) is parked as a dead
 //! letter after `subscriber.max_attempts` and the stream moves on.
 //!
+//! **Following the service's own stream.** A service can keep derived data
+//! (report projections) as a consumer of its *own* outbox:
+//! `Parts::follow_own(handlers)` runs a [`Subscriber`] made with
+//! [`Subscriber::own`], which reads the outbox straight from the primary
+//! database (no gRPC hop, whatever `subscriber.source` says), woken by each
+//! stamp and every `change_poll_interval_ms`. It reads every event type, so
+//! its cursor (kept under the service's own name in `consumer_cursors`)
+//! reaches the head of the stream even when the last events are of types
+//! it does not handle: [`load_cursor`] then says how fresh the derived data
+//! is. Batching, partitions, retries and dead letters work as for a peer.
+//!
 //! **Faults are loud.** UNAUTHENTICATED or PERMISSION_DENIED from the source
 //! is a configuration fault: logged as an error on every attempt, counted in
 //! `clm.subscriber.faults` and reported NOT_SERVING under the health name
@@ -397,11 +408,12 @@ impl Handlers {
         self.on_batch::<M, H>(handler)
     }
 
-    /// Whether every event of `events` may be applied in partitions.
+    /// Whether every event of `events` may be applied in partitions (an
+    /// event of a type without a handler is: it changes nothing).
     fn partitionable(&self, events: &[ChangeEvent]) -> bool {
-        events
-            .iter()
-            .all(|e| self.partitioned.contains(&e.event_type))
+        events.iter().all(|e| {
+            self.partitioned.contains(&e.event_type) || !self.by_type.contains_key(&e.event_type)
+        })
     }
 
     /// The event types handled.
@@ -630,6 +642,8 @@ pub struct Subscriber {
     fail_point: Option<FailPoint>,
     instruments: Instruments,
     stream_source: crate::config::StreamSource,
+    /// Follows this service's own outbox ([`Subscriber::own`]).
+    own: bool,
 }
 
 impl std::fmt::Debug for Subscriber {
@@ -731,8 +745,19 @@ impl Subscriber {
             fail_point: None,
             instruments,
             stream_source: crate::config::StreamSource::Grpc,
+            own: false,
         }
         .with_config(&defaults)
+    }
+
+    /// Follows this service's own change stream with `handlers`, reading
+    /// its outbox from the database (see the module docs); the cursor is
+    /// kept under the service's name.
+    pub fn own(rt: Runtime, handlers: Handlers) -> Self {
+        let source = rt.service;
+        let mut s = Self::new(rt, source, String::new(), handlers);
+        s.own = true;
+        s
     }
 
     /// Applies the batch size, partitions, attempts and backoff of `c`.
@@ -818,6 +843,9 @@ impl Subscriber {
     }
 
     async fn follow(&self, progressed: &mut bool) -> Interrupted {
+        if self.own {
+            return self.follow_own(progressed).await;
+        }
         match self.stream_source {
             crate::config::StreamSource::Grpc => self.follow_grpc(progressed).await,
             crate::config::StreamSource::Jetstream => self.follow_jetstream(progressed).await,
@@ -887,6 +915,50 @@ impl Subscriber {
             }
             if let Some(e) = ended {
                 return e;
+            }
+        }
+    }
+
+    /// Follows this service's own outbox: every event after the cursor, in
+    /// batches of up to `batch_size`, read from the primary on PostgreSQL
+    /// (a replica may lag behind the stamps that wake us).
+    async fn follow_own(&self, progressed: &mut bool) -> Interrupted {
+        let mut cursor = match load_cursor(&self.rt.db, &self.source).await {
+            Ok(c) => c,
+            Err(e) => return e.into(),
+        };
+        let poll = Duration::from_millis(Ord::max(self.rt.config.change_poll_interval_ms, 1));
+        // SQLite: the read pool sees every commit and never waits behind
+        // the one writer connection.
+        let db = if is_postgres(&self.rt.db) {
+            &self.rt.db
+        } else {
+            &self.rt.read
+        };
+        let mut wake = self.rt.outbox.subscribe();
+        self.report(ServingStatus::Serving).await;
+        loop {
+            wake.mark_unchanged();
+            let batch = match self
+                .rt
+                .outbox
+                .read_after(db, cursor, &[], self.batch_size as u64)
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => return e.into(),
+            };
+            if let Some(last) = batch.last() {
+                cursor = last.sequence;
+                if let Err(e) = self.apply(&batch).await {
+                    return e;
+                }
+                *progressed = true;
+                continue;
+            }
+            tokio::select! {
+                _ = wake.changed() => {}
+                () = tokio::time::sleep(poll) => {}
             }
         }
     }

@@ -100,6 +100,7 @@ pub struct Parts {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     follows: Vec<(String, Handlers)>,
+    own: Option<Handlers>,
     optional: Vec<String>,
     tasks: Vec<Task>,
     runners: BTreeMap<String, crate::operations::Runner>,
@@ -150,6 +151,16 @@ impl Parts {
     #[must_use]
     pub fn follow(mut self, source: &str, handlers: Handlers) -> Self {
         self.follows.push((source.to_owned(), handlers));
+        self
+    }
+
+    /// Follows this service's own change stream with `handlers` (read from
+    /// its outbox, cursor kept under the service's name; see
+    /// [`Subscriber::own`]): how a service keeps derived data, such as
+    /// report projections, off its write path.
+    #[must_use]
+    pub fn follow_own(mut self, handlers: Handlers) -> Self {
+        self.own = Some(handlers);
         self
     }
 
@@ -259,7 +270,12 @@ pub async fn run_with_clock(
     );
     names.push(<ChangeStreamServiceServer<ChangeStreamServer> as NamedService>::NAME);
     routes.add_service(changes);
-    let handlers: BTreeMap<String, Handlers> = follows.into_iter().collect();
+    let mut handlers: BTreeMap<String, Handlers> = follows.into_iter().collect();
+    let own = parts.own;
+    if let Some(h) = &own {
+        // The dead-letter service replays the own stream's parked events too.
+        handlers.insert(name.to_owned(), h.clone());
+    }
     let dead_letters =
         DeadLetterServiceServer::new(DeadLetterServer::new(rt.clone(), handlers.clone()));
     names.push(<DeadLetterServiceServer<DeadLetterServer> as NamedService>::NAME);
@@ -280,10 +296,19 @@ pub async fn run_with_clock(
     tokio::spawn(crate::operations::run(rt.clone(), parts.runners));
     tokio::spawn(crate::timers::run(rt.clone(), parts.timers));
     for (source, handlers) in handlers {
+        if own.is_some() && source == name {
+            continue;
+        }
         let endpoint = endpoints.remove(&source).unwrap_or_default();
         let subscriber = Subscriber::new(rt.clone(), source, endpoint, handlers)
             .with_config(&config.subscriber)
             .with_token(token.clone())
+            .with_health(reporter.clone());
+        tokio::spawn(subscriber.run(background.clone()));
+    }
+    if let Some(h) = own {
+        let subscriber = Subscriber::own(rt.clone(), h)
+            .with_config(&config.subscriber)
             .with_health(reporter.clone());
         tokio::spawn(subscriber.run(background.clone()));
     }

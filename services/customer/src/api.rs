@@ -547,7 +547,7 @@ impl CustomerApi {
             &req,
             now,
             async move |txn| {
-                let existing: HashSet<String> = customers::existing_ids(txn, &ids)
+                let existing: HashSet<String> = customers::share_existing(txn, &ids)
                     .await?
                     .into_iter()
                     .collect();

@@ -26,6 +26,7 @@ pub mod campaigns;
 pub mod convert;
 pub mod error;
 pub mod events;
+pub mod projection;
 pub mod reports;
 pub mod store;
 pub mod view;
@@ -56,6 +57,9 @@ fn build(rt: &Runtime) -> anyhow::Result<Parts> {
     for peer in api::erasure_peers() {
         parts = parts.follow_if_configured(peer, events::peer_handlers(peer));
     }
+    // The KPI rollups and journey rows the reports read: a consumer of
+    // this service's own stream, off the write path.
+    parts = parts.follow_own(projection::handlers());
     let watched = rt.clone();
     parts = parts.task(move |shutdown| Box::pin(api::watch_overdue_erasures(watched, shutdown)));
     Ok(parts)

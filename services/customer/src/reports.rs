@@ -138,6 +138,7 @@ fn money(currency: &str, amount_minor: i64) -> cpb::Money {
 pub async fn funnel(rt: &Runtime, req: pb::GetFunnelReportRequest) -> Result<pb::FunnelReport> {
     let scope = scope("scope", req.scope.as_ref())?;
     check_campaign(rt, "scope", &scope).await?;
+    let freshness = crate::projection::freshness(rt, req.min_position).await?;
     // The moves and the stays' percentiles read the period's history
     // each in one pass: two read transactions, side by side.
     let moves = async {
@@ -180,7 +181,10 @@ pub async fn funnel(rt: &Runtime, req: pb::GetFunnelReportRequest) -> Result<pb:
             }
         })
         .collect();
-    Ok(pb::FunnelReport { stages })
+    Ok(pb::FunnelReport {
+        stages,
+        freshness: Some(freshness.to_proto()),
+    })
 }
 
 fn model(field: &str, v: i32) -> Result<Model, Violation> {
@@ -219,6 +223,7 @@ pub async fn acquisition(
         return Err(Error::internal("validated fields missing"));
     };
     check_campaign(rt, "scope", &scope).await?;
+    let freshness = crate::projection::freshness(rt, req.min_position).await?;
     let txn = sql::begin(&rt.reports).await?;
     let a = sql::acquisition(&txn, &scope, m).await?;
     txn.commit().await?;
@@ -256,6 +261,7 @@ pub async fn acquisition(
         unattributed_customers: a.acquired - a.attributed,
         campaigns,
         channels,
+        freshness: Some(freshness.to_proto()),
     })
 }
 
@@ -287,6 +293,7 @@ pub async fn clv(rt: &Runtime, req: pb::GetClvReportRequest) -> Result<pb::ClvRe
     v.into_result()?;
     let scope = scope.ok_or_else(|| Error::internal("validated scope missing"))?;
     check_campaign(rt, "scope", &scope).await?;
+    let freshness = crate::projection::freshness(rt, req.min_position).await?;
     let txn = sql::begin(&rt.reports).await?;
     let (rows, top_rows) = sql::clv(&txn, &scope, top).await?;
     txn.commit().await?;
@@ -338,6 +345,7 @@ pub async fn clv(rt: &Runtime, req: pb::GetClvReportRequest) -> Result<pb::ClvRe
     Ok(pb::ClvReport {
         cohorts,
         top_customers,
+        freshness: Some(freshness.to_proto()),
     })
 }
 
@@ -380,6 +388,7 @@ pub async fn retention(
     v.into_result()?;
     let scope = scope.ok_or_else(|| Error::internal("validated scope missing"))?;
     check_campaign(rt, "scope", &scope).await?;
+    let freshness = crate::projection::freshness(rt, req.min_position).await?;
     let txn = sql::begin(&rt.reports).await?;
     let r = sql::retention(&txn, &scope, &kinds, months).await?;
     txn.commit().await?;
@@ -424,7 +433,10 @@ pub async fn retention(
             }
         })
         .collect();
-    Ok(pb::RetentionReport { cohorts })
+    Ok(pb::RetentionReport {
+        cohorts,
+        freshness: Some(freshness.to_proto()),
+    })
 }
 
 /// A path step (`4`, `c:trial`) as the API names it.
@@ -466,6 +478,7 @@ pub async fn journey(rt: &Runtime, req: pb::GetJourneyReportRequest) -> Result<p
         return Err(Error::internal("validated fields missing"));
     };
     check_campaign(rt, "scope", &scope).await?;
+    let freshness = crate::projection::freshness(rt, req.min_position).await?;
     let window_us = i64::from(window_days) * DAY_US;
     // Paths and pain points read different rows: two read transactions
     // on two connections, run side by side.
@@ -523,5 +536,6 @@ pub async fn journey(rt: &Runtime, req: pb::GetJourneyReportRequest) -> Result<p
         leaving_customers: pain.leaving,
         staying_customers: pain.staying,
         pain_points,
+        freshness: Some(freshness.to_proto()),
     })
 }

@@ -1546,6 +1546,7 @@ async fn reports_read_the_replica_named_by_read_url() {
                     end_time: Some(clm_platform::convert::timestamp(now + Duration::days(1))),
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -203,6 +203,8 @@ async fn data() -> Data {
         ],
     )
     .await;
+    // The reports read what the projection has applied: wait for the head.
+    settle(&mut c).await;
     Data {
         h,
         campaigns: [a, b, cc, d],
@@ -234,6 +236,7 @@ async fn funnel_counts_rates_percentiles_and_moves() {
     let r = c
         .get_funnel_report(pb::GetFunnelReportRequest {
             scope: Some(scope()),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -308,6 +311,7 @@ async fn funnel_counts_rates_percentiles_and_moves() {
         let r = c
             .get_funnel_report(pb::GetFunnelReportRequest {
                 scope: Some(s.clone()),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -328,6 +332,7 @@ async fn acquisition(c: &mut Client, model: AttributionModel) -> pb::Acquisition
     c.get_acquisition_report(pb::GetAcquisitionReportRequest {
         scope: Some(scope()),
         model: model as i32,
+        ..Default::default()
     })
     .await
     .unwrap()
@@ -414,6 +419,7 @@ async fn cac_under_each_attribution_model() {
                 ..scope()
             }),
             model: AttributionModel::FirstTouch as i32,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -434,6 +440,7 @@ async fn clv_historical_and_predictive() {
             scope: Some(scope()),
             gross_margin_bps: 5_000,
             top_customers: 2,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -491,6 +498,7 @@ async fn retention_cohort_row() {
             scope: Some(scope()),
             active_types: vec![TouchpointType::Purchase as i32],
             months: 3,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -744,6 +752,7 @@ async fn bad_input_names_the_field() {
     let e = c
         .get_funnel_report(pb::GetFunnelReportRequest {
             scope: Some(reversed.clone()),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -753,6 +762,7 @@ async fn bad_input_names_the_field() {
             scope: Some(reversed.clone()),
             gross_margin_bps: 100,
             top_customers: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -787,6 +797,7 @@ async fn bad_input_names_the_field() {
             .get_acquisition_report(pb::GetAcquisitionReportRequest {
                 scope: Some(scope()),
                 model: m,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -800,6 +811,7 @@ async fn bad_input_names_the_field() {
                 ..scope()
             }),
             model: AttributionModel::Linear as i32,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -899,13 +911,17 @@ async fn bad_input_names_the_field() {
                 attribute_key: "plan".into(),
                 ..scope()
             }),
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_bad_field(&e, "scope.cohort_month");
     assert_bad_field(&e, "scope.attribute_value");
     let e = c
-        .get_funnel_report(pb::GetFunnelReportRequest { scope: None })
+        .get_funnel_report(pb::GetFunnelReportRequest {
+            scope: None,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_bad_field(&e, "scope");
@@ -914,6 +930,7 @@ async fn bad_input_names_the_field() {
             scope: Some(scope()),
             gross_margin_bps: 10_001,
             top_customers: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -940,6 +957,7 @@ async fn reports_need_analyst_or_above_and_campaigns_a_marketer() {
     };
     let funnel = pb::GetFunnelReportRequest {
         scope: Some(scope()),
+        ..Default::default()
     };
     let new_campaign = pb::CreateCampaignRequest {
         campaign: Some(pb::Campaign {

@@ -126,11 +126,12 @@ async fn main() -> anyhow::Result<()> {
     let (b, m, r) = time(args.runs, || {
         let (mut c, s) = (client.clone(), scope.clone());
         async move {
-            Ok(
-                c.get_funnel_report(pb::GetFunnelReportRequest { scope: Some(s) })
-                    .await?
-                    .into_inner(),
-            )
+            Ok(c.get_funnel_report(pb::GetFunnelReportRequest {
+                scope: Some(s),
+                ..Default::default()
+            })
+            .await?
+            .into_inner())
         }
     })
     .await?;
@@ -154,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
                 Ok(c.get_acquisition_report(pb::GetAcquisitionReportRequest {
                     scope: Some(s),
                     model: model as i32,
+                    ..Default::default()
                 })
                 .await?
                 .into_inner())
@@ -181,6 +183,7 @@ async fn main() -> anyhow::Result<()> {
                 scope: Some(s),
                 gross_margin_bps: 3_000,
                 top_customers: 10,
+                ..Default::default()
             })
             .await?
             .into_inner())
@@ -205,6 +208,7 @@ async fn main() -> anyhow::Result<()> {
                     pb::TouchpointType::FeatureUse as i32,
                 ],
                 months: 12,
+                ..Default::default()
             })
             .await?
             .into_inner())
@@ -228,6 +232,7 @@ async fn main() -> anyhow::Result<()> {
                 window_days: 30,
                 max_path_length: 5,
                 top: 10,
+                ..Default::default()
             })
             .await?
             .into_inner())

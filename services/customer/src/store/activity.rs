@@ -1,7 +1,7 @@
 //! Rollups of touchpoints the KPI reports read instead of the raw
-//! `touchpoints` table, kept in the same transaction as every touchpoint
-//! write (one or two set-based statements per table per batch, never one
-//! per row):
+//! `touchpoints` table, kept by the report projection
+//! ([`crate::projection`]) from the `TouchpointRecorded` events (one or two
+//! set-based statements per table per batch, never one per row):
 //!
 //! * `touch_months(customer_id, month, kinds, conv_us, conv_month)`: per
 //!   customer and calendar month (UTC month index,
@@ -27,9 +27,11 @@
 //! conversion, so that a report selects a cohort's rows by an index range
 //! instead of joining a million customers.
 //!
-//! A merge rebuilds the survivor's rows from its (now merged) touchpoints
-//! and drops the duplicates' ([`rebuild`]); an erasure deletes them
-//! ([`super::erasure::forget`]). The same SQL backfills the migration
+//! A merge folds the duplicates' rows into the survivor's
+//! ([`super::projection::fold`]); an erasure deletes them
+//! ([`super::erasure::forget`], [`super::projection::forget`]). A row is
+//! written even when the customer's row is gone (merged while its events
+//! waited for the projection): the merge's fold then moves it. The same SQL backfills the migration
 //! ([`rebuild_sql`]) and `scripts/seed-kpi.sql`.
 
 use super::touchpoints::TouchpointRecord;
@@ -104,7 +106,7 @@ pub async fn on_touchpoints(
             "WITH v (customer_id, month, kinds) AS (VALUES {rows}) \
              INSERT INTO touch_months (customer_id, month, kinds, conv_us, conv_month) \
              SELECT v.customer_id, v.month, v.kinds, c.first_conversion_us, c.first_conversion_month \
-             FROM v JOIN customers c ON c.id = v.customer_id WHERE 1 = 1 \
+             FROM v LEFT JOIN customers c ON c.id = v.customer_id WHERE 1 = 1 \
              ON CONFLICT (customer_id, month) DO NOTHING"
         );
         exec(db, insert, values.clone()).await?;
@@ -138,7 +140,7 @@ pub async fn on_touchpoints(
              INSERT INTO purchase_months (customer_id, month, currency, orders, revenue_minor, conv_us, conv_month) \
              SELECT v.customer_id, v.month, v.currency, v.orders, v.revenue_minor, \
              c.first_conversion_us, c.first_conversion_month \
-             FROM v JOIN customers c ON c.id = v.customer_id WHERE 1 = 1 \
+             FROM v LEFT JOIN customers c ON c.id = v.customer_id WHERE 1 = 1 \
              ON CONFLICT (customer_id, month, currency) DO UPDATE SET \
              orders = purchase_months.orders + excluded.orders, \
              revenue_minor = purchase_months.revenue_minor + excluded.revenue_minor",
@@ -165,7 +167,7 @@ pub async fn on_touchpoints(
             "WITH v (customer_id, occurred_us, event_id, campaign) AS (VALUES {}) \
              INSERT INTO attribution_touches (customer_id, occurred_us, event_id, campaign) \
              SELECT v.customer_id, v.occurred_us, v.event_id, v.campaign FROM v \
-             JOIN customers c ON c.id = v.customer_id \
+             LEFT JOIN customers c ON c.id = v.customer_id \
              WHERE c.first_conversion_us IS NULL OR v.occurred_us <= c.first_conversion_us \
              ON CONFLICT DO NOTHING",
             rows.join(", ")

@@ -381,6 +381,31 @@ pub async fn lock_many(
         .await?)
 }
 
+/// Which of `ids` exist, each kept until the transaction ends under a lock
+/// that concurrent writers share (`FOR KEY SHARE`, in id order, as a
+/// foreign key takes on PostgreSQL; SQLite has one writer): ingests of the
+/// same customers never wait on each other, and an erasure or a merge
+/// (`FOR UPDATE`, [`lock`], [`lock_many`]) waits for them, or they for it,
+/// then find the customer gone. The ingest path's one customer lock.
+pub async fn share_existing(
+    db: &impl ConnectionTrait,
+    ids: &[String],
+) -> Result<Vec<String>, Error> {
+    Ok(share_existing_query(ids)
+        .into_tuple::<String>()
+        .all(db)
+        .await?)
+}
+
+fn share_existing_query(ids: &[String]) -> sea_orm::Select<customers::Entity> {
+    customers::Entity::find()
+        .select_only()
+        .column(Column::Id)
+        .filter(Column::Id.is_in(ids.iter().cloned()))
+        .order_by_asc(Column::Id)
+        .lock(sea_orm::sea_query::LockType::KeyShare)
+}
+
 /// Which of `ids` exist.
 pub async fn existing_ids(db: &impl ConnectionTrait, ids: &[String]) -> Result<Vec<String>, Error> {
     Ok(customers::Entity::find()
@@ -676,6 +701,23 @@ mod tests {
     use sea_orm_migration::MigratorTrait;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The ingest path's one customer lock is shared among writers: it
+    /// conflicts with erasure's and merge's `FOR UPDATE`, never with
+    /// another ingest.
+    #[test]
+    fn the_ingest_lock_is_a_key_share_lock() {
+        use sea_orm::QueryTrait;
+        let sql = share_existing_query(&["a".into(), "b".into()])
+            .build(sea_orm::DbBackend::Postgres)
+            .to_string();
+        assert!(sql.ends_with("FOR KEY SHARE"), "{sql}");
+        assert!(sql.contains("ORDER BY"), "{sql}");
+        assert!(
+            !sql.contains("FOR UPDATE") && !sql.contains("NO KEY UPDATE"),
+            "{sql}"
+        );
+    }
 
     fn record(email: &str, attrs: &[(&str, AttributeValue)]) -> CustomerRecord {
         let now = from_micros(1_764_000_000_000_000);

@@ -369,8 +369,10 @@ pub async fn forget(
             .and_where(Expr::col(n("customer_id")).eq(id.clone()));
         db.execute(&del).await?;
     }
-    super::activity::forget(db, std::slice::from_ref(&id)).await?;
-    super::journeys::forget(db, std::slice::from_ref(&id)).await?;
+    // The report projection's rows go now too (of the duplicates as well:
+    // a merge's fold may not have run yet); the projection deletes again
+    // whatever it adds for them before it reaches the erasure's event.
+    super::projection::forget(db, &all).await?;
     let mut del = Query::delete();
     del.from_table(n("customer_redirects"))
         .and_where(Expr::col(n("survivor_id")).eq(id.clone()));

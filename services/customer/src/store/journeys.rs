@@ -12,14 +12,15 @@
 //! leaving moves (backward or to CHURNED, [`LEAVING`], with a partial
 //! index on it) the same way.
 //!
-//! Kept in the same transaction as every write that changes it, one or two
-//! set-based statements per batch: new moves get their row
-//! ([`fill`], from [`super::stages::insert_many`]); touchpoints inserted at
-//! or before existing moves of their customer (out of order) recompute
-//! those moves' rows from their few candidates ([`on_touchpoints`]); a
-//! merge rebuilds the
-//! survivor's ([`rebuild`]); an erasure deletes them
-//! ([`super::erasure::forget`]).
+//! Kept by the report projection ([`crate::projection`]), one or two
+//! set-based statements per batch of events: new moves get their row
+//! ([`fill`], for `StageChanged`); touchpoints inserted at or before
+//! existing moves of their customer (out of order) recompute those moves'
+//! rows from their few candidates ([`on_touchpoints`], for
+//! `TouchpointRecorded`). Both read the current tables, so applying them
+//! again changes nothing. A merge rebuilds the survivor's ([`rebuild`],
+//! from [`super::projection::fold`]); an erasure deletes them
+//! ([`super::projection::forget`]).
 
 use clm_platform::Error;
 use sea_orm::{ConnectionTrait, Statement, Value};

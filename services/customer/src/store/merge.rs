@@ -18,11 +18,9 @@ fn ids(dups: &[CustomerId]) -> Vec<String> {
 
 /// Moves the duplicates' touchpoints, stage history, consent history and
 /// identifiers (no longer the profile's) to `survivor`, re-points
-/// redirects to a duplicate at `survivor`, and rebuilds the report rollups
-/// the moved rows feed: the survivor's touchpoint rollups
-/// ([`super::activity::rebuild`], the duplicates' dropped) and its first
-/// conversion and first churn after it ([`super::rollups`]) and its
-/// journey rows ([`super::journeys`]), from the merged rows.
+/// redirects to a duplicate at `survivor`. The report rollups the moved
+/// rows feed are folded into the survivor's by the report projection when
+/// it reaches the `CustomersMerged` event ([`super::projection::fold`]).
 pub async fn move_children(
     db: &impl ConnectionTrait,
     survivor: CustomerId,
@@ -47,11 +45,7 @@ pub async fn move_children(
         .value(n("profile"), false)
         .and_where(Expr::col(n("customer_id")).is_in(ids(dups)));
     db.execute(&up).await?;
-    let mut all = ids(dups);
-    all.push(survivor.to_string());
-    super::rollups::recompute_firsts(db, &survivor.to_string()).await?;
-    super::activity::rebuild(db, &all).await?;
-    super::journeys::rebuild(db, &all).await
+    Ok(())
 }
 
 /// Turns the duplicates into redirects to `survivor` and deletes their

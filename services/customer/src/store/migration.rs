@@ -18,6 +18,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(ReimportFlagAndExpectedReceipts));
         m.push(Box::new(super::kpi_migration::CampaignTables));
         m.push(Box::new(super::rollup_migration::TouchpointRollups));
+        m.push(Box::new(super::projection_migration::ReportProjection));
         m
     }
 }

@@ -39,6 +39,8 @@ pub mod journeys;
 pub mod kpi_migration;
 pub mod merge;
 pub mod migration;
+pub mod projection;
+pub mod projection_migration;
 pub mod reports;
 pub mod rollup_migration;
 pub mod rollups;

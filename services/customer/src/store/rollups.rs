@@ -1,7 +1,7 @@
 //! Rollups the KPI reports read instead of re-deriving them from the whole
-//! stage history, kept in the same transaction as every stage move (the
-//! one writer of `stage_history` is [`stages::insert_many`](super::stages::insert_many),
-//! which calls [`on_moves`] first):
+//! stage history, kept by the report projection ([`crate::projection`], a
+//! consumer of this service's own change stream) from each
+//! `StageChanged` event, after the move's row was written:
 //!
 //! * `stage_history.left_us` / `next_stage`: when the stay that row opened
 //!   ended, and where the customer went (null while it is the current stay).
@@ -23,36 +23,43 @@
 use super::n;
 use clm_domain::lifecycle::Stage;
 use clm_platform::Error;
-use clm_platform::db::to_micros;
 use sea_orm::ConnectionTrait;
 use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use std::collections::BTreeMap;
 
-use super::stages::StageChangeRecord;
+/// A move the projection applies: customer id, time (µs), stage it went to.
+pub type Move = (String, i64, Stage);
 
-/// Updates the rollups for `changes`, which are about to be inserted: one
-/// statement per distinct (time, stage) of the batch (a batch usually has
-/// one), for all its customers at once.
-pub async fn on_moves(
-    db: &impl ConnectionTrait,
-    changes: &[StageChangeRecord],
-) -> Result<(), Error> {
+/// Updates the rollups for `moves`, whose rows are written already: per
+/// distinct (time, stage) of the conversions and churns, for all their
+/// customers at once, the customers' rows first (the lock order of
+/// erasure and merge, which lock them before their other rows), then one
+/// statement closing the stays the customers left (each open row that has
+/// a later row gets that row's time and stage: the same on a replay).
+pub async fn on_moves(db: &impl ConnectionTrait, moves: &[Move]) -> Result<(), Error> {
+    if moves.is_empty() {
+        return Ok(());
+    }
     let mut groups: BTreeMap<(i64, i16), Vec<String>> = BTreeMap::new();
-    for c in changes {
-        groups
-            .entry((to_micros(c.change_time), c.to.code()))
-            .or_default()
-            .push(c.customer.to_string());
+    for (customer, at, to) in moves {
+        if matches!(to, Stage::Conversion | Stage::Churned) {
+            groups
+                .entry((*at, to.code()))
+                .or_default()
+                .push(customer.clone());
+        }
     }
     for ((at, to), ids) in groups {
-        let mut close = Query::update();
-        close
-            .table(n("stage_history"))
-            .values([(n("left_us"), at.into()), (n("next_stage"), to.into())])
-            .and_where(Expr::col(n("customer_id")).is_in(ids.clone()))
-            .and_where(Expr::col(n("left_us")).is_null());
-        db.execute(&close).await?;
         if to == Stage::Conversion.code() {
+            let month = clm_domain::kpi::month_of(clm_platform::db::from_micros(at));
+            let mut first = Query::update();
+            first
+                .table(n("customers"))
+                .value(n("first_conversion_us"), at)
+                .value(n("first_conversion_month"), month)
+                .and_where(Expr::col(n("id")).is_in(ids.clone()))
+                .and_where(Expr::col(n("first_conversion_us")).is_null());
+            db.execute(&first).await?;
             // Campaign touches after a first conversion never credit it;
             // a later conversion (first_conversion_us already set, and
             // earlier) finds none to drop.
@@ -61,7 +68,6 @@ pub async fn on_moves(
                 .and_where(Expr::col(n("customer_id")).is_in(ids.clone()))
                 .and_where(Expr::col(n("occurred_us")).gt(at));
             db.execute(&late).await?;
-            let month = clm_domain::kpi::month_of(clm_platform::db::from_micros(at));
             for table in ["touch_months", "purchase_months"] {
                 let mut copy = Query::update();
                 copy.table(n(table))
@@ -70,14 +76,6 @@ pub async fn on_moves(
                     .and_where(Expr::col(n("conv_us")).is_null());
                 db.execute(&copy).await?;
             }
-            let mut first = Query::update();
-            first
-                .table(n("customers"))
-                .value(n("first_conversion_us"), at)
-                .value(n("first_conversion_month"), month)
-                .and_where(Expr::col(n("id")).is_in(ids))
-                .and_where(Expr::col(n("first_conversion_us")).is_null());
-            db.execute(&first).await?;
         } else if to == Stage::Churned.code() {
             let mut churn = Query::update();
             churn
@@ -88,6 +86,32 @@ pub async fn on_moves(
                 .and_where(Expr::col(n("first_churn_us")).is_null());
             db.execute(&churn).await?;
         }
+    }
+    let mut customers: Vec<String> = moves.iter().map(|m| m.0.clone()).collect();
+    customers.sort_unstable();
+    customers.dedup();
+    for chunk in customers.chunks(1_000) {
+        let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let next = |col: &str| {
+            format!(
+                "(SELECT x.{col} FROM stage_history x WHERE x.customer_id = stage_history.customer_id \
+                 AND x.id > stage_history.id ORDER BY x.id LIMIT 1)"
+            )
+        };
+        let sql = format!(
+            "UPDATE stage_history SET left_us = {}, next_stage = {} \
+             WHERE customer_id IN ({}) AND left_us IS NULL AND EXISTS (SELECT 1 FROM stage_history x \
+             WHERE x.customer_id = stage_history.customer_id AND x.id > stage_history.id)",
+            next("change_us"),
+            next("to_stage"),
+            marks.join(", ")
+        );
+        db.execute_raw(sea_orm::Statement::from_sql_and_values(
+            db.get_database_backend(),
+            sql,
+            chunk.iter().map(|c| sea_orm::Value::from(c.clone())),
+        ))
+        .await?;
     }
     Ok(())
 }

@@ -57,9 +57,11 @@ impl StageChangeRecord {
     }
 }
 
-/// Inserts moves (one statement), after closing the customers' open stays
-/// in the report rollups ([`super::rollups`]), and gives them their
-/// journey rows ([`super::journeys::fill`], one statement).
+/// Inserts moves (one statement). The report rollups of the moves (the
+/// stays they close, [`super::rollups`]; their journey rows,
+/// [`super::journeys`]) are kept by the report projection
+/// ([`crate::projection`]) from the `StageChanged` events the caller emits
+/// in the same transaction.
 pub async fn insert_many(
     db: &impl ConnectionTrait,
     changes: &[StageChangeRecord],
@@ -67,14 +69,10 @@ pub async fn insert_many(
     if changes.is_empty() {
         return Ok(());
     }
-    super::rollups::on_moves(db, changes).await?;
     stage_history::Entity::insert_many(changes.iter().map(StageChangeRecord::to_active_model))
         .exec_without_returning(db)
         .await?;
-    let mut customers: Vec<String> = changes.iter().map(|c| c.customer.to_string()).collect();
-    customers.sort_unstable();
-    customers.dedup();
-    super::journeys::fill(db, &customers).await
+    Ok(())
 }
 
 /// The newest `limit` moves of `customer`, newest first.

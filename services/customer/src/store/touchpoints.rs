@@ -40,10 +40,12 @@ const COLS: [&str; 14] = [
     "properties",
 ];
 
-/// Inserts the touchpoints whose event id is new, in one statement, adds
-/// those actually inserted to the report rollups ([`super::activity`], one
-/// upsert per rollup table; [`super::journeys`], one delete, and a refill
-/// only when they precede a stage move), and returns their event ids.
+/// Inserts the touchpoints whose event id is new, in one statement, and
+/// returns their event ids. Nothing else: the report rollups
+/// ([`super::activity`], [`super::journeys`]) are kept by the report
+/// projection ([`crate::projection`]) from the `TouchpointRecorded` events
+/// the caller emits in the same transaction, so concurrent writers of the
+/// same customers never wait on each other's rollup rows.
 pub async fn insert_new(
     db: &impl ConnectionTrait,
     records: &[TouchpointRecord],
@@ -51,62 +53,11 @@ pub async fn insert_new(
     if records.is_empty() {
         return Ok(HashSet::new());
     }
-    let inserted = if clm_platform::db::is_postgres(db) {
-        insert_new_postgres(db, records).await?
+    if clm_platform::db::is_postgres(db) {
+        insert_new_postgres(db, records).await
     } else {
-        insert_new_sqlite(db, records).await?
-    };
-    lock_customers(db, records, &inserted).await?;
-    super::activity::on_touchpoints(db, records, &inserted).await?;
-    let mut earliest: std::collections::BTreeMap<String, i64> = Default::default();
-    for r in records
-        .iter()
-        .filter(|r| inserted.contains(&r.touchpoint.event_id))
-    {
-        let at = to_micros(r.touchpoint.occurred_time);
-        earliest
-            .entry(r.customer.to_string())
-            .and_modify(|e| *e = Ord::min(*e, at))
-            .or_insert(at);
+        insert_new_sqlite(db, records).await
     }
-    super::journeys::on_touchpoints(db, &earliest).await?;
-    Ok(inserted)
-}
-
-/// PostgreSQL: locks the rows of the customers whose touchpoints were
-/// inserted, in id order, before their rollups are written. Every rollup
-/// row belongs to one customer, and stage moves, merges and erasures lock
-/// the customer's row too, so two transactions never wait on each other's
-/// rollup rows in opposite orders (no deadlock), and a conversion and a
-/// late campaign touch of one customer never interleave. (SQLite has one
-/// writer at a time.)
-async fn lock_customers(
-    db: &impl ConnectionTrait,
-    records: &[TouchpointRecord],
-    inserted: &HashSet<String>,
-) -> Result<(), Error> {
-    if !clm_platform::db::is_postgres(db) || inserted.is_empty() {
-        return Ok(());
-    }
-    let mut ids: Vec<String> = records
-        .iter()
-        .filter(|r| inserted.contains(&r.touchpoint.event_id))
-        .map(|r| r.customer.to_string())
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
-    let sql = format!(
-        "SELECT id FROM customers WHERE id IN ({}) ORDER BY id FOR NO KEY UPDATE",
-        marks.join(", ")
-    );
-    db.query_all_raw(sea_orm::Statement::from_sql_and_values(
-        sea_orm::DbBackend::Postgres,
-        sql,
-        ids.into_iter().map(sea_orm::Value::from),
-    ))
-    .await?;
-    Ok(())
 }
 
 async fn insert_new_sqlite(

@@ -236,3 +236,37 @@ pub async fn move_to(c: &mut Client, customer: &str, to: pb::Stage) {
     .await
     .unwrap();
 }
+
+/// A report scope that is cheap to read (one day before the test clock's
+/// start): asked only for its freshness.
+fn freshness_scope() -> pb::ReportScope {
+    pb::ReportScope {
+        start_time: Some(clm_platform::convert::timestamp(
+            t0() - chrono::Duration::days(1),
+        )),
+        end_time: Some(clm_platform::convert::timestamp(t0())),
+        ..Default::default()
+    }
+}
+
+/// A report's freshness (GetFunnelReport), waiting for `min_position`.
+pub async fn freshness(c: &mut Client, min_position: i64) -> pb::ReportFreshness {
+    c.get_funnel_report(pb::GetFunnelReportRequest {
+        scope: Some(freshness_scope()),
+        min_position,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .freshness
+    .expect("a report states its freshness")
+}
+
+/// Waits until the reports reflect every write made so far (the report
+/// projection has applied the stream head): returns that position.
+pub async fn settle(c: &mut Client) -> i64 {
+    let head = freshness(c, 0).await.head_position;
+    let f = freshness(c, head).await;
+    assert!(f.fresh_position >= head, "{f:?} after waiting for {head}");
+    head
+}
