@@ -274,16 +274,32 @@ async fn erasure_and_merge_racing_ingest_leave_nothing_behind() {
         let mut e = h.client();
         let (erased, dup, survivor) = (k[i].clone(), k[i + 3].clone(), k[i + 6].clone());
         let mut m = h.client();
+        // Racing the ingest, either may be ABORTED ("retry"): a client
+        // retries, as the contract says.
         let (erase_done, merge_done) = tokio::join!(
-            async move { e.erase_customer(erase_req(erased)).await },
             async move {
-                m.merge_customers(pb::MergeCustomersRequest {
-                    survivor,
-                    duplicates: vec![dup],
-                    policy: None,
-                    request_id: String::new(),
-                })
-                .await
+                loop {
+                    match e.erase_customer(erase_req(erased.clone())).await {
+                        Err(s) if s.code() == Code::Aborted => continue,
+                        other => break other,
+                    }
+                }
+            },
+            async move {
+                loop {
+                    let r = m
+                        .merge_customers(pb::MergeCustomersRequest {
+                            survivor: survivor.clone(),
+                            duplicates: vec![dup.clone()],
+                            policy: None,
+                            request_id: String::new(),
+                        })
+                        .await;
+                    match r {
+                        Err(s) if s.code() == Code::Aborted => continue,
+                        other => break other,
+                    }
+                }
             }
         );
         erase_done.unwrap();
