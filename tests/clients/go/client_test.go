@@ -86,7 +86,7 @@ func TestScoredTouchpointPutsTheCustomerInASegment(t *testing.T) {
 	}
 	segment, err := segments.CreateSegment(ctx, &segmentationservicepb.CreateSegmentRequest{
 		Segment: &segmentationservicepb.Segment{
-			DisplayName: "Go engaged " + tag, Owner: "growth", RuleText: "score.engagement >= 10",
+			DisplayName: "Go engaged " + tag, Owner: "growth", RuleText: `score("go-` + tag + `").engagement >= 10`,
 		},
 		RequestId: "go-segment-" + tag,
 	})

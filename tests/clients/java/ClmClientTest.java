@@ -96,7 +96,7 @@ public final class ClmClientTest {
         CreateSegmentRequest.newBuilder()
             .setSegment(Segment.newBuilder()
                 .setDisplayName("Java engaged " + tag).setOwner("growth")
-                .setRuleText("score.engagement >= 10"))
+                .setRuleText("score(\"java-" + tag + "\").engagement >= 10"))
             .setRequestId("java-segment-" + tag)
             .build());
     Customer customer = customers.withDeadlineAfter(10, TimeUnit.SECONDS).createCustomer(

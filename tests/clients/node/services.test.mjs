@@ -94,7 +94,7 @@ test("scoring and segmentation: a scored touchpoint puts the customer in a segme
     request_id: `node-model-${tag}`,
   });
   const segment = await call("segmentation", "CreateSegment", {
-    segment: { display_name: `Node engaged ${tag}`, owner: "growth", rule_text: "score.engagement >= 10" },
+    segment: { display_name: `Node engaged ${tag}`, owner: "growth", rule_text: `score("node-${tag}").engagement >= 10` },
     request_id: `node-segment-${tag}`,
   });
   const c = await call("customer", "CreateCustomer", { customer: { email: `node-score-${tag}@example.com` } });

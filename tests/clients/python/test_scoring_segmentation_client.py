@@ -100,7 +100,7 @@ def test_a_scored_touchpoint_moves_the_customer_into_a_score_segment(stubs):
     segment = segments.CreateSegment(
         segmentation_service_pb2.CreateSegmentRequest(
             segment=segmentation_service_pb2.Segment(
-                display_name=f"Engaged {tag}", owner="growth", rule_text="score.engagement >= 10"
+                display_name=f"Engaged {tag}", owner="growth", rule_text=f'score("py-{tag}").engagement >= 10'
             )
         )
     )
