@@ -438,15 +438,16 @@ impl Outbox {
 /// callers that fold it into a statement of their own as a data-modifying
 /// CTE. Its one parameter, `$1`, is the rows as JSON ([`pg_rows`]): far less
 /// to parse and plan than bind parameters per row, and no bind-parameter
-/// limit.
-pub(crate) const PG_INSERT: &str = "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_us, traceparent) \
+/// limit. It ends with its `FROM` clause, so a caller may append a `WHERE`
+/// (say, to append only when the rest of its statement went ahead).
+pub const PG_INSERT: &str = "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_us, traceparent) \
      SELECT event_id, event_type, subject, decode(payload, 'base64'), occurred_us, traceparent \
      FROM json_to_recordset($1::json) \
      AS x(event_id text, event_type text, subject text, payload text, occurred_us int8, \
           traceparent text)";
 
 /// [`PG_INSERT`]'s parameter for `events`.
-pub(crate) fn pg_rows(events: &[NewEvent], now: chrono::DateTime<chrono::Utc>) -> sea_orm::Value {
+pub fn pg_rows(events: &[NewEvent], now: chrono::DateTime<chrono::Utc>) -> sea_orm::Value {
     use base64::Engine;
     let occurred = to_micros(now);
     // Every event of one transaction continues the same trace.

@@ -48,7 +48,7 @@ const COLS: [&str; 14] = [
 /// same customers never wait on each other's rollup rows.
 pub async fn insert_new(
     db: &impl ConnectionTrait,
-    records: &[TouchpointRecord],
+    records: &[&TouchpointRecord],
 ) -> Result<HashSet<String>, Error> {
     if records.is_empty() {
         return Ok(HashSet::new());
@@ -62,7 +62,7 @@ pub async fn insert_new(
 
 async fn insert_new_sqlite(
     db: &impl ConnectionTrait,
-    records: &[TouchpointRecord],
+    records: &[&TouchpointRecord],
 ) -> Result<HashSet<String>, Error> {
     let mut insert = Query::insert();
     insert.into_table(n("touchpoints")).columns(COLS.map(n));
@@ -107,7 +107,7 @@ fn properties_json(t: &Touchpoint) -> Option<String> {
 /// 14 bind parameters a row.
 async fn insert_new_postgres(
     db: &impl ConnectionTrait,
-    records: &[TouchpointRecord],
+    records: &[&TouchpointRecord],
 ) -> Result<HashSet<String>, Error> {
     let rows: Vec<serde_json::Value> = records
         .iter()
