@@ -112,7 +112,7 @@ pub async fn insert_if_free(
             DbBackend::Postgres,
             SQL.as_str(),
             [
-                outbox::pg_rows(new.events, now),
+                outbox::pg_rows(new.events, now)?,
                 serde_json::Value::Array(want).to_string().into(),
                 serde_json::Value::Array(erased).to_string().into(),
                 JsonRows::of::<customer_rows::Entity>(&models, &[]).value(),
