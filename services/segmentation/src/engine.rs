@@ -24,6 +24,7 @@
 use crate::cache;
 use crate::catalog;
 use crate::convert::{self, Live};
+use crate::lookback::Lookback;
 use crate::sql::Compiler;
 use crate::store::facts;
 use crate::store::members::{self, Stamped};
@@ -126,6 +127,8 @@ pub struct Registry {
     generation: i64,
     by_id: HashMap<String, Arc<Compiled>>,
     index: HashMap<Key, Vec<String>>,
+    /// The touchpoints any rule reads (what an evaluation loads).
+    lookback: Lookback,
 }
 
 impl Registry {
@@ -173,6 +176,7 @@ impl Registry {
         }
         let mut reg = Registry {
             generation,
+            lookback: Lookback::of(parsed.values().map(|(_, rule)| rule)),
             ..Registry::default()
         };
         for (id, (s, rule)) in parsed {
@@ -417,7 +421,7 @@ impl Engine {
             return Ok(out);
         }
         let ids: Vec<String> = work.keys().cloned().collect();
-        let mut facts = facts::load(txn, &ids).await?;
+        let mut facts = facts::load(txn, &ids, &reg.lookback, at).await?;
         // Only timers that change are written.
         let existing = members::timers_of(txn, &ids).await?;
         let mut entered: Vec<Stamped> = Vec::new();
@@ -761,6 +765,7 @@ impl Engine {
         }
         members::clear_timers(&txn, id).await?;
         if c.timed {
+            let touches = Lookback::of([&c.rule]);
             let total = members::customer_count(&txn).await?.max(1) as f64;
             let mut done = 0usize;
             let mut after: Option<String> = None;
@@ -769,7 +774,8 @@ impl Engine {
                 let Some(last) = ids.last().cloned() else {
                     break;
                 };
-                let loaded: HashMap<String, FactSet> = facts::load(&txn, &ids).await?;
+                let loaded: HashMap<String, FactSet> =
+                    facts::load(&txn, &ids, &touches, now).await?;
                 let set: Vec<(String, String, i64)> = loaded
                     .iter()
                     .filter_map(|(cu, fs)| {

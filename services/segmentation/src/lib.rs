@@ -44,6 +44,10 @@
 //!   dies, and `google.longrunning.Operations` shows its progress and
 //!   outcome. A cancel stops it before its transaction starts; once
 //!   started, it completes.
+//! * An evaluation loads only the touchpoints its rules can count
+//!   ([`lookback`]): none of a type no rule reads, from the longest window
+//!   back for a type every rule reads through a window, the whole history
+//!   of a type some rule reads without one (a lifetime count).
 //! * Membership reads use the customer's set (`{cust:ID}`), loaded from the
 //!   database on a miss; segment sets (`{seg:ID}`) are kept up to date for
 //!   consumers that read them but are not loaded whole.
@@ -90,6 +94,7 @@ pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod lookback;
 pub mod objectives;
 pub mod sql;
 pub mod store;
