@@ -488,7 +488,7 @@ impl Engine {
             }
         }
         let at_us = to_micros(at);
-        members::exit(txn, &exited, at_us).await?;
+        members::exit(txn, &exited, at_us, version).await?;
         members::enter(txn, &entered, at_us, version).await?;
         members::set_timers(txn, &timers_set, &timers_cleared).await?;
         out.timers_set = !timers_set.is_empty();
@@ -741,7 +741,7 @@ impl Engine {
                 if entered {
                     members::enter(&txn, &stamped(chunk), at_us, version).await?;
                 } else {
-                    members::exit(&txn, &stamped(chunk), at_us).await?;
+                    members::exit(&txn, &stamped(chunk), at_us, version).await?;
                 }
                 let mut part = Outcome::default();
                 for cu in chunk {
@@ -755,11 +755,10 @@ impl Engine {
                         .collect();
                     let cascade = self.evaluate(&txn, &dependents, now).await?;
                     part.events.extend(cascade.events);
-                    part.cache.extend(cascade.cache);
                     part.timers_set |= cascade.timers_set;
                 }
                 rt.outbox.append(&txn, &part.events, now).await?;
-                out.cache.extend(part.cache);
+                // The cache writes are read back after the commit.
                 out.timers_set |= part.timers_set;
             }
         }
@@ -791,8 +790,12 @@ impl Engine {
             }
         }
         segments::set_state(&txn, id, seg.version, State::Ready, None, Some(at_us)).await?;
+        // Every version from the first to this one is the backfill's (the
+        // cascade takes one per chunk), all under the membership lock.
+        let written = version..=members::version(&txn).await?;
         rt.outbox.commit(txn).await?;
         self.after_commit(out).await;
+        cache::write_back(rt, written, BACKFILL_CHUNK as u64).await;
         Ok(())
     }
 

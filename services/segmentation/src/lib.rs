@@ -43,7 +43,10 @@
 //!   one replica runs it under a lease, another resumes it if that one
 //!   dies, and `google.longrunning.Operations` shows its progress and
 //!   outcome. A cancel stops it before its transaction starts; once
-//!   started, it completes.
+//!   started, it completes. Its steps are bounded: members, events and the
+//!   cascade go 5,000 customers at a time, and its cache writes are read
+//!   back after the commit, 5,000 rows at a time, from the rows its
+//!   membership versions wrote (`cache::write_back`).
 //! * An evaluation loads only the touchpoints its rules can count
 //!   ([`lookback`]): none of a type no rule reads, from the longest window
 //!   back for a type every rule reads through a window, the whole history
