@@ -638,6 +638,17 @@ async fn a_backfill_is_an_operation_with_progress_and_the_segment_names_it() {
         .into_inner();
     assert_ne!(refreshed.operation, s.operation);
     wait_ready(&mut seg, &s.name).await;
+    // The segment reads READY from the backfill's commit; its operation is
+    // done once the cache is written too.
+    ops.wait_operation(WaitOperationRequest {
+        name: refreshed.operation.clone(),
+        timeout: Some(prost_types::Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
+    })
+    .await
+    .unwrap();
     let listed = ops
         .list_operations(ListOperationsRequest {
             filter: r#"kind = "segmentation.backfill" AND done = true"#.into(),
