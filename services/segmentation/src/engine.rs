@@ -7,9 +7,11 @@
 //!   `rules::reads`) yields the only segments that can be affected, which
 //!   are evaluated in memory (`rules::evaluate`) for that customer only, in
 //!   dependency order so `in_segment` sees the new membership.
-//! * **Backfill.** A rule compiles to one SQL query ([`crate::sql`]); the
-//!   diff with the current members is applied set-based, then dependents
-//!   and (for rules that read time) every customer's next-change timer.
+//! * **Backfill.** A rule compiles to one SQL query ([`crate::sql`]),
+//!   run outside the membership lock; under it, the customers evaluated
+//!   since are evaluated again and the diff with the current members is
+//!   applied set-based, then dependents and (for rules that read time)
+//!   every customer's next-change timer.
 //! * **Timers.** The platform timer queue holds, per (segment, customer)
 //!   (kind [`members::WINDOW`]), the instant `rules::next_change` says time
 //!   alone changes the answer; the queue fires each at that instant by the
@@ -416,11 +418,13 @@ impl Engine {
             return Ok(out);
         }
         let version = members::lock_version(txn).await?;
+        let ids: Vec<String> = work.keys().cloned().collect();
+        // Evaluated now: a backfill whose diff was taken before looks again.
+        facts::stamp(txn, &ids, version).await?;
         let reg = self.registry(txn).await?;
         if reg.by_id.is_empty() {
             return Ok(out);
         }
-        let ids: Vec<String> = work.keys().cloned().collect();
         let mut facts = facts::load(txn, &ids, &reg.lookback, at).await?;
         // Only timers that change are written.
         let existing = members::timers_of(txn, &ids).await?;
@@ -709,6 +713,22 @@ impl Engine {
     async fn backfill(&self, id: &str) -> Result<()> {
         let rt = &self.inner.rt;
         let now = clm_domain::clock::micros(rt.clock.now());
+        let compiler = Compiler {
+            at: now,
+            postgres: is_postgres(&rt.db),
+        };
+        // The diff (the rule's query, the long part) outside the membership
+        // lock: subscribers, timers and edits go on meanwhile. Every writer
+        // committing after `seen` stamps the customers it evaluated above it.
+        let seen = members::version(&rt.read).await?;
+        let early = match self.registry(&rt.read).await?.get(id).cloned() {
+            Some(c) => Some((
+                c.version,
+                members::diff(&rt.read, id, compiler.select(&c.rule)).await?,
+            )),
+            None => None,
+        };
+        backfill_pause::point().await;
         let txn = rt.db.begin().await?;
         let version = members::lock_version(&txn).await?;
         let Some(seg) = segments::get(&txn, id).await? else {
@@ -718,11 +738,13 @@ impl Engine {
         let Some(c) = reg.get(id).cloned() else {
             return Err(Error::internal("segment missing from the registry"));
         };
-        let compiler = Compiler {
-            at: now,
-            postgres: is_postgres(&txn),
+        let (entering, leaving) = match early {
+            Some((rule_version, diff)) if rule_version == c.version => {
+                self.settle_diff(&txn, &c, seen, diff, now).await?
+            }
+            // The rule changed since: diff again, under the lock.
+            _ => members::diff(&txn, id, compiler.select(&c.rule)).await?,
         };
-        let (entering, leaving) = members::diff(&txn, id, compiler.select(&c.rule)).await?;
         self.set_progress(id, Some(0.5));
         let at_us = to_micros(now);
         let mut out = Outcome::default();
@@ -797,6 +819,49 @@ impl Engine {
         self.after_commit(out).await;
         cache::write_back(rt, written, BACKFILL_CHUNK as u64).await;
         Ok(())
+    }
+
+    /// A diff taken outside the membership lock (at membership version
+    /// `seen`), made exact under it: the customers stamped since (some
+    /// writer changed their facts or memberships) are evaluated again in
+    /// memory, now; of the others, only those still members leave and
+    /// those still present and not members enter (an erasure, a merge or
+    /// another backfill of the segment may have acted on them). Both lists
+    /// come back in customer-id order.
+    async fn settle_diff(
+        &self,
+        txn: &impl ConnectionTrait,
+        c: &Compiled,
+        seen: i64,
+        (entering, leaving): (Vec<String>, Vec<String>),
+        now: DateTime<Utc>,
+    ) -> Result<(Vec<String>, Vec<String>)> {
+        let moved = facts::stamped_after(txn, seen).await?;
+        let moved_set: BTreeSet<&str> = moved.iter().map(String::as_str).collect();
+        let unmoved = |ids: Vec<String>| -> Vec<String> {
+            ids.into_iter()
+                .filter(|cu| !moved_set.contains(cu.as_str()))
+                .collect()
+        };
+        let mut entering = members::still(txn, &c.id, &unmoved(entering), false).await?;
+        let mut leaving = members::still(txn, &c.id, &unmoved(leaving), true).await?;
+        let touches = Lookback::of([&c.rule]);
+        for chunk in moved.chunks(BACKFILL_CHUNK) {
+            let loaded = facts::load(txn, chunk, &touches, now).await?;
+            for cu in chunk {
+                // No profile row: in no segment (its memberships went with it).
+                let Some(fs) = loaded.get(cu) else { continue };
+                let now_in = rules::evaluate(&c.rule, fs, now);
+                match (now_in, fs.segments.contains(&c.name)) {
+                    (true, false) => entering.push(cu.clone()),
+                    (false, true) => leaving.push(cu.clone()),
+                    _ => {}
+                }
+            }
+        }
+        entering.sort_unstable();
+        leaving.sort_unstable();
+        Ok((entering, leaving))
     }
 
     /// Evaluates `rule` now without saving: how many customers match and
@@ -984,6 +1049,52 @@ async fn model_score_names(rt: &Runtime) -> Option<BTreeMap<String, BTreeSet<Str
                 tracing::info!(error = %e, "scoring's model scores unknown; checking against the scores customers have");
                 return None;
             }
+        }
+    }
+}
+
+/// A pause point for tests, between a backfill's diff (taken outside the
+/// membership lock) and its lock: a test holds backfills there to show
+/// that other writers go on meanwhile. Unused, it costs one uncontended
+/// mutex per backfill.
+#[doc(hidden)]
+pub mod backfill_pause {
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::Notify;
+
+    /// A gate a test installs: `reached` is notified when a backfill
+    /// arrives, which then waits for `release`.
+    #[derive(Debug, Clone, Default)]
+    pub struct Gate {
+        /// Notified when a backfill reaches the point.
+        pub reached: Arc<Notify>,
+        /// Lets the waiting backfill go on.
+        pub release: Arc<Notify>,
+    }
+
+    static GATE: Mutex<Option<Gate>> = Mutex::new(None);
+
+    /// Holds every backfill of this process at the point from now on.
+    pub fn install() -> Gate {
+        let gate = Gate::default();
+        if let Ok(mut g) = GATE.lock() {
+            *g = Some(gate.clone());
+        }
+        gate
+    }
+
+    /// Lets backfills pass the point again.
+    pub fn remove() {
+        if let Ok(mut g) = GATE.lock() {
+            *g = None;
+        }
+    }
+
+    pub(crate) async fn point() {
+        let gate = GATE.lock().ok().and_then(|g| g.clone());
+        if let Some(gate) = gate {
+            gate.reached.notify_one();
+            gate.release.notified().await;
         }
     }
 }
