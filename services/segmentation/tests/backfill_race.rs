@@ -1,9 +1,9 @@
 //! A backfill takes its diff (the rule's query) outside the membership
 //! lock: a subscriber batch commits while the backfill is held between its
-//! diff and its lock, and afterwards membership and cache are exact (the
-//! backfill evaluates again, under the lock, the customers the batch
-//! changed). Before, the backfill took the lock first and held it for its
-//! whole transaction: the batch waited. One test per binary: the pause
+//! diff and its lock, a timer fires and commits too, and afterwards
+//! membership and cache are exact (the backfill evaluates again, under the
+//! lock, the customers the batch changed). Before, the backfill took the
+//! lock first and held it for its whole transaction: the batch waited. One test per binary: the pause
 //! point is process-wide. Runs on SQLite and on PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -45,7 +45,7 @@ async fn set_birth_year(cust: &mut Customers, name: &str, year: i32) {
 }
 
 #[tokio::test]
-async fn a_subscriber_batch_commits_while_a_backfill_is_between_its_diff_and_its_lock() {
+async fn a_subscriber_batch_and_a_timer_commit_while_a_backfill_is_between_its_diff_and_its_lock() {
     let h = start().await;
     let mut cust = h.customers();
     let old = create_customer(&mut cust, "old@example.com", |c| {
@@ -64,6 +64,12 @@ async fn a_subscriber_batch_commits_while_a_backfill_is_between_its_diff_and_its
     assert!(is_member(&mut seg, &all.name, &old).await);
     assert!(is_member(&mut seg, &all.name, &young).await);
 
+    // A customer whose last feature use leaves a 2-hour window at t0 + 1h.
+    let ada = create_customer(&mut cust, "ada@example.com", |_| {}).await;
+    feature_use(&mut cust, &ada, "export", t0() - chrono::Duration::hours(1)).await;
+    let windowed = create_segment(&mut seg, "count(feature_use, 2h) > 0").await;
+    wait_count(&mut seg, &windowed.name, 1).await;
+
     let gate = backfill_pause::install();
     let s = create_segment(&mut seg, "age >= 30").await;
     // The backfill has its diff (the old customer enters) and waits.
@@ -76,6 +82,9 @@ async fn a_subscriber_batch_commits_while_a_backfill_is_between_its_diff_and_its
     set_birth_year(&mut cust, &old, 2001).await;
     set_birth_year(&mut cust, &young, 1951).await;
     wait_member(&mut seg, &s.name, &young, true).await;
+    // A timer fires and commits too: the window empties at its instant.
+    h.clock.set(t0() + chrono::Duration::hours(1));
+    wait_member(&mut seg, &windowed.name, &ada, false).await;
     let during = seg
         .get_segment(pb::GetSegmentRequest {
             name: s.name.clone(),
