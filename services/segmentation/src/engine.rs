@@ -285,6 +285,18 @@ impl Outcome {
     }
 }
 
+/// What a backfill applies: who enters and leaves at its instant, and who
+/// enters and leaves at the lock's instant (`late`: the customers a writer
+/// evaluated after the backfill's diff).
+#[derive(Debug, Default)]
+struct Settled {
+    entering: Vec<String>,
+    leaving: Vec<String>,
+    late_entering: Vec<String>,
+    late_leaving: Vec<String>,
+    late: BTreeSet<String>,
+}
+
 /// The engine; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Engine {
@@ -738,12 +750,22 @@ impl Engine {
         let Some(c) = reg.get(id).cloned() else {
             return Err(Error::internal("segment missing from the registry"));
         };
-        let (entering, leaving) = match early {
+        // Customers a writer evaluated since the diff are decided at this
+        // instant (no earlier than that writer's), the others at `now`.
+        let later = clm_domain::clock::micros(rt.clock.now()).max(now);
+        let diff = match early {
             Some((rule_version, diff)) if rule_version == c.version => {
-                self.settle_diff(&txn, &c, seen, diff, now).await?
+                self.settle_diff(&txn, &c, seen, diff, later).await?
             }
             // The rule changed since: diff again, under the lock.
-            _ => members::diff(&txn, id, compiler.select(&c.rule)).await?,
+            _ => {
+                let (entering, leaving) = members::diff(&txn, id, compiler.select(&c.rule)).await?;
+                Settled {
+                    entering,
+                    leaving,
+                    ..Settled::default()
+                }
+            }
         };
         self.set_progress(id, Some(0.5));
         let at_us = to_micros(now);
@@ -758,16 +780,21 @@ impl Engine {
         // each chunk's events appended as it goes (one transaction still).
         let member = Change::Member(c.name.clone());
         let cascades = !reg.affected(&member).is_empty();
-        for (ids, entered) in [(&leaving, false), (&entering, true)] {
+        for (ids, entered, at) in [
+            (&diff.leaving, false, now),
+            (&diff.entering, true, now),
+            (&diff.late_leaving, false, later),
+            (&diff.late_entering, true, later),
+        ] {
             for chunk in ids.chunks(BACKFILL_CHUNK) {
                 if entered {
-                    members::enter(&txn, &stamped(chunk), at_us, version).await?;
+                    members::enter(&txn, &stamped(chunk), to_micros(at), version).await?;
                 } else {
-                    members::exit(&txn, &stamped(chunk), at_us, version).await?;
+                    members::exit(&txn, &stamped(chunk), to_micros(at), version).await?;
                 }
                 let mut part = Outcome::default();
                 for cu in chunk {
-                    part.record(&c, cu, entered, now, version, backfill);
+                    part.record(&c, cu, entered, at, version, backfill);
                 }
                 // Only when another segment reads this one's membership.
                 if cascades {
@@ -775,11 +802,11 @@ impl Engine {
                         .iter()
                         .map(|cu| (cu.clone(), vec![member.clone()]))
                         .collect();
-                    let cascade = self.evaluate(&txn, &dependents, now).await?;
+                    let cascade = self.evaluate(&txn, &dependents, at).await?;
                     part.events.extend(cascade.events);
                     part.timers_set |= cascade.timers_set;
                 }
-                rt.outbox.append(&txn, &part.events, now).await?;
+                rt.outbox.append(&txn, &part.events, at).await?;
                 // The cache writes are read back after the commit.
                 out.timers_set |= part.timers_set;
             }
@@ -800,7 +827,8 @@ impl Engine {
                 let set: Vec<(String, String, i64)> = loaded
                     .iter()
                     .filter_map(|(cu, fs)| {
-                        rules::next_change(&c.rule, fs, now)
+                        let at = if diff.late.contains(cu) { later } else { now };
+                        rules::next_change(&c.rule, fs, at)
                             .map(|t| (id.to_owned(), cu.clone(), to_micros(t)))
                     })
                     .collect();
@@ -824,18 +852,19 @@ impl Engine {
     /// A diff taken outside the membership lock (at membership version
     /// `seen`), made exact under it: the customers stamped since (some
     /// writer changed their facts or memberships) are evaluated again in
-    /// memory, now; of the others, only those still members leave and
+    /// memory at `later` (the lock's instant: never before that writer's
+    /// evaluation); of the others, only those still members leave and
     /// those still present and not members enter (an erasure, a merge or
-    /// another backfill of the segment may have acted on them). Both lists
-    /// come back in customer-id order.
+    /// another backfill of the segment may have acted on them). Each list
+    /// comes back in customer-id order.
     async fn settle_diff(
         &self,
         txn: &impl ConnectionTrait,
         c: &Compiled,
         seen: i64,
         (entering, leaving): (Vec<String>, Vec<String>),
-        now: DateTime<Utc>,
-    ) -> Result<(Vec<String>, Vec<String>)> {
+        later: DateTime<Utc>,
+    ) -> Result<Settled> {
         let moved = facts::stamped_after(txn, seen).await?;
         let moved_set: BTreeSet<&str> = moved.iter().map(String::as_str).collect();
         let unmoved = |ids: Vec<String>| -> Vec<String> {
@@ -843,25 +872,29 @@ impl Engine {
                 .filter(|cu| !moved_set.contains(cu.as_str()))
                 .collect()
         };
-        let mut entering = members::still(txn, &c.id, &unmoved(entering), false).await?;
-        let mut leaving = members::still(txn, &c.id, &unmoved(leaving), true).await?;
+        let mut out = Settled {
+            entering: members::still(txn, &c.id, &unmoved(entering), false).await?,
+            leaving: members::still(txn, &c.id, &unmoved(leaving), true).await?,
+            ..Settled::default()
+        };
         let touches = Lookback::of([&c.rule]);
         for chunk in moved.chunks(BACKFILL_CHUNK) {
-            let loaded = facts::load(txn, chunk, &touches, now).await?;
+            let loaded = facts::load(txn, chunk, &touches, later).await?;
             for cu in chunk {
                 // No profile row: in no segment (its memberships went with it).
                 let Some(fs) = loaded.get(cu) else { continue };
-                let now_in = rules::evaluate(&c.rule, fs, now);
+                let now_in = rules::evaluate(&c.rule, fs, later);
                 match (now_in, fs.segments.contains(&c.name)) {
-                    (true, false) => entering.push(cu.clone()),
-                    (false, true) => leaving.push(cu.clone()),
+                    (true, false) => out.late_entering.push(cu.clone()),
+                    (false, true) => out.late_leaving.push(cu.clone()),
                     _ => {}
                 }
             }
         }
-        entering.sort_unstable();
-        leaving.sort_unstable();
-        Ok((entering, leaving))
+        out.entering.sort_unstable();
+        out.leaving.sort_unstable();
+        out.late = moved.into_iter().collect();
+        Ok(out)
     }
 
     /// Evaluates `rule` now without saving: how many customers match and
