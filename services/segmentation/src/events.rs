@@ -315,7 +315,7 @@ impl CustomerFacts {
                 (p.clone(), v, reason as i16)
             })
             .collect();
-        members::exit(cx.txn(), &stamped, to_micros(at)).await?;
+        members::exit(cx.txn(), &stamped, to_micros(at), version).await?;
         for (seg, cu) in &pairs {
             if let Some(c) = reg.get(seg) {
                 out.record(c, cu, false, at, version, reason);
