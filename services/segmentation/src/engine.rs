@@ -740,7 +740,7 @@ impl Engine {
             )),
             None => None,
         };
-        backfill_pause::point().await;
+        backfill_pause::point(backfill_pause::At::Diffed).await;
         let txn = rt.db.begin().await?;
         let version = members::lock_version(&txn).await?;
         let Some(seg) = segments::get(&txn, id).await? else {
@@ -843,6 +843,7 @@ impl Engine {
         // Every version from the first to this one is the backfill's (the
         // cascade takes one per chunk), all under the membership lock.
         let written = version..=members::version(&txn).await?;
+        backfill_pause::point(backfill_pause::At::Written).await;
         rt.outbox.commit(txn).await?;
         self.after_commit(out).await;
         cache::write_back(rt, written, BACKFILL_CHUNK as u64).await;
@@ -1086,14 +1087,25 @@ async fn model_score_names(rt: &Runtime) -> Option<BTreeMap<String, BTreeSet<Str
     }
 }
 
-/// A pause point for tests, between a backfill's diff (taken outside the
-/// membership lock) and its lock: a test holds backfills there to show
-/// that other writers go on meanwhile. Unused, it costs one uncontended
+/// Pause points for tests in a backfill: between its diff (taken outside
+/// the membership lock) and its lock ([`backfill_pause::At::Diffed`]), and
+/// after it wrote its changes, before its commit
+/// ([`backfill_pause::At::Written`]). A test holds backfills there to show
+/// what other writers do meanwhile. Unused, each costs one uncontended
 /// mutex per backfill.
 #[doc(hidden)]
 pub mod backfill_pause {
     use std::sync::{Arc, Mutex};
     use tokio::sync::Notify;
+
+    /// Where a backfill is held.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum At {
+        /// After the diff, before the membership lock.
+        Diffed,
+        /// Under the lock, changes written, before the commit.
+        Written,
+    }
 
     /// A gate a test installs: `reached` is notified when a backfill
     /// arrives, which then waits for `release`.
@@ -1105,13 +1117,13 @@ pub mod backfill_pause {
         pub release: Arc<Notify>,
     }
 
-    static GATE: Mutex<Option<Gate>> = Mutex::new(None);
+    static GATE: Mutex<Option<(At, Gate)>> = Mutex::new(None);
 
-    /// Holds every backfill of this process at the point from now on.
-    pub fn install() -> Gate {
+    /// Holds every backfill of this process at `at` from now on.
+    pub fn install(at: At) -> Gate {
         let gate = Gate::default();
         if let Ok(mut g) = GATE.lock() {
-            *g = Some(gate.clone());
+            *g = Some((at, gate.clone()));
         }
         gate
     }
@@ -1123,9 +1135,13 @@ pub mod backfill_pause {
         }
     }
 
-    pub(crate) async fn point() {
-        let gate = GATE.lock().ok().and_then(|g| g.clone());
-        if let Some(gate) = gate {
+    pub(crate) async fn point(here: At) {
+        let gate = GATE
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .filter(|(at, _)| *at == here);
+        if let Some((_, gate)) = gate {
             gate.reached.notify_one();
             gate.release.notified().await;
         }

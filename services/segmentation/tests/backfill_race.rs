@@ -70,7 +70,7 @@ async fn a_subscriber_batch_and_a_timer_commit_while_a_backfill_is_between_its_d
     let windowed = create_segment(&mut seg, "count(feature_use, 2h) > 0").await;
     wait_count(&mut seg, &windowed.name, 1).await;
 
-    let gate = backfill_pause::install();
+    let gate = backfill_pause::install(backfill_pause::At::Diffed);
     let s = create_segment(&mut seg, "age >= 30 or count(feature_use, 2h) > 0").await;
     // The backfill has its diff at t0 (the old customer and ada enter) and
     // waits.
