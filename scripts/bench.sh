@@ -4,8 +4,8 @@
 # docs/benchmarks.md explains the method and how to read the table.
 #
 #   scripts/bench.sh                          # everything (~10 min)
-#   scripts/bench.sh --quick                  # shorter runs, no backfill/loyalty
-#   scripts/bench.sh --only api,ingest        # parts: api segmentation ingest backfill loyalty
+#   scripts/bench.sh --quick                  # shorter runs, no backfill/loyalty/import
+#   scripts/bench.sh --only api,ingest        # parts: api segmentation ingest backfill loyalty import
 #   scripts/bench.sh --json after.json --compare before.json
 #   scripts/bench.sh --skip-build             # reuse $CARGO_TARGET_DIR/release
 #
@@ -17,8 +17,9 @@
 # never a rate of errors. Needs PostgreSQL (BENCH_DATABASE_URL, default the
 # local test server; scratch databases are created and dropped), Redis
 # (redis-server, started on a free port), h2load and pgbench (installed with
-# apt-get if missing), curl and python3. Every process it starts is stopped
-# on exit.
+# apt-get if missing), curl and python3 (the import part's Python reference
+# installs grpcio-tools into tests/clients/python/.venv). Every process it
+# starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,17 +29,19 @@ SEG_EVENTS=20000
 SAMPLES=200
 CUSTOMERS=1000000
 TOUCHES=10
-PARTS="api,segmentation,ingest,backfill,loyalty"
+IMPORT_ROWS=200000
+PARTS="api,segmentation,ingest,backfill,loyalty,import"
 JSON_OUT=""
 COMPARE=""
 SKIP_BUILD="${SKIP_BUILD:-}"
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) DURATION=4; EVENTS=50000; SEG_EVENTS=10000; SAMPLES=100; PARTS="api,segmentation,ingest" ;;
     --only) PARTS="$2"; shift ;;
     --duration) DURATION="$2"; shift ;;
     --events) EVENTS="$2"; shift ;;
+    --import-rows) IMPORT_ROWS="$2"; shift ;;
     --json) JSON_OUT="$2"; shift ;;
     --compare) COMPARE="$2"; shift ;;
     --skip-build) SKIP_BUILD=1 ;;
@@ -318,6 +321,43 @@ if part loyalty; then
   line="$(grep '"bench":"loyalty.redeem"' "$work/loyalty.txt" | tail -n1)"
   read -r redeem tps <<<"$(python3 -c 'import json,sys; j=json.loads(sys.argv[1]); print(j["redemptions_per_s"], j["pgbench_tps"])' "$line")"
   row loyalty_redeem_pg "RedeemReward, 64 streams, PostgreSQL" "$redeem" "/s" "pgbench -M prepared, same row changes" "$tps" "-"
+fi
+
+if part import; then
+  # `clm import customers` beside the reference: the same file sent as the
+  # same batches (1,000 rows, 4 in flight, a request id per batch) by the
+  # Python client (grpcio stubs generated from proto/), each into a fresh
+  # `clm serve customer` on its own PostgreSQL database.
+  py="tests/clients/python"
+  [ -x "$py/.venv/bin/python" ] || python3 -m venv "$py/.venv"
+  "$py/.venv/bin/pip" install --quiet --disable-pip-version-check -r "$py/requirements.txt"
+  mkdir -p "$work/gen"
+  # shellcheck disable=SC2046
+  "$py/.venv/bin/python" -m grpc_tools.protoc -I proto --python_out="$work/gen" \
+    --grpc_python_out="$work/gen" $(find proto -name '*.proto')
+  "$py/.venv/bin/python" - "$work/customers.csv" "$IMPORT_ROWS" <<'PY'
+import sys
+with open(sys.argv[1], "w") as f:
+    f.write("email,display_name,birth_date,attributes.plan\n")
+    for i in range(1, int(sys.argv[2]) + 1):
+        f.write(f"bench-{i}@example.com,Customer {i},19{50 + i % 50}-{i % 12 + 1:02d}-{i % 28 + 1:02d},{'pro' if i % 3 else 'free'}\n")
+PY
+  imp_py_db="$(scratch_db imppy)"; imp_clm_db="$(scratch_db impclm)"; dbs+=("$imp_py_db" "$imp_clm_db")
+  start imppy "${SERVER_CPU[@]}" "$BIN/clm" serve customer --listen 127.0.0.1:0 --database-url "$base/$imp_py_db" --data-dir "$work/imppy"
+  PYTHONPATH="$work/gen" "${LOAD_CPU[@]}" "$py/.venv/bin/python" scripts/bench_import_python.py \
+    "$work/customers.csv" "$(addr_of customer)" 1000 4 >"$work/import-python.txt"
+  stop_all
+  start impclm "${SERVER_CPU[@]}" "$BIN/clm" serve customer --listen 127.0.0.1:0 --database-url "$base/$imp_clm_db" --data-dir "$work/impclm"
+  "${LOAD_CPU[@]}" "$BIN/clm" import customers "$work/customers.csv" --customer-url "http://$(addr_of customer)" \
+    --batch-size 1000 --concurrency 4 >"$work/import-clm.txt" 2>/dev/null
+  stop_all
+  python_rate="$(sed -nE 's/.*: ([0-9]+) rows\/s$/\1/p' "$work/import-python.txt")"
+  clm_rate="$(sed -nE 's/.*\(([0-9]+) rows\/s\)$/\1/p' "$work/import-clm.txt")"
+  for db in "$imp_py_db" "$imp_clm_db"; do
+    stored="$(psql -Atq "$base/$db" -c "SELECT count(*) FROM customers")"
+    [ "$stored" -eq "$IMPORT_ROWS" ] || { echo "import: $stored of $IMPORT_ROWS customers stored in $db" >&2; exit 1; }
+  done
+  row import_pg "clm import customers, $IMPORT_ROWS rows, batches of 1,000, PostgreSQL (rows/s)" "$clm_rate" "rows/s" "the same batches from the Python client" "$python_rate" "-"
 fi
 
 load_after="$(cut -d' ' -f1-3 /proc/loadavg)"

@@ -1,4 +1,4 @@
-"""The reference for `clm import customers` (scripts/bench-import.sh): the
+"""The reference for `clm import customers` (`scripts/bench.sh --only import`): the
 same file sent as the same batches by the Python client (grpcio stubs
 generated from proto/): BatchCreateCustomers of BATCH rows with a request id
 per batch, CONCURRENCY batches in flight. Prints the rows/s.

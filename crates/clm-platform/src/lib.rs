@@ -64,6 +64,7 @@ pub mod db;
 pub mod error;
 pub mod idempotency;
 pub mod jetstream;
+pub mod lanes;
 pub mod migration;
 pub mod operations;
 pub mod outbox;

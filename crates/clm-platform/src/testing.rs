@@ -468,6 +468,54 @@ where
     }
 }
 
+/// Samples, every 2 ms until [`LockWaits::stop`], the statements of a
+/// PostgreSQL database that wait for a lock (`pg_stat_activity`): what a
+/// test asserts when writers must not queue on each other's row locks.
+/// On SQLite (one writer) it samples nothing.
+#[derive(Debug)]
+pub struct LockWaits {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<std::collections::BTreeSet<String>>,
+}
+
+impl LockWaits {
+    /// Starts sampling the database at `url`.
+    pub fn sample(url: &str) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, url) = (stop.clone(), url.to_owned());
+        let task = tokio::spawn(async move {
+            let mut seen = std::collections::BTreeSet::new();
+            if !url.starts_with("postgres") {
+                return seen;
+            }
+            let db = Database::connect(&url)
+                .await
+                .expect("connect to sample locks");
+            let sql = "SELECT query FROM pg_stat_activity WHERE datname = current_database() \
+                       AND wait_event_type = 'Lock'";
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let rows = db
+                    .query_all_raw(Statement::from_string(DbBackend::Postgres, sql))
+                    .await
+                    .expect("pg_stat_activity");
+                seen.extend(
+                    rows.iter()
+                        .filter_map(|r| r.try_get::<String>("", "query").ok()),
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            seen
+        });
+        Self { stop, task }
+    }
+
+    /// Stops sampling and returns every statement seen waiting for a lock.
+    pub async fn stop(self) -> std::collections::BTreeSet<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("lock sampler")
+    }
+}
+
 /// Waits (30 s at most) until operation `name` of the service behind
 /// `channel` is done (through `google.longrunning.Operations`), and
 /// returns it.

@@ -544,10 +544,20 @@ async fn a_call_past_its_deadline_is_deadline_exceeded_from_the_server_not_cance
     let shutdown = CancellationToken::new();
     let slow = Probe::default();
     let addr = serve(slow.clone(), &shutdown).await;
-    // The header is set by hand, so this client does not cut the call
-    // itself: what comes back is the server's answer.
-    let channel = clm_platform::client::channel(&format!("http://{addr}")).unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
+    // A plain HTTP/2 client with the header set by hand: a tonic Channel
+    // would enforce `grpc-timeout` itself and, on a loaded machine, cut the
+    // call (CANCELLED) before the server's answer arrives. What comes back
+    // here is the server's answer.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<tonic::body::Body>();
+    let origin = format!("http://{addr}");
+    let service = tower::ServiceExt::map_request(client, move |mut r: http::Request<_>| {
+        let path = r.uri().path().to_owned();
+        *r.uri_mut() = format!("{origin}{path}").parse().unwrap();
+        r
+    });
+    let mut grpc = tonic::client::Grpc::new(service);
     grpc.ready().await.unwrap();
     let mut request = tonic::Request::new(());
     request

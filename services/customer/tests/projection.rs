@@ -11,7 +11,6 @@ use chrono::Duration;
 use clm_proto::common::Money;
 use clm_proto::customer::{self as pb, Stage, TouchpointType};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tonic::Code;
@@ -93,30 +92,6 @@ async fn assert_equal_to_rebuild(db: &DatabaseConnection, step: &str) {
     assert_eq!(kept, projected(db).await, "projection after {step}");
 }
 
-/// On PostgreSQL, samples `pg_stat_activity` until `stop` and returns the
-/// statements seen waiting for a lock (SQLite has one writer: nothing).
-fn lock_waits(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<BTreeSet<String>> {
-    tokio::spawn(async move {
-        let mut seen = BTreeSet::new();
-        if !url.starts_with("postgres") {
-            return seen;
-        }
-        let db = Database::connect(&url).await.unwrap();
-        while !stop.load(Ordering::Relaxed) {
-            seen.extend(
-                strings(
-                    &db,
-                    "SELECT query AS r FROM pg_stat_activity WHERE datname = current_database() \
-                     AND wait_event_type = 'Lock'",
-                )
-                .await,
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-        seen
-    })
-}
-
 /// Statements of the ingest path (the customers' lock, the insert, the outbox).
 fn ingest_statement(q: &str) -> bool {
     let q = q.to_lowercase();
@@ -134,8 +109,7 @@ async fn four_clients_ingest_into_shared_customers_without_waiting_and_exact_tot
         customers.push(create(&mut c, &format!("shared{i}@example.com")).await.name);
     }
     let customers = Arc::new(customers);
-    let stop = Arc::new(AtomicBool::new(false));
-    let waits = lock_waits(url, stop.clone());
+    let waits = clm_platform::testing::LockWaits::sample(&url);
     // 4 clients x 6 batches; every batch holds a purchase and a feature use
     // of every shared customer, so all writers share all customers.
     let when = t0() - Duration::hours(2);
@@ -166,10 +140,9 @@ async fn four_clients_ingest_into_shared_customers_without_waiting_and_exact_tot
     for w in writers {
         w.await.unwrap();
     }
-    stop.store(true, Ordering::Relaxed);
     let waited: Vec<String> = waits
+        .stop()
         .await
-        .unwrap()
         .into_iter()
         .filter(|q| ingest_statement(q))
         .collect();

@@ -16,6 +16,7 @@ use clm_platform::auth::{Policy, Role};
 use clm_platform::convert::{check_etag, from_timestamp, timestamp};
 use clm_platform::db::{from_micros, to_micros};
 use clm_platform::error::respond;
+use clm_platform::lanes::Lanes;
 use clm_platform::outbox::NewEvent;
 use clm_platform::page::Pager;
 use clm_platform::peer::Idempotency;
@@ -24,6 +25,8 @@ use clm_platform::{Error, Result, Runtime, idempotency};
 use clm_proto::loyalty as pb;
 use clm_proto::loyalty::loyalty_service_server::LoyaltyService;
 use sea_orm::{ConnectionTrait, TransactionTrait};
+use std::sync::Arc;
+use tokio::sync::MutexGuard;
 use tonic::{Request, Response, Status};
 
 /// Roles that shape programs and the reward catalogue.
@@ -75,6 +78,10 @@ const DEFAULT_COUPON_VALIDITY_US: i64 = 90 * 86_400_000_000;
 #[derive(Debug, Clone)]
 pub struct LoyaltyApi {
     rt: Runtime,
+    /// Same-member (and same-coupon) calls queue here before they take a
+    /// pool connection, so a burst for a few members cannot park the pool
+    /// on their row locks (`clm_platform::lanes`).
+    lanes: Arc<Lanes>,
 }
 
 fn required_rid(v: &str) -> Result<String> {
@@ -97,7 +104,17 @@ fn stamp(us: i64) -> Option<prost_types::Timestamp> {
 impl LoyaltyApi {
     /// Serves from `rt`.
     pub fn new(rt: Runtime) -> Self {
-        Self { rt }
+        Self {
+            rt,
+            lanes: Arc::default(),
+        }
+    }
+
+    /// Waits for the member's lane (see [`LoyaltyApi::lanes`]).
+    async fn member_lane(&self, program: &str, customer: &str) -> MutexGuard<'_, ()> {
+        self.lanes
+            .enter(&format!("member/{program}/{customer}"))
+            .await
     }
 
     fn now(&self) -> chrono::DateTime<chrono::Utc> {
@@ -906,6 +923,7 @@ impl LoyaltyService for LoyaltyApi {
             if req.reason.len() > convert::MAX_TEXT {
                 return Err(Error::invalid("reason", "is too long"));
             }
+            let _lane = self.member_lane(&program, &customer).await;
             let now = self.now();
             let out =
                 idempotency::write(&self.rt, "EarnPoints", Some(rid), &req, now, async |txn| {
@@ -932,6 +950,7 @@ impl LoyaltyService for LoyaltyApi {
             if req.reason.is_empty() || req.reason.len() > convert::MAX_TEXT {
                 return Err(Error::invalid("reason", "is required (at most 200 bytes)"));
             }
+            let _lane = self.member_lane(&program, &customer).await;
             let now = self.now();
             let now_us = to_micros(now);
             let out = idempotency::write(
@@ -1270,6 +1289,7 @@ impl LoyaltyService for LoyaltyApi {
                 self.check_segment(&convert::reward(&row)?, &customer)
                     .await?;
             }
+            let _lane = self.member_lane(&program, &customer).await;
             let now = self.now();
             let out = idempotency::write(
                 &self.rt,
@@ -1421,6 +1441,7 @@ impl LoyaltyService for LoyaltyApi {
             let rid = required_rid(&req.request_id)?;
             let program = program_id("program", &req.program)?;
             let code = convert::code("code", &req.code)?;
+            let _lane = self.lanes.enter(&format!("coupon/{program}/{code}")).await;
             let now = self.now();
             let now_us = to_micros(now);
             idempotency::write(&self.rt, "UseCoupon", Some(rid), &req, now, async |txn| {
@@ -1466,6 +1487,7 @@ impl LoyaltyService for LoyaltyApi {
         respond(request, &POLICY, |_, req| async move {
             let rid = request_id("request_id", &req.request_id)?;
             let (program, customer) = member_name("member", &req.member)?;
+            let _lane = self.member_lane(&program, &customer).await;
             let now = self.now();
             idempotency::write(
                 &self.rt,

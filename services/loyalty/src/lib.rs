@@ -54,7 +54,9 @@
 //!   replayed event or a retried activity earns once.
 //! * **Locks.** Every change of a member's points locks its member row
 //!   first (`FOR UPDATE` on PostgreSQL; SQLite has one writer), several in
-//!   (program, customer) order. A redemption checks validity, tier,
+//!   (program, customer) order. Same-member API calls first queue in the
+//!   service's lanes (`clm_platform::lanes`), so they wait in memory, not
+//!   on the row lock holding a pool connection. A redemption checks validity, tier,
 //!   per-member limit and per-member budget under that lock, spends, and
 //!   then takes a unit of the reward's stock and its value from the
 //!   campaign's total budget (conditional UPDATEs on their slots,

@@ -152,6 +152,34 @@ impl Env {
             .into_inner()
     }
 
+    /// Sends every redemption at once (over 10 connections: HTTP/2 streams;
+    /// a connection per call would overflow the test server's accept queue)
+    /// and answers each outcome. A loaded machine may answer UNAVAILABLE (no
+    /// database connection in time): like a client, the call is retried with
+    /// the same request_id, which the service answers once.
+    async fn redeem_concurrently(
+        &self,
+        calls: Vec<pb::RedeemRewardRequest>,
+    ) -> Vec<Result<pb::Redemption, tonic::Status>> {
+        use futures::StreamExt;
+        let channels: Vec<Channel> = (0..10).map(|_| self.loyalty.channel()).collect();
+        let running = futures::stream::FuturesUnordered::new();
+        for (k, req) in calls.into_iter().enumerate() {
+            let mut api = LoyaltyServiceClient::new(channels[k % 10].clone());
+            running.push(async move {
+                loop {
+                    match api.redeem_reward(req.clone()).await {
+                        Err(e) if e.code() == tonic::Code::Unavailable => {
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                        other => break other.map(tonic::Response::into_inner),
+                    }
+                }
+            });
+        }
+        running.collect().await
+    }
+
     async fn member(&self, name: &str) -> pb::Member {
         self.api()
             .get_member(pb::GetMemberRequest { name: name.into() })
@@ -1185,36 +1213,16 @@ async fn concurrent_redemptions_never_oversell_or_overdraw() {
         (page.len() == 200 && sum == expected).then_some(sum)
     })
     .await;
-    // 1,000 calls in flight at once over 10 connections (HTTP/2 streams):
-    // a connection per call would overflow the test server's accept queue.
-    let channels: Vec<Channel> = (0..10).map(|_| env.loyalty.channel()).collect();
-    let mut calls = futures::stream::FuturesUnordered::new();
-    for k in 0..1000 {
-        let m = members[k % 200].clone();
-        let mut api = LoyaltyServiceClient::new(channels[k % 10].clone());
-        calls.push(async move {
-            let req = pb::RedeemRewardRequest {
-                member: m,
-                reward: "programs/stars/rewards/tee".into(),
-                request_id: format!("x{k}"),
-            };
-            // A loaded machine may answer UNAVAILABLE (no database
-            // connection in time): a client retries with the same
-            // request_id, which the service answers once.
-            loop {
-                match api.redeem_reward(req.clone()).await {
-                    Err(e) if e.code() == tonic::Code::Unavailable => {
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    }
-                    other => break other,
-                }
-            }
-        });
-    }
-    use futures::StreamExt;
+    let calls = (0..1000)
+        .map(|k| pb::RedeemRewardRequest {
+            member: members[k % 200].clone(),
+            reward: "programs/stars/rewards/tee".into(),
+            request_id: format!("x{k}"),
+        })
+        .collect();
     let mut ok = 0;
     let mut codes = std::collections::BTreeMap::new();
-    while let Some(r) = calls.next().await {
+    for r in env.redeem_concurrently(calls).await {
         match r {
             Ok(_) => ok += 1,
             Err(e) => {
@@ -1257,6 +1265,47 @@ async fn concurrent_redemptions_never_oversell_or_overdraw() {
     assert_eq!(winners, 100);
     assert_eq!(before - after, 100 * 30);
     let _ = env.postgres;
+}
+
+/// A burst of 200 redemptions for one member queues in the service
+/// (`clm_platform::lanes`), not on the member's row lock: no statement ever
+/// waits for a lock (on PostgreSQL), so the pool stays free for other
+/// members, and every point is counted once.
+#[tokio::test]
+async fn a_burst_for_one_member_queues_in_the_service_not_on_its_row_lock() {
+    let env = Env::start().await;
+    let mut p = program();
+    p.pending_period = None;
+    env.program("stars", p).await;
+    env.reward(
+        "stars",
+        "sticker",
+        pb::Reward {
+            cost: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let c = env.new_customer("burst@example.com").await;
+    let m = env.enroll("stars", &c).await.name;
+    env.earn(&m, 1_000, "burst-points").await;
+    let waits = clm_platform::testing::LockWaits::sample(&env._backends.1.database_url);
+    let calls = (0..200)
+        .map(|k| pb::RedeemRewardRequest {
+            member: m.clone(),
+            reward: "programs/stars/rewards/sticker".into(),
+            request_id: format!("burst-{k}"),
+        })
+        .collect();
+    for r in env.redeem_concurrently(calls).await {
+        r.unwrap();
+    }
+    let waited = waits.stop().await;
+    assert!(
+        waited.is_empty(),
+        "same-member calls waited on a row lock: {waited:?}"
+    );
+    assert_eq!(env.member(&m).await.balance, 1_000 - 200);
 }
 
 /// A stock spread over slots whose last units all sit in one slot (the

@@ -63,6 +63,54 @@ pub async fn apply(rt: &Runtime, writes: &[SetWrite]) {
     }
 }
 
+/// Writes to the cache, after their commit, the membership changes one
+/// transaction made at the versions `versions` (a backfill and its
+/// cascade: every version in the range is theirs, taken under the
+/// membership lock), read back `chunk` rows at a time from the rows they
+/// wrote (entries still current, exits in the history): the writes are
+/// never all held in memory, whatever the segment's size. An entry undone
+/// since is skipped (the later change has a higher version); a failure is
+/// repaired by the cache itself, so it is only logged.
+pub async fn write_back(rt: &Runtime, versions: std::ops::RangeInclusive<i64>, chunk: u64) {
+    if let Err(e) = write_back_rows(rt, &versions, chunk).await {
+        tracing::warn!(error = %e, "membership cache write-back stopped");
+    }
+}
+
+async fn write_back_rows(
+    rt: &Runtime,
+    versions: &std::ops::RangeInclusive<i64>,
+    chunk: u64,
+) -> Result<()> {
+    let mut after: Option<members::Pair> = None;
+    loop {
+        let page = members::entries_between(&rt.db, versions, after.as_ref(), chunk).await?;
+        apply(rt, &as_writes(&page)).await;
+        match page.last() {
+            Some((pair, _, _)) if page.len() as u64 == chunk => after = Some(pair.clone()),
+            _ => break,
+        }
+    }
+    let mut after = 0;
+    loop {
+        let page = members::exits_between(&rt.db, versions, after, chunk).await?;
+        let changes: Vec<members::Written> = page.iter().map(|(_, w)| w.clone()).collect();
+        apply(rt, &as_writes(&changes)).await;
+        match page.last() {
+            Some((id, _)) if page.len() as u64 == chunk => after = *id,
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
+fn as_writes(changes: &[members::Written]) -> Vec<SetWrite> {
+    changes
+        .iter()
+        .flat_map(|((s, c), present, version)| writes(s, c, *present, *version))
+        .collect()
+}
+
 /// The segment ids of a customer: from the cache, or from the database
 /// (loading the cache when it is merely cold).
 pub async fn customer_segments(rt: &Runtime, customer_id: &str) -> Result<Vec<String>> {

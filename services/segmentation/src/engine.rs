@@ -7,9 +7,11 @@
 //!   `rules::reads`) yields the only segments that can be affected, which
 //!   are evaluated in memory (`rules::evaluate`) for that customer only, in
 //!   dependency order so `in_segment` sees the new membership.
-//! * **Backfill.** A rule compiles to one SQL query ([`crate::sql`]); the
-//!   diff with the current members is applied set-based, then dependents
-//!   and (for rules that read time) every customer's next-change timer.
+//! * **Backfill.** A rule compiles to one SQL query ([`crate::sql`]),
+//!   run outside the membership lock; under it, the customers evaluated
+//!   since are evaluated again and the diff with the current members is
+//!   applied set-based, then dependents and (for rules that read time)
+//!   every customer's next-change timer.
 //! * **Timers.** The platform timer queue holds, per (segment, customer)
 //!   (kind [`members::WINDOW`]), the instant `rules::next_change` says time
 //!   alone changes the answer; the queue fires each at that instant by the
@@ -24,6 +26,7 @@
 use crate::cache;
 use crate::catalog;
 use crate::convert::{self, Live};
+use crate::lookback::Lookback;
 use crate::sql::Compiler;
 use crate::store::facts;
 use crate::store::members::{self, Stamped};
@@ -126,6 +129,8 @@ pub struct Registry {
     generation: i64,
     by_id: HashMap<String, Arc<Compiled>>,
     index: HashMap<Key, Vec<String>>,
+    /// The touchpoints any rule reads (what an evaluation loads).
+    lookback: Lookback,
 }
 
 impl Registry {
@@ -173,6 +178,7 @@ impl Registry {
         }
         let mut reg = Registry {
             generation,
+            lookback: Lookback::of(parsed.values().map(|(_, rule)| rule)),
             ..Registry::default()
         };
         for (id, (s, rule)) in parsed {
@@ -277,6 +283,18 @@ impl Outcome {
         self.cache
             .extend(cache::writes(&c.id, customer, entered, version));
     }
+}
+
+/// What a backfill applies: who enters and leaves at its instant, and who
+/// enters and leaves at the lock's instant (`late`: the customers a writer
+/// evaluated after the backfill's diff).
+#[derive(Debug, Default)]
+struct Settled {
+    entering: Vec<String>,
+    leaving: Vec<String>,
+    late_entering: Vec<String>,
+    late_leaving: Vec<String>,
+    late: BTreeSet<String>,
 }
 
 /// The engine; cheap to clone.
@@ -412,12 +430,14 @@ impl Engine {
             return Ok(out);
         }
         let version = members::lock_version(txn).await?;
+        let ids: Vec<String> = work.keys().cloned().collect();
+        // Evaluated now: a backfill whose diff was taken before looks again.
+        facts::stamp(txn, &ids, version).await?;
         let reg = self.registry(txn).await?;
         if reg.by_id.is_empty() {
             return Ok(out);
         }
-        let ids: Vec<String> = work.keys().cloned().collect();
-        let mut facts = facts::load(txn, &ids).await?;
+        let mut facts = facts::load(txn, &ids, &reg.lookback, at).await?;
         // Only timers that change are written.
         let existing = members::timers_of(txn, &ids).await?;
         let mut entered: Vec<Stamped> = Vec::new();
@@ -484,7 +504,7 @@ impl Engine {
             }
         }
         let at_us = to_micros(at);
-        members::exit(txn, &exited, at_us).await?;
+        members::exit(txn, &exited, at_us, version).await?;
         members::enter(txn, &entered, at_us, version).await?;
         members::set_timers(txn, &timers_set, &timers_cleared).await?;
         out.timers_set = !timers_set.is_empty();
@@ -705,6 +725,22 @@ impl Engine {
     async fn backfill(&self, id: &str) -> Result<()> {
         let rt = &self.inner.rt;
         let now = clm_domain::clock::micros(rt.clock.now());
+        let compiler = Compiler {
+            at: now,
+            postgres: is_postgres(&rt.db),
+        };
+        // The diff (the rule's query, the long part) outside the membership
+        // lock: subscribers, timers and edits go on meanwhile. Every writer
+        // committing after `seen` stamps the customers it evaluated above it.
+        let seen = members::version(&rt.read).await?;
+        let early = match self.registry(&rt.read).await?.get(id).cloned() {
+            Some(c) => Some((
+                c.version,
+                members::diff(&rt.read, id, compiler.select(&c.rule)).await?,
+            )),
+            None => None,
+        };
+        backfill_pause::point(backfill_pause::At::Diffed).await;
         let txn = rt.db.begin().await?;
         let version = members::lock_version(&txn).await?;
         let Some(seg) = segments::get(&txn, id).await? else {
@@ -714,11 +750,23 @@ impl Engine {
         let Some(c) = reg.get(id).cloned() else {
             return Err(Error::internal("segment missing from the registry"));
         };
-        let compiler = Compiler {
-            at: now,
-            postgres: is_postgres(&txn),
+        // Customers a writer evaluated since the diff are decided at this
+        // instant (no earlier than that writer's), the others at `now`.
+        let later = clm_domain::clock::micros(rt.clock.now()).max(now);
+        let diff = match early {
+            Some((rule_version, diff)) if rule_version == c.version => {
+                self.settle_diff(&txn, &c, seen, diff, later).await?
+            }
+            // The rule changed since: diff again, under the lock.
+            _ => {
+                let (entering, leaving) = members::diff(&txn, id, compiler.select(&c.rule)).await?;
+                Settled {
+                    entering,
+                    leaving,
+                    ..Settled::default()
+                }
+            }
         };
-        let (entering, leaving) = members::diff(&txn, id, compiler.select(&c.rule)).await?;
         self.set_progress(id, Some(0.5));
         let at_us = to_micros(now);
         let mut out = Outcome::default();
@@ -732,16 +780,21 @@ impl Engine {
         // each chunk's events appended as it goes (one transaction still).
         let member = Change::Member(c.name.clone());
         let cascades = !reg.affected(&member).is_empty();
-        for (ids, entered) in [(&leaving, false), (&entering, true)] {
+        for (ids, entered, at) in [
+            (&diff.leaving, false, now),
+            (&diff.entering, true, now),
+            (&diff.late_leaving, false, later),
+            (&diff.late_entering, true, later),
+        ] {
             for chunk in ids.chunks(BACKFILL_CHUNK) {
                 if entered {
-                    members::enter(&txn, &stamped(chunk), at_us, version).await?;
+                    members::enter(&txn, &stamped(chunk), to_micros(at), version).await?;
                 } else {
-                    members::exit(&txn, &stamped(chunk), at_us).await?;
+                    members::exit(&txn, &stamped(chunk), to_micros(at), version).await?;
                 }
                 let mut part = Outcome::default();
                 for cu in chunk {
-                    part.record(&c, cu, entered, now, version, backfill);
+                    part.record(&c, cu, entered, at, version, backfill);
                 }
                 // Only when another segment reads this one's membership.
                 if cascades {
@@ -749,18 +802,18 @@ impl Engine {
                         .iter()
                         .map(|cu| (cu.clone(), vec![member.clone()]))
                         .collect();
-                    let cascade = self.evaluate(&txn, &dependents, now).await?;
+                    let cascade = self.evaluate(&txn, &dependents, at).await?;
                     part.events.extend(cascade.events);
-                    part.cache.extend(cascade.cache);
                     part.timers_set |= cascade.timers_set;
                 }
-                rt.outbox.append(&txn, &part.events, now).await?;
-                out.cache.extend(part.cache);
+                rt.outbox.append(&txn, &part.events, at).await?;
+                // The cache writes are read back after the commit.
                 out.timers_set |= part.timers_set;
             }
         }
         members::clear_timers(&txn, id).await?;
         if c.timed {
+            let touches = Lookback::of([&c.rule]);
             let total = members::customer_count(&txn).await?.max(1) as f64;
             let mut done = 0usize;
             let mut after: Option<String> = None;
@@ -769,11 +822,13 @@ impl Engine {
                 let Some(last) = ids.last().cloned() else {
                     break;
                 };
-                let loaded: HashMap<String, FactSet> = facts::load(&txn, &ids).await?;
+                let loaded: HashMap<String, FactSet> =
+                    facts::load(&txn, &ids, &touches, now).await?;
                 let set: Vec<(String, String, i64)> = loaded
                     .iter()
                     .filter_map(|(cu, fs)| {
-                        rules::next_change(&c.rule, fs, now)
+                        let at = if diff.late.contains(cu) { later } else { now };
+                        rules::next_change(&c.rule, fs, at)
                             .map(|t| (id.to_owned(), cu.clone(), to_micros(t)))
                     })
                     .collect();
@@ -785,9 +840,62 @@ impl Engine {
             }
         }
         segments::set_state(&txn, id, seg.version, State::Ready, None, Some(at_us)).await?;
+        // Every version from the first to this one is the backfill's (the
+        // cascade takes one per chunk), all under the membership lock.
+        let written = version..=members::version(&txn).await?;
+        backfill_pause::point(backfill_pause::At::Written).await;
         rt.outbox.commit(txn).await?;
         self.after_commit(out).await;
+        cache::write_back(rt, written, BACKFILL_CHUNK as u64).await;
         Ok(())
+    }
+
+    /// A diff taken outside the membership lock (at membership version
+    /// `seen`), made exact under it: the customers stamped since (some
+    /// writer changed their facts or memberships) are evaluated again in
+    /// memory at `later` (the lock's instant: never before that writer's
+    /// evaluation); of the others, only those still members leave and
+    /// those still present and not members enter (an erasure, a merge or
+    /// another backfill of the segment may have acted on them). Each list
+    /// comes back in customer-id order.
+    async fn settle_diff(
+        &self,
+        txn: &impl ConnectionTrait,
+        c: &Compiled,
+        seen: i64,
+        (entering, leaving): (Vec<String>, Vec<String>),
+        later: DateTime<Utc>,
+    ) -> Result<Settled> {
+        let moved = facts::stamped_after(txn, seen).await?;
+        let moved_set: BTreeSet<&str> = moved.iter().map(String::as_str).collect();
+        let unmoved = |ids: Vec<String>| -> Vec<String> {
+            ids.into_iter()
+                .filter(|cu| !moved_set.contains(cu.as_str()))
+                .collect()
+        };
+        let mut out = Settled {
+            entering: members::still(txn, &c.id, &unmoved(entering), false).await?,
+            leaving: members::still(txn, &c.id, &unmoved(leaving), true).await?,
+            ..Settled::default()
+        };
+        let touches = Lookback::of([&c.rule]);
+        for chunk in moved.chunks(BACKFILL_CHUNK) {
+            let loaded = facts::load(txn, chunk, &touches, later).await?;
+            for cu in chunk {
+                // No profile row: in no segment (its memberships went with it).
+                let Some(fs) = loaded.get(cu) else { continue };
+                let now_in = rules::evaluate(&c.rule, fs, later);
+                match (now_in, fs.segments.contains(&c.name)) {
+                    (true, false) => out.late_entering.push(cu.clone()),
+                    (false, true) => out.late_leaving.push(cu.clone()),
+                    _ => {}
+                }
+            }
+        }
+        out.entering.sort_unstable();
+        out.leaving.sort_unstable();
+        out.late = moved.into_iter().collect();
+        Ok(out)
     }
 
     /// Evaluates `rule` now without saving: how many customers match and
@@ -975,6 +1083,67 @@ async fn model_score_names(rt: &Runtime) -> Option<BTreeMap<String, BTreeSet<Str
                 tracing::info!(error = %e, "scoring's model scores unknown; checking against the scores customers have");
                 return None;
             }
+        }
+    }
+}
+
+/// Pause points for tests in a backfill: between its diff (taken outside
+/// the membership lock) and its lock ([`backfill_pause::At::Diffed`]), and
+/// after it wrote its changes, before its commit
+/// ([`backfill_pause::At::Written`]). A test holds backfills there to show
+/// what other writers do meanwhile. Unused, each costs one uncontended
+/// mutex per backfill.
+#[doc(hidden)]
+pub mod backfill_pause {
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::Notify;
+
+    /// Where a backfill is held.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum At {
+        /// After the diff, before the membership lock.
+        Diffed,
+        /// Under the lock, changes written, before the commit.
+        Written,
+    }
+
+    /// A gate a test installs: `reached` is notified when a backfill
+    /// arrives, which then waits for `release`.
+    #[derive(Debug, Clone, Default)]
+    pub struct Gate {
+        /// Notified when a backfill reaches the point.
+        pub reached: Arc<Notify>,
+        /// Lets the waiting backfill go on.
+        pub release: Arc<Notify>,
+    }
+
+    static GATE: Mutex<Option<(At, Gate)>> = Mutex::new(None);
+
+    /// Holds every backfill of this process at `at` from now on.
+    pub fn install(at: At) -> Gate {
+        let gate = Gate::default();
+        if let Ok(mut g) = GATE.lock() {
+            *g = Some((at, gate.clone()));
+        }
+        gate
+    }
+
+    /// Lets backfills pass the point again.
+    pub fn remove() {
+        if let Ok(mut g) = GATE.lock() {
+            *g = None;
+        }
+    }
+
+    pub(crate) async fn point(here: At) {
+        let gate = GATE
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .filter(|(at, _)| *at == here);
+        if let Some((_, gate)) = gate {
+            gate.reached.notify_one();
+            gate.release.notified().await;
         }
     }
 }

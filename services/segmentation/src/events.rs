@@ -293,19 +293,23 @@ impl CustomerFacts {
         self.settle(cx, &events, work).await
     }
 
-    /// Ends the memberships of `ids` at `at` (a merge or an erasure).
+    /// Ends the memberships of `ids` at `at` (a merge or an erasure), under
+    /// the membership lock.
     async fn drop_members(
         &self,
         cx: &mut Apply,
         ids: &[String],
         at: DateTime<Utc>,
     ) -> Result<Outcome> {
+        // The lock first, then the pairs: a backfill that entered one of
+        // these customers and committed while this waited is seen and
+        // ended too (read before the lock, its entry would outlive them).
+        let version = members::lock_version(cx.txn()).await?;
         let pairs: Vec<Pair> = members::of_customers(cx.txn(), ids).await?;
         let mut out = Outcome::default();
         if pairs.is_empty() {
             return Ok(out);
         }
-        let version = members::lock_version(cx.txn()).await?;
         let reg = self.engine.registry(cx.txn()).await?;
         let reason = clm_proto::segmentation::MembershipReason::FactChanged;
         let stamped: Vec<members::Stamped> = pairs
@@ -315,7 +319,7 @@ impl CustomerFacts {
                 (p.clone(), v, reason as i16)
             })
             .collect();
-        members::exit(cx.txn(), &stamped, to_micros(at)).await?;
+        members::exit(cx.txn(), &stamped, to_micros(at), version).await?;
         for (seg, cu) in &pairs {
             if let Some(c) = reg.get(seg) {
                 out.record(c, cu, false, at, version, reason);

@@ -36,14 +36,28 @@
 //!   (`segment.rule.any.rules[1].condition.compare.operand.count.window`).
 //! * Membership writers (subscriber batches, backfills, timers, deletes)
 //!   serialise on the `seg_meta` row: simple, correct on both backends, and
-//!   the source of the cache's commit-ordered versions.
+//!   the source of the cache's commit-ordered versions. A backfill takes
+//!   its diff (the rule's query, its long part) before that lock, so the
+//!   others go on meanwhile; under the lock it evaluates again in memory,
+//!   at the lock's instant (never before that writer's), the customers a
+//!   writer stamped since (`fact_customers.evaluated_version`: every
+//!   evaluation stamps its customers with its version) and keeps of the
+//!   rest what still holds. Its writes, cascade and timers still run under
+//!   the lock.
 //! * A backfill is one transaction (the diff, the dependents, the timers),
 //!   so a segment is never half-updated. It is a long-running operation
 //!   (kind `segmentation.backfill`, named by the segment's `operation`):
 //!   one replica runs it under a lease, another resumes it if that one
 //!   dies, and `google.longrunning.Operations` shows its progress and
 //!   outcome. A cancel stops it before its transaction starts; once
-//!   started, it completes.
+//!   started, it completes. Its steps are bounded: members, events and the
+//!   cascade go 5,000 customers at a time, and its cache writes are read
+//!   back after the commit, 5,000 rows at a time, from the rows its
+//!   membership versions wrote (`cache::write_back`).
+//! * An evaluation loads only the touchpoints its rules can count
+//!   ([`lookback`]): none of a type no rule reads, from the longest window
+//!   back for a type every rule reads through a window, the whole history
+//!   of a type some rule reads without one (a lifetime count).
 //! * Membership reads use the customer's set (`{cust:ID}`), loaded from the
 //!   database on a miss; segment sets (`{seg:ID}`) are kept up to date for
 //!   consumers that read them but are not loaded whole.
@@ -90,6 +104,7 @@ pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod lookback;
 pub mod objectives;
 pub mod sql;
 pub mod store;

@@ -638,6 +638,17 @@ async fn a_backfill_is_an_operation_with_progress_and_the_segment_names_it() {
         .into_inner();
     assert_ne!(refreshed.operation, s.operation);
     wait_ready(&mut seg, &s.name).await;
+    // The segment reads READY from the backfill's commit; its operation is
+    // done once the cache is written too.
+    ops.wait_operation(WaitOperationRequest {
+        name: refreshed.operation.clone(),
+        timeout: Some(prost_types::Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
+    })
+    .await
+    .unwrap();
     let listed = ops
         .list_operations(ListOperationsRequest {
             filter: r#"kind = "segmentation.backfill" AND done = true"#.into(),
@@ -804,4 +815,74 @@ async fn rules_too_large_to_store_are_refused_at_create() {
         .unwrap_err();
     assert_bad_field(&e, "segment.rule_text");
     assert!(e.message().contains("65536"), "{}", e.message());
+}
+
+fn born(year: i32) -> impl FnOnce(&mut cpb::Customer) {
+    move |c| {
+        c.demographics = Some(cpb::Demographics {
+            birth_date: Some(clm_proto::common::Date {
+                year,
+                month: 1,
+                day: 1,
+            }),
+            ..Default::default()
+        });
+    }
+}
+
+/// A backfill writes the cache after its commit by reading back the rows
+/// its membership versions wrote, chunk by chunk: its entries, its exits
+/// and its cascade's reach customer sets the cache already holds whole.
+#[tokio::test]
+async fn a_backfill_writes_entries_exits_and_its_cascade_to_a_warm_cache() {
+    let h = start().await;
+    let mut cust = h.customers();
+    let old = create_customer(&mut cust, "old@example.com", born(1950)).await;
+    let young = create_customer(&mut cust, "young@example.com", born(2000)).await;
+    let mut seg = h.segments();
+    let s = create_segment(&mut seg, "age >= 30").await;
+    wait_count(&mut seg, &s.name, 1).await;
+    let d = create_segment(&mut seg, &format!(r#"in_segment("{}")"#, s.name)).await;
+    wait_count(&mut seg, &d.name, 1).await;
+    // Each customer's set is loaded into the cache, whole.
+    for (segment, customer, want) in [
+        (&s.name, &old, true),
+        (&d.name, &old, true),
+        (&s.name, &young, false),
+        (&d.name, &young, false),
+    ] {
+        assert_eq!(is_member(&mut seg, segment, customer).await, want);
+    }
+    let before = seg
+        .get_segment(pb::GetSegmentRequest {
+            name: s.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    seg.update_segment(pb::UpdateSegmentRequest {
+        segment: Some(pb::Segment {
+            name: s.name.clone(),
+            etag: before.etag,
+            rule_text: "age < 30".into(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["rule_text".into()],
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    wait_ready(&mut seg, &s.name).await;
+    // The old customer left both (the second by the cascade), the young
+    // one entered both: the cache answers so, without a reload.
+    for (segment, customer, want) in [
+        (&s.name, &old, false),
+        (&d.name, &old, false),
+        (&s.name, &young, true),
+        (&d.name, &young, true),
+    ] {
+        wait_member(&mut seg, segment, customer, want).await;
+    }
 }

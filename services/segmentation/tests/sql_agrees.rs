@@ -1,7 +1,12 @@
 //! Property test: a rule compiled to SQL over the facts projection selects
 //! exactly the customers the in-memory evaluator accepts (the facts loaded
-//! back from the same tables), on random rules and data. Runs on SQLite,
-//! and on PostgreSQL too when `CLM_TEST_DATABASE_URL` is set.
+//! back from the same tables, only the touchpoints the rule can count), on
+//! random rules and data; and a customer's facts load reads only the
+//! touchpoints the rules can count at the evaluation instant
+//! (`clm_segmentation::lookback`): kinds no rule reads are not read,
+//! windowed kinds only from the longest window on, kinds read without a
+//! window whole. Runs on SQLite, and on PostgreSQL too when
+//! `CLM_TEST_DATABASE_URL` is set.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
@@ -9,10 +14,11 @@ use clm_domain::attributes::AttributeValue;
 use clm_domain::demographics::Gender;
 use clm_domain::lifecycle::Stage;
 use clm_domain::money::Money;
-use clm_domain::rules::{self, FieldCatalog};
+use clm_domain::rules::{self, FieldCatalog, Rule};
 use clm_domain::scoring::{Curve, Decay, Inactivity, Term};
 use clm_domain::touchpoint::{Touchpoint, TouchpointKind};
 use clm_platform::testing::TestBackend;
+use clm_segmentation::lookback::Lookback;
 use clm_segmentation::sql::Compiler;
 use clm_segmentation::store::facts::{self, Profile, ScoreRow, TouchRow};
 use proptest::prelude::*;
@@ -382,7 +388,11 @@ async fn agree(
     let rule = rules::compile(text, &catalog).expect("generated rules are valid");
     load(db, people).await;
     let ids: Vec<String> = people.iter().map(|c| c.profile.id.clone()).collect();
-    let loaded = facts::load(db, &ids).await.unwrap();
+    // Only the touchpoints the rule can count at `now()` are loaded: the
+    // evaluator on that bounded load agrees with SQL over all of them.
+    let loaded = facts::load(db, &ids, &Lookback::of([&rule]), now())
+        .await
+        .unwrap();
     let by_evaluator: BTreeSet<String> = loaded
         .iter()
         .filter(|(_, fs)| rules::evaluate(&rule, *fs, now()))
@@ -461,4 +471,121 @@ fn run(rules: BoxedStrategy<String>, cases: u32, (min_some, max_all): (usize, us
         some > min_some && all < max_all,
         "matched some: {some}, matched all: {all}"
     );
+}
+
+fn lookback_touch(event: &str, kind: TouchpointKind, ago: Duration) -> TouchRow {
+    let mut properties = BTreeMap::new();
+    properties.insert("source".to_owned(), event.to_owned());
+    TouchRow {
+        customer: "c1".into(),
+        touchpoint: Touchpoint {
+            event_id: event.into(),
+            kind,
+            custom_type: None,
+            occurred_time: now() - ago,
+            usage_millis: None,
+            product: None,
+            feature: Some("export".into()),
+            revenue: None,
+            campaign: None,
+            channel: None,
+            properties,
+        },
+    }
+}
+
+async fn lookback_backend() -> (TestBackend, DatabaseConnection) {
+    let backend = TestBackend::new().await;
+    let config = backend.config("segmentation");
+    let db = clm_platform::db::connect(&config.database).await.unwrap();
+    clm_segmentation::store::Migrator::up(&db, None)
+        .await
+        .unwrap();
+    let profile = Profile {
+        id: "c1".into(),
+        ..Profile::default()
+    };
+    facts::upsert_profiles(&db, &[profile]).await.unwrap();
+    facts::insert_touchpoints(
+        &db,
+        &[
+            lookback_touch("use-1d", TouchpointKind::FeatureUse, Duration::days(1)),
+            lookback_touch("use-6d", TouchpointKind::FeatureUse, Duration::days(6)),
+            lookback_touch("use-40d", TouchpointKind::FeatureUse, Duration::days(40)),
+            // Recorded ahead of the evaluation instant (clock skew): counts.
+            lookback_touch("use-ahead", TouchpointKind::FeatureUse, Duration::hours(-1)),
+            lookback_touch("buy-400d", TouchpointKind::Purchase, Duration::days(400)),
+            lookback_touch(
+                "support-1d",
+                TouchpointKind::SupportContact,
+                Duration::days(1),
+            ),
+        ],
+    )
+    .await
+    .unwrap();
+    (backend, db)
+}
+
+/// The event ids loaded for `c1` for `texts`, and whether each touchpoint
+/// came with its properties.
+async fn lookback_loaded(db: &DatabaseConnection, texts: &[&str]) -> BTreeSet<String> {
+    let rules: Vec<Rule> = texts.iter().map(|t| rules::parse(t).unwrap()).collect();
+    let facts = facts::load(db, &["c1".to_owned()], &Lookback::of(&rules), now())
+        .await
+        .unwrap();
+    let fs = &facts["c1"];
+    for tp in &fs.touchpoints {
+        assert_eq!(
+            tp.properties.get("source"),
+            Some(&tp.event_id),
+            "properties of {}",
+            tp.event_id
+        );
+    }
+    fs.touchpoints.iter().map(|t| t.event_id.clone()).collect()
+}
+
+fn event_ids(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[tokio::test]
+async fn facts_load_reads_no_touchpoint_older_than_the_longest_window() {
+    let (_backend, db) = lookback_backend().await;
+    // One window: only feature use, only from 7 days back (and ahead).
+    assert_eq!(
+        lookback_loaded(&db, &["count(feature_use, 7d) > 1"]).await,
+        event_ids(&["use-1d", "use-6d", "use-ahead"])
+    );
+    // The longest window of the kind bounds it.
+    assert_eq!(
+        lookback_loaded(
+            &db,
+            &[
+                "count(feature_use, 2d) > 1",
+                "last(feature_use, 3d) within 30d"
+            ]
+        )
+        .await,
+        event_ids(&["use-1d", "use-ahead"])
+    );
+    // A lifetime count reads its kind whole, and only its kind.
+    assert_eq!(
+        lookback_loaded(&db, &["count(feature_use, 7d) > 1 and count(purchase) > 0"]).await,
+        event_ids(&["use-1d", "use-6d", "use-ahead", "buy-400d"])
+    );
+    assert_eq!(
+        lookback_loaded(
+            &db,
+            &[
+                "count(feature_use, 1d) > 0",
+                "first(feature_use) < 2026-01-01"
+            ]
+        )
+        .await,
+        event_ids(&["use-1d", "use-6d", "use-40d", "use-ahead"])
+    );
+    // Rules reading no touchpoint read none.
+    assert!(lookback_loaded(&db, &["age > 30"]).await.is_empty());
 }

@@ -15,6 +15,7 @@ use super::entity::gone_customers::{Column as GC, Entity as GoneCustomers};
 use super::entity::members::{Column as M, Entity as Members};
 use super::entity::seg_meta::{Column as SM, Entity as SegMeta};
 use crate::catalog::{CHANNELS, PURPOSES, granted_by_default};
+use crate::lookback::Lookback;
 use crate::sql::attr_kind;
 use chrono::NaiveDate;
 use clm_domain::attributes::AttributeValue;
@@ -26,7 +27,7 @@ use clm_domain::scoring::{Curve, Decay, Inactivity, Term};
 use clm_domain::touchpoint::{Touchpoint, TouchpointKind};
 use clm_platform::db::{from_micros, rows_per_statement, to_micros};
 use sea_orm::IdenStatic;
-use sea_orm::sea_query::{Expr, ExprTrait, IntoColumnRef, OnConflict, Query};
+use sea_orm::sea_query::{Condition, Expr, ExprTrait, IntoColumnRef, OnConflict, Query};
 use sea_orm::{ConnectionTrait, DbErr, EntityTrait};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -267,6 +268,35 @@ pub async fn lock_customers(db: &impl ConnectionTrait, ids: &[String]) -> Result
     ))
     .await?;
     Ok(())
+}
+
+/// Stamps `ids` as evaluated at membership `version` (in the transaction
+/// that evaluates them, under the membership lock).
+pub async fn stamp(db: &impl ConnectionTrait, ids: &[String], version: i64) -> Result<(), DbErr> {
+    for chunk in chunks(ids) {
+        let update = Query::update()
+            .table(FactCustomers)
+            .value(FC::EvaluatedVersion, version)
+            .and_where(customer_in(FC::CustomerId, chunk))
+            .to_owned();
+        db.execute(&update).await?;
+    }
+    Ok(())
+}
+
+/// The customers evaluated at a membership version above `version`, by id.
+pub async fn stamped_after(db: &impl ConnectionTrait, version: i64) -> Result<Vec<String>, DbErr> {
+    let q = Query::select()
+        .column(FC::CustomerId)
+        .from(FactCustomers)
+        .and_where(Expr::col(FC::EvaluatedVersion).gt(version))
+        .order_by(FC::CustomerId, sea_orm::Order::Asc)
+        .to_owned();
+    db.query_all(&q)
+        .await?
+        .iter()
+        .map(|r| r.try_get("", FC::CustomerId.as_str()))
+        .collect()
 }
 
 /// How `gone_customers` names a customer: a SHA-256 of its bare id, so
@@ -728,13 +758,19 @@ pub async fn erase(db: &impl ConnectionTrait, ids: &[String], now_us: i64) -> Re
     Ok(())
 }
 
-/// The facts of those of `ids` that have a profile row, including their current segment memberships (`segments/{id}`).
+/// The facts of those of `ids` that have a profile row, including their
+/// current segment memberships (`segments/{id}`), for an evaluation at `at`
+/// of rules that read `touches`: only the touchpoints those rules can count
+/// at `at` are read (see [`crate::lookback`]).
 pub async fn load(
     db: &impl ConnectionTrait,
     ids: &[String],
+    touches: &Lookback,
+    at: chrono::DateTime<chrono::Utc>,
 ) -> Result<HashMap<String, FactSet>, DbErr> {
     // Only customers with a profile row: the backfill query starts there too.
     let mut out: HashMap<String, FactSet> = HashMap::with_capacity(ids.len());
+    let since = touches.since(at);
     for chunk in chunks(ids) {
         let q = Query::select()
             .columns(PROFILE_COLS)
@@ -832,13 +868,20 @@ pub async fn load(
             }
         }
         load_curves(db, chunk, &mut out).await?;
-        let q = Query::select()
-            .columns(TOUCH_COLS)
-            .from(FactTouchpoints)
-            .and_where(customer_in(FT::CustomerId, chunk))
-            .to_owned();
         let mut by_event: HashMap<String, (String, usize)> = HashMap::new();
-        for row in db.query_all(&q).await? {
+        let touched = touches_of(chunk, &since);
+        let rows = match &touched {
+            Some(cond) => {
+                let q = Query::select()
+                    .columns(TOUCH_COLS)
+                    .from(FactTouchpoints)
+                    .cond_where(cond.clone())
+                    .to_owned();
+                db.query_all(&q).await?
+            }
+            None => Vec::new(),
+        };
+        for row in rows {
             let id: String = row.try_get("", FT::CustomerId.as_str())?;
             let Some(fs) = out.get_mut(&id) else { continue };
             let kind: i16 = row.try_get("", FT::Kind.as_str())?;
@@ -866,11 +909,11 @@ pub async fn load(
                 properties: BTreeMap::new(),
             });
         }
-        if !by_event.is_empty() {
+        if let Some(cond) = touched.filter(|_| !by_event.is_empty()) {
             let events = Query::select()
                 .column(FT::EventId)
                 .from(FactTouchpoints)
-                .and_where(customer_in(FT::CustomerId, chunk))
+                .cond_where(cond)
                 .to_owned();
             let q = Query::select()
                 .columns([FP::EventId, FP::Key, FP::Value])
@@ -902,6 +945,28 @@ pub async fn load(
         }
     }
     Ok(out)
+}
+
+/// The touchpoints of `chunk` an evaluation reads: per kind in `since`,
+/// all of them (`None`) or those that occurred from its instant on; `None`
+/// when it reads none (by the `(customer_id, kind, occurred_us)` index).
+fn touches_of(chunk: &[String], since: &[(i16, Option<i64>)]) -> Option<Condition> {
+    if since.is_empty() {
+        return None;
+    }
+    let mut kinds = Condition::any();
+    for (kind, from) in since {
+        let mut c = Condition::all().add(Expr::col(FT::Kind).eq(*kind));
+        if let Some(from) = from {
+            c = c.add(Expr::col(FT::OccurredUs).gte(*from));
+        }
+        kinds = kinds.add(c);
+    }
+    Some(
+        Condition::all()
+            .add(customer_in(FT::CustomerId, chunk))
+            .add(kinds),
+    )
 }
 
 /// Adds the score curves of `chunk` to the facts in `out` (two statements).

@@ -150,9 +150,15 @@ pub async fn enter(
 }
 
 /// Removes members leaving at `exit_us`, keeping the closed interval in
-/// the history with the entry's and the exit's rule version and reason
-/// (one statement per rule version and reason, per chunk).
-pub async fn exit(db: &impl ConnectionTrait, rows: &[Stamped], exit_us: i64) -> Result<(), DbErr> {
+/// the history with the entry's and the exit's rule version and reason and
+/// the exit's membership `version` (one statement per rule version and
+/// reason, per chunk).
+pub async fn exit(
+    db: &impl ConnectionTrait,
+    rows: &[Stamped],
+    exit_us: i64,
+    version: i64,
+) -> Result<(), DbErr> {
     let mut groups: std::collections::BTreeMap<(i64, i16), Vec<Pair>> = Default::default();
     for (pair, v, r) in rows {
         groups.entry((*v, *r)).or_default().push(pair.clone());
@@ -170,6 +176,7 @@ pub async fn exit(db: &impl ConnectionTrait, rows: &[Stamped], exit_us: i64) -> 
                 .expr(Expr::val(exit_us))
                 .expr(Expr::val(exit_version))
                 .expr(Expr::val(exit_reason))
+                .expr(Expr::val(version))
                 .from(Members)
                 .and_where(pair_in(chunk))
                 .to_owned();
@@ -184,6 +191,7 @@ pub async fn exit(db: &impl ConnectionTrait, rows: &[Stamped], exit_us: i64) -> 
                     MH::ExitUs,
                     MH::ExitVersion,
                     MH::ExitReason,
+                    MH::ExitMembershipVersion,
                 ])
                 .select_from(closed)
                 .map_err(|e| DbErr::Custom(e.to_string()))?
@@ -197,6 +205,92 @@ pub async fn exit(db: &impl ConnectionTrait, rows: &[Stamped], exit_us: i64) -> 
         }
     }
     Ok(())
+}
+
+/// A membership change read back from the rows that record it: the pair,
+/// whether the customer is now a member, and the change's membership
+/// version.
+pub type Written = (Pair, bool, i64);
+
+/// Entries made at a membership version in `versions` that are still
+/// current, after `after` in (segment, customer) order, at most `limit`
+/// (one page of what a transaction wrote: [`crate::cache::write_back`]).
+pub async fn entries_between(
+    db: &impl ConnectionTrait,
+    versions: &std::ops::RangeInclusive<i64>,
+    after: Option<&Pair>,
+    limit: u64,
+) -> Result<Vec<Written>, DbErr> {
+    let mut q = Query::select();
+    q.columns([M::SegmentId, M::CustomerId, M::Version])
+        .from(Members)
+        .and_where(Expr::col(M::Version).between(*versions.start(), *versions.end()))
+        .order_by(M::SegmentId, Order::Asc)
+        .order_by(M::CustomerId, Order::Asc)
+        .limit(limit);
+    if let Some((s, c)) = after {
+        q.and_where(
+            Expr::col(M::SegmentId)
+                .gt(s.as_str())
+                .or(Expr::col(M::SegmentId)
+                    .eq(s.as_str())
+                    .and(Expr::col(M::CustomerId).gt(c.as_str()))),
+        );
+    }
+    db.query_all(&q)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                (
+                    r.try_get("", M::SegmentId.as_str())?,
+                    r.try_get("", M::CustomerId.as_str())?,
+                ),
+                true,
+                r.try_get("", M::Version.as_str())?,
+            ))
+        })
+        .collect()
+}
+
+/// Exits made at a membership version in `versions`, after history row
+/// `after` by row id, at most `limit`: (row id, change).
+pub async fn exits_between(
+    db: &impl ConnectionTrait,
+    versions: &std::ops::RangeInclusive<i64>,
+    after: i64,
+    limit: u64,
+) -> Result<Vec<(i64, Written)>, DbErr> {
+    let q = Query::select()
+        .columns([
+            MH::Id,
+            MH::SegmentId,
+            MH::CustomerId,
+            MH::ExitMembershipVersion,
+        ])
+        .from(MemberHistory)
+        .and_where(Expr::col(MH::ExitMembershipVersion).between(*versions.start(), *versions.end()))
+        .and_where(Expr::col(MH::Id).gt(after))
+        .order_by(MH::Id, Order::Asc)
+        .limit(limit)
+        .to_owned();
+    db.query_all(&q)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get("", MH::Id.as_str())?,
+                (
+                    (
+                        r.try_get("", MH::SegmentId.as_str())?,
+                        r.try_get("", MH::CustomerId.as_str())?,
+                    ),
+                    false,
+                    r.try_get("", MH::ExitMembershipVersion.as_str())?,
+                ),
+            ))
+        })
+        .collect()
 }
 
 /// Current members of `segment` among the customers `rule` selects that
@@ -234,6 +328,40 @@ pub async fn diff(
         ids(db.query_all(&entering).await?)?,
         ids(db.query_all(&leaving).await?)?,
     ))
+}
+
+/// Of `ids`, those that are members of `segment` (`member`) or, with a
+/// profile row, are not (`!member`): a diff taken before the membership
+/// lock, kept to what still holds under it.
+pub async fn still(
+    db: &impl ConnectionTrait,
+    segment: &str,
+    ids: &[String],
+    member: bool,
+) -> Result<Vec<String>, DbErr> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in chunks(ids) {
+        let members = Query::select()
+            .column(M::CustomerId)
+            .from(Members)
+            .and_where(Expr::col(M::SegmentId).eq(segment))
+            .and_where(Expr::col(M::CustomerId).is_in(chunk.iter().cloned()))
+            .to_owned();
+        let q = if member {
+            members
+        } else {
+            Query::select()
+                .column(FC::CustomerId)
+                .from(FactCustomers)
+                .and_where(Expr::col(FC::CustomerId).is_in(chunk.iter().cloned()))
+                .and_where(Expr::col(FC::CustomerId).not_in_subquery(members))
+                .to_owned()
+        };
+        for r in db.query_all(&q).await? {
+            out.push(r.try_get_by_index::<String>(0)?);
+        }
+    }
+    Ok(out)
 }
 
 /// Members of any of `ids` (customers), as pairs.

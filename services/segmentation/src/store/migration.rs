@@ -22,6 +22,15 @@
 //!   name (`fact_scores`); `gone_customers` (erased or merged away, by a
 //!   hash of the id).
 //!
+//! * `m0007`: the membership version of each exit
+//!   (`member_history.exit_membership_version`) and indexes on the entry's
+//!   (`members.version`) and the exit's: a backfill writes the cache after
+//!   its commit by reading back, in chunks, the rows its versions wrote.
+//!   `fact_customers.evaluated_version`: the membership version of the
+//!   last transaction that evaluated the customer (so changed its facts or
+//!   memberships): a backfill whose diff ran outside the membership lock
+//!   evaluates again, under the lock, only the customers stamped since.
+//!
 //! On PostgreSQL the fact text columns use the `C` collation, so string
 //! order is byte order, as in the rule language and SQLite.
 
@@ -40,6 +49,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(BackfillOperations));
         m.push(Box::new(SegmentAccountability));
         m.push(Box::new(ScoreCurves));
+        m.push(Box::new(MembershipVersionIndexes));
         m
     }
 }
@@ -602,6 +612,45 @@ impl MigrationTrait for ScoreCurves {
         ] {
             db.execute_unprepared(stmt).await?;
         }
+        Ok(())
+    }
+}
+
+/// The membership version of each exit, and indexes on both versions (a
+/// backfill reads its changes back by version to write the cache); the
+/// version that last evaluated each customer (a backfill's check of its
+/// diff under the lock).
+struct MembershipVersionIndexes;
+
+impl MigrationName for MembershipVersionIndexes {
+    fn name(&self) -> &str {
+        "m0007_membership_version_indexes"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for MembershipVersionIndexes {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        for stmt in [
+            "ALTER TABLE member_history ADD COLUMN exit_membership_version BIGINT NULL",
+            "ALTER TABLE fact_customers ADD COLUMN evaluated_version BIGINT NOT NULL DEFAULT 0",
+        ] {
+            m.get_connection().execute_unprepared(stmt).await?;
+        }
+        m.create_index(index(
+            "fact_customers_evaluated_version",
+            "fact_customers",
+            &["evaluated_version"],
+        ))
+        .await?;
+        m.create_index(index("members_version", "members", &["version"]))
+            .await?;
+        m.create_index(index(
+            "member_history_exit_membership_version",
+            "member_history",
+            &["exit_membership_version"],
+        ))
+        .await?;
         Ok(())
     }
 }

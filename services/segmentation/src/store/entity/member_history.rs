@@ -25,6 +25,8 @@ pub struct Model {
     pub exit_version: Option<i64>,
     /// Why the customer left.
     pub exit_reason: Option<i16>,
+    /// Membership version of the exit (none before m0007).
+    pub exit_membership_version: Option<i64>,
 }
 
 /// No relations.
