@@ -239,3 +239,69 @@ mod tests {
         assert_eq!(count(&readers).await, 0, "the same database");
     }
 }
+
+/// Rows of one table as a single JSON parameter, for PostgreSQL bulk
+/// inserts (`json_populate_recordset`): one small statement to parse and
+/// plan however many rows, no bind parameter per value, and insertable as
+/// a data-modifying CTE of a larger statement. Built from entity models,
+/// so the column list is the entity's.
+#[derive(Debug, Clone)]
+pub struct JsonRows {
+    table: String,
+    columns: String,
+    rows: serde_json::Value,
+}
+
+impl JsonRows {
+    /// The rows of `models`, every column of `E` but `skip` (say, a serial
+    /// key the table numbers itself).
+    pub fn of<E: sea_orm::EntityTrait>(models: &[E::Model], skip: &[E::Column]) -> Self {
+        use sea_orm::{IdenStatic, Iterable, ModelTrait};
+        let columns: Vec<E::Column> = E::Column::iter()
+            .filter(|c| !skip.iter().any(|s| s.as_str() == c.as_str()))
+            .collect();
+        let rows = models
+            .iter()
+            .map(|m| {
+                columns
+                    .iter()
+                    .map(|c| {
+                        let v = sea_orm::sea_query::sea_value_to_json_value(&m.get(*c));
+                        (c.as_str().to_owned(), v)
+                    })
+                    .collect::<serde_json::Map<_, _>>()
+                    .into()
+            })
+            .collect();
+        Self {
+            table: E::default().table_name().to_owned(),
+            columns: columns
+                .iter()
+                .map(|c| format!("\"{}\"", c.as_str()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            rows: serde_json::Value::Array(rows),
+        }
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.as_array().is_none_or(Vec::is_empty)
+    }
+
+    /// `INSERT INTO table (columns) SELECT columns FROM
+    /// json_populate_recordset(NULL::table, $param::json)`: ends with its
+    /// `FROM` clause, so a caller may append a `WHERE`.
+    pub fn insert_sql(&self, param: usize) -> String {
+        format!(
+            "INSERT INTO {t} ({c}) SELECT {c} FROM json_populate_recordset(NULL::{t}, ${param}::json)",
+            t = self.table,
+            c = self.columns
+        )
+    }
+
+    /// The rows, the value to bind as the `param` of [`Self::insert_sql`].
+    pub fn value(&self) -> sea_orm::Value {
+        self.rows.to_string().into()
+    }
+}

@@ -214,7 +214,7 @@ impl Write {
                         sea_orm::DbBackend::Postgres,
                         FINISH.as_str(),
                         [
-                            crate::outbox::pg_rows(events, now),
+                            crate::outbox::pg_rows(events, now)?,
                             response.encode_to_vec().into(),
                             self.scope.into(),
                             rid.as_str().into(),

@@ -127,7 +127,7 @@ impl Outbox {
             txn.execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
                 PG_INSERT,
-                [pg_rows(events, now)],
+                [pg_rows(events, now)?],
             ))
             .await?;
             return Ok(());
@@ -438,31 +438,46 @@ impl Outbox {
 /// callers that fold it into a statement of their own as a data-modifying
 /// CTE. Its one parameter, `$1`, is the rows as JSON ([`pg_rows`]): far less
 /// to parse and plan than bind parameters per row, and no bind-parameter
-/// limit.
-pub(crate) const PG_INSERT: &str = "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_us, traceparent) \
+/// limit. It ends with its `FROM` clause, so a caller may append a `WHERE`
+/// (say, to append only when the rest of its statement went ahead).
+pub const PG_INSERT: &str = "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_us, traceparent) \
      SELECT event_id, event_type, subject, decode(payload, 'base64'), occurred_us, traceparent \
      FROM json_to_recordset($1::json) \
      AS x(event_id text, event_type text, subject text, payload text, occurred_us int8, \
           traceparent text)";
 
-/// [`PG_INSERT`]'s parameter for `events`.
-pub(crate) fn pg_rows(events: &[NewEvent], now: chrono::DateTime<chrono::Utc>) -> sea_orm::Value {
+/// [`PG_INSERT`]'s parameter for `events`: serialized straight from
+/// borrowed rows, with no JSON tree built in between (the ingest appends
+/// thousands of events a call).
+pub fn pg_rows(
+    events: &[NewEvent],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<sea_orm::Value, DbErr> {
     use base64::Engine;
+    #[derive(serde::Serialize)]
+    struct Row<'a> {
+        event_id: String,
+        event_type: &'a str,
+        subject: &'a str,
+        payload: String,
+        occurred_us: i64,
+        traceparent: Option<&'a str>,
+    }
     let occurred = to_micros(now);
     // Every event of one transaction continues the same trace.
     let traceparent = crate::client::current_traceparent();
-    let rows: Vec<serde_json::Value> = events
+    let rows: Vec<Row<'_>> = events
         .iter()
-        .map(|e| {
-            serde_json::json!({
-                "event_id": uuid::Uuid::now_v7().to_string(),
-                "event_type": e.event_type,
-                "subject": e.subject,
-                "payload": base64::engine::general_purpose::STANDARD.encode(&e.payload),
-                "occurred_us": occurred,
-                "traceparent": traceparent,
-            })
+        .map(|e| Row {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            event_type: &e.event_type,
+            subject: &e.subject,
+            payload: base64::engine::general_purpose::STANDARD.encode(&e.payload),
+            occurred_us: occurred,
+            traceparent: traceparent.as_deref(),
         })
         .collect();
-    serde_json::Value::Array(rows).to_string().into()
+    serde_json::to_string(&rows)
+        .map(Into::into)
+        .map_err(|e| DbErr::Custom(format!("outbox rows as JSON: {e}")))
 }

@@ -18,6 +18,13 @@
 
 mod transfer;
 
+/// mimalloc instead of the system allocator: a `perf` profile of the
+/// customer service under RecordTouchpoints put about 40% of its CPU in
+/// glibc's malloc and free (decoding a batch, building its JSON rows,
+/// encoding events and stream messages all allocate per item).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 use clm_platform::auth::{DEFAULT_AUDIENCE, Policy, Role, mint_hs256_with, policy_markdown};
 use clm_platform::bootstrap::{ServiceCli, bind, load_or_exit, shutdown_on_signal};

@@ -9,6 +9,7 @@ use crate::error::CustomerError;
 use crate::events;
 use crate::reports;
 use crate::store::consent::{self, ConsentChangeRecord, ConsentRecord};
+use crate::store::create;
 use crate::store::customers::{self, CustomerRecord, NewCustomer, SortKey};
 use crate::store::erasure::{self, ErasureRecord, ErasureRequestId};
 use crate::store::identifiers::{self, ErasedMatch, IdentifierRecord};
@@ -187,6 +188,12 @@ impl CustomerApi {
 
     /// Inserts validated customers (with their creation stage entries) and
     /// returns the stored records. `items` pairs each with its field prefix.
+    /// Inserts new customers with their first stage-history entries and
+    /// identifiers, and answers them as protos with the `CustomerCreated`
+    /// events still to append. On PostgreSQL one statement does it all,
+    /// events included ([`store::create`]), unless an identifier is held
+    /// or erased; then, and on SQLite, the identifiers are checked first
+    /// and the tables written one statement each.
     async fn insert_customers(
         &self,
         txn: &DatabaseTransaction,
@@ -194,65 +201,103 @@ impl CustomerApi {
         actor: &Principal,
         now: DateTime<Utc>,
         salt: Option<&str>,
-    ) -> Result<Vec<CustomerRecord>> {
+    ) -> Result<(Vec<pb::Customer>, Vec<clm_platform::outbox::NewEvent>)> {
         let keys: Vec<(String, clm_domain::contact::Identifier)> = items
             .iter()
             .flat_map(|(p, c)| profile_keys(p, c.email.as_deref(), c.external_id.as_deref()))
             .collect();
+        let mut records: Vec<(String, CustomerRecord)> = items
+            .into_iter()
+            .map(|(prefix, c)| {
+                let record = CustomerRecord {
+                    reimported_after_erasure: false,
+                    id: CustomerId::new(),
+                    external_id: c.external_id,
+                    email: c.email,
+                    display_name: c.display_name,
+                    demographics: c.demographics,
+                    attributes: c.attributes,
+                    stage: c.stage,
+                    stage_change_time: now,
+                    create_time: now,
+                    update_time: now,
+                    version: 1,
+                    merged_from: Vec::new(),
+                    acquisition_campaign: c.acquisition_campaign,
+                };
+                (prefix, record)
+            })
+            .collect();
+        let history = |records: &[CustomerRecord]| -> Vec<StageChangeRecord> {
+            records
+                .iter()
+                .map(|r| StageChangeRecord {
+                    id: 0,
+                    customer: r.id,
+                    from: None,
+                    to: r.stage,
+                    reason: "created".into(),
+                    actor: actor.subject.clone(),
+                    change_time: now,
+                })
+                .collect()
+        };
+        let held = |records: &[CustomerRecord]| -> Vec<IdentifierRecord> {
+            records
+                .iter()
+                .flat_map(|r| {
+                    identifiers::profile_identifiers(r.email.as_deref(), r.external_id.as_deref())
+                        .into_iter()
+                        .map(|identifier| IdentifierRecord {
+                            customer: r.id,
+                            identifier,
+                            profile: true,
+                            create_time: now,
+                        })
+                })
+                .collect()
+        };
+        let protos = |records: &[CustomerRecord]| -> Vec<pb::Customer> {
+            records
+                .iter()
+                .map(|r| convert::customer_to_proto(r, now.date_naive()))
+                .collect()
+        };
+        if clm_platform::db::is_postgres(txn) {
+            let plain: Vec<CustomerRecord> = records.iter().map(|(_, r)| r.clone()).collect();
+            let customers = protos(&plain);
+            let events: Vec<_> = customers.iter().map(events::customer_created).collect();
+            let checks: Vec<_> = keys
+                .iter()
+                .map(|(_, i)| (i, salt.map(|s| erasure::identifier_hash(s, i))))
+                .collect();
+            let new = create::NewCustomers {
+                records: &plain,
+                history: &history(&plain),
+                identifiers: &held(&plain),
+                checks: &checks,
+                events: &events,
+            };
+            if create::insert_if_free(txn, &new, now).await? {
+                return Ok((customers, Vec::new()));
+            }
+        }
         let erased = identifiers::check_free(txn, &keys, None, salt).await?;
         self.judge_erased(&erased)?;
-        let records: Vec<CustomerRecord> = items
-            .into_iter()
-            .map(|(prefix, c)| CustomerRecord {
-                reimported_after_erasure: erased.iter().any(|m| {
-                    m.field
-                        .strip_prefix(prefix.as_str())
-                        .is_some_and(|rest| rest.starts_with('.'))
-                }),
-                id: CustomerId::new(),
-                external_id: c.external_id,
-                email: c.email,
-                display_name: c.display_name,
-                demographics: c.demographics,
-                attributes: c.attributes,
-                stage: c.stage,
-                stage_change_time: now,
-                create_time: now,
-                update_time: now,
-                version: 1,
-                merged_from: Vec::new(),
-                acquisition_campaign: c.acquisition_campaign,
-            })
-            .collect();
+        for (prefix, r) in &mut records {
+            r.reimported_after_erasure = erased.iter().any(|m| {
+                m.field
+                    .strip_prefix(prefix.as_str())
+                    .is_some_and(|rest| rest.starts_with('.'))
+            });
+        }
+        let records: Vec<CustomerRecord> = records.into_iter().map(|(_, r)| r).collect();
         customers::insert_many(txn, &records).await?;
-        let history: Vec<StageChangeRecord> = records
-            .iter()
-            .map(|r| StageChangeRecord {
-                id: 0,
-                customer: r.id,
-                from: None,
-                to: r.stage,
-                reason: "created".into(),
-                actor: actor.subject.clone(),
-                change_time: now,
-            })
-            .collect();
-        stages::insert_many(txn, &history).await?;
-        let held: Vec<IdentifierRecord> = records
-            .iter()
-            .flat_map(|r| {
-                identifiers::profile_identifiers(r.email.as_deref(), r.external_id.as_deref())
-                    .into_iter()
-                    .map(|identifier| IdentifierRecord {
-                        customer: r.id,
-                        identifier,
-                        profile: true,
-                        create_time: now,
-                    })
-            })
-            .collect();
-        identifiers::insert_many(txn, &held).await?;
-        Ok(records)
+        stages::insert_many(txn, &history(&records)).await?;
+        identifiers::insert_many(txn, &held(&records)).await?;
+        let customers = protos(&records);
+        let events = customers.iter().map(events::customer_created).collect();
+        Ok((customers, events))
     }
 
     async fn create(
@@ -284,14 +329,13 @@ impl CustomerApi {
             &req,
             now,
             async move |txn| {
-                let record = self
+                let (customers, events) = self
                     .insert_customers(txn, vec![("customer".into(), draft)], &actor, now, salt)
-                    .await?
+                    .await?;
+                let out = customers
                     .into_iter()
                     .next()
                     .ok_or_else(|| Error::internal("one customer inserted, none returned"))?;
-                let out = convert::customer_to_proto(&record, now.date_naive());
-                let events = vec![events::customer_created(&out)];
                 Ok((out, events))
             },
         )
@@ -366,12 +410,8 @@ impl CustomerApi {
             &req,
             now,
             async move |txn| {
-                let records = self.insert_customers(txn, items, &actor, now, salt).await?;
-                let customers: Vec<pb::Customer> = records
-                    .iter()
-                    .map(|r| convert::customer_to_proto(r, today))
-                    .collect();
-                let events = customers.iter().map(events::customer_created).collect();
+                let (customers, events) =
+                    self.insert_customers(txn, items, &actor, now, salt).await?;
                 Ok((pb::BatchCreateCustomersResponse { customers }, events))
             },
         )
@@ -1449,45 +1489,43 @@ impl Recorded {
 
 /// Records the touchpoints of `batch` whose event id is new (the first of
 /// each id in the batch), and tells duplicates from conflicts for the rest
-/// by comparing each with the touchpoint holding its id: one query for the
-/// ids already stored, one insert, and a second lookup only for ids that a
-/// concurrent writer recorded in between.
+/// by comparing each with the touchpoint holding its id: one insert that
+/// skips the ids already stored, and a lookup of those only when there are
+/// any (a retry or a conflict; never for a batch of new events).
 async fn record_new(txn: &DatabaseTransaction, batch: &[TouchpointRecord]) -> Result<Recorded> {
     let event_ids: Vec<&str> = batch
         .iter()
         .map(|r| r.touchpoint.event_id.as_str())
         .collect();
-    let mut holders = touchpoints::existing(txn, &event_ids).await?;
-    let mut first: HashMap<&str, usize> = HashMap::new();
+    let mut first: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
     for (i, id) in event_ids.iter().enumerate() {
-        if !holders.contains_key(*id) {
-            first.entry(id).or_insert(i);
-        }
+        first.entry(id).or_insert(i);
     }
     let mut new_positions: Vec<usize> = first.values().copied().collect();
     new_positions.sort_unstable();
-    let to_insert: Vec<TouchpointRecord> =
-        new_positions.iter().map(|&i| batch[i].clone()).collect();
+    let to_insert: Vec<&TouchpointRecord> = new_positions.iter().map(|&i| &batch[i]).collect();
     let inserted = touchpoints::insert_new(txn, &to_insert).await?;
-    let raced: Vec<&str> = new_positions
+    let stored: Vec<&str> = new_positions
         .iter()
         .map(|&i| event_ids[i])
         .filter(|id| !inserted.contains(*id))
         .collect();
-    if !raced.is_empty() {
-        holders.extend(touchpoints::existing(txn, &raced).await?);
-    }
+    let holders = if stored.is_empty() {
+        HashMap::new()
+    } else {
+        touchpoints::existing(txn, &stored).await?
+    };
     let mut out = Recorded::default();
     for (i, r) in batch.iter().enumerate() {
         let id = event_ids[i];
         let holder = match (holders.get(id), first.get(id)) {
             (Some(stored), _) => stored,
-            (None, Some(&f)) if f == i => {
+            (None, Some(&f)) if f == i && inserted.contains(id) => {
                 out.recorded.push(i);
                 continue;
             }
-            (None, Some(&f)) => &batch[f],
-            (None, None) => return Err(Error::internal("a touchpoint neither stored nor new")),
+            (None, Some(&f)) if inserted.contains(id) => &batch[f],
+            _ => return Err(Error::internal("a touchpoint neither stored nor new")),
         };
         let reason = if holder.customer != r.customer {
             Some((

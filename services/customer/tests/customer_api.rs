@@ -177,6 +177,46 @@ async fn create_is_idempotent_and_unique() {
 }
 
 #[tokio::test]
+async fn concurrent_creates_of_one_identifier_make_one_customer() {
+    let h = start().await;
+    // Eight callers create customers with the same e-mail (and eight with
+    // the same external id) at once: on PostgreSQL they race past the
+    // identifier check of the one-statement create and meet at the unique
+    // indexes, which must answer ALREADY_EXISTS, never INTERNAL.
+    let mut calls = Vec::new();
+    for i in 0..16 {
+        let mut c = h.client();
+        let mut new = if i % 2 == 0 {
+            customer("race@example.com")
+        } else {
+            customer(&format!("race-{i}@example.com"))
+        };
+        if i % 2 == 1 {
+            new.external_id = "race-external".into();
+        }
+        calls.push(tokio::spawn(async move {
+            c.create_customer(create_req(new, "")).await
+        }));
+    }
+    let mut created = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => created += 1,
+            Err(e) => assert_eq!(e.code(), Code::AlreadyExists, "{e:?}"),
+        }
+    }
+    assert_eq!(created, 2, "one per identifier");
+    let list = h
+        .client()
+        .list_customers(pb::ListCustomersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.customers.len(), 2, "nothing doubled");
+    h.server.stop().await;
+}
+
+#[tokio::test]
 async fn bad_input_names_the_field() {
     let h = start().await;
     let mut c = h.client();

@@ -18,6 +18,11 @@ use prost::Message;
 use std::path::{Path, PathBuf};
 use tokio_stream::StreamExt;
 
+/// The allocator of the `clm` binary, so that the bare reference differs
+/// from CLM's server only by CLM's layers, not by its allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 struct Args {
     #[command(subcommand)]

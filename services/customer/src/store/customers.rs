@@ -81,7 +81,7 @@ pub struct NewCustomer {
 
 impl CustomerRecord {
     /// The `customers` row of this record.
-    fn to_model(&self) -> customers::Model {
+    pub(crate) fn to_model(&self) -> customers::Model {
         let d = &self.demographics;
         customers::Model {
             id: self.id.to_string(),
@@ -158,7 +158,10 @@ impl CustomerRecord {
 }
 
 /// The `customer_attributes` rows of one customer's attributes.
-fn attribute_models(id: CustomerId, attrs: &Attributes) -> impl Iterator<Item = attr::Model> + '_ {
+pub(crate) fn attribute_models(
+    id: CustomerId,
+    attrs: &Attributes,
+) -> impl Iterator<Item = attr::Model> + '_ {
     let customer_id = id.to_string();
     attrs.iter().map(move |(k, v)| {
         let mut m = attr::Model {

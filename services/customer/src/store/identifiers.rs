@@ -28,7 +28,8 @@ pub struct IdentifierRecord {
 }
 
 impl IdentifierRecord {
-    fn to_model(&self) -> customer_identifiers::Model {
+    /// The `customer_identifiers` row of this record.
+    pub(crate) fn to_model(&self) -> customer_identifiers::Model {
         customer_identifiers::Model {
             kind: self.identifier.kind.code(),
             value: self.identifier.value.clone(),
@@ -251,16 +252,22 @@ pub async fn insert_many(
         .await
         .map_err(|e| {
             if clm_platform::db::is_unique_violation(&e) {
-                Error::AlreadyExists {
-                    reason: "IDENTIFIER_TAKEN",
-                    message: "an identifier was taken by another customer at the same time".into(),
-                }
+                raced()
             } else {
                 e.into()
             }
         })?;
     }
     Ok(())
+}
+
+/// ALREADY_EXISTS: an identifier was taken by a concurrent writer (a
+/// unique violation past [`check_free`]).
+pub fn raced() -> Error {
+    Error::AlreadyExists {
+        reason: "IDENTIFIER_TAKEN",
+        message: "an identifier was taken by another customer at the same time".into(),
+    }
 }
 
 /// Inserts one identifier unless someone holds it already; `false` means

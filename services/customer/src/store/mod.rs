@@ -31,6 +31,7 @@
 pub mod activity;
 pub mod campaigns;
 pub mod consent;
+pub mod create;
 pub mod customers;
 pub mod entity;
 pub mod erasure;

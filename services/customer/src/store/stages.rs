@@ -31,6 +31,20 @@ pub struct StageChangeRecord {
 
 impl StageChangeRecord {
     /// The row to insert (its id is assigned by the database).
+    /// The `stage_history` row of this record (`id` as held: 0 for a new
+    /// one, which the table numbers).
+    pub(crate) fn to_model(&self) -> stage_history::Model {
+        stage_history::Model {
+            id: self.id,
+            customer_id: self.customer.to_string(),
+            from_stage: self.from.map(Stage::code),
+            to_stage: self.to.code(),
+            reason: self.reason.clone(),
+            actor: self.actor.clone(),
+            change_us: to_micros(self.change_time),
+        }
+    }
+
     fn to_active_model(&self) -> stage_history::ActiveModel {
         stage_history::ActiveModel {
             id: ActiveValue::NotSet,

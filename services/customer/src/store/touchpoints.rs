@@ -48,7 +48,7 @@ const COLS: [&str; 14] = [
 /// same customers never wait on each other's rollup rows.
 pub async fn insert_new(
     db: &impl ConnectionTrait,
-    records: &[TouchpointRecord],
+    records: &[&TouchpointRecord],
 ) -> Result<HashSet<String>, Error> {
     if records.is_empty() {
         return Ok(HashSet::new());
@@ -62,7 +62,7 @@ pub async fn insert_new(
 
 async fn insert_new_sqlite(
     db: &impl ConnectionTrait,
-    records: &[TouchpointRecord],
+    records: &[&TouchpointRecord],
 ) -> Result<HashSet<String>, Error> {
     let mut insert = Query::insert();
     insert.into_table(n("touchpoints")).columns(COLS.map(n));
@@ -107,30 +107,49 @@ fn properties_json(t: &Touchpoint) -> Option<String> {
 /// 14 bind parameters a row.
 async fn insert_new_postgres(
     db: &impl ConnectionTrait,
-    records: &[TouchpointRecord],
+    records: &[&TouchpointRecord],
 ) -> Result<HashSet<String>, Error> {
-    let rows: Vec<serde_json::Value> = records
+    #[derive(serde::Serialize)]
+    struct Row<'a> {
+        event_id: &'a str,
+        customer_id: String,
+        kind: i16,
+        custom_type: Option<&'a str>,
+        occurred_us: i64,
+        record_us: i64,
+        usage_ms: Option<i64>,
+        product: Option<&'a str>,
+        feature: Option<&'a str>,
+        revenue_minor: Option<i64>,
+        currency: Option<&'a str>,
+        campaign: Option<&'a str>,
+        channel: Option<&'a str>,
+        properties: Option<String>,
+    }
+    // Serialized straight from borrowed rows: no JSON tree in between.
+    let rows: Vec<Row<'_>> = records
         .iter()
         .map(|r| {
             let t = &r.touchpoint;
-            serde_json::json!({
-                "event_id": t.event_id,
-                "customer_id": r.customer.to_string(),
-                "kind": t.kind.code(),
-                "custom_type": t.custom_type,
-                "occurred_us": to_micros(t.occurred_time),
-                "record_us": to_micros(r.record_time),
-                "usage_ms": t.usage_millis,
-                "product": t.product,
-                "feature": t.feature,
-                "revenue_minor": t.revenue.as_ref().map(|m| m.amount_minor),
-                "currency": t.revenue.as_ref().map(|m| m.currency.clone()),
-                "campaign": t.campaign,
-                "channel": t.channel,
-                "properties": properties_json(t),
-            })
+            Row {
+                event_id: &t.event_id,
+                customer_id: r.customer.to_string(),
+                kind: t.kind.code(),
+                custom_type: t.custom_type.as_deref(),
+                occurred_us: to_micros(t.occurred_time),
+                record_us: to_micros(r.record_time),
+                usage_ms: t.usage_millis,
+                product: t.product.as_deref(),
+                feature: t.feature.as_deref(),
+                revenue_minor: t.revenue.as_ref().map(|m| m.amount_minor),
+                currency: t.revenue.as_ref().map(|m| m.currency.as_str()),
+                campaign: t.campaign.as_deref(),
+                channel: t.channel.as_deref(),
+                properties: properties_json(t),
+            }
         })
         .collect();
+    let rows = serde_json::to_string(&rows).map_err(Error::internal)?;
     let cols = COLS.join(", ");
     let sql = format!(
         "INSERT INTO touchpoints ({cols}) SELECT {cols} FROM json_to_recordset($1::json) AS x(\
@@ -142,7 +161,7 @@ async fn insert_new_postgres(
         .query_all_raw(sea_orm::Statement::from_sql_and_values(
             sea_orm::DbBackend::Postgres,
             sql,
-            [serde_json::Value::Array(rows).to_string().into()],
+            [rows.into()],
         ))
         .await?;
     rows.iter()

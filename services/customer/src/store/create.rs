@@ -1,0 +1,139 @@
+//! Creating customers on PostgreSQL in one statement: the identifier check
+//! and every insert (the profiles, their attributes, the stage history's
+//! first entries, the identifiers they hold, the `CustomerCreated` outbox
+//! events) as data-modifying CTEs of one statement, each table's rows one
+//! JSON parameter ([`JsonRows`]), so the SQL text is the same for every
+//! call and its prepared statement is reused on each connection.
+//!
+//! The inserts go ahead only when none of the identifiers is held and none
+//! matches an erased customer's hash. Otherwise nothing is written and the
+//! caller takes the general path ([`super::identifiers::check_free`], then
+//! the inserts one table at a time), which names the holder in
+//! ALREADY_EXISTS or applies the erased-identifier policy. A concurrent
+//! creation of the same identifier fails the statement on the unique
+//! indexes; that maps to ALREADY_EXISTS as on the general path.
+
+use super::customers::{self, CustomerRecord};
+use super::entity::{customer_attributes, customer_identifiers, customers as customer_rows};
+use super::entity::{stage_history, stage_history::Column as HistoryColumn};
+use super::identifiers::IdentifierRecord;
+use super::stages::StageChangeRecord;
+use clm_domain::contact::Identifier;
+use clm_platform::Error;
+use clm_platform::db::JsonRows;
+use clm_platform::outbox::{self, NewEvent};
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use std::sync::LazyLock;
+
+/// The statement: `$1` the outbox rows, `$2` the identifiers to check
+/// (`kind`, `value`), `$3` their erased-identifier hashes (`kind`, `hash`),
+/// `$4`..`$7` the rows of `customers`, `customer_attributes`,
+/// `stage_history` and `customer_identifiers`. It answers how many of the
+/// identifiers are held or erased (0: everything was inserted).
+static SQL: LazyLock<String> = LazyLock::new(|| {
+    let none = JsonRows::of::<customer_rows::Entity>(&[], &[]);
+    let attrs = JsonRows::of::<customer_attributes::Entity>(&[], &[]);
+    let history = JsonRows::of::<stage_history::Entity>(&[], &[HistoryColumn::Id]);
+    let held = JsonRows::of::<customer_identifiers::Entity>(&[], &[]);
+    const FREE: &str = " WHERE (SELECT ok FROM free)";
+    format!(
+        "WITH want AS (SELECT * FROM json_to_recordset($2::json) AS w(kind int2, value text)), \
+         erased AS (SELECT * FROM json_to_recordset($3::json) AS e(kind int2, hash text)), \
+         held AS (SELECT 1 FROM customer_identifiers i JOIN want w ON i.kind = w.kind AND i.value = w.value \
+           UNION ALL SELECT 1 FROM erased_identifiers x JOIN erased e ON x.kind = e.kind AND x.hash = e.hash), \
+         free AS (SELECT NOT EXISTS (SELECT 1 FROM held) AS ok), \
+         c AS ({customers}{FREE}), a AS ({attrs}{FREE}), h AS ({history}{FREE}), \
+         i AS ({held}{FREE}), o AS ({outbox}{FREE}) \
+         SELECT COUNT(*) AS held FROM held",
+        customers = none.insert_sql(4),
+        attrs = attrs.insert_sql(5),
+        history = history.insert_sql(6),
+        held = held.insert_sql(7),
+        outbox = outbox::PG_INSERT,
+    )
+});
+
+/// What to create: the rows of every table and the events.
+#[derive(Debug)]
+pub struct NewCustomers<'a> {
+    /// The profiles.
+    pub records: &'a [CustomerRecord],
+    /// Their first stage-history entries.
+    pub history: &'a [StageChangeRecord],
+    /// The identifiers they hold.
+    pub identifiers: &'a [IdentifierRecord],
+    /// The identifiers to check, each with its erased-identifier hash when
+    /// the installation has a salt.
+    pub checks: &'a [(&'a Identifier, Option<String>)],
+    /// Their `CustomerCreated` events.
+    pub events: &'a [NewEvent],
+}
+
+/// Inserts `new` in one statement (PostgreSQL only) when none of its
+/// identifiers is held or erased; `false` when some is (nothing written:
+/// take the general path). Unique violations of a concurrent writer map to
+/// ALREADY_EXISTS.
+pub async fn insert_if_free(
+    db: &impl ConnectionTrait,
+    new: &NewCustomers<'_>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, Error> {
+    let models: Vec<_> = new.records.iter().map(CustomerRecord::to_model).collect();
+    let attrs: Vec<_> = new
+        .records
+        .iter()
+        .flat_map(|r| customers::attribute_models(r.id, &r.attributes))
+        .collect();
+    let history: Vec<_> = new
+        .history
+        .iter()
+        .map(StageChangeRecord::to_model)
+        .collect();
+    let held: Vec<_> = new
+        .identifiers
+        .iter()
+        .map(IdentifierRecord::to_model)
+        .collect();
+    let want: Vec<serde_json::Value> = new
+        .checks
+        .iter()
+        .map(|(i, _)| serde_json::json!({"kind": i.kind.code(), "value": i.value}))
+        .collect();
+    let erased: Vec<serde_json::Value> = new
+        .checks
+        .iter()
+        .filter_map(|(i, h)| {
+            h.as_ref()
+                .map(|h| serde_json::json!({"kind": i.kind.code(), "hash": h}))
+        })
+        .collect();
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            SQL.as_str(),
+            [
+                outbox::pg_rows(new.events, now)?,
+                serde_json::Value::Array(want).to_string().into(),
+                serde_json::Value::Array(erased).to_string().into(),
+                JsonRows::of::<customer_rows::Entity>(&models, &[]).value(),
+                JsonRows::of::<customer_attributes::Entity>(&attrs, &[]).value(),
+                JsonRows::of::<stage_history::Entity>(&history, &[HistoryColumn::Id]).value(),
+                JsonRows::of::<customer_identifiers::Entity>(&held, &[]).value(),
+            ],
+        ))
+        .await
+        .map_err(|e| {
+            if clm_platform::db::unique_violation_detail(&e)
+                .is_some_and(|m| m.contains("email") || m.contains("external_id"))
+            {
+                customers::map_unique(e)
+            } else if clm_platform::db::is_unique_violation(&e) {
+                super::identifiers::raced()
+            } else {
+                e.into()
+            }
+        })?
+        .ok_or_else(|| Error::internal("the create statement answered no row"))?;
+    let held: i64 = row.try_get("", "held")?;
+    Ok(held == 0)
+}
