@@ -839,7 +839,6 @@ impl Engine {
                 after = Some(last);
             }
         }
-        segments::set_state(&txn, id, seg.version, State::Ready, None, Some(at_us)).await?;
         // Every version from the first to this one is the backfill's (the
         // cascade takes one per chunk), all under the membership lock.
         let written = version..=members::version(&txn).await?;
@@ -847,6 +846,12 @@ impl Engine {
         rt.outbox.commit(txn).await?;
         self.after_commit(out).await;
         cache::write_back(rt, written, BACKFILL_CHUNK as u64).await;
+        // READY once the cache holds the changes too, so a caller who saw
+        // READY reads the new membership from IsMember. A crash before this
+        // leaves the segment BACKFILLING: its operation is resumed and the
+        // backfill runs again (an empty diff) and ends here. An edit since
+        // (a new version) is left alone: its own backfill ends it.
+        segments::set_state(&rt.db, id, seg.version, State::Ready, None, Some(at_us)).await?;
         Ok(())
     }
 
