@@ -163,8 +163,11 @@ pub fn init(config: &Config, process: &str) -> TelemetryGuard {
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),
+        // Colours only on a terminal: a log file or collector gets plain
+        // text, and no call pays for escape codes nobody sees.
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_filter(filter)
             .boxed(),
     };
