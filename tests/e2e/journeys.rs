@@ -170,7 +170,12 @@ async fn journey_1_lead_to_loyal() {
         (m.tier.as_str(), m.balance, m.lifetime_earned),
         ("gold", 110, 110)
     );
-    assert_eq!(s.score(&lead, "journey", "engagement").await, 130.0);
+    // LOYALTY came from the loyalty tier; scoring follows the same purchase
+    // on its own stream.
+    eventually(WAIT, || async {
+        (s.score(&lead, "journey", "engagement").await == 130.0).then_some(())
+    })
+    .await;
 
     let history = s
         .customers()
@@ -875,10 +880,27 @@ async fn two_models_defining_engagement_are_named_by_model() {
     let ada = s.customer("ada.models@example.com").await;
     s.touch(&ada, "ada-use", cpb::TouchpointType::FeatureUse, 0)
         .await;
-    eventually(WAIT, || async {
-        s.is_member(&leads, &ada).await.then_some(())
-    })
-    .await;
+    // Polled by hand so that a timeout says what each service holds.
+    let started = std::time::Instant::now();
+    while !s.is_member(&leads, &ada).await {
+        if started.elapsed() > WAIT {
+            let mine = s
+                .segments()
+                .get_customer_segments(clm_proto::segmentation::GetCustomerSegmentsRequest {
+                    customer: ada.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            panic!(
+                "ada is not in leads-engaged after {WAIT:?}: scores leads {} product {}, her segments {:?}",
+                s.score(&ada, "leads", "engagement").await,
+                s.score(&ada, "product", "engagement").await,
+                mine.segments
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(s.score(&ada, "leads", "engagement").await, 40.0);
     assert_eq!(s.score(&ada, "product", "engagement").await, 10.0);
     assert!(!s.is_member(&product, &ada).await);

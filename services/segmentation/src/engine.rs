@@ -7,11 +7,9 @@
 //!   `rules::reads`) yields the only segments that can be affected, which
 //!   are evaluated in memory (`rules::evaluate`) for that customer only, in
 //!   dependency order so `in_segment` sees the new membership.
-//! * **Backfill.** A rule compiles to one SQL query ([`crate::sql`]),
-//!   run outside the membership lock; under it, the customers evaluated
-//!   since are evaluated again and the diff with the current members is
-//!   applied set-based, then dependents and (for rules that read time)
-//!   every customer's next-change timer.
+//! * **Backfill.** A rule compiles to one SQL query ([`crate::sql`]); the
+//!   diff with the current members is applied set-based, then dependents
+//!   and (for rules that read time) every customer's next-change timer.
 //! * **Timers.** The platform timer queue holds, per (segment, customer)
 //!   (kind [`members::WINDOW`]), the instant `rules::next_change` says time
 //!   alone changes the answer; the queue fires each at that instant by the
@@ -285,18 +283,6 @@ impl Outcome {
     }
 }
 
-/// What a backfill applies: who enters and leaves at its instant, and who
-/// enters and leaves at the lock's instant (`late`: the customers a writer
-/// evaluated after the backfill's diff).
-#[derive(Debug, Default)]
-struct Settled {
-    entering: Vec<String>,
-    leaving: Vec<String>,
-    late_entering: Vec<String>,
-    late_leaving: Vec<String>,
-    late: BTreeSet<String>,
-}
-
 /// The engine; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Engine {
@@ -431,8 +417,6 @@ impl Engine {
         }
         let version = members::lock_version(txn).await?;
         let ids: Vec<String> = work.keys().cloned().collect();
-        // Evaluated now: a backfill whose diff was taken before looks again.
-        facts::stamp(txn, &ids, version).await?;
         let reg = self.registry(txn).await?;
         if reg.by_id.is_empty() {
             return Ok(out);
@@ -729,18 +713,6 @@ impl Engine {
             at: now,
             postgres: is_postgres(&rt.db),
         };
-        // The diff (the rule's query, the long part) outside the membership
-        // lock: subscribers, timers and edits go on meanwhile. Every writer
-        // committing after `seen` stamps the customers it evaluated above it.
-        let seen = members::version(&rt.read).await?;
-        let early = match self.registry(&rt.read).await?.get(id).cloned() {
-            Some(c) => Some((
-                c.version,
-                members::diff(&rt.read, id, compiler.select(&c.rule)).await?,
-            )),
-            None => None,
-        };
-        backfill_pause::point(backfill_pause::At::Diffed).await;
         let txn = rt.db.begin().await?;
         let version = members::lock_version(&txn).await?;
         let Some(seg) = segments::get(&txn, id).await? else {
@@ -750,23 +722,7 @@ impl Engine {
         let Some(c) = reg.get(id).cloned() else {
             return Err(Error::internal("segment missing from the registry"));
         };
-        // Customers a writer evaluated since the diff are decided at this
-        // instant (no earlier than that writer's), the others at `now`.
-        let later = clm_domain::clock::micros(rt.clock.now()).max(now);
-        let diff = match early {
-            Some((rule_version, diff)) if rule_version == c.version => {
-                self.settle_diff(&txn, &c, seen, diff, later).await?
-            }
-            // The rule changed since: diff again, under the lock.
-            _ => {
-                let (entering, leaving) = members::diff(&txn, id, compiler.select(&c.rule)).await?;
-                Settled {
-                    entering,
-                    leaving,
-                    ..Settled::default()
-                }
-            }
-        };
+        let (entering, leaving) = members::diff(&txn, id, compiler.select(&c.rule)).await?;
         self.set_progress(id, Some(0.5));
         let at_us = to_micros(now);
         let mut out = Outcome::default();
@@ -780,12 +736,8 @@ impl Engine {
         // each chunk's events appended as it goes (one transaction still).
         let member = Change::Member(c.name.clone());
         let cascades = !reg.affected(&member).is_empty();
-        for (ids, entered, at) in [
-            (&diff.leaving, false, now),
-            (&diff.entering, true, now),
-            (&diff.late_leaving, false, later),
-            (&diff.late_entering, true, later),
-        ] {
+        let at = now;
+        for (ids, entered) in [(&leaving, false), (&entering, true)] {
             for chunk in ids.chunks(BACKFILL_CHUNK) {
                 if entered {
                     members::enter(&txn, &stamped(chunk), to_micros(at), version).await?;
@@ -827,7 +779,6 @@ impl Engine {
                 let set: Vec<(String, String, i64)> = loaded
                     .iter()
                     .filter_map(|(cu, fs)| {
-                        let at = if diff.late.contains(cu) { later } else { now };
                         rules::next_change(&c.rule, fs, at)
                             .map(|t| (id.to_owned(), cu.clone(), to_micros(t)))
                     })
@@ -853,54 +804,6 @@ impl Engine {
         // (a new version) is left alone: its own backfill ends it.
         segments::set_state(&rt.db, id, seg.version, State::Ready, None, Some(at_us)).await?;
         Ok(())
-    }
-
-    /// A diff taken outside the membership lock (at membership version
-    /// `seen`), made exact under it: the customers stamped since (some
-    /// writer changed their facts or memberships) are evaluated again in
-    /// memory at `later` (the lock's instant: never before that writer's
-    /// evaluation); of the others, only those still members leave and
-    /// those still present and not members enter (an erasure, a merge or
-    /// another backfill of the segment may have acted on them). Each list
-    /// comes back in customer-id order.
-    async fn settle_diff(
-        &self,
-        txn: &impl ConnectionTrait,
-        c: &Compiled,
-        seen: i64,
-        (entering, leaving): (Vec<String>, Vec<String>),
-        later: DateTime<Utc>,
-    ) -> Result<Settled> {
-        let moved = facts::stamped_after(txn, seen).await?;
-        let moved_set: BTreeSet<&str> = moved.iter().map(String::as_str).collect();
-        let unmoved = |ids: Vec<String>| -> Vec<String> {
-            ids.into_iter()
-                .filter(|cu| !moved_set.contains(cu.as_str()))
-                .collect()
-        };
-        let mut out = Settled {
-            entering: members::still(txn, &c.id, &unmoved(entering), false).await?,
-            leaving: members::still(txn, &c.id, &unmoved(leaving), true).await?,
-            ..Settled::default()
-        };
-        let touches = Lookback::of([&c.rule]);
-        for chunk in moved.chunks(BACKFILL_CHUNK) {
-            let loaded = facts::load(txn, chunk, &touches, later).await?;
-            for cu in chunk {
-                // No profile row: in no segment (its memberships went with it).
-                let Some(fs) = loaded.get(cu) else { continue };
-                let now_in = rules::evaluate(&c.rule, fs, later);
-                match (now_in, fs.segments.contains(&c.name)) {
-                    (true, false) => out.late_entering.push(cu.clone()),
-                    (false, true) => out.late_leaving.push(cu.clone()),
-                    _ => {}
-                }
-            }
-        }
-        out.entering.sort_unstable();
-        out.leaving.sort_unstable();
-        out.late = moved.into_iter().collect();
-        Ok(out)
     }
 
     /// Evaluates `rule` now without saving: how many customers match and
@@ -1092,12 +995,10 @@ async fn model_score_names(rt: &Runtime) -> Option<BTreeMap<String, BTreeSet<Str
     }
 }
 
-/// Pause points for tests in a backfill: between its diff (taken outside
-/// the membership lock) and its lock ([`backfill_pause::At::Diffed`]), and
-/// after it wrote its changes, before its commit
-/// ([`backfill_pause::At::Written`]). A test holds backfills there to show
-/// what other writers do meanwhile. Unused, each costs one uncontended
-/// mutex per backfill.
+/// A pause point for tests in a backfill: after it wrote its changes,
+/// before its commit ([`backfill_pause::At::Written`]). A test holds
+/// backfills there to show what other writers do meanwhile. Unused, it
+/// costs one uncontended mutex per backfill.
 #[doc(hidden)]
 pub mod backfill_pause {
     use std::sync::{Arc, Mutex};
@@ -1106,8 +1007,6 @@ pub mod backfill_pause {
     /// Where a backfill is held.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum At {
-        /// After the diff, before the membership lock.
-        Diffed,
         /// Under the lock, changes written, before the commit.
         Written,
     }

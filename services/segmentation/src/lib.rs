@@ -36,14 +36,7 @@
 //!   (`segment.rule.any.rules[1].condition.compare.operand.count.window`).
 //! * Membership writers (subscriber batches, backfills, timers, deletes)
 //!   serialise on the `seg_meta` row: simple, correct on both backends, and
-//!   the source of the cache's commit-ordered versions. A backfill takes
-//!   its diff (the rule's query, its long part) before that lock, so the
-//!   others go on meanwhile; under the lock it evaluates again in memory,
-//!   at the lock's instant (never before that writer's), the customers a
-//!   writer stamped since (`fact_customers.evaluated_version`: every
-//!   evaluation stamps its customers with its version) and keeps of the
-//!   rest what still holds. Its writes, cascade and timers still run under
-//!   the lock.
+//!   the source of the cache's commit-ordered versions.
 //! * A backfill is one transaction (the diff, the dependents, the timers),
 //!   so a segment is never half-updated. It is a long-running operation
 //!   (kind `segmentation.backfill`, named by the segment's `operation`):

@@ -270,35 +270,6 @@ pub async fn lock_customers(db: &impl ConnectionTrait, ids: &[String]) -> Result
     Ok(())
 }
 
-/// Stamps `ids` as evaluated at membership `version` (in the transaction
-/// that evaluates them, under the membership lock).
-pub async fn stamp(db: &impl ConnectionTrait, ids: &[String], version: i64) -> Result<(), DbErr> {
-    for chunk in chunks(ids) {
-        let update = Query::update()
-            .table(FactCustomers)
-            .value(FC::EvaluatedVersion, version)
-            .and_where(customer_in(FC::CustomerId, chunk))
-            .to_owned();
-        db.execute(&update).await?;
-    }
-    Ok(())
-}
-
-/// The customers evaluated at a membership version above `version`, by id.
-pub async fn stamped_after(db: &impl ConnectionTrait, version: i64) -> Result<Vec<String>, DbErr> {
-    let q = Query::select()
-        .column(FC::CustomerId)
-        .from(FactCustomers)
-        .and_where(Expr::col(FC::EvaluatedVersion).gt(version))
-        .order_by(FC::CustomerId, sea_orm::Order::Asc)
-        .to_owned();
-    db.query_all(&q)
-        .await?
-        .iter()
-        .map(|r| r.try_get("", FC::CustomerId.as_str()))
-        .collect()
-}
-
 /// How `gone_customers` names a customer: a SHA-256 of its bare id, so
 /// the table remembers that a customer went without keeping its id.
 pub fn gone_hash(id: &str) -> String {

@@ -330,40 +330,6 @@ pub async fn diff(
     ))
 }
 
-/// Of `ids`, those that are members of `segment` (`member`) or, with a
-/// profile row, are not (`!member`): a diff taken before the membership
-/// lock, kept to what still holds under it.
-pub async fn still(
-    db: &impl ConnectionTrait,
-    segment: &str,
-    ids: &[String],
-    member: bool,
-) -> Result<Vec<String>, DbErr> {
-    let mut out = Vec::with_capacity(ids.len());
-    for chunk in chunks(ids) {
-        let members = Query::select()
-            .column(M::CustomerId)
-            .from(Members)
-            .and_where(Expr::col(M::SegmentId).eq(segment))
-            .and_where(Expr::col(M::CustomerId).is_in(chunk.iter().cloned()))
-            .to_owned();
-        let q = if member {
-            members
-        } else {
-            Query::select()
-                .column(FC::CustomerId)
-                .from(FactCustomers)
-                .and_where(Expr::col(FC::CustomerId).is_in(chunk.iter().cloned()))
-                .and_where(Expr::col(FC::CustomerId).not_in_subquery(members))
-                .to_owned()
-        };
-        for r in db.query_all(&q).await? {
-            out.push(r.try_get_by_index::<String>(0)?);
-        }
-    }
-    Ok(out)
-}
-
 /// Members of any of `ids` (customers), as pairs.
 pub async fn of_customers(db: &impl ConnectionTrait, ids: &[String]) -> Result<Vec<Pair>, DbErr> {
     let mut out = Vec::new();

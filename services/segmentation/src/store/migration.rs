@@ -26,10 +26,6 @@
 //!   (`member_history.exit_membership_version`) and indexes on the entry's
 //!   (`members.version`) and the exit's: a backfill writes the cache after
 //!   its commit by reading back, in chunks, the rows its versions wrote.
-//!   `fact_customers.evaluated_version`: the membership version of the
-//!   last transaction that evaluated the customer (so changed its facts or
-//!   memberships): a backfill whose diff ran outside the membership lock
-//!   evaluates again, under the lock, only the customers stamped since.
 //!
 //! On PostgreSQL the fact text columns use the `C` collation, so string
 //! order is byte order, as in the rule language and SQLite.
@@ -617,9 +613,7 @@ impl MigrationTrait for ScoreCurves {
 }
 
 /// The membership version of each exit, and indexes on both versions (a
-/// backfill reads its changes back by version to write the cache); the
-/// version that last evaluated each customer (a backfill's check of its
-/// diff under the lock).
+/// backfill reads its changes back by version to write the cache).
 struct MembershipVersionIndexes;
 
 impl MigrationName for MembershipVersionIndexes {
@@ -631,18 +625,11 @@ impl MigrationName for MembershipVersionIndexes {
 #[async_trait::async_trait]
 impl MigrationTrait for MembershipVersionIndexes {
     async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
-        for stmt in [
-            "ALTER TABLE member_history ADD COLUMN exit_membership_version BIGINT NULL",
-            "ALTER TABLE fact_customers ADD COLUMN evaluated_version BIGINT NOT NULL DEFAULT 0",
-        ] {
-            m.get_connection().execute_unprepared(stmt).await?;
-        }
-        m.create_index(index(
-            "fact_customers_evaluated_version",
-            "fact_customers",
-            &["evaluated_version"],
-        ))
-        .await?;
+        m.get_connection()
+            .execute_unprepared(
+                "ALTER TABLE member_history ADD COLUMN exit_membership_version BIGINT NULL",
+            )
+            .await?;
         m.create_index(index("members_version", "members", &["version"]))
             .await?;
         m.create_index(index(

@@ -27,9 +27,6 @@ pub struct Model {
     pub stage: Option<i16>,
     /// When the stage was entered (µs).
     pub stage_us: Option<i64>,
-    /// Membership version of the last transaction that evaluated the
-    /// customer (changed its facts or memberships).
-    pub evaluated_version: i64,
     /// Scoring grade.
     pub grade: Option<String>,
     /// Last NPS answer.
