@@ -162,20 +162,7 @@ async fn check(db: &DatabaseConnection, c: &mut Client, step: &str) -> Vec<Strin
     settle(c).await;
     let kept = rollup_rows(db).await;
     let reported = reports(c).await;
-    for t in clm_customer::store::activity::TABLES {
-        db.execute_unprepared(&format!("DELETE FROM {t}"))
-            .await
-            .unwrap();
-    }
-    for sql in clm_customer::store::activity::rebuild_sql(None) {
-        db.execute_unprepared(&sql).await.unwrap();
-    }
-    db.execute_unprepared("DELETE FROM move_paths")
-        .await
-        .unwrap();
-    db.execute_unprepared(&clm_customer::store::journeys::fill_sql(None))
-        .await
-        .unwrap();
+    rebuild_projection(db).await;
     assert_eq!(kept, rollup_rows(db).await, "rollups after {step}");
     let wrong = db
         .query_one_raw(Statement::from_string(

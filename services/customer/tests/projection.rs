@@ -75,20 +75,7 @@ async fn projected(db: &DatabaseConnection) -> Vec<String> {
 /// The projected rows equal a rebuild from the raw tables.
 async fn assert_equal_to_rebuild(db: &DatabaseConnection, step: &str) {
     let kept = projected(db).await;
-    for t in clm_customer::store::activity::TABLES {
-        db.execute_unprepared(&format!("DELETE FROM {t}"))
-            .await
-            .unwrap();
-    }
-    for sql in clm_customer::store::activity::rebuild_sql(None) {
-        db.execute_unprepared(&sql).await.unwrap();
-    }
-    db.execute_unprepared("DELETE FROM move_paths")
-        .await
-        .unwrap();
-    db.execute_unprepared(&clm_customer::store::journeys::fill_sql(None))
-        .await
-        .unwrap();
+    rebuild_projection(db).await;
     assert_eq!(kept, projected(db).await, "projection after {step}");
 }
 

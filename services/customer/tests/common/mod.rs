@@ -270,3 +270,24 @@ pub async fn settle(c: &mut Client) -> i64 {
     assert!(f.fresh_position >= head, "{f:?} after waiting for {head}");
     head
 }
+
+/// Rebuilds the report projection (KPI rollups and journey rows) from the
+/// raw tables, as the rollup migrations do: what a test compares the kept
+/// projection with.
+pub async fn rebuild_projection(db: &sea_orm::DatabaseConnection) {
+    use sea_orm::ConnectionTrait;
+    for t in clm_customer::store::activity::TABLES {
+        db.execute_unprepared(&format!("DELETE FROM {t}"))
+            .await
+            .unwrap();
+    }
+    for sql in clm_customer::store::activity::rebuild_sql(None) {
+        db.execute_unprepared(&sql).await.unwrap();
+    }
+    db.execute_unprepared("DELETE FROM move_paths")
+        .await
+        .unwrap();
+    db.execute_unprepared(&clm_customer::store::journeys::fill_sql(None))
+        .await
+        .unwrap();
+}
