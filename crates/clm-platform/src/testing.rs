@@ -469,8 +469,9 @@ where
 }
 
 /// Samples, every 2 ms until [`LockWaits::stop`], the statements of a
-/// PostgreSQL database that wait for a lock (`pg_stat_activity`): what a
-/// test asserts when writers must not queue on each other's row locks.
+/// PostgreSQL database that wait for a lock (`pg_stat_activity`), other
+/// than the relation-extension lock: what a test asserts when writers must
+/// not queue on each other's row locks.
 /// On SQLite (one writer) it samples nothing.
 #[derive(Debug)]
 pub struct LockWaits {
@@ -491,8 +492,12 @@ impl LockWaits {
             let db = Database::connect(&url)
                 .await
                 .expect("connect to sample locks");
-            let sql = "SELECT query FROM pg_stat_activity WHERE datname = current_database() \
-                       AND wait_event_type = 'Lock'";
+            // `extend` is the relation-extension lock: concurrent inserts
+            // into one table take turns adding its pages. It is held for a
+            // page write, not a transaction, and is no row lock to queue on.
+            let sql = "SELECT wait_event || ': ' || query AS query FROM pg_stat_activity \
+                       WHERE datname = current_database() \
+                       AND wait_event_type = 'Lock' AND wait_event <> 'extend'";
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 let rows = db
                     .query_all_raw(Statement::from_string(DbBackend::Postgres, sql))
@@ -509,7 +514,8 @@ impl LockWaits {
         Self { stop, task }
     }
 
-    /// Stops sampling and returns every statement seen waiting for a lock.
+    /// Stops sampling and returns every statement seen waiting for a lock,
+    /// each after the lock it waited for (`tuple: UPDATE ...`).
     pub async fn stop(self) -> std::collections::BTreeSet<String> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.task.await.expect("lock sampler")
