@@ -280,6 +280,18 @@ pub trait OnBatch<M>: Send + Sync + 'static {
     -> Result<(), Error>;
 }
 
+/// Runs first in each batch's transaction, with every event of the batch,
+/// before any handler: where a service takes, in one order for the whole
+/// batch, the locks its handlers would otherwise take one run at a time
+/// (a later run taking a lock after an earlier run took another is how
+/// two batches deadlock). Registered with [`Handlers::first`].
+#[async_trait::async_trait]
+pub trait BatchStart: Send + Sync + 'static {
+    /// Prepares `cx` for `events` (in stream order). Errors behave as for
+    /// [`On::on`].
+    async fn start(&self, cx: &mut Apply, events: &[ChangeEvent]) -> Result<(), Error>;
+}
+
 #[async_trait::async_trait]
 trait Dispatch: Send + Sync {
     /// Applies `events`, all of this dispatcher's type.
@@ -339,6 +351,7 @@ where
 #[derive(Clone, Default)]
 pub struct Handlers {
     by_type: BTreeMap<String, Arc<dyn Dispatch>>,
+    first: Option<Arc<dyn BatchStart>>,
     /// Types whose batches may be split by subject
     /// ([`Handlers::on_batch_partitioned`]).
     partitioned: std::collections::BTreeSet<String>,
@@ -416,6 +429,13 @@ impl Handlers {
         })
     }
 
+    /// Runs `start` first in every batch's transaction ([`BatchStart`]).
+    #[must_use]
+    pub fn first(mut self, start: Arc<dyn BatchStart>) -> Self {
+        self.first = Some(start);
+        self
+    }
+
     /// The event types handled.
     pub fn event_types(&self) -> Vec<String> {
         self.by_type.keys().cloned().collect()
@@ -423,6 +443,9 @@ impl Handlers {
 
     /// Applies `events` in stream order, each run of one type with its handler.
     async fn dispatch(&self, cx: &mut Apply, events: &[ChangeEvent]) -> Result<(), Error> {
+        if let Some(start) = &self.first {
+            start.start(cx, events).await?;
+        }
         let mut rest = events;
         while let Some(first) = rest.first() {
             let run = rest

@@ -32,6 +32,36 @@ pub fn customer_handlers(engine: Engine) -> Handlers {
         .on_batch::<cpb::ConsentChanged, _>(h.clone())
         .on::<cpb::CustomersMerged, _>(h.clone())
         .on::<cpb::CustomerErased, _>(h)
+        .first(Arc::new(LockArrivals))
+}
+
+/// First in each customer-stream batch: takes the per-customer lock
+/// ([`facts::lock_customers`]) of every customer whose profile the batch
+/// writes. A score of a customer whose profile row is not committed yet
+/// is kept without an evaluation (`set_scores` sees no row); with the
+/// lock, the two wait for each other and whichever commits second
+/// evaluates with both (without it, such a score was never evaluated:
+/// the customer stayed out of a segment the score put them in). Taken for
+/// the whole batch before any handler, so never after the membership lock
+/// an earlier run of the batch took.
+struct LockArrivals;
+
+#[async_trait::async_trait]
+impl clm_platform::changes::BatchStart for LockArrivals {
+    async fn start(&self, cx: &mut Apply, events: &[ChangeEvent]) -> Result<(), Error> {
+        use prost::Name;
+        let profiles = [
+            cpb::CustomerCreated::full_name(),
+            cpb::CustomerUpdated::full_name(),
+        ];
+        let ids: Vec<String> = events
+            .iter()
+            .filter(|e| profiles.contains(&e.event_type))
+            .filter_map(|e| bare(&e.subject))
+            .collect();
+        facts::lock_customers(cx.txn(), &ids).await?;
+        Ok(())
+    }
 }
 
 /// Handlers of the scoring stream: each `ScoreChanged` sets the
@@ -285,6 +315,7 @@ impl CustomerFacts {
         events: Vec<&ChangeEvent>,
         rows: Vec<Profile>,
     ) -> Result<()> {
+        // The customers' locks are held already (`LockArrivals`).
         facts::upsert_profiles(cx.txn(), &rows).await?;
         let work = rows
             .iter()
