@@ -7,9 +7,12 @@
 //!   `rules::reads`) yields the only segments that can be affected, which
 //!   are evaluated in memory (`rules::evaluate`) for that customer only, in
 //!   dependency order so `in_segment` sees the new membership.
-//! * **Backfill.** A rule compiles to one SQL query ([`crate::sql`]); the
-//!   diff with the current members is applied set-based, then dependents
-//!   and (for rules that read time) every customer's next-change timer.
+//! * **Backfill.** A rule compiles to one SQL query ([`crate::sql`]); its
+//!   diff with the current members is taken without the membership lock
+//!   (the evaluations meanwhile record whom they decide) and applied
+//!   set-based under it, less those decided since, then dependents and
+//!   (for rules that read time) every customer's next-change timer, a
+//!   chunk per transaction (see [`Engine::backfill`]).
 //! * **Timers.** The platform timer queue holds, per (segment, customer)
 //!   (kind [`members::WINDOW`]), the instant `rules::next_change` says time
 //!   alone changes the answer; the queue fires each at that instant by the
@@ -26,11 +29,12 @@ use crate::catalog;
 use crate::convert::{self, Live};
 use crate::lookback::Lookback;
 use crate::sql::Compiler;
+use crate::store::backfill_diffs;
 use crate::store::facts;
 use crate::store::members::{self, Stamped};
 use crate::store::segments::{self, State};
 use chrono::{DateTime, Utc};
-use clm_domain::rules::{self, Fact, FactSet, Rule};
+use clm_domain::rules::{self, Fact, Rule};
 use clm_domain::touchpoint::TouchpointKind;
 use clm_platform::cache::SetWrite;
 use clm_platform::changes::Apply;
@@ -119,6 +123,9 @@ pub struct Compiled {
     pub timed: bool,
     /// Depth in the `in_segment` graph (segments it names come first).
     pub rank: usize,
+    /// Whether its backfill is computing a diff outside the lock: each
+    /// evaluation then records whom it decided (`store::backfill_diffs`).
+    pub diffing: bool,
 }
 
 /// Every segment's compiled rule, indexed by the facts they read.
@@ -132,7 +139,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    fn build(generation: i64, rows: Vec<segments::Segment>) -> Self {
+    fn build(generation: i64, rows: Vec<segments::Segment>, diffing: &BTreeSet<String>) -> Self {
         let mut parsed = BTreeMap::new();
         for s in rows {
             match rules::parse(&s.rule_text) {
@@ -195,6 +202,7 @@ impl Registry {
                 rule,
                 version: s.version,
                 reads,
+                diffing: diffing.contains(&id),
             };
             reg.by_id.insert(id, Arc::new(compiled));
         }
@@ -348,7 +356,11 @@ impl Engine {
                 return Ok(cached.clone());
             }
         }
-        let reg = Arc::new(Registry::build(generation, segments::all(db).await?));
+        let reg = Arc::new(Registry::build(
+            generation,
+            segments::all(db).await?,
+            &backfill_diffs::diffing(db).await?,
+        ));
         *self
             .inner
             .registry
@@ -428,6 +440,7 @@ impl Engine {
         let mut exited: Vec<Stamped> = Vec::new();
         let mut timers_set = Vec::new();
         let mut timers_cleared = Vec::new();
+        let mut decided_for_diffs = Vec::new();
         for (customer, changes) in work {
             let Some(fs) = facts.get_mut(customer) else {
                 continue;
@@ -452,6 +465,9 @@ impl Engine {
                     continue;
                 }
                 let Some(c) = reg.get(&id) else { continue };
+                if c.diffing {
+                    decided_for_diffs.push((id.clone(), customer.clone()));
+                }
                 let now_in = rules::evaluate(&c.rule, fs, at);
                 let was_in = fs.segments.contains(&c.name);
                 if now_in != was_in {
@@ -491,6 +507,7 @@ impl Engine {
         members::exit(txn, &exited, at_us, version).await?;
         members::enter(txn, &entered, at_us, version).await?;
         members::set_timers(txn, &timers_set, &timers_cleared).await?;
+        backfill_diffs::mark_seen(txn, &decided_for_diffs, version).await?;
         out.timers_set = !timers_set.is_empty();
         Ok(out)
     }
@@ -549,11 +566,10 @@ impl Engine {
     }
 
     /// The runner of backfill operations (registered in the descriptor):
-    /// one replica runs each, another resumes it if that one dies. The
-    /// backfill is one transaction; while it runs, its progress is written
-    /// to the operation every [`PROGRESS_EVERY`] (on SQLite, whose one
-    /// writer the backfill holds, once it has committed), and the segment's
-    /// `backfill_progress` on the running replica is exact.
+    /// one replica runs each, another resumes it if that one dies (a
+    /// resumed backfill starts over: its diff is then empty). While it runs,
+    /// its progress is written to the operation every [`PROGRESS_EVERY`],
+    /// and the segment's `backfill_progress` on the running replica is exact.
     pub fn runner(&self) -> operations::Runner {
         let engine = self.clone();
         Arc::new(move |_, op, cancel| {
@@ -574,8 +590,8 @@ impl Engine {
             .and_then(|m| pb::BackfillSegmentMetadata::decode(m.value.as_slice()).ok())
             .ok_or_else(|| Error::internal(format!("{}: unreadable metadata", op.name)))?;
         let id = meta.segment.trim_start_matches("segments/").to_owned();
-        // A cancel before the one transaction starts stops it here; after,
-        // the transaction finishes (it is never half applied).
+        // A cancel before it starts stops it here; after, it finishes (its
+        // diff is applied in one transaction, never half).
         if cancel.is_cancelled() {
             return Err(Error::Cancelled("backfill cancelled".into()));
         }
@@ -706,6 +722,20 @@ impl Engine {
         Ok(())
     }
 
+    /// Backfills segment `id` in three steps, none holding the membership
+    /// lock for longer than a chunk:
+    ///
+    /// 1. **Diff, no lock.** A short transaction under the lock marks the
+    ///    segment as diffing after membership version `since`; then one
+    ///    query per side finds who enters and who leaves, while the
+    ///    subscribers and timers go on (each evaluation of the segment
+    ///    records whom it decided: `store::backfill_diffs`).
+    /// 2. **Apply, under the lock.** The diff less those decided since,
+    ///    gone since or already moved, chunk by chunk with their events and
+    ///    cascade; the mark ends; the cache is written back after.
+    /// 3. **Timers** (rules that read time): every customer is evaluated
+    ///    again, a chunk per transaction, which sets each next-change timer
+    ///    and corrects a window that expired since the diff.
     async fn backfill(&self, id: &str) -> Result<()> {
         let rt = &self.inner.rt;
         let now = clm_domain::clock::micros(rt.clock.now());
@@ -714,16 +744,29 @@ impl Engine {
             postgres: is_postgres(&rt.db),
         };
         let txn = rt.db.begin().await?;
-        let version = members::lock_version(&txn).await?;
+        let since = members::lock_version(&txn).await?;
         let Some(seg) = segments::get(&txn, id).await? else {
             return Ok(());
         };
-        let reg = self.registry(&txn).await?;
+        backfill_diffs::start(&txn, id, since).await?;
+        // Every replica's registry learns the segment is diffing.
+        members::bump_generation(&txn).await?;
+        txn.commit().await?;
+        let reg = self.registry(&rt.db).await?;
         let Some(c) = reg.get(id).cloned() else {
             return Err(Error::internal("segment missing from the registry"));
         };
-        let (entering, leaving) = members::diff(&txn, id, compiler.select(&c.rule)).await?;
+        let (entering, leaving) = members::diff(&rt.db, id, compiler.select(&c.rule)).await?;
         self.set_progress(id, Some(0.5));
+        backfill_pause::point(backfill_pause::At::Diffed).await;
+
+        let txn = rt.db.begin().await?;
+        let version = members::lock_version(&txn).await?;
+        match segments::get(&txn, id).await? {
+            Some(s) if s.version == seg.version => {}
+            // Edited since (its own backfill runs) or deleted: nothing to do.
+            _ => return Ok(()),
+        }
         let at_us = to_micros(now);
         let mut out = Outcome::default();
         let backfill = pb::MembershipReason::Backfill;
@@ -735,17 +778,26 @@ impl Engine {
         // Bounded steps: members, events and the cascade go chunk by chunk,
         // each chunk's events appended as it goes (one transaction still).
         let member = Change::Member(c.name.clone());
-        let cascades = !reg.affected(&member).is_empty();
+        let cascades = !self.registry(&txn).await?.affected(&member).is_empty();
         let at = now;
         for (ids, entered) in [(&leaving, false), (&entering, true)] {
             for chunk in ids.chunks(BACKFILL_CHUNK) {
-                if entered {
-                    members::enter(&txn, &stamped(chunk), to_micros(at), version).await?;
+                let (enter, exit) = if entered {
+                    backfill_diffs::still_to_apply(&txn, id, chunk, &[]).await?
                 } else {
-                    members::exit(&txn, &stamped(chunk), to_micros(at), version).await?;
+                    backfill_diffs::still_to_apply(&txn, id, &[], chunk).await?
+                };
+                let chunk = if entered { enter } else { exit };
+                if chunk.is_empty() {
+                    continue;
+                }
+                if entered {
+                    members::enter(&txn, &stamped(&chunk), to_micros(at), version).await?;
+                } else {
+                    members::exit(&txn, &stamped(&chunk), to_micros(at), version).await?;
                 }
                 let mut part = Outcome::default();
-                for cu in chunk {
+                for cu in &chunk {
                     part.record(&c, cu, entered, at, version, backfill);
                 }
                 // Only when another segment reads this one's membership.
@@ -763,33 +815,12 @@ impl Engine {
                 out.timers_set |= part.timers_set;
             }
         }
-        members::clear_timers(&txn, id).await?;
-        if c.timed {
-            let touches = Lookback::of([&c.rule]);
-            let total = members::customer_count(&txn).await?.max(1) as f64;
-            let mut done = 0usize;
-            let mut after: Option<String> = None;
-            loop {
-                let ids = members::customers_after(&txn, after.as_deref(), TIMER_CHUNK).await?;
-                let Some(last) = ids.last().cloned() else {
-                    break;
-                };
-                let loaded: HashMap<String, FactSet> =
-                    facts::load(&txn, &ids, &touches, now).await?;
-                let set: Vec<(String, String, i64)> = loaded
-                    .iter()
-                    .filter_map(|(cu, fs)| {
-                        rules::next_change(&c.rule, fs, at)
-                            .map(|t| (id.to_owned(), cu.clone(), to_micros(t)))
-                    })
-                    .collect();
-                out.timers_set |= !set.is_empty();
-                members::set_timers(&txn, &set, &[]).await?;
-                done += ids.len();
-                self.set_progress(id, Some(0.5 + 0.5 * (done as f64 / total).min(1.0)));
-                after = Some(last);
-            }
+        if !c.timed {
+            // An earlier rule's timers (step 3 rewrites a timed rule's).
+            members::clear_timers(&txn, id).await?;
         }
+        backfill_diffs::finish(&txn, id).await?;
+        members::bump_generation(&txn).await?;
         // Every version from the first to this one is the backfill's (the
         // cascade takes one per chunk), all under the membership lock.
         let written = version..=members::version(&txn).await?;
@@ -797,12 +828,45 @@ impl Engine {
         rt.outbox.commit(txn).await?;
         self.after_commit(out).await;
         cache::write_back(rt, written, BACKFILL_CHUNK as u64).await;
+        if c.timed {
+            self.evaluate_everyone(id).await?;
+        }
         // READY once the cache holds the changes too, so a caller who saw
         // READY reads the new membership from IsMember. A crash before this
         // leaves the segment BACKFILLING: its operation is resumed and the
         // backfill runs again (an empty diff) and ends here. An edit since
         // (a new version) is left alone: its own backfill ends it.
         segments::set_state(&rt.db, id, seg.version, State::Ready, None, Some(at_us)).await?;
+        Ok(())
+    }
+
+    /// Evaluates segment `id` for every customer, [`TIMER_CHUNK`] of them
+    /// per transaction (a backfill's step 3): sets each one's next-change
+    /// timer and applies what changed since the diff.
+    async fn evaluate_everyone(&self, id: &str) -> Result<()> {
+        let rt = &self.inner.rt;
+        let total = members::customer_count(&rt.db).await?.max(1) as f64;
+        let mut done = 0usize;
+        let mut after: Option<String> = None;
+        loop {
+            let ids = members::customers_after(&rt.db, after.as_deref(), TIMER_CHUNK).await?;
+            let Some(last) = ids.last().cloned() else {
+                break;
+            };
+            let work: BTreeMap<String, Vec<Change>> = ids
+                .iter()
+                .map(|cu| (cu.clone(), vec![Change::Only(id.to_owned())]))
+                .collect();
+            let at = rt.clock.now();
+            let txn = rt.db.begin().await?;
+            let out = self.evaluate(&txn, &work, at).await?;
+            rt.outbox.append(&txn, &out.events, at).await?;
+            rt.outbox.commit(txn).await?;
+            self.after_commit(out).await;
+            done += ids.len();
+            self.set_progress(id, Some(0.5 + 0.5 * (done as f64 / total).min(1.0)));
+            after = Some(last);
+        }
         Ok(())
     }
 
@@ -1007,6 +1071,8 @@ pub mod backfill_pause {
     /// Where a backfill is held.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum At {
+        /// The diff taken (no lock held), before applying it.
+        Diffed,
         /// Under the lock, changes written, before the commit.
         Written,
     }

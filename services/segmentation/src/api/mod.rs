@@ -503,6 +503,7 @@ impl SegmentationApi {
             let before = edit::audit_view(txn, &row).await?;
             audit::record(txn, crate::SERVICE, now, Change::delete(&name, &before)).await?;
             members::delete_segment(txn, &id).await?;
+            crate::store::backfill_diffs::finish(txn, &id).await?;
             stored_objectives::delete_segment(txn, &id).await?;
             history::delete_segment(txn, &id).await?;
             change_requests::delete_segment(txn, &id).await?;

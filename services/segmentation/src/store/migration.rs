@@ -27,6 +27,11 @@
 //!   (`members.version`) and the exit's: a backfill writes the cache after
 //!   its commit by reading back, in chunks, the rows its versions wrote.
 //!
+//! * `m0008`: `backfill_diffs` and `backfill_seen`: a backfill computes
+//!   its diff outside the membership lock, and the evaluations that
+//!   decide its segment meanwhile record whom they decided, so the
+//!   backfill, applying its diff under the lock, leaves those alone.
+//!
 //! On PostgreSQL the fact text columns use the `C` collation, so string
 //! order is byte order, as in the rule language and SQLite.
 
@@ -46,6 +51,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(SegmentAccountability));
         m.push(Box::new(ScoreCurves));
         m.push(Box::new(MembershipVersionIndexes));
+        m.push(Box::new(BackfillDiffs));
         m
     }
 }
@@ -637,6 +643,48 @@ impl MigrationTrait for MembershipVersionIndexes {
             "member_history",
             &["exit_membership_version"],
         ))
+        .await?;
+        Ok(())
+    }
+}
+
+/// The backfills computing their diff outside the membership lock, and the
+/// customers evaluations decided meanwhile.
+struct BackfillDiffs;
+
+impl MigrationName for BackfillDiffs {
+    fn name(&self) -> &str {
+        "m0008_backfill_diffs"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for BackfillDiffs {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(a("backfill_diffs"))
+                .if_not_exists()
+                .col(
+                    ColumnDef::new(a("segment_id"))
+                        .string()
+                        .not_null()
+                        .primary_key(),
+                )
+                .col(ColumnDef::new(a("since_version")).big_integer().not_null())
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(a("backfill_seen"))
+                .if_not_exists()
+                .col(ColumnDef::new(a("segment_id")).string().not_null())
+                .col(ColumnDef::new(a("customer_id")).string().not_null())
+                .col(ColumnDef::new(a("version")).big_integer().not_null())
+                .primary_key(&mut pk("backfill_seen", &["segment_id", "customer_id"]))
+                .to_owned(),
+        )
         .await?;
         Ok(())
     }

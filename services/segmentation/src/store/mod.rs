@@ -2,10 +2,12 @@
 //! and SQLite and is set-based (one statement per batch, never a query per
 //! row): [`segments`] (sea-orm entities), [`facts`] (the projection of the
 //! customer stream), [`members`] (membership, history, timers),
+//! [`backfill_diffs`] (a backfill's diff taken outside the lock),
 //! [`history`] (membership history, daily sizes), [`metrics`] (what
 //! objectives measure), [`objectives`], [`change_requests`]; every
 //! table and column is named through [`entity`].
 
+pub mod backfill_diffs;
 pub mod change_requests;
 pub mod entity;
 pub mod facts;

@@ -2,6 +2,8 @@
 //! fact and membership tables whose hot-path SQL names its tables and
 //! columns through them (`members::Column::CustomerId`), never strings.
 
+pub mod backfill_diffs;
+pub mod backfill_seen;
 pub mod fact_attributes;
 pub mod fact_consents;
 pub mod fact_customers;
