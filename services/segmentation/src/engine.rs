@@ -731,8 +731,10 @@ impl Engine {
     ///    subscribers and timers go on (each evaluation of the segment
     ///    records whom it decided: `store::backfill_diffs`).
     /// 2. **Apply, under the lock.** The diff less those decided since,
-    ///    gone since or already moved, chunk by chunk with their events and
-    ///    cascade; the mark ends; the cache is written back after.
+    ///    gone since or already moved, a transaction per chunk with its
+    ///    events and cascade, its cache writes read back after its commit;
+    ///    then the mark ends. A segment edited or deleted since stops here
+    ///    (an edit's own backfill runs).
     /// 3. **Timers** (rules that read time): every customer is evaluated
     ///    again, a chunk per transaction, which sets each next-change timer
     ///    and corrects a window that expired since the diff.
@@ -759,75 +761,76 @@ impl Engine {
         let (entering, leaving) = members::diff(&rt.db, id, compiler.select(&c.rule)).await?;
         self.set_progress(id, Some(0.5));
         backfill_pause::point(backfill_pause::At::Diffed).await;
-
-        let txn = rt.db.begin().await?;
-        let version = members::lock_version(&txn).await?;
-        match segments::get(&txn, id).await? {
-            Some(s) if s.version == seg.version => {}
-            // Edited since (its own backfill runs) or deleted: nothing to do.
-            _ => return Ok(()),
-        }
         let at_us = to_micros(now);
-        let mut out = Outcome::default();
         let backfill = pb::MembershipReason::Backfill;
         let stamped = |ids: &[String]| -> Vec<Stamped> {
             ids.iter()
                 .map(|cu| ((id.to_owned(), cu.clone()), c.version, backfill as i16))
                 .collect()
         };
-        // Bounded steps: members, events and the cascade go chunk by chunk,
-        // each chunk's events appended as it goes (one transaction still).
         let member = Change::Member(c.name.clone());
-        let cascades = !self.registry(&txn).await?.affected(&member).is_empty();
+        // Only when another segment reads this one's membership.
+        let cascades = !reg.affected(&member).is_empty();
         let at = now;
+        // A transaction per chunk: the lock is held for one chunk's
+        // members, events and cascade, its cache writes read back after.
         for (ids, entered) in [(&leaving, false), (&entering, true)] {
             for chunk in ids.chunks(BACKFILL_CHUNK) {
+                let txn = rt.db.begin().await?;
+                let version = members::lock_version(&txn).await?;
+                if !still_version(&txn, id, seg.version).await? {
+                    return Ok(());
+                }
                 let (enter, exit) = if entered {
                     backfill_diffs::still_to_apply(&txn, id, chunk, &[]).await?
                 } else {
                     backfill_diffs::still_to_apply(&txn, id, &[], chunk).await?
                 };
                 let chunk = if entered { enter } else { exit };
-                if chunk.is_empty() {
-                    continue;
-                }
                 if entered {
-                    members::enter(&txn, &stamped(&chunk), to_micros(at), version).await?;
+                    members::enter(&txn, &stamped(&chunk), at_us, version).await?;
                 } else {
-                    members::exit(&txn, &stamped(&chunk), to_micros(at), version).await?;
+                    members::exit(&txn, &stamped(&chunk), at_us, version).await?;
                 }
-                let mut part = Outcome::default();
+                let mut out = Outcome::default();
                 for cu in &chunk {
-                    part.record(&c, cu, entered, at, version, backfill);
+                    out.record(&c, cu, entered, at, version, backfill);
                 }
-                // Only when another segment reads this one's membership.
-                if cascades {
+                if cascades && !chunk.is_empty() {
                     let dependents: BTreeMap<String, Vec<Change>> = chunk
                         .iter()
                         .map(|cu| (cu.clone(), vec![member.clone()]))
                         .collect();
                     let cascade = self.evaluate(&txn, &dependents, at).await?;
-                    part.events.extend(cascade.events);
-                    part.timers_set |= cascade.timers_set;
+                    out.events.extend(cascade.events);
+                    out.timers_set |= cascade.timers_set;
                 }
-                rt.outbox.append(&txn, &part.events, at).await?;
-                // The cache writes are read back after the commit.
-                out.timers_set |= part.timers_set;
+                rt.outbox.append(&txn, &out.events, at).await?;
+                // Every version from the first to this one is this chunk's
+                // (the cascade takes its own), all under the lock.
+                let written = version..=members::version(&txn).await?;
+                backfill_pause::point(backfill_pause::At::Written).await;
+                rt.outbox.commit(txn).await?;
+                self.after_commit(Outcome {
+                    timers_set: out.timers_set,
+                    ..Outcome::default()
+                })
+                .await;
+                cache::write_back(rt, written, BACKFILL_CHUNK as u64).await;
             }
         }
+        let txn = rt.db.begin().await?;
+        members::lock_version(&txn).await?;
+        if !still_version(&txn, id, seg.version).await? {
+            return Ok(());
+        }
         if !c.timed {
-            // An earlier rule's timers (step 3 rewrites a timed rule's).
+            // An earlier rule's timers (a timed rule's are rewritten below).
             members::clear_timers(&txn, id).await?;
         }
         backfill_diffs::finish(&txn, id).await?;
         members::bump_generation(&txn).await?;
-        // Every version from the first to this one is the backfill's (the
-        // cascade takes one per chunk), all under the membership lock.
-        let written = version..=members::version(&txn).await?;
-        backfill_pause::point(backfill_pause::At::Written).await;
-        rt.outbox.commit(txn).await?;
-        self.after_commit(out).await;
-        cache::write_back(rt, written, BACKFILL_CHUNK as u64).await;
+        txn.commit().await?;
         if c.timed {
             self.evaluate_everyone(id).await?;
         }
@@ -948,6 +951,14 @@ impl Engine {
         }
         rt.operations.wake();
     }
+}
+
+/// Whether segment `id` still has rule version `version` (read under the
+/// membership lock, which edits and deletions take too).
+async fn still_version(txn: &impl ConnectionTrait, id: &str, version: i64) -> Result<bool> {
+    Ok(segments::get(txn, id)
+        .await?
+        .is_some_and(|s| s.version == version))
 }
 
 /// Fires time-window timers ([`members::WINDOW`]): each due (segment,
