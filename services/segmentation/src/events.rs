@@ -32,34 +32,28 @@ pub fn customer_handlers(engine: Engine) -> Handlers {
         .on_batch::<cpb::ConsentChanged, _>(h.clone())
         .on::<cpb::CustomersMerged, _>(h.clone())
         .on::<cpb::CustomerErased, _>(h)
-        .first(Arc::new(LockArrivals))
+        .first(Arc::new(MembershipFirst))
 }
 
-/// First in each customer-stream batch: takes the per-customer lock
-/// ([`facts::lock_customers`]) of every customer whose profile the batch
-/// writes. A score of a customer whose profile row is not committed yet
-/// is kept without an evaluation (`set_scores` sees no row); with the
-/// lock, the two wait for each other and whichever commits second
-/// evaluates with both (without it, such a score was never evaluated:
-/// the customer stayed out of a segment the score put them in). Taken for
-/// the whole batch before any handler, so never after the membership lock
-/// an earlier run of the batch took.
-struct LockArrivals;
+/// First in each batch of every followed stream: the membership lock
+/// ([`members::lock_membership`]), before any fact row. Every
+/// segmentation writer of fact or membership rows takes it first (these
+/// batches, timers, a backfill's chunks), so none waits for another in a
+/// cycle: before,
+/// a batch of several event types took it in its first run's evaluation
+/// and wrote fact rows in the next, while another batch held such a row
+/// and waited for the lock (PostgreSQL's log showed the deadlocks). It
+/// also orders a customer's profile and score that arrive together on
+/// two streams: whichever commits second sees the other and evaluates
+/// with both (before, a score applied while the profile row was not
+/// committed was kept but never evaluated: the customer stayed out of a
+/// segment the score put them in).
+struct MembershipFirst;
 
 #[async_trait::async_trait]
-impl clm_platform::changes::BatchStart for LockArrivals {
-    async fn start(&self, cx: &mut Apply, events: &[ChangeEvent]) -> Result<(), Error> {
-        use prost::Name;
-        let profiles = [
-            cpb::CustomerCreated::full_name(),
-            cpb::CustomerUpdated::full_name(),
-        ];
-        let ids: Vec<String> = events
-            .iter()
-            .filter(|e| profiles.contains(&e.event_type))
-            .filter_map(|e| bare(&e.subject))
-            .collect();
-        facts::lock_customers(cx.txn(), &ids).await?;
+impl clm_platform::changes::BatchStart for MembershipFirst {
+    async fn start(&self, cx: &mut Apply, _events: &[ChangeEvent]) -> Result<(), Error> {
+        members::lock_membership(cx.txn()).await?;
         Ok(())
     }
 }
@@ -73,6 +67,7 @@ impl clm_platform::changes::BatchStart for LockArrivals {
 pub fn scoring_handlers(engine: Engine) -> Handlers {
     Handlers::new()
         .on_batch::<clm_proto::scoring::ScoreChanged, _>(Arc::new(CustomerFacts { engine }))
+        .first(Arc::new(MembershipFirst))
 }
 
 #[async_trait::async_trait]
@@ -112,6 +107,7 @@ impl OnBatch<clm_proto::scoring::ScoreChanged> for CustomerFacts {
 pub fn feedback_handlers(engine: Engine) -> Handlers {
     Handlers::new()
         .on_batch::<clm_proto::feedback::ResponseCompleted, _>(Arc::new(CustomerFacts { engine }))
+        .first(Arc::new(MembershipFirst))
 }
 
 #[async_trait::async_trait]
@@ -145,6 +141,8 @@ impl OnBatch<clm_proto::feedback::ResponseCompleted> for CustomerFacts {
                     .filter_map(touch_row),
             );
         }
+        let ids: Vec<String> = last.iter().map(|r| r.0.clone()).collect();
+        facts::lock_customers(cx.txn(), &ids).await?;
         facts::insert_touchpoints(cx.txn(), &rows).await?;
         let mut work: BTreeMap<String, Vec<Change>> = BTreeMap::new();
         for id in facts::set_feedback(cx.txn(), &last).await? {
@@ -171,6 +169,7 @@ pub fn loyalty_handlers(engine: Engine) -> Handlers {
     Handlers::new()
         .on_batch::<clm_proto::loyalty::TierChanged, _>(h.clone())
         .on_batch::<clm_proto::loyalty::PointsChanged, _>(h)
+        .first(Arc::new(MembershipFirst))
 }
 
 impl CustomerFacts {
@@ -180,6 +179,8 @@ impl CustomerFacts {
         events: &[&ChangeEvent],
         rows: Vec<facts::LoyaltyRow>,
     ) -> Result<()> {
+        let ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+        facts::lock_customers(cx.txn(), &ids).await?;
         let updated = facts::set_loyalty(cx.txn(), &rows).await?;
         let work = updated
             .into_iter()

@@ -137,6 +137,7 @@ impl Compiler {
         Query::select()
             .expr(col(CUSTOMER, FC::CustomerId))
             .from_as(FactCustomers, a(CUSTOMER))
+            .and_where(col(CUSTOMER, FC::Profiled).eq(true))
             .and_where(self.rule(rule))
             .to_owned()
     }

@@ -130,6 +130,7 @@ pub async fn still_to_apply(
             Query::select()
                 .column(FC::CustomerId)
                 .from(FactCustomers)
+                .and_where(Expr::col(FC::Profiled).eq(true))
                 .and_where(Expr::col(FC::CustomerId).is_in(entering.iter().map(String::as_str))),
             FC::CustomerId.as_str(),
         )

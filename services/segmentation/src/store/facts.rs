@@ -87,10 +87,10 @@ pub async fn upsert_profiles(db: &impl ConnectionTrait, profiles: &[Profile]) ->
         let mut insert = Query::insert();
         insert
             .into_table(FactCustomers)
-            .columns(PROFILE_COLS)
+            .columns(PROFILE_COLS.iter().copied().chain([FC::Profiled]))
             .on_conflict(
                 OnConflict::column(FC::CustomerId)
-                    .update_columns(PROFILE_COLS[1..].iter().copied())
+                    .update_columns(PROFILE_COLS[1..].iter().copied().chain([FC::Profiled]))
                     .to_owned(),
             );
         for p in chunk {
@@ -107,6 +107,7 @@ pub async fn upsert_profiles(db: &impl ConnectionTrait, profiles: &[Profile]) ->
                 p.occupation.clone().into(),
                 p.stage.map(|(s, _)| s.code()).into(),
                 p.stage.map(|(_, t)| to_micros(t)).into(),
+                true.into(),
             ]);
         }
         db.execute(&insert).await?;
@@ -189,8 +190,11 @@ pub async fn set_stages(
 /// fact as it was.
 pub type FeedbackRow = (String, Option<i16>, Option<f64>);
 
-/// Sets the last NPS and CSAT answers of the known customers among `rows`
-/// (in order: a later row wins); returns the customers updated.
+/// Sets the last NPS and CSAT answers of customers (in order: a later
+/// row wins; `None` keeps the stored answer), set-based. A customer whose
+/// profile has not arrived yet gets a row that waits for it (never one
+/// erased or merged away). The caller holds [`lock_customers`] for them.
+/// Returns the customers with a profile, to evaluate.
 pub async fn set_feedback(
     db: &impl ConnectionTrait,
     rows: &[FeedbackRow],
@@ -205,26 +209,95 @@ pub async fn set_feedback(
             e.1 = *csat;
         }
     }
-    let mut updated = Vec::new();
-    // One statement per customer and fact: a response carries one or two.
+    let ids: Vec<String> = last.keys().map(|id| (*id).to_owned()).collect();
+    let gone = gone_among(db, &ids).await?;
+    // By which answers a row carries: each group is one statement.
+    let mut groups: BTreeMap<(bool, bool), Vec<Answers<'_>>> = BTreeMap::new();
     for (id, (nps, csat)) in last {
-        let mut q = Query::update();
-        q.table(FactCustomers)
-            .and_where(Expr::col(FC::CustomerId).eq(id));
-        if let Some(n) = nps {
-            q.value(FC::NpsLast, n);
-        }
-        if let Some(c) = csat {
-            q.value(FC::CsatLast, c);
-        }
-        if nps.is_none() && csat.is_none() {
-            continue;
-        }
-        if db.execute(&q).await?.rows_affected() > 0 {
-            updated.push(id.to_owned());
+        if (nps.is_some() || csat.is_some()) && !gone.contains(id) {
+            groups
+                .entry((nps.is_some(), csat.is_some()))
+                .or_default()
+                .push((id, nps, csat));
         }
     }
-    Ok(updated)
+    for ((has_nps, has_csat), rows) in &groups {
+        let mut cols = vec![FC::CustomerId, FC::Profiled];
+        let mut set = Vec::new();
+        if *has_nps {
+            set.push(FC::NpsLast);
+        }
+        if *has_csat {
+            set.push(FC::CsatLast);
+        }
+        cols.extend(set.iter().copied());
+        for chunk in rows.chunks(rows_per_statement(cols.len())) {
+            let mut insert = Query::insert();
+            insert
+                .into_table(FactCustomers)
+                .columns(cols.clone())
+                .on_conflict(
+                    OnConflict::column(FC::CustomerId)
+                        .update_columns(set.iter().copied())
+                        .to_owned(),
+                );
+            for (id, nps, csat) in chunk {
+                let mut values: Vec<sea_orm::sea_query::SimpleExpr> =
+                    vec![(*id).into(), false.into()];
+                if *has_nps {
+                    values.push((*nps).into());
+                }
+                if *has_csat {
+                    values.push((*csat).into());
+                }
+                insert.values_panic(values);
+            }
+            db.execute(&insert).await?;
+        }
+    }
+    let written: Vec<String> = ids.into_iter().filter(|id| !gone.contains(id)).collect();
+    profiled_among(db, &written).await
+}
+
+/// A customer's last answers to write: (id, NPS, CSAT).
+type Answers<'a> = (&'a str, Option<i16>, Option<f64>);
+
+/// Which of `ids` were erased or merged away (`gone_customers`).
+async fn gone_among(db: &impl ConnectionTrait, ids: &[String]) -> Result<BTreeSet<String>, DbErr> {
+    let mut gone = BTreeSet::new();
+    for chunk in chunks(ids) {
+        let hashes: BTreeMap<String, &String> =
+            chunk.iter().map(|id| (gone_hash(id), id)).collect();
+        let q = Query::select()
+            .column(GC::CustomerHash)
+            .from(GoneCustomers)
+            .and_where(Expr::col(GC::CustomerHash).is_in(hashes.keys().cloned()))
+            .to_owned();
+        for row in db.query_all(&q).await? {
+            let hash = row.try_get::<String>("", GC::CustomerHash.as_str())?;
+            if let Some(id) = hashes.get(&hash) {
+                gone.insert((*id).clone());
+            }
+        }
+    }
+    Ok(gone)
+}
+
+/// Which of `ids` have their profile (the customers rules see).
+async fn profiled_among(db: &impl ConnectionTrait, ids: &[String]) -> Result<Vec<String>, DbErr> {
+    let mut out = Vec::new();
+    for chunk in chunks(ids) {
+        let q = Query::select()
+            .column(FC::CustomerId)
+            .from(FactCustomers)
+            .and_where(Expr::col(FC::CustomerId).is_in(chunk.iter().cloned()))
+            .and_where(Expr::col(FC::Profiled).eq(true))
+            .to_owned();
+        for row in db.query_all(&q).await? {
+            out.push(row.try_get::<String>("", FC::CustomerId.as_str())?);
+        }
+    }
+    Ok(out)
 }
 
 /// A customer's score as the scoring stream states it: the curve from
@@ -249,9 +322,11 @@ pub struct ScoreRow {
 
 /// Serialises, per customer, the writers that could keep data of a
 /// customer who is going (erasure, merge) or arriving without a profile
-/// row yet (pending scores): PostgreSQL transaction-scoped advisory locks,
-/// taken in id order before any row lock (SQLite has one writer). Every
-/// caller takes them first in its transaction.
+/// row yet (pending scores, loyalty and feedback facts): PostgreSQL
+/// transaction-scoped advisory locks, taken in id order before any fact
+/// row lock (SQLite has one writer). Callers take them right after the
+/// membership lock every segmentation writer takes first
+/// (`members::lock_membership`).
 pub async fn lock_customers(db: &impl ConnectionTrait, ids: &[String]) -> Result<(), DbErr> {
     if ids.is_empty() || !clm_platform::db::is_postgres(db) {
         return Ok(());
@@ -319,12 +394,12 @@ pub async fn set_scores(
     // unknown ones: an erasure or merge of one waits, or committed first
     // and is seen in `gone_customers`.
     let mut known = BTreeSet::new();
-    let mut gone = BTreeSet::new();
     for chunk in chunks(&ids) {
         let mut q = Query::select()
             .column(FC::CustomerId)
             .from(FactCustomers)
             .and_where(Expr::col(FC::CustomerId).is_in(chunk.iter().cloned()))
+            .and_where(Expr::col(FC::Profiled).eq(true))
             .order_by(FC::CustomerId, sea_orm::Order::Asc)
             .to_owned();
         if clm_platform::db::is_postgres(db) {
@@ -333,20 +408,8 @@ pub async fn set_scores(
         for row in db.query_all(&q).await? {
             known.insert(row.try_get::<String>("", FC::CustomerId.as_str())?);
         }
-        let hashes: BTreeMap<String, &String> =
-            chunk.iter().map(|id| (gone_hash(id), id)).collect();
-        let q = Query::select()
-            .column(GC::CustomerHash)
-            .from(GoneCustomers)
-            .and_where(Expr::col(GC::CustomerHash).is_in(hashes.keys().cloned()))
-            .to_owned();
-        for row in db.query_all(&q).await? {
-            let hash = row.try_get::<String>("", GC::CustomerHash.as_str())?;
-            if let Some(id) = hashes.get(&hash) {
-                gone.insert((*id).clone());
-            }
-        }
     }
+    let gone = gone_among(db, &ids).await?;
     let mut last: BTreeMap<(&str, &str, &str), &ScoreRow> = BTreeMap::new();
     let mut grades = BTreeMap::new();
     for r in rows.iter().filter(|r| !gone.contains(&r.customer)) {
@@ -505,11 +568,13 @@ async fn adopt_pending_grades(db: &impl ConnectionTrait, ids: &[String]) -> Resu
 pub type LoyaltyRow = (String, Option<String>, i64);
 
 /// Applies loyalty facts in order (the last per customer wins; a row
-/// without a tier keeps the stored one), one UPDATE per customer, only to
-/// customers the projection holds (like [`set_scores`]). The rows are
-/// the primary loyalty program's (the handlers skip `secondary` events),
-/// so several programs do not overwrite each other. Returns the
-/// customers updated.
+/// without a tier keeps the stored one), set-based; a customer whose
+/// profile has not arrived yet gets a row that waits for it (never one
+/// erased or merged away), as [`set_feedback`]. The rows are the primary
+/// loyalty program's (the handlers skip `secondary` events), so several
+/// programs do not overwrite each other. The caller holds
+/// [`lock_customers`] for them. Returns the customers with a profile, to
+/// evaluate.
 pub async fn set_loyalty(
     db: &impl ConnectionTrait,
     rows: &[LoyaltyRow],
@@ -522,20 +587,45 @@ pub async fn set_loyalty(
         }
         e.1 = *balance;
     }
-    let mut updated = Vec::new();
-    for (id, (tier, balance)) in last {
-        let mut q = Query::update();
-        q.table(FactCustomers)
-            .value(FC::LoyaltyBalance, balance)
-            .and_where(Expr::col(FC::CustomerId).eq(id));
-        if let Some(t) = tier {
-            q.value(FC::LoyaltyTier, (!t.is_empty()).then(|| t.to_owned()));
+    let ids: Vec<String> = last.keys().map(|id| (*id).to_owned()).collect();
+    let gone = gone_among(db, &ids).await?;
+    // Rows with a tier and rows without: one statement each.
+    for with_tier in [true, false] {
+        let rows: Vec<(&str, Option<&str>, i64)> = last
+            .iter()
+            .filter(|(id, (tier, _))| tier.is_some() == with_tier && !gone.contains(**id))
+            .map(|(id, (tier, balance))| (*id, *tier, *balance))
+            .collect();
+        let mut set = vec![FC::LoyaltyBalance];
+        if with_tier {
+            set.push(FC::LoyaltyTier);
         }
-        if db.execute(&q).await?.rows_affected() > 0 {
-            updated.push(id.to_owned());
+        let mut cols = vec![FC::CustomerId, FC::Profiled];
+        cols.extend(set.iter().copied());
+        for chunk in rows.chunks(rows_per_statement(cols.len())) {
+            let mut insert = Query::insert();
+            insert
+                .into_table(FactCustomers)
+                .columns(cols.clone())
+                .on_conflict(
+                    OnConflict::column(FC::CustomerId)
+                        .update_columns(set.iter().copied())
+                        .to_owned(),
+                );
+            for (id, tier, balance) in chunk {
+                let mut values: Vec<sea_orm::sea_query::SimpleExpr> =
+                    vec![(*id).into(), false.into(), (*balance).into()];
+                if with_tier {
+                    // An empty tier is none.
+                    values.push(tier.filter(|t| !t.is_empty()).map(str::to_owned).into());
+                }
+                insert.values_panic(values);
+            }
+            db.execute(&insert).await?;
         }
     }
-    Ok(updated)
+    let written: Vec<String> = ids.into_iter().filter(|id| !gone.contains(id)).collect();
+    profiled_among(db, &written).await
 }
 
 /// One consent cell: granted, denied, or unset (`None`, the row is removed).
@@ -754,6 +844,7 @@ pub async fn load(
             ])
             .from(FactCustomers)
             .and_where(customer_in(FC::CustomerId, chunk))
+            .and_where(Expr::col(FC::Profiled).eq(true))
             .to_owned();
         for row in db.query_all(&q).await? {
             let id: String = row.try_get("", FC::CustomerId.as_str())?;

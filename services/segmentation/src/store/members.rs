@@ -52,6 +52,23 @@ pub async fn lock_version(db: &impl ConnectionTrait) -> Result<i64, DbErr> {
     meta_i64(db, SM::MembershipVersion).await
 }
 
+/// Takes the membership lock (the `seg_meta` row, on PostgreSQL; SQLite
+/// has one writer) without taking a version: what every segmentation
+/// writer takes first in its transaction.
+pub async fn lock_membership(db: &impl ConnectionTrait) -> Result<(), DbErr> {
+    if !clm_platform::db::is_postgres(db) {
+        return Ok(());
+    }
+    let q = Query::select()
+        .column(SM::Id)
+        .from(SegMeta)
+        .and_where(Expr::col(SM::Id).eq(1))
+        .lock(sea_orm::sea_query::LockType::Update)
+        .to_owned();
+    db.query_one(&q).await?;
+    Ok(())
+}
+
 /// The current membership version (to load the cache with).
 pub async fn version(db: &impl ConnectionTrait) -> Result<i64, DbErr> {
     meta_i64(db, SM::MembershipVersion).await
@@ -494,6 +511,7 @@ pub async fn customers_after(
     let mut q = Query::select();
     q.column(FC::CustomerId)
         .from(FactCustomers)
+        .and_where(Expr::col(FC::Profiled).eq(true))
         .order_by(FC::CustomerId, Order::Asc)
         .limit(limit);
     if let Some(a) = after {
@@ -511,6 +529,7 @@ pub async fn customer_count(db: &impl ConnectionTrait) -> Result<i64, DbErr> {
     let q = Query::select()
         .expr_as(Func::count(Expr::val(1)), n("n"))
         .from(FactCustomers)
+        .and_where(Expr::col(FC::Profiled).eq(true))
         .to_owned();
     match db.query_one(&q).await? {
         Some(r) => r.try_get("", "n"),

@@ -32,6 +32,10 @@
 //!   decide its segment meanwhile record whom they decided, so the
 //!   backfill, applying its diff under the lock, leaves those alone.
 //!
+//! * `m0009`: `fact_customers.profiled`: facts from the loyalty and
+//!   feedback streams that arrive before the customer's profile are kept
+//!   in a row that waits for it (before, they were dropped).
+//!
 //! On PostgreSQL the fact text columns use the `C` collation, so string
 //! order is byte order, as in the rule language and SQLite.
 
@@ -52,6 +56,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(ScoreCurves));
         m.push(Box::new(MembershipVersionIndexes));
         m.push(Box::new(BackfillDiffs));
+        m.push(Box::new(FactsBeforeProfiles));
         m
     }
 }
@@ -686,6 +691,28 @@ impl MigrationTrait for BackfillDiffs {
                 .to_owned(),
         )
         .await?;
+        Ok(())
+    }
+}
+
+/// Whether a customer's profile has arrived (facts from other streams can
+/// come first). Every existing row came with or after its profile.
+struct FactsBeforeProfiles;
+
+impl MigrationName for FactsBeforeProfiles {
+    fn name(&self) -> &str {
+        "m0009_facts_before_profiles"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for FactsBeforeProfiles {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.get_connection()
+            .execute_unprepared(
+                "ALTER TABLE fact_customers ADD COLUMN profiled BOOLEAN NOT NULL DEFAULT TRUE",
+            )
+            .await?;
         Ok(())
     }
 }

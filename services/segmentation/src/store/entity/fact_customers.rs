@@ -37,6 +37,10 @@ pub struct Model {
     pub loyalty_tier: Option<String>,
     /// Loyalty points balance.
     pub loyalty_balance: Option<i64>,
+    /// Whether the customer's profile has arrived: a row can come first
+    /// from another stream (loyalty, feedback) and waits, unevaluated and
+    /// out of every rule's query, for the profile.
+    pub profiled: bool,
 }
 
 /// No relations.
