@@ -5,7 +5,7 @@
 #
 #   scripts/bench.sh                          # everything (~10 min)
 #   scripts/bench.sh --quick                  # shorter runs, no backfill/loyalty/import
-#   scripts/bench.sh --only api,ingest        # parts: api segmentation ingest backfill loyalty import
+#   scripts/bench.sh --only api,ingest        # parts: api segmentation ingest scoring backfill loyalty import
 #   scripts/bench.sh --json after.json --compare before.json
 #   scripts/bench.sh --skip-build             # reuse $CARGO_TARGET_DIR/release
 #
@@ -30,7 +30,7 @@ SAMPLES=200
 CUSTOMERS=1000000
 TOUCHES=10
 IMPORT_ROWS=200000
-PARTS="api,segmentation,ingest,backfill,loyalty,import"
+PARTS="api,segmentation,ingest,scoring,backfill,loyalty,import"
 JSON_OUT=""
 COMPARE=""
 SKIP_BUILD="${SKIP_BUILD:-}"
@@ -303,6 +303,24 @@ SQL
   raw=$(( stored * 1000 / (ref_ms > 0 ? ref_ms : 1) ))
   row ingest_pg "RecordTouchpoints, 4 clients x batches of 1,000, PostgreSQL" "$ingest_rate" "events/s" "raw set-based INSERT of the same rows" "$raw" "ratio>=0.5&value>=20000"
   row follow_pg "a consumer following that ingest (platform subscriber)" "$follow_rate" "events/s" "the ingest" "$ingest_rate" "-"
+fi
+
+if part scoring; then
+  # Scoring following the customer stream while RecordTouchpoints ingests
+  # (4 clients x batches of 1,000 over 1,000 customers), then scoring
+  # catching up alone on a stream that already holds every touchpoint:
+  # the scoring service's benchmark tests (customer and scoring in one
+  # process, 2 worker threads, each on its own PostgreSQL database).
+  export CLM_TEST_DATABASE_URL="$ADMIN_URL"
+  export CLM_TEST_TEMPLATE_KEY="bench$(find services/scoring services/customer crates/clm-platform -path '*/migration*' -name '*.rs' -print0 | sort -z | xargs -0 cat | sha256sum | cut -c1-8)"
+  BENCH_EVENTS="$EVENTS" cargo test --release -q -p clm-scoring --features bench --test bench -- --ignored --nocapture --test-threads 1 \
+    bench_follow_the_customer_stream bench_catch_up_with_the_customer_stream >"$work/scoring.txt" 2>&1 \
+    || { cat "$work/scoring.txt" >&2; exit 1; }
+  read -r follow_scored follow_ingest <<<"$(sed -nE 's/^follow: .* end to end ([0-9]+)\/s .*reference customer ingest beside it ([0-9]+)\/s.*/\1 \2/p' "$work/scoring.txt")"
+  read -r catch_scored catch_ingest <<<"$(sed -nE 's/^catch up: .*ledger entries\) ([0-9]+)\/s .*reference customer ingest alone ([0-9]+)\/s.*/\1 \2/p' "$work/scoring.txt")"
+  [ -n "$follow_scored" ] && [ -n "$catch_scored" ] || { cat "$work/scoring.txt" >&2; echo "scoring: no figures" >&2; exit 1; }
+  row scoring_follow_pg "scoring RecordTouchpoints as they arrive, end to end, PostgreSQL" "$follow_scored" "events/s" "the ingest beside it" "$follow_ingest" "value>=20000"
+  row scoring_catch_up_pg "scoring catching up on the customer stream, PostgreSQL" "$catch_scored" "events/s" "customer ingest alone" "$catch_ingest" "ratio>=1.0"
 fi
 
 if part backfill; then
