@@ -222,7 +222,6 @@ pub async fn set_feedback(
         }
     }
     for ((has_nps, has_csat), rows) in &groups {
-        let mut cols = vec![FC::CustomerId, FC::Profiled];
         let mut set = Vec::new();
         if *has_nps {
             set.push(FC::NpsLast);
@@ -230,30 +229,20 @@ pub async fn set_feedback(
         if *has_csat {
             set.push(FC::CsatLast);
         }
-        cols.extend(set.iter().copied());
-        for chunk in rows.chunks(rows_per_statement(cols.len())) {
-            let mut insert = Query::insert();
-            insert
-                .into_table(FactCustomers)
-                .columns(cols.clone())
-                .on_conflict(
-                    OnConflict::column(FC::CustomerId)
-                        .update_columns(set.iter().copied())
-                        .to_owned(),
-                );
-            for (id, nps, csat) in chunk {
-                let mut values: Vec<sea_orm::sea_query::SimpleExpr> =
-                    vec![(*id).into(), false.into()];
+        let rows = rows
+            .iter()
+            .map(|(id, nps, csat)| {
+                let mut values = Vec::new();
                 if *has_nps {
                     values.push((*nps).into());
                 }
                 if *has_csat {
                     values.push((*csat).into());
                 }
-                insert.values_panic(values);
-            }
-            db.execute(&insert).await?;
-        }
+                (*id, values)
+            })
+            .collect();
+        upsert_facts(db, &set, rows).await?;
     }
     let written: Vec<String> = ids.into_iter().filter(|id| !gone.contains(id)).collect();
     profiled_among(db, &written).await
@@ -281,6 +270,35 @@ async fn gone_among(db: &impl ConnectionTrait, ids: &[String]) -> Result<BTreeSe
         }
     }
     Ok(gone)
+}
+
+/// Writes columns `set` of customers' rows, each `(id, its values of
+/// set)`; a customer without a row gets one that waits for the profile
+/// (`profiled` false), set-based.
+async fn upsert_facts(
+    db: &impl ConnectionTrait,
+    set: &[FC],
+    rows: Vec<(&str, Vec<sea_orm::sea_query::SimpleExpr>)>,
+) -> Result<(), DbErr> {
+    let mut cols = vec![FC::CustomerId, FC::Profiled];
+    cols.extend(set.iter().copied());
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let mut insert = Query::insert();
+        insert
+            .into_table(FactCustomers)
+            .columns(cols.clone())
+            .on_conflict(
+                OnConflict::column(FC::CustomerId)
+                    .update_columns(set.iter().copied())
+                    .to_owned(),
+            );
+        for (id, values) in rows.by_ref().take(rows_per_statement(cols.len())) {
+            insert.values_panic([id.into(), false.into()].into_iter().chain(values));
+        }
+        db.execute(&insert).await?;
+    }
+    Ok(())
 }
 
 /// Which of `ids` have their profile (the customers rules see).
@@ -591,38 +609,23 @@ pub async fn set_loyalty(
     let gone = gone_among(db, &ids).await?;
     // Rows with a tier and rows without: one statement each.
     for with_tier in [true, false] {
-        let rows: Vec<(&str, Option<&str>, i64)> = last
-            .iter()
-            .filter(|(id, (tier, _))| tier.is_some() == with_tier && !gone.contains(**id))
-            .map(|(id, (tier, balance))| (*id, *tier, *balance))
-            .collect();
         let mut set = vec![FC::LoyaltyBalance];
         if with_tier {
             set.push(FC::LoyaltyTier);
         }
-        let mut cols = vec![FC::CustomerId, FC::Profiled];
-        cols.extend(set.iter().copied());
-        for chunk in rows.chunks(rows_per_statement(cols.len())) {
-            let mut insert = Query::insert();
-            insert
-                .into_table(FactCustomers)
-                .columns(cols.clone())
-                .on_conflict(
-                    OnConflict::column(FC::CustomerId)
-                        .update_columns(set.iter().copied())
-                        .to_owned(),
-                );
-            for (id, tier, balance) in chunk {
-                let mut values: Vec<sea_orm::sea_query::SimpleExpr> =
-                    vec![(*id).into(), false.into(), (*balance).into()];
+        let rows = last
+            .iter()
+            .filter(|(id, (tier, _))| tier.is_some() == with_tier && !gone.contains(**id))
+            .map(|(id, (tier, balance))| {
+                let mut values = vec![(*balance).into()];
                 if with_tier {
                     // An empty tier is none.
                     values.push(tier.filter(|t| !t.is_empty()).map(str::to_owned).into());
                 }
-                insert.values_panic(values);
-            }
-            db.execute(&insert).await?;
-        }
+                (*id, values)
+            })
+            .collect();
+        upsert_facts(db, &set, rows).await?;
     }
     let written: Vec<String> = ids.into_iter().filter(|id| !gone.contains(id)).collect();
     profiled_among(db, &written).await
