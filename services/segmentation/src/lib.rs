@@ -34,19 +34,25 @@
 //!   rule given as a tree is checked with `rules::check`, whose violation
 //!   paths are the proto field paths inside `Rule`
 //!   (`segment.rule.any.rules[1].condition.compare.operand.count.window`).
-//! * Membership writers (subscriber batches, backfills, timers, deletes)
-//!   serialise on the `seg_meta` row: simple, correct on both backends, and
-//!   the source of the cache's commit-ordered versions.
-//! * A backfill is one transaction (the diff, the dependents, the timers),
-//!   so a segment is never half-updated. It is a long-running operation
+//! * Membership writers (subscriber batches, a backfill's chunks, timers,
+//!   deletes) serialise on the `seg_meta` row, each taking it first in its
+//!   transaction and holding it briefly: simple, correct on both backends,
+//!   free of lock cycles, and the source of the cache's commit-ordered
+//!   versions.
+//! * A backfill never holds that lock for long: it takes its diff with
+//!   no lock (evaluations of the segment meanwhile record whom they
+//!   decided, `store::backfill_diffs`), then applies it under the lock a
+//!   transaction per 5,000 customers (their members, events and cascade),
+//!   leaving out those decided, gone or moved since the diff; a rule that
+//!   reads time is then evaluated for every customer, 1,000 per
+//!   transaction, which sets the timers. It is a long-running operation
 //!   (kind `segmentation.backfill`, named by the segment's `operation`):
-//!   one replica runs it under a lease, another resumes it if that one
-//!   dies, and `google.longrunning.Operations` shows its progress and
-//!   outcome. A cancel stops it before its transaction starts; once
-//!   started, it completes. Its steps are bounded: members, events and the
-//!   cascade go 5,000 customers at a time, and its cache writes are read
-//!   back after the commit, 5,000 rows at a time, from the rows its
-//!   membership versions wrote (`cache::write_back`).
+//!   one replica runs it under a lease, another resumes it (from the
+//!   start: the diff is then what is left) if that one dies, and
+//!   `google.longrunning.Operations` shows its progress and outcome. Each
+//!   chunk's cache writes are read back after its commit from the rows its
+//!   membership versions wrote (`cache::write_back`); the segment is
+//!   `READY` once all are written.
 //! * An evaluation loads only the touchpoints its rules can count
 //!   ([`lookback`]): none of a type no rule reads, from the longest window
 //!   back for a type every rule reads through a window, the whole history
@@ -54,8 +60,10 @@
 //! * Membership reads use the customer's set (`{cust:ID}`), loaded from the
 //!   database on a miss; segment sets (`{seg:ID}`) are kept up to date for
 //!   consumers that read them but are not loaded whole.
-//! * Customers without a profile row are in no segment (the customer
-//!   service emits `CustomerCreated` before anything else about them).
+//! * Customers without a profile are in no segment (the customer service
+//!   emits `CustomerCreated` before anything else about them, but the
+//!   loyalty and feedback streams can be ahead of it: their facts wait in
+//!   a row marked `profiled = false`).
 //! * Scores and grade come from the scoring service's stream when
 //!   `peers.scoring` is configured (`clm up` does): each `ScoreChanged`
 //!   sets the score's curve per (customer, model, name) and re-evaluates
