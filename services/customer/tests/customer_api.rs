@@ -231,7 +231,12 @@ async fn concurrent_retries_of_one_create_answer_one_customer() {
     }
     let mut answers = Vec::new();
     for call in calls {
-        answers.push(call.await.unwrap().expect("every copy answers").into_inner());
+        answers.push(
+            call.await
+                .unwrap()
+                .expect("every copy answers")
+                .into_inner(),
+        );
     }
     assert!(
         answers.iter().all(|a| *a == answers[0]),
