@@ -244,12 +244,14 @@ mod tests {
 /// inserts (`json_populate_recordset`): one small statement to parse and
 /// plan however many rows, no bind parameter per value, and insertable as
 /// a data-modifying CTE of a larger statement. Built from entity models,
-/// so the column list is the entity's.
+/// so the column list is the entity's; the JSON text is written straight
+/// from the models' values (no JSON tree, no key string per value).
 #[derive(Debug, Clone)]
 pub struct JsonRows {
-    table: String,
-    columns: String,
-    rows: serde_json::Value,
+    table: &'static str,
+    columns: Vec<&'static str>,
+    rows: String,
+    len: usize,
 }
 
 impl JsonRows {
@@ -260,48 +262,77 @@ impl JsonRows {
         let columns: Vec<E::Column> = E::Column::iter()
             .filter(|c| !skip.iter().any(|s| s.as_str() == c.as_str()))
             .collect();
-        let rows = models
-            .iter()
-            .map(|m| {
-                columns
-                    .iter()
-                    .map(|c| {
-                        let v = sea_orm::sea_query::sea_value_to_json_value(&m.get(*c));
-                        (c.as_str().to_owned(), v)
-                    })
-                    .collect::<serde_json::Map<_, _>>()
-                    .into()
-            })
-            .collect();
+        let mut rows = Vec::with_capacity(2 + models.len() * columns.len() * 16);
+        rows.push(b'[');
+        for (i, m) in models.iter().enumerate() {
+            if i > 0 {
+                rows.push(b',');
+            }
+            rows.push(b'{');
+            for (j, c) in columns.iter().enumerate() {
+                if j > 0 {
+                    rows.push(b',');
+                }
+                write_json(&mut rows, c.as_str());
+                rows.push(b':');
+                write_json_value(&mut rows, &m.get(*c));
+            }
+            rows.push(b'}');
+        }
+        rows.push(b']');
         Self {
-            table: E::default().table_name().to_owned(),
-            columns: columns
-                .iter()
-                .map(|c| format!("\"{}\"", c.as_str()))
-                .collect::<Vec<_>>()
-                .join(", "),
-            rows: serde_json::Value::Array(rows),
+            table: E::default().table_name(),
+            columns: columns.iter().map(|c| c.as_str()).collect(),
+            // serde_json writes UTF-8 only.
+            rows: String::from_utf8(rows).unwrap_or_default(),
+            len: models.len(),
         }
     }
 
     /// Whether there are no rows.
     pub fn is_empty(&self) -> bool {
-        self.rows.as_array().is_none_or(Vec::is_empty)
+        self.len == 0
     }
 
     /// `INSERT INTO table (columns) SELECT columns FROM
     /// json_populate_recordset(NULL::table, $param::json)`: ends with its
     /// `FROM` clause, so a caller may append a `WHERE`.
     pub fn insert_sql(&self, param: usize) -> String {
+        let columns = self
+            .columns
+            .iter()
+            .map(|c| format!("\"{c}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         format!(
-            "INSERT INTO {t} ({c}) SELECT {c} FROM json_populate_recordset(NULL::{t}, ${param}::json)",
+            "INSERT INTO {t} ({columns}) SELECT {columns} FROM json_populate_recordset(NULL::{t}, ${param}::json)",
             t = self.table,
-            c = self.columns
         )
     }
 
     /// The rows, the value to bind as the `param` of [`Self::insert_sql`].
-    pub fn value(&self) -> sea_orm::Value {
-        self.rows.to_string().into()
+    pub fn value(self) -> sea_orm::Value {
+        self.rows.into()
+    }
+}
+
+/// Appends `value` as JSON (a string, number or bool: what serde_json
+/// writes for it; it cannot fail on those).
+fn write_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    let _ = serde_json::to_writer(out, value);
+}
+
+/// Appends a column's value as JSON, as `sea_value_to_json_value` would
+/// render it, without building the JSON value for the common types.
+fn write_json_value(out: &mut Vec<u8>, value: &sea_orm::Value) {
+    use sea_orm::Value as V;
+    match value {
+        V::String(Some(s)) => write_json(out, s.as_str()),
+        V::Bool(Some(b)) => write_json(out, b),
+        V::SmallInt(Some(n)) => write_json(out, n),
+        V::Int(Some(n)) => write_json(out, n),
+        V::BigInt(Some(n)) => write_json(out, n),
+        V::Double(Some(n)) => write_json(out, n),
+        other => write_json(out, &sea_orm::sea_query::sea_value_to_json_value(other)),
     }
 }

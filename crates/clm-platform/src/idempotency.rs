@@ -33,6 +33,15 @@
 //! on that insert until the first transaction ends, then finds the stored
 //! response. [`complete`] stores the response before commit. Keys older
 //! than the retention are removed by [`purge_older_than`].
+//!
+//! # One statement
+//!
+//! A hot write whose response is known before it runs (CreateCustomer on
+//! PostgreSQL) may first try itself as one statement with no BEGIN or
+//! COMMIT: the key and its response are claimed by a CTE of that statement
+//! ([`pg_claim_sql`]) on which its other writes depend. When it wrote
+//! nothing (a key seen before, or its own precondition failed), the rpc
+//! goes on to [`write`] as usual, which replays or runs the general path.
 
 use crate::db::to_micros;
 use crate::error::Error;
@@ -52,8 +61,61 @@ pub enum Claim<R> {
 /// Hash of a request payload (its canonical protobuf encoding; maps are
 /// generated as `BTreeMap`, so the encoding is deterministic).
 pub fn hash<M: prost::Message>(request: &M) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(request.encode_to_vec());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = String::with_capacity(digest.len() * 2);
+    for b in digest {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+/// PostgreSQL, for a write done in one statement (its own implicit
+/// transaction) whose response is known before it runs: the body of a
+/// data-modifying CTE that claims the key and stores the response at once,
+/// inserting only `WHERE {when}`. It answers one row when it claimed. A
+/// key seen before answers none (a concurrent duplicate first waits for
+/// the other statement or transaction to end), and so does a write without
+/// a key (`request_id` NULL): the statement's writes check
+/// `$request_id IS NULL OR EXISTS (claimed)`, and when they did nothing the
+/// caller answers through [`write`], which replays the stored response.
+/// Parameters `$first`..`$first + 4`: [`pg_claim_values`].
+pub fn pg_claim_sql(first: usize, when: &str) -> String {
+    let (scope, rid, hash, created, response) = (first, first + 1, first + 2, first + 3, first + 4);
+    format!(
+        "INSERT INTO idempotency_keys (scope, request_id, request_hash, create_us, response) \
+         SELECT ${scope}::text, ${rid}::text, ${hash}::text, ${created}::int8, ${response}::bytea \
+         WHERE ${rid}::text IS NOT NULL AND ({when}) \
+         ON CONFLICT (scope, request_id) DO NOTHING RETURNING 1"
+    )
+}
+
+/// [`pg_claim_sql`]'s parameters: the key of `request` in `scope` and the
+/// `response` to store under it; all NULL without a `request_id`.
+pub fn pg_claim_values<Q: prost::Message, R: prost::Message>(
+    scope: &'static str,
+    request_id: Option<&str>,
+    request: &Q,
+    response: &R,
+    now: chrono::DateTime<chrono::Utc>,
+) -> [sea_orm::Value; 5] {
+    match request_id {
+        Some(rid) => [
+            scope.into(),
+            rid.into(),
+            hash(request).into(),
+            to_micros(now).into(),
+            response.encode_to_vec().into(),
+        ],
+        None => [
+            sea_orm::Value::String(None),
+            sea_orm::Value::String(None),
+            sea_orm::Value::String(None),
+            sea_orm::Value::BigInt(None),
+            sea_orm::Value::Bytes(None),
+        ],
+    }
 }
 
 /// Claims `request_id` in `scope` (usually the rpc name) for a request with `request_hash`.

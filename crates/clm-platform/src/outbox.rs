@@ -171,12 +171,19 @@ impl Outbox {
     pub async fn commit(&self, txn: DatabaseTransaction) -> Result<(), DbErr> {
         let postgres = is_postgres(&txn);
         txn.commit().await?;
+        self.committed(postgres);
+        Ok(())
+    }
+
+    /// Announces events committed outside [`Outbox::commit`] (a single
+    /// statement that appended them in its own implicit transaction):
+    /// wakes the relay on PostgreSQL, readers of this process otherwise.
+    pub fn committed(&self, postgres: bool) {
         if postgres {
             self.relay.notify_one();
         } else {
             self.wake_watchers();
         }
-        Ok(())
     }
 
     fn wake_watchers(&self) {

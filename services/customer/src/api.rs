@@ -186,14 +186,14 @@ impl CustomerApi {
         Ok(())
     }
 
-    /// Inserts validated customers (with their creation stage entries) and
-    /// returns the stored records. `items` pairs each with its field prefix.
     /// Inserts new customers with their first stage-history entries and
-    /// identifiers, and answers them as protos with the `CustomerCreated`
-    /// events still to append. On PostgreSQL one statement does it all,
-    /// events included ([`store::create`]), unless an identifier is held
-    /// or erased; then, and on SQLite, the identifiers are checked first
-    /// and the tables written one statement each.
+    /// identifiers inside `txn`, and answers them as protos with the
+    /// `CustomerCreated` events still to append: the general path, taken on
+    /// SQLite and on PostgreSQL when [`Creation::insert_at_once`] did not
+    /// write (an identifier held or erased, or the request id seen
+    /// before). The identifiers are checked first (naming the holder, or
+    /// applying the erased-identifier policy), then the tables written one
+    /// statement each.
     async fn insert_customers(
         &self,
         txn: &DatabaseTransaction,
@@ -206,82 +206,7 @@ impl CustomerApi {
             .iter()
             .flat_map(|(p, c)| profile_keys(p, c.email.as_deref(), c.external_id.as_deref()))
             .collect();
-        let mut records: Vec<(String, CustomerRecord)> = items
-            .into_iter()
-            .map(|(prefix, c)| {
-                let record = CustomerRecord {
-                    reimported_after_erasure: false,
-                    id: CustomerId::new(),
-                    external_id: c.external_id,
-                    email: c.email,
-                    display_name: c.display_name,
-                    demographics: c.demographics,
-                    attributes: c.attributes,
-                    stage: c.stage,
-                    stage_change_time: now,
-                    create_time: now,
-                    update_time: now,
-                    version: 1,
-                    merged_from: Vec::new(),
-                    acquisition_campaign: c.acquisition_campaign,
-                };
-                (prefix, record)
-            })
-            .collect();
-        let history = |records: &[CustomerRecord]| -> Vec<StageChangeRecord> {
-            records
-                .iter()
-                .map(|r| StageChangeRecord {
-                    id: 0,
-                    customer: r.id,
-                    from: None,
-                    to: r.stage,
-                    reason: "created".into(),
-                    actor: actor.subject.clone(),
-                    change_time: now,
-                })
-                .collect()
-        };
-        let held = |records: &[CustomerRecord]| -> Vec<IdentifierRecord> {
-            records
-                .iter()
-                .flat_map(|r| {
-                    identifiers::profile_identifiers(r.email.as_deref(), r.external_id.as_deref())
-                        .into_iter()
-                        .map(|identifier| IdentifierRecord {
-                            customer: r.id,
-                            identifier,
-                            profile: true,
-                            create_time: now,
-                        })
-                })
-                .collect()
-        };
-        let protos = |records: &[CustomerRecord]| -> Vec<pb::Customer> {
-            records
-                .iter()
-                .map(|r| convert::customer_to_proto(r, now.date_naive()))
-                .collect()
-        };
-        if clm_platform::db::is_postgres(txn) {
-            let plain: Vec<CustomerRecord> = records.iter().map(|(_, r)| r.clone()).collect();
-            let customers = protos(&plain);
-            let events: Vec<_> = customers.iter().map(events::customer_created).collect();
-            let checks: Vec<_> = keys
-                .iter()
-                .map(|(_, i)| (i, salt.map(|s| erasure::identifier_hash(s, i))))
-                .collect();
-            let new = create::NewCustomers {
-                records: &plain,
-                history: &history(&plain),
-                identifiers: &held(&plain),
-                checks: &checks,
-                events: &events,
-            };
-            if create::insert_if_free(txn, &new, now).await? {
-                return Ok((customers, Vec::new()));
-            }
-        }
+        let mut records = new_records(items, now);
         let erased = identifiers::check_free(txn, &keys, None, salt).await?;
         self.judge_erased(&erased)?;
         for (prefix, r) in &mut records {
@@ -293,9 +218,9 @@ impl CustomerApi {
         }
         let records: Vec<CustomerRecord> = records.into_iter().map(|(_, r)| r).collect();
         customers::insert_many(txn, &records).await?;
-        stages::insert_many(txn, &history(&records)).await?;
-        identifiers::insert_many(txn, &held(&records)).await?;
-        let customers = protos(&records);
+        stages::insert_many(txn, &first_stages(&records, actor, now)).await?;
+        identifiers::insert_many(txn, &profile_holdings(&records, now)).await?;
+        let customers = protos(&records, now);
         let events = customers.iter().map(events::customer_created).collect();
         Ok((customers, events))
     }
@@ -322,6 +247,24 @@ impl CustomerApi {
         // Read before the transaction: a second connection inside it could
         // wait for a pool that the transactions themselves hold.
         let salt = self.salt().await?;
+        if let Some(creation) = Creation::at_once(
+            &self.rt,
+            &[("customer".into(), draft.clone())],
+            &actor,
+            now,
+            salt,
+        ) {
+            let out = creation
+                .customers
+                .first()
+                .cloned()
+                .ok_or_else(|| Error::internal("one customer to create, none made"))?;
+            let claim =
+                idempotency::pg_claim_values("CreateCustomer", rid.as_deref(), &req, &out, now);
+            if creation.insert_at_once(&self.rt, claim, now).await? {
+                return Ok(out);
+            }
+        }
         idempotency::write(
             &self.rt,
             "CreateCustomer",
@@ -403,6 +346,21 @@ impl CustomerApi {
         // Read before the transaction: a second connection inside it could
         // wait for a pool that the transactions themselves hold.
         let salt = self.salt().await?;
+        if let Some(creation) = Creation::at_once(&self.rt, &items, &actor, now, salt) {
+            let out = pb::BatchCreateCustomersResponse {
+                customers: creation.customers.clone(),
+            };
+            let claim = idempotency::pg_claim_values(
+                "BatchCreateCustomers",
+                rid.as_deref(),
+                &req,
+                &out,
+                now,
+            );
+            if creation.insert_at_once(&self.rt, claim, now).await? {
+                return Ok(out);
+            }
+        }
         idempotency::write(
             &self.rt,
             "BatchCreateCustomers",
@@ -1448,6 +1406,157 @@ fn erasure_to_proto(r: &ErasureRecord) -> pb::ErasureRequest {
 
 /// The identifiers of a profile's `email` and `external_id`, each with the
 /// request field under `prefix` that carries it.
+/// New customers made ready for one statement on PostgreSQL
+/// ([`create::insert_at_once`]): their rows, protos and events.
+struct Creation {
+    records: Vec<CustomerRecord>,
+    history: Vec<StageChangeRecord>,
+    holdings: Vec<IdentifierRecord>,
+    /// The identifiers to check, each with its erased-identifier hash.
+    checks: Vec<(clm_domain::contact::Identifier, Option<String>)>,
+    /// The answer: the customers as created.
+    customers: Vec<pb::Customer>,
+    events: Vec<clm_platform::outbox::NewEvent>,
+}
+
+impl Creation {
+    /// `items` ready to insert at once on PostgreSQL; `None` on SQLite.
+    fn at_once(
+        rt: &Runtime,
+        items: &[(String, NewCustomer)],
+        actor: &Principal,
+        now: DateTime<Utc>,
+        salt: Option<&str>,
+    ) -> Option<Self> {
+        if !clm_platform::db::is_postgres(&rt.db) {
+            return None;
+        }
+        let checks = items
+            .iter()
+            .flat_map(|(_, c)| {
+                identifiers::profile_identifiers(c.email.as_deref(), c.external_id.as_deref())
+            })
+            .map(|i| {
+                let hash = salt.map(|s| erasure::identifier_hash(s, &i));
+                (i, hash)
+            })
+            .collect();
+        let records: Vec<CustomerRecord> = new_records(items.to_vec(), now)
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        let customers = protos(&records, now);
+        Some(Self {
+            history: first_stages(&records, actor, now),
+            holdings: profile_holdings(&records, now),
+            events: customers.iter().map(events::customer_created).collect(),
+            customers,
+            records,
+            checks,
+        })
+    }
+
+    /// Inserts everything in one statement, its own transaction, with
+    /// `claim` ([`idempotency::pg_claim_values`]) stored under the
+    /// request's key, and wakes the outbox relay; `false` when nothing was
+    /// written (an identifier held or erased, or the key seen before):
+    /// take the general path.
+    async fn insert_at_once(
+        &self,
+        rt: &Runtime,
+        claim: [sea_orm::Value; 5],
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let new = create::NewCustomers {
+            records: &self.records,
+            history: &self.history,
+            identifiers: &self.holdings,
+            checks: &self.checks,
+            events: &self.events,
+        };
+        let done = create::insert_at_once(&rt.db, &new, claim, now).await?;
+        if done {
+            rt.outbox.committed(true);
+        }
+        Ok(done)
+    }
+}
+
+/// `items` as the records of new customers created at `now`, each with
+/// its field prefix.
+fn new_records(
+    items: Vec<(String, NewCustomer)>,
+    now: DateTime<Utc>,
+) -> Vec<(String, CustomerRecord)> {
+    items
+        .into_iter()
+        .map(|(prefix, c)| {
+            let record = CustomerRecord {
+                reimported_after_erasure: false,
+                id: CustomerId::new(),
+                external_id: c.external_id,
+                email: c.email,
+                display_name: c.display_name,
+                demographics: c.demographics,
+                attributes: c.attributes,
+                stage: c.stage,
+                stage_change_time: now,
+                create_time: now,
+                update_time: now,
+                version: 1,
+                merged_from: Vec::new(),
+                acquisition_campaign: c.acquisition_campaign,
+            };
+            (prefix, record)
+        })
+        .collect()
+}
+
+/// The first stage-history entries of new customers.
+fn first_stages(
+    records: &[CustomerRecord],
+    actor: &Principal,
+    now: DateTime<Utc>,
+) -> Vec<StageChangeRecord> {
+    records
+        .iter()
+        .map(|r| StageChangeRecord {
+            id: 0,
+            customer: r.id,
+            from: None,
+            to: r.stage,
+            reason: "created".into(),
+            actor: actor.subject.clone(),
+            change_time: now,
+        })
+        .collect()
+}
+
+/// The identifiers new customers' profiles hold.
+fn profile_holdings(records: &[CustomerRecord], now: DateTime<Utc>) -> Vec<IdentifierRecord> {
+    records
+        .iter()
+        .flat_map(|r| {
+            identifiers::profile_identifiers(r.email.as_deref(), r.external_id.as_deref())
+                .into_iter()
+                .map(|identifier| IdentifierRecord {
+                    customer: r.id,
+                    identifier,
+                    profile: true,
+                    create_time: now,
+                })
+        })
+        .collect()
+}
+
+/// Records as protos, as of `now`'s date.
+fn protos(records: &[CustomerRecord], now: DateTime<Utc>) -> Vec<pb::Customer> {
+    records
+        .iter()
+        .map(|r| convert::customer_to_proto(r, now.date_naive()))
+        .collect()
+}
+
 fn profile_keys(
     prefix: &str,
     email: Option<&str>,

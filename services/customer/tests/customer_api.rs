@@ -217,6 +217,62 @@ async fn concurrent_creates_of_one_identifier_make_one_customer() {
 }
 
 #[tokio::test]
+async fn concurrent_retries_of_one_create_answer_one_customer() {
+    let h = start().await;
+    // Eight copies of one request at once: on PostgreSQL each tries the
+    // one-statement create, whose key claim makes the others wait and then
+    // write nothing; they answer the stored response.
+    let req = create_req(customer("retry@example.com"), "req-retry");
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let mut c = h.client();
+        let r = req.clone();
+        calls.push(tokio::spawn(async move { c.create_customer(r).await }));
+    }
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(
+            call.await
+                .unwrap()
+                .expect("every copy answers")
+                .into_inner(),
+        );
+    }
+    assert!(
+        answers.iter().all(|a| *a == answers[0]),
+        "every copy answers the first result"
+    );
+    let mut c = h.client();
+    let list = c
+        .list_customers(pb::ListCustomersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.customers.len(), 1, "nothing was doubled");
+
+    // A create that failed claimed no key: its request id still serves
+    // another request.
+    let held = c
+        .create_customer(create_req(customer("retry@example.com"), "req-failed"))
+        .await
+        .unwrap_err();
+    assert_eq!(held.code(), Code::AlreadyExists);
+    let later = c
+        .create_customer(create_req(customer("later@example.com"), "req-failed"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(later.email, "later@example.com");
+    let replayed = c
+        .create_customer(create_req(customer("later@example.com"), "req-failed"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed, later, "and is replayed from then on");
+    h.server.stop().await;
+}
+
+#[tokio::test]
 async fn bad_input_names_the_field() {
     let h = start().await;
     let mut c = h.client();

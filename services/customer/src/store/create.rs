@@ -1,17 +1,22 @@
-//! Creating customers on PostgreSQL in one statement: the identifier check
-//! and every insert (the profiles, their attributes, the stage history's
-//! first entries, the identifiers they hold, the `CustomerCreated` outbox
-//! events) as data-modifying CTEs of one statement, each table's rows one
-//! JSON parameter ([`JsonRows`]), so the SQL text is the same for every
-//! call and its prepared statement is reused on each connection.
+//! Creating customers on PostgreSQL in one statement, its own implicit
+//! transaction: the identifier check, the idempotency key (with the
+//! response, known before the statement runs) and every insert (the
+//! profiles, their attributes, the stage history's first entries, the
+//! identifiers they hold, the `CustomerCreated` outbox events) as
+//! data-modifying CTEs of one statement, each table's rows one JSON
+//! parameter ([`JsonRows`]), so the SQL text is the same for every call and
+//! its prepared statement is reused on each connection. No BEGIN, no
+//! COMMIT: one round trip.
 //!
-//! The inserts go ahead only when none of the identifiers is held and none
-//! matches an erased customer's hash. Otherwise nothing is written and the
-//! caller takes the general path ([`super::identifiers::check_free`], then
-//! the inserts one table at a time), which names the holder in
-//! ALREADY_EXISTS or applies the erased-identifier policy. A concurrent
-//! creation of the same identifier fails the statement on the unique
-//! indexes; that maps to ALREADY_EXISTS as on the general path.
+//! The inserts go ahead only when none of the identifiers is held, none
+//! matches an erased customer's hash and the request id (if any) is new.
+//! Otherwise nothing is written and the caller takes the general path
+//! (`idempotency::write`: a replay answers the stored response; else
+//! [`super::identifiers::check_free`], then the inserts one table at a
+//! time), which names the holder in ALREADY_EXISTS or applies the
+//! erased-identifier policy. A concurrent creation of the same identifier
+//! fails the statement on the unique indexes; that maps to ALREADY_EXISTS
+//! as on the general path.
 
 use super::customers::{self, CustomerRecord};
 use super::entity::{customer_attributes, customer_identifiers, customers as customer_rows};
@@ -21,6 +26,7 @@ use super::stages::StageChangeRecord;
 use clm_domain::contact::Identifier;
 use clm_platform::Error;
 use clm_platform::db::JsonRows;
+use clm_platform::idempotency;
 use clm_platform::outbox::{self, NewEvent};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use std::sync::LazyLock;
@@ -28,23 +34,27 @@ use std::sync::LazyLock;
 /// The statement: `$1` the outbox rows, `$2` the identifiers to check
 /// (`kind`, `value`), `$3` their erased-identifier hashes (`kind`, `hash`),
 /// `$4`..`$7` the rows of `customers`, `customer_attributes`,
-/// `stage_history` and `customer_identifiers`. It answers how many of the
-/// identifiers are held or erased (0: everything was inserted).
+/// `stage_history` and `customer_identifiers`, `$8`..`$12` the idempotency
+/// key and response ([`idempotency::pg_claim_values`]). It answers how
+/// many of the identifiers are held or erased and whether it wrote.
 static SQL: LazyLock<String> = LazyLock::new(|| {
     let none = JsonRows::of::<customer_rows::Entity>(&[], &[]);
     let attrs = JsonRows::of::<customer_attributes::Entity>(&[], &[]);
     let history = JsonRows::of::<stage_history::Entity>(&[], &[HistoryColumn::Id]);
     let held = JsonRows::of::<customer_identifiers::Entity>(&[], &[]);
-    const FREE: &str = " WHERE (SELECT ok FROM free)";
+    const GO: &str = " WHERE (SELECT ok FROM go)";
     format!(
         "WITH want AS (SELECT * FROM json_to_recordset($2::json) AS w(kind int2, value text)), \
          erased AS (SELECT * FROM json_to_recordset($3::json) AS e(kind int2, hash text)), \
          held AS (SELECT 1 FROM customer_identifiers i JOIN want w ON i.kind = w.kind AND i.value = w.value \
            UNION ALL SELECT 1 FROM erased_identifiers x JOIN erased e ON x.kind = e.kind AND x.hash = e.hash), \
          free AS (SELECT NOT EXISTS (SELECT 1 FROM held) AS ok), \
-         c AS ({customers}{FREE}), a AS ({attrs}{FREE}), h AS ({history}{FREE}), \
-         i AS ({held}{FREE}), o AS ({outbox}{FREE}) \
-         SELECT COUNT(*) AS held FROM held",
+         k AS ({claim}), \
+         go AS (SELECT (SELECT ok FROM free) AND ($9::text IS NULL OR EXISTS (SELECT 1 FROM k)) AS ok), \
+         c AS ({customers}{GO}), a AS ({attrs}{GO}), h AS ({history}{GO}), \
+         i AS ({held}{GO}), o AS ({outbox}{GO}) \
+         SELECT (SELECT COUNT(*) FROM held) AS held, (SELECT ok FROM go) AS done",
+        claim = idempotency::pg_claim_sql(8, "SELECT ok FROM free"),
         customers = none.insert_sql(4),
         attrs = attrs.insert_sql(5),
         history = history.insert_sql(6),
@@ -64,18 +74,21 @@ pub struct NewCustomers<'a> {
     pub identifiers: &'a [IdentifierRecord],
     /// The identifiers to check, each with its erased-identifier hash when
     /// the installation has a salt.
-    pub checks: &'a [(&'a Identifier, Option<String>)],
+    pub checks: &'a [(Identifier, Option<String>)],
     /// Their `CustomerCreated` events.
     pub events: &'a [NewEvent],
 }
 
-/// Inserts `new` in one statement (PostgreSQL only) when none of its
-/// identifiers is held or erased; `false` when some is (nothing written:
-/// take the general path). Unique violations of a concurrent writer map to
-/// ALREADY_EXISTS.
-pub async fn insert_if_free(
+/// Inserts `new` in one statement (PostgreSQL only, outside any
+/// transaction: the statement is its own) and stores `claim`
+/// ([`idempotency::pg_claim_values`]) under its key, when none of its
+/// identifiers is held or erased and the key is new; `false` when
+/// nothing was written (take the general path). Unique violations of a
+/// concurrent writer map to ALREADY_EXISTS.
+pub async fn insert_at_once(
     db: &impl ConnectionTrait,
     new: &NewCustomers<'_>,
+    claim: [sea_orm::Value; 5],
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<bool, Error> {
     let models: Vec<_> = new.records.iter().map(CustomerRecord::to_model).collect();
@@ -107,19 +120,21 @@ pub async fn insert_if_free(
                 .map(|h| serde_json::json!({"kind": i.kind.code(), "hash": h}))
         })
         .collect();
+    let mut values = vec![
+        outbox::pg_rows(new.events, now)?,
+        serde_json::Value::Array(want).to_string().into(),
+        serde_json::Value::Array(erased).to_string().into(),
+        JsonRows::of::<customer_rows::Entity>(&models, &[]).value(),
+        JsonRows::of::<customer_attributes::Entity>(&attrs, &[]).value(),
+        JsonRows::of::<stage_history::Entity>(&history, &[HistoryColumn::Id]).value(),
+        JsonRows::of::<customer_identifiers::Entity>(&held, &[]).value(),
+    ];
+    values.extend(claim);
     let row = db
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             SQL.as_str(),
-            [
-                outbox::pg_rows(new.events, now)?,
-                serde_json::Value::Array(want).to_string().into(),
-                serde_json::Value::Array(erased).to_string().into(),
-                JsonRows::of::<customer_rows::Entity>(&models, &[]).value(),
-                JsonRows::of::<customer_attributes::Entity>(&attrs, &[]).value(),
-                JsonRows::of::<stage_history::Entity>(&history, &[HistoryColumn::Id]).value(),
-                JsonRows::of::<customer_identifiers::Entity>(&held, &[]).value(),
-            ],
+            values,
         ))
         .await
         .map_err(|e| {
@@ -134,6 +149,5 @@ pub async fn insert_if_free(
             }
         })?
         .ok_or_else(|| Error::internal("the create statement answered no row"))?;
-    let held: i64 = row.try_get("", "held")?;
-    Ok(held == 0)
+    Ok(row.try_get("", "done")?)
 }

@@ -253,7 +253,7 @@ async fn insert_attributes<'a>(
 
 /// One customer with its attributes (one statement), or NOT_FOUND.
 pub async fn get(db: &impl ConnectionTrait, id: CustomerId) -> Result<CustomerRecord, Error> {
-    use sea_orm::{FromQueryResult as _, IdenStatic as _};
+    use sea_orm::FromQueryResult as _;
     let backend = db.get_database_backend();
     let rows = db
         .query_all_raw(sea_orm::Statement::from_sql_and_values(
@@ -265,10 +265,10 @@ pub async fn get(db: &impl ConnectionTrait, id: CustomerId) -> Result<CustomerRe
     let Some(first) = rows.first() else {
         return Err(missing(db, id).await);
     };
-    let m = customers::Model::from_query_result(first, sea_orm::SelectA.as_str())?;
+    let m = customers::Model::from_query_result(first, "")?;
     let mut attributes = Vec::with_capacity(rows.len());
     for row in &rows {
-        if let Some(a) = attr::Model::from_query_result_optional(row, sea_orm::SelectB.as_str())? {
+        if let Some(a) = attr::Model::from_query_result_optional(row, "")? {
             attributes.push(a);
         }
     }
@@ -276,11 +276,13 @@ pub async fn get(db: &impl ConnectionTrait, id: CustomerId) -> Result<CustomerRe
 }
 
 /// The statement of [`get`]: the customer and its attributes in one LEFT
-/// JOIN, its id the only parameter. Built once per backend from the
-/// entities (no column list by hand) and never again: its text never
-/// changes, so each pooled connection prepares it once and reuses it.
-fn get_sql(backend: sea_orm::DbBackend) -> String {
-    use sea_orm::QueryTrait as _;
+/// JOIN, its id the only parameter, every column of both entities under
+/// its own name (the two tables share none, so no per-column prefix to
+/// format when a row is read). Built once per backend from the entities
+/// (no column list by hand) and never again: its text never changes, so
+/// each pooled connection prepares it once and reuses it.
+fn get_sql(backend: sea_orm::DbBackend) -> &'static str {
+    use sea_orm::Iterable as _;
     static POSTGRES: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     static OTHER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let cell = if backend == sea_orm::DbBackend::Postgres {
@@ -289,12 +291,22 @@ fn get_sql(backend: sea_orm::DbBackend) -> String {
         &OTHER
     };
     cell.get_or_init(|| {
-        customers::Entity::find_by_id(String::new())
-            .find_with_related(attr::Entity)
-            .build(backend)
-            .sql
+        let mut q = Query::select();
+        for c in customers::Column::iter() {
+            q.column((customers::Entity, c));
+        }
+        for c in attr::Column::iter() {
+            q.column((attr::Entity, c));
+        }
+        q.from(customers::Entity)
+            .left_join(
+                attr::Entity,
+                Expr::col((attr::Entity, attr::Column::CustomerId))
+                    .equals((customers::Entity, Column::Id)),
+            )
+            .and_where(Expr::col((customers::Entity, Column::Id)).eq(String::new()));
+        backend.build(&q).sql
     })
-    .clone()
 }
 
 /// Customers with their attributes (one statement), in any order; absent
