@@ -1404,8 +1404,6 @@ fn erasure_to_proto(r: &ErasureRecord) -> pb::ErasureRequest {
     }
 }
 
-/// The identifiers of a profile's `email` and `external_id`, each with the
-/// request field under `prefix` that carries it.
 /// New customers made ready for one statement on PostgreSQL
 /// ([`create::insert_at_once`]): their rows, protos and events.
 struct Creation {
@@ -1557,6 +1555,8 @@ fn protos(records: &[CustomerRecord], now: DateTime<Utc>) -> Vec<pb::Customer> {
         .collect()
 }
 
+/// The identifiers of a profile's `email` and `external_id`, each with the
+/// request field under `prefix` that carries it.
 fn profile_keys(
     prefix: &str,
     email: Option<&str>,
