@@ -6,8 +6,8 @@
 
 use crate::convert::{self, member_name, member_of, program_id, reward_name};
 use crate::error::LoyaltyError;
-use crate::redeem;
 use crate::ledger::{self, Program, Trigger, Who};
+use crate::redeem;
 use crate::store::entity::{redemptions, rewards};
 use crate::store::{self, kind};
 use clm_domain::loyalty as dl;
@@ -1109,9 +1109,11 @@ impl LoyaltyService for LoyaltyApi {
                 ));
             }
             // Segment eligibility is asked before the transaction opens.
-            if let Some(row) = store::reward(&self.rt.read, &program, &reward_id).await? {
-                self.check_segment(&convert::reward(&row)?, &customer)
-                    .await?;
+            if let Some(body) = store::reward_body(&self.rt.read, &program, &reward_id).await? {
+                let mut r = <pb::Reward as prost::Message>::decode(body.as_slice())
+                    .map_err(Error::internal)?;
+                r.name = format!("programs/{program}/rewards/{reward_id}");
+                self.check_segment(&r, &customer).await?;
             }
             let _lane = self.member_lane(&program, &customer).await;
             let now = self.now();

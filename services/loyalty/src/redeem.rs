@@ -238,7 +238,12 @@ pub(crate) fn new_code() -> String {
 
 /// The shared rows, last (held the shortest time): a unit of the stock
 /// (unless `taken` already), then the campaign's total budget.
-async fn take_shared(db: &impl ConnectionTrait, r: &rewards::Model, d: &Decided, taken: bool) -> Result<()> {
+async fn take_shared(
+    db: &impl ConnectionTrait,
+    r: &rewards::Model,
+    d: &Decided,
+    taken: bool,
+) -> Result<()> {
     let (program, reward) = (d.row.program.as_str(), d.row.reward.as_str());
     if r.stock.is_some() && !taken && !store::stock(program, reward).take(db, 1).await? {
         return Err(LoyaltyError::OutOfStock(d.body.name.clone()).into());
@@ -335,11 +340,17 @@ pub async fn on_postgres(
             return w.replay().await;
         }
         let read = store::redeem::read(w.txn(), program, customer, reward_id, now_us).await?;
-        let p = read.program.ok_or_else(|| Error::NotFound(format!("programs/{program}")))?;
+        let p = read
+            .program
+            .ok_or_else(|| Error::NotFound(format!("programs/{program}")))?;
         let member = member.ok_or_else(|| not_member(program, customer))?;
         let reward = read.reward.ok_or_else(|| no_reward(program, reward_id))?;
         let reads = Reads {
-            usage: if needs_usage(&p, &reward) { read.usage } else { (0, 0) },
+            usage: if needs_usage(&p, &reward) {
+                read.usage
+            } else {
+                (0, 0)
+            },
             program: p,
             member,
             reward,

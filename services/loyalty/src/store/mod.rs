@@ -435,7 +435,7 @@ struct LotRow {
 
 /// [`open_lots`]' query: id, remaining, spendable_us and expire_us,
 /// soonest-expiring first.
-pub(crate) fn open_lots_query(program: &str, customer: &str, now_us: i64) -> SelectStatement {
+pub(crate) fn open_lots_query(program: Expr, customer: Expr, now_us: Expr) -> SelectStatement {
     Query::select()
         .columns([LC::Id, LC::Remaining, LC::SpendableUs, LC::ExpireUs])
         .from(lots::Entity)
@@ -456,7 +456,7 @@ pub async fn open_lots(
     customer: &str,
     now_us: i64,
 ) -> Result<Vec<Lot>> {
-    let q = open_lots_query(program, customer, now_us);
+    let q = open_lots_query(Expr::val(program), Expr::val(customer), Expr::val(now_us));
     Ok(all::<LotRow>(db, &q)
         .await?
         .into_iter()
@@ -1279,6 +1279,27 @@ pub async fn reward(
     one(db, &q).await
 }
 
+/// A reward's stored body (`clm.loyalty.v1.Reward` without name, etag
+/// and stock), without the sum of its stock slots that [`reward`] adds:
+/// what RedeemReward's segment check reads before its transaction.
+pub async fn reward_body(
+    db: &impl ConnectionTrait,
+    program: &str,
+    id: &str,
+) -> Result<Option<Vec<u8>>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        body: Vec<u8>,
+    }
+    let q = Query::select()
+        .column(WC::Body)
+        .from(rewards::Entity)
+        .and_where(Expr::col(WC::Program).eq(program))
+        .and_where(Expr::col(WC::Id).eq(id))
+        .to_owned();
+    Ok(one::<Row>(db, &q).await?.map(|r| r.body))
+}
+
 /// A page of a program's rewards after `after`.
 pub async fn list_rewards(
     db: &impl ConnectionTrait,
@@ -1469,16 +1490,21 @@ pub async fn member_usage(
         n: i64,
         v: i64,
     }
-    let q = usage_query(program, customer, reward, Expr::val(campaign));
+    let q = usage_query(
+        Expr::val(program),
+        Expr::val(customer),
+        Expr::val(reward),
+        Expr::val(campaign),
+    );
     Ok(one::<Row>(db, &q).await?.map_or((0, 0), |r| (r.n, r.v)))
 }
 
 /// [`member_usage`]'s query (one row, `n` and `v`), the campaign an
 /// expression (a value, or a scalar subquery).
 pub(crate) fn usage_query(
-    program: &str,
-    customer: &str,
-    reward: &str,
+    program: Expr,
+    customer: Expr,
+    reward: Expr,
     campaign: Expr,
 ) -> SelectStatement {
     let sum_when = |cond: Expr, then: Expr| -> Expr {

@@ -26,9 +26,7 @@ use clm_platform::outbox::{self, NewEvent};
 use clm_platform::timers;
 use clm_platform::{Error, Result};
 use sea_orm::sea_query::{Alias, Cond, Expr, ExprTrait, JoinType, PostgresQueryBuilder, Query};
-use sea_orm::{
-    ConnectionTrait, DbBackend, EntityName, FromQueryResult, IdenStatic, Statement,
-};
+use sea_orm::{ConnectionTrait, DbBackend, EntityName, FromQueryResult, IdenStatic, Statement};
 use std::sync::LazyLock;
 
 /// Claims the key of `w` and locks the member's row: whether the claim
@@ -89,67 +87,86 @@ pub struct Read {
     pub next_txn: i64,
 }
 
-/// Reads, in one statement after the member's lock, what the redemption
-/// decides on (see the module docs).
-pub async fn read(
-    db: &impl ConnectionTrait,
-    program: &str,
-    customer: &str,
-    reward: &str,
-    now_us: i64,
-) -> Result<Read> {
-    let (p, r, u, l) = (
-        Alias::new("p"),
-        Alias::new("r"),
-        Alias::new("u"),
-        Alias::new("l"),
-    );
-    let mut q = Query::select();
-    for c in super::PROGRAM_COLS.iter().map(|c| c.as_str()).chain(["leads"]) {
-        q.expr_as(Expr::col((p.clone(), Alias::new(c))), Alias::new(format!("p_{c}")));
-    }
-    for c in REWARD_COLS.iter().map(|c| c.as_str()) {
-        q.expr_as(Expr::col((r.clone(), Alias::new(c))), Alias::new(format!("r_{c}")));
-    }
-    // The usage by the reward's campaign (empty when there is no reward:
-    // then nothing is decided anyway).
-    let campaign = Query::select()
-        .column(rewards::Column::Campaign)
-        .from(rewards::Entity)
-        .and_where(Expr::col(rewards::Column::Program).eq(program))
-        .and_where(Expr::col(rewards::Column::Id).eq(reward))
-        .to_owned();
-    // Counted only when the reward has a limit or a campaign (whose
-    // budget may have a per-member part): one row either way.
-    let gate = Query::select()
-        .expr(Expr::val(1))
-        .from(rewards::Entity)
-        .and_where(Expr::col(rewards::Column::Program).eq(program))
-        .and_where(Expr::col(rewards::Column::Id).eq(reward))
-        .cond_where(
+/// [`read`]'s statement, built once: `$1` the program, `$2` the customer,
+/// `$3` the reward, `$4` the instant (µs).
+static READ: LazyLock<String> =
+    LazyLock::new(|| {
+        let (program, customer, reward, now) = (
+            || Expr::cust("$1"),
+            || Expr::cust("$2"),
+            || Expr::cust("$3"),
+            || Expr::cust("$4"),
+        );
+        let (p, r, u, l) = (
+            Alias::new("p"),
+            Alias::new("r"),
+            Alias::new("u"),
+            Alias::new("l"),
+        );
+        let mut q = Query::select();
+        for c in super::PROGRAM_COLS
+            .iter()
+            .map(|c| c.as_str())
+            .chain(["leads"])
+        {
+            q.expr_as(
+                Expr::col((p.clone(), Alias::new(c))),
+                Alias::new(format!("p_{c}")),
+            );
+        }
+        for c in REWARD_COLS.iter().map(|c| c.as_str()) {
+            q.expr_as(
+                Expr::col((r.clone(), Alias::new(c))),
+                Alias::new(format!("r_{c}")),
+            );
+        }
+        let the_reward = |q: &mut sea_orm::sea_query::SelectStatement| {
+            q.and_where(Expr::col((rewards::Entity, rewards::Column::Program)).eq(program()))
+                .and_where(Expr::col((rewards::Entity, rewards::Column::Id)).eq(reward()));
+        };
+        let mut campaign = Query::select();
+        campaign
+            .column(rewards::Column::Campaign)
+            .from(rewards::Entity);
+        the_reward(&mut campaign);
+        // Counted only when the reward has a limit or a campaign (whose
+        // budget may have a per-member part): one row either way.
+        let mut gate = Query::select();
+        gate.expr(Expr::val(1)).from(rewards::Entity).cond_where(
             Cond::any()
                 .add(Expr::col(rewards::Column::PerMemberLimit).gt(0))
                 .add(Expr::col(rewards::Column::Campaign).ne("")),
+        );
+        the_reward(&mut gate);
+        let usage = usage_query(
+            program(),
+            customer(),
+            reward(),
+            Expr::SubQuery(None, Box::new(campaign.into())),
         )
+        .and_where(Expr::exists(gate))
         .to_owned();
-    let usage = usage_query(
-        program,
-        customer,
-        reward,
-        Expr::SubQuery(None, Box::new(campaign.into())),
-    )
-    .and_where(Expr::exists(gate))
-    .to_owned();
-    let lots_json = Query::select()
+        let lots_json = Query::select()
         .expr(Expr::cust(
             "COALESCE(json_agg(json_build_array(l.id, l.remaining, l.spendable_us, l.expire_us) \
              ORDER BY l.expire_us, l.id), '[]'::json)::text",
         ))
-        .from_subquery(super::open_lots_query(program, customer, now_us), l.clone())
+        .from_subquery(super::open_lots_query(program(), customer(), now()), l.clone())
         .to_owned();
-    q.expr_as(Expr::col((u.clone(), Alias::new("n"))), Alias::new("used_n"))
-        .expr_as(Expr::col((u.clone(), Alias::new("v"))), Alias::new("used_v"))
-        .expr_as(Expr::SubQuery(None, Box::new(lots_json.into())), Alias::new("lots"))
+        let mut the_rewards = rewards_query();
+        the_reward(&mut the_rewards);
+        q.expr_as(
+            Expr::col((u.clone(), Alias::new("n"))),
+            Alias::new("used_n"),
+        )
+        .expr_as(
+            Expr::col((u.clone(), Alias::new("v"))),
+            Alias::new("used_v"),
+        )
+        .expr_as(
+            Expr::SubQuery(None, Box::new(lots_json.into())),
+            Alias::new("lots"),
+        )
         .expr_as(
             Expr::cust(format!(
                 "nextval('{}_id_seq')",
@@ -159,23 +176,37 @@ pub async fn read(
         )
         .from_subquery(
             programs_query()
-                .and_where(Expr::col((super::programs::Entity, super::PC::Id)).eq(program))
+                .and_where(Expr::col((super::programs::Entity, super::PC::Id)).eq(program()))
                 .to_owned(),
             p,
         )
-        .join_subquery(
-            JoinType::LeftJoin,
-            rewards_query()
-                .and_where(Expr::col((rewards::Entity, rewards::Column::Program)).eq(program))
-                .and_where(Expr::col((rewards::Entity, rewards::Column::Id)).eq(reward))
-                .to_owned(),
-            r,
-            Expr::cust("TRUE"),
-        )
+        .join_subquery(JoinType::LeftJoin, the_rewards, r, Expr::cust("TRUE"))
         .join_subquery(JoinType::LeftJoin, usage, u, Expr::cust("TRUE"));
-    let (sql, values) = q.build(PostgresQueryBuilder);
+        q.to_string(PostgresQueryBuilder)
+    });
+
+/// Reads, in one statement after the member's lock, what the redemption
+/// decides on (see the module docs).
+pub async fn read(
+    db: &impl ConnectionTrait,
+    program: &str,
+    customer: &str,
+    reward: &str,
+    now_us: i64,
+) -> Result<Read> {
+    let values: [sea_orm::Value; 4] = [
+        program.into(),
+        customer.into(),
+        reward.into(),
+        now_us.into(),
+    ];
+    let (sql, values) = (READ.as_str(), values);
     let Some(row) = db
-        .query_one_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values))
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            sql,
+            values,
+        ))
         .await?
     else {
         return Ok(Read {
