@@ -191,6 +191,26 @@ pub async fn record(
     record_all(db, service, now, vec![change]).await
 }
 
+/// Who made the changes of the current call: (actor, roles, rpc, trace id,
+/// request id), or `system:<service>` outside a call.
+fn made_by(service: &str) -> (String, String, String, Option<String>, Option<String>) {
+    let (actor, roles, rpc) = match crate::call::current() {
+        Some(c) => (
+            c.principal.subject.clone(),
+            c.principal
+                .roles
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            c.rpc_path(),
+        ),
+        None => (format!("system:{service}"), String::new(), String::new()),
+    };
+    let request_id = crate::call::request_id().filter(|r| !r.is_empty());
+    (actor, roles, rpc, crate::call::trace_id(), request_id)
+}
+
 /// Appends several changes of one write at once (one statement).
 pub async fn record_all(
     db: &impl ConnectionTrait,
@@ -201,27 +221,7 @@ pub async fn record_all(
     if changes.is_empty() {
         return Ok(());
     }
-    let call = crate::call::current();
-    let (actor, roles, rpc, trace_id) = match &call {
-        Some(c) => (
-            c.principal.subject.clone(),
-            c.principal
-                .roles
-                .iter()
-                .map(|r| r.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-            c.rpc_path(),
-            crate::call::trace_id(),
-        ),
-        None => (
-            format!("system:{service}"),
-            String::new(),
-            String::new(),
-            crate::call::trace_id(),
-        ),
-    };
-    let request_id = crate::call::request_id().filter(|r| !r.is_empty());
+    let (actor, roles, rpc, trace_id, request_id) = made_by(service);
     // 12 columns a row: stay far below any bind-parameter limit.
     for part in changes.chunks(1000) {
         let mut insert = Query::insert();
@@ -260,6 +260,62 @@ pub async fn record_all(
         db.execute(&insert).await?;
     }
     Ok(())
+}
+
+/// [`record_all`] on PostgreSQL for a data-modifying CTE of a larger
+/// statement: the entries are the JSON rows of [`pg_rows`] bound as `$param`.
+pub fn pg_insert_sql(param: usize) -> String {
+    format!(
+        "INSERT INTO {TABLE} (time_us, actor, roles, rpc, resource, customer, field_mask, \
+         before_json, after_json, request_id, trace_id) \
+         SELECT time_us, actor, roles, rpc, resource, customer, field_mask, before_json, \
+         after_json, request_id, trace_id FROM json_to_recordset(${param}::json) AS x(time_us int8, \
+         actor text, roles text, rpc text, resource text, customer text, field_mask text, \
+         before_json text, after_json text, request_id text, trace_id text)"
+    )
+}
+
+/// The parameter of [`pg_insert_sql`] for `changes`, made by the current
+/// call's caller (as [`record_all`] records them).
+pub fn pg_rows(
+    service: &str,
+    now: chrono::DateTime<chrono::Utc>,
+    changes: &[Change],
+) -> Result<sea_orm::Value> {
+    #[derive(serde::Serialize)]
+    struct Entry<'a> {
+        time_us: i64,
+        actor: &'a str,
+        roles: &'a str,
+        rpc: &'a str,
+        resource: &'a str,
+        customer: Option<&'a str>,
+        field_mask: String,
+        before_json: Option<&'a str>,
+        after_json: Option<&'a str>,
+        request_id: Option<&'a str>,
+        trace_id: Option<&'a str>,
+    }
+    let (actor, roles, rpc, trace_id, request_id) = made_by(service);
+    let rows: Vec<Entry<'_>> = changes
+        .iter()
+        .map(|c| Entry {
+            time_us: to_micros(now),
+            actor: &actor,
+            roles: &roles,
+            rpc: c.rpc.as_deref().unwrap_or(&rpc),
+            resource: &c.resource,
+            customer: c.customer.as_deref(),
+            field_mask: c.mask.join(","),
+            before_json: c.before.as_deref(),
+            after_json: c.after.as_deref(),
+            request_id: request_id.as_deref(),
+            trace_id: trace_id.as_deref(),
+        })
+        .collect();
+    serde_json::to_string(&rows)
+        .map(Into::into)
+        .map_err(Error::internal)
 }
 
 #[derive(Debug, FromQueryResult)]

@@ -145,6 +145,20 @@ pub async fn claim<R: prost::Message + Default>(
     if inserted == 1 {
         return Ok(Claim::New);
     }
+    stored(txn, scope, request_id, request_hash)
+        .await
+        .map(Claim::Replay)
+}
+
+/// The stored response of a key that was claimed before (its insert
+/// changed no row): `ALREADY_EXISTS` for another payload, `ABORTED` while
+/// the first request is still in flight.
+async fn stored<R: prost::Message + Default>(
+    txn: &DatabaseTransaction,
+    scope: &str,
+    request_id: &str,
+    request_hash: &str,
+) -> Result<R, Error> {
     let row = txn
         .query_one(
             Query::select()
@@ -170,9 +184,7 @@ pub async fn claim<R: prost::Message + Default>(
     let bytes = response.ok_or_else(|| {
         Error::Aborted("the first request with this request_id has not finished; retry".into())
     })?;
-    R::decode(bytes.as_slice())
-        .map(Claim::Replay)
-        .map_err(Error::internal)
+    R::decode(bytes.as_slice()).map_err(Error::internal)
 }
 
 /// Stores the response of a claimed request (in the same transaction).
@@ -320,5 +332,111 @@ where
             write.finish(&rt.outbox, &events, &response, now).await?;
             Ok(response)
         }
+    }
+}
+
+/// A keyed write on PostgreSQL whose claim and stored response ride inside
+/// the caller's own statements as data-modifying CTEs, so a write of a few
+/// statements pays no round trip for its key (RedeemReward):
+///
+/// 1. [`begin_inline`] opens the transaction (nothing else);
+/// 2. the first statement carries [`Inline::claim_sql`] (its values
+///    [`Inline::claim_values`]) and answers whether it inserted a row; if
+///    not, [`Inline::replay`] answers as [`claim`] does (the stored response,
+///    `ALREADY_EXISTS` or `ABORTED`): a concurrent duplicate blocked on the
+///    insert until the first transaction ended, and the replay's statement,
+///    a new snapshot, sees what it stored;
+/// 3. the last statement carries [`Inline::complete_sql`] and the outbox
+///    rows ([`crate::outbox::PG_INSERT`]);
+/// 4. [`Inline::commit`].
+///
+/// The work runs inside [`crate::call::with_request_id`], as in [`write`].
+#[derive(Debug)]
+pub struct Inline {
+    txn: DatabaseTransaction,
+    scope: &'static str,
+    request_id: String,
+    hash: String,
+    now_us: i64,
+}
+
+/// Begins an [`Inline`] write of `request` in `scope` keyed by `request_id`.
+pub async fn begin_inline<Q: prost::Message>(
+    db: &sea_orm::DatabaseConnection,
+    scope: &'static str,
+    request_id: String,
+    request: &Q,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Inline, Error> {
+    Ok(Inline {
+        txn: sea_orm::TransactionTrait::begin(db).await?,
+        scope,
+        request_id,
+        hash: hash(request),
+        now_us: to_micros(now),
+    })
+}
+
+impl Inline {
+    /// The transaction to do the work in.
+    pub fn txn(&self) -> &DatabaseTransaction {
+        &self.txn
+    }
+
+    /// The claim, for a CTE: `INSERT … ON CONFLICT DO NOTHING RETURNING 1`
+    /// (a row when the key is new), binding [`Self::claim_values`] as
+    /// `$first` to `$first + 3`.
+    pub fn claim_sql(first: usize) -> String {
+        format!(
+            "INSERT INTO idempotency_keys (scope, request_id, request_hash, create_us) \
+             VALUES (${}, ${}, ${}, ${}) ON CONFLICT (scope, request_id) DO NOTHING RETURNING 1",
+            first,
+            first + 1,
+            first + 2,
+            first + 3
+        )
+    }
+
+    /// The values of [`Self::claim_sql`].
+    pub fn claim_values(&self) -> [sea_orm::Value; 4] {
+        [
+            self.scope.into(),
+            self.request_id.as_str().into(),
+            self.hash.as_str().into(),
+            self.now_us.into(),
+        ]
+    }
+
+    /// The answer when the claim inserted no row (a retry): the stored
+    /// response, or `ALREADY_EXISTS` / `ABORTED` as [`claim`] answers. The
+    /// transaction rolls back.
+    pub async fn replay<R: prost::Message + Default>(self) -> Result<R, Error> {
+        stored(&self.txn, self.scope, &self.request_id, &self.hash).await
+    }
+
+    /// Stores the response, for a CTE: an `UPDATE` of the key binding
+    /// [`Self::complete_values`] as `$first` to `$first + 2`.
+    pub fn complete_sql(first: usize) -> String {
+        format!(
+            "UPDATE idempotency_keys SET response = ${} WHERE scope = ${} AND request_id = ${}",
+            first,
+            first + 1,
+            first + 2
+        )
+    }
+
+    /// The values of [`Self::complete_sql`] for `response`.
+    pub fn complete_values<R: prost::Message>(&self, response: &R) -> [sea_orm::Value; 3] {
+        [
+            response.encode_to_vec().into(),
+            self.scope.into(),
+            self.request_id.as_str().into(),
+        ]
+    }
+
+    /// Commits (the response and the events were written by the work).
+    pub async fn commit(self, outbox: &crate::outbox::Outbox) -> Result<(), Error> {
+        outbox.commit(self.txn).await?;
+        Ok(())
     }
 }

@@ -470,7 +470,8 @@ where
 
 /// Samples, every 2 ms until [`LockWaits::stop`], the statements of a
 /// PostgreSQL database that wait for a lock (`pg_stat_activity`), other
-/// than the relation-extension lock: what a test asserts when writers must
+/// than the relation-extension lock and the NOTIFY queue's lock at commit:
+/// what a test asserts when writers must
 /// not queue on each other's row locks.
 /// On SQLite (one writer) it samples nothing.
 #[derive(Debug)]
@@ -495,9 +496,14 @@ impl LockWaits {
             // `extend` is the relation-extension lock: concurrent inserts
             // into one table take turns adding its pages. It is held for a
             // page write, not a transaction, and is no row lock to queue on.
+            // An `object` lock at COMMIT is the NOTIFY queue's, one for the
+            // whole cluster (`PreCommit_Notify`): the outbox relay's commit
+            // waits there for any database's notifying commit (another
+            // test's relay), not for a row.
             let sql = "SELECT wait_event || ': ' || query AS query FROM pg_stat_activity \
                        WHERE datname = current_database() \
-                       AND wait_event_type = 'Lock' AND wait_event <> 'extend'";
+                       AND wait_event_type = 'Lock' AND wait_event <> 'extend' \
+                       AND NOT (wait_event = 'object' AND query = 'COMMIT')";
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 let rows = db
                     .query_all_raw(Statement::from_string(DbBackend::Postgres, sql))

@@ -131,6 +131,48 @@ pub async fn arm(db: &impl ConnectionTrait, kind: &str, timers: &[Arm]) -> Resul
     Ok(())
 }
 
+/// [`arm`] on PostgreSQL for a data-modifying CTE of a larger statement:
+/// the timers are the JSON rows of [`pg_rows`] bound as `$param`; same
+/// upsert (a timer armed again moves and its version bumps).
+pub fn pg_arm_sql(param: usize) -> String {
+    format!(
+        "INSERT INTO {TABLE} (kind, key, subject, due_us, version, payload) \
+         SELECT kind, key, subject, due_us, 1, decode(payload, 'base64') \
+         FROM json_to_recordset(${param}::json) AS x(kind text, key text, subject text, due_us int8, payload text) \
+         ON CONFLICT (kind, key) DO UPDATE SET subject = excluded.subject, due_us = excluded.due_us, \
+         payload = excluded.payload, version = {TABLE}.version + 1"
+    )
+}
+
+/// The parameter of [`pg_arm_sql`] for `timers` of `kind`.
+pub fn pg_rows(kind: &str, timers: &[Arm]) -> Result<sea_orm::Value, DbErr> {
+    use base64::Engine;
+    #[derive(serde::Serialize)]
+    struct Row<'a> {
+        kind: &'a str,
+        key: &'a str,
+        subject: &'a str,
+        due_us: i64,
+        payload: Option<String>,
+    }
+    let rows: Vec<Row<'_>> = timers
+        .iter()
+        .map(|t| Row {
+            kind,
+            key: &t.key,
+            subject: &t.subject,
+            due_us: t.due_us,
+            payload: t
+                .payload
+                .as_ref()
+                .map(|p| base64::engine::general_purpose::STANDARD.encode(p)),
+        })
+        .collect();
+    serde_json::to_string(&rows)
+        .map(Into::into)
+        .map_err(|e| DbErr::Custom(format!("timer rows as JSON: {e}")))
+}
+
 /// Removes `keys` of `kind`.
 pub async fn disarm(db: &impl ConnectionTrait, kind: &str, keys: &[String]) -> Result<(), DbErr> {
     for part in keys.chunks(1000) {
@@ -359,6 +401,19 @@ impl Timers {
     /// Asks the queue to look now (after a commit that armed timers).
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// [`Self::wake`] for a commit that armed a timer due at `due_us`, when
+    /// `now_us` is the writer's clock: only when it is due within a
+    /// [`TICK`]. The queue looks at least every tick, so a later timer
+    /// fires on time without a wake, and a write path that arms far-off
+    /// timers at a high rate (a coupon's expiry on every redemption) does
+    /// not keep the queue reading every kind's due timers after each commit.
+    pub fn wake_for(&self, due_us: i64, now_us: i64) {
+        let tick_us = i64::try_from(TICK.as_micros()).unwrap_or(i64::MAX);
+        if due_us.saturating_sub(now_us) <= tick_us {
+            self.wake();
+        }
     }
 }
 

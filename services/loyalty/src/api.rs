@@ -7,7 +7,8 @@
 use crate::convert::{self, member_name, member_of, program_id, reward_name};
 use crate::error::LoyaltyError;
 use crate::ledger::{self, Program, Trigger, Who};
-use crate::store::entity::{members, redemptions, rewards};
+use crate::redeem;
+use crate::store::entity::{redemptions, rewards};
 use crate::store::{self, kind};
 use clm_domain::loyalty as dl;
 use clm_domain::validation::{page_size, request_id};
@@ -20,7 +21,7 @@ use clm_platform::lanes::Lanes;
 use clm_platform::outbox::NewEvent;
 use clm_platform::page::Pager;
 use clm_platform::peer::Idempotency;
-use clm_platform::timers::{self, Arm};
+use clm_platform::timers;
 use clm_platform::{Error, Result, Runtime, idempotency};
 use clm_proto::loyalty as pb;
 use clm_proto::loyalty::loyalty_service_server::LoyaltyService;
@@ -72,7 +73,6 @@ pub const POLICY: Policy = Policy {
 
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 1000;
-const DEFAULT_COUPON_VALIDITY_US: i64 = 90 * 86_400_000_000;
 
 /// The loyalty service.
 #[derive(Debug, Clone)]
@@ -90,11 +90,6 @@ fn required_rid(v: &str) -> Result<String> {
 
 fn not_member(program: &str, customer: &str) -> Error {
     Error::NotFound(member_of(program, customer))
-}
-
-/// An unguessable code: 122 random bits (UUIDv4) in upper-case hex.
-fn new_code() -> String {
-    uuid::Uuid::new_v4().simple().to_string().to_uppercase()
 }
 
 fn stamp(us: i64) -> Option<prost_types::Timestamp> {
@@ -242,154 +237,6 @@ impl LoyaltyApi {
         .into())
     }
 
-    /// The redemption, in `txn` (see RedeemReward).
-    async fn redeem_in(
-        &self,
-        txn: &impl ConnectionTrait,
-        program: &str,
-        customer: &str,
-        reward_id: &str,
-        now_us: i64,
-    ) -> Result<(pb::Redemption, Vec<NewEvent>)> {
-        let p = Program::load(txn, program).await?;
-        let m = store::lock_members(txn, program, &[customer])
-            .await?
-            .pop()
-            .ok_or_else(|| not_member(program, customer))?;
-        let r = store::reward(txn, program, reward_id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("programs/{program}/rewards/{reward_id}")))?;
-        let body = convert::reward(&r)?;
-        eligible(&body, &m, now_us)?;
-        let budget = p
-            .body
-            .campaign_budgets
-            .iter()
-            .find(|b| !r.campaign.is_empty() && b.campaign == r.campaign)
-            .cloned();
-        // Limits under the member's lock: its redemptions take turns. Read
-        // only when a per-member limit or budget applies.
-        let per_member_budget = budget.as_ref().and_then(|b| b.per_member.as_ref());
-        let (count, value) = if r.per_member_limit > 0 || per_member_budget.is_some() {
-            store::member_usage(txn, program, customer, reward_id, &r.campaign).await?
-        } else {
-            (0, 0)
-        };
-        if r.per_member_limit > 0 && count >= r.per_member_limit {
-            return Err(LoyaltyError::LimitReached {
-                reward: body.name.clone(),
-                member: member_of(program, customer),
-                limit: r.per_member_limit,
-            }
-            .into());
-        }
-        if let Some(pm) = per_member_budget
-            && value + r.value_minor > pm.amount_minor
-        {
-            return Err(LoyaltyError::BudgetReached {
-                which: "per-member",
-                campaign: r.campaign.clone(),
-                subject: format!("programs/{program}/campaigns/{}:{customer}", r.campaign),
-                limit: pm.amount_minor,
-            }
-            .into());
-        }
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        let who = Who::current("redemption");
-        let spent = ledger::spend(
-            txn,
-            program,
-            customer,
-            r.cost,
-            kind::SPEND,
-            format!("redemption/{id}"),
-            now_us,
-            &who,
-        )
-        .await?;
-        let validity = match convert::us(body.coupon_validity.as_ref()) {
-            0 => match convert::us(p.body.coupon_validity.as_ref()) {
-                0 => DEFAULT_COUPON_VALIDITY_US,
-                v => v,
-            },
-            v => v,
-        };
-        let row = redemptions::Model {
-            id: id.clone(),
-            program: program.to_owned(),
-            customer: customer.to_owned(),
-            reward: reward_id.to_owned(),
-            campaign: r.campaign.clone(),
-            cost: r.cost,
-            value_minor: r.value_minor,
-            spend_txn: spent.txn.id,
-            state: store::ACTIVE,
-            code: new_code(),
-            code_kind: i16::try_from(body.code_kind).unwrap_or(0).max(1),
-            coupon_state: store::ISSUED,
-            coupon_expire_us: now_us.saturating_add(validity),
-            use_us: None,
-            create_us: now_us,
-            cancel_us: None,
-            // Taken from the campaign's total below (or the call fails).
-            budget_minor: if budget.as_ref().is_some_and(|b| b.total.is_some()) {
-                r.value_minor.max(0)
-            } else {
-                0
-            },
-        };
-        store::insert_redemption(txn, &row).await?;
-        timers::arm(
-            txn,
-            ledger::COUPON_EXPIRY,
-            &[Arm::new(
-                format!("coupon/{}", row.code),
-                customer,
-                row.coupon_expire_us,
-            )],
-        )
-        .await?;
-        let (t, draws, balance) = (&spent.txn, &spent.draws, spent.balance);
-        let spend = convert::transaction(t, spent.lot_draws());
-        let out = convert::redemption(&row, Some(spend), balance);
-        audit::record(
-            txn,
-            crate::SERVICE,
-            from_micros(now_us),
-            Change::create(&out.name, &out).customer(customer),
-        )
-        .await?;
-        // The shared rows last, so they are held the shortest time.
-        if r.stock.is_some() && !store::stock(program, reward_id).take(txn, 1).await? {
-            return Err(LoyaltyError::OutOfStock(body.name.clone()).into());
-        }
-        if let Some(total) = budget.as_ref().and_then(|b| b.total.as_ref())
-            && r.value_minor > 0
-            && !store::budget(program, &r.campaign)
-                .take(txn, r.value_minor)
-                .await?
-        {
-            return Err(LoyaltyError::BudgetReached {
-                which: "total",
-                campaign: r.campaign.clone(),
-                subject: format!("programs/{program}/campaigns/{}", r.campaign),
-                limit: total.amount_minor,
-            }
-            .into());
-        }
-        let events = vec![
-            ledger::points_changed(&p, t, draws, balance),
-            NewEvent::new(
-                customer,
-                &pb::RewardRedeemed {
-                    customer: customer.to_owned(),
-                    redemption: Some(out.clone()),
-                },
-            ),
-        ];
-        Ok((out, events))
-    }
-
     async fn earn_in(
         &self,
         txn: &impl ConnectionTrait,
@@ -461,29 +308,6 @@ impl LoyaltyApi {
         events.shrink_to_fit();
         Ok((response, events))
     }
-}
-
-/// Whether the member may redeem the reward at `now_us` (validity and tier).
-fn eligible(body: &pb::Reward, m: &members::Model, now_us: i64) -> Result<()> {
-    let at = |t: &Option<prost_types::Timestamp>| {
-        t.as_ref()
-            .and_then(|t| from_timestamp("", t).ok())
-            .map(to_micros)
-    };
-    if at(&body.valid_from_time).is_some_and(|f| f > now_us)
-        || at(&body.valid_until_time).is_some_and(|u| u <= now_us)
-    {
-        return Err(LoyaltyError::NotEligible(format!("{} is not valid now", body.name)).into());
-    }
-    if !body.eligible_tiers.is_empty() && !body.eligible_tiers.contains(&m.tier) {
-        return Err(LoyaltyError::NotEligible(format!(
-            "{} is only for the tiers {}",
-            body.name,
-            body.eligible_tiers.join(", ")
-        ))
-        .into());
-    }
-    Ok(())
 }
 
 /// An activity as a trigger, its instant (not after now) and its source.
@@ -1243,7 +1067,7 @@ impl LoyaltyService for LoyaltyApi {
                 let body = convert::reward(r)?;
                 let limited = r.per_member_limit > 0
                     && used.get(&r.id).copied().unwrap_or(0) >= r.per_member_limit;
-                if eligible(&body, &m, now_us).is_err()
+                if redeem::eligible(&body, &m, now_us).is_err()
                     || r.stock.is_some_and(|s| s <= 0)
                     || limited
                 {
@@ -1285,25 +1109,32 @@ impl LoyaltyService for LoyaltyApi {
                 ));
             }
             // Segment eligibility is asked before the transaction opens.
-            if let Some(row) = store::reward(&self.rt.read, &program, &reward_id).await? {
-                self.check_segment(&convert::reward(&row)?, &customer)
-                    .await?;
+            if let Some(body) = store::reward_body(&self.rt.read, &program, &reward_id).await? {
+                let mut r = <pb::Reward as prost::Message>::decode(body.as_slice())
+                    .map_err(Error::internal)?;
+                r.name = format!("programs/{program}/rewards/{reward_id}");
+                self.check_segment(&r, &customer).await?;
             }
             let _lane = self.member_lane(&program, &customer).await;
             let now = self.now();
-            let out = idempotency::write(
-                &self.rt,
-                "RedeemReward",
-                Some(rid),
-                &req,
-                now,
-                async |txn| {
-                    self.redeem_in(txn, &program, &customer, &reward_id, to_micros(now))
-                        .await
-                },
-            )
-            .await?;
-            self.rt.timers.wake();
+            let out = if clm_platform::db::is_postgres(&self.rt.db) {
+                redeem::on_postgres(&self.rt, &req, rid, &program, &customer, &reward_id, now)
+                    .await?
+            } else {
+                idempotency::write(&self.rt, redeem::SCOPE, Some(rid), &req, now, async |txn| {
+                    redeem::general(txn, &program, &customer, &reward_id, to_micros(now)).await
+                })
+                .await?
+            };
+            // The coupon's expiry timer: far off, found by the queue's ticks.
+            if let Some(until) = out
+                .coupon
+                .as_ref()
+                .and_then(|c| c.expire_time.as_ref())
+                .and_then(|t| from_timestamp("", t).ok())
+            {
+                self.rt.timers.wake_for(to_micros(until), to_micros(now));
+            }
             Ok(out)
         })
         .await
@@ -1503,7 +1334,7 @@ impl LoyaltyService for LoyaltyApi {
                     let code = match m.referral_code {
                         Some(c) => c,
                         None => {
-                            let c = format!("R{}", &new_code()[..12]);
+                            let c = format!("R{}", &redeem::new_code()[..12]);
                             store::set_referral_code(txn, &program, &customer, &c).await?;
                             let out = pb::ReferralCode {
                                 code: c.clone(),
@@ -1620,9 +1451,7 @@ impl LoyaltyService for LoyaltyApi {
             let txn = self.rt.db.begin().await?;
             let transactions = match (&event, reward_id) {
                 (_, Some(id)) => {
-                    let (r, _) = self
-                        .redeem_in(&txn, &program, &customer, &id, now_us)
-                        .await?;
+                    let (r, _) = redeem::general(&txn, &program, &customer, &id, now_us).await?;
                     r.spend.into_iter().collect()
                 }
                 (pb::simulate_event_request::Event::Activity(a), None) => {

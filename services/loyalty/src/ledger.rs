@@ -288,18 +288,41 @@ pub async fn spend(
     who: &Who,
 ) -> Result<Spent> {
     let lots = store::open_lots(db, program, customer, now_us).await?;
+    let mut spent = plan_spend(
+        &lots, program, customer, amount, txn_kind, source, now_us, who,
+    )?;
+    spent.txn.id = store::insert_spend(db, &spent.txn, &spent.draws)
+        .await?
+        .ok_or_else(|| {
+            Error::Aborted("a concurrent request made the same transaction; retry".into())
+        })?;
+    Ok(spent)
+}
+
+/// The spend of `amount` from the member's open `lots` (soonest-expiring
+/// first) at `now_us`, decided and not yet written: its transaction (id
+/// 0 until written), draws and the balance after it; INSUFFICIENT_POINTS
+/// when the spendable lots hold less.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_spend(
+    lots: &[dl::Lot],
+    program: &str,
+    customer: &str,
+    amount: i64,
+    txn_kind: i16,
+    source: String,
+    now_us: i64,
+    who: &Who,
+) -> Result<Spent> {
     let draws =
-        dl::plan_spend(&lots, amount, now_us).map_err(|e| LoyaltyError::InsufficientPoints {
+        dl::plan_spend(lots, amount, now_us).map_err(|e| LoyaltyError::InsufficientPoints {
             balance: e.balance,
             cost: amount,
         })?;
-    let balance = dl::balance(&lots, now_us) - amount;
-    let mut t = new_txn(
+    let balance = dl::balance(lots, now_us) - amount;
+    let t = new_txn(
         program, customer, txn_kind, -amount, "", source, now_us, who,
     );
-    t.id = store::insert_spend(db, &t, &draws).await?.ok_or_else(|| {
-        Error::Aborted("a concurrent request made the same transaction; retry".into())
-    })?;
     let expiry = lots
         .iter()
         .filter(|l| draws.iter().any(|d| d.lot == l.id))

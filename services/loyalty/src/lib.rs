@@ -61,7 +61,9 @@
 //!   then takes a unit of the reward's stock and its value from the
 //!   campaign's total budget (conditional UPDATEs on their slots,
 //!   `value >= amount`) last, so those shared rows are held only until
-//!   the commit. Segment eligibility
+//!   the commit. On PostgreSQL that is three statements ([`redeem`]):
+//!   the key's claim with the member's lock, the reads after it, and
+//!   every row at once. Segment eligibility
 //!   is asked of segmentation before the transaction opens (a membership
 //!   change between the answer and the commit is not seen).
 //! * **Stock and budget slots.** A limited stock is spread over
@@ -106,6 +108,7 @@ pub mod earning;
 pub mod error;
 pub mod events;
 pub mod ledger;
+pub mod redeem;
 pub mod store;
 pub mod timers;
 

@@ -88,6 +88,17 @@ impl Env {
         }
     }
 
+    /// A second replica of the loyalty service on the same database and
+    /// clock (its lanes are its own: only the database orders the two).
+    async fn replica(&self) -> Running {
+        let mut lc = self._backends.1.config("loyalty");
+        lc.change_poll_interval_ms = 50;
+        lc.database.max_connections = 16;
+        lc.peers
+            .insert("customer".into(), self.customer.as_ref().unwrap().url());
+        start_with_clock(&clm_loyalty::DESCRIPTOR, lc, Arc::new(self.clock.clone())).await
+    }
+
     fn api(&self) -> Loyalty {
         LoyaltyServiceClient::new(self.loyalty.channel())
     }
@@ -1306,6 +1317,149 @@ async fn a_burst_for_one_member_queues_in_the_service_not_on_its_row_lock() {
         "same-member calls waited on a row lock: {waited:?}"
     );
     assert_eq!(env.member(&m).await.balance, 1_000 - 200);
+}
+
+/// Two replicas of the service (their lanes do not see each other, so only
+/// the database guards order them) redeem at once: a member's last points
+/// are spent once (the other calls refused with FAILED_PRECONDITION, the
+/// balance never below zero), the last unit of a stock goes once (the
+/// rest OUT_OF_STOCK), and calls repeating one request_id all answer the
+/// one redemption it made.
+#[tokio::test]
+async fn two_replicas_never_overdraw_oversell_or_double_a_request_id() {
+    let env = Env::start().await;
+    let replica = env.replica().await;
+    let mut p = program();
+    p.pending_period = None;
+    env.program("stars", p).await;
+    env.reward(
+        "stars",
+        "mug",
+        pb::Reward {
+            cost: 10,
+            ..Default::default()
+        },
+    )
+    .await;
+    env.reward(
+        "stars",
+        "last",
+        pb::Reward {
+            cost: 1,
+            stock: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let apis = [env.api(), LoyaltyServiceClient::new(replica.channel())];
+    let c = env.new_customer("last-points@example.com").await;
+    let m = env.enroll("stars", &c).await.name;
+    env.earn(&m, 25, "last-points").await;
+    // 12 calls over both replicas for 2 mugs' worth of points, and 8 calls
+    // with one request_id.
+    let mut calls = futures::stream::FuturesUnordered::new();
+    for k in 0..20 {
+        let mut api = apis[k % 2].clone();
+        let req = pb::RedeemRewardRequest {
+            member: m.clone(),
+            reward: "programs/stars/rewards/mug".into(),
+            request_id: if k < 12 {
+                format!("mug-{k}")
+            } else {
+                "mug-again".into()
+            },
+        };
+        calls.push(async move {
+            loop {
+                match api.redeem_reward(req.clone()).await {
+                    Err(e) if e.code() == tonic::Code::Unavailable => {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                    other => break (k, other.map(tonic::Response::into_inner)),
+                }
+            }
+        });
+    }
+    use futures::StreamExt;
+    let mut won = std::collections::BTreeSet::new();
+    let mut again = std::collections::BTreeSet::new();
+    let mut short = 0;
+    while let Some((k, r)) = calls.next().await {
+        match r {
+            Ok(r) => {
+                assert!(r.balance >= 0, "{r:?}");
+                if k >= 12 {
+                    again.insert(r.name.clone());
+                }
+                won.insert(r.name);
+            }
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+                assert_eq!(reason(&e), "INSUFFICIENT_POINTS", "{e:?}");
+                if k >= 12 {
+                    // Refused: refused for every retry of that request_id.
+                    again.insert(String::new());
+                }
+                short += 1;
+            }
+        }
+    }
+    assert_eq!(won.len(), 2, "two mugs' worth of points: {won:?}");
+    assert_eq!(again.len(), 1, "one answer for one request_id: {again:?}");
+    let view = env.member(&m).await;
+    assert_eq!(view.balance, 5);
+    let txns = env.transactions(&m).await;
+    let spends = txns
+        .iter()
+        .filter(|t| t.kind == pb::TransactionKind::Spend as i32)
+        .count();
+    assert_eq!(spends, 2);
+    assert_eq!(txns.iter().map(|t| t.points).sum::<i64>(), 5);
+    assert!(short >= 10);
+    // The last unit: six members at once over both replicas, one wins.
+    let mut members = Vec::new();
+    for i in 0..6 {
+        let c = env.new_customer(&format!("last-unit{i}@example.com")).await;
+        let m = env.enroll("stars", &c).await.name;
+        env.earn(&m, 5, &format!("last-unit-{i}")).await;
+        members.push(m);
+    }
+    let mut calls = futures::stream::FuturesUnordered::new();
+    for (k, m) in members.iter().enumerate() {
+        let mut api = apis[k % 2].clone();
+        let req = pb::RedeemRewardRequest {
+            member: m.clone(),
+            reward: "programs/stars/rewards/last".into(),
+            request_id: format!("last-{k}"),
+        };
+        calls.push(async move {
+            loop {
+                match api.redeem_reward(req.clone()).await {
+                    Err(e) if e.code() == tonic::Code::Unavailable => {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                    other => break other,
+                }
+            }
+        });
+    }
+    let (mut ok, mut out) = (0, 0);
+    while let Some(r) = calls.next().await {
+        match r {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(reason(&e), "OUT_OF_STOCK", "{e:?}");
+                out += 1;
+            }
+        }
+    }
+    assert_eq!((ok, out), (1, 5));
+    let mut balances = 0;
+    for m in &members {
+        balances += env.member(m).await.balance;
+    }
+    assert_eq!(balances, 6 * 5 - 1, "only the winner paid");
+    replica.stop().await;
 }
 
 /// A stock spread over slots whose last units all sit in one slot (the

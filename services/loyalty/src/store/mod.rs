@@ -11,6 +11,7 @@
 
 pub mod entity;
 pub mod migration;
+pub mod redeem;
 pub mod slots;
 
 pub use migration::Migrator;
@@ -84,7 +85,7 @@ async fn total(db: &impl ConnectionTrait, q: &SelectStatement) -> Result<i64> {
 
 // ---------------------------------------------------------------- programs
 
-const PROGRAM_COLS: [PC; 6] = [
+pub(crate) const PROGRAM_COLS: [PC; 6] = [
     PC::Id,
     PC::Body,
     PC::Version,
@@ -95,7 +96,7 @@ const PROGRAM_COLS: [PC; 6] = [
 
 /// A program's row and whether it is the primary program now.
 #[derive(Debug, FromQueryResult)]
-struct ProgramRow {
+pub(crate) struct ProgramRow {
     id: String,
     body: Vec<u8>,
     version: i64,
@@ -106,7 +107,7 @@ struct ProgramRow {
 }
 
 impl ProgramRow {
-    fn split(self) -> (programs::Model, bool) {
+    pub(crate) fn split(self) -> (programs::Model, bool) {
         (
             programs::Model {
                 id: self.id,
@@ -123,7 +124,7 @@ impl ProgramRow {
 
 /// Programs with a `leads` column: 1 for the primary program (the one
 /// marked primary, else the oldest), in the same read.
-fn programs_query() -> SelectStatement {
+pub(crate) fn programs_query() -> SelectStatement {
     let primary = Query::select()
         .column(PC::Id)
         .from(programs::Entity)
@@ -228,7 +229,7 @@ pub async fn update_program(
 
 // ----------------------------------------------------------------- members
 
-const MEMBER_COLS: [MC; 8] = [
+pub(crate) const MEMBER_COLS: [MC; 8] = [
     MC::Program,
     MC::Customer,
     MC::Tier,
@@ -432,15 +433,10 @@ struct LotRow {
     expire_us: i64,
 }
 
-/// The member's lots that still hold points not expired at `now_us`
-/// (spendable or pending).
-pub async fn open_lots(
-    db: &impl ConnectionTrait,
-    program: &str,
-    customer: &str,
-    now_us: i64,
-) -> Result<Vec<Lot>> {
-    let q = Query::select()
+/// [`open_lots`]' query: id, remaining, spendable_us and expire_us,
+/// soonest-expiring first.
+pub(crate) fn open_lots_query(program: Expr, customer: Expr, now_us: Expr) -> SelectStatement {
+    Query::select()
         .columns([LC::Id, LC::Remaining, LC::SpendableUs, LC::ExpireUs])
         .from(lots::Entity)
         .and_where(Expr::col(LC::Program).eq(program))
@@ -449,7 +445,18 @@ pub async fn open_lots(
         .and_where(Expr::col(LC::ExpireUs).gt(now_us))
         .order_by(LC::ExpireUs, Order::Asc)
         .order_by(LC::Id, Order::Asc)
-        .to_owned();
+        .to_owned()
+}
+
+/// The member's lots that still hold points not expired at `now_us`
+/// (spendable or pending).
+pub async fn open_lots(
+    db: &impl ConnectionTrait,
+    program: &str,
+    customer: &str,
+    now_us: i64,
+) -> Result<Vec<Lot>> {
+    let q = open_lots_query(Expr::val(program), Expr::val(customer), Expr::val(now_us));
     Ok(all::<LotRow>(db, &q)
         .await?
         .into_iter()
@@ -1218,7 +1225,7 @@ pub async fn first_earns_after(
 
 // ----------------------------------------------------------------- rewards
 
-const REWARD_COLS: [WC; 10] = [
+pub(crate) const REWARD_COLS: [WC; 10] = [
     WC::Program,
     WC::Id,
     WC::Body,
@@ -1233,7 +1240,7 @@ const REWARD_COLS: [WC; 10] = [
 
 /// Rewards as read: the `stock` column is what remains, the sum of the
 /// reward's slots (NULL when it has none: unlimited), in the same read.
-fn rewards_query() -> SelectStatement {
+pub(crate) fn rewards_query() -> SelectStatement {
     let left = Query::select()
         .expr(Func::cast_as(
             Func::sum(Expr::col((reward_slots::Entity, SC::Stock))),
@@ -1270,6 +1277,27 @@ pub async fn reward(
         .and_where(Expr::col((rewards::Entity, WC::Id)).eq(id))
         .to_owned();
     one(db, &q).await
+}
+
+/// A reward's stored body (`clm.loyalty.v1.Reward` without name, etag
+/// and stock), without the sum of its stock slots that [`reward`] adds:
+/// what RedeemReward's segment check reads before its transaction.
+pub async fn reward_body(
+    db: &impl ConnectionTrait,
+    program: &str,
+    id: &str,
+) -> Result<Option<Vec<u8>>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        body: Vec<u8>,
+    }
+    let q = Query::select()
+        .column(WC::Body)
+        .from(rewards::Entity)
+        .and_where(Expr::col(WC::Program).eq(program))
+        .and_where(Expr::col(WC::Id).eq(id))
+        .to_owned();
+    Ok(one::<Row>(db, &q).await?.map(|r| r.body))
 }
 
 /// A page of a program's rewards after `after`.
@@ -1462,6 +1490,23 @@ pub async fn member_usage(
         n: i64,
         v: i64,
     }
+    let q = usage_query(
+        Expr::val(program),
+        Expr::val(customer),
+        Expr::val(reward),
+        Expr::val(campaign),
+    );
+    Ok(one::<Row>(db, &q).await?.map_or((0, 0), |r| (r.n, r.v)))
+}
+
+/// [`member_usage`]'s query (one row, `n` and `v`), the campaign an
+/// expression (a value, or a scalar subquery).
+pub(crate) fn usage_query(
+    program: Expr,
+    customer: Expr,
+    reward: Expr,
+    campaign: Expr,
+) -> SelectStatement {
     let sum_when = |cond: Expr, then: Expr| -> Expr {
         let case = CaseStatement::new()
             .case(cond, then)
@@ -1475,7 +1520,7 @@ pub async fn member_usage(
         )
         .into()
     };
-    let q = Query::select()
+    Query::select()
         .expr_as(
             sum_when(Expr::col(RC::Reward).eq(reward), Expr::val(1i64)),
             sea_orm::sea_query::Alias::new("n"),
@@ -1491,8 +1536,7 @@ pub async fn member_usage(
         .and_where(Expr::col(RC::Program).eq(program))
         .and_where(Expr::col(RC::Customer).eq(customer))
         .and_where(Expr::col(RC::State).eq(ACTIVE))
-        .to_owned();
-    Ok(one::<Row>(db, &q).await?.map_or((0, 0), |r| (r.n, r.v)))
+        .to_owned()
 }
 
 /// A member's active (not cancelled) redemptions per reward, in one

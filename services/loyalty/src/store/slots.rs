@@ -164,6 +164,22 @@ impl Counter<'_> {
         Ok(())
     }
 
+    /// Step 1 of [`Self::take`] as a data-modifying CTE of a larger
+    /// statement (PostgreSQL): `n` from a random free slot holding it,
+    /// `RETURNING 1` when one was taken. Binds the key values as `$keys.0`
+    /// and `$keys.1`, and `n` as `$n`. When it returns no row, the caller
+    /// goes on with [`Self::take`] (which waits for a held slot).
+    pub fn pg_take_free_sql(&self, keys: (usize, usize), n: usize) -> String {
+        let (t, v) = (self.table, self.value);
+        let [(k0, _), (k1, _)] = self.keys;
+        let (p0, p1) = keys;
+        format!(
+            "UPDATE {t} SET {v} = {v} - ${n} WHERE {k0} = ${p0} AND {k1} = ${p1} AND slot = \
+             (SELECT slot FROM {t} WHERE {k0} = ${p0} AND {k1} = ${p1} AND {v} >= ${n} \
+             ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED) AND {v} >= ${n} RETURNING 1"
+        )
+    }
+
     /// Takes `n` (> 0); `false` when the slots together hold less (or
     /// there are none). See the module docs for the steps.
     pub async fn take(&self, db: &impl ConnectionTrait, n: i64) -> Result<bool> {
