@@ -53,15 +53,7 @@ pub async fn claim_and_lock(
     });
     let mut values = w.claim_values().to_vec();
     values.extend([program.into(), customer.into()]);
-    let row = w
-        .txn()
-        .query_one_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            SQL.as_str(),
-            values,
-        ))
-        .await?
-        .ok_or_else(|| Error::internal("the claim answered no row"))?;
+    let row = one_row(w.txn(), SQL.as_str(), values, "the claim").await?;
     let claimed: i64 = row.try_get("", "claimed")?;
     let member: Option<String> = row.try_get("", "customer")?;
     let member = match member {
@@ -309,19 +301,28 @@ pub async fn write<R: prost::Message>(
         d.row.reward.as_str().into(),
         1i64.into(),
     ]);
-    let row = w
-        .txn()
-        .query_one_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            SQL.as_str(),
-            values,
-        ))
-        .await?
-        .ok_or_else(|| Error::internal("the redemption's write answered no row"))?;
+    let row = one_row(w.txn(), SQL.as_str(), values, "the redemption's write").await?;
     let made: i64 = row.try_get("", "made")?;
     let taken: i64 = row.try_get("", "taken")?;
     Ok(Wrote {
         made: made == 1,
         taken: taken == 1,
     })
+}
+
+/// Runs `sql` on PostgreSQL and answers its one row (`what` names the
+/// statement in the error when it answers none).
+async fn one_row(
+    db: &impl ConnectionTrait,
+    sql: &str,
+    values: Vec<sea_orm::Value>,
+    what: &str,
+) -> Result<sea_orm::QueryResult> {
+    db.query_one_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        sql,
+        values,
+    ))
+    .await?
+    .ok_or_else(|| Error::internal(format!("{what} answered no row")))
 }
