@@ -428,9 +428,9 @@ pub fn check_policy(policy: &Policy) -> Result<(), String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RpcName {
     /// Fully qualified service (`clm.customer.v1.CustomerService`).
-    pub service: String,
+    pub service: std::borrow::Cow<'static, str>,
     /// Method (`CreateCustomer`).
-    pub method: String,
+    pub method: std::borrow::Cow<'static, str>,
 }
 
 /// Who may call an rpc: a [`Policy`] (looked up by the rpc being served)
@@ -858,7 +858,7 @@ mod tests {
         };
         let rpc = |m: &str| RpcName {
             service: "x.v1.S".into(),
-            method: m.into(),
+            method: m.to_owned().into(),
         };
         assert_eq!(P.allowed(Some(&rpc("Read"))).expect("ok"), &[Role::Analyst]);
         assert!(P.allowed(Some(&rpc("Write"))).expect("ok").is_empty());

@@ -147,6 +147,8 @@ fn split_path(path: &str) -> Option<(&str, &str)> {
 struct Label {
     service: Cow<'static, str>,
     method: Cow<'static, str>,
+    /// The span name: `package.Service/Method`, or `_OTHER`.
+    name: Cow<'static, str>,
 }
 
 impl Label {
@@ -154,15 +156,28 @@ impl Label {
         Self {
             service: Cow::Borrowed(OTHER),
             method: Cow::Borrowed(OTHER),
+            name: Cow::Borrowed(OTHER),
         }
     }
 
-    /// The span name: `package.Service/Method`, or `_OTHER`.
-    fn span_name(&self) -> String {
-        if self.method == OTHER && self.service == OTHER {
-            OTHER.into()
-        } else {
-            format!("{}/{}", self.service, self.method)
+    /// The label of a path CLM knows (`/package.Service/Method`): borrowed
+    /// from [`known_methods`], its name the path without the slash.
+    fn known(path: &'static str, (service, method): &'static (String, String)) -> Self {
+        Self {
+            service: Cow::Borrowed(service),
+            method: Cow::Borrowed(method),
+            name: Cow::Borrowed(path.strip_prefix('/').unwrap_or(path)),
+        }
+    }
+
+    /// The label of a path no CLM proto declares, served all the same.
+    fn routed(service: &str, method: &str) -> Self {
+        let service: String = service.chars().take(256).collect();
+        let method: String = method.chars().take(256).collect();
+        Self {
+            name: Cow::Owned(format!("{service}/{method}")),
+            service: Cow::Owned(service),
+            method: Cow::Owned(method),
         }
     }
 }
@@ -345,18 +360,43 @@ fn peer<B>(req: &http::Request<B>) -> Option<std::net::SocketAddr> {
 /// The call's span: `package.Service/Method` with the OpenTelemetry RPC
 /// attributes, continuing the caller's W3C trace; its ids are span fields
 /// so every log line inside the call names its trace.
+///
+/// When no OpenTelemetry layer records spans
+/// ([`crate::telemetry::call_spans_exported`]), the span is for the log
+/// only: it names the rpc, the request id and the caller's trace (from a
+/// `traceparent` header, if any) and nothing else, so a call does not pay
+/// for formatting attributes nobody exports.
 fn call_span(
     shared: &Shared,
     label: &Label,
     request_id: &str,
     headers: &http::HeaderMap,
 ) -> tracing::Span {
+    if !crate::telemetry::call_spans_exported() {
+        let span = tracing::info_span!(
+            target: crate::telemetry::CALL_TARGET,
+            "rpc",
+            rpc = %label.name,
+            request_id = %request_id,
+            trace_id = tracing::field::Empty,
+        );
+        if headers.contains_key(TRACEPARENT) {
+            let parent = opentelemetry::global::get_text_map_propagator(|p| {
+                p.extract(&HeaderExtractor(headers))
+            });
+            let remote = parent.span().span_context().clone();
+            if remote.is_valid() {
+                span.record("trace_id", remote.trace_id().to_string());
+            }
+        }
+        return span;
+    }
     let parent =
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     let span = tracing::info_span!(
         target: crate::telemetry::CALL_TARGET,
         "rpc",
-        otel.name = %label.span_name(),
+        otel.name = %label.name,
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
         otel.status_description = tracing::field::Empty,
@@ -381,6 +421,9 @@ fn call_span(
     }
     span
 }
+
+/// The W3C trace context header.
+const TRACEPARENT: &str = "traceparent";
 
 impl<S> Service<http::Request<Body>> for RpcService<S>
 where
@@ -407,28 +450,22 @@ where
         let observed = !exempt || shared.trace_health.load(Ordering::Relaxed);
         // A path no CLM proto declares is `_OTHER` unless a served service
         // answers it (a made-up path gets UNIMPLEMENTED from the router).
-        let (known, label, routed) = match known_methods().get(path) {
-            Some((service, method)) => {
-                let l = Label {
-                    service: Cow::Borrowed(service.as_str()),
-                    method: Cow::Borrowed(method.as_str()),
-                };
+        let (known, label, routed) = match known_methods().get_key_value(path) {
+            Some((path, names)) => {
+                let l = Label::known(path, names);
                 (true, l.clone(), Some(l))
             }
             None => (
                 false,
                 Label::other(),
-                split_path(path).map(|(s, m)| Label {
-                    service: Cow::Owned(s.chars().take(256).collect()),
-                    method: Cow::Owned(m.chars().take(256).collect()),
-                }),
+                split_path(path).map(|(s, m)| Label::routed(s, m)),
             ),
         };
         // Health probes need no caller, so no rpc name for authorization.
         if let Some(l) = routed.as_ref().filter(|_| !exempt) {
             req.extensions_mut().insert(RpcName {
-                service: l.service.to_string(),
-                method: l.method.to_string(),
+                service: l.service.clone(),
+                method: l.method.clone(),
             });
         }
         let request_id = req
@@ -530,7 +567,7 @@ where
                     // A served service outside CLM's protos: its own name.
                     // The span has started (its ids are in the log fields):
                     // rename it through OpenTelemetry.
-                    end.span.context().span().update_name(l.span_name());
+                    end.span.context().span().update_name(l.name.to_string());
                     end.span.record("rpc.service", l.service.as_ref());
                     end.span.record("rpc.method", l.method.as_ref());
                     end.label = l;

@@ -47,6 +47,7 @@ use opentelemetry_sdk::trace::{
     BatchSpanProcessor, SdkTracerProvider, Span, SpanData, SpanProcessor,
 };
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 use tracing_subscriber::layer::SubscriberExt;
@@ -121,6 +122,23 @@ struct State {
 
 static STATE: OnceLock<State> = OnceLock::new();
 static DETAILS: OnceLock<bool> = OnceLock::new();
+static CALL_SPANS_EXPORTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether an OpenTelemetry layer records the call spans of the server
+/// layer ([`crate::server`]): then each call span carries the RPC
+/// attributes and continues the caller's trace; otherwise it is for the
+/// log only and carries just the rpc, the request id and the caller's
+/// trace id. [`init`] sets it when it installs the OTLP layer.
+pub fn call_spans_exported() -> bool {
+    CALL_SPANS_EXPORTED.load(Ordering::Relaxed)
+}
+
+/// Says that an OpenTelemetry layer records spans: code that installs its
+/// own layer instead of [`init`]'s (a test with an in-memory exporter)
+/// calls it before serving.
+pub fn export_call_spans() {
+    CALL_SPANS_EXPORTED.store(true, Ordering::Relaxed);
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -194,6 +212,7 @@ pub fn init(config: &Config, process: &str) -> TelemetryGuard {
                         .with_filter(trace_filter());
                     opentelemetry::global::set_tracer_provider(tracer.clone());
                     guard.tracer = Some(tracer);
+                    export_call_spans();
                     Some(layer)
                 }
                 Err(e) => {

@@ -47,7 +47,7 @@ fn as_caller(subject: &str, method: &str) -> Call {
         principal: Principal::new(subject, vec![Role::Marketer, Role::Analyst]),
         rpc: Some(RpcName {
             service: "clm.test.v1.TestService".into(),
-            method: method.into(),
+            method: method.to_owned().into(),
         }),
     }
 }

@@ -77,6 +77,7 @@ async fn server_span_continues_the_callers_trace() {
     let subscriber = tracing_subscriber::registry()
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
     tracing::subscriber::set_global_default(subscriber).unwrap();
+    clm_platform::telemetry::export_call_spans();
 
     let (url, shutdown, server, _dir) = start_with("tracetest", &[], probe_routes(), |_| {}).await;
 
