@@ -500,21 +500,42 @@ pub async fn run(rt: crate::Runtime, handlers: BTreeMap<String, Handler>) {
         .with_unit("s")
         .build();
     let mut failures: u32 = 0;
+    // Whether this round looks at every kind: after a wake, a full batch or
+    // a failure. A plain tick first asks one question of all kinds (the
+    // soonest due time) and looks only when something is due, so an idle
+    // queue costs one query a tick instead of a transaction or two per kind.
+    let mut look = true;
     loop {
         let mut full = false;
         let mut failed = None;
-        for (kind, handler) in &handlers {
-            let outcome = match handler {
-                Handler::Fire(h) => fire_round(&rt, kind, h).await,
-                Handler::Deliver(h) => deliver_round(&rt, kind, h).await,
-            };
-            match outcome {
-                Ok(n) => full |= n as u64 == BATCH,
-                Err(e) => failed = Some((kind.clone(), e)),
+        let mut next = None;
+        let mut next_known = false;
+        if !look {
+            match next_due(&rt.read, &kinds).await {
+                Ok(n) => {
+                    look = n.is_some_and(|d| d <= to_micros(rt.clock.now()));
+                    next = n;
+                    next_known = !look;
+                }
+                Err(_) => look = true,
+            }
+        }
+        if look {
+            for (kind, handler) in &handlers {
+                let outcome = match handler {
+                    Handler::Fire(h) => fire_round(&rt, kind, h).await,
+                    Handler::Deliver(h) => deliver_round(&rt, kind, h).await,
+                };
+                match outcome {
+                    Ok(n) => full |= n as u64 == BATCH,
+                    Err(e) => failed = Some((kind.clone(), e)),
+                }
             }
         }
         let now = rt.clock.now();
-        let next = next_due(&rt.read, &kinds).await.ok().flatten();
+        if !next_known {
+            next = next_due(&rt.read, &kinds).await.ok().flatten();
+        }
         let behind = next.map_or(0.0, |d| ((to_micros(now) - d) as f64 / 1e6).max(0.0));
         lag.record(
             behind,
@@ -551,8 +572,8 @@ pub async fn run(rt: crate::Runtime, handlers: BTreeMap<String, Handler>) {
             }
         };
         tokio::select! {
-            () = rt.timers.wake.notified(), if failures == 0 => {}
-            () = tokio::time::sleep(pause) => {}
+            () = rt.timers.wake.notified(), if failures == 0 => look = true,
+            () = tokio::time::sleep(pause) => look = failures > 0,
             () = rt.background.cancelled() => return,
         }
     }
