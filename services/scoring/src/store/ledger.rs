@@ -596,8 +596,24 @@ pub async fn newest_awards(
         .collect()
 }
 
-/// Every entry (with its source event) of `rules` of `model` version
-/// `version` for `customers` awarded at or after `since_us` (one statement).
+/// What re-evaluating a limited rule needs of one of its entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleEntry {
+    /// `customers/{id}`.
+    pub customer: String,
+    /// Rule id.
+    pub rule: String,
+    /// The source event (a correction names its event first).
+    pub source_event: String,
+    /// Points.
+    pub points: i64,
+    /// Award time (µs).
+    pub award_us: i64,
+}
+
+/// Every entry of `rules` of `model` version `version` for `customers`
+/// awarded at or after `since_us`: the columns of [`RuleEntry`] only, read
+/// by position (one statement).
 pub async fn rule_entries(
     db: &impl ConnectionTrait,
     model: &str,
@@ -605,16 +621,30 @@ pub async fn rule_entries(
     customers: &[String],
     rules: &[String],
     since_us: i64,
-) -> Result<Vec<Row>> {
+) -> Result<Vec<RuleEntry>> {
     if customers.is_empty() || rules.is_empty() {
         return Ok(Vec::new());
     }
-    let q = select()
+    let q = Query::select()
+        .columns([C::Customer, C::Rule, C::SourceEvent, C::Points, C::AwardUs])
+        .from(Ledger)
         .and_where(Expr::col(C::Model).eq(model))
         .and_where(Expr::col(C::ModelVersion).eq(version))
         .and_where(is_in_texts(db, C::Customer.as_str(), customers))
         .and_where(Expr::col(C::Rule).is_in(rules.iter().cloned()))
         .and_where(Expr::col(C::AwardUs).gte(since_us))
         .to_owned();
-    rows(db, &q).await
+    db.query_all(&q)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(RuleEntry {
+                customer: r.try_get_by_index(0)?,
+                rule: r.try_get_by_index(1)?,
+                source_event: r.try_get_by_index(2)?,
+                points: r.try_get_by_index(3)?,
+                award_us: r.try_get_by_index(4)?,
+            })
+        })
+        .collect()
 }
