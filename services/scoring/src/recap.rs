@@ -85,10 +85,27 @@ pub async fn corrections(
     let since = late.iter().map(|l| lower(l)).min().unwrap_or(i64::MIN);
     let from = late.iter().map(|l| l.from_us).min().unwrap_or(i64::MIN);
     let entries = ledger::rule_entries(db, &v.id, v.version, &custs, &rule_ids, since).await?;
+    let mut by_key: HashMap<(&str, &str), Vec<&ledger::RuleEntry>> = HashMap::new();
+    for e in &entries {
+        by_key
+            .entry((e.customer.as_str(), e.rule.as_str()))
+            .or_default()
+            .push(e);
+    }
+    // Each customer's touchpoints from its earliest late instant on, decoded
+    // once (those before it are never replayed).
+    let mut earliest: HashMap<&str, i64> = HashMap::new();
+    for l in &late {
+        let e = earliest.entry(l.customer.as_str()).or_insert(l.from_us);
+        *e = (*e).min(l.from_us);
+    }
     let mut touchpoints: BTreeMap<&str, Vec<(i64, String, clm_domain::touchpoint::Touchpoint)>> =
         BTreeMap::new();
     let kept = customers::touchpoints_since(db, &custs, from).await?;
     for (customer, at, id, body) in &kept {
+        if earliest.get(customer.as_str()).is_none_or(|from| at < from) {
+            continue;
+        }
         let Some(tp) = cpb::Touchpoint::decode(body.as_slice())
             .ok()
             .as_ref()
@@ -107,9 +124,11 @@ pub async fn corrections(
         let lo = lower(l);
         // Net points per event of this customer and rule, and when.
         let mut net: HashMap<&str, (i64, i64)> = HashMap::new();
-        for e in entries
-            .iter()
-            .filter(|e| e.customer == l.customer && e.rule == l.rule && e.award_us >= lo)
+        for e in by_key
+            .get(&(l.customer.as_str(), l.rule.as_str()))
+            .into_iter()
+            .flatten()
+            .filter(|e| e.award_us >= lo)
         {
             let n = net
                 .entry(event_of(&e.source_event))

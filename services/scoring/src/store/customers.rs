@@ -195,12 +195,60 @@ pub struct TouchRow {
 }
 
 /// Keeps `rows`, skipping event ids already kept; returns the event ids
-/// that were new (one statement per chunk).
+/// that were new (on PostgreSQL one statement of fixed text, see
+/// [`super::unnest_insert`]; elsewhere one per chunk).
 pub async fn insert_touchpoints(
     db: &impl ConnectionTrait,
     rows: &[TouchRow],
 ) -> Result<Vec<String>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut new = Vec::new();
+    if is_postgres(db) {
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            let id = TC::EventId.as_str();
+            super::unnest_insert(
+                Touchpoints.table_name(),
+                &[
+                    (id, "text"),
+                    (TC::Customer.as_str(), "text"),
+                    (TC::OccurredUs.as_str(), "int8"),
+                    (TC::Body.as_str(), "bytea"),
+                ],
+                &format!("ON CONFLICT (\"{id}\") DO NOTHING RETURNING \"{id}\""),
+            )
+        });
+        let values: Vec<sea_orm::Value> = vec![
+            rows.iter()
+                .map(|r| r.event_id.clone())
+                .collect::<Vec<String>>()
+                .into(),
+            rows.iter()
+                .map(|r| r.customer.clone())
+                .collect::<Vec<String>>()
+                .into(),
+            rows.iter()
+                .map(|r| r.occurred_us)
+                .collect::<Vec<i64>>()
+                .into(),
+            rows.iter()
+                .map(|r| r.body.clone())
+                .collect::<Vec<Vec<u8>>>()
+                .into(),
+        ];
+        for r in db
+            .query_all_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                SQL.as_str(),
+                values,
+            ))
+            .await?
+        {
+            new.push(r.try_get::<String>("", TC::EventId.as_str())?);
+        }
+        return Ok(new);
+    }
     for part in rows.chunks(chunk(4)) {
         let mut q = Query::insert();
         q.into_table(Touchpoints)

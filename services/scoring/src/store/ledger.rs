@@ -5,9 +5,10 @@ use super::{chunk, n};
 use clm_domain::scoring::{Decay, Entry};
 use clm_platform::Result;
 use clm_platform::bulk::is_in_texts;
+use clm_platform::db::is_postgres;
 use sea_orm::IdenStatic;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Order, Query};
-use sea_orm::{ConnectionTrait, FromQueryResult};
+use sea_orm::{ConnectionTrait, DbBackend, EntityName, FromQueryResult, Statement};
 
 const COLUMNS: [C; 12] = [
     C::Customer,
@@ -138,40 +139,55 @@ pub async fn insert(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<u64> {
 /// Inserts `rows` like [`insert`] and returns the ones that were new (a
 /// replayed award is left out): what the running sums may count.
 pub async fn insert_new(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<Vec<NewRow>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let returned = if is_postgres(db) {
+        db.query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            pg_insert(),
+            pg_arrays(rows),
+        ))
+        .await?
+    } else {
+        let mut all = Vec::new();
+        for part in rows.chunks(chunk(COLUMNS.len())) {
+            let mut q = Query::insert();
+            q.into_table(Ledger).columns(COLUMNS);
+            for r in part {
+                let (kind, param) = r.award.decay.code();
+                q.values_panic([
+                    r.customer.clone().into(),
+                    r.model.clone().into(),
+                    r.model_version.into(),
+                    r.award.score.clone().into(),
+                    r.award.rule.clone().into(),
+                    r.award.points.into(),
+                    r.award.source_event.clone().into(),
+                    r.award.award_us.into(),
+                    kind.into(),
+                    param.into(),
+                    r.reason.clone().into(),
+                    r.actor.clone().into(),
+                ]);
+            }
+            q.on_conflict(
+                OnConflict::columns([C::SourceEvent, C::Rule, C::Model, C::ModelVersion])
+                    .do_nothing()
+                    .to_owned(),
+            );
+            q.returning(Query::returning().columns([C::SourceEvent, C::Rule, C::ModelVersion]));
+            all.extend(db.query_all(&q).await?);
+        }
+        all
+    };
     let mut fresh = std::collections::HashSet::new();
-    for part in rows.chunks(chunk(COLUMNS.len())) {
-        let mut q = Query::insert();
-        q.into_table(Ledger).columns(COLUMNS);
-        for r in part {
-            let (kind, param) = r.award.decay.code();
-            q.values_panic([
-                r.customer.clone().into(),
-                r.model.clone().into(),
-                r.model_version.into(),
-                r.award.score.clone().into(),
-                r.award.rule.clone().into(),
-                r.award.points.into(),
-                r.award.source_event.clone().into(),
-                r.award.award_us.into(),
-                kind.into(),
-                param.into(),
-                r.reason.clone().into(),
-                r.actor.clone().into(),
-            ]);
-        }
-        q.on_conflict(
-            OnConflict::columns([C::SourceEvent, C::Rule, C::Model, C::ModelVersion])
-                .do_nothing()
-                .to_owned(),
-        );
-        q.returning(Query::returning().columns([C::SourceEvent, C::Rule, C::ModelVersion]));
-        for r in db.query_all(&q).await? {
-            fresh.insert((
-                r.try_get::<String>("", C::SourceEvent.as_str())?,
-                r.try_get::<String>("", C::Rule.as_str())?,
-                r.try_get::<i64>("", C::ModelVersion.as_str())?,
-            ));
-        }
+    for r in returned {
+        fresh.insert((
+            r.try_get::<String>("", C::SourceEvent.as_str())?,
+            r.try_get::<String>("", C::Rule.as_str())?,
+            r.try_get::<i64>("", C::ModelVersion.as_str())?,
+        ));
     }
     Ok(rows
         .iter()
@@ -184,6 +200,62 @@ pub async fn insert_new(db: &impl ConnectionTrait, rows: &[NewRow]) -> Result<Ve
         })
         .cloned()
         .collect())
+}
+
+/// [`insert_new`]'s statement on PostgreSQL: every row in one statement of
+/// fixed text (see [`super::unnest_insert`]).
+fn pg_insert() -> &'static str {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let types = [
+            "text", "text", "int8", "text", "text", "int8", "text", "int8", "int2", "int8", "text",
+            "text",
+        ];
+        let cols: Vec<(&str, &str)> = COLUMNS.iter().map(|c| c.as_str()).zip(types).collect();
+        let key = [C::SourceEvent, C::Rule, C::Model, C::ModelVersion]
+            .map(|c| format!("\"{}\"", c.as_str()));
+        super::unnest_insert(
+            Ledger.table_name(),
+            &cols,
+            &format!(
+                "ON CONFLICT ({}) DO NOTHING RETURNING {}, {}, {}",
+                key.join(", "),
+                key[0],
+                key[1],
+                key[3]
+            ),
+        )
+    });
+    &SQL
+}
+
+/// [`pg_insert`]'s parameters: one array per column of [`COLUMNS`].
+fn pg_arrays(rows: &[NewRow]) -> Vec<sea_orm::Value> {
+    let text = |f: &dyn Fn(&NewRow) -> &str| -> sea_orm::Value {
+        rows.iter()
+            .map(|r| f(r).to_owned())
+            .collect::<Vec<String>>()
+            .into()
+    };
+    let big = |f: &dyn Fn(&NewRow) -> i64| -> sea_orm::Value {
+        rows.iter().map(f).collect::<Vec<i64>>().into()
+    };
+    vec![
+        text(&|r| &r.customer),
+        text(&|r| &r.model),
+        big(&|r| r.model_version),
+        text(&|r| &r.award.score),
+        text(&|r| &r.award.rule),
+        big(&|r| r.award.points),
+        text(&|r| &r.award.source_event),
+        big(&|r| r.award.award_us),
+        rows.iter()
+            .map(|r| r.award.decay.code().0)
+            .collect::<Vec<i16>>()
+            .into(),
+        big(&|r| r.award.decay.code().1),
+        text(&|r| &r.reason),
+        text(&|r| &r.actor),
+    ]
 }
 
 /// The score columns of a ledger select (what scores are computed from);
@@ -524,8 +596,24 @@ pub async fn newest_awards(
         .collect()
 }
 
-/// Every entry (with its source event) of `rules` of `model` version
-/// `version` for `customers` awarded at or after `since_us` (one statement).
+/// What re-evaluating a limited rule needs of one of its entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleEntry {
+    /// `customers/{id}`.
+    pub customer: String,
+    /// Rule id.
+    pub rule: String,
+    /// The source event (a correction names its event first).
+    pub source_event: String,
+    /// Points.
+    pub points: i64,
+    /// Award time (µs).
+    pub award_us: i64,
+}
+
+/// Every entry of `rules` of `model` version `version` for `customers`
+/// awarded at or after `since_us`: the columns of [`RuleEntry`] only, read
+/// by position (one statement).
 pub async fn rule_entries(
     db: &impl ConnectionTrait,
     model: &str,
@@ -533,16 +621,30 @@ pub async fn rule_entries(
     customers: &[String],
     rules: &[String],
     since_us: i64,
-) -> Result<Vec<Row>> {
+) -> Result<Vec<RuleEntry>> {
     if customers.is_empty() || rules.is_empty() {
         return Ok(Vec::new());
     }
-    let q = select()
+    let q = Query::select()
+        .columns([C::Customer, C::Rule, C::SourceEvent, C::Points, C::AwardUs])
+        .from(Ledger)
         .and_where(Expr::col(C::Model).eq(model))
         .and_where(Expr::col(C::ModelVersion).eq(version))
         .and_where(is_in_texts(db, C::Customer.as_str(), customers))
         .and_where(Expr::col(C::Rule).is_in(rules.iter().cloned()))
         .and_where(Expr::col(C::AwardUs).gte(since_us))
         .to_owned();
-    rows(db, &q).await
+    db.query_all(&q)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(RuleEntry {
+                customer: r.try_get_by_index(0)?,
+                rule: r.try_get_by_index(1)?,
+                source_event: r.try_get_by_index(2)?,
+                points: r.try_get_by_index(3)?,
+                award_us: r.try_get_by_index(4)?,
+            })
+        })
+        .collect()
 }

@@ -14,6 +14,7 @@ impl MigratorTrait for Migrator {
         m.push(Box::new(ScoreSums));
         m.push(Box::new(ThresholdTimersToPlatformQueue));
         m.push(Box::new(ThresholdSidesSeenAt));
+        m.push(Box::new(LedgerByRule));
         m
     }
 }
@@ -313,6 +314,31 @@ impl MigrationTrait for ThresholdSidesSeenAt {
                 )
                 .to_owned(),
         )
+        .await
+    }
+}
+
+/// The ledger entries of a customer's limited rules (caps, once per
+/// customer) found by index: a stream batch reads each customer's use of
+/// those rules (`ledger::rule_usage`, `newest_awards`, `rule_entries`)
+/// without fetching every other entry of theirs.
+struct LedgerByRule;
+
+impl MigrationName for LedgerByRule {
+    fn name(&self) -> &str {
+        "m0006_score_ledger_by_rule"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for LedgerByRule {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_index(index(
+            "score_ledger_rule",
+            "score_ledger",
+            &["customer", "model", "rule", "award_us"],
+            false,
+        ))
         .await
     }
 }

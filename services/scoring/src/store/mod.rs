@@ -29,6 +29,25 @@ pub(crate) fn n(s: &str) -> Alias {
     Alias::new(s)
 }
 
+/// PostgreSQL: `INSERT INTO table (cols) SELECT * FROM unnest($1::type[],
+/// …) tail`, one array parameter per column (binary binds): the same SQL
+/// text for any number of rows, so the statement is parsed and planned once
+/// per connection (a multi-row `VALUES` has a new text, and a new plan, for
+/// every row count), with no bind-parameter limit and no JSON to parse.
+pub(crate) fn unnest_insert(table: &str, cols: &[(&str, &str)], tail: &str) -> String {
+    let names: Vec<String> = cols.iter().map(|(c, _)| format!("\"{c}\"")).collect();
+    let arrays: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ty))| format!("${}::{ty}[]", i + 1))
+        .collect();
+    format!(
+        "INSERT INTO \"{table}\" ({}) SELECT * FROM unnest({}) {tail}",
+        names.join(", "),
+        arrays.join(", ")
+    )
+}
+
 /// Rows per multi-row INSERT, under PostgreSQL's 65,535 bind parameters.
 pub(crate) fn chunk(columns: usize) -> usize {
     clm_platform::db::rows_per_statement(columns)

@@ -14,9 +14,10 @@ use super::ledger::{self, Row};
 use clm_domain::scoring::{Decay, Sum};
 use clm_platform::Result;
 use clm_platform::bulk::is_in_texts;
+use clm_platform::db::is_postgres;
 use sea_orm::IdenStatic;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Order, Query};
-use sea_orm::{ConnectionTrait, FromQueryResult};
+use sea_orm::{ConnectionTrait, DbBackend, EntityName, FromQueryResult, Statement};
 use std::collections::BTreeMap;
 
 const COLUMNS: [C; 9] = [
@@ -117,8 +118,21 @@ pub async fn customers_of_model(db: &impl ConnectionTrait, model: &str) -> Resul
     Ok(out)
 }
 
-/// Writes `rows` (insert or replace): one statement per chunk.
+/// Writes `rows` (insert or replace): on PostgreSQL one statement of fixed
+/// text (see [`super::unnest_insert`]), elsewhere one per chunk.
 pub async fn save(db: &impl ConnectionTrait, rows: &[SumRow]) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    if is_postgres(db) {
+        db.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            pg_save(),
+            pg_arrays(rows),
+        ))
+        .await?;
+        return Ok(());
+    }
     for part in rows.chunks(chunk(COLUMNS.len())) {
         let mut q = Query::insert();
         q.into_table(Sums).columns(COLUMNS);
@@ -135,14 +149,66 @@ pub async fn save(db: &impl ConnectionTrait, rows: &[SumRow]) -> Result<()> {
                 r.newest_us.into(),
             ]);
         }
-        q.on_conflict(
-            OnConflict::columns([C::Customer, C::Model, C::Score, C::DecayKind, C::DecayUs])
-                .update_columns([C::AnchorUs, C::Total, C::Entries, C::NewestUs])
-                .to_owned(),
-        );
+        q.on_conflict(OnConflict::columns(KEY).update_columns(VALUES).to_owned());
         db.execute(&q).await?;
     }
     Ok(())
+}
+
+/// A sum's key columns, and the ones [`save`] replaces.
+const KEY: [C; 5] = [C::Customer, C::Model, C::Score, C::DecayKind, C::DecayUs];
+const VALUES: [C; 4] = [C::AnchorUs, C::Total, C::Entries, C::NewestUs];
+
+/// [`save`]'s statement on PostgreSQL.
+fn pg_save() -> &'static str {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let types = [
+            "text", "text", "text", "int2", "int8", "int8", "float8", "int8", "int8",
+        ];
+        let cols: Vec<(&str, &str)> = COLUMNS.iter().map(|c| c.as_str()).zip(types).collect();
+        let key: Vec<String> = KEY.iter().map(|c| format!("\"{}\"", c.as_str())).collect();
+        let set: Vec<String> = VALUES
+            .iter()
+            .map(|c| format!("\"{0}\" = EXCLUDED.\"{0}\"", c.as_str()))
+            .collect();
+        super::unnest_insert(
+            Sums.table_name(),
+            &cols,
+            &format!(
+                "ON CONFLICT ({}) DO UPDATE SET {}",
+                key.join(", "),
+                set.join(", ")
+            ),
+        )
+    });
+    &SQL
+}
+
+/// [`pg_save`]'s parameters: one array per column of [`COLUMNS`].
+fn pg_arrays(rows: &[SumRow]) -> Vec<sea_orm::Value> {
+    let text = |f: &dyn Fn(&SumRow) -> &str| -> sea_orm::Value {
+        rows.iter()
+            .map(|r| f(r).to_owned())
+            .collect::<Vec<String>>()
+            .into()
+    };
+    let big = |f: &dyn Fn(&SumRow) -> i64| -> sea_orm::Value {
+        rows.iter().map(f).collect::<Vec<i64>>().into()
+    };
+    vec![
+        text(&|r| &r.customer),
+        text(&|r| &r.model),
+        text(&|r| &r.score),
+        rows.iter()
+            .map(|r| r.decay_kind)
+            .collect::<Vec<i16>>()
+            .into(),
+        big(&|r| r.decay_us),
+        big(&|r| r.anchor_us),
+        rows.iter().map(|r| r.total).collect::<Vec<f64>>().into(),
+        big(&|r| r.entries),
+        big(&|r| r.newest_us),
+    ]
 }
 
 /// Deletes every sum of `customers`.
