@@ -351,7 +351,7 @@ async fn next_due(db: &impl ConnectionTrait, kinds: &[String]) -> Result<Option<
             .to_owned();
         if let Some(r) = db.query_one(&q).await? {
             let due: i64 = r.try_get("", "due_us")?;
-            soonest = Some(soonest.map_or(due, |s| s.min(due)));
+            soonest = Some(soonest.map_or(due, |s| Ord::min(s, due)));
         }
     }
     Ok(soonest)
