@@ -14,10 +14,13 @@
 //!   (for rules that read time) every customer's next-change timer, a
 //!   chunk per transaction (see [`Engine::backfill`]).
 //! * **Timers.** The platform timer queue holds, per (segment, customer)
-//!   (kind [`members::WINDOW`]), the instant `rules::next_change` says time
-//!   alone changes the answer; the queue fires each at that instant by the
+//!   (kind [`members::WINDOW`]), an instant no later than the one
+//!   `rules::next_change` says time alone changes the answer (a timer is
+//!   moved earlier, never later: a new fact that pushes the change later
+//!   leaves it, and it fires, finds the answer unchanged and arms the
+//!   next change then); the queue fires each at its instant by the
 //!   service clock, once across replicas, and the engine ([`OnDue`])
-//!   records the change at exactly that time.
+//!   records a change at exactly the time it happens.
 //!
 //! Every membership write runs in a transaction that first takes the
 //! membership version ([`members::lock_version`]): writers are serialised,
