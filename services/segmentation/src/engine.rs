@@ -1144,3 +1144,77 @@ pub mod backfill_pause {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clm_domain::touchpoint::TouchpointKind;
+
+    fn segment(id: &str, rule_text: &str) -> segments::Segment {
+        segments::Segment {
+            id: id.into(),
+            display_name: id.into(),
+            owner: "ada".into(),
+            description: String::new(),
+            rule_text: rule_text.into(),
+            version: 1,
+            revision: 1,
+            state: 0,
+            failure_reason: None,
+            create_us: 0,
+            update_us: 0,
+            evaluate_us: None,
+            operation: None,
+            team: String::new(),
+            purpose: String::new(),
+            playbook: String::new(),
+            approval_required: false,
+        }
+    }
+
+    fn feature_use(feature: &str) -> Change {
+        Change::Touch(Arc::new(Touchpoint {
+            event_id: "e".into(),
+            kind: TouchpointKind::FeatureUse,
+            custom_type: None,
+            occurred_time: chrono::DateTime::UNIX_EPOCH,
+            usage_millis: None,
+            product: None,
+            feature: Some(feature.into()),
+            revenue: None,
+            campaign: None,
+            channel: None,
+            properties: Default::default(),
+        }))
+    }
+
+    fn ids(mut got: Vec<Arc<Compiled>>) -> Vec<String> {
+        got.sort_by(|a, b| a.id.cmp(&b.id));
+        got.iter().map(|c| c.id.clone()).collect()
+    }
+
+    #[test]
+    fn a_touchpoint_affects_only_segments_with_a_query_it_passes() {
+        let reg = Registry::build(
+            1,
+            vec![
+                segment(
+                    "a",
+                    r#"count(feature_use where feature = "export", 7d) >= 2"#,
+                ),
+                segment("b", r#"count(feature_use where feature = "import") >= 1"#),
+                segment("c", "count(feature_use, 1d) >= 1 and age > 20"),
+                segment(
+                    "d",
+                    r#"age > 20 or last(feature_use where feature = "export") within 1d"#,
+                ),
+                segment("e", "count(purchase) >= 1"),
+            ],
+            &BTreeSet::new(),
+        );
+        assert_eq!(ids(reg.affected(&feature_use("export"))), ["a", "c", "d"]);
+        assert_eq!(ids(reg.affected(&feature_use("import"))), ["b", "c"]);
+        assert_eq!(ids(reg.affected(&feature_use("other"))), ["c"]);
+    }
+}

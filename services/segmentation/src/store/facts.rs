@@ -736,7 +736,10 @@ pub async fn insert_touchpoints(db: &impl ConnectionTrait, rows: &[TouchRow]) ->
 /// statement prepared once per connection, where a multi-row `VALUES`
 /// of 12 bind parameters a row was parsed and planned anew for every
 /// batch size (~40 ms of a 2,000-touchpoint batch).
-async fn insert_touchpoints_postgres(db: &impl ConnectionTrait, rows: &[TouchRow]) -> Result<(), DbErr> {
+async fn insert_touchpoints_postgres(
+    db: &impl ConnectionTrait,
+    rows: &[TouchRow],
+) -> Result<(), DbErr> {
     #[derive(serde::Serialize)]
     struct Row<'a> {
         event_id: &'a str,
@@ -793,7 +796,10 @@ async fn insert_touchpoints_postgres(db: &impl ConnectionTrait, rows: &[TouchRow
 }
 
 /// Elsewhere (SQLite): multi-row `VALUES`, a statement per full chunk.
-async fn insert_touchpoints_values(db: &impl ConnectionTrait, rows: &[TouchRow]) -> Result<(), DbErr> {
+async fn insert_touchpoints_values(
+    db: &impl ConnectionTrait,
+    rows: &[TouchRow],
+) -> Result<(), DbErr> {
     for chunk in rows.chunks(rows_per_statement(TOUCH_COLS.len())) {
         let mut insert = Query::insert();
         insert
