@@ -34,7 +34,7 @@ use crate::changes::Apply;
 use crate::db::to_micros;
 use crate::error::Error;
 use sea_orm::sea_query::{
-    Alias, Expr, ExprTrait, Func, LockBehavior, LockType, OnConflict, Order, Query,
+    Alias, Expr, ExprTrait, LockBehavior, LockType, OnConflict, Order, Query,
 };
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseTransaction, DbErr, FromQueryResult, TransactionTrait,
@@ -335,17 +335,26 @@ async fn delete_fired(db: &impl ConnectionTrait, fired: &[Timer]) -> Result<(), 
     Ok(())
 }
 
-/// The soonest due instant of `kinds`.
+/// The soonest due instant of `kinds`: a statement per kind, each the
+/// first entry of the `(kind, due_us)` index. One `MIN` over `kind IN
+/// (...)` read every armed timer of those kinds (a bitmap scan, ~9 ms for
+/// 20,000 timers on PostgreSQL), every [`TICK`].
 async fn next_due(db: &impl ConnectionTrait, kinds: &[String]) -> Result<Option<i64>, DbErr> {
-    let q = Query::select()
-        .expr_as(Func::min(Expr::col(a("due_us"))), a("due"))
-        .from(a(TABLE))
-        .and_where(Expr::col(a("kind")).is_in(kinds.iter().cloned()))
-        .to_owned();
-    match db.query_one(&q).await? {
-        Some(r) => r.try_get("", "due"),
-        None => Ok(None),
+    let mut soonest: Option<i64> = None;
+    for kind in kinds {
+        let q = Query::select()
+            .column(a("due_us"))
+            .from(a(TABLE))
+            .and_where(Expr::col(a("kind")).eq(kind.as_str()))
+            .order_by(a("due_us"), Order::Asc)
+            .limit(1)
+            .to_owned();
+        if let Some(r) = db.query_one(&q).await? {
+            let due: i64 = r.try_get("", "due_us")?;
+            soonest = Some(soonest.map_or(due, |s| Ord::min(s, due)));
+        }
     }
+    Ok(soonest)
 }
 
 /// Fires timers of one kind inside a transaction (see the module docs).

@@ -14,10 +14,13 @@
 //!   (for rules that read time) every customer's next-change timer, a
 //!   chunk per transaction (see [`Engine::backfill`]).
 //! * **Timers.** The platform timer queue holds, per (segment, customer)
-//!   (kind [`members::WINDOW`]), the instant `rules::next_change` says time
-//!   alone changes the answer; the queue fires each at that instant by the
+//!   (kind [`members::WINDOW`]), an instant no later than the one
+//!   `rules::next_change` says time alone changes the answer (a timer is
+//!   moved earlier, never later: a new fact that pushes the change later
+//!   leaves it, and it fires, finds the answer unchanged and arms the
+//!   next change then); the queue fires each at its instant by the
 //!   service clock, once across replicas, and the engine ([`OnDue`])
-//!   records the change at exactly that time.
+//!   records a change at exactly the time it happens.
 //!
 //! Every membership write runs in a transaction that first takes the
 //! membership version ([`members::lock_version`]): writers are serialised,
@@ -34,8 +37,8 @@ use crate::store::facts;
 use crate::store::members::{self, Stamped};
 use crate::store::segments::{self, State};
 use chrono::{DateTime, Utc};
-use clm_domain::rules::{self, Fact, Rule};
-use clm_domain::touchpoint::TouchpointKind;
+use clm_domain::rules::{self, Fact, Rule, TouchQuery};
+use clm_domain::touchpoint::Touchpoint;
 use clm_platform::cache::SetWrite;
 use clm_platform::changes::Apply;
 use clm_platform::db::{from_micros, is_postgres, to_micros};
@@ -66,8 +69,11 @@ pub enum Change {
     Score,
     /// The last NPS and CSAT answers (from the feedback service's stream).
     Feedback,
-    /// A touchpoint of this kind (and custom type).
-    Touch(TouchpointKind, Option<String>),
+    /// A touchpoint: only segments with a query it passes (its kind,
+    /// custom type and `where` filter) can change. One that passes no
+    /// query's filter changes no count, sum, first or last those segments
+    /// read; time alone moving their answer is their timers' business.
+    Touch(Arc<Touchpoint>),
     /// Only this segment (a timer fired).
     Only(String),
     /// The customer's membership of this segment (`segments/{id}`).
@@ -119,6 +125,8 @@ pub struct Compiled {
     pub version: i64,
     /// Facts it reads.
     pub reads: BTreeSet<Fact>,
+    /// Its touchpoint queries (what a new touchpoint must pass to matter).
+    pub touches: Vec<TouchQuery>,
     /// Whether time alone can change its answer.
     pub timed: bool,
     /// Depth in the `in_segment` graph (segments it names come first).
@@ -194,7 +202,16 @@ impl Registry {
                     list.push(id.clone());
                 }
             }
+            let mut touches = Vec::new();
+            rule.for_each_condition(&mut |c| {
+                if let rules::Condition::Compare { operand, .. } = c
+                    && let Some(q) = operand.query()
+                {
+                    touches.push(q.clone());
+                }
+            });
             let compiled = Compiled {
+                touches,
                 name: format!("segments/{id}"),
                 timed: rules::depends_on_time(&rule),
                 rank: ranks.get(&id).copied().unwrap_or(0),
@@ -235,13 +252,9 @@ impl Registry {
             Change::Consent => self.keyed(&Key::Consent).cloned().collect(),
             Change::Score => self.keyed(&Key::Score).cloned().collect(),
             Change::Feedback => self.keyed(&Key::Feedback).cloned().collect(),
-            Change::Touch(kind, custom) => self
-                .keyed(&Key::Touch(kind.code()))
-                .filter(|c| {
-                    c.reads.iter().any(|f| {
-                        matches!(f, Fact::Touchpoints(t) if t.matches(*kind, custom.as_deref()))
-                    })
-                })
+            Change::Touch(tp) => self
+                .keyed(&Key::Touch(tp.kind.code()))
+                .filter(|c| c.touches.iter().any(|q| q.matches(tp)))
                 .cloned()
                 .collect(),
             Change::Only(id) => self.by_id.get(id).cloned().into_iter().collect(),
@@ -439,7 +452,7 @@ impl Engine {
         let mut entered: Vec<Stamped> = Vec::new();
         let mut exited: Vec<Stamped> = Vec::new();
         let mut timers_set = Vec::new();
-        let mut timers_cleared = Vec::new();
+        let at_us = to_micros(at);
         let mut decided_for_diffs = Vec::new();
         for (customer, changes) in work {
             let Some(fs) = facts.get_mut(customer) else {
@@ -490,23 +503,26 @@ impl Engine {
                         queue.insert((d.rank, d.id.clone()));
                     }
                 }
-                if c.timed {
-                    let key = (id.clone(), customer.clone());
-                    let had = existing.get(&key).copied();
-                    match rules::next_change(&c.rule, fs, at).map(to_micros) {
-                        Some(t) if had != Some(t) => {
-                            timers_set.push((id.clone(), customer.clone(), t));
-                        }
-                        None if had.is_some() => timers_cleared.push(key),
-                        _ => {}
-                    }
+                // A timer still to come and due no later than the next
+                // change is kept: it fires, finds the answer unchanged and
+                // arms the next change then. Moving it on every fact would
+                // rewrite a timer per segment and event (each touchpoint
+                // pushes a window's end later); one with no next change
+                // left fires once and is gone. A timer due by `at` is
+                // this evaluation's (or about to fire): it is re-armed.
+                if c.timed
+                    && let Some(t) = rules::next_change(&c.rule, fs, at).map(to_micros)
+                    && existing
+                        .get(&(id.clone(), customer.clone()))
+                        .is_none_or(|&had| t < had || (had <= at_us && t != had))
+                {
+                    timers_set.push((id.clone(), customer.clone(), t));
                 }
             }
         }
-        let at_us = to_micros(at);
         members::exit(txn, &exited, at_us, version).await?;
         members::enter(txn, &entered, at_us, version).await?;
-        members::set_timers(txn, &timers_set, &timers_cleared).await?;
+        members::set_timers(txn, &timers_set, &[]).await?;
         backfill_diffs::mark_seen(txn, &decided_for_diffs, version).await?;
         out.timers_set = !timers_set.is_empty();
         Ok(out)
@@ -1126,5 +1142,79 @@ pub mod backfill_pause {
             gate.reached.notify_one();
             gate.release.notified().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clm_domain::touchpoint::TouchpointKind;
+
+    fn segment(id: &str, rule_text: &str) -> segments::Segment {
+        segments::Segment {
+            id: id.into(),
+            display_name: id.into(),
+            owner: "ada".into(),
+            description: String::new(),
+            rule_text: rule_text.into(),
+            version: 1,
+            revision: 1,
+            state: 0,
+            failure_reason: None,
+            create_us: 0,
+            update_us: 0,
+            evaluate_us: None,
+            operation: None,
+            team: String::new(),
+            purpose: String::new(),
+            playbook: String::new(),
+            approval_required: false,
+        }
+    }
+
+    fn feature_use(feature: &str) -> Change {
+        Change::Touch(Arc::new(Touchpoint {
+            event_id: "e".into(),
+            kind: TouchpointKind::FeatureUse,
+            custom_type: None,
+            occurred_time: chrono::DateTime::UNIX_EPOCH,
+            usage_millis: None,
+            product: None,
+            feature: Some(feature.into()),
+            revenue: None,
+            campaign: None,
+            channel: None,
+            properties: Default::default(),
+        }))
+    }
+
+    fn ids(mut got: Vec<Arc<Compiled>>) -> Vec<String> {
+        got.sort_by(|a, b| a.id.cmp(&b.id));
+        got.iter().map(|c| c.id.clone()).collect()
+    }
+
+    #[test]
+    fn a_touchpoint_affects_only_segments_with_a_query_it_passes() {
+        let reg = Registry::build(
+            1,
+            vec![
+                segment(
+                    "a",
+                    r#"count(feature_use where feature = "export", 7d) >= 2"#,
+                ),
+                segment("b", r#"count(feature_use where feature = "import") >= 1"#),
+                segment("c", "count(feature_use, 1d) >= 1 and age > 20"),
+                segment(
+                    "d",
+                    r#"age > 20 or last(feature_use where feature = "export") within 1d"#,
+                ),
+                segment("e", "count(purchase) >= 1"),
+            ],
+            &BTreeSet::new(),
+        );
+        assert_eq!(ids(reg.affected(&feature_use("export"))), ["a", "c", "d"]);
+        assert_eq!(ids(reg.affected(&feature_use("import"))), ["b", "c"]);
+        assert_eq!(ids(reg.affected(&feature_use("other"))), ["c"]);
     }
 }

@@ -149,7 +149,7 @@ impl OnBatch<clm_proto::feedback::ResponseCompleted> for CustomerFacts {
             work.entry(id).or_default().push(Change::Feedback);
         }
         for r in &rows {
-            let ch = Change::Touch(r.touchpoint.kind, None);
+            let ch = Change::Touch(Arc::new(r.touchpoint.clone()));
             let list = work.entry(r.customer.clone()).or_default();
             if !list.contains(&ch) {
                 list.push(ch);
@@ -408,7 +408,7 @@ impl OnBatch<cpb::TouchpointRecorded> for CustomerFacts {
         facts::insert_touchpoints(cx.txn(), &rows).await?;
         let mut work: BTreeMap<String, Vec<Change>> = BTreeMap::new();
         for r in &rows {
-            let ch = Change::Touch(r.touchpoint.kind, r.touchpoint.custom_type.clone());
+            let ch = Change::Touch(Arc::new(r.touchpoint.clone()));
             let list = work.entry(r.customer.clone()).or_default();
             if !list.contains(&ch) {
                 list.push(ch);

@@ -75,6 +75,69 @@ async fn window_expires_at_the_exact_instant_and_survives_a_restart() {
     assert!(exited.sequence > entered.sequence);
 }
 
+/// A touchpoint that pushes a window's end later leaves the timer where
+/// it was: it fires then, finds the customer still in and arms the new
+/// end, where the exit happens at the exact instant. A touchpoint the
+/// rule's filter does not pass changes nothing.
+#[tokio::test]
+async fn a_later_touchpoint_moves_the_exit_and_the_earlier_timer_arms_it() {
+    let h = start().await;
+    let mut cust = h.customers();
+    let ada = create_customer(&mut cust, "ada@example.com", |_| {}).await;
+    let t = t0();
+    let second = t - Duration::days(2) + Duration::hours(1);
+    feature_use(&mut cust, &ada, "export", t - Duration::days(2)).await;
+    feature_use(&mut cust, &ada, "export", second).await;
+    let mut seg = h.segments();
+    let two = create_segment(
+        &mut seg,
+        r#"count(feature_use where feature = "export", 7d) >= 2"#,
+    )
+    .await;
+    let three = create_segment(
+        &mut seg,
+        r#"count(feature_use where feature = "export", 7d) >= 3"#,
+    )
+    .await;
+    wait_count(&mut seg, &two.name, 1).await;
+    wait_count(&mut seg, &three.name, 0).await;
+    let mut watch = seg
+        .watch_membership(pb::WatchMembershipRequest {
+            segment: two.name.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let entered = watch.next().await.unwrap().unwrap();
+    assert_eq!(
+        entered.change.as_ref().unwrap().change,
+        pb::MembershipChange::Entered as i32
+    );
+    feature_use(&mut cust, &ada, "import", t).await;
+    feature_use(&mut cust, &ada, "export", t).await;
+    // Both applied: the third export put her in `three`.
+    wait_member(&mut seg, &three.name, &ada, true).await;
+
+    // The first export leaves the window at t + 5d: `three` loses her
+    // then, `two` (its timer still due then) keeps her.
+    h.clock.set(t + Duration::days(5));
+    wait_member(&mut seg, &three.name, &ada, false).await;
+    assert!(is_member(&mut seg, &two.name, &ada).await);
+    // The second leaves at second + 7d: her exit from `two`, at that instant.
+    let exit_at = second + Duration::days(7);
+    h.clock.set(exit_at);
+    wait_member(&mut seg, &two.name, &ada, false).await;
+    let exited = watch.next().await.unwrap().unwrap();
+    let change = exited.change.unwrap();
+    assert_eq!(change.change, pb::MembershipChange::Exited as i32);
+    assert_eq!(
+        change.change_time,
+        Some(ts(exit_at)),
+        "left at the exact instant"
+    );
+}
+
 #[tokio::test]
 async fn incremental_backfill_on_create_and_edit_and_each_condition_kind() {
     let h = start().await;
