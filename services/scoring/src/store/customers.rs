@@ -220,22 +220,10 @@ pub async fn insert_touchpoints(
             )
         });
         let values: Vec<sea_orm::Value> = vec![
-            rows.iter()
-                .map(|r| r.event_id.clone())
-                .collect::<Vec<String>>()
-                .into(),
-            rows.iter()
-                .map(|r| r.customer.clone())
-                .collect::<Vec<String>>()
-                .into(),
-            rows.iter()
-                .map(|r| r.occurred_us)
-                .collect::<Vec<i64>>()
-                .into(),
-            rows.iter()
-                .map(|r| r.body.clone())
-                .collect::<Vec<Vec<u8>>>()
-                .into(),
+            super::column(rows, |r| r.event_id.clone()),
+            super::column(rows, |r| r.customer.clone()),
+            super::column(rows, |r| r.occurred_us),
+            super::column(rows, |r| r.body.clone()),
         ];
         for r in db
             .query_all_raw(Statement::from_sql_and_values(

@@ -230,31 +230,20 @@ fn pg_insert() -> &'static str {
 
 /// [`pg_insert`]'s parameters: one array per column of [`COLUMNS`].
 fn pg_arrays(rows: &[NewRow]) -> Vec<sea_orm::Value> {
-    let text = |f: &dyn Fn(&NewRow) -> &str| -> sea_orm::Value {
-        rows.iter()
-            .map(|r| f(r).to_owned())
-            .collect::<Vec<String>>()
-            .into()
-    };
-    let big = |f: &dyn Fn(&NewRow) -> i64| -> sea_orm::Value {
-        rows.iter().map(f).collect::<Vec<i64>>().into()
-    };
+    use super::column;
     vec![
-        text(&|r| &r.customer),
-        text(&|r| &r.model),
-        big(&|r| r.model_version),
-        text(&|r| &r.award.score),
-        text(&|r| &r.award.rule),
-        big(&|r| r.award.points),
-        text(&|r| &r.award.source_event),
-        big(&|r| r.award.award_us),
-        rows.iter()
-            .map(|r| r.award.decay.code().0)
-            .collect::<Vec<i16>>()
-            .into(),
-        big(&|r| r.award.decay.code().1),
-        text(&|r| &r.reason),
-        text(&|r| &r.actor),
+        column(rows, |r| r.customer.clone()),
+        column(rows, |r| r.model.clone()),
+        column(rows, |r| r.model_version),
+        column(rows, |r| r.award.score.clone()),
+        column(rows, |r| r.award.rule.clone()),
+        column(rows, |r| r.award.points),
+        column(rows, |r| r.award.source_event.clone()),
+        column(rows, |r| r.award.award_us),
+        column(rows, |r| r.award.decay.code().0),
+        column(rows, |r| r.award.decay.code().1),
+        column(rows, |r| r.reason.clone()),
+        column(rows, |r| r.actor.clone()),
     ]
 }
 

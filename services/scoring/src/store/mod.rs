@@ -48,6 +48,14 @@ pub(crate) fn unnest_insert(table: &str, cols: &[(&str, &str)], tail: &str) -> S
     )
 }
 
+/// One [`unnest_insert`] parameter: the column `f` reads, as an array.
+pub(crate) fn column<T, V>(rows: &[T], f: impl Fn(&T) -> V) -> sea_orm::Value
+where
+    Vec<V>: Into<sea_orm::Value>,
+{
+    rows.iter().map(f).collect::<Vec<V>>().into()
+}
+
 /// Rows per multi-row INSERT, under PostgreSQL's 65,535 bind parameters.
 pub(crate) fn chunk(columns: usize) -> usize {
     clm_platform::db::rows_per_statement(columns)

@@ -186,28 +186,17 @@ fn pg_save() -> &'static str {
 
 /// [`pg_save`]'s parameters: one array per column of [`COLUMNS`].
 fn pg_arrays(rows: &[SumRow]) -> Vec<sea_orm::Value> {
-    let text = |f: &dyn Fn(&SumRow) -> &str| -> sea_orm::Value {
-        rows.iter()
-            .map(|r| f(r).to_owned())
-            .collect::<Vec<String>>()
-            .into()
-    };
-    let big = |f: &dyn Fn(&SumRow) -> i64| -> sea_orm::Value {
-        rows.iter().map(f).collect::<Vec<i64>>().into()
-    };
+    use super::column;
     vec![
-        text(&|r| &r.customer),
-        text(&|r| &r.model),
-        text(&|r| &r.score),
-        rows.iter()
-            .map(|r| r.decay_kind)
-            .collect::<Vec<i16>>()
-            .into(),
-        big(&|r| r.decay_us),
-        big(&|r| r.anchor_us),
-        rows.iter().map(|r| r.total).collect::<Vec<f64>>().into(),
-        big(&|r| r.entries),
-        big(&|r| r.newest_us),
+        column(rows, |r| r.customer.clone()),
+        column(rows, |r| r.model.clone()),
+        column(rows, |r| r.score.clone()),
+        column(rows, |r| r.decay_kind),
+        column(rows, |r| r.decay_us),
+        column(rows, |r| r.anchor_us),
+        column(rows, |r| r.total),
+        column(rows, |r| r.entries),
+        column(rows, |r| r.newest_us),
     ]
 }
 
