@@ -52,6 +52,7 @@ pub fn platform_migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(OperationLeases),
         Box::new(TimerQueue),
         Box::new(OutboxTraceContext),
+        Box::new(OutboxEventIdUnindexed),
     ]
 }
 
@@ -378,6 +379,35 @@ impl MigrationTrait for OutboxTraceContext {
         m.get_connection()
             .execute_unprepared("ALTER TABLE outbox ADD COLUMN traceparent VARCHAR(128) NULL")
             .await?;
+        Ok(())
+    }
+}
+
+/// Drops the unique index on `outbox.event_id` (PostgreSQL). Event ids are
+/// UUIDv7s made by [`crate::outbox`] and never looked up in the outbox
+/// (consumers deduplicate in their own tables), so the index only cost a
+/// B-tree insert per event, and another when the relay stamps the event's
+/// position (the stamp rewrites the row). SQLite keeps it: its inline
+/// constraint cannot be dropped without rebuilding the table, and it has
+/// no relay.
+pub struct OutboxEventIdUnindexed;
+
+impl MigrationName for OutboxEventIdUnindexed {
+    fn name(&self) -> &str {
+        "m0004_platform_outbox_event_id_unindexed"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for OutboxEventIdUnindexed {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        let db = m.get_connection();
+        if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+            db.execute_unprepared(
+                "ALTER TABLE outbox DROP CONSTRAINT IF EXISTS outbox_event_id_key",
+            )
+            .await?;
+        }
         Ok(())
     }
 }
