@@ -1,24 +1,33 @@
-//! Lists of values sent to PostgreSQL as **one JSON parameter**.
+//! Lists and rows of values sent to PostgreSQL in **statements of one
+//! text**.
 //!
-//! Why: an `IN ($1, …, $n)` list has a different SQL text for every
-//! length, so sqlx prepares (parses and plans) the statement anew for each
-//! batch size and its statement cache churns. One JSON array parameter
-//! keeps the text the same for any number of values: the statement is
-//! prepared once per connection and has no bind-parameter limit. SQLite
-//! plans cheaply and keeps the plain list.
+//! Why: an `IN ($1, …, $n)` list or a multi-row `VALUES` has a different
+//! SQL text for every length, so sqlx prepares (parses and plans) the
+//! statement anew for each batch size and its statement cache churns. A
+//! parameter holding the whole list keeps the text the same for any number
+//! of values: the statement is prepared once per connection and has no
+//! bind-parameter limit. SQLite plans cheaply and keeps the plain list.
 //!
-//! ```text
-//! … WHERE customer = ANY(ARRAY(SELECT json_array_elements_text($1::json)))
-//! INSERT INTO t (customer) SELECT json_array_elements_text($1::json) …
-//! ```
+//! * Query-builder conditions ([`is_in_texts`]): one JSON array parameter.
 //!
-//! Row batches stay multi-row `VALUES` with binary bind parameters, one
-//! statement per full chunk of [`crate::db::rows_per_statement`]: measured
-//! on the scoring ledger, `json_to_recordset` was slower (1,000,000 rows in
-//! 14.1 s against 12.0 s), the server's JSON parsing costing more than the
-//! planning it saves.
+//!   ```text
+//!   … WHERE customer = ANY(ARRAY(SELECT json_array_elements_text($1::json)))
+//!   ```
+//!
+//! * Raw statements ([`rows`], [`any_text`]): one binary array parameter
+//!   per column, `WITH v (customer_id, at_us) AS (SELECT * FROM
+//!   unnest($1::text[], $2::int8[]))` and `customer_id = ANY($1::text[])`:
+//!   no JSON for the server to parse. Array elements cannot be NULL here.
+//!
+//! Large row batches of entity inserts stay multi-row `VALUES` with binary
+//! bind parameters, one statement per full chunk of
+//! [`crate::db::rows_per_statement`]: measured on the scoring ledger,
+//! `json_to_recordset` was slower (1,000,000 rows in 14.1 s against
+//! 12.0 s), the server's JSON parsing costing more than the planning it
+//! saves.
 
 use crate::db::is_postgres;
+use sea_orm::sea_query::ArrayType;
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, SimpleExpr};
 use sea_orm::{ConnectionTrait, Value};
 
@@ -48,6 +57,78 @@ fn any_of_json(col: &str, values: &[String]) -> SimpleExpr {
 /// `values` as one JSON array parameter, for `json_array_elements_text`.
 pub fn text_list(values: &[String]) -> Value {
     serde_json::Value::from(values.to_vec()).to_string().into()
+}
+
+/// A column of [`rows`]: its element type on PostgreSQL (`text`, `int8`,
+/// `int4`, `int2`, `bool`) and its values, one per row, none NULL (an
+/// array parameter cannot hold one here).
+pub type Column = (&'static str, Vec<Value>);
+
+/// The row source of raw SQL's `WITH v (a, b, …) AS (<source>)`, its
+/// parameters numbered from `$from`. On PostgreSQL `SELECT * FROM
+/// unnest($from::t1[], …)`: one binary array parameter per column, so the
+/// text is the same for any number of rows and each pooled connection
+/// prepares the statement once (a multi-row `VALUES` is a new text, parsed
+/// and planned again, for every row count). Elsewhere the plain `VALUES
+/// (…), …`. Every column must have the same number of values, at least one.
+pub fn rows(postgres: bool, from: usize, columns: Vec<Column>) -> (String, Vec<Value>) {
+    let n = columns.first().map_or(0, |(_, v)| v.len());
+    debug_assert!(columns.iter().all(|(_, v)| v.len() == n));
+    if postgres {
+        let sql = columns
+            .iter()
+            .enumerate()
+            .map(|(i, (ty, _))| format!("${}::{ty}[]", from + i))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let values = columns
+            .into_iter()
+            .map(|(ty, v)| Value::Array(array_type(ty), Some(Box::new(v))))
+            .collect();
+        return (format!("SELECT * FROM unnest({sql})"), values);
+    }
+    let width = columns.len();
+    let mut values = Vec::with_capacity(n * width);
+    let mut iters: Vec<_> = columns.into_iter().map(|(_, v)| v.into_iter()).collect();
+    let mut tuples = Vec::with_capacity(n);
+    for r in 0..n {
+        values.extend(iters.iter_mut().filter_map(Iterator::next));
+        let marks: Vec<String> = (0..width)
+            .map(|c| format!("${}", from + r * width + c))
+            .collect();
+        tuples.push(format!("({})", marks.join(", ")));
+    }
+    (format!("VALUES {}", tuples.join(", ")), values)
+}
+
+/// `col` is one of `values`, for raw SQL, the parameter numbered `$from`:
+/// on PostgreSQL `col = ANY($from::text[])` (one array parameter, the same
+/// text for any number of values), elsewhere `col IN ($from, …)`.
+pub fn any_text(postgres: bool, col: &str, from: usize, values: &[String]) -> (String, Vec<Value>) {
+    if postgres {
+        let array = values.iter().map(|v| Value::from(v.clone())).collect();
+        return (
+            format!("{col} = ANY(${from}::text[])"),
+            vec![Value::Array(ArrayType::String, Some(Box::new(array)))],
+        );
+    }
+    let marks: Vec<String> = (0..values.len())
+        .map(|i| format!("${}", from + i))
+        .collect();
+    (
+        format!("{col} IN ({})", marks.join(", ")),
+        values.iter().map(|v| Value::from(v.clone())).collect(),
+    )
+}
+
+fn array_type(ty: &str) -> ArrayType {
+    match ty {
+        "int8" => ArrayType::BigInt,
+        "int4" => ArrayType::Int,
+        "int2" => ArrayType::SmallInt,
+        "bool" => ArrayType::Bool,
+        _ => ArrayType::String,
+    }
 }
 
 #[cfg(test)]
@@ -81,5 +162,38 @@ mod tests {
             ]
         );
         assert_eq!(select(1_000).0, sql, "the same text for any length");
+    }
+
+    #[test]
+    fn rows_are_arrays_on_postgres_and_values_elsewhere() {
+        let cols = || {
+            vec![
+                ("text", vec![Value::from("a"), Value::from("b")]),
+                ("int8", vec![Value::from(1_i64), Value::from(2_i64)]),
+            ]
+        };
+        let (sql, values) = rows(true, 3, cols());
+        assert_eq!(sql, "SELECT * FROM unnest($3::text[], $4::int8[])");
+        assert_eq!(values.len(), 2);
+        assert!(matches!(&values[1], Value::Array(ArrayType::BigInt, Some(v)) if v.len() == 2));
+        let (sql, values) = rows(false, 3, cols());
+        assert_eq!(sql, "VALUES ($3, $4), ($5, $6)");
+        assert_eq!(
+            values,
+            vec![
+                Value::from("a"),
+                Value::from(1_i64),
+                Value::from("b"),
+                Value::from(2_i64)
+            ]
+        );
+    }
+
+    #[test]
+    fn any_text_is_one_array_on_postgres() {
+        let ids = vec!["x".to_owned(), "y".to_owned()];
+        assert_eq!(any_text(true, "c", 2, &ids).0, "c = ANY($2::text[])");
+        assert_eq!(any_text(true, "c", 2, &ids).1.len(), 1);
+        assert_eq!(any_text(false, "c", 2, &ids).0, "c IN ($2, $3)");
     }
 }

@@ -37,8 +37,8 @@
 use super::touchpoints::TouchpointRecord;
 use clm_domain::kpi::month_of;
 use clm_domain::touchpoint::TouchpointKind;
-use clm_platform::Error;
 use clm_platform::db::to_micros;
+use clm_platform::{Error, bulk};
 use sea_orm::{ConnectionTrait, Statement, Value};
 use std::collections::{BTreeMap, HashSet};
 
@@ -86,24 +86,33 @@ pub async fn on_touchpoints(
             e.1 += m.amount_minor;
         }
     }
+    let postgres = clm_platform::db::is_postgres(db);
     let months: Vec<_> = months.into_iter().collect();
     for chunk in months.chunks(CHUNK) {
-        let mut values = Vec::with_capacity(chunk.len() * 3);
-        let rows: Vec<String> = chunk
-            .iter()
-            .map(|((c, m), k)| {
-                values.extend([Value::from(c.clone()), (*m).into(), (*k).into()]);
-                let i = values.len();
-                format!("(${}, ${}, ${})", i - 2, i - 1, i)
-            })
-            .collect();
+        let (rows, values) = bulk::rows(
+            postgres,
+            1,
+            vec![
+                (
+                    "text",
+                    chunk
+                        .iter()
+                        .map(|((c, _), _)| Value::from(c.clone()))
+                        .collect(),
+                ),
+                (
+                    "int4",
+                    chunk.iter().map(|((_, m), _)| Value::from(*m)).collect(),
+                ),
+                ("int4", chunk.iter().map(|(_, k)| Value::from(*k)).collect()),
+            ],
+        );
         // New (customer, month) rows, then the bits missing from existing
         // ones: a month already holding the batch's kinds is neither
         // written nor locked, so concurrent batches of the same customers
         // do not queue behind each other.
-        let rows = rows.join(", ");
         let insert = format!(
-            "WITH v (customer_id, month, kinds) AS (VALUES {rows}) \
+            "WITH v (customer_id, month, kinds) AS ({rows}) \
              INSERT INTO touch_months (customer_id, month, kinds, conv_us, conv_month) \
              SELECT v.customer_id, v.month, v.kinds, c.first_conversion_us, c.first_conversion_month \
              FROM v LEFT JOIN customers c ON c.id = v.customer_id WHERE 1 = 1 \
@@ -111,7 +120,7 @@ pub async fn on_touchpoints(
         );
         exec(db, insert, values.clone()).await?;
         let update = format!(
-            "WITH v (customer_id, month, kinds) AS (VALUES {rows}) \
+            "WITH v (customer_id, month, kinds) AS ({rows}) \
              UPDATE touch_months SET kinds = touch_months.kinds | v.kinds FROM v \
              WHERE touch_months.customer_id = v.customer_id AND touch_months.month = v.month \
              AND (touch_months.kinds & v.kinds) <> v.kinds"
@@ -120,57 +129,89 @@ pub async fn on_touchpoints(
     }
     let buys: Vec<_> = buys.into_iter().collect();
     for chunk in buys.chunks(CHUNK) {
-        let mut values = Vec::with_capacity(chunk.len() * 5);
-        let rows: Vec<String> = chunk
-            .iter()
-            .map(|((c, m, cur), (o, r))| {
-                values.extend([
-                    Value::from(c.clone()),
-                    (*m).into(),
-                    cur.clone().into(),
-                    (*o).into(),
-                    (*r).into(),
-                ]);
-                let i = values.len();
-                format!("(${}, ${}, ${}, ${}, ${})", i - 4, i - 3, i - 2, i - 1, i)
-            })
-            .collect();
+        let (rows, values) = bulk::rows(
+            postgres,
+            1,
+            vec![
+                (
+                    "text",
+                    chunk
+                        .iter()
+                        .map(|((c, _, _), _)| Value::from(c.clone()))
+                        .collect(),
+                ),
+                (
+                    "int4",
+                    chunk.iter().map(|((_, m, _), _)| Value::from(*m)).collect(),
+                ),
+                (
+                    "text",
+                    chunk
+                        .iter()
+                        .map(|((_, _, cur), _)| Value::from(cur.clone()))
+                        .collect(),
+                ),
+                (
+                    "int8",
+                    chunk.iter().map(|(_, (o, _))| Value::from(*o)).collect(),
+                ),
+                (
+                    "int8",
+                    chunk.iter().map(|(_, (_, r))| Value::from(*r)).collect(),
+                ),
+            ],
+        );
         let sql = format!(
-            "WITH v (customer_id, month, currency, orders, revenue_minor) AS (VALUES {}) \
+            "WITH v (customer_id, month, currency, orders, revenue_minor) AS ({rows}) \
              INSERT INTO purchase_months (customer_id, month, currency, orders, revenue_minor, conv_us, conv_month) \
              SELECT v.customer_id, v.month, v.currency, v.orders, v.revenue_minor, \
              c.first_conversion_us, c.first_conversion_month \
              FROM v LEFT JOIN customers c ON c.id = v.customer_id WHERE 1 = 1 \
              ON CONFLICT (customer_id, month, currency) DO UPDATE SET \
              orders = purchase_months.orders + excluded.orders, \
-             revenue_minor = purchase_months.revenue_minor + excluded.revenue_minor",
-            rows.join(", ")
+             revenue_minor = purchase_months.revenue_minor + excluded.revenue_minor"
         );
         exec(db, sql, values).await?;
     }
     for chunk in touches.chunks(CHUNK) {
-        let mut values = Vec::with_capacity(chunk.len() * 4);
-        let rows: Vec<String> = chunk
-            .iter()
-            .map(|(c, at, e, k)| {
-                values.extend([
-                    Value::from(c.clone()),
-                    (*at).into(),
-                    e.clone().into(),
-                    k.clone().into(),
-                ]);
-                let i = values.len();
-                format!("(${}, ${}, ${}, ${})", i - 3, i - 2, i - 1, i)
-            })
-            .collect();
+        let (rows, values) = bulk::rows(
+            postgres,
+            1,
+            vec![
+                (
+                    "text",
+                    chunk
+                        .iter()
+                        .map(|(c, _, _, _)| Value::from(c.clone()))
+                        .collect(),
+                ),
+                (
+                    "int8",
+                    chunk.iter().map(|(_, at, _, _)| Value::from(*at)).collect(),
+                ),
+                (
+                    "text",
+                    chunk
+                        .iter()
+                        .map(|(_, _, e, _)| Value::from(e.clone()))
+                        .collect(),
+                ),
+                (
+                    "text",
+                    chunk
+                        .iter()
+                        .map(|(_, _, _, k)| Value::from(k.clone()))
+                        .collect(),
+                ),
+            ],
+        );
         let sql = format!(
-            "WITH v (customer_id, occurred_us, event_id, campaign) AS (VALUES {}) \
+            "WITH v (customer_id, occurred_us, event_id, campaign) AS ({rows}) \
              INSERT INTO attribution_touches (customer_id, occurred_us, event_id, campaign) \
              SELECT v.customer_id, v.occurred_us, v.event_id, v.campaign FROM v \
              LEFT JOIN customers c ON c.id = v.customer_id \
              WHERE c.first_conversion_us IS NULL OR v.occurred_us <= c.first_conversion_us \
-             ON CONFLICT DO NOTHING",
-            rows.join(", ")
+             ON CONFLICT DO NOTHING"
         );
         exec(db, sql, values).await?;
     }

@@ -22,7 +22,7 @@
 //! from [`super::projection::fold`]); an erasure deletes them
 //! ([`super::projection::forget`]).
 
-use clm_platform::Error;
+use clm_platform::{Error, bulk};
 use sea_orm::{ConnectionTrait, Statement, Value};
 use std::collections::BTreeMap;
 
@@ -46,13 +46,24 @@ fn marks(from: usize, n: usize) -> String {
         .join(", ")
 }
 
-/// The statement that gives every move without a row its row, for every
-/// customer (`None`) or for `n` customers bound twice, as `$1..$n` and
-/// `$n+1..$2n` (`Some(n)`).
-pub fn fill_sql(customers: Option<usize>) -> String {
-    let filter = |col: &str, from: usize| match customers {
-        None => "1 = 1".to_owned(),
-        Some(n) => format!("{col} IN ({})", marks(1 + from * n, n)),
+/// Which customers [`fill_sql`] fills.
+#[derive(Debug, Clone, Copy)]
+pub enum Fill {
+    /// Every customer.
+    All,
+    /// The customers bound as one text array, `$1` (PostgreSQL).
+    Array,
+    /// `n` customers bound twice, as `$1..$n` and `$n+1..$2n`.
+    Listed(usize),
+}
+
+/// The statement that gives every move without a row its row, for the
+/// customers `which` names.
+pub fn fill_sql(which: Fill) -> String {
+    let filter = |col: &str, from: usize| match which {
+        Fill::All => "1 = 1".to_owned(),
+        Fill::Array => format!("{col} = ANY($1::text[])"),
+        Fill::Listed(n) => format!("{col} IN ({})", marks(1 + from * n, n)),
     };
     let cols: Vec<String> = (1..=STEPS)
         .map(|i| format!("s{i}"))
@@ -100,12 +111,17 @@ pub async fn fill(db: &impl ConnectionTrait, customers: &[String]) -> Result<(),
     if customers.is_empty() {
         return Ok(());
     }
+    if clm_platform::db::is_postgres(db) {
+        let (_, values) = bulk::any_text(true, "customer_id", 1, customers);
+        exec(db, fill_sql(Fill::Array), values).await?;
+        return Ok(());
+    }
     let values = customers
         .iter()
         .chain(customers)
         .map(|c| Value::from(c.clone()))
         .collect();
-    exec(db, fill_sql(Some(customers.len())), values).await?;
+    exec(db, fill_sql(Fill::Listed(customers.len())), values).await?;
     Ok(())
 }
 
@@ -133,19 +149,27 @@ pub async fn on_touchpoints(
                 .map(|i| format!("MAX(CASE WHEN x.rn = {i} THEN x.occurred_us END) AS u{i}")),
         )
         .collect();
+    let postgres = clm_platform::db::is_postgres(db);
     for chunk in pairs.chunks(1_000) {
-        let mut values = Vec::with_capacity(chunk.len() * 2);
-        let rows: Vec<String> = chunk
-            .iter()
-            .map(|(c, at)| {
-                values.push(Value::from((*c).clone()));
-                values.push(Value::from(**at));
-                let i = values.len();
-                format!("(${}, ${i})", i - 1)
-            })
-            .collect();
+        let (rows, values) = bulk::rows(
+            postgres,
+            1,
+            vec![
+                (
+                    "text",
+                    chunk
+                        .iter()
+                        .map(|(c, _)| Value::from((*c).clone()))
+                        .collect(),
+                ),
+                (
+                    "int8",
+                    chunk.iter().map(|(_, at)| Value::from(**at)).collect(),
+                ),
+            ],
+        );
         let sql = format!(
-            "WITH v (customer_id, at_us) AS (VALUES {rows}) \
+            "WITH v (customer_id, at_us) AS ({rows}) \
              UPDATE move_paths SET {sets} FROM \
              (SELECT x.hid, {picks} FROM \
                (SELECT p.history_id AS hid, {STEP} AS step, t.occurred_us, \
@@ -155,7 +179,6 @@ pub async fn on_touchpoints(
                  AND t.occurred_us >= COALESCE(p.u{STEPS}, t.occurred_us)) AS x \
                WHERE x.rn <= {STEPS} GROUP BY x.hid) AS n \
              WHERE move_paths.history_id = n.hid",
-            rows = rows.join(", "),
             sets = sets.join(", "),
             picks = picks.join(", "),
         );

@@ -17,7 +17,7 @@
 //! * [`forget`]: every projected row of erased customers.
 
 use super::{activity, journeys, rollups};
-use clm_platform::Error;
+use clm_platform::{Error, bulk};
 use sea_orm::{ConnectionTrait, Statement, Value};
 use std::collections::{BTreeMap, HashMap};
 
@@ -52,16 +52,16 @@ pub async fn unapplied(
     let mut customers: Vec<&str> = events.iter().map(|(c, _)| c.as_str()).collect();
     customers.sort_unstable();
     customers.dedup();
+    let postgres = clm_platform::db::is_postgres(db);
     let mut applied: HashMap<String, i64> = HashMap::new();
     for chunk in customers.chunks(CHUNK) {
+        let chunk: Vec<String> = chunk.iter().map(|c| (*c).to_owned()).collect();
+        let (of, values) = bulk::any_text(postgres, "customer_id", 1, &chunk);
         let rows = db
             .query_all_raw(Statement::from_sql_and_values(
                 db.get_database_backend(),
-                format!(
-                    "SELECT customer_id, position FROM projection_marks WHERE customer_id IN ({})",
-                    marks(1, chunk.len())
-                ),
-                chunk.iter().map(|c| Value::from(*c)),
+                format!("SELECT customer_id, position FROM projection_marks WHERE {of}"),
+                values,
             ))
             .await?;
         for r in rows {
@@ -85,24 +85,22 @@ pub async fn mark(db: &impl ConnectionTrait, events: &[(String, i64)]) -> Result
         *e = Ord::max(*e, *p);
     }
     let last: Vec<(&str, i64)> = last.into_iter().collect();
+    let postgres = clm_platform::db::is_postgres(db);
     for chunk in last.chunks(CHUNK) {
-        let mut values = Vec::with_capacity(chunk.len() * 2);
-        let rows: Vec<String> = chunk
-            .iter()
-            .map(|(c, p)| {
-                values.push(Value::from(*c));
-                values.push(Value::from(*p));
-                let i = values.len();
-                format!("(${}, ${i})", i - 1)
-            })
-            .collect();
+        let (rows, values) = bulk::rows(
+            postgres,
+            1,
+            vec![
+                ("text", chunk.iter().map(|(c, _)| Value::from(*c)).collect()),
+                ("int8", chunk.iter().map(|(_, p)| Value::from(*p)).collect()),
+            ],
+        );
         exec(
             db,
             format!(
-                "INSERT INTO projection_marks (customer_id, position) VALUES {} \
+                "INSERT INTO projection_marks (customer_id, position) {rows} \
                  ON CONFLICT (customer_id) DO UPDATE SET position = excluded.position \
-                 WHERE excluded.position > projection_marks.position",
-                rows.join(", ")
+                 WHERE excluded.position > projection_marks.position"
             ),
             values,
         )

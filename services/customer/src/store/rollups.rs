@@ -22,7 +22,7 @@
 
 use super::n;
 use clm_domain::lifecycle::Stage;
-use clm_platform::Error;
+use clm_platform::{Error, bulk};
 use sea_orm::ConnectionTrait;
 use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use std::collections::BTreeMap;
@@ -90,8 +90,9 @@ pub async fn on_moves(db: &impl ConnectionTrait, moves: &[Move]) -> Result<(), E
     let mut customers: Vec<String> = moves.iter().map(|m| m.0.clone()).collect();
     customers.sort_unstable();
     customers.dedup();
+    let postgres = clm_platform::db::is_postgres(db);
     for chunk in customers.chunks(1_000) {
-        let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let (of, values) = bulk::any_text(postgres, "customer_id", 1, chunk);
         let next = |col: &str| {
             format!(
                 "(SELECT x.{col} FROM stage_history x WHERE x.customer_id = stage_history.customer_id \
@@ -100,16 +101,15 @@ pub async fn on_moves(db: &impl ConnectionTrait, moves: &[Move]) -> Result<(), E
         };
         let sql = format!(
             "UPDATE stage_history SET left_us = {}, next_stage = {} \
-             WHERE customer_id IN ({}) AND left_us IS NULL AND EXISTS (SELECT 1 FROM stage_history x \
+             WHERE {of} AND left_us IS NULL AND EXISTS (SELECT 1 FROM stage_history x \
              WHERE x.customer_id = stage_history.customer_id AND x.id > stage_history.id)",
             next("change_us"),
             next("to_stage"),
-            marks.join(", ")
         );
         db.execute_raw(sea_orm::Statement::from_sql_and_values(
             db.get_database_backend(),
             sql,
-            chunk.iter().map(|c| sea_orm::Value::from(c.clone())),
+            values,
         ))
         .await?;
     }

@@ -212,7 +212,14 @@ pub async fn existing(
     let mut q = Query::select();
     q.columns(COLS.map(n))
         .from(n("touchpoints"))
-        .and_where(Expr::col(n("event_id")).is_in(event_ids.iter().map(|s| (*s).to_owned())));
+        .and_where(clm_platform::bulk::is_in_texts(
+            db,
+            "event_id",
+            &event_ids
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect::<Vec<_>>(),
+        ));
     let rows = db.query_all(&q).await?;
     rows.iter()
         .map(|r| from_row(r).map(|t| (t.touchpoint.event_id.clone(), t)))
