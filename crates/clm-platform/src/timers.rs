@@ -41,12 +41,16 @@ use sea_orm::{
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::Duration;
 use tokio::sync::Notify;
 
 /// How often the queue looks at the clock when nothing wakes it (a test
 /// clock moved forward is noticed within this).
 pub const TICK: Duration = Duration::from_millis(50);
+/// On SQLite, the longest an idle queue trusts its last answer to "when is
+/// the next timer due?" before asking the database again (see [`run`]).
+pub const IDLE_RECHECK: Duration = Duration::from_secs(1);
 /// Longest pause between rounds while they keep failing.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Timers fired per transaction.
@@ -55,6 +59,17 @@ pub const BATCH: u64 = 1000;
 pub const RETRY_DELAY: Duration = Duration::from_secs(2);
 
 const TABLE: &str = "timer_queue";
+
+/// Bumped by every write of this process that may arm a timer or bring
+/// one forward ([`arm`], [`pg_rows`], [`rearm_prefix`]), before its
+/// transaction commits. An idle queue on SQLite (one process writes the
+/// database) skips its look at the table while this has not moved since
+/// its last two looks and its last answer is not yet due.
+static ARMED: AtomicU64 = AtomicU64::new(0);
+
+fn armed() {
+    ARMED.fetch_add(1, AtomicOrdering::Relaxed);
+}
 
 fn a(s: &str) -> Alias {
     Alias::new(s)
@@ -104,6 +119,7 @@ impl Arm {
 
 /// Arms (creates or moves) `timers` of `kind` in the caller's transaction.
 pub async fn arm(db: &impl ConnectionTrait, kind: &str, timers: &[Arm]) -> Result<(), DbErr> {
+    armed();
     // 6 columns a row; stay far below any bind-parameter limit.
     for part in timers.chunks(1000) {
         let mut insert = Query::insert();
@@ -146,6 +162,7 @@ pub fn pg_arm_sql(param: usize) -> String {
 
 /// The parameter of [`pg_arm_sql`] for `timers` of `kind`.
 pub fn pg_rows(kind: &str, timers: &[Arm]) -> Result<sea_orm::Value, DbErr> {
+    armed();
     use base64::Engine;
     #[derive(serde::Serialize)]
     struct Row<'a> {
@@ -209,6 +226,7 @@ pub async fn rearm_prefix(
     prefix: &str,
     due_us: i64,
 ) -> Result<(), DbErr> {
+    armed();
     let update = Query::update()
         .table(a(TABLE))
         .value(a("due_us"), due_us)
@@ -532,13 +550,36 @@ pub async fn run(rt: crate::Runtime, handlers: BTreeMap<String, Handler>) {
     // soonest due time) and looks only when something is due, so an idle
     // queue costs one query a tick instead of a transaction or two per kind.
     let mut look = true;
+    // SQLite: one process writes the database, so nothing is armed that
+    // this process's `ARMED` did not see. The answer of the last look at
+    // the table stands while `ARMED` has not moved since the look before it
+    // (a bump precedes its commit, so a look between the two may miss the
+    // row: the next look covers it) and for at most `IDLE_RECHECK`: an idle
+    // `clm up` does not query every service's queue every tick.
+    let single_writer = !crate::db::is_postgres(&rt.db);
+    let mut known: Option<(Option<i64>, u64, tokio::time::Instant)> = None;
+    let mut seen = [u64::MAX; 2];
     loop {
         let mut full = false;
         let mut failed = None;
         let mut next = None;
         let mut next_known = false;
         if !look {
-            match next_due(&rt.read, &kinds).await {
+            let epoch = ARMED.load(AtomicOrdering::Relaxed);
+            let trusted = known.filter(|(_, e, at)| {
+                single_writer
+                    && *e == epoch
+                    && seen == [epoch, epoch]
+                    && at.elapsed() < IDLE_RECHECK
+            });
+            let n = match trusted {
+                Some((n, _, _)) => Ok(n),
+                None => next_due(&rt.read, &kinds).await.inspect(|n| {
+                    seen = [seen[1], epoch];
+                    known = Some((*n, epoch, tokio::time::Instant::now()));
+                }),
+            };
+            match n {
                 Ok(n) => {
                     look = n.is_some_and(|d| d <= to_micros(rt.clock.now()));
                     next = n;
@@ -546,6 +587,9 @@ pub async fn run(rt: crate::Runtime, handlers: BTreeMap<String, Handler>) {
                 }
                 Err(_) => look = true,
             }
+        }
+        if look {
+            known = None;
         }
         if look {
             for (kind, handler) in &handlers {
