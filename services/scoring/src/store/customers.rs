@@ -322,6 +322,68 @@ pub async fn touchpoints_since(
         .collect()
 }
 
+/// Kept touchpoints of each `(customer, from, to)` that occurred in
+/// `[from, to]`, in (customer, time, event id) order: one statement of
+/// fixed text on PostgreSQL (the ranges as arrays joined to the
+/// `(customer, occurred_us)` index), else [`touchpoints_since`] narrowed.
+pub async fn touchpoints_in(
+    db: &impl ConnectionTrait,
+    ranges: &[(String, i64, i64)],
+) -> Result<Vec<Kept>> {
+    if ranges.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !is_postgres(db) {
+        let custs: Vec<String> = ranges.iter().map(|r| r.0.clone()).collect();
+        let since = ranges.iter().map(|r| r.1).min().unwrap_or(i64::MIN);
+        let wanted: std::collections::HashMap<&str, (i64, i64)> =
+            ranges.iter().map(|r| (r.0.as_str(), (r.1, r.2))).collect();
+        return Ok(touchpoints_since(db, &custs, since)
+            .await?
+            .into_iter()
+            .filter(|(c, at, _, _)| {
+                wanted
+                    .get(c.as_str())
+                    .is_some_and(|(from, to)| at >= from && at <= to)
+            })
+            .collect());
+    }
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT t.\"{customer}\", t.\"{at}\", t.\"{id}\", t.\"{body}\" \
+             FROM unnest($1::text[], $2::int8[], $3::int8[]) AS k(c, lo, hi) \
+             JOIN \"{table}\" t ON t.\"{customer}\" = k.c AND t.\"{at}\" >= k.lo AND t.\"{at}\" <= k.hi \
+             ORDER BY 1, 2, 3",
+            table = Touchpoints.table_name(),
+            customer = TC::Customer.as_str(),
+            at = TC::OccurredUs.as_str(),
+            id = TC::EventId.as_str(),
+            body = TC::Body.as_str(),
+        )
+    });
+    let values: Vec<sea_orm::Value> = vec![
+        super::column(ranges, |r| r.0.clone()),
+        super::column(ranges, |r| r.1),
+        super::column(ranges, |r| r.2),
+    ];
+    db.query_all_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        SQL.as_str(),
+        values,
+    ))
+    .await?
+    .into_iter()
+    .map(|r| {
+        Ok((
+            r.try_get_by_index(0)?,
+            r.try_get_by_index(1)?,
+            r.try_get_by_index(2)?,
+            r.try_get_by_index(3)?,
+        ))
+    })
+    .collect()
+}
+
 /// Each customer's newest touchpoint at or before `at_us` (inactivity).
 pub async fn last_activity(
     db: &impl ConnectionTrait,

@@ -14,6 +14,7 @@
 pub mod customers;
 pub mod entity;
 pub mod ledger;
+pub mod limited;
 pub mod migration;
 pub mod scoring_models;
 pub mod sums;
