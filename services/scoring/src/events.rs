@@ -32,7 +32,7 @@ pub fn customer_handlers(models: Arc<Models>) -> Handlers {
     let h = Arc::new(CustomerEvents { models });
     Handlers::new()
         .on_batch_partitioned::<cpb::TouchpointRecorded, _>(h.clone())
-        .on::<cpb::CustomerCreated, _>(h.clone())
+        .on_batch::<cpb::CustomerCreated, _>(h.clone())
         .on::<cpb::CustomerUpdated, _>(h.clone())
         .on::<cpb::StageChanged, _>(h.clone())
         .on::<cpb::ConsentChanged, _>(h.clone())
@@ -382,17 +382,40 @@ impl CustomerEvents {
     }
 }
 
+/// A run of new customers: their profiles are stored together; each is
+/// then scored by the active models' profile rules one after the other, as
+/// it arrived (nothing to score when no active model has one).
 #[async_trait::async_trait]
-impl On<cpb::CustomerCreated> for CustomerEvents {
-    async fn on(
+impl OnBatch<cpb::CustomerCreated> for CustomerEvents {
+    async fn on_batch(
         &self,
         cx: &mut Apply,
-        event: &ChangeEvent,
-        m: cpb::CustomerCreated,
+        messages: Vec<(&ChangeEvent, cpb::CustomerCreated)>,
     ) -> Result<(), Error> {
-        let Some(c) = m.customer else { return Ok(()) };
-        customers::set_profile(cx.txn(), &c.name, c.encode_to_vec(), stage_of(&c)).await?;
-        self.profile_changed(cx, &c.name, &event.event_id).await
+        let created: Vec<(&ChangeEvent, cpb::Customer)> = messages
+            .into_iter()
+            .filter_map(|(e, m)| Some((e, m.customer?)))
+            .collect();
+        let scored = self
+            .models
+            .active(cx.txn())
+            .await?
+            .iter()
+            .any(|v| !v.model.profile_rules.is_empty());
+        if scored {
+            for (event, c) in created {
+                customers::set_profile(cx.txn(), &c.name, c.encode_to_vec(), stage_of(&c)).await?;
+                self.profile_changed(cx, &c.name, &event.event_id).await?;
+            }
+            return Ok(());
+        }
+        let profiles: Vec<customers::Profile> = created
+            .iter()
+            .map(|(_, c)| (c.name.clone(), c.encode_to_vec(), stage_of(c)))
+            .collect();
+        customers::set_profiles(cx.txn(), &profiles).await?;
+        self.after(cx);
+        Ok(())
     }
 }
 

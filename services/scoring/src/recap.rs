@@ -13,6 +13,10 @@
 //! decay (so it cancels or completes the first award exactly), sourced
 //! `"{event} recap {cause}"` (event ids are visible ASCII, so the space
 //! cannot be part of one and a replay of the cause writes nothing twice).
+//! A calendar cap is evaluated again only up to the end of the windows the
+//! batch's touchpoints fall in (later windows cannot change), and a late
+//! touchpoint of a once-only or calendar-capped rule replays the rule's
+//! awarded touchpoints and the batch's new ones only (`from_entries`).
 
 use crate::convert;
 use crate::scorer::Version;
@@ -250,4 +254,79 @@ pub async fn corrections(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clm_domain::rules::{TouchQuery, TouchType};
+    use clm_domain::scoring::{Cap, Decay};
+    use clm_domain::touchpoint::TouchpointKind;
+    use proptest::prelude::*;
+
+    fn rule(kind: u8, cap: i64, points: i64) -> EventRule {
+        EventRule {
+            id: "r".into(),
+            score: "engagement".into(),
+            trigger: TouchQuery {
+                touch: TouchType {
+                    kind: TouchpointKind::FeatureUse,
+                    custom_type: None,
+                },
+                filter: Vec::new(),
+                window: None,
+            },
+            points,
+            once_per_customer: kind == 0,
+            cap: (kind != 0).then_some(Cap {
+                points: cap,
+                period: if kind == 1 {
+                    Period::Day
+                } else {
+                    Period::IsoWeek
+                },
+            }),
+            decay: Decay::None,
+        }
+    }
+
+    proptest! {
+        /// What [`from_entries`] relies on: for a once-only rule or one
+        /// capped per day or ISO week, adding a touchpoint (anywhere in
+        /// (time, event id) order) to a customer's history leaves every
+        /// touchpoint that had no points without points, and never raises
+        /// another's points.
+        #[test]
+        fn an_added_touchpoint_never_gives_points_to_one_without(
+            kind in 0u8..3,
+            cap in 0i64..12,
+            points in prop_oneof![-4i64..=-1, 1i64..=4],
+            hours in proptest::collection::vec(0i64..24 * 20, 1..40),
+            added in 0i64..24 * 20,
+            before_in_window in 0i64..6,
+        ) {
+            const HOUR: i64 = 3_600_000_000;
+            let rule = rule(kind, cap, points);
+            let ids: Vec<String> = (0..=hours.len()).map(|i| format!("e{i:03}")).collect();
+            let mut events: Vec<(i64, &str)> = hours
+                .iter()
+                .zip(&ids)
+                .map(|(h, id)| ((h + 1) * HOUR, id.as_str()))
+                .collect();
+            events.sort_unstable();
+            // An earlier award in the first window (and the first day).
+            let before = [(0, before_in_window)];
+            let without: HashMap<&str, i64> =
+                rule.replay(&before, events.iter().copied()).into_iter().collect();
+            let mut with_added = events.clone();
+            with_added.push(((added + 1) * HOUR, ids[hours.len()].as_str()));
+            with_added.sort_unstable();
+            for (id, p) in rule.replay(&before, with_added.iter().copied()) {
+                let Some(old) = without.get(id) else { continue };
+                prop_assert!(p.abs() <= old.abs(), "{id}: {old} became {p}");
+                prop_assert!(p == 0 || p.signum() == old.signum());
+            }
+        }
+    }
 }
