@@ -15,7 +15,7 @@ use crate::convert;
 use crate::recap;
 use crate::scorer::{self, Models};
 use crate::store::ledger::{self, NewRow};
-use crate::store::{customers, sums, timers};
+use crate::store::{customers, limited, sums, timers};
 use clm_domain::lifecycle::Stage;
 use clm_domain::scoring::{Period, RuleHistory};
 use clm_platform::Error;
@@ -32,7 +32,7 @@ pub fn customer_handlers(models: Arc<Models>) -> Handlers {
     let h = Arc::new(CustomerEvents { models });
     Handlers::new()
         .on_batch_partitioned::<cpb::TouchpointRecorded, _>(h.clone())
-        .on::<cpb::CustomerCreated, _>(h.clone())
+        .on_batch::<cpb::CustomerCreated, _>(h.clone())
         .on::<cpb::CustomerUpdated, _>(h.clone())
         .on::<cpb::StageChanged, _>(h.clone())
         .on::<cpb::ConsentChanged, _>(h.clone())
@@ -230,38 +230,59 @@ impl CustomerEvents {
             if matching.is_empty() {
                 continue;
             }
-            let mut rules = ledger::RuleWindows::default();
-            for r in &matching {
-                let list = match r.cap.map(|c| c.period) {
-                    _ if r.once_per_customer => &mut rules.once,
-                    None => continue,
-                    Some(Period::Day) => &mut rules.day,
-                    Some(Period::IsoWeek) => &mut rules.week,
-                    Some(Period::Rolling(_)) => &mut rules.rolling,
-                };
-                list.push(r.id.clone());
+            // Each (customer, limited rule) a touchpoint matches, with the
+            // cap windows of its touchpoints: what its earlier awards used
+            // there, and its newest award (one statement for the batch).
+            let mut asks: BTreeMap<(&str, &str), limited::Ask> = BTreeMap::new();
+            for (customer, tp) in &tps {
+                let at = tp.occurred_time.timestamp_micros();
+                for r in matching
+                    .iter()
+                    .filter(|r| r.limited() && r.trigger.matches(tp))
+                {
+                    let (bucket, (lo, hi)) = match r.cap {
+                        Some(cap) if !r.once_per_customer => (
+                            match cap.period {
+                                Period::Day => limited::Bucket::Day,
+                                Period::IsoWeek => limited::Bucket::Week,
+                                Period::Rolling(_) => limited::Bucket::Rolling,
+                            },
+                            cap.window(at),
+                        ),
+                        _ => (limited::Bucket::Once, (i64::MIN, i64::MAX)),
+                    };
+                    asks.entry((customer.as_str(), r.id.as_str()))
+                        .and_modify(|a| {
+                            a.lo = a.lo.min(lo);
+                            a.hi = a.hi.max(hi);
+                        })
+                        .or_insert_with(|| limited::Ask {
+                            customer: customer.clone(),
+                            rule: r.id.clone(),
+                            bucket,
+                            lo,
+                            hi,
+                        });
+                }
             }
-            let window = matching
-                .iter()
-                .filter_map(|r| r.cap)
-                .flat_map(|cap| {
-                    tps.iter()
-                        .map(move |(_, tp)| cap.window(tp.occurred_time.timestamp_micros()))
-                })
-                .fold((i64::MAX, i64::MIN), |(lo, hi), (a, b)| {
-                    (lo.min(a), hi.max(b))
-                });
-            let mut before: HashMap<String, Vec<ledger::RuleUse>> = HashMap::new();
-            for u in ledger::rule_usage(txn, &v.id, v.version, &custs, &rules, window).await? {
-                before.entry(u.customer.clone()).or_default().push(u);
+            let asked: Vec<limited::Ask> = asks.values().cloned().collect();
+            let used = limited::used(txn, &v.id, v.version, &asked).await?;
+            let mut before: HashMap<&str, Vec<(&str, &limited::Used)>> = HashMap::new();
+            for ((customer, rule), u) in &used {
+                before
+                    .entry(customer.as_str())
+                    .or_default()
+                    .push((rule.as_str(), u));
             }
             let mut new = Vec::new();
             let mut histories: BTreeMap<&str, RuleHistory> = BTreeMap::new();
             for (customer, tp) in &tps {
                 let h = histories.entry(customer.as_str()).or_insert_with(|| {
                     let mut h = RuleHistory::new();
-                    for u in before.get(customer).into_iter().flatten() {
-                        h.entry(u.rule.clone()).or_default().push((u.at_us, u.used));
+                    for (rule, u) in before.get(customer.as_str()).into_iter().flatten() {
+                        h.entry((*rule).to_owned())
+                            .or_default()
+                            .extend(u.uses.iter().copied());
                     }
                     h
                 });
@@ -282,33 +303,37 @@ impl CustomerEvents {
             // A touchpoint earlier than its limited rule's newest award for
             // the customer arrived late: that rule's awards from it on are
             // evaluated again (crate::recap) instead of on the fast path.
-            let limited: Vec<String> = matching
-                .iter()
-                .filter(|r| r.limited())
-                .map(|r| r.id.clone())
-                .collect();
-            let newest = ledger::newest_awards(txn, &v.id, v.version, &custs, &limited).await?;
             let mut late: BTreeMap<(String, String), recap::Late> = BTreeMap::new();
             for (customer, tp) in &tps {
                 let at = tp.occurred_time.timestamp_micros();
                 for r in matching.iter().filter(|r| r.limited()) {
-                    let key = (customer.clone(), r.id.clone());
-                    if newest.get(&key).is_none_or(|n| at >= *n) || !r.trigger.matches(tp) {
+                    let newest = used
+                        .get(&(customer.clone(), r.id.clone()))
+                        .and_then(|u| u.newest);
+                    if newest.is_none_or(|n| at >= n) || !r.trigger.matches(tp) {
                         continue;
                     }
+                    let Some(ask) = asks.get(&(customer.as_str(), r.id.as_str())) else {
+                        continue;
+                    };
                     // Sorted by (time, event id): the first is the earliest.
-                    late.entry(key).or_insert_with(|| recap::Late {
-                        customer: customer.clone(),
-                        rule: r.id.clone(),
-                        from_us: at,
-                        cause: tp.event_id.clone(),
-                    });
+                    late.entry((customer.clone(), r.id.clone()))
+                        .or_insert_with(|| recap::Late {
+                            customer: customer.clone(),
+                            rule: r.id.clone(),
+                            from_us: at,
+                            until_us: match ask.bucket {
+                                limited::Bucket::Day | limited::Bucket::Week => Some(ask.hi),
+                                limited::Bucket::Once | limited::Bucket::Rolling => None,
+                            },
+                            cause: tp.event_id.clone(),
+                        });
                 }
             }
             if !late.is_empty() {
                 new.retain(|n| !late.contains_key(&(n.customer.clone(), n.award.rule.clone())));
                 let late: Vec<recap::Late> = late.into_values().collect();
-                new.extend(recap::corrections(txn, v, &late).await?);
+                new.extend(recap::corrections(txn, v, &late, &tps).await?);
             }
             events.extend(scorer::apply(txn, v, new, &last, now).await?);
         }
@@ -357,17 +382,40 @@ impl CustomerEvents {
     }
 }
 
+/// A run of new customers: their profiles are stored together; each is
+/// then scored by the active models' profile rules one after the other, as
+/// it arrived (nothing to score when no active model has one).
 #[async_trait::async_trait]
-impl On<cpb::CustomerCreated> for CustomerEvents {
-    async fn on(
+impl OnBatch<cpb::CustomerCreated> for CustomerEvents {
+    async fn on_batch(
         &self,
         cx: &mut Apply,
-        event: &ChangeEvent,
-        m: cpb::CustomerCreated,
+        messages: Vec<(&ChangeEvent, cpb::CustomerCreated)>,
     ) -> Result<(), Error> {
-        let Some(c) = m.customer else { return Ok(()) };
-        customers::set_profile(cx.txn(), &c.name, c.encode_to_vec(), stage_of(&c)).await?;
-        self.profile_changed(cx, &c.name, &event.event_id).await
+        let created: Vec<(&ChangeEvent, cpb::Customer)> = messages
+            .into_iter()
+            .filter_map(|(e, m)| Some((e, m.customer?)))
+            .collect();
+        let scored = self
+            .models
+            .active(cx.txn())
+            .await?
+            .iter()
+            .any(|v| !v.model.profile_rules.is_empty());
+        if scored {
+            for (event, c) in created {
+                customers::set_profile(cx.txn(), &c.name, c.encode_to_vec(), stage_of(&c)).await?;
+                self.profile_changed(cx, &c.name, &event.event_id).await?;
+            }
+            return Ok(());
+        }
+        let profiles: Vec<customers::Profile> = created
+            .iter()
+            .map(|(_, c)| (c.name.clone(), c.encode_to_vec(), stage_of(c)))
+            .collect();
+        customers::set_profiles(cx.txn(), &profiles).await?;
+        self.after(cx);
+        Ok(())
     }
 }
 
@@ -527,10 +575,11 @@ impl On<cpb::CustomersMerged> for CustomerEvents {
                     customer: m.survivor.clone(),
                     rule: r.id.clone(),
                     from_us: i64::MIN,
+                    until_us: None,
                     cause: event.event_id.clone(),
                 })
                 .collect();
-            let new = recap::corrections(txn, &v, &late).await?;
+            let new = recap::corrections(txn, &v, &late, &[]).await?;
             events.extend(scorer::apply(txn, &v, new, &last, now).await?);
         }
         // The survivor's scores re-stated with the merged ledger (its

@@ -56,7 +56,12 @@
 //! * **Touchpoint batches** read, in one query, only the touched customers'
 //!   entries of the scores the batch's matching rules add to (and `fit`,
 //!   `engagement` for the grade): caps and once-only rules need only those
-//!   rules' earlier awards, and no other score can change.
+//!   rules' earlier awards, and no other score can change. Caps and
+//!   once-only rules are read per (customer, rule) a touchpoint matches,
+//!   inside that pair's cap windows, in one statement ([`store::limited`]).
+//!   A late touchpoint of a once-only or day/week-capped rule is evaluated
+//!   again from the rule's entries and the batch's touchpoints, up to the
+//!   end of the cap windows it touches (see [`recap`]).
 //! * **ListTopCustomers** computes every customer's score of the model at
 //!   the read time from the model's running sums and selects the page:
 //!   exact for any mix of decays, floors and ceilings, linear in the number

@@ -13,12 +13,18 @@
 //! decay (so it cancels or completes the first award exactly), sourced
 //! `"{event} recap {cause}"` (event ids are visible ASCII, so the space
 //! cannot be part of one and a replay of the cause writes nothing twice).
+//! A calendar cap is evaluated again only up to the end of the windows the
+//! batch's touchpoints fall in (later windows cannot change), and a late
+//! touchpoint of a once-only or calendar-capped rule replays the rule's
+//! awarded touchpoints and the batch's new ones only (`from_entries`).
 
 use crate::convert;
 use crate::scorer::Version;
 use crate::store::customers;
 use crate::store::ledger::{self, NewRow};
-use clm_domain::scoring::{Award, EventRule};
+use crate::store::limited;
+use clm_domain::scoring::{Award, EventRule, Period};
+use clm_domain::touchpoint::Touchpoint;
 use clm_platform::Result;
 use clm_proto::customer as cpb;
 use prost::Message;
@@ -34,6 +40,12 @@ pub struct Late {
     pub rule: String,
     /// The earliest touchpoint time to evaluate again (µs).
     pub from_us: i64,
+    /// Touchpoints from here on are not evaluated again (µs, exclusive):
+    /// the end of the latest calendar cap window (day, ISO week) the
+    /// customer's new touchpoints of the rule fall in, whose awards no
+    /// earlier change can move; `None` for every later touchpoint (a
+    /// once-only or rolling-capped rule, where a change carries on).
+    pub until_us: Option<i64>,
     /// The event that caused it (the late touchpoint, or the merge).
     pub cause: String,
 }
@@ -43,13 +55,38 @@ pub fn event_of(source: &str) -> &str {
     source.split(' ').next().unwrap_or(source)
 }
 
+/// Whether `l` can be evaluated again from its rule's entries and the
+/// batch's new touchpoints alone: a late touchpoint (not a merge) of a
+/// once-only rule or of one capped per day or ISO week. Adding a touchpoint
+/// to such a rule's history never raises the award of a later one (a
+/// calendar cap is filled greedily with the rule's fixed points, so the
+/// award of the k-th touchpoint in its window, `min(cap, used + k·p) −
+/// min(cap, used + (k−1)·p)`, only shrinks as k grows; a once-only rule
+/// gives its points to the first only), so a kept touchpoint that has no
+/// points now has none after it either, and only those with points (in
+/// the ledger) and the new ones can change. A rolling window has no such
+/// bound (a cut award frees room for a later one), nor has a merge (two
+/// histories, each with its own zeros): those replay the kept touchpoints.
+fn from_entries(rule: &EventRule, l: &Late) -> bool {
+    l.from_us != i64::MIN
+        && (rule.once_per_customer
+            || matches!(
+                rule.cap.map(|c| c.period),
+                Some(Period::Day | Period::IsoWeek)
+            ))
+}
+
 /// The awards and corrections that make `v`'s limited rules in `late` give
-/// each customer's touchpoints (kept already) what a replay in (time, event
-/// id) order gives: two statements for the whole set.
+/// each customer's touchpoints what a replay in (time, event id) order
+/// gives, `new` being the touchpoints this transaction kept (per customer,
+/// in (time, event id) order): one statement for the whole set, and a
+/// second to read kept touchpoints when a rule needs them (see
+/// [`from_entries`]).
 pub async fn corrections(
     db: &impl ConnectionTrait,
     v: &Version,
     late: &[Late],
+    new: &[(String, Touchpoint)],
 ) -> Result<Vec<NewRow>> {
     let rules: HashMap<&str, &EventRule> = v
         .model
@@ -76,15 +113,35 @@ pub async fn corrections(
             _ => i64::MIN,
         }
     };
-    let mut custs: Vec<String> = late.iter().map(|l| l.customer.clone()).collect();
-    custs.sort();
-    custs.dedup();
-    let mut rule_ids: Vec<String> = late.iter().map(|l| l.rule.clone()).collect();
-    rule_ids.sort();
-    rule_ids.dedup();
-    let since = late.iter().map(|l| lower(l)).min().unwrap_or(i64::MIN);
-    let from = late.iter().map(|l| l.from_us).min().unwrap_or(i64::MIN);
-    let entries = ledger::rule_entries(db, &v.id, v.version, &custs, &rule_ids, since).await?;
+    // The last touchpoint time each late rule evaluates again (inclusive).
+    let last = |l: &Late| l.until_us.map_or(i64::MAX, |u| u.saturating_sub(1));
+    // Each (customer, rule)'s entries from its earliest window on, and each
+    // customer's touchpoints from its earliest late instant on, up to the
+    // last instant evaluated again.
+    let mut ranges: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
+    let mut spans: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    for l in &late {
+        let r = ranges
+            .entry((l.customer.as_str(), l.rule.as_str()))
+            .or_insert((i64::MAX, i64::MIN));
+        *r = (r.0.min(lower(l)), r.1.max(last(l)));
+        if !from_entries(rules[l.rule.as_str()], l) {
+            let s = spans
+                .entry(l.customer.as_str())
+                .or_insert((i64::MAX, i64::MIN));
+            *s = (s.0.min(l.from_us), s.1.max(last(l)));
+        }
+    }
+    let ranges: Vec<limited::Range> = ranges
+        .into_iter()
+        .map(|((customer, rule), (lo, hi))| limited::Range {
+            customer: customer.to_owned(),
+            rule: rule.to_owned(),
+            lo,
+            hi,
+        })
+        .collect();
+    let entries = limited::entries(db, &v.id, v.version, &ranges).await?;
     let mut by_key: HashMap<(&str, &str), Vec<&ledger::RuleEntry>> = HashMap::new();
     for e in &entries {
         by_key
@@ -92,20 +149,15 @@ pub async fn corrections(
             .or_default()
             .push(e);
     }
-    // Each customer's touchpoints from its earliest late instant on, decoded
-    // once (those before it are never replayed).
-    let mut earliest: HashMap<&str, i64> = HashMap::new();
-    for l in &late {
-        let e = earliest.entry(l.customer.as_str()).or_insert(l.from_us);
-        *e = (*e).min(l.from_us);
-    }
-    let mut touchpoints: BTreeMap<&str, Vec<(i64, String, clm_domain::touchpoint::Touchpoint)>> =
-        BTreeMap::new();
-    let kept = customers::touchpoints_since(db, &custs, from).await?;
+    // Kept touchpoints, decoded once per customer (those outside its span
+    // are never replayed), for the rules that need them.
+    let spans: Vec<(String, i64, i64)> = spans
+        .into_iter()
+        .map(|(c, (from, to))| (c.to_owned(), from, to))
+        .collect();
+    let mut touchpoints: BTreeMap<&str, Vec<(i64, String, Touchpoint)>> = BTreeMap::new();
+    let kept = customers::touchpoints_in(db, &spans).await?;
     for (customer, at, id, body) in &kept {
-        if earliest.get(customer.as_str()).is_none_or(|from| at < from) {
-            continue;
-        }
         let Some(tp) = cpb::Touchpoint::decode(body.as_slice())
             .ok()
             .as_ref()
@@ -118,17 +170,25 @@ pub async fn corrections(
             .or_default()
             .push((*at, id.clone(), tp));
     }
+    let mut fresh: BTreeMap<&str, Vec<(i64, &str, &Touchpoint)>> = BTreeMap::new();
+    for (customer, tp) in new {
+        fresh.entry(customer.as_str()).or_default().push((
+            tp.occurred_time.timestamp_micros(),
+            tp.event_id.as_str(),
+            tp,
+        ));
+    }
     let mut out = Vec::new();
     for l in late {
         let rule = rules[l.rule.as_str()];
-        let lo = lower(l);
+        let (lo, hi) = (lower(l), last(l));
         // Net points per event of this customer and rule, and when.
         let mut net: HashMap<&str, (i64, i64)> = HashMap::new();
         for e in by_key
             .get(&(l.customer.as_str(), l.rule.as_str()))
             .into_iter()
             .flatten()
-            .filter(|e| e.award_us >= lo)
+            .filter(|e| e.award_us >= lo && e.award_us <= hi)
         {
             let n = net
                 .entry(event_of(&e.source_event))
@@ -140,16 +200,34 @@ pub async fn corrections(
             .filter(|(at, p)| *at < l.from_us && *p != 0)
             .copied()
             .collect();
-        let events = touchpoints
-            .get(l.customer.as_str())
-            .into_iter()
-            .flatten()
-            .filter(|(at, _, tp)| *at >= l.from_us && rule.trigger.matches(tp));
-        let times: HashMap<&str, i64> = events
-            .clone()
-            .map(|(at, id, _)| (id.as_str(), *at))
-            .collect();
-        for (id, want) in rule.replay(&before, events.map(|(at, id, _)| (*at, id.as_str()))) {
+        let within = |at: i64| at >= l.from_us && at <= hi;
+        // The touchpoints evaluated again, in (time, event id) order.
+        let mut events: Vec<(i64, &str)> = if from_entries(rule, l) {
+            net.iter()
+                .filter(|(_, (at, p))| *p != 0 && within(*at))
+                .map(|(id, (at, _))| (*at, *id))
+                .chain(
+                    fresh
+                        .get(l.customer.as_str())
+                        .into_iter()
+                        .flatten()
+                        .filter(|(at, _, tp)| within(*at) && rule.trigger.matches(tp))
+                        .map(|(at, id, _)| (*at, *id)),
+                )
+                .collect()
+        } else {
+            touchpoints
+                .get(l.customer.as_str())
+                .into_iter()
+                .flatten()
+                .filter(|(at, _, tp)| within(*at) && rule.trigger.matches(tp))
+                .map(|(at, id, _)| (*at, id.as_str()))
+                .collect()
+        };
+        events.sort_unstable();
+        events.dedup();
+        let times: HashMap<&str, i64> = events.iter().map(|(at, id)| (*id, *at)).collect();
+        for (id, want) in rule.replay(&before, events.iter().copied()) {
             let have = net.get(id).map(|n| n.1);
             if have.unwrap_or(0) == want {
                 continue;
@@ -176,4 +254,79 @@ pub async fn corrections(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clm_domain::rules::{TouchQuery, TouchType};
+    use clm_domain::scoring::{Cap, Decay};
+    use clm_domain::touchpoint::TouchpointKind;
+    use proptest::prelude::*;
+
+    fn rule(kind: u8, cap: i64, points: i64) -> EventRule {
+        EventRule {
+            id: "r".into(),
+            score: "engagement".into(),
+            trigger: TouchQuery {
+                touch: TouchType {
+                    kind: TouchpointKind::FeatureUse,
+                    custom_type: None,
+                },
+                filter: Vec::new(),
+                window: None,
+            },
+            points,
+            once_per_customer: kind == 0,
+            cap: (kind != 0).then_some(Cap {
+                points: cap,
+                period: if kind == 1 {
+                    Period::Day
+                } else {
+                    Period::IsoWeek
+                },
+            }),
+            decay: Decay::None,
+        }
+    }
+
+    proptest! {
+        /// What [`from_entries`] relies on: for a once-only rule or one
+        /// capped per day or ISO week, adding a touchpoint (anywhere in
+        /// (time, event id) order) to a customer's history leaves every
+        /// touchpoint that had no points without points, and never raises
+        /// another's points.
+        #[test]
+        fn an_added_touchpoint_never_gives_points_to_one_without(
+            kind in 0u8..3,
+            cap in 0i64..12,
+            points in prop_oneof![-4i64..=-1, 1i64..=4],
+            hours in proptest::collection::vec(0i64..24 * 20, 1..40),
+            added in 0i64..24 * 20,
+            before_in_window in 0i64..6,
+        ) {
+            const HOUR: i64 = 3_600_000_000;
+            let rule = rule(kind, cap, points);
+            let ids: Vec<String> = (0..=hours.len()).map(|i| format!("e{i:03}")).collect();
+            let mut events: Vec<(i64, &str)> = hours
+                .iter()
+                .zip(&ids)
+                .map(|(h, id)| ((h + 1) * HOUR, id.as_str()))
+                .collect();
+            events.sort_unstable();
+            // An earlier award in the first window (and the first day).
+            let before = [(0, before_in_window)];
+            let without: HashMap<&str, i64> =
+                rule.replay(&before, events.iter().copied()).into_iter().collect();
+            let mut with_added = events.clone();
+            with_added.push(((added + 1) * HOUR, ids[hours.len()].as_str()));
+            with_added.sort_unstable();
+            for (id, p) in rule.replay(&before, with_added.iter().copied()) {
+                let Some(old) = without.get(id) else { continue };
+                prop_assert!(p.abs() <= old.abs(), "{id}: {old} became {p}");
+                prop_assert!(p == 0 || p.signum() == old.signum());
+            }
+        }
+    }
 }

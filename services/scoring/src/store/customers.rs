@@ -117,6 +117,61 @@ pub async fn set_profile(
     Ok(())
 }
 
+/// A customer's profile to store: customer, encoded
+/// `clm.customer.v1.Customer`, and its stage `(code, since µs)` when known.
+pub type Profile = (String, Vec<u8>, Option<(i16, i64)>);
+
+/// Stores each customer's profile (and its stage, when known), as
+/// [`set_profile`] one after the other would: on PostgreSQL one statement
+/// of fixed text (the rows as arrays, the customers locked in name order),
+/// elsewhere one customer at a time.
+pub async fn set_profiles(db: &impl ConnectionTrait, profiles: &[Profile]) -> Result<()> {
+    // The last profile of each customer, in name order.
+    let mut last: std::collections::BTreeMap<&str, &Profile> = std::collections::BTreeMap::new();
+    for p in profiles {
+        last.insert(p.0.as_str(), p);
+    }
+    let rows: Vec<&Profile> = last.into_values().collect();
+    if !is_postgres(db) {
+        for (customer, profile, stage) in rows {
+            set_profile(db, customer, profile.clone(), *stage).await?;
+        }
+        return Ok(());
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "INSERT INTO \"{table}\" AS t (\"{customer}\", \"{profile}\", \"{stage}\", \"{stage_us}\") \
+             SELECT k.c, k.p, CASE WHEN k.known THEN k.s END, CASE WHEN k.known THEN k.at END \
+             FROM unnest($1::text[], $2::bytea[], $3::bool[], $4::int2[], $5::int8[]) AS k(c, p, known, s, at) \
+             ON CONFLICT (\"{customer}\") DO UPDATE SET \"{profile}\" = EXCLUDED.\"{profile}\", \
+             \"{stage}\" = COALESCE(EXCLUDED.\"{stage}\", t.\"{stage}\"), \
+             \"{stage_us}\" = CASE WHEN EXCLUDED.\"{stage}\" IS NULL THEN t.\"{stage_us}\" ELSE EXCLUDED.\"{stage_us}\" END",
+            table = Customers.table_name(),
+            customer = CC::Customer.as_str(),
+            profile = CC::Profile.as_str(),
+            stage = CC::Stage.as_str(),
+            stage_us = CC::StageUs.as_str(),
+        )
+    });
+    let values: Vec<sea_orm::Value> = vec![
+        super::column(&rows, |r| r.0.clone()),
+        super::column(&rows, |r| r.1.clone()),
+        super::column(&rows, |r| r.2.is_some()),
+        super::column(&rows, |r| r.2.map_or(0, |s| s.0)),
+        super::column(&rows, |r| r.2.map_or(0, |s| s.1)),
+    ];
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        SQL.as_str(),
+        values,
+    ))
+    .await?;
+    Ok(())
+}
+
 /// Stores a customer's stage.
 pub async fn set_stage(
     db: &impl ConnectionTrait,
@@ -320,6 +375,68 @@ pub async fn touchpoints_since(
             ))
         })
         .collect()
+}
+
+/// Kept touchpoints of each `(customer, from, to)` that occurred in
+/// `[from, to]`, in (customer, time, event id) order: one statement of
+/// fixed text on PostgreSQL (the ranges as arrays joined to the
+/// `(customer, occurred_us)` index), else [`touchpoints_since`] narrowed.
+pub async fn touchpoints_in(
+    db: &impl ConnectionTrait,
+    ranges: &[(String, i64, i64)],
+) -> Result<Vec<Kept>> {
+    if ranges.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !is_postgres(db) {
+        let custs: Vec<String> = ranges.iter().map(|r| r.0.clone()).collect();
+        let since = ranges.iter().map(|r| r.1).min().unwrap_or(i64::MIN);
+        let wanted: std::collections::HashMap<&str, (i64, i64)> =
+            ranges.iter().map(|r| (r.0.as_str(), (r.1, r.2))).collect();
+        return Ok(touchpoints_since(db, &custs, since)
+            .await?
+            .into_iter()
+            .filter(|(c, at, _, _)| {
+                wanted
+                    .get(c.as_str())
+                    .is_some_and(|(from, to)| at >= from && at <= to)
+            })
+            .collect());
+    }
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT t.\"{customer}\", t.\"{at}\", t.\"{id}\", t.\"{body}\" \
+             FROM unnest($1::text[], $2::int8[], $3::int8[]) AS k(c, lo, hi) \
+             JOIN \"{table}\" t ON t.\"{customer}\" = k.c AND t.\"{at}\" >= k.lo AND t.\"{at}\" <= k.hi \
+             ORDER BY 1, 2, 3",
+            table = Touchpoints.table_name(),
+            customer = TC::Customer.as_str(),
+            at = TC::OccurredUs.as_str(),
+            id = TC::EventId.as_str(),
+            body = TC::Body.as_str(),
+        )
+    });
+    let values: Vec<sea_orm::Value> = vec![
+        super::column(ranges, |r| r.0.clone()),
+        super::column(ranges, |r| r.1),
+        super::column(ranges, |r| r.2),
+    ];
+    db.query_all_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        SQL.as_str(),
+        values,
+    ))
+    .await?
+    .into_iter()
+    .map(|r| {
+        Ok((
+            r.try_get_by_index(0)?,
+            r.try_get_by_index(1)?,
+            r.try_get_by_index(2)?,
+            r.try_get_by_index(3)?,
+        ))
+    })
+    .collect()
 }
 
 /// Each customer's newest touchpoint at or before `at_us` (inactivity).

@@ -4,6 +4,8 @@
 //! * [`scoring_models`]: model versions (a sea-orm entity).
 //! * [`ledger`]: the score ledger, awards idempotent by (source event,
 //!   rule, model, model version) with `INSERT .. ON CONFLICT DO NOTHING`.
+//! * [`limited`]: what a touchpoint batch reads of its limited rules'
+//!   earlier awards, per (customer, rule) and inside its cap windows.
 //! * [`customers`]: what scoring keeps of each customer (profile, stage)
 //!   and of its touchpoints (for inactivity and re-scoring).
 //! * [`sums`]: running sums of the ledger per (customer, model, score,
@@ -14,6 +16,7 @@
 pub mod customers;
 pub mod entity;
 pub mod ledger;
+pub mod limited;
 pub mod migration;
 pub mod scoring_models;
 pub mod sums;
