@@ -141,7 +141,9 @@ pub struct Compiled {
 pub struct Registry {
     generation: i64,
     by_id: HashMap<String, Arc<Compiled>>,
-    index: HashMap<Key, Vec<String>>,
+    /// The segments reading each kind of fact (the compiled rules
+    /// themselves: a touchpoint's lookup hashes no segment id).
+    index: HashMap<Key, Vec<Arc<Compiled>>>,
     /// The touchpoints any rule reads (what an evaluation loads).
     lookback: Lookback,
 }
@@ -195,13 +197,6 @@ impl Registry {
             ..Registry::default()
         };
         for (id, (s, rule)) in parsed {
-            let reads = rules::reads(&rule);
-            for f in &reads {
-                let list = reg.index.entry(key_of(f)).or_default();
-                if !list.contains(&id) {
-                    list.push(id.clone());
-                }
-            }
             let mut touches = Vec::new();
             rule.for_each_condition(&mut |c| {
                 if let rules::Condition::Compare { operand, .. } = c
@@ -216,12 +211,19 @@ impl Registry {
                 timed: rules::depends_on_time(&rule),
                 rank: ranks.get(&id).copied().unwrap_or(0),
                 id: id.clone(),
-                rule,
                 version: s.version,
-                reads,
+                reads: rules::reads(&rule),
                 diffing: diffing.contains(&id),
+                rule,
             };
-            reg.by_id.insert(id, Arc::new(compiled));
+            let compiled = Arc::new(compiled);
+            for f in &compiled.reads {
+                let list = reg.index.entry(key_of(f)).or_default();
+                if !list.iter().any(|c| c.id == id) {
+                    list.push(compiled.clone());
+                }
+            }
+            reg.by_id.insert(id, compiled);
         }
         reg
     }
@@ -232,11 +234,7 @@ impl Registry {
     }
 
     fn keyed(&self, k: &Key) -> impl Iterator<Item = &Arc<Compiled>> {
-        self.index
-            .get(k)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| self.by_id.get(id))
+        self.index.get(k).into_iter().flatten()
     }
 
     /// The segments a change can affect.
@@ -260,6 +258,57 @@ impl Registry {
             Change::Only(id) => self.by_id.get(id).cloned().into_iter().collect(),
             Change::Member(name) => self.keyed(&Key::Segment(name.clone())).cloned().collect(),
         }
+    }
+
+    /// The touchpoints an evaluation of segments `ids` reads: theirs and
+    /// those of every segment a change of their membership can cascade to
+    /// (transitively), so a cascade finds the facts it needs loaded.
+    fn lookback_of<'a>(&self, ids: impl IntoIterator<Item = &'a String>) -> Lookback {
+        let mut todo: Vec<&Arc<Compiled>> = ids.into_iter().filter_map(|id| self.get(id)).collect();
+        let mut closure: HashMap<&str, &Arc<Compiled>> = HashMap::new();
+        while let Some(c) = todo.pop() {
+            if closure.insert(c.id.as_str(), c).is_some() {
+                continue;
+            }
+            todo.extend(self.keyed(&Key::Segment(c.name.clone())));
+        }
+        if closure.len() == self.by_id.len() {
+            return self.lookback.clone();
+        }
+        Lookback::of(closure.values().map(|c| &c.rule))
+    }
+}
+
+/// One customer's evaluation: the segments its changes can affect, by
+/// rank (those a membership change cascades to join as it goes), and why
+/// each is looked at (the first change that names it).
+struct Plan<'a> {
+    customer: &'a String,
+    queue: BTreeSet<(usize, String)>,
+    why: HashMap<String, pb::MembershipReason>,
+}
+
+impl<'a> Plan<'a> {
+    /// `None` when no segment can be affected by `changes`.
+    fn of(reg: &Registry, customer: &'a String, changes: &[Change]) -> Option<Self> {
+        let mut queue = BTreeSet::new();
+        let mut why = HashMap::new();
+        for ch in changes {
+            let reason = match ch {
+                Change::Only(_) => pb::MembershipReason::TimeWindow,
+                Change::Member(_) => pb::MembershipReason::Dependency,
+                _ => pb::MembershipReason::FactChanged,
+            };
+            for c in reg.affected(ch) {
+                why.entry(c.id.clone()).or_insert(reason);
+                queue.insert((c.rank, c.id.clone()));
+            }
+        }
+        (!queue.is_empty()).then_some(Self {
+            customer,
+            queue,
+            why,
+        })
     }
 }
 
@@ -441,12 +490,22 @@ impl Engine {
             return Ok(out);
         }
         let version = members::lock_version(txn).await?;
-        let ids: Vec<String> = work.keys().cloned().collect();
         let reg = self.registry(txn).await?;
         if reg.by_id.is_empty() {
             return Ok(out);
         }
-        let mut facts = facts::load(txn, &ids, &reg.lookback, at).await?;
+        // Per customer, the segments its changes can affect, before any
+        // fact is read: a customer whose changes affect none is not loaded.
+        let plans: Vec<Plan<'_>> = work
+            .iter()
+            .filter_map(|(customer, changes)| Plan::of(&reg, customer, changes))
+            .collect();
+        if plans.is_empty() {
+            return Ok(out);
+        }
+        let ids: Vec<String> = plans.iter().map(|p| p.customer.clone()).collect();
+        let lookback = reg.lookback_of(plans.iter().flat_map(|p| p.queue.iter().map(|(_, id)| id)));
+        let mut facts = facts::load(txn, &ids, &lookback, at).await?;
         // Only timers that change are written.
         let existing = members::timers_of(txn, &ids).await?;
         let mut entered: Vec<Stamped> = Vec::new();
@@ -454,24 +513,15 @@ impl Engine {
         let mut timers_set = Vec::new();
         let at_us = to_micros(at);
         let mut decided_for_diffs = Vec::new();
-        for (customer, changes) in work {
+        for Plan {
+            customer,
+            mut queue,
+            mut why,
+        } in plans
+        {
             let Some(fs) = facts.get_mut(customer) else {
                 continue;
             };
-            let mut queue: BTreeSet<(usize, String)> = BTreeSet::new();
-            // Why each segment is looked at: the first change that names it.
-            let mut why: HashMap<String, pb::MembershipReason> = HashMap::new();
-            for ch in changes {
-                let reason = match ch {
-                    Change::Only(_) => pb::MembershipReason::TimeWindow,
-                    Change::Member(_) => pb::MembershipReason::Dependency,
-                    _ => pb::MembershipReason::FactChanged,
-                };
-                for c in reg.affected(ch) {
-                    why.entry(c.id.clone()).or_insert(reason);
-                    queue.insert((c.rank, c.id.clone()));
-                }
-            }
             let mut seen = BTreeSet::new();
             while let Some((_, id)) = queue.pop_first() {
                 if !seen.insert(id.clone()) {
