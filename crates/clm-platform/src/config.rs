@@ -264,8 +264,10 @@ pub struct SubscriberConfig {
     /// applies small ones; a large bound lets one that is behind amortise
     /// each transaction's fixed costs (per customer, not per event) over
     /// more events: scoring catching up a full stream went from about
-    /// 9,000 to 14,000 touchpoints/s between 1,000 and 2,000. Larger ones
-    /// gain little more and hold SQLite's one writer longer.
+    /// 9,000 to 14,000 touchpoints/s between 1,000 and 2,000, and (on a
+    /// loaded machine, after its cap lookups became one statement) from
+    /// 4,500 to 6,800/s between 2,000 and 5,000; 10,000 gained nothing
+    /// more. A larger batch holds SQLite's one writer longer.
     pub batch_size: usize,
     /// Transactions a batch of partition-safe events (handlers registered
     /// with `Handlers::on_batch_partitioned`) is split into on PostgreSQL,
@@ -470,7 +472,7 @@ impl Config {
             peers: BTreeMap::new(),
             peer: PeerConfig::default(),
             subscriber: SubscriberConfig {
-                batch_size: 2_000,
+                batch_size: 5_000,
                 partitions: 2,
                 max_attempts: 10,
                 min_backoff_ms: 100,
