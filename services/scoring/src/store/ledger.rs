@@ -600,6 +600,20 @@ pub struct RuleEntry {
     pub award_us: i64,
 }
 
+impl RuleEntry {
+    /// A row whose first five columns are customer, rule, source event,
+    /// points and award time, in that order.
+    pub(crate) fn from_row(r: &sea_orm::QueryResult) -> Result<Self> {
+        Ok(Self {
+            customer: r.try_get_by_index(0)?,
+            rule: r.try_get_by_index(1)?,
+            source_event: r.try_get_by_index(2)?,
+            points: r.try_get_by_index(3)?,
+            award_us: r.try_get_by_index(4)?,
+        })
+    }
+}
+
 /// Every entry of `rules` of `model` version `version` for `customers`
 /// awarded at or after `since_us`: the columns of [`RuleEntry`] only, read
 /// by position (one statement).
@@ -626,14 +640,6 @@ pub async fn rule_entries(
     db.query_all(&q)
         .await?
         .iter()
-        .map(|r| {
-            Ok(RuleEntry {
-                customer: r.try_get_by_index(0)?,
-                rule: r.try_get_by_index(1)?,
-                source_event: r.try_get_by_index(2)?,
-                points: r.try_get_by_index(3)?,
-                award_us: r.try_get_by_index(4)?,
-            })
-        })
+        .map(RuleEntry::from_row)
         .collect()
 }

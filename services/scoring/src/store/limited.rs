@@ -287,14 +287,6 @@ pub async fn entries(
     ))
     .await?
     .iter()
-    .map(|r| {
-        Ok(RuleEntry {
-            customer: r.try_get_by_index(0)?,
-            rule: r.try_get_by_index(1)?,
-            source_event: r.try_get_by_index(2)?,
-            points: r.try_get_by_index(3)?,
-            award_us: r.try_get_by_index(4)?,
-        })
-    })
+    .map(RuleEntry::from_row)
     .collect()
 }
