@@ -104,9 +104,15 @@ pub fn rows(postgres: bool, from: usize, columns: Vec<Column>) -> (String, Vec<V
 /// `col` is one of `values`, for raw SQL, the parameter numbered `$from`:
 /// on PostgreSQL `col = ANY($from::text[])` (one array parameter, the same
 /// text for any number of values), elsewhere `col IN ($from, …)`.
-pub fn any_text(postgres: bool, col: &str, from: usize, values: &[String]) -> (String, Vec<Value>) {
+pub fn any_text<S: AsRef<str>>(
+    postgres: bool,
+    col: &str,
+    from: usize,
+    values: &[S],
+) -> (String, Vec<Value>) {
+    let text = |v: &S| Value::from(v.as_ref().to_owned());
     if postgres {
-        let array = values.iter().map(|v| Value::from(v.clone())).collect();
+        let array = values.iter().map(text).collect();
         return (
             format!("{col} = ANY(${from}::text[])"),
             vec![Value::Array(ArrayType::String, Some(Box::new(array)))],
@@ -117,7 +123,7 @@ pub fn any_text(postgres: bool, col: &str, from: usize, values: &[String]) -> (S
         .collect();
     (
         format!("{col} IN ({})", marks.join(", ")),
-        values.iter().map(|v| Value::from(v.clone())).collect(),
+        values.iter().map(text).collect(),
     )
 }
 

@@ -557,7 +557,7 @@ pub async fn run(rt: crate::Runtime, handlers: BTreeMap<String, Handler>) {
     // row: the next look covers it) and for at most `IDLE_RECHECK`: an idle
     // `clm up` does not query every service's queue every tick.
     let single_writer = !crate::db::is_postgres(&rt.db);
-    let mut known: Option<(Option<i64>, u64, tokio::time::Instant)> = None;
+    let mut known: Option<(Option<i64>, tokio::time::Instant)> = None;
     let mut seen = [u64::MAX; 2];
     loop {
         let mut full = false;
@@ -566,17 +566,14 @@ pub async fn run(rt: crate::Runtime, handlers: BTreeMap<String, Handler>) {
         let mut next_known = false;
         if !look {
             let epoch = ARMED.load(AtomicOrdering::Relaxed);
-            let trusted = known.filter(|(_, e, at)| {
-                single_writer
-                    && *e == epoch
-                    && seen == [epoch, epoch]
-                    && at.elapsed() < IDLE_RECHECK
+            let trusted = known.filter(|(_, at)| {
+                single_writer && seen == [epoch, epoch] && at.elapsed() < IDLE_RECHECK
             });
             let n = match trusted {
-                Some((n, _, _)) => Ok(n),
+                Some((n, _)) => Ok(n),
                 None => next_due(&rt.read, &kinds).await.inspect(|n| {
                     seen = [seen[1], epoch];
-                    known = Some((*n, epoch, tokio::time::Instant::now()));
+                    known = Some((*n, tokio::time::Instant::now()));
                 }),
             };
             match n {
@@ -590,8 +587,6 @@ pub async fn run(rt: crate::Runtime, handlers: BTreeMap<String, Handler>) {
         }
         if look {
             known = None;
-        }
-        if look {
             for (kind, handler) in &handlers {
                 let outcome = match handler {
                     Handler::Fire(h) => fire_round(&rt, kind, h).await,

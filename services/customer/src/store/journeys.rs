@@ -46,25 +46,11 @@ fn marks(from: usize, n: usize) -> String {
         .join(", ")
 }
 
-/// Which customers [`fill_sql`] fills.
-#[derive(Debug, Clone, Copy)]
-pub enum Fill {
-    /// Every customer.
-    All,
-    /// The customers bound as one text array, `$1` (PostgreSQL).
-    Array,
-    /// `n` customers bound twice, as `$1..$n` and `$n+1..$2n`.
-    Listed(usize),
-}
-
-/// The statement that gives every move without a row its row, for the
-/// customers `which` names.
-pub fn fill_sql(which: Fill) -> String {
-    let filter = |col: &str, from: usize| match which {
-        Fill::All => "1 = 1".to_owned(),
-        Fill::Array => format!("{col} = ANY($1::text[])"),
-        Fill::Listed(n) => format!("{col} IN ({})", marks(1 + from * n, n)),
-    };
+/// The statement that gives every move without a row its row: for every
+/// customer (`None`), or for those the two conditions name (`Some`), on
+/// `customer_id` and on `h2.customer_id` ([`bulk::any_text`]).
+pub fn fill_sql(filters: Option<(&str, &str)>) -> String {
+    let (f, f2) = filters.unwrap_or(("1 = 1", "1 = 1"));
     let cols: Vec<String> = (1..=STEPS)
         .map(|i| format!("s{i}"))
         .chain((1..=STEPS).map(|i| format!("u{i}")))
@@ -89,8 +75,6 @@ pub fn fill_sql(which: Fill) -> String {
          GROUP BY h.id, h.customer_id, h.from_stage, h.to_stage, h.change_us, h.prev_same_us",
         cols = cols.join(", "),
         picks = picks.join(", "),
-        f = filter("customer_id", 0),
-        f2 = filter("h2.customer_id", 1),
     )
 }
 
@@ -111,17 +95,11 @@ pub async fn fill(db: &impl ConnectionTrait, customers: &[String]) -> Result<(),
     if customers.is_empty() {
         return Ok(());
     }
-    if clm_platform::db::is_postgres(db) {
-        let (_, values) = bulk::any_text(true, "customer_id", 1, customers);
-        exec(db, fill_sql(Fill::Array), values).await?;
-        return Ok(());
-    }
-    let values = customers
-        .iter()
-        .chain(customers)
-        .map(|c| Value::from(c.clone()))
-        .collect();
-    exec(db, fill_sql(Fill::Listed(customers.len())), values).await?;
+    let postgres = clm_platform::db::is_postgres(db);
+    let (f, mut values) = bulk::any_text(postgres, "customer_id", 1, customers);
+    let (f2, more) = bulk::any_text(postgres, "h2.customer_id", 1 + values.len(), customers);
+    values.extend(more);
+    exec(db, fill_sql(Some((&f, &f2))), values).await?;
     Ok(())
 }
 

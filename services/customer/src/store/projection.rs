@@ -55,8 +55,7 @@ pub async fn unapplied(
     let postgres = clm_platform::db::is_postgres(db);
     let mut applied: HashMap<String, i64> = HashMap::new();
     for chunk in customers.chunks(CHUNK) {
-        let chunk: Vec<String> = chunk.iter().map(|c| (*c).to_owned()).collect();
-        let (of, values) = bulk::any_text(postgres, "customer_id", 1, &chunk);
+        let (of, values) = bulk::any_text(postgres, "customer_id", 1, chunk);
         let rows = db
             .query_all_raw(Statement::from_sql_and_values(
                 db.get_database_backend(),

@@ -858,11 +858,9 @@ mod tests {
         for sql in crate::store::activity::rebuild_sql(None) {
             db.execute_unprepared(&sql).await.unwrap();
         }
-        db.execute_unprepared(&crate::store::journeys::fill_sql(
-            crate::store::journeys::Fill::All,
-        ))
-        .await
-        .unwrap();
+        db.execute_unprepared(&crate::store::journeys::fill_sql(None))
+            .await
+            .unwrap();
         let statements = Arc::new(AtomicUsize::new(0));
         let counter = statements.clone();
         db.set_metric_callback(move |_| {

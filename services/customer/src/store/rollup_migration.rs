@@ -133,7 +133,7 @@ impl MigrationTrait for TouchpointRollups {
         for sql in super::activity::rebuild_sql(None) {
             db.execute_unprepared(&sql).await?;
         }
-        db.execute_unprepared(&super::journeys::fill_sql(super::journeys::Fill::All))
+        db.execute_unprepared(&super::journeys::fill_sql(None))
             .await?;
         for t in ["touch_months", "purchase_months"] {
             m.create_index(super::migration::index(

@@ -287,9 +287,7 @@ pub async fn rebuild_projection(db: &sea_orm::DatabaseConnection) {
     db.execute_unprepared("DELETE FROM move_paths")
         .await
         .unwrap();
-    db.execute_unprepared(&clm_customer::store::journeys::fill_sql(
-        clm_customer::store::journeys::Fill::All,
-    ))
-    .await
-    .unwrap();
+    db.execute_unprepared(&clm_customer::store::journeys::fill_sql(None))
+        .await
+        .unwrap();
 }
