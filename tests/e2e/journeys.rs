@@ -213,6 +213,7 @@ async fn journey_2_closed_feedback_loop_and_the_customer_view() {
     // Gold from the first point: enrolment makes a loyal customer.
     stars_program(&s, 0).await;
     let at_risk = s.segment("at-risk", "score.engagement < 50").await;
+    let engaged = s.segment("engaged", "score.engagement >= 70").await;
     s.loyalty()
         .create_reward(lpb::CreateRewardRequest {
             parent: "programs/stars".into(),
@@ -258,9 +259,12 @@ async fn journey_2_closed_feedback_loop_and_the_customer_view() {
                 .any(|r| r.name == "programs/stars/rewards/recovery")
         }
     };
-    // Engagement 70: segmentation has it once the customer is out of
-    // at-risk (at 0, before the touchpoints were scored, they were in).
-    eventually(WAIT, || async { !s.is_member(&at_risk, &c).await }).await;
+    // Engagement 70: segmentation has it once the customer is in
+    // "engaged". Out of at-risk alone is not enough: before segmentation
+    // has seen the customer at all they are in neither segment, and at 0
+    // or 20 (before the purchase was scored) they were in at-risk.
+    eventually(WAIT, || async { s.is_member(&engaged, &c).await }).await;
+    assert!(!s.is_member(&at_risk, &c).await, "70 is not at risk");
     assert!(!eligible().await, "not at risk yet");
 
     // NPS 3, a detractor: 70 - 30 = 40 < 50, at risk.
