@@ -89,11 +89,28 @@
 //! key may refuse writes older than that until it is loaded: it stays cold,
 //! which is safe).
 //!
+//! # Near copy
+//!
+//! On one Redis node, the cache also keeps an in-process copy of the
+//! hashes it read lately and answers [`Cache::set_contains`] and
+//! [`Cache::set_members`] from it without a round trip. Redis keeps it
+//! coherent: a tracking connection hears of every change of every key
+//! under the prefix, whoever makes it, and the copy answers only while
+//! that connection is up (see `near.rs` for the rules that keep a stale
+//! copy from being served). A replica therefore reads another's write as
+//! soon as Redis's message reaches it, typically well under a millisecond
+//! on a LAN; during a network partition that leaves both connections open
+//! but silent, it may answer from the copy until a ping of the tracking
+//! connection goes unanswered (a ping every 200 ms, each within
+//! [`OP_TIMEOUT`]).
+//!
 //! # Scripts
 //!
 //! Each Lua script is built once ([`std::sync::LazyLock`]) and called by
 //! `EVALSHA`, loaded again only when Redis answers `NOSCRIPT` (after a
 //! restart).
+
+mod near;
 
 use moka::future::Cache as Moka;
 use moka::notification::RemovalCause;
@@ -277,6 +294,16 @@ impl Cache {
     /// counts one more).
     pub fn memory_with_capacity(capacity: u64) -> Self {
         Cache(Backend::Memory(Arc::new(MemoryCache::new(capacity))))
+    }
+
+    /// How many reads the in-process copy of a Redis node's hashes answered
+    /// without asking Redis (see "Near copy" in the module docs); `None`
+    /// for the in-process cache and a Redis Cluster, which keep none.
+    pub fn near_hits(&self) -> Option<u64> {
+        match &self.0 {
+            Backend::Redis(r) => r.near.as_ref().map(|n| n.hits()),
+            Backend::Memory(_) => None,
+        }
     }
 
     /// Whether reads can currently hit (always true in process).
@@ -876,6 +903,8 @@ struct RedisCache {
     /// Reads and writes are allowed (connected, nothing to repair).
     healthy: AtomicBool,
     repairs: Mutex<Repairs>,
+    /// The in-process copy of hashes read lately (one node only).
+    near: Option<Arc<near::Near>>,
 }
 
 type Call = (String, Vec<Vec<u8>>);
@@ -970,12 +999,24 @@ impl RedisCache {
             Client::Node(_) => Some(client.connect().await?),
             Client::Cluster(_) => None,
         };
+        let near = match &client {
+            Client::Node(c) => {
+                let near = near::Near::new();
+                let (c, weak, prefix) = (c.clone(), Arc::downgrade(&near), prefix.to_owned());
+                tokio::spawn(async move {
+                    near::track(weak, &c, prefix, OP_TIMEOUT, REPAIR_INTERVAL).await;
+                });
+                Some(near)
+            }
+            Client::Cluster(_) => None,
+        };
         let cache = Arc::new(Self {
             client,
             conn: RwLock::new(conn),
             prefix: prefix.to_owned(),
             healthy: AtomicBool::new(false),
             repairs: Mutex::default(),
+            near,
         });
         cache.repair().await;
         if !cache.healthy.load(Ordering::SeqCst) {
@@ -1013,6 +1054,9 @@ impl RedisCache {
 
     /// Marks Redis unhealthy and remembers the keys whose write failed.
     fn failed(&self, why: &str, keys: impl IntoIterator<Item = (String, u64)>) {
+        if let Some(near) = &self.near {
+            near.clear();
+        }
         let mut r = self.repairs();
         for (key, version) in keys {
             if let Some(v) = r.pending.get_mut(&key) {
@@ -1061,7 +1105,14 @@ impl RedisCache {
             ));
         }
         match tokio::time::timeout(OP_TIMEOUT, op).await {
-            Ok(Ok(v)) => Ok(v),
+            Ok(Ok(v)) => {
+                // Redis has the write: a read that starts now must not find
+                // the copy from before it (Redis's own message may come later).
+                if let Some(near) = &self.near {
+                    near.invalidate(keys().into_iter().map(|(k, _)| k));
+                }
+                Ok(v)
+            }
             Ok(Err(e)) => {
                 self.failed(&e.to_string(), keys());
                 Err(e)
@@ -1221,7 +1272,23 @@ impl RedisCache {
     }
 
     async fn set_contains(&self, key: &str, member: &str) -> Lookup<bool> {
+        let contains = |entry: Option<Vec<u8>>, complete: Option<Vec<u8>>| match (entry, complete) {
+            (Some(e), _) => Lookup::Hit(e.last() == Some(&b'+')),
+            (None, Some(_)) => Lookup::Hit(false),
+            (None, None) => Lookup::Miss,
+        };
         let k = self.key(key);
+        let near = self
+            .near
+            .as_deref()
+            .filter(|_| self.healthy.load(Ordering::SeqCst));
+        if let Some(mut known) =
+            near.and_then(|n| n.fields(&k, &[member.as_bytes(), COMPLETE.as_bytes()]))
+        {
+            let complete = known.pop().flatten();
+            return contains(known.pop().flatten(), complete);
+        }
+        let ticket = near.and_then(near::Near::ticket);
         let conn = self.conn();
         self.read(async move {
             let mut conn = conn?;
@@ -1231,32 +1298,52 @@ impl RedisCache {
                 .arg(COMPLETE)
                 .query_async(&mut conn)
                 .await?;
-            Ok(match (entry, complete) {
-                (Some(e), _) => Lookup::Hit(e.last() == Some(&b'+')),
-                (None, Some(_)) => Lookup::Hit(false),
-                (None, None) => Lookup::Miss,
-            })
+            if let Some(n) = near {
+                n.store_fields(
+                    ticket,
+                    &k,
+                    [
+                        (member.as_bytes().to_vec(), entry.clone()),
+                        (COMPLETE.as_bytes().to_vec(), complete.clone()),
+                    ],
+                );
+            }
+            Ok(contains(entry, complete))
         })
         .await
     }
 
     async fn set_members(&self, key: &str) -> Lookup<Vec<String>> {
+        let members = |all: &[(Vec<u8>, Vec<u8>)]| {
+            if !all.iter().any(|(f, _)| f == COMPLETE.as_bytes()) {
+                return Lookup::Miss;
+            }
+            let mut out: Vec<String> = all
+                .iter()
+                .filter(|(f, v)| f.first() != Some(&0) && v.last() == Some(&b'+'))
+                .filter_map(|(f, _)| String::from_utf8(f.clone()).ok())
+                .collect();
+            out.sort();
+            Lookup::Hit(out)
+        };
         let k = self.key(key);
+        let near = self
+            .near
+            .as_deref()
+            .filter(|_| self.healthy.load(Ordering::SeqCst));
+        if let Some(all) = near.and_then(|n| n.whole(&k)) {
+            return members(&all);
+        }
+        let ticket = near.and_then(near::Near::ticket);
         let conn = self.conn();
         self.read(async move {
             let mut conn = conn?;
             let all: Vec<(Vec<u8>, Vec<u8>)> =
                 redis::cmd("HGETALL").arg(&k).query_async(&mut conn).await?;
-            if !all.iter().any(|(f, _)| f == COMPLETE.as_bytes()) {
-                return Ok(Lookup::Miss);
+            if let Some(n) = near {
+                n.store_whole(ticket, &k, &all);
             }
-            let mut out: Vec<String> = all
-                .into_iter()
-                .filter(|(f, v)| f.first() != Some(&0) && v.last() == Some(&b'+'))
-                .filter_map(|(f, _)| String::from_utf8(f).ok())
-                .collect();
-            out.sort();
-            Ok(Lookup::Hit(out))
+            Ok(members(&all))
         })
         .await
     }

@@ -149,7 +149,17 @@ async fn redis_killed_then_restarted() {
     assert_eq!(cache.set_contains("seg:{1}", "a").await, Lookup::Hit(true));
 
     redis.kill();
-    // Never Miss, never "not a member": the cache does not know.
+    // Never Miss, never "not a member": the cache does not know. (The near
+    // copy may answer what it held until it sees its connection drop.)
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match cache.set_contains("seg:{1}", "a").await {
+            Lookup::Unavailable => break,
+            got => assert_eq!(got, Lookup::Hit(true)),
+        }
+        assert!(Instant::now() < deadline, "the near copy outlived Redis");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     for _ in 0..3 {
         assert_eq!(
             cache.set_contains("seg:{1}", "a").await,
@@ -276,4 +286,167 @@ async fn writes_lost_in_a_partition_are_repaired_not_served_stale() {
     assert!(cache.set_replace("seg:{9}", 3, &["b"]).await.unwrap());
     assert_eq!(cache.set_contains("seg:{9}", "a").await, Lookup::Hit(false));
     assert_eq!(cache.set_contains("seg:{9}", "b").await, Lookup::Hit(true));
+}
+
+/// Polls `read` until it answers `want`, within two seconds.
+async fn until_answers<T: std::fmt::Debug + PartialEq>(
+    want: Lookup<T>,
+    mut read: impl AsyncFnMut() -> Lookup<T>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let got = read().await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "still {got:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Reads `key`'s `member` until the near copy answers it (the tracking
+/// connection is up and the reply was kept).
+async fn until_near(cache: &Cache, key: &str, member: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = cache.near_hits().expect("one node keeps a near copy");
+        cache.set_contains(key, member).await;
+        if cache.near_hits().unwrap() > before {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the near copy never answered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A plain connection to `redis`, outside any cache.
+async fn raw(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_near_copy_answers_locally_and_follows_every_change() {
+    let redis = RedisServer::start(free_port()).await;
+    let a = Cache::connect(Some(&redis.url()), "t:").await.unwrap();
+    let b = Cache::connect(Some(&redis.url()), "t:").await.unwrap();
+    assert!(a.set_replace("cust:{1}", 1, &["s1", "s2"]).await.unwrap());
+    until_near(&a, "cust:{1}", "s1").await;
+    let before = a.near_hits().unwrap();
+    for _ in 0..100 {
+        assert_eq!(a.set_contains("cust:{1}", "s1").await, Lookup::Hit(true));
+    }
+    assert_eq!(
+        a.set_members("cust:{1}").await,
+        Lookup::Hit(vec!["s1".to_owned(), "s2".to_owned()])
+    );
+    assert_eq!(
+        a.set_members("cust:{1}").await,
+        Lookup::Hit(vec!["s1".to_owned(), "s2".to_owned()])
+    );
+    assert!(
+        a.near_hits().unwrap() >= before + 101,
+        "answered without Redis"
+    );
+
+    // Another replica's write reaches the copy.
+    assert_eq!(b.set_remove("cust:{1}", 2, &["s1"]).await.unwrap(), 1);
+    until_answers(Lookup::Hit(false), async || {
+        a.set_contains("cust:{1}", "s1").await
+    })
+    .await;
+    until_answers(Lookup::Hit(vec!["s2".to_owned()]), async || {
+        a.set_members("cust:{1}").await
+    })
+    .await;
+
+    // So does a change made outside any cache, and a deletion.
+    let mut conn = raw(&redis).await;
+    until_near(&a, "cust:{1}", "s9").await;
+    redis::cmd("HSET")
+        .arg("t:cust:{1}")
+        .arg("s9")
+        .arg("00000000000000000003+")
+        .exec_async(&mut conn)
+        .await
+        .unwrap();
+    until_answers(Lookup::Hit(true), async || {
+        a.set_contains("cust:{1}", "s9").await
+    })
+    .await;
+    until_near(&a, "cust:{1}", "s9").await;
+    redis::cmd("DEL")
+        .arg("t:cust:{1}")
+        .exec_async(&mut conn)
+        .await
+        .unwrap();
+    until_answers(Lookup::Miss, async || {
+        a.set_contains("cust:{1}", "s9").await
+    })
+    .await;
+
+    // Its own writes are read back at once, never the copy from before.
+    assert!(a.set_replace("cust:{2}", 10, &["x"]).await.unwrap());
+    for v in 11..211_u64 {
+        let present = v % 2 == 0;
+        until_near(&a, "cust:{2}", "y").await;
+        if present {
+            assert_eq!(a.set_add("cust:{2}", v, &["y"]).await.unwrap(), 1);
+        } else {
+            assert_eq!(a.set_remove("cust:{2}", v, &["y"]).await.unwrap(), 1);
+        }
+        assert_eq!(
+            a.set_contains("cust:{2}", "y").await,
+            Lookup::Hit(present),
+            "v{v}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_near_copy_is_dropped_with_its_tracking_connection() {
+    let redis = RedisServer::start(free_port()).await;
+    let a = Cache::connect(Some(&redis.url()), "t:").await.unwrap();
+    assert!(a.set_replace("cust:{1}", 1, &["s1"]).await.unwrap());
+    until_near(&a, "cust:{1}", "s1").await;
+
+    // Kill the tracking connection (the only one in BCAST mode), then
+    // change the key: the copy must not answer what it held.
+    let mut conn = raw(&redis).await;
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let tracking: Vec<&str> = clients
+        .lines()
+        .filter(|l| {
+            l.split(' ')
+                .any(|f| f.starts_with("flags=") && f.contains('B'))
+        })
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .collect();
+    assert_eq!(tracking.len(), 1, "{clients}");
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(tracking[0])
+        .exec_async(&mut conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis::cmd("HSET")
+        .arg("t:cust:{1}")
+        .arg("s1")
+        .arg("00000000000000000002-")
+        .exec_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(a.set_contains("cust:{1}", "s1").await, Lookup::Hit(false));
+    // Tracking comes back, and with it an empty copy that fills again.
+    until_near(&a, "cust:{1}", "s1").await;
+    assert_eq!(a.set_contains("cust:{1}", "s1").await, Lookup::Hit(false));
 }
