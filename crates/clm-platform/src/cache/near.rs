@@ -48,11 +48,14 @@ const WHOLE_MAX: usize = 1024;
 /// Fields read one by one kept per key at most.
 const FIELDS_MAX: usize = 64;
 
+/// Every field of a hash and its value, as `HGETALL` answers them.
+pub(super) type Fields = Arc<Vec<(Vec<u8>, Vec<u8>)>>;
+
 /// What is known of one hash.
 #[derive(Debug, Default, Clone)]
 struct Entry {
     /// Every field, when read whole (`HGETALL`).
-    whole: Option<Arc<Vec<(Vec<u8>, Vec<u8>)>>>,
+    whole: Option<Fields>,
     /// Fields read one by one (`HMGET`): `None` when absent.
     fields: HashMap<Vec<u8>, Option<Vec<u8>>>,
 }
@@ -115,7 +118,7 @@ impl Near {
     }
 
     /// Every field of `key`, when it was read whole.
-    pub(super) fn whole(&self, key: &str) -> Option<Arc<Vec<(Vec<u8>, Vec<u8>)>>> {
+    pub(super) fn whole(&self, key: &str) -> Option<Fields> {
         if !self.live.load(Ordering::SeqCst) {
             return None;
         }
