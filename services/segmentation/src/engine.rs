@@ -293,7 +293,15 @@ impl<'a> Plan<'a> {
     fn of(reg: &Registry, customer: &'a String, changes: &[Change]) -> Option<Self> {
         let mut queue = BTreeSet::new();
         let mut why = HashMap::new();
+        // Touchpoints alike in every field a filter reads affect the same
+        // segments: a run of them is matched against the registry once.
+        let mut touched = std::collections::HashSet::new();
         for ch in changes {
+            if let Change::Touch(tp) = ch
+                && !touched.insert(filter_key(tp))
+            {
+                continue;
+            }
             let reason = match ch {
                 Change::Only(_) => pb::MembershipReason::TimeWindow,
                 Change::Member(_) => pb::MembershipReason::Dependency,
@@ -310,6 +318,20 @@ impl<'a> Plan<'a> {
             why,
         })
     }
+}
+
+/// The fields of a touchpoint a rule's touchpoint query can read
+/// (`TouchQuery::matches`: its type and its filter's fields; its time only
+/// through a window, applied at evaluation).
+fn filter_key(tp: &Touchpoint) -> impl std::hash::Hash + Eq + '_ {
+    (
+        tp.kind.code(),
+        &tp.custom_type,
+        (&tp.product, &tp.feature, &tp.campaign, &tp.channel),
+        tp.revenue.as_ref().map(|m| (m.amount_minor, &m.currency)),
+        tp.usage_millis,
+        &tp.properties,
+    )
 }
 
 /// What a membership transaction produced: its outbox events and, once it
@@ -531,7 +553,14 @@ impl Engine {
                 if c.diffing {
                     decided_for_diffs.push((id.clone(), customer.clone()));
                 }
-                let now_in = rules::evaluate(&c.rule, fs, at);
+                // A timed rule's answer and its next change from one index
+                // of its touchpoints (the rule cannot read its own
+                // membership, so the change of it below alters neither).
+                let (now_in, next) = if c.timed {
+                    rules::evaluate_and_next_change(&c.rule, fs, at)
+                } else {
+                    (rules::evaluate(&c.rule, fs, at), None)
+                };
                 let was_in = fs.segments.contains(&c.name);
                 if now_in != was_in {
                     let reason = why
@@ -560,8 +589,7 @@ impl Engine {
                 // pushes a window's end later); one with no next change
                 // left fires once and is gone. A timer due by `at` is
                 // this evaluation's (or about to fire): it is re-armed.
-                if c.timed
-                    && let Some(t) = rules::next_change(&c.rule, fs, at).map(to_micros)
+                if let Some(t) = next.map(to_micros)
                     && existing
                         .get(&(id.clone(), customer.clone()))
                         .is_none_or(|&had| t < had || (had <= at_us && t != had))

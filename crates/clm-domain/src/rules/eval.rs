@@ -316,6 +316,26 @@ pub fn next_change(rule: &Rule, facts: &dyn Facts, now: DateTime<Utc>) -> Option
     walk_flips(rule, &indexed, now)
 }
 
+/// [`evaluate`] and [`next_change`] at once, the rule's touchpoint queries
+/// indexed once for both (each a timeline of the
+/// matching touchpoints: one pass over the touchpoints instead of two, and
+/// windowed counts and sums read off it by binary search). The answers are
+/// those of the two functions called one after the other.
+pub fn evaluate_and_next_change(
+    rule: &Rule,
+    facts: &dyn Facts,
+    at: DateTime<Utc>,
+) -> (bool, Option<DateTime<Utc>>) {
+    if !depends_on_time(rule) {
+        return (evaluate(rule, facts, at), None);
+    }
+    let indexed = Timelines::new(rule, facts);
+    (
+        eval(rule, &indexed, micros(at)),
+        walk_flips(rule, &indexed, at),
+    )
+}
+
 /// Walks from condition flip to condition flip: the rule's answer can only
 /// change where one of its conditions does. Each condition's next flip is
 /// kept until time reaches it ([`condition_flip`], exact), so a condition

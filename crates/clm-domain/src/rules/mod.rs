@@ -171,7 +171,8 @@ pub use check::{
 };
 pub use error::{Location, MAX_ERRORS, Pos, RuleError, RuleErrors};
 pub use eval::{
-    Facts, MAX_NEXT_CHANGE_STEPS, depends_on_time, evaluate, next_change, next_change_by_rescan,
+    Facts, MAX_NEXT_CHANGE_STEPS, depends_on_time, evaluate, evaluate_and_next_change, next_change,
+    next_change_by_rescan,
 };
 pub use facts::FactSet;
 pub use parser::{MAX_DEPTH, MAX_RULE_BYTES, parse, parse_touch_query};

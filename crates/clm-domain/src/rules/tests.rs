@@ -922,6 +922,12 @@ proptest! {
             next_change_by_rescan(&rule, &facts, now),
             "rule: {}", rule
         );
+        // One index for both answers: the same as asking each.
+        prop_assert_eq!(
+            evaluate_and_next_change(&rule, &facts, now),
+            (evaluate(&rule, &facts, now), next_change(&rule, &facts, now)),
+            "rule: {}", rule
+        );
     }
 }
 
