@@ -545,6 +545,9 @@ impl Engine {
                 continue;
             };
             let mut seen = BTreeSet::new();
+            // Segments whose touchpoint filters are equal (their windows
+            // aside) share one index of this customer's touchpoints.
+            let mut timelines = rules::SharedTimelines::default();
             while let Some((_, id)) = queue.pop_first() {
                 if !seen.insert(id.clone()) {
                     continue;
@@ -557,7 +560,7 @@ impl Engine {
                 // of its touchpoints (the rule cannot read its own
                 // membership, so the change of it below alters neither).
                 let (now_in, next) = if c.timed {
-                    rules::evaluate_and_next_change(&c.rule, fs, at)
+                    rules::evaluate_and_next_change(&c.rule, fs, at, &mut timelines)
                 } else {
                     (rules::evaluate(&c.rule, fs, at), None)
                 };

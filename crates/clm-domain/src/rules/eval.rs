@@ -5,7 +5,7 @@ use super::ast::{
     CmpOp, Condition, NpsCategory, Operand, Predicate, Rule, ScoreRef, SumField, Test, TouchField,
     TouchQuery, Value,
 };
-use super::timeline::Timelines;
+use super::timeline::{SharedTimelines, Timelines};
 use crate::attributes::AttributeValue;
 use crate::clock::micros;
 use crate::demographics::{Gender, age_on};
@@ -317,19 +317,21 @@ pub fn next_change(rule: &Rule, facts: &dyn Facts, now: DateTime<Utc>) -> Option
 }
 
 /// [`evaluate`] and [`next_change`] at once, the rule's touchpoint queries
-/// indexed once for both (each a timeline of the
-/// matching touchpoints: one pass over the touchpoints instead of two, and
-/// windowed counts and sums read off it by binary search). The answers are
-/// those of the two functions called one after the other.
+/// indexed once for both (each a timeline of the matching touchpoints, so
+/// windowed counts and sums are read off it by binary search), and each
+/// index taken from `shared` when another rule evaluated against the same
+/// facts built it (queries equal but for their window share one). The
+/// answers are those of the two functions called one after the other.
 pub fn evaluate_and_next_change(
     rule: &Rule,
     facts: &dyn Facts,
     at: DateTime<Utc>,
+    shared: &mut SharedTimelines,
 ) -> (bool, Option<DateTime<Utc>>) {
     if !depends_on_time(rule) {
         return (evaluate(rule, facts, at), None);
     }
-    let indexed = Timelines::new(rule, facts);
+    let indexed = Timelines::shared(rule, facts, shared);
     (
         eval(rule, &indexed, micros(at)),
         walk_flips(rule, &indexed, at),

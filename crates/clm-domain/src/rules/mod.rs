@@ -177,3 +177,4 @@ pub use eval::{
 pub use facts::FactSet;
 pub use parser::{MAX_DEPTH, MAX_RULE_BYTES, parse, parse_touch_query};
 pub use reads::{Fact, reads, segments_referenced};
+pub use timeline::SharedTimelines;

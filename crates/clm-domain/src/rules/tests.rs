@@ -922,11 +922,40 @@ proptest! {
             next_change_by_rescan(&rule, &facts, now),
             "rule: {}", rule
         );
-        // One index for both answers: the same as asking each.
-        prop_assert_eq!(
-            evaluate_and_next_change(&rule, &facts, now),
-            (evaluate(&rule, &facts, now), next_change(&rule, &facts, now)),
-            "rule: {}", rule
+        // One index for both answers, taken from the shared ones on a
+        // second call: the same as asking each.
+        let mut shared = SharedTimelines::default();
+        for _ in 0..2 {
+            prop_assert_eq!(
+                evaluate_and_next_change(&rule, &facts, now, &mut shared),
+                (evaluate(&rule, &facts, now), next_change(&rule, &facts, now)),
+                "rule: {}", rule
+            );
+        }
+    }
+}
+
+#[test]
+fn rules_that_differ_only_in_their_window_share_a_timeline_and_keep_their_answers() {
+    let mut f = FactSet::default();
+    for i in 0..100 {
+        f.touchpoints
+            .push(purchase(hour(-240 + i * 24 / 10), 100, "EUR"));
+    }
+    let now = hour(0);
+    let mut shared = SharedTimelines::default();
+    for text in [
+        "count(purchase, 7d) >= 40",
+        "count(purchase, 3d) >= 40",
+        "sum(purchase.revenue, 2d) >= 10 EUR",
+        "count(purchase where revenue >= 200 EUR, 7d) >= 1",
+        "last(purchase, 7d) within 1d",
+    ] {
+        let rule = compile(text, &AnyCatalog).expect("compiles");
+        assert_eq!(
+            evaluate_and_next_change(&rule, &f, now, &mut shared),
+            (evaluate(&rule, &f, now), next_change(&rule, &f, now)),
+            "{text}"
         );
     }
 }

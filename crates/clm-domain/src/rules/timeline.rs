@@ -10,7 +10,7 @@
 //! time, and two prefix sums their total. Everything else is asked of the
 //! facts themselves, so the answers are exactly those of the facts.
 
-use super::ast::{Condition, Operand, Rule, ScoreRef, SumField, TouchQuery};
+use super::ast::{Condition, Operand, Predicate, Rule, ScoreRef, SumField, TouchQuery, TouchType};
 use super::eval::{Fact, Facts};
 use crate::attributes::AttributeValue;
 use crate::clock::micros;
@@ -19,6 +19,7 @@ use crate::lifecycle::Stage;
 use crate::money::Money;
 use crate::touchpoint::Touchpoint;
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
+use std::sync::Arc;
 
 /// Prefix sums `p` (`p[i]` is the total of the first `i` values), or `None`
 /// when the values could overflow an `i64`: then a saturating sum depends on
@@ -97,27 +98,65 @@ impl Timeline {
     }
 }
 
+/// The timelines of one customer's touchpoints, shared by every rule
+/// evaluated against them ([`super::evaluate_and_next_change`]): a
+/// timeline leaves the window aside, so queries that differ only in their
+/// window share one, built by the first rule that asks. Valid only while
+/// those touchpoints are unchanged: start a new one for each customer.
+#[derive(Default)]
+pub struct SharedTimelines {
+    /// Keyed by the query's type and filter (few per customer: a linear
+    /// search beats hashing an AST).
+    lines: Vec<(TouchType, Vec<Predicate>, Arc<Timeline>)>,
+}
+
+impl SharedTimelines {
+    fn line(&mut self, q: &TouchQuery, touchpoints: &[Touchpoint]) -> Arc<Timeline> {
+        if let Some((_, _, l)) = self
+            .lines
+            .iter()
+            .find(|(t, f, _)| *t == q.touch && *f == q.filter)
+        {
+            return l.clone();
+        }
+        let l = Arc::new(Timeline::new(q, touchpoints));
+        self.lines
+            .push((q.touch.clone(), q.filter.clone(), l.clone()));
+        l
+    }
+}
+
 /// Facts whose touchpoint queries (those of one rule) are answered from
 /// [`Timeline`]s; every other question goes to the wrapped facts.
 pub(super) struct Timelines<'a> {
     inner: &'a dyn Facts,
     /// Keyed by the address of the rule's query: evaluation passes the
     /// rule's own queries, and anything else falls through to `inner`.
-    lines: Vec<(&'a TouchQuery, Timeline)>,
+    lines: Vec<(&'a TouchQuery, Arc<Timeline>)>,
 }
 
 impl<'a> Timelines<'a> {
     /// Indexes the touchpoint queries of `rule`, if `inner` holds its
     /// touchpoints in memory (otherwise every question goes to `inner`).
     pub(super) fn new(rule: &'a Rule, inner: &'a dyn Facts) -> Self {
-        let mut lines: Vec<(&TouchQuery, Timeline)> = Vec::new();
+        Self::shared(rule, inner, &mut SharedTimelines::default())
+    }
+
+    /// [`Self::new`], taking each timeline from `shared` (built there on
+    /// first use).
+    pub(super) fn shared(
+        rule: &'a Rule,
+        inner: &'a dyn Facts,
+        shared: &mut SharedTimelines,
+    ) -> Self {
+        let mut lines: Vec<(&TouchQuery, Arc<Timeline>)> = Vec::new();
         if let Some(tps) = inner.touchpoints() {
             rule.for_each_condition(&mut |c| {
                 if let Condition::Compare { operand, .. } = c
                     && let Some(q) = operand.query()
                     && !lines.iter().any(|(k, _)| std::ptr::eq(*k, q))
                 {
-                    lines.push((q, Timeline::new(q, tps)));
+                    lines.push((q, shared.line(q, tps)));
                 }
             });
         }
@@ -128,7 +167,7 @@ impl<'a> Timelines<'a> {
         self.lines
             .iter()
             .find(|(k, _)| std::ptr::eq(*k, query))
-            .map(|(_, l)| l)
+            .map(|(_, l)| &**l)
     }
 }
 
