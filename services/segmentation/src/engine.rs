@@ -298,7 +298,7 @@ impl<'a> Plan<'a> {
         let mut touched = std::collections::HashSet::new();
         for ch in changes {
             if let Change::Touch(tp) = ch
-                && !touched.insert(filter_key(tp))
+                && !touched.insert(TouchQuery::match_key(tp))
             {
                 continue;
             }
@@ -318,20 +318,6 @@ impl<'a> Plan<'a> {
             why,
         })
     }
-}
-
-/// The fields of a touchpoint a rule's touchpoint query can read
-/// (`TouchQuery::matches`: its type and its filter's fields; its time only
-/// through a window, applied at evaluation).
-fn filter_key(tp: &Touchpoint) -> impl std::hash::Hash + Eq + '_ {
-    (
-        tp.kind.code(),
-        &tp.custom_type,
-        (&tp.product, &tp.feature, &tp.campaign, &tp.channel),
-        tp.revenue.as_ref().map(|m| (m.amount_minor, &m.currency)),
-        tp.usage_millis,
-        &tp.properties,
-    )
 }
 
 /// What a membership transaction produced: its outbox events and, once it

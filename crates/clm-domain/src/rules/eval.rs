@@ -115,6 +115,20 @@ impl TouchQuery {
         self.touch.matches(tp.kind, tp.custom_type.as_deref())
             && self.filter.iter().all(|p| p.matches(tp))
     }
+
+    /// Every field of `tp` that [`Self::matches`] can read, for any query:
+    /// two touchpoints with equal keys are matched alike by every query
+    /// (their times differ only through a window, applied elsewhere).
+    pub fn match_key(tp: &Touchpoint) -> impl std::hash::Hash + Eq + '_ {
+        (
+            tp.kind.code(),
+            &tp.custom_type,
+            (&tp.product, &tp.feature, &tp.campaign, &tp.channel),
+            tp.revenue.as_ref().map(|m| (m.amount_minor, &m.currency)),
+            tp.usage_millis,
+            &tp.properties,
+        )
+    }
 }
 
 impl Predicate {
