@@ -75,17 +75,12 @@ pub fn rows(postgres: bool, from: usize, columns: Vec<Column>) -> (String, Vec<V
     let n = columns.first().map_or(0, |(_, v)| v.len());
     debug_assert!(columns.iter().all(|(_, v)| v.len() == n));
     if postgres {
-        let sql = columns
-            .iter()
-            .enumerate()
-            .map(|(i, (ty, _))| format!("${}::{ty}[]", from + i))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let sql = unnest(from, columns.iter().map(|(ty, _)| *ty));
         let values = columns
             .into_iter()
             .map(|(ty, v)| Value::Array(array_type(ty), Some(Box::new(v))))
             .collect();
-        return (format!("SELECT * FROM unnest({sql})"), values);
+        return (format!("SELECT * FROM {sql}"), values);
     }
     let width = columns.len();
     let mut values = Vec::with_capacity(n * width);
@@ -99,6 +94,29 @@ pub fn rows(postgres: bool, from: usize, columns: Vec<Column>) -> (String, Vec<V
         tuples.push(format!("({})", marks.join(", ")));
     }
     (format!("VALUES {}", tuples.join(", ")), values)
+}
+
+/// PostgreSQL's `unnest($from::t1[], $from+1::t2[], …)` over array
+/// parameters of the element types `types` (`text`, `int8`, `bytea`, …):
+/// rows from one binary array per column, the same text for any number of
+/// rows. Each parameter is typically a [`column`].
+pub fn unnest<'a>(from: usize, types: impl IntoIterator<Item = &'a str>) -> String {
+    let arrays: Vec<String> = types
+        .into_iter()
+        .enumerate()
+        .map(|(i, ty)| format!("${}::{ty}[]", from + i))
+        .collect();
+    format!("unnest({})", arrays.join(", "))
+}
+
+/// One array parameter of [`unnest`]: the value `f` reads from each row.
+/// Its element type must hold no NULL (sea-query cannot bind one in an
+/// array).
+pub fn column<T, V>(rows: &[T], f: impl Fn(&T) -> V) -> Value
+where
+    Vec<V>: Into<Value>,
+{
+    rows.iter().map(f).collect::<Vec<V>>().into()
 }
 
 /// `col` is one of `values`, for raw SQL, the parameter numbered `$from`:

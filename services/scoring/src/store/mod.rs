@@ -24,6 +24,8 @@ pub mod timers;
 
 pub use migration::Migrator;
 
+use clm_platform::bulk;
+pub(crate) use clm_platform::bulk::column;
 use sea_orm::sea_query::Alias;
 
 /// A name that is not a table's column: a computed column's alias
@@ -33,30 +35,18 @@ pub(crate) fn n(s: &str) -> Alias {
 }
 
 /// PostgreSQL: `INSERT INTO table (cols) SELECT * FROM unnest($1::type[],
-/// …) tail`, one array parameter per column (binary binds): the same SQL
-/// text for any number of rows, so the statement is parsed and planned once
-/// per connection (a multi-row `VALUES` has a new text, and a new plan, for
-/// every row count), with no bind-parameter limit and no JSON to parse.
+/// …) tail`, one array parameter per column (binary binds, each a
+/// [`column`]): the same SQL text for any number of rows, so the statement
+/// is parsed and planned once per connection (a multi-row `VALUES` has a
+/// new text, and a new plan, for every row count), with no bind-parameter
+/// limit and no JSON to parse.
 pub(crate) fn unnest_insert(table: &str, cols: &[(&str, &str)], tail: &str) -> String {
     let names: Vec<String> = cols.iter().map(|(c, _)| format!("\"{c}\"")).collect();
-    let arrays: Vec<String> = cols
-        .iter()
-        .enumerate()
-        .map(|(i, (_, ty))| format!("${}::{ty}[]", i + 1))
-        .collect();
     format!(
-        "INSERT INTO \"{table}\" ({}) SELECT * FROM unnest({}) {tail}",
+        "INSERT INTO \"{table}\" ({}) SELECT * FROM {} {tail}",
         names.join(", "),
-        arrays.join(", ")
+        bulk::unnest(1, cols.iter().map(|(_, ty)| *ty))
     )
-}
-
-/// One [`unnest_insert`] parameter: the column `f` reads, as an array.
-pub(crate) fn column<T, V>(rows: &[T], f: impl Fn(&T) -> V) -> sea_orm::Value
-where
-    Vec<V>: Into<sea_orm::Value>,
-{
-    rows.iter().map(f).collect::<Vec<V>>().into()
 }
 
 /// Rows per multi-row INSERT, under PostgreSQL's 65,535 bind parameters.
