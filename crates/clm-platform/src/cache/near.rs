@@ -193,20 +193,15 @@ impl Near {
         self.entries.invalidate_all();
     }
 
-    /// Tracking started: serve from an empty copy.
-    fn up(&self) {
+    /// Tracking started (`live`: serve from an empty copy) or lost (serve
+    /// nothing, keep nothing).
+    fn set_live(&self, live: bool) {
         let mut g = self.generation();
         *g += 1;
-        self.entries.invalidate_all();
-        self.live.store(true, Ordering::SeqCst);
-    }
-
-    /// Tracking lost: serve nothing, keep nothing.
-    fn down(&self) {
-        let mut g = self.generation();
-        *g += 1;
+        // Nothing is served while the copy empties, whichever way it goes.
         self.live.store(false, Ordering::SeqCst);
         self.entries.invalidate_all();
+        self.live.store(live, Ordering::SeqCst);
     }
 
     fn is_live(&self) -> bool {
@@ -245,7 +240,7 @@ impl AsyncPushSender for Messages {
         let near = self.0.upgrade().ok_or(SendError)?;
         match info.kind {
             PushKind::Invalidate => near.on_message(&info.data),
-            PushKind::Disconnection => near.down(),
+            PushKind::Disconnection => near.set_live(false),
             _ => {}
         }
         Ok(())
@@ -298,7 +293,7 @@ pub(super) async fn track(
             }
             if matches!(subscribed, Ok(Ok(()))) {
                 let Some(n) = near.upgrade() else { return };
-                n.up();
+                n.set_live(true);
                 drop(n);
                 loop {
                     tokio::time::sleep(PING_EVERY).await;
@@ -309,14 +304,14 @@ pub(super) async fn track(
                     let ping = redis::cmd("PING");
                     let answer = ping.query_async::<String>(&mut conn);
                     if !matches!(tokio::time::timeout(timeout, answer).await, Ok(Ok(_))) {
-                        n.down();
+                        n.set_live(false);
                         break;
                     }
                 }
             }
         }
         match near.upgrade() {
-            Some(n) => n.down(),
+            Some(n) => n.set_live(false),
             None => return,
         }
         tokio::time::sleep(retry).await;
