@@ -22,6 +22,13 @@ mod transfer;
 /// customer service under RecordTouchpoints put about 40% of its CPU in
 /// glibc's malloc and free (decoding a batch, building its JSON rows,
 /// encoding events and stream messages all allocate per item).
+///
+/// Built without transparent huge pages (`no_thp`): mimalloc otherwise
+/// asks for them on its arenas, and each first touch of a 2 MiB region
+/// had the kernel zero all of it. In segmentation keeping up with the
+/// ingest, that zeroing was ~20% of the service's CPU; without it the
+/// same 20,000 events applied ~8% sooner (the `MIMALLOC_ALLOW_THP=0`
+/// runs in docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -134,6 +134,12 @@ pub async fn enter(
     enter_us: i64,
     version: i64,
 ) -> Result<(), DbErr> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    if clm_platform::db::is_postgres(db) {
+        return enter_postgres(db, rows, enter_us, version).await;
+    }
     for chunk in rows.chunks(rows_per_statement(6)) {
         let mut insert = Query::insert();
         insert
@@ -163,6 +169,51 @@ pub async fn enter(
         }
         db.execute(&insert).await?;
     }
+    Ok(())
+}
+
+/// [`enter`] on PostgreSQL: the pairs as one array parameter per column
+/// (`clm_platform::bulk::rows`), so the statement has one text whatever the
+/// batch holds and each connection prepares it once. The multi-row
+/// `VALUES` it replaces had six bind parameters a row: a batch entering
+/// 20,000 pairs spent ~20 ms parsing and binding it per 5,000 rows, and
+/// building it cost the service as much again.
+async fn enter_postgres(
+    db: &impl ConnectionTrait,
+    rows: &[Stamped],
+    enter_us: i64,
+    version: i64,
+) -> Result<(), DbErr> {
+    use clm_platform::bulk;
+    let (source, arrays) = bulk::rows(
+        true,
+        3,
+        vec![
+            (
+                "text",
+                rows.iter().map(|((s, _), _, _)| s.clone().into()).collect(),
+            ),
+            (
+                "text",
+                rows.iter().map(|((_, c), _, _)| c.clone().into()).collect(),
+            ),
+            ("int8", rows.iter().map(|(_, v, _)| (*v).into()).collect()),
+            ("int2", rows.iter().map(|(_, _, r)| (*r).into()).collect()),
+        ],
+    );
+    let sql = format!(
+        "INSERT INTO members (segment_id, customer_id, enter_us, version, rule_version, reason) \
+         SELECT s, c, $1, $2, v, r FROM ({source}) AS x (s, c, v, r) \
+         ON CONFLICT (segment_id, customer_id) DO NOTHING"
+    );
+    let mut values = vec![enter_us.into(), version.into()];
+    values.extend(arrays);
+    db.execute_raw(sea_orm::Statement::from_sql_and_values(
+        sea_orm::DbBackend::Postgres,
+        sql,
+        values,
+    ))
+    .await?;
     Ok(())
 }
 
