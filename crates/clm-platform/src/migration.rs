@@ -53,6 +53,7 @@ pub fn platform_migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(TimerQueue),
         Box::new(OutboxTraceContext),
         Box::new(OutboxEventIdUnindexed),
+        Box::new(OutboxPositionStampedOnly),
     ]
 }
 
@@ -405,6 +406,37 @@ impl MigrationTrait for OutboxEventIdUnindexed {
         if db.get_database_backend() == sea_orm::DbBackend::Postgres {
             db.execute_unprepared(
                 "ALTER TABLE outbox DROP CONSTRAINT IF EXISTS outbox_event_id_key",
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Keeps unstamped events out of `outbox_position` (PostgreSQL): the
+/// unique index becomes partial, `WHERE position IS NOT NULL`. Every event
+/// is inserted with a NULL position and stamped by the relay, so the full
+/// index took one B-tree entry per event that no query reads (readers ask
+/// `position > $1`, the relay `MAX(position)`, both of which the partial
+/// index answers) and kept it until vacuum. SQLite stamps in the writing
+/// transaction and keeps its index as it is.
+pub struct OutboxPositionStampedOnly;
+
+impl MigrationName for OutboxPositionStampedOnly {
+    fn name(&self) -> &str {
+        "m0005_platform_outbox_position_stamped_only"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for OutboxPositionStampedOnly {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        let db = m.get_connection();
+        if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+            db.execute_unprepared("DROP INDEX IF EXISTS outbox_position")
+                .await?;
+            db.execute_unprepared(
+                "CREATE UNIQUE INDEX outbox_position ON outbox (position) WHERE position IS NOT NULL",
             )
             .await?;
         }
