@@ -118,6 +118,23 @@ async fn an_open_writer_never_blocks_another_and_the_stream_keeps_commit_order()
         .into_inner();
     assert_eq!(next(&mut again).await.event_id, first.event_id);
     assert_eq!(next(&mut again).await.event_id, second.event_id);
+
+    // Positions stay unique, and unstamped events take no entry in their
+    // index (m0005): it holds the two stamped events only.
+    use sea_orm::ConnectionTrait;
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'outbox_position'",
+        ))
+        .await
+        .unwrap()
+        .expect("the outbox_position index");
+    let def: String = row.try_get("", "indexdef").unwrap();
+    assert!(
+        def.starts_with("CREATE UNIQUE INDEX") && def.ends_with("WHERE (\"position\" IS NOT NULL)"),
+        "{def}"
+    );
     server.stop().await;
 }
 
