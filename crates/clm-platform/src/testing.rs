@@ -26,6 +26,39 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// A TCP port on 127.0.0.1 that nothing listens on now, for a process a
+/// test starts with a fixed address (a `clm serve` whose peers must know
+/// its URL, a `redis-server`).
+///
+/// Chosen at random *below* the kernel's ephemeral range
+/// (`ip_local_port_range`): a port from `bind(":0")`, as this used to
+/// take, is free only until the next `bind(":0")` or outgoing connection
+/// of any test running beside this one, and one of them took it before
+/// the process started often enough to fail CI (a `clm serve` exiting
+/// before it printed its address). Below that range the kernel hands out
+/// nothing by itself; only another test picking at random can collide,
+/// and the port is checked free first.
+pub fn free_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10_000u16, low.saturating_sub(1));
+    if to > from + 1_000 {
+        for _ in 0..64 {
+            let span = u128::from(to - from);
+            let port = from + u16::try_from(uuid::Uuid::new_v4().as_u128() % span).unwrap_or(0);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
 /// A per-test storage backend. Dropping it removes the database.
 #[derive(Debug)]
 pub struct TestBackend {

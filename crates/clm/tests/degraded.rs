@@ -9,13 +9,7 @@ use std::process::{Child, Command, Stdio};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use clm_platform::testing::free_port;
 
 /// Kills the child on drop.
 struct Killed(Child);

@@ -33,13 +33,7 @@ use tonic::transport::Channel;
 const SERVICES: [&str; 5] = ["customer", "scoring", "segmentation", "feedback", "loyalty"];
 const WAIT: Duration = Duration::from_secs(60);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use clm_platform::testing::free_port;
 
 /// Drains `child`'s stdout in the background, sending each
 /// `<service> listening on ADDR` it prints.
@@ -136,9 +130,14 @@ impl Processes {
             );
         }
         let mut child = cmd.spawn().expect("spawn clm serve");
-        let _ = addresses(&mut child)
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the server printed its address");
+        if let Err(e) = addresses(&mut child).recv_timeout(Duration::from_secs(60)) {
+            let _ = child.kill();
+            panic!(
+                "clm serve {service} on port {} printed no address ({e}); it exited with {:?}",
+                self.ports[service],
+                child.wait()
+            );
+        }
         self.children.insert(service, child);
         wait_serving(&self.url(service)).await;
     }
