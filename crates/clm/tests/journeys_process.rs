@@ -107,6 +107,8 @@ impl Processes {
 
     async fn start_one(&mut self, service: &'static str) {
         let b = &self.backends[service];
+        // Its stderr (each start writes it anew), for a failure to quote.
+        let log = b.dir().join(format!("{service}.stderr"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_clm"));
         cmd.args(["serve", service, "--listen"])
             .arg(format!("127.0.0.1:{}", self.ports[service]))
@@ -118,7 +120,7 @@ impl Processes {
             .env("CLM_DATABASE__MAX_CONNECTIONS", "4")
             .env_remove("CLM_AUTH__HS256_SECRET")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stderr(std::fs::File::create(&log).expect("a log file for clm serve"));
         if let Some(redis) = &b.redis_url {
             cmd.env("CLM_CACHE__REDIS_URL", redis)
                 .env("CLM_CACHE__KEY_PREFIX", &b.key_prefix);
@@ -132,10 +134,13 @@ impl Processes {
         let mut child = cmd.spawn().expect("spawn clm serve");
         if let Err(e) = addresses(&mut child).recv_timeout(Duration::from_secs(60)) {
             let _ = child.kill();
+            let status = child.wait();
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: String = said.lines().rev().take(20).collect::<Vec<_>>().join("\n");
             panic!(
-                "clm serve {service} on port {} printed no address ({e}); it exited with {:?}",
+                "clm serve {service} on port {} printed no address ({e}); it exited with {status:?}; \
+                 the last lines of its stderr, newest first:\n{tail}",
                 self.ports[service],
-                child.wait()
             );
         }
         self.children.insert(service, child);
