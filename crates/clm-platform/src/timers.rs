@@ -120,6 +120,17 @@ impl Arm {
 /// Arms (creates or moves) `timers` of `kind` in the caller's transaction.
 pub async fn arm(db: &impl ConnectionTrait, kind: &str, timers: &[Arm]) -> Result<(), DbErr> {
     armed();
+    let mut timers = std::borrow::Cow::Borrowed(timers);
+    if crate::db::is_postgres(db) {
+        // Timers without payload (most) as one array per column: one
+        // statement text whatever their number, prepared once per
+        // connection (a multi-row VALUES is parsed and planned anew).
+        let (bare, with): (Vec<&Arm>, Vec<&Arm>) = timers.iter().partition(|t| t.payload.is_none());
+        if !bare.is_empty() {
+            arm_bare_postgres(db, kind, &bare).await?;
+        }
+        timers = std::borrow::Cow::Owned(with.into_iter().cloned().collect());
+    }
     // 6 columns a row; stay far below any bind-parameter limit.
     for part in timers.chunks(1000) {
         let mut insert = Query::insert();
@@ -144,6 +155,36 @@ pub async fn arm(db: &impl ConnectionTrait, kind: &str, timers: &[Arm]) -> Resul
         );
         db.execute(&insert).await?;
     }
+    Ok(())
+}
+
+/// [`arm`] on PostgreSQL of timers without payload: keys, subjects and
+/// instants as three array parameters.
+async fn arm_bare_postgres(
+    db: &impl ConnectionTrait,
+    kind: &str,
+    timers: &[&Arm],
+) -> Result<(), DbErr> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "INSERT INTO {TABLE} (kind, key, subject, due_us, version, payload) \
+             SELECT $1, k, s, d, 1, NULL FROM {} AS x(k, s, d) \
+             ON CONFLICT (kind, key) DO UPDATE SET subject = excluded.subject, due_us = excluded.due_us, \
+             payload = excluded.payload, version = {TABLE}.version + 1",
+            crate::bulk::unnest(2, ["text", "text", "int8"])
+        )
+    });
+    db.execute_raw(sea_orm::Statement::from_sql_and_values(
+        sea_orm::DbBackend::Postgres,
+        SQL.as_str(),
+        [
+            kind.into(),
+            crate::bulk::column(timers, |t| t.key.clone()),
+            crate::bulk::column(timers, |t| t.subject.clone()),
+            crate::bulk::column(timers, |t| t.due_us),
+        ],
+    ))
+    .await?;
     Ok(())
 }
 
@@ -292,6 +333,28 @@ pub async fn of_subjects(
             .to_owned();
         for r in db.query_all(&q).await? {
             out.insert(r.try_get("", "key")?, r.try_get("", "due_us")?);
+        }
+    }
+    Ok(out)
+}
+
+/// The (subject, due instant) of every timer of `kind` whose subject is
+/// one of `subjects` (a subject may have several).
+pub async fn due_of_subjects(
+    db: &impl ConnectionTrait,
+    kind: &str,
+    subjects: &[String],
+) -> Result<Vec<(String, i64)>, DbErr> {
+    let mut out = Vec::new();
+    for part in subjects.chunks(1000) {
+        let q = Query::select()
+            .columns([a("subject"), a("due_us")])
+            .from(a(TABLE))
+            .and_where(Expr::col(a("kind")).eq(kind))
+            .and_where(Expr::col(a("subject")).is_in(part.iter().cloned()))
+            .to_owned();
+        for r in db.query_all(&q).await? {
+            out.push((r.try_get("", "subject")?, r.try_get("", "due_us")?));
         }
     }
     Ok(out)

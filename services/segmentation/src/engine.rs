@@ -13,14 +13,17 @@
 //!   set-based under it, less those decided since, then dependents and
 //!   (for rules that read time) every customer's next-change timer, a
 //!   chunk per transaction (see [`Engine::backfill`]).
-//! * **Timers.** The platform timer queue holds, per (segment, customer)
-//!   (kind [`members::WINDOW`]), an instant no later than the one
-//!   `rules::next_change` says time alone changes the answer (a timer is
-//!   moved earlier, never later: a new fact that pushes the change later
-//!   leaves it, and it fires, finds the answer unchanged and arms the
-//!   next change then); the queue fires each at its instant by the
-//!   service clock, once across replicas, and the engine ([`OnDue`])
-//!   records a change at exactly the time it happens.
+//! * **Timers.** The platform timer queue holds, per customer (kind
+//!   [`members::WINDOW`]), an instant no later than the earliest one at
+//!   which `rules::next_change` says time alone changes the answer of any
+//!   rule that reads time (a timer is moved earlier, never later: a new
+//!   fact that pushes the change later leaves it, and it fires, finds the
+//!   answers unchanged and arms the next change then); the queue fires
+//!   each at its instant by the service clock, once across replicas, and
+//!   the engine ([`OnDue`]) evaluates every such rule for the customer
+//!   then, so a change is recorded at exactly the time it happens. One
+//!   timer per customer, not per (segment, customer): entering a hundred
+//!   windowed segments writes one timer row, not a hundred.
 //!
 //! Every membership write runs in a transaction that first takes the
 //! membership version ([`members::lock_version`]): writers are serialised,
@@ -74,8 +77,10 @@ pub enum Change {
     /// query's filter changes no count, sum, first or last those segments
     /// read; time alone moving their answer is their timers' business.
     Touch(Arc<Touchpoint>),
-    /// Only this segment (a timer fired).
+    /// Only this segment (a backfill's evaluation of everyone).
     Only(String),
+    /// Every rule that reads time (the customer's timer fired).
+    Timed,
     /// The customer's membership of this segment (`segments/{id}`).
     Member(String),
 }
@@ -146,6 +151,8 @@ pub struct Registry {
     index: HashMap<Key, Vec<Arc<Compiled>>>,
     /// The touchpoints any rule reads (what an evaluation loads).
     lookback: Lookback,
+    /// The rules whose answer time alone can change.
+    timed: Vec<Arc<Compiled>>,
 }
 
 impl Registry {
@@ -217,6 +224,9 @@ impl Registry {
                 rule,
             };
             let compiled = Arc::new(compiled);
+            if compiled.timed {
+                reg.timed.push(compiled.clone());
+            }
             for f in &compiled.reads {
                 let list = reg.index.entry(key_of(f)).or_default();
                 if !list.iter().any(|c| c.id == id) {
@@ -256,6 +266,7 @@ impl Registry {
                 .cloned()
                 .collect(),
             Change::Only(id) => self.by_id.get(id).cloned().into_iter().collect(),
+            Change::Timed => self.timed.clone(),
             Change::Member(name) => self.keyed(&Key::Segment(name.clone())).cloned().collect(),
         }
     }
@@ -303,7 +314,7 @@ impl<'a> Plan<'a> {
                 continue;
             }
             let reason = match ch {
-                Change::Only(_) => pb::MembershipReason::TimeWindow,
+                Change::Only(_) | Change::Timed => pb::MembershipReason::TimeWindow,
                 Change::Member(_) => pb::MembershipReason::Dependency,
                 _ => pb::MembershipReason::FactChanged,
             };
@@ -317,6 +328,47 @@ impl<'a> Plan<'a> {
             queue,
             why,
         })
+    }
+}
+
+/// An evaluation's decision, not yet written: what changes, and what it
+/// read that another writer could change (see
+/// [`Engine::evaluate_locking_late`]).
+struct Decided {
+    at: DateTime<Utc>,
+    /// The customers looked at.
+    ids: Vec<String>,
+    /// The memberships read, per customer with facts (`segments/{id}`).
+    read_members: HashMap<String, BTreeSet<String>>,
+    /// The customers' timers read.
+    existing: HashMap<String, i64>,
+    /// Each membership change: segment, customer, entered, why.
+    changes: Vec<(Arc<Compiled>, String, bool, pb::MembershipReason)>,
+    entered: Vec<Stamped>,
+    exited: Vec<Stamped>,
+    /// Customers' timers to arm (customer, due).
+    timers_set: Vec<(String, i64)>,
+    decided_for_diffs: Vec<members::Pair>,
+}
+
+impl Decided {
+    /// Whether the memberships and timers it read are still those stored
+    /// (asked under the membership lock).
+    async fn still_current(&self, txn: &impl ConnectionTrait) -> Result<bool> {
+        let mut now: HashMap<&str, BTreeSet<String>> = self
+            .read_members
+            .keys()
+            .map(|id| (id.as_str(), BTreeSet::new()))
+            .collect();
+        for (seg, cu) in members::of_customers(txn, &self.ids).await? {
+            if let Some(set) = now.get_mut(cu.as_str()) {
+                set.insert(format!("segments/{seg}"));
+            }
+        }
+        let same_members = now
+            .iter()
+            .all(|(id, set)| self.read_members.get(*id) == Some(set));
+        Ok(same_members && members::timers_of(txn, &self.ids).await? == self.existing)
     }
 }
 
@@ -486,41 +538,112 @@ impl Engine {
     }
 
     /// Re-evaluates, inside `txn`, the segments each change can affect for
-    /// its customer at `at`, and writes the membership changes and timers.
+    /// its customer at `at`, and writes the membership changes and timers,
+    /// all under the membership lock, taken first.
     pub async fn evaluate(
         &self,
         txn: &impl ConnectionTrait,
         work: &BTreeMap<String, Vec<Change>>,
         at: DateTime<Utc>,
     ) -> Result<Outcome> {
-        let mut out = Outcome::default();
         if work.is_empty() {
-            return Ok(out);
+            return Ok(Outcome::default());
         }
         let version = members::lock_version(txn).await?;
         let reg = self.registry(txn).await?;
+        match self.decide(txn, &reg, work, at).await? {
+            Some(d) => self.write(txn, d, version).await,
+            None => Ok(Outcome::default()),
+        }
+    }
+
+    /// Like [`Self::evaluate`], for a stream batch whose customers' locks
+    /// (`facts::lock_customers`) the transaction holds: on PostgreSQL the
+    /// facts are read and the rules evaluated *before* the membership
+    /// lock, so batches applied side by side (the subscriber's partitions,
+    /// and the other streams' batches) overlap their reads and evaluation
+    /// and queue only for the writes. Under the lock, the decision stands
+    /// only if nothing it read can have changed: the registry's generation
+    /// and the customers' memberships and timers (every other writer of
+    /// these customers' facts holds their locks, so their facts are as
+    /// read). Otherwise (a backfill's chunk, a timer or a segment edit came
+    /// in between) the customers are evaluated again under the lock.
+    pub async fn evaluate_locking_late(
+        &self,
+        txn: &impl ConnectionTrait,
+        work: &BTreeMap<String, Vec<Change>>,
+        at: DateTime<Utc>,
+    ) -> Result<Outcome> {
+        if work.is_empty() {
+            return Ok(Outcome::default());
+        }
+        if !is_postgres(txn) {
+            return self.evaluate(txn, work, at).await;
+        }
+        let reg = self.registry(txn).await?;
+        let decided = self.decide(txn, &reg, work, at).await?;
+        backfill_pause::point(backfill_pause::At::Decided).await;
+        let version = members::lock_version(txn).await?;
+        let stands = members::generation(txn).await? == reg.generation
+            && match &decided {
+                Some(d) => d.still_current(txn).await?,
+                None => true,
+            };
+        let decided = if stands {
+            decided
+        } else {
+            let reg = self.registry(txn).await?;
+            self.decide(txn, &reg, work, at).await?
+        };
+        match decided {
+            Some(d) => self.write(txn, d, version).await,
+            None => Ok(Outcome::default()),
+        }
+    }
+
+    /// Reads the facts of `work`'s customers (those a change can affect a
+    /// segment of) and evaluates, in memory, the segments their changes
+    /// can affect: what would change, nothing written. `None` when no
+    /// segment can be affected.
+    async fn decide(
+        &self,
+        txn: &impl ConnectionTrait,
+        reg: &Registry,
+        work: &BTreeMap<String, Vec<Change>>,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Decided>> {
         if reg.by_id.is_empty() {
-            return Ok(out);
+            return Ok(None);
         }
         // Per customer, the segments its changes can affect, before any
         // fact is read: a customer whose changes affect none is not loaded.
         let plans: Vec<Plan<'_>> = work
             .iter()
-            .filter_map(|(customer, changes)| Plan::of(&reg, customer, changes))
+            .filter_map(|(customer, changes)| Plan::of(reg, customer, changes))
             .collect();
         if plans.is_empty() {
-            return Ok(out);
+            return Ok(None);
         }
         let ids: Vec<String> = plans.iter().map(|p| p.customer.clone()).collect();
         let lookback = reg.lookback_of(plans.iter().flat_map(|p| p.queue.iter().map(|(_, id)| id)));
         let mut facts = facts::load(txn, &ids, &lookback, at).await?;
+        let read_members: HashMap<String, BTreeSet<String>> = facts
+            .iter()
+            .map(|(id, fs)| (id.clone(), fs.segments.clone()))
+            .collect();
         // Only timers that change are written.
         let existing = members::timers_of(txn, &ids).await?;
-        let mut entered: Vec<Stamped> = Vec::new();
-        let mut exited: Vec<Stamped> = Vec::new();
-        let mut timers_set = Vec::new();
-        let at_us = to_micros(at);
-        let mut decided_for_diffs = Vec::new();
+        let mut d = Decided {
+            at,
+            ids,
+            read_members,
+            changes: Vec::new(),
+            entered: Vec::new(),
+            exited: Vec::new(),
+            timers_set: Vec::new(),
+            decided_for_diffs: Vec::new(),
+            existing: HashMap::new(),
+        };
         for Plan {
             customer,
             mut queue,
@@ -530,6 +653,9 @@ impl Engine {
             let Some(fs) = facts.get_mut(customer) else {
                 continue;
             };
+            // The earliest next change by time alone among the rules
+            // evaluated.
+            let mut soonest: Option<i64> = None;
             let mut seen = BTreeSet::new();
             // Segments whose touchpoint filters are equal (their windows
             // aside) share one index of this customer's touchpoints.
@@ -540,7 +666,7 @@ impl Engine {
                 }
                 let Some(c) = reg.get(&id) else { continue };
                 if c.diffing {
-                    decided_for_diffs.push((id.clone(), customer.clone()));
+                    d.decided_for_diffs.push((id.clone(), customer.clone()));
                 }
                 // A timed rule's answer and its next change from one index
                 // of its touchpoints (the rule cannot read its own
@@ -559,39 +685,58 @@ impl Engine {
                     let stamped = ((id.clone(), customer.clone()), c.version, reason as i16);
                     if now_in {
                         fs.segments.insert(c.name.clone());
-                        entered.push(stamped);
+                        d.entered.push(stamped);
                     } else {
                         fs.segments.remove(&c.name);
-                        exited.push(stamped);
+                        d.exited.push(stamped);
                     }
-                    out.record(c, customer, now_in, at, version, reason);
-                    for d in reg.affected(&Change::Member(c.name.clone())) {
-                        why.entry(d.id.clone())
+                    d.changes
+                        .push((c.clone(), customer.clone(), now_in, reason));
+                    for dep in reg.affected(&Change::Member(c.name.clone())) {
+                        why.entry(dep.id.clone())
                             .or_insert(pb::MembershipReason::Dependency);
-                        queue.insert((d.rank, d.id.clone()));
+                        queue.insert((dep.rank, dep.id.clone()));
                     }
                 }
-                // A timer still to come and due no later than the next
-                // change is kept: it fires, finds the answer unchanged and
-                // arms the next change then. Moving it on every fact would
-                // rewrite a timer per segment and event (each touchpoint
-                // pushes a window's end later); one with no next change
-                // left fires once and is gone. A timer due by `at` is
-                // this evaluation's (or about to fire): it is re-armed.
-                if let Some(t) = next.map(to_micros)
-                    && existing
-                        .get(&(id.clone(), customer.clone()))
-                        .is_none_or(|&had| t < had || (had <= at_us && t != had))
-                {
-                    timers_set.push((id.clone(), customer.clone(), t));
+                if let Some(t) = next.map(to_micros) {
+                    soonest = Some(soonest.map_or(t, |s| s.min(t)));
                 }
             }
+            // One timer per customer, due no later than the next change of
+            // any rule that reads time. A firing evaluated every such rule:
+            // it arms the earliest next change (none left: the queue
+            // deletes the timer). Any other evaluation looked at some
+            // rules only, and every other rule's next change is as it was
+            // (this change cannot move it), so the timer only ever moves
+            // earlier: one still to come fires, finds the answers
+            // unchanged and arms the next change then. Moving it later on
+            // every fact would rewrite it per event (each touchpoint pushes
+            // a window's end later).
+            let firing = work
+                .get(customer)
+                .is_some_and(|changes| changes.contains(&Change::Timed));
+            if let Some(t) = soonest
+                && (firing || existing.get(customer).is_none_or(|&had| t < had))
+            {
+                d.timers_set.push((customer.clone(), t));
+            }
         }
-        members::exit(txn, &exited, at_us, version).await?;
-        members::enter(txn, &entered, at_us, version).await?;
-        members::set_timers(txn, &timers_set, &[]).await?;
-        backfill_diffs::mark_seen(txn, &decided_for_diffs, version).await?;
-        out.timers_set = !timers_set.is_empty();
+        d.existing = existing;
+        Ok(Some(d))
+    }
+
+    /// Writes a decision under the membership lock, at `version`.
+    async fn write(&self, txn: &impl ConnectionTrait, d: Decided, version: i64) -> Result<Outcome> {
+        let mut out = Outcome::default();
+        for (c, customer, now_in, reason) in &d.changes {
+            out.record(c, customer, *now_in, d.at, version, *reason);
+        }
+        let at_us = to_micros(d.at);
+        members::exit(txn, &d.exited, at_us, version).await?;
+        members::enter(txn, &d.entered, at_us, version).await?;
+        members::set_timers(txn, &d.timers_set).await?;
+        backfill_diffs::mark_seen(txn, &d.decided_for_diffs, version).await?;
+        out.timers_set = !d.timers_set.is_empty();
         Ok(out)
     }
 
@@ -907,10 +1052,6 @@ impl Engine {
         if !still_version(&txn, id, seg.version).await? {
             return Ok(());
         }
-        if !c.timed {
-            // An earlier rule's timers (a timed rule's are rewritten below).
-            members::clear_timers(&txn, id).await?;
-        }
         backfill_diffs::finish(&txn, id).await?;
         members::bump_generation(&txn).await?;
         txn.commit().await?;
@@ -1044,9 +1185,9 @@ async fn still_version(txn: &impl ConnectionTrait, id: &str, version: i64) -> Re
         .is_some_and(|s| s.version == version))
 }
 
-/// Fires time-window timers ([`members::WINDOW`]): each due (segment,
-/// customer) is evaluated at its own instant, under the membership lock
-/// every membership writer takes first.
+/// Fires time-window timers ([`members::WINDOW`]): each due customer's
+/// rules that read time are evaluated at the timer's instant, under the
+/// membership lock every membership writer takes first.
 #[async_trait::async_trait]
 impl OnDue for Engine {
     async fn lock(
@@ -1061,19 +1202,18 @@ impl OnDue for Engine {
     async fn fire(&self, cx: &mut Apply, due: Vec<Timer>) -> std::result::Result<(), Error> {
         let mut by_instant: BTreeMap<i64, BTreeMap<String, Vec<Change>>> = BTreeMap::new();
         for t in &due {
-            let Some((seg, cu)) = members::timer_pair(&t.key) else {
-                continue;
-            };
-            by_instant
+            let changes = by_instant
                 .entry(t.due_us)
                 .or_default()
-                .entry(cu)
-                .or_default()
-                .push(Change::Only(seg));
+                .entry(t.subject.clone())
+                .or_default();
+            if changes.is_empty() {
+                changes.push(Change::Timed);
+            }
         }
         for (at, work) in by_instant {
-            // Evaluation re-arms the pairs whose rules change again later;
-            // the queue deletes the others.
+            // Evaluation re-arms the customers whose rules change again
+            // later; the queue deletes the others.
             let out = self.evaluate(cx.txn(), &work, from_micros(at)).await?;
             for e in &out.events {
                 cx.emit(e.clone());
@@ -1153,10 +1293,11 @@ async fn model_score_names(rt: &Runtime) -> Option<BTreeMap<String, BTreeSet<Str
     }
 }
 
-/// A pause point for tests in a backfill: after it wrote its changes,
-/// before its commit ([`backfill_pause::At::Written`]). A test holds
-/// backfills there to show what other writers do meanwhile. Unused, it
-/// costs one uncontended mutex per backfill.
+/// Pause points for tests in a backfill (after its diff, or after it wrote
+/// its changes, before its commit) and in a stream batch's evaluation
+/// (decided, before the membership lock). A test holds a writer there to
+/// show what other writers do meanwhile. Unused, each costs one
+/// uncontended mutex.
 #[doc(hidden)]
 pub mod backfill_pause {
     use std::sync::{Arc, Mutex};
@@ -1169,6 +1310,9 @@ pub mod backfill_pause {
         Diffed,
         /// Under the lock, changes written, before the commit.
         Written,
+        /// A stream batch's evaluation decided, before it takes the
+        /// membership lock ([`super::Engine::evaluate_locking_late`]).
+        Decided,
     }
 
     /// A gate a test installs: `reached` is notified when a backfill

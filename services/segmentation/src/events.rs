@@ -25,35 +25,87 @@ use std::sync::Arc;
 pub fn customer_handlers(engine: Engine) -> Handlers {
     let h = Arc::new(CustomerFacts { engine });
     Handlers::new()
-        .on_batch::<cpb::CustomerCreated, _>(h.clone())
-        .on_batch::<cpb::CustomerUpdated, _>(h.clone())
-        .on_batch::<cpb::TouchpointRecorded, _>(h.clone())
-        .on_batch::<cpb::StageChanged, _>(h.clone())
-        .on_batch::<cpb::ConsentChanged, _>(h.clone())
+        .on_batch_partitioned::<cpb::CustomerCreated, _>(h.clone())
+        .on_batch_partitioned::<cpb::CustomerUpdated, _>(h.clone())
+        .on_batch_partitioned::<cpb::TouchpointRecorded, _>(h.clone())
+        .on_batch_partitioned::<cpb::StageChanged, _>(h.clone())
+        .on_batch_partitioned::<cpb::ConsentChanged, _>(h.clone())
         .on::<cpb::CustomersMerged, _>(h.clone())
         .on::<cpb::CustomerErased, _>(h)
         .first(Arc::new(MembershipFirst))
 }
 
-/// First in each batch of every followed stream: the membership lock
-/// ([`members::lock_membership`]), before any fact row. Every
-/// segmentation writer of fact or membership rows takes it first (these
-/// batches, timers, a backfill's chunks), so none waits for another in a
-/// cycle: before,
-/// a batch of several event types took it in its first run's evaluation
-/// and wrote fact rows in the next, while another batch held such a row
-/// and waited for the lock (PostgreSQL's log showed the deadlocks). It
-/// also orders a customer's profile and score that arrive together on
-/// two streams: whichever commits second sees the other and evaluates
-/// with both (before, a score applied while the profile row was not
-/// committed was kept but never evaluated: the customer stayed out of a
-/// segment the score put them in).
+/// First in each batch of every followed stream (on PostgreSQL; SQLite has
+/// one writer): the locks of the batch's customers
+/// ([`facts::lock_customers`]: its events' subjects and the customers a
+/// merge folds in), all at once and in one order, then the membership lock
+/// ([`members::lock_membership`]) for a batch that merges or erases.
+/// Every segmentation writer that takes both takes them in this order
+/// (customers, then membership), and every writer of fact rows holds
+/// their customers' locks, so none waits for another in a cycle and a
+/// customer's profile and score arriving together on two streams are
+/// ordered: whichever commits second sees the other and evaluates with
+/// both.
+///
+/// A batch of facts only (profiles, touchpoints, stages, consents,
+/// scores, answers, loyalty) takes the membership lock late, in
+/// [`Engine::evaluate_locking_late`]: its fact writes, reads and
+/// evaluation run beside the other partitions' and streams' batches, and
+/// only the membership writes queue.
 struct MembershipFirst;
+
+/// Event types whose handlers write facts and then settle
+/// ([`CustomerFacts::settle`]): the membership lock can wait until then.
+static FACTS_ONLY: std::sync::LazyLock<std::collections::BTreeSet<String>> =
+    std::sync::LazyLock::new(|| {
+        use prost::Name;
+        [
+            cpb::CustomerCreated::full_name(),
+            cpb::CustomerUpdated::full_name(),
+            cpb::TouchpointRecorded::full_name(),
+            cpb::StageChanged::full_name(),
+            cpb::ConsentChanged::full_name(),
+            clm_proto::scoring::ScoreChanged::full_name(),
+            clm_proto::feedback::ResponseCompleted::full_name(),
+            clm_proto::loyalty::TierChanged::full_name(),
+            clm_proto::loyalty::PointsChanged::full_name(),
+        ]
+        .into_iter()
+        .collect()
+    });
+
+/// The customers a batch's handlers write: each event's subject, and the
+/// customers a merge folds into its survivor.
+fn customers_of(events: &[ChangeEvent]) -> Vec<String> {
+    let mut ids: Vec<String> = events.iter().filter_map(|e| bare(&e.subject)).collect();
+    for e in events {
+        if e.event_type == <cpb::CustomersMerged as prost::Name>::full_name()
+            && let Some(m) = e.payload.as_ref().and_then(|p| {
+                <cpb::CustomersMerged as prost::Message>::decode(p.value.as_slice()).ok()
+            })
+        {
+            ids.extend(bare(&m.survivor));
+            ids.extend(m.merged.iter().filter_map(|n| bare(n)));
+        }
+        if e.event_type == <cpb::CustomerErased as prost::Name>::full_name()
+            && let Some(m) = e.payload.as_ref().and_then(|p| {
+                <cpb::CustomerErased as prost::Message>::decode(p.value.as_slice()).ok()
+            })
+        {
+            ids.extend(bare(&m.customer));
+            ids.extend(m.merged_from.iter().filter_map(|n| bare(n)));
+        }
+    }
+    ids
+}
 
 #[async_trait::async_trait]
 impl clm_platform::changes::BatchStart for MembershipFirst {
-    async fn start(&self, cx: &mut Apply, _events: &[ChangeEvent]) -> Result<(), Error> {
-        members::lock_membership(cx.txn()).await?;
+    async fn start(&self, cx: &mut Apply, events: &[ChangeEvent]) -> Result<(), Error> {
+        facts::lock_customers(cx.txn(), &customers_of(events)).await?;
+        if !events.iter().all(|e| FACTS_ONLY.contains(&e.event_type)) {
+            members::lock_membership(cx.txn()).await?;
+        }
         Ok(())
     }
 }
@@ -66,7 +118,9 @@ impl clm_platform::changes::BatchStart for MembershipFirst {
 /// customer not seen yet is kept until the customer arrives.
 pub fn scoring_handlers(engine: Engine) -> Handlers {
     Handlers::new()
-        .on_batch::<clm_proto::scoring::ScoreChanged, _>(Arc::new(CustomerFacts { engine }))
+        .on_batch_partitioned::<clm_proto::scoring::ScoreChanged, _>(Arc::new(CustomerFacts {
+            engine,
+        }))
         .first(Arc::new(MembershipFirst))
 }
 
@@ -106,7 +160,9 @@ impl OnBatch<clm_proto::scoring::ScoreChanged> for CustomerFacts {
 /// answers in windows like any touchpoint.
 pub fn feedback_handlers(engine: Engine) -> Handlers {
     Handlers::new()
-        .on_batch::<clm_proto::feedback::ResponseCompleted, _>(Arc::new(CustomerFacts { engine }))
+        .on_batch_partitioned::<clm_proto::feedback::ResponseCompleted, _>(Arc::new(
+            CustomerFacts { engine },
+        ))
         .first(Arc::new(MembershipFirst))
 }
 
@@ -167,8 +223,8 @@ impl OnBatch<clm_proto::feedback::ResponseCompleted> for CustomerFacts {
 pub fn loyalty_handlers(engine: Engine) -> Handlers {
     let h = Arc::new(CustomerFacts { engine });
     Handlers::new()
-        .on_batch::<clm_proto::loyalty::TierChanged, _>(h.clone())
-        .on_batch::<clm_proto::loyalty::PointsChanged, _>(h)
+        .on_batch_partitioned::<clm_proto::loyalty::TierChanged, _>(h.clone())
+        .on_batch_partitioned::<clm_proto::loyalty::PointsChanged, _>(h)
         .first(Arc::new(MembershipFirst))
 }
 
@@ -267,6 +323,11 @@ impl CustomerFacts {
         work: BTreeMap<String, Vec<Change>>,
     ) -> Result<()> {
         let now = clm_domain::clock::micros(cx.now());
+        let out = self
+            .engine
+            .evaluate_locking_late(cx.txn(), &work, now)
+            .await?;
+        // After the evaluation: its row is the membership lock's.
         if let Some(newest) = events
             .iter()
             .filter_map(|e| time(e.occurred_time.as_ref()))
@@ -274,7 +335,6 @@ impl CustomerFacts {
         {
             facts::mark_fresh(cx.txn(), to_micros(newest), to_micros(now)).await?;
         }
-        let out = self.engine.evaluate(cx.txn(), &work, now).await?;
         let changes = out.events.len();
         let oldest = events
             .iter()
@@ -316,7 +376,7 @@ impl CustomerFacts {
         events: Vec<&ChangeEvent>,
         rows: Vec<Profile>,
     ) -> Result<()> {
-        // The customers' locks are held already (`LockArrivals`).
+        // The customers' locks are held already (`MembershipFirst`).
         facts::upsert_profiles(cx.txn(), &rows).await?;
         let work = rows
             .iter()

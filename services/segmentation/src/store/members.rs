@@ -22,19 +22,12 @@ pub type Pair = (String, String);
 /// decided it and why (`MembershipReason` code).
 pub type Stamped = (Pair, i64, i16);
 
-/// Timer kind of a time window's next change.
+/// Timer kind of a customer's next change by time alone: one timer per
+/// customer (key and subject its id), due no later than the earliest
+/// instant at which time alone changes the answer of any rule that reads
+/// time. (Timers armed before were one per (segment, customer), keyed
+/// `{segment}|{customer}`; they fire as the customer's.)
 pub const WINDOW: &str = "segmentation.window";
-
-/// The timer key of a pair.
-pub fn timer_key(segment: &str, customer: &str) -> String {
-    format!("{segment}|{customer}")
-}
-
-/// The pair of a timer key.
-pub fn timer_pair(key: &str) -> Option<Pair> {
-    key.split_once('|')
-        .map(|(s, c)| (s.to_owned(), c.to_owned()))
-}
 
 /// Takes the next membership version, holding the `seg_meta` row lock
 /// until the transaction ends: membership writers are serialised, so
@@ -512,7 +505,9 @@ pub async fn delete_segment(db: &impl ConnectionTrait, segment: &str) -> Result<
         .and_where(Expr::col(MH::SegmentId).eq(segment))
         .to_owned();
     db.execute(&delete).await?;
-    clear_timers(db, segment).await
+    // Its customers' timers stay: each fires, finds what is left
+    // unchanged and arms the customer's next change.
+    Ok(())
 }
 
 /// Deletes every membership, history and timer of `ids` (erasure).
@@ -532,24 +527,13 @@ pub async fn delete_customers(db: &impl ConnectionTrait, ids: &[String]) -> Resu
     timers::disarm_subjects(db, Some(WINDOW), ids).await
 }
 
-/// Sets timers (segment, customer, due) and removes `cleared` ones.
-pub async fn set_timers(
-    db: &impl ConnectionTrait,
-    set: &[(String, String, i64)],
-    cleared: &[Pair],
-) -> Result<(), DbErr> {
-    let keys: Vec<String> = cleared.iter().map(|(s, c)| timer_key(s, c)).collect();
-    timers::disarm(db, WINDOW, &keys).await?;
+/// Sets customers' timers (customer, due).
+pub async fn set_timers(db: &impl ConnectionTrait, set: &[(String, i64)]) -> Result<(), DbErr> {
     let arms: Vec<timers::Arm> = set
         .iter()
-        .map(|(s, c, d)| timers::Arm::new(timer_key(s, c), c.clone(), *d))
+        .map(|(c, d)| timers::Arm::new(c.clone(), c.clone(), *d))
         .collect();
     timers::arm(db, WINDOW, &arms).await
-}
-
-/// Deletes `segment`'s timers (before a backfill recomputes them).
-pub async fn clear_timers(db: &impl ConnectionTrait, segment: &str) -> Result<(), DbErr> {
-    timers::disarm_prefix(db, WINDOW, &format!("{segment}|")).await
 }
 
 /// Every customer id in the projection after `after`, by id (a chunk of
@@ -605,14 +589,17 @@ pub async fn rekey_history(
     Ok(())
 }
 
-/// The timers of `ids` (customers): (segment, customer) to due instant.
+/// The timers of `ids` (customers): customer to due instant (the earliest,
+/// where timers of the earlier per-pair form are left too).
 pub async fn timers_of(
     db: &impl ConnectionTrait,
     ids: &[String],
-) -> Result<std::collections::HashMap<Pair, i64>, DbErr> {
-    Ok(timers::of_subjects(db, WINDOW, ids)
-        .await?
-        .into_iter()
-        .filter_map(|(k, due)| timer_pair(&k).map(|p| (p, due)))
-        .collect())
+) -> Result<std::collections::HashMap<String, i64>, DbErr> {
+    let mut out = std::collections::HashMap::new();
+    for (subject, due) in timers::due_of_subjects(db, WINDOW, ids).await? {
+        out.entry(subject)
+            .and_modify(|d: &mut i64| *d = Ord::min(*d, due))
+            .or_insert(due);
+    }
+    Ok(out)
 }
