@@ -11,6 +11,7 @@ use clm_platform::testing::assert_bad_field;
 use clm_proto::customer as cpb;
 use clm_proto::segmentation as pb;
 use common::*;
+use sea_orm::ConnectionTrait;
 use tokio_stream::StreamExt;
 
 #[tokio::test]
@@ -136,6 +137,75 @@ async fn a_later_touchpoint_moves_the_exit_and_the_earlier_timer_arms_it() {
         Some(ts(exit_at)),
         "left at the exact instant"
     );
+}
+
+/// A customer in several windowed segments has one timer, due at the
+/// earliest exit: it fires then, the exit is recorded at that exact
+/// instant, and it arms the next exit, recorded at its own instant.
+#[tokio::test]
+async fn one_timer_per_customer_fires_each_windows_exit_at_its_instant() {
+    let h = start().await;
+    let mut cust = h.customers();
+    let ada = create_customer(&mut cust, "ada@example.com", |_| {}).await;
+    let t = t0();
+    let used = t - Duration::days(1);
+    feature_use(&mut cust, &ada, "export", used).await;
+    let mut seg = h.segments();
+    let mut segments = Vec::new();
+    for days in [2, 3, 5] {
+        let s = create_segment(
+            &mut seg,
+            &format!(r#"count(feature_use where feature = "export", {days}d) >= 1"#),
+        )
+        .await;
+        wait_count(&mut seg, &s.name, 1).await;
+        segments.push((days, s));
+    }
+    let db = sea_orm::Database::connect(&h.seg_backend.database_url)
+        .await
+        .unwrap();
+    let timers: i64 = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM timer_queue WHERE kind = 'segmentation.window'",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get("", "n")
+        .unwrap();
+    assert_eq!(timers, 1, "one timer for the customer, not one per segment");
+    for (i, (days, s)) in segments.iter().enumerate() {
+        let exit_at = used + Duration::days(*days);
+        let mut watch = seg
+            .watch_membership(pb::WatchMembershipRequest {
+                segment: s.name.clone(),
+                after_sequence: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let entered = watch.next().await.unwrap().unwrap();
+        assert_eq!(
+            entered.change.unwrap().change,
+            pb::MembershipChange::Entered as i32
+        );
+        h.clock.set(exit_at - Duration::microseconds(1));
+        assert!(is_member(&mut seg, &s.name, &ada).await);
+        h.clock.set(exit_at);
+        wait_member(&mut seg, &s.name, &ada, false).await;
+        let change = watch.next().await.unwrap().unwrap().change.unwrap();
+        assert_eq!(change.change, pb::MembershipChange::Exited as i32);
+        assert_eq!(
+            change.change_time,
+            Some(ts(exit_at)),
+            "{days}d: exact instant"
+        );
+        // The later windows still hold her.
+        for (_, later) in &segments[i + 1..] {
+            assert!(is_member(&mut seg, &later.name, &ada).await);
+        }
+    }
 }
 
 #[tokio::test]
