@@ -317,25 +317,18 @@ pub async fn move_subjects(
     Ok(())
 }
 
-/// The armed timers of `kind` whose subject is one of `subjects`: key to due instant.
+/// The timers of `kind` whose subject is one of `subjects`: key to due
+/// instant.
 pub async fn of_subjects(
     db: &impl ConnectionTrait,
     kind: &str,
     subjects: &[String],
 ) -> Result<HashMap<String, i64>, DbErr> {
-    let mut out = HashMap::new();
-    for part in subjects.chunks(1000) {
-        let q = Query::select()
-            .columns([a("key"), a("due_us")])
-            .from(a(TABLE))
-            .and_where(Expr::col(a("kind")).eq(kind))
-            .and_where(Expr::col(a("subject")).is_in(part.iter().cloned()))
-            .to_owned();
-        for r in db.query_all(&q).await? {
-            out.insert(r.try_get("", "key")?, r.try_get("", "due_us")?);
-        }
-    }
-    Ok(out)
+    Ok(listed(db, kind, subjects)
+        .await?
+        .into_iter()
+        .map(|(key, _, due)| (key, due))
+        .collect())
 }
 
 /// The (subject, due instant) of every timer of `kind` whose subject is
@@ -345,16 +338,33 @@ pub async fn due_of_subjects(
     kind: &str,
     subjects: &[String],
 ) -> Result<Vec<(String, i64)>, DbErr> {
+    Ok(listed(db, kind, subjects)
+        .await?
+        .into_iter()
+        .map(|(_, subject, due)| (subject, due))
+        .collect())
+}
+
+/// (key, subject, due) of the timers of `kind` of `subjects`.
+async fn listed(
+    db: &impl ConnectionTrait,
+    kind: &str,
+    subjects: &[String],
+) -> Result<Vec<(String, String, i64)>, DbErr> {
     let mut out = Vec::new();
     for part in subjects.chunks(1000) {
         let q = Query::select()
-            .columns([a("subject"), a("due_us")])
+            .columns([a("key"), a("subject"), a("due_us")])
             .from(a(TABLE))
             .and_where(Expr::col(a("kind")).eq(kind))
             .and_where(Expr::col(a("subject")).is_in(part.iter().cloned()))
             .to_owned();
         for r in db.query_all(&q).await? {
-            out.push((r.try_get("", "subject")?, r.try_get("", "due_us")?));
+            out.push((
+                r.try_get("", "key")?,
+                r.try_get("", "subject")?,
+                r.try_get("", "due_us")?,
+            ));
         }
     }
     Ok(out)

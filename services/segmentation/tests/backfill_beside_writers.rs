@@ -16,15 +16,6 @@ use clm_segmentation::engine::backfill_pause;
 use common::*;
 use std::time::Duration;
 
-fn plan(value: &str) -> std::collections::BTreeMap<String, cpb::AttributeValue> {
-    std::collections::BTreeMap::from([(
-        "plan".to_owned(),
-        cpb::AttributeValue {
-            value: Some(cpb::attribute_value::Value::StringValue(value.into())),
-        },
-    )])
-}
-
 #[tokio::test]
 async fn writers_go_on_while_a_backfill_diffs_and_their_decisions_stand() {
     let h = start().await;

@@ -18,15 +18,6 @@ use clm_segmentation::engine::backfill_pause;
 use common::*;
 use std::time::Duration;
 
-fn plan(value: &str) -> std::collections::BTreeMap<String, cpb::AttributeValue> {
-    std::collections::BTreeMap::from([(
-        "plan".to_owned(),
-        cpb::AttributeValue {
-            value: Some(cpb::attribute_value::Value::StringValue(value.into())),
-        },
-    )])
-}
-
 #[tokio::test]
 async fn a_decision_made_before_a_new_segment_is_taken_again_under_the_lock() {
     let h = start().await;

@@ -119,6 +119,16 @@ pub async fn create_customer(
     .name
 }
 
+/// A `plan` attribute of `value`.
+pub fn plan(value: &str) -> std::collections::BTreeMap<String, cpb::AttributeValue> {
+    std::collections::BTreeMap::from([(
+        "plan".to_owned(),
+        cpb::AttributeValue {
+            value: Some(cpb::attribute_value::Value::StringValue(value.into())),
+        },
+    )])
+}
+
 pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),
