@@ -96,7 +96,7 @@ async fn members_equal_what_each_rule_selects_after_a_stream_applied_side_by_sid
     wait_ready(&mut seg, &sentinel.name).await;
     let mut people = Vec::new();
     for i in 0..CUSTOMERS {
-        let pro = i % 3 == 0;
+        let pro = i.is_multiple_of(3);
         people.push(
             create_customer(&mut cust, &format!("p{i}@example.com"), |c| {
                 c.attributes = plan(if pro { "pro" } else { "free" });
@@ -117,7 +117,7 @@ async fn members_equal_what_each_rule_selects_after_a_stream_applied_side_by_sid
                         let c = (k * 7) % CUSTOMERS;
                         // Every fifth customer's touchpoints are older than
                         // the windows; features by customer.
-                        let ago = if c % 5 == 0 {
+                        let ago = if c.is_multiple_of(5) {
                             Duration::days(40)
                         } else {
                             Duration::minutes((k % 600) as i64)
@@ -143,7 +143,12 @@ async fn members_equal_what_each_rule_selects_after_a_stream_applied_side_by_sid
         let people = people.clone();
         tokio::spawn(async move {
             for (n, name) in people.iter().enumerate().step_by(3) {
-                set_plan(&mut cust, name, if n % 2 == 0 { "free" } else { "pro" }).await;
+                set_plan(
+                    &mut cust,
+                    name,
+                    if n.is_multiple_of(2) { "free" } else { "pro" },
+                )
+                .await;
             }
         })
     };
