@@ -25,10 +25,14 @@
 //!   timer per customer, not per (segment, customer): entering a hundred
 //!   windowed segments writes one timer row, not a hundred.
 //!
-//! Every membership write runs in a transaction that first takes the
-//! membership version ([`members::lock_version`]): writers are serialised,
-//! the registry is checked against its generation under that lock, and
-//! entered / exited events go to the outbox in the same transaction.
+//! Every membership write runs in a transaction that takes the membership
+//! version ([`members::lock_version`]) before it writes: writers are
+//! serialised, the registry is checked against its generation under that
+//! lock, and entered / exited events go to the outbox in the same
+//! transaction. A stream batch of facts reads and evaluates before it
+//! (under its customers' locks) and keeps its decision only if what it read
+//! is unchanged under the lock ([`Engine::evaluate_locking_late`]); every
+//! other writer takes it first.
 
 use crate::cache;
 use crate::catalog;
@@ -1187,7 +1191,7 @@ async fn still_version(txn: &impl ConnectionTrait, id: &str, version: i64) -> Re
 
 /// Fires time-window timers ([`members::WINDOW`]): each due customer's
 /// rules that read time are evaluated at the timer's instant, under the
-/// membership lock every membership writer takes first.
+/// membership lock, taken first.
 #[async_trait::async_trait]
 impl OnDue for Engine {
     async fn lock(

@@ -32,7 +32,7 @@ pub fn customer_handlers(engine: Engine) -> Handlers {
         .on_batch_partitioned::<cpb::ConsentChanged, _>(h.clone())
         .on::<cpb::CustomersMerged, _>(h.clone())
         .on::<cpb::CustomerErased, _>(h)
-        .first(Arc::new(MembershipFirst))
+        .first(Arc::new(BatchLocks))
 }
 
 /// First in each batch of every followed stream (on PostgreSQL; SQLite has
@@ -52,7 +52,7 @@ pub fn customer_handlers(engine: Engine) -> Handlers {
 /// [`Engine::evaluate_locking_late`]: its fact writes, reads and
 /// evaluation run beside the other partitions' and streams' batches, and
 /// only the membership writes queue.
-struct MembershipFirst;
+struct BatchLocks;
 
 /// Event types whose handlers write facts and then settle
 /// ([`CustomerFacts::settle`]): the membership lock can wait until then.
@@ -100,7 +100,7 @@ fn customers_of(events: &[ChangeEvent]) -> Vec<String> {
 }
 
 #[async_trait::async_trait]
-impl clm_platform::changes::BatchStart for MembershipFirst {
+impl clm_platform::changes::BatchStart for BatchLocks {
     async fn start(&self, cx: &mut Apply, events: &[ChangeEvent]) -> Result<(), Error> {
         facts::lock_customers(cx.txn(), &customers_of(events)).await?;
         if !events.iter().all(|e| FACTS_ONLY.contains(&e.event_type)) {
@@ -121,7 +121,7 @@ pub fn scoring_handlers(engine: Engine) -> Handlers {
         .on_batch_partitioned::<clm_proto::scoring::ScoreChanged, _>(Arc::new(CustomerFacts {
             engine,
         }))
-        .first(Arc::new(MembershipFirst))
+        .first(Arc::new(BatchLocks))
 }
 
 #[async_trait::async_trait]
@@ -163,7 +163,7 @@ pub fn feedback_handlers(engine: Engine) -> Handlers {
         .on_batch_partitioned::<clm_proto::feedback::ResponseCompleted, _>(Arc::new(
             CustomerFacts { engine },
         ))
-        .first(Arc::new(MembershipFirst))
+        .first(Arc::new(BatchLocks))
 }
 
 #[async_trait::async_trait]
@@ -225,7 +225,7 @@ pub fn loyalty_handlers(engine: Engine) -> Handlers {
     Handlers::new()
         .on_batch_partitioned::<clm_proto::loyalty::TierChanged, _>(h.clone())
         .on_batch_partitioned::<clm_proto::loyalty::PointsChanged, _>(h)
-        .first(Arc::new(MembershipFirst))
+        .first(Arc::new(BatchLocks))
 }
 
 impl CustomerFacts {
@@ -376,7 +376,7 @@ impl CustomerFacts {
         events: Vec<&ChangeEvent>,
         rows: Vec<Profile>,
     ) -> Result<()> {
-        // The customers' locks are held already (`MembershipFirst`).
+        // The customers' locks are held already (`BatchLocks`).
         facts::upsert_profiles(cx.txn(), &rows).await?;
         let work = rows
             .iter()
