@@ -74,12 +74,17 @@ static FACTS_ONLY: std::sync::LazyLock<std::collections::BTreeSet<String>> =
         .collect()
     });
 
+static MERGED: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(<cpb::CustomersMerged as prost::Name>::full_name);
+static ERASED: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(<cpb::CustomerErased as prost::Name>::full_name);
+
 /// The customers a batch's handlers write: each event's subject, and the
-/// customers a merge folds into its survivor.
+/// customers a merge folds into its survivor or an erasure names.
 fn customers_of(events: &[ChangeEvent]) -> Vec<String> {
     let mut ids: Vec<String> = events.iter().filter_map(|e| bare(&e.subject)).collect();
     for e in events {
-        if e.event_type == <cpb::CustomersMerged as prost::Name>::full_name()
+        if e.event_type == *MERGED
             && let Some(m) = e.payload.as_ref().and_then(|p| {
                 <cpb::CustomersMerged as prost::Message>::decode(p.value.as_slice()).ok()
             })
@@ -87,7 +92,7 @@ fn customers_of(events: &[ChangeEvent]) -> Vec<String> {
             ids.extend(bare(&m.survivor));
             ids.extend(m.merged.iter().filter_map(|n| bare(n)));
         }
-        if e.event_type == <cpb::CustomerErased as prost::Name>::full_name()
+        if e.event_type == *ERASED
             && let Some(m) = e.payload.as_ref().and_then(|p| {
                 <cpb::CustomerErased as prost::Message>::decode(p.value.as_slice()).ok()
             })
