@@ -11,7 +11,6 @@
 
 mod common;
 
-use clm_proto::customer as cpb;
 use clm_segmentation::engine::backfill_pause;
 use common::*;
 use std::time::Duration;
@@ -44,25 +43,7 @@ async fn writers_go_on_while_a_backfill_diffs_and_their_decisions_stand() {
     tokio::time::timeout(Duration::from_secs(30), gate.reached.notified())
         .await
         .expect("the backfill reaches its pause point");
-    let got = cust
-        .get_customer(cpb::GetCustomerRequest {
-            name: moving.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    cust.update_customer(cpb::UpdateCustomerRequest {
-        customer: Some(cpb::Customer {
-            attributes: plan("free"),
-            ..got
-        }),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["attributes".into()],
-        }),
-        request_id: String::new(),
-    })
-    .await
-    .unwrap();
+    set_plan(&mut cust, &moving, "free").await;
     // The subscriber applies the change while the backfill is between its
     // diff and its lock: nothing waits for the backfill.
     wait_member(&mut seg, &free.name, &moving, true).await;

@@ -13,7 +13,6 @@
 
 mod common;
 
-use clm_proto::customer as cpb;
 use clm_segmentation::engine::backfill_pause;
 use common::*;
 use std::time::Duration;
@@ -34,23 +33,7 @@ async fn a_decision_made_before_a_new_segment_is_taken_again_under_the_lock() {
     wait_member(&mut seg, &anyone.name, &c, true).await;
 
     let gate = postgres.then(|| backfill_pause::install(backfill_pause::At::Decided));
-    let got = cust
-        .get_customer(cpb::GetCustomerRequest { name: c.clone() })
-        .await
-        .unwrap()
-        .into_inner();
-    cust.update_customer(cpb::UpdateCustomerRequest {
-        customer: Some(cpb::Customer {
-            attributes: plan("pro"),
-            ..got
-        }),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["attributes".into()],
-        }),
-        request_id: String::new(),
-    })
-    .await
-    .unwrap();
+    set_plan(&mut cust, &c, "pro").await;
     if let Some(gate) = &gate {
         // The batch wrote the new plan and decided (the customer enters
         // "pro"), uncommitted, and waits before the membership lock.

@@ -50,28 +50,6 @@ async fn selected(seg: &mut Segments, rule: &str) -> BTreeSet<String> {
     got.sample.into_iter().collect()
 }
 
-async fn set_plan(cust: &mut Customers, name: &str, value: &str) {
-    let got = cust
-        .get_customer(cpb::GetCustomerRequest {
-            name: name.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    cust.update_customer(cpb::UpdateCustomerRequest {
-        customer: Some(cpb::Customer {
-            attributes: plan(value),
-            ..got
-        }),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["attributes".into()],
-        }),
-        request_id: String::new(),
-    })
-    .await
-    .unwrap();
-}
-
 #[tokio::test]
 async fn members_equal_what_each_rule_selects_after_a_stream_applied_side_by_side() {
     let h = start().await;

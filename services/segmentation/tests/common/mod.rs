@@ -129,6 +129,29 @@ pub fn plan(value: &str) -> std::collections::BTreeMap<String, cpb::AttributeVal
     )])
 }
 
+/// Sets the customer's `plan` attribute to `value` (UpdateCustomer).
+pub async fn set_plan(cust: &mut Customers, name: &str, value: &str) {
+    let got = cust
+        .get_customer(cpb::GetCustomerRequest {
+            name: name.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    cust.update_customer(cpb::UpdateCustomerRequest {
+        customer: Some(cpb::Customer {
+            attributes: plan(value),
+            ..got
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["attributes".into()],
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+}
+
 pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),
