@@ -646,7 +646,7 @@ impl Engine {
             exited: Vec::new(),
             timers_set: Vec::new(),
             decided_for_diffs: Vec::new(),
-            existing: HashMap::new(),
+            existing,
         };
         for Plan {
             customer,
@@ -720,12 +720,11 @@ impl Engine {
                 .get(customer)
                 .is_some_and(|changes| changes.contains(&Change::Timed));
             if let Some(t) = soonest
-                && (firing || existing.get(customer).is_none_or(|&had| t < had))
+                && (firing || d.existing.get(customer).is_none_or(|&had| t < had))
             {
                 d.timers_set.push((customer.clone(), t));
             }
         }
-        d.existing = existing;
         Ok(Some(d))
     }
 
