@@ -140,9 +140,16 @@ async fn members_equal_what_each_rule_selects_after_a_stream_applied_side_by_sid
     writer.await.unwrap();
     updater.await.unwrap();
 
-    // Everything before it on the stream is applied once the sentinel is.
+    // The partitions of one batch commit one by one: the sentinel's
+    // customer can be a member while another partition of its batch is
+    // still being written. A second sentinel, sent once the first is seen,
+    // is in a later batch, which starts only after every partition of the
+    // first one committed: once it is seen, everything before the first
+    // is applied.
     feature_use(&mut cust, &people[0], "sentinel", t).await;
     wait_member(&mut seg, &sentinel.name, &people[0], true).await;
+    feature_use(&mut cust, &people[1], "sentinel", t).await;
+    wait_member(&mut seg, &sentinel.name, &people[1], true).await;
     wait_ready(&mut seg, &late.name).await;
 
     for (rule, name) in rules.iter().zip(&segments) {
