@@ -57,6 +57,7 @@ pub mod cache;
 pub mod call;
 pub mod changes;
 pub mod client;
+pub mod coalesce;
 pub mod config;
 pub mod convert;
 pub mod customer_events;

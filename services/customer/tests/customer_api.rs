@@ -920,6 +920,95 @@ async fn batch_create_with_many_attributes_stays_under_bind_limits() {
     h.server.stop().await;
 }
 
+/// GetCustomer calls arriving together are read in shared statements
+/// (`clm_platform::coalesce`): each must still answer its own customer,
+/// with its own attributes, NOT_FOUND for an unknown id, and every write
+/// committed before the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_gets_each_answer_their_own_customer_and_every_earlier_write() {
+    let h = start().await;
+    let mut c = h.client();
+    let requests = (0..60)
+        .map(|i| {
+            let mut cu = customer(&format!("read{i}@example.com"));
+            for k in 0..i % 4 {
+                cu.attributes.insert(
+                    format!("a{k}"),
+                    AttributeValue {
+                        value: Some(Value::NumberValue(f64::from(i * 10 + k))),
+                    },
+                );
+            }
+            create_req(cu, "")
+        })
+        .collect();
+    let created = c
+        .batch_create_customers(pb::BatchCreateCustomersRequest {
+            requests,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .customers;
+    let unknown = format!("customers/{}", uuid::Uuid::now_v7());
+
+    // 600 calls at once over 60 customers and an unknown id, from 8 channels.
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..600usize {
+        let mut c = if i % 8 == 0 { h.client() } else { c.clone() };
+        let want = created.get(i % 61).cloned();
+        let name = want.as_ref().map_or(unknown.clone(), |w| w.name.clone());
+        calls.spawn(async move { (want, c.get_customer(by_name(name)).await) });
+    }
+    while let Some(done) = calls.join_next().await {
+        match done.unwrap() {
+            (Some(want), got) => assert_eq!(got.unwrap().into_inner(), want),
+            (None, got) => assert_eq!(got.unwrap_err().code(), Code::NotFound),
+        }
+    }
+
+    // Under the same load, a read after an update answers the update.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for i in 0..16usize {
+        let (mut c, names, stop) = (h.client(), created.clone(), stop.clone());
+        load.spawn(async move {
+            let mut n = i;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.get_customer(by_name(names[n % names.len()].name.clone()))
+                    .await
+                    .unwrap();
+                n += 7;
+            }
+        });
+    }
+    let mut current = created[5].clone();
+    for round in 0..30 {
+        let mut change = current.clone();
+        change.display_name = format!("Renamed {round}");
+        current = c
+            .update_customer(pb::UpdateCustomerRequest {
+                customer: Some(change),
+                update_mask: mask(&["display_name"]),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            get(&mut c, current.name.clone()).await,
+            current,
+            "round {round}"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(done) = load.join_next().await {
+        done.unwrap();
+    }
+    h.server.stop().await;
+}
+
 #[tokio::test]
 async fn request_ids_are_echoed_and_generated() {
     let h = start().await;

@@ -10,6 +10,12 @@
 //!   h2load sends (5-byte length prefix + encoded message): `get.bin`,
 //!   `create.bin` (only a display name and no request id, so every call
 //!   creates a new customer) and `health.bin`.
+//! * `bench_api get-load --url URL`: GetCustomer over many distinct
+//!   customers (made first, each with three attributes), from 64
+//!   connections of one stream each: prints `get-load RATE/s`. h2load sends
+//!   one body, so its GetCustomer rate reads one customer over and over;
+//!   this is the same load spread over distinct rows, as pgbench -S reads
+//!   random keys.
 
 use clap::{Parser, Subcommand};
 use clm_proto::customer as pb;
@@ -45,6 +51,21 @@ enum Command {
         /// Directory for get.bin, create.bin and health.bin.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// GetCustomer over distinct customers from many connections; prints the rate.
+    GetLoad {
+        /// Customer service URL.
+        #[arg(long)]
+        url: String,
+        /// Distinct customers to create and read.
+        #[arg(long, default_value_t = 1000)]
+        customers: usize,
+        /// Connections, one call in flight on each.
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Seconds measured, after a 2 s warm-up.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
 }
 
@@ -91,17 +112,7 @@ async fn bare_server(listen: std::net::SocketAddr) -> anyhow::Result<()> {
 async fn prepare(url: &str, out: &Path) -> anyhow::Result<()> {
     let channel = clm_platform::client::channel(url)?;
     let mut client = CustomerServiceClient::new(channel);
-    let mut attributes = std::collections::BTreeMap::new();
-    for (k, v) in [
-        (
-            "plan",
-            pb::attribute_value::Value::StringValue("pro".into()),
-        ),
-        ("seats", pb::attribute_value::Value::NumberValue(12.0)),
-        ("trial", pb::attribute_value::Value::BoolValue(false)),
-    ] {
-        attributes.insert(k.to_owned(), pb::AttributeValue { value: Some(v) });
-    }
+    let attributes = three_attributes();
     let created = client
         .create_customer(pb::CreateCustomerRequest {
             customer: Some(pb::Customer {
@@ -152,10 +163,108 @@ async fn prepare(url: &str, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Three attributes, as the customer `prepare` makes.
+fn three_attributes() -> std::collections::BTreeMap<String, pb::AttributeValue> {
+    use pb::attribute_value::Value;
+    [
+        ("plan", Value::StringValue("pro".into())),
+        ("seats", Value::NumberValue(12.0)),
+        ("trial", Value::BoolValue(false)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), pb::AttributeValue { value: Some(v) }))
+    .collect()
+}
+
+async fn get_load(
+    url: &str,
+    customers: usize,
+    connections: usize,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+    let mut client = CustomerServiceClient::new(clm_platform::client::channel(url)?);
+    let mut names = Vec::with_capacity(customers);
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    while names.len() < customers {
+        let requests = (names.len()..customers.min(names.len() + 500))
+            .map(|i| pb::CreateCustomerRequest {
+                customer: Some(pb::Customer {
+                    display_name: format!("Bench Reader {i}"),
+                    email: format!("reader-{run}-{i}@example.com"),
+                    attributes: three_attributes(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .collect();
+        let made = client
+            .batch_create_customers(pb::BatchCreateCustomersRequest {
+                requests,
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        names.extend(made.customers.into_iter().map(|c| c.name));
+    }
+    let names = Arc::new(names);
+    let start = Instant::now();
+    let (warm, end) = (
+        start + Duration::from_secs(2),
+        start + Duration::from_secs(2 + seconds),
+    );
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..connections {
+        let mut client = CustomerServiceClient::new(clm_platform::client::channel(url)?);
+        let (names, done) = (names.clone(), done.clone());
+        tasks.spawn(async move {
+            // Each connection walks the customers from its own place, by a
+            // stride prime to their number: every customer is read, in an
+            // order no two connections share.
+            let mut i = task * 7919;
+            while Instant::now() < end {
+                let name = names[i % names.len()].clone();
+                i += 104_729;
+                let got = client
+                    .get_customer(pb::GetCustomerRequest { name: name.clone() })
+                    .await?
+                    .into_inner();
+                anyhow::ensure!(
+                    got.name == name && got.attributes.len() == 3,
+                    "GetCustomer({name}) answered {} with {} attributes",
+                    got.name,
+                    got.attributes.len()
+                );
+                let now = Instant::now();
+                if now >= warm && now < end {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(t) = tasks.join_next().await {
+        t??;
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let rate = done.load(Ordering::Relaxed) as f64 / seconds as f64;
+    println!("get-load {rate:.0}/s");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Command::BareServer { listen } => bare_server(listen).await,
         Command::Prepare { url, out } => prepare(&url, &out).await,
+        Command::GetLoad {
+            url,
+            customers,
+            connections,
+            seconds,
+        } => get_load(&url, customers, connections, seconds).await,
     }
 }

@@ -25,6 +25,7 @@ use sea_orm::{
     ActiveModelTrait, ActiveValue, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel,
     QueryFilter, QueryOrder, QuerySelect,
 };
+use std::collections::HashMap;
 
 /// A stored customer.
 #[derive(Debug, Clone, PartialEq)]
@@ -253,35 +254,86 @@ async fn insert_attributes<'a>(
 
 /// One customer with its attributes (one statement), or NOT_FOUND.
 pub async fn get(db: &impl ConnectionTrait, id: CustomerId) -> Result<CustomerRecord, Error> {
-    use sea_orm::FromQueryResult as _;
+    static SQL: std::sync::OnceLock<[String; 2]> = std::sync::OnceLock::new();
     let backend = db.get_database_backend();
+    let sql = &SQL.get_or_init(|| {
+        [sea_orm::DbBackend::Postgres, sea_orm::DbBackend::Sqlite]
+            .map(|b| format!("{} WHERE {ID} = $1", with_attributes_sql(b)))
+    })[usize::from(backend != sea_orm::DbBackend::Postgres)];
     let rows = db
         .query_all_raw(sea_orm::Statement::from_sql_and_values(
             backend,
-            get_sql(backend),
+            sql.as_str(),
             [sea_orm::Value::from(id.to_string())],
         ))
         .await?;
-    let Some(first) = rows.first() else {
-        return Err(missing(db, id).await);
-    };
-    let m = customers::Model::from_query_result(first, "")?;
-    let mut attributes = Vec::with_capacity(rows.len());
-    for row in &rows {
-        if let Some(a) = attr::Model::from_query_result_optional(row, "")? {
-            attributes.push(a);
-        }
+    match records_of(&rows)?.pop() {
+        Some(r) => Ok(r),
+        None => Err(missing(db, id).await),
     }
-    CustomerRecord::from_model(m, attributes)
 }
 
-/// The statement of [`get`]: the customer and its attributes in one LEFT
-/// JOIN, its id the only parameter, every column of both entities under
-/// its own name (the two tables share none, so no per-column prefix to
-/// format when a row is read). Built once per backend from the entities
-/// (no column list by hand) and never again: its text never changes, so
-/// each pooled connection prepares it once and reuses it.
-fn get_sql(backend: sea_orm::DbBackend) -> &'static str {
+/// The customers among `ids` with their attributes, by id, in one
+/// statement (on PostgreSQL one text for any number of ids, prepared once
+/// per connection); absent ids (unknown, merged) are left out. What
+/// GetCustomer's coalesced reads run (`clm_platform::coalesce`).
+pub async fn get_found(
+    db: &impl ConnectionTrait,
+    ids: &[CustomerId],
+) -> Result<HashMap<CustomerId, CustomerRecord>, Error> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let backend = db.get_database_backend();
+    let texts: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    let (condition, values) =
+        clm_platform::bulk::any_text(backend == sea_orm::DbBackend::Postgres, ID, 1, &texts);
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            backend,
+            format!("{} WHERE {condition}", with_attributes_sql(backend)),
+            values,
+        ))
+        .await?;
+    Ok(records_of(&rows)?.into_iter().map(|r| (r.id, r)).collect())
+}
+
+/// The customer's id column in [`with_attributes_sql`].
+const ID: &str = "\"customers\".\"id\"";
+
+/// The customers of `rows` (of [`with_attributes_sql`]), each with its
+/// attributes, in the order each first appears.
+fn records_of(rows: &[sea_orm::QueryResult]) -> Result<Vec<CustomerRecord>, Error> {
+    use sea_orm::FromQueryResult as _;
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let mut found: Vec<(customers::Model, Vec<attr::Model>)> = Vec::new();
+    for row in rows {
+        let id: String = row.try_get("", "id")?;
+        let i = match at.get(&id) {
+            Some(&i) => i,
+            None => {
+                found.push((customers::Model::from_query_result(row, "")?, Vec::new()));
+                at.insert(id, found.len() - 1);
+                found.len() - 1
+            }
+        };
+        if let Some(a) = attr::Model::from_query_result_optional(row, "")? {
+            found[i].1.push(a);
+        }
+    }
+    found
+        .into_iter()
+        .map(|(m, attributes)| CustomerRecord::from_model(m, attributes))
+        .collect()
+}
+
+/// Customers and their attributes in one LEFT JOIN, every column of both
+/// entities under its own name (the two tables share none, so no
+/// per-column prefix to format when a row is read), without a condition.
+/// Built once per backend from the entities (no column list by hand), so
+/// the statements made from it keep one text and each pooled connection
+/// prepares them once.
+fn with_attributes_sql(backend: sea_orm::DbBackend) -> &'static str {
     use sea_orm::Iterable as _;
     static POSTGRES: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     static OTHER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -298,13 +350,11 @@ fn get_sql(backend: sea_orm::DbBackend) -> &'static str {
         for c in attr::Column::iter() {
             q.column((attr::Entity, c));
         }
-        q.from(customers::Entity)
-            .left_join(
-                attr::Entity,
-                Expr::col((attr::Entity, attr::Column::CustomerId))
-                    .equals((customers::Entity, Column::Id)),
-            )
-            .and_where(Expr::col((customers::Entity, Column::Id)).eq(String::new()));
+        q.from(customers::Entity).left_join(
+            attr::Entity,
+            Expr::col((attr::Entity, attr::Column::CustomerId))
+                .equals((customers::Entity, Column::Id)),
+        );
         backend.build(&q).sql
     })
 }
