@@ -215,12 +215,13 @@ if part api; then
   "$BIN/bench_api" prepare --url "http://$pg" --out "$work/pg-bodies" >/dev/null
   pg_health="$(rate pg-health "$pg" /grpc.health.v1.Health/Check "$work/pg-bodies/health.bin" 2)"
   pg_get="$(rate pg-get "$pg" /clm.customer.v1.CustomerService/GetCustomer "$work/pg-bodies/get.bin" 100)"
-  pg_create="$(rate pg-create "$pg" /clm.customer.v1.CustomerService/CreateCustomer "$work/pg-bodies/create.bin" 50)"
   # h2load sends one body: the row above reads one customer over and over.
   # The same 64 connections over 1,000 distinct customers (bench_api's own
-  # tonic client on the load core), as pgbench -S reads random keys.
+  # tonic client on the load core), as pgbench -S reads random keys; before
+  # the creates, whose report projection then runs on the server's core.
   pg_get_many="$("${LOAD_CPU[@]}" "$BIN/bench_api" get-load --url "http://$pg" --customers 1000 --seconds "$DURATION" | sed -nE 's/^get-load ([0-9]+)\/s$/\1/p')"
   [ -n "$pg_get_many" ] || { echo "get-load printed no rate" >&2; exit 1; }
+  pg_create="$(rate pg-create "$pg" /clm.customer.v1.CustomerService/CreateCustomer "$work/pg-bodies/create.bin" 50)"
   stop_all
   stored="$(psql -Atq "$base/$api_db" -c "SELECT count(*) FROM customers WHERE display_name = 'Bench Writer'")"
   answered="$(cat "$work/h2load-pg-create.txt.ok")"
@@ -236,8 +237,10 @@ if part api; then
 
   row health_pg "Health/Check, clm serve customer (PostgreSQL)" "$pg_health" "/s" "bare tonic Health/Check" "$bare_rate" "ratio>=0.8"
   row health_up "Health/Check, clm up (SQLite)" "$up_health" "/s" "bare tonic Health/Check" "$bare_rate" "ratio>=0.8"
-  row get_pg "GetCustomer, PostgreSQL" "$pg_get" "/s" "pgbench -S -M prepared" "$pg_select" "ratio>=0.5"
-  row get_many_pg "GetCustomer, 1,000 distinct customers (bench_api get-load), PostgreSQL" "$pg_get_many" "/s" "pgbench -S -M prepared" "$pg_select" "-"
+  # The goal is judged on distinct customers: concurrent reads of one
+  # customer share one row of a coalesced statement, which flatters h2load's.
+  row get_pg "GetCustomer, one customer (h2load), PostgreSQL" "$pg_get" "/s" "pgbench -S -M prepared" "$pg_select" "-"
+  row get_many_pg "GetCustomer, 1,000 distinct customers (bench_api get-load), PostgreSQL" "$pg_get_many" "/s" "pgbench -S -M prepared" "$pg_select" "ratio>=0.5"
   row create_pg "CreateCustomer, PostgreSQL" "$pg_create" "/s" "pgbench one-row INSERT, prepared" "$pg_insert" "ratio>=0.25"
   row get_up "GetCustomer, clm up (SQLite)" "$up_get" "/s" "bare tonic Health/Check" "$bare_rate" "-"
   row create_up "CreateCustomer, clm up (SQLite)" "$up_create" "/s" "bare tonic Health/Check" "$bare_rate" "-"
