@@ -896,16 +896,9 @@ async fn batch_create_with_many_attributes_stays_under_bind_limits() {
             create_req(cu, "")
         })
         .collect();
-    let created = c
-        .batch_create_customers(pb::BatchCreateCustomersRequest {
-            requests,
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(created.customers.len(), 200);
-    let got = get(&mut c, created.customers[199].name.clone()).await;
+    let created = batch_create(&mut c, requests).await;
+    assert_eq!(created.len(), 200);
+    let got = get(&mut c, created[199].name.clone()).await;
     assert_eq!(got.attributes.len(), 50);
     let filtered = c
         .list_customers(pb::ListCustomersRequest {
@@ -942,15 +935,7 @@ async fn concurrent_gets_each_answer_their_own_customer_and_every_earlier_write(
             create_req(cu, "")
         })
         .collect();
-    let created = c
-        .batch_create_customers(pb::BatchCreateCustomersRequest {
-            requests,
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .customers;
+    let created = batch_create(&mut c, requests).await;
     let unknown = format!("customers/{}", uuid::Uuid::now_v7());
 
     // 600 calls at once over 60 customers and an unknown id, from 8 channels.
@@ -1101,12 +1086,7 @@ async fn list_pages_stay_under_the_default_4mb_receive_limit() {
                 create_req(cu, "")
             })
             .collect();
-        c.batch_create_customers(pb::BatchCreateCustomersRequest {
-            requests,
-            request_id: String::new(),
-        })
-        .await
-        .unwrap();
+        batch_create(&mut c, requests).await;
     }
     // 60 customers of ~80 KB: one page of 1,000 would be ~4.8 MB.
     let mut seen = HashSet::new();

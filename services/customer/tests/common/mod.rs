@@ -74,6 +74,22 @@ pub fn create_req(customer: Customer, request_id: &str) -> pb::CreateCustomerReq
     }
 }
 
+/// BatchCreateCustomers of `requests` without a request id, which must
+/// succeed; the customers made, in order.
+pub async fn batch_create(
+    c: &mut Client,
+    requests: Vec<pb::CreateCustomerRequest>,
+) -> Vec<Customer> {
+    c.batch_create_customers(pb::BatchCreateCustomersRequest {
+        requests,
+        request_id: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .customers
+}
+
 /// A GetCustomer request.
 pub fn by_name(name: impl Into<String>) -> pb::GetCustomerRequest {
     pb::GetCustomerRequest { name: name.into() }
