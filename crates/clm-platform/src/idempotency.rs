@@ -39,7 +39,7 @@
 //! A hot write whose response is known before it runs (CreateCustomer on
 //! PostgreSQL) may first try itself as one statement with no BEGIN or
 //! COMMIT: the key and its response are claimed by a CTE of that statement
-//! ([`pg_claim_sql`]) on which its other writes depend. When it wrote
+//! ([`pg_claims_sql`]) on which its other writes depend. When it wrote
 //! nothing (a key seen before, or its own precondition failed), the rpc
 //! goes on to [`write`] as usual, which replays or runs the general path.
 
@@ -71,51 +71,71 @@ pub fn hash<M: prost::Message>(request: &M) -> String {
     out
 }
 
-/// PostgreSQL, for a write done in one statement (its own implicit
-/// transaction) whose response is known before it runs: the body of a
-/// data-modifying CTE that claims the key and stores the response at once,
-/// inserting only `WHERE {when}`. It answers one row when it claimed. A
-/// key seen before answers none (a concurrent duplicate first waits for
-/// the other statement or transaction to end), and so does a write without
-/// a key (`request_id` NULL): the statement's writes check
-/// `$request_id IS NULL OR EXISTS (claimed)`, and when they did nothing the
-/// caller answers through [`write`], which replays the stored response.
-/// Parameters `$first`..`$first + 4`: [`pg_claim_values`].
-pub fn pg_claim_sql(first: usize, when: &str) -> String {
-    let (scope, rid, hash, created, response) = (first, first + 1, first + 2, first + 3, first + 4);
+/// A key to claim in one statement ([`pg_claims_sql`]) with the response
+/// to store under it: made by [`pg_claim`] for a request with a
+/// `request_id`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PgClaim {
+    scope: &'static str,
+    request_id: String,
+    request_hash: String,
+    create_us: i64,
+    /// The encoded response, base64.
+    response: String,
+}
+
+impl PgClaim {
+    /// The scope and request id claimed.
+    pub fn key(&self) -> (&str, &str) {
+        (self.scope, &self.request_id)
+    }
+}
+
+/// PostgreSQL, for writes done in one statement (its own implicit
+/// transaction) whose responses are known before it runs: the body of a
+/// data-modifying CTE that claims the keys and stores the responses at
+/// once, `INSERT … SELECT … FROM json_to_recordset($param) … WHERE
+/// ({when}) ON CONFLICT DO NOTHING RETURNING 1`. It answers one row per key
+/// claimed; a key seen before answers none (a concurrent duplicate first
+/// waits for the other statement or transaction to end), and so does a key
+/// listed twice. The statement's writes check that every key was claimed;
+/// when they did nothing, the caller answers through [`write`], which
+/// replays the stored response. `$param` binds [`pg_claims_value`].
+pub fn pg_claims_sql(param: usize, when: &str) -> String {
     format!(
         "INSERT INTO idempotency_keys (scope, request_id, request_hash, create_us, response) \
-         SELECT ${scope}::text, ${rid}::text, ${hash}::text, ${created}::int8, ${response}::bytea \
-         WHERE ${rid}::text IS NOT NULL AND ({when}) \
+         SELECT scope, request_id, request_hash, create_us, decode(response, 'base64') \
+         FROM json_to_recordset(${param}::json) \
+           AS c(scope text, request_id text, request_hash text, create_us int8, response text) \
+         WHERE ({when}) \
          ON CONFLICT (scope, request_id) DO NOTHING RETURNING 1"
     )
 }
 
-/// [`pg_claim_sql`]'s parameters: the key of `request` in `scope` and the
-/// `response` to store under it; all NULL without a `request_id`.
-pub fn pg_claim_values<Q: prost::Message, R: prost::Message>(
+/// The key of `request` in `scope` with the `response` to store under it;
+/// `None` without a `request_id` (nothing to claim).
+pub fn pg_claim<Q: prost::Message, R: prost::Message>(
     scope: &'static str,
     request_id: Option<&str>,
     request: &Q,
     response: &R,
     now: chrono::DateTime<chrono::Utc>,
-) -> [sea_orm::Value; 5] {
-    match request_id {
-        Some(rid) => [
-            scope.into(),
-            rid.into(),
-            hash(request).into(),
-            to_micros(now).into(),
-            response.encode_to_vec().into(),
-        ],
-        None => [
-            sea_orm::Value::String(None),
-            sea_orm::Value::String(None),
-            sea_orm::Value::String(None),
-            sea_orm::Value::BigInt(None),
-            sea_orm::Value::Bytes(None),
-        ],
-    }
+) -> Option<PgClaim> {
+    use base64::Engine;
+    request_id.map(|rid| PgClaim {
+        scope,
+        request_id: rid.to_owned(),
+        request_hash: hash(request),
+        create_us: to_micros(now),
+        response: base64::engine::general_purpose::STANDARD.encode(response.encode_to_vec()),
+    })
+}
+
+/// [`pg_claims_sql`]'s parameter: `claims` as JSON rows.
+pub fn pg_claims_value<'a>(claims: impl IntoIterator<Item = &'a PgClaim>) -> sea_orm::Value {
+    let claims: Vec<&PgClaim> = claims.into_iter().collect();
+    // Strings and numbers only: serializing cannot fail.
+    serde_json::to_string(&claims).unwrap_or_default().into()
 }
 
 /// Claims `request_id` in `scope` (usually the rpc name) for a request with `request_hash`.

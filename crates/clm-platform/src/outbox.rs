@@ -455,11 +455,40 @@ pub const PG_INSERT: &str = "INSERT INTO outbox (event_id, event_type, subject, 
 
 /// [`PG_INSERT`]'s parameter for `events`: serialized straight from
 /// borrowed rows, with no JSON tree built in between (the ingest appends
-/// thousands of events a call).
+/// thousands of events a call). Every event continues the current trace.
 pub fn pg_rows(
     events: &[NewEvent],
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<sea_orm::Value, DbErr> {
+    pg_rows_of(&[Traced::here(events, now)])
+}
+
+/// The events of one call, with the time they occurred and the trace they
+/// continue: several calls' events written by one statement
+/// ([`pg_rows_of`]) each keep their own.
+#[derive(Debug, Clone)]
+pub struct Traced<'a> {
+    /// The events.
+    pub events: &'a [NewEvent],
+    /// When they occurred.
+    pub now: chrono::DateTime<chrono::Utc>,
+    /// The W3C trace context they continue.
+    pub traceparent: Option<String>,
+}
+
+impl<'a> Traced<'a> {
+    /// `events` continuing the trace of the current span.
+    pub fn here(events: &'a [NewEvent], now: chrono::DateTime<chrono::Utc>) -> Self {
+        Self {
+            events,
+            now,
+            traceparent: crate::client::current_traceparent(),
+        }
+    }
+}
+
+/// [`PG_INSERT`]'s parameter for the events of several calls.
+pub fn pg_rows_of(calls: &[Traced<'_>]) -> Result<sea_orm::Value, DbErr> {
     use base64::Engine;
     #[derive(serde::Serialize)]
     struct Row<'a> {
@@ -470,18 +499,18 @@ pub fn pg_rows(
         occurred_us: i64,
         traceparent: Option<&'a str>,
     }
-    let occurred = to_micros(now);
-    // Every event of one transaction continues the same trace.
-    let traceparent = crate::client::current_traceparent();
-    let rows: Vec<Row<'_>> = events
+    let rows: Vec<Row<'_>> = calls
         .iter()
-        .map(|e| Row {
-            event_id: uuid::Uuid::now_v7().to_string(),
-            event_type: &e.event_type,
-            subject: &e.subject,
-            payload: base64::engine::general_purpose::STANDARD.encode(&e.payload),
-            occurred_us: occurred,
-            traceparent: traceparent.as_deref(),
+        .flat_map(|call| {
+            let occurred = to_micros(call.now);
+            call.events.iter().map(move |e| Row {
+                event_id: uuid::Uuid::now_v7().to_string(),
+                event_type: &e.event_type,
+                subject: &e.subject,
+                payload: base64::engine::general_purpose::STANDARD.encode(&e.payload),
+                occurred_us: occurred,
+                traceparent: call.traceparent.as_deref(),
+            })
         })
         .collect();
     serde_json::to_string(&rows)

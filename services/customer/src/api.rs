@@ -22,10 +22,11 @@ use clm_domain::lifecycle::Transition;
 use clm_domain::validation::{optional_text, page_size, request_id, required_text};
 use clm_domain::{Violation, Violations, attributes, contact, filter, touchpoint};
 use clm_platform::auth::{Policy, Principal, Role};
-use clm_platform::coalesce::{Coalescer, Fetch};
+use clm_platform::coalesce::{Batcher, Coalescer, Fetch, Run};
 use clm_platform::config::ErasedIdentifierPolicy;
 use clm_platform::error::respond;
 use clm_platform::idempotency;
+use clm_platform::outbox::Traced;
 use clm_platform::page::Pager;
 use clm_platform::{Error, Result, Runtime};
 use clm_proto::customer as pb;
@@ -113,6 +114,9 @@ pub struct CustomerApi {
     erasing_services: Vec<String>,
     /// GetCustomer's reads, gathered into one statement under load.
     lookups: std::sync::Arc<Coalescer<CustomerId, CustomerRecord>>,
+    /// CreateCustomer's writes on PostgreSQL, gathered into one statement
+    /// (one commit) under load.
+    creates: std::sync::Arc<Batcher<std::sync::Arc<Creation>, bool>>,
 }
 
 /// Most customers one coalesced GetCustomer statement reads.
@@ -120,6 +124,11 @@ const COALESCED_READS: usize = 128;
 /// Coalesced GetCustomer statements running at once (each holds a pooled
 /// connection of the read pool while it runs).
 const COALESCED_IN_FLIGHT: usize = 4;
+/// Most CreateCustomer calls one statement writes.
+const GROUPED_CREATES: usize = 64;
+/// Grouped CreateCustomer statements running at once (each holds a pooled
+/// connection of the write pool while it runs).
+const GROUPED_CREATES_IN_FLIGHT: usize = 4;
 
 impl CustomerApi {
     /// Serves from `rt`.
@@ -131,8 +140,14 @@ impl CustomerApi {
             let read = read.clone();
             Box::pin(async move { customers::get_found(&read, &ids).await })
         });
+        let creates = Batcher::new(
+            Creation::grouped(rt.clone()),
+            GROUPED_CREATES,
+            GROUPED_CREATES_IN_FLIGHT,
+        );
         Self {
             rt,
+            creates: std::sync::Arc::new(creates),
             salt: std::sync::Arc::default(),
             erased_policy,
             erasing_services,
@@ -266,7 +281,7 @@ impl CustomerApi {
         // Read before the transaction: a second connection inside it could
         // wait for a pool that the transactions themselves hold.
         let salt = self.salt().await?;
-        if let Some(creation) = Creation::at_once(
+        if let Some(mut creation) = Creation::at_once(
             &self.rt,
             &[("customer".into(), draft.clone())],
             &actor,
@@ -278,9 +293,17 @@ impl CustomerApi {
                 .first()
                 .cloned()
                 .ok_or_else(|| Error::internal("one customer to create, none made"))?;
-            let claim =
-                idempotency::pg_claim_values("CreateCustomer", rid.as_deref(), &req, &out, now);
-            if creation.insert_at_once(&self.rt, claim, now).await? {
+            creation.claim =
+                idempotency::pg_claim("CreateCustomer", rid.as_deref(), &req, &out, now);
+            // In one statement with the calls beside it; when that wrote
+            // nothing, in one statement alone, which a conflict of its own
+            // makes write nothing too: then the general path.
+            let creation = std::sync::Arc::new(creation);
+            let done = match self.creates.submit(creation.clone()).await {
+                Some(done) => done,
+                None => creation.insert_at_once(&self.rt).await?,
+            };
+            if done {
                 return Ok(out);
             }
         }
@@ -365,18 +388,13 @@ impl CustomerApi {
         // Read before the transaction: a second connection inside it could
         // wait for a pool that the transactions themselves hold.
         let salt = self.salt().await?;
-        if let Some(creation) = Creation::at_once(&self.rt, &items, &actor, now, salt) {
+        if let Some(mut creation) = Creation::at_once(&self.rt, &items, &actor, now, salt) {
             let out = pb::BatchCreateCustomersResponse {
                 customers: creation.customers.clone(),
             };
-            let claim = idempotency::pg_claim_values(
-                "BatchCreateCustomers",
-                rid.as_deref(),
-                &req,
-                &out,
-                now,
-            );
-            if creation.insert_at_once(&self.rt, claim, now).await? {
+            creation.claim =
+                idempotency::pg_claim("BatchCreateCustomers", rid.as_deref(), &req, &out, now);
+            if creation.insert_at_once(&self.rt).await? {
                 return Ok(out);
             }
         }
@@ -1431,6 +1449,7 @@ fn erasure_to_proto(r: &ErasureRecord) -> pb::ErasureRequest {
 
 /// New customers made ready for one statement on PostgreSQL
 /// ([`create::insert_at_once`]): their rows, protos and events.
+#[derive(Debug)]
 struct Creation {
     records: Vec<CustomerRecord>,
     history: Vec<StageChangeRecord>,
@@ -1440,6 +1459,12 @@ struct Creation {
     /// The answer: the customers as created.
     customers: Vec<pb::Customer>,
     events: Vec<clm_platform::outbox::NewEvent>,
+    /// When, and the trace the events continue (the call's, also when
+    /// they are written by a statement shared with other calls).
+    now: DateTime<Utc>,
+    traceparent: Option<String>,
+    /// The request's idempotency key and response, if it has a request id.
+    claim: Option<idempotency::PgClaim>,
 }
 
 impl Creation {
@@ -1476,32 +1501,66 @@ impl Creation {
             customers,
             records,
             checks,
+            now,
+            traceparent: clm_platform::client::current_traceparent(),
+            claim: None,
         })
     }
 
-    /// Inserts everything in one statement, its own transaction, with
-    /// `claim` ([`idempotency::pg_claim_values`]) stored under the
-    /// request's key, and wakes the outbox relay; `false` when nothing was
-    /// written (an identifier held or erased, or the key seen before):
-    /// take the general path.
-    async fn insert_at_once(
-        &self,
-        rt: &Runtime,
-        claim: [sea_orm::Value; 5],
-        now: DateTime<Utc>,
-    ) -> Result<bool> {
-        let new = create::NewCustomers {
+    /// What [`create::insert_at_once`] writes for this call.
+    fn new_customers(&self) -> create::NewCustomers<'_> {
+        create::NewCustomers {
             records: &self.records,
             history: &self.history,
             identifiers: &self.holdings,
             checks: &self.checks,
-            events: &self.events,
-        };
-        let done = create::insert_at_once(&rt.db, &new, claim, now).await?;
+            events: Traced {
+                events: &self.events,
+                now: self.now,
+                traceparent: self.traceparent.clone(),
+            },
+            claim: self.claim.as_ref(),
+        }
+    }
+
+    /// Inserts everything in one statement, its own transaction, with the
+    /// claim stored under the request's key, and wakes the outbox relay;
+    /// `false` when nothing was written (an identifier held or erased, or
+    /// the key seen before): take the general path.
+    async fn insert_at_once(&self, rt: &Runtime) -> Result<bool> {
+        let done = create::insert_at_once(&rt.db, &[self.new_customers()]).await?;
         if done {
             rt.outbox.committed(true);
         }
         Ok(done)
+    }
+
+    /// Creations of concurrent calls written by one statement, one commit
+    /// ([`Batcher`]): all of them, or none (each call then tries alone). A
+    /// call alone in its batch hears whether it wrote.
+    fn grouped(rt: Runtime) -> Run<std::sync::Arc<Self>, bool> {
+        std::sync::Arc::new(move |calls: Vec<std::sync::Arc<Self>>| {
+            let rt = rt.clone();
+            Box::pin(async move {
+                // Retries of one request side by side: one claim would fail
+                // the other, so each goes alone (and waits for the first).
+                let mut keys = std::collections::HashSet::new();
+                if !calls
+                    .iter()
+                    .filter_map(|c| c.claim.as_ref())
+                    .all(|k| keys.insert(k.key()))
+                {
+                    return Ok(vec![None; calls.len()]);
+                }
+                let parts: Vec<_> = calls.iter().map(|c| c.new_customers()).collect();
+                let done = create::insert_at_once(&rt.db, &parts).await?;
+                if done {
+                    rt.outbox.committed(true);
+                }
+                let answer = (done || calls.len() == 1).then_some(done);
+                Ok(vec![answer; calls.len()])
+            })
+        })
     }
 }
 

@@ -13,7 +13,7 @@ use clm_proto::customer::customer_service_client::CustomerServiceClient;
 use clm_proto::customer::{
     self as pb, AttributeValue, Customer, Stage, TouchpointType, attribute_value::Value,
 };
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
@@ -269,6 +269,98 @@ async fn concurrent_retries_of_one_create_answer_one_customer() {
         .unwrap()
         .into_inner();
     assert_eq!(replayed, later, "and is replayed from then on");
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_creates_each_answer_their_own_customer_and_event() {
+    let h = start().await;
+    let mut c = h.client();
+    let held = create(&mut c, "held@example.com").await;
+    let first = c
+        .create_customer(create_req(customer("first@example.com"), "req-first"))
+        .await
+        .unwrap()
+        .into_inner();
+    // 240 creates at once from 8 channels (on PostgreSQL, gathered into
+    // shared statements): most new, with and without request ids; among
+    // them creates of a held e-mail, retries of an earlier request and
+    // pairs of new creates with one e-mail. One bad call must not cost the
+    // others their customer, nor give any call another call's answer.
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..240usize {
+        let mut c = if i % 30 == 0 { h.client() } else { c.clone() };
+        let (email, rid) = match i % 40 {
+            7 => ("held@example.com".to_owned(), String::new()),
+            13 => ("first@example.com".to_owned(), "req-first".to_owned()),
+            21 | 22 => (format!("pair{}@example.com", i / 40), String::new()),
+            _ if i % 2 == 0 => (format!("new{i}@example.com"), format!("req-{i}")),
+            _ => (format!("new{i}@example.com"), String::new()),
+        };
+        calls.spawn(async move {
+            let got = c.create_customer(create_req(customer(&email), &rid)).await;
+            (i, email, got)
+        });
+    }
+    let mut names = HashSet::new();
+    let mut pairs: HashMap<String, usize> = HashMap::new();
+    while let Some(done) = calls.join_next().await {
+        let (i, email, got) = done.unwrap();
+        match i % 40 {
+            7 => assert_eq!(got.unwrap_err().code(), Code::AlreadyExists, "call {i}"),
+            13 => assert_eq!(got.unwrap().into_inner(), first, "call {i} replays"),
+            21 | 22 => match got {
+                Ok(made) => {
+                    let made = made.into_inner();
+                    assert_eq!(made.email, email);
+                    assert!(names.insert(made.name));
+                    *pairs.entry(email).or_default() += 1;
+                }
+                Err(e) => assert_eq!(e.code(), Code::AlreadyExists, "call {i}: {e:?}"),
+            },
+            _ => {
+                let made = got.unwrap().into_inner();
+                assert_eq!(made.email, email, "call {i} answers its own customer");
+                assert_eq!(made.display_name, format!("Customer {email}"));
+                assert!(names.insert(made.name.clone()), "one name per customer");
+                let read = c.get_customer(by_name(made.name.clone())).await.unwrap();
+                assert_eq!(read.into_inner(), made, "stored as answered");
+            }
+        }
+    }
+    assert_eq!(pairs.len(), 6, "each pair's e-mail made one customer");
+    assert!(pairs.values().all(|n| *n == 1), "{pairs:?}");
+    // 6 calls of each 40 failed or replayed; the rest made one customer.
+    assert_eq!(names.len(), 240 - 6 * 4 + 6);
+
+    // Every customer made has exactly one CustomerCreated event.
+    let mut typed = ChangeStreamServiceClient::new(h.server.channel())
+        .watch_changes(WatchChangesRequest {
+            after_sequence: 0,
+            event_types: vec!["clm.customer.v1.CustomerCreated".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut subjects = HashSet::new();
+    while subjects.len() < names.len() + 2 {
+        let ev = tokio::time::timeout(std::time::Duration::from_secs(10), typed.next())
+            .await
+            .expect("an event for every customer")
+            .unwrap()
+            .unwrap()
+            .event
+            .unwrap();
+        assert!(subjects.insert(ev.subject), "one event per customer");
+    }
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), typed.next())
+            .await
+            .is_err(),
+        "no extra events"
+    );
+    assert!(subjects.contains(&held.name) && subjects.contains(&first.name));
+    assert!(names.iter().all(|n| subjects.contains(n)));
     h.server.stop().await;
 }
 
