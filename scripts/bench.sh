@@ -205,9 +205,6 @@ if part api; then
   pgbench -i -q -s 10 "$base/$pgb_db" >/dev/null 2>&1
   psql -q "$base/$pgb_db" -c "CREATE TABLE bench_insert (id bigserial PRIMARY KEY, display_name text NOT NULL, create_us bigint NOT NULL)"
   echo "INSERT INTO bench_insert (display_name, create_us) VALUES ('Bench Writer', 1);" >"$work/insert.sql"
-  pg_select="$(pgbench_tps "$pgb_db" -S)"
-  pg_insert="$(pgbench_tps "$pgb_db" -f "$work/insert.sql")"
-  echo "  references: pgbench -S $pg_select/s, one-row INSERT $pg_insert/s"
 
   api_db="$(scratch_db api)"; dbs+=("$api_db")
   start pg "${SERVER_CPU[@]}" "$BIN/clm" serve customer --listen 127.0.0.1:0 --database-url "$base/$api_db" --data-dir "$work/pg"
@@ -215,12 +212,18 @@ if part api; then
   "$BIN/bench_api" prepare --url "http://$pg" --out "$work/pg-bodies" >/dev/null
   pg_health="$(rate pg-health "$pg" /grpc.health.v1.Health/Check "$work/pg-bodies/health.bin" 2)"
   pg_get="$(rate pg-get "$pg" /clm.customer.v1.CustomerService/GetCustomer "$work/pg-bodies/get.bin" 100)"
+  # Each PostgreSQL reference runs right before the figures it divides
+  # (this host drifts within minutes), with CLM's server idle beside it.
+  pg_select="$(pgbench_tps "$pgb_db" -S)"
+  echo "  reference: pgbench -S $pg_select/s"
   # h2load sends one body: the row above reads one customer over and over.
   # The same 64 connections over 1,000 distinct customers (bench_api's own
   # tonic client on the load core), as pgbench -S reads random keys; before
   # the creates, whose report projection then runs on the server's core.
   pg_get_many="$("${LOAD_CPU[@]}" "$BIN/bench_api" get-load --url "http://$pg" --customers 1000 --seconds "$DURATION" | sed -nE 's/^get-load ([0-9]+)\/s$/\1/p')"
   [ -n "$pg_get_many" ] || { echo "get-load printed no rate" >&2; exit 1; }
+  pg_insert="$(pgbench_tps "$pgb_db" -f "$work/insert.sql")"
+  echo "  reference: pgbench one-row INSERT $pg_insert/s"
   pg_create="$(rate pg-create "$pg" /clm.customer.v1.CustomerService/CreateCustomer "$work/pg-bodies/create.bin" 50)"
   stop_all
   stored="$(psql -Atq "$base/$api_db" -c "SELECT count(*) FROM customers WHERE display_name = 'Bench Writer'")"
