@@ -1087,6 +1087,80 @@ async fn concurrent_gets_each_answer_their_own_customer_and_every_earlier_write(
 }
 
 #[tokio::test]
+async fn coalesced_reads_use_the_indexes_before_any_statistics() {
+    use sea_orm::ConnectionTrait as _;
+    let h = start().await;
+    if !h._backend.is_postgres() {
+        return; // the plan below is PostgreSQL's
+    }
+    let url = h._backend.config("customer").database.url;
+    let db = sea_orm::Database::connect(url.as_str()).await.unwrap();
+    // No statistics, as just after an import: autovacuum kept away.
+    for t in ["customers", "customer_attributes"] {
+        db.execute_unprepared(&format!(
+            "ALTER TABLE {t} SET (autovacuum_enabled = false, toast.autovacuum_enabled = false)"
+        ))
+        .await
+        .unwrap();
+    }
+    let mut c = h.client();
+    let mut names = Vec::new();
+    for b in 0..4 {
+        let requests = (0..500)
+            .map(|i| {
+                let mut cu = customer(&format!("plan{b}-{i}@example.com"));
+                for k in 0..3 {
+                    cu.attributes.insert(
+                        format!("a{k}"),
+                        AttributeValue {
+                            value: Some(Value::NumberValue(f64::from(i + k))),
+                        },
+                    );
+                }
+                create_req(cu, "")
+            })
+            .collect();
+        names.extend(
+            batch_create(&mut c, requests)
+                .await
+                .into_iter()
+                .map(|c| c.name),
+        );
+    }
+    let ids: Vec<&str> = names[..32]
+        .iter()
+        .map(|n| n.trim_start_matches("customers/"))
+        .collect();
+    let (sql, _) =
+        clm_customer::store::customers::get_found_sql(sea_orm::DbBackend::Postgres, &ids);
+    // The plan a pooled connection caches once it goes generic.
+    let txn = sea_orm::TransactionTrait::begin(&db).await.unwrap();
+    txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
+        .await
+        .unwrap();
+    txn.execute_unprepared(&format!("PREPARE found AS {sql}"))
+        .await
+        .unwrap();
+    let plan: Vec<String> = txn
+        .query_all_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            format!("EXPLAIN EXECUTE found('{{{}}}')", ids.join(",")),
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get::<String>("", "QUERY PLAN").unwrap())
+        .collect();
+    assert!(
+        !plan.iter().any(|l| l.contains("Seq Scan")),
+        "32 of 2,000 customers read by their indexes:\n{}",
+        plan.join("\n")
+    );
+    txn.rollback().await.unwrap();
+    h.server.stop().await;
+}
+
+#[tokio::test]
 async fn request_ids_are_echoed_and_generated() {
     let h = start().await;
     let mut c = h.client();

@@ -286,20 +286,40 @@ pub async fn get_found(
     }
     let backend = db.get_database_backend();
     let texts: Vec<String> = ids.iter().map(ToString::to_string).collect();
-    let (condition, values) =
-        clm_platform::bulk::any_text(backend == sea_orm::DbBackend::Postgres, ID, 1, &texts);
+    let (sql, values) = get_found_sql(backend, &texts);
     let rows = db
         .query_all_raw(sea_orm::Statement::from_sql_and_values(
-            backend,
-            format!("{} WHERE {condition}", with_attributes_sql(backend)),
-            values,
+            backend, sql, values,
         ))
         .await?;
     Ok(records_of(&rows)?.into_iter().map(|r| (r.id, r)).collect())
 }
 
+/// [`get_found`]'s statement and its values for the customers `ids`
+/// (on PostgreSQL one text whatever their number, `$1` an array).
+pub fn get_found_sql<S: AsRef<str>>(
+    backend: sea_orm::DbBackend,
+    ids: &[S],
+) -> (String, Vec<sea_orm::Value>) {
+    let postgres = backend == sea_orm::DbBackend::Postgres;
+    let (condition, values) = clm_platform::bulk::any_text(postgres, ID, 1, ids);
+    // The ids restrict the attributes too, in the join (ending the SQL):
+    // PostgreSQL does not carry `id = ANY(..)` across the join as it does
+    // `id = $1`, and without it a plan made before the tables' statistics
+    // (say, just after an import) hashes every attribute row of every
+    // customer: a full scan per statement.
+    let (attr_condition, _) = clm_platform::bulk::any_text(postgres, ATTR_CUSTOMER_ID, 1, ids);
+    let sql = format!(
+        "{} AND {attr_condition} WHERE {condition}",
+        with_attributes_sql(backend)
+    );
+    (sql, values)
+}
+
 /// The customer's id column in [`with_attributes_sql`].
 const ID: &str = "\"customers\".\"id\"";
+/// The attribute's customer column in [`with_attributes_sql`].
+const ATTR_CUSTOMER_ID: &str = "\"customer_attributes\".\"customer_id\"";
 
 /// The customers of `rows` (of [`with_attributes_sql`]), each with its
 /// attributes, in the order each first appears.
@@ -329,7 +349,9 @@ fn records_of(rows: &[sea_orm::QueryResult]) -> Result<Vec<CustomerRecord>, Erro
 
 /// Customers and their attributes in one LEFT JOIN, every column of both
 /// entities under its own name (the two tables share none, so no
-/// per-column prefix to format when a row is read), without a condition.
+/// per-column prefix to format when a row is read), without a condition;
+/// the text ends with the join's `ON` condition, which a caller may extend
+/// with `AND …`.
 /// Built once per backend from the entities (no column list by hand), so
 /// the statements made from it keep one text and each pooled connection
 /// prepares them once.
