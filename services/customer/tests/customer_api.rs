@@ -30,6 +30,22 @@ fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// The change stream of `server` from its start, of `types` (all when
+/// empty).
+async fn watch_from_start(
+    server: &Running,
+    types: &[&str],
+) -> tonic::Streaming<clm_proto::common::WatchChangesResponse> {
+    ChangeStreamServiceClient::new(server.channel())
+        .watch_changes(WatchChangesRequest {
+            after_sequence: 0,
+            event_types: types.iter().map(|t| (*t).to_owned()).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn feature_use(customer: &str, event_id: &str, at: DateTime<Utc>) -> pb::Touchpoint {
     pb::Touchpoint {
         customer: customer.into(),
@@ -334,14 +350,7 @@ async fn concurrent_creates_each_answer_their_own_customer_and_event() {
     assert_eq!(names.len(), 240 - 6 * 4 + 6);
 
     // Every customer made has exactly one CustomerCreated event.
-    let mut typed = ChangeStreamServiceClient::new(h.server.channel())
-        .watch_changes(WatchChangesRequest {
-            after_sequence: 0,
-            event_types: vec!["clm.customer.v1.CustomerCreated".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut typed = watch_from_start(&h.server, &["clm.customer.v1.CustomerCreated"]).await;
     let mut subjects = HashSet::new();
     while subjects.len() < names.len() + 2 {
         let ev = tokio::time::timeout(std::time::Duration::from_secs(10), typed.next())
@@ -864,14 +873,7 @@ async fn concurrent_writers_and_a_live_watcher_see_every_event_once_in_order() {
     let h = start().await;
     let mut c = h.client();
     let a = create(&mut c, "w@example.com").await;
-    let mut watch = ChangeStreamServiceClient::new(h.server.channel())
-        .watch_changes(WatchChangesRequest {
-            after_sequence: 0,
-            event_types: vec![],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch_from_start(&h.server, &[]).await;
 
     const WRITERS: usize = 8;
     const BATCHES: usize = 10;
@@ -914,14 +916,7 @@ async fn concurrent_writers_and_a_live_watcher_see_every_event_once_in_order() {
         t.await.unwrap();
     }
     // A fresh read from the start holds exactly the events the live watcher saw: no gap.
-    let mut replay = ChangeStreamServiceClient::new(h.server.channel())
-        .watch_changes(WatchChangesRequest {
-            after_sequence: 0,
-            event_types: vec![],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut replay = watch_from_start(&h.server, &[]).await;
     let mut replayed = HashSet::new();
     while replayed.len() < total {
         let ev = tokio::time::timeout(std::time::Duration::from_secs(10), replay.next())
@@ -942,14 +937,7 @@ async fn concurrent_writers_and_a_live_watcher_see_every_event_once_in_order() {
     );
 
     // Resuming after a sequence gives exactly the rest, and type filters apply.
-    let mut typed = ChangeStreamServiceClient::new(h.server.channel())
-        .watch_changes(WatchChangesRequest {
-            after_sequence: 0,
-            event_types: vec!["clm.customer.v1.CustomerCreated".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut typed = watch_from_start(&h.server, &["clm.customer.v1.CustomerCreated"]).await;
     let first = typed.next().await.unwrap().unwrap().event.unwrap();
     assert_eq!(first.subject, a.name);
     let payload = first.payload.unwrap();
@@ -1204,14 +1192,7 @@ async fn a_watcher_on_one_replica_wakes_for_writes_on_another() {
     let replica_a = testing::start(&clm_customer::DESCRIPTOR, slow_poll.clone()).await;
     let replica_b = testing::start(&clm_customer::DESCRIPTOR, slow_poll).await;
 
-    let mut watch = ChangeStreamServiceClient::new(replica_a.channel())
-        .watch_changes(WatchChangesRequest {
-            after_sequence: 0,
-            event_types: vec![],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch_from_start(&replica_a, &[]).await;
     // Let the watcher reach its idle wait before the other replica writes.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let created = CustomerServiceClient::new(replica_b.channel())
@@ -1459,17 +1440,14 @@ async fn writes_answer_the_times_reads_and_events_answer() {
     assert_eq!(listed[0].occurred_time.unwrap().nanos, 987_654_000);
 
     // The events carry the same times as the reads.
-    let mut watch = ChangeStreamServiceClient::new(server.channel())
-        .watch_changes(WatchChangesRequest {
-            after_sequence: 0,
-            event_types: vec![
-                "clm.customer.v1.CustomerCreated".into(),
-                "clm.customer.v1.TouchpointRecorded".into(),
-            ],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch_from_start(
+        &server,
+        &[
+            "clm.customer.v1.CustomerCreated",
+            "clm.customer.v1.TouchpointRecorded",
+        ],
+    )
+    .await;
     let first = watch.next().await.unwrap().unwrap().event.unwrap();
     let ev =
         <pb::CustomerCreated as prost::Message>::decode(first.payload.unwrap().value.as_slice())
