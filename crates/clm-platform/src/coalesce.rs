@@ -39,7 +39,8 @@ pub type Run<T, R> =
 pub type Fetch<K, V> =
     Arc<dyn Fn(Vec<K>) -> BoxFuture<'static, crate::Result<HashMap<K, V>>> + Send + Sync>;
 
-type Waiter<T, R> = (T, oneshot::Sender<Option<R>>);
+/// A call waiting in a batch: its item, its span and where its answer goes.
+type Waiter<T, R> = (T, tracing::Span, oneshot::Sender<Option<R>>);
 
 /// Calls waiting beyond this many get `None` at once (they run alone).
 const QUEUE: usize = 4096;
@@ -94,7 +95,7 @@ where
             tx
         });
         let (tx, rx) = oneshot::channel();
-        queue.try_send((item, tx)).ok()?;
+        queue.try_send((item, tracing::Span::current(), tx)).ok()?;
         rx.await.ok().flatten()
     }
 }
@@ -183,15 +184,21 @@ async fn gather<T, R>(
 }
 
 /// Runs the batch and answers every waiter; on a failure (or a panic,
-/// which drops the senders) every waiter hears `None` and runs alone.
+/// which drops the senders) every waiter hears `None` and runs alone. The
+/// batch runs in the first call's span: its statements are that call's
+/// children in a trace (a call alone in its batch sees its own).
 async fn answer<T, R>(run: &Run<T, R>, batch: Vec<Waiter<T, R>>)
 where
     T: Send + 'static,
     R: Send + 'static,
 {
-    let (items, waiters): (Vec<T>, Vec<_>) = batch.into_iter().unzip();
+    use tracing::Instrument as _;
+    let span = batch
+        .first()
+        .map_or_else(tracing::Span::none, |(_, span, _)| span.clone());
+    let (items, waiters): (Vec<T>, Vec<_>) = batch.into_iter().map(|(t, _, tx)| (t, tx)).unzip();
     let n = waiters.len();
-    let answers = match run(items).await {
+    let answers = match run(items).instrument(span).await {
         Ok(answers) if answers.len() == n => answers,
         Ok(answers) => {
             tracing::error!(
