@@ -132,6 +132,19 @@ pub fn is_unavailable(e: &DbErr) -> bool {
     matches!(e, DbErr::ConnectionAcquire(_) | DbErr::Conn(_))
 }
 
+/// Whether the database refused the statement with an error of its own (a
+/// SQLSTATE: a constraint, a division by zero, a serialization failure):
+/// the statement, and a transaction it ran as alone, did not commit. Any
+/// other failure (a lost connection, a timeout) leaves the outcome
+/// unknown: the statement may have committed before its answer was lost.
+pub fn is_refused_by_database(e: &DbErr) -> bool {
+    matches!(
+        e,
+        DbErr::Exec(sea_orm::RuntimeErr::SqlxError(x)) | DbErr::Query(sea_orm::RuntimeErr::SqlxError(x))
+            if matches!(**x, sea_orm::sqlx::Error::Database(_))
+    )
+}
+
 /// Whether the error is a unique-constraint violation.
 pub fn is_unique_violation(e: &DbErr) -> bool {
     matches!(
@@ -223,6 +236,27 @@ mod tests {
             .execute_unprepared("INSERT INTO t (id) VALUES (2)")
             .await;
         assert!(refused.is_err(), "reader connections are read-only");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_by_the_database_is_told_from_an_unknown_outcome() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = connect(&config(dir.path())).await.expect("db");
+        db.execute_unprepared("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .await
+            .expect("table");
+        db.execute_unprepared("INSERT INTO t (id) VALUES (1)")
+            .await
+            .expect("insert");
+        let refused = db
+            .execute_unprepared("INSERT INTO t (id) VALUES (1)")
+            .await
+            .expect_err("a duplicate key");
+        assert!(is_refused_by_database(&refused), "{refused:?}");
+        let lost = DbErr::Conn(sea_orm::RuntimeErr::Internal("connection reset".into()));
+        assert!(!is_refused_by_database(&lost));
+        let timeout = DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::Timeout);
+        assert!(!is_refused_by_database(&timeout));
     }
 
     #[tokio::test]

@@ -116,7 +116,7 @@ pub struct CustomerApi {
     lookups: std::sync::Arc<Coalescer<CustomerId, CustomerRecord>>,
     /// CreateCustomer's writes on PostgreSQL, gathered into one statement
     /// (one commit) under load.
-    creates: std::sync::Arc<Batcher<std::sync::Arc<Creation>, bool>>,
+    creates: std::sync::Arc<Batcher<std::sync::Arc<Creation>, Grouped>>,
 }
 
 /// Most customers one coalesced GetCustomer statement reads.
@@ -300,8 +300,15 @@ impl CustomerApi {
             // makes write nothing too: then the general path.
             let creation = std::sync::Arc::new(creation);
             let done = match self.creates.submit(creation.clone()).await {
-                Some(done) => done,
-                None => creation.insert_at_once(&self.rt).await?,
+                Some(Grouped::Done(done)) => done,
+                // The shared statement may have committed: without a
+                // request id a second try could create the customer twice.
+                Some(Grouped::Unknown) if creation.claim.is_none() => {
+                    return Err(Error::Unavailable(
+                        "the database connection failed during the write: the customer may or may not have been created; retry with a request_id to be safe".into(),
+                    ));
+                }
+                Some(Grouped::Unknown) | None => creation.insert_at_once(&self.rt).await?,
             };
             if done {
                 return Ok(out);
@@ -1447,6 +1454,18 @@ fn erasure_to_proto(r: &ErasureRecord) -> pb::ErasureRequest {
     }
 }
 
+/// What a grouped CreateCustomer statement did for a call.
+#[derive(Debug, Clone, Copy)]
+enum Grouped {
+    /// It wrote the call's customer (`true`), or, the call alone in its
+    /// batch, wrote nothing (`false`: take the general path).
+    Done(bool),
+    /// Its answer was lost (the connection failed): it may have committed.
+    /// A call with a request id tries again safely (a committed key
+    /// replays); one without cannot.
+    Unknown,
+}
+
 /// New customers made ready for one statement on PostgreSQL
 /// ([`create::insert_at_once`]): their rows, protos and events.
 #[derive(Debug)]
@@ -1537,8 +1556,9 @@ impl Creation {
 
     /// Creations of concurrent calls written by one statement, one commit
     /// ([`Batcher`]): all of them, or none (each call then tries alone). A
-    /// call alone in its batch hears whether it wrote.
-    fn grouped(rt: Runtime) -> Run<std::sync::Arc<Self>, bool> {
+    /// call alone in its batch hears whether it wrote; a statement whose
+    /// answer was lost tells every call so ([`Grouped::Unknown`]).
+    fn grouped(rt: Runtime) -> Run<std::sync::Arc<Self>, Grouped> {
         std::sync::Arc::new(move |calls: Vec<std::sync::Arc<Self>>| {
             let rt = rt.clone();
             Box::pin(async move {
@@ -1553,11 +1573,20 @@ impl Creation {
                     return Ok(vec![None; calls.len()]);
                 }
                 let parts: Vec<_> = calls.iter().map(|c| c.new_customers()).collect();
-                let done = create::insert_at_once(&rt.db, &parts).await?;
-                if done {
-                    rt.outbox.committed(true);
-                }
-                let answer = (done || calls.len() == 1).then_some(done);
+                let answer = match create::write(&rt.db, &parts).await {
+                    Ok(done) => {
+                        if done {
+                            rt.outbox.committed(true);
+                        }
+                        (done || calls.len() == 1).then_some(Grouped::Done(done))
+                    }
+                    // Refused: nothing written, each call tries alone.
+                    Err(e) if clm_platform::db::is_refused_by_database(&e) => None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, calls = calls.len(), "a grouped create's outcome is unknown");
+                        Some(Grouped::Unknown)
+                    }
+                };
                 Ok(vec![answer; calls.len()])
             })
         })

@@ -100,6 +100,26 @@ pub async fn insert_at_once(
     db: &impl ConnectionTrait,
     calls: &[NewCustomers<'_>],
 ) -> Result<bool, Error> {
+    write(db, calls).await.map_err(|e| {
+        if clm_platform::db::unique_violation_detail(&e)
+            .is_some_and(|m| m.contains("email") || m.contains("external_id"))
+        {
+            customers::map_unique(e)
+        } else if clm_platform::db::is_unique_violation(&e) {
+            super::identifiers::raced()
+        } else {
+            e.into()
+        }
+    })
+}
+
+/// [`insert_at_once`] with the database's own error: a statement of
+/// several calls tells a refusal (nothing written: each call may try
+/// alone) from an unknown outcome ([`clm_platform::db::is_refused_by_database`]).
+pub async fn write(
+    db: &impl ConnectionTrait,
+    calls: &[NewCustomers<'_>],
+) -> Result<bool, sea_orm::DbErr> {
     let records = || calls.iter().flat_map(|c| c.records);
     let models: Vec<_> = records().map(CustomerRecord::to_model).collect();
     let attrs: Vec<_> = records()
@@ -145,18 +165,7 @@ pub async fn insert_at_once(
             SQL.as_str(),
             values,
         ))
-        .await
-        .map_err(|e| {
-            if clm_platform::db::unique_violation_detail(&e)
-                .is_some_and(|m| m.contains("email") || m.contains("external_id"))
-            {
-                customers::map_unique(e)
-            } else if clm_platform::db::is_unique_violation(&e) {
-                super::identifiers::raced()
-            } else {
-                e.into()
-            }
-        })?
-        .ok_or_else(|| Error::internal("the create statement answered no row"))?;
-    Ok(row.try_get("", "done")?)
+        .await?
+        .ok_or_else(|| sea_orm::DbErr::Custom("the create statement answered no row".into()))?;
+    row.try_get("", "done")
 }
