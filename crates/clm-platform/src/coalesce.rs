@@ -125,13 +125,8 @@ where
         let run: Run<K, V> = Arc::new(move |keys: Vec<K>| {
             let fetch = fetch.clone();
             Box::pin(async move {
-                let mut distinct: Vec<K> = Vec::with_capacity(keys.len());
-                for k in &keys {
-                    if !distinct.contains(k) {
-                        distinct.push(k.clone());
-                    }
-                }
-                let found = fetch(distinct).await?;
+                let distinct: std::collections::HashSet<&K> = keys.iter().collect();
+                let found = fetch(distinct.into_iter().cloned().collect()).await?;
                 Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
             })
         });
