@@ -5,7 +5,7 @@
 #
 #   scripts/bench.sh                          # everything (~10 min)
 #   scripts/bench.sh --quick                  # shorter runs, no backfill/loyalty/import
-#   scripts/bench.sh --only api,ingest        # parts: api segmentation ingest scoring backfill loyalty import
+#   scripts/bench.sh --only api,ingest        # parts: api segmentation journey ingest scoring backfill loyalty import
 #   scripts/bench.sh --json after.json --compare before.json
 #   scripts/bench.sh --skip-build             # reuse $CARGO_TARGET_DIR/release
 #
@@ -30,14 +30,15 @@ SAMPLES=200
 CUSTOMERS=1000000
 TOUCHES=10
 IMPORT_ROWS=200000
-PARTS="api,segmentation,ingest,scoring,backfill,loyalty,import"
+JOURNEYS=50
+PARTS="api,segmentation,journey,ingest,scoring,backfill,loyalty,import"
 JSON_OUT=""
 COMPARE=""
 SKIP_BUILD="${SKIP_BUILD:-}"
 usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --quick) DURATION=4; EVENTS=50000; SEG_EVENTS=10000; SAMPLES=100; PARTS="api,segmentation,ingest" ;;
+    --quick) DURATION=4; EVENTS=50000; SEG_EVENTS=10000; SAMPLES=100; JOURNEYS=20; PARTS="api,segmentation,journey,ingest" ;;
     --only) PARTS="$2"; shift ;;
     --duration) DURATION="$2"; shift ;;
     --events) EVENTS="$2"; shift ;;
@@ -77,7 +78,7 @@ need python3 python3
 if [ -z "$SKIP_BUILD" ]; then
   cargo build --release -q -p clm -p clm-tests -p clm-segmentation \
     --features clm-tests/bench,clm-segmentation/bench \
-    --bin clm --bin bench_api --bin bench_ingest --bin bench_follow --bin bench_segmentation
+    --bin clm --bin bench_api --bin bench_ingest --bin bench_follow --bin bench_segmentation --bin bench_journey
 fi
 
 work="$(mktemp -d)"
@@ -288,6 +289,21 @@ if part segmentation; then
     read -r p99 rtt <<<"$(sed -nE 's/.*IsMember p50 [0-9.]+ ms p99 ([0-9.]+) ms \| RecordTouchpoints p50 ([0-9.]+) ms.*/\1 \2/p' <<<"${!lat_var}")"
     row "seg_latency_p99_$key" "touchpoint -> IsMember reflects it, p99 (idle), $name" "$p99" "ms" "RecordTouchpoints p50" "$rtt" "value<50"
   done
+fi
+
+if part journey; then
+  # Journey 2's freshness: an NPS 3 answer -> feedback's event -> scoring's
+  # award -> scoring's event -> segmentation's membership, until IsMember
+  # answers true; on `clm up`, one customer at a time.
+  start up "${SERVER_CPU[@]}" "$BIN/clm" up --base-port 0 --data-dir "$work/journey-up"
+  journey="$("${LOAD_CPU[@]}" "$BIN/bench_journey" --customer "http://$(addr_of customer)" --scoring "http://$(addr_of scoring)" \
+    --segmentation "http://$(addr_of segmentation)" --feedback "http://$(addr_of feedback)" --samples "$JOURNEYS")"
+  stop_all
+  echo "  $journey"
+  read -r j_p50 j_p99 j_submit <<<"$(sed -nE 's/.*p50 ([0-9.]+) ms p99 ([0-9.]+) ms max [0-9.]+ ms \| SubmitResponse p50 ([0-9.]+) ms.*/\1 \2 \3/p' <<<"$journey")"
+  [ -n "$j_p99" ] || { echo "bench_journey printed no figures" >&2; exit 1; }
+  row journey_freshness_p50_up "journey 2: NPS answer -> in the at-risk segment, p50, clm up" "$j_p50" "ms" "SubmitResponse p50" "$j_submit" "-"
+  row journey_freshness_p99_up "journey 2: NPS answer -> in the at-risk segment, p99, clm up" "$j_p99" "ms" "SubmitResponse p50" "$j_submit" "value<1000"
 fi
 
 if part ingest; then
