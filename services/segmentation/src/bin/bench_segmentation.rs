@@ -7,7 +7,10 @@
 //!   call and one RecordTouchpoints call.
 //! * `incremental`: events/s the segmentation service sustains with N
 //!   segments defined, beside the same-run ingest rate of the customer
-//!   service alone.
+//!   service alone: over the whole run (until every event shows applied,
+//!   a fixed tail included) and over its second half (between a sentinel
+//!   sent halfway through the ingest and the last one, so the tail counts
+//!   at both ends and a backlog that grows shows as a ratio below 1).
 //! * `backfill`: a 3-condition rule (one a 30-day window) compiled to SQL
 //!   over a generated projection, beside a same-run full scan of the
 //!   touchpoints.
@@ -296,8 +299,30 @@ async fn incremental(
         .chunks(500)
         .map(<[cpb::Touchpoint]>::to_vec)
         .collect();
+    let half = batches.len() / 2;
+    let second_half: usize = batches[half..].iter().map(Vec::len).sum();
+    let mut midway = None;
     let t = Instant::now();
-    for b in batches {
+    for (i, b) in batches.into_iter().enumerate() {
+        if i == half {
+            // Halfway: a sentinel sent beside the ingest, and the time its
+            // membership shows. Its batch's other partitions may still be
+            // writing then: the mark is early if anything, which lengthens
+            // the second half's window (a pessimistic figure).
+            let (mut c, mut s) = (c.clone(), s.clone());
+            let (who, sentinel) = (people[2].clone(), sentinel.clone());
+            let sent = t.elapsed().as_secs_f64();
+            midway = Some(tokio::spawn(async move {
+                c.record_touchpoints(cpb::RecordTouchpointsRequest {
+                    touchpoints: vec![touch(&who, "sentinel")],
+                })
+                .await?;
+                while !member(&mut s, &sentinel, &who).await? {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                anyhow::Ok((sent, t.elapsed().as_secs_f64()))
+            }));
+        }
         c.record_touchpoints(cpb::RecordTouchpointsRequest { touchpoints: b })
             .await?;
     }
@@ -319,11 +344,21 @@ async fn incremental(
         }
     }
     let applied = t.elapsed().as_secs_f64();
+    let (mid_sent, mid_applied) = match midway {
+        Some(task) => task.await??,
+        None => anyhow::bail!("--events too few for a halfway sentinel"),
+    };
     println!(
         "incremental {segments} segments: {:.0} events/s evaluated (all {events} applied in {applied:.2} s) | customer ingest alone {:.0} events/s | ratio {:.2}",
         events as f64 / applied,
         events as f64 / ingest,
         ingest / applied
+    );
+    println!(
+        "second half: {:.0} events/s evaluated ({second_half} events, halfway sentinel applied at {mid_applied:.2} s) | ingest {:.0} events/s (halfway sentinel sent at {mid_sent:.2} s) | ratio {:.2}",
+        second_half as f64 / (applied - mid_applied),
+        second_half as f64 / (ingest - mid_sent),
+        (ingest - mid_sent) / (applied - mid_applied)
     );
     Ok(())
 }
