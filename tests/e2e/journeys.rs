@@ -35,59 +35,8 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Engagement: +10 a feature use, +50 a purchase, -30 an NPS detractor,
 /// +30 an NPS promoter; 30 → ACQUISITION, 70 → CONVERSION.
 async fn engagement_model(s: &Suite) {
-    let rule = |id: &str, points: i64, trigger: spb::scoring_rule::Trigger| spb::ScoringRule {
-        id: id.into(),
-        score: "engagement".into(),
-        points,
-        trigger: Some(trigger),
-        ..Default::default()
-    };
-    let nps = |category: fpb::NpsCategory| {
-        spb::scoring_rule::Trigger::SurveyAnswer(spb::SurveyAnswerTrigger {
-            kind: fpb::QuestionKind::Nps as i32,
-            nps_category: category as i32,
-            ..Default::default()
-        })
-    };
-    let threshold = |id: &str, value: f64, to: cpb::Stage| spb::Threshold {
-        id: id.into(),
-        score: "engagement".into(),
-        value,
-        direction: spb::ThresholdDirection::AtOrAbove as i32,
-        to_stage: to as i32,
-        ..Default::default()
-    };
     s.scoring()
-        .create_scoring_model(spb::CreateScoringModelRequest {
-            scoring_model: Some(spb::ScoringModel {
-                display_name: "journey".into(),
-                scores: vec![spb::ScoreDefinition {
-                    name: "engagement".into(),
-                    ..Default::default()
-                }],
-                rules: vec![
-                    rule(
-                        "uses",
-                        10,
-                        spb::scoring_rule::Trigger::Touchpoint("feature_use".into()),
-                    ),
-                    rule(
-                        "buys",
-                        50,
-                        spb::scoring_rule::Trigger::Touchpoint("purchase".into()),
-                    ),
-                    rule("detractor", -30, nps(fpb::NpsCategory::Detractor)),
-                    rule("promoter", 30, nps(fpb::NpsCategory::Promoter)),
-                ],
-                thresholds: vec![
-                    threshold("acquired", 30.0, cpb::Stage::Acquisition),
-                    threshold("converted", 70.0, cpb::Stage::Conversion),
-                ],
-                ..Default::default()
-            }),
-            scoring_model_id: "journey".into(),
-            request_id: "model-journey".into(),
-        })
+        .create_scoring_model(clm_tests::journey::engagement_model())
         .await
         .unwrap();
 }

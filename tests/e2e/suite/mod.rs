@@ -187,16 +187,10 @@ impl Suite {
             .unwrap()
             .into_inner();
         self.customers()
-            .set_consent(cpb::SetConsentRequest {
-                name: c.name.clone(),
-                settings: vec![cpb::ConsentSetting {
-                    purpose: cpb::ConsentPurpose::Surveys as i32,
-                    channel: cpb::ConsentChannel::InApp as i32,
-                    state: cpb::ConsentState::Granted as i32,
-                }],
-                source: cpb::ConsentSource::Api as i32,
-                request_id: format!("consent-{email}"),
-            })
+            .set_consent(clm_tests::journey::survey_consent(
+                &c.name,
+                format!("consent-{email}"),
+            ))
             .await
             .unwrap();
         c.name
@@ -278,10 +272,6 @@ impl Suite {
     }
 }
 
-fn texts(t: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([("en".to_owned(), t.to_owned())])
-}
-
 impl Suite {
     /// A published survey `id` asking NPS (required) and, optionally, a
     /// free-text comment; no recontact period, so a customer can answer
@@ -290,30 +280,7 @@ impl Suite {
         use clm_proto::feedback as fpb;
         let survey = self
             .feedback()
-            .create_survey(fpb::CreateSurveyRequest {
-                survey: Some(fpb::Survey {
-                    display_name: id.into(),
-                    questions: vec![
-                        fpb::Question {
-                            id: "nps".into(),
-                            kind: fpb::QuestionKind::Nps as i32,
-                            text: texts("How likely are you to recommend us?"),
-                            required: true,
-                            ..Default::default()
-                        },
-                        fpb::Question {
-                            id: "why".into(),
-                            kind: fpb::QuestionKind::OpenText as i32,
-                            text: texts("Why?"),
-                            ..Default::default()
-                        },
-                    ],
-                    recontact_period: Some(prost_types::Duration::default()),
-                    ..Default::default()
-                }),
-                survey_id: id.into(),
-                request_id: format!("survey-{id}"),
-            })
+            .create_survey(clm_tests::journey::nps_survey(id))
             .await
             .unwrap()
             .into_inner();
@@ -357,18 +324,7 @@ impl Suite {
             }
         })
         .await;
-        let mut answers = vec![fpb::Answer {
-            question: "nps".into(),
-            value: Some(fpb::answer::Value::Number(nps)),
-            ..Default::default()
-        }];
-        if let Some(c) = comment {
-            answers.push(fpb::Answer {
-                question: "why".into(),
-                value: Some(fpb::answer::Value::Text(c.into())),
-                ..Default::default()
-            });
-        }
+        let answers = clm_tests::journey::nps_answers(nps, comment);
         self.feedback()
             .submit_response(fpb::SubmitResponseRequest {
                 name: format!("{survey}/responses/{response}"),

@@ -6,7 +6,8 @@
 //!
 //! `bench_journey --customer URL --scoring URL --segmentation URL
 //! --feedback URL --samples N` against a running suite (`clm up`): sets up
-//! journey 2's engagement model, its two segments and an NPS survey, then
+//! journey 2's engagement model, its two segments and its NPS survey (the
+//! requests of [`clm_tests::journey`], as the journey tests make them), then
 //! for each sample a customer consenting to surveys with seven feature uses
 //! (engagement 70, in "engaged" and out of "at-risk"), who answers NPS 3
 //! (engagement 40, at risk). Prints
@@ -18,14 +19,13 @@
 use anyhow::{Context, bail};
 use clap::Parser;
 use clm_proto::customer as cpb;
+use clm_tests::journey;
 use clm_proto::customer::customer_service_client::CustomerServiceClient;
 use clm_proto::feedback as fpb;
 use clm_proto::feedback::feedback_service_client::FeedbackServiceClient;
-use clm_proto::scoring as spb;
 use clm_proto::scoring::scoring_service_client::ScoringServiceClient;
 use clm_proto::segmentation as gpb;
 use clm_proto::segmentation::segmentation_service_client::SegmentationServiceClient;
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
@@ -87,41 +87,10 @@ where
 }
 
 impl Clients {
-    /// Journey 2's model: +10 a feature use, -30 an NPS detractor.
+    /// Journey 2's model ([`journey::engagement_model`]).
     async fn model(&mut self) -> anyhow::Result<()> {
-        let rule = |id: &str, points: i64, trigger: spb::scoring_rule::Trigger| spb::ScoringRule {
-            id: id.into(),
-            score: "engagement".into(),
-            points,
-            trigger: Some(trigger),
-            ..Default::default()
-        };
-        let detractor = spb::scoring_rule::Trigger::SurveyAnswer(spb::SurveyAnswerTrigger {
-            kind: fpb::QuestionKind::Nps as i32,
-            nps_category: fpb::NpsCategory::Detractor as i32,
-            ..Default::default()
-        });
         self.scoring
-            .create_scoring_model(spb::CreateScoringModelRequest {
-                scoring_model: Some(spb::ScoringModel {
-                    display_name: "journey".into(),
-                    scores: vec![spb::ScoreDefinition {
-                        name: "engagement".into(),
-                        ..Default::default()
-                    }],
-                    rules: vec![
-                        rule(
-                            "uses",
-                            10,
-                            spb::scoring_rule::Trigger::Touchpoint("feature_use".into()),
-                        ),
-                        rule("detractor", -30, detractor),
-                    ],
-                    ..Default::default()
-                }),
-                scoring_model_id: "journey".into(),
-                request_id: "bench-journey-model".into(),
-            })
+            .create_scoring_model(journey::engagement_model())
             .await?;
         Ok(())
     }
@@ -143,25 +112,9 @@ impl Clients {
     }
 
     async fn survey(&mut self) -> anyhow::Result<String> {
-        let texts = |t: &str| BTreeMap::from([("en".to_owned(), t.to_owned())]);
         let survey = self
             .feedback
-            .create_survey(fpb::CreateSurveyRequest {
-                survey: Some(fpb::Survey {
-                    display_name: "nps".into(),
-                    questions: vec![fpb::Question {
-                        id: "nps".into(),
-                        kind: fpb::QuestionKind::Nps as i32,
-                        text: texts("How likely are you to recommend us?"),
-                        required: true,
-                        ..Default::default()
-                    }],
-                    recontact_period: Some(prost_types::Duration::default()),
-                    ..Default::default()
-                }),
-                survey_id: "nps".into(),
-                request_id: "bench-journey-survey".into(),
-            })
+            .create_survey(journey::nps_survey("nps"))
             .await?
             .into_inner();
         self.feedback
@@ -188,16 +141,10 @@ impl Clients {
             .into_inner()
             .name;
         self.customers
-            .set_consent(cpb::SetConsentRequest {
-                name: name.clone(),
-                settings: vec![cpb::ConsentSetting {
-                    purpose: cpb::ConsentPurpose::Surveys as i32,
-                    channel: cpb::ConsentChannel::InApp as i32,
-                    state: cpb::ConsentState::Granted as i32,
-                }],
-                source: cpb::ConsentSource::Api as i32,
-                request_id: format!("bench-journey-consent-{i}"),
-            })
+            .set_consent(journey::survey_consent(
+                &name,
+                format!("bench-journey-consent-{i}"),
+            ))
             .await?;
         let touchpoints = (0..7)
             .map(|n| cpb::Touchpoint {
@@ -309,11 +256,7 @@ async fn main() -> anyhow::Result<()> {
             .submit_response(fpb::SubmitResponseRequest {
                 name: format!("{survey}/responses/r{i}"),
                 invitation,
-                answers: vec![fpb::Answer {
-                    question: "nps".into(),
-                    value: Some(fpb::answer::Value::Number(3)),
-                    ..Default::default()
-                }],
+                answers: journey::nps_answers(3, None),
                 finish: true,
             })
             .await?;
