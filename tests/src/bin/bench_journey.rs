@@ -19,13 +19,13 @@
 use anyhow::{Context, bail};
 use clap::Parser;
 use clm_proto::customer as cpb;
-use clm_tests::journey;
 use clm_proto::customer::customer_service_client::CustomerServiceClient;
 use clm_proto::feedback as fpb;
 use clm_proto::feedback::feedback_service_client::FeedbackServiceClient;
 use clm_proto::scoring::scoring_service_client::ScoringServiceClient;
 use clm_proto::segmentation as gpb;
 use clm_proto::segmentation::segmentation_service_client::SegmentationServiceClient;
+use clm_tests::journey;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
