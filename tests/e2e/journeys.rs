@@ -23,7 +23,6 @@ mod suite;
 
 use clm_platform::testing::eventually;
 use clm_proto::customer as cpb;
-use clm_proto::feedback as fpb;
 use clm_proto::loyalty as lpb;
 use clm_proto::scoring as spb;
 use std::time::{Duration, Instant};
