@@ -5,6 +5,10 @@
 //! * `latency`: a touchpoint recorded in the customer service until IsMember
 //!   reflects it, p50 / p99, beside the same-run latency of one IsMember
 //!   call and one RecordTouchpoints call.
+//! * `latency --ingest-rate R`: the same while `--ingest-clients` clients
+//!   send RecordTouchpoints batches of `--ingest-batch` touchpoints to
+//!   1,000 other customers as fast as they can up to R events/s in all;
+//!   also prints the rate the ingest reached during the samples.
 //! * `incremental`: events/s the segmentation service sustains with N
 //!   segments defined, beside the same-run ingest rate of the customer
 //!   service alone: over the whole run (until every event shows applied,
@@ -24,6 +28,7 @@ use clm_proto::segmentation::segmentation_service_client::SegmentationServiceCli
 use clm_proto::segmentation::{self as pb};
 use sea_orm::ConnectionTrait;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -43,7 +48,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Touchpoint to IsMember latency.
+    /// Touchpoint to IsMember latency, idle or beside an ingest.
     Latency {
         #[arg(long)]
         customer: String,
@@ -51,6 +56,15 @@ enum Command {
         segmentation: String,
         #[arg(long, default_value_t = 200)]
         samples: usize,
+        /// Events/s an ingest beside the samples aims at (0: none, idle).
+        #[arg(long, default_value_t = 0)]
+        ingest_rate: u64,
+        /// Clients of that ingest, each with one batch in flight.
+        #[arg(long, default_value_t = 4)]
+        ingest_clients: usize,
+        /// Touchpoints per RecordTouchpoints call of that ingest.
+        #[arg(long, default_value_t = 1000)]
+        ingest_batch: usize,
     },
     /// Incremental evaluation throughput with many segments.
     Incremental {
@@ -227,7 +241,64 @@ async fn prepare(customer: &str, segmentation: &str, out: &Path) -> anyhow::Resu
     Ok(())
 }
 
-async fn latency(customer: &str, segmentation: &str, samples: usize) -> anyhow::Result<()> {
+/// An ingest beside the latency samples.
+struct Ingest {
+    /// Events/s aimed at, in all.
+    rate: u64,
+    clients: usize,
+    batch: usize,
+}
+
+/// Starts `ingest`'s clients: each sends batches of feature uses to
+/// `people`, paced to its share of the rate, until `stop`; `sent` counts
+/// the touchpoints recorded.
+fn start_ingest(
+    c: &CustomerServiceClient<tonic::transport::Channel>,
+    ingest: &Ingest,
+    people: Arc<Vec<String>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    use std::sync::atomic::Ordering;
+    let per_client = ingest.rate as f64 / ingest.clients as f64;
+    (0..ingest.clients)
+        .map(|k| {
+            let (mut c, people, stop, sent) = (c.clone(), people.clone(), stop.clone(), sent.clone());
+            let batch = ingest.batch;
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut mine = 0u64;
+                let mut n = k;
+                while !stop.load(Ordering::Relaxed) {
+                    let touchpoints = (0..batch)
+                        .map(|i| {
+                            n += 1;
+                            touch(&people[n % people.len()], &format!("f{}", (n + i) % 17))
+                        })
+                        .collect();
+                    c.record_touchpoints(cpb::RecordTouchpointsRequest { touchpoints })
+                        .await?;
+                    mine += batch as u64;
+                    sent.fetch_add(batch as u64, Ordering::Relaxed);
+                    // Ahead of this client's share of the rate: wait.
+                    let due = std::time::Duration::from_secs_f64(mine as f64 / per_client);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect()
+}
+
+async fn latency(
+    customer: &str,
+    segmentation: &str,
+    samples: usize,
+    ingest: Option<Ingest>,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let (mut c, mut s) = clients(customer, segmentation).await?;
     let seg = segment(
         &mut s,
@@ -235,6 +306,16 @@ async fn latency(customer: &str, segmentation: &str, samples: usize) -> anyhow::
     )
     .await?;
     let people = new_customers(&mut c, samples).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut loaders = Vec::new();
+    if let Some(ingest) = &ingest {
+        let others = Arc::new(new_customers(&mut c, 1000).await?);
+        loaders = start_ingest(&c, ingest, others, stop.clone(), sent.clone());
+        // Warm-up: the ingest and the service's batches reach their pace.
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+    let (sent_before, measuring) = (sent.load(Ordering::Relaxed), Instant::now());
     let (mut end_to_end, mut is_member_rtt, mut record_rtt) = (Vec::new(), Vec::new(), Vec::new());
     for who in &people {
         let t = Instant::now();
@@ -251,8 +332,23 @@ async fn latency(customer: &str, segmentation: &str, samples: usize) -> anyhow::
         }
         end_to_end.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    let ingested = sent.load(Ordering::Relaxed) - sent_before;
+    let measured = measuring.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for l in loaders {
+        l.await??;
+    }
     for v in [&mut end_to_end, &mut is_member_rtt, &mut record_rtt] {
         v.sort_by(f64::total_cmp);
+    }
+    if let Some(ingest) = &ingest {
+        println!(
+            "under load: ingest {:.0} events/s during the samples (aimed at {}, {} clients x batches of {})",
+            ingested as f64 / measured,
+            ingest.rate,
+            ingest.clients,
+            ingest.batch
+        );
     }
     println!(
         "latency touchpoint->IsMember p50 {:.2} ms p99 {:.2} ms | RecordTouchpoints p50 {:.2} ms p99 {:.2} ms | IsMember p50 {:.2} ms p99 {:.2} ms ({samples} samples)",
@@ -439,7 +535,17 @@ async fn main() -> anyhow::Result<()> {
             customer,
             segmentation,
             samples,
-        } => latency(&customer, &segmentation, samples).await,
+            ingest_rate,
+            ingest_clients,
+            ingest_batch,
+        } => {
+            let ingest = (ingest_rate > 0).then_some(Ingest {
+                rate: ingest_rate,
+                clients: ingest_clients.max(1),
+                batch: ingest_batch.max(1),
+            });
+            latency(&customer, &segmentation, samples, ingest).await
+        }
         Command::Incremental {
             customer,
             segmentation,
