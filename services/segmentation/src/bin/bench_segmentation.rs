@@ -245,6 +245,9 @@ async fn prepare(customer: &str, segmentation: &str, out: &Path) -> anyhow::Resu
     Ok(())
 }
 
+/// How long a sample beside an ingest is waited for.
+const LOADED_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An ingest beside the latency samples.
 struct Ingest {
     /// Events/s aimed at, in all.
@@ -332,10 +335,27 @@ async fn latency(
         })
         .await?;
         record_rtt.push(t.elapsed().as_secs_f64() * 1e3);
+        // Idle, a sample must show within 30 s. Beside an ingest the
+        // service may fall behind for good: a sample still not shown after
+        // LOADED_WAIT counts as LOADED_WAIT (the figure is then a lower
+        // bound) and ends the sampling, since every later one would wait
+        // behind the same backlog.
+        let mut censored = false;
         while !member(&mut s, &seg, who).await? {
-            anyhow::ensure!(t.elapsed().as_secs() < 120, "never became a member");
+            if ingest.is_some() && t.elapsed() >= LOADED_WAIT {
+                censored = true;
+                break;
+            }
+            anyhow::ensure!(t.elapsed().as_secs() < 30, "never became a member");
         }
         end_to_end.push(t.elapsed().as_secs_f64() * 1e3);
+        if censored {
+            println!(
+                "under load: sample {} of {samples} still not a member after {LOADED_WAIT:?}: counted as {LOADED_WAIT:?}, sampling stopped",
+                end_to_end.len()
+            );
+            break;
+        }
     }
     let ingested = sent.load(Ordering::Relaxed) - sent_before;
     let measured = measuring.elapsed().as_secs_f64();
@@ -356,13 +376,14 @@ async fn latency(
         );
     }
     println!(
-        "latency touchpoint->IsMember p50 {:.2} ms p99 {:.2} ms | RecordTouchpoints p50 {:.2} ms p99 {:.2} ms | IsMember p50 {:.2} ms p99 {:.2} ms ({samples} samples)",
+        "latency touchpoint->IsMember p50 {:.2} ms p99 {:.2} ms | RecordTouchpoints p50 {:.2} ms p99 {:.2} ms | IsMember p50 {:.2} ms p99 {:.2} ms ({} of {samples} samples)",
         percentile(&end_to_end, 0.5),
         percentile(&end_to_end, 0.99),
         percentile(&record_rtt, 0.5),
         percentile(&record_rtt, 0.99),
         percentile(&is_member_rtt, 0.5),
         percentile(&is_member_rtt, 0.99),
+        end_to_end.len(),
     );
     Ok(())
 }
