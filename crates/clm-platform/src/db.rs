@@ -161,6 +161,33 @@ pub fn unique_violation_detail(e: &DbErr) -> Option<String> {
     }
 }
 
+/// How many times [`retry_conflicts`] runs a transaction at most.
+pub const CONFLICT_ATTEMPTS: usize = 4;
+
+/// Runs `work`, one whole transaction, again when it lost to a concurrent
+/// transaction ([`crate::Error::is_transaction_conflict`]: a deadlock the
+/// database broke, a serialization failure), up to [`CONFLICT_ATTEMPTS`]
+/// times in all with a short random backoff; any other answer is returned
+/// as it is. For write paths whose locks cannot always be taken in one
+/// order, so that the caller never sees an ABORTED it did not cause.
+pub async fn retry_conflicts<T, F, Fut>(work: F) -> crate::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::Result<T>>,
+{
+    use backon::{ExponentialBuilder, Retryable};
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(2))
+        .with_max_delay(Duration::from_millis(50))
+        .with_max_times(CONFLICT_ATTEMPTS - 1)
+        .with_jitter();
+    work.retry(backoff)
+        .sleep(tokio::time::sleep)
+        .when(crate::Error::is_transaction_conflict)
+        .notify(|e, after| tracing::debug!(error = %e, ?after, "transaction conflict; running it again"))
+        .await
+}
+
 /// Whether `db` is PostgreSQL.
 pub fn is_postgres(db: &impl ConnectionTrait) -> bool {
     db.get_database_backend() == DbBackend::Postgres

@@ -147,6 +147,21 @@ fn sqlstate(e: &sea_orm::DbErr) -> Option<String> {
 /// succeeds when retried.
 const RETRYABLE_SQLSTATES: [&str; 2] = ["40001", "40P01"];
 
+/// The message of [`Error::Aborted`] for a transaction that lost to a
+/// concurrent one ([`RETRYABLE_SQLSTATES`]).
+const CONFLICT: &str = "the transaction conflicted with a concurrent one; retry";
+
+impl Error {
+    /// Whether a transaction lost a race with a concurrent one (PostgreSQL's
+    /// serialization failure or deadlock): nothing of it committed, and
+    /// running the whole transaction again can succeed
+    /// ([`crate::db::retry_conflicts`]). A stale etag or a unique key taken
+    /// first is not one: running it again gives the same answer.
+    pub fn is_transaction_conflict(&self) -> bool {
+        matches!(self, Error::Aborted(m) if m == CONFLICT)
+    }
+}
+
 /// A unique key taken by a concurrent writer (PostgreSQL `23505`, SQLite
 /// `SQLITE_CONSTRAINT_UNIQUE` 2067 and `SQLITE_CONSTRAINT_PRIMARYKEY` 1555).
 /// Write paths check for existing keys inside their transaction; reaching
@@ -166,7 +181,7 @@ impl From<sea_orm::DbErr> for Error {
             && RETRYABLE_SQLSTATES.contains(&code.as_str())
         {
             tracing::debug!(sqlstate = %code, error = %e, "transaction conflict");
-            return Self::Aborted("the transaction conflicted with a concurrent one; retry".into());
+            return Self::Aborted(CONFLICT.into());
         }
         if is_unique_violation(&e) {
             tracing::debug!(error = %e, "unique key taken by a concurrent write");
@@ -642,6 +657,45 @@ mod tests {
         let status: Status = Error::from(db_err("42601")).into();
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("secret_table"));
+    }
+
+    #[tokio::test]
+    async fn a_transaction_that_lost_a_race_runs_again_and_nothing_else_does() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // Two conflicts, then success: three runs, the answer of the third.
+        let runs = AtomicUsize::new(0);
+        let out = crate::db::retry_conflicts(|| async {
+            match runs.fetch_add(1, Ordering::SeqCst) {
+                0 | 1 => Err(Error::from(db_err("40P01"))),
+                n => Ok(n),
+            }
+        })
+        .await;
+        assert_eq!((out.ok(), runs.load(Ordering::SeqCst)), (Some(2), 3));
+        // Always conflicting: CONFLICT_ATTEMPTS runs, then the conflict.
+        let runs = AtomicUsize::new(0);
+        let out: Result<(), _> = crate::db::retry_conflicts(|| async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Err(Error::from(db_err("40001")))
+        })
+        .await;
+        assert!(out.unwrap_err().is_transaction_conflict());
+        assert_eq!(runs.load(Ordering::SeqCst), crate::db::CONFLICT_ATTEMPTS);
+        // A stale etag or a unique key taken first runs once.
+        let others: [fn() -> Error; 2] = [
+            || Error::Aborted("the etag is stale".into()),
+            || Error::from(db_err("23505")),
+        ];
+        for e in others {
+            let runs = AtomicUsize::new(0);
+            let out: Result<(), _> = crate::db::retry_conflicts(|| async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Err(e())
+            })
+            .await;
+            assert!(matches!(out, Err(Error::Aborted(_))));
+            assert_eq!(runs.load(Ordering::SeqCst), 1);
+        }
     }
 
     /// The real thing on PostgreSQL (when `CLM_TEST_DATABASE_URL` is set):

@@ -1118,8 +1118,20 @@ impl LoyaltyService for LoyaltyApi {
             let _lane = self.member_lane(&program, &customer).await;
             let now = self.now();
             let out = if clm_platform::db::is_postgres(&self.rt.db) {
-                redeem::on_postgres(&self.rt, &req, rid, &program, &customer, &reward_id, now)
-                    .await?
+                // The last units of a stock can deadlock two redemptions
+                // (store::slots): the loser runs again.
+                clm_platform::db::retry_conflicts(|| {
+                    redeem::on_postgres(
+                        &self.rt,
+                        &req,
+                        rid.clone(),
+                        &program,
+                        &customer,
+                        &reward_id,
+                        now,
+                    )
+                })
+                .await?
             } else {
                 idempotency::write(&self.rt, redeem::SCOPE, Some(rid), &req, now, async |txn| {
                     redeem::general(txn, &program, &customer, &reward_id, to_micros(now)).await

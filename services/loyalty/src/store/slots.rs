@@ -18,9 +18,17 @@
 //!    first, if their sum holds it.
 //!
 //! A writer waits for one slot only while holding none (step 2), or takes
-//! all of them in one order (step 3), so slot waits cannot deadlock; a
-//! unit held by a transaction that rolls back is never refused. SQLite has
-//! one writer: step 3 at once.
+//! all of them in one order (step 3); a unit held by a transaction that
+//! rolls back is never refused. SQLite has one writer: step 3 at once.
+//!
+//! One deadlock remains possible: when step 1's `SKIP LOCKED` locks a slot
+//! whose newest version no longer holds `n` (a concurrent take committed
+//! after the statement's snapshot), PostgreSQL keeps that row locked
+//! although the statement does not return it, and the writer then waits in
+//! step 3 while holding it. PostgreSQL breaks the deadlock after its
+//! `deadlock_timeout`; the redemption that lost runs again
+//! (`clm_platform::db::retry_conflicts`). It takes the last units of a
+//! stock, with writers racing for them, to happen.
 
 use super::{all, one};
 use clm_platform::Result;
