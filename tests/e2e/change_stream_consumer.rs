@@ -211,7 +211,12 @@ async fn scalar(db: &DatabaseConnection, sql: &str) -> i64 {
 async fn assert_exactly_once(db: &DatabaseConnection, n: i64) {
     eventually(Duration::from_secs(30), || async {
         scalar(db, "SELECT COUNT(*) FROM effects").await == n
-            && scalar(db, "SELECT COUNT(*) FROM outbox WHERE position IS NOT NULL").await == n
+            && scalar(
+                db,
+                "SELECT COUNT(*) FROM outbox_events WHERE position IS NOT NULL",
+            )
+            .await
+                == n
     })
     .await;
     assert_eq!(

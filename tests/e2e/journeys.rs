@@ -326,7 +326,8 @@ async fn journey_2_closed_feedback_loop_and_the_customer_view() {
 
 /// The tables of `db` with a row whose text or bytes hold `needle` (rows
 /// that record the erasure itself, EraseCustomer's stored answer, aside).
-/// Tables are listed from the database's own catalog, not kept by hand.
+/// Tables (not views, which show what tables hold) are listed from the
+/// database's own catalog, not kept by hand.
 async fn tables_holding(db: &sea_orm::DatabaseConnection, needle: &str) -> Vec<String> {
     use sea_orm::{ConnectionTrait, DbBackend, Statement};
     let backend = db.get_database_backend();
@@ -334,6 +335,8 @@ async fn tables_holding(db: &sea_orm::DatabaseConnection, needle: &str) -> Vec<S
         DbBackend::Postgres => {
             "SELECT table_name::text AS t, column_name::text AS c, data_type::text AS ty \
              FROM information_schema.columns WHERE table_schema = current_schema() \
+             AND table_name IN (SELECT table_name FROM information_schema.tables \
+               WHERE table_schema = current_schema() AND table_type = 'BASE TABLE') \
              ORDER BY table_name, ordinal_position"
         }
         _ => {

@@ -54,6 +54,7 @@ pub fn platform_migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(OutboxTraceContext),
         Box::new(OutboxEventIdUnindexed),
         Box::new(OutboxPositionStampedOnly),
+        Box::new(OutboxTransactionStamps),
     ]
 }
 
@@ -439,6 +440,72 @@ impl MigrationTrait for OutboxPositionStampedOnly {
                 "CREATE UNIQUE INDEX outbox_position ON outbox (position) WHERE position IS NOT NULL",
             )
             .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Stamps positions per writing transaction instead of per event
+/// (PostgreSQL; see [`crate::outbox`]): `outbox_txns` holds one row per
+/// transaction that appended events, inserted by a statement trigger on
+/// `outbox` and stamped by the relay with the transaction's first and last
+/// position; an event's position is its transaction's `base` plus its
+/// sequence's offset from the transaction's lowest (`lo`). The relay no
+/// longer rewrites event rows, so an event costs its insert only.
+///
+/// Events stamped before become one-event transactions keyed by their
+/// negated position (their positions do not change); events not stamped
+/// yet become one-event transactions that the relay stamps next. Every
+/// backend gets the view `outbox_events` (each event with its position, or
+/// NULL while unstamped), for tests and operators.
+pub struct OutboxTransactionStamps;
+
+impl MigrationName for OutboxTransactionStamps {
+    fn name(&self) -> &str {
+        "m0006_platform_outbox_transaction_stamps"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for OutboxTransactionStamps {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        let db = m.get_connection();
+        let statements: &[&str] = if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+            &[
+                "CREATE TABLE outbox_txns (txn BIGINT NOT NULL PRIMARY KEY, \
+                 lo BIGINT NULL, base BIGINT NULL, last BIGINT NULL)",
+                "ALTER TABLE outbox ADD COLUMN txn BIGINT NULL",
+                "UPDATE outbox SET txn = -position WHERE position IS NOT NULL",
+                // Below every negated position (positions stay under 2^62).
+                "UPDATE outbox SET txn = -4611686018427387904 - sequence WHERE position IS NULL",
+                "INSERT INTO outbox_txns (txn, lo, base, last) \
+                 SELECT txn, sequence, position, position FROM outbox WHERE position IS NOT NULL",
+                "INSERT INTO outbox_txns (txn) SELECT txn FROM outbox WHERE position IS NULL",
+                "ALTER TABLE outbox ALTER COLUMN txn SET DEFAULT (pg_current_xact_id()::text::int8)",
+                "ALTER TABLE outbox ALTER COLUMN txn SET NOT NULL",
+                "CREATE INDEX outbox_txn ON outbox (txn, sequence)",
+                "CREATE UNIQUE INDEX outbox_txns_last ON outbox_txns (last) WHERE last IS NOT NULL",
+                "CREATE INDEX outbox_txns_unstamped ON outbox_txns (txn) WHERE last IS NULL",
+                "DROP INDEX IF EXISTS outbox_unstamped",
+                "DROP INDEX IF EXISTS outbox_position",
+                "CREATE OR REPLACE FUNCTION clm_outbox_txn() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN INSERT INTO outbox_txns (txn) VALUES (pg_current_xact_id()::text::int8) \
+                 ON CONFLICT DO NOTHING; RETURN NULL; END $$",
+                "CREATE TRIGGER outbox_txn AFTER INSERT ON outbox \
+                 FOR EACH STATEMENT EXECUTE FUNCTION clm_outbox_txn()",
+                "CREATE VIEW outbox_events AS SELECT t.base + (e.sequence - t.lo) AS position, \
+                 e.sequence, e.event_id, e.event_type, e.subject, e.payload, e.occurred_us, \
+                 e.traceparent FROM outbox e LEFT JOIN outbox_txns t \
+                 ON t.txn = e.txn AND t.last IS NOT NULL",
+            ]
+        } else {
+            &[
+                "CREATE VIEW outbox_events AS SELECT position, sequence, event_id, event_type, \
+               subject, payload, occurred_us, traceparent FROM outbox",
+            ]
+        };
+        for sql in statements {
+            db.execute_unprepared(sql).await?;
         }
         Ok(())
     }

@@ -8,15 +8,31 @@
 //! (commits group as PostgreSQL likes). After a commit, the writer's
 //! process wakes its *relay*, which in one short transaction, under an
 //! advisory lock named after the service, stamps every committed unstamped
-//! row with the next positions (`MAX(position) + row_number()`), sends one
-//! `NOTIFY` for the whole batch and commits. Stamping is serialised and
-//! only sees committed rows, so positions appear strictly in order, dense,
-//! and a reader that has passed position p never finds a smaller one later.
-//! A writer that crashes between its commit and the wake-up is covered by
-//! every replica's relay polling for unstamped rows.
+//! *transaction*, sends one `NOTIFY` for the whole batch and commits.
+//!
+//! **A stamp per transaction, not per event** (PostgreSQL). A statement
+//! trigger on `outbox` records each writing transaction once in
+//! `outbox_txns` (its id, `pg_current_xact_id()`, which every event row
+//! also carries in `txn`). The relay gives each committed unstamped
+//! transaction the next range of positions, as wide as the span of its
+//! events' sequences: `base` for its lowest sequence `lo`, `last` for its
+//! highest. An event's position is `base + (sequence - lo)`. So a stamp
+//! writes one small row per transaction and never rewrites an event (the
+//! ingest appends a thousand events a transaction). Positions are strictly
+//! increasing in commit order, with gaps where other transactions' sequence
+//! numbers fell inside a transaction's span; readers never rely on them
+//! being dense. Transactions are placed in the order of their highest
+//! sequence, which keeps every transaction after those it waited for; it
+//! needs sequence numbers taken in time order, so `outbox`'s sequence is
+//! never cached per session (PostgreSQL's default, `CACHE 1`).
+//! Stamping is serialised and only sees committed rows, so a
+//! reader that has passed position p never finds a smaller one later. A
+//! writer that crashes between its commit and the wake-up is covered by
+//! every replica's relay polling for unstamped transactions.
 //!
 //! SQLite has a single writer, so the writer stamps its own rows in the
-//! same transaction (`position = sequence`).
+//! same transaction (`position = sequence`, a column of `outbox`). The view
+//! `outbox_events` shows every event with its position on both backends.
 //!
 //! **Waking watchers.** A stamp wakes this process's watchers at once;
 //! other replicas hear the relay's coalesced `NOTIFY clm_outbox_<service>`
@@ -39,8 +55,42 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-/// Most rows one relay transaction stamps.
-const STAMP_BATCH: i64 = 20_000;
+/// Most transactions one relay transaction stamps.
+const STAMP_BATCH: i64 = 2_000;
+
+/// The relay's stamp (PostgreSQL; `$1` = [`STAMP_BATCH`]): the next
+/// unstamped transactions, their events' sequence span (two index probes
+/// each, however many events they hold), each placed after the head in
+/// order of its *highest* sequence: an event written after another
+/// transaction committed (it waited for that one's lock) takes a higher
+/// sequence than all of that one's events, so a transaction never goes
+/// before one it followed, whatever their lowest sequences. A transaction
+/// whose events were all rolled back (a savepoint) leaves no events and
+/// its row goes.
+/// Answers how many transactions it stamped and the positions they took.
+const PG_STAMP: &str = "WITH next AS ( \
+       SELECT txn FROM outbox_txns WHERE last IS NULL ORDER BY txn LIMIT $1), \
+     span AS ( \
+       SELECT n.txn, (SELECT min(sequence) FROM outbox e WHERE e.txn = n.txn) AS lo, \
+         (SELECT max(sequence) FROM outbox e WHERE e.txn = n.txn) AS hi FROM next n), \
+     head AS (SELECT COALESCE(MAX(last), 0) AS m FROM outbox_txns), \
+     placed AS ( \
+       SELECT s.txn, s.lo, s.hi - s.lo AS width, \
+         head.m + (sum(s.hi - s.lo + 1) OVER (ORDER BY s.hi ROWS UNBOUNDED PRECEDING))::int8 AS last \
+       FROM span s, head WHERE s.lo IS NOT NULL), \
+     gone AS (DELETE FROM outbox_txns o USING span s WHERE o.txn = s.txn AND s.lo IS NULL), \
+     stamped AS ( \
+       UPDATE outbox_txns o SET lo = p.lo, base = p.last - p.width, last = p.last \
+       FROM placed p WHERE o.txn = p.txn RETURNING p.width + 1 AS width) \
+     SELECT COUNT(*) AS txns, COALESCE(SUM(width), 0)::int8 AS positions FROM stamped";
+
+/// The events after a position (PostgreSQL; `$1` = the position, `$2` =
+/// the limit; a type filter is appended): transactions in position order,
+/// each one's events in sequence order.
+const PG_READ_AFTER: &str = "SELECT t.base + (e.sequence - t.lo) AS position, e.event_id, \
+     e.event_type, e.subject, e.payload, e.occurred_us, e.traceparent \
+     FROM outbox_txns t JOIN outbox e ON e.txn = t.txn \
+     WHERE t.last > $1 AND e.sequence > t.lo + ($1 - t.base)";
 
 /// An event to append.
 #[derive(Debug, Clone)]
@@ -190,10 +240,17 @@ impl Outbox {
         self.visible.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// Stamps positions on committed, unstamped events (PostgreSQL); returns how many.
+    /// Stamps positions on committed, unstamped events (PostgreSQL);
+    /// returns how many positions the stamped transactions took.
     pub async fn stamp(&self, db: &DatabaseConnection) -> Result<u64, DbErr> {
+        Ok(self.stamp_batch(db).await?.1)
+    }
+
+    /// [`Outbox::stamp`]: whether the batch was full (more may be left),
+    /// and the positions taken.
+    async fn stamp_batch(&self, db: &DatabaseConnection) -> Result<(bool, u64), DbErr> {
         if !is_postgres(db) {
-            return Ok(0);
+            return Ok((false, 0));
         }
         let txn = db.begin().await?;
         txn.execute_raw(Statement::from_sql_and_values(
@@ -203,19 +260,16 @@ impl Outbox {
         ))
         .await?;
         // Runs after the lock, so its snapshot sees every earlier stamp.
-        let stamped = txn
-            .execute_raw(Statement::from_sql_and_values(
+        let row = txn
+            .query_one_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
-                "WITH next AS ( \
-                   SELECT sequence, row_number() OVER (ORDER BY sequence) AS rn \
-                   FROM outbox WHERE position IS NULL ORDER BY sequence LIMIT $1), \
-                 base AS (SELECT COALESCE(MAX(position), 0) AS m FROM outbox) \
-                 UPDATE outbox o SET position = base.m + next.rn \
-                 FROM next, base WHERE o.sequence = next.sequence",
+                PG_STAMP,
                 [STAMP_BATCH.into()],
             ))
             .await?
-            .rows_affected();
+            .ok_or_else(|| DbErr::Custom("the outbox stamp answered no row".into()))?;
+        let txns: i64 = row.try_get("", "txns")?;
+        let stamped = u64::try_from(row.try_get::<i64>("", "positions")?).unwrap_or(0);
         if stamped > 0 {
             txn.execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
@@ -228,7 +282,7 @@ impl Outbox {
         if stamped > 0 {
             self.wake_watchers();
         }
-        Ok(stamped)
+        Ok((txns >= STAMP_BATCH, stamped))
     }
 
     /// On PostgreSQL, runs the relay (stamping after local commits and every
@@ -247,9 +301,9 @@ impl Outbox {
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(50);
             loop {
-                match this.stamp(&db).await {
+                match this.stamp_batch(&db).await {
                     // A full batch may leave more: go again at once.
-                    Ok(n) if n as i64 >= STAMP_BATCH => continue,
+                    Ok((true, _)) => continue,
                     Ok(_) => backoff = Duration::from_millis(50),
                     Err(e) => {
                         tracing::warn!(source = this.source, error = %e, "outbox relay failed; retrying");
@@ -316,11 +370,18 @@ impl Outbox {
 
     /// The positions a consumer may resume from.
     pub async fn bounds(&self, db: &impl ConnectionTrait) -> Result<Bounds, DbErr> {
+        let head = if is_postgres(db) {
+            "SELECT MAX(last) FROM outbox_txns"
+        } else {
+            "SELECT MAX(position) FROM outbox"
+        };
         let row = db
             .query_one_raw(Statement::from_string(
                 db.get_database_backend(),
-                "SELECT COALESCE((SELECT MAX(position) FROM outbox), 0) AS head, \
-                 COALESCE((SELECT purged_through FROM outbox_retention WHERE id = 1), 0) AS purged",
+                format!(
+                    "SELECT COALESCE(({head}), 0) AS head, \
+                     COALESCE((SELECT purged_through FROM outbox_retention WHERE id = 1), 0) AS purged"
+                ),
             ))
             .await?;
         Ok(match row {
@@ -353,11 +414,21 @@ impl Outbox {
             "UPDATE outbox_retention SET purged_through = purged_through WHERE id = 1",
         ))
         .await?;
+        let postgres = backend == DbBackend::Postgres;
+        // The newest event is always kept: on PostgreSQL, its whole
+        // transaction.
+        let last = if postgres {
+            "SELECT MAX(t.base + (e.sequence - t.lo)) AS p FROM outbox e \
+             JOIN outbox_txns t ON t.txn = e.txn WHERE e.occurred_us < $1 \
+             AND t.last < (SELECT MAX(last) FROM outbox_txns)"
+        } else {
+            "SELECT MAX(position) AS p FROM outbox WHERE occurred_us < $1 \
+             AND position < (SELECT MAX(position) FROM outbox)"
+        };
         let row = txn
             .query_one_raw(Statement::from_sql_and_values(
                 backend,
-                "SELECT MAX(position) AS p FROM outbox WHERE occurred_us < $1 \
-                 AND position < (SELECT MAX(position) FROM outbox)",
+                last,
                 [to_micros(cutoff).into()],
             ))
             .await?;
@@ -368,14 +439,28 @@ impl Outbox {
         let Some(through) = through else {
             return Ok(0);
         };
+        let delete = if postgres {
+            "DELETE FROM outbox e USING outbox_txns t WHERE e.txn = t.txn \
+             AND t.last IS NOT NULL AND t.base + (e.sequence - t.lo) <= $1"
+        } else {
+            "DELETE FROM outbox WHERE position <= $1"
+        };
         let deleted = txn
             .execute_raw(Statement::from_sql_and_values(
                 backend,
-                "DELETE FROM outbox WHERE position <= $1",
+                delete,
                 [through.into()],
             ))
             .await?
             .rows_affected();
+        if postgres {
+            txn.execute_raw(Statement::from_sql_and_values(
+                backend,
+                "DELETE FROM outbox_txns WHERE last <= $1",
+                [through.into()],
+            ))
+            .await?;
+        }
         txn.execute_raw(Statement::from_sql_and_values(
             backend,
             "UPDATE outbox_retention SET purged_through = $1 WHERE id = 1 AND purged_through < $1",
@@ -395,27 +480,27 @@ impl Outbox {
         types: &[String],
         limit: u64,
     ) -> Result<Vec<ChangeEvent>, DbErr> {
-        let mut q = Query::select();
-        q.columns(
-            [
-                "position",
-                "event_id",
-                "event_type",
-                "subject",
-                "payload",
-                "occurred_us",
-                "traceparent",
-            ]
-            .map(Alias::new),
-        )
-        .from(Alias::new("outbox"))
-        .and_where(Expr::col(Alias::new("position")).gt(after))
-        .order_by(Alias::new("position"), Order::Asc)
-        .limit(limit);
-        if !types.is_empty() {
-            q.and_where(Expr::col(Alias::new("event_type")).is_in(types.iter().cloned()));
-        }
-        let rows = db.query_all(&q).await?;
+        let rows = if is_postgres(db) {
+            let mut sql = PG_READ_AFTER.to_owned();
+            let mut values: Vec<sea_orm::Value> = vec![
+                after.into(),
+                i64::try_from(limit).unwrap_or(i64::MAX).into(),
+            ];
+            if !types.is_empty() {
+                let marks: Vec<String> = (0..types.len()).map(|i| format!("${}", i + 3)).collect();
+                sql.push_str(&format!(" AND e.event_type IN ({})", marks.join(", ")));
+                values.extend(types.iter().map(|t| t.as_str().into()));
+            }
+            sql.push_str(" ORDER BY t.last, e.sequence LIMIT $2");
+            db.query_all_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                sql,
+                values,
+            ))
+            .await?
+        } else {
+            self.sqlite_read_after(db, after, types, limit).await?
+        };
         rows.into_iter()
             .map(|r| {
                 let event_type: String = r.try_get("", "event_type")?;
@@ -438,6 +523,37 @@ impl Outbox {
                 })
             })
             .collect()
+    }
+
+    /// [`Outbox::read_after`] on SQLite: by the `position` column.
+    async fn sqlite_read_after(
+        &self,
+        db: &impl ConnectionTrait,
+        after: i64,
+        types: &[String],
+        limit: u64,
+    ) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
+        let mut q = Query::select();
+        q.columns(
+            [
+                "position",
+                "event_id",
+                "event_type",
+                "subject",
+                "payload",
+                "occurred_us",
+                "traceparent",
+            ]
+            .map(Alias::new),
+        )
+        .from(Alias::new("outbox"))
+        .and_where(Expr::col(Alias::new("position")).gt(after))
+        .order_by(Alias::new("position"), Order::Asc)
+        .limit(limit);
+        if !types.is_empty() {
+            q.and_where(Expr::col(Alias::new("event_type")).is_in(types.iter().cloned()));
+        }
+        db.query_all(&q).await
     }
 }
 

@@ -119,21 +119,32 @@ async fn an_open_writer_never_blocks_another_and_the_stream_keeps_commit_order()
     assert_eq!(next(&mut again).await.event_id, first.event_id);
     assert_eq!(next(&mut again).await.event_id, second.event_id);
 
-    // Positions stay unique, and unstamped events take no entry in their
-    // index (m0005): it holds the two stamped events only.
+    // The relay stamped the two transactions, not their events (m0006):
+    // each event row is still the version its writer inserted (its xmin
+    // is the writing transaction), and each transaction has its range.
     use sea_orm::ConnectionTrait;
-    let row = db
-        .query_one_raw(sea_orm::Statement::from_string(
-            sea_orm::DbBackend::Postgres,
-            "SELECT indexdef FROM pg_indexes WHERE indexname = 'outbox_position'",
-        ))
-        .await
-        .unwrap()
-        .expect("the outbox_position index");
-    let def: String = row.try_get("", "indexdef").unwrap();
-    assert!(
-        def.starts_with("CREATE UNIQUE INDEX") && def.ends_with("WHERE (\"position\" IS NOT NULL)"),
-        "{def}"
+    let one = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            db.query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                sql,
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get_by_index::<i64>(0)
+            .unwrap()
+        }
+    };
+    assert_eq!(
+        one("SELECT COUNT(*) FROM outbox WHERE xmin::text::int8 <> txn % 4294967296").await,
+        0,
+        "an event row was rewritten after its insert"
+    );
+    assert_eq!(
+        one("SELECT COUNT(*) FROM outbox_txns WHERE last IS NOT NULL").await,
+        2
     );
     server.stop().await;
 }
@@ -228,4 +239,214 @@ async fn unknown_event_types_are_refused_instead_of_streaming_nothing() {
         .collect();
     assert_eq!(fields, ["event_types[1]"]);
     server.stop().await;
+}
+
+/// An event of another type than `event`'s, to filter on.
+fn other(id: &str) -> NewEvent {
+    NewEvent::new(id, &clm_proto::common::Money::default())
+}
+
+#[tokio::test]
+async fn transactions_of_many_events_read_in_commit_order_from_any_position() {
+    use sea_orm::ConnectionTrait;
+    let backend = TestBackend::new().await;
+    let mut config = backend.config("streamtest");
+    config.change_poll_interval_ms = 50;
+    let server = start(&STREAM, config.clone()).await;
+    let db = clm_platform::db::connect(&config.database).await.unwrap();
+    let outbox = Outbox::new("streamtest");
+    let now = chrono::Utc::now();
+    let postgres = backend.is_postgres();
+
+    // A appends twice around B's events; B commits first (on SQLite, one
+    // writer: A first, then B).
+    let a = db.begin().await.unwrap();
+    outbox
+        .append(&a, &[event("a1"), other("a2"), event("a3")], now)
+        .await
+        .unwrap();
+    if postgres {
+        let b = db.begin().await.unwrap();
+        outbox
+            .append(&b, &[event("b1"), other("b2")], now)
+            .await
+            .unwrap();
+        outbox.commit(b).await.unwrap();
+        // Stamped before A commits (a relay stamping both at once may
+        // put either first: both had committed).
+        outbox.stamp(&db).await.unwrap();
+    }
+    // Events appended inside a savepoint that rolls back leave nothing.
+    a.execute_unprepared("SAVEPOINT gone").await.unwrap();
+    outbox.append(&a, &[event("gone")], now).await.unwrap();
+    a.execute_unprepared("ROLLBACK TO SAVEPOINT gone")
+        .await
+        .unwrap();
+    outbox.append(&a, &[event("a4")], now).await.unwrap();
+    outbox.commit(a).await.unwrap();
+    if !postgres {
+        let b = db.begin().await.unwrap();
+        outbox
+            .append(&b, &[event("b1"), other("b2")], now)
+            .await
+            .unwrap();
+        outbox.commit(b).await.unwrap();
+    }
+    // A transaction whose only events rolled back is stamped as nothing.
+    let c = db.begin().await.unwrap();
+    c.execute_unprepared("SAVEPOINT gone").await.unwrap();
+    outbox.append(&c, &[event("gone")], now).await.unwrap();
+    c.execute_unprepared("ROLLBACK TO SAVEPOINT gone")
+        .await
+        .unwrap();
+    outbox.commit(c).await.unwrap();
+    outbox.stamp(&db).await.unwrap();
+
+    let all = outbox.read_after(&db, 0, &[], 100).await.unwrap();
+    let subjects: Vec<&str> = all.iter().map(|e| e.subject.as_str()).collect();
+    let expected = if postgres {
+        ["b1", "b2", "a1", "a2", "a3", "a4"]
+    } else {
+        ["a1", "a2", "a3", "a4", "b1", "b2"]
+    };
+    assert_eq!(subjects, expected);
+    assert!(
+        all.windows(2).all(|w| w[0].sequence < w[1].sequence),
+        "positions strictly increase: {:?}",
+        all.iter().map(|e| e.sequence).collect::<Vec<_>>()
+    );
+    let head = outbox.bounds(&db).await.unwrap().head;
+    assert_eq!(head, all.last().unwrap().sequence);
+    // From any position, in the middle of a transaction or between two,
+    // the rest of the stream and nothing else; a limit cuts it anywhere.
+    for (i, e) in all.iter().enumerate() {
+        let rest = outbox.read_after(&db, e.sequence, &[], 100).await.unwrap();
+        assert_eq!(
+            rest.iter().map(|e| &e.event_id).collect::<Vec<_>>(),
+            all[i + 1..].iter().map(|e| &e.event_id).collect::<Vec<_>>(),
+            "after {}",
+            e.sequence
+        );
+        let two = outbox.read_after(&db, e.sequence, &[], 2).await.unwrap();
+        assert_eq!(two.len(), (all.len() - i - 1).min(2));
+    }
+    // A type filter keeps the order.
+    let others = outbox
+        .read_after(&db, 0, &[other("").event_type], 100)
+        .await
+        .unwrap();
+    let subjects: Vec<&str> = others.iter().map(|e| e.subject.as_str()).collect();
+    assert_eq!(subjects, if postgres { ["b2", "a2"] } else { ["a2", "b2"] });
+    // The view shows every event with its position.
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*), COUNT(position), MAX(position) FROM outbox_events",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let counts: (i64, i64, i64) = (
+        row.try_get_by_index(0).unwrap(),
+        row.try_get_by_index(1).unwrap(),
+        row.try_get_by_index(2).unwrap(),
+    );
+    assert_eq!(counts, (6, 6, head));
+    if postgres {
+        // No transaction is left to stamp, the empty one included.
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT COUNT(*) FROM outbox_txns WHERE last IS NULL",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.try_get_by_index::<i64>(0).unwrap(), 0);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn events_stamped_before_per_transaction_stamps_keep_their_positions() {
+    use sea_orm::ConnectionTrait;
+    let backend = TestBackend::new().await;
+    if !backend.is_postgres() {
+        // SQLite stamps in the writing transaction, as before.
+        return;
+    }
+    let config = backend.config("streamtest");
+    let db = clm_platform::db::connect(&config.database).await.unwrap();
+    // Every migration before m0006, then events as the per-event relay
+    // left them: two stamped (positions 1 and 2, the second with the
+    // lower sequence), one committed but not stamped yet.
+    let before = <PlatformOnly as MigratorTrait>::migrations().len() - 1;
+    <PlatformOnly as MigratorTrait>::up(
+        &db,
+        Some(<u32 as TryFrom<usize>>::try_from(before).unwrap()),
+    )
+    .await
+    .unwrap();
+    db.execute_unprepared(
+        "INSERT INTO outbox (sequence, event_id, event_type, subject, payload, occurred_us, position) VALUES \
+         (11, 'e11', 'clm.common.v1.Date', 'second', '\\x00', 0, 2), \
+         (10, 'e10', 'clm.common.v1.Date', 'first', '\\x00', 0, 1), \
+         (12, 'e12', 'clm.common.v1.Date', 'third', '\\x00', 0, NULL)",
+    )
+    .await
+    .unwrap();
+    <PlatformOnly as MigratorTrait>::up(&db, None)
+        .await
+        .unwrap();
+    let outbox = Outbox::new("streamtest");
+    assert_eq!(outbox.bounds(&db).await.unwrap().head, 2);
+    outbox.stamp(&db).await.unwrap();
+    let txn = db.begin().await.unwrap();
+    outbox
+        .append(&txn, &[event("fourth")], chrono::Utc::now())
+        .await
+        .unwrap();
+    outbox.commit(txn).await.unwrap();
+    outbox.stamp(&db).await.unwrap();
+    let all = outbox.read_after(&db, 0, &[], 100).await.unwrap();
+    let read: Vec<(&str, i64)> = all
+        .iter()
+        .map(|e| (e.subject.as_str(), e.sequence))
+        .collect();
+    assert_eq!(
+        read,
+        [("first", 1), ("second", 2), ("third", 3), ("fourth", 4)]
+    );
+    let rest = outbox.read_after(&db, 1, &[], 100).await.unwrap();
+    assert_eq!(rest.len(), 3);
+}
+
+#[tokio::test]
+async fn a_transaction_that_wrote_after_another_committed_follows_it() {
+    let backend = TestBackend::new().await;
+    if !backend.is_postgres() {
+        return;
+    }
+    let db = clm_platform::db::connect(&backend.config("streamtest").database)
+        .await
+        .unwrap();
+    <PlatformOnly as MigratorTrait>::up(&db, None)
+        .await
+        .unwrap();
+    let outbox = Outbox::new("streamtest");
+    let now = chrono::Utc::now();
+    // A writes, B writes and commits, A writes again (as after waiting for
+    // a lock B held) and commits; one stamp sees both. A began first, but
+    // its second event follows B's commit, so A goes after B.
+    let a = db.begin().await.unwrap();
+    outbox.append(&a, &[event("a1")], now).await.unwrap();
+    let b = db.begin().await.unwrap();
+    outbox.append(&b, &[event("b1")], now).await.unwrap();
+    outbox.commit(b).await.unwrap();
+    outbox.append(&a, &[event("a2")], now).await.unwrap();
+    outbox.commit(a).await.unwrap();
+    outbox.stamp(&db).await.unwrap();
+    let all = outbox.read_after(&db, 0, &[], 100).await.unwrap();
+    let subjects: Vec<&str> = all.iter().map(|e| e.subject.as_str()).collect();
+    assert_eq!(subjects, ["b1", "a1", "a2"]);
 }

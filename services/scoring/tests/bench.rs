@@ -497,7 +497,11 @@ impl Follow {
         };
         let mut max_lag = 0i64;
         loop {
-            let head = one(&customer, "SELECT COALESCE(MAX(position), 0) FROM outbox").await;
+            let head = one(
+                &customer,
+                "SELECT COALESCE(MAX(position), 0) FROM outbox_events",
+            )
+            .await;
             let cursor = one(
                 &scoring,
                 "SELECT COALESCE(MAX(sequence), 0) FROM consumer_cursors WHERE source = 'customer'",

@@ -153,7 +153,11 @@ async fn a_crash_and_a_full_replay_score_each_touchpoint_once() {
     let token = CancellationToken::new();
     let run = tokio::spawn(subscriber(Arc::new(|_| false)).run(token.clone()));
     let end = eventually(std::time::Duration::from_secs(30), || async {
-        let end = scalar(&source, "SELECT COALESCE(MAX(position), 0) FROM outbox").await;
+        let end = scalar(
+            &source,
+            "SELECT COALESCE(MAX(position), 0) FROM outbox_events",
+        )
+        .await;
         (scalar(&rt.db, "SELECT COUNT(*) FROM score_ledger").await == 300 && cursor().await == end)
             .then_some(end)
     })

@@ -188,7 +188,7 @@ async fn stream_end(db: &sea_orm::DatabaseConnection) -> i64 {
     use sea_orm::ConnectionTrait;
     db.query_one_raw(sea_orm::Statement::from_string(
         db.get_database_backend(),
-        "SELECT CASE WHEN COUNT(*) = COUNT(position) THEN COALESCE(MAX(position), 0) ELSE -1 END FROM outbox",
+        "SELECT CASE WHEN COUNT(*) = COUNT(position) THEN COALESCE(MAX(position), 0) ELSE -1 END FROM outbox_events",
     ))
     .await
     .unwrap()
