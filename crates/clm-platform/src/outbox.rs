@@ -85,12 +85,26 @@ const PG_STAMP: &str = "WITH next AS ( \
      SELECT COUNT(*) AS txns, COALESCE(SUM(width), 0)::int8 AS positions FROM stamped";
 
 /// The events after a position (PostgreSQL; `$1` = the position, `$2` =
-/// the limit; a type filter is appended): transactions in position order,
-/// each one's events in sequence order.
+/// the limit), in the next `$2` transactions (each stamped transaction
+/// holds an event, so they hold `$2` events if there are): transactions in
+/// position order, each one's events in sequence order. The shape keeps
+/// the plan one whatever the statistics say (a new service's tables have
+/// none): the next transactions by their index, then each one's events by
+/// `outbox_txn` (`LATERAL … LIMIT`), never a scan of the whole outbox.
+/// `{types}` is empty or ` AND e.event_type IN (…)`.
 const PG_READ_AFTER: &str = "SELECT t.base + (e.sequence - t.lo) AS position, e.event_id, \
      e.event_type, e.subject, e.payload, e.occurred_us, e.traceparent \
-     FROM outbox_txns t JOIN outbox e ON e.txn = t.txn \
-     WHERE t.last > $1 AND e.sequence > t.lo + ($1 - t.base)";
+     FROM (SELECT txn, lo, base, last FROM outbox_txns WHERE last > $1 ORDER BY last LIMIT $2) t \
+     CROSS JOIN LATERAL (SELECT sequence, event_id, event_type, subject, payload, occurred_us, \
+       traceparent FROM outbox e WHERE e.txn = t.txn AND e.sequence > t.lo + ($1 - t.base){types} \
+       ORDER BY e.sequence LIMIT $2) e \
+     ORDER BY t.last, e.sequence LIMIT $2";
+
+/// The last position of the `$2`-th transaction after position `$1`
+/// (PostgreSQL): where a filtered read goes on when those transactions
+/// held no event of its types.
+const PG_SKIP: &str =
+    "SELECT last FROM outbox_txns WHERE last > $1 ORDER BY last LIMIT 1 OFFSET $2 - 1";
 
 /// An event to append.
 #[derive(Debug, Clone)]
@@ -481,23 +495,7 @@ impl Outbox {
         limit: u64,
     ) -> Result<Vec<ChangeEvent>, DbErr> {
         let rows = if is_postgres(db) {
-            let mut sql = PG_READ_AFTER.to_owned();
-            let mut values: Vec<sea_orm::Value> = vec![
-                after.into(),
-                i64::try_from(limit).unwrap_or(i64::MAX).into(),
-            ];
-            if !types.is_empty() {
-                let marks: Vec<String> = (0..types.len()).map(|i| format!("${}", i + 3)).collect();
-                sql.push_str(&format!(" AND e.event_type IN ({})", marks.join(", ")));
-                values.extend(types.iter().map(|t| t.as_str().into()));
-            }
-            sql.push_str(" ORDER BY t.last, e.sequence LIMIT $2");
-            db.query_all_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                sql,
-                values,
-            ))
-            .await?
+            self.pg_read_after(db, after, types, limit).await?
         } else {
             self.sqlite_read_after(db, after, types, limit).await?
         };
@@ -523,6 +521,53 @@ impl Outbox {
                 })
             })
             .collect()
+    }
+
+    /// [`Outbox::read_after`] on PostgreSQL ([`PG_READ_AFTER`]). A filtered
+    /// read whose next transactions hold no event of its types goes on
+    /// after them ([`PG_SKIP`]) until it finds some or reaches the head, so
+    /// an empty answer always means "nothing more yet".
+    async fn pg_read_after(
+        &self,
+        db: &impl ConnectionTrait,
+        after: i64,
+        types: &[String],
+        limit: u64,
+    ) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
+        let limit = i64::try_from(std::cmp::max(limit, 1)).unwrap_or(i64::MAX);
+        let filter = if types.is_empty() {
+            String::new()
+        } else {
+            let marks: Vec<String> = (0..types.len()).map(|i| format!("${}", i + 3)).collect();
+            format!(" AND e.event_type IN ({})", marks.join(", "))
+        };
+        let sql = PG_READ_AFTER.replace("{types}", &filter);
+        let mut from = after;
+        loop {
+            let mut values: Vec<sea_orm::Value> = vec![from.into(), limit.into()];
+            values.extend(types.iter().map(|t| t.as_str().into()));
+            let rows = db
+                .query_all_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    sql.as_str(),
+                    values,
+                ))
+                .await?;
+            if !rows.is_empty() || types.is_empty() {
+                return Ok(rows);
+            }
+            let next = db
+                .query_one_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    PG_SKIP,
+                    [from.into(), limit.into()],
+                ))
+                .await?;
+            match next {
+                Some(r) => from = r.try_get("", "last")?,
+                None => return Ok(rows),
+            }
+        }
     }
 
     /// [`Outbox::read_after`] on SQLite: by the `position` column.

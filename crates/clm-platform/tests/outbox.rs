@@ -450,3 +450,46 @@ async fn a_transaction_that_wrote_after_another_committed_follows_it() {
     let subjects: Vec<&str> = all.iter().map(|e| e.subject.as_str()).collect();
     assert_eq!(subjects, ["b1", "a1", "a2"]);
 }
+
+#[tokio::test]
+async fn a_filtered_read_goes_past_transactions_without_its_types() {
+    let backend = TestBackend::new().await;
+    let db = clm_platform::db::connect(&backend.config("streamtest").database)
+        .await
+        .unwrap();
+    <PlatformOnly as MigratorTrait>::up(&db, None)
+        .await
+        .unwrap();
+    let outbox = Outbox::new("streamtest");
+    let now = chrono::Utc::now();
+    // Seven transactions of another type, then one of the type read.
+    for i in 0..7 {
+        let txn = db.begin().await.unwrap();
+        outbox
+            .append(
+                &txn,
+                &[other(&format!("o{i}")), other(&format!("p{i}"))],
+                now,
+            )
+            .await
+            .unwrap();
+        outbox.commit(txn).await.unwrap();
+        outbox.stamp(&db).await.unwrap();
+    }
+    let txn = db.begin().await.unwrap();
+    outbox.append(&txn, &[event("wanted")], now).await.unwrap();
+    outbox.commit(txn).await.unwrap();
+    outbox.stamp(&db).await.unwrap();
+    let types = [event("").event_type];
+    // However small the limit, the read reaches it, and then nothing.
+    for limit in [1, 2, 3, 100] {
+        let read = outbox.read_after(&db, 0, &types, limit).await.unwrap();
+        let subjects: Vec<&str> = read.iter().map(|e| e.subject.as_str()).collect();
+        assert_eq!(subjects, ["wanted"], "limit {limit}");
+        let after = outbox
+            .read_after(&db, read[0].sequence, &types, limit)
+            .await
+            .unwrap();
+        assert!(after.is_empty(), "limit {limit}");
+    }
+}
