@@ -241,6 +241,18 @@ async fn unknown_event_types_are_refused_instead_of_streaming_nothing() {
     server.stop().await;
 }
 
+/// A connection to `backend`'s database with the platform's tables, and
+/// no service (so no relay) running.
+async fn migrated(backend: &TestBackend) -> sea_orm::DatabaseConnection {
+    let db = clm_platform::db::connect(&backend.config("streamtest").database)
+        .await
+        .unwrap();
+    <PlatformOnly as MigratorTrait>::up(&db, None)
+        .await
+        .unwrap();
+    db
+}
+
 /// An event of another type than `event`'s, to filter on.
 fn other(id: &str) -> NewEvent {
     NewEvent::new(id, &clm_proto::common::Money::default())
@@ -427,12 +439,7 @@ async fn a_transaction_that_wrote_after_another_committed_follows_it() {
     if !backend.is_postgres() {
         return;
     }
-    let db = clm_platform::db::connect(&backend.config("streamtest").database)
-        .await
-        .unwrap();
-    <PlatformOnly as MigratorTrait>::up(&db, None)
-        .await
-        .unwrap();
+    let db = migrated(&backend).await;
     let outbox = Outbox::new("streamtest");
     let now = chrono::Utc::now();
     // A writes, B writes and commits, A writes again (as after waiting for
@@ -454,12 +461,7 @@ async fn a_transaction_that_wrote_after_another_committed_follows_it() {
 #[tokio::test]
 async fn a_filtered_read_goes_past_transactions_without_its_types() {
     let backend = TestBackend::new().await;
-    let db = clm_platform::db::connect(&backend.config("streamtest").database)
-        .await
-        .unwrap();
-    <PlatformOnly as MigratorTrait>::up(&db, None)
-        .await
-        .unwrap();
+    let db = migrated(&backend).await;
     let outbox = Outbox::new("streamtest");
     let now = chrono::Utc::now();
     // Seven transactions of another type, then one of the type read.
