@@ -12,7 +12,7 @@ use clm_platform::changes::{
 use clm_platform::config::Config;
 use clm_platform::outbox::NewEvent;
 use clm_platform::service::{Parts, ServiceDescriptor, migrate_with};
-use clm_platform::testing::{TestBackend, eventually, start, start_with_clock};
+use clm_platform::testing::{TestBackend, eventually, scalar, start, start_with_clock};
 use clm_platform::{Error, Runtime};
 use clm_proto::common::dead_letter_service_client::DeadLetterServiceClient;
 use clm_proto::common::{ChangeEvent, ListDeadLettersRequest, ReplayDeadLetterRequest};
@@ -192,18 +192,6 @@ impl OnBatch<pb::TouchpointRecorded> for Recorder {
         }
         Ok(())
     }
-}
-
-async fn scalar(db: &DatabaseConnection, sql: &str) -> i64 {
-    let row = db
-        .query_one_raw(sea_orm::Statement::from_string(
-            db.get_database_backend(),
-            sql.to_owned(),
-        ))
-        .await
-        .unwrap()
-        .unwrap();
-    row.try_get_by_index(0).unwrap()
 }
 
 /// Asserts the consumer's database holds exactly `n` effects, each applied

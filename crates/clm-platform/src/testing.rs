@@ -474,6 +474,18 @@ impl<T> Settled for Option<T> {
     }
 }
 
+/// The first column of the first row `sql` answers, as an integer (a
+/// count, a position): the one-number question a test asks a database.
+/// Panics, naming the statement, when it fails or answers no row.
+pub async fn scalar(db: &impl ConnectionTrait, sql: &str) -> i64 {
+    db.query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .expect(sql)
+        .expect("a row")
+        .try_get_by_index::<i64>(0)
+        .expect("an integer")
+}
+
 /// Polls `check` every 10 ms until it holds (returns `true` or `Some`),
 /// and panics if it still does not after `deadline`. For conditions that
 /// another task or process brings about (a consumer catching up, a slot

@@ -5,7 +5,7 @@
 use clm_platform::Runtime;
 use clm_platform::outbox::{NewEvent, Outbox};
 use clm_platform::service::{Parts, ServiceDescriptor, migrate_with};
-use clm_platform::testing::{TestBackend, start};
+use clm_platform::testing::{TestBackend, scalar, start};
 use clm_proto::common::change_stream_service_client::ChangeStreamServiceClient;
 use clm_proto::common::{ChangeEvent, WatchChangesRequest};
 use sea_orm::TransactionTrait;
@@ -122,28 +122,21 @@ async fn an_open_writer_never_blocks_another_and_the_stream_keeps_commit_order()
     // The relay stamped the two transactions, not their events (m0006):
     // each event row is still the version its writer inserted (its xmin
     // is the writing transaction), and each transaction has its range.
-    use sea_orm::ConnectionTrait;
-    let one = |sql: &'static str| {
-        let db = db.clone();
-        async move {
-            db.query_one_raw(sea_orm::Statement::from_string(
-                sea_orm::DbBackend::Postgres,
-                sql,
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get_by_index::<i64>(0)
-            .unwrap()
-        }
-    };
     assert_eq!(
-        one("SELECT COUNT(*) FROM outbox WHERE xmin::text::int8 <> txn % 4294967296").await,
+        scalar(
+            &db,
+            "SELECT COUNT(*) FROM outbox WHERE xmin::text::int8 <> txn % 4294967296"
+        )
+        .await,
         0,
         "an event row was rewritten after its insert"
     );
     assert_eq!(
-        one("SELECT COUNT(*) FROM outbox_txns WHERE last IS NOT NULL").await,
+        scalar(
+            &db,
+            "SELECT COUNT(*) FROM outbox_txns WHERE last IS NOT NULL"
+        )
+        .await,
         2
     );
     server.stop().await;
@@ -350,31 +343,18 @@ async fn transactions_of_many_events_read_in_commit_order_from_any_position() {
     let subjects: Vec<&str> = others.iter().map(|e| e.subject.as_str()).collect();
     assert_eq!(subjects, if postgres { ["b2", "a2"] } else { ["a2", "b2"] });
     // The view shows every event with its position.
-    let row = db
-        .query_one_raw(sea_orm::Statement::from_string(
-            db.get_database_backend(),
-            "SELECT COUNT(*), COUNT(position), MAX(position) FROM outbox_events",
-        ))
-        .await
-        .unwrap()
-        .unwrap();
-    let counts: (i64, i64, i64) = (
-        row.try_get_by_index(0).unwrap(),
-        row.try_get_by_index(1).unwrap(),
-        row.try_get_by_index(2).unwrap(),
+    let counts = (
+        scalar(&db, "SELECT COUNT(*) FROM outbox_events").await,
+        scalar(&db, "SELECT COUNT(position) FROM outbox_events").await,
+        scalar(&db, "SELECT MAX(position) FROM outbox_events").await,
     );
     assert_eq!(counts, (6, 6, head));
     if postgres {
         // No transaction is left to stamp, the empty one included.
-        let row = db
-            .query_one_raw(sea_orm::Statement::from_string(
-                sea_orm::DbBackend::Postgres,
-                "SELECT COUNT(*) FROM outbox_txns WHERE last IS NULL",
-            ))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(row.try_get_by_index::<i64>(0).unwrap(), 0);
+        assert_eq!(
+            scalar(&db, "SELECT COUNT(*) FROM outbox_txns WHERE last IS NULL").await,
+            0
+        );
     }
     server.stop().await;
 }

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use clm_platform::db;
-use clm_platform::testing::{TestBackend, eventually};
+use clm_platform::testing::{TestBackend, eventually, scalar};
 use sea_orm::{
     ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait,
 };
@@ -18,15 +18,6 @@ async fn one_connection_pool(backend: &TestBackend) -> DatabaseConnection {
     config.max_connections = 1;
     config.min_connections = 1;
     db::connect(&config).await.expect("connect")
-}
-
-async fn scalar(conn: &impl ConnectionTrait, sql: &str) -> i64 {
-    let row = conn
-        .query_one_raw(Statement::from_string(conn.get_database_backend(), sql))
-        .await
-        .expect(sql)
-        .expect("a row");
-    row.try_get_by_index::<i64>(0).expect("an integer")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

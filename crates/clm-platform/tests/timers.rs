@@ -8,9 +8,9 @@ use clm_domain::{Clock, ManualClock};
 use clm_platform::Runtime;
 use clm_platform::changes::Apply;
 use clm_platform::service::{Parts, ServiceDescriptor, migrate_with};
-use clm_platform::testing::{TestBackend, eventually, start_with_clock};
+use clm_platform::testing::{TestBackend, eventually, scalar, start_with_clock};
 use clm_platform::timers::{self, Arm, Deliver, OnDue, Timer};
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use sea_orm::{ConnectionTrait, Database};
 use sea_orm_migration::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -110,18 +110,6 @@ fn build(_: &Runtime) -> anyhow::Result<Parts> {
         .delivery("test.call", Arc::new(Call)))
 }
 
-async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
-    db.query_one_raw(sea_orm::Statement::from_string(
-        db.get_database_backend(),
-        sql,
-    ))
-    .await
-    .unwrap()
-    .unwrap()
-    .try_get_by_index::<i64>(0)
-    .unwrap()
-}
-
 #[tokio::test]
 async fn a_thousand_timers_due_at_one_instant_fire_once_each_across_two_replicas() {
     let backend = TestBackend::new().await;
@@ -144,20 +132,20 @@ async fn a_thousand_timers_due_at_one_instant_fire_once_each_across_two_replicas
         .unwrap();
     // Not due yet: nothing fires.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM fired").await, 0);
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM fired").await, 0);
     clock.set(clm_platform::db::from_micros(due_us));
     eventually(Duration::from_secs(30), || async {
-        (count(&db, "SELECT COUNT(*) FROM fired").await >= 1001).then_some(())
+        (scalar(&db, "SELECT COUNT(*) FROM fired").await >= 1001).then_some(())
     })
     .await;
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM fired").await, 1001);
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM fired").await, 1001);
     assert_eq!(
-        count(&db, "SELECT COUNT(DISTINCT timer_key) FROM fired").await,
+        scalar(&db, "SELECT COUNT(DISTINCT timer_key) FROM fired").await,
         1001,
         "no timer fired twice"
     );
     assert_eq!(
-        count(
+        scalar(
             &db,
             &format!("SELECT COUNT(*) FROM fired WHERE at_us = {due_us}")
         )
@@ -166,13 +154,13 @@ async fn a_thousand_timers_due_at_one_instant_fire_once_each_across_two_replicas
         "each at its instant"
     );
     // The re-armed one waits for its own instant.
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM timer_queue").await, 1);
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM timer_queue").await, 1);
     clock.advance(chrono::Duration::hours(1));
     eventually(Duration::from_secs(10), || async {
-        (count(&db, "SELECT COUNT(*) FROM timer_queue").await == 0).then_some(())
+        (scalar(&db, "SELECT COUNT(*) FROM timer_queue").await == 0).then_some(())
     })
     .await;
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM fired").await, 1002);
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM fired").await, 1002);
 
     // Deliveries: a failing call is retried after the retry delay, then deleted.
     let now_us = clm_platform::db::to_micros(clm_domain::clock::micros(clock.now()));
@@ -192,7 +180,7 @@ async fn a_thousand_timers_due_at_one_instant_fire_once_each_across_two_replicas
     *FAIL.lock().unwrap() = false;
     clock.advance(chrono::Duration::from_std(timers::RETRY_DELAY).unwrap());
     eventually(Duration::from_secs(10), || async {
-        (count(&db, "SELECT COUNT(*) FROM timer_queue").await == 0).then_some(())
+        (scalar(&db, "SELECT COUNT(*) FROM timer_queue").await == 0).then_some(())
     })
     .await;
     assert_eq!(CALLS.load(Ordering::SeqCst), 2);

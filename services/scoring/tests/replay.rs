@@ -8,12 +8,12 @@
 use chrono::{DateTime, Utc};
 use clm_domain::ManualClock;
 use clm_platform::changes::{Subscriber, SubscriptionError};
-use clm_platform::testing::{TestBackend, eventually, start_with_clock};
+use clm_platform::testing::{TestBackend, eventually, scalar, start_with_clock};
 use clm_proto::customer as cpb;
 use clm_proto::customer::customer_service_client::CustomerServiceClient;
 use clm_proto::scoring as pb;
 use clm_proto::scoring::scoring_service_server::ScoringService;
-use sea_orm::{ConnectionTrait, Statement};
+use sea_orm::ConnectionTrait;
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
@@ -28,18 +28,6 @@ fn local<T>(message: T) -> tonic::Request<T> {
     r.extensions_mut()
         .insert(clm_platform::auth::Principal::local());
     r
-}
-
-async fn scalar(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
-    let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            sql.to_owned(),
-        ))
-        .await
-        .unwrap()
-        .unwrap();
-    row.try_get_by_index::<i64>(0).unwrap()
 }
 
 #[tokio::test]
